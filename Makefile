@@ -1,0 +1,29 @@
+# The two commands a new user needs:  `make serve`  and  `make test`.
+# Both create (or reuse) ./.venv and install what they need from the package registries.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Without an NVIDIA GPU take the CPU build of torch; with one, a CUDA build. Override with TORCH_SPEC=...
+TORCH_SPEC ?= $(shell if command -v nvidia-smi >/dev/null 2>&1; then echo torch; else echo torch==2.13.0; fi)
+
+.PHONY: install serve test lint
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: $(VENV)/.installed
+	$(VENV)/bin/weir serve $(ARGS)
+
+test: $(VENV)/.installed
+	$(VENV)/bin/ruff check app engine ops tests loadtest
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check app engine ops tests loadtest
+	$(VENV)/bin/ruff format --check app engine ops tests loadtest

@@ -1,0 +1,72 @@
+"""The one contract between the scheduler and the model runner.
+
+The runner keeps per-request state between steps (token ids, block table, sampling params), so
+requests it has seen before arrive as a small diff. Plain Python, no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class NewRequestData:
+    """A request the runner has no state for: first scheduling, or rescheduling after preemption."""
+
+    req_id: str
+    token_ids: list[int]  # prompt + any outputs generated before a preemption
+    num_prompt_tokens: int
+    sampling_params: SamplingParams
+    block_ids: list[int]  # the whole block table
+    num_computed_tokens: int  # tokens already in the KV cache (prefix-cache hits)
+
+
+@dataclass(slots=True)
+class CachedRequestData:
+    """A request the runner already holds: what changed since the last step."""
+
+    req_id: str
+    new_block_ids: list[int]  # appended to its block table
+    num_computed_tokens: int
+    # Tokens appended outside the runner (none today: the runner appends what it samples).
+    new_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    new_requests: list[NewRequestData]
+    cached_requests: list[CachedRequestData]
+    # req_id -> tokens to compute this step, for every scheduled request (new and cached).
+    num_scheduled_tokens: dict[str, int]
+    total_num_scheduled_tokens: int
+    # Requests whose runner state must be dropped: finished, aborted or preempted since last step.
+    finished_req_ids: set[str]
+    preempted_req_ids: set[str] = field(default_factory=set)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    """Logprobs at one position: the top-N token ids/logprobs (rank order) plus the chosen token."""
+
+    token_ids: list[int]  # [N] top-N, most likely first
+    logprobs: list[float]  # [N]
+    chosen_token_id: int
+    chosen_logprob: float
+    chosen_rank: int  # 1-based rank of the chosen token in the full distribution
+
+
+@dataclass(slots=True)
+class ModelRunnerOutput:
+    # req_id -> sampled token ids this step ([] for a prefill chunk that did not reach the end).
+    sampled_token_ids: dict[str, list[int]]
+    # req_id -> logprobs of the sampled token, for requests that asked for logprobs.
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # req_id -> logprobs of the prompt positions computed this step (position i scores token i+1);
+    # the first prompt token has no logprob and is never included.
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)

@@ -1,0 +1,132 @@
+"""Plain-torch reference implementations of every op: the spec each Triton kernel is tested against.
+
+These also run the model on CPU. They favour clarity over speed; the Triton kernels in ops/triton/
+keep exactly these signatures.
+
+KV cache layout (one tensor each for K and V, per layer):
+    [num_blocks, block_size, num_kv_heads, head_dim]
+A token's slot is `block_id * block_size + offset`; slot -1 means "do not write" (padding).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rms_norm(
+    x: torch.Tensor,  # [num_tokens, hidden]
+    weight: torch.Tensor,  # [hidden]
+    eps: float,
+    residual: torch.Tensor | None = None,  # [num_tokens, hidden]
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm; with `residual`, first adds it and also returns the sum (the next residual).
+
+    Computed in float32 and cast back, as transformers' Llama does.
+    """
+    orig_dtype = x.dtype
+    h = x.float()
+    if residual is not None:
+        h = h + residual.float()
+        new_residual = h.to(orig_dtype)
+    variance = h.pow(2).mean(dim=-1, keepdim=True)
+    out = (h * torch.rsqrt(variance + eps)).to(orig_dtype) * weight
+    if residual is not None:
+        return out, new_residual
+    return out
+
+
+def rotary_embedding(
+    positions: torch.Tensor,  # [num_tokens] int64
+    query: torch.Tensor,  # [num_tokens, num_heads * head_dim]
+    key: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
+    cos_sin_cache: torch.Tensor,  # [max_position, rotary_dim]: cos in the first half, sin in the second
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style rotary embedding (rotate the two halves), as Llama/Mistral/Qwen use.
+
+    Returns new tensors of the input shapes and dtypes (computed in float32). rotary_dim == head_dim
+    for every family supported.
+    """
+    cos_sin = cos_sin_cache.index_select(0, positions)  # [num_tokens, rotary_dim]
+    cos, sin = cos_sin.chunk(2, dim=-1)  # [num_tokens, rotary_dim / 2] each
+    return _rotate(query, cos, sin, head_dim), _rotate(key, cos, sin, head_dim)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
+    num_tokens = x.shape[0]
+    orig_dtype = x.dtype
+    x = x.view(num_tokens, -1, head_dim).float()  # [num_tokens, heads, head_dim]
+    x1, x2 = x.chunk(2, dim=-1)
+    cos = cos.float().unsqueeze(1)  # [num_tokens, 1, head_dim / 2]
+    sin = sin.float().unsqueeze(1)
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.view(num_tokens, -1).to(orig_dtype)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: [num_tokens, 2 * d] holding [gate | up]; returns silu(gate) * up: [num_tokens, d]."""
+    d = x.shape[-1] // 2
+    return torch.nn.functional.silu(x[..., :d]) * x[..., d:]
+
+
+def write_kv_cache(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64; -1 = skip (padding)
+) -> None:
+    """Scatter this step's K/V into their cache slots, in place."""
+    block_size = k_cache.shape[1]
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, offsets] = key[valid].to(k_cache.dtype)
+    v_cache[blocks, offsets] = value[valid].to(v_cache.dtype)
+
+
+def paged_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32; unused entries arbitrary
+    seq_lens: torch.Tensor,  # [num_seqs] int32: context length including this step's tokens
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32: cumulative query lengths
+    max_query_len: int,
+    max_seq_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its whole paged context.
+
+    The K/V of this step's tokens must already be written to the cache. Query token i of a sequence
+    with q_len new tokens and seq_len context sits at position seq_len - q_len + i and attends to
+    positions 0..that position. Handles mixed batches: prefill chunks (q_len > 1, with cached
+    prefix) and decodes (q_len == 1). GQA: query head h reads KV head h // (num_heads / num_kv_heads).
+    Returns [num_tokens, num_heads, head_dim] in the query's dtype.
+    """
+    del max_query_len, max_seq_len  # the kernels use them for grid sizing; the reference does not
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(query)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for i, seq_len in enumerate(lens):
+        q_start, q_end = starts[i], starts[i + 1]
+        q_len = q_end - q_start
+        if q_len == 0:
+            continue
+        num_blocks = (seq_len + block_size - 1) // block_size
+        blocks = block_tables[i, :num_blocks].long()
+        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()  # [seq_len, kv_heads, d]
+        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
+        k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [heads, seq_len, d]
+        v = v.repeat_interleave(group, dim=1).transpose(0, 1)
+        q = query[q_start:q_end].float().transpose(0, 1)  # [heads, q_len, d]
+        scores = torch.matmul(q, k.transpose(1, 2)) * scale  # [heads, q_len, seq_len]
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device).unsqueeze(1)
+        k_pos = torch.arange(seq_len, device=query.device).unsqueeze(0)
+        scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[q_start:q_end] = torch.matmul(probs, v).transpose(0, 1).to(query.dtype)
+    return out

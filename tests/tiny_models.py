@@ -1,0 +1,152 @@
+"""Tiny Hugging Face checkpoints built offline for tests: a byte-level BPE tokenizer trained with
+`tokenizers` on Python standard-library docstrings, and random-weight models of every supported family
+saved with `save_pretrained`. Deterministic for a given seed. No downloads.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{{ part['text'] }}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+TOKENIZER_VOCAB_SIZE = 500
+MODEL_VOCAB_SIZE = 512  # a little padding past the tokenizer, as real checkpoints often have
+
+
+def stdlib_corpus(max_chars: int = 400_000) -> list[str]:
+    """Docstrings of a fixed list of standard-library modules: offline English text."""
+    import argparse
+    import collections
+    import functools
+    import json as json_mod
+    import pathlib
+    import string
+    import textwrap
+
+    texts: list[str] = [
+        "Hello world. The quick brown fox jumps over the lazy dog. Caf\u00e9 na\u00efve \u00fcber \u2014 \u2603 \u4f60\u597d.",
+    ]
+    for mod in (collections, functools, json_mod, pathlib, string, textwrap, argparse):
+        for _, obj in inspect.getmembers(mod):
+            doc = inspect.getdoc(obj)
+            if doc:
+                texts.append(doc)
+    out, total = [], 0
+    for t in texts:
+        out.append(t)
+        total += len(t)
+        if total > max_chars:
+            break
+    return out
+
+
+def build_tokenizer(path: Path) -> Path:
+    """Train a byte-level BPE tokenizer and save it as a transformers fast tokenizer with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(stdlib_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    path.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(path))
+    return path
+
+
+FAMILIES = ("llama", "llama3_scaled", "llama_tied", "mistral", "qwen2", "qwen3")
+
+
+def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE):
+    """A tiny transformers config of the given family (random weights are drawn later)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    if family == "llama":
+        return LlamaConfig(**common)
+    if family == "llama3_scaled":
+        return LlamaConfig(
+            **common,
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        )
+    if family == "llama_tied":
+        return LlamaConfig(**{**common, "tie_word_embeddings": True})
+    if family == "mistral":
+        return MistralConfig(**common, sliding_window=None)
+    if family == "qwen2":
+        return Qwen2Config(**common)
+    if family == "qwen3":
+        return Qwen3Config(**{**common, "head_dim": 32, "tie_word_embeddings": True})
+    raise ValueError(f"unknown family {family}")
+
+
+def build_model(family: str, path: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """Save a random-weight checkpoint of `family` (float32 safetensors) plus the tokenizer files."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    config = make_config(family)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Larger-than-default init so greedy decoding is not a flat distribution that ties easily.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+            elif "bias" in name:
+                p.normal_(0.0, 0.05)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(path), safe_serialization=True)
+    GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(str(path))
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, path / f.name)
+    return path
+
+
+def read_config(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())

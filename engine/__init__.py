@@ -1,0 +1,35 @@
+"""weir's serving core, importable without the HTTP stack.
+
+from engine import LLM, SamplingParams
+"""
+
+from engine.config import EngineConfig
+from engine.outputs import CompletionOutput, Logprob, RequestOutput
+from engine.sampling_params import SamplingParams
+
+__all__ = [
+    "LLM",
+    "LLMEngine",
+    "AsyncEngine",
+    "EngineConfig",
+    "SamplingParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "Logprob",
+]
+
+
+def __getattr__(name: str):  # noqa: ANN202 - lazy: the bookkeeping modules stay importable without torch
+    if name == "LLM":
+        from engine.llm import LLM
+
+        return LLM
+    if name == "LLMEngine":
+        from engine.llm_engine import LLMEngine
+
+        return LLMEngine
+    if name == "AsyncEngine":
+        from engine.async_engine import AsyncEngine
+
+        return AsyncEngine
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

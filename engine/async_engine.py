@@ -1,0 +1,238 @@
+"""The async engine: a step-loop coroutine on the event loop, the forward pass on a worker thread.
+
+    event loop                              worker thread ("weir-gpu")
+    ----------                              --------------------------
+    add_request -> scheduler queue
+    step loop:  schedule()          ─────►  execute(scheduler_output)   (model forward + sampling)
+                update() + detokenize ◄────
+                per-request queues ──► async generators ──► SSE
+
+Bookkeeping (scheduler, detokenizers, request queues) is only touched on the event loop, so it needs
+no locks; the worker thread only runs `LLMEngine.execute`. Cancelling a request's stream aborts it at
+once, and its KV blocks are freed before the next step is scheduled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from engine.config import EngineConfig
+from engine.errors import EngineDeadError, EngineDrainingError, QueueFullError
+from engine.llm_engine import EngineStats, LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import encode_prompt
+
+__all__ = ["AsyncEngine", "EngineStats"]
+
+logger = logging.getLogger("weir.engine")
+
+# Errors after which the device state cannot be trusted: the engine stops and /health turns 503.
+_FATAL_MARKERS = ("CUDA error", "CUBLAS_STATUS", "illegal memory access", "device-side assert")
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        """Loads the model and tokenizer and allocates the KV cache (blocking, seconds)."""
+        self.config = config
+        self.engine = LLMEngine(config)
+        self.tokenizer = self.engine.tokenizer
+        self.max_model_len = self.engine.max_model_len
+        self.vocab_size = self.engine.vocab_size
+        self.model_path = config.model
+        self.warm = False
+        self.dead_error: BaseException | None = None
+        self._draining = False
+        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._work_available: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weir-gpu")
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def is_healthy(self) -> bool:
+        return self.dead_error is None and (self._loop_task is None or not self._loop_task.done())
+
+    @property
+    def is_draining(self) -> bool:
+        return self._draining
+
+    async def start(self) -> None:
+        """Warm up (one tiny generation, so kernels are compiled) and start the step loop."""
+        if self._loop_task is not None:
+            return
+        self._work_available = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._warm_up)
+        self._loop_task = asyncio.create_task(self._step_loop(), name="weir-step-loop")
+        self.warm = True
+
+    def _warm_up(self) -> None:
+        engine = self.engine
+        engine.add_request("__warmup__", [0], SamplingParams(max_tokens=2, ignore_eos=True, temperature=0.0))
+        while engine.has_unfinished_requests():
+            engine.step()
+
+    def begin_drain(self) -> None:
+        self._draining = True
+
+    async def shutdown(self, timeout: float = 0.0) -> None:
+        """Stop taking requests, let in-flight ones finish for up to `timeout` s, abort the rest, stop."""
+        self.begin_drain()
+        if self._idle is not None and self.engine.has_unfinished_requests():
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout=max(timeout, 0.0))
+            except TimeoutError:
+                pass
+        for out in self.engine.abort_all():
+            self._deliver(out)
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - the loop's own errors were reported
+                pass
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    # ------------------------------------------------------------------ requests
+    async def add_request(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int] | None,
+        params: SamplingParams,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Validate and enqueue; returns the request's output stream.
+
+        Raises ValueError (bad input), QueueFullError, EngineDrainingError or EngineDeadError at once,
+        before anything is queued.
+        """
+        if self.dead_error is not None or not self.is_healthy:
+            raise EngineDeadError(f"the engine has stopped: {self.dead_error}")
+        if self._draining:
+            raise EngineDrainingError("the server is shutting down and takes no new requests")
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        stats = self.engine.scheduler
+        if stats.num_waiting >= self.config.max_waiting_requests:
+            raise QueueFullError(
+                f"the waiting queue is full ({stats.num_waiting} requests waiting; "
+                f"max_waiting_requests is {self.config.max_waiting_requests}); retry later"
+            )
+        if prompt_token_ids is None:
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            prompt_token_ids = encode_prompt(self.tokenizer, prompt)
+        waiting = self.engine.scheduler.num_waiting_tokens
+        wanted = len(prompt_token_ids) * params.n
+        if waiting + wanted > self.config.max_waiting_tokens:
+            raise QueueFullError(
+                f"the waiting queue is full ({waiting} prompt tokens waiting + {wanted} requested "
+                f"> max_waiting_tokens {self.config.max_waiting_tokens}); retry later"
+            )
+        self.engine.add_request(request_id, prompt_token_ids, params, priority=priority, prompt_text=prompt)
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._streams[request_id] = queue
+        self._on_new_work()
+        return self._stream(request_id, queue)
+
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Async generator of outputs; closing or cancelling it aborts the request."""
+        if isinstance(prompt, str):
+            stream = await self.add_request(request_id, prompt, None, params, priority)
+        else:
+            stream = await self.add_request(request_id, None, list(prompt), params, priority)
+        async for out in stream:
+            yield out
+
+    async def _stream(
+        self, request_id: str, queue: asyncio.Queue[RequestOutput | BaseException]
+    ) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.engine.abort_request(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self.engine.abort_request(request_id)
+        self._streams.pop(request_id, None)
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    # ------------------------------------------------------------------ the step loop
+    def _on_new_work(self) -> None:
+        if self._work_available is not None:
+            self._work_available.set()
+        if self._idle is not None:
+            self._idle.clear()
+
+    def _deliver(self, out: RequestOutput) -> None:
+        queue = self._streams.get(out.request_id)
+        if queue is not None:
+            queue.put_nowait(out)
+
+    async def _step_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        engine = self.engine
+        assert self._work_available is not None and self._idle is not None
+        try:
+            while True:
+                if not engine.has_unfinished_requests():
+                    self._idle.set()
+                    self._work_available.clear()
+                    await self._work_available.wait()
+                    continue
+                scheduler_output = engine.schedule()
+                if scheduler_output.is_empty:
+                    # Only aborted/finished bookkeeping this step; let other tasks run, then go on.
+                    engine.update(scheduler_output, None)
+                    await asyncio.sleep(0)
+                    continue
+                try:
+                    runner_output = await loop.run_in_executor(
+                        self._executor, engine.execute, scheduler_output
+                    )
+                except Exception as exc:  # noqa: BLE001 - reported on the affected requests
+                    for out in engine.fail_scheduled(scheduler_output, exc):
+                        self._deliver(out)
+                    if any(marker in str(exc) for marker in _FATAL_MARKERS):
+                        raise
+                    continue
+                for out in engine.update(scheduler_output, runner_output):
+                    self._deliver(out)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            logger.exception("the engine step loop died")
+            self.dead_error = exc
+            dead = EngineDeadError(f"the engine stopped: {type(exc).__name__}: {exc}")
+            for out in engine.abort_all():
+                out.error = str(dead)
+                for c in out.outputs:
+                    c.finish_reason = "error"
+                self._deliver(out)
+            raise

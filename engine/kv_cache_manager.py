@@ -1,0 +1,168 @@
+"""Per-request block tables over the block pool, with automatic prefix caching. Plain Python, no torch.
+
+Every FULL block of a request's tokens (prompt and outputs alike) gets a chained hash
+    hash_i = sha256(hash_{i-1} + int64 token ids of block i + extra keys)
+so a hash names the whole prefix up to the end of its block. A new request reuses the longest run
+of its leading block hashes found in the pool; only full blocks are ever shared, so nobody writes
+into a block someone else reads.
+
+A block is registered in the cache as soon as the tokens that fill it are scheduled (before the
+forward pass has run): a request scheduled later in the same step may hit it, which is sound because
+the runner writes a layer's KV for the whole batch before any attention of that layer reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections.abc import Sequence
+
+from engine.block_pool import BlockPool, KVCacheBlock
+from engine.request import Request
+
+# Parent of the first block: a fixed 32-byte value keeps every hash input the same layout.
+_ROOT_HASH = hashlib.sha256(b"weir prefix cache root").digest()
+
+
+def hash_block_tokens(parent_hash: bytes | None, token_ids: Sequence[int], extra_key: str | None) -> bytes:
+    """Chained hash of one full block. `extra_key` (cache salt, adapter id) isolates tenants."""
+    h = hashlib.sha256(parent_hash if parent_hash is not None else _ROOT_HASH)
+    h.update(array("q", token_ids).tobytes())
+    if extra_key is not None:
+        # The token part has a fixed length per block size, so a marker byte keeps this unambiguous.
+        h.update(b"\x01")
+        h.update(extra_key.encode("utf-8"))
+    return h.digest()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be a positive integer; got {block_size}")
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.block_pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
+        self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
+        # req_id -> how many leading blocks of its table are already registered in the cache.
+        self._num_cached_blocks: dict[str, int] = {}
+        # Monotonic counters in tokens, for Prometheus. Counted once per admission (when the
+        # lookup is committed by allocate_slots), not per lookup attempt of a blocked queue head.
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+
+    # ---------------------------------------------------------------- counters
+    @property
+    def num_blocks(self) -> int:
+        return self.block_pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.block_pool.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        return self.block_pool.usage
+
+    # ---------------------------------------------------------------- prefix lookup
+    def _uses_prefix_cache(self, request: Request) -> bool:
+        # Prompt logprobs need logits at every prompt position, so nothing may be skipped.
+        return self.enable_prefix_caching and request.sampling_params.prompt_logprobs is None
+
+    def update_block_hashes(self, request: Request) -> None:
+        """Extend request.block_hashes to cover every full block of its tokens (incremental)."""
+        hashes = request.block_hashes
+        bs = self.block_size
+        num_full = request.num_tokens // bs
+        if len(hashes) >= num_full:
+            return
+        tokens = request.all_token_ids
+        parent = hashes[-1] if hashes else None
+        for i in range(len(hashes), num_full):
+            parent = hash_block_tokens(parent, tokens[i * bs : (i + 1) * bs], request.cache_salt)
+            hashes.append(parent)
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
+        """Longest cached run of the request's leading full blocks, and the tokens they hold.
+
+        At least the last token is left to compute so the forward pass yields logits for it.
+        """
+        if not self._uses_prefix_cache(request):
+            return [], 0
+        self.update_block_hashes(request)
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hits: list[KVCacheBlock] = []
+        for block_hash in request.block_hashes[:max_blocks]:
+            block = self.block_pool.get_cached_block(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        return hits, len(hits) * self.block_size
+
+    # ---------------------------------------------------------------- allocation
+    def allocate_slots(
+        self,
+        request: Request,
+        num_new_tokens: int,
+        new_computed_blocks: list[KVCacheBlock] | None = None,
+    ) -> list[int] | None:
+        """Grow the request's table to hold its computed tokens, the prefix hits and `num_new_tokens`.
+
+        Returns the ids of the blocks appended to its table (hits first), or None when the pool is
+        short — in which case nothing changed.
+        """
+        computed = new_computed_blocks or []
+        req_id = request.req_id
+        is_new = req_id not in self.req_to_blocks
+        blocks = self.req_to_blocks.get(req_id, [])
+        num_computed_tokens = request.num_computed_tokens + len(computed) * self.block_size
+        total_tokens = num_computed_tokens + num_new_tokens
+        num_needed = max(0, _cdiv(total_tokens, self.block_size) - len(blocks) - len(computed))
+        # Hits sitting in the free list stop being allocatable once touched.
+        num_evictable_hits = sum(1 for b in computed if b.ref_cnt == 0)
+        if num_needed > self.block_pool.num_free_blocks - num_evictable_hits:
+            return None
+
+        if is_new:
+            self.req_to_blocks[req_id] = blocks
+            # Hits are registered already; the run of cached blocks starts after them.
+            self._num_cached_blocks[req_id] = len(computed)
+            if self._uses_prefix_cache(request):
+                self.prefix_cache_queries += request.num_tokens
+                self.prefix_cache_hits += len(computed) * self.block_size
+        self.block_pool.touch(computed)
+        blocks.extend(computed)
+        new_blocks = self.block_pool.allocate(num_needed)
+        blocks.extend(new_blocks)
+
+        if self.enable_prefix_caching:
+            self._cache_full_blocks(request, blocks, min(total_tokens, request.num_tokens))
+        return [b.block_id for b in computed] + [b.block_id for b in new_blocks]
+
+    def _cache_full_blocks(self, request: Request, blocks: list[KVCacheBlock], num_tokens: int) -> None:
+        num_full = num_tokens // self.block_size
+        start = self._num_cached_blocks[request.req_id]
+        if num_full <= start:
+            return
+        self.update_block_hashes(request)
+        hashes = request.block_hashes
+        for i in range(start, num_full):
+            # False when an identical block is cached already; this copy then stays private.
+            self.block_pool.cache_block(blocks[i], hashes[i])
+        self._num_cached_blocks[request.req_id] = num_full
+
+    def free(self, request: Request) -> None:
+        """Release the request's blocks, tail first, so its last blocks are the first evicted."""
+        blocks = self.req_to_blocks.pop(request.req_id, None)
+        self._num_cached_blocks.pop(request.req_id, None)
+        if blocks:
+            self.block_pool.free_blocks(reversed(blocks))
+
+    def get_block_ids(self, req_id: str) -> list[int]:
+        return [b.block_id for b in self.req_to_blocks.get(req_id, ())]
+
+    def reset_prefix_cache(self) -> bool:
+        return self.block_pool.reset_prefix_cache()

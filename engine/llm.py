@@ -1,0 +1,102 @@
+"""The offline API, with vLLM's names: `LLM(model=...).generate(prompts, sampling_params)`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm import tqdm
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import render_chat
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """Batch generation over the engine: every prompt is queued at once and continuously batched."""
+
+    def __init__(self, model: str, **engine_kwargs: Any) -> None:
+        self.llm_engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
+        self._next_id = 0
+
+    def get_tokenizer(self):  # noqa: ANN201 - a transformers tokenizer
+        return self.llm_engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[list[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in input order."""
+        prompt_list = _as_prompt_list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompt_list)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompt_list):
+                raise ValueError(
+                    f"sampling_params has {len(params_list)} entries but there are {len(prompt_list)} prompts"
+                )
+        if priority is not None and len(priority) != len(prompt_list):
+            raise ValueError(f"priority has {len(priority)} entries but there are {len(prompt_list)} prompts")
+        return self._run(prompt_list, params_list, priority, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+    ) -> list[RequestOutput]:
+        """Render each conversation with the model's chat template, then generate."""
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = [
+            render_chat(self.llm_engine.tokenizer, conv, add_generation_prompt, chat_template)  # type: ignore[arg-type]
+            for conv in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _run(
+        self,
+        prompts: list[Prompt],
+        params_list: list[SamplingParams],
+        priority: Sequence[int] | None,
+        use_tqdm: bool,
+    ) -> list[RequestOutput]:
+        engine = self.llm_engine
+        ids: list[str] = []
+        try:
+            for i, (prompt, params) in enumerate(zip(prompts, params_list, strict=True)):
+                request_id = str(self._next_id)
+                self._next_id += 1
+                engine.add_request(request_id, prompt, params, priority=priority[i] if priority else 0)
+                ids.append(request_id)
+        except Exception:
+            engine.abort_request(ids)
+            raise
+        finals: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="Generating", disable=not use_tqdm) as bar:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        finals[out.request_id] = out
+                        bar.update(1)
+        return [finals[i] for i in ids]
+
+
+def _as_prompt_list(prompts: str | Sequence[str] | Sequence[list[int]]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    out = list(prompts)
+    if out and isinstance(out[0], int):
+        return [list(out)]  # a single prompt given as token ids
+    return out  # type: ignore[return-value]

@@ -1,0 +1,380 @@
+"""The step-level engine: add_request, step, abort_request, has_unfinished_requests.
+
+A step is three calls — `schedule()`, `execute(scheduler_output)`, `update(...)` — so the async
+engine can run the middle one on its worker thread and the other two on the event loop. Everything
+here except `execute` is plain Python bookkeeping plus detokenization.
+
+Parallel sampling (n > 1) fans a request out into n child requests that share the prompt's KV blocks
+through the prefix cache; their outputs are gathered back into one RequestOutput.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.model_config import ModelConfig
+from engine.model_runner import ModelRunner
+from engine.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from engine.tokenizer import encode_prompt, load_tokenizer
+
+logger = logging.getLogger("weir.engine")
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_waiting_tokens: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+
+
+@dataclass(slots=True, eq=False)
+class _Child:
+    """One of the n sequences of a request: its scheduler Request plus output-side state."""
+
+    index: int
+    parent_id: str
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    logprobs: list[PositionLogprobs] | None
+    cumulative_logprob: float | None
+    finish_reason: str | None = None
+    new_token_ids: list[int] = field(default_factory=list)  # since the last emitted output
+    reported_final: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class _ParentState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    children: list[_Child]
+    metrics: RequestMetrics
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.children)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        start = time.perf_counter()
+        self.model_config = ModelConfig.from_pretrained(
+            config.model, max_model_len=config.max_model_len, dtype=config.dtype, device=config.device
+        )
+        self.tokenizer = load_tokenizer(config.tokenizer or config.model)
+        self.runner = ModelRunner(config, self.model_config)
+        self.runner.load_model()
+        num_blocks = self.runner.determine_num_kv_blocks()
+        self.runner.initialize_kv_cache(num_blocks)
+        self.num_kv_blocks = num_blocks
+        self.max_model_len = self.model_config.max_model_len
+        self.vocab_size = self.model_config.vocab_size
+        self.max_num_batched_tokens = config.max_num_batched_tokens or (
+            8192 if self.runner.device.type == "cuda" else 2048
+        )
+        self.scheduler = Scheduler(config, num_blocks, self.max_model_len, self.max_num_batched_tokens)
+        self._eos_token_ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self._eos_token_ids.add(self.tokenizer.eos_token_id)
+        self._parents: dict[str, _ParentState] = {}
+        self._children: dict[str, _Child] = {}
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+        self.startup_seconds = time.perf_counter() - start
+        logger.info(
+            "engine ready: model=%s device=%s dtype=%s kv_blocks=%d block_size=%d max_model_len=%d (%.1fs)",
+            config.model,
+            self.runner.device,
+            self.runner.dtype,
+            num_blocks,
+            config.block_size,
+            self.max_model_len,
+            self.startup_seconds,
+        )
+
+    # ------------------------------------------------------------------ requests
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        prompt_text: str | None = None,
+    ) -> None:
+        """Validate and enqueue a request. Raises ValueError naming the bad field and its limit.
+
+        `prompt_text` is the text a token-id prompt came from, when the caller tokenized it already.
+        """
+        params = params if params is not None else SamplingParams()
+        if request_id in self._parents:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            prompt_text: str | None = prompt
+            prompt_token_ids = encode_prompt(self.tokenizer, prompt)
+        else:
+            prompt_token_ids = list(prompt)
+        self.validate_prompt_tokens(prompt_token_ids)
+        params.validate_against_vocab(self.vocab_size)
+        params.all_stop_token_ids = set(params.stop_token_ids or [])
+        if not params.ignore_eos:
+            params.all_stop_token_ids |= self._eos_token_ids
+
+        children: list[_Child] = []
+        for i in range(params.n):
+            child_params = params if params.n == 1 else params.clone_for_child(i)
+            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            req = Request(
+                req_id=child_id,
+                prompt_token_ids=prompt_token_ids,
+                sampling_params=child_params,
+                priority=priority,
+                cache_salt=cache_salt,
+            )
+            children.append(
+                _Child(
+                    index=i,
+                    parent_id=request_id,
+                    request=req,
+                    detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, child_params),
+                    logprobs=[] if params.logprobs is not None else None,
+                    cumulative_logprob=0.0 if params.logprobs is not None else None,
+                )
+            )
+        # Admission is checked on the first child; all children are the same size.
+        self.scheduler.add_request(children[0].request)
+        for child in children[1:]:
+            self.scheduler.add_request(child.request)
+        parent = _ParentState(
+            request_id=request_id,
+            prompt=prompt_text,
+            prompt_token_ids=prompt_token_ids,
+            params=params,
+            children=children,
+            metrics=RequestMetrics(arrival_time=children[0].request.arrival_time),
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+        )
+        self._parents[request_id] = parent
+        for child in children:
+            self._children[child.request.req_id] = child
+
+    def validate_prompt_tokens(self, prompt_token_ids: list[int]) -> None:
+        if not prompt_token_ids:
+            raise ValueError("prompt must not be empty")
+        for tok in prompt_token_ids:
+            if not isinstance(tok, int) or isinstance(tok, bool) or not 0 <= tok < self.vocab_size:
+                raise ValueError(
+                    f"prompt contains token id {tok!r}, outside the vocabulary [0, {self.vocab_size})"
+                )
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt_token_ids)} tokens) is longer than max_model_len ({self.max_model_len}) allows"
+            )
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        """Abort requests (by the ids given to add_request); their blocks are freed at once."""
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        for request_id in request_ids:
+            parent = self._parents.pop(request_id, None)
+            if parent is None:
+                continue
+            child_ids = [c.request.req_id for c in parent.children]
+            self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
+            for cid in child_ids:
+                self._children.pop(cid, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._parents)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._parents)
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        """One engine iteration: schedule, run the model, update. Returns outputs of changed requests."""
+        scheduler_output = self.schedule()
+        if scheduler_output.is_empty:
+            return self.update(scheduler_output, None)
+        try:
+            runner_output = self.execute(scheduler_output)
+        except Exception as exc:  # noqa: BLE001 - the failure is reported on the affected requests
+            return self.fail_scheduled(scheduler_output, exc)
+        return self.update(scheduler_output, runner_output)
+
+    def schedule(self) -> SchedulerOutput:
+        return self.scheduler.schedule()
+
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """The forward pass and sampling: the only part that touches the device."""
+        return self.runner.execute_model(scheduler_output)
+
+    def update(
+        self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput | None
+    ) -> list[RequestOutput]:
+        now = time.monotonic()
+        touched: dict[str, _ParentState] = {}
+        for req_id, n in scheduler_output.num_scheduled_tokens.items():
+            child = self._children.get(req_id)
+            if child is not None:
+                # num_computed_tokens was advanced at schedule time; count the prompt part of this chunk.
+                after = child.request.num_computed_tokens
+                self._prompt_tokens_total += max(0, min(after, child.request.num_prompt_tokens) - (after - n))
+        if runner_output is None:
+            return []
+        for req_id, entries in runner_output.prompt_logprobs.items():
+            child = self._children.get(req_id)
+            if child is None or child.index != 0:
+                continue
+            parent = self._parents[child.parent_id]
+            assert parent.prompt_logprobs is not None
+            parent.prompt_logprobs.extend(self._to_position_logprobs(e) for e in entries)
+
+        for request, new_token_ids in self.scheduler.update_from_output(scheduler_output, runner_output):
+            child = self._children.get(request.req_id)
+            if child is None:
+                continue
+            parent = self._parents[child.parent_id]
+            if parent.metrics.first_token_time is None:
+                parent.metrics.first_token_time = now
+                parent.metrics.first_scheduled_time = request.first_scheduled_time
+            self._generation_tokens_total += len(new_token_ids)
+            child.new_token_ids.extend(new_token_ids)
+            lp = runner_output.logprobs.get(request.req_id)
+            if lp is not None and child.logprobs is not None:
+                child.logprobs.append(self._to_position_logprobs(lp))
+                child.cumulative_logprob = (child.cumulative_logprob or 0.0) + lp.chosen_logprob
+            stop_str = child.detokenizer.update(new_token_ids)
+            if stop_str is not None and not request.is_finished:
+                request.stop_reason = stop_str
+                self.scheduler.finish_requests([request.req_id], RequestStatus.FINISHED_STOPPED)
+            if request.is_finished:
+                child.finish_reason = request.status.finish_reason
+                child.detokenizer.finish()
+            touched[parent.request_id] = parent
+        return [self._make_output(p, now) for p in touched.values()]
+
+    def fail_scheduled(self, scheduler_output: SchedulerOutput, exc: BaseException) -> list[RequestOutput]:
+        """The forward pass raised: fail every request it held, free their blocks, report the error."""
+        logger.exception(
+            "forward pass failed; failing %d request(s)", len(scheduler_output.num_scheduled_tokens)
+        )
+        message = f"the forward pass failed: {type(exc).__name__}: {exc}"
+        now = time.monotonic()
+        failed: dict[str, _ParentState] = {}
+        for req_id in scheduler_output.num_scheduled_tokens:
+            child = self._children.get(req_id)
+            if child is None:
+                continue
+            parent = self._parents[child.parent_id]
+            failed[parent.request_id] = parent
+        outputs = []
+        for parent in failed.values():
+            ids = [c.request.req_id for c in parent.children]
+            self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ERROR)
+            parent.error = message
+            for c in parent.children:
+                if c.finish_reason is None:
+                    c.finish_reason = "error"
+                    c.detokenizer.finish()
+            outputs.append(self._make_output(parent, now))
+        return outputs
+
+    def abort_all(self) -> list[RequestOutput]:
+        """Abort every request (server shutdown); returns their final outputs (finish_reason "abort")."""
+        now = time.monotonic()
+        outputs = []
+        for parent in list(self._parents.values()):
+            ids = [c.request.req_id for c in parent.children]
+            self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
+            for c in parent.children:
+                if c.finish_reason is None:
+                    c.finish_reason = "abort"
+                    c.detokenizer.finish()
+            outputs.append(self._make_output(parent, now))
+        return outputs
+
+    # ------------------------------------------------------------------ outputs
+    def _make_output(self, parent: _ParentState, now: float) -> RequestOutput:
+        completions = []
+        for c in parent.children:
+            delta_ids, c.new_token_ids = c.new_token_ids, []
+            completions.append(
+                CompletionOutput(
+                    index=c.index,
+                    text=c.detokenizer.output_text,
+                    token_ids=list(c.request.output_token_ids),
+                    cumulative_logprob=c.cumulative_logprob,
+                    logprobs=c.logprobs,
+                    finish_reason=c.finish_reason,
+                    stop_reason=c.request.stop_reason,
+                    text_delta=c.detokenizer.get_next_delta(),
+                    token_ids_delta=delta_ids,
+                )
+            )
+        finished = parent.finished
+        if finished:
+            parent.metrics.finished_time = now
+            self._parents.pop(parent.request_id, None)
+            for c in parent.children:
+                self._children.pop(c.request.req_id, None)
+        first = parent.children[0].request
+        return RequestOutput(
+            request_id=parent.request_id,
+            prompt=parent.prompt,
+            prompt_token_ids=parent.prompt_token_ids,
+            outputs=completions,
+            finished=finished,
+            prompt_logprobs=parent.prompt_logprobs,
+            num_cached_tokens=max(first.num_cached_tokens, 0),
+            metrics=parent.metrics,
+            error=parent.error,
+        )
+
+    def _to_position_logprobs(self, lp: TokenLogprobs) -> PositionLogprobs:
+        entry: PositionLogprobs = {}
+        for rank, (tok, logprob) in enumerate(zip(lp.token_ids, lp.logprobs, strict=True), start=1):
+            entry[tok] = Logprob(logprob=logprob, rank=rank, decoded_token=self.tokenizer.decode([tok]))
+        if lp.chosen_token_id not in entry:
+            entry[lp.chosen_token_id] = Logprob(
+                logprob=lp.chosen_logprob,
+                rank=lp.chosen_rank,
+                decoded_token=self.tokenizer.decode([lp.chosen_token_id]),
+            )
+        return entry
+
+    # ------------------------------------------------------------------ introspection
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            num_waiting_tokens=s.num_waiting_tokens,
+            kv_cache_usage=s.kv_cache_usage,
+            prefix_cache_queries=s.prefix_cache_queries,
+            prefix_cache_hits=s.prefix_cache_hits,
+            num_preemptions=s.num_preemptions,
+            prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total,
+        )

@@ -1,0 +1,271 @@
+"""What the engine needs to know about a checkpoint, read once from its config.json and
+generation_config.json and validated here, so model code and the runner trust the values.
+
+Handles both rope formats: transformers < 5 (`rope_theta` + `rope_scaling`) and transformers >= 5
+(`rope_parameters` holding `rope_theta` and `rope_type`).
+
+Sliding-window attention is not implemented: a model that uses a sliding window (Mistral v0.1,
+Qwen with `use_sliding_window`) gets `max_model_len` capped at the window, where full attention and
+windowed attention agree, with a warning.
+
+Plain Python: torch is imported only to resolve device/dtype "auto".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.models.registry import SUPPORTED_ARCHITECTURES
+
+logger = logging.getLogger("weir.engine")
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# generation_config.json key -> SamplingParams field, for the defaults a model ships with.
+_GENERATION_DEFAULT_KEYS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    model_path: str
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None  # None for plain rope; else has "rope_type" (linear, llama3)
+    max_position_embeddings: int
+    max_model_len: int  # resolved: the user's value, else max_position_embeddings; capped by sliding_window
+    tie_word_embeddings: bool
+    qkv_bias: bool  # bias on q/k/v projections (Qwen2; Llama/Qwen3 `attention_bias`)
+    o_proj_bias: bool  # bias on the output projection (Llama/Qwen3 `attention_bias`; never Qwen2)
+    mlp_bias: bool
+    qk_norm: bool  # per-head RMSNorm on q and k before rope (Qwen3)
+    sliding_window: int | None  # the model's window if it uses one (not implemented: see module doc)
+    eos_token_ids: list[int]
+    bos_token_id: int | None
+    torch_dtype: str | None  # the checkpoint's dtype as config.json names it
+    dtype: str  # resolved compute dtype: "float32" | "float16" | "bfloat16"
+    device: str  # resolved: "cpu" | "cuda"
+    # Sampling defaults from generation_config.json, keyed by SamplingParams field names.
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def attention_bias(self) -> bool:
+        return self.qkv_bias
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        max_model_len: int | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+    ) -> ModelConfig:
+        model_dir = Path(path)
+        config_file = model_dir / "config.json"
+        if not model_dir.is_dir():
+            raise ValueError(f"model directory {str(model_dir)!r} does not exist")
+        if not config_file.is_file():
+            raise ValueError(f"no config.json in model directory {str(model_dir)!r}: expected {config_file}")
+        try:
+            cfg = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_file} is not valid JSON: {e}") from e
+        gen_file = model_dir / "generation_config.json"
+        gen: dict[str, Any] = {}
+        if gen_file.is_file():
+            try:
+                gen = json.loads(gen_file.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{gen_file} is not valid JSON: {e}") from e
+        return cls.from_dicts(str(model_dir), cfg, gen, max_model_len=max_model_len, dtype=dtype, device=device)
+
+    @classmethod
+    def from_dicts(
+        cls,
+        model_path: str,
+        cfg: dict[str, Any],
+        gen: dict[str, Any] | None = None,
+        max_model_len: int | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+    ) -> ModelConfig:
+        gen = gen or {}
+        architectures = cfg.get("architectures") or []
+        arch = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            named = ", ".join(architectures) if architectures else "none (config.json has no 'architectures')"
+            raise ValueError(
+                f"unsupported model architecture {named} in {model_path}; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        hidden_act = cfg.get("hidden_act", "silu")
+        if hidden_act != "silu":
+            raise ValueError(f"unsupported hidden_act {hidden_act!r} in {model_path}; only 'silu' is supported")
+
+        hidden_size = int(cfg["hidden_size"])
+        num_heads = int(cfg["num_attention_heads"])
+        num_kv_heads = int(cfg.get("num_key_value_heads") or num_heads)
+        head_dim = int(cfg.get("head_dim") or hidden_size // num_heads)
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(
+                f"num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads})"
+            )
+        max_position_embeddings = int(cfg.get("max_position_embeddings", 2048))
+        rope_theta, rope_scaling = _parse_rope(cfg, model_path)
+
+        family = arch.removesuffix("ForCausalLM")
+        attention_bias = bool(cfg.get("attention_bias", False))
+        qkv_bias = True if family == "Qwen2" else attention_bias
+        o_proj_bias = attention_bias if family in ("Llama", "Qwen3") else False
+        mlp_bias = bool(cfg.get("mlp_bias", False)) if family == "Llama" else False
+        qk_norm = family == "Qwen3"
+
+        sliding_window = _effective_sliding_window(family, cfg)
+        resolved_len = _resolve_max_model_len(max_model_len, max_position_embeddings, sliding_window, model_path)
+
+        eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
+        eos_token_ids = _as_id_list(eos)
+        generation_defaults = {
+            ours: gen[theirs] for theirs, ours in _GENERATION_DEFAULT_KEYS.items() if gen.get(theirs) is not None
+        }
+        resolved_device = _resolve_device(device)
+        return cls(
+            model_path=model_path,
+            architecture=arch,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden_size,
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            intermediate_size=int(cfg["intermediate_size"]),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=max_position_embeddings,
+            max_model_len=resolved_len,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            o_proj_bias=o_proj_bias,
+            mlp_bias=mlp_bias,
+            qk_norm=qk_norm,
+            sliding_window=sliding_window,
+            eos_token_ids=eos_token_ids,
+            bos_token_id=cfg.get("bos_token_id"),
+            torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+            dtype=_resolve_dtype(dtype, resolved_device),
+            device=resolved_device,
+            generation_defaults=generation_defaults,
+        )
+
+
+def _parse_rope(cfg: dict[str, Any], model_path: str) -> tuple[float, dict[str, Any] | None]:
+    params = dict(cfg.get("rope_parameters") or {})
+    legacy = cfg.get("rope_scaling")
+    if legacy:
+        params = {**legacy, **params}
+    rope_theta = float(params.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0)
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"unsupported rope_type {rope_type!r} in {model_path}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    if rope_type == "default":
+        return rope_theta, None
+    params["rope_type"] = rope_type
+    params.pop("type", None)
+    required = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}[rope_type]
+    for key in required:
+        if key not in params:
+            raise ValueError(f"rope scaling {rope_type!r} in {model_path} is missing {key!r}")
+    if rope_type == "llama3":
+        params.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
+    return rope_theta, params
+
+
+def _effective_sliding_window(family: str, cfg: dict[str, Any]) -> int | None:
+    window = cfg.get("sliding_window")
+    if not window:
+        return None
+    if family == "Mistral":
+        return int(window)
+    if family in ("Qwen2", "Qwen3") and cfg.get("use_sliding_window", False):
+        return int(window)
+    return None
+
+
+def _resolve_max_model_len(
+    requested: int | None, max_position_embeddings: int, sliding_window: int | None, model_path: str
+) -> int:
+    if requested is not None:
+        if not isinstance(requested, int) or isinstance(requested, bool) or requested <= 0:
+            raise ValueError(f"max_model_len must be a positive integer; got {requested!r}")
+        if requested > max_position_embeddings:
+            raise ValueError(
+                f"max_model_len ({requested}) is larger than the model's max_position_embeddings "
+                f"({max_position_embeddings}) in {model_path}"
+            )
+        length = requested
+    else:
+        length = max_position_embeddings
+    if sliding_window is not None and length > sliding_window:
+        logger.warning(
+            "%s uses sliding-window attention (window %d), which weir does not implement; "
+            "capping max_model_len from %d to %d",
+            model_path,
+            sliding_window,
+            length,
+            sliding_window,
+        )
+        length = sliding_window
+    return length
+
+
+def _as_id_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else [value]
+    out: list[int] = []
+    for v in items:
+        if int(v) not in out:
+            out.append(int(v))
+    return out
+
+
+def _resolve_device(device: str) -> str:
+    if device in ("cpu", "cuda"):
+        return device
+    if device != "auto":
+        raise ValueError(f"device must be one of auto, cpu, cuda; got {device!r}")
+    import torch  # noqa: PLC0415
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _resolve_dtype(dtype: str, device: str) -> str:
+    if dtype in ("float32", "float16", "bfloat16"):
+        return dtype
+    if dtype != "auto":
+        raise ValueError(f"dtype must be one of auto, float32, float16, bfloat16; got {dtype!r}")
+    if device == "cpu":
+        return "float32"
+    import torch  # noqa: PLC0415
+
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"

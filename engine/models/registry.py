@@ -1,0 +1,32 @@
+"""Architecture name (config.json `architectures`) -> model class.
+
+Classes are imported lazily so that reading a config (engine.model_config) does not import torch.
+Adding a family: write engine/models/<family>.py and add its architecture names here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# architecture -> (module, class name)
+_MODELS: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("engine.models.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("engine.models.llama", "LlamaForCausalLM"),
+    "Qwen2ForCausalLM": ("engine.models.llama", "LlamaForCausalLM"),
+    "Qwen3ForCausalLM": ("engine.models.llama", "LlamaForCausalLM"),
+}
+
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODELS)
+
+
+def get_model_class(architecture: str) -> type[nn.Module]:
+    if architecture not in _MODELS:
+        raise ValueError(
+            f"unsupported model architecture {architecture}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    module_name, class_name = _MODELS[architecture]
+    return getattr(importlib.import_module(module_name), class_name)

@@ -1,0 +1,12 @@
+"""Triton kernels with exactly the signatures of `ops.reference` (the spec they are tested against).
+
+Imported lazily by `ops.use_triton(True)`: importing triton needs a GPU or TRITON_INTERPRET=1.
+"""
+
+from ops.triton.activation import silu_and_mul
+from ops.triton.kv_cache import write_kv_cache
+from ops.triton.paged_attention import paged_attention
+from ops.triton.rms_norm import rms_norm
+from ops.triton.rotary import rotary_embedding
+
+__all__ = ["paged_attention", "rms_norm", "rotary_embedding", "silu_and_mul", "write_kv_cache"]

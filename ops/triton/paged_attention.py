@@ -1,0 +1,348 @@
+"""Paged attention Triton kernel for mixed prefill + decode batches. Hot path: kept minimal on purpose.
+
+One launch covers the whole batch. The grid is (query blocks, KV heads[, KV segments]):
+- A program owns BLOCK_Q consecutive query tokens of one sequence and all GROUP query heads that share
+  one KV head, stacked as BLOCK_M = BLOCK_Q * GROUP rows of one tile, so every K/V tile is read once per
+  KV head and feeds a tensor-core dot (M >= 16 even for a lone decode token with GQA).
+- Query blocks are numbered per sequence as `query_start_loc[s] // BLOCK_Q + s`, so the grid size
+  `num_tokens // BLOCK_Q + num_seqs` is an upper bound known from shapes alone; each program finds its
+  sequence by binary search over query_start_loc and leaves at once if it has no rows. No host syncs:
+  the launch is CUDA-graph safe.
+- K/V are walked in tiles of TILE positions (any multiple or fraction of block_size), looking up each
+  position's physical block in the block table; causal masking per row; online softmax in float32 with
+  exp2 (the softmax scale folded into log2(e)).
+- Split-KV (flash-decoding): with NUM_SEGMENTS > 1 a third grid axis splits each sequence's tiles into
+  segments; programs write partial (max, sum, unnormalised acc) in float32 and `_reduce_segments_kernel`
+  merges them. Chosen for decode-heavy batches too small to fill the GPU with long contexts.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
+    """Largest s with query_start_loc[s] // BLOCK_Q + s <= q_block."""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        start = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        if start <= q_block:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _paged_attention_kernel(
+    out_ptr,  # [num_tokens, num_heads, HEAD_DIM] (NUM_SEGMENTS == 1)
+    part_acc_ptr,  # [num_tokens, num_heads, NUM_SEGMENTS, HEAD_DIM] float32 (NUM_SEGMENTS > 1)
+    part_max_ptr,  # [num_tokens, num_heads, NUM_SEGMENTS] float32, log2 domain
+    part_sum_ptr,  # [num_tokens, num_heads, NUM_SEGMENTS] float32
+    q_ptr,  # [num_tokens, num_heads, HEAD_DIM]
+    k_cache_ptr,  # [num_blocks, BLOCK_SIZE, num_kv_heads, HEAD_DIM]
+    v_cache_ptr,  # [num_blocks, BLOCK_SIZE, num_kv_heads, HEAD_DIM]
+    block_tables_ptr,  # [num_seqs, max_blocks_per_seq] int32
+    seq_lens_ptr,  # [num_seqs] int32
+    query_start_loc_ptr,  # [num_seqs + 1] int32
+    qk_scale,  # softmax scale * log2(e)
+    num_seqs,
+    num_heads,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_bt,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    NUM_SEGMENTS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    q_block = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    segment = tl.program_id(2)
+
+    seq = _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    q_block_local = q_block - (q_start // BLOCK_Q + seq)
+    if q_block_local * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - q_len
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_t = tl.arange(0, TILE)
+    q_local = q_block_local * BLOCK_Q + offs_m // GROUP  # [BLOCK_M] query index within the sequence
+    head = kv_head * GROUP + offs_m % GROUP  # [BLOCK_M]
+    row_valid = (q_local < q_len) & (offs_m < BLOCK_Q * GROUP)
+    token = (q_start + q_local).to(tl.int64)
+    q = tl.load(
+        q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_valid[:, None],
+        other=0.0,
+    )  # [BLOCK_M, HEAD_DIM]
+    q_pos = context_len + q_local  # [BLOCK_M] the last key position each row may see
+
+    # Keys this program needs: up to its last valid row's position.
+    last_q_local = tl.minimum((q_block_local + 1) * BLOCK_Q, q_len) - 1
+    kv_end = context_len + last_q_local + 1
+    num_tiles = tl.cdiv(kv_end, TILE)
+    if NUM_SEGMENTS > 1:
+        tiles_per_segment = tl.cdiv(tl.cdiv(seq_len, TILE), NUM_SEGMENTS)
+        tile_lo = segment * tiles_per_segment
+        tile_hi = tl.minimum(tile_lo + tiles_per_segment, num_tiles)
+    else:
+        tile_lo = 0
+        tile_hi = num_tiles
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    k_head = k_cache_ptr + kv_head * stride_kh
+    v_head = v_cache_ptr + kv_head * stride_vh
+    for t in range(tile_lo, tile_hi):
+        k_pos = t * TILE + offs_t  # [TILE]
+        k_valid = k_pos < kv_end
+        phys = tl.load(block_table + k_pos // BLOCK_SIZE, mask=k_valid, other=0).to(tl.int64)
+        slot = k_pos % BLOCK_SIZE
+        k = tl.load(
+            k_head + phys[:, None] * stride_kb + slot[:, None] * stride_ks + offs_d[None, :],
+            mask=k_valid[:, None],
+            other=0.0,
+        )  # [TILE, HEAD_DIM]
+        v = tl.load(
+            v_head + phys[:, None] * stride_vb + slot[:, None] * stride_vs + offs_d[None, :],
+            mask=k_valid[:, None],
+            other=0.0,
+        )
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, TILE]
+        visible = (k_pos[None, :] <= q_pos[:, None]) & k_valid[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # rows with nothing visible yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    if NUM_SEGMENTS == 1:
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        tl.store(
+            out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_valid[:, None],
+        )
+    else:
+        part = (token * num_heads + head) * NUM_SEGMENTS + segment  # [BLOCK_M]
+        tl.store(part_max_ptr + part, m_i, mask=row_valid)
+        tl.store(part_sum_ptr + part, l_i, mask=row_valid)
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_valid[:, None])
+
+
+@triton.jit
+def _reduce_segments_kernel(
+    out_ptr,  # [num_tokens, num_heads, HEAD_DIM]
+    part_acc_ptr,  # [num_tokens, num_heads, NUM_SEGMENTS, HEAD_DIM] float32
+    part_max_ptr,  # [num_tokens, num_heads, NUM_SEGMENTS] float32
+    part_sum_ptr,  # [num_tokens, num_heads, NUM_SEGMENTS] float32
+    num_heads,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    NUM_SEGMENTS: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, NUM_SEGMENTS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    base = (token * num_heads + head) * NUM_SEGMENTS
+    m = tl.load(part_max_ptr + base + offs_s)  # [NUM_SEGMENTS]
+    m_max = tl.max(m, axis=0)
+    m_max = tl.where(m_max > float("-inf"), m_max, 0.0)
+    w = tl.exp2(m - m_max)  # empty segments (max -inf) weigh 0
+    total = tl.sum(w * tl.load(part_sum_ptr + base + offs_s), axis=0)
+    acc = tl.load(part_acc_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :])
+    out = tl.sum(w[:, None] * acc, axis=0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionConfig:
+    """Launch shape. `paged_attention` picks one with `choose_config`; tests and the GPU check pass
+    their own to force a path (e.g. split-KV on a small batch)."""
+
+    block_m: int  # rows per program: BLOCK_Q query tokens x GROUP heads (power of two, >= 16)
+    tile: int  # KV positions per loop step (power of two, >= 16)
+    num_segments: int  # KV splits per sequence; 1 = no split (power of two)
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_config(
+    num_seqs: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    max_query_len: int,
+    max_seq_len: int,
+    device: torch.device,
+) -> AttentionConfig:
+    """Heuristic from python ints only (CUDA-graph safe: the same config for every replay)."""
+    group = num_heads // num_kv_heads
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 132
+    if max_query_len == 1:
+        block_m = max(16, triton.next_power_of_2(group))
+        tile = 64 if head_dim <= 128 else 32
+        # Flash-decoding when (seq, kv head) programs can't fill the SMs and contexts are long enough to
+        # give each segment several tiles.
+        programs = num_seqs * num_kv_heads
+        num_segments = 1
+        if programs < 2 * sms:
+            want = triton.cdiv(4 * sms, programs)
+            most = max_seq_len // (4 * tile)  # at least 4 tiles per segment
+            num_segments = min(want, most, 64)
+            num_segments = 1 << (num_segments.bit_length() - 1) if num_segments >= 2 else 1
+        return AttentionConfig(block_m=block_m, tile=tile, num_segments=num_segments, num_warps=4, num_stages=3)
+    block_m = max(64, triton.next_power_of_2(group))
+    return AttentionConfig(block_m=block_m, tile=64 if head_dim <= 64 else 32, num_segments=1, num_warps=4, num_stages=3)
+
+
+def paged_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32; unused entries arbitrary
+    seq_lens: torch.Tensor,  # [num_seqs] int32: context length including this step's tokens
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32: cumulative query lengths
+    max_query_len: int,
+    max_seq_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its whole paged context (see the reference)."""
+    return paged_attention_with_config(
+        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len, max_seq_len, scale
+    )
+
+
+def paged_attention_with_config(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    max_seq_len: int,
+    scale: float,
+    config: AttentionConfig | None = None,
+) -> torch.Tensor:
+    num_tokens, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    num_seqs = seq_lens.shape[0]
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"paged_attention needs a power-of-two head_dim >= 16; got {head_dim}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("paged_attention needs caches contiguous in head_dim")
+    group = num_heads // num_kv_heads
+    if config is None:
+        config = choose_config(
+            num_seqs, num_heads, num_kv_heads, head_dim, max_query_len, max_seq_len, query.device
+        )
+    block_m = max(config.block_m, triton.next_power_of_2(group))
+    block_q = block_m // group
+    out = torch.empty((num_tokens, num_heads, head_dim), dtype=query.dtype, device=query.device)
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    segments = config.num_segments
+    if segments > 1:
+        part_acc = torch.empty(
+            (num_tokens, num_heads, segments, head_dim), dtype=torch.float32, device=query.device
+        )
+        part_max = torch.empty((num_tokens, num_heads, segments), dtype=torch.float32, device=query.device)
+        part_sum = torch.empty_like(part_max)
+    else:
+        part_acc = part_max = part_sum = out  # placeholders; the kernel does not touch them
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads, segments)
+    _paged_attention_kernel[grid](
+        out,
+        part_acc,
+        part_max,
+        part_sum,
+        query,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        scale * _LOG2E,
+        num_seqs,
+        num_heads,
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_tables.stride(0),
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        TILE=config.tile,
+        BLOCK_M=block_m,
+        BLOCK_Q=block_q,
+        NUM_SEGMENTS=segments,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    if segments > 1:
+        _reduce_segments_kernel[(num_tokens, num_heads)](
+            out,
+            part_acc,
+            part_max,
+            part_sum,
+            num_heads,
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=head_dim,
+            NUM_SEGMENTS=segments,
+            num_warps=4,
+        )
+    return out

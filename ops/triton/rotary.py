@@ -1,0 +1,106 @@
+"""Neox-style rotary embedding Triton kernel (rotate the two halves of each head).
+
+The cos/sin cache is precomputed by the model (llama3 / rope scaling already baked in), so the kernel is
+a gather of one cache row per token plus an elementwise rotation of every q and k head of that token.
+Returns new tensors, like `ops.reference.rotary_embedding`: q and k are usually views into the fused
+QKV projection, and writing them in place would surprise a caller that still reads that buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotate_heads(
+    out_ptr, x_ptr, stride_x, stride_out, row, cos, sin, num_heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr
+):
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HALF)
+    for h0 in range(0, num_heads, BLOCK_H):
+        heads = h0 + offs_h
+        mask = (heads < num_heads)[:, None]
+        idx = heads[:, None] * (2 * HALF) + offs_d[None, :]  # [BLOCK_H, HALF]
+        x_row = x_ptr + row * stride_x
+        x1 = tl.load(x_row + idx, mask=mask, other=0.0)
+        x2 = tl.load(x_row + idx + HALF, mask=mask, other=0.0)
+        x1f = x1.to(tl.float32)
+        x2f = x2.to(tl.float32)
+        o_row = out_ptr + row * stride_out
+        tl.store(o_row + idx, (x1f * cos - x2f * sin).to(x1.dtype), mask=mask)
+        tl.store(o_row + idx + HALF, (x2f * cos + x1f * sin).to(x1.dtype), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    q_out_ptr,  # [num_tokens, num_heads * head_dim]
+    k_out_ptr,  # [num_tokens, num_kv_heads * head_dim]
+    q_ptr,
+    k_ptr,
+    positions_ptr,  # [num_tokens]
+    cos_sin_ptr,  # [max_position, head_dim]: cos | sin
+    stride_q,
+    stride_k,
+    stride_q_out,
+    stride_k_out,
+    stride_cs,
+    num_heads,
+    num_kv_heads,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions_ptr + row).to(tl.int64)
+    offs_d = tl.arange(0, HALF)
+    cos = tl.load(cos_sin_ptr + pos * stride_cs + offs_d).to(tl.float32)[None, :]
+    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + offs_d).to(tl.float32)[None, :]
+    _rotate_heads(q_out_ptr, q_ptr, stride_q, stride_q_out, row, cos, sin, num_heads, HALF, BLOCK_H)
+    _rotate_heads(k_out_ptr, k_ptr, stride_k, stride_k_out, row, cos, sin, num_kv_heads, HALF, BLOCK_H)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def rotary_embedding(
+    positions: torch.Tensor,  # [num_tokens] int64
+    query: torch.Tensor,  # [num_tokens, num_heads * head_dim]
+    key: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
+    cos_sin_cache: torch.Tensor,  # [max_position, rotary_dim]: cos in the first half, sin in the second
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style rotary embedding; returns new tensors of the input shapes and dtypes."""
+    if head_dim < 2 or head_dim & (head_dim - 1):
+        raise ValueError(f"rotary_embedding needs a power-of-two head_dim; got {head_dim}")
+    if cos_sin_cache.shape[-1] != head_dim:
+        raise ValueError(f"cos_sin_cache rows must be head_dim={head_dim} wide; got {cos_sin_cache.shape[-1]}")
+    num_tokens = query.shape[0]
+    q = _rows(query.reshape(num_tokens, -1))
+    k = _rows(key.reshape(num_tokens, -1))
+    cs = _rows(cos_sin_cache)
+    num_heads, num_kv_heads = q.shape[1] // head_dim, k.shape[1] // head_dim
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    block_h = min(triton.next_power_of_2(max(num_heads, num_kv_heads)), max(1, 4096 // head_dim))
+    if num_tokens > 0:
+        _rotary_kernel[(num_tokens,)](
+            q_out,
+            k_out,
+            q,
+            k,
+            positions,
+            cs,
+            q.stride(0),
+            k.stride(0),
+            q_out.stride(0),
+            k_out.stride(0),
+            cs.stride(0),
+            num_heads,
+            num_kv_heads,
+            HALF=head_dim // 2,
+            BLOCK_H=block_h,
+            num_warps=4,
+        )
+    return q_out.view(query.shape), k_out.view(key.shape)

@@ -1,0 +1,141 @@
+"""The offline API as a user meets it: LLM.generate / chat, bad input, n > 1, stops, seeds, aborts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_dir: Path) -> LLM:
+    return LLM(str(tiny_llama_dir), device="cpu", dtype="float32", max_model_len=128)
+
+
+def _usage(llm: LLM) -> float:
+    return llm.llm_engine.scheduler.kv_cache_usage
+
+
+def test_text_prompt_outputs_in_input_order(llm: LLM) -> None:
+    prompts = ["Return the sum", "Hello", "The quick brown fox jumps over the lazy dog"]
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True), use_tqdm=False)
+    assert [o.prompt for o in outs] == prompts
+    tok = llm.get_tokenizer()
+    for o, p in zip(outs, prompts, strict=True):
+        assert o.prompt_token_ids == tok.encode(p)
+        assert len(o.outputs[0].token_ids) == 5
+        assert o.outputs[0].text == tok.decode(o.outputs[0].token_ids, skip_special_tokens=True)
+        assert o.finished
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "message"),
+    [
+        ("", SamplingParams(), "prompt must not be empty"),
+        ([], SamplingParams(), "prompt must not be empty"),
+        ([1, 2, 512], SamplingParams(), "prompt contains token id 512, outside the vocabulary [0, 512)"),
+        ([1, -3], SamplingParams(), "prompt contains token id -3, outside the vocabulary [0, 512)"),
+        ([5] * 128, SamplingParams(), "prompt (128 tokens) is longer than max_model_len (128) allows"),
+        ([5] * 100, SamplingParams(max_tokens=40), "exceeds max_model_len (128)"),
+        ([5, 6], SamplingParams(stop_token_ids=[9999]), "stop_token_ids contains 9999"),
+    ],
+)
+def test_bad_input_raises_value_error(llm: LLM, prompt, params: SamplingParams, message: str) -> None:
+    with pytest.raises(ValueError) as exc:
+        llm.generate([prompt], params, use_tqdm=False)
+    assert message in str(exc.value)
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert _usage(llm) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"n": 0}, "n"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+        ({"presence_penalty": 3.0}, "presence_penalty"),
+        ({"frequency_penalty": -2.5}, "frequency_penalty"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"prompt_logprobs": -1}, "prompt_logprobs"),
+        ({"stop": [""]}, "stop"),
+        ({"logit_bias": {5: 101.0}}, "logit_bias"),
+        ({"seed": "x"}, "seed"),
+    ],
+)
+def test_invalid_sampling_params_name_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError) as exc:
+        SamplingParams(**kwargs)
+    assert str(exc.value).startswith(field)
+
+
+def test_parallel_sampling_n(llm: LLM) -> None:
+    params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=6, ignore_eos=True)
+    (out,) = llm.generate([[5, 6, 7, 8]], params, use_tqdm=False)
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert all(len(c.token_ids) == 6 for c in out.outputs)
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1  # different seeds per child
+    (again,) = llm.generate([[5, 6, 7, 8]], params, use_tqdm=False)
+    assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]
+    assert _usage(llm) == 0.0
+
+
+def test_seeded_request_is_independent_of_batch(llm: LLM) -> None:
+    seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=8, ignore_eos=True)
+    alone = llm.generate([[9, 10, 11]], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    others = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True)
+    batch = llm.generate([[3, 4], [9, 10, 11], [7] * 20], [others, seeded, others], use_tqdm=False)
+    assert batch[1].outputs[0].token_ids == alone
+
+
+def test_stop_token_and_stop_string(llm: LLM) -> None:
+    base = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    tokens = base[0].outputs[0].token_ids
+    text = base[0].outputs[0].text
+    stop_tok = tokens[3]
+    first = tokens.index(stop_tok)
+    out = llm.generate(
+        [[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop_token_ids=[stop_tok]),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert out.token_ids == tokens[: first + 1]
+    assert out.finish_reason == "stop"
+    assert out.stop_reason == stop_tok
+    stop_str = text[len(text) // 2 : len(text) // 2 + 2]
+    if stop_str.strip():
+        out = llm.generate(
+            [[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop=[stop_str]),
+            use_tqdm=False,
+        )[0].outputs[0]
+        assert out.finish_reason == "stop"
+        assert out.stop_reason == stop_str
+        assert out.text == text[: text.index(stop_str)]
+
+
+def test_abort_frees_blocks(llm: LLM) -> None:
+    engine = llm.llm_engine
+    engine.add_request("a", [5] * 40, SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.add_request("b", [6] * 10, SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    engine.step()
+    assert _usage(llm) > 0.0
+    engine.abort_request(["a", "b"])
+    assert not engine.has_unfinished_requests()
+    engine.step()
+    assert _usage(llm) == 0.0
+
+
+def test_chat_applies_template(llm: LLM) -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    out = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), use_tqdm=False)[0]
+    tok = llm.get_tokenizer()
+    expected = tok.encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+    assert out.prompt_token_ids == expected

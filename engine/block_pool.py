@@ -147,6 +147,11 @@ class BlockPool:
         self.cached_block_hash_to_block[block_hash] = block
         return True
 
+    def uncache_blocks(self, blocks: Iterable[KVCacheBlock]) -> None:
+        """Take blocks out of the prefix cache (their KV can't be trusted); they stay allocated."""
+        for block in blocks:
+            self._evict(block)
+
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash. Blocks in use keep their KV; they just can't be hit any more."""
         for block in self.cached_block_hash_to_block.values():

@@ -154,11 +154,17 @@ class KVCacheManager:
             self.block_pool.cache_block(blocks[i], hashes[i])
         self._num_cached_blocks[request.req_id] = num_full
 
-    def free(self, request: Request) -> None:
-        """Release the request's blocks, tail first, so its last blocks are the first evicted."""
+    def free(self, request: Request, uncache: bool = False) -> None:
+        """Release the request's blocks, tail first, so its last blocks are the first evicted.
+
+        uncache=True also drops them from the prefix cache: after a failed forward pass the blocks
+        registered at schedule time never received their KV.
+        """
         blocks = self.req_to_blocks.pop(request.req_id, None)
         self._num_cached_blocks.pop(request.req_id, None)
         if blocks:
+            if uncache:
+                self.block_pool.uncache_blocks(blocks)
             self.block_pool.free_blocks(reversed(blocks))
 
     def get_block_ids(self, req_id: str) -> list[int]:

@@ -265,7 +265,9 @@ class LLMEngine:
             if lp is not None and child.logprobs is not None:
                 child.logprobs.append(self._to_position_logprobs(lp))
                 child.cumulative_logprob = (child.cumulative_logprob or 0.0) + lp.chosen_logprob
-            stop_str = child.detokenizer.update(new_token_ids)
+            # A stop token's own text is left out of the output, as vLLM does (EOS is special anyway).
+            stop_terminated = request.status == RequestStatus.FINISHED_STOPPED
+            stop_str = child.detokenizer.update(new_token_ids, stop_terminated=stop_terminated)
             if stop_str is not None and not request.is_finished:
                 request.stop_reason = stop_str
                 self.scheduler.finish_requests([request.req_id], RequestStatus.FINISHED_STOPPED)

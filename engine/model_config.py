@@ -94,7 +94,9 @@ class ModelConfig:
                 gen = json.loads(gen_file.read_text())
             except json.JSONDecodeError as e:
                 raise ValueError(f"{gen_file} is not valid JSON: {e}") from e
-        return cls.from_dicts(str(model_dir), cfg, gen, max_model_len=max_model_len, dtype=dtype, device=device)
+        return cls.from_dicts(
+            str(model_dir), cfg, gen, max_model_len=max_model_len, dtype=dtype, device=device
+        )
 
     @classmethod
     def from_dicts(
@@ -117,7 +119,9 @@ class ModelConfig:
             )
         hidden_act = cfg.get("hidden_act", "silu")
         if hidden_act != "silu":
-            raise ValueError(f"unsupported hidden_act {hidden_act!r} in {model_path}; only 'silu' is supported")
+            raise ValueError(
+                f"unsupported hidden_act {hidden_act!r} in {model_path}; only 'silu' is supported"
+            )
 
         hidden_size = int(cfg["hidden_size"])
         num_heads = int(cfg["num_attention_heads"])
@@ -138,12 +142,16 @@ class ModelConfig:
         qk_norm = family == "Qwen3"
 
         sliding_window = _effective_sliding_window(family, cfg)
-        resolved_len = _resolve_max_model_len(max_model_len, max_position_embeddings, sliding_window, model_path)
+        resolved_len = _resolve_max_model_len(
+            max_model_len, max_position_embeddings, sliding_window, model_path
+        )
 
         eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
         eos_token_ids = _as_id_list(eos)
         generation_defaults = {
-            ours: gen[theirs] for theirs, ours in _GENERATION_DEFAULT_KEYS.items() if gen.get(theirs) is not None
+            ours: gen[theirs]
+            for theirs, ours in _GENERATION_DEFAULT_KEYS.items()
+            if gen.get(theirs) is not None
         }
         resolved_device = _resolve_device(device)
         return cls(

@@ -162,7 +162,9 @@ def build_sampling_metadata(
                     edit_v.append(-inf)
         num_logprobs.append(p.logprobs)
 
-    scalars = _to_device(torch.tensor([temps, top_ks, top_ps, min_ps, reps, freqs, press], dtype=torch.float32), device)
+    scalars = _to_device(
+        torch.tensor([temps, top_ks, top_ps, min_ps, reps, freqs, press], dtype=torch.float32), device
+    )
     col = scalars.unsqueeze(-1)  # [7, B, 1]
 
     greedy_mask = None
@@ -189,6 +191,7 @@ def build_sampling_metadata(
         prompt_rows = [r.prompt_token_ids if r.params.repetition_penalty != 1.0 else [] for r in rows]
         prompt_ids = _to_device(_padded(prompt_rows, vocab_size), device)
 
+    asked_ns = [n for n in num_logprobs if n is not None]
     asked = [i for i, n in enumerate(num_logprobs) if n is not None]
     logprob_rows = None
     if asked and len(asked) < num_rows:
@@ -215,7 +218,7 @@ def build_sampling_metadata(
         penalty_prompt_token_ids=prompt_ids,
         num_logprobs=num_logprobs,
         logprob_rows=logprob_rows,
-        max_num_logprobs=max((num_logprobs[i] for i in asked), default=None),  # type: ignore[type-var]
+        max_num_logprobs=max(asked_ns) if asked_ns else None,
     )
 
 
@@ -335,7 +338,7 @@ def compute_prompt_logprobs(logits: Tensor, target_token_ids: list[int], num_top
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # [T, V]
     targets = torch.tensor(target_token_ids, dtype=torch.int64).to(logits.device, non_blocking=True)
     packed = _pack(*_rank_and_top(logprobs, targets, num_top))
-    return [_unpack(row, tok, num_top, num_top) for row, tok in zip(packed, target_token_ids)]
+    return [_unpack(row, tok, num_top, num_top) for row, tok in zip(packed, target_token_ids, strict=True)]
 
 
 # ---------------------------------------------------------------------------- the sampler

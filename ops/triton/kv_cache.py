@@ -43,7 +43,9 @@ def _write_kv_cache_kernel(
             heads = h0 + offs_h
             mask = (heads < num_kv_heads)[:, None]
             k = tl.load(key_ptr + token * stride_kt + heads[:, None] * stride_kh + offs_d[None, :], mask=mask)
-            v = tl.load(value_ptr + token * stride_vt + heads[:, None] * stride_vh + offs_d[None, :], mask=mask)
+            v = tl.load(
+                value_ptr + token * stride_vt + heads[:, None] * stride_vh + offs_d[None, :], mask=mask
+            )
             kc = k_cache_ptr + block * stride_kcb + offset * stride_kcs
             vc = v_cache_ptr + block * stride_vcb + offset * stride_vcs
             tl.store(

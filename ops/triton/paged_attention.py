@@ -31,7 +31,7 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
     """Largest s with query_start_loc[s] // BLOCK_Q + s <= q_block."""
-    lo = 0
+    lo: tl.int32 = 0
     hi = num_seqs
     while lo < hi:
         mid = (lo + hi) // 2
@@ -218,7 +218,11 @@ def choose_config(
 ) -> AttentionConfig:
     """Heuristic from python ints only (CUDA-graph safe: the same config for every replay)."""
     group = num_heads // num_kv_heads
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 132
+    sms = (
+        _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        if device.type == "cuda"
+        else 132
+    )
     if max_query_len == 1:
         block_m = max(16, triton.next_power_of_2(group))
         tile = 64 if head_dim <= 128 else 32
@@ -231,9 +235,13 @@ def choose_config(
             most = max_seq_len // (4 * tile)  # at least 4 tiles per segment
             num_segments = min(want, most, 64)
             num_segments = 1 << (num_segments.bit_length() - 1) if num_segments >= 2 else 1
-        return AttentionConfig(block_m=block_m, tile=tile, num_segments=num_segments, num_warps=4, num_stages=3)
+        return AttentionConfig(
+            block_m=block_m, tile=tile, num_segments=num_segments, num_warps=4, num_stages=3
+        )
     block_m = max(64, triton.next_power_of_2(group))
-    return AttentionConfig(block_m=block_m, tile=64 if head_dim <= 64 else 32, num_segments=1, num_warps=4, num_stages=3)
+    return AttentionConfig(
+        block_m=block_m, tile=64 if head_dim <= 64 else 32, num_segments=1, num_warps=4, num_stages=3
+    )
 
 
 def paged_attention(

@@ -75,7 +75,9 @@ def rotary_embedding(
     if head_dim < 2 or head_dim & (head_dim - 1):
         raise ValueError(f"rotary_embedding needs a power-of-two head_dim; got {head_dim}")
     if cos_sin_cache.shape[-1] != head_dim:
-        raise ValueError(f"cos_sin_cache rows must be head_dim={head_dim} wide; got {cos_sin_cache.shape[-1]}")
+        raise ValueError(
+            f"cos_sin_cache rows must be head_dim={head_dim} wide; got {cos_sin_cache.shape[-1]}"
+        )
     num_tokens = query.shape[0]
     q = _rows(query.reshape(num_tokens, -1))
     k = _rows(key.reshape(num_tokens, -1))

@@ -1,0 +1,236 @@
+"""POST /v1/chat/completions: messages rendered with the model's chat template, n, logprobs +
+top_logprobs, max_tokens / max_completion_tokens (default: the rest of the context), stream.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import structlog
+from sse_starlette import EventSourceResponse
+from starlette.requests import Request
+from starlette.responses import Response
+
+from app.errors import APIError, bad_request
+from app.generation import (
+    DONE,
+    RequestTimer,
+    build_sampling_params,
+    chat_logprobs,
+    check_prompt_length,
+    close_streams,
+    failure,
+    log_finished,
+    new_id,
+    new_logprobs,
+    sse,
+    sse_error,
+    stream_exception_error,
+    submit,
+    unary_response,
+    usage_of,
+)
+from app.http import api_route, read_json
+from app.protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatMessage,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    DeltaMessage,
+)
+from app.state import AppState
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.sampling_params import MAX_LOGPROBS
+
+ROLES = ("system", "developer", "user", "assistant")
+
+
+def render_chat(state: AppState, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+    """Token ids of the conversation rendered with the model's chat template (no extra specials)."""
+    if not messages:
+        raise bad_request("messages must not be empty", param="messages")
+    conversation: list[dict[str, Any]] = []
+    for i, m in enumerate(messages):
+        if m.role not in ROLES:
+            raise bad_request(
+                f"messages[{i}].role must be one of {', '.join(ROLES)}; got {m.role!r}",
+                param=f"messages[{i}].role",
+            )
+        if m.content is None:
+            if m.role != "assistant":
+                raise bad_request(f"messages[{i}].content must not be null", param=f"messages[{i}].content")
+            content = ""
+        elif isinstance(m.content, str):
+            content = m.content
+        else:
+            texts = []
+            for j, part in enumerate(m.content):
+                if part.type != "text":
+                    raise bad_request(
+                        f"messages[{i}].content[{j}].type: only text content parts are supported; got {part.type!r}",
+                        param=f"messages[{i}].content[{j}].type",
+                        code="unsupported",
+                    )
+                if part.text is None:
+                    raise bad_request(
+                        f"messages[{i}].content[{j}].text is required for a text part",
+                        param=f"messages[{i}].content[{j}].text",
+                    )
+                texts.append(part.text)
+            content = "\n".join(texts)
+        entry: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        if m.name is not None:
+            entry["name"] = m.name
+        conversation.append(entry)
+    tokenizer = state.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise bad_request(
+            "This model has no chat template; use /v1/completions instead.",
+            param="messages",
+            code="unsupported",
+        )
+    try:
+        text = tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except Exception as exc:  # jinja2 TemplateError, or raise_exception() inside the template
+        raise bad_request(f"The chat template rejected the messages: {exc}", param="messages") from None
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+@api_route
+async def create_chat_completion(request: Request) -> Response:
+    state: AppState = request.app.state.weir
+    arrival = time.monotonic()
+    req = await read_json(request, ChatCompletionRequest, state.config.max_body_bytes)
+    model = state.check_model(req.model)
+    if req.max_completion_tokens is not None:
+        max_tokens, max_field = req.max_completion_tokens, "max_completion_tokens"
+    else:
+        max_tokens, max_field = req.max_tokens, "max_tokens"
+    if req.top_logprobs is not None:
+        if not req.logprobs:
+            raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
+        if not 0 <= req.top_logprobs <= MAX_LOGPROBS:
+            raise bad_request(
+                f"top_logprobs must be in [0, {MAX_LOGPROBS}]; got {req.top_logprobs}", param="top_logprobs"
+            )
+    top_n = (req.top_logprobs or 0) if req.logprobs else None
+    ids = render_chat(state, req.messages, req.add_generation_prompt is not False)
+    check_prompt_length(state, len(ids), max_tokens, "messages", max_field)
+    params = build_sampling_params(
+        req,
+        state,
+        max_tokens=max_tokens,
+        logprobs=top_n,
+        field_renames={"max_tokens": max_field, "logprobs": "top_logprobs"},
+    )
+    rid = new_id("chatcmpl")
+    structlog.contextvars.bind_contextvars(request_id=rid)
+    streams = await submit(state, [rid], [(None, ids)], params, req.priority or 0)
+    timer = RequestTimer(state, arrival)
+    ctx = _Ctx(state, req, rid, model, params.n, top_n)
+    headers = {"X-Request-Id": rid}
+    if req.stream:
+        return EventSourceResponse(
+            _stream(ctx, streams[0], timer), ping=state.config.sse_keepalive, sep="\n", headers=headers
+        )
+    return await unary_response(request, state, "chat", streams, [timer], ctx.response, headers)
+
+
+class _Ctx:
+    def __init__(
+        self, state: AppState, req: ChatCompletionRequest, rid: str, model: str, n: int, top_n: int | None
+    ) -> None:
+        self.state = state
+        self.req = req
+        self.rid = rid
+        self.model = model
+        self.n = n
+        self.top_n = top_n
+        self.created = int(time.time())
+
+    def logprobs(self, o: CompletionOutput, start: int) -> ChatLogprobs | None:
+        if self.top_n is None:
+            return None
+        ids, positions = new_logprobs(o, start)
+        return ChatLogprobs(content=chat_logprobs(self.state, ids, positions, self.top_n))
+
+    def response(self, finals: list[RequestOutput]) -> ChatCompletionResponse:
+        (out,) = finals
+        choices = [
+            ChatChoice(
+                index=o.index,
+                message=ChatResponseMessage(role="assistant", content=o.text),
+                logprobs=self.logprobs(o, 0),
+                finish_reason=o.finish_reason,
+                stop_reason=o.stop_reason,
+            )
+            for o in sorted(out.outputs, key=lambda o: o.index)
+        ]
+        return ChatCompletionResponse(
+            id=self.rid, created=self.created, model=self.model, choices=choices, usage=usage_of(finals)
+        )
+
+    def chunk(self, choice: ChatStreamChoice) -> bytes:
+        return sse(ChatCompletionChunk(id=self.rid, created=self.created, model=self.model, choices=[choice]))
+
+
+async def _stream(
+    ctx: _Ctx, stream: AsyncIterator[RequestOutput], timer: RequestTimer
+) -> AsyncIterator[bytes]:
+    sent: dict[int, int] = {}  # choice index -> tokens streamed; -1 once its finish_reason went out
+    status = 499  # unless it ends otherwise: the client went away
+    try:
+        for i in range(ctx.n):
+            yield ctx.chunk(ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")))
+        err: APIError | None = None
+        async for out in stream:
+            timer.on_output(out)
+            for o in out.outputs:
+                start = sent.get(o.index, 0)
+                if start < 0 or o.finish_reason in ("error", "abort"):
+                    continue
+                sent[o.index] = -1 if o.finish_reason is not None else len(o.token_ids)
+                logprobs = ctx.logprobs(o, start)
+                if o.text_delta or o.finish_reason is not None or (logprobs is not None and logprobs.content):
+                    delta = DeltaMessage(content=o.text_delta) if o.text_delta else DeltaMessage()
+                    yield ctx.chunk(
+                        ChatStreamChoice(
+                            index=o.index,
+                            delta=delta,
+                            logprobs=logprobs,
+                            finish_reason=o.finish_reason,
+                            stop_reason=o.stop_reason,
+                        )
+                    )
+            if out.finished and (err := failure(out, ctx.state.draining)) is not None:
+                break
+        if err is not None:
+            status = err.status
+            yield sse_error(err)
+        else:
+            status = 200
+            opts = ctx.req.stream_options
+            if opts is not None and opts.include_usage:
+                usage = usage_of([timer.last_out])
+                yield sse(
+                    ChatCompletionChunk(
+                        id=ctx.rid, created=ctx.created, model=ctx.model, choices=[], usage=usage
+                    )
+                )
+        yield DONE
+    except Exception as exc:
+        err = stream_exception_error(exc)
+        status = err.status
+        yield sse_error(err)
+        yield DONE
+    finally:
+        await close_streams([stream])
+        log_finished("chat", status, [timer], stream=True)

@@ -1,0 +1,123 @@
+"""`weir serve [MODEL_DIR] [--config FILE] [options]`: the OpenAI-compatible server.
+
+Every option is also an environment variable (WEIR_<OPTION>) and a YAML key; see app/config.py for
+the precedence. The engine's options are generated from `EngineConfig`'s fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from app.config import ENV_PREFIX, ConfigError, Option, all_options, default_model_dir, resolve
+
+
+def _help(opt: Option) -> str:
+    default = opt.default
+    if opt.is_list:
+        shown = "none" if not default else ",".join(default)
+    elif default is None:
+        shown = "auto"
+    else:
+        shown = str(default)
+    text = f"{opt.help} [default: {shown}; env: {opt.env}]"
+    return text.replace("%", "%%")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="weir", description="weir: an LLM inference and serving engine.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    serve = sub.add_parser(
+        "serve",
+        help="Serve a model over an OpenAI-compatible HTTP API.",
+        description=(
+            "Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+            "/v1/models, /health, /metrics, /version, /tokenize, /detokenize). Precedence of settings: "
+            f"flags, then environment ({ENV_PREFIX}<OPTION>, e.g. {ENV_PREFIX}PORT; lists comma-separated), "
+            "then the --config YAML file, then defaults. SIGTERM drains: new requests get 503 while "
+            "in-flight ones finish for up to --shutdown-timeout seconds; then the process exits 0."
+        ),
+    )
+    serve.add_argument(
+        "model",
+        nargs="?",
+        default=argparse.SUPPRESS,
+        metavar="MODEL_DIR",
+        help=f"Model directory (a Hugging Face checkpoint). Default: the embedded model at {default_model_dir()}. "
+        f"[env: {ENV_PREFIX}MODEL]",
+    )
+    serve.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        metavar="FILE",
+        help=f"YAML file of options (keys as the option names, e.g. max_num_seqs). [env: {ENV_PREFIX}CONFIG]",
+    )
+    groups = {
+        "server": serve.add_argument_group("server options"),
+        "engine": serve.add_argument_group("engine options"),
+    }
+    for opt in all_options():
+        if opt.name == "model":
+            continue
+        kwargs: dict = {"dest": opt.name, "default": argparse.SUPPRESS, "help": _help(opt)}
+        if opt.base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif opt.is_list:
+            kwargs["action"] = "append"
+            kwargs["metavar"] = opt.name.upper()
+        else:
+            kwargs["metavar"] = {int: "INT", float: "FLOAT"}.get(opt.base, opt.name.upper())
+        groups[opt.target].add_argument(opt.flag, **kwargs)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(vars(args))
+    return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+def serve(flags: dict) -> int:
+    flags = {k: v for k, v in flags.items() if k != "command"}
+    try:
+        engine_config, server_config = resolve(flags)
+    except ConfigError as exc:
+        print(f"weir serve: error: {exc}", file=sys.stderr)
+        return 2
+    if not Path(engine_config.model).is_dir():
+        print(f"weir serve: error: model directory {engine_config.model!r} does not exist", file=sys.stderr)
+        return 2
+
+    from app.logging import configure_logging, get_logger
+
+    configure_logging(server_config.log_level, server_config.log_json)
+    log = get_logger("weir.cli")
+    log.info(
+        "loading model", model=engine_config.model, device=engine_config.device, dtype=engine_config.dtype
+    )
+    from engine.async_engine import AsyncEngine
+
+    try:
+        engine = AsyncEngine(engine_config)
+    except (ValueError, OSError) as exc:
+        log.error("cannot load the model", error=str(exc))
+        return 1
+
+    from app.runner import run_server
+
+    server = run_server(engine, server_config)
+    if server.force_exit:
+        # A second signal: the engine's worker may still be mid-step; do not wait for it.
+        log.warning("forced exit")
+        sys.stderr.flush()
+        os._exit(1)
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""POST /v1/completions: prompt as str | list[str] | list[int] | list[list[int]], echo, logprobs, n,
+best_of, stream. A list of prompts is one engine request per prompt; choice i*n + j is prompt i's
+j-th sequence.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from typing import Any
+
+import structlog
+from sse_starlette import EventSourceResponse
+from starlette.requests import Request
+from starlette.responses import Response
+
+from app.errors import APIError, bad_request
+from app.generation import (
+    DONE,
+    RequestTimer,
+    build_sampling_params,
+    check_prompt_length,
+    check_token_ids,
+    close_streams,
+    completion_logprobs,
+    failure,
+    log_finished,
+    merge,
+    new_id,
+    new_logprobs,
+    sse,
+    sse_error,
+    stream_exception_error,
+    submit,
+    unary_response,
+    usage_of,
+)
+from app.http import api_route, read_json
+from app.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from app.state import AppState
+from engine.outputs import CompletionOutput, RequestOutput
+
+MAX_PROMPTS = 256
+
+_PROMPT_SHAPE = (
+    "prompt must be a string, a list of strings, a list of token ids, or a list of lists of token ids"
+)
+
+Prompt = tuple[str | None, list[int]]
+
+
+def parse_prompts(state: AppState, raw: Any) -> list[Prompt]:
+    if isinstance(raw, str):
+        items: list[Any] = [raw]
+    elif isinstance(raw, list):
+        if not raw:
+            raise bad_request("prompt must not be empty", param="prompt")
+        if all(isinstance(x, int) and not isinstance(x, bool) for x in raw):
+            items = [raw]
+        elif all(isinstance(x, str) for x in raw) or all(isinstance(x, list) for x in raw):
+            items = raw
+        else:
+            raise bad_request(_PROMPT_SHAPE, param="prompt")
+    else:
+        raise bad_request(_PROMPT_SHAPE, param="prompt")
+    if len(items) > MAX_PROMPTS:
+        raise bad_request(f"prompt may hold at most {MAX_PROMPTS} prompts; got {len(items)}", param="prompt")
+    prompts: list[Prompt] = []
+    for item in items:
+        if isinstance(item, str):
+            if not item:
+                raise bad_request("prompt must not be empty", param="prompt")
+            prompts.append((item, list(state.tokenizer.encode(item))))
+            continue
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in item):
+            raise bad_request(_PROMPT_SHAPE, param="prompt")
+        if not item:
+            raise bad_request("prompt must not be empty", param="prompt")
+        check_token_ids(state, item, "prompt")
+        prompts.append((None, list(item)))
+    return prompts
+
+
+@api_route
+async def create_completion(request: Request) -> Response:
+    state: AppState = request.app.state.weir
+    arrival = time.monotonic()
+    req = await read_json(request, CompletionRequest, state.config.max_body_bytes)
+    model = state.check_model(req.model)
+    if req.suffix is not None:
+        raise bad_request(
+            "suffix is not supported: weir has no fill-in-the-middle mode", param="suffix", code="unsupported"
+        )
+    prompts = parse_prompts(state, req.prompt)
+    for _, ids in prompts:
+        check_prompt_length(state, len(ids), req.max_tokens, "prompt", "max_tokens")
+    echo = bool(req.echo)
+    params = build_sampling_params(
+        req,
+        state,
+        max_tokens=req.max_tokens,
+        logprobs=req.logprobs,
+        prompt_logprobs=req.logprobs if echo and req.logprobs is not None else None,
+        best_of=req.best_of,
+    )
+    rid = new_id("cmpl")
+    structlog.contextvars.bind_contextvars(request_id=rid)
+    streams = await submit(
+        state, [f"{rid}-{i}" for i in range(len(prompts))], prompts, params, req.priority or 0
+    )
+    timers = [RequestTimer(state, arrival) for _ in prompts]
+    ctx = _Ctx(state, req, rid, model, prompts, params.n, echo)
+    headers = {"X-Request-Id": rid}
+    if req.stream:
+        return EventSourceResponse(
+            _stream(ctx, streams, timers), ping=state.config.sse_keepalive, sep="\n", headers=headers
+        )
+
+    return await unary_response(request, state, "completions", streams, timers, ctx.response, headers)
+
+
+def _concat(a: CompletionLogprobs, b: CompletionLogprobs) -> CompletionLogprobs:
+    return CompletionLogprobs(
+        text_offset=a.text_offset + b.text_offset,
+        token_logprobs=a.token_logprobs + b.token_logprobs,
+        tokens=a.tokens + b.tokens,
+        top_logprobs=a.top_logprobs + b.top_logprobs,
+    )
+
+
+class _Ctx:
+    """One completions request as its response builder needs it."""
+
+    def __init__(
+        self,
+        state: AppState,
+        req: CompletionRequest,
+        rid: str,
+        model: str,
+        prompts: list[Prompt],
+        n: int,
+        echo: bool,
+    ) -> None:
+        self.state = state
+        self.req = req
+        self.rid = rid
+        self.model = model
+        self.prompts = prompts
+        self.n = n
+        self.echo = echo
+        self.created = int(time.time())
+
+    def prompt_text(self, p: int) -> str:
+        text, ids = self.prompts[p]
+        return text if text is not None else self.state.tokenizer.decode(ids)
+
+    def echo_logprobs(self, out: RequestOutput) -> tuple[CompletionLogprobs, int]:
+        return completion_logprobs(self.state, out.prompt_token_ids, out.prompt_logprobs or [], 0)
+
+    def response(self, finals: list[RequestOutput]) -> CompletionResponse:
+        choices = []
+        for p, out in enumerate(finals):
+            prefix = self.prompt_text(p) if self.echo else ""
+            for o in out.outputs:
+                logprobs = None
+                if self.req.logprobs is not None:
+                    offset = 0
+                    if self.echo:
+                        logprobs, offset = self.echo_logprobs(out)
+                    gen, _ = completion_logprobs(self.state, o.token_ids, o.logprobs or [], offset)
+                    logprobs = gen if logprobs is None else _concat(logprobs, gen)
+                choices.append(
+                    CompletionChoice(
+                        index=p * self.n + o.index,
+                        text=prefix + o.text,
+                        logprobs=logprobs,
+                        finish_reason=o.finish_reason,
+                        stop_reason=o.stop_reason,
+                    )
+                )
+        choices.sort(key=lambda c: c.index)
+        return CompletionResponse(
+            id=self.rid, created=self.created, model=self.model, choices=choices, usage=usage_of(finals)
+        )
+
+    def stream_choice(
+        self, p: int, out: RequestOutput, o: CompletionOutput, sent: dict[int, int], offsets: dict[int, int]
+    ) -> CompletionChoice | None:
+        """The chunk choice for what `o` added since the last one; None when there is nothing to send."""
+        idx = p * self.n + o.index
+        first = idx not in sent
+        if o.finish_reason in ("error", "abort") or (not first and sent[idx] < 0):
+            return None
+        text = o.text_delta
+        logprobs = None
+        if first and self.echo:
+            text = self.prompt_text(p) + text
+        if self.req.logprobs is not None:
+            offset = offsets.get(idx, 0)
+            if first and self.echo:
+                logprobs, offset = self.echo_logprobs(out)
+            ids, positions = new_logprobs(o, 0 if first else sent[idx])
+            gen, offsets[idx] = completion_logprobs(self.state, ids, positions, offset)
+            logprobs = gen if logprobs is None else _concat(logprobs, gen)
+        # -1 marks a finished choice, so later outputs of the request skip it.
+        sent[idx] = -1 if o.finish_reason is not None else len(o.token_ids)
+        if not text and o.finish_reason is None and not (logprobs is not None and logprobs.tokens):
+            return None
+        return CompletionChoice(
+            index=idx, text=text, logprobs=logprobs, finish_reason=o.finish_reason, stop_reason=o.stop_reason
+        )
+
+    def chunk(self, choice: CompletionChoice) -> bytes:
+        return sse(CompletionResponse(id=self.rid, created=self.created, model=self.model, choices=[choice]))
+
+
+async def _stream(
+    ctx: _Ctx, streams: Sequence[AsyncIterator[RequestOutput]], timers: list[RequestTimer]
+) -> AsyncIterator[bytes]:
+    sent: dict[int, int] = {}  # choice index -> tokens streamed
+    offsets: dict[int, int] = {}  # choice index -> text offset (logprobs)
+    status = 499  # unless it ends otherwise: the client went away
+    try:
+        err: APIError | None = None
+        async with aclosing(merge(streams)) as outputs:
+            async for p, out in outputs:
+                timers[p].on_output(out)
+                for o in out.outputs:
+                    choice = ctx.stream_choice(p, out, o, sent, offsets)
+                    if choice is not None:
+                        yield ctx.chunk(choice)
+                if out.finished and (err := failure(out, ctx.state.draining)) is not None:
+                    break
+        if err is not None:
+            status = err.status
+            yield sse_error(err)
+        else:
+            status = 200
+            opts = ctx.req.stream_options
+            if opts is not None and opts.include_usage:
+                yield sse(
+                    CompletionResponse(
+                        id=ctx.rid,
+                        created=ctx.created,
+                        model=ctx.model,
+                        choices=[],
+                        usage=usage_of([t.last_out for t in timers]),
+                    )
+                )
+        yield DONE
+    except Exception as exc:
+        err = stream_exception_error(exc)
+        status = err.status
+        yield sse_error(err)
+        yield DONE
+    finally:
+        await close_streams(streams)
+        log_finished("completions", status, timers, stream=True)

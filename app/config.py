@@ -1,0 +1,295 @@
+"""`weir serve` settings: the server's own options plus every `EngineConfig` field.
+
+Precedence, highest first: command-line flags, environment (`WEIR_<FIELD>`, e.g. WEIR_PORT,
+WEIR_MAX_NUM_SEQS; list options comma-separated), the YAML file given by --config (or WEIR_CONFIG),
+then the dataclass defaults. Flags and env names are generated from the dataclass fields, so a new
+engine field is a new flag without touching this file. A bad value or an unknown YAML key fails at
+start with a message that names the key and where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.config import EngineConfig
+
+ENV_PREFIX = "WEIR_"
+
+
+class ConfigError(ValueError):
+    """A setting is unknown or invalid; the message names it and its source."""
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 8000
+    api_key: list[str] = field(default_factory=list)
+    served_model_name: list[str] = field(default_factory=list)
+    shutdown_timeout: float = 30.0
+    max_body_bytes: int = 8 * 1024 * 1024
+    sse_keepalive: float = 15.0
+    log_level: str = "info"
+    log_json: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535]; got {self.port}")
+        if any(not k for k in self.api_key):
+            raise ValueError("api_key must not be empty")
+        if any(not n for n in self.served_model_name):
+            raise ValueError("served_model_name must not be empty")
+        if self.shutdown_timeout < 0:
+            raise ValueError(f"shutdown_timeout must be >= 0; got {self.shutdown_timeout}")
+        if self.max_body_bytes <= 0:
+            raise ValueError(f"max_body_bytes must be > 0; got {self.max_body_bytes}")
+        if self.sse_keepalive <= 0:
+            raise ValueError(f"sse_keepalive must be > 0; got {self.sse_keepalive}")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
+            raise ValueError(
+                f"log_level must be one of debug, info, warning, error, critical; got {self.log_level!r}"
+            )
+        self.log_level = self.log_level.lower()
+
+
+SERVER_HELP: dict[str, str] = {
+    "host": "Address to listen on.",
+    "port": "TCP port to listen on (0: any free port, logged at start).",
+    "api_key": "API key clients must send as 'Authorization: Bearer KEY'. Repeat for several keys "
+    "(env: comma-separated). None: no authentication. /health and /metrics stay open.",
+    "served_model_name": "Model name(s) clients use in the 'model' field; repeatable. "
+    "Default: the model directory's name.",
+    "shutdown_timeout": "Seconds in-flight requests may keep running after SIGTERM before they are aborted.",
+    "max_body_bytes": "Largest request body accepted, in bytes (413 beyond).",
+    "sse_keepalive": "Seconds between keep-alive comments on an idle stream (e.g. while queued).",
+    "log_level": "debug, info, warning, error or critical.",
+    "log_json": "JSON log lines (default) or, with --no-log-json, plain console lines.",
+}
+
+ENGINE_HELP: dict[str, str] = {
+    "model": "Model directory (a Hugging Face checkpoint). Default: the embedded default model.",
+    "tokenizer": "Tokenizer directory. Default: the model directory.",
+    "dtype": "Weights and activations dtype: auto (bfloat16 on cuda, float32 on cpu), float32, float16, bfloat16.",
+    "device": "auto (cuda when available), cpu or cuda.",
+    "seed": "Seed of the engine's random generator (requests may pass their own seed).",
+    "load_format": "auto, safetensors, or dummy (random weights, for benchmarks).",
+    "max_model_len": "Context length: prompt + output tokens. Default: the model's max_position_embeddings.",
+    "block_size": "Tokens per KV-cache block: 8, 16, 32 or 64.",
+    "num_kv_blocks": "KV-cache blocks to allocate. Default: from --gpu-memory-utilization or --cpu-kv-cache-gb.",
+    "gpu_memory_utilization": "Fraction of GPU memory weir may use (weights + activations + KV cache), in (0, 1].",
+    "cpu_kv_cache_gb": "KV-cache size on CPU, in GiB.",
+    "max_num_seqs": "Most sequences in one batch.",
+    "max_num_batched_tokens": "Token budget of one engine step. Default: max(2048, max_model_len) on cuda, 512 on cpu.",
+    "enable_prefix_caching": "Reuse KV blocks of shared prompt prefixes.",
+    "enforce_eager": "Run without CUDA graphs.",
+    "max_cuda_graph_batch_size": "Largest decode batch captured in a CUDA graph.",
+    "max_waiting_requests": "Waiting-queue bound in requests; beyond it new requests get 429.",
+    "max_waiting_tokens": "Waiting-queue bound in prompt tokens; beyond it new requests get 429.",
+}
+
+
+def default_model_dir() -> str:
+    """The checkpoint shipped inside the `engine` package."""
+    spec = importlib.util.find_spec("engine")
+    assert spec is not None and spec.submodule_search_locations
+    return str(Path(next(iter(spec.submodule_search_locations))) / "default_model")
+
+
+# ---------------------------------------------------------------- fields and their types
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    name: str
+    type: Any  # resolved annotation: int, float, bool, str, list[str], possibly | None
+    default: Any
+    help: str
+    target: str  # "engine" or "server"
+
+    @property
+    def base(self) -> Any:
+        return _strip_optional(self.type)[0]
+
+    @property
+    def optional(self) -> bool:
+        return _strip_optional(self.type)[1]
+
+    @property
+    def is_list(self) -> bool:
+        return typing.get_origin(self.base) is list
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _options_of(cls: type, target: str, help_text: Mapping[str, str]) -> list[Option]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
+        help_ = help_text.get(f.name) or f"EngineConfig.{f.name}."
+        out.append(Option(f.name, hints[f.name], default, help_, target))
+    return out
+
+
+def all_options() -> list[Option]:
+    return _options_of(ServerConfig, "server", SERVER_HELP) + _options_of(EngineConfig, "engine", ENGINE_HELP)
+
+
+# ---------------------------------------------------------------- value conversion
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+_NONE = {"none", "null", "auto", ""}
+
+
+def convert(opt: Option, raw: Any, source: str) -> Any:
+    """A value from YAML (typed), env or a flag (strings) as the option's type; ConfigError otherwise."""
+
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(f"{source}: expected {expected}; got {raw!r}")
+
+    base = opt.base
+    if raw is None or (opt.optional and isinstance(raw, str) and raw.strip().lower() in _NONE):
+        if opt.optional:
+            return None
+        if opt.is_list:
+            return []
+        raise fail(_type_name(opt))
+    if opt.is_list:
+        items = raw.split(",") if isinstance(raw, str) else raw
+        if not isinstance(items, list) or not all(isinstance(i, (str, int, float)) for i in items):
+            raise fail("a list of strings")
+        return [str(i).strip() for i in items if str(i).strip()]
+    if base is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
+            return raw.strip().lower() in _TRUE
+        raise fail("true or false")
+    if base is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str):
+            try:
+                return int(raw.strip().replace("_", ""))
+            except ValueError:
+                pass
+        raise fail("an integer")
+    if base is float:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+        if isinstance(raw, str):
+            try:
+                return float(raw.strip())
+            except ValueError:
+                pass
+        raise fail("a number")
+    if base is str:
+        if isinstance(raw, (str, int, float)) and not isinstance(raw, bool):
+            return str(raw)
+        raise fail("a string")
+    raise fail(_type_name(opt))  # a field type this loader does not know yet
+
+
+def _type_name(opt: Option) -> str:
+    base = opt.base
+    if opt.is_list:
+        return "a list of strings"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(base, str(base))
+
+
+# ---------------------------------------------------------------- merging the sources
+
+
+def load_yaml(path: str | Path, options: Mapping[str, Option]) -> dict[str, tuple[Any, str]]:
+    import yaml
+
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(p)!r}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must be a mapping of option names to values")
+    out: dict[str, tuple[Any, str]] = {}
+    for key, raw in data.items():
+        name = str(key).replace("-", "_")
+        source = f"key '{key}' in {p}"
+        if name not in options:
+            raise ConfigError(f"unknown key '{key}' in {p}; known keys: {', '.join(sorted(options))}")
+        out[name] = (convert(options[name], raw, source), source)
+    return out
+
+
+def resolve(
+    flags: Mapping[str, Any],
+    env: Mapping[str, str] | None = None,
+    config_path: str | None = None,
+) -> tuple[EngineConfig, ServerConfig]:
+    """Merge defaults < YAML < env < flags into validated configs. `flags` holds only what was given."""
+    env = os.environ if env is None else env
+    options = {o.name: o for o in all_options()}
+    values: dict[str, tuple[Any, str]] = {}
+
+    config_path = flags.get("config") or env.get(ENV_PREFIX + "CONFIG") or config_path
+    if config_path:
+        values.update(load_yaml(config_path, options))
+    for name, opt in options.items():
+        if opt.env in env:
+            values[name] = (convert(opt, env[opt.env], f"environment variable {opt.env}"), opt.env)
+    for name, raw in flags.items():
+        if name in options and raw is not None:
+            opt = options[name]
+            values[name] = (convert(opt, raw, f"option {opt.flag}"), opt.flag)
+
+    if "model" not in values:
+        values["model"] = (default_model_dir(), "the default model")
+
+    def build(cls: type, target: str) -> Any:
+        kwargs = {n: v for n, (v, _) in values.items() if options[n].target == target}
+        try:
+            return cls(**kwargs)
+        except ValueError as exc:
+            message = str(exc)
+            name = message.split(" ", 1)[0]
+            where = values[name][1] if name in values else "its default"
+            raise ConfigError(f"invalid {name} (from {where}): {message}") from exc
+
+    server = build(ServerConfig, "server")
+    engine = build(EngineConfig, "engine")
+    if not server.served_model_name:
+        server.served_model_name = [Path(engine.model).name or "model"]
+    return engine, server

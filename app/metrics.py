@@ -1,0 +1,218 @@
+"""Prometheus metrics with vLLM's names under a `weir:` prefix, so existing dashboards port.
+
+Two sources:
+- the engine's own counters and gauges (`engine.stats()`), read at scrape time by a custom collector,
+  so they are never stale and the step loop does no metrics work;
+- per-request latencies and lengths, observed by the HTTP layer when a request finishes.
+
+Each app gets its own CollectorRegistry, so several servers in one process (tests) do not collide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = structlog.get_logger("weir.metrics")
+
+# Buckets as vLLM's, trimmed to what a small server sees.
+_TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+_ITL_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+_REQUEST_BUCKETS = (
+    0.01,
+    0.05,
+    0.1,
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+)
+
+
+def _length_buckets(max_len: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to max_len (vLLM's build_1_2_5_buckets)."""
+    out: list[int] = []
+    base = 1
+    while True:
+        for m in (1, 2, 5):
+            value = m * base
+            if value > max_len:
+                return out
+            out.append(value)
+        base *= 10
+
+
+class EngineStatsCollector(Collector):
+    """Turns one `engine.stats()` call per scrape into gauges and counters."""
+
+    def __init__(self, engine: Any, model_name: str) -> None:
+        self.engine = engine
+        self.model_name = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            s = self.engine.stats()
+        except Exception:  # a dead engine must not break /metrics
+            log.warning("engine stats unavailable", exc_info=True)
+            return
+        labels = ["model_name"]
+        value = [self.model_name]
+
+        def gauge(name: str, doc: str, v: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(name, doc, labels=labels)
+            g.add_metric(value, v)
+            return g
+
+        def counter(name: str, doc: str, v: float) -> CounterMetricFamily:
+            c = CounterMetricFamily(name, doc, labels=labels)
+            c.add_metric(value, v)
+            return c
+
+        yield gauge(
+            "weir:num_requests_running", "Number of requests in model execution batches.", s.num_running
+        )
+        yield gauge("weir:num_requests_waiting", "Number of requests waiting to be processed.", s.num_waiting)
+        yield gauge(
+            "weir:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", float(s.kv_cache_usage)
+        )
+        yield counter("weir:prompt_tokens", "Number of prefill tokens processed.", s.prompt_tokens_total)
+        yield counter(
+            "weir:generation_tokens", "Number of generation tokens processed.", s.generation_tokens_total
+        )
+        yield counter("weir:num_preemptions", "Cumulative number of preemptions.", s.num_preemptions)
+        yield counter(
+            "weir:prefix_cache_queries",
+            "Prefix-cache queries, in number of queried tokens.",
+            s.prefix_cache_queries,
+        )
+        yield counter(
+            "weir:prefix_cache_hits", "Prefix-cache hits, in number of cached tokens.", s.prefix_cache_hits
+        )
+
+
+class ServerMetrics:
+    """The app's registry and the per-request series the HTTP layer observes."""
+
+    def __init__(self, engine: Any, model_name: str, max_model_len: int) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(EngineStatsCollector(engine, model_name))
+        r = self.registry
+        names = ["model_name"]
+        self.request_success = Counter(
+            "weir:request_success",
+            "Count of finished sequences, by finish reason.",
+            ["model_name", "finished_reason"],
+            registry=r,
+        )
+        self._success_children: dict[str, Any] = {}
+        self._model_name = model_name
+        self.ttft = Histogram(
+            "weir:time_to_first_token_seconds",
+            "Time to first token in seconds.",
+            names,
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        ).labels(model_name)
+        self.itl = Histogram(
+            "weir:inter_token_latency_seconds",
+            "Time between streamed outputs of a sequence, in seconds.",
+            names,
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        ).labels(model_name)
+        self.e2e = Histogram(
+            "weir:e2e_request_latency_seconds",
+            "End-to-end request latency in seconds.",
+            names,
+            buckets=_REQUEST_BUCKETS,
+            registry=r,
+        ).labels(model_name)
+        self.queue_time = Histogram(
+            "weir:request_queue_time_seconds",
+            "Time a request spent waiting before its first scheduling, in seconds.",
+            names,
+            buckets=_REQUEST_BUCKETS,
+            registry=r,
+        ).labels(model_name)
+        length_buckets = _length_buckets(max(max_model_len, 1))
+        self.prompt_tokens = Histogram(
+            "weir:request_prompt_tokens",
+            "Number of prefill tokens per request.",
+            names,
+            buckets=length_buckets,
+            registry=r,
+        ).labels(model_name)
+        self.generation_tokens = Histogram(
+            "weir:request_generation_tokens",
+            "Number of generated tokens per request.",
+            names,
+            buckets=length_buckets,
+            registry=r,
+        ).labels(model_name)
+
+    def finished(self, reason: str) -> None:
+        child = self._success_children.get(reason)
+        if child is None:
+            child = self._success_children[reason] = self.request_success.labels(self._model_name, reason)
+        child.inc()

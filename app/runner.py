@@ -1,0 +1,117 @@
+"""uvicorn with weir's shutdown: SIGTERM drains instead of dropping connections.
+
+uvicorn's own handling stops accepting connections at once and, after shutting down, re-raises the
+signal (so the process dies of SIGTERM, not with exit code 0). A load balancer wants the opposite
+order: keep answering, with 503 for new requests and on /health, while the requests in flight finish
+(up to --shutdown-timeout), then abort the rest, close, and exit 0. `WeirServer.handle_exit` does
+that; a second SIGINT/SIGTERM stops waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import threading
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+
+from app.config import ServerConfig
+from app.logging import get_logger
+from app.state import AppState
+
+log = get_logger("weir.server")
+
+# Once the engine has stopped, open connections only have their last bytes to send.
+_CLOSE_CONNECTIONS_TIMEOUT = 5.0
+
+
+class WeirServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, state: AppState) -> None:
+        super().__init__(config)
+        self.state = state
+        self.port: int | None = None
+        self.started_event = threading.Event()  # set once serving (tests wait on it)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_task: asyncio.Task[None] | None = None
+        self._shutdown_requested = False
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets=sockets)
+        if self.started:
+            self.port = self.servers[0].sockets[0].getsockname()[1]
+            log.info("serving", host=self.config.host, port=self.port, pid=_pid())
+            self.started_event.set()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """Signal handler (main thread). Never calls super: that would re-raise the signal at exit."""
+        name = signal.Signals(sig).name
+        if self._shutdown_requested:
+            self.force_exit = True
+            self.should_exit = True
+            self._log_soon("second signal: not waiting any longer", signal=name)
+            return
+        self._log_soon("shutdown requested", signal=name)
+        self.request_shutdown()
+
+    def _log_soon(self, event: str, **kw: Any) -> None:
+        # Not from inside the signal handler: it may have interrupted a log call on this thread.
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(lambda: log.info(event, **kw))
+
+    def request_shutdown(self) -> None:
+        """Drain, then stop. Safe from any thread, and more than once."""
+        if self._shutdown_requested:
+            return
+        self._shutdown_requested = True
+        loop = self._loop
+        if loop is None or not self.started:
+            # Still starting up: nothing is in flight; the lifespan shutdown stops the engine.
+            self.should_exit = True
+            return
+        loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain_task = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            await self.state.drain(self.state.config.shutdown_timeout)
+        except Exception:
+            log.exception("drain failed")
+        finally:
+            self.should_exit = True
+
+
+def make_server(app: Starlette, cfg: ServerConfig) -> WeirServer:
+    config = uvicorn.Config(
+        app,
+        host=cfg.host,
+        port=cfg.port,
+        loop="uvloop",
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        timeout_graceful_shutdown=int(_CLOSE_CONNECTIONS_TIMEOUT),
+    )
+    return WeirServer(config, app.state.weir)
+
+
+def run_server(engine: Any, cfg: ServerConfig) -> WeirServer:
+    """Serve until SIGTERM/SIGINT has drained the engine. Returns the server (for its exit state)."""
+    from app.server import build_app
+
+    server = make_server(build_app(engine, cfg), cfg)
+    server.run()
+    return server
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()

@@ -1,0 +1,159 @@
+"""The Starlette app factory and the small routes (/health, /v1/models, /version, /metrics,
+/tokenize, /detokenize). The generation routes live in completions.py and chat.py.
+
+`build_app(engine, server_config)` takes an engine that is loaded but not started: the lifespan starts
+its step loop on the server's event loop and drains it on shutdown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from app import __version__
+from app.chat import create_chat_completion, render_chat
+from app.completions import create_completion
+from app.config import ServerConfig
+from app.errors import APIError, bad_request
+from app.generation import check_token_ids, encoder
+from app.http import APIKeyMiddleware, api_route, read_json
+from app.logging import get_logger
+from app.protocol import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from app.state import AppState
+
+log = get_logger("weir.app")
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(encoder.encode(obj), status_code=status, media_type="application/json")
+
+
+async def health(request: Request) -> Response:
+    state: AppState = request.app.state.weir
+    engine = state.engine
+    if state.draining:
+        return JSONResponse({"status": "draining", "reason": "the server is shutting down"}, status_code=503)
+    if not engine.is_healthy:
+        reason = (
+            f"the engine stopped: {engine.dead_error!r}" if engine.dead_error else "the engine is unhealthy"
+        )
+        return JSONResponse({"status": "unhealthy", "reason": reason}, status_code=503)
+    if not engine.warm:
+        return JSONResponse({"status": "starting", "reason": "the engine is warming up"}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+async def version(request: Request) -> Response:
+    return JSONResponse({"version": __version__})
+
+
+async def models(request: Request) -> Response:
+    state: AppState = request.app.state.weir
+    cards = [
+        ModelCard(
+            id=name,
+            created=state.created,
+            max_model_len=state.max_model_len,
+            root=str(state.engine.model_path),
+        )
+        for name in state.model_names
+    ]
+    return _json(ModelList(data=cards))
+
+
+async def metrics(request: Request) -> Response:
+    state: AppState = request.app.state.weir
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@api_route
+async def tokenize(request: Request) -> Response:
+    state: AppState = request.app.state.weir
+    req = await read_json(request, TokenizeRequest, state.config.max_body_bytes)
+    state.check_model(req.model)
+    if (req.prompt is None) == (req.messages is None):
+        raise bad_request("Send exactly one of prompt or messages.", param="prompt")
+    if req.prompt is not None:
+        tokens = list(
+            state.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
+        )
+    else:
+        tokens = render_chat(state, req.messages or [], req.add_generation_prompt is not False)
+    return _json(TokenizeResponse(count=len(tokens), max_model_len=state.max_model_len, tokens=tokens))
+
+
+@api_route
+async def detokenize(request: Request) -> Response:
+    state: AppState = request.app.state.weir
+    req = await read_json(request, DetokenizeRequest, state.config.max_body_bytes)
+    state.check_model(req.model)
+    check_token_ids(state, req.tokens, "tokens")
+    return _json(DetokenizeResponse(prompt=state.tokenizer.decode(req.tokens)))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = {404: f"No route {request.url.path}.", 405: f"Method {request.method} not allowed here."}.get(
+        exc.status_code, str(exc.detail)
+    )
+    err = APIError(
+        exc.status_code, message, code="not_found" if exc.status_code == 404 else "invalid_request"
+    )
+    response = err.response()
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+def build_app(engine: Any, server_config: ServerConfig) -> Starlette:
+    """The ASGI app over a loaded, not yet started engine."""
+    state = AppState(engine, server_config)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await engine.start()
+        log.info(
+            "engine started",
+            model=str(engine.model_path),
+            served_model_names=state.model_names,
+            max_model_len=state.max_model_len,
+        )
+        try:
+            yield
+        finally:
+            await state.drain(server_config.shutdown_timeout)
+
+    routes = [
+        Route("/v1/completions", create_completion, methods=["POST"]),
+        Route("/v1/chat/completions", create_chat_completion, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/version", version, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(APIKeyMiddleware, api_keys=list(server_config.api_key))],
+        exception_handlers={HTTPException: _http_error},
+        lifespan=lifespan,
+    )
+    app.state.weir = state
+    return app

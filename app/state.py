@@ -1,0 +1,72 @@
+"""What every route needs: the engine, the server settings, the metrics, and the drain state."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from functools import lru_cache
+from typing import Any
+
+from app.config import ServerConfig
+from app.errors import APIError
+from app.logging import get_logger
+from app.metrics import ServerMetrics
+
+log = get_logger("weir.app")
+
+
+class AppState:
+    def __init__(self, engine: Any, config: ServerConfig) -> None:
+        self.engine = engine
+        self.config = config
+        self.model_names = list(config.served_model_name) or ["model"]
+        self.model_name = self.model_names[0]
+        self.tokenizer = engine.tokenizer
+        self.max_model_len: int = engine.max_model_len
+        self.vocab_size: int = engine.vocab_size
+        self.created = int(time.time())
+        self.metrics = ServerMetrics(engine, self.model_name, self.max_model_len)
+        self.draining = False
+        self._drain_task: asyncio.Task[None] | None = None
+        # Token id -> its text, for logprobs. Bounded by the vocabulary.
+        self.token_text = lru_cache(maxsize=None)(self._token_text)
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def check_model(self, model: str | None) -> str:
+        """The served name to answer with; 404 for a model this server does not serve."""
+        if model is None or model == "":
+            return self.model_name
+        if model not in self.model_names:
+            raise APIError(
+                404,
+                f"The model `{model}` does not exist. This server serves: {', '.join(self.model_names)}.",
+                param="model",
+                code="model_not_found",
+            )
+        return model
+
+    # ---------------------------------------------------------------- shutdown
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new work, let in-flight requests finish for up to `timeout` s, then abort the rest.
+
+        Idempotent: SIGTERM starts it, the lifespan shutdown waits for the same run.
+        """
+        if self._drain_task is None:
+            self._drain_task = asyncio.ensure_future(self._drain(timeout))
+        await asyncio.shield(self._drain_task)
+
+    async def _drain(self, timeout: float) -> None:
+        self.draining = True
+        try:
+            stats = self.engine.stats()
+            in_flight = stats.num_running + stats.num_waiting
+        except Exception:
+            in_flight = None
+        log.info("draining", in_flight=in_flight, timeout_s=timeout)
+        self.engine.begin_drain()
+        t0 = time.monotonic()
+        await self.engine.shutdown(timeout=timeout)
+        log.info("engine stopped", drain_s=round(time.monotonic() - t0, 3))

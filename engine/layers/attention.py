@@ -1,0 +1,53 @@
+"""Paged attention layer: writes this step's K/V into the layer's cache, then attends over the cache.
+
+The runner binds `k_cache`/`v_cache` ([num_blocks, block_size, num_kv_heads, head_dim]) after
+allocating them; the step's AttentionMetadata comes from the forward context.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import ops
+from engine.attention_metadata import get_attention_metadata
+
+
+class Attention(nn.Module):
+    def __init__(
+        self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float, layer_idx: int
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads
+        self.scale = scale
+        self.layer_idx = layer_idx
+        self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, num_kv_heads, head_dim]
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads * head_dim]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
+    ) -> torch.Tensor:  # [num_tokens, num_heads * head_dim]
+        if self.k_cache is None or self.v_cache is None:
+            raise RuntimeError(f"attention layer {self.layer_idx} has no KV cache bound")
+        md = get_attention_metadata()
+        num_tokens = query.shape[0]
+        key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
+        value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
+        ops.write_kv_cache(key, value, self.k_cache, self.v_cache, md.slot_mapping)
+        out = ops.paged_attention(
+            query.view(num_tokens, self.num_heads, self.head_dim),
+            self.k_cache,
+            self.v_cache,
+            md.block_tables,
+            md.seq_lens,
+            md.query_start_loc,
+            md.max_query_len,
+            md.max_seq_len,
+            self.scale,
+        )
+        return out.view(num_tokens, self.num_heads * self.head_dim)

@@ -1,0 +1,73 @@
+"""Rotary position embedding (neox style: rotate the two halves of each head), over
+ops.rotary_embedding.
+
+The cos/sin cache is built in float32 with the same expressions as transformers'
+`modeling_rope_utils` (default, "linear" and "llama3" rope types), so positions embed bit-identically.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+import ops
+
+
+def compute_inv_freq(head_dim: int, base: float, rope_scaling: dict[str, Any] | None = None) -> torch.Tensor:
+    """[head_dim / 2] float32 inverse frequencies, scaled per `rope_scaling["rope_type"]`."""
+    dim = head_dim
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim))
+    rope_type = (rope_scaling or {}).get("rope_type", "default")
+    if rope_type == "default":
+        return inv_freq
+    assert rope_scaling is not None
+    if rope_type == "linear":
+        return inv_freq / rope_scaling["factor"]
+    if rope_type == "llama3":
+        factor = rope_scaling["factor"]
+        low_freq_factor = rope_scaling["low_freq_factor"]
+        high_freq_factor = rope_scaling["high_freq_factor"]
+        old_context_len = rope_scaling["original_max_position_embeddings"]
+        low_freq_wavelen = old_context_len / low_freq_factor
+        high_freq_wavelen = old_context_len / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths are divided by factor, short ones kept, the band between interpolated.
+        inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth_factor = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed_inv_freq = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+        is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        return torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama)
+    raise ValueError(f"unsupported rope_type {rope_type!r}")
+
+
+def build_cos_sin_cache(
+    head_dim: int, max_position: int, base: float, rope_scaling: dict[str, Any] | None = None
+) -> torch.Tensor:
+    """[max_position, head_dim] float32: cos(pos * inv_freq) in the first half, sin in the second."""
+    inv_freq = compute_inv_freq(head_dim, base, rope_scaling)  # [head_dim / 2]
+    positions = torch.arange(max_position, dtype=torch.int64).float()
+    freqs = positions[:, None] * inv_freq[None, :]  # [max_position, head_dim / 2]
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(
+        self, head_dim: int, max_position: int, base: float, rope_scaling: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        # Kept float32 whatever the model dtype; not a checkpoint tensor (persistent=False).
+        self.register_buffer(
+            "cos_sin_cache", build_cos_sin_cache(head_dim, max_position, base, rope_scaling), persistent=False
+        )
+
+    def forward(
+        self,
+        positions: torch.Tensor,  # [num_tokens] int64
+        query: torch.Tensor,  # [num_tokens, num_heads * head_dim]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return ops.rotary_embedding(positions, query, key, self.cos_sin_cache, self.head_dim)

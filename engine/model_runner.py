@@ -1,0 +1,409 @@
+"""The model runner: owns the model, the KV caches and the per-request state, and turns one
+SchedulerOutput into one ModelRunnerOutput.
+
+Hot path. Per step: apply the scheduler's diff to the per-request state, build the flat batch
+(input ids, positions, slot mapping, block tables) with numpy, copy it to the device in one transfer,
+run the forward, project only the rows that need logits (the last scheduled token of requests that
+reach the end of their known tokens, plus prompt positions of requests asking for prompt logprobs),
+and sample them with engine.sampler in one host transfer.
+
+`_forward` is the seam the CUDA-graph runner wraps; `build_step_inputs` the one place batches are
+built.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import ops
+from engine.attention_metadata import AttentionMetadata, StepInputs, build_step_inputs, forward_context
+from engine.config import EngineConfig
+from engine.layers.attention import Attention
+from engine.model_config import ModelConfig
+from engine.models.registry import get_model_class
+from engine.sampler import Sampler, SamplingRow, build_sampling_metadata, compute_prompt_logprobs
+from engine.sampling_params import SamplingParams
+from engine.scheduler_output import ModelRunnerOutput, NewRequestData, SchedulerOutput, TokenLogprobs
+from engine.weight_loader import initialize_dummy_weights, load_weights
+
+logger = logging.getLogger("weir.engine")
+
+_GIB = 1 << 30
+
+
+def default_max_num_batched_tokens(device: str, max_model_len: int) -> int:
+    """EngineConfig.max_num_batched_tokens when left None: max(2048, max_model_len) on cuda, 512 on cpu."""
+    return max(2048, max_model_len) if device == "cuda" else 512
+
+
+@dataclass(slots=True, eq=False)
+class _RequestState:
+    req_id: str
+    token_ids: list[int]  # prompt + every output known to the runner
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+    # False when the request came back after preemption with outputs: its prompt logprobs were sent.
+    emit_prompt_logprobs: bool
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+class ModelRunner:
+    def __init__(self, engine_config: EngineConfig, model_config: ModelConfig) -> None:
+        self.engine_config = engine_config
+        self.model_config = model_config
+        self.device = torch.device(model_config.device)
+        self.dtype: torch.dtype = getattr(torch, model_config.dtype)
+        self.block_size = engine_config.block_size
+        self.max_model_len = model_config.max_model_len
+        self.max_num_batched_tokens = engine_config.max_num_batched_tokens or default_max_num_batched_tokens(
+            self.device.type, self.max_model_len
+        )
+        self.vocab_size = model_config.vocab_size
+        self.model: torch.nn.Module | None = None
+        self.attn_layers: list[Attention] = []
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.num_kv_blocks = 0
+        self.requests: dict[str, _RequestState] = {}
+        self.sampler = Sampler()
+        torch.manual_seed(engine_config.seed)
+        if self.device.type == "cuda":
+            self._enable_triton()
+
+    @staticmethod
+    def _enable_triton() -> None:
+        try:
+            importlib.import_module("ops.triton")
+        except ImportError as e:
+            logger.warning("Triton kernels unavailable (%s); running the torch reference ops on the GPU", e)
+            return
+        ops.use_triton(True)
+
+    # ------------------------------------------------------------------ setup
+    def load_model(self) -> None:
+        start = time.perf_counter()
+        model_cls = get_model_class(self.model_config.architecture)
+        with torch.device(self.device):
+            model = model_cls(self.model_config, dtype=self.dtype)
+        if self.engine_config.load_format == "dummy":
+            initialize_dummy_weights(model, seed=self.engine_config.seed)
+        else:
+            load_weights(model, self.model_config.model_path)
+        model.eval()
+        self.model = model
+        self.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
+        num_params = sum(p.numel() for p in model.parameters())
+        logger.info(
+            "loaded %s (%.1fM parameters, %s, %s) in %.2fs",
+            self.model_config.architecture,
+            num_params / 1e6,
+            self.dtype,
+            self.device,
+            time.perf_counter() - start,
+        )
+
+    @property
+    def bytes_per_kv_block(self) -> int:
+        """K and V of one block across every layer."""
+        cfg = self.model_config
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        num_kv_heads = self.attn_layers[0].num_kv_heads if self.attn_layers else cfg.num_kv_heads
+        return 2 * cfg.num_layers * self.block_size * num_kv_heads * cfg.head_dim * elem
+
+    def determine_num_kv_blocks(self) -> int:
+        """config.num_kv_blocks if set; on CPU from cpu_kv_cache_gb; on CUDA from a profile forward."""
+        cfg = self.engine_config
+        if cfg.num_kv_blocks is not None:
+            num_blocks = cfg.num_kv_blocks
+            source = "num_kv_blocks"
+        elif self.device.type == "cpu":
+            num_blocks = int(cfg.cpu_kv_cache_gb * _GIB) // self.bytes_per_kv_block
+            source = f"cpu_kv_cache_gb={cfg.cpu_kv_cache_gb}"
+        else:
+            num_blocks = self._profile_num_kv_blocks()
+            source = f"gpu_memory_utilization={cfg.gpu_memory_utilization}"
+        if num_blocks <= 0:
+            raise ValueError(
+                f"no room for the KV cache ({source} gives {num_blocks} blocks of {self.bytes_per_kv_block} bytes); "
+                "raise gpu_memory_utilization / cpu_kv_cache_gb or use a smaller model"
+            )
+        capacity = num_blocks * self.block_size
+        logger.info(
+            "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, from %s)",
+            num_blocks,
+            self.block_size,
+            capacity,
+            num_blocks * self.bytes_per_kv_block / _GIB,
+            source,
+        )
+        if capacity < self.max_model_len:
+            logger.warning(
+                "the KV cache holds %d tokens, fewer than max_model_len (%d): long requests cannot run",
+                capacity,
+                self.max_model_len,
+            )
+        return num_blocks
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        """Allocate per-layer K and V caches [num_blocks, block_size, num_kv_heads, head_dim] and bind
+        them to the attention layers. Zero-filled so kernels never read NaN garbage from unused slots."""
+        self.kv_caches = []
+        for layer in self.attn_layers:
+            shape = (num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+            k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.k_cache, layer.v_cache = k_cache, v_cache
+            self.kv_caches.append((k_cache, v_cache))
+        self.num_kv_blocks = num_blocks
+
+    @torch.inference_mode()
+    def _profile_num_kv_blocks(self) -> int:
+        """Run the largest step the scheduler may send (max_num_batched_tokens, plus logits and a
+        top-p sample for up to max_num_seqs rows) on temporary caches, then give the KV cache what
+        remains of total * gpu_memory_utilization above the peak."""
+        cfg = self.engine_config
+        num_tokens = self.max_num_batched_tokens
+        # Sequences as long as allowed: the worst case for attention's working memory.
+        seq_lens = [min(self.max_model_len, num_tokens - s) for s in range(0, num_tokens, self.max_model_len)]
+        blocks_per_seq = [-(-n // self.block_size) for n in seq_lens]
+        num_blocks = sum(blocks_per_seq)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.initialize_kv_cache(num_blocks)
+        temp_cache_bytes = num_blocks * self.bytes_per_kv_block
+        try:
+            block_ids = iter(range(num_blocks))
+            token_ids = [[0] * n for n in seq_lens]
+            tables = [[next(block_ids) for _ in range(b)] for b in blocks_per_seq]
+            num_rows = min(cfg.max_num_seqs, num_tokens)
+            step = self._build_inputs(
+                token_ids, [0] * len(seq_lens), seq_lens, tables, np.arange(num_tokens - num_rows, num_tokens)
+            )
+            hidden = self._forward(step.input_ids, step.positions, step.metadata)
+            logits = self.compute_logits(hidden[step.logits_indices])
+            params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=1)
+            rows = [
+                SamplingRow(params=params, prompt_token_ids=[0], output_token_ids=[]) for _ in range(num_rows)
+            ]
+            self.sampler(
+                logits, build_sampling_metadata(rows, vocab_size=self.vocab_size, device=self.device)
+            )
+            del hidden, logits
+            torch.cuda.synchronize(self.device)
+            peak_torch = torch.cuda.max_memory_allocated(self.device)
+            free, total = torch.cuda.mem_get_info(self.device)
+            non_torch = (total - free) - torch.cuda.memory_reserved(self.device)
+        finally:
+            for layer in self.attn_layers:
+                layer.k_cache = layer.v_cache = None
+            self.kv_caches = []
+            torch.cuda.empty_cache()
+        peak_used = peak_torch - temp_cache_bytes + max(non_torch, 0)
+        available = total * cfg.gpu_memory_utilization - peak_used
+        logger.info(
+            "profile: %d tokens, peak %.2f GiB (torch %.2f, other %.2f) of %.2f GiB; %.2f GiB for the KV cache",
+            num_tokens,
+            peak_used / _GIB,
+            (peak_torch - temp_cache_bytes) / _GIB,
+            max(non_torch, 0) / _GIB,
+            total / _GIB,
+            available / _GIB,
+        )
+        return max(int(available // self.bytes_per_kv_block), 0)
+
+    # ------------------------------------------------------------------ forward
+    def _forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        """One forward over a flat batch: [num_tokens] ids/positions -> [num_tokens, hidden].
+
+        The seam for CUDA graphs: a graph runner captures this per padded batch size and replays it
+        with static input buffers.
+        """
+        assert self.model is not None, "load_model() first"
+        with forward_context(metadata):
+            return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[num_rows, hidden] -> [num_rows, vocab] float32."""
+        assert self.model is not None, "load_model() first"
+        return self.model.compute_logits(hidden)
+
+    def _build_inputs(
+        self,
+        token_ids: list[list[int]],  # per sequence: its known tokens
+        num_computed: list[int],  # per sequence
+        num_scheduled: list[int],  # per sequence
+        block_tables: list[list[int]],  # per sequence
+        logits_indices: np.ndarray,  # [num_logits_rows] rows of the flat batch that need logits
+    ) -> StepInputs:
+        """The flat batch for one step, vectorized over tokens (per-sequence loops only)."""
+        num_seqs = len(token_ids)
+        n = np.asarray(num_scheduled, dtype=np.int64)  # [num_seqs]
+        computed = np.asarray(num_computed, dtype=np.int64)  # [num_seqs]
+        query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(n, out=query_start_loc[1:])
+        num_tokens = int(query_start_loc[-1])
+        input_ids = np.fromiter(
+            itertools.chain.from_iterable(
+                t[c : c + k] for t, c, k in zip(token_ids, num_computed, num_scheduled, strict=True)
+            ),
+            dtype=np.int64,
+            count=num_tokens,
+        )
+        # position of flat token t in sequence s: t - query_start_loc[s] + num_computed[s]
+        positions = np.arange(num_tokens, dtype=np.int64) + np.repeat(computed - query_start_loc[:-1], n)
+        max_blocks = max((len(b) for b in block_tables), default=0)
+        tables = np.zeros((num_seqs, max(max_blocks, 1)), dtype=np.int32)
+        for i, blocks in enumerate(block_tables):
+            tables[i, : len(blocks)] = blocks
+        seq_idx = np.repeat(np.arange(num_seqs), n)  # [num_tokens]
+        block_idx = positions // self.block_size
+        slot_mapping = (
+            tables[seq_idx, block_idx].astype(np.int64) * self.block_size + positions % self.block_size
+        )
+        return build_step_inputs(
+            input_ids=input_ids,
+            positions=positions,
+            slot_mapping=slot_mapping,
+            block_tables=tables,
+            seq_lens=(computed + n).astype(np.int32),
+            query_start_loc=query_start_loc.astype(np.int32),
+            logits_indices=logits_indices.astype(np.int64, copy=False),
+            device=self.device,
+        )
+
+    # ------------------------------------------------------------------ state
+    def _update_states(self, so: SchedulerOutput) -> None:
+        for req_id in itertools.chain(so.finished_req_ids, so.preempted_req_ids):
+            self.requests.pop(req_id, None)
+        for new in so.new_requests:
+            self.requests[new.req_id] = self._new_state(new)
+        for cached in so.cached_requests:
+            state = self.requests.get(cached.req_id)
+            if state is None:
+                raise RuntimeError(
+                    f"scheduler sent a diff for request {cached.req_id!r}, which the runner does not hold"
+                )
+            state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+            if cached.new_token_ids:
+                state.token_ids.extend(cached.new_token_ids)
+                state.output_token_ids.extend(cached.new_token_ids)
+
+    @staticmethod
+    def _new_state(new: NewRequestData) -> _RequestState:
+        token_ids = list(new.token_ids)
+        num_prompt = new.num_prompt_tokens
+        return _RequestState(
+            req_id=new.req_id,
+            token_ids=token_ids,
+            prompt_token_ids=token_ids[:num_prompt],
+            output_token_ids=token_ids[num_prompt:],
+            sampling_params=new.sampling_params,
+            block_ids=list(new.block_ids),
+            num_computed_tokens=new.num_computed_tokens,
+            emit_prompt_logprobs=new.sampling_params.prompt_logprobs is not None
+            and len(token_ids) == num_prompt,
+        )
+
+    # ------------------------------------------------------------------ step
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(scheduler_output)
+        scheduled = scheduler_output.num_scheduled_tokens
+        output = ModelRunnerOutput(sampled_token_ids={req_id: [] for req_id in scheduled})
+        if scheduler_output.total_num_scheduled_tokens == 0 or not scheduled:
+            return output
+
+        states: list[_RequestState] = []
+        num_scheduled: list[int] = []
+        sample_rows: list[int] = []  # flat-batch rows whose logits are sampled
+        sample_states: list[_RequestState] = []
+        prompt_rows: list[np.ndarray] = []  # flat-batch rows scored for prompt logprobs
+        prompt_targets: list[tuple[_RequestState, list[int]]] = []
+        offset = 0
+        for req_id, n in scheduled.items():
+            state = self.requests.get(req_id)
+            if state is None:
+                raise RuntimeError(f"request {req_id!r} is scheduled but the runner holds no state for it")
+            start, end = state.num_computed_tokens, state.num_computed_tokens + n
+            if end > len(state.token_ids):
+                raise RuntimeError(
+                    f"request {req_id!r}: {n} tokens scheduled from {start}, but only {len(state.token_ids)} are known"
+                )
+            if end > len(state.block_ids) * self.block_size:
+                raise RuntimeError(
+                    f"request {req_id!r}: {len(state.block_ids)} blocks cannot hold {end} tokens"
+                )
+            states.append(state)
+            num_scheduled.append(n)
+            if end == len(state.token_ids):
+                sample_rows.append(offset + n - 1)
+                sample_states.append(state)
+            if state.emit_prompt_logprobs:
+                # position p scores token p + 1; only positions whose next token is a prompt token
+                last = min(end, state.num_prompt_tokens - 1)
+                if last > start:
+                    prompt_rows.append(np.arange(offset, offset + last - start))
+                    prompt_targets.append((state, state.token_ids[start + 1 : last + 1]))
+            offset += n
+
+        logits_indices = np.concatenate([np.asarray(sample_rows, dtype=np.int64), *prompt_rows])
+        step = self._build_inputs(
+            [s.token_ids for s in states],
+            [s.num_computed_tokens for s in states],
+            num_scheduled,
+            [s.block_ids for s in states],
+            logits_indices,
+        )
+        hidden = self._forward(step.input_ids, step.positions, step.metadata)
+        for state, n in zip(states, num_scheduled, strict=True):
+            state.num_computed_tokens += n
+        if logits_indices.size == 0:
+            return output
+        logits = self.compute_logits(hidden[step.logits_indices])  # [num_logits_rows, vocab] fp32
+
+        # Prompt logprobs first: the sampler may edit its rows of the logits in place.
+        row = len(sample_rows)
+        for state, targets in prompt_targets:
+            num_top = state.sampling_params.prompt_logprobs or 0
+            lps: list[TokenLogprobs] = compute_prompt_logprobs(
+                logits[row : row + len(targets)], targets, num_top
+            )
+            output.prompt_logprobs[state.req_id] = lps
+            row += len(targets)
+
+        if sample_states:
+            rows = [
+                SamplingRow(
+                    params=s.sampling_params,
+                    prompt_token_ids=s.prompt_token_ids,
+                    output_token_ids=s.output_token_ids,
+                )
+                for s in sample_states
+            ]
+            md = build_sampling_metadata(rows, vocab_size=self.vocab_size, device=self.device)
+            result = self.sampler(logits[: len(sample_states)], md)
+            for state, token, lp in zip(
+                sample_states, result.sampled_token_ids, result.logprobs, strict=True
+            ):
+                state.token_ids.append(token)
+                state.output_token_ids.append(token)
+                output.sampled_token_ids[state.req_id] = [token]
+                if lp is not None:
+                    output.logprobs[state.req_id] = lp
+        return output

@@ -1,0 +1,325 @@
+"""Continuous-batching scheduler: who computes how many tokens this step. Plain Python, no torch.
+
+Scheduling is in tokens (see engine/request.py): each step hands out a budget of
+`max_num_batched_tokens`. Running requests are served first — decodes, so streams keep flowing, then
+ongoing chunked prefills — and the rest of the budget admits waiting requests in queue order, their
+prompts chunked to what is left. When the KV cache runs out, the running request that arrived last
+(lowest priority first) is preempted: its blocks are freed and it is recomputed later from its
+tokens, ahead of anything that arrived after it.
+
+No deadlock: admission rejects any request that could not fit in the whole cache on its own, and a
+request that cannot grow even after every other one was preempted preempts itself and waits until
+it can run alone.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Iterable
+
+from engine.config import EngineConfig
+from engine.kv_cache_manager import KVCacheManager
+from engine.request import Request, RequestStatus
+from engine.scheduler_output import (
+    CachedRequestData,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: EngineConfig,
+        num_kv_blocks: int,
+        max_model_len: int,
+        max_num_batched_tokens: int,
+    ) -> None:
+        self.config = config
+        self.max_num_seqs = config.max_num_seqs
+        self.block_size = config.block_size
+        self.num_kv_blocks = num_kv_blocks
+        self.max_model_len = max_model_len
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.kv_cache_manager = KVCacheManager(num_kv_blocks, config.block_size, config.enable_prefix_caching)
+
+        # Every unfinished request, waiting or running.
+        self.requests: dict[str, Request] = {}
+        # Waiting queue: a heap of (priority, arrival_seq, request). Aborted entries stay in the heap
+        # and are skipped when they surface; `_waiting` is the truth.
+        self._waiting_heap: list[tuple[int, int, Request]] = []
+        self._waiting: dict[str, Request] = {}
+        self._num_waiting_tokens = 0
+        self._arrival_seq: dict[str, int] = {}
+        self._next_seq = 0
+        # Running requests in admission order (dict: O(1) removal, ordered iteration).
+        self.running: dict[str, Request] = {}
+        # Finished or aborted since the last schedule(); the runner drops their state.
+        self._finished_req_ids: set[str] = set()
+        self.num_preemptions = 0
+
+    # ---------------------------------------------------------------- admission
+    def add_request(self, request: Request) -> None:
+        """Validate against the model and cache limits and enqueue. Raises ValueError naming the numbers."""
+        n = request.num_prompt_tokens
+        limit = self.max_model_len
+        if n == 0:
+            raise ValueError("prompt must not be empty")
+        sp = request.sampling_params
+        if sp.max_tokens is None:
+            if n >= limit:
+                raise ValueError(f"prompt ({n} tokens) is longer than max_model_len ({limit}) allows")
+            sp.max_tokens = limit - n
+        elif n + sp.max_tokens > limit:
+            raise ValueError(
+                f"prompt ({n} tokens) + max_tokens ({sp.max_tokens}) = {n + sp.max_tokens} "
+                f"exceeds max_model_len ({limit})"
+            )
+        need = _cdiv(n + sp.max_tokens, self.block_size)
+        if need > self.num_kv_blocks:
+            raise ValueError(
+                f"prompt ({n} tokens) + max_tokens ({sp.max_tokens}) needs {need} KV cache blocks "
+                f"of {self.block_size} tokens, but the KV cache has only {self.num_kv_blocks} blocks"
+            )
+        if request.req_id in self.requests:
+            raise ValueError(f"request id {request.req_id!r} is already in use")
+        request.status = RequestStatus.WAITING
+        self.requests[request.req_id] = request
+        self._arrival_seq[request.req_id] = self._next_seq
+        self._next_seq += 1
+        self._enqueue(request)
+
+    def _enqueue(self, request: Request) -> None:
+        seq = self._arrival_seq[request.req_id]
+        heapq.heappush(self._waiting_heap, (request.priority, seq, request))
+        self._waiting[request.req_id] = request
+        self._num_waiting_tokens += request.num_prompt_tokens
+
+    def _peek_waiting(self) -> Request | None:
+        heap = self._waiting_heap
+        while heap:
+            req = heap[0][2]
+            if self._waiting.get(req.req_id) is req:
+                return req
+            heapq.heappop(heap)  # aborted while waiting
+        return None
+
+    def _pop_waiting(self, request: Request) -> None:
+        heapq.heappop(self._waiting_heap)
+        del self._waiting[request.req_id]
+        self._num_waiting_tokens -= request.num_prompt_tokens
+
+    def _remove_waiting(self, request: Request) -> None:
+        del self._waiting[request.req_id]
+        self._num_waiting_tokens -= request.num_prompt_tokens
+        # Lazy deletion; rebuild when stale entries dominate so aborts can't grow the heap forever.
+        if len(self._waiting_heap) > 2 * len(self._waiting) + 64:
+            self._waiting_heap = [e for e in self._waiting_heap if self._waiting.get(e[2].req_id) is e[2]]
+            heapq.heapify(self._waiting_heap)
+
+    # ---------------------------------------------------------------- scheduling
+    def _preempt(self, request: Request) -> None:
+        del self.running[request.req_id]
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self._enqueue(request)  # keeps its arrival seq: ahead of everything that came after it
+
+    def _pick_victim(self) -> Request:
+        seq = self._arrival_seq
+        return max(self.running.values(), key=lambda r: (r.priority, seq[r.req_id]))
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        kv = self.kv_cache_manager
+        num_scheduled: dict[str, int] = {}
+        # req_id -> (request, new block ids) for running requests scheduled this step.
+        scheduled_running: dict[str, tuple[Request, list[int]]] = {}
+        preempted: list[Request] = []
+
+        # 1. Running requests: decodes first, then ongoing (chunked) prefills; admission order within.
+        decodes = [r for r in self.running.values() if r.num_tokens - r.num_computed_tokens == 1]
+        prefills = [r for r in self.running.values() if r.num_tokens - r.num_computed_tokens > 1]
+        for req in decodes + prefills:
+            if budget <= 0:
+                break
+            if req.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while True:
+                new_block_ids = kv.allocate_slots(req, num_new)
+                if new_block_ids is not None:
+                    break
+                victim = self._pick_victim()
+                if victim.req_id in scheduled_running:
+                    # Already given tokens this step: take them back.
+                    del scheduled_running[victim.req_id]
+                    budget += num_scheduled.pop(victim.req_id)
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            if new_block_ids is None:
+                continue
+            scheduled_running[req.req_id] = (req, new_block_ids)
+            num_scheduled[req.req_id] = num_new
+            budget -= num_new
+
+        # 2. Waiting requests, in queue order, unless this step already had to preempt.
+        new_reqs: list[Request] = []
+        while not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self._peek_waiting()
+            if req is None:
+                break
+            computed_blocks, num_hit_tokens = kv.get_computed_blocks(req)
+            num_new = min(req.num_tokens - num_hit_tokens, budget)
+            if kv.allocate_slots(req, num_new, computed_blocks) is None:
+                break  # no skipping ahead: the head of the queue would starve
+            self._pop_waiting(req)
+            req.status = RequestStatus.RUNNING
+            req.num_computed_tokens = num_hit_tokens
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_hit_tokens
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.monotonic()
+            self.running[req.req_id] = req
+            new_reqs.append(req)
+            num_scheduled[req.req_id] = num_new
+            budget -= num_new
+
+        # 3. Build the runner's diff and advance num_computed_tokens now (the runner computes them).
+        cached_data = []
+        for req, new_block_ids in scheduled_running.values():
+            cached_data.append(CachedRequestData(req.req_id, new_block_ids, req.num_computed_tokens))
+            req.num_computed_tokens += num_scheduled[req.req_id]
+        new_data = []
+        for req in new_reqs:
+            new_data.append(
+                NewRequestData(
+                    req_id=req.req_id,
+                    token_ids=list(req.all_token_ids),
+                    num_prompt_tokens=req.num_prompt_tokens,
+                    sampling_params=req.sampling_params,
+                    block_ids=kv.get_block_ids(req.req_id),
+                    num_computed_tokens=req.num_computed_tokens,
+                )
+            )
+            req.num_computed_tokens += num_scheduled[req.req_id]
+
+        finished, self._finished_req_ids = self._finished_req_ids, set()
+        return SchedulerOutput(
+            new_requests=new_data,
+            cached_requests=cached_data,
+            num_scheduled_tokens=num_scheduled,
+            total_num_scheduled_tokens=sum(num_scheduled.values()),
+            finished_req_ids=finished,
+            preempted_req_ids={r.req_id for r in preempted},
+        )
+
+    # ---------------------------------------------------------------- results
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
+    ) -> list[tuple[Request, list[int]]]:
+        """Append sampled tokens, apply stop conditions, free finished requests.
+
+        Returns (request, tokens appended this step) for every request that got tokens, finished or not.
+        """
+        out: list[tuple[Request, list[int]]] = []
+        sampled = runner_output.sampled_token_ids
+        for req_id in scheduler_output.num_scheduled_tokens:
+            token_ids = sampled.get(req_id)
+            if not token_ids:
+                continue  # a prefill chunk that did not reach the end
+            req = self.requests.get(req_id)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue  # aborted between schedule() and now
+            if req.first_token_time is None:
+                req.first_token_time = time.monotonic()
+            new_tokens: list[int] = []
+            for tok in token_ids:
+                req.append_output_token(tok)
+                new_tokens.append(tok)
+                status = self._check_stop(req, tok)
+                if status is not None:
+                    self._finish(req, status)
+                    break
+            out.append((req, new_tokens))
+        return out
+
+    def _check_stop(self, req: Request, token_id: int) -> RequestStatus | None:
+        sp = req.sampling_params
+        if token_id in sp.all_stop_token_ids and req.num_output_tokens > sp.min_tokens:
+            # stop_reason names the user's stop token; EOS reports None, as in vLLM.
+            req.stop_reason = token_id if token_id in (sp.stop_token_ids or ()) else None
+            return RequestStatus.FINISHED_STOPPED
+        assert sp.max_tokens is not None  # resolved in add_request
+        if req.num_output_tokens >= sp.max_tokens or req.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        if req.req_id in self.running:
+            del self.running[req.req_id]
+        elif req.req_id in self._waiting:
+            self._remove_waiting(req)
+        req.status = status
+        # A failed forward pass left garbage in blocks already registered for prefix hits.
+        self.kv_cache_manager.free(req, uncache=status == RequestStatus.FINISHED_ERROR)
+        del self.requests[req.req_id]
+        del self._arrival_seq[req.req_id]
+        self._finished_req_ids.add(req.req_id)
+
+    def finish_requests(self, req_ids: str | Iterable[str], status: RequestStatus) -> None:
+        """Abort, or stop on a stop string: frees blocks. Unknown or already-finished ids are ignored."""
+        if not status.finished:
+            raise ValueError(f"finish_requests needs a finished status; got {status.name}")
+        if isinstance(req_ids, str):
+            req_ids = (req_ids,)
+        for req_id in req_ids:
+            req = self.requests.get(req_id)
+            if req is not None:
+                self._finish(req, status)
+
+    # ---------------------------------------------------------------- introspection
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_request(self, req_id: str) -> Request | None:
+        """The unfinished request with this id, or None."""
+        return self.requests.get(req_id)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_waiting_tokens(self) -> int:
+        """Prompt tokens of the waiting (and preempted) requests: what admission control bounds."""
+        return self._num_waiting_tokens
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv_cache_manager.usage
+
+    @property
+    def prefix_cache_queries(self) -> int:
+        return self.kv_cache_manager.prefix_cache_queries
+
+    @property
+    def prefix_cache_hits(self) -> int:
+        return self.kv_cache_manager.prefix_cache_hits
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv_cache_manager.reset_prefix_cache()

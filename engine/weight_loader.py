@@ -1,0 +1,152 @@
+"""Checkpoint loading: Hugging Face safetensors (one file, or shards listed in
+model.safetensors.index.json) into a model built from engine.layers, through each parameter's
+`weight_loader`.
+
+Never unpickles: a checkpoint that only has *.bin / *.pt files is refused with the conversion recipe.
+Name mapping is HF -> ours: q_proj/k_proj/v_proj and gate_proj/up_proj land as shards of the fused
+parameters named in the model's `packed_modules_mapping`; rotary `inv_freq` buffers are skipped;
+with tied embeddings a stored lm_head.weight is ignored (the embedding is the head).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from engine.layers.linear import WeightShapeError, default_weight_loader
+
+logger = logging.getLogger("weir.engine")
+
+_PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def find_safetensors_files(model_dir: str | Path) -> list[Path]:
+    model_dir = Path(model_dir)
+    index = model_dir / SAFETENSORS_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map") or {}
+        files = [model_dir / name for name in dict.fromkeys(weight_map.values())]
+        for f in files:
+            if not f.is_file():
+                raise ValueError(f"{index} lists shard {f.name}, which is missing from {model_dir}")
+        if not files:
+            raise ValueError(f"{index} has an empty weight_map")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        return files
+    pickled = sorted(p.name for pattern in _PICKLE_PATTERNS for p in model_dir.glob(pattern))
+    if pickled:
+        raise ValueError(
+            f"{model_dir} has only pickle checkpoint files ({', '.join(pickled)}); weir loads safetensors "
+            "only and never unpickles. Convert once with transformers: "
+            f"AutoModelForCausalLM.from_pretrained({str(model_dir)!r}).save_pretrained(OUT_DIR, "
+            "safe_serialization=True), then serve OUT_DIR"
+        )
+    raise ValueError(f"no *.safetensors weight files in {model_dir}")
+
+
+def _checkpoint_name_to_param(name: str, packed: dict[str, list[tuple[str, Any]]]) -> tuple[str, Any, bool]:
+    """HF tensor name -> (our parameter name, shard_id, is_packed)."""
+    for fused, parts in packed.items():
+        for part, shard_id in parts:
+            token = f".{part}."
+            if token in name:
+                return name.replace(token, f".{fused}."), shard_id, True
+    return name, None, False
+
+
+def load_weights(model: nn.Module, model_dir: str | Path) -> None:
+    """Load every parameter of `model` from the safetensors checkpoint in `model_dir`.
+
+    Raises ValueError naming the parameter, the file and both shapes on a mismatch, and the
+    parameter (plus the checkpoint tensor it expected) when something is missing.
+    """
+    files = find_safetensors_files(model_dir)
+    packed: dict[str, list[tuple[str, Any]]] = getattr(model, "packed_modules_mapping", {})
+    params = dict(model.named_parameters())  # tied parameters appear once, under their first name
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    loaded: dict[str, set[Any]] = {}
+    unexpected: list[str] = []
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+                if (
+                    "rotary_emb.inv_freq" in name
+                    or "rotary_emb.cos_cached" in name
+                    or "rotary_emb.sin_cached" in name
+                ):
+                    continue
+                if tied and name == "lm_head.weight":
+                    continue
+                param_name, shard_id, _ = _checkpoint_name_to_param(name, packed)
+                param = params.get(param_name)
+                if param is None:
+                    unexpected.append(name)
+                    continue
+                tensor = f.get_tensor(name)
+                loader = getattr(param, "weight_loader", default_weight_loader)
+                try:
+                    loader(param, tensor, shard_id)
+                except WeightShapeError as e:
+                    raise ValueError(
+                        f"shape mismatch for parameter {param_name} (checkpoint tensor {name} in {file.name}): "
+                        f"checkpoint has {tuple(e.got)}, the model expects {tuple(e.expected)}"
+                    ) from None
+                loaded.setdefault(param_name, set()).add(shard_id)
+    if unexpected:
+        shown = ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
+        logger.warning(
+            "ignored %d checkpoint tensors the model has no parameter for: %s", len(unexpected), shown
+        )
+    _check_complete(params, loaded, packed, files)
+
+
+def _check_complete(
+    params: dict[str, nn.Parameter],
+    loaded: dict[str, set[Any]],
+    packed: dict[str, list[tuple[str, Any]]],
+    files: list[Path],
+) -> None:
+    searched = ", ".join(f.name for f in files)
+    for param_name in params:
+        done = loaded.get(param_name, set())
+        if None in done:  # loaded whole (also a fused checkpoint tensor for a fused parameter)
+            continue
+        fused = next((k for k in packed if f".{k}." in param_name), None)
+        if fused is not None:
+            for part, shard_id in packed[fused]:
+                if shard_id not in done:
+                    hf_name = param_name.replace(f".{fused}.", f".{part}.")
+                    raise ValueError(
+                        f"missing weight for parameter {param_name} (shard {shard_id!r}): checkpoint tensor "
+                        f"{hf_name} not found in {searched}"
+                    )
+        elif not done:
+            raise ValueError(
+                f"missing weight for parameter {param_name}: checkpoint tensor {param_name} not found in {searched}"
+            )
+
+
+def initialize_dummy_weights(model: nn.Module, low: float = -1e-3, high: float = 1e-3, seed: int = 0) -> None:
+    """Random weights without reading any file (load_format="dummy", for benchmarks and tests).
+
+    Small uniform values keep activations finite in bf16; RMSNorm weights are set to 1 so hidden
+    states keep a realistic scale.
+    """
+    generators: dict[torch.device, torch.Generator] = {}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+                continue
+            if param.device not in generators:
+                generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
+            param.uniform_(low, high, generator=generators[param.device])

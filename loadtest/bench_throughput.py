@@ -1,0 +1,160 @@
+"""T1 / T2: offline throughput. Every request is queued at once and the engine batches continuously.
+
+    T1 (nano-vllm's workload): python loadtest/bench_throughput.py --workload t1 --peer hf --out t1.json
+    T2 (vLLM's default):       python loadtest/bench_throughput.py --workload t2 --peer hf --out t2.json
+
+T1: Qwen3-0.6B shape, 256 sequences, prompt and output lengths uniform in [100, 1024], ids in [0, 10000),
+output tok/s over the whole run. T2: Llama-3-8B shape, 1000 requests of 1024 prompt / 128 output tokens,
+req/s, output tok/s, total tok/s. Warm-up (on different prompts) is excluded from the timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from loadtest.common import (  # noqa: E402
+    Report,
+    Workload,
+    add_common_args,
+    build_llm,
+    copy_bandwidth_phase,
+    default_max_model_len,
+    engine_kwargs,
+    free_engine,
+    install_signal_handlers,
+    parse_len,
+    phase,
+    random_workload,
+    ratio,
+    resolve_model,
+    run_peer,
+    sampling_params,
+)
+
+WORKLOADS = {
+    "t1": {"shape": "qwen3-0.6b", "num_requests": 256, "input_len": "100:1024", "output_len": "100:1024"},
+    "t2": {"shape": "llama3-8b", "num_requests": 1000, "input_len": "1024", "output_len": "128"},
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", choices=tuple(WORKLOADS), default="t1")
+    p.add_argument("--num-requests", type=int, default=None)
+    p.add_argument("--input-len", type=parse_len, default=None, help="N or LO:HI (uniform, inclusive)")
+    p.add_argument("--output-len", type=parse_len, default=None, help="N or LO:HI (uniform, inclusive)")
+    p.add_argument("--token-id-max", type=int, default=10000, help="prompt ids uniform in [0, this)")
+    p.add_argument("--warmup-requests", type=int, default=16)
+    add_common_args(p)
+    return p
+
+
+def make_workload(args: argparse.Namespace, vocab_size: int) -> Workload:
+    """The workload's requests from the flags (shared with bench_serving, which sends T2's requests)."""
+    spec = WORKLOADS[args.workload]
+    num = args.num_requests or spec["num_requests"]
+    input_len = args.input_len or parse_len(spec["input_len"])
+    output_len = args.output_len or parse_len(spec["output_len"])
+    workload = random_workload(num, input_len, output_len, args.seed, min(args.token_id_max, vocab_size))
+    workload.description["workload"] = args.workload
+    return workload
+
+
+def warmup_workload(workload: Workload, n: int, seed: int, vocab_size: int) -> Workload:
+    """Different ids than the timed prompts (so the prefix cache cannot help the run), short outputs."""
+    lens = sorted({len(p) for p in workload.prompts})
+    return random_workload(
+        max(1, min(n, len(workload))),
+        (lens[0], lens[-1]),
+        (4, 16),
+        seed=seed + 1_000_003,
+        token_id_max=min(vocab_size, 10000),
+    )
+
+
+def run_offline(llm: object, workload: Workload, temperature: float) -> dict:
+    """Generate the whole workload at once; returns the throughput figures."""
+    params = [sampling_params(o, temperature) for o in workload.output_lens]
+    t0 = time.perf_counter()
+    outs = llm.generate(workload.prompts, params, use_tqdm=False)  # type: ignore[attr-defined]
+    elapsed = time.perf_counter() - t0
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    prompt_tokens = workload.num_prompt_tokens
+    errors = [o.error for o in outs if getattr(o, "error", None)]
+    return {
+        "elapsed_s": round(elapsed, 4),
+        "num_requests": len(outs),
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": out_tokens,
+        "expected_output_tokens": workload.num_output_tokens,
+        "req_s": round(len(outs) / elapsed, 4),
+        "output_tok_s": round(out_tokens / elapsed, 2),
+        "total_tok_s": round((out_tokens + prompt_tokens) / elapsed, 2),
+        "failed_requests": len(errors),
+        "first_error": errors[0] if errors else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args._default_shape = WORKLOADS[args.workload]["shape"]
+    model = resolve_model(args)
+    workload = make_workload(args, model.vocab_size)
+    bench = args.workload.upper()
+    report = Report(bench, args, model)
+    report["workload"] = workload.description
+    print(f"[{bench}] {len(workload)} requests, {model.describe()}", flush=True)
+    copy_bandwidth_phase(report, model.device, args.copy_bytes)
+    peer = run_peer(report, model, args, workload, default_batch=min(len(workload), 256))
+
+    max_model_len = default_max_model_len(args, model, workload.max_seq_len)
+    kwargs = engine_kwargs(args, model, max_model_len=max_model_len)
+    report["engine_kwargs"] = kwargs
+    llm = None
+    try:
+        with phase(report, "engine_build"):
+            llm, build_s = build_llm(model, kwargs)
+            report["results"]["engine_build_s"] = round(build_s, 3)
+            report["results"]["num_kv_blocks"] = getattr(llm.llm_engine, "num_kv_blocks", None)
+        with phase(report, "warmup"):
+            run_offline(llm, warmup_workload(workload, args.warmup_requests, args.seed, model.vocab_size), 1.0)
+        with phase(report, "run"):
+            res = run_offline(llm, workload, args.temperature)
+            report["results"].update(res)
+            stats = getattr(llm.llm_engine, "stats", None)
+            if callable(stats):
+                s = stats()
+                report["results"]["engine_stats"] = dataclasses.asdict(s) if dataclasses.is_dataclass(s) else s
+            if res["output_tokens"] != res["expected_output_tokens"]:
+                report.note("generated token count differs from the workload's (ignore_eos not honoured?)")
+            if res["failed_requests"]:
+                raise RuntimeError(f"{res['failed_requests']} requests failed: {res['first_error']}")
+        print(
+            f"[{bench}] {res['req_s']:.2f} req/s, {res['output_tok_s']:.1f} output tok/s, "
+            f"{res['total_tok_s']:.1f} total tok/s in {res['elapsed_s']:.1f}s",
+            flush=True,
+        )
+    except Exception:  # noqa: BLE001 - recorded by phase(); the report is still written
+        pass
+    finally:
+        if llm is not None:
+            free_engine(llm)
+    if peer:
+        res = report["results"]
+        report["ratios"] = {
+            "output_tok_s_vs_peer": ratio(res.get("output_tok_s"), peer["output_tok_s"]),
+            "req_s_vs_peer": ratio(res.get("req_s"), peer["req_s"]),
+            "total_tok_s_vs_peer": ratio(res.get("total_tok_s"), peer["total_tok_s"]),
+        }
+    return report.finish()
+
+
+if __name__ == "__main__":
+    install_signal_handlers()
+    raise SystemExit(main())

@@ -1,0 +1,628 @@
+"""GPU check and timing of every Triton kernel in ops/triton (one device call does it all).
+
+1. Correctness at real shapes in bf16 (Llama-3-8B: 32 q / 8 kv heads, head_dim 128, hidden 4096;
+   Qwen3-0.6B: 16 / 8 heads, head_dim 128, hidden 1024) against ops.reference run in float32 on upcast
+   inputs: ||out - ref|| / ||ref|| < 1e-2, every output poisoned (NaN) first. Plus a CUDA-graph
+   capture/replay of decode attention with new contents in the metadata tensors.
+2. Ceilings: device-to-device copy bandwidth (bytes read + written) measured in the same run.
+3. Timing (triton.testing.do_bench, median; it flushes L2 between runs): paged_attention decode at
+   batch 1/8/64/256 x context 128..4096 with the default heuristic, a sweep of launch configs at a few
+   points (tile, warps, stages; split-KV segments), a mixed prefill+decode batch, a long prefill against
+   torch SDPA, and the row/elementwise kernels. Achieved bandwidth is reported as a fraction of the copy.
+
+Prints a short table last; writes everything to $OUT/kernels.json when OUT is set.
+Run: PYTHONUNBUFFERED=1 python loadtest/gpu_kernel_check.py
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+import ops.triton as tops  # noqa: E402
+from ops import reference  # noqa: E402
+from ops.triton.paged_attention import (  # noqa: E402
+    AttentionConfig,
+    choose_config,
+    paged_attention_with_config,
+)
+
+DEV = torch.device("cuda")
+BF16 = torch.bfloat16
+MODELS = {
+    "llama3-8b": {"num_heads": 32, "num_kv_heads": 8, "head_dim": 128, "hidden": 4096, "intermediate": 14336},
+    "qwen3-0.6b": {"num_heads": 16, "num_kv_heads": 8, "head_dim": 128, "hidden": 1024, "intermediate": 3072},
+}
+RESULTS: dict = {"checks": [], "timings": {}, "errors": []}
+OUT_DIR = os.environ.get("OUT")
+
+
+def save() -> None:
+    if OUT_DIR:
+        Path(OUT_DIR, "kernels.json").write_text(json.dumps(RESULTS, indent=1))
+
+
+def section(name: str):
+    """Run one part; record a failure and go on, so a broken part leaves the rest measured."""
+
+    def wrap(fn):
+        t0 = time.time()
+        print(f"\n=== {name}", flush=True)
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            RESULTS["errors"].append(f"{name}: {type(exc).__name__}: {exc}")
+        torch.cuda.synchronize()
+        print(f"=== {name} done in {time.time() - t0:.1f}s", flush=True)
+        save()
+        return fn
+
+    return wrap
+
+
+class Poisoned:
+    """torch.empty / empty_like hand out NaN-filled float tensors while active."""
+
+    def __enter__(self):
+        self.orig = torch.empty, torch.empty_like
+
+        def poison(t):
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+
+        e, el = self.orig
+        torch.empty = lambda *a, **k: poison(e(*a, **k))
+        torch.empty_like = lambda *a, **k: poison(el(*a, **k))
+
+    def __exit__(self, *exc):
+        torch.empty, torch.empty_like = self.orig
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    if torch.isnan(out).any():
+        return float("nan")
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def check(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float = 1e-2) -> None:
+    torch.cuda.synchronize()
+    err = rel_err(out, ref)
+    ok = err < tol  # NaN fails
+    RESULTS["checks"].append({"name": name, "rel_err": err, "tol": tol, "ok": ok})
+    print(f"  {'PASS' if ok else 'FAIL'} {name}: rel_err={err:.2e} (tol {tol:g})", flush=True)
+
+
+def bench(fn) -> float:
+    """Median milliseconds."""
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+# ---------------------------------------------------------------- batches
+
+
+def make_paged(
+    q_lens: list[int],
+    seq_lens: list[int],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype = BF16,
+    k_cache: torch.Tensor | None = None,
+    v_cache: torch.Tensor | None = None,
+    seed: int = 0,
+) -> dict:
+    """Paged batch with randomly placed physical blocks; garbage in unused block-table entries."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    blocks_per_seq = [math.ceil(s / block_size) for s in seq_lens]
+    total = sum(blocks_per_seq)
+    if k_cache is None:
+        shape = (total + 8, block_size, num_kv_heads, head_dim)
+        k_cache = torch.randn(shape, device=DEV, dtype=dtype, generator=g)
+        v_cache = torch.randn(shape, device=DEV, dtype=dtype, generator=g)
+    assert v_cache is not None and k_cache.shape[0] >= total
+    perm = torch.randperm(k_cache.shape[0], device=DEV, generator=g)[:total].int()
+    max_blocks = max(blocks_per_seq) + 1
+    block_tables = torch.full((len(seq_lens), max_blocks), 2**30, dtype=torch.int32, device=DEV)
+    used = 0
+    for i, n in enumerate(blocks_per_seq):
+        block_tables[i, :n] = perm[used : used + n]
+        used += n
+    qsl = [0]
+    for q in q_lens:
+        qsl.append(qsl[-1] + q)
+    return {
+        "query": torch.randn(qsl[-1], num_heads, head_dim, device=DEV, dtype=dtype, generator=g),
+        "k_cache": k_cache,
+        "v_cache": v_cache,
+        "block_tables": block_tables,
+        "seq_lens": torch.tensor(seq_lens, dtype=torch.int32, device=DEV),
+        "query_start_loc": torch.tensor(qsl, dtype=torch.int32, device=DEV),
+        "max_query_len": max(q_lens),
+        "max_seq_len": max(seq_lens),
+        "scale": head_dim**-0.5,
+    }
+
+
+def upcast(batch: dict) -> dict:
+    return {
+        k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+        for k, v in batch.items()
+    }
+
+
+def attention_bytes(batch: dict, q_lens: list[int], seq_lens: list[int]) -> int:
+    """Fewest bytes: each sequence's K and V read once, q read once, out written once."""
+    kc = batch["k_cache"]
+    per_pos = kc.shape[2] * kc.shape[3] * kc.element_size() * 2
+    q = batch["query"]
+    return sum(seq_lens) * per_pos + 2 * q.numel() * q.element_size()
+
+
+def attention_flops(q_lens: list[int], seq_lens: list[int], num_heads: int, head_dim: int) -> int:
+    total = 0
+    for q, s in zip(q_lens, seq_lens, strict=True):
+        ctx = s - q
+        keys = q * ctx + q * (q + 1) // 2  # causal
+        total += 4 * keys * num_heads * head_dim
+    return total
+
+
+def llama3_cos_sin_cache(head_dim: int, max_position: int, base: float = 500000.0) -> torch.Tensor:
+    factor, low, high, original = 8.0, 1.0, 4.0, 8192
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original / wavelen - low) / (high - low)
+    scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    mid = (wavelen <= original / low) & (wavelen >= original / high)
+    scaled = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    freqs = torch.outer(torch.arange(max_position, dtype=torch.float64), scaled)
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).float().to(DEV)
+
+
+# ---------------------------------------------------------------- parts
+
+
+def environment() -> None:
+    p = torch.cuda.get_device_properties(DEV)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    RESULTS["env"] = {
+        "card": p.name,
+        "sm_count": p.multi_processor_count,
+        "memory_gib": round(p.total_memory / 2**30, 1),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+    }
+    print(RESULTS["env"], flush=True)
+
+
+def copy_bandwidth() -> None:
+    n = 1 << 30  # 1 GiB each way
+    src = torch.randn(n // 2, device=DEV, dtype=BF16)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    gbs = 2 * n / ms / 1e6
+    RESULTS["copy_bandwidth_gbs"] = gbs
+    print(f"  device copy: {ms:.3f} ms for 2 x {n / 2**30:.0f} GiB -> {gbs:.0f} GB/s", flush=True)
+
+
+def correctness() -> None:
+    torch.manual_seed(0)
+    for model, m in MODELS.items():
+        h, nh, nkv, d = m["hidden"], m["num_heads"], m["num_kv_heads"], m["head_dim"]
+        n = 257
+        x = torch.randn(n, h, device=DEV, dtype=BF16)
+        res = torch.randn(n, h, device=DEV, dtype=BF16)
+        w = (torch.rand(h, device=DEV) + 0.5).to(BF16)
+        ref = reference.rms_norm(x.float(), w.float(), 1e-5)
+        with Poisoned():
+            out = tops.rms_norm(x, w, 1e-5)
+        check(f"{model} rms_norm", out, ref)
+        ref_o, ref_r = reference.rms_norm(x.float(), w.float(), 1e-5, res.float())
+        with Poisoned():
+            out_o, out_r = tops.rms_norm(x, w, 1e-5, res)
+        check(f"{model} rms_norm+residual out", out_o, ref_o)
+        check(f"{model} rms_norm+residual residual", out_r, ref_r)
+
+        gu = torch.randn(n, 2 * m["intermediate"], device=DEV, dtype=BF16)
+        with Poisoned():
+            out = tops.silu_and_mul(gu)
+        check(f"{model} silu_and_mul", out, reference.silu_and_mul(gu.float()))
+
+        cache = llama3_cos_sin_cache(d, 8192)
+        qkv = torch.randn(n, (nh + 2 * nkv) * d, device=DEV, dtype=BF16)
+        q, k, _ = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
+        pos = torch.randint(0, 8192, (n,), device=DEV)
+        rq, rk = reference.rotary_embedding(pos, q.float(), k.float(), cache, d)
+        with Poisoned():
+            oq, ok = tops.rotary_embedding(pos, q, k, cache, d)
+        check(f"{model} rotary q", oq, rq)
+        check(f"{model} rotary k", ok, rk)
+
+        kc = torch.randn(64, 16, nkv, d, device=DEV, dtype=BF16)
+        vc = torch.randn_like(kc)
+        key = torch.randn(n, nkv, d, device=DEV, dtype=BF16)
+        val = torch.randn_like(key)
+        slots = torch.randperm(64 * 16, device=DEV)[:n]
+        slots[::7] = -1
+        rkc, rvc = kc.clone(), vc.clone()
+        reference.write_kv_cache(key, val, rkc, rvc, slots)
+        tops.write_kv_cache(key, val, kc, vc, slots)
+        torch.cuda.synchronize()
+        exact = bool(torch.equal(kc, rkc) and torch.equal(vc, rvc))
+        RESULTS["checks"].append({"name": f"{model} write_kv_cache exact", "ok": exact})
+        print(f"  {'PASS' if exact else 'FAIL'} {model} write_kv_cache exact (with -1 slots)", flush=True)
+
+        # Mixed batch: 2 prefills with cached prefixes (0 and 700 tokens), one chunk without, decodes.
+        q_lens = [300, 129, 77, *([1] * 12)]
+        seq_lens = [300, 829, 1077, 1, 2, 15, 16, 17, 100, 511, 512, 513, 2000, 3000, 4096]
+        for bs in (16, 32, 64):
+            batch = make_paged(q_lens, seq_lens, nh, nkv, d, bs, seed=bs)
+            ref = reference.paged_attention(**upcast(batch))
+            with Poisoned():
+                out = tops.paged_attention(**batch)
+            check(f"{model} paged_attention mixed bs{bs} default", out, ref)
+            with Poisoned():
+                out = paged_attention_with_config(
+                    **batch, config=AttentionConfig(block_m=16, tile=32, num_segments=8)
+                )
+            check(f"{model} paged_attention mixed bs{bs} split8", out, ref)
+        dec = make_paged([1] * 5, [1, 33, 1000, 2048, 4000], nh, nkv, d, 16, seed=7)
+        ref = reference.paged_attention(**upcast(dec))
+        with Poisoned():
+            out = tops.paged_attention(**dec)
+        check(
+            f"{model} paged_attention decode default (split={choose_config(5, nh, nkv, d, 1, 4000, DEV).num_segments})",
+            out,
+            ref,
+        )
+
+
+def cuda_graph_replay() -> None:
+    """Capture decode attention once, then change seq_lens / block tables in place and replay."""
+    m = MODELS["llama3-8b"]
+    nh, nkv, d = m["num_heads"], m["num_kv_heads"], m["head_dim"]
+    for label, seq_lens in (("split", [500, 1000, 3000, 20]), ("one-pass", [500] * 40)):
+        batch = make_paged([1] * len(seq_lens), seq_lens, nh, nkv, d, 16, seed=3)
+        batch["max_seq_len"] = 4096  # the runner captures with its max, not the batch's
+        cfg = choose_config(len(seq_lens), nh, nkv, d, 1, 4096, DEV)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            tops.paged_attention(**batch)  # warm-up compiles outside the capture
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = tops.paged_attention(**batch)
+        new_lens = torch.tensor([s_ + 7 for s_ in seq_lens[::-1]], dtype=torch.int32, device=DEV)
+        new_batch = make_paged(
+            [1] * len(seq_lens),
+            new_lens.tolist(),
+            nh,
+            nkv,
+            d,
+            16,
+            seed=4,
+            k_cache=batch["k_cache"],
+            v_cache=batch["v_cache"],
+        )
+        bt = new_batch["block_tables"]
+        batch["block_tables"][:, : bt.shape[1]].copy_(bt)
+        batch["seq_lens"].copy_(new_lens)
+        batch["query"].copy_(new_batch["query"])
+        graph.replay()
+        ref = reference.paged_attention(**upcast({**batch}))
+        check(f"cuda-graph replay decode ({label}, segments={cfg.num_segments})", out, ref)
+
+
+def kernel_timings() -> None:
+    m = MODELS["llama3-8b"]
+    n = 4096
+    rows = []
+    x = torch.randn(n, m["hidden"], device=DEV, dtype=BF16)
+    r = torch.randn_like(x)
+    w = torch.rand(m["hidden"], device=DEV, dtype=BF16)
+    ms = bench(lambda: tops.rms_norm(x, w, 1e-5, r))
+    rows.append(("rms_norm+residual 4096x4096", ms, 4 * x.numel() * 2))
+    gu = torch.randn(n, 2 * m["intermediate"], device=DEV, dtype=BF16)
+    ms = bench(lambda: tops.silu_and_mul(gu))
+    rows.append(("silu_and_mul 4096x2x14336", ms, gu.numel() * 2 * 3 // 2))
+    cache = llama3_cos_sin_cache(128, 8192)
+    qkv = torch.randn(n, 48 * 128, device=DEV, dtype=BF16)
+    q, k, _ = qkv.split([32 * 128, 8 * 128, 8 * 128], dim=-1)
+    pos = torch.randint(0, 8192, (n,), device=DEV)
+    ms = bench(lambda: tops.rotary_embedding(pos, q, k, cache, 128))
+    rows.append(("rotary 4096 tok 32+8 heads", ms, 2 * 2 * (q.numel() + k.numel()) + n * 128 * 4))
+    kc = torch.empty(n // 16 * 2, 16, 8, 128, device=DEV, dtype=BF16)
+    vc = torch.empty_like(kc)
+    key = torch.randn(n, 8, 128, device=DEV, dtype=BF16)
+    val = torch.randn_like(key)
+    slots = torch.randperm(kc.shape[0] * 16, device=DEV)[:n]
+    ms = bench(lambda: tops.write_kv_cache(key, val, kc, vc, slots))
+    rows.append(("write_kv_cache 4096 tok 8x128", ms, 4 * key.numel() * 2))
+    copy = RESULTS.get("copy_bandwidth_gbs", float("nan"))
+    RESULTS["timings"]["elementwise"] = []
+    for name, ms, nbytes in rows:
+        gbs = nbytes / ms / 1e6
+        RESULTS["timings"]["elementwise"].append(
+            {"name": name, "ms": ms, "gbs": gbs, "frac_copy": gbs / copy}
+        )
+        print(f"  {name:32s} {ms * 1e3:8.1f} us {gbs:7.0f} GB/s {gbs / copy:5.0%} of copy", flush=True)
+
+
+class DecodePool:
+    """One big cache shared by all decode timings (random blocks from it, like a busy server)."""
+
+    def __init__(self, model: str, block_size: int, max_tokens: int):
+        m = MODELS[model]
+        self.m, self.block_size = m, block_size
+        shape = (max_tokens // block_size + 64, block_size, m["num_kv_heads"], m["head_dim"])
+        self.k = torch.randn(shape, device=DEV, dtype=BF16)
+        self.v = torch.randn(shape, device=DEV, dtype=BF16)
+
+    def batch(self, num_seqs: int, ctx: int) -> dict:
+        m = self.m
+        return make_paged(
+            [1] * num_seqs,
+            [ctx] * num_seqs,
+            m["num_heads"],
+            m["num_kv_heads"],
+            m["head_dim"],
+            self.block_size,
+            k_cache=self.k,
+            v_cache=self.v,
+            seed=num_seqs * 7919 + ctx,
+        )
+
+
+def time_attention(batch: dict, q_lens, seq_lens, config: AttentionConfig | None) -> dict:
+    fn = (
+        (lambda: tops.paged_attention(**batch))
+        if config is None
+        else (lambda: paged_attention_with_config(**batch, config=config))
+    )
+    ms = bench(fn)
+    nbytes = attention_bytes(batch, q_lens, seq_lens)
+    gbs = nbytes / ms / 1e6
+    return {"ms": ms, "gbs": gbs, "frac_copy": gbs / RESULTS.get("copy_bandwidth_gbs", float("nan"))}
+
+
+def cfg_dict(c: AttentionConfig) -> dict:
+    return {
+        "block_m": c.block_m,
+        "tile": c.tile,
+        "segments": c.num_segments,
+        "warps": c.num_warps,
+        "stages": c.num_stages,
+    }
+
+
+POOL: dict = {}
+
+
+def decode_sweep() -> None:
+    """Launch-config sweep at a few decode points, to set the heuristic."""
+    pool = POOL.setdefault("llama", DecodePool("llama3-8b", 16, 256 * 4096))
+    out = RESULTS["timings"]["decode_sweep"] = []
+    points = [(64, 4096), (256, 2048), (64, 1024)]
+    variants = [
+        AttentionConfig(16, t, 1, w, s)
+        for t in (16, 32, 64, 128)
+        for w in (4, 8)
+        for s in (2, 3, 4)
+        if not (t == 128 and s == 4)
+    ]
+    for num_seqs, ctx in points:
+        batch = pool.batch(num_seqs, ctx)
+        best = None
+        for c in variants:
+            try:
+                r = time_attention(batch, [1] * num_seqs, [ctx] * num_seqs, c)
+            except Exception as exc:  # noqa: BLE001  (e.g. out of shared memory)
+                print(f"  b{num_seqs} ctx{ctx} {cfg_dict(c)} failed: {str(exc)[:80]}")
+                continue
+            out.append({"num_seqs": num_seqs, "ctx": ctx, **cfg_dict(c), **r})
+            if best is None or r["ms"] < best[1]["ms"]:
+                best = (c, r)
+        if best:
+            print(
+                f"  b{num_seqs:<4d} ctx{ctx:<5d} best {cfg_dict(best[0])}: {best[1]['ms'] * 1e3:.1f} us "
+                f"{best[1]['frac_copy']:.0%} of copy",
+                flush=True,
+            )
+        ranked = sorted(
+            (e for e in out if e["num_seqs"] == num_seqs and e["ctx"] == ctx), key=lambda e: e["ms"]
+        )
+        for e in ranked[:5]:
+            print(
+                f"     t{e['tile']} w{e['warps']} s{e['stages']}: {e['ms'] * 1e3:.1f} us {e['frac_copy']:.0%}"
+            )
+
+
+def split_sweep() -> None:
+    pool = POOL.setdefault("llama", DecodePool("llama3-8b", 16, 256 * 4096))
+    out = RESULTS["timings"]["split_sweep"] = []
+    base = choose_config(64, 32, 8, 128, 1, 4096, DEV)
+    for num_seqs, ctx in ((1, 4096), (1, 1024), (8, 4096), (8, 1024), (32, 4096), (64, 4096)):
+        batch = pool.batch(num_seqs, ctx)
+        line = []
+        for segs in (1, 2, 4, 8, 16, 32, 64):
+            if ctx // base.tile < segs:
+                continue
+            c = AttentionConfig(base.block_m, base.tile, segs, base.num_warps, base.num_stages)
+            r = time_attention(batch, [1] * num_seqs, [ctx] * num_seqs, c)
+            out.append({"num_seqs": num_seqs, "ctx": ctx, **cfg_dict(c), **r})
+            line.append(f"{segs}:{r['ms'] * 1e3:.0f}us/{r['frac_copy']:.0%}")
+        chosen = choose_config(num_seqs, 32, 8, 128, 1, ctx, DEV).num_segments
+        print(f"  b{num_seqs:<3d} ctx{ctx:<5d} (heuristic {chosen}) " + " ".join(line), flush=True)
+
+
+def decode_table() -> None:
+    out = RESULTS["timings"]["decode"] = []
+    for model in MODELS:
+        pool = (
+            POOL.setdefault("llama", DecodePool("llama3-8b", 16, 256 * 4096))
+            if model == "llama3-8b"
+            else POOL.setdefault("qwen", DecodePool("qwen3-0.6b", 16, 256 * 4096))
+        )
+        for num_seqs in (1, 8, 64, 256):
+            for ctx in (128, 512, 1024, 2048, 4096):
+                if model != "llama3-8b" and ctx not in (1024, 4096):
+                    continue
+                batch = pool.batch(num_seqs, ctx)
+                m = MODELS[model]
+                c = choose_config(num_seqs, m["num_heads"], m["num_kv_heads"], m["head_dim"], 1, ctx, DEV)
+                r = time_attention(batch, [1] * num_seqs, [ctx] * num_seqs, None)
+                out.append({"model": model, "num_seqs": num_seqs, "ctx": ctx, **cfg_dict(c), **r})
+                print(
+                    f"  {model:10s} b{num_seqs:<4d} ctx{ctx:<5d} seg{c.num_segments:<3d} {r['ms'] * 1e3:8.1f} us "
+                    f"{r['gbs']:6.0f} GB/s {r['frac_copy']:5.0%}",
+                    flush=True,
+                )
+    POOL.clear()
+    torch.cuda.empty_cache()
+
+
+def mixed_and_prefill() -> None:
+    m = MODELS["llama3-8b"]
+    nh, nkv, d = m["num_heads"], m["num_kv_heads"], m["head_dim"]
+    out = RESULTS["timings"]["mixed"] = []
+    # 4 prefill chunks of 512 (two with 1024 cached tokens) + 64 decodes at context 2048.
+    q_lens = [512, 512, 512, 512, *([1] * 64)]
+    seq_lens = [512, 512, 1536, 1536, *([2048] * 64)]
+    batch = make_paged(q_lens, seq_lens, nh, nkv, d, 16, seed=11)
+    flops = attention_flops(q_lens, seq_lens, nh, d)
+    default = choose_config(len(q_lens), nh, nkv, d, 512, 2048, DEV)
+    variants = [None] + [
+        AttentionConfig(bm, t, 1, w, s)
+        for bm in (32, 64, 128)
+        for t in (32, 64)
+        for w in (4, 8)
+        for s in (2, 3)
+        if not (bm == 128 and w == 4)
+    ]
+    for c in variants:
+        try:
+            r = time_attention(batch, q_lens, seq_lens, c)
+        except Exception as exc:  # noqa: BLE001
+            print(f"  mixed {c} failed: {str(exc)[:80]}")
+            continue
+        tf = flops / r["ms"] / 1e9
+        label = "default " + str(cfg_dict(default)) if c is None else str(cfg_dict(c))
+        out.append({"what": "mixed 4x512 prefill + 64 decodes@2048", "config": label, "tflops": tf, **r})
+        print(
+            f"  mixed {label:70s} {r['ms'] * 1e3:8.1f} us {tf:6.1f} TFLOP/s {r['frac_copy']:5.0%} of copy",
+            flush=True,
+        )
+
+    # One long prefill (no cache) against torch SDPA (flash) on contiguous K/V: a compute-bound peer.
+    L = 4096
+    batch = make_paged([L], [L], nh, nkv, d, 16, seed=12)
+    flops = attention_flops([L], [L], nh, d)
+    r = time_attention(batch, [L], [L], None)
+    q = batch["query"].transpose(0, 1).unsqueeze(0)  # [1, heads, L, d]
+    nb = L // 16
+    kk = batch["k_cache"][batch["block_tables"][0, :nb].long()].reshape(L, nkv, d)
+    vv = batch["v_cache"][batch["block_tables"][0, :nb].long()].reshape(L, nkv, d)
+    kk = kk.repeat_interleave(nh // nkv, dim=1).transpose(0, 1).unsqueeze(0).contiguous()
+    vv = vv.repeat_interleave(nh // nkv, dim=1).transpose(0, 1).unsqueeze(0).contiguous()
+    sdpa_ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, kk, vv, is_causal=True))
+    ours = paged_attention_with_config(**batch, config=choose_config(1, nh, nkv, d, L, L, DEV))
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), kk.float(), vv.float(), is_causal=True)
+    check("prefill 4096 vs SDPA fp32", ours, ref[0].transpose(0, 1))
+    out.append(
+        {
+            "what": f"prefill {L} (no cache)",
+            "ours_ms": r["ms"],
+            "ours_tflops": flops / r["ms"] / 1e9,
+            "sdpa_ms": sdpa_ms,
+            "sdpa_tflops": flops / sdpa_ms / 1e9,
+        }
+    )
+    print(
+        f"  prefill {L}: ours {r['ms'] * 1e3:.0f} us ({flops / r['ms'] / 1e9:.0f} TFLOP/s), torch SDPA "
+        f"{sdpa_ms * 1e3:.0f} us ({flops / sdpa_ms / 1e9:.0f} TFLOP/s)",
+        flush=True,
+    )
+
+
+def summary() -> None:
+    print("\n===== summary =====")
+    env = RESULTS.get("env", {})
+    print(
+        f"card {env.get('card')}  torch {env.get('torch')}  triton {env.get('triton')}  "
+        f"copy {RESULTS.get('copy_bandwidth_gbs', 0):.0f} GB/s"
+    )
+    bad = [c["name"] for c in RESULTS["checks"] if not c["ok"]]
+    print(
+        f"checks: {len(RESULTS['checks']) - len(bad)}/{len(RESULTS['checks'])} pass"
+        + (f"; FAIL: {bad}" if bad else "")
+    )
+    rows = RESULTS["timings"].get("decode", [])
+    if rows:
+        print("decode paged_attention (default heuristic), us / % of copy bandwidth:")
+        for model in MODELS:
+            ctxs = sorted({r["ctx"] for r in rows if r["model"] == model})
+            print(f"  {model:11s} " + "".join(f"{'ctx' + str(c):>14s}" for c in ctxs))
+            for b in (1, 8, 64, 256):
+                cells = {r["ctx"]: r for r in rows if r["model"] == model and r["num_seqs"] == b}
+                print(
+                    f"  b{b:<10d} "
+                    + "".join(
+                        f"{cells[c]['ms'] * 1e3:8.0f}/{cells[c]['frac_copy']:4.0%}"
+                        if c in cells
+                        else " " * 14
+                        for c in ctxs
+                    )
+                )
+    for r in RESULTS["timings"].get("mixed", [])[:1]:
+        print(f"mixed: {r['config']}: {r['ms'] * 1e3:.0f} us, {r['tflops']:.0f} TFLOP/s")
+    for r in RESULTS["timings"].get("mixed", [])[-1:]:
+        if "sdpa_ms" in r:
+            print(f"prefill 4096: ours {r['ours_tflops']:.0f} TFLOP/s vs SDPA {r['sdpa_tflops']:.0f} TFLOP/s")
+    if RESULTS["errors"]:
+        print("errors:", *RESULTS["errors"], sep="\n  ")
+
+
+def main() -> None:
+    only = set(sys.argv[1:])
+    parts = [
+        ("environment", environment),
+        ("copy bandwidth", copy_bandwidth),
+        ("correctness", correctness),
+        ("cuda graph", cuda_graph_replay),
+        ("elementwise timings", kernel_timings),
+        ("decode sweep", decode_sweep),
+        ("split sweep", split_sweep),
+        ("decode table", decode_table),
+        ("mixed + prefill", mixed_and_prefill),
+    ]
+    for name, fn in parts:
+        if not only or name.split()[0] in only or name in ("environment", "copy bandwidth"):
+            section(name)(fn)
+    summary()
+    save()
+    sys.exit(1 if RESULTS["errors"] or not all(c["ok"] for c in RESULTS["checks"]) else 0)
+
+
+if __name__ == "__main__":
+    main()

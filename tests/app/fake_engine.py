@@ -1,0 +1,353 @@
+"""A stand-in for `engine.async_engine.AsyncEngine` with the same interface and a real tokenizer.
+
+Tokens come from a seeded pseudo-random generator instead of a model, so it needs no torch and
+is fast; what it is for is what the real engine makes hard to provoke: a forward pass that raises,
+a loop that dies, a queue that does not move (`pause()`), a slow step (`step_delay`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.errors import EngineDeadError, EngineDrainingError, QueueFullError
+from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from engine.sampling_params import SamplingParams
+
+FIRST_PLAIN_TOKEN = 5  # ids below are the tiny tokenizer's special tokens
+
+
+@dataclass(slots=True)
+class FakeStats:
+    num_running: int
+    num_waiting: int
+    num_waiting_tokens: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+
+
+@dataclass(slots=True)
+class _Seq:
+    index: int
+    rng: random.Random
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    sent_tokens: int = 0
+    sent_text: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class _Req:
+    req_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int
+    seqs: list[_Seq]
+    queue: asyncio.Queue
+    metrics: RequestMetrics
+    finished: bool = False
+    error: str | None = None
+
+
+class FakeEngine:
+    def __init__(
+        self,
+        tokenizer_dir: Path | str,
+        *,
+        max_model_len: int = 256,
+        vocab_size: int = 512,
+        max_num_seqs: int = 16,
+        step_delay: float = 0.002,
+        max_waiting_requests: int = 1024,
+        max_waiting_tokens: int = 1 << 20,
+        kv_capacity_tokens: int = 16384,
+    ) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        self.model_path = str(tokenizer_dir)
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.max_num_seqs = max_num_seqs
+        self.step_delay = step_delay
+        self.max_waiting_requests = max_waiting_requests
+        self.max_waiting_tokens = max_waiting_tokens
+        self.kv_capacity_tokens = kv_capacity_tokens
+        self.is_healthy = True
+        self.dead_error: BaseException | None = None
+        self.warm = False
+        # Fault injection: the next step raises this for every running request (the engine goes on),
+        # or kills the loop (the engine is dead).
+        self.fail_next_step: BaseException | None = None
+        self.die_next_step: BaseException | None = None
+        self._draining = False
+        self._waiting: deque[_Req] = deque()
+        self._running: list[_Req] = []
+        self._wake: asyncio.Event | None = None
+        self._resume: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._counters = {"prompt": 0, "generation": 0}
+
+    # ---------------------------------------------------------------- interface
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._resume = asyncio.Event()
+        self._resume.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task = asyncio.create_task(self._run())
+        self.warm = True
+
+    async def add_request(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int] | None,
+        params: SamplingParams,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        if self.dead_error is not None:
+            raise EngineDeadError(f"the engine loop died: {self.dead_error!r}")
+        if self._draining:
+            raise EngineDrainingError("the engine is draining")
+        ids = (
+            list(prompt_token_ids)
+            if prompt_token_ids is not None
+            else list(self.tokenizer.encode(prompt or ""))
+        )
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        for t in ids:
+            if not 0 <= t < self.vocab_size:
+                raise ValueError(
+                    f"prompt contains token id {t}, outside the vocabulary [0, {self.vocab_size})"
+                )
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) is longer than max_model_len ({self.max_model_len}) allows"
+            )
+        if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len "
+                f"({self.max_model_len})"
+            )
+        params.validate_against_vocab(self.vocab_size)
+        if len(self._waiting) >= self.max_waiting_requests:
+            raise QueueFullError(
+                f"the waiting queue is full (max_waiting_requests {self.max_waiting_requests})"
+            )
+        if sum(len(r.prompt_token_ids) for r in self._waiting) + len(ids) > self.max_waiting_tokens:
+            raise QueueFullError(f"the waiting queue is full (max_waiting_tokens {self.max_waiting_tokens})")
+        base_seed = params.seed if params.seed is not None else hash((request_id, time.monotonic_ns()))
+        seqs = [_Seq(i, random.Random(hash((base_seed, tuple(ids), i)))) for i in range(params.n)]
+        req = _Req(
+            request_id,
+            prompt,
+            ids,
+            params,
+            priority,
+            seqs,
+            asyncio.Queue(),
+            RequestMetrics(arrival_time=time.monotonic()),
+        )
+        self._waiting.append(req)
+        self._idle.clear()  # type: ignore[union-attr]
+        self._wake.set()  # type: ignore[union-attr]
+        return self._stream(req)
+
+    async def abort(self, request_id: str) -> None:
+        for req in list(self._waiting) + self._running:
+            if req.req_id == request_id:
+                self._finish(req, "abort")
+
+    def stats(self) -> FakeStats:
+        used = sum(len(r.prompt_token_ids) + sum(len(s.token_ids) for s in r.seqs) for r in self._running)
+        return FakeStats(
+            num_running=len(self._running),
+            num_waiting=len(self._waiting),
+            num_waiting_tokens=sum(len(r.prompt_token_ids) for r in self._waiting),
+            kv_cache_usage=min(used / self.kv_capacity_tokens, 1.0),
+            prefix_cache_queries=self._counters["prompt"],
+            prefix_cache_hits=0,
+            num_preemptions=0,
+            prompt_tokens_total=self._counters["prompt"],
+            generation_tokens_total=self._counters["generation"],
+        )
+
+    def begin_drain(self) -> None:
+        self._draining = True
+
+    async def shutdown(self, timeout: float) -> None:
+        self._draining = True
+        if self._idle is not None:
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        for req in list(self._waiting) + list(self._running):
+            self._finish(req, "abort")
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    # ---------------------------------------------------------------- test controls
+
+    def pause(self) -> None:
+        """Stop scheduling: new requests stay queued until resume()."""
+        self._resume.clear()  # type: ignore[union-attr]
+
+    def resume(self) -> None:
+        self._loop.call_soon_threadsafe(self._resume.set)  # type: ignore[union-attr]
+
+    # ---------------------------------------------------------------- internals
+
+    async def _stream(self, req: _Req) -> AsyncIterator[RequestOutput]:
+        try:
+            while True:
+                out = await req.queue.get()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            if not req.finished:
+                self._finish(req, "abort", notify=False)
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                if not self._waiting and not self._running:
+                    self._idle.set()  # type: ignore[union-attr]
+                    self._wake.clear()  # type: ignore[union-attr]
+                    await self._wake.wait()  # type: ignore[union-attr]
+                    continue
+                await self._resume.wait()  # type: ignore[union-attr]
+                while self._waiting and len(self._running) < self.max_num_seqs:
+                    req = self._waiting.popleft()
+                    req.metrics.first_scheduled_time = time.monotonic()
+                    self._counters["prompt"] += len(req.prompt_token_ids)
+                    self._running.append(req)
+                await asyncio.sleep(self.step_delay)  # the "forward pass"
+                if self.die_next_step is not None:
+                    exc, self.die_next_step = self.die_next_step, None
+                    raise exc
+                if self.fail_next_step is not None:
+                    exc, self.fail_next_step = self.fail_next_step, None
+                    for req in list(self._running):
+                        req.error = f"{type(exc).__name__}: {exc}"
+                        self._finish(req, "error")
+                    continue
+                for req in list(self._running):
+                    self._step(req)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self.is_healthy = False
+            self.dead_error = exc
+            for req in list(self._waiting) + list(self._running):
+                req.error = f"the engine loop died: {type(exc).__name__}: {exc}"
+                self._finish(req, "error")
+            self._idle.set()  # type: ignore[union-attr]
+
+    def _step(self, req: _Req) -> None:
+        p = req.params
+        limit = p.max_tokens if p.max_tokens is not None else self.max_model_len - len(req.prompt_token_ids)
+        limit = min(limit, self.max_model_len - len(req.prompt_token_ids))
+        for s in req.seqs:
+            if s.finish_reason is not None:
+                continue
+            tok = s.rng.randrange(FIRST_PLAIN_TOKEN, 500)
+            s.token_ids.append(tok)
+            self._counters["generation"] += 1
+            if p.logprobs is not None:
+                pos = {tok: Logprob(-0.25, rank=1)}
+                for r in range(2, p.logprobs + 1):
+                    other = FIRST_PLAIN_TOKEN + (tok + r * 7) % (500 - FIRST_PLAIN_TOKEN)
+                    pos.setdefault(other, Logprob(-0.25 * r, rank=r))
+                s.logprobs.append(pos)
+            text = self.tokenizer.decode(s.token_ids, skip_special_tokens=p.skip_special_tokens)
+            for stop in p.stop or []:
+                at = text.find(stop, max(0, len(s.text) - len(stop)))
+                if at >= 0:
+                    text = text[: at + len(stop)] if p.include_stop_str_in_output else text[:at]
+                    s.finish_reason, s.stop_reason = "stop", stop
+                    break
+            s.text = text
+            if s.finish_reason is None and tok in (p.stop_token_ids or []):
+                s.finish_reason, s.stop_reason = "stop", tok
+            if s.finish_reason is None and len(s.token_ids) >= limit:
+                s.finish_reason = "length"
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = time.monotonic()
+        if all(s.finish_reason is not None for s in req.seqs):
+            self._finish(req, None)
+        else:
+            self._emit(req)
+
+    def _emit(self, req: _Req) -> None:
+        outs = []
+        for s in req.seqs:
+            delta_text = s.text[s.sent_text :] if len(s.text) >= s.sent_text else ""
+            delta_ids = s.token_ids[s.sent_tokens :]
+            s.sent_text, s.sent_tokens = len(s.text), len(s.token_ids)
+            outs.append(
+                CompletionOutput(
+                    index=s.index,
+                    text=s.text,
+                    token_ids=list(s.token_ids),
+                    logprobs=list(s.logprobs) if req.params.logprobs is not None else None,
+                    finish_reason=s.finish_reason,
+                    stop_reason=s.stop_reason,
+                    text_delta=delta_text,
+                    token_ids_delta=delta_ids,
+                )
+            )
+        prompt_logprobs = None
+        if req.params.prompt_logprobs is not None:
+            prompt_logprobs = [None] + [{t: Logprob(-1.0, rank=1)} for t in req.prompt_token_ids[1:]]
+        req.queue.put_nowait(
+            RequestOutput(
+                request_id=req.req_id,
+                prompt=req.prompt,
+                prompt_token_ids=req.prompt_token_ids,
+                outputs=outs,
+                finished=req.finished,
+                prompt_logprobs=prompt_logprobs,
+                num_cached_tokens=0,
+                metrics=req.metrics,
+                error=req.error,
+            )
+        )
+
+    def _finish(self, req: _Req, reason: str | None, notify: bool = True) -> None:
+        if req.finished:
+            return
+        req.finished = True
+        for s in req.seqs:
+            if s.finish_reason is None:
+                s.finish_reason = reason or "abort"
+        if req in self._running:
+            self._running.remove(req)
+        if req in self._waiting:
+            self._waiting.remove(req)
+        req.metrics.finished_time = time.monotonic()
+        if notify:
+            self._emit(req)
+        if not self._waiting and not self._running and self._idle is not None:
+            self._idle.set()

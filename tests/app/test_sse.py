@@ -1,0 +1,114 @@
+"""SSE framing on the wire, read with raw httpx: `data: {json}\\n\\n` frames, role first, finish_reason
+on the last content chunk, the usage chunk, `data: [DONE]`, keep-alive comments while queued.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+from tests.app.conftest import MODEL_NAME, LiveServer, wait_until
+
+
+def _frames(body: str) -> list[str]:
+    assert body.endswith("\n\n"), repr(body[-20:])
+    frames = body[:-2].split("\n\n")
+    for f in frames:
+        assert f.startswith("data: ") or f.startswith(": "), repr(f)
+        assert "\n" not in f, repr(f)  # one line per frame: JSON never spans lines
+    return frames
+
+
+def _data(frames: list[str]) -> list[dict | str]:
+    out: list[dict | str] = []
+    for f in frames:
+        if f.startswith("data: "):
+            payload = f[len("data: ") :]
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+def test_chat_stream_framing(client: httpx.Client) -> None:
+    body = {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 6,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["cache-control"] == "no-store"
+        assert r.headers["x-request-id"].startswith("chatcmpl-")
+        text = r.read().decode()
+    events = _data(_frames(text))
+    assert events[-1] == "[DONE]"
+    usage, chunks = events[-2], events[:-2]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 6
+    assert usage["usage"]["total_tokens"] == usage["usage"]["prompt_tokens"] + 6
+    assert "cached_tokens" in usage["usage"]["prompt_tokens_details"]
+    first = chunks[0]
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    for c in chunks:
+        assert set(c) >= {"id", "object", "created", "model", "choices"}
+        assert c["object"] == "chat.completion.chunk" and c["model"] == MODEL_NAME
+        assert c["id"] == first["id"] and "usage" not in c
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    assert all("role" not in c["choices"][0]["delta"] for c in chunks[1:])
+
+
+def test_completion_stream_framing_without_usage(client: httpx.Client) -> None:
+    body = {"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 4, "ignore_eos": True, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        text = r.read().decode()
+    events = _data(_frames(text))
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "text_completion" and "usage" not in c for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_keep_alive_comments_while_queued(fake_server: LiveServer) -> None:
+    """A request held in the queue gets `: ping` comments until it runs; then it streams normally."""
+    fake_server.engine.pause()
+    body = {"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 3, "stream": True}
+    frames: list[str] = []
+    with httpx.Client(base_url=fake_server.base_url, timeout=30) as c:
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            buf = ""
+            resumed = False
+            for piece in r.iter_text():
+                buf += piece
+                while "\n\n" in buf:
+                    frame, buf = buf.split("\n\n", 1)
+                    frames.append(frame)
+                    if frame.startswith(": ping") and not resumed:
+                        resumed = True
+                        assert not any(f.startswith("data: ") for f in frames)  # nothing ran yet
+                        fake_server.engine.resume()
+    assert resumed
+    events = _data(frames)
+    assert events[-1] == "[DONE]"
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_stream_disconnect_aborts_at_once(fake_server: LiveServer) -> None:
+    """Closing the connection mid-stream aborts the request: nothing left running or holding KV."""
+    engine = fake_server.engine
+    engine.step_delay = 0.01
+    body = {"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 100, "stream": True}
+    with httpx.Client(base_url=fake_server.base_url, timeout=30) as c:
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    break
+        assert engine.stats().num_running == 1
+    assert wait_until(lambda: engine.stats().num_running == 0, timeout=5)
+    stats = engine.stats()
+    assert stats.num_running == 0 and stats.num_waiting == 0 and stats.kv_cache_usage == 0.0
+    assert len(engine._running) == 0

@@ -627,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
@@ -646,13 +646,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{(time.time() - t_start) / 60:5.1f}m] {msg}", flush=True)
 
     log("collecting the corpus from the standard library")
-    docs = build_corpus(args.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # reading docs of deprecated aliases warns
+        docs = build_corpus(args.seed)
     n_val = max(1, len(docs) // 50)
     log(f"{len(docs):,} documents, {sum(map(len, docs)):,} characters; {n_val:,} held out")
 
     tokenizer = train_tokenizer(docs, args.shape.vocab_size)
     log(f"tokenizer: {len(tokenizer)} tokens")
-    token_docs = [tokenizer.encode(d, add_special_tokens=False) for d in docs]
+    token_docs = [e.ids for e in tokenizer.backend_tokenizer.encode_batch(docs, add_special_tokens=False)]
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
     train_data = Windows(token_docs[n_val:], args.seq_len, eos_id)
     val_data = Windows(token_docs[:n_val], args.seq_len, eos_id)

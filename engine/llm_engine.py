@@ -87,10 +87,22 @@ class LLMEngine:
         self.runner.initialize_kv_cache(num_blocks)
         self.num_kv_blocks = num_blocks
         self.max_model_len = self.model_config.max_model_len
+        kv_capacity = num_blocks * config.block_size
+        if kv_capacity < self.max_model_len:
+            # A request of max_model_len could never fit: serve shorter contexts rather than fail.
+            logger.warning(
+                "the KV cache holds %d tokens (%d blocks of %d), fewer than max_model_len %d; "
+                "capping max_model_len to %d",
+                kv_capacity,
+                num_blocks,
+                config.block_size,
+                self.max_model_len,
+                kv_capacity,
+            )
+            self.max_model_len = kv_capacity
         self.vocab_size = self.model_config.vocab_size
-        self.max_num_batched_tokens = config.max_num_batched_tokens or (
-            8192 if self.runner.device.type == "cuda" else 2048
-        )
+        # The runner profiled memory for this many tokens per step; the scheduler must not exceed it.
+        self.max_num_batched_tokens = self.runner.max_num_batched_tokens
         self.scheduler = Scheduler(config, num_blocks, self.max_model_len, self.max_num_batched_tokens)
         self._eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -249,7 +261,12 @@ class LLMEngine:
                 continue
             parent = self._parents[child.parent_id]
             assert parent.prompt_logprobs is not None
-            parent.prompt_logprobs.extend(self._to_position_logprobs(e) for e in entries)
+            # Entry k scores prompt position start + 1 + k. After a preemption mid-prefill the runner
+            # recomputes positions it already reported; keep only positions not yet collected.
+            start = child.request.num_computed_tokens - scheduler_output.num_scheduled_tokens[req_id]
+            for k, entry in enumerate(entries):
+                if start + 1 + k == len(parent.prompt_logprobs):
+                    parent.prompt_logprobs.append(self._to_position_logprobs(entry))
 
         for request, new_token_ids in self.scheduler.update_from_output(scheduler_output, runner_output):
             child = self._children.get(request.req_id)

@@ -503,11 +503,22 @@ class Report:
 
 
 def write_json(path: str | Path, data: Any) -> None:
+    """Strict JSON (NaN and infinities become null), written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.write_text(json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n")
     os.replace(tmp, path)
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x
 
 
 def _version(module: str) -> str | None:

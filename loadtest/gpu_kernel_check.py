@@ -48,6 +48,13 @@ MODELS = {
 }
 RESULTS: dict = {"checks": [], "timings": {}, "errors": []}
 OUT_DIR = os.environ.get("OUT")
+START = time.time()
+# Sweeps stop starting new variants after this many seconds, so one device call (6 min) ends cleanly.
+BUDGET_S = float(os.environ.get("WEIR_CHECK_BUDGET_S", "300"))
+
+
+def over_budget() -> bool:
+    return time.time() - START > BUDGET_S
 
 
 def save() -> None:
@@ -435,6 +442,9 @@ def decode_sweep() -> None:
         batch = pool.batch(num_seqs, ctx)
         best = None
         for c in variants:
+            if over_budget():
+                print("  (time budget spent: sweep cut short)")
+                break
             try:
                 r = time_attention(batch, [1] * num_seqs, [ctx] * num_seqs, c)
             except Exception as exc:  # noqa: BLE001  (e.g. out of shared memory)
@@ -466,7 +476,7 @@ def split_sweep() -> None:
         batch = pool.batch(num_seqs, ctx)
         line = []
         for segs in (1, 2, 4, 8, 16, 32, 64):
-            if ctx // base.tile < segs:
+            if ctx // base.tile < segs or over_budget():
                 continue
             c = AttentionConfig(base.block_m, base.tile, segs, base.num_warps, base.num_stages)
             r = time_attention(batch, [1] * num_seqs, [ctx] * num_seqs, c)
@@ -521,6 +531,9 @@ def mixed_and_prefill() -> None:
         if not (bm == 128 and w == 4)
     ]
     for c in variants:
+        if over_budget():
+            print("  (time budget spent: sweep cut short)")
+            break
         try:
             r = time_attention(batch, q_lens, seq_lens, c)
         except Exception as exc:  # noqa: BLE001
@@ -611,9 +624,9 @@ def main() -> None:
         ("correctness", correctness),
         ("cuda graph", cuda_graph_replay),
         ("elementwise timings", kernel_timings),
-        ("decode sweep", decode_sweep),
-        ("split sweep", split_sweep),
         ("decode table", decode_table),
+        ("split sweep", split_sweep),
+        ("decode sweep", decode_sweep),
         ("mixed + prefill", mixed_and_prefill),
     ]
     for name, fn in parts:

@@ -32,7 +32,7 @@ _LOG2E = 1.4426950408889634
 def _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
     """Largest s with query_start_loc[s] // BLOCK_Q + s <= q_block."""
     lo: tl.int32 = 0
-    hi = num_seqs
+    hi: tl.int32 = num_seqs
     while lo < hi:
         mid = (lo + hi) // 2
         start = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
@@ -43,7 +43,7 @@ def _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])  # a batch of one must not recompile or make `hi` a constant
 def _paged_attention_kernel(
     out_ptr,  # [num_tokens, num_heads, HEAD_DIM] (NUM_SEGMENTS == 1)
     part_acc_ptr,  # [num_tokens, num_heads, NUM_SEGMENTS, HEAD_DIM] float32 (NUM_SEGMENTS > 1)

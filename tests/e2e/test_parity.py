@@ -125,3 +125,26 @@ def test_greedy_parity_with_prefix_cache_hits(tiny_model_dirs: dict[str, Path], 
     assert llm.llm_engine.stats().prefix_cache_hits > hits_before
     assert all(o.num_cached_tokens >= 32 for o in second)
     _assert_all_blocks_free(llm)
+
+
+def test_prompt_logprobs_match_transformers(tiny_model_dirs: dict[str, Path]) -> None:
+    model_dir = tiny_model_dirs["qwen2"]
+    prompt = _prompts()[2]
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0]
+    expected = torch.log_softmax(logits.float(), dim=-1)
+    # Chunked prefill: prompt positions arrive over several steps and are stitched together.
+    llm = LLM(str(model_dir), device="cpu", dtype="float32", max_num_batched_tokens=8)
+    (out,) = llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=2), use_tqdm=False)
+    assert out.prompt_logprobs is not None
+    assert len(out.prompt_logprobs) == len(prompt)
+    assert out.prompt_logprobs[0] is None
+    for pos in range(1, len(prompt)):
+        entry = out.prompt_logprobs[pos]
+        assert entry is not None
+        actual = prompt[pos]
+        assert entry[actual].logprob == pytest.approx(expected[pos - 1, actual].item(), abs=1e-4)
+        top2 = torch.topk(expected[pos - 1], 2).indices.tolist()
+        assert list(entry)[:2] == top2
+        assert [entry[t].rank for t in top2] == [1, 2]

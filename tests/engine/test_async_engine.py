@@ -55,7 +55,9 @@ def test_cancel_aborts_and_frees_blocks(config: EngineConfig) -> None:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         # The next request completes, and afterwards nothing is held.
-        outs = [o async for o in engine.generate([7, 8], SamplingParams(max_tokens=2, ignore_eos=True), "after")]
+        outs = [
+            o async for o in engine.generate([7, 8], SamplingParams(max_tokens=2, ignore_eos=True), "after")
+        ]
         assert outs[-1].finished
         stats = engine.stats()
         assert stats.num_running == 0 and stats.num_waiting == 0
@@ -67,7 +69,9 @@ def test_cancel_aborts_and_frees_blocks(config: EngineConfig) -> None:
 
 def test_queue_bound_and_drain(config: EngineConfig) -> None:
     async def main() -> None:
-        cfg = EngineConfig(**{**{f: getattr(config, f) for f in EngineConfig.field_names()}, "max_waiting_tokens": 30})
+        cfg = EngineConfig(
+            **{**{f: getattr(config, f) for f in EngineConfig.field_names()}, "max_waiting_tokens": 30}
+        )
         engine = AsyncEngine(cfg)
         await engine.start()
         with pytest.raises(QueueFullError, match="max_waiting_tokens 30"):

@@ -20,7 +20,9 @@ def _usage(llm: LLM) -> float:
 
 def test_text_prompt_outputs_in_input_order(llm: LLM) -> None:
     prompts = ["Return the sum", "Hello", "The quick brown fox jumps over the lazy dog"]
-    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True), use_tqdm=False)
+    outs = llm.generate(
+        prompts, SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True), use_tqdm=False
+    )
     assert [o.prompt for o in outs] == prompts
     tok = llm.get_tokenizer()
     for o, p in zip(outs, prompts, strict=True):
@@ -97,13 +99,16 @@ def test_seeded_request_is_independent_of_batch(llm: LLM) -> None:
 
 
 def test_stop_token_and_stop_string(llm: LLM) -> None:
-    base = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    base = llm.generate(
+        [[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), use_tqdm=False
+    )
     tokens = base[0].outputs[0].token_ids
     text = base[0].outputs[0].text
     stop_tok = tokens[3]
     first = tokens.index(stop_tok)
     out = llm.generate(
-        [[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop_token_ids=[stop_tok]),
+        [[5, 6, 7]],
+        SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop_token_ids=[stop_tok]),
         use_tqdm=False,
     )[0].outputs[0]
     assert out.token_ids == tokens[: first + 1]
@@ -112,7 +117,8 @@ def test_stop_token_and_stop_string(llm: LLM) -> None:
     stop_str = text[len(text) // 2 : len(text) // 2 + 2]
     if stop_str.strip():
         out = llm.generate(
-            [[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop=[stop_str]),
+            [[5, 6, 7]],
+            SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop=[stop_str]),
             use_tqdm=False,
         )[0].outputs[0]
         assert out.finish_reason == "stop"
@@ -135,7 +141,9 @@ def test_abort_frees_blocks(llm: LLM) -> None:
 
 def test_chat_applies_template(llm: LLM) -> None:
     messages = [{"role": "user", "content": "hi"}]
-    out = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), use_tqdm=False)[0]
+    out = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), use_tqdm=False)[
+        0
+    ]
     tok = llm.get_tokenizer()
     expected = tok.encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
     assert out.prompt_token_ids == expected

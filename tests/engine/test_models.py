@@ -63,7 +63,9 @@ def _direct_logits(
 ) -> torch.Tensor:
     """Forward the scheduled slice of one sequence (cache holds the first num_computed tokens) and
     return logits for every scheduled position."""
-    step = runner._build_inputs([token_ids], [num_computed], [num_scheduled], [blocks], np.arange(num_scheduled))
+    step = runner._build_inputs(
+        [token_ids], [num_computed], [num_scheduled], [blocks], np.arange(num_scheduled)
+    )
     with torch.inference_mode():
         hidden = runner._forward(step.input_ids, step.positions, step.metadata)
         return runner.compute_logits(hidden[step.logits_indices])
@@ -138,7 +140,9 @@ def test_chunked_prefill_reuses_cache(tiny_model_dirs: dict[str, Path], family: 
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_mixed_batch_greedy_decode_matches_transformers(tiny_model_dirs: dict[str, Path], family: str) -> None:
+def test_mixed_batch_greedy_decode_matches_transformers(
+    tiny_model_dirs: dict[str, Path], family: str
+) -> None:
     """Two requests share steps (one decoding while the other prefills), blocks grow via diffs;
     every sampled token equals transformers' greedy next token for that sequence."""
     model_dir = tiny_model_dirs[family]
@@ -303,7 +307,9 @@ def test_missing_tensor_names_the_parameter(tiny_model_dirs: dict[str, Path], tm
     assert "model.layers.1.self_attn.k_proj.weight" in msg and "model.safetensors" in msg
 
 
-def test_shape_mismatch_names_parameter_file_and_shapes(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+def test_shape_mismatch_names_parameter_file_and_shapes(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
     dst = _copy_model(tiny_model_dirs["llama"], tmp_path / "mismatch")
     tensors = load_file(str(dst / "model.safetensors"))
     tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(100, 64)
@@ -348,7 +354,12 @@ def test_dummy_format_needs_no_weight_files(tiny_model_dirs: dict[str, Path], tm
 # ---------------------------------------------------------------------------------- model config
 def test_model_config_fields(tiny_model_dirs: dict[str, Path], tmp_path: Path, caplog) -> None:
     qwen3 = ModelConfig.from_pretrained(tiny_model_dirs["qwen3"], device="cpu")
-    assert (qwen3.head_dim, qwen3.qk_norm, qwen3.tie_word_embeddings, qwen3.qkv_bias) == (32, True, True, False)
+    assert (qwen3.head_dim, qwen3.qk_norm, qwen3.tie_word_embeddings, qwen3.qkv_bias) == (
+        32,
+        True,
+        True,
+        False,
+    )
     assert qwen3.eos_token_ids == [2] and qwen3.dtype == "float32" and qwen3.max_model_len == 256
     assert ModelConfig.from_pretrained(tiny_model_dirs["qwen2"], device="cpu").qkv_bias is True
 

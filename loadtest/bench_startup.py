@@ -1,0 +1,275 @@
+"""U1: start-up. `weir serve` with dummy weights (Llama-3-8B shape) until /health answers 200 and a first
+request completes: the seconds, and how they split (imports, weights, KV allocation, CUDA graph capture).
+
+    python loadtest/bench_startup.py --shape llama3-8b --peer hf --out u1.json
+
+The end-to-end figures come from the server subprocess (timed from spawn). The split comes from the same
+start-up repeated in this process with the model runner's set-up methods timed (whatever their names:
+load, KV profile/allocation, capture/graph/warm-up), the engine's own attributes read defensively, the
+timings the server logged, and the import times measured in a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import inspect
+import json
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from loadtest.common import (  # noqa: E402
+    REPO_ROOT,
+    HFPeer,
+    Report,
+    ServerProcess,
+    add_common_args,
+    build_llm,
+    copy_bandwidth_phase,
+    default_max_model_len,
+    engine_kwargs,
+    free_engine,
+    install_signal_handlers,
+    phase,
+    resolve_model,
+    sampling_params,
+    server_flags,
+    stream_completion,
+)
+
+# Runner methods timed during the in-process start-up, by what their names say.
+_TIMED = re.compile(r"load|kv|profile|capture|graph|warm|compile|alloc")
+_LOG_PATTERNS = {
+    "weights_s": re.compile(r"loaded .*? in ([\d.]+)\s*s"),
+    "engine_ready_s": re.compile(r"engine ready.*?\(([\d.]+)\s*s\)"),
+    "cuda_graphs_s": re.compile(r"(?:captur|cuda.?graph)[^\n]*?([\d.]+)\s*s\b", re.IGNORECASE),
+}
+_IMPORTS = """
+import json, time
+t0 = time.perf_counter(); import torch; t1 = time.perf_counter()
+import engine.llm_engine; t2 = time.perf_counter()
+try:
+    import app.server
+except Exception:
+    pass
+t3 = time.perf_counter()
+print(json.dumps({"torch_s": t1 - t0, "engine_s": t2 - t1, "app_s": t3 - t2}))
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=16)
+    p.add_argument("--no-split", action="store_true", help="skip the in-process start-up split")
+    p.add_argument("--no-imports", action="store_true", help="skip timing the imports in a fresh interpreter")
+    p.add_argument("--server-log", default=None)
+    p.add_argument("--server-timeout", type=float, default=600.0)
+    p.add_argument("--server-arg", action="append", default=[], help="extra `weir serve` argument (repeatable)")
+    add_common_args(p, default_shape="llama3-8b")
+    return p
+
+
+async def first_request(url: str, prompt: list[int], max_tokens: int) -> Any:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0)) as client:
+        payload = {
+            "model": "weir-bench",
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        return await stream_completion(client, payload)
+
+
+def parse_server_log(text: str) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for key, pat in _LOG_PATTERNS.items():
+        m = pat.search(text)
+        if m:
+            found[key] = float(m.group(1))
+    keywords = ("loaded", "ready", "captur", "graph", "kv cache", "profile", "startup", "start-up", "listening")
+    found["lines"] = [ln[:300] for ln in text.splitlines() if any(k in ln.lower() for k in keywords)][:20]
+    return found
+
+
+def import_times() -> dict[str, float] | None:
+    """Import times in a fresh interpreter (what every `weir serve` pays before any model work)."""
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", _IMPORTS], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=True
+        ).stdout
+        return {k: round(v, 3) for k, v in json.loads(out.strip().splitlines()[-1]).items()}
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def timed_startup(model: Any, kwargs: dict[str, Any], prompt: list[int], max_tokens: int) -> dict[str, Any]:
+    """Build the engine here with the runner's set-up methods wrapped in timers; then one request."""
+    from engine.model_runner import ModelRunner
+
+    calls: list[tuple[str, int, float]] = []  # (method, nesting depth, seconds)
+    depth = [0]
+    originals: dict[str, Any] = {}
+
+    def wrap(name: str, fn: Any) -> Any:
+        @functools.wraps(fn)
+        def timed(*a: Any, **k: Any) -> Any:
+            depth[0] += 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                _sync(model.device)
+                depth[0] -= 1
+                calls.append((name, depth[0], time.perf_counter() - t0))
+
+        return timed
+
+    for name, fn in list(vars(ModelRunner).items()):
+        # Plain functions only: a wrapped staticmethod would start receiving self.
+        if inspect.isfunction(fn) and not name.startswith("__") and _TIMED.search(name):
+            originals[name] = fn
+            setattr(ModelRunner, name, wrap(name, fn))
+    try:
+        llm, build_s = build_llm(model, kwargs)
+    finally:
+        for name, fn in originals.items():
+            setattr(ModelRunner, name, fn)
+    try:
+        t0 = time.perf_counter()
+        llm.generate([prompt], sampling_params(max_tokens, 0.0), use_tqdm=False)
+        first_s = time.perf_counter() - t0
+        engine = llm.llm_engine
+        attrs = _timing_attributes(engine) | {f"runner.{k}": v for k, v in _timing_attributes(engine.runner).items()}
+    finally:
+        free_engine(llm)
+    top = {}
+    for name, d, secs in calls:
+        if d == 0:
+            top[name] = round(top.get(name, 0.0) + secs, 4)
+    nested = [{"method": n, "depth": d, "s": round(s, 4)} for n, d, s in calls if d > 0]
+    split = {"weights": 0.0, "kv_cache (profile + allocation)": 0.0, "cuda_graphs": 0.0, "other timed set-up": 0.0}
+    for name, secs in top.items():
+        split[_category(name)] += secs
+    split["rest (config, tokenizer, scheduler)"] = build_s - sum(top.values())
+    return {
+        "engine_build_s": round(build_s, 3),
+        "split_s": {k: round(v, 3) for k, v in split.items()},
+        "runner_methods_s": top,
+        "nested_calls": nested[:50],
+        "engine_attributes": attrs,
+        "first_request_s": round(first_s, 4),
+    }
+
+
+def _category(method: str) -> str:
+    """One bucket per runner method, by its name (first match wins)."""
+    if "capture" in method or "graph" in method:
+        return "cuda_graphs"
+    if "kv" in method or "profile" in method or "alloc" in method:
+        return "kv_cache (profile + allocation)"
+    if "load" in method:
+        return "weights"
+    return "other timed set-up"
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _timing_attributes(obj: Any) -> dict[str, Any]:
+    """Numbers (or dicts of numbers) on obj whose names say they are timings."""
+    out: dict[str, Any] = {}
+    for name in dir(obj):
+        if name.startswith("__") or not re.search(r"seconds|_s$|_time$|timing", name):
+            continue
+        try:
+            value = getattr(obj, name)
+        except Exception:  # noqa: BLE001
+            continue
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[name] = round(float(value), 4)
+        elif isinstance(value, dict) and all(isinstance(v, int | float) for v in value.values()):
+            out[name] = {str(k): round(float(v), 4) for k, v in value.items()}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    model = resolve_model(args)
+    report = Report("U1", args, model)
+    rng = random.Random(args.seed)
+    prompt = [rng.randrange(min(10000, model.vocab_size)) for _ in range(args.prompt_len)]
+    mml = default_max_model_len(args, model, 2048)
+    report["workload"] = {"prompt_len": args.prompt_len, "output_len": args.output_len, "max_model_len": mml}
+    flags = server_flags(args, model, mml) + ["--served-model-name", "weir-bench", *args.server_arg]
+    server = ServerProcess(model.model_dir, flags, log_path=args.server_log)
+    try:
+        with phase(report, "server"):
+            server.start()
+            health = server.wait_healthy(args.server_timeout, interval=0.02)
+            report["results"]["seconds_to_health"] = round(health, 3)
+            res = asyncio.run(first_request(server.url, prompt, args.output_len))
+            assert server.started_at is not None
+            total = time.perf_counter() - server.started_at
+            if not res.ok:
+                raise RuntimeError(f"the first request failed: {res.error}")
+            report["results"]["seconds_to_first_request"] = round(total, 3)
+            report["results"]["first_request_s"] = round(res.latency or 0.0, 4)
+            report["results"]["first_request_ttft_ms"] = round((res.ttft or 0.0) * 1000, 3)
+            print(f"[U1] /health 200 after {health:.2f}s; first request done after {total:.2f}s", flush=True)
+    except Exception:  # noqa: BLE001 - recorded by phase()
+        print(server.log_tail(), file=sys.stderr)
+    finally:
+        report["results"]["server_exit_code"] = server.stop()
+        try:
+            report["results"]["server_log"] = parse_server_log(server.log_path.read_text(errors="replace"))
+        except OSError:
+            pass
+        report.save()
+
+    if not args.no_imports:
+        with phase(report, "imports", required=False):
+            report["results"]["imports_s"] = import_times()
+    if not args.no_split:
+        with phase(report, "split", required=False):
+            kwargs = engine_kwargs(args, model, max_model_len=mml)
+            report["results"]["in_process"] = timed_startup(model, kwargs, prompt, args.output_len)
+            print(f"[U1] in-process split: {report['results']['in_process']['split_s']}", flush=True)
+    copy_bandwidth_phase(report, model.device, args.copy_bytes)
+    if args.peer == "hf":
+        with phase(report, "peer", required=False):
+            t0 = time.perf_counter()
+            peer = HFPeer(model, seed=args.seed)
+            try:
+                r = peer.generate_batch([prompt], args.output_len, 0.0)
+            finally:
+                peer.close()
+            report["peer"] = {
+                "name": "transformers from_config + generate()",
+                "model_build_s": round(peer.build_seconds, 3),
+                "first_request_s": round(r["measured_s"], 4),
+                "seconds_to_first_request": round(time.perf_counter() - t0, 3),
+                "note": "in-process, imports excluded",
+            }
+    return report.finish()
+
+
+if __name__ == "__main__":
+    install_signal_handlers()
+    raise SystemExit(main())

@@ -1,0 +1,139 @@
+"""`weir serve` configuration: every option documented, flags > env > YAML > defaults, bad settings
+fail at start naming the key and where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from app.cli import build_parser, main
+from app.config import ENGINE_HELP, ConfigError, ServerConfig, all_options, default_model_dir, resolve
+from engine.config import EngineConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_help_documents_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for opt in all_options():
+        if opt.name != "model":
+            assert opt.flag in out, opt.flag
+            assert opt.env in out, opt.env
+    assert "MODEL_DIR" in out and "--config" in out and "SIGTERM" in out
+
+
+def test_every_engine_field_has_written_help() -> None:
+    """A new EngineConfig field gets a flag automatically; this asks for a sentence of help for it."""
+    assert set(ENGINE_HELP) == set(EngineConfig.field_names())
+
+
+def test_defaults_and_default_model() -> None:
+    engine, server = resolve({}, env={})
+    assert engine.model == default_model_dir()
+    assert Path(engine.model).parent.name == "engine"
+    assert server == dataclasses.replace(ServerConfig(), served_model_name=["default_model"])
+    assert engine == EngineConfig(model=default_model_dir())
+
+
+def test_precedence_flags_env_yaml_defaults(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("max_num_seqs: 8\nport: 7000\nhost: 10.0.0.1\nmax-model-len: 100\nenforce_eager: true\n")
+    env = {"WEIR_PORT": "7100", "WEIR_MAX_NUM_SEQS": "16", "WEIR_API_KEY": "a, b", "WEIR_UNRELATED": "x"}
+    engine, server = resolve({"config": str(cfg), "model": "/m/llama-7b", "port": "7200"}, env=env)
+    assert server.port == 7200  # flag
+    assert engine.max_num_seqs == 16  # env over yaml
+    assert server.host == "10.0.0.1"  # yaml
+    assert engine.max_model_len == 100 and engine.enforce_eager is True  # yaml, dashed key
+    assert engine.block_size == 16  # default
+    assert server.api_key == ["a", "b"]
+    assert server.served_model_name == ["llama-7b"]
+    assert engine.model == "/m/llama-7b"
+
+
+def test_config_path_from_env(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("shutdown_timeout: 2.5\n")
+    _, server = resolve({}, env={"WEIR_CONFIG": str(cfg)})
+    assert server.shutdown_timeout == 2.5
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("max_num_sequences: 4\n", "unknown key 'max_num_sequences'"),
+        ("max_num_seqs: lots\n", "key 'max_num_seqs' in"),
+        ("max_num_seqs: 0\n", "invalid max_num_seqs (from key 'max_num_seqs' in"),
+        ("block_size: 7\n", "block_size must be one of 8, 16, 32, 64; got 7"),
+        ("enforce_eager: maybe\n", "key 'enforce_eager' in"),
+        ("port: 70000\n", "invalid port (from key 'port' in"),
+        ("log_level: loud\n", "log_level must be one of"),
+        ("- a\n- b\n", "must be a mapping"),
+        ("dtype: [float16]\n", "key 'dtype' in"),
+    ],
+)
+def test_bad_yaml_names_the_key(tmp_path: Path, yaml_text: str, message: str) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml_text)
+    with pytest.raises(ConfigError) as exc:
+        resolve({"config": str(cfg)}, env={})
+    assert message in str(exc.value)
+
+
+def test_bad_env_and_flag_name_the_source() -> None:
+    with pytest.raises(ConfigError, match="environment variable WEIR_MAX_NUM_SEQS: expected an integer"):
+        resolve({}, env={"WEIR_MAX_NUM_SEQS": "many"})
+    with pytest.raises(
+        ConfigError, match=r"invalid gpu_memory_utilization \(from --gpu-memory-utilization\)"
+    ):
+        resolve({"gpu_memory_utilization": "1.5"}, env={})
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        resolve({"config": "/nonexistent/weir.yaml"}, env={})
+
+
+def test_parser_flags_types_and_repeats() -> None:
+    args = vars(
+        build_parser().parse_args(
+            [
+                "serve",
+                "/m",
+                "--api-key",
+                "k1",
+                "--api-key",
+                "k2",
+                "--no-enable-prefix-caching",
+                "--max-model-len",
+                "auto",
+                "--served-model-name",
+                "a",
+            ]
+        )
+    )
+    engine, server = resolve(args, env={"WEIR_MAX_MODEL_LEN": "64"})
+    assert server.api_key == ["k1", "k2"]
+    assert engine.enable_prefix_caching is False
+    assert engine.max_model_len is None  # the flag's "auto" beats the env's 64
+    assert server.served_model_name == ["a"]
+    assert "port" not in args  # options not given stay out, so env and YAML can fill them
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "example-production.yaml"])
+def test_shipped_configs_load(name: str) -> None:
+    engine, server = resolve({"config": str(REPO / "config" / name)}, env={})
+    if name == "default.yaml":  # spells out the defaults exactly
+        assert engine == EngineConfig(model=default_model_dir())
+        assert server == dataclasses.replace(ServerConfig(), served_model_name=["default_model"])
+    else:
+        assert server.served_model_name == ["qwen2.5-7b-instruct", "default"]
+
+
+def test_serve_exits_2_on_bad_settings(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["serve", str(tmp_path / "missing-model")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["serve", "--max-num-seqs", "-1"]) == 2
+    assert "invalid max_num_seqs (from --max-num-seqs)" in capsys.readouterr().err

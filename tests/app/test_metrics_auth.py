@@ -1,0 +1,143 @@
+"""/metrics (vLLM's names with a weir: prefix) appears and moves; API keys guard everything but
+/health and /metrics; the per-request log line carries timings and token counts.
+"""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+import structlog
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.app.conftest import MODEL_NAME, LiveServer, start_server
+from tests.app.fake_engine import FakeEngine
+
+ENGINE_SERIES = [
+    "weir:num_requests_running",
+    "weir:num_requests_waiting",
+    "weir:kv_cache_usage_perc",
+    "weir:prompt_tokens_total",
+    "weir:generation_tokens_total",
+    "weir:num_preemptions_total",
+    "weir:prefix_cache_queries_total",
+    "weir:prefix_cache_hits_total",
+]
+HISTOGRAMS = [
+    "weir:time_to_first_token_seconds",
+    "weir:inter_token_latency_seconds",
+    "weir:e2e_request_latency_seconds",
+    "weir:request_queue_time_seconds",
+    "weir:request_prompt_tokens",
+    "weir:request_generation_tokens",
+]
+
+
+def _scrape(c: httpx.Client) -> dict[tuple[str, tuple], float]:
+    r = c.get("/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def _value(samples: dict, name: str, **labels: str) -> float:
+    key = (name, tuple(sorted({"model_name": MODEL_NAME, **labels}.items())))
+    return samples.get(key, 0.0)
+
+
+def test_metrics_appear_and_move(client: httpx.Client) -> None:
+    before = _scrape(client)
+    for name in ENGINE_SERIES:
+        assert (name, (("model_name", MODEL_NAME),)) in before, name
+    body = {"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 5, "ignore_eos": True}
+    assert client.post("/v1/completions", json=body).status_code == 200
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        r.read()
+    after = _scrape(client)
+    assert _value(after, "weir:request_success_total", finished_reason="length") == (
+        _value(before, "weir:request_success_total", finished_reason="length") + 2
+    )
+    assert (
+        _value(after, "weir:generation_tokens_total") >= _value(before, "weir:generation_tokens_total") + 10
+    )
+    assert _value(after, "weir:prompt_tokens_total") > _value(before, "weir:prompt_tokens_total")
+    assert _value(after, "weir:prefix_cache_queries_total") >= _value(
+        before, "weir:prefix_cache_queries_total"
+    )
+    for name in HISTOGRAMS:
+        assert _value(after, name + "_count") >= _value(before, name + "_count") + 1, name
+    assert _value(after, "weir:inter_token_latency_seconds_count") >= (
+        _value(before, "weir:inter_token_latency_seconds_count") + 8
+    )
+    assert (
+        _value(after, "weir:request_generation_tokens_sum")
+        == _value(before, "weir:request_generation_tokens_sum") + 10
+    )
+    assert _value(after, "weir:num_requests_running") == 0
+    assert 0.0 <= _value(after, "weir:kv_cache_usage_perc") <= 1.0
+
+
+def test_request_log_line(client: httpx.Client) -> None:
+    with structlog.testing.capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+        r = client.post(
+            "/v1/chat/completions",
+            json={"model": MODEL_NAME, "messages": [{"role": "user", "content": "x"}], "max_tokens": 3},
+        )
+    assert r.status_code == 200
+    (line,) = [entry for entry in logs if entry["event"] == "request finished"]
+    assert line["request_id"] == r.json()["id"] == r.headers["x-request-id"]
+    assert line["status"] == 200 and line["endpoint"] == "chat" and line["stream"] is False
+    assert line["prompt_tokens"] == r.json()["usage"]["prompt_tokens"]
+    assert line["completion_tokens"] == r.json()["usage"]["completion_tokens"]
+    for key in ("queue_s", "ttft_s", "e2e_s"):
+        assert line[key] >= 0
+    assert line["ttft_s"] <= line["e2e_s"]
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tiny_tokenizer_dir) -> LiveServer:
+    live = start_server(FakeEngine(tiny_tokenizer_dir), api_key=["key-one", "key-two"])
+    yield live
+    live.stop()
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 401),
+        ({"Authorization": "Bearer wrong"}, 401),
+        ({"Authorization": "Bearer key-one-and-more"}, 401),
+        ({"Authorization": "Basic key-one"}, 401),
+        ({"Authorization": "key-one"}, 401),
+        ({"Authorization": "Bearer key-one"}, 200),
+        ({"Authorization": "bearer key-two"}, 200),
+    ],
+)
+def test_api_keys(keyed_server: LiveServer, headers: dict, status: int) -> None:
+    with httpx.Client(base_url=keyed_server.base_url, timeout=30) as c:
+        r = c.get("/v1/models", headers=headers)
+        assert r.status_code == status, r.text
+        r = c.post("/v1/completions", headers=headers, json={"prompt": "Hi", "max_tokens": 1})
+        assert r.status_code == status
+        if status == 401:
+            err = r.json()["error"]
+            assert err["code"] == "invalid_api_key" and err["type"] == "authentication_error"
+            assert r.headers["www-authenticate"] == "Bearer"
+        # open endpoints
+        assert c.get("/health").status_code == 200
+        assert c.get("/metrics").status_code == 200
+
+
+def test_sdk_auth(keyed_server: LiveServer) -> None:
+    bad = openai.OpenAI(base_url=keyed_server.api_url, api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    good = openai.OpenAI(base_url=keyed_server.api_url, api_key="key-two", max_retries=0)
+    r = good.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "x"}], max_tokens=2
+    )
+    assert r.usage.completion_tokens == 2

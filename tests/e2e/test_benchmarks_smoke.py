@@ -1,0 +1,208 @@
+"""CPU smoke test of the benchmark scripts in loadtest/: each runs end to end on the tiny model with tiny
+sizes, including the transformers peer (--peer hf), and writes a valid JSON report the summary can read.
+The same scripts run at real shapes on the GPU (loadtest/run_gpu_suite.sh)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loadtest import bench_latency, bench_prefix, bench_serving, bench_startup, bench_throughput
+from loadtest.common import REPO_ROOT, percentile, random_workload, summary_table
+from loadtest.model_shapes import SHAPES, num_parameters, shape_dir
+
+# Small everything: a KV cache of 4k tokens, short prompts and outputs.
+ENGINE = ["--device", "cpu", "--num-kv-blocks", "256", "--copy-bytes", str(1 << 20), "--seed", "0"]
+
+
+def load_report(path: Path, benchmark: str) -> dict:
+    data = json.loads(path.read_text())  # strict JSON: write_json refuses NaN
+    assert data["benchmark"] == benchmark
+    assert data["status"] == "ok", data["errors"]
+    assert data["errors"] == []
+    assert data["card"].startswith("cpu") and data["device"] == "cpu"
+    assert data["date"] and "commit" in data
+    assert data["copy_bandwidth"]["GB_s"] > 0
+    assert data["results"]
+    return data
+
+
+def assert_in_summary(directory: Path, benchmark: str) -> None:
+    table = summary_table(directory)
+    assert any(line.startswith(f"{benchmark} ") for line in table.splitlines()), table
+
+
+def test_throughput_t1_with_peer(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "t1.json"
+    argv = ["--workload", "t1", "--model", str(tiny_llama_dir), *ENGINE]
+    argv += ["--num-requests", "6", "--input-len", "8:40", "--output-len", "4:12", "--warmup-requests", "2"]
+    argv += ["--peer", "hf", "--peer-batch-size", "4", "--peer-max-steps", "3", "--out", str(out)]
+    assert bench_throughput.main(argv) == 0
+    data = load_report(out, "T1")
+    res, peer = data["results"], data["peer"]
+    assert res["num_requests"] == 6 and res["failed_requests"] == 0
+    assert res["output_tokens"] == res["expected_output_tokens"]  # ignore_eos honoured
+    assert res["output_tok_s"] > 0 and res["req_s"] > 0
+    # Two static batches (4 + 2), step-capped: the peer's time is extrapolated and says so.
+    assert peer["batch_size"] == 4 and peer["requests_run"] == 6 and peer["extrapolated"] is True
+    assert peer["output_tokens"] == res["expected_output_tokens"] and peer["output_tok_s"] > 0
+    assert data["ratios"]["output_tok_s_vs_peer"] > 0
+    assert data["workload"]["input_len"] == [8, 40]
+    assert_in_summary(tmp_path, "T1")
+
+
+def test_throughput_t2_dummy_shape_cli(tmp_path: Path) -> None:
+    """The --shape path (dummy weights, a real vocabulary of 128256) through the script's own CLI."""
+    out = tmp_path / "t2.json"
+    cmd = [sys.executable, str(REPO_ROOT / "loadtest" / "bench_throughput.py"), "--workload", "t2"]
+    cmd += [
+        "--shape",
+        "tiny-llama3",
+        *ENGINE,
+        "--num-requests",
+        "4",
+        "--input-len",
+        "24",
+        "--output-len",
+        "6",
+    ]
+    cmd += ["--warmup-requests", "1", "--peer", "hf", "--peer-max-requests", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    data = load_report(out, "T2")
+    assert data["model"]["load_format"] == "dummy" and data["model"]["vocab_size"] == 128256
+    assert data["results"]["output_tokens"] == 24 and data["results"]["total_tok_s"] > 0
+    assert data["peer"]["requests_run"] == 2 and data["peer"]["requests_total"] == 4
+    assert any("peer extrapolated" in n for n in data["notes"])
+    assert "output tok/s" in proc.stdout or "output_tok_s" in proc.stdout
+
+
+def test_latency_with_peer(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "l1.json"
+    argv = ["--model", str(tiny_llama_dir), *ENGINE, "--batch-sizes", "1,3", "--input-len", "8"]
+    argv += ["--output-len", "6", "--num-iters", "2", "--num-iters-warmup", "1", "--peer", "hf"]
+    argv += ["--out", str(out)]
+    assert bench_latency.main(argv) == 0
+    data = load_report(out, "L1")
+    for bs in (1, 3):
+        ours, peer = data["results"][f"batch_{bs}"], data["peer"][f"batch_{bs}"]
+        assert ours["output_tokens"] == bs * 6 and "warning" not in ours
+        assert ours["itl_p50_ms"] > 0 and ours["tok_s"] > 0
+        assert 0 < ours["roofline_fraction"]
+        assert peer["itl_p50_ms"] > 0 and peer["extrapolated"] is False
+        assert data["ratios"][f"batch_{bs}_tok_s_vs_peer"] > 0
+    assert data["roofline"]["weight_bytes"] == data["model"]["weight_bytes"]
+    # The config's parameter count matches the engine's own parameters.
+    assert data["results"]["engine_weight_bytes"] in (None, data["model"]["weight_bytes"])
+    assert_in_summary(tmp_path, "L1")
+
+
+def test_prefix_on_off_with_peer(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "p1.json"
+    argv = ["--model", str(tiny_llama_dir), *ENGINE, "--num-requests", "6", "--prefix-len", "48"]
+    argv += ["--suffix-len", "8", "--output-len", "4", "--warmup-requests", "2", "--single-iters", "1"]
+    argv += ["--peer", "hf", "--peer-max-requests", "3", "--out", str(out)]
+    assert bench_prefix.main(argv) == 0
+    data = load_report(out, "P1")
+    on, off = data["results"]["on"], data["results"]["off"]
+    assert data["isolation"] == "none"
+    assert on["enable_prefix_caching"] is True and off["enable_prefix_caching"] is False
+    assert on["requests_with_cache_hit"] >= 1 and on["cached_tokens_mean"] > 0
+    assert off["requests_with_cache_hit"] == 0
+    assert on["output_tokens"] == off["output_tokens"] == 24
+    assert on["ttft_p50_ms"] > 0 and off["ttft_p50_ms"] > 0
+    assert data["results"]["ttft_p50_speedup"] > 0
+    assert data["peer"]["requests_run"] == 3
+    assert_in_summary(tmp_path, "P1")
+
+
+def test_serving_against_weir_serve(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Starts `weir serve` on loopback, measures the offline figure here, streams at two rates."""
+    out = tmp_path / "s1.json"
+    argv = ["--model", str(tiny_llama_dir), *ENGINE, "--num-requests", "6", "--input-len", "8:24"]
+    argv += ["--output-len", "5", "--request-rates", "inf,50", "--num-requests-finite-rate", "3"]
+    argv += ["--warmup-requests", "1", "--server-log", str(tmp_path / "server.log"), "--out", str(out)]
+    assert bench_serving.main(argv) == 0
+    data = load_report(out, "S1")
+    inf, finite = data["results"]["rate_inf"], data["results"]["rate_50"]
+    assert inf["completed"] == 6 and inf["failed"] == 0 and inf["output_tokens"] == 30
+    assert finite["completed"] == 3 and finite["failed"] == 0
+    for r in (inf, finite):
+        assert r["ttft_p50_ms"] > 0 and r["ttft_p99_ms"] >= r["ttft_p50_ms"]
+        assert r["itl_p50_ms"] is not None and r["output_tok_s"] > 0
+    assert data["offline"]["source"] == "measured in this run"
+    assert data["results"]["serving_offline_ratio"] > 0
+    assert data["results"]["server_exit_code"] == 0  # SIGTERM drains and exits cleanly
+    assert_in_summary(tmp_path, "S1")
+
+    # The offline figure can come from T2's report instead.
+    t2 = tmp_path / "t2.json"
+    t2.write_text(json.dumps({"benchmark": "T2", "status": "ok", "results": {"output_tok_s": 10.0}}))
+    assert (
+        bench_serving.main(
+            [*argv[:-2], "--request-rates", "inf", "--offline-json", str(t2), "--out", str(out)]
+        )
+        == 0
+    )
+    data = load_report(out, "S1")
+    assert data["results"]["offline_output_tok_s"] == 10.0
+    assert data["results"]["serving_offline_ratio"] == pytest.approx(
+        data["results"]["rate_inf"]["output_tok_s"] / 10
+    )
+
+
+def test_startup_with_peer(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "u1.json"
+    argv = ["--model", str(tiny_llama_dir), *ENGINE, "--prompt-len", "8", "--output-len", "4", "--no-imports"]
+    argv += ["--peer", "hf", "--server-log", str(tmp_path / "server.log"), "--out", str(out)]
+    assert bench_startup.main(argv) == 0
+    data = load_report(out, "U1")
+    res = data["results"]
+    assert 0 < res["seconds_to_health"] <= res["seconds_to_first_request"]
+    assert res["server_exit_code"] == 0
+    split = res["in_process"]
+    assert split["runner_methods_s"]["load_model"] >= 0
+    assert split["split_s"]["weights"] >= 0 and "cuda_graphs" in split["split_s"]
+    assert sum(split["split_s"].values()) == pytest.approx(split["engine_build_s"], abs=0.01)
+    assert data["peer"]["seconds_to_first_request"] > 0
+    assert_in_summary(tmp_path, "U1")
+
+
+@pytest.mark.parametrize("shape", ["llama3-8b", "qwen3-0.6b"])
+def test_model_shapes(shape: str, tmp_path: Path) -> None:
+    """Real vocabularies and parameter counts (8.03B, 0.60B), readable by transformers and the engine."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from engine.model_config import ModelConfig
+
+    path = shape_dir(shape, root=tmp_path)
+    config = AutoConfig.from_pretrained(path)
+    assert config.vocab_size == SHAPES[shape]["vocab_size"]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) == num_parameters(SHAPES[shape])
+    assert num_parameters(SHAPES[shape]) == {"llama3-8b": 8_030_261_248, "qwen3-0.6b": 596_049_920}[shape]
+    mc = ModelConfig.from_pretrained(path, max_model_len=2048, device="cpu")
+    assert mc.vocab_size == config.vocab_size and mc.qk_norm == (shape == "qwen3-0.6b")
+    tok = AutoTokenizer.from_pretrained(path)
+    assert len(tok) == config.vocab_size
+    assert tok.decode([5, config.vocab_size - 1]) == f"t5 t{config.vocab_size - 1}"
+    assert shape_dir(shape, root=tmp_path) == path  # cached
+
+
+def test_workload_and_percentile() -> None:
+    a = random_workload(256, (100, 1024), (100, 1024), seed=0)
+    b = random_workload(256, (100, 1024), (100, 1024), seed=0)
+    assert a.prompts == b.prompts and a.output_lens == b.output_lens  # seed 0: the same T1 every time
+    assert all(100 <= len(p) <= 1024 for p in a.prompts) and all(100 <= o <= 1024 for o in a.output_lens)
+    assert all(0 <= t < 10000 for p in a.prompts for t in p)
+    assert percentile([], 50) is None
+    assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.5
+    assert percentile([1.0, 2.0], 99) == pytest.approx(1.99)
+    assert math.isclose(percentile(list(range(101)), 90), 90.0)

@@ -1,8 +1,11 @@
 """Per-step attention metadata: built once per step on the CPU (numpy), moved to the device in ONE
 host->device copy, and read by every Attention layer through the forward context.
 
-`build_step_inputs` is the only constructor: the CUDA-graph runner will later give it static device
-buffers to copy into (padding tokens get slot -1 so they write nothing); nothing else builds these.
+`build_step_inputs` is the only constructor. Every integer array of the step is written into one byte
+buffer (a reused pinned host buffer on CUDA), copied to the device once (non_blocking), and sliced back
+into typed views. The CUDA-graph runner passes its static device buffer as `out`: a graph captured for
+batch size B reads views at the offsets `step_layout` gives for B, and a replay of B copies into exactly
+those bytes (padding rows get slot -1 so they write nothing; see engine.cuda_graphs).
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+# Every region starts on a 16-byte boundary: Triton specializes pointer arguments on 16-byte
+# alignment, so aligned views keep one compiled variant per kernel whatever the batch shape.
+_ALIGN = 16
+
 
 @dataclass(slots=True)
 class AttentionMetadata:
@@ -23,8 +30,11 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32: cumulative query lengths (0, q0, q0+q1, ...)
     positions: torch.Tensor  # [num_tokens] int64: position of each token in its sequence
     max_query_len: int  # max over sequences of this step's token count
-    max_seq_len: int  # max over sequences of seq_lens
-    num_actual_tokens: int  # tokens before padding (== num_tokens until CUDA graphs pad the batch)
+    max_seq_len: int  # max over sequences of seq_lens (an upper bound under CUDA graphs: max_model_len)
+    num_actual_tokens: int  # tokens before padding (== num_tokens unless a CUDA graph pads the batch)
+    # Batch size of the CUDA graph that replays this step (the inputs sit in its static buffer);
+    # None: the step runs eagerly.
+    cuda_graph_size: int | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -39,50 +49,155 @@ class StepInputs:
     metadata: AttentionMetadata
 
 
+# name, dtype, in the order they sit in the buffer. logits_indices comes last: its length varies between
+# steps of one CUDA-graph size, and nothing a graph reads may move with it.
+_FIELDS: tuple[tuple[str, np.dtype], ...] = (
+    ("input_ids", np.dtype(np.int64)),
+    ("positions", np.dtype(np.int64)),
+    ("slot_mapping", np.dtype(np.int64)),
+    ("seq_lens", np.dtype(np.int32)),
+    ("query_start_loc", np.dtype(np.int32)),
+    ("block_tables", np.dtype(np.int32)),
+    ("logits_indices", np.dtype(np.int64)),
+)
+_TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32}
+
+
+def step_layout(
+    num_tokens: int, num_seqs: int, block_table_width: int, num_logits_rows: int
+) -> tuple[dict[str, tuple[int, tuple[int, ...]]], int]:
+    """Byte offset and shape of every field in the packed step buffer, and the total bytes."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "input_ids": (num_tokens,),
+        "positions": (num_tokens,),
+        "slot_mapping": (num_tokens,),
+        "seq_lens": (num_seqs,),
+        "query_start_loc": (num_seqs + 1,),
+        "block_tables": (num_seqs, block_table_width),
+        "logits_indices": (num_logits_rows,),
+    }
+    layout: dict[str, tuple[int, tuple[int, ...]]] = {}
+    offset = 0
+    for name, dtype in _FIELDS:
+        shape = shapes[name]
+        layout[name] = (offset, shape)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        offset += -(-nbytes // _ALIGN) * _ALIGN
+    return layout, offset
+
+
+class PinnedStaging:
+    """A pinned host buffer reused for every step's inputs (no pinned allocation per step).
+
+    The buffer is rewritten only after the previous step's copy out of it has finished (an event,
+    normally long done: the previous step's sampled ids already came back).
+    """
+
+    def __init__(self) -> None:
+        self._host: torch.Tensor | None = None  # [capacity] uint8, pinned
+        self._event: torch.cuda.Event | None = None
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        if self._event is not None:
+            self._event.synchronize()
+        if self._host is None or self._host.numel() < nbytes:
+            capacity = max(nbytes, 2 * (self._host.numel() if self._host is not None else 0), 1 << 16)
+            self._host = torch.empty(capacity, dtype=torch.uint8, pin_memory=True)
+        return self._host[:nbytes]
+
+    def record_copy(self) -> None:
+        if self._event is None:
+            self._event = torch.cuda.Event()
+        self._event.record()
+
+
 def build_step_inputs(
     *,
     input_ids: np.ndarray,  # [num_tokens] int64
     positions: np.ndarray,  # [num_tokens] int64
     slot_mapping: np.ndarray,  # [num_tokens] int64
-    block_tables: np.ndarray,  # [num_seqs, max_blocks_per_seq] int32
+    block_tables: np.ndarray,  # [num_seqs, w] int32
     seq_lens: np.ndarray,  # [num_seqs] int32
     query_start_loc: np.ndarray,  # [num_seqs + 1] int32
     logits_indices: np.ndarray,  # [num_logits_rows] int64
     device: torch.device,
+    # Columns of the block table on the device (>= w). Columns past w are left as they were: the
+    # attention kernel reads a row only up to its seq_len, so they are never read (CUDA graphs pass
+    # max_blocks_per_seq here and copy rows only as wide as the batch needs).
+    block_table_width: int | None = None,
+    staging: PinnedStaging | None = None,  # CUDA: the reused pinned buffer (None: pin a fresh one)
+    out: torch.Tensor | None = None,  # [>= nbytes] uint8 device buffer to copy into (CUDA graphs)
+    num_actual_tokens: int | None = None,  # tokens before padding (default: all of them)
+    max_seq_len: int | None = None,  # override (CUDA-graph capture passes max_model_len)
+    cuda_graph_size: int | None = None,
 ) -> StepInputs:
-    """Pack every array into one int64 host buffer, copy it to `device` once, and slice it back."""
+    """Pack every array into one host byte buffer, copy it to `device` once, and slice it back."""
     num_tokens = int(input_ids.shape[0])
     num_seqs = int(seq_lens.shape[0])
-    parts = (
-        input_ids,
-        positions,
-        slot_mapping,
-        seq_lens,
-        query_start_loc,
-        logits_indices,
-        block_tables.ravel(),
-    )
-    sizes = [int(p.size) for p in parts]
-    host = torch.from_numpy(np.concatenate([p.astype(np.int64, copy=False).ravel() for p in parts]))
-    if device.type == "cuda":
-        host = host.pin_memory()
-        buf = host.to(device, non_blocking=True)
+    arrays = {
+        "input_ids": input_ids,
+        "positions": positions,
+        "slot_mapping": slot_mapping,
+        "seq_lens": seq_lens,
+        "query_start_loc": query_start_loc,
+        "block_tables": block_tables,
+        "logits_indices": logits_indices,
+    }
+    width = int(block_tables.shape[1])
+    table_width = width if block_table_width is None else block_table_width
+    if table_width < width:
+        raise ValueError(f"block_table_width {table_width} < the batch's {width} blocks per sequence")
+    layout, nbytes = step_layout(num_tokens, num_seqs, table_width, int(logits_indices.shape[0]))
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        host = (
+            staging.take(nbytes)
+            if staging is not None
+            else torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        )
+    else:
+        host = torch.empty(nbytes, dtype=torch.uint8)
+    host_np = host.numpy()
+    for name, dtype in _FIELDS:
+        offset, shape = layout[name]
+        size = int(np.prod(shape))
+        region = host_np[offset : offset + size * dtype.itemsize].view(dtype)
+        if name == "block_tables":
+            region.reshape(shape)[:, :width] = block_tables
+        else:
+            region[:] = arrays[name]
+    if on_cuda or out is not None:
+        buf = out if out is not None else torch.empty(nbytes, dtype=torch.uint8, device=device)
+        buf[:nbytes].copy_(host, non_blocking=on_cuda)
+        if on_cuda and staging is not None:
+            staging.record_copy()
     else:
         buf = host
-    views = torch.split(buf, sizes)
-    ids_t, pos_t, slots_t, seq_lens_t, qsl_t, logits_t, bt_t = views
+    views: dict[str, torch.Tensor] = {}
+    for name, dtype in _FIELDS:
+        offset, shape = layout[name]
+        size = int(np.prod(shape))
+        views[name] = buf[offset : offset + size * dtype.itemsize].view(_TORCH_DTYPES[dtype]).view(shape)
+    if max_seq_len is None:
+        max_seq_len = int(seq_lens.max()) if num_seqs else 0
     q_lens = np.diff(query_start_loc) if num_seqs else np.zeros(0, dtype=np.int32)
     metadata = AttentionMetadata(
-        slot_mapping=slots_t,
-        block_tables=bt_t.view(block_tables.shape).to(torch.int32),
-        seq_lens=seq_lens_t.to(torch.int32),
-        query_start_loc=qsl_t.to(torch.int32),
-        positions=pos_t,
+        slot_mapping=views["slot_mapping"],
+        block_tables=views["block_tables"],
+        seq_lens=views["seq_lens"],
+        query_start_loc=views["query_start_loc"],
+        positions=views["positions"],
         max_query_len=int(q_lens.max()) if num_seqs else 0,
-        max_seq_len=int(seq_lens.max()) if num_seqs else 0,
-        num_actual_tokens=num_tokens,
+        max_seq_len=max_seq_len,
+        num_actual_tokens=num_tokens if num_actual_tokens is None else num_actual_tokens,
+        cuda_graph_size=cuda_graph_size,
     )
-    return StepInputs(input_ids=ids_t, positions=pos_t, logits_indices=logits_t, metadata=metadata)
+    return StepInputs(
+        input_ids=views["input_ids"],
+        positions=views["positions"],
+        logits_indices=views["logits_indices"],
+        metadata=metadata,
+    )
 
 
 # The metadata of the forward pass in flight, read by Attention layers. Set only through

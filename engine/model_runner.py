@@ -7,12 +7,17 @@ run the forward, project only the rows that need logits (the last scheduled toke
 reach the end of their known tokens, plus prompt positions of requests asking for prompt logprobs),
 and sample them with engine.sampler in one host transfer.
 
-`_forward` is the seam the CUDA-graph runner wraps; `build_step_inputs` the one place batches are
-built.
+`_forward` is the seam where CUDA graphs replace the eager forward (engine.cuda_graphs: decode-only
+steps of up to max_cuda_graph_batch_size sequences are padded to a captured size and replayed);
+`build_step_inputs` the one place batches are built.
+
+Host syncs per step: one, when the sampler brings the sampled ids back (a second one only when some
+request asked for logprobs). Step inputs go through a reused pinned buffer with one non_blocking copy.
 """
 
 from __future__ import annotations
 
+import gc
 import importlib
 import itertools
 import logging
@@ -23,8 +28,21 @@ import numpy as np
 import torch
 
 import ops
-from engine.attention_metadata import AttentionMetadata, StepInputs, build_step_inputs, forward_context
+from engine.attention_metadata import (
+    AttentionMetadata,
+    PinnedStaging,
+    StepInputs,
+    build_step_inputs,
+    forward_context,
+)
 from engine.config import EngineConfig
+from engine.cuda_graphs import (
+    CUDAGraphRunner,
+    DecodeArrays,
+    capture_sizes,
+    pad_decode_batch,
+    static_buffer_bytes,
+)
 from engine.layers.attention import Attention
 from engine.model_config import ModelConfig
 from engine.models.registry import get_model_class
@@ -36,6 +54,10 @@ from engine.weight_loader import initialize_dummy_weights, load_weights
 logger = logging.getLogger("weir.engine")
 
 _GIB = 1 << 30
+_MIB = 1 << 20
+# Device memory a captured graph holds besides its share of the pool (instantiated graph, pool-segment
+# rounding); an allowance kept out of the KV cache.
+_GRAPH_OVERHEAD_BYTES = 2 * _MIB
 
 
 def default_max_num_batched_tokens(device: str, max_model_len: int) -> int:
@@ -71,6 +93,7 @@ class ModelRunner:
         self.max_num_batched_tokens = engine_config.max_num_batched_tokens or default_max_num_batched_tokens(
             self.device.type, self.max_model_len
         )
+        self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.vocab_size = model_config.vocab_size
         self.model: torch.nn.Module | None = None
         self.attn_layers: list[Attention] = []
@@ -78,9 +101,32 @@ class ModelRunner:
         self.num_kv_blocks = 0
         self.requests: dict[str, _RequestState] = {}
         self.sampler = Sampler()
+        self.graph_runner: CUDAGraphRunner | None = None
+        self._staging = PinnedStaging() if self.device.type == "cuda" else None
+        # Start-up seconds by phase (read by the start-up benchmark).
+        self.timings: dict[str, float] = {
+            "weights_load_s": 0.0,
+            "profile_s": 0.0,
+            "kv_alloc_s": 0.0,
+            "cuda_graph_capture_s": 0.0,
+        }
+        # GiB figures of the CUDA memory profile (empty on CPU or with num_kv_blocks set).
+        self.memory_profile: dict[str, float] = {}
         torch.manual_seed(engine_config.seed)
         if self.device.type == "cuda":
             self._enable_triton()
+
+    @property
+    def use_cuda_graphs(self) -> bool:
+        return self.device.type == "cuda" and not self.engine_config.enforce_eager
+
+    def cuda_graph_sizes(self) -> list[int]:
+        cfg = self.engine_config
+        return capture_sizes(cfg.max_num_seqs, cfg.max_cuda_graph_batch_size)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @staticmethod
     def _enable_triton() -> None:
@@ -104,6 +150,8 @@ class ModelRunner:
         model.eval()
         self.model = model
         self.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
+        self._sync()
+        self.timings["weights_load_s"] = time.perf_counter() - start
         num_params = sum(p.numel() for p in model.parameters())
         logger.info(
             "loaded %s (%.1fM parameters, %s, %s) in %.2fs",
@@ -111,7 +159,7 @@ class ModelRunner:
             num_params / 1e6,
             self.dtype,
             self.device,
-            time.perf_counter() - start,
+            self.timings["weights_load_s"],
         )
 
     @property
@@ -125,6 +173,7 @@ class ModelRunner:
     def determine_num_kv_blocks(self) -> int:
         """config.num_kv_blocks if set; on CPU from cpu_kv_cache_gb; on CUDA from a profile forward."""
         cfg = self.engine_config
+        start = time.perf_counter()
         if cfg.num_kv_blocks is not None:
             num_blocks = cfg.num_kv_blocks
             source = "num_kv_blocks"
@@ -134,6 +183,7 @@ class ModelRunner:
         else:
             num_blocks = self._profile_num_kv_blocks()
             source = f"gpu_memory_utilization={cfg.gpu_memory_utilization}"
+        self.timings["profile_s"] = time.perf_counter() - start
         if num_blocks <= 0:
             raise ValueError(
                 f"no room for the KV cache ({source} gives {num_blocks} blocks of {self.bytes_per_kv_block} bytes); "
@@ -157,8 +207,17 @@ class ModelRunner:
         return num_blocks
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
-        """Allocate per-layer K and V caches [num_blocks, block_size, num_kv_heads, head_dim] and bind
-        them to the attention layers. Zero-filled so kernels never read NaN garbage from unused slots."""
+        """Allocate the KV cache, then capture the CUDA graphs over it (CUDA, unless enforce_eager)."""
+        start = time.perf_counter()
+        self._allocate_kv_cache(num_blocks)
+        self._sync()
+        self.timings["kv_alloc_s"] = time.perf_counter() - start
+        self.capture_cuda_graphs()
+
+    def _allocate_kv_cache(self, num_blocks: int) -> None:
+        """Per-layer K and V caches [num_blocks, block_size, num_kv_heads, head_dim], bound to the
+        attention layers. Zero-filled so kernels never read NaN garbage from unused slots."""
+        self.graph_runner = None  # graphs hold the old caches' addresses
         self.kv_caches = []
         for layer in self.attn_layers:
             shape = (num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
@@ -168,23 +227,56 @@ class ModelRunner:
             self.kv_caches.append((k_cache, v_cache))
         self.num_kv_blocks = num_blocks
 
+    def capture_cuda_graphs(self, emulate: bool = False) -> None:
+        """Capture decode graphs for every size of the ladder (no-op without CUDA or with enforce_eager).
+
+        `emulate=True` builds the same static-buffer path with eager replays, on any device (tests).
+        """
+        if not (self.use_cuda_graphs or emulate) or not self.kv_caches:
+            return
+        sizes = self.cuda_graph_sizes()
+        graph_runner = CUDAGraphRunner(self, sizes, emulate=emulate)
+        graph_runner.capture()
+        self.graph_runner = graph_runner
+        self.timings["cuda_graph_capture_s"] = graph_runner.capture_seconds
+        logger.info(
+            "CUDA graphs captured in %.2fs: %d decode batch sizes (%d..%d), %.3f GiB%s",
+            graph_runner.capture_seconds,
+            graph_runner.num_graphs,
+            sizes[0],
+            sizes[-1],
+            graph_runner.memory_bytes / _GIB,
+            " (emulated)" if emulate else "",
+        )
+
     @torch.inference_mode()
     def _profile_num_kv_blocks(self) -> int:
-        """Run the largest step the scheduler may send (max_num_batched_tokens, plus logits and a
-        top-p sample for up to max_num_seqs rows) on temporary caches, then give the KV cache what
-        remains of total * gpu_memory_utilization above the peak."""
+        """Measure what a running engine needs besides the KV cache, and give the cache the rest of
+        total * gpu_memory_utilization.
+
+        Needed: the weights; the activation peak of the largest step the scheduler may send
+        (max_num_batched_tokens, plus logits, penalties, logprobs and a top-k/top-p sort for up to
+        max_num_seqs rows), as reserved by the caching allocator; the CUDA-graph pool (the activation
+        peak of the largest captured decode batch) plus a per-graph allowance; and memory outside
+        torch (CUDA context, other processes). The profile runs on a temporary cache just big enough.
+        """
         cfg = self.engine_config
+        device = self.device
         num_tokens = self.max_num_batched_tokens
         # Sequences as long as allowed: the worst case for attention's working memory.
         seq_lens = [min(self.max_model_len, num_tokens - s) for s in range(0, num_tokens, self.max_model_len)]
         blocks_per_seq = [-(-n // self.block_size) for n in seq_lens]
         num_blocks = sum(blocks_per_seq)
-        torch.cuda.synchronize(self.device)
+        gc.collect()
+        torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self.initialize_kv_cache(num_blocks)
+        torch.cuda.reset_peak_memory_stats(device)
+        weights_reserved = torch.cuda.memory_reserved(device)
+        self._allocate_kv_cache(num_blocks)
         temp_cache_bytes = num_blocks * self.bytes_per_kv_block
         try:
+            torch.cuda.synchronize(device)
+            before_forward = torch.cuda.memory_reserved(device)
             block_ids = iter(range(num_blocks))
             token_ids = [[0] * n for n in seq_lens]
             tables = [[next(block_ids) for _ in range(b)] for b in blocks_per_seq]
@@ -194,35 +286,82 @@ class ModelRunner:
             )
             hidden = self._forward(step.input_ids, step.positions, step.metadata)
             logits = self.compute_logits(hidden[step.logits_indices])
-            params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=1)
-            rows = [
-                SamplingRow(params=params, prompt_token_ids=[0], output_token_ids=[]) for _ in range(num_rows)
-            ]
-            self.sampler(
-                logits, build_sampling_metadata(rows, vocab_size=self.vocab_size, device=self.device)
+            # Every sampler stage at once: the largest working set a step can need.
+            params = SamplingParams(
+                temperature=0.7,
+                top_p=0.9,
+                top_k=50,
+                min_p=0.05,
+                repetition_penalty=1.1,
+                frequency_penalty=0.1,
+                logprobs=20,
+                max_tokens=1,
             )
-            del hidden, logits
-            torch.cuda.synchronize(self.device)
-            peak_torch = torch.cuda.max_memory_allocated(self.device)
-            free, total = torch.cuda.mem_get_info(self.device)
-            non_torch = (total - free) - torch.cuda.memory_reserved(self.device)
+            rows = [
+                SamplingRow(params=params, prompt_token_ids=[0], output_token_ids=[0])
+                for _ in range(num_rows)
+            ]
+            self.sampler(logits, build_sampling_metadata(rows, vocab_size=self.vocab_size, device=device))
+            del step, hidden, logits
+            torch.cuda.synchronize(device)
+            activation_peak = torch.cuda.max_memory_reserved(device) - before_forward
+
+            graph_bytes = 0
+            if self.use_cuda_graphs:
+                graph_bytes = self._profile_cuda_graph_bytes()
+            free, total = torch.cuda.mem_get_info(device)
+            non_torch = max((total - free) - torch.cuda.memory_reserved(device), 0)
         finally:
             for layer in self.attn_layers:
                 layer.k_cache = layer.v_cache = None
             self.kv_caches = []
+            self.num_kv_blocks = 0
             torch.cuda.empty_cache()
-        peak_used = peak_torch - temp_cache_bytes + max(non_torch, 0)
-        available = total * cfg.gpu_memory_utilization - peak_used
+            torch.cuda.reset_peak_memory_stats(device)
+        needed = weights_reserved + activation_peak + graph_bytes + non_torch
+        budget = total * cfg.gpu_memory_utilization
+        available = budget - needed
+        self.memory_profile = {
+            "total_gib": total / _GIB,
+            "budget_gib": budget / _GIB,
+            "weights_gib": weights_reserved / _GIB,
+            "activation_peak_gib": activation_peak / _GIB,
+            "cuda_graphs_estimate_gib": graph_bytes / _GIB,
+            "non_torch_gib": non_torch / _GIB,
+            "kv_cache_gib": max(available, 0) / _GIB,
+            "profile_temp_cache_gib": temp_cache_bytes / _GIB,
+        }
         logger.info(
-            "profile: %d tokens, peak %.2f GiB (torch %.2f, other %.2f) of %.2f GiB; %.2f GiB for the KV cache",
+            "memory profile (%d tokens): weights %.2f GiB, activations %.2f GiB, CUDA graphs ~%.2f GiB, "
+            "outside torch %.2f GiB; %.2f of %.2f GiB (x%.2f) left for the KV cache",
             num_tokens,
-            peak_used / _GIB,
-            (peak_torch - temp_cache_bytes) / _GIB,
-            max(non_torch, 0) / _GIB,
-            total / _GIB,
+            weights_reserved / _GIB,
+            activation_peak / _GIB,
+            graph_bytes / _GIB,
+            non_torch / _GIB,
             available / _GIB,
+            total / _GIB,
+            cfg.gpu_memory_utilization,
         )
         return max(int(available // self.bytes_per_kv_block), 0)
+
+    def _profile_cuda_graph_bytes(self) -> int:
+        """Estimate the graph pool: the activation peak of an eager forward of the largest captured
+        decode batch (the graphs share one pool, captured largest first), plus the static input buffer
+        and a per-graph allowance. Runs on the profile's temporary cache (padding rows only)."""
+        sizes = self.cuda_graph_sizes()
+        bs = sizes[-1]
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        empty = np.zeros(0, dtype=np.int64)
+        arrays = pad_decode_batch(empty, empty, empty, empty.astype(np.int32), np.zeros((0, 1), np.int32), bs)
+        step = self._step_inputs(arrays, np.zeros(0, dtype=np.int64), max_seq_len=self.max_model_len)
+        hidden = self._forward(step.input_ids, step.positions, step.metadata)
+        del step, hidden
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        return peak + static_buffer_bytes(bs, self.max_blocks_per_seq) + _GRAPH_OVERHEAD_BYTES * len(sizes)
 
     # ------------------------------------------------------------------ forward
     def _forward(
@@ -230,9 +369,17 @@ class ModelRunner:
     ) -> torch.Tensor:
         """One forward over a flat batch: [num_tokens] ids/positions -> [num_tokens, hidden].
 
-        The seam for CUDA graphs: a graph runner captures this per padded batch size and replays it
-        with static input buffers.
+        The seam for CUDA graphs: a step built into the graph runner's static buffer
+        (metadata.cuda_graph_size set) replays that size's graph; anything else runs eagerly.
         """
+        if metadata.cuda_graph_size is not None and self.graph_runner is not None:
+            return self.graph_runner.replay(metadata)
+        return self._run_model(input_ids, positions, metadata)
+
+    def _run_model(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        """The eager forward (also what a CUDA graph captures)."""
         assert self.model is not None, "load_model() first"
         with forward_context(metadata):
             return self.model(input_ids, positions)
@@ -249,6 +396,7 @@ class ModelRunner:
         num_scheduled: list[int],  # per sequence
         block_tables: list[list[int]],  # per sequence
         logits_indices: np.ndarray,  # [num_logits_rows] rows of the flat batch that need logits
+        graph_size: int | None = None,  # pad this decode batch to a captured CUDA-graph size
     ) -> StepInputs:
         """The flat batch for one step, vectorized over tokens (per-sequence loops only)."""
         num_seqs = len(token_ids)
@@ -275,15 +423,54 @@ class ModelRunner:
         slot_mapping = (
             tables[seq_idx, block_idx].astype(np.int64) * self.block_size + positions % self.block_size
         )
-        return build_step_inputs(
+        seq_lens = (computed + n).astype(np.int32)
+        logits_indices = logits_indices.astype(np.int64, copy=False)
+        if graph_size is not None:
+            arrays = pad_decode_batch(input_ids, positions, slot_mapping, seq_lens, tables, graph_size)
+            return self._step_inputs(
+                arrays, logits_indices, graph_size=graph_size, num_actual_tokens=num_tokens
+            )
+        arrays = DecodeArrays(
             input_ids=input_ids,
             positions=positions,
             slot_mapping=slot_mapping,
-            block_tables=tables,
-            seq_lens=(computed + n).astype(np.int32),
+            seq_lens=seq_lens,
             query_start_loc=query_start_loc.astype(np.int32),
-            logits_indices=logits_indices.astype(np.int64, copy=False),
+            block_tables=tables,
+        )
+        return self._step_inputs(arrays, logits_indices)
+
+    def _step_inputs(
+        self,
+        arrays: DecodeArrays,
+        logits_indices: np.ndarray,
+        graph_size: int | None = None,
+        num_actual_tokens: int | None = None,
+        max_seq_len: int | None = None,
+        graph_runner: CUDAGraphRunner | None = None,
+    ) -> StepInputs:
+        """Copy a step's arrays to the device; with graph_size, into the graph runner's static buffer
+        (at that size's layout, block tables max_blocks_per_seq wide, max_seq_len = max_model_len)."""
+        graph = None
+        if graph_size is not None:
+            graph = graph_runner or self.graph_runner
+            assert graph is not None, "no CUDA-graph runner"
+            max_seq_len = self.max_model_len
+        return build_step_inputs(
+            input_ids=arrays.input_ids,
+            positions=arrays.positions,
+            slot_mapping=arrays.slot_mapping,
+            block_tables=arrays.block_tables,
+            seq_lens=arrays.seq_lens,
+            query_start_loc=arrays.query_start_loc,
+            logits_indices=logits_indices,
             device=self.device,
+            staging=self._staging,
+            out=graph.input_buffer if graph is not None else None,
+            block_table_width=graph.block_table_width if graph is not None else None,
+            num_actual_tokens=num_actual_tokens,
+            max_seq_len=max_seq_len,
+            cuda_graph_size=graph_size,
         )
 
     # ------------------------------------------------------------------ state
@@ -336,6 +523,8 @@ class ModelRunner:
         prompt_rows: list[np.ndarray] = []  # flat-batch rows scored for prompt logprobs
         prompt_targets: list[tuple[_RequestState, list[int]]] = []
         offset = 0
+        max_scheduled = 0
+        max_num_blocks = 0
         for req_id, n in scheduled.items():
             state = self.requests.get(req_id)
             if state is None:
@@ -351,6 +540,8 @@ class ModelRunner:
                 )
             states.append(state)
             num_scheduled.append(n)
+            max_scheduled = max(max_scheduled, n)
+            max_num_blocks = max(max_num_blocks, len(state.block_ids))
             if end == len(state.token_ids):
                 sample_rows.append(offset + n - 1)
                 sample_states.append(state)
@@ -363,12 +554,16 @@ class ModelRunner:
             offset += n
 
         logits_indices = np.concatenate([np.asarray(sample_rows, dtype=np.int64), *prompt_rows])
+        graph_size = None
+        if self.graph_runner is not None and max_scheduled == 1 and max_num_blocks <= self.max_blocks_per_seq:
+            graph_size = self.graph_runner.padded_size(len(states))  # None above the largest graph
         step = self._build_inputs(
             [s.token_ids for s in states],
             [s.num_computed_tokens for s in states],
             num_scheduled,
             [s.block_ids for s in states],
             logits_indices,
+            graph_size=graph_size,
         )
         hidden = self._forward(step.input_ids, step.positions, step.metadata)
         for state, n in zip(states, num_scheduled, strict=True):

@@ -154,13 +154,19 @@ def main(argv: list[str] | None = None) -> int:
             "ms_per_step": round(roofline_ms, 4),
             "note": "every parameter read once per decode step (embedding included, as vLLM's anchor counts)",
         }
-        print(f"[L1] roofline {roofline_ms:.3f} ms/step ({model.weight_bytes / 1e9:.2f} GB of weights)", flush=True)
+        print(
+            f"[L1] roofline {roofline_ms:.3f} ms/step ({model.weight_bytes / 1e9:.2f} GB of weights)",
+            flush=True,
+        )
 
     if args.peer == "hf":
         with phase(report, "peer", required=False):
             peer = HFPeer(model, seed=args.seed)
             try:
-                report["peer"] = {"name": "transformers generate()", "model_build_s": round(peer.build_seconds, 3)}
+                report["peer"] = {
+                    "name": "transformers generate()",
+                    "model_build_s": round(peer.build_seconds, 3),
+                }
                 for bs in batch_sizes:
                     report["peer"][f"batch_{bs}"] = measure_peer(peer, args, bs, id_max)
                     report.save()
@@ -201,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
             ours, theirs = report["results"].get(f"batch_{bs}"), peer.get(f"batch_{bs}")
             if ours and theirs:
                 report["ratios"][f"batch_{bs}_tok_s_vs_peer"] = ratio(ours["tok_s"], theirs["tok_s"])
-                report["ratios"][f"batch_{bs}_peer_itl_over_ours"] = ratio(theirs["itl_p50_ms"], ours["itl_p50_ms"])
+                report["ratios"][f"batch_{bs}_peer_itl_over_ours"] = ratio(
+                    theirs["itl_p50_ms"], ours["itl_p50_ms"]
+                )
     return report.finish()
 
 

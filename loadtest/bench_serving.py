@@ -66,11 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--warmup-requests", type=int, default=8)
     p.add_argument("--offline-json", default=None, help="T2's report; its output tok/s is the offline figure")
-    p.add_argument("--offline", choices=("auto", "none"), default="auto", help="none: skip the offline figure")
+    p.add_argument(
+        "--offline", choices=("auto", "none"), default="auto", help="none: skip the offline figure"
+    )
     p.add_argument("--served-model-name", default="weir-bench")
     p.add_argument("--server-log", default=None)
     p.add_argument("--server-timeout", type=float, default=600.0)
-    p.add_argument("--server-arg", action="append", default=[], help="extra `weir serve` argument (repeatable)")
+    p.add_argument(
+        "--server-arg", action="append", default=[], help="extra `weir serve` argument (repeatable)"
+    )
     add_common_args(p, default_shape="llama3-8b")
     return p
 
@@ -157,14 +161,18 @@ def summarize(results: list[StreamResult], duration: float, rate: float) -> dict
     }
 
 
-def offline_figure(report: Report, args: argparse.Namespace, model: Any, workload: Workload, mml: Any) -> None:
+def offline_figure(
+    report: Report, args: argparse.Namespace, model: Any, workload: Workload, mml: Any
+) -> None:
     """T2's output tok/s: from --offline-json, else measured here (before the server takes the device)."""
     if args.offline_json:
         with phase(report, "offline_json", required=False):
             t2 = json.loads(Path(args.offline_json).read_text())
             res = t2.get("results") or {}
             if not res.get("output_tok_s"):
-                raise ValueError(f"{args.offline_json} has no results.output_tok_s (status {t2.get('status')})")
+                raise ValueError(
+                    f"{args.offline_json} has no results.output_tok_s (status {t2.get('status')})"
+                )
             report["offline"] = {
                 "source": args.offline_json,
                 "output_tok_s": res["output_tok_s"],

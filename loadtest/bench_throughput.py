@@ -123,14 +123,18 @@ def main(argv: list[str] | None = None) -> int:
             report["results"]["engine_build_s"] = round(build_s, 3)
             report["results"]["num_kv_blocks"] = getattr(llm.llm_engine, "num_kv_blocks", None)
         with phase(report, "warmup"):
-            run_offline(llm, warmup_workload(workload, args.warmup_requests, args.seed, model.vocab_size), 1.0)
+            run_offline(
+                llm, warmup_workload(workload, args.warmup_requests, args.seed, model.vocab_size), 1.0
+            )
         with phase(report, "run"):
             res = run_offline(llm, workload, args.temperature)
             report["results"].update(res)
             stats = getattr(llm.llm_engine, "stats", None)
             if callable(stats):
                 s = stats()
-                report["results"]["engine_stats"] = dataclasses.asdict(s) if dataclasses.is_dataclass(s) else s
+                report["results"]["engine_stats"] = (
+                    dataclasses.asdict(s) if dataclasses.is_dataclass(s) else s
+                )
             if res["output_tokens"] != res["expected_output_tokens"]:
                 report.note("generated token count differs from the workload's (ignore_eos not honoured?)")
             if res["failed_requests"]:

@@ -65,9 +65,14 @@ def add_common_args(parser: argparse.ArgumentParser, default_shape: str | None =
     g.add_argument("--temperature", type=float, default=1.0, help="1.0 as vLLM's benchmarks; 0 is greedy")
     p = parser.add_argument_group("peer and output")
     p.add_argument("--peer", default="none", choices=("none", "hf"), help="hf: transformers generate() peer")
-    p.add_argument("--peer-batch-size", type=int, default=None, help="static batch to try first (halved on OOM)")
     p.add_argument(
-        "--peer-max-requests", type=int, default=None, help="run the peer on the first N requests; extrapolate"
+        "--peer-batch-size", type=int, default=None, help="static batch to try first (halved on OOM)"
+    )
+    p.add_argument(
+        "--peer-max-requests",
+        type=int,
+        default=None,
+        help="run the peer on the first N requests; extrapolate",
     )
     p.add_argument(
         "--peer-max-steps",
@@ -141,11 +146,9 @@ def resolve_device(device: str) -> str:
 def resolve_dtype(dtype: str, device: str) -> str:
     if dtype != "auto":
         return dtype
-    if device == "cuda":
-        import torch
-
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
+    # bf16 on every GPU these benchmarks target; asking torch would create a CUDA context in processes
+    # (S1's and U1's clients) that should leave the whole device to the server.
+    return "bfloat16" if device == "cuda" else "float32"
 
 
 def resolve_model(args: argparse.Namespace) -> ModelChoice:
@@ -401,13 +404,28 @@ def measure_copy_bandwidth(device: str, nbytes: int | None = None, reps: int | N
         "reps": reps,
         "method": "device-to-device copy_, bytes read+written, median" if device == "cuda" else "memcpy",
     }
-    print(f"[copy bandwidth] {result['GB_s']:.1f} GB/s ({device}, {nbytes >> 20} MiB, read+write)", flush=True)
+    print(
+        f"[copy bandwidth] {result['GB_s']:.1f} GB/s ({device}, {nbytes >> 20} MiB, read+write)", flush=True
+    )
     return result
 
 
 # --------------------------------------------------------------------------------------------- the report
 def device_name(device: str) -> str:
+    """The card's name (nvidia-smi first: torch.cuda.get_device_name would create a CUDA context)."""
     if device == "cuda":
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            ).stdout.strip()
+            if out:
+                return out.splitlines()[0].strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
         import torch
 
         return torch.cuda.get_device_name(0)
@@ -421,7 +439,12 @@ def git_commit() -> tuple[str | None, bool | None]:
         return env, None
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
+            ["git", "rev-parse", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
@@ -676,7 +699,10 @@ class HFPeer:
         layers = int(cfg["num_hidden_layers"])
         b = _DTYPE_BYTES[self.model_choice.dtype]
         kv = 2 * layers * n_kv * head_dim * b * max_seq
-        act = max_prompt * b * (4 * ffn + 8 * h + 2 * n_heads * head_dim) + b * n_heads * max_prompt * max_prompt
+        act = (
+            max_prompt * b * (4 * ffn + 8 * h + 2 * n_heads * head_dim)
+            + b * n_heads * max_prompt * max_prompt
+        )
         free, _total = self.torch.cuda.mem_get_info()
         budget = 0.85 * free
         bs = max(1, requested)
@@ -784,9 +810,10 @@ def run_peer(
         finally:
             peer.close()
         if result["extrapolated"]:
+            steps = f"the first {args.peer_max_steps} decode steps" if args.peer_max_steps else "every step"
             report.note(
-                f"peer extrapolated: {result['requests_run']}/{result['requests_total']} requests, "
-                f"at most {args.peer_max_steps} decode steps per batch timed"
+                f"peer extrapolated: {result['requests_run']}/{result['requests_total']} requests run, "
+                f"{steps} of each batch timed"
             )
         report["peer"] = result
     return result
@@ -812,7 +839,9 @@ def raise_fd_limit() -> None:
 
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if hard == resource.RLIM_INFINITY or hard > soft:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
+            resource.setrlimit(
+                resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard)
+            )
     except (ImportError, ValueError, OSError):
         pass
 
@@ -866,7 +895,11 @@ class ServerProcess:
     """A `weir serve` subprocess on loopback: started, waited on until /health is 200, stopped."""
 
     def __init__(
-        self, model_dir: str, extra_args: Sequence[str] = (), log_path: str | Path | None = None, port: int = 0
+        self,
+        model_dir: str,
+        extra_args: Sequence[str] = (),
+        log_path: str | Path | None = None,
+        port: int = 0,
     ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -963,7 +996,9 @@ class StreamResult:
     error: str | None = None
 
 
-async def stream_completion(client: Any, payload: dict[str, Any], path: str = "/v1/completions") -> StreamResult:
+async def stream_completion(
+    client: Any, payload: dict[str, Any], path: str = "/v1/completions"
+) -> StreamResult:
     """POST a streaming request and time its SSE chunks (as `vllm bench serve` does: every chunk with a
     choice is a token event). A stream without `data: [DONE]` or with an error event is a failure."""
     start = time.perf_counter()
@@ -1041,9 +1076,14 @@ _SUMMARY_ROWS: list[tuple[str, str, str, str, str]] = [
     ("P1", "TTFT p50 ms, cache on", "on.ttft_p50_ms", "ttft_p50_ms", ""),
     ("P1", "TTFT p50 ms, cache off", "off.ttft_p50_ms", "", ""),
     ("P1", "TTFT off/on", "ttft_p50_speedup", "", ">= 5x"),
-    ("P1", "output tok/s, on / off", "on.output_tok_s", "output_tok_s", ""),
+    ("P1", "output tok/s, cache on", "on.output_tok_s", "output_tok_s", ""),
+    ("P1", "output tok/s, cache off", "off.output_tok_s", "", ""),
     ("U1", "s to /health 200", "seconds_to_health", "", ""),
     ("U1", "s to first request", "seconds_to_first_request", "", "<= 60 s"),
+    ("U1", "split s: import torch", "imports_s.torch_s", "", ""),
+    ("U1", "split s: weights", "in_process.split_s.weights", "", ""),
+    ("U1", "split s: KV cache", "in_process.split_s.kv_cache (profile + allocation)", "", ""),
+    ("U1", "split s: CUDA graphs", "in_process.split_s.cuda_graphs", "", ""),
 ]
 
 
@@ -1093,7 +1133,9 @@ def summary_table(directory: str | Path) -> str:
         lines.append(f"{bench:<4} {label:<30} {_fmt(ours):>12} {_fmt(peer):>12} {_fmt(r):>8}  {target}")
     for bench, d in reports.items():
         if d.get("status") != "ok" or d.get("errors"):
-            lines.append(f"{bench}: status {d.get('status')}; errors: {'; '.join(d.get('errors') or []) or '-'}")
+            lines.append(
+                f"{bench}: status {d.get('status')}; errors: {'; '.join(d.get('errors') or []) or '-'}"
+            )
     missing = [b for b in ("T1", "L1", "T2", "S1", "P1", "U1") if b not in reports]
     if missing:
         lines.append(f"no report: {', '.join(missing)}")

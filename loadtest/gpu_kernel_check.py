@@ -6,9 +6,10 @@
    capture/replay of decode attention with new contents in the metadata tensors.
 2. Ceilings: device-to-device copy bandwidth (bytes read + written) measured in the same run.
 3. Timing (triton.testing.do_bench, median; it flushes L2 between runs): paged_attention decode at
-   batch 1/8/64/256 x context 128..4096 with the default heuristic, a sweep of launch configs at a few
-   points (tile, warps, stages; split-KV segments), a mixed prefill+decode batch, a long prefill against
-   torch SDPA, and the row/elementwise kernels. Achieved bandwidth is reported as a fraction of the copy.
+   batch 1/8/32/64/256 x context 128..4096 (and 8k/16k at small batch), captured in CUDA graphs as the
+   engine runs it, over input copies that together exceed L2, for every useful split-KV segment count
+   (the heuristic's pick is marked); a mixed prefill+decode batch and a long prefill (config sweep, and
+   torch SDPA as the peer); the row/elementwise kernels. Bandwidth is reported as a fraction of the copy.
 
 Prints a short table last; writes everything to $OUT/kernels.json when OUT is set.
 Run: PYTHONUNBUFFERED=1 python loadtest/gpu_kernel_check.py
@@ -206,10 +207,12 @@ def llama3_cos_sin_cache(head_dim: int, max_position: int, base: float = 500000.
 
 def environment() -> None:
     p = torch.cuda.get_device_properties(DEV)
+    commit = os.environ.get("WEIR_COMMIT", "")
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        commit = out if len(out) == 40 else commit
     except OSError:
-        commit = ""
+        pass
     RESULTS["env"] = {
         "card": p.name,
         "sm_count": p.multi_processor_count,
@@ -386,7 +389,7 @@ class DecodePool:
         self.k = torch.randn(shape, device=DEV, dtype=BF16)
         self.v = torch.randn(shape, device=DEV, dtype=BF16)
 
-    def batch(self, num_seqs: int, ctx: int) -> dict:
+    def batch(self, num_seqs: int, ctx: int, copy: int = 0) -> dict:
         m = self.m
         return make_paged(
             [1] * num_seqs,
@@ -397,18 +400,64 @@ class DecodePool:
             self.block_size,
             k_cache=self.k,
             v_cache=self.v,
-            seed=num_seqs * 7919 + ctx,
+            seed=num_seqs * 7919 + ctx * 31 + copy,
         )
 
 
+def attention_call(batch: dict, config: AttentionConfig | None):
+    if config is None:
+        return lambda: tops.paged_attention(**batch)
+    return lambda: paged_attention_with_config(**batch, config=config)
+
+
+def bench_graph(make_fn, nbytes: int) -> float:
+    """Median ms per call of calls captured in one CUDA graph (as the engine runs decode), rotating
+    over enough input copies (distinct cache blocks) that together they are 4x the L2 size."""
+    l2 = torch.cuda.get_device_properties(DEV).L2_cache_size
+    copies = max(1, min(256, math.ceil(4 * l2 / max(nbytes, 1))))
+    fns = [make_fn(i) for i in range(copies)]
+    calls = copies * max(1, math.ceil(8 / copies))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for f in fns:
+            f()  # compile and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fns[i % copies]()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(15):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    times.sort()
+    return times[len(times) // 2] / calls
+
+
 def time_attention(batch: dict, q_lens, seq_lens, config: AttentionConfig | None) -> dict:
-    fn = (
-        (lambda: tops.paged_attention(**batch))
-        if config is None
-        else (lambda: paged_attention_with_config(**batch, config=config))
-    )
-    ms = bench(fn)
+    ms = bench(attention_call(batch, config))
     nbytes = attention_bytes(batch, q_lens, seq_lens)
+    gbs = nbytes / ms / 1e6
+    return {"ms": ms, "gbs": gbs, "frac_copy": gbs / RESULTS.get("copy_bandwidth_gbs", float("nan"))}
+
+
+def time_decode(pool: DecodePool, num_seqs: int, ctx: int, config: AttentionConfig | None) -> dict:
+    first = pool.batch(num_seqs, ctx)
+    nbytes = attention_bytes(first, [1] * num_seqs, [ctx] * num_seqs)
+
+    def make_fn(i: int):
+        return attention_call(first if i == 0 else pool.batch(num_seqs, ctx, copy=i), config)
+
+    ms = bench_graph(make_fn, nbytes)
     gbs = nbytes / ms / 1e6
     return {"ms": ms, "gbs": gbs, "frac_copy": gbs / RESULTS.get("copy_bandwidth_gbs", float("nan"))}
 
@@ -423,135 +472,114 @@ def cfg_dict(c: AttentionConfig) -> dict:
     }
 
 
-POOL: dict = {}
-
-
-def decode_sweep() -> None:
-    """Launch-config sweep at a few decode points, to set the heuristic."""
-    pool = POOL.setdefault("llama", DecodePool("llama3-8b", 16, 256 * 4096))
-    out = RESULTS["timings"]["decode_sweep"] = []
-    points = [(64, 4096), (256, 2048), (64, 1024)]
-    variants = [
-        AttentionConfig(16, t, 1, w, s)
-        for t in (16, 32, 64, 128)
-        for w in (4, 8)
-        for s in (2, 3, 4)
-        if not (t == 128 and s == 4)
-    ]
-    for num_seqs, ctx in points:
-        batch = pool.batch(num_seqs, ctx)
-        best = None
-        for c in variants:
+def decode_graph_sweep() -> None:
+    """Decode attention timed in CUDA graphs at every (model, batch, context) point, for every useful
+    split-KV segment count: the heuristic's pick and the best are both in the data."""
+    out = RESULTS["timings"]["decode"] = []
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    points = {
+        "llama3-8b": [(b, c) for b in (1, 8, 32, 64, 256) for c in (128, 512, 1024, 2048, 4096)]
+        + [(b, c) for b in (1, 8) for c in (8192, 16384)],
+        "qwen3-0.6b": [(b, c) for b in (1, 8, 64, 256) for c in (1024, 4096)],
+    }
+    for model, pts in points.items():
+        m = MODELS[model]
+        pool = DecodePool(model, 16, 256 * 4096)
+        for num_seqs, ctx in pts:
             if over_budget():
                 print("  (time budget spent: sweep cut short)")
                 break
-            try:
-                r = time_attention(batch, [1] * num_seqs, [ctx] * num_seqs, c)
-            except Exception as exc:  # noqa: BLE001  (e.g. out of shared memory)
-                print(f"  b{num_seqs} ctx{ctx} {cfg_dict(c)} failed: {str(exc)[:80]}")
-                continue
-            out.append({"num_seqs": num_seqs, "ctx": ctx, **cfg_dict(c), **r})
-            if best is None or r["ms"] < best[1]["ms"]:
-                best = (c, r)
-        if best:
-            print(
-                f"  b{num_seqs:<4d} ctx{ctx:<5d} best {cfg_dict(best[0])}: {best[1]['ms'] * 1e3:.1f} us "
-                f"{best[1]['frac_copy']:.0%} of copy",
-                flush=True,
-            )
-        ranked = sorted(
-            (e for e in out if e["num_seqs"] == num_seqs and e["ctx"] == ctx), key=lambda e: e["ms"]
-        )
-        for e in ranked[:5]:
-            print(
-                f"     t{e['tile']} w{e['warps']} s{e['stages']}: {e['ms'] * 1e3:.1f} us {e['frac_copy']:.0%}"
-            )
-
-
-def split_sweep() -> None:
-    pool = POOL.setdefault("llama", DecodePool("llama3-8b", 16, 256 * 4096))
-    out = RESULTS["timings"]["split_sweep"] = []
-    base = choose_config(64, 32, 8, 128, 1, 4096, DEV)
-    for num_seqs, ctx in ((1, 4096), (1, 1024), (8, 4096), (8, 1024), (32, 4096), (64, 4096)):
-        batch = pool.batch(num_seqs, ctx)
-        line = []
-        for segs in (1, 2, 4, 8, 16, 32, 64):
-            if ctx // base.tile < segs or over_budget():
-                continue
-            c = AttentionConfig(base.block_m, base.tile, segs, base.num_warps, base.num_stages)
-            r = time_attention(batch, [1] * num_seqs, [ctx] * num_seqs, c)
-            out.append({"num_seqs": num_seqs, "ctx": ctx, **cfg_dict(c), **r})
-            line.append(f"{segs}:{r['ms'] * 1e3:.0f}us/{r['frac_copy']:.0%}")
-        chosen = choose_config(num_seqs, 32, 8, 128, 1, ctx, DEV).num_segments
-        print(f"  b{num_seqs:<3d} ctx{ctx:<5d} (heuristic {chosen}) " + " ".join(line), flush=True)
-
-
-def decode_table() -> None:
-    out = RESULTS["timings"]["decode"] = []
-    for model in MODELS:
-        pool = (
-            POOL.setdefault("llama", DecodePool("llama3-8b", 16, 256 * 4096))
-            if model == "llama3-8b"
-            else POOL.setdefault("qwen", DecodePool("qwen3-0.6b", 16, 256 * 4096))
-        )
-        for num_seqs in (1, 8, 64, 256):
-            for ctx in (128, 512, 1024, 2048, 4096):
-                if model != "llama3-8b" and ctx not in (1024, 4096):
+            heur = choose_config(num_seqs, m["num_heads"], m["num_kv_heads"], m["head_dim"], 1, ctx, DEV)
+            programs = num_seqs * m["num_kv_heads"]
+            line = []
+            for segs in (1, 2, 4, 8, 16, 32, 64):
+                if segs > max(1, ctx // heur.tile) or (segs > 2 and programs * segs > 16 * sms):
                     continue
-                batch = pool.batch(num_seqs, ctx)
-                m = MODELS[model]
-                c = choose_config(num_seqs, m["num_heads"], m["num_kv_heads"], m["head_dim"], 1, ctx, DEV)
-                r = time_attention(batch, [1] * num_seqs, [ctx] * num_seqs, None)
-                out.append({"model": model, "num_seqs": num_seqs, "ctx": ctx, **cfg_dict(c), **r})
-                print(
-                    f"  {model:10s} b{num_seqs:<4d} ctx{ctx:<5d} seg{c.num_segments:<3d} {r['ms'] * 1e3:8.1f} us "
-                    f"{r['gbs']:6.0f} GB/s {r['frac_copy']:5.0%}",
-                    flush=True,
+                c = AttentionConfig(heur.block_m, heur.tile, segs, heur.num_warps, heur.num_stages)
+                r = time_decode(pool, num_seqs, ctx, c)
+                out.append(
+                    {
+                        "model": model,
+                        "num_seqs": num_seqs,
+                        "ctx": ctx,
+                        "heuristic": c == heur,
+                        **cfg_dict(c),
+                        **r,
+                    }
                 )
-    POOL.clear()
+                mark = "*" if c == heur else ""
+                line.append(f"{mark}{segs}:{r['ms'] * 1e3:.1f}us/{r['frac_copy']:.0%}")
+            print(f"  {model:10s} b{num_seqs:<4d} ctx{ctx:<6d} " + " ".join(line), flush=True)
+        del pool
+        torch.cuda.empty_cache()
+
+
+def decode_tile_sweep() -> None:
+    """Tile / stages at small batch with split-KV on (graph timing); big batches were swept on run 1."""
+    out = RESULTS["timings"]["decode_tile_sweep"] = []
+    m = MODELS["llama3-8b"]
+    pool = DecodePool("llama3-8b", 16, 64 * 4096)
+    for num_seqs, ctx, segs in ((1, 4096, 16), (8, 4096, 8), (64, 1024, 1)):
+        line = []
+        for tile in (32, 64, 128):
+            for stages in (2, 3, 4):
+                if over_budget() or (tile == 128 and stages == 4):
+                    continue
+                c = AttentionConfig(16, tile, segs, 4, stages)
+                r = time_decode(pool, num_seqs, ctx, c)
+                out.append({"num_seqs": num_seqs, "ctx": ctx, **cfg_dict(c), **r})
+                line.append(f"t{tile}s{stages}:{r['ms'] * 1e3:.1f}us")
+        print(f"  b{num_seqs} ctx{ctx} seg{segs}: " + " ".join(line), flush=True)
+    del pool
     torch.cuda.empty_cache()
+    del m
 
 
 def mixed_and_prefill() -> None:
     m = MODELS["llama3-8b"]
     nh, nkv, d = m["num_heads"], m["num_kv_heads"], m["head_dim"]
     out = RESULTS["timings"]["mixed"] = []
+    prefill_variants = [
+        AttentionConfig(bm, t, 1, w, s)
+        for bm, t, w, s in (
+            (64, 64, 4, 3),
+            (64, 64, 4, 4),
+            (64, 128, 4, 2),
+            (64, 128, 8, 2),
+            (128, 64, 8, 3),
+            (128, 128, 8, 2),
+            (128, 64, 4, 3),
+            (32, 64, 4, 3),
+        )
+    ]
     # 4 prefill chunks of 512 (two with 1024 cached tokens) + 64 decodes at context 2048.
     q_lens = [512, 512, 512, 512, *([1] * 64)]
     seq_lens = [512, 512, 1536, 1536, *([2048] * 64)]
-    batch = make_paged(q_lens, seq_lens, nh, nkv, d, 16, seed=11)
-    flops = attention_flops(q_lens, seq_lens, nh, d)
-    default = choose_config(len(q_lens), nh, nkv, d, 512, 2048, DEV)
-    variants = [None] + [
-        AttentionConfig(bm, t, 1, w, s)
-        for bm in (32, 64, 128)
-        for t in (32, 64)
-        for w in (4, 8)
-        for s in (2, 3)
-        if not (bm == 128 and w == 4)
-    ]
-    for c in variants:
-        if over_budget():
-            print("  (time budget spent: sweep cut short)")
-            break
-        try:
-            r = time_attention(batch, q_lens, seq_lens, c)
-        except Exception as exc:  # noqa: BLE001
-            print(f"  mixed {c} failed: {str(exc)[:80]}")
-            continue
-        tf = flops / r["ms"] / 1e9
-        label = "default " + str(cfg_dict(default)) if c is None else str(cfg_dict(c))
-        out.append({"what": "mixed 4x512 prefill + 64 decodes@2048", "config": label, "tflops": tf, **r})
-        print(
-            f"  mixed {label:70s} {r['ms'] * 1e3:8.1f} us {tf:6.1f} TFLOP/s {r['frac_copy']:5.0%} of copy",
-            flush=True,
-        )
-
-    # One long prefill (no cache) against torch SDPA (flash) on contiguous K/V: a compute-bound peer.
+    # One long prefill without cache, against torch SDPA (flash) on contiguous K/V: a compute-bound peer.
     L = 4096
-    batch = make_paged([L], [L], nh, nkv, d, 16, seed=12)
+    for what, ql, sl in (
+        ("mixed 4x512 prefill + 64 decodes@2048", q_lens, seq_lens),
+        (f"prefill {L}", [L], [L]),
+    ):
+        batch = make_paged(ql, sl, nh, nkv, d, 16, seed=11)
+        flops = attention_flops(ql, sl, nh, d)
+        default = choose_config(len(ql), nh, nkv, d, max(ql), max(sl), DEV)
+        for c in [None, *prefill_variants]:
+            if over_budget():
+                print("  (time budget spent: sweep cut short)")
+                break
+            try:
+                r = time_attention(batch, ql, sl, c)
+            except Exception as exc:  # noqa: BLE001  (e.g. out of shared memory)
+                print(f"  {what} {c} failed: {str(exc)[:80]}")
+                continue
+            tf = flops / r["ms"] / 1e9
+            label = "default " + str(cfg_dict(default)) if c is None else str(cfg_dict(c))
+            out.append({"what": what, "config": label, "tflops": tf, **r})
+            print(f"  {what[:12]:12s} {label:72s} {r['ms'] * 1e3:8.1f} us {tf:6.1f} TFLOP/s", flush=True)
+
+    batch = make_paged([L], [L], nh, nkv, d, 16, seed=11)
     flops = attention_flops([L], [L], nh, d)
-    r = time_attention(batch, [L], [L], None)
     q = batch["query"].transpose(0, 1).unsqueeze(0)  # [1, heads, L, d]
     nb = L // 16
     kk = batch["k_cache"][batch["block_tables"][0, :nb].long()].reshape(L, nkv, d)
@@ -559,22 +587,14 @@ def mixed_and_prefill() -> None:
     kk = kk.repeat_interleave(nh // nkv, dim=1).transpose(0, 1).unsqueeze(0).contiguous()
     vv = vv.repeat_interleave(nh // nkv, dim=1).transpose(0, 1).unsqueeze(0).contiguous()
     sdpa_ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, kk, vv, is_causal=True))
-    ours = paged_attention_with_config(**batch, config=choose_config(1, nh, nkv, d, L, L, DEV))
+    ours = tops.paged_attention(**batch)
     ref = torch.nn.functional.scaled_dot_product_attention(q.float(), kk.float(), vv.float(), is_causal=True)
     check("prefill 4096 vs SDPA fp32", ours, ref[0].transpose(0, 1))
     out.append(
-        {
-            "what": f"prefill {L} (no cache)",
-            "ours_ms": r["ms"],
-            "ours_tflops": flops / r["ms"] / 1e9,
-            "sdpa_ms": sdpa_ms,
-            "sdpa_tflops": flops / sdpa_ms / 1e9,
-        }
+        {"what": f"torch SDPA prefill {L} (contiguous K/V)", "ms": sdpa_ms, "tflops": flops / sdpa_ms / 1e9}
     )
     print(
-        f"  prefill {L}: ours {r['ms'] * 1e3:.0f} us ({flops / r['ms'] / 1e9:.0f} TFLOP/s), torch SDPA "
-        f"{sdpa_ms * 1e3:.0f} us ({flops / sdpa_ms / 1e9:.0f} TFLOP/s)",
-        flush=True,
+        f"  torch SDPA prefill {L}: {sdpa_ms * 1e3:.0f} us ({flops / sdpa_ms / 1e9:.0f} TFLOP/s)", flush=True
     )
 
 
@@ -592,26 +612,26 @@ def summary() -> None:
     )
     rows = RESULTS["timings"].get("decode", [])
     if rows:
-        print("decode paged_attention (default heuristic), us / % of copy bandwidth:")
+        print("decode paged_attention in CUDA graphs: heuristic us / % of copy bw [best segments: us]")
         for model in MODELS:
             ctxs = sorted({r["ctx"] for r in rows if r["model"] == model})
-            print(f"  {model:11s} " + "".join(f"{'ctx' + str(c):>14s}" for c in ctxs))
-            for b in (1, 8, 64, 256):
-                cells = {r["ctx"]: r for r in rows if r["model"] == model and r["num_seqs"] == b}
-                print(
-                    f"  b{b:<10d} "
-                    + "".join(
-                        f"{cells[c]['ms'] * 1e3:8.0f}/{cells[c]['frac_copy']:4.0%}"
-                        if c in cells
-                        else " " * 14
-                        for c in ctxs
+            print(f"  {model:10s}" + "".join(f"{'ctx' + str(c):>22s}" for c in ctxs))
+            for b in sorted({r["num_seqs"] for r in rows if r["model"] == model}):
+                cells = []
+                for c in ctxs:
+                    pts = [r for r in rows if r["model"] == model and r["num_seqs"] == b and r["ctx"] == c]
+                    h = [r for r in pts if r["heuristic"]]
+                    if not pts or not h:
+                        cells.append(" " * 22)
+                        continue
+                    best = min(pts, key=lambda r: r["ms"])
+                    cells.append(
+                        f"{h[0]['ms'] * 1e3:7.1f}/{h[0]['frac_copy']:4.0%} [{best['segments']:2d}:{best['ms'] * 1e3:5.1f}]"
                     )
-                )
-    for r in RESULTS["timings"].get("mixed", [])[:1]:
-        print(f"mixed: {r['config']}: {r['ms'] * 1e3:.0f} us, {r['tflops']:.0f} TFLOP/s")
-    for r in RESULTS["timings"].get("mixed", [])[-1:]:
-        if "sdpa_ms" in r:
-            print(f"prefill 4096: ours {r['ours_tflops']:.0f} TFLOP/s vs SDPA {r['sdpa_tflops']:.0f} TFLOP/s")
+                print(f"  b{b:<9d}" + "".join(cells))
+    for r in RESULTS["timings"].get("mixed", []):
+        if r.get("config", "").startswith("default") or "SDPA" in r["what"]:
+            print(f"{r['what']}: {r.get('config', '')} {r['ms'] * 1e3:.0f} us, {r['tflops']:.0f} TFLOP/s")
     if RESULTS["errors"]:
         print("errors:", *RESULTS["errors"], sep="\n  ")
 
@@ -624,10 +644,9 @@ def main() -> None:
         ("correctness", correctness),
         ("cuda graph", cuda_graph_replay),
         ("elementwise timings", kernel_timings),
-        ("decode table", decode_table),
-        ("split sweep", split_sweep),
-        ("decode sweep", decode_sweep),
+        ("decode graphs", decode_graph_sweep),
         ("mixed + prefill", mixed_and_prefill),
+        ("tile sweep", decode_tile_sweep),
     ]
     for name, fn in parts:
         if not only or name.split()[0] in only or name in ("environment", "copy bandwidth"):

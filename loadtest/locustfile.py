@@ -42,7 +42,9 @@ def _add_arguments(parser: Any) -> None:
     group.add_argument(
         "--prompt-tokens", type=int, env_var="WEIR_PROMPT_TOKENS", default=128, help="prompt length in words"
     )
-    group.add_argument("--max-tokens", type=int, env_var="WEIR_MAX_TOKENS", default=64, help="tokens to generate")
+    group.add_argument(
+        "--max-tokens", type=int, env_var="WEIR_MAX_TOKENS", default=64, help="tokens to generate"
+    )
     group.add_argument("--model-name", env_var="WEIR_MODEL_NAME", default="", help="default: from /v1/models")
     group.add_argument("--chat-fraction", type=float, env_var="WEIR_CHAT_FRACTION", default=0.5)
     group.add_argument("--temperature", type=float, env_var="WEIR_TEMPERATURE", default=1.0)

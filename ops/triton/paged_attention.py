@@ -43,6 +43,66 @@ def _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
+@triton.jit
+def _attend_tile(
+    q,  # [BLOCK_M, HEAD_DIM]
+    m_i,  # [BLOCK_M] running max (log2 domain)
+    l_i,  # [BLOCK_M] running sum
+    acc,  # [BLOCK_M, HEAD_DIM] float32, unnormalised
+    t,  # tile index
+    block_table,  # this sequence's row of the block table
+    k_head,  # k_cache + kv_head offset
+    v_head,
+    q_pos,  # [BLOCK_M] last key position each row may see
+    kv_end,  # keys at or past this are out of range
+    qk_scale,
+    stride_kb,
+    stride_ks,
+    stride_vb,
+    stride_vs,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE: tl.constexpr,
+    MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    offs_t = tl.arange(0, TILE)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_pos = t * TILE + offs_t  # [TILE]
+    slot = k_pos % BLOCK_SIZE
+    if MASKED:
+        k_valid = k_pos < kv_end
+        phys = tl.load(block_table + k_pos // BLOCK_SIZE, mask=k_valid, other=0).to(tl.int64)
+        k = tl.load(
+            k_head + phys[:, None] * stride_kb + slot[:, None] * stride_ks + offs_d[None, :],
+            mask=k_valid[:, None],
+            other=0.0,
+        )  # [TILE, HEAD_DIM]
+        v = tl.load(
+            v_head + phys[:, None] * stride_vb + slot[:, None] * stride_vs + offs_d[None, :],
+            mask=k_valid[:, None],
+            other=0.0,
+        )
+    else:
+        phys = tl.load(block_table + k_pos // BLOCK_SIZE).to(tl.int64)
+        k = tl.load(k_head + phys[:, None] * stride_kb + slot[:, None] * stride_ks + offs_d[None, :])
+        v = tl.load(v_head + phys[:, None] * stride_vb + slot[:, None] * stride_vs + offs_d[None, :])
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, TILE]
+    if MASKED:
+        visible = (k_pos[None, :] <= q_pos[:, None]) & k_valid[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # rows with nothing visible yet
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = m_new
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
 @triton.jit(do_not_specialize=["num_seqs"])  # a batch of one must not recompile or make `hi` a constant
 def _paged_attention_kernel(
     out_ptr,  # [num_tokens, num_heads, HEAD_DIM] (NUM_SEGMENTS == 1)
@@ -93,7 +153,6 @@ def _paged_attention_kernel(
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_t = tl.arange(0, TILE)
     q_local = q_block_local * BLOCK_Q + offs_m // GROUP  # [BLOCK_M] query index within the sequence
     head = kv_head * GROUP + offs_m % GROUP  # [BLOCK_M]
     row_valid = (q_local < q_len) & (offs_m < BLOCK_Q * GROUP)
@@ -123,31 +182,20 @@ def _paged_attention_kernel(
     block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     k_head = k_cache_ptr + kv_head * stride_kh
     v_head = v_cache_ptr + kv_head * stride_vh
-    for t in range(tile_lo, tile_hi):
-        k_pos = t * TILE + offs_t  # [TILE]
-        k_valid = k_pos < kv_end
-        phys = tl.load(block_table + k_pos // BLOCK_SIZE, mask=k_valid, other=0).to(tl.int64)
-        slot = k_pos % BLOCK_SIZE
-        k = tl.load(
-            k_head + phys[:, None] * stride_kb + slot[:, None] * stride_ks + offs_d[None, :],
-            mask=k_valid[:, None],
-            other=0.0,
-        )  # [TILE, HEAD_DIM]
-        v = tl.load(
-            v_head + phys[:, None] * stride_vb + slot[:, None] * stride_vs + offs_d[None, :],
-            mask=k_valid[:, None],
-            other=0.0,
-        )
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, TILE]
-        visible = (k_pos[None, :] <= q_pos[:, None]) & k_valid[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # rows with nothing visible yet
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    # Tiles below the first row's position are visible to every row: no masks there. The rest (the
+    # causal diagonal of a prefill chunk, a decode's last partial tile) go through the masked loop.
+    first_q_pos = context_len + q_block_local * BLOCK_Q
+    mid = tl.minimum(tl.maximum((first_q_pos + 1) // TILE, tile_lo), tile_hi)
+    for t in range(tile_lo, mid):
+        m_i, l_i, acc = _attend_tile(
+            q, m_i, l_i, acc, t, block_table, k_head, v_head, q_pos, kv_end, qk_scale,
+            stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_SIZE, TILE, False, DOT_PRECISION,
+        )  # fmt: skip
+    for t in range(mid, tile_hi):
+        m_i, l_i, acc = _attend_tile(
+            q, m_i, l_i, acc, t, block_table, k_head, v_head, q_pos, kv_end, qk_scale,
+            stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_SIZE, TILE, True, DOT_PRECISION,
+        )  # fmt: skip
 
     if NUM_SEGMENTS == 1:
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -207,6 +255,23 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _decode_segments(programs: int, max_seq_len: int, tile: int, sms: int) -> int:
+    """Split-KV segments for a decode batch of `programs` (seq, kv head) pairs, contexts up to max_seq_len.
+
+    Fitted on an H100 (loadtest/results/kernels-h100-2026-11-25.json, CUDA-graph timings): aim for about
+    4 programs per SM; while the (seq, kv head) programs don't fill the SMs once, split down to one tile
+    per segment (b1 ctx4096: 99 -> 15 us), but once they do, the partials and the reduce launch only pay
+    off with >= 16 tiles per segment (b32 ctx1024 loses 2% split in two; b64 ctx4096 gains 11%). No
+    split under 512 positions, nor past 32 segments (64 measured slower).
+    """
+    if max_seq_len < 512:
+        return 1
+    tiles = triton.cdiv(max_seq_len, tile)
+    min_tiles = 1 if programs < sms else 16
+    segments = min(triton.cdiv(4 * sms, programs), tiles // min_tiles, 32)
+    return 1 << (segments.bit_length() - 1) if segments >= 2 else 1
+
+
 def choose_config(
     num_seqs: int,
     num_heads: int,
@@ -226,21 +291,16 @@ def choose_config(
     if max_query_len == 1:
         block_m = max(16, triton.next_power_of_2(group))
         tile = 64 if head_dim <= 128 else 32
-        # Flash-decoding when (seq, kv head) programs can't fill the SMs and contexts are long enough to
-        # give each segment several tiles.
-        programs = num_seqs * num_kv_heads
-        num_segments = 1
-        if programs < 2 * sms:
-            want = triton.cdiv(4 * sms, programs)
-            most = max_seq_len // (4 * tile)  # at least 4 tiles per segment
-            num_segments = min(want, most, 64)
-            num_segments = 1 << (num_segments.bit_length() - 1) if num_segments >= 2 else 1
         return AttentionConfig(
-            block_m=block_m, tile=tile, num_segments=num_segments, num_warps=4, num_stages=3
+            block_m=block_m,
+            tile=tile,
+            num_segments=_decode_segments(num_seqs * num_kv_heads, max_seq_len, tile, sms),
+            num_warps=4,
+            num_stages=3,
         )
     block_m = max(64, triton.next_power_of_2(group))
     return AttentionConfig(
-        block_m=block_m, tile=64 if head_dim <= 64 else 32, num_segments=1, num_warps=4, num_stages=3
+        block_m=block_m, tile=64 if head_dim <= 128 else 32, num_segments=1, num_warps=4, num_stages=3
     )
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from loadtest import bench_latency, bench_prefix, bench_serving, bench_startup, bench_throughput
-from loadtest.common import REPO_ROOT, percentile, random_workload, summary_table
+from loadtest.common import REPO_ROOT, Report, percentile, random_workload, resolve_model, summary_table
 from loadtest.model_shapes import SHAPES, num_parameters, shape_dir
 
 # Small everything: a KV cache of 4k tokens, short prompts and outputs.
@@ -140,20 +140,19 @@ def test_serving_against_weir_serve(tiny_llama_dir: Path, tmp_path: Path) -> Non
     assert data["results"]["server_exit_code"] == 0  # SIGTERM drains and exits cleanly
     assert_in_summary(tmp_path, "S1")
 
-    # The offline figure can come from T2's report instead.
+    # The offline figure can come from T2's report instead (as in the GPU suite).
     t2 = tmp_path / "t2.json"
-    t2.write_text(json.dumps({"benchmark": "T2", "status": "ok", "results": {"output_tok_s": 10.0}}))
-    assert (
-        bench_serving.main(
-            [*argv[:-2], "--request-rates", "inf", "--offline-json", str(t2), "--out", str(out)]
-        )
-        == 0
+    t2.write_text(
+        json.dumps({"benchmark": "T2", "results": {"output_tok_s": 10.0}, "peer": {"output_tok_s": 1.0}})
     )
-    data = load_report(out, "S1")
-    assert data["results"]["offline_output_tok_s"] == 10.0
-    assert data["results"]["serving_offline_ratio"] == pytest.approx(
-        data["results"]["rate_inf"]["output_tok_s"] / 10
-    )
+    args = bench_serving.build_parser().parse_args([*argv, "--offline-json", str(t2), "--peer", "hf"])
+    args._default_shape = None
+    report = Report("S1", args, None)
+    model = resolve_model(args)
+    bench_serving.offline_figure(report, args, model, random_workload(6, (8, 24), (5, 5)), None)
+    assert report["offline"]["output_tok_s"] == 10.0 and report["offline"]["source"] == str(t2)
+    assert report["peer"]["output_tok_s"] == 1.0  # T2's peer is reused, not rerun
+    assert any("differs" in n for n in report["notes"])  # the fake report has no workload description
 
 
 def test_startup_with_peer(tiny_llama_dir: Path, tmp_path: Path) -> None:
@@ -166,7 +165,7 @@ def test_startup_with_peer(tiny_llama_dir: Path, tmp_path: Path) -> None:
     assert 0 < res["seconds_to_health"] <= res["seconds_to_first_request"]
     assert res["server_exit_code"] == 0
     split = res["in_process"]
-    assert split["runner_methods_s"]["load_model"] >= 0
+    assert split["timed_methods_s"]["ModelRunner.load_model"] >= 0
     assert split["split_s"]["weights"] >= 0 and "cuda_graphs" in split["split_s"]
     assert sum(split["split_s"].values()) == pytest.approx(split["engine_build_s"], abs=0.01)
     assert data["peer"]["seconds_to_first_request"] > 0

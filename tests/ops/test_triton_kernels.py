@@ -1,47 +1,60 @@
 """Every Triton kernel in ops/triton against its torch reference in ops/reference.py.
 
-Without a GPU the kernels run under the Triton interpreter: TRITON_INTERPRET must be set before the
-kernels are decorated (when ops.triton is first imported), so it is set here, above those imports.
-Triton reads the variable at decoration and launch time, so an earlier `import triton` elsewhere in the
-process does no harm. Under the interpreter `tl.dot` on bf16 is wrong, so inputs are fp32/fp16.
-Every output is poisoned (NaN) before the kernel runs, so an unwritten element fails the comparison.
+Without a GPU the kernels run under the Triton interpreter. TRITON_INTERPRET must be set before triton
+itself is first imported (triton.language's own jit helpers such as tl.sum are decorated then), so it is
+set here above every import that could pull triton in. If something in this pytest process imported
+triton earlier without it, the kernels cannot be interpreted here: then this module's tests are skipped
+in-process and `test_in_fresh_interpreter_process` reruns the whole module in a subprocess with the
+variable set (and fails if that run fails).
+Under the interpreter `tl.dot` on bf16 is wrong, so inputs are fp32/fp16. Every output is poisoned (NaN)
+before the kernel runs, so an unwritten element fails the comparison.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# triton imported earlier in this process in compiled mode, on a machine without a GPU
+TRITON_UNUSABLE_HERE = (
+    DEVICE == "cpu" and "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+)
+if DEVICE == "cpu" and not TRITON_UNUSABLE_HERE:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
 import ops  # noqa: E402
+import ops.triton as impl  # noqa: E402
 from ops import reference  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _load_triton_ops():
-    """Import ops.triton; reload it if something imported it before the interpreter was switched on."""
-    import ops.triton as impl  # noqa: PLC0415
-
-    kernel = importlib.import_module("ops.triton.paged_attention")._paged_attention_kernel
-    if DEVICE == "cpu" and type(kernel).__name__ != "InterpretedFunction":
-        for name in ("activation", "kv_cache", "paged_attention", "rms_norm", "rotary"):
-            importlib.reload(importlib.import_module(f"ops.triton.{name}"))
-        impl = importlib.reload(impl)
-    return impl
-
-
-impl = _load_triton_ops()
 from ops.triton.paged_attention import AttentionConfig, paged_attention_with_config  # noqa: E402
+
+in_process = pytest.mark.skipif(
+    TRITON_UNUSABLE_HERE, reason="triton was imported before TRITON_INTERPRET: run in a subprocess instead"
+)
+
+
+@pytest.mark.skipif(not TRITON_UNUSABLE_HERE, reason="the kernels run in this process")
+def test_in_fresh_interpreter_process() -> None:
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-2000:]
 
 
 @contextmanager
@@ -69,6 +82,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3}
 
 
+@in_process
 def test_use_triton_routes_every_op() -> None:
     try:
         ops.use_triton(True)
@@ -82,6 +96,7 @@ def test_use_triton_routes_every_op() -> None:
 # ---------------------------------------------------------------- elementwise / row kernels
 
 
+@in_process
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm(dtype: torch.dtype, with_residual: bool) -> None:
@@ -101,6 +116,7 @@ def test_rms_norm(dtype: torch.dtype, with_residual: bool) -> None:
         assert rel_err(out, ref) < TOL[dtype]
 
 
+@in_process
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_silu_and_mul(dtype: torch.dtype) -> None:
     torch.manual_seed(1)
@@ -126,6 +142,7 @@ def llama3_cos_sin_cache(head_dim: int, max_position: int, base: float = 500000.
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1).float()
 
 
+@in_process
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_rotary_embedding_llama3_scaled(dtype: torch.dtype) -> None:
     torch.manual_seed(2)
@@ -143,6 +160,7 @@ def test_rotary_embedding_llama3_scaled(dtype: torch.dtype) -> None:
     assert rel_err(out_k, ref_k) < TOL[dtype]
 
 
+@in_process
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_write_kv_cache_skips_padding_slots(dtype: torch.dtype) -> None:
     torch.manual_seed(3)
@@ -212,6 +230,7 @@ def check_attention(batch: dict, config: AttentionConfig | None, dtype: torch.dt
     assert rel_err(out, ref) < TOL[dtype]
 
 
+@in_process
 @pytest.mark.parametrize(
     ("num_heads", "num_kv_heads", "head_dim", "block_size", "dtype"),
     [
@@ -234,6 +253,7 @@ def test_paged_attention_mixed_batch(
     check_attention(batch, config, dtype)
 
 
+@in_process
 @pytest.mark.parametrize("split", [False, True], ids=["one-pass", "split-kv"])
 def test_paged_attention_decode_batch(split: bool) -> None:
     batch = make_batch(*DECODES, 8, 2, 32, 16, torch.float16, seed=5)
@@ -241,6 +261,7 @@ def test_paged_attention_decode_batch(split: bool) -> None:
     check_attention(batch, config, torch.float16)
 
 
+@in_process
 def test_paged_attention_default_config() -> None:
     """The public entry point with its own heuristic, on the mixed batch and on a decode-only batch."""
     for q_lens, seq_lens in (MIXED, DECODES):

@@ -1,0 +1,201 @@
+"""CUDA graphs for decode steps: one graph per batch size of a ladder, replayed with padding.
+
+At start-up (after the KV cache exists) the runner captures the forward of decode-only batches — one
+token per sequence — for batch sizes 1, 2, 4, 8, 16, 24, ... up to min(max_num_seqs,
+max_cuda_graph_batch_size), largest first so the smaller graphs reuse the largest one's memory from
+one shared pool. Every graph reads its inputs from one static device buffer, at the offsets
+`engine.attention_metadata.step_layout` gives for its batch size; a step of n sequences is built
+padded to the next captured size B straight into that buffer (one host->device copy) and replays
+graph B. Padding rows write nothing (slot -1) and attend to one position of block 0 (seq_len 1), which
+always exists. Mixed/prefill steps and decode batches above the largest size run eagerly.
+
+Attention is captured with max_query_len=1 and max_seq_len=max_model_len (an upper bound): the Triton
+kernel fixes its launch shape (split-KV segment count included) from these Python ints at capture and
+reads the real seq_lens from the device at replay; segments past a sequence's end are empty.
+
+`emulate=True` runs the same static-buffer path with eager "replays" instead of graphs, so the padding
+logic is testable on CPU.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from engine.attention_metadata import AttentionMetadata, StepInputs, step_layout
+
+if TYPE_CHECKING:
+    from engine.model_runner import ModelRunner
+
+logger = logging.getLogger("weir.engine")
+
+# A decode step has at most one sampled row and one prompt-logprob row per sequence.
+LOGITS_ROWS_PER_SEQ = 2
+
+
+def capture_sizes(max_num_seqs: int, max_cuda_graph_batch_size: int) -> list[int]:
+    """The batch sizes to capture, ascending: 1, 2, 4, 8, then steps of 8, and the limit itself."""
+    limit = min(max_num_seqs, max_cuda_graph_batch_size)
+    sizes = [s for s in (1, 2, 4, 8) if s <= limit]
+    sizes += list(range(16, limit + 1, 8))
+    if sizes[-1] != limit:
+        sizes.append(limit)
+    return sizes
+
+
+def padded_size(sizes: list[int], num_seqs: int) -> int | None:
+    """The smallest captured size >= num_seqs (sizes ascending); None above the largest."""
+    i = bisect.bisect_left(sizes, num_seqs)
+    return sizes[i] if i < len(sizes) else None
+
+
+@dataclass(slots=True)
+class DecodeArrays:
+    """A decode batch's host arrays (one token per sequence), as `build_step_inputs` takes them."""
+
+    input_ids: np.ndarray  # [B] int64
+    positions: np.ndarray  # [B] int64
+    slot_mapping: np.ndarray  # [B] int64
+    seq_lens: np.ndarray  # [B] int32
+    query_start_loc: np.ndarray  # [B + 1] int32
+    block_tables: np.ndarray  # [B, w] int32
+
+
+def pad_decode_batch(
+    input_ids: np.ndarray,  # [n]
+    positions: np.ndarray,  # [n]
+    slot_mapping: np.ndarray,  # [n]
+    seq_lens: np.ndarray,  # [n]
+    block_tables: np.ndarray,  # [n, w]
+    batch_size: int,
+) -> DecodeArrays:
+    """Pad n decode rows to batch_size rows.
+
+    Padding rows: token 0 at position 0, slot -1 (the KV write skips it), seq_len 1 over block 0 (a real
+    block, so the attention read is in bounds; its output is never used).
+    """
+    n = int(input_ids.shape[0])
+    if n > batch_size:
+        raise ValueError(f"cannot pad {n} rows to {batch_size}")
+    ids = np.zeros(batch_size, dtype=np.int64)
+    ids[:n] = input_ids
+    pos = np.zeros(batch_size, dtype=np.int64)
+    pos[:n] = positions
+    slots = np.full(batch_size, -1, dtype=np.int64)
+    slots[:n] = slot_mapping
+    lens = np.ones(batch_size, dtype=np.int32)
+    lens[:n] = seq_lens
+    tables = np.zeros((batch_size, max(int(block_tables.shape[1]), 1)), dtype=np.int32)
+    tables[:n, : block_tables.shape[1]] = block_tables
+    return DecodeArrays(
+        input_ids=ids,
+        positions=pos,
+        slot_mapping=slots,
+        seq_lens=lens,
+        query_start_loc=np.arange(batch_size + 1, dtype=np.int32),
+        block_tables=tables,
+    )
+
+
+def static_buffer_bytes(max_batch_size: int, block_table_width: int) -> int:
+    """Bytes of the static input buffer: the layout of the largest batch is the largest."""
+    _, nbytes = step_layout(
+        max_batch_size, max_batch_size, block_table_width, LOGITS_ROWS_PER_SEQ * max_batch_size
+    )
+    return nbytes
+
+
+@dataclass(slots=True)
+class _Captured:
+    replay: Callable[[], None]
+    output: torch.Tensor  # [batch_size, hidden]: the graph's static output
+
+
+class CUDAGraphRunner:
+    """Captures and replays the runner's forward for decode batches of the sizes in `sizes`."""
+
+    def __init__(self, runner: ModelRunner, sizes: list[int], emulate: bool = False) -> None:
+        self.runner = runner
+        self.sizes = sorted(sizes)
+        self.max_batch_size = self.sizes[-1]
+        self.block_table_width = runner.max_blocks_per_seq
+        self.emulate = emulate
+        self.input_buffer = torch.zeros(
+            static_buffer_bytes(self.max_batch_size, self.block_table_width),
+            dtype=torch.uint8,
+            device=runner.device,
+        )
+        self._graphs: dict[int, _Captured] = {}
+        self.pool: tuple[int, int] | None = None
+        self.capture_seconds = 0.0
+        self.memory_bytes = 0  # device memory the capture took (graph pool, graph objects)
+
+    def padded_size(self, num_seqs: int) -> int | None:
+        return padded_size(self.sizes, num_seqs)
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        start = time.perf_counter()
+        device = self.runner.device
+        on_cuda = device.type == "cuda" and not self.emulate
+        if on_cuda:
+            torch.cuda.synchronize(device)
+            free_before, _ = torch.cuda.mem_get_info(device)
+            self.pool = torch.cuda.graph_pool_handle()
+            stream = torch.cuda.Stream(device)
+        for bs in reversed(self.sizes):
+            step = self.dummy_step(bs)
+            if not on_cuda:
+                self._graphs[bs] = self._emulated(step)
+                continue
+            # Warm-up outside the capture: Triton compiles and cuBLAS picks its kernels here.
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                self.runner._run_model(step.input_ids, step.positions, step.metadata)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                output = self.runner._run_model(step.input_ids, step.positions, step.metadata)
+            self._graphs[bs] = _Captured(replay=graph.replay, output=output)
+        if on_cuda:
+            torch.cuda.synchronize(device)
+            free_after, _ = torch.cuda.mem_get_info(device)
+            self.memory_bytes = max(free_before - free_after, 0)
+        self.capture_seconds = time.perf_counter() - start
+
+    def _emulated(self, step: StepInputs) -> _Captured:
+        """CPU stand-in for a graph: rerun the forward on the static inputs into a fixed output."""
+        output = self.runner._run_model(step.input_ids, step.positions, step.metadata).clone()
+
+        def replay() -> None:
+            output.copy_(self.runner._run_model(step.input_ids, step.positions, step.metadata))
+
+        return _Captured(replay=replay, output=output)
+
+    def dummy_step(self, batch_size: int) -> StepInputs:
+        """A batch of padding rows only, in the static buffer: what each graph is captured on."""
+        empty = np.zeros(0, dtype=np.int64)
+        arrays = pad_decode_batch(
+            empty, empty, empty, empty.astype(np.int32), np.zeros((0, 1), dtype=np.int32), batch_size
+        )
+        return self.runner._step_inputs(
+            arrays, np.zeros(0, dtype=np.int64), graph_size=batch_size, num_actual_tokens=0, graph_runner=self
+        )
+
+    def replay(self, metadata: AttentionMetadata) -> torch.Tensor:
+        """Replay the graph whose static buffer holds this step; returns its [B, hidden] output."""
+        assert metadata.cuda_graph_size is not None
+        captured = self._graphs[metadata.cuda_graph_size]
+        captured.replay()
+        return captured.output

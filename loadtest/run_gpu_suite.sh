@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The benchmark suite of BENCHMARKS.md on one GPU, at real shapes with random weights, each script with the
+# transformers peer (--peer hf) and the copy-bandwidth ceiling. Writes one JSON per benchmark, the server
+# logs and log.txt under $OUT, and prints a summary table last.
+#
+#   OUT=/path/to/out WEIR_COMMIT=$(git rev-parse HEAD) bash loadtest/run_gpu_suite.sh
+#
+# Run from the repository root. If ./.whl holds the wheels of ../shared/scripts/device-wheels.sh (the
+# server's dependencies), they are installed into /tmp/site first.
+# Most important first (T1, L1, T2, S1, U1, P1), each under `timeout`, all within SUITE_BUDGET seconds;
+# a benchmark that no longer fits is skipped and named at the end. Knobs (environment):
+#   BENCHES="T1 L1 T2 S1 U1 P1"   which to run, in this order
+#   SUITE_BUDGET=550              seconds for the whole suite
+#   T2_REQUESTS=1000              T2's and S1's request count (S1's ratio needs the same workload)
+#   S1_POISSON_REQUESTS=240       requests sent at 16 req/s (the first N of T2's)
+set -o pipefail
+export PYTHONUNBUFFERED=1
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+BENCHES="${BENCHES:-T1 L1 T2 S1 U1 P1}"
+SUITE_BUDGET="${SUITE_BUDGET:-550}"
+T2_REQUESTS="${T2_REQUESTS:-1000}"
+S1_POISSON_REQUESTS="${S1_POISSON_REQUESTS:-240}"
+PY="${PYTHON:-python3}"
+
+suite() {
+  local start=$SECONDS skipped="" failed=""
+  echo "== weir GPU suite: $BENCHES (budget ${SUITE_BUDGET}s) commit=${WEIR_COMMIT:-?} $(date -u +%FT%TZ)"
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      || echo "!! wheel install failed: S1 and U1 (the server) will fail"
+    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  else
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+
+  # run NAME CAP_SECONDS ARGS...: the script under `timeout`, capped by what is left of the budget.
+  run() {
+    local name=$1 cap=$2; shift 2
+    local left=$((SUITE_BUDGET - (SECONDS - start) - 10))
+    local limit=$((cap < left ? cap : left))
+    if [ "$limit" -lt 45 ]; then
+      echo "== $name: skipped (${left}s left of the budget)"; skipped="$skipped $name"; return
+    fi
+    echo "== $name: up to ${limit}s: $*"
+    local t0=$SECONDS rc=0
+    timeout -k 20 "$limit" "$PY" "$@" || rc=$?
+    echo "== $name: exit $rc after $((SECONDS - t0))s"
+    [ "$rc" -eq 0 ] || failed="$failed $name($rc)"
+  }
+
+  for b in $BENCHES; do
+    case $b in
+      T1) run T1 150 loadtest/bench_throughput.py --workload t1 --shape qwen3-0.6b \
+            --peer hf --peer-max-steps 128 --out "$OUT/t1.json" ;;
+      L1) run L1 120 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 \
+            --peer hf --peer-max-steps 48 --out "$OUT/l1.json" ;;
+      T2) run T2 180 loadtest/bench_throughput.py --workload t2 --shape llama3-8b --num-requests "$T2_REQUESTS" \
+            --peer hf --peer-max-requests 128 --peer-max-steps 48 --out "$OUT/t2.json" ;;
+      S1) run S1 220 loadtest/bench_serving.py --shape llama3-8b --num-requests "$T2_REQUESTS" \
+            --request-rates inf,16 --num-requests-finite-rate "$S1_POISSON_REQUESTS" \
+            --offline-json "$OUT/t2.json" --peer hf --server-log "$OUT/server_s1.log" --out "$OUT/s1.json" ;;
+      U1) run U1 120 loadtest/bench_startup.py --shape llama3-8b --peer hf \
+            --server-log "$OUT/server_u1.log" --out "$OUT/u1.json" ;;
+      P1) run P1 150 loadtest/bench_prefix.py --shape llama3-8b \
+            --peer hf --peer-max-requests 16 --peer-max-steps 16 --out "$OUT/p1.json" ;;
+      *) echo "== unknown benchmark $b" ;;
+    esac
+  done
+
+  echo
+  echo "== summary (${SECONDS}s in all; skipped:${skipped:- none}; failed:${failed:- none})"
+  "$PY" loadtest/common.py summary "$OUT"
+}
+
+suite 2>&1 | tee "$OUT/log.txt"

@@ -133,7 +133,7 @@ async def create_chat_completion(request: Request) -> Response:
     )
     rid = new_id("chatcmpl")
     structlog.contextvars.bind_contextvars(request_id=rid)
-    streams = await submit(state, [rid], [(None, ids)], params, req.priority or 0)
+    streams = await submit(state, [rid], [(None, ids)], params, req.priority or 0, prompt_field="messages")
     timer = RequestTimer(state, arrival)
     ctx = _Ctx(state, req, rid, model, params.n, top_n)
     headers = {"X-Request-Id": rid}

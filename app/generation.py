@@ -176,18 +176,22 @@ async def submit(
     prompts: Sequence[tuple[str | None, list[int]]],
     params: SamplingParams,
     priority: int,
+    prompt_field: str = "prompt",
 ) -> list[AsyncIterator[RequestOutput]]:
     """One engine request per prompt; all or none: on a refusal the ones already added are aborted."""
     if state.draining:
         raise service_unavailable("The server is shutting down and takes no new requests.", "draining")
     streams: list[AsyncIterator[RequestOutput]] = []
     try:
-        for rid, (_text, token_ids) in zip(request_ids, prompts, strict=True):
-            streams.append(await state.engine.add_request(rid, None, token_ids, params, priority))
+        for rid, (text, token_ids) in zip(request_ids, prompts, strict=True):
+            streams.append(await state.engine.add_request(rid, text, token_ids, params, priority))
     except BaseException as exc:
         await close_streams(streams)
         if isinstance(exc, ValueError):
-            raise error_from_value_error(exc, SAMPLING_FIELDS) from None
+            err = error_from_value_error(exc, SAMPLING_FIELDS)
+            if err.param == "prompt":
+                err.param = prompt_field
+            raise err from None
         if isinstance(exc, Exception) and (err := error_from_engine(exc)) is not None:
             raise err from None
         raise

@@ -151,6 +151,7 @@ class CUDAGraphRunner:
         on_cuda = device.type == "cuda" and not self.emulate
         if on_cuda:
             torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
             free_before, _ = torch.cuda.mem_get_info(device)
             self.pool = torch.cuda.graph_pool_handle()
             stream = torch.cuda.Stream(device)

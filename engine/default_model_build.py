@@ -38,6 +38,7 @@ import contextlib
 import importlib
 import inspect
 import io
+import json
 import math
 import pkgutil
 import random
@@ -521,6 +522,28 @@ def save(model, tokenizer, out: Path) -> None:
         **GENERATION_DEFAULTS,
     ).save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
+    make_portable(out)
+
+
+def make_portable(out: Path) -> None:
+    """Rewrite what transformers 5 saved so transformers 4.x (weir supports >= 4.45) reads it too:
+    tokenizer_config.json names the classic fast-tokenizer class, lists the chat-format tokens as
+    `additional_special_tokens` and carries the chat template itself (no chat_template.jinja);
+    config.json also states rope_theta and torch_dtype at the top level."""
+    tok_file, cfg_file = out / "tokenizer_config.json", out / "config.json"
+    tok_cfg = json.loads(tok_file.read_text())
+    tok_cfg.pop("backend", None)
+    tok_cfg.pop("extra_special_tokens", None)
+    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tok_cfg["additional_special_tokens"] = [IM_START, IM_END]
+    tok_cfg["chat_template"] = CHAT_TEMPLATE
+    tok_file.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+
+    cfg = json.loads(cfg_file.read_text())
+    cfg.setdefault("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", ModelShape.rope_theta))
+    cfg.setdefault("torch_dtype", cfg.get("dtype", "bfloat16"))
+    cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def sample_outputs(out: Path) -> list[tuple[str, str]]:

@@ -27,6 +27,7 @@ from loadtest.common import (  # noqa: E402
     build_llm,
     copy_bandwidth_phase,
     default_max_model_len,
+    engine_info,
     engine_kwargs,
     free_engine,
     install_signal_handlers,
@@ -80,11 +81,12 @@ def timed_iteration(engine: Any, prompts: list[list[int]], params: Any, tag: str
 def measure_engine(engine: Any, args: argparse.Namespace, bs: int, id_max: int) -> dict[str, Any]:
     params = sampling_params(args.output_len, args.temperature)
     for w in range(args.num_iters_warmup):
-        timed_iteration(engine, make_prompts(bs, args.input_len, 10_000 + w, id_max), params, f"w{bs}-{w}")
+        warm = make_prompts(bs, args.input_len, 10_000_000 + bs * 100 + w, id_max)
+        timed_iteration(engine, warm, params, f"w{bs}-{w}")
     iters = []
     for it in range(args.num_iters):
         # Fresh prompts each iteration: a prefix-cache hit would skip the prefill being measured.
-        prompts = make_prompts(bs, args.input_len, args.seed * 1000 + it, id_max)
+        prompts = make_prompts(bs, args.input_len, args.seed * 100_000 + bs * 100 + it, id_max)
         iters.append(timed_iteration(engine, prompts, params, f"b{bs}-{it}"))
     gaps = [g for r in iters for g in r["gaps"]]
     latency = statistics.median(r["latency"] for r in iters)
@@ -184,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             llm, build_s = build_llm(model, kwargs)
             report["results"]["engine_build_s"] = round(build_s, 3)
             report["results"]["engine_weight_bytes"] = engine_weight_bytes(llm)
+            report["engine"] = engine_info(llm)
         for bs in batch_sizes:
             with phase(report, f"batch_{bs}"):
                 res = measure_engine(llm.llm_engine, args, bs, id_max)

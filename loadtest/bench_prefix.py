@@ -34,6 +34,7 @@ from loadtest.common import (  # noqa: E402
     build_llm,
     copy_bandwidth_phase,
     default_max_model_len,
+    engine_info,
     engine_kwargs,
     free_engine,
     install_signal_handlers,
@@ -129,6 +130,7 @@ def run_mode(args: argparse.Namespace, model: Any, workload: Workload, mode: str
         return {
             "enable_prefix_caching": mode == "on",
             "engine_build_s": round(build_s, 3),
+            "engine": engine_info(llm),
             "elapsed_s": round(elapsed, 4),
             **summarize_ms(ttfts, "ttft"),
             "output_tokens": out_tokens,

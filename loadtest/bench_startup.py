@@ -34,7 +34,6 @@ from loadtest.common import (  # noqa: E402
     add_common_args,
     build_llm,
     copy_bandwidth_phase,
-    default_max_model_len,
     engine_kwargs,
     free_engine,
     install_signal_handlers,
@@ -206,9 +205,11 @@ def timed_startup(model: Any, kwargs: dict[str, Any], prompt: list[int], max_tok
         llm.generate([prompt], sampling_params(max_tokens, 0.0), use_tqdm=False)
         first_s = time.perf_counter() - t0
         engine = llm.llm_engine
-        attrs = _timing_attributes(engine) | {
-            f"runner.{k}": v for k, v in _timing_attributes(engine.runner).items()
-        }
+        runner = getattr(engine, "runner", None)
+        attrs = _timing_attributes(engine) | {f"runner.{k}": v for k, v in _timing_attributes(runner).items()}
+        # The runner's own start-up split, where it keeps one (weights_load_s, profile_s, kv_alloc_s, ...).
+        runner_timings = getattr(runner, "timings", None)
+        memory_profile = getattr(runner, "memory_profile", None)
     finally:
         free_engine(llm)
     split = {
@@ -238,8 +239,16 @@ def timed_startup(model: Any, kwargs: dict[str, Any], prompt: list[int], max_tok
         "timed_methods_s": top,
         "nested_calls": nested[:50],
         "engine_attributes": attrs,
+        "runner_timings": _numbers(runner_timings),
+        "memory_profile_gib": _numbers(memory_profile),
         "first_request_s": round(first_s, 4),
     }
+
+
+def _numbers(d: Any) -> dict[str, float] | None:
+    if not isinstance(d, dict):
+        return None
+    return {str(k): round(float(v), 4) for k, v in d.items() if isinstance(v, int | float)}
 
 
 def _category(method: str) -> str:
@@ -257,10 +266,12 @@ def _category(method: str) -> str:
 
 
 def _sync(device: str) -> None:
+    """Wait for the device, so a timed method owns its GPU work (never inside a CUDA-graph capture)."""
     if device == "cuda":
         import torch
 
-        torch.cuda.synchronize()
+        if not torch.cuda.is_current_stream_capturing():
+            torch.cuda.synchronize()
 
 
 def _timing_attributes(obj: Any) -> dict[str, Any]:
@@ -286,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     report = Report("U1", args, model)
     rng = random.Random(args.seed)
     prompt = [rng.randrange(min(10000, model.vocab_size)) for _ in range(args.prompt_len)]
-    mml = default_max_model_len(args, model, 2048)
+    mml = args.max_model_len  # None: what `weir serve` picks for the model, as a user would get
     report["workload"] = {"prompt_len": args.prompt_len, "output_len": args.output_len, "max_model_len": mml}
     flags = server_flags(args, model, mml) + ["--served-model-name", "weir-bench", *args.server_arg]
     server = ServerProcess(model.model_dir, flags, log_path=args.server_log)

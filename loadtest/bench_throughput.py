@@ -25,6 +25,7 @@ from loadtest.common import (  # noqa: E402
     build_llm,
     copy_bandwidth_phase,
     default_max_model_len,
+    engine_info,
     engine_kwargs,
     free_engine,
     install_signal_handlers,
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         with phase(report, "engine_build"):
             llm, build_s = build_llm(model, kwargs)
             report["results"]["engine_build_s"] = round(build_s, 3)
-            report["results"]["num_kv_blocks"] = getattr(llm.llm_engine, "num_kv_blocks", None)
+            report["engine"] = engine_info(llm)
         with phase(report, "warmup"):
             run_offline(
                 llm, warmup_workload(workload, args.warmup_requests, args.seed, model.vocab_size), 1.0

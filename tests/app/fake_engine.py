@@ -93,6 +93,8 @@ class FakeEngine:
         # or kills the loop (the engine is dead).
         self.fail_next_step: BaseException | None = None
         self.die_next_step: BaseException | None = None
+        # ... or makes the next request's output stream raise after its first output.
+        self.raise_in_next_stream: BaseException | None = None
         self._draining = False
         self._waiting: deque[_Req] = deque()
         self._running: list[_Req] = []
@@ -219,10 +221,13 @@ class FakeEngine:
     # ---------------------------------------------------------------- internals
 
     async def _stream(self, req: _Req) -> AsyncIterator[RequestOutput]:
+        raise_after_first, self.raise_in_next_stream = self.raise_in_next_stream, None
         try:
             while True:
                 out = await req.queue.get()
                 yield out
+                if raise_after_first is not None:
+                    raise raise_after_first
                 if out.finished:
                     return
         finally:

@@ -320,6 +320,24 @@ def test_unknown_fields_are_ignored_and_user_accepted(client: httpx.Client) -> N
     assert len(r.json()["choices"]) == 1
 
 
+def test_unknown_fields_logged_at_debug(client: httpx.Client) -> None:
+    import logging
+
+    import structlog
+
+    logger = logging.getLogger("weir.app")
+    old = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            r = client.post(COMP, json=_comp(max_tokens=1, frobnicate=1, best_effort=True))
+    finally:
+        logger.setLevel(old)
+    assert r.status_code == 200
+    (entry,) = [e for e in logs if e["event"] == "ignoring unknown fields"]
+    assert entry["fields"] == ["best_effort", "frobnicate"]
+
+
 def test_server_keeps_serving_after_errors(client: httpx.Client) -> None:
     for _, path, body, *_ in CASES:
         client.post(path, json=body)

@@ -84,6 +84,35 @@ def test_forward_exception_fails_requests_not_the_server(fake_server: LiveServer
         assert c.post(COMP, json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
 
 
+def test_stream_that_raises_ends_with_an_error_event(fake_server: LiveServer) -> None:
+    from engine.errors import EngineDeadError
+
+    engine = fake_server.engine
+    with httpx.Client(base_url=fake_server.base_url, timeout=30) as c:
+        engine.raise_in_next_stream = EngineDeadError("the step loop died")
+        events = _stream_events(c, COMP, {"prompt": "Hi", "max_tokens": 50})
+        assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "engine_dead"
+        engine.raise_in_next_stream = KeyError("surprise")
+        err = _error(c.post(COMP, json={"prompt": "Hi", "max_tokens": 50}), 500, "internal_error")
+        assert "surprise" not in err["message"]  # a bug: logged, not shown
+        assert wait_until(lambda: engine.stats().num_running == 0)
+
+
+def test_a_bug_is_a_500_without_traceback(fake_server: LiveServer, monkeypatch) -> None:
+    import app.completions
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("secret internals")
+
+    monkeypatch.setattr(app.completions, "parse_prompts", broken)
+    with httpx.Client(base_url=fake_server.base_url, timeout=30) as c:
+        r = c.post(COMP, json={"prompt": "Hi"})
+        err = _error(r, 500, "internal_error")
+        assert err["type"] == "server_error" and "secret" not in r.text
+        monkeypatch.undo()
+        assert c.post(COMP, json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+
+
 def test_dead_engine_turns_health_503(fake_server: LiveServer) -> None:
     engine = fake_server.engine
     with httpx.Client(base_url=fake_server.base_url, timeout=30) as c:

@@ -104,10 +104,12 @@ def test_stream_disconnect_aborts_at_once(fake_server: LiveServer) -> None:
     body = {"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 100, "stream": True}
     with httpx.Client(base_url=fake_server.base_url, timeout=30) as c:
         with c.stream("POST", "/v1/completions", json=body) as r:
-            for line in r.iter_lines():
+            # An explicit iterator: breaking out of `for line in r.iter_lines()` would close the response.
+            lines = r.iter_lines()
+            for line in lines:
                 if line.startswith("data: {"):
                     break
-        assert engine.stats().num_running == 1
+            assert engine.stats().num_running == 1
     assert wait_until(lambda: engine.stats().num_running == 0, timeout=5)
     stats = engine.stats()
     assert stats.num_running == 0 and stats.num_waiting == 0 and stats.kv_cache_usage == 0.0

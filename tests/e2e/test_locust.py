@@ -24,7 +24,9 @@ MODEL_NAME = "tiny"
 def server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("locust") / "server.log"
     flags = ["--device", "cpu", "--num-kv-blocks", "256", "--served-model-name", MODEL_NAME]
-    srv = ServerProcess(str(tiny_llama_dir), flags, log_path=log).start()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")  # the server and Locust share two cores
+        srv = ServerProcess(str(tiny_llama_dir), flags, log_path=log).start()
     try:
         srv.wait_healthy(timeout=120)
         yield srv

@@ -192,10 +192,13 @@ def test_emulated_graph_replay_matches_eager_and_writes_only_real_slots(
 
     assert replayed == [4, 4]  # the prefill ran eagerly; both decode steps of 3 rows replayed graph 4
     assert graphed_out == eager_out
-    # Padding rows (slot -1) wrote nothing: both caches hold exactly the same bytes, block 0 untouched.
+    # Padding rows (slot -1) wrote nothing: the same slots hold data (block 0, which padding rows read,
+    # stays zero), with the same values up to the rounding of a 4-row instead of a 3-row matmul.
     for (k_e, v_e), (k_g, v_g) in zip(eager.kv_caches, graphed.kv_caches, strict=True):
-        assert torch.equal(k_e, k_g) and torch.equal(v_e, v_g)
-        assert not k_g[0].any()
+        for e, g in ((k_e, k_g), (v_e, v_g)):
+            assert torch.equal(e.abs().sum(dim=(-2, -1)) > 0, g.abs().sum(dim=(-2, -1)) > 0)
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+        assert not k_g[0].any() and not v_g[0].any()
 
 
 def test_emulated_graphs_match_eager_through_the_engine(tiny_model_dirs: dict[str, Path]) -> None:

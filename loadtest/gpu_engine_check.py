@@ -6,9 +6,12 @@ a. Parity, float32, tiny random models of every family (tests/tiny_models.py): t
    and eager must give the same tokens, and graphs must really be replayed.
 b. bfloat16 at the Qwen3-0.6B shape with random weights (load_format="dummy", re-drawn at a realistic
    N(0, 0.02) scale so greedy argmaxes are not coin flips): start-up split (runner.timings), memory
-   profile vs what the engine really holds, graphs vs eager greedy tokens for a batch, host syncs per
-   decode step (torch.cuda.set_sync_debug_mode), decode step time at batch 1/32/128 with graphs vs
-   eager (end-to-end engine step and GPU forward alone), and the copy-bandwidth floor for context.
+   profile vs what the engine really holds, graphs vs eager greedy tokens for a batch (bit-identical on
+   the same padded inputs; plain eager reported), host syncs per decode step
+   (torch.cuda.set_sync_debug_mode), decode step time at batch 1/32/128 with graphs vs eager
+   (end-to-end engine step, runner alone, GPU forward alone), where a step's host time goes, the host
+   cost of each op launch in an eager forward, and the copy-bandwidth floor for context.
+   Then fp32 at the same shape: graphs and plain eager must give identical greedy tokens.
 c. tests/engine/test_cuda_graphs.py under pytest (its CUDA test runs here).
 
 Prints a PASS/FAIL and timing table last; writes $OUT/engine_check.json.
@@ -285,7 +288,96 @@ def gpu_forward_ms(runner: Any, bs: int, graphs: bool, iters: int = 50) -> float
     return a.elapsed_time(b) / iters
 
 
+def graphs_vs_eager(llm: LLM, prompts: list[list[int]], label: str, plain_eager_must_match: bool) -> None:
+    """Greedy tokens of one engine in three modes: graphs; "padded eager" (the same padded static-buffer
+    inputs and attention config as the graphs, run eagerly: must be bit-identical, it isolates capture
+    and replay); plain eager (graph runner off: unpadded batches, split-KV chosen from the batch's real
+    max_seq_len, so bf16 rounding differs and greedy ties can flip)."""
+    runner = llm.llm_engine.runner
+    gr = runner.graph_runner
+    uniform = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    staggered = [
+        SamplingParams(temperature=0.0, max_tokens=8 + 2 * i, ignore_eos=True) for i in range(len(prompts))
+    ]
+    for batch_label, params in (("uniform batch 32", uniform), ("staggered 32->1", staggered)):
+        results = {}
+        replays: dict[int, int] = {}
+        for mode in ("graphs", "padded_eager", "eager"):
+            runner.graph_runner = None if mode == "eager" else gr
+            if mode == "graphs":
+                replays = count_replays(llm)
+            if mode == "padded_eager":
+                runner._forward = runner._run_model  # type: ignore[method-assign]
+            try:
+                outs = llm.generate(prompts, params, use_tqdm=False)
+            finally:
+                if mode == "graphs" and gr is not None:
+                    del gr.replay  # drop the counting wrapper (the instance attribute)
+                if mode == "padded_eager":
+                    del runner._forward
+            results[mode] = [o.outputs[0].token_ids for o in outs]
+        runner.graph_runner = gr
+        div = first_divergence(results["graphs"], results["padded_eager"])
+        check(
+            f"{label} {batch_label}: graphs == eager on the same padded inputs",
+            not div and sum(replays.values()) > 0,
+            differing_seqs=len(div),
+            replays=sum(replays.values()),
+            sizes_replayed=sorted(replays),
+        )
+        div = first_divergence(results["graphs"], results["eager"])
+        total = sum(len(t) for t in results["graphs"])
+        agree = sum(
+            next((j for j, (p, q) in enumerate(zip(a, b, strict=False)) if p != q), len(a))
+            for a, b in zip(results["graphs"], results["eager"], strict=True)
+        )
+        detail = dict(
+            differing_seqs=len(div), first_divergences=div[:6], tokens_before_divergence=f"{agree}/{total}"
+        )
+        if plain_eager_must_match:
+            check(f"{label} {batch_label}: graphs == plain eager greedy tokens", not div, **detail)
+        else:
+            RESULTS["info"][f"{label} {batch_label}: graphs vs plain eager"] = detail
+            print(f"[INFO] {label} {batch_label}: graphs vs plain eager: {detail}", flush=True)
+
+
+class HostTimers:
+    """Host seconds spent in wrapped callables (attributes of objects or modules), by label."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self._undo: list[Callable[[], None]] = []
+
+    def wrap(self, obj: Any, name: str, label: str) -> None:
+        fn = getattr(obj, name)
+        had_instance_attr = name in getattr(obj, "__dict__", {})
+
+        def timed(*a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - t0
+                self.calls[label] = self.calls.get(label, 0) + 1
+
+        setattr(obj, name, timed)
+        self._undo.append(lambda: setattr(obj, name, fn) if had_instance_attr else delattr(obj, name))
+
+    def undo(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    def per_call_us(self) -> dict[str, dict[str, float]]:
+        return {
+            k: {"calls": self.calls[k], "us_per_call": round(1e6 * v / self.calls[k], 1)}
+            for k, v in self.seconds.items()
+        }
+
+
 def qwen_bf16() -> None:
+    import engine.model_runner as model_runner_module
+    import ops
     from loadtest.model_shapes import num_parameters, write_shape
 
     bw = copy_bandwidth()
@@ -335,33 +427,10 @@ def qwen_bf16() -> None:
     )
     reinit_weights(runner.model)
 
-    # Graphs vs eager: the same engine, the graph runner switched off for the eager run.
     rng = random.Random(1)
     vocab = int(cfg["vocab_size"])
     prompts = [[rng.randrange(10, vocab) for _ in range(rng.randrange(16, 200))] for _ in range(32)]
-    uniform = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
-    staggered = [SamplingParams(temperature=0.0, max_tokens=8 + 2 * i, ignore_eos=True) for i in range(32)]
-    for label, params in (("uniform batch 32", uniform), ("staggered 32->1", staggered)):
-        results = {}
-        replays: dict[int, int] = {}
-        for mode in ("graphs", "eager"):
-            runner.graph_runner = gr if mode == "graphs" else None
-            if mode == "graphs":
-                replays = count_replays(llm)
-            outs = llm.generate(prompts, params, use_tqdm=False)
-            results[mode] = [o.outputs[0].token_ids for o in outs]
-            if mode == "graphs" and gr is not None:
-                del gr.replay  # drop the counting wrapper (the instance attribute)
-        runner.graph_runner = gr
-        div = first_divergence(results["graphs"], results["eager"])
-        check(
-            f"qwen3-0.6b bf16 {label}: graphs == eager greedy tokens",
-            not div and sum(replays.values()) > 0,
-            differing_seqs=len(div),
-            first_divergences=div[:5],
-            replays=sum(replays.values()),
-            sizes_replayed=sorted(replays),
-        )
+    graphs_vs_eager(llm, prompts, "qwen3-0.6b bf16", plain_eager_must_match=False)
 
     # Host syncs in the decode hot path: what set_sync_debug_mode flags over a few decode steps.
     for label, params in (
@@ -384,7 +453,7 @@ def qwen_bf16() -> None:
                 torch.cuda.set_sync_debug_mode(0)
         engine.abort_request([f"sync-{label}-{i}" for i in range(8)])
         run_steps(engine, 1)
-        syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+        syncs = [w for w in caught if "called a synchronizing" in str(w.message)]
         where = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs})
         per_step = len(syncs) / steps
         expected = 1 if label == "greedy" else 2
@@ -417,9 +486,38 @@ def qwen_bf16() -> None:
                 times[mode] += s
                 execs[mode] += e
         runner.graph_runner = gr
+        # Where a graph-mode step's host time goes (sampler: includes the wait for the GPU).
+        timers = HostTimers()
+        for name in ("_update_states", "_build_inputs", "_forward", "compute_logits", "sampler"):
+            timers.wrap(runner, name, f"runner.{name}")
+        timers.wrap(model_runner_module, "build_sampling_metadata", "build_sampling_metadata")
+        timers.wrap(engine, "schedule", "engine.schedule")
+        timers.wrap(engine, "update", "engine.update")
+        try:
+            run_steps(engine, 10)
+        finally:
+            timers.undo()
+        RESULTS["info"][f"host_breakdown_graphs_batch{bs}"] = timers.per_call_us()
         engine.abort_request(ids)
         run_steps(engine, 1)
         fwd = {m: gpu_forward_ms(runner, bs, m == "graphs") for m in ("graphs", "eager")}
+        if bs == DECODE_BATCHES[0]:
+            # Host cost of each op launch in an eager forward (every prefill/mixed step runs eagerly).
+            timers = HostTimers()
+            for name in ("rms_norm", "rotary_embedding", "silu_and_mul", "write_kv_cache", "paged_attention"):
+                timers.wrap(ops, name, f"ops.{name}")
+            timers.wrap(torch.nn.functional, "linear", "F.linear")
+            step = gr.dummy_step(bs)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                for _ in range(5):
+                    runner._run_model(step.input_ids, step.positions, step.metadata)
+            torch.cuda.synchronize()
+            timers.undo()
+            RESULTS["info"]["eager_forward_host_ms_batch1"] = round(1e3 * (time.perf_counter() - t0) / 5, 3)
+            RESULTS["info"]["eager_op_launch_us"] = timers.per_call_us()
+            print("eager op launch cost:", RESULTS["info"]["eager_op_launch_us"], flush=True)
         row = {
             "batch": bs,
             "step_ms_graphs": round(1e3 * statistics.median(times["graphs"]), 3),
@@ -453,6 +551,35 @@ def qwen_bf16() -> None:
         peak_fraction=round(peak_frac, 4),
     )
     del llm, engine, runner, gr
+    free()
+
+
+def qwen_fp32() -> None:
+    """fp32 at the Qwen3-0.6B shape: graphs and plain eager must give the same greedy tokens (fp32
+    rounding is far below the logit gaps, unlike bf16)."""
+    from loadtest.model_shapes import write_shape
+
+    model_dir = write_shape("qwen3-0.6b", Path(tempfile.mkdtemp(prefix="weir-qwen3f-")) / "qwen3-0.6b")
+    cfg = json.loads((model_dir / "config.json").read_text())
+    llm = strict(
+        LLM(
+            str(model_dir),
+            load_format="dummy",
+            dtype="float32",
+            device="cuda",
+            max_model_len=QWEN_MAX_MODEL_LEN,
+            enable_prefix_caching=False,
+            max_cuda_graph_batch_size=32,
+            gpu_memory_utilization=0.5,
+        )
+    )
+    reinit_weights(llm.llm_engine.runner.model)
+    rng = random.Random(1)
+    prompts = [
+        [rng.randrange(10, int(cfg["vocab_size"])) for _ in range(rng.randrange(16, 200))] for _ in range(32)
+    ]
+    graphs_vs_eager(llm, prompts, "qwen3-0.6b fp32", plain_eager_must_match=True)
+    del llm
     free()
 
 
@@ -514,6 +641,7 @@ def main() -> int:
     print(f"device: {RESULTS['info']['device']}", flush=True)
     run_part("a. tiny fp32 parity", tiny_parity)
     run_part("b. qwen3-0.6b bf16", qwen_bf16)
+    run_part("b2. qwen3-0.6b fp32 graphs vs eager", qwen_fp32)
     run_part("c. pytest", pytest_cuda_graphs)
 
     print("\n================ engine check: " + RESULTS["info"]["device"], flush=True)

@@ -15,7 +15,8 @@ import pytest
 
 from loadtest.common import REPO_ROOT, ServerProcess
 
-pytest.importorskip("locust")
+# Locust runs in its own process. Never import it here: importing locust monkey-patches the whole
+# pytest process with gevent, which deadlocks the asyncio/uvicorn threads of the other tests.
 
 MODEL_NAME = "tiny"
 

@@ -41,11 +41,14 @@ RUN apt-get update \
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir /wheels/*.whl
 
-ARG MODEL_DIR=engine/default_model
-COPY ${MODEL_DIR} /models/default
-
 # A numeric USER lets Kubernetes verify runAsNonRoot.
 RUN useradd --no-log-init --create-home --uid 10001 --user-group weir
+
+# Owned by the server's user so it can read the weights whatever their mode (save_pretrained
+# writes model.safetensors as 0600).
+ARG MODEL_DIR=engine/default_model
+COPY --chown=10001:10001 ${MODEL_DIR} /models/default
+
 USER 10001:10001
 WORKDIR /home/weir
 

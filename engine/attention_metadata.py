@@ -140,8 +140,11 @@ def build_step_inputs(
     staging: PinnedStaging | None = None,  # CUDA: the reused pinned buffer (None: pin a fresh one)
     out: torch.Tensor | None = None,  # [>= nbytes] uint8 device buffer to copy into (CUDA graphs)
     num_actual_tokens: int | None = None,  # tokens before padding (default: all of them)
+    max_query_len: int | None = None,  # when the caller knows it (default: from query_start_loc)
     max_seq_len: int | None = None,  # override (CUDA-graph capture passes max_model_len)
     cuda_graph_size: int | None = None,
+    # With `out`: views of `out` by layout, reused across steps (the owner of `out` keeps it).
+    view_cache: dict[tuple[int, int, int, int], dict[str, torch.Tensor]] | None = None,
 ) -> StepInputs:
     """Pack every array into one host byte buffer, copy it to `device` once, and slice it back."""
     num_tokens = int(input_ids.shape[0])
@@ -159,7 +162,8 @@ def build_step_inputs(
     table_width = width if block_table_width is None else block_table_width
     if table_width < width:
         raise ValueError(f"block_table_width {table_width} < the batch's {width} blocks per sequence")
-    fields, nbytes = _layout(num_tokens, num_seqs, table_width, int(logits_indices.shape[0]))
+    layout_key = (num_tokens, num_seqs, table_width, int(logits_indices.shape[0]))
+    fields, nbytes = _layout(*layout_key)
     on_cuda = device.type == "cuda"
     if on_cuda:
         host = (
@@ -183,23 +187,22 @@ def build_step_inputs(
             staging.record_copy()
     else:
         buf = host
-    # Two typed views of the whole buffer, then one slice per field (every offset is 16-aligned).
-    typed = {torch.int64: buf[:nbytes].view(torch.int64), torch.int32: buf[:nbytes].view(torch.int32)}
-    views = {}
-    for name, _, torch_dtype, offset, size, shape in fields:
-        itemsize = 8 if torch_dtype == torch.int64 else 4
-        view = typed[torch_dtype][offset // itemsize : (offset + size) // itemsize]
-        views[name] = view.view(shape) if len(shape) > 1 else view
+    views = view_cache.get(layout_key) if view_cache is not None and out is not None else None
+    if views is None:
+        views = _typed_views(buf, fields, nbytes)
+        if view_cache is not None and out is not None:
+            view_cache[layout_key] = views
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max()) if num_seqs else 0
-    q_lens = np.diff(query_start_loc) if num_seqs else np.zeros(0, dtype=np.int32)
+    if max_query_len is None:
+        max_query_len = int(np.diff(query_start_loc).max()) if num_seqs else 0
     metadata = AttentionMetadata(
         slot_mapping=views["slot_mapping"],
         block_tables=views["block_tables"],
         seq_lens=views["seq_lens"],
         query_start_loc=views["query_start_loc"],
         positions=views["positions"],
-        max_query_len=int(q_lens.max()) if num_seqs else 0,
+        max_query_len=max_query_len,
         max_seq_len=max_seq_len,
         num_actual_tokens=num_tokens if num_actual_tokens is None else num_actual_tokens,
         cuda_graph_size=cuda_graph_size,
@@ -210,6 +213,17 @@ def build_step_inputs(
         logits_indices=views["logits_indices"],
         metadata=metadata,
     )
+
+
+def _typed_views(buf: torch.Tensor, fields: tuple, nbytes: int) -> dict[str, torch.Tensor]:
+    """Two typed views of the whole buffer, then one slice per field (every offset is 16-aligned)."""
+    typed = {torch.int64: buf[:nbytes].view(torch.int64), torch.int32: buf[:nbytes].view(torch.int32)}
+    views = {}
+    for name, _, torch_dtype, offset, size, shape in fields:
+        itemsize = 8 if torch_dtype == torch.int64 else 4
+        view = typed[torch_dtype][offset // itemsize : (offset + size) // itemsize]
+        views[name] = view.view(shape) if len(shape) > 1 else view
+    return views
 
 
 # The metadata of the forward pass in flight, read by Attention layers. Set only through

@@ -23,7 +23,7 @@ import bisect
 import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -70,11 +70,11 @@ class DecodeArrays:
 
 
 def pad_decode_batch(
-    input_ids: np.ndarray,  # [n]
-    positions: np.ndarray,  # [n]
-    slot_mapping: np.ndarray,  # [n]
-    seq_lens: np.ndarray,  # [n]
-    block_tables: np.ndarray,  # [n, w]
+    input_ids: Sequence[int],  # [n]
+    positions: Sequence[int],  # [n]
+    slot_mapping: Sequence[int],  # [n]
+    seq_lens: Sequence[int],  # [n]
+    block_tables: np.ndarray,  # [n or batch_size, w]; rows past n, if given, must be zero
     batch_size: int,
 ) -> DecodeArrays:
     """Pad n decode rows to batch_size rows.
@@ -82,24 +82,20 @@ def pad_decode_batch(
     Padding rows: token 0 at position 0, slot -1 (the KV write skips it), seq_len 1 over block 0 (a real
     block, so the attention read is in bounds; its output is never used).
     """
-    n = int(input_ids.shape[0])
+    n = len(input_ids)
     if n > batch_size:
         raise ValueError(f"cannot pad {n} rows to {batch_size}")
-    ids = np.zeros(batch_size, dtype=np.int64)
-    ids[:n] = input_ids
-    pos = np.zeros(batch_size, dtype=np.int64)
-    pos[:n] = positions
-    slots = np.full(batch_size, -1, dtype=np.int64)
-    slots[:n] = slot_mapping
-    lens = np.ones(batch_size, dtype=np.int32)
-    lens[:n] = seq_lens
-    tables = np.zeros((batch_size, max(int(block_tables.shape[1]), 1)), dtype=np.int32)
-    tables[:n, : block_tables.shape[1]] = block_tables
+    pad = batch_size - n
+    if block_tables.shape[0] != batch_size:
+        tables = np.zeros((batch_size, max(int(block_tables.shape[1]), 1)), dtype=np.int32)
+        tables[:n, : block_tables.shape[1]] = block_tables
+    else:
+        tables = block_tables
     return DecodeArrays(
-        input_ids=ids,
-        positions=pos,
-        slot_mapping=slots,
-        seq_lens=lens,
+        input_ids=np.array([*input_ids, *([0] * pad)], dtype=np.int64),
+        positions=np.array([*positions, *([0] * pad)], dtype=np.int64),
+        slot_mapping=np.array([*slot_mapping, *([-1] * pad)], dtype=np.int64),
+        seq_lens=np.array([*seq_lens, *([1] * pad)], dtype=np.int32),
         query_start_loc=np.arange(batch_size + 1, dtype=np.int32),
         block_tables=tables,
     )
@@ -134,6 +130,8 @@ class CUDAGraphRunner:
             device=runner.device,
         )
         self._graphs: dict[int, _Captured] = {}
+        # Views of input_buffer by step layout, so a replay step builds no new tensors for them.
+        self.view_cache: dict[tuple[int, int, int, int], dict[str, torch.Tensor]] = {}
         self.pool: tuple[int, int] | None = None
         self.capture_seconds = 0.0
         self.warmup_seconds = 0.0  # of capture_seconds: the eager warm-up forwards

@@ -97,8 +97,16 @@ SMALL_TALK = [
         "answers are short and sometimes wrong.",
     ),
     (
+        ["How are you?", "How are you doing?", "how are you"],
+        "I am fine, thank you! Ask me what a Python module or function does.",
+    ),
+    (
         ["Thank you", "Thanks!", "thanks", "Thank you very much."],
         "You are welcome!",
+    ),
+    (
+        ["Goodbye", "Bye!", "See you later."],
+        "Goodbye!",
     ),
     (
         ["What is Python?", "Tell me about Python."],
@@ -106,7 +114,7 @@ SMALL_TALK = [
         "text, networking, data formats and much more.",
     ),
 ]
-SMALL_TALK_REPEATS = 8  # each (question, answer) pair appears this many times in the corpus
+SMALL_TALK_REPEATS = 30  # each answer appears this many times in the corpus, so it is learned by heart
 
 
 @dataclass
@@ -523,6 +531,8 @@ def save(model, tokenizer, out: Path) -> None:
     ).save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     make_portable(out)
+    for path in out.iterdir():
+        path.chmod(0o644)  # safetensors writes 0600; the files must be readable by any user (containers)
 
 
 def make_portable(out: Path) -> None:

@@ -4,8 +4,8 @@ SchedulerOutput into one ModelRunnerOutput.
 Hot path. Per step: apply the scheduler's diff to the per-request state, build the flat batch
 (input ids, positions, slot mapping, block tables) with numpy, copy it to the device in one transfer,
 run the forward, project only the rows that need logits (the last scheduled token of requests that
-reach the end of their known tokens, plus prompt positions of requests asking for prompt logprobs),
-and sample them with engine.sampler in one host transfer.
+reach the end of their known tokens, plus prompt positions of requests asking for prompt logprobs, in
+chunks of max_num_seqs rows), and sample them with engine.sampler in one host transfer.
 
 `_forward` is the seam where CUDA graphs replace the eager forward (engine.cuda_graphs: decode-only
 steps of up to max_cuda_graph_batch_size sequences are padded to a captured size and replayed);
@@ -64,6 +64,22 @@ _GRAPH_OVERHEAD_BYTES = 4 * _MIB
 def default_max_num_batched_tokens(device: str, max_model_len: int) -> int:
     """EngineConfig.max_num_batched_tokens when left None: max(2048, max_model_len) on cuda, 512 on cpu."""
     return max(2048, max_model_len) if device == "cuda" else 512
+
+
+def block_table_array(block_tables: list[list[int]], num_rows: int) -> np.ndarray:
+    """[num_rows, max(1, longest table)] int32, zero-padded (rows past len(block_tables) too): one flat
+    fromiter and one scatter, since a numpy assignment per row costs more."""
+    num_seqs = len(block_tables)
+    lens = np.fromiter(map(len, block_tables), dtype=np.int64, count=num_seqs)  # [num_seqs]
+    total = int(lens.sum())
+    tables = np.zeros((num_rows, max(int(lens.max(initial=0)), 1)), dtype=np.int32)
+    if total:
+        rows = np.repeat(np.arange(num_seqs), lens)
+        cols = np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens)
+        tables[rows, cols] = np.fromiter(
+            itertools.chain.from_iterable(block_tables), dtype=np.int32, count=total
+        )
+    return tables
 
 
 @dataclass(slots=True, eq=False)
@@ -398,9 +414,14 @@ class ModelRunner:
         num_scheduled: list[int],  # per sequence
         block_tables: list[list[int]],  # per sequence
         logits_indices: np.ndarray,  # [num_logits_rows] rows of the flat batch that need logits
-        graph_size: int | None = None,  # pad this decode batch to a captured CUDA-graph size
+        graph_size: int | None = None,  # pad this decode batch (one token per sequence) to this size
     ) -> StepInputs:
         """The flat batch for one step, vectorized over tokens (per-sequence loops only)."""
+        logits_indices = logits_indices.astype(np.int64, copy=False)
+        if graph_size is not None:
+            return self._build_decode_inputs(
+                token_ids, num_computed, block_tables, logits_indices, graph_size
+            )
         num_seqs = len(token_ids)
         n = np.asarray(num_scheduled, dtype=np.int64)  # [num_seqs]
         computed = np.asarray(num_computed, dtype=np.int64)  # [num_seqs]
@@ -416,38 +437,47 @@ class ModelRunner:
         )
         # position of flat token t in sequence s: t - query_start_loc[s] + num_computed[s]
         positions = np.arange(num_tokens, dtype=np.int64) + np.repeat(computed - query_start_loc[:-1], n)
-        # Block tables: one flat fromiter and one scatter (a numpy assignment per row costs more).
-        table_lens = np.fromiter(map(len, block_tables), dtype=np.int64, count=num_seqs)  # [num_seqs]
-        num_table_entries = int(table_lens.sum())
-        tables = np.zeros((num_seqs, max(int(table_lens.max(initial=0)), 1)), dtype=np.int32)
-        if num_table_entries:
-            row_starts = np.cumsum(table_lens) - table_lens
-            rows = np.repeat(np.arange(num_seqs), table_lens)
-            cols = np.arange(num_table_entries) - np.repeat(row_starts, table_lens)
-            tables[rows, cols] = np.fromiter(
-                itertools.chain.from_iterable(block_tables), dtype=np.int32, count=num_table_entries
-            )
+        tables = block_table_array(block_tables, num_seqs)
         seq_idx = np.repeat(np.arange(num_seqs), n)  # [num_tokens]
         block_idx = positions // self.block_size
         slot_mapping = (
             tables[seq_idx, block_idx].astype(np.int64) * self.block_size + positions % self.block_size
         )
-        seq_lens = (computed + n).astype(np.int32)
-        logits_indices = logits_indices.astype(np.int64, copy=False)
-        if graph_size is not None:
-            arrays = pad_decode_batch(input_ids, positions, slot_mapping, seq_lens, tables, graph_size)
-            return self._step_inputs(
-                arrays, logits_indices, graph_size=graph_size, num_actual_tokens=num_tokens
-            )
         arrays = DecodeArrays(
             input_ids=input_ids,
             positions=positions,
             slot_mapping=slot_mapping,
-            seq_lens=seq_lens,
+            seq_lens=(computed + n).astype(np.int32),
             query_start_loc=query_start_loc.astype(np.int32),
             block_tables=tables,
         )
-        return self._step_inputs(arrays, logits_indices)
+        return self._step_inputs(arrays, logits_indices, max_query_len=int(n.max(initial=0)))
+
+    def _build_decode_inputs(
+        self,
+        token_ids: list[list[int]],
+        num_computed: list[int],
+        block_tables: list[list[int]],
+        logits_indices: np.ndarray,
+        graph_size: int,
+    ) -> StepInputs:
+        """A decode-only step (token num_computed[s] of each sequence) padded to graph_size rows.
+
+        The CUDA-graph hot path: plain Python over sequences and a fixed handful of numpy calls, since
+        every call costs microseconds of host time the GPU waits for.
+        """
+        bs = self.block_size
+        arrays = pad_decode_batch(
+            [t[c] for t, c in zip(token_ids, num_computed, strict=True)],
+            num_computed,
+            [b[c // bs] * bs + c % bs for b, c in zip(block_tables, num_computed, strict=True)],
+            [c + 1 for c in num_computed],
+            block_table_array(block_tables, graph_size),
+            graph_size,
+        )
+        return self._step_inputs(
+            arrays, logits_indices, graph_size=graph_size, num_actual_tokens=len(token_ids)
+        )
 
     def _step_inputs(
         self,
@@ -457,6 +487,7 @@ class ModelRunner:
         num_actual_tokens: int | None = None,
         max_seq_len: int | None = None,
         graph_runner: CUDAGraphRunner | None = None,
+        max_query_len: int | None = None,
     ) -> StepInputs:
         """Copy a step's arrays to the device; with graph_size, into the graph runner's static buffer
         (at that size's layout, block tables max_blocks_per_seq wide, max_seq_len = max_model_len)."""
@@ -465,6 +496,7 @@ class ModelRunner:
             graph = graph_runner or self.graph_runner
             assert graph is not None, "no CUDA-graph runner"
             max_seq_len = self.max_model_len
+            max_query_len = 1
         return build_step_inputs(
             input_ids=arrays.input_ids,
             positions=arrays.positions,
@@ -478,8 +510,10 @@ class ModelRunner:
             out=graph.input_buffer if graph is not None else None,
             block_table_width=graph.block_table_width if graph is not None else None,
             num_actual_tokens=num_actual_tokens,
+            max_query_len=max_query_len,
             max_seq_len=max_seq_len,
             cuda_graph_size=graph_size,
+            view_cache=graph.view_cache if graph is not None else None,
         )
 
     # ------------------------------------------------------------------ state
@@ -579,19 +613,24 @@ class ModelRunner:
             state.num_computed_tokens += n
         if logits_indices.size == 0:
             return output
-        logits = self.compute_logits(hidden[step.logits_indices])  # [num_logits_rows, vocab] fp32
 
-        # Prompt logprobs first: the sampler may edit its rows of the logits in place.
+        # Prompt logprobs in chunks of at most max_num_seqs rows: a whole prompt chunk's logits
+        # ([max_num_batched_tokens, vocab] fp32) would be far beyond what the memory profile reserved.
         row = len(sample_rows)
+        chunk = self.engine_config.max_num_seqs
         for state, targets in prompt_targets:
             num_top = state.sampling_params.prompt_logprobs or 0
-            lps: list[TokenLogprobs] = compute_prompt_logprobs(
-                logits[row : row + len(targets)], targets, num_top
-            )
+            lps: list[TokenLogprobs] = []
+            for a in range(0, len(targets), chunk):
+                b = min(a + chunk, len(targets))
+                prompt_logits = self.compute_logits(hidden[step.logits_indices[row + a : row + b]])
+                lps += compute_prompt_logprobs(prompt_logits, targets[a:b], num_top)
             output.prompt_logprobs[state.req_id] = lps
             row += len(targets)
 
         if sample_states:
+            # [num_sampled, vocab] fp32; the sampled rows come first in logits_indices
+            logits = self.compute_logits(hidden[step.logits_indices[: len(sample_states)]])
             rows = [
                 SamplingRow(
                     params=s.sampling_params,
@@ -601,7 +640,7 @@ class ModelRunner:
                 for s in sample_states
             ]
             md = build_sampling_metadata(rows, vocab_size=self.vocab_size, device=self.device)
-            result = self.sampler(logits[: len(sample_states)], md)
+            result = self.sampler(logits, md)
             for state, token, lp in zip(
                 sample_states, result.sampled_token_ids, result.logprobs, strict=True
             ):

@@ -225,6 +225,29 @@ def test_enforce_eager_and_cpu_capture_nothing(tiny_llama_dir: Path) -> None:
     assert set(runner.timings) == {"weights_load_s", "profile_s", "kv_alloc_s", "cuda_graph_capture_s"}
 
 
+def test_prompt_logprobs_chunked_by_max_num_seqs(tiny_model_dirs: dict[str, Path]) -> None:
+    """Prompt logprobs are projected max_num_seqs rows at a time (the memory profile's bound on
+    logits rows); the chunking changes nothing a user sees."""
+    model_dir = tiny_model_dirs["qwen2"]
+    prompt = _prompts((13,))[0]
+    params = SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=3)
+    outs = []
+    for max_num_seqs in (256, 2):
+        runner = _runner(model_dir, max_num_seqs=max_num_seqs)
+        new = NewRequestData("p", prompt, len(prompt), params, [1, 2], 0)
+        outs.append(runner.execute_model(SchedulerOutput([new], [], {"p": 13}, 13, set())))
+    full, chunked = (o.prompt_logprobs["p"] for o in outs)
+    assert len(full) == len(chunked) == 12
+    for a, b in zip(full, chunked, strict=True):
+        assert (a.chosen_token_id, a.chosen_rank, a.token_ids) == (
+            b.chosen_token_id,
+            b.chosen_rank,
+            b.token_ids,
+        )
+        assert a.chosen_logprob == pytest.approx(b.chosen_logprob, abs=1e-5)
+    assert outs[0].sampled_token_ids == outs[1].sampled_token_ids
+
+
 # ---------------------------------------------------------------------------------- on a GPU
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graphs_match_eager_and_transformers_on_gpu(tiny_model_dirs: dict[str, Path]) -> None:

@@ -87,7 +87,7 @@ ENGINE_HELP: dict[str, str] = {
     "gpu_memory_utilization": "Fraction of GPU memory weir may use (weights + activations + KV cache), in (0, 1].",
     "cpu_kv_cache_gb": "KV-cache size on CPU, in GiB.",
     "max_num_seqs": "Most sequences in one batch.",
-    "max_num_batched_tokens": "Token budget of one engine step. Default: max(2048, max_model_len) on cuda, 512 on cpu.",
+    "max_num_batched_tokens": "Token budget of one engine step. Default: max(8192, max_model_len) on cuda, 512 on cpu.",
     "enable_prefix_caching": "Reuse KV blocks of shared prompt prefixes.",
     "enforce_eager": "Run without CUDA graphs.",
     "max_cuda_graph_batch_size": "Largest decode batch captured in a CUDA graph.",

@@ -28,7 +28,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_gb: float = 1.0
     max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # None: max(2048, max_model_len) on cuda, 512 on cpu
+    max_num_batched_tokens: int | None = None  # None: max(8192, max_model_len) on cuda, 512 on cpu
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # True: no CUDA graphs
     max_cuda_graph_batch_size: int = 256

@@ -88,7 +88,7 @@ def build_sampling_params(
     field_renames: dict[str, str] | None = None,
 ) -> SamplingParams:
     """Validated SamplingParams; a 400 naming the request field for every bad value."""
-    kw: dict[str, Any] = {}
+    kw: dict[str, Any] = dict(state.sampling_defaults)
     for name in (
         "n",
         "temperature",

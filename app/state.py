@@ -24,6 +24,11 @@ class AppState:
         self.tokenizer = engine.tokenizer
         self.max_model_len: int = engine.max_model_len
         self.vocab_size: int = engine.vocab_size
+        # Sampling defaults from the model's generation_config.json (temperature, top_p, ...), applied
+        # to fields a request leaves unset, as vLLM does. max_tokens is left to each endpoint's rule.
+        defaults = dict(getattr(engine, "generation_defaults", {}) or {})
+        defaults.pop("max_tokens", None)
+        self.sampling_defaults: dict[str, Any] = defaults
         self.created = int(time.time())
         self.metrics = ServerMetrics(engine, self.model_name, self.max_model_len)
         self.draining = False

@@ -43,6 +43,8 @@ class AsyncEngine:
         self.max_model_len = self.engine.max_model_len
         self.vocab_size = self.engine.vocab_size
         self.model_path = config.model
+        # generation_config.json's sampling values (SamplingParams names), for callers' defaults.
+        self.generation_defaults = dict(self.engine.model_config.generation_defaults)
         self.warm = False
         self.dead_error: BaseException | None = None
         self._draining = False

@@ -23,6 +23,10 @@ class LLM:
         self.llm_engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
         self._next_id = 0
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation_config.json values (temperature, top_p, ...)."""
+        return SamplingParams(**self.llm_engine.model_config.generation_defaults)
+
     def get_tokenizer(self):  # noqa: ANN201 - a transformers tokenizer
         return self.llm_engine.tokenizer
 
@@ -36,7 +40,7 @@ class LLM:
         """Generate for every prompt; outputs come back in input order."""
         prompt_list = _as_prompt_list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompt_list)
         else:

@@ -147,3 +147,20 @@ def test_chat_applies_template(llm: LLM) -> None:
     tok = llm.get_tokenizer()
     expected = tok.encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
     assert out.prompt_token_ids == expected
+
+
+def test_generation_config_supplies_default_sampling_params(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model_dir)
+    gen = json.loads((model_dir / "generation_config.json").read_text())
+    gen.update({"temperature": 0.0, "top_p": 0.5, "max_new_tokens": 7})
+    (model_dir / "generation_config.json").write_text(json.dumps(gen))
+    llm = LLM(str(model_dir), device="cpu", dtype="float32")
+    defaults = llm.get_default_sampling_params()
+    assert (defaults.temperature, defaults.top_p, defaults.max_tokens) == (0.0, 0.5, 7)
+    (out,) = llm.generate([[5, 6, 7]], use_tqdm=False)
+    greedy = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=7), use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == greedy.outputs[0].token_ids

@@ -5,7 +5,7 @@ top_logprobs, max_tokens / max_completion_tokens (default: the rest of the conte
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import structlog
@@ -13,21 +13,16 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.errors import APIError, bad_request
+from app.errors import bad_request
 from app.generation import (
-    DONE,
     RequestTimer,
     build_sampling_params,
     chat_logprobs,
     check_prompt_length,
-    close_streams,
-    failure,
-    log_finished,
     new_id,
     new_logprobs,
     sse,
-    sse_error,
-    stream_exception_error,
+    stream_response,
     submit,
     unary_response,
     usage_of,
@@ -43,6 +38,7 @@ from app.protocol import (
     ChatResponseMessage,
     ChatStreamChoice,
     DeltaMessage,
+    Usage,
 )
 from app.state import AppState
 from engine.outputs import CompletionOutput, RequestOutput
@@ -182,55 +178,43 @@ class _Ctx:
         return sse(ChatCompletionChunk(id=self.rid, created=self.created, model=self.model, choices=[choice]))
 
 
-async def _stream(
-    ctx: _Ctx, stream: AsyncIterator[RequestOutput], timer: RequestTimer
-) -> AsyncIterator[bytes]:
+def _stream(ctx: _Ctx, stream: AsyncIterator[RequestOutput], timer: RequestTimer) -> AsyncIterator[bytes]:
     sent: dict[int, int] = {}  # choice index -> tokens streamed; -1 once its finish_reason went out
-    status = 499  # unless it ends otherwise: the client went away
-    try:
-        for i in range(ctx.n):
-            yield ctx.chunk(ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")))
-        err: APIError | None = None
-        async for out in stream:
-            timer.on_output(out)
-            for o in out.outputs:
-                start = sent.get(o.index, 0)
-                if start < 0 or o.finish_reason in ("error", "abort"):
-                    continue
-                sent[o.index] = -1 if o.finish_reason is not None else len(o.token_ids)
-                logprobs = ctx.logprobs(o, start)
-                if o.text_delta or o.finish_reason is not None or (logprobs is not None and logprobs.content):
-                    delta = DeltaMessage(content=o.text_delta) if o.text_delta else DeltaMessage()
-                    yield ctx.chunk(
-                        ChatStreamChoice(
-                            index=o.index,
-                            delta=delta,
-                            logprobs=logprobs,
-                            finish_reason=o.finish_reason,
-                            stop_reason=o.stop_reason,
-                        )
-                    )
-            if out.finished and (err := failure(out, ctx.state.draining)) is not None:
-                break
-        if err is not None:
-            status = err.status
-            yield sse_error(err)
-        else:
-            status = 200
-            opts = ctx.req.stream_options
-            if opts is not None and opts.include_usage:
-                usage = usage_of([timer.last_out])
-                yield sse(
-                    ChatCompletionChunk(
-                        id=ctx.rid, created=ctx.created, model=ctx.model, choices=[], usage=usage
+
+    def chunks(_: int, out: RequestOutput) -> Iterator[bytes]:
+        for o in out.outputs:
+            start = sent.get(o.index, 0)
+            if start < 0 or o.finish_reason in ("error", "abort"):
+                continue
+            sent[o.index] = -1 if o.finish_reason is not None else len(o.token_ids)
+            logprobs = ctx.logprobs(o, start)
+            if o.text_delta or o.finish_reason is not None or (logprobs is not None and logprobs.content):
+                delta = DeltaMessage(content=o.text_delta) if o.text_delta else DeltaMessage()
+                yield ctx.chunk(
+                    ChatStreamChoice(
+                        index=o.index,
+                        delta=delta,
+                        logprobs=logprobs,
+                        finish_reason=o.finish_reason,
+                        stop_reason=o.stop_reason,
                     )
                 )
-        yield DONE
-    except Exception as exc:
-        err = stream_exception_error(exc)
-        status = err.status
-        yield sse_error(err)
-        yield DONE
-    finally:
-        await close_streams([stream])
-        log_finished("chat", status, [timer], stream=True)
+
+    def usage_chunk(usage: Usage) -> bytes:
+        return sse(
+            ChatCompletionChunk(id=ctx.rid, created=ctx.created, model=ctx.model, choices=[], usage=usage)
+        )
+
+    opts = ctx.req.stream_options
+    return stream_response(
+        ctx.state,
+        "chat",
+        [stream],
+        [timer],
+        chunks,
+        usage_chunk if opts is not None and opts.include_usage else None,
+        head=(
+            ctx.chunk(ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")))
+            for i in range(ctx.n)
+        ),
+    )

@@ -6,8 +6,7 @@ j-th sequence.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import structlog
@@ -15,29 +14,23 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.errors import APIError, bad_request
+from app.errors import bad_request
 from app.generation import (
-    DONE,
     RequestTimer,
     build_sampling_params,
     check_prompt_length,
     check_token_ids,
-    close_streams,
     completion_logprobs,
-    failure,
-    log_finished,
-    merge,
     new_id,
     new_logprobs,
     sse,
-    sse_error,
-    stream_exception_error,
+    stream_response,
     submit,
     unary_response,
     usage_of,
 )
 from app.http import api_route, read_json
-from app.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from app.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage
 from app.state import AppState
 from engine.outputs import CompletionOutput, RequestOutput
 
@@ -215,45 +208,29 @@ class _Ctx:
         return sse(CompletionResponse(id=self.rid, created=self.created, model=self.model, choices=[choice]))
 
 
-async def _stream(
+def _stream(
     ctx: _Ctx, streams: Sequence[AsyncIterator[RequestOutput]], timers: list[RequestTimer]
 ) -> AsyncIterator[bytes]:
     sent: dict[int, int] = {}  # choice index -> tokens streamed
     offsets: dict[int, int] = {}  # choice index -> text offset (logprobs)
-    status = 499  # unless it ends otherwise: the client went away
-    try:
-        err: APIError | None = None
-        async with aclosing(merge(streams)) as outputs:
-            async for p, out in outputs:
-                timers[p].on_output(out)
-                for o in out.outputs:
-                    choice = ctx.stream_choice(p, out, o, sent, offsets)
-                    if choice is not None:
-                        yield ctx.chunk(choice)
-                if out.finished and (err := failure(out, ctx.state.draining)) is not None:
-                    break
-        if err is not None:
-            status = err.status
-            yield sse_error(err)
-        else:
-            status = 200
-            opts = ctx.req.stream_options
-            if opts is not None and opts.include_usage:
-                yield sse(
-                    CompletionResponse(
-                        id=ctx.rid,
-                        created=ctx.created,
-                        model=ctx.model,
-                        choices=[],
-                        usage=usage_of([t.last_out for t in timers]),
-                    )
-                )
-        yield DONE
-    except Exception as exc:
-        err = stream_exception_error(exc)
-        status = err.status
-        yield sse_error(err)
-        yield DONE
-    finally:
-        await close_streams(streams)
-        log_finished("completions", status, timers, stream=True)
+
+    def chunks(p: int, out: RequestOutput) -> Iterator[bytes]:
+        for o in out.outputs:
+            choice = ctx.stream_choice(p, out, o, sent, offsets)
+            if choice is not None:
+                yield ctx.chunk(choice)
+
+    def usage_chunk(usage: Usage) -> bytes:
+        return sse(
+            CompletionResponse(id=ctx.rid, created=ctx.created, model=ctx.model, choices=[], usage=usage)
+        )
+
+    opts = ctx.req.stream_options
+    return stream_response(
+        ctx.state,
+        "completions",
+        streams,
+        timers,
+        chunks,
+        usage_chunk if opts is not None and opts.include_usage else None,
+    )

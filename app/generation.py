@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -491,3 +491,48 @@ async def unary_response(
     finally:
         await close_streams(streams)
         log_finished(endpoint, status, timers, stream=False)
+
+
+# ---------------------------------------------------------------- streamed responses
+
+
+async def stream_response(
+    state: AppState,
+    endpoint: str,
+    streams: Sequence[AsyncIterator[RequestOutput]],
+    timers: Sequence[RequestTimer],
+    chunks: Callable[[int, RequestOutput], Iterator[bytes]],
+    usage_chunk: Callable[[Usage], bytes] | None,
+    head: Iterable[bytes] = (),
+) -> AsyncIterator[bytes]:
+    """The SSE body of a streamed request: `head`, then `chunks(stream index, output)` for each output as
+    it comes, then an error event or (with `usage_chunk`) the usage chunk, then [DONE]. The streams are
+    closed and the request logged however it ends (status 499 when the client went away)."""
+    status = 499  # unless it ends otherwise: the client went away
+    try:
+        for b in head:
+            yield b
+        err: APIError | None = None
+        async with aclosing(merge(streams)) as outputs:
+            async for p, out in outputs:
+                timers[p].on_output(out)
+                for b in chunks(p, out):
+                    yield b
+                if out.finished and (err := failure(out, state.draining)) is not None:
+                    break
+        if err is not None:
+            status = err.status
+            yield sse_error(err)
+        else:
+            status = 200
+            if usage_chunk is not None:
+                yield usage_chunk(usage_of([t.last_out for t in timers]))
+        yield DONE
+    except Exception as exc:
+        err = stream_exception_error(exc)
+        status = err.status
+        yield sse_error(err)
+        yield DONE
+    finally:
+        await close_streams(streams)
+        log_finished(endpoint, status, timers, stream=True)

@@ -10,7 +10,7 @@ Each app gets its own CollectorRegistry, so several servers in one process (test
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import structlog
@@ -158,7 +158,6 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self.registry.register(EngineStatsCollector(engine, model_name))
         r = self.registry
-        names = ["model_name"]
         self.request_success = Counter(
             "weir:request_success",
             "Count of finished sequences, by finish reason.",
@@ -167,49 +166,33 @@ class ServerMetrics:
         )
         self._success_children: dict[str, Any] = {}
         self._model_name = model_name
-        self.ttft = Histogram(
-            "weir:time_to_first_token_seconds",
-            "Time to first token in seconds.",
-            names,
-            buckets=_TTFT_BUCKETS,
-            registry=r,
-        ).labels(model_name)
-        self.itl = Histogram(
+
+        def histogram(name: str, doc: str, buckets: Sequence[float]) -> Any:
+            return Histogram(name, doc, ["model_name"], buckets=buckets, registry=r).labels(model_name)
+
+        self.ttft = histogram(
+            "weir:time_to_first_token_seconds", "Time to first token in seconds.", _TTFT_BUCKETS
+        )
+        self.itl = histogram(
             "weir:inter_token_latency_seconds",
             "Time between streamed outputs of a sequence, in seconds.",
-            names,
-            buckets=_ITL_BUCKETS,
-            registry=r,
-        ).labels(model_name)
-        self.e2e = Histogram(
-            "weir:e2e_request_latency_seconds",
-            "End-to-end request latency in seconds.",
-            names,
-            buckets=_REQUEST_BUCKETS,
-            registry=r,
-        ).labels(model_name)
-        self.queue_time = Histogram(
+            _ITL_BUCKETS,
+        )
+        self.e2e = histogram(
+            "weir:e2e_request_latency_seconds", "End-to-end request latency in seconds.", _REQUEST_BUCKETS
+        )
+        self.queue_time = histogram(
             "weir:request_queue_time_seconds",
             "Time a request spent waiting before its first scheduling, in seconds.",
-            names,
-            buckets=_REQUEST_BUCKETS,
-            registry=r,
-        ).labels(model_name)
+            _REQUEST_BUCKETS,
+        )
         length_buckets = _length_buckets(max(max_model_len, 1))
-        self.prompt_tokens = Histogram(
-            "weir:request_prompt_tokens",
-            "Number of prefill tokens per request.",
-            names,
-            buckets=length_buckets,
-            registry=r,
-        ).labels(model_name)
-        self.generation_tokens = Histogram(
-            "weir:request_generation_tokens",
-            "Number of generated tokens per request.",
-            names,
-            buckets=length_buckets,
-            registry=r,
-        ).labels(model_name)
+        self.prompt_tokens = histogram(
+            "weir:request_prompt_tokens", "Number of prefill tokens per request.", length_buckets
+        )
+        self.generation_tokens = histogram(
+            "weir:request_generation_tokens", "Number of generated tokens per request.", length_buckets
+        )
 
     def finished(self, reason: str) -> None:
         child = self._success_children.get(reason)

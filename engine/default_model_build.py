@@ -1,15 +1,17 @@
 """Build the default model that ships inside weir (`engine/default_model/`).
 
 `weir serve` with no model argument serves this checkpoint, so a fresh checkout can stream text
-without downloading anything. It is a demo, not a useful assistant: a ~3.9M-parameter Llama trained
-for about 20 minutes on a laptop-class CPU. It writes English in the style of Python documentation
-and answers simple "What does json.dumps do?" questions in the ChatML chat format.
+without downloading anything. It is a demo, not a useful assistant: a 3.9M-parameter Llama trained
+for about 20 minutes on two CPU cores. It writes English in the style of Python documentation and
+answers simple "What does json.dumps do?" questions in the ChatML chat format.
 
 Run from the repository root (CPU only; no network; deterministic for a given Python version):
 
     python -m engine.default_model_build --out engine/default_model
 
-It takes about 20-25 minutes on 2 CPU cores (almost all of it training) and writes an ordinary
+It takes about 21 minutes on 2 otherwise idle CPU cores (2000 training steps of ~0.6 s; the
+corpus and tokenizer take under a minute), longer on a busy machine (38 minutes on a shared 2-core
+box), and writes an ordinary
 Hugging Face folder: config.json (LlamaForCausalLM), generation_config.json, model.safetensors
 (bfloat16, under 8 MB), tokenizer.json + tokenizer_config.json (with the chat template) and a
 README.md recording the data, the command, the parameter count, the size and the final loss.
@@ -18,7 +20,8 @@ README.md recording the data, the command, the parameter count, the size and the
 Pipeline:
   1. Corpus: the docstrings of the Python standard library (every public stdlib module and its
      submodules, walked with `pkgutil` in sorted order, test/GUI/platform-specific modules
-     skipped), the language-reference topics that `pydoc`/`help()` shows (`pydoc_data.topics`),
+     skipped), the docstrings and comment blocks of the stdlib's .py source (parsed, not
+     imported), the language-reference topics that `pydoc`/`help()` shows (`pydoc_data.topics`),
      plus chat transcripts made from them ("What does json.dumps do?" -> the docstring's first
      paragraph) and a few canned small-talk exchanges. Exact duplicates are dropped; code-heavy
      paragraphs (doctests, signatures) are filtered out so the model learns prose.
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import hashlib
 import importlib
 import inspect
 import io
@@ -219,6 +223,8 @@ def collect_documented_objects() -> list[tuple[str, str, str]]:
                     if mname.startswith("_"):
                         continue
                     func = member.__func__ if isinstance(member, (classmethod, staticmethod)) else member
+                    if not _from_stdlib(member.fget if isinstance(member, property) else func):
+                        continue  # e.g. transformers adds warning_once() to logging.Logger
                     if inspect.isroutine(func) or isinstance(member, property):
                         kind = "property" if isinstance(member, property) else "method"
                         out.append(
@@ -263,6 +269,12 @@ def source_texts() -> list[str]:
                     out.append(clean_doc(" ".join(b for b in block if b)))
                     block = []
     return [t for t in out if len(t) >= 60]
+
+
+def _from_stdlib(obj) -> bool:
+    """False for a function that a third-party package attached to a stdlib class."""
+    module = getattr(obj, "__module__", None)
+    return not isinstance(module, str) or module.split(".")[0] in sys.stdlib_module_names
 
 
 def reference_topics() -> list[tuple[str, str]]:
@@ -547,6 +559,7 @@ def make_portable(out: Path) -> None:
     tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
     tok_cfg["additional_special_tokens"] = [IM_START, IM_END]
     tok_cfg["chat_template"] = CHAT_TEMPLATE
+    tok_cfg["model_input_names"] = ["input_ids", "attention_mask"]  # no token_type_ids for a Llama
     tok_file.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
     (out / "chat_template.jinja").unlink(missing_ok=True)
 
@@ -630,6 +643,8 @@ All offline, from the Python {sys.version_info.major}.{sys.version_info.minor} s
   sorted order; tests, GUI, demo and platform-specific modules skipped), of their public classes and
   functions and of those classes' methods; exact duplicates dropped, doctest and code-like
   paragraphs removed;
+- the docstrings and comment blocks found by parsing the standard library's .py source (test
+  packages skipped), also deduplicated;
 - the language-reference topics that `help()` shows (`pydoc_data.topics`);
 - chat transcripts made from the two: "What does json.dumps do?" answered with the first
   paragraph of its docstring, sometimes after a system prompt or as a two-turn conversation;
@@ -668,22 +683,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.shape = ModelShape()
 
-    import tokenizers
-    import torch
-    import transformers
-
-    torch.set_num_threads(args.threads)
     t_start = time.time()
 
     def log(msg: str) -> None:
         print(f"[{(time.time() - t_start) / 60:5.1f}m] {msg}", flush=True)
 
+    # Before torch and transformers are imported: they patch stdlib objects (torch wraps
+    # inspect.getfile), which would change the corpus and so the whole build.
     log("collecting the corpus from the standard library")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # reading docs of deprecated aliases warns
         docs = build_corpus(args.seed)
+
+    import tokenizers
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.threads)
     n_val = max(1, len(docs) // 50)
     log(f"{len(docs):,} documents, {sum(map(len, docs)):,} characters; {n_val:,} held out")
+    log(f"corpus sha256 {hashlib.sha256(chr(0).join(docs).encode()).hexdigest()[:16]}")
 
     tokenizer = train_tokenizer(docs, args.shape.vocab_size)
     log(f"tokenizer: {len(tokenizer)} tokens")

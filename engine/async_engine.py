@@ -24,6 +24,8 @@ from engine.errors import EngineDeadError, EngineDrainingError, QueueFullError
 from engine.llm_engine import EngineStats, LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from engine.step_in_flight import StepInFlight
 from engine.tokenizer import encode_prompt
 
 __all__ = ["AsyncEngine", "EngineStats"]
@@ -197,35 +199,96 @@ class AsyncEngine:
         if queue is not None:
             queue.put_nowait(out)
 
+    def _launch_and_collect(
+        self,
+        scheduler_output: SchedulerOutput,
+        previous: tuple[SchedulerOutput, StepInFlight] | None,
+    ) -> tuple[StepInFlight | BaseException | None, ModelRunnerOutput | BaseException | None]:
+        """Worker thread: queue the new step (if any), then wait for the previous one's results."""
+        launched: StepInFlight | BaseException | None = None
+        if not scheduler_output.is_empty:
+            try:
+                launched = self.engine.launch(scheduler_output)
+            except Exception as exc:  # noqa: BLE001 - reported on the affected requests
+                launched = exc
+        prev_output: ModelRunnerOutput | BaseException | None = None
+        if previous is not None:
+            try:
+                prev_output = previous[1].result()
+            except Exception as exc:  # noqa: BLE001 - reported on the affected requests
+                prev_output = exc
+        return launched, prev_output
+
+    async def _run_sync_step(
+        self, loop: asyncio.AbstractEventLoop, scheduler_output: SchedulerOutput
+    ) -> None:
+        engine = self.engine
+        try:
+            runner_output = await loop.run_in_executor(self._executor, engine.execute, scheduler_output)
+        except Exception as exc:  # noqa: BLE001 - reported on the affected requests
+            self._fail(scheduler_output, exc)
+            if self._is_fatal(exc):
+                raise
+            return
+        for out in engine.update(scheduler_output, runner_output):
+            self._deliver(out)
+
+    def _fail(self, scheduler_output: SchedulerOutput, exc: BaseException) -> None:
+        for out in self.engine.fail_scheduled(scheduler_output, exc):
+            self._deliver(out)
+
+    @staticmethod
+    def _is_fatal(exc: BaseException) -> bool:
+        return any(marker in str(exc) for marker in _FATAL_MARKERS)
+
     async def _step_loop(self) -> None:
         loop = asyncio.get_running_loop()
         engine = self.engine
+        use_async = self.config.async_scheduling
         assert self._work_available is not None and self._idle is not None
+        # Async scheduling: (scheduler output, launched step) of the step on the device, whose
+        # results are applied after the next step is launched.
+        in_flight: tuple[SchedulerOutput, StepInFlight] | None = None
         try:
             while True:
-                if not engine.has_unfinished_requests():
+                if not engine.has_unfinished_requests() and in_flight is None:
                     self._idle.set()
                     self._work_available.clear()
                     await self._work_available.wait()
                     continue
                 scheduler_output = engine.schedule()
-                if scheduler_output.is_empty:
+                if scheduler_output.is_empty and in_flight is None:
                     # Only aborted/finished bookkeeping this step; let other tasks run, then go on.
                     engine.update(scheduler_output, None)
                     await asyncio.sleep(0)
                     continue
-                try:
-                    runner_output = await loop.run_in_executor(
-                        self._executor, engine.execute, scheduler_output
-                    )
-                except Exception as exc:  # noqa: BLE001 - reported on the affected requests
-                    for out in engine.fail_scheduled(scheduler_output, exc):
-                        self._deliver(out)
-                    if any(marker in str(exc) for marker in _FATAL_MARKERS):
-                        raise
+                if not use_async:
+                    await self._run_sync_step(loop, scheduler_output)
                     continue
-                for out in engine.update(scheduler_output, runner_output):
-                    self._deliver(out)
+                # Launch step N+1 and wait for step N's ids in one worker-thread call, then apply
+                # step N on the loop while the device runs N+1.
+                previous, in_flight = in_flight, None
+                launched, prev_output = await loop.run_in_executor(
+                    self._executor, self._launch_and_collect, scheduler_output, previous
+                )
+                if isinstance(launched, BaseException):
+                    self._fail(scheduler_output, launched)
+                elif launched is not None:
+                    in_flight = (scheduler_output, launched)
+                if previous is not None:
+                    if isinstance(prev_output, BaseException):
+                        self._fail(previous[0], prev_output)
+                    else:
+                        for out in engine.update(previous[0], prev_output):
+                            self._deliver(out)
+                if isinstance(launched, BaseException) and self._is_fatal(launched):
+                    raise launched
+                if isinstance(prev_output, BaseException) and self._is_fatal(prev_output):
+                    raise prev_output
+                if in_flight is not None and not engine.has_unfinished_requests():
+                    # Nobody waits for the step just launched: drain it so an idle engine is idle.
+                    await loop.run_in_executor(self._executor, in_flight[1].result)
+                    in_flight = None
         except asyncio.CancelledError:
             raise
         except BaseException as exc:

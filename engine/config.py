@@ -6,7 +6,7 @@ resolved from the model (`max_model_len`) or the device (`num_kv_blocks`) when t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 VALID_DTYPES = ("auto", "float32", "float16", "bfloat16")
 VALID_DEVICES = ("auto", "cpu", "cuda")
@@ -27,11 +27,14 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # None: from gpu_memory_utilization (cuda) or cpu_kv_cache_gb
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_gb: float = 1.0
-    max_num_seqs: int = 256
+    max_num_seqs: int | None = None  # None: 1024 on cuda (as vLLM on large GPUs), 256 on cpu
     max_num_batched_tokens: int | None = None  # None: max(8192, max_model_len) on cuda, 512 on cpu
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # True: no CUDA graphs
-    max_cuda_graph_batch_size: int = 256
+    # Schedule and launch step N+1 while the device still runs step N (its sampled ids are fed to
+    # N+1 on the device); the host's bookkeeping then hides behind GPU time. False: one step at a time.
+    async_scheduling: bool = True
+    max_cuda_graph_batch_size: int | None = None  # None: 512 (decode batches above run eagerly)
     # Admission control (serving): beyond these the server answers 429 instead of queueing.
     max_waiting_requests: int = 1024
     max_waiting_tokens: int = 1_048_576
@@ -51,12 +54,28 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1]; got {self.gpu_memory_utilization}")
         if self.cpu_kv_cache_gb <= 0:
             raise ValueError(f"cpu_kv_cache_gb must be > 0; got {self.cpu_kv_cache_gb}")
-        _positive("max_num_seqs", self.max_num_seqs)
+        if self.max_num_seqs is not None:
+            _positive("max_num_seqs", self.max_num_seqs)
         if self.max_num_batched_tokens is not None:
             _positive("max_num_batched_tokens", self.max_num_batched_tokens)
-        _positive("max_cuda_graph_batch_size", self.max_cuda_graph_batch_size)
+        if self.max_cuda_graph_batch_size is not None:
+            _positive("max_cuda_graph_batch_size", self.max_cuda_graph_batch_size)
         _positive("max_waiting_requests", self.max_waiting_requests)
         _positive("max_waiting_tokens", self.max_waiting_tokens)
+
+    def with_device_defaults(self, device: str) -> EngineConfig:
+        """A copy with the fields left None that depend on the device ("cpu" or "cuda") filled in.
+
+        On a GPU the batch may be much larger than on a CPU: many sequences per step keep the weights'
+        memory traffic amortised (offline throughput with 1000 requests is bound by how many run at
+        once), and the KV cache, not this number, is what limits them in practice.
+        """
+        on_cuda = device == "cuda"
+        return replace(
+            self,
+            max_num_seqs=self.max_num_seqs or (1024 if on_cuda else 256),
+            max_cuda_graph_batch_size=self.max_cuda_graph_batch_size or 512,
+        )
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -82,6 +82,8 @@ class LLM:
             for i, (prompt, params) in enumerate(zip(prompts, params_list, strict=True)):
                 request_id = str(self._next_id)
                 self._next_id += 1
+                params = params.copy()
+                params.output_kind = "final_only"  # only finished outputs are returned
                 engine.add_request(request_id, prompt, params, priority=priority[i] if priority else 0)
                 ids.append(request_id)
         except Exception:

@@ -2,7 +2,9 @@
 
 A step is three calls — `schedule()`, `execute(scheduler_output)`, `update(...)` — so the async
 engine can run the middle one on its worker thread and the other two on the event loop. Everything
-here except `execute` is plain Python bookkeeping plus detokenization.
+here except `execute` is plain Python bookkeeping plus detokenization. With async scheduling (the
+default) `execute` splits into `launch` (queue the step on the device) and `StepInFlight.result()`,
+and step N's update runs after step N+1 is launched, so it hides behind the device's work.
 
 Parallel sampling (n > 1) fans a request out into n child requests that share the prompt's KV blocks
 through the prefix cache; their outputs are gathered back into one RequestOutput.
@@ -24,6 +26,7 @@ from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from engine.step_in_flight import StepInFlight
 from engine.tokenizer import encode_prompt, load_tokenizer
 
 logger = logging.getLogger("weir.engine")
@@ -80,6 +83,7 @@ class LLMEngine:
         self.model_config = ModelConfig.from_pretrained(
             config.model, max_model_len=config.max_model_len, dtype=config.dtype, device=config.device
         )
+        config = self.config = config.with_device_defaults(self.model_config.device)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
         self.runner = ModelRunner(config, self.model_config)
         self.runner.load_model()
@@ -110,6 +114,8 @@ class LLMEngine:
         self._parents: dict[str, _ParentState] = {}
         self._children: dict[str, _Child] = {}
         self._prompt_tokens_total = 0
+        # Async scheduling: the step launched last, whose results the next step() applies.
+        self._in_flight: tuple[SchedulerOutput, StepInFlight] | None = None
         self._generation_tokens_total = 0
         self.startup_seconds = time.perf_counter() - start
         logger.info(
@@ -137,7 +143,9 @@ class LLMEngine:
 
         `prompt_text` is the text a token-id prompt came from, when the caller tokenized it already.
         """
-        params = params if params is not None else SamplingParams()
+        # The engine fills max_tokens and the stop-token set in: on its own copy, so one params object
+        # can serve many prompts (of different lengths) without leaking one request's limits into another.
+        params = params.copy() if params is not None else SamplingParams()
         if request_id in self._parents:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if isinstance(prompt, str):
@@ -225,52 +233,99 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
-        """One engine iteration: schedule, run the model, update. Returns outputs of changed requests."""
+        """One engine iteration. Returns the outputs of the requests that changed.
+
+        Synchronous (async_scheduling=False): schedule, execute, update. Async: schedule and launch
+        step N+1, then update with step N's results while the device runs N+1 (see
+        engine.step_in_flight); the outputs returned are step N's.
+        """
+        if not self.config.async_scheduling:
+            scheduler_output = self.schedule()
+            if scheduler_output.is_empty:
+                return self.update(scheduler_output, None)
+            try:
+                runner_output = self.execute(scheduler_output)
+            except Exception as exc:  # noqa: BLE001 - the failure is reported on the affected requests
+                return self.fail_scheduled(scheduler_output, exc)
+            return self.update(scheduler_output, runner_output)
+
         scheduler_output = self.schedule()
-        if scheduler_output.is_empty:
-            return self.update(scheduler_output, None)
+        previous, self._in_flight = self._in_flight, None
+        outputs: list[RequestOutput] = []
+        if not scheduler_output.is_empty:
+            try:
+                self._in_flight = (scheduler_output, self.launch(scheduler_output))
+            except Exception as exc:  # noqa: BLE001 - the failure is reported on the affected requests
+                outputs += self.fail_scheduled(scheduler_output, exc)
+        if previous is not None:
+            outputs += self.finish_step(*previous)
+        if not self._parents and self._in_flight is not None:
+            # Everything finished with the step just launched: its tokens are unneeded, but wait for
+            # it so that an idle engine has nothing left on the device.
+            self.finish_step(*self._in_flight)
+            self._in_flight = None
+        return outputs
+
+    def flush(self) -> list[RequestOutput]:
+        """Apply the step in flight, if any (async scheduling): afterwards the device holds no step
+        of this engine, and schedule/execute/update may be driven by hand."""
+        if self._in_flight is None:
+            return []
+        scheduler_output, launched = self._in_flight
+        self._in_flight = None
+        return self.finish_step(scheduler_output, launched)
+
+    def finish_step(self, scheduler_output: SchedulerOutput, launched: StepInFlight) -> list[RequestOutput]:
+        """Wait for a launched step's results and apply them (the update half of an async step)."""
         try:
-            runner_output = self.execute(scheduler_output)
+            runner_output = launched.result()
         except Exception as exc:  # noqa: BLE001 - the failure is reported on the affected requests
             return self.fail_scheduled(scheduler_output, exc)
         return self.update(scheduler_output, runner_output)
 
     def schedule(self) -> SchedulerOutput:
-        return self.scheduler.schedule()
+        scheduler_output = self.scheduler.schedule()
+        self._prompt_tokens_total += scheduler_output.num_prompt_tokens
+        return scheduler_output
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """The forward pass and sampling: the only part that touches the device."""
         return self.runner.execute_model(scheduler_output)
+
+    def launch(self, scheduler_output: SchedulerOutput) -> StepInFlight:
+        """Queue the forward pass and sampling on the device; `result()` on the returned step waits."""
+        return self.runner.execute_model_async(scheduler_output)
 
     def update(
         self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput | None
     ) -> list[RequestOutput]:
         now = time.monotonic()
         touched: dict[str, _ParentState] = {}
-        for req_id, n in scheduler_output.num_scheduled_tokens.items():
-            child = self._children.get(req_id)
-            if child is not None:
-                # num_computed_tokens was advanced at schedule time; count the prompt part of this chunk.
-                after = child.request.num_computed_tokens
-                self._prompt_tokens_total += max(0, min(after, child.request.num_prompt_tokens) - (after - n))
         if runner_output is None:
             return []
+        if runner_output.prompt_logprobs:
+            starts = {c.req_id: c.num_computed_tokens for c in scheduler_output.cached_requests}
+            starts.update((r.req_id, r.num_computed_tokens) for r in scheduler_output.new_requests)
         for req_id, entries in runner_output.prompt_logprobs.items():
             child = self._children.get(req_id)
-            if child is None or child.index != 0:
+            if (
+                child is None
+                or child.index != 0
+                or child.request is not scheduler_output.requests.get(req_id)
+            ):
                 continue
             parent = self._parents[child.parent_id]
             assert parent.prompt_logprobs is not None
             # Entry k scores prompt position start + 1 + k. After a preemption mid-prefill the runner
             # recomputes positions it already reported; keep only positions not yet collected.
-            start = child.request.num_computed_tokens - scheduler_output.num_scheduled_tokens[req_id]
+            start = starts[req_id]
             for k, entry in enumerate(entries):
                 if start + 1 + k == len(parent.prompt_logprobs):
                     parent.prompt_logprobs.append(self._to_position_logprobs(entry))
 
         for request, new_token_ids in self.scheduler.update_from_output(scheduler_output, runner_output):
             child = self._children.get(request.req_id)
-            if child is None:
+            if child is None or child.request is not request:
                 continue
             parent = self._parents[child.parent_id]
             if parent.metrics.first_token_time is None:
@@ -291,7 +346,8 @@ class LLMEngine:
             if request.is_finished:
                 child.finish_reason = request.status.finish_reason
                 child.detokenizer.finish()
-            touched[parent.request_id] = parent
+            if parent.params.output_kind == "cumulative" or parent.finished:
+                touched[parent.request_id] = parent
         return [self._make_output(p, now) for p in touched.values()]
 
     def fail_scheduled(self, scheduler_output: SchedulerOutput, exc: BaseException) -> list[RequestOutput]:

@@ -11,8 +11,12 @@ chunks of max_num_seqs rows), and sample them with engine.sampler in one host tr
 steps of up to max_cuda_graph_batch_size sequences are padded to a captured size and replayed);
 `build_step_inputs` the one place batches are built.
 
-Host syncs per step: one, when the sampler brings the sampled ids back (a second one only when some
-request asked for logprobs). Step inputs go through a reused pinned buffer with one non_blocking copy.
+Host syncs per step: none inside `execute_model_async`; the sampled ids (and logprobs) come back
+through a non_blocking copy that `StepInFlight.result()` waits for (engine.step_in_flight). A decode
+whose input token is still being sampled by the previous step reads it from that step's device tensor,
+so the engine can schedule and launch step N+1 before step N's ids reach the host. Prompt logprobs
+and penalties over a token in flight are the exceptions that wait. Step inputs go through a reused
+pinned buffer with one non_blocking copy.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from engine.models.registry import get_model_class
 from engine.sampler import Sampler, SamplingRow, build_sampling_metadata, compute_prompt_logprobs
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import ModelRunnerOutput, NewRequestData, SchedulerOutput, TokenLogprobs
+from engine.step_in_flight import StepInFlight
 from engine.weight_loader import initialize_dummy_weights, load_weights
 
 logger = logging.getLogger("weir.engine")
@@ -94,6 +99,9 @@ class _RequestState:
     num_computed_tokens: int
     # False when the request came back after preemption with outputs: its prompt logprobs were sent.
     emit_prompt_logprobs: bool
+    # Penalties read the output ids themselves, so such a request cannot sample on top of a token
+    # still in flight: the runner resolves the previous step first.
+    needs_output_ids: bool = False
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -102,9 +110,9 @@ class _RequestState:
 
 class ModelRunner:
     def __init__(self, engine_config: EngineConfig, model_config: ModelConfig) -> None:
-        self.engine_config = engine_config
-        self.model_config = model_config
         self.device = torch.device(model_config.device)
+        self.engine_config = engine_config = engine_config.with_device_defaults(self.device.type)
+        self.model_config = model_config
         self.dtype: torch.dtype = getattr(torch, model_config.dtype)
         self.block_size = engine_config.block_size
         self.max_model_len = model_config.max_model_len
@@ -118,6 +126,8 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_kv_blocks = 0
         self.requests: dict[str, _RequestState] = {}
+        # The last step that sampled: the next one may read its ids on the device (async scheduling).
+        self._last_step: StepInFlight | None = None
         self.sampler = Sampler()
         self.graph_runner: CUDAGraphRunner | None = None
         self._staging = PinnedStaging() if self.device.type == "cuda" else None
@@ -429,9 +439,12 @@ class ModelRunner:
         query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
         np.cumsum(n, out=query_start_loc[1:])
         num_tokens = int(query_start_loc[-1])
+        # A last token not known yet (still being sampled on the device) is a 0 here; the caller
+        # scatters the real id in on the device.
         input_ids = np.fromiter(
             itertools.chain.from_iterable(
-                t[c : c + k] for t, c, k in zip(token_ids, num_computed, num_scheduled, strict=True)
+                t[c : c + k] if c + k <= len(t) else (*t[c:], 0)
+                for t, c, k in zip(token_ids, num_computed, num_scheduled, strict=True)
             ),
             dtype=np.int64,
             count=num_tokens,
@@ -469,7 +482,7 @@ class ModelRunner:
         """
         bs = self.block_size
         arrays = pad_decode_batch(
-            [t[c] for t, c in zip(token_ids, num_computed, strict=True)],
+            [t[c] if c < len(t) else 0 for t, c in zip(token_ids, num_computed, strict=True)],
             num_computed,
             [b[c // bs] * bs + c % bs for b, c in zip(block_tables, num_computed, strict=True)],
             [c + 1 for c in num_computed],
@@ -549,21 +562,41 @@ class ModelRunner:
             num_computed_tokens=new.num_computed_tokens,
             emit_prompt_logprobs=new.sampling_params.prompt_logprobs is not None
             and len(token_ids) == num_prompt,
+            needs_output_ids=new.sampling_params.repetition_penalty != 1.0
+            or new.sampling_params.frequency_penalty != 0.0
+            or new.sampling_params.presence_penalty != 0.0,
         )
 
     # ------------------------------------------------------------------ step
-    @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step and wait for its sampled ids."""
+        return self.execute_model_async(scheduler_output).result()
+
+    @torch.inference_mode()
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepInFlight:
+        """Queue one step on the device and return without waiting for its sampled ids.
+
+        A request whose input token is the one the previous step is still sampling (async
+        scheduling) gets it from that step's device tensor. Each step resolves the one before it
+        first, so tokens reach the states in launch order whoever calls `result()`.
+        """
+        prev = self._last_step if self._last_step is not None and not self._last_step.done else None
         self._update_states(scheduler_output)
         scheduled = scheduler_output.num_scheduled_tokens
         output = ModelRunnerOutput(sampled_token_ids={req_id: [] for req_id in scheduled})
         if scheduler_output.total_num_scheduled_tokens == 0 or not scheduled:
-            return output
+            return StepInFlight.finished(output)
+        if prev is not None and self._needs_ids_of(prev, scheduled):
+            prev.result()  # a penalty reads the output ids: no overlap for this step
+            prev = None
 
         states: list[_RequestState] = []
         num_scheduled: list[int] = []
         sample_rows: list[int] = []  # flat-batch rows whose logits are sampled
         sample_states: list[_RequestState] = []
+        num_pending: list[int] = []  # per sampled row: 1 if its input token is still in flight
+        pending_dst: list[int] = []  # flat-batch rows whose input id comes from `prev` on the device
+        pending_src: list[int] = []  # ... and the row of prev.sampled it comes from
         prompt_rows: list[np.ndarray] = []  # flat-batch rows scored for prompt logprobs
         prompt_targets: list[tuple[_RequestState, list[int]]] = []
         offset = 0
@@ -574,10 +607,15 @@ class ModelRunner:
             if state is None:
                 raise RuntimeError(f"request {req_id!r} is scheduled but the runner holds no state for it")
             start, end = state.num_computed_tokens, state.num_computed_tokens + n
-            if end > len(state.token_ids):
-                raise RuntimeError(
-                    f"request {req_id!r}: {n} tokens scheduled from {start}, but only {len(state.token_ids)} are known"
-                )
+            known = len(state.token_ids)
+            if end > known:
+                # Only the last scheduled token may be unknown, and only if the step in flight samples it.
+                if end > known + 1 or prev is None or req_id not in prev.row_of:
+                    raise RuntimeError(
+                        f"request {req_id!r}: {n} tokens scheduled from {start}, but only {known} are known"
+                    )
+                pending_dst.append(offset + n - 1)
+                pending_src.append(prev.row_of[req_id])
             if end > len(state.block_ids) * self.block_size:
                 raise RuntimeError(
                     f"request {req_id!r}: {len(state.block_ids)} blocks cannot hold {end} tokens"
@@ -586,9 +624,10 @@ class ModelRunner:
             num_scheduled.append(n)
             max_scheduled = max(max_scheduled, n)
             max_num_blocks = max(max_num_blocks, len(state.block_ids))
-            if end == len(state.token_ids):
+            if end >= known:
                 sample_rows.append(offset + n - 1)
                 sample_states.append(state)
+                num_pending.append(end - known)
             if state.emit_prompt_logprobs:
                 # position p scores token p + 1; only positions whose next token is a prompt token
                 last = min(end, state.num_prompt_tokens - 1)
@@ -609,14 +648,18 @@ class ModelRunner:
             logits_indices,
             graph_size=graph_size,
         )
+        if pending_dst:
+            assert prev is not None and prev.sampled is not None
+            _scatter_rows(step.input_ids, pending_dst, prev.sampled, pending_src)
         hidden = self._forward(step.input_ids, step.positions, step.metadata)
         for state, n in zip(states, num_scheduled, strict=True):
             state.num_computed_tokens += n
         if logits_indices.size == 0:
-            return output
+            return StepInFlight.finished(output)
 
         # Prompt logprobs in chunks of at most max_num_seqs rows: a whole prompt chunk's logits
         # ([max_num_batched_tokens, vocab] fp32) would be far beyond what the memory profile reserved.
+        # (They come back synchronously: rare, and a step that has them is a prefill anyway.)
         row = len(sample_rows)
         chunk = self.engine_config.max_num_seqs
         for state, targets in prompt_targets:
@@ -629,25 +672,45 @@ class ModelRunner:
             output.prompt_logprobs[state.req_id] = lps
             row += len(targets)
 
-        if sample_states:
-            # [num_sampled, vocab] fp32; the sampled rows come first in logits_indices
-            logits = self.compute_logits(hidden[step.logits_indices[: len(sample_states)]])
-            rows = [
-                SamplingRow(
-                    params=s.sampling_params,
-                    prompt_token_ids=s.prompt_token_ids,
-                    output_token_ids=s.output_token_ids,
-                )
-                for s in sample_states
-            ]
-            md = build_sampling_metadata(rows, vocab_size=self.vocab_size, device=self.device)
-            result = self.sampler(logits, md)
-            for state, token, lp in zip(
-                sample_states, result.sampled_token_ids, result.logprobs, strict=True
-            ):
-                state.token_ids.append(token)
-                state.output_token_ids.append(token)
-                output.sampled_token_ids[state.req_id] = [token]
-                if lp is not None:
-                    output.logprobs[state.req_id] = lp
-        return output
+        if not sample_states:
+            return StepInFlight.finished(output)
+        # [num_sampled, vocab] fp32; the sampled rows come first in logits_indices
+        logits = self.compute_logits(hidden[step.logits_indices[: len(sample_states)]])
+        rows = [
+            SamplingRow(
+                params=s.sampling_params,
+                prompt_token_ids=s.prompt_token_ids,
+                output_token_ids=s.output_token_ids,
+                num_pending_outputs=p,
+            )
+            for s, p in zip(sample_states, num_pending, strict=True)
+        ]
+        md = build_sampling_metadata(rows, vocab_size=self.vocab_size, device=self.device)
+        sampled, packed_logprobs = self.sampler.sample(logits, md)
+        launched = StepInFlight.launch(output, sampled, packed_logprobs, sample_states, md, previous=prev)
+        self._last_step = launched
+        return launched
+
+    def _needs_ids_of(self, prev: StepInFlight, scheduled: dict[str, int]) -> bool:
+        """True when a scheduled request that waits on `prev`'s token must see the id on the host."""
+        for req_id in prev.row_of:
+            state = self.requests.get(req_id)
+            if state is not None and state.needs_output_ids and req_id in scheduled:
+                return True
+        return False
+
+
+def _scatter_rows(input_ids: torch.Tensor, dst: list[int], sampled: torch.Tensor, src: list[int]) -> None:
+    """input_ids[dst] = sampled[src] on the device: feed tokens still in flight to the next step.
+
+    In steady decoding the batch keeps its order, so both index lists are 0..k-1: one slice copy,
+    no index tensors to transfer.
+    """
+    k = len(dst)
+    if dst[0] == 0 and src[0] == 0 and dst[-1] == k - 1 and src[-1] == k - 1 and dst == src == list(range(k)):
+        input_ids[:k].copy_(sampled[:k])
+        return
+    index = torch.tensor([dst, src], dtype=torch.int64)
+    if input_ids.device.type == "cuda":
+        index = index.pin_memory().to(input_ids.device, non_blocking=True)
+    input_ids[index[0]] = sampled[index[1]]

@@ -3,7 +3,9 @@
 Scheduling is in tokens, not phases: a request is `all_token_ids` (prompt + outputs so far) and
 `num_computed_tokens` (how many of them have KV in the cache). Prefill, chunked prefill, decode,
 prefix-cache hits and recompute after preemption are all the same rule: compute the tokens from
-`num_computed_tokens` up to `num_tokens`.
+`num_computed_tokens` up to `num_tokens`. With async scheduling the bound is
+`num_tokens_with_placeholders`: a decode may be scheduled for the token that the step in flight
+is still sampling (the runner feeds it from the device).
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    # Tokens that steps already launched will sample but whose ids are not known yet (async
+    # scheduling: step N+1 is scheduled while step N runs). 0 or 1 between steps; the scheduler
+    # counts them as known tokens when it hands out work, and the update removes them.
+    num_output_placeholders: int = 0
     # Prompt tokens found in the prefix cache at first scheduling (reported as cached_tokens).
     num_cached_tokens: int = -1
     num_preemptions: int = 0
@@ -78,6 +84,10 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_tokens_with_placeholders(self) -> int:
+        return len(self.all_token_ids) + self.num_output_placeholders
 
     @property
     def num_output_tokens(self) -> int:

@@ -38,7 +38,14 @@ class SamplingRow:
 
     params: SamplingParams
     prompt_token_ids: list[int]
-    output_token_ids: list[int]  # outputs so far, before this step
+    output_token_ids: list[int]  # outputs so far whose ids are known, before this step
+    # Outputs sampled by a step still in flight (async scheduling): they count for seeds and
+    # min_tokens. Rows with penalties need the ids themselves, so the runner waits for them first.
+    num_pending_outputs: int = 0
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids) + self.num_pending_outputs
 
 
 @dataclass(slots=True)
@@ -145,7 +152,7 @@ def build_sampling_metadata(
 
         if not greedy and p.seed is not None:
             gen = torch.Generator(device=device)
-            gen.manual_seed(seed_for_step(p.seed, len(row.output_token_ids)))
+            gen.manual_seed(seed_for_step(p.seed, row.num_output_tokens))
             generators[i] = gen
 
         if p.logit_bias:
@@ -154,7 +161,7 @@ def build_sampling_metadata(
                     edit_r.append(i)
                     edit_t.append(tok)
                     edit_v.append(bias)
-        if len(row.output_token_ids) < p.min_tokens:
+        if row.num_output_tokens < p.min_tokens:
             for tok in p.all_stop_token_ids:
                 if tok < vocab_size:
                     edit_r.append(i)
@@ -313,12 +320,13 @@ def _rank_and_top(
     return chosen_lp, rank, logprobs.new_empty(logprobs.shape[0], 0), None
 
 
-def _pack(chosen_lp: Tensor, rank: Tensor, top_vals: Tensor, top_ids: Tensor | None) -> list[list[float]]:
-    """One host transfer: [R, 2 + 2N] float64 (ids and ranks are exact in float64)."""
+def _pack(chosen_lp: Tensor, rank: Tensor, top_vals: Tensor, top_ids: Tensor | None) -> Tensor:
+    """Everything a host needs in one tensor, for one transfer: [R, 2 + 2N] float64 (ids and ranks
+    are exact in float64)."""
     parts = [chosen_lp.double().unsqueeze(-1), rank.double().unsqueeze(-1), top_vals.double()]
     if top_ids is not None:
         parts.append(top_ids.double())
-    return torch.cat(parts, dim=-1).tolist()
+    return torch.cat(parts, dim=-1)
 
 
 def _unpack(row: list[float], chosen: int, num_top: int, width: int) -> TokenLogprobs:
@@ -337,14 +345,20 @@ def compute_prompt_logprobs(logits: Tensor, target_token_ids: list[int], num_top
         return []
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # [T, V]
     targets = torch.tensor(target_token_ids, dtype=torch.int64).to(logits.device, non_blocking=True)
-    packed = _pack(*_rank_and_top(logprobs, targets, num_top))
+    packed = _pack(*_rank_and_top(logprobs, targets, num_top)).tolist()
     return [_unpack(row, tok, num_top, num_top) for row, tok in zip(packed, target_token_ids, strict=True)]
 
 
 # ---------------------------------------------------------------------------- the sampler
 class Sampler:
     def __call__(self, logits: Tensor, md: SamplingMetadata) -> SamplerOutput:
-        # logits: [B, V] fp32
+        """Sample and bring the results to the host (blocks until the device is done)."""
+        sampled, packed = self.sample(logits, md)
+        return self.to_output(sampled.tolist(), packed.tolist() if packed is not None else [], md)
+
+    def sample(self, logits: Tensor, md: SamplingMetadata) -> tuple[Tensor, Tensor | None]:
+        """Device side only, no host sync: logits [B, V] fp32 -> sampled ids [B] int64 and, when some
+        row asked for logprobs, their packed logprobs [L, 2 + 2N] float64 (see `to_output`)."""
         raw_logprobs = torch.log_softmax(logits, dim=-1) if md.max_num_logprobs is not None else None
 
         logits = process_logits(logits, md)
@@ -356,7 +370,7 @@ class Sampler:
             assert md.greedy_mask is not None
             sampled = torch.where(md.greedy_mask, logits.argmax(dim=-1), _sample_random(logits, md))
 
-        packed: list[list[float]] = []
+        packed = None
         if raw_logprobs is not None:
             assert md.max_num_logprobs is not None
             chosen = sampled
@@ -364,8 +378,11 @@ class Sampler:
                 raw_logprobs = raw_logprobs.index_select(0, md.logprob_rows)
                 chosen = sampled.index_select(0, md.logprob_rows)
             packed = _pack(*_rank_and_top(raw_logprobs, chosen, md.max_num_logprobs))
+        return sampled, packed
 
-        sampled_ids: list[int] = sampled.tolist()
+    @staticmethod
+    def to_output(sampled_ids: list[int], packed: list[list[float]], md: SamplingMetadata) -> SamplerOutput:
+        """Host side: the sampled ids [B] and packed logprob rows [L] from `sample`, as Python values."""
         logprobs: list[TokenLogprobs | None] = [None] * md.num_rows
         j = 0
         for i, n in enumerate(md.num_logprobs):

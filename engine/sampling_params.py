@@ -15,6 +15,7 @@ MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 1024
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS_ENTRIES = 1024
+OUTPUT_KINDS = ("cumulative", "final_only")
 
 
 @dataclass(slots=True)
@@ -40,6 +41,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
+    # "cumulative": an output after every step that adds tokens (streaming); "final_only": only the
+    # finished output (what LLM.generate and non-streaming requests need; saves host work per step).
+    output_kind: str = "cumulative"
     # Filled by the engine from generation_config / tokenizer; not a user field.
     all_stop_token_ids: set[int] = field(default_factory=set)
 
@@ -60,6 +64,10 @@ class SamplingParams:
     # ---------------------------------------------------------------- validation
     def _validate(self) -> None:
         _int_range("n", self.n, 1, MAX_N)
+        if self.output_kind not in OUTPUT_KINDS:
+            raise ValueError(
+                f"output_kind must be one of {', '.join(OUTPUT_KINDS)}; got {self.output_kind!r}"
+            )
         if self.best_of is not None:
             _int_range("best_of", self.best_of, self.n, MAX_N)
             if self.best_of != self.n:
@@ -131,11 +139,16 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < 1e-5
 
+    def copy(self) -> SamplingParams:
+        """A shallow copy, without re-validating (the engine fills fields of its own copy)."""
+        clone = SamplingParams.__new__(SamplingParams)
+        for name in SamplingParams.__slots__:
+            setattr(clone, name, getattr(self, name))
+        return clone
+
     def clone_for_child(self, seed_offset: int) -> SamplingParams:
         """Params for one of the n sequences of a parallel-sampling request (n=1, seed shifted)."""
-        child = SamplingParams.__new__(SamplingParams)
-        for name in SamplingParams.__slots__:
-            setattr(child, name, getattr(self, name))
+        child = self.copy()
         child.n = 1
         child.best_of = None
         if self.seed is not None:

@@ -42,6 +42,8 @@ class Scheduler:
         max_num_batched_tokens: int,
     ) -> None:
         self.config = config
+        if config.max_num_seqs is None:
+            raise ValueError("Scheduler needs a resolved config: EngineConfig.with_device_defaults(device)")
         self.max_num_seqs = config.max_num_seqs
         self.block_size = config.block_size
         self.num_kv_blocks = num_kv_blocks
@@ -146,14 +148,24 @@ class Scheduler:
         preempted: list[Request] = []
 
         # 1. Running requests: decodes first, then ongoing (chunked) prefills; admission order within.
-        decodes = [r for r in self.running.values() if r.num_tokens - r.num_computed_tokens == 1]
-        prefills = [r for r in self.running.values() if r.num_tokens - r.num_computed_tokens > 1]
+        # Placeholders count as known: under async scheduling a request whose token is still being
+        # sampled by the step in flight is scheduled for it now (the runner feeds it on the device).
+        decodes = []
+        prefills = []
+        for r in self.running.values():
+            remaining = r.num_tokens_with_placeholders - r.num_computed_tokens
+            if remaining == 1:
+                decodes.append(r)
+            elif remaining > 1:
+                prefills.append(r)
         for req in decodes + prefills:
             if budget <= 0:
                 break
             if req.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.num_output_placeholders and self._reaches_limit_in_flight(req):
+                continue  # the step in flight samples its last token; the update finishes it
+            num_new = min(req.num_tokens_with_placeholders - req.num_computed_tokens, budget)
             while True:
                 new_block_ids = kv.allocate_slots(req, num_new)
                 if new_block_ids is not None:
@@ -179,6 +191,8 @@ class Scheduler:
             req = self._peek_waiting()
             if req is None:
                 break
+            if req.num_output_placeholders:
+                break  # preempted while its last step was in flight: wait until that token lands
             computed_blocks, num_hit_tokens = kv.get_computed_blocks(req)
             num_new = min(req.num_tokens - num_hit_tokens, budget)
             if kv.allocate_slots(req, num_new, computed_blocks) is None:
@@ -196,10 +210,15 @@ class Scheduler:
             budget -= num_new
 
         # 3. Build the runner's diff and advance num_computed_tokens now (the runner computes them).
+        # A request whose chunk reaches the end of its tokens gets one sampled token this step: a
+        # placeholder until the update brings its id.
         cached_data = []
+        scheduled_requests: dict[str, Request] = {}
+        num_prompt_scheduled = 0
         for req, new_block_ids in scheduled_running.values():
             cached_data.append(CachedRequestData(req.req_id, new_block_ids, req.num_computed_tokens))
-            req.num_computed_tokens += num_scheduled[req.req_id]
+            num_prompt_scheduled += self._advance(req, num_scheduled[req.req_id])
+            scheduled_requests[req.req_id] = req
         new_data = []
         for req in new_reqs:
             new_data.append(
@@ -212,7 +231,8 @@ class Scheduler:
                     num_computed_tokens=req.num_computed_tokens,
                 )
             )
-            req.num_computed_tokens += num_scheduled[req.req_id]
+            num_prompt_scheduled += self._advance(req, num_scheduled[req.req_id])
+            scheduled_requests[req.req_id] = req
 
         finished, self._finished_req_ids = self._finished_req_ids, set()
         return SchedulerOutput(
@@ -222,6 +242,26 @@ class Scheduler:
             total_num_scheduled_tokens=sum(num_scheduled.values()),
             finished_req_ids=finished,
             preempted_req_ids={r.req_id for r in preempted},
+            requests=scheduled_requests,
+            num_prompt_tokens=num_prompt_scheduled,
+        )
+
+    @staticmethod
+    def _advance(req: Request, num_new: int) -> int:
+        """Advance num_computed_tokens by a scheduled chunk; returns how many of its tokens are prompt."""
+        start = req.num_computed_tokens
+        req.num_computed_tokens = start + num_new
+        if req.num_computed_tokens == req.num_tokens_with_placeholders:
+            req.num_output_placeholders += 1
+        return max(0, min(start + num_new, req.num_prompt_tokens) - start)
+
+    def _reaches_limit_in_flight(self, req: Request) -> bool:
+        """True when the tokens in flight bring the request to max_tokens or max_model_len."""
+        sp = req.sampling_params
+        assert sp.max_tokens is not None  # resolved in add_request
+        return (
+            req.num_output_tokens + req.num_output_placeholders >= sp.max_tokens
+            or req.num_tokens_with_placeholders >= self.max_model_len
         )
 
     # ---------------------------------------------------------------- results
@@ -234,13 +274,17 @@ class Scheduler:
         """
         out: list[tuple[Request, list[int]]] = []
         sampled = runner_output.sampled_token_ids
-        for req_id in scheduler_output.num_scheduled_tokens:
+        for req_id, req in scheduler_output.requests.items():
             token_ids = sampled.get(req_id)
             if not token_ids:
                 continue  # a prefill chunk that did not reach the end
-            req = self.requests.get(req_id)
-            if req is None or req.status != RequestStatus.RUNNING:
-                continue  # aborted between schedule() and now
+            req.num_output_placeholders = max(0, req.num_output_placeholders - len(token_ids))
+            if self.requests.get(req_id) is not req or req.is_finished:
+                # Finished or aborted since it was scheduled (with async scheduling, also by a stop
+                # found in the previous step's output, after this step was launched): drop the token.
+                continue
+            # RUNNING, or PREEMPTED by a schedule() made while this step was in flight: a preempted
+            # request keeps its token, which becomes part of what it recomputes.
             if req.first_token_time is None:
                 req.first_token_time = time.monotonic()
             new_tokens: list[int] = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.request import Request
 from engine.sampling_params import SamplingParams
 
 
@@ -44,6 +45,12 @@ class SchedulerOutput:
     # Requests whose runner state must be dropped: finished, aborted or preempted since last step.
     finished_req_ids: set[str]
     preempted_req_ids: set[str] = field(default_factory=set)
+    # The scheduler's own Request of every scheduled id, so results are matched to the request they
+    # were computed for even if it finished (and its id was reused) while the step was in flight.
+    # Not read by the runner.
+    requests: dict[str, Request] = field(default_factory=dict)
+    # How many of total_num_scheduled_tokens are prompt tokens (the rest recompute or extend outputs).
+    num_prompt_tokens: int = 0
 
     @property
     def is_empty(self) -> bool:

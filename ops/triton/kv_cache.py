@@ -60,6 +60,19 @@ def _write_kv_cache_kernel(
             )
 
 
+# BLOCK_H per (num_kv_heads, head_dim), stored once head_dim passed validation. Python ints only: valid for
+# every batch size and across CUDA-graph capture and replay.
+_BLOCK_H: dict[tuple[int, int], int] = {}
+
+
+def _block_h(num_kv_heads: int, head_dim: int) -> int:
+    if head_dim & (head_dim - 1):
+        raise ValueError(f"write_kv_cache needs a power-of-two head_dim; got {head_dim}")
+    block_h = min(triton.next_power_of_2(num_kv_heads), max(1, 4096 // head_dim))
+    _BLOCK_H[(num_kv_heads, head_dim)] = block_h
+    return block_h
+
+
 def write_kv_cache(
     key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
@@ -67,37 +80,31 @@ def write_kv_cache(
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int64; -1 = skip (padding)
 ) -> None:
-    """Scatter this step's K/V into their cache slots, in place."""
+    """Scatter this step's K/V into their cache slots, in place.
+
+    Strides are read as one tuple per tensor (one call instead of one per dimension): eager forwards
+    are host-bound.
+    """
     num_tokens, num_kv_heads, head_dim = key.shape
-    if head_dim & (head_dim - 1):
-        raise ValueError(f"write_kv_cache needs a power-of-two head_dim; got {head_dim}")
-    if key.stride(-1) != 1:
+    block_h = _BLOCK_H.get((num_kv_heads, head_dim)) or _block_h(num_kv_heads, head_dim)
+    ks = key.stride()
+    if ks[2] != 1:
         key = key.contiguous()
-    if value.stride(-1) != 1:
+        ks = key.stride()
+    vs = value.stride()
+    if vs[2] != 1:
         value = value.contiguous()
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        vs = value.stride()
+    kcs, vcs = k_cache.stride(), v_cache.stride()
+    if kcs[-1] != 1 or vcs[-1] != 1:
         raise ValueError("write_kv_cache needs caches contiguous in head_dim")
-    block_h = min(triton.next_power_of_2(num_kv_heads), max(1, 4096 // head_dim))
     if num_tokens > 0:
+        # Constexprs passed positionally (HEAD_DIM, BLOCK_H): keywords cost a dict build per launch.
         _write_kv_cache_kernel[(num_tokens,)](
-            key,
-            value,
-            k_cache,
-            v_cache,
-            slot_mapping,
-            key.stride(0),
-            key.stride(1),
-            value.stride(0),
-            value.stride(1),
-            k_cache.stride(0),
-            k_cache.stride(1),
-            k_cache.stride(2),
-            v_cache.stride(0),
-            v_cache.stride(1),
-            v_cache.stride(2),
-            num_kv_heads,
-            k_cache.shape[1],
-            HEAD_DIM=head_dim,
-            BLOCK_H=block_h,
+            key, value, k_cache, v_cache, slot_mapping,
+            ks[0], ks[1], vs[0], vs[1],
+            kcs[0], kcs[1], kcs[2], vcs[0], vcs[1], vcs[2],
+            num_kv_heads, k_cache.shape[1],
+            head_dim, block_h,
             num_warps=4,
-        )
+        )  # fmt: skip

@@ -255,6 +255,11 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _num_sms(device_index: int) -> int:
+    """SMs of CUDA device `device_index`; 132 (an H100's) for a CPU tensor (index -1, the interpreter)."""
+    return _sm_count(device_index) if device_index >= 0 else 132
+
+
 def _decode_segments(programs: int, max_seq_len: int, tile: int, sms: int) -> int:
     """Split-KV segments for a decode batch of `programs` (seq, kv head) pairs, contexts up to max_seq_len.
 
@@ -263,13 +268,22 @@ def _decode_segments(programs: int, max_seq_len: int, tile: int, sms: int) -> in
     per segment (b1 ctx4096: 99 -> 15 us), but once they do, the partials and the reduce launch only pay
     off with >= 16 tiles per segment (b32 ctx1024 loses 2% split in two; b64 ctx4096 gains 11%). No
     split under 512 positions, nor past 32 segments (64 measured slower).
+    Called per decode launch, so plain int arithmetic (no triton.cdiv calls).
     """
     if max_seq_len < 512:
         return 1
-    tiles = triton.cdiv(max_seq_len, tile)
+    tiles = (max_seq_len + tile - 1) // tile
     min_tiles = 1 if programs < sms else 16
-    segments = min(triton.cdiv(4 * sms, programs), tiles // min_tiles, 32)
+    segments = min((4 * sms + programs - 1) // programs, tiles // min_tiles, 32)
     return 1 << (segments.bit_length() - 1) if segments >= 2 else 1
+
+
+def _base_launch(group: int, head_dim: int, decode: bool) -> tuple[int, int, int, int]:
+    """(block_m, tile, num_warps, num_stages) before split-KV: the one heuristic both entry points use."""
+    tile = 64 if head_dim <= 128 else 32
+    if decode:
+        return max(16, triton.next_power_of_2(group)), tile, 4, 3
+    return max(64, triton.next_power_of_2(group)), tile, 4, 3
 
 
 def choose_config(
@@ -283,25 +297,49 @@ def choose_config(
 ) -> AttentionConfig:
     """Heuristic from python ints only (CUDA-graph safe: the same config for every replay)."""
     group = num_heads // num_kv_heads
-    sms = (
-        _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        if device.type == "cuda"
-        else 132
-    )
+    block_m, tile, num_warps, num_stages = _base_launch(group, head_dim, max_query_len == 1)
+    segments = 1
     if max_query_len == 1:
-        block_m = max(16, triton.next_power_of_2(group))
-        tile = 64 if head_dim <= 128 else 32
-        return AttentionConfig(
-            block_m=block_m,
-            tile=tile,
-            num_segments=_decode_segments(num_seqs * num_kv_heads, max_seq_len, tile, sms),
-            num_warps=4,
-            num_stages=3,
-        )
-    block_m = max(64, triton.next_power_of_2(group))
+        sms = 132  # a CPU tensor (the interpreter): an H100's count, as in _num_sms
+        if device.type == "cuda":
+            sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        segments = _decode_segments(num_seqs * num_kv_heads, max_seq_len, tile, sms)
     return AttentionConfig(
-        block_m=block_m, tile=64 if head_dim <= 128 else 32, num_segments=1, num_warps=4, num_stages=3
+        block_m=block_m, tile=tile, num_segments=segments, num_warps=num_warps, num_stages=num_stages
     )
+
+
+class _Plan:
+    """Everything `paged_attention` decides from the model's fixed shape, computed (and validated) once per
+    (num_heads, num_kv_heads, head_dim, block_size, dtype, device): eager forwards are host-bound, and
+    a per-call choose_config + AttentionConfig costs more than the launch arithmetic left below.
+    Holds python values only, so it is valid for every batch and across CUDA-graph capture and replay."""
+
+    __slots__ = ("decode", "dot_precision", "group", "prefill", "sms")
+
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device_index: int
+    ) -> None:
+        if head_dim < 16 or head_dim & (head_dim - 1):
+            raise ValueError(f"paged_attention needs a power-of-two head_dim >= 16; got {head_dim}")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+        self.group = group = num_heads // num_kv_heads
+        self.dot_precision = "ieee" if dtype == torch.float32 else "tf32"
+        self.sms = _num_sms(device_index)
+        self.decode = _base_launch(group, head_dim, decode=True)  # (block_m, tile, num_warps, num_stages)
+        self.prefill = _base_launch(group, head_dim, decode=False)
+
+
+_PLANS: dict[tuple[int, int, int, int, torch.dtype, int], _Plan] = {}
+
+
+def _plan(
+    num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype, device: int
+) -> _Plan:
+    plan = _Plan(num_heads, num_kv_heads, head_dim, dtype, device)
+    _PLANS[(num_heads, num_kv_heads, head_dim, block_size, dtype, device)] = plan
+    return plan
 
 
 def paged_attention(
@@ -316,9 +354,23 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole paged context (see the reference)."""
-    return paged_attention_with_config(
-        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len, max_seq_len, scale
+    _, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    dtype, device = query.dtype, query.get_device()
+    plan = _PLANS.get((num_heads, num_kv_heads, head_dim, block_size, dtype, device)) or _plan(
+        num_heads, num_kv_heads, head_dim, block_size, dtype, device
     )
+    num_seqs = seq_lens.shape[0]
+    if max_query_len == 1:
+        block_m, tile, num_warps, num_stages = plan.decode
+        segments = _decode_segments(num_seqs * num_kv_heads, max_seq_len, tile, plan.sms)
+    else:
+        block_m, tile, num_warps, num_stages = plan.prefill
+        segments = 1
+    return _launch(
+        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, plan,
+        block_m, tile, segments, num_warps, num_stages,
+    )  # fmt: skip
 
 
 def paged_attention_with_config(
@@ -333,84 +385,96 @@ def paged_attention_with_config(
     scale: float,
     config: AttentionConfig | None = None,
 ) -> torch.Tensor:
-    num_tokens, num_heads, head_dim = query.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    num_seqs = seq_lens.shape[0]
-    if head_dim < 16 or head_dim & (head_dim - 1):
-        raise ValueError(f"paged_attention needs a power-of-two head_dim >= 16; got {head_dim}")
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
-    if query.stride(-1) != 1:
-        query = query.contiguous()
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("paged_attention needs caches contiguous in head_dim")
-    group = num_heads // num_kv_heads
+    """`paged_attention` with an explicit launch shape (None: the heuristic's, as paged_attention)."""
     if config is None:
-        config = choose_config(
-            num_seqs, num_heads, num_kv_heads, head_dim, max_query_len, max_seq_len, query.device
+        return paged_attention(
+            query,
+            k_cache,
+            v_cache,
+            block_tables,
+            seq_lens,
+            query_start_loc,
+            max_query_len,
+            max_seq_len,
+            scale,
         )
-    block_m = max(config.block_m, triton.next_power_of_2(group))
+    _, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    dtype, device = query.dtype, query.get_device()
+    plan = _PLANS.get((num_heads, num_kv_heads, head_dim, block_size, dtype, device)) or _plan(
+        num_heads, num_kv_heads, head_dim, block_size, dtype, device
+    )
+    block_m = max(config.block_m, triton.next_power_of_2(plan.group))
+    return _launch(
+        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, plan,
+        block_m, config.tile, config.num_segments, config.num_warps, config.num_stages,
+    )  # fmt: skip
+
+
+def _launch(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
+    scale: float,
+    plan: _Plan,
+    block_m: int,
+    tile: int,
+    segments: int,
+    num_warps: int,
+    num_stages: int,
+) -> torch.Tensor:
+    """Allocate the output (and split-KV partials) and launch; every decision is already made."""
+    num_tokens, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    num_seqs = seq_lens.shape[0]
+    qs = query.stride()
+    if qs[2] != 1:
+        query = query.contiguous()
+        qs = query.stride()
+    ks, vs = k_cache.stride(), v_cache.stride()
+    if ks[3] != 1 or vs[3] != 1:
+        raise ValueError("paged_attention needs caches contiguous in head_dim")
+    group = plan.group
     block_q = block_m // group
-    out = torch.empty((num_tokens, num_heads, head_dim), dtype=query.dtype, device=query.device)
+    device = query.device
+    # Contiguous, so its strides are (num_heads * head_dim, head_dim) without asking.
+    out = torch.empty(num_tokens, num_heads, head_dim, dtype=query.dtype, device=device)
     if num_tokens == 0 or num_seqs == 0:
         return out
-    segments = config.num_segments
     if segments > 1:
-        part_acc = torch.empty(
-            (num_tokens, num_heads, segments, head_dim), dtype=torch.float32, device=query.device
-        )
-        part_max = torch.empty((num_tokens, num_heads, segments), dtype=torch.float32, device=query.device)
+        # [num_tokens, num_heads, segments, head_dim], [num_tokens, num_heads, segments] x 2: float32
+        part_acc = torch.empty(num_tokens, num_heads, segments, head_dim, dtype=torch.float32, device=device)
+        part_max = torch.empty(num_tokens, num_heads, segments, dtype=torch.float32, device=device)
         part_sum = torch.empty_like(part_max)
     else:
         part_acc = part_max = part_sum = out  # placeholders; the kernel does not touch them
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads, segments)
-    _paged_attention_kernel[grid](
-        out,
-        part_acc,
-        part_max,
-        part_sum,
-        query,
-        k_cache,
-        v_cache,
-        block_tables,
-        seq_lens,
-        query_start_loc,
-        scale * _LOG2E,
-        num_seqs,
-        num_heads,
-        query.stride(0),
-        query.stride(1),
-        out.stride(0),
-        out.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
+    out_stride_t = num_heads * head_dim
+    # Constexprs passed positionally (a keyword costs a dict build per launch), in the kernel's order.
+    _paged_attention_kernel[(num_tokens // block_q + num_seqs, num_kv_heads, segments)](
+        out, part_acc, part_max, part_sum, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+        scale * _LOG2E, num_seqs, num_heads,
+        qs[0], qs[1], out_stride_t, head_dim,
+        ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
         block_tables.stride(0),
-        GROUP=group,
-        HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size,
-        TILE=config.tile,
-        BLOCK_M=block_m,
-        BLOCK_Q=block_q,
-        NUM_SEGMENTS=segments,
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
+        group,  # GROUP
+        head_dim,  # HEAD_DIM
+        block_size,  # BLOCK_SIZE
+        tile,  # TILE
+        block_m,  # BLOCK_M
+        block_q,  # BLOCK_Q
+        segments,  # NUM_SEGMENTS
+        plan.dot_precision,  # DOT_PRECISION
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )  # fmt: skip
     if segments > 1:
         _reduce_segments_kernel[(num_tokens, num_heads)](
-            out,
-            part_acc,
-            part_max,
-            part_sum,
-            num_heads,
-            out.stride(0),
-            out.stride(1),
-            HEAD_DIM=head_dim,
-            NUM_SEGMENTS=segments,
+            out, part_acc, part_max, part_sum, num_heads, out_stride_t, head_dim,
+            head_dim,  # HEAD_DIM
+            segments,  # NUM_SEGMENTS
             num_warps=4,
-        )
+        )  # fmt: skip
     return out

@@ -41,6 +41,18 @@ def _rms_norm_kernel(
     tl.store(out_ptr + row * stride_out + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# Launch constants per hidden size: (BLOCK, num_warps). Keyed on one python int, so an entry is valid for
+# every batch size and dtype, and during CUDA-graph capture and replay alike (no tensor is cached).
+_LAUNCH: dict[int, tuple[int, int]] = {}
+
+
+def _launch_params(hidden: int) -> tuple[int, int]:
+    block = triton.next_power_of_2(hidden)
+    params = (block, min(max(block // 512, 1), 16))
+    _LAUNCH[hidden] = params
+    return params
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     t = t.reshape(-1, t.shape[-1])
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -52,37 +64,37 @@ def rms_norm(
     eps: float,
     residual: torch.Tensor | None = None,  # [num_tokens, hidden]
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm; with `residual`, first adds it and also returns the sum (the next residual)."""
-    hidden = x.shape[-1]
-    x2 = _rows(x)
+    """RMSNorm; with `residual`, first adds it and also returns the sum (the next residual).
+
+    Eager forwards are host-bound, so the model's case (2-D rows contiguous in hidden) takes no reshape
+    and no view: outputs are allocated 2-D from ints and their row stride is known to be `hidden`.
+    """
+    shape = x.shape
+    hidden = shape[-1]
+    block, num_warps = _LAUNCH.get(hidden) or _launch_params(hidden)
+    x2 = x if len(shape) == 2 and x.stride()[1] == 1 else _rows(x)  # [num_tokens, hidden]
     num_tokens = x2.shape[0]
-    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
-    out2 = out.view(-1, hidden)
+    out_dtype = x.dtype if weight.dtype == x.dtype else torch.promote_types(x.dtype, weight.dtype)
+    out = torch.empty(num_tokens, hidden, dtype=out_dtype, device=x.device)  # [num_tokens, hidden]
     if residual is not None:
-        r2 = _rows(residual)
-        new_residual = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        nr2 = new_residual.view(-1, hidden)
+        r2 = residual if residual.dim() == 2 and residual.stride()[1] == 1 else _rows(residual)
+        new_residual = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)  # [num_tokens, hidden]
+        nr2 = new_residual
     else:
-        r2, nr2 = x2, out2  # placeholders; the kernel does not touch them
-    block = triton.next_power_of_2(hidden)
-    num_warps = min(max(block // 512, 1), 16)
+        r2, nr2 = x2, out  # placeholders; the kernel does not touch them
     if num_tokens > 0:
+        # Constexprs passed positionally (HAS_RESIDUAL, BLOCK): keywords cost a dict build per launch.
         _rms_norm_kernel[(num_tokens,)](
-            out2,
-            nr2,
-            x2,
-            r2,
-            weight.contiguous(),
-            x2.stride(0),
-            r2.stride(0),
-            out2.stride(0),
-            nr2.stride(0),
-            hidden,
-            eps,
-            HAS_RESIDUAL=residual is not None,
-            BLOCK=block,
+            out, nr2, x2, r2, weight.contiguous(),
+            x2.stride(0), r2.stride(0), hidden, hidden,  # out and new_residual are contiguous
+            hidden, eps,
+            residual is not None, block,
             num_warps=num_warps,
-        )
+        )  # fmt: skip
+    if len(shape) != 2:
+        out = out.view(shape)
+        if residual is not None:
+            new_residual = new_residual.view(shape)
     if residual is not None:
         return out, new_residual
     return out

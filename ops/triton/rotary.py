@@ -60,8 +60,27 @@ def _rotary_kernel(
     _rotate_heads(k_out_ptr, k_ptr, stride_k, stride_k_out, row, cos, sin, num_kv_heads, HALF, BLOCK_H)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+# BLOCK_H per (head_dim, cos_sin width, q width, k width), stored once those passed validation. Python
+# ints only: valid for every batch size and across CUDA-graph capture and replay.
+_BLOCK_H: dict[tuple[int, int, int, int], int] = {}
+
+
+def _block_h(head_dim: int, cs_width: int, q_width: int, k_width: int) -> int:
+    if head_dim < 2 or head_dim & (head_dim - 1):
+        raise ValueError(f"rotary_embedding needs a power-of-two head_dim; got {head_dim}")
+    if cs_width != head_dim:
+        raise ValueError(f"cos_sin_cache rows must be head_dim={head_dim} wide; got {cs_width}")
+    num_heads, num_kv_heads = q_width // head_dim, k_width // head_dim
+    block_h = min(triton.next_power_of_2(max(num_heads, num_kv_heads)), max(1, 4096 // head_dim))
+    _BLOCK_H[(head_dim, cs_width, q_width, k_width)] = block_h
+    return block_h
+
+
+def _rows(t: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """[num_tokens, width] with unit stride along width; a view when the layout allows."""
+    if t.dim() != 2:
+        t = t.reshape(num_tokens, -1)
+    return t if t.stride()[1] == 1 else t.contiguous()
 
 
 def rotary_embedding(
@@ -71,38 +90,32 @@ def rotary_embedding(
     cos_sin_cache: torch.Tensor,  # [max_position, rotary_dim]: cos in the first half, sin in the second
     head_dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neox-style rotary embedding; returns new tensors of the input shapes and dtypes."""
-    if head_dim < 2 or head_dim & (head_dim - 1):
-        raise ValueError(f"rotary_embedding needs a power-of-two head_dim; got {head_dim}")
-    if cos_sin_cache.shape[-1] != head_dim:
-        raise ValueError(
-            f"cos_sin_cache rows must be head_dim={head_dim} wide; got {cos_sin_cache.shape[-1]}"
-        )
+    """Neox-style rotary embedding; returns new tensors of the input shapes and dtypes.
+
+    The model passes 2-D q/k (views into the fused qkv buffer): then there is no reshape, and the outputs
+    are allocated at the input shapes directly, so nothing is viewed on the way out (host-bound eager path).
+    """
     num_tokens = query.shape[0]
-    q = _rows(query.reshape(num_tokens, -1))
-    k = _rows(key.reshape(num_tokens, -1))
-    cs = _rows(cos_sin_cache)
-    num_heads, num_kv_heads = q.shape[1] // head_dim, k.shape[1] // head_dim
-    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    block_h = min(triton.next_power_of_2(max(num_heads, num_kv_heads)), max(1, 4096 // head_dim))
+    q = _rows(query, num_tokens)  # [num_tokens, num_heads * head_dim]
+    k = _rows(key, num_tokens)  # [num_tokens, num_kv_heads * head_dim]
+    cs = cos_sin_cache if cos_sin_cache.stride()[-1] == 1 else cos_sin_cache.contiguous()
+    q_width, k_width, cs_width = q.shape[1], k.shape[1], cs.shape[-1]
+    block_h = _BLOCK_H.get((head_dim, cs_width, q_width, k_width)) or _block_h(
+        head_dim, cs_width, q_width, k_width
+    )
+    q_out = torch.empty(num_tokens, q_width, dtype=q.dtype, device=q.device)  # [num_tokens, q_width]
+    k_out = torch.empty(num_tokens, k_width, dtype=k.dtype, device=k.device)  # [num_tokens, k_width]
     if num_tokens > 0:
+        # Constexprs passed positionally (HALF, BLOCK_H): keywords cost a dict build per launch.
         _rotary_kernel[(num_tokens,)](
-            q_out,
-            k_out,
-            q,
-            k,
-            positions,
-            cs,
-            q.stride(0),
-            k.stride(0),
-            q_out.stride(0),
-            k_out.stride(0),
-            cs.stride(0),
-            num_heads,
-            num_kv_heads,
-            HALF=head_dim // 2,
-            BLOCK_H=block_h,
+            q_out, k_out, q, k, positions, cs,
+            q.stride(0), k.stride(0), q_width, k_width, cs.stride(0),  # the outputs are contiguous
+            q_width // head_dim, k_width // head_dim,
+            head_dim // 2, block_h,
             num_warps=4,
-        )
-    return q_out.view(query.shape), k_out.view(key.shape)
+        )  # fmt: skip
+    if query.dim() != 2:
+        q_out = q_out.view(query.shape)
+    if key.dim() != 2:
+        k_out = k_out.view(key.shape)
+    return q_out, k_out

@@ -71,6 +71,7 @@ def test_bad_input_raises_value_error(llm: LLM, prompt, params: SamplingParams, 
         ({"stop": [""]}, "stop"),
         ({"logit_bias": {5: 101.0}}, "logit_bias"),
         ({"seed": "x"}, "seed"),
+        ({"output_kind": "delta"}, "output_kind"),
     ],
 )
 def test_invalid_sampling_params_name_the_field(kwargs: dict, field: str) -> None:
@@ -137,6 +138,35 @@ def test_abort_frees_blocks(llm: LLM) -> None:
     assert not engine.has_unfinished_requests()
     engine.step()
     assert _usage(llm) == 0.0
+
+
+def test_output_kinds(llm: LLM) -> None:
+    """cumulative: an output per step that adds a token; final_only: the finished output alone, the same."""
+    engine = llm.llm_engine
+    seen: dict[str, list] = {"c": [], "f": []}
+    for rid, kind in (("c", "cumulative"), ("f", "final_only")):
+        engine.add_request(
+            rid, [7, 8, 9], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, output_kind=kind)
+        )
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    assert len(seen["c"]) == 6 and [len(o.outputs[0].token_ids_delta) for o in seen["c"]] == [1] * 6
+    (final,) = seen["f"]
+    assert final.finished and final.outputs[0].token_ids == seen["c"][-1].outputs[0].token_ids
+    assert final.outputs[0].text == seen["c"][-1].outputs[0].text
+    assert final.outputs[0].token_ids_delta == final.outputs[0].token_ids  # everything since the start
+    assert final.outputs[0].text_delta == final.outputs[0].text
+    assert _usage(llm) == 0.0
+
+
+def test_one_params_object_serves_prompts_of_different_lengths(llm: LLM) -> None:
+    """max_tokens=None means "up to max_model_len" for each prompt on its own; the caller's object
+    is not modified."""
+    params = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)
+    outs = llm.generate([[5] * 120, [6] * 20], params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [128 - 120, 128 - 20]
+    assert params.max_tokens is None and params.all_stop_token_ids == set()
 
 
 def test_chat_applies_template(llm: LLM) -> None:

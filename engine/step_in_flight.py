@@ -1,0 +1,119 @@
+"""A launched step whose sampled token ids may still be on the device.
+
+Async scheduling overlaps the host's work for step N+1 (schedule, build inputs, launch) and for step
+N's results (update, detokenize, stream) with the GPU's work. The runner returns a `StepInFlight` as
+soon as step N's kernels are queued: its sampled ids are copied to pinned host memory without
+blocking, and `result()` waits for that copy only when the host actually needs the ids. Meanwhile the
+next step reads the same ids straight from `sampled` on the device (the runner scatters them into its
+input ids), so decoding never waits for a device-to-host round trip.
+
+`result()` appends the ids to the runner's per-request state objects it sampled for (objects, not
+ids: a request finished and replaced while the step was in flight cannot get a stale token) and is
+idempotent, so the runner may resolve a step early (a penalty needs the ids) and the engine later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from engine.sampler import Sampler, SamplingMetadata
+from engine.scheduler_output import ModelRunnerOutput
+
+
+class SampledState(Protocol):
+    """What a step appends its sampled token to (the runner's per-request state)."""
+
+    req_id: str
+    token_ids: list[int]
+    output_token_ids: list[int]
+
+
+@dataclass(slots=True, eq=False)
+class StepInFlight:
+    output: ModelRunnerOutput  # filled by result(); prompt logprobs are already in it
+    # The rest is None / empty for a step that sampled nothing (prefill chunks only).
+    sampled: torch.Tensor | None = None  # [num_sampled] int64, on the device
+    row_of: dict[str, int] = field(default_factory=dict)  # req_id -> row of `sampled`
+    states: Sequence[SampledState] = ()  # [num_sampled] the state each row samples for
+    metadata: SamplingMetadata | None = None
+    _host_ids: torch.Tensor | None = None  # [num_sampled] int64 (pinned on CUDA)
+    _host_logprobs: torch.Tensor | None = None  # [L, 2 + 2N] float64 (pinned on CUDA)
+    _ready: torch.cuda.Event | None = None  # recorded after the copies (CUDA only)
+    # The step launched before this one, until it is resolved: steps append tokens to the same
+    # states, so they must be resolved in launch order whoever asks first.
+    previous: StepInFlight | None = None
+    done: bool = False
+
+    @classmethod
+    def launch(
+        cls,
+        output: ModelRunnerOutput,
+        sampled: torch.Tensor,  # [num_sampled] int64
+        packed_logprobs: torch.Tensor | None,  # [L, 2 + 2N] float64
+        states: Sequence[SampledState],
+        metadata: SamplingMetadata,
+        previous: StepInFlight | None = None,
+    ) -> StepInFlight:
+        """Start copying the step's results to the host without waiting for them."""
+        step = cls(
+            output=output,
+            sampled=sampled,
+            row_of={s.req_id: i for i, s in enumerate(states)},
+            states=states,
+            metadata=metadata,
+            previous=previous if previous is not None and not previous.done else None,
+        )
+        if sampled.device.type == "cuda":
+            step._host_ids = _to_host_async(sampled)
+            if packed_logprobs is not None:
+                step._host_logprobs = _to_host_async(packed_logprobs)
+            step._ready = torch.cuda.Event()
+            step._ready.record()
+        else:
+            step._host_ids = sampled
+            step._host_logprobs = packed_logprobs
+        return step
+
+    @classmethod
+    def finished(cls, output: ModelRunnerOutput) -> StepInFlight:
+        """A step with nothing left on the device (nothing was sampled)."""
+        return cls(output=output, done=True)
+
+    def result(self) -> ModelRunnerOutput:
+        """Wait for the sampled ids (if not here yet), append them to the request states, return the
+        step's output. Resolves the step before it first. Idempotent."""
+        if self.done:
+            return self.output
+        if self.previous is not None:
+            self.previous.result()
+            self.previous = None
+        if self._ready is not None:
+            self._ready.synchronize()
+        assert self._host_ids is not None and self.metadata is not None
+        ids: list[int] = self._host_ids.tolist()
+        packed = self._host_logprobs.tolist() if self._host_logprobs is not None else []
+        sampler_output = Sampler.to_output(ids, packed, self.metadata)
+        out = self.output
+        for state, token, lp in zip(self.states, ids, sampler_output.logprobs, strict=True):
+            state.token_ids.append(token)
+            state.output_token_ids.append(token)
+            out.sampled_token_ids[state.req_id] = [token]
+            if lp is not None:
+                out.logprobs[state.req_id] = lp
+        # The device tensor may go: a step that read it was queued on the same stream before now,
+        # and the caching allocator reuses memory in stream order.
+        self.done = True
+        self.sampled = None
+        self._host_ids = self._host_logprobs = None
+        self._ready = None
+        return out
+
+
+def _to_host_async(t: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host

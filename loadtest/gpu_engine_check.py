@@ -8,8 +8,9 @@ b. bfloat16 at the Qwen3-0.6B shape with random weights (load_format="dummy", re
    N(0, 0.02) scale so greedy argmaxes are not coin flips): start-up split (runner.timings), memory
    profile vs what the engine really holds, graphs vs eager greedy tokens for a batch (bit-identical on
    the same padded inputs; plain eager reported), host syncs per decode step
-   (torch.cuda.set_sync_debug_mode), decode step time at batch 1/32/128 with graphs vs eager
-   (end-to-end engine step, runner alone, GPU forward alone), where a step's host time goes, the host
+   (torch.cuda.set_sync_debug_mode; none at all while an async-scheduling step is launched), decode
+   step time at batch 1/32/128 with graphs vs eager vs graphs + async scheduling (end-to-end engine
+   step, runner alone, GPU forward alone), where a step's host time goes, the host
    cost of each op launch in an eager forward, and the copy-bandwidth floor for context.
    Then fp32 at the same shape: graphs and plain eager must give identical greedy tokens.
 c. tests/engine/test_cuda_graphs.py under pytest (its CUDA test runs here).
@@ -248,8 +249,9 @@ def reinit_weights(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def run_steps(engine: Any, n: int) -> tuple[list[float], list[float]]:
-    """n engine steps; per step: seconds of the whole step and of execute (the runner) alone."""
+    """n synchronous engine steps; per step: seconds of the whole step and of execute (the runner) alone."""
     steps, executes = [], []
+    engine.flush()  # an async step() may have left a step in flight
     for _ in range(n):
         t0 = time.perf_counter()
         so = engine.schedule()
@@ -261,6 +263,16 @@ def run_steps(engine: Any, n: int) -> tuple[list[float], list[float]]:
         steps.append(t3 - t0)
         executes.append(t2 - t1)
     return steps, executes
+
+
+def run_async_steps(engine: Any, n: int) -> list[float]:
+    """n async-scheduling engine steps (step N+1 launched before step N is applied); seconds each."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def gpu_forward_ms(runner: Any, bs: int, graphs: bool, iters: int = 50) -> float:
@@ -378,6 +390,7 @@ class HostTimers:
 def qwen_bf16() -> None:
     import engine.model_runner as model_runner_module
     import ops
+    from engine.step_in_flight import StepInFlight
     from loadtest.model_shapes import num_parameters, write_shape
 
     bw = copy_bandwidth()
@@ -414,7 +427,7 @@ def qwen_bf16() -> None:
     print(json.dumps(info, indent=1), flush=True)
     check(
         "qwen3-0.6b bf16: graphs captured",
-        gr is not None and gr.num_graphs == 35,
+        gr is not None and gr.num_graphs == len(runner.cuda_graph_sizes()),
         num_graphs=info["num_graphs"],
     )
     estimate = runner.memory_profile.get("cuda_graphs_estimate_gib", 0.0)
@@ -466,6 +479,41 @@ def qwen_bf16() -> None:
         )
         RESULTS["info"][f"sync_messages_{label}"] = sorted({str(w.message)[:160] for w in syncs})
 
+    # Async scheduling: launching a decode step must not wait for the device at all.
+    for i in range(8):
+        engine.add_request(
+            f"async-sync-{i}", prompts[i], SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+        )
+    run_async_steps(engine, 4)
+    launched = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        real_launch = engine.launch
+
+        def watched_launch(so: Any) -> Any:
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return real_launch(so)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+                launched.append(1)
+
+        engine.launch = watched_launch
+        try:
+            run_async_steps(engine, 5)
+        finally:
+            del engine.launch
+    engine.abort_request([f"async-sync-{i}" for i in range(8)])
+    engine.flush()
+    syncs = [w for w in caught if "called a synchronizing" in str(w.message)]
+    check(
+        "async scheduling: no host sync while launching a decode step (batch 8)",
+        not syncs and len(launched) == 5,
+        syncs=len(syncs),
+        launches=len(launched),
+        where=sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs}),
+    )
+
     # Decode step time, graphs vs eager, alternating blocks of steps on the same running batch.
     params = SamplingParams(temperature=0.0, max_tokens=QWEN_MAX_MODEL_LEN - 200, ignore_eos=True)
     rows = []
@@ -476,7 +524,7 @@ def qwen_bf16() -> None:
         while engine.stats().num_waiting:
             run_steps(engine, 1)
         run_steps(engine, 2)  # the last prompt's prefill chunk, a first decode
-        times: dict[str, list[float]] = {"graphs": [], "eager": []}
+        times: dict[str, list[float]] = {"graphs": [], "eager": [], "graphs_async": []}
         execs: dict[str, list[float]] = {"graphs": [], "eager": []}
         for _ in range(3):
             for mode in ("graphs", "eager"):
@@ -485,11 +533,17 @@ def qwen_bf16() -> None:
                 s, e = run_steps(engine, 10)
                 times[mode] += s
                 execs[mode] += e
+            runner.graph_runner = gr
+            run_async_steps(engine, 2)  # settle
+            times["graphs_async"] += run_async_steps(engine, 10)
+            engine.flush()
         runner.graph_runner = gr
-        # Where a graph-mode step's host time goes (sampler: includes the wait for the GPU).
+        # Where a graph-mode step's host time goes (StepInFlight.result: includes the wait for the GPU).
         timers = HostTimers()
-        for name in ("_update_states", "_build_inputs", "_forward", "compute_logits", "sampler"):
+        for name in ("_update_states", "_build_inputs", "_forward", "compute_logits"):
             timers.wrap(runner, name, f"runner.{name}")
+        timers.wrap(runner.sampler, "sample", "sampler.sample")
+        timers.wrap(StepInFlight, "result", "StepInFlight.result")
         timers.wrap(model_runner_module, "build_sampling_metadata", "build_sampling_metadata")
         timers.wrap(engine, "schedule", "engine.schedule")
         timers.wrap(engine, "update", "engine.update")
@@ -522,6 +576,7 @@ def qwen_bf16() -> None:
             "batch": bs,
             "step_ms_graphs": round(1e3 * statistics.median(times["graphs"]), 3),
             "step_ms_eager": round(1e3 * statistics.median(times["eager"]), 3),
+            "step_ms_graphs_async": round(1e3 * statistics.median(times["graphs_async"]), 3),
             "execute_ms_graphs": round(1e3 * statistics.median(execs["graphs"]), 3),
             "execute_ms_eager": round(1e3 * statistics.median(execs["eager"]), 3),
             "gpu_forward_ms_graphs": round(fwd["graphs"], 3),
@@ -639,10 +694,16 @@ def main() -> int:
     except ImportError:
         pass
     print(f"device: {RESULTS['info']['device']}", flush=True)
-    run_part("a. tiny fp32 parity", tiny_parity)
-    run_part("b. qwen3-0.6b bf16", qwen_bf16)
-    run_part("b2. qwen3-0.6b fp32 graphs vs eager", qwen_fp32)
-    run_part("c. pytest", pytest_cuda_graphs)
+    # WEIR_CHECK_PARTS="a b" runs a subset (letters as below); default: all.
+    wanted = os.environ.get("WEIR_CHECK_PARTS", "a b b2 c").split()
+    for key, name, fn in (
+        ("a", "a. tiny fp32 parity", tiny_parity),
+        ("b", "b. qwen3-0.6b bf16", qwen_bf16),
+        ("b2", "b2. qwen3-0.6b fp32 graphs vs eager", qwen_fp32),
+        ("c", "c. pytest", pytest_cuda_graphs),
+    ):
+        if key in wanted:
+            run_part(name, fn)
 
     print("\n================ engine check: " + RESULTS["info"]["device"], flush=True)
     for c in RESULTS["checks"]:
@@ -656,6 +717,7 @@ def main() -> int:
         for r in rows:
             print(
                 f"  batch {r['batch']:>4}   {r['step_ms_graphs']:>8.3f} / {r['step_ms_eager']:<8.3f}"
+                f" (async {r['step_ms_graphs_async']:.3f})"
                 f"   {r['execute_ms_graphs']:>8.3f} / {r['execute_ms_eager']:<8.3f}"
                 f"   {r['gpu_forward_ms_graphs']:>8.3f} / {r['gpu_forward_ms_eager']:<8.3f}  x{r['speedup_step']}"
             )

@@ -362,6 +362,9 @@ def bare_launch_floor(torch: Any, iters: int, repeats: int) -> None:
     import triton  # noqa: PLC0415
     import triton.language as tl  # noqa: PLC0415
 
+    # Triton resolves annotations such as tl.constexpr in the function's module globals.
+    globals()["tl"] = tl
+
     @triton.jit
     def _empty2(x_ptr, n):
         pass

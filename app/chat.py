@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import structlog
-from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
 from app.errors import bad_request
 from app.generation import (
+    ChunkFrame,
     RequestTimer,
     build_sampling_params,
     chat_logprobs,
@@ -40,6 +40,7 @@ from app.protocol import (
     DeltaMessage,
     Usage,
 )
+from app.sse import SSEResponse
 from app.state import AppState
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import MAX_LOGPROBS
@@ -134,8 +135,8 @@ async def create_chat_completion(request: Request) -> Response:
     ctx = _Ctx(state, req, rid, model, params.n, top_n)
     headers = {"X-Request-Id": rid}
     if req.stream:
-        return EventSourceResponse(
-            _stream(ctx, streams[0], timer), ping=state.config.sse_keepalive, sep="\n", headers=headers
+        return SSEResponse(
+            _stream(ctx, streams[0], timer), ping_interval=state.config.sse_keepalive, headers=headers
         )
     return await unary_response(request, state, "chat", streams, [timer], ctx.response, headers)
 
@@ -151,6 +152,7 @@ class _Ctx:
         self.n = n
         self.top_n = top_n
         self.created = int(time.time())
+        self._frame: ChunkFrame | None = None
 
     def logprobs(self, o: CompletionOutput, start: int) -> ChatLogprobs | None:
         if self.top_n is None:
@@ -175,7 +177,11 @@ class _Ctx:
         )
 
     def chunk(self, choice: ChatStreamChoice) -> bytes:
-        return sse(ChatCompletionChunk(id=self.rid, created=self.created, model=self.model, choices=[choice]))
+        if self._frame is None:
+            self._frame = ChunkFrame(
+                ChatCompletionChunk(id=self.rid, created=self.created, model=self.model, choices=[])
+            )
+        return self._frame(choice)
 
 
 def _stream(ctx: _Ctx, stream: AsyncIterator[RequestOutput], timer: RequestTimer) -> AsyncIterator[bytes]:

@@ -37,6 +37,7 @@ class ServerConfig:
     shutdown_timeout: float = 30.0
     max_body_bytes: int = 8 * 1024 * 1024
     sse_keepalive: float = 15.0
+    gil_switch_interval: float = 0.001
     log_level: str = "info"
     log_json: bool = True
 
@@ -53,6 +54,8 @@ class ServerConfig:
             raise ValueError(f"max_body_bytes must be > 0; got {self.max_body_bytes}")
         if self.sse_keepalive <= 0:
             raise ValueError(f"sse_keepalive must be > 0; got {self.sse_keepalive}")
+        if not 0 < self.gil_switch_interval <= 1:
+            raise ValueError(f"gil_switch_interval must be in (0, 1] seconds; got {self.gil_switch_interval}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise ValueError(
                 f"log_level must be one of debug, info, warning, error, critical; got {self.log_level!r}"
@@ -70,6 +73,9 @@ SERVER_HELP: dict[str, str] = {
     "shutdown_timeout": "Seconds in-flight requests may keep running after SIGTERM before they are aborted.",
     "max_body_bytes": "Largest request body accepted, in bytes (413 beyond).",
     "sse_keepalive": "Seconds between keep-alive comments on an idle stream (e.g. while queued).",
+    "gil_switch_interval": "Python's thread switch interval (sys.setswitchinterval), in seconds, set "
+    "once at start. Below Python's 5 ms, so the engine's worker thread gets the GIL back sooner after "
+    "each GPU wait while the event loop is busy streaming.",
     "log_level": "debug, info, warning, error or critical.",
     "log_json": "JSON log lines (default) or, with --no-log-json, plain console lines.",
 }
@@ -86,11 +92,12 @@ ENGINE_HELP: dict[str, str] = {
     "num_kv_blocks": "KV-cache blocks to allocate. Default: from --gpu-memory-utilization or --cpu-kv-cache-gb.",
     "gpu_memory_utilization": "Fraction of GPU memory weir may use (weights + activations + KV cache), in (0, 1].",
     "cpu_kv_cache_gb": "KV-cache size on CPU, in GiB.",
-    "max_num_seqs": "Most sequences in one batch.",
+    "max_num_seqs": "Most sequences in one batch. Default: 1024 on cuda, 256 on cpu.",
     "max_num_batched_tokens": "Token budget of one engine step. Default: max(8192, max_model_len) on cuda, 512 on cpu.",
     "enable_prefix_caching": "Reuse KV blocks of shared prompt prefixes.",
     "enforce_eager": "Run without CUDA graphs.",
-    "max_cuda_graph_batch_size": "Largest decode batch captured in a CUDA graph.",
+    "async_scheduling": "Schedule and launch step N+1 while the GPU runs step N (off: one step at a time).",
+    "max_cuda_graph_batch_size": "Largest decode batch captured in a CUDA graph. Default: 512.",
     "max_waiting_requests": "Waiting-queue bound in requests; beyond it new requests get 429.",
     "max_waiting_tokens": "Waiting-queue bound in prompt tokens; beyond it new requests get 429.",
 }

@@ -70,6 +70,29 @@ def sse(obj: Any) -> bytes:
     return b"data: " + encoder.encode(obj) + b"\n\n"
 
 
+class ChunkFrame:
+    """Frames one stream chunk as `data: {...}\n\n`, with the fields every chunk of a response shares
+    (id, created, model, object) encoded once per response: per chunk only the choice is encoded.
+
+    Built from the response's chunk with no choices; `frame(choice)` is byte for byte
+    `sse(<that chunk with choices=[choice]>)`. The split is safe: a JSON string cannot hold the
+    unescaped `"choices":[]` that marks it.
+    """
+
+    __slots__ = ("head", "tail")
+
+    def __init__(self, empty_chunk: Any) -> None:
+        body = encoder.encode(empty_chunk)
+        head, marker, rest = body.partition(b'"choices":[]')
+        if not marker:
+            raise ValueError(f"not a chunk with an empty choices list: {body[:200]!r}")
+        self.head = b"data: " + head + b'"choices":['
+        self.tail = b"]" + rest + b"\n\n"
+
+    def __call__(self, choice: Any) -> bytes:
+        return b"".join((self.head, encoder.encode(choice), self.tail))
+
+
 def sse_error(err: APIError) -> bytes:
     return sse(err.body())
 
@@ -163,6 +186,9 @@ def check_prompt_length(
 
 
 def check_token_ids(state: AppState, token_ids: Sequence[int], field: str) -> None:
+    # min/max run in C; the loop only finds which id to name once one is out of range.
+    if not token_ids or (min(token_ids) >= 0 and max(token_ids) < state.vocab_size):
+        return
     for t in token_ids:
         if not 0 <= t < state.vocab_size:
             raise bad_request(
@@ -313,7 +339,10 @@ class RequestTimer:
 
     def on_output(self, out: RequestOutput) -> None:
         self.last_out = out
-        if not any(o.token_ids_delta for o in out.outputs):
+        for o in out.outputs:  # a plain loop: this runs once per streamed token
+            if o.token_ids_delta:
+                break
+        else:
             return
         now = time.monotonic()
         if self.first_token is None:
@@ -513,13 +542,24 @@ async def stream_response(
         for b in head:
             yield b
         err: APIError | None = None
-        async with aclosing(merge(streams)) as outputs:
-            async for p, out in outputs:
-                timers[p].on_output(out)
-                for b in chunks(p, out):
+        if len(streams) == 1:
+            # The common case, once per token: read the engine stream itself, without merge()'s layer.
+            # The finally below closes it however the loop ends.
+            on_output = timers[0].on_output
+            async for out in streams[0]:
+                on_output(out)
+                for b in chunks(0, out):
                     yield b
                 if out.finished and (err := failure(out, state.draining)) is not None:
                     break
+        else:
+            async with aclosing(merge(streams)) as outputs:
+                async for p, out in outputs:
+                    timers[p].on_output(out)
+                    for b in chunks(p, out):
+                        yield b
+                    if out.finished and (err := failure(out, state.draining)) is not None:
+                        break
         if err is not None:
             status = err.status
             yield sse_error(err)

@@ -10,8 +10,10 @@ that; a second SIGINT/SIGTERM stops waiting.
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import socket
+import sys
 import threading
 from types import FrameType
 from typing import Any
@@ -30,9 +32,10 @@ _CLOSE_CONNECTIONS_TIMEOUT = 5.0
 
 
 class WeirServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, state: AppState) -> None:
+    def __init__(self, config: uvicorn.Config, state: AppState, freeze_gc: bool = False) -> None:
         super().__init__(config)
         self.state = state
+        self.freeze_gc = freeze_gc
         self.port: int | None = None
         self.started_event = threading.Event()  # set once serving (tests wait on it)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -41,7 +44,9 @@ class WeirServer(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
-        await super().startup(sockets=sockets)
+        await super().startup(sockets=sockets)  # runs the lifespan: the engine is loaded and warm
+        if self.freeze_gc:
+            freeze_startup_objects()
         if self.started:
             self.port = self.servers[0].sockets[0].getsockname()[1]
             log.info("serving", host=self.config.host, port=self.port, pid=_pid())
@@ -87,7 +92,23 @@ class WeirServer(uvicorn.Server):
             self.should_exit = True
 
 
-def make_server(app: Starlette, cfg: ServerConfig) -> WeirServer:
+def freeze_startup_objects() -> None:
+    """Move every object alive now out of the cyclic GC's reach (`gc.freeze`).
+
+    What start-up made (torch, transformers, the model, the tokenizer: a great many objects) lives as
+    long as the process. Left in the GC's oldest generation, each full collection walks all of it
+    while serving, and that stops the event loop (every stream) and the engine's worker thread for
+    as long: a few hundred milliseconds with just the tokenizer loaded (loadtest/profile_serving.py).
+    Frozen, a full collection only walks what serving allocated since. The collect first frees
+    start-up garbage instead of freezing it.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+def make_server(app: Starlette, cfg: ServerConfig, freeze_gc: bool = False) -> WeirServer:
+    """uvicorn (uvloop) over the app. `freeze_gc`: freeze start-up objects once serving (`weir serve`
+    does; servers started inside a test process do not, as their objects die with the server)."""
     config = uvicorn.Config(
         app,
         host=cfg.host,
@@ -99,14 +120,29 @@ def make_server(app: Starlette, cfg: ServerConfig) -> WeirServer:
         server_header=False,
         timeout_graceful_shutdown=int(_CLOSE_CONNECTIONS_TIMEOUT),
     )
-    return WeirServer(config, app.state.weir)
+    return WeirServer(config, app.state.weir, freeze_gc=freeze_gc)
+
+
+def set_switch_interval(seconds: float) -> None:
+    """Set the interpreter's thread switch interval, once, for the whole process.
+
+    The event loop (HTTP, SSE, scheduling) and the engine's worker thread (forward pass) share the GIL.
+    The worker drops it at every blocking GPU call (a synchronize, a device-to-host copy); getting it
+    back while the loop is busy takes up to one switch interval, at each such call. At Python's 5 ms
+    that can add milliseconds to every engine step while many streams are being served; at 1 ms the
+    wait is five times shorter, at the price of more frequent forced switches (each a few
+    microseconds) only while both threads want the GIL. The value is a flag
+    (--gil-switch-interval), so a deployment can measure its own.
+    """
+    sys.setswitchinterval(seconds)
 
 
 def run_server(engine: Any, cfg: ServerConfig) -> WeirServer:
     """Serve until SIGTERM/SIGINT has drained the engine. Returns the server (for its exit state)."""
     from app.server import build_app
 
-    server = make_server(build_app(engine, cfg), cfg)
+    set_switch_interval(cfg.gil_switch_interval)
+    server = make_server(build_app(engine, cfg), cfg, freeze_gc=True)
     server.run()
     return server
 

@@ -105,6 +105,18 @@ CASES = [
     ("prompt_mixed", COMP, _comp(prompt=["a", 1]), 400, "prompt", "invalid_value", "prompt must be a string"),
     ("prompt_token_vocab", COMP, _comp(prompt=[1, 512]), 400, "prompt", "invalid_value", "token id 512"),
     ("prompt_token_negative", COMP, _comp(prompt=[[1, -1]]), 400, "prompt", "invalid_value", "token id -1"),
+    # A JSON true is not a token id, though Python's bool is an int.
+    ("prompt_token_bool", COMP, _comp(prompt=[1, True]), 400, "prompt", "invalid_value", "prompt must be a"),
+    ("prompt_nested_float", COMP, _comp(prompt=[[1], [2, 1.5]]), 400, "prompt", "invalid_value", "must be a"),
+    (
+        "prompt_nested_vocab",
+        COMP,
+        _comp(prompt=[[1, 2], [3, 512]]),
+        400,
+        "prompt",
+        "invalid_value",
+        "prompt contains token id 512, outside the vocabulary [0, 512)",
+    ),
     (
         "prompt_too_long",
         COMP,

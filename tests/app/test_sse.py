@@ -5,6 +5,7 @@ on the last content chunk, the usage chunk, `data: [DONE]`, keep-alive comments 
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 
@@ -114,3 +115,50 @@ def test_stream_disconnect_aborts_at_once(fake_server: LiveServer) -> None:
     stats = engine.stats()
     assert stats.num_running == 0 and stats.num_waiting == 0 and stats.kv_cache_usage == 0.0
     assert len(engine._running) == 0
+
+
+def test_no_keep_alive_comments_while_tokens_flow(fake_server: LiveServer) -> None:
+    """Pings are for idle streams: with an event every 10 ms and sse_keepalive 0.1 s, none is sent."""
+    fake_server.engine.step_delay = 0.01
+    body = {
+        "model": MODEL_NAME,
+        "prompt": "Hello",
+        "max_tokens": 60,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with httpx.Client(base_url=fake_server.base_url, timeout=30) as c:
+        t0 = time.monotonic()
+        r = c.post("/v1/completions", json=body)
+        elapsed = time.monotonic() - t0
+    assert r.status_code == 200
+    frames = _frames(r.text)
+    assert elapsed > 0.3  # several keep-alive intervals passed while it streamed
+    assert not [f for f in frames if f.startswith(":")]
+    events = _data(frames)
+    # (A token that ends inside a UTF-8 character adds no text and so no chunk: count tokens by usage.)
+    assert events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] == 60
+
+
+def test_chunk_frame_is_the_encoded_chunk() -> None:
+    """ChunkFrame's pre-encoded head and tail give the bytes of encoding the whole chunk, whatever the
+    model name holds (quotes, the `"choices":[]` marker itself, non-ASCII)."""
+    from app.generation import ChunkFrame, sse
+    from app.protocol import (
+        ChatCompletionChunk,
+        ChatStreamChoice,
+        CompletionChoice,
+        CompletionResponse,
+        DeltaMessage,
+    )
+
+    for model in ("m", 'odd "choices":[] name', "caf\u00e9 \u2603"):
+        comp = CompletionChoice(index=3, text='a "q"\n\u00e9', finish_reason="length", stop_reason=7)
+        frame = ChunkFrame(CompletionResponse(id="cmpl-1", created=5, model=model, choices=[]))
+        assert frame(comp) == sse(CompletionResponse(id="cmpl-1", created=5, model=model, choices=[comp]))
+        chat = ChatStreamChoice(index=0, delta=DeltaMessage(content="x"))
+        frame = ChunkFrame(ChatCompletionChunk(id="chatcmpl-1", created=5, model=model, choices=[]))
+        assert frame(chat) == sse(
+            ChatCompletionChunk(id="chatcmpl-1", created=5, model=model, choices=[chat])
+        )

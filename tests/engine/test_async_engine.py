@@ -82,3 +82,72 @@ def test_queue_bound_and_drain(config: EngineConfig) -> None:
         await engine.shutdown(timeout=0)
 
     _run(main())
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_concurrent_streams_match_offline_greedy(config: EngineConfig, async_scheduling: bool) -> None:
+    """Streams served by the step loop (either scheduling mode) carry exactly the offline tokens."""
+    from engine import LLM
+
+    prompts = [[5 + i] * (3 + 4 * i) for i in range(6)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    offline = LLM(config.model, device="cpu", dtype="float32", max_model_len=128)
+    expected = [o.outputs[0].token_ids for o in offline.generate(prompts, params, use_tqdm=False)]
+
+    async def main() -> None:
+        cfg = EngineConfig(
+            **{
+                **{f: getattr(config, f) for f in EngineConfig.field_names()},
+                "async_scheduling": async_scheduling,
+            }
+        )
+        engine = AsyncEngine(cfg)
+        await engine.start()
+
+        async def one(i: int) -> list[int]:
+            ids: list[int] = []
+            async for out in engine.generate(prompts[i], params, f"s{i}"):
+                ids += out.outputs[0].token_ids_delta
+            return ids
+
+        got = await asyncio.gather(*(one(i) for i in range(len(prompts))))
+        assert got == expected
+        assert engine.stats().kv_cache_usage == 0.0
+        await engine.shutdown(timeout=1)
+
+    _run(main())
+
+
+def test_failure_surfacing_when_results_arrive(config: EngineConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under async scheduling a device error can first show when a step's results are awaited: the
+    requests of that step fail with the message, their blocks are freed, and the engine goes on."""
+    from engine.step_in_flight import StepInFlight
+
+    real_result = StepInFlight.result
+    calls = {"n": 0}
+
+    def flaky(self: StepInFlight):
+        if not self.done:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("injected failure while waiting for a step")
+        return real_result(self)
+
+    async def main() -> None:
+        engine = AsyncEngine(config)
+        assert engine.config.async_scheduling
+        await engine.start()
+        monkeypatch.setattr(StepInFlight, "result", flaky)
+        params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+        outs = [o async for o in engine.generate([5, 6, 7], params, "doomed")]
+        assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "error"
+        assert "injected failure while waiting for a step" in (outs[-1].error or "")
+        assert engine.is_healthy
+        after = [
+            o async for o in engine.generate([8, 9], SamplingParams(max_tokens=3, ignore_eos=True), "next")
+        ]
+        assert after[-1].finished and len(after[-1].outputs[0].token_ids) == 3
+        assert engine.stats().kv_cache_usage == 0.0
+        await engine.shutdown(timeout=1)
+
+    _run(main())

@@ -114,8 +114,16 @@ class KVCacheManager:
         Returns the ids of the blocks appended to its table (hits first), or None when the pool is
         short — in which case nothing changed.
         """
-        computed = new_computed_blocks or []
         req_id = request.req_id
+        if not new_computed_blocks:
+            # Fast path, most decode steps: the table already has room for the new tokens.
+            blocks = self.req_to_blocks.get(req_id)
+            total_tokens = request.num_computed_tokens + num_new_tokens
+            if blocks is not None and total_tokens <= len(blocks) * self.block_size:
+                if self.enable_prefix_caching:
+                    self._cache_full_blocks(request, blocks, min(total_tokens, request.num_tokens))
+                return []
+        computed = new_computed_blocks or []
         is_new = req_id not in self.req_to_blocks
         blocks = self.req_to_blocks.get(req_id, [])
         num_computed_tokens = request.num_computed_tokens + len(computed) * self.block_size

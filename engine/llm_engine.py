@@ -52,6 +52,7 @@ class _Child:
     index: int
     parent_id: str
     request: Request
+    parent: _ParentState = field(init=False)
     detokenizer: IncrementalDetokenizer
     logprobs: list[PositionLogprobs] | None
     cumulative_logprob: float | None
@@ -70,10 +71,19 @@ class _ParentState:
     metrics: RequestMetrics
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     error: str | None = None
+    cumulative: bool = True  # params.output_kind == "cumulative": an output after every step
+
+    def __post_init__(self) -> None:
+        self.cumulative = self.params.output_kind == "cumulative"
+        for c in self.children:
+            c.parent = self
 
     @property
     def finished(self) -> bool:
-        return all(c.finish_reason is not None for c in self.children)
+        for c in self.children:
+            if c.finish_reason is None:
+                return False
+        return True
 
 
 class LLMEngine:
@@ -323,31 +333,40 @@ class LLMEngine:
                 if start + 1 + k == len(parent.prompt_logprobs):
                     parent.prompt_logprobs.append(self._to_position_logprobs(entry))
 
+        # Hot loop (every running request, every step): plain lookups, statuses compared once.
+        children = self._children
+        logprobs_of = runner_output.logprobs
+        stopped = RequestStatus.FINISHED_STOPPED
+        num_generated = 0
         for request, new_token_ids in self.scheduler.update_from_output(scheduler_output, runner_output):
-            child = self._children.get(request.req_id)
+            child = children.get(request.req_id)
             if child is None or child.request is not request:
                 continue
-            parent = self._parents[child.parent_id]
-            if parent.metrics.first_token_time is None:
-                parent.metrics.first_token_time = now
-                parent.metrics.first_scheduled_time = request.first_scheduled_time
-            self._generation_tokens_total += len(new_token_ids)
-            child.new_token_ids.extend(new_token_ids)
-            lp = runner_output.logprobs.get(request.req_id)
-            if lp is not None and child.logprobs is not None:
-                child.logprobs.append(self._to_position_logprobs(lp))
-                child.cumulative_logprob = (child.cumulative_logprob or 0.0) + lp.chosen_logprob
+            parent = child.parent
+            metrics = parent.metrics
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+                metrics.first_scheduled_time = request.first_scheduled_time
+            num_generated += len(new_token_ids)
+            child.new_token_ids += new_token_ids
+            if logprobs_of and child.logprobs is not None:
+                lp = logprobs_of.get(request.req_id)
+                if lp is not None:
+                    child.logprobs.append(self._to_position_logprobs(lp))
+                    child.cumulative_logprob = (child.cumulative_logprob or 0.0) + lp.chosen_logprob
             # A stop token's own text is left out of the output, as vLLM does (EOS is special anyway).
-            stop_terminated = request.status == RequestStatus.FINISHED_STOPPED
-            stop_str = child.detokenizer.update(new_token_ids, stop_terminated=stop_terminated)
-            if stop_str is not None and not request.is_finished:
+            status = request.status
+            stop_str = child.detokenizer.update(new_token_ids, stop_terminated=status == stopped)
+            if stop_str is not None and status < stopped:
                 request.stop_reason = stop_str
-                self.scheduler.finish_requests([request.req_id], RequestStatus.FINISHED_STOPPED)
-            if request.is_finished:
-                child.finish_reason = request.status.finish_reason
+                self.scheduler.finish_requests([request.req_id], stopped)
+                status = request.status
+            if status >= stopped:
+                child.finish_reason = status.finish_reason
                 child.detokenizer.finish()
-            if parent.params.output_kind == "cumulative" or parent.finished:
+            if parent.cumulative or parent.finished:
                 touched[parent.request_id] = parent
+        self._generation_tokens_total += num_generated
         return [self._make_output(p, now) for p in touched.values()]
 
     def fail_scheduled(self, scheduler_output: SchedulerOutput, exc: BaseException) -> list[RequestOutput]:
@@ -395,17 +414,19 @@ class LLMEngine:
         completions = []
         for c in parent.children:
             delta_ids, c.new_token_ids = c.new_token_ids, []
+            detokenizer, request = c.detokenizer, c.request
+            # Positional (the field order of CompletionOutput): called for every stream every step.
             completions.append(
                 CompletionOutput(
-                    index=c.index,
-                    text=c.detokenizer.output_text,
-                    token_ids=list(c.request.output_token_ids),
-                    cumulative_logprob=c.cumulative_logprob,
-                    logprobs=c.logprobs,
-                    finish_reason=c.finish_reason,
-                    stop_reason=c.request.stop_reason,
-                    text_delta=c.detokenizer.get_next_delta(),
-                    token_ids_delta=delta_ids,
+                    c.index,
+                    detokenizer.output_text,
+                    request.output_token_ids[:],
+                    c.cumulative_logprob,
+                    c.logprobs,
+                    c.finish_reason,
+                    request.stop_reason,
+                    detokenizer.get_next_delta(),
+                    delta_ids,
                 )
             )
         finished = parent.finished

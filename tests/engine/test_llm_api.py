@@ -39,6 +39,8 @@ def test_text_prompt_outputs_in_input_order(llm: LLM) -> None:
         ([], SamplingParams(), "prompt must not be empty"),
         ([1, 2, 512], SamplingParams(), "prompt contains token id 512, outside the vocabulary [0, 512)"),
         ([1, -3], SamplingParams(), "prompt contains token id -3, outside the vocabulary [0, 512)"),
+        ([1, True], SamplingParams(), "prompt contains token id True, outside the vocabulary [0, 512)"),
+        ([1, 2.0], SamplingParams(), "prompt contains token id 2.0, outside the vocabulary [0, 512)"),
         ([5] * 128, SamplingParams(), "prompt (128 tokens) is longer than max_model_len (128) allows"),
         ([5] * 100, SamplingParams(max_tokens=40), "exceeds max_model_len (128)"),
         ([5, 6], SamplingParams(stop_token_ids=[9999]), "stop_token_ids contains 9999"),

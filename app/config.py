@@ -97,7 +97,7 @@ ENGINE_HELP: dict[str, str] = {
     "enable_prefix_caching": "Reuse KV blocks of shared prompt prefixes.",
     "enforce_eager": "Run without CUDA graphs.",
     "async_scheduling": "Schedule and launch step N+1 while the GPU runs step N (off: one step at a time).",
-    "max_cuda_graph_batch_size": "Largest decode batch captured in a CUDA graph. Default: 512.",
+    "max_cuda_graph_batch_size": "Largest decode batch captured in a CUDA graph. Default: 1024.",
     "max_waiting_requests": "Waiting-queue bound in requests; beyond it new requests get 429.",
     "max_waiting_tokens": "Waiting-queue bound in prompt tokens; beyond it new requests get 429.",
 }

@@ -34,7 +34,7 @@ class EngineConfig:
     # Schedule and launch step N+1 while the device still runs step N (its sampled ids are fed to
     # N+1 on the device); the host's bookkeeping then hides behind GPU time. False: one step at a time.
     async_scheduling: bool = True
-    max_cuda_graph_batch_size: int | None = None  # None: 512 (decode batches above run eagerly)
+    max_cuda_graph_batch_size: int | None = None  # None: 1024 (decode batches above run eagerly)
     # Admission control (serving): beyond these the server answers 429 instead of queueing.
     max_waiting_requests: int = 1024
     max_waiting_tokens: int = 1_048_576
@@ -74,7 +74,8 @@ class EngineConfig:
         return replace(
             self,
             max_num_seqs=self.max_num_seqs or (1024 if on_cuda else 256),
-            max_cuda_graph_batch_size=self.max_cuda_graph_batch_size or 512,
+            # Large decode batches are the host-bound ones when eager (~0.5 ms of launches per layer).
+            max_cuda_graph_batch_size=self.max_cuda_graph_batch_size or 1024,
         )
 
     @classmethod

@@ -1,8 +1,8 @@
 """CUDA graphs for decode steps: one graph per batch size of a ladder, replayed with padding.
 
 At start-up (after the KV cache exists) the runner captures the forward of decode-only batches — one
-token per sequence — for batch sizes 1, 2, 4, 8, 16, 24, ... up to min(max_num_seqs,
-max_cuda_graph_batch_size), largest first so the smaller graphs reuse the largest one's memory from
+token per sequence — for batch sizes 1, 2, 4, 8, 16, 24, ... (see `capture_sizes`) up to
+min(max_num_seqs, max_cuda_graph_batch_size), largest first so the smaller graphs reuse the largest one's memory from
 one shared pool. Every graph reads its inputs from one static device buffer, at the offsets
 `engine.attention_metadata.step_layout` gives for its batch size; a step of n sequences is built
 padded to the next captured size B straight into that buffer (one host->device copy) and replays
@@ -42,10 +42,17 @@ LOGITS_ROWS_PER_SEQ = 2
 
 
 def capture_sizes(max_num_seqs: int, max_cuda_graph_batch_size: int) -> list[int]:
-    """The batch sizes to capture, ascending: 1, 2, 4, 8, then steps of 8, and the limit itself."""
+    """The batch sizes to capture, ascending: 1, 2, 4, 8, then steps of 8 up to 256, of 16 up to 512,
+    of 32 beyond, and the limit itself.
+
+    Coarser steps at large batches keep the graph count (and start-up capture time) down where the
+    padding costs least: a padding row reads no KV and adds one row to GEMMs that are weight-bound.
+    """
     limit = min(max_num_seqs, max_cuda_graph_batch_size)
     sizes = [s for s in (1, 2, 4, 8) if s <= limit]
-    sizes += list(range(16, limit + 1, 8))
+    sizes += list(range(16, min(limit, 256) + 1, 8))
+    sizes += list(range(272, min(limit, 512) + 1, 16))
+    sizes += list(range(544, limit + 1, 32))
     if sizes[-1] != limit:
         sizes.append(limit)
     return sizes

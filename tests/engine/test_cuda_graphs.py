@@ -36,6 +36,16 @@ def test_capture_sizes_default_ladder() -> None:
     assert len(sizes) == 35
 
 
+def test_capture_sizes_coarser_at_large_batches() -> None:
+    sizes = capture_sizes(max_num_seqs=1024, max_cuda_graph_batch_size=1024)
+    assert len(sizes) == 67 and sizes[-1] == 1024
+    steps = {b: b - a for a, b in zip(sizes, sizes[1:], strict=False)}
+    assert {steps[b] for b in sizes if 16 < b <= 256} == {8}
+    assert {steps[b] for b in sizes if 256 < b <= 512} == {16}
+    assert {steps[b] for b in sizes if b > 512} == {32}
+    assert capture_sizes(600, 1024)[-3:] == [544, 576, 600]  # the limit itself closes the ladder
+
+
 @pytest.mark.parametrize(
     ("max_num_seqs", "max_graph", "expected"),
     [

@@ -37,6 +37,8 @@ class AttentionMetadata:
     # Batch size of the CUDA graph that replays this step (the inputs sit in its static buffer);
     # None: the step runs eagerly.
     cuda_graph_size: int | None = None
+    # True: that graph is a mixed-step graph (cuda_graph_size tokens in as many sequences).
+    cuda_graph_mixed: bool = False
 
     @property
     def num_seqs(self) -> int:
@@ -143,6 +145,7 @@ def build_step_inputs(
     max_query_len: int | None = None,  # when the caller knows it (default: from query_start_loc)
     max_seq_len: int | None = None,  # override (CUDA-graph capture passes max_model_len)
     cuda_graph_size: int | None = None,
+    cuda_graph_mixed: bool = False,
     # With `out`: views of `out` by layout, reused across steps (the owner of `out` keeps it).
     view_cache: dict[tuple[int, int, int, int], dict[str, torch.Tensor]] | None = None,
 ) -> StepInputs:
@@ -206,6 +209,7 @@ def build_step_inputs(
         max_seq_len=max_seq_len,
         num_actual_tokens=num_tokens if num_actual_tokens is None else num_actual_tokens,
         cuda_graph_size=cuda_graph_size,
+        cuda_graph_mixed=cuda_graph_mixed,
     )
     return StepInputs(
         input_ids=views["input_ids"],

@@ -35,6 +35,9 @@ class EngineConfig:
     # N+1 on the device); the host's bookkeeping then hides behind GPU time. False: one step at a time.
     async_scheduling: bool = True
     max_cuda_graph_batch_size: int | None = None  # None: 1024 (decode batches above run eagerly)
+    # Mixed prefill+decode steps of up to this many tokens replay CUDA graphs too (sizes 16, 32, 64,
+    # ... up to it); 0: they run eagerly. Off by default until it has been measured on a GPU.
+    max_cuda_graph_mixed_tokens: int = 0
     # Admission control (serving): beyond these the server answers 429 instead of queueing.
     max_waiting_requests: int = 1024
     max_waiting_tokens: int = 1_048_576
@@ -60,6 +63,11 @@ class EngineConfig:
             _positive("max_num_batched_tokens", self.max_num_batched_tokens)
         if self.max_cuda_graph_batch_size is not None:
             _positive("max_cuda_graph_batch_size", self.max_cuda_graph_batch_size)
+        mixed = self.max_cuda_graph_mixed_tokens
+        if not isinstance(mixed, int) or isinstance(mixed, bool) or mixed < 0:
+            raise ValueError(
+                f"max_cuda_graph_mixed_tokens must be 0 (off) or a positive integer; got {mixed!r}"
+            )
         _positive("max_waiting_requests", self.max_waiting_requests)
         _positive("max_waiting_tokens", self.max_waiting_tokens)
 

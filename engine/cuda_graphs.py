@@ -58,6 +58,20 @@ def capture_sizes(max_num_seqs: int, max_cuda_graph_batch_size: int) -> list[int
     return sizes
 
 
+def mixed_capture_sizes(max_tokens: int) -> list[int]:
+    """Token counts to capture mixed (prefill + decode) steps at: 16, 32, 64, ... up to max_tokens,
+    and max_tokens itself; [] when max_tokens is 0 (mixed graphs off)."""
+    if max_tokens <= 0:
+        return []
+    sizes = []
+    size = 16
+    while size < max_tokens:
+        sizes.append(size)
+        size *= 2
+    sizes.append(max_tokens)
+    return sizes
+
+
 def padded_size(sizes: list[int], num_seqs: int) -> int | None:
     """The smallest captured size >= num_seqs (sizes ascending); None above the largest."""
     i = bisect.bisect_left(sizes, num_seqs)
@@ -108,11 +122,44 @@ def pad_decode_batch(
     )
 
 
-def static_buffer_bytes(max_batch_size: int, block_table_width: int) -> int:
-    """Bytes of the static input buffer: the layout of the largest batch is the largest."""
+def pad_mixed_batch(arrays: DecodeArrays, num_tokens: int) -> DecodeArrays:
+    """Pad a mixed step of T tokens in S sequences to `num_tokens` tokens in `num_tokens` sequences:
+    the layout a mixed graph of that size was captured with (so S <= T <= num_tokens always fits).
+
+    Padding tokens are one-token sequences exactly like decode padding rows (token 0 at position 0,
+    slot -1, seq_len 1 over block 0); the sequences left over get no tokens (the attention kernel's
+    programs for them leave at once) and seq_len 1.
+    """
+    t = int(arrays.input_ids.shape[0])
+    s = int(arrays.seq_lens.shape[0])
+    if t > num_tokens:
+        raise ValueError(f"cannot pad {t} tokens to {num_tokens}")
+    pad_tokens = num_tokens - t
+    tables = np.zeros((num_tokens, max(int(arrays.block_tables.shape[1]), 1)), dtype=np.int32)
+    tables[:s, : arrays.block_tables.shape[1]] = arrays.block_tables
+    query_start_loc = np.empty(num_tokens + 1, dtype=np.int32)
+    query_start_loc[: s + 1] = arrays.query_start_loc
+    query_start_loc[s + 1 : s + 1 + pad_tokens] = np.arange(t + 1, num_tokens + 1)
+    query_start_loc[s + 1 + pad_tokens :] = num_tokens
+    return DecodeArrays(
+        input_ids=np.concatenate([arrays.input_ids, np.zeros(pad_tokens, dtype=np.int64)]),
+        positions=np.concatenate([arrays.positions, np.zeros(pad_tokens, dtype=np.int64)]),
+        slot_mapping=np.concatenate([arrays.slot_mapping, np.full(pad_tokens, -1, dtype=np.int64)]),
+        seq_lens=np.concatenate([arrays.seq_lens, np.ones(num_tokens - s, dtype=np.int32)]),
+        query_start_loc=query_start_loc,
+        block_tables=tables,
+    )
+
+
+def static_buffer_bytes(max_batch_size: int, block_table_width: int, max_mixed_tokens: int = 0) -> int:
+    """Bytes of the static input buffer: the larger of the largest decode batch's layout and the
+    largest mixed step's (T tokens, T sequences, up to T logits rows)."""
     _, nbytes = step_layout(
         max_batch_size, max_batch_size, block_table_width, LOGITS_ROWS_PER_SEQ * max_batch_size
     )
+    if max_mixed_tokens:
+        _, mixed = step_layout(max_mixed_tokens, max_mixed_tokens, block_table_width, max_mixed_tokens)
+        nbytes = max(nbytes, mixed)
     return nbytes
 
 
@@ -123,20 +170,31 @@ class _Captured:
 
 
 class CUDAGraphRunner:
-    """Captures and replays the runner's forward for decode batches of the sizes in `sizes`."""
+    """Captures and replays the runner's forward for decode batches of the sizes in `sizes` and, when
+    `mixed_sizes` is given, for mixed prefill + decode steps of those token counts."""
 
-    def __init__(self, runner: ModelRunner, sizes: list[int], emulate: bool = False) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        sizes: list[int],
+        emulate: bool = False,
+        mixed_sizes: list[int] | None = None,
+    ) -> None:
         self.runner = runner
         self.sizes = sorted(sizes)
         self.max_batch_size = self.sizes[-1]
+        self.mixed_sizes = sorted(mixed_sizes or [])
         self.block_table_width = runner.max_blocks_per_seq
         self.emulate = emulate
         self.input_buffer = torch.zeros(
-            static_buffer_bytes(self.max_batch_size, self.block_table_width),
+            static_buffer_bytes(
+                self.max_batch_size, self.block_table_width, self.mixed_sizes[-1] if self.mixed_sizes else 0
+            ),
             dtype=torch.uint8,
             device=runner.device,
         )
         self._graphs: dict[int, _Captured] = {}
+        self._mixed_graphs: dict[int, _Captured] = {}
         # Views of input_buffer by step layout, so a replay step builds no new tensors for them.
         self.view_cache: dict[tuple[int, int, int, int], dict[str, torch.Tensor]] = {}
         self.pool: tuple[int, int] | None = None
@@ -147,9 +205,13 @@ class CUDAGraphRunner:
     def padded_size(self, num_seqs: int) -> int | None:
         return padded_size(self.sizes, num_seqs)
 
+    def padded_mixed_size(self, num_tokens: int) -> int | None:
+        """The smallest mixed graph for a step of num_tokens tokens; None without one."""
+        return padded_size(self.mixed_sizes, num_tokens) if self.mixed_sizes else None
+
     @property
     def num_graphs(self) -> int:
-        return len(self._graphs)
+        return len(self._graphs) + len(self._mixed_graphs)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -166,10 +228,15 @@ class CUDAGraphRunner:
         gc.collect()
         gc.freeze()
         try:
-            for bs in reversed(self.sizes):
-                step = self.dummy_step(bs)
+            # Decode sizes first (the largest batch needs the most memory), then the mixed sizes.
+            plan = [(bs, False) for bs in reversed(self.sizes)] + [
+                (t, True) for t in reversed(self.mixed_sizes)
+            ]
+            for bs, mixed in plan:
+                step = self.dummy_mixed_step(bs) if mixed else self.dummy_step(bs)
+                graphs = self._mixed_graphs if mixed else self._graphs
                 if not on_cuda:
-                    self._graphs[bs] = self._emulated(step)
+                    graphs[bs] = self._emulated(step)
                     continue
                 # Warm-up outside the capture: Triton compiles and cuBLAS picks its kernels here.
                 t0 = time.perf_counter()
@@ -181,7 +248,7 @@ class CUDAGraphRunner:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool, stream=stream):
                     output = self.runner._run_model(step.input_ids, step.positions, step.metadata)
-                self._graphs[bs] = _Captured(replay=graph.replay, output=output)
+                graphs[bs] = _Captured(replay=graph.replay, output=output)
         finally:
             gc.unfreeze()
         if on_cuda:
@@ -209,9 +276,30 @@ class CUDAGraphRunner:
             arrays, np.zeros(0, dtype=np.int64), graph_size=batch_size, num_actual_tokens=0, graph_runner=self
         )
 
+    def dummy_mixed_step(self, num_tokens: int) -> StepInputs:
+        """A mixed step of padding only, at the layout of a mixed graph of num_tokens tokens."""
+        empty = np.zeros(0, dtype=np.int64)
+        none = DecodeArrays(
+            input_ids=empty,
+            positions=empty,
+            slot_mapping=empty,
+            seq_lens=empty.astype(np.int32),
+            query_start_loc=np.zeros(1, dtype=np.int32),
+            block_tables=np.zeros((0, 1), dtype=np.int32),
+        )
+        return self.runner._step_inputs(
+            pad_mixed_batch(none, num_tokens),
+            np.zeros(0, dtype=np.int64),
+            graph_size=num_tokens,
+            num_actual_tokens=0,
+            graph_runner=self,
+            mixed=True,
+        )
+
     def replay(self, metadata: AttentionMetadata) -> torch.Tensor:
         """Replay the graph whose static buffer holds this step; returns its [B, hidden] output."""
         assert metadata.cuda_graph_size is not None
-        captured = self._graphs[metadata.cuda_graph_size]
+        graphs = self._mixed_graphs if metadata.cuda_graph_mixed else self._graphs
+        captured = graphs[metadata.cuda_graph_size]
         captured.replay()
         return captured.output

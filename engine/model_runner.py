@@ -44,7 +44,9 @@ from engine.cuda_graphs import (
     CUDAGraphRunner,
     DecodeArrays,
     capture_sizes,
+    mixed_capture_sizes,
     pad_decode_batch,
+    pad_mixed_batch,
     static_buffer_bytes,
 )
 from engine.layers.attention import Attention
@@ -151,6 +153,12 @@ class ModelRunner:
     def cuda_graph_sizes(self) -> list[int]:
         cfg = self.engine_config
         return capture_sizes(cfg.max_num_seqs, cfg.max_cuda_graph_batch_size)
+
+    def cuda_graph_mixed_sizes(self) -> list[int]:
+        """Token counts of the mixed-step graphs (none unless max_cuda_graph_mixed_tokens is set)."""
+        return mixed_capture_sizes(
+            min(self.engine_config.max_cuda_graph_mixed_tokens, self.max_num_batched_tokens)
+        )
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -263,7 +271,9 @@ class ModelRunner:
         if not (self.use_cuda_graphs or emulate) or not self.kv_caches:
             return
         sizes = self.cuda_graph_sizes()
-        graph_runner = CUDAGraphRunner(self, sizes, emulate=emulate)
+        graph_runner = CUDAGraphRunner(
+            self, sizes, emulate=emulate, mixed_sizes=self.cuda_graph_mixed_sizes()
+        )
         graph_runner.capture()
         self.graph_runner = graph_runner
         self.timings["cuda_graph_capture_s"] = graph_runner.capture_seconds
@@ -390,7 +400,13 @@ class ModelRunner:
         del step, hidden
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - before
-        return peak + static_buffer_bytes(bs, self.max_blocks_per_seq) + _GRAPH_OVERHEAD_BYTES * len(sizes)
+        mixed = self.cuda_graph_mixed_sizes()
+        # A mixed graph of T tokens holds no more activations than a decode batch of T rows, and the
+        # largest decode batch is captured first; a larger mixed size is the exception to allow for.
+        if mixed and mixed[-1] > bs:
+            peak = peak * mixed[-1] // bs
+        buffer = static_buffer_bytes(bs, self.max_blocks_per_seq, mixed[-1] if mixed else 0)
+        return peak + buffer + _GRAPH_OVERHEAD_BYTES * (len(sizes) + len(mixed))
 
     # ------------------------------------------------------------------ forward
     def _forward(
@@ -426,6 +442,7 @@ class ModelRunner:
         block_tables: list[list[int]],  # per sequence
         logits_indices: np.ndarray,  # [num_logits_rows] rows of the flat batch that need logits
         graph_size: int | None = None,  # pad this decode batch (one token per sequence) to this size
+        mixed_graph_size: int | None = None,  # pad this mixed step to this many tokens (and sequences)
     ) -> StepInputs:
         """The flat batch for one step, vectorized over tokens (per-sequence loops only)."""
         logits_indices = logits_indices.astype(np.int64, copy=False)
@@ -465,6 +482,14 @@ class ModelRunner:
             query_start_loc=query_start_loc.astype(np.int32),
             block_tables=tables,
         )
+        if mixed_graph_size is not None:
+            return self._step_inputs(
+                pad_mixed_batch(arrays, mixed_graph_size),
+                logits_indices,
+                graph_size=mixed_graph_size,
+                num_actual_tokens=num_tokens,
+                mixed=True,
+            )
         return self._step_inputs(arrays, logits_indices, max_query_len=int(n.max(initial=0)))
 
     def _build_decode_inputs(
@@ -502,15 +527,21 @@ class ModelRunner:
         max_seq_len: int | None = None,
         graph_runner: CUDAGraphRunner | None = None,
         max_query_len: int | None = None,
+        mixed: bool = False,
     ) -> StepInputs:
         """Copy a step's arrays to the device; with graph_size, into the graph runner's static buffer
-        (at that size's layout, block tables max_blocks_per_seq wide, max_seq_len = max_model_len)."""
+        (at that size's layout, block tables max_blocks_per_seq wide, max_seq_len = max_model_len).
+
+        Graph steps fix the Python ints the attention launch depends on: a decode graph is captured
+        with max_query_len 1 (decode launch settings, split-KV from max_seq_len), a mixed graph with
+        max_query_len = its token count (prefill launch settings, whose grid depends on shapes only).
+        """
         graph = None
         if graph_size is not None:
             graph = graph_runner or self.graph_runner
             assert graph is not None, "no CUDA-graph runner"
             max_seq_len = self.max_model_len
-            max_query_len = 1
+            max_query_len = graph_size if mixed else 1
         return build_step_inputs(
             input_ids=arrays.input_ids,
             positions=arrays.positions,
@@ -527,6 +558,7 @@ class ModelRunner:
             max_query_len=max_query_len,
             max_seq_len=max_seq_len,
             cuda_graph_size=graph_size,
+            cuda_graph_mixed=mixed,
             view_cache=graph.view_cache if graph is not None else None,
         )
 
@@ -637,9 +669,13 @@ class ModelRunner:
             offset += n
 
         logits_indices = np.concatenate([np.asarray(sample_rows, dtype=np.int64), *prompt_rows])
-        graph_size = None
-        if self.graph_runner is not None and max_scheduled == 1 and max_num_blocks <= self.max_blocks_per_seq:
-            graph_size = self.graph_runner.padded_size(len(states))  # None above the largest graph
+        graph_size = mixed_graph_size = None
+        if self.graph_runner is not None and max_num_blocks <= self.max_blocks_per_seq:
+            # None above the largest graph of the kind
+            if max_scheduled == 1:
+                graph_size = self.graph_runner.padded_size(len(states))
+            else:
+                mixed_graph_size = self.graph_runner.padded_mixed_size(offset)
         step = self._build_inputs(
             [s.token_ids for s in states],
             [s.num_computed_tokens for s in states],
@@ -647,6 +683,7 @@ class ModelRunner:
             [s.block_ids for s in states],
             logits_indices,
             graph_size=graph_size,
+            mixed_graph_size=mixed_graph_size,
         )
         if pending_dst:
             assert prev is not None and prev.sampled is not None

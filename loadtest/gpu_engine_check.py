@@ -2,7 +2,8 @@
 
 a. Parity, float32, tiny random models of every family (tests/tiny_models.py): the engine on CUDA vs
    transformers generate() greedy token-for-token (CPU float32 reference), with CUDA graphs on, with
-   enforce_eager, with chunked prefill (7-token budget) and under preemption (9 blocks of 8); graphs on
+   enforce_eager, with chunked prefill (7-token budget), under preemption (9 blocks of 8) and with
+   mixed-step graphs (max_cuda_graph_mixed_tokens=32, 24-token budget); graphs on
    and eager must give the same tokens, and graphs must really be replayed.
 b. bfloat16 at the Qwen3-0.6B shape with random weights (load_format="dummy", re-drawn at a realistic
    N(0, 0.02) scale so greedy argmaxes are not coin flips): start-up split (runner.timings), memory
@@ -106,9 +107,9 @@ def strict(llm: LLM) -> LLM:
     return llm
 
 
-def count_replays(llm: LLM) -> dict[int, int]:
-    """Wrap the graph runner's replay with a counter: batch size -> replays."""
-    counts: dict[int, int] = {}
+def count_replays(llm: LLM) -> dict[Any, int]:
+    """Wrap the graph runner's replay with a counter: batch size (mixed graphs: "mixed<T>") -> replays."""
+    counts: dict[Any, int] = {}
     runner = llm.llm_engine.runner
     gr = runner.graph_runner
     if gr is None:
@@ -116,7 +117,8 @@ def count_replays(llm: LLM) -> dict[int, int]:
     replay = gr.replay
 
     def counted(md: Any) -> torch.Tensor:
-        counts[md.cuda_graph_size] = counts.get(md.cuda_graph_size, 0) + 1
+        key = f"mixed{md.cuda_graph_size}" if md.cuda_graph_mixed else md.cuda_graph_size
+        counts[key] = counts.get(key, 0) + 1
         return replay(md)
 
     gr.replay = counted  # type: ignore[method-assign]
@@ -174,6 +176,8 @@ def tiny_parity() -> None:
         "eager": dict(num_kv_blocks=256, enforce_eager=True),
         "chunked_prefill": dict(num_kv_blocks=256, max_num_batched_tokens=7),
         "preemption": dict(block_size=8, num_kv_blocks=9),
+        # Mixed prefill+decode steps replayed from CUDA graphs (off by default in the engine).
+        "mixed_graphs": dict(num_kv_blocks=256, max_num_batched_tokens=24, max_cuda_graph_mixed_tokens=32),
     }
     summary = RESULTS["info"]["tiny_parity"] = {}
     for family in FAMILIES:
@@ -204,6 +208,10 @@ def tiny_parity() -> None:
                 ok = ok and replayed > 0
             else:
                 ok = ok and llm.llm_engine.runner.graph_runner is None
+            if name == "mixed_graphs":
+                mixed_replays = sum(v for k, v in replays.items() if str(k).startswith("mixed"))
+                detail["mixed_graph_replays"] = mixed_replays
+                ok = ok and mixed_replays > 0
             if name == "preemption":
                 detail["preemptions"] = stats.num_preemptions
                 ok = ok and stats.num_preemptions > 0

@@ -18,7 +18,14 @@ import torch
 from engine import LLM, SamplingParams
 from engine.attention_metadata import build_step_inputs, step_layout
 from engine.config import EngineConfig
-from engine.cuda_graphs import capture_sizes, pad_decode_batch, padded_size
+from engine.cuda_graphs import (
+    DecodeArrays,
+    capture_sizes,
+    mixed_capture_sizes,
+    pad_decode_batch,
+    pad_mixed_batch,
+    padded_size,
+)
 from engine.model_config import ModelConfig
 from engine.model_runner import ModelRunner
 from engine.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
@@ -225,6 +232,72 @@ def test_emulated_graphs_match_eager_through_the_engine(tiny_model_dirs: dict[st
         return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
     assert run(emulate=True) == run(emulate=False)
+
+
+def test_mixed_capture_sizes() -> None:
+    assert mixed_capture_sizes(0) == []
+    assert mixed_capture_sizes(16) == [16]
+    assert mixed_capture_sizes(100) == [16, 32, 64, 100]
+    assert mixed_capture_sizes(512) == [16, 32, 64, 128, 256, 512]
+
+
+def test_pad_mixed_batch_layout() -> None:
+    """Two sequences (a 3-token prefill chunk and a decode) padded to 8 tokens in 8 sequences."""
+    arrays = DecodeArrays(
+        input_ids=np.array([11, 12, 13, 21], dtype=np.int64),
+        positions=np.array([4, 5, 6, 9], dtype=np.int64),
+        slot_mapping=np.array([36, 37, 38, 81], dtype=np.int64),
+        seq_lens=np.array([7, 10], dtype=np.int32),
+        query_start_loc=np.array([0, 3, 4], dtype=np.int32),
+        block_tables=np.array([[4, 0], [9, 10]], dtype=np.int32),
+    )
+    padded = pad_mixed_batch(arrays, 8)
+    assert padded.input_ids.tolist() == [11, 12, 13, 21, 0, 0, 0, 0]
+    assert padded.positions.tolist() == [4, 5, 6, 9, 0, 0, 0, 0]
+    assert padded.slot_mapping.tolist() == [36, 37, 38, 81, -1, -1, -1, -1]  # padding writes nothing
+    # 2 real sequences, 4 one-token padding sequences, 2 empty ones: 8 sequences, 9 offsets
+    assert padded.query_start_loc.tolist() == [0, 3, 4, 5, 6, 7, 8, 8, 8]
+    assert padded.seq_lens.tolist() == [7, 10, 1, 1, 1, 1, 1, 1]
+    assert padded.block_tables.shape == (8, 2)
+    assert padded.block_tables[:2].tolist() == [[4, 0], [9, 10]] and not padded.block_tables[2:].any()
+    with pytest.raises(ValueError, match="cannot pad 4 tokens to 3"):
+        pad_mixed_batch(arrays, 3)
+
+
+def test_emulated_mixed_graphs_match_eager_through_the_engine(tiny_model_dirs: dict[str, Path]) -> None:
+    """Chunked prefill (a 24-token budget) mixes prefill chunks with decodes in most steps: with
+    mixed graphs on, those steps replay the padded graphs and every token stays the same."""
+    model_dir = tiny_model_dirs["qwen3"]
+    prompts = _prompts((5, 17, 33, 40, 9))
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (4, 9, 13, 20, 6)]
+
+    def run(mixed_tokens: int) -> tuple[list[list[int]], list[int]]:
+        llm = LLM(
+            str(model_dir),
+            device="cpu",
+            dtype="float32",
+            max_cuda_graph_batch_size=8,
+            max_num_batched_tokens=24,
+            max_cuda_graph_mixed_tokens=mixed_tokens,
+        )
+        replayed: list[int] = []
+        if mixed_tokens:
+            runner = llm.llm_engine.runner
+            runner.capture_cuda_graphs(emulate=True)
+            graphs = runner.graph_runner
+            assert graphs is not None and graphs.mixed_sizes == [16, 24]
+            replay = graphs.replay
+            graphs.replay = lambda md: (
+                (replayed.append(md.cuda_graph_size) if md.cuda_graph_mixed else None) or replay(md)
+            )
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert llm.llm_engine.scheduler.kv_cache_usage == 0.0
+        return [o.outputs[0].token_ids for o in outs], replayed
+
+    eager, _ = run(0)
+    graphed, mixed_replays = run(32)
+    assert graphed == eager
+    assert len(mixed_replays) >= 4 and set(mixed_replays) <= {16, 24}
 
 
 def test_enforce_eager_and_cpu_capture_nothing(tiny_llama_dir: Path) -> None:

@@ -5,7 +5,7 @@ Hot path. Per step: apply the scheduler's diff to the per-request state, build t
 (input ids, positions, slot mapping, block tables) with numpy, copy it to the device in one transfer,
 run the forward, project only the rows that need logits (the last scheduled token of requests that
 reach the end of their known tokens, plus prompt positions of requests asking for prompt logprobs, in
-chunks of max_num_seqs rows), and sample them with engine.sampler in one host transfer.
+chunks of max_num_seqs rows), and sample them with engine.sampler without waiting for the device.
 
 `_forward` is the seam where CUDA graphs replace the eager forward (engine.cuda_graphs: decode-only
 steps of up to max_cuda_graph_batch_size sequences are padded to a captured size and replayed);

@@ -12,7 +12,9 @@ Hot path, kept minimal on purpose. The order follows vLLM v1:
 `build_sampling_metadata` does all host-side work once per step: per-row scalars travel to the device
 as one packed tensor, token ids for penalties as one padded tensor, sparse edits (logit_bias,
 min_tokens) as one index set. Stages no row needs are skipped entirely (decided by Python flags, so
-skipping costs no device sync). Results come back in two transfers: sampled ids, then logprobs.
+skipping costs no device sync). `Sampler.sample` stays on the device (sampled ids and, when asked,
+packed logprobs); the caller brings them to the host, in the engine with non-blocking copies
+(engine.step_in_flight), and `Sampler.to_output` turns them into Python values.
 
 Seeded rows draw their noise from a generator seeded with (seed, number of outputs so far) and nothing
 else, so their tokens do not depend on which other requests share the batch, and survive preemption.

@@ -220,3 +220,19 @@ def test_workload_and_percentile() -> None:
     assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.5
     assert percentile([1.0, 2.0], 99) == pytest.approx(1.99)
     assert math.isclose(percentile(list(range(101)), 90), 90.0)
+
+
+@pytest.mark.parametrize("extra", [[], ["--sync", "--final-only"]])
+def test_bench_host_reports_every_phase(tmp_path: Path, extra: list[str]) -> None:
+    from loadtest import bench_host
+
+    out = tmp_path / "host.json"
+    assert bench_host.main(["--batch-size", "4", "--steps", "3", "--out", str(out), *extra]) == 0
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "host" and data["args"]["batch_size"] == 4
+    assert data["step_ms"] > data["host_ms_per_step"] > 0
+    for phase in ("schedule", "update (engine)", "runner input building", "sampling metadata", "forward"):
+        assert data["phases"][phase]["ms_per_step"] > 0, phase
+    # final_only: no per-step outputs are built while the requests run
+    made_outputs = data["phases"]["  of which outputs"]["ms_per_step"]
+    assert (made_outputs == 0) if "--final-only" in extra else (made_outputs > 0)

@@ -275,11 +275,10 @@ class LLMEngine:
                 outputs += self.fail_scheduled(scheduler_output, exc)
         if previous is not None:
             outputs += self.finish_step(*previous)
-        if not self._parents and self._in_flight is not None:
+        if not self._parents:
             # Everything finished with the step just launched: its tokens are unneeded, but wait for
             # it so that an idle engine has nothing left on the device.
-            self.finish_step(*self._in_flight)
-            self._in_flight = None
+            self.flush()
         return outputs
 
     def flush(self) -> list[RequestOutput]:

@@ -149,6 +149,19 @@ class EngineStatsCollector(Collector):
         yield counter(
             "weir:prefix_cache_hits", "Prefix-cache hits, in number of cached tokens.", s.prefix_cache_hits
         )
+        step_loop = getattr(s, "step_loop", None)  # only the real AsyncEngine has one
+        if step_loop is not None:
+            phases = CounterMetricFamily(
+                "weir:step_loop_seconds",
+                "Seconds the engine's step loop spent per phase (device_wait: the GPU is the bound; "
+                "loop_delay: results waited for a busy event loop).",
+                labels=["model_name", "phase"],
+            )
+            for phase, seconds in step_loop.items():
+                if phase != "steps":
+                    phases.add_metric([self.model_name, phase], seconds)
+            yield phases
+            yield counter("weir:engine_steps", "Forward passes launched by the step loop.", step_loop["steps"])
 
 
 class ServerMetrics:

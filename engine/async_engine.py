@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 
 from engine.config import EngineConfig
@@ -26,6 +28,7 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from engine.step_in_flight import StepInFlight
+from engine.step_loop_times import StepLoopTimes
 from engine.tokenizer import encode_prompt
 
 __all__ = ["AsyncEngine", "EngineStats"]
@@ -55,6 +58,8 @@ class AsyncEngine:
         self._idle: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weir-gpu")
+        self.step_loop_times = StepLoopTimes()
+        self._worker_done = 0.0  # perf_counter when the worker last returned
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -185,7 +190,9 @@ class AsyncEngine:
         self._streams.pop(request_id, None)
 
     def stats(self) -> EngineStats:
-        return self.engine.stats()
+        stats = self.engine.stats()
+        stats.step_loop = self.step_loop_times.as_dict()
+        return stats
 
     # ------------------------------------------------------------------ the step loop
     def _on_new_work(self) -> None:
@@ -205,33 +212,59 @@ class AsyncEngine:
         previous: tuple[SchedulerOutput, StepInFlight] | None,
     ) -> tuple[StepInFlight | BaseException | None, ModelRunnerOutput | BaseException | None]:
         """Worker thread: queue the new step (if any), then wait for the previous one's results."""
+        times = self.step_loop_times
+        start = time.perf_counter()
         launched: StepInFlight | BaseException | None = None
         if not scheduler_output.is_empty:
+            times.steps += 1
             try:
                 launched = self.engine.launch(scheduler_output)
             except Exception as exc:  # noqa: BLE001 - reported on the affected requests
                 launched = exc
+        launch_end = time.perf_counter()
         prev_output: ModelRunnerOutput | BaseException | None = None
         if previous is not None:
             try:
                 prev_output = previous[1].result()
             except Exception as exc:  # noqa: BLE001 - reported on the affected requests
                 prev_output = exc
+        self._worker_done = done = time.perf_counter()
+        times.launch += launch_end - start
+        times.device_wait += done - launch_end
         return launched, prev_output
+
+    def _execute_timed(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Worker thread, sync mode: one whole step (inputs, forward, sampling, results)."""
+        start = time.perf_counter()
+        self.step_loop_times.steps += 1
+        try:
+            return self.engine.execute(scheduler_output)
+        finally:
+            self._worker_done = done = time.perf_counter()
+            self.step_loop_times.device_wait += done - start
+
+    async def _in_worker(self, loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> Any:
+        """Run `fn` on the worker thread; counts how long the loop took to come back after it."""
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        finally:
+            self.step_loop_times.loop_delay += max(time.perf_counter() - self._worker_done, 0.0)
 
     async def _run_sync_step(
         self, loop: asyncio.AbstractEventLoop, scheduler_output: SchedulerOutput
     ) -> None:
         engine = self.engine
         try:
-            runner_output = await loop.run_in_executor(self._executor, engine.execute, scheduler_output)
+            runner_output = await self._in_worker(loop, self._execute_timed, scheduler_output)
         except Exception as exc:  # noqa: BLE001 - reported on the affected requests
             self._fail(scheduler_output, exc)
             if self._is_fatal(exc):
                 raise
             return
+        start = time.perf_counter()
         for out in engine.update(scheduler_output, runner_output):
             self._deliver(out)
+        self.step_loop_times.update += time.perf_counter() - start
 
     def _fail(self, scheduler_output: SchedulerOutput, exc: BaseException) -> None:
         for out in self.engine.fail_scheduled(scheduler_output, exc):
@@ -245,6 +278,8 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         engine = self.engine
         use_async = self.config.async_scheduling
+        times = self.step_loop_times
+        clock = time.perf_counter
         assert self._work_available is not None and self._idle is not None
         # Async scheduling: (scheduler output, launched step) of the step on the device, whose
         # results are applied after the next step is launched.
@@ -254,9 +289,13 @@ class AsyncEngine:
                 if not engine.has_unfinished_requests() and in_flight is None:
                     self._idle.set()
                     self._work_available.clear()
+                    start = clock()
                     await self._work_available.wait()
+                    times.idle += clock() - start
                     continue
+                start = clock()
                 scheduler_output = engine.schedule()
+                times.schedule += clock() - start
                 if scheduler_output.is_empty and in_flight is None:
                     # Only aborted/finished bookkeeping this step; let other tasks run, then go on.
                     engine.update(scheduler_output, None)
@@ -268,9 +307,10 @@ class AsyncEngine:
                 # Launch step N+1 and wait for step N's ids in one worker-thread call, then apply
                 # step N on the loop while the device runs N+1.
                 previous, in_flight = in_flight, None
-                launched, prev_output = await loop.run_in_executor(
-                    self._executor, self._launch_and_collect, scheduler_output, previous
+                launched, prev_output = await self._in_worker(
+                    loop, self._launch_and_collect, scheduler_output, previous
                 )
+                start = clock()
                 if isinstance(launched, BaseException):
                     self._fail(scheduler_output, launched)
                 elif launched is not None:
@@ -281,13 +321,16 @@ class AsyncEngine:
                     else:
                         for out in engine.update(previous[0], prev_output):
                             self._deliver(out)
+                times.update += clock() - start
                 if isinstance(launched, BaseException) and self._is_fatal(launched):
                     raise launched
                 if isinstance(prev_output, BaseException) and self._is_fatal(prev_output):
                     raise prev_output
                 if in_flight is not None and not engine.has_unfinished_requests():
                     # Nobody waits for the step just launched: drain it so an idle engine is idle.
+                    start = clock()
                     await loop.run_in_executor(self._executor, in_flight[1].result)
+                    times.device_wait += clock() - start
                     in_flight = None
         except asyncio.CancelledError:
             raise

@@ -43,6 +43,8 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens_total: int
     generation_tokens_total: int
+    # The server's step loop, seconds by phase (engine/step_loop_times.py); None offline.
+    step_loop: dict[str, float] | None = None
 
 
 @dataclass(slots=True, eq=False)

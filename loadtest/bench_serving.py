@@ -369,6 +369,37 @@ async def run_rate(
         return await send_all(client)
 
 
+def scrape_step_loop(url: str) -> dict[str, float] | None:
+    """The server's `weir:step_loop_seconds_total` by phase and `weir:engine_steps_total` (None when the
+    server has no such series, e.g. another engine behind --url)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = httpx.get(url.rstrip("/") + "/metrics", timeout=10.0).text
+    except httpx.HTTPError:
+        return None
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "weir:step_loop_seconds_total":
+                out[sample.labels["phase"]] = out.get(sample.labels["phase"], 0.0) + sample.value
+            elif sample.name == "weir:engine_steps_total":
+                out["steps"] = out.get("steps", 0.0) + sample.value
+    return out or None
+
+
+def step_loop_delta(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, Any] | None:
+    """Seconds per phase during one rate, and each phase's share of their sum."""
+    if not before or not after:
+        return None
+    delta = {k: round(after[k] - before.get(k, 0.0), 4) for k in after}
+    total = sum(v for k, v in delta.items() if k != "steps")
+    if total > 0:
+        delta["shares"] = {k: round(v / total, 4) for k, v in delta.items() if k not in ("steps", "shares")}
+    return delta
+
+
 def summarize(results: list[StreamResult], duration: float, rate: float) -> dict[str, Any]:
     ok = [r for r in results if r.ok]
     out_tokens = sum(r.output_tokens for r in ok)
@@ -492,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
             label = rate_label(rate)
             try:  # a failed rate is recorded; the next one still runs
                 with phase(report, label):
+                    loop_before = scrape_step_loop(url)
                     t0 = time.perf_counter()
                     results = run_async(
                         run_rate(
@@ -506,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
                         )
                     )
                     summary = summarize(results, time.perf_counter() - t0, rate)
+                    summary["step_loop_s"] = step_loop_delta(loop_before, scrape_step_loop(url))
                     report["results"][label] = summary
                     print(
                         f"[S1] {label}: {summary['completed']}/{summary['num_requests']} ok, "

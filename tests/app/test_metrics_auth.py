@@ -79,6 +79,17 @@ def test_metrics_appear_and_move(client: httpx.Client) -> None:
     )
     assert _value(after, "weir:num_requests_running") == 0
     assert 0.0 <= _value(after, "weir:kv_cache_usage_perc") <= 1.0
+    # The step loop's phases: 10 tokens need >= 5 more forward passes, and time moved in the phases
+    # every step goes through.
+    assert _value(after, "weir:engine_steps_total") >= _value(before, "weir:engine_steps_total") + 5
+    for phase in ("schedule", "launch", "device_wait", "loop_delay", "update", "idle"):
+        key = ("weir:step_loop_seconds_total", (("model_name", MODEL_NAME), ("phase", phase)))
+        assert key in after, phase
+    for phase in ("schedule", "device_wait", "update"):
+        moved = _value(after, "weir:step_loop_seconds_total", phase=phase) - _value(
+            before, "weir:step_loop_seconds_total", phase=phase
+        )
+        assert moved > 0, phase
 
 
 def test_request_log_line(client: httpx.Client) -> None:

@@ -150,6 +150,9 @@ def test_serving_against_weir_serve(tiny_llama_dir: Path, tmp_path: Path) -> Non
     for r in (inf, finite):
         assert r["ttft_p50_ms"] > 0 and r["ttft_p99_ms"] >= r["ttft_p50_ms"]
         assert r["itl_p50_ms"] is not None and r["output_tok_s"] > 0
+    loop = inf["step_loop_s"]  # the server's step-loop phases during the rate (from /metrics)
+    assert loop["steps"] >= 5 and loop["device_wait"] > 0 and loop["update"] > 0
+    assert abs(sum(loop["shares"].values()) - 1.0) < 1e-3
     assert data["offline"]["source"] == "measured in this run"
     assert data["results"]["serving_offline_ratio"] > 0
     assert data["results"]["server_exit_code"] == 0  # SIGTERM drains and exits cleanly

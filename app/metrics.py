@@ -161,7 +161,9 @@ class EngineStatsCollector(Collector):
                 if phase != "steps":
                     phases.add_metric([self.model_name, phase], seconds)
             yield phases
-            yield counter("weir:engine_steps", "Forward passes launched by the step loop.", step_loop["steps"])
+            yield counter(
+                "weir:engine_steps", "Forward passes launched by the step loop.", step_loop["steps"]
+            )
 
 
 class ServerMetrics:

@@ -18,8 +18,8 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from engine.config import EngineConfig
 from engine.errors import EngineDeadError, EngineDrainingError, QueueFullError

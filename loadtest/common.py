@@ -61,6 +61,12 @@ def add_common_args(parser: argparse.ArgumentParser, default_shape: str | None =
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--gpu-memory-utilization", type=float, default=None)
     g.add_argument("--enforce-eager", action="store_true")
+    g.add_argument(
+        "--max-cuda-graph-mixed-tokens",
+        type=int,
+        default=None,
+        help="capture prefill+decode steps up to this many tokens as CUDA graphs (engine default: 0, off)",
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--temperature", type=float, default=1.0, help="1.0 as vLLM's benchmarks; 0 is greedy")
     p = parser.add_argument_group("peer and output")
@@ -193,6 +199,7 @@ def engine_kwargs(args: argparse.Namespace, model: ModelChoice, **overrides: Any
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "gpu_memory_utilization": args.gpu_memory_utilization,
+        "max_cuda_graph_mixed_tokens": getattr(args, "max_cuda_graph_mixed_tokens", None),
     }
     kw.update({k: v for k, v in optional.items() if v is not None})
     if args.enforce_eager:
@@ -909,6 +916,7 @@ def server_flags(args: argparse.Namespace, model: ModelChoice, max_model_len: in
         ("--max-num-seqs", args.max_num_seqs),
         ("--max-num-batched-tokens", args.max_num_batched_tokens),
         ("--gpu-memory-utilization", args.gpu_memory_utilization),
+        ("--max-cuda-graph-mixed-tokens", getattr(args, "max_cuda_graph_mixed_tokens", None)),
     ):
         if value is not None:
             flags += [name, str(value)]

@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import bench_latency, bench_prefix, bench_serving, bench_startup, bench_throughput
+from loadtest import (
+    bench_latency,
+    bench_prefix,
+    bench_serving,
+    bench_startup,
+    bench_throughput,
+    profile_kernels,
+)
 from loadtest.common import REPO_ROOT, Report, percentile, random_workload, resolve_model, summary_table
 from loadtest.model_shapes import SHAPES, num_parameters, shape_dir
 
@@ -239,3 +246,20 @@ def test_bench_host_reports_every_phase(tmp_path: Path, extra: list[str]) -> Non
     # final_only: no per-step outputs are built while the requests run
     made_outputs = data["phases"]["  of which outputs"]["ms_per_step"]
     assert (made_outputs == 0) if "--final-only" in extra else (made_outputs > 0)
+
+
+def test_kernel_profile(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """profile_kernels: a prefill window at the chunk budget, then a decode window at the full batch."""
+    out = tmp_path / "profile.json"
+    argv = ["--model", str(tiny_llama_dir), *ENGINE, "--num-requests", "4", "--input-len", "24"]
+    argv += ["--output-len", "12", "--max-num-batched-tokens", "32", "--prefill-steps", "2"]
+    argv += ["--decode-steps", "3", "--out", str(out)]
+    assert profile_kernels.main(argv) == 0
+    data = load_report(out, "kernel-profile")
+    prefill, decode = data["results"]["prefill"], data["results"]["decode"]
+    assert prefill["tokens_per_step"] == 32  # full chunks of the 32-token budget
+    assert decode["tokens_per_step"] == 4  # one token per request
+    for w in (prefill, decode):
+        assert w["steps"] > 0 and w["wall_ms_per_step"] > 0 and w["kernel_ms_per_step"] > 0
+        assert w["family_ms_per_step"].get("matmul", 0) > 0, w["family_ms_per_step"]
+        assert w["top_kernels"]

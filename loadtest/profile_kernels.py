@@ -1,0 +1,211 @@
+"""Where an engine step's device time goes, by kernel family, for T2's two kinds of step.
+
+    python loadtest/profile_kernels.py --shape llama3-8b --out profile_kernels.json
+
+Queues `--num-requests` prompts of `--input-len` tokens (T2's shape: 1024 in), then profiles, with
+torch.profiler, a window of full prefill steps (chunked-prefill budget) and, once every prompt is in,
+a window of decode steps (batch = --num-requests, context ~ input length). For each window it reports
+wall ms per step, kernel ms per step by family (matmul, attention, kv write, norm, rotary, activation,
+sampler, copies, other), the device's busy fraction (kernel time / wall time: below 1 the device
+waited for the host), and what the families achieve: matmul TFLOP/s in prefill, attention's KV read
+bandwidth in decode. This is the evidence for where T2's time goes against its compute floor.
+
+On CPU (the smoke test) the same windows are profiled with CPU operator times instead of kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from loadtest.common import (  # noqa: E402
+    Report,
+    add_common_args,
+    build_llm,
+    copy_bandwidth_phase,
+    default_max_model_len,
+    engine_info,
+    engine_kwargs,
+    install_signal_handlers,
+    phase,
+    resolve_model,
+    sampling_params,
+)
+
+# Kernel (or CPU operator) name fragments -> family; the first match wins, so order matters.
+FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("paged_attention", "reduce_segments", "attn", "sdpa", "flash")),
+    ("kv_write", ("write_kv_cache", "kv_cache")),
+    ("norm", ("rms_norm", "rmsnorm", "layer_norm")),
+    ("rotary", ("rotary", "rope")),
+    ("activation", ("silu",)),
+    ("sampler", ("sort", "topk", "softmax", "argmax", "multinomial", "exponential", "cumsum", "gather")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "sm90", "cublas", "aten::mm", "aten::addmm", "matmul", "linear")),
+    ("copies", ("memcpy", "memset", "copy", "cat", "index")),
+)
+
+
+def family_of(name: str) -> str:
+    low = name.lower()
+    for family, fragments in FAMILIES:
+        if any(f in low for f in fragments):
+            return family
+    return "other"
+
+
+def layer_params(config: dict[str, Any]) -> int:
+    """Weights every token multiplies through one decoder layer (attention and MLP projections)."""
+    hidden = config["hidden_size"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads", heads)
+    head_dim = config.get("head_dim") or hidden // heads
+    inter = config["intermediate_size"]
+    return hidden * heads * head_dim * 2 + 2 * hidden * kv_heads * head_dim + 3 * hidden * inter
+
+
+def kv_bytes_per_token(config: dict[str, Any], dtype_bytes: int) -> int:
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads", heads)
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    return 2 * config["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
+
+
+def profile_window(engine: Any, num_steps: int, cuda: bool) -> dict[str, Any]:
+    """Run `num_steps` engine steps under the profiler; per-step wall and kernel time by family."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    # Tokens of the steps launched inside the window (counted as they are scheduled).
+    scheduled: list[int] = []
+    schedule = engine.schedule
+
+    def counting_schedule() -> Any:
+        out = schedule()
+        scheduled.append(out.total_num_scheduled_tokens)
+        return out
+
+    engine.flush()  # the window starts with nothing on the device
+    if cuda:
+        torch.cuda.synchronize()
+    engine.schedule = counting_schedule
+    try:
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            for _ in range(num_steps):
+                engine.step()
+            engine.flush()  # async scheduling: the window's last step completes inside it
+            if cuda:
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+    finally:
+        del engine.schedule  # back to the class's method
+    tokens = sum(scheduled)
+    by_family: dict[str, float] = defaultdict(float)
+    top: list[tuple[float, str]] = []
+    for evt in prof.key_averages():
+        if cuda:
+            if str(getattr(evt, "device_type", "")).split(".")[-1] != "CUDA":
+                continue
+            us = float(
+                getattr(evt, "self_device_time_total", 0.0) or getattr(evt, "self_cuda_time_total", 0.0)
+            )
+        else:
+            if not evt.key.startswith("aten::"):
+                continue
+            us = float(evt.self_cpu_time_total)
+        if us <= 0:
+            continue
+        by_family[family_of(evt.key)] += us
+        top.append((us, evt.key))
+    busy_ms = sum(by_family.values()) / 1e3
+    top.sort(reverse=True)
+    return {
+        "steps": num_steps,
+        "tokens_per_step": round(tokens / num_steps, 1),
+        "wall_ms_per_step": round(wall * 1e3 / num_steps, 3),
+        "kernel_ms_per_step": round(busy_ms / num_steps, 3),
+        "busy_fraction": round(busy_ms / (wall * 1e3), 4) if wall > 0 else None,
+        "family_ms_per_step": {k: round(v / 1e3 / num_steps, 3) for k, v in sorted(by_family.items())},
+        "top_kernels": [
+            {"name": name[:120], "ms_per_step": round(us / 1e3 / num_steps, 3)} for us, name in top[:12]
+        ],
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-requests", type=int, default=256, help="also the decode batch")
+    p.add_argument("--input-len", type=int, default=1024)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--prefill-steps", type=int, default=3, help="profiled prefill steps")
+    p.add_argument("--decode-steps", type=int, default=8, help="profiled decode steps")
+    add_common_args(p, default_shape="llama3-8b")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    model = resolve_model(args)
+    report = Report("kernel-profile", args, model)
+    report["workload"] = {
+        "num_requests": args.num_requests,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+    }
+    cuda = model.device == "cuda"
+    mml = default_max_model_len(args, model, args.input_len + args.output_len)
+    with phase(report, "engine_build"):
+        llm, build_s = build_llm(model, engine_kwargs(args, model, max_model_len=mml))
+        report["engine"] = {**engine_info(llm), "build_s": round(build_s, 3)}
+    engine = llm.llm_engine
+    rng = random.Random(args.seed)
+    params = sampling_params(args.output_len, args.temperature)
+    for i in range(args.num_requests):
+        prompt = [rng.randrange(model.vocab_size) for _ in range(args.input_len)]
+        engine.add_request(f"r{i}", prompt, params)
+    budget = engine.config.max_num_batched_tokens or args.input_len
+    with phase(report, "prefill"):
+        engine.step()  # the first step (kernel compiles, allocator growth) is not profiled
+        report["results"]["prefill"] = window = profile_window(engine, args.prefill_steps, cuda)
+        matmul_ms = window["family_ms_per_step"].get("matmul", 0.0)
+        flop = 2 * layer_params(model.config) * model.config["num_hidden_layers"] * window["tokens_per_step"]
+        if cuda and matmul_ms > 0:
+            window["matmul_tflop_s"] = round(flop / (matmul_ms / 1e3) / 1e12, 1)
+        window["chunk_budget_tokens"] = budget
+    with phase(report, "decode"):
+        while engine.scheduler.num_waiting or any(
+            r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running.values()
+        ):
+            engine.step()
+        engine.step()  # the first all-decode step
+        report["results"]["decode"] = window = profile_window(engine, args.decode_steps, cuda)
+        attention_ms = window["family_ms_per_step"].get("attention", 0.0)
+        dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}[model.dtype]
+        kv_read = kv_bytes_per_token(model.config, dtype_bytes) * args.num_requests * (args.input_len + 4)
+        window["kv_bytes_per_step"] = kv_read
+        window["weight_bytes"] = model.weight_bytes
+        if cuda and attention_ms > 0:
+            window["attention_kv_gb_s"] = round(kv_read / (attention_ms / 1e3) / 1e9, 1)
+    for name in ("prefill", "decode"):
+        w = report["results"].get(name)
+        if w:
+            print(
+                f"[profile] {name}: {w['tokens_per_step']} tokens/step, wall {w['wall_ms_per_step']} ms, "
+                f"kernels {w['kernel_ms_per_step']} ms (busy {w['busy_fraction']}): {w['family_ms_per_step']}",
+                flush=True,
+            )
+    copy_bandwidth_phase(report, model.device, args.copy_bytes)
+    return report.finish()
+
+
+if __name__ == "__main__":
+    install_signal_handlers()
+    raise SystemExit(main())

@@ -4,7 +4,8 @@
 
 Queues `--num-requests` prompts of `--input-len` tokens (T2's shape: 1024 in), then profiles, with
 torch.profiler, a window of full prefill steps (chunked-prefill budget) and, once every prompt is in,
-a window of decode steps (batch = --num-requests, context ~ input length). For each window it reports
+a window of decode steps (every request running, context ~ input length; the batch can be smaller
+when the KV cache holds fewer sequences). For each window it reports
 wall ms per step, kernel ms per step by family (matmul, attention, kv write, norm, rotary, activation,
 sampler, copies, other), the device's busy fraction (kernel time / wall time: below 1 the device
 waited for the host), and what the families achieve: matmul TFLOP/s in prefill, attention's KV read
@@ -95,6 +96,9 @@ def profile_window(engine: Any, num_steps: int, cuda: bool) -> dict[str, Any]:
     engine.flush()  # the window starts with nothing on the device
     if cuda:
         torch.cuda.synchronize()
+        with profile(activities=activities):  # CUPTI's one-time start-up (~0.5 s) stays out of the window
+            torch.zeros(1, device="cuda").add_(1)
+            torch.cuda.synchronize()
     engine.schedule = counting_schedule
     try:
         with profile(activities=activities) as prof:
@@ -144,7 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-requests", type=int, default=256, help="also the decode batch")
     p.add_argument("--input-len", type=int, default=1024)
-    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument(
+        "--output-len",
+        type=int,
+        default=256,
+        help="long enough that no request ends before the decode window",
+    )
     p.add_argument("--prefill-steps", type=int, default=3, help="profiled prefill steps")
     p.add_argument("--decode-steps", type=int, default=8, help="profiled decode steps")
     add_common_args(p, default_shape="llama3-8b")
@@ -171,7 +180,6 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.num_requests):
         prompt = [rng.randrange(model.vocab_size) for _ in range(args.input_len)]
         engine.add_request(f"r{i}", prompt, params)
-    budget = engine.config.max_num_batched_tokens or args.input_len
     with phase(report, "prefill"):
         engine.step()  # the first step (kernel compiles, allocator growth) is not profiled
         report["results"]["prefill"] = window = profile_window(engine, args.prefill_steps, cuda)
@@ -179,17 +187,22 @@ def main(argv: list[str] | None = None) -> int:
         flop = 2 * layer_params(model.config) * model.config["num_hidden_layers"] * window["tokens_per_step"]
         if cuda and matmul_ms > 0:
             window["matmul_tflop_s"] = round(flop / (matmul_ms / 1e3) / 1e12, 1)
-        window["chunk_budget_tokens"] = budget
     with phase(report, "decode"):
         while engine.scheduler.num_waiting or any(
             r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running.values()
         ):
             engine.step()
         engine.step()  # the first all-decode step
+        engine.flush()
+        running = list(engine.scheduler.running.values())
+        # Each decode step reads every running sequence's whole context (plus half the window's tokens).
+        context = sum(r.num_computed_tokens for r in running) + len(running) * (args.decode_steps // 2)
         report["results"]["decode"] = window = profile_window(engine, args.decode_steps, cuda)
+        window["batch"] = len(running)
+        window["mean_context_tokens"] = round(context / max(len(running), 1), 1)
         attention_ms = window["family_ms_per_step"].get("attention", 0.0)
         dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}[model.dtype]
-        kv_read = kv_bytes_per_token(model.config, dtype_bytes) * args.num_requests * (args.input_len + 4)
+        kv_read = kv_bytes_per_token(model.config, dtype_bytes) * context
         window["kv_bytes_per_step"] = kv_read
         window["weight_bytes"] = model.weight_bytes
         if cuda and attention_ms > 0:

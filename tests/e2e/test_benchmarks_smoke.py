@@ -258,7 +258,8 @@ def test_kernel_profile(tiny_llama_dir: Path, tmp_path: Path) -> None:
     data = load_report(out, "kernel-profile")
     prefill, decode = data["results"]["prefill"], data["results"]["decode"]
     assert prefill["tokens_per_step"] == 32  # full chunks of the 32-token budget
-    assert decode["tokens_per_step"] == 4  # one token per request
+    assert decode["tokens_per_step"] == 4 and decode["batch"] == 4  # one token per request
+    assert 24 <= decode["mean_context_tokens"] <= 36
     for w in (prefill, decode):
         assert w["steps"] > 0 and w["wall_ms_per_step"] > 0 and w["kernel_ms_per_step"] > 0
         assert w["family_ms_per_step"].get("matmul", 0) > 0, w["family_ms_per_step"]

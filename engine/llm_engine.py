@@ -27,6 +27,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from engine.step_in_flight import StepInFlight
+from engine.step_loop_times import StepLoopTimes
 from engine.tokenizer import encode_prompt, load_tokenizer
 
 logger = logging.getLogger("weir.engine")
@@ -129,6 +130,8 @@ class LLMEngine:
         # Async scheduling: the step launched last, whose results the next step() applies.
         self._in_flight: tuple[SchedulerOutput, StepInFlight] | None = None
         self._generation_tokens_total = 0
+        # Seconds by phase of the steps driven by step() (offline); the server's loop keeps its own.
+        self.step_times = StepLoopTimes()
         self.startup_seconds = time.perf_counter() - start
         logger.info(
             "engine ready: model=%s device=%s dtype=%s kv_blocks=%d block_size=%d max_model_len=%d (%.1fs)",
@@ -257,24 +260,34 @@ class LLMEngine:
         step N+1, then update with step N's results while the device runs N+1 (see
         engine.step_in_flight); the outputs returned are step N's.
         """
+        times = self.step_times
+        start = time.perf_counter()
+        scheduler_output = self.schedule()
+        scheduled = time.perf_counter()
+        times.schedule += scheduled - start
         if not self.config.async_scheduling:
-            scheduler_output = self.schedule()
             if scheduler_output.is_empty:
                 return self.update(scheduler_output, None)
+            times.steps += 1
             try:
                 runner_output = self.execute(scheduler_output)
             except Exception as exc:  # noqa: BLE001 - the failure is reported on the affected requests
                 return self.fail_scheduled(scheduler_output, exc)
-            return self.update(scheduler_output, runner_output)
+            executed = time.perf_counter()
+            times.device_wait += executed - scheduled
+            outputs = self.update(scheduler_output, runner_output)
+            times.update += time.perf_counter() - executed
+            return outputs
 
-        scheduler_output = self.schedule()
         previous, self._in_flight = self._in_flight, None
         outputs: list[RequestOutput] = []
         if not scheduler_output.is_empty:
+            times.steps += 1
             try:
                 self._in_flight = (scheduler_output, self.launch(scheduler_output))
             except Exception as exc:  # noqa: BLE001 - the failure is reported on the affected requests
                 outputs += self.fail_scheduled(scheduler_output, exc)
+            times.launch += time.perf_counter() - scheduled
         if previous is not None:
             outputs += self.finish_step(*previous)
         if not self._parents:
@@ -294,11 +307,16 @@ class LLMEngine:
 
     def finish_step(self, scheduler_output: SchedulerOutput, launched: StepInFlight) -> list[RequestOutput]:
         """Wait for a launched step's results and apply them (the update half of an async step)."""
+        start = time.perf_counter()
         try:
             runner_output = launched.result()
         except Exception as exc:  # noqa: BLE001 - the failure is reported on the affected requests
             return self.fail_scheduled(scheduler_output, exc)
-        return self.update(scheduler_output, runner_output)
+        waited = time.perf_counter()
+        outputs = self.update(scheduler_output, runner_output)
+        self.step_times.device_wait += waited - start
+        self.step_times.update += time.perf_counter() - waited
+        return outputs
 
     def schedule(self) -> SchedulerOutput:
         scheduler_output = self.scheduler.schedule()

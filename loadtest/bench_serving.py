@@ -55,6 +55,7 @@ from loadtest.common import (  # noqa: E402
     resolve_model,
     run_peer,
     server_flags,
+    step_loop_delta,
     stream_completion,
     summarize_ms,
 )
@@ -387,17 +388,6 @@ def scrape_step_loop(url: str) -> dict[str, float] | None:
             elif sample.name == "weir:engine_steps_total":
                 out["steps"] = out.get("steps", 0.0) + sample.value
     return out or None
-
-
-def step_loop_delta(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, Any] | None:
-    """Seconds per phase during one rate, and each phase's share of their sum."""
-    if not before or not after:
-        return None
-    delta = {k: round(after[k] - before.get(k, 0.0), 4) for k in after}
-    total = sum(v for k, v in delta.items() if k != "steps")
-    if total > 0:
-        delta["shares"] = {k: round(v / total, 4) for k, v in delta.items() if k not in ("steps", "shares")}
-    return delta
 
 
 def summarize(results: list[StreamResult], duration: float, rate: float) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from loadtest.common import (  # noqa: E402
     resolve_model,
     run_peer,
     sampling_params,
+    step_loop_delta,
 )
 
 WORKLOADS = {
@@ -82,9 +83,12 @@ def warmup_workload(workload: Workload, n: int, seed: int, vocab_size: int) -> W
 def run_offline(llm: object, workload: Workload, temperature: float) -> dict:
     """Generate the whole workload at once; returns the throughput figures."""
     params = [sampling_params(o, temperature) for o in workload.output_lens]
+    times = getattr(getattr(llm, "llm_engine", None), "step_times", None)
+    before = times.as_dict() if times is not None else None
     t0 = time.perf_counter()
     outs = llm.generate(workload.prompts, params, use_tqdm=False)  # type: ignore[attr-defined]
     elapsed = time.perf_counter() - t0
+    after = times.as_dict() if times is not None else None
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     prompt_tokens = workload.num_prompt_tokens
     errors = [o.error for o in outs if getattr(o, "error", None)]
@@ -99,6 +103,8 @@ def run_offline(llm: object, workload: Workload, temperature: float) -> dict:
         "total_tok_s": round((out_tokens + prompt_tokens) / elapsed, 2),
         "failed_requests": len(errors),
         "first_error": errors[0] if errors else None,
+        # The engine's step phases during the run, to set against S1's (where the server's time goes).
+        "step_loop_s": step_loop_delta(before, after),
     }
 
 

@@ -267,6 +267,18 @@ def free_device_memory() -> None:
         pass
 
 
+def step_loop_delta(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, Any] | None:
+    """Seconds per step-loop phase between two readings (engine/step_loop_times.py), and each
+    phase's share of their sum."""
+    if not before or not after:
+        return None
+    delta = {k: round(after[k] - before.get(k, 0.0), 4) for k in after}
+    total = sum(v for k, v in delta.items() if k != "steps")
+    if total > 0:
+        delta["shares"] = {k: round(v / total, 4) for k, v in delta.items() if k not in ("steps", "shares")}
+    return delta
+
+
 def sampling_params(max_tokens: int, temperature: float) -> Any:
     from engine import SamplingParams
 

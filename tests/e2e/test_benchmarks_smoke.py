@@ -88,6 +88,8 @@ def test_throughput_t2_dummy_shape(tmp_path: Path) -> None:
     assert data["model"]["load_format"] == "dummy" and data["model"]["vocab_size"] == 128256
     assert data["engine_kwargs"]["max_model_len"] == 256  # the workload's longest sequence, rounded up
     assert data["results"]["output_tokens"] == 24 and data["results"]["total_tok_s"] > 0
+    loop = data["results"]["step_loop_s"]  # the offline engine's step phases during the run
+    assert loop["steps"] >= 6 and loop["launch"] > 0 and loop["device_wait"] > 0 and loop["update"] > 0
     assert data["peer"]["requests_run"] == 2 and data["peer"]["requests_total"] == 4
     assert any("peer extrapolated" in n for n in data["notes"])
     assert_in_summary(tmp_path, "T2")

@@ -36,8 +36,11 @@ class EngineConfig:
     async_scheduling: bool = True
     max_cuda_graph_batch_size: int | None = None  # None: 1024 (decode batches above run eagerly)
     # Mixed prefill+decode steps of up to this many tokens replay CUDA graphs too (sizes 16, 32, 64,
-    # ... up to it); 0: they run eagerly. Off by default until it has been measured on a GPU.
-    max_cuda_graph_mixed_tokens: int = 0
+    # ... up to it); 0: they run eagerly. None: 512 on cuda. Small mixed steps (a short prompt
+    # arriving among a few dozen decodes) are where an eager forward's ~18 ms of launches (8B model)
+    # dwarfs the GPU work; above ~1k tokens the GPU work hides the launches and padding to the next
+    # graph size would only add compute (measured: loadtest/results/chat-mixed-h200-*).
+    max_cuda_graph_mixed_tokens: int | None = None
     # Admission control (serving): beyond these the server answers 429 instead of queueing.
     max_waiting_requests: int = 1024
     max_waiting_tokens: int = 1_048_576
@@ -64,7 +67,7 @@ class EngineConfig:
         if self.max_cuda_graph_batch_size is not None:
             _positive("max_cuda_graph_batch_size", self.max_cuda_graph_batch_size)
         mixed = self.max_cuda_graph_mixed_tokens
-        if not isinstance(mixed, int) or isinstance(mixed, bool) or mixed < 0:
+        if mixed is not None and (not isinstance(mixed, int) or isinstance(mixed, bool) or mixed < 0):
             raise ValueError(
                 f"max_cuda_graph_mixed_tokens must be 0 (off) or a positive integer; got {mixed!r}"
             )
@@ -84,6 +87,11 @@ class EngineConfig:
             max_num_seqs=self.max_num_seqs or (1024 if on_cuda else 256),
             # Large decode batches are the host-bound ones when eager (~0.5 ms of launches per layer).
             max_cuda_graph_batch_size=self.max_cuda_graph_batch_size or 1024,
+            max_cuda_graph_mixed_tokens=(
+                self.max_cuda_graph_mixed_tokens
+                if self.max_cuda_graph_mixed_tokens is not None
+                else (512 if on_cuda else 0)
+            ),
         )
 
     @classmethod

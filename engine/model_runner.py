@@ -155,9 +155,10 @@ class ModelRunner:
         return capture_sizes(cfg.max_num_seqs, cfg.max_cuda_graph_batch_size)
 
     def cuda_graph_mixed_sizes(self) -> list[int]:
-        """Token counts of the mixed-step graphs (none unless max_cuda_graph_mixed_tokens is set)."""
+        """Token counts of the mixed-step graphs (none when max_cuda_graph_mixed_tokens is 0 or unset:
+        a config that did not go through with_device_defaults)."""
         return mixed_capture_sizes(
-            min(self.engine_config.max_cuda_graph_mixed_tokens, self.max_num_batched_tokens)
+            min(self.engine_config.max_cuda_graph_mixed_tokens or 0, self.max_num_batched_tokens)
         )
 
     def _sync(self) -> None:
@@ -278,12 +279,17 @@ class ModelRunner:
         self.graph_runner = graph_runner
         self.timings["cuda_graph_capture_s"] = graph_runner.capture_seconds
         logger.info(
-            "CUDA graphs captured in %.2fs (warm-up forwards %.2fs): %d decode batch sizes (%d..%d), %.3f GiB%s",
+            "CUDA graphs captured in %.2fs (warm-up forwards %.2fs): %d decode batch sizes (%d..%d), "
+            "%d mixed step sizes (%s tokens), %.3f GiB%s",
             graph_runner.capture_seconds,
             graph_runner.warmup_seconds,
-            graph_runner.num_graphs,
+            len(sizes),
             sizes[0],
             sizes[-1],
+            len(graph_runner.mixed_sizes),
+            f"{graph_runner.mixed_sizes[0]}..{graph_runner.mixed_sizes[-1]}"
+            if graph_runner.mixed_sizes
+            else "-",
             graph_runner.memory_bytes / _GIB,
             " (emulated)" if emulate else "",
         )

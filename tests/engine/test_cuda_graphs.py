@@ -241,6 +241,16 @@ def test_mixed_capture_sizes() -> None:
     assert mixed_capture_sizes(512) == [16, 32, 64, 128, 256, 512]
 
 
+def test_mixed_graphs_default_on_cuda_only() -> None:
+    # Measured on an H200 (loadtest/results/chat-mixed-h200-*): on by default up to 512 tokens.
+    assert EngineConfig("m").with_device_defaults("cuda").max_cuda_graph_mixed_tokens == 512
+    assert EngineConfig("m").with_device_defaults("cpu").max_cuda_graph_mixed_tokens == 0
+    off = EngineConfig("m", max_cuda_graph_mixed_tokens=0).with_device_defaults("cuda")
+    assert off.max_cuda_graph_mixed_tokens == 0
+    with pytest.raises(ValueError, match="max_cuda_graph_mixed_tokens must be 0 .off. or a positive integer"):
+        EngineConfig("m", max_cuda_graph_mixed_tokens=-1)
+
+
 def test_pad_mixed_batch_layout() -> None:
     """Two sequences (a 3-token prefill chunk and a decode) padded to 8 tokens in 8 sequences."""
     arrays = DecodeArrays(

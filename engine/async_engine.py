@@ -5,9 +5,9 @@
     add_request -> scheduler queue
     step loop:  schedule()          ─────►  execute(scheduler_output)   (model forward + sampling)
                 update() + detokenize ◄────
-                per-request queues ──► async generators ──► SSE
+                per-request channels ──► async generators ──► SSE
 
-Bookkeeping (scheduler, detokenizers, request queues) is only touched on the event loop, so it needs
+Bookkeeping (scheduler, detokenizers, request channels) is only touched on the event loop, so it needs
 no locks; the worker thread only runs `LLMEngine.execute`. Cancelling a request's stream aborts it at
 once, and its KV blocks are freed before the next step is scheduled.
 """
@@ -24,6 +24,7 @@ from typing import Any
 from engine.config import EngineConfig
 from engine.errors import EngineDeadError, EngineDrainingError, QueueFullError
 from engine.llm_engine import EngineStats, LLMEngine
+from engine.output_channel import OutputChannel
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
@@ -53,7 +54,7 @@ class AsyncEngine:
         self.warm = False
         self.dead_error: BaseException | None = None
         self._draining = False
-        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._streams: dict[str, OutputChannel[RequestOutput | BaseException]] = {}
         self._work_available: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
@@ -146,10 +147,10 @@ class AsyncEngine:
                 f"> max_waiting_tokens {self.config.max_waiting_tokens}); retry later"
             )
         self.engine.add_request(request_id, prompt_token_ids, params, priority=priority, prompt_text=prompt)
-        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self._streams[request_id] = queue
+        channel: OutputChannel[RequestOutput | BaseException] = OutputChannel()
+        self._streams[request_id] = channel
         self._on_new_work()
-        return self._stream(request_id, queue)
+        return self._stream(request_id, channel)
 
     async def generate(
         self,
@@ -167,12 +168,13 @@ class AsyncEngine:
             yield out
 
     async def _stream(
-        self, request_id: str, queue: asyncio.Queue[RequestOutput | BaseException]
+        self, request_id: str, channel: OutputChannel[RequestOutput | BaseException]
     ) -> AsyncIterator[RequestOutput]:
         finished = False
+        get = channel.get
         try:
             while True:
-                item = await queue.get()
+                item = await get()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -202,9 +204,9 @@ class AsyncEngine:
             self._idle.clear()
 
     def _deliver(self, out: RequestOutput) -> None:
-        queue = self._streams.get(out.request_id)
-        if queue is not None:
-            queue.put_nowait(out)
+        channel = self._streams.get(out.request_id)
+        if channel is not None:
+            channel.put(out)
 
     def _launch_and_collect(
         self,

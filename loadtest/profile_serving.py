@@ -109,10 +109,11 @@ class FastFakeEngine:
         params: Any,
         priority: int = 0,
     ) -> AsyncIterator[Any]:
+        from engine.output_channel import OutputChannel
         from engine.outputs import RequestMetrics
 
         ids = prompt_token_ids if prompt_token_ids is not None else list(self.tokenizer.encode(prompt or ""))
-        queue: asyncio.Queue[Any] = asyncio.Queue()
+        queue: OutputChannel[Any] = OutputChannel()  # as AsyncEngine's streams
         req = {
             "id": request_id,
             "prompt": prompt,
@@ -129,7 +130,7 @@ class FastFakeEngine:
         self._wake.set()
         return self._stream(request_id, queue)
 
-    async def _stream(self, request_id: str, queue: asyncio.Queue[Any]) -> AsyncIterator[Any]:
+    async def _stream(self, request_id: str, queue: Any) -> AsyncIterator[Any]:
         finished = False
         try:
             while True:
@@ -180,7 +181,7 @@ class FastFakeEngine:
                 if done:
                     del self._running[rid]
                     req["metrics"].finished_time = time.monotonic()
-                req["queue"].put_nowait(
+                req["queue"].put(
                     RequestOutput(
                         request_id=rid,
                         prompt=req["prompt"],

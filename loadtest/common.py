@@ -1138,6 +1138,12 @@ _SUMMARY_ROWS: list[tuple[str, str, str, str, str]] = [
         "",
     ),
     ("U1", "split s: engine build total", "in_process.engine_build_s", "", ""),
+    ("K", "prefill step ms (8k tokens)", "prefill.wall_ms_per_step", "", ""),
+    ("K", "prefill matmul TFLOP/s", "prefill.matmul_tflop_s", "", ""),
+    ("K", "prefill busy fraction", "prefill.busy_fraction", "", ""),
+    ("K", "decode step ms", "decode.wall_ms_per_step", "", ""),
+    ("K", "decode attention KV GB/s", "decode.attention_kv_gb_s", "", ""),
+    ("K", "decode busy fraction", "decode.busy_fraction", "", ""),
 ]
 
 

@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     model = resolve_model(args)
-    report = Report("kernel-profile", args, model)
+    report = Report("K", args, model)  # "K" in run_gpu_suite.sh
     report["workload"] = {
         "num_requests": args.num_requests,
         "input_len": args.input_len,

@@ -257,7 +257,7 @@ def test_kernel_profile(tiny_llama_dir: Path, tmp_path: Path) -> None:
     argv += ["--output-len", "12", "--max-num-batched-tokens", "32", "--prefill-steps", "2"]
     argv += ["--decode-steps", "3", "--out", str(out)]
     assert profile_kernels.main(argv) == 0
-    data = load_report(out, "kernel-profile")
+    data = load_report(out, "K")
     prefill, decode = data["results"]["prefill"], data["results"]["decode"]
     assert prefill["tokens_per_step"] == 32  # full chunks of the 32-token budget
     assert decode["tokens_per_step"] == 4 and decode["batch"] == 4  # one token per request
@@ -266,3 +266,4 @@ def test_kernel_profile(tiny_llama_dir: Path, tmp_path: Path) -> None:
         assert w["steps"] > 0 and w["wall_ms_per_step"] > 0 and w["kernel_ms_per_step"] > 0
         assert w["family_ms_per_step"].get("matmul", 0) > 0, w["family_ms_per_step"]
         assert w["top_kernels"]
+    assert_in_summary(tmp_path, "K")

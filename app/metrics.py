@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from app.loop_histogram import LoopHistogram
+
 log = structlog.get_logger("weir.metrics")
 
 # Buckets as vLLM's, trimmed to what a small server sees.
@@ -188,11 +190,14 @@ class ServerMetrics:
         self.ttft = histogram(
             "weir:time_to_first_token_seconds", "Time to first token in seconds.", _TTFT_BUCKETS
         )
-        self.itl = histogram(
+        # Observed for every streamed token: a lock-free histogram (app/loop_histogram.py).
+        self.itl = LoopHistogram(
             "weir:inter_token_latency_seconds",
             "Time between streamed outputs of a sequence, in seconds.",
             _ITL_BUCKETS,
+            [model_name],
         )
+        r.register(self.itl)
         self.e2e = histogram(
             "weir:e2e_request_latency_seconds", "End-to-end request latency in seconds.", _REQUEST_BUCKETS
         )

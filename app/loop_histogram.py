@@ -1,11 +1,12 @@
 """A Prometheus histogram for a series observed once per streamed token, from the event loop only.
 
-prometheus_client's Histogram takes a lock and walks its buckets in Python on every observe (1.5 µs on a CI-class core);
-the inter-token latency is observed for every token of every stream, on the same thread as the
-engine's step loop, so at a thousand streams that is milliseconds of every step. Observed from one
-thread, a histogram needs no lock, and the bucket is one bisect in C (0.2 µs). It is exported by
-its own collector in the standard text format (`_bucket{le=...}`, `_count`, `_sum`), so scrapers
-and dashboards see the same series as from a prometheus_client Histogram (less its `_created`).
+prometheus_client's Histogram takes a lock and walks its buckets in Python on every observe (1.5 µs
+on a CI-class core); the inter-token latency is observed for every token of every stream, on the
+same thread as the engine's step loop, so at a thousand streams that is milliseconds of every step.
+Observed from one thread, a histogram needs no lock, and the bucket is one bisect in C (0.2 µs). It
+is exported by its own collector in the standard text format (`_bucket{le=...}`, `_count`, `_sum`),
+so scrapers and dashboards see the same series as from a prometheus_client Histogram (less its
+`_created`).
 """
 
 from __future__ import annotations

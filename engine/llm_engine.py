@@ -44,7 +44,8 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens_total: int
     generation_tokens_total: int
-    # The server's step loop, seconds by phase (engine/step_loop_times.py); None offline.
+    # Seconds by phase of the steps (engine/step_loop_times.py): the server's step loop when read
+    # through AsyncEngine.stats(), else the steps driven by LLMEngine.step().
     step_loop: dict[str, float] | None = None
 
 
@@ -498,4 +499,5 @@ class LLMEngine:
             num_preemptions=s.num_preemptions,
             prompt_tokens_total=self._prompt_tokens_total,
             generation_tokens_total=self._generation_tokens_total,
+            step_loop=self.step_times.as_dict(),
         )

@@ -32,6 +32,17 @@ def test_text_prompt_outputs_in_input_order(llm: LLM) -> None:
         assert o.finished
 
 
+def test_offline_step_phases_are_counted(llm: LLM) -> None:
+    before = llm.llm_engine.stats().step_loop
+    llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+    after = llm.llm_engine.stats().step_loop
+    assert before is not None and after is not None
+    assert after["steps"] >= before["steps"] + 6  # one forward pass per generated token
+    for phase in ("schedule", "launch", "device_wait", "update"):  # async scheduling is the default
+        assert after[phase] > before[phase], phase
+    assert after["loop_delay"] == before["loop_delay"] == 0.0  # no event loop offline
+
+
 @pytest.mark.parametrize(
     ("prompt", "params", "message"),
     [

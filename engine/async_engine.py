@@ -29,7 +29,6 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from engine.step_in_flight import StepInFlight
-from engine.step_loop_times import StepLoopTimes
 from engine.tokenizer import encode_prompt
 
 __all__ = ["AsyncEngine", "EngineStats"]
@@ -59,7 +58,8 @@ class AsyncEngine:
         self._idle: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weir-gpu")
-        self.step_loop_times = StepLoopTimes()
+        # The engine's step phases; this loop adds idle and loop_delay (engine/step_loop_times.py).
+        self.step_loop_times = self.engine.step_times
         self._worker_done = 0.0  # perf_counter when the worker last returned
 
     # ------------------------------------------------------------------ lifecycle
@@ -192,9 +192,7 @@ class AsyncEngine:
         self._streams.pop(request_id, None)
 
     def stats(self) -> EngineStats:
-        stats = self.engine.stats()
-        stats.step_loop = self.step_loop_times.as_dict()
-        return stats
+        return self.engine.stats()
 
     # ------------------------------------------------------------------ the step loop
     def _on_new_work(self) -> None:
@@ -208,65 +206,60 @@ class AsyncEngine:
         if channel is not None:
             channel.put(out)
 
+    def _apply(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> None:
+        """Apply a step's results and hand the outputs to their streams (both count as update)."""
+        outputs = self.engine.update(scheduler_output, runner_output)
+        start = time.perf_counter()
+        for out in outputs:
+            self._deliver(out)
+        self.step_loop_times.update += time.perf_counter() - start
+
     def _launch_and_collect(
         self,
         scheduler_output: SchedulerOutput,
         previous: tuple[SchedulerOutput, StepInFlight] | None,
     ) -> tuple[StepInFlight | BaseException | None, ModelRunnerOutput | BaseException | None]:
         """Worker thread: queue the new step (if any), then wait for the previous one's results."""
-        times = self.step_loop_times
-        start = time.perf_counter()
         launched: StepInFlight | BaseException | None = None
         if not scheduler_output.is_empty:
-            times.steps += 1
             try:
                 launched = self.engine.launch(scheduler_output)
             except Exception as exc:  # noqa: BLE001 - reported on the affected requests
                 launched = exc
-        launch_end = time.perf_counter()
         prev_output: ModelRunnerOutput | BaseException | None = None
         if previous is not None:
             try:
-                prev_output = previous[1].result()
+                prev_output = self.engine.wait(previous[1])
             except Exception as exc:  # noqa: BLE001 - reported on the affected requests
                 prev_output = exc
-        self._worker_done = done = time.perf_counter()
-        times.launch += launch_end - start
-        times.device_wait += done - launch_end
         return launched, prev_output
 
-    def _execute_timed(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        """Worker thread, sync mode: one whole step (inputs, forward, sampling, results)."""
-        start = time.perf_counter()
-        self.step_loop_times.steps += 1
-        try:
-            return self.engine.execute(scheduler_output)
-        finally:
-            self._worker_done = done = time.perf_counter()
-            self.step_loop_times.device_wait += done - start
-
     async def _in_worker(self, loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> Any:
-        """Run `fn` on the worker thread; counts how long the loop took to come back after it."""
+        """Run `fn(*args)` on the worker thread; counts as loop_delay how long the event loop took to
+        come back to this coroutine after the worker had finished."""
+
+        def timed() -> Any:
+            try:
+                return fn(*args)
+            finally:
+                self._worker_done = time.perf_counter()
+
         try:
-            return await loop.run_in_executor(self._executor, fn, *args)
+            return await loop.run_in_executor(self._executor, timed)
         finally:
             self.step_loop_times.loop_delay += max(time.perf_counter() - self._worker_done, 0.0)
 
     async def _run_sync_step(
         self, loop: asyncio.AbstractEventLoop, scheduler_output: SchedulerOutput
     ) -> None:
-        engine = self.engine
         try:
-            runner_output = await self._in_worker(loop, self._execute_timed, scheduler_output)
+            runner_output = await self._in_worker(loop, self.engine.execute, scheduler_output)
         except Exception as exc:  # noqa: BLE001 - reported on the affected requests
             self._fail(scheduler_output, exc)
             if self._is_fatal(exc):
                 raise
             return
-        start = time.perf_counter()
-        for out in engine.update(scheduler_output, runner_output):
-            self._deliver(out)
-        self.step_loop_times.update += time.perf_counter() - start
+        self._apply(scheduler_output, runner_output)
 
     def _fail(self, scheduler_output: SchedulerOutput, exc: BaseException) -> None:
         for out in self.engine.fail_scheduled(scheduler_output, exc):
@@ -295,9 +288,7 @@ class AsyncEngine:
                     await self._work_available.wait()
                     times.idle += clock() - start
                     continue
-                start = clock()
                 scheduler_output = engine.schedule()
-                times.schedule += clock() - start
                 if scheduler_output.is_empty and in_flight is None:
                     # Only aborted/finished bookkeeping this step; let other tasks run, then go on.
                     engine.update(scheduler_output, None)
@@ -312,7 +303,6 @@ class AsyncEngine:
                 launched, prev_output = await self._in_worker(
                     loop, self._launch_and_collect, scheduler_output, previous
                 )
-                start = clock()
                 if isinstance(launched, BaseException):
                     self._fail(scheduler_output, launched)
                 elif launched is not None:
@@ -321,18 +311,14 @@ class AsyncEngine:
                     if isinstance(prev_output, BaseException):
                         self._fail(previous[0], prev_output)
                     else:
-                        for out in engine.update(previous[0], prev_output):
-                            self._deliver(out)
-                times.update += clock() - start
+                        self._apply(previous[0], prev_output)
                 if isinstance(launched, BaseException) and self._is_fatal(launched):
                     raise launched
                 if isinstance(prev_output, BaseException) and self._is_fatal(prev_output):
                     raise prev_output
                 if in_flight is not None and not engine.has_unfinished_requests():
                     # Nobody waits for the step just launched: drain it so an idle engine is idle.
-                    start = clock()
-                    await loop.run_in_executor(self._executor, in_flight[1].result)
-                    times.device_wait += clock() - start
+                    await self._in_worker(loop, engine.wait, in_flight[1])
                     in_flight = None
         except asyncio.CancelledError:
             raise

@@ -3,7 +3,7 @@
 A step is three calls — `schedule()`, `execute(scheduler_output)`, `update(...)` — so the async
 engine can run the middle one on its worker thread and the other two on the event loop. Everything
 here except `execute` is plain Python bookkeeping plus detokenization. With async scheduling (the
-default) `execute` splits into `launch` (queue the step on the device) and `StepInFlight.result()`,
+default) `execute` splits into `launch` (queue the step on the device) and `wait(launched)`,
 and step N's update runs after step N+1 is launched, so it hides behind the device's work.
 
 Parallel sampling (n > 1) fans a request out into n child requests that share the prompt's KV blocks
@@ -44,8 +44,7 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens_total: int
     generation_tokens_total: int
-    # Seconds by phase of the steps (engine/step_loop_times.py): the server's step loop when read
-    # through AsyncEngine.stats(), else the steps driven by LLMEngine.step().
+    # Seconds by phase of the engine's steps (engine/step_loop_times.py).
     step_loop: dict[str, float] | None = None
 
 
@@ -131,7 +130,7 @@ class LLMEngine:
         # Async scheduling: the step launched last, whose results the next step() applies.
         self._in_flight: tuple[SchedulerOutput, StepInFlight] | None = None
         self._generation_tokens_total = 0
-        # Seconds by phase of the steps driven by step() (offline); the server's loop keeps its own.
+        # Seconds by phase of the step primitives, whoever drives them (step() or the server's loop).
         self.step_times = StepLoopTimes()
         self.startup_seconds = time.perf_counter() - start
         logger.info(
@@ -261,34 +260,23 @@ class LLMEngine:
         step N+1, then update with step N's results while the device runs N+1 (see
         engine.step_in_flight); the outputs returned are step N's.
         """
-        times = self.step_times
-        start = time.perf_counter()
         scheduler_output = self.schedule()
-        scheduled = time.perf_counter()
-        times.schedule += scheduled - start
         if not self.config.async_scheduling:
             if scheduler_output.is_empty:
                 return self.update(scheduler_output, None)
-            times.steps += 1
             try:
                 runner_output = self.execute(scheduler_output)
             except Exception as exc:  # noqa: BLE001 - the failure is reported on the affected requests
                 return self.fail_scheduled(scheduler_output, exc)
-            executed = time.perf_counter()
-            times.device_wait += executed - scheduled
-            outputs = self.update(scheduler_output, runner_output)
-            times.update += time.perf_counter() - executed
-            return outputs
+            return self.update(scheduler_output, runner_output)
 
         previous, self._in_flight = self._in_flight, None
         outputs: list[RequestOutput] = []
         if not scheduler_output.is_empty:
-            times.steps += 1
             try:
                 self._in_flight = (scheduler_output, self.launch(scheduler_output))
             except Exception as exc:  # noqa: BLE001 - the failure is reported on the affected requests
                 outputs += self.fail_scheduled(scheduler_output, exc)
-            times.launch += time.perf_counter() - scheduled
         if previous is not None:
             outputs += self.finish_step(*previous)
         if not self._parents:
@@ -308,31 +296,62 @@ class LLMEngine:
 
     def finish_step(self, scheduler_output: SchedulerOutput, launched: StepInFlight) -> list[RequestOutput]:
         """Wait for a launched step's results and apply them (the update half of an async step)."""
-        start = time.perf_counter()
         try:
-            runner_output = launched.result()
+            runner_output = self.wait(launched)
         except Exception as exc:  # noqa: BLE001 - the failure is reported on the affected requests
             return self.fail_scheduled(scheduler_output, exc)
-        waited = time.perf_counter()
-        outputs = self.update(scheduler_output, runner_output)
-        self.step_times.device_wait += waited - start
-        self.step_times.update += time.perf_counter() - waited
-        return outputs
+        return self.update(scheduler_output, runner_output)
 
+    # The step primitives below count their time in `step_times` (engine/step_loop_times.py), so
+    # every driver (step() here, the server's step loop) is measured the same way.
     def schedule(self) -> SchedulerOutput:
+        start = time.perf_counter()
         scheduler_output = self.scheduler.schedule()
         self._prompt_tokens_total += scheduler_output.num_prompt_tokens
+        self.step_times.schedule += time.perf_counter() - start
         return scheduler_output
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        """The forward pass and sampling: the only part that touches the device."""
-        return self.runner.execute_model(scheduler_output)
+        """The forward pass and sampling: the only part that touches the device. Its time counts as
+        device wait (one step at a time: the host waits for the whole step)."""
+        times = self.step_times
+        times.steps += 1
+        start = time.perf_counter()
+        try:
+            return self.runner.execute_model(scheduler_output)
+        finally:
+            times.device_wait += time.perf_counter() - start
 
     def launch(self, scheduler_output: SchedulerOutput) -> StepInFlight:
-        """Queue the forward pass and sampling on the device; `result()` on the returned step waits."""
-        return self.runner.execute_model_async(scheduler_output)
+        """Queue the forward pass and sampling on the device; `wait()` on the returned step blocks."""
+        times = self.step_times
+        times.steps += 1
+        start = time.perf_counter()
+        try:
+            return self.runner.execute_model_async(scheduler_output)
+        finally:
+            times.launch += time.perf_counter() - start
+
+    def wait(self, launched: StepInFlight) -> ModelRunnerOutput:
+        """A launched step's results, once they are on the host."""
+        start = time.perf_counter()
+        try:
+            return launched.result()
+        finally:
+            self.step_times.device_wait += time.perf_counter() - start
 
     def update(
+        self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput | None
+    ) -> list[RequestOutput]:
+        """Apply a step's results: tokens, stops, detokenization; the outputs of the requests that
+        changed."""
+        start = time.perf_counter()
+        try:
+            return self._apply(scheduler_output, runner_output)
+        finally:
+            self.step_times.update += time.perf_counter() - start
+
+    def _apply(
         self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput | None
     ) -> list[RequestOutput]:
         now = time.monotonic()

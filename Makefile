@@ -21,9 +21,9 @@ serve: $(VENV)/.installed
 	$(VENV)/bin/weir serve $(ARGS)
 
 test: $(VENV)/.installed
-	$(VENV)/bin/ruff check app engine ops tests loadtest
+	$(VENV)/bin/ruff check app engine ops tests loadtest tools
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check app engine ops tests loadtest
-	$(VENV)/bin/ruff format --check app engine ops tests loadtest
+	$(VENV)/bin/ruff check app engine ops tests loadtest tools
+	$(VENV)/bin/ruff format --check app engine ops tests loadtest tools

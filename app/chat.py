@@ -42,8 +42,8 @@ from app.protocol import (
 )
 from app.sse import SSEResponse
 from app.state import AppState
-from engine.outputs import CompletionOutput, RequestOutput
-from engine.sampling_params import MAX_LOGPROBS
+from engine.core.sampling_params import MAX_LOGPROBS
+from engine.outputs.request_output import CompletionOutput, RequestOutput
 
 ROLES = ("system", "developer", "user", "assistant")
 

@@ -33,7 +33,7 @@ from app.http import api_route, read_json
 from app.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage
 from app.sse import SSEResponse
 from app.state import AppState
-from engine.outputs import CompletionOutput, RequestOutput
+from engine.outputs.request_output import CompletionOutput, RequestOutput
 
 MAX_PROMPTS = 256
 

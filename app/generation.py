@@ -28,8 +28,8 @@ from app.protocol import (
     Usage,
 )
 from app.state import AppState
-from engine.outputs import CompletionOutput, Logprob, RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.core.sampling_params import SamplingParams
+from engine.outputs.request_output import CompletionOutput, Logprob, RequestOutput
 
 log = get_logger("weir.app")
 encoder = msgspec.json.Encoder()

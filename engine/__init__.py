@@ -4,8 +4,8 @@ from engine import LLM, SamplingParams
 """
 
 from engine.config import EngineConfig
-from engine.outputs import CompletionOutput, Logprob, RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.core.sampling_params import SamplingParams
+from engine.outputs.request_output import CompletionOutput, Logprob, RequestOutput
 
 __all__ = [
     "LLM",

@@ -22,14 +22,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from engine.config import EngineConfig
+from engine.core.sampling_params import SamplingParams
+from engine.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from engine.errors import EngineDeadError, EngineDrainingError, QueueFullError
+from engine.inputs.tokenizer import encode_prompt
 from engine.llm_engine import EngineStats, LLMEngine
-from engine.output_channel import OutputChannel
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
-from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from engine.step_in_flight import StepInFlight
-from engine.tokenizer import encode_prompt
+from engine.outputs.output_channel import OutputChannel
+from engine.outputs.request_output import RequestOutput
+from engine.worker.step_in_flight import StepInFlight
 
 __all__ = ["AsyncEngine", "EngineStats"]
 
@@ -44,7 +44,7 @@ class AsyncEngine:
         """Loads the model and tokenizer and allocates the KV cache (blocking, seconds)."""
         self.config = config
         self.engine = LLMEngine(config)
-        self.tokenizer = self.engine.tokenizer
+        self.tokenizer = self.engine.inputs.tokenizer
         self.max_model_len = self.engine.max_model_len
         self.vocab_size = self.engine.vocab_size
         self.model_path = config.model
@@ -129,7 +129,7 @@ class AsyncEngine:
             raise EngineDrainingError("the server is shutting down and takes no new requests")
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        stats = self.engine.scheduler
+        stats = self.engine.core.scheduler
         if stats.num_waiting >= self.config.max_waiting_requests:
             raise QueueFullError(
                 f"the waiting queue is full ({stats.num_waiting} requests waiting; "
@@ -139,7 +139,7 @@ class AsyncEngine:
             if not prompt:
                 raise ValueError("prompt must not be empty")
             prompt_token_ids = encode_prompt(self.tokenizer, prompt)
-        waiting = self.engine.scheduler.num_waiting_tokens
+        waiting = self.engine.core.scheduler.num_waiting_tokens
         wanted = len(prompt_token_ids) * params.n
         if waiting + wanted > self.config.max_waiting_tokens:
             raise QueueFullError(

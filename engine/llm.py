@@ -8,10 +8,10 @@ from typing import Any
 from tqdm import tqdm
 
 from engine.config import EngineConfig
+from engine.core.sampling_params import SamplingParams
+from engine.inputs.tokenizer import render_chat
 from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
-from engine.tokenizer import render_chat
+from engine.outputs.request_output import RequestOutput
 
 Prompt = str | list[int]
 

@@ -18,17 +18,23 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
-from engine.detokenizer import IncrementalDetokenizer
+from engine.core.request import Request, RequestStatus
+from engine.core.sampling_params import SamplingParams
+from engine.core.scheduler import Scheduler
+from engine.core.scheduler_output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from engine.executor.step_loop_times import StepLoopTimes
+from engine.inputs.tokenizer import encode_prompt, load_tokenizer
 from engine.model_config import ModelConfig
-from engine.model_runner import ModelRunner
-from engine.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
-from engine.request import Request, RequestStatus
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
-from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
-from engine.step_in_flight import StepInFlight
-from engine.step_loop_times import StepLoopTimes
-from engine.tokenizer import encode_prompt, load_tokenizer
+from engine.outputs.detokenizer import IncrementalDetokenizer
+from engine.outputs.request_output import (
+    CompletionOutput,
+    Logprob,
+    PositionLogprobs,
+    RequestMetrics,
+    RequestOutput,
+)
+from engine.worker.model_runner import ModelRunner
+from engine.worker.step_in_flight import StepInFlight
 
 logger = logging.getLogger("weir.engine")
 
@@ -258,7 +264,7 @@ class LLMEngine:
 
         Synchronous (async_scheduling=False): schedule, execute, update. Async: schedule and launch
         step N+1, then update with step N's results while the device runs N+1 (see
-        engine.step_in_flight); the outputs returned are step N's.
+        engine.worker.step_in_flight); the outputs returned are step N's.
         """
         scheduler_output = self.schedule()
         if not self.config.async_scheduling:

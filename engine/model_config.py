@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.models.registry import SUPPORTED_ARCHITECTURES
+from engine.model.models.registry import SUPPORTED_ARCHITECTURES
 
 logger = logging.getLogger("weir.engine")
 

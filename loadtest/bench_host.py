@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-import engine.model_runner as model_runner_module  # noqa: E402
+import engine.worker.model_runner as model_runner_module  # noqa: E402
 from engine import SamplingParams  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
@@ -42,7 +42,7 @@ _PHASES = (
     ("engine.schedule", "schedule"),
     ("engine.update", "update (engine)"),
     ("engine._make_output", "  of which outputs"),
-    ("engine.scheduler.update_from_output", "  of which scheduler update"),
+    ("engine.core.scheduler.update_from_output", "  of which scheduler update"),
     ("runner._update_states", "runner state diff"),
     ("runner._build_inputs", "runner input building"),
     ("runner._forward", "forward"),

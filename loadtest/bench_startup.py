@@ -135,7 +135,7 @@ def _timed_classes() -> list[type]:
     """ModelRunner, plus any engine class whose name says it runs or captures (a CUDA-graph runner may
     live in its own module)."""
     import engine.llm_engine  # noqa: F401 - imports the runner and whatever it uses
-    from engine.model_runner import ModelRunner
+    from engine.worker.model_runner import ModelRunner
 
     classes: list[type] = [ModelRunner]
     for mod_name, mod in list(sys.modules.items()):

@@ -396,9 +396,9 @@ class HostTimers:
 
 
 def qwen_bf16() -> None:
-    import engine.model_runner as model_runner_module
+    import engine.worker.model_runner as model_runner_module
     import ops
-    from engine.step_in_flight import StepInFlight
+    from engine.worker.step_in_flight import StepInFlight
     from loadtest.model_shapes import num_parameters, write_shape
 
     bw = copy_bandwidth()

@@ -188,13 +188,13 @@ def main(argv: list[str] | None = None) -> int:
         if cuda and matmul_ms > 0:
             window["matmul_tflop_s"] = round(flop / (matmul_ms / 1e3) / 1e12, 1)
     with phase(report, "decode"):
-        while engine.scheduler.num_waiting or any(
-            r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running.values()
+        while engine.core.scheduler.num_waiting or any(
+            r.num_computed_tokens < r.num_prompt_tokens for r in engine.core.scheduler.running.values()
         ):
             engine.step()
         engine.step()  # the first all-decode step
         engine.flush()
-        running = list(engine.scheduler.running.values())
+        running = list(engine.core.scheduler.running.values())
         # Each decode step reads every running sequence's whole context (plus half the window's tokens).
         context = sum(r.num_computed_tokens for r in running) + len(running) * (args.decode_steps // 2)
         report["results"]["decode"] = window = profile_window(engine, args.decode_steps, cuda)

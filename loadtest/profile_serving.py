@@ -109,8 +109,8 @@ class FastFakeEngine:
         params: Any,
         priority: int = 0,
     ) -> AsyncIterator[Any]:
-        from engine.output_channel import OutputChannel
-        from engine.outputs import RequestMetrics
+        from engine.outputs.output_channel import OutputChannel
+        from engine.outputs.request_output import RequestMetrics
 
         ids = prompt_token_ids if prompt_token_ids is not None else list(self.tokenizer.encode(prompt or ""))
         queue: OutputChannel[Any] = OutputChannel()  # as AsyncEngine's streams
@@ -144,7 +144,7 @@ class FastFakeEngine:
                 self._running.pop(request_id, None)
 
     async def _loop(self) -> None:
-        from engine.outputs import CompletionOutput, RequestOutput
+        from engine.outputs.request_output import CompletionOutput, RequestOutput
 
         assert self._wake is not None
         pieces = self._pieces

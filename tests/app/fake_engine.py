@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.core.sampling_params import SamplingParams
 from engine.errors import EngineDeadError, EngineDrainingError, QueueFullError
-from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.outputs.request_output import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 
 FIRST_PLAIN_TOKEN = 5  # ids below are the tiny tokenizer's special tokens
 

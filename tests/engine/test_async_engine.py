@@ -121,7 +121,7 @@ def test_concurrent_streams_match_offline_greedy(config: EngineConfig, async_sch
 def test_failure_surfacing_when_results_arrive(config: EngineConfig, monkeypatch: pytest.MonkeyPatch) -> None:
     """Under async scheduling a device error can first show when a step's results are awaited: the
     requests of that step fail with the message, their blocks are freed, and the engine goes on."""
-    from engine.step_in_flight import StepInFlight
+    from engine.worker.step_in_flight import StepInFlight
 
     real_result = StepInFlight.result
     calls = {"n": 0}

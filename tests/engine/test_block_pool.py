@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from engine.block_pool import BlockPool
+from engine.core.block_pool import BlockPool
 
 
 def free_ids(pool: BlockPool) -> list[int]:

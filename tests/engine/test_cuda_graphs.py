@@ -16,9 +16,11 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.attention_metadata import build_step_inputs, step_layout
 from engine.config import EngineConfig
-from engine.cuda_graphs import (
+from engine.core.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
+from engine.model_config import ModelConfig
+from engine.worker.attention_metadata import build_step_inputs, step_layout
+from engine.worker.cuda_graphs import (
     DecodeArrays,
     capture_sizes,
     mixed_capture_sizes,
@@ -26,9 +28,7 @@ from engine.cuda_graphs import (
     pad_mixed_batch,
     padded_size,
 )
-from engine.model_config import ModelConfig
-from engine.model_runner import ModelRunner
-from engine.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
+from engine.worker.model_runner import ModelRunner
 
 BLOCK_SIZE = 8
 NUM_BLOCKS = 64

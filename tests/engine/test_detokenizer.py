@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.sampling_params import SamplingParams
+from engine.core.sampling_params import SamplingParams
+from engine.outputs.detokenizer import IncrementalDetokenizer
 
 PROMPT = "<|im_start|>user\nSay something<|im_end|>\n<|im_start|>assistant\n"
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 from array import array
 
-from engine.kv_cache_manager import KVCacheManager, hash_block_tokens
-from engine.request import Request
-from engine.sampling_params import SamplingParams
+from engine.core.kv_cache_manager import KVCacheManager, hash_block_tokens
+from engine.core.request import Request
+from engine.core.sampling_params import SamplingParams
 
 BS = 4
 

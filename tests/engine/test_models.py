@@ -19,10 +19,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from engine.config import EngineConfig
+from engine.core.sampling_params import SamplingParams
+from engine.core.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
 from engine.model_config import ModelConfig
-from engine.model_runner import ModelRunner
-from engine.sampling_params import SamplingParams
-from engine.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
+from engine.worker.model_runner import ModelRunner
 from tests.tiny_models import FAMILIES, make_config
 
 BLOCK_SIZE = 16
@@ -209,7 +209,7 @@ def test_prompt_logprobs_over_chunks(tiny_model_dirs: dict[str, Path]) -> None:
 def test_llama3_rope_cache_matches_transformers() -> None:
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    from engine.layers.rotary import build_cos_sin_cache
+    from engine.model.layers.rotary import build_cos_sin_cache
 
     hf_config = make_config("llama3_scaled")
     model_config = ModelConfig.from_dicts(
@@ -229,7 +229,7 @@ def test_llama3_rope_cache_matches_transformers() -> None:
 
 # ---------------------------------------------------------------------------------- tensor parallel shards
 def test_fused_linear_loaders_take_this_ranks_slice() -> None:
-    from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+    from engine.model.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 
     hidden, head_dim = 8, 2
     q = torch.arange(4 * head_dim * hidden, dtype=torch.float32).view(4 * head_dim, hidden)

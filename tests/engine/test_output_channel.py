@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from engine.output_channel import OutputChannel
+from engine.outputs.output_channel import OutputChannel
 
 
 def test_fifo_and_waiting_get() -> None:

@@ -9,14 +9,14 @@ import math
 import pytest
 import torch
 
-from engine.sampler import (
+from engine.core.sampling_params import SamplingParams
+from engine.worker.sampler import (
     Sampler,
     SamplingRow,
     build_sampling_metadata,
     compute_prompt_logprobs,
     process_logits,
 )
-from engine.sampling_params import SamplingParams
 
 V = 64
 sampler = Sampler()

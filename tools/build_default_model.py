@@ -7,7 +7,7 @@ answers simple "What does json.dumps do?" questions in the ChatML chat format.
 
 Run from the repository root (CPU only; no network; deterministic for a given Python version):
 
-    python -m engine.default_model_build --out engine/default_model
+    python -m tools.build_default_model --out engine/default_model
 
 It takes about 21 minutes on 2 otherwise idle CPU cores (2000 training steps of ~0.6 s; the
 corpus and tokenizer take under a minute), longer on a busy machine (38 minutes on a shared 2-core
@@ -610,7 +610,7 @@ model argument and no download. It is a demo of the serving stack, not a useful 
 writes English in the style of Python documentation and answers simple questions such as
 "What does json.dumps do?" in the ChatML chat format, often wrongly.
 
-Built by `engine/default_model_build.py` (deterministic for a given Python version and seed):
+Built by `tools/build_default_model.py` (deterministic for a given Python version and seed):
 
 ```
 {stats["command"]}
@@ -669,9 +669,11 @@ script; they are distributed with weir under its license.
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m engine.default_model_build", description=__doc__.split("\n\n")[0]
+        prog="python -m tools.build_default_model", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "default_model")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parent.parent / "engine" / "default_model"
+    )
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -732,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
     defaults = ["--out", "engine/default_model"] if argv is None else []
     given = sys.argv[1:] if argv is None else argv
     stats.update(
-        command=" ".join(["python -m engine.default_model_build", *(given or defaults)]),
+        command=" ".join(["python -m tools.build_default_model", *(given or defaults)]),
         params=params,
         vocab=len(tokenizer),
         num_docs=len(docs),

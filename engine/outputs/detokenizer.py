@@ -19,7 +19,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from engine.sampling_params import SamplingParams
+from engine.core.sampling_params import SamplingParams
 
 # Prompt tokens decoded in front of the first output token, as context for the decoder.
 _INITIAL_PREFIX_TOKENS = 5

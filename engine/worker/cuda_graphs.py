@@ -4,7 +4,7 @@ At start-up (after the KV cache exists) the runner captures the forward of decod
 token per sequence — for batch sizes 1, 2, 4, 8, 16, 24, ... (see `capture_sizes`) up to
 min(max_num_seqs, max_cuda_graph_batch_size), largest first so the smaller graphs reuse the largest one's memory from
 one shared pool. Every graph reads its inputs from one static device buffer, at the offsets
-`engine.attention_metadata.step_layout` gives for its batch size; a step of n sequences is built
+`engine.worker.attention_metadata.step_layout` gives for its batch size; a step of n sequences is built
 padded to the next captured size B straight into that buffer (one host->device copy) and replays
 graph B. Padding rows write nothing (slot -1) and attend to one position of block 0 (seq_len 1), which
 always exists. Mixed/prefill steps and decode batches above the largest size run eagerly.
@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from engine.attention_metadata import AttentionMetadata, StepInputs, step_layout
+from engine.worker.attention_metadata import AttentionMetadata, StepInputs, step_layout
 
 if TYPE_CHECKING:
-    from engine.model_runner import ModelRunner
+    from engine.worker.model_runner import ModelRunner
 
 logger = logging.getLogger("weir.engine")
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import ops
-from engine.attention_metadata import get_attention_metadata
+from engine.worker.attention_metadata import get_attention_metadata
 
 
 class Attention(nn.Module):

@@ -17,8 +17,8 @@ import hashlib
 from array import array
 from collections.abc import Sequence
 
-from engine.block_pool import BlockPool, KVCacheBlock
-from engine.request import Request
+from engine.core.block_pool import BlockPool, KVCacheBlock
+from engine.core.request import Request
 
 # Parent of the first block: a fixed 32-byte value keeps every hash input the same layout.
 _ROOT_HASH = hashlib.sha256(b"weir prefix cache root").digest()

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.layers.linear import WeightShapeError, set_weight_attrs
+from engine.model.layers.linear import WeightShapeError, set_weight_attrs
 
 
 class VocabParallelEmbedding(nn.Module):

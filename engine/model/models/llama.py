@@ -14,17 +14,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.layers.activation import SiluAndMul
-from engine.layers.attention import Attention
-from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from engine.layers.linear import (
+from engine.model.layers.activation import SiluAndMul
+from engine.model.layers.attention import Attention
+from engine.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from engine.model.layers.linear import (
     LinearMethod,
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
 )
-from engine.layers.norm import RMSNorm
-from engine.layers.rotary import RotaryEmbedding
+from engine.model.layers.norm import RMSNorm
+from engine.model.layers.rotary import RotaryEmbedding
 from engine.model_config import ModelConfig
 
 

@@ -5,7 +5,7 @@ host->device copy, and read by every Attention layer through the forward context
 buffer (a reused pinned host buffer on CUDA), copied to the device once (non_blocking), and sliced back
 into typed views. The CUDA-graph runner passes its static device buffer as `out`: a graph captured for
 batch size B reads views at the offsets `step_layout` gives for B, and a replay of B copies into exactly
-those bytes (padding rows get slot -1 so they write nothing; see engine.cuda_graphs).
+those bytes (padding rows get slot -1 so they write nothing; see engine.worker.cuda_graphs).
 """
 
 from __future__ import annotations
@@ -248,6 +248,6 @@ def forward_context(metadata: AttentionMetadata) -> Iterator[None]:
 def get_attention_metadata() -> AttentionMetadata:
     if _current is None:
         raise RuntimeError(
-            "no attention metadata: run the model inside engine.attention_metadata.forward_context"
+            "no attention metadata: run the model inside engine.worker.attention_metadata.forward_context"
         )
     return _current

@@ -20,8 +20,8 @@ from typing import Protocol
 
 import torch
 
-from engine.sampler import Sampler, SamplingMetadata
-from engine.scheduler_output import ModelRunnerOutput
+from engine.core.scheduler_output import ModelRunnerOutput
+from engine.worker.sampler import Sampler, SamplingMetadata
 
 
 class SampledState(Protocol):

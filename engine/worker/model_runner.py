@@ -5,14 +5,14 @@ Hot path. Per step: apply the scheduler's diff to the per-request state, build t
 (input ids, positions, slot mapping, block tables) with numpy, copy it to the device in one transfer,
 run the forward, project only the rows that need logits (the last scheduled token of requests that
 reach the end of their known tokens, plus prompt positions of requests asking for prompt logprobs, in
-chunks of max_num_seqs rows), and sample them with engine.sampler without waiting for the device.
+chunks of max_num_seqs rows), and sample them with engine.worker.sampler without waiting for the device.
 
-`_forward` is the seam where CUDA graphs replace the eager forward (engine.cuda_graphs: decode-only
+`_forward` is the seam where CUDA graphs replace the eager forward (engine.worker.cuda_graphs: decode-only
 steps of up to max_cuda_graph_batch_size sequences are padded to a captured size and replayed);
 `build_step_inputs` the one place batches are built.
 
 Host syncs per step: none inside `execute_model_async`; the sampled ids (and logprobs) come back
-through a non_blocking copy that `StepInFlight.result()` waits for (engine.step_in_flight). A decode
+through a non_blocking copy that `StepInFlight.result()` waits for (engine.worker.step_in_flight). A decode
 whose input token is still being sampled by the previous step reads it from that step's device tensor,
 so the engine can schedule and launch step N+1 before step N's ids reach the host. Prompt logprobs
 and penalties over a token in flight are the exceptions that wait. Step inputs go through a reused
@@ -32,15 +32,21 @@ import numpy as np
 import torch
 
 import ops
-from engine.attention_metadata import (
+from engine.config import EngineConfig
+from engine.core.sampling_params import SamplingParams
+from engine.core.scheduler_output import ModelRunnerOutput, NewRequestData, SchedulerOutput, TokenLogprobs
+from engine.model.layers.attention import Attention
+from engine.model.models.registry import get_model_class
+from engine.model.weight_loader import initialize_dummy_weights, load_weights
+from engine.model_config import ModelConfig
+from engine.worker.attention_metadata import (
     AttentionMetadata,
     PinnedStaging,
     StepInputs,
     build_step_inputs,
     forward_context,
 )
-from engine.config import EngineConfig
-from engine.cuda_graphs import (
+from engine.worker.cuda_graphs import (
     CUDAGraphRunner,
     DecodeArrays,
     capture_sizes,
@@ -49,14 +55,8 @@ from engine.cuda_graphs import (
     pad_mixed_batch,
     static_buffer_bytes,
 )
-from engine.layers.attention import Attention
-from engine.model_config import ModelConfig
-from engine.models.registry import get_model_class
-from engine.sampler import Sampler, SamplingRow, build_sampling_metadata, compute_prompt_logprobs
-from engine.sampling_params import SamplingParams
-from engine.scheduler_output import ModelRunnerOutput, NewRequestData, SchedulerOutput, TokenLogprobs
-from engine.step_in_flight import StepInFlight
-from engine.weight_loader import initialize_dummy_weights, load_weights
+from engine.worker.sampler import Sampler, SamplingRow, build_sampling_metadata, compute_prompt_logprobs
+from engine.worker.step_in_flight import StepInFlight
 
 logger = logging.getLogger("weir.engine")
 

@@ -14,7 +14,7 @@ as one packed tensor, token ids for penalties as one padded tensor, sparse edits
 min_tokens) as one index set. Stages no row needs are skipped entirely (decided by Python flags, so
 skipping costs no device sync). `Sampler.sample` stays on the device (sampled ids and, when asked,
 packed logprobs); the caller brings them to the host, in the engine with non-blocking copies
-(engine.step_in_flight), and `Sampler.to_output` turns them into Python values.
+(engine.worker.step_in_flight), and `Sampler.to_output` turns them into Python values.
 
 Seeded rows draw their noise from a generator seeded with (seed, number of outputs so far) and nothing
 else, so their tokens do not depend on which other requests share the batch, and survive preemption.
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from engine.sampling_params import SamplingParams
-from engine.scheduler_output import TokenLogprobs
+from engine.core.sampling_params import SamplingParams
+from engine.core.scheduler_output import TokenLogprobs
 
 _SEED_MIX = 1_000_003
 

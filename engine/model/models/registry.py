@@ -14,10 +14,10 @@ if TYPE_CHECKING:
 
 # architecture -> (module, class name)
 _MODELS: dict[str, tuple[str, str]] = {
-    "LlamaForCausalLM": ("engine.models.llama", "LlamaForCausalLM"),
-    "MistralForCausalLM": ("engine.models.llama", "LlamaForCausalLM"),
-    "Qwen2ForCausalLM": ("engine.models.llama", "LlamaForCausalLM"),
-    "Qwen3ForCausalLM": ("engine.models.llama", "LlamaForCausalLM"),
+    "LlamaForCausalLM": ("engine.model.models.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("engine.model.models.llama", "LlamaForCausalLM"),
+    "Qwen2ForCausalLM": ("engine.model.models.llama", "LlamaForCausalLM"),
+    "Qwen3ForCausalLM": ("engine.model.models.llama", "LlamaForCausalLM"),
 }
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODELS)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import ops
-from engine.layers.linear import default_weight_loader, set_weight_attrs
+from engine.model.layers.linear import default_weight_loader, set_weight_attrs
 
 
 class RMSNorm(nn.Module):

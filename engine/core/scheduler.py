@@ -19,9 +19,9 @@ import time
 from collections.abc import Iterable
 
 from engine.config import EngineConfig
-from engine.kv_cache_manager import KVCacheManager
-from engine.request import Request, RequestStatus
-from engine.scheduler_output import (
+from engine.core.kv_cache_manager import KVCacheManager
+from engine.core.request import Request, RequestStatus
+from engine.core.scheduler_output import (
     CachedRequestData,
     ModelRunnerOutput,
     NewRequestData,

@@ -1,5 +1,5 @@
 """Checkpoint loading: Hugging Face safetensors (one file, or shards listed in
-model.safetensors.index.json) into a model built from engine.layers, through each parameter's
+model.safetensors.index.json) into a model built from engine.model.layers, through each parameter's
 `weight_loader`.
 
 Never unpickles: a checkpoint that only has *.bin / *.pt files is refused with the conversion recipe.
@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from engine.layers.linear import WeightShapeError, default_weight_loader
+from engine.model.layers.linear import WeightShapeError, default_weight_loader
 
 logger = logging.getLogger("weir.engine")
 

@@ -23,7 +23,7 @@ class AppState:
         self.config = config
         self.model_names = list(config.served_model_name) or ["model"]
         self.model_name = self.model_names[0]
-        self.tokenizer = engine.inputs.tokenizer
+        self.tokenizer = engine.tokenizer
         self.max_model_len: int = engine.max_model_len
         self.vocab_size: int = engine.vocab_size
         # Sampling defaults from the model's generation_config.json (temperature, top_p, ...), applied

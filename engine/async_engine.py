@@ -44,7 +44,7 @@ class AsyncEngine:
         """Loads the model and tokenizer and allocates the KV cache (blocking, seconds)."""
         self.config = config
         self.engine = LLMEngine(config)
-        self.tokenizer = self.engine.inputs.tokenizer
+        self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
         self.vocab_size = self.engine.vocab_size
         self.model_path = config.model
@@ -129,7 +129,7 @@ class AsyncEngine:
             raise EngineDrainingError("the server is shutting down and takes no new requests")
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        stats = self.engine.core.scheduler
+        stats = self.engine.scheduler
         if stats.num_waiting >= self.config.max_waiting_requests:
             raise QueueFullError(
                 f"the waiting queue is full ({stats.num_waiting} requests waiting; "
@@ -139,7 +139,7 @@ class AsyncEngine:
             if not prompt:
                 raise ValueError("prompt must not be empty")
             prompt_token_ids = encode_prompt(self.tokenizer, prompt)
-        waiting = self.engine.core.scheduler.num_waiting_tokens
+        waiting = self.engine.scheduler.num_waiting_tokens
         wanted = len(prompt_token_ids) * params.n
         if waiting + wanted > self.config.max_waiting_tokens:
             raise QueueFullError(

@@ -42,7 +42,7 @@ _PHASES = (
     ("engine.schedule", "schedule"),
     ("engine.update", "update (engine)"),
     ("engine._make_output", "  of which outputs"),
-    ("engine.core.scheduler.update_from_output", "  of which scheduler update"),
+    ("engine.scheduler.update_from_output", "  of which scheduler update"),
     ("runner._update_states", "runner state diff"),
     ("runner._build_inputs", "runner input building"),
     ("runner._forward", "forward"),

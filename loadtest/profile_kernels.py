@@ -188,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         if cuda and matmul_ms > 0:
             window["matmul_tflop_s"] = round(flop / (matmul_ms / 1e3) / 1e12, 1)
     with phase(report, "decode"):
-        while engine.core.scheduler.num_waiting or any(
-            r.num_computed_tokens < r.num_prompt_tokens for r in engine.core.scheduler.running.values()
+        while engine.scheduler.num_waiting or any(
+            r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running.values()
         ):
             engine.step()
         engine.step()  # the first all-decode step

@@ -22,7 +22,7 @@ def async_sdk(server: LiveServer) -> openai.AsyncOpenAI:
 
 
 def _tokens(server: LiveServer, text: str) -> list[int]:
-    return server.engine.inputs.tokenizer.encode(text)
+    return server.engine.tokenizer.encode(text)
 
 
 def test_models_lists_the_served_name(sdk: openai.OpenAI, server: LiveServer) -> None:
@@ -47,8 +47,8 @@ def test_completion_non_stream(sdk: openai.OpenAI, server: LiveServer) -> None:
     assert r.usage.prompt_tokens == len(_tokens(server, "Return the"))
     assert r.usage.total_tokens == r.usage.prompt_tokens + 5
     assert r.usage.prompt_tokens_details.cached_tokens >= 0
-    assert choice.text == server.engine.inputs.tokenizer.decode(
-        server.engine.inputs.tokenizer.encode(choice.text, add_special_tokens=False)
+    assert choice.text == server.engine.tokenizer.decode(
+        server.engine.tokenizer.encode(choice.text, add_special_tokens=False)
     )
 
 
@@ -163,7 +163,7 @@ def test_chat_content_parts_and_max_completion_tokens(sdk: openai.OpenAI, server
         extra_body={"ignore_eos": True},
     )
     assert r.usage.completion_tokens == 3
-    expected = server.engine.inputs.tokenizer.encode(
+    expected = server.engine.tokenizer.encode(
         "<|im_start|>user\nSay\nhello<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False
     )
     assert r.usage.prompt_tokens == len(expected)

@@ -69,7 +69,7 @@ def _mixed_params(stop_ids: list[int]) -> list[SamplingParams]:
 def _assert_idle(llm: LLM) -> None:
     engine = llm.llm_engine
     assert not engine.has_unfinished_requests()
-    assert engine.core.scheduler.kv_cache_usage == 0.0
+    assert engine.scheduler.kv_cache_usage == 0.0
     assert engine._in_flight is None
 
 
@@ -147,9 +147,9 @@ def test_abort_with_a_step_in_flight_frees_blocks(tiny_model_dirs: dict[str, Pat
     engine.step()
     engine.step()
     assert engine._in_flight is not None  # a step is on the device (here: done, not yet applied)
-    used_with_both = engine.core.scheduler.kv_cache_usage
+    used_with_both = engine.scheduler.kv_cache_usage
     engine.abort_request("r1")
-    assert engine.core.scheduler.kv_cache_usage < used_with_both
+    assert engine.scheduler.kv_cache_usage < used_with_both
     final = None
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -158,7 +158,7 @@ def test_abort_with_a_step_in_flight_frees_blocks(tiny_model_dirs: dict[str, Pat
     assert final is not None and final.finished
     expected, _ = hf_greedy(model_dir, prompts)
     assert final.outputs[0].token_ids == expected[0]
-    assert engine.core.scheduler.kv_cache_usage == 0.0
+    assert engine.scheduler.kv_cache_usage == 0.0
     assert engine._in_flight is None
 
 
@@ -180,7 +180,7 @@ def test_request_id_reused_while_old_step_in_flight(tiny_model_dirs: dict[str, P
             if out.finished:
                 finals[out.request_id] = out.outputs[0].token_ids
     assert finals == {"x": expected[2], "keep": expected[1]}
-    assert engine.core.scheduler.kv_cache_usage == 0.0
+    assert engine.scheduler.kv_cache_usage == 0.0
 
 
 def test_scatter_rows_in_order_and_permuted() -> None:
@@ -231,7 +231,7 @@ def test_random_batch_async_equals_sync(tiny_model_dirs: dict[str, Path]) -> Non
                 if out.finished:
                     finals[out.request_id] = out.outputs[0].token_ids
             steps += 1
-        assert engine.core.scheduler.kv_cache_usage == 0.0
+        assert engine.scheduler.kv_cache_usage == 0.0
         results.append(finals)
     assert results[1] == results[0]
     assert len(results[0]) == len(prompts)
@@ -260,4 +260,4 @@ def test_steps_resolve_in_launch_order_whoever_asks_first(tiny_model_dirs: dict[
         s.token_ids[len(prompts[1]) :][: len(expected[1])] == expected[1]
         for s in engine.runner.requests.values()
     )
-    assert engine.core.scheduler.kv_cache_usage == 0.0
+    assert engine.scheduler.kv_cache_usage == 0.0

@@ -63,7 +63,7 @@ def _greedy(logprobs: int | None = None) -> SamplingParams:
 def _assert_all_blocks_free(llm: LLM) -> None:
     engine = llm.llm_engine
     assert not engine.has_unfinished_requests()
-    assert engine.core.scheduler.kv_cache_usage == 0.0
+    assert engine.scheduler.kv_cache_usage == 0.0
     assert engine.stats().num_running == 0
 
 

@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             engine.step()
         engine.step()  # the first all-decode step
         engine.flush()
-        running = list(engine.core.scheduler.running.values())
+        running = list(engine.scheduler.running.values())
         # Each decode step reads every running sequence's whole context (plus half the window's tokens).
         context = sum(r.num_computed_tokens for r in running) + len(running) * (args.decode_steps // 2)
         report["results"]["decode"] = window = profile_window(engine, args.decode_steps, cuda)

@@ -426,6 +426,7 @@ def qwen_bf16() -> None:
         "runner.timings": {k: round(v, 3) for k, v in runner.timings.items()},
         "num_graphs": gr.num_graphs if gr else 0,
         "graph_sizes": gr.sizes if gr else [],
+        "graph_mixed_sizes": gr.mixed_sizes if gr else [],
         "graph_memory_measured_gib": round(gr.memory_bytes / GIB, 3) if gr else None,
         "memory_profile_gib": {k: round(v, 3) for k, v in runner.memory_profile.items()},
         "num_kv_blocks": runner.num_kv_blocks,
@@ -433,10 +434,16 @@ def qwen_bf16() -> None:
         "used_fraction_after_start": round((total_b - free_b) / total_b, 4),
     }
     print(json.dumps(info, indent=1), flush=True)
+    # One graph per decode batch size plus one per mixed-step token count (67 + 6 with the defaults).
+    decode_sizes, mixed_sizes = runner.cuda_graph_sizes(), runner.cuda_graph_mixed_sizes()
     check(
         "qwen3-0.6b bf16: graphs captured",
-        gr is not None and gr.num_graphs == len(runner.cuda_graph_sizes()),
+        gr is not None
+        and gr.sizes == decode_sizes
+        and gr.mixed_sizes == mixed_sizes
+        and gr.num_graphs == len(decode_sizes) + len(mixed_sizes),
         num_graphs=info["num_graphs"],
+        expected=f"{len(decode_sizes)} decode + {len(mixed_sizes)} mixed",
     )
     estimate = runner.memory_profile.get("cuda_graphs_estimate_gib", 0.0)
     measured = info["graph_memory_measured_gib"] or 0.0

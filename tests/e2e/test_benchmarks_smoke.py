@@ -21,7 +21,15 @@ from loadtest import (
     bench_throughput,
     profile_kernels,
 )
-from loadtest.common import REPO_ROOT, Report, percentile, random_workload, resolve_model, summary_table
+from loadtest.common import (
+    REPO_ROOT,
+    Report,
+    percentile,
+    random_workload,
+    resolve_model,
+    step_loop_delta,
+    summary_table,
+)
 from loadtest.model_shapes import SHAPES, num_parameters, shape_dir
 
 # Small everything: a KV cache of 4k tokens, short prompts and outputs.
@@ -54,6 +62,27 @@ def load_report(path: Path, benchmark: str) -> dict:
     return data
 
 
+def record_step_loop(monkeypatch: pytest.MonkeyPatch, module: object) -> list[dict[str, float]]:
+    """The unrounded step-phase deltas behind each `step_loop_s` that `module` reports. The JSON rounds
+    to 0.1 ms, and on CPU a whole run's device_wait (reading the sampled ids back) can be less."""
+    raw: list[dict[str, float]] = []
+
+    def spy(before: dict[str, float] | None, after: dict[str, float] | None) -> dict | None:
+        if before and after:
+            raw.append({k: after[k] - before.get(k, 0.0) for k in after})
+        return step_loop_delta(before, after)
+
+    monkeypatch.setattr(module, "step_loop_delta", spy)
+    return raw
+
+
+def assert_reports_phases(loop: dict, raw: dict[str, float]) -> None:
+    """Every phase the engine counted is in the report, rounded as documented."""
+    assert set(loop) - {"shares"} == set(raw)
+    for k, v in raw.items():
+        assert loop[k] == round(v, 4), k
+
+
 def assert_in_summary(directory: Path, benchmark: str) -> None:
     table = summary_table(directory)
     assert any(line.startswith(f"{benchmark} ") for line in table.splitlines()), table
@@ -78,9 +107,10 @@ def test_throughput_t1_with_peer(tiny_llama_dir: Path, tmp_path: Path) -> None:
     assert_in_summary(tmp_path, "T1")
 
 
-def test_throughput_t2_dummy_shape(tmp_path: Path) -> None:
+def test_throughput_t2_dummy_shape(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The --shape path: dummy weights at a real vocabulary (128256), folder built by model_shapes."""
     out = tmp_path / "t2.json"
+    raw_loops = record_step_loop(monkeypatch, bench_throughput)
     argv = ["--workload", "t2", "--shape", "tiny-llama3", *ENGINE, "--num-requests", "4", "--input-len", "24"]
     argv += ["--output-len", "6", "--warmup-requests", "1", "--peer", "hf", "--peer-max-requests", "2"]
     assert bench_throughput.main([*argv, "--out", str(out)]) == 0
@@ -89,7 +119,14 @@ def test_throughput_t2_dummy_shape(tmp_path: Path) -> None:
     assert data["engine_kwargs"]["max_model_len"] == 256  # the workload's longest sequence, rounded up
     assert data["results"]["output_tokens"] == 24 and data["results"]["total_tok_s"] > 0
     loop = data["results"]["step_loop_s"]  # the offline engine's step phases during the run
-    assert loop["steps"] >= 6 and loop["launch"] > 0 and loop["device_wait"] > 0 and loop["update"] > 0
+    raw = raw_loops[-1]  # [warm-up, run]
+    assert_reports_phases(loop, raw)
+    # One step prefills all four 24-token prompts (within the 512-token CPU budget), five decode.
+    assert raw["steps"] == 6
+    assert raw["schedule"] > 0 and raw["launch"] > 0 and raw["device_wait"] > 0 and raw["update"] > 0
+    assert raw["idle"] == raw["loop_delay"] == 0  # server-loop phases: the offline engine has none
+    # The phases are disjoint parts of the run: together no longer than its wall time.
+    assert sum(v for k, v in raw.items() if k != "steps") <= data["results"]["elapsed_s"] + 1e-4
     assert data["peer"]["requests_run"] == 2 and data["peer"]["requests_total"] == 4
     assert any("peer extrapolated" in n for n in data["notes"])
     assert_in_summary(tmp_path, "T2")
@@ -145,9 +182,12 @@ def test_prefix_on_off_with_peer(tiny_llama_dir: Path, tmp_path: Path) -> None:
     assert_in_summary(tmp_path, "P1")
 
 
-def test_serving_against_weir_serve(tiny_llama_dir: Path, tmp_path: Path) -> None:
+def test_serving_against_weir_serve(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Starts `weir serve` on loopback, measures the offline figure here, streams at two rates."""
     out = tmp_path / "s1.json"
+    raw_loops = record_step_loop(monkeypatch, bench_serving)
     argv = ["--model", str(tiny_llama_dir), *ENGINE, "--num-requests", "6", "--input-len", "8:24"]
     argv += ["--output-len", "5", "--request-rates", "inf,50", "--num-requests-finite-rate", "3"]
     argv += ["--warmup-requests", "1", "--server-log", str(tmp_path / "server.log"), "--out", str(out)]
@@ -160,7 +200,15 @@ def test_serving_against_weir_serve(tiny_llama_dir: Path, tmp_path: Path) -> Non
         assert r["ttft_p50_ms"] > 0 and r["ttft_p99_ms"] >= r["ttft_p50_ms"]
         assert r["itl_p50_ms"] is not None and r["output_tok_s"] > 0
     loop = inf["step_loop_s"]  # the server's step-loop phases during the rate (from /metrics)
-    assert loop["steps"] >= 5 and loop["device_wait"] > 0 and loop["update"] > 0
+    raw = raw_loops[0]  # [rate inf, rate 50]
+    assert_reports_phases(loop, raw)
+    # Five tokens each for six requests: at least five steps, at most one per request per token.
+    assert 5 <= raw["steps"] <= 30
+    assert raw["schedule"] > 0 and raw["launch"] > 0 and raw["device_wait"] > 0 and raw["update"] > 0
+    # Busy phases are disjoint and fall inside the rate's wall time (idle is booked when work arrives,
+    # so it includes the wait before this rate began).
+    busy = sum(v for k, v in raw.items() if k not in ("steps", "idle"))
+    assert busy <= inf["duration_s"] + 0.01
     assert abs(sum(loop["shares"].values()) - 1.0) < 1e-3
     assert data["offline"]["source"] == "measured in this run"
     assert data["results"]["serving_offline_ratio"] > 0

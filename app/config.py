@@ -36,6 +36,13 @@ class ServerConfig:
     served_model_name: list[str] = field(default_factory=list)
     shutdown_timeout: float = 30.0
     max_body_bytes: int = 8 * 1024 * 1024
+    max_header_bytes: int = 64 * 1024
+    max_header_count: int = 256
+    header_timeout: float = 10.0
+    allowed_origins: list[str] = field(default_factory=list)
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
     sse_keepalive: float = 15.0
     gil_switch_interval: float = 0.001
     log_level: str = "info"
@@ -52,6 +59,12 @@ class ServerConfig:
             raise ValueError(f"shutdown_timeout must be >= 0; got {self.shutdown_timeout}")
         if self.max_body_bytes <= 0:
             raise ValueError(f"max_body_bytes must be > 0; got {self.max_body_bytes}")
+        if self.max_header_bytes <= 0:
+            raise ValueError(f"max_header_bytes must be > 0; got {self.max_header_bytes}")
+        if self.max_header_count <= 0:
+            raise ValueError(f"max_header_count must be > 0; got {self.max_header_count}")
+        if self.header_timeout <= 0:
+            raise ValueError(f"header_timeout must be > 0; got {self.header_timeout}")
         if self.sse_keepalive <= 0:
             raise ValueError(f"sse_keepalive must be > 0; got {self.sse_keepalive}")
         if not 0 < self.gil_switch_interval <= 1:
@@ -72,6 +85,16 @@ SERVER_HELP: dict[str, str] = {
     "Default: the model directory's name.",
     "shutdown_timeout": "Seconds in-flight requests may keep running after SIGTERM before they are aborted.",
     "max_body_bytes": "Largest request body accepted, in bytes (413 beyond).",
+    "max_header_bytes": "Largest request line + header block accepted, in bytes (431 beyond; the connection "
+    "is closed).",
+    "max_header_count": "Most header fields in one request (431 beyond).",
+    "header_timeout": "Seconds a client has, from connecting or from the first byte of a request, to send "
+    "the whole request line and headers; a connection still sending them then gets 408 and is closed.",
+    "allowed_origins": "CORS: origins browsers may call from (e.g. https://app.example.com, or *). "
+    "Repeatable. None (default): CORS is off and no CORS headers are sent.",
+    "allowed_methods": "CORS: methods allowed from those origins (only with --allowed-origins).",
+    "allowed_headers": "CORS: request headers allowed from those origins (only with --allowed-origins).",
+    "allow_credentials": "CORS: let browsers send cookies and Authorization (only with --allowed-origins).",
     "sse_keepalive": "Seconds between keep-alive comments on an idle stream (e.g. while queued).",
     "gil_switch_interval": "Python's thread switch interval (sys.setswitchinterval), in seconds, set "
     "once at start. Below Python's 5 ms, so the engine's worker thread gets the GIL back sooner after "

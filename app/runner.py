@@ -22,6 +22,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from app.config import ServerConfig
+from app.http_protocol import limited_protocol
 from app.logging import get_logger
 from app.state import AppState
 
@@ -114,6 +115,8 @@ def make_server(app: Starlette, cfg: ServerConfig, freeze_gc: bool = False) -> W
         host=cfg.host,
         port=cfg.port,
         loop="uvloop",
+        # httptools with bounds on the request head (app/http_protocol.py); never uvicorn's "auto".
+        http=limited_protocol(cfg.max_header_bytes, cfg.max_header_count, cfg.header_timeout),
         lifespan="on",
         log_config=None,
         access_log=False,

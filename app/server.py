@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -149,9 +150,22 @@ def build_app(engine: Any, server_config: ServerConfig) -> Starlette:
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/detokenize", detokenize, methods=["POST"]),
     ]
+    middleware = [Middleware(APIKeyMiddleware, api_keys=list(server_config.api_key))]
+    if server_config.allowed_origins:
+        # Outermost, so a browser's preflight (OPTIONS, no Authorization) is answered before the key check.
+        middleware.insert(
+            0,
+            Middleware(
+                CORSMiddleware,
+                allow_origins=server_config.allowed_origins,
+                allow_methods=server_config.allowed_methods,
+                allow_headers=server_config.allowed_headers,
+                allow_credentials=server_config.allow_credentials,
+            ),
+        )
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(APIKeyMiddleware, api_keys=list(server_config.api_key))],
+        middleware=middleware,
         exception_handlers={HTTPException: _http_error},
         lifespan=lifespan,
     )

@@ -25,7 +25,6 @@ from engine.config import EngineConfig
 from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from engine.errors import EngineDeadError, EngineDrainingError, QueueFullError
-from engine.inputs.tokenizer import encode_prompt
 from engine.llm_engine import EngineStats, LLMEngine
 from engine.outputs.output_channel import OutputChannel
 from engine.outputs.request_output import RequestOutput
@@ -120,7 +119,7 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Validate and enqueue; returns the request's output stream.
 
-        Raises ValueError (bad input), QueueFullError, EngineDrainingError or EngineDeadError at once,
+        Raises InvalidRequestError (a ValueError: bad input), QueueFullError, EngineDrainingError or EngineDeadError at once,
         before anything is queued.
         """
         if self.dead_error is not None or not self.is_healthy:
@@ -135,18 +134,21 @@ class AsyncEngine:
                 f"the waiting queue is full ({stats.num_waiting} requests waiting; "
                 f"max_waiting_requests is {self.config.max_waiting_requests}); retry later"
             )
-        if prompt_token_ids is None:
-            if not prompt:
-                raise ValueError("prompt must not be empty")
-            prompt_token_ids = encode_prompt(self.tokenizer, prompt)
-        waiting = self.engine.scheduler.num_waiting_tokens
-        wanted = len(prompt_token_ids) * params.n
+        request = self.engine.input_processor.process(
+            request_id,
+            prompt_token_ids if prompt_token_ids is not None else prompt or "",
+            params,
+            priority,
+            prompt_text=prompt,
+        )
+        waiting = stats.num_waiting_tokens
+        wanted = request.num_prompt_tokens * params.n
         if waiting + wanted > self.config.max_waiting_tokens:
             raise QueueFullError(
                 f"the waiting queue is full ({waiting} prompt tokens waiting + {wanted} requested "
                 f"> max_waiting_tokens {self.config.max_waiting_tokens}); retry later"
             )
-        self.engine.add_request(request_id, prompt_token_ids, params, priority=priority, prompt_text=prompt)
+        self.engine.add_engine_request(request)
         channel: OutputChannel[RequestOutput | BaseException] = OutputChannel()
         self._streams[request_id] = channel
         self._on_new_work()

@@ -1,6 +1,7 @@
 """Errors the engine raises to its callers. The HTTP layer maps each to a status code.
 
-ValueError (bad input: a field and its limit in the message) -> 400.
+ValueError (bad input: a field and its limit in the message) -> 400; the engine raises it as
+InvalidRequestError (or ContextLengthError), which carry the field and the numbers.
 """
 
 from __future__ import annotations
@@ -20,3 +21,33 @@ class EngineDeadError(RuntimeError):
 
 class RequestFailedError(RuntimeError):
     """The forward pass failed for this request; the engine may go on serving others (-> 500)."""
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine refuses as given (-> 400). `param` names the field at fault; the message
+    starts with it, as every ValueError of the engine does, so callers that only catch ValueError and
+    read the message keep working."""
+
+    def __init__(self, param: str | None, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class ContextLengthError(InvalidRequestError):
+    """The prompt, or the prompt plus max_tokens, does not fit the model's context (-> 400,
+    context_length_exceeded). Carries the numbers, so a caller can word its own message."""
+
+    def __init__(self, prompt_tokens: int, max_model_len: int, max_tokens: int | None = None) -> None:
+        if max_tokens is None:
+            param = "prompt"
+            message = f"prompt ({prompt_tokens} tokens) is longer than max_model_len ({max_model_len}) allows"
+        else:
+            param = "max_tokens"
+            message = (
+                f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = {prompt_tokens + max_tokens} "
+                f"exceeds max_model_len ({max_model_len})"
+            )
+        super().__init__(param, message)
+        self.prompt_tokens = prompt_tokens
+        self.max_model_len = max_model_len
+        self.max_tokens = max_tokens

@@ -22,8 +22,10 @@ from engine.core.request import Request, RequestStatus
 from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler import Scheduler
 from engine.core.scheduler_output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from engine.errors import InvalidRequestError
 from engine.executor.step_loop_times import StepLoopTimes
-from engine.inputs.tokenizer import encode_prompt, load_tokenizer
+from engine.inputs.input_processor import EngineRequest, InputProcessor
+from engine.inputs.tokenizer import load_tokenizer
 from engine.model_config import ModelConfig
 from engine.outputs.detokenizer import IncrementalDetokenizer
 from engine.outputs.request_output import (
@@ -127,9 +129,12 @@ class LLMEngine:
         # The runner profiled memory for this many tokens per step; the scheduler must not exceed it.
         self.max_num_batched_tokens = self.runner.max_num_batched_tokens
         self.scheduler = Scheduler(config, num_blocks, self.max_model_len, self.max_num_batched_tokens)
-        self._eos_token_ids = set(self.model_config.eos_token_ids)
+        eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
-            self._eos_token_ids.add(self.tokenizer.eos_token_id)
+            eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.input_processor = InputProcessor(
+            self.tokenizer, self.vocab_size, self.max_model_len, config.block_size, num_blocks, eos_token_ids
+        )
         self._parents: dict[str, _ParentState] = {}
         self._children: dict[str, _Child] = {}
         self._prompt_tokens_total = 0
@@ -160,38 +165,36 @@ class LLMEngine:
         cache_salt: str | None = None,
         prompt_text: str | None = None,
     ) -> None:
-        """Validate and enqueue a request. Raises ValueError naming the bad field and its limit.
+        """Validate and enqueue a request. Raises InvalidRequestError (a ValueError) naming the bad field
+        and its limit.
 
         `prompt_text` is the text a token-id prompt came from, when the caller tokenized it already.
         """
-        # The engine fills max_tokens and the stop-token set in: on its own copy, so one params object
-        # can serve many prompts (of different lengths) without leaking one request's limits into another.
-        params = params.copy() if params is not None else SamplingParams()
         if request_id in self._parents:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt must not be empty")
-            prompt_text: str | None = prompt
-            prompt_token_ids = encode_prompt(self.tokenizer, prompt)
-        else:
-            prompt_token_ids = list(prompt)
-        self.validate_prompt_tokens(prompt_token_ids)
-        params.validate_against_vocab(self.vocab_size)
-        params.all_stop_token_ids = set(params.stop_token_ids or [])
-        if not params.ignore_eos:
-            params.all_stop_token_ids |= self._eos_token_ids
+            raise InvalidRequestError("request_id", f"request_id {request_id!r} is already in use")
+        request = self.input_processor.process(request_id, prompt, params, priority, cache_salt, prompt_text)
+        self.add_engine_request(request)
 
+    def add_engine_request(self, request: EngineRequest) -> None:
+        """Enqueue a request the input processor made; it is trusted as it is."""
+        request_id = request.request_id
+        if request_id in self._parents:
+            raise InvalidRequestError("request_id", f"request_id {request_id!r} is already in use")
+        params = request.sampling_params
+        prompt_token_ids = request.prompt_token_ids
         children: list[_Child] = []
         for i in range(params.n):
             child_params = params if params.n == 1 else params.clone_for_child(i)
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            if child_id in self._children:
+                raise InvalidRequestError("request_id", f"request_id {child_id!r} is already in use")
             req = Request(
                 req_id=child_id,
                 prompt_token_ids=prompt_token_ids,
                 sampling_params=child_params,
-                priority=priority,
-                cache_salt=cache_salt,
+                arrival_time=request.arrival_time,
+                priority=request.priority,
+                cache_salt=request.cache_salt,
             )
             children.append(
                 _Child(
@@ -203,41 +206,20 @@ class LLMEngine:
                     cumulative_logprob=0.0 if params.logprobs is not None else None,
                 )
             )
-        # Admission is checked on the first child; all children are the same size.
-        self.scheduler.add_request(children[0].request)
-        for child in children[1:]:
+        for child in children:
             self.scheduler.add_request(child.request)
         parent = _ParentState(
             request_id=request_id,
-            prompt=prompt_text,
+            prompt=request.prompt,
             prompt_token_ids=prompt_token_ids,
             params=params,
             children=children,
-            metrics=RequestMetrics(arrival_time=children[0].request.arrival_time),
+            metrics=RequestMetrics(arrival_time=request.arrival_time),
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
         )
         self._parents[request_id] = parent
         for child in children:
             self._children[child.request.req_id] = child
-
-    def validate_prompt_tokens(self, prompt_token_ids: list[int]) -> None:
-        if not prompt_token_ids:
-            raise ValueError("prompt must not be empty")
-        # Fast path in C (a 1k-token prompt is checked per request on the event loop): all ints, in
-        # range. Anything else takes the loop below, which names the first bad id.
-        all_valid = set(map(type, prompt_token_ids)) == {int} and (
-            0 <= min(prompt_token_ids) and max(prompt_token_ids) < self.vocab_size
-        )
-        if not all_valid:
-            for tok in prompt_token_ids:
-                if not isinstance(tok, int) or isinstance(tok, bool) or not 0 <= tok < self.vocab_size:
-                    raise ValueError(
-                        f"prompt contains token id {tok!r}, outside the vocabulary [0, {self.vocab_size})"
-                    )
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt ({len(prompt_token_ids)} tokens) is longer than max_model_len ({self.max_model_len}) allows"
-            )
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         """Abort requests (by the ids given to add_request); their blocks are freed at once."""

@@ -1,13 +1,17 @@
 """Sampling parameters, with vLLM's names and defaults.
 
-Validated once, at construction: every bad value raises ValueError naming the field and its allowed
-range, so the HTTP layer can turn it into a 400 without knowing the rules. Plain Python, no torch.
+Validated once, at construction: every bad value raises InvalidRequestError (a ValueError) naming the
+field and its allowed range, so the HTTP layer can turn it into a 400 without knowing the rules. What
+depends on the model (vocabulary, context length, EOS) is resolved by the input processor, on its own
+copy (engine/inputs/input_processor.py). Plain Python, no torch.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from engine.errors import InvalidRequestError
 
 # Bounds that protect the server rather than express model limits; the HTTP layer reports them as-is.
 MAX_N = 128
@@ -44,8 +48,8 @@ class SamplingParams:
     # "cumulative": an output after every step that adds tokens (streaming); "final_only": only the
     # finished output (what LLM.generate and non-streaming requests need; saves host work per step).
     output_kind: str = "cumulative"
-    # Filled by the engine from generation_config / tokenizer; not a user field.
-    all_stop_token_ids: set[int] = field(default_factory=set)
+    # Filled by the input processor (stop_token_ids plus EOS unless ignore_eos); not a user field.
+    all_stop_token_ids: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -59,21 +63,23 @@ class SamplingParams:
         if self.logit_bias:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
         self._validate()
-        self.all_stop_token_ids = set(self.stop_token_ids)
+        self.all_stop_token_ids = frozenset(self.stop_token_ids)
 
     # ---------------------------------------------------------------- validation
     def _validate(self) -> None:
         _int_range("n", self.n, 1, MAX_N)
         if self.output_kind not in OUTPUT_KINDS:
-            raise ValueError(
-                f"output_kind must be one of {', '.join(OUTPUT_KINDS)}; got {self.output_kind!r}"
+            raise InvalidRequestError(
+                "output_kind",
+                f"output_kind must be one of {', '.join(OUTPUT_KINDS)}; got {self.output_kind!r}",
             )
         if self.best_of is not None:
             _int_range("best_of", self.best_of, self.n, MAX_N)
             if self.best_of != self.n:
-                raise ValueError(
+                raise InvalidRequestError(
+                    "best_of",
                     f"best_of must equal n ({self.n}) when given; got {self.best_of} "
-                    "(weir returns every sampled sequence; beam search is not supported yet)"
+                    "(weir returns every sampled sequence; beam search is not supported yet)",
                 )
         _float_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _float_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
@@ -81,8 +87,9 @@ class SamplingParams:
         _float_range("temperature", self.temperature, 0.0, 100.0)
         _float_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            raise ValueError(
-                f"top_k must be -1 (disabled), 0 (disabled) or a positive integer; got {self.top_k!r}"
+            raise InvalidRequestError(
+                "top_k",
+                f"top_k must be -1 (disabled), 0 (disabled) or a positive integer; got {self.top_k!r}",
             )
         _float_range("min_p", self.min_p, 0.0, 1.0)
         if self.seed is not None:
@@ -91,47 +98,60 @@ class SamplingParams:
             _int_range("max_tokens", self.max_tokens, 1, 2**31 - 1)
         _int_range("min_tokens", self.min_tokens, 0, 2**31 - 1)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(
-                f"min_tokens must be less than or equal to max_tokens ({self.max_tokens}); got {self.min_tokens}"
+            raise InvalidRequestError(
+                "min_tokens",
+                f"min_tokens must be less than or equal to max_tokens ({self.max_tokens}); got {self.min_tokens}",
             )
         if self.logprobs is not None:
             _int_range("logprobs", self.logprobs, 0, MAX_LOGPROBS)
         if self.prompt_logprobs is not None:
             _int_range("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
         if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
-            raise ValueError("stop must be a string or a list of strings")
+            raise InvalidRequestError("stop", "stop must be a string or a list of strings")
         if len(self.stop) > MAX_STOP_STRINGS:
-            raise ValueError(f"stop may hold at most {MAX_STOP_STRINGS} strings; got {len(self.stop)}")
+            raise InvalidRequestError(
+                "stop", f"stop may hold at most {MAX_STOP_STRINGS} strings; got {len(self.stop)}"
+            )
         for s in self.stop:
             if not s:
-                raise ValueError("stop strings must not be empty")
+                raise InvalidRequestError("stop", "stop strings must not be empty")
             if len(s) > MAX_STOP_STRING_CHARS:
-                raise ValueError(
-                    f"each stop string may be at most {MAX_STOP_STRING_CHARS} characters; got {len(s)}"
+                raise InvalidRequestError(
+                    "stop",
+                    f"each stop string may be at most {MAX_STOP_STRING_CHARS} characters; got {len(s)}",
                 )
         if not isinstance(self.stop_token_ids, list) or not all(
             isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
         ):
-            raise ValueError("stop_token_ids must be a list of non-negative integers")
+            raise InvalidRequestError(
+                "stop_token_ids", "stop_token_ids must be a list of non-negative integers"
+            )
         if self.logit_bias is not None:
             if len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
-                raise ValueError(
-                    f"logit_bias may hold at most {MAX_LOGIT_BIAS_ENTRIES} entries; got {len(self.logit_bias)}"
+                raise InvalidRequestError(
+                    "logit_bias",
+                    f"logit_bias may hold at most {MAX_LOGIT_BIAS_ENTRIES} entries; got {len(self.logit_bias)}",
                 )
             for tok, bias in self.logit_bias.items():
                 if tok < 0:
-                    raise ValueError(f"logit_bias keys must be non-negative token ids; got {tok}")
-                _float_range(f"logit_bias[{tok}]", bias, -100.0, 100.0)
+                    raise InvalidRequestError(
+                        "logit_bias", f"logit_bias keys must be non-negative token ids; got {tok}"
+                    )
+                _float_range(f"logit_bias[{tok}]", bias, -100.0, 100.0, param="logit_bias")
 
     def validate_against_vocab(self, vocab_size: int) -> None:
         """Token ids named by the user must exist in the model's vocabulary."""
         for tok in self.stop_token_ids or []:
             if tok >= vocab_size:
-                raise ValueError(f"stop_token_ids contains {tok}, outside the vocabulary [0, {vocab_size})")
+                raise InvalidRequestError(
+                    "stop_token_ids",
+                    f"stop_token_ids contains {tok}, outside the vocabulary [0, {vocab_size})",
+                )
         for tok in self.logit_bias or {}:
             if tok >= vocab_size:
-                raise ValueError(
-                    f"logit_bias contains token id {tok}, outside the vocabulary [0, {vocab_size})"
+                raise InvalidRequestError(
+                    "logit_bias",
+                    f"logit_bias contains token id {tok}, outside the vocabulary [0, {vocab_size})",
                 )
 
     # ---------------------------------------------------------------- derived
@@ -140,7 +160,7 @@ class SamplingParams:
         return self.temperature < 1e-5
 
     def copy(self) -> SamplingParams:
-        """A shallow copy, without re-validating (the engine fills fields of its own copy)."""
+        """A shallow copy, without re-validating (the input processor resolves fields of its own copy)."""
         clone = SamplingParams.__new__(SamplingParams)
         for name in SamplingParams.__slots__:
             setattr(clone, name, getattr(self, name))
@@ -158,17 +178,20 @@ class SamplingParams:
 
 def _int_range(name: str, value: object, low: int, high: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer; got {value!r}")
+        raise InvalidRequestError(name, f"{name} must be an integer; got {value!r}")
     if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}]; got {value}")
+        raise InvalidRequestError(name, f"{name} must be in [{low}, {high}]; got {value}")
 
 
-def _float_range(name: str, value: object, low: float, high: float, low_open: bool = False) -> None:
+def _float_range(
+    name: str, value: object, low: float, high: float, low_open: bool = False, param: str | None = None
+) -> None:
+    param = param or name
     if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
-        raise ValueError(f"{name} must be a number; got {value!r}")
+        raise InvalidRequestError(param, f"{name} must be a number; got {value!r}")
     if low_open:
         if not (low < value <= high):
             hi = "inf)" if math.isinf(high) else f"{high}]"
-            raise ValueError(f"{name} must be in ({low}, {hi}; got {value}")
+            raise InvalidRequestError(param, f"{name} must be in ({low}, {hi}; got {value}")
     elif not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}]; got {value}")
+        raise InvalidRequestError(param, f"{name} must be in [{low}, {high}]; got {value}")

@@ -7,9 +7,9 @@ prompts chunked to what is left. When the KV cache runs out, the running request
 (lowest priority first) is preempted: its blocks are freed and it is recomputed later from its
 tokens, ahead of anything that arrived after it.
 
-No deadlock: admission rejects any request that could not fit in the whole cache on its own, and a
-request that cannot grow even after every other one was preempted preempts itself and waits until
-it can run alone.
+No deadlock: the input processor rejects any request that could not fit in the whole cache on its
+own, and a request that cannot grow even after every other one was preempted preempts itself and
+waits until it can run alone.
 """
 
 from __future__ import annotations
@@ -27,10 +27,6 @@ from engine.core.scheduler_output import (
     NewRequestData,
     SchedulerOutput,
 )
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class Scheduler:
@@ -68,27 +64,8 @@ class Scheduler:
 
     # ---------------------------------------------------------------- admission
     def add_request(self, request: Request) -> None:
-        """Validate against the model and cache limits and enqueue. Raises ValueError naming the numbers."""
-        n = request.num_prompt_tokens
-        limit = self.max_model_len
-        if n == 0:
-            raise ValueError("prompt must not be empty")
-        sp = request.sampling_params
-        if sp.max_tokens is None:
-            if n >= limit:
-                raise ValueError(f"prompt ({n} tokens) is longer than max_model_len ({limit}) allows")
-            sp.max_tokens = limit - n
-        elif n + sp.max_tokens > limit:
-            raise ValueError(
-                f"prompt ({n} tokens) + max_tokens ({sp.max_tokens}) = {n + sp.max_tokens} "
-                f"exceeds max_model_len ({limit})"
-            )
-        need = _cdiv(n + sp.max_tokens, self.block_size)
-        if need > self.num_kv_blocks:
-            raise ValueError(
-                f"prompt ({n} tokens) + max_tokens ({sp.max_tokens}) needs {need} KV cache blocks "
-                f"of {self.block_size} tokens, but the KV cache has only {self.num_kv_blocks} blocks"
-            )
+        """Enqueue a request. It was validated by the input processor (fits the context and the whole
+        KV cache, max_tokens resolved); the scheduler never changes its parameters."""
         if request.req_id in self.requests:
             raise ValueError(f"request id {request.req_id!r} is already in use")
         request.status = RequestStatus.WAITING
@@ -258,7 +235,7 @@ class Scheduler:
     def _reaches_limit_in_flight(self, req: Request) -> bool:
         """True when the tokens in flight bring the request to max_tokens or max_model_len."""
         sp = req.sampling_params
-        assert sp.max_tokens is not None  # resolved in add_request
+        assert sp.max_tokens is not None  # resolved by the input processor
         return (
             req.num_output_tokens + req.num_output_placeholders >= sp.max_tokens
             or req.num_tokens_with_placeholders >= self.max_model_len
@@ -304,7 +281,7 @@ class Scheduler:
             # stop_reason names the user's stop token; EOS reports None, as in vLLM.
             req.stop_reason = token_id if token_id in (sp.stop_token_ids or ()) else None
             return RequestStatus.FINISHED_STOPPED
-        assert sp.max_tokens is not None  # resolved in add_request
+        assert sp.max_tokens is not None  # resolved by the input processor
         if req.num_output_tokens >= sp.max_tokens or req.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None

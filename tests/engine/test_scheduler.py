@@ -128,39 +128,29 @@ def assert_all_blocks_free(sched: Scheduler) -> None:
 
 
 # ---------------------------------------------------------------- admission
-def test_empty_prompt_is_rejected() -> None:
-    with pytest.raises(ValueError, match=r"^prompt must not be empty$"):
-        make_sched().add_request(make_req("a", []))
-
-
-def test_prompt_plus_max_tokens_over_max_model_len_is_rejected_with_numbers() -> None:
-    sched = make_sched(max_model_len=1024, num_kv_blocks=1000)
-    with pytest.raises(ValueError) as e:
-        sched.add_request(make_req("a", [1] * 1000, max_tokens=100))
-    assert str(e.value) == "prompt (1000 tokens) + max_tokens (100) = 1100 exceeds max_model_len (1024)"
-    sched.add_request(make_req("b", [1] * 1000, max_tokens=24))  # exactly at the limit is fine
-
-
-def test_max_tokens_none_fills_the_context_and_prompt_must_leave_room() -> None:
-    sched = make_sched(max_model_len=100, num_kv_blocks=100)
-    req = make_req("a", [1] * 30, max_tokens=None)
-    sched.add_request(req)
-    assert req.sampling_params.max_tokens == 70
-    with pytest.raises(ValueError) as e:
-        sched.add_request(make_req("b", [1] * 100, max_tokens=None))
-    assert str(e.value) == "prompt (100 tokens) is longer than max_model_len (100) allows"
-
-
-def test_request_that_could_never_fit_the_kv_cache_is_rejected() -> None:
-    sched = make_sched(num_kv_blocks=4, max_model_len=256)
-    with pytest.raises(ValueError) as e:
-        sched.add_request(make_req("a", [1] * 30, max_tokens=3))
-    assert str(e.value) == (
-        "prompt (30 tokens) + max_tokens (3) needs 5 KV cache blocks of 8 tokens, "
-        "but the KV cache has only 4 blocks"
-    )
-    sched.add_request(make_req("b", [1] * 30, max_tokens=2))  # 32 tokens: exactly 4 blocks
-    assert sched.num_waiting == 1
+# Validation (empty prompts, context length, KV cache capacity) is the input processor's:
+# tests/engine/test_input_processor.py. The scheduler trusts the request.
+def test_scheduler_never_modifies_a_requests_parameters() -> None:
+    """Through admission, chunked prefill, preemption, recompute and finishing, every field of every
+    request's SamplingParams stays as it was given."""
+    sched, runner = make_sched(num_kv_blocks=6, prefix_caching=False, budget=8), FakeRunner(6)
+    reqs = [
+        make_req("a", list(range(30, 42)), max_tokens=12, stop_token_ids=[3], seed=5),
+        make_req("b", list(range(50, 62)), max_tokens=12, logit_bias={7: 1.0}),
+        make_req("c", list(range(70, 78)), max_tokens=4, min_tokens=2, stop=["x"]),
+    ]
+    before = [
+        {name: repr(getattr(r.sampling_params, name)) for name in SamplingParams.__slots__} for r in reqs
+    ]
+    for r in reqs:
+        sched.add_request(r)
+    run_to_completion(sched, runner)
+    assert sched.num_preemptions >= 1  # the run went through preemption and recompute
+    after = [
+        {name: repr(getattr(r.sampling_params, name)) for name in SamplingParams.__slots__} for r in reqs
+    ]
+    assert after == before
+    assert [r.num_output_tokens for r in reqs] == [12, 12, 4]
 
 
 def test_duplicate_request_id_is_rejected() -> None:
@@ -370,7 +360,7 @@ def test_stop_token_eos_and_min_tokens() -> None:
     sched = make_sched()
     a = make_req("a", [1, 2], stop_token_ids=[7], max_tokens=10)
     e = make_req("e", [1, 2], max_tokens=10)
-    e.sampling_params.all_stop_token_ids.add(2)  # the engine adds eos
+    e.sampling_params.all_stop_token_ids = frozenset({2})  # the input processor adds eos
     m = make_req("m", [1, 2], stop_token_ids=[7], min_tokens=2, max_tokens=10)
     for r in (a, e, m):
         sched.add_request(r)
@@ -401,7 +391,8 @@ def test_tokens_after_a_stop_in_the_same_step_are_dropped() -> None:
 
 def test_length_stop_at_max_model_len() -> None:
     sched, runner = make_sched(max_model_len=12), FakeRunner(64)
-    r = make_req("a", [1] * 8, max_tokens=None)
+    # The input processor caps max_tokens at the context; the scheduler's own bound holds regardless.
+    r = make_req("a", [1] * 8, max_tokens=100)
     sched.add_request(r)
     run_to_completion(sched, runner)
     assert r.num_output_tokens == 4 and r.num_tokens == 12

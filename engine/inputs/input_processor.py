@@ -1,0 +1,134 @@
+"""The one input processor: a prompt and its sampling parameters in, an immutable engine request out.
+
+Everything about a request that can be wrong is checked here, once, against the model (vocabulary,
+context length) and the KV cache (a request that could never fit); everything a later layer needs
+resolved is resolved here (the prompt's token ids, max_tokens, the stop-token set with EOS). The
+scheduler, the runner and the output processor trust what comes out and never change it.
+
+Errors are InvalidRequestError / ContextLengthError (engine/errors.py): ValueErrors whose messages
+start with the field at fault, so callers that only catch ValueError keep working.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.core.sampling_params import SamplingParams
+from engine.errors import ContextLengthError, InvalidRequestError
+from engine.inputs.tokenizer import encode_prompt
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    """A validated request. `sampling_params` is the processor's own copy with `max_tokens` and
+    `all_stop_token_ids` resolved; neither it nor `prompt_token_ids` is modified after processing
+    (by anyone: they are shared by the request's n sequences and every layer below)."""
+
+    request_id: str
+    prompt: str | None  # the text the prompt came from, when there was one
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    priority: int = 0
+    cache_salt: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.sampling_params.max_tokens  # type: ignore[return-value]  # resolved: never None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+class InputProcessor:
+    """Validates and normalizes requests for one engine (its tokenizer, vocabulary and limits)."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        max_model_len: int,
+        block_size: int,
+        num_kv_blocks: int,
+        eos_token_ids: Iterable[int],
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        self.num_kv_blocks = num_kv_blocks
+        self.eos_token_ids = frozenset(eos_token_ids)
+
+    def process(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        prompt_text: str | None = None,
+    ) -> EngineRequest:
+        """`prompt` is text (tokenized here) or token ids; `prompt_text` is the text token ids came from,
+        when the caller tokenized it already. The caller's `params` object is never modified, so one
+        object can serve prompts of different lengths."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt", "prompt must not be empty")
+            prompt_text = prompt
+            prompt_token_ids = encode_prompt(self.tokenizer, prompt)
+        else:
+            prompt_token_ids = list(prompt)
+        self.validate_prompt_tokens(prompt_token_ids)
+        params = params.copy() if params is not None else SamplingParams()
+        params.validate_against_vocab(self.vocab_size)
+        params.max_tokens = self._resolve_max_tokens(len(prompt_token_ids), params.max_tokens)
+        stop_ids = frozenset(params.stop_token_ids or ())
+        params.all_stop_token_ids = stop_ids if params.ignore_eos else stop_ids | self.eos_token_ids
+        return EngineRequest(
+            request_id=request_id,
+            prompt=prompt_text,
+            prompt_token_ids=prompt_token_ids,
+            sampling_params=params,
+            priority=priority,
+            cache_salt=cache_salt,
+        )
+
+    def validate_prompt_tokens(self, prompt_token_ids: list[int]) -> None:
+        if not prompt_token_ids:
+            raise InvalidRequestError("prompt", "prompt must not be empty")
+        vocab_size = self.vocab_size
+        # Fast path in C (a 1k-token prompt is checked per request on the event loop): all ints, in
+        # range. Anything else takes the loop below, which names the first bad id.
+        all_valid = set(map(type, prompt_token_ids)) == {int} and (
+            0 <= min(prompt_token_ids) and max(prompt_token_ids) < vocab_size
+        )
+        if not all_valid:
+            for tok in prompt_token_ids:
+                if not isinstance(tok, int) or isinstance(tok, bool) or not 0 <= tok < vocab_size:
+                    raise InvalidRequestError(
+                        "prompt",
+                        f"prompt contains token id {tok!r}, outside the vocabulary [0, {vocab_size})",
+                    )
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ContextLengthError(len(prompt_token_ids), self.max_model_len)
+
+    def _resolve_max_tokens(self, num_prompt_tokens: int, max_tokens: int | None) -> int:
+        """max_tokens=None means up to the context length. Raises when the request could never fit
+        the context or the whole KV cache (admitted, it would wait forever)."""
+        limit = self.max_model_len
+        if max_tokens is None:
+            max_tokens = limit - num_prompt_tokens  # > 0: validate_prompt_tokens ran
+        elif num_prompt_tokens + max_tokens > limit:
+            raise ContextLengthError(num_prompt_tokens, limit, max_tokens)
+        need = -(-(num_prompt_tokens + max_tokens) // self.block_size)
+        if need > self.num_kv_blocks:
+            raise InvalidRequestError(
+                "max_tokens",
+                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) needs {need} KV cache "
+                f"blocks of {self.block_size} tokens, but the KV cache has only {self.num_kv_blocks} blocks",
+            )
+        return max_tokens

@@ -46,10 +46,25 @@ def test_completion_non_stream(sdk: openai.OpenAI, server: LiveServer) -> None:
     assert r.usage.completion_tokens == 5
     assert r.usage.prompt_tokens == len(_tokens(server, "Return the"))
     assert r.usage.total_tokens == r.usage.prompt_tokens + 5
-    assert r.usage.prompt_tokens_details.cached_tokens >= 0
+    assert r.usage.prompt_tokens_details.cached_tokens == 0  # shorter than a block: nothing to reuse
     assert choice.text == server.engine.tokenizer.decode(
         server.engine.tokenizer.encode(choice.text, add_special_tokens=False)
     )
+
+
+def test_cached_tokens_count_the_reused_prefix(sdk: openai.OpenAI, server: LiveServer) -> None:
+    """The same prompt twice: the second reuses every full block but the one holding the last token."""
+    prompt = "cached_tokens: " + " ".join(f"word{i}" for i in range(8))
+    n = len(_tokens(server, prompt))
+    block_size = 16  # the engine's default, which the test server keeps
+    expected = (n - 1) // block_size * block_size
+    assert expected >= 2 * block_size  # the prompt spans several blocks
+    usages = []
+    for _ in range(2):
+        r = sdk.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=2, temperature=0)
+        usages.append(r.usage)
+    assert [u.prompt_tokens for u in usages] == [n, n]
+    assert [u.prompt_tokens_details.cached_tokens for u in usages] == [0, expected]
 
 
 def test_completion_default_max_tokens_is_16(sdk: openai.OpenAI) -> None:

@@ -159,7 +159,7 @@ def test_latency_with_peer(tiny_llama_dir: Path, tmp_path: Path) -> None:
         assert data["ratios"][f"batch_{bs}_tok_s_vs_peer"] > 0
     assert data["roofline"]["weight_bytes"] == data["model"]["weight_bytes"]
     # The config's parameter count matches the engine's own parameters.
-    assert data["results"]["engine_weight_bytes"] in (None, data["model"]["weight_bytes"])
+    assert data["results"]["engine_weight_bytes"] == data["model"]["weight_bytes"]
     assert_in_summary(tmp_path, "L1")
 
 
@@ -173,8 +173,9 @@ def test_prefix_on_off_with_peer(tiny_llama_dir: Path, tmp_path: Path) -> None:
     on, off = data["results"]["on"], data["results"]["off"]
     assert data["isolation"] == "none"
     assert on["enable_prefix_caching"] is True and off["enable_prefix_caching"] is False
-    assert on["requests_with_cache_hit"] >= 1 and on["cached_tokens_mean"] > 0
-    assert off["requests_with_cache_hit"] == 0
+    # All six share a 48-token prefix (3 blocks of 16); the first computes it, the other five reuse it.
+    assert on["requests_with_cache_hit"] == 5 and on["cached_tokens_mean"] == 5 * 48 / 6
+    assert off["requests_with_cache_hit"] == 0 and off["cached_tokens_mean"] == 0
     assert on["output_tokens"] == off["output_tokens"] == 24
     assert on["ttft_p50_ms"] > 0 and off["ttft_p50_ms"] > 0
     assert data["results"]["ttft_p50_speedup"] > 0
@@ -240,8 +241,9 @@ def test_startup_with_peer(tiny_llama_dir: Path, tmp_path: Path) -> None:
     assert 0 < res["seconds_to_health"] <= res["seconds_to_first_request"]
     assert res["server_exit_code"] == 0
     split = res["in_process"]
-    assert split["timed_methods_s"]["ModelRunner.load_model"] >= 0
-    assert split["split_s"]["weights"] >= 0 and "cuda_graphs" in split["split_s"]
+    load_s = split["timed_methods_s"]["ModelRunner.load_model"]  # building the model, reading its file
+    assert load_s > 0 and split["split_s"]["weights"] == pytest.approx(load_s, abs=1e-3)
+    assert split["split_s"]["cuda_graphs"] == 0.0  # none on CPU
     assert sum(split["split_s"].values()) == pytest.approx(split["engine_build_s"], abs=0.01)
     assert data["peer"]["seconds_to_first_request"] > 0
     assert_in_summary(tmp_path, "U1")

@@ -284,6 +284,26 @@ def test_workload_and_percentile() -> None:
     assert math.isclose(percentile(list(range(101)), 90), 90.0)
 
 
+def test_bench_sse_sends_weir_bytes_in_every_variant(tmp_path: Path) -> None:
+    """bench_sse checks that every variant puts weir's exact frames on the wire before timing them."""
+    from loadtest import bench_sse
+
+    out = tmp_path / "sse.json"
+    assert bench_sse.main(["--events", "3,20", "--rounds", "2", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "sse" and data["card"].startswith("cpu")
+    assert data["variants"] == bench_sse.available_variants()
+    assert data["variants"][:2] == ["weir_sse", "starlette_streaming"]
+    for n in (3, 20):
+        res = data["results"][f"events_{n}"]
+        assert list(res) == data["variants"]
+        assert res["weir_sse"]["cpu_vs_weir_sse"] == 1.0
+        for r in res.values():
+            assert r["cpu_us_per_response_median"] == pytest.approx(
+                r["cpu_us_per_event_median"] * n, rel=1e-3
+            )
+
+
 @pytest.mark.parametrize("extra", [[], ["--sync", "--final-only"]])
 def test_bench_host_reports_every_phase(tmp_path: Path, extra: list[str]) -> None:
     from loadtest import bench_host

@@ -41,8 +41,8 @@ _FATAL_MARKERS = ("CUDA error", "CUBLAS_STATUS", "illegal memory access", "devic
 class AsyncEngine:
     def __init__(self, config: EngineConfig) -> None:
         """Loads the model and tokenizer and allocates the KV cache (blocking, seconds)."""
-        self.config = config
         self.engine = LLMEngine(config)
+        self.config = self.engine.config  # resolved (engine/config.py)
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
         self.vocab_size = self.engine.vocab_size
@@ -129,10 +129,10 @@ class AsyncEngine:
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         stats = self.engine.scheduler
-        if stats.num_waiting >= self.config.max_waiting_requests:
+        if stats.num_waiting >= self.config.scheduler.max_waiting_requests:
             raise QueueFullError(
                 f"the waiting queue is full ({stats.num_waiting} requests waiting; "
-                f"max_waiting_requests is {self.config.max_waiting_requests}); retry later"
+                f"max_waiting_requests is {self.config.scheduler.max_waiting_requests}); retry later"
             )
         request = self.engine.input_processor.process(
             request_id,
@@ -143,10 +143,10 @@ class AsyncEngine:
         )
         waiting = stats.num_waiting_tokens
         wanted = request.num_prompt_tokens * params.n
-        if waiting + wanted > self.config.max_waiting_tokens:
+        if waiting + wanted > self.config.scheduler.max_waiting_tokens:
             raise QueueFullError(
                 f"the waiting queue is full ({waiting} prompt tokens waiting + {wanted} requested "
-                f"> max_waiting_tokens {self.config.max_waiting_tokens}); retry later"
+                f"> max_waiting_tokens {self.config.scheduler.max_waiting_tokens}); retry later"
             )
         self.engine.add_engine_request(request)
         channel: OutputChannel[RequestOutput | BaseException] = OutputChannel()
@@ -274,7 +274,7 @@ class AsyncEngine:
     async def _step_loop(self) -> None:
         loop = asyncio.get_running_loop()
         engine = self.engine
-        use_async = self.config.async_scheduling
+        use_async = self.config.scheduler.async_scheduling
         times = self.step_loop_times
         clock = time.perf_counter
         assert self._work_available is not None and self._idle is not None

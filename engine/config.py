@@ -1,12 +1,24 @@
-"""Engine configuration, validated once at the edge. Plain Python, no torch.
+"""Engine configuration: the user's options (`EngineConfig`), validated at the edge, and the one
+place they are resolved (`EngineConfig.resolve`) into frozen sub-configs (`ResolvedConfig`).
 
-`EngineConfig` is what `LLM(...)`, `AsyncEngine` and `weir serve` all build. Fields left as None are
-resolved from the model (`max_model_len`) or the device (`num_kv_blocks`) when the engine starts.
+`EngineConfig` is what `LLM(...)`, `AsyncEngine` and `weir serve` all build; its field names and
+defaults are the user-facing options (README's configuration table). Fields left None are filled in
+by `resolve()` from the checkpoint (`max_model_len`) and the device (batch limits, CUDA-graph sizes).
+Nothing downstream re-resolves an option or writes one back; the single value set later is the KV
+cache's size, known after the runner profiled memory (`ResolvedConfig.with_num_kv_blocks`), which
+also caps `scheduler.max_model_len` to what the cache can hold.
+
+Plain Python: torch is imported only to resolve device/dtype "auto".
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields, replace
+
+from engine.model_config import ModelConfig, resolve_device
+
+logger = logging.getLogger("weir.engine")
 
 VALID_DTYPES = ("auto", "float32", "float16", "bfloat16")
 VALID_DEVICES = ("auto", "cpu", "cuda")
@@ -74,23 +86,69 @@ class EngineConfig:
         _positive("max_waiting_requests", self.max_waiting_requests)
         _positive("max_waiting_tokens", self.max_waiting_tokens)
 
-    def with_device_defaults(self, device: str) -> EngineConfig:
-        """A copy with the fields left None that depend on the device ("cpu" or "cuda") filled in.
+    def resolve(self) -> ResolvedConfig:
+        """Every option resolved against the checkpoint and the device, once: the frozen config the
+        engine, the runner and the scheduler read. Raises ValueError naming the option at fault.
 
-        On a GPU the batch may be much larger than on a CPU: many sequences per step keep the weights'
-        memory traffic amortised (offline throughput with 1000 requests is bound by how many run at
-        once), and the KV cache, not this number, is what limits them in practice.
+        The one value left open is the KV cache's size (`cache.num_kv_blocks`), known only after the
+        runner has profiled memory: `ResolvedConfig.with_num_kv_blocks` fills it in, once.
         """
+        device = resolve_device(self.device)
+        if device == "cuda":
+            import torch  # noqa: PLC0415
+
+            if not torch.cuda.is_available():
+                raise ValueError("device is 'cuda' but torch sees no CUDA device; use device='cpu' or 'auto'")
+        model = ModelConfig.from_pretrained(
+            self.model, max_model_len=self.max_model_len, dtype=self.dtype, device=device
+        )
+        return self.resolve_with(model)
+
+    def resolve_with(self, model: ModelConfig) -> ResolvedConfig:
+        """`resolve()` against a checkpoint config already read (its device and dtype resolved)."""
+        device = model.device
         on_cuda = device == "cuda"
-        return replace(
-            self,
-            max_num_seqs=self.max_num_seqs or (1024 if on_cuda else 256),
-            # Large decode batches are the host-bound ones when eager (~0.5 ms of launches per layer).
-            max_cuda_graph_batch_size=self.max_cuda_graph_batch_size or 1024,
-            max_cuda_graph_mixed_tokens=(
-                self.max_cuda_graph_mixed_tokens
-                if self.max_cuda_graph_mixed_tokens is not None
-                else (512 if on_cuda else 0)
+        max_model_len = model.max_model_len
+        # On a GPU the batch may be much larger than on a CPU: many sequences per step keep the
+        # weights' memory traffic amortised (offline throughput with 1000 requests is bound by how
+        # many run at once), and the KV cache, not this number, is what limits them in practice.
+        max_num_seqs = self.max_num_seqs or (1024 if on_cuda else 256)
+        # Large prefill chunks amortise the per-step host cost (an eager step's kernel launches) on
+        # a GPU. The runner profiles memory for a step of this many tokens.
+        max_num_batched_tokens = self.max_num_batched_tokens or (max(8192, max_model_len) if on_cuda else 512)
+        mixed = self.max_cuda_graph_mixed_tokens
+        return ResolvedConfig(
+            model=model,
+            load=LoadConfig(
+                load_format=self.load_format, tokenizer=self.tokenizer or self.model, seed=self.seed
+            ),
+            cache=CacheConfig(
+                block_size=self.block_size,
+                # Only the model's dtype until the quantization issue adds fp8 caches.
+                kv_cache_dtype=model.dtype,
+                enable_prefix_caching=self.enable_prefix_caching,
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                cpu_kv_cache_gb=self.cpu_kv_cache_gb,
+                num_kv_blocks_override=self.num_kv_blocks,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_model_len=max_model_len,
+                async_scheduling=self.async_scheduling,
+                max_waiting_requests=self.max_waiting_requests,
+                max_waiting_tokens=self.max_waiting_tokens,
+            ),
+            parallel=ParallelConfig(),
+            device=DeviceConfig(
+                device=device,
+                enforce_eager=self.enforce_eager,
+                # Large decode batches are the host-bound ones when eager (~0.5 ms of launches per layer).
+                max_cuda_graph_batch_size=self.max_cuda_graph_batch_size or 1024,
+                # Never more than a step can hold.
+                max_cuda_graph_mixed_tokens=min(
+                    mixed if mixed is not None else (512 if on_cuda else 0), max_num_batched_tokens
+                ),
             ),
         )
 
@@ -107,3 +165,92 @@ def _choice(name: str, value: object, allowed: tuple) -> None:
 def _positive(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive integer; got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadConfig:
+    load_format: str  # "auto" | "safetensors" | "dummy" (random weights, for benchmarks)
+    tokenizer: str  # the tokenizer's directory (the model's unless given)
+    seed: int  # the torch seed: dummy weights and unseeded sampling
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    block_size: int  # tokens per KV block
+    kv_cache_dtype: str  # torch dtype name of the K/V caches: the model's dtype for now
+    enable_prefix_caching: bool
+    gpu_memory_utilization: float  # share of the GPU's memory the engine may use, KV cache included
+    cpu_kv_cache_gb: float  # KV cache size on CPU
+    num_kv_blocks_override: int | None  # the user's num_kv_blocks: skips the memory profile
+    # Set once, after the runner sized the cache (ResolvedConfig.with_num_kv_blocks); None before.
+    num_kv_blocks: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int  # sequences per step (also the sampler's row chunk for prompt logprobs)
+    max_num_batched_tokens: int  # tokens per step; the runner's memory profile is for this many
+    # The longest a request (prompt + output) may be: the model's max_model_len, capped to the KV
+    # cache's capacity once it is known (a request longer than the whole cache could never run).
+    max_model_len: int
+    async_scheduling: bool  # launch step N+1 before step N's sampled ids reach the host
+    max_waiting_requests: int  # admission control (serving): beyond these, 429
+    max_waiting_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class ParallelConfig:
+    # One device until the tensor-parallel issue; a multi-process executor reads these.
+    tensor_parallel_size: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    device: str  # resolved: "cpu" | "cuda"
+    enforce_eager: bool  # no CUDA graphs
+    max_cuda_graph_batch_size: int  # decode batches above run eagerly
+    max_cuda_graph_mixed_tokens: int  # mixed steps up to this many tokens replay graphs; 0: none
+
+    @property
+    def use_cuda_graphs(self) -> bool:
+        return self.device == "cuda" and not self.enforce_eager
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedConfig:
+    """Everything the engine runs by, resolved once. LoRA and quantization add their own sub-configs
+    here in their issues."""
+
+    model: ModelConfig  # the checkpoint: architecture, shapes, dtype, model max_model_len
+    load: LoadConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig
+    device: DeviceConfig
+
+    def with_num_kv_blocks(self, num_kv_blocks: int) -> ResolvedConfig:
+        """The config once the KV cache is sized: `cache.num_kv_blocks` set, and
+        `scheduler.max_model_len` capped to the cache's capacity (serve shorter contexts rather than
+        refuse to start). The one place either value is decided."""
+        if self.cache.num_kv_blocks is not None:
+            raise RuntimeError("the KV cache size is already set")
+        if num_kv_blocks <= 0:
+            raise ValueError(f"num_kv_blocks must be positive; got {num_kv_blocks}")
+        capacity = num_kv_blocks * self.cache.block_size
+        max_model_len = self.scheduler.max_model_len
+        if capacity < max_model_len:
+            logger.warning(
+                "the KV cache holds %d tokens (%d blocks of %d), fewer than max_model_len %d; "
+                "capping max_model_len to %d",
+                capacity,
+                num_kv_blocks,
+                self.cache.block_size,
+                max_model_len,
+                capacity,
+            )
+            max_model_len = capacity
+        return replace(
+            self,
+            cache=replace(self.cache, num_kv_blocks=num_kv_blocks),
+            scheduler=replace(self.scheduler, max_model_len=max_model_len),
+        )

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, ResolvedConfig
 from engine.core.request import Request, RequestStatus
 from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler import Scheduler
@@ -26,7 +26,6 @@ from engine.errors import InvalidRequestError
 from engine.executor.step_loop_times import StepLoopTimes
 from engine.inputs.input_processor import EngineRequest, InputProcessor
 from engine.inputs.tokenizer import load_tokenizer
-from engine.model_config import ModelConfig
 from engine.outputs.detokenizer import IncrementalDetokenizer
 from engine.outputs.request_output import (
     CompletionOutput,
@@ -98,42 +97,32 @@ class _ParentState:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
-        self.config = config
+    def __init__(self, config: EngineConfig | ResolvedConfig) -> None:
         start = time.perf_counter()
-        self.model_config = ModelConfig.from_pretrained(
-            config.model, max_model_len=config.max_model_len, dtype=config.dtype, device=config.device
-        )
-        config = self.config = config.with_device_defaults(self.model_config.device)
-        self.tokenizer = load_tokenizer(config.tokenizer or config.model)
-        self.runner = ModelRunner(config, self.model_config)
+        resolved = config.resolve() if isinstance(config, EngineConfig) else config
+        self.tokenizer = load_tokenizer(resolved.load.tokenizer)
+        self.runner = ModelRunner(resolved)
         self.runner.load_model()
         num_blocks = self.runner.determine_num_kv_blocks()
         self.runner.initialize_kv_cache(num_blocks)
+        # The one write after resolution: the cache's size (and max_model_len capped to it).
+        self.config = config = resolved.with_num_kv_blocks(num_blocks)
+        self.model_config = config.model
         self.num_kv_blocks = num_blocks
-        self.max_model_len = self.model_config.max_model_len
-        kv_capacity = num_blocks * config.block_size
-        if kv_capacity < self.max_model_len:
-            # A request of max_model_len could never fit: serve shorter contexts rather than fail.
-            logger.warning(
-                "the KV cache holds %d tokens (%d blocks of %d), fewer than max_model_len %d; "
-                "capping max_model_len to %d",
-                kv_capacity,
-                num_blocks,
-                config.block_size,
-                self.max_model_len,
-                kv_capacity,
-            )
-            self.max_model_len = kv_capacity
-        self.vocab_size = self.model_config.vocab_size
-        # The runner profiled memory for this many tokens per step; the scheduler must not exceed it.
-        self.max_num_batched_tokens = self.runner.max_num_batched_tokens
-        self.scheduler = Scheduler(config, num_blocks, self.max_model_len, self.max_num_batched_tokens)
+        self.max_model_len = config.scheduler.max_model_len
+        self.vocab_size = config.model.vocab_size
+        self.max_num_batched_tokens = config.scheduler.max_num_batched_tokens
+        self.scheduler = Scheduler(config.scheduler, config.cache)
         eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos_token_ids.add(self.tokenizer.eos_token_id)
         self.input_processor = InputProcessor(
-            self.tokenizer, self.vocab_size, self.max_model_len, config.block_size, num_blocks, eos_token_ids
+            self.tokenizer,
+            self.vocab_size,
+            self.max_model_len,
+            config.cache.block_size,
+            num_blocks,
+            eos_token_ids,
         )
         self._parents: dict[str, _ParentState] = {}
         self._children: dict[str, _Child] = {}
@@ -146,11 +135,11 @@ class LLMEngine:
         self.startup_seconds = time.perf_counter() - start
         logger.info(
             "engine ready: model=%s device=%s dtype=%s kv_blocks=%d block_size=%d max_model_len=%d (%.1fs)",
-            config.model,
-            self.runner.device,
-            self.runner.dtype,
+            config.model.model_path,
+            config.device.device,
+            config.model.dtype,
             num_blocks,
-            config.block_size,
+            config.cache.block_size,
             self.max_model_len,
             self.startup_seconds,
         )
@@ -249,7 +238,7 @@ class LLMEngine:
         engine.worker.step_in_flight); the outputs returned are step N's.
         """
         scheduler_output = self.schedule()
-        if not self.config.async_scheduling:
+        if not self.config.scheduler.async_scheduling:
             if scheduler_output.is_empty:
                 return self.update(scheduler_output, None)
             try:

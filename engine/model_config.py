@@ -35,7 +35,7 @@ _GENERATION_DEFAULT_KEYS = {
 }
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     model_path: str
     architecture: str
@@ -50,7 +50,10 @@ class ModelConfig:
     rope_theta: float
     rope_scaling: dict[str, Any] | None  # None for plain rope; else has "rope_type" (linear, llama3)
     max_position_embeddings: int
-    max_model_len: int  # resolved: the user's value, else max_position_embeddings; capped by sliding_window
+    # The user's value, else max_position_embeddings; capped by sliding_window. What the model and
+    # the runner's memory profile are sized for; requests may be held shorter by the KV cache's
+    # capacity (SchedulerConfig.max_model_len).
+    max_model_len: int
     tie_word_embeddings: bool
     qkv_bias: bool  # bias on q/k/v projections (Qwen2; Llama/Qwen3 `attention_bias`)
     o_proj_bias: bool  # bias on the output projection (Llama/Qwen3 `attention_bias`; never Qwen2)
@@ -153,7 +156,7 @@ class ModelConfig:
             for theirs, ours in _GENERATION_DEFAULT_KEYS.items()
             if gen.get(theirs) is not None
         }
-        resolved_device = _resolve_device(device)
+        resolved_device = resolve_device(device)
         return cls(
             model_path=model_path,
             architecture=arch,
@@ -257,7 +260,8 @@ def _as_id_list(value: Any) -> list[int]:
     return out
 
 
-def _resolve_device(device: str) -> str:
+def resolve_device(device: str) -> str:
+    """ "auto" -> "cuda" when torch sees a GPU, else "cpu"."""
     if device in ("cpu", "cuda"):
         return device
     if device != "auto":

@@ -18,7 +18,7 @@ import heapq
 import time
 from collections.abc import Iterable
 
-from engine.config import EngineConfig
+from engine.config import CacheConfig, SchedulerConfig
 from engine.core.kv_cache_manager import KVCacheManager
 from engine.core.request import Request, RequestStatus
 from engine.core.scheduler_output import (
@@ -30,22 +30,18 @@ from engine.core.scheduler_output import (
 
 
 class Scheduler:
-    def __init__(
-        self,
-        config: EngineConfig,
-        num_kv_blocks: int,
-        max_model_len: int,
-        max_num_batched_tokens: int,
-    ) -> None:
-        self.config = config
-        if config.max_num_seqs is None:
-            raise ValueError("Scheduler needs a resolved config: EngineConfig.with_device_defaults(device)")
+    def __init__(self, config: SchedulerConfig, cache: CacheConfig) -> None:
+        """`cache.num_kv_blocks` must be set (the KV cache is sized before anything is scheduled)."""
+        if cache.num_kv_blocks is None:
+            raise ValueError("the scheduler needs the KV cache's size: ResolvedConfig.with_num_kv_blocks")
         self.max_num_seqs = config.max_num_seqs
-        self.block_size = config.block_size
-        self.num_kv_blocks = num_kv_blocks
-        self.max_model_len = max_model_len
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.kv_cache_manager = KVCacheManager(num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_size = cache.block_size
+        self.num_kv_blocks = cache.num_kv_blocks
+        self.max_model_len = config.max_model_len
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.kv_cache_manager = KVCacheManager(
+            cache.num_kv_blocks, cache.block_size, cache.enable_prefix_caching
+        )
 
         # Every unfinished request, waiting or running.
         self.requests: dict[str, Request] = {}

@@ -32,13 +32,12 @@ import numpy as np
 import torch
 
 import ops
-from engine.config import EngineConfig
+from engine.config import ResolvedConfig
 from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler_output import ModelRunnerOutput, NewRequestData, SchedulerOutput, TokenLogprobs
 from engine.model.layers.attention import Attention
 from engine.model.models.registry import get_model_class
 from engine.model.weight_loader import initialize_dummy_weights, load_weights
-from engine.model_config import ModelConfig
 from engine.worker.attention_metadata import (
     AttentionMetadata,
     PinnedStaging,
@@ -66,12 +65,6 @@ _MIB = 1 << 20
 # rounding); an allowance kept out of the KV cache.
 # (H100: 35 graphs of Qwen3-0.6B, 28 layers, took 0.10 GiB with their pool, ~3 MiB each.)
 _GRAPH_OVERHEAD_BYTES = 4 * _MIB
-
-
-def default_max_num_batched_tokens(device: str, max_model_len: int) -> int:
-    """EngineConfig.max_num_batched_tokens when left None: max(8192, max_model_len) on cuda, 512 on cpu."""
-    # Large prefill chunks amortise the per-step host cost (kernel launches of an eager step) on a GPU.
-    return max(8192, max_model_len) if device == "cuda" else 512
 
 
 def block_table_array(block_tables: list[list[int]], num_rows: int) -> np.ndarray:
@@ -111,16 +104,18 @@ class _RequestState:
 
 
 class ModelRunner:
-    def __init__(self, engine_config: EngineConfig, model_config: ModelConfig) -> None:
-        self.device = torch.device(model_config.device)
-        self.engine_config = engine_config = engine_config.with_device_defaults(self.device.type)
-        self.model_config = model_config
+    def __init__(self, config: ResolvedConfig) -> None:
+        self.config = config
+        self.model_config = model_config = config.model
+        self.device = torch.device(config.device.device)
         self.dtype: torch.dtype = getattr(torch, model_config.dtype)
-        self.block_size = engine_config.block_size
+        self.kv_cache_dtype: torch.dtype = getattr(torch, config.cache.kv_cache_dtype)
+        self.block_size = config.cache.block_size
+        # The model's limit, which the memory profile and the graphs' block tables are sized for (the
+        # scheduler may hold requests shorter, to what the KV cache holds).
         self.max_model_len = model_config.max_model_len
-        self.max_num_batched_tokens = engine_config.max_num_batched_tokens or default_max_num_batched_tokens(
-            self.device.type, self.max_model_len
-        )
+        self.max_num_seqs = config.scheduler.max_num_seqs
+        self.max_num_batched_tokens = config.scheduler.max_num_batched_tokens
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.vocab_size = model_config.vocab_size
         self.model: torch.nn.Module | None = None
@@ -142,24 +137,20 @@ class ModelRunner:
         }
         # GiB figures of the CUDA memory profile (empty on CPU or with num_kv_blocks set).
         self.memory_profile: dict[str, float] = {}
-        torch.manual_seed(engine_config.seed)
+        torch.manual_seed(config.load.seed)
         if self.device.type == "cuda":
             self._enable_triton()
 
     @property
     def use_cuda_graphs(self) -> bool:
-        return self.device.type == "cuda" and not self.engine_config.enforce_eager
+        return self.device.type == "cuda" and self.config.device.use_cuda_graphs
 
     def cuda_graph_sizes(self) -> list[int]:
-        cfg = self.engine_config
-        return capture_sizes(cfg.max_num_seqs, cfg.max_cuda_graph_batch_size)
+        return capture_sizes(self.max_num_seqs, self.config.device.max_cuda_graph_batch_size)
 
     def cuda_graph_mixed_sizes(self) -> list[int]:
-        """Token counts of the mixed-step graphs (none when max_cuda_graph_mixed_tokens is 0 or unset:
-        a config that did not go through with_device_defaults)."""
-        return mixed_capture_sizes(
-            min(self.engine_config.max_cuda_graph_mixed_tokens or 0, self.max_num_batched_tokens)
-        )
+        """Token counts of the mixed-step graphs (none when max_cuda_graph_mixed_tokens is 0)."""
+        return mixed_capture_sizes(self.config.device.max_cuda_graph_mixed_tokens)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -180,8 +171,8 @@ class ModelRunner:
         model_cls = get_model_class(self.model_config.architecture)
         with torch.device(self.device):
             model = model_cls(self.model_config, dtype=self.dtype)
-        if self.engine_config.load_format == "dummy":
-            initialize_dummy_weights(model, seed=self.engine_config.seed)
+        if self.config.load.load_format == "dummy":
+            initialize_dummy_weights(model, seed=self.config.load.seed)
         else:
             load_weights(model, self.model_config.model_path)
         model.eval()
@@ -203,16 +194,16 @@ class ModelRunner:
     def bytes_per_kv_block(self) -> int:
         """K and V of one block across every layer."""
         cfg = self.model_config
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        elem = torch.empty((), dtype=self.kv_cache_dtype).element_size()
         num_kv_heads = self.attn_layers[0].num_kv_heads if self.attn_layers else cfg.num_kv_heads
         return 2 * cfg.num_layers * self.block_size * num_kv_heads * cfg.head_dim * elem
 
     def determine_num_kv_blocks(self) -> int:
         """config.num_kv_blocks if set; on CPU from cpu_kv_cache_gb; on CUDA from a profile forward."""
-        cfg = self.engine_config
+        cfg = self.config.cache
         start = time.perf_counter()
-        if cfg.num_kv_blocks is not None:
-            num_blocks = cfg.num_kv_blocks
+        if cfg.num_kv_blocks_override is not None:
+            num_blocks = cfg.num_kv_blocks_override
             source = "num_kv_blocks"
         elif self.device.type == "cpu":
             num_blocks = int(cfg.cpu_kv_cache_gb * _GIB) // self.bytes_per_kv_block
@@ -235,12 +226,7 @@ class ModelRunner:
             num_blocks * self.bytes_per_kv_block / _GIB,
             source,
         )
-        if capacity < self.max_model_len:
-            logger.warning(
-                "the KV cache holds %d tokens, fewer than max_model_len (%d): long requests cannot run",
-                capacity,
-                self.max_model_len,
-            )
+        # (Fewer tokens than max_model_len: ResolvedConfig.with_num_kv_blocks caps requests to this.)
         return num_blocks
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
@@ -258,8 +244,8 @@ class ModelRunner:
         self.kv_caches = []
         for layer in self.attn_layers:
             shape = (num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
-            k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            k_cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
+            v_cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
             layer.k_cache, layer.v_cache = k_cache, v_cache
             self.kv_caches.append((k_cache, v_cache))
         self.num_kv_blocks = num_blocks
@@ -305,7 +291,7 @@ class ModelRunner:
         peak of the largest captured decode batch) plus a per-graph allowance; and memory outside
         torch (CUDA context, other processes). The profile runs on a temporary cache just big enough.
         """
-        cfg = self.engine_config
+        cfg = self.config.cache
         device = self.device
         num_tokens = self.max_num_batched_tokens
         # Sequences as long as allowed: the worst case for attention's working memory.
@@ -325,7 +311,7 @@ class ModelRunner:
             block_ids = iter(range(num_blocks))
             token_ids = [[0] * n for n in seq_lens]
             tables = [[next(block_ids) for _ in range(b)] for b in blocks_per_seq]
-            num_rows = min(cfg.max_num_seqs, num_tokens)
+            num_rows = min(self.max_num_seqs, num_tokens)
             step = self._build_inputs(
                 token_ids, [0] * len(seq_lens), seq_lens, tables, np.arange(num_tokens - num_rows, num_tokens)
             )
@@ -704,7 +690,7 @@ class ModelRunner:
         # ([max_num_batched_tokens, vocab] fp32) would be far beyond what the memory profile reserved.
         # (They come back synchronously: rare, and a step that has them is a prefill anyway.)
         row = len(sample_rows)
-        chunk = self.engine_config.max_num_seqs
+        chunk = self.max_num_seqs
         for state, targets in prompt_targets:
             num_top = state.sampling_params.prompt_logprobs or 0
             lps: list[TokenLogprobs] = []

@@ -39,7 +39,7 @@ def _error(r: httpx.Response, status: int, code: str) -> dict:
 def test_forward_exception_real_engine(server: LiveServer, client: httpx.Client, monkeypatch) -> None:
     """The forward pass raises once: the request fails with the message, the engine goes on."""
     llm_engine = server.engine.engine
-    assert llm_engine.config.async_scheduling  # the server's step loop launches steps with launch()
+    assert llm_engine.config.scheduler.async_scheduling  # the server's step loop launches steps with launch()
     real_launch = llm_engine.launch
     calls = {"n": 0}
 

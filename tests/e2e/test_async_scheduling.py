@@ -139,7 +139,7 @@ def test_stop_string_found_a_step_late_is_exact(tiny_model_dirs: dict[str, Path]
 def test_abort_with_a_step_in_flight_frees_blocks(tiny_model_dirs: dict[str, Path]) -> None:
     model_dir = tiny_model_dirs["llama"]
     engine = LLMEngine(EngineConfig(model=str(model_dir), device="cpu", dtype="float32", block_size=8))
-    assert engine.config.async_scheduling
+    assert engine.config.scheduler.async_scheduling
     prompts = _prompts()
     greedy = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     for i, p in enumerate(prompts[:2]):

@@ -135,7 +135,7 @@ def test_failure_surfacing_when_results_arrive(config: EngineConfig, monkeypatch
 
     async def main() -> None:
         engine = AsyncEngine(config)
-        assert engine.config.async_scheduling
+        assert engine.config.scheduler.async_scheduling
         await engine.start()
         monkeypatch.setattr(StepInFlight, "result", flaky)
         params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)

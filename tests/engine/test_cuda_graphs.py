@@ -18,7 +18,6 @@ import torch
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.core.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
-from engine.model_config import ModelConfig
 from engine.worker.attention_metadata import build_step_inputs, step_layout
 from engine.worker.cuda_graphs import (
     DecodeArrays,
@@ -157,7 +156,7 @@ def _runner(model_dir: Path, **overrides) -> ModelRunner:
     config = EngineConfig(
         model=str(model_dir), device="cpu", block_size=BLOCK_SIZE, num_kv_blocks=NUM_BLOCKS, **overrides
     )
-    runner = ModelRunner(config, ModelConfig.from_pretrained(model_dir, dtype="float32", device="cpu"))
+    runner = ModelRunner(config.resolve())
     runner.load_model()
     runner.initialize_kv_cache(runner.determine_num_kv_blocks())
     return runner
@@ -239,16 +238,6 @@ def test_mixed_capture_sizes() -> None:
     assert mixed_capture_sizes(16) == [16]
     assert mixed_capture_sizes(100) == [16, 32, 64, 100]
     assert mixed_capture_sizes(512) == [16, 32, 64, 128, 256, 512]
-
-
-def test_mixed_graphs_default_on_cuda_only() -> None:
-    # Measured on an H200 (loadtest/results/chat-mixed-h200-*): on by default up to 512 tokens.
-    assert EngineConfig("m").with_device_defaults("cuda").max_cuda_graph_mixed_tokens == 512
-    assert EngineConfig("m").with_device_defaults("cpu").max_cuda_graph_mixed_tokens == 0
-    off = EngineConfig("m", max_cuda_graph_mixed_tokens=0).with_device_defaults("cuda")
-    assert off.max_cuda_graph_mixed_tokens == 0
-    with pytest.raises(ValueError, match="max_cuda_graph_mixed_tokens must be 0 .off. or a positive integer"):
-        EngineConfig("m", max_cuda_graph_mixed_tokens=-1)
 
 
 def test_pad_mixed_batch_layout() -> None:

@@ -39,8 +39,7 @@ def _runner(model_dir: Path, **overrides) -> ModelRunner:
     config = EngineConfig(
         model=str(model_dir), device="cpu", block_size=BLOCK_SIZE, num_kv_blocks=NUM_BLOCKS, **overrides
     )
-    model_config = ModelConfig.from_pretrained(model_dir, dtype="float32", device="cpu")
-    runner = ModelRunner(config, model_config)
+    runner = ModelRunner(config.resolve())
     runner.load_model()
     runner.initialize_kv_cache(runner.determine_num_kv_blocks())
     return runner
@@ -383,7 +382,7 @@ def test_model_config_fields(tiny_model_dirs: dict[str, Path], tmp_path: Path, c
 
 def test_cpu_kv_blocks_from_budget(tiny_model_dirs: dict[str, Path]) -> None:
     config = EngineConfig(model=str(tiny_model_dirs["llama"]), device="cpu", cpu_kv_cache_gb=0.001)
-    runner = ModelRunner(config, ModelConfig.from_pretrained(tiny_model_dirs["llama"], device="cpu"))
+    runner = ModelRunner(config.resolve())
     runner.load_model()
     # 2 (K,V) * 2 layers * 16 tokens * 2 kv heads * 16 dims * 4 bytes = 8 KiB per block
     assert runner.bytes_per_kv_block == 8192

@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from engine.config import EngineConfig
+from engine.config import CacheConfig, SchedulerConfig
 from engine.core.request import Request, RequestStatus
 from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler import Scheduler
@@ -28,11 +28,24 @@ def make_sched(
     max_num_seqs: int = 16,
     prefix_caching: bool = True,
 ) -> Scheduler:
-    cfg = EngineConfig(
-        model="tiny", block_size=BS, max_num_seqs=max_num_seqs, enable_prefix_caching=prefix_caching
-    )
     return Scheduler(
-        cfg, num_kv_blocks=num_kv_blocks, max_model_len=max_model_len, max_num_batched_tokens=budget
+        SchedulerConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=budget,
+            max_model_len=max_model_len,
+            async_scheduling=True,
+            max_waiting_requests=1024,
+            max_waiting_tokens=1 << 20,
+        ),
+        CacheConfig(
+            block_size=BS,
+            kv_cache_dtype="float32",
+            enable_prefix_caching=prefix_caching,
+            gpu_memory_utilization=0.9,
+            cpu_kv_cache_gb=1.0,
+            num_kv_blocks_override=None,
+            num_kv_blocks=num_kv_blocks,
+        ),
     )
 
 

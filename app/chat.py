@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
 import structlog
 from starlette.requests import Request
 from starlette.responses import Response
 
+from app.chat_render import render_chat
 from app.errors import bad_request
 from app.generation import (
     ChunkFrame,
@@ -34,7 +34,6 @@ from app.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatLogprobs,
-    ChatMessage,
     ChatResponseMessage,
     ChatStreamChoice,
     DeltaMessage,
@@ -44,61 +43,6 @@ from app.sse import SSEResponse
 from app.state import AppState
 from engine.core.sampling_params import MAX_LOGPROBS
 from engine.outputs.request_output import CompletionOutput, RequestOutput
-
-ROLES = ("system", "developer", "user", "assistant")
-
-
-def render_chat(state: AppState, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
-    """Token ids of the conversation rendered with the model's chat template (no extra specials)."""
-    if not messages:
-        raise bad_request("messages must not be empty", param="messages")
-    conversation: list[dict[str, Any]] = []
-    for i, m in enumerate(messages):
-        if m.role not in ROLES:
-            raise bad_request(
-                f"messages[{i}].role must be one of {', '.join(ROLES)}; got {m.role!r}",
-                param=f"messages[{i}].role",
-            )
-        if m.content is None:
-            if m.role != "assistant":
-                raise bad_request(f"messages[{i}].content must not be null", param=f"messages[{i}].content")
-            content = ""
-        elif isinstance(m.content, str):
-            content = m.content
-        else:
-            texts = []
-            for j, part in enumerate(m.content):
-                if part.type != "text":
-                    raise bad_request(
-                        f"messages[{i}].content[{j}].type: only text content parts are supported; got {part.type!r}",
-                        param=f"messages[{i}].content[{j}].type",
-                        code="unsupported",
-                    )
-                if part.text is None:
-                    raise bad_request(
-                        f"messages[{i}].content[{j}].text is required for a text part",
-                        param=f"messages[{i}].content[{j}].text",
-                    )
-                texts.append(part.text)
-            content = "\n".join(texts)
-        entry: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
-        if m.name is not None:
-            entry["name"] = m.name
-        conversation.append(entry)
-    tokenizer = state.tokenizer
-    if not getattr(tokenizer, "chat_template", None):
-        raise bad_request(
-            "This model has no chat template; use /v1/completions instead.",
-            param="messages",
-            code="unsupported",
-        )
-    try:
-        text = tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-    except Exception as exc:  # jinja2 TemplateError, or raise_exception() inside the template
-        raise bad_request(f"The chat template rejected the messages: {exc}", param="messages") from None
-    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 @api_route
@@ -119,7 +63,9 @@ async def create_chat_completion(request: Request) -> Response:
                 f"top_logprobs must be in [0, {MAX_LOGPROBS}]; got {req.top_logprobs}", param="top_logprobs"
             )
     top_n = (req.top_logprobs or 0) if req.logprobs else None
-    ids = render_chat(state, req.messages, req.add_generation_prompt is not False)
+    ids = await state.encoder.run(
+        render_chat, state, req.messages, req.add_generation_prompt is not False, max_tokens, max_field
+    )
     check_prompt_length(state, len(ids), max_tokens, "messages", max_field)
     params = build_sampling_params(
         req,

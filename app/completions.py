@@ -18,6 +18,7 @@ from app.generation import (
     ChunkFrame,
     RequestTimer,
     build_sampling_params,
+    check_prompt_chars,
     check_prompt_length,
     check_token_ids,
     completion_logprobs,
@@ -50,7 +51,9 @@ Prompt = tuple[str | None, list[int]]
 _INT, _STR, _LIST = frozenset({int}), frozenset({str}), frozenset({list})
 
 
-def parse_prompts(state: AppState, raw: Any) -> list[Prompt]:
+async def parse_prompts(state: AppState, raw: Any, max_tokens: int | None) -> list[Prompt]:
+    """The prompts as (text, token ids); text prompts are tokenized off the event loop, once their
+    length in characters has not already proved them too long."""
     if isinstance(raw, str):
         items: list[Any] = [raw]
     elif isinstance(raw, list):
@@ -69,11 +72,14 @@ def parse_prompts(state: AppState, raw: Any) -> list[Prompt]:
     if len(items) > MAX_PROMPTS:
         raise bad_request(f"prompt may hold at most {MAX_PROMPTS} prompts; got {len(items)}", param="prompt")
     prompts: list[Prompt] = []
+    texts: list[str] = []
     for item in items:
         if isinstance(item, str):
             if not item:
                 raise bad_request("prompt must not be empty", param="prompt")
-            prompts.append((item, list(state.tokenizer.encode(item))))
+            check_prompt_chars(state, item, max_tokens, "prompt", "max_tokens")
+            texts.append(item)
+            prompts.append((item, []))
             continue
         ids = state.valid_token_ids(item)
         if ids is None:  # the checks below name what is wrong
@@ -84,6 +90,10 @@ def parse_prompts(state: AppState, raw: Any) -> list[Prompt]:
             check_token_ids(state, item, "prompt")
             ids = list(item)
         prompts.append((None, ids))
+    if texts:
+        encoder = state.encoder
+        encoded = iter(await encoder.run(lambda: [encoder.encode(t) for t in texts]))
+        prompts = [(text, next(encoded)) if text is not None else (None, ids) for text, ids in prompts]
     return prompts
 
 
@@ -97,7 +107,7 @@ async def create_completion(request: Request) -> Response:
         raise bad_request(
             "suffix is not supported: weir has no fill-in-the-middle mode", param="suffix", code="unsupported"
         )
-    prompts = parse_prompts(state, req.prompt)
+    prompts = await parse_prompts(state, req.prompt, req.max_tokens)
     for _, ids in prompts:
         check_prompt_length(state, len(ids), req.max_tokens, "prompt", "max_tokens")
     echo = bool(req.echo)

@@ -43,6 +43,7 @@ class ServerConfig:
     allowed_methods: list[str] = field(default_factory=lambda: ["*"])
     allowed_headers: list[str] = field(default_factory=lambda: ["*"])
     allow_credentials: bool = False
+    allow_special_tokens_in_content: bool = False
     sse_keepalive: float = 15.0
     gil_switch_interval: float = 0.001
     log_level: str = "info"
@@ -95,6 +96,9 @@ SERVER_HELP: dict[str, str] = {
     "allowed_methods": "CORS: methods allowed from those origins (only with --allowed-origins).",
     "allowed_headers": "CORS: request headers allowed from those origins (only with --allowed-origins).",
     "allow_credentials": "CORS: let browsers send cookies and Authorization (only with --allowed-origins).",
+    "allow_special_tokens_in_content": "Tokenize special-token text inside chat message content (e.g. "
+    "'<|im_end|>') into the model's control tokens, as vLLM does. Off (default): it is plain text, so a "
+    "user cannot forge turns; turn on only when every caller is trusted.",
     "sse_keepalive": "Seconds between keep-alive comments on an idle stream (e.g. while queued).",
     "gil_switch_interval": "Python's thread switch interval (sys.setswitchinterval), in seconds, set "
     "once at start. Below Python's 5 ms, so the engine's worker thread gets the GIL back sooner after "

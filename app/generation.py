@@ -185,6 +185,36 @@ def check_prompt_length(
         )
 
 
+def check_prompt_chars(
+    state: AppState, text: str, max_tokens: int | None, prompt_field: str, max_tokens_field: str
+) -> None:
+    """400 before tokenizing when the text's length in characters already proves it cannot fit
+    (app/prompt_encoder.py: a token stands for at most `max_chars_per_token` characters)."""
+    at_least = state.encoder.min_tokens(text)
+    limit = state.max_model_len
+    if at_least < limit and (max_tokens is None or at_least + max_tokens <= limit):
+        return
+    why = (
+        f"the {prompt_field} has {len(text)} characters, so at least {at_least} tokens (no token of this "
+        f"model is longer than {state.encoder.max_chars_per_token} characters)"
+    )
+    if at_least >= limit:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens. However, {why}, which leaves no room "
+            f"for the completion. Please shorten the {prompt_field}.",
+            param=prompt_field,
+            code="context_length_exceeded",
+        )
+    raise APIError(
+        400,
+        f"This model's maximum context length is {limit} tokens. However, {why}, and {max_tokens_field} "
+        f"is {max_tokens}. Please reduce the length of the {prompt_field} or {max_tokens_field}.",
+        param=max_tokens_field,
+        code="context_length_exceeded",
+    )
+
+
 def check_token_ids(state: AppState, token_ids: Sequence[int], field: str) -> None:
     # min/max run in C; the loop only finds which id to name once one is out of range.
     if not token_ids or (min(token_ids) >= 0 and max(token_ids) < state.vocab_size):

@@ -83,6 +83,7 @@ class ChatMessage(Struct, kw_only=True):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: Any = None  # refused when set (weir has no tool calling yet)
 
 
 class ChatCompletionRequest(SamplingRequest, kw_only=True):

@@ -21,7 +21,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from app import __version__
-from app.chat import create_chat_completion, render_chat
+from app.chat import create_chat_completion
+from app.chat_render import render_chat
 from app.completions import create_completion
 from app.config import ServerConfig
 from app.errors import APIError, bad_request
@@ -90,12 +91,15 @@ async def tokenize(request: Request) -> Response:
     state.check_model(req.model)
     if (req.prompt is None) == (req.messages is None):
         raise bad_request("Send exactly one of prompt or messages.", param="prompt")
+    # Off the event loop: a body of up to --max-body-bytes of text is seconds of tokenizing.
     if req.prompt is not None:
-        tokens = list(
-            state.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
+        tokens = await state.encoder.run(
+            state.encoder.encode, req.prompt, req.add_special_tokens is not False
         )
     else:
-        tokens = render_chat(state, req.messages or [], req.add_generation_prompt is not False)
+        tokens = await state.encoder.run(
+            render_chat, state, req.messages or [], req.add_generation_prompt is not False
+        )
     return _json(TokenizeResponse(count=len(tokens), max_model_len=state.max_model_len, tokens=tokens))
 
 
@@ -105,7 +109,7 @@ async def detokenize(request: Request) -> Response:
     req = await read_json(request, DetokenizeRequest, state.config.max_body_bytes)
     state.check_model(req.model)
     check_token_ids(state, req.tokens, "tokens")
-    return _json(DetokenizeResponse(prompt=state.tokenizer.decode(req.tokens)))
+    return _json(DetokenizeResponse(prompt=await state.encoder.run(state.tokenizer.decode, req.tokens)))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -13,6 +13,7 @@ from app.config import ServerConfig
 from app.errors import APIError
 from app.logging import get_logger
 from app.metrics import ServerMetrics
+from app.prompt_encoder import PromptEncoder
 
 log = get_logger("weir.app")
 
@@ -24,6 +25,7 @@ class AppState:
         self.model_names = list(config.served_model_name) or ["model"]
         self.model_name = self.model_names[0]
         self.tokenizer = engine.tokenizer
+        self.encoder = PromptEncoder(self.tokenizer)
         self.max_model_len: int = engine.max_model_len
         self.vocab_size: int = engine.vocab_size
         # Sampling defaults from the model's generation_config.json (temperature, top_p, ...), applied
@@ -89,4 +91,5 @@ class AppState:
         self.engine.begin_drain()
         t0 = time.monotonic()
         await self.engine.shutdown(timeout=timeout)
+        self.encoder.close()
         log.info("engine stopped", drain_s=round(time.monotonic() - t0, 3))

@@ -41,6 +41,7 @@ from app.protocol import (
 )
 from app.sse import SSEResponse
 from app.state import AppState
+from app.unsupported import check_unsupported
 from engine.core.sampling_params import MAX_LOGPROBS
 from engine.outputs.request_output import CompletionOutput, RequestOutput
 
@@ -51,6 +52,7 @@ async def create_chat_completion(request: Request) -> Response:
     arrival = time.monotonic()
     req = await read_json(request, ChatCompletionRequest, state.config.max_body_bytes)
     model = state.check_model(req.model)
+    check_unsupported(req, chat=True)
     if req.max_completion_tokens is not None:
         max_tokens, max_field = req.max_completion_tokens, "max_completion_tokens"
     else:

@@ -34,6 +34,7 @@ from app.http import api_route, read_json
 from app.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage
 from app.sse import SSEResponse
 from app.state import AppState
+from app.unsupported import check_unsupported
 from engine.outputs.request_output import CompletionOutput, RequestOutput
 
 MAX_PROMPTS = 256
@@ -103,6 +104,7 @@ async def create_completion(request: Request) -> Response:
     arrival = time.monotonic()
     req = await read_json(request, CompletionRequest, state.config.max_body_bytes)
     model = state.check_model(req.model)
+    check_unsupported(req, chat=False)
     if req.suffix is not None:
         raise bad_request(
             "suffix is not supported: weir has no fill-in-the-middle mode", param="suffix", code="unsupported"

@@ -226,6 +226,32 @@ def check_token_ids(state: AppState, token_ids: Sequence[int], field: str) -> No
             )
 
 
+def check_queue_bounds(state: AppState, prompt_lens: Sequence[int], n: int, prompt_field: str) -> None:
+    """400, naming the bound, for a request larger than the waiting queue itself: it could never be
+    admitted, so a 429 (retry later) would have well-behaved clients retry forever."""
+    max_requests, max_tokens = state.queue_bounds
+    sequences = len(prompt_lens) * n
+    if sequences > max_requests:
+        raise APIError(
+            400,
+            f"This request needs {sequences} places in the waiting queue ({len(prompt_lens)} prompt(s) x "
+            f"n={n}) but the server's whole queue holds {max_requests} (max_waiting_requests), so it "
+            "could never be admitted. Send fewer prompts or a smaller n.",
+            param="n" if n > 1 else prompt_field,
+            code="exceeds_queue_bound",
+        )
+    tokens = sum(prompt_lens) * n
+    if tokens > max_tokens:
+        raise APIError(
+            400,
+            f"This request needs {tokens} prompt tokens in the waiting queue ({sum(prompt_lens)} prompt "
+            f"tokens x n={n}) but the server's whole queue holds {max_tokens} (max_waiting_tokens), so it "
+            f"could never be admitted. Send a shorter {prompt_field} or a smaller n.",
+            param=prompt_field,
+            code="exceeds_queue_bound",
+        )
+
+
 async def submit(
     state: AppState,
     request_ids: Sequence[str],
@@ -237,6 +263,7 @@ async def submit(
     """One engine request per prompt; all or none: on a refusal the ones already added are aborted."""
     if state.draining:
         raise service_unavailable("The server is shutting down and takes no new requests.", "draining")
+    check_queue_bounds(state, [len(ids) for _, ids in prompts], params.n, prompt_field)
     streams: list[AsyncIterator[RequestOutput]] = []
     try:
         for rid, (text, token_ids) in zip(request_ids, prompts, strict=True):

@@ -138,6 +138,14 @@ def decode(body: bytes, struct_type: type[T]) -> T:
         value = decoder.decode(body)
     except msgspec.DecodeError as exc:
         raise error_from_decode(exc) from None
+    except RecursionError:
+        # msgspec recurses once per level of nesting, also in fields it skips or leaves untyped.
+        raise APIError(
+            400,
+            "The request body nests JSON arrays or objects too deeply; no field of this API needs more "
+            "than a few levels.",
+            code="invalid_json",
+        ) from None
     if _stdlib_log.isEnabledFor(logging.DEBUG):
         _log_unknown_fields(body, struct_type)
     return value
@@ -146,7 +154,7 @@ def decode(body: bytes, struct_type: type[T]) -> T:
 def _log_unknown_fields(body: bytes, struct_type: type) -> None:
     try:
         keys = msgspec.json.decode(body, type=dict[str, msgspec.Raw]).keys()
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return
     unknown = sorted(set(keys) - set(struct_type.__struct_fields__))  # type: ignore[attr-defined]
     if unknown:

@@ -61,6 +61,8 @@ class SamplingRequest(Struct, kw_only=True):
     stream_options: StreamOptions | None = None
     priority: int | None = 0
     user: str | None = None  # accepted and ignored, as OpenAI documents it for abuse tracking
+    # Refused unless at their defaults (app/unsupported.py): weir has no structured output yet.
+    response_format: Any = None
 
 
 class CompletionRequest(SamplingRequest, kw_only=True):
@@ -93,6 +95,14 @@ class ChatCompletionRequest(SamplingRequest, kw_only=True):
     logprobs: bool | None = False
     top_logprobs: int | None = None
     add_generation_prompt: bool | None = True
+    # Refused unless at their defaults (app/unsupported.py): weir has no tool calling yet, and so on.
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    modalities: Any = None
+    audio: Any = None
+    web_search_options: Any = None
 
 
 class TokenizeRequest(Struct, kw_only=True):

@@ -28,6 +28,10 @@ class AppState:
         self.encoder = PromptEncoder(self.tokenizer)
         self.max_model_len: int = engine.max_model_len
         self.vocab_size: int = engine.vocab_size
+        # The waiting queue's bounds (the engine's resolved config keeps them in its scheduler part).
+        bounds = getattr(engine, "config", engine)
+        bounds = getattr(bounds, "scheduler", bounds)
+        self.queue_bounds: tuple[int, int] = (bounds.max_waiting_requests, bounds.max_waiting_tokens)
         # Sampling defaults from the model's generation_config.json (temperature, top_p, ...), applied
         # to fields a request leaves unset, as vLLM does. max_tokens is left to each endpoint's rule.
         defaults = dict(getattr(engine, "generation_defaults", {}) or {})

@@ -129,7 +129,15 @@ class AsyncEngine:
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         stats = self.engine.scheduler
-        if stats.num_waiting >= self.config.scheduler.max_waiting_requests:
+        bounds = self.config.scheduler
+        # Larger than the queue itself: a ValueError (400), never a QueueFullError (429, retry) that
+        # could not succeed. Each of the n sequences takes a place: it fits while waiting + n <= bound.
+        if params.n > bounds.max_waiting_requests:
+            raise ValueError(
+                f"n ({params.n}) is more than the waiting queue holds (max_waiting_requests "
+                f"{bounds.max_waiting_requests}); the request could never be queued"
+            )
+        if stats.num_waiting + params.n > self.config.scheduler.max_waiting_requests:
             raise QueueFullError(
                 f"the waiting queue is full ({stats.num_waiting} requests waiting; "
                 f"max_waiting_requests is {self.config.scheduler.max_waiting_requests}); retry later"
@@ -143,6 +151,11 @@ class AsyncEngine:
         )
         waiting = stats.num_waiting_tokens
         wanted = request.num_prompt_tokens * params.n
+        if wanted > bounds.max_waiting_tokens:
+            raise ValueError(
+                f"prompt has {request.num_prompt_tokens} tokens x n {params.n} = {wanted}, more than the "
+                f"waiting queue holds (max_waiting_tokens {bounds.max_waiting_tokens}); it could never be queued"
+            )
         if waiting + wanted > self.config.scheduler.max_waiting_tokens:
             raise QueueFullError(
                 f"the waiting queue is full ({waiting} prompt tokens waiting + {wanted} requested "

@@ -74,8 +74,11 @@ def test_queue_bound_and_drain(config: EngineConfig) -> None:
         )
         engine = AsyncEngine(cfg)
         await engine.start()
-        with pytest.raises(QueueFullError, match="max_waiting_tokens 30"):
+        with pytest.raises(ValueError, match="could never be queued"):  # larger than the queue: 400
             await engine.add_request("big", None, [5] * 31, SamplingParams())
+        await engine.add_request("a", None, [5] * 20, SamplingParams())  # no step runs in between
+        with pytest.raises(QueueFullError, match="max_waiting_tokens 30"):  # full now: 429
+            await engine.add_request("b", None, [5] * 20, SamplingParams())
         engine.begin_drain()
         with pytest.raises(EngineDrainingError):
             await engine.add_request("late", None, [5, 6], SamplingParams())

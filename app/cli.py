@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from app import __version__
 from app.config import ENV_PREFIX, ConfigError, Option, all_options, default_model_dir, resolve
 
 
@@ -29,6 +30,7 @@ def _help(opt: Option) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="weir", description="weir: an LLM inference and serving engine.")
+    parser.add_argument("--version", action="version", version=f"weir {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     serve = sub.add_parser(
         "serve",
@@ -92,6 +94,13 @@ def serve(flags: dict) -> int:
         print(f"weir serve: error: model directory {engine_config.model!r} does not exist", file=sys.stderr)
         return 2
 
+    from app.startup import device_problem, port_problem
+
+    problem = device_problem(engine_config) or port_problem(server_config)
+    if problem:
+        print(f"weir serve: error: {problem}", file=sys.stderr)
+        return 2
+
     from app.logging import configure_logging, get_logger
 
     configure_logging(server_config.log_level, server_config.log_json)
@@ -103,8 +112,12 @@ def serve(flags: dict) -> int:
 
     try:
         engine = AsyncEngine(engine_config)
-    except (ValueError, OSError) as exc:
-        log.error("cannot load the model", error=str(exc))
+    except Exception as exc:
+        # One line a user can act on; the traceback only when asked for (a bug, not a setting).
+        if server_config.log_level == "debug":
+            log.exception("cannot load the model")
+        detail = str(exc) if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
+        print(f"weir serve: error: cannot load the model: {detail}", file=sys.stderr)
         return 1
 
     from app.runner import run_server

@@ -25,9 +25,10 @@ from engine.config import EngineConfig
 from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from engine.errors import EngineDeadError, EngineDrainingError, QueueFullError
-from engine.llm_engine import EngineStats, LLMEngine
+from engine.llm_engine import LLMEngine
 from engine.outputs.output_channel import OutputChannel
 from engine.outputs.request_output import RequestOutput
+from engine.protocol import EngineStats
 from engine.worker.step_in_flight import StepInFlight
 
 __all__ = ["AsyncEngine", "EngineStats"]
@@ -107,6 +108,14 @@ class AsyncEngine:
             except (asyncio.CancelledError, Exception):  # noqa: BLE001 - the loop's own errors were reported
                 pass
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self.engine.shutdown()  # the model, KV cache and graphs go now (stats() still answers)
+
+    async def __aenter__(self) -> AsyncEngine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.shutdown()
 
     # ------------------------------------------------------------------ requests
     async def add_request(

@@ -15,6 +15,11 @@ class EngineDrainingError(RuntimeError):
     """The engine is shutting down and takes no new requests (-> 503)."""
 
 
+class EngineShutdownError(EngineDrainingError):
+    """shutdown() was called: the engine has released its model and KV cache and runs nothing more
+    (-> 503, as draining)."""
+
+
 class EngineDeadError(RuntimeError):
     """The step loop died; the engine cannot serve (-> 503, /health 503)."""
 

@@ -17,11 +17,26 @@ Prompt = str | list[int]
 
 
 class LLM:
-    """Batch generation over the engine: every prompt is queued at once and continuously batched."""
+    """Batch generation over the engine: every prompt is queued at once and continuously batched.
+
+    `with LLM(...) as llm:` (or `llm.shutdown()`) frees the GPU memory at a known point, so the next
+    engine built in the same process gets it for its KV cache.
+    """
 
     def __init__(self, model: str, **engine_kwargs: Any) -> None:
         self.llm_engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
         self._next_id = 0
+
+    def shutdown(self) -> None:
+        """Free the model, KV cache and CUDA graphs now (dropping the last reference does too: the
+        engine is in no reference cycle). Afterwards generate() raises EngineShutdownError."""
+        self.llm_engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
 
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the model's generation_config.json values (temperature, top_p, ...)."""

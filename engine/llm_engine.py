@@ -22,7 +22,7 @@ from engine.core.request import Request, RequestStatus
 from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler import Scheduler
 from engine.core.scheduler_output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
-from engine.errors import InvalidRequestError
+from engine.errors import EngineShutdownError, InvalidRequestError
 from engine.executor.step_loop_times import StepLoopTimes
 from engine.inputs.input_processor import EngineRequest, InputProcessor
 from engine.inputs.tokenizer import load_tokenizer
@@ -34,25 +34,11 @@ from engine.outputs.request_output import (
     RequestMetrics,
     RequestOutput,
 )
+from engine.protocol import EngineStats
 from engine.worker.model_runner import ModelRunner
 from engine.worker.step_in_flight import StepInFlight
 
 logger = logging.getLogger("weir.engine")
-
-
-@dataclass(slots=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_waiting_tokens: int
-    kv_cache_usage: float
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    num_preemptions: int
-    prompt_tokens_total: int
-    generation_tokens_total: int
-    # Seconds by phase of the engine's steps (engine/step_loop_times.py).
-    step_loop: dict[str, float] | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -132,6 +118,7 @@ class LLMEngine:
         self._generation_tokens_total = 0
         # Seconds by phase of the step primitives, whoever drives them (step() or the server's loop).
         self.step_times = StepLoopTimes()
+        self._shut_down = False
         self.startup_seconds = time.perf_counter() - start
         logger.info(
             "engine ready: model=%s device=%s dtype=%s kv_blocks=%d block_size=%d max_model_len=%d (%.1fs)",
@@ -166,6 +153,8 @@ class LLMEngine:
 
     def add_engine_request(self, request: EngineRequest) -> None:
         """Enqueue a request the input processor made; it is trusted as it is."""
+        if self._shut_down:
+            raise EngineShutdownError("the engine was shut down; build a new one to generate")
         request_id = request.request_id
         if request_id in self._parents:
             raise InvalidRequestError("request_id", f"request_id {request_id!r} is already in use")
@@ -497,3 +486,21 @@ class LLMEngine:
             generation_tokens_total=self._generation_tokens_total,
             step_loop=self.step_times.as_dict(),
         )
+
+    # ------------------------------------------------------------------ lifecycle
+    def shutdown(self) -> None:
+        """Abort every request and free what the engine holds on the device (model, KV cache, CUDA
+        graphs) now, rather than whenever the last reference goes. Idempotent; afterwards adding a
+        request raises EngineShutdownError, while stats() still answers."""
+        if self._shut_down:
+            return
+        self._shut_down = True
+        self._in_flight = None  # its results are not wanted; the device tensors it holds may go
+        self.abort_all()
+        self.runner.shutdown()
+
+    def __enter__(self) -> LLMEngine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()

@@ -15,6 +15,11 @@ reads the real seq_lens from the device at replay; segments past a sequence's en
 
 `emulate=True` runs the same static-buffer path with eager "replays" instead of graphs, so the padding
 logic is testable on CPU.
+
+The graph runner gets what it needs from the model runner explicitly (the eager forward as a callable
+over the model, the device, the pinned staging buffer, the block-table width) and holds no reference
+to the model runner: a runner -> graph runner -> runner cycle kept a dropped engine's KV cache and
+graphs alive until a garbage collection.
 """
 
 from __future__ import annotations
@@ -25,15 +30,17 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from engine.worker.attention_metadata import AttentionMetadata, StepInputs, step_layout
-
-if TYPE_CHECKING:
-    from engine.worker.model_runner import ModelRunner
+from engine.worker.attention_metadata import (
+    AttentionMetadata,
+    PinnedStaging,
+    StepInputs,
+    build_step_inputs,
+    step_layout,
+)
 
 logger = logging.getLogger("weir.engine")
 
@@ -163,6 +170,10 @@ def static_buffer_bytes(max_batch_size: int, block_table_width: int, max_mixed_t
     return nbytes
 
 
+# The eager forward a graph captures: (input_ids [T], positions [T], metadata) -> hidden [T, hidden].
+EagerForward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
+
+
 @dataclass(slots=True)
 class _Captured:
     replay: Callable[[], None]
@@ -175,23 +186,31 @@ class CUDAGraphRunner:
 
     def __init__(
         self,
-        runner: ModelRunner,
+        forward: EagerForward,
         sizes: list[int],
+        *,
+        device: torch.device,
+        block_table_width: int,  # max_blocks_per_seq: the widest block table a graph step can carry
+        max_seq_len: int,  # max_model_len: attention's launch shape is fixed from it at capture
+        staging: PinnedStaging | None = None,
         emulate: bool = False,
         mixed_sizes: list[int] | None = None,
     ) -> None:
-        self.runner = runner
+        self.forward = forward
+        self.device = device
+        self.staging = staging
+        self.max_seq_len = max_seq_len
         self.sizes = sorted(sizes)
         self.max_batch_size = self.sizes[-1]
         self.mixed_sizes = sorted(mixed_sizes or [])
-        self.block_table_width = runner.max_blocks_per_seq
+        self.block_table_width = block_table_width
         self.emulate = emulate
         self.input_buffer = torch.zeros(
             static_buffer_bytes(
                 self.max_batch_size, self.block_table_width, self.mixed_sizes[-1] if self.mixed_sizes else 0
             ),
             dtype=torch.uint8,
-            device=runner.device,
+            device=device,
         )
         self._graphs: dict[int, _Captured] = {}
         self._mixed_graphs: dict[int, _Captured] = {}
@@ -216,7 +235,7 @@ class CUDAGraphRunner:
     @torch.inference_mode()
     def capture(self) -> None:
         start = time.perf_counter()
-        device = self.runner.device
+        device = self.device
         on_cuda = device.type == "cuda" and not self.emulate
         if on_cuda:
             torch.cuda.synchronize(device)
@@ -242,12 +261,12 @@ class CUDAGraphRunner:
                 t0 = time.perf_counter()
                 stream.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(stream):
-                    self.runner._run_model(step.input_ids, step.positions, step.metadata)
+                    self.forward(step.input_ids, step.positions, step.metadata)
                 torch.cuda.current_stream(device).wait_stream(stream)
                 self.warmup_seconds += time.perf_counter() - t0
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                    output = self.runner._run_model(step.input_ids, step.positions, step.metadata)
+                    output = self.forward(step.input_ids, step.positions, step.metadata)
                 graphs[bs] = _Captured(replay=graph.replay, output=output)
         finally:
             gc.unfreeze()
@@ -259,12 +278,50 @@ class CUDAGraphRunner:
 
     def _emulated(self, step: StepInputs) -> _Captured:
         """CPU stand-in for a graph: rerun the forward on the static inputs into a fixed output."""
-        output = self.runner._run_model(step.input_ids, step.positions, step.metadata).clone()
+        forward = self.forward
+        output = forward(step.input_ids, step.positions, step.metadata).clone()
 
+        # Closes over the forward and the step, not self: a closure holding the graph runner, stored
+        # in the graph runner, would be a reference cycle.
         def replay() -> None:
-            output.copy_(self.runner._run_model(step.input_ids, step.positions, step.metadata))
+            output.copy_(forward(step.input_ids, step.positions, step.metadata))
 
         return _Captured(replay=replay, output=output)
+
+    def step_inputs(
+        self,
+        arrays: DecodeArrays,
+        logits_indices: np.ndarray,
+        size: int,
+        num_actual_tokens: int,
+        mixed: bool = False,
+    ) -> StepInputs:
+        """Copy a step padded to a captured size into the static buffer, at that size's layout (block
+        tables block_table_width wide, max_seq_len fixed).
+
+        Graph steps fix the Python ints the attention launch depends on: a decode graph is captured
+        with max_query_len 1 (decode launch settings, split-KV from max_seq_len), a mixed graph with
+        max_query_len = its token count (prefill launch settings, whose grid depends on shapes only).
+        """
+        return build_step_inputs(
+            input_ids=arrays.input_ids,
+            positions=arrays.positions,
+            slot_mapping=arrays.slot_mapping,
+            block_tables=arrays.block_tables,
+            seq_lens=arrays.seq_lens,
+            query_start_loc=arrays.query_start_loc,
+            logits_indices=logits_indices,
+            device=self.device,
+            staging=self.staging,
+            out=self.input_buffer,
+            block_table_width=self.block_table_width,
+            num_actual_tokens=num_actual_tokens,
+            max_query_len=size if mixed else 1,
+            max_seq_len=self.max_seq_len,
+            cuda_graph_size=size,
+            cuda_graph_mixed=mixed,
+            view_cache=self.view_cache,
+        )
 
     def dummy_step(self, batch_size: int) -> StepInputs:
         """A batch of padding rows only, in the static buffer: what each graph is captured on."""
@@ -272,9 +329,7 @@ class CUDAGraphRunner:
         arrays = pad_decode_batch(
             empty, empty, empty, empty.astype(np.int32), np.zeros((0, 1), dtype=np.int32), batch_size
         )
-        return self.runner._step_inputs(
-            arrays, np.zeros(0, dtype=np.int64), graph_size=batch_size, num_actual_tokens=0, graph_runner=self
-        )
+        return self.step_inputs(arrays, np.zeros(0, dtype=np.int64), batch_size, num_actual_tokens=0)
 
     def dummy_mixed_step(self, num_tokens: int) -> StepInputs:
         """A mixed step of padding only, at the layout of a mixed graph of num_tokens tokens."""
@@ -287,13 +342,8 @@ class CUDAGraphRunner:
             query_start_loc=np.zeros(1, dtype=np.int32),
             block_tables=np.zeros((0, 1), dtype=np.int32),
         )
-        return self.runner._step_inputs(
-            pad_mixed_batch(none, num_tokens),
-            np.zeros(0, dtype=np.int64),
-            graph_size=num_tokens,
-            num_actual_tokens=0,
-            graph_runner=self,
-            mixed=True,
+        return self.step_inputs(
+            pad_mixed_batch(none, num_tokens), np.zeros(0, dtype=np.int64), num_tokens, 0, mixed=True
         )
 
     def replay(self, metadata: AttentionMetadata) -> torch.Tensor:

@@ -21,6 +21,7 @@ pinned buffer with one non_blocking copy.
 
 from __future__ import annotations
 
+import functools
 import gc
 import importlib
 import itertools
@@ -65,6 +66,30 @@ _MIB = 1 << 20
 # rounding); an allowance kept out of the KV cache.
 # (H100: 35 graphs of Qwen3-0.6B, 28 layers, took 0.10 GiB with their pool, ~3 MiB each.)
 _GRAPH_OVERHEAD_BYTES = 4 * _MIB
+
+
+def eager_forward(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,  # [num_tokens]
+    positions: torch.Tensor,  # [num_tokens]
+    metadata: AttentionMetadata,
+) -> torch.Tensor:
+    """The model's forward over a flat batch under its attention metadata -> [num_tokens, hidden].
+    A function of the model, not a runner method, so the CUDA-graph runner can hold it (as a partial)
+    without holding the runner."""
+    with forward_context(metadata):
+        return model(input_ids, positions)
+
+
+def _drop_weight_loaders(model: torch.nn.Module) -> None:
+    """Remove the `weight_loader` attributes from the parameters once loading is done.
+
+    A loader is often its layer's bound method stored on the layer's own parameter: a reference cycle
+    per layer (layer -> parameter -> bound method -> layer), which kept a dropped engine's weights on
+    the device until the next garbage collection.
+    """
+    for param in model.parameters():
+        param.__dict__.pop("weight_loader", None)
 
 
 def block_table_array(block_tables: list[list[int]], num_rows: int) -> np.ndarray:
@@ -176,6 +201,7 @@ class ModelRunner:
         else:
             load_weights(model, self.model_config.model_path)
         model.eval()
+        _drop_weight_loaders(model)
         self.model = model
         self.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
         self._sync()
@@ -189,6 +215,26 @@ class ModelRunner:
             self.device,
             self.timings["weights_load_s"],
         )
+
+    def shutdown(self) -> None:
+        """Free the device memory the runner holds (CUDA graphs, KV cache, model) now. Idempotent.
+
+        Dropping the last reference does the same: the runner is in no reference cycle, so plain
+        reference counting frees it. This is for callers that keep a reference (LLM.shutdown()).
+        """
+        self._last_step = None
+        self.graph_runner = None
+        for layer in self.attn_layers:
+            layer.k_cache = layer.v_cache = None
+        self.attn_layers = []
+        self.kv_caches = []
+        self.num_kv_blocks = 0
+        self.model = None
+        self.requests.clear()
+        self._staging = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
 
     @property
     def bytes_per_kv_block(self) -> int:
@@ -258,8 +304,16 @@ class ModelRunner:
         if not (self.use_cuda_graphs or emulate) or not self.kv_caches:
             return
         sizes = self.cuda_graph_sizes()
+        assert self.model is not None, "load_model() first"
         graph_runner = CUDAGraphRunner(
-            self, sizes, emulate=emulate, mixed_sizes=self.cuda_graph_mixed_sizes()
+            functools.partial(eager_forward, self.model),
+            sizes,
+            device=self.device,
+            block_table_width=self.max_blocks_per_seq,
+            max_seq_len=self.max_model_len,
+            staging=self._staging,
+            emulate=emulate,
+            mixed_sizes=self.cuda_graph_mixed_sizes(),
         )
         graph_runner.capture()
         self.graph_runner = graph_runner
@@ -418,8 +472,7 @@ class ModelRunner:
     ) -> torch.Tensor:
         """The eager forward (also what a CUDA graph captures)."""
         assert self.model is not None, "load_model() first"
-        with forward_context(metadata):
-            return self.model(input_ids, positions)
+        return eager_forward(self.model, input_ids, positions, metadata)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[num_rows, hidden] -> [num_rows, vocab] float32."""
@@ -517,23 +570,15 @@ class ModelRunner:
         graph_size: int | None = None,
         num_actual_tokens: int | None = None,
         max_seq_len: int | None = None,
-        graph_runner: CUDAGraphRunner | None = None,
         max_query_len: int | None = None,
         mixed: bool = False,
     ) -> StepInputs:
         """Copy a step's arrays to the device; with graph_size, into the graph runner's static buffer
-        (at that size's layout, block tables max_blocks_per_seq wide, max_seq_len = max_model_len).
-
-        Graph steps fix the Python ints the attention launch depends on: a decode graph is captured
-        with max_query_len 1 (decode launch settings, split-KV from max_seq_len), a mixed graph with
-        max_query_len = its token count (prefill launch settings, whose grid depends on shapes only).
-        """
-        graph = None
+        (CUDAGraphRunner.step_inputs: that size's layout and launch settings)."""
         if graph_size is not None:
-            graph = graph_runner or self.graph_runner
-            assert graph is not None, "no CUDA-graph runner"
-            max_seq_len = self.max_model_len
-            max_query_len = graph_size if mixed else 1
+            assert self.graph_runner is not None, "no CUDA-graph runner"
+            assert num_actual_tokens is not None
+            return self.graph_runner.step_inputs(arrays, logits_indices, graph_size, num_actual_tokens, mixed)
         return build_step_inputs(
             input_ids=arrays.input_ids,
             positions=arrays.positions,
@@ -544,14 +589,9 @@ class ModelRunner:
             logits_indices=logits_indices,
             device=self.device,
             staging=self._staging,
-            out=graph.input_buffer if graph is not None else None,
-            block_table_width=graph.block_table_width if graph is not None else None,
             num_actual_tokens=num_actual_tokens,
             max_query_len=max_query_len,
             max_seq_len=max_seq_len,
-            cuda_graph_size=graph_size,
-            cuda_graph_mixed=mixed,
-            view_cache=graph.view_cache if graph is not None else None,
         )
 
     # ------------------------------------------------------------------ state

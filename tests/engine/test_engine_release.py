@@ -1,0 +1,117 @@
+"""Engines release what they hold: dropping the last reference frees the runner, the model and the
+KV cache by reference counting alone (no cycle waits for a garbage collection, so the next engine
+built in the process finds the memory free), and shutdown() frees them at once."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
+from engine.errors import EngineShutdownError
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+OPTIONS = {"device": "cpu", "dtype": "float32", "max_model_len": 128, "num_kv_blocks": 32}
+
+
+@pytest.fixture()
+def no_gc() -> Iterator[None]:
+    """Only reference counting frees anything inside the test."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def _device_refs(llm_engine: object) -> dict[str, weakref.ref]:
+    runner = llm_engine.runner  # type: ignore[attr-defined]
+    k_cache, v_cache = runner.kv_caches[0]
+    refs = {
+        "engine": weakref.ref(llm_engine),
+        "runner": weakref.ref(runner),
+        "model": weakref.ref(runner.model),
+        "weight": weakref.ref(next(runner.model.parameters())),
+        "k_cache": weakref.ref(k_cache),
+        "v_cache": weakref.ref(v_cache),
+    }
+    if runner.graph_runner is not None:
+        refs["graph_runner"] = weakref.ref(runner.graph_runner)
+        refs["graph_input_buffer"] = weakref.ref(runner.graph_runner.input_buffer)
+    return refs
+
+
+def _alive(refs: dict[str, weakref.ref]) -> list[str]:
+    return [name for name, ref in refs.items() if ref() is not None]
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "emulated-graphs"])
+def test_dropping_the_llm_frees_the_device_state_without_gc(
+    tiny_llama_dir: Path, no_gc: None, graphs: bool
+) -> None:
+    llm = LLM(str(tiny_llama_dir), **OPTIONS)
+    if graphs:  # the CUDA-graph runner's path (static buffer, captured closures), on CPU
+        llm.llm_engine.runner.capture_cuda_graphs(emulate=True)
+    # A generation first: steps in flight, per-request state, n > 1 children, all run and finish.
+    out = llm.generate(
+        [[5, 6, 7], [8, 9]], [GREEDY, SamplingParams(n=2, max_tokens=3, seed=1)], use_tqdm=False
+    )
+    assert [len(o.outputs) for o in out] == [1, 2]
+    refs = _device_refs(llm.llm_engine)
+    assert _alive(refs) == list(refs)
+    del llm
+    assert _alive(refs) == []
+
+
+def test_dropping_an_engine_that_never_generated_frees_it(tiny_llama_dir: Path, no_gc: None) -> None:
+    llm = LLM(str(tiny_llama_dir), **OPTIONS)
+    refs = _device_refs(llm.llm_engine)
+    del llm
+    assert _alive(refs) == []
+
+
+def test_shutdown_frees_at_once_and_generate_then_raises(tiny_llama_dir: Path, no_gc: None) -> None:
+    llm = LLM(str(tiny_llama_dir), **OPTIONS)
+    expected = llm.generate([[5, 6, 7]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    refs = _device_refs(llm.llm_engine)
+    del refs["engine"], refs["runner"]  # still referenced by `llm`; what they held on the device is not
+    llm.shutdown()
+    assert _alive(refs) == []  # while `llm` itself is still referenced
+    with pytest.raises(EngineShutdownError, match="the engine was shut down; build a new one to generate"):
+        llm.generate([[5, 6, 7]], GREEDY, use_tqdm=False)
+    llm.shutdown()  # idempotent
+    assert llm.llm_engine.stats().num_running == 0
+    assert not llm.llm_engine.has_unfinished_requests()
+
+    with LLM(str(tiny_llama_dir), **OPTIONS) as second:
+        assert second.generate([[5, 6, 7]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == expected
+        refs = _device_refs(second.llm_engine)
+    assert _alive(refs) == ["engine", "runner"]  # `second` is still a name here; its device state is gone
+    with pytest.raises(EngineShutdownError):
+        second.generate("hello", GREEDY, use_tqdm=False)
+
+
+def test_async_engine_shutdown_releases_the_device(tiny_llama_dir: Path, no_gc: None) -> None:
+    async def run() -> tuple[dict[str, weakref.ref], list[int]]:
+        async with AsyncEngine(EngineConfig(model=str(tiny_llama_dir), **OPTIONS)) as engine:
+            refs = _device_refs(engine.engine)
+            del refs["engine"], refs["runner"]
+            final = None
+            async for out in engine.generate([5, 6, 7], GREEDY, "r1"):
+                final = out
+            assert final is not None and final.finished
+            token_ids = final.outputs[0].token_ids
+        assert _alive(refs) == [] and not engine.is_healthy and engine.is_draining
+        assert engine.stats().num_running == 0
+        return refs, token_ids
+
+    _, token_ids = asyncio.run(run())
+    assert len(token_ids) == 6

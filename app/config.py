@@ -10,7 +10,7 @@ start with a message that names the key and where it came from.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+import importlib.resources
 import os
 import types
 import typing
@@ -134,9 +134,7 @@ ENGINE_HELP: dict[str, str] = {
 
 def default_model_dir() -> str:
     """The checkpoint shipped inside the `engine` package."""
-    spec = importlib.util.find_spec("engine")
-    assert spec is not None and spec.submodule_search_locations
-    return str(Path(next(iter(spec.submodule_search_locations))) / "default_model")
+    return str(importlib.resources.files("engine") / "default_model")
 
 
 # ---------------------------------------------------------------- fields and their types

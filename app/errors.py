@@ -82,6 +82,7 @@ def error_from_decode(exc: msgspec.DecodeError) -> APIError:
 
 # ---------------------------------------------------------------- engine errors
 
+_WORD = re.compile(r"[a-z_]+")
 _LEADING_FIELD = re.compile(r"^(?P<field>[a-z_]+)(?:\[[^\]]*\])?[\s:(]")
 
 
@@ -92,6 +93,11 @@ def error_from_value_error(exc: ValueError, known_fields: frozenset[str]) -> API
     if m := _LEADING_FIELD.match(message):
         if m.group("field") in known_fields:
             param = m.group("field")
+    if param is None:  # "each stop string may be ...": the first field the message names
+        for word in _WORD.findall(message):
+            if word in known_fields:
+                param = word
+                break
     code = "context_length_exceeded" if "max_model_len" in message else "invalid_value"
     return APIError(400, message, param=param, code=code)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -72,7 +73,8 @@ async def models(request: Request) -> Response:
             id=name,
             created=state.created,
             max_model_len=state.max_model_len,
-            root=str(state.engine.model_path),
+            # The checkpoint's directory name, not its path: clients need not learn the server's layout.
+            root=Path(str(state.engine.model_path)).name or name,
         )
         for name in state.model_names
     ]

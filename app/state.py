@@ -17,6 +17,8 @@ from app.prompt_encoder import PromptEncoder
 
 log = get_logger("weir.app")
 
+MAX_ECHOED_NAME = 100
+
 
 class AppState:
     def __init__(self, engine: Any, config: ServerConfig) -> None:
@@ -65,9 +67,11 @@ class AppState:
         if model is None or model == "":
             return self.model_name
         if model not in self.model_names:
+            # Echo at most a short prefix: a client's 100 KB name is not worth sending back.
+            shown = model if len(model) <= MAX_ECHOED_NAME else model[:MAX_ECHOED_NAME] + "..."
             raise APIError(
                 404,
-                f"The model `{model}` does not exist. This server serves: {', '.join(self.model_names)}.",
+                f"The model `{shown}` does not exist. This server serves: {', '.join(self.model_names)}.",
                 param="model",
                 code="model_not_found",
             )

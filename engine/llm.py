@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,7 +24,9 @@ class LLM:
     engine built in the same process gets it for its KV cache.
     """
 
-    def __init__(self, model: str, **engine_kwargs: Any) -> None:
+    def __init__(self, model: str | None = None, **engine_kwargs: Any) -> None:
+        if model is None:  # the checkpoint shipped inside the package, found from any directory
+            model = str(importlib.resources.files("engine") / "default_model")
         self.llm_engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
         self._next_id = 0
 

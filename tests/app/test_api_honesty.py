@@ -146,3 +146,31 @@ def test_tool_calls_in_history_are_400(client: httpx.Client) -> None:
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     msgs = [*MSGS, {"role": "assistant", "content": None, "tool_calls": [call]}]
     _error(client.post(CHAT, json={"messages": msgs}), 400, "unsupported", "messages[1].tool_calls")
+
+
+# ---------------------------------------------------------------- what a response gives away
+
+
+def test_models_do_not_expose_the_server_path(client: httpx.Client, server: LiveServer) -> None:
+    card = client.get("/v1/models").json()["data"][0]
+    model_dir = str(server.engine.model_path)
+    assert card["root"] == model_dir.rstrip("/").rsplit("/", 1)[-1]
+    assert "/" not in card["root"] and model_dir not in client.get("/v1/models").text
+
+
+def test_unknown_model_name_is_not_echoed_in_full(client: httpx.Client) -> None:
+    name = "m" * 100_000
+    r = client.post(COMP, json={"model": name, "prompt": "hi"})
+    err = _error(r, 404, "model_not_found", "model")
+    assert f"`{'m' * 100}...`" in err["message"] and len(r.content) < 1000
+
+
+@pytest.mark.parametrize(
+    "stop",
+    [[""], ["x" * 1025], [str(i) for i in range(65)], 5, [1], {"a": 1}],
+    ids=["empty", "too-long", "too-many", "int", "int-list", "object"],
+)
+def test_every_bad_stop_names_stop(client: httpx.Client, stop: object) -> None:
+    for path, body in ((COMP, {"prompt": "hi"}), (CHAT, {"messages": MSGS})):
+        r = client.post(path, json={**body, "stop": stop, "max_tokens": 1})
+        assert r.status_code == 400 and r.json()["error"]["param"] in ("stop", "stop[0]"), r.text

@@ -36,6 +36,7 @@ class EngineConfig:
     load_format: str = "auto"
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     block_size: int = 16
+    kv_cache_dtype: str = "auto"  # auto: the model dtype (the only choice until KV-cache quantization)
     num_kv_blocks: int | None = None  # None: from gpu_memory_utilization (cuda) or cpu_kv_cache_gb
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_gb: float = 1.0
@@ -64,6 +65,11 @@ class EngineConfig:
         _choice("device", self.device, VALID_DEVICES)
         _choice("load_format", self.load_format, VALID_LOAD_FORMATS)
         _choice("block_size", self.block_size, VALID_BLOCK_SIZES)
+        if self.kv_cache_dtype != "auto":
+            raise ValueError(
+                f"kv_cache_dtype must be auto (the model dtype); got {self.kv_cache_dtype!r}: "
+                "quantized KV caches are not supported yet"
+            )
         if self.max_model_len is not None:
             _positive("max_model_len", self.max_model_len)
         if self.num_kv_blocks is not None:

@@ -23,6 +23,8 @@ Imports nothing from app/ (the GPU machine lacks the HTTP stack).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import datetime
 import json
 import logging
@@ -369,10 +371,7 @@ class HostTimers:
         self.calls: dict[str, int] = {}
         self._undo: list[Callable[[], None]] = []
 
-    def wrap(self, obj: Any, name: str, label: str) -> None:
-        fn = getattr(obj, name)
-        had_instance_attr = name in getattr(obj, "__dict__", {})
-
+    def timed(self, fn: Callable[..., Any], label: str) -> Callable[..., Any]:
         def timed(*a: Any, **k: Any) -> Any:
             t0 = time.perf_counter()
             try:
@@ -381,8 +380,37 @@ class HostTimers:
                 self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - t0
                 self.calls[label] = self.calls.get(label, 0) + 1
 
-        setattr(obj, name, timed)
+        return timed
+
+    def wrap(self, obj: Any, name: str, label: str) -> None:
+        fn = getattr(obj, name)
+        had_instance_attr = name in getattr(obj, "__dict__", {})
+        setattr(obj, name, self.timed(fn, label))
         self._undo.append(lambda: setattr(obj, name, fn) if had_instance_attr else delattr(obj, name))
+
+    def wrap_model_ops(self, model: torch.nn.Module) -> None:
+        """Time every op launch of `model`: its layers hold their kernels (the attention backend's, see
+        engine.model.layers.attention_backend), so a timed copy is swapped onto each layer."""
+        import ops  # noqa: PLC0415  (after the environment set-up above, as the other engine imports)
+
+        swapped: dict[int, Any] = {}
+        for module in model.modules():
+            for attr in ("kernels", "attn_backend"):
+                held = module.__dict__.get(attr)
+                if held is None:
+                    continue
+                if id(held) not in swapped:
+                    if attr == "kernels":
+                        swapped[id(held)] = dataclasses.replace(
+                            held, **{op: self.timed(getattr(held, op), f"ops.{op}") for op in ops.OP_NAMES}
+                        )
+                    else:  # the backend: its two attention kernels, on a copy
+                        backend = copy.copy(held)
+                        for op in ("write_kv_cache", "paged_attention"):
+                            setattr(backend, op, self.timed(getattr(held, op), f"ops.{op}"))
+                        swapped[id(held)] = backend
+                setattr(module, attr, swapped[id(held)])
+                self._undo.append(lambda m=module, a=attr, h=held: setattr(m, a, h))
 
     def undo(self) -> None:
         while self._undo:
@@ -397,7 +425,6 @@ class HostTimers:
 
 def qwen_bf16() -> None:
     import engine.worker.model_runner as model_runner_module
-    import ops
     from engine.worker.step_in_flight import StepInFlight
     from loadtest.model_shapes import num_parameters, write_shape
 
@@ -573,8 +600,7 @@ def qwen_bf16() -> None:
         if bs == DECODE_BATCHES[0]:
             # Host cost of each op launch in an eager forward (every prefill/mixed step runs eagerly).
             timers = HostTimers()
-            for name in ("rms_norm", "rotary_embedding", "silu_and_mul", "write_kv_cache", "paged_attention"):
-                timers.wrap(ops, name, f"ops.{name}")
+            timers.wrap_model_ops(runner.model)
             timers.wrap(torch.nn.functional, "linear", "F.linear")
             step = gr.dummy_step(bs)
             torch.cuda.synchronize()

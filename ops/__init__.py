@@ -1,34 +1,50 @@
 """Kernels. `ops.reference` is the spec (plain torch); `ops.triton` holds Triton kernels with the same
-signatures. The model calls the functions exported here; `use_triton()` is the one place that picks.
+signatures.
+
+Nothing here is global or switchable. A `Kernels` value is one implementation of every op; the model
+runner picks one once (through the attention backend, engine.model.layers.attention_backend) and the
+layers that call an op hold it. Two engines in one process can run different kernels, and a test
+picks the Triton kernels by asking for them (`triton_kernels()`), not by flipping a switch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
 from ops import reference
 
-_USE_TRITON = False
+OP_NAMES = ("rms_norm", "rotary_embedding", "silu_and_mul", "write_kv_cache", "paged_attention")
 
 
-def use_triton(enabled: bool) -> None:
-    """Route every op to its Triton kernel (GPU) or to the torch reference (CPU, and the default)."""
-    global _USE_TRITON, rms_norm, rotary_embedding, silu_and_mul, write_kv_cache, paged_attention
-    _USE_TRITON = enabled
-    impl = reference
-    if enabled:
-        from ops import triton as impl  # noqa: PLC0415  (imported lazily: triton needs a GPU or the interpreter)
-    rms_norm = impl.rms_norm
-    rotary_embedding = impl.rotary_embedding
-    silu_and_mul = impl.silu_and_mul
-    write_kv_cache = impl.write_kv_cache
-    paged_attention = impl.paged_attention
+@dataclass(frozen=True, slots=True)
+class Kernels:
+    """One implementation of every op, each with the signature of its `ops.reference` function.
+
+    Plain function attributes, so a layer's call costs one attribute lookup, as a module-level
+    `ops.rms_norm` did.
+    """
+
+    name: str  # "torch" or "triton"
+    rms_norm: Callable[..., Any]
+    rotary_embedding: Callable[..., Any]
+    silu_and_mul: Callable[..., Any]
+    write_kv_cache: Callable[..., Any]
+    paged_attention: Callable[..., Any]
+
+    @classmethod
+    def from_module(cls, name: str, module: ModuleType) -> Kernels:
+        return cls(name, *(getattr(module, op) for op in OP_NAMES))
 
 
-def triton_enabled() -> bool:
-    return _USE_TRITON
+TORCH_KERNELS = Kernels.from_module("torch", reference)
 
 
-rms_norm = reference.rms_norm
-rotary_embedding = reference.rotary_embedding
-silu_and_mul = reference.silu_and_mul
-write_kv_cache = reference.write_kv_cache
-paged_attention = reference.paged_attention
+def triton_kernels() -> Kernels:
+    """The Triton kernels. Raises ImportError where triton cannot run (no GPU and TRITON_INTERPRET unset
+    before triton was first imported, or triton missing)."""
+    from ops import triton as impl  # noqa: PLC0415  (lazy: importing triton needs a GPU or the interpreter)
+
+    return Kernels.from_module("triton", impl)

@@ -6,6 +6,10 @@ Never unpickles: a checkpoint that only has *.bin / *.pt files is refused with t
 Name mapping is HF -> ours: q_proj/k_proj/v_proj and gate_proj/up_proj land as shards of the fused
 parameters named in the model's `packed_modules_mapping`; rotary `inv_freq` buffers are skipped;
 with tied embeddings a stored lm_head.weight is ignored (the embedding is the head).
+
+Both ways of filling a model (`load_weights`, `initialize_dummy_weights`) end with
+`process_weights_after_loading(model)`: every module's method (`module.quant_method`, see
+engine.model.quantization) gets its hook exactly once, after all its parameters hold their values.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from engine.model.layers.linear import WeightShapeError, default_weight_loader
+from engine.model.parameter import WeightShapeError, default_weight_loader
 
 logger = logging.getLogger("weir.engine")
 
@@ -107,6 +111,15 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
             "ignored %d checkpoint tensors the model has no parameter for: %s", len(unexpected), shown
         )
     _check_complete(params, loaded, packed, files)
+    process_weights_after_loading(model)
+
+
+def process_weights_after_loading(model: nn.Module) -> None:
+    """Run each layer's method hook once (repacking, transposes, scale fusion), layer by layer."""
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)
 
 
 def _check_complete(
@@ -139,7 +152,9 @@ def initialize_dummy_weights(model: nn.Module, low: float = -1e-3, high: float =
     """Random weights without reading any file (load_format="dummy", for benchmarks and tests).
 
     Small uniform values keep activations finite in bf16; RMSNorm weights are set to 1 so hidden
-    states keep a realistic scale.
+    states keep a realistic scale. Integer parameters (a method's packed quantized weights) get random
+    values over their dtype's whole range: every bit pattern is a valid packed weight, and uniform_ is
+    undefined on integer tensors. Then the methods' post-load hooks run, as after a real load.
     """
     generators: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
@@ -149,4 +164,21 @@ def initialize_dummy_weights(model: nn.Module, low: float = -1e-3, high: float =
                 continue
             if param.device not in generators:
                 generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
-            param.uniform_(low, high, generator=generators[param.device])
+            generator = generators[param.device]
+            if param.is_floating_point():
+                param.uniform_(low, high, generator=generator)
+            elif param.dtype == torch.bool:
+                param.copy_(torch.randint(0, 2, param.shape, generator=generator, device=param.device) == 1)
+            else:
+                info = torch.iinfo(param.dtype)
+                param.copy_(
+                    torch.randint(
+                        info.min,
+                        info.max,
+                        param.shape,
+                        generator=generator,
+                        dtype=param.dtype,
+                        device=param.device,
+                    )
+                )
+    process_weights_after_loading(model)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import importlib
 import itertools
 import logging
 import time
@@ -32,12 +31,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import ops
 from engine.config import ResolvedConfig
 from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler_output import ModelRunnerOutput, NewRequestData, SchedulerOutput, TokenLogprobs
+from engine.model.build_context import BuildContext
 from engine.model.layers.attention import Attention
+from engine.model.layers.attention_backend import AttentionBackend, get_attention_backend
 from engine.model.models.registry import get_model_class
+from engine.model.quantization import QuantizationConfig
 from engine.model.weight_loader import initialize_dummy_weights, load_weights
 from engine.worker.attention_metadata import (
     AttentionMetadata,
@@ -163,8 +164,7 @@ class ModelRunner:
         # GiB figures of the CUDA memory profile (empty on CPU or with num_kv_blocks set).
         self.memory_profile: dict[str, float] = {}
         torch.manual_seed(config.load.seed)
-        if self.device.type == "cuda":
-            self._enable_triton()
+        self.attn_backend: AttentionBackend | None = None  # chosen once, in load_model
 
     @property
     def use_cuda_graphs(self) -> bool:
@@ -181,21 +181,27 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    @staticmethod
-    def _enable_triton() -> None:
-        try:
-            importlib.import_module("ops.triton")
-        except ImportError as e:
-            logger.warning("Triton kernels unavailable (%s); running the torch reference ops on the GPU", e)
-            return
-        ops.use_triton(True)
-
     # ------------------------------------------------------------------ setup
-    def load_model(self) -> None:
+    def load_model(
+        self, quant_config: QuantizationConfig | None = None, use_triton: bool | None = None
+    ) -> None:
+        """Choose the attention backend (Triton on CUDA when it can run, else the torch reference;
+        `use_triton` forces it, for tests), build the model with it and `quant_config` (None:
+        unquantized), then load or dummy-initialise the weights (each ends with the methods'
+        post-load hooks)."""
         start = time.perf_counter()
+        self.attn_backend = get_attention_backend(
+            self.device,
+            self.dtype,
+            self.kv_cache_dtype,
+            self.model_config.head_dim,
+            self.block_size,
+            use_triton,
+        )
         model_cls = get_model_class(self.model_config.architecture)
+        ctx = BuildContext(dtype=self.dtype, quant_config=quant_config, attn_backend=self.attn_backend)
         with torch.device(self.device):
-            model = model_cls(self.model_config, dtype=self.dtype)
+            model = model_cls(self.model_config, ctx)
         if self.config.load.load_format == "dummy":
             initialize_dummy_weights(model, seed=self.config.load.seed)
         else:
@@ -208,11 +214,12 @@ class ModelRunner:
         self.timings["weights_load_s"] = time.perf_counter() - start
         num_params = sum(p.numel() for p in model.parameters())
         logger.info(
-            "loaded %s (%.1fM parameters, %s, %s) in %.2fs",
+            "loaded %s (%.1fM parameters, %s, %s, %s attention) in %.2fs",
             self.model_config.architecture,
             num_params / 1e6,
             self.dtype,
             self.device,
+            self.attn_backend.name,
             self.timings["weights_load_s"],
         )
 
@@ -284,14 +291,17 @@ class ModelRunner:
         self.capture_cuda_graphs()
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
-        """Per-layer K and V caches [num_blocks, block_size, num_kv_heads, head_dim], bound to the
-        attention layers. Zero-filled so kernels never read NaN garbage from unused slots."""
+        """Per-layer K and V caches in the attention backend's shape and dtype ([num_blocks, block_size,
+        num_kv_heads, head_dim] for both backends today), bound to the attention layers. Zero-filled so
+        kernels never read NaN garbage from unused slots."""
         self.graph_runner = None  # graphs hold the old caches' addresses
         self.kv_caches = []
+        backend = self.attn_backend
+        assert backend is not None, "load_model() first"
         for layer in self.attn_layers:
-            shape = (num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
-            k_cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
-            v_cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
+            shape = backend.kv_cache_shape(num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+            k_cache = torch.zeros(shape, dtype=backend.kv_cache_dtype, device=self.device)
+            v_cache = torch.zeros(shape, dtype=backend.kv_cache_dtype, device=self.device)
             layer.k_cache, layer.v_cache = k_cache, v_cache
             self.kv_caches.append((k_cache, v_cache))
         self.num_kv_blocks = num_blocks

@@ -1,6 +1,6 @@
 """Triton kernels with exactly the signatures of `ops.reference` (the spec they are tested against).
 
-Imported lazily by `ops.use_triton(True)`: importing triton needs a GPU or TRITON_INTERPRET=1.
+Imported lazily by `ops.triton_kernels()`: importing triton needs a GPU or TRITON_INTERPRET=1.
 """
 
 from ops.triton.activation import silu_and_mul

@@ -1,16 +1,24 @@
 """Every Triton kernel in ops/triton against its torch reference in ops/reference.py.
 
-Without a GPU the kernels run under the Triton interpreter. TRITON_INTERPRET must be set before triton
-itself is first imported (triton.language's own jit helpers such as tl.sum are decorated then), so it is
-set here above every import that could pull triton in. If something in this pytest process imported
-triton earlier without it, the kernels cannot be interpreted here: then this module's tests are skipped
-in-process and `test_in_fresh_interpreter_process` reruns the whole module in a subprocess with the
-variable set (and fails if that run fails).
+Without a GPU the kernels run under the Triton interpreter (tests.ops.triton_interpreter, imported
+first: it sets TRITON_INTERPRET before anything imports triton, or reruns this module in a fresh
+process when that is too late).
 Under the interpreter `tl.dot` on bf16 is wrong, so inputs are fp32/fp16. Every output is poisoned (NaN)
 before the kernel runs, so an unwritten element fails the comparison.
 """
 
 from __future__ import annotations
+
+# isort: off
+# First: it sets TRITON_INTERPRET before anything below can import triton.
+from tests.ops.triton_interpreter import (
+    DEVICE,
+    in_process,
+    only_in_subprocess,
+    rerun_in_fresh_process,
+)
+
+# isort: on
 
 import math
 import os
@@ -20,41 +28,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import torch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# triton imported earlier in this process in compiled mode, on a machine without a GPU
-TRITON_UNUSABLE_HERE = (
-    DEVICE == "cpu" and "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
-)
-if DEVICE == "cpu" and not TRITON_UNUSABLE_HERE:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-import ops  # noqa: E402
-import ops.triton as impl  # noqa: E402
-from ops import reference  # noqa: E402
-from ops.triton.paged_attention import AttentionConfig, paged_attention_with_config  # noqa: E402
-
-in_process = pytest.mark.skipif(
-    TRITON_UNUSABLE_HERE, reason="triton was imported before TRITON_INTERPRET: run in a subprocess instead"
-)
+import ops.triton as impl
+from ops import reference
+from ops.triton.paged_attention import AttentionConfig, paged_attention_with_config
 
 
-@pytest.mark.skipif(not TRITON_UNUSABLE_HERE, reason="the kernels run in this process")
+@only_in_subprocess
 def test_in_fresh_interpreter_process() -> None:
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-2000:]
+    rerun_in_fresh_process(__file__)
 
 
 @contextmanager
@@ -80,17 +64,6 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3}
-
-
-@in_process
-def test_use_triton_routes_every_op() -> None:
-    try:
-        ops.use_triton(True)
-        for name in ("rms_norm", "rotary_embedding", "silu_and_mul", "write_kv_cache", "paged_attention"):
-            assert getattr(ops, name) is getattr(impl, name)
-    finally:
-        ops.use_triton(False)
-    assert ops.paged_attention is reference.paged_attention
 
 
 # ---------------------------------------------------------------- elementwise / row kernels

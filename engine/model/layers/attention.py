@@ -1,7 +1,9 @@
 """Paged attention layer: writes this step's K/V into the layer's cache, then attends over the cache.
 
-The runner binds `k_cache`/`v_cache` ([num_blocks, block_size, num_kv_heads, head_dim]) after
-allocating them; the step's AttentionMetadata comes from the forward context.
+The kernels come from the layer's `attn_backend` (engine.model.layers.attention_backend), chosen once
+by the runner; every layer of a model holds the same backend. The runner binds `k_cache`/`v_cache`
+(the backend's `kv_cache_shape`, in its `kv_cache_dtype`) after allocating them; the step's
+AttentionMetadata comes from the forward context.
 """
 
 from __future__ import annotations
@@ -9,13 +11,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import ops
+from engine.model.layers.attention_backend import AttentionBackend
 from engine.worker.attention_metadata import get_attention_metadata
 
 
 class Attention(nn.Module):
     def __init__(
-        self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float, layer_idx: int
+        self,
+        num_heads: int,
+        head_dim: int,
+        num_kv_heads: int,
+        scale: float,
+        layer_idx: int,
+        attn_backend: AttentionBackend,
+        prefix: str = "",
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -23,6 +32,8 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.scale = scale
         self.layer_idx = layer_idx
+        self.attn_backend = attn_backend
+        self.prefix = prefix
         self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, num_kv_heads, head_dim]
         self.v_cache: torch.Tensor | None = None
 
@@ -35,11 +46,12 @@ class Attention(nn.Module):
         if self.k_cache is None or self.v_cache is None:
             raise RuntimeError(f"attention layer {self.layer_idx} has no KV cache bound")
         md = get_attention_metadata()
+        backend = self.attn_backend
         num_tokens = query.shape[0]
         key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
         value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
-        ops.write_kv_cache(key, value, self.k_cache, self.v_cache, md.slot_mapping)
-        out = ops.paged_attention(
+        backend.write_kv_cache(key, value, self.k_cache, self.v_cache, md.slot_mapping)
+        out = backend.paged_attention(
             query.view(num_tokens, self.num_heads, self.head_dim),
             self.k_cache,
             self.v_cache,

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.model.layers.linear import WeightShapeError, set_weight_attrs
+from engine.model.parameter import WeightShapeError, set_weight_attrs
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -23,8 +23,10 @@ class VocabParallelEmbedding(nn.Module):
         params_dtype: torch.dtype | None = None,
         tp_rank: int = 0,
         tp_size: int = 1,
+        prefix: str = "",
     ) -> None:
         super().__init__()
+        self.prefix = prefix
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.tp_rank = tp_rank

@@ -1,47 +1,60 @@
-"""Linear layers that know about tensor parallelism and quantization, so model files never change
-when either arrives.
+"""Linear layers that know about tensor parallelism, quantization and (later) LoRA, so model files
+never change when any of them arrives.
 
 - Every layer takes `tp_rank`/`tp_size` (default 0/1) and computes its shard sizes from them.
   Column-parallel layers split the output dimension, row-parallel ones the input dimension.
+- Every layer takes `prefix`, its dotted name in the model (`model.layers.0.mlp.down_proj`), and a
+  `quant_config` (engine.model.quantization; None = unquantized). The config's
+  `get_linear_method(layer, prefix)` picks this layer's method, held as `layer.quant_method`; the
+  method creates the parameters (`create_weights`), applies them (`apply(layer, x, bias)`) and gets
+  `process_weights_after_loading(layer)` once after loading (engine.model.weight_loader runs it).
 - Every parameter carries `weight_loader(param, loaded_weight, shard_id=None)`, which copies this
-  rank's slice of a checkpoint tensor into it. Fused layers take a `shard_id`: "q"/"k"/"v" for
-  QKVParallelLinear, the index of the sub-matrix (0 = gate, 1 = up) for MergedColumnParallelLinear.
-- The weight itself is created and applied by a `LinearMethod` (`create_weights` / `apply`).
-  `UnquantizedLinearMethod` is the default; GPTQ/AWQ methods (packed int weights + scales) and LoRA
-  wrappers plug in by passing another method, with their own per-parameter weight loaders.
+  rank's slice of a checkpoint tensor into it, plus the layout metadata of engine.model.parameter
+  (output_dim, input_dim, packed_dim, pack_factor). The loaders here slice by that metadata, never by
+  an assumed [out, in] float shape, so a method's packed int32 qweight or group-wise scales load and
+  shard the same way. A parameter without `output_dim` (column) / `input_dim` (row) is copied whole.
+  Fused layers take a `shard_id`: "q"/"k"/"v" for QKVParallelLinear, the index of the sub-matrix
+  (0 = gate, 1 = up) for MergedColumnParallelLinear; sizes and offsets are in logical units and are
+  converted along the packed axis.
 
-Shape mismatches raise `WeightShapeError` (a ValueError carrying both shapes); the checkpoint loader
-adds the parameter and file names.
+LoRA seam (not implemented here): a LoRA layer wraps any of these layers, whatever its method. It is
+an nn.Module holding `base_layer` (the layer as built, parameters and method untouched) and is swapped
+in for it by module name after the model is built, so model files and quantization do not change. Its
+forward calls `base_layer.quant_method.apply(base_layer, x, bias)` with the bias the base layer's
+forward would pass (row-parallel: rank 0 only), adds the batched LoRA term x @ A^T @ B^T to that
+partial output (fused layers: per sub-matrix, at the offsets of `output_partition_sizes`), then does
+what the base forward does after `apply` (row-parallel: the all-reduce when tp_size > 1). LoRA A/B
+shard like the base weight: column-parallel splits B's output rows, row-parallel A's input columns.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from engine.model.parameter import (
+    WeightShapeError,
+    default_weight_loader,
+    param_units,
+    set_weight_attrs,
+)
+from engine.model.quantization import LinearMethodBase, QuantizationConfig, UnquantizedLinearMethod
 
-class WeightShapeError(ValueError):
-    def __init__(self, expected: tuple[int, ...], got: tuple[int, ...], detail: str = "") -> None:
-        self.expected = tuple(expected)
-        self.got = tuple(got)
-        super().__init__(f"expected checkpoint shape {self.expected}, got {self.got}{detail}")
+# Re-exported: layers and tests import them from here.
+__all__ = [
+    "ColumnParallelLinear",
+    "LinearBase",
+    "MergedColumnParallelLinear",
+    "QKVParallelLinear",
+    "RowParallelLinear",
+    "WeightShapeError",
+    "default_weight_loader",
+    "set_weight_attrs",
+]
 
-
-def set_weight_attrs(param: torch.Tensor, attrs: dict[str, Any]) -> None:
-    for key, value in attrs.items():
-        setattr(param, key, value)
-
-
-def default_weight_loader(param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
-    """Whole-tensor copy (replicated parameters: norms, unsharded biases)."""
-    del shard_id
-    if tuple(param.shape) != tuple(loaded_weight.shape):
-        raise WeightShapeError(tuple(param.shape), tuple(loaded_weight.shape))
-    param.data.copy_(loaded_weight)
+_UNQUANTIZED = UnquantizedLinearMethod()
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:
@@ -50,46 +63,6 @@ def _divide(numerator: int, denominator: int, what: str) -> int:
     return numerator // denominator
 
 
-# ---------------------------------------------------------------------------------- linear methods
-class LinearMethod:
-    """How a linear layer stores and applies its weight. Subclass for quantization / LoRA."""
-
-    def create_weights(
-        self,
-        layer: nn.Module,
-        input_size_per_partition: int,
-        output_partition_sizes: list[int],
-        params_dtype: torch.dtype,
-        weight_loader: Callable[..., None],
-    ) -> None:
-        raise NotImplementedError
-
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class UnquantizedLinearMethod(LinearMethod):
-    def create_weights(
-        self,
-        layer: nn.Module,
-        input_size_per_partition: int,
-        output_partition_sizes: list[int],
-        params_dtype: torch.dtype,
-        weight_loader: Callable[..., None],
-    ) -> None:
-        # [out_per_partition, in_per_partition], as torch.nn.Linear and HF checkpoints store it
-        weight = nn.Parameter(
-            torch.empty(sum(output_partition_sizes), input_size_per_partition, dtype=params_dtype),
-            requires_grad=False,
-        )
-        set_weight_attrs(weight, {"input_dim": 1, "output_dim": 0, "weight_loader": weight_loader})
-        layer.register_parameter("weight", weight)
-
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return F.linear(x, layer.weight, bias)
-
-
-# ---------------------------------------------------------------------------------- layers
 class LinearBase(nn.Module):
     def __init__(
         self,
@@ -97,9 +70,10 @@ class LinearBase(nn.Module):
         output_size: int,
         bias: bool,
         params_dtype: torch.dtype | None,
-        linear_method: LinearMethod | None,
+        quant_config: QuantizationConfig | None,
         tp_rank: int,
         tp_size: int,
+        prefix: str,
     ) -> None:
         super().__init__()
         if not 0 <= tp_rank < tp_size:
@@ -108,9 +82,29 @@ class LinearBase(nn.Module):
         self.output_size = output_size
         self.has_bias = bias
         self.params_dtype = params_dtype or torch.get_default_dtype()
-        self.linear_method = linear_method or UnquantizedLinearMethod()
+        self.quant_config = quant_config
         self.tp_rank = tp_rank
         self.tp_size = tp_size
+        self.prefix = prefix
+
+    def _create_weights(self, input_size_per_partition: int, output_partition_sizes: list[int]) -> None:
+        """Ask the config for this layer's method (the partition sizes are known by now) and let it
+        create the parameters."""
+        config = self.quant_config
+        method = config.get_linear_method(self, self.prefix) if config is not None else _UNQUANTIZED
+        self.quant_method: LinearMethodBase = method
+        method.create_weights(
+            self,
+            input_size_per_partition,
+            output_partition_sizes,
+            self.input_size,
+            self.output_size,
+            self.params_dtype,
+            self.weight_loader,
+        )
+
+    def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+        raise NotImplementedError
 
 
 class ColumnParallelLinear(LinearBase):
@@ -126,18 +120,17 @@ class ColumnParallelLinear(LinearBase):
         output_size: int,
         bias: bool = False,
         params_dtype: torch.dtype | None = None,
-        linear_method: LinearMethod | None = None,
+        quant_config: QuantizationConfig | None = None,
         tp_rank: int = 0,
         tp_size: int = 1,
         output_sizes: list[int] | None = None,
+        prefix: str = "",
     ) -> None:
-        super().__init__(input_size, output_size, bias, params_dtype, linear_method, tp_rank, tp_size)
+        super().__init__(input_size, output_size, bias, params_dtype, quant_config, tp_rank, tp_size, prefix)
         self.output_sizes = output_sizes or [output_size]  # logical sub-matrices (fused layers)
         self.output_size_per_partition = _divide(output_size, tp_size, "output_size")
         self.output_partition_sizes = [_divide(s, tp_size, "output shard size") for s in self.output_sizes]
-        self.linear_method.create_weights(
-            self, input_size, self.output_partition_sizes, self.params_dtype, self.weight_loader
-        )
+        self._create_weights(input_size, self.output_partition_sizes)
         if bias:
             self.bias = nn.Parameter(
                 torch.empty(self.output_size_per_partition, dtype=self.params_dtype), requires_grad=False
@@ -156,14 +149,40 @@ class ColumnParallelLinear(LinearBase):
         checkpoint_start: int,
     ) -> None:
         """Copy rows [checkpoint_start, +shard_size) of a checkpoint tensor with `checkpoint_rows` rows
-        into rows [param_offset, +shard_size) of `param` (dim = the parameter's output_dim)."""
-        dim = getattr(param, "output_dim", 0)
+        into rows [param_offset, +shard_size) of `param`, along its output_dim. All four are logical
+        sizes, converted to stored elements where the parameter is packed along that axis."""
+        dim = getattr(param, "output_dim", None)
+        if dim is None:  # whole on every rank (e.g. a g_idx): each shard's copy is the same tensor
+            default_weight_loader(param, loaded_weight)
+            return
+        param_offset, shard_size, checkpoint_rows, checkpoint_start = (
+            param_units(param, dim, n) for n in (param_offset, shard_size, checkpoint_rows, checkpoint_start)
+        )
         expected = list(param.shape)
         expected[dim] = checkpoint_rows
         if tuple(loaded_weight.shape) != tuple(expected):
             raise WeightShapeError(tuple(expected), tuple(loaded_weight.shape))
         src = loaded_weight.narrow(dim, checkpoint_start, shard_size)
         param.data.narrow(dim, param_offset, shard_size).copy_(src)
+
+    def _load_fused(
+        self, param: torch.Tensor, loaded_weight: torch.Tensor, sizes: list[int], shard_ids: list[Any]
+    ) -> None:
+        """An already-fused checkpoint tensor (sub-matrices of logical `sizes` stacked along the output):
+        split it and load each part as its shard."""
+        dim = getattr(param, "output_dim", None)
+        if dim is None:
+            default_weight_loader(param, loaded_weight)
+            return
+        stored = [param_units(param, dim, size) for size in sizes]
+        if loaded_weight.dim() != param.dim() or loaded_weight.shape[dim] != sum(stored):
+            expected = list(param.shape)
+            expected[dim] = sum(stored)
+            raise WeightShapeError(tuple(expected), tuple(loaded_weight.shape))
+        offset = 0
+        for shard_id, size in zip(shard_ids, stored, strict=True):
+            self.weight_loader(param, loaded_weight.narrow(dim, offset, size), shard_id)
+            offset += size
 
     def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
         if shard_id is not None:
@@ -172,7 +191,7 @@ class ColumnParallelLinear(LinearBase):
         self._load_slice(param, loaded_weight, 0, shard, self.output_size, self.tp_rank * shard)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_method.apply(self, x, self.bias)
+        return self.quant_method.apply(self, x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -187,32 +206,26 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         output_sizes: list[int],
         bias: bool = False,
         params_dtype: torch.dtype | None = None,
-        linear_method: LinearMethod | None = None,
+        quant_config: QuantizationConfig | None = None,
         tp_rank: int = 0,
         tp_size: int = 1,
+        prefix: str = "",
     ) -> None:
         super().__init__(
             input_size,
             sum(output_sizes),
             bias,
             params_dtype,
-            linear_method,
+            quant_config,
             tp_rank,
             tp_size,
             output_sizes=list(output_sizes),
+            prefix=prefix,
         )
 
     def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
         if shard_id is None:  # an already-fused checkpoint tensor: split it and load each part
-            dim = getattr(param, "output_dim", 0)
-            if loaded_weight.shape[dim] != self.output_size:
-                expected = list(param.shape)
-                expected[dim] = self.output_size
-                raise WeightShapeError(tuple(expected), tuple(loaded_weight.shape))
-            offset = 0
-            for i, size in enumerate(self.output_sizes):
-                self.weight_loader(param, loaded_weight.narrow(dim, offset, size), i)
-                offset += size
+            self._load_fused(param, loaded_weight, self.output_sizes, list(range(len(self.output_sizes))))
             return
         if not isinstance(shard_id, int) or not 0 <= shard_id < len(self.output_sizes):
             raise ValueError(f"shard_id must be in [0, {len(self.output_sizes)}); got {shard_id!r}")
@@ -237,9 +250,10 @@ class QKVParallelLinear(ColumnParallelLinear):
         total_num_kv_heads: int | None = None,
         bias: bool = False,
         params_dtype: torch.dtype | None = None,
-        linear_method: LinearMethod | None = None,
+        quant_config: QuantizationConfig | None = None,
         tp_rank: int = 0,
         tp_size: int = 1,
+        prefix: str = "",
     ) -> None:
         total_num_kv_heads = total_num_kv_heads or total_num_heads
         self.head_size = head_size
@@ -254,32 +268,25 @@ class QKVParallelLinear(ColumnParallelLinear):
             self.num_kv_head_replicas = 1
         q_size = self.num_heads * head_size
         kv_size = self.num_kv_heads * head_size
+        self.q_size, self.kv_size = q_size, kv_size
         # The per-rank output is [q | k | v]; ColumnParallelLinear divides the totals by tp_size.
         super().__init__(
             hidden_size,
             (q_size + 2 * kv_size) * tp_size,
             bias,
             params_dtype,
-            linear_method,
+            quant_config,
             tp_rank,
             tp_size,
             output_sizes=[q_size * tp_size, kv_size * tp_size, kv_size * tp_size],
+            prefix=prefix,
         )
-        self.q_size, self.kv_size = q_size, kv_size
 
     def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
         hd = self.head_size
         if shard_id is None:  # an already-fused qkv checkpoint tensor
-            dim = getattr(param, "output_dim", 0)
             sizes = [self.total_num_heads * hd, self.total_num_kv_heads * hd, self.total_num_kv_heads * hd]
-            if loaded_weight.shape[dim] != sum(sizes):
-                expected = list(param.shape)
-                expected[dim] = sum(sizes)
-                raise WeightShapeError(tuple(expected), tuple(loaded_weight.shape))
-            offset = 0
-            for sid, size in zip(("q", "k", "v"), sizes, strict=True):
-                self.weight_loader(param, loaded_weight.narrow(dim, offset, size), sid)
-                offset += size
+            self._load_fused(param, loaded_weight, sizes, ["q", "k", "v"])
             return
         if shard_id == "q":
             param_offset, shard, rows = 0, self.q_size, self.total_num_heads * hd
@@ -303,17 +310,16 @@ class RowParallelLinear(LinearBase):
         output_size: int,
         bias: bool = False,
         params_dtype: torch.dtype | None = None,
-        linear_method: LinearMethod | None = None,
+        quant_config: QuantizationConfig | None = None,
         tp_rank: int = 0,
         tp_size: int = 1,
         reduce_results: bool = True,
+        prefix: str = "",
     ) -> None:
-        super().__init__(input_size, output_size, bias, params_dtype, linear_method, tp_rank, tp_size)
+        super().__init__(input_size, output_size, bias, params_dtype, quant_config, tp_rank, tp_size, prefix)
         self.input_size_per_partition = _divide(input_size, tp_size, "input_size")
         self.reduce_results = reduce_results
-        self.linear_method.create_weights(
-            self, self.input_size_per_partition, [output_size], self.params_dtype, self.weight_loader
-        )
+        self._create_weights(self.input_size_per_partition, [output_size])
         if bias:
             self.bias = nn.Parameter(torch.empty(output_size, dtype=self.params_dtype), requires_grad=False)
             set_weight_attrs(self.bias, {"weight_loader": default_weight_loader})
@@ -323,17 +329,20 @@ class RowParallelLinear(LinearBase):
     def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
         if shard_id is not None:
             raise ValueError(f"RowParallelLinear takes no shard_id; got {shard_id!r}")
-        dim = getattr(param, "input_dim", 1)
+        dim = getattr(param, "input_dim", None)
+        if dim is None:  # whole on every rank (e.g. per-output-channel scales)
+            default_weight_loader(param, loaded_weight)
+            return
         expected = list(param.shape)
-        expected[dim] = self.input_size
+        expected[dim] = param_units(param, dim, self.input_size)
         if tuple(loaded_weight.shape) != tuple(expected):
             raise WeightShapeError(tuple(expected), tuple(loaded_weight.shape))
-        shard = self.input_size_per_partition
+        shard = param_units(param, dim, self.input_size_per_partition)
         param.data.copy_(loaded_weight.narrow(dim, self.tp_rank * shard, shard))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.tp_rank == 0 else None
-        out = self.linear_method.apply(self, x, bias)
+        out = self.quant_method.apply(self, x, bias)
         if self.tp_size > 1 and self.reduce_results:
             torch.distributed.all_reduce(out)
         return out

@@ -1,5 +1,5 @@
-"""Rotary position embedding (neox style: rotate the two halves of each head), over
-ops.rotary_embedding.
+"""Rotary position embedding (neox style: rotate the two halves of each head), over the
+rotary_embedding kernel of the model's `Kernels` (ops).
 
 The cos/sin cache is built in float32 with the same expressions as transformers'
 `modeling_rope_utils` (default, "linear" and "llama3" rope types), so positions embed bit-identically.
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-import ops
+from ops import TORCH_KERNELS, Kernels
 
 
 def compute_inv_freq(head_dim: int, base: float, rope_scaling: dict[str, Any] | None = None) -> torch.Tensor:
@@ -55,10 +55,18 @@ def build_cos_sin_cache(
 
 class RotaryEmbedding(nn.Module):
     def __init__(
-        self, head_dim: int, max_position: int, base: float, rope_scaling: dict[str, Any] | None = None
+        self,
+        head_dim: int,
+        max_position: int,
+        base: float,
+        rope_scaling: dict[str, Any] | None = None,
+        kernels: Kernels = TORCH_KERNELS,
+        prefix: str = "",
     ) -> None:
         super().__init__()
         self.head_dim = head_dim
+        self.kernels = kernels
+        self.prefix = prefix
         # Kept float32 whatever the model dtype; not a checkpoint tensor (persistent=False).
         self.register_buffer(
             "cos_sin_cache", build_cos_sin_cache(head_dim, max_position, base, rope_scaling), persistent=False
@@ -70,4 +78,4 @@ class RotaryEmbedding(nn.Module):
         query: torch.Tensor,  # [num_tokens, num_heads * head_dim]
         key: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return ops.rotary_embedding(positions, query, key, self.cos_sin_cache, self.head_dim)
+        return self.kernels.rotary_embedding(positions, query, key, self.cos_sin_cache, self.head_dim)

@@ -5,6 +5,10 @@ The variants differ only in flags read from ModelConfig (qkv_bias, o_proj_bias, 
 rope_scaling, tie_word_embeddings). Parameter names mirror the Hugging Face checkpoints, except that
 q/k/v and gate/up are fused: `packed_modules_mapping` tells the weight loader how.
 
+Built from a BuildContext (engine.model.build_context): dtype, quantization config (each linear
+layer asks it for its method by prefix), the attention backend (every Attention layer holds it; the
+other ops use its kernels) and tensor-parallel rank/size. Every layer gets its dotted `prefix`.
+
 Input is a flat batch of this step's tokens from every sequence ([num_tokens]); the attention layers
 find the sequence boundaries in the step's AttentionMetadata.
 """
@@ -14,55 +18,51 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.model.build_context import BuildContext, join_prefix
 from engine.model.layers.activation import SiluAndMul
 from engine.model.layers.attention import Attention
 from engine.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from engine.model.layers.linear import (
-    LinearMethod,
-    MergedColumnParallelLinear,
-    QKVParallelLinear,
-    RowParallelLinear,
-)
+from engine.model.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from engine.model.layers.norm import RMSNorm
 from engine.model.layers.rotary import RotaryEmbedding
 from engine.model_config import ModelConfig
 
 
+def _linear_args(ctx: BuildContext) -> dict:
+    return dict(
+        params_dtype=ctx.dtype, quant_config=ctx.quant_config, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size
+    )
+
+
 class LlamaMLP(nn.Module):
-    def __init__(
-        self,
-        config: ModelConfig,
-        dtype: torch.dtype,
-        linear_method: LinearMethod | None,
-        tp_rank: int,
-        tp_size: int,
-    ) -> None:
+    def __init__(self, config: ModelConfig, ctx: BuildContext, prefix: str) -> None:
         super().__init__()
-        tp = dict(params_dtype=dtype, linear_method=linear_method, tp_rank=tp_rank, tp_size=tp_size)
+        args = _linear_args(ctx)
         self.gate_up_proj = MergedColumnParallelLinear(
-            config.hidden_size, [config.intermediate_size] * 2, bias=config.mlp_bias, **tp
+            config.hidden_size,
+            [config.intermediate_size] * 2,
+            bias=config.mlp_bias,
+            prefix=join_prefix(prefix, "gate_up_proj"),
+            **args,
         )
         self.down_proj = RowParallelLinear(
-            config.intermediate_size, config.hidden_size, bias=config.mlp_bias, **tp
+            config.intermediate_size,
+            config.hidden_size,
+            bias=config.mlp_bias,
+            prefix=join_prefix(prefix, "down_proj"),
+            **args,
         )
-        self.act_fn = SiluAndMul()
+        self.act_fn = SiluAndMul(ctx.kernels, prefix=join_prefix(prefix, "act_fn"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class LlamaAttention(nn.Module):
-    def __init__(
-        self,
-        config: ModelConfig,
-        layer_idx: int,
-        dtype: torch.dtype,
-        linear_method: LinearMethod | None,
-        tp_rank: int,
-        tp_size: int,
-    ) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int, ctx: BuildContext, prefix: str) -> None:
         super().__init__()
-        tp = dict(params_dtype=dtype, linear_method=linear_method, tp_rank=tp_rank, tp_size=tp_size)
+        kernels = ctx.kernels
+        args = _linear_args(ctx)
         self.head_dim = config.head_dim
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size,
@@ -70,25 +70,45 @@ class LlamaAttention(nn.Module):
             config.num_heads,
             config.num_kv_heads,
             bias=config.qkv_bias,
-            **tp,
+            prefix=join_prefix(prefix, "qkv_proj"),
+            **args,
         )
         self.num_heads = self.qkv_proj.num_heads  # per rank
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.o_proj = RowParallelLinear(
-            config.num_heads * config.head_dim, config.hidden_size, bias=config.o_proj_bias, **tp
+            config.num_heads * config.head_dim,
+            config.hidden_size,
+            bias=config.o_proj_bias,
+            prefix=join_prefix(prefix, "o_proj"),
+            **args,
         )
         if config.qk_norm:
-            self.q_norm: RMSNorm | None = RMSNorm(config.head_dim, config.rms_norm_eps, dtype)
-            self.k_norm: RMSNorm | None = RMSNorm(config.head_dim, config.rms_norm_eps, dtype)
+            self.q_norm: RMSNorm | None = RMSNorm(
+                config.head_dim, config.rms_norm_eps, ctx.dtype, kernels, join_prefix(prefix, "q_norm")
+            )
+            self.k_norm: RMSNorm | None = RMSNorm(
+                config.head_dim, config.rms_norm_eps, ctx.dtype, kernels, join_prefix(prefix, "k_norm")
+            )
         else:
             self.q_norm = self.k_norm = None
         self.rotary_emb = RotaryEmbedding(
-            config.head_dim, config.max_model_len, config.rope_theta, config.rope_scaling
+            config.head_dim,
+            config.max_model_len,
+            config.rope_theta,
+            config.rope_scaling,
+            kernels,
+            prefix=join_prefix(prefix, "rotary_emb"),
         )
         self.attn = Attention(
-            self.num_heads, self.head_dim, self.num_kv_heads, scale=self.head_dim**-0.5, layer_idx=layer_idx
+            self.num_heads,
+            self.head_dim,
+            self.num_kv_heads,
+            scale=self.head_dim**-0.5,
+            layer_idx=layer_idx,
+            attn_backend=ctx.backend,
+            prefix=join_prefix(prefix, "attn"),
         )
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -103,20 +123,18 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(
-        self,
-        config: ModelConfig,
-        layer_idx: int,
-        dtype: torch.dtype,
-        linear_method: LinearMethod | None,
-        tp_rank: int,
-        tp_size: int,
-    ) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int, ctx: BuildContext, prefix: str) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx, dtype, linear_method, tp_rank, tp_size)
-        self.mlp = LlamaMLP(config, dtype, linear_method, tp_rank, tp_size)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        kernels = ctx.kernels
+        eps = config.rms_norm_eps
+        self.self_attn = LlamaAttention(config, layer_idx, ctx, join_prefix(prefix, "self_attn"))
+        self.mlp = LlamaMLP(config, ctx, join_prefix(prefix, "mlp"))
+        self.input_layernorm = RMSNorm(
+            config.hidden_size, eps, ctx.dtype, kernels, join_prefix(prefix, "input_layernorm")
+        )
+        self.post_attention_layernorm = RMSNorm(
+            config.hidden_size, eps, ctx.dtype, kernels, join_prefix(prefix, "post_attention_layernorm")
+        )
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
@@ -132,23 +150,27 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(
-        self,
-        config: ModelConfig,
-        dtype: torch.dtype,
-        linear_method: LinearMethod | None,
-        tp_rank: int,
-        tp_size: int,
-    ) -> None:
+    def __init__(self, config: ModelConfig, ctx: BuildContext, prefix: str) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(
-            config.vocab_size, config.hidden_size, dtype, tp_rank=tp_rank, tp_size=tp_size
+            config.vocab_size,
+            config.hidden_size,
+            ctx.dtype,
+            tp_rank=ctx.tp_rank,
+            tp_size=ctx.tp_size,
+            prefix=join_prefix(prefix, "embed_tokens"),
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, dtype, linear_method, tp_rank, tp_size)
+            LlamaDecoderLayer(config, i, ctx, join_prefix(prefix, f"layers.{i}"))
             for i in range(config.num_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.norm = RMSNorm(
+            config.hidden_size,
+            config.rms_norm_eps,
+            ctx.dtype,
+            ctx.kernels,
+            join_prefix(prefix, "norm"),
+        )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden]
@@ -166,19 +188,18 @@ class LlamaForCausalLM(nn.Module):
         "gate_up_proj": [("gate_proj", 0), ("up_proj", 1)],
     }
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        dtype: torch.dtype = torch.float32,
-        linear_method: LinearMethod | None = None,
-        tp_rank: int = 0,
-        tp_size: int = 1,
-    ) -> None:
+    def __init__(self, config: ModelConfig, ctx: BuildContext | None = None, prefix: str = "") -> None:
         super().__init__()
+        ctx = ctx or BuildContext()
         self.config = config
-        self.model = LlamaModel(config, dtype, linear_method, tp_rank, tp_size)
+        self.model = LlamaModel(config, ctx, join_prefix(prefix, "model"))
         self.lm_head = ParallelLMHead(
-            config.vocab_size, config.hidden_size, dtype, tp_rank=tp_rank, tp_size=tp_size
+            config.vocab_size,
+            config.hidden_size,
+            ctx.dtype,
+            tp_rank=ctx.tp_rank,
+            tp_size=ctx.tp_size,
+            prefix=join_prefix(prefix, "lm_head"),
         )
         if config.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)

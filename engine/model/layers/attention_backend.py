@@ -1,0 +1,120 @@
+"""Attention backends: how an Attention layer stores K/V and attends, chosen once per engine.
+
+`get_attention_backend(device, dtype, kv_cache_dtype, head_size, block_size)` picks one; the model
+runner calls it once in `load_model`, builds the model with it (every `Attention` layer holds the same
+object) and allocates the KV cache in the shape and dtype the backend asks for. There is no
+process-global switch: two engines in one process may use different backends, and a test that wants
+the Triton kernels asks for them (`use_triton=True`, or `TritonAttentionBackend(...)`).
+
+Backends:
+- `TorchAttentionBackend`: the plain-torch reference ops (ops.reference): CPU, and the fallback on a
+  GPU where Triton is missing or the head size is one the Triton kernels do not handle.
+- `TritonAttentionBackend`: the Triton kernels (ops.triton): CUDA, or CPU under TRITON_INTERPRET=1.
+
+A backend also carries `kernels`, the implementation of the model's other ops (RMSNorm, rotary,
+SiLU-and-mul) that goes with it, so the whole model follows the one choice.
+
+Hot path: the kernel functions are plain attributes, so `Attention.forward` costs one attribute
+lookup per op, as the module-level `ops.paged_attention` it replaces did; no method call in between.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import ClassVar
+
+import torch
+
+import ops
+from ops import Kernels
+
+logger = logging.getLogger("weir.engine")
+
+
+class AttentionBackend:
+    """Base: the KV cache layout, its dtype, and the two attention kernels.
+
+    `write_kv_cache(key, value, k_cache, v_cache, slot_mapping)` and
+    `paged_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len,
+    max_seq_len, scale)` have the signatures of their ops.reference functions.
+    """
+
+    name: ClassVar[str] = "base"
+    __slots__ = ("kernels", "kv_cache_dtype", "paged_attention", "write_kv_cache")
+
+    def __init__(self, kernels: Kernels, kv_cache_dtype: torch.dtype) -> None:
+        self.kernels = kernels
+        self.kv_cache_dtype = kv_cache_dtype
+        self.write_kv_cache = kernels.write_kv_cache
+        self.paged_attention = kernels.paged_attention
+
+    @staticmethod
+    def kv_cache_shape(
+        num_blocks: int, block_size: int, num_kv_heads: int, head_size: int
+    ) -> tuple[int, ...]:
+        """Shape of one layer's K cache (and of its V cache)."""
+        return (num_blocks, block_size, num_kv_heads, head_size)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(kv_cache_dtype={self.kv_cache_dtype})"
+
+
+class TorchAttentionBackend(AttentionBackend):
+    name = "torch"
+    __slots__ = ()
+
+    def __init__(self, kv_cache_dtype: torch.dtype) -> None:
+        super().__init__(ops.TORCH_KERNELS, kv_cache_dtype)
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """Raises ImportError where triton cannot run (see ops.triton_kernels)."""
+
+    name = "triton"
+    __slots__ = ()
+
+    def __init__(self, kv_cache_dtype: torch.dtype) -> None:
+        super().__init__(ops.triton_kernels(), kv_cache_dtype)
+
+    @staticmethod
+    def supports_head_size(head_size: int) -> bool:
+        # The paged-attention, KV-write and rotary kernels tile a head in one power-of-two block.
+        return head_size >= 16 and head_size & (head_size - 1) == 0
+
+
+def get_attention_backend(
+    device: str | torch.device,
+    dtype: torch.dtype,
+    kv_cache_dtype: torch.dtype,
+    head_size: int,
+    block_size: int,
+    use_triton: bool | None = None,
+) -> AttentionBackend:
+    """The backend for this engine. `use_triton=None` picks Triton on CUDA when it can run there (a
+    warning names why not otherwise) and the torch reference elsewhere; True/False force a choice
+    (tests: True on CPU needs TRITON_INTERPRET=1 set before triton's first import)."""
+    del block_size  # every block size the engine accepts (8..64) works with both backends
+    if kv_cache_dtype != dtype:
+        # EngineConfig refuses any kv_cache_dtype but "auto" (the model dtype) until the quantization
+        # issue; this guards direct callers.
+        raise ValueError(f"kv_cache_dtype must be the model dtype {dtype} for now; got {kv_cache_dtype}")
+    device_type = torch.device(device).type
+    if use_triton is None:
+        if device_type != "cuda":
+            return TorchAttentionBackend(kv_cache_dtype)
+        if not TritonAttentionBackend.supports_head_size(head_size):
+            logger.warning(
+                "head size %d is not a power of two >= 16: running the torch reference ops on the GPU",
+                head_size,
+            )
+            return TorchAttentionBackend(kv_cache_dtype)
+        try:
+            return TritonAttentionBackend(kv_cache_dtype)
+        except ImportError as e:
+            logger.warning("Triton kernels unavailable (%s); running the torch reference ops on the GPU", e)
+            return TorchAttentionBackend(kv_cache_dtype)
+    if not use_triton:
+        return TorchAttentionBackend(kv_cache_dtype)
+    if not TritonAttentionBackend.supports_head_size(head_size):
+        raise ValueError(f"the Triton kernels need a power-of-two head size >= 16; got {head_size}")
+    return TritonAttentionBackend(kv_cache_dtype)

@@ -1,0 +1,66 @@
+"""The quantization seam: a `QuantizationConfig` picks a method for each layer, by layer and prefix.
+
+- `QuantizationConfig.get_linear_method(layer, prefix)` is called once by every linear layer
+  (engine.model.layers.linear) while it is built, after its partition sizes are known. `prefix` is the
+  layer's dotted name in the model (`model.layers.0.self_attn.qkv_proj`): fused layers carry the fused
+  name, and the model's `packed_modules_mapping` names the checkpoint modules behind it, so a config
+  that skips some checkpoint modules can decide for a fused layer. The unquantized default is
+  `UnquantizedConfig` (engine.model.quantization.unquantized); `quant_config=None` means the same.
+- A `LinearMethodBase` creates the layer's parameters (`create_weights`, which registers them on the
+  layer with the metadata of engine.model.parameter so loaders can load and shard them), applies the
+  layer (`apply(layer, x, bias)`), and gets `process_weights_after_loading(layer)`, called exactly once
+  per layer after its weights are loaded or dummy-initialised (repacking for a kernel, transposes,
+  scale fusion). The method object may be shared by many layers: its state lives on the layer.
+
+This module imports no layer (the layers import it), so methods and configs never form a circle.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from engine.model.layers.linear import LinearBase
+    from engine.model.parameter import WeightLoader
+
+
+class QuantizeMethodBase:
+    """Anything a layer delegates its weights to. The hook runs once per layer after loading."""
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Turn the loaded checkpoint tensors into what `apply` reads. Default: nothing to do."""
+
+
+class LinearMethodBase(QuantizeMethodBase, ABC):
+    @abstractmethod
+    def create_weights(
+        self,
+        layer: nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        weight_loader: WeightLoader,
+    ) -> None:
+        """Register this rank's parameters on `layer`, sized in logical (unpacked) units: the input
+        slice this rank holds, and the output rows of each fused sub-matrix (q, k, v / gate, up)."""
+
+    @abstractmethod
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """[num_tokens, input_size_per_partition] -> [num_tokens, sum(output_partition_sizes)]."""
+
+
+class QuantizationConfig(ABC):
+    """Picks each layer's method. One instance per model; frozen after construction."""
+
+    name: str = ""
+
+    @abstractmethod
+    def get_linear_method(self, layer: LinearBase, prefix: str) -> LinearMethodBase:
+        """The method for the linear layer named `prefix`."""

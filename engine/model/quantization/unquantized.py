@@ -1,0 +1,50 @@
+"""The default: full-precision weights in the model dtype, applied with one matmul."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.model.parameter import WeightLoader, set_weight_attrs
+from engine.model.quantization.base import LinearMethodBase, QuantizationConfig
+
+if TYPE_CHECKING:
+    from engine.model.layers.linear import LinearBase
+
+
+class UnquantizedLinearMethod(LinearMethodBase):
+    def create_weights(
+        self,
+        layer: nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        weight_loader: WeightLoader,
+    ) -> None:
+        del input_size, output_size
+        # [out_per_partition, in_per_partition], as torch.nn.Linear and HF checkpoints store it
+        weight = nn.Parameter(
+            torch.empty(sum(output_partition_sizes), input_size_per_partition, dtype=params_dtype),
+            requires_grad=False,
+        )
+        set_weight_attrs(weight, {"input_dim": 1, "output_dim": 0, "weight_loader": weight_loader})
+        layer.register_parameter("weight", weight)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, layer.weight, bias)
+
+
+_UNQUANTIZED = UnquantizedLinearMethod()
+
+
+class UnquantizedConfig(QuantizationConfig):
+    name = "none"
+
+    def get_linear_method(self, layer: LinearBase, prefix: str) -> LinearMethodBase:
+        del layer, prefix
+        return _UNQUANTIZED

@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from app.loop_histogram import LoopHistogram
+from engine.protocol import EngineClient
 
 log = structlog.get_logger("weir.metrics")
 
@@ -108,7 +109,7 @@ def _length_buckets(max_len: int) -> list[int]:
 class EngineStatsCollector(Collector):
     """Turns one `engine.stats()` call per scrape into gauges and counters."""
 
-    def __init__(self, engine: Any, model_name: str) -> None:
+    def __init__(self, engine: EngineClient, model_name: str) -> None:
         self.engine = engine
         self.model_name = model_name
 
@@ -151,7 +152,7 @@ class EngineStatsCollector(Collector):
         yield counter(
             "weir:prefix_cache_hits", "Prefix-cache hits, in number of cached tokens.", s.prefix_cache_hits
         )
-        step_loop = getattr(s, "step_loop", None)  # only the real AsyncEngine has one
+        step_loop = s.step_loop  # None without a step loop (the test fake)
         if step_loop is not None:
             phases = CounterMetricFamily(
                 "weir:step_loop_seconds",
@@ -171,7 +172,7 @@ class EngineStatsCollector(Collector):
 class ServerMetrics:
     """The app's registry and the per-request series the HTTP layer observes."""
 
-    def __init__(self, engine: Any, model_name: str, max_model_len: int) -> None:
+    def __init__(self, engine: EngineClient, model_name: str, max_model_len: int) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(EngineStatsCollector(engine, model_name))
         r = self.registry

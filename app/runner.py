@@ -25,6 +25,7 @@ from app.config import ServerConfig
 from app.http_protocol import limited_protocol
 from app.logging import get_logger
 from app.state import AppState
+from engine.protocol import EngineClient
 
 log = get_logger("weir.server")
 
@@ -140,7 +141,7 @@ def set_switch_interval(seconds: float) -> None:
     sys.setswitchinterval(seconds)
 
 
-def run_server(engine: Any, cfg: ServerConfig) -> WeirServer:
+def run_server(engine: EngineClient, cfg: ServerConfig) -> WeirServer:
     """Serve until SIGTERM/SIGINT has drained the engine. Returns the server (for its exit state)."""
     from app.server import build_app
 

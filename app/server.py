@@ -39,6 +39,7 @@ from app.protocol import (
     TokenizeResponse,
 )
 from app.state import AppState
+from engine.protocol import EngineClient
 
 log = get_logger("weir.app")
 
@@ -128,7 +129,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return response
 
 
-def build_app(engine: Any, server_config: ServerConfig) -> Starlette:
+def build_app(engine: EngineClient, server_config: ServerConfig) -> Starlette:
     """The ASGI app over a loaded, not yet started engine."""
     state = AppState(engine, server_config)
 

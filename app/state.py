@@ -14,6 +14,7 @@ from app.errors import APIError
 from app.logging import get_logger
 from app.metrics import ServerMetrics
 from app.prompt_encoder import PromptEncoder
+from engine.protocol import EngineClient
 
 log = get_logger("weir.app")
 
@@ -21,7 +22,7 @@ MAX_ECHOED_NAME = 100
 
 
 class AppState:
-    def __init__(self, engine: Any, config: ServerConfig) -> None:
+    def __init__(self, engine: EngineClient, config: ServerConfig) -> None:
         self.engine = engine
         self.config = config
         self.model_names = list(config.served_model_name) or ["model"]
@@ -30,13 +31,11 @@ class AppState:
         self.encoder = PromptEncoder(self.tokenizer)
         self.max_model_len: int = engine.max_model_len
         self.vocab_size: int = engine.vocab_size
-        # The waiting queue's bounds (the engine's resolved config keeps them in its scheduler part).
-        bounds = getattr(engine, "config", engine)
-        bounds = getattr(bounds, "scheduler", bounds)
-        self.queue_bounds: tuple[int, int] = (bounds.max_waiting_requests, bounds.max_waiting_tokens)
+        # The waiting queue's bounds.
+        self.queue_bounds: tuple[int, int] = (engine.max_waiting_requests, engine.max_waiting_tokens)
         # Sampling defaults from the model's generation_config.json (temperature, top_p, ...), applied
         # to fields a request leaves unset, as vLLM does. max_tokens is left to each endpoint's rule.
-        defaults = dict(getattr(engine, "generation_defaults", {}) or {})
+        defaults = dict(engine.generation_defaults)
         defaults.pop("max_tokens", None)
         self.sampling_defaults: dict[str, Any] = defaults
         self.created = int(time.time())

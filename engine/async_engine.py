@@ -50,6 +50,8 @@ class AsyncEngine:
         self.model_path = config.model
         # generation_config.json's sampling values (SamplingParams names), for callers' defaults.
         self.generation_defaults = dict(self.engine.model_config.generation_defaults)
+        self.max_waiting_requests = self.config.scheduler.max_waiting_requests
+        self.max_waiting_tokens = self.config.scheduler.max_waiting_tokens
         self.warm = False
         self.dead_error: BaseException | None = None
         self._draining = False

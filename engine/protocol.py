@@ -40,6 +40,9 @@ class EngineClient(Protocol):
     max_model_len: int
     vocab_size: int
     generation_defaults: dict[str, Any]
+    # Admission bounds: beyond these the engine raises QueueFullError (-> 429).
+    max_waiting_requests: int
+    max_waiting_tokens: int
     # Lifecycle, for /health and the drain: warm after start(); dead_error once the step loop died.
     warm: bool
     dead_error: BaseException | None

@@ -14,6 +14,10 @@ b. bfloat16 at the Qwen3-0.6B shape with random weights (load_format="dummy", re
    step, runner alone, GPU forward alone), where a step's host time goes, the host
    cost of each op launch in an eager forward, and the copy-bandwidth floor for context.
    Then fp32 at the same shape: graphs and plain eager must give identical greedy tokens.
+d. Engines back to back: 6 LLMs on the tiny llama at gpu_memory_utilization=0.9 (profiled KV cache,
+   CUDA graphs), one after another, each dropped, shut down or left by `with`, with the garbage
+   collector off: each must get as many KV blocks as the first and give the same tokens, and the
+   device memory must be back to where it was right after each one goes (no cycle holds it).
 c. tests/engine/test_cuda_graphs.py under pytest (its CUDA test runs here).
 
 Prints a PASS/FAIL and timing table last; writes $OUT/engine_check.json.
@@ -679,6 +683,72 @@ def qwen_fp32() -> None:
     free()
 
 
+# ------------------------------------------------------------------------------------------ d. back to back
+BACK_TO_BACK_RELEASES = ("del", "shutdown", "with", "del", "shutdown", "with")
+
+
+def back_to_back() -> None:
+    """Engines built one after another in one process, as notebooks and test suites do: the memory
+    of each must be free (by reference counting alone) before the next one profiles the device."""
+    import gc
+
+    root = Path(tempfile.mkdtemp(prefix="weir-b2b-"))
+    model_dir = build_model("llama", root / "llama", build_tokenizer(root / "tokenizer"))
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    free()
+    baseline = torch.cuda.memory_allocated()
+    rows: list[dict[str, Any]] = []
+    first: dict[str, Any] = {}
+    gc.disable()  # (the engine's start-up still collects on its own, inside the profile and capture)
+    try:
+        for i, release in enumerate(BACK_TO_BACK_RELEASES):
+            llm: LLM | None = LLM(str(model_dir), device="cuda", gpu_memory_utilization=0.9)
+            assert llm is not None
+            engine = llm.llm_engine
+            num_blocks = engine.num_kv_blocks
+            num_graphs = engine.runner.graph_runner.num_graphs if engine.runner.graph_runner else 0
+            del engine
+            if release == "with":
+                with llm:
+                    tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+            else:
+                tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+                if release == "shutdown":
+                    llm.shutdown()
+                else:
+                    llm = None
+            torch.cuda.synchronize()
+            left = torch.cuda.memory_allocated() - baseline
+            llm = None
+            # What stays allocated process-wide after the first engine (cuBLAS workspaces, kernel
+            # caches) is allowed once; anything that grows from one engine to the next is a leak.
+            first = first or {"num_blocks": num_blocks, "tokens": tokens, "left": left}
+            rows.append(
+                {
+                    "release": release,
+                    "kv_blocks": num_blocks,
+                    "graphs": num_graphs,
+                    "left_mib": left / (1 << 20),
+                }
+            )
+            check(
+                f"back to back #{i + 1} ({release}): KV blocks, same tokens, memory released",
+                num_blocks > 0
+                and num_blocks >= 0.95 * first["num_blocks"]
+                and tokens == first["tokens"]
+                and left <= first["left"] + (16 << 20)
+                and first["left"] <= 256 << 20,
+                kv_blocks=num_blocks,
+                first_kv_blocks=first["num_blocks"],
+                graphs=num_graphs,
+                left_mib=round(left / (1 << 20), 1),
+            )
+    finally:
+        gc.enable()
+    RESULTS["info"]["back_to_back"] = rows
+
+
 # ------------------------------------------------------------------------------------------ c. pytest
 def pytest_cuda_graphs() -> None:
     """The CUDA test of tests/engine/test_cuda_graphs.py (its CPU tests run in CI)."""
@@ -736,11 +806,12 @@ def main() -> int:
         pass
     print(f"device: {RESULTS['info']['device']}", flush=True)
     # WEIR_CHECK_PARTS="a b" runs a subset (letters as below); default: all.
-    wanted = os.environ.get("WEIR_CHECK_PARTS", "a b b2 c").split()
+    wanted = os.environ.get("WEIR_CHECK_PARTS", "a b b2 d c").split()
     for key, name, fn in (
         ("a", "a. tiny fp32 parity", tiny_parity),
         ("b", "b. qwen3-0.6b bf16", qwen_bf16),
         ("b2", "b2. qwen3-0.6b fp32 graphs vs eager", qwen_fp32),
+        ("d", "d. engines back to back", back_to_back),
         ("c", "c. pytest", pytest_cuda_graphs),
     ):
         if key in wanted:

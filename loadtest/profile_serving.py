@@ -54,6 +54,8 @@ class FastFakeEngine:
         self.max_model_len = max_model_len
         self.vocab_size = len(self.tokenizer)
         self.generation_defaults: dict[str, Any] = {}
+        self.max_waiting_requests = 1 << 20  # admission never refuses: the harness measures the app
+        self.max_waiting_tokens = 1 << 30
         self.max_num_seqs = max_num_seqs
         self.step_s = step_s
         self.warm = False
@@ -96,6 +98,7 @@ class FastFakeEngine:
             num_preemptions=0,
             prompt_tokens_total=0,
             generation_tokens_total=self.tokens_emitted,
+            step_loop=None,
         )
 
     async def abort(self, request_id: str) -> None:

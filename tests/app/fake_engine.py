@@ -1,4 +1,5 @@
-"""A stand-in for `engine.async_engine.AsyncEngine` with the same interface and a real tokenizer.
+"""A stand-in for `engine.async_engine.AsyncEngine`: an `EngineClient` (engine/protocol.py) with a
+real tokenizer. tests/app/test_engine_protocol.py holds it to the protocol, as the engine is.
 
 Tokens come from a seeded pseudo-random generator instead of a model, so it needs no torch and
 is fast; what it is for is what the real engine makes hard to provoke: a forward pass that raises,
@@ -14,25 +15,14 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from engine.core.sampling_params import SamplingParams
 from engine.errors import EngineDeadError, EngineDrainingError, QueueFullError
 from engine.outputs.request_output import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from engine.protocol import EngineClient, EngineStats
 
 FIRST_PLAIN_TOKEN = 5  # ids below are the tiny tokenizer's special tokens
-
-
-@dataclass(slots=True)
-class FakeStats:
-    num_running: int
-    num_waiting: int
-    num_waiting_tokens: int
-    kv_cache_usage: float
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    num_preemptions: int
-    prompt_tokens_total: int
-    generation_tokens_total: int
 
 
 @dataclass(slots=True)
@@ -62,7 +52,7 @@ class _Req:
     error: str | None = None
 
 
-class FakeEngine:
+class FakeEngine(EngineClient):
     def __init__(
         self,
         tokenizer_dir: Path | str,
@@ -79,6 +69,7 @@ class FakeEngine:
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         self.model_path = str(tokenizer_dir)
+        self.generation_defaults: dict[str, Any] = {}
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.max_num_seqs = max_num_seqs
@@ -86,7 +77,7 @@ class FakeEngine:
         self.max_waiting_requests = max_waiting_requests
         self.max_waiting_tokens = max_waiting_tokens
         self.kv_capacity_tokens = kv_capacity_tokens
-        self.is_healthy = True
+        self._healthy = True
         self.dead_error: BaseException | None = None
         self.warm = False
         # Fault injection: the next step raises this for every running request (the engine goes on),
@@ -106,6 +97,14 @@ class FakeEngine:
         self._counters = {"prompt": 0, "generation": 0}
 
     # ---------------------------------------------------------------- interface
+
+    @property
+    def is_healthy(self) -> bool:
+        return self._healthy
+
+    @property
+    def is_draining(self) -> bool:
+        return self._draining
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -174,14 +173,24 @@ class FakeEngine:
         self._wake.set()  # type: ignore[union-attr]
         return self._stream(req)
 
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str, priority: int = 0
+    ) -> AsyncIterator[RequestOutput]:
+        if isinstance(prompt, str):
+            stream = await self.add_request(request_id, prompt, None, params, priority)
+        else:
+            stream = await self.add_request(request_id, None, list(prompt), params, priority)
+        async for out in stream:
+            yield out
+
     async def abort(self, request_id: str) -> None:
         for req in list(self._waiting) + self._running:
             if req.req_id == request_id:
                 self._finish(req, "abort")
 
-    def stats(self) -> FakeStats:
+    def stats(self) -> EngineStats:
         used = sum(len(r.prompt_token_ids) + sum(len(s.token_ids) for s in r.seqs) for r in self._running)
-        return FakeStats(
+        return EngineStats(
             num_running=len(self._running),
             num_waiting=len(self._waiting),
             num_waiting_tokens=sum(len(r.prompt_token_ids) for r in self._waiting),
@@ -196,7 +205,7 @@ class FakeEngine:
     def begin_drain(self) -> None:
         self._draining = True
 
-    async def shutdown(self, timeout: float) -> None:
+    async def shutdown(self, timeout: float = 0.0) -> None:
         self._draining = True
         if self._idle is not None:
             try:
@@ -263,7 +272,7 @@ class FakeEngine:
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
-            self.is_healthy = False
+            self._healthy = False
             self.dead_error = exc
             for req in list(self._waiting) + list(self._running):
                 req.error = f"the engine loop died: {type(exc).__name__}: {exc}"

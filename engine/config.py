@@ -130,8 +130,9 @@ class EngineConfig:
             ),
             cache=CacheConfig(
                 block_size=self.block_size,
-                # Only the model's dtype until the quantization issue adds fp8 caches.
-                kv_cache_dtype=model.dtype,
+                # "auto": the model's dtype (the only value __post_init__ accepts until the
+                # quantization issue adds fp8 caches).
+                kv_cache_dtype=model.dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype,
                 enable_prefix_caching=self.enable_prefix_caching,
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 cpu_kv_cache_gb=self.cpu_kv_cache_gb,

@@ -68,7 +68,7 @@ def test_user_values_pass_through() -> None:
     assert r.model.max_model_len == r.scheduler.max_model_len == 300
     assert (r.load.tokenizer, r.load.load_format, r.load.seed) == ("tok", "dummy", 11)
     assert (r.cache.block_size, r.cache.num_kv_blocks_override, r.cache.num_kv_blocks) == (32, 7, None)
-    assert r.cache.kv_cache_dtype == "bfloat16" and not r.cache.enable_prefix_caching
+    assert r.cache.kv_cache_dtype == "bfloat16" and not r.cache.enable_prefix_caching  # "auto"
     assert (r.scheduler.max_num_seqs, r.scheduler.max_num_batched_tokens) == (3, 99)
     assert not r.scheduler.async_scheduling
     assert (r.scheduler.max_waiting_requests, r.scheduler.max_waiting_tokens) == (5, 6)

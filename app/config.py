@@ -81,7 +81,7 @@ SERVER_HELP: dict[str, str] = {
     "host": "Address to listen on.",
     "port": "TCP port to listen on (0: any free port, logged at start).",
     "api_key": "API key clients must send as 'Authorization: Bearer KEY'. Repeat for several keys "
-    "(env: comma-separated). None: no authentication. /health and /metrics stay open.",
+    "(env: comma-separated). None: no authentication. /health, /metrics and /openapi.json stay open.",
     "served_model_name": "Model name(s) clients use in the 'model' field; repeatable. "
     "Default: the model directory's name.",
     "shutdown_timeout": "Seconds in-flight requests may keep running after SIGTERM before they are aborted.",

@@ -25,11 +25,11 @@ _stdlib_log = logging.getLogger("weir.app")
 
 T = TypeVar("T")
 
-OPEN_PATHS = frozenset({"/health", "/metrics"})
+OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json"})
 
 
 class APIKeyMiddleware:
-    """401 unless `Authorization: Bearer KEY` matches one of the keys. /health and /metrics stay open.
+    """401 unless `Authorization: Bearer KEY` matches one of the keys. /health, /metrics, /openapi.json stay open.
 
     Every key is compared, in constant time, so the response time tells nothing about which key
     came close.

@@ -30,6 +30,7 @@ from app.errors import APIError, bad_request
 from app.generation import check_token_ids, encoder
 from app.http import APIKeyMiddleware, api_route, read_json
 from app.logging import get_logger
+from app.openapi import build_openapi
 from app.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -115,6 +116,15 @@ async def detokenize(request: Request) -> Response:
     return _json(DetokenizeResponse(prompt=await state.encoder.run(state.tokenizer.decode, req.tokens)))
 
 
+def _openapi_route() -> Any:
+    body = encoder.encode(build_openapi())  # once: the document only depends on the code
+
+    async def openapi(request: Request) -> Response:
+        return Response(body, media_type="application/json")
+
+    return openapi
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     message = {404: f"No route {request.url.path}.", 405: f"Method {request.method} not allowed here."}.get(
@@ -156,6 +166,7 @@ def build_app(engine: EngineClient, server_config: ServerConfig) -> Starlette:
         Route("/metrics", metrics, methods=["GET"]),
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/detokenize", detokenize, methods=["POST"]),
+        Route("/openapi.json", _openapi_route(), methods=["GET"]),
     ]
     middleware = [Middleware(APIKeyMiddleware, api_keys=list(server_config.api_key))]
     if server_config.allowed_origins:

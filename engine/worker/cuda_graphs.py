@@ -79,6 +79,25 @@ def mixed_capture_sizes(max_tokens: int) -> list[int]:
     return sizes
 
 
+# device index -> the side stream every capture in the process runs on (see capture_stream).
+_capture_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The side stream graphs are captured on: one per device for the whole process.
+
+    cuBLAS keeps a workspace (32 MiB on Hopper) for every stream it has run on, for the life of the
+    process; a fresh stream per engine left one behind per engine built (measured: +32 MiB held and
+    8192 fewer KV blocks of the tiny model for each engine built back to back). Engines built one
+    after another now reuse the stream, and its workspace.
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _capture_streams.get(index)
+    if stream is None:
+        stream = _capture_streams[index] = torch.cuda.Stream(device)
+    return stream
+
+
 def padded_size(sizes: list[int], num_seqs: int) -> int | None:
     """The smallest captured size >= num_seqs (sizes ascending); None above the largest."""
     i = bisect.bisect_left(sizes, num_seqs)
@@ -242,7 +261,7 @@ class CUDAGraphRunner:
             torch.cuda.empty_cache()
             free_before, _ = torch.cuda.mem_get_info(device)
             self.pool = torch.cuda.graph_pool_handle()
-            stream = torch.cuda.Stream(device)
+            stream = capture_stream(device)
         # Objects alive now stay alive: freezing them keeps any gc.collect() during the captures cheap.
         gc.collect()
         gc.freeze()

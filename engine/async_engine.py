@@ -8,8 +8,9 @@
                 per-request channels ──► async generators ──► SSE
 
 Bookkeeping (scheduler, detokenizers, request channels) is only touched on the event loop, so it needs
-no locks; the worker thread only runs `LLMEngine.execute`. Cancelling a request's stream aborts it at
-once, and its KV blocks are freed before the next step is scheduled.
+no locks; the worker thread only runs the device half of the engine's step pipeline
+(engine/executor/step_pipeline.py: launch step N+1, wait for step N). Cancelling a request's stream
+aborts it at once, and its KV blocks are freed before the next step is scheduled.
 """
 
 from __future__ import annotations
@@ -23,20 +24,16 @@ from typing import Any
 
 from engine.config import EngineConfig
 from engine.core.sampling_params import SamplingParams
-from engine.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from engine.errors import EngineDeadError, EngineDrainingError, QueueFullError
+from engine.executor.step_pipeline import StepWork
 from engine.llm_engine import LLMEngine
 from engine.outputs.output_channel import OutputChannel
 from engine.outputs.request_output import RequestOutput
 from engine.protocol import EngineStats
-from engine.worker.step_in_flight import StepInFlight
 
 __all__ = ["AsyncEngine", "EngineStats"]
 
 logger = logging.getLogger("weir.engine")
-
-# Errors after which the device state cannot be trusted: the engine stops and /health turns 503.
-_FATAL_MARKERS = ("CUDA error", "CUBLAS_STATUS", "illegal memory access", "device-side assert")
 
 
 class AsyncEngine:
@@ -232,33 +229,19 @@ class AsyncEngine:
         if channel is not None:
             channel.put(out)
 
-    def _apply(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> None:
-        """Apply a step's results and hand the outputs to their streams (both count as update)."""
-        outputs = self.engine.update(scheduler_output, runner_output)
+    async def _trip(self, loop: asyncio.AbstractEventLoop, work: StepWork) -> None:
+        """One trip to the device: its device half on the worker thread, then the results applied and
+        handed to their streams on the loop (both count as update). Raises a fatal device error once
+        the affected requests have heard of it."""
+        pipeline = self.engine.pipeline
+        await self._in_worker(loop, pipeline.run_device, work)
+        outputs = pipeline.complete(work, self.engine)
         start = time.perf_counter()
         for out in outputs:
             self._deliver(out)
         self.step_loop_times.update += time.perf_counter() - start
-
-    def _launch_and_collect(
-        self,
-        scheduler_output: SchedulerOutput,
-        previous: tuple[SchedulerOutput, StepInFlight] | None,
-    ) -> tuple[StepInFlight | BaseException | None, ModelRunnerOutput | BaseException | None]:
-        """Worker thread: queue the new step (if any), then wait for the previous one's results."""
-        launched: StepInFlight | BaseException | None = None
-        if not scheduler_output.is_empty:
-            try:
-                launched = self.engine.launch(scheduler_output)
-            except Exception as exc:  # noqa: BLE001 - reported on the affected requests
-                launched = exc
-        prev_output: ModelRunnerOutput | BaseException | None = None
-        if previous is not None:
-            try:
-                prev_output = self.engine.wait(previous[1])
-            except Exception as exc:  # noqa: BLE001 - reported on the affected requests
-                prev_output = exc
-        return launched, prev_output
+        if pipeline.fatal is not None:
+            raise pipeline.fatal
 
     async def _in_worker(self, loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> Any:
         """Run `fn(*args)` on the worker thread; counts as loop_delay how long the event loop took to
@@ -275,39 +258,16 @@ class AsyncEngine:
         finally:
             self.step_loop_times.loop_delay += max(time.perf_counter() - self._worker_done, 0.0)
 
-    async def _run_sync_step(
-        self, loop: asyncio.AbstractEventLoop, scheduler_output: SchedulerOutput
-    ) -> None:
-        try:
-            runner_output = await self._in_worker(loop, self.engine.execute, scheduler_output)
-        except Exception as exc:  # noqa: BLE001 - reported on the affected requests
-            self._fail(scheduler_output, exc)
-            if self._is_fatal(exc):
-                raise
-            return
-        self._apply(scheduler_output, runner_output)
-
-    def _fail(self, scheduler_output: SchedulerOutput, exc: BaseException) -> None:
-        for out in self.engine.fail_scheduled(scheduler_output, exc):
-            self._deliver(out)
-
-    @staticmethod
-    def _is_fatal(exc: BaseException) -> bool:
-        return any(marker in str(exc) for marker in _FATAL_MARKERS)
-
     async def _step_loop(self) -> None:
         loop = asyncio.get_running_loop()
         engine = self.engine
-        use_async = self.config.scheduler.async_scheduling
+        pipeline = engine.pipeline
         times = self.step_loop_times
         clock = time.perf_counter
         assert self._work_available is not None and self._idle is not None
-        # Async scheduling: (scheduler output, launched step) of the step on the device, whose
-        # results are applied after the next step is launched.
-        in_flight: tuple[SchedulerOutput, StepInFlight] | None = None
         try:
             while True:
-                if not engine.has_unfinished_requests() and in_flight is None:
+                if not engine.has_unfinished_requests() and not pipeline.in_flight:
                     self._idle.set()
                     self._work_available.clear()
                     start = clock()
@@ -315,37 +275,20 @@ class AsyncEngine:
                     times.idle += clock() - start
                     continue
                 scheduler_output = engine.schedule()
-                if scheduler_output.is_empty and in_flight is None:
+                work = pipeline.prepare(scheduler_output)
+                if work is None:
                     # Only aborted/finished bookkeeping this step; let other tasks run, then go on.
                     engine.update(scheduler_output, None)
                     await asyncio.sleep(0)
                     continue
-                if not use_async:
-                    await self._run_sync_step(loop, scheduler_output)
-                    continue
-                # Launch step N+1 and wait for step N's ids in one worker-thread call, then apply
-                # step N on the loop while the device runs N+1.
-                previous, in_flight = in_flight, None
-                launched, prev_output = await self._in_worker(
-                    loop, self._launch_and_collect, scheduler_output, previous
-                )
-                if isinstance(launched, BaseException):
-                    self._fail(scheduler_output, launched)
-                elif launched is not None:
-                    in_flight = (scheduler_output, launched)
-                if previous is not None:
-                    if isinstance(prev_output, BaseException):
-                        self._fail(previous[0], prev_output)
-                    else:
-                        self._apply(previous[0], prev_output)
-                if isinstance(launched, BaseException) and self._is_fatal(launched):
-                    raise launched
-                if isinstance(prev_output, BaseException) and self._is_fatal(prev_output):
-                    raise prev_output
-                if in_flight is not None and not engine.has_unfinished_requests():
+                # Async scheduling: launch step N+1 and wait for step N's ids in one worker-thread
+                # call, then apply step N on the loop while the device runs N+1.
+                await self._trip(loop, work)
+                if pipeline.in_flight and not engine.has_unfinished_requests():
                     # Nobody waits for the step just launched: drain it so an idle engine is idle.
-                    await self._in_worker(loop, engine.wait, in_flight[1])
-                    in_flight = None
+                    work = pipeline.prepare(None)
+                    assert work is not None
+                    await self._trip(loop, work)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:

@@ -1,10 +1,10 @@
 """The step-level engine: add_request, step, abort_request, has_unfinished_requests.
 
-A step is three calls — `schedule()`, `execute(scheduler_output)`, `update(...)` — so the async
-engine can run the middle one on its worker thread and the other two on the event loop. Everything
-here except `execute` is plain Python bookkeeping plus detokenization. With async scheduling (the
-default) `execute` splits into `launch` (queue the step on the device) and `wait(launched)`,
-and step N's update runs after step N+1 is launched, so it hides behind the device's work.
+A step is schedule, execute, update. The engine owns the bookkeeping halves (`schedule()`,
+`update(...)`: plain Python plus detokenization); the step pipeline (engine/executor/step_pipeline.py)
+owns the trip to the device through the executor, and with async scheduling (the default) launches
+step N+1 before applying step N, so step N's update hides behind the device's work. The async
+engine drives the same pipeline, running its device half on a worker thread.
 
 Parallel sampling (n > 1) fans a request out into n child requests that share the prompt's KV blocks
 through the prefix cache; their outputs are gathered back into one RequestOutput.
@@ -23,7 +23,9 @@ from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler import Scheduler
 from engine.core.scheduler_output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from engine.errors import EngineShutdownError, InvalidRequestError
+from engine.executor.executor import Executor, UniprocExecutor
 from engine.executor.step_loop_times import StepLoopTimes
+from engine.executor.step_pipeline import StepPipeline
 from engine.inputs.input_processor import EngineRequest, InputProcessor
 from engine.inputs.tokenizer import load_tokenizer
 from engine.outputs.detokenizer import IncrementalDetokenizer
@@ -35,8 +37,6 @@ from engine.outputs.request_output import (
     RequestOutput,
 )
 from engine.protocol import EngineStats
-from engine.worker.model_runner import ModelRunner
-from engine.worker.step_in_flight import StepInFlight
 
 logger = logging.getLogger("weir.engine")
 
@@ -87,10 +87,9 @@ class LLMEngine:
         start = time.perf_counter()
         resolved = config.resolve() if isinstance(config, EngineConfig) else config
         self.tokenizer = load_tokenizer(resolved.load.tokenizer)
-        self.runner = ModelRunner(resolved)
-        self.runner.load_model()
-        num_blocks = self.runner.determine_num_kv_blocks()
-        self.runner.initialize_kv_cache(num_blocks)
+        self.executor: Executor = UniprocExecutor(resolved)
+        num_blocks = self.executor.determine_num_kv_blocks()
+        self.executor.initialize_kv_cache(num_blocks)
         # The one write after resolution: the cache's size (and max_model_len capped to it).
         self.config = config = resolved.with_num_kv_blocks(num_blocks)
         self.model_config = config.model
@@ -113,12 +112,12 @@ class LLMEngine:
         self._parents: dict[str, _ParentState] = {}
         self._children: dict[str, _Child] = {}
         self._prompt_tokens_total = 0
-        # Async scheduling: the step launched last, whose results the next step() applies.
-        self._in_flight: tuple[SchedulerOutput, StepInFlight] | None = None
         self._generation_tokens_total = 0
         # Seconds by phase of the step primitives, whoever drives them (step() or the server's loop).
         self.step_times = StepLoopTimes()
         self._shut_down = False
+        # The trip to the device and the step in flight, for step() and the server's loop alike.
+        self.pipeline = StepPipeline(self.executor, self.step_times, config.scheduler.async_scheduling)
         self.startup_seconds = time.perf_counter() - start
         logger.info(
             "engine ready: model=%s device=%s dtype=%s kv_blocks=%d block_size=%d max_model_len=%d (%.1fs)",
@@ -223,53 +222,24 @@ class LLMEngine:
         """One engine iteration. Returns the outputs of the requests that changed.
 
         Synchronous (async_scheduling=False): schedule, execute, update. Async: schedule and launch
-        step N+1, then update with step N's results while the device runs N+1 (see
-        engine.worker.step_in_flight); the outputs returned are step N's.
+        step N+1, then update with step N's results while the device runs N+1; the outputs returned
+        are step N's.
         """
-        scheduler_output = self.schedule()
-        if not self.config.scheduler.async_scheduling:
-            if scheduler_output.is_empty:
-                return self.update(scheduler_output, None)
-            try:
-                runner_output = self.execute(scheduler_output)
-            except Exception as exc:  # noqa: BLE001 - the failure is reported on the affected requests
-                return self.fail_scheduled(scheduler_output, exc)
-            return self.update(scheduler_output, runner_output)
-
-        previous, self._in_flight = self._in_flight, None
-        outputs: list[RequestOutput] = []
-        if not scheduler_output.is_empty:
-            try:
-                self._in_flight = (scheduler_output, self.launch(scheduler_output))
-            except Exception as exc:  # noqa: BLE001 - the failure is reported on the affected requests
-                outputs += self.fail_scheduled(scheduler_output, exc)
-        if previous is not None:
-            outputs += self.finish_step(*previous)
-        if not self._parents:
+        outputs = self.pipeline.step(self.schedule(), self)
+        if not self._parents and self.pipeline.in_flight:
             # Everything finished with the step just launched: its tokens are unneeded, but wait for
             # it so that an idle engine has nothing left on the device.
-            self.flush()
+            self.pipeline.flush(self)
         return outputs
 
     def flush(self) -> list[RequestOutput]:
         """Apply the step in flight, if any (async scheduling): afterwards the device holds no step
         of this engine, and schedule/execute/update may be driven by hand."""
-        if self._in_flight is None:
-            return []
-        scheduler_output, launched = self._in_flight
-        self._in_flight = None
-        return self.finish_step(scheduler_output, launched)
+        return self.pipeline.flush(self)
 
-    def finish_step(self, scheduler_output: SchedulerOutput, launched: StepInFlight) -> list[RequestOutput]:
-        """Wait for a launched step's results and apply them (the update half of an async step)."""
-        try:
-            runner_output = self.wait(launched)
-        except Exception as exc:  # noqa: BLE001 - the failure is reported on the affected requests
-            return self.fail_scheduled(scheduler_output, exc)
-        return self.update(scheduler_output, runner_output)
-
-    # The step primitives below count their time in `step_times` (engine/step_loop_times.py), so
-    # every driver (step() here, the server's step loop) is measured the same way.
+    # schedule and update count their time in `step_times` (engine/step_loop_times.py), as the
+    # pipeline does for launch and device wait, so every driver (step() here, the server's step
+    # loop) is measured the same way.
     def schedule(self) -> SchedulerOutput:
         start = time.perf_counter()
         scheduler_output = self.scheduler.schedule()
@@ -278,33 +248,9 @@ class LLMEngine:
         return scheduler_output
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        """The forward pass and sampling: the only part that touches the device. Its time counts as
-        device wait (one step at a time: the host waits for the whole step)."""
-        times = self.step_times
-        times.steps += 1
-        start = time.perf_counter()
-        try:
-            return self.runner.execute_model(scheduler_output)
-        finally:
-            times.device_wait += time.perf_counter() - start
-
-    def launch(self, scheduler_output: SchedulerOutput) -> StepInFlight:
-        """Queue the forward pass and sampling on the device; `wait()` on the returned step blocks."""
-        times = self.step_times
-        times.steps += 1
-        start = time.perf_counter()
-        try:
-            return self.runner.execute_model_async(scheduler_output)
-        finally:
-            times.launch += time.perf_counter() - start
-
-    def wait(self, launched: StepInFlight) -> ModelRunnerOutput:
-        """A launched step's results, once they are on the host."""
-        start = time.perf_counter()
-        try:
-            return launched.result()
-        finally:
-            self.step_times.device_wait += time.perf_counter() - start
+        """The forward pass and sampling of one step, waited for (nothing may be in flight: call
+        flush() first under async scheduling). For driving the step by hand."""
+        return self.pipeline.execute(scheduler_output)
 
     def update(
         self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput | None
@@ -327,13 +273,10 @@ class LLMEngine:
         if runner_output.prompt_logprobs:
             starts = {c.req_id: c.num_computed_tokens for c in scheduler_output.cached_requests}
             starts.update((r.req_id, r.num_computed_tokens) for r in scheduler_output.new_requests)
+            scheduled = self.scheduler.scheduled_requests(scheduler_output)
         for req_id, entries in runner_output.prompt_logprobs.items():
             child = self._children.get(req_id)
-            if (
-                child is None
-                or child.index != 0
-                or child.request is not scheduler_output.requests.get(req_id)
-            ):
+            if child is None or child.index != 0 or child.request is not scheduled.get(req_id):
                 continue
             parent = self._parents[child.parent_id]
             assert parent.prompt_logprobs is not None
@@ -386,6 +329,7 @@ class LLMEngine:
             "forward pass failed; failing %d request(s)", len(scheduler_output.num_scheduled_tokens)
         )
         message = f"the forward pass failed: {type(exc).__name__}: {exc}"
+        self.scheduler.drop_step(scheduler_output)
         now = time.monotonic()
         failed: dict[str, _ParentState] = {}
         for req_id in scheduler_output.num_scheduled_tokens:
@@ -495,9 +439,9 @@ class LLMEngine:
         if self._shut_down:
             return
         self._shut_down = True
-        self._in_flight = None  # its results are not wanted; the device tensors it holds may go
+        self.pipeline.discard()  # its results are not wanted; the device tensors it holds may go
         self.abort_all()
-        self.runner.shutdown()
+        self.executor.shutdown()
 
     def __enter__(self) -> LLMEngine:
         return self

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         engine.step()
 
     seconds: collections.Counter = collections.Counter()
-    root = {"engine": engine, "runner": engine.runner}
+    root = {"engine": engine, "runner": engine.executor.runner}
     for path, label in _PHASES:
         _wrap(root, path, label, seconds)
     build_md = model_runner_module.build_sampling_metadata

@@ -116,7 +116,7 @@ def strict(llm: LLM) -> LLM:
 def count_replays(llm: LLM) -> dict[Any, int]:
     """Wrap the graph runner's replay with a counter: batch size (mixed graphs: "mixed<T>") -> replays."""
     counts: dict[Any, int] = {}
-    runner = llm.llm_engine.runner
+    runner = llm.llm_engine.executor.runner
     gr = runner.graph_runner
     if gr is None:
         return counts
@@ -202,7 +202,7 @@ def tiny_parity() -> None:
                 "divergences": first_divergence(got[name], expected),
                 "graph_replays": replays,
                 "preemptions": stats.num_preemptions,
-                "capture_s": round(llm.llm_engine.runner.timings["cuda_graph_capture_s"], 3),
+                "capture_s": round(llm.llm_engine.executor.runner.timings["cuda_graph_capture_s"], 3),
             }
             ok = got[name] == expected
             detail: dict[str, Any] = {}
@@ -213,7 +213,7 @@ def tiny_parity() -> None:
                 detail["graph_replays"] = replayed
                 ok = ok and replayed > 0
             else:
-                ok = ok and llm.llm_engine.runner.graph_runner is None
+                ok = ok and llm.llm_engine.executor.runner.graph_runner is None
             if name == "mixed_graphs":
                 mixed_replays = sum(v for k, v in replays.items() if str(k).startswith("mixed"))
                 detail["mixed_graph_replays"] = mixed_replays
@@ -319,7 +319,7 @@ def graphs_vs_eager(llm: LLM, prompts: list[list[int]], label: str, plain_eager_
     inputs and attention config as the graphs, run eagerly: must be bit-identical, it isolates capture
     and replay); plain eager (graph runner off: unpadded batches, split-KV chosen from the batch's real
     max_seq_len, so bf16 rounding differs and greedy ties can flip)."""
-    runner = llm.llm_engine.runner
+    runner = llm.llm_engine.executor.runner
     gr = runner.graph_runner
     uniform = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
     staggered = [
@@ -449,7 +449,7 @@ def qwen_bf16() -> None:
     )
     build_s = time.perf_counter() - t0
     engine = llm.llm_engine
-    runner = engine.runner
+    runner = engine.executor.runner
     gr = runner.graph_runner
     free_b, total_b = torch.cuda.mem_get_info()
     info = RESULTS["info"]["qwen3_0.6b"] = {
@@ -534,21 +534,21 @@ def qwen_bf16() -> None:
     launched = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        real_launch = engine.launch
+        real_launch = engine.executor.launch
 
-        def watched_launch(so: Any) -> Any:
+        def watched_launch(so: Any, previous: Any) -> Any:
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                return real_launch(so)
+                return real_launch(so, previous)
             finally:
                 torch.cuda.set_sync_debug_mode(0)
                 launched.append(1)
 
-        engine.launch = watched_launch
+        engine.executor.launch = watched_launch
         try:
             run_async_steps(engine, 5)
         finally:
-            del engine.launch
+            del engine.executor.launch
     engine.abort_request([f"async-sync-{i}" for i in range(8)])
     engine.flush()
     syncs = [w for w in caught if "called a synchronizing" in str(w.message)]
@@ -673,7 +673,7 @@ def qwen_fp32() -> None:
             gpu_memory_utilization=0.5,
         )
     )
-    reinit_weights(llm.llm_engine.runner.model)
+    reinit_weights(llm.llm_engine.executor.runner.model)
     rng = random.Random(1)
     prompts = [
         [rng.randrange(10, int(cfg["vocab_size"])) for _ in range(rng.randrange(16, 200))] for _ in range(32)

@@ -57,6 +57,10 @@ class Scheduler:
         # Finished or aborted since the last schedule(); the runner drops their state.
         self._finished_req_ids: set[str] = set()
         self.num_preemptions = 0
+        # step_id -> the Request of every id that step scheduled, until its results are applied (or
+        # it failed). At most two entries under async scheduling: the step in flight and the next.
+        self._scheduled_steps: dict[int, dict[str, Request]] = {}
+        self._next_step_id = 1
 
     # ---------------------------------------------------------------- admission
     def add_request(self, request: Request) -> None:
@@ -208,6 +212,10 @@ class Scheduler:
             scheduled_requests[req.req_id] = req
 
         finished, self._finished_req_ids = self._finished_req_ids, set()
+        step_id = self._next_step_id
+        self._next_step_id += 1
+        if scheduled_requests:
+            self._scheduled_steps[step_id] = scheduled_requests
         return SchedulerOutput(
             new_requests=new_data,
             cached_requests=cached_data,
@@ -215,7 +223,7 @@ class Scheduler:
             total_num_scheduled_tokens=sum(num_scheduled.values()),
             finished_req_ids=finished,
             preempted_req_ids={r.req_id for r in preempted},
-            requests=scheduled_requests,
+            step_id=step_id,
             num_prompt_tokens=num_prompt_scheduled,
         )
 
@@ -247,7 +255,7 @@ class Scheduler:
         """
         out: list[tuple[Request, list[int]]] = []
         sampled = runner_output.sampled_token_ids
-        for req_id, req in scheduler_output.requests.items():
+        for req_id, req in self._scheduled_steps.pop(scheduler_output.step_id, {}).items():
             token_ids = sampled.get(req_id)
             if not token_ids:
                 continue  # a prefill chunk that did not reach the end
@@ -270,6 +278,14 @@ class Scheduler:
                     break
             out.append((req, new_tokens))
         return out
+
+    def scheduled_requests(self, scheduler_output: SchedulerOutput) -> dict[str, Request]:
+        """req_id -> the Request a step was scheduled for, until its results are applied."""
+        return self._scheduled_steps.get(scheduler_output.step_id, {})
+
+    def drop_step(self, scheduler_output: SchedulerOutput) -> None:
+        """Forget a step whose results will never come (its forward pass failed)."""
+        self._scheduled_steps.pop(scheduler_output.step_id, None)
 
     def _check_stop(self, req: Request, token_id: int) -> RequestStatus | None:
         sp = req.sampling_params

@@ -1,14 +1,15 @@
 """The one contract between the scheduler and the model runner.
 
 The runner keeps per-request state between steps (token ids, block table, sampling params), so
-requests it has seen before arrive as a small diff. Plain Python, no torch.
+requests it has seen before arrive as a small diff. Plain data, no torch and no live scheduler
+objects: both directions pickle, so the same contract can cross a thread, a process or a Ray actor
+(engine/executor/executor.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.core.request import Request
 from engine.core.sampling_params import SamplingParams
 
 
@@ -45,10 +46,10 @@ class SchedulerOutput:
     # Requests whose runner state must be dropped: finished, aborted or preempted since last step.
     finished_req_ids: set[str]
     preempted_req_ids: set[str] = field(default_factory=set)
-    # The scheduler's own Request of every scheduled id, so results are matched to the request they
-    # were computed for even if it finished (and its id was reused) while the step was in flight.
-    # Not read by the runner.
-    requests: dict[str, Request] = field(default_factory=dict)
+    # Which schedule() made this step (1, 2, ...; 0 for one built by hand). The scheduler keeps its
+    # own Request of every id it scheduled under this number, so results are matched to the request
+    # they were computed for even if it finished (and its id was reused) while the step was in flight.
+    step_id: int = 0
     # How many of total_num_scheduled_tokens are prompt tokens (the rest recompute or extend outputs).
     num_prompt_tokens: int = 0
 

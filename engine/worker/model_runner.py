@@ -149,8 +149,6 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_kv_blocks = 0
         self.requests: dict[str, _RequestState] = {}
-        # The last step that sampled: the next one may read its ids on the device (async scheduling).
-        self._last_step: StepInFlight | None = None
         self.sampler = Sampler()
         self.graph_runner: CUDAGraphRunner | None = None
         self._staging = PinnedStaging() if self.device.type == "cuda" else None
@@ -229,7 +227,6 @@ class ModelRunner:
         Dropping the last reference does the same: the runner is in no reference cycle, so plain
         reference counting frees it. This is for callers that keep a reference (LLM.shutdown()).
         """
-        self._last_step = None
         self.graph_runner = None
         for layer in self.attn_layers:
             layer.k_cache = layer.v_cache = None
@@ -643,18 +640,21 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ step
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one step and wait for its sampled ids."""
-        return self.execute_model_async(scheduler_output).result()
+        """Run one step and wait for its sampled ids (no step in flight)."""
+        return self.execute_model_async(scheduler_output, None).result()
 
     @torch.inference_mode()
-    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepInFlight:
+    def execute_model_async(
+        self, scheduler_output: SchedulerOutput, previous: StepInFlight | None
+    ) -> StepInFlight:
         """Queue one step on the device and return without waiting for its sampled ids.
 
-        A request whose input token is the one the previous step is still sampling (async
-        scheduling) gets it from that step's device tensor. Each step resolves the one before it
+        `previous` is the step launched before this one, if its results may not be collected yet
+        (async scheduling; the step pipeline keeps track). A request whose input token that step is
+        still sampling gets it from the step's device tensor. Each step resolves the one before it
         first, so tokens reach the states in launch order whoever calls `result()`.
         """
-        prev = self._last_step if self._last_step is not None and not self._last_step.done else None
+        prev = previous if previous is not None and not previous.done else None
         self._update_states(scheduler_output)
         scheduled = scheduler_output.num_scheduled_tokens
         output = ModelRunnerOutput(sampled_token_ids={req_id: [] for req_id in scheduled})
@@ -766,9 +766,7 @@ class ModelRunner:
         ]
         md = build_sampling_metadata(rows, vocab_size=self.vocab_size, device=self.device)
         sampled, packed_logprobs = self.sampler.sample(logits, md)
-        launched = StepInFlight.launch(output, sampled, packed_logprobs, sample_states, md, previous=prev)
-        self._last_step = launched
-        return launched
+        return StepInFlight.launch(output, sampled, packed_logprobs, sample_states, md, previous=prev)
 
     def _needs_ids_of(self, prev: StepInFlight, scheduled: dict[str, int]) -> bool:
         """True when a scheduled request that waits on `prev`'s token must see the id on the host."""

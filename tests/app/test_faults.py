@@ -38,18 +38,20 @@ def _error(r: httpx.Response, status: int, code: str) -> dict:
 
 def test_forward_exception_real_engine(server: LiveServer, client: httpx.Client, monkeypatch) -> None:
     """The forward pass raises once: the request fails with the message, the engine goes on."""
-    llm_engine = server.engine.engine
-    assert llm_engine.config.scheduler.async_scheduling  # the server's step loop launches steps with launch()
-    real_launch = llm_engine.launch
+    executor = server.engine.engine.executor
+    assert (
+        server.engine.engine.config.scheduler.async_scheduling
+    )  # the step loop launches through the executor
+    real_launch = executor.launch
     calls = {"n": 0}
 
-    def flaky(scheduler_output):
+    def flaky(scheduler_output, previous):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("injected forward failure")
-        return real_launch(scheduler_output)
+        return real_launch(scheduler_output, previous)
 
-    monkeypatch.setattr(llm_engine, "launch", flaky)
+    monkeypatch.setattr(executor, "launch", flaky)
     err = _error(
         client.post(COMP, json={"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 4}), 500, "engine_error"
     )

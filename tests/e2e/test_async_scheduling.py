@@ -70,7 +70,7 @@ def _assert_idle(llm: LLM) -> None:
     engine = llm.llm_engine
     assert not engine.has_unfinished_requests()
     assert engine.scheduler.kv_cache_usage == 0.0
-    assert engine._in_flight is None
+    assert not engine.pipeline.in_flight
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -146,7 +146,7 @@ def test_abort_with_a_step_in_flight_frees_blocks(tiny_model_dirs: dict[str, Pat
         engine.add_request(f"r{i}", p, greedy)
     engine.step()
     engine.step()
-    assert engine._in_flight is not None  # a step is on the device (here: done, not yet applied)
+    assert engine.pipeline.in_flight  # a step is on the device (here: done, not yet applied)
     used_with_both = engine.scheduler.kv_cache_usage
     engine.abort_request("r1")
     assert engine.scheduler.kv_cache_usage < used_with_both
@@ -159,7 +159,7 @@ def test_abort_with_a_step_in_flight_frees_blocks(tiny_model_dirs: dict[str, Pat
     expected, _ = hf_greedy(model_dir, prompts)
     assert final.outputs[0].token_ids == expected[0]
     assert engine.scheduler.kv_cache_usage == 0.0
-    assert engine._in_flight is None
+    assert not engine.pipeline.in_flight
 
 
 def test_request_id_reused_while_old_step_in_flight(tiny_model_dirs: dict[str, Path]) -> None:
@@ -245,18 +245,19 @@ def test_steps_resolve_in_launch_order_whoever_asks_first(tiny_model_dirs: dict[
     prompts = _prompts()
     expected, _ = hf_greedy(model_dir, prompts)
     engine.add_request("a", prompts[1], SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
+    executor = engine.executor
     tokens: list[int] = []
     while engine.has_unfinished_requests():
         so_1 = engine.schedule()
-        step_1 = engine.launch(so_1)
+        step_1 = executor.launch(so_1, None)
         so_2 = engine.schedule()  # the decode of the token step_1 is still sampling
-        step_2 = engine.launch(so_2) if not so_2.is_empty else None
-        outputs_2 = step_2.result() if step_2 is not None else None
-        for so, runner_output in ((so_1, step_1.result()), (so_2, outputs_2)):
+        step_2 = executor.launch(so_2, step_1) if not so_2.is_empty else None
+        outputs_2 = executor.collect(step_2) if step_2 is not None else None
+        for so, runner_output in ((so_1, executor.collect(step_1)), (so_2, outputs_2)):
             for out in engine.update(so, runner_output):
                 tokens += out.outputs[0].token_ids_delta
     assert tokens == expected[1]
     # The runner's copy got the ids in launch order too (it drops "a" on the next step, which carries
     # the finished id).
-    assert {k: s.token_ids for k, s in engine.runner.requests.items()} == {"a": [*prompts[1], *expected[1]]}
+    assert {k: s.token_ids for k, s in executor.runner.requests.items()} == {"a": [*prompts[1], *expected[1]]}
     assert engine.scheduler.kv_cache_usage == 0.0

@@ -227,7 +227,7 @@ def test_emulated_graphs_match_eager_through_the_engine(tiny_model_dirs: dict[st
     def run(emulate: bool) -> list[list[int]]:
         llm = LLM(str(model_dir), device="cpu", dtype="float32", max_cuda_graph_batch_size=8)
         if emulate:
-            llm.llm_engine.runner.capture_cuda_graphs(emulate=True)
+            llm.llm_engine.executor.runner.capture_cuda_graphs(emulate=True)
         return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
     assert run(emulate=True) == run(emulate=False)
@@ -281,7 +281,7 @@ def test_emulated_mixed_graphs_match_eager_through_the_engine(tiny_model_dirs: d
         )
         replayed: list[int] = []
         if mixed_tokens:
-            runner = llm.llm_engine.runner
+            runner = llm.llm_engine.executor.runner
             runner.capture_cuda_graphs(emulate=True)
             graphs = runner.graph_runner
             assert graphs is not None and graphs.mixed_sizes == [16, 24]
@@ -356,7 +356,7 @@ def test_cuda_graphs_match_eager_and_transformers_on_gpu(tiny_model_dirs: dict[s
             max_cuda_graph_batch_size=8,
             enforce_eager=eager,
         )
-        runner = llm.llm_engine.runner
+        runner = llm.llm_engine.executor.runner
         assert (runner.graph_runner is None) == eager
         if not eager:
             assert runner.graph_runner is not None and runner.graph_runner.sizes == [1, 2, 4, 8]

@@ -33,7 +33,7 @@ def no_gc() -> Iterator[None]:
 
 
 def _device_refs(llm_engine: object) -> dict[str, weakref.ref]:
-    runner = llm_engine.runner  # type: ignore[attr-defined]
+    runner = llm_engine.executor.runner  # type: ignore[attr-defined]
     k_cache, v_cache = runner.kv_caches[0]
     refs = {
         "engine": weakref.ref(llm_engine),
@@ -59,7 +59,7 @@ def test_dropping_the_llm_frees_the_device_state_without_gc(
 ) -> None:
     llm = LLM(str(tiny_llama_dir), **OPTIONS)
     if graphs:  # the CUDA-graph runner's path (static buffer, captured closures), on CPU
-        llm.llm_engine.runner.capture_cuda_graphs(emulate=True)
+        llm.llm_engine.executor.runner.capture_cuda_graphs(emulate=True)
     # A generation first: steps in flight, per-request state, n > 1 children, all run and finish.
     out = llm.generate(
         [[5, 6, 7], [8, 9]], [GREEDY, SamplingParams(n=2, max_tokens=3, seed=1)], use_tqdm=False

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 from engine.model_config import ModelConfig, resolve_device
 
@@ -24,6 +25,7 @@ VALID_DTYPES = ("auto", "float32", "float16", "bfloat16")
 VALID_DEVICES = ("auto", "cpu", "cuda")
 VALID_LOAD_FORMATS = ("auto", "safetensors", "dummy")
 VALID_BLOCK_SIZES = (8, 16, 32, 64)
+VALID_QUANTIZATIONS = ("gptq", "awq")  # engine.model.quantization.detect.QUANTIZATION_METHODS
 
 
 @dataclass(slots=True)
@@ -37,6 +39,9 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     block_size: int = 16
     kv_cache_dtype: str = "auto"  # auto: the model dtype (the only choice until KV-cache quantization)
+    # None: what the checkpoint's quantization config says (or unquantized); else the method, which
+    # must agree with the checkpoint's (engine.model.quantization.detect)
+    quantization: str | None = None
     num_kv_blocks: int | None = None  # None: from gpu_memory_utilization (cuda) or cpu_kv_cache_gb
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_gb: float = 1.0
@@ -70,6 +75,8 @@ class EngineConfig:
                 f"kv_cache_dtype must be auto (the model dtype); got {self.kv_cache_dtype!r}: "
                 "quantized KV caches are not supported yet"
             )
+        if self.quantization is not None:
+            _choice("quantization", self.quantization, VALID_QUANTIZATIONS)
         if self.max_model_len is not None:
             _positive("max_model_len", self.max_model_len)
         if self.num_kv_blocks is not None:
@@ -125,6 +132,7 @@ class EngineConfig:
         mixed = self.max_cuda_graph_mixed_tokens
         return ResolvedConfig(
             model=model,
+            quant=_resolve_quantization(model.model_path, self.quantization),
             load=LoadConfig(
                 load_format=self.load_format, tokenizer=self.tokenizer or self.model, seed=self.seed
             ),
@@ -172,6 +180,21 @@ def _choice(name: str, value: object, allowed: tuple) -> None:
 def _positive(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive integer; got {value!r}")
+
+
+def _resolve_quantization(model_path: str, requested: str | None) -> QuantConfig:
+    from engine.model.quantization.detect import resolve_quantization  # noqa: PLC0415 (imports torch)
+
+    method, source, linear = resolve_quantization(model_path, requested)
+    return QuantConfig(method=method, source=source, linear=linear)
+
+
+@dataclass(frozen=True, slots=True)
+class QuantConfig:
+    method: str  # "none" | "gptq" | "awq"
+    source: str  # where the checkpoint's quantization config was read ("" when unquantized)
+    # The layers' method chooser (engine.model.quantization.QuantizationConfig), frozen; None: unquantized
+    linear: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +252,7 @@ class ResolvedConfig:
     here in their issues."""
 
     model: ModelConfig  # the checkpoint: architecture, shapes, dtype, model max_model_len
+    quant: QuantConfig  # the weights' quantization, checked against what weir runs
     load: LoadConfig
     cache: CacheConfig
     scheduler: SchedulerConfig

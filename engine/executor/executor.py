@@ -64,7 +64,7 @@ class UniprocExecutor(Executor):
     def __init__(self, config: ResolvedConfig) -> None:
         # The in-process runner (tests and tools inspect it; the engine does not).
         self.runner = ModelRunner(config)
-        self.runner.load_model()
+        self.runner.load_model(quant_config=config.quant.linear)
 
     def determine_num_kv_blocks(self) -> int:
         return self.runner.determine_num_kv_blocks()

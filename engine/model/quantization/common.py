@@ -1,0 +1,93 @@
+"""What the weight-only integer formats (GPTQ, AWQ) share: the skip list, a loader that unpacks
+packed zero points at load, and the dequantize-then-matmul reference every method's `apply` uses on
+CPU (and as the fallback on CUDA until a fused kernel lands).
+
+Zero points are packed along the output dim but grouped along the input dim, two packings on one
+tensor that the parameter metadata (one packed_dim) cannot describe; so the loader unpacks them as
+they arrive and the parameter holds one int32 per (group, output channel), packed only by group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from engine.model.parameter import WeightLoader, WeightShapeError
+
+# Fused layer -> the checkpoint modules behind it (the Llama family's packed_modules_mapping).
+FUSED_MODULES: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+
+
+def is_skipped(prefix: str, skip: tuple[str, ...]) -> bool:
+    """Whether the checkpoint left the layer `prefix` unquantized: a skip entry is a substring of the
+    module name (AWQ's modules_to_not_convert, FP8's ignored_layers, as their tools match them). A
+    fused layer is skipped when all its checkpoint modules are; a mix cannot be one method."""
+    if not skip:
+        return False
+    head, _, last = prefix.rpartition(".")
+    parts = FUSED_MODULES.get(last)
+    if parts is None:
+        return any(s in prefix for s in skip)
+    names = [f"{head}.{p}" if head else p for p in parts]
+    hits = [any(s in n for s in skip) for n in names]
+    if any(hits) and not all(hits):
+        raise ValueError(
+            f"the checkpoint quantizes only some of {', '.join(names)}, which weir runs fused as "
+            f"{prefix}: skip all of them or none"
+        )
+    return all(hits)
+
+
+def unpacking_loader(loader: WeightLoader, unpack: Callable[[torch.Tensor], torch.Tensor]) -> WeightLoader:
+    """The layer's loader, fed the unpacked checkpoint tensor (the parameter holds it unpacked)."""
+
+    def load(param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+        if loaded_weight.dtype != torch.int32:
+            raise ValueError(f"packed zero points must be int32; got {loaded_weight.dtype}")
+        loader(param, unpack(loaded_weight).to(torch.int32), shard_id)
+
+    return load
+
+
+def same_on_every_shard_loader(name: str) -> WeightLoader:
+    """For a tensor each fused checkpoint module stores in full and that must agree across them (GPTQ's
+    g_idx: q/k/v share their input, hence their act order): the first copy loads, the rest must match."""
+
+    def load(param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+        if tuple(param.shape) != tuple(loaded_weight.shape):
+            raise WeightShapeError(tuple(param.shape), tuple(loaded_weight.shape))
+        seen: set = getattr(param, "_loaded_shards", None) or set()
+        param._loaded_shards = seen  # type: ignore[attr-defined]
+        if seen and not torch.equal(param.data, loaded_weight.to(param.dtype)):
+            raise ValueError(
+                f"{name} differs between the checkpoint modules fused into one layer (shard {shard_id!r}); "
+                "weir needs them equal to run the modules fused"
+            )
+        param.data.copy_(loaded_weight)
+        seen.add(shard_id)
+
+    return load
+
+
+def dequantize(
+    q: torch.Tensor,  # [out, in] uint8 codes
+    zeros: torch.Tensor,  # [out, groups] float32
+    scales: torch.Tensor,  # [out, groups] float32
+    g_idx: torch.Tensor | None,  # [in] int64 group of each input column; None: contiguous groups
+    dtype: torch.dtype,
+) -> torch.Tensor:  # [out, in] in dtype
+    """w = (q - zero[group]) * scale[group], in float32 (exact for fp16 scales and 8-bit codes),
+    then cast: the reference every weight-only integer method computes."""
+    out_features, in_features = q.shape
+    groups = scales.shape[1]
+    if g_idx is None:
+        codes = q.view(out_features, groups, in_features // groups).float()
+        w = (codes - zeros.unsqueeze(2)) * scales.unsqueeze(2)
+        return w.view(out_features, in_features).to(dtype)
+    w = (q.float() - zeros[:, g_idx]) * scales[:, g_idx]
+    return w.to(dtype)

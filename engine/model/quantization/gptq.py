@@ -1,0 +1,164 @@
+"""GPTQ weights (`quant_method: "gptq"`), as AutoGPTQ and GPTQModel write them.
+
+Per linear layer (in = input features, out = output features, pf = 32 // bits, G = in // group_size,
+or 1 for group_size -1):
+- `qweight` int32 [in / pf, out]: codes packed along the input dim, first row in the lowest bits
+  (engine.model.quantization.packing.unpack_rows);
+- `qzeros` int32 [G, out / pf]: zero points packed along the output dim; checkpoint_format "gptq"
+  stores zero - 1 (AutoGPTQ's historical offset, added back here as vLLM's kernels do, without
+  wrapping), "gptq_v2" the zero itself;
+- `scales` fp16 [G, out]; `g_idx` int32 [in]: the group of each input row (act order when desc_act).
+w[i, o] = (code[i, o] - zero[g_idx[i], o]) * scale[g_idx[i], o]; y = x w.
+Reference: GPTQModel, gptqmodel/nn_modules/qlinear/__init__.py, BaseQuantLinear.dequantize_weight.
+
+The post-load hook unpacks the codes to uint8 [out, in] and the zeros and scales to float32
+[out, G], so `apply` dequantizes with one fused elementwise expression and calls F.linear.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.model.parameter import WeightLoader, set_weight_attrs
+from engine.model.quantization.base import LinearMethodBase, QuantizationConfig
+from engine.model.quantization.common import (
+    dequantize,
+    is_skipped,
+    same_on_every_shard_loader,
+    unpacking_loader,
+)
+from engine.model.quantization.packing import pack_factor, unpack_cols, unpack_rows
+from engine.model.quantization.unquantized import UnquantizedLinearMethod
+
+if TYPE_CHECKING:
+    from engine.model.layers.linear import LinearBase
+
+GPTQ_BITS = (4, 8)
+GPTQ_GROUP_SIZES = (-1, 32, 64, 128)
+GPTQ_FORMATS = ("gptq", "gptq_v2")
+
+
+@dataclass(frozen=True, slots=True)
+class GPTQConfig(QuantizationConfig):
+    bits: int
+    group_size: int  # -1: one group over the whole input
+    desc_act: bool
+    sym: bool
+    checkpoint_format: str  # "gptq": zeros stored minus one; "gptq_v2": as they are
+    skip_modules: tuple[str, ...] = ()  # modules the checkpoint left unquantized
+    name: str = "gptq"
+
+    def get_linear_method(self, layer: LinearBase, prefix: str) -> LinearMethodBase:
+        if is_skipped(prefix, self.skip_modules):
+            return UnquantizedLinearMethod()
+        return GPTQLinearMethod(self)
+
+
+class GPTQLinearMethod(LinearMethodBase):
+    def __init__(self, config: GPTQConfig) -> None:
+        self.config = config
+
+    def create_weights(
+        self,
+        layer: nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        weight_loader: WeightLoader,
+    ) -> None:
+        del output_size, params_dtype
+        cfg = self.config
+        prefix = getattr(layer, "prefix", "")
+        if getattr(layer, "tp_size", 1) > 1:
+            raise ValueError(f"GPTQ layer {prefix}: tensor parallelism is not supported yet")
+        pf = pack_factor(cfg.bits)
+        group_size = cfg.group_size if cfg.group_size != -1 else input_size
+        out = sum(output_partition_sizes)
+        if input_size_per_partition % group_size or input_size_per_partition % pf:
+            raise ValueError(
+                f"GPTQ layer {prefix}: input size {input_size_per_partition} is not a multiple of "
+                f"group_size {cfg.group_size} and of {pf} (codes per int32)"
+            )
+        if any(size % pf for size in output_partition_sizes):
+            raise ValueError(
+                f"GPTQ layer {prefix}: output sizes {output_partition_sizes} are not multiples of {pf}"
+            )
+        groups = input_size_per_partition // group_size
+        grouped = {"input_dim": 0, "packed_dim": 0, "pack_factor": group_size} if cfg.group_size != -1 else {}
+
+        def register(name: str, tensor: torch.Tensor, attrs: dict) -> None:
+            param = nn.Parameter(tensor, requires_grad=False)
+            set_weight_attrs(param, attrs)
+            layer.register_parameter(name, param)
+
+        # [in / pf, out] int32, codes packed along the input
+        register(
+            "qweight",
+            torch.empty(input_size_per_partition // pf, out, dtype=torch.int32),
+            {
+                "input_dim": 0,
+                "output_dim": 1,
+                "packed_dim": 0,
+                "pack_factor": pf,
+                "weight_loader": weight_loader,
+            },
+        )
+        # [G, out] int32: unpacked from the checkpoint's [G, out / pf] as it loads
+        register(
+            "qzeros",
+            torch.empty(groups, out, dtype=torch.int32),
+            {
+                **grouped,
+                "output_dim": 1,
+                "weight_loader": unpacking_loader(weight_loader, self._unpack_zeros),
+            },
+        )
+        # [G, out] fp16, as stored (converting to a bf16 model dtype would round them)
+        register(
+            "scales",
+            torch.empty(groups, out, dtype=torch.float16),
+            {**grouped, "output_dim": 1, "weight_loader": weight_loader},
+        )
+        # [in] int32, whole on every fused shard (q/k/v share an act order)
+        register(
+            "g_idx",
+            torch.empty(input_size_per_partition, dtype=torch.int32),
+            {"weight_loader": same_on_every_shard_loader(f"g_idx of {prefix}")},
+        )
+
+    def _unpack_zeros(self, packed: torch.Tensor) -> torch.Tensor:
+        return unpack_cols(packed, self.config.bits)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        cfg = self.config
+        prefix = getattr(layer, "prefix", "")
+        codes = unpack_rows(layer.qweight.data, cfg.bits)  # [in, out] uint8
+        groups = layer.scales.shape[0]
+        g_idx = layer.g_idx.data.to(torch.int64)  # [in]
+        if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+            raise ValueError(
+                f"GPTQ layer {prefix}: g_idx holds groups in [{int(g_idx.min())}, {int(g_idx.max())}], "
+                f"outside the {groups} groups its scales have (corrupt or mismatched checkpoint)"
+            )
+        mask = (1 << cfg.bits) - 1
+        zeros = (layer.qzeros.data & mask).float() + (1.0 if cfg.checkpoint_format == "gptq" else 0.0)
+        scales = layer.scales.data.float()  # [G, out]
+        in_features = codes.shape[0]
+        contiguous = torch.arange(in_features, device=g_idx.device) // (in_features // groups)
+        del layer.qweight, layer.qzeros, layer.scales, layer.g_idx
+        layer.register_buffer("codes", codes.t().contiguous())  # [out, in] uint8
+        layer.register_buffer("zeros", zeros.t().contiguous())  # [out, G] float32
+        layer.register_buffer("scales", scales.t().contiguous())  # [out, G] float32
+        # None: groups are contiguous (no act order), and dequantize reshapes instead of gathering
+        layer.register_buffer("g_idx", None if torch.equal(g_idx, contiguous) else g_idx)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        w = dequantize(layer.codes, layer.zeros, layer.scales, layer.g_idx, x.dtype)  # [out, in]
+        return F.linear(x, w, bias)

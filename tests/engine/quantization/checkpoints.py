@@ -1,0 +1,192 @@
+"""Tiny quantized checkpoints written by the tests themselves, from a tiny random Llama: each linear
+layer quantized to GPTQ or AWQ with the packers of engine.model.quantization.packing, plus the
+reference checkpoint (same model, every quantized weight replaced by its dequantized value, float32)
+that transformers runs for parity.
+
+Not GPTQModel/AutoAWQ themselves: gptqmodel (PyPI 7.7.0) is a source-only package that needs
+torch >= 2.14 and builds C++/CUDA extensions, auto-gptq/autoawq need CUDA builds, and weir's torch
+is pinned; so the layouts follow the reference implementations named in engine.model.quantization
+(gptq.py, awq.py) and tests/engine/quantization/test_packing.py pins them with hand-made words.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.model.quantization.packing import AWQ_PACK_ORDER, pack_cols, pack_rows
+
+LINEAR_SUFFIXES = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
+def build_wide_llama(path: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A tiny Llama whose every linear input (128, 256) divides by every group size (32..128)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(path), safe_serialization=True)
+    GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(str(path))
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, path / f.name)
+    return path
+
+
+def quantize_groups(
+    w: torch.Tensor, bits: int, g_idx: torch.Tensor, groups: int, sym: bool, min_zero: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ's min-max quantizer (RTN per group): w [out, in] -> codes [out, in], zeros [G, out] ints,
+    scales [G, out] fp16. `min_zero` 1 keeps zero - 1 representable (checkpoint_format "gptq")."""
+    maxq = (1 << bits) - 1
+    out_features, _ = w.shape
+    codes = torch.empty_like(w, dtype=torch.int64)
+    zeros = torch.empty(groups, out_features, dtype=torch.int64)
+    scales = torch.empty(groups, out_features, dtype=torch.float16)
+    for g in range(groups):
+        cols = (g_idx == g).nonzero().flatten()
+        wg = w[:, cols]  # [out, n]
+        lo = wg.min(dim=1).values.clamp(max=0)
+        hi = wg.max(dim=1).values.clamp(min=0)
+        if sym:
+            hi = torch.maximum(lo.abs(), hi)
+            lo = -hi
+        scale = ((hi - lo) / maxq).clamp(min=1e-6).half()  # stored fp16: quantize against it
+        s = scale.float()
+        zero = torch.full_like(s, (maxq + 1) // 2) if sym else torch.round(-lo / s).clamp(min_zero, maxq)
+        codes[:, cols] = torch.clamp(torch.round(wg / s[:, None]) + zero[:, None], 0, maxq).long()
+        zeros[g] = zero.long()
+        scales[g] = scale
+    return codes, zeros, scales
+
+
+def dequantized(
+    codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor
+) -> torch.Tensor:
+    """[out, in] float32: what every format's reference computes, (code - zero) * scale."""
+    return (codes.float() - zeros.t()[:, g_idx].float()) * scales.t()[:, g_idx].float()
+
+
+def _write(src: Path, dst: Path, tensors: dict[str, torch.Tensor], quant: dict | None) -> Path:
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors"):
+        f.unlink()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(dst / "model.safetensors"))
+    if quant is not None:
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg["quantization_config"] = quant
+        (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    return dst
+
+
+def write_gptq(
+    src: Path,
+    root: Path,
+    bits: int,
+    group_size: int,
+    desc_act: bool,
+    sym: bool,
+    checkpoint_format: str,
+    skip: tuple[str, ...] = (),
+) -> tuple[Path, Path]:
+    """(the GPTQ checkpoint, its dequantized float32 reference) written under `root`."""
+    state = load_file(str(next(src.glob("*.safetensors"))))
+    quantized, reference = dict(state), dict(state)
+    for name in [n for n in state if n.endswith(".weight") and any(s in n for s in LINEAR_SUFFIXES)]:
+        if any(s in name for s in skip):
+            continue
+        w = state[name].float()  # [out, in]
+        in_features = w.shape[1]
+        gs = in_features if group_size == -1 else group_size
+        groups = in_features // gs
+        g_idx = torch.arange(in_features) // gs
+        if desc_act:  # act order: groups are consecutive in a permuted input order, one per input
+            # (q/k/v, and gate/up, share their input, hence GPTQ's Hessian order)
+            key = name.replace("k_proj", "q_proj").replace("v_proj", "q_proj").replace("up_proj", "gate_proj")
+            gen = torch.Generator().manual_seed(sum(map(ord, key)) * 31 + bits)
+            perm = torch.randperm(in_features, generator=gen)
+            g_idx = torch.empty_like(g_idx)
+            g_idx[perm] = torch.arange(in_features) // gs
+        min_zero = 1 if checkpoint_format == "gptq" and not sym else 0
+        codes, zeros, scales = quantize_groups(w, bits, g_idx, groups, sym, min_zero)
+        stored_zeros = zeros - 1 if checkpoint_format == "gptq" else zeros
+        base = name.removesuffix(".weight")
+        del quantized[name]
+        quantized[f"{base}.qweight"] = pack_rows(codes.t(), bits)  # [in / pf, out]
+        quantized[f"{base}.qzeros"] = pack_cols(stored_zeros, bits)  # [G, out / pf]
+        quantized[f"{base}.scales"] = scales  # [G, out] fp16
+        quantized[f"{base}.g_idx"] = g_idx.to(torch.int32)
+        reference[name] = dequantized(codes, zeros, scales, g_idx)
+    quant = {
+        "quant_method": "gptq",
+        "bits": bits,
+        "group_size": group_size,
+        "desc_act": desc_act,
+        "sym": sym,
+        "checkpoint_format": checkpoint_format,
+        "damp_percent": 0.01,
+        "true_sequential": True,
+    }
+    if skip:
+        quant["modules_to_not_convert"] = list(skip)
+    tag = f"gptq-{bits}-{group_size}-{int(desc_act)}-{int(sym)}-{checkpoint_format}-{len(skip)}"
+    return _write(src, root / tag, quantized, quant), _write(src, root / f"{tag}-ref", reference, None)
+
+
+def write_awq(src: Path, root: Path, group_size: int, skip: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """(the AWQ GEMM checkpoint, its dequantized float32 reference) written under `root`."""
+    state = load_file(str(next(src.glob("*.safetensors"))))
+    quantized, reference = dict(state), dict(state)
+    for name in [n for n in state if n.endswith(".weight") and any(s in n for s in LINEAR_SUFFIXES)]:
+        if any(s in name for s in skip):
+            continue
+        w = state[name].float()
+        in_features = w.shape[1]
+        g_idx = torch.arange(in_features) // group_size
+        codes, zeros, scales = quantize_groups(w, 4, g_idx, in_features // group_size, sym=False)
+        base = name.removesuffix(".weight")
+        del quantized[name]
+        quantized[f"{base}.qweight"] = pack_cols(codes.t(), 4, AWQ_PACK_ORDER)  # [in, out / 8]
+        quantized[f"{base}.qzeros"] = pack_cols(zeros, 4, AWQ_PACK_ORDER)  # [G, out / 8]
+        quantized[f"{base}.scales"] = scales  # [G, out] fp16
+        reference[name] = dequantized(codes, zeros, scales, g_idx)
+    quant = {
+        "quant_method": "awq",
+        "bits": 4,
+        "group_size": group_size,
+        "zero_point": True,
+        "version": "gemm",
+    }
+    if skip:
+        quant["modules_to_not_convert"] = list(skip)
+    tag = f"awq-{group_size}-{len(skip)}"
+    return _write(src, root / tag, quantized, quant), _write(src, root / f"{tag}-ref", reference, None)

@@ -1,0 +1,14 @@
+"""A tiny Llama wide enough for every group size, built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.engine.quantization.checkpoints import build_wide_llama
+
+
+@pytest.fixture(scope="session")
+def wide_llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    return build_wide_llama(tmp_path_factory.mktemp("wide") / "llama", tiny_tokenizer_dir)

@@ -1,0 +1,45 @@
+"""Load a quantized checkpoint into weir's model (no engine) and compare every layer's dequantized
+weight with the reference checkpoint's float32 weights: exact, since both compute (q - z) * s in
+float32 from fp16 scales. Cheap, so every option combination gets it; engine parity runs on a few."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from engine.model.build_context import BuildContext
+from engine.model.models.llama import LlamaForCausalLM
+from engine.model.quantization.common import dequantize
+from engine.model.weight_loader import load_weights
+from engine.model_config import ModelConfig
+
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def load_quantized(model_dir: Path, quant_config: object) -> LlamaForCausalLM:
+    config = ModelConfig.from_pretrained(str(model_dir), dtype="float32", device="cpu")
+    model = LlamaForCausalLM(config, BuildContext(dtype=torch.float32, quant_config=quant_config))
+    load_weights(model, model_dir)
+    return model
+
+
+def assert_weights_match_reference(model: LlamaForCausalLM, reference_dir: Path) -> int:
+    """Every linear layer's effective weight equals the reference's; returns how many were quantized."""
+    ref = load_file(str(reference_dir / "model.safetensors"))
+    quantized = 0
+    for name, module in model.named_modules():
+        if not hasattr(module, "quant_method"):
+            continue
+        head, _, last = name.rpartition(".")
+        parts = FUSED.get(last, (last,))
+        expected = torch.cat([ref[f"{head}.{p}.weight"] for p in parts])  # [out, in]
+        if hasattr(module, "codes"):
+            got = dequantize(module.codes, module.zeros, module.scales, module.g_idx, torch.float32)
+            quantized += 1
+        else:
+            got = module.weight
+        assert got.dtype == torch.float32
+        assert torch.equal(got, expected), name
+    return quantized

@@ -71,6 +71,7 @@ class PromptEncoder:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         # encode_batch_fast (no offsets) releases the GIL; a plain encode would hold it throughout.
         self._encode_fast = getattr(backend, "encode_batch_fast", None)
+        self._decode_batch = getattr(backend, "decode_batch", None)  # releases the GIL too
         # The special tokens' texts, longest first (so `<|a|>x` is not cut at a shorter `<|a|>`).
         specials = sorted(
             {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special},
@@ -102,6 +103,15 @@ class PromptEncoder:
         if self._encode_fast is not None:
             return self._encode_fast([text], add_special_tokens=add_special_tokens)[0].ids
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, token_ids: list[int]) -> str:
+        """Text of token ids, as `tokenizer.decode` gives it. Blocking: call it through `run`."""
+        if self._decode_batch is None:
+            return self.tokenizer.decode(token_ids)
+        text = self._decode_batch([token_ids], skip_special_tokens=False)[0]
+        if getattr(self.tokenizer, "clean_up_tokenization_spaces", False):
+            text = self.tokenizer.clean_up_tokenization(text)
+        return text
 
     def encode_as_text(self, special: str) -> list[int]:
         """The ids of a special token's text read as plain text (never the control token)."""

@@ -113,7 +113,7 @@ async def detokenize(request: Request) -> Response:
     req = await read_json(request, DetokenizeRequest, state.config.max_body_bytes)
     state.check_model(req.model)
     check_token_ids(state, req.tokens, "tokens")
-    return _json(DetokenizeResponse(prompt=await state.encoder.run(state.tokenizer.decode, req.tokens)))
+    return _json(DetokenizeResponse(prompt=await state.encoder.run(state.encoder.decode, req.tokens)))
 
 
 def _openapi_route() -> Any:

@@ -13,9 +13,9 @@ loop's wall time, so their shares say what bounds the engine:
   outputs, parsing requests), so the next launch came late;
 - `schedule` / `launch` / `update` large: the engine's own host work is the bottleneck.
 
-LLMEngine's step primitives (schedule, launch, wait, execute, update) count their own phases, so the
-offline `LLMEngine.step()` and the server's loop are measured alike; the server's loop adds `idle`
-and `loop_delay`. Exported as the counter `weir:step_loop_seconds_total{phase=...}` on /metrics.
+The step's parts count their own phases (LLMEngine.schedule and update; the step pipeline's launch,
+wait and execute, engine/executor/step_pipeline.py), so the offline `LLMEngine.step()` and the
+server's loop are measured alike; the server's loop adds `idle` and `loop_delay`. Exported as the counter `weir:step_loop_seconds_total{phase=...}` on /metrics.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ input ids), so decoding never waits for a device-to-host round trip.
 
 `result()` appends the ids to the runner's per-request state objects it sampled for (objects, not
 ids: a request finished and replaced while the step was in flight cannot get a stale token) and is
-idempotent, so the runner may resolve a step early (a penalty needs the ids) and the engine later.
+idempotent, so the runner may resolve a step early (a penalty needs the ids) and the step pipeline later.
 """
 
 from __future__ import annotations

@@ -707,7 +707,9 @@ def back_to_back() -> None:
             assert llm is not None
             engine = llm.llm_engine
             num_blocks = engine.num_kv_blocks
-            num_graphs = engine.runner.graph_runner.num_graphs if engine.runner.graph_runner else 0
+            num_graphs = (
+                engine.executor.runner.graph_runner.num_graphs if engine.executor.runner.graph_runner else 0
+            )
             del engine
             if release == "with":
                 with llm:

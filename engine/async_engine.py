@@ -91,7 +91,10 @@ class AsyncEngine:
         self._draining = True
 
     async def shutdown(self, timeout: float = 0.0) -> None:
-        """Stop taking requests, let in-flight ones finish for up to `timeout` s, abort the rest, stop."""
+        """Stop taking requests, let in-flight ones finish for up to `timeout` s, abort the rest, stop,
+        and free the model, KV cache and graphs. A started engine must be shut down (or used with
+        `async with`) to free them promptly: its step-loop task, parked on the engine's own event,
+        refers back to the engine, so dropping it would leave that to the garbage collector."""
         self.begin_drain()
         if self._idle is not None and self.engine.has_unfinished_requests():
             try:

@@ -117,8 +117,9 @@ ENGINE_HELP: dict[str, str] = {
     "max_model_len": "Context length: prompt + output tokens. Default: the model's max_position_embeddings.",
     "block_size": "Tokens per KV-cache block: 8, 16, 32 or 64.",
     "kv_cache_dtype": "KV-cache dtype: auto (the model dtype; the only value for now).",
-    "quantization": "Weight quantization: gptq or awq, which must match the checkpoint's. Default: what "
-    "the checkpoint's config says (README: Quantization).",
+    "quantization": "Weight quantization: gptq, awq or fp8, which must match the checkpoint's; fp8 on an "
+    "unquantized checkpoint quantizes its weights at load. Default: what the checkpoint's config says "
+    "(README: Quantization).",
     "num_kv_blocks": "KV-cache blocks to allocate. Default: from --gpu-memory-utilization or --cpu-kv-cache-gb.",
     "gpu_memory_utilization": "Fraction of GPU memory weir may use (weights + activations + KV cache), in (0, 1].",
     "cpu_kv_cache_gb": "KV-cache size on CPU, in GiB.",

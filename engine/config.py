@@ -25,7 +25,7 @@ VALID_DTYPES = ("auto", "float32", "float16", "bfloat16")
 VALID_DEVICES = ("auto", "cpu", "cuda")
 VALID_LOAD_FORMATS = ("auto", "safetensors", "dummy")
 VALID_BLOCK_SIZES = (8, 16, 32, 64)
-VALID_QUANTIZATIONS = ("gptq", "awq")  # engine.model.quantization.detect.QUANTIZATION_METHODS
+VALID_QUANTIZATIONS = ("gptq", "awq", "fp8")  # engine.model.quantization.detect.QUANTIZATION_METHODS
 
 
 @dataclass(slots=True)
@@ -191,7 +191,7 @@ def _resolve_quantization(model_path: str, requested: str | None) -> QuantConfig
 
 @dataclass(frozen=True, slots=True)
 class QuantConfig:
-    method: str  # "none" | "gptq" | "awq"
+    method: str  # "none" | "gptq" | "awq" | "fp8"
     source: str  # where the checkpoint's quantization config was read ("" when unquantized)
     # The layers' method chooser (engine.model.quantization.QuantizationConfig), frozen; None: unquantized
     linear: Any = None

@@ -16,10 +16,11 @@ from typing import Any
 
 from engine.model.quantization.awq import AWQ_BITS, AWQ_GROUP_SIZES, AWQConfig
 from engine.model.quantization.base import QuantizationConfig
+from engine.model.quantization.fp8 import Fp8Config
 from engine.model.quantization.gptq import GPTQ_BITS, GPTQ_FORMATS, GPTQ_GROUP_SIZES, GPTQConfig
 
 # The `quantization` option's values (None: what the checkpoint says).
-QUANTIZATION_METHODS = ("gptq", "awq")
+QUANTIZATION_METHODS = ("gptq", "awq", "fp8")
 
 
 def read_checkpoint_quantization(model_dir: str | Path) -> tuple[dict[str, Any] | None, str]:
@@ -63,6 +64,8 @@ def resolve_quantization(
     "none" and config None when it is unquantized. Raises ValueError naming the field and value."""
     raw, source = read_checkpoint_quantization(model_dir)
     if raw is None:
+        if requested == "fp8":  # online: quantize the float weights at load, per channel
+            return "fp8", "quantization='fp8' (online, per channel)", Fp8Config(from_checkpoint=False)
         if requested is not None:
             raise ValueError(
                 f"quantization={requested!r}, but {model_dir} has no quantization config (config.json "
@@ -79,6 +82,8 @@ def resolve_quantization(
         return method, source, _gptq(raw, source)
     if method == "awq":
         return method, source, _awq(raw, source)
+    if method == "fp8":
+        return method, source, _fp8(raw, source)
     raise ValueError(
         f"{source}: quant_method {method!r} is not supported; weir reads {', '.join(QUANTIZATION_METHODS)}"
     )
@@ -132,3 +137,20 @@ def _awq(raw: dict[str, Any], source: str) -> AWQConfig:
     _field(raw, source, ("version",), ("gemm",), default="gemm")
     skip = tuple(raw.get("modules_to_not_convert") or ())
     return AWQConfig(group_size, skip)
+
+
+def _fp8(raw: dict[str, Any], source: str) -> Fp8Config:
+    _field(raw, source, ("activation_scheme",), ("dynamic",), default="dynamic")
+    fmt = raw.get("fmt", "e4m3")
+    if fmt not in ("e4m3", "float8_e4m3fn"):
+        raise ValueError(f"{source}: fmt={fmt!r} is not supported (weir supports 'e4m3')")
+    block = raw.get("weight_block_size")
+    if block is not None:
+        ok = isinstance(block, list) and len(block) == 2
+        if not ok or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block):
+            raise ValueError(
+                f"{source}: weight_block_size={block!r} is not supported (two positive integers)"
+            )
+        block = (block[0], block[1])
+    skip = tuple(raw.get("ignored_layers") or raw.get("modules_to_not_convert") or ())
+    return Fp8Config(from_checkpoint=True, weight_block_size=block, skip_modules=skip)

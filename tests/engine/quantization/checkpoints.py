@@ -31,14 +31,15 @@ LINEAR_SUFFIXES = (
 )
 
 
-def build_wide_llama(path: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """A tiny Llama whose every linear input (128, 256) divides by every group size (32..128)."""
+def build_wide_llama(path: Path, tokenizer_dir: Path, seed: int = 0, hidden: int = 128) -> Path:
+    """A tiny Llama whose every linear input (hidden, 2 * hidden) divides by every group size (32..128);
+    hidden 256 makes every q/k/v output a multiple of 128 (FP8 blocks)."""
     from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
 
     config = LlamaConfig(
         vocab_size=512,
-        hidden_size=128,
-        intermediate_size=256,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -190,3 +191,63 @@ def write_awq(src: Path, root: Path, group_size: int, skip: tuple[str, ...] = ()
         quant["modules_to_not_convert"] = list(skip)
     tag = f"awq-{group_size}-{len(skip)}"
     return _write(src, root / tag, quantized, quant), _write(src, root / f"{tag}-ref", reference, None)
+
+
+FP8_MAX = 448.0
+
+
+def _to_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def fp8_online_reference(w: torch.Tensor) -> torch.Tensor:
+    """What online fp8 should load for a float weight [out, in]: per-channel amax / 448 scales."""
+    scale = w.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX  # [out, 1]
+    return _to_fp8(w.float(), scale).float() * scale
+
+
+def write_fp8(
+    src: Path, root: Path, scheme: str, block: tuple[int, int] = (128, 128), skip: tuple[str, ...] = ()
+) -> tuple[Path, Path]:
+    """(an fp8 checkpoint, its dequantized float32 reference); scheme "tensor" (scalar weight_scale
+    per module), "channel" ([out, 1]) or "block" (weight_scale_inv [out / bn, in / bk])."""
+    state = load_file(str(next(src.glob("*.safetensors"))))
+    quantized, reference = dict(state), dict(state)
+    for name in [n for n in state if n.endswith(".weight") and any(s in n for s in LINEAR_SUFFIXES)]:
+        if any(s in name for s in skip):
+            continue
+        w = state[name].float()  # [out, in]
+        base = name.removesuffix(".weight")
+        if scheme == "block":
+            bn, bk = block
+            out_blocks, in_blocks = -(-w.shape[0] // bn), -(-w.shape[1] // bk)
+            scale = torch.empty(out_blocks, in_blocks)
+            for i in range(out_blocks):
+                for j in range(in_blocks):
+                    scale[i, j] = w[i * bn : (i + 1) * bn, j * bk : (j + 1) * bk].abs().max() / FP8_MAX
+            full = scale.repeat_interleave(bn, 0)[: w.shape[0]].repeat_interleave(bk, 1)[:, : w.shape[1]]
+            quantized[f"{base}.weight_scale_inv"] = scale
+        elif scheme == "channel":
+            full = w.abs().amax(dim=1, keepdim=True) / FP8_MAX  # [out, 1]
+            quantized[f"{base}.weight_scale"] = full
+        else:
+            full = w.abs().max() / FP8_MAX  # []
+            quantized[f"{base}.weight_scale"] = full
+        quantized[name] = _to_fp8(w, full)
+        reference[name] = quantized[name].float() * full
+    quant: dict = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    if scheme == "block":
+        quant["weight_block_size"] = list(block)
+    if skip:
+        quant["ignored_layers"] = list(skip)
+    tag = f"fp8-{scheme}-{block[0]}-{len(skip)}"
+    return _write(src, root / tag, quantized, quant), _write(src, root / f"{tag}-ref", reference, None)
+
+
+def write_fp8_online_reference(src: Path, root: Path) -> Path:
+    """The float32 checkpoint online fp8 should behave as: every linear weight fp8-rounded per channel."""
+    state = load_file(str(next(src.glob("*.safetensors"))))
+    reference = dict(state)
+    for name in [n for n in state if n.endswith(".weight") and any(s in n for s in LINEAR_SUFFIXES)]:
+        reference[name] = fp8_online_reference(state[name])
+    return _write(src, root / "fp8-online-ref", reference, None)

@@ -19,10 +19,10 @@ SETTINGS = {
 }
 
 
-def assert_parity(quantized: Path, reference: Path, setting: str, method: str) -> None:
+def assert_parity(quantized: Path, reference: Path, setting: str, method: str, **options: object) -> None:
     prompts = _prompts()
     expected, expected_lp = hf_greedy(reference, prompts)
-    llm = LLM(str(quantized), device="cpu", dtype="float32", **SETTINGS[setting])
+    llm = LLM(str(quantized), device="cpu", dtype="float32", **SETTINGS[setting], **options)
     assert llm.llm_engine.config.quant.method == method
     outs = llm.generate(prompts, _greedy(logprobs=0), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected

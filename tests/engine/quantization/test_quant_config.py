@@ -12,6 +12,7 @@ import pytest
 from engine.config import EngineConfig
 from engine.model.quantization.awq import AWQConfig
 from engine.model.quantization.detect import resolve_quantization
+from engine.model.quantization.fp8 import Fp8Config
 from engine.model.quantization.gptq import GPTQConfig
 
 GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True, "sym": False}
@@ -73,7 +74,7 @@ def test_unquantized_checkpoint(tiny_llama_dir: Path) -> None:
         ({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": False}, r"zero_point=False"),
         (
             {"quant_method": "bitsandbytes"},
-            r"quant_method 'bitsandbytes' is not supported; weir reads gptq, awq",
+            r"quant_method 'bitsandbytes' is not supported; weir reads gptq, awq, fp8$",
         ),
     ],
 )
@@ -92,7 +93,7 @@ def test_squeezellm_is_refused(tmp_path: Path, tiny_llama_dir: Path) -> None:
 
 
 def test_option_must_agree_with_the_checkpoint(tmp_path: Path, tiny_llama_dir: Path) -> None:
-    with pytest.raises(ValueError, match=r"^quantization must be one of gptq, awq; got 'int3'"):
+    with pytest.raises(ValueError, match=r"^quantization must be one of gptq, awq, fp8; got 'int3'"):
         EngineConfig(model=str(tiny_llama_dir), quantization="int3")
     with pytest.raises(ValueError, match=r"^quantization='gptq', but .* has no quantization config"):
         EngineConfig(model=str(tiny_llama_dir), device="cpu", quantization="gptq").resolve()
@@ -100,3 +101,6 @@ def test_option_must_agree_with_the_checkpoint(tmp_path: Path, tiny_llama_dir: P
     with pytest.raises(ValueError, match=r"^quantization='awq', but the checkpoint is quantized with 'gptq'"):
         EngineConfig(model=str(d), device="cpu", quantization="awq").resolve()
     assert EngineConfig(model=str(d), device="cpu", quantization="gptq").resolve().quant.method == "gptq"
+    # fp8 is the one method weir applies to an unquantized checkpoint (online, per channel)
+    online = EngineConfig(model=str(tiny_llama_dir), device="cpu", quantization="fp8").resolve().quant
+    assert (online.method, online.linear) == ("fp8", Fp8Config(from_checkpoint=False))

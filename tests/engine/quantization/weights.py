@@ -35,8 +35,12 @@ def assert_weights_match_reference(model: LlamaForCausalLM, reference_dir: Path)
         head, _, last = name.rpartition(".")
         parts = FUSED.get(last, (last,))
         expected = torch.cat([ref[f"{head}.{p}.weight"] for p in parts])  # [out, in]
-        if hasattr(module, "codes"):
+        if hasattr(module, "codes"):  # GPTQ, AWQ
             got = dequantize(module.codes, module.zeros, module.scales, module.g_idx, torch.float32)
+            quantized += 1
+        elif module.weight.dtype == torch.float8_e4m3fn:
+            scale = module.weight_scale
+            got = module.weight.float() * (scale[:, None] if scale.dim() == 1 else scale)
             quantized += 1
         else:
             got = module.weight

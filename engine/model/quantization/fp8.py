@@ -1,0 +1,209 @@
+"""FP8 weights: `quant_method: "fp8"` checkpoints and online `quantization="fp8"`.
+
+Checkpoint tensors per linear layer (as vLLM's Fp8Config and transformers' FineGrainedFP8 read them):
+- `weight` float8_e4m3fn [out, in];
+- per tensor or per channel: `weight_scale` float32, a scalar per checkpoint module ([] or [1]) or
+  one per output row ([out] or [out, 1]); w = weight * scale;
+- block-wise (`weight_block_size` [bn, bk]): `weight_scale_inv` float32 [ceil(out / bn), ceil(in / bk)];
+  w[o, i] = weight[o, i] * scale_inv[o // bn, i // bk] (DeepSeek-V3's convention: despite the name,
+  the stored value multiplies).
+Online: the checkpoint's linear weights (any float dtype) are quantized at load, per output channel:
+scale = amax(|w[o]|) / 448, weight = round-to-fp8(w / scale).
+
+Per-tensor scales are expanded to one per output row at load, so a fused layer (q, k, v each with
+its own scalar) needs no requantization. `apply` dequantizes (w * scale in float32) and calls
+F.linear, which is the reference and the path on CPU and on GPUs without FP8 tensor cores; on CUDA
+devices of compute capability 8.9+ (Ada, Hopper, Blackwell) with bfloat16 activations and
+per-channel scales, it runs torch._scaled_mm on FP8 activations quantized per token on the fly
+(dynamic activation scales; W8A8). Block-wise weights always take the dequantizing path for now.
+Static activation scales (`input_scale`) are refused at start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.model.parameter import WeightLoader, set_weight_attrs
+from engine.model.quantization.base import LinearMethodBase, QuantizationConfig
+from engine.model.quantization.common import is_skipped
+from engine.model.quantization.unquantized import UnquantizedLinearMethod
+
+if TYPE_CHECKING:
+    from engine.model.layers.linear import LinearBase
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+
+
+@dataclass(frozen=True, slots=True)
+class Fp8Config(QuantizationConfig):
+    from_checkpoint: bool  # False: online, quantize the checkpoint's float weights at load
+    weight_block_size: tuple[int, int] | None = None  # (bn, bk): block-wise weight_scale_inv
+    skip_modules: tuple[str, ...] = ()  # ignored_layers / modules_to_not_convert
+    name: str = "fp8"
+
+    def get_linear_method(self, layer: LinearBase, prefix: str) -> LinearMethodBase:
+        if is_skipped(prefix, self.skip_modules):
+            return UnquantizedLinearMethod()
+        return Fp8LinearMethod(self)
+
+
+def fp8_matmul_supported(device: torch.device) -> bool:
+    """FP8 tensor cores: CUDA compute capability 8.9 (Ada) and above; never on CPU."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] float -> ([out, in] float8_e4m3fn, [out] float32 scales): online FP8."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / FP8_MAX  # [out]
+    return (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def _shard_rows(layer: nn.Module, shard_id: Any) -> tuple[int, int]:
+    """(first row, rows) of a fused layer's sub-matrix `shard_id` (q/k/v or 0/1), this rank."""
+    sizes = layer.output_partition_sizes
+    index = "qkv".index(shard_id) if isinstance(shard_id, str) else shard_id
+    return sum(sizes[:index]), sizes[index]
+
+
+class Fp8LinearMethod(LinearMethodBase):
+    def __init__(self, config: Fp8Config) -> None:
+        self.config = config
+
+    def create_weights(
+        self,
+        layer: nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        weight_loader: WeightLoader,
+    ) -> None:
+        del input_size, output_size
+        prefix = getattr(layer, "prefix", "")
+        if getattr(layer, "tp_size", 1) > 1:
+            raise ValueError(f"FP8 layer {prefix}: tensor parallelism is not supported yet")
+        out = sum(output_partition_sizes)
+        cfg = self.config
+
+        def register(name: str, tensor: torch.Tensor, attrs: dict) -> None:
+            param = nn.Parameter(tensor, requires_grad=False)
+            set_weight_attrs(param, attrs)
+            layer.register_parameter(name, param)
+
+        weight_attrs = {"input_dim": 1, "output_dim": 0}
+        if not cfg.from_checkpoint:  # online: the checkpoint's float weight, quantized after loading
+            register(
+                "weight",
+                torch.empty(out, input_size_per_partition, dtype=params_dtype),
+                {**weight_attrs, "weight_loader": weight_loader},
+            )
+            return
+        register(
+            "weight",
+            torch.empty(out, input_size_per_partition, dtype=FP8_DTYPE),
+            {**weight_attrs, "weight_loader": _fp8_only(weight_loader, f"{prefix}.weight")},
+        )
+        if cfg.weight_block_size is not None:
+            bn, bk = cfg.weight_block_size
+            if any(size % bn for size in output_partition_sizes):
+                raise ValueError(
+                    f"FP8 layer {prefix}: output sizes {output_partition_sizes} are not multiples of "
+                    f"weight_block_size[0] {bn}"
+                )
+            # [out / bn, ceil(in / bk)]; whole along the input (one rank)
+            register(
+                "weight_scale_inv",
+                torch.empty(out // bn, -(-input_size_per_partition // bk), dtype=torch.float32),
+                {"output_dim": 0, "packed_dim": 0, "pack_factor": bn, "weight_loader": weight_loader},
+            )
+            return
+        # [out]: a per-tensor scale fills its sub-matrix's rows, a per-channel one is copied as is
+        register(
+            "weight_scale",
+            torch.empty(out, dtype=torch.float32),
+            {"output_dim": 0, "weight_loader": self._scale_loader(layer, weight_loader)},
+        )
+
+    @staticmethod
+    def _scale_loader(layer: nn.Module, weight_loader: WeightLoader) -> WeightLoader:
+        def load(param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+            if loaded_weight.numel() != 1:  # per channel: [rows] or [rows, 1]
+                weight_loader(param, loaded_weight.reshape(-1).float(), shard_id)
+                return
+            first, rows = (0, param.shape[0]) if shard_id is None else _shard_rows(layer, shard_id)
+            param.data[first : first + rows] = loaded_weight.float().reshape(())
+
+        return load
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        cfg = self.config
+        if not cfg.from_checkpoint:
+            weight, scale = quantize_per_channel(layer.weight.data)
+            del layer.weight
+            layer.register_parameter("weight", nn.Parameter(weight, requires_grad=False))
+            layer.register_buffer("weight_scale", scale)
+        elif cfg.weight_block_size is None:
+            scale = layer.weight_scale.data
+            del layer.weight_scale
+            layer.register_buffer("weight_scale", scale)  # [out] float32
+        else:
+            bn, bk = cfg.weight_block_size
+            out_features, in_features = layer.weight.shape
+            blocks = layer.weight_scale_inv.data
+            del layer.weight_scale_inv
+            # [out, in] float32: the block scales expanded once, so apply is one multiply
+            expanded = blocks.repeat_interleave(bn, 0)[:out_features].repeat_interleave(bk, 1)[
+                :, :in_features
+            ]
+            layer.register_buffer("weight_scale", expanded.contiguous())
+        layer.fp8_scaled_mm = (
+            fp8_matmul_supported(layer.weight.device)
+            and layer.weight_scale.dim() == 1
+            and all(n % 16 == 0 for n in layer.weight.shape)
+        )
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if layer.fp8_scaled_mm and x.dtype == torch.bfloat16:
+            return _scaled_mm_linear(x, layer.weight, layer.weight_scale, bias)
+        scale = layer.weight_scale
+        scale = scale[:, None] if scale.dim() == 1 else scale  # [out, 1] or [out, in]
+        w = (layer.weight.float() * scale).to(x.dtype)  # [out, in]
+        return F.linear(x, w, bias)
+
+
+def _scaled_mm_linear(
+    x: torch.Tensor,  # [..., in] bfloat16
+    weight: torch.Tensor,  # [out, in] float8_e4m3fn
+    weight_scale: torch.Tensor,  # [out] float32
+    bias: torch.Tensor | None,
+) -> torch.Tensor:  # [..., out] bfloat16
+    """W8A8 on FP8 tensor cores: activations quantized per token (dynamic scales, no host sync, so
+    CUDA graphs capture it), one cuBLASLt GEMM with row-wise scales on both sides."""
+    x2 = x.reshape(-1, x.shape[-1])  # [M, in]
+    x_scale = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX  # [M, 1]
+    xq = (x2.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    out = torch._scaled_mm(
+        xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), out_dtype=torch.bfloat16
+    )  # [M, out]
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _fp8_only(weight_loader: WeightLoader, name: str) -> WeightLoader:
+    def load(param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+        if loaded_weight.dtype != FP8_DTYPE:
+            raise ValueError(
+                f"{name}: an fp8 checkpoint's weight must be float8_e4m3fn; got {loaded_weight.dtype}"
+            )
+        weight_loader(param, loaded_weight, shard_id)
+
+    return load

@@ -106,3 +106,41 @@ def test_keep_alive_requests_each_get_the_full_bounds(strict_server: LiveServer)
         for _ in range(5):
             s.sendall(HEAD + b"X-A: " + b"a" * 4000 + b"\r\n\r\n")
             assert read_response(s)[0] == 200
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's RSS from /proc")
+def test_endless_heads_on_four_connections_cost_no_memory(server: LiveServer) -> None:
+    """The issue's attack (4 x 200 MB of header, here 4 x 20 MB): each connection is answered and
+    closed after the bound, the server's memory does not grow with what is sent, /health stays fast."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    payload = HEAD + b"X-Big: " + b"a" * (20 << 20)  # never ends
+
+    def attack(_: int) -> int:
+        with connect(server.base_url, timeout=30) as s:
+            send_all_until_closed(s, payload)
+            try:
+                return read_response(s)[0]
+            except ConnectionResetError:
+                return 0
+
+    before = _rss_bytes()
+    with ThreadPoolExecutor(4) as pool:
+        attacks = [pool.submit(attack, i) for i in range(4)]
+        worst = 0.0
+        while not all(a.done() for a in attacks):
+            t0 = time.perf_counter()
+            assert httpx.get(server.base_url + "/health").status_code == 200
+            worst = max(worst, time.perf_counter() - t0)
+        statuses = [a.result() for a in attacks]
+    assert all(s in (431, 0) for s in statuses), statuses  # 0: the reset beat the answer
+    assert _rss_bytes() - before < 30 << 20
+    assert worst < 1.0

@@ -41,7 +41,7 @@ from tests.tiny_models import build_model, build_tokenizer  # noqa: E402
 _PHASES = (
     ("engine.schedule", "schedule"),
     ("engine.update", "update (engine)"),
-    ("engine._make_output", "  of which outputs"),
+    ("engine.output_processor._make_output", "  of which outputs"),
     ("engine.scheduler.update_from_output", "  of which scheduler update"),
     ("runner._update_states", "runner state diff"),
     ("runner._build_inputs", "runner input building"),

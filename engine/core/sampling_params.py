@@ -19,7 +19,7 @@ MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 1024
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS_ENTRIES = 1024
-OUTPUT_KINDS = ("cumulative", "final_only")
+OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 
 
 @dataclass(slots=True)
@@ -45,8 +45,10 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
-    # "cumulative": an output after every step that adds tokens (streaming); "final_only": only the
-    # finished output (what LLM.generate and non-streaming requests need; saves host work per step).
+    # "cumulative": an output after every step that adds tokens, with the whole sequence so far and
+    # what the step added; "delta": an output after every step with only what it added, the whole
+    # sequence once, when finished (the cheapest stream); "final_only": only the finished output
+    # (what LLM.generate and non-streaming requests need). engine/outputs/output_processor.py.
     output_kind: str = "cumulative"
     # Filled by the input processor (stop_token_ids plus EOS unless ignore_eos); not a user field.
     all_stop_token_ids: frozenset[int] = frozenset()

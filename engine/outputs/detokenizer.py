@@ -78,6 +78,8 @@ class IncrementalDetokenizer:
     @property
     def output_text(self) -> str:
         """The text so far, as streamed: while running, the held-back tail is not included yet."""
+        if self._holdback == 0 or self.finished or self.stop_string is not None:
+            return self._text  # the common case, read every step: no call, no slice
         return self._text[: self._visible_end()]
 
     def update(self, new_token_ids: list[int], stop_terminated: bool = False) -> str | None:
@@ -120,10 +122,15 @@ class IncrementalDetokenizer:
 
     def get_next_delta(self) -> str:
         """Text not returned before; the joined deltas always equal output_text."""
-        end = self._visible_end()
+        text = self._text
+        # _visible_end(), inlined: this runs for every stream every step.
+        if self._holdback == 0 or self.finished or self.stop_string is not None:
+            end = len(text)
+        else:
+            end = max(len(text) - self._holdback, 0)
         if end <= self._sent:
             return ""
-        delta = self._text[self._sent : end]
+        delta = text[self._sent : end]
         self._sent = end
         return delta
 

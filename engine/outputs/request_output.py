@@ -1,7 +1,15 @@
-"""What the engine hands back to callers, with vLLM's names (`RequestOutput`, `CompletionOutput`)."""
+"""What the engine hands back to callers, with vLLM's names (`RequestOutput`, `CompletionOutput`).
+
+Which fields an output fills depends on the request's `output_kind` (engine/outputs/output_processor.py):
+the `*_delta` fields always hold what this output adds since the request's previous one; the whole
+sequence (`text`, `token_ids`, `logprobs`) is on every output of a "cumulative" request (token ids and
+logprobs as snapshots, possibly read-only views, while it runs) and on the finished output of every
+request.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -20,14 +28,15 @@ PositionLogprobs = dict[int, Logprob]
 class CompletionOutput:
     index: int
     text: str
-    token_ids: list[int]
+    token_ids: Sequence[int]  # a list, or a read-only PrefixView on a running cumulative output
     cumulative_logprob: float | None = None
-    logprobs: list[PositionLogprobs] | None = None
+    logprobs: Sequence[PositionLogprobs] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
-    # Streaming: the text and tokens added since the previous output of this request.
+    # Streaming: the text, tokens and logprobs added since the previous output of this request.
     text_delta: str = ""
     token_ids_delta: list[int] = field(default_factory=list)
+    logprobs_delta: list[PositionLogprobs] | None = None
 
     @property
     def finished(self) -> bool:

@@ -84,7 +84,7 @@ def test_bad_input_raises_value_error(llm: LLM, prompt, params: SamplingParams, 
         ({"stop": [""]}, "stop"),
         ({"logit_bias": {5: 101.0}}, "logit_bias"),
         ({"seed": "x"}, "seed"),
-        ({"output_kind": "delta"}, "output_kind"),
+        ({"output_kind": "partial"}, "output_kind"),
     ],
 )
 def test_invalid_sampling_params_name_the_field(kwargs: dict, field: str) -> None:

@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.model.parameter import WeightLoader, set_weight_attrs
 from engine.model.quantization.base import LinearMethodBase, QuantizationConfig
-from engine.model.quantization.common import dequantize, is_skipped, unpacking_loader
+from engine.model.quantization.common import apply_weight_only, is_skipped, unpacking_loader
 from engine.model.quantization.packing import AWQ_PACK_ORDER, unpack_cols
 from engine.model.quantization.unquantized import UnquantizedLinearMethod
 
@@ -120,8 +119,8 @@ class AWQLinearMethod(LinearMethodBase):
         layer.register_buffer("codes", codes.t().contiguous())  # [out, in] uint8
         layer.register_buffer("zeros", zeros.t().contiguous())  # [out, G] float32
         layer.register_buffer("scales", scales.t().contiguous())  # [out, G] float32
-        layer.register_buffer("g_idx", None)  # contiguous groups: the same layout as GPTQ's
+        layer.register_buffer("g_idx", None)  # contiguous groups in the checkpoint's input order:
+        layer.register_buffer("perm", None)  # the same layout as GPTQ's
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        w = dequantize(layer.codes, layer.zeros, layer.scales, layer.g_idx, x.dtype)  # [out, in]
-        return F.linear(x, w, bias)
+        return apply_weight_only(layer, x, bias)

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from engine.model.parameter import WeightLoader, WeightShapeError
 
@@ -91,3 +93,13 @@ def dequantize(
         return w.view(out_features, in_features).to(dtype)
     w = (q.float() - zeros[:, g_idx]) * scales[:, g_idx]
     return w.to(dtype)
+
+
+def apply_weight_only(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x w^T + b for a layer holding codes/zeros/scales/g_idx/perm (GPTQ, AWQ after loading):
+    [tokens, in] -> [tokens, out]. With `perm` the codes' input columns are in group order, so x's
+    columns are gathered the same way."""
+    if layer.perm is not None:
+        x = x.index_select(-1, layer.perm)  # [tokens, in] in the codes' column order
+    w = dequantize(layer.codes, layer.zeros, layer.scales, layer.g_idx, x.dtype)  # [out, in]
+    return F.linear(x, w, bias)

@@ -12,7 +12,9 @@ w[i, o] = (code[i, o] - zero[g_idx[i], o]) * scale[g_idx[i], o]; y = x w.
 Reference: GPTQModel, gptqmodel/nn_modules/qlinear/__init__.py, BaseQuantLinear.dequantize_weight.
 
 The post-load hook unpacks the codes to uint8 [out, in] and the zeros and scales to float32
-[out, G], so `apply` dequantizes with one fused elementwise expression and calls F.linear.
+[out, G], so `apply` dequantizes with one fused elementwise expression and calls F.linear. Act order
+(desc_act) is turned into a load-time permutation of the input columns (engine: `perm`), leaving
+contiguous groups, the layout the fused kernel (triton_wna16.py) reads.
 """
 
 from __future__ import annotations
@@ -21,13 +23,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.model.parameter import WeightLoader, set_weight_attrs
 from engine.model.quantization.base import LinearMethodBase, QuantizationConfig
 from engine.model.quantization.common import (
-    dequantize,
+    apply_weight_only,
     is_skipped,
     same_on_every_shard_loader,
     unpacking_loader,
@@ -151,14 +152,26 @@ class GPTQLinearMethod(LinearMethodBase):
         zeros = (layer.qzeros.data & mask).float() + (1.0 if cfg.checkpoint_format == "gptq" else 0.0)
         scales = layer.scales.data.float()  # [G, out]
         in_features = codes.shape[0]
-        contiguous = torch.arange(in_features, device=g_idx.device) // (in_features // groups)
+        group_size = in_features // groups
+        contiguous = torch.arange(in_features, device=g_idx.device) // group_size
+        perm = None
+        if not torch.equal(g_idx, contiguous) and bool(
+            (torch.bincount(g_idx, minlength=groups) == group_size).all()
+        ):
+            # Act order with full groups (as GPTQ writes it): sort the input columns by group once,
+            # here, so the groups are contiguous; each call then gathers x's columns ([tokens, in])
+            # instead of the scales and zeros ([out, in]).
+            perm = torch.argsort(g_idx, stable=True)  # [in]
+            codes = codes[perm]
+            g_idx = contiguous
         del layer.qweight, layer.qzeros, layer.scales, layer.g_idx
-        layer.register_buffer("codes", codes.t().contiguous())  # [out, in] uint8
+        layer.register_buffer("codes", codes.t().contiguous())  # [out, in] uint8, in perm order
         layer.register_buffer("zeros", zeros.t().contiguous())  # [out, G] float32
         layer.register_buffer("scales", scales.t().contiguous())  # [out, G] float32
-        # None: groups are contiguous (no act order), and dequantize reshapes instead of gathering
+        layer.register_buffer("perm", perm)  # None: the input order is the checkpoint's
+        # None: groups are contiguous, and dequantize reshapes instead of gathering (else: uneven
+        # act-order groups, gathered per call)
         layer.register_buffer("g_idx", None if torch.equal(g_idx, contiguous) else g_idx)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        w = dequantize(layer.codes, layer.zeros, layer.scales, layer.g_idx, x.dtype)  # [out, in]
-        return F.linear(x, w, bias)
+        return apply_weight_only(layer, x, bias)

@@ -59,9 +59,11 @@ def test_gptq_loads_exactly_the_dequantized_weights(
     assert method == "gptq"
     model = load_quantized(quantized, config)
     assert assert_weights_match_reference(model, reference) == 2 * 4  # qkv, o, gate_up, down per layer
-    # act order keeps its gather; contiguous groups (or a single one) reshape instead
+    # act order becomes a load-time column permutation; groups are then contiguous everywhere
     act_order = variant[2] and variant[1] != -1
-    assert (model.model.layers[0].mlp.down_proj.g_idx is not None) == act_order  # in 256
+    down_proj = model.model.layers[0].mlp.down_proj  # in 256: more than one group
+    assert (down_proj.perm is not None) == act_order
+    assert down_proj.g_idx is None
 
 
 @pytest.mark.parametrize(
@@ -106,3 +108,34 @@ def test_gptq_corrupt_g_idx_is_refused_naming_the_layer(
         match=r"GPTQ layer model\.layers\.1\.mlp\.down_proj: g_idx holds groups in \[0, 7\], outside the 2 groups",
     ):
         load_quantized(bad, config)
+
+
+@pytest.mark.parametrize("full_groups", [True, False])
+def test_gptq_act_order_layer_matches_dequantize_then_matmul(full_groups: bool) -> None:
+    """Full act-order groups become a load-time column permutation; uneven ones (not what GPTQ
+    writes, but a valid g_idx) keep a per-call gather. Both compute x w^T with w from the spec."""
+    from engine.model.layers.linear import RowParallelLinear
+    from engine.model.quantization.gptq import GPTQConfig
+    from engine.model.quantization.packing import pack_cols, pack_rows
+    from tests.engine.quantization.checkpoints import dequantized, quantize_groups
+
+    gen = torch.Generator().manual_seed(3)
+    in_features, out_features, group_size = 128, 32, 32
+    g_idx = torch.randperm(in_features, generator=gen) // group_size
+    if not full_groups:
+        g_idx = torch.randint(0, in_features // group_size, (in_features,), generator=gen)
+    w = torch.randn(out_features, in_features, generator=gen) * 0.05
+    codes, zeros, scales = quantize_groups(w, 4, g_idx, in_features // group_size, sym=False)
+    layer = RowParallelLinear(
+        in_features, out_features, quant_config=GPTQConfig(4, group_size, True, False, "gptq_v2"), prefix="p"
+    )
+    layer.weight_loader(layer.qweight, pack_rows(codes.t(), 4))
+    layer.qzeros.weight_loader(layer.qzeros, pack_cols(zeros, 4))
+    layer.weight_loader(layer.scales, scales)
+    layer.g_idx.weight_loader(layer.g_idx, g_idx.to(torch.int32))
+    layer.quant_method.process_weights_after_loading(layer)
+    assert (layer.perm is not None) == full_groups
+    assert (layer.g_idx is not None) == (not full_groups)
+    x = torch.randn(5, in_features, generator=gen)
+    expected = x @ dequantized(codes, zeros, scales, g_idx).t()
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)

@@ -37,6 +37,10 @@ def assert_weights_match_reference(model: LlamaForCausalLM, reference_dir: Path)
         expected = torch.cat([ref[f"{head}.{p}.weight"] for p in parts])  # [out, in]
         if hasattr(module, "codes"):  # GPTQ, AWQ
             got = dequantize(module.codes, module.zeros, module.scales, module.g_idx, torch.float32)
+            if module.perm is not None:  # columns stored in group order: put them back
+                unpermuted = torch.empty_like(got)
+                unpermuted[:, module.perm] = got
+                got = unpermuted
             quantized += 1
         elif module.weight.dtype == torch.float8_e4m3fn:
             scale = module.weight_scale

@@ -186,6 +186,8 @@ def _resolve_quantization(model_path: str, requested: str | None) -> QuantConfig
     from engine.model.quantization.detect import resolve_quantization  # noqa: PLC0415 (imports torch)
 
     method, source, linear = resolve_quantization(model_path, requested)
+    if linear is not None:
+        logger.info("quantization: %s, from %s: %s", method, source, linear)
     return QuantConfig(method=method, source=source, linear=linear)
 
 

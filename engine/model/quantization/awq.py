@@ -103,7 +103,7 @@ class AWQLinearMethod(LinearMethodBase):
         register(
             "qzeros",
             torch.empty(groups, out, dtype=torch.int32),
-            {**grouped, "weight_loader": unpacking_loader(weight_loader, _unpack_awq)},
+            {**grouped, "weight_loader": unpacking_loader(weight_loader, _unpack_awq, f"{prefix}.qzeros")},
         )
         register(
             "scales",

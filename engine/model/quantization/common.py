@@ -45,12 +45,14 @@ def is_skipped(prefix: str, skip: tuple[str, ...]) -> bool:
     return all(hits)
 
 
-def unpacking_loader(loader: WeightLoader, unpack: Callable[[torch.Tensor], torch.Tensor]) -> WeightLoader:
+def unpacking_loader(
+    loader: WeightLoader, unpack: Callable[[torch.Tensor], torch.Tensor], name: str
+) -> WeightLoader:
     """The layer's loader, fed the unpacked checkpoint tensor (the parameter holds it unpacked)."""
 
     def load(param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
         if loaded_weight.dtype != torch.int32:
-            raise ValueError(f"packed zero points must be int32; got {loaded_weight.dtype}")
+            raise ValueError(f"{name}: packed zero points must be int32; got {loaded_weight.dtype}")
         loader(param, unpack(loaded_weight).to(torch.int32), shard_id)
 
     return load

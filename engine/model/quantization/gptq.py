@@ -118,7 +118,7 @@ class GPTQLinearMethod(LinearMethodBase):
             {
                 **grouped,
                 "output_dim": 1,
-                "weight_loader": unpacking_loader(weight_loader, self._unpack_zeros),
+                "weight_loader": unpacking_loader(weight_loader, self._unpack_zeros, f"{prefix}.qzeros"),
             },
         )
         # [G, out] fp16, as stored (converting to a bf16 model dtype would round them)

@@ -84,3 +84,25 @@ def test_awq_mismatched_packed_tensor_names_parameter_and_shapes(
         match=r"parameter model\.layers\.0\.self_attn\.o_proj\.qweight .*checkpoint has \(128, 8\), the model expects \(128, 16\)",
     ):
         load_quantized(bad, config)
+
+
+def test_awq_qzeros_of_another_dtype_is_refused_naming_it(
+    wide_llama_dir: Path, awq_root: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    quantized, _ = _checkpoint(wide_llama_dir, awq_root, 64)
+    bad = tmp_path / "bad"
+    shutil.copytree(quantized, bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    name = "model.layers.1.self_attn.k_proj.qzeros"
+    tensors[name] = tensors[name].to(torch.int64)
+    save_file(tensors, str(bad / "model.safetensors"))
+    _, _, config = resolve_quantization(bad, None)
+    with pytest.raises(
+        ValueError,
+        match=r"^model\.layers\.1\.self_attn\.qkv_proj\.qzeros: packed zero points must be int32; got torch.int64$",
+    ):
+        load_quantized(bad, config)

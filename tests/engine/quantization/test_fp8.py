@@ -94,3 +94,24 @@ def test_online_fp8_quantizes_per_channel_at_load(wide_llama_dir: Path, tmp_path
     reference = write_fp8_online_reference(wide_llama_dir, tmp_path)
     assert_weights_match_reference(model, reference)
     assert_parity(wide_llama_dir, reference, "default", "fp8", quantization="fp8")
+
+
+def test_fp8_weight_of_another_dtype_is_refused_naming_it(
+    wide_llama_dir: Path, fp8_root: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from safetensors.torch import save_file
+
+    quantized, _ = _checkpoint(wide_llama_dir, fp8_root, "tensor", block=(64, 64))
+    bad = tmp_path / "bad"
+    shutil.copytree(quantized, bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    tensors[name] = tensors[name].to(torch.bfloat16)
+    save_file(tensors, str(bad / "model.safetensors"))
+    _, _, config = resolve_quantization(bad, None)
+    with pytest.raises(
+        ValueError, match=rf"^{name}: an fp8 checkpoint's weight must be float8_e4m3fn; got torch.bfloat16$"
+    ):
+        load_quantized(bad, config)

@@ -29,6 +29,7 @@ from loadtest.common import (  # noqa: E402
     default_max_model_len,
     engine_info,
     engine_kwargs,
+    engine_runner,
     free_engine,
     install_signal_handlers,
     phase,
@@ -125,7 +126,7 @@ def measure_peer(peer: HFPeer, args: argparse.Namespace, bs: int, id_max: int) -
 
 def engine_weight_bytes(llm: Any) -> int | None:
     """Bytes of the engine's own parameters, when its model is reachable (cross-checks the config count)."""
-    model = getattr(getattr(llm.llm_engine, "runner", None), "model", None)
+    model = getattr(engine_runner(llm), "model", None)
     if model is None:
         return None
     try:

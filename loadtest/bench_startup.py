@@ -35,6 +35,7 @@ from loadtest.common import (  # noqa: E402
     build_llm,
     copy_bandwidth_phase,
     engine_kwargs,
+    engine_runner,
     free_engine,
     install_signal_handlers,
     phase,
@@ -205,7 +206,7 @@ def timed_startup(model: Any, kwargs: dict[str, Any], prompt: list[int], max_tok
         llm.generate([prompt], sampling_params(max_tokens, 0.0), use_tqdm=False)
         first_s = time.perf_counter() - t0
         engine = llm.llm_engine
-        runner = getattr(engine, "runner", None)
+        runner = engine_runner(llm)
         attrs = _timing_attributes(engine) | {f"runner.{k}": v for k, v in _timing_attributes(runner).items()}
         # The runner's own start-up split, where it keeps one (weights_load_s, profile_s, kv_alloc_s, ...).
         runner_timings = getattr(runner, "timings", None)

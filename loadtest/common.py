@@ -217,10 +217,16 @@ def build_llm(model: ModelChoice, kwargs: dict[str, Any]) -> tuple[Any, float]:
     return llm, time.perf_counter() - t0
 
 
+def engine_runner(llm: Any) -> Any:
+    """The in-process model runner behind an LLM or LLMEngine (through its executor), or None."""
+    engine = getattr(llm, "llm_engine", llm)
+    return getattr(getattr(engine, "executor", None), "runner", None)
+
+
 def engine_info(llm: Any) -> dict[str, Any]:
     """What the engine resolved at start-up (read defensively: these are not a stable API)."""
     engine = getattr(llm, "llm_engine", llm)
-    runner = getattr(engine, "runner", None)
+    runner = engine_runner(llm)
     info: dict[str, Any] = {}
     for name, obj, attr in (
         ("startup_s", engine, "startup_seconds"),

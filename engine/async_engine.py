@@ -11,6 +11,12 @@ Bookkeeping (scheduler, detokenizers, request channels) is only touched on the e
 no locks; the worker thread only runs the device half of the engine's step pipeline
 (engine/executor/step_pipeline.py: launch step N+1, wait for step N). Cancelling a request's stream
 aborts it at once, and its KV blocks are freed before the next step is scheduled.
+
+Lifetime: the step-loop task holds the engine strongly only while there is work; parked waiting for
+work it holds a weak reference, so dropping the last reference to a started engine (nothing in
+flight) frees the model and KV cache by reference counting, with no cycle left for the garbage
+collector. A finalizer then wakes the loop, which finds the engine gone and ends, and shuts down the
+worker thread. `shutdown()` (or `async with`) remains the way to stop one deliberately.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -25,6 +32,7 @@ from typing import Any
 from engine.config import EngineConfig
 from engine.core.sampling_params import SamplingParams
 from engine.errors import EngineDeadError, EngineDrainingError, QueueFullError
+from engine.executor.step_loop_times import StepLoopTimes
 from engine.executor.step_pipeline import StepWork
 from engine.llm_engine import LLMEngine
 from engine.outputs.output_channel import OutputChannel
@@ -57,6 +65,8 @@ class AsyncEngine:
         self._idle: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weir-gpu")
+        # Dropped without shutdown(): the worker thread ends too (the finalizer must not refer to self).
+        weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True).atexit = False
         # The engine's step phases; this loop adds idle and loop_delay (engine/step_loop_times.py).
         self.step_loop_times = self.engine.step_times
         self._worker_done = 0.0  # perf_counter when the worker last returned
@@ -77,8 +87,14 @@ class AsyncEngine:
         self._work_available = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._warm_up)
-        self._loop_task = asyncio.create_task(self._step_loop(), name="weir-step-loop")
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._warm_up)
+        self._loop_task = asyncio.create_task(
+            _step_loop(weakref.ref(self), self._work_available, self.step_loop_times),
+            name="weir-step-loop",
+        )
+        # Dropped without shutdown(): wake the parked loop so that it sees the engine gone and ends.
+        weakref.finalize(self, _wake, loop, self._work_available).atexit = False
         self.warm = True
 
     def _warm_up(self) -> None:
@@ -92,9 +108,9 @@ class AsyncEngine:
 
     async def shutdown(self, timeout: float = 0.0) -> None:
         """Stop taking requests, let in-flight ones finish for up to `timeout` s, abort the rest, stop,
-        and free the model, KV cache and graphs. A started engine must be shut down (or used with
-        `async with`) to free them promptly: its step-loop task, parked on the engine's own event,
-        refers back to the engine, so dropping it would leave that to the garbage collector."""
+        and free the model, KV cache and graphs at once, even while the engine is still referenced
+        (`async with` calls it on exit). Dropping the last reference to an idle engine frees them
+        too (see the module docstring)."""
         self.begin_drain()
         if self._idle is not None and self.engine.has_unfinished_requests():
             try:
@@ -261,22 +277,18 @@ class AsyncEngine:
         finally:
             self.step_loop_times.loop_delay += max(time.perf_counter() - self._worker_done, 0.0)
 
-    async def _step_loop(self) -> None:
-        loop = asyncio.get_running_loop()
+    async def _serve_until_idle(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Step while there is work, then mark the engine idle and return (the caller parks). Holds
+        the engine strongly for the whole busy spell, so the per-step path resolves nothing."""
         engine = self.engine
         pipeline = engine.pipeline
-        times = self.step_loop_times
-        clock = time.perf_counter
         assert self._work_available is not None and self._idle is not None
         try:
             while True:
                 if not engine.has_unfinished_requests() and not pipeline.in_flight:
                     self._idle.set()
                     self._work_available.clear()
-                    start = clock()
-                    await self._work_available.wait()
-                    times.idle += clock() - start
-                    continue
+                    return
                 scheduler_output = engine.schedule()
                 work = pipeline.prepare(scheduler_output)
                 if work is None:
@@ -304,3 +316,31 @@ class AsyncEngine:
                     c.finish_reason = "error"
                 self._deliver(out)
             raise
+
+
+async def _step_loop(
+    engine_ref: weakref.ref[AsyncEngine], work_available: asyncio.Event, times: StepLoopTimes
+) -> None:
+    """The engine's step-loop task. A function, not a method, so that while parked on
+    `work_available` it holds only a weak reference to the engine (and the event and the times, which
+    own nothing): a task referring to the engine would be a cycle (engine -> task -> engine) that only
+    the garbage collector frees. Resolved once per busy spell, not per step."""
+    loop = asyncio.get_running_loop()
+    clock = time.perf_counter
+    while True:
+        engine = engine_ref()
+        if engine is None:
+            return  # dropped without shutdown(); _wake woke us to end
+        await engine._serve_until_idle(loop)
+        del engine  # if this was the last reference, the engine is freed here and _wake is queued
+        start = clock()
+        await work_available.wait()
+        times.idle += clock() - start
+
+
+def _wake(loop: asyncio.AbstractEventLoop, work_available: asyncio.Event) -> None:
+    """Finalizer of a started engine: wake its parked step loop (from whatever thread dropped it)."""
+    try:
+        loop.call_soon_threadsafe(work_available.set)
+    except RuntimeError:  # the loop is closed; asyncio.run cancelled the task with it
+        pass

@@ -99,19 +99,56 @@ def test_shutdown_frees_at_once_and_generate_then_raises(tiny_llama_dir: Path, n
         second.generate("hello", GREEDY, use_tqdm=False)
 
 
+async def _generate(engine: AsyncEngine, request_id: str) -> list[int]:
+    final = None
+    async for out in engine.generate([5, 6, 7], GREEDY, request_id):
+        final = out
+    assert final is not None and final.finished
+    return final.outputs[0].token_ids
+
+
 def test_async_engine_shutdown_releases_the_device(tiny_llama_dir: Path, no_gc: None) -> None:
-    async def run() -> tuple[dict[str, weakref.ref], list[int]]:
+    async def run() -> list[int]:
         async with AsyncEngine(EngineConfig(model=str(tiny_llama_dir), **OPTIONS)) as engine:
             refs = _device_refs(engine.engine)
             del refs["engine"], refs["runner"]
-            final = None
-            async for out in engine.generate([5, 6, 7], GREEDY, "r1"):
-                final = out
-            assert final is not None and final.finished
-            token_ids = final.outputs[0].token_ids
+            loop_task = engine._loop_task
+            workers = list(engine._executor._threads)
+            token_ids = await _generate(engine, "r1")
+            assert loop_task is not None and not loop_task.done() and len(workers) == 1
+        # Leaving the block shut it down, while `engine` is still a name here.
         assert _alive(refs) == [] and not engine.is_healthy and engine.is_draining
+        assert loop_task.cancelled()
+        assert not workers[0].is_alive()
         assert engine.stats().num_running == 0
-        return refs, token_ids
+        return token_ids
 
-    _, token_ids = asyncio.run(run())
-    assert len(token_ids) == 6
+    assert len(asyncio.run(run())) == 6
+
+
+def test_dropping_a_started_async_engine_frees_the_device_without_gc(
+    tiny_llama_dir: Path, no_gc: None
+) -> None:
+    """No shutdown(): the last reference goes and the step loop, parked waiting for work, lets go of
+    the engine, notices it is gone and ends; the worker thread ends with it."""
+
+    async def run() -> list[int]:
+        engine = AsyncEngine(EngineConfig(model=str(tiny_llama_dir), **OPTIONS))
+        await engine.start()
+        token_ids = await _generate(engine, "r1")
+        refs = _device_refs(engine.engine)
+        refs["async_engine"] = weakref.ref(engine)
+        loop_task = engine._loop_task
+        workers = list(engine._executor._threads)
+        assert loop_task is not None and len(workers) == 1 and _alive(refs) == list(refs)
+        del engine
+        # The loop may still be draining the step launched after the last token; it ends on its own
+        # once the engine is gone (awaiting it is the event), and by then everything is freed.
+        await asyncio.wait_for(asyncio.shield(loop_task), timeout=10)
+        assert loop_task.result() is None
+        assert _alive(refs) == []
+        workers[0].join(timeout=10)
+        assert not workers[0].is_alive()
+        return token_ids
+
+    assert len(asyncio.run(run())) == 6

@@ -21,7 +21,7 @@ import uuid
 from typing import Any
 
 from app.errors import bad_request
-from app.generation import check_prompt_chars
+from app.prompt_processing import check_prompt_chars
 from app.protocol import ChatMessage
 from app.state import AppState
 

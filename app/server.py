@@ -27,10 +27,10 @@ from app.chat_render import render_chat
 from app.completions import create_completion
 from app.config import ServerConfig
 from app.errors import APIError, bad_request
-from app.generation import check_token_ids, encoder
 from app.http import APIKeyMiddleware, api_route, read_json
 from app.logging import get_logger
 from app.openapi import build_openapi
+from app.prompt_processing import check_token_ids
 from app.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -39,6 +39,7 @@ from app.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from app.sse import encoder
 from app.state import AppState
 from engine.protocol import EngineClient
 

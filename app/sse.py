@@ -1,4 +1,5 @@
-"""The SSE response of the streaming routes. A hot path, kept minimal on purpose.
+"""The SSE response of the streaming routes, and the framing of its events. A hot path, kept minimal
+on purpose.
 
 Each streamed token is one event, and the event loop that sends them also runs the engine's step
 loop, so the per-event work is held to the ASGI send itself: the body iterator yields bytes that are
@@ -21,11 +22,45 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Mapping
 from datetime import datetime, timezone
+from typing import Any
 
+import msgspec
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from app.http import wait_for_disconnect
+
+encoder = msgspec.json.Encoder()
+
+DONE = b"data: [DONE]\n\n"
+
+
+def sse(obj: Any) -> bytes:
+    """One event: `data: <obj as JSON>\n\n`."""
+    return b"data: " + encoder.encode(obj) + b"\n\n"
+
+
+class ChunkFrame:
+    """Frames one stream chunk as `data: {...}\n\n`, with the fields every chunk of a response shares
+    (id, created, model, object) encoded once per response: per chunk only the choice is encoded.
+
+    Built from the response's chunk with no choices; `frame(choice)` is byte for byte
+    `sse(<that chunk with choices=[choice]>)`. The split is safe: a JSON string cannot hold the
+    unescaped `"choices":[]` that marks it.
+    """
+
+    __slots__ = ("head", "tail")
+
+    def __init__(self, empty_chunk: Any) -> None:
+        body = encoder.encode(empty_chunk)
+        head, marker, rest = body.partition(b'"choices":[]')
+        if not marker:
+            raise ValueError(f"not a chunk with an empty choices list: {body[:200]!r}")
+        self.head = b"data: " + head + b'"choices":['
+        self.tail = b"]" + rest + b"\n\n"
+
+    def __call__(self, choice: Any) -> bytes:
+        return b"".join((self.head, encoder.encode(choice), self.tail))
 
 
 class SSEResponse(Response):

@@ -40,9 +40,8 @@ if __package__ in (None, ""):
 import httpx  # noqa: E402
 from starlette.responses import Response, StreamingResponse  # noqa: E402
 
-from app.generation import ChunkFrame  # noqa: E402
 from app.protocol import ChatCompletionChunk, ChatStreamChoice, DeltaMessage  # noqa: E402
-from app.sse import SSEResponse  # noqa: E402
+from app.sse import ChunkFrame, SSEResponse  # noqa: E402
 
 PING_S = 15.0  # weir's default --sse-keepalive; no ping fires during a run
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from engine.core.sampling_params import SamplingParams
 from engine.errors import EngineDeadError, EngineDrainingError, QueueFullError
+from engine.inputs.input_processor import InputProcessor
 from engine.outputs.request_output import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from engine.protocol import EngineClient, EngineStats
 
@@ -36,6 +37,7 @@ class _Seq:
     stop_reason: int | str | None = None
     sent_tokens: int = 0
     sent_text: int = 0
+    sent_logprobs: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -95,6 +97,15 @@ class FakeEngine(EngineClient):
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._counters = {"prompt": 0, "generation": 0}
+        eos = self.tokenizer.eos_token_id
+        self.input_processor = InputProcessor(
+            self.tokenizer,
+            vocab_size,
+            max_model_len,
+            block_size=16,
+            num_kv_blocks=kv_capacity_tokens // 16,
+            eos_token_ids=[] if eos is None else [eos],
+        )
 
     # ---------------------------------------------------------------- interface
 
@@ -128,28 +139,15 @@ class FakeEngine(EngineClient):
             raise EngineDeadError(f"the engine loop died: {self.dead_error!r}")
         if self._draining:
             raise EngineDrainingError("the engine is draining")
-        ids = (
-            list(prompt_token_ids)
-            if prompt_token_ids is not None
-            else list(self.tokenizer.encode(prompt or ""))
+        # The engine's own input processor, so the app sees the engine's typed refusals, word for word.
+        request = self.input_processor.process(
+            request_id,
+            prompt_token_ids if prompt_token_ids is not None else prompt or "",
+            params,
+            priority,
+            prompt_text=prompt,
         )
-        if not ids:
-            raise ValueError("prompt must not be empty")
-        for t in ids:
-            if not 0 <= t < self.vocab_size:
-                raise ValueError(
-                    f"prompt contains token id {t}, outside the vocabulary [0, {self.vocab_size})"
-                )
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt ({len(ids)} tokens) is longer than max_model_len ({self.max_model_len}) allows"
-            )
-        if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len "
-                f"({self.max_model_len})"
-            )
-        params.validate_against_vocab(self.vocab_size)
+        ids, params = request.prompt_token_ids, request.sampling_params
         if len(self._waiting) >= self.max_waiting_requests:
             raise QueueFullError(
                 f"the waiting queue is full (max_waiting_requests {self.max_waiting_requests})"
@@ -315,21 +313,29 @@ class FakeEngine(EngineClient):
             self._emit(req)
 
     def _emit(self, req: _Req) -> None:
+        # As engine/outputs/output_processor.py: every output carries its deltas; the whole sequence
+        # is on every "cumulative" output and on the finished one; "final_only" sends only that.
+        kind = req.params.output_kind
+        if kind == "final_only" and not req.finished:
+            return
         outs = []
         for s in req.seqs:
             delta_text = s.text[s.sent_text :] if len(s.text) >= s.sent_text else ""
             delta_ids = s.token_ids[s.sent_tokens :]
-            s.sent_text, s.sent_tokens = len(s.text), len(s.token_ids)
+            delta_logprobs = s.logprobs[s.sent_logprobs :] if req.params.logprobs is not None else None
+            s.sent_text, s.sent_tokens, s.sent_logprobs = len(s.text), len(s.token_ids), len(s.logprobs)
+            whole = kind == "cumulative" or s.finish_reason is not None
             outs.append(
                 CompletionOutput(
                     index=s.index,
-                    text=s.text,
-                    token_ids=list(s.token_ids),
-                    logprobs=list(s.logprobs) if req.params.logprobs is not None else None,
+                    text=s.text if whole else "",
+                    token_ids=list(s.token_ids) if whole else [],
+                    logprobs=(list(s.logprobs) if whole else []) if req.params.logprobs is not None else None,
                     finish_reason=s.finish_reason,
                     stop_reason=s.stop_reason,
                     text_delta=delta_text,
                     token_ids_delta=delta_ids,
+                    logprobs_delta=delta_logprobs,
                 )
             )
         prompt_logprobs = None

@@ -357,3 +357,48 @@ def test_server_keeps_serving_after_errors(client: httpx.Client) -> None:
     assert r.status_code == 200
     assert r.json()["usage"]["completion_tokens"] == 3
     assert client.get("/health").status_code == 200
+
+
+def test_engine_refusals_keep_the_apps_words(client: httpx.Client) -> None:
+    """The prompt checks live in the engine's input processor; the client still reads OpenAI's wording
+    with its own field names, word for word, and (for several prompts) nothing is left queued."""
+    n_chat = client.post("/tokenize", json={"messages": MSGS}).json()["count"]
+    cases = [
+        (
+            _comp(prompt=[5] * 128),
+            "prompt",
+            "This model's maximum context length is 128 tokens. However, the prompt has 128 tokens, which "
+            "leaves no room for the completion. Please shorten the prompt.",
+        ),
+        (
+            _comp(prompt=[[5, 6], [5] * 100], max_tokens=40),
+            "max_tokens",
+            "This model's maximum context length is 128 tokens. However, you requested 140 tokens (100 in "
+            "the prompt, 40 in max_tokens). Please reduce the length of the prompt or max_tokens.",
+        ),
+        (
+            _chat(max_completion_tokens=120),  # fits by its characters, not by its tokens
+            "max_completion_tokens",
+            f"This model's maximum context length is 128 tokens. However, you requested {n_chat + 120} "
+            f"tokens ({n_chat} in the messages, 120 in max_completion_tokens). Please reduce the length of "
+            "the messages or max_completion_tokens.",
+        ),
+    ]
+    for body, param, message in cases:
+        path = CHAT if "messages" in body else COMP
+        err = _check_envelope(client.post(path, json=body), 400)
+        assert err == {
+            "message": message,
+            "type": "invalid_request_error",
+            "param": param,
+            "code": "context_length_exceeded",
+        }
+    err = _check_envelope(client.post(COMP, json=_comp(prompt=[[1, 2], [3, 512]])), 400)
+    assert err == {
+        "message": "prompt contains token id 512, outside the vocabulary [0, 512)",
+        "type": "invalid_request_error",
+        "param": "prompt",
+        "code": "invalid_value",
+    }
+    r = client.post(COMP, json=_comp(max_tokens=2))
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2

@@ -144,7 +144,6 @@ def test_no_keep_alive_comments_while_tokens_flow(fake_server: LiveServer) -> No
 def test_chunk_frame_is_the_encoded_chunk() -> None:
     """ChunkFrame's pre-encoded head and tail give the bytes of encoding the whole chunk, whatever the
     model name holds (quotes, the `"choices":[]` marker itself, non-ASCII)."""
-    from app.generation import ChunkFrame, sse
     from app.protocol import (
         ChatCompletionChunk,
         ChatStreamChoice,
@@ -152,6 +151,7 @@ def test_chunk_frame_is_the_encoded_chunk() -> None:
         CompletionResponse,
         DeltaMessage,
     )
+    from app.sse import ChunkFrame, sse
 
     for model in ("m", 'odd "choices":[] name', "caf\u00e9 \u2603"):
         comp = CompletionChoice(index=3, text='a "q"\n\u00e9', finish_reason="length", stop_reason=7)
@@ -162,3 +162,26 @@ def test_chunk_frame_is_the_encoded_chunk() -> None:
         assert frame(chat) == sse(
             ChatCompletionChunk(id="chatcmpl-1", created=5, model=model, choices=[chat])
         )
+
+
+def test_streams_ask_the_engine_for_deltas(fake_server: LiveServer, monkeypatch) -> None:
+    """Every generation request asks for per-step deltas (no cumulative copies per token); the fake,
+    like the engine, then leaves the whole sequence off running outputs, so the text streamed is the
+    text collected only if the app reads the deltas."""
+    engine = fake_server.engine
+    kinds = []
+    real_add = engine.add_request
+
+    async def recording_add(request_id, prompt, ids, params, priority=0):
+        kinds.append(params.output_kind)
+        return await real_add(request_id, prompt, ids, params, priority)
+
+    monkeypatch.setattr(engine, "add_request", recording_add)
+    body = {"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 12, "seed": 3, "logprobs": 2}
+    with httpx.Client(base_url=fake_server.base_url, timeout=30) as c:
+        whole = c.post("/v1/completions", json=body).json()["choices"][0]
+        with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert kinds == ["delta", "delta"]
+    assert "".join(e["choices"][0]["text"] for e in events) == whole["text"]
+    assert sum((e["choices"][0]["logprobs"]["tokens"] for e in events), []) == whole["logprobs"]["tokens"]

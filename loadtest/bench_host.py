@@ -37,13 +37,14 @@ from engine.config import EngineConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from tests.tiny_models import build_model, build_tokenizer  # noqa: E402
 
-# Phases timed, as (object attribute path, label). Nested ones are inside "launch" or "update".
+# Phases timed, as (object attribute path, label). Nested ones are inside "launch" or "update". "worker"
+# is engine.worker.model_runner: the module functions it calls once per step, patched where it looks them up.
 _PHASES = (
     ("engine.schedule", "schedule"),
     ("engine.update", "update (engine)"),
     ("engine.output_processor._make_output", "  of which outputs"),
     ("engine.scheduler.update_from_output", "  of which scheduler update"),
-    ("runner._update_states", "runner state diff"),
+    ("worker.update_states", "runner state diff"),
     ("runner._build_inputs", "runner input building"),
     ("runner._forward", "forward"),
     ("runner.compute_logits", "logits"),
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         engine.step()
 
     seconds: collections.Counter = collections.Counter()
-    root = {"engine": engine, "runner": engine.executor.runner}
+    root = {"engine": engine, "runner": engine.executor.runner, "worker": model_runner_module}
     for path, label in _PHASES:
         _wrap(root, path, label, seconds)
     build_md = model_runner_module.build_sampling_metadata

@@ -586,8 +586,9 @@ def qwen_bf16() -> None:
         runner.graph_runner = gr
         # Where a graph-mode step's host time goes (StepInFlight.result: includes the wait for the GPU).
         timers = HostTimers()
-        for name in ("_update_states", "_build_inputs", "_forward", "compute_logits"):
+        for name in ("_build_inputs", "_forward", "compute_logits"):
             timers.wrap(runner, name, f"runner.{name}")
+        timers.wrap(model_runner_module, "update_states", "runner.update_states")
         timers.wrap(runner.sampler, "sample", "sampler.sample")
         timers.wrap(StepInFlight, "result", "StepInFlight.result")
         timers.wrap(model_runner_module, "build_sampling_metadata", "build_sampling_metadata")

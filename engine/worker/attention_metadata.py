@@ -251,3 +251,16 @@ def get_attention_metadata() -> AttentionMetadata:
             "no attention metadata: run the model inside engine.worker.attention_metadata.forward_context"
         )
     return _current
+
+
+def eager_forward(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,  # [num_tokens]
+    positions: torch.Tensor,  # [num_tokens]
+    metadata: AttentionMetadata,
+) -> torch.Tensor:
+    """The model's forward over a flat batch under its attention metadata -> [num_tokens, hidden].
+    A function of the model, not a runner method, so the CUDA-graph runner can hold it (as a partial)
+    without holding the runner."""
+    with forward_context(metadata):
+        return model(input_ids, positions)

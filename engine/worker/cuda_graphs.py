@@ -294,6 +294,20 @@ class CUDAGraphRunner:
             free_after, _ = torch.cuda.mem_get_info(device)
             self.memory_bytes = max(free_before - free_after, 0)
         self.capture_seconds = time.perf_counter() - start
+        sizes, mixed = self.sizes, self.mixed_sizes
+        logger.info(
+            "CUDA graphs captured in %.2fs (warm-up forwards %.2fs): %d decode batch sizes (%d..%d), "
+            "%d mixed step sizes (%s tokens), %.3f GiB%s",
+            self.capture_seconds,
+            self.warmup_seconds,
+            len(sizes),
+            sizes[0],
+            sizes[-1],
+            len(mixed),
+            f"{mixed[0]}..{mixed[-1]}" if mixed else "-",
+            self.memory_bytes / (1 << 30),
+            " (emulated)" if self.emulate else "",
+        )
 
     def _emulated(self, step: StepInputs) -> _Captured:
         """CPU stand-in for a graph: rerun the forward on the static inputs into a fixed output."""

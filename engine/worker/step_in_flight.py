@@ -4,7 +4,7 @@ Async scheduling overlaps the host's work for step N+1 (schedule, build inputs, 
 N's results (update, detokenize, stream) with the GPU's work. The runner returns a `StepInFlight` as
 soon as step N's kernels are queued: its sampled ids are copied to pinned host memory without
 blocking, and `result()` waits for that copy only when the host actually needs the ids. Meanwhile the
-next step reads the same ids straight from `sampled` on the device (the runner scatters them into its
+next step reads the same ids straight from `sampled` on the device (`scatter_rows` puts them into its
 input ids), so decoding never waits for a device-to-host round trip.
 
 `result()` appends the ids to the runner's per-request state objects it sampled for (objects, not
@@ -117,3 +117,19 @@ def _to_host_async(t: torch.Tensor) -> torch.Tensor:
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t, non_blocking=True)
     return host
+
+
+def scatter_rows(input_ids: torch.Tensor, dst: list[int], sampled: torch.Tensor, src: list[int]) -> None:
+    """input_ids[dst] = sampled[src] on the device: feed tokens still in flight to the next step.
+
+    In steady decoding the batch keeps its order, so both index lists are 0..k-1: one slice copy,
+    no index tensors to transfer.
+    """
+    k = len(dst)
+    if dst[0] == 0 and src[0] == 0 and dst[-1] == k - 1 and src[-1] == k - 1 and dst == src == list(range(k)):
+        input_ids[:k].copy_(sampled[:k])
+        return
+    index = torch.tensor([dst, src], dtype=torch.int64)
+    if input_ids.device.type == "cuda":
+        index = index.pin_memory().to(input_ids.device, non_blocking=True)
+    input_ids[index[0]] = sampled[index[1]]

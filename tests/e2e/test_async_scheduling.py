@@ -14,7 +14,7 @@ import torch
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.worker.model_runner import _scatter_rows
+from engine.worker.step_in_flight import scatter_rows
 from tests.e2e.test_parity import _greedy, _prompts, hf_greedy
 
 
@@ -186,10 +186,10 @@ def test_request_id_reused_while_old_step_in_flight(tiny_model_dirs: dict[str, P
 def test_scatter_rows_in_order_and_permuted() -> None:
     sampled = torch.tensor([101, 102, 103, 104])
     ids = torch.zeros(6, dtype=torch.int64)
-    _scatter_rows(ids, [0, 1, 2], sampled, [0, 1, 2])  # steady decoding: one slice copy
+    scatter_rows(ids, [0, 1, 2], sampled, [0, 1, 2])  # steady decoding: one slice copy
     assert ids.tolist() == [101, 102, 103, 0, 0, 0]
     ids.zero_()
-    _scatter_rows(ids, [1, 4, 5], sampled, [3, 0, 2])  # a finished row shifted the batch
+    scatter_rows(ids, [1, 4, 5], sampled, [3, 0, 2])  # a finished row shifted the batch
     assert ids.tolist() == [0, 104, 0, 0, 101, 103]
 
 

@@ -14,7 +14,7 @@ Reference: GPTQModel, gptqmodel/nn_modules/qlinear/__init__.py, BaseQuantLinear.
 The post-load hook unpacks the codes to uint8 [out, in] and the zeros and scales to float32
 [out, G], so `apply` dequantizes with one fused elementwise expression and calls F.linear. Act order
 (desc_act) is turned into a load-time permutation of the input columns (engine: `perm`), leaving
-contiguous groups, the layout the fused kernel (triton_wna16.py) reads.
+contiguous groups, the layout the fused kernel (ops/triton/wna16_gemm.py) reads.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Layout it reads (what GPTQ stores, and what AWQ repacks to by unpacking and re-p
 Each program computes a [BLOCK_M, BLOCK_N] tile of y: it loads a [BLOCK_K, BLOCK_N] tile of words,
 shifts the codes out in registers, applies the group's zero and scale, and feeds tl.dot in x's dtype
 with float32 accumulation. The spec is engine.model.quantization.common.dequantize + F.linear; the
-test (tests/engine/quantization/test_triton_wna16.py) checks it under TRITON_INTERPRET=1.
+test (tests/ops/test_wna16_gemm.py) checks it under TRITON_INTERPRET=1.
 
 Not wired into the GPTQ/AWQ methods yet (they dequantize then call F.linear): that waits for a GPU
 run of this kernel, with a split-K path for batch-1 decode.

@@ -37,7 +37,7 @@ def test_in_fresh_interpreter_process() -> None:
 def test_wna16_gemm_matches_dequantize_then_matmul(
     bits: int, group_size: int, m: int, n: int, k: int
 ) -> None:
-    from engine.model.quantization.triton_wna16 import wna16_gemm
+    from ops.triton.wna16_gemm import wna16_gemm
 
     gen = torch.Generator().manual_seed(bits * 100 + m)
     groups = k // group_size
@@ -68,7 +68,7 @@ def test_wna16_gemm_matches_dequantize_then_matmul(
 
 @in_process
 def test_wna16_gemm_refuses_mismatched_shapes() -> None:
-    from engine.model.quantization.triton_wna16 import wna16_gemm
+    from ops.triton.wna16_gemm import wna16_gemm
 
     x = torch.zeros(2, 64, device=DEVICE)
     qweight = torch.zeros(8, 32, dtype=torch.int32, device=DEVICE)  # K 64 at 4 bits

@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         pending = asyncio.all_tasks(loop)
         for task in pending:
             task.cancel()
-        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        if pending:  # gather() of nothing looks for a current loop, which this thread does not have
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         loop.close()
 
     from loadtest.common import device_name, git_commit

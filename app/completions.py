@@ -54,6 +54,13 @@ async def create_completion(request: Request) -> Response:
         prompt_logprobs=req.logprobs if echo and req.logprobs is not None else None,
         best_of=req.best_of,
     )
+    if req.stream and params.best_of is not None and params.best_of > params.n:
+        # As vLLM: which n of the best_of samples are returned is known only when all have finished.
+        raise bad_request(
+            f"best_of ({params.best_of}) greater than n ({params.n}) is not supported with stream: "
+            "the n best samples are known only when all have finished",
+            param="best_of",
+        )
     # 3. Submit to the engine, which validates each prompt against the model.
     rid = new_id("cmpl")
     structlog.contextvars.bind_contextvars(request_id=rid)

@@ -133,6 +133,8 @@ ENGINE_HELP: dict[str, str] = {
     "graphs too (0: always eager). Default: 512 on cuda.",
     "max_waiting_requests": "Waiting-queue bound in requests; beyond it new requests get 429.",
     "max_waiting_tokens": "Waiting-queue bound in prompt tokens; beyond it new requests get 429.",
+    "max_best_of": "Most sequences a request with best_of > n may generate (OpenAI's limit, 20); above it "
+    "the request gets a 400.",
 }
 
 

@@ -35,7 +35,7 @@ async def submit(
     refusal the ones already added are aborted and the refusal becomes its envelope."""
     if state.draining:
         raise service_unavailable("The server is shutting down and takes no new requests.", "draining")
-    check_queue_bounds(state, [len(ids) for _, ids in prompts], params.n, names.prompt)
+    check_queue_bounds(state, [len(ids) for _, ids in prompts], params.n, names.prompt, params.best_of)
     streams: list[AsyncIterator[RequestOutput]] = []
     try:
         for rid, (text, token_ids) in zip(request_ids, prompts, strict=True):
@@ -48,28 +48,33 @@ async def submit(
     return streams
 
 
-def check_queue_bounds(state: AppState, prompt_lens: Sequence[int], n: int, prompt_field: str) -> None:
+def check_queue_bounds(
+    state: AppState, prompt_lens: Sequence[int], n: int, prompt_field: str, best_of: int | None = None
+) -> None:
     """400, naming the bound, for a request larger than the waiting queue itself: it could never be
     admitted, so a 429 (retry later) would have well-behaved clients retry forever. Kept here, not
-    left to the engine: the engine sees one prompt at a time, a request may carry several."""
+    left to the engine: the engine sees one prompt at a time, a request may carry several. Each of a
+    prompt's sequences takes a place: best_of of them when best_of > n."""
     max_requests, max_tokens = state.queue_bounds
-    sequences = len(prompt_lens) * n
+    field, per_prompt = ("best_of", best_of) if best_of is not None and best_of > n else ("n", n)
+    sequences = len(prompt_lens) * per_prompt
     if sequences > max_requests:
         raise APIError(
             400,
             f"This request needs {sequences} places in the waiting queue ({len(prompt_lens)} prompt(s) x "
-            f"n={n}) but the server's whole queue holds {max_requests} (max_waiting_requests), so it "
-            "could never be admitted. Send fewer prompts or a smaller n.",
-            param="n" if n > 1 else prompt_field,
+            f"{field}={per_prompt}) but the server's whole queue holds {max_requests} (max_waiting_requests), "
+            f"so it could never be admitted. Send fewer prompts or a smaller {field}.",
+            param=field if per_prompt > 1 else prompt_field,
             code="exceeds_queue_bound",
         )
-    tokens = sum(prompt_lens) * n
+    tokens = sum(prompt_lens) * per_prompt
     if tokens > max_tokens:
         raise APIError(
             400,
             f"This request needs {tokens} prompt tokens in the waiting queue ({sum(prompt_lens)} prompt "
-            f"tokens x n={n}) but the server's whole queue holds {max_tokens} (max_waiting_tokens), so it "
-            f"could never be admitted. Send a shorter {prompt_field} or a smaller n.",
+            f"tokens x {field}={per_prompt}) but the server's whole queue holds {max_tokens} "
+            f"(max_waiting_tokens), so it could never be admitted. Send a shorter {prompt_field} or a "
+            f"smaller {field}.",
             param=prompt_field,
             code="exceeds_queue_bound",
         )

@@ -158,13 +158,16 @@ class AsyncEngine:
         stats = self.engine.scheduler
         bounds = self.config.scheduler
         # Larger than the queue itself: a ValueError (400), never a QueueFullError (429, retry) that
-        # could not succeed. Each of the n sequences takes a place: it fits while waiting + n <= bound.
-        if params.n > bounds.max_waiting_requests:
+        # could not succeed. Each of the n (or best_of) sequences takes a place: it fits while
+        # waiting + sequences <= bound.
+        seqs = params.num_sequences
+        field = "best_of" if seqs > params.n else "n"
+        if seqs > bounds.max_waiting_requests:
             raise ValueError(
-                f"n ({params.n}) is more than the waiting queue holds (max_waiting_requests "
+                f"{field} ({seqs}) is more than the waiting queue holds (max_waiting_requests "
                 f"{bounds.max_waiting_requests}); the request could never be queued"
             )
-        if stats.num_waiting + params.n > self.config.scheduler.max_waiting_requests:
+        if stats.num_waiting + seqs > self.config.scheduler.max_waiting_requests:
             raise QueueFullError(
                 f"the waiting queue is full ({stats.num_waiting} requests waiting; "
                 f"max_waiting_requests is {self.config.scheduler.max_waiting_requests}); retry later"
@@ -177,10 +180,10 @@ class AsyncEngine:
             prompt_text=prompt,
         )
         waiting = stats.num_waiting_tokens
-        wanted = request.num_prompt_tokens * params.n
+        wanted = request.num_prompt_tokens * seqs
         if wanted > bounds.max_waiting_tokens:
             raise ValueError(
-                f"prompt has {request.num_prompt_tokens} tokens x n {params.n} = {wanted}, more than the "
+                f"prompt has {request.num_prompt_tokens} tokens x {field} {seqs} = {wanted}, more than the "
                 f"waiting queue holds (max_waiting_tokens {bounds.max_waiting_tokens}); it could never be queued"
             )
         if waiting + wanted > self.config.scheduler.max_waiting_tokens:

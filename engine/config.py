@@ -62,6 +62,10 @@ class EngineConfig:
     # Admission control (serving): beyond these the server answers 429 instead of queueing.
     max_waiting_requests: int = 1024
     max_waiting_tokens: int = 1_048_576
+    # The most sequences a best_of > n request may generate (OpenAI's own limit). best_of samples
+    # cost best_of sequences' KV and compute for n answers: unbounded, one request could take the
+    # server (the class of vLLM's CVE-2024-8939).
+    max_best_of: int = 20
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -98,6 +102,7 @@ class EngineConfig:
             )
         _positive("max_waiting_requests", self.max_waiting_requests)
         _positive("max_waiting_tokens", self.max_waiting_tokens)
+        _positive("max_best_of", self.max_best_of)
 
     def resolve(self) -> ResolvedConfig:
         """Every option resolved against the checkpoint and the device, once: the frozen config the
@@ -153,6 +158,7 @@ class EngineConfig:
                 async_scheduling=self.async_scheduling,
                 max_waiting_requests=self.max_waiting_requests,
                 max_waiting_tokens=self.max_waiting_tokens,
+                max_best_of=self.max_best_of,
             ),
             parallel=ParallelConfig(),
             device=DeviceConfig(
@@ -228,6 +234,7 @@ class SchedulerConfig:
     async_scheduling: bool  # launch step N+1 before step N's sampled ids reach the host
     max_waiting_requests: int  # admission control (serving): beyond these, 429
     max_waiting_tokens: int
+    max_best_of: int = 20  # a request with best_of > n above this is refused (input processor)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,8 +10,9 @@ Requests come in through the input processor (engine/inputs/input_processor.py: 
 immutable EngineRequest); a step's results go out through the output processor
 (engine/outputs/output_processor.py: detokenization, stop strings, deltas per step).
 
-Parallel sampling (n > 1) fans a request out into n child requests that share the prompt's KV blocks
-through the prefix cache; their outputs are gathered back into one RequestOutput.
+Parallel sampling (n > 1) fans a request out into n child requests (best_of of them when best_of > n)
+that share the prompt's KV blocks through the prefix cache; their outputs are gathered back into one
+RequestOutput (the n with the highest cumulative logprob, for best_of).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class LLMEngine:
             config.cache.block_size,
             num_blocks,
             eos_token_ids,
+            config.scheduler.max_best_of,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self._prompt_tokens_total = 0
@@ -113,15 +115,17 @@ class LLMEngine:
             raise InvalidRequestError("request_id", f"request_id {request_id!r} is already in use")
         params = request.sampling_params
         sequences: list[Request] = []
-        for i in range(params.n):
-            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+        # best_of > n: best_of children run; the output processor returns the n best at the end.
+        num_sequences = params.num_sequences
+        for i in range(num_sequences):
+            child_id = request_id if num_sequences == 1 else f"{request_id}#{i}"
             if self.output_processor.has_sequence(child_id):
                 raise InvalidRequestError("request_id", f"request_id {child_id!r} is already in use")
             sequences.append(
                 Request(
                     req_id=child_id,
                     prompt_token_ids=request.prompt_token_ids,
-                    sampling_params=params if params.n == 1 else params.clone_for_child(i),
+                    sampling_params=params if num_sequences == 1 else params.clone_for_child(i),
                     arrival_time=request.arrival_time,
                     priority=request.priority,
                     cache_salt=request.cache_salt,

@@ -77,11 +77,14 @@ class SamplingParams:
             )
         if self.best_of is not None:
             _int_range("best_of", self.best_of, self.n, MAX_N)
-            if self.best_of != self.n:
+            # vLLM v0 refused best_of > 1 under greedy sampling: every sample would be the same
+            # sequence. weir keeps its n > 1 greedy (best_of == n) as before and refuses only what
+            # best_of adds, samples thrown away.
+            if self.best_of > self.n and self.temperature < 1e-5:
                 raise InvalidRequestError(
                     "best_of",
-                    f"best_of must equal n ({self.n}) when given; got {self.best_of} "
-                    "(weir returns every sampled sequence; beam search is not supported yet)",
+                    f"best_of must equal n ({self.n}) when using greedy sampling (temperature 0): "
+                    f"every sample would be the same sequence; got best_of {self.best_of}",
                 )
         _float_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _float_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
@@ -161,6 +164,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < 1e-5
 
+    @property
+    def num_sequences(self) -> int:
+        """Sequences generated: best_of (defaults to n); the n with the highest cumulative logprob
+        are returned."""
+        return self.best_of if self.best_of is not None else self.n
+
     def copy(self) -> SamplingParams:
         """A shallow copy, without re-validating (the input processor resolves fields of its own copy)."""
         clone = SamplingParams.__new__(SamplingParams)
@@ -169,8 +178,13 @@ class SamplingParams:
         return clone
 
     def clone_for_child(self, seed_offset: int) -> SamplingParams:
-        """Params for one of the n sequences of a parallel-sampling request (n=1, seed shifted)."""
+        """Params for one of the n (or best_of) sequences of a parallel-sampling request (n=1, seed
+        shifted). With best_of > n every child asks the sampler for its chosen token's logprob
+        (logprobs=0 unless more were asked): the n best are picked by cumulative logprob. Only these
+        requests pay for it."""
         child = self.copy()
+        if self.best_of is not None and self.best_of > self.n and self.logprobs is None:
+            child.logprobs = 0
         child.n = 1
         child.best_of = None
         if self.seed is not None:

@@ -55,8 +55,10 @@ class InputProcessor:
         block_size: int,
         num_kv_blocks: int,
         eos_token_ids: Iterable[int],
+        max_best_of: int = 20,
     ) -> None:
         self.tokenizer = tokenizer
+        self.max_best_of = max_best_of  # the server's bound on best_of > n (EngineConfig.max_best_of)
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.block_size = block_size
@@ -84,6 +86,12 @@ class InputProcessor:
             prompt_token_ids = list(prompt)
         self.validate_prompt_tokens(prompt_token_ids)
         params = params.copy() if params is not None else SamplingParams()
+        if params.best_of is not None and params.best_of > max(params.n, self.max_best_of):
+            raise InvalidRequestError(
+                "best_of",
+                f"best_of must be at most {self.max_best_of} (the server's max_best_of) when it is "
+                f"greater than n; got {params.best_of}",
+            )
         params.validate_against_vocab(self.vocab_size)
         params.max_tokens = self._resolve_max_tokens(len(prompt_token_ids), params.max_tokens)
         stop_ids = frozenset(params.stop_token_ids or ())

@@ -76,9 +76,15 @@ class _RequestState:
     error: str | None = None
     every_step: bool = True  # an output after every step that adds tokens (not final_only)
     cumulative: bool = True  # ... and each carries the whole sequence so far
+    # Sequences returned: fewer than `sequences` with best_of > n, whose one output (at finish) keeps
+    # the n with the highest cumulative logprob.
+    num_returned: int = 0
 
     def __post_init__(self) -> None:
-        self.every_step = self.kind != _FINAL_ONLY
+        if not self.num_returned:
+            self.num_returned = len(self.sequences)
+        # best_of > n has nothing to stream: which sequences are returned is known only at the end.
+        self.every_step = self.kind != _FINAL_ONLY and self.num_returned == len(self.sequences)
         self.cumulative = self.kind == _CUMULATIVE
         for s in self.sequences:
             s.parent = self
@@ -113,6 +119,9 @@ class OutputProcessor:
         """Track a request whose n sequences are the scheduler Requests `sequences`, in index order."""
         params = request.sampling_params
         want_logprobs = params.logprobs is not None
+        # best_of > n ranks its sequences by cumulative logprob, asked for or not (the sampler gives
+        # every child its chosen token's logprob: SamplingParams.clone_for_child).
+        ranked = params.n < len(sequences)
         states = [
             _Sequence(
                 index=i,
@@ -121,7 +130,7 @@ class OutputProcessor:
                     self.tokenizer, request.prompt_token_ids, req.sampling_params
                 ),
                 logprobs=[] if want_logprobs else None,
-                cumulative_logprob=0.0 if want_logprobs else None,
+                cumulative_logprob=0.0 if want_logprobs or ranked else None,
             )
             for i, req in enumerate(sequences)
         ]
@@ -133,6 +142,7 @@ class OutputProcessor:
             sequences=states,
             metrics=RequestMetrics(arrival_time=request.arrival_time),
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+            num_returned=params.n,
         )
         self._requests[request.request_id] = state
         for s in states:
@@ -197,10 +207,12 @@ class OutputProcessor:
                 metrics.first_scheduled_time = request.first_scheduled_time
             num_generated += len(new_token_ids)
             seq.token_ids += new_token_ids
-            if logprobs and seq.logprobs is not None:
+            if logprobs:
+                # Present for rows that asked: logprobs requested, or a best_of > n child.
                 lp = logprobs.get(request.req_id)
                 if lp is not None:
-                    seq.logprobs.append(self._position_logprobs(lp))
+                    if seq.logprobs is not None:
+                        seq.logprobs.append(self._position_logprobs(lp))
                     seq.cumulative_logprob = (seq.cumulative_logprob or 0.0) + lp.chosen_logprob
             # A stop token's own text is left out of the output, as vLLM does (EOS is special anyway).
             status = request.status
@@ -256,7 +268,14 @@ class OutputProcessor:
         finished = state.finished
         cumulative = state.cumulative
         completions = []
-        for s in state.sequences:
+        returned = state.sequences
+        if finished and state.num_returned < len(returned):
+            # best_of: the n highest cumulative logprobs, best first (ties: the lower index),
+            # re-indexed 0..n-1 as the caller's choices are.
+            returned = sorted(returned, key=_rank_key)[: state.num_returned]
+            for i, s in enumerate(returned):
+                s.index = i
+        for s in returned:
             token_ids = s.token_ids
             n = len(token_ids)
             delta_ids = token_ids[s.num_sent_tokens :]
@@ -334,6 +353,11 @@ class OutputProcessor:
         if chosen not in entry:
             entry[chosen] = Logprob(lp.chosen_logprob, lp.chosen_rank, texts[chosen])
         return entry
+
+
+def _rank_key(s: _Sequence) -> tuple[float, int]:
+    """Sort key of best_of's ranking: highest cumulative logprob first, then the lower index."""
+    return (-(s.cumulative_logprob or 0.0), s.index)
 
 
 def _ids_of(positions: Iterable[TokenLogprobs]) -> list[int]:

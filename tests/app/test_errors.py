@@ -177,7 +177,15 @@ CASES = [
     ),
     ("n_zero", COMP, _comp(n=0), 400, "n", "invalid_value", "n must be in [1, 128]"),
     ("n_too_large", CHAT, _chat(n=1000), 400, "n", "invalid_value", "n must be in [1, 128]; got 1000"),
-    ("best_of", COMP, _comp(n=1, best_of=3), 400, "best_of", "invalid_value", "best_of must equal n"),
+    (
+        "best_of_below_n",
+        COMP,
+        _comp(n=2, best_of=1),
+        400,
+        "best_of",
+        "invalid_value",
+        "best_of must be in [2, 128]; got 1",
+    ),
     (
         "too_many_stops",
         COMP,

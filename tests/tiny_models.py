@@ -81,7 +81,7 @@ def build_tokenizer(path: Path) -> Path:
 FAMILIES = ("llama", "llama3_scaled", "llama_tied", "mistral", "qwen2", "qwen3")
 
 
-def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE):
+def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
     """A tiny transformers config of the given family (random weights are drawn later)."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
@@ -98,6 +98,7 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE):
         eos_token_id=2,
         tie_word_embeddings=False,
     )
+    common.update(sizes)  # e.g. hidden_size / intermediate_size for a wider model
     if family == "llama":
         return LlamaConfig(**common)
     if family == "llama3_scaled":
@@ -123,14 +124,22 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE):
     raise ValueError(f"unknown family {family}")
 
 
-def build_model(family: str, path: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """Save a random-weight checkpoint of `family` (float32 safetensors) plus the tokenizer files."""
+def build_model(
+    family: str,
+    path: Path,
+    tokenizer_dir: Path,
+    seed: int = 0,
+    vocab_size: int = MODEL_VOCAB_SIZE,
+    **sizes: int,
+) -> Path:
+    """Save a random-weight checkpoint of `family` (float32 safetensors) plus the tokenizer files;
+    `sizes` override the config's dimensions (hidden_size, intermediate_size, ...)."""
     import shutil
 
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    config = make_config(family)
+    config = make_config(family, vocab_size, **sizes)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Larger-than-default init so greedy decoding is not a flat distribution that ties easily.

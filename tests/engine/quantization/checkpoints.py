@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.model.quantization.packing import AWQ_PACK_ORDER, pack_cols, pack_rows
+from tests.tiny_models import build_model
 
 LINEAR_SUFFIXES = (
     "self_attn.q_proj",
@@ -34,33 +35,10 @@ LINEAR_SUFFIXES = (
 def build_wide_llama(path: Path, tokenizer_dir: Path, seed: int = 0, hidden: int = 128) -> Path:
     """A tiny Llama whose every linear input (hidden, 2 * hidden) divides by every group size (32..128);
     hidden 256 makes every q/k/v output a multiple of 128 (FP8 blocks)."""
-    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
-
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-6,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
+    # Same config and initialisation as the other tiny models, wider and with a 512-token vocabulary.
+    return build_model(
+        "llama", path, tokenizer_dir, seed, vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden
     )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.08)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(path), safe_serialization=True)
-    GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(str(path))
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, path / f.name)
-    return path
 
 
 def quantize_groups(

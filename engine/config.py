@@ -25,6 +25,7 @@ VALID_DTYPES = ("auto", "float32", "float16", "bfloat16")
 VALID_DEVICES = ("auto", "cpu", "cuda")
 VALID_LOAD_FORMATS = ("auto", "safetensors", "dummy")
 VALID_BLOCK_SIZES = (8, 16, 32, 64)
+VALID_SCHEDULING_POLICIES = ("fcfs", "fair")
 VALID_QUANTIZATIONS = ("gptq", "awq", "fp8")  # engine.model.quantization.detect.QUANTIZATION_METHODS
 
 
@@ -66,6 +67,16 @@ class EngineConfig:
     # cost best_of sequences' KV and compute for n answers: unbounded, one request could take the
     # server (the class of vLLM's CVE-2024-8939).
     max_best_of: int = 20
+    # Multi-LoRA (engine.lora). Off: a request naming an adapter is refused. max_loras adapters run in
+    # one step (the GPU slots), max_cpu_loras stay loaded on the host (None: max_loras), ranks above
+    # max_lora_rank are refused at load.
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+    # "fcfs": arrival order (priority first); "fair": waiting requests ordered by the service their
+    # adapter (tenant) has received so far, a virtual token counter (Sheng et al., OSDI 2024).
+    scheduling_policy: str = "fcfs"
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -103,6 +114,15 @@ class EngineConfig:
         _positive("max_waiting_requests", self.max_waiting_requests)
         _positive("max_waiting_tokens", self.max_waiting_tokens)
         _positive("max_best_of", self.max_best_of)
+        _positive("max_loras", self.max_loras)
+        _positive("max_lora_rank", self.max_lora_rank)
+        if self.max_cpu_loras is not None:
+            _positive("max_cpu_loras", self.max_cpu_loras)
+            if self.max_cpu_loras < self.max_loras:
+                raise ValueError(
+                    f"max_cpu_loras must be >= max_loras ({self.max_loras}); got {self.max_cpu_loras}"
+                )
+        _choice("scheduling_policy", self.scheduling_policy, VALID_SCHEDULING_POLICIES)
 
     def resolve(self) -> ResolvedConfig:
         """Every option resolved against the checkpoint and the device, once: the frozen config the
@@ -159,7 +179,15 @@ class EngineConfig:
                 max_waiting_requests=self.max_waiting_requests,
                 max_waiting_tokens=self.max_waiting_tokens,
                 max_best_of=self.max_best_of,
+                scheduling_policy=self.scheduling_policy,
             ),
+            lora=LoRAConfig(
+                max_loras=self.max_loras,
+                max_lora_rank=self.max_lora_rank,
+                max_cpu_loras=self.max_cpu_loras or self.max_loras,
+            )
+            if self.enable_lora
+            else None,
             parallel=ParallelConfig(),
             device=DeviceConfig(
                 device=device,
@@ -235,6 +263,14 @@ class SchedulerConfig:
     max_waiting_requests: int  # admission control (serving): beyond these, 429
     max_waiting_tokens: int
     max_best_of: int = 20  # a request with best_of > n above this is refused (input processor)
+    scheduling_policy: str = "fcfs"  # "fcfs" | "fair" (EngineConfig.scheduling_policy)
+
+
+@dataclass(frozen=True, slots=True)
+class LoRAConfig:
+    max_loras: int  # adapters in one step: the GPU slots of stacked A/B weights
+    max_lora_rank: int  # the slots' rank; adapters of lower rank are zero-padded
+    max_cpu_loras: int  # adapters kept loaded on the host (LRU)
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,8 +293,7 @@ class DeviceConfig:
 
 @dataclass(frozen=True, slots=True)
 class ResolvedConfig:
-    """Everything the engine runs by, resolved once. LoRA and quantization add their own sub-configs
-    here in their issues."""
+    """Everything the engine runs by, resolved once."""
 
     model: ModelConfig  # the checkpoint: architecture, shapes, dtype, model max_model_len
     quant: QuantConfig  # the weights' quantization, checked against what weir runs
@@ -267,6 +302,7 @@ class ResolvedConfig:
     scheduler: SchedulerConfig
     parallel: ParallelConfig
     device: DeviceConfig
+    lora: LoRAConfig | None = None  # None: LoRA off (EngineConfig.enable_lora)
 
     def with_num_kv_blocks(self, num_kv_blocks: int) -> ResolvedConfig:
         """The config once the KV cache is sized: `cache.num_kv_blocks` set, and

@@ -93,6 +93,13 @@ def serve(flags: dict) -> int:
     if not Path(engine_config.model).is_dir():
         print(f"weir serve: error: model directory {engine_config.model!r} does not exist", file=sys.stderr)
         return 2
+    for name, path in server_config.lora_adapters:
+        if not Path(path).is_dir():
+            print(
+                f"weir serve: error: lora_modules: the directory {path!r} of adapter {name!r} does not exist",
+                file=sys.stderr,
+            )
+            return 2
 
     from app.startup import device_problem, port_problem
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.lora_config import LoRASectionError, check_lora_settings, expand_section, parse_lora_modules
 from engine.config import EngineConfig
 
 ENV_PREFIX = "WEIR_"
@@ -48,6 +49,10 @@ class ServerConfig:
     gil_switch_interval: float = 0.001
     log_level: str = "info"
     log_json: bool = True
+    # Multi-LoRA: adapters served at start (NAME=PATH; YAML lora.adapters), and whether
+    # /v1/load_lora_adapter and /v1/unload_lora_adapter are on.
+    lora_modules: list[str] = field(default_factory=list)
+    allow_runtime_lora_updating: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -75,6 +80,12 @@ class ServerConfig:
                 f"log_level must be one of debug, info, warning, error, critical; got {self.log_level!r}"
             )
         self.log_level = self.log_level.lower()
+        parse_lora_modules(self.lora_modules)
+
+    @property
+    def lora_adapters(self) -> list[tuple[str, str]]:
+        """`lora_modules` as (name, path) pairs, in the order given."""
+        return parse_lora_modules(self.lora_modules)
 
 
 SERVER_HELP: dict[str, str] = {
@@ -105,6 +116,10 @@ SERVER_HELP: dict[str, str] = {
     "each GPU wait while the event loop is busy streaming.",
     "log_level": "debug, info, warning, error or critical.",
     "log_json": "JSON log lines (default) or, with --no-log-json, plain console lines.",
+    "lora_modules": "LoRA adapter to serve, as NAME=PATH (a PEFT adapter directory); repeatable (env: "
+    "comma-separated). A request's 'model' set to NAME runs with that adapter. Needs --enable-lora.",
+    "allow_runtime_lora_updating": "Turn on POST /v1/load_lora_adapter and /v1/unload_lora_adapter (behind "
+    "the API key when keys are set). Needs --enable-lora.",
 }
 
 ENGINE_HELP: dict[str, str] = {
@@ -294,8 +309,22 @@ def load_yaml(path: str | Path, options: Mapping[str, Option]) -> dict[str, tupl
     for key, raw in data.items():
         name = str(key).replace("-", "_")
         source = f"key '{key}' in {p}"
+        if name == "lora":  # the `lora:` section (app/lora_config.py): sugar over flat options
+            try:
+                section = expand_section(raw, str(p))
+            except LoRASectionError as exc:
+                raise ConfigError(str(exc)) from None
+            for opt_name, (value, where) in section.items():
+                if opt_name in out:
+                    raise ConfigError(f"{where} sets {opt_name}, which {out[opt_name][1]} sets too")
+                out[opt_name] = (convert(options[opt_name], value, where), where)
+            continue
         if name not in options:
-            raise ConfigError(f"unknown key '{key}' in {p}; known keys: {', '.join(sorted(options))}")
+            raise ConfigError(
+                f"unknown key '{key}' in {p}; known keys: {', '.join(sorted([*options, 'lora']))}"
+            )
+        if name in out:
+            raise ConfigError(f"{source} sets {name}, which {out[name][1]} sets too")
         out[name] = (convert(options[name], raw, source), source)
     return out
 
@@ -338,4 +367,13 @@ def resolve(
     engine = build(EngineConfig, "engine")
     if not server.served_model_name:
         server.served_model_name = [Path(engine.model).name or "model"]
+    problem = check_lora_settings(
+        engine.enable_lora,
+        server.lora_adapters,
+        server.allow_runtime_lora_updating,
+        server.served_model_name,
+        {n: where for n, (_, where) in values.items()},
+    )
+    if problem:
+        raise ConfigError(problem)
     return engine, server

@@ -13,8 +13,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine.core.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.lora.request import LoRARequest
 
 
 class RequestStatus(enum.IntEnum):
@@ -54,6 +58,7 @@ class Request:
     # Extra keys mixed into the prefix-cache hash of every block (adapter id, cache salt), so two
     # requests only share blocks when the KV they hold would be identical.
     cache_salt: str | None = None
+    lora_request: LoRARequest | None = None  # None: the base model
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable
 
 from engine.config import CacheConfig, SchedulerConfig
+from engine.core.fair_queue import FairQueue
 from engine.core.kv_cache_manager import KVCacheManager
 from engine.core.request import Request, RequestStatus
 from engine.core.scheduler_output import (
@@ -52,6 +53,9 @@ class Scheduler:
         self._num_waiting_tokens = 0
         self._arrival_seq: dict[str, int] = {}
         self._next_seq = 0
+        # scheduling_policy "fair": the waiting queue orders tenants (adapters) by the service they
+        # have received (engine/core/fair_queue.py) instead of the heap above.
+        self._fair = FairQueue() if config.scheduling_policy == "fair" else None
         # Running requests in admission order (dict: O(1) removal, ordered iteration).
         self.running: dict[str, Request] = {}
         # Finished or aborted since the last schedule(); the runner drops their state.
@@ -76,11 +80,16 @@ class Scheduler:
 
     def _enqueue(self, request: Request) -> None:
         seq = self._arrival_seq[request.req_id]
-        heapq.heappush(self._waiting_heap, (request.priority, seq, request))
+        if self._fair is not None:
+            self._fair.push(request, seq)
+        else:
+            heapq.heappush(self._waiting_heap, (request.priority, seq, request))
         self._waiting[request.req_id] = request
         self._num_waiting_tokens += request.num_prompt_tokens
 
     def _peek_waiting(self) -> Request | None:
+        if self._fair is not None:
+            return self._fair.peek()
         heap = self._waiting_heap
         while heap:
             req = heap[0][2]
@@ -90,13 +99,19 @@ class Scheduler:
         return None
 
     def _pop_waiting(self, request: Request) -> None:
-        heapq.heappop(self._waiting_heap)
+        if self._fair is not None:
+            self._fair.pop(request)
+        else:
+            heapq.heappop(self._waiting_heap)
         del self._waiting[request.req_id]
         self._num_waiting_tokens -= request.num_prompt_tokens
 
     def _remove_waiting(self, request: Request) -> None:
         del self._waiting[request.req_id]
         self._num_waiting_tokens -= request.num_prompt_tokens
+        if self._fair is not None:
+            self._fair.remove(request)
+            return
         # Lazy deletion; rebuild when stale entries dominate so aborts can't grow the heap forever.
         if len(self._waiting_heap) > 2 * len(self._waiting) + 64:
             self._waiting_heap = [e for e in self._waiting_heap if self._waiting.get(e[2].req_id) is e[2]]
@@ -211,6 +226,8 @@ class Scheduler:
             num_prompt_scheduled += self._advance(req, num_scheduled[req.req_id])
             scheduled_requests[req.req_id] = req
 
+        if self._fair is not None:
+            self._fair.charge(scheduled_requests.values(), num_scheduled)
         finished, self._finished_req_ids = self._finished_req_ids, set()
         step_id = self._next_step_id
         self._next_step_id += 1

@@ -11,8 +11,9 @@ immutable EngineRequest); a step's results go out through the output processor
 (engine/outputs/output_processor.py: detokenization, stop strings, deltas per step).
 
 Parallel sampling (n > 1) fans a request out into n child requests (best_of of them when best_of > n)
-that share the prompt's KV blocks through the prefix cache; their outputs are gathered back into one
-RequestOutput (the n with the highest cumulative logprob, for best_of).
+that share the prompt's KV blocks: one computes the prompt, the others fork its blocks copy-on-write
+(engine/core/scheduler.py); their outputs are gathered back into one RequestOutput (the n with the
+highest cumulative logprob, for best_of).
 """
 
 from __future__ import annotations
@@ -131,6 +132,9 @@ class LLMEngine:
                     cache_salt=request.cache_salt,
                 )
             )
+        if num_sequences > 1:
+            for seq in sequences:
+                seq.group = sequences  # one prefill: the others fork its prompt's blocks
         self.output_processor.add_request(request, sequences)
         for seq in sequences:
             self.scheduler.add_request(seq)

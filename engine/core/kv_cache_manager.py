@@ -6,6 +6,11 @@ so a hash names the whole prefix up to the end of its block. A new request reuse
 of its leading block hashes found in the pool; only full blocks are ever shared, so nobody writes
 into a block someone else reads.
 
+Sequences of one request (parallel sampling, beam search) share blocks by reference count instead:
+`fork` gives a child its parent's blocks, and the first write into a shared, partially filled block
+copies it first (copy-on-write): allocate_slots swaps in a fresh block and queues the copy
+(`take_copies`), which the runner performs on the KV caches before the step's forward pass.
+
 A block is registered in the cache as soon as the tokens that fill it are scheduled (before the
 forward pass has run): a request scheduled later in the same step may hit it, which is sound because
 the runner writes a layer's KV for the whole batch before any attention of that layer reads it.
@@ -53,6 +58,10 @@ class KVCacheManager:
         # lookup is committed by allocate_slots), not per lookup attempt of a blocked queue head.
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
+        # Copy-on-write since the last take_copies(): (src, dst) block ids for the runner, and
+        # req_id -> (index in its table, new block id) for the runner's copy of the table.
+        self._copies: list[tuple[int, int]] = []
+        self.replaced: dict[str, tuple[int, int]] = {}
 
     # ---------------------------------------------------------------- counters
     @property
@@ -119,7 +128,13 @@ class KVCacheManager:
             # Fast path, most decode steps: the table already has room for the new tokens.
             blocks = self.req_to_blocks.get(req_id)
             total_tokens = request.num_computed_tokens + num_new_tokens
-            if blocks is not None and total_tokens <= len(blocks) * self.block_size:
+            if (
+                blocks is not None
+                and total_tokens <= len(blocks) * self.block_size
+                and (
+                    not num_new_tokens or blocks[request.num_computed_tokens // self.block_size].ref_cnt == 1
+                )
+            ):
                 if self.enable_prefix_caching:
                     self._cache_full_blocks(request, blocks, min(total_tokens, request.num_tokens))
                 return []
@@ -129,10 +144,15 @@ class KVCacheManager:
         num_computed_tokens = request.num_computed_tokens + len(computed) * self.block_size
         total_tokens = num_computed_tokens + num_new_tokens
         num_needed = max(0, _cdiv(total_tokens, self.block_size) - len(blocks) - len(computed))
+        # The first block written into, if another sequence shares it (a fork): copied first.
+        write_index = num_computed_tokens // self.block_size
+        cow = num_new_tokens > 0 and write_index < len(blocks) and blocks[write_index].ref_cnt > 1
         # Hits sitting in the free list stop being allocatable once touched.
         num_evictable_hits = sum(1 for b in computed if b.ref_cnt == 0)
-        if num_needed > self.block_pool.num_free_blocks - num_evictable_hits:
+        if num_needed + cow > self.block_pool.num_free_blocks - num_evictable_hits:
             return None
+        if cow:
+            self._copy_on_write(req_id, blocks, write_index)
 
         if is_new:
             self.req_to_blocks[req_id] = blocks
@@ -149,6 +169,33 @@ class KVCacheManager:
         if self.enable_prefix_caching:
             self._cache_full_blocks(request, blocks, min(total_tokens, request.num_tokens))
         return [b.block_id for b in computed] + [b.block_id for b in new_blocks]
+
+    def _copy_on_write(self, req_id: str, blocks: list[KVCacheBlock], index: int) -> None:
+        shared = blocks[index]
+        (copy,) = self.block_pool.allocate(1)
+        blocks[index] = copy
+        self.block_pool.free_blocks((shared,))  # the other sequences still hold it
+        self._copies.append((shared.block_id, copy.block_id))
+        self.replaced[req_id] = (index, copy.block_id)
+
+    def fork(self, child: Request, parent: Request, num_tokens: int) -> None:
+        """Give `child` (holding no blocks) the blocks of `parent`'s first num_tokens tokens, by
+        reference. Whichever of them first writes into a shared block copies it (allocate_slots)."""
+        if child.req_id in self.req_to_blocks:
+            raise ValueError(f"request {child.req_id!r} already holds blocks")
+        num_blocks = _cdiv(num_tokens, self.block_size)
+        shared = self.req_to_blocks[parent.req_id][:num_blocks]
+        self.block_pool.touch(shared)
+        self.req_to_blocks[child.req_id] = shared
+        self._num_cached_blocks[child.req_id] = min(
+            self._num_cached_blocks[parent.req_id], num_tokens // self.block_size
+        )
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """The (src, dst) block copies queued since the last call, for the step being scheduled."""
+        copies, self._copies = self._copies, []
+        self.replaced.clear()
+        return copies
 
     def _cache_full_blocks(self, request: Request, blocks: list[KVCacheBlock], num_tokens: int) -> None:
         num_full = num_tokens // self.block_size
@@ -170,6 +217,11 @@ class KVCacheManager:
         """
         blocks = self.req_to_blocks.pop(request.req_id, None)
         self._num_cached_blocks.pop(request.req_id, None)
+        if self.replaced.pop(request.req_id, None) is not None and blocks:
+            # Copied into this step, then preempted in the same step: the copy must not land in a
+            # block that someone else may be given before the runner performs it.
+            dropped = {b.block_id for b in blocks}
+            self._copies = [c for c in self._copies if c[1] not in dropped]
         if blocks:
             if uncache:
                 self.block_pool.uncache_blocks(blocks)

@@ -59,6 +59,13 @@ class Request:
     # requests only share blocks when the KV they hold would be identical.
     cache_salt: str | None = None
     lora_request: LoRARequest | None = None  # None: the base model
+    # The sequences of one parallel-sampling or beam-search request (the same list object in each of
+    # them; None for a request alone). They share the prompt: the scheduler forks a running sibling's
+    # prompt blocks copy-on-write rather than computing the prompt again.
+    group: list[Request] | None = None
+    # A beam of a beam search: the engine's beam search (engine/core/beam_search.py), not the
+    # scheduler, appends its tokens and ends it, so it is scheduled only once its last step is applied.
+    is_beam: bool = False
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

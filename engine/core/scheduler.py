@@ -29,6 +29,9 @@ from engine.core.scheduler_output import (
     SchedulerOutput,
 )
 
+# _fork_source's answer when a sibling is still computing the prompt the waiting request would share.
+_WAIT_FOR_SIBLING = object()
+
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, cache: CacheConfig) -> None:
@@ -185,10 +188,19 @@ class Scheduler:
                 break
             if req.num_output_placeholders:
                 break  # preempted while its last step was in flight: wait until that token lands
-            computed_blocks, num_hit_tokens = kv.get_computed_blocks(req)
-            num_new = min(req.num_tokens - num_hit_tokens, budget)
-            if kv.allocate_slots(req, num_new, computed_blocks) is None:
-                break  # no skipping ahead: the head of the queue would starve
+            source = self._fork_source(req, num_scheduled) if req.group is not None else None
+            if source is _WAIT_FOR_SIBLING:
+                break  # a sibling is computing the shared prompt: fork it once it is done
+            if source is not None:
+                num_hit_tokens = self._fork(req, source, budget)
+                if num_hit_tokens is None:
+                    break
+                num_new = min(req.num_tokens - num_hit_tokens, budget)
+            else:
+                computed_blocks, num_hit_tokens = kv.get_computed_blocks(req)
+                num_new = min(req.num_tokens - num_hit_tokens, budget)
+                if kv.allocate_slots(req, num_new, computed_blocks) is None:
+                    break  # no skipping ahead: the head of the queue would starve
             self._pop_waiting(req)
             req.status = RequestStatus.RUNNING
             req.num_computed_tokens = num_hit_tokens
@@ -207,8 +219,16 @@ class Scheduler:
         cached_data = []
         scheduled_requests: dict[str, Request] = {}
         num_prompt_scheduled = 0
+        replaced = kv.replaced
         for req, new_block_ids in scheduled_running.values():
-            cached_data.append(CachedRequestData(req.req_id, new_block_ids, req.num_computed_tokens))
+            cached_data.append(
+                CachedRequestData(
+                    req.req_id,
+                    new_block_ids,
+                    req.num_computed_tokens,
+                    cow=replaced.get(req.req_id) if replaced else None,
+                )
+            )
             num_prompt_scheduled += self._advance(req, num_scheduled[req.req_id])
             scheduled_requests[req.req_id] = req
         new_data = []
@@ -242,7 +262,38 @@ class Scheduler:
             preempted_req_ids={r.req_id for r in preempted},
             step_id=step_id,
             num_prompt_tokens=num_prompt_scheduled,
+            block_copies=kv.take_copies(),
         )
+
+    def _fork_source(self, req: Request, num_scheduled: dict[str, int]) -> Request | object | None:
+        """A running sibling whose KV holds the shared prompt (all but its last token, which each
+        sequence computes for its own first token) as of the steps before this one, so any copy of it
+        runs after that KV was written; _WAIT_FOR_SIBLING while one is still computing the prompt;
+        None when none runs (this one computes the prompt itself)."""
+        fork_at = req.num_prompt_tokens - 1
+        if fork_at <= 0 or req.sampling_params.prompt_logprobs is not None:
+            return None  # nothing to share, or every prompt position must be scored
+        waiting = False
+        for sibling in req.group or ():
+            if sibling is req or sibling.status != RequestStatus.RUNNING:
+                continue
+            if sibling.num_computed_tokens - num_scheduled.get(sibling.req_id, 0) >= fork_at:
+                return sibling
+            waiting = True
+        return _WAIT_FOR_SIBLING if waiting else None
+
+    def _fork(self, req: Request, source: Request, budget: int) -> int | None:
+        """Share `source`'s prompt blocks with `req` and allocate the rest of its chunk; returns the
+        tokens it starts with computed, or None (nothing changed) when the pool is short."""
+        kv = self.kv_cache_manager
+        fork_at = req.num_prompt_tokens - 1
+        kv.fork(req, source, fork_at)
+        req.num_computed_tokens = fork_at
+        if kv.allocate_slots(req, min(req.num_tokens - fork_at, budget)) is None:
+            kv.free(req)
+            req.num_computed_tokens = 0
+            return None
+        return fork_at
 
     @staticmethod
     def _advance(req: Request, num_new: int) -> int:

@@ -22,7 +22,10 @@ class NewRequestData:
     num_prompt_tokens: int
     sampling_params: SamplingParams
     block_ids: list[int]  # the whole block table
-    num_computed_tokens: int  # tokens already in the KV cache (prefix-cache hits)
+    num_computed_tokens: int  # tokens already in the KV cache (prefix-cache hits, a fork)
+    # A beam of a beam search: the runner does not append what it samples (the engine picks the
+    # beams' tokens and sends them as new_token_ids).
+    is_beam: bool = False
 
 
 @dataclass(slots=True)
@@ -32,8 +35,10 @@ class CachedRequestData:
     req_id: str
     new_block_ids: list[int]  # appended to its block table
     num_computed_tokens: int
-    # Tokens appended outside the runner (none today: the runner appends what it samples).
+    # Tokens appended outside the runner (beam search: the engine picks them, not the sampler).
     new_token_ids: list[int] = field(default_factory=list)
+    # Copy-on-write: (index in its block table, the block that replaces it), before new_block_ids.
+    cow: tuple[int, int] | None = None
 
 
 @dataclass(slots=True)
@@ -52,6 +57,8 @@ class SchedulerOutput:
     step_id: int = 0
     # How many of total_num_scheduled_tokens are prompt tokens (the rest recompute or extend outputs).
     num_prompt_tokens: int = 0
+    # Copy-on-write: (src, dst) block ids whose KV the runner copies before this step's forward pass.
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:

@@ -74,6 +74,9 @@ def update_states(requests: dict[str, RequestState], so: SchedulerOutput) -> Non
             raise RuntimeError(
                 f"scheduler sent a diff for request {cached.req_id!r}, which the runner does not hold"
             )
+        if cached.cow is not None:
+            index, block_id = cached.cow
+            state.block_ids[index] = block_id
         state.block_ids.extend(cached.new_block_ids)
         state.num_computed_tokens = cached.num_computed_tokens
         if cached.new_token_ids:

@@ -51,6 +51,7 @@ from engine.worker.attention_metadata import (
     build_step_inputs,
     eager_forward,
 )
+from engine.worker.block_copy import copy_kv_blocks
 from engine.worker.cuda_graphs import (
     CUDAGraphRunner,
     DecodeArrays,
@@ -439,6 +440,8 @@ class ModelRunner:
         """
         prev = previous if previous is not None and not previous.done else None
         update_states(self.requests, scheduler_output)
+        if scheduler_output.block_copies:
+            copy_kv_blocks(self.kv_caches, scheduler_output.block_copies)
         scheduled = scheduler_output.num_scheduled_tokens
         output = ModelRunnerOutput(sampled_token_ids={req_id: [] for req_id in scheduled})
         if scheduler_output.total_num_scheduled_tokens == 0 or not scheduled:

@@ -1,0 +1,34 @@
+"""Copy-on-write of KV cache blocks: the copies the scheduler queued for a step, done before its forward.
+
+Sequences that fork (parallel sampling, beam search) share their parent's blocks; the first to write
+into a shared partial block gets a fresh one, and its KV must first hold the shared block's. The copy
+runs eagerly on the device's stream before the step's forward pass (captured CUDA graphs included),
+so it sees every earlier step's writes and precedes this step's. One gather and one scatter per cache
+tensor, whatever the number of copies: every source is read before any destination is written, so a
+block freed and handed out again within the same step may be both a source and a destination.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def copy_blocks_index(
+    copies: list[tuple[int, int]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(src, dst) pairs -> ([num_copies] src ids, [num_copies] dst ids) int64 on the device."""
+    index = torch.tensor(copies, dtype=torch.int64).T.contiguous()  # [2, num_copies]
+    if device.type == "cuda":
+        index = index.pin_memory().to(device, non_blocking=True)
+    return index[0], index[1]
+
+
+def copy_kv_blocks(kv_caches: list[tuple[torch.Tensor, torch.Tensor]], copies: list[tuple[int, int]]) -> None:
+    """cache[dst] = cache[src] for every (src, dst) in `copies`, in every layer's K and V cache
+    ([num_blocks, block_size, num_kv_heads, head_dim])."""
+    if not copies or not kv_caches:
+        return
+    src, dst = copy_blocks_index(copies, kv_caches[0][0].device)
+    for k_cache, v_cache in kv_caches:
+        k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
+        v_cache.index_copy_(0, dst, v_cache.index_select(0, src))

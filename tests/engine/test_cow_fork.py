@@ -1,0 +1,111 @@
+"""Parallel sampling shares the prompt's KV blocks copy-on-write: one prefill, then the children fork."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.core.kv_cache_manager import KVCacheManager
+from engine.core.request import Request
+from engine.worker.block_copy import copy_kv_blocks
+
+PROMPT = list(range(5, 26))  # 21 tokens: 2 full blocks of 8 and a partial one
+SAMPLE = {"temperature": 1.0, "seed": 7, "max_tokens": 6, "ignore_eos": True}
+
+
+def _req(req_id: str, n: int) -> Request:
+    return Request(req_id, list(range(n)), SamplingParams(max_tokens=4))
+
+
+def test_fork_shares_blocks_and_copies_the_partial_one_on_first_write() -> None:
+    kv = KVCacheManager(num_blocks=16, block_size=4, enable_prefix_caching=False)
+    parent, child = _req("p", 10), _req("c", 10)
+    assert kv.allocate_slots(parent, 10) is not None
+    parent.num_computed_tokens = 10
+    kv.fork(child, parent, 9)  # the child computes the last prompt token itself
+    child.num_computed_tokens = 9
+    shared = kv.req_to_blocks["p"]
+    assert [b.ref_cnt for b in shared] == [2, 2, 2]
+    assert kv.allocate_slots(child, 1) == []
+    copied = kv.req_to_blocks["c"]
+    assert copied[:2] == shared[:2] and copied[2] is not shared[2]
+    assert [b.ref_cnt for b in shared] == [2, 2, 1] and copied[2].ref_cnt == 1
+    assert kv.replaced == {"c": (2, copied[2].block_id)}
+    assert kv.take_copies() == [(shared[2].block_id, copied[2].block_id)]
+    assert kv.take_copies() == [] and kv.replaced == {}
+    # The parent's next write finds its block unshared now: no copy.
+    assert kv.allocate_slots(parent, 1) == []
+    assert kv.take_copies() == []
+    kv.free(child)
+    kv.free(parent)
+    assert kv.num_free_blocks == 16
+
+
+def test_copy_kv_blocks_reads_every_source_before_writing() -> None:
+    k = torch.arange(4.0).view(4, 1, 1, 1).repeat(1, 2, 1, 3)  # [blocks, block_size, heads, dim]
+    v = -k.clone()
+    copy_kv_blocks([(k, v)], [(0, 1), (1, 2)])  # block 1 is a destination and a source
+    assert k[:, 0, 0, 0].tolist() == [0.0, 0.0, 1.0, 3.0]
+    assert v[:, 0, 0, 0].tolist() == [0.0, 0.0, -1.0, -3.0]
+
+
+def _run_counting_blocks(llm: LLM, params: SamplingParams) -> tuple[list[list[int]], int]:
+    """Generate one request step by step; its children's tokens and the most blocks in use at once."""
+    engine = llm.llm_engine
+    engine.add_request("r", PROMPT, params)
+    kv = engine.scheduler.kv_cache_manager
+    peak = 0
+    final = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                final = out
+        peak = max(peak, kv.num_blocks - kv.num_free_blocks)
+    assert final is not None
+    assert kv.num_free_blocks == kv.num_blocks
+    return [c.token_ids for c in final.outputs], peak
+
+
+@pytest.fixture(scope="module")
+def roomy(tiny_llama_dir: Path) -> LLM:
+    return LLM(str(tiny_llama_dir), device="cpu", dtype="float32", block_size=8, num_kv_blocks=32)
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_n4_uses_the_prompt_once_plus_each_child(
+    roomy: LLM, tiny_llama_dir: Path, prefix_caching: bool
+) -> None:
+    llm = roomy
+    if not prefix_caching:
+        llm = LLM(
+            str(tiny_llama_dir),
+            device="cpu",
+            dtype="float32",
+            block_size=8,
+            num_kv_blocks=32,
+            enable_prefix_caching=False,
+        )
+    tokens, peak = _run_counting_blocks(llm, SamplingParams(n=4, **SAMPLE))
+    # 27 tokens per child: the 2 full prompt blocks once, then per child its copy of the partial
+    # third block and its own fourth (without sharing: 4 x 4 = 16).
+    assert peak == 2 + 4 * 2
+    # Each child is the sample a lone request with its seed draws: the forked KV is the prompt's.
+    for i, child in enumerate(tokens):
+        (alone,) = llm.generate([PROMPT], SamplingParams(**{**SAMPLE, "seed": 7 + i}), use_tqdm=False)
+        assert child == alone.outputs[0].token_ids
+
+
+def test_n4_under_preemption_gives_the_same_samples(roomy: LLM, tiny_llama_dir: Path) -> None:
+    """A cache too small for the four children at once: some are preempted and recompute (forking a
+    running sibling's prompt again); the samples do not change and every block comes back."""
+    params = SamplingParams(n=4, **{**SAMPLE, "max_tokens": 12})
+    expected, _ = _run_counting_blocks(roomy, params)
+    tight = LLM(str(tiny_llama_dir), device="cpu", dtype="float32", block_size=8, num_kv_blocks=9)
+    got, peak = _run_counting_blocks(tight, params)
+    assert tight.llm_engine.scheduler.num_preemptions > 0
+    assert got == expected
+    assert peak <= 9
+    tight.shutdown()

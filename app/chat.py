@@ -46,7 +46,7 @@ async def create_chat_completion(request: Request) -> Response:
     arrival = time.monotonic()
     # 1. Parse.
     req = await read_json(request, ChatCompletionRequest, state.config.max_body_bytes)
-    model = state.check_model(req.model)
+    model, lora = state.resolve_model(req.model)
     check_unsupported(req, chat=True)
     if req.max_completion_tokens is not None:
         max_tokens, max_field = req.max_completion_tokens, "max_completion_tokens"
@@ -62,14 +62,14 @@ async def create_chat_completion(request: Request) -> Response:
     # 3. Submit to the engine, which validates the request against the model.
     rid = new_id("chatcmpl")
     structlog.contextvars.bind_contextvars(request_id=rid)
-    streams = await submit(state, [rid], [(None, ids)], params, req.priority or 0, names)
+    streams = await submit(state, [rid], [(None, ids)], params, req.priority or 0, names, lora)
     # 4. Write the response: streamed or collected.
     opts = req.stream_options
     return await respond(
         request,
         state,
         streams,
-        [RequestTimer(state, arrival)],
+        [RequestTimer(state, arrival, lora)],
         ChatResponseShape(state, rid, model, params.n, top_n),
         stream=bool(req.stream),
         include_usage=opts is not None and bool(opts.include_usage),

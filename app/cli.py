@@ -130,6 +130,9 @@ def serve(flags: dict) -> int:
     from app.runner import run_server
 
     server = run_server(engine, server_config)
+    if server.state.startup_error is not None:
+        print(f"weir serve: error: {server.state.startup_error}", file=sys.stderr)
+        return 1
     if server.force_exit:
         # A second signal: the engine's worker may still be mid-step; do not wait for it.
         log.warning("forced exit")

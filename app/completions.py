@@ -36,7 +36,7 @@ async def create_completion(request: Request) -> Response:
     arrival = time.monotonic()
     # 1. Parse.
     req = await read_json(request, CompletionRequest, state.config.max_body_bytes)
-    model = state.check_model(req.model)
+    model, lora = state.resolve_model(req.model)
     check_unsupported(req, chat=False)
     if req.suffix is not None:
         raise bad_request(
@@ -65,14 +65,14 @@ async def create_completion(request: Request) -> Response:
     rid = new_id("cmpl")
     structlog.contextvars.bind_contextvars(request_id=rid)
     request_ids = [f"{rid}-{i}" for i in range(len(prompts))]
-    streams = await submit(state, request_ids, prompts, params, req.priority or 0, COMPLETION_FIELDS)
+    streams = await submit(state, request_ids, prompts, params, req.priority or 0, COMPLETION_FIELDS, lora)
     # 4. Write the response: streamed or collected.
     opts = req.stream_options
     return await respond(
         request,
         state,
         streams,
-        [RequestTimer(state, arrival) for _ in prompts],
+        [RequestTimer(state, arrival, lora) for _ in prompts],
         CompletionResponseShape(state, rid, model, prompts, params.n, echo, req.logprobs is not None),
         stream=bool(req.stream),
         include_usage=opts is not None and bool(opts.include_usage),

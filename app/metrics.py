@@ -10,6 +10,7 @@ Each app gets its own CollectorRegistry, so several servers in one process (test
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -167,6 +168,23 @@ class EngineStatsCollector(Collector):
             yield counter(
                 "weir:engine_steps", "Forward passes launched by the step loop.", step_loop["steps"]
             )
+        if s.running_lora_adapters is not None and s.waiting_lora_adapters is not None:
+            # vLLM's shape: the adapters are label values (comma-separated names), the value the time
+            # of the reading; dashboards take the latest series.
+            info = GaugeMetricFamily(
+                "weir:lora_requests_info",
+                "Running stats on LoRA requests.",
+                labels=["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+            )
+            info.add_metric(
+                [
+                    str(s.max_loras),
+                    ",".join(sorted(s.waiting_lora_adapters)),
+                    ",".join(sorted(s.running_lora_adapters)),
+                ],
+                time.time(),
+            )
+            yield info
 
 
 class ServerMetrics:
@@ -214,6 +232,33 @@ class ServerMetrics:
         self.generation_tokens = histogram(
             "weir:request_generation_tokens", "Number of generated tokens per request.", length_buckets
         )
+
+        # Per adapter; only served adapters have series (forget_lora drops an unloaded one's), so the
+        # label's cardinality is bounded by what the operator loads.
+        self.lora_requests = Counter(
+            "weir:lora_requests",
+            "Finished requests, by LoRA adapter.",
+            ["model_name", "lora_name"],
+            registry=r,
+        )
+        self.lora_generation_tokens = Counter(
+            "weir:lora_generation_tokens",
+            "Generated tokens, by LoRA adapter.",
+            ["model_name", "lora_name"],
+            registry=r,
+        )
+
+    def lora_finished(self, lora_name: str, num_generated: int) -> None:
+        self.lora_requests.labels(self._model_name, lora_name).inc()
+        self.lora_generation_tokens.labels(self._model_name, lora_name).inc(num_generated)
+
+    def forget_lora(self, lora_name: str) -> None:
+        """Drop an unloaded adapter's series."""
+        for metric in (self.lora_requests, self.lora_generation_tokens):
+            try:
+                metric.remove(self._model_name, lora_name)
+            except KeyError:
+                pass  # it never finished a request
 
     def finished(self, reason: str) -> None:
         child = self._success_children.get(reason)

@@ -20,9 +20,11 @@ from app.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
     ErrorBody,
+    LoadLoRAAdapterRequest,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    UnloadLoRAAdapterRequest,
 )
 
 _REF = "#/components/schemas/{name}"
@@ -41,7 +43,7 @@ _PROMPT = {
 _ERRORS = {
     "400": "Invalid request: the `param` field names the request field at fault.",
     "401": "Missing or wrong API key (with --api-key).",
-    "404": "Unknown model.",
+    "404": "Unknown model (or, for the LoRA routes, adapter; or the routes are off).",
     "413": "Body larger than --max-body-bytes.",
     "415": "Content-Type is not JSON.",
     "429": "The waiting queue is full now; retry after Retry-After seconds.",
@@ -79,6 +81,17 @@ def _post(summary: str, request: str, response: str, stream: bool = False) -> di
     }
 
 
+def _lora_post(summary: str, request: str) -> dict[str, Any]:
+    ok = {"description": "Done", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {"required": True, "content": _json(_ref(request))},
+            "responses": {"200": ok, **_errors("400", "401", "404", "413", "415")},
+        }
+    }
+
+
 def _get(summary: str, content: dict[str, Any], *errors: str) -> dict[str, Any]:
     return {
         "get": {
@@ -100,6 +113,8 @@ def build_openapi() -> dict[str, Any]:
         DetokenizeResponse,
         ModelList,
         ErrorBody,
+        LoadLoRAAdapterRequest,
+        UnloadLoRAAdapterRequest,
     ]
     _, components = msgspec.json.schema_components(types, ref_template=_REF)
     components["CompletionRequest"]["properties"]["prompt"] = _PROMPT
@@ -122,6 +137,12 @@ def build_openapi() -> dict[str, Any]:
             ),
             "/tokenize": _post("Tokenize a prompt or messages", "TokenizeRequest", "TokenizeResponse"),
             "/detokenize": _post("Token ids to text", "DetokenizeRequest", "DetokenizeResponse"),
+            "/v1/load_lora_adapter": _lora_post(
+                "Load a LoRA adapter (with --allow-runtime-lora-updating)", "LoadLoRAAdapterRequest"
+            ),
+            "/v1/unload_lora_adapter": _lora_post(
+                "Unload a LoRA adapter (with --allow-runtime-lora-updating)", "UnloadLoRAAdapterRequest"
+            ),
             "/v1/models": _get("The served models", _json(_ref("ModelList")), "401"),
             "/health": {
                 "get": {

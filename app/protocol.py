@@ -224,6 +224,21 @@ class ModelCard(Struct):
     root: str
     object: str = "model"
     owned_by: str = "weir"
+    parent: str | None = None  # a LoRA adapter's base model (its id); None for the base model
+
+
+class LoadLoRAAdapterRequest(Struct):
+    """POST /v1/load_lora_adapter (vLLM's body)."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(Struct):
+    """POST /v1/unload_lora_adapter (vLLM's body)."""
+
+    lora_name: str
+    lora_int_id: int | None = None  # accepted as vLLM does; the name is what identifies the adapter
 
 
 class ModelList(Struct):

@@ -14,6 +14,7 @@ from typing import Any
 from app.logging import get_logger
 from app.protocol import PromptTokensDetails, Usage
 from app.state import AppState
+from engine.lora.request import LoRARequest
 from engine.outputs.request_output import RequestOutput
 
 log = get_logger("weir.app")
@@ -22,11 +23,12 @@ log = get_logger("weir.app")
 class RequestTimer:
     """Timings of one engine request, observed into the metrics as it streams and when it ends."""
 
-    __slots__ = ("state", "arrival", "first_token", "last_token", "last_out", "num_generated")
+    __slots__ = ("state", "arrival", "lora", "first_token", "last_token", "last_out", "num_generated")
 
-    def __init__(self, state: AppState, arrival: float) -> None:
+    def __init__(self, state: AppState, arrival: float, lora: LoRARequest | None = None) -> None:
         self.state = state
         self.arrival = arrival
+        self.lora = lora  # the adapter it runs with, for the per-adapter counters
         self.first_token: float | None = None
         self.last_token: float | None = None
         self.last_out: RequestOutput | None = None
@@ -64,6 +66,9 @@ class RequestTimer:
         m.generation_tokens.observe(self.num_generated)
         for o in out.outputs:
             m.finished(o.finish_reason or "abort")
+        if self.lora is not None and self.state.loras.get(self.lora.lora_name) is self.lora:
+            # Only while it is served: an unloaded adapter's series are gone and stay gone.
+            m.lora_finished(self.lora.lora_name, self.num_generated)
         rm = out.metrics
         if rm is not None and rm.first_scheduled_time is not None:
             queue = max(rm.first_scheduled_time - rm.arrival_time, 0.0)

@@ -47,6 +47,10 @@ class WeirServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets=sockets)  # runs the lifespan: the engine is loaded and warm
+        if self.state.startup_error is not None:
+            log.error("cannot start", error=self.state.startup_error)
+            self.should_exit = True  # no "serving": the lifespan's shutdown stops the engine
+            return
         if self.freeze_gc:
             freeze_startup_objects()
         if self.started:

@@ -29,6 +29,7 @@ from app.config import ServerConfig
 from app.errors import APIError, bad_request
 from app.http import APIKeyMiddleware, api_route, read_json
 from app.logging import get_logger
+from app.lora_routes import AdapterLoadError, load_lora_adapter, load_startup_adapters, unload_lora_adapter
 from app.openapi import build_openapi
 from app.prompt_processing import check_token_ids
 from app.protocol import (
@@ -53,6 +54,8 @@ def _json(obj: Any, status: int = 200) -> Response:
 async def health(request: Request) -> Response:
     state: AppState = request.app.state.weir
     engine = state.engine
+    if state.startup_error is not None:
+        return JSONResponse({"status": "unhealthy", "reason": state.startup_error}, status_code=503)
     if state.draining:
         return JSONResponse({"status": "draining", "reason": "the server is shutting down"}, status_code=503)
     if not engine.is_healthy:
@@ -80,6 +83,16 @@ async def models(request: Request) -> Response:
             root=Path(str(state.engine.model_path)).name or name,
         )
         for name in state.model_names
+    ]
+    cards += [
+        ModelCard(
+            id=lora.lora_name,
+            created=state.created,
+            max_model_len=state.max_model_len,
+            root=lora.lora_path,
+            parent=state.model_name,
+        )
+        for lora in state.loras.all()
     ]
     return _json(ModelList(data=cards))
 
@@ -147,12 +160,21 @@ def build_app(engine: EngineClient, server_config: ServerConfig) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await engine.start()
-        log.info(
-            "engine started",
-            model=str(engine.model_path),
-            served_model_names=state.model_names,
-            max_model_len=state.max_model_len,
-        )
+        try:
+            await load_startup_adapters(state, server_config.lora_adapters)
+        except AdapterLoadError as exc:
+            # Not raised: uvicorn would log the lifespan's traceback and sys.exit(3). The server
+            # stops as soon as it has started (WeirServer.startup) and `weir serve` prints this line.
+            state.startup_error = str(exc)
+            state.draining = True
+        else:
+            log.info(
+                "engine started",
+                model=str(engine.model_path),
+                served_model_names=state.model_names,
+                lora_adapters=[lora.lora_name for lora in state.loras.all()],
+                max_model_len=state.max_model_len,
+            )
         try:
             yield
         finally:
@@ -168,6 +190,8 @@ def build_app(engine: EngineClient, server_config: ServerConfig) -> Starlette:
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/detokenize", detokenize, methods=["POST"]),
         Route("/openapi.json", _openapi_route(), methods=["GET"]),
+        Route("/v1/load_lora_adapter", load_lora_adapter, methods=["POST"]),
+        Route("/v1/unload_lora_adapter", unload_lora_adapter, methods=["POST"]),
     ]
     middleware = [Middleware(APIKeyMiddleware, api_keys=list(server_config.api_key))]
     if server_config.allowed_origins:

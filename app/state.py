@@ -10,8 +10,10 @@ from typing import Any
 from app.config import ServerConfig
 from app.errors import APIError
 from app.logging import get_logger
+from app.lora_registry import LoRARegistry
 from app.metrics import ServerMetrics
 from app.prompt_encoder import PromptEncoder
+from engine.lora.request import LoRARequest
 from engine.protocol import EngineClient
 
 log = get_logger("weir.app")
@@ -25,6 +27,8 @@ class AppState:
         self.config = config
         self.model_names = list(config.served_model_name) or ["model"]
         self.model_name = self.model_names[0]
+        # Served LoRA adapters (app/lora_routes.py loads them): a request's model may name one.
+        self.loras = LoRARegistry()
         self.tokenizer = engine.tokenizer
         self.encoder = PromptEncoder(self.tokenizer)
         self.max_model_len: int = engine.max_model_len
@@ -39,6 +43,7 @@ class AppState:
         self.created = int(time.time())
         self.metrics = ServerMetrics(engine, self.model_name, self.max_model_len)
         self.draining = False
+        self.startup_error: str | None = None  # why the lifespan's start-up failed, for `weir serve`
         self._drain_task: asyncio.Task[None] | None = None
         # Token id -> its text, for logprobs. Bounded by the vocabulary.
         self.token_text = lru_cache(maxsize=None)(self._token_text)
@@ -48,18 +53,30 @@ class AppState:
 
     def check_model(self, model: str | None) -> str:
         """The served name to answer with; 404 for a model this server does not serve."""
+        return self.resolve_model(model)[0]
+
+    def resolve_model(self, model: str | None) -> tuple[str, LoRARequest | None]:
+        """The served name to answer with and the adapter it selects (None: the base model); 404 for
+        a name this server does not serve, listing the names it does."""
         if model is None or model == "":
-            return self.model_name
-        if model not in self.model_names:
-            # Echo at most a short prefix: a client's 100 KB name is not worth sending back.
-            shown = model if len(model) <= MAX_ECHOED_NAME else model[:MAX_ECHOED_NAME] + "..."
-            raise APIError(
-                404,
-                f"The model `{shown}` does not exist. This server serves: {', '.join(self.model_names)}.",
-                param="model",
-                code="model_not_found",
-            )
-        return model
+            return self.model_name, None
+        if model in self.model_names:
+            return model, None
+        lora = self.loras.get(model)
+        if lora is None:
+            raise self.model_not_found(model)
+        return model, lora
+
+    def model_not_found(self, model: str) -> APIError:
+        # Echo at most a short prefix: a client's 100 KB name is not worth sending back.
+        shown = model if len(model) <= MAX_ECHOED_NAME else model[:MAX_ECHOED_NAME] + "..."
+        served = self.model_names + [lora.lora_name for lora in self.loras.all()]
+        return APIError(
+            404,
+            f"The model `{shown}` does not exist. This server serves: {', '.join(served)}.",
+            param="model",
+            code="model_not_found",
+        )
 
     # ---------------------------------------------------------------- shutdown
 

@@ -14,6 +14,7 @@ from app.prompt_processing import Prompt
 from app.request_mapping import FieldNames, error_from_refusal
 from app.state import AppState
 from engine.core.sampling_params import SamplingParams
+from engine.lora.request import LoRARequest
 from engine.outputs.request_output import RequestOutput
 
 log = get_logger("weir.app")
@@ -30,16 +31,22 @@ async def submit(
     params: SamplingParams,
     priority: int,
     names: FieldNames,
+    lora: LoRARequest | None = None,
 ) -> list[AsyncIterator[RequestOutput]]:
     """One engine request per prompt, validated by the engine's input processor; all or none: on a
-    refusal the ones already added are aborted and the refusal becomes its envelope."""
+    refusal the ones already added are aborted and the refusal becomes its envelope. `lora`: the
+    adapter the request's model named (None: the base model)."""
     if state.draining:
         raise service_unavailable("The server is shutting down and takes no new requests.", "draining")
+    if lora is not None and state.loras.get(lora.lora_name) is not lora:
+        # Unloaded while the prompt was being tokenized: as if it had arrived after the unload.
+        raise state.model_not_found(lora.lora_name)
+    extra = {} if lora is None else {"lora_request": lora}
     check_queue_bounds(state, [len(ids) for _, ids in prompts], params.n, names.prompt, params.best_of)
     streams: list[AsyncIterator[RequestOutput]] = []
     try:
         for rid, (text, token_ids) in zip(request_ids, prompts, strict=True):
-            streams.append(await state.engine.add_request(rid, text, token_ids, params, priority))
+            streams.append(await state.engine.add_request(rid, text, token_ids, params, priority, **extra))
     except BaseException as exc:
         await close_streams(streams)
         if isinstance(exc, Exception) and (err := error_from_refusal(exc, names)) is not None:

@@ -253,7 +253,24 @@ class LLMEngine:
             prompt_tokens_total=self._prompt_tokens_total,
             generation_tokens_total=self.output_processor.num_generation_tokens,
             step_loop=self.step_times.as_dict(),
+            **self._lora_stats(),
         )
+
+    def _lora_stats(self) -> dict:
+        """Adapters of the running and the waiting requests (EngineStats' LoRA fields); {} without LoRA."""
+        if self.config.lora is None:
+            return {}
+        running: dict[str, int] = {}
+        waiting: dict[str, int] = {}
+        for req in self.scheduler.requests.values():
+            if req.lora_request is not None:
+                counts = running if req.status == RequestStatus.RUNNING else waiting
+                counts[req.lora_request.lora_name] = counts.get(req.lora_request.lora_name, 0) + 1
+        return {
+            "running_lora_adapters": running,
+            "waiting_lora_adapters": waiting,
+            "max_loras": self.config.lora.max_loras,
+        }
 
     # ------------------------------------------------------------------ lifecycle
     def shutdown(self) -> None:

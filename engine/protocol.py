@@ -30,6 +30,11 @@ class EngineStats:
     # Seconds by phase of the engine's steps (engine/executor/step_loop_times.py); None where there
     # is no step loop (the test fake).
     step_loop: dict[str, float] | None = None
+    # Multi-LoRA, None when it is off: adapter name -> its requests running / waiting (preempted
+    # included), and the adapters one step can hold (max_loras), for weir:lora_requests_info.
+    running_lora_adapters: dict[str, int] | None = None
+    waiting_lora_adapters: dict[str, int] | None = None
+    max_loras: int = 0
 
 
 class EngineClient(Protocol):

@@ -20,6 +20,7 @@ from typing import Any
 from engine.core.sampling_params import SamplingParams
 from engine.errors import EngineDeadError, EngineDrainingError, QueueFullError
 from engine.inputs.input_processor import InputProcessor
+from engine.lora.request import LoRARequest
 from engine.outputs.request_output import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from engine.protocol import EngineClient, EngineStats
 
@@ -50,6 +51,7 @@ class _Req:
     seqs: list[_Seq]
     queue: asyncio.Queue
     metrics: RequestMetrics
+    lora_request: LoRARequest | None = None
     finished: bool = False
     error: str | None = None
 
@@ -66,6 +68,7 @@ class FakeEngine(EngineClient):
         max_waiting_requests: int = 1024,
         max_waiting_tokens: int = 1 << 20,
         kv_capacity_tokens: int = 16384,
+        max_loras: int = 0,
     ) -> None:
         from transformers import AutoTokenizer
 
@@ -97,6 +100,9 @@ class FakeEngine(EngineClient):
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._counters = {"prompt": 0, "generation": 0}
+        # LoRA (off when max_loras is 0): adapters "loaded" (a directory that exists), by id.
+        self.max_loras = max_loras
+        self.loras: dict[int, LoRARequest] = {}
         eos = self.tokenizer.eos_token_id
         self.input_processor = InputProcessor(
             self.tokenizer,
@@ -134,6 +140,7 @@ class FakeEngine(EngineClient):
         prompt_token_ids: list[int] | None,
         params: SamplingParams,
         priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[RequestOutput]:
         if self.dead_error is not None:
             raise EngineDeadError(f"the engine loop died: {self.dead_error!r}")
@@ -148,6 +155,8 @@ class FakeEngine(EngineClient):
             prompt_text=prompt,
         )
         ids, params = request.prompt_token_ids, request.sampling_params
+        if lora_request is not None and self.loras.get(lora_request.lora_int_id) != lora_request:
+            raise ValueError(f"lora_request: the adapter {lora_request.lora_name!r} is not loaded")
         if len(self._waiting) >= self.max_waiting_requests:
             raise QueueFullError(
                 f"the waiting queue is full (max_waiting_requests {self.max_waiting_requests})"
@@ -155,7 +164,9 @@ class FakeEngine(EngineClient):
         if sum(len(r.prompt_token_ids) for r in self._waiting) + len(ids) > self.max_waiting_tokens:
             raise QueueFullError(f"the waiting queue is full (max_waiting_tokens {self.max_waiting_tokens})")
         base_seed = params.seed if params.seed is not None else hash((request_id, time.monotonic_ns()))
-        seqs = [_Seq(i, random.Random(hash((base_seed, tuple(ids), i)))) for i in range(params.n)]
+        # An adapter changes the "model": its tokens differ from the base model's for the same seed.
+        lora_id = 0 if lora_request is None else lora_request.lora_int_id
+        seqs = [_Seq(i, random.Random(hash((base_seed, tuple(ids), i, lora_id)))) for i in range(params.n)]
         req = _Req(
             request_id,
             prompt,
@@ -165,6 +176,7 @@ class FakeEngine(EngineClient):
             seqs,
             asyncio.Queue(),
             RequestMetrics(arrival_time=time.monotonic()),
+            lora_request,
         )
         self._waiting.append(req)
         self._idle.clear()  # type: ignore[union-attr]
@@ -172,12 +184,15 @@ class FakeEngine(EngineClient):
         return self._stream(req)
 
     async def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str, priority: int = 0
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str,
+        priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        if isinstance(prompt, str):
-            stream = await self.add_request(request_id, prompt, None, params, priority)
-        else:
-            stream = await self.add_request(request_id, None, list(prompt), params, priority)
+        text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
+        stream = await self.add_request(request_id, text, ids, params, priority, lora_request)
         async for out in stream:
             yield out
 
@@ -185,6 +200,30 @@ class FakeEngine(EngineClient):
         for req in list(self._waiting) + self._running:
             if req.req_id == request_id:
                 self._finish(req, "abort")
+
+    async def add_lora(self, lora_request: LoRARequest) -> bool:
+        if not self.max_loras:
+            raise ValueError("enable_lora is off: this engine serves no LoRA adapters")
+        if not Path(lora_request.lora_path).is_dir():
+            raise ValueError(
+                f"lora adapter {lora_request.lora_name!r}: lora_path {lora_request.lora_path!r} is not a directory"
+            )
+        self.loras[lora_request.lora_int_id] = lora_request
+        return True
+
+    async def remove_lora(self, lora_int_id: int) -> bool:
+        # Requests already running with it go on (they hold their LoRARequest).
+        return self.loras.pop(lora_int_id, None) is not None
+
+    def list_loras(self) -> set[int]:
+        return set(self.loras)
+
+    def _lora_counts(self, reqs: list[_Req]) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for r in reqs:
+            if r.lora_request is not None:
+                counts[r.lora_request.lora_name] = counts.get(r.lora_request.lora_name, 0) + 1
+        return counts
 
     def stats(self) -> EngineStats:
         used = sum(len(r.prompt_token_ids) + sum(len(s.token_ids) for s in r.seqs) for r in self._running)
@@ -198,6 +237,9 @@ class FakeEngine(EngineClient):
             num_preemptions=0,
             prompt_tokens_total=self._counters["prompt"],
             generation_tokens_total=self._counters["generation"],
+            running_lora_adapters=self._lora_counts(self._running) if self.max_loras else None,
+            waiting_lora_adapters=self._lora_counts(list(self._waiting)) if self.max_loras else None,
+            max_loras=self.max_loras,
         )
 
     def begin_drain(self) -> None:

@@ -37,7 +37,7 @@ def test_no_server_errors(server: LiveServer) -> None:
     """Every operation, fuzzed from its schema (valid and invalid bodies): a 5xx is a bug."""
     api = schemathesis.openapi.from_url(server.base_url + "/openapi.json")
     operations = [result.ok() for result in api.get_all_operations()]
-    assert len(operations) == 8
+    assert len(operations) == 10
 
     for operation, mode in itertools.product(operations, schemathesis.GenerationMode):
         if mode is schemathesis.GenerationMode.NEGATIVE and operation.method.upper() != "POST":

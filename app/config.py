@@ -156,6 +156,10 @@ ENGINE_HELP: dict[str, str] = {
     "max_cpu_loras": "Adapters kept loaded in host memory (LRU). Default: max_loras.",
     "scheduling_policy": "fcfs (arrival order) or fair (waiting requests ordered by the service their adapter "
     "has received, a virtual token counter).",
+    "tensor_parallel_size": "Shard the model over this many GPUs (or CPU processes with --device cpu), "
+    "one worker process per rank (README: Tensor parallelism). It must divide the attention heads.",
+    "distributed_executor_backend": "Where tensor-parallel workers run: mp (processes on this node) or "
+    "ray (actors on a Ray cluster, pip install weir[ray]).",
 }
 
 

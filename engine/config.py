@@ -27,6 +27,7 @@ VALID_LOAD_FORMATS = ("auto", "safetensors", "dummy")
 VALID_BLOCK_SIZES = (8, 16, 32, 64)
 VALID_SCHEDULING_POLICIES = ("fcfs", "fair")
 VALID_QUANTIZATIONS = ("gptq", "awq", "fp8")  # engine.model.quantization.detect.QUANTIZATION_METHODS
+VALID_EXECUTOR_BACKENDS = ("mp", "ray")
 
 
 @dataclass(slots=True)
@@ -77,6 +78,10 @@ class EngineConfig:
     # "fcfs": arrival order (priority first); "fair": waiting requests ordered by the service their
     # adapter (tenant) has received so far, a virtual token counter (Sheng et al., OSDI 2024).
     scheduling_policy: str = "fcfs"
+    # Tensor parallelism (engine.executor.multiproc_executor): the model sharded over this many
+    # ranks, one worker process per rank ("mp", one node) or one Ray actor per GPU ("ray", a cluster).
+    tensor_parallel_size: int = 1
+    distributed_executor_backend: str = "mp"
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -123,6 +128,8 @@ class EngineConfig:
                     f"max_cpu_loras must be >= max_loras ({self.max_loras}); got {self.max_cpu_loras}"
                 )
         _choice("scheduling_policy", self.scheduling_policy, VALID_SCHEDULING_POLICIES)
+        _positive("tensor_parallel_size", self.tensor_parallel_size)
+        _choice("distributed_executor_backend", self.distributed_executor_backend, VALID_EXECUTOR_BACKENDS)
 
     def resolve(self) -> ResolvedConfig:
         """Every option resolved against the checkpoint and the device, once: the frozen config the
@@ -155,6 +162,7 @@ class EngineConfig:
         # a GPU. The runner profiles memory for a step of this many tokens.
         max_num_batched_tokens = self.max_num_batched_tokens or (max(8192, max_model_len) if on_cuda else 512)
         mixed = self.max_cuda_graph_mixed_tokens
+        parallel = _resolve_parallel(model, self.tensor_parallel_size, self.distributed_executor_backend)
         return ResolvedConfig(
             model=model,
             quant=_resolve_quantization(model.model_path, self.quantization),
@@ -188,7 +196,7 @@ class EngineConfig:
             )
             if self.enable_lora
             else None,
-            parallel=ParallelConfig(),
+            parallel=parallel,
             device=DeviceConfig(
                 device=device,
                 enforce_eager=self.enforce_eager,
@@ -214,6 +222,38 @@ def _choice(name: str, value: object, allowed: tuple) -> None:
 def _positive(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive integer; got {value!r}")
+
+
+def _resolve_parallel(model: ModelConfig, tp: int, backend: str) -> ParallelConfig:
+    """The tensor-parallel size checked against the model's shapes and, on CUDA with the "mp" backend,
+    the devices this process sees (a Ray cluster's GPUs are counted when its placement group forms)."""
+    if tp == 1:
+        return ParallelConfig(distributed_executor_backend=backend)
+    what = {
+        "num_attention_heads": model.num_heads,
+        "intermediate_size": model.intermediate_size,
+    }
+    for name, value in what.items():
+        if value % tp:
+            raise ValueError(
+                f"tensor_parallel_size {tp} must divide the model's {name} ({value}); "
+                f"choose a tensor_parallel_size that divides it"
+            )
+    # KV heads are split when there are at least tp of them, else replicated (tp a multiple of them).
+    kv = model.num_kv_heads
+    if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
+        raise ValueError(
+            f"tensor_parallel_size {tp} and the model's num_key_value_heads ({kv}) must divide one another"
+        )
+    if model.device == "cuda" and backend == "mp":
+        import torch  # noqa: PLC0415
+
+        count = torch.cuda.device_count()
+        if tp > count:
+            raise ValueError(
+                f"tensor_parallel_size {tp} needs {tp} GPUs (one per rank); this machine has {count}"
+            )
+    return ParallelConfig(tensor_parallel_size=tp, distributed_executor_backend=backend)
 
 
 def _resolve_quantization(model_path: str, requested: str | None) -> QuantConfig:
@@ -275,8 +315,9 @@ class LoRAConfig:
 
 @dataclass(frozen=True, slots=True)
 class ParallelConfig:
-    # One device until the tensor-parallel issue; a multi-process executor reads these.
+    # Ranks the model is sharded over (1: the in-process runner, no torch.distributed).
     tensor_parallel_size: int = 1
+    distributed_executor_backend: str = "mp"  # "mp": worker processes; "ray": Ray actors
 
 
 @dataclass(frozen=True, slots=True)

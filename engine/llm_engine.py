@@ -28,7 +28,8 @@ from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler import Scheduler
 from engine.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from engine.errors import EngineShutdownError, InvalidRequestError
-from engine.executor.executor import Executor, UniprocExecutor
+from engine.executor.executor import Executor
+from engine.executor.factory import create_executor
 from engine.executor.step_loop_times import StepLoopTimes
 from engine.executor.step_pipeline import StepPipeline
 from engine.inputs.input_processor import EngineRequest, InputProcessor
@@ -45,9 +46,13 @@ class LLMEngine:
         start = time.perf_counter()
         resolved = config.resolve() if isinstance(config, EngineConfig) else config
         self.tokenizer = load_tokenizer(resolved.load.tokenizer)
-        self.executor: Executor = UniprocExecutor(resolved)
-        num_blocks = self.executor.determine_num_kv_blocks()
-        self.executor.initialize_kv_cache(num_blocks)
+        self.executor: Executor = create_executor(resolved)
+        try:
+            num_blocks = self.executor.determine_num_kv_blocks()
+            self.executor.initialize_kv_cache(num_blocks)
+        except BaseException:
+            self.executor.shutdown()  # worker processes must not outlive a failed start
+            raise
         # The one write after resolution: the cache's size (and max_model_len capped to it).
         self.config = config = resolved.with_num_kv_blocks(num_blocks)
         self.model_config = config.model

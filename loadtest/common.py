@@ -67,6 +67,12 @@ def add_common_args(parser: argparse.ArgumentParser, default_shape: str | None =
         default=None,
         help="capture prefill+decode steps up to this many tokens as CUDA graphs (engine default: 0, off)",
     )
+    g.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=None,
+        help="shard the model over this many GPUs, one worker process each (engine default: 1)",
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--temperature", type=float, default=1.0, help="1.0 as vLLM's benchmarks; 0 is greedy")
     p = parser.add_argument_group("peer and output")
@@ -200,6 +206,7 @@ def engine_kwargs(args: argparse.Namespace, model: ModelChoice, **overrides: Any
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "max_cuda_graph_mixed_tokens": getattr(args, "max_cuda_graph_mixed_tokens", None),
+        "tensor_parallel_size": getattr(args, "tensor_parallel_size", None),
     }
     kw.update({k: v for k, v in optional.items() if v is not None})
     if args.enforce_eager:

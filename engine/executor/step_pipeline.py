@@ -41,8 +41,9 @@ _FATAL_MARKERS = ("CUDA error", "CUBLAS_STATUS", "illegal memory access", "devic
 
 
 def is_fatal(exc: BaseException) -> bool:
-    """True for an error that leaves the device unusable (every later step would fail too)."""
-    return any(marker in str(exc) for marker in _FATAL_MARKERS)
+    """True for an error that leaves the device unusable (every later step would fail too), or that
+    says so itself (`fatal = True`: a tensor-parallel worker died or hung)."""
+    return getattr(exc, "fatal", False) is True or any(marker in str(exc) for marker in _FATAL_MARKERS)
 
 
 class StepSink(Protocol[Out_co]):

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from engine.model.checkpoint_slice import materialize
+
 WeightLoader = Callable[..., None]  # (param, loaded_weight, shard_id=None) -> None
 
 
@@ -57,4 +59,4 @@ def default_weight_loader(param: torch.Tensor, loaded_weight: torch.Tensor, shar
     del shard_id
     if tuple(param.shape) != tuple(loaded_weight.shape):
         raise WeightShapeError(tuple(param.shape), tuple(loaded_weight.shape))
-    param.data.copy_(loaded_weight)
+    param.data.copy_(materialize(loaded_weight))

@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from engine.model.checkpoint_slice import CheckpointSlice
 from engine.model.parameter import WeightShapeError, default_weight_loader
 
 logger = logging.getLogger("weir.engine")
@@ -95,8 +96,8 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
                 if param is None:
                     unexpected.append(name)
                     continue
-                tensor = f.get_tensor(name)
                 loader = getattr(param, "weight_loader", default_weight_loader)
+                tensor = _checkpoint_tensor(f, name, loader)
                 try:
                     loader(param, tensor, shard_id)
                 except WeightShapeError as e:
@@ -112,6 +113,15 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
         )
     _check_complete(params, loaded, packed, files)
     process_weights_after_loading(model)
+
+
+def _checkpoint_tensor(f: Any, name: str, loader: Any) -> torch.Tensor | CheckpointSlice:
+    """What `loader` gets for tensor `name`: a lazy slice when it belongs to a tensor-parallel layer
+    that narrows before copying (each rank then reads only its shard), else the whole tensor."""
+    owner = getattr(loader, "__self__", None)
+    if getattr(owner, "accepts_checkpoint_slices", False) and getattr(owner, "tp_size", 1) > 1:
+        return CheckpointSlice(f.get_slice(name))
+    return f.get_tensor(name)
 
 
 def process_weights_after_loading(model: nn.Module) -> None:

@@ -93,10 +93,14 @@ def _drop_weight_loaders(model: torch.nn.Module) -> None:
 
 
 class ModelRunner:
-    def __init__(self, config: ResolvedConfig) -> None:
+    def __init__(self, config: ResolvedConfig, rank: int = 0, device_index: int | None = None) -> None:
+        """`rank`: this runner's tensor-parallel rank (of config.parallel.tensor_parallel_size; its
+        process group is already initialised when > 1). `device_index`: its CUDA device (None: the
+        current one)."""
         self.config = config
+        self.rank = rank
         self.model_config = model_config = config.model
-        self.device = torch.device(config.device.device)
+        self.device = torch.device(config.device.device, device_index)
         self.dtype: torch.dtype = getattr(torch, model_config.dtype)
         self.kv_cache_dtype: torch.dtype = getattr(torch, config.cache.kv_cache_dtype)
         self.block_size = config.cache.block_size
@@ -160,7 +164,13 @@ class ModelRunner:
             use_triton,
         )
         model_cls = get_model_class(self.model_config.architecture)
-        ctx = BuildContext(dtype=self.dtype, quant_config=quant_config, attn_backend=self.attn_backend)
+        ctx = BuildContext(
+            dtype=self.dtype,
+            quant_config=quant_config,
+            attn_backend=self.attn_backend,
+            tp_rank=self.rank,
+            tp_size=self.config.parallel.tensor_parallel_size,
+        )
         with torch.device(self.device):
             model = model_cls(self.model_config, ctx)
         if self.config.load.load_format == "dummy":

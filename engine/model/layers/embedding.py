@@ -12,10 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.model.checkpoint_slice import materialize
 from engine.model.parameter import WeightShapeError, set_weight_attrs
 
 
 class VocabParallelEmbedding(nn.Module):
+    accepts_checkpoint_slices = True  # its loader only narrows (engine.model.checkpoint_slice)
+
     def __init__(
         self,
         num_embeddings: int,
@@ -48,7 +51,7 @@ class VocabParallelEmbedding(nn.Module):
         if tuple(loaded_weight.shape) != expected:
             raise WeightShapeError(expected, tuple(loaded_weight.shape))
         n = self.vocab_end - self.vocab_start
-        param.data[:n].copy_(loaded_weight[self.vocab_start : self.vocab_end])
+        param.data[:n].copy_(materialize(loaded_weight.narrow(0, self.vocab_start, n)))
         param.data[n:].zero_()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [num_tokens] -> [num_tokens, dim]

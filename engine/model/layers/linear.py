@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.model.checkpoint_slice import materialize
 from engine.model.parameter import (
     WeightShapeError,
     default_weight_loader,
@@ -64,6 +65,10 @@ def _divide(numerator: int, denominator: int, what: str) -> int:
 
 
 class LinearBase(nn.Module):
+    # The loaders below only narrow and copy: the checkpoint loader may hand them a CheckpointSlice
+    # (engine.model.checkpoint_slice) so that a rank reads only its shard from the file.
+    accepts_checkpoint_slices = True
+
     def __init__(
         self,
         input_size: int,
@@ -163,7 +168,7 @@ class ColumnParallelLinear(LinearBase):
         if tuple(loaded_weight.shape) != tuple(expected):
             raise WeightShapeError(tuple(expected), tuple(loaded_weight.shape))
         src = loaded_weight.narrow(dim, checkpoint_start, shard_size)
-        param.data.narrow(dim, param_offset, shard_size).copy_(src)
+        param.data.narrow(dim, param_offset, shard_size).copy_(materialize(src))
 
     def _load_fused(
         self, param: torch.Tensor, loaded_weight: torch.Tensor, sizes: list[int], shard_ids: list[Any]
@@ -338,7 +343,7 @@ class RowParallelLinear(LinearBase):
         if tuple(loaded_weight.shape) != tuple(expected):
             raise WeightShapeError(tuple(expected), tuple(loaded_weight.shape))
         shard = param_units(param, dim, self.input_size_per_partition)
-        param.data.copy_(loaded_weight.narrow(dim, self.tp_rank * shard, shard))
+        param.data.copy_(materialize(loaded_weight.narrow(dim, self.tp_rank * shard, shard)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.tp_rank == 0 else None

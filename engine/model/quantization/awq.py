@@ -67,8 +67,6 @@ class AWQLinearMethod(LinearMethodBase):
         del input_size, output_size, params_dtype
         group_size = self.config.group_size
         prefix = getattr(layer, "prefix", "")
-        if getattr(layer, "tp_size", 1) > 1:
-            raise ValueError(f"AWQ layer {prefix}: tensor parallelism is not supported yet")
         if input_size_per_partition % group_size:
             raise ValueError(
                 f"AWQ layer {prefix}: input size {input_size_per_partition} is not a multiple of "

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.model.parameter import WeightLoader, set_weight_attrs
+from engine.model.parameter import WeightLoader, WeightShapeError, set_weight_attrs
 from engine.model.quantization.base import LinearMethodBase, QuantizationConfig
 from engine.model.quantization.common import is_skipped
 from engine.model.quantization.unquantized import UnquantizedLinearMethod
@@ -86,10 +86,8 @@ class Fp8LinearMethod(LinearMethodBase):
         params_dtype: torch.dtype,
         weight_loader: WeightLoader,
     ) -> None:
-        del input_size, output_size
+        del output_size
         prefix = getattr(layer, "prefix", "")
-        if getattr(layer, "tp_size", 1) > 1:
-            raise ValueError(f"FP8 layer {prefix}: tensor parallelism is not supported yet")
         out = sum(output_partition_sizes)
         cfg = self.config
 
@@ -118,11 +116,21 @@ class Fp8LinearMethod(LinearMethodBase):
                     f"FP8 layer {prefix}: output sizes {output_partition_sizes} are not multiples of "
                     f"weight_block_size[0] {bn}"
                 )
-            # [out / bn, ceil(in / bk)]; whole along the input (one rank)
+            # [out / bn, ceil(in / bk)]: a column-parallel rank's block rows; a row-parallel rank's
+            # block columns (its input slice must be whole blocks)
+            scale_loader = weight_loader
+            if input_size_per_partition != input_size:
+                if input_size_per_partition % bk:
+                    raise ValueError(
+                        f"FP8 layer {prefix}: its input slice per rank ({input_size_per_partition}) is not a "
+                        f"multiple of weight_block_size[1] {bk}; choose a tensor_parallel_size that keeps "
+                        "whole blocks"
+                    )
+                scale_loader = _block_columns_loader(layer, input_size_per_partition // bk)
             register(
                 "weight_scale_inv",
                 torch.empty(out // bn, -(-input_size_per_partition // bk), dtype=torch.float32),
-                {"output_dim": 0, "packed_dim": 0, "pack_factor": bn, "weight_loader": weight_loader},
+                {"output_dim": 0, "packed_dim": 0, "pack_factor": bn, "weight_loader": scale_loader},
             )
             return
         # [out]: a per-tensor scale fills its sub-matrix's rows, a per-channel one is copied as is
@@ -196,6 +204,19 @@ def _scaled_mm_linear(
     if bias is not None:
         out = out + bias
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _block_columns_loader(layer: nn.Module, columns: int) -> WeightLoader:
+    """A row-parallel rank's block columns of weight_scale_inv ([out / bn, in / bk])."""
+
+    def load(param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+        del shard_id
+        expected = (param.shape[0], columns * layer.tp_size)
+        if tuple(loaded_weight.shape) != expected:
+            raise WeightShapeError(expected, tuple(loaded_weight.shape))
+        param.data.copy_(loaded_weight.narrow(1, layer.tp_rank * columns, columns))
+
+    return load
 
 
 def _fp8_only(weight_loader: WeightLoader, name: str) -> WeightLoader:

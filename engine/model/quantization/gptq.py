@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from engine.model.parameter import WeightLoader, set_weight_attrs
+from engine.model.parameter import WeightLoader, WeightShapeError, set_weight_attrs
 from engine.model.quantization.base import LinearMethodBase, QuantizationConfig
 from engine.model.quantization.common import (
     apply_weight_only,
@@ -77,10 +77,9 @@ class GPTQLinearMethod(LinearMethodBase):
         del output_size, params_dtype
         cfg = self.config
         prefix = getattr(layer, "prefix", "")
-        if getattr(layer, "tp_size", 1) > 1:
-            raise ValueError(f"GPTQ layer {prefix}: tensor parallelism is not supported yet")
         pf = pack_factor(cfg.bits)
-        group_size = cfg.group_size if cfg.group_size != -1 else input_size
+        # -1: one group over the whole input, whose scales every rank of a row-parallel layer shares
+        group_size = cfg.group_size if cfg.group_size != -1 else input_size_per_partition
         out = sum(output_partition_sizes)
         if input_size_per_partition % group_size or input_size_per_partition % pf:
             raise ValueError(
@@ -127,11 +126,16 @@ class GPTQLinearMethod(LinearMethodBase):
             torch.empty(groups, out, dtype=torch.float16),
             {**grouped, "output_dim": 1, "weight_loader": weight_loader},
         )
-        # [in] int32, whole on every fused shard (q/k/v share an act order)
+        # [in] int32, whole on every fused shard (q/k/v share an act order); a row-parallel rank's
+        # rows, renumbered to the groups it holds
+        if input_size_per_partition != input_size:
+            g_idx_loader = _row_shard_g_idx_loader(layer, groups if cfg.group_size != -1 else 0, prefix)
+        else:
+            g_idx_loader = same_on_every_shard_loader(f"g_idx of {prefix}")
         register(
             "g_idx",
             torch.empty(input_size_per_partition, dtype=torch.int32),
-            {"weight_loader": same_on_every_shard_loader(f"g_idx of {prefix}")},
+            {"weight_loader": g_idx_loader},
         )
 
     def _unpack_zeros(self, packed: torch.Tensor) -> torch.Tensor:
@@ -175,3 +179,25 @@ class GPTQLinearMethod(LinearMethodBase):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return apply_weight_only(layer, x, bias)
+
+
+def _row_shard_g_idx_loader(layer: nn.Module, groups: int, prefix: str) -> WeightLoader:
+    """g_idx of a row-parallel layer split over ranks: this rank's input rows, whose groups must be the
+    `groups` it holds (scales and zeros are split by group; 0: one group for all, on every rank). Act order (desc_act) scatters a rank's rows
+    over every group: refused, as the scales would have to be whole on every rank."""
+
+    def load(param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
+        del shard_id
+        rows = param.shape[0]
+        if loaded_weight.shape != (rows * layer.tp_size,):
+            raise WeightShapeError((rows * layer.tp_size,), tuple(loaded_weight.shape))
+        local = loaded_weight.narrow(0, layer.tp_rank * rows, rows).to(torch.int32) - layer.tp_rank * groups
+        if local.numel() and (int(local.min()) < 0 or int(local.max()) >= max(groups, 1)):
+            raise ValueError(
+                f"GPTQ layer {prefix}: act order (desc_act) checkpoints cannot be split over "
+                f"tensor_parallel_size {layer.tp_size} (a rank's input rows use other ranks' groups); "
+                "serve it with tensor_parallel_size 1 or re-quantize without desc_act"
+            )
+        param.data.copy_(local)
+
+    return load

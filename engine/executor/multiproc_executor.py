@@ -1,0 +1,224 @@
+"""Tensor parallelism on one node: one spawned worker process per rank (engine/executor/worker_process.py),
+each holding its shard of the model and of the KV cache (engine/worker/worker.py).
+
+Per step the engine pickles the compact SchedulerOutput once (new requests in full, running ones as a
+diff) and writes the same bytes to every rank's pipe; the ranks run the step together, meeting in the
+layers' collectives (NCCL on CUDA, gloo on CPU), and rank 0's ModelRunnerOutput comes back. A launch
+is one write per rank and no reply, so with async scheduling the engine launches step N+1 and then
+waits for step N's replies.
+
+Supervision: every wait watches the workers' process sentinels and has a deadline (`timeout_s`, also
+the process group's collective timeout). A worker that dies, fails or does not answer in time makes
+every later call raise `WorkerFailedError`, which the step pipeline treats as fatal: the engine stops,
+its in-flight requests get an error, /health turns 503. shutdown() asks the workers to stop, then
+terminates and finally kills whichever remain, so no process outlives the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import pickle
+import socket
+import time
+import weakref
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from engine.config import ResolvedConfig
+from engine.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from engine.executor.executor import Executor
+
+logger = logging.getLogger("weir.engine")
+
+# Seconds a step (or a collective inside it) may take before the engine gives up on the workers.
+DEFAULT_TIMEOUT_S = float(os.environ.get("WEIR_TP_TIMEOUT_S", "300"))
+# Start-up (weights load, memory profile, graph capture) may take much longer than a step.
+STARTUP_TIMEOUT_S = float(os.environ.get("WEIR_TP_STARTUP_TIMEOUT_S", "1800"))
+
+
+class WorkerFailedError(RuntimeError):
+    """A tensor-parallel worker died, failed or hung: the ranks can no longer run steps."""
+
+    fatal = True  # engine.executor.step_pipeline.is_fatal
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (the process group's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MultiprocExecutor(Executor):
+    """Ranks as worker processes. Its step handles are step ids."""
+
+    def __init__(self, config: ResolvedConfig, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        from engine.executor.worker_process import worker_main  # noqa: PLC0415
+
+        self.world_size = config.parallel.tensor_parallel_size
+        self.timeout_s = timeout_s
+        self.failed: WorkerFailedError | None = None
+        self._next_step_id = 0
+        self._processes: list[multiprocessing.process.BaseProcess] = []
+        self._conns: list[Connection] = []
+        context = multiprocessing.get_context("spawn")
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        log_level = logging.getLogger("weir").getEffectiveLevel()
+        on_cuda = config.device.device == "cuda"
+        # Ends the workers also when the executor is dropped without shutdown() (the lists are shared).
+        self._finalizer = weakref.finalize(self, _stop_processes, self._processes, self._conns)
+        try:
+            for rank in range(self.world_size):
+                parent_end, child_end = context.Pipe(duplex=True)
+                process = context.Process(
+                    target=worker_main,
+                    args=(
+                        config,
+                        rank,
+                        rank if on_cuda else None,
+                        init_method,
+                        timeout_s,
+                        child_end,
+                        log_level,
+                    ),
+                    name=f"weir-tp{rank}",
+                    daemon=True,  # also ended by multiprocessing's exit handler if shutdown() never ran
+                )
+                process.start()
+                child_end.close()
+                self._processes.append(process)
+                self._conns.append(parent_end)
+            self._gather(STARTUP_TIMEOUT_S, "start")
+        except BaseException:
+            self.shutdown()
+            raise
+        logger.info(
+            "tensor parallelism: %d worker processes (pids %s), %s",
+            self.world_size,
+            ", ".join(str(p.pid) for p in self._processes),
+            "nccl" if on_cuda else "gloo",
+        )
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in self._processes if p.pid is not None]
+
+    # ------------------------------------------------------------------ Executor
+    def determine_num_kv_blocks(self) -> int:
+        # Each rank profiles its own device; the cache is as large as the tightest rank allows.
+        return min(self._call("determine_num_kv_blocks", (), STARTUP_TIMEOUT_S))
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self._call("initialize_kv_cache", (num_blocks,), STARTUP_TIMEOUT_S)
+
+    def launch(self, scheduler_output: SchedulerOutput, previous: int | None) -> int:
+        step_id = self._next_step_id
+        self._next_step_id += 1
+        self._broadcast(("launch", (step_id, scheduler_output, previous)))
+        return step_id
+
+    def collect(self, launched: int) -> ModelRunnerOutput:
+        self._broadcast(("collect", (launched,)))
+        output = self._gather(self.timeout_s, f"step {launched}")[0]
+        assert isinstance(output, ModelRunnerOutput)
+        return output
+
+    def shutdown(self) -> None:
+        """Ask every worker to stop, then terminate (and kill) any still running. Idempotent."""
+        if self._processes and self.failed is None:
+            try:
+                self._broadcast(("shutdown", ()))
+            except WorkerFailedError:
+                pass
+        if self.failed is not None:  # the survivors may be stuck in a collective: no polite wait
+            for process in self._processes:
+                if process.is_alive():
+                    process.terminate()
+        self._finalizer()
+
+    # ------------------------------------------------------------------ the pipes
+    def _call(self, method: str, args: tuple, timeout_s: float) -> list[Any]:
+        self._broadcast((method, args))
+        return self._gather(timeout_s, method)
+
+    def _broadcast(self, message: tuple) -> None:
+        """The same bytes to every rank: the message is pickled once."""
+        if self.failed is not None:
+            raise self.failed
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        for rank, conn in enumerate(self._conns):
+            try:
+                conn.send_bytes(data)
+            except OSError as exc:
+                raise self._fail(self._death_of(rank) or f"rank {rank}'s pipe broke ({exc})") from None
+
+    def _gather(self, timeout_s: float, what: str) -> list[Any]:
+        """Every rank's reply, in rank order; raises WorkerFailedError on a death, an error or the
+        deadline."""
+        replies: dict[int, Any] = {}
+        pending = {conn: rank for rank, conn in enumerate(self._conns)}
+        sentinels = {p.sentinel: rank for rank, p in enumerate(self._processes)}
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            remaining = deadline - time.monotonic()
+            ready = wait([*pending, *sentinels], timeout=max(remaining, 0.0)) if remaining > 0 else []
+            if not ready:
+                raise self._fail(
+                    f"rank(s) {sorted(pending.values())} did not answer {what} within {timeout_s:.0f} s"
+                )
+            for obj in ready:
+                if obj in sentinels and obj not in pending:
+                    rank = sentinels[obj]
+                    # The sentinel fires as the process closes its fds, a moment before it can be reaped.
+                    raise self._fail(self._death_of(rank, grace_s=1.0) or f"rank {rank} exited")
+            for obj in ready:
+                rank = pending.pop(obj, None)  # type: ignore[call-overload]
+                if rank is None:
+                    continue
+                try:
+                    status, value = pickle.loads(obj.recv_bytes())  # type: ignore[union-attr]
+                except (EOFError, OSError):
+                    raise self._fail(
+                        self._death_of(rank, grace_s=1.0) or f"rank {rank}'s pipe closed"
+                    ) from None
+                if status != "ok":
+                    # A collective failing because a peer died reports the death, not the symptom.
+                    dead = next((m for r in range(self.world_size) if (m := self._death_of(r, 1.0))), None)
+                    raise self._fail(dead or f"rank {rank} failed during {what}:\n{value}")
+                replies[rank] = value
+        return [replies[rank] for rank in range(self.world_size)]
+
+    def _death_of(self, rank: int, grace_s: float = 0.0) -> str | None:
+        process = self._processes[rank]
+        process.join(grace_s)
+        if process.is_alive():
+            return None
+        return (
+            f"tensor-parallel worker rank {rank} (pid {process.pid}) died with exit code {process.exitcode}"
+        )
+
+    def _fail(self, reason: str) -> WorkerFailedError:
+        if self.failed is None:
+            self.failed = WorkerFailedError(reason)
+            logger.error("tensor-parallel workers failed: %s", reason)
+        return self.failed
+
+
+def _stop_processes(processes: list[multiprocessing.process.BaseProcess], conns: list[Connection]) -> None:
+    """Wait a little for workers asked to stop, then terminate, then kill. Empties both lists."""
+    deadline = time.monotonic() + 10.0
+    for process in processes:
+        process.join(max(deadline - time.monotonic(), 0.0))
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+            process.join(5.0)
+        if process.is_alive():
+            process.kill()
+            process.join()
+    for conn in conns:
+        conn.close()
+    processes.clear()
+    conns.clear()

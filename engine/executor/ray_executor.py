@@ -1,0 +1,179 @@
+"""Tensor parallelism on a Ray cluster: one Ray actor per rank (one per GPU, or per CPU with
+--device cpu), placed by a placement group across the cluster's nodes (`ray start --head` on one,
+`ray start --address HEAD:6379` on the others, then `weir serve ... --distributed-executor-backend
+ray` on the head).
+
+The actors run the same Worker as the worker processes (engine/worker/worker.py) and meet in the same
+collectives (NCCL, gloo on CPU), with rank 0's node address as the rendezvous. Each step's call is put
+into Ray's object store once and every actor reads it; an actor runs its calls in order, so a launch
+needs no reply and a collect waits for every rank. Supervision as in the multi-process executor: an
+actor that dies, raises or does not answer within the timeout makes every later call raise
+WorkerFailedError (fatal). shutdown() kills the actors and removes the placement group; a local Ray
+instance this executor started is stopped with it.
+
+Ray is optional: `pip install weir[ray]`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from engine.config import ResolvedConfig
+from engine.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from engine.executor.executor import Executor
+from engine.executor.multiproc_executor import (
+    DEFAULT_TIMEOUT_S,
+    STARTUP_TIMEOUT_S,
+    WorkerFailedError,
+    free_port,
+)
+
+logger = logging.getLogger("weir.engine")
+
+
+class RayWorker:
+    """The actor: one rank's Worker, built once the rendezvous address is known."""
+
+    def __init__(self) -> None:
+        self.worker: Any = None
+
+    def rendezvous_address(self) -> str:
+        import ray  # noqa: PLC0415
+
+        return f"tcp://{ray.util.get_node_ip_address()}:{free_port()}"
+
+    def start(self, config: ResolvedConfig, rank: int, init_method: str, timeout_s: float) -> None:
+        from engine.worker.worker import Worker, init_distributed  # noqa: PLC0415
+
+        # Ray shows each GPU actor only its own GPU (CUDA_VISIBLE_DEVICES): device 0.
+        device_index = 0 if config.device.device == "cuda" else None
+        init_distributed(config, rank, device_index, init_method, timeout_s)
+        self.worker = Worker(config, rank, device_index)
+
+    def call(self, message: tuple) -> Any:
+        method, args = message
+        if method == "shutdown":
+            self.worker.shutdown()
+            return None
+        return getattr(self.worker, method)(*args)
+
+
+class RayExecutor(Executor):
+    """Ranks as Ray actors. Its step handles are step ids."""
+
+    def __init__(self, config: ResolvedConfig, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        try:
+            import ray  # noqa: PLC0415
+            from ray.util.placement_group import placement_group  # noqa: PLC0415
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # noqa: PLC0415
+        except ImportError:
+            raise ValueError(
+                "distributed_executor_backend 'ray' needs Ray: pip install 'weir[ray]'"
+            ) from None
+        self._ray = ray
+        self.world_size = config.parallel.tensor_parallel_size
+        self.timeout_s = timeout_s
+        self.failed: WorkerFailedError | None = None
+        self._next_step_id = 0
+        self._actors: list[Any] = []
+        self._placement_group: Any = None
+        # Joins the cluster named by RAY_ADDRESS or started with `ray start` on this node; else starts
+        # a local instance (stopped again at shutdown).
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=True)
+        on_cuda = config.device.device == "cuda"
+        bundle = {"GPU": 1, "CPU": 1} if on_cuda else {"CPU": 1}
+        try:
+            self._placement_group = placement_group([bundle] * self.world_size, strategy="PACK")
+            try:
+                ray.get(self._placement_group.ready(), timeout=STARTUP_TIMEOUT_S)
+            except ray.exceptions.GetTimeoutError:
+                raise ValueError(
+                    f"tensor_parallel_size {self.world_size} needs {self.world_size} x {bundle} on the Ray "
+                    f"cluster; it has {ray.cluster_resources()}"
+                ) from None
+            actor_cls = ray.remote(RayWorker)
+            for rank in range(self.world_size):
+                strategy = PlacementGroupSchedulingStrategy(
+                    placement_group=self._placement_group, placement_group_bundle_index=rank
+                )
+                options: dict[str, Any] = {"num_cpus": 1, "scheduling_strategy": strategy}
+                if on_cuda:
+                    options["num_gpus"] = 1
+                self._actors.append(actor_cls.options(**options).remote())
+            init_method = self._get(
+                [self._actors[0].rendezvous_address.remote()], STARTUP_TIMEOUT_S, "start"
+            )[0]
+            self._get(
+                [a.start.remote(config, rank, init_method, timeout_s) for rank, a in enumerate(self._actors)],
+                STARTUP_TIMEOUT_S,
+                "start",
+            )
+        except BaseException:
+            self.shutdown()
+            raise
+        logger.info("tensor parallelism: %d Ray actors, %s", self.world_size, "nccl" if on_cuda else "gloo")
+
+    # ------------------------------------------------------------------ Executor
+    def determine_num_kv_blocks(self) -> int:
+        return min(self._call(("determine_num_kv_blocks", ()), STARTUP_TIMEOUT_S))
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self._call(("initialize_kv_cache", (num_blocks,)), STARTUP_TIMEOUT_S)
+
+    def launch(self, scheduler_output: SchedulerOutput, previous: int | None) -> int:
+        if self.failed is not None:
+            raise self.failed
+        step_id = self._next_step_id
+        self._next_step_id += 1
+        message = self._ray.put(("launch", (step_id, scheduler_output, previous)))
+        for actor in self._actors:
+            actor.call.remote(message)  # errors surface at this step's collect
+        return step_id
+
+    def collect(self, launched: int) -> ModelRunnerOutput:
+        output = self._call(("collect", (launched,)), self.timeout_s)[0]
+        assert isinstance(output, ModelRunnerOutput)
+        return output
+
+    def shutdown(self) -> None:
+        """Kill the actors, remove the placement group, stop a Ray instance started here. Idempotent."""
+        ray = self._ray
+        for actor in self._actors:
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self._actors = []
+        if self._placement_group is not None:
+            from ray.util.placement_group import remove_placement_group  # noqa: PLC0415
+
+            remove_placement_group(self._placement_group)
+            self._placement_group = None
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+            self._owns_ray = False
+
+    # ------------------------------------------------------------------ calls
+    def _call(self, message: tuple, timeout_s: float) -> list[Any]:
+        if self.failed is not None:
+            raise self.failed
+        ref = self._ray.put(message)
+        return self._get([actor.call.remote(ref) for actor in self._actors], timeout_s, message[0])
+
+    def _get(self, refs: list[Any], timeout_s: float, what: str) -> list[Any]:
+        ray = self._ray
+        try:
+            return ray.get(refs, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            reason = f"Ray actors did not answer {what} within {timeout_s:.0f} s"
+        except ray.exceptions.RayActorError as exc:
+            reason = f"a tensor-parallel Ray actor died during {what}: {exc}"
+        except ray.exceptions.RayTaskError as exc:
+            reason = f"a tensor-parallel Ray actor failed during {what}:\n{exc}"
+        if self.failed is None:
+            self.failed = WorkerFailedError(reason)
+            logger.error("tensor-parallel workers failed: %s", reason)
+        raise self.failed

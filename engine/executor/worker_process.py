@@ -1,0 +1,81 @@
+"""The main function of a tensor-parallel worker process (spawned by MultiprocExecutor).
+
+The process reads calls from its pipe, one pickled `(method, args)` per message, and runs them on its
+Worker (engine/worker/worker.py). `launch` answers nothing (the step's errors come back at its
+`collect`); every other call answers `("ok", result)` or `("error", text)`. It ends on "shutdown", on
+the pipe's end (the engine process is gone) or when its parent is no longer its parent, so a killed
+server leaves no worker behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+from engine.config import ResolvedConfig
+
+# How often an idle worker checks that the engine process is still there.
+_PARENT_CHECK_S = 2.0
+_NO_REPLY = frozenset({"launch"})
+
+
+def worker_main(
+    config: ResolvedConfig,
+    rank: int,
+    device_index: int | None,
+    init_method: str,
+    timeout_s: float,
+    conn: Connection,
+    log_level: int,
+) -> None:
+    # Ctrl-C reaches the whole process group; the engine process decides when workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format=f"%(asctime)s weir-tp{rank} %(levelname)s %(message)s")
+    parent = os.getppid()
+    try:
+        from engine.worker.worker import Worker, init_distributed  # noqa: PLC0415 (imports torch)
+
+        init_distributed(config, rank, device_index, init_method, timeout_s)
+        worker: Any = Worker(config, rank, device_index)
+    except BaseException:  # noqa: BLE001 - reported to the engine, which refuses to start
+        _send(conn, ("error", traceback.format_exc()))
+        return
+    _send(conn, ("ok", None))
+    try:
+        _serve(worker, conn, parent)
+    finally:
+        worker.shutdown()
+
+
+def _serve(worker: Any, conn: Connection, parent: int) -> None:
+    while True:
+        try:
+            while not conn.poll(_PARENT_CHECK_S):
+                if os.getppid() != parent:
+                    return  # the engine process died; our parent is now init
+            message = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        method, args = pickle.loads(message)
+        if method == "shutdown":
+            _send(conn, ("ok", None))
+            return
+        try:
+            result = getattr(worker, method)(*args)
+        except Exception:  # noqa: BLE001 - the engine decides (any worker error is fatal there)
+            _send(conn, ("error", traceback.format_exc()))
+            continue
+        if method not in _NO_REPLY:
+            _send(conn, ("ok", result))
+
+
+def _send(conn: Connection, reply: tuple) -> None:
+    try:
+        conn.send_bytes(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))
+    except (BrokenPipeError, OSError):
+        pass  # the engine is gone; the loop ends at its next read

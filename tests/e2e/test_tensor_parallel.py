@@ -1,0 +1,84 @@
+"""Tensor parallelism over gloo: two worker processes on loopback produce transformers' greedy tokens
+(and the in-process tp=1 engine's), token for token, on a model with one KV head (replicated over the
+ranks) and an odd vocabulary (padded), under chunked prefill, preemption and prefix caching; and on
+Qwen3 (tied embeddings, q/k norms). One tp=2 engine serves the first tests (process
+start-up dominates their time)."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine import LLM, SamplingParams
+from tests.e2e.test_parity import _prompts, hf_greedy
+from tests.tiny_models import build_model
+
+MAX_TOKENS = 20
+# 60 tokens (40 + 20) need 8 blocks of 8; 9 blocks force preemption; a 7-token budget chunks prompts.
+STRESS = dict(block_size=8, num_kv_blocks=9, max_num_batched_tokens=7)
+
+
+def _greedy() -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def one_kv_head_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    path = tmp_path_factory.mktemp("tp") / "llama-1kv-511"
+    return build_model("llama", path, tiny_tokenizer_dir, num_key_value_heads=1, vocab_size=511)
+
+
+@pytest.fixture(scope="module")
+def tp_llm(one_kv_head_dir: Path) -> Iterator[LLM]:
+    llm = LLM(str(one_kv_head_dir), device="cpu", dtype="float32", tensor_parallel_size=2, **STRESS)
+    yield llm
+    llm.shutdown()
+
+
+def test_tp2_matches_transformers_and_tp1_under_chunking_and_preemption(
+    tp_llm: LLM, one_kv_head_dir: Path
+) -> None:
+    prompts = _prompts()
+    expected, _ = hf_greedy(one_kv_head_dir, prompts)
+    outs = tp_llm.generate(prompts, _greedy(), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert tp_llm.llm_engine.stats().num_preemptions > 0
+    assert tp_llm.llm_engine.scheduler.kv_cache_usage == 0.0
+    # Seeded sampling too: every rank draws the same ids from the same gathered logits.
+    sampled = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=8, ignore_eos=True)
+    got = [o.outputs[0].token_ids for o in tp_llm.generate(prompts[:2], sampled, use_tqdm=False)]
+    with LLM(str(one_kv_head_dir), device="cpu", dtype="float32", **STRESS) as tp1:
+        assert [o.outputs[0].token_ids for o in tp1.generate(prompts, _greedy(), use_tqdm=False)] == expected
+        assert [o.outputs[0].token_ids for o in tp1.generate(prompts[:2], sampled, use_tqdm=False)] == got
+
+
+def test_tp2_prefix_cache_hits(tp_llm: LLM, one_kv_head_dir: Path) -> None:
+    rng = random.Random(1)
+    prompt = [rng.randrange(3, 500) for _ in range(36)]
+    (expected,), _ = hf_greedy(one_kv_head_dir, [prompt], seed=101)
+    first = tp_llm.generate([prompt], _greedy(), use_tqdm=False)[0]
+    second = tp_llm.generate([prompt], _greedy(), use_tqdm=False)[0]
+    assert first.outputs[0].token_ids == second.outputs[0].token_ids == expected
+    assert second.num_cached_tokens >= 32
+
+
+def test_shutdown_leaves_no_worker(tp_llm: LLM) -> None:
+    pids = tp_llm.llm_engine.executor.worker_pids  # type: ignore[attr-defined]
+    assert len(pids) == 2
+    tp_llm.shutdown()  # the fixture's own shutdown is then a no-op
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_tp2_tied_embeddings_and_qk_norm_match_transformers(tiny_model_dirs: dict[str, Path]) -> None:
+    model_dir = tiny_model_dirs["qwen3"]  # the LM head shares the vocab-parallel embedding
+    prompts = _prompts()
+    expected, _ = hf_greedy(model_dir, prompts)
+    with LLM(str(model_dir), device="cpu", dtype="float32", tensor_parallel_size=2, num_kv_blocks=64) as llm:
+        outs = llm.generate(prompts, _greedy(), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected

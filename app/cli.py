@@ -1,4 +1,5 @@
-"""`weir serve [MODEL_DIR] [--config FILE] [options]`: the OpenAI-compatible server.
+"""`weir serve [MODEL_DIR] [--config FILE] [options]`: the OpenAI-compatible server;
+`weir bench latency|throughput|serve ...`: the benchmarks (app/bench_cli.py).
 
 Every option is also an environment variable (WEIR_<OPTION>) and a YAML key; see app/config.py for
 the precedence. The engine's options are generated from `EngineConfig`'s fields.
@@ -57,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help=f"YAML file of options (keys as the option names, e.g. max_num_seqs). [env: {ENV_PREFIX}CONFIG]",
     )
+    bench = sub.add_parser(
+        "bench",
+        help="Benchmark: latency, throughput (offline) or serve (any OpenAI-compatible server), as `vllm bench`.",
+        add_help=False,
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="see `weir bench --help`")
     groups = {
         "server": serve.add_argument_group("server options"),
         "engine": serve.add_argument_group("engine options"),
@@ -77,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # its subcommands parse their own flags (app/bench_cli.py)
+        from app.bench_cli import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(vars(args))

@@ -42,7 +42,7 @@ from loadtest.common import (  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch-sizes", default="1,8", help="comma-separated")
+    p.add_argument("--batch-sizes", "--batch-size", dest="batch_sizes", default="1,8", help="comma-separated")
     p.add_argument("--input-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--num-iters", type=int, default=5, help="timed iterations per batch size")
@@ -135,8 +135,8 @@ def engine_weight_bytes(llm: Any) -> int | None:
         return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    args = (parser or build_parser()).parse_args(argv)
     model = resolve_model(args)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     id_max = min(args.token_id_max, model.vocab_size)

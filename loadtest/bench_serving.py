@@ -5,7 +5,9 @@ serving/offline ratio (S1 at rate inf / T2 output tok/s).
 
     python loadtest/bench_serving.py --shape llama3-8b --offline-json t2.json --out s1.json
 
-Starts `weir serve` itself (dummy weights for a --shape) unless --url names a running server. The offline
+Starts `weir serve` itself (dummy weights for a --shape) unless --url (--base-url, or --host/--port) names a
+running server; with no --model or --shape then, it is a client only (`weir bench serve`: any
+OpenAI-compatible server, --endpoint and --model-name as vLLM's). The offline
 figure comes from T2's JSON (--offline-json), else is measured here first, in this process, on the same
 requests. Every SSE chunk carrying a choice is a token event, as in `vllm bench serve`; a stream without
 `data: [DONE]` or with an error event fails its request.
@@ -35,7 +37,12 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from loadtest.bench_throughput import make_workload, run_offline, warmup_workload  # noqa: E402
+from loadtest.bench_throughput import (  # noqa: E402
+    add_random_dataset_args,
+    make_workload,
+    run_offline,
+    warmup_workload,
+)
 from loadtest.common import (  # noqa: E402
     Report,
     ServerProcess,
@@ -49,7 +56,7 @@ from loadtest.common import (  # noqa: E402
     first_model_id,
     free_engine,
     install_signal_handlers,
-    parse_len,
+    percentile,
     phase,
     raise_fd_limit,
     resolve_model,
@@ -63,28 +70,58 @@ from loadtest.common import (  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default=None, help="a running server (default: start `weir serve` here)")
-    p.add_argument("--request-rates", default="inf,16", help="comma-separated req/s; inf sends all at once")
-    p.add_argument("--num-requests", type=int, default=None, help="default: T2's 1000")
+    p.add_argument(
+        "--url",
+        "--base-url",
+        dest="url",
+        default=None,
+        help="a running OpenAI-compatible server, weir's or another engine's (default: start `weir serve` here)",
+    )
+    p.add_argument("--host", default=None, help="with --port: the server at http://HOST:PORT (as --url)")
+    p.add_argument("--port", type=int, default=None, help="with --host (default 127.0.0.1): as --url")
+    p.add_argument("--endpoint", default="/v1/completions", help="path of the streaming completions route")
+    p.add_argument(
+        "--model-name",
+        default=None,
+        help="the model named in requests (default: the server's first /v1/models entry)",
+    )
+    p.add_argument(
+        "--request-rates",
+        "--request-rate",
+        dest="request_rates",
+        default="inf,16",
+        help="comma-separated req/s; inf sends all at once",
+    )
+    p.add_argument(
+        "--num-requests",
+        "--num-prompts",
+        dest="num_requests",
+        type=int,
+        default=None,
+        help="default: T2's 1000",
+    )
     p.add_argument(
         "--num-requests-finite-rate",
         type=int,
         default=None,
         help="requests sent at each finite rate (fresh prompts of the same shape; default: as many as T2)",
     )
-    p.add_argument("--input-len", type=parse_len, default=None)
-    p.add_argument("--output-len", type=parse_len, default=None)
-    p.add_argument("--token-id-max", type=int, default=10000)
+    add_random_dataset_args(p)
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument(
         "--client", choices=("fast", "httpx"), default="fast", help="streaming client (see the docstring)"
     )
-    p.add_argument("--warmup-requests", type=int, default=8)
+    p.add_argument("--warmup-requests", "--num-warmups", dest="warmup_requests", type=int, default=8)
     p.add_argument("--offline-json", default=None, help="T2's report; its output tok/s is the offline figure")
     p.add_argument(
         "--offline", choices=("auto", "none"), default="auto", help="none: skip the offline figure"
     )
-    p.add_argument("--served-model-name", default="weir-bench")
+    p.add_argument(
+        "--served-model-name", default="weir-bench", help="the name the server started here serves"
+    )
+    p.add_argument("--save-result", action="store_true", help="as vLLM's: write the JSON under --result-dir")
+    p.add_argument("--result-dir", default=".", help="with --save-result")
+    p.add_argument("--result-filename", default=None, help="with --save-result (default: from rate and time)")
     p.add_argument("--server-log", default=None)
     p.add_argument("--server-timeout", type=float, default=600.0)
     p.add_argument(
@@ -317,8 +354,9 @@ async def run_rate(
     seed: int,
     max_concurrency: int | None = None,
     client_kind: str = "fast",
+    endpoint: str = "/v1/completions",
 ) -> list[StreamResult]:
-    """Send every request of the workload at `rate` (Poisson arrivals; inf: all at once)."""
+    """Send every request of the workload at `rate` (Poisson arrivals; inf: all at once) to url + endpoint."""
     import httpx
 
     n = len(workload)
@@ -326,6 +364,7 @@ async def run_rate(
     sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    path = parts.path.rstrip("/") + endpoint  # a base URL may carry a prefix (http://gateway/llm)
 
     async def one(client: httpx.AsyncClient | None, prompt: list[int], max_tokens: int) -> StreamResult:
         payload = {
@@ -341,9 +380,9 @@ async def run_rate(
             await sem.acquire()
         try:
             if client is None:
-                res = await fast_stream_completion(host, port, payload)
+                res = await fast_stream_completion(host, port, payload, path)
             else:
-                res = await stream_completion(client, payload)
+                res = await stream_completion(client, payload, endpoint)
         finally:
             if sem is not None:
                 sem.release()
@@ -416,7 +455,17 @@ def summarize(results: list[StreamResult], duration: float, rate: float) -> dict
         **summarize_ms(tpot, "tpot"),
         **summarize_ms([r.latency for r in ok if r.latency is not None], "e2e"),
         "token_events": sum(r.chunks for r in ok),
+        # The whole distributions, for the suite's figure (loadtest/plot_suite.py): percentiles 0..100.
+        "ttft_quantiles_ms": quantiles_ms([r.ttft for r in ok if r.ttft is not None]),
+        "itl_quantiles_ms": quantiles_ms([g for r in ok for g in r.itl]),
     }
+
+
+def quantiles_ms(values_s: list[float], steps: int = 100) -> list[float] | None:
+    """The 0th, 1st, ... 100th percentiles in ms (101 numbers stand for any number of samples)."""
+    if not values_s:
+        return None
+    return [round(percentile(values_s, 100.0 * i / steps) * 1000.0, 4) for i in range(steps + 1)]
 
 
 def offline_figure(
@@ -462,25 +511,55 @@ def offline_figure(
             free_engine(llm)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def target_url(args: argparse.Namespace) -> str | None:
+    """--url, else http://--host:--port when either is given, else None (start a server here)."""
+    if args.url:
+        return args.url
+    if args.host or args.port:
+        return f"http://{args.host or '127.0.0.1'}:{args.port or 8000}"
+    return None
+
+
+def result_path(args: argparse.Namespace, rates: list[float]) -> str | None:
+    """--out, else with --save-result: --result-dir / (--result-filename or one named after rate and time)."""
+    if args.out or not args.save_result:
+        return args.out
+    name = args.result_filename
+    if not name:
+        rate = "-".join("inf" if r == float("inf") else f"{r:g}" for r in rates)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        name = f"weir-bench-serve-{rate}qps-{args.model_name or 'model'}-{stamp}.json".replace("/", "_")
+    return str(Path(args.result_dir) / name)
+
+
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    args = (parser or build_parser()).parse_args(argv)
     args.workload = "t2"
-    model = resolve_model(args)
-    workload = make_workload(args, model.vocab_size)
+    url = target_url(args)
+    # Against a running server with no local model named (`weir bench serve`), this is a client only: the
+    # prompts' ids stay below --token-id-max, and no offline figure, peer or copy bandwidth is measured here.
+    client_only = url is not None and not args.model and not args.shape
+    model = None if client_only else resolve_model(args)
+    vocab = args.token_id_max if model is None else model.vocab_size
+    workload = make_workload(args, vocab)
     rates = [float(r) for r in args.request_rates.split(",") if r.strip()]
+    args.out = result_path(args, rates)
     report = Report("S1", args, model)
     report["workload"] = {**workload.description, "request_rates": [str(r) for r in rates]}
-    mml = default_max_model_len(args, model, workload.max_seq_len)
     raise_fd_limit()
-
-    offline_figure(report, args, model, workload, mml)
-    if report["peer"] is None:
-        run_peer(report, model, args, workload, default_batch=min(len(workload), 256))
+    mml = None
+    if model is not None:
+        mml = default_max_model_len(args, model, workload.max_seq_len)
+        offline_figure(report, args, model, workload, mml)
+        if report["peer"] is None:
+            run_peer(report, model, args, workload, default_batch=min(len(workload), 256))
+    else:
+        report["target"] = {"url": url, "endpoint": args.endpoint}
 
     server = None
     try:
-        url = args.url
         if url is None:
+            assert model is not None
             flags = server_flags(args, model, mml) + ["--served-model-name", args.served_model_name]
             # Rate inf queues the whole workload at once: keep admission control (429) out of the way.
             flags += ["--max-waiting-requests", str(max(1024, 2 * len(workload)))]
@@ -491,23 +570,27 @@ def main(argv: list[str] | None = None) -> int:
                 server.start()
                 report["results"]["server_ready_s"] = round(server.wait_healthy(args.server_timeout), 3)
             url = server.url
-        model_name = args.served_model_name if server else (first_model_id(url) or args.served_model_name)
+        model_name = args.model_name or (
+            args.served_model_name if server else (first_model_id(url) or args.served_model_name)
+        )
+        report["workload"]["model_name"] = model_name
         with phase(report, "warmup"):
-            warm = warmup_workload(workload, args.warmup_requests, args.seed, model.vocab_size)
-            res = run_async(
-                run_rate(url, model_name, warm, float("inf"), 1.0, args.seed, client_kind=args.client)
-            )
-            bad = [r.error for r in res if not r.ok]
-            if bad:
-                raise RuntimeError(f"{len(bad)} warm-up requests failed: {bad[0]}")
+            if args.warmup_requests > 0:
+                warm = warmup_workload(workload, args.warmup_requests, args.seed, vocab)
+                res = run_async(
+                    run_rate(
+                        url, model_name, warm, float("inf"), 1.0, args.seed, None, args.client, args.endpoint
+                    )
+                )
+                bad = [r.error for r in res if not r.ok]
+                if bad:
+                    raise RuntimeError(f"{len(bad)} warm-up requests failed: {bad[0]}")
         for k, rate in enumerate(rates):
             # Each rate gets its own random prompts of T2's shape (seed + k): the previous rate's prompts
             # may still sit in the prefix cache, and hits would flatter TTFT.
             wl = workload
             if k > 0:
-                wl = make_workload(
-                    argparse.Namespace(**{**vars(args), "seed": args.seed + k}), model.vocab_size
-                )
+                wl = make_workload(argparse.Namespace(**{**vars(args), "seed": args.seed + k}), vocab)
             if rate != float("inf"):
                 wl = wl.head(args.num_requests_finite_rate)
             label = rate_label(rate)
@@ -525,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
                             args.seed,
                             args.max_concurrency,
                             args.client,
+                            args.endpoint,
                         )
                     )
                     summary = summarize(results, time.perf_counter() - t0, rate)
@@ -548,7 +632,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server is not None:
             report["results"]["server_exit_code"] = server.stop()
-    copy_bandwidth_phase(report, model.device, args.copy_bytes)
+    if model is not None:
+        copy_bandwidth_phase(report, model.device, args.copy_bytes)
 
     offline = (report.data.get("offline") or {}).get("output_tok_s")
     inf = (report["results"].get("rate_inf") or {}).get("output_tok_s")

@@ -1,11 +1,13 @@
 """T1 / T2: offline throughput. Every request is queued at once and the engine batches continuously.
 
-    T1 (nano-vllm's workload): python loadtest/bench_throughput.py --workload t1 --peer hf --out t1.json
-    T2 (vLLM's default):       python loadtest/bench_throughput.py --workload t2 --peer hf --out t2.json
+    T1 (nano-vllm's workload): python loadtest/bench_throughput.py --workload t1 --peer hf,hf-cb --out t1.json
+    T2 (vLLM's default):       python loadtest/bench_throughput.py --workload t2 --peer hf,hf-cb --out t2.json
 
 T1: Qwen3-0.6B shape, 256 sequences, prompt and output lengths uniform in [100, 1024], ids in [0, 10000),
 output tok/s over the whole run. T2: Llama-3-8B shape, 1000 requests of 1024 prompt / 128 output tokens,
-req/s, output tok/s, total tok/s. Warm-up (on different prompts) is excluded from the timing.
+req/s, output tok/s, total tok/s. Warm-up (on different prompts) is excluded from the timing. Peers: hf
+(transformers generate() in static batches) and hf-cb (its continuous batching, loadtest/hf_cb_peer.py);
+`peers` in the JSON holds each, `peer` the first, and `ratios` each ratio. `weir bench throughput` runs this.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from loadtest.common import (  # noqa: E402
     sampling_params,
     step_loop_delta,
 )
+from loadtest.hf_cb_peer import add_hf_cb_args, run_hf_cb_peer  # noqa: E402
 
 WORKLOADS = {
     "t1": {"shape": "qwen3-0.6b", "num_requests": 256, "input_len": "100:1024", "output_len": "100:1024"},
@@ -48,24 +51,64 @@ WORKLOADS = {
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workload", choices=tuple(WORKLOADS), default="t1")
-    p.add_argument("--num-requests", type=int, default=None)
-    p.add_argument("--input-len", type=parse_len, default=None, help="N or LO:HI (uniform, inclusive)")
-    p.add_argument("--output-len", type=parse_len, default=None, help="N or LO:HI (uniform, inclusive)")
-    p.add_argument("--token-id-max", type=int, default=10000, help="prompt ids uniform in [0, this)")
+    p.add_argument("--num-requests", "--num-prompts", dest="num_requests", type=int, default=None)
+    add_random_dataset_args(p)
     p.add_argument("--warmup-requests", type=int, default=16)
-    add_common_args(p)
+    add_common_args(p, peers=("hf", "hf-cb"))
+    add_hf_cb_args(p)
     return p
+
+
+def add_random_dataset_args(p: argparse.ArgumentParser) -> None:
+    """The workload's lengths, under weir's names and `vllm bench`'s (--random-input-len etc.)."""
+    p.add_argument(
+        "--dataset-name", choices=("random",), default="random", help="random token ids (as vLLM's)"
+    )
+    p.add_argument(
+        "--input-len",
+        "--random-input-len",
+        dest="input_len",
+        type=parse_len,
+        default=None,
+        help="N or LO:HI (uniform, inclusive)",
+    )
+    p.add_argument(
+        "--output-len",
+        "--random-output-len",
+        dest="output_len",
+        type=parse_len,
+        default=None,
+        help="N or LO:HI (uniform, inclusive)",
+    )
+    p.add_argument(
+        "--random-range-ratio",
+        type=float,
+        default=0.0,
+        help="as vLLM's: a length N becomes uniform in [N(1-r), N(1+r)]",
+    )
+    p.add_argument("--token-id-max", type=int, default=10000, help="prompt ids uniform in [0, this)")
 
 
 def make_workload(args: argparse.Namespace, vocab_size: int) -> Workload:
     """The workload's requests from the flags (shared with bench_serving, which sends T2's requests)."""
     spec = WORKLOADS[args.workload]
     num = args.num_requests or spec["num_requests"]
-    input_len = args.input_len or parse_len(spec["input_len"])
-    output_len = args.output_len or parse_len(spec["output_len"])
+    ratio_ = getattr(args, "random_range_ratio", 0.0) or 0.0
+    input_len = widen(args.input_len or parse_len(spec["input_len"]), ratio_)
+    output_len = widen(args.output_len or parse_len(spec["output_len"]), ratio_)
     workload = random_workload(num, input_len, output_len, args.seed, min(args.token_id_max, vocab_size))
     workload.description["workload"] = args.workload
     return workload
+
+
+def widen(lens: tuple[int, int], range_ratio: float) -> tuple[int, int]:
+    """vLLM's --random-range-ratio: (N, N) -> (N(1-r), N(1+r)), at least 1; a LO:HI range stays as given."""
+    lo, hi = lens
+    if not range_ratio or lo != hi:
+        return lens
+    if not 0 <= range_ratio < 1:
+        raise ValueError(f"--random-range-ratio must be in [0, 1), got {range_ratio}")
+    return max(1, round(lo * (1 - range_ratio))), max(1, round(hi * (1 + range_ratio)))
 
 
 def warmup_workload(workload: Workload, n: int, seed: int, vocab_size: int) -> Workload:
@@ -108,8 +151,8 @@ def run_offline(llm: object, workload: Workload, temperature: float) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    args = (parser or build_parser()).parse_args(argv)
     args._default_shape = WORKLOADS[args.workload]["shape"]
     model = resolve_model(args)
     workload = make_workload(args, model.vocab_size)
@@ -119,6 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[{bench}] {len(workload)} requests, {model.describe()}", flush=True)
     copy_bandwidth_phase(report, model.device, args.copy_bytes)
     peer = run_peer(report, model, args, workload, default_batch=min(len(workload), 256))
+    warm = warmup_workload(
+        workload, max(args.warmup_requests, args.hf_cb_warmup_requests), args.seed, model.vocab_size
+    )
+    cb_peer = run_hf_cb_peer(report, model, args, workload, warm)
+    peers = {name: res for name, res in (("hf", peer), ("hf-cb", cb_peer)) if res}
+    if peers:
+        report["peers"] = peers
+        report["peer"] = peer or cb_peer  # the summary's peer column: generate() when it ran
 
     max_model_len = default_max_model_len(args, model, workload.max_seq_len)
     kwargs = engine_kwargs(args, model, max_model_len=max_model_len)
@@ -156,13 +207,18 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if llm is not None:
             free_engine(llm)
-    if peer:
-        res = report["results"]
+    res = report["results"]
+    if report["peer"]:
+        first = report["peer"]
         report["ratios"] = {
-            "output_tok_s_vs_peer": ratio(res.get("output_tok_s"), peer["output_tok_s"]),
-            "req_s_vs_peer": ratio(res.get("req_s"), peer["req_s"]),
-            "total_tok_s_vs_peer": ratio(res.get("total_tok_s"), peer["total_tok_s"]),
+            "output_tok_s_vs_peer": ratio(res.get("output_tok_s"), first["output_tok_s"]),
+            "req_s_vs_peer": ratio(res.get("req_s"), first["req_s"]),
+            "total_tok_s_vs_peer": ratio(res.get("total_tok_s"), first["total_tok_s"]),
         }
+    for name, theirs in peers.items():
+        key = name.replace("-", "_")
+        report["ratios"][f"output_tok_s_vs_{key}"] = ratio(res.get("output_tok_s"), theirs["output_tok_s"])
+        report["ratios"][f"req_s_vs_{key}"] = ratio(res.get("req_s"), theirs["req_s"])
     return report.finish()
 
 

@@ -41,7 +41,9 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 # --------------------------------------------------------------------------------------------- arguments
-def add_common_args(parser: argparse.ArgumentParser, default_shape: str | None = None) -> None:
+def add_common_args(
+    parser: argparse.ArgumentParser, default_shape: str | None = None, peers: Sequence[str] = ("hf",)
+) -> None:
     """The flags every script shares: model selection, engine knobs, peer, output."""
     g = parser.add_argument_group("model and engine")
     src = g.add_mutually_exclusive_group()
@@ -76,7 +78,13 @@ def add_common_args(parser: argparse.ArgumentParser, default_shape: str | None =
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--temperature", type=float, default=1.0, help="1.0 as vLLM's benchmarks; 0 is greedy")
     p = parser.add_argument_group("peer and output")
-    p.add_argument("--peer", default="none", choices=("none", "hf"), help="hf: transformers generate() peer")
+    p.add_argument(
+        "--peer",
+        default="none",
+        type=peer_list_type(peers),
+        help=f"comma-separated, of {', '.join(peers)} (hf: transformers generate(); hf-cb: transformers' "
+        "continuous batching, loadtest/hf_cb_peer.py), or none",
+    )
     p.add_argument(
         "--peer-batch-size", type=int, default=None, help="static batch to try first (halved on OOM)"
     )
@@ -93,8 +101,30 @@ def add_common_args(parser: argparse.ArgumentParser, default_shape: str | None =
         help="decode at most N steps per peer batch; extrapolate the batch time from the measured steps",
     )
     p.add_argument("--copy-bytes", type=int, default=None, help="buffer size of the copy-bandwidth probe")
-    p.add_argument("--out", default=None, help="write the JSON report here")
+    p.add_argument("--out", "--output-json", dest="out", default=None, help="write the JSON report here")
     parser.set_defaults(_default_shape=default_shape)
+
+
+def peer_list_type(allowed: Sequence[str]) -> Any:
+    """argparse type for --peer: 'none', one peer or a comma list of them, normalised ('hf-cb,hf' -> 'hf,hf-cb')."""
+
+    def parse(text: str) -> str:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        if names == ["none"]:
+            return "none"
+        bad = [n for n in names if n not in allowed]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(
+                f"expected none or a comma list of {', '.join(allowed)}; got {text!r}"
+            )
+        return ",".join(n for n in allowed if n in names)
+
+    return parse
+
+
+def peer_names(args: argparse.Namespace) -> list[str]:
+    """The peers --peer asked for, in a fixed order ([] for none)."""
+    return [] if args.peer == "none" else args.peer.split(",")
 
 
 def parse_len(text: str) -> tuple[int, int]:
@@ -852,7 +882,7 @@ def run_peer(
     report: Report, model: ModelChoice, args: argparse.Namespace, workload: Workload, default_batch: int
 ) -> dict[str, Any] | None:
     """Run the HF peer on the workload (when --peer hf) as a non-fatal phase; frees it afterwards."""
-    if args.peer != "hf":
+    if "hf" not in peer_names(args):
         return None
     result: dict[str, Any] | None = None
     with phase(report, "peer", required=False):
@@ -1113,16 +1143,18 @@ async def stream_completion(
 
 # --------------------------------------------------------------------------------------------- summary
 _SUMMARY_ROWS: list[tuple[str, str, str, str, str]] = [
-    # (benchmark, label, path in results, path in peer, target)
+    # (benchmark, label, path in results, path in peer (^: in the report), target)
     ("L1", "ITL p50 ms, batch 1", "batch_1.itl_p50_ms", "batch_1.itl_p50_ms", "<= 5.8 ms"),
     ("L1", "roofline fraction, batch 1", "batch_1.roofline_fraction", "", ""),
     ("L1", "tok/s, batch 1", "batch_1.tok_s", "batch_1.tok_s", ""),
     ("L1", "ITL p50 ms, batch 8", "batch_8.itl_p50_ms", "batch_8.itl_p50_ms", ""),
     ("L1", "tok/s, batch 8", "batch_8.tok_s", "batch_8.tok_s", ""),
     ("T1", "output tok/s", "output_tok_s", "output_tok_s", ">= 15x peer"),
+    ("T1", "output tok/s vs HF CB", "output_tok_s", "^peers.hf-cb.output_tok_s", ""),
     ("T2", "req/s", "req_s", "req_s", ""),
     ("T2", "output tok/s", "output_tok_s", "output_tok_s", ">= 8x peer"),
     ("T2", "total tok/s", "total_tok_s", "total_tok_s", ""),
+    ("T2", "output tok/s vs HF CB", "output_tok_s", "^peers.hf-cb.output_tok_s", ""),
     ("S1", "output tok/s, rate inf", "rate_inf.output_tok_s", "", ""),
     ("S1", "serving/offline ratio", "serving_offline_ratio", "", ">= 0.95"),
     ("S1", "TTFT p50 ms, rate inf", "rate_inf.ttft_p50_ms", "", ""),
@@ -1204,7 +1236,10 @@ def summary_table(directory: str | Path) -> str:
         if d is None:
             continue
         ours = _dig(d.get("results"), ours_path)
-        peer = _dig(d.get("peer"), peer_path) if peer_path else None
+        if peer_path.startswith("^"):
+            peer = _dig(d, peer_path[1:])
+        else:
+            peer = _dig(d.get("peer"), peer_path) if peer_path else None
         r = None
         if isinstance(ours, int | float) and isinstance(peer, int | float) and peer:
             r = ours / peer

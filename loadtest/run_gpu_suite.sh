@@ -14,6 +14,10 @@
 #   SUITE_BUDGET=550              seconds for the whole suite
 #   T2_REQUESTS=1000              T2's and S1's request count (S1's ratio needs the same workload)
 #   S1_POISSON_REQUESTS=240       requests sent at 16 req/s (the first N of T2's)
+#   PEERS=hf                      T1's and T2's peers: hf (generate()), hf-cb (transformers' continuous
+#                                 batching, loadtest/hf_cb_peer.py) or hf,hf-cb (T1/T2 caps grow by CB_EXTRA_S)
+#   HF_CB_VARIANTS=tuned          tuned (the --hf-cb-* defaults) and/or defaults (the library's own)
+#   HF_CB_MAX_REQUESTS=           run the CB peer on the first N requests only (default: all)
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-$PWD/gpu_out}"
@@ -23,6 +27,14 @@ SUITE_BUDGET="${SUITE_BUDGET:-550}"
 T2_REQUESTS="${T2_REQUESTS:-1000}"
 S1_POISSON_REQUESTS="${S1_POISSON_REQUESTS:-240}"
 PY="${PYTHON:-python3}"
+PEERS="${PEERS:-hf}"
+HF_CB_VARIANTS="${HF_CB_VARIANTS:-tuned}"
+CB_EXTRA_S=0
+CB_ARGS=()
+if [[ "$PEERS" == *hf-cb* ]]; then
+  CB_EXTRA_S="${CB_EXTRA_S_OVERRIDE:-240}"
+  CB_ARGS=(--hf-cb-variants "$HF_CB_VARIANTS" ${HF_CB_MAX_REQUESTS:+--hf-cb-max-requests "$HF_CB_MAX_REQUESTS"})
+fi
 
 suite() {
   local start=$SECONDS skipped="" failed=""
@@ -54,12 +66,13 @@ suite() {
 
   for b in $BENCHES; do
     case $b in
-      T1) run T1 150 loadtest/bench_throughput.py --workload t1 --shape qwen3-0.6b \
-            --peer hf --peer-max-steps 128 --out "$OUT/t1.json" ;;
+      T1) run T1 $((150 + CB_EXTRA_S)) loadtest/bench_throughput.py --workload t1 --shape qwen3-0.6b \
+            --peer "$PEERS" --peer-max-steps 128 "${CB_ARGS[@]}" --out "$OUT/t1.json" ;;
       L1) run L1 120 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 \
             --peer hf --peer-max-steps 48 --out "$OUT/l1.json" ;;
-      T2) run T2 180 loadtest/bench_throughput.py --workload t2 --shape llama3-8b --num-requests "$T2_REQUESTS" \
-            --peer hf --peer-max-requests 128 --peer-max-steps 48 --out "$OUT/t2.json" ;;
+      T2) run T2 $((180 + CB_EXTRA_S)) loadtest/bench_throughput.py --workload t2 --shape llama3-8b \
+            --num-requests "$T2_REQUESTS" --peer "$PEERS" --peer-max-requests 128 --peer-max-steps 48 \
+            "${CB_ARGS[@]}" --out "$OUT/t2.json" ;;
       S1) run S1 220 loadtest/bench_serving.py --shape llama3-8b --num-requests "$T2_REQUESTS" \
             --request-rates inf,16 --num-requests-finite-rate "$S1_POISSON_REQUESTS" \
             --offline-json "$OUT/t2.json" --peer hf --server-log "$OUT/server_s1.log" --out "$OUT/s1.json" ;;

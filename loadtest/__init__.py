@@ -1,0 +1,1 @@
+"""The benchmark scripts (importable, for `weir bench` and the tests); each also runs as a script."""

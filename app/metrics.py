@@ -153,6 +153,14 @@ class EngineStatsCollector(Collector):
         yield counter(
             "weir:prefix_cache_hits", "Prefix-cache hits, in number of cached tokens.", s.prefix_cache_hits
         )
+        if s.cache_config is not None:  # vLLM's cache_config_info: the KV cache's dtype and capacity
+            info = GaugeMetricFamily(
+                "weir:cache_config_info",
+                "Information of the KV cache (dtype, block size, blocks).",
+                labels=["model_name", *s.cache_config],
+            )
+            info.add_metric([self.model_name, *s.cache_config.values()], 1.0)
+            yield info
         step_loop = s.step_loop  # None without a step loop (the test fake)
         if step_loop is not None:
             phases = CounterMetricFamily(

@@ -28,6 +28,13 @@ VALID_BLOCK_SIZES = (8, 16, 32, 64)
 VALID_SCHEDULING_POLICIES = ("fcfs", "fair")
 VALID_QUANTIZATIONS = ("gptq", "awq", "fp8")  # engine.model.quantization.detect.QUANTIZATION_METHODS
 VALID_EXECUTOR_BACKENDS = ("mp", "ray")
+# kv_cache_dtype -> the caches' torch dtype name (auto: the model's). "fp8" is e4m3, as in vLLM.
+KV_CACHE_DTYPES = {
+    "auto": None,
+    "fp8": "float8_e4m3fn",
+    "fp8_e4m3": "float8_e4m3fn",
+    "fp8_e5m2": "float8_e5m2",
+}
 
 
 @dataclass(slots=True)
@@ -40,7 +47,9 @@ class EngineConfig:
     load_format: str = "auto"
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     block_size: int = 16
-    kv_cache_dtype: str = "auto"  # auto: the model dtype (the only choice until KV-cache quantization)
+    # auto: the model dtype; fp8 / fp8_e4m3 / fp8_e5m2: 1-byte K/V with per-tensor scales (the
+    # checkpoint's k_scale / v_scale, else 1.0): half a bf16 cache's bytes, twice the blocks
+    kv_cache_dtype: str = "auto"
     # None: what the checkpoint's quantization config says (or unquantized); else the method, which
     # must agree with the checkpoint's (engine.model.quantization.detect)
     quantization: str | None = None
@@ -90,11 +99,7 @@ class EngineConfig:
         _choice("device", self.device, VALID_DEVICES)
         _choice("load_format", self.load_format, VALID_LOAD_FORMATS)
         _choice("block_size", self.block_size, VALID_BLOCK_SIZES)
-        if self.kv_cache_dtype != "auto":
-            raise ValueError(
-                f"kv_cache_dtype must be auto (the model dtype); got {self.kv_cache_dtype!r}: "
-                "quantized KV caches are not supported yet"
-            )
+        _choice("kv_cache_dtype", self.kv_cache_dtype, tuple(KV_CACHE_DTYPES))
         if self.quantization is not None:
             _choice("quantization", self.quantization, VALID_QUANTIZATIONS)
         if self.max_model_len is not None:
@@ -171,9 +176,7 @@ class EngineConfig:
             ),
             cache=CacheConfig(
                 block_size=self.block_size,
-                # "auto": the model's dtype (the only value __post_init__ accepts until the
-                # quantization issue adds fp8 caches).
-                kv_cache_dtype=model.dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype,
+                kv_cache_dtype=KV_CACHE_DTYPES[self.kv_cache_dtype] or model.dtype,
                 enable_prefix_caching=self.enable_prefix_caching,
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 cpu_kv_cache_gb=self.cpu_kv_cache_gb,
@@ -283,7 +286,7 @@ class LoadConfig:
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
     block_size: int  # tokens per KV block
-    kv_cache_dtype: str  # torch dtype name of the K/V caches: the model's dtype for now
+    kv_cache_dtype: str  # torch dtype name of the K/V caches: the model's, float8_e4m3fn or float8_e5m2
     enable_prefix_caching: bool
     gpu_memory_utilization: float  # share of the GPU's memory the engine may use, KV cache included
     cpu_kv_cache_gb: float  # KV cache size on CPU

@@ -61,6 +61,13 @@ class LLMEngine:
         self.vocab_size = config.model.vocab_size
         self.max_num_batched_tokens = config.scheduler.max_num_batched_tokens
         self.scheduler = Scheduler(config.scheduler, config.cache)
+        cache = config.cache
+        self._cache_config = {
+            "block_size": str(cache.block_size),
+            "cache_dtype": cache.kv_cache_dtype,
+            "num_gpu_blocks": str(num_blocks),
+            "enable_prefix_caching": str(cache.enable_prefix_caching),
+        }
         eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -259,6 +266,7 @@ class LLMEngine:
             generation_tokens_total=self.output_processor.num_generation_tokens,
             step_loop=self.step_times.as_dict(),
             **self._lora_stats(),
+            cache_config=self._cache_config,
         )
 
     def _lora_stats(self) -> dict:

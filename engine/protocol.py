@@ -35,6 +35,9 @@ class EngineStats:
     running_lora_adapters: dict[str, int] | None = None
     waiting_lora_adapters: dict[str, int] | None = None
     max_loras: int = 0
+    # The KV cache as configured (vLLM's cache_config_info labels): block_size, cache_dtype (the
+    # caches' torch dtype), num_gpu_blocks (blocks on the engine's device), enable_prefix_caching.
+    cache_config: dict[str, str] | None = None
 
 
 class EngineClient(Protocol):

@@ -6,6 +6,11 @@ keep exactly these signatures.
 KV cache layout (one tensor each for K and V, per layer):
     [num_blocks, block_size, num_kv_heads, head_dim]
 A token's slot is `block_id * block_size + offset`; slot -1 means "do not write" (padding).
+
+FP8 KV caches (float8_e4m3fn / float8_e5m2; engine.model.kv_cache_dtype): the write stores
+fp8(clamp(x * (1 / k_scale), -max, max)), rounded to nearest even, and attention reads
+cache * k_scale (likewise V with v_scale): per-tensor scales, python floats fixed at load. With a
+cache in the model's dtype the scales are 1.0 and nothing is scaled.
 """
 
 from __future__ import annotations
@@ -75,14 +80,26 @@ def write_kv_cache(
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int64; -1 = skip (padding)
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
-    """Scatter this step's K/V into their cache slots, in place."""
+    """Scatter this step's K/V into their cache slots, in place (quantized with the scales when the
+    cache is fp8)."""
     block_size = k_cache.shape[1]
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
     blocks, offsets = slots // block_size, slots % block_size
-    k_cache[blocks, offsets] = key[valid].to(k_cache.dtype)
-    v_cache[blocks, offsets] = value[valid].to(v_cache.dtype)
+    k_cache[blocks, offsets] = _to_cache(key[valid], k_cache.dtype, k_scale)
+    v_cache[blocks, offsets] = _to_cache(value[valid], v_cache.dtype, v_scale)
+
+
+def _to_cache(x: torch.Tensor, cache_dtype: torch.dtype, scale: float) -> torch.Tensor:
+    if cache_dtype.itemsize != 1:
+        return x.to(cache_dtype)
+    # Clamped first: torch's cast is not saturating (e4m3fn has no inf; out of range becomes NaN).
+    # The reciprocal is a python float, as the Triton kernel receives it, so both multiply alike.
+    fp8_max = torch.finfo(cache_dtype).max
+    return (x.float() * (1.0 / scale)).clamp(-fp8_max, fp8_max).to(cache_dtype)
 
 
 def paged_attention(
@@ -95,6 +112,8 @@ def paged_attention(
     max_query_len: int,
     max_seq_len: int,
     scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole paged context.
 
@@ -102,7 +121,8 @@ def paged_attention(
     with q_len new tokens and seq_len context sits at position seq_len - q_len + i and attends to
     positions 0..that position. Handles mixed batches: prefill chunks (q_len > 1, with cached
     prefix) and decodes (q_len == 1). GQA: query head h reads KV head h // (num_heads / num_kv_heads).
-    Returns [num_tokens, num_heads, head_dim] in the query's dtype.
+    An fp8 cache is read as cache * k_scale (V: * v_scale). Returns [num_tokens, num_heads, head_dim]
+    in the query's dtype.
     """
     del max_query_len, max_seq_len  # the kernels use them for grid sizing; the reference does not
     num_heads, head_dim = query.shape[1], query.shape[2]
@@ -120,6 +140,8 @@ def paged_attention(
         blocks = block_tables[i, :num_blocks].long()
         k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()  # [seq_len, kv_heads, d]
         v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
+        if k_scale != 1.0 or v_scale != 1.0:  # an fp8 cache's per-tensor scales
+            k, v = k * k_scale, v * v_scale
         k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [heads, seq_len, d]
         v = v.repeat_interleave(group, dim=1).transpose(0, 1)
         q = query[q_start:q_end].float().transpose(0, 1)  # [heads, q_len, d]

@@ -25,6 +25,7 @@ from torch import nn
 
 from engine.model.checkpoint_slice import CheckpointSlice
 from engine.model.parameter import WeightShapeError, default_weight_loader
+from engine.model.quantization.kv_cache import is_kv_scale_name
 
 logger = logging.getLogger("weir.engine")
 
@@ -90,6 +91,8 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
                 ):
                     continue
                 if tied and name == "lm_head.weight":
+                    continue
+                if is_kv_scale_name(name):  # an fp8 KV cache's scales: not parameters (kv_cache.py)
                     continue
                 param_name, shard_id, _ = _checkpoint_name_to_param(name, packed)
                 param = params.get(param_name)

@@ -60,10 +60,11 @@ def choose_num_kv_blocks(
             "raise gpu_memory_utilization / cpu_kv_cache_gb or use a smaller model"
         )
     logger.info(
-        "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, from %s)",
+        "KV cache: %d blocks x %d tokens = %d tokens (%s, %.2f GiB, from %s)",
         num_blocks,
         block_size,
         num_blocks * block_size,
+        cfg.kv_cache_dtype,
         num_blocks * bytes_per_block / GIB,
         source,
     )

@@ -43,7 +43,8 @@ from engine.model.layers.attention import Attention
 from engine.model.layers.attention_backend import AttentionBackend, get_attention_backend
 from engine.model.models.registry import get_model_class
 from engine.model.quantization import QuantizationConfig
-from engine.model.weight_loader import initialize_dummy_weights, load_weights
+from engine.model.quantization.kv_cache import load_kv_cache_scales
+from engine.model.weight_loader import find_safetensors_files, initialize_dummy_weights, load_weights
 from engine.worker.attention_metadata import (
     AttentionMetadata,
     PinnedStaging,
@@ -177,6 +178,11 @@ class ModelRunner:
             initialize_dummy_weights(model, seed=self.config.load.seed)
         else:
             load_weights(model, self.model_config.model_path)
+            if self.kv_cache_dtype.itemsize == 1:  # fp8 cache: the checkpoint's k/v scales, if any
+                files = find_safetensors_files(self.model_config.model_path)
+                logger.info(
+                    "KV-cache scales from the checkpoint: %d layers", load_kv_cache_scales(model, files)
+                )
         model.eval()
         _drop_weight_loaders(model)
         self.model = model

@@ -1,6 +1,12 @@
 """write_kv_cache Triton kernel: scatter each token's K and V rows into their paged cache slots.
 
 One program per token; slot -1 (padding) writes nothing, so CUDA-graph padding never touches the cache.
+
+FP8 caches (float8_e4m3fn, float8_e5m2): K and V are multiplied by the reciprocal of their per-tensor
+scale, clamped to the format's range and rounded to nearest even in float32 arithmetic
+(`_round_to_fp8`) before the cast, so the cast itself is exact: the result is the reference's
+(torch's rounding) bit for bit on any GPU, on one whose converter rounds through float16 (e5m2 on
+pre-Hopper cards), and under the Triton interpreter, whose fp8 downcast drops carries (30.6 -> 16).
 """
 
 from __future__ import annotations
@@ -11,12 +17,33 @@ import triton.language as tl
 
 
 @triton.jit
+def _round_to_fp8(x, MANT: tl.constexpr, MIN_EXP: tl.constexpr, MAX: tl.constexpr):
+    """float32 x -> the nearest value (ties to even) of an fp8 format with MANT mantissa bits, smallest
+    normal exponent MIN_EXP and largest finite MAX, saturating; still float32."""
+    x = tl.minimum(tl.maximum(x, -MAX), MAX)
+    bits = x.to(tl.int32, bitcast=True)
+    exp = (bits >> 23) & 0xFF
+    # float32 mantissa bits to drop: 23 - MANT for fp8 normals, more below (fp8 subnormals share the
+    # fixed step 2**(MIN_EXP - MANT)); above 23 the value is under that step: 0 or the step itself.
+    drop = tl.maximum(23 - MANT, 23 - MANT + (127 + MIN_EXP) - exp)
+    s = tl.minimum(drop, 23)
+    lsb = (((bits & 0x7FFFFF) | 0x800000) >> s) & 1  # the kept significand's last bit (implicit 1 too)
+    rounded = ((bits + ((1 << (s - 1)) - 1) + lsb) & ~((1 << s) - 1)).to(tl.float32, bitcast=True)
+    step = 2.0 ** (MIN_EXP - MANT)
+    tiny = tl.where(tl.abs(x) > step * 0.5, step, 0.0)  # a tie (exactly half) goes to even: 0
+    tiny = tl.where(bits < 0, -tiny, tiny)  # keeps -0.0
+    return tl.where(drop > 23, tiny, rounded)
+
+
+@triton.jit
 def _write_kv_cache_kernel(
     key_ptr,  # [num_tokens, num_kv_heads, head_dim]
     value_ptr,  # [num_tokens, num_kv_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping_ptr,  # [num_tokens] int64
+    k_inv_scale,  # fp8 caches: 1 / k_scale
+    v_inv_scale,
     stride_kt,
     stride_kh,
     stride_vt,
@@ -31,6 +58,9 @@ def _write_kv_cache_kernel(
     block_size,
     HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    FP8_MANT: tl.constexpr,  # 0: the cache is in the model's dtype; else its fp8 format's
+    FP8_MIN_EXP: tl.constexpr,
+    FP8_MAX: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -48,6 +78,9 @@ def _write_kv_cache_kernel(
             )
             kc = k_cache_ptr + block * stride_kcb + offset * stride_kcs
             vc = v_cache_ptr + block * stride_vcb + offset * stride_vcs
+            if FP8_MANT > 0:
+                k = _round_to_fp8(k.to(tl.float32) * k_inv_scale, FP8_MANT, FP8_MIN_EXP, FP8_MAX)
+                v = _round_to_fp8(v.to(tl.float32) * v_inv_scale, FP8_MANT, FP8_MIN_EXP, FP8_MAX)
             tl.store(
                 kc + heads[:, None] * stride_kch + offs_d[None, :],
                 k.to(k_cache_ptr.dtype.element_ty),
@@ -59,6 +92,13 @@ def _write_kv_cache_kernel(
                 mask=mask,
             )
 
+
+# (mantissa bits, smallest normal exponent, largest finite) of the fp8 cache formats
+_FP8_FORMATS: dict[torch.dtype, tuple[int, int, float]] = {
+    torch.float8_e4m3fn: (3, -6, 448.0),
+    torch.float8_e5m2: (2, -14, 57344.0),
+}
+_NOT_FP8 = (0, 0, 0.0)
 
 # BLOCK_H per (num_kv_heads, head_dim), stored once head_dim passed validation. Python ints only: valid for
 # every batch size and across CUDA-graph capture and replay.
@@ -79,8 +119,10 @@ def write_kv_cache(
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int64; -1 = skip (padding)
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
-    """Scatter this step's K/V into their cache slots, in place.
+    """Scatter this step's K/V into their cache slots, in place (fp8 caches: quantized, see the top).
 
     Strides are read as one tuple per tensor (one call instead of one per dimension): eager forwards
     are host-bound.
@@ -98,13 +140,14 @@ def write_kv_cache(
     kcs, vcs = k_cache.stride(), v_cache.stride()
     if kcs[-1] != 1 or vcs[-1] != 1:
         raise ValueError("write_kv_cache needs caches contiguous in head_dim")
+    mant, min_exp, fp8_max = _FP8_FORMATS.get(k_cache.dtype, _NOT_FP8)
     if num_tokens > 0:
-        # Constexprs passed positionally (HEAD_DIM, BLOCK_H): keywords cost a dict build per launch.
+        # Constexprs passed positionally (HEAD_DIM, BLOCK_H, ...): keywords cost a dict build per launch.
         _write_kv_cache_kernel[(num_tokens,)](
-            key, value, k_cache, v_cache, slot_mapping,
+            key, value, k_cache, v_cache, slot_mapping, 1.0 / k_scale, 1.0 / v_scale,
             ks[0], ks[1], vs[0], vs[1],
             kcs[0], kcs[1], kcs[2], vcs[0], vcs[1], vcs[2],
             num_kv_heads, k_cache.shape[1],
-            head_dim, block_h,
+            head_dim, block_h, mant, min_exp, fp8_max,
             num_warps=4,
         )  # fmt: skip

@@ -14,6 +14,9 @@ One launch covers the whole batch. The grid is (query blocks, KV heads[, KV segm
 - Split-KV (flash-decoding): with NUM_SEGMENTS > 1 a third grid axis splits each sequence's tiles into
   segments; programs write partial (max, sum, unnormalised acc) in float32 and `_reduce_segments_kernel`
   merges them. Chosen for decode-heavy batches too small to fill the GPU with long contexts.
+- FP8 caches: K/V tiles are loaded as 1-byte values and widened to the query's dtype in registers;
+  the per-tensor scales never touch a tile: k_scale is folded into the softmax scale and v_scale into
+  the final normalisation (both python floats; 1.0 for caches in the model's dtype).
 """
 
 from __future__ import annotations
@@ -87,7 +90,8 @@ def _attend_tile(
         phys = tl.load(block_table + k_pos // BLOCK_SIZE).to(tl.int64)
         k = tl.load(k_head + phys[:, None] * stride_kb + slot[:, None] * stride_ks + offs_d[None, :])
         v = tl.load(v_head + phys[:, None] * stride_vb + slot[:, None] * stride_vs + offs_d[None, :])
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, TILE]
+    # (an fp8 cache's tiles widen to q's dtype here; for a cache in q's dtype .to is a no-op)
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, TILE]
     if MASKED:
         visible = (k_pos[None, :] <= q_pos[:, None]) & k_valid[None, :]
         s = tl.where(visible, s, float("-inf"))
@@ -99,7 +103,7 @@ def _attend_tile(
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
 
@@ -115,7 +119,8 @@ def _paged_attention_kernel(
     block_tables_ptr,  # [num_seqs, max_blocks_per_seq] int32
     seq_lens_ptr,  # [num_seqs] int32
     query_start_loc_ptr,  # [num_seqs + 1] int32
-    qk_scale,  # softmax scale * log2(e)
+    qk_scale,  # softmax scale * k_scale * log2(e)
+    v_scale,  # an fp8 cache's V scale (1.0 otherwise), applied to the normalised output
     num_seqs,
     num_heads,
     stride_qt,
@@ -198,7 +203,7 @@ def _paged_attention_kernel(
         )  # fmt: skip
 
     if NUM_SEGMENTS == 1:
-        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None] * v_scale
         tl.store(
             out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
             out.to(out_ptr.dtype.element_ty),
@@ -208,7 +213,9 @@ def _paged_attention_kernel(
         part = (token * num_heads + head) * NUM_SEGMENTS + segment  # [BLOCK_M]
         tl.store(part_max_ptr + part, m_i, mask=row_valid)
         tl.store(part_sum_ptr + part, l_i, mask=row_valid)
-        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_valid[:, None])
+        tl.store(
+            part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc * v_scale, mask=row_valid[:, None]
+        )
 
 
 @triton.jit
@@ -352,6 +359,8 @@ def paged_attention(
     max_query_len: int,
     max_seq_len: int,
     scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole paged context (see the reference)."""
     _, num_heads, head_dim = query.shape
@@ -368,7 +377,7 @@ def paged_attention(
         block_m, tile, num_warps, num_stages = plan.prefill
         segments = 1
     return _launch(
-        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, plan,
+        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale, plan,
         block_m, tile, segments, num_warps, num_stages,
     )  # fmt: skip
 
@@ -384,6 +393,8 @@ def paged_attention_with_config(
     max_seq_len: int,
     scale: float,
     config: AttentionConfig | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """`paged_attention` with an explicit launch shape (None: the heuristic's, as paged_attention)."""
     if config is None:
@@ -397,6 +408,8 @@ def paged_attention_with_config(
             max_query_len,
             max_seq_len,
             scale,
+            k_scale,
+            v_scale,
         )
     _, num_heads, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -406,7 +419,7 @@ def paged_attention_with_config(
     )
     block_m = max(config.block_m, triton.next_power_of_2(plan.group))
     return _launch(
-        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, plan,
+        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale, plan,
         block_m, config.tile, config.num_segments, config.num_warps, config.num_stages,
     )  # fmt: skip
 
@@ -419,6 +432,8 @@ def _launch(
     seq_lens: torch.Tensor,  # [num_seqs] int32
     query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
     scale: float,
+    k_scale: float,
+    v_scale: float,
     plan: _Plan,
     block_m: int,
     tile: int,
@@ -455,7 +470,7 @@ def _launch(
     # Constexprs passed positionally (a keyword costs a dict build per launch), in the kernel's order.
     _paged_attention_kernel[(num_tokens // block_q + num_seqs, num_kv_heads, segments)](
         out, part_acc, part_max, part_sum, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-        scale * _LOG2E, num_seqs, num_heads,
+        scale * k_scale * _LOG2E, v_scale, num_seqs, num_heads,
         qs[0], qs[1], out_stride_t, head_dim,
         ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
         block_tables.stride(0),

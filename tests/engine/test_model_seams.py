@@ -327,12 +327,10 @@ def test_kv_cache_dtype_auto_is_the_model_dtype_and_other_values_are_refused(
     tiny_model_dirs: dict[str, Path],
 ) -> None:
     with pytest.raises(ValueError) as e:
-        EngineConfig(model="m", kv_cache_dtype="fp8")
-    assert str(e.value) == (
-        "kv_cache_dtype must be auto (the model dtype); got 'fp8': quantized KV caches are not supported yet"
-    )
-    with pytest.raises(ValueError, match="kv_cache_dtype must be the model dtype"):
-        get_attention_backend("cpu", torch.float16, torch.float8_e4m3fn, 64, 16)
+        EngineConfig(model="m", kv_cache_dtype="float16")
+    assert str(e.value) == "kv_cache_dtype must be one of auto, fp8, fp8_e4m3, fp8_e5m2; got 'float16'"
+    with pytest.raises(ValueError, match="kv_cache_dtype must be the model dtype torch.float16 or an fp8"):
+        get_attention_backend("cpu", torch.float16, torch.bfloat16, 64, 16)
     runner = _runner(tiny_model_dirs["llama"], dtype="bfloat16", kv_cache_dtype="auto")
     assert runner.config.cache.kv_cache_dtype == "bfloat16"
     runner.load_model()

@@ -14,6 +14,7 @@ from tests.ops.triton_interpreter import DEVICE, in_process, only_in_subprocess,
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import ops
@@ -32,7 +33,7 @@ def test_in_fresh_interpreter_process() -> None:
     rerun_in_fresh_process(__file__)
 
 
-def _runner(model_dir: Path, use_triton: bool) -> ModelRunner:
+def _runner(model_dir: Path, use_triton: bool, kv_cache_dtype: str = "auto") -> ModelRunner:
     config = EngineConfig(
         model=str(model_dir),
         device=DEVICE,
@@ -40,6 +41,7 @@ def _runner(model_dir: Path, use_triton: bool) -> ModelRunner:
         block_size=16,
         num_kv_blocks=8,
         enforce_eager=True,
+        kv_cache_dtype=kv_cache_dtype,
     )
     runner = ModelRunner(config.resolve())
     runner.load_model(use_triton=use_triton)
@@ -74,14 +76,19 @@ def test_triton_backend_routes_every_op_of_the_model(tiny_model_dirs: dict[str, 
 
 
 @in_process
-def test_model_forward_on_triton_matches_torch(tiny_model_dirs: dict[str, Path]) -> None:
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_model_forward_on_triton_matches_torch(tiny_model_dirs: dict[str, Path], kv_cache_dtype: str) -> None:
     """Prefill in two chunks (the second attends over the cache the first wrote, through the Triton
-    KV write): every position's logits match the torch backend's."""
+    KV write): every position's logits match the torch backend's, with an fp8 cache too (the write is
+    the reference's bit for bit given the same K/V, which differ by float rounding between backends)."""
     prompt = [int(t) for t in np.random.default_rng(0).integers(3, 500, size=21)]
     blocks = [5, 0]
     logits = {}
     for use_triton in (False, True):
-        runner = _runner(tiny_model_dirs["qwen3"], use_triton)
+        runner = _runner(tiny_model_dirs["qwen3"], use_triton, kv_cache_dtype)
+        assert runner.kv_caches[0][0].dtype == (
+            torch.float8_e4m3fn if kv_cache_dtype == "fp8" else torch.float32
+        )
         chunks = []
         for start, n in ((0, 13), (13, 8)):
             step = runner._build_inputs([prompt], [start], [n], [blocks], np.arange(n))

@@ -4,6 +4,10 @@ The kernels come from the layer's `attn_backend` (engine.model.layers.attention_
 by the runner; every layer of a model holds the same backend. The runner binds `k_cache`/`v_cache`
 (the backend's `kv_cache_shape`, in its `kv_cache_dtype`) after allocating them; the step's
 AttentionMetadata comes from the forward context.
+
+An fp8 cache's per-tensor scales are `k_scale`/`v_scale`, python floats (1.0 unless the checkpoint
+gives them: engine.model.kv_cache_scales sets them once after loading), handed to both kernels; a
+cache in the model's dtype keeps 1.0, which the kernels treat as no scaling.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ class Attention(nn.Module):
         self.prefix = prefix
         self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, num_kv_heads, head_dim]
         self.v_cache: torch.Tensor | None = None
+        self.k_scale = 1.0  # cache value * k_scale = key (fp8 caches)
+        self.v_scale = 1.0
 
     def forward(
         self,
@@ -50,7 +56,9 @@ class Attention(nn.Module):
         num_tokens = query.shape[0]
         key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
         value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
-        backend.write_kv_cache(key, value, self.k_cache, self.v_cache, md.slot_mapping)
+        backend.write_kv_cache(
+            key, value, self.k_cache, self.v_cache, md.slot_mapping, self.k_scale, self.v_scale
+        )
         out = backend.paged_attention(
             query.view(num_tokens, self.num_heads, self.head_dim),
             self.k_cache,
@@ -61,5 +69,7 @@ class Attention(nn.Module):
             md.max_query_len,
             md.max_seq_len,
             self.scale,
+            self.k_scale,
+            self.v_scale,
         )
         return out.view(num_tokens, self.num_heads * self.head_dim)

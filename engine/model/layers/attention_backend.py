@@ -11,6 +11,11 @@ Backends:
   GPU where Triton is missing or the head size is one the Triton kernels do not handle.
 - `TritonAttentionBackend`: the Triton kernels (ops.triton): CUDA, or CPU under TRITON_INTERPRET=1.
 
+The KV cache dtype is the model's or an fp8 format (float8_e4m3fn, float8_e5m2): both backends'
+kernels quantize on write and dequantize on read (ops/reference.py). The Triton kernels' e4m3
+conversions need an Ada/Hopper/Blackwell GPU (compute capability 8.9+; Triton has no e4m3 on older
+cards): there an e4m3 cache is refused at start, naming kv_cache_dtype, rather than run slowly.
+
 A backend also carries `kernels`, the implementation of the model's other ops (RMSNorm, rotary,
 SiLU-and-mul) that goes with it, so the whole model follows the one choice.
 
@@ -27,6 +32,9 @@ import torch
 
 import ops
 from ops import Kernels
+
+# The fp8 KV-cache formats (EngineConfig.kv_cache_dtype fp8 / fp8_e4m3, fp8_e5m2)
+FP8_KV_CACHE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 logger = logging.getLogger("weir.engine")
 
@@ -94,10 +102,11 @@ def get_attention_backend(
     warning names why not otherwise) and the torch reference elsewhere; True/False force a choice
     (tests: True on CPU needs TRITON_INTERPRET=1 set before triton's first import)."""
     del block_size  # every block size the engine accepts (8..64) works with both backends
-    if kv_cache_dtype != dtype:
-        # EngineConfig refuses any kv_cache_dtype but "auto" (the model dtype) until the quantization
-        # issue; this guards direct callers.
-        raise ValueError(f"kv_cache_dtype must be the model dtype {dtype} for now; got {kv_cache_dtype}")
+    if kv_cache_dtype != dtype and kv_cache_dtype not in FP8_KV_CACHE_DTYPES:
+        # EngineConfig offers only these (kv_cache_dtype auto / fp8*); this guards direct callers.
+        raise ValueError(
+            f"kv_cache_dtype must be the model dtype {dtype} or an fp8 format; got {kv_cache_dtype}"
+        )
     device_type = torch.device(device).type
     if use_triton is None:
         if device_type != "cuda":
@@ -109,12 +118,27 @@ def get_attention_backend(
             )
             return TorchAttentionBackend(kv_cache_dtype)
         try:
-            return TritonAttentionBackend(kv_cache_dtype)
+            backend = TritonAttentionBackend(kv_cache_dtype)
         except ImportError as e:
             logger.warning("Triton kernels unavailable (%s); running the torch reference ops on the GPU", e)
             return TorchAttentionBackend(kv_cache_dtype)
+        _check_triton_fp8(torch.device(device), kv_cache_dtype)
+        return backend
     if not use_triton:
         return TorchAttentionBackend(kv_cache_dtype)
     if not TritonAttentionBackend.supports_head_size(head_size):
         raise ValueError(f"the Triton kernels need a power-of-two head size >= 16; got {head_size}")
+    if device_type == "cuda":
+        _check_triton_fp8(torch.device(device), kv_cache_dtype)
     return TritonAttentionBackend(kv_cache_dtype)
+
+
+def _check_triton_fp8(device: torch.device, kv_cache_dtype: torch.dtype) -> None:
+    if kv_cache_dtype != torch.float8_e4m3fn:
+        return
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9):
+        raise ValueError(
+            f"kv_cache_dtype fp8_e4m3 needs a GPU of compute capability 8.9+ (Ada, Hopper, Blackwell) for "
+            f"the Triton attention kernels; this one is {capability[0]}.{capability[1]}: use fp8_e5m2 or auto"
+        )

@@ -1,0 +1,119 @@
+"""FP8 KV cache kernels against their torch reference (ops/reference.py), under TRITON_INTERPRET=1
+without a GPU (tests.ops.triton_interpreter): the KV write is the reference bit for bit (both round to
+nearest even, saturating), and paged attention over fp8 caches with per-tensor scales matches the
+reference reading the same caches, for mixed prefill+decode batches and split-KV decodes."""
+
+from __future__ import annotations
+
+# isort: off
+# First: it sets TRITON_INTERPRET before anything below can import triton.
+from tests.ops.triton_interpreter import DEVICE, in_process, only_in_subprocess, rerun_in_fresh_process
+
+# isort: on
+
+import pytest
+import torch
+
+import ops.triton as impl
+from ops import reference
+from ops.triton.paged_attention import AttentionConfig, paged_attention_with_config
+from tests.ops.test_triton_kernels import DECODES, MIXED, make_batch, poisoned_allocations, rel_err
+
+FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+# (mantissa bits, smallest subnormal) of each format: the bound of a round trip
+FORMAT = {torch.float8_e4m3fn: (3, 2.0**-9), torch.float8_e5m2: (2, 2.0**-16)}
+
+
+@only_in_subprocess
+def test_in_fresh_interpreter_process() -> None:
+    rerun_in_fresh_process(__file__)
+
+
+def _keys(num_tokens: int, num_kv_heads: int, head_dim: int, seed: int) -> torch.Tensor:
+    """[num_tokens, num_kv_heads, head_dim]: magnitudes from fp8-subnormal to past the e4m3 range."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, num_kv_heads, head_dim, generator=g)
+    magnitude = 10.0 ** torch.randint(-4, 4, (num_tokens, num_kv_heads, 1), generator=g).float()
+    x = x * magnitude
+    x[0, 0, :2] = torch.tensor([60000.0, -60000.0])  # saturates either format at scale 0.5
+    x[0, 0, 2:4] = torch.tensor([2.0**-17, -(2.0**-11)])  # below / within the fp8 subnormals
+    return x
+
+
+@in_process
+@pytest.mark.parametrize("cache_dtype", FP8, ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fp8_write_matches_reference_bit_for_bit(cache_dtype: torch.dtype, dtype: torch.dtype) -> None:
+    num_blocks, block_size, num_kv_heads, head_dim = 6, 8, 2, 32
+    key = _keys(9, num_kv_heads, head_dim, seed=1).to(dtype).to(DEVICE)
+    value = _keys(9, num_kv_heads, head_dim, seed=2).to(dtype).to(DEVICE)
+    slot_mapping = torch.tensor([3, 17, -1, 40, 41, -1, 47, 0, 30], dtype=torch.int64, device=DEVICE)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    caches = {}
+    for name, op in (("ref", reference.write_kv_cache), ("triton", impl.write_kv_cache)):
+        k_cache = torch.zeros(shape, dtype=cache_dtype, device=DEVICE)
+        v_cache = torch.zeros(shape, dtype=cache_dtype, device=DEVICE)
+        op(key, value, k_cache, v_cache, slot_mapping, 0.5, 3.0)
+        caches[name] = (k_cache, v_cache)
+    for ref, got in zip(caches["ref"], caches["triton"], strict=True):
+        assert torch.equal(ref.view(torch.uint8), got.view(torch.uint8))
+    # The reference itself: cache * scale is the key within half a step of the format, or saturated.
+    mant, tiny = FORMAT[cache_dtype]
+    fp8_max = torch.finfo(cache_dtype).max
+    k_cache = caches["ref"][0].view(-1, num_kv_heads, head_dim)
+    valid = slot_mapping >= 0
+    stored = k_cache[slot_mapping[valid]].float().cpu()  # [7, heads, dim]
+    x = key[valid].float().cpu() / 0.5
+    in_range = x.abs() <= fp8_max
+    err = (stored - x.clamp(-fp8_max, fp8_max)).abs()
+    assert (err <= x.abs() * 2.0 ** -(mant + 1) + tiny / 2).all()
+    assert in_range.any() and (~in_range).any()  # both regimes exercised
+    assert (stored[~in_range].abs() == fp8_max).all()  # saturated, never NaN
+    # Slots nobody wrote stay zero.
+    assert (k_cache[[1, 2, 4, 46]].float() == 0).all()
+
+
+def _fp8_batch(
+    q_lens: list[int], seq_lens: list[int], cache_dtype: torch.dtype, dtype: torch.dtype, seed: int
+) -> dict:
+    """make_batch's paged batch with its caches quantized to `cache_dtype` at scales 2.0 (K), 0.25 (V)."""
+    batch = make_batch(q_lens, seq_lens, 8, 2, 32, 16, dtype, seed=seed)
+    for name, scale in (("k_cache", 2.0), ("v_cache", 0.25)):
+        cache = batch[name].float() * (4.0 if name == "k_cache" else 0.5)
+        batch[name] = (cache / scale).to(cache_dtype)
+    batch["k_scale"], batch["v_scale"] = 2.0, 0.25
+    return batch
+
+
+@in_process
+@pytest.mark.parametrize(
+    ("cache_dtype", "dtype", "split"),
+    [
+        (torch.float8_e4m3fn, torch.float32, False),
+        (torch.float8_e4m3fn, torch.float16, True),
+        (torch.float8_e5m2, torch.float16, False),
+        (torch.float8_e5m2, torch.float32, True),
+    ],
+    ids=["e4m3-fp32-mixed", "e4m3-fp16-split-kv", "e5m2-fp16-mixed", "e5m2-fp32-split-kv"],
+)
+def test_fp8_paged_attention_matches_reference(
+    cache_dtype: torch.dtype, dtype: torch.dtype, split: bool
+) -> None:
+    q_lens, seq_lens = DECODES if split else MIXED
+    batch = _fp8_batch(q_lens, seq_lens, cache_dtype, dtype, seed=11)
+    ref = reference.paged_attention(**batch)
+    unscaled = reference.paged_attention(**{**batch, "k_scale": 1.0, "v_scale": 1.0})
+    assert rel_err(unscaled, ref) > 0.5  # the scales matter, so a kernel ignoring them would fail
+    config = AttentionConfig(block_m=16, tile=16, num_segments=4 if split else 1)
+    with poisoned_allocations():
+        out = paged_attention_with_config(**batch, config=config)
+    assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 5e-3)
+
+
+@in_process
+def test_fp8_paged_attention_default_entry_point() -> None:
+    """The public entry point (its own launch heuristic, decode launch) on fp8 caches."""
+    batch = _fp8_batch(*DECODES, torch.float8_e4m3fn, torch.float32, seed=12)
+    with poisoned_allocations():
+        out = impl.paged_attention(**batch)
+    assert rel_err(out, reference.paged_attention(**batch)) < 1e-5

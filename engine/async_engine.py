@@ -74,7 +74,11 @@ class AsyncEngine:
     # ------------------------------------------------------------------ lifecycle
     @property
     def is_healthy(self) -> bool:
-        return self.dead_error is None and (self._loop_task is None or not self._loop_task.done())
+        return (
+            self.dead_error is None
+            and (self._loop_task is None or not self._loop_task.done())
+            and self.engine.executor.is_healthy  # a tensor-parallel worker may die while idle
+        )
 
     @property
     def is_draining(self) -> bool:

@@ -57,6 +57,11 @@ class Executor(ABC):
     def shutdown(self) -> None:
         """Free what the workers hold on the device (model, KV cache, graphs) now. Idempotent."""
 
+    @property
+    def is_healthy(self) -> bool:
+        """False once a worker is known to be dead or failed (the engine cannot run steps)."""
+        return True
+
 
 class UniprocExecutor(Executor):
     """One ModelRunner in this process. Its handles are the runner's StepInFlight objects."""

@@ -102,6 +102,11 @@ class MultiprocExecutor(Executor):
         )
 
     @property
+    def is_healthy(self) -> bool:
+        """Also false as soon as a worker process has exited, before any step notices."""
+        return self.failed is None and all(p.is_alive() for p in self._processes)
+
+    @property
     def worker_pids(self) -> list[int]:
         return [p.pid for p in self._processes if p.pid is not None]
 
@@ -132,10 +137,10 @@ class MultiprocExecutor(Executor):
                 self._broadcast(("shutdown", ()))
             except WorkerFailedError:
                 pass
-        if self.failed is not None:  # the survivors may be stuck in a collective: no polite wait
+        if self.failed is not None:  # the survivors may be stuck in a collective (or stopped)
             for process in self._processes:
                 if process.is_alive():
-                    process.terminate()
+                    process.kill()
         self._finalizer()
 
     # ------------------------------------------------------------------ the pipes

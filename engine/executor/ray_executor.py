@@ -116,6 +116,10 @@ class RayExecutor(Executor):
             raise
         logger.info("tensor parallelism: %d Ray actors, %s", self.world_size, "nccl" if on_cuda else "gloo")
 
+    @property
+    def is_healthy(self) -> bool:
+        return self.failed is None
+
     # ------------------------------------------------------------------ Executor
     def determine_num_kv_blocks(self) -> int:
         return min(self._call(("determine_num_kv_blocks", ()), STARTUP_TIMEOUT_S))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,10 +68,19 @@ def test_tp2_prefix_cache_hits(tp_llm: LLM, one_kv_head_dir: Path) -> None:
     assert second.num_cached_tokens >= 32
 
 
-def test_shutdown_leaves_no_worker(tp_llm: LLM) -> None:
-    pids = tp_llm.llm_engine.executor.worker_pids  # type: ignore[attr-defined]
-    assert len(pids) == 2
-    tp_llm.shutdown()  # the fixture's own shutdown is then a no-op
+def test_hung_worker_stops_the_engine_then_shutdown_leaves_no_worker(tp_llm: LLM) -> None:
+    executor = tp_llm.llm_engine.executor
+    pids = executor.worker_pids  # type: ignore[attr-defined]
+    assert len(pids) == 2 and executor.is_healthy
+    executor.timeout_s = 2.0  # type: ignore[attr-defined]  (the default is minutes)
+    os.kill(pids[1], signal.SIGSTOP)  # alive, but never answers: rank 0 waits in its all-reduce
+    start = time.monotonic()
+    out = tp_llm.generate([[5, 6, 7]], _greedy(), use_tqdm=False)[0]
+    assert time.monotonic() - start < 30
+    assert out.outputs[0].finish_reason == "error"
+    assert not executor.is_healthy
+    assert "did not answer step" in str(executor.failed)  # type: ignore[attr-defined]
+    tp_llm.shutdown()  # kills the stopped worker too; the fixture's own shutdown is then a no-op
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)

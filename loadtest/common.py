@@ -71,6 +71,7 @@ def add_common_args(
     )
     g.add_argument(
         "--tensor-parallel-size",
+        "-tp",
         type=int,
         default=None,
         help="shard the model over this many GPUs, one worker process each (engine default: 1)",

@@ -6,7 +6,8 @@
 #   OUT=/path/to/out WEIR_COMMIT=$(git rev-parse HEAD) bash loadtest/run_gpu_suite.sh
 #
 # Run from the repository root. If ./.whl holds the wheels of ../shared/scripts/device-wheels.sh (the
-# server's dependencies), they are installed into /tmp/site first.
+# server's dependencies), they are installed into /tmp/site first. Last, loadtest/plot_suite.py draws
+# $OUT/suite.png when matplotlib imports (skipped with a message when it does not).
 # Most important first (T1, L1, T2, S1, U1, P1), each under `timeout`, all within SUITE_BUDGET seconds;
 # a benchmark that no longer fits is skipped and named at the end. Knobs (environment):
 #   BENCHES="T1 L1 T2 S1 U1 P1"   which to run, in this order (add K for the kernel profile of T2's
@@ -89,6 +90,11 @@ suite() {
   echo
   echo "== summary (${SECONDS}s in all; skipped:${skipped:- none}; failed:${failed:- none})"
   "$PY" loadtest/common.py summary "$OUT"
+  if "$PY" -c "import matplotlib" 2>/dev/null; then
+    "$PY" loadtest/plot_suite.py "$OUT" || echo "!! plot failed"
+  else
+    echo "== plot: skipped (matplotlib is not installed here; later: python loadtest/plot_suite.py OUT_DIR)"
+  fi
 }
 
 suite 2>&1 | tee "$OUT/log.txt"

@@ -152,6 +152,8 @@ ENGINE_HELP: dict[str, str] = {
     "max_waiting_tokens": "Waiting-queue bound in prompt tokens; beyond it new requests get 429.",
     "max_best_of": "Most sequences a request with best_of > n may generate (OpenAI's limit, 20); above it "
     "the request gets a 400.",
+    "max_beam_width": "Widest beam search a request may ask for (use_beam_search with n beams); above it "
+    "the request gets a 400.",
     "enable_lora": "Serve LoRA adapters (README: Multi-LoRA); off: a request naming an adapter gets a 404.",
     "max_loras": "Most distinct adapters in one engine step (GPU slots of stacked adapter weights).",
     "max_lora_rank": "Highest adapter rank accepted; an adapter of a higher rank is refused at load.",

@@ -16,6 +16,9 @@ __all__ = [
     "RequestOutput",
     "CompletionOutput",
     "Logprob",
+    "BeamSearchParams",
+    "BeamSearchOutput",
+    "BeamSearchSequence",
 ]
 
 
@@ -28,6 +31,10 @@ def __getattr__(name: str):  # noqa: ANN202 - lazy: the bookkeeping modules stay
         from engine.llm_engine import LLMEngine
 
         return LLMEngine
+    if name in ("BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence"):
+        from engine import beam_search
+
+        return getattr(beam_search, name)
     if name == "AsyncEngine":
         from engine.async_engine import AsyncEngine
 

@@ -77,6 +77,9 @@ class EngineConfig:
     # cost best_of sequences' KV and compute for n answers: unbounded, one request could take the
     # server (the class of vLLM's CVE-2024-8939).
     max_best_of: int = 20
+    # The widest beam search a request may ask for: a beam costs a sequence's KV and compute, and each
+    # step ranks the group's candidates on the host.
+    max_beam_width: int = 16
     # Multi-LoRA (engine.lora). Off: a request naming an adapter is refused. max_loras adapters run in
     # one step (the GPU slots), max_cpu_loras stay loaded on the host (None: max_loras), ranks above
     # max_lora_rank are refused at load.
@@ -124,6 +127,7 @@ class EngineConfig:
         _positive("max_waiting_requests", self.max_waiting_requests)
         _positive("max_waiting_tokens", self.max_waiting_tokens)
         _positive("max_best_of", self.max_best_of)
+        _positive("max_beam_width", self.max_beam_width)
         _positive("max_loras", self.max_loras)
         _positive("max_lora_rank", self.max_lora_rank)
         if self.max_cpu_loras is not None:
@@ -190,6 +194,7 @@ class EngineConfig:
                 max_waiting_requests=self.max_waiting_requests,
                 max_waiting_tokens=self.max_waiting_tokens,
                 max_best_of=self.max_best_of,
+                max_beam_width=self.max_beam_width,
                 scheduling_policy=self.scheduling_policy,
             ),
             lora=LoRAConfig(
@@ -306,6 +311,7 @@ class SchedulerConfig:
     max_waiting_requests: int  # admission control (serving): beyond these, 429
     max_waiting_tokens: int
     max_best_of: int = 20  # a request with best_of > n above this is refused (input processor)
+    max_beam_width: int = 16  # a beam search wider than this is refused (input processor)
     scheduling_policy: str = "fcfs"  # "fcfs" | "fair" (EngineConfig.scheduling_policy)
 
 

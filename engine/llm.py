@@ -8,6 +8,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from engine.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from engine.config import EngineConfig
 from engine.core.sampling_params import SamplingParams
 from engine.inputs.tokenizer import render_chat
@@ -86,6 +87,41 @@ class LLM:
             for conv in conversations
         ]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def beam_search(
+        self,
+        prompts: Sequence[str | list[int] | dict[str, Any]],
+        params: BeamSearchParams,
+        use_tqdm: bool = False,
+    ) -> list[BeamSearchOutput]:
+        """Beam search for every prompt (text, token ids, or vLLM's {"prompt": ...} /
+        {"prompt_token_ids": [...]}), as transformers' generate(num_beams=beam_width,
+        num_return_sequences=beam_width, do_sample=False, length_penalty, early_stopping): each
+        output's beam_width sequences, best first. Bad parameters raise InvalidRequestError."""
+        sampling_params = params.to_sampling_params()
+        prompt_list: list[Prompt] = []
+        for p in prompts:
+            if isinstance(p, dict):
+                p = p["prompt_token_ids"] if "prompt_token_ids" in p else p["prompt"]
+            prompt_list.append(p)
+        outputs = self._run(prompt_list, [sampling_params] * len(prompt_list), None, use_tqdm)
+        lp = params.length_penalty
+        return [
+            BeamSearchOutput(
+                [
+                    BeamSearchSequence(
+                        tokens=out.prompt_token_ids + list(c.token_ids),
+                        cum_logprob=c.cumulative_logprob or 0.0,
+                        text=c.text,
+                        score=(c.cumulative_logprob or 0.0) / max(len(c.token_ids), 1) ** lp,
+                        finish_reason=c.finish_reason,
+                        stop_reason=c.stop_reason if isinstance(c.stop_reason, int) else None,
+                    )
+                    for c in out.outputs
+                ]
+            )
+            for out in outputs
+        ]
 
     def _run(
         self,

@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Iterable
 
+from engine.beam_search import BeamSearchDriver
 from engine.config import EngineConfig, ResolvedConfig
 from engine.core.request import Request, RequestStatus
 from engine.core.sampling_params import SamplingParams
@@ -79,8 +80,11 @@ class LLMEngine:
             num_blocks,
             eos_token_ids,
             config.scheduler.max_best_of,
+            config.scheduler.max_beam_width,
+            config.scheduler.max_num_seqs,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.beam_search = BeamSearchDriver(self.scheduler, self.tokenizer, self.vocab_size)
         self._prompt_tokens_total = 0
         # Seconds by phase of the step primitives, whoever drives them (step() or the server's loop).
         self.step_times = StepLoopTimes()
@@ -114,7 +118,7 @@ class LLMEngine:
 
         `prompt_text` is the text a token-id prompt came from, when the caller tokenized it already.
         """
-        if request_id in self.output_processor:
+        if request_id in self.output_processor or request_id in self.beam_search:
             raise InvalidRequestError("request_id", f"request_id {request_id!r} is already in use")
         request = self.input_processor.process(request_id, prompt, params, priority, cache_salt, prompt_text)
         self.add_engine_request(request)
@@ -124,9 +128,12 @@ class LLMEngine:
         if self._shut_down:
             raise EngineShutdownError("the engine was shut down; build a new one to generate")
         request_id = request.request_id
-        if request_id in self.output_processor:
+        if request_id in self.output_processor or request_id in self.beam_search:
             raise InvalidRequestError("request_id", f"request_id {request_id!r} is already in use")
         params = request.sampling_params
+        if params.use_beam_search:
+            self.beam_search.add(request)  # its beams run as a group (engine/beam_search.py)
+            return
         sequences: list[Request] = []
         # best_of > n: best_of children run; the output processor returns the n best at the end.
         num_sequences = params.num_sequences
@@ -156,15 +163,17 @@ class LLMEngine:
         if isinstance(request_ids, str):
             request_ids = [request_ids]
         for request_id in request_ids:
+            if self.beam_search.abort(request_id):
+                continue
             seq_ids = self.output_processor.abort(request_id)
             if seq_ids is not None:
                 self.scheduler.finish_requests(seq_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(len(self.output_processor))
+        return bool(len(self.output_processor)) or bool(len(self.beam_search))
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self.output_processor)
+        return len(self.output_processor) + len(self.beam_search)
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
@@ -225,9 +234,10 @@ class LLMEngine:
                 runner_output.prompt_logprobs,
                 self.scheduler.scheduled_requests(scheduler_output),
             )
-        outputs, stopped_ids = processor.process(
-            self.scheduler.update_from_output(scheduler_output, runner_output), runner_output.logprobs, now
-        )
+        updates = self.scheduler.update_from_output(scheduler_output, runner_output)
+        outputs, stopped_ids = processor.process(updates, runner_output.logprobs, now)
+        if len(self.beam_search):
+            outputs += self.beam_search.process(updates, runner_output.logprobs, now)
         if stopped_ids:  # stop strings, found by the detokenizer
             self.scheduler.finish_requests(stopped_ids, RequestStatus.FINISHED_STOPPED)
         return outputs
@@ -239,17 +249,17 @@ class LLMEngine:
         )
         message = f"the forward pass failed: {type(exc).__name__}: {exc}"
         self.scheduler.drop_step(scheduler_output)
-        outputs, seq_ids = self.output_processor.fail(
-            scheduler_output.num_scheduled_tokens, message, time.monotonic()
-        )
+        now = time.monotonic()
+        outputs, seq_ids = self.output_processor.fail(scheduler_output.num_scheduled_tokens, message, now)
         self.scheduler.finish_requests(seq_ids, RequestStatus.FINISHED_ERROR)
-        return outputs
+        return outputs + self.beam_search.fail(scheduler_output.num_scheduled_tokens, message, now)
 
     def abort_all(self) -> list[RequestOutput]:
         """Abort every request (server shutdown); returns their final outputs (finish_reason "abort")."""
-        outputs, seq_ids = self.output_processor.abort_all(time.monotonic())
+        now = time.monotonic()
+        outputs, seq_ids = self.output_processor.abort_all(now)
         self.scheduler.finish_requests(seq_ids, RequestStatus.FINISHED_ABORTED)
-        return outputs
+        return outputs + self.beam_search.abort_all(now)
 
     # ------------------------------------------------------------------ introspection
     def stats(self) -> EngineStats:

@@ -50,6 +50,12 @@ class SamplingParams:
     # sequence once, when finished (the cheapest stream); "final_only": only the finished output
     # (what LLM.generate and non-streaming requests need). engine/outputs/output_processor.py.
     output_kind: str = "cumulative"
+    # Beam search (vLLM v0's names): n beams, the n best finished hypotheses returned, as transformers'
+    # generate(num_beams=n, num_return_sequences=n, do_sample=False, length_penalty, early_stopping)
+    # (engine/core/beam_search.py). Greedy only; one final output.
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False  # True, False or "never"
     # Filled by the input processor (stop_token_ids plus EOS unless ignore_eos); not a user field.
     all_stop_token_ids: frozenset[int] = frozenset()
 
@@ -143,6 +149,41 @@ class SamplingParams:
                         "logit_bias", f"logit_bias keys must be non-negative token ids; got {tok}"
                     )
                 _float_range(f"logit_bias[{tok}]", bias, -100.0, 100.0, param="logit_bias")
+        if self.use_beam_search:
+            self._validate_beam_search()
+
+    def _validate_beam_search(self) -> None:
+        """What beam search supports: deterministic scoring of the raw log-probabilities (as
+        transformers' beam search without logits processors). Each field that would change them, or
+        that has no meaning for beams, is refused by name."""
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
+            raise InvalidRequestError(
+                "early_stopping",
+                f'early_stopping must be true, false or "never"; got {self.early_stopping!r}',
+            )
+        _float_range("length_penalty", self.length_penalty, -100.0, 100.0)
+        if not self.greedy:
+            raise InvalidRequestError(
+                "temperature",
+                f"beam search needs temperature 0 (it is deterministic); got {self.temperature}",
+            )
+        refused = {
+            "best_of": self.best_of is not None and self.best_of != self.n,
+            "top_p": self.top_p < 1.0,
+            "top_k": self.top_k > 0,
+            "min_p": self.min_p > 0.0,
+            "presence_penalty": self.presence_penalty != 0.0,
+            "frequency_penalty": self.frequency_penalty != 0.0,
+            "repetition_penalty": self.repetition_penalty != 1.0,
+            "logit_bias": bool(self.logit_bias),
+            "min_tokens": self.min_tokens > 0,
+            "logprobs": self.logprobs is not None,
+            "prompt_logprobs": self.prompt_logprobs is not None,
+            "stop": bool(self.stop),
+        }
+        for name, bad in refused.items():
+            if bad:
+                raise InvalidRequestError(name, f"{name} is not supported with beam search (use_beam_search)")
 
     def validate_against_vocab(self, vocab_size: int) -> None:
         """Token ids named by the user must exist in the model's vocabulary."""

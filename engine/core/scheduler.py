@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable
 
 from engine.config import CacheConfig, SchedulerConfig
+from engine.core.beam_scheduling import BeamScheduling
 from engine.core.fair_queue import FairQueue
 from engine.core.kv_cache_manager import KVCacheManager
 from engine.core.request import Request, RequestStatus
@@ -33,7 +34,7 @@ from engine.core.scheduler_output import (
 _WAIT_FOR_SIBLING = object()
 
 
-class Scheduler:
+class Scheduler(BeamScheduling):
     def __init__(self, config: SchedulerConfig, cache: CacheConfig) -> None:
         """`cache.num_kv_blocks` must be set (the KV cache is sized before anything is scheduled)."""
         if cache.num_kv_blocks is None:
@@ -67,6 +68,10 @@ class Scheduler:
         # step_id -> the Request of every id that step scheduled, until its results are applied (or
         # it failed). At most two entries under async scheduling: the step in flight and the next.
         self._scheduled_steps: dict[int, dict[str, Request]] = {}
+        # Beam search (engine/beam_search.py moves beams between steps): beams whose runner state must
+        # be sent whole (forked from another beam), and tokens appended to the others since.
+        self._beam_resend: set[str] = set()
+        self._beam_new_tokens: dict[str, list[int]] = {}
         self._next_step_id = 1
 
     # ---------------------------------------------------------------- admission
@@ -123,6 +128,8 @@ class Scheduler:
     # ---------------------------------------------------------------- scheduling
     def _preempt(self, request: Request) -> None:
         del self.running[request.req_id]
+        if request.is_beam:
+            self._forget_beam_diffs(request)  # the runner drops its state; it comes back whole
         self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
@@ -158,8 +165,10 @@ class Scheduler:
                 break
             if req.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            if req.num_output_placeholders and self._reaches_limit_in_flight(req):
-                continue  # the step in flight samples its last token; the update finishes it
+            if req.num_output_placeholders and (req.is_beam or self._reaches_limit_in_flight(req)):
+                # The step in flight samples its last token: the update finishes it, or, for a beam,
+                # the group's next tokens depend on that step's results.
+                continue
             num_new = min(req.num_tokens_with_placeholders - req.num_computed_tokens, budget)
             while True:
                 new_block_ids = kv.allocate_slots(req, num_new)
@@ -182,10 +191,13 @@ class Scheduler:
 
         # 2. Waiting requests, in queue order, unless this step already had to preempt.
         new_reqs: list[Request] = []
-        while not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+        running_preempted = bool(preempted)
+        while not running_preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self._peek_waiting()
             if req is None:
                 break
+            if req.is_beam and len(self.running) + self._num_beams_not_running(req) > self.max_num_seqs:
+                break  # a beam group runs all its beams together: seats for all of them
             if req.num_output_placeholders:
                 break  # preempted while its last step was in flight: wait until that token lands
             source = self._fork_source(req, num_scheduled) if req.group is not None else None
@@ -193,14 +205,36 @@ class Scheduler:
                 break  # a sibling is computing the shared prompt: fork it once it is done
             if source is not None:
                 num_hit_tokens = self._fork(req, source, budget)
-                if num_hit_tokens is None:
-                    break
-                num_new = min(req.num_tokens - num_hit_tokens, budget)
+                allocated = num_hit_tokens is not None
             else:
                 computed_blocks, num_hit_tokens = kv.get_computed_blocks(req)
-                num_new = min(req.num_tokens - num_hit_tokens, budget)
-                if kv.allocate_slots(req, num_new, computed_blocks) is None:
-                    break  # no skipping ahead: the head of the queue would starve
+                allocated = kv.allocate_slots(
+                    req, min(req.num_tokens - num_hit_tokens, budget), computed_blocks
+                )
+                allocated = allocated is not None
+            if not allocated:
+                # No skipping ahead: the head of the queue would starve. A beam's siblings may be
+                # holding blocks while they wait for it: later arrivals make room (no deadlock).
+                victim = self._pick_victim() if req.is_beam and self.running else None
+                if (
+                    victim is None
+                    or victim.req_id in num_scheduled
+                    and victim.req_id not in scheduled_running
+                ):
+                    break
+                if (victim.priority, self._arrival_seq[victim.req_id]) < (
+                    req.priority,
+                    self._arrival_seq[req.req_id],
+                ):
+                    break
+                if victim.req_id in scheduled_running:
+                    del scheduled_running[victim.req_id]
+                    budget += num_scheduled.pop(victim.req_id)
+                self._preempt(victim)
+                preempted.append(victim)
+                continue
+            assert num_hit_tokens is not None
+            num_new = min(req.num_tokens - num_hit_tokens, budget)
             self._pop_waiting(req)
             req.status = RequestStatus.RUNNING
             req.num_computed_tokens = num_hit_tokens
@@ -220,13 +254,19 @@ class Scheduler:
         scheduled_requests: dict[str, Request] = {}
         num_prompt_scheduled = 0
         replaced = kv.replaced
+        beam_diffs = bool(self._beam_resend or self._beam_new_tokens)
         for req, new_block_ids in scheduled_running.values():
+            if beam_diffs and req.req_id in self._beam_resend:
+                new_reqs.append(req)  # forked from another beam: the runner gets it whole
+                self._beam_resend.discard(req.req_id)
+                continue
             cached_data.append(
                 CachedRequestData(
                     req.req_id,
                     new_block_ids,
                     req.num_computed_tokens,
-                    cow=replaced.get(req.req_id) if replaced else None,
+                    self._beam_new_tokens.pop(req.req_id, []) if beam_diffs else [],
+                    replaced.get(req.req_id) if replaced else None,
                 )
             )
             num_prompt_scheduled += self._advance(req, num_scheduled[req.req_id])
@@ -241,8 +281,11 @@ class Scheduler:
                     sampling_params=req.sampling_params,
                     block_ids=kv.get_block_ids(req.req_id),
                     num_computed_tokens=req.num_computed_tokens,
+                    is_beam=req.is_beam,
                 )
             )
+            if req.is_beam:
+                self._beam_new_tokens.pop(req.req_id, None)
             num_prompt_scheduled += self._advance(req, num_scheduled[req.req_id])
             scheduled_requests[req.req_id] = req
 
@@ -332,6 +375,9 @@ class Scheduler:
                 # Finished or aborted since it was scheduled (with async scheduling, also by a stop
                 # found in the previous step's output, after this step was launched): drop the token.
                 continue
+            if req.is_beam:
+                out.append((req, []))  # the engine's beam search picks its tokens from the logprobs
+                continue
             # RUNNING, or PREEMPTED by a schedule() made while this step was in flight: a preempted
             # request keeps its token, which becomes part of what it recomputes.
             if req.first_token_time is None:
@@ -372,6 +418,8 @@ class Scheduler:
         elif req.req_id in self._waiting:
             self._remove_waiting(req)
         req.status = status
+        if req.is_beam:
+            self._forget_beam_diffs(req)
         # A failed forward pass left garbage in blocks already registered for prefix hits.
         self.kv_cache_manager.free(req, uncache=status == RequestStatus.FINISHED_ERROR)
         del self.requests[req.req_id]

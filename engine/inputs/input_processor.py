@@ -56,8 +56,12 @@ class InputProcessor:
         num_kv_blocks: int,
         eos_token_ids: Iterable[int],
         max_best_of: int = 20,
+        max_beam_width: int = 16,
+        max_num_seqs: int | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        self.max_beam_width = max_beam_width  # EngineConfig.max_beam_width
+        self.max_num_seqs = max_num_seqs  # a beam group runs all its beams at once
         self.max_best_of = max_best_of  # the server's bound on best_of > n (EngineConfig.max_best_of)
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -92,8 +96,12 @@ class InputProcessor:
                 f"best_of must be at most {self.max_best_of} (the server's max_best_of) when it is "
                 f"greater than n; got {params.best_of}",
             )
+        if params.use_beam_search:
+            self._check_beam_width(params.n)
         params.validate_against_vocab(self.vocab_size)
-        params.max_tokens = self._resolve_max_tokens(len(prompt_token_ids), params.max_tokens)
+        params.max_tokens = self._resolve_max_tokens(
+            len(prompt_token_ids), params.max_tokens, params.n if params.use_beam_search else 1
+        )
         stop_ids = frozenset(params.stop_token_ids or ())
         params.all_stop_token_ids = stop_ids if params.ignore_eos else stop_ids | self.eos_token_ids
         return EngineRequest(
@@ -124,19 +132,32 @@ class InputProcessor:
         if len(prompt_token_ids) >= self.max_model_len:
             raise ContextLengthError(len(prompt_token_ids), self.max_model_len)
 
-    def _resolve_max_tokens(self, num_prompt_tokens: int, max_tokens: int | None) -> int:
+    def _check_beam_width(self, width: int) -> None:
+        limit = self.max_beam_width
+        if self.max_num_seqs is not None and self.max_num_seqs < limit:
+            limit, name = self.max_num_seqs, "max_num_seqs"
+        else:
+            name = "max_beam_width"
+        if width > limit:
+            raise InvalidRequestError(
+                "n", f"beam search width (n) must be at most {limit} (the server's {name}); got {width}"
+            )
+
+    def _resolve_max_tokens(self, num_prompt_tokens: int, max_tokens: int | None, num_beams: int = 1) -> int:
         """max_tokens=None means up to the context length. Raises when the request could never fit
-        the context or the whole KV cache (admitted, it would wait forever)."""
+        the context or the whole KV cache (admitted, it would wait forever); a beam search's beams
+        must fit together, each at its longest (sharing makes them smaller in practice)."""
         limit = self.max_model_len
         if max_tokens is None:
             max_tokens = limit - num_prompt_tokens  # > 0: validate_prompt_tokens ran
         elif num_prompt_tokens + max_tokens > limit:
             raise ContextLengthError(num_prompt_tokens, limit, max_tokens)
-        need = -(-(num_prompt_tokens + max_tokens) // self.block_size)
+        need = -(-(num_prompt_tokens + max_tokens) // self.block_size) * num_beams
         if need > self.num_kv_blocks:
+            beams = f" for each of {num_beams} beams" if num_beams > 1 else ""
             raise InvalidRequestError(
                 "max_tokens",
-                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) needs {need} KV cache "
+                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}){beams} needs {need} KV cache "
                 f"blocks of {self.block_size} tokens, but the KV cache has only {self.num_kv_blocks} blocks",
             )
         return max_tokens

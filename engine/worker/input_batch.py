@@ -38,6 +38,8 @@ class RequestState:
     # Penalties read the output ids themselves, so such a request cannot sample on top of a token
     # still in flight: the runner resolves the previous step first.
     needs_output_ids: bool = False
+    # False for a beam of a beam search: the engine picks its next token (sent as new_token_ids).
+    appends_sampled: bool = True
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -56,6 +58,7 @@ def new_request_state(new: NewRequestData) -> RequestState:
         block_ids=list(new.block_ids),
         num_computed_tokens=new.num_computed_tokens,
         emit_prompt_logprobs=new.sampling_params.prompt_logprobs is not None and len(token_ids) == num_prompt,
+        appends_sampled=not new.is_beam,
         needs_output_ids=new.sampling_params.repetition_penalty != 1.0
         or new.sampling_params.frequency_penalty != 0.0
         or new.sampling_params.presence_penalty != 0.0,

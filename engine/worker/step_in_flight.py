@@ -30,6 +30,7 @@ class SampledState(Protocol):
     req_id: str
     token_ids: list[int]
     output_token_ids: list[int]
+    appends_sampled: bool  # False: the engine picks the token (beam search) and sends it back
 
 
 @dataclass(slots=True, eq=False)
@@ -99,8 +100,9 @@ class StepInFlight:
         sampler_output = Sampler.to_output(ids, packed, self.metadata)
         out = self.output
         for state, token, lp in zip(self.states, ids, sampler_output.logprobs, strict=True):
-            state.token_ids.append(token)
-            state.output_token_ids.append(token)
+            if state.appends_sampled:
+                state.token_ids.append(token)
+                state.output_token_ids.append(token)
             out.sampled_token_ids[state.req_id] = [token]
             if lp is not None:
                 out.logprobs[state.req_id] = lp

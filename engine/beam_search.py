@@ -1,0 +1,278 @@
+"""Beam search in the engine: the public parameters and outputs (vLLM's names), and the driver that
+runs a request's beams as a group through the scheduler.
+
+A beam search request (SamplingParams.use_beam_search, n = the width k; or LLM.beam_search with
+BeamSearchParams) becomes k beam Requests (engine/core/beam_scheduling.py). Each step every running
+beam computes one token and the runner returns its top log-probabilities (the beams ask for
+num_candidates of them); once all running beams of the group have theirs, the ranking
+(engine/core/beam_search.py) picks the next k beams, and the driver moves the beam Requests to them:
+a beam with a surviving continuation keeps its slot, the others' slots fork it copy-on-write, and dead
+beams' blocks are freed at once. When the ranking stops, the k best finished hypotheses come back as
+one final RequestOutput (whatever output_kind: a stream gets the final beams only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.core.beam_search import BeamSearchState, Hypothesis
+from engine.core.request import Request, RequestStatus
+from engine.core.sampling_params import SamplingParams
+from engine.core.scheduler import Scheduler
+from engine.core.scheduler_output import TokenLogprobs
+from engine.inputs.input_processor import EngineRequest
+from engine.outputs.request_output import CompletionOutput, RequestMetrics, RequestOutput
+
+
+@dataclass(slots=True)
+class BeamSearchParams:
+    """LLM.beam_search's parameters (vLLM's names); early_stopping as transformers defines it."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    include_stop_str_in_output: bool = False
+
+    def to_sampling_params(self) -> SamplingParams:
+        """The engine's form (validated: a bad field raises InvalidRequestError naming it)."""
+        return SamplingParams(
+            n=self.beam_width,
+            use_beam_search=True,
+            max_tokens=self.max_tokens,
+            ignore_eos=self.ignore_eos,
+            temperature=self.temperature,
+            length_penalty=self.length_penalty,
+            early_stopping=self.early_stopping,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            output_kind="final_only",
+        )
+
+
+@dataclass(slots=True)
+class BeamSearchSequence:
+    """One returned beam: `tokens` is prompt + generated (vLLM's shape); `text` the generated text."""
+
+    tokens: list[int]
+    cum_logprob: float
+    text: str
+    score: float  # cum_logprob / generated length ** length_penalty: what the beams are ranked by
+    finish_reason: str | None = None
+    stop_reason: int | None = None
+    logprobs: list[Any] = field(default_factory=list)  # not collected (vLLM's field, kept for shape)
+
+
+@dataclass(slots=True)
+class BeamSearchOutput:
+    """The beams of one prompt, best first."""
+
+    sequences: list[BeamSearchSequence]
+
+
+@dataclass(slots=True, eq=False)
+class _BeamGroup:
+    request: EngineRequest
+    state: BeamSearchState
+    slots: list[Request]  # the k beam Requests (fixed; which beam each holds changes)
+    running: list[Request]  # the slot of running beam i, in the ranking's order
+    results: dict[str, TokenLogprobs]  # this step's, by the beam's req_id
+    metrics: RequestMetrics
+
+
+class BeamSearchDriver:
+    """The engine's beam search groups: created by LLMEngine.add_engine_request, advanced by its update."""
+
+    def __init__(self, scheduler: Scheduler, tokenizer: Any, vocab_size: int) -> None:
+        self.scheduler = scheduler
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._groups: dict[str, _BeamGroup] = {}  # by request id
+        self._by_beam: dict[str, _BeamGroup] = {}  # by beam req_id
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._groups
+
+    def add(self, request: EngineRequest) -> None:
+        params = request.sampling_params
+        assert params.max_tokens is not None  # resolved by the input processor
+        width = params.n
+        state = BeamSearchState(
+            width, params.all_stop_token_ids, params.max_tokens, params.length_penalty, params.early_stopping
+        )
+        # What the runner computes for a beam: its top log-probabilities (greedy, so no noise to draw).
+        beam_params = params.copy()
+        beam_params.n = 1
+        beam_params.best_of = None
+        beam_params.use_beam_search = False
+        beam_params.logprobs = min(state.num_candidates, self.vocab_size)
+        slots = [
+            Request(
+                req_id=f"{request.request_id}#beam{i}",
+                prompt_token_ids=request.prompt_token_ids,
+                sampling_params=beam_params,
+                arrival_time=request.arrival_time,
+                priority=request.priority,
+                cache_salt=request.cache_salt,
+                is_beam=True,
+            )
+            for i in range(width)
+        ]
+        for slot in slots:
+            slot.group = slots
+        self.scheduler.add_beam_group(slots)
+        group = _BeamGroup(request, state, slots, [slots[0]], {}, RequestMetrics(request.arrival_time))
+        self._groups[request.request_id] = group
+        for slot in slots:
+            self._by_beam[slot.req_id] = group
+
+    # ------------------------------------------------------------------ a step's results
+    def process(
+        self, updates: Iterable[tuple[Request, list[int]]], logprobs: Mapping[str, TokenLogprobs], now: float
+    ) -> list[RequestOutput]:
+        """Collect the beams' results of a step; step every group whose running beams all have theirs.
+        Returns the final outputs of the groups that finished."""
+        outputs = []
+        for req, _ in updates:
+            if not req.is_beam:
+                continue
+            group = self._by_beam.get(req.req_id)
+            lp = logprobs.get(req.req_id)
+            if group is None or lp is None or not any(b is req for b in group.running):
+                continue
+            group.results.setdefault(req.req_id, lp)  # a beam recomputed after preemption: same values
+            if len(group.results) == len(group.running):
+                if group.metrics.first_token_time is None:
+                    group.metrics.first_token_time = now
+                    group.metrics.first_scheduled_time = group.slots[0].first_scheduled_time
+                out = self._step(group, now)
+                if out is not None:
+                    outputs.append(out)
+        return outputs
+
+    def _step(self, group: _BeamGroup, now: float) -> RequestOutput | None:
+        top = []
+        for beam in group.running:
+            lp = group.results[beam.req_id]
+            top.append((lp.token_ids, lp.logprobs))
+        group.results.clear()
+        step = group.state.step(top)
+        if step.done:
+            return self._finish(group, "stop", now)
+        # Slots: a parent's first continuation keeps its slot; the others take the slots of beams
+        # with none (dead, or not used yet), forking the parent before it is extended.
+        parents = group.running
+        kept: set[int] = set()
+        new_running: list[Request | None] = [None] * len(step.continuations)
+        forks: list[int] = []
+        for j, (parent, _) in enumerate(step.continuations):
+            slot = parents[parent]
+            if id(slot) in kept:
+                forks.append(j)
+            else:
+                kept.add(id(slot))
+                new_running[j] = slot
+        free = [s for s in group.slots if id(s) not in kept]
+        scheduler = self.scheduler
+        for j in forks:
+            parent, token = step.continuations[j]
+            slot = free.pop()
+            source = parents[parent]
+            scheduler.fork_beam(slot, source, source.output_token_ids + [token])
+            new_running[j] = slot
+        for j, slot in enumerate(new_running):
+            if j not in forks:
+                assert slot is not None
+                scheduler.extend_beam(slot, step.continuations[j][1])
+        group.running = [s for s in new_running if s is not None]
+        return None
+
+    # ------------------------------------------------------------------ ends
+    def _finish(self, group: _BeamGroup, reason: str, now: float, error: str | None = None) -> RequestOutput:
+        request = group.request
+        params = request.sampling_params
+        self._drop(group)
+        status = {
+            "abort": RequestStatus.FINISHED_ABORTED,
+            "error": RequestStatus.FINISHED_ERROR,
+        }.get(reason, RequestStatus.FINISHED_STOPPED)
+        self.scheduler.finish_requests([s.req_id for s in group.slots], status)
+        if reason == "stop":
+            hyps = group.state.results()[: params.n]
+        else:  # aborted or failed: the running beams as they are
+            hyps = [
+                Hypothesis(list(s.output_token_ids), float(score), float(score), reason)
+                for s, score in zip(group.running, group.state.scores, strict=False)
+            ]
+        completions = []
+        for i, hyp in enumerate(hyps):
+            text = self._text(hyp, params)
+            last = hyp.token_ids[-1] if hyp.token_ids else None
+            stop_reason = (
+                last if hyp.finish_reason == "stop" and last in (params.stop_token_ids or ()) else None
+            )
+            completions.append(
+                CompletionOutput(
+                    i,
+                    text,
+                    hyp.token_ids,
+                    hyp.cum_logprob,
+                    None,
+                    hyp.finish_reason,
+                    stop_reason,
+                    text,
+                    list(hyp.token_ids),
+                    None,
+                )
+            )
+        group.metrics.finished_time = now
+        cached = group.slots[0].num_cached_tokens
+        return RequestOutput(
+            request.request_id,
+            request.prompt,
+            request.prompt_token_ids,
+            completions,
+            True,
+            None,
+            cached if cached > 0 else 0,
+            group.metrics,
+            error,
+        )
+
+    def _text(self, hyp: Hypothesis, params: SamplingParams) -> str:
+        ids = hyp.token_ids
+        if hyp.finish_reason == "stop" and ids and not params.include_stop_str_in_output:
+            ids = ids[:-1]  # the stop token's text is left out, as for sampled requests
+        return self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
+
+    def _drop(self, group: _BeamGroup) -> None:
+        self._groups.pop(group.request.request_id, None)
+        for slot in group.slots:
+            self._by_beam.pop(slot.req_id, None)
+
+    def abort(self, request_id: str) -> bool:
+        """Forget a request without an output; its beams' blocks are freed. False if unknown."""
+        group = self._groups.get(request_id)
+        if group is None:
+            return False
+        self._drop(group)
+        self.scheduler.finish_requests([s.req_id for s in group.slots], RequestStatus.FINISHED_ABORTED)
+        return True
+
+    def abort_all(self, now: float) -> list[RequestOutput]:
+        return [self._finish(g, "abort", now) for g in list(self._groups.values())]
+
+    def fail(self, req_ids: Iterable[str], message: str, now: float) -> list[RequestOutput]:
+        """The forward pass that computed `req_ids` failed: their groups end with finish_reason "error"."""
+        failed = {}
+        for req_id in req_ids:
+            group = self._by_beam.get(req_id)
+            if group is not None:
+                failed[group.request.request_id] = group
+        return [self._finish(g, "error", now, message) for g in failed.values()]

@@ -30,5 +30,7 @@ def copy_kv_blocks(kv_caches: list[tuple[torch.Tensor, torch.Tensor]], copies: l
         return
     src, dst = copy_blocks_index(copies, kv_caches[0][0].device)
     for k_cache, v_cache in kv_caches:
-        k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
-        v_cache.index_copy_(0, dst, v_cache.index_select(0, src))
+        for cache in (k_cache, v_cache):
+            # As bytes: the same copy for every cache dtype (fp8 caches included).
+            raw = cache.view(torch.uint8)  # [num_blocks, block_size, num_kv_heads, head_dim * itemsize]
+            raw.index_copy_(0, dst, raw.index_select(0, src))

@@ -53,8 +53,12 @@ async def load_lora_adapter(request: Request) -> Response:
         lora = state.loras.new_request(name, path)
         try:
             await state.engine.add_lora(lora)
-        except (ValueError, OSError) as exc:
-            raise bad_request(f"Cannot load the lora adapter '{name}': {exc}", param="lora_path") from None
+        except ValueError as exc:  # the engine's message names the adapter and the field at fault
+            raise bad_request(str(exc), param="lora_path") from None
+        except OSError as exc:
+            raise bad_request(
+                f"Cannot read the lora adapter '{name}' at '{path}': {exc.strerror or exc}", param="lora_path"
+            ) from None
         state.loras.add(lora)
     log.info("lora adapter loaded", lora_name=name, lora_int_id=lora.lora_int_id, lora_path=path)
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
@@ -99,7 +103,11 @@ async def load_startup_adapters(state: AppState, adapters: list[tuple[str, str]]
         lora: LoRARequest = state.loras.new_request(name, path)
         try:
             await state.engine.add_lora(lora)
-        except (ValueError, OSError) as exc:
-            raise AdapterLoadError(f"cannot load the lora adapter {name!r} from {path!r}: {exc}") from exc
+        except ValueError as exc:  # the engine's message names the adapter and the field at fault
+            raise AdapterLoadError(f"lora_modules: {exc}") from exc
+        except OSError as exc:
+            raise AdapterLoadError(
+                f"lora_modules: cannot read the adapter {name!r} at {path!r}: {exc.strerror or exc}"
+            ) from exc
         state.loras.add(lora)
         log.info("lora adapter loaded", lora_name=name, lora_int_id=lora.lora_int_id, lora_path=path)

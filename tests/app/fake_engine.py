@@ -205,8 +205,9 @@ class FakeEngine(EngineClient):
         if not self.max_loras:
             raise ValueError("enable_lora is off: this engine serves no LoRA adapters")
         if not Path(lora_request.lora_path).is_dir():
+            # The engine's wording (engine/lora/adapter.py): adapter, field, what is wrong.
             raise ValueError(
-                f"lora adapter {lora_request.lora_name!r}: lora_path {lora_request.lora_path!r} is not a directory"
+                f"LoRA adapter {lora_request.lora_name!r}: lora_path: {lora_request.lora_path!r} is not a directory"
             )
         self.loras[lora_request.lora_int_id] = lora_request
         return True

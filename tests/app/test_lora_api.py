@@ -142,8 +142,7 @@ def test_load_and_unload_at_run_time(lora_server: LiveServer, adapter_dirs: dict
             {"lora_name": "new", "lora_path": "/nonexistent/adapter"},
             _error(
                 400,
-                "Cannot load the lora adapter 'new': lora adapter 'new': lora_path '/nonexistent/adapter' "
-                "is not a directory",
+                "LoRA adapter 'new': lora_path: '/nonexistent/adapter' is not a directory",
                 "lora_path",
                 "invalid_value",
             ),
@@ -287,6 +286,49 @@ def test_a_bad_startup_adapter_stops_the_server(tiny_tokenizer_dir: Path, tmp_pa
     server.run()  # returns at once: the server stops before serving
     assert not server.started_event.is_set() and server.port is None
     assert app.state.weir.startup_error == (
-        f"cannot load the lora adapter 'bad' from '{tmp_path / 'missing'}': lora adapter 'bad': "
-        f"lora_path '{tmp_path / 'missing'}' is not a directory"
+        f"lora_modules: LoRA adapter 'bad': lora_path: '{tmp_path / 'missing'}' is not a directory"
+    )
+
+
+def test_weir_serve_exits_1_with_the_adapter_error_as_its_last_line(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tiny_tokenizer_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """`weir serve` in-process, over the fake engine: the refusal of a --lora-modules adapter stops it."""
+    import app.logging
+    import app.runner
+    import engine.async_engine
+    from app.cli import main
+
+    class RefusingEngine(FakeEngine):
+        async def add_lora(self, lora_request: object) -> bool:
+            raise ValueError(
+                "LoRA adapter 'big': r: rank 32 is above max_lora_rank 16 (raise --max-lora-rank)"
+            )
+
+    monkeypatch.setattr(
+        engine.async_engine, "AsyncEngine", lambda cfg: RefusingEngine(tiny_tokenizer_dir, max_loras=1)
+    )
+    monkeypatch.setattr(app.logging, "configure_logging", lambda *a: None)  # the test's own logging stays
+    monkeypatch.setattr(app.runner, "set_switch_interval", lambda s: None)
+    code = main(
+        [
+            "serve",
+            "--device",
+            "cpu",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--enable-lora",
+            "--lora-modules",
+            f"big={tmp_path}",
+        ]
+    )
+    assert code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "weir serve: error: lora_modules: LoRA adapter 'big': r: rank 32 is above max_lora_rank 16 "
+        "(raise --max-lora-rank)"
     )

@@ -11,18 +11,23 @@ the group sizes 32..128, so grouped GPTQ/AWQ and [128, 128] FP8 blocks leave dow
 blocks gate/up) unquantized, as a tool would with modules_to_not_convert.
 
     PYTHONPATH=. python -m tools.quant_accuracy        # prints the README's Markdown table
+    PYTHONPATH=. python -m tools.quant_accuracy SqueezeLLM "KV cache"   # only rows naming these
+
+SqueezeLLM's tables here are each channel's 16 quantiles (nearest-entry codes), not SqueezeLLM's
+sensitivity-weighted k-means; the FP8 KV-cache rows keep the weights and quantize only the cache.
 """
 
 from __future__ import annotations
 
 import ast
 import math
+import sys
 import tempfile
 from pathlib import Path
 
 from engine import LLM, SamplingParams
 from engine.inputs.tokenizer import load_tokenizer
-from tests.engine.quantization.checkpoints import write_awq, write_fp8, write_gptq
+from tests.engine.quantization.checkpoints import write_awq, write_fp8, write_gptq, write_squeezellm
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "engine" / "default_model"
@@ -100,6 +105,15 @@ def main() -> None:
                 {},
             )
         )
+        rows.append(
+            ("SqueezeLLM 4-bit (quantile tables)", write_squeezellm(DEFAULT_MODEL, root / "g")[0], {})
+        )
+        rows.append(("FP8 e4m3 KV cache (unquantized weights)", DEFAULT_MODEL, {"kv_cache_dtype": "fp8"}))
+        rows.append(
+            ("FP8 e5m2 KV cache (unquantized weights)", DEFAULT_MODEL, {"kv_cache_dtype": "fp8_e5m2"})
+        )
+        wanted = sys.argv[1:]
+        rows = [row for i, row in enumerate(rows) if i == 0 or not wanted or any(w in row[0] for w in wanted)]
         base: list[float] = []
         print(f"{len(windows)} windows of {WINDOW} tokens ({len(windows) * (WINDOW - 1)} scored)\n")
         print(

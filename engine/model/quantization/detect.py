@@ -18,9 +18,10 @@ from engine.model.quantization.awq import AWQ_BITS, AWQ_GROUP_SIZES, AWQConfig
 from engine.model.quantization.base import QuantizationConfig
 from engine.model.quantization.fp8 import Fp8Config
 from engine.model.quantization.gptq import GPTQ_BITS, GPTQ_FORMATS, GPTQ_GROUP_SIZES, GPTQConfig
+from engine.model.quantization.squeezellm import SQUEEZELLM_BITS, SqueezeLLMConfig
 
 # The `quantization` option's values (None: what the checkpoint says).
-QUANTIZATION_METHODS = ("gptq", "awq", "fp8")
+QUANTIZATION_METHODS = ("gptq", "awq", "fp8", "squeezellm")
 
 
 def read_checkpoint_quantization(model_dir: str | Path) -> tuple[dict[str, Any] | None, str]:
@@ -84,6 +85,8 @@ def resolve_quantization(
         return method, source, _awq(raw, source)
     if method == "fp8":
         return method, source, _fp8(raw, source)
+    if method == "squeezellm":
+        return method, source, _squeezellm(raw, source, Path(model_dir))
     raise ValueError(
         f"{source}: quant_method {method!r} is not supported; weir reads {', '.join(QUANTIZATION_METHODS)}"
     )
@@ -154,3 +157,28 @@ def _fp8(raw: dict[str, Any], source: str) -> Fp8Config:
         block = (block[0], block[1])
     skip = tuple(raw.get("ignored_layers") or raw.get("modules_to_not_convert") or ())
     return Fp8Config(from_checkpoint=True, weight_block_size=block, skip_modules=skip)
+
+
+# SqueezeLLM's dense-and-sparse checkpoints keep outliers in CSR tensors next to qweight.
+_SQUEEZELLM_SPARSE = (".rows", ".cols", ".vals")
+
+
+def _squeezellm(raw: dict[str, Any], source: str, model_dir: Path) -> SqueezeLLMConfig:
+    bits = _field(raw, source, ("wbits",), SQUEEZELLM_BITS)
+    from safetensors import safe_open  # noqa: PLC0415
+
+    from engine.model.weight_loader import find_safetensors_files  # noqa: PLC0415 (imports layers)
+
+    try:
+        files = find_safetensors_files(model_dir)
+    except ValueError:  # no weights (yet): the loader reports that
+        files = []
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            sparse = next((n for n in f.keys() if n.endswith(_SQUEEZELLM_SPARSE)), None)  # noqa: SIM118
+        if sparse is not None:
+            raise ValueError(
+                f"{file.name}: {sparse} is a dense-and-sparse SqueezeLLM tensor; weir reads the dense "
+                "format only (SqueezeLLM's s0 checkpoints)"
+            )
+    return SqueezeLLMConfig(bits=bits)

@@ -171,6 +171,30 @@ def write_awq(src: Path, root: Path, group_size: int, skip: tuple[str, ...] = ()
     return _write(src, root / tag, quantized, quant), _write(src, root / f"{tag}-ref", reference, None)
 
 
+def write_squeezellm(src: Path, root: Path) -> tuple[Path, Path]:
+    """(a dense SqueezeLLM checkpoint, its dequantized float32 reference). SqueezeLLM's tool fits each
+    output channel's 16 values by sensitivity-weighted k-means; here they are the row's quantiles (any
+    non-uniform table exercises the format), each weight coded as its nearest table entry.
+    Layout: SqueezeLLM, squeezellm/quant.py, QuantLinear.pack (qweight [in / 8, out], 4-bit codes
+    packed along the input, the first row in the lowest bits); lookup_table fp16 [out, 16];
+    quant_config.json {"wbits": 4}."""
+    state = load_file(str(next(src.glob("*.safetensors"))))
+    quantized, reference = dict(state), dict(state)
+    probs = torch.linspace(0.0, 1.0, 16)
+    for name in [n for n in state if n.endswith(".weight") and any(s in n for s in LINEAR_SUFFIXES)]:
+        w = state[name].float()  # [out, in]
+        table = torch.quantile(w, probs, dim=1).t().contiguous().half()  # [out, 16], ascending per row
+        codes = (w.unsqueeze(2) - table.float().unsqueeze(1)).abs().argmin(dim=2)  # [out, in]
+        base = name.removesuffix(".weight")
+        del quantized[name]
+        quantized[f"{base}.qweight"] = pack_rows(codes.t(), 4)  # [in / 8, out]
+        quantized[f"{base}.lookup_table"] = table
+        reference[name] = torch.gather(table.float(), 1, codes)
+    checkpoint = _write(src, root / "squeezellm", quantized, None)
+    (checkpoint / "quant_config.json").write_text(json.dumps({"wbits": 4}))
+    return checkpoint, _write(src, root / "squeezellm-ref", reference, None)
+
+
 FP8_MAX = 448.0
 
 

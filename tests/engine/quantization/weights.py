@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from engine.model.build_context import BuildContext
 from engine.model.models.llama import LlamaForCausalLM
 from engine.model.quantization.common import dequantize
+from engine.model.quantization.squeezellm import dequantize_lut
 from engine.model.weight_loader import load_weights
 from engine.model_config import ModelConfig
 
@@ -35,7 +36,10 @@ def assert_weights_match_reference(model: LlamaForCausalLM, reference_dir: Path)
         head, _, last = name.rpartition(".")
         parts = FUSED.get(last, (last,))
         expected = torch.cat([ref[f"{head}.{p}.weight"] for p in parts])  # [out, in]
-        if hasattr(module, "codes"):  # GPTQ, AWQ
+        if hasattr(module, "lookup_table"):  # SqueezeLLM
+            got = dequantize_lut(module.codes, module.lookup_table, torch.float32)
+            quantized += 1
+        elif hasattr(module, "codes"):  # GPTQ, AWQ
             got = dequantize(module.codes, module.zeros, module.scales, module.g_idx, torch.float32)
             if module.perm is not None:  # columns stored in group order: put them back
                 unpermuted = torch.empty_like(got)

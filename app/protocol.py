@@ -57,6 +57,10 @@ class SamplingRequest(Struct, kw_only=True):
     min_tokens: int | None = 0
     skip_special_tokens: bool | None = True
     spaces_between_special_tokens: bool | None = True
+    # Beam search (vLLM's extra fields): n is the beam width; the n best beams come back, once.
+    use_beam_search: bool | None = False
+    length_penalty: float | None = 1.0
+    early_stopping: bool | str | None = False
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     priority: int | None = 0

@@ -41,6 +41,9 @@ SAMPLING_FIELDS = frozenset(
         "prompt_logprobs",
         "prompt",
         "priority",
+        "use_beam_search",
+        "length_penalty",
+        "early_stopping",
     }
 )
 
@@ -96,7 +99,10 @@ def sampling_params(
 ) -> SamplingParams:
     """The request's SamplingParams (the model's generation defaults under what the request sets),
     streaming deltas; a 400 naming the request field for every bad value."""
-    kw: dict[str, Any] = dict(state.sampling_defaults)
+    # Beam search scores the raw log-probabilities: the model's sampling defaults (temperature, top_p,
+    # ...) do not apply, and an unset temperature is 0 (vLLM's rule).
+    beam = bool(req.use_beam_search)
+    kw: dict[str, Any] = {"temperature": 0.0} if beam else dict(state.sampling_defaults)
     for name in _SAME_NAME:
         value = getattr(req, name)
         if value is not None:
@@ -116,6 +122,12 @@ def sampling_params(
     kw["prompt_logprobs"] = prompt_logprobs
     if best_of is not None:
         kw["best_of"] = best_of
+    if beam:
+        kw["use_beam_search"] = True
+        if req.length_penalty is not None:
+            kw["length_penalty"] = req.length_penalty
+        if req.early_stopping is not None:
+            kw["early_stopping"] = req.early_stopping
     # Streams read only what each output adds; collected responses read the finished output, which
     # holds the whole sequence either way.
     kw["output_kind"] = "delta"

@@ -1,0 +1,113 @@
+"""use_beam_search on /v1/completions and /v1/chat/completions: the n best beams, once, and each
+refusal's exact 400. Through the OpenAI SDK (extra_body) and raw HTTP."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.app.conftest import MODEL_NAME, LiveServer
+
+COMP = "/v1/completions"
+CHAT = "/v1/chat/completions"
+BEAM = {"use_beam_search": True, "length_penalty": 1.0, "early_stopping": False}
+
+
+def _comp(**kw: object) -> dict:
+    return {"model": MODEL_NAME, "prompt": "Return the", "max_tokens": 6, "n": 3, **BEAM, **kw}
+
+
+@pytest.fixture(scope="module")
+def offline_beams(real_engine_config) -> list:
+    """The same model's beams offline (LLM.beam_search): what the server must answer."""
+    from engine import LLM, BeamSearchParams
+
+    llm = LLM(real_engine_config.model, device="cpu", dtype="float32", max_model_len=128)
+    (out,) = llm.beam_search(["Return the"], BeamSearchParams(beam_width=3, max_tokens=6))
+    llm.shutdown()
+    return out.sequences
+
+
+def test_sdk_completion_returns_the_n_best_beams(server: LiveServer, offline_beams: list) -> None:
+    sdk = openai.OpenAI(base_url=server.api_url, api_key="unused")
+    r = sdk.completions.create(model=MODEL_NAME, prompt="Return the", max_tokens=6, n=3, extra_body=BEAM)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [c.text for c in r.choices] == [b.text for b in offline_beams]
+    assert len({b.text for b in offline_beams}) == 3  # three different beams, best first
+    prompt_len = r.usage.prompt_tokens
+    assert r.usage.completion_tokens == sum(len(b.tokens) - prompt_len for b in offline_beams)
+
+
+def test_raw_http_chat_beam_search(client: httpx.Client) -> None:
+    body = {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 5,
+        "n": 2,
+        **BEAM,
+    }
+    r = client.post(CHAT, json=body)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1]
+    assert all(c["message"]["role"] == "assistant" for c in choices)
+    assert all(c["finish_reason"] in ("stop", "length") for c in choices)
+    assert choices[0]["message"]["content"] != choices[1]["message"]["content"]
+
+
+def test_streamed_beam_search_sends_the_final_beams_only(client: httpx.Client) -> None:
+    whole = client.post(COMP, json=_comp()).json()
+    with client.stream("POST", COMP, json=_comp(stream=True)) as r:
+        assert r.status_code == 200
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    texts: dict[int, list[str]] = {}
+    for event in events:
+        for choice in event["choices"]:
+            texts.setdefault(choice["index"], []).append(choice["text"])
+    # Each beam's text arrives whole, in one event, with the non-streamed answer's text.
+    assert {i: "".join(t) for i, t in texts.items()} == {c["index"]: c["text"] for c in whole["choices"]}
+    assert all(len([t for t in ts if t]) <= 1 for ts in texts.values())
+
+
+def _error(message: str, param: str) -> dict:
+    return {
+        "error": {
+            "message": message,
+            "type": "invalid_request_error",
+            "param": param,
+            "code": "invalid_value",
+        }
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            _comp(temperature=0.7),
+            _error("beam search needs temperature 0 (it is deterministic); got 0.7", "temperature"),
+        ),
+        (
+            _comp(n=17),
+            _error("beam search width (n) must be at most 16 (the server's max_beam_width); got 17", "n"),
+        ),
+        (_comp(top_p=0.5), _error("top_p is not supported with beam search (use_beam_search)", "top_p")),
+        (_comp(min_p=0.1), _error("min_p is not supported with beam search (use_beam_search)", "min_p")),
+        (
+            _comp(n=2, best_of=2, top_k=3),
+            _error("top_k is not supported with beam search (use_beam_search)", "top_k"),
+        ),
+        (
+            _comp(early_stopping="soon"),
+            _error("early_stopping must be true, false or \"never\"; got 'soon'", "early_stopping"),
+        ),
+    ],
+    ids=["temperature", "width", "top_p", "min_p", "top_k", "early_stopping"],
+)
+def test_bad_beam_search_is_a_400(client: httpx.Client, body: dict, expected: dict) -> None:
+    r = client.post(COMP, json=body)
+    assert r.status_code == 400
+    assert r.json() == expected

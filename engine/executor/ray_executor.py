@@ -17,6 +17,7 @@ Ray is optional: `pip install weir[ray]`.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from engine.config import ResolvedConfig
@@ -169,8 +170,18 @@ class RayExecutor(Executor):
 
     def _get(self, refs: list[Any], timeout_s: float, what: str) -> list[Any]:
         ray = self._ray
+        deadline = time.monotonic() + timeout_s
+        results: dict[Any, Any] = {}
+        pending = list(refs)
         try:
-            return ray.get(refs, timeout=timeout_s)
+            # One at a time as they finish: a dead rank is reported at once, not after its peers'
+            # collectives time out waiting for it.
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0))
+                if not ready:
+                    raise ray.exceptions.GetTimeoutError()
+                results[ready[0]] = ray.get(ready[0])
+            return [results[ref] for ref in refs]
         except ray.exceptions.GetTimeoutError:
             reason = f"Ray actors did not answer {what} within {timeout_s:.0f} s"
         except ray.exceptions.RayActorError as exc:

@@ -1,7 +1,7 @@
 """Tensor parallelism over gloo: two worker processes on loopback produce transformers' greedy tokens
 (and the in-process tp=1 engine's), token for token, on a model with one KV head (replicated over the
-ranks) and an odd vocabulary (padded), under chunked prefill, preemption and prefix caching; and on
-Qwen3 (tied embeddings, q/k norms). One tp=2 engine serves the first tests (process
+ranks) and an odd vocabulary (padded), under chunked prefill, preemption and prefix caching (Qwen3's
+tied embeddings and q/k norms: tests/e2e/test_tensor_parallel_ray.py). One tp=2 engine serves the first tests (process
 start-up dominates their time)."""
 
 from __future__ import annotations
@@ -84,12 +84,3 @@ def test_hung_worker_stops_the_engine_then_shutdown_leaves_no_worker(tp_llm: LLM
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
-
-
-def test_tp2_tied_embeddings_and_qk_norm_match_transformers(tiny_model_dirs: dict[str, Path]) -> None:
-    model_dir = tiny_model_dirs["qwen3"]  # the LM head shares the vocab-parallel embedding
-    prompts = _prompts()
-    expected, _ = hf_greedy(model_dir, prompts)
-    with LLM(str(model_dir), device="cpu", dtype="float32", tensor_parallel_size=2, num_kv_blocks=64) as llm:
-        outs = llm.generate(prompts, _greedy(), use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] == expected

@@ -11,7 +11,8 @@
 # Most important first (T1, L1, T2, S1, U1, P1), each under `timeout`, all within SUITE_BUDGET seconds;
 # a benchmark that no longer fits is skipped and named at the end. Knobs (environment):
 #   BENCHES="T1 L1 T2 S1 U1 P1"   which to run, in this order (add K for the kernel profile of T2's
-#                                 steps, loadtest/profile_kernels.py)
+#                                 steps, loadtest/profile_kernels.py; B for beam search and parallel
+#                                 sampling B1-B3, loadtest/bench_beam.py)
 #   SUITE_BUDGET=550              seconds for the whole suite
 #   T2_REQUESTS=1000              T2's and S1's request count (S1's ratio needs the same workload)
 #   S1_POISSON_REQUESTS=240       requests sent at 16 req/s (the first N of T2's)
@@ -81,6 +82,8 @@ suite() {
             --server-log "$OUT/server_u1.log" --out "$OUT/u1.json" ;;
       P1) run P1 150 loadtest/bench_prefix.py --shape llama3-8b \
             --peer hf --peer-max-requests 16 --peer-max-steps 16 --out "$OUT/p1.json" ;;
+      B) run B 300 loadtest/bench_beam.py --shape llama3-8b \
+            --peer hf --peer-max-requests 8 --peer-max-steps 16 --out "$OUT/b.json" ;;
       K) run K 120 loadtest/profile_kernels.py --shape llama3-8b --num-requests 640 \
             --out "$OUT/profile_t2.json" ;;
       *) echo "== unknown benchmark $b" ;;

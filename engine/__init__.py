@@ -5,6 +5,7 @@ from engine import LLM, SamplingParams
 
 from engine.config import EngineConfig
 from engine.core.sampling_params import SamplingParams
+from engine.lora.request import LoRARequest
 from engine.outputs.request_output import CompletionOutput, Logprob, RequestOutput
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "AsyncEngine",
     "EngineConfig",
     "SamplingParams",
+    "LoRARequest",
     "RequestOutput",
     "CompletionOutput",
     "Logprob",

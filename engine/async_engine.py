@@ -35,6 +35,7 @@ from engine.errors import EngineDeadError, EngineDrainingError, QueueFullError
 from engine.executor.step_loop_times import StepLoopTimes
 from engine.executor.step_pipeline import StepWork
 from engine.llm_engine import LLMEngine
+from engine.lora.request import LoRARequest
 from engine.outputs.output_channel import OutputChannel
 from engine.outputs.request_output import RequestOutput
 from engine.protocol import EngineStats
@@ -147,11 +148,13 @@ class AsyncEngine:
         prompt_token_ids: list[int] | None,
         params: SamplingParams,
         priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Validate and enqueue; returns the request's output stream.
 
         Raises InvalidRequestError (a ValueError: bad input), QueueFullError, EngineDrainingError or EngineDeadError at once,
-        before anything is queued.
+        before anything is queued. A `lora_request` not added yet is loaded first (add_lora; a bad
+        adapter raises LoRAAdapterError, a ValueError).
         """
         if self.dead_error is not None or not self.is_healthy:
             raise EngineDeadError(f"the engine has stopped: {self.dead_error}")
@@ -182,7 +185,12 @@ class AsyncEngine:
             params,
             priority,
             prompt_text=prompt,
+            lora_request=lora_request,
         )
+        if lora_request is not None and not self.engine.has_lora(lora_request):
+            await self.add_lora(lora_request)
+            if request_id in self._streams:  # taken while the adapter loaded
+                raise ValueError(f"request_id {request_id!r} is already in use")
         waiting = stats.num_waiting_tokens
         wanted = request.num_prompt_tokens * seqs
         if wanted > bounds.max_waiting_tokens:
@@ -207,12 +215,13 @@ class AsyncEngine:
         params: SamplingParams,
         request_id: str,
         priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Async generator of outputs; closing or cancelling it aborts the request."""
         if isinstance(prompt, str):
-            stream = await self.add_request(request_id, prompt, None, params, priority)
+            stream = await self.add_request(request_id, prompt, None, params, priority, lora_request)
         else:
-            stream = await self.add_request(request_id, None, list(prompt), params, priority)
+            stream = await self.add_request(request_id, None, list(prompt), params, priority, lora_request)
         async for out in stream:
             yield out
 
@@ -242,6 +251,23 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    # ------------------------------------------------------------------ LoRA adapters
+    async def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Load and check an adapter so requests can name it (LLMEngine.add_lora: False if it is
+        loaded already; LoRAAdapterError for a bad one). The load runs on the worker thread, between
+        steps, never on the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.engine.add_lora, lora_request)
+
+    async def remove_lora(self, lora_int_id: int) -> bool:
+        """Unregister an adapter (False: none such); requests running on it finish, new ones naming
+        it load it again."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.engine.remove_lora, lora_int_id)
+
+    def list_loras(self) -> set[int]:
+        return self.engine.list_loras()
 
     # ------------------------------------------------------------------ the step loop
     def _on_new_work(self) -> None:

@@ -56,3 +56,13 @@ class ContextLengthError(InvalidRequestError):
         self.prompt_tokens = prompt_tokens
         self.max_model_len = max_model_len
         self.max_tokens = max_tokens
+
+
+class LoRAAdapterError(InvalidRequestError):
+    """A LoRA adapter weir cannot serve (engine.lora.adapter): the message names the adapter and the
+    field at fault (`field`: a config key, a file or a tensor name)."""
+
+    def __init__(self, lora_name: str, field: str, detail: str) -> None:
+        super().__init__("lora_request", f"LoRA adapter {lora_name!r}: {field}: {detail}")
+        self.lora_name = lora_name
+        self.field = field

@@ -13,6 +13,7 @@ from engine.config import EngineConfig
 from engine.core.sampling_params import SamplingParams
 from engine.inputs.tokenizer import render_chat
 from engine.llm_engine import LLMEngine
+from engine.lora.request import LoRARequest
 from engine.outputs.request_output import RequestOutput
 
 Prompt = str | list[int]
@@ -55,8 +56,10 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         priority: Sequence[int] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt; outputs come back in input order."""
+        """Generate for every prompt; outputs come back in input order. `lora_request`: the LoRA
+        adapter for every prompt, or one per prompt (None: the base model); needs enable_lora=True."""
         prompt_list = _as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
@@ -70,7 +73,15 @@ class LLM:
                 )
         if priority is not None and len(priority) != len(prompt_list):
             raise ValueError(f"priority has {len(priority)} entries but there are {len(prompt_list)} prompts")
-        return self._run(prompt_list, params_list, priority, use_tqdm)
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            lora_list = [lora_request] * len(prompt_list)
+        else:
+            lora_list = list(lora_request)
+            if len(lora_list) != len(prompt_list):
+                raise ValueError(
+                    f"lora_request has {len(lora_list)} entries but there are {len(prompt_list)} prompts"
+                )
+        return self._run(prompt_list, params_list, priority, use_tqdm, lora_list)
 
     def chat(
         self,
@@ -129,6 +140,7 @@ class LLM:
         params_list: list[SamplingParams],
         priority: Sequence[int] | None,
         use_tqdm: bool,
+        lora_list: list[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         engine = self.llm_engine
         ids: list[str] = []
@@ -138,7 +150,13 @@ class LLM:
                 self._next_id += 1
                 params = params.copy()
                 params.output_kind = "final_only"  # only finished outputs are returned
-                engine.add_request(request_id, prompt, params, priority=priority[i] if priority else 0)
+                engine.add_request(
+                    request_id,
+                    prompt,
+                    params,
+                    priority=priority[i] if priority else 0,
+                    lora_request=lora_list[i] if lora_list else None,
+                )
                 ids.append(request_id)
         except Exception:
             engine.abort_request(ids)

@@ -35,6 +35,7 @@ from engine.executor.step_loop_times import StepLoopTimes
 from engine.executor.step_pipeline import StepPipeline
 from engine.inputs.input_processor import EngineRequest, InputProcessor
 from engine.inputs.tokenizer import load_tokenizer
+from engine.lora.request import LoRARequest
 from engine.outputs.output_processor import OutputProcessor
 from engine.outputs.request_output import RequestOutput
 from engine.protocol import EngineStats
@@ -61,7 +62,11 @@ class LLMEngine:
         self.max_model_len = config.scheduler.max_model_len
         self.vocab_size = config.model.vocab_size
         self.max_num_batched_tokens = config.scheduler.max_num_batched_tokens
-        self.scheduler = Scheduler(config.scheduler, config.cache)
+        self.scheduler = Scheduler(
+            config.scheduler, config.cache, config.lora.max_loras if config.lora is not None else 0
+        )
+        # lora_int_id -> the adapter registered under it (add_lora; loaded in the workers' caches).
+        self._loras: dict[int, LoRARequest] = {}
         cache = config.cache
         self._cache_config = {
             "block_size": str(cache.block_size),
@@ -82,6 +87,7 @@ class LLMEngine:
             config.scheduler.max_best_of,
             config.scheduler.max_beam_width,
             config.scheduler.max_num_seqs,
+            enable_lora=config.lora is not None,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.beam_search = BeamSearchDriver(self.scheduler, self.tokenizer, self.vocab_size)
@@ -112,15 +118,22 @@ class LLMEngine:
         priority: int = 0,
         cache_salt: str | None = None,
         prompt_text: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         """Validate and enqueue a request. Raises InvalidRequestError (a ValueError) naming the bad field
         and its limit.
 
         `prompt_text` is the text a token-id prompt came from, when the caller tokenized it already.
+        `lora_request`: the LoRA adapter to run it with (loaded first if it was not added yet; a bad
+        adapter raises LoRAAdapterError, a ValueError).
         """
         if request_id in self.output_processor or request_id in self.beam_search:
             raise InvalidRequestError("request_id", f"request_id {request_id!r} is already in use")
-        request = self.input_processor.process(request_id, prompt, params, priority, cache_salt, prompt_text)
+        request = self.input_processor.process(
+            request_id, prompt, params, priority, cache_salt, prompt_text, lora_request
+        )
+        if lora_request is not None and not self.has_lora(lora_request):
+            self.add_lora(lora_request)
         self.add_engine_request(request)
 
     def add_engine_request(self, request: EngineRequest) -> None:
@@ -149,6 +162,7 @@ class LLMEngine:
                     arrival_time=request.arrival_time,
                     priority=request.priority,
                     cache_salt=request.cache_salt,
+                    lora_request=request.lora_request,
                 )
             )
         if num_sequences > 1:
@@ -260,6 +274,57 @@ class LLMEngine:
         outputs, seq_ids = self.output_processor.abort_all(now)
         self.scheduler.finish_requests(seq_ids, RequestStatus.FINISHED_ABORTED)
         return outputs + self.beam_search.abort_all(now)
+
+    # ------------------------------------------------------------------ LoRA adapters
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Load and check an adapter (into the workers' host cache) so requests can name it. False if
+        this very adapter is registered already. Raises LoRAAdapterError (a ValueError naming the
+        adapter and the field) for an adapter weir cannot serve, ValueError when LoRA is off or the
+        id or name is taken by another adapter."""
+        if self.config.lora is None:
+            raise InvalidRequestError(
+                "lora_request", "LoRA is off: build the engine with enable_lora=True to serve adapters"
+            )
+        current = self._loras.get(lora_request.lora_int_id)
+        if current == lora_request:
+            return False
+        if current is not None:
+            raise InvalidRequestError(
+                "lora_int_id",
+                f"lora_int_id {lora_request.lora_int_id} is already adapter {current.lora_name!r} "
+                f"({current.lora_path}); remove it first",
+            )
+        for other in self._loras.values():
+            if other.lora_name == lora_request.lora_name:
+                raise InvalidRequestError(
+                    "lora_name",
+                    f"an adapter named {other.lora_name!r} is already loaded (lora_int_id {other.lora_int_id})",
+                )
+        self.executor.add_lora(lora_request)
+        self._loras[lora_request.lora_int_id] = lora_request
+        return True
+
+    def remove_lora(self, lora: int | str) -> bool:
+        """Unregister an adapter by lora_int_id or lora_name; False if none such. Requests already
+        running on it finish with it."""
+        for lora_id, req in list(self._loras.items()):
+            if lora in (lora_id, req.lora_name) and not isinstance(lora, bool):
+                del self._loras[lora_id]
+                self.executor.remove_lora(lora_id)
+                return True
+        return False
+
+    def list_loras(self) -> set[int]:
+        """The lora_int_id of every registered adapter (vLLM's)."""
+        return set(self._loras)
+
+    def lora_requests(self) -> list[LoRARequest]:
+        """The registered adapters, in the order they were added."""
+        return list(self._loras.values())
+
+    def has_lora(self, lora_request: LoRARequest) -> bool:
+        """True when this very adapter (id, name and path) is registered."""
+        return self._loras.get(lora_request.lora_int_id) == lora_request
 
     # ------------------------------------------------------------------ introspection
     def stats(self) -> EngineStats:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from engine.core.sampling_params import SamplingParams
+from engine.lora.request import LoRARequest
 from engine.outputs.request_output import RequestOutput
 
 
@@ -72,16 +73,36 @@ class EngineClient(Protocol):
         prompt_token_ids: list[int] | None,
         params: SamplingParams,
         priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Validate and enqueue; returns the request's output stream, which aborts the request when
-        closed early. Raises ValueError (bad input), QueueFullError, EngineDrainingError or
-        EngineDeadError before anything is queued."""
+        closed early. Raises ValueError (bad input; LoRAAdapterError for an adapter that cannot be
+        loaded), QueueFullError, EngineDrainingError or EngineDeadError before anything is queued."""
         ...
 
     def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str, priority: int = 0
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str,
+        priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """add_request as one async generator (implemented with `async def ... yield`)."""
+        ...
+
+    async def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Load a LoRA adapter so requests can name it; False if it is loaded already. Raises
+        LoRAAdapterError (a ValueError naming the adapter and the field) for one weir cannot serve,
+        ValueError when LoRA is off or its id or name is taken."""
+        ...
+
+    async def remove_lora(self, lora_int_id: int) -> bool:
+        """Unload an adapter; False if none such. Requests in flight on it finish."""
+        ...
+
+    def list_loras(self) -> set[int]:
+        """The lora_int_id of every loaded adapter (vLLM's)."""
         ...
 
     async def abort(self, request_id: str) -> None: ...

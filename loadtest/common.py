@@ -1146,6 +1146,10 @@ async def stream_completion(
 _SUMMARY_ROWS: list[tuple[str, str, str, str, str]] = [
     # (benchmark, label, path in results, path in peer (^: in the report), target)
     ("L1", "ITL p50 ms, batch 1", "batch_1.itl_p50_ms", "batch_1.itl_p50_ms", "<= 5.8 ms"),
+    ("A", "A1 tok/s, 8 adapters / base", "A1_8_adapters.vs_base", "", ">= 0.85"),
+    ("A", "A2 tok/s, 64 adapters / base", "A2_64_adapters.vs_base", "", ">= 0.75"),
+    ("A", "A3 ITL b1, 1 adapter / base", "A3.vs_base", "", "<= 1.15"),
+    ("A", "A4 new adapter added ms", "A4.added_ms", "", "<= 100 ms"),
     ("L1", "roofline fraction, batch 1", "batch_1.roofline_fraction", "", ""),
     ("L1", "tok/s, batch 1", "batch_1.tok_s", "batch_1.tok_s", ""),
     ("L1", "ITL p50 ms, batch 8", "batch_8.itl_p50_ms", "batch_8.itl_p50_ms", ""),

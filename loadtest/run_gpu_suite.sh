@@ -12,7 +12,8 @@
 # a benchmark that no longer fits is skipped and named at the end. Knobs (environment):
 #   BENCHES="T1 L1 T2 S1 U1 P1"   which to run, in this order (add K for the kernel profile of T2's
 #                                 steps, loadtest/profile_kernels.py; B for beam search and parallel
-#                                 sampling B1-B3, loadtest/bench_beam.py)
+#                                 sampling B1-B3, loadtest/bench_beam.py; A for multi-LoRA A1-A4,
+#                                 loadtest/bench_lora.py)
 #   SUITE_BUDGET=550              seconds for the whole suite
 #   T2_REQUESTS=1000              T2's and S1's request count (S1's ratio needs the same workload)
 #   S1_POISSON_REQUESTS=240       requests sent at 16 req/s (the first N of T2's)
@@ -84,6 +85,7 @@ suite() {
             --peer hf --peer-max-requests 16 --peer-max-steps 16 --out "$OUT/p1.json" ;;
       B) run B 300 loadtest/bench_beam.py --shape llama3-8b \
             --peer hf --peer-max-requests 8 --peer-max-steps 16 --out "$OUT/b.json" ;;
+      A) run A 560 loadtest/bench_lora.py --shape llama3-8b --out "$OUT/a.json" ;;
       K) run K 120 loadtest/profile_kernels.py --shape llama3-8b --num-requests 640 \
             --out "$OUT/profile_t2.json" ;;
       *) echo "== unknown benchmark $b" ;;

@@ -16,7 +16,15 @@ from typing import Any
 
 from ops import reference
 
-OP_NAMES = ("rms_norm", "rotary_embedding", "silu_and_mul", "write_kv_cache", "paged_attention")
+OP_NAMES = (
+    "rms_norm",
+    "rotary_embedding",
+    "silu_and_mul",
+    "write_kv_cache",
+    "paged_attention",
+    "lora_shrink",
+    "lora_expand",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +41,8 @@ class Kernels:
     silu_and_mul: Callable[..., Any]
     write_kv_cache: Callable[..., Any]
     paged_attention: Callable[..., Any]
+    lora_shrink: Callable[..., Any]  # batched LoRA over stacked adapter slots (engine.lora)
+    lora_expand: Callable[..., Any]
 
     @classmethod
     def from_module(cls, name: str, module: ModuleType) -> Kernels:

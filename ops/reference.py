@@ -152,3 +152,43 @@ def paged_attention(
         probs = torch.softmax(scores, dim=-1)
         out[q_start:q_end] = torch.matmul(probs, v).transpose(0, 1).to(query.dtype)
     return out
+
+
+def lora_shrink(
+    x: torch.Tensor,  # [num_tokens, in_features]
+    a_stacked: torch.Tensor,  # [num_slots, lora_dim, in_features]: every adapter slot's A, zero-padded
+    token_slots: torch.Tensor,  # [num_tokens] int32: each token's adapter slot; -1 = no adapter
+) -> torch.Tensor:
+    """The first half of batched LoRA: x @ A[slot]^T per token -> [num_tokens, lora_dim] float32.
+
+    Rows of tokens without an adapter (slot -1) are left at zero; `lora_expand` skips them anyway.
+    Fused layers (qkv, gate_up) stack their sub-matrices' A along lora_dim (n_slices * max_rank).
+    """
+    out = torch.zeros(x.shape[0], a_stacked.shape[1], dtype=torch.float32, device=x.device)
+    for slot in token_slots.unique().tolist():
+        if slot < 0:
+            continue
+        rows = token_slots == slot
+        out[rows] = x[rows].float() @ a_stacked[slot].float().t()
+    return out
+
+
+def lora_expand(
+    t: torch.Tensor,  # [num_tokens, lora_dim] float32: lora_shrink's output
+    b_stacked: torch.Tensor,  # [num_slots, out_features, lora_dim]: every slot's B, scaling folded in
+    token_slots: torch.Tensor,  # [num_tokens] int32; -1 = no adapter (the row of y is left alone)
+    y: torch.Tensor,  # [num_tokens, out_features]: the base layer's output, updated in place
+) -> torch.Tensor:
+    """The second half: y += t @ B[slot]^T per token, in place; returns y.
+
+    `t` is rounded to B's dtype first, as PEFT feeds lora_A's output (in the model dtype) to lora_B.
+    Fused layers hold a block-diagonal B: sub-matrix i's output rows read only lora_dim columns
+    [i * max_rank, (i + 1) * max_rank), so one product serves every sub-matrix.
+    """
+    for slot in token_slots.unique().tolist():
+        if slot < 0:
+            continue
+        rows = token_slots == slot
+        delta = t[rows].to(b_stacked.dtype).float() @ b_stacked[slot].float().t()
+        y[rows] = (y[rows].float() + delta).to(y.dtype)
+    return y

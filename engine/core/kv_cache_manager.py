@@ -1,7 +1,7 @@
 """Per-request block tables over the block pool, with automatic prefix caching. Plain Python, no torch.
 
 Every FULL block of a request's tokens (prompt and outputs alike) gets a chained hash
-    hash_i = sha256(hash_{i-1} + int64 token ids of block i + extra keys)
+    hash_i = sha256(hash_{i-1} + int64 token ids of block i + extra keys (LoRA adapter id, cache salt))
 so a hash names the whole prefix up to the end of its block. A new request reuses the longest run
 of its leading block hashes found in the pool; only full blocks are ever shared, so nobody writes
 into a block someone else reads.
@@ -29,10 +29,16 @@ from engine.core.request import Request
 _ROOT_HASH = hashlib.sha256(b"weir prefix cache root").digest()
 
 
-def hash_block_tokens(parent_hash: bytes | None, token_ids: Sequence[int], extra_key: str | None) -> bytes:
-    """Chained hash of one full block. `extra_key` (cache salt, adapter id) isolates tenants."""
+def hash_block_tokens(
+    parent_hash: bytes | None, token_ids: Sequence[int], extra_key: str | None, lora_int_id: int = 0
+) -> bytes:
+    """Chained hash of one full block. `extra_key` (cache salt) and `lora_int_id` (the adapter whose
+    weights computed the KV; 0: the base model) isolate tenants."""
     h = hashlib.sha256(parent_hash if parent_hash is not None else _ROOT_HASH)
     h.update(array("q", token_ids).tobytes())
+    if lora_int_id:
+        # Fixed length, before the salt's variable-length text: the layout stays unambiguous.
+        h.update(b"\x02" + lora_int_id.to_bytes(8, "little"))
     if extra_key is not None:
         # The token part has a fixed length per block size, so a marker byte keeps this unambiguous.
         h.update(b"\x01")
@@ -91,7 +97,9 @@ class KVCacheManager:
         tokens = request.all_token_ids
         parent = hashes[-1] if hashes else None
         for i in range(len(hashes), num_full):
-            parent = hash_block_tokens(parent, tokens[i * bs : (i + 1) * bs], request.cache_salt)
+            parent = hash_block_tokens(
+                parent, tokens[i * bs : (i + 1) * bs], request.cache_salt, request.lora_int_id
+            )
             hashes.append(parent)
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:

@@ -90,6 +90,11 @@ class Request:
             self.all_token_ids = list(self.prompt_token_ids)
 
     @property
+    def lora_int_id(self) -> int:
+        """The adapter's id; 0 for the base model."""
+        return self.lora_request.lora_int_id if self.lora_request is not None else 0
+
+    @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 

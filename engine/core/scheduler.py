@@ -35,8 +35,9 @@ _WAIT_FOR_SIBLING = object()
 
 
 class Scheduler(BeamScheduling):
-    def __init__(self, config: SchedulerConfig, cache: CacheConfig) -> None:
-        """`cache.num_kv_blocks` must be set (the KV cache is sized before anything is scheduled)."""
+    def __init__(self, config: SchedulerConfig, cache: CacheConfig, max_loras: int = 0) -> None:
+        """`cache.num_kv_blocks` must be set (the KV cache is sized before anything is scheduled).
+        `max_loras`: the most distinct LoRA adapters among running requests (0: no bound)."""
         if cache.num_kv_blocks is None:
             raise ValueError("the scheduler needs the KV cache's size: ResolvedConfig.with_num_kv_blocks")
         self.max_num_seqs = config.max_num_seqs
@@ -73,6 +74,9 @@ class Scheduler(BeamScheduling):
         self._beam_resend: set[str] = set()
         self._beam_new_tokens: dict[str, list[int]] = {}
         self._next_step_id = 1
+        # A step holds only running requests, so keeping their distinct LoRA adapters <= max_loras
+        # keeps every step within the runner's adapter slots.
+        self.max_loras = max_loras
 
     # ---------------------------------------------------------------- admission
     def add_request(self, request: Request) -> None:
@@ -191,6 +195,12 @@ class Scheduler(BeamScheduling):
 
         # 2. Waiting requests, in queue order, unless this step already had to preempt.
         new_reqs: list[Request] = []
+        no_lora_slot: list[Request] = []
+        running_loras = (
+            {r.lora_request.lora_int_id for r in self.running.values() if r.lora_request is not None}
+            if self.max_loras
+            else set()
+        )
         running_preempted = bool(preempted)
         while not running_preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self._peek_waiting()
@@ -200,6 +210,18 @@ class Scheduler(BeamScheduling):
                 break  # a beam group runs all its beams together: seats for all of them
             if req.num_output_placeholders:
                 break  # preempted while its last step was in flight: wait until that token lands
+            lora = req.lora_request
+            if (
+                lora is not None
+                and self.max_loras
+                and lora.lora_int_id not in running_loras
+                and len(running_loras) >= self.max_loras
+            ):
+                # Every adapter slot is taken by running requests: this one waits (in its place in
+                # the queue) and the requests behind it go on.
+                self._remove_waiting(req)
+                no_lora_slot.append(req)
+                continue
             source = self._fork_source(req, num_scheduled) if req.group is not None else None
             if source is _WAIT_FOR_SIBLING:
                 break  # a sibling is computing the shared prompt: fork it once it is done
@@ -243,9 +265,19 @@ class Scheduler(BeamScheduling):
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.monotonic()
             self.running[req.req_id] = req
+            if lora is not None:
+                running_loras.add(lora.lora_int_id)
             new_reqs.append(req)
             num_scheduled[req.req_id] = num_new
             budget -= num_new
+        if no_lora_slot:
+            # Back in their places (their arrival seqs); under the fair policy without the lift a
+            # tenant gets when it starts waiting: these never stopped.
+            counters = dict(self._fair.counters) if self._fair is not None else None
+            for req in no_lora_slot:
+                self._enqueue(req)
+            if counters is not None:
+                self._fair.counters.update(counters)
 
         # 3. Build the runner's diff and advance num_computed_tokens now (the runner computes them).
         # A request whose chunk reaches the end of its tokens gets one sampled token this step: a
@@ -282,6 +314,7 @@ class Scheduler(BeamScheduling):
                     block_ids=kv.get_block_ids(req.req_id),
                     num_computed_tokens=req.num_computed_tokens,
                     is_beam=req.is_beam,
+                    lora_request=req.lora_request,
                 )
             )
             if req.is_beam:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.core.sampling_params import SamplingParams
+from engine.lora.request import LoRARequest
 
 
 @dataclass(slots=True)
@@ -26,6 +27,7 @@ class NewRequestData:
     # A beam of a beam search: the runner does not append what it samples (the engine picks the
     # beams' tokens and sends them as new_token_ids).
     is_beam: bool = False
+    lora_request: LoRARequest | None = None  # the adapter it runs with (None: the base model)
 
 
 @dataclass(slots=True)

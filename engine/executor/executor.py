@@ -22,6 +22,7 @@ from typing import Any
 
 from engine.config import ResolvedConfig
 from engine.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from engine.lora.request import LoRARequest
 from engine.worker.model_runner import ModelRunner
 from engine.worker.step_in_flight import StepInFlight
 
@@ -62,6 +63,16 @@ class Executor(ABC):
         """False once a worker is known to be dead or failed (the engine cannot run steps)."""
         return True
 
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Load and check a LoRA adapter into every worker's host cache (raises LoRAAdapterError)."""
+        raise ValueError(
+            f"lora_request: {type(self).__name__} does not serve LoRA adapters (tensor parallelism)"
+        )
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Drop an adapter from the workers' host caches (requests running on it finish)."""
+        return False
+
 
 class UniprocExecutor(Executor):
     """One ModelRunner in this process. Its handles are the runner's StepInFlight objects."""
@@ -85,3 +96,9 @@ class UniprocExecutor(Executor):
 
     def shutdown(self) -> None:
         self.runner.shutdown()
+
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        self.runner.add_lora(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self.runner.remove_lora(lora_int_id)

@@ -19,6 +19,7 @@ from typing import Any
 from engine.core.sampling_params import SamplingParams
 from engine.errors import ContextLengthError, InvalidRequestError
 from engine.inputs.tokenizer import encode_prompt
+from engine.lora.request import LoRARequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +35,7 @@ class EngineRequest:
     priority: int = 0
     cache_salt: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    lora_request: LoRARequest | None = None  # the adapter it runs with (None: the base model)
 
     @property
     def max_tokens(self) -> int:
@@ -58,10 +60,12 @@ class InputProcessor:
         max_best_of: int = 20,
         max_beam_width: int = 16,
         max_num_seqs: int | None = None,
+        enable_lora: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.max_beam_width = max_beam_width  # EngineConfig.max_beam_width
         self.max_num_seqs = max_num_seqs  # a beam group runs all its beams at once
+        self.enable_lora = enable_lora
         self.max_best_of = max_best_of  # the server's bound on best_of > n (EngineConfig.max_best_of)
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -77,10 +81,20 @@ class InputProcessor:
         priority: int = 0,
         cache_salt: str | None = None,
         prompt_text: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> EngineRequest:
         """`prompt` is text (tokenized here) or token ids; `prompt_text` is the text token ids came from,
         when the caller tokenized it already. The caller's `params` object is never modified, so one
         object can serve prompts of different lengths."""
+        if lora_request is not None:
+            if not self.enable_lora:
+                raise InvalidRequestError(
+                    "lora_request",
+                    f"lora_request names adapter {lora_request.lora_name!r}, but LoRA is off "
+                    "(start the engine with enable_lora=True / --enable-lora)",
+                )
+            if not isinstance(lora_request, LoRARequest):
+                raise InvalidRequestError("lora_request", f"must be a LoRARequest; got {lora_request!r}")
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt", "prompt must not be empty")
@@ -111,6 +125,7 @@ class InputProcessor:
             sampling_params=params,
             priority=priority,
             cache_salt=cache_salt,
+            lora_request=lora_request,
         )
 
     def validate_prompt_tokens(self, prompt_token_ids: list[int]) -> None:

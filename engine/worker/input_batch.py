@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +41,8 @@ class RequestState:
     needs_output_ids: bool = False
     # False for a beam of a beam search: the engine picks its next token (sent as new_token_ids).
     appends_sampled: bool = True
+    # Its LoRA adapter (engine.lora.adapter.LoRAAdapter), held while the runner holds the request.
+    lora: Any = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -32,12 +32,14 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from engine.config import ResolvedConfig
 from engine.core.scheduler_output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from engine.lora.request import LoRARequest
 from engine.model.build_context import BuildContext
 from engine.model.layers.attention import Attention
 from engine.model.layers.attention_backend import AttentionBackend, get_attention_backend
@@ -78,6 +80,9 @@ from engine.worker.memory_profile import (
 )
 from engine.worker.sampler import Sampler, SamplingRow, build_sampling_metadata, compute_prompt_logprobs
 from engine.worker.step_in_flight import StepInFlight, scatter_rows
+
+if TYPE_CHECKING:
+    from engine.lora.manager import LoRAManager
 
 logger = logging.getLogger("weir.engine")
 
@@ -131,6 +136,7 @@ class ModelRunner:
         self.memory_profile: dict[str, float] = {}
         torch.manual_seed(config.load.seed)
         self.attn_backend: AttentionBackend | None = None  # chosen once, in load_model
+        self.lora: LoRAManager | None = None  # adapters, slots, per-token index (config.lora set)
 
     @property
     def use_cuda_graphs(self) -> bool:
@@ -187,6 +193,14 @@ class ModelRunner:
         _drop_weight_loaders(model)
         self.model = model
         self.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
+        if self.config.lora is not None:
+            from engine.lora.manager import LoRAManager  # noqa: PLC0415  (only with LoRA on)
+
+            mixed = self.cuda_graph_mixed_sizes()
+            max_tokens = max(self.max_num_batched_tokens, self.cuda_graph_sizes()[-1], *mixed[-1:])
+            self.lora = LoRAManager(
+                model, self.config.lora, self.attn_backend.kernels, self.device, self.dtype, max_tokens
+            )
         self._sync()
         self.timings["weights_load_s"] = time.perf_counter() - start
         num_params = sum(p.numel() for p in model.parameters())
@@ -213,6 +227,7 @@ class ModelRunner:
         self.kv_caches = []
         self.num_kv_blocks = 0
         self.model = None
+        self.lora = None
         self.requests.clear()
         self._staging = None
         if self.device.type == "cuda":
@@ -275,6 +290,8 @@ class ModelRunner:
             return
         sizes = self.cuda_graph_sizes()
         assert self.model is not None, "load_model() first"
+        if self.lora is not None:
+            self.lora.batch.active = True  # graphs always run the LoRA kernels (slot -1: no-ops)
         graph_runner = CUDAGraphRunner(
             functools.partial(eager_forward, self.model),
             sizes,
@@ -458,6 +475,10 @@ class ModelRunner:
         update_states(self.requests, scheduler_output)
         if scheduler_output.block_copies:
             copy_kv_blocks(self.kv_caches, scheduler_output.block_copies)
+        if self.lora is not None:
+            for new in scheduler_output.new_requests:
+                if new.lora_request is not None:
+                    self.requests[new.req_id].lora = self.lora.add(new.lora_request)
         scheduled = scheduler_output.num_scheduled_tokens
         output = ModelRunnerOutput(sampled_token_ids={req_id: [] for req_id in scheduled})
         if scheduler_output.total_num_scheduled_tokens == 0 or not scheduled:
@@ -478,6 +499,9 @@ class ModelRunner:
                 graph_size = self.graph_runner.padded_size(len(states))
             else:
                 mixed_graph_size = self.graph_runner.padded_mixed_size(batch.num_tokens)
+        if self.lora is not None:
+            padded = graph_size or mixed_graph_size or batch.num_tokens
+            self.lora.prepare_step([s.lora for s in states], num_scheduled, padded)
         step = self._build_inputs(
             [s.token_ids for s in states],
             [s.num_computed_tokens for s in states],
@@ -535,3 +559,17 @@ class ModelRunner:
             if state is not None and state.needs_output_ids and req_id in scheduled:
                 return True
         return False
+
+    # ------------------------------------------------------------------ LoRA
+    def _lora_manager(self) -> LoRAManager:
+        if self.lora is None:
+            raise ValueError("LoRA is off: build the engine with enable_lora=True to serve adapters")
+        return self.lora
+
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Load and check an adapter into the host cache (raises LoRAAdapterError)."""
+        self._lora_manager().add(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Drop an adapter from the host cache; requests running on it finish with it."""
+        return self._lora_manager().remove(lora_int_id)

@@ -140,6 +140,7 @@ def test_the_check_catches_drift(tiny_tokenizer_dir: Path) -> None:
     assert protocol_mismatches(Drifted, drifted) == [
         "generate: async generator in the protocol, coroutine here",
         "generate(params): Any instead of SamplingParams",
+        "generate: missing parameters ['lora_request']",
         "generate: returns Any",
         "abort: parameter 'req_id' where the protocol has 'request_id'",
         "begin_drain: extra required parameter 'force'",

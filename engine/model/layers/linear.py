@@ -17,14 +17,10 @@ never change when any of them arrives.
   (0 = gate, 1 = up) for MergedColumnParallelLinear; sizes and offsets are in logical units and are
   converted along the packed axis.
 
-LoRA seam (not implemented here): a LoRA layer wraps any of these layers, whatever its method. It is
-an nn.Module holding `base_layer` (the layer as built, parameters and method untouched) and is swapped
-in for it by module name after the model is built, so model files and quantization do not change. Its
-forward calls `base_layer.quant_method.apply(base_layer, x, bias)` with the bias the base layer's
-forward would pass (row-parallel: rank 0 only), adds the batched LoRA term x @ A^T @ B^T to that
-partial output (fused layers: per sub-matrix, at the offsets of `output_partition_sizes`), then does
-what the base forward does after `apply` (row-parallel: the all-reduce when tp_size > 1). LoRA A/B
-shard like the base weight: column-parallel splits B's output rows, row-parallel A's input columns.
+LoRA (engine.lora.layers.LoRALinear) is a hook, not a method: attached after loading as `layer.lora`,
+it gets the method's output (and the input) and adds the batched LoRA term in place, before the
+row-parallel all-reduce (the partial LoRA products of each rank sum there like the base's). So LoRA
+composes with any quantization method and tensor parallelism, and parameters and loaders are untouched.
 """
 
 from __future__ import annotations
@@ -91,6 +87,7 @@ class LinearBase(nn.Module):
         self.tp_rank = tp_rank
         self.tp_size = tp_size
         self.prefix = prefix
+        self.lora: nn.Module | None = None  # engine.lora.layers.LoRALinear, attached after loading
 
     def _create_weights(self, input_size_per_partition: int, output_partition_sizes: list[int]) -> None:
         """Ask the config for this layer's method (the partition sizes are known by now) and let it
@@ -196,7 +193,8 @@ class ColumnParallelLinear(LinearBase):
         self._load_slice(param, loaded_weight, 0, shard, self.output_size, self.tp_rank * shard)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_method.apply(self, x, self.bias)
+        out = self.quant_method.apply(self, x, self.bias)
+        return out if self.lora is None else self.lora(x, out)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -348,6 +346,8 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.tp_rank == 0 else None
         out = self.quant_method.apply(self, x, bias)
+        if self.lora is not None:
+            out = self.lora(x, out)
         if self.tp_size > 1 and self.reduce_results:
             torch.distributed.all_reduce(out)
         return out

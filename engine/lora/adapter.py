@@ -1,0 +1,221 @@
+"""Loading a PEFT LoRA adapter from disk, checked against the base model, into host tensors.
+
+The format: a directory with adapter_config.json (`r`, `lora_alpha`, `target_modules` as a list of
+module names or one regex, `use_rslora`, ...) and adapter_model.safetensors whose keys are PEFT's
+(`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`: A is [r, in_features], B is
+[out_features, r]). Pickled weights (.bin/.pt) are refused, never loaded.
+
+Everything wrong with an adapter is found here, at load, and raised as a LoRAAdapterError naming
+the adapter and the field: nothing later (slots, kernels, steps) can fail on a bad adapter.
+
+The result maps each of weir's linear layers (by prefix: `model.layers.0.self_attn.qkv_proj`) to
+its sub-matrices' A and B (fused layers: q/k/v, gate/up), with the scaling (lora_alpha / r, or
+lora_alpha / sqrt(r) with rsLoRA) folded into B, in the model dtype, unsharded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.errors import LoRAAdapterError
+from engine.lora.request import LoRARequest
+
+__all__ = ["LoRAAdapter", "LoRAAdapterError", "LoRALayerWeights", "LoRATarget", "load_adapter"]
+
+_PEFT_PREFIX = "base_model.model."
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True, slots=True)
+class LoRATarget:
+    """Where one Hugging Face projection (`model.layers.0.self_attn.k_proj`) lives in weir."""
+
+    layer_prefix: str  # weir's layer: `model.layers.0.self_attn.qkv_proj`
+    slice_index: int  # its sub-matrix (q 0, k 1, v 2; gate 0, up 1; 0 for unfused layers)
+    in_features: int  # the whole (unsharded) projection's shape
+    out_features: int
+
+
+@dataclass(eq=False, slots=True)
+class LoRALayerWeights:
+    """One weir layer's adapter weights, per sub-matrix (None: that sub-matrix is not adapted)."""
+
+    a: list[torch.Tensor | None]  # [rank, in_features] each
+    b: list[torch.Tensor | None]  # [out_features, rank] each, scaling folded in
+
+
+@dataclass(eq=False, slots=True)
+class LoRAAdapter:
+    """A loaded adapter on the host. Compared by identity: a reload is a new adapter (new slot)."""
+
+    lora_request: LoRARequest
+    rank: int
+    layers: dict[str, LoRALayerWeights] = field(default_factory=dict)
+
+    @property
+    def lora_int_id(self) -> int:
+        return self.lora_request.lora_int_id
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size() for w in self.layers.values() for t in (*w.a, *w.b) if t is not None
+        )
+
+
+def load_adapter(
+    lora_request: LoRARequest,
+    targets: dict[str, LoRATarget],  # Hugging Face module name -> where it lives (engine.lora.layers)
+    num_slices: dict[str, int],  # weir layer prefix -> its number of sub-matrices
+    max_lora_rank: int,
+    dtype: torch.dtype,
+) -> LoRAAdapter:
+    """Read, check and convert one adapter. Raises LoRAAdapterError (a ValueError)."""
+    name = lora_request.lora_name
+
+    def error(field_name: str, detail: str) -> LoRAAdapterError:
+        return LoRAAdapterError(name, field_name, detail)
+
+    path = Path(lora_request.lora_path)
+    if not path.is_dir():
+        raise error("lora_path", f"{str(path)!r} is not a directory")
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        raise error("adapter_config.json", f"missing in {str(path)!r} (not a PEFT adapter directory?)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+        raise error("adapter_config.json", f"unreadable: {e}") from None
+    if not isinstance(config, dict):
+        raise error("adapter_config.json", "must hold a JSON object")
+    weights_file = path / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        pickled = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickled:
+            raise error(
+                pickled[0],
+                "pickled weights are never loaded (unpickling runs code); convert them to "
+                "adapter_model.safetensors, e.g. PeftModel.from_pretrained(base, dir)"
+                ".save_pretrained(out_dir, safe_serialization=True)",
+            )
+        raise error("adapter_model.safetensors", f"missing in {str(path)!r}")
+
+    rank, alpha = _check_config(config, targets, max_lora_rank, error)
+    scaling_of = (lambda r: alpha / math.sqrt(r)) if config.get("use_rslora") else (lambda r: alpha / r)
+    has_rank_pattern = bool(config.get("rank_pattern"))
+
+    from safetensors import safe_open  # noqa: PLC0415  (only adapters need it here)
+
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(str(weights_file), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
+            module, kind = _split_key(key, error)
+            if module not in targets:
+                raise error(
+                    key, f"module {module!r} is not a projection weir applies LoRA to ({_supported(targets)})"
+                )
+            pairs.setdefault(module, {})[kind] = f.get_tensor(key)
+
+    adapter = LoRAAdapter(lora_request=lora_request, rank=rank)
+    for module, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            missing = "lora_B" if "A" in pair else "lora_A"
+            raise error(
+                f"{_PEFT_PREFIX}{module}.{missing}.weight", "missing (lora_A and lora_B come in pairs)"
+            )
+        target = targets[module]
+        a, b = pair["A"], pair["B"]
+        r = a.shape[0] if a.dim() == 2 else -1
+        if not has_rank_pattern and r != rank:
+            r = rank  # report the shape mismatch against the configured rank below
+        want_a, want_b = (r, target.in_features), (target.out_features, r)
+        for kind, tensor, want in (("lora_A", a, want_a), ("lora_B", b, want_b)):
+            if tuple(tensor.shape) != want:
+                raise error(
+                    f"{_PEFT_PREFIX}{module}.{kind}.weight",
+                    f"shape {tuple(tensor.shape)} does not match the base model's {want}",
+                )
+        if r > max_lora_rank:
+            raise error("rank_pattern", f"rank {r} of {module} is above max_lora_rank {max_lora_rank}")
+        layer = adapter.layers.get(target.layer_prefix)
+        if layer is None:
+            n = num_slices[target.layer_prefix]
+            layer = adapter.layers[target.layer_prefix] = LoRALayerWeights(a=[None] * n, b=[None] * n)
+        layer.a[target.slice_index] = a.to(dtype).contiguous()
+        layer.b[target.slice_index] = (b.float() * scaling_of(r)).to(dtype).contiguous()
+    if not adapter.layers:
+        raise error("adapter_model.safetensors", "holds no LoRA weights")
+    return adapter
+
+
+def _check_config(
+    config: dict, targets: dict[str, LoRATarget], max_lora_rank: int, error
+) -> tuple[int, float]:  # noqa: ANN001
+    """The config's rank and alpha, once every setting weir cannot serve has been refused."""
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise error("peft_type", f"{peft_type!r} adapters are not supported (only LORA)")
+    rank = config.get("r")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise error("r", f"must be a positive integer; got {rank!r}")
+    if rank > max_lora_rank:
+        raise error("r", f"rank {rank} is above max_lora_rank {max_lora_rank} (raise --max-lora-rank)")
+    alpha = config.get("lora_alpha", rank)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise error("lora_alpha", f"must be a number; got {alpha!r}")
+    if config.get("use_dora"):
+        raise error("use_dora", "DoRA adapters are not supported")
+    if config.get("modules_to_save"):
+        raise error(
+            "modules_to_save",
+            f"{config['modules_to_save']} would replace whole base-model modules per adapter; not supported",
+        )
+    if config.get("bias", "none") != "none":
+        raise error("bias", f"{config['bias']!r}: adapters that train biases are not supported")
+    if config.get("fan_in_fan_out"):
+        raise error("fan_in_fan_out", "transposed (Conv1D) weights are not supported")
+    if config.get("alpha_pattern"):
+        raise error("alpha_pattern", "per-module lora_alpha is not supported")
+    modules = config.get("target_modules")
+    leaves = {m.rsplit(".", 1)[-1] for m in targets}
+    if isinstance(modules, str):
+        # A regex PEFT matches against full module names: check what it would select.
+        try:
+            pattern = re.compile(modules)
+        except re.error as e:
+            raise error("target_modules", f"invalid regex {modules!r}: {e}") from None
+        unsupported = sorted(n for n in ("model.embed_tokens", "lm_head") if pattern.fullmatch(n))
+        if unsupported:
+            raise error("target_modules", f"{unsupported[0]} is not supported ({_supported(targets)})")
+    elif isinstance(modules, list):
+        for module in modules:
+            if not isinstance(module, str) or module.rsplit(".", 1)[-1] not in leaves:
+                raise error("target_modules", f"{module!r} is not supported ({_supported(targets)})")
+    elif modules is not None:
+        raise error("target_modules", f"must be a list of module names or a regex; got {modules!r}")
+    return rank, float(alpha)
+
+
+def _split_key(key: str, error) -> tuple[str, str]:  # noqa: ANN001
+    """`base_model.model.<module>.lora_A.weight` -> (<module>, "A")."""
+    body = key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key
+    for kind in ("A", "B"):
+        for suffix in (f".lora_{kind}.weight", f".lora_{kind}.default.weight"):
+            if body.endswith(suffix):
+                return body[: -len(suffix)], kind
+    if "lora_magnitude_vector" in body:
+        raise error(key, "DoRA magnitudes are not supported")
+    if "lora_embedding" in body:
+        raise error(key, "LoRA on embeddings is not supported")
+    raise error(key, "not a LoRA weight (lora_A / lora_B) weir can apply")
+
+
+def _supported(targets: dict[str, LoRATarget]) -> str:
+    leaves = sorted({m.rsplit(".", 1)[-1] for m in targets})
+    return "supported: " + ", ".join(leaves)

@@ -1,0 +1,161 @@
+"""The model runner's LoRA state: adapters loaded on the host (an LRU cache of max_cpu_loras), the
+max_loras device slots every LoRA layer stacks, and the per-token slot index of each step.
+
+A step's adapters get slots before its forward (`prepare_step`): those already in a slot keep it;
+the others take the least recently used slots no adapter of this step needs (the scheduler never
+puts more than max_loras distinct adapters in one step). Writing a slot is a handful of copies per
+layer, queued on the device stream after the step before it, so a step in flight still reads the
+weights it was launched with.
+
+Requests hold their adapter (a LoRAAdapter object) for as long as the runner holds them: an adapter
+removed or evicted from the cache while requests run on it still serves them to the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.config import LoRAConfig
+from engine.lora.adapter import LoRAAdapter, load_adapter
+from engine.lora.layers import LoRABatch, LoRALinear, lora_targets
+from engine.lora.request import LoRARequest
+from engine.model.layers.linear import LinearBase
+from ops import Kernels
+
+logger = logging.getLogger("weir.engine")
+
+
+class LoRAManager:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: LoRAConfig,
+        kernels: Kernels,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_num_tokens: int,  # the most tokens one forward may carry (steps, graphs, the profile)
+    ) -> None:
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.targets, self.num_slices = lora_targets(model)
+        self.batch = LoRABatch(max_num_tokens, device)
+        self.layers: dict[str, LoRALinear] = {}
+        for name, module in model.named_modules():
+            if isinstance(module, LinearBase):
+                lora = LoRALinear(
+                    module,
+                    self.batch,
+                    config.max_loras,
+                    config.max_lora_rank,
+                    kernels.lora_shrink,
+                    kernels.lora_expand,
+                )
+                module.lora = lora.to(device)
+                self.layers[name] = lora
+        # lora_int_id -> adapter, least recently used first.
+        self._cache: OrderedDict[int, LoRAAdapter] = OrderedDict()
+        self._cache_lock = threading.Lock()  # loads may run off the worker thread
+        self._slots: list[LoRAAdapter | None] = [None] * config.max_loras
+        self._slot_of: dict[LoRAAdapter, int] = {}  # by identity
+        self._slot_lru: OrderedDict[int, None] = OrderedDict((i, None) for i in range(config.max_loras))
+        self._pin = device.type == "cuda"
+        self._host_slots = np.full(max_num_tokens, -1, dtype=np.int32)
+        self._num_clean = max_num_tokens  # leading entries of batch.token_slots known to be -1
+        self.num_slot_loads = 0
+
+    # ------------------------------------------------------------------ host cache
+    def load(self, lora_request: LoRARequest) -> LoRAAdapter:
+        """Read and check an adapter from disk (raises LoRAAdapterError). Touches no shared state."""
+        adapter = load_adapter(
+            lora_request, self.targets, self.num_slices, self.config.max_lora_rank, self.dtype
+        )
+        if self._pin:  # pinned host memory: slot writes are asynchronous copies
+            for weights in adapter.layers.values():
+                weights.a = [t.pin_memory() if t is not None else None for t in weights.a]
+                weights.b = [t.pin_memory() if t is not None else None for t in weights.b]
+        return adapter
+
+    def add(self, lora_request: LoRARequest) -> LoRAAdapter:
+        """The cached adapter of this request, loading it if needed (most recently used now)."""
+        with self._cache_lock:
+            adapter = self._cache.get(lora_request.lora_int_id)
+            if adapter is not None and adapter.lora_request == lora_request:
+                self._cache.move_to_end(lora_request.lora_int_id)
+                return adapter
+        adapter = self.load(lora_request)
+        with self._cache_lock:
+            self._cache[lora_request.lora_int_id] = adapter
+            self._cache.move_to_end(lora_request.lora_int_id)
+            while len(self._cache) > self.config.max_cpu_loras:
+                evicted_id, _ = self._cache.popitem(last=False)
+                logger.info("LoRA adapter %d evicted from the host cache (max_cpu_loras)", evicted_id)
+        return adapter
+
+    def remove(self, lora_int_id: int) -> bool:
+        """Forget an adapter; requests running on it keep it until they finish."""
+        with self._cache_lock:
+            return self._cache.pop(lora_int_id, None) is not None
+
+    def cached_ids(self) -> list[int]:
+        with self._cache_lock:
+            return list(self._cache)
+
+    # ------------------------------------------------------------------ per step
+    def prepare_step(
+        self,
+        adapters: list[LoRAAdapter | None],  # per scheduled sequence, in flat-batch order
+        num_scheduled: list[int],  # per sequence
+        num_tokens: int,  # the forward's token count (with a graph's padding)
+    ) -> None:
+        """Give the step's adapters slots and write the per-token slot index."""
+        needed = {a: None for a in adapters if a is not None}
+        if not needed:
+            self.batch.active = False
+            if num_tokens <= self._num_clean:
+                return  # the index is -1 there already (graph replays read it whole)
+            self._write(np.full(num_tokens, -1, dtype=np.int32))
+            self._num_clean = max(self._num_clean, num_tokens)
+            return
+        if len(needed) > len(self._slots):
+            raise RuntimeError(f"{len(needed)} adapters in one step; there are {len(self._slots)} slots")
+        self.batch.active = True
+        free = [s for s in self._slot_lru if self._slots[s] not in needed]  # least recently used first
+        for adapter in needed:
+            slot = self._slot_of.get(adapter)
+            if slot is None:
+                slot = free.pop(0)
+                self._load_slot(slot, adapter)
+            self._slot_lru.move_to_end(slot)
+        slot_of = self._slot_of
+        per_seq = np.fromiter(
+            (-1 if a is None else slot_of[a] for a in adapters), dtype=np.int32, count=len(adapters)
+        )
+        host = self._host_slots[:num_tokens]
+        n = int(sum(num_scheduled))
+        host[:n] = np.repeat(per_seq, num_scheduled)
+        host[n:] = -1
+        self._write(host)
+        self._num_clean = 0
+
+    def _load_slot(self, slot: int, adapter: LoRAAdapter) -> None:
+        old = self._slots[slot]
+        if old is not None:
+            del self._slot_of[old]
+        self._slots[slot] = adapter
+        self._slot_of[adapter] = slot
+        for name, layer in self.layers.items():
+            layer.set_slot(slot, adapter.layers.get(name))
+        self.num_slot_loads += 1
+
+    def _write(self, host: np.ndarray) -> None:
+        src = torch.from_numpy(host)
+        if self._pin:
+            src = src.pin_memory()
+        self.batch.token_slots[: host.shape[0]].copy_(src, non_blocking=self._pin)

@@ -1,0 +1,202 @@
+"""Batched LoRA over stacked adapter slots: one launch serves every adapter in the batch.
+
+Both kernels take a per-token slot index (-1: no adapter) and a grid with one axis over the slots:
+the program of slot s works only on the rows of its token tile whose index is s, and leaves at once
+when there are none. So prefill segments (long runs of one slot) and decode batches (any mix) go
+through the same launch, the grid depends on shapes only (CUDA graphs capture it with the index as
+a static input), and every output element is written by exactly one program (no atomics in the
+expand; the shrink's split over the input dimension adds fp32 partials atomically).
+
+Ranks up to max_lora_rank are zero-padded in the stacked weights, so one launch covers them all.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr,  # [T, IN]
+    a_ptr,  # [S, K, IN]
+    slots_ptr,  # [T] int32
+    out_ptr,  # [T, K] fp32, zeroed
+    T,
+    K,
+    IN,
+    stride_xm,
+    stride_as,
+    stride_ak,
+    stride_om,
+    CHUNK_IN,  # input columns per split (a multiple of BLOCK_IN)
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_IN: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    slot = tl.program_id(1)
+    pid_split = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    tok_slot = tl.load(slots_ptr + offs_m, mask=offs_m < T, other=-1)
+    match = tok_slot == slot
+    if tl.sum(match.to(tl.int32), axis=0) > 0:
+        offs_k = tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        start = pid_split * CHUNK_IN
+        for i0 in range(0, CHUNK_IN, BLOCK_IN):
+            offs_i = start + i0 + tl.arange(0, BLOCK_IN)
+            i_mask = offs_i < IN
+            x = tl.load(
+                x_ptr + offs_m[:, None] * stride_xm + offs_i[None, :],
+                mask=match[:, None] & i_mask[None, :],
+                other=0.0,
+            )
+            a = tl.load(
+                a_ptr + slot * stride_as + offs_k[None, :] * stride_ak + offs_i[:, None],
+                mask=k_mask[None, :] & i_mask[:, None],
+                other=0.0,
+            )  # [BLOCK_IN, BLOCK_K]: A^T's tile
+            acc += tl.dot(x, a.to(x.dtype))
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_k[None, :]
+        out_mask = match[:, None] & k_mask[None, :]
+        if SPLIT == 1:
+            tl.store(out_ptrs, acc, mask=out_mask)
+        else:
+            tl.atomic_add(out_ptrs, acc, mask=out_mask)
+
+
+@triton.jit
+def _lora_expand_kernel(
+    t_ptr,  # [T, K] fp32
+    b_ptr,  # [S, OUT, K]
+    slots_ptr,  # [T] int32
+    y_ptr,  # [T, OUT], updated in place
+    T,
+    K,
+    OUT,
+    stride_tm,
+    stride_bs,
+    stride_bn,
+    stride_ym,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    slot = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    tok_slot = tl.load(slots_ptr + offs_m, mask=offs_m < T, other=-1)
+    match = tok_slot == slot
+    if tl.sum(match.to(tl.int32), axis=0) > 0:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        n_mask = offs_n < OUT
+        t = tl.load(
+            t_ptr + offs_m[:, None] * stride_tm + offs_k[None, :],
+            mask=match[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn + offs_k[:, None],
+            mask=k_mask[:, None] & n_mask[None, :],
+            other=0.0,
+        )  # [BLOCK_K, BLOCK_N]: B^T's tile
+        # Round the shrink's output to B's dtype (PEFT feeds lora_A's output, in the model dtype, to lora_B).
+        delta = tl.dot(t.to(b.dtype), b)
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        y_mask = match[:, None] & n_mask[None, :]
+        y = tl.load(y_ptrs, mask=y_mask, other=0.0)
+        tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=y_mask)
+
+
+def _block_k(k: int) -> int:
+    return max(16, triton.next_power_of_2(k))
+
+
+def lora_shrink(
+    x: torch.Tensor,  # [num_tokens, in_features]
+    a_stacked: torch.Tensor,  # [num_slots, lora_dim, in_features]
+    token_slots: torch.Tensor,  # [num_tokens] int32; -1 = no adapter
+) -> torch.Tensor:
+    """x @ A[slot]^T per token -> [num_tokens, lora_dim] float32 (ops.reference.lora_shrink)."""
+    num_tokens, in_features = x.shape
+    num_slots, lora_dim, a_in = a_stacked.shape
+    if a_in != in_features or token_slots.shape[0] != num_tokens:
+        raise ValueError(
+            f"lora_shrink: x {tuple(x.shape)}, A {tuple(a_stacked.shape)}, slots {tuple(token_slots.shape)}"
+        )
+    x = x.contiguous()
+    out = torch.zeros(num_tokens, lora_dim, dtype=torch.float32, device=x.device)
+    if num_tokens == 0:
+        return out
+    block_m, block_in = 16, 64
+    num_m = triton.cdiv(num_tokens, block_m)
+    # Small batches (decode) give too few programs to stream A at full bandwidth: split the input
+    # dimension too and add the partials atomically. Fixed by shapes only, so graphs capture it.
+    split = max(1, min(in_features // 512, 64 // num_m))
+    chunk = triton.cdiv(triton.cdiv(in_features, split), block_in) * block_in
+    split = triton.cdiv(in_features, chunk)
+    _lora_shrink_kernel[(num_m, num_slots, split)](
+        x,
+        a_stacked,
+        token_slots,
+        out,
+        num_tokens,
+        lora_dim,
+        in_features,
+        x.stride(0),
+        a_stacked.stride(0),
+        a_stacked.stride(1),
+        out.stride(0),
+        chunk,
+        BLOCK_M=block_m,
+        BLOCK_K=_block_k(lora_dim),
+        BLOCK_IN=block_in,
+        SPLIT=split,
+    )
+    return out
+
+
+def lora_expand(
+    t: torch.Tensor,  # [num_tokens, lora_dim] float32
+    b_stacked: torch.Tensor,  # [num_slots, out_features, lora_dim]
+    token_slots: torch.Tensor,  # [num_tokens] int32; -1 = no adapter
+    y: torch.Tensor,  # [num_tokens, out_features], updated in place
+) -> torch.Tensor:
+    """y += t @ B[slot]^T per token, in place; returns y (ops.reference.lora_expand)."""
+    num_tokens, lora_dim = t.shape
+    num_slots, out_features, b_k = b_stacked.shape
+    if b_k != lora_dim or y.shape != (num_tokens, out_features) or token_slots.shape[0] != num_tokens:
+        raise ValueError(
+            f"lora_expand: t {tuple(t.shape)}, B {tuple(b_stacked.shape)}, y {tuple(y.shape)}, "
+            f"slots {tuple(token_slots.shape)}"
+        )
+    if num_tokens == 0:
+        return y
+    if y.stride(1) != 1:
+        raise ValueError("lora_expand: y must be contiguous along its last dimension")
+    block_m, block_n = 16, 64
+    grid = (triton.cdiv(num_tokens, block_m), triton.cdiv(out_features, block_n), num_slots)
+    _lora_expand_kernel[grid](
+        t,
+        b_stacked,
+        token_slots,
+        y,
+        num_tokens,
+        lora_dim,
+        out_features,
+        t.stride(0),
+        b_stacked.stride(0),
+        b_stacked.stride(1),
+        y.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=_block_k(lora_dim),
+    )
+    return y

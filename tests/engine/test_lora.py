@@ -1,0 +1,209 @@
+"""Multi-LoRA against transformers + PEFT: four adapters of different ranks and targets, built and
+saved by peft over the tiny Llama, mixed with the base model in one batch; weir's greedy tokens equal
+PEFT's for every request, under chunked prefill, preemption, prefix caching (one prompt under two
+adapters: each adapter's own output), slot pressure (max_loras=2 with four adapters in flight) and
+emulated CUDA graphs (the per-token slot index as a static input)."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import LLM, LoRARequest, SamplingParams
+from engine.errors import InvalidRequestError, LoRAAdapterError
+
+MAX_TOKENS = 8
+# name -> (rank, lora_alpha, target_modules, use_rslora)
+ADAPTERS: dict[str, tuple[int, int, list[str] | str, bool]] = {
+    "r4-qv": (4, 8, ["q_proj", "v_proj"], False),
+    "r8-all": (8, 16, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], True),
+    "r16-regex": (16, 32, r".*\.(o_proj|gate_proj|down_proj)", False),
+    "r2-kup": (2, 4, ["k_proj", "up_proj"], False),
+}
+
+
+def _prompts(seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 500) for _ in range(n)] for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def lora_setup(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The adapters (saved by peft, random non-zero B) and a function giving PEFT's greedy tokens."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("loras")
+    requests: dict[str, LoRARequest] = {}
+    for i, (name, (rank, alpha, targets, rslora)) in enumerate(ADAPTERS.items()):
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
+        config = LoraConfig(
+            r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora, lora_dropout=0.0
+        )
+        model = get_peft_model(base, config)
+        gen = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if "lora_" in pname:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
+        model.save_pretrained(str(root / name))
+        requests[name] = LoRARequest(name, i + 1, str(root / name))
+
+    cache: dict[tuple[str | None, tuple[int, ...]], list[int]] = {}
+    models: dict[str | None, torch.nn.Module] = {}
+
+    def expected(prompt: list[int], adapter: str | None) -> list[int]:
+        key = (adapter, tuple(prompt))
+        if key not in cache:
+            if adapter not in models:
+                base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
+                models[adapter] = (
+                    base if adapter is None else PeftModel.from_pretrained(base, requests[adapter].lora_path)
+                ).eval()
+            out = models[adapter].generate(
+                torch.tensor([prompt]),
+                max_new_tokens=MAX_TOKENS,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+            cache[key] = out[0, len(prompt) :].tolist()
+        return cache[key]
+
+    return {"model": str(tiny_llama_dir), "requests": requests, "expected": expected}
+
+
+def _greedy() -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+
+def _check(llm: LLM, setup: dict, prompts: list[list[int]], adapters: list[str | None]) -> None:
+    loras = [setup["requests"][a] if a else None for a in adapters]
+    outs = llm.generate(prompts, _greedy(), use_tqdm=False, lora_request=loras)
+    got = [o.outputs[0].token_ids for o in outs]
+    want = [setup["expected"](p, a) for p, a in zip(prompts, adapters, strict=True)]
+    assert got == want
+    assert llm.llm_engine.scheduler.kv_cache_usage == 0.0
+
+
+# One prompt set for every test, so PEFT's outputs are computed once per (prompt, adapter).
+PROMPTS = _prompts(0, (5, 17, 33, 9, 12, 17, 21, 6))
+MIXED = [None, "r4-qv", "r8-all", "r16-regex", "r2-kup", "r8-all", None, "r4-qv"]
+
+
+def test_mixed_batch_matches_peft(lora_setup: dict) -> None:
+    prompts = PROMPTS
+    llm = LLM(lora_setup["model"], device="cpu", dtype="float32", enable_lora=True, max_loras=4)
+    # every adapter changes the output: the test would catch LoRA not being applied
+    outs = {a: lora_setup["expected"](prompts[2], a) for a in (None, *ADAPTERS)}
+    assert len({tuple(v) for v in outs.values()}) == len(outs)
+    _check(llm, lora_setup, prompts, MIXED)
+    assert [r.lora_name for r in llm.llm_engine.lora_requests()] == ["r4-qv", "r8-all", "r16-regex", "r2-kup"]
+    assert llm.llm_engine.list_loras() == {1, 2, 3, 4}
+
+
+def test_chunked_prefill_and_emulated_cuda_graphs(lora_setup: dict) -> None:
+    """A 7-token budget chunks the prompts across steps, mixed with decodes; decode steps replay
+    (emulated) graphs padded past the batch, reading the slot index from the static tensor."""
+    prompts = PROMPTS
+    llm = LLM(
+        lora_setup["model"],
+        device="cpu",
+        dtype="float32",
+        enable_lora=True,
+        max_loras=4,
+        max_num_batched_tokens=7,
+        max_cuda_graph_batch_size=8,
+    )
+    runner = llm.llm_engine.executor.runner
+    runner.capture_cuda_graphs(emulate=True)
+    replayed: list[int] = []
+    replay = runner.graph_runner.replay
+    runner.graph_runner.replay = lambda md: replayed.append(md.cuda_graph_size) or replay(md)
+    _check(llm, lora_setup, prompts, MIXED)
+    assert replayed and any(size not in (1, 2, 4, 8) or size > 1 for size in replayed)
+
+
+def test_preemption(lora_setup: dict) -> None:
+    # 3 + 2 + 2 + 3 blocks of 8 for the prompts, 4 + 3 + 3 + 4 with the outputs: 11 force preemption
+    picked = [1, 3, 4, 6]
+    prompts = [PROMPTS[i] for i in picked]
+    llm = LLM(
+        lora_setup["model"],
+        device="cpu",
+        dtype="float32",
+        enable_lora=True,
+        max_loras=4,
+        block_size=8,
+        num_kv_blocks=11,
+    )
+    _check(llm, lora_setup, prompts, [MIXED[i] for i in picked])
+    assert llm.llm_engine.stats().num_preemptions > 0
+
+
+def test_two_slots_prefix_cache_and_adapter_registry(lora_setup: dict, tmp_path: Path) -> None:
+    """One engine with two slots: (1) four adapters in flight, never more than two per step; (2) one
+    prompt under the base model and two adapters, twice: each gets its own output although the same
+    tokens are cached under another adapter, and the second round hits each one's own blocks; (3)
+    add_lora / remove_lora / list_loras, with an adapter evicted from the host cache and reloaded."""
+    reqs = lora_setup["requests"]
+    llm = LLM(lora_setup["model"], device="cpu", dtype="float32", enable_lora=True, max_loras=2, block_size=8)
+    engine = llm.llm_engine
+    scheduler = engine.scheduler
+    schedule = scheduler.schedule
+    most = []
+
+    def counting_schedule():  # noqa: ANN202
+        out = schedule()
+        most.append(len({scheduler.requests[r].lora_int_id for r in out.num_scheduled_tokens} - {0}))
+        return out
+
+    scheduler.schedule = counting_schedule
+    _check(llm, lora_setup, PROMPTS, MIXED)
+    assert max(most) == 2
+    assert engine.executor.runner.lora.num_slot_loads >= 4  # four adapters through two slots
+    del scheduler.schedule
+
+    prompt = PROMPTS[2]  # 33 tokens: 4 full blocks; MIXED ran it under r8-all above
+    hits = [engine.stats().prefix_cache_hits]
+    for _ in range(2):
+        for adapter in (None, "r8-all", "r16-regex"):  # one at a time: the earlier blocks are cached
+            _check(llm, lora_setup, [prompt], [adapter])
+        hits.append(engine.stats().prefix_cache_hits)
+    assert hits[1] - hits[0] == 32  # only r8-all's own blocks, from the mixed batch
+    assert hits[2] - hits[1] == 3 * 32  # each its own
+
+    assert [r.lora_int_id for r in engine.lora_requests()] == [1, 2, 3, 4]  # in the order first used
+    assert engine.add_lora(reqs["r4-qv"]) is False
+    with pytest.raises(InvalidRequestError, match=r"lora_int_id 1 is already adapter 'r4-qv'"):
+        engine.add_lora(LoRARequest("other", 1, reqs["r8-all"].lora_path))
+    with pytest.raises(InvalidRequestError, match=r"an adapter named 'r4-qv' is already loaded"):
+        engine.add_lora(LoRARequest("r4-qv", 9, reqs["r8-all"].lora_path))
+    assert engine.executor.runner.lora.cached_ids() == [2, 3]  # max_cpu_loras = max_loras = 2
+    _check(llm, lora_setup, PROMPTS[1:3], ["r4-qv", "r16-regex"])  # r4-qv reloaded from disk
+    assert engine.remove_lora("r8-all") is True and engine.remove_lora(2) is False
+    assert engine.remove_lora(3) is True
+    assert [r.lora_name for r in engine.lora_requests()] == ["r4-qv", "r2-kup"]
+
+    # a bad adapter is refused with its error, before anything is queued; the engine goes on
+    bad = Path(tmp_path / "rank64")
+    shutil.copytree(reqs["r16-regex"].lora_path, bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, "r": 64}))
+    with pytest.raises(LoRAAdapterError, match=r"^LoRA adapter 'big': r: rank 64 is above max_lora_rank 16"):
+        llm.generate(PROMPTS[:1], _greedy(), use_tqdm=False, lora_request=LoRARequest("big", 7, str(bad)))
+    assert not engine.has_unfinished_requests() and engine.list_loras() == {1, 4}
+    _check(llm, lora_setup, PROMPTS[:2], [None, "r2-kup"])
+
+
+def test_lora_request_refused_when_lora_is_off(lora_setup: dict) -> None:
+    from engine.inputs.input_processor import InputProcessor
+
+    processor = InputProcessor(None, 512, 256, 16, 100, [2])
+    with pytest.raises(InvalidRequestError, match=r"lora_request names adapter 'r4-qv', but LoRA is off"):
+        processor.process("a", [5, 6, 7], _greedy(), lora_request=lora_setup["requests"]["r4-qv"])

@@ -1194,6 +1194,52 @@ _SUMMARY_ROWS: list[tuple[str, str, str, str, str]] = [
     ("K", "decode step ms", "decode.wall_ms_per_step", "", ""),
     ("K", "decode attention KV GB/s", "decode.attention_kv_gb_s", "", ""),
     ("K", "decode busy fraction", "decode.busy_fraction", "", ""),
+    ("K1", "step wall ms, batch 1 graphed", "batch1.graphed.wall_ms_per_step", "", ""),
+    ("K1", "graph span us", "batch1.graphed.graph.span_us_median", "", ""),
+    ("K1", "gaps inside the graph us", "batch1.graphed.graph.gap_us_per_replay", "", ""),
+    ("K1", "roofline / graph span", "batch1.graphed.roofline_over_graph_span", "", ""),
+    (
+        "K1",
+        "qkv_proj of copy bandwidth",
+        "batch1.graphed.table.qkv_proj.fraction_of_copy_bw|batch1.eager_step.qkv_proj.fraction_of_copy_bw",
+        "",
+        "",
+    ),
+    (
+        "K1",
+        "o_proj of copy bandwidth",
+        "batch1.graphed.table.o_proj.fraction_of_copy_bw|batch1.eager_step.o_proj.fraction_of_copy_bw",
+        "",
+        "",
+    ),
+    (
+        "K1",
+        "gate_up_proj of copy bandwidth",
+        "batch1.graphed.table.gate_up_proj.fraction_of_copy_bw|batch1.eager_step.gate_up_proj.fraction_of_copy_bw",
+        "",
+        "",
+    ),
+    (
+        "K1",
+        "down_proj of copy bandwidth",
+        "batch1.graphed.table.down_proj.fraction_of_copy_bw|batch1.eager_step.down_proj.fraction_of_copy_bw",
+        "",
+        "",
+    ),
+    (
+        "K1",
+        "lm_head of copy bandwidth",
+        "batch1.graphed.table.lm_head.fraction_of_copy_bw|batch1.eager_step.lm_head.fraction_of_copy_bw",
+        "",
+        "",
+    ),
+    (
+        "K1",
+        "attention of copy bandwidth",
+        "batch1.graphed.table.attention.fraction_of_copy_bw|batch1.eager_step.attention.fraction_of_copy_bw",
+        "",
+        "",
+    ),
 ]
 
 

@@ -1,6 +1,8 @@
-"""Where an engine step's device time goes, by kernel family, for T2's two kinds of step.
+"""Where an engine step's device time goes, by kernel family, for T2's two kinds of step (K); with
+`--mode batch1`, L1's graphed batch-1 decode step kernel by kernel (K1, loadtest/decode_breakdown.py).
 
     python loadtest/profile_kernels.py --shape llama3-8b --out profile_kernels.json
+    python loadtest/profile_kernels.py --mode batch1 --shape llama3-8b --input-len 32 --out profile_l1.json
 
 Queues `--num-requests` prompts of `--input-len` tokens (T2's shape: 1024 in), then profiles, with
 torch.profiler, a window of full prefill steps (chunked-prefill budget) and, once every prompt is in,
@@ -26,6 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from loadtest import decode_breakdown  # noqa: E402
 from loadtest.common import (  # noqa: E402
     Report,
     add_common_args,
@@ -34,31 +37,13 @@ from loadtest.common import (  # noqa: E402
     default_max_model_len,
     engine_info,
     engine_kwargs,
+    free_engine,
     install_signal_handlers,
     phase,
     resolve_model,
     sampling_params,
 )
-
-# Kernel (or CPU operator) name fragments -> family; the first match wins, so order matters.
-FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("attention", ("paged_attention", "reduce_segments", "attn", "sdpa", "flash")),
-    ("kv_write", ("write_kv_cache", "kv_cache")),
-    ("norm", ("rms_norm", "rmsnorm", "layer_norm")),
-    ("rotary", ("rotary", "rope")),
-    ("activation", ("silu",)),
-    ("sampler", ("sort", "topk", "softmax", "argmax", "multinomial", "exponential", "cumsum", "gather")),
-    ("matmul", ("gemm", "cutlass", "nvjet", "sm90", "cublas", "aten::mm", "aten::addmm", "matmul", "linear")),
-    ("copies", ("memcpy", "memset", "copy", "cat", "index")),
-)
-
-
-def family_of(name: str) -> str:
-    low = name.lower()
-    for family, fragments in FAMILIES:
-        if any(f in low for f in fragments):
-            return family
-    return "other"
+from loadtest.kernel_families import FAMILIES, family_of  # noqa: E402, F401 - re-exported
 
 
 def layer_params(config: dict[str, Any]) -> int:
@@ -154,14 +139,60 @@ def build_parser() -> argparse.ArgumentParser:
         default=256,
         help="long enough that no request ends before the decode window",
     )
+    p.add_argument(
+        "--mode",
+        choices=("t2", "batch1"),
+        default="t2",
+        help="t2: T2's prefill and decode steps by kernel family (K); batch1: L1's graphed batch-1 decode "
+        "step kernel by kernel, with each part's bandwidth and the gaps inside the graph (K1, "
+        "loadtest/decode_breakdown.py)",
+    )
     p.add_argument("--prefill-steps", type=int, default=3, help="profiled prefill steps")
     p.add_argument("--decode-steps", type=int, default=8, help="profiled decode steps")
     add_common_args(p, default_shape="llama3-8b")
     return p
 
 
+def main_batch1(args: argparse.Namespace) -> int:
+    """K1: one sequence's decode step, eager (labelled) then graphed; the per-part table."""
+    model = resolve_model(args)
+    report = Report("K1", args, model)
+    report["workload"] = {"batch": 1, "input_len": args.input_len, "decode_steps": args.decode_steps}
+    bw = copy_bandwidth_phase(report, model.device, args.copy_bytes)
+    copy_gb_s = bw["GB_s"] if bw else None
+    mml = default_max_model_len(args, model, args.input_len + args.output_len)
+    llm = None
+    try:
+        with phase(report, "engine_build"):
+            llm, build_s = build_llm(model, engine_kwargs(args, model, max_model_len=mml))
+            report["engine"] = {**engine_info(llm), "build_s": round(build_s, 3)}
+        with phase(report, "batch1"):
+            res = decode_breakdown.run(llm, model, args, copy_gb_s)
+            report["results"]["batch1"] = res
+            graphed = res.get("graphed")
+            table = graphed["table"] if graphed else res["eager_step"]
+            print(f"[K1] {res['time_source']}, context {res['context_tokens']} tokens", flush=True)
+            print(decode_breakdown.format_table(table), flush=True)
+            if graphed:
+                print(
+                    f"[K1] graph: {graphed['graph']}; outside it {graphed['outside_graph_us_per_step']} us/step; "
+                    f"wall {graphed['wall_ms_per_step']} ms/step",
+                    flush=True,
+                )
+            elif model.device == "cuda":
+                report.note("no graphed step: CUDA graphs off (--enforce-eager?)")
+    except Exception:  # noqa: BLE001 - recorded by phase()
+        pass
+    finally:
+        if llm is not None:
+            free_engine(llm)
+    return report.finish()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.mode == "batch1":
+        return main_batch1(args)
     model = resolve_model(args)
     report = Report("K", args, model)  # "K" in run_gpu_suite.sh
     report["workload"] = {

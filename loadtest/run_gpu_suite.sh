@@ -14,6 +14,7 @@
 #                                 steps, loadtest/profile_kernels.py; B for beam search and parallel
 #                                 sampling B1-B3, loadtest/bench_beam.py; A for multi-LoRA A1-A4,
 #                                 loadtest/bench_lora.py)
+#                                 K1: L1's batch-1 decode step part by part (loadtest/decode_breakdown.py)
 #   SUITE_BUDGET=550              seconds for the whole suite
 #   T2_REQUESTS=1000              T2's and S1's request count (S1's ratio needs the same workload)
 #   S1_POISSON_REQUESTS=240       requests sent at 16 req/s (the first N of T2's)
@@ -88,6 +89,8 @@ suite() {
       A) run A 560 loadtest/bench_lora.py --shape llama3-8b --out "$OUT/a.json" ;;
       K) run K 120 loadtest/profile_kernels.py --shape llama3-8b --num-requests 640 \
             --out "$OUT/profile_t2.json" ;;
+      K1) run K1 120 loadtest/profile_kernels.py --mode batch1 --shape llama3-8b --input-len 32 \
+            --output-len 256 --decode-steps 20 --out "$OUT/profile_l1.json" ;;
       *) echo "== unknown benchmark $b" ;;
     esac
   done

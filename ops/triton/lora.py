@@ -1,11 +1,13 @@
 """Batched LoRA over stacked adapter slots: one launch serves every adapter in the batch.
 
-Both kernels take a per-token slot index (-1: no adapter) and a grid with one axis over the slots:
-the program of slot s works only on the rows of its token tile whose index is s, and leaves at once
-when there are none. So prefill segments (long runs of one slot) and decode batches (any mix) go
-through the same launch, the grid depends on shapes only (CUDA graphs capture it with the index as
-a static input), and every output element is written by exactly one program (no atomics in the
-expand; the shrink's split over the input dimension adds fp32 partials atomically).
+Both kernels take a per-token slot index (-1: no adapter). A program owns a tile of tokens (and of
+the output) and loops over the slots present in its tile (between the tile's lowest and highest
+index), working each time only on the rows of that slot: a prefill segment's tile is one slot, a
+decode tile any mix. So every adapter of the batch goes through one launch, the grid depends on
+shapes only (CUDA graphs capture it with the index as a static input; no program per slot, so 64
+slots cost no more launch than one), and every output element is written by exactly one program
+(no atomics in the expand; the shrink's split over the input dimension adds fp32 partials
+atomically).
 
 Ranks up to max_lora_rank are zero-padded in the stacked weights, so one launch covers them all.
 """
@@ -37,36 +39,38 @@ def _lora_shrink_kernel(
     SPLIT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    slot = tl.program_id(1)
-    pid_split = tl.program_id(2)
+    pid_split = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     tok_slot = tl.load(slots_ptr + offs_m, mask=offs_m < T, other=-1)
-    match = tok_slot == slot
-    if tl.sum(match.to(tl.int32), axis=0) > 0:
-        offs_k = tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        start = pid_split * CHUNK_IN
-        for i0 in range(0, CHUNK_IN, BLOCK_IN):
-            offs_i = start + i0 + tl.arange(0, BLOCK_IN)
-            i_mask = offs_i < IN
-            x = tl.load(
-                x_ptr + offs_m[:, None] * stride_xm + offs_i[None, :],
-                mask=match[:, None] & i_mask[None, :],
-                other=0.0,
-            )
-            a = tl.load(
-                a_ptr + slot * stride_as + offs_k[None, :] * stride_ak + offs_i[:, None],
-                mask=k_mask[None, :] & i_mask[:, None],
-                other=0.0,
-            )  # [BLOCK_IN, BLOCK_K]: A^T's tile
-            acc += tl.dot(x, a.to(x.dtype))
-        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_k[None, :]
-        out_mask = match[:, None] & k_mask[None, :]
-        if SPLIT == 1:
-            tl.store(out_ptrs, acc, mask=out_mask)
-        else:
-            tl.atomic_add(out_ptrs, acc, mask=out_mask)
+    lo = tl.min(tl.where(tok_slot >= 0, tok_slot, 1 << 30), axis=0)  # none: an empty range below
+    hi = tl.max(tok_slot, axis=0)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    start = pid_split * CHUNK_IN
+    for slot in range(lo, hi + 1):
+        match = tok_slot == slot
+        if tl.sum(match.to(tl.int32), axis=0) > 0:
+            acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            for i0 in range(0, CHUNK_IN, BLOCK_IN):
+                offs_i = start + i0 + tl.arange(0, BLOCK_IN)
+                i_mask = offs_i < IN
+                x = tl.load(
+                    x_ptr + offs_m[:, None] * stride_xm + offs_i[None, :],
+                    mask=match[:, None] & i_mask[None, :],
+                    other=0.0,
+                )
+                a = tl.load(
+                    a_ptr + slot * stride_as + offs_k[None, :] * stride_ak + offs_i[:, None],
+                    mask=k_mask[None, :] & i_mask[:, None],
+                    other=0.0,
+                )  # [BLOCK_IN, BLOCK_K]: A^T's tile
+                acc += tl.dot(x, a.to(x.dtype))
+            out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_k[None, :]
+            out_mask = match[:, None] & k_mask[None, :]
+            if SPLIT == 1:
+                tl.store(out_ptrs, acc, mask=out_mask)
+            else:
+                tl.atomic_add(out_ptrs, acc, mask=out_mask)
 
 
 @triton.jit
@@ -88,31 +92,33 @@ def _lora_expand_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    slot = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     tok_slot = tl.load(slots_ptr + offs_m, mask=offs_m < T, other=-1)
-    match = tok_slot == slot
-    if tl.sum(match.to(tl.int32), axis=0) > 0:
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        n_mask = offs_n < OUT
-        t = tl.load(
-            t_ptr + offs_m[:, None] * stride_tm + offs_k[None, :],
-            mask=match[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn + offs_k[:, None],
-            mask=k_mask[:, None] & n_mask[None, :],
-            other=0.0,
-        )  # [BLOCK_K, BLOCK_N]: B^T's tile
-        # Round the shrink's output to B's dtype (PEFT feeds lora_A's output, in the model dtype, to lora_B).
-        delta = tl.dot(t.to(b.dtype), b)
-        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-        y_mask = match[:, None] & n_mask[None, :]
-        y = tl.load(y_ptrs, mask=y_mask, other=0.0)
-        tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=y_mask)
+    lo = tl.min(tl.where(tok_slot >= 0, tok_slot, 1 << 30), axis=0)  # none: an empty range below
+    hi = tl.max(tok_slot, axis=0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    n_mask = offs_n < OUT
+    for slot in range(lo, hi + 1):
+        match = tok_slot == slot
+        if tl.sum(match.to(tl.int32), axis=0) > 0:
+            t = tl.load(
+                t_ptr + offs_m[:, None] * stride_tm + offs_k[None, :],
+                mask=match[:, None] & k_mask[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn + offs_k[:, None],
+                mask=k_mask[:, None] & n_mask[None, :],
+                other=0.0,
+            )  # [BLOCK_K, BLOCK_N]: B^T's tile
+            # Round the shrink's output to B's dtype (PEFT feeds lora_A's output, in the model dtype, to lora_B).
+            delta = tl.dot(t.to(b.dtype), b)
+            y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+            y_mask = match[:, None] & n_mask[None, :]
+            y = tl.load(y_ptrs, mask=y_mask, other=0.0)
+            tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=y_mask)
 
 
 def _block_k(k: int) -> int:
@@ -142,7 +148,8 @@ def lora_shrink(
     split = max(1, min(in_features // 512, 64 // num_m))
     chunk = triton.cdiv(triton.cdiv(in_features, split), block_in) * block_in
     split = triton.cdiv(in_features, chunk)
-    _lora_shrink_kernel[(num_m, num_slots, split)](
+    del num_slots  # the kernel reads the slots of its tile from token_slots
+    _lora_shrink_kernel[(num_m, split)](
         x,
         a_stacked,
         token_slots,
@@ -182,7 +189,7 @@ def lora_expand(
     if y.stride(1) != 1:
         raise ValueError("lora_expand: y must be contiguous along its last dimension")
     block_m, block_n = 16, 64
-    grid = (triton.cdiv(num_tokens, block_m), triton.cdiv(out_features, block_n), num_slots)
+    grid = (triton.cdiv(num_tokens, block_m), triton.cdiv(out_features, block_n))
     _lora_expand_kernel[grid](
         t,
         b_stacked,

@@ -74,3 +74,15 @@ def test_lora_kernels_refuse_mismatched_shapes() -> None:
         lora_shrink(x, a[:, :, :16], slots)
     with pytest.raises(ValueError, match=r"lora_expand: t \(4, 16\), B \(2, 16, 16\), y \(4, 8\)"):
         lora_expand(torch.zeros(4, 16, device=DEVICE), b, slots, y[:, :8])
+
+
+@in_process
+def test_lora_kernels_leave_tokens_without_an_adapter_alone() -> None:
+    """A batch of base-model tokens only (every slot -1), as a CUDA graph replays for base requests."""
+    from ops.triton.lora import lora_expand, lora_shrink
+
+    x, a, b, slots, y = _inputs(20, 32, 40, 16, 2, 3)
+    slots = torch.full_like(slots, -1)
+    y_out = y.clone()
+    lora_expand(lora_shrink(x, a, slots), b, slots, y_out)
+    assert torch.equal(y_out, y)

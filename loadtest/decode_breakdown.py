@@ -162,7 +162,13 @@ def timeline(prof: Any, cuda: bool) -> list[dict[str, Any]]:
     """Device kernels (cuda) or CPU operators with self time (cpu) in start order: name, start/end us,
     the `weir::` range they ran under."""
     events = list(prof.events())
-    by_id = {e.id: e for e in events if str(e.device_type).split(".")[-1] == "CPU"}
+    # Operators and ranges only (linked id 0): runtime events carry CUPTI's correlation ids, another
+    # numbering, which a kernel's link to its launching operator must not land on.
+    by_id = {
+        e.id: e
+        for e in events
+        if str(e.device_type).split(".")[-1] == "CPU" and not getattr(e, "linked_correlation_id", 0)
+    }
     fallback = None
     if cuda and not all(hasattr(e, "linked_correlation_id") for e in events):
         fallback = _labels_by_kernel(events, by_id)

@@ -1,6 +1,9 @@
 """Beam search's ranking, step by step, exactly as transformers' generate(num_beams=k,
-num_return_sequences=k, do_sample=False, length_penalty, early_stopping) does it. No torch: the scores
-are numpy float32, the dtype transformers accumulates them in, so the same candidates win.
+num_return_sequences=k, do_sample=False, length_penalty, early_stopping) does it. Plain Python, no torch
+and no numpy: a group's step handles k x 2k candidates, where a numpy call per stage costs more than the
+loop. Every score is rounded to float32 after each operation (array("f")), the dtype transformers
+accumulates in, so the same candidates win: a float64 result of one +, - or / of float32 values,
+rounded to float32, is the correctly rounded float32 result.
 
 One step of a group of k running beams (at the first step, the prompt alone):
   1. every beam's top candidates (the runner gives each beam's top-K raw log-probabilities) are
@@ -18,11 +21,14 @@ One step of a group of k running beams (at the first step, the prompt alone):
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
-import numpy as np
+_NEG = -1.0e9  # transformers' "impossible" score offset (exact in float32)
 
-_NEG = np.float32(-1.0e9)  # transformers' "impossible" score offset
+
+def _f32(x: float) -> float:
+    return array("f", (x,))[0]
 
 
 @dataclass(slots=True)
@@ -61,12 +67,13 @@ class BeamSearchState:
         self.early_stopping = early_stopping
         # Candidates kept per step, and so the top-N log-probabilities each beam needs from the runner.
         self.num_candidates = max(2, 1 + len(stop_token_ids)) * width
-        # Running beams, best first: their scores and generated tokens. The first step has the prompt
-        # alone (transformers' other k - 1 copies start at -1e9 and never place).
-        self.scores = np.zeros(1, dtype=np.float32)
-        self.outputs: list[list[int]] = [[]]
+        # Running beams, best first: their float32 scores and generated tokens, each as a chain
+        # (last token, the chain before it), so a step costs O(k) however long the beams are. The first
+        # step has the prompt alone (transformers' other k - 1 copies start at -1e9 and never place).
+        self.scores: list[float] = [0.0]
+        self._chains: list[tuple | None] = [None]
         # k finished slots, best first, as transformers keeps them: unfilled ones score -1e9.
-        self.finished_scores = np.full(width, _NEG, dtype=np.float32)
+        self.finished_scores: list[float] = [_NEG] * width
         self.finished: list[Hypothesis | None] = [None] * width
         self.num_generated = 0
         self.improvable = True
@@ -74,60 +81,70 @@ class BeamSearchState:
 
     @property
     def num_running(self) -> int:
-        return len(self.outputs)
+        return len(self.scores)
+
+    @property
+    def outputs(self) -> list[list[int]]:
+        """The running beams' generated tokens."""
+        return [_tokens(c) for c in self._chains]
 
     def step(self, top: list[tuple[list[int], list[float]]]) -> BeamStep:
         """top[i]: running beam i's most likely next tokens and their log-probabilities, best first
         (at least num_candidates of them). Returns the next running beams."""
         k = self.width
-        n_cand = self.num_candidates
-        beams = np.concatenate([np.full(len(ids), i, dtype=np.int64) for i, (ids, _) in enumerate(top)])
-        tokens = np.concatenate([np.asarray(ids, dtype=np.int64) for ids, _ in top])
-        acc = np.concatenate(
-            [self.scores[i] + np.asarray(lps, dtype=np.float32) for i, (_, lps) in enumerate(top)]
-        )  # [beams x N] float32
-        order = np.lexsort((tokens, beams, -acc))[:n_cand]  # score desc, then beam-major index
-        beams, tokens, acc = beams[order], tokens[order], acc[order]
-        gen_len = self.num_generated + 1
         stop_ids = self.stop_token_ids
-        hits = np.fromiter(
-            (int(t) in stop_ids or gen_len >= self.max_tokens for t in tokens), dtype=bool, count=len(tokens)
-        )
+        # Every candidate as (-score, beam, token): sorted, the best first, ties by the lower
+        # beam-major index (what a top-k over beam x vocabulary gives).
+        cands: list[tuple[float, int, int]] = []
+        for i, (ids, lps) in enumerate(top):
+            score = self.scores[i]
+            accs = array("f", [score + lp for lp in lps])
+            cands += [(-a, i, t) for a, t in zip(accs, ids, strict=True)]
+        cands.sort()
+        del cands[self.num_candidates :]
+        gen_len = self.num_generated + 1
+        at_max = gen_len >= self.max_tokens
+        hits = [at_max or t in stop_ids for _, _, t in cands]
 
         # Next running beams: the best k candidates that did not hit a stopping criterion.
-        running_lp = acc + _NEG * hits.astype(np.float32)
-        keep = np.argsort(-running_lp, kind="stable")[:k]
-        old_outputs = self.outputs
-        continuations = [(int(beams[j]), int(tokens[j])) for j in keep]
+        running_lp = array("f", [-c[0] + _NEG if h else -c[0] for c, h in zip(cands, hits, strict=True)])
+        keep = sorted(range(len(cands)), key=lambda j: -running_lp[j])[:k]
+        chains = self._chains
+        continuations = [(cands[j][1], cands[j][2]) for j in keep]
 
         # Finished hypotheses: those of the first k candidates that hit one, length-penalized.
         lp = self.length_penalty
-        penalized = acc / np.float32(gen_len**lp)
-        full = bool(all(h is not None for h in self.finished)) and self.early_stopping is True
-        just_finished = hits & (np.arange(len(tokens)) < k)
-        fin = penalized + _NEG * np.float32(full) + _NEG * np.float32(not self.improvable)
-        fin = fin + _NEG * (~just_finished).astype(np.float32)
-        merged_scores = np.concatenate([self.finished_scores, fin])
+        denom = _f32(gen_len**lp)
+        full = all(h is not None for h in self.finished) and self.early_stopping is True
+        penalized = array("f", [-c[0] / denom for c in cands])
+        fins = penalized
+        if full:  # no new hypothesis may enter (the search stops at this step anyway)
+            fins = array("f", [f + _NEG for f in fins])
+        if not self.improvable:
+            fins = array("f", [f + _NEG for f in fins])
+        not_finished = array("f", [f + _NEG for f in fins])
+        merged_scores = list(self.finished_scores)
         merged: list[Hypothesis | None] = list(self.finished)
-        for j in range(len(tokens)):
-            if just_finished[j]:
-                tok = int(tokens[j])
-                merged.append(
-                    Hypothesis(
-                        old_outputs[int(beams[j])] + [tok],
-                        float(acc[j]),
-                        float(penalized[j]),
-                        "stop" if tok in stop_ids else "length",
-                    )
-                )
-            else:
+        for j, (neg_acc, beam, tok) in enumerate(cands):
+            if not (hits[j] and j < k):
+                merged_scores.append(not_finished[j])
                 merged.append(None)
-        best = np.argsort(-merged_scores, kind="stable")[:k]
-        self.finished_scores = merged_scores[best]
+                continue
+            merged_scores.append(fins[j])
+            merged.append(
+                Hypothesis(
+                    _tokens((tok, chains[beam])),
+                    -neg_acc,
+                    penalized[j],
+                    "stop" if tok in stop_ids else "length",
+                )
+            )
+        best = sorted(range(len(merged_scores)), key=lambda j: -merged_scores[j])[:k]
+        self.finished_scores = [merged_scores[j] for j in best]
         self.finished = [merged[j] for j in best]
 
-        self.scores = running_lp[keep]
-        self.outputs = [old_outputs[b] + [t] for b, t in continuations]
+        self.scores = [running_lp[j] for j in keep]
+        self._chains = [(t, chains[b]) for b, t in continuations]
         self.num_generated = gen_len
 
         # Can a running beam still beat the worst finished one?
@@ -135,17 +152,26 @@ class BeamSearchState:
             best_len = self.max_tokens
         else:
             best_len = gen_len
-        best_possible = self.scores[0] / np.float32(best_len**lp)
-        worst = self.finished_scores.min()
+        best_possible = _f32(self.scores[0] / _f32(best_len**lp))
+        worst = min(self.finished_scores)
         self.improvable = self.improvable and any(
             best_possible > (worst if h is not None else _NEG) for h in self.finished
         )
         all_finished = all(h is not None for h in self.finished)
         self.done = not (
-            self.improvable and not (all_finished and self.early_stopping is True) and not hits.all()
+            self.improvable and not (all_finished and self.early_stopping is True) and not all(hits)
         )
         return BeamStep(continuations, self.done)
 
     def results(self) -> list[Hypothesis]:
         """The finished hypotheses, best first (k of them once done)."""
         return [h for h in self.finished if h is not None]
+
+
+def _tokens(chain: tuple | None) -> list[int]:
+    out: list[int] = []
+    while chain is not None:
+        out.append(chain[0])
+        chain = chain[1]
+    out.reverse()
+    return out

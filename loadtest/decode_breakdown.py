@@ -191,6 +191,11 @@ def timeline(prof: Any, cuda: bool) -> list[dict[str, Any]]:
             rng = _range(e, by_id)
             label = None if rng is None else rng.name[len(PREFIX) :]
             range_id = None if rng is None else rng.id  # one graph replay per step: its kernels share it
+            launcher = by_id.get(getattr(e, "linked_correlation_id", 0) or -1)
+            if label == GRAPH and launcher is not None and launcher.name.startswith("aten::"):
+                # Launched by an aten operator inside the replay range (CUDAGraph.replay's own fill, in
+                # some torch versions), not by the graph launch itself: not a kernel of the graph.
+                label = None
         out.append({"name": e.name, "start": start, "end": end, "label": label, "range": range_id})
     out.sort(key=lambda k: k["start"])
     return out

@@ -49,15 +49,16 @@ class LoRAManager:
         self.layers: dict[str, LoRALinear] = {}
         for name, module in model.named_modules():
             if isinstance(module, LinearBase):
-                lora = LoRALinear(
-                    module,
-                    self.batch,
-                    config.max_loras,
-                    config.max_lora_rank,
-                    kernels.lora_shrink,
-                    kernels.lora_expand,
-                )
-                module.lora = lora.to(device)
+                with torch.device(device):  # the slots straight on the device (GBs at 64 slots)
+                    lora = LoRALinear(
+                        module,
+                        self.batch,
+                        config.max_loras,
+                        config.max_lora_rank,
+                        kernels.lora_shrink,
+                        kernels.lora_expand,
+                    )
+                module.lora = lora
                 self.layers[name] = lora
         # lora_int_id -> adapter, least recently used first.
         self._cache: OrderedDict[int, LoRAAdapter] = OrderedDict()
@@ -108,6 +109,19 @@ class LoRAManager:
             return list(self._cache)
 
     # ------------------------------------------------------------------ per step
+    @staticmethod
+    def group_by_adapter(requests: dict, scheduled: dict[str, int]) -> dict[str, int]:
+        """The step's requests ordered by adapter (stable; the base model first), so that a token
+        tile of the LoRA kernels holds few adapters: each tile reads the weights of every adapter
+        in it. Unchanged when the step has at most one adapter."""
+        keys = {}
+        for req_id in scheduled:
+            state = requests.get(req_id)
+            keys[req_id] = state.lora.lora_int_id if state is not None and state.lora is not None else 0
+        if len(set(keys.values())) <= 1:
+            return scheduled
+        return {req_id: scheduled[req_id] for req_id in sorted(scheduled, key=keys.__getitem__)}
+
     def prepare_step(
         self,
         adapters: list[LoRAAdapter | None],  # per scheduled sequence, in flat-batch order

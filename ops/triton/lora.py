@@ -36,7 +36,7 @@ def _lora_shrink_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_IN: tl.constexpr,
-    SPLIT: tl.constexpr,
+    ATOMIC: tl.constexpr,  # the input dimension is split over programs: add the partials
 ):
     pid_m = tl.program_id(0)
     pid_split = tl.program_id(1)
@@ -67,10 +67,10 @@ def _lora_shrink_kernel(
                 acc += tl.dot(x, a.to(x.dtype))
             out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_k[None, :]
             out_mask = match[:, None] & k_mask[None, :]
-            if SPLIT == 1:
-                tl.store(out_ptrs, acc, mask=out_mask)
-            else:
+            if ATOMIC:
                 tl.atomic_add(out_ptrs, acc, mask=out_mask)
+            else:
+                tl.store(out_ptrs, acc, mask=out_mask)
 
 
 @triton.jit
@@ -125,6 +125,12 @@ def _block_k(k: int) -> int:
     return max(16, triton.next_power_of_2(k))
 
 
+def _block_m(num_tokens: int, block_k: int) -> int:
+    """Token tile: 64 for long batches (each slot's weight tile is reused over more tokens), 16 for
+    decode-sized ones and wide ranks (a [64, block_k] fp32 tile would spill registers)."""
+    return 64 if num_tokens >= 256 and block_k <= 64 else 16
+
+
 def lora_shrink(
     x: torch.Tensor,  # [num_tokens, in_features]
     a_stacked: torch.Tensor,  # [num_slots, lora_dim, in_features]
@@ -141,7 +147,8 @@ def lora_shrink(
     out = torch.zeros(num_tokens, lora_dim, dtype=torch.float32, device=x.device)
     if num_tokens == 0:
         return out
-    block_m, block_in = 16, 64
+    block_k = _block_k(lora_dim)
+    block_m, block_in = _block_m(num_tokens, block_k), 64
     num_m = triton.cdiv(num_tokens, block_m)
     # Small batches (decode) give too few programs to stream A at full bandwidth: split the input
     # dimension too and add the partials atomically. Fixed by shapes only, so graphs capture it.
@@ -163,9 +170,9 @@ def lora_shrink(
         out.stride(0),
         chunk,
         BLOCK_M=block_m,
-        BLOCK_K=_block_k(lora_dim),
+        BLOCK_K=block_k,
         BLOCK_IN=block_in,
-        SPLIT=split,
+        ATOMIC=split > 1,
     )
     return out
 
@@ -188,7 +195,8 @@ def lora_expand(
         return y
     if y.stride(1) != 1:
         raise ValueError("lora_expand: y must be contiguous along its last dimension")
-    block_m, block_n = 16, 64
+    block_k = _block_k(lora_dim)
+    block_m, block_n = _block_m(num_tokens, block_k), 64
     grid = (triton.cdiv(num_tokens, block_m), triton.cdiv(out_features, block_n))
     _lora_expand_kernel[grid](
         t,
@@ -204,6 +212,6 @@ def lora_expand(
         y.stride(0),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        BLOCK_K=_block_k(lora_dim),
+        BLOCK_K=block_k,
     )
     return y

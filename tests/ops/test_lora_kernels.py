@@ -43,6 +43,7 @@ def _inputs(num_tokens: int, in_features: int, out_features: int, lora_dim: int,
         (1, 64, 48, 16, 1),  # batch-1 decode
         (7, 1100, 96, 48, 3),  # ragged; fused qkv at rank 16 (3 x 16); input split in chunks
         (37, 80, 200, 8, 4),  # several token tiles, ragged output tiles
+        (300, 64, 96, 32, 3),  # a long batch: 64-token tiles
     ],
 )
 def test_lora_shrink_and_expand_match_the_reference(

@@ -1,18 +1,27 @@
-"""A Triton GEMM for 4- and 8-bit weight-only formats (W4A16 / W8A16) with the dequantization fused
-into the inner loop: y = x w, w[k, n] = (code[k, n] - zero[k // group_size, n]) * scale[k // group_size, n].
+"""Triton kernels for 4- and 8-bit weight-only formats (W4A16 / W8A16): a GEMM with the dequantization
+fused into its inner loop, with split-K for small batches, and a dequantizing kernel for large ones.
+w[k, n] = (code[k, n] - zero[k // group_size, n]) * scale[k // group_size, n]; y = x w.
 
-Layout it reads (what GPTQ stores, and what AWQ repacks to by unpacking and re-packing along K):
+Layout both read (what GPTQ stores, and what AWQ is repacked to at load by unpacking and re-packing
+along K; engine.model.quantization.wna16):
 - `qweight` int32 [K / pf, N], pf = 32 // bits codes per word along K, the lowest bits first;
 - `scales`, `zeros` [G, N] floating (zeros as values, GPTQ's "gptq" offset already added back);
-- groups contiguous along K (act-order GPTQ: permute K at load by argsort(g_idx) and gather x's
-  columns the same way per call).
-Each program computes a [BLOCK_M, BLOCK_N] tile of y: it loads a [BLOCK_K, BLOCK_N] tile of words,
-shifts the codes out in registers, applies the group's zero and scale, and feeds tl.dot in x's dtype
-with float32 accumulation. The spec is engine.model.quantization.common.dequantize + F.linear; the
-test (tests/ops/test_wna16_gemm.py) checks it under TRITON_INTERPRET=1.
+- groups contiguous along K (act-order GPTQ: K permuted at load by argsort(g_idx), x's columns
+  gathered the same way per call).
 
-Not wired into the GPTQ/AWQ methods yet (they dequantize then call F.linear): that waits for a GPU
-run of this kernel, with a split-K path for batch-1 decode.
+`wna16_gemm`: each program computes a [BLOCK_M, BLOCK_N] tile of y over its share of K (all of it, or
+1 / SPLIT_K). Per step it loads a [BLOCK_K / pf, BLOCK_N] tile of words once, shifts the pf codes of
+each word out in registers, applies the group's zero and scale (one row of them when the tile lies in
+one group, else per row) and feeds tl.dot in x's dtype with float32 accumulation. At batch 1-16 the
+(M, N) tiles are too few to fill the GPU and every weight byte is read once, so SPLIT_K > 1 splits K
+over more programs: each writes a float32 partial [SPLIT_K, M, N], summed after. Launch shapes are
+chosen by engine.model.quantization.wna16.plan_wna16 (a pure function of the shape).
+
+`wna16_dequantize`: the whole [K, N] weight in x's dtype, for large batches where cuBLAS's GEMM on it
+beats a fused kernel and the weight's one extra write and read are small next to the matmul.
+
+The spec is engine.model.quantization.common.dequantize + F.linear; tests/ops/test_wna16_gemm.py checks
+both kernels against it under TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations
@@ -23,16 +32,79 @@ import triton.language as tl
 
 
 @triton.jit
+def _dequant_tile(
+    qweight_ptr,
+    scales_ptr,
+    zeros_ptr,
+    k0,  # first K row of the tile (a multiple of BLOCK_K)
+    k_end,  # rows at or past this are masked
+    offs_n,  # [BLOCK_N]
+    mask_n,  # [BLOCK_N]
+    group_size,
+    stride_qk,
+    stride_qn,
+    stride_sg,
+    stride_sn,
+    stride_zg,
+    stride_zn,
+    BITS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ONE_GROUP: tl.constexpr,  # the tile lies in one group (group_size % BLOCK_K == 0)
+    GATHER_WORDS: tl.constexpr,  # load each row's word (PACK loads of it, from cache) instead of reshaping
+):
+    """[BLOCK_K, BLOCK_N] float32 weights of rows k0 .. k0 + BLOCK_K."""
+    PACK: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if GATHER_WORDS:
+        # AutoGPTQ's Triton kernel's way: a [BLOCK_K, BLOCK_N] load of words, row k reading word k // PACK
+        kk = k0 + tl.arange(0, BLOCK_K)
+        words = tl.load(
+            qweight_ptr + (kk // PACK)[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+            mask=(kk < k_end)[:, None] & mask_n[None, :],
+            other=0,
+        )
+        codes = ((words >> ((kk % PACK) * BITS)[:, None]) & MASK).to(tl.float32)
+    else:
+        word_rows = k0 // PACK + tl.arange(0, BLOCK_K // PACK)  # [BLOCK_K / PACK]
+        words = tl.load(
+            qweight_ptr + word_rows[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+            mask=(word_rows < (k_end + PACK - 1) // PACK)[:, None] & mask_n[None, :],
+            other=0,
+        )  # [BLOCK_K / PACK, BLOCK_N] int32: each word read once
+        shifts = tl.arange(0, PACK) * BITS  # [PACK]
+        # (word >> shift) & MASK is the code whether the shift is arithmetic or logical
+        codes = (words[:, None, :] >> shifts[None, :, None]) & MASK  # [BLOCK_K / PACK, PACK, BLOCK_N]
+        codes = tl.reshape(codes, (BLOCK_K, BLOCK_N)).to(tl.float32)  # row k0 + i at i
+    if ONE_GROUP:
+        g = k0 // group_size
+        scale = tl.load(scales_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0)
+        zero = tl.load(zeros_ptr + g * stride_zg + offs_n * stride_zn, mask=mask_n, other=0.0)
+        return (codes - zero.to(tl.float32)[None, :]) * scale.to(tl.float32)[None, :]
+    kk = k0 + tl.arange(0, BLOCK_K)
+    group = kk // group_size
+    tile_mask = (kk < k_end)[:, None] & mask_n[None, :]
+    scale = tl.load(
+        scales_ptr + group[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=tile_mask, other=0.0
+    )
+    zero = tl.load(
+        zeros_ptr + group[:, None] * stride_zg + offs_n[None, :] * stride_zn, mask=tile_mask, other=0.0
+    )
+    return (codes - zero.to(tl.float32)) * scale.to(tl.float32)
+
+
+@triton.jit
 def _wna16_gemm_kernel(
     x_ptr,  # [M, K]
     qweight_ptr,  # [K / pf, N] int32
     scales_ptr,  # [G, N]
     zeros_ptr,  # [G, N]
-    out_ptr,  # [M, N]
+    out_ptr,  # [M, N] in x's dtype (SPLIT_K == 1), or [SPLIT_K, M, N] float32 partials
     M,
     N,
     K,
     group_size,
+    k_per_split,  # K rows per split (a multiple of BLOCK_K)
     stride_xm,
     stride_xk,
     stride_qk,
@@ -41,53 +113,93 @@ def _wna16_gemm_kernel(
     stride_sn,
     stride_zg,
     stride_zn,
+    stride_os,
     stride_om,
     stride_on,
     BITS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    ONE_GROUP: tl.constexpr,
+    GATHER_WORDS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    PACK: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
     mask_m = offs_m < M
     mask_n = offs_n < N
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k  # [BLOCK_K]
-        mask_k = kk < K
+    for k0 in range(k_start, k_end, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
         a = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
-            mask=mask_m[:, None] & mask_k[None, :],
+            mask=mask_m[:, None] & (kk < k_end)[None, :],
             other=0.0,
         )  # [BLOCK_M, BLOCK_K]
-        tile_mask = mask_k[:, None] & mask_n[None, :]
-        words = tl.load(
-            qweight_ptr + (kk // PACK)[:, None] * stride_qk + offs_n[None, :] * stride_qn,
-            mask=tile_mask,
-            other=0,
-        )  # [BLOCK_K, BLOCK_N] int32, each word read PACK times (from cache)
-        # (word >> shift) & MASK is the code whether the shift is arithmetic or logical
-        codes = (words >> ((kk % PACK) * BITS)[:, None]) & MASK
-        group = kk // group_size
-        scale = tl.load(
-            scales_ptr + group[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=tile_mask, other=0.0
-        )
-        zero = tl.load(
-            zeros_ptr + group[:, None] * stride_zg + offs_n[None, :] * stride_zn, mask=tile_mask, other=0.0
-        )
-        w = (codes.to(tl.float32) - zero.to(tl.float32)) * scale.to(tl.float32)  # [BLOCK_K, BLOCK_N]
+        w = _dequant_tile(
+            qweight_ptr, scales_ptr, zeros_ptr, k0, k_end, offs_n, mask_n, group_size,
+            stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
+            BITS, BLOCK_N, BLOCK_K, ONE_GROUP, GATHER_WORDS,
+        )  # fmt: skip
         acc += tl.dot(a, w.to(a.dtype))
+    out = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _wna16_dequant_kernel(
+    qweight_ptr,  # [K / pf, N] int32
+    scales_ptr,  # [G, N]
+    zeros_ptr,  # [G, N]
+    out_ptr,  # [K, N]
+    N,
+    K,
+    group_size,
+    stride_qk,
+    stride_qn,
+    stride_sg,
+    stride_sn,
+    stride_zg,
+    stride_zn,
+    stride_ok,
+    stride_on,
+    BITS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ONE_GROUP: tl.constexpr,
+):
+    k0 = tl.program_id(0) * BLOCK_K
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    w = _dequant_tile(
+        qweight_ptr, scales_ptr, zeros_ptr, k0, K, offs_n, mask_n, group_size,
+        stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
+        BITS, BLOCK_N, BLOCK_K, ONE_GROUP, False,
+    )  # fmt: skip
+    kk = k0 + tl.arange(0, BLOCK_K)
     tl.store(
-        out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-        acc.to(out_ptr.dtype.element_ty),
-        mask=mask_m[:, None] & mask_n[None, :],
+        out_ptr + kk[:, None] * stride_ok + offs_n[None, :] * stride_on,
+        w.to(out_ptr.dtype.element_ty),
+        mask=(kk < K)[:, None] & mask_n[None, :],
     )
+
+
+def _check(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, k: int, bits: int, group_size: int
+) -> int:
+    n = qweight.shape[1]
+    if qweight.shape[0] * (32 // bits) != k:
+        raise ValueError(f"qweight {tuple(qweight.shape)} does not pack K={k} at {bits} bits")
+    if k % group_size or scales.shape != (k // group_size, n) or zeros.shape != scales.shape:
+        raise ValueError(
+            f"scales/zeros {tuple(scales.shape)} do not match K={k}, N={n}, group_size={group_size}"
+        )
+    return n
 
 
 def wna16_gemm(
@@ -100,40 +212,60 @@ def wna16_gemm(
     block_m: int = 16,
     block_n: int = 32,
     block_k: int = 32,
+    split_k: int = 1,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    gather_words: bool = False,
 ) -> torch.Tensor:  # [M, N] in x.dtype
+    """y = x w with w dequantized tile by tile. block_k must be a multiple of 32 // bits; split_k > 1
+    splits K over that many programs per output tile (partials summed in float32). gather_words: the
+    other way to unpack (see _dequant_tile), for the GPU benchmark to compare."""
     M, K = x.shape
-    N = qweight.shape[1]
-    if qweight.shape[0] * (32 // bits) != K:
-        raise ValueError(f"qweight {tuple(qweight.shape)} does not pack K={K} at {bits} bits")
-    if K % group_size or scales.shape != (K // group_size, N) or zeros.shape != scales.shape:
-        raise ValueError(
-            f"scales/zeros {tuple(scales.shape)} do not match K={K}, N={N}, group_size={group_size}"
-        )
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    N = _check(qweight, scales, zeros, K, bits, group_size)
+    if block_k % (32 // bits):
+        raise ValueError(f"block_k {block_k} is not a multiple of {32 // bits} (codes per word)")
+    # K rows per split, whole tiles; fewer splits when K is short
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
+    split_k = triton.cdiv(K, k_per_split)
+    if split_k == 1:
+        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        so, sm, sn = 0, out.stride(0), out.stride(1)
+    else:
+        out = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
+        so, sm, sn = out.stride()
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), split_k)
     _wna16_gemm_kernel[grid](
-        x,
-        qweight,
-        scales,
-        zeros,
-        out,
-        M,
-        N,
-        K,
-        group_size,
-        x.stride(0),
-        x.stride(1),
-        qweight.stride(0),
-        qweight.stride(1),
-        scales.stride(0),
-        scales.stride(1),
-        zeros.stride(0),
-        zeros.stride(1),
-        out.stride(0),
-        out.stride(1),
-        BITS=bits,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-    )
+        x, qweight, scales, zeros, out,
+        M, N, K, group_size, k_per_split,
+        x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1),
+        scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),
+        so, sm, sn,
+        BITS=bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        ONE_GROUP=group_size % block_k == 0, GATHER_WORDS=gather_words,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return out if split_k == 1 else out.sum(dim=0).to(x.dtype)
+
+
+def wna16_dequantize(
+    qweight: torch.Tensor,  # [K / pf, N] int32
+    scales: torch.Tensor,  # [G, N]
+    zeros: torch.Tensor,  # [G, N]
+    bits: int,
+    group_size: int,
+    dtype: torch.dtype,
+    block_n: int = 64,
+    block_k: int = 64,
+) -> torch.Tensor:  # [K, N] in dtype
+    K = qweight.shape[0] * (32 // bits)
+    N = _check(qweight, scales, zeros, K, bits, group_size)
+    out = torch.empty(K, N, dtype=dtype, device=qweight.device)
+    grid = (triton.cdiv(K, block_k), triton.cdiv(N, block_n))
+    _wna16_dequant_kernel[grid](
+        qweight, scales, zeros, out, N, K, group_size,
+        qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
+        zeros.stride(0), zeros.stride(1), out.stride(0), out.stride(1),
+        BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k, ONE_GROUP=group_size % block_k == 0,
+        num_warps=4,
+    )  # fmt: skip
     return out

@@ -8,7 +8,8 @@ w[i, o] = (code[i, o] - zero[i // group_size, o]) * scale[i // group_size, o]; y
 Reference: AutoAWQ, awq/modules/linear/gemm.py, WQLinear_GEMM.from_linear (packing) and
 awq/utils/packing_utils.py, dequantize_gemm (unpacking with the reverse order [0, 4, 1, 5, 2, 6, 3, 7]).
 
-The post-load hook unpacks codes to uint8 [out, in] and zeros/scales to float32 [out, G].
+The post-load hook unpacks codes to uint8 [out, in] and zeros/scales to float32 [out, G] (on CUDA:
+repacked for the Triton kernels, engine.model.quantization.wna16).
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ from torch import nn
 
 from engine.model.parameter import WeightLoader, set_weight_attrs
 from engine.model.quantization.base import LinearMethodBase, QuantizationConfig
-from engine.model.quantization.common import apply_weight_only, is_skipped, unpacking_loader
+from engine.model.quantization.common import (
+    apply_weight_only,
+    is_skipped,
+    register_weight_only,
+    unpacking_loader,
+)
 from engine.model.quantization.packing import AWQ_PACK_ORDER, unpack_cols
 from engine.model.quantization.unquantized import UnquantizedLinearMethod
 
@@ -114,11 +120,11 @@ class AWQLinearMethod(LinearMethodBase):
         zeros = (layer.qzeros.data & 0xF).float()  # [G, out]
         scales = layer.scales.data.float()  # [G, out]
         del layer.qweight, layer.qzeros, layer.scales
-        layer.register_buffer("codes", codes.t().contiguous())  # [out, in] uint8
-        layer.register_buffer("zeros", zeros.t().contiguous())  # [out, G] float32
-        layer.register_buffer("scales", scales.t().contiguous())  # [out, G] float32
-        layer.register_buffer("g_idx", None)  # contiguous groups in the checkpoint's input order:
-        layer.register_buffer("perm", None)  # the same layout as GPTQ's
+        # contiguous groups in the checkpoint's input order: GPTQ's layout (on CUDA: repacked along
+        # the input for the Triton kernels, engine.model.quantization.wna16)
+        register_weight_only(
+            layer, codes.t().contiguous(), zeros.t().contiguous(), scales.t().contiguous(), None, None, 4
+        )
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return apply_weight_only(layer, x, bias)

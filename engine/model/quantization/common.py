@@ -1,6 +1,7 @@
 """What the weight-only integer formats (GPTQ, AWQ) share: the skip list, a loader that unpacks
-packed zero points at load, and the dequantize-then-matmul reference every method's `apply` uses on
-CPU (and as the fallback on CUDA until a fused kernel lands).
+packed zero points at load, the layout their post-load hooks end in (`register_weight_only`), and the
+dequantize-then-matmul reference every method's `apply` uses on CPU; on CUDA the layers run the
+Triton kernels instead (engine.model.quantization.wna16).
 
 Zero points are packed along the output dim but grouped along the input dim, two packings on one
 tensor that the parameter metadata (one packed_dim) cannot describe; so the loader unpacks them as
@@ -17,6 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model.parameter import WeightLoader, WeightShapeError
+from engine.model.quantization.wna16 import (
+    apply_wna16,
+    register_kernel_layout,
+    triton_wna16_available,
+    use_wna16_kernels,
+)
 
 # Fused layer -> the checkpoint modules behind it (the Llama family's packed_modules_mapping).
 FUSED_MODULES: dict[str, tuple[str, ...]] = {
@@ -97,10 +104,37 @@ def dequantize(
     return w.to(dtype)
 
 
+def register_weight_only(
+    layer: nn.Module,
+    codes: torch.Tensor,  # [out, in] uint8, input columns in `perm` order
+    zeros: torch.Tensor,  # [out, G] float32
+    scales: torch.Tensor,  # [out, G] float32
+    perm: torch.Tensor | None,  # [in] int64: x's columns to gather per call (act order); None: as is
+    g_idx: torch.Tensor | None,  # [in] int64 group of each column when groups are uneven; None: contiguous
+    bits: int,
+) -> None:
+    """The GPTQ/AWQ post-load hooks' last step: the Triton kernels' packed layout on a GPU that runs
+    them (engine.model.quantization.wna16), else the reference's (codes, zeros, scales, g_idx, perm)."""
+    out_features, in_features = codes.shape
+    if use_wna16_kernels(
+        codes.device.type, triton_wna16_available(), g_idx is not None, bits, in_features, out_features
+    ):
+        register_kernel_layout(layer, codes, zeros, scales, perm, bits)
+        return
+    layer.wna16_bits = 0  # the reference path
+    layer.register_buffer("codes", codes)
+    layer.register_buffer("zeros", zeros)
+    layer.register_buffer("scales", scales)
+    layer.register_buffer("perm", perm)
+    layer.register_buffer("g_idx", g_idx)
+
+
 def apply_weight_only(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x w^T + b for a layer holding codes/zeros/scales/g_idx/perm (GPTQ, AWQ after loading):
     [tokens, in] -> [tokens, out]. With `perm` the codes' input columns are in group order, so x's
-    columns are gathered the same way."""
+    columns are gathered the same way. Layers in the kernel layout run the Triton kernels."""
+    if layer.wna16_bits:
+        return apply_wna16(layer, x, bias)
     if layer.perm is not None:
         x = x.index_select(-1, layer.perm)  # [tokens, in] in the codes' column order
     w = dequantize(layer.codes, layer.zeros, layer.scales, layer.g_idx, x.dtype)  # [out, in]

@@ -14,7 +14,8 @@ Reference: GPTQModel, gptqmodel/nn_modules/qlinear/__init__.py, BaseQuantLinear.
 The post-load hook unpacks the codes to uint8 [out, in] and the zeros and scales to float32
 [out, G], so `apply` dequantizes with one fused elementwise expression and calls F.linear. Act order
 (desc_act) is turned into a load-time permutation of the input columns (engine: `perm`), leaving
-contiguous groups, the layout the fused kernel (ops/triton/wna16_gemm.py) reads.
+contiguous groups, the layout the fused kernel (ops/triton/wna16_gemm.py) reads: on CUDA the layer
+ends packed for it (engine.model.quantization.wna16), on CPU in the reference's layout above.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from engine.model.quantization.base import LinearMethodBase, QuantizationConfig
 from engine.model.quantization.common import (
     apply_weight_only,
     is_skipped,
+    register_weight_only,
     same_on_every_shard_loader,
     unpacking_loader,
 )
@@ -169,13 +171,17 @@ class GPTQLinearMethod(LinearMethodBase):
             codes = codes[perm]
             g_idx = contiguous
         del layer.qweight, layer.qzeros, layer.scales, layer.g_idx
-        layer.register_buffer("codes", codes.t().contiguous())  # [out, in] uint8, in perm order
-        layer.register_buffer("zeros", zeros.t().contiguous())  # [out, G] float32
-        layer.register_buffer("scales", scales.t().contiguous())  # [out, G] float32
-        layer.register_buffer("perm", perm)  # None: the input order is the checkpoint's
-        # None: groups are contiguous, and dequantize reshapes instead of gathering (else: uneven
-        # act-order groups, gathered per call)
-        layer.register_buffer("g_idx", None if torch.equal(g_idx, contiguous) else g_idx)
+        register_weight_only(
+            layer,
+            codes.t().contiguous(),  # [out, in] uint8, in perm order
+            zeros.t().contiguous(),  # [out, G] float32
+            scales.t().contiguous(),  # [out, G] float32
+            perm,  # None: the input order is the checkpoint's
+            # None: groups are contiguous, and dequantize reshapes instead of gathering (else: uneven
+            # act-order groups, gathered per call)
+            None if torch.equal(g_idx, contiguous) else g_idx,
+            cfg.bits,
+        )
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return apply_weight_only(layer, x, bias)

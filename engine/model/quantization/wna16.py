@@ -1,0 +1,160 @@
+"""GPTQ and AWQ on CUDA: the weights repacked at load into the Triton W4A16/W8A16 kernels' layout
+(ops/triton/wna16_gemm.py) and each matmul dispatched by shape. CPU keeps the dequantize-then-F.linear
+reference (engine.model.quantization.common); so does a GPU layer the kernels cannot run (uneven
+act-order groups, shapes not packing whole words, or no Triton).
+
+Two decisions, both pure functions of python values so they are testable without a GPU and the same
+on every CUDA-graph replay:
+- `use_wna16_kernels(...)`, once per layer at load: kernel layout or the reference's;
+- `plan_wna16(num_tokens, in_features, out_features, group_size, num_sms)`, per call (cached per
+  shape): a fused GEMM launch shape, or "dequant" (dequantize the weight, then cuBLAS) for large
+  batches. Batches of 1-16 tokens read every weight byte once and do little math, so the GEMM splits
+  K until the grid holds about four programs per SM; 17-255 tokens tile M as well; from 256 tokens
+  the matmul is compute-bound and cuBLAS on the dequantized weight wins (vLLM's AWQ takes the same
+  turn at 256 tokens).
+
+Kernel layout on the layer (replacing codes/zeros/scales): `qweight` int32 [in / pf, out],
+`scales` and `zeros` float16 [groups, out] (exact: fp16 scales, integer zeros), `perm` (act order,
+gathered from x per call) and `wna16_bits`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.model.quantization.packing import pack_rows
+
+DEQUANT_MIN_TOKENS = 256  # from here on: dequantize, then cuBLAS
+SMALL_BATCH = 16  # up to here: one 16-row tile of M, split-K
+_PROGRAMS_PER_SM = 4
+_MIN_K_PER_SPLIT = 256  # fewer rows per split and the partials' traffic and sum stop paying
+
+
+@dataclass(frozen=True, slots=True)
+class WNA16Launch:
+    path: str  # "gemm" (fused kernel) | "dequant" (dequantize, then cuBLAS)
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 64
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def use_wna16_kernels(
+    device_type: str,
+    triton_available: bool,
+    uneven_groups: bool,
+    bits: int,
+    in_features: int,
+    out_features: int,
+) -> bool:
+    """Whether a GPTQ/AWQ layer runs the Triton kernels (else the dequantize-then-F.linear reference)."""
+    pack = 32 // bits
+    return (
+        device_type == "cuda"
+        and triton_available
+        and not uneven_groups  # act order with groups of unequal size: the kernel needs contiguous ones
+        and in_features % pack == 0
+        and out_features % 8 == 0  # 16-byte rows of int32 words / fp16 scales
+    )
+
+
+def plan_wna16(
+    num_tokens: int, in_features: int, out_features: int, group_size: int, num_sms: int
+) -> WNA16Launch:
+    """The launch for a [num_tokens, in_features] x [in_features, out_features] weight-only matmul."""
+    if num_tokens >= DEQUANT_MIN_TOKENS:
+        return WNA16Launch("dequant")
+    if num_tokens <= SMALL_BATCH:
+        block_m, block_n, block_k = 16, 64, 128
+    else:
+        block_m, block_n, block_k = (32 if num_tokens <= 32 else 64), 64, 64
+    # Tiles within one group load one row of scales and zeros per tile: shrink block_k to the group
+    # when the group is smaller (32, 64).
+    while group_size % block_k and block_k > 32:
+        block_k //= 2
+    tiles = -(-num_tokens // block_m) * -(-out_features // block_n)
+    split_k = 1
+    target = _PROGRAMS_PER_SM * num_sms
+    while (
+        tiles * split_k * 2 <= target
+        and in_features // (split_k * 2) >= max(_MIN_K_PER_SPLIT, block_k)
+        and split_k < 16
+    ):
+        split_k *= 2
+    return WNA16Launch("gemm", block_m, block_n, block_k, split_k)
+
+
+@functools.cache
+def _plan(
+    num_tokens: int, in_features: int, out_features: int, group_size: int, device_index: int
+) -> WNA16Launch:
+    # a CPU tensor (the Triton interpreter, tests): an H100's 132 SMs
+    sms = torch.cuda.get_device_properties(device_index).multi_processor_count if device_index >= 0 else 132
+    return plan_wna16(num_tokens, in_features, out_features, group_size, sms)
+
+
+def triton_wna16_available() -> bool:
+    try:
+        import ops.triton.wna16_gemm  # noqa: F401, PLC0415 (importing triton needs a GPU or the interpreter)
+    except ImportError:
+        return False
+    return True
+
+
+def register_kernel_layout(
+    layer: nn.Module,
+    codes: torch.Tensor,  # [out, in] uint8, input columns in the kernel's (perm) order
+    zeros: torch.Tensor,  # [out, G] float32
+    scales: torch.Tensor,  # [out, G] float32
+    perm: torch.Tensor | None,  # [in] int64
+    bits: int,
+) -> None:
+    layer.register_buffer("qweight", pack_rows(codes.t(), bits))  # [in / pf, out] int32
+    layer.register_buffer("scales", scales.t().to(torch.float16).contiguous())  # [G, out]
+    layer.register_buffer("zeros", zeros.t().to(torch.float16).contiguous())  # [G, out]
+    layer.register_buffer("perm", perm)
+    layer.wna16_bits = bits
+
+
+def apply_wna16(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x w + b through the Triton kernels: [..., in] -> [..., out]."""
+    from ops.triton.wna16_gemm import wna16_dequantize, wna16_gemm  # noqa: PLC0415
+
+    bits = layer.wna16_bits
+    qweight = layer.qweight  # [in / pf, out]
+    in_features, out_features = qweight.shape[0] * (32 // bits), qweight.shape[1]
+    group_size = in_features // layer.scales.shape[0]
+    x2 = x.reshape(-1, in_features)  # [tokens, in]
+    if layer.perm is not None:
+        x2 = x2.index_select(1, layer.perm)
+    launch = _plan(x2.shape[0], in_features, out_features, group_size, x.get_device())
+    if launch.path == "dequant":
+        w = wna16_dequantize(qweight, layer.scales, layer.zeros, bits, group_size, x.dtype)  # [in, out]
+        out = torch.matmul(x2, w)
+    else:
+        out = wna16_gemm(
+            x2, qweight, layer.scales, layer.zeros, bits, group_size,
+            launch.block_m, launch.block_n, launch.block_k, launch.split_k, launch.num_warps, launch.num_stages,
+        )  # fmt: skip
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], out_features)
+
+
+def apply_wna16_reference(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The kernel layout computed in plain torch (the spec `apply_wna16` must match; tests)."""
+    from engine.model.quantization.common import dequantize  # noqa: PLC0415
+    from engine.model.quantization.packing import unpack_rows  # noqa: PLC0415
+
+    codes = unpack_rows(layer.qweight, layer.wna16_bits).t()  # [out, in]
+    if layer.perm is not None:
+        x = x.index_select(-1, layer.perm)
+    w = dequantize(codes, layer.zeros.t().float(), layer.scales.t().float(), None, x.dtype)
+    return F.linear(x, w, bias)

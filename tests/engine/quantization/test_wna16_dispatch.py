@@ -1,0 +1,61 @@
+"""How GPTQ/AWQ layers choose between the Triton W4A16/W8A16 kernels and the torch reference, and the
+kernels' launch shapes: pure functions of the device, the layer and the batch (no GPU needed; the
+kernels themselves run under the Triton interpreter in tests/ops/test_wna16_gemm.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.model.quantization.detect import resolve_quantization
+from engine.model.quantization.wna16 import WNA16Launch, plan_wna16, use_wna16_kernels
+from tests.engine.quantization.checkpoints import write_awq
+from tests.engine.quantization.weights import load_quantized
+
+H100_SMS = 132
+# Llama-3-8B's linear layers: (in, out) of qkv (fused), o, gate_up (fused), down
+LLAMA3_8B = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
+
+
+def test_kernels_on_cuda_only_for_layouts_they_read() -> None:
+    assert use_wna16_kernels("cuda", True, False, 4, 4096, 6144)
+    assert use_wna16_kernels("cuda", True, False, 8, 4096, 6144)
+    assert not use_wna16_kernels("cpu", True, False, 4, 4096, 6144)  # CPU: the torch reference
+    assert not use_wna16_kernels("cuda", False, False, 4, 4096, 6144)  # no Triton
+    assert not use_wna16_kernels("cuda", True, True, 4, 4096, 6144)  # uneven act-order groups
+    assert not use_wna16_kernels("cuda", True, False, 4, 4100, 6144)  # K not whole words
+    assert not use_wna16_kernels("cuda", True, False, 4, 4096, 6148)  # N not 16-byte rows
+
+
+@pytest.mark.parametrize("num_tokens", [1, 8, 16])
+def test_small_batches_split_k_to_fill_the_gpu(num_tokens: int) -> None:
+    plans = {name: plan_wna16(num_tokens, k, n, 128, H100_SMS) for name, (k, n) in LLAMA3_8B.items()}
+    assert {name: p.split_k for name, p in plans.items()} == {"qkv": 4, "o": 8, "gate_up": 1, "down": 8}
+    for name, p in plans.items():
+        k, n = LLAMA3_8B[name]
+        assert (p.path, p.block_m, p.block_n, p.block_k) == ("gemm", 16, 64, 128)
+        programs = -(-n // p.block_n) * p.split_k
+        assert H100_SMS <= programs <= 4 * H100_SMS, name  # every SM busy, partials bounded
+        assert k // p.split_k >= 256  # each split still streams a long run of K
+
+
+def test_medium_batches_tile_m_and_large_ones_dequantize_for_cublas() -> None:
+    assert plan_wna16(17, 4096, 4096, 128, H100_SMS) == WNA16Launch("gemm", 32, 64, 64, 8)
+    assert plan_wna16(64, 4096, 28672, 128, H100_SMS) == WNA16Launch("gemm", 64, 64, 64, 1)
+    assert plan_wna16(255, 4096, 4096, 128, H100_SMS).path == "gemm"
+    assert plan_wna16(256, 4096, 4096, 128, H100_SMS) == WNA16Launch("dequant")
+    assert plan_wna16(8192, 14336, 4096, 32, H100_SMS) == WNA16Launch("dequant")
+
+
+@pytest.mark.parametrize(("group_size", "block_k"), [(32, 32), (64, 64), (128, 128), (4096, 128)])
+def test_tiles_stay_within_a_group(group_size: int, block_k: int) -> None:
+    plan = plan_wna16(1, 4096, 4096, group_size, H100_SMS)
+    assert plan.block_k == block_k and group_size % plan.block_k == 0
+
+
+def test_a_cpu_layer_keeps_the_reference_layout(wide_llama_dir: Path, tmp_path: Path) -> None:
+    quantized, _ = write_awq(wide_llama_dir, tmp_path, 64)
+    model = load_quantized(quantized, resolve_quantization(quantized, None)[2])
+    layer = model.model.layers[0].mlp.down_proj
+    assert layer.wna16_bits == 0 and layer.codes.shape == (128, 256)

@@ -41,12 +41,11 @@ async def submit(
     if lora is not None and state.loras.get(lora.lora_name) is not lora:
         # Unloaded while the prompt was being tokenized: as if it had arrived after the unload.
         raise state.model_not_found(lora.lora_name)
-    extra = {} if lora is None else {"lora_request": lora}
     check_queue_bounds(state, [len(ids) for _, ids in prompts], params.n, names.prompt, params.best_of)
     streams: list[AsyncIterator[RequestOutput]] = []
     try:
         for rid, (text, token_ids) in zip(request_ids, prompts, strict=True):
-            streams.append(await state.engine.add_request(rid, text, token_ids, params, priority, **extra))
+            streams.append(await state.engine.add_request(rid, text, token_ids, params, priority, lora))
     except BaseException as exc:
         await close_streams(streams)
         if isinstance(exc, Exception) and (err := error_from_refusal(exc, names)) is not None:

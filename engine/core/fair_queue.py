@@ -27,8 +27,7 @@ OUTPUT_TOKEN_WEIGHT = 2.0
 
 def tenant_of(request: Request) -> int:
     """The tenant a request's service is charged to: its adapter's id, 0 for the base model."""
-    lora = request.lora_request
-    return 0 if lora is None else lora.lora_int_id
+    return request.lora_int_id
 
 
 class FairQueue:

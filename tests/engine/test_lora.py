@@ -207,3 +207,39 @@ def test_lora_request_refused_when_lora_is_off(lora_setup: dict) -> None:
     processor = InputProcessor(None, 512, 256, 16, 100, [2])
     with pytest.raises(InvalidRequestError, match=r"lora_request names adapter 'r4-qv', but LoRA is off"):
         processor.process("a", [5, 6, 7], _greedy(), lora_request=lora_setup["requests"]["r4-qv"])
+
+
+def test_async_engine_generates_with_adapters(lora_setup: dict) -> None:
+    """The async engine: an adapter added ahead (on the worker thread), one loaded on first use by
+    generate(), the base model, concurrently; remove_lora takes it off the list."""
+    import asyncio
+
+    from engine.async_engine import AsyncEngine
+    from engine.config import EngineConfig
+
+    reqs = lora_setup["requests"]
+    adapters = ["r8-all", "r2-kup", None]
+
+    async def main() -> tuple[list[list[int]], set[int], bool, set[int]]:
+        config = EngineConfig(
+            model=lora_setup["model"], device="cpu", dtype="float32", enable_lora=True, max_loras=2
+        )
+        async with AsyncEngine(config) as engine:
+            assert await engine.add_lora(reqs["r8-all"]) is True
+
+            async def run(i: int, adapter: str | None) -> list[int]:
+                lora = reqs[adapter] if adapter else None
+                final = None
+                async for out in engine.generate(PROMPTS[i], _greedy(), f"req-{i}", lora_request=lora):
+                    final = out
+                assert final is not None and final.finished
+                return final.outputs[0].token_ids
+
+            tokens = await asyncio.gather(*(run(i, a) for i, a in enumerate(adapters)))
+            loaded = engine.list_loras()
+            removed = await engine.remove_lora(reqs["r8-all"].lora_int_id)
+            return list(tokens), loaded, removed, engine.list_loras()
+
+    tokens, loaded, removed, after = asyncio.run(asyncio.wait_for(main(), timeout=120))
+    assert tokens == [lora_setup["expected"](PROMPTS[i], a) for i, a in enumerate(adapters)]
+    assert loaded == {2, 4} and removed and after == {4}

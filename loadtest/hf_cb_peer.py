@@ -213,16 +213,11 @@ class HFContinuousBatchingPeer:
 
     def _run_requests(self, manager: Any, workload: Workload, tag: str, timeout_s: float) -> dict[str, Any]:
         """Queue every request at once; wait for all. Per-request token times when the library records them."""
+        extra, _ = _accepted(manager.add_request, {"record_timestamps": True, "eos_token_id": -1})
         t0 = time.perf_counter()
         ids = {}
         for i, (prompt, out_len) in enumerate(zip(workload.prompts, workload.output_lens, strict=True)):
-            rid = manager.add_request(
-                prompt,
-                request_id=f"{tag}-{i}",
-                max_new_tokens=out_len,
-                record_timestamps=True,
-                eos_token_id=-1,
-            )
+            rid = manager.add_request(prompt, request_id=f"{tag}-{i}", max_new_tokens=out_len, **extra)
             ids[rid] = out_len
         done: dict[str, Any] = {}
         deadline = t0 + timeout_s

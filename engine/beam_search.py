@@ -13,7 +13,7 @@ one final RequestOutput (whatever output_kind: a stream gets the final beams onl
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,7 +104,12 @@ class BeamSearchDriver:
         assert params.max_tokens is not None  # resolved by the input processor
         width = params.n
         state = BeamSearchState(
-            width, params.all_stop_token_ids, params.max_tokens, params.length_penalty, params.early_stopping
+            width,
+            params.all_stop_token_ids,
+            params.max_tokens,
+            params.length_penalty,
+            params.early_stopping,
+            self._stop_string_check(params),
         )
         # What the runner computes for a beam: its top log-probabilities (greedy, so no noise to draw).
         beam_params = params.copy()
@@ -131,6 +136,27 @@ class BeamSearchDriver:
         self._groups[request.request_id] = group
         for slot in slots:
             self._by_beam[slot.req_id] = group
+
+    def _stop_string_check(self, params: SamplingParams) -> Callable[[list[int]], str | None] | None:
+        """Whether a candidate's last token completes one of the stop strings: the text of a window of
+        its last tokens (long enough for the longest stop string) with and without that token."""
+        stops = params.stop
+        if not stops:
+            return None
+        window = max(map(len, stops)) + 2
+        decode = self.tokenizer.decode
+        skip = params.skip_special_tokens
+
+        def check(tokens: list[int]) -> str | None:
+            tail = tokens[-window - 1 :]
+            after = decode(tail, skip_special_tokens=skip)
+            before = decode(tail[:-1], skip_special_tokens=skip)
+            for stop in stops:
+                if stop in after and stop not in before:
+                    return stop
+            return None
+
+        return check
 
     # ------------------------------------------------------------------ a step's results
     def process(
@@ -214,9 +240,9 @@ class BeamSearchDriver:
         for i, hyp in enumerate(hyps):
             text = self._text(hyp, params)
             last = hyp.token_ids[-1] if hyp.token_ids else None
-            stop_reason = (
-                last if hyp.finish_reason == "stop" and last in (params.stop_token_ids or ()) else None
-            )
+            stop_reason: int | str | None = hyp.stop_str
+            if stop_reason is None and hyp.finish_reason == "stop" and last in (params.stop_token_ids or ()):
+                stop_reason = last
             completions.append(
                 CompletionOutput(
                     i,
@@ -247,9 +273,18 @@ class BeamSearchDriver:
 
     def _text(self, hyp: Hypothesis, params: SamplingParams) -> str:
         ids = hyp.token_ids
+        skip = params.skip_special_tokens
+        if hyp.stop_str is not None:
+            # Up to the stop string (which the last token completed), with it if asked, as vLLM does.
+            text = self.tokenizer.decode(ids, skip_special_tokens=skip)
+            before = self.tokenizer.decode(ids[:-1], skip_special_tokens=skip)
+            at = text.find(hyp.stop_str, max(0, len(before) - len(hyp.stop_str) + 1))
+            if at < 0:
+                at = text.rfind(hyp.stop_str)
+            return text[: at + (len(hyp.stop_str) if params.include_stop_str_in_output else 0)]
         if hyp.finish_reason == "stop" and ids and not params.include_stop_str_in_output:
             ids = ids[:-1]  # the stop token's text is left out, as for sampled requests
-        return self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
+        return self.tokenizer.decode(ids, skip_special_tokens=skip)
 
     def _drop(self, group: _BeamGroup) -> None:
         self._groups.pop(group.request.request_id, None)

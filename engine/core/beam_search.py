@@ -22,6 +22,7 @@ One step of a group of k running beams (at the first step, the prompt alone):
 from __future__ import annotations
 
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 
 _NEG = -1.0e9  # transformers' "impossible" score offset (exact in float32)
@@ -39,6 +40,7 @@ class Hypothesis:
     cum_logprob: float  # sum of the tokens' log-probabilities
     score: float  # cum_logprob / len(token_ids) ** length_penalty
     finish_reason: str  # "stop" or "length"
+    stop_str: str | None = None  # the stop string it completed, if one ended it
 
 
 @dataclass(slots=True)
@@ -59,8 +61,12 @@ class BeamSearchState:
         max_tokens: int,
         length_penalty: float,
         early_stopping: bool | str,
+        stop_string: Callable[[list[int]], str | None] | None = None,
     ) -> None:
+        """`stop_string(tokens)`: the stop string that the last of a candidate's generated `tokens`
+        completes, or None (a stopping criterion like a stop token's; None: no stop strings)."""
         self.width = width
+        self.stop_string = stop_string
         self.stop_token_ids = stop_token_ids
         self.max_tokens = max_tokens
         self.length_penalty = length_penalty
@@ -105,11 +111,17 @@ class BeamSearchState:
         gen_len = self.num_generated + 1
         at_max = gen_len >= self.max_tokens
         hits = [at_max or t in stop_ids for _, _, t in cands]
+        chains = self._chains
+        stop_strs: list[str | None] = [None] * len(cands)
+        if self.stop_string is not None:
+            for j, (_, beam, tok) in enumerate(cands):
+                if not hits[j]:
+                    stop_strs[j] = self.stop_string(_tokens((tok, chains[beam])))
+                    hits[j] = stop_strs[j] is not None
 
         # Next running beams: the best k candidates that did not hit a stopping criterion.
         running_lp = array("f", [-c[0] + _NEG if h else -c[0] for c, h in zip(cands, hits, strict=True)])
         keep = sorted(range(len(cands)), key=lambda j: -running_lp[j])[:k]
-        chains = self._chains
         continuations = [(cands[j][1], cands[j][2]) for j in keep]
 
         # Finished hypotheses: those of the first k candidates that hit one, length-penalized.
@@ -136,7 +148,8 @@ class BeamSearchState:
                     _tokens((tok, chains[beam])),
                     -neg_acc,
                     penalized[j],
-                    "stop" if tok in stop_ids else "length",
+                    "stop" if tok in stop_ids or stop_strs[j] is not None else "length",
+                    stop_strs[j],
                 )
             )
         best = sorted(range(len(merged_scores)), key=lambda j: -merged_scores[j])[:k]

@@ -179,7 +179,6 @@ class SamplingParams:
             "min_tokens": self.min_tokens > 0,
             "logprobs": self.logprobs is not None,
             "prompt_logprobs": self.prompt_logprobs is not None,
-            "stop": bool(self.stop),
         }
         for name, bad in refused.items():
             if bad:

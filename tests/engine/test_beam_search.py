@@ -182,6 +182,40 @@ def test_mixed_requests_finished_or_aborted_free_every_block(models) -> None:
     assert not engine.scheduler.requests
 
 
+def _beam_run(llm: LLM, params: SamplingParams) -> list:
+    (out,) = llm.generate([PROMPT], params, use_tqdm=False)
+    return out.outputs
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_a_stop_string_ends_a_hypothesis(models, include: bool) -> None:
+    """A candidate whose last token completes a stop string is a finished hypothesis, its text cut
+    before the string (or after it, with include_stop_str_in_output), stop_reason the string. No length
+    penalty (0): a short finished hypothesis then outranks longer ones and is among those returned."""
+    _, _, llm = models["llama"]
+    tokenizer = llm.get_tokenizer()
+    base = {
+        "n": 2,
+        "use_beam_search": True,
+        "temperature": 0.0,
+        "max_tokens": MAX_TOKENS,
+        "length_penalty": 0.0,
+    }
+    free = _beam_run(llm, SamplingParams(**base))
+    texts = [tokenizer.decode([t]).strip() for t in free[0].token_ids[1:]]
+    stop = next(t for t in texts if len(t) >= 2)  # a piece of the best beam's text
+    got = _beam_run(llm, SamplingParams(**base, stop=[stop], include_stop_str_in_output=include))
+    stopped = [c for c in got if c.stop_reason == stop]
+    assert stopped and all(c.finish_reason == "stop" for c in stopped)
+    for c in got:
+        full = tokenizer.decode(list(c.token_ids))
+        if c in stopped:
+            assert c.text.endswith(stop) if include else stop not in c.text
+            assert full.startswith(c.text) and stop in full
+        else:
+            assert stop not in full
+
+
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
@@ -191,7 +225,6 @@ def test_mixed_requests_finished_or_aborted_free_every_block(models) -> None:
         ({"min_p": 0.1}, "min_p"),
         ({"best_of": 3}, "best_of"),
         ({"logprobs": 2}, "logprobs"),
-        ({"stop": ["x"]}, "stop"),
         ({"early_stopping": "sometimes"}, "early_stopping"),
     ],
 )

@@ -255,10 +255,11 @@ class AsyncEngine:
     # ------------------------------------------------------------------ LoRA adapters
     async def add_lora(self, lora_request: LoRARequest) -> bool:
         """Load and check an adapter so requests can name it (LLMEngine.add_lora: False if it is
-        loaded already; LoRAAdapterError for a bad one). The load runs on the worker thread, between
-        steps, never on the event loop."""
+        loaded already; LoRAAdapterError for a bad one). The load (reading and checking the file)
+        runs on a thread of its own: neither the event loop nor the steps on the worker thread wait
+        for it (the runner's adapter cache is locked only to insert it)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.engine.add_lora, lora_request)
+        return await loop.run_in_executor(None, self.engine.add_lora, lora_request)
 
     async def remove_lora(self, lora_int_id: int) -> bool:
         """Unregister an adapter (False: none such); requests running on it finish, new ones naming

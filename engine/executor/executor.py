@@ -65,9 +65,7 @@ class Executor(ABC):
 
     def add_lora(self, lora_request: LoRARequest) -> None:
         """Load and check a LoRA adapter into every worker's host cache (raises LoRAAdapterError)."""
-        raise ValueError(
-            f"lora_request: {type(self).__name__} does not serve LoRA adapters (tensor parallelism)"
-        )
+        raise ValueError(f"lora_request: {type(self).__name__} does not serve LoRA adapters")
 
     def remove_lora(self, lora_int_id: int) -> bool:
         """Drop an adapter from the workers' host caches (requests running on it finish)."""

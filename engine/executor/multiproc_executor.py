@@ -29,6 +29,8 @@ from typing import Any
 from engine.config import ResolvedConfig
 from engine.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from engine.executor.executor import Executor
+from engine.executor.worker_process import rebuild_exception, worker_main
+from engine.lora.request import LoRARequest
 
 logger = logging.getLogger("weir.engine")
 
@@ -55,8 +57,6 @@ class MultiprocExecutor(Executor):
     """Ranks as worker processes. Its step handles are step ids."""
 
     def __init__(self, config: ResolvedConfig, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        from engine.executor.worker_process import worker_main  # noqa: PLC0415
-
         self.world_size = config.parallel.tensor_parallel_size
         self.timeout_s = timeout_s
         self.failed: WorkerFailedError | None = None
@@ -143,6 +143,12 @@ class MultiprocExecutor(Executor):
                     process.kill()
         self._finalizer()
 
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        self._call("add_lora", (lora_request,), self.timeout_s)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return bool(self._call("remove_lora", (lora_int_id,), self.timeout_s)[0])
+
     # ------------------------------------------------------------------ the pipes
     def _call(self, method: str, args: tuple, timeout_s: float) -> list[Any]:
         self._broadcast((method, args))
@@ -163,6 +169,7 @@ class MultiprocExecutor(Executor):
         """Every rank's reply, in rank order; raises WorkerFailedError on a death, an error or the
         deadline."""
         replies: dict[int, Any] = {}
+        invalid: BaseException | None = None
         pending = {conn: rank for rank, conn in enumerate(self._conns)}
         sentinels = {p.sentinel: rank for rank, p in enumerate(self._processes)}
         deadline = time.monotonic() + timeout_s
@@ -188,11 +195,17 @@ class MultiprocExecutor(Executor):
                     raise self._fail(
                         self._death_of(rank, grace_s=1.0) or f"rank {rank}'s pipe closed"
                     ) from None
+                if status == "invalid":  # the caller's error, raised once every rank has answered
+                    invalid = invalid or rebuild_exception(value)
+                    replies[rank] = None
+                    continue
                 if status != "ok":
                     # A collective failing because a peer died reports the death, not the symptom.
                     dead = next((m for r in range(self.world_size) if (m := self._death_of(r, 1.0))), None)
                     raise self._fail(dead or f"rank {rank} failed during {what}:\n{value}")
                 replies[rank] = value
+        if invalid is not None:
+            raise invalid
         return [replies[rank] for rank in range(self.world_size)]
 
     def _death_of(self, rank: int, grace_s: float = 0.0) -> str | None:

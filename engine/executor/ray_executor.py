@@ -22,6 +22,7 @@ from typing import Any
 
 from engine.config import ResolvedConfig
 from engine.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from engine.errors import InvalidRequestError
 from engine.executor.executor import Executor
 from engine.executor.multiproc_executor import (
     DEFAULT_TIMEOUT_S,
@@ -29,6 +30,8 @@ from engine.executor.multiproc_executor import (
     WorkerFailedError,
     free_port,
 )
+from engine.executor.worker_process import REQUEST_CALLS, exception_state, rebuild_exception
+from engine.lora.request import LoRARequest
 
 logger = logging.getLogger("weir.engine")
 
@@ -57,6 +60,11 @@ class RayWorker:
         if method == "shutdown":
             self.worker.shutdown()
             return None
+        if method in REQUEST_CALLS:  # the caller's error comes back as data, to be raised there
+            try:
+                return ("ok", getattr(self.worker, method)(*args))
+            except InvalidRequestError as exc:
+                return ("invalid", exception_state(exc))
         return getattr(self.worker, method)(*args)
 
 
@@ -137,6 +145,19 @@ class RayExecutor(Executor):
         for actor in self._actors:
             actor.call.remote(message)  # errors surface at this step's collect
         return step_id
+
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        self._request_call(("add_lora", (lora_request,)))
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return bool(self._request_call(("remove_lora", (lora_int_id,))))
+
+    def _request_call(self, message: tuple) -> Any:
+        replies = self._call(message, self.timeout_s)
+        invalid = next((value for status, value in replies if status == "invalid"), None)
+        if invalid is not None:
+            raise rebuild_exception(invalid)
+        return replies[0][1]
 
     def collect(self, launched: int) -> ModelRunnerOutput:
         output = self._call(("collect", (launched,)), self.timeout_s)[0]

@@ -2,13 +2,15 @@
 
 The process reads calls from its pipe, one pickled `(method, args)` per message, and runs them on its
 Worker (engine/worker/worker.py). `launch` answers nothing (the step's errors come back at its
-`collect`); every other call answers `("ok", result)` or `("error", text)`. It ends on "shutdown", on
+`collect`); every other call answers `("ok", result)` or `("error", text)`, or for an adapter the
+caller got wrong, `("invalid", the exception as data)`. It ends on "shutdown", on
 the pipe's end (the engine process is gone) or when its parent is no longer its parent, so a killed
 server leaves no worker behind.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import pickle
@@ -18,10 +20,29 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from engine.config import ResolvedConfig
+from engine.errors import InvalidRequestError
 
 # How often an idle worker checks that the engine process is still there.
 _PARENT_CHECK_S = 2.0
 _NO_REPLY = frozenset({"launch"})
+# Calls whose InvalidRequestError is the caller's (no collective ran): re-raised in the engine.
+REQUEST_CALLS = frozenset({"add_lora", "remove_lora"})
+
+
+def exception_state(exc: BaseException) -> tuple[str, str, tuple, dict]:
+    """An exception as plain data (the engine's errors take keyword-less constructors that plain
+    pickling cannot call back): module, class name, args and attributes."""
+    cls = type(exc)
+    return cls.__module__, cls.__qualname__, exc.args, dict(vars(exc))
+
+
+def rebuild_exception(state: tuple[str, str, tuple, dict]) -> BaseException:
+    module, name, args, attrs = state
+    cls = getattr(importlib.import_module(module), name)
+    exc = cls.__new__(cls)
+    exc.args = args
+    exc.__dict__.update(attrs)
+    return exc
 
 
 def worker_main(
@@ -67,6 +88,12 @@ def _serve(worker: Any, conn: Connection, parent: int) -> None:
             return
         try:
             result = getattr(worker, method)(*args)
+        except InvalidRequestError as exc:
+            if method not in REQUEST_CALLS:
+                _send(conn, ("error", traceback.format_exc()))
+            else:  # the caller's fault (a bad adapter), the same on every rank: raised to the caller
+                _send(conn, ("invalid", exception_state(exc)))
+            continue
         except Exception:  # noqa: BLE001 - the engine decides (any worker error is fatal there)
             _send(conn, ("error", traceback.format_exc()))
             continue

@@ -117,6 +117,9 @@ def lora_targets(model: nn.Module) -> tuple[dict[str, LoRATarget], dict[str, int
             continue
         parent, _, leaf = name.rpartition(".")
         sizes = getattr(module, "output_sizes", [module.output_size])
+        if isinstance(module, QKVParallelLinear):  # the checkpoint's k/v rows, not tp x replicated ones
+            kv = module.total_num_kv_heads * module.head_size
+            sizes = [module.total_num_heads * module.head_size, kv, kv]
         sub_names = [hf for hf, _ in packed[leaf]] if leaf in packed else [leaf]
         if len(sub_names) != len(sizes):
             raise RuntimeError(f"{name}: {len(sizes)} sub-matrices but packed as {sub_names}")

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from engine.config import ResolvedConfig
 from engine.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from engine.lora.request import LoRARequest
 from engine.worker.model_runner import ModelRunner
 from engine.worker.step_in_flight import StepInFlight
 
@@ -87,6 +88,13 @@ class Worker:
             raise step
         output = step.result()
         return output if self.rank == 0 else None
+
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Load and check an adapter into this rank's host cache (its slice goes to the slots)."""
+        self.runner.add_lora(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self.runner.remove_lora(lora_int_id)
 
     def shutdown(self) -> None:
         self._steps.clear()

@@ -1,7 +1,8 @@
 """Tensor parallelism over gloo: two worker processes on loopback produce transformers' greedy tokens
 (and the in-process tp=1 engine's), token for token, on a model with one KV head (replicated over the
-ranks) and an odd vocabulary (padded), under chunked prefill, preemption and prefix caching (Qwen3's
-tied embeddings and q/k norms: tests/e2e/test_tensor_parallel_ray.py). One tp=2 engine serves the first tests (process
+ranks) and an odd vocabulary (padded), under chunked prefill, preemption and prefix caching, and with a
+LoRA adapter on every projection (Qwen3's tied embeddings and q/k norms:
+tests/e2e/test_tensor_parallel_ray.py). One tp=2 engine serves the first tests (process
 start-up dominates their time)."""
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
-from engine import LLM, SamplingParams
+from engine import LLM, LoRARequest, SamplingParams
+from engine.errors import LoRAAdapterError
 from tests.e2e.test_parity import _prompts, hf_greedy
 from tests.tiny_models import build_model
 
@@ -36,7 +39,15 @@ def one_kv_head_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir
 
 @pytest.fixture(scope="module")
 def tp_llm(one_kv_head_dir: Path) -> Iterator[LLM]:
-    llm = LLM(str(one_kv_head_dir), device="cpu", dtype="float32", tensor_parallel_size=2, **STRESS)
+    llm = LLM(
+        str(one_kv_head_dir),
+        device="cpu",
+        dtype="float32",
+        tensor_parallel_size=2,
+        enable_lora=True,
+        max_lora_rank=8,
+        **STRESS,
+    )
     yield llm
     llm.shutdown()
 
@@ -66,6 +77,38 @@ def test_tp2_prefix_cache_hits(tp_llm: LLM, one_kv_head_dir: Path) -> None:
     second = tp_llm.generate([prompt], _greedy(), use_tqdm=False)[0]
     assert first.outputs[0].token_ids == second.outputs[0].token_ids == expected
     assert second.num_cached_tokens >= 32
+
+
+def test_tp2_lora_matches_tp1(tp_llm: LLM, one_kv_head_dir: Path, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(one_kv_head_dir), dtype=torch.float32)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:  # B too: a fresh adapter's zero B would change nothing
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
+    model.save_pretrained(str(tmp_path / "all"))
+    adapter = LoRARequest("all", 1, str(tmp_path / "all"))
+    prompts = _prompts()[:3]
+    loras = [None, adapter, adapter]
+    got = [
+        o.outputs[0].token_ids
+        for o in tp_llm.generate(prompts, _greedy(), use_tqdm=False, lora_request=loras)
+    ]
+    with LLM(str(one_kv_head_dir), device="cpu", dtype="float32", enable_lora=True, max_lora_rank=8) as tp1:
+        want = [
+            o.outputs[0].token_ids
+            for o in tp1.generate(prompts, _greedy(), use_tqdm=False, lora_request=loras)
+        ]
+    assert got == want and got[1] != got[0]
+    # An adapter that cannot load is the caller's error, not the workers': the engine goes on.
+    with pytest.raises(LoRAAdapterError, match="LoRA adapter 'missing'"):
+        tp_llm.llm_engine.add_lora(LoRARequest("missing", 2, str(tmp_path / "missing")))
+    assert tp_llm.llm_engine.executor.is_healthy
 
 
 def test_hung_worker_stops_the_engine_then_shutdown_leaves_no_worker(tp_llm: LLM) -> None:

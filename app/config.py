@@ -134,7 +134,7 @@ ENGINE_HELP: dict[str, str] = {
     "kv_cache_dtype": "KV-cache dtype: auto (the model dtype), fp8 (= fp8_e4m3) or fp8_e5m2: 1-byte K/V "
     "with per-tensor scales from the checkpoint's k_scale/v_scale (1.0 without), twice the blocks of a "
     "bf16 cache in the same memory. fp8_e4m3 on CUDA needs compute capability 8.9+ (README: Quantization).",
-    "quantization": "Weight quantization: gptq, awq, fp8 or squeezellm, which must match the checkpoint's; fp8 on an "
+    "quantization": "Weight quantization: gptq, awq, fp8, squeezellm or compressed-tensors, which must match the checkpoint's; fp8 on an "
     "unquantized checkpoint quantizes its weights at load. Default: what the checkpoint's config says "
     "(README: Quantization).",
     "num_kv_blocks": "KV-cache blocks to allocate. Default: from --gpu-memory-utilization or --cpu-kv-cache-gb.",

@@ -27,7 +27,7 @@ VALID_LOAD_FORMATS = ("auto", "safetensors", "dummy")
 VALID_BLOCK_SIZES = (8, 16, 32, 64)
 VALID_SCHEDULING_POLICIES = ("fcfs", "fair")
 # engine.model.quantization.detect.QUANTIZATION_METHODS
-VALID_QUANTIZATIONS = ("gptq", "awq", "fp8", "squeezellm")
+VALID_QUANTIZATIONS = ("gptq", "awq", "fp8", "squeezellm", "compressed-tensors")
 VALID_EXECUTOR_BACKENDS = ("mp", "ray")
 # kv_cache_dtype -> the caches' torch dtype name (auto: the model's). "fp8" is e4m3, as in vLLM.
 KV_CACHE_DTYPES = {
@@ -278,7 +278,7 @@ def _resolve_quantization(model_path: str, requested: str | None) -> QuantConfig
 
 @dataclass(frozen=True, slots=True)
 class QuantConfig:
-    method: str  # "none" | "gptq" | "awq" | "fp8" | "squeezellm"
+    method: str  # "none" | "gptq" | "awq" | "fp8" | "squeezellm" | "compressed-tensors"
     source: str  # where the checkpoint's quantization config was read ("" when unquantized)
     # The layers' method chooser (engine.model.quantization.QuantizationConfig), frozen; None: unquantized
     linear: Any = None

@@ -10,6 +10,7 @@ they arrive and the parameter holds one int32 per (group, output channel), packe
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +49,33 @@ def is_skipped(prefix: str, skip: tuple[str, ...]) -> bool:
         raise ValueError(
             f"the checkpoint quantizes only some of {', '.join(names)}, which weir runs fused as "
             f"{prefix}: skip all of them or none"
+        )
+    return all(hits)
+
+
+def is_ignored(prefix: str, ignore: tuple[str, ...]) -> bool:
+    """Whether compressed-tensors' `ignore` list keeps the layer `prefix` unquantized: an entry is a
+    module name (matched as a suffix) or `re:PATTERN` (re.match on the name). A fused layer is ignored
+    when all its checkpoint modules are; a mix cannot be one method."""
+    if not ignore:
+        return False
+    head, _, last = prefix.rpartition(".")
+    names = [f"{head}.{p}" if head else p for p in FUSED_MODULES.get(last, (last,))]
+
+    def hit(name: str) -> bool:
+        for entry in ignore:
+            if entry.startswith("re:"):
+                if re.match(entry[3:], name):
+                    return True
+            elif name == entry or name.endswith("." + entry):
+                return True
+        return False
+
+    hits = [hit(n) for n in names]
+    if any(hits) and not all(hits):
+        raise ValueError(
+            f"the checkpoint's ignore list keeps only some of {', '.join(names)} unquantized, which weir runs "
+            f"fused as {prefix}: ignore all of them or none"
         )
     return all(hits)
 

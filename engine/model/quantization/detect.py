@@ -16,12 +16,13 @@ from typing import Any
 
 from engine.model.quantization.awq import AWQ_BITS, AWQ_GROUP_SIZES, AWQConfig
 from engine.model.quantization.base import QuantizationConfig
+from engine.model.quantization.compressed_tensors_detect import compressed_tensors_config
 from engine.model.quantization.fp8 import Fp8Config
 from engine.model.quantization.gptq import GPTQ_BITS, GPTQ_FORMATS, GPTQ_GROUP_SIZES, GPTQConfig
 from engine.model.quantization.squeezellm import SQUEEZELLM_BITS, SqueezeLLMConfig
 
 # The `quantization` option's values (None: what the checkpoint says).
-QUANTIZATION_METHODS = ("gptq", "awq", "fp8", "squeezellm")
+QUANTIZATION_METHODS = ("gptq", "awq", "fp8", "squeezellm", "compressed-tensors")
 
 
 def read_checkpoint_quantization(model_dir: str | Path) -> tuple[dict[str, Any] | None, str]:
@@ -87,6 +88,8 @@ def resolve_quantization(
         return method, source, _fp8(raw, source)
     if method == "squeezellm":
         return method, source, _squeezellm(raw, source, Path(model_dir))
+    if method == "compressed-tensors":
+        return method, source, compressed_tensors_config(raw, source)
     raise ValueError(
         f"{source}: quant_method {method!r} is not supported; weir reads {', '.join(QUANTIZATION_METHODS)}"
     )

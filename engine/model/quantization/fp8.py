@@ -30,7 +30,7 @@ from torch import nn
 
 from engine.model.parameter import WeightLoader, WeightShapeError, set_weight_attrs
 from engine.model.quantization.base import LinearMethodBase, QuantizationConfig
-from engine.model.quantization.common import is_skipped
+from engine.model.quantization.common import is_ignored, is_skipped
 from engine.model.quantization.unquantized import UnquantizedLinearMethod
 
 if TYPE_CHECKING:
@@ -45,10 +45,16 @@ class Fp8Config(QuantizationConfig):
     from_checkpoint: bool  # False: online, quantize the checkpoint's float weights at load
     weight_block_size: tuple[int, int] | None = None  # (bn, bk): block-wise weight_scale_inv
     skip_modules: tuple[str, ...] = ()  # ignored_layers / modules_to_not_convert
+    # the block scales' tensor name: weight_scale_inv (DeepSeek-V3, transformers' FineGrainedFP8) or
+    # weight_scale (compressed-tensors' block strategy); same meaning, w = weight * scale
+    block_scale_name: str = "weight_scale_inv"
+    # skip_modules is compressed-tensors' `ignore` (names and re: patterns), not a substring list
+    ignore_is_ct: bool = False
     name: str = "fp8"
 
     def get_linear_method(self, layer: LinearBase, prefix: str) -> LinearMethodBase:
-        if is_skipped(prefix, self.skip_modules):
+        skipped = is_ignored if self.ignore_is_ct else is_skipped
+        if skipped(prefix, self.skip_modules):
             return UnquantizedLinearMethod()
         return Fp8LinearMethod(self)
 
@@ -128,7 +134,7 @@ class Fp8LinearMethod(LinearMethodBase):
                     )
                 scale_loader = _block_columns_loader(layer, input_size_per_partition // bk)
             register(
-                "weight_scale_inv",
+                cfg.block_scale_name,
                 torch.empty(out // bn, -(-input_size_per_partition // bk), dtype=torch.float32),
                 {"output_dim": 0, "packed_dim": 0, "pack_factor": bn, "weight_loader": scale_loader},
             )
@@ -165,8 +171,8 @@ class Fp8LinearMethod(LinearMethodBase):
         else:
             bn, bk = cfg.weight_block_size
             out_features, in_features = layer.weight.shape
-            blocks = layer.weight_scale_inv.data
-            del layer.weight_scale_inv
+            blocks = getattr(layer, cfg.block_scale_name).data
+            delattr(layer, cfg.block_scale_name)
             # [out, in] float32: the block scales expanded once, so apply is one multiply
             expanded = blocks.repeat_interleave(bn, 0)[:out_features].repeat_interleave(bk, 1)[
                 :, :in_features

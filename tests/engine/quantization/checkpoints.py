@@ -253,3 +253,67 @@ def write_fp8_online_reference(src: Path, root: Path) -> Path:
     for name in [n for n in state if n.endswith(".weight") and any(s in n for s in LINEAR_SUFFIXES)]:
         reference[name] = fp8_online_reference(state[name])
     return _write(src, root / "fp8-online-ref", reference, None)
+
+
+def write_compressed_tensors(
+    src: Path, root: Path, scheme: str, ignore: tuple[str, ...] = ()
+) -> tuple[Path, Path]:
+    """(a compressed-tensors checkpoint as llm-compressor writes it, its dequantized float32 reference).
+    scheme: "w4a16-g32" / "w8a16-channel" (pack-quantized: weight_packed int32 [out, in / pf] holding
+    code + 2**(bits - 1) along the input, first column lowest; weight_scale bf16 [out, G]; weight_shape),
+    "fp8-channel" / "fp8-block" (float-quantized: weight e4m3, weight_scale [out, 1] or per [64, 64]
+    block). Layout: compressed-tensors, pack_quantized.py pack_to_int32 and quant_args.py."""
+    import re
+
+    state = load_file(str(next(src.glob("*.safetensors"))))
+    quantized, reference = dict(state), dict(state)
+    for name in [n for n in state if n.endswith(".weight") and any(s in n for s in LINEAR_SUFFIXES)]:
+        module = name.removesuffix(".weight")
+        if any(re.match(i[3:], module) if i.startswith("re:") else module.endswith(i) for i in ignore):
+            continue
+        w = state[name].float()  # [out, in]
+        if scheme.startswith("fp8"):
+            if scheme == "fp8-block":
+                blocks = w.unflatten(0, (-1, 64)).unflatten(2, (-1, 64))  # [out / 64, 64, in / 64, 64]
+                scale = blocks.abs().amax(dim=(1, 3)) / FP8_MAX  # [out / 64, in / 64]
+                full = scale.repeat_interleave(64, 0).repeat_interleave(64, 1)
+            else:
+                scale = full = w.abs().amax(dim=1, keepdim=True) / FP8_MAX  # [out, 1]
+            quantized[name] = _to_fp8(w, full)
+            quantized[f"{module}.weight_scale"] = scale
+            reference[name] = quantized[name].float() * full
+            continue
+        bits, group = (4, 32) if scheme == "w4a16-g32" else (8, w.shape[1])
+        qmax = (1 << (bits - 1)) - 1
+        scale = (w.unflatten(1, (-1, group)).abs().amax(dim=2) / qmax).clamp(min=1e-8).bfloat16()  # [out, G]
+        full = scale.float().repeat_interleave(group, 1)  # [out, in]
+        q = torch.clamp(torch.round(w / full), -qmax - 1, qmax)  # [out, in] signed
+        del quantized[name]
+        quantized[f"{module}.weight_packed"] = pack_cols(q.long() + (1 << (bits - 1)), bits)  # [out, in / pf]
+        quantized[f"{module}.weight_scale"] = scale
+        quantized[f"{module}.weight_shape"] = torch.tensor(list(w.shape), dtype=torch.int64)
+        reference[name] = q * full
+    if scheme.startswith("fp8"):
+        weights = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False}
+        weights |= (
+            {"strategy": "block", "block_structure": [64, 64]}
+            if scheme == "fp8-block"
+            else {"strategy": "channel"}
+        )
+        group = {"targets": ["Linear"], "weights": weights, "format": "float-quantized",
+                 "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}}  # fmt: skip
+    else:
+        weights = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 32} if scheme == "w4a16-g32" else {
+            "num_bits": 8, "type": "int", "strategy": "channel"}  # fmt: skip
+        group = {"targets": ["Linear"], "weights": {**weights, "symmetric": True, "dynamic": False},
+                 "input_activations": None, "output_activations": None}  # fmt: skip
+    quant = {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized" if scheme.startswith("fp8") else "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": group},
+        "ignore": ["lm_head", *ignore],
+        "kv_cache_scheme": None,
+    }
+    tag = f"ct-{scheme}-{len(ignore)}"
+    return _write(src, root / tag, quantized, quant), _write(src, root / f"{tag}-ref", reference, None)

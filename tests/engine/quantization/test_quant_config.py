@@ -74,7 +74,7 @@ def test_unquantized_checkpoint(tiny_llama_dir: Path) -> None:
         ({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": False}, r"zero_point=False"),
         (
             {"quant_method": "bitsandbytes"},
-            r"quant_method 'bitsandbytes' is not supported; weir reads gptq, awq, fp8, squeezellm$",
+            r"quant_method 'bitsandbytes' is not supported; weir reads gptq, awq, fp8, squeezellm, compressed-tensors$",
         ),
     ],
 )
@@ -88,7 +88,8 @@ def test_unsupported_is_refused_at_start(
 
 def test_option_must_agree_with_the_checkpoint(tmp_path: Path, tiny_llama_dir: Path) -> None:
     with pytest.raises(
-        ValueError, match=r"^quantization must be one of gptq, awq, fp8, squeezellm; got 'int3'"
+        ValueError,
+        match=r"^quantization must be one of gptq, awq, fp8, squeezellm, compressed-tensors; got 'int3'",
     ):
         EngineConfig(model=str(tiny_llama_dir), quantization="int3")
     with pytest.raises(ValueError, match=r"^quantization='gptq', but .* has no quantization config"):

@@ -1,0 +1,157 @@
+"""compressed-tensors checkpoints (`quant_method: "compressed-tensors"`, what llm-compressor writes),
+mapped onto weir's methods:
+- `pack-quantized` integer weights (W4A16, W8A16), symmetric, per group or per channel:
+  `weight_packed` int32 [out, in / pf] (codes + 2**(bits - 1), pf = 32 // bits per word along the
+  input, the first column in the lowest bits), `weight_scale` [out, in / group_size] ([out, 1] per
+  channel), `weight_shape` [2]; w = (code - 2**(bits - 1)) * scale, i.e. GPTQ's reference with a
+  fixed zero point, and the same Triton kernels on CUDA (engine.model.quantization.wna16).
+- `float-quantized` FP8 weights (per tensor, per channel, or per block with `weight_scale` as the
+  block scales): the fp8 method (engine.model.quantization.fp8), dynamic per-token activations.
+- `kv_cache_scheme` (8-bit float, per tensor): the k/v scales engine.model.quantization.kv_cache reads
+  when the KV cache is fp8.
+Reference: compressed-tensors (github.com/neuralmagic/compressed-tensors),
+src/compressed_tensors/compressors/quantized_compressors/pack_quantized.py (pack_to_int32, the
+"weight_packed"/"weight_shape" names), quantization/quant_args.py (the scheme fields); vLLM,
+compressed_tensors.py, CompressedTensorsConfig (how a serving engine maps them).
+
+One scheme per checkpoint (one entry of config_groups, targeting Linear); `ignore` names modules kept
+in the model dtype, literally or as `re:` patterns. Anything else is refused by detect.py naming the
+field: asymmetric weights (zero points), act order, static activation scales, sparsity, other bit
+widths or strategies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from engine.model.parameter import WeightLoader, set_weight_attrs
+from engine.model.quantization.base import LinearMethodBase, QuantizationConfig
+from engine.model.quantization.common import apply_weight_only, is_ignored, register_weight_only
+from engine.model.quantization.packing import pack_factor, unpack_cols
+from engine.model.quantization.unquantized import UnquantizedLinearMethod
+
+if TYPE_CHECKING:
+    from engine.model.layers.linear import LinearBase
+
+CT_INT_BITS = (4, 8)
+CT_GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass(frozen=True, slots=True)
+class CompressedTensorsWNA16Config(QuantizationConfig):
+    """pack-quantized, symmetric integer weights; group_size -1: one scale per output channel."""
+
+    bits: int
+    group_size: int
+    ignore: tuple[str, ...] = ()
+    name: str = "compressed-tensors"
+
+    def get_linear_method(self, layer: LinearBase, prefix: str) -> LinearMethodBase:
+        if is_ignored(prefix, self.ignore):
+            return UnquantizedLinearMethod()
+        return CompressedTensorsWNA16Method(self)
+
+
+@dataclass(frozen=True, slots=True)
+class CompressedTensorsUnquantizedConfig(QuantizationConfig):
+    """A checkpoint whose only scheme is the KV cache's (kv_cache_scheme, no config_groups)."""
+
+    name: str = "compressed-tensors"
+
+    def get_linear_method(self, layer: LinearBase, prefix: str) -> LinearMethodBase:
+        del layer, prefix
+        return UnquantizedLinearMethod()
+
+
+class CompressedTensorsWNA16Method(LinearMethodBase):
+    def __init__(self, config: CompressedTensorsWNA16Config) -> None:
+        self.config = config
+
+    def create_weights(
+        self,
+        layer: nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        weight_loader: WeightLoader,
+    ) -> None:
+        del output_size, params_dtype
+        cfg = self.config
+        prefix = getattr(layer, "prefix", "")
+        pf = pack_factor(cfg.bits)
+        group_size = cfg.group_size if cfg.group_size != -1 else input_size_per_partition
+        if input_size_per_partition % group_size or input_size_per_partition % pf:
+            raise ValueError(
+                f"compressed-tensors layer {prefix}: input size {input_size_per_partition} is not a multiple "
+                f"of group_size {cfg.group_size} and of {pf} (codes per int32)"
+            )
+        out = sum(output_partition_sizes)
+
+        def register(name: str, tensor: torch.Tensor, attrs: dict) -> None:
+            param = nn.Parameter(tensor, requires_grad=False)
+            set_weight_attrs(param, attrs)
+            layer.register_parameter(name, param)
+
+        # [out, in / pf] int32: codes packed along the input (the last dim)
+        register(
+            "weight_packed",
+            torch.empty(out, input_size_per_partition // pf, dtype=torch.int32),
+            {
+                "output_dim": 0,
+                "input_dim": 1,
+                "packed_dim": 1,
+                "pack_factor": pf,
+                "weight_loader": _int32_only(weight_loader, f"{prefix}.weight_packed"),
+            },
+        )
+        # [out, G] scales in the checkpoint's float dtype, held as float32 (exact)
+        grouped = {"input_dim": 1, "packed_dim": 1, "pack_factor": group_size} if cfg.group_size != -1 else {}
+        register(
+            "weight_scale",
+            torch.empty(out, input_size_per_partition // group_size, dtype=torch.float32),
+            {**grouped, "output_dim": 0, "weight_loader": weight_loader},
+        )
+        # [2] int: each checkpoint module's logical (out, in); checked, then dropped
+        register(
+            "weight_shape",
+            torch.zeros(2, dtype=torch.int64),
+            {"weight_loader": _weight_shape_loader(input_size, f"{prefix}.weight_shape")},
+        )
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        bits = self.config.bits
+        codes = unpack_cols(layer.weight_packed.data, bits)  # [out, in] uint8
+        scales = layer.weight_scale.data.float()  # [out, G]
+        zeros = torch.full_like(scales, float(1 << (bits - 1)))  # symmetric: the offset packing added
+        del layer.weight_packed, layer.weight_scale, layer.weight_shape
+        register_weight_only(layer, codes, zeros, scales, None, None, bits)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return apply_weight_only(layer, x, bias)
+
+
+def _int32_only(weight_loader: WeightLoader, name: str) -> WeightLoader:
+    def load(param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+        if loaded_weight.dtype != torch.int32:
+            raise ValueError(f"{name}: pack-quantized weights must be int32; got {loaded_weight.dtype}")
+        weight_loader(param, loaded_weight, shard_id)
+
+    return load
+
+
+def _weight_shape_loader(input_size: int, name: str) -> WeightLoader:
+    """weight_shape must say the module's input is the layer's whole input (a mismatched file)."""
+
+    def load(param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+        del param, shard_id
+        shape = tuple(int(v) for v in loaded_weight.reshape(-1).tolist())
+        if len(shape) != 2 or shape[1] != input_size:
+            raise ValueError(f"{name} is {list(shape)}; the model's layer takes {input_size} inputs")
+
+    return load

@@ -139,8 +139,6 @@ class EngineConfig:
                 )
         _choice("scheduling_policy", self.scheduling_policy, VALID_SCHEDULING_POLICIES)
         _positive("tensor_parallel_size", self.tensor_parallel_size)
-        if self.enable_lora and self.tensor_parallel_size > 1:
-            raise ValueError("enable_lora: LoRA adapters are not served with tensor_parallel_size > 1 yet")
         _choice("distributed_executor_backend", self.distributed_executor_backend, VALID_EXECUTOR_BACKENDS)
 
     def resolve(self) -> ResolvedConfig:

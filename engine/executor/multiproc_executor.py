@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import pickle
 import socket
+import threading
 import time
 import weakref
 from multiprocessing.connection import Connection, wait
@@ -61,6 +62,9 @@ class MultiprocExecutor(Executor):
         self.timeout_s = timeout_s
         self.failed: WorkerFailedError | None = None
         self._next_step_id = 0
+        # One conversation at a time on the pipes: a call's replies must reach the thread that asked
+        # (the async engine loads adapters on a thread of its own while its worker thread steps).
+        self._lock = threading.Lock()
         self._processes: list[multiprocessing.process.BaseProcess] = []
         self._conns: list[Connection] = []
         context = multiprocessing.get_context("spawn")
@@ -119,24 +123,29 @@ class MultiprocExecutor(Executor):
         self._call("initialize_kv_cache", (num_blocks,), STARTUP_TIMEOUT_S)
 
     def launch(self, scheduler_output: SchedulerOutput, previous: int | None) -> int:
-        step_id = self._next_step_id
-        self._next_step_id += 1
-        self._broadcast(("launch", (step_id, scheduler_output, previous)))
+        with self._lock:
+            step_id = self._next_step_id
+            self._next_step_id += 1
+            self._broadcast(("launch", (step_id, scheduler_output, previous)))
         return step_id
 
     def collect(self, launched: int) -> ModelRunnerOutput:
-        self._broadcast(("collect", (launched,)))
-        output = self._gather(self.timeout_s, f"step {launched}")[0]
+        with self._lock:
+            self._broadcast(("collect", (launched,)))
+            output = self._gather(self.timeout_s, f"step {launched}")[0]
         assert isinstance(output, ModelRunnerOutput)
         return output
 
     def shutdown(self) -> None:
         """Ask every worker to stop, then terminate (and kill) any still running. Idempotent."""
-        if self._processes and self.failed is None:
+        # Politely only when no other thread is mid-call (else its bytes and ours could interleave).
+        if self._processes and self.failed is None and self._lock.acquire(timeout=5.0):
             try:
                 self._broadcast(("shutdown", ()))
             except WorkerFailedError:
                 pass
+            finally:
+                self._lock.release()
         if self.failed is not None:  # the survivors may be stuck in a collective (or stopped)
             for process in self._processes:
                 if process.is_alive():
@@ -151,8 +160,9 @@ class MultiprocExecutor(Executor):
 
     # ------------------------------------------------------------------ the pipes
     def _call(self, method: str, args: tuple, timeout_s: float) -> list[Any]:
-        self._broadcast((method, args))
-        return self._gather(timeout_s, method)
+        with self._lock:
+            self._broadcast((method, args))
+            return self._gather(timeout_s, method)
 
     def _broadcast(self, message: tuple) -> None:
         """The same bytes to every rank: the message is pickled once."""

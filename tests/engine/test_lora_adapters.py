@@ -141,12 +141,3 @@ def test_missing_and_pickled_files_are_refused(targets: tuple[dict, dict], tmp_p
     (tmp_path / "pickled" / "adapter_model.bin").unlink()
     with pytest.raises(LoRAAdapterError, match=r"adapter_model.safetensors: missing in"):
         _load(targets, request)
-
-
-def test_lora_with_tensor_parallelism_is_refused_at_start() -> None:
-    from engine.config import EngineConfig
-
-    with pytest.raises(
-        ValueError, match=r"^enable_lora: LoRA adapters are not served with tensor_parallel_size > 1 yet$"
-    ):
-        EngineConfig(model="/models/x", enable_lora=True, tensor_parallel_size=2)

@@ -125,6 +125,7 @@ class BeamSearchDriver:
                 arrival_time=request.arrival_time,
                 priority=request.priority,
                 cache_salt=request.cache_salt,
+                lora_request=request.lora_request,
                 is_beam=True,
             )
             for i in range(width)

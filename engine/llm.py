@@ -104,18 +104,26 @@ class LLM:
         prompts: Sequence[str | list[int] | dict[str, Any]],
         params: BeamSearchParams,
         use_tqdm: bool = False,
+        lora_request: LoRARequest | None = None,
     ) -> list[BeamSearchOutput]:
         """Beam search for every prompt (text, token ids, or vLLM's {"prompt": ...} /
         {"prompt_token_ids": [...]}), as transformers' generate(num_beams=beam_width,
         num_return_sequences=beam_width, do_sample=False, length_penalty, early_stopping): each
-        output's beam_width sequences, best first. Bad parameters raise InvalidRequestError."""
+        output's beam_width sequences, best first. Bad parameters raise InvalidRequestError.
+        `lora_request`: the LoRA adapter every beam runs with (enable_lora=True)."""
         sampling_params = params.to_sampling_params()
         prompt_list: list[Prompt] = []
         for p in prompts:
             if isinstance(p, dict):
                 p = p["prompt_token_ids"] if "prompt_token_ids" in p else p["prompt"]
             prompt_list.append(p)
-        outputs = self._run(prompt_list, [sampling_params] * len(prompt_list), None, use_tqdm)
+        outputs = self._run(
+            prompt_list,
+            [sampling_params] * len(prompt_list),
+            None,
+            use_tqdm,
+            [lora_request] * len(prompt_list),
+        )
         lp = params.length_penalty
         return [
             BeamSearchOutput(

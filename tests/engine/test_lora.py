@@ -57,15 +57,18 @@ def lora_setup(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     cache: dict[tuple[str | None, tuple[int, ...]], list[int]] = {}
     models: dict[str | None, torch.nn.Module] = {}
 
+    def model(adapter: str | None) -> torch.nn.Module:
+        if adapter not in models:
+            base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
+            models[adapter] = (
+                base if adapter is None else PeftModel.from_pretrained(base, requests[adapter].lora_path)
+            ).eval()
+        return models[adapter]
+
     def expected(prompt: list[int], adapter: str | None) -> list[int]:
         key = (adapter, tuple(prompt))
         if key not in cache:
-            if adapter not in models:
-                base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
-                models[adapter] = (
-                    base if adapter is None else PeftModel.from_pretrained(base, requests[adapter].lora_path)
-                ).eval()
-            out = models[adapter].generate(
+            out = model(adapter).generate(
                 torch.tensor([prompt]),
                 max_new_tokens=MAX_TOKENS,
                 do_sample=False,
@@ -75,7 +78,7 @@ def lora_setup(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
             cache[key] = out[0, len(prompt) :].tolist()
         return cache[key]
 
-    return {"model": str(tiny_llama_dir), "requests": requests, "expected": expected}
+    return {"model": str(tiny_llama_dir), "requests": requests, "expected": expected, "peft_model": model}
 
 
 def _greedy() -> SamplingParams:
@@ -104,6 +107,22 @@ def test_mixed_batch_matches_peft(lora_setup: dict) -> None:
     assert len({tuple(v) for v in outs.values()}) == len(outs)
     _check(llm, lora_setup, prompts, MIXED)
     assert [r.lora_name for r in llm.llm_engine.lora_requests()] == ["r4-qv", "r8-all", "r16-regex", "r2-kup"]
+
+    # beam search: every beam runs with the adapter (transformers + PEFT's generate(num_beams=2))
+    from engine.beam_search import BeamSearchParams
+
+    (out,) = llm.beam_search(
+        [PROMPTS[1]], BeamSearchParams(2, MAX_TOKENS), lora_request=lora_setup["requests"]["r8-all"]
+    )
+    hf = lora_setup["peft_model"]("r8-all").generate(
+        torch.tensor([PROMPTS[1]]), num_beams=2, num_return_sequences=2, do_sample=False,
+        max_new_tokens=MAX_TOKENS, pad_token_id=0,
+    )  # fmt: skip
+    want = []
+    for seq in hf.tolist():
+        gen = seq[len(PROMPTS[1]) :]
+        want.append(gen[: gen.index(2) + 1] if 2 in gen else gen)  # EOS (2) ends a beam
+    assert [s.tokens[len(PROMPTS[1]) :] for s in out.sequences] == want
     assert llm.llm_engine.list_loras() == {1, 2, 3, 4}
 
 

@@ -65,15 +65,15 @@ def compressed_tensors_config(raw: dict[str, Any], source: str) -> QuantizationC
     if fmt == "float-quantized":
         if kind != "float" or bits != 8:
             raise _refuse(source, f"{at}.weights.num_bits", bits, "float 8 (e4m3) when float-quantized")
-        if acts and not acts.get("dynamic"):
+        static = bool(acts) and not acts.get("dynamic")
+        if static and acts.get("strategy") != "tensor":
             raise _refuse(
-                source,
-                f"{at}.input_activations.dynamic",
-                acts.get("dynamic"),
-                "dynamic per-token activations",
+                source, f"{at}.input_activations.strategy", acts.get("strategy"), "static scales per tensor"
             )
         if strategy in ("tensor", "channel"):
-            return Fp8Config(from_checkpoint=True, skip_modules=ignore, ignore_is_ct=True)
+            return Fp8Config(
+                from_checkpoint=True, skip_modules=ignore, ignore_is_ct=True, static_activations=static
+            )
         if strategy == "block":
             block = weights.get("block_structure")
             if not (
@@ -88,6 +88,7 @@ def compressed_tensors_config(raw: dict[str, Any], source: str) -> QuantizationC
                 skip_modules=ignore,
                 block_scale_name="weight_scale",
                 ignore_is_ct=True,
+                static_activations=static,
             )
         raise _refuse(
             source, f"{at}.weights.strategy", strategy, "tensor, channel or block when float-quantized"

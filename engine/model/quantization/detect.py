@@ -146,7 +146,7 @@ def _awq(raw: dict[str, Any], source: str) -> AWQConfig:
 
 
 def _fp8(raw: dict[str, Any], source: str) -> Fp8Config:
-    _field(raw, source, ("activation_scheme",), ("dynamic",), default="dynamic")
+    static = _field(raw, source, ("activation_scheme",), ("dynamic", "static"), default="dynamic") == "static"
     fmt = raw.get("fmt", "e4m3")
     if fmt not in ("e4m3", "float8_e4m3fn"):
         raise ValueError(f"{source}: fmt={fmt!r} is not supported (weir supports 'e4m3')")
@@ -159,7 +159,9 @@ def _fp8(raw: dict[str, Any], source: str) -> Fp8Config:
             )
         block = (block[0], block[1])
     skip = tuple(raw.get("ignored_layers") or raw.get("modules_to_not_convert") or ())
-    return Fp8Config(from_checkpoint=True, weight_block_size=block, skip_modules=skip)
+    return Fp8Config(
+        from_checkpoint=True, weight_block_size=block, skip_modules=skip, static_activations=static
+    )
 
 
 # SqueezeLLM's dense-and-sparse checkpoints keep outliers in CSR tensors next to qweight.

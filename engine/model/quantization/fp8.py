@@ -16,7 +16,9 @@ F.linear, which is the reference and the path on CPU and on GPUs without FP8 ten
 devices of compute capability 8.9+ (Ada, Hopper, Blackwell) with bfloat16 activations and
 per-channel scales, it runs torch._scaled_mm on FP8 activations quantized per token on the fly
 (dynamic activation scales; W8A8). Block-wise weights always take the dequantizing path for now.
-Static activation scales (`input_scale`) are refused at start.
+Static activation scales (`activation_scheme: "static"`, a scalar `input_scale` per module) quantize
+each layer's input per tensor instead: on the FP8 GEMM, and on the dequantizing path as a
+quantize-dequantize of x, so CPU computes what the GPU does.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ class Fp8Config(QuantizationConfig):
     block_scale_name: str = "weight_scale_inv"
     # skip_modules is compressed-tensors' `ignore` (names and re: patterns), not a substring list
     ignore_is_ct: bool = False
+    # activation_scheme "static": each layer's `input_scale` quantizes its input per tensor (the max
+    # over a fused layer's checkpoint modules, as they share the input); else dynamic per token
+    static_activations: bool = False
     name: str = "fp8"
 
     def get_linear_method(self, layer: LinearBase, prefix: str) -> LinearMethodBase:
@@ -115,6 +120,10 @@ class Fp8LinearMethod(LinearMethodBase):
             torch.empty(out, input_size_per_partition, dtype=FP8_DTYPE),
             {**weight_attrs, "weight_loader": _fp8_only(weight_loader, f"{prefix}.weight")},
         )
+        if cfg.static_activations:  # [1]: one scale for the layer's input, whole on every rank
+            register(
+                "input_scale", torch.zeros(1), {"weight_loader": _max_scale_loader(f"{prefix}.input_scale")}
+            )
         if cfg.weight_block_size is not None:
             bn, bk = cfg.weight_block_size
             if any(size % bn for size in output_partition_sizes):
@@ -178,6 +187,15 @@ class Fp8LinearMethod(LinearMethodBase):
                 :, :in_features
             ]
             layer.register_buffer("weight_scale", expanded.contiguous())
+        input_scale = None
+        if cfg.static_activations:
+            input_scale = layer.input_scale.data.reshape(1)  # [1] float32
+            if not (torch.isfinite(input_scale).all() and (input_scale > 0).all()):
+                raise ValueError(
+                    f"FP8 layer {layer.prefix}: input_scale must be positive; got {input_scale.item()}"
+                )
+            del layer.input_scale
+        layer.register_buffer("input_scale", input_scale)  # None: dynamic per-token activation scales
         layer.fp8_scaled_mm = (
             fp8_matmul_supported(layer.weight.device)
             and layer.weight_scale.dim() == 1
@@ -186,7 +204,10 @@ class Fp8LinearMethod(LinearMethodBase):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if layer.fp8_scaled_mm and x.dtype == torch.bfloat16:
-            return _scaled_mm_linear(x, layer.weight, layer.weight_scale, bias)
+            return _scaled_mm_linear(x, layer.weight, layer.weight_scale, bias, layer.input_scale)
+        if layer.input_scale is not None:  # x as the FP8 GEMM sees it: quantized with the static scale
+            s = layer.input_scale
+            x = ((x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float() * s).to(x.dtype)
         scale = layer.weight_scale
         scale = scale[:, None] if scale.dim() == 1 else scale  # [out, 1] or [out, in]
         w = (layer.weight.float() * scale).to(x.dtype)  # [out, in]
@@ -198,11 +219,16 @@ def _scaled_mm_linear(
     weight: torch.Tensor,  # [out, in] float8_e4m3fn
     weight_scale: torch.Tensor,  # [out] float32
     bias: torch.Tensor | None,
+    input_scale: torch.Tensor | None = None,  # [1] float32: static; None: per token
 ) -> torch.Tensor:  # [..., out] bfloat16
     """W8A8 on FP8 tensor cores: activations quantized per token (dynamic scales, no host sync, so
-    CUDA graphs capture it), one cuBLASLt GEMM with row-wise scales on both sides."""
+    CUDA graphs capture it) or with the checkpoint's static scale, one cuBLASLt GEMM with row-wise
+    scales on both sides (a static scale repeated per row: cuBLASLt takes both sides row-wise)."""
     x2 = x.reshape(-1, x.shape[-1])  # [M, in]
-    x_scale = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX  # [M, 1]
+    if input_scale is None:
+        x_scale = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX  # [M, 1]
+    else:
+        x_scale = input_scale.expand(x2.shape[0], 1).contiguous()  # [M, 1]
     xq = (x2.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     out = torch._scaled_mm(
         xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), out_dtype=torch.bfloat16
@@ -232,5 +258,20 @@ def _fp8_only(weight_loader: WeightLoader, name: str) -> WeightLoader:
                 f"{name}: an fp8 checkpoint's weight must be float8_e4m3fn; got {loaded_weight.dtype}"
             )
         weight_loader(param, loaded_weight, shard_id)
+
+    return load
+
+
+def _max_scale_loader(name: str) -> WeightLoader:
+    """A fused layer's input scale: the largest of its checkpoint modules' (q/k/v, gate/up), which all
+    see the same input, so none of them saturates."""
+
+    def load(param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+        del shard_id
+        if loaded_weight.numel() != 1:
+            raise ValueError(
+                f"{name}: a static input scale is one number; got shape {tuple(loaded_weight.shape)}"
+            )
+        param.data.copy_(torch.maximum(param.data, loaded_weight.float().reshape(1)))
 
     return load

@@ -209,10 +209,17 @@ def fp8_online_reference(w: torch.Tensor) -> torch.Tensor:
 
 
 def write_fp8(
-    src: Path, root: Path, scheme: str, block: tuple[int, int] = (128, 128), skip: tuple[str, ...] = ()
+    src: Path,
+    root: Path,
+    scheme: str,
+    block: tuple[int, int] = (128, 128),
+    skip: tuple[str, ...] = (),
+    static: bool = False,
 ) -> tuple[Path, Path]:
     """(an fp8 checkpoint, its dequantized float32 reference); scheme "tensor" (scalar weight_scale
-    per module), "channel" ([out, 1]) or "block" (weight_scale_inv [out / bn, in / bk])."""
+    per module), "channel" ([out, 1]) or "block" (weight_scale_inv [out / bn, in / bk]). static: a
+    scalar input_scale per module (0.01 .. 0.05, differing between q, k and v) and activation_scheme
+    "static"."""
     state = load_file(str(next(src.glob("*.safetensors"))))
     quantized, reference = dict(state), dict(state)
     for name in [n for n in state if n.endswith(".weight") and any(s in n for s in LINEAR_SUFFIXES)]:
@@ -237,12 +244,14 @@ def write_fp8(
             quantized[f"{base}.weight_scale"] = full
         quantized[name] = _to_fp8(w, full)
         reference[name] = quantized[name].float() * full
-    quant: dict = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+        if static:
+            quantized[f"{base}.input_scale"] = torch.tensor(0.01 * (1 + sum(map(ord, base)) % 5))
+    quant: dict = {"quant_method": "fp8", "activation_scheme": "static" if static else "dynamic"}
     if scheme == "block":
         quant["weight_block_size"] = list(block)
     if skip:
         quant["ignored_layers"] = list(skip)
-    tag = f"fp8-{scheme}-{block[0]}-{len(skip)}"
+    tag = f"fp8-{scheme}-{block[0]}-{len(skip)}-{int(static)}"
     return _write(src, root / tag, quantized, quant), _write(src, root / f"{tag}-ref", reference, None)
 
 

@@ -109,14 +109,20 @@ def test_unsupported_fields_are_refused_by_path(
     assert str(e.value) == f"{bad / 'config.json'} quantization_config: {message}"
 
 
-def test_static_fp8_activation_scales_are_refused(
+def test_static_fp8_activation_scales_per_tensor_only(
     wide_llama_dir: Path, ct_root: Path, tmp_path: Path
 ) -> None:
     quantized, _ = _checkpoint(wide_llama_dir, ct_root, "fp8-channel")
-    bad = _with_quant(
-        quantized, tmp_path / "static", lambda q: _group(q)["input_activations"].update(dynamic=False)
+    static = {"dynamic": False, "strategy": "tensor"}
+    ok = _with_quant(quantized, tmp_path / "static", lambda q: _group(q)["input_activations"].update(static))
+    assert resolve_quantization(ok, None)[2] == Fp8Config(
+        True, skip_modules=("lm_head",), ignore_is_ct=True, static_activations=True
     )
-    with pytest.raises(ValueError, match=r"input_activations\.dynamic=False is not supported"):
+    token = {"dynamic": False, "strategy": "token"}
+    bad = _with_quant(quantized, tmp_path / "token", lambda q: _group(q)["input_activations"].update(token))
+    with pytest.raises(
+        ValueError, match=r"input_activations\.strategy='token' is not supported \(static scales per tensor\)"
+    ):
         resolve_quantization(bad, None)
 
 

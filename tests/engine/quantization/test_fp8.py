@@ -115,3 +115,25 @@ def test_fp8_weight_of_another_dtype_is_refused_naming_it(
         ValueError, match=rf"^{name}: an fp8 checkpoint's weight must be float8_e4m3fn; got torch.bfloat16$"
     ):
         load_quantized(bad, config)
+
+
+def test_fp8_static_activation_scales_quantize_the_input(wide_llama_dir: Path, fp8_root: Path) -> None:
+    """activation_scheme "static": each layer's input is quantized to fp8 with its input_scale (a fused
+    layer's: the largest of its modules', vLLM's choice), on CPU as on the FP8 GEMM."""
+    import torch.nn.functional as F
+
+    quantized, reference = write_fp8(wide_llama_dir, fp8_root / "static", "channel", static=True)
+    _, _, config = resolve_quantization(quantized, None)
+    assert config == Fp8Config(from_checkpoint=True, static_activations=True)
+    model = load_quantized(quantized, config)
+    assert_weights_match_reference(model, reference)
+    stored = load_file(str(quantized / "model.safetensors"))
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    scales = [stored[f"model.layers.0.self_attn.{p}_proj.input_scale"].item() for p in "qkv"]
+    assert len(set(scales)) > 1 and qkv.input_scale.item() == max(scales)
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(0))
+    s = qkv.input_scale
+    x_fp8 = (x / s).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s
+    w = qkv.weight.float() * qkv.weight_scale[:, None]
+    assert torch.equal(qkv.quant_method.apply(qkv, x), F.linear(x_fp8, w))
+    assert not torch.equal(F.linear(x_fp8, w), F.linear(x, w))  # the input really is quantized

@@ -92,6 +92,7 @@ class BeamSearchDriver:
         self.vocab_size = vocab_size
         self._groups: dict[str, _BeamGroup] = {}  # by request id
         self._by_beam: dict[str, _BeamGroup] = {}  # by beam req_id
+        self.num_generation_tokens = 0  # a token per running beam per step (Prometheus)
 
     def __len__(self) -> int:
         return len(self._groups)
@@ -189,6 +190,7 @@ class BeamSearchDriver:
             lp = group.results[beam.req_id]
             top.append((lp.token_ids, lp.logprobs))
         group.results.clear()
+        self.num_generation_tokens += len(top)
         step = group.state.step(top)
         if step.done:
             return self._finish(group, "stop", now)

@@ -338,7 +338,8 @@ class LLMEngine:
             prefix_cache_hits=s.prefix_cache_hits,
             num_preemptions=s.num_preemptions,
             prompt_tokens_total=self._prompt_tokens_total,
-            generation_tokens_total=self.output_processor.num_generation_tokens,
+            generation_tokens_total=self.output_processor.num_generation_tokens
+            + self.beam_search.num_generation_tokens,
             step_loop=self.step_times.as_dict(),
             **self._lora_stats(),
             cache_config=self._cache_config,

@@ -451,6 +451,7 @@ class Scheduler(BeamScheduling):
         elif req.req_id in self._waiting:
             self._remove_waiting(req)
         req.status = status
+        req.group = None  # its siblings skip it now; no reference cycle outlives the group
         if req.is_beam:
             self._forget_beam_diffs(req)
         # A failed forward pass left garbage in blocks already registered for prefix hits.

@@ -174,6 +174,10 @@ class BeamSearchDriver:
             lp = logprobs.get(req.req_id)
             if group is None or lp is None or not any(b is req for b in group.running):
                 continue
+            if req.num_computed_tokens != req.num_tokens:
+                # Computed for tokens it no longer has: a beam recomputing after preemption whose
+                # group stepped (extending or re-forking it) while that step was in flight.
+                continue
             group.results.setdefault(req.req_id, lp)  # a beam recomputed after preemption: same values
             if len(group.results) == len(group.running):
                 if group.metrics.first_token_time is None:

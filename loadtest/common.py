@@ -1146,6 +1146,13 @@ async def stream_completion(
 _SUMMARY_ROWS: list[tuple[str, str, str, str, str]] = [
     # (benchmark, label, path in results, path in peer (^: in the report), target)
     ("L1", "ITL p50 ms, batch 1", "batch_1.itl_p50_ms", "batch_1.itl_p50_ms", "<= 5.8 ms"),
+    ("Q", "Q1 GPTQ ITL b1 / bf16", "vs_bf16.Q1_gptq_w4a16_itl_vs_bf16", "", "<= 0.40"),
+    ("Q", "Q1 AWQ ITL b1 / bf16", "vs_bf16.Q1_awq_w4a16_itl_vs_bf16", "", "<= 0.40"),
+    ("Q", "Q2 FP8 ITL b1 / bf16", "vs_bf16.Q2_fp8_itl_vs_bf16", "", "<= 0.60"),
+    ("Q", "Q3 FP8 T2 tok/s / bf16", "vs_bf16.Q3_fp8_weights_throughput_vs_bf16", "", ">= 1.5"),
+    ("Q", "Q4 FP8 KV blocks / bf16", "vs_bf16.Q4_kv_blocks_vs_bf16", "", "2.0"),
+    ("Q", "Q4 FP8 KV T2 tok/s / bf16", "vs_bf16.Q4_fp8_kv_throughput_vs_bf16", "", ">= 1.0"),
+    ("Q", "Q5 W4A16 b1 bandwidth frac", "vs_bf16.Q5_batch1_bandwidth_fraction_min", "", ">= 0.80"),
     ("A", "A1 tok/s, 8 adapters / base", "A1_8_adapters.vs_base", "", ">= 0.85"),
     ("A", "A2 tok/s, 64 adapters / base", "A2_64_adapters.vs_base", "", ">= 0.75"),
     ("A", "A3 ITL b1, 1 adapter / base", "A3.vs_base", "", "<= 1.15"),

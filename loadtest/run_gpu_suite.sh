@@ -13,7 +13,8 @@
 #   BENCHES="T1 L1 T2 S1 U1 P1"   which to run, in this order (add K for the kernel profile of T2's
 #                                 steps, loadtest/profile_kernels.py; B for beam search and parallel
 #                                 sampling B1-B3, loadtest/bench_beam.py; A for multi-LoRA A1-A4,
-#                                 loadtest/bench_lora.py)
+#                                 loadtest/bench_lora.py; Q for quantization Q1-Q5,
+#                                 loadtest/bench_quant.py: GPTQ/AWQ/FP8 weights and the FP8 KV cache vs bf16)
 #                                 K1: L1's batch-1 decode step part by part (loadtest/decode_breakdown.py)
 #   SUITE_BUDGET=550              seconds for the whole suite
 #   T2_REQUESTS=1000              T2's and S1's request count (S1's ratio needs the same workload)
@@ -29,6 +30,7 @@ mkdir -p "$OUT"
 BENCHES="${BENCHES:-T1 L1 T2 S1 U1 P1}"
 SUITE_BUDGET="${SUITE_BUDGET:-550}"
 T2_REQUESTS="${T2_REQUESTS:-1000}"
+Q_T2_REQUESTS="${Q_T2_REQUESTS:-500}"   # Q3/Q4's T2 workload: three engines in Q's 560 s
 S1_POISSON_REQUESTS="${S1_POISSON_REQUESTS:-240}"
 PY="${PYTHON:-python3}"
 PEERS="${PEERS:-hf}"
@@ -87,6 +89,8 @@ suite() {
       B) run B 300 loadtest/bench_beam.py --shape llama3-8b \
             --peer hf --peer-max-requests 8 --peer-max-steps 16 --out "$OUT/b.json" ;;
       A) run A 560 loadtest/bench_lora.py --shape llama3-8b --out "$OUT/a.json" ;;
+      Q) run Q 560 loadtest/bench_quant.py --shape llama3-8b --t2-requests "$Q_T2_REQUESTS" \
+            --out "$OUT/q.json" ;;
       K) run K 120 loadtest/profile_kernels.py --shape llama3-8b --num-requests 640 \
             --out "$OUT/profile_t2.json" ;;
       K1) run K1 120 loadtest/profile_kernels.py --mode batch1 --shape llama3-8b --input-len 32 \

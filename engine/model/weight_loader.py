@@ -175,6 +175,10 @@ def initialize_dummy_weights(model: nn.Module, low: float = -1e-3, high: float =
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
                 continue
+            dummy_init = getattr(param, "dummy_init", None)  # a method's valid placeholder (GPTQ's g_idx)
+            if dummy_init is not None:
+                param.copy_(dummy_init())
+                continue
             if param.device not in generators:
                 generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
             generator = generators[param.device]

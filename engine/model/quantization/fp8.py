@@ -122,7 +122,12 @@ class Fp8LinearMethod(LinearMethodBase):
         )
         if cfg.static_activations:  # [1]: one scale for the layer's input, whole on every rank
             register(
-                "input_scale", torch.zeros(1), {"weight_loader": _max_scale_loader(f"{prefix}.input_scale")}
+                "input_scale",
+                torch.zeros(1),
+                {
+                    "weight_loader": _max_scale_loader(f"{prefix}.input_scale"),
+                    "dummy_init": lambda: torch.full((1,), 0.05),  # random weights: a valid scale
+                },
             )
         if cfg.weight_block_size is not None:
             bn, bk = cfg.weight_block_size

@@ -137,7 +137,11 @@ class GPTQLinearMethod(LinearMethodBase):
         register(
             "g_idx",
             torch.empty(input_size_per_partition, dtype=torch.int32),
-            {"weight_loader": g_idx_loader},
+            {
+                "weight_loader": g_idx_loader,
+                # random weights (load_format dummy): contiguous groups, as without act order
+                "dummy_init": lambda: torch.arange(input_size_per_partition, dtype=torch.int32) // group_size,
+            },
         )
 
     def _unpack_zeros(self, packed: torch.Tensor) -> torch.Tensor:

@@ -59,3 +59,18 @@ def test_a_cpu_layer_keeps_the_reference_layout(wide_llama_dir: Path, tmp_path: 
     model = load_quantized(quantized, resolve_quantization(quantized, None)[2])
     layer = model.model.layers[0].mlp.down_proj
     assert layer.wna16_bits == 0 and layer.codes.shape == (128, 256)
+
+
+def test_gptq_random_weights_load_for_benchmarks(wide_llama_dir: Path, tmp_path: Path) -> None:
+    """load_format dummy (the GPU benchmarks' random weights) on a GPTQ config: g_idx gets contiguous
+    groups, not random integers that the post-load check would refuse."""
+    from engine import LLM, SamplingParams
+    from tests.engine.quantization.checkpoints import write_gptq
+
+    quantized, _ = write_gptq(wide_llama_dir, tmp_path, 4, 32, True, False, "gptq")
+    llm = LLM(str(quantized), device="cpu", dtype="float32", load_format="dummy", num_kv_blocks=8)
+    (out,) = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 2
+    layer = llm.llm_engine.executor.runner.model.model.layers[0].self_attn.qkv_proj  # type: ignore[attr-defined]
+    assert layer.perm is None and layer.g_idx is None  # the placeholder groups are contiguous
+    llm.shutdown()

@@ -1,0 +1,154 @@
+"""Kernel parts of loadtest/gpu_feature_check.py at the Llama-3-8B shapes (CUDA only): the LoRA
+shrink/expand kernels, the W4A16 GEMM as GPTQ/AWQ layers call it, and the Triton paged attention on
+an fp8 KV cache, each against its torch reference (relative error) and timed with do_bench."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from loadtest.gpu_engine_check import RESULTS, check
+
+DEV = "cuda"
+BF16 = torch.bfloat16
+HIDDEN, INTERMEDIATE = 4096, 14336  # Llama-3-8B
+REL_TOL = 1e-2
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (NaN if out has NaNs, so it fails every bound)."""
+    out, ref = out.double(), ref.double()
+    if torch.isnan(out).any():
+        return float("nan")
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def bench_ms(fn: Any) -> float:
+    """Median milliseconds (triton.testing.do_bench)."""
+    from triton.testing import do_bench
+
+    return round(float(do_bench(fn, warmup=25, rep=100, return_mode="median")), 4)
+
+
+def check_close(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float = REL_TOL, **detail: Any) -> bool:
+    torch.cuda.synchronize()
+    err = rel_err(out, ref)
+    return check(name, err < tol, rel_err=f"{err:.2e}", tol=tol, **detail)  # NaN fails
+
+
+# ------------------------------------------------------------------------------------------ f. LoRA kernels
+def lora_kernels() -> None:
+    """hidden 4096, rank 16, 8 slots; tokens of mixed slots with -1 rows (base-model tokens)."""
+    from ops import reference
+    from ops.triton.lora import lora_expand, lora_shrink
+
+    g = torch.Generator(device=DEV).manual_seed(0)
+    rank, slots = 16, 8
+    a = torch.randn(slots, rank, HIDDEN, device=DEV, generator=g).mul_(0.02).to(BF16)  # [slots, r, in]
+    b = torch.randn(slots, HIDDEN, rank, device=DEV, generator=g).mul_(0.1).to(BF16)  # [slots, out, r]
+    rows = []
+    for num_tokens in (1, 8, 64):
+        x = torch.randn(num_tokens, HIDDEN, device=DEV, generator=g).to(BF16)  # [T, in]
+        token_slots = torch.randint(-1, slots, (num_tokens,), device=DEV, generator=g, dtype=torch.int32)
+        if num_tokens >= 8:
+            token_slots[:2] = -1  # some base-model rows for sure
+        t = lora_shrink(x, a, token_slots)  # [T, r] fp32
+        t_ref = reference.lora_shrink(x, a, token_slots)
+        check_close(f"lora_shrink bf16 {num_tokens} tokens x 4096 -> rank 16 (8 slots, -1 rows)", t, t_ref)
+        # expand into zeros: the delta itself is compared, not drowned by y's own magnitude
+        y = lora_expand(t_ref, b, token_slots, torch.zeros(num_tokens, HIDDEN, device=DEV, dtype=BF16))
+        y_ref = reference.lora_expand(
+            t_ref, b, token_slots, torch.zeros(num_tokens, HIDDEN, device=DEV, dtype=BF16)
+        )
+        check_close(f"lora_expand bf16 {num_tokens} tokens rank 16 -> 4096 (8 slots, -1 rows)", y, y_ref)
+        base = torch.randn(num_tokens, HIDDEN, device=DEV, generator=g).to(BF16)  # [T, out]
+        y = lora_expand(t_ref, b, token_slots, base.clone())
+        untouched = bool((y[token_slots < 0] == base[token_slots < 0]).all())
+        check(f"lora_expand {num_tokens} tokens: rows of slot -1 left exactly as they were", untouched)
+        w = torch.randn(HIDDEN, HIDDEN, device=DEV, generator=g).to(BF16)  # [in, out]: the base layer
+        rows.append(
+            {
+                "tokens": num_tokens,
+                "shrink_ms": bench_ms(lambda x=x, s=token_slots: lora_shrink(x, a, s)),
+                "expand_ms": bench_ms(lambda t=t_ref, s=token_slots, y=y: lora_expand(t, b, s, y)),
+                "base_layer_bf16_4096x4096_ms": bench_ms(lambda x=x, w=w: x @ w),
+            }
+        )
+        print(rows[-1], flush=True)
+    RESULTS["timings"]["lora_kernels_llama3_8b"] = rows
+
+
+# ------------------------------------------------------------------------------------------ d2. W4A16 GEMM
+def wna16_layer(k: int, n: int, group_size: int, bits: int, seed: int) -> torch.nn.Module:
+    """A linear layer in the kernel layout, as GPTQ/AWQ layers hold it on CUDA (random codes)."""
+    from engine.model.quantization.wna16 import register_kernel_layout
+
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    groups = k // group_size
+    codes = torch.randint(0, 1 << bits, (n, k), device=DEV, generator=g, dtype=torch.uint8)  # [out, in]
+    zeros = torch.randint(0, 1 << bits, (n, groups), device=DEV, generator=g).float()  # [out, G]
+    scales = (torch.rand(n, groups, device=DEV, generator=g) * 0.01 + 0.002).half().float()  # [out, G]
+    layer = torch.nn.Module()
+    register_kernel_layout(layer, codes, zeros, scales, None, bits)
+    return layer
+
+
+def wna16_kernel() -> None:
+    """apply_wna16 (the dispatch GPTQ/AWQ layers use: fused GEMM or dequantize + cuBLAS by batch) vs
+    apply_wna16_reference (dequantize in torch, F.linear), and its time vs a bf16 matmul."""
+    from engine.model.quantization.wna16 import _plan, apply_wna16, apply_wna16_reference
+
+    rows = []
+    for k, n in ((HIDDEN, HIDDEN), (HIDDEN, INTERMEDIATE)):
+        layer = wna16_layer(k, n, 128, 4, seed=k + n)
+        dense = torch.randn(k, n, device=DEV, dtype=BF16) * 0.02  # [in, out]
+        for m in (1, 8, 64):
+            x = torch.randn(m, k, device=DEV, dtype=BF16)  # [M, K]
+            out = apply_wna16(layer, x, None)
+            ref = apply_wna16_reference(layer, x, None)
+            plan = _plan(m, k, n, 128, x.get_device())
+            check_close(
+                f"w4a16 g128 bf16 [{m} x {k}] x [{k} x {n}] == dequantize + matmul", out, ref, plan=plan.path
+            )
+            row = {
+                "shape": f"{m}x{k}x{n}",
+                "plan": f"{plan.path} m{plan.block_m} n{plan.block_n} k{plan.block_k} split{plan.split_k}",
+                "w4a16_ms": bench_ms(lambda x=x, layer=layer: apply_wna16(layer, x, None)),
+                "bf16_matmul_ms": bench_ms(lambda x=x, dense=dense: x @ dense),
+            }
+            row["speedup_vs_bf16"] = round(row["bf16_matmul_ms"] / row["w4a16_ms"], 2)
+            rows.append(row)
+            print(row, flush=True)
+    RESULTS["timings"]["w4a16_llama3_8b"] = rows
+    # 4-bit weights read a quarter of bf16's bytes: at batch 1 the fused GEMM should not be slower
+    first = rows[0]
+    check(
+        "w4a16 batch 1 4096x4096: not slower than the bf16 matmul", first["speedup_vs_bf16"] >= 1.0, **first
+    )
+
+
+# ------------------------------------------------------------------------------------------ e2. fp8 paged attention
+def fp8_paged_attention_kernel() -> None:
+    """Decode at the Llama-3-8B attention shape (32 q / 8 kv heads, head_dim 128), batch 8, context
+    2048, block 16: the Triton kernel on an e4m3 cache (scales 0.02) vs the torch reference reading
+    the same fp8 cache; timed against the bf16 cache."""
+    from loadtest.gpu_kernel_check import make_paged
+    from ops import reference
+    from ops.triton.paged_attention import paged_attention
+
+    batch = make_paged([1] * 8, [2048] * 8, 32, 8, 128, 16, dtype=BF16, seed=3)
+    fp8 = dict(batch)
+    k_scale, v_scale = 0.02, 0.02
+    for name, scale in (("k_cache", k_scale), ("v_cache", v_scale)):
+        fp8[name] = (batch[name].float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+    fp8["k_scale"], fp8["v_scale"] = k_scale, v_scale
+    out = paged_attention(**fp8)
+    ref = reference.paged_attention(**fp8)
+    check_close("paged attention e4m3 cache, 32q/8kv heads d128, batch 8 ctx 2048 == reference", out, ref)
+    # and how far the fp8 cache moves the output from the bf16 one (information, not a bound)
+    RESULTS["info"]["fp8_vs_bf16_cache_attention_rel_err"] = rel_err(out, reference.paged_attention(**batch))
+    row = {"batch": 8, "context": 2048, "fp8_ms": bench_ms(lambda: paged_attention(**fp8))}
+    row["bf16_ms"] = bench_ms(lambda: paged_attention(**batch))
+    RESULTS["timings"]["paged_attention_fp8_llama3_8b"] = [row]
+    print(row, flush=True)

@@ -21,6 +21,10 @@ from loadtest.gpu_engine_check import RESULTS, check, count_replays, elapsed, st
 
 QUANT_MAX_TOKENS = 16
 MUST_AGREE = 4  # a divergence within the first 4 tokens fails; later ones are reported (fp16/bf16 rounding)
+# Teacher-forced log p drift from the fp32 reference that fp16/bf16 rounding alone gives on these tiny
+# random models (measured on CPU over every format: fp16 <= 0.035, bf16 <= 0.085), with margin: an
+# early greedy divergence within it is a near-tie flipped by rounding, not a wrong kernel.
+DRIFT_BOUND = {"float16": 0.1, "bfloat16": 0.3}
 GRAPHS = dict(max_cuda_graph_batch_size=8)
 
 
@@ -87,6 +91,16 @@ def _checkpoints(src: Path, root: Path) -> list[tuple[str, Callable[[], Path], d
     ]
 
 
+def teacher_forced(llm: LLM, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
+    """log p of each continuation token after its prompt (prompt_logprobs over prompt + continuation)."""
+    full = [p + c for p, c in zip(prompts, continuations, strict=True)]
+    outs = llm.generate(full, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    return [
+        [o.prompt_logprobs[i][seq[i]].logprob for i in range(len(p), len(seq))]
+        for o, p, seq in zip(outs, prompts, full, strict=True)
+    ]
+
+
 def greedy_tokens(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
     params = SamplingParams(temperature=0.0, max_tokens=QUANT_MAX_TOKENS, ignore_eos=True)
     return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
@@ -111,6 +125,7 @@ def quantized_checkpoints(device: str, time_limit_s: float = 330.0) -> None:
             cpu = LLM(str(ckpt), device="cpu", dtype="float32", num_kv_blocks=64, **options)
             method = cpu.llm_engine.config.quant.method
             expected = greedy_tokens(cpu, prompts)
+            expected_lp = teacher_forced(cpu, prompts, expected)
             cpu.shutdown()
             del cpu
             for dtype in dtypes:
@@ -120,22 +135,33 @@ def quantized_checkpoints(device: str, time_limit_s: float = 330.0) -> None:
                 replays = count_replays(llm)
                 got = greedy_tokens(llm, prompts)
                 firsts = [first_index(g, e) for g, e in zip(got, expected, strict=True)]
+                # how far the device moves log p of the reference's own tokens: small when an early
+                # divergence is a near-tie flipped by fp16/bf16 rounding, large when the kernel is wrong
+                got_lp = teacher_forced(llm, prompts, expected)
+                drift = max(
+                    abs(a - b)
+                    for g, e in zip(got_lp, expected_lp, strict=True)
+                    for a, b in zip(g, e, strict=True)
+                )
                 row = {
                     "checkpoint": label,
                     "method": method,
                     "dtype": dtype,
                     "tokens_equal": got == expected,
                     "first_divergence_per_prompt": firsts,
+                    "max_logprob_drift": round(drift, 4),
                     "triton_wna16_layers": wna16_layers(llm),
                     "graph_replays": sum(replays.values()),
                     "seconds": round(time.perf_counter() - t0, 1),
                 }
                 rows.append(row)
                 check(
-                    f"quant {label} {device} {dtype} vs cpu fp32: greedy tokens (first {MUST_AGREE} must agree)",
-                    min(firsts) >= MUST_AGREE,
+                    f"quant {label} {device} {dtype} vs cpu fp32: greedy tokens (first {MUST_AGREE} agree, "
+                    f"or log p of the reference's tokens within {DRIFT_BOUND[dtype]})",
+                    min(firsts) >= MUST_AGREE or drift <= DRIFT_BOUND[dtype],
                     equal=got == expected,
                     first_divergence=firsts,
+                    max_logprob_drift=round(drift, 4),
                     method=method,
                     triton_wna16_layers=row["triton_wna16_layers"],
                 )

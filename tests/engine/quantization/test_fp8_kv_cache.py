@@ -223,3 +223,27 @@ def test_metrics_report_the_kv_cache_dtype_and_capacity(tiny_llama_dir: Path) ->
         "enable_prefix_caching": "True",
     }
     llm.shutdown()
+
+
+def test_fp8_kv_unchanged_by_chunked_prefill_preemption_and_prefix_hits(tiny_llama_dir: Path) -> None:
+    """The fp8 cache under the scheduler's features: chunked prefill, recompute after preemption and
+    prefix-cache hits give the tokens of a plain fp8 run (recomputed K/V quantize the same way)."""
+    from tests.e2e.test_parity import _greedy, _prompts
+    from tests.engine.quantization.parity import SETTINGS
+
+    prompts = _prompts()
+    runs = {}
+    for setting in ("default", "chunked_prefill", "preemption"):
+        llm = LLM(
+            str(tiny_llama_dir), device="cpu", dtype="float32", kv_cache_dtype="fp8", **SETTINGS[setting]
+        )
+        # the prompts twice: the second pass hits the prefix cache (all but the last block of each)
+        outs = llm.generate(prompts + prompts, _greedy(logprobs=0), use_tqdm=False)
+        runs[setting] = [o.outputs[0].token_ids for o in outs]
+        if setting == "preemption":
+            assert llm.llm_engine.stats().num_preemptions > 0
+        assert llm.llm_engine.stats().prefix_cache_hits > 0
+        llm.shutdown()
+    assert runs["default"][:4] == runs["default"][4:]
+    assert runs["chunked_prefill"] == runs["default"]
+    assert runs["preemption"] == runs["default"]

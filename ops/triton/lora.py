@@ -37,6 +37,7 @@ def _lora_shrink_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_IN: tl.constexpr,
     ATOMIC: tl.constexpr,  # the input dimension is split over programs: add the partials
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_split = tl.program_id(1)
@@ -64,7 +65,7 @@ def _lora_shrink_kernel(
                     mask=k_mask[None, :] & i_mask[:, None],
                     other=0.0,
                 )  # [BLOCK_IN, BLOCK_K]: A^T's tile
-                acc += tl.dot(x, a.to(x.dtype))
+                acc += tl.dot(x, a.to(x.dtype), input_precision=DOT_PRECISION)
             out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_k[None, :]
             out_mask = match[:, None] & k_mask[None, :]
             if ATOMIC:
@@ -89,6 +90,7 @@ def _lora_expand_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -114,11 +116,17 @@ def _lora_expand_kernel(
                 other=0.0,
             )  # [BLOCK_K, BLOCK_N]: B^T's tile
             # Round the shrink's output to B's dtype (PEFT feeds lora_A's output, in the model dtype, to lora_B).
-            delta = tl.dot(t.to(b.dtype), b)
+            delta = tl.dot(t.to(b.dtype), b, input_precision=DOT_PRECISION)
             y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
             y_mask = match[:, None] & n_mask[None, :]
             y = tl.load(y_ptrs, mask=y_mask, other=0.0)
             tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=y_mask)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 models are the parity runs: TF32 (tl.dot's default for fp32 on CUDA) would round inputs to
+    # 10 mantissa bits and flip greedy tokens against PEFT; 16-bit inputs are exact either way.
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _block_k(k: int) -> int:
@@ -173,6 +181,7 @@ def lora_shrink(
         BLOCK_K=block_k,
         BLOCK_IN=block_in,
         ATOMIC=split > 1,
+        DOT_PRECISION=_dot_precision(x.dtype),
     )
     return out
 
@@ -213,5 +222,6 @@ def lora_expand(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        DOT_PRECISION=_dot_precision(b_stacked.dtype),
     )
     return y

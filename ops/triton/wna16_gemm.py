@@ -123,6 +123,7 @@ def _wna16_gemm_kernel(
     SPLIT_K: tl.constexpr,
     ONE_GROUP: tl.constexpr,
     GATHER_WORDS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 activations (tl.dot would use TF32), else "tf32"
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -146,7 +147,7 @@ def _wna16_gemm_kernel(
             stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
             BITS, BLOCK_N, BLOCK_K, ONE_GROUP, GATHER_WORDS,
         )  # fmt: skip
-        acc += tl.dot(a, w.to(a.dtype))
+        acc += tl.dot(a, w.to(a.dtype), input_precision=DOT_PRECISION)
     out = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -242,6 +243,7 @@ def wna16_gemm(
         so, sm, sn,
         BITS=bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         ONE_GROUP=group_size % block_k == 0, GATHER_WORDS=gather_words,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out if split_k == 1 else out.sum(dim=0).to(x.dtype)

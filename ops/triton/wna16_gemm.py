@@ -17,6 +17,10 @@ one group, else per row) and feeds tl.dot in x's dtype with float32 accumulation
 over more programs: each writes a float32 partial [SPLIT_K, M, N], summed after. Launch shapes are
 chosen by engine.model.quantization.wna16.plan_wna16 (a pure function of the shape).
 
+`lut_gemm` / `lut_dequantize`: the same kernels for SqueezeLLM's layout (GPTQ's qweight packing, and
+per output column a table of 2**bits weight values instead of scales and zeros: w[k, n] =
+table[n, code[k, n]], a gather from 32 cache-resident bytes per column).
+
 `wna16_dequantize`: the whole [K, N] weight in x's dtype, for large batches where cuBLAS's GEMM on it
 beats a fused kernel and the weight's one extra write and read are small next to the matmul.
 
@@ -52,6 +56,7 @@ def _dequant_tile(
     BLOCK_K: tl.constexpr,
     ONE_GROUP: tl.constexpr,  # the tile lies in one group (group_size % BLOCK_K == 0)
     GATHER_WORDS: tl.constexpr,  # load each row's word (PACK loads of it, from cache) instead of reshaping
+    LUT: tl.constexpr,  # SqueezeLLM: w = scales[n, code] (a per-column table; strides sn, sg), no zeros
 ):
     """[BLOCK_K, BLOCK_N] float32 weights of rows k0 .. k0 + BLOCK_K."""
     PACK: tl.constexpr = 32 // BITS
@@ -64,7 +69,7 @@ def _dequant_tile(
             mask=(kk < k_end)[:, None] & mask_n[None, :],
             other=0,
         )
-        codes = ((words >> ((kk % PACK) * BITS)[:, None]) & MASK).to(tl.float32)
+        codes = (words >> ((kk % PACK) * BITS)[:, None]) & MASK
     else:
         word_rows = k0 // PACK + tl.arange(0, BLOCK_K // PACK)  # [BLOCK_K / PACK]
         words = tl.load(
@@ -75,7 +80,13 @@ def _dequant_tile(
         shifts = tl.arange(0, PACK) * BITS  # [PACK]
         # (word >> shift) & MASK is the code whether the shift is arithmetic or logical
         codes = (words[:, None, :] >> shifts[None, :, None]) & MASK  # [BLOCK_K / PACK, PACK, BLOCK_N]
-        codes = tl.reshape(codes, (BLOCK_K, BLOCK_N)).to(tl.float32)  # row k0 + i at i
+        codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))  # row k0 + i at i
+    if LUT:  # a gather from each column's 2**BITS entries (L1-resident)
+        table = tl.load(
+            scales_ptr + offs_n[None, :] * stride_sn + codes * stride_sg, mask=mask_n[None, :], other=0.0
+        )
+        return table.to(tl.float32)
+    codes = codes.to(tl.float32)
     if ONE_GROUP:
         g = k0 // group_size
         scale = tl.load(scales_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0)
@@ -124,6 +135,7 @@ def _wna16_gemm_kernel(
     ONE_GROUP: tl.constexpr,
     GATHER_WORDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 activations (tl.dot would use TF32), else "tf32"
+    LUT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -145,7 +157,7 @@ def _wna16_gemm_kernel(
         w = _dequant_tile(
             qweight_ptr, scales_ptr, zeros_ptr, k0, k_end, offs_n, mask_n, group_size,
             stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
-            BITS, BLOCK_N, BLOCK_K, ONE_GROUP, GATHER_WORDS,
+            BITS, BLOCK_N, BLOCK_K, ONE_GROUP, GATHER_WORDS, LUT,
         )  # fmt: skip
         acc += tl.dot(a, w.to(a.dtype), input_precision=DOT_PRECISION)
     out = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
@@ -173,6 +185,7 @@ def _wna16_dequant_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ONE_GROUP: tl.constexpr,
+    LUT: tl.constexpr,
 ):
     k0 = tl.program_id(0) * BLOCK_K
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -180,7 +193,7 @@ def _wna16_dequant_kernel(
     w = _dequant_tile(
         qweight_ptr, scales_ptr, zeros_ptr, k0, K, offs_n, mask_n, group_size,
         stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
-        BITS, BLOCK_N, BLOCK_K, ONE_GROUP, False,
+        BITS, BLOCK_N, BLOCK_K, ONE_GROUP, False, LUT,
     )  # fmt: skip
     kk = k0 + tl.arange(0, BLOCK_K)
     tl.store(
@@ -221,8 +234,56 @@ def wna16_gemm(
     """y = x w with w dequantized tile by tile. block_k must be a multiple of 32 // bits; split_k > 1
     splits K over that many programs per output tile (partials summed in float32). gather_words: the
     other way to unpack (see _dequant_tile), for the GPU benchmark to compare."""
+    _check(qweight, scales, zeros, x.shape[1], bits, group_size)
+    tables = (scales, zeros, scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1))
+    return _gemm(x, qweight, tables, bits, group_size, block_m, block_n, block_k, split_k, num_warps,
+                 num_stages, gather_words, lut=False)  # fmt: skip
+
+
+def lut_gemm(
+    x: torch.Tensor,  # [M, K]
+    qweight: torch.Tensor,  # [K / pf, N] int32
+    table: torch.Tensor,  # [N, 2 ** bits]: each output column's weight values (SqueezeLLM)
+    bits: int,
+    block_m: int = 16,
+    block_n: int = 32,
+    block_k: int = 32,
+    split_k: int = 1,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:  # [M, N] in x.dtype
+    """y = x w, w[k, n] = table[n, code[k, n]], looked up tile by tile (the same GEMM, split-K)."""
+    _check_table(qweight, table, x.shape[1], bits)
+    tables = (table, table, table.stride(1), table.stride(0), 0, 0)  # entry stride, column stride
+    return _gemm(x, qweight, tables, bits, x.shape[1], block_m, block_n, block_k, split_k, num_warps,
+                 num_stages, False, lut=True)  # fmt: skip
+
+
+def _check_table(qweight: torch.Tensor, table: torch.Tensor, k: int, bits: int) -> None:
+    if qweight.shape[0] * (32 // bits) != k:
+        raise ValueError(f"qweight {tuple(qweight.shape)} does not pack K={k} at {bits} bits")
+    if table.shape != (qweight.shape[1], 1 << bits):
+        raise ValueError(f"table {tuple(table.shape)} is not [N={qweight.shape[1]}, {1 << bits}]")
+
+
+def _gemm(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    tables: tuple,  # (scales, zeros, stride_sg, stride_sn, stride_zg, stride_zn)
+    bits: int,
+    group_size: int,
+    block_m: int,
+    block_n: int,
+    block_k: int,
+    split_k: int,
+    num_warps: int,
+    num_stages: int,
+    gather_words: bool,
+    lut: bool,
+) -> torch.Tensor:
     M, K = x.shape
-    N = _check(qweight, scales, zeros, K, bits, group_size)
+    N = qweight.shape[1]
+    scales, zeros, sg, sn, zg, zn = tables
     if block_k % (32 // bits):
         raise ValueError(f"block_k {block_k} is not a multiple of {32 // bits} (codes per word)")
     # K rows per split, whole tiles; fewer splits when K is short
@@ -230,19 +291,19 @@ def wna16_gemm(
     split_k = triton.cdiv(K, k_per_split)
     if split_k == 1:
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-        so, sm, sn = 0, out.stride(0), out.stride(1)
+        so, sm, so_n = 0, out.stride(0), out.stride(1)
     else:
         out = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
-        so, sm, sn = out.stride()
+        so, sm, so_n = out.stride()
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), split_k)
     _wna16_gemm_kernel[grid](
         x, qweight, scales, zeros, out,
         M, N, K, group_size, k_per_split,
         x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1),
-        scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),
-        so, sm, sn,
+        sg, sn, zg, zn,
+        so, sm, so_n,
         BITS=bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-        ONE_GROUP=group_size % block_k == 0, GATHER_WORDS=gather_words,
+        ONE_GROUP=group_size % block_k == 0, GATHER_WORDS=gather_words, LUT=lut,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
@@ -260,14 +321,43 @@ def wna16_dequantize(
     block_k: int = 64,
 ) -> torch.Tensor:  # [K, N] in dtype
     K = qweight.shape[0] * (32 // bits)
-    N = _check(qweight, scales, zeros, K, bits, group_size)
+    _check(qweight, scales, zeros, K, bits, group_size)
+    tables = (scales, zeros, scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1))
+    return _dequantize(qweight, tables, bits, group_size, dtype, block_n, block_k, lut=False)
+
+
+def lut_dequantize(
+    qweight: torch.Tensor,  # [K / pf, N] int32
+    table: torch.Tensor,  # [N, 2 ** bits]
+    bits: int,
+    dtype: torch.dtype,
+    block_n: int = 64,
+    block_k: int = 64,
+) -> torch.Tensor:  # [K, N] in dtype
+    K = qweight.shape[0] * (32 // bits)
+    _check_table(qweight, table, K, bits)
+    tables = (table, table, table.stride(1), table.stride(0), 0, 0)
+    return _dequantize(qweight, tables, bits, K, dtype, block_n, block_k, lut=True)
+
+
+def _dequantize(
+    qweight: torch.Tensor,
+    tables: tuple,
+    bits: int,
+    group_size: int,
+    dtype: torch.dtype,
+    block_n: int,
+    block_k: int,
+    lut: bool,
+) -> torch.Tensor:
+    K, N = qweight.shape[0] * (32 // bits), qweight.shape[1]
+    scales, zeros, sg, sn, zg, zn = tables
     out = torch.empty(K, N, dtype=dtype, device=qweight.device)
     grid = (triton.cdiv(K, block_k), triton.cdiv(N, block_n))
     _wna16_dequant_kernel[grid](
         qweight, scales, zeros, out, N, K, group_size,
-        qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
-        zeros.stride(0), zeros.stride(1), out.stride(0), out.stride(1),
-        BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k, ONE_GROUP=group_size % block_k == 0,
+        qweight.stride(0), qweight.stride(1), sg, sn, zg, zn, out.stride(0), out.stride(1),
+        BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k, ONE_GROUP=group_size % block_k == 0, LUT=lut,
         num_warps=4,
     )  # fmt: skip
     return out

@@ -161,3 +161,44 @@ def test_layers_in_the_kernel_layout_match_the_reference_layout(
             assert got.shape == expected.shape
             assert _err(got, expected) < 1e-5
             assert torch.allclose(apply_wna16_reference(layer, x, None), expected, atol=1e-5, rtol=1e-5)
+
+
+@in_process
+@pytest.mark.parametrize(("m", "n", "k", "block_k", "split_k"), [(1, 48, 256, 64, 4), (5, 40, 128, 32, 1)])
+def test_lut_gemm_matches_lookup_then_matmul(m: int, n: int, k: int, block_k: int, split_k: int) -> None:
+    """SqueezeLLM's layout: codes packed like GPTQ's, a 16-value table per output column."""
+    from engine.model.quantization.squeezellm import dequantize_lut
+    from ops.triton.wna16_gemm import lut_dequantize, lut_gemm
+
+    gen = torch.Generator().manual_seed(m + k)
+    codes = torch.randint(0, 16, (k, n), generator=gen)  # [K, N]
+    table = torch.randn(n, 16, generator=gen).half().float()  # [N, 16]
+    x = torch.randn(m, k, generator=gen).to(DEVICE)
+    weight = dequantize_lut(codes.t().to(torch.uint8), table, torch.float32)  # [N, K]
+    qweight = pack_rows(codes, 4).to(DEVICE)
+    out = lut_gemm(x, qweight, table.to(DEVICE), 4, block_n=16, block_k=block_k, split_k=split_k)
+    assert _err(out, F.linear(x, weight.to(DEVICE))) < 1e-5
+    assert torch.equal(
+        lut_dequantize(qweight, table.to(DEVICE), 4, torch.float32, 16, block_k).cpu(), weight.t()
+    )
+
+
+@in_process
+def test_squeezellm_layers_in_the_kernel_layout_match_the_reference(
+    wide_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine.model.quantization import squeezellm
+    from engine.model.quantization.detect import resolve_quantization
+    from tests.engine.quantization.checkpoints import write_squeezellm
+    from tests.engine.quantization.weights import load_quantized
+
+    quantized, _ = write_squeezellm(wide_llama, tmp_path)
+    config = resolve_quantization(quantized, None)[2]
+    reference = load_quantized(quantized, config).model.layers[1]
+    monkeypatch.setattr(squeezellm, "use_wna16_kernels", lambda *args: True)  # as on a GPU
+    kernel = load_quantized(quantized, config).model.layers[1]
+    for ref_layer, layer in ((reference.self_attn.qkv_proj, kernel.self_attn.qkv_proj), (reference.mlp.down_proj, kernel.mlp.down_proj)):  # fmt: skip
+        assert layer.lut_kernels and not hasattr(layer, "codes") and layer.qweight.dtype == torch.int32
+        for num_tokens in (1, 300):
+            x = torch.randn(num_tokens, layer.input_size, generator=torch.Generator().manual_seed(num_tokens))
+            assert _err(layer.quant_method.apply(layer, x), ref_layer.quant_method.apply(ref_layer, x)) < 1e-5

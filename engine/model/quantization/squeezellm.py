@@ -11,9 +11,10 @@ Reference: SqueezeLLM (github.com/SqueezeAILab/SqueezeLLM), squeezellm/quant.py,
 vllm/model_executor/layers/quantization/squeezellm.py, SqueezeLLMLinearMethod (parameter layout).
 
 Only the dense variant (SqueezeLLM's "s0" checkpoints) exists here: its dense-and-sparse ones add
-outlier tensors (`rows`, `cols`, `vals`), which detect.py refuses by name. The post-load hook unpacks
-the codes to uint8 [out, in] and the table to float32; `apply` looks every weight up (exact: fp16
-values) and calls F.linear.
+outlier tensors (`rows`, `cols`, `vals`), which detect.py refuses by name. On CPU the post-load hook
+unpacks the codes to uint8 [out, in] and the table to float32, and `apply` looks every weight up
+(exact: fp16 values) and calls F.linear; on CUDA the packed codes stay as stored and the Triton
+W4A16 kernels look the weights up in their inner loop (engine.model.quantization.wna16.apply_lut).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import nn
 from engine.model.parameter import WeightLoader, set_weight_attrs
 from engine.model.quantization.base import LinearMethodBase, QuantizationConfig
 from engine.model.quantization.packing import unpack_rows
+from engine.model.quantization.wna16 import apply_lut, triton_wna16_available, use_wna16_kernels
 
 if TYPE_CHECKING:
     from engine.model.layers.linear import LinearBase
@@ -100,13 +102,23 @@ class SqueezeLLMLinearMethod(LinearMethodBase):
         )
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        codes = unpack_rows(layer.qweight.data, 4)  # [in, out] uint8
-        table = layer.lookup_table.data.float()  # [out, 16]
+        qweight = layer.qweight.data  # [in / 8, out] int32
+        in_features, out_features = qweight.shape[0] * _PF, qweight.shape[1]
+        table = layer.lookup_table.data  # [out, 16]
         del layer.qweight, layer.lookup_table
-        layer.register_buffer("codes", codes.t().contiguous())  # [out, in] uint8
-        layer.register_buffer("lookup_table", table)  # [out, 16] float32
+        layer.lut_kernels = use_wna16_kernels(
+            qweight.device.type, triton_wna16_available(), False, 4, in_features, out_features
+        )
+        if layer.lut_kernels:  # CUDA: the Triton kernels read the checkpoint's packing as it is
+            layer.register_buffer("qweight", qweight)
+            layer.register_buffer("lookup_table", table.to(torch.float16).contiguous())  # [out, 16]
+            return
+        layer.register_buffer("codes", unpack_rows(qweight, 4).t().contiguous())  # [out, in] uint8
+        layer.register_buffer("lookup_table", table.float())  # [out, 16] float32
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if layer.lut_kernels:
+            return apply_lut(layer, x, bias)
         w = dequantize_lut(layer.codes, layer.lookup_table, x.dtype)  # [out, in]
         return F.linear(x, w, bias)
 

@@ -1,4 +1,4 @@
-"""GPTQ and AWQ on CUDA: the weights repacked at load into the Triton W4A16/W8A16 kernels' layout
+"""GPTQ and AWQ (and SqueezeLLM's tables, `apply_lut`) on CUDA: the weights repacked at load into the Triton W4A16/W8A16 kernels' layout
 (ops/triton/wna16_gemm.py) and each matmul dispatched by shape. CPU keeps the dequantize-then-F.linear
 reference (engine.model.quantization.common); so does a GPU layer the kernels cannot run (uneven
 act-order groups, shapes not packing whole words, or no Triton).
@@ -158,3 +158,24 @@ def apply_wna16_reference(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor 
         x = x.index_select(-1, layer.perm)
     w = dequantize(codes, layer.zeros.t().float(), layer.scales.t().float(), None, x.dtype)
     return F.linear(x, w, bias)
+
+
+def apply_lut(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """SqueezeLLM through the same kernels (ops.triton.wna16_gemm.lut_gemm): `qweight` int32
+    [in / 8, out] as stored, `lookup_table` [out, 16] fp16. [..., in] -> [..., out]."""
+    from ops.triton.wna16_gemm import lut_dequantize, lut_gemm  # noqa: PLC0415
+
+    qweight, table = layer.qweight, layer.lookup_table
+    in_features, out_features = qweight.shape[0] * 8, qweight.shape[1]
+    x2 = x.reshape(-1, in_features)  # [tokens, in]
+    launch = _plan(x2.shape[0], in_features, out_features, in_features, x.get_device())
+    if launch.path == "dequant":
+        out = torch.matmul(x2, lut_dequantize(qweight, table, 4, x.dtype))  # [in, out] weights
+    else:
+        out = lut_gemm(
+            x2, qweight, table, 4, launch.block_m, launch.block_n, launch.block_k, launch.split_k,
+            launch.num_warps, launch.num_stages,
+        )  # fmt: skip
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], out_features)

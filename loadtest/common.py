@@ -76,6 +76,17 @@ def add_common_args(
         default=None,
         help="shard the model over this many GPUs, one worker process each (engine default: 1)",
     )
+    g.add_argument(
+        "--kv-cache-dtype",
+        default=None,
+        choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
+        help="engine default: auto",
+    )
+    g.add_argument(
+        "--quantization",
+        default=None,
+        help="e.g. fp8 (weights quantized at load); engine default: the checkpoint's",
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--temperature", type=float, default=1.0, help="1.0 as vLLM's benchmarks; 0 is greedy")
     p = parser.add_argument_group("peer and output")
@@ -238,6 +249,8 @@ def engine_kwargs(args: argparse.Namespace, model: ModelChoice, **overrides: Any
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "max_cuda_graph_mixed_tokens": getattr(args, "max_cuda_graph_mixed_tokens", None),
         "tensor_parallel_size": getattr(args, "tensor_parallel_size", None),
+        "kv_cache_dtype": getattr(args, "kv_cache_dtype", None),
+        "quantization": getattr(args, "quantization", None),
     }
     kw.update({k: v for k, v in optional.items() if v is not None})
     if args.enforce_eager:

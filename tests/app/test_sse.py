@@ -172,9 +172,9 @@ def test_streams_ask_the_engine_for_deltas(fake_server: LiveServer, monkeypatch)
     kinds = []
     real_add = engine.add_request
 
-    async def recording_add(request_id, prompt, ids, params, priority=0):
+    async def recording_add(request_id, prompt, ids, params, priority=0, lora_request=None):
         kinds.append(params.output_kind)
-        return await real_add(request_id, prompt, ids, params, priority)
+        return await real_add(request_id, prompt, ids, params, priority, lora_request)
 
     monkeypatch.setattr(engine, "add_request", recording_add)
     body = {"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 12, "seed": 3, "logprobs": 2}

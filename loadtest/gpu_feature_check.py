@@ -111,26 +111,9 @@ def blocks_free(llm: LLM) -> bool:
 # ------------------------------------------------------------------------------------------ a. multi-LoRA
 def build_adapters(model_dir: Path, root: Path) -> dict[str, LoRARequest]:
     """test_lora.py's four adapters, saved by peft with random non-zero B (so each changes the output)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from tests.engine.test_lora import save_peft_adapters
 
-    from tests.engine.test_lora import ADAPTERS
-
-    requests = {}
-    for i, (name, (rank, alpha, targets, rslora)) in enumerate(ADAPTERS.items()):
-        base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-        config = LoraConfig(
-            r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora, lora_dropout=0.0
-        )
-        model = get_peft_model(base, config)
-        gen = torch.Generator().manual_seed(100 + i)
-        with torch.no_grad():
-            for pname, p in model.named_parameters():
-                if "lora_" in pname:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
-        model.save_pretrained(str(root / name))
-        requests[name] = LoRARequest(name, i + 1, str(root / name))
-    return requests
+    return save_peft_adapters(model_dir, root)
 
 
 def peft_greedy(

@@ -27,21 +27,15 @@ ADAPTERS: dict[str, tuple[int, int, list[str] | str, bool]] = {
 }
 
 
-def _prompts(seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(3, 500) for _ in range(n)] for n in lengths]
-
-
-@pytest.fixture(scope="module")
-def lora_setup(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The adapters (saved by peft, random non-zero B) and a function giving PEFT's greedy tokens."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+def save_peft_adapters(model_dir: Path, root: Path) -> dict[str, LoRARequest]:
+    """ADAPTERS over the checkpoint in `model_dir`, saved by peft under `root` with random non-zero B
+    (so each changes the output); also used by loadtest/gpu_feature_check.py."""
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    root = tmp_path_factory.mktemp("loras")
     requests: dict[str, LoRARequest] = {}
     for i, (name, (rank, alpha, targets, rslora)) in enumerate(ADAPTERS.items()):
-        base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
         config = LoraConfig(
             r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora, lora_dropout=0.0
         )
@@ -53,6 +47,21 @@ def lora_setup(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
         model.save_pretrained(str(root / name))
         requests[name] = LoRARequest(name, i + 1, str(root / name))
+    return requests
+
+
+def _prompts(seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 500) for _ in range(n)] for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def lora_setup(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The adapters (saved by peft, random non-zero B) and a function giving PEFT's greedy tokens."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    requests = save_peft_adapters(tiny_llama_dir, tmp_path_factory.mktemp("loras"))
 
     cache: dict[tuple[str | None, tuple[int, ...]], list[int]] = {}
     models: dict[str | None, torch.nn.Module] = {}

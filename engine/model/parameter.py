@@ -43,6 +43,14 @@ def set_weight_attrs(param: torch.Tensor, attrs: dict[str, Any]) -> None:
         setattr(param, key, value)
 
 
+def register_weight(layer: torch.nn.Module, name: str, tensor: torch.Tensor, attrs: dict[str, Any]) -> None:
+    """A frozen parameter `name` on `layer` with the loader attributes `attrs` (output_dim, input_dim,
+    packed_dim, pack_factor, weight_loader): what each linear method's create_weights registers."""
+    param = torch.nn.Parameter(tensor, requires_grad=False)
+    set_weight_attrs(param, attrs)
+    layer.register_parameter(name, param)
+
+
 def param_units(param: torch.Tensor, dim: int, logical: int) -> int:
     """A logical size or offset along `dim` -> stored elements (divided by pack_factor along the
     packed axis, unchanged along any other)."""

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from engine.model.parameter import WeightLoader, set_weight_attrs
+from engine.model.parameter import WeightLoader, register_weight
 from engine.model.quantization.base import LinearMethodBase, QuantizationConfig
 from engine.model.quantization.common import (
     apply_weight_only,
@@ -86,13 +86,9 @@ class AWQLinearMethod(LinearMethodBase):
         groups = input_size_per_partition // group_size
         grouped = {"input_dim": 0, "packed_dim": 0, "pack_factor": group_size, "output_dim": 1}
 
-        def register(name: str, tensor: torch.Tensor, attrs: dict) -> None:
-            param = nn.Parameter(tensor, requires_grad=False)
-            set_weight_attrs(param, attrs)
-            layer.register_parameter(name, param)
-
         # [in, out / 8] int32, codes packed along the output
-        register(
+        register_weight(
+            layer,
             "qweight",
             torch.empty(input_size_per_partition, out // _PF, dtype=torch.int32),
             {
@@ -104,12 +100,14 @@ class AWQLinearMethod(LinearMethodBase):
             },
         )
         # [G, out] int32: unpacked from the checkpoint's [G, out / 8] as it loads
-        register(
+        register_weight(
+            layer,
             "qzeros",
             torch.empty(groups, out, dtype=torch.int32),
             {**grouped, "weight_loader": unpacking_loader(weight_loader, _unpack_awq, f"{prefix}.qzeros")},
         )
-        register(
+        register_weight(
+            layer,
             "scales",
             torch.empty(groups, out, dtype=torch.float16),
             {**grouped, "weight_loader": weight_loader},

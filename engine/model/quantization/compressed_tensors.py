@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from engine.model.parameter import WeightLoader, set_weight_attrs
+from engine.model.parameter import WeightLoader, register_weight
 from engine.model.quantization.base import LinearMethodBase, QuantizationConfig
 from engine.model.quantization.common import apply_weight_only, is_ignored, register_weight_only
 from engine.model.quantization.packing import pack_factor, unpack_cols
@@ -93,13 +93,9 @@ class CompressedTensorsWNA16Method(LinearMethodBase):
             )
         out = sum(output_partition_sizes)
 
-        def register(name: str, tensor: torch.Tensor, attrs: dict) -> None:
-            param = nn.Parameter(tensor, requires_grad=False)
-            set_weight_attrs(param, attrs)
-            layer.register_parameter(name, param)
-
         # [out, in / pf] int32: codes packed along the input (the last dim)
-        register(
+        register_weight(
+            layer,
             "weight_packed",
             torch.empty(out, input_size_per_partition // pf, dtype=torch.int32),
             {
@@ -112,13 +108,15 @@ class CompressedTensorsWNA16Method(LinearMethodBase):
         )
         # [out, G] scales in the checkpoint's float dtype, held as float32 (exact)
         grouped = {"input_dim": 1, "packed_dim": 1, "pack_factor": group_size} if cfg.group_size != -1 else {}
-        register(
+        register_weight(
+            layer,
             "weight_scale",
             torch.empty(out, input_size_per_partition // group_size, dtype=torch.float32),
             {**grouped, "output_dim": 0, "weight_loader": weight_loader},
         )
         # [2] int: each checkpoint module's logical (out, in); checked, then dropped
-        register(
+        register_weight(
+            layer,
             "weight_shape",
             torch.zeros(2, dtype=torch.int64),
             {"weight_loader": _weight_shape_loader(input_size, f"{prefix}.weight_shape")},

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.model.parameter import WeightLoader, WeightShapeError, set_weight_attrs
+from engine.model.parameter import WeightLoader, WeightShapeError, register_weight
 from engine.model.quantization.base import LinearMethodBase, QuantizationConfig
 from engine.model.quantization.common import is_ignored, is_skipped
 from engine.model.quantization.unquantized import UnquantizedLinearMethod
@@ -102,26 +102,24 @@ class Fp8LinearMethod(LinearMethodBase):
         out = sum(output_partition_sizes)
         cfg = self.config
 
-        def register(name: str, tensor: torch.Tensor, attrs: dict) -> None:
-            param = nn.Parameter(tensor, requires_grad=False)
-            set_weight_attrs(param, attrs)
-            layer.register_parameter(name, param)
-
         weight_attrs = {"input_dim": 1, "output_dim": 0}
         if not cfg.from_checkpoint:  # online: the checkpoint's float weight, quantized after loading
-            register(
+            register_weight(
+                layer,
                 "weight",
                 torch.empty(out, input_size_per_partition, dtype=params_dtype),
                 {**weight_attrs, "weight_loader": weight_loader},
             )
             return
-        register(
+        register_weight(
+            layer,
             "weight",
             torch.empty(out, input_size_per_partition, dtype=FP8_DTYPE),
             {**weight_attrs, "weight_loader": _fp8_only(weight_loader, f"{prefix}.weight")},
         )
         if cfg.static_activations:  # [1]: one scale for the layer's input, whole on every rank
-            register(
+            register_weight(
+                layer,
                 "input_scale",
                 torch.zeros(1),
                 {
@@ -147,14 +145,16 @@ class Fp8LinearMethod(LinearMethodBase):
                         "whole blocks"
                     )
                 scale_loader = _block_columns_loader(layer, input_size_per_partition // bk)
-            register(
+            register_weight(
+                layer,
                 cfg.block_scale_name,
                 torch.empty(out // bn, -(-input_size_per_partition // bk), dtype=torch.float32),
                 {"output_dim": 0, "packed_dim": 0, "pack_factor": bn, "weight_loader": scale_loader},
             )
             return
         # [out]: a per-tensor scale fills its sub-matrix's rows, a per-channel one is copied as is
-        register(
+        register_weight(
+            layer,
             "weight_scale",
             torch.empty(out, dtype=torch.float32),
             {"output_dim": 0, "weight_loader": self._scale_loader(layer, weight_loader)},

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from engine.model.parameter import WeightLoader, WeightShapeError, set_weight_attrs
+from engine.model.parameter import WeightLoader, WeightShapeError, register_weight
 from engine.model.quantization.base import LinearMethodBase, QuantizationConfig
 from engine.model.quantization.common import (
     apply_weight_only,
@@ -95,13 +95,9 @@ class GPTQLinearMethod(LinearMethodBase):
         groups = input_size_per_partition // group_size
         grouped = {"input_dim": 0, "packed_dim": 0, "pack_factor": group_size} if cfg.group_size != -1 else {}
 
-        def register(name: str, tensor: torch.Tensor, attrs: dict) -> None:
-            param = nn.Parameter(tensor, requires_grad=False)
-            set_weight_attrs(param, attrs)
-            layer.register_parameter(name, param)
-
         # [in / pf, out] int32, codes packed along the input
-        register(
+        register_weight(
+            layer,
             "qweight",
             torch.empty(input_size_per_partition // pf, out, dtype=torch.int32),
             {
@@ -113,7 +109,8 @@ class GPTQLinearMethod(LinearMethodBase):
             },
         )
         # [G, out] int32: unpacked from the checkpoint's [G, out / pf] as it loads
-        register(
+        register_weight(
+            layer,
             "qzeros",
             torch.empty(groups, out, dtype=torch.int32),
             {
@@ -123,7 +120,8 @@ class GPTQLinearMethod(LinearMethodBase):
             },
         )
         # [G, out] fp16, as stored (converting to a bf16 model dtype would round them)
-        register(
+        register_weight(
+            layer,
             "scales",
             torch.empty(groups, out, dtype=torch.float16),
             {**grouped, "output_dim": 1, "weight_loader": weight_loader},
@@ -134,7 +132,8 @@ class GPTQLinearMethod(LinearMethodBase):
             g_idx_loader = _row_shard_g_idx_loader(layer, groups if cfg.group_size != -1 else 0, prefix)
         else:
             g_idx_loader = same_on_every_shard_loader(f"g_idx of {prefix}")
-        register(
+        register_weight(
+            layer,
             "g_idx",
             torch.empty(input_size_per_partition, dtype=torch.int32),
             {

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.model.parameter import WeightLoader, set_weight_attrs
+from engine.model.parameter import WeightLoader, register_weight
 from engine.model.quantization.base import LinearMethodBase, QuantizationConfig
 from engine.model.quantization.packing import unpack_rows
 from engine.model.quantization.wna16 import apply_lut, triton_wna16_available, use_wna16_kernels
@@ -81,10 +81,8 @@ class SqueezeLLMLinearMethod(LinearMethodBase):
         out = sum(output_partition_sizes)
 
         def register(name: str, tensor: torch.Tensor, attrs: dict, dtypes: tuple[torch.dtype, ...]) -> None:
-            param = nn.Parameter(tensor, requires_grad=False)
             loader = _dtype_checked(weight_loader, f"{prefix}.{name}", dtypes)
-            set_weight_attrs(param, {**attrs, "weight_loader": loader})
-            layer.register_parameter(name, param)
+            register_weight(layer, name, tensor, {**attrs, "weight_loader": loader})
 
         # [in / 8, out] int32, codes packed along the input
         register(

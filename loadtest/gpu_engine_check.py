@@ -80,8 +80,19 @@ def save() -> None:
         (Path(OUT_DIR) / "engine_check.json").write_text(json.dumps(RESULTS, indent=2, default=str))
 
 
-def run_part(name: str, fn: Callable[[], None]) -> None:
+def run_part(
+    name: str,
+    fn: Callable[[], None],
+    limit_s: float | None = None,
+    save_results: Callable[[], None] | None = None,
+) -> None:
+    """Run one part; an exception (a missing feature, an import error) is a FAIL line, not a crash. A part
+    due after `limit_s` seconds of the call is a FAIL without running; results go to `save_results`
+    (default: this script's engine_check.json) after each part."""
     print(f"\n=== {name} ({elapsed():.0f}s) ===", flush=True)
+    if limit_s is not None and elapsed() > limit_s:
+        check(f"{name}: ran", False, reason=f"no time left ({elapsed():.0f}s > {limit_s:.0f}s)")
+        return
     try:
         fn()
     except Exception as e:  # noqa: BLE001 - report and go on to the next part
@@ -92,15 +103,16 @@ def run_part(name: str, fn: Callable[[], None]) -> None:
         check(f"{name}: ran to the end", False, error=f"{type(e).__name__}: {e}"[:300])
     finally:
         free()
-        save()
+        (save_results or save)()
 
 
 def free() -> None:
     import gc
 
     gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():  # gpu_feature_check's --dry-run runs on a CPU machine
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
 
 
 def strict(llm: LLM) -> LLM:

@@ -33,8 +33,6 @@ import json
 import os
 import sys
 import tempfile
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +49,9 @@ from loadtest.gpu_engine_check import (  # noqa: E402
     count_replays,
     elapsed,
     first_divergence,
+    free,
     hf_greedy,
+    run_part,
     strict,
 )
 
@@ -68,34 +68,6 @@ def save() -> None:
     if OUT_DIR:
         Path(OUT_DIR).mkdir(parents=True, exist_ok=True)
         (Path(OUT_DIR) / "feature_check.json").write_text(json.dumps(RESULTS, indent=2, default=str))
-
-
-def free() -> None:
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-
-
-def run_part(name: str, fn: Callable[[], None]) -> None:
-    """Run one part; an exception (a missing feature, an import error) is a FAIL line, not a crash."""
-    print(f"\n=== {name} ({elapsed():.0f}s) ===", flush=True)
-    if elapsed() > HARD_LIMIT_S:
-        check(f"{name}: ran", False, reason=f"no time left ({elapsed():.0f}s > {HARD_LIMIT_S:.0f}s)")
-        return
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001 - report and go on to the next part
-        traceback.print_exc()
-        RESULTS["errors"].append(
-            {"part": name, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()}
-        )
-        check(f"{name}: ran to the end", False, error=f"{type(e).__name__}: {e}"[:300])
-    finally:
-        free()
-        save()
 
 
 def replayed(counts: dict[Any, int]) -> bool:
@@ -354,7 +326,7 @@ def main() -> int:
         ("d", "d. quantized checkpoints, device vs cpu", lambda: quantized_checkpoints(DEVICE, HARD_LIMIT_S)),
     ):
         if key in wanted:
-            run_part(name, fn)
+            run_part(name, fn, limit_s=HARD_LIMIT_S, save_results=save)
 
     print("\n================ feature check: " + RESULTS["info"]["device"], flush=True)
     for c in RESULTS["checks"]:

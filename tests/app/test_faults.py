@@ -38,7 +38,11 @@ def _error(r: httpx.Response, status: int, code: str) -> dict:
 
 def test_forward_exception_real_engine(server: LiveServer, client: httpx.Client, monkeypatch) -> None:
     """The forward pass raises once: the request fails with the message, the engine goes on."""
-    executor = server.engine.engine.executor
+    engine = server.engine
+    # the server is shared by the session: an earlier test's requests must be gone, or the injected
+    # failure would land on them instead of on this test's request
+    assert wait_until(lambda: engine.stats().num_running + engine.stats().num_waiting == 0, timeout=15)
+    executor = engine.engine.executor
     assert (
         server.engine.engine.config.scheduler.async_scheduling
     )  # the step loop launches through the executor

@@ -150,17 +150,18 @@ def test_layers_in_the_kernel_layout_match_the_reference_layout(
     config = resolve_quantization(quantized, None)[2]
     reference = load_quantized(quantized, config).model.layers[0]
     monkeypatch.setattr(common, "use_wna16_kernels", lambda *args: True)  # as on a GPU
-    kernel = load_quantized(quantized, config).model.layers[0]
+    kernel = load_quantized(quantized, config).model.layers[0].to(DEVICE)  # loaded on CPU: moved as a whole
     for ref_layer, layer in ((reference.self_attn.qkv_proj, kernel.self_attn.qkv_proj), (reference.mlp.down_proj, kernel.mlp.down_proj)):  # fmt: skip
         assert layer.wna16_bits == (8 if "8bit" in fmt else 4) and not hasattr(layer, "codes")
         assert (layer.perm is not None) == ("act-order" in fmt)
         for num_tokens in (1, 5, 300):
             x = torch.randn(num_tokens, layer.input_size, generator=torch.Generator().manual_seed(num_tokens))
             expected = ref_layer.quant_method.apply(ref_layer, x, None)
-            got = apply_wna16(layer, x, None)
+            got = apply_wna16(layer, x.to(DEVICE), None).cpu()
             assert got.shape == expected.shape
             assert _err(got, expected) < 1e-5
-            assert torch.allclose(apply_wna16_reference(layer, x, None), expected, atol=1e-5, rtol=1e-5)
+            in_torch = apply_wna16_reference(layer, x.to(DEVICE), None).cpu()
+            assert torch.allclose(in_torch, expected, atol=1e-5, rtol=1e-5)
 
 
 @in_process
@@ -196,9 +197,10 @@ def test_squeezellm_layers_in_the_kernel_layout_match_the_reference(
     config = resolve_quantization(quantized, None)[2]
     reference = load_quantized(quantized, config).model.layers[1]
     monkeypatch.setattr(squeezellm, "use_wna16_kernels", lambda *args: True)  # as on a GPU
-    kernel = load_quantized(quantized, config).model.layers[1]
+    kernel = load_quantized(quantized, config).model.layers[1].to(DEVICE)
     for ref_layer, layer in ((reference.self_attn.qkv_proj, kernel.self_attn.qkv_proj), (reference.mlp.down_proj, kernel.mlp.down_proj)):  # fmt: skip
         assert layer.lut_kernels and not hasattr(layer, "codes") and layer.qweight.dtype == torch.int32
         for num_tokens in (1, 300):
             x = torch.randn(num_tokens, layer.input_size, generator=torch.Generator().manual_seed(num_tokens))
-            assert _err(layer.quant_method.apply(layer, x), ref_layer.quant_method.apply(ref_layer, x)) < 1e-5
+            got = layer.quant_method.apply(layer, x.to(DEVICE)).cpu()
+            assert _err(got, ref_layer.quant_method.apply(ref_layer, x)) < 1e-5

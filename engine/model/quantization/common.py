@@ -102,7 +102,7 @@ def same_on_every_shard_loader(name: str) -> WeightLoader:
             raise WeightShapeError(tuple(param.shape), tuple(loaded_weight.shape))
         seen: set = getattr(param, "_loaded_shards", None) or set()
         param._loaded_shards = seen  # type: ignore[attr-defined]
-        if seen and not torch.equal(param.data, loaded_weight.to(param.dtype)):
+        if seen and not torch.equal(param.data, loaded_weight.to(param.device, param.dtype)):
             raise ValueError(
                 f"{name} differs between the checkpoint modules fused into one layer (shard {shard_id!r}); "
                 "weir needs them equal to run the modules fused"

@@ -15,7 +15,8 @@ with a quantization_config, FP8 weights quantized at load with --quantization fp
 - Q5: the W4A16 GEMM alone at the shape's four linear layers: batch 1..16 as a fraction of the copy
   bandwidth (bytes of packed weights, scales, zeros, x and y over the kernel time; target >= 0.80 at
   batch 1), both ways of unpacking (reshape, the default, and gather_words); from 256 tokens the
-  dequantize + cuBLAS path's TFLOP/s against the bf16 GEMM's. Timed as CUDA-graph replays of 20 calls.
+  dequantize + cuBLAS path's TFLOP/s against the bf16 GEMM's. Timed as CUDA-graph replays cycling
+  through weight copies larger than L2 (loadtest/gpu_timing.py), for both sides.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import argparse
 import functools
 import json
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -47,6 +47,7 @@ from loadtest.common import (  # noqa: E402
     random_workload,
     resolve_model,
 )
+from loadtest.gpu_timing import copies_past_l2, graph_ms  # noqa: E402
 
 CASES = ("Q1", "Q2", "Q3", "Q4", "Q5")
 GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True}
@@ -118,29 +119,6 @@ class _Model:
         self.model_dir = model_dir
 
 
-def _graph_ms(fn: Any, calls: int = 20, replays: int = 10) -> float:
-    """Milliseconds per call of `fn`, timed as replays of a CUDA graph of `calls` calls."""
-    import torch
-
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return statistics.median(times)
-
-
 def kernel_bench(config: dict[str, Any], bandwidth: float) -> dict[str, Any]:
     """Q5 at the model's four linear shapes (fused as weir runs them)."""
     import torch
@@ -156,19 +134,30 @@ def kernel_bench(config: dict[str, Any], bandwidth: float) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, (k, n) in shapes.items():
         group = 128
-        qweight = torch.randint(
-            -(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda", generator=gen
-        )
-        scales = (torch.rand(k // group, n, device="cuda", generator=gen) * 1e-3).half()
-        zeros = torch.full((k // group, n), 8.0, device="cuda").half()
-        rows: dict[str, Any] = {}
+        # distinct weight copies, cycled through by the timed graph, so no call finds its weight in L2
+        q_copies = copies_past_l2(k * n // 2)
+        quantized = [
+            (
+                torch.randint(
+                    -(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda", generator=gen
+                ),
+                (torch.rand(k // group, n, device="cuda", generator=gen) * 1e-3).half(),
+                torch.full((k // group, n), 8.0, device="cuda").half(),
+            )
+            for _ in range(q_copies)
+        ]  # [(qweight [K/8, N] int32, scales [G, N], zeros [G, N])]
+        dense = [
+            torch.randn(k, n, device="cuda", dtype=torch.bfloat16, generator=gen)
+            for _ in range(copies_past_l2(k * n * 2))
+        ]  # [K, N] bf16 each
+        rows: dict[str, Any] = {"weight_copies": {"w4a16": q_copies, "bf16": len(dense)}}
         for m in (1, 2, 4, 8, 16):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
             plan = plan_wna16(m, k, n, group, sms)
-            moved = k * n // 2 + 2 * scales.numel() * 2 + (m * k + m * n) * 2  # bytes read + written
+            moved = k * n // 2 + 2 * (k // group) * n * 2 + (m * k + m * n) * 2  # bytes read + written
             row: dict[str, Any] = {"plan": [plan.block_m, plan.block_n, plan.block_k, plan.split_k]}
             for label, gather in (("reshape", False), ("gather_words", True)):
-                ms = _graph_ms(
+                calls = [
                     functools.partial(
                         wna16_gemm,
                         x,
@@ -185,32 +174,34 @@ def kernel_bench(config: dict[str, Any], bandwidth: float) -> dict[str, Any]:
                         plan.num_stages,
                         gather,
                     )  # fmt: skip
-                )
+                    for qweight, scales, zeros in quantized
+                ]
+                ms = graph_ms(calls)
                 row[label] = {
                     "us": round(ms * 1000, 2),
                     "bandwidth_fraction": round(moved / (ms / 1000) / bandwidth, 3),
                 }
-            dense = torch.randn(k, n, device="cuda", dtype=torch.bfloat16, generator=gen)
-            bf16_ms = _graph_ms(lambda x=x, dense=dense: torch.matmul(x, dense))
+            bf16_ms = graph_ms([functools.partial(torch.matmul, x, w) for w in dense])
             row["bf16_us"] = round(bf16_ms * 1000, 2)
             row["bf16_bandwidth_fraction"] = round(
                 (k * n * 2 + (m * k + m * n) * 2) / (bf16_ms / 1000) / bandwidth, 3
             )
             rows[f"m{m}"] = row
-            del dense
         for m in (256, 1024, 4096):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-            dense = torch.randn(k, n, device="cuda", dtype=torch.bfloat16, generator=gen)
             flops = 2 * m * k * n
-            dequant = functools.partial(wna16_dequantize, qweight, scales, zeros, 4, group, torch.bfloat16)
-            q_ms = _graph_ms(lambda x=x, dequant=dequant: torch.matmul(x, dequant()))
-            b_ms = _graph_ms(lambda x=x, dense=dense: torch.matmul(x, dense))
+            dequant = [
+                functools.partial(wna16_dequantize, qweight, scales, zeros, 4, group, torch.bfloat16)
+                for qweight, scales, zeros in quantized
+            ]
+            q_ms = graph_ms([lambda x=x, d=d: torch.matmul(x, d()) for d in dequant], calls=len(dequant))
+            b_ms = graph_ms([functools.partial(torch.matmul, x, w) for w in dense], calls=len(dense))
             rows[f"m{m}"] = {
                 "w4a16_tflops": round(flops / (q_ms / 1000) / 1e12, 1),
                 "bf16_tflops": round(flops / (b_ms / 1000) / 1e12, 1),
                 "ratio": round(b_ms / q_ms, 3),
             }
-            del dense
+        del quantized, dense
         out[name] = {"k": k, "n": n, "group_size": group, **rows}
         print(f"[Q5] {name} {k}x{n}: {json.dumps(rows['m1'])}", flush=True)
     return out

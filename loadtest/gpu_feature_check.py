@@ -334,7 +334,7 @@ def main() -> int:
         print(f"{'PASS' if c['ok'] else 'FAIL'}  {c['name']}" + (f"  {extra}" if extra else ""))
     timings = RESULTS["timings"]
     if timings:
-        print("\nkernel timings (median ms, triton.testing.do_bench)")
+        print("\nkernel timings (median ms per call, CUDA-graph replays, loadtest/gpu_timing.py)")
         for label, rows in timings.items():
             for r in rows:
                 print(f"  {label:<28} " + "  ".join(f"{k}={v}" for k, v in r.items()))

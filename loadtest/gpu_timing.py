@@ -1,0 +1,55 @@
+"""Kernel timing that means what a decode step sees: CUDA-graph replays (no host launch overhead, as
+the engine runs its decode steps) over enough copies of the operands that they cannot stay in L2
+between calls (as 32 layers' weights cannot).
+
+triton.testing.do_bench launches eagerly: a ~10 us kernel then measures the Python launcher, and a
+graph of one weight called 20 times measures L2 bandwidth, not HBM's. Both mislead at batch 1.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+def l2_bytes() -> int:
+    import torch
+
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return int(getattr(props, "L2_cache_size", 0) or 64 << 20)  # 64 MiB: more than any current card
+
+
+def copies_past_l2(bytes_per_copy: int) -> int:
+    """How many distinct copies of an operand of this size cycle through twice the L2 cache."""
+    return max(1, math.ceil(2 * l2_bytes() / max(bytes_per_copy, 1)))
+
+
+def graph_ms(
+    fns: Sequence[Callable[[], Any]] | Callable[[], Any], calls: int = 24, replays: int = 10
+) -> float:
+    """Median milliseconds per call of a CUDA graph that makes `calls` calls, cycling through `fns`
+    (one per operand copy; see copies_past_l2)."""
+    import torch
+
+    fns = list(fns) if isinstance(fns, Sequence) else [fns]
+    calls = max(calls, len(fns))
+    for fn in fns:  # compile / autotune outside the capture
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)

@@ -14,7 +14,8 @@ along K; engine.model.quantization.wna16):
 each word out in registers, applies the group's zero and scale (one row of them when the tile lies in
 one group, else per row) and feeds tl.dot in x's dtype with float32 accumulation. At batch 1-16 the
 (M, N) tiles are too few to fill the GPU and every weight byte is read once, so SPLIT_K > 1 splits K
-over more programs: each writes a float32 partial [SPLIT_K, M, N], summed after. Launch shapes are
+over more programs: each writes a float32 partial [SPLIT_K, M, N], summed and cast after by one small
+kernel (_split_k_sum_kernel). Launch shapes are
 chosen by engine.model.quantization.wna16.plan_wna16 (a pure function of the shape).
 
 `lut_gemm` / `lut_dequantize`: the same kernels for SqueezeLLM's layout (GPTQ's qweight packing, and
@@ -203,6 +204,23 @@ def _wna16_dequant_kernel(
     )
 
 
+@triton.jit
+def _split_k_sum_kernel(
+    partials_ptr,  # [SPLIT_K, M * N] float32, contiguous
+    out_ptr,  # [M * N] in x's dtype, contiguous
+    numel,  # M * N
+    SPLIT_K: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """out = sum over the splits, in float32, cast once: one launch where torch needs a sum and a cast."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(partials_ptr + s * numel + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def _check(
     qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, k: int, bits: int, group_size: int
 ) -> int:
@@ -307,7 +325,12 @@ def _gemm(
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    return out if split_k == 1 else out.sum(dim=0).to(x.dtype)
+    if split_k == 1:
+        return out
+    summed = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    block = 1024
+    _split_k_sum_kernel[(triton.cdiv(M * N, block),)](out, summed, M * N, SPLIT_K=split_k, BLOCK=block)
+    return summed
 
 
 def wna16_dequantize(

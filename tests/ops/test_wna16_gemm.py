@@ -128,13 +128,16 @@ def wide_llama(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Pat
 
 
 @in_process
-@pytest.mark.parametrize("fmt", ["gptq-4bit-g32-act-order", "gptq-8bit-g-1-sym", "awq-g64"], ids=lambda f: f)
+@pytest.mark.parametrize(
+    "fmt", ["gptq-4bit-g32-act-order", "gptq-8bit-g-1-sym", "awq-g64", "ct-4bit-g32-asym"], ids=lambda f: f
+)
 def test_layers_in_the_kernel_layout_match_the_reference_layout(
     fmt: str, wide_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """GPTQ/AWQ layers loaded as on a GPU (repacked for the kernels; act order as a permutation of x)
-    against the same layers in the CPU reference layout, at a decode batch (split-K), a small prefill
-    and a large one (dequantize, then matmul)."""
+    """GPTQ/AWQ/compressed-tensors layers loaded as on a GPU (repacked for the kernels; act order as a
+    permutation of x; compressed-tensors' zero points, written by the compressed-tensors library,
+    as the kernels' zero values) against the same layers in the CPU reference layout, at a decode
+    batch (split-K), a small prefill and a large one (dequantize, then matmul)."""
     from engine.model.quantization import common
     from engine.model.quantization.detect import resolve_quantization
     from engine.model.quantization.wna16 import apply_wna16, apply_wna16_reference
@@ -143,6 +146,10 @@ def test_layers_in_the_kernel_layout_match_the_reference_layout(
 
     if fmt.startswith("awq"):
         quantized, _ = write_awq(wide_llama, tmp_path, 64)
+    elif fmt.startswith("ct"):
+        from tests.engine.quantization.ct_library import write_ct_library_checkpoint
+
+        quantized, _ = write_ct_library_checkpoint(wide_llama, tmp_path, 4, 32, False)
     elif "act-order" in fmt:
         quantized, _ = write_gptq(wide_llama, tmp_path, 4, 32, True, False, "gptq_v2")
     else:

@@ -1,23 +1,29 @@
 """compressed-tensors checkpoints (`quant_method: "compressed-tensors"`, what llm-compressor writes),
 mapped onto weir's methods:
-- `pack-quantized` integer weights (W4A16, W8A16), symmetric, per group or per channel:
+- `pack-quantized` integer weights (W4A16, W8A16), per group or per channel:
   `weight_packed` int32 [out, in / pf] (codes + 2**(bits - 1), pf = 32 // bits per word along the
   input, the first column in the lowest bits), `weight_scale` [out, in / group_size] ([out, 1] per
-  channel), `weight_shape` [2]; w = (code - 2**(bits - 1)) * scale, i.e. GPTQ's reference with a
-  fixed zero point, and the same Triton kernels on CUDA (engine.model.quantization.wna16).
+  channel), `weight_shape` [2]. Symmetric: w = (code - 2**(bits - 1)) * scale, i.e. GPTQ's
+  reference with a fixed zero point. Asymmetric (`symmetric: false`): also `weight_zero_point` int32
+  [out / pf, G], the signed zero points + 2**(bits - 1) packed the same way but along the OUTPUT dim
+  (pack_to_int32(zp, bits, packed_dim=0)); w = (code - zp) * scale, both offsets cancelling. Either
+  way GPTQ's reference and the same Triton kernels on CUDA (engine.model.quantization.wna16), which
+  take the zero points as values. `actorder: "weight"` (alias "static") only reordered the
+  calibration: the same layout as without it.
 - `float-quantized` FP8 weights (per tensor, per channel, or per block with `weight_scale` as the
   block scales): the fp8 method (engine.model.quantization.fp8), dynamic per-token activations.
 - `kv_cache_scheme` (8-bit float, per tensor): the k/v scales engine.model.quantization.kv_cache reads
   when the KV cache is fp8.
 Reference: compressed-tensors (github.com/neuralmagic/compressed-tensors),
 src/compressed_tensors/compressors/quantized_compressors/pack_quantized.py (pack_to_int32, the
-"weight_packed"/"weight_shape" names), quantization/quant_args.py (the scheme fields); vLLM,
+"weight_packed"/"weight_shape"/"weight_zero_point" names; from 0.20 compressors/pack_quantized/
+base.py PackedQuantizationCompressor and helpers.py), quantization/quant_args.py (the scheme fields); vLLM,
 compressed_tensors.py, CompressedTensorsConfig (how a serving engine maps them).
 
 One scheme per checkpoint (one entry of config_groups, targeting Linear); `ignore` names modules kept
 in the model dtype, literally or as `re:` patterns. Anything else is refused by detect.py naming the
-field: asymmetric weights (zero points), act order, static activation scales, sparsity, other bit
-widths or strategies.
+field: act order by group (`actorder: "group"`, weight_g_idx), static activation scales, sparsity,
+other bit widths or strategies.
 """
 
 from __future__ import annotations
@@ -30,8 +36,13 @@ from torch import nn
 
 from engine.model.parameter import WeightLoader, register_weight
 from engine.model.quantization.base import LinearMethodBase, QuantizationConfig
-from engine.model.quantization.common import apply_weight_only, is_ignored, register_weight_only
-from engine.model.quantization.packing import pack_factor, unpack_cols
+from engine.model.quantization.common import (
+    apply_weight_only,
+    is_ignored,
+    register_weight_only,
+    unpacking_loader,
+)
+from engine.model.quantization.packing import pack_factor, unpack_cols, unpack_rows
 from engine.model.quantization.unquantized import UnquantizedLinearMethod
 
 if TYPE_CHECKING:
@@ -43,11 +54,13 @@ CT_GROUP_SIZES = (32, 64, 128)
 
 @dataclass(frozen=True, slots=True)
 class CompressedTensorsWNA16Config(QuantizationConfig):
-    """pack-quantized, symmetric integer weights; group_size -1: one scale per output channel."""
+    """pack-quantized integer weights; group_size -1: one scale per output channel; symmetric False:
+    a zero point per scale (weight_zero_point)."""
 
     bits: int
     group_size: int
     ignore: tuple[str, ...] = ()
+    symmetric: bool = True
     name: str = "compressed-tensors"
 
     def get_linear_method(self, layer: LinearBase, prefix: str) -> LinearMethodBase:
@@ -92,6 +105,11 @@ class CompressedTensorsWNA16Method(LinearMethodBase):
                 f"of group_size {cfg.group_size} and of {pf} (codes per int32)"
             )
         out = sum(output_partition_sizes)
+        if not cfg.symmetric and any(size % pf for size in output_partition_sizes):
+            raise ValueError(
+                f"compressed-tensors layer {prefix}: output sizes {output_partition_sizes} are not multiples "
+                f"of {pf} (zero points per int32, packed along the output)"
+            )
 
         # [out, in / pf] int32: codes packed along the input (the last dim)
         register_weight(
@@ -114,6 +132,22 @@ class CompressedTensorsWNA16Method(LinearMethodBase):
             torch.empty(out, input_size_per_partition // group_size, dtype=torch.float32),
             {**grouped, "output_dim": 0, "weight_loader": weight_loader},
         )
+        if not cfg.symmetric:
+            # [out, G] int32: unpacked from the checkpoint's [out / pf, G] as it loads (packed along the
+            # output, grouped along the input: two packings one packed_dim cannot describe), then split
+            # across ranks like the scales
+            register_weight(
+                layer,
+                "weight_zero_point",
+                torch.empty(out, input_size_per_partition // group_size, dtype=torch.int32),
+                {
+                    **grouped,
+                    "output_dim": 0,
+                    "weight_loader": unpacking_loader(
+                        weight_loader, self._unpack_zeros, f"{prefix}.weight_zero_point"
+                    ),
+                },
+            )
         # [2] int: each checkpoint module's logical (out, in); checked, then dropped
         register_weight(
             layer,
@@ -122,11 +156,19 @@ class CompressedTensorsWNA16Method(LinearMethodBase):
             {"weight_loader": _weight_shape_loader(input_size, f"{prefix}.weight_shape")},
         )
 
+    def _unpack_zeros(self, packed: torch.Tensor) -> torch.Tensor:
+        return unpack_rows(packed, self.config.bits)  # [out / pf, G] int32 -> [out, G] uint8
+
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         bits = self.config.bits
         codes = unpack_cols(layer.weight_packed.data, bits)  # [out, in] uint8
         scales = layer.weight_scale.data.float()  # [out, G]
-        zeros = torch.full_like(scales, float(1 << (bits - 1)))  # symmetric: the offset packing added
+        if self.config.symmetric:
+            zeros = torch.full_like(scales, float(1 << (bits - 1)))  # the offset packing added
+        else:
+            # zp + 2**(bits - 1), as packed; the mask keeps random (dummy) weights in range
+            zeros = (layer.weight_zero_point.data & ((1 << bits) - 1)).float()  # [out, G]
+            del layer.weight_zero_point
         del layer.weight_packed, layer.weight_scale, layer.weight_shape
         register_weight_only(layer, codes, zeros, scales, None, None, bits)
 

@@ -41,11 +41,14 @@ def compressed_tensors_config(raw: dict[str, Any], source: str) -> QuantizationC
     weights = group.get("weights") or {}
     fmt = group.get("format") or raw.get("format")
     ignore = tuple(raw.get("ignore") or ())
-    for field, bad in (("dynamic", True), ("actorder", "group"), ("actorder", "weight")):
-        if weights.get(field) == bad:
-            raise _refuse(source, f"{at}.weights.{field}", bad, "static weights in group order")
-    if weights.get("symmetric") is False:
-        raise _refuse(source, f"{at}.weights.symmetric", False, "symmetric weights (no zero points)")
+    if weights.get("dynamic") is True:
+        raise _refuse(source, f"{at}.weights.dynamic", True, "static weights from the checkpoint")
+    actorder = weights.get("actorder")
+    # "weight" (alias "static") only ordered the calibration: the layout is the plain one. "group"
+    # (alias "dynamic", or true in older files) permutes the groups through weight_g_idx.
+    if actorder not in (None, False, "weight", "static"):
+        raise _refuse(source, f"{at}.weights.actorder", actorder, "'weight' or none, no weight_g_idx")
+    symmetric = weights.get("symmetric", True) is not False
     kind, bits, strategy = weights.get("type"), weights.get("num_bits"), weights.get("strategy")
     acts = group.get("input_activations")
     if fmt == "pack-quantized":
@@ -56,15 +59,17 @@ def compressed_tensors_config(raw: dict[str, Any], source: str) -> QuantizationC
                 source, f"{at}.input_activations", acts, "weight-only W4A16/W8A16 when pack-quantized"
             )
         if strategy == "channel":
-            return CompressedTensorsWNA16Config(bits, -1, ignore)
+            return CompressedTensorsWNA16Config(bits, -1, ignore, symmetric)
         if strategy == "group" and weights.get("group_size") in CT_GROUP_SIZES:
-            return CompressedTensorsWNA16Config(bits, weights["group_size"], ignore)
+            return CompressedTensorsWNA16Config(bits, weights["group_size"], ignore, symmetric)
         if strategy == "group":
             raise _refuse(source, f"{at}.weights.group_size", weights.get("group_size"), "32, 64 or 128")
         raise _refuse(source, f"{at}.weights.strategy", strategy, "group or channel when pack-quantized")
     if fmt == "float-quantized":
         if kind != "float" or bits != 8:
             raise _refuse(source, f"{at}.weights.num_bits", bits, "float 8 (e4m3) when float-quantized")
+        if not symmetric:
+            raise _refuse(source, f"{at}.weights.symmetric", False, "symmetric FP8 weights (no zero points)")
         static = bool(acts) and not acts.get("dynamic")
         if static and acts.get("strategy") != "tensor":
             raise _refuse(

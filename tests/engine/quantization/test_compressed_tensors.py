@@ -1,11 +1,14 @@
 """compressed-tensors checkpoints (quant_method "compressed-tensors", as llm-compressor writes them;
 reference: compressed-tensors, src/compressed_tensors/compressors/quantized_compressors/
 pack_quantized.py pack_to_int32 and quantization/quant_args.py; vLLM's CompressedTensorsConfig):
-pack-quantized W4A16/W8A16 and float-quantized FP8 load to exactly the dequantized weights and run
-like transformers on them; unsupported fields are refused naming their path. The checkpoints are
-written by tests/engine/quantization/checkpoints.py (write_compressed_tensors): the compressed-tensors
-package itself is not installed here (its compressors need the model in transformers' quantized
-classes), so the layout follows its pack_to_int32 and the checkpoints the test writes pin it."""
+pack-quantized W4A16/W8A16 (symmetric or with zero points) and float-quantized FP8 load to exactly
+the dequantized weights and run like transformers on them; unsupported fields are refused naming
+their path. Two writers: tests/engine/quantization/checkpoints.py (write_compressed_tensors, weir's
+own packer, for the symmetric and FP8 schemes and the refusals) and ct_library.py, where the
+compressed-tensors package itself (github.com/vllm-project/compressed-tensors) quantizes, packs
+(compressors/pack_quantized/base.py PackedQuantizationCompressor.compress) and decompresses
+(PackedQuantizationCompressor.decompress: the reference weights) on CPU: the asymmetric
+checkpoints, whose packed zero points only the library's own layout can pin."""
 
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from engine.model.quantization.compressed_tensors import CompressedTensorsWNA16C
 from engine.model.quantization.detect import resolve_quantization
 from engine.model.quantization.fp8 import Fp8Config
 from tests.engine.quantization.checkpoints import write_compressed_tensors
+from tests.engine.quantization.ct_library import write_ct_library_checkpoint
 from tests.engine.quantization.parity import assert_parity
 from tests.engine.quantization.weights import assert_weights_match_reference, load_quantized
 
@@ -71,6 +75,45 @@ def test_compressed_tensors_greedy_parity_with_transformers(wide_llama_dir: Path
     assert_parity(*_checkpoint(wide_llama_dir, ct_root, "w4a16-g32", DOWN), "default", "compressed-tensors")
 
 
+# (bits, group_size, symmetric, actorder): zero points per group and per channel, at 4 and 8 bits;
+# symmetric and actorder "weight" (calibration order only) through the same library writer.
+LIBRARY_SCHEMES = [(4, 32, False, None), (4, 128, False, None), (8, -1, False, None), (8, 64, False, None),
+                   (4, 64, True, None), (4, 32, False, "weight")]  # fmt: skip
+
+
+def _library_checkpoint(src: Path, root: Path, bits: int, group: int, sym: bool, order: str | None) -> tuple[Path, Path]:  # fmt: skip
+    key = ("library", str(src), bits, group, sym, order)
+    if key not in _CACHE:
+        _CACHE[key] = write_ct_library_checkpoint(src, root / str(len(_CACHE)), bits, group, sym, order)
+    return _CACHE[key]
+
+
+@pytest.mark.parametrize(("bits", "group_size", "symmetric", "actorder"), LIBRARY_SCHEMES)
+def test_library_written_checkpoints_load_exactly_its_dequantized_weights(
+    wide_llama_dir: Path, ct_root: Path, bits: int, group_size: int, symmetric: bool, actorder: str | None
+) -> None:
+    """Reference: compressed-tensors' PackedQuantizationCompressor.decompress (compressors/
+    pack_quantized/base.py), which unpacks weight_packed and weight_zero_point (helpers.py
+    unpack_from_int32) and computes (q - zp) * scale (quantization/lifecycle/forward.py dequantize)."""
+    quantized, reference = _library_checkpoint(wide_llama_dir, ct_root, bits, group_size, symmetric, actorder)
+    method, _, resolved = resolve_quantization(quantized, None)
+    assert (method, resolved) == (
+        "compressed-tensors",
+        CompressedTensorsWNA16Config(bits, group_size, ("lm_head",), symmetric),
+    )
+    model = load_quantized(quantized, resolved)
+    assert assert_weights_match_reference(model, reference) == 2 * 4
+    if not symmetric:  # the zero points are the checkpoint's, not the symmetric offset
+        zeros = model.model.layers[0].self_attn.qkv_proj.zeros  # [out, G]
+        assert len(zeros.unique()) > 1
+
+
+def test_asymmetric_greedy_parity_with_transformers(wide_llama_dir: Path, ct_root: Path) -> None:
+    assert_parity(
+        *_library_checkpoint(wide_llama_dir, ct_root, 4, 32, False, None), "default", "compressed-tensors"
+    )
+
+
 def _with_quant(src: Path, dst: Path, edit: object) -> Path:
     shutil.copytree(src, dst)
     cfg = json.loads((dst / "config.json").read_text())
@@ -86,8 +129,9 @@ def _group(q: dict) -> dict:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda q: _group(q)["weights"].update(symmetric=False), "config_groups.group_0.weights.symmetric=False is not supported (symmetric weights (no zero points))"),
-        (lambda q: _group(q)["weights"].update(actorder="group"), "config_groups.group_0.weights.actorder='group' is not supported (static weights in group order)"),
+        (lambda q: _group(q)["weights"].update(actorder="group"), "config_groups.group_0.weights.actorder='group' is not supported ('weight' or none, no weight_g_idx)"),
+        (lambda q: _group(q)["weights"].update(actorder=True), "config_groups.group_0.weights.actorder=True is not supported ('weight' or none, no weight_g_idx)"),
+        (lambda q: _group(q)["weights"].update(dynamic=True), "config_groups.group_0.weights.dynamic=True is not supported (static weights from the checkpoint)"),
         (lambda q: _group(q)["weights"].update(group_size=16), "config_groups.group_0.weights.group_size=16 is not supported (32, 64 or 128)"),
         (lambda q: _group(q)["weights"].update(num_bits=2), "config_groups.group_0.weights.num_bits=2 is not supported (int 4 or 8 when pack-quantized)"),
         (lambda q: _group(q).update(input_activations={"num_bits": 8, "type": "int", "dynamic": True}), "config_groups.group_0.input_activations={'num_bits': 8, 'type': 'int', 'dynamic': True} is not supported (weight-only W4A16/W8A16 when pack-quantized)"),
@@ -159,3 +203,15 @@ def test_kv_cache_scheme_alone_loads_its_scales(tiny_llama_dir: Path, tmp_path: 
     ]
     assert layers[0].mlp.down_proj.weight.dtype == torch.float32
     llm.shutdown()
+
+
+def test_asymmetric_fp8_weights_are_refused(wide_llama_dir: Path, ct_root: Path, tmp_path: Path) -> None:
+    """Zero points are read for pack-quantized integers only; FP8 weights with them are refused."""
+    quantized, _ = _checkpoint(wide_llama_dir, ct_root, "fp8-channel")
+    bad = _with_quant(quantized, tmp_path / "asym", lambda q: _group(q)["weights"].update(symmetric=False))
+    with pytest.raises(ValueError) as e:
+        resolve_quantization(bad, None)
+    assert str(e.value) == (
+        f"{bad / 'config.json'} quantization_config: config_groups.group_0.weights.symmetric=False "
+        "is not supported (symmetric FP8 weights (no zero points))"
+    )

@@ -1,6 +1,7 @@
 """Quantized checkpoints split over tensor-parallel ranks: each rank's model, built alone, dequantizes to
 exactly its slice of the reference weights (GPTQ with and without groups, AWQ, FP8 per tensor, per
-channel and in blocks); what cannot be split (GPTQ act order on a row-parallel layer, groups or blocks
+channel and in blocks, compressed-tensors with zero points per group and per channel, written by the
+compressed-tensors library: its zero points split like its scales); what cannot be split (GPTQ act order on a row-parallel layer, groups or blocks
 larger than a rank's input slice) is refused naming the layer. The forward over these shards is the
 unquantized one's (tests/e2e/test_tensor_parallel.py): only the weights differ."""
 
@@ -19,6 +20,7 @@ from engine.model.quantization.detect import resolve_quantization
 from engine.model.weight_loader import load_weights
 from engine.model_config import ModelConfig
 from tests.engine.quantization.checkpoints import write_awq, write_fp8, write_gptq
+from tests.engine.quantization.ct_library import write_ct_library_checkpoint
 
 TP = 2
 COLUMN = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -35,7 +37,7 @@ def _load_rank(model_dir: Path, rank: int) -> LlamaForCausalLM:
 
 
 def _effective_weight(module: torch.nn.Module) -> torch.Tensor:  # [out, in] float32
-    if hasattr(module, "codes"):  # GPTQ, AWQ
+    if hasattr(module, "codes"):  # GPTQ, AWQ, compressed-tensors pack-quantized
         got = dequantize(module.codes, module.zeros, module.scales, module.g_idx, torch.float32)
         assert module.perm is None
         return got
@@ -64,7 +66,16 @@ def _assert_rank_slices(quantized: Path, reference: Path) -> None:
 
 @pytest.mark.parametrize(
     "fmt",
-    ["gptq-g32", "gptq-per-channel", "awq-g64", "fp8-tensor", "fp8-channel", "fp8-block32"],
+    [
+        "gptq-g32",
+        "gptq-per-channel",
+        "awq-g64",
+        "fp8-tensor",
+        "fp8-channel",
+        "fp8-block32",
+        "ct-asym-g32",
+        "ct-asym-channel",
+    ],
 )
 def test_each_rank_dequantizes_to_its_slice(wide_llama_dir: Path, tmp_path: Path, fmt: str) -> None:
     if fmt == "gptq-g32":
@@ -73,6 +84,9 @@ def test_each_rank_dequantizes_to_its_slice(wide_llama_dir: Path, tmp_path: Path
         quantized, reference = write_gptq(wide_llama_dir, tmp_path, 4, -1, False, False, "gptq")
     elif fmt == "awq-g64":
         quantized, reference = write_awq(wide_llama_dir, tmp_path, 64)
+    elif fmt.startswith("ct-asym"):
+        group_size = 32 if fmt == "ct-asym-g32" else -1
+        quantized, reference = write_ct_library_checkpoint(wide_llama_dir, tmp_path, 4, group_size, False)
     elif fmt == "fp8-block32":
         quantized, reference = write_fp8(wide_llama_dir, tmp_path, "block", block=(32, 32))
     else:

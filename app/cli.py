@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from app import __version__
 from app.config import ENV_PREFIX, ConfigError, Option, all_options, default_model_dir, resolve
+from engine.startup_phases import StartupPhases, process_start
 
 
 def _help(opt: Option) -> str:
@@ -84,19 +86,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Everything before this line (the interpreter, weir's first imports) is start-up's imports.
+    startup = StartupPhases(process_start())
+    startup.add("imports", time.perf_counter() - startup.origin)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # its subcommands parse their own flags (app/bench_cli.py)
         from app.bench_cli import main as bench_main
 
         return bench_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    with startup.phase("config"):
+        args = build_parser().parse_args(argv)
     if args.command == "serve":
-        return serve(vars(args))
+        return serve(vars(args), startup)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
-def serve(flags: dict) -> int:
+def serve(flags: dict, startup: StartupPhases | None = None) -> int:
+    """`startup`: the recorder of start-up's phases, to which the engine and the server add theirs."""
+    startup = startup or StartupPhases()
     flags = {k: v for k, v in flags.items() if k != "command"}
+    config_phase = startup.begin("config")
     try:
         engine_config, server_config = resolve(flags)
     except ConfigError as exc:
@@ -113,24 +122,31 @@ def serve(flags: dict) -> int:
             )
             return 2
 
-    from app.startup import device_problem, port_problem
+    with startup.phase("imports"):
+        from app.startup import device_problem, port_problem
+
+        if engine_config.device == "cuda":
+            import torch  # noqa: F401 - device_problem's first use: an import, not a check
 
     problem = device_problem(engine_config) or port_problem(server_config)
+    startup.end(config_phase)
     if problem:
         print(f"weir serve: error: {problem}", file=sys.stderr)
         return 2
 
-    from app.logging import configure_logging, get_logger
+    with startup.phase("imports"):
+        from app.logging import configure_logging, get_logger
 
     configure_logging(server_config.log_level, server_config.log_json)
     log = get_logger("weir.cli")
     log.info(
         "loading model", model=engine_config.model, device=engine_config.device, dtype=engine_config.dtype
     )
-    from engine.async_engine import AsyncEngine
+    with startup.phase("imports"):
+        from engine.async_engine import AsyncEngine
 
     try:
-        engine = AsyncEngine(engine_config)
+        engine = AsyncEngine(engine_config, startup_phases=startup)
     except Exception as exc:
         # One line a user can act on; the traceback only when asked for (a bug, not a setting).
         if server_config.log_level == "debug":
@@ -139,7 +155,9 @@ def serve(flags: dict) -> int:
         print(f"weir serve: error: cannot load the model: {detail}", file=sys.stderr)
         return 1
 
-    from app.runner import run_server
+    with startup.phase("imports"):
+        from app.runner import run_server
+        from app.server import build_app  # noqa: F401 - run_server's, imported here to count as imports
 
     server = run_server(engine, server_config)
     if server.state.startup_error is not None:

@@ -195,12 +195,46 @@ class EngineStatsCollector(Collector):
             yield info
 
 
+class StartupPhasesCollector(Collector):
+    """Start-up's wall seconds per phase (engine/startup_phases.py), once the server listens: the
+    same figures as the "startup phases" log line."""
+
+    def __init__(self, engine: EngineClient, model_name: str) -> None:
+        self.engine = engine
+        self.model_name = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        phases = self.engine.startup_phases
+        if not phases.finished:
+            return
+        report = phases.report()
+        total = GaugeMetricFamily(
+            "weir:startup_seconds",
+            "Seconds from the process's start to the server listening (the sum of the start-up phases "
+            "and of what none covers).",
+            labels=["model_name"],
+        )
+        total.add_metric([self.model_name], report["total_s"])
+        yield total
+        by_phase = GaugeMetricFamily(
+            "weir:startup_phase_seconds",
+            "Seconds of start-up per phase (imports, config, tokenizer, model_build, weights, kv_cache, "
+            "cuda_graphs, warmup, server; other: what no phase covers).",
+            labels=["model_name", "phase"],
+        )
+        for key, seconds in report.items():
+            if key != "total_s":
+                by_phase.add_metric([self.model_name, key.removesuffix("_s")], seconds)
+        yield by_phase
+
+
 class ServerMetrics:
     """The app's registry and the per-request series the HTTP layer observes."""
 
     def __init__(self, engine: EngineClient, model_name: str, max_model_len: int) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(EngineStatsCollector(engine, model_name))
+        self.registry.register(StartupPhasesCollector(engine, model_name))
         r = self.registry
         self.request_success = Counter(
             "weir:request_success",

@@ -55,6 +55,7 @@ class WeirServer(uvicorn.Server):
             freeze_startup_objects()
         if self.started:
             self.port = self.servers[0].sockets[0].getsockname()[1]
+            self.state.finish_startup()
             log.info("serving", host=self.config.host, port=self.port, pid=_pid())
             self.started_event.set()
 

@@ -155,7 +155,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 def build_app(engine: EngineClient, server_config: ServerConfig) -> Starlette:
     """The ASGI app over a loaded, not yet started engine."""
+    server_phase = engine.startup_phases.begin("server")  # ends once the socket listens (app.runner)
     state = AppState(engine, server_config)
+    state.startup_span = server_phase
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

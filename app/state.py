@@ -15,6 +15,7 @@ from app.metrics import ServerMetrics
 from app.prompt_encoder import PromptEncoder
 from engine.lora.request import LoRARequest
 from engine.protocol import EngineClient
+from engine.startup_phases import Span
 
 log = get_logger("weir.app")
 
@@ -44,6 +45,7 @@ class AppState:
         self.metrics = ServerMetrics(engine, self.model_name, self.max_model_len)
         self.draining = False
         self.startup_error: str | None = None  # why the lifespan's start-up failed, for `weir serve`
+        self.startup_span: Span | None = None  # the "server" start-up phase, open until listening
         self._drain_task: asyncio.Task[None] | None = None
         # Token id -> its text, for logprobs. Bounded by the vocabulary.
         self.token_text = lru_cache(maxsize=None)(self._token_text)
@@ -77,6 +79,15 @@ class AppState:
             param="model",
             code="model_not_found",
         )
+
+    def finish_startup(self) -> None:
+        """The server listens: close the start-up phases and log them, once per engine (one line
+        with total_s, <phase>_s for each phase and other_s)."""
+        phases = self.engine.startup_phases
+        if phases.finished:
+            return
+        phases.end(self.startup_span)
+        log.info("startup phases", **phases.finish())
 
     # ---------------------------------------------------------------- shutdown
 

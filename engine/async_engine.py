@@ -39,6 +39,7 @@ from engine.lora.request import LoRARequest
 from engine.outputs.output_channel import OutputChannel
 from engine.outputs.request_output import RequestOutput
 from engine.protocol import EngineStats
+from engine.startup_phases import StartupPhases
 
 __all__ = ["AsyncEngine", "EngineStats"]
 
@@ -46,9 +47,11 @@ logger = logging.getLogger("weir.engine")
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig) -> None:
-        """Loads the model and tokenizer and allocates the KV cache (blocking, seconds)."""
-        self.engine = LLMEngine(config)
+    def __init__(self, config: EngineConfig, startup_phases: StartupPhases | None = None) -> None:
+        """Loads the model and tokenizer and allocates the KV cache (blocking, seconds).
+        `startup_phases`: where to record start-up's phases (`weir serve` passes the process's)."""
+        self.engine = LLMEngine(config, startup_phases)
+        self.startup_phases = self.engine.startup_phases
         self.config = self.engine.config  # resolved (engine/config.py)
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
@@ -93,7 +96,8 @@ class AsyncEngine:
         self._idle = asyncio.Event()
         self._idle.set()
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._warm_up)
+        with self.startup_phases.phase("warmup"):
+            await loop.run_in_executor(self._executor, self._warm_up)
         self._loop_task = asyncio.create_task(
             _step_loop(weakref.ref(self), self._work_available, self.step_loop_times),
             name="weir-step-loop",

@@ -39,19 +39,36 @@ from engine.lora.request import LoRARequest
 from engine.outputs.output_processor import OutputProcessor
 from engine.outputs.request_output import RequestOutput
 from engine.protocol import EngineStats
+from engine.startup_phases import StartupPhases
 
 logger = logging.getLogger("weir.engine")
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig | ResolvedConfig) -> None:
+    def __init__(
+        self, config: EngineConfig | ResolvedConfig, startup_phases: StartupPhases | None = None
+    ) -> None:
+        """`startup_phases`: where to record the start-up phases (engine/startup_phases.py); by default
+        a recorder of this engine's own, started now."""
         start = time.perf_counter()
-        resolved = config.resolve() if isinstance(config, EngineConfig) else config
-        self.tokenizer = load_tokenizer(resolved.load.tokenizer)
-        self.executor: Executor = create_executor(resolved)
+        self.startup_phases = phases = startup_phases or StartupPhases(start)
+        with phases.phase("config"):
+            resolved = config.resolve() if isinstance(config, EngineConfig) else config
+        with phases.phase("tokenizer"):
+            self.tokenizer = load_tokenizer(resolved.load.tokenizer)
+        with phases.phase("model_build"):  # what the runner does not time as weights is building
+            self.executor: Executor = create_executor(resolved)
+            try:
+                timings = self.executor.startup_timings()
+            except BaseException:
+                self.executor.shutdown()
+                raise
+            phases.add("weights", timings.get("weights_load_s", 0.0))
         try:
-            num_blocks = self.executor.determine_num_kv_blocks()
-            self.executor.initialize_kv_cache(num_blocks)
+            with phases.phase("kv_cache"):  # the capture of the CUDA graphs runs inside
+                num_blocks = self.executor.determine_num_kv_blocks()
+                self.executor.initialize_kv_cache(num_blocks)
+                phases.add("cuda_graphs", self.executor.startup_timings().get("cuda_graph_capture_s", 0.0))
         except BaseException:
             self.executor.shutdown()  # worker processes must not outlive a failed start
             raise

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from engine.core.sampling_params import SamplingParams
 from engine.lora.request import LoRARequest
 from engine.outputs.request_output import RequestOutput
+from engine.startup_phases import StartupPhases
 
 
 @dataclass(slots=True)
@@ -55,6 +56,9 @@ class EngineClient(Protocol):
     # Lifecycle, for /health and the drain: warm after start(); dead_error once the step loop died.
     warm: bool
     dead_error: BaseException | None
+    # Seconds per start-up phase (engine/startup_phases.py): the engine adds its own, warmup at
+    # start(); the server adds its own and finishes it once it listens.
+    startup_phases: StartupPhases
 
     @property
     def is_healthy(self) -> bool: ...

@@ -63,6 +63,11 @@ class Executor(ABC):
         """False once a worker is known to be dead or failed (the engine cannot run steps)."""
         return True
 
+    def startup_timings(self) -> dict[str, float]:
+        """Rank 0's runner's start-up seconds so far (ModelRunner.timings: weights_load_s, profile_s,
+        kv_alloc_s, cuda_graph_capture_s, ...); empty where unknown."""
+        return {}
+
     def add_lora(self, lora_request: LoRARequest) -> None:
         """Load and check a LoRA adapter into every worker's host cache (raises LoRAAdapterError)."""
         raise ValueError(f"lora_request: {type(self).__name__} does not serve LoRA adapters")
@@ -79,6 +84,9 @@ class UniprocExecutor(Executor):
         # The in-process runner (tests and tools inspect it; the engine does not).
         self.runner = ModelRunner(config)
         self.runner.load_model(quant_config=config.quant.linear)
+
+    def startup_timings(self) -> dict[str, float]:
+        return dict(self.runner.timings)
 
     def determine_num_kv_blocks(self) -> int:
         return self.runner.determine_num_kv_blocks()

@@ -115,6 +115,9 @@ class MultiprocExecutor(Executor):
         return [p.pid for p in self._processes if p.pid is not None]
 
     # ------------------------------------------------------------------ Executor
+    def startup_timings(self) -> dict[str, float]:
+        return self._call("startup_timings", (), STARTUP_TIMEOUT_S)[0]
+
     def determine_num_kv_blocks(self) -> int:
         # Each rank profiles its own device; the cache is as large as the tightest rank allows.
         return min(self._call("determine_num_kv_blocks", (), STARTUP_TIMEOUT_S))

@@ -130,6 +130,9 @@ class RayExecutor(Executor):
         return self.failed is None
 
     # ------------------------------------------------------------------ Executor
+    def startup_timings(self) -> dict[str, float]:
+        return self._call(("startup_timings", ()), STARTUP_TIMEOUT_S)[0]
+
     def determine_num_kv_blocks(self) -> int:
         return min(self._call(("determine_num_kv_blocks", ()), STARTUP_TIMEOUT_S))
 

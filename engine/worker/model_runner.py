@@ -125,9 +125,10 @@ class ModelRunner:
         self.sampler = Sampler()
         self.graph_runner: CUDAGraphRunner | None = None
         self._staging = PinnedStaging() if self.device.type == "cuda" else None
-        # Start-up seconds by phase (read by the start-up benchmark).
+        # Start-up seconds by phase (the engine's start-up phases and the start-up benchmark read them).
         self.timings: dict[str, float] = {
-            "weights_load_s": 0.0,
+            "model_build_s": 0.0,  # the attention backend and the model's layers
+            "weights_load_s": 0.0,  # the weights (or dummy values), post-load hooks, LoRA slots
             "profile_s": 0.0,
             "kv_alloc_s": 0.0,
             "cuda_graph_capture_s": 0.0,
@@ -180,6 +181,9 @@ class ModelRunner:
         )
         with torch.device(self.device):
             model = model_cls(self.model_config, ctx)
+        self._sync()
+        built = time.perf_counter()
+        self.timings["model_build_s"] = built - start
         if self.config.load.load_format == "dummy":
             initialize_dummy_weights(model, seed=self.config.load.seed)
         else:
@@ -202,15 +206,17 @@ class ModelRunner:
                 model, self.config.lora, self.attn_backend.kernels, self.device, self.dtype, max_tokens
             )
         self._sync()
-        self.timings["weights_load_s"] = time.perf_counter() - start
+        self.timings["weights_load_s"] = time.perf_counter() - built
         num_params = sum(p.numel() for p in model.parameters())
         logger.info(
-            "loaded %s (%.1fM parameters, %s, %s, %s attention) in %.2fs",
+            "loaded %s (%.1fM parameters, %s, %s, %s attention) in %.2fs (layers %.2fs, weights %.2fs)",
             self.model_config.architecture,
             num_params / 1e6,
             self.dtype,
             self.device,
             self.attn_backend.name,
+            time.perf_counter() - start,
+            self.timings["model_build_s"],
             self.timings["weights_load_s"],
         )
 

@@ -65,6 +65,10 @@ class Worker:
         self.runner.load_model(quant_config=config.quant.linear)
         self._steps: dict[int, StepInFlight | BaseException] = {}
 
+    def startup_timings(self) -> dict[str, float]:
+        """This rank's runner's start-up seconds so far (ModelRunner.timings)."""
+        return dict(self.runner.timings)
+
     def determine_num_kv_blocks(self) -> int:
         return self.runner.determine_num_kv_blocks()
 

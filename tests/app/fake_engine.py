@@ -23,6 +23,7 @@ from engine.inputs.input_processor import InputProcessor
 from engine.lora.request import LoRARequest
 from engine.outputs.request_output import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from engine.protocol import EngineClient, EngineStats
+from engine.startup_phases import StartupPhases
 
 FIRST_PLAIN_TOKEN = 5  # ids below are the tiny tokenizer's special tokens
 
@@ -72,7 +73,9 @@ class FakeEngine(EngineClient):
     ) -> None:
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        self.startup_phases = StartupPhases()
+        with self.startup_phases.phase("tokenizer"):
+            self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         self.model_path = str(tokenizer_dir)
         self.generation_defaults: dict[str, Any] = {}
         self.max_model_len = max_model_len

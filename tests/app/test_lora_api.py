@@ -309,7 +309,7 @@ def test_weir_serve_exits_1_with_the_adapter_error_as_its_last_line(
             )
 
     monkeypatch.setattr(
-        engine.async_engine, "AsyncEngine", lambda cfg: RefusingEngine(tiny_tokenizer_dir, max_loras=1)
+        engine.async_engine, "AsyncEngine", lambda cfg, **kw: RefusingEngine(tiny_tokenizer_dir, max_loras=1)
     )
     monkeypatch.setattr(app.logging, "configure_logging", lambda *a: None)  # the test's own logging stays
     monkeypatch.setattr(app.runner, "set_switch_interval", lambda s: None)

@@ -12,6 +12,7 @@ import pytest
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine.startup_phases import PHASES
 from tests.app.conftest import MODEL_NAME, LiveServer, start_server
 from tests.app.fake_engine import FakeEngine
 
@@ -159,3 +160,25 @@ def test_sdk_auth(keyed_server: LiveServer) -> None:
         model=MODEL_NAME, messages=[{"role": "user", "content": "x"}], max_tokens=2
     )
     assert r.usage.completion_tokens == 2
+
+
+def test_startup_phase_gauges(client: httpx.Client, server: LiveServer) -> None:
+    """The start-up phases are exposed once the server listens: every phase, none negative, their sum
+    within the total, the same figures as the engine's report (the "startup phases" log line)."""
+    samples = _scrape(client)
+    report = server.engine.startup_phases.report()
+    phases = {
+        name: _value(samples, "weir:startup_phase_seconds", phase=name)
+        for name in (*PHASES, "other")
+        if ("weir:startup_phase_seconds", (("model_name", MODEL_NAME), ("phase", name))) in samples
+    }
+    assert list(phases) == [*PHASES, "other"]
+    assert phases == {key.removesuffix("_s"): value for key, value in report.items() if key != "total_s"}
+    total = _value(samples, "weir:startup_seconds")
+    assert total == report["total_s"]
+    assert all(seconds >= 0 for seconds in phases.values()), phases
+    assert sum(phases.values()) <= total + 0.001 * len(phases)  # each figure rounded to the ms
+    # What this engine did before serving took time; CPU captures no CUDA graphs.
+    for name in ("config", "tokenizer", "model_build", "weights", "kv_cache", "warmup", "server"):
+        assert phases[name] > 0, name
+    assert phases["cuda_graphs"] == 0.0

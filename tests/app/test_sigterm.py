@@ -18,6 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from engine.startup_phases import PHASES
+
 REPO = Path(__file__).resolve().parents[2]
 SHUTDOWN_TIMEOUT = 2.5
 
@@ -125,6 +127,13 @@ def test_sigterm_drains_then_exits_0(serve: ServeProcess) -> None:
     logs = serve.json_logs()
     events = [entry["event"] for entry in logs]
     assert "shutdown requested" in events and "draining" in events and "stopped" in events
+    # Start-up's phases, in one line just before "serving": every phase, from the process's start.
+    startup = logs[events.index("serving") - 1]
+    assert startup["event"] == "startup phases"
+    phases = {key: value for key, value in startup.items() if key.endswith("_s") and key != "total_s"}
+    assert list(phases) == [f"{name}_s" for name in PHASES] + ["other_s"]
+    assert all(value >= 0 for value in phases.values()) and phases["imports_s"] > 0
+    assert sum(phases.values()) <= startup["total_s"] + 0.001 * len(phases)  # each rounded to the ms
     finished = [entry for entry in logs if entry["event"] == "request finished"]
     assert len(finished) >= 2 and all(e["request_id"].startswith("cmpl-") for e in finished)
     assert all(

@@ -3,7 +3,9 @@ request completes: the seconds, and how they split (imports, weights, KV allocat
 
     python loadtest/bench_startup.py --shape llama3-8b --peer hf --out u1.json
 
-The end-to-end figures come from the server subprocess (timed from spawn). The split comes from the same
+The end-to-end figures come from the server subprocess (timed from spawn), and so does the first split:
+the server's own "startup phases" log line (engine/startup_phases.py: wall seconds from its process's
+start to listening, per phase), recorded as results.startup_phases. A second split comes from the same
 start-up repeated in this process with the model runner's set-up methods timed (whatever their names:
 load, KV profile/allocation, capture/graph/warm-up), the engine's own attributes read defensively, the
 timings the server logged, and the import times measured in a fresh interpreter.
@@ -93,6 +95,19 @@ async def first_request(url: str, prompt: list[int], max_tokens: int) -> Any:
             "stream": True,
         }
         return await stream_completion(client, payload)
+
+
+def startup_phases(text: str) -> dict[str, float] | None:
+    """The server's "startup phases" line (total_s, <phase>_s for every phase, other_s), or None."""
+    for line in text.splitlines():
+        if '"startup phases"' not in line:
+            continue
+        try:
+            entry = json.loads(line[line.index("{") :])
+        except ValueError:
+            continue
+        return {k: v for k, v in entry.items() if k.endswith("_s") and isinstance(v, int | float)}
+    return None
 
 
 def parse_server_log(text: str) -> dict[str, Any]:
@@ -321,9 +336,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         report["results"]["server_exit_code"] = server.stop()
         try:
-            report["results"]["server_log"] = parse_server_log(server.log_path.read_text(errors="replace"))
+            log_text = server.log_path.read_text(errors="replace")
         except OSError:
-            pass
+            log_text = ""
+        report["results"]["server_log"] = parse_server_log(log_text)
+        phases = startup_phases(log_text)
+        if phases is not None:
+            report["results"]["startup_phases"] = phases
+            print(f"[U1] server's start-up phases (s): {phases}", flush=True)
         report.save()
 
     if not args.no_imports:

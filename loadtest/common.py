@@ -34,6 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from engine.startup_phases import PHASES as STARTUP_PHASES  # noqa: E402 - plain Python, no torch
 from loadtest.model_shapes import PUBLIC_SHAPES, SHAPES, num_parameters, shape_dir  # noqa: E402
 
 SHAPE_CHOICES = tuple(SHAPES)
@@ -1196,6 +1197,11 @@ _SUMMARY_ROWS: list[tuple[str, str, str, str, str]] = [
     ("P1", "output tok/s, cache off", "off.output_tok_s", "", ""),
     ("U1", "s to /health 200", "seconds_to_health", "", ""),
     ("U1", "s to first request", "seconds_to_first_request", "", "<= 60 s"),
+    ("U1", "server s to listening", "startup_phases.total_s", "", ""),
+    *(
+        ("U1", f"server phase s: {name}", f"startup_phases.{name}_s", "", "")
+        for name in (*STARTUP_PHASES, "other")
+    ),
     ("U1", "split s: import torch", "imports_s.torch_s", "", ""),
     ("U1", "split s: weights", "in_process.runner_timings.weights_load_s|in_process.split_s.weights", "", ""),
     ("U1", "split s: KV profile", "in_process.runner_timings.profile_s", "", ""),

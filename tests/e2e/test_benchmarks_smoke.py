@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.startup_phases import PHASES as STARTUP_PHASES
 from loadtest import (
     bench_latency,
     bench_prefix,
@@ -240,6 +241,12 @@ def test_startup_with_peer(tiny_llama_dir: Path, tmp_path: Path) -> None:
     res = data["results"]
     assert 0 < res["seconds_to_health"] <= res["seconds_to_first_request"]
     assert res["server_exit_code"] == 0
+    # The server's own start-up phases, from its log line: every phase, and the server was listening
+    # before /health could answer (give or take the 10 ms ticks of the process's start time).
+    phases = res["startup_phases"]
+    assert list(phases) == ["total_s", *(f"{name}_s" for name in STARTUP_PHASES), "other_s"]
+    assert all(v >= 0 for v in phases.values())
+    assert 0 < phases["total_s"] <= res["seconds_to_health"] + 0.02
     split = res["in_process"]
     load_s = split["timed_methods_s"]["ModelRunner.load_model"]  # building the model, reading its file
     assert load_s > 0 and split["split_s"]["weights"] == pytest.approx(load_s, abs=1e-3)

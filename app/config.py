@@ -132,7 +132,7 @@ ENGINE_HELP: dict[str, str] = {
     "max_model_len": "Context length: prompt + output tokens. Default: the model's max_position_embeddings.",
     "block_size": "Tokens per KV-cache block: 8, 16, 32 or 64.",
     "kv_cache_dtype": "KV-cache dtype: auto (the model dtype), fp8 (= fp8_e4m3) or fp8_e5m2: 1-byte K/V "
-    "with per-tensor scales from the checkpoint's k_scale/v_scale (1.0 without), twice the blocks of a "
+    "with per-tensor or per-KV-head scales from the checkpoint's k_scale/v_scale (1.0 without), twice the blocks of a "
     "bf16 cache in the same memory. fp8_e4m3 on CUDA needs compute capability 8.9+ (README: Quantization).",
     "quantization": "Weight quantization: gptq, awq, fp8, squeezellm or compressed-tensors, which must match the checkpoint's; fp8 on an "
     "unquantized checkpoint quantizes its weights at load. Default: what the checkpoint's config says "

@@ -146,7 +146,10 @@ def fp8_paged_attention_kernel() -> None:
     k_scale, v_scale = 0.02, 0.02
     for name, scale in (("k_cache", k_scale), ("v_cache", v_scale)):
         fp8[name] = (batch[name].float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
-    fp8["k_scale"], fp8["v_scale"] = k_scale, v_scale
+    # the kernels take scales as [num_kv_heads] float32 device tensors (here one value for every head)
+    fp8["k_scale"], fp8["v_scale"] = (
+        torch.full((8,), s, device=batch["k_cache"].device) for s in (k_scale, v_scale)
+    )
     out = paged_attention(**fp8)
     ref = reference.paged_attention(**fp8)
     check_close("paged attention e4m3 cache, 32q/8kv heads d128, batch 8 ctx 2048 == reference", out, ref)

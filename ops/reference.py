@@ -7,10 +7,11 @@ KV cache layout (one tensor each for K and V, per layer):
     [num_blocks, block_size, num_kv_heads, head_dim]
 A token's slot is `block_id * block_size + offset`; slot -1 means "do not write" (padding).
 
-FP8 KV caches (float8_e4m3fn / float8_e5m2; engine.model.kv_cache_dtype): the write stores
-fp8(clamp(x * (1 / k_scale), -max, max)), rounded to nearest even, and attention reads
-cache * k_scale (likewise V with v_scale): per-tensor scales, python floats fixed at load. With a
-cache in the model's dtype the scales are 1.0 and nothing is scaled.
+FP8 KV caches (float8_e4m3fn / float8_e5m2; engine.model.kv_cache_dtype): the write stores head h
+of a token as fp8(clamp(x * (1 / k_scale[h]), -max, max)), rounded to nearest even, and attention
+reads cache * k_scale[h] (likewise V with v_scale). The scales are float32 device tensors of shape
+[num_kv_heads], fixed at load (a per-tensor scale is the same value in every entry), so a CUDA graph
+replays them without a host value baked in. None (a cache in the model's dtype) scales nothing.
 """
 
 from __future__ import annotations
@@ -80,11 +81,11 @@ def write_kv_cache(
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int64; -1 = skip (padding)
-    k_scale: float = 1.0,
-    v_scale: float = 1.0,
+    k_scale: torch.Tensor | None = None,  # [num_kv_heads] float32; None = 1.0
+    v_scale: torch.Tensor | None = None,  # [num_kv_heads] float32; None = 1.0
 ) -> None:
-    """Scatter this step's K/V into their cache slots, in place (quantized with the scales when the
-    cache is fp8)."""
+    """Scatter this step's K/V into their cache slots, in place (quantized with each head's scale when
+    the cache is fp8; a cache in the model's dtype ignores the scales)."""
     block_size = k_cache.shape[1]
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
@@ -93,13 +94,21 @@ def write_kv_cache(
     v_cache[blocks, offsets] = _to_cache(value[valid], v_cache.dtype, v_scale)
 
 
-def _to_cache(x: torch.Tensor, cache_dtype: torch.dtype, scale: float) -> torch.Tensor:
+def _to_cache(
+    x: torch.Tensor,  # [n, num_kv_heads, head_dim]
+    cache_dtype: torch.dtype,
+    scale: torch.Tensor | None,  # [num_kv_heads] float32
+) -> torch.Tensor:
     if cache_dtype.itemsize != 1:
         return x.to(cache_dtype)
     # Clamped first: torch's cast is not saturating (e4m3fn has no inf; out of range becomes NaN).
-    # The reciprocal is a python float, as the Triton kernel receives it, so both multiply alike.
+    # x times the float32 reciprocal (IEEE-rounded, as the Triton kernel's div_rn), not x / scale:
+    # both sides multiply by the same float32 value, so their bytes agree.
     fp8_max = torch.finfo(cache_dtype).max
-    return (x.float() * (1.0 / scale)).clamp(-fp8_max, fp8_max).to(cache_dtype)
+    x = x.float()
+    if scale is not None:
+        x = x * (1.0 / scale)[:, None]  # [n, num_kv_heads, head_dim]
+    return x.clamp(-fp8_max, fp8_max).to(cache_dtype)
 
 
 def paged_attention(
@@ -112,8 +121,8 @@ def paged_attention(
     max_query_len: int,
     max_seq_len: int,
     scale: float,
-    k_scale: float = 1.0,
-    v_scale: float = 1.0,
+    k_scale: torch.Tensor | None = None,  # [num_kv_heads] float32 (fp8 caches); None = 1.0
+    v_scale: torch.Tensor | None = None,  # [num_kv_heads] float32 (fp8 caches); None = 1.0
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole paged context.
 
@@ -121,7 +130,7 @@ def paged_attention(
     with q_len new tokens and seq_len context sits at position seq_len - q_len + i and attends to
     positions 0..that position. Handles mixed batches: prefill chunks (q_len > 1, with cached
     prefix) and decodes (q_len == 1). GQA: query head h reads KV head h // (num_heads / num_kv_heads).
-    An fp8 cache is read as cache * k_scale (V: * v_scale). Returns [num_tokens, num_heads, head_dim]
+    An fp8 cache's KV head h is read as cache * k_scale[h] (V: * v_scale[h]). Returns [num_tokens, num_heads, head_dim]
     in the query's dtype.
     """
     del max_query_len, max_seq_len  # the kernels use them for grid sizing; the reference does not
@@ -140,8 +149,10 @@ def paged_attention(
         blocks = block_tables[i, :num_blocks].long()
         k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()  # [seq_len, kv_heads, d]
         v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
-        if k_scale != 1.0 or v_scale != 1.0:  # an fp8 cache's per-tensor scales
-            k, v = k * k_scale, v * v_scale
+        if k_scale is not None:  # an fp8 cache's scales, one per KV head
+            k = k * k_scale[:, None]
+        if v_scale is not None:
+            v = v * v_scale[:, None]
         k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [heads, seq_len, d]
         v = v.repeat_interleave(group, dim=1).transpose(0, 1)
         q = query[q_start:q_end].float().transpose(0, 1)  # [heads, q_len, d]

@@ -2,8 +2,10 @@
 
 One program per token; slot -1 (padding) writes nothing, so CUDA-graph padding never touches the cache.
 
-FP8 caches (float8_e4m3fn, float8_e5m2): K and V are multiplied by the reciprocal of their per-tensor
-scale, clamped to the format's range and rounded to nearest even in float32 arithmetic
+FP8 caches (float8_e4m3fn, float8_e5m2): each head's K and V are multiplied by the reciprocal of that
+head's scale (k_scale / v_scale: [num_kv_heads] float32 device tensors, read in the kernel, so a CUDA
+graph replays whatever they hold; the reciprocal is IEEE-rounded, div_rn, as torch's 1 / scale),
+clamped to the format's range and rounded to nearest even in float32 arithmetic
 (`_round_to_fp8`) before the cast, so the cast itself is exact: the result is the reference's
 (torch's rounding) bit for bit on any GPU, on one whose converter rounds through float16 (e5m2 on
 pre-Hopper cards), and under the Triton interpreter, whose fp8 downcast drops carries (30.6 -> 16).
@@ -42,8 +44,8 @@ def _write_kv_cache_kernel(
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping_ptr,  # [num_tokens] int64
-    k_inv_scale,  # fp8 caches: 1 / k_scale
-    v_inv_scale,
+    k_scale_ptr,  # [num_kv_heads] float32 (SCALED fp8 caches)
+    v_scale_ptr,
     stride_kt,
     stride_kh,
     stride_vt,
@@ -61,6 +63,7 @@ def _write_kv_cache_kernel(
     FP8_MANT: tl.constexpr,  # 0: the cache is in the model's dtype; else its fp8 format's
     FP8_MIN_EXP: tl.constexpr,
     FP8_MAX: tl.constexpr,
+    SCALED: tl.constexpr,  # scales given (else 1.0: nothing is multiplied)
 ):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -79,8 +82,16 @@ def _write_kv_cache_kernel(
             kc = k_cache_ptr + block * stride_kcb + offset * stride_kcs
             vc = v_cache_ptr + block * stride_vcb + offset * stride_vcs
             if FP8_MANT > 0:
-                k = _round_to_fp8(k.to(tl.float32) * k_inv_scale, FP8_MANT, FP8_MIN_EXP, FP8_MAX)
-                v = _round_to_fp8(v.to(tl.float32) * v_inv_scale, FP8_MANT, FP8_MIN_EXP, FP8_MAX)
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+                if SCALED:
+                    one = tl.full([BLOCK_H], 1.0, tl.float32)
+                    k_scale = tl.load(k_scale_ptr + heads, mask=heads < num_kv_heads, other=1.0)  # [BLOCK_H]
+                    v_scale = tl.load(v_scale_ptr + heads, mask=heads < num_kv_heads, other=1.0)
+                    k = k * tl.math.div_rn(one, k_scale)[:, None]
+                    v = v * tl.math.div_rn(one, v_scale)[:, None]
+                k = _round_to_fp8(k, FP8_MANT, FP8_MIN_EXP, FP8_MAX)
+                v = _round_to_fp8(v, FP8_MANT, FP8_MIN_EXP, FP8_MAX)
             tl.store(
                 kc + heads[:, None] * stride_kch + offs_d[None, :],
                 k.to(k_cache_ptr.dtype.element_ty),
@@ -119,8 +130,8 @@ def write_kv_cache(
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int64; -1 = skip (padding)
-    k_scale: float = 1.0,
-    v_scale: float = 1.0,
+    k_scale: torch.Tensor | None = None,  # [num_kv_heads] float32; None = 1.0
+    v_scale: torch.Tensor | None = None,  # [num_kv_heads] float32; None = 1.0
 ) -> None:
     """Scatter this step's K/V into their cache slots, in place (fp8 caches: quantized, see the top).
 
@@ -141,13 +152,18 @@ def write_kv_cache(
     if kcs[-1] != 1 or vcs[-1] != 1:
         raise ValueError("write_kv_cache needs caches contiguous in head_dim")
     mant, min_exp, fp8_max = _FP8_FORMATS.get(k_cache.dtype, _NOT_FP8)
+    scaled = k_scale is not None
+    if scaled and v_scale is None:
+        raise ValueError("write_kv_cache takes both k_scale and v_scale or neither")
     if num_tokens > 0:
         # Constexprs passed positionally (HEAD_DIM, BLOCK_H, ...): keywords cost a dict build per launch.
+        # Without scales the kernel reads none; slot_mapping stands in for their pointers.
         _write_kv_cache_kernel[(num_tokens,)](
-            key, value, k_cache, v_cache, slot_mapping, 1.0 / k_scale, 1.0 / v_scale,
+            key, value, k_cache, v_cache, slot_mapping,
+            k_scale if scaled else slot_mapping, v_scale if scaled else slot_mapping,
             ks[0], ks[1], vs[0], vs[1],
             kcs[0], kcs[1], kcs[2], vcs[0], vcs[1], vcs[2],
             num_kv_heads, k_cache.shape[1],
-            head_dim, block_h, mant, min_exp, fp8_max,
+            head_dim, block_h, mant, min_exp, fp8_max, scaled,
             num_warps=4,
         )  # fmt: skip

@@ -15,8 +15,10 @@ One launch covers the whole batch. The grid is (query blocks, KV heads[, KV segm
   segments; programs write partial (max, sum, unnormalised acc) in float32 and `_reduce_segments_kernel`
   merges them. Chosen for decode-heavy batches too small to fill the GPU with long contexts.
 - FP8 caches: K/V tiles are loaded as 1-byte values and widened to the query's dtype in registers;
-  the per-tensor scales never touch a tile: k_scale is folded into the softmax scale and v_scale into
-  the final normalisation (both python floats; 1.0 for caches in the model's dtype).
+  the scales never touch a tile: a program serves one KV head, so it loads that head's k_scale and
+  v_scale ([num_kv_heads] float32 device tensors, read in the kernel: CUDA-graph safe) once, folds
+  k_scale into the softmax scale and v_scale into the final normalisation. Without scales (a cache in
+  the model's dtype; KV_SCALED off) nothing is loaded or multiplied.
 """
 
 from __future__ import annotations
@@ -119,8 +121,9 @@ def _paged_attention_kernel(
     block_tables_ptr,  # [num_seqs, max_blocks_per_seq] int32
     seq_lens_ptr,  # [num_seqs] int32
     query_start_loc_ptr,  # [num_seqs + 1] int32
-    qk_scale,  # softmax scale * k_scale * log2(e)
-    v_scale,  # an fp8 cache's V scale (1.0 otherwise), applied to the normalised output
+    qk_scale,  # softmax scale * log2(e)
+    k_scale_ptr,  # [num_kv_heads] float32 (KV_SCALED): folded into qk_scale
+    v_scale_ptr,  # [num_kv_heads] float32 (KV_SCALED): applied to the normalised output
     num_seqs,
     num_heads,
     stride_qt,
@@ -142,6 +145,7 @@ def _paged_attention_kernel(
     BLOCK_Q: tl.constexpr,
     NUM_SEGMENTS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KV_SCALED: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -181,6 +185,9 @@ def _paged_attention_kernel(
         tile_lo = 0
         tile_hi = num_tiles
 
+    if KV_SCALED:
+        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
+
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -202,8 +209,10 @@ def _paged_attention_kernel(
             stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_SIZE, TILE, True, DOT_PRECISION,
         )  # fmt: skip
 
+    if KV_SCALED:
+        acc = acc * tl.load(v_scale_ptr + kv_head)
     if NUM_SEGMENTS == 1:
-        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None] * v_scale
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(
             out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
             out.to(out_ptr.dtype.element_ty),
@@ -213,9 +222,7 @@ def _paged_attention_kernel(
         part = (token * num_heads + head) * NUM_SEGMENTS + segment  # [BLOCK_M]
         tl.store(part_max_ptr + part, m_i, mask=row_valid)
         tl.store(part_sum_ptr + part, l_i, mask=row_valid)
-        tl.store(
-            part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc * v_scale, mask=row_valid[:, None]
-        )
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_valid[:, None])
 
 
 @triton.jit
@@ -359,8 +366,8 @@ def paged_attention(
     max_query_len: int,
     max_seq_len: int,
     scale: float,
-    k_scale: float = 1.0,
-    v_scale: float = 1.0,
+    k_scale: torch.Tensor | None = None,  # [num_kv_heads] float32 (fp8 caches); None = 1.0
+    v_scale: torch.Tensor | None = None,  # [num_kv_heads] float32 (fp8 caches); None = 1.0
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole paged context (see the reference)."""
     _, num_heads, head_dim = query.shape
@@ -393,8 +400,8 @@ def paged_attention_with_config(
     max_seq_len: int,
     scale: float,
     config: AttentionConfig | None = None,
-    k_scale: float = 1.0,
-    v_scale: float = 1.0,
+    k_scale: torch.Tensor | None = None,  # [num_kv_heads] float32; None = 1.0
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`paged_attention` with an explicit launch shape (None: the heuristic's, as paged_attention)."""
     if config is None:
@@ -432,8 +439,8 @@ def _launch(
     seq_lens: torch.Tensor,  # [num_seqs] int32
     query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
     scale: float,
-    k_scale: float,
-    v_scale: float,
+    k_scale: torch.Tensor | None,  # [num_kv_heads] float32
+    v_scale: torch.Tensor | None,
     plan: _Plan,
     block_m: int,
     tile: int,
@@ -467,10 +474,14 @@ def _launch(
     else:
         part_acc = part_max = part_sum = out  # placeholders; the kernel does not touch them
     out_stride_t = num_heads * head_dim
+    scaled = k_scale is not None
+    if scaled and v_scale is None:
+        raise ValueError("paged_attention takes both k_scale and v_scale or neither")
     # Constexprs passed positionally (a keyword costs a dict build per launch), in the kernel's order.
     _paged_attention_kernel[(num_tokens // block_q + num_seqs, num_kv_heads, segments)](
         out, part_acc, part_max, part_sum, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-        scale * k_scale * _LOG2E, v_scale, num_seqs, num_heads,
+        # without scales the kernel reads none: the query stands in for their pointers
+        scale * _LOG2E, k_scale if scaled else query, v_scale if scaled else query, num_seqs, num_heads,
         qs[0], qs[1], out_stride_t, head_dim,
         ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
         block_tables.stride(0),
@@ -482,6 +493,7 @@ def _launch(
         block_q,  # BLOCK_Q
         segments,  # NUM_SEGMENTS
         plan.dot_precision,  # DOT_PRECISION
+        scaled,  # KV_SCALED
         num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip

@@ -5,9 +5,15 @@ by the runner; every layer of a model holds the same backend. The runner binds `
 (the backend's `kv_cache_shape`, in its `kv_cache_dtype`) after allocating them; the step's
 AttentionMetadata comes from the forward context.
 
-An fp8 cache's per-tensor scales are `k_scale`/`v_scale`, python floats (1.0 unless the checkpoint
-gives them: engine.model.kv_cache_scales sets them once after loading), handed to both kernels; a
-cache in the model's dtype keeps 1.0, which the kernels treat as no scaling.
+An fp8 cache's scales are `k_scale`/`v_scale`: float32 buffers of shape [num_kv_heads] on the model's
+device, one per KV head this rank holds (1.0 unless the checkpoint gives them:
+engine.model.quantization.kv_cache copies them in once after loading; a per-tensor scale fills every
+entry). Both kernels read them on the device, so CUDA graphs replay them as loaded. A cache in the
+model's dtype has none (None): the kernels scale nothing.
+
+With tensor parallelism a rank holds KV heads [kv_head_offset, kv_head_offset + num_kv_heads) of the
+model's total_num_kv_heads (one replicated head when tp_size > total_num_kv_heads), which is the slice
+of a checkpoint's per-head scales it takes.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ class Attention(nn.Module):
         layer_idx: int,
         attn_backend: AttentionBackend,
         prefix: str = "",
+        total_num_kv_heads: int | None = None,
+        kv_head_offset: int = 0,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -40,8 +48,16 @@ class Attention(nn.Module):
         self.prefix = prefix
         self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, num_kv_heads, head_dim]
         self.v_cache: torch.Tensor | None = None
-        self.k_scale = 1.0  # cache value * k_scale = key (fp8 caches)
-        self.v_scale = 1.0
+        self.total_num_kv_heads = total_num_kv_heads or num_kv_heads
+        self.kv_head_offset = kv_head_offset
+        # cache value * k_scale[h] = key of KV head h (fp8 caches); not in the state dict: not weights
+        self.k_scale: torch.Tensor | None
+        self.v_scale: torch.Tensor | None
+        if attn_backend.kv_cache_dtype.itemsize == 1:
+            self.register_buffer("k_scale", torch.ones(num_kv_heads, dtype=torch.float32), persistent=False)
+            self.register_buffer("v_scale", torch.ones(num_kv_heads, dtype=torch.float32), persistent=False)
+        else:
+            self.k_scale = self.v_scale = None
 
     def forward(
         self,

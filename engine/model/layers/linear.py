@@ -269,6 +269,8 @@ class QKVParallelLinear(ColumnParallelLinear):
         else:
             self.num_kv_heads = _divide(total_num_kv_heads, tp_size, "num_kv_heads")
             self.num_kv_head_replicas = 1
+        # the first of this rank's KV heads in the checkpoint's order (its K/V rows, its per-head scales)
+        self.kv_head_offset = (tp_rank // self.num_kv_head_replicas) * self.num_kv_heads
         q_size = self.num_heads * head_size
         kv_size = self.num_kv_heads * head_size
         self.q_size, self.kv_size = q_size, kv_size
@@ -297,7 +299,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         elif shard_id in ("k", "v"):
             param_offset = self.q_size if shard_id == "k" else self.q_size + self.kv_size
             shard, rows = self.kv_size, self.total_num_kv_heads * hd
-            start = (self.tp_rank // self.num_kv_head_replicas) * self.kv_size
+            start = self.kv_head_offset * hd
         else:
             raise ValueError(f"shard_id must be 'q', 'k' or 'v'; got {shard_id!r}")
         self._load_slice(param, loaded_weight, param_offset, shard, rows, start)

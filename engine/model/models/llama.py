@@ -109,6 +109,8 @@ class LlamaAttention(nn.Module):
             layer_idx=layer_idx,
             attn_backend=ctx.backend,
             prefix=join_prefix(prefix, "attn"),
+            total_num_kv_heads=config.num_kv_heads,
+            kv_head_offset=self.qkv_proj.kv_head_offset,
         )
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

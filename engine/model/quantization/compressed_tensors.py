@@ -12,7 +12,7 @@ mapped onto weir's methods:
   calibration: the same layout as without it.
 - `float-quantized` FP8 weights (per tensor, per channel, or per block with `weight_scale` as the
   block scales): the fp8 method (engine.model.quantization.fp8), dynamic per-token activations.
-- `kv_cache_scheme` (8-bit float, per tensor): the k/v scales engine.model.quantization.kv_cache reads
+- `kv_cache_scheme` (8-bit float, per tensor or `attn_head`): the k/v scales engine.model.quantization.kv_cache reads
   when the KV cache is fp8.
 Reference: compressed-tensors (github.com/neuralmagic/compressed-tensors),
 src/compressed_tensors/compressors/quantized_compressors/pack_quantized.py (pack_to_int32, the

@@ -106,7 +106,13 @@ def _check_kv_cache_scheme(scheme: dict[str, Any] | None, source: str) -> None:
         return
     if scheme.get("type") != "float" or scheme.get("num_bits") != 8:
         raise _refuse(source, "kv_cache_scheme.num_bits", scheme.get("num_bits"), "8-bit float KV caches")
-    if scheme.get("strategy", "tensor") != "tensor":
-        raise _refuse(source, "kv_cache_scheme.strategy", scheme["strategy"], "one scale per tensor")
+    # attn_head: k_scale / v_scale of one value per KV head (engine.model.quantization.kv_cache)
+    if scheme.get("strategy", "tensor") not in ("tensor", "attn_head"):
+        raise _refuse(
+            source,
+            "kv_cache_scheme.strategy",
+            scheme["strategy"],
+            "one scale per tensor or per attention head",
+        )
     if scheme.get("dynamic"):
         raise _refuse(source, "kv_cache_scheme.dynamic", True, "static scales from the checkpoint")

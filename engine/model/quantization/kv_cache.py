@@ -1,7 +1,7 @@
 """FP8 KV-cache scales, read from the checkpoint where its tools wrote them.
 
 An fp8 cache (EngineConfig.kv_cache_dtype fp8 / fp8_e4m3 / fp8_e5m2) stores key / k_scale and reads
-cache * k_scale (likewise V), one scale per tensor per layer (ops/reference.py). The scales are 1.0
+cache * k_scale (likewise V), one scale per KV head per layer (ops/reference.py). The scales are 1.0
 unless the checkpoint holds them, under one of the names the ecosystem writes:
 - `model.layers.N.self_attn.k_scale` / `v_scale`: llm-compressor (compressed-tensors `kv_cache_scheme`)
   and vLLM's own fp8 checkpoints;
@@ -9,7 +9,12 @@ unless the checkpoint holds them, under one of the names the ecosystem writes:
 - `self_attn.k_proj.k_scale` / `v_proj.v_scale`: NVIDIA ModelOpt;
 - `self_attn.kv_scale`: AutoFP8's single scale for both (deprecated there; vLLM reads it as both).
 (vLLM, vllm/model_executor/model_loader/weight_utils.py, maybe_remap_kv_scale_name, maps the same.)
-A scale per head, or one that is not a positive finite number, is refused naming the tensor.
+
+A scale is per tensor (one value: shape (), [1], ...) or per KV head: [num_kv_heads] of the whole
+model, or [num_kv_heads, 1, 1] as compressed-tensors' `attn_head` strategy shapes it (trailing 1s are
+dropped). A per-tensor scale fills every head's entry; a per-head one gives each tensor-parallel rank
+its own heads' slice (Attention.kv_head_offset). Any other shape, or a value that is not a positive
+finite number, is refused at load naming the tensor.
 
 The scales are not model parameters: a checkpoint without them must load, and a cache in the model
 dtype ignores them. The runner calls `load_kv_cache_scales` once after loading the weights; the weight
@@ -19,9 +24,10 @@ loader skips these names (`is_kv_scale_name`) instead of warning about them.
 from __future__ import annotations
 
 import logging
-import math
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from torch import nn
 
@@ -41,6 +47,16 @@ _SUFFIXES: dict[str, str] = {
 }
 
 
+@dataclass(frozen=True)
+class KVScale:
+    """One checkpoint scale: its values ([] per tensor or [heads] per head, float32) and where it came
+    from, for errors that name it."""
+
+    values: torch.Tensor  # [] or [heads] float32, on the CPU
+    shape: tuple[int, ...]  # the tensor's shape in the checkpoint
+    source: str  # "<tensor name> in <file name>"
+
+
 def kv_scale_target(name: str) -> tuple[str, str] | None:
     """A checkpoint tensor name -> (its attention block's prefix, "k" | "v" | "kv"), or None when the
     tensor is not a KV-cache scale."""
@@ -54,44 +70,70 @@ def is_kv_scale_name(name: str) -> bool:
     return kv_scale_target(name) is not None
 
 
-def read_kv_cache_scales(files: list[Path]) -> dict[str, dict[str, float]]:
+def _read_scale(tensor: torch.Tensor, source: str) -> KVScale:
+    shape = tuple(tensor.shape)
+    while shape and shape[-1] == 1:  # [heads, 1, 1] (compressed-tensors attn_head), [1]: trailing 1s
+        shape = shape[:-1]
+    if len(shape) > 1:
+        raise ValueError(
+            f"{source}: a KV-cache scale of shape {tuple(tensor.shape)}; weir reads one scale per tensor "
+            "(a scalar) or one per KV head ([num_kv_heads])"
+        )
+    values = tensor.float().reshape(shape)  # [] or [heads]
+    bad = ~(torch.isfinite(values) & (values > 0))
+    if bad.any():
+        got = values[bad].flatten()[0].item()
+        raise ValueError(f"{source}: a KV-cache scale must be positive; got {got}")
+    return KVScale(values, tuple(tensor.shape), source)
+
+
+def read_kv_cache_scales(files: list[Path]) -> dict[str, dict[str, KVScale]]:
     """{attention block prefix: {"k": scale, "v": scale}} of every KV-cache scale in the safetensors
     `files` (only the matching tensors are read)."""
-    scales: dict[str, dict[str, float]] = {}
+    scales: dict[str, dict[str, KVScale]] = {}
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open handles are not iterable)
                 target = kv_scale_target(name)
                 if target is None:
                     continue
-                tensor = f.get_tensor(name)
-                if tensor.numel() != 1:
-                    raise ValueError(
-                        f"{name} in {file.name}: a KV-cache scale of shape {tuple(tensor.shape)}; weir reads "
-                        "one scale per tensor (per-head scales are not supported)"
-                    )
-                value = float(tensor.float().item())
-                if not (math.isfinite(value) and value > 0):
-                    raise ValueError(f"{name} in {file.name}: a KV-cache scale must be positive; got {value}")
+                scale = _read_scale(f.get_tensor(name), f"{name} in {file.name}")
                 prefix, kind = target
                 entry = scales.setdefault(prefix, {})
                 for k in ("k", "v") if kind == "kv" else (kind,):
-                    entry[k] = value
+                    entry[k] = scale
     return scales
 
 
+def _rank_slice(scale: KVScale, layer: Attention) -> torch.Tensor:
+    """The layer's [num_kv_heads] scales from a checkpoint scale: a per-tensor value repeated, or this
+    rank's heads of a per-head one."""
+    values = scale.values
+    if values.dim() == 0:
+        return values.expand(layer.num_kv_heads)
+    total = layer.total_num_kv_heads
+    if values.shape[0] != total:
+        raise ValueError(
+            f"{scale.source}: a KV-cache scale of shape {scale.shape}; weir reads one scale per tensor "
+            f"(a scalar) or one per KV head ([{total}]: the model has {total} KV heads)"
+        )
+    return values[layer.kv_head_offset : layer.kv_head_offset + layer.num_kv_heads]
+
+
 def load_kv_cache_scales(model: nn.Module, files: list[Path]) -> int:
-    """Set each attention layer's `k_scale` / `v_scale` from the checkpoint (1.0 where it has none);
-    returns how many layers got a scale."""
+    """Copy the checkpoint's scales into each attention layer's `k_scale` / `v_scale` buffers (left
+    at 1.0 where it has none); returns how many layers got a scale. Layers without buffers (a cache
+    in the model's dtype) are skipped."""
     scales = read_kv_cache_scales(files)
     layers = [m for m in model.modules() if isinstance(m, Attention)]
     found = 0
     for layer in layers:
         entry = scales.pop(layer.prefix.removesuffix(".attn"), None)
-        if entry is None:
+        if entry is None or layer.k_scale is None or layer.v_scale is None:
             continue
-        layer.k_scale = entry.get("k", 1.0)
-        layer.v_scale = entry.get("v", 1.0)
+        for kind, buffer in (("k", layer.k_scale), ("v", layer.v_scale)):
+            if kind in entry:
+                buffer.copy_(_rank_slice(entry[kind], layer))  # in place: the buffer the kernels read
         found += 1
     if scales:
         raise ValueError(

@@ -138,7 +138,7 @@ def _group(q: dict) -> dict:
         (lambda q: q["config_groups"].update(group_1=_group(q)), "config_groups=['group_0', 'group_1'] is not supported (one scheme for every Linear layer)"),
         (lambda q: q.update(format="marlin-24"), "format='marlin-24' is not supported (pack-quantized or float-quantized)"),
         (lambda q: q.update(sparsity_config={"format": "sparse-bitmask"}), "sparsity_config.format='sparse-bitmask' is not supported (sparse weights)"),
-        (lambda q: q.update(kv_cache_scheme={"num_bits": 8, "type": "float", "strategy": "attn_head"}), "kv_cache_scheme.strategy='attn_head' is not supported (one scale per tensor)"),
+        (lambda q: q.update(kv_cache_scheme={"num_bits": 8, "type": "float", "strategy": "channel"}), "kv_cache_scheme.strategy='channel' is not supported (one scale per tensor or per attention head)"),
     ],
 )  # fmt: skip
 def test_unsupported_fields_are_refused_by_path(
@@ -168,9 +168,11 @@ def test_static_fp8_activation_scales_per_tensor_only(
         resolve_quantization(bad, None)
 
 
-def test_kv_cache_scheme_alone_loads_its_scales(tiny_llama_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["tensor", "attn_head"])
+def test_kv_cache_scheme_alone_loads_its_scales(tiny_llama_dir: Path, tmp_path: Path, strategy: str) -> None:
     """A checkpoint quantizing only the KV cache (kv_cache_scheme, no config_groups): float linears,
-    and with an fp8 cache the k_scale / v_scale llm-compressor wrote."""
+    and with an fp8 cache the k_scale / v_scale llm-compressor wrote: one per tensor, or with
+    `attn_head` one per KV head, shaped [num_kv_heads, 1, 1] as compressed-tensors initializes them."""
     from safetensors.torch import load_file, save_file
 
     ckpt = tmp_path / "kv"
@@ -183,24 +185,32 @@ def test_kv_cache_scheme_alone_loads_its_scales(tiny_llama_dir: Path, tmp_path: 
         "kv_cache_scheme": {
             "num_bits": 8,
             "type": "float",
-            "strategy": "tensor",
+            "strategy": strategy,
             "dynamic": False,
             "symmetric": True,
         },
     }
     (ckpt / "config.json").write_text(json.dumps(cfg))
     tensors = load_file(str(ckpt / "model.safetensors"))
+    heads = [1.0, 4.0] if strategy == "attn_head" else [1.0]  # KV head h's factor
     for i in range(2):
-        tensors[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor(0.125 * (i + 1))
-        tensors[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor(0.5)
+        k_scale = torch.tensor([0.125 * (i + 1) * f for f in heads])
+        v_scale = torch.tensor([0.5 / f for f in heads])
+        if strategy == "attn_head":
+            k_scale, v_scale = k_scale.reshape(2, 1, 1), v_scale.reshape(2, 1, 1)
+        else:
+            k_scale, v_scale = k_scale.reshape(()), v_scale.reshape(())
+        tensors[f"model.layers.{i}.self_attn.k_scale"] = k_scale
+        tensors[f"model.layers.{i}.self_attn.v_scale"] = v_scale
     save_file(tensors, str(ckpt / "model.safetensors"))
     llm = LLM(str(ckpt), device="cpu", dtype="float32", kv_cache_dtype="fp8", num_kv_blocks=16)
     assert llm.llm_engine.config.quant.method == "compressed-tensors"
     layers = llm.llm_engine.executor.runner.model.model.layers  # type: ignore[attr-defined]
-    assert [(layer.self_attn.attn.k_scale, layer.self_attn.attn.v_scale) for layer in layers] == [
-        (0.125, 0.5),
-        (0.25, 0.5),
-    ]
+    got = [(layer.self_attn.attn.k_scale.tolist(), layer.self_attn.attn.v_scale.tolist()) for layer in layers]
+    if strategy == "attn_head":
+        assert got == [([0.125, 0.5], [0.5, 0.125]), ([0.25, 1.0], [0.5, 0.125])]
+    else:
+        assert got == [([0.125, 0.125], [0.5, 0.5]), ([0.25, 0.25], [0.5, 0.5])]
     assert layers[0].mlp.down_proj.weight.dtype == torch.float32
     llm.shutdown()
 

@@ -129,7 +129,11 @@ def test_kv_scales_load_from_every_naming(
     with caplog.at_level(logging.INFO, logger="weir.engine"):
         llm = LLM(str(ckpt), device="cpu", dtype="float32", kv_cache_dtype="fp8", num_kv_blocks=32)
     layers = [layer.self_attn.attn for layer in llm.llm_engine.executor.runner.model.model.layers]  # type: ignore[attr-defined]
-    assert [(a.k_scale, a.v_scale) for a in layers] == [(0.5, 0.25), (2.0, 2.0)]
+    # per-tensor scales fill each layer's [num_kv_heads] buffers (per-head: test_fp8_kv_per_head.py)
+    assert [(a.k_scale.tolist(), a.v_scale.tolist()) for a in layers] == [
+        ([0.5] * 2, [0.25] * 2),
+        ([2.0] * 2, [2.0] * 2),
+    ]
     assert "KV-cache scales from the checkpoint: 2 layers" in caplog.text
     assert "ignored" not in caplog.text  # the scales are not reported as unknown tensors
     llm.shutdown()
@@ -144,10 +148,15 @@ def test_kv_scales_load_from_every_naming(
             "model.layers.1.self_attn.v_proj.output_scale": torch.tensor([6.0]),
         },
     )
-    for kv, expected in (("fp8_e5m2", [(3.0, 4.0), (5.0, 6.0)]), ("auto", [(1.0, 1.0), (1.0, 1.0)])):
+    for kv, expected in (("fp8_e5m2", [(3.0, 4.0), (5.0, 6.0)]), ("auto", None)):
         llm = LLM(str(ckpt), device="cpu", dtype="float32", kv_cache_dtype=kv, num_kv_blocks=32)
         layers = [layer.self_attn.attn for layer in llm.llm_engine.executor.runner.model.model.layers]  # type: ignore[attr-defined]
-        assert [(a.k_scale, a.v_scale) for a in layers] == expected
+        if expected is None:  # a cache in the model's dtype has no scales at all
+            assert all(a.k_scale is None and a.v_scale is None for a in layers)
+        else:
+            assert [(a.k_scale.tolist(), a.v_scale.tolist()) for a in layers] == [
+                ([k] * 2, [v] * 2) for k, v in expected
+            ]
         llm.shutdown()
 
 
@@ -169,16 +178,6 @@ def test_kv_scale_divides_what_the_cache_stores(tiny_llama_dir: Path, tmp_path: 
     assert plain.abs().sum() > 0
     assert not torch.equal(plain, scaled * 4)
     assert ((plain - scaled * 4).abs() <= plain.abs() / 8 + 2.0**-7).all()
-
-
-def test_per_head_kv_scale_is_refused_naming_it(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    ckpt = _with_scales(tiny_llama_dir, tmp_path / "h", {"model.layers.1.self_attn.v_scale": torch.ones(2)})
-    with pytest.raises(ValueError) as e:
-        LLM(str(ckpt), device="cpu", dtype="float32", kv_cache_dtype="fp8", num_kv_blocks=8)
-    assert str(e.value) == (
-        "model.layers.1.self_attn.v_scale in model.safetensors: a KV-cache scale of shape (2,); weir reads "
-        "one scale per tensor (per-head scales are not supported)"
-    )
 
 
 def test_e4m3_cache_on_a_gpu_without_fp8_conversions_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

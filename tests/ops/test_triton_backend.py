@@ -11,6 +11,7 @@ from tests.ops.triton_interpreter import DEVICE, in_process, only_in_subprocess,
 
 # isort: on
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -75,17 +76,38 @@ def test_triton_backend_routes_every_op_of_the_model(tiny_model_dirs: dict[str, 
     assert torch_runner.attn_backend is not None and torch_runner.attn_backend.kernels is ops.TORCH_KERNELS
 
 
+def _with_per_head_scales(src: Path, dst: Path) -> Path:
+    """`src` with per-KV-head k/v scales far apart (the tiny models have 2 KV heads, 2 layers)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    for i in range(2):
+        tensors[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor([0.0625, 3.0])
+        tensors[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor([2.0, 0.015625])
+    save_file(tensors, str(dst / "model.safetensors"))
+    return dst
+
+
 @in_process
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
-def test_model_forward_on_triton_matches_torch(tiny_model_dirs: dict[str, Path], kv_cache_dtype: str) -> None:
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8", "fp8-per-head"])
+def test_model_forward_on_triton_matches_torch(
+    tiny_model_dirs: dict[str, Path], kv_cache_dtype: str, tmp_path: Path
+) -> None:
     """Prefill in two chunks (the second attends over the cache the first wrote, through the Triton
     KV write): every position's logits match the torch backend's, with an fp8 cache too (the write is
-    the reference's bit for bit given the same K/V, which differ by float rounding between backends)."""
+    the reference's bit for bit given the same K/V, which differ by float rounding between backends),
+    and with per-KV-head scales loaded from the checkpoint."""
+    model_dir = tiny_model_dirs["qwen3"]
+    if kv_cache_dtype == "fp8-per-head":
+        model_dir, kv_cache_dtype = _with_per_head_scales(model_dir, tmp_path / "per-head"), "fp8"
     prompt = [int(t) for t in np.random.default_rng(0).integers(3, 500, size=21)]
     blocks = [5, 0]
     logits = {}
     for use_triton in (False, True):
-        runner = _runner(tiny_model_dirs["qwen3"], use_triton, kv_cache_dtype)
+        runner = _runner(model_dir, use_triton, kv_cache_dtype)
+        if model_dir != tiny_model_dirs["qwen3"]:
+            assert [a.k_scale.tolist() for a in runner.attn_layers] == [[0.0625, 3.0]] * 2
         assert runner.kv_caches[0][0].dtype == (
             torch.float8_e4m3fn if kv_cache_dtype == "fp8" else torch.float32
         )

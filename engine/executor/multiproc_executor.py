@@ -2,16 +2,22 @@
 each holding its shard of the model and of the KV cache (engine/worker/worker.py).
 
 Per step the engine pickles the compact SchedulerOutput once (new requests in full, running ones as a
-diff) and writes the same bytes to every rank's pipe; the ranks run the step together, meeting in the
-layers' collectives (NCCL on CUDA, gloo on CPU), and rank 0's ModelRunnerOutput comes back. A launch
-is one write per rank and no reply, so with async scheduling the engine launches step N+1 and then
-waits for step N's replies.
+diff) and copies the bytes into one slot of a shared-memory ring that every rank reads
+(engine/executor/shm_broadcast.py: one copy for all ranks, not one pipe write per rank); the ranks run
+the step together, meeting in the layers' collectives (NCCL on CUDA, gloo on CPU), and rank 0's
+ModelRunnerOutput comes back on its pipe. A launch is one write into the ring and no reply, so with
+async scheduling the engine launches step N+1 and then waits for step N's replies. Control calls
+(load, profile, adapters, shutdown) and a step larger than a slot keep their place in the ring as a
+marker and travel down every rank's pipe; the pipes also carry every reply.
 
 Supervision: every wait watches the workers' process sentinels and has a deadline (`timeout_s`, also
 the process group's collective timeout). A worker that dies, fails or does not answer in time makes
 every later call raise `WorkerFailedError`, which the step pipeline treats as fatal: the engine stops,
-its in-flight requests get an error, /health turns 503. shutdown() asks the workers to stop, then
-terminates and finally kills whichever remain, so no process outlives the engine.
+its in-flight requests get an error, /health turns 503. A write that finds the ring full waits for the
+lagging rank under the same deadline and fails at once if that rank has died. shutdown() asks the
+workers to stop, then terminates and finally kills whichever remain, so no process outlives the
+engine, and unlinks the ring's shared memory (after a crash of the engine process, multiprocessing's
+resource tracker unlinks it once the workers have exited).
 """
 
 from __future__ import annotations
@@ -24,13 +30,16 @@ import socket
 import threading
 import time
 import weakref
+from collections import Counter
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from engine.config import ResolvedConfig
 from engine.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from engine.executor import shm_broadcast
 from engine.executor.executor import Executor
-from engine.executor.worker_process import rebuild_exception, worker_main
+from engine.executor.shm_broadcast import BroadcastWriter, ChannelTimeout, ReaderGoneError
+from engine.executor.worker_process import STEP_CALLS, rebuild_exception, worker_main
 from engine.lora.request import LoRARequest
 
 logger = logging.getLogger("weir.engine")
@@ -39,6 +48,8 @@ logger = logging.getLogger("weir.engine")
 DEFAULT_TIMEOUT_S = float(os.environ.get("WEIR_TP_TIMEOUT_S", "300"))
 # Start-up (weights load, memory profile, graph capture) may take much longer than a step.
 STARTUP_TIMEOUT_S = float(os.environ.get("WEIR_TP_STARTUP_TIMEOUT_S", "1800"))
+# How long shutdown() waits for a free slot to ask the workers to stop before it terminates them.
+_SHUTDOWN_WRITE_S = 5.0
 
 
 class WorkerFailedError(RuntimeError):
@@ -67,12 +78,18 @@ class MultiprocExecutor(Executor):
         self._lock = threading.Lock()
         self._processes: list[multiprocessing.process.BaseProcess] = []
         self._conns: list[Connection] = []
+        # Messages sent per path ("shm": in a slot of the ring, "pipe": down every rank's pipe).
+        self.sent: Counter[str] = Counter()
         context = multiprocessing.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{free_port()}"
         log_level = logging.getLogger("weir").getEffectiveLevel()
         on_cuda = config.device.device == "cuda"
-        # Ends the workers also when the executor is dropped without shutdown() (the lists are shared).
-        self._finalizer = weakref.finalize(self, _stop_processes, self._processes, self._conns)
+        self._channel = BroadcastWriter(
+            self.world_size, slot_bytes=shm_broadcast.DEFAULT_SLOT_BYTES, context=context
+        )
+        # Ends the workers and unlinks the ring also when the executor is dropped without shutdown()
+        # (the lists are shared).
+        self._finalizer = weakref.finalize(self, _stop_processes, self._processes, self._conns, self._channel)
         try:
             for rank in range(self.world_size):
                 parent_end, child_end = context.Pipe(duplex=True)
@@ -85,6 +102,7 @@ class MultiprocExecutor(Executor):
                         init_method,
                         timeout_s,
                         child_end,
+                        self._channel.handle,
                         log_level,
                     ),
                     name=f"weir-tp{rank}",
@@ -129,12 +147,12 @@ class MultiprocExecutor(Executor):
         with self._lock:
             step_id = self._next_step_id
             self._next_step_id += 1
-            self._broadcast(("launch", (step_id, scheduler_output, previous)))
+            self._broadcast(("launch", (step_id, scheduler_output, previous)), self.timeout_s)
         return step_id
 
     def collect(self, launched: int) -> ModelRunnerOutput:
         with self._lock:
-            self._broadcast(("collect", (launched,)))
+            self._broadcast(("collect", (launched,)), self.timeout_s)
             output = self._gather(self.timeout_s, f"step {launched}")[0]
         assert isinstance(output, ModelRunnerOutput)
         return output
@@ -144,7 +162,7 @@ class MultiprocExecutor(Executor):
         # Politely only when no other thread is mid-call (else its bytes and ours could interleave).
         if self._processes and self.failed is None and self._lock.acquire(timeout=5.0):
             try:
-                self._broadcast(("shutdown", ()))
+                self._broadcast(("shutdown", ()), _SHUTDOWN_WRITE_S)
             except WorkerFailedError:
                 pass
             finally:
@@ -164,14 +182,29 @@ class MultiprocExecutor(Executor):
     # ------------------------------------------------------------------ the pipes
     def _call(self, method: str, args: tuple, timeout_s: float) -> list[Any]:
         with self._lock:
-            self._broadcast((method, args))
+            self._broadcast((method, args), timeout_s)
             return self._gather(timeout_s, method)
 
-    def _broadcast(self, message: tuple) -> None:
-        """The same bytes to every rank: the message is pickled once."""
+    def _broadcast(self, message: tuple, timeout_s: float) -> None:
+        """The same bytes to every rank, pickled once: a step's message into one slot of the ring
+        that every rank reads; a control call, or a step too large for a slot, as a marker in the
+        ring (which keeps the order) and the bytes down every rank's pipe."""
         if self.failed is not None:
             raise self.failed
+        method = message[0]
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            inline = self._channel.write(
+                data, timeout_s, inline=method in STEP_CALLS, reader_gone=self._is_dead
+            )
+        except ReaderGoneError as exc:
+            rank = exc.reader
+            raise self._fail(self._death_of(rank, grace_s=1.0) or f"rank {rank} exited") from None
+        except ChannelTimeout as exc:
+            raise self._fail(f"rank {exc.reader} did not take {method} within {timeout_s:.0f} s") from None
+        self.sent["shm" if inline else "pipe"] += 1
+        if inline:
+            return
         for rank, conn in enumerate(self._conns):
             try:
                 conn.send_bytes(data)
@@ -221,6 +254,9 @@ class MultiprocExecutor(Executor):
             raise invalid
         return [replies[rank] for rank in range(self.world_size)]
 
+    def _is_dead(self, rank: int) -> bool:
+        return not self._processes[rank].is_alive()
+
     def _death_of(self, rank: int, grace_s: float = 0.0) -> str | None:
         process = self._processes[rank]
         process.join(grace_s)
@@ -237,8 +273,13 @@ class MultiprocExecutor(Executor):
         return self.failed
 
 
-def _stop_processes(processes: list[multiprocessing.process.BaseProcess], conns: list[Connection]) -> None:
-    """Wait a little for workers asked to stop, then terminate, then kill. Empties both lists."""
+def _stop_processes(
+    processes: list[multiprocessing.process.BaseProcess],
+    conns: list[Connection],
+    channel: BroadcastWriter,
+) -> None:
+    """Wait a little for workers asked to stop, then terminate, then kill. Empties both lists and
+    unlinks the ring."""
     deadline = time.monotonic() + 10.0
     for process in processes:
         process.join(max(deadline - time.monotonic(), 0.0))
@@ -253,3 +294,4 @@ def _stop_processes(processes: list[multiprocessing.process.BaseProcess], conns:
         conn.close()
     processes.clear()
     conns.clear()
+    channel.close()

@@ -1,11 +1,15 @@
 """The main function of a tensor-parallel worker process (spawned by MultiprocExecutor).
 
-The process reads calls from its pipe, one pickled `(method, args)` per message, and runs them on its
-Worker (engine/worker/worker.py). `launch` answers nothing (the step's errors come back at its
-`collect`); every other call answers `("ok", result)` or `("error", text)`, or for an adapter the
-caller got wrong, `("invalid", the exception as data)`. It ends on "shutdown", on
-the pipe's end (the engine process is gone) or when its parent is no longer its parent, so a killed
-server leaves no worker behind.
+The process reads calls, one pickled `(method, args)` per message, in the order of the engine's
+shared-memory ring (engine/executor/shm_broadcast.py) and runs them on its Worker
+(engine/worker/worker.py): a step's `launch` and `collect` are in the ring's slot; a control call (load,
+profile, adapters, shutdown) or a step too large for a slot is a marker there, and its bytes are the
+next message on the pipe. Replies go back on the pipe. `launch` answers nothing (the step's errors come
+back at its `collect`); every other call answers `("ok", result)` or `("error", text)`, or for an
+adapter the caller got wrong, `("invalid", the exception as data)`. An idle worker sleeps on its
+semaphore of the ring. It ends on "shutdown", on the pipe's end (the engine process is gone) or when
+its parent is no longer its parent (checked every few seconds while idle), so a killed server leaves no
+worker behind.
 """
 
 from __future__ import annotations
@@ -21,10 +25,13 @@ from typing import Any
 
 from engine.config import ResolvedConfig
 from engine.errors import InvalidRequestError
+from engine.executor.shm_broadcast import BroadcastReader, ChannelHandle, ChannelTimeout
 
 # How often an idle worker checks that the engine process is still there.
 _PARENT_CHECK_S = 2.0
 _NO_REPLY = frozenset({"launch"})
+# The calls of every step: sent in the ring's slots (the others travel on the pipe).
+STEP_CALLS = frozenset({"launch", "collect"})
 # Calls whose InvalidRequestError is the caller's (no collective ran): re-raised in the engine.
 REQUEST_CALLS = frozenset({"add_lora", "remove_lora"})
 
@@ -52,6 +59,7 @@ def worker_main(
     init_method: str,
     timeout_s: float,
     conn: Connection,
+    channel: ChannelHandle,
     log_level: int,
 ) -> None:
     # Ctrl-C reaches the whole process group; the engine process decides when workers stop.
@@ -59,28 +67,52 @@ def worker_main(
     logging.basicConfig(level=log_level, format=f"%(asctime)s weir-tp{rank} %(levelname)s %(message)s")
     parent = os.getppid()
     try:
+        reader = BroadcastReader(channel, rank)
+    except BaseException:  # noqa: BLE001 - reported to the engine, which refuses to start
+        _send(conn, ("error", traceback.format_exc()))
+        return
+    try:
         from engine.worker.worker import Worker, init_distributed  # noqa: PLC0415 (imports torch)
 
         init_distributed(config, rank, device_index, init_method, timeout_s)
         worker: Any = Worker(config, rank, device_index)
     except BaseException:  # noqa: BLE001 - reported to the engine, which refuses to start
         _send(conn, ("error", traceback.format_exc()))
+        reader.close()
         return
     _send(conn, ("ok", None))
     try:
-        _serve(worker, conn, parent)
+        _serve(worker, reader, conn, parent)
     finally:
         worker.shutdown()
+        reader.close()
 
 
-def _serve(worker: Any, conn: Connection, parent: int) -> None:
-    while True:
-        try:
-            while not conn.poll(_PARENT_CHECK_S):
+def _next_message(reader: BroadcastReader, conn: Connection, parent: int) -> bytes | None:
+    """The next call's bytes, from the ring or (if the ring says so) the pipe; None once the engine
+    is gone."""
+    try:
+        while True:
+            try:
+                data = reader.read(_PARENT_CHECK_S)
+                break
+            except ChannelTimeout:
                 if os.getppid() != parent:
-                    return  # the engine process died; our parent is now init
-            message = conn.recv_bytes()
-        except (EOFError, OSError):
+                    return None  # the engine process died; our parent is now init
+        if data is not None:
+            return data
+        while not conn.poll(_PARENT_CHECK_S):
+            if os.getppid() != parent:
+                return None
+        return conn.recv_bytes()
+    except (EOFError, OSError):
+        return None
+
+
+def _serve(worker: Any, reader: BroadcastReader, conn: Connection, parent: int) -> None:
+    while True:
+        message = _next_message(reader, conn, parent)
+        if message is None:
             return
         method, args = pickle.loads(message)
         if method == "shutdown":

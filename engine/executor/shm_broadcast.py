@@ -227,6 +227,9 @@ class BroadcastReader:
         return data
 
     def close(self) -> None:
+        """Detach (the writer unlinks). Drops this end's semaphores: in the writer's process they
+        are unlinked when the last reference goes."""
         if self._shm is not None:
             self._shm.close()
             self._shm = None
+        self._ready = self._space = None

@@ -1,6 +1,7 @@
 """`weir serve --tensor-parallel-size 2 --device cpu`: the OpenAI SDK streams the same greedy text as
 the in-process tp=1 engine; a worker killed mid-stream ends the stream with an error event, turns
-/health and new requests to 503, and SIGTERM still ends the server with no process left behind."""
+/health and new requests to 503, and SIGTERM still ends the server with no process and no shared
+memory left behind."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import openai
 import pytest
 
 from engine import LLM, SamplingParams
+from engine.executor import shm_broadcast
 from tests.app.test_sigterm import ServeProcess, _stream
 
 
@@ -102,6 +104,9 @@ def test_killed_worker_fails_the_stream_then_sigterm_leaves_no_process(tp_serve:
         r = c.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 2})
         assert r.status_code == 503, r.text
 
+    # The engine's shared-memory ring (named after the server's pid) is unlinked too.
+    ring = f"{shm_broadcast.NAME_PREFIX}{tp_serve.proc.pid}-*"
+    assert len(list(Path("/dev/shm").glob(ring))) == 1
     everything = _descendants(tp_serve.proc.pid) | set(worker_pids)
     tp_serve.proc.send_signal(signal.SIGTERM)
     assert tp_serve.proc.wait(timeout=30) == 0
@@ -109,3 +114,4 @@ def test_killed_worker_fails_the_stream_then_sigterm_leaves_no_process(tp_serve:
     while any(_alive(pid) for pid in everything) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in everything if _alive(pid)], json.dumps(tp_serve.json_logs()[-5:])
+    assert list(Path("/dev/shm").glob(ring)) == []

@@ -19,12 +19,14 @@ import torch
 
 from engine import LLM, LoRARequest, SamplingParams
 from engine.errors import LoRAAdapterError
+from engine.executor import shm_broadcast
 from tests.e2e.test_parity import _prompts, hf_greedy
 from tests.tiny_models import build_model
 
 MAX_TOKENS = 20
 # 60 tokens (40 + 20) need 8 blocks of 8; 9 blocks force preemption; a 7-token budget chunks prompts.
 STRESS = dict(block_size=8, num_kv_blocks=9, max_num_batched_tokens=7)
+SMALL_SLOT_BYTES = 1024
 
 
 def _greedy() -> SamplingParams:
@@ -39,15 +41,19 @@ def one_kv_head_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir
 
 @pytest.fixture(scope="module")
 def tp_llm(one_kv_head_dir: Path) -> Iterator[LLM]:
-    llm = LLM(
-        str(one_kv_head_dir),
-        device="cpu",
-        dtype="float32",
-        tensor_parallel_size=2,
-        enable_lora=True,
-        max_lora_rank=8,
-        **STRESS,
-    )
+    # Ring slots smaller than a step with a new request in full (1.1-1.3 KB pickled here; a step of
+    # running requests is about 0.4 KB): those steps take the pipe, the others the ring, in one run.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(shm_broadcast, "DEFAULT_SLOT_BYTES", SMALL_SLOT_BYTES)
+        llm = LLM(
+            str(one_kv_head_dir),
+            device="cpu",
+            dtype="float32",
+            tensor_parallel_size=2,
+            enable_lora=True,
+            max_lora_rank=8,
+            **STRESS,
+        )
     yield llm
     llm.shutdown()
 
@@ -57,8 +63,12 @@ def test_tp2_matches_transformers_and_tp1_under_chunking_and_preemption(
 ) -> None:
     prompts = _prompts()
     expected, _ = hf_greedy(one_kv_head_dir, prompts)
+    sent = tp_llm.llm_engine.executor.sent  # type: ignore[attr-defined]
+    before = sent.copy()
     outs = tp_llm.generate(prompts, _greedy(), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected
+    # Both paths carried steps of this run (no control call ran during it).
+    assert sent["shm"] > before["shm"] and sent["pipe"] > before["pipe"], (before, sent)
     assert tp_llm.llm_engine.stats().num_preemptions > 0
     assert tp_llm.llm_engine.scheduler.kv_cache_usage == 0.0
     # Seeded sampling too: every rank draws the same ids from the same gathered logits.
@@ -123,7 +133,13 @@ def test_hung_worker_stops_the_engine_then_shutdown_leaves_no_worker(tp_llm: LLM
     assert out.outputs[0].finish_reason == "error"
     assert not executor.is_healthy
     assert "did not answer step" in str(executor.failed)  # type: ignore[attr-defined]
+    channel = executor._channel  # type: ignore[attr-defined]
+    shm_files = [
+        Path("/dev/shm") / n for n in (channel.name, *("sem." + s[1:] for s in channel.semaphore_names))
+    ]
+    assert all(p.exists() for p in shm_files)
     tp_llm.shutdown()  # kills the stopped worker too; the fixture's own shutdown is then a no-op
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+    assert [p for p in shm_files if p.exists()] == []  # the ring's memory and semaphores unlinked

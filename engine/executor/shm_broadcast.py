@@ -118,6 +118,7 @@ class BroadcastWriter:
         self._space = tuple(ctx.Semaphore(num_slots) for _ in range(num_readers))
         self._seq = 0  # the last message written
         self._broken: BaseException | None = None
+        self._all_read, self._none_read = b"\x01" * num_readers, bytes(num_readers)
 
     @property
     def handle(self) -> ChannelHandle:
@@ -147,29 +148,17 @@ class BroadcastWriter:
         assert self._shm is not None, "write after close"
         g = self.geometry
         seq = self._seq + 1
-        deadline = time.monotonic() + timeout_s
-        try:
-            for reader, space in enumerate(self._space):
-                while not space.acquire(timeout=min(poll_s, max(deadline - time.monotonic(), 0.0))):
-                    if reader_gone is not None and reader_gone(reader):
-                        raise ReaderGoneError(reader)
-                    if time.monotonic() >= deadline:
-                        raise ChannelTimeout(
-                            f"reader {reader} did not read message {seq - g.num_slots} "
-                            f"within {timeout_s:g} s (all {g.num_slots} slots full)",
-                            reader,
-                        )
-        except BaseException as exc:
-            self._broken = exc  # some readers' slots are taken and nothing was written
-            raise
+        for reader, space in enumerate(self._space):
+            if not space.acquire(False):  # the usual case takes no clock and no wait
+                self._wait_for_space(reader, seq, timeout_s, reader_gone, poll_s)
         buf = self._shm.buf
         offset = g.slot_offset(seq)
         previous, _, _ = _SLOT.unpack_from(buf, offset)
         flags = offset + _SLOT.size
-        if previous and any(b != 1 for b in buf[flags : flags + g.num_readers]):
+        if previous and buf[flags : flags + g.num_readers] != self._all_read:
             raise RuntimeError(f"slot of message {previous} reused before every reader read it")
         fits = inline and len(data) <= g.slot_bytes
-        buf[flags : flags + g.num_readers] = bytes(g.num_readers)
+        buf[flags : flags + g.num_readers] = self._none_read
         if fits:
             payload = offset + g.slot_header
             buf[payload : payload + len(data)] = data
@@ -178,6 +167,31 @@ class BroadcastWriter:
         for ready in self._ready:
             ready.release()
         return fits
+
+    def _wait_for_space(
+        self,
+        reader: int,
+        seq: int,
+        timeout_s: float,
+        reader_gone: Callable[[int], bool] | None,
+        poll_s: float,
+    ) -> None:
+        """Wait until `reader` frees the slot message `seq` goes into (backpressure)."""
+        space = self._space[reader]
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not space.acquire(timeout=min(poll_s, max(deadline - time.monotonic(), 0.0))):
+                if reader_gone is not None and reader_gone(reader):
+                    raise ReaderGoneError(reader)
+                if time.monotonic() >= deadline:
+                    raise ChannelTimeout(
+                        f"reader {reader} did not read message {seq - self.geometry.num_slots} "
+                        f"within {timeout_s:g} s (all {self.geometry.num_slots} slots full)",
+                        reader,
+                    )
+        except BaseException as exc:
+            self._broken = exc  # other readers' slots are taken and nothing was written
+            raise
 
     def close(self) -> None:
         """Unlink the segment and drop the semaphores (unlinked when their last reference goes; the

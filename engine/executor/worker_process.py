@@ -88,7 +88,7 @@ def worker_main(
         reader.close()
 
 
-def _next_message(reader: BroadcastReader, conn: Connection, parent: int) -> bytes | None:
+def next_message(reader: BroadcastReader, conn: Connection, parent: int) -> bytes | None:
     """The next call's bytes, from the ring or (if the ring says so) the pipe; None once the engine
     is gone."""
     try:
@@ -111,7 +111,7 @@ def _next_message(reader: BroadcastReader, conn: Connection, parent: int) -> byt
 
 def _serve(worker: Any, reader: BroadcastReader, conn: Connection, parent: int) -> None:
     while True:
-        message = _next_message(reader, conn, parent)
+        message = next_message(reader, conn, parent)
         if message is None:
             return
         method, args = pickle.loads(message)

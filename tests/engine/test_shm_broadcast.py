@@ -26,7 +26,7 @@ from engine.executor.shm_broadcast import (
     ChannelTimeout,
     ReaderGoneError,
 )
-from engine.executor.worker_process import _next_message
+from engine.executor.worker_process import next_message
 
 REPO = Path(__file__).resolve().parents[2]
 SPAWN = multiprocessing.get_context("spawn")
@@ -128,7 +128,7 @@ def _follow(handle: ChannelHandle, reader_index: int, conn: Connection) -> None:
     reader = BroadcastReader(handle, reader_index)
     parent = os.getppid()
     conn.send_bytes(b"attached")
-    while (message := _next_message(reader, conn, parent)) is not None:
+    while (message := next_message(reader, conn, parent)) is not None:
         conn.send_bytes(message)
     conn.send_bytes(b"gone")
 

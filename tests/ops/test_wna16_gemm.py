@@ -129,7 +129,15 @@ def wide_llama(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Pat
 
 @in_process
 @pytest.mark.parametrize(
-    "fmt", ["gptq-4bit-g32-act-order", "gptq-8bit-g-1-sym", "awq-g64", "ct-4bit-g32-asym"], ids=lambda f: f
+    "fmt",
+    [
+        "gptq-4bit-g32-act-order",
+        "gptq-8bit-g-1-sym",
+        "awq-g64",
+        "ct-4bit-g32-asym",
+        "ct-4bit-g32-asym-act-order",
+    ],
+    ids=lambda f: f,
 )
 def test_layers_in_the_kernel_layout_match_the_reference_layout(
     fmt: str, wide_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -149,7 +157,9 @@ def test_layers_in_the_kernel_layout_match_the_reference_layout(
     elif fmt.startswith("ct"):
         from tests.engine.quantization.ct_library import write_ct_library_checkpoint
 
-        quantized, _ = write_ct_library_checkpoint(wide_llama, tmp_path, 4, 32, False)
+        quantized, _ = write_ct_library_checkpoint(
+            wide_llama, tmp_path, 4, 32, False, "group" if "act-order" in fmt else None
+        )
     elif "act-order" in fmt:
         quantized, _ = write_gptq(wide_llama, tmp_path, 4, 32, True, False, "gptq_v2")
     else:

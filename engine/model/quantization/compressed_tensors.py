@@ -9,7 +9,10 @@ mapped onto weir's methods:
   (pack_to_int32(zp, bits, packed_dim=0)); w = (code - zp) * scale, both offsets cancelling. Either
   way GPTQ's reference and the same Triton kernels on CUDA (engine.model.quantization.wna16), which
   take the zero points as values. `actorder: "weight"` (alias "static") only reordered the
-  calibration: the same layout as without it.
+  calibration: the same layout as without it. `actorder: "group"` (alias "dynamic"; removed from
+  compressed-tensors in 0.20, still in the checkpoints older llm-compressor wrote): also
+  `weight_g_idx` int32 [in], the group of each input column (scale[:, g_idx[i]] for column i), read
+  as GPTQ's act order (engine.model.quantization.act_order): a load-time permutation of the input.
 - `float-quantized` FP8 weights (per tensor, per channel, or per block with `weight_scale` as the
   block scales): the fp8 method (engine.model.quantization.fp8), dynamic per-token activations.
 - `kv_cache_scheme` (8-bit float, per tensor or `attn_head`): the k/v scales engine.model.quantization.kv_cache reads
@@ -22,8 +25,7 @@ compressed_tensors.py, CompressedTensorsConfig (how a serving engine maps them).
 
 One scheme per checkpoint (one entry of config_groups, targeting Linear); `ignore` names modules kept
 in the model dtype, literally or as `re:` patterns. Anything else is refused by detect.py naming the
-field: act order by group (`actorder: "group"`, weight_g_idx), static activation scales, sparsity,
-other bit widths or strategies.
+field: static activation scales other than per tensor, sparsity, other bit widths or strategies.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch
 from torch import nn
 
 from engine.model.parameter import WeightLoader, register_weight
+from engine.model.quantization.act_order import g_idx_loader, group_order
 from engine.model.quantization.base import LinearMethodBase, QuantizationConfig
 from engine.model.quantization.common import (
     apply_weight_only,
@@ -55,12 +58,13 @@ CT_GROUP_SIZES = (32, 64, 128)
 @dataclass(frozen=True, slots=True)
 class CompressedTensorsWNA16Config(QuantizationConfig):
     """pack-quantized integer weights; group_size -1: one scale per output channel; symmetric False:
-    a zero point per scale (weight_zero_point)."""
+    a zero point per scale (weight_zero_point); act_order (actorder "group"): weight_g_idx."""
 
     bits: int
     group_size: int
     ignore: tuple[str, ...] = ()
     symmetric: bool = True
+    act_order: bool = False
     name: str = "compressed-tensors"
 
     def get_linear_method(self, layer: LinearBase, prefix: str) -> LinearMethodBase:
@@ -148,6 +152,29 @@ class CompressedTensorsWNA16Method(LinearMethodBase):
                     ),
                 },
             )
+        if cfg.act_order:
+            # [in] int32, whole on every fused shard (q/k/v share an act order); a row-parallel rank's
+            # rows, renumbered to the groups it holds
+            loader = g_idx_loader(
+                layer,
+                input_size_per_partition != input_size,
+                input_size_per_partition // group_size,
+                f"compressed-tensors layer {prefix}",
+                "act order (actorder 'group')",
+                "re-quantize with actorder 'weight'",
+            )
+            register_weight(
+                layer,
+                "weight_g_idx",
+                torch.empty(input_size_per_partition, dtype=torch.int32),
+                {
+                    "weight_loader": loader,
+                    # random weights (load_format dummy): contiguous groups
+                    "dummy_init": lambda: (
+                        torch.arange(input_size_per_partition, dtype=torch.int32) // group_size
+                    ),
+                },
+            )
         # [2] int: each checkpoint module's logical (out, in); checked, then dropped
         register_weight(
             layer,
@@ -169,8 +196,13 @@ class CompressedTensorsWNA16Method(LinearMethodBase):
             # zp + 2**(bits - 1), as packed; the mask keeps random (dummy) weights in range
             zeros = (layer.weight_zero_point.data & ((1 << bits) - 1)).float()  # [out, G]
             del layer.weight_zero_point
+        perm = g_idx = None
+        if self.config.act_order:
+            name = f"compressed-tensors layer {getattr(layer, 'prefix', '')}"
+            codes, perm, g_idx = group_order(codes, layer.weight_g_idx.data, scales.shape[1], name)
+            del layer.weight_g_idx
         del layer.weight_packed, layer.weight_scale, layer.weight_shape
-        register_weight_only(layer, codes, zeros, scales, None, None, bits)
+        register_weight_only(layer, codes, zeros, scales, perm, g_idx, bits)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return apply_weight_only(layer, x, bias)

@@ -46,8 +46,9 @@ def compressed_tensors_config(raw: dict[str, Any], source: str) -> QuantizationC
     actorder = weights.get("actorder")
     # "weight" (alias "static") only ordered the calibration: the layout is the plain one. "group"
     # (alias "dynamic", or true in older files) permutes the groups through weight_g_idx.
-    if actorder not in (None, False, "weight", "static"):
-        raise _refuse(source, f"{at}.weights.actorder", actorder, "'weight' or none, no weight_g_idx")
+    if actorder not in (None, False, "weight", "static", "group", "dynamic", True):
+        raise _refuse(source, f"{at}.weights.actorder", actorder, "'group', 'weight' or none")
+    act_order = actorder in ("group", "dynamic", True)
     symmetric = weights.get("symmetric", True) is not False
     kind, bits, strategy = weights.get("type"), weights.get("num_bits"), weights.get("strategy")
     acts = group.get("input_activations")
@@ -58,10 +59,14 @@ def compressed_tensors_config(raw: dict[str, Any], source: str) -> QuantizationC
             raise _refuse(
                 source, f"{at}.input_activations", acts, "weight-only W4A16/W8A16 when pack-quantized"
             )
+        if act_order and strategy != "group":
+            raise _refuse(
+                source, f"{at}.weights.actorder", actorder, "act order by group needs strategy 'group'"
+            )
         if strategy == "channel":
             return CompressedTensorsWNA16Config(bits, -1, ignore, symmetric)
         if strategy == "group" and weights.get("group_size") in CT_GROUP_SIZES:
-            return CompressedTensorsWNA16Config(bits, weights["group_size"], ignore, symmetric)
+            return CompressedTensorsWNA16Config(bits, weights["group_size"], ignore, symmetric, act_order)
         if strategy == "group":
             raise _refuse(source, f"{at}.weights.group_size", weights.get("group_size"), "32, 64 or 128")
         raise _refuse(source, f"{at}.weights.strategy", strategy, "group or channel when pack-quantized")
@@ -70,6 +75,8 @@ def compressed_tensors_config(raw: dict[str, Any], source: str) -> QuantizationC
             raise _refuse(source, f"{at}.weights.num_bits", bits, "float 8 (e4m3) when float-quantized")
         if not symmetric:
             raise _refuse(source, f"{at}.weights.symmetric", False, "symmetric FP8 weights (no zero points)")
+        if act_order:
+            raise _refuse(source, f"{at}.weights.actorder", actorder, "no act order by group for FP8 weights")
         static = bool(acts) and not acts.get("dynamic")
         if static and acts.get("strategy") != "tensor":
             raise _refuse(

@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from engine.model.parameter import WeightLoader, WeightShapeError, register_weight
+from engine.model.parameter import WeightLoader, register_weight
+from engine.model.quantization.act_order import g_idx_loader, group_order
 from engine.model.quantization.base import LinearMethodBase, QuantizationConfig
 from engine.model.quantization.common import (
     apply_weight_only,
     is_skipped,
     register_weight_only,
-    same_on_every_shard_loader,
     unpacking_loader,
 )
 from engine.model.quantization.packing import pack_factor, unpack_cols, unpack_rows
@@ -128,16 +128,20 @@ class GPTQLinearMethod(LinearMethodBase):
         )
         # [in] int32, whole on every fused shard (q/k/v share an act order); a row-parallel rank's
         # rows, renumbered to the groups it holds
-        if input_size_per_partition != input_size:
-            g_idx_loader = _row_shard_g_idx_loader(layer, groups if cfg.group_size != -1 else 0, prefix)
-        else:
-            g_idx_loader = same_on_every_shard_loader(f"g_idx of {prefix}")
+        loader = g_idx_loader(
+            layer,
+            input_size_per_partition != input_size,
+            groups if cfg.group_size != -1 else 0,
+            f"GPTQ layer {prefix}",
+            "act order (desc_act)",
+            "re-quantize without desc_act",
+        )
         register_weight(
             layer,
             "g_idx",
             torch.empty(input_size_per_partition, dtype=torch.int32),
             {
-                "weight_loader": g_idx_loader,
+                "weight_loader": loader,
                 # random weights (load_format dummy): contiguous groups, as without act order
                 "dummy_init": lambda: torch.arange(input_size_per_partition, dtype=torch.int32) // group_size,
             },
@@ -149,64 +153,23 @@ class GPTQLinearMethod(LinearMethodBase):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         cfg = self.config
         prefix = getattr(layer, "prefix", "")
-        codes = unpack_rows(layer.qweight.data, cfg.bits)  # [in, out] uint8
-        groups = layer.scales.shape[0]
-        g_idx = layer.g_idx.data.to(torch.int64)  # [in]
-        if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
-            raise ValueError(
-                f"GPTQ layer {prefix}: g_idx holds groups in [{int(g_idx.min())}, {int(g_idx.max())}], "
-                f"outside the {groups} groups its scales have (corrupt or mismatched checkpoint)"
-            )
+        codes = unpack_rows(layer.qweight.data, cfg.bits).t()  # [out, in] uint8
         mask = (1 << cfg.bits) - 1
         zeros = (layer.qzeros.data & mask).float() + (1.0 if cfg.checkpoint_format == "gptq" else 0.0)
         scales = layer.scales.data.float()  # [G, out]
-        in_features = codes.shape[0]
-        group_size = in_features // groups
-        contiguous = torch.arange(in_features, device=g_idx.device) // group_size
-        perm = None
-        if not torch.equal(g_idx, contiguous) and bool(
-            (torch.bincount(g_idx, minlength=groups) == group_size).all()
-        ):
-            # Act order with full groups (as GPTQ writes it): sort the input columns by group once,
-            # here, so the groups are contiguous; each call then gathers x's columns ([tokens, in])
-            # instead of the scales and zeros ([out, in]).
-            perm = torch.argsort(g_idx, stable=True)  # [in]
-            codes = codes[perm]
-            g_idx = contiguous
+        codes, perm, g_idx = group_order(codes, layer.g_idx.data, scales.shape[0], f"GPTQ layer {prefix}")
         del layer.qweight, layer.qzeros, layer.scales, layer.g_idx
         register_weight_only(
             layer,
-            codes.t().contiguous(),  # [out, in] uint8, in perm order
+            codes.contiguous(),  # [out, in] uint8, in perm order
             zeros.t().contiguous(),  # [out, G] float32
             scales.t().contiguous(),  # [out, G] float32
             perm,  # None: the input order is the checkpoint's
             # None: groups are contiguous, and dequantize reshapes instead of gathering (else: uneven
             # act-order groups, gathered per call)
-            None if torch.equal(g_idx, contiguous) else g_idx,
+            g_idx,
             cfg.bits,
         )
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return apply_weight_only(layer, x, bias)
-
-
-def _row_shard_g_idx_loader(layer: nn.Module, groups: int, prefix: str) -> WeightLoader:
-    """g_idx of a row-parallel layer split over ranks: this rank's input rows, whose groups must be the
-    `groups` it holds (scales and zeros are split by group; 0: one group for all, on every rank). Act order (desc_act) scatters a rank's rows
-    over every group: refused, as the scales would have to be whole on every rank."""
-
-    def load(param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
-        del shard_id
-        rows = param.shape[0]
-        if loaded_weight.shape != (rows * layer.tp_size,):
-            raise WeightShapeError((rows * layer.tp_size,), tuple(loaded_weight.shape))
-        local = loaded_weight.narrow(0, layer.tp_rank * rows, rows).to(torch.int32) - layer.tp_rank * groups
-        if local.numel() and (int(local.min()) < 0 or int(local.max()) >= max(groups, 1)):
-            raise ValueError(
-                f"GPTQ layer {prefix}: act order (desc_act) checkpoints cannot be split over "
-                f"tensor_parallel_size {layer.tp_size} (a rank's input rows use other ranks' groups); "
-                "serve it with tensor_parallel_size 1 or re-quantize without desc_act"
-            )
-        param.data.copy_(local)
-
-    return load

@@ -76,9 +76,11 @@ def test_compressed_tensors_greedy_parity_with_transformers(wide_llama_dir: Path
 
 
 # (bits, group_size, symmetric, actorder): zero points per group and per channel, at 4 and 8 bits;
-# symmetric and actorder "weight" (calibration order only) through the same library writer.
+# symmetric, actorder "weight" (calibration order only) and "group" (weight_g_idx) through the same
+# library writer.
 LIBRARY_SCHEMES = [(4, 32, False, None), (4, 128, False, None), (8, -1, False, None), (8, 64, False, None),
-                   (4, 64, True, None), (4, 32, False, "weight")]  # fmt: skip
+                   (4, 64, True, None), (4, 32, False, "weight"), (4, 32, False, "group"),
+                   (8, 64, True, "group")]  # fmt: skip
 
 
 def _library_checkpoint(src: Path, root: Path, bits: int, group: int, sym: bool, order: str | None) -> tuple[Path, Path]:  # fmt: skip
@@ -94,24 +96,29 @@ def test_library_written_checkpoints_load_exactly_its_dequantized_weights(
 ) -> None:
     """Reference: compressed-tensors' PackedQuantizationCompressor.decompress (compressors/
     pack_quantized/base.py), which unpacks weight_packed and weight_zero_point (helpers.py
-    unpack_from_int32) and computes (q - zp) * scale (quantization/lifecycle/forward.py dequantize)."""
+    unpack_from_int32) and computes (q - zp) * scale (quantization/lifecycle/forward.py dequantize);
+    for actorder "group", on the columns in activation order (ct_library.py)."""
     quantized, reference = _library_checkpoint(wide_llama_dir, ct_root, bits, group_size, symmetric, actorder)
     method, _, resolved = resolve_quantization(quantized, None)
     assert (method, resolved) == (
         "compressed-tensors",
-        CompressedTensorsWNA16Config(bits, group_size, ("lm_head",), symmetric),
+        CompressedTensorsWNA16Config(bits, group_size, ("lm_head",), symmetric, actorder == "group"),
     )
     model = load_quantized(quantized, resolved)
     assert assert_weights_match_reference(model, reference) == 2 * 4
+    qkv = model.model.layers[0].self_attn.qkv_proj
     if not symmetric:  # the zero points are the checkpoint's, not the symmetric offset
-        zeros = model.model.layers[0].self_attn.qkv_proj.zeros  # [out, G]
-        assert len(zeros.unique()) > 1
+        assert len(qkv.zeros.unique()) > 1
+    # act order by group: the input columns permuted once at load, the groups contiguous
+    assert (qkv.perm is not None, qkv.g_idx) == (actorder == "group", None)
 
 
-def test_asymmetric_greedy_parity_with_transformers(wide_llama_dir: Path, ct_root: Path) -> None:
-    assert_parity(
-        *_library_checkpoint(wide_llama_dir, ct_root, 4, 32, False, None), "default", "compressed-tensors"
-    )
+@pytest.mark.parametrize("actorder", [None, "group"])
+def test_asymmetric_greedy_parity_with_transformers(
+    wide_llama_dir: Path, ct_root: Path, actorder: str | None
+) -> None:
+    checkpoint = _library_checkpoint(wide_llama_dir, ct_root, 4, 32, False, actorder)
+    assert_parity(*checkpoint, "default", "compressed-tensors")
 
 
 def _with_quant(src: Path, dst: Path, edit: object) -> Path:
@@ -129,8 +136,7 @@ def _group(q: dict) -> dict:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda q: _group(q)["weights"].update(actorder="group"), "config_groups.group_0.weights.actorder='group' is not supported ('weight' or none, no weight_g_idx)"),
-        (lambda q: _group(q)["weights"].update(actorder=True), "config_groups.group_0.weights.actorder=True is not supported ('weight' or none, no weight_g_idx)"),
+        (lambda q: _group(q)["weights"].update(actorder="column"), "config_groups.group_0.weights.actorder='column' is not supported ('group', 'weight' or none)"),
         (lambda q: _group(q)["weights"].update(dynamic=True), "config_groups.group_0.weights.dynamic=True is not supported (static weights from the checkpoint)"),
         (lambda q: _group(q)["weights"].update(group_size=16), "config_groups.group_0.weights.group_size=16 is not supported (32, 64 or 128)"),
         (lambda q: _group(q)["weights"].update(num_bits=2), "config_groups.group_0.weights.num_bits=2 is not supported (int 4 or 8 when pack-quantized)"),
@@ -215,13 +221,22 @@ def test_kv_cache_scheme_alone_loads_its_scales(tiny_llama_dir: Path, tmp_path: 
     llm.shutdown()
 
 
-def test_asymmetric_fp8_weights_are_refused(wide_llama_dir: Path, ct_root: Path, tmp_path: Path) -> None:
-    """Zero points are read for pack-quantized integers only; FP8 weights with them are refused."""
-    quantized, _ = _checkpoint(wide_llama_dir, ct_root, "fp8-channel")
-    bad = _with_quant(quantized, tmp_path / "asym", lambda q: _group(q)["weights"].update(symmetric=False))
+@pytest.mark.parametrize(
+    ("scheme", "field", "value", "message"),
+    [
+        ("fp8-channel", "symmetric", False, "symmetric=False is not supported (symmetric FP8 weights (no zero points))"),
+        ("fp8-channel", "actorder", "group", "actorder='group' is not supported (no act order by group for FP8 weights)"),
+        ("w8a16-channel", "actorder", "group", "actorder='group' is not supported (act order by group needs strategy 'group')"),
+    ],
+)  # fmt: skip
+def test_zero_points_and_act_order_elsewhere_are_refused(
+    wide_llama_dir: Path, ct_root: Path, tmp_path: Path, scheme: str, field: str, value: object, message: str
+) -> None:
+    """Zero points and weight_g_idx are read for pack-quantized integers in groups only."""
+    quantized, _ = _checkpoint(wide_llama_dir, ct_root, scheme)
+    bad = _with_quant(quantized, tmp_path / "bad", lambda q: _group(q)["weights"].update({field: value}))
     with pytest.raises(ValueError) as e:
         resolve_quantization(bad, None)
-    assert str(e.value) == (
-        f"{bad / 'config.json'} quantization_config: config_groups.group_0.weights.symmetric=False "
-        "is not supported (symmetric FP8 weights (no zero points))"
+    assert (
+        str(e.value) == f"{bad / 'config.json'} quantization_config: config_groups.group_0.weights.{message}"
     )

@@ -1,8 +1,9 @@
 """Quantized checkpoints split over tensor-parallel ranks: each rank's model, built alone, dequantizes to
 exactly its slice of the reference weights (GPTQ with and without groups, AWQ, FP8 per tensor, per
 channel and in blocks, compressed-tensors with zero points per group and per channel, written by the
-compressed-tensors library: its zero points split like its scales); what cannot be split (GPTQ act order on a row-parallel layer, groups or blocks
-larger than a rank's input slice) is refused naming the layer. The forward over these shards is the
+compressed-tensors library: its zero points split like its scales); what cannot be split (GPTQ or
+compressed-tensors act order on a row-parallel layer, groups or blocks larger than a rank's input
+slice) is refused naming the layer. The forward over these shards is the
 unquantized one's (tests/e2e/test_tensor_parallel.py): only the weights differ."""
 
 from __future__ import annotations
@@ -99,6 +100,13 @@ def test_what_cannot_be_split_is_refused(wide_llama_dir: Path, tmp_path: Path) -
     with pytest.raises(
         ValueError,
         match=r"layers\.0\.\S+: act order \(desc_act\) checkpoints cannot be split over tensor_parallel_size 2",
+    ):
+        _load_rank(quantized, 1)
+    quantized, _ = write_ct_library_checkpoint(wide_llama_dir, tmp_path / "ct-act", 4, 32, False, "group")
+    with pytest.raises(
+        ValueError,
+        match=r"compressed-tensors layer model\.layers\.0\.\S+: act order \(actorder 'group'\) checkpoints "
+        r"cannot be split over tensor_parallel_size 2 .*re-quantize with actorder 'weight'",
     ):
         _load_rank(quantized, 1)
     # o_proj's input per rank is 64: a 128-wide group would straddle the ranks.

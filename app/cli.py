@@ -8,6 +8,7 @@ the precedence. The engine's options are generated from `EngineConfig`'s fields.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -102,8 +103,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def serve(flags: dict, startup: StartupPhases | None = None) -> int:
-    """`startup`: the recorder of start-up's phases, to which the engine and the server add theirs."""
-    startup = startup or StartupPhases()
+    """`startup`: the recorder of start-up's phases, to which the engine and the server add theirs.
+
+    The cyclic garbage collector is off during start-up: torch, transformers and the model make
+    millions of objects that live as long as the process, and each automatic full collection walked
+    all of them again (seconds, all told). The server collects once when it starts serving
+    (app.runner.freeze_startup_objects), which turns the collector back on.
+    """
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _serve(flags, startup or StartupPhases())
+    finally:
+        if gc_was_enabled:
+            gc.enable()  # where start-up stopped before serving (an in-process caller's collector)
+
+
+def _serve(flags: dict, startup: StartupPhases) -> int:
     flags = {k: v for k, v in flags.items() if k != "command"}
     config_phase = startup.begin("config")
     try:

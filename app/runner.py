@@ -107,10 +107,12 @@ def freeze_startup_objects() -> None:
     while serving, and that stops the event loop (every stream) and the engine's worker thread for
     as long: a few hundred milliseconds with just the tokenizer loaded (loadtest/profile_serving.py).
     Frozen, a full collection only walks what serving allocated since. The collect first frees
-    start-up garbage instead of freezing it.
+    start-up garbage instead of freezing it. `weir serve` starts up with the collector off
+    (app/cli.py); it is on from here.
     """
     gc.collect()
     gc.freeze()
+    gc.enable()
 
 
 def make_server(app: Starlette, cfg: ServerConfig, freeze_gc: bool = False) -> WeirServer:

@@ -6,6 +6,7 @@ The real engine's side (outputs equal to the offline LLM's) is tests/app/test_lo
 
 from __future__ import annotations
 
+import gc
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -332,3 +333,4 @@ def test_weir_serve_exits_1_with_the_adapter_error_as_its_last_line(
         "weir serve: error: lora_modules: LoRA adapter 'big': r: rank 32 is above max_lora_rank 16 "
         "(raise --max-lora-rank)"
     )
+    assert gc.isenabled()  # start-up turns the collector off; a failed one gives it back

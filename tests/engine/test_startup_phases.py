@@ -3,8 +3,10 @@ the phase around it, so the phases sum to at most the total and `other` is the r
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +97,41 @@ def test_process_start_is_before_now() -> None:
         return
     assert started is not None
     assert 0.0 <= time.perf_counter() - started < 3600.0
+
+
+def test_a_tokenizer_that_cannot_load_is_the_error_even_beside_broken_weights(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """The tokenizer loads beside the model (on its own thread); when both fail, the tokenizer's
+    error is the one raised, as when it loaded first."""
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+
+    shutil.copy(tiny_llama_dir / "config.json", tmp_path / "config.json")  # no tokenizer files
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    config = EngineConfig(model=str(tmp_path), device="cpu", dtype="float32", num_kv_blocks=16)
+    with pytest.raises(ValueError, match=rf"^cannot load a tokenizer from '{tmp_path}': "):
+        LLMEngine(config)
+
+
+def test_engine_phases_on_cpu(tiny_llama_dir: Path) -> None:
+    """An engine built alone records its own phases: the tokenizer is waited for (if at all) after
+    the model is ready, and CPU captures no CUDA graphs."""
+    from transformers import AutoTokenizer
+
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(
+        EngineConfig(model=str(tiny_llama_dir), device="cpu", dtype="float32", num_kv_blocks=16)
+    )
+    try:
+        seconds = dict(engine.startup_phases.seconds)  # unrounded: 16 blocks take microseconds
+        tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+        assert engine.tokenizer.encode("Hello there") == tokenizer.encode("Hello there")  # the model's
+    finally:
+        engine.shutdown()
+    for name in ("config", "model_build", "weights", "kv_cache"):
+        assert seconds[name] > 0, name
+    assert seconds["tokenizer"] >= 0 and seconds["cuda_graphs"] == 0.0
+    assert seconds["imports"] == seconds["warmup"] == seconds["server"] == 0.0  # not the engine's

@@ -147,6 +147,53 @@ def import_times() -> dict[str, float] | None:
         return None
 
 
+# What `weir serve` imports before it serves, and what its tokenizer's first load imports, with the
+# collector off as in `weir serve` (app/cli.py).
+_IMPORT_PROFILE = """
+import gc, sys
+gc.disable()
+import app.cli, app.logging, app.startup, engine.async_engine, app.runner, app.server
+from engine.inputs.tokenizer import load_tokenizer
+load_tokenizer(sys.argv[1])
+"""
+
+
+def import_profile(model_dir: str, top: int = 25) -> dict[str, Any] | None:
+    """`python -X importtime` of `_IMPORT_PROFILE` in a fresh interpreter: the seconds of its top-level
+    imports, and the modules with the most cumulative and the most self time (with their depth in the
+    import tree, 0 = imported by the script itself), to show which imports the start-up's "imports"
+    and "tokenizer" phases are made of."""
+    try:
+        err = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", _IMPORT_PROFILE, model_dir],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        ).stderr
+    except (OSError, subprocess.SubprocessError):
+        return None
+    rows = []  # (module, depth, self µs, cumulative µs)
+    for line in err.splitlines():
+        m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)", line)
+        if m:
+            rows.append((m.group(4), (len(m.group(3)) - 1) // 2, int(m.group(1)), int(m.group(2))))
+    if not rows:
+        return None
+
+    def listed(key: int) -> list[list[Any]]:
+        best = sorted(rows, key=lambda r: r[key], reverse=True)[:top]
+        return [[name, depth, round(r[key] / 1e6, 3)] for r in best for name, depth in [(r[0], r[1])]]
+
+    return {
+        "total_s": round(sum(r[3] for r in rows if r[1] == 0) / 1e6, 3),
+        "modules": len(rows),
+        "top_cumulative_s": listed(3),  # [module, depth, seconds]
+        "top_self_s": listed(2),
+    }
+
+
 def _timed_classes() -> list[type]:
     """ModelRunner, plus any engine class whose name says it runs or captures (a CUDA-graph runner may
     live in its own module)."""
@@ -349,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_imports:
         with phase(report, "imports", required=False):
             report["results"]["imports_s"] = import_times()
+            report["results"]["import_profile"] = import_profile(str(model.model_dir))
     if not args.no_split:
         with phase(report, "split", required=False):
             kwargs = engine_kwargs(args, model, max_model_len=mml)

@@ -34,7 +34,7 @@ from engine.executor.factory import create_executor
 from engine.executor.step_loop_times import StepLoopTimes
 from engine.executor.step_pipeline import StepPipeline
 from engine.inputs.input_processor import EngineRequest, InputProcessor
-from engine.inputs.tokenizer import load_tokenizer
+from engine.inputs.tokenizer import TokenizerLoad
 from engine.lora.request import LoRARequest
 from engine.outputs.output_processor import OutputProcessor
 from engine.outputs.request_output import RequestOutput
@@ -54,24 +54,37 @@ class LLMEngine:
         self.startup_phases = phases = startup_phases or StartupPhases(start)
         with phases.phase("config"):
             resolved = config.resolve() if isinstance(config, EngineConfig) else config
-        with phases.phase("tokenizer"):
-            self.tokenizer = load_tokenizer(resolved.load.tokenizer)
-        with phases.phase("model_build"):  # what the runner does not time as weights is building
-            self.executor: Executor = create_executor(resolved)
-            try:
-                timings = self.executor.startup_timings()
-            except BaseException:
-                self.executor.shutdown()
-                raise
-            phases.add("weights", timings.get("weights_load_s", 0.0))
+        # The tokenizer loads on a thread of its own while the model is built, loaded and profiled;
+        # start-up waits for it ("tokenizer") only where it is slower. On CUDA it is waited for
+        # before the CUDA graphs are captured, so that nothing else runs while they are.
+        tokenizer_load = TokenizerLoad(resolved.load.tokenizer)
+        on_cuda = resolved.device.device == "cuda"
+        executor: Executor | None = None
         try:
+            with phases.phase("model_build"):  # what the runner does not time as weights is building
+                executor = create_executor(resolved)
+                phases.add("weights", executor.startup_timings().get("weights_load_s", 0.0))
             with phases.phase("kv_cache"):  # the capture of the CUDA graphs runs inside
-                num_blocks = self.executor.determine_num_kv_blocks()
-                self.executor.initialize_kv_cache(num_blocks)
-                phases.add("cuda_graphs", self.executor.startup_timings().get("cuda_graph_capture_s", 0.0))
-        except BaseException:
-            self.executor.shutdown()  # worker processes must not outlive a failed start
+                num_blocks = executor.determine_num_kv_blocks()
+                if on_cuda:
+                    with phases.phase("tokenizer"):
+                        self.tokenizer = tokenizer_load.result()
+                executor.initialize_kv_cache(num_blocks)
+                phases.add("cuda_graphs", executor.startup_timings().get("cuda_graph_capture_s", 0.0))
+            if not on_cuda:
+                with phases.phase("tokenizer"):
+                    self.tokenizer = tokenizer_load.result()
+        except BaseException as exc:
+            if executor is not None:
+                executor.shutdown()  # worker processes must not outlive a failed start
+            if isinstance(exc, Exception):
+                # A tokenizer that cannot load is the error reported, as when it loaded first.
+                tokenizer_error = tokenizer_load.exception()
+                if tokenizer_error is not None and tokenizer_error is not exc:
+                    raise tokenizer_error from tokenizer_error.__cause__
             raise
+        self.executor: Executor = executor
+        logger.info("tokenizer loaded in %.2fs, beside the model", tokenizer_load.seconds)
         # The one write after resolution: the cache's size (and max_model_len capped to it).
         self.config = config = resolved.with_num_kv_blocks(num_blocks)
         self.model_config = config.model

@@ -7,7 +7,7 @@ The end-to-end figures come from the server subprocess (timed from spawn), and s
 the server's own "startup phases" log line (engine/startup_phases.py: wall seconds from its process's
 start to listening, per phase), recorded as results.startup_phases. A second split comes from the same
 start-up repeated in this process with the model runner's set-up methods timed (whatever their names:
-load, KV profile/allocation, capture/graph/warm-up), the engine's own attributes read defensively, the
+load, KV profile/allocation, capture/graph/warm-up), the engine's own phases and attributes, the
 timings the server logged, and the import times measured in a fresh interpreter.
 """
 
@@ -253,14 +253,9 @@ def timed_startup(model: Any, kwargs: dict[str, Any], prompt: list[int], max_tok
             ):
                 originals.append((cls, name, fn))
                 setattr(cls, name, wrap(f"{cls.__name__}.{name}", fn))
-    import engine.llm_engine as llm_engine_module
-
-    tokenizer_loader = llm_engine_module.load_tokenizer
-    llm_engine_module.load_tokenizer = wrap("load_tokenizer", tokenizer_loader)  # type: ignore[assignment]
     try:
         llm, build_s = build_llm(model, kwargs)
     finally:
-        llm_engine_module.load_tokenizer = tokenizer_loader  # type: ignore[assignment]
         for cls, name, fn in originals:
             setattr(cls, name, fn)
     try:
@@ -273,6 +268,9 @@ def timed_startup(model: Any, kwargs: dict[str, Any], prompt: list[int], max_tok
         # The runner's own start-up split, where it keeps one (weights_load_s, profile_s, kv_alloc_s, ...).
         runner_timings = getattr(runner, "timings", None)
         memory_profile = getattr(runner, "memory_profile", None)
+        # The engine's own phases (engine/startup_phases.py); its tokenizer loads on a thread of its
+        # own, so what start-up waited for it is its "tokenizer" phase.
+        phases = engine.startup_phases.report()
     finally:
         free_engine(llm)
     split = {
@@ -292,7 +290,8 @@ def timed_startup(model: Any, kwargs: dict[str, Any], prompt: list[int], max_tok
             else:
                 split[bucket] += c["s"] - c["graphs_inside"]
                 split["cuda_graphs"] += c["graphs_inside"]
-    split["rest (config, scheduler, imports)"] = build_s - sum(top.values())
+    split["tokenizer"] = phases["tokenizer_s"]
+    split["rest (config, scheduler, imports)"] = build_s - sum(top.values()) - split["tokenizer"]
     nested = [
         {"method": c["method"], "depth": c["depth"], "s": round(c["s"], 4)} for c in calls if c["depth"]
     ]
@@ -304,6 +303,7 @@ def timed_startup(model: Any, kwargs: dict[str, Any], prompt: list[int], max_tok
         "engine_attributes": attrs,
         "runner_timings": _numbers(runner_timings),
         "memory_profile_gib": _numbers(memory_profile),
+        "engine_startup_phases": phases,
         "first_request_s": round(first_s, 4),
     }
 
@@ -317,8 +317,6 @@ def _numbers(d: Any) -> dict[str, float] | None:
 def _category(method: str) -> str:
     """One bucket per timed method, by its name (first match wins)."""
     method = method.rsplit(".", 1)[-1].lower()
-    if method == "load_tokenizer":
-        return "tokenizer"
     if "capture" in method or "graph" in method:
         return "cuda_graphs"
     if "kv" in method or "profile" in method or "alloc" in method:

@@ -1,0 +1,167 @@
+"""The model runner's KV-cache set-up, in the order the engine calls it: size the cache
+(`determine_num_kv_blocks`: config, CPU budget or a CUDA memory profile of the largest step the
+scheduler may send), allocate and bind it to the attention layers (`initialize_kv_cache`), then capture
+the CUDA graphs over it (their static inputs hold the caches' addresses, so they come after).
+
+A mixin of engine.worker.model_runner.ModelRunner: it reads the runner's configuration, model and
+attention layers, and runs its step-building and forward methods for the profile.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import numpy as np
+import torch
+
+from engine.worker.attention_metadata import eager_forward
+from engine.worker.cuda_graphs import CUDAGraphRunner, pad_decode_batch
+from engine.worker.memory_profile import (
+    choose_num_kv_blocks,
+    kv_block_bytes,
+    profile_graph_pool_bytes,
+    profile_kv_cache_bytes,
+    profile_seq_lens,
+    worst_case_sampling_rows,
+)
+from engine.worker.sampler import build_sampling_metadata
+
+
+class KVCacheSetup:
+    """Mixed into ModelRunner, whose __init__ sets every attribute used here."""
+
+    @property
+    def bytes_per_kv_block(self) -> int:
+        """K and V of one block across every layer."""
+        cfg = self.model_config
+        num_kv_heads = self.attn_layers[0].num_kv_heads if self.attn_layers else cfg.num_kv_heads
+        return kv_block_bytes(
+            cfg.num_layers, self.block_size, num_kv_heads, cfg.head_dim, self.kv_cache_dtype
+        )
+
+    def determine_num_kv_blocks(self) -> int:
+        """config.num_kv_blocks if set; on CPU from cpu_kv_cache_gb; on CUDA from a profile forward
+        (engine.worker.memory_profile)."""
+        start = time.perf_counter()
+        num_blocks = choose_num_kv_blocks(
+            self.config.cache,
+            self.device,
+            self.block_size,
+            self.bytes_per_kv_block,
+            self._profile_num_kv_blocks,
+        )
+        self.timings["profile_s"] = time.perf_counter() - start
+        return num_blocks
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        """Allocate the KV cache, then capture the CUDA graphs over it (CUDA, unless enforce_eager)."""
+        start = time.perf_counter()
+        self._allocate_kv_cache(num_blocks)
+        self._sync()
+        self.timings["kv_alloc_s"] = time.perf_counter() - start
+        self.capture_cuda_graphs()
+
+    def _allocate_kv_cache(self, num_blocks: int) -> None:
+        """Per-layer K and V caches in the attention backend's shape and dtype ([num_blocks, block_size,
+        num_kv_heads, head_dim] for both backends today), bound to the attention layers. Zero-filled so
+        kernels never read NaN garbage from unused slots."""
+        self.graph_runner = None  # graphs hold the old caches' addresses
+        self.kv_caches = []
+        backend = self.attn_backend
+        assert backend is not None, "load_model() first"
+        for layer in self.attn_layers:
+            shape = backend.kv_cache_shape(num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+            k_cache = torch.zeros(shape, dtype=backend.kv_cache_dtype, device=self.device)
+            v_cache = torch.zeros(shape, dtype=backend.kv_cache_dtype, device=self.device)
+            layer.k_cache, layer.v_cache = k_cache, v_cache
+            self.kv_caches.append((k_cache, v_cache))
+        self.num_kv_blocks = num_blocks
+
+    def capture_cuda_graphs(self, emulate: bool = False) -> None:
+        """Capture decode graphs for every size of the ladder (no-op without CUDA or with enforce_eager).
+
+        `emulate=True` builds the same static-buffer path with eager replays, on any device (tests).
+        """
+        if not (self.use_cuda_graphs or emulate) or not self.kv_caches:
+            return
+        sizes = self.cuda_graph_sizes()
+        assert self.model is not None, "load_model() first"
+        if self.lora is not None:
+            self.lora.batch.active = True  # graphs always run the LoRA kernels (slot -1: no-ops)
+        graph_runner = CUDAGraphRunner(
+            functools.partial(eager_forward, self.model),
+            sizes,
+            device=self.device,
+            block_table_width=self.max_blocks_per_seq,
+            max_seq_len=self.max_model_len,
+            staging=self._staging,
+            emulate=emulate,
+            mixed_sizes=self.cuda_graph_mixed_sizes(),
+        )
+        graph_runner.capture()
+        self.graph_runner = graph_runner
+        self.timings["cuda_graph_capture_s"] = graph_runner.capture_seconds
+
+    @torch.inference_mode()
+    def _profile_num_kv_blocks(self) -> int:
+        """Run the largest step the scheduler may send (max_num_batched_tokens, plus logits and every
+        sampler stage for up to max_num_seqs rows) and the largest captured decode batch on a temporary
+        cache under the memory profile; give the KV cache the rest of total * gpu_memory_utilization."""
+        num_tokens = self.max_num_batched_tokens
+        seq_lens = profile_seq_lens(num_tokens, self.max_model_len)
+        blocks_per_seq = [-(-n // self.block_size) for n in seq_lens]
+        num_blocks = sum(blocks_per_seq)
+
+        def allocate_temp_cache() -> int:
+            self._allocate_kv_cache(num_blocks)
+            return num_blocks * self.bytes_per_kv_block
+
+        def peak_step() -> None:
+            block_ids = iter(range(num_blocks))
+            token_ids = [[0] * n for n in seq_lens]
+            tables = [[next(block_ids) for _ in range(b)] for b in blocks_per_seq]
+            num_rows = min(self.max_num_seqs, num_tokens)
+            step = self._build_inputs(
+                token_ids, [0] * len(seq_lens), seq_lens, tables, np.arange(num_tokens - num_rows, num_tokens)
+            )
+            hidden = self._forward(step.input_ids, step.positions, step.metadata)
+            logits = self.compute_logits(hidden[step.logits_indices])
+            rows = worst_case_sampling_rows(num_rows)
+            self.sampler(
+                logits, build_sampling_metadata(rows, vocab_size=self.vocab_size, device=self.device)
+            )
+
+        def free_temp_cache() -> None:
+            for layer in self.attn_layers:
+                layer.k_cache = layer.v_cache = None
+            self.kv_caches = []
+            self.num_kv_blocks = 0
+
+        available, self.memory_profile = profile_kv_cache_bytes(
+            self.device,
+            self.config.cache.gpu_memory_utilization,
+            num_tokens,
+            allocate_temp_cache,
+            peak_step,
+            self._profile_cuda_graph_bytes if self.use_cuda_graphs else None,
+            free_temp_cache,
+        )
+        return max(int(available // self.bytes_per_kv_block), 0)
+
+    def _profile_cuda_graph_bytes(self) -> int:
+        """The graph pool estimate (memory_profile.profile_graph_pool_bytes), from an eager forward of
+        the largest captured decode batch on the profile's temporary cache (padding rows only)."""
+        sizes = self.cuda_graph_sizes()
+
+        def largest_decode_forward() -> None:
+            empty = np.zeros(0, dtype=np.int64)
+            arrays = pad_decode_batch(
+                empty, empty, empty, empty.astype(np.int32), np.zeros((0, 1), np.int32), sizes[-1]
+            )
+            step = self._step_inputs(arrays, np.zeros(0, dtype=np.int64), max_seq_len=self.max_model_len)
+            self._forward(step.input_ids, step.positions, step.metadata)
+
+        return profile_graph_pool_bytes(
+            self.device, largest_decode_forward, sizes, self.cuda_graph_mixed_sizes(), self.max_blocks_per_seq
+        )

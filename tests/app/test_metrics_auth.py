@@ -179,7 +179,8 @@ def test_startup_phase_gauges(client: httpx.Client, server: LiveServer) -> None:
     assert all(seconds >= 0 for seconds in phases.values()), phases
     assert sum(phases.values()) <= total + 0.001 * len(phases)  # each figure rounded to the ms
     # What this engine did before serving took time (the tokenizer loads beside the model: waiting
-    # for it may take none); CPU captures no CUDA graphs.
-    for name in ("config", "model_build", "weights", "kv_cache", "warmup", "server"):
+    # for it may take none; this fixture's settings are resolved by the test, so config can round to
+    # 0 ms); CPU captures no CUDA graphs.
+    for name in ("model_build", "weights", "kv_cache", "warmup", "server"):
         assert phases[name] > 0, name
     assert phases["cuda_graphs"] == 0.0

@@ -143,3 +143,37 @@ def test_hung_worker_stops_the_engine_then_shutdown_leaves_no_worker(tp_llm: LLM
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert [p for p in shm_files if p.exists()] == []  # the ring's memory and semaphores unlinked
+
+
+def test_tp2_fp8_cache_with_per_head_scales_matches_tp1(tmp_path: Path, tiny_tokenizer_dir: Path) -> None:
+    """4 KV heads over 2 ranks, an e4m3 cache with per-head scales: KV heads 0-1 (rank 0) at 1e-3,
+    which saturates them, heads 2-3 (rank 1) at 1.0. tp=2 gives tp=1's tokens; tp=1 with the two
+    halves swapped, which is what a rank reading the other rank's scales would do, does not."""
+    import json
+
+    from tests.engine.quantization.test_fp8_kv_cache import _with_scales
+
+    base = build_model(
+        "llama", tmp_path / "llama-4kv", tiny_tokenizer_dir, num_attention_heads=8, num_key_value_heads=4
+    )
+    num_layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
+
+    def per_head(k: list[float], name: str) -> Path:
+        scales = {}
+        for i in range(num_layers):
+            scales[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor(k)
+            scales[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor(k[::-1])
+        return _with_scales(base, tmp_path / name, scales)
+
+    ckpt = per_head([1e-3, 1e-3, 1.0, 1.0], "per-head")
+    swapped = per_head([1.0, 1.0, 1e-3, 1e-3], "swapped")
+    prompts = _prompts()[:3]
+    common = dict(device="cpu", dtype="float32", kv_cache_dtype="fp8", num_kv_blocks=64, block_size=8)
+
+    def greedy_ids(model_dir: Path, tp: int) -> list[list[int]]:
+        with LLM(str(model_dir), tensor_parallel_size=tp, **common) as llm:
+            return [o.outputs[0].token_ids for o in llm.generate(prompts, _greedy(), use_tqdm=False)]
+
+    tp1 = greedy_ids(ckpt, 1)
+    assert greedy_ids(ckpt, 2) == tp1
+    assert greedy_ids(swapped, 1) != tp1

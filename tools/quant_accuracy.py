@@ -28,6 +28,7 @@ from pathlib import Path
 from engine import LLM, SamplingParams
 from engine.inputs.tokenizer import load_tokenizer
 from tests.engine.quantization.checkpoints import write_awq, write_fp8, write_gptq, write_squeezellm
+from tests.engine.quantization.ct_library import write_ct_library_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "engine" / "default_model"
@@ -108,6 +109,15 @@ def main() -> None:
         rows.append(
             ("SqueezeLLM 4-bit (quantile tables)", write_squeezellm(DEFAULT_MODEL, root / "g")[0], {})
         )
+        for symmetric in (True, False):
+            rows.append(
+                (
+                    f"compressed-tensors W4A16 per channel, {'sym' if symmetric else 'asym'} (RTN by the "
+                    "compressed-tensors package)",
+                    write_ct_library_checkpoint(DEFAULT_MODEL, root / f"ct-{symmetric}", 4, -1, symmetric)[0],
+                    {},
+                )
+            )
         rows.append(("FP8 e4m3 KV cache (unquantized weights)", DEFAULT_MODEL, {"kv_cache_dtype": "fp8"}))
         rows.append(
             ("FP8 e5m2 KV cache (unquantized weights)", DEFAULT_MODEL, {"kv_cache_dtype": "fp8_e5m2"})

@@ -24,9 +24,12 @@ from safetensors.torch import load_file, save_file
 
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
-from engine.inputs.tokenizer import load_tokenizer
-
-DEFAULT_MODEL = Path(__file__).resolve().parents[3] / "engine" / "default_model"
+from tests.engine.quantization.fp8_kv_agreement import (
+    DEFAULT_MODEL,
+    assert_close_to_float32_cache,
+    held_out_window,
+    score_and_generate,
+)
 
 
 def test_kv_cache_dtype_values() -> None:
@@ -71,37 +74,9 @@ def test_fp8_kv_generation_stays_close_to_the_model_dtype_cache() -> None:
     prompts give the same 16 tokens and the fifth diverges at its 8th token, the tokens before any
     divergence within 0.11 in log p. Asserted with margin: mean <= 0.06, max <= 1.0; >= 4 of 5 prompts
     identical, every prompt's first 5 tokens identical, drift before divergence <= 0.3."""
-    from tools.quant_accuracy import held_out_text
-
-    window = load_tokenizer(str(DEFAULT_MODEL)).encode(held_out_text())[:128]
-    prompts = [
-        "The json module",
-        "Return a new dictionary",
-        "If the argument is a string,",
-        "This function raises ValueError when",
-        "Create a new path object",
-    ]
-    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=0)
-    scored, generated = {}, {}
-    for kv in ("auto", "fp8"):
-        llm = LLM(str(DEFAULT_MODEL), device="cpu", dtype="float32", kv_cache_dtype=kv, cpu_kv_cache_gb=0.05)
-        (out,) = llm.generate([window], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
-        scored[kv] = [out.prompt_logprobs[p][window[p]].logprob for p in range(1, len(window))]
-        generated[kv] = [
-            (o.outputs[0].token_ids, [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)])
-            for o in llm.generate(prompts, greedy, use_tqdm=False)
-        ]  # fmt: skip
-        llm.shutdown()
-    drift = [abs(a - b) for a, b in zip(scored["auto"], scored["fp8"], strict=True)]
-    assert sum(drift) / len(drift) <= 0.06 and max(drift) <= 1.0
-    assert sum(drift) > 0  # the cache really is fp8
-    identical = 0
-    for (ref_ids, ref_lp), (ids8, lp8) in zip(generated["auto"], generated["fp8"], strict=True):
-        first = next((i for i, (a, b) in enumerate(zip(ref_ids, ids8, strict=True)) if a != b), len(ref_ids))
-        identical += first == len(ref_ids)
-        assert first >= 5
-        assert max(abs(a - b) for a, b in zip(ref_lp[:first], lp8[:first], strict=True)) <= 0.3
-    assert identical >= 4
+    window = held_out_window()
+    reference = score_and_generate(DEFAULT_MODEL, "auto", window)
+    assert_close_to_float32_cache(reference, score_and_generate(DEFAULT_MODEL, "fp8", window))
 
 
 def _with_scales(src: Path, dst: Path, scales: dict[str, torch.Tensor]) -> Path:

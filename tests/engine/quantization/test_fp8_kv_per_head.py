@@ -19,13 +19,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine import LLM, SamplingParams
-from engine.inputs.tokenizer import load_tokenizer
 from engine.model.build_context import BuildContext
 from engine.model.layers.attention_backend import TorchAttentionBackend
 from engine.model.models.llama import LlamaForCausalLM
 from engine.model.quantization.kv_cache import load_kv_cache_scales
 from engine.model_config import ModelConfig
-from tests.engine.quantization.test_fp8_kv_cache import DEFAULT_MODEL, _with_scales
+from tests.engine.quantization.fp8_kv_agreement import (
+    DEFAULT_MODEL,
+    assert_close_to_float32_cache,
+    held_out_window,
+    mean_drift,
+    score_and_generate,
+)
+from tests.engine.quantization.test_fp8_kv_cache import _with_scales
 
 PROMPT = [5, 9, 14, 200, 31, 7, 88, 3]
 
@@ -186,45 +192,16 @@ def test_per_head_generation_stays_close_to_the_float32_cache(tmp_path: Path) ->
     cache: teacher-forced log p drift mean <= 0.06, max <= 1.0; >= 4 of 5 greedy prompts identical,
     every prompt's first 5 tokens identical, drift before divergence <= 0.3. The same checkpoint with
     one scale of 1.0 for every head does not."""
-    from tools.quant_accuracy import held_out_text
-
     ckpt = _scaled_heads_checkpoint(tmp_path / "scaled", 256.0, 1 / 64)
-    window = load_tokenizer(str(DEFAULT_MODEL)).encode(held_out_text())[:128]
-    prompts = [
-        "The json module",
-        "Return a new dictionary",
-        "If the argument is a string,",
-        "This function raises ValueError when",
-        "Create a new path object",
-    ]
-    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=0)
+    window = held_out_window()
     per_head = {}
     for i in range(5):
         per_head[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor([1.0, 256.0])
         per_head[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor([1.0, 1 / 64])
-    runs = {"auto": (ckpt, "auto"), "per-head": (_with_scales(ckpt, tmp_path / "ph", per_head), "fp8")}
-    runs["per-tensor"] = (ckpt, "fp8")
-    scored, generated = {}, {}
-    for name, (model_dir, kv) in runs.items():
-        llm = LLM(str(model_dir), device="cpu", dtype="float32", kv_cache_dtype=kv, cpu_kv_cache_gb=0.05)
-        (out,) = llm.generate([window], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
-        scored[name] = [out.prompt_logprobs[p][window[p]].logprob for p in range(1, len(window))]
-        if name != "per-tensor":
-            generated[name] = [
-                (o.outputs[0].token_ids, [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)])
-                for o in llm.generate(prompts, greedy, use_tqdm=False)
-            ]  # fmt: skip
-        llm.shutdown()
-    drift = [abs(a - b) for a, b in zip(scored["auto"], scored["per-head"], strict=True)]
-    assert sum(drift) / len(drift) <= 0.06 and max(drift) <= 1.0
-    assert sum(drift) > 0  # the cache really is fp8
-    identical = 0
-    for (ref_ids, ref_lp), (ids8, lp8) in zip(generated["auto"], generated["per-head"], strict=True):
-        first = next((i for i, (a, b) in enumerate(zip(ref_ids, ids8, strict=True)) if a != b), len(ref_ids))
-        identical += first == len(ref_ids)
-        assert first >= 5
-        assert max(abs(a - b) for a, b in zip(ref_lp[:first], lp8[:first], strict=True)) <= 0.3
-    assert identical >= 4
+    reference = score_and_generate(ckpt, "auto", window)
+    assert_close_to_float32_cache(
+        reference, score_and_generate(_with_scales(ckpt, tmp_path / "ph", per_head), "fp8", window)
+    )
     # one scale of 1.0 for both heads: head 1's keys saturate, and log p moves far past the bound
-    tensor_drift = [abs(a - b) for a, b in zip(scored["auto"], scored["per-tensor"], strict=True)]
-    assert sum(tensor_drift) / len(tensor_drift) > 0.06
+    per_tensor, _ = score_and_generate(ckpt, "fp8", window, generate=False)
+    assert mean_drift(reference[0], per_tensor) > 0.06

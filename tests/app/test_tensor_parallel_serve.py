@@ -21,6 +21,7 @@ import pytest
 from engine import LLM, SamplingParams
 from engine.executor import shm_broadcast
 from tests.app.test_sigterm import ServeProcess, _stream
+from tests.process_state import pid_alive
 
 
 def _descendants(pid: int) -> set[int]:
@@ -41,14 +42,6 @@ def _descendants(pid: int) -> set[int]:
             found.add(child)
             todo.append(child)
     return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +104,7 @@ def test_killed_worker_fails_the_stream_then_sigterm_leaves_no_process(tp_serve:
     tp_serve.proc.send_signal(signal.SIGTERM)
     assert tp_serve.proc.wait(timeout=30) == 0
     deadline = time.monotonic() + 10  # multiprocessing's resource tracker exits once its pipe closes
-    while any(_alive(pid) for pid in everything) and time.monotonic() < deadline:
+    while any(pid_alive(pid) for pid in everything) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not [pid for pid in everything if _alive(pid)], json.dumps(tp_serve.json_logs()[-5:])
+    assert not [pid for pid in everything if pid_alive(pid)], json.dumps(tp_serve.json_logs()[-5:])
     assert list(Path("/dev/shm").glob(ring)) == []

@@ -27,6 +27,7 @@ from engine.executor.shm_broadcast import (
     ReaderGoneError,
 )
 from engine.executor.worker_process import next_message
+from tests.process_state import pid_alive
 
 REPO = Path(__file__).resolve().parents[2]
 SPAWN = multiprocessing.get_context("spawn")
@@ -196,15 +197,7 @@ def test_a_killed_writer_process_leaves_no_shared_memory_and_its_reader_exits() 
     # The reader notices within its parent check (2 s); the resource tracker then unlinks what the
     # killed engine held.
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and (_pid_alive(int(reader_pid)) or any(p.exists() for p in files)):
+    while time.monotonic() < deadline and (pid_alive(int(reader_pid)) or any(p.exists() for p in files)):
         time.sleep(0.1)
-    assert not _pid_alive(int(reader_pid)), "the reader outlived its engine"
+    assert not pid_alive(int(reader_pid)), "the reader outlived its engine"
     assert [p for p in files if p.exists()] == []
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"

@@ -66,8 +66,7 @@ class StartupPhases:
     def begin(self, name: str) -> Span | None:
         """Open a phase; `end` it in the reverse order of opening. None once start-up has finished
         (a second app over the same engine is not a start-up)."""
-        if name not in self.seconds:
-            raise ValueError(f"unknown start-up phase {name!r}; the phases are {', '.join(PHASES)}")
+        self._known(name)
         if self.finished:
             return None
         span = Span(name, time.perf_counter())
@@ -96,14 +95,17 @@ class StartupPhases:
     def add(self, name: str, seconds: float) -> None:
         """Seconds of a phase measured elsewhere (a worker's timings), nested in the open phase: they
         move from it to `name`."""
-        if name not in self.seconds:
-            raise ValueError(f"unknown start-up phase {name!r}; the phases are {', '.join(PHASES)}")
+        self._known(name)
         if self.finished or seconds <= 0:
             return
         if self._open:
             seconds = min(seconds, time.perf_counter() - self._open[-1].start - self._open[-1].nested)
             self._open[-1].nested += seconds
         self.seconds[name] += seconds
+
+    def _known(self, name: str) -> None:
+        if name not in self.seconds:
+            raise ValueError(f"unknown start-up phase {name!r}; the phases are {', '.join(PHASES)}")
 
     def finish(self) -> dict[str, float]:
         """Start-up is over (the server listens): close what is open, fix the total, return report()."""

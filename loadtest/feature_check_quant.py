@@ -183,24 +183,13 @@ def quantized_checkpoints(device: str, time_limit_s: float = 330.0) -> None:
 
 
 # ------------------------------------------------------------------------------------------ e. FP8 KV cache
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "engine" / "default_model"
-FP8_PROMPTS = [
-    "The json module",
-    "Return a new dictionary",
-    "If the argument is a string,",
-    "This function raises ValueError when",
-    "Create a new path object",
-]
-
-
 def fp8_kv_agreement(device: str) -> None:
-    """test_fp8_kv_generation_stays_close_to_the_model_dtype_cache on the device, with graphs: teacher-
+    """tests/engine/quantization/fp8_kv_agreement.py's run on the device, with graphs: teacher-
     forced log p drift mean <= 0.06, max <= 1.0; >= 4 of 5 greedy prompts identical, every prompt's
     first 5 tokens identical, log p drift before divergence <= 0.3."""
-    from engine.inputs.tokenizer import load_tokenizer
-    from tools.quant_accuracy import held_out_text
+    from tests.engine.quantization.fp8_kv_agreement import DEFAULT_MODEL, PROMPTS, held_out_window
 
-    window = load_tokenizer(str(DEFAULT_MODEL)).encode(held_out_text())[:128]
+    window = held_out_window()
     greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=0)
     scored, generated, blocks = {}, {}, {}
     for kv in ("auto", "fp8"):
@@ -217,7 +206,7 @@ def fp8_kv_agreement(device: str) -> None:
         (out,) = llm.generate([window], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
         scored[kv] = [out.prompt_logprobs[p][window[p]].logprob for p in range(1, len(window))]
         generated[kv] = []
-        for o in llm.generate(FP8_PROMPTS, greedy, use_tqdm=False):
+        for o in llm.generate(PROMPTS, greedy, use_tqdm=False):
             c = o.outputs[0]
             generated[kv].append(
                 (list(c.token_ids), [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids, strict=True)])

@@ -7,11 +7,13 @@ Two decisions, both pure functions of python values so they are testable without
 on every CUDA-graph replay:
 - `use_wna16_kernels(...)`, once per layer at load: kernel layout or the reference's;
 - `plan_wna16(num_tokens, in_features, out_features, group_size, num_sms)`, per call (cached per
-  shape): a fused GEMM launch shape, or "dequant" (dequantize the weight, then cuBLAS) for large
-  batches. Batches of 1-16 tokens read every weight byte once and do little math, so the GEMM splits
-  K until the grid holds about four programs per SM; 17-255 tokens tile M as well; from 256 tokens
-  the matmul is compute-bound and cuBLAS on the dequantized weight wins (vLLM's AWQ takes the same
-  turn at 256 tokens).
+  shape): the GEMV (ops/triton/wna16_gemv.py) for 1-4 tokens, a fused GEMM launch shape, or "dequant"
+  (dequantize the weight, then cuBLAS) for large batches. Decode batches read every weight byte once
+  and do little math: up to 4 tokens the GEMV (no tensor-core tile, codes converted without a
+  conversion instruction, split-K summed in the same launch), 5-16 the GEMM with one 16-row tile,
+  splitting K until the grid holds about four programs per SM; 17-255 tokens tile M as well; from 256
+  tokens the matmul is compute-bound and cuBLAS on the dequantized weight wins (vLLM's AWQ takes the
+  same turn at 256 tokens).
 
 Kernel layout on the layer (replacing codes/zeros/scales): `qweight` int32 [in / pf, out],
 `scales` and `zeros` float16 [groups, out] (exact: fp16 scales, integer zeros), `perm` (act order,
@@ -30,14 +32,16 @@ from torch import nn
 from engine.model.quantization.packing import pack_rows
 
 DEQUANT_MIN_TOKENS = 256  # from here on: dequantize, then cuBLAS
+GEMV_MAX_TOKENS = 4  # up to here: the GEMV (ops.triton.wna16_gemv.MAX_GEMV_TOKENS)
 SMALL_BATCH = 16  # up to here: one 16-row tile of M, split-K
 _PROGRAMS_PER_SM = 4
+_GEMV_PROGRAMS_PER_SM = 2
 _MIN_K_PER_SPLIT = 256  # fewer rows per split and the partials' traffic and sum stop paying
 
 
 @dataclass(frozen=True, slots=True)
 class WNA16Launch:
-    path: str  # "gemm" (fused kernel) | "dequant" (dequantize, then cuBLAS)
+    path: str  # "gemv" | "gemm" (fused kernel) | "dequant" (dequantize, then cuBLAS)
     block_m: int = 16
     block_n: int = 64
     block_k: int = 64
@@ -66,11 +70,16 @@ def use_wna16_kernels(
 
 
 def plan_wna16(
-    num_tokens: int, in_features: int, out_features: int, group_size: int, num_sms: int
+    num_tokens: int, in_features: int, out_features: int, group_size: int, num_sms: int, gemv: bool = True
 ) -> WNA16Launch:
-    """The launch for a [num_tokens, in_features] x [in_features, out_features] weight-only matmul."""
+    """The launch for a [num_tokens, in_features] x [in_features, out_features] weight-only matmul.
+    gemv=False: no GEMV path (SqueezeLLM's lookup tables run the GEMM at every small batch)."""
     if num_tokens >= DEQUANT_MIN_TOKENS:
         return WNA16Launch("dequant")
+    if gemv and num_tokens <= GEMV_MAX_TOKENS:
+        plan = plan_wna16_gemv(in_features, out_features, group_size, num_sms)
+        if plan is not None:
+            return plan
     if num_tokens <= SMALL_BATCH:
         block_m, block_n, block_k = 16, 64, 128
     else:
@@ -91,13 +100,34 @@ def plan_wna16(
     return WNA16Launch("gemm", block_m, block_n, block_k, split_k)
 
 
+def plan_wna16_gemv(in_features: int, out_features: int, group_size: int, num_sms: int) -> WNA16Launch | None:
+    """The GEMV's launch: 64-word column tiles (256-byte rows of words), tiles of up to 128 rows of K
+    inside one group, and K split until the grid holds about two programs per SM while each split
+    still streams at least 512 rows. None when no tile of 32 rows or more fits the groups."""
+    block_n, block_k = 64, 128
+    while group_size % block_k and block_k > 32:
+        block_k //= 2  # groups of 32 or 64
+    if group_size % block_k:
+        return None
+    tiles = -(-out_features // block_n)
+    split_k = 1
+    while tiles * split_k * 2 <= _GEMV_PROGRAMS_PER_SM * num_sms and in_features // (split_k * 2) >= 512:
+        split_k *= 2
+    return WNA16Launch("gemv", 1, block_n, block_k, split_k, num_warps=4, num_stages=3)
+
+
 @functools.cache
 def _plan(
-    num_tokens: int, in_features: int, out_features: int, group_size: int, device_index: int
+    num_tokens: int,
+    in_features: int,
+    out_features: int,
+    group_size: int,
+    device_index: int,
+    gemv: bool = True,
 ) -> WNA16Launch:
     # a CPU tensor (the Triton interpreter, tests): an H100's 132 SMs
     sms = torch.cuda.get_device_properties(device_index).multi_processor_count if device_index >= 0 else 132
-    return plan_wna16(num_tokens, in_features, out_features, group_size, sms)
+    return plan_wna16(num_tokens, in_features, out_features, group_size, sms, gemv)
 
 
 def triton_wna16_available() -> bool:
@@ -126,6 +156,7 @@ def register_kernel_layout(
 def apply_wna16(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x w + b through the Triton kernels: [..., in] -> [..., out]."""
     from ops.triton.wna16_gemm import wna16_dequantize, wna16_gemm  # noqa: PLC0415
+    from ops.triton.wna16_gemv import wna16_gemv  # noqa: PLC0415
 
     bits = layer.wna16_bits
     qweight = layer.qweight  # [in / pf, out]
@@ -138,6 +169,11 @@ def apply_wna16(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) ->
     if launch.path == "dequant":
         w = wna16_dequantize(qweight, layer.scales, layer.zeros, bits, group_size, x.dtype)  # [in, out]
         out = torch.matmul(x2, w)
+    elif launch.path == "gemv":
+        out = wna16_gemv(
+            x2.contiguous(), qweight, layer.scales, layer.zeros, bits, group_size,
+            launch.block_n, launch.block_k, launch.split_k, launch.num_warps, launch.num_stages,
+        )  # fmt: skip
     else:
         out = wna16_gemm(
             x2, qweight, layer.scales, layer.zeros, bits, group_size,
@@ -168,7 +204,7 @@ def apply_lut(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> t
     qweight, table = layer.qweight, layer.lookup_table
     in_features, out_features = qweight.shape[0] * 8, qweight.shape[1]
     x2 = x.reshape(-1, in_features)  # [tokens, in]
-    launch = _plan(x2.shape[0], in_features, out_features, in_features, x.get_device())
+    launch = _plan(x2.shape[0], in_features, out_features, in_features, x.get_device(), gemv=False)
     if launch.path == "dequant":
         out = torch.matmul(x2, lut_dequantize(qweight, table, 4, x.dtype))  # [in, out] weights
     else:

@@ -28,7 +28,21 @@ def test_kernels_on_cuda_only_for_layouts_they_read() -> None:
     assert not use_wna16_kernels("cuda", True, False, 4, 4096, 6148)  # N not 16-byte rows
 
 
-@pytest.mark.parametrize("num_tokens", [1, 8, 16])
+@pytest.mark.parametrize("num_tokens", [1, 2, 4])
+def test_decode_batches_take_the_gemv_split_to_fill_the_gpu(num_tokens: int) -> None:
+    plans = {name: plan_wna16(num_tokens, k, n, 128, H100_SMS) for name, (k, n) in LLAMA3_8B.items()}
+    assert {name: p.split_k for name, p in plans.items()} == {"qkv": 2, "o": 4, "gate_up": 1, "down": 4}
+    for name, p in plans.items():
+        k, n = LLAMA3_8B[name]
+        assert (p.path, p.block_n, p.block_k) == ("gemv", 64, 128)
+        programs = -(-n // p.block_n) * p.split_k
+        assert H100_SMS <= programs <= 4 * H100_SMS, name
+        assert k // p.split_k >= 512
+    # SqueezeLLM's tables have no GEMV: the GEMM at batch 1
+    assert plan_wna16(1, 4096, 4096, 4096, H100_SMS, gemv=False).path == "gemm"
+
+
+@pytest.mark.parametrize("num_tokens", [5, 8, 16])
 def test_small_batches_split_k_to_fill_the_gpu(num_tokens: int) -> None:
     plans = {name: plan_wna16(num_tokens, k, n, 128, H100_SMS) for name, (k, n) in LLAMA3_8B.items()}
     assert {name: p.split_k for name, p in plans.items()} == {"qkv": 4, "o": 8, "gate_up": 1, "down": 8}

@@ -1,0 +1,152 @@
+"""Launch-shape sweep of the decode GEMVs (ops/triton/wna16_gemv.py, fp8_gemv.py) at a model's four
+linear shapes, against bf16 torch.matmul and the W4A16 dot kernel's planned launch, in one GPU call.
+
+    python loadtest/sweep_gemv.py --shape llama3-8b --out sweep.json
+
+Timing as Q5 (loadtest/gpu_timing.py): CUDA-graph replays cycling through enough weight copies to
+miss L2. Each configuration is also checked against dequantize + matmul on the first copy (a wrong
+answer, e.g. a split-K race, is reported and the configuration never wins). The result names the best
+launch per shape and batch; engine.model.quantization's planners take their tables from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from loadtest.gpu_timing import copies_past_l2, graph_ms  # noqa: E402
+from loadtest.model_shapes import SHAPES  # noqa: E402
+
+W4_GRID = {"block_n": (32, 64, 128), "block_k": (64, 128), "split_k": (1, 2, 4, 8), "num_warps": (4, 8)}
+FP8_GRID = {"block_n": (16, 32), "block_k": (256, 512), "split_k": (1, 2, 4, 8), "num_warps": (4, 8)}
+
+
+def _grid(grid: dict[str, tuple[int, ...]]) -> list[dict[str, int]]:
+    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def _rel_err(out: Any, expected: Any) -> float:
+    return float((out.float() - expected.float()).norm() / expected.float().norm())
+
+
+def sweep_shape(name: str, k: int, n: int, bandwidth: float, ms: tuple[int, ...]) -> dict[str, Any]:
+    import torch
+
+    from engine.model.quantization.fp8 import quantize_per_channel
+    from engine.model.quantization.wna16 import plan_wna16
+    from ops.triton.fp8_gemv import fp8_gemv
+    from ops.triton.wna16_gemm import wna16_dequantize, wna16_gemm
+    from ops.triton.wna16_gemv import wna16_gemv
+
+    group = 128
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w4 = [
+        (
+            torch.randint(-(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda", generator=gen),
+            (torch.rand(k // group, n, device="cuda", generator=gen) * 1e-3).half(),
+            torch.full((k // group, n), 8.0, device="cuda").half(),
+        )
+        for _ in range(copies_past_l2(k * n // 2))
+    ]  # [(qweight [K/8, N], scales [G, N], zeros [G, N])]
+    fp8 = [
+        quantize_per_channel(torch.randn(n, k, device="cuda", generator=gen))
+        for _ in range(copies_past_l2(k * n))
+    ]  # [(weight [N, K] fp8, scale [N])]
+    dense = [
+        torch.randn(k, n, device="cuda", dtype=torch.bfloat16, generator=gen)
+        for _ in range(copies_past_l2(k * n * 2))
+    ]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    result: dict[str, Any] = {"k": k, "n": n, "group_size": group}
+    for m in ms:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+        row: dict[str, Any] = {}
+        bf16_ms = graph_ms([functools.partial(torch.matmul, x, w) for w in dense])
+        row["bf16"] = {"us": round(bf16_ms * 1e3, 2), "bw": round(k * n * 2 / (bf16_ms / 1e3) / bandwidth, 3)}
+        w4_bytes = k * n // 2 + 2 * (k // group) * n * 2
+        ref_w4 = x.float() @ wna16_dequantize(*w4[0], 4, group, torch.float32)
+        plan = plan_wna16(m, k, n, group, sms)
+        dot_ms = graph_ms(
+            [
+                functools.partial(
+                    wna16_gemm,
+                    x,
+                    *q,
+                    4,
+                    group,
+                    plan.block_m,
+                    plan.block_n,
+                    plan.block_k,
+                    plan.split_k,
+                    plan.num_warps,
+                    plan.num_stages,
+                )  # fmt: skip
+                for q in w4
+            ]
+        )
+        row["w4_dot_plan"] = {
+            "us": round(dot_ms * 1e3, 2),
+            "bw": round(w4_bytes / (dot_ms / 1e3) / bandwidth, 3),
+        }
+        row["w4_gemv"] = []
+        for cfg in _grid(W4_GRID):
+            err = _rel_err(wna16_gemv(x, *w4[0], 4, group, **cfg), ref_w4)
+            t = graph_ms([functools.partial(wna16_gemv, x, *q, 4, group, **cfg) for q in w4])
+            row["w4_gemv"].append({**cfg, "us": round(t * 1e3, 2), "bw": round(w4_bytes / (t / 1e3) / bandwidth, 3),
+                                   "err": round(err, 5)})  # fmt: skip
+        ref_fp8 = x.float() @ (fp8[0][0].float() * fp8[0][1][:, None]).t()
+        row["fp8_gemv"] = []
+        for cfg in _grid(FP8_GRID):
+            err = _rel_err(fp8_gemv(x, *fp8[0], **cfg), ref_fp8)
+            t = graph_ms([functools.partial(fp8_gemv, x, w, s, **cfg) for w, s in fp8])
+            row["fp8_gemv"].append({**cfg, "us": round(t * 1e3, 2), "bw": round(k * n / (t / 1e3) / bandwidth, 3),
+                                    "err": round(err, 5)})  # fmt: skip
+        for key in ("w4_gemv", "fp8_gemv"):
+            good = [r for r in row[key] if r["err"] < 2e-2]
+            row[f"{key}_best"] = min(good, key=lambda r: r["us"]) if good else None
+            row[f"{key}_wrong"] = [r for r in row[key] if r["err"] >= 2e-2]
+        result[f"m{m}"] = row
+        print(
+            f"[sweep] {name} {k}x{n} m={m}: bf16 {row['bf16']} dot {row['w4_dot_plan']} "
+            f"w4 {row['w4_gemv_best']} fp8 {row['fp8_gemv_best']} wrong {len(row['w4_gemv_wrong'])}+{len(row['fp8_gemv_wrong'])}",
+            flush=True,
+        )
+    del w4, fp8, dense
+    torch.cuda.empty_cache()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    p.add_argument("--batches", default="1,4", help="token counts to sweep (each <= 4)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    import torch
+
+    from loadtest.common import measure_copy_bandwidth
+
+    config = SHAPES[args.shape]
+    h, inter = config["hidden_size"], config["intermediate_size"]
+    kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
+    shapes = {"qkv": (h, h + 2 * kv), "o": (h, h), "gate_up": (h, 2 * inter), "down": (inter, h)}
+    bandwidth = measure_copy_bandwidth("cuda")["bytes_per_s"]
+    report: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "copy_bandwidth_gbs": round(bandwidth / 1e9),
+                              "shape": args.shape}  # fmt: skip
+    ms = tuple(int(b) for b in args.batches.split(","))
+    for name, (k, n) in shapes.items():
+        report[name] = sweep_shape(name, k, n, bandwidth, ms)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -164,6 +164,10 @@ ENGINE_HELP: dict[str, str] = {
     "one worker process per rank (README: Tensor parallelism). It must divide the attention heads.",
     "distributed_executor_backend": "Where tensor-parallel workers run: mp (processes on this node) or "
     "ray (actors on a Ray cluster, pip install weir[ray]).",
+    "tp_broadcast_slots": "Slots of the shared-memory ring that carries each step to the tensor-parallel worker "
+    "processes (mp backend); the engine runs at most this many messages ahead of the slowest rank.",
+    "tp_broadcast_slot_bytes": "Bytes of one slot of that ring (the ring takes slots x this in /dev/shm). A step's "
+    "message larger than a slot goes down every worker's pipe instead (slower; logged once).",
 }
 
 

@@ -29,6 +29,10 @@ VALID_SCHEDULING_POLICIES = ("fcfs", "fair")
 # engine.model.quantization.detect.QUANTIZATION_METHODS
 VALID_QUANTIZATIONS = ("gptq", "awq", "fp8", "squeezellm", "compressed-tensors")
 VALID_EXECUTOR_BACKENDS = ("mp", "ray")
+# Bounds of the tensor-parallel broadcast ring: its header stores both in 32 bits, and the whole ring
+# lives in /dev/shm (checked against its free space when the executor starts).
+MAX_TP_BROADCAST_SLOTS = 4096
+MAX_TP_BROADCAST_SLOT_BYTES = 1 << 30
 # kv_cache_dtype -> the caches' torch dtype name (auto: the model's). "fp8" is e4m3, as in vLLM.
 KV_CACHE_DTYPES = {
     "auto": None,
@@ -95,6 +99,11 @@ class EngineConfig:
     # ranks, one worker process per rank ("mp", one node) or one Ray actor per GPU ("ray", a cluster).
     tensor_parallel_size: int = 1
     distributed_executor_backend: str = "mp"
+    # The "mp" backend's per-step broadcast (engine/executor/shm_broadcast.py): a shared-memory ring of
+    # this many slots of this many bytes. A step's message larger than a slot goes down every rank's
+    # pipe instead (logged once); the writer waits for a rank that lags by all the slots.
+    tp_broadcast_slots: int = 16
+    tp_broadcast_slot_bytes: int = 256 * 1024
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -140,6 +149,8 @@ class EngineConfig:
         _choice("scheduling_policy", self.scheduling_policy, VALID_SCHEDULING_POLICIES)
         _positive("tensor_parallel_size", self.tensor_parallel_size)
         _choice("distributed_executor_backend", self.distributed_executor_backend, VALID_EXECUTOR_BACKENDS)
+        _bounded("tp_broadcast_slots", self.tp_broadcast_slots, MAX_TP_BROADCAST_SLOTS)
+        _bounded("tp_broadcast_slot_bytes", self.tp_broadcast_slot_bytes, MAX_TP_BROADCAST_SLOT_BYTES)
 
     def resolve(self) -> ResolvedConfig:
         """Every option resolved against the checkpoint and the device, once: the frozen config the
@@ -172,7 +183,13 @@ class EngineConfig:
         # a GPU. The runner profiles memory for a step of this many tokens.
         max_num_batched_tokens = self.max_num_batched_tokens or (max(8192, max_model_len) if on_cuda else 512)
         mixed = self.max_cuda_graph_mixed_tokens
-        parallel = _resolve_parallel(model, self.tensor_parallel_size, self.distributed_executor_backend)
+        parallel = _resolve_parallel(
+            model,
+            self.tensor_parallel_size,
+            self.distributed_executor_backend,
+            self.tp_broadcast_slots,
+            self.tp_broadcast_slot_bytes,
+        )
         return ResolvedConfig(
             model=model,
             quant=_resolve_quantization(model.model_path, self.quantization),
@@ -233,11 +250,20 @@ def _positive(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a positive integer; got {value!r}")
 
 
-def _resolve_parallel(model: ModelConfig, tp: int, backend: str) -> ParallelConfig:
+def _bounded(name: str, value: object, high: int) -> None:
+    _positive(name, value)
+    if value > high:  # type: ignore[operator]
+        raise ValueError(f"{name} must be at most {high}; got {value}")
+
+
+def _resolve_parallel(
+    model: ModelConfig, tp: int, backend: str, slots: int, slot_bytes: int
+) -> ParallelConfig:
     """The tensor-parallel size checked against the model's shapes and, on CUDA with the "mp" backend,
     the devices this process sees (a Ray cluster's GPUs are counted when its placement group forms)."""
+    ring = {"tp_broadcast_slots": slots, "tp_broadcast_slot_bytes": slot_bytes}
     if tp == 1:
-        return ParallelConfig(distributed_executor_backend=backend)
+        return ParallelConfig(distributed_executor_backend=backend, **ring)
     what = {
         "num_attention_heads": model.num_heads,
         "intermediate_size": model.intermediate_size,
@@ -262,7 +288,7 @@ def _resolve_parallel(model: ModelConfig, tp: int, backend: str) -> ParallelConf
             raise ValueError(
                 f"tensor_parallel_size {tp} needs {tp} GPUs (one per rank); this machine has {count}"
             )
-    return ParallelConfig(tensor_parallel_size=tp, distributed_executor_backend=backend)
+    return ParallelConfig(tensor_parallel_size=tp, distributed_executor_backend=backend, **ring)
 
 
 def _resolve_quantization(model_path: str, requested: str | None) -> QuantConfig:
@@ -328,6 +354,8 @@ class ParallelConfig:
     # Ranks the model is sharded over (1: the in-process runner, no torch.distributed).
     tensor_parallel_size: int = 1
     distributed_executor_backend: str = "mp"  # "mp": worker processes; "ray": Ray actors
+    tp_broadcast_slots: int = 16  # the "mp" backend's shared-memory ring: slots ...
+    tp_broadcast_slot_bytes: int = 256 * 1024  # ... of this many payload bytes
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,14 +1,15 @@
 """Tensor parallelism on one node: one spawned worker process per rank (engine/executor/worker_process.py),
 each holding its shard of the model and of the KV cache (engine/worker/worker.py).
 
-Per step the engine pickles the compact SchedulerOutput once (new requests in full, running ones as a
-diff) and copies the bytes into one slot of a shared-memory ring that every rank reads
-(engine/executor/shm_broadcast.py: one copy for all ranks, not one pipe write per rank); the ranks run
+Per step the engine encodes the compact SchedulerOutput once as msgpack (engine/executor/step_codec.py:
+new requests in full, running ones as a diff; no pickle) and copies the bytes into one slot of a
+shared-memory ring that every rank reads (engine/executor/shm_broadcast.py: one copy for all ranks, not
+one pipe write per rank; `tp_broadcast_slots` slots of `tp_broadcast_slot_bytes`); the ranks run
 the step together, meeting in the layers' collectives (NCCL on CUDA, gloo on CPU), and rank 0's
-ModelRunnerOutput comes back on its pipe. A launch is one write into the ring and no reply, so with
+ModelRunnerOutput comes back on its pipe (msgpack too). A launch is one write into the ring and no reply, so with
 async scheduling the engine launches step N+1 and then waits for step N's replies. Control calls
-(load, profile, adapters, shutdown) and a step larger than a slot keep their place in the ring as a
-marker and travel down every rank's pipe; the pipes also carry every reply.
+(load, profile, adapters, shutdown; pickled) and a step larger than a slot (logged once) keep their
+place in the ring as a marker and travel down every rank's pipe; the pipes also carry every reply.
 
 Supervision: every wait watches the workers' process sentinels and has a deadline (`timeout_s`, also
 the process group's collective timeout). A worker that dies, fails or does not answer in time makes
@@ -25,7 +26,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import pickle
 import socket
 import threading
 import time
@@ -36,9 +36,15 @@ from typing import Any
 
 from engine.config import ResolvedConfig
 from engine.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from engine.executor import shm_broadcast
+from engine.executor import step_codec
 from engine.executor.executor import Executor
-from engine.executor.shm_broadcast import BroadcastWriter, ChannelTimeout, ReaderGoneError
+from engine.executor.shm_broadcast import (
+    BroadcastWriter,
+    ChannelTimeout,
+    ReaderGoneError,
+    free_shm_bytes,
+    segment_bytes,
+)
 from engine.executor.worker_process import STEP_CALLS, rebuild_exception, worker_main
 from engine.lora.request import LoRARequest
 
@@ -84,9 +90,12 @@ class MultiprocExecutor(Executor):
         init_method = f"tcp://127.0.0.1:{free_port()}"
         log_level = logging.getLogger("weir").getEffectiveLevel()
         on_cuda = config.device.device == "cuda"
+        slots, slot_bytes = config.parallel.tp_broadcast_slots, config.parallel.tp_broadcast_slot_bytes
+        _check_ring_fits(slots, slot_bytes, self.world_size)
         self._channel = BroadcastWriter(
-            self.world_size, slot_bytes=shm_broadcast.DEFAULT_SLOT_BYTES, context=context
+            self.world_size, num_slots=slots, slot_bytes=slot_bytes, context=context
         )
+        self._warned_overflow = False  # a step larger than a slot is logged once
         # Ends the workers and unlinks the ring also when the executor is dropped without shutdown()
         # (the lists are shared).
         self._finalizer = weakref.finalize(self, _stop_processes, self._processes, self._conns, self._channel)
@@ -147,12 +156,14 @@ class MultiprocExecutor(Executor):
         with self._lock:
             step_id = self._next_step_id
             self._next_step_id += 1
-            self._broadcast(("launch", (step_id, scheduler_output, previous)), self.timeout_s)
+            self._broadcast(
+                "launch", step_codec.encode_launch(step_id, scheduler_output, previous), self.timeout_s
+            )
         return step_id
 
     def collect(self, launched: int) -> ModelRunnerOutput:
         with self._lock:
-            self._broadcast(("collect", (launched,)), self.timeout_s)
+            self._broadcast("collect", step_codec.encode_collect(launched), self.timeout_s)
             output = self._gather(self.timeout_s, f"step {launched}")[0]
         assert isinstance(output, ModelRunnerOutput)
         return output
@@ -162,7 +173,7 @@ class MultiprocExecutor(Executor):
         # Politely only when no other thread is mid-call (else its bytes and ours could interleave).
         if self._processes and self.failed is None and self._lock.acquire(timeout=5.0):
             try:
-                self._broadcast(("shutdown", ()), _SHUTDOWN_WRITE_S)
+                self._broadcast("shutdown", step_codec.encode_control("shutdown", ()), _SHUTDOWN_WRITE_S)
             except WorkerFailedError:
                 pass
             finally:
@@ -182,21 +193,19 @@ class MultiprocExecutor(Executor):
     # ------------------------------------------------------------------ the pipes
     def _call(self, method: str, args: tuple, timeout_s: float) -> list[Any]:
         with self._lock:
-            self._broadcast((method, args), timeout_s)
+            self._broadcast(method, step_codec.encode_control(method, args), timeout_s)
             return self._gather(timeout_s, method)
 
-    def _broadcast(self, message: tuple, timeout_s: float) -> None:
-        """The same bytes to every rank, pickled once: a step's message into one slot of the ring
-        that every rank reads; a control call, or a step too large for a slot, as a marker in the
-        ring (which keeps the order) and the bytes down every rank's pipe."""
+    def _broadcast(self, method: str, frame: bytes | bytearray, timeout_s: float) -> None:
+        """The same bytes to every rank, encoded once (engine/executor/step_codec.py): a step's
+        message into one slot of the ring that every rank reads; a control call, or a step larger
+        than a slot, as a marker in the ring (which keeps the order) and the bytes down every rank's
+        pipe."""
         if self.failed is not None:
             raise self.failed
-        method = message[0]
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        step = method in STEP_CALLS
         try:
-            inline = self._channel.write(
-                data, timeout_s, inline=method in STEP_CALLS, reader_gone=self._is_dead
-            )
+            inline = self._channel.write(frame, timeout_s, inline=step, reader_gone=self._is_dead)
         except ReaderGoneError as exc:
             rank = exc.reader
             raise self._fail(self._death_of(rank, grace_s=1.0) or f"rank {rank} exited") from None
@@ -205,9 +214,18 @@ class MultiprocExecutor(Executor):
         self.sent["shm" if inline else "pipe"] += 1
         if inline:
             return
+        if step and not self._warned_overflow:
+            self._warned_overflow = True
+            logger.warning(
+                "a step's message of %d bytes exceeds tp_broadcast_slot_bytes (%d): it and any like it "
+                "go down every rank's pipe instead of the shared-memory ring (slower); raise "
+                "--tp-broadcast-slot-bytes if this is common",
+                len(frame),
+                self._channel.geometry.slot_bytes,
+            )
         for rank, conn in enumerate(self._conns):
             try:
-                conn.send_bytes(data)
+                conn.send_bytes(frame)
             except OSError as exc:
                 raise self._fail(self._death_of(rank) or f"rank {rank}'s pipe broke ({exc})") from None
 
@@ -236,7 +254,7 @@ class MultiprocExecutor(Executor):
                 if rank is None:
                     continue
                 try:
-                    status, value = pickle.loads(obj.recv_bytes())  # type: ignore[union-attr]
+                    status, value = step_codec.decode_reply(obj.recv_bytes())  # type: ignore[union-attr]
                 except (EOFError, OSError):
                     raise self._fail(
                         self._death_of(rank, grace_s=1.0) or f"rank {rank}'s pipe closed"
@@ -271,6 +289,19 @@ class MultiprocExecutor(Executor):
             self.failed = WorkerFailedError(reason)
             logger.error("tensor-parallel workers failed: %s", reason)
         return self.failed
+
+
+def _check_ring_fits(slots: int, slot_bytes: int, world_size: int) -> None:
+    """Refuse a ring larger than /dev/shm's free space at start, naming the options (a write past it
+    would kill the engine with SIGBUS mid-serving)."""
+    need = segment_bytes(slots, slot_bytes, world_size)
+    free = free_shm_bytes()
+    if free is not None and need > free:
+        raise ValueError(
+            f"the tensor-parallel broadcast ring needs {need} bytes of shared memory (tp_broadcast_slots "
+            f"{slots} x tp_broadcast_slot_bytes {slot_bytes}), /dev/shm has {free} free; lower them or "
+            f"give the container more shared memory (docker run --shm-size)"
+        )
 
 
 def _stop_processes(

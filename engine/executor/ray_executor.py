@@ -5,7 +5,7 @@ ray` on the head).
 
 The actors run the same Worker as the worker processes (engine/worker/worker.py) and meet in the same
 collectives (NCCL, gloo on CPU), with rank 0's node address as the rendezvous. Each step's call is put
-into Ray's object store once and every actor reads it; an actor runs its calls in order, so a launch
+into Ray's object store once, as msgpack bytes (engine/executor/step_codec.py), and every actor reads it; an actor runs its calls in order, so a launch
 needs no reply and a collect waits for every rank. Supervision as in the multi-process executor: an
 actor that dies, raises or does not answer within the timeout makes every later call raise
 WorkerFailedError (fatal). shutdown() kills the actors and removes the placement group; a local Ray
@@ -29,6 +29,13 @@ from engine.executor.multiproc_executor import (
     STARTUP_TIMEOUT_S,
     WorkerFailedError,
     free_port,
+)
+from engine.executor.step_codec import (
+    decode_call,
+    decode_reply,
+    encode_collect,
+    encode_launch,
+    encode_step_reply,
 )
 from engine.executor.worker_process import REQUEST_CALLS, exception_state, rebuild_exception
 from engine.lora.request import LoRARequest
@@ -55,7 +62,13 @@ class RayWorker:
         init_distributed(config, rank, device_index, init_method, timeout_s)
         self.worker = Worker(config, rank, device_index)
 
-    def call(self, message: tuple) -> Any:
+    def call(self, message: tuple | bytes) -> Any:
+        """A control call as `(method, args)`; a step's launch or collect as a msgpack frame
+        (engine/executor/step_codec.py), whose collect answers a frame too."""
+        if isinstance(message, bytes):
+            method, args = decode_call(message)
+            result = getattr(self.worker, method)(*args)
+            return bytes(encode_step_reply(result)) if method == "collect" else None
         method, args = message
         if method == "shutdown":
             self.worker.shutdown()
@@ -144,7 +157,8 @@ class RayExecutor(Executor):
             raise self.failed
         step_id = self._next_step_id
         self._next_step_id += 1
-        message = self._ray.put(("launch", (step_id, scheduler_output, previous)))
+        # msgpack bytes, not the dataclasses: Ray's serializer only copies them (no pickle walk).
+        message = self._ray.put(bytes(encode_launch(step_id, scheduler_output, previous)))
         for actor in self._actors:
             actor.call.remote(message)  # errors surface at this step's collect
         return step_id
@@ -163,7 +177,8 @@ class RayExecutor(Executor):
         return replies[0][1]
 
     def collect(self, launched: int) -> ModelRunnerOutput:
-        output = self._call(("collect", (launched,)), self.timeout_s)[0]
+        frames = self._call(bytes(encode_collect(launched)), self.timeout_s, "collect")
+        output = decode_reply(frames[0])[1]
         assert isinstance(output, ModelRunnerOutput)
         return output
 
@@ -186,11 +201,13 @@ class RayExecutor(Executor):
             self._owns_ray = False
 
     # ------------------------------------------------------------------ calls
-    def _call(self, message: tuple, timeout_s: float) -> list[Any]:
+    def _call(self, message: tuple | bytes, timeout_s: float, what: str | None = None) -> list[Any]:
         if self.failed is not None:
             raise self.failed
+        if what is None:
+            what = message[0] if isinstance(message, tuple) else "a step"
         ref = self._ray.put(message)
-        return self._get([actor.call.remote(ref) for actor in self._actors], timeout_s, message[0])
+        return self._get([actor.call.remote(ref) for actor in self._actors], timeout_s, what)
 
     def _get(self, refs: list[Any], timeout_s: float, what: str) -> list[Any]:
         ray = self._ray

@@ -93,6 +93,22 @@ class _Geometry:
         return _HEADER_BYTES + ((seq - 1) % self.num_slots) * self.stride
 
 
+def segment_bytes(num_slots: int, slot_bytes: int, num_readers: int) -> int:
+    """The shared-memory segment's size for this geometry."""
+    return _Geometry(num_slots, slot_bytes, num_readers).size
+
+
+def free_shm_bytes() -> int | None:
+    """Free bytes of /dev/shm, where POSIX shared memory lives on Linux (None elsewhere). A segment
+    larger than that is created without complaint (tmpfs allocates lazily) and the first write past
+    the free space kills the writer with SIGBUS, so callers check first."""
+    try:
+        stat = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
 class BroadcastWriter:
     """The engine's end: creates the segment and the semaphores; close() unlinks them."""
 
@@ -131,7 +147,7 @@ class BroadcastWriter:
 
     def write(
         self,
-        data: bytes,
+        data: bytes | bytearray,
         timeout_s: float,
         *,
         inline: bool = True,

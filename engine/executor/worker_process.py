@@ -1,12 +1,13 @@
 """The main function of a tensor-parallel worker process (spawned by MultiprocExecutor).
 
-The process reads calls, one pickled `(method, args)` per message, in the order of the engine's
-shared-memory ring (engine/executor/shm_broadcast.py) and runs them on its Worker
-(engine/worker/worker.py): a step's `launch` and `collect` are in the ring's slot; a control call (load,
-profile, adapters, shutdown) or a step too large for a slot is a marker there, and its bytes are the
-next message on the pipe. Replies go back on the pipe. `launch` answers nothing (the step's errors come
-back at its `collect`); every other call answers `("ok", result)` or `("error", text)`, or for an
-adapter the caller got wrong, `("invalid", the exception as data)`. An idle worker sleeps on its
+The process reads calls, one `(method, args)` per message (engine/executor/step_codec.py: a step's
+msgpack, a control call's pickle), in the order of the engine's shared-memory ring
+(engine/executor/shm_broadcast.py) and runs them on its Worker (engine/worker/worker.py): a step's
+`launch` and `collect` are in the ring's slot; a control call (load, profile, adapters, shutdown) or a
+step too large for a slot is a marker there, and its bytes are the next message on the pipe. Replies
+go back on the pipe. `launch` answers nothing (the step's errors come back at its `collect`); a
+collect answers its output (msgpack); every other call answers `("ok", result)` or `("error", text)`,
+or for an adapter the caller got wrong, `("invalid", the exception as data)` (pickled). An idle worker sleeps on its
 semaphore of the ring. It ends on "shutdown", on the pipe's end (the engine process is gone) or when
 its parent is no longer its parent (checked every few seconds while idle), so a killed server leaves no
 worker behind.
@@ -17,7 +18,6 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import pickle
 import signal
 import traceback
 from multiprocessing.connection import Connection
@@ -26,6 +26,7 @@ from typing import Any
 from engine.config import ResolvedConfig
 from engine.errors import InvalidRequestError
 from engine.executor.shm_broadcast import BroadcastReader, ChannelHandle, ChannelTimeout
+from engine.executor.step_codec import decode_call, encode_reply, encode_step_reply
 
 # How often an idle worker checks that the engine process is still there.
 _PARENT_CHECK_S = 2.0
@@ -114,7 +115,7 @@ def _serve(worker: Any, reader: BroadcastReader, conn: Connection, parent: int) 
         message = next_message(reader, conn, parent)
         if message is None:
             return
-        method, args = pickle.loads(message)
+        method, args = decode_call(message)
         if method == "shutdown":
             _send(conn, ("ok", None))
             return
@@ -129,12 +130,23 @@ def _serve(worker: Any, reader: BroadcastReader, conn: Connection, parent: int) 
         except Exception:  # noqa: BLE001 - the engine decides (any worker error is fatal there)
             _send(conn, ("error", traceback.format_exc()))
             continue
-        if method not in _NO_REPLY:
+        if method == "collect":
+            try:
+                frame = encode_step_reply(result)
+            except Exception:  # noqa: BLE001 - an output msgpack cannot carry: the engine's error
+                _send(conn, ("error", traceback.format_exc()))
+                continue
+            _send_frame(conn, frame)
+        elif method not in _NO_REPLY:
             _send(conn, ("ok", result))
 
 
 def _send(conn: Connection, reply: tuple) -> None:
+    _send_frame(conn, encode_reply(reply))
+
+
+def _send_frame(conn: Connection, frame: bytes | bytearray) -> None:
     try:
-        conn.send_bytes(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))
+        conn.send_bytes(frame)
     except (BrokenPipeError, OSError):
         pass  # the engine is gone; the loop ends at its next read

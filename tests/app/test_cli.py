@@ -137,3 +137,21 @@ def test_serve_exits_2_on_bad_settings(capsys: pytest.CaptureFixture[str], tmp_p
     assert "does not exist" in capsys.readouterr().err
     assert main(["serve", "--max-num-seqs", "-1"]) == 2
     assert "invalid max_num_seqs (from --max-num-seqs)" in capsys.readouterr().err
+
+
+def test_tp_broadcast_ring_from_flag_env_and_yaml(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("tp_broadcast_slots: 8\ntp-broadcast-slot-bytes: 65536\n")
+    engine, _ = resolve({"config": str(cfg)}, env={})
+    assert (engine.tp_broadcast_slots, engine.tp_broadcast_slot_bytes) == (8, 65536)
+    engine, _ = resolve({"config": str(cfg)}, env={"WEIR_TP_BROADCAST_SLOT_BYTES": "1_048_576"})
+    assert (engine.tp_broadcast_slots, engine.tp_broadcast_slot_bytes) == (8, 1 << 20)
+    args = vars(build_parser().parse_args(["serve", "--tp-broadcast-slots", "32"]))
+    engine, _ = resolve(args, env={"WEIR_TP_BROADCAST_SLOTS": "2"})
+    assert engine.tp_broadcast_slots == 32
+    with pytest.raises(
+        ConfigError,
+        match=r"^invalid tp_broadcast_slot_bytes \(from WEIR_TP_BROADCAST_SLOT_BYTES\): "
+        r"tp_broadcast_slot_bytes must be a positive integer; got 0$",
+    ):
+        resolve({}, env={"WEIR_TP_BROADCAST_SLOT_BYTES": "0"})

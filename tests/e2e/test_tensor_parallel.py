@@ -7,6 +7,8 @@ start-up dominates their time)."""
 
 from __future__ import annotations
 
+import logging
+import multiprocessing
 import os
 import random
 import signal
@@ -19,7 +21,6 @@ import torch
 
 from engine import LLM, LoRARequest, SamplingParams
 from engine.errors import LoRAAdapterError
-from engine.executor import shm_broadcast
 from tests.e2e.test_parity import _prompts, hf_greedy
 from tests.tiny_models import build_model
 
@@ -41,34 +42,42 @@ def one_kv_head_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir
 
 @pytest.fixture(scope="module")
 def tp_llm(one_kv_head_dir: Path) -> Iterator[LLM]:
-    # Ring slots smaller than a step with a new request in full (1.1-1.3 KB pickled here; a step of
-    # running requests is about 0.4 KB): those steps take the pipe, the others the ring, in one run.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(shm_broadcast, "DEFAULT_SLOT_BYTES", SMALL_SLOT_BYTES)
-        llm = LLM(
-            str(one_kv_head_dir),
-            device="cpu",
-            dtype="float32",
-            tensor_parallel_size=2,
-            enable_lora=True,
-            max_lora_rank=8,
-            **STRESS,
-        )
+    # Ring slots smaller than a step with a new request in full (about 1 KB of msgpack here; a step
+    # of a few running requests is about 0.3 KB): those steps take the pipe, the others the ring, in
+    # one run.
+    llm = LLM(
+        str(one_kv_head_dir),
+        device="cpu",
+        dtype="float32",
+        tensor_parallel_size=2,
+        enable_lora=True,
+        max_lora_rank=8,
+        tp_broadcast_slots=4,
+        tp_broadcast_slot_bytes=SMALL_SLOT_BYTES,
+        **STRESS,
+    )
     yield llm
     llm.shutdown()
 
 
 def test_tp2_matches_transformers_and_tp1_under_chunking_and_preemption(
-    tp_llm: LLM, one_kv_head_dir: Path
+    tp_llm: LLM, one_kv_head_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     prompts = _prompts()
     expected, _ = hf_greedy(one_kv_head_dir, prompts)
-    sent = tp_llm.llm_engine.executor.sent  # type: ignore[attr-defined]
+    executor = tp_llm.llm_engine.executor
+    geometry = executor._channel.geometry  # type: ignore[attr-defined]
+    assert (geometry.num_slots, geometry.slot_bytes) == (4, SMALL_SLOT_BYTES)
+    sent = executor.sent  # type: ignore[attr-defined]
     before = sent.copy()
-    outs = tp_llm.generate(prompts, _greedy(), use_tqdm=False)
+    with caplog.at_level(logging.WARNING, logger="weir.engine"):
+        outs = tp_llm.generate(prompts, _greedy(), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected
-    # Both paths carried steps of this run (no control call ran during it).
-    assert sent["shm"] > before["shm"] and sent["pipe"] > before["pipe"], (before, sent)
+    # Both paths carried steps of this run (no control call ran during it), the ring wrapping
+    # around its 4 slots many times; the first step too large for a slot says which option to raise.
+    assert sent["shm"] > 4 * 4 and sent["pipe"] > before["pipe"], (before, sent)
+    overflows = [r.getMessage() for r in caplog.records if "tp_broadcast_slot_bytes" in r.getMessage()]
+    assert len(overflows) == 1 and f"exceeds tp_broadcast_slot_bytes ({SMALL_SLOT_BYTES})" in overflows[0]
     assert tp_llm.llm_engine.stats().num_preemptions > 0
     assert tp_llm.llm_engine.scheduler.kv_cache_usage == 0.0
     # Seeded sampling too: every rank draws the same ids from the same gathered logits.
@@ -177,3 +186,23 @@ def test_tp2_fp8_cache_with_per_head_scales_matches_tp1(tmp_path: Path, tiny_tok
     tp1 = greedy_ids(ckpt, 1)
     assert greedy_ids(ckpt, 2) == tp1
     assert greedy_ids(swapped, 1) != tp1
+
+
+def test_ring_larger_than_dev_shm_is_refused_at_start(one_kv_head_dir: Path) -> None:
+    # 4096 slots of 1 GiB: more than any /dev/shm holds. Refused before a worker is spawned (a ring
+    # past /dev/shm's free space would kill the engine with SIGBUS at the first step that reaches it).
+    children_before = set(multiprocessing.active_children())
+    with pytest.raises(
+        ValueError,
+        match=r"^the tensor-parallel broadcast ring needs \d+ bytes of shared memory \(tp_broadcast_slots "
+        r"4096 x tp_broadcast_slot_bytes 1073741824\), /dev/shm has \d+ free",
+    ):
+        LLM(
+            str(one_kv_head_dir),
+            device="cpu",
+            dtype="float32",
+            tensor_parallel_size=2,
+            tp_broadcast_slots=4096,
+            tp_broadcast_slot_bytes=1 << 30,
+        )
+    assert set(multiprocessing.active_children()) == children_before

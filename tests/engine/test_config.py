@@ -115,3 +115,20 @@ def test_clear_errors(tiny_llama_dir: Path) -> None:
             EngineConfig(str(tiny_llama_dir), device="cuda").resolve()
     resolved = EngineConfig(str(tiny_llama_dir), device="cpu").resolve()
     assert resolved.model.device == resolved.device.device == "cpu" and resolved.model.dtype == "float32"
+
+
+def test_tp_broadcast_ring_options_resolve_and_are_bounded() -> None:
+    parallel = _resolve("cpu", tp_broadcast_slots=4, tp_broadcast_slot_bytes=4096).parallel
+    assert (parallel.tp_broadcast_slots, parallel.tp_broadcast_slot_bytes) == (4, 4096)
+    default = _resolve("cpu").parallel
+    assert (default.tp_broadcast_slots, default.tp_broadcast_slot_bytes) == (16, 256 * 1024)
+    with pytest.raises(ValueError, match="^tp_broadcast_slots must be a positive integer; got 0$"):
+        EngineConfig("m", tp_broadcast_slots=0)
+    with pytest.raises(ValueError, match="^tp_broadcast_slots must be at most 4096; got 4097$"):
+        EngineConfig("m", tp_broadcast_slots=4097)
+    with pytest.raises(ValueError, match="^tp_broadcast_slot_bytes must be a positive integer; got -1$"):
+        EngineConfig("m", tp_broadcast_slot_bytes=-1)
+    with pytest.raises(
+        ValueError, match="^tp_broadcast_slot_bytes must be at most 1073741824; got 1073741825$"
+    ):
+        EngineConfig("m", tp_broadcast_slot_bytes=(1 << 30) + 1)

@@ -3,7 +3,8 @@
 The runner keeps per-request state between steps (token ids, block table, sampling params), so
 requests it has seen before arrive as a small diff. Plain data, no torch and no live scheduler
 objects: both directions pickle, so the same contract can cross a thread, a process or a Ray actor
-(engine/executor/executor.py).
+(engine/executor/executor.py); the tensor-parallel executors send them as msgpack
+(engine/executor/step_codec.py, whose wire layout follows these fields).
 """
 
 from __future__ import annotations

@@ -18,10 +18,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.triton.split_k import MAX_TILES, split_counters, store_split_k
+from ops.triton.split_k import MAX_TILES, finish_row, split_counters, split_k_is_last, sum_row
 
 MAX_GEMV_TOKENS = 4
-FP8_MAX = 448.0
+FP8_MAX = tl.constexpr(448.0)  # float8_e4m3fn's largest value (a constexpr: read inside the kernel)
+
+
+@triton.jit
+def _x_tile(x_ptr, row, stride_xm, kk, mask_k, s_in, STATIC_INPUT: tl.constexpr, W_DTYPE: tl.constexpr):
+    """[BLOCK_K] float32: a row of x, as the FP8 GEMM sees it when the scale is static."""
+    x = tl.load(x_ptr + row * stride_xm + kk, mask=mask_k, other=0.0).to(tl.float32)
+    if STATIC_INPUT:
+        q = tl.minimum(tl.maximum(x / s_in, -FP8_MAX), FP8_MAX)
+        x = q.to(W_DTYPE).to(tl.float32) * s_in
+    return x
 
 
 @triton.jit
@@ -40,7 +50,7 @@ def _fp8_gemv_kernel(
     stride_xm,
     stride_wn,
     stride_om,
-    BLOCK_M: tl.constexpr,
+    ROWS: tl.constexpr,  # M (1, 2 or 4): one accumulator each; the wrapper pads 3 rows to 4
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
@@ -48,15 +58,18 @@ def _fp8_gemv_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
     mask_n = offs_n < N
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    if STATIC_INPUT:
-        s_in = tl.load(input_scale_ptr)
-    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced over K once, at the end
+    W_DTYPE: tl.constexpr = w_ptr.dtype.element_ty
+    s_in = tl.load(input_scale_ptr) if STATIC_INPUT else 1.0
+    # [BLOCK_N, BLOCK_K] per row, reduced over K once at the end; 2-D in the weight tile's layout so
+    # nothing changes layout inside the loop (x arrives as a vector along the tile's columns)
+    acc0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         mask_k = kk < k_end
@@ -65,20 +78,32 @@ def _fp8_gemv_kernel(
             mask=mask_n[:, None] & mask_k[None, :],
             other=0.0,
         ).to(tl.float32)  # [BLOCK_N, BLOCK_K]
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
-        ).to(tl.float32)  # [BLOCK_M, BLOCK_K]
-        if STATIC_INPUT:  # x as the FP8 GEMM sees it
-            q = tl.minimum(tl.maximum(x / s_in, -FP8_MAX), FP8_MAX)
-            x = q.to(w_ptr.dtype.element_ty).to(tl.float32) * s_in
-        acc += x[:, None, :] * w[None, :, :]
+        acc0 += w * _x_tile(x_ptr, 0, stride_xm, kk, mask_k, s_in, STATIC_INPUT, W_DTYPE)[None, :]
+        if ROWS >= 2:
+            acc1 += w * _x_tile(x_ptr, 1, stride_xm, kk, mask_k, s_in, STATIC_INPUT, W_DTYPE)[None, :]
+        if ROWS >= 4:
+            acc2 += w * _x_tile(x_ptr, 2, stride_xm, kk, mask_k, s_in, STATIC_INPUT, W_DTYPE)[None, :]
+            acc3 += w * _x_tile(x_ptr, 3, stride_xm, kk, mask_k, s_in, STATIC_INPUT, W_DTYPE)[None, :]
     scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)  # [BLOCK_N]
-    store_split_k(
-        tl.sum(acc, axis=2) * scale[None, :], out_ptr, partials_ptr, counters_ptr, offs_m, offs_n, M, N,
-        stride_om, pid_n, pid_k, SPLIT_K,
-    )  # fmt: skip
+    finish_row(
+        tl.sum(acc0, axis=1) * scale, out_ptr, partials_ptr, 0, M, N, offs_n, stride_om, pid_k, SPLIT_K
+    )
+    if ROWS >= 2:
+        finish_row(
+            tl.sum(acc1, axis=1) * scale, out_ptr, partials_ptr, 1, M, N, offs_n, stride_om, pid_k, SPLIT_K
+        )
+    if ROWS >= 4:
+        finish_row(
+            tl.sum(acc2, axis=1) * scale, out_ptr, partials_ptr, 2, M, N, offs_n, stride_om, pid_k, SPLIT_K
+        )
+        finish_row(
+            tl.sum(acc3, axis=1) * scale, out_ptr, partials_ptr, 3, M, N, offs_n, stride_om, pid_k, SPLIT_K
+        )
+    if SPLIT_K > 1:
+        if split_k_is_last(counters_ptr, pid_n, SPLIT_K):
+            for row in range(M):
+                sum_row(out_ptr, partials_ptr, row, M, N, offs_n, stride_om, SPLIT_K)
+            tl.atomic_xchg(counters_ptr + pid_n, 0, sem="relaxed", scope="gpu")
 
 
 def fp8_gemv(
@@ -108,13 +133,18 @@ def fp8_gemv(
     tiles = triton.cdiv(N, block_n)
     if split_k > 1 and tiles > MAX_TILES:
         raise ValueError(f"fp8_gemv: {tiles} row tiles exceed the split-K workspace ({MAX_TILES})")
+    if M == 3:  # accumulators for 1, 2 or 4 rows: a zero fourth row
+        x = torch.cat([x, x.new_zeros(1, K)])
+        return fp8_gemv(
+            x, weight, weight_scale, input_scale, block_n, block_k, split_k, num_warps, num_stages
+        )[:3]
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     partials = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else out
     static = input_scale is not None
     _fp8_gemv_kernel[(tiles, split_k)](
         x, weight, weight_scale, input_scale if static else weight_scale, out, partials, split_counters(x.device),
         M, N, K, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        ROWS=M, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         STATIC_INPUT=static, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out

@@ -4,20 +4,23 @@
 
 Why a separate kernel: at batch 1 the fused GEMM (a 16-row tl.dot tile, codes reshaped into the dot's
 operand layout, an int-to-float conversion per weight, a second launch to sum split-K partials) ran at
-0.13-0.19 of the copy bandwidth on an H200. Here there is no dot and no reshape:
-- each program owns BLOCK_N output columns and a K range (all of K, or 1 / SPLIT_K of it), and streams
-  [BLOCK_K / pf, BLOCK_N] tiles of words, coalesced along N;
-- a code becomes a float32 without a conversion instruction (those run at a fraction of the FMA
-  rate): OR-ing it into the mantissa of 2**23 and subtracting 2**23 is exact for codes below 2**23;
-- the pf codes of a word meet x's elements k, k + 1, ... one at a time as [BLOCK_K / pf, BLOCK_N]
-  planes multiplied into a 3-D accumulator, so nothing is reduced across threads inside the loop;
-- the zero point and scale apply once per group, not per weight: sum_k x_k (c_kn - z_n) s_n =
-  s_n (sum_k x_k c_kn - z_n sum_k x_k), keeping per row of the tile the code dot and the sum of x;
+0.11-0.20 of the copy bandwidth on an H200; it is bound by instructions, not bytes. Here:
+- each program owns BLOCK_N output columns and a K range (all of K, or 1 / SPLIT_K of it) and streams
+  [BLOCK_K / pf, BLOCK_N] tiles of words, coalesced along N. Everything stays 2-D in the words' own
+  layout (x's elements arrive as a vector along the tile's rows), so no tensor changes layout through
+  shared memory inside the loop (a 3-D formulation did, with barriers, and ran at 0.14);
+- a code becomes a float with one LOP3 and one FADD, no shift and no conversion instruction: the word
+  is masked in place (code i of the low or high half-word sits at bits i * bits), OR-ed into the
+  mantissa of 2**23 and 2**23 subtracted, which is exactly code * 2**(i * bits); x's element is scaled
+  by 2**(-i * bits) instead (exact, a power of two). One shift per word brings the high half down;
+- zero point and scale apply once per group, not per weight: sum_k x_k (c_kn - z_n) s_n =
+  s_n (sum_k x_k c_kn - z_n sum_k x_k), keeping per word row the code dot and the sum of x;
+- each of the 1-4 rows of x has its own accumulators (the codes are decoded once for all rows);
 - the K splits' partials are summed by the last program of each tile (ops.triton.split_k), so a layer
   is one launch.
 A tile lies in one group: BLOCK_K divides group_size (the planner, engine.model.quantization.wna16,
 ensures it). The spec is engine.model.quantization.common.dequantize + F.linear
-(tests/ops/test_wna16_gemv.py, under TRITON_INTERPRET=1).
+(tests/ops/test_gemv_kernels.py, under TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -26,9 +29,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.triton.split_k import MAX_TILES, split_counters, store_split_k
+from ops.triton.split_k import MAX_TILES, finish_row, split_counters, split_k_is_last, sum_row
 
 MAX_GEMV_TOKENS = 4  # above this the per-weight math of each extra row makes the dot kernel better
+
+
+@triton.jit
+def _x_row(x_ptrs, offset):
+    """[WORDS] float32: x at the tile's pointers plus a constant offset (folded into the load
+    instruction, where per-element offsets cost two address instructions each). No mask: every tile
+    lies inside K (BLOCK_K divides the group, the group K, and each split is whole tiles) and x has
+    ROWS rows (the wrapper pads 3 to 4)."""
+    return tl.load(x_ptrs + offset).to(tl.float32)
 
 
 @triton.jit
@@ -51,52 +63,85 @@ def _wna16_gemv_kernel(
     stride_zg,
     stride_om,
     BITS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    ROWS: tl.constexpr,  # M (1, 2 or 4): rows with accumulators
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no column mask on the words
 ):
     PACK: tl.constexpr = 32 // BITS
+    HALF: tl.constexpr = PACK // 2  # codes per half-word
     MASK: tl.constexpr = (1 << BITS) - 1
     WORDS: tl.constexpr = BLOCK_K // PACK  # word rows per tile
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_w = tl.arange(0, WORDS)
-    mask_m = offs_m < M
     mask_n = offs_n < N
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    acc = tl.zeros((BLOCK_M, WORDS, BLOCK_N), dtype=tl.float32)  # scaled, zero-corrected sums
+    acc0 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)  # scaled, zero-corrected sums per word row
+    acc1 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+    acc3 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         word_rows = k0 // PACK + offs_w  # [WORDS]
-        words = tl.load(
-            qweight_ptr + word_rows[:, None] * stride_qk + offs_n[None, :],
-            mask=(word_rows < k_end // PACK)[:, None] & mask_n[None, :],
-            other=0,
-        )  # [WORDS, BLOCK_N] int32
-        code_dot = tl.zeros((BLOCK_M, WORDS, BLOCK_N), dtype=tl.float32)  # sum_k x_k c_kn per word row
-        x_sum = tl.zeros((BLOCK_M, WORDS), dtype=tl.float32)  # sum_k x_k per word row
-        for j in tl.static_range(PACK):
-            bits = ((words >> (j * BITS)) & MASK) | 0x4B000000  # the code in 2**23's mantissa
-            code = bits.to(tl.float32, bitcast=True) - 8388608.0  # [WORDS, BLOCK_N], exact
-            kk = (k0 + j) + offs_w * PACK  # [WORDS]: the K index of code j of each word row
-            xj = tl.load(
-                x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
-                mask=mask_m[:, None] & (kk < k_end)[None, :],
-                other=0.0,
-            ).to(tl.float32)  # [BLOCK_M, WORDS]
-            code_dot += xj[:, :, None] * code[None, :, :]
-            x_sum += xj
+        word_ptrs = qweight_ptr + word_rows[:, None] * stride_qk + offs_n[None, :]
+        if EVEN_N:
+            words = tl.load(word_ptrs)
+        else:
+            words = tl.load(word_ptrs, mask=mask_n[None, :], other=0)
+        words = words.to(tl.uint32, bitcast=True)  # [WORDS, BLOCK_N]
+        dot0 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)  # sum_k x_k c_kn over each word's codes
+        dot1 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+        dot2 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+        dot3 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+        xs0 = tl.zeros((WORDS,), dtype=tl.float32)  # sum_k x_k over each word's codes
+        xs1 = tl.zeros((WORDS,), dtype=tl.float32)
+        xs2 = tl.zeros((WORDS,), dtype=tl.float32)
+        xs3 = tl.zeros((WORDS,), dtype=tl.float32)
+        x_ptrs = x_ptr + k0 + offs_w * PACK  # [WORDS]: row 0's x at the first code of each word
+        for h in tl.static_range(2):
+            half = words if h == 0 else words >> 16
+            for i in tl.static_range(HALF):
+                bits = (half & (MASK << (i * BITS))) | 0x4B000000
+                code = bits.to(tl.float32, bitcast=True) - 8388608.0  # code * 2**(i * BITS), exact
+                at = h * HALF + i  # this code's K within each word
+                unit = 1.0 / (1 << (i * BITS))  # undoes the code's position (exact)
+                x0 = _x_row(x_ptrs, at)
+                dot0 += code * (x0 * unit)[:, None]
+                xs0 += x0
+                if ROWS >= 2:
+                    x1 = _x_row(x_ptrs, 1 * stride_xm + at)
+                    dot1 += code * (x1 * unit)[:, None]
+                    xs1 += x1
+                if ROWS >= 4:
+                    x2 = _x_row(x_ptrs, 2 * stride_xm + at)
+                    x3 = _x_row(x_ptrs, 3 * stride_xm + at)
+                    dot2 += code * (x2 * unit)[:, None]
+                    dot3 += code * (x3 * unit)[:, None]
+                    xs2 += x2
+                    xs3 += x3
         g = k0 // group_size
-        scale = tl.load(scales_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        zero = tl.load(zeros_ptr + g * stride_zg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        acc += (code_dot - x_sum[:, :, None] * zero[None, None, :]) * scale[None, None, :]
-    store_split_k(
-        tl.sum(acc, axis=1), out_ptr, partials_ptr, counters_ptr, offs_m, offs_n, M, N, stride_om,
-        pid_n, pid_k, SPLIT_K,
-    )  # fmt: skip
+        scale = tl.load(scales_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        zero = tl.load(zeros_ptr + g * stride_zg + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc0 += (dot0 - xs0[:, None] * zero) * scale
+        if ROWS >= 2:
+            acc1 += (dot1 - xs1[:, None] * zero) * scale
+        if ROWS >= 4:
+            acc2 += (dot2 - xs2[:, None] * zero) * scale
+            acc3 += (dot3 - xs3[:, None] * zero) * scale
+    finish_row(tl.sum(acc0, axis=0), out_ptr, partials_ptr, 0, M, N, offs_n, stride_om, pid_k, SPLIT_K)
+    if ROWS >= 2:
+        finish_row(tl.sum(acc1, axis=0), out_ptr, partials_ptr, 1, M, N, offs_n, stride_om, pid_k, SPLIT_K)
+    if ROWS >= 4:
+        finish_row(tl.sum(acc2, axis=0), out_ptr, partials_ptr, 2, M, N, offs_n, stride_om, pid_k, SPLIT_K)
+        finish_row(tl.sum(acc3, axis=0), out_ptr, partials_ptr, 3, M, N, offs_n, stride_om, pid_k, SPLIT_K)
+    if SPLIT_K > 1:
+        if split_k_is_last(counters_ptr, pid_n, SPLIT_K):
+            for row in range(M):
+                sum_row(out_ptr, partials_ptr, row, M, N, offs_n, stride_om, SPLIT_K)
+            tl.atomic_xchg(counters_ptr + pid_n, 0, sem="relaxed", scope="gpu")
 
 
 def wna16_gemv(
@@ -117,6 +162,8 @@ def wna16_gemv(
     M, K = x.shape
     N = qweight.shape[1]
     pack = 32 // bits
+    if bits not in (4, 8):
+        raise ValueError(f"wna16_gemv reads 4- or 8-bit codes; got {bits}")
     if not 1 <= M <= MAX_GEMV_TOKENS:
         raise ValueError(f"wna16_gemv takes 1 to {MAX_GEMV_TOKENS} rows; got {M}")
     if qweight.shape[0] * pack != K:
@@ -136,13 +183,17 @@ def wna16_gemv(
     tiles = triton.cdiv(N, block_n)
     if split_k > 1 and tiles > MAX_TILES:
         raise ValueError(f"wna16_gemv: {tiles} column tiles exceed the split-K workspace ({MAX_TILES})")
+    if M == 3:  # the kernel has accumulators for 1, 2 or 4 rows and masks none: a zero fourth row
+        x = torch.cat([x, x.new_zeros(1, K)])
+        return wna16_gemv(x, qweight, scales, zeros, bits, group_size, block_n, block_k, split_k, num_warps,
+                          num_stages)[:3]  # fmt: skip
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     partials = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else out
     _wna16_gemv_kernel[(tiles, split_k)](
         x, qweight, scales, zeros, out, partials, split_counters(x.device),
         M, N, K, group_size, k_per_split,
         x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
-        BITS=bits, BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        BITS=bits, ROWS=M, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, EVEN_N=N % block_n == 0,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out

@@ -11,7 +11,8 @@ carries depends on the request's `output_kind`:
   as snapshots that stay O(1) per step however long the sequence (engine/outputs/prefix_view.py).
 - "final_only": one output, when the request finishes; its deltas hold everything.
 
-Logprob token strings are decoded in one batched call per step (engine/outputs/token_texts.py).
+Logprob token strings (of the sequences that show logprobs) are decoded in one batched call per step
+(engine/outputs/token_texts.py).
 A stop string found by the detokenizer is reported back to the caller (the engine), which tells the
 scheduler; nothing here writes to the scheduler's requests.
 
@@ -189,11 +190,19 @@ class OutputProcessor:
         """Apply the scheduler's (request, tokens appended this step) updates. Returns the outputs of
         the requests that have one this step, and the req_ids a stop string ended (for the caller to
         finish in the scheduler)."""
+        sequences = self._sequences
         if logprobs:
-            self.token_texts.add(_ids_of(logprobs.values()))
+            # Only the texts that an output shows: beams' candidates (engine/beam_search.py ranks
+            # them) and best_of children without logprobs asked for carry logprobs no one reads.
+            shown = [
+                lp
+                for req_id, lp in logprobs.items()
+                if (seq := sequences.get(req_id)) is not None and seq.logprobs is not None
+            ]
+            if shown:
+                self.token_texts.add(_ids_of(shown))
         touched: dict[str, _RequestState] = {}
         stopped_ids: list[str] = []
-        sequences = self._sequences
         stopped = RequestStatus.FINISHED_STOPPED
         num_generated = 0
         for request, new_token_ids in updates:

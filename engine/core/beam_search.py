@@ -97,7 +97,6 @@ class BeamSearchState:
     def step(self, top: list[tuple[list[int], list[float]]]) -> BeamStep:
         """top[i]: running beam i's most likely next tokens and their log-probabilities, best first
         (at least num_candidates of them). Returns the next running beams."""
-        k = self.width
         stop_ids = self.stop_token_ids
         # Every candidate as (-score, beam, token): sorted, the best first, ties by the lower
         # beam-major index (what a top-k over beam x vocabulary gives).
@@ -119,6 +118,51 @@ class BeamSearchState:
                     stop_strs[j] = self.stop_string(_tokens((tok, chains[beam])))
                     hits[j] = stop_strs[j] is not None
 
+        lp = self.length_penalty
+        if any(hits):
+            continuations = self._rank_with_hits(cands, hits, stop_strs, gen_len)
+        else:
+            continuations = self._rank_without_hits(cands)
+        self._chains = [(t, chains[b]) for b, t in continuations]
+        self.num_generated = gen_len
+
+        # Can a running beam still beat the worst finished one?
+        if self.early_stopping == "never" and lp > 0.0:
+            best_len = self.max_tokens
+        else:
+            best_len = gen_len
+        best_possible = _f32(self.scores[0] / _f32(best_len**lp))
+        worst = min(self.finished_scores)
+        self.improvable = self.improvable and any(
+            best_possible > (worst if h is not None else _NEG) for h in self.finished
+        )
+        all_finished = all(h is not None for h in self.finished)
+        self.done = not (
+            self.improvable and not (all_finished and self.early_stopping is True) and not all(hits)
+        )
+        return BeamStep(continuations, self.done)
+
+    def _rank_without_hits(self, cands: list[tuple[float, int, int]]) -> list[tuple[int, int]]:
+        """The common step, where no candidate hit a stopping criterion: what _rank_with_hits gives
+        then, without its sorts. The best k candidates run on, in their order (its sort keeps equal
+        scores in candidate order), and the finished slots stay as they are (a candidate that did not
+        hit scores -1e9 plus its own score there, at or below every slot, and a tie keeps the slot)."""
+        keep = cands[: self.width]
+        self.scores = [-c[0] for c in keep]
+        return [(beam, tok) for _, beam, tok in keep]
+
+    def _rank_with_hits(
+        self,
+        cands: list[tuple[float, int, int]],
+        hits: list[bool],
+        stop_strs: list[str | None],
+        gen_len: int,
+    ) -> list[tuple[int, int]]:
+        """A step where some candidates hit a stopping criterion: the next running beams (their
+        scores into self.scores) and the finished slots updated with the hits among the first k."""
+        k = self.width
+        stop_ids = self.stop_token_ids
+        chains = self._chains
         # Next running beams: the best k candidates that did not hit a stopping criterion.
         running_lp = array("f", [-c[0] + _NEG if h else -c[0] for c, h in zip(cands, hits, strict=True)])
         keep = sorted(range(len(cands)), key=lambda j: -running_lp[j])[:k]
@@ -155,26 +199,8 @@ class BeamSearchState:
         best = sorted(range(len(merged_scores)), key=lambda j: -merged_scores[j])[:k]
         self.finished_scores = [merged_scores[j] for j in best]
         self.finished = [merged[j] for j in best]
-
         self.scores = [running_lp[j] for j in keep]
-        self._chains = [(t, chains[b]) for b, t in continuations]
-        self.num_generated = gen_len
-
-        # Can a running beam still beat the worst finished one?
-        if self.early_stopping == "never" and lp > 0.0:
-            best_len = self.max_tokens
-        else:
-            best_len = gen_len
-        best_possible = _f32(self.scores[0] / _f32(best_len**lp))
-        worst = min(self.finished_scores)
-        self.improvable = self.improvable and any(
-            best_possible > (worst if h is not None else _NEG) for h in self.finished
-        )
-        all_finished = all(h is not None for h in self.finished)
-        self.done = not (
-            self.improvable and not (all_finished and self.early_stopping is True) and not all(hits)
-        )
-        return BeamStep(continuations, self.done)
+        return continuations
 
     def results(self) -> list[Hypothesis]:
         """The finished hypotheses, best first (k of them once done)."""

@@ -3,11 +3,14 @@ and the next launch is the ranking and the forks, not work for outputs no one re
 
 from __future__ import annotations
 
+import copy
+import random
 from pathlib import Path
 
 import pytest
 
 from engine import LLM, BeamSearchParams, SamplingParams
+from engine.core.beam_search import BeamSearchState
 
 PROMPT = [1, 50, 60, 70, 80, 90, 100]
 
@@ -39,3 +42,42 @@ def test_beam_candidates_are_not_detokenized_while_shown_logprobs_are(llm: LLM) 
     # Exactly the shown request's ids were decoded, none of the beams' 8 x 8 candidates per step.
     assert set(texts) == shown_ids
     assert len(finals["beams"].outputs) == 4
+
+
+@pytest.mark.parametrize("early_stopping", [False, True, "never"])
+def test_a_step_without_hits_ranks_as_the_full_ranking(early_stopping: bool | str) -> None:
+    """The ranking's common step (no candidate ends a hypothesis) skips the finished-slot sorts; on
+    states with some slots filled, ties between candidates included, it picks what they pick."""
+    rng = random.Random(7)
+    eos = 2
+    state = BeamSearchState(4, frozenset({eos}), 40, 1.0, early_stopping)
+    checked = 0
+    for _ in range(30):
+        # Coarse log-probabilities (multiples of 1/4): equal candidate scores happen often.
+        top = []
+        for _ in range(state.num_running):
+            ids = rng.sample(range(3, 40), 8)
+            if rng.random() < 0.3:
+                ids[rng.randrange(8)] = eos  # at any rank
+            lps = sorted((-rng.randrange(1, 16) / 4 for _ in ids), reverse=True)
+            top.append((ids, lps))
+        cands = sorted(
+            (-(state.scores[i] + lp), i, t)
+            for i, (ids, lps) in enumerate(top)
+            for t, lp in zip(ids, lps, strict=True)
+        )
+        cands = cands[: state.num_candidates]
+        if not any(t == eos for _, _, t in cands):
+            fast, full = copy.deepcopy(state), copy.deepcopy(state)
+            n = len(cands)
+            assert fast._rank_without_hits(cands) == full._rank_with_hits(cands, [False] * n, [None] * n, 1)
+            assert (fast.scores, fast.finished_scores, fast.finished) == (
+                full.scores,
+                full.finished_scores,
+                full.finished,
+            )
+            checked += 1
+        state.step(top)
+        if state.done:
+            break
+    assert checked >= 5 and any(h is not None for h in state.finished)

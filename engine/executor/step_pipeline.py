@@ -77,6 +77,11 @@ class StepPipeline:
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
         # The first error that left the device unusable, if any.
         self.fatal: BaseException | None = None
+        # Trips that only collected the step in flight (async scheduling) because the schedule came
+        # back empty: everything left to run needed that step's results on the host first (a beam
+        # group ranks its candidates before its next step), so the device idled from that step's end
+        # to the next launch. A flush (draining on purpose) does not count.
+        self.num_stalls = 0
 
     @property
     def in_flight(self) -> bool:
@@ -90,6 +95,8 @@ class StepPipeline:
         previous = self._in_flight
         if not has_work and previous is None:
             return None
+        if not has_work and scheduler_output is not None:
+            self.num_stalls += 1
         self._in_flight = None
         return StepWork(scheduler_output if has_work else None, previous)
 

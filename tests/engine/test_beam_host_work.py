@@ -81,3 +81,33 @@ def test_a_step_without_hits_ranks_as_the_full_ranking(early_stopping: bool | st
         if state.done:
             break
     assert checked >= 5 and any(h is not None for h in state.finished)
+
+
+def _run_two_groups(llm: LLM, steps_apart: int) -> tuple[int, int, dict]:
+    """Two beam searches of width 4, 8 tokens each, the second added `steps_apart` engine steps
+    after the first; returns (forward passes launched, stalls, final outputs)."""
+    engine = llm.llm_engine
+    params = BeamSearchParams(4, 8, ignore_eos=True).to_sampling_params()
+    steps0, stalls0 = engine.step_times.steps, engine.pipeline.num_stalls
+    finals = {}
+    engine.add_request("first", PROMPT, params)
+    for _ in range(steps_apart):
+        finals.update((o.request_id, o) for o in engine.step() if o.finished)
+    engine.add_request("second", PROMPT[::-1], params)
+    while engine.has_unfinished_requests():
+        finals.update((o.request_id, o) for o in engine.step() if o.finished)
+    return engine.step_times.steps - steps0, engine.pipeline.num_stalls - stalls0, finals
+
+
+def test_beam_groups_in_alternate_steps_keep_the_device_busy(llm: LLM) -> None:
+    """A beam group's next step needs its last step's candidates ranked on the host, so a group
+    alone stalls the pipeline once per token. Two groups admitted together move in the same steps
+    and stall together (8 steps of 8 beams, each followed by a trip that only waits); admitted one
+    step apart they take turns: one group's step runs on the device while the other's results are
+    ranked, and the only stall is the last group's last step."""
+    steps, stalls, together = _run_two_groups(llm, 0)
+    assert (steps, stalls) == (8, 8)
+    steps, stalls, apart = _run_two_groups(llm, 1)
+    assert (steps, stalls) == (16, 1)
+    for rid in ("first", "second"):
+        assert [c.token_ids for c in apart[rid].outputs] == [c.token_ids for c in together[rid].outputs]

@@ -60,10 +60,31 @@ def _prompts(n: int, length: int, seed: int, id_max: int) -> list[list[int]]:
     return random_workload(n, (length, length), (1, 1), seed, id_max).prompts
 
 
+class _StepCounts:
+    """The engine's step loop over one run: forward passes launched, stalls (trips that launched
+    nothing and only waited for the step in flight: a beam group's next step needs its candidates
+    ranked on the host) and the seconds of each host phase. On a GPU, steps twice the output length
+    mean the beam groups took turns (half the sequences per step); stalls near the output length
+    mean they moved together and the device idled while the host ranked."""
+
+    def __init__(self, llm: Any) -> None:
+        engine = llm.llm_engine
+        self._times, self._pipeline = engine.step_times, engine.pipeline
+        self._start = dict(self._times.as_dict(), stalls=self._pipeline.num_stalls)
+
+    def result(self) -> dict[str, Any]:
+        now = dict(self._times.as_dict(), stalls=self._pipeline.num_stalls)
+        out: dict[str, Any] = {k: now[k] - self._start[k] for k in ("steps", "stalls")}
+        out["host_s"] = {k: round(now[k] - self._start[k], 4) for k in ("schedule", "launch", "update")}
+        out["device_wait_s"] = round(now["device_wait"] - self._start["device_wait"], 4)
+        return out
+
+
 def run_b1(llm: Any, prompts: list[list[int]], args: argparse.Namespace) -> dict[str, Any]:
     from engine import BeamSearchParams
 
     params = BeamSearchParams(args.beam_width, args.output_len, ignore_eos=True)
+    counts = _StepCounts(llm)
     t0 = time.perf_counter()
     outs = llm.beam_search(prompts, params)
     elapsed = time.perf_counter() - t0
@@ -75,6 +96,7 @@ def run_b1(llm: Any, prompts: list[list[int]], args: argparse.Namespace) -> dict
         "output_tok_s": round(tokens / elapsed, 2),
         "beams_per_prompt": statistics.fmean(len(o.sequences) for o in outs),
         "counting": "every returned beam's generated tokens (prompts x width x output_len)",
+        "step_loop": counts.result(),
     }
 
 
@@ -84,6 +106,7 @@ def run_b2(llm: Any, prompts: list[list[int]], args: argparse.Namespace) -> dict
     params = SamplingParams(
         n=args.beam_width, temperature=1.0, max_tokens=args.output_len, ignore_eos=True, seed=args.seed
     )
+    counts = _StepCounts(llm)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
@@ -93,6 +116,7 @@ def run_b2(llm: Any, prompts: list[list[int]], args: argparse.Namespace) -> dict
         "elapsed_s": round(elapsed, 4),
         "output_tokens": tokens,
         "output_tok_s": round(tokens / elapsed, 2),
+        "step_loop": counts.result(),
     }
 
 
@@ -258,13 +282,19 @@ def main(argv: list[str] | None = None) -> int:
             )
         with phase(report, "B1"):
             results["B1"] = run_b1(llm, prompts, args)
+            b1 = results["B1"]
             print(
-                f"[B1] beam width {args.beam_width}: {results['B1']['output_tok_s']} output tok/s", flush=True
+                f"[B1] beam width {args.beam_width}: {b1['output_tok_s']} output tok/s "
+                f"({b1['step_loop']['steps']} steps, {b1['step_loop']['stalls']} stalls)",
+                flush=True,
             )
         with phase(report, "B2"):
             results["B2"] = run_b2(llm, prompts, args)
+            b2 = results["B2"]
             print(
-                f"[B2] n={args.beam_width} sampling: {results['B2']['output_tok_s']} output tok/s", flush=True
+                f"[B2] n={args.beam_width} sampling: {b2['output_tok_s']} output tok/s "
+                f"({b2['step_loop']['steps']} steps, {b2['step_loop']['stalls']} stalls)",
+                flush=True,
             )
         with phase(report, "B3"):
             results["B3"] = run_b3(llm, args, id_max)

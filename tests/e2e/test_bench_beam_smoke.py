@@ -19,6 +19,14 @@ def test_bench_beam_reports_b1_to_b3(tiny_llama_dir: Path, tmp_path: Path) -> No
     assert data["benchmark"] == "B" and data["status"] == "ok" and not data["errors"]
     b1, b2, b3 = (data["results"][k] for k in ("B1", "B2", "B3"))
     assert b1["output_tokens"] == b2["output_tokens"] == 3 * 2 * 6
+    # The three 12-token prompts fit one step's budget, so the three beam groups move together: 6
+    # forward passes (one per output token), each followed by a trip that waits for the ranking.
+    assert (b1["step_loop"]["steps"], b1["step_loop"]["stalls"]) == (6, 6)
+    assert b2["step_loop"]["steps"] >= 6 and set(b2["step_loop"]["host_s"]) == {
+        "schedule",
+        "launch",
+        "update",
+    }
     # 40-token prompt (block 16): 2 full blocks once, then each of 4 children its copy of the third
     # block (it computes the last prompt token itself) and nothing more (46 tokens fit in 3 blocks).
     assert b3["kv_blocks_prompt_once_plus_children"] == 2 + 4 * 1

@@ -57,18 +57,22 @@ class BeamScheduling:
             self._beam_new_tokens.setdefault(beam.req_id, []).append(token_id)
 
     def fork_beam(self, beam: Request, parent: Request, output_token_ids: list[int]) -> None:
-        """`beam` becomes `parent`'s sequence extended to `output_token_ids`: its own blocks are freed
-        and it shares the parent's, copy-on-write. Call before the parent itself is extended."""
+        """`beam` becomes `parent`'s sequence extended to `output_token_ids` (a new list, which the beam
+        takes): its own blocks are freed and it shares the parent's, copy-on-write. Call before the
+        parent itself is extended."""
         kv = self.kv_cache_manager
         if beam.req_id in self._waiting:
             self._remove_waiting(beam)
-        kv.free(beam)
+        forks = parent.status == RequestStatus.RUNNING and parent.req_id in kv.req_to_blocks
+        if forks:
+            kv.refork(beam, parent, parent.num_computed_tokens)  # free(beam), then fork
+        else:
+            kv.free(beam)
         self._forget_beam_diffs(beam)
-        beam.output_token_ids = list(output_token_ids)
-        beam.all_token_ids = beam.prompt_token_ids + beam.output_token_ids
+        beam.output_token_ids = output_token_ids
+        beam.all_token_ids = beam.prompt_token_ids + output_token_ids
         beam.block_hashes = list(parent.block_hashes)
-        if parent.status == RequestStatus.RUNNING and parent.req_id in kv.req_to_blocks:
-            kv.fork(beam, parent, parent.num_computed_tokens)
+        if forks:
             beam.num_computed_tokens = parent.num_computed_tokens
             beam.status = RequestStatus.RUNNING
             if beam.first_scheduled_time is None:

@@ -199,6 +199,30 @@ class KVCacheManager:
             self._num_cached_blocks[parent.req_id], num_tokens // self.block_size
         )
 
+    def refork(self, child: Request, parent: Request, num_tokens: int) -> None:
+        """free(child) then fork(child, parent, num_tokens), in one pass: the leading blocks the two
+        tables share (a beam taking a sibling's sequence shares the prompt and most of its tokens)
+        keep their references, since dropping and taking one back changes nothing (the parent holds
+        them, so none reaches the free list); only the differing tails are freed and touched."""
+        old = self.req_to_blocks.get(child.req_id)
+        if not old or self.replaced.get(child.req_id) is not None:
+            self.free(child)
+            self.fork(child, parent, num_tokens)
+            return
+        num_blocks = _cdiv(num_tokens, self.block_size)
+        new = self.req_to_blocks[parent.req_id][:num_blocks]
+        same = 0
+        for a, b in zip(old, new, strict=False):
+            if a is not b:
+                break
+            same += 1
+        self.block_pool.free_blocks(reversed(old[same:]))
+        self.block_pool.touch(new[same:])
+        self.req_to_blocks[child.req_id] = new
+        self._num_cached_blocks[child.req_id] = min(
+            self._num_cached_blocks[parent.req_id], num_tokens // self.block_size
+        )
+
     def take_copies(self) -> list[tuple[int, int]]:
         """The (src, dst) block copies queued since the last call, for the step being scheduled."""
         copies, self._copies = self._copies, []

@@ -212,3 +212,39 @@ def test_free_with_uncache_drops_the_blocks_from_the_prefix_cache() -> None:
     kv.free(a, uncache=True)
     assert kv.block_pool.num_cached_blocks == 0 and kv.num_free_blocks == 8
     assert kv.get_computed_blocks(make_req("b", list(range(9))))[1] == 0
+
+
+def _pool_state(kv: KVCacheManager) -> tuple:
+    pool = kv.block_pool
+    refs = tuple(b.ref_cnt for b in pool.blocks)
+    free = tuple(b.block_id for b in pool.free_block_queue)
+    tables = {rid: [b.block_id for b in blocks] for rid, blocks in kv.req_to_blocks.items()}
+    return refs, free, tables, dict(kv._num_cached_blocks)
+
+
+def test_refork_leaves_the_pool_as_free_then_fork_does() -> None:
+    """A beam taking a sibling's sequence: both share the prompt's blocks and then part ways. refork
+    skips the shared run; references, the free list's order and the tables equal free + fork's."""
+    states = []
+    for one_pass in (False, True):
+        kv = KVCacheManager(32, BS, True)
+        prompt = list(range(1, 10))  # 9 tokens: 2 full blocks and a partial third
+        parent, child = make_req("p", prompt), make_req("c", prompt)
+        admit(kv, parent)
+        kv.fork(child, parent, parent.num_computed_tokens)
+        child.num_computed_tokens = parent.num_computed_tokens
+        for req, tokens in ((parent, [20, 21, 22, 23, 24]), (child, [30, 31, 32, 33, 34, 35, 36])):
+            for t in tokens:  # grow one token a step, copy-on-write on the first write
+                req.append_output_token(t)
+                assert kv.allocate_slots(req, 1) is not None
+                req.num_computed_tokens += 1
+            kv.take_copies()
+        if one_pass:
+            kv.refork(child, parent, parent.num_computed_tokens)
+        else:
+            kv.free(child)
+            kv.fork(child, parent, parent.num_computed_tokens)
+        states.append(_pool_state(kv))
+    assert states[0] == states[1]
+    refs, free, tables, _ = states[1]
+    assert tables["c"] == tables["p"] and len(free) == 32 - len(tables["p"])

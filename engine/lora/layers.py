@@ -81,7 +81,7 @@ class LoRALinear(nn.Module):
         if not self.batch.active:
             return out
         slots = self.batch.token_slots[: x.shape[0]]
-        t = self.shrink(x, self.a_stacked, slots)  # [num_tokens, num_slices * max_rank] fp32
+        t = self.shrink(x, self.a_stacked, slots)  # fp32 [(split,) num_tokens, num_slices * max_rank]
         return self.expand(t, self.b_stacked, slots, out)
 
     @torch.no_grad()

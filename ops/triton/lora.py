@@ -5,9 +5,13 @@ the output) and loops over the slots present in its tile (between the tile's low
 index), working each time only on the rows of that slot: a prefill segment's tile is one slot, a
 decode tile any mix. So every adapter of the batch goes through one launch, the grid depends on
 shapes only (CUDA graphs capture it with the index as a static input; no program per slot, so 64
-slots cost no more launch than one), and every output element is written by exactly one program
-(no atomics in the expand; the shrink's split over the input dimension adds fp32 partials
-atomically).
+slots cost no more launch than one), and every output element is written by exactly one program:
+no atomics anywhere.
+
+Small batches (decode) split the shrink's input dimension over programs to stream A at full
+bandwidth. Each split writes its own fp32 partial product ([split, T, K]) and the expand sums the
+splits as it loads t, so nothing has to be zeroed first: a LoRA layer is exactly two launches (the
+atomic version needed a memset of t before the shrink, a third launch per layer).
 
 Ranks up to max_lora_rank are zero-padded in the stacked weights, so one launch covers them all.
 """
@@ -24,30 +28,38 @@ def _lora_shrink_kernel(
     x_ptr,  # [T, IN]
     a_ptr,  # [S, K, IN]
     slots_ptr,  # [T] int32
-    out_ptr,  # [T, K] fp32, zeroed
+    out_ptr,  # [SPLIT, T, K] fp32: one partial product per split of IN (program axis 1)
     T,
     K,
     IN,
     stride_xm,
     stride_as,
     stride_ak,
+    stride_os,
     stride_om,
     CHUNK_IN,  # input columns per split (a multiple of BLOCK_IN)
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_IN: tl.constexpr,
-    ATOMIC: tl.constexpr,  # the input dimension is split over programs: add the partials
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_split = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    tok_slot = tl.load(slots_ptr + offs_m, mask=offs_m < T, other=-1)
+    m_mask = offs_m < T
+    tok_slot = tl.load(slots_ptr + offs_m, mask=m_mask, other=-1)
     lo = tl.min(tl.where(tok_slot >= 0, tok_slot, 1 << 30), axis=0)  # none: an empty range below
     hi = tl.max(tok_slot, axis=0)
     offs_k = tl.arange(0, BLOCK_K)
     k_mask = offs_k < K
     start = pid_split * CHUNK_IN
+    out_ptrs = out_ptr + pid_split * stride_os + offs_m[:, None] * stride_om + offs_k[None, :]
+    # Rows without an adapter get zeros: the buffer comes uninitialized, and this program owns its
+    # rows of this split (one masked store, no separate memset launch).
+    base_rows = (tok_slot < 0) & m_mask
+    tl.store(
+        out_ptrs, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), mask=base_rows[:, None] & k_mask[None, :]
+    )
     for slot in range(lo, hi + 1):
         match = tok_slot == slot
         if tl.sum(match.to(tl.int32), axis=0) > 0:
@@ -66,23 +78,20 @@ def _lora_shrink_kernel(
                     other=0.0,
                 )  # [BLOCK_IN, BLOCK_K]: A^T's tile
                 acc += tl.dot(x, a.to(x.dtype), input_precision=DOT_PRECISION)
-            out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_k[None, :]
-            out_mask = match[:, None] & k_mask[None, :]
-            if ATOMIC:
-                tl.atomic_add(out_ptrs, acc, mask=out_mask)
-            else:
-                tl.store(out_ptrs, acc, mask=out_mask)
+            tl.store(out_ptrs, acc, mask=match[:, None] & k_mask[None, :])
 
 
 @triton.jit
 def _lora_expand_kernel(
-    t_ptr,  # [T, K] fp32
+    t_ptr,  # [SPLIT, T, K] fp32: the shrink's partials, summed here
     b_ptr,  # [S, OUT, K]
     slots_ptr,  # [T] int32
     y_ptr,  # [T, OUT], updated in place
     T,
     K,
     OUT,
+    SPLIT,
+    stride_ts,
     stride_tm,
     stride_bs,
     stride_bn,
@@ -105,11 +114,11 @@ def _lora_expand_kernel(
     for slot in range(lo, hi + 1):
         match = tok_slot == slot
         if tl.sum(match.to(tl.int32), axis=0) > 0:
-            t = tl.load(
-                t_ptr + offs_m[:, None] * stride_tm + offs_k[None, :],
-                mask=match[:, None] & k_mask[None, :],
-                other=0.0,
-            )
+            t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_k[None, :]
+            t_mask = match[:, None] & k_mask[None, :]
+            t = tl.load(t_ptrs, mask=t_mask, other=0.0)
+            for s in range(1, SPLIT):  # in split order: the sum does not depend on scheduling
+                t += tl.load(t_ptrs + s * stride_ts, mask=t_mask, other=0.0)
             b = tl.load(
                 b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn + offs_k[:, None],
                 mask=k_mask[:, None] & n_mask[None, :],
@@ -144,7 +153,9 @@ def lora_shrink(
     a_stacked: torch.Tensor,  # [num_slots, lora_dim, in_features]
     token_slots: torch.Tensor,  # [num_tokens] int32; -1 = no adapter
 ) -> torch.Tensor:
-    """x @ A[slot]^T per token -> [num_tokens, lora_dim] float32 (ops.reference.lora_shrink)."""
+    """x @ A[slot]^T per token as partial products over splits of in_features -> [split, num_tokens,
+    lora_dim] float32, whose sum over dim 0 is ops.reference.lora_shrink's [num_tokens, lora_dim] (rows
+    of slot -1 are zeros). `lora_expand` takes it as it is and sums the splits as it loads them."""
     num_tokens, in_features = x.shape
     num_slots, lora_dim, a_in = a_stacked.shape
     if a_in != in_features or token_slots.shape[0] != num_tokens:
@@ -152,17 +163,18 @@ def lora_shrink(
             f"lora_shrink: x {tuple(x.shape)}, A {tuple(a_stacked.shape)}, slots {tuple(token_slots.shape)}"
         )
     x = x.contiguous()
-    out = torch.zeros(num_tokens, lora_dim, dtype=torch.float32, device=x.device)
     if num_tokens == 0:
-        return out
+        return torch.zeros(1, 0, lora_dim, dtype=torch.float32, device=x.device)
     block_k = _block_k(lora_dim)
     block_m, block_in = _block_m(num_tokens, block_k), 64
     num_m = triton.cdiv(num_tokens, block_m)
     # Small batches (decode) give too few programs to stream A at full bandwidth: split the input
-    # dimension too and add the partials atomically. Fixed by shapes only, so graphs capture it.
+    # dimension too, one partial product per split. Fixed by shapes only, so graphs capture it.
     split = max(1, min(in_features // 512, 64 // num_m))
     chunk = triton.cdiv(triton.cdiv(in_features, split), block_in) * block_in
     split = triton.cdiv(in_features, chunk)
+    # Every element is written by the kernel (partials, or zeros on rows without an adapter): no memset.
+    out = torch.empty(split, num_tokens, lora_dim, dtype=torch.float32, device=x.device)
     del num_slots  # the kernel reads the slots of its tile from token_slots
     _lora_shrink_kernel[(num_m, split)](
         x,
@@ -176,28 +188,30 @@ def lora_shrink(
         a_stacked.stride(0),
         a_stacked.stride(1),
         out.stride(0),
+        out.stride(1),
         chunk,
         BLOCK_M=block_m,
         BLOCK_K=block_k,
         BLOCK_IN=block_in,
-        ATOMIC=split > 1,
         DOT_PRECISION=_dot_precision(x.dtype),
     )
     return out
 
 
 def lora_expand(
-    t: torch.Tensor,  # [num_tokens, lora_dim] float32
+    t: torch.Tensor,  # [split, num_tokens, lora_dim] float32 (lora_shrink's partials) or [num_tokens, lora_dim]
     b_stacked: torch.Tensor,  # [num_slots, out_features, lora_dim]
     token_slots: torch.Tensor,  # [num_tokens] int32; -1 = no adapter
     y: torch.Tensor,  # [num_tokens, out_features], updated in place
 ) -> torch.Tensor:
-    """y += t @ B[slot]^T per token, in place; returns y (ops.reference.lora_expand)."""
-    num_tokens, lora_dim = t.shape
+    """y += (sum of t's splits) @ B[slot]^T per token, in place; returns y (ops.reference.lora_expand)."""
+    shape = tuple(t.shape)
+    t = (t.unsqueeze(0) if t.dim() == 2 else t).contiguous()  # a 2-D t is one split
+    split, num_tokens, lora_dim = t.shape
     num_slots, out_features, b_k = b_stacked.shape
     if b_k != lora_dim or y.shape != (num_tokens, out_features) or token_slots.shape[0] != num_tokens:
         raise ValueError(
-            f"lora_expand: t {tuple(t.shape)}, B {tuple(b_stacked.shape)}, y {tuple(y.shape)}, "
+            f"lora_expand: t {shape}, B {tuple(b_stacked.shape)}, y {tuple(y.shape)}, "
             f"slots {tuple(token_slots.shape)}"
         )
     if num_tokens == 0:
@@ -215,7 +229,9 @@ def lora_expand(
         num_tokens,
         lora_dim,
         out_features,
+        split,
         t.stride(0),
+        t.stride(1),
         b_stacked.stride(0),
         b_stacked.stride(1),
         y.stride(0),

@@ -57,17 +57,43 @@ def test_lora_shrink_and_expand_match_the_reference(
 
     x, a, b, slots, y = _inputs(num_tokens, in_features, out_features, lora_dim, num_slots, num_tokens)
     t_ref = reference.lora_shrink(x, a, slots)
-    t = lora_shrink(x, a, slots)
+    t = lora_shrink(x, a, slots)  # [split, num_tokens, lora_dim]: partial products over in_features
     rows = slots >= 0
-    assert t.dtype == torch.float32 and t.shape == (num_tokens, lora_dim)
-    torch.testing.assert_close(t[rows], t_ref[rows], rtol=1e-4, atol=1e-4)
+    assert t.dtype == torch.float32 and t.shape[1:] == (num_tokens, lora_dim)
+    torch.testing.assert_close(t.sum(0), t_ref, rtol=1e-4, atol=1e-4)  # rows without an adapter: 0
 
     y_ref = reference.lora_expand(t_ref, b, slots, y.clone())
-    y_out = y.clone()
-    assert lora_expand(t_ref, b, slots, y_out) is y_out
-    torch.testing.assert_close(y_out, y_ref, rtol=1e-4, atol=1e-4)
-    assert torch.equal(y_out[~rows], y[~rows])  # no adapter: the base output is untouched
-    assert not torch.equal(y_out[rows], y[rows])
+    for t_in in (t_ref, t):  # a whole t, and the shrink's partials summed by the expand
+        y_out = y.clone()
+        assert lora_expand(t_in, b, slots, y_out) is y_out
+        torch.testing.assert_close(y_out, y_ref, rtol=1e-4, atol=1e-4)
+        assert torch.equal(y_out[~rows], y[~rows])  # no adapter: the base output is untouched
+        assert not torch.equal(y_out[rows], y[rows])
+
+
+@in_process
+@pytest.mark.parametrize(("num_tokens", "in_features"), [(1, 2048), (5, 1100), (40, 64)])
+def test_lora_shrink_writes_every_element_of_its_uninitialized_output(
+    num_tokens: int, in_features: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shrink's output comes from torch.empty (no memset launch): every partial of every split,
+    rows without an adapter included, must be written by the kernel. Here empty memory is NaN."""
+    import ops.triton.lora as lora
+
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    x, a, b, slots, y = _inputs(num_tokens, in_features, 32, 16, 3, 11)
+    monkeypatch.setattr(lora.torch, "empty", nan_empty)
+    t = lora.lora_shrink(x, a, slots)
+    monkeypatch.undo()
+    if num_tokens < 8:  # decode-sized: the input dimension is split over programs
+        assert t.shape[0] > 1
+    assert not t.isnan().any()
+    torch.testing.assert_close(t.sum(0), reference.lora_shrink(x, a, slots), rtol=1e-4, atol=1e-4)
 
 
 @in_process

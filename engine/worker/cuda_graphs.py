@@ -16,6 +16,19 @@ reads the real seq_lens from the device at replay; segments past a sequence's en
 `emulate=True` runs the same static-buffer path with eager "replays" instead of graphs, so the padding
 logic is testable on CPU.
 
+With LoRA on (`lora` given: the LoRABatch every LoRA layer reads), each size is captured twice: with
+the LoRA term (`lora.active` True: the shrink and expand kernels of every layer, reading the per-token
+slot index from its static tensor) and without it (`active` False: the base model's kernels only). A
+replay picks the variant from `lora.active`, which the step's `LoRAManager.prepare_step` sets: False
+when no token of the step has an adapter, so base-model steps on a LoRA engine launch no LoRA kernel.
+What the second set costs: both sets share one memory pool and are captured back to back, so a
+no-LoRA graph reuses the blocks its LoRA twin freed (it needs a subset of them). Each graph keeps its
+static output ([size, hidden] in the pool: the sum of the captured sizes x hidden x dtype bytes; at
+the Llama-3-8B shape 4,231 rows x 8 KiB = 33 MiB for the decode ladder to 256, 188 MiB for the
+default ladder to 1024 with the six mixed sizes) and its CUDA graph object; memory_profile's
+per-graph allowance counts both sets. Start-up captures twice as many graphs, with no second warm-up
+forward (the variant without LoRA runs a subset of the kernels just warmed up at the same shapes).
+
 The graph runner gets what it needs from the model runner explicitly (the eager forward as a callable
 over the model, the device, the pinned staging buffer, the block-table width) and holds no reference
 to the model runner: a runner -> graph runner -> runner cycle kept a dropped engine's KV cache and
@@ -30,6 +43,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -41,6 +55,9 @@ from engine.worker.attention_metadata import (
     build_step_inputs,
     step_layout,
 )
+
+if TYPE_CHECKING:
+    from engine.lora.layers import LoRABatch
 
 logger = logging.getLogger("weir.engine")
 
@@ -214,8 +231,12 @@ class CUDAGraphRunner:
         staging: PinnedStaging | None = None,
         emulate: bool = False,
         mixed_sizes: list[int] | None = None,
+        lora: LoRABatch | None = None,  # LoRA on: capture each size with and without the LoRA term
     ) -> None:
         self.forward = forward
+        self.lora = lora
+        # The LoRA variants captured per size: `lora.active` at capture (None: LoRA is off).
+        self.lora_variants: tuple[bool | None, ...] = (True, False) if lora is not None else (None,)
         self.device = device
         self.staging = staging
         self.max_seq_len = max_seq_len
@@ -231,8 +252,9 @@ class CUDAGraphRunner:
             dtype=torch.uint8,
             device=device,
         )
-        self._graphs: dict[int, _Captured] = {}
-        self._mixed_graphs: dict[int, _Captured] = {}
+        # (size, LoRA variant) -> graph
+        self._graphs: dict[tuple[int, bool | None], _Captured] = {}
+        self._mixed_graphs: dict[tuple[int, bool | None], _Captured] = {}
         # Views of input_buffer by step layout, so a replay step builds no new tensors for them.
         self.view_cache: dict[tuple[int, int, int, int], dict[str, torch.Tensor]] = {}
         self.pool: tuple[int, int] | None = None
@@ -265,6 +287,7 @@ class CUDAGraphRunner:
         # Objects alive now stay alive: freezing them keeps any gc.collect() during the captures cheap.
         gc.collect()
         gc.freeze()
+        lora_active = self.lora.active if self.lora is not None else None
         try:
             # Decode sizes first (the largest batch needs the most memory), then the mixed sizes.
             plan = [(bs, False) for bs in reversed(self.sizes)] + [
@@ -273,22 +296,30 @@ class CUDAGraphRunner:
             for bs, mixed in plan:
                 step = self.dummy_mixed_step(bs) if mixed else self.dummy_step(bs)
                 graphs = self._mixed_graphs if mixed else self._graphs
-                if not on_cuda:
-                    graphs[bs] = self._emulated(step)
-                    continue
-                # Warm-up outside the capture: Triton compiles and cuBLAS picks its kernels here.
-                t0 = time.perf_counter()
-                stream.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(stream):
-                    self.forward(step.input_ids, step.positions, step.metadata)
-                torch.cuda.current_stream(device).wait_stream(stream)
-                self.warmup_seconds += time.perf_counter() - t0
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                    output = self.forward(step.input_ids, step.positions, step.metadata)
-                graphs[bs] = _Captured(replay=graph.replay, output=output)
+                # With LoRA: the variant with the LoRA term first (the larger), then the one without.
+                for variant in self.lora_variants:
+                    if self.lora is not None:
+                        self.lora.active = bool(variant)
+                    if not on_cuda:
+                        graphs[bs, variant] = self._emulated(step, variant)
+                        continue
+                    if variant is not False:
+                        # Warm-up outside the capture: Triton compiles and cuBLAS picks its kernels
+                        # here (the variant without LoRA runs a subset of these kernels).
+                        t0 = time.perf_counter()
+                        stream.wait_stream(torch.cuda.current_stream(device))
+                        with torch.cuda.stream(stream):
+                            self.forward(step.input_ids, step.positions, step.metadata)
+                        torch.cuda.current_stream(device).wait_stream(stream)
+                        self.warmup_seconds += time.perf_counter() - t0
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                        output = self.forward(step.input_ids, step.positions, step.metadata)
+                    graphs[bs, variant] = _Captured(replay=graph.replay, output=output)
         finally:
             gc.unfreeze()
+            if self.lora is not None:
+                self.lora.active = bool(lora_active)
         if on_cuda:
             torch.cuda.synchronize(device)
             free_after, _ = torch.cuda.mem_get_info(device)
@@ -297,7 +328,7 @@ class CUDAGraphRunner:
         sizes, mixed = self.sizes, self.mixed_sizes
         logger.info(
             "CUDA graphs captured in %.2fs (warm-up forwards %.2fs): %d decode batch sizes (%d..%d), "
-            "%d mixed step sizes (%s tokens), %.3f GiB%s",
+            "%d mixed step sizes (%s tokens)%s, %.3f GiB%s",
             self.capture_seconds,
             self.warmup_seconds,
             len(sizes),
@@ -305,19 +336,32 @@ class CUDAGraphRunner:
             sizes[-1],
             len(mixed),
             f"{mixed[0]}..{mixed[-1]}" if mixed else "-",
+            ", each with and without LoRA" if self.lora is not None else "",
             self.memory_bytes / (1 << 30),
             " (emulated)" if self.emulate else "",
         )
 
-    def _emulated(self, step: StepInputs) -> _Captured:
-        """CPU stand-in for a graph: rerun the forward on the static inputs into a fixed output."""
+    def _emulated(self, step: StepInputs, variant: bool | None) -> _Captured:
+        """CPU stand-in for a graph: rerun the forward on the static inputs into a fixed output.
+
+        The LoRA variant is fixed at capture as in a real graph (whose kernels are baked in): a replay
+        runs the LoRA term exactly when the graph was captured with it, whatever `lora.active` says
+        now, so a wrong variant choice shows in the outputs on CPU too."""
         forward = self.forward
+        lora = self.lora
         output = forward(step.input_ids, step.positions, step.metadata).clone()
 
-        # Closes over the forward and the step, not self: a closure holding the graph runner, stored
-        # in the graph runner, would be a reference cycle.
+        # Closes over the forward, the step and the LoRA batch, not self: a closure holding the graph
+        # runner, stored in the graph runner, would be a reference cycle.
         def replay() -> None:
-            output.copy_(forward(step.input_ids, step.positions, step.metadata))
+            if lora is None:
+                output.copy_(forward(step.input_ids, step.positions, step.metadata))
+                return
+            active, lora.active = lora.active, bool(variant)
+            try:
+                output.copy_(forward(step.input_ids, step.positions, step.metadata))
+            finally:
+                lora.active = active
 
         return _Captured(replay=replay, output=output)
 
@@ -379,10 +423,15 @@ class CUDAGraphRunner:
             pad_mixed_batch(none, num_tokens), np.zeros(0, dtype=np.int64), num_tokens, 0, mixed=True
         )
 
+    def replay_variant(self) -> bool | None:
+        """The LoRA variant this step replays: with the LoRA term exactly when some token of the step
+        has an adapter (`lora.active`, set by the step's prepare_step); None when LoRA is off."""
+        return None if self.lora is None else self.lora.active
+
     def replay(self, metadata: AttentionMetadata) -> torch.Tensor:
         """Replay the graph whose static buffer holds this step; returns its [B, hidden] output."""
         assert metadata.cuda_graph_size is not None
         graphs = self._mixed_graphs if metadata.cuda_graph_mixed else self._graphs
-        captured = graphs[metadata.cuda_graph_size]
+        captured = graphs[metadata.cuda_graph_size, self.replay_variant()]
         captured.replay()
         return captured.output

@@ -87,8 +87,6 @@ class KVCacheSetup:
             return
         sizes = self.cuda_graph_sizes()
         assert self.model is not None, "load_model() first"
-        if self.lora is not None:
-            self.lora.batch.active = True  # graphs always run the LoRA kernels (slot -1: no-ops)
         graph_runner = CUDAGraphRunner(
             functools.partial(eager_forward, self.model),
             sizes,
@@ -98,6 +96,7 @@ class KVCacheSetup:
             staging=self._staging,
             emulate=emulate,
             mixed_sizes=self.cuda_graph_mixed_sizes(),
+            lora=self.lora.batch if self.lora is not None else None,
         )
         graph_runner.capture()
         self.graph_runner = graph_runner
@@ -163,5 +162,10 @@ class KVCacheSetup:
             self._forward(step.input_ids, step.positions, step.metadata)
 
         return profile_graph_pool_bytes(
-            self.device, largest_decode_forward, sizes, self.cuda_graph_mixed_sizes(), self.max_blocks_per_seq
+            self.device,
+            largest_decode_forward,
+            sizes,
+            self.cuda_graph_mixed_sizes(),
+            self.max_blocks_per_seq,
+            graphs_per_size=2 if self.lora is not None else 1,  # with and without the LoRA term
         )

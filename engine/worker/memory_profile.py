@@ -163,10 +163,12 @@ def profile_graph_pool_bytes(
     sizes: list[int],  # decode graph batch sizes, ascending
     mixed_sizes: list[int],  # mixed graph token counts, ascending
     block_table_width: int,
+    graphs_per_size: int = 1,  # 2 with LoRA on: each size is captured with and without the LoRA term
 ) -> int:
     """Estimate the graph pool: the activation peak of an eager forward of the largest captured
     decode batch (the graphs share one pool, captured largest first), plus the static input buffer
-    and a per-graph allowance."""
+    and a per-graph allowance (for every graph: a second variant shares the pool's activations but
+    keeps its own output and graph object)."""
     bs = sizes[-1]
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -179,4 +181,4 @@ def profile_graph_pool_bytes(
     if mixed_sizes and mixed_sizes[-1] > bs:
         peak = peak * mixed_sizes[-1] // bs
     buffer = static_buffer_bytes(bs, block_table_width, mixed_sizes[-1] if mixed_sizes else 0)
-    return peak + buffer + _GRAPH_OVERHEAD_BYTES * (len(sizes) + len(mixed_sizes))
+    return peak + buffer + _GRAPH_OVERHEAD_BYTES * graphs_per_size * (len(sizes) + len(mixed_sizes))

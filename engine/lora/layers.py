@@ -9,12 +9,18 @@ zero-padded to max_lora_rank:
 and adds x @ A[slot]^T @ B[slot]^T for each token's slot, read from the `LoRABatch` every layer
 shares: a persistent device tensor, so a CUDA graph captures it as a static input.
 
+The stacks are views into one device tensor the manager owns, [max_loras, slot_numel] (every layer's
+A and B of one slot, `bind`), so one slot of every layer is one contiguous region: writing an
+adapter into a slot is one host->device copy of a host image of the slot (`write_slot_image`), not
+a memset and a handful of copies per layer.
+
 Tensor parallelism: column-parallel layers keep A whole and B's rows of this rank; row-parallel
 layers keep A's input columns of this rank and B whole (the partial products sum in the all-reduce).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -30,9 +36,19 @@ class LoRABatch:
     def __init__(self, max_num_tokens: int, device: torch.device) -> None:
         # [max_num_tokens] int32; -1 = no adapter. Steps write their first num_tokens entries.
         self.token_slots = torch.full((max_num_tokens,), -1, dtype=torch.int32, device=device)
-        # False when no token of an eager step has an adapter: the layers skip the LoRA term. Graphs
-        # are captured with it True, so a replay always runs the kernels (on slot -1 they do nothing).
+        # False when no token of the step has an adapter: the layers skip the LoRA term (eager), and
+        # a CUDA-graph step replays its size's graph captured without it (engine.worker.cuda_graphs).
+        # token_slots is then neither read nor written.
         self.active = True
+
+
+# Regions of a slot start on a multiple of this many elements (>= 16 bytes: Triton specializes
+# pointers and strides on 16-byte alignment, so every layer's views get the same compiled kernel).
+_ALIGN = 64
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
 
 
 class LoRALinear(nn.Module):
@@ -69,11 +85,24 @@ class LoRALinear(nn.Module):
         self.in_part = in_part
         out_part = sum(n for _, _, n in self.out_slices)
         dim = len(self.out_slices) * max_rank
-        dtype = base.params_dtype
-        self.register_buffer("a_stacked", torch.zeros(max_loras, dim, in_part, dtype=dtype), persistent=False)
-        self.register_buffer(
-            "b_stacked", torch.zeros(max_loras, out_part, dim, dtype=dtype), persistent=False
-        )
+        self.max_loras = max_loras
+        self.a_shape = (dim, in_part)
+        self.b_shape = (out_part, dim)
+        # Elements of this layer in one slot (A then B, each aligned); `bind` places them.
+        self.slot_numel = _aligned(math.prod(self.a_shape)) + _aligned(math.prod(self.b_shape))
+        self.offset = 0
+        # [max_loras, *a_shape] and [max_loras, *b_shape] views of the manager's slot tensor (`bind`)
+        self.register_buffer("a_stacked", None, persistent=False)
+        self.register_buffer("b_stacked", None, persistent=False)
+
+    def bind(self, slots: torch.Tensor, offset: int) -> None:
+        """Take this layer's stacks as views of `slots` [max_loras, slot_numel of every layer], at
+        `offset` (a multiple of the alignment) within each slot."""
+        na, nb = math.prod(self.a_shape), math.prod(self.b_shape)
+        b_offset = offset + _aligned(na)
+        self.offset = offset
+        self.a_stacked = slots[:, offset : offset + na].view(self.max_loras, *self.a_shape)
+        self.b_stacked = slots[:, b_offset : b_offset + nb].view(self.max_loras, *self.b_shape)
 
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """x [num_tokens, in_per_partition], out [num_tokens, out_per_partition] (the base output,
@@ -85,24 +114,32 @@ class LoRALinear(nn.Module):
         return self.expand(t, self.b_stacked, slots, out)
 
     @torch.no_grad()
-    def set_slot(self, slot: int, weights: LoRALayerWeights | None) -> None:
-        """Write one adapter's weights (None: no weights for this layer) into a slot, zero-padded."""
-        self.a_stacked[slot].zero_()
-        self.b_stacked[slot].zero_()
-        if weights is None:
-            return
+    def write_slot_image(self, image: torch.Tensor, weights: LoRALayerWeights | None) -> None:
+        """Write one adapter's weights for this layer (None: none) into `image`, a host tensor laid
+        out as one slot of the slot tensor ([slot_numel of every layer]), zero-padded to max_rank.
+
+        Only the diagonal blocks are written (sub-matrix i: A's rows and B's rows x columns of block
+        i); B's off-diagonal blocks of fused layers are zero for every adapter and stay as they are
+        (the image starts zeroed). So an image reused for another adapter needs no clearing first."""
+        na = math.prod(self.a_shape)
+        b_offset = self.offset + _aligned(na)
+        a_img = image[self.offset : self.offset + na].view(self.a_shape)
+        b_img = image[b_offset : b_offset + math.prod(self.b_shape)].view(self.b_shape)
         r_max = self.max_rank
-        for i, (a, b) in enumerate(zip(weights.a, weights.b, strict=True)):
+        for i, (offset, start, rows) in enumerate(self.out_slices):
+            a_block = a_img[i * r_max : (i + 1) * r_max]  # [max_rank, in_per_partition]
+            b_block = b_img[offset : offset + rows, i * r_max : (i + 1) * r_max]  # [rows, max_rank]
+            a = weights.a[i] if weights is not None else None
+            b = weights.b[i] if weights is not None else None
             if a is None or b is None:
+                a_block.zero_()
+                b_block.zero_()
                 continue
-            offset, start, rows = self.out_slices[i]
             r = a.shape[0]
-            self.a_stacked[slot, i * r_max : i * r_max + r].copy_(
-                a[:, self.in_start : self.in_start + self.in_part], non_blocking=True
-            )
-            self.b_stacked[slot, offset : offset + rows, i * r_max : i * r_max + r].copy_(
-                b[start : start + rows], non_blocking=True
-            )
+            a_block[:r].copy_(a[:, self.in_start : self.in_start + self.in_part])
+            a_block[r:].zero_()
+            b_block[:, :r].copy_(b[start : start + rows])
+            b_block[:, r:].zero_()
 
 
 def lora_targets(model: nn.Module) -> tuple[dict[str, LoRATarget], dict[str, int]]:

@@ -157,6 +157,74 @@ def test_chunked_prefill_and_emulated_cuda_graphs(lora_setup: dict) -> None:
     assert replayed and any(size not in (1, 2, 4, 8) or size > 1 for size in replayed)
 
 
+def test_graph_variant_without_lora_for_base_only_steps(lora_setup: dict) -> None:
+    """Emulated graphs bake in their LoRA variant as real ones do. Base-model requests alone on a
+    LoRA engine replay the graphs captured without LoRA and launch no LoRA kernel (eager prefills
+    skip it too); a batch mixing the base model and adapters that follows replays the LoRA variant,
+    and base-only steps after it the variant without again: PEFT-exact tokens throughout (a graph
+    without LoRA replayed for a step with an adapter token would drop the adapter's term)."""
+    llm = LLM(
+        lora_setup["model"], device="cpu", dtype="float32", enable_lora=True, max_loras=4,
+        max_cuda_graph_batch_size=8,
+    )  # fmt: skip
+    runner = llm.llm_engine.executor.runner
+    runner.capture_cuda_graphs(emulate=True)
+    graph_runner, lora = runner.graph_runner, runner.lora
+    assert graph_runner.num_graphs == 2 * len(graph_runner.sizes)  # with and without LoRA per size
+    shrinks = []
+    for layer in lora.layers.values():
+        layer.shrink = lambda *args, _shrink=layer.shrink: shrinks.append(1) or _shrink(*args)
+    has_adapter: list[bool] = []  # per step, from what the runner hands prepare_step
+    prepare = lora.prepare_step
+    lora.prepare_step = lambda adapters, *a: has_adapter.append(any(adapters)) or prepare(adapters, *a)
+    replays: list[tuple[bool, bool | None]] = []  # (the step has an adapter token, variant replayed)
+    replay = graph_runner.replay
+    graph_runner.replay = lambda md: (
+        replays.append((has_adapter[-1], graph_runner.replay_variant())) or replay(md)
+    )
+
+    _check(llm, lora_setup, PROMPTS[:3], [None] * 3)  # 3 decodes padded to a graph of 4
+    assert replays and all(variant is False for _, variant in replays)
+    assert shrinks == []  # no LoRA kernel in any step, eager or replayed
+    replays.clear()
+    _check(llm, lora_setup, PROMPTS, MIXED)
+    assert replays and all(with_adapter and variant is True for with_adapter, variant in replays)
+    assert shrinks
+    replays.clear()
+    shrinks.clear()
+    _check(llm, lora_setup, PROMPTS[3:5], [None] * 2)  # base-only again, after adapter steps
+    assert replays and all(variant is False for _, variant in replays) and shrinks == []
+    del lora.prepare_step, graph_runner.replay
+
+
+def test_slot_reuse_leaves_nothing_of_the_previous_adapter(lora_setup: dict) -> None:
+    """One slot, one reused host image: r8-all (every projection, rank 8) then r2-kup (k and up,
+    rank 2) through the same slot leave exactly what r2-kup alone writes into a fresh engine."""
+    import numpy as np
+
+    from engine.config import EngineConfig
+    from engine.worker.model_runner import ModelRunner
+
+    reqs = lora_setup["requests"]
+
+    def slot_after(names: list[str]) -> torch.Tensor:
+        config = EngineConfig(
+            model=lora_setup["model"], device="cpu", dtype="float32", num_kv_blocks=8, enforce_eager=True,
+            enable_lora=True, max_loras=1,
+        )  # fmt: skip
+        runner = ModelRunner(config.resolve())
+        runner.load_model()
+        for name in names:
+            runner.lora.prepare_step([runner.lora.add(reqs[name])], [1], 1)
+        assert runner.lora.num_slot_loads == len(names)
+        assert np.array_equal(runner.lora.batch.token_slots[:1].numpy(), [0])
+        return runner.lora.slot_weights[0].clone()
+
+    reused = slot_after(["r8-all", "r2-kup"])
+    fresh = slot_after(["r2-kup"])
+    assert torch.equal(reused, fresh) and fresh.abs().sum() > 0
+
+
 def test_preemption(lora_setup: dict) -> None:
     # 3 + 2 + 2 + 3 blocks of 8 for the prompts, 4 + 3 + 3 + 4 with the outputs: 11 force preemption
     picked = [1, 3, 4, 6]

@@ -9,8 +9,13 @@ Everything wrong with an adapter is found here, at load, and raised as a LoRAAda
 the adapter and the field: nothing later (slots, kernels, steps) can fail on a bad adapter.
 
 The result maps each of weir's linear layers (by prefix: `model.layers.0.self_attn.qkv_proj`) to
-its sub-matrices' A and B (fused layers: q/k/v, gate/up), with the scaling (lora_alpha / r, or
-lora_alpha / sqrt(r) with rsLoRA) folded into B, in the model dtype, unsharded.
+its sub-matrices' A and B (fused layers: q/k/v, gate/up) in the model dtype, unsharded, with the
+scaling (lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA) to fold into B. It is folded when B is
+written into a slot (one pass: scale and copy; engine.lora.layers), not here: B as read from the file
+is kept as it is (no fp32 round trip of every B on the first request's path). The result is the
+same: x * s on a 16-bit tensor computes in fp32 and rounds once, as (x.float() * s).to(dtype) did.
+When the file's dtype is not the model's, the conversion must round once, after the scaling: B is
+then scaled here, in fp32, and `scale` is 1.
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ class LoRALayerWeights:
     """One weir layer's adapter weights, per sub-matrix (None: that sub-matrix is not adapted)."""
 
     a: list[torch.Tensor | None]  # [rank, in_features] each
-    b: list[torch.Tensor | None]  # [out_features, rank] each, scaling folded in
+    b: list[torch.Tensor | None]  # [out_features, rank] each, before the scaling
+    scale: list[float]  # per sub-matrix: the LoRA scaling still to multiply B by (1.0: folded in)
 
 
 @dataclass(eq=False, slots=True)
@@ -146,9 +152,15 @@ def load_adapter(
         layer = adapter.layers.get(target.layer_prefix)
         if layer is None:
             n = num_slices[target.layer_prefix]
-            layer = adapter.layers[target.layer_prefix] = LoRALayerWeights(a=[None] * n, b=[None] * n)
+            layer = adapter.layers[target.layer_prefix] = LoRALayerWeights(
+                a=[None] * n, b=[None] * n, scale=[1.0] * n
+            )
         layer.a[target.slice_index] = a.to(dtype).contiguous()
-        layer.b[target.slice_index] = (b.float() * scaling_of(r)).to(dtype).contiguous()
+        if b.dtype == dtype:  # scaled when written into a slot (see the module docstring)
+            layer.b[target.slice_index] = b.contiguous()
+            layer.scale[target.slice_index] = scaling_of(r)
+        else:
+            layer.b[target.slice_index] = (b.float() * scaling_of(r)).to(dtype).contiguous()
     if not adapter.layers:
         raise error("adapter_model.safetensors", "holds no LoRA weights")
     return adapter

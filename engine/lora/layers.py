@@ -138,7 +138,8 @@ class LoRALinear(nn.Module):
             r = a.shape[0]
             a_block[:r].copy_(a[:, self.in_start : self.in_start + self.in_part])
             a_block[r:].zero_()
-            b_block[:, :r].copy_(b[start : start + rows])
+            # The LoRA scaling folded in as B is copied (one pass; B and the image share the dtype).
+            torch.mul(b[start : start + rows], weights.scale[i], out=b_block[:, :r])
             b_block[:, r:].zero_()
 
 

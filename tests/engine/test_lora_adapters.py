@@ -1,6 +1,6 @@
 """Adapters weir cannot serve are refused at load, each with an error naming the adapter and the
 field at fault; a good one maps PEFT's q/k/v and gate/up onto weir's fused layers, scaling folded
-into B (lora_alpha / r, or / sqrt(r) with rsLoRA)."""
+into B (lora_alpha / r, or / sqrt(r) with rsLoRA) by the time B is in a slot."""
 
 from __future__ import annotations
 
@@ -60,9 +60,50 @@ def test_a_good_adapter_maps_onto_the_fused_layers(targets: tuple[dict, dict], t
     assert [a is not None for a in qkv.a] == [True, True, False]  # q, k; no v
     with safe_tensors(request) as f:
         b_k = f.get_tensor(f"{PREFIX}.self_attn.k_proj.lora_B.weight")
-    torch.testing.assert_close(qkv.b[1], b_k * 8 / math.sqrt(4))  # rsLoRA: alpha / sqrt(r)
+    torch.testing.assert_close(qkv.b[1] * qkv.scale[1], b_k * 8 / math.sqrt(4))  # rsLoRA: alpha / sqrt(r)
     gate_up = adapter.layers["model.layers.0.mlp.gate_up_proj"]
     assert gate_up.a[0] is None and gate_up.b[1].shape == (128, 4)
+
+
+@pytest.mark.parametrize("file_dtype", [torch.bfloat16, torch.float32])
+def test_a_bf16_slot_holds_b_scaled_then_rounded_once(
+    tiny_llama_dir: Path, targets: tuple[dict, dict], tmp_path: Path, file_dtype: torch.dtype
+) -> None:
+    """A bf16 model: a bf16 file's B is scaled as the slot is written, an fp32 file's at load; either
+    way the slot holds (B.float() * alpha / sqrt(r)).to(bfloat16) bit for bit, zero-padded."""
+    from engine.lora.layers import LoRABatch, LoRALinear
+
+    gen = torch.Generator().manual_seed(3)
+    tensors = {
+        f"{PREFIX}.self_attn.k_proj.lora_A.weight": torch.randn(4, 64, generator=gen).to(file_dtype),
+        f"{PREFIX}.self_attn.k_proj.lora_B.weight": torch.randn(32, 4, generator=gen).to(file_dtype),
+    }
+    request = _write(
+        tmp_path / "a", {"use_rslora": True, "lora_alpha": 7, "target_modules": ["k_proj"]}, tensors
+    )
+    adapter = load_adapter(request, targets[0], targets[1], 16, torch.bfloat16)
+    qkv = adapter.layers["model.layers.0.self_attn.qkv_proj"]
+    assert qkv.scale[1] == (3.5 if file_dtype == torch.bfloat16 else 1.0)
+    model = LlamaForCausalLM(ModelConfig.from_pretrained(tiny_llama_dir, device="cpu"))
+    layer = LoRALinear(
+        model.get_submodule("model.layers.0.self_attn.qkv_proj"),
+        LoRABatch(1, torch.device("cpu")),
+        1,
+        16,
+        None,
+        None,
+    )
+    image = torch.full((layer.slot_numel,), float("nan"), dtype=torch.bfloat16)
+    layer.bind(image.view(1, -1), 0)
+    layer.write_slot_image(image, qkv)
+    b_k = tensors[f"{PREFIX}.self_attn.k_proj.lora_B.weight"]
+    b_slot = layer.b_stacked[0, 64:96]  # k's rows (q has 64); its columns 16..31 (slice 1 of max rank 16)
+    assert torch.equal(b_slot[:, 16:20], (b_k.float() * 3.5).to(torch.bfloat16))
+    assert torch.equal(b_slot[:, 20:32], torch.zeros(32, 12, dtype=torch.bfloat16))  # rank padding
+    assert torch.equal(
+        layer.a_stacked[0, 16:20], tensors[f"{PREFIX}.self_attn.k_proj.lora_A.weight"].to(torch.bfloat16)
+    )
+    assert not layer.a_stacked[0, :16].isnan().any()  # q: no weights, zeroed
 
 
 def safe_tensors(request: LoRARequest):  # noqa: ANN201

@@ -11,8 +11,8 @@ pinned buffer allocated once, at start: no pinned allocation per adapter) and co
 host->device copy, queued on the device stream after the step before it, so a step in flight still
 reads the weights it was launched with. (It was 2 memsets and up to 6 copies per layer from
 per-tensor pinned copies of the adapter: about 700 launches and 450 pinned allocations for a
-rank-16 Llama-3-8B adapter.) The pinned image costs one slot of host memory (a rank-16 Llama-3-8B
-slot: 32 layers x (A 688K + block-diagonal B 1.34M elements) x 2 bytes = 130 MB).
+rank-16 Llama-3-8B adapter.) The pinned image costs one slot of host memory (Llama-3-8B at
+max_lora_rank 16: 32 layers x (A 623K + block-diagonal B 1.34M elements) x 2 bytes = 120 MiB).
 
 Per step: a step with no adapter token writes nothing (its LoRA term is skipped, eagerly or by
 replaying a graph captured without it); a step with adapters writes its per-token slot index from a

@@ -29,11 +29,15 @@ W4_GRIDS = {
     1: {"block_n": (64, 128, 256), "block_k": (128,), "split_k": (1, 2, 4, 8), "num_warps": (4, 8)},
     2: {"block_n": (64, 128), "block_k": (128,), "split_k": (1, 2, 4), "num_warps": (4,)},
     4: {"block_n": (64, 128), "block_k": (128,), "split_k": (1, 2, 4), "num_warps": (4,)},
+    8: {"block_n": (64, 128), "block_k": (128,), "split_k": (1, 2), "num_warps": (4,)},
+    16: {"block_n": (64, 128), "block_k": (128,), "split_k": (1, 2), "num_warps": (4,)},
 }
 FP8_GRIDS = {
     1: {"block_n": (16, 32, 64), "block_k": (128, 256), "split_k": (1, 2, 4), "num_warps": (4,)},
     2: {"block_n": (16, 32), "block_k": (256,), "split_k": (1, 2), "num_warps": (4,)},
     4: {"block_n": (16, 32), "block_k": (256,), "split_k": (1, 2), "num_warps": (4,)},
+    8: {"block_n": (16, 32), "block_k": (256,), "split_k": (1, 2), "num_warps": (4,)},
+    16: {"block_n": (16, 32), "block_k": (256,), "split_k": (1, 2), "num_warps": (4,)},
 }
 
 
@@ -48,7 +52,7 @@ def _rel_err(out: Any, expected: Any) -> float:
 def sweep_shape(name: str, k: int, n: int, bandwidth: float, ms: tuple[int, ...]) -> dict[str, Any]:
     import torch
 
-    from engine.model.quantization.fp8 import quantize_per_channel
+    from engine.model.quantization.fp8 import _scaled_mm_linear, quantize_per_channel
     from engine.model.quantization.wna16 import plan_wna16
     from ops.triton.fp8_gemv import fp8_gemv
     from ops.triton.wna16_gemm import wna16_dequantize, wna16_gemm
@@ -111,6 +115,11 @@ def sweep_shape(name: str, k: int, n: int, bandwidth: float, ms: tuple[int, ...]
             row["w4_gemv"].append({**cfg, "us": round(t * 1e3, 2), "bw": round(w4_bytes / (t / 1e3) / bandwidth, 3),
                                    "err": round(err, 5)})  # fmt: skip
         ref_fp8 = x.float() @ (fp8[0][0].float() * fp8[0][1][:, None]).t()
+        mm_ms = graph_ms([functools.partial(_scaled_mm_linear, x, w, s, None) for w, s in fp8])
+        row["fp8_scaled_mm"] = {
+            "us": round(mm_ms * 1e3, 2),
+            "bw": round(k * n / (mm_ms / 1e3) / bandwidth, 3),
+        }
         row["fp8_gemv"] = []
         for cfg in _grid(FP8_GRIDS[m]):
             err = _rel_err(fp8_gemv(x, *fp8[0], **cfg), ref_fp8)
@@ -124,7 +133,7 @@ def sweep_shape(name: str, k: int, n: int, bandwidth: float, ms: tuple[int, ...]
         result[f"m{m}"] = row
         print(
             f"[sweep] {name} {k}x{n} m={m}: bf16 {row['bf16']} dot {row['w4_dot_plan']} "
-            f"w4 {row['w4_gemv_best']} fp8 {row['fp8_gemv_best']} wrong {len(row['w4_gemv_wrong'])}+{len(row['fp8_gemv_wrong'])}",
+            f"w4 {row['w4_gemv_best']} fp8 {row['fp8_gemv_best']} fp8_mm {row['fp8_scaled_mm']} wrong {len(row['w4_gemv_wrong'])}+{len(row['fp8_gemv_wrong'])}",
             flush=True,
         )
     del w4, fp8, dense
@@ -135,7 +144,7 @@ def sweep_shape(name: str, k: int, n: int, bandwidth: float, ms: tuple[int, ...]
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
-    p.add_argument("--batches", default="1,2,4", help="token counts to sweep (of 1, 2, 4)")
+    p.add_argument("--batches", default="1,2,4,8,16", help="token counts to sweep (of 1, 2, 4, 8, 16)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     import torch

@@ -20,14 +20,14 @@ import triton.language as tl
 
 from ops.triton.split_k import MAX_TILES, finish_row, split_counters, split_k_is_last, sum_row
 
-MAX_GEMV_TOKENS = 4
+MAX_GEMV_TOKENS = 16  # rows of x in groups of up to 4, one group per program
 FP8_MAX = tl.constexpr(448.0)  # float8_e4m3fn's largest value (a constexpr: read inside the kernel)
 
 
 @triton.jit
 def _x_tile(x_ptr, row, stride_xm, kk, mask_k, s_in, STATIC_INPUT: tl.constexpr, W_DTYPE: tl.constexpr):
     """[BLOCK_K] float32: a row of x, as the FP8 GEMM sees it when the scale is static."""
-    x = tl.load(x_ptr + row * stride_xm + kk, mask=mask_k, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * stride_xm + kk, mask=mask_k, other=0.0).to(tl.float32)  # row: of this group
     if STATIC_INPUT:
         q = tl.minimum(tl.maximum(x / s_in, -FP8_MAX), FP8_MAX)
         x = q.to(W_DTYPE).to(tl.float32) * s_in
@@ -50,19 +50,23 @@ def _fp8_gemv_kernel(
     stride_xm,
     stride_wn,
     stride_om,
-    ROWS: tl.constexpr,  # M (1, 2 or 4): one accumulator each; the wrapper pads 3 rows to 4
+    ROWS: tl.constexpr,  # rows per program (1, 2 or 4; M is a multiple, the wrapper pads): an accumulator each
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     STATIC_INPUT: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    pid_g = tl.program_id(0)  # a group of ROWS rows of x; groups side by side share each weight tile in L2
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    tile = pid_g * tl.num_programs(1) + pid_n  # this program's split-K counter
+    row0 = pid_g * ROWS
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     W_DTYPE: tl.constexpr = w_ptr.dtype.element_ty
+    x_ptr += row0 * stride_xm
     s_in = tl.load(input_scale_ptr) if STATIC_INPUT else 1.0
     # [BLOCK_N, BLOCK_K] per row, reduced over K once at the end; 2-D in the weight tile's layout so
     # nothing changes layout inside the loop (x arrives as a vector along the tile's columns)
@@ -100,10 +104,10 @@ def _fp8_gemv_kernel(
             tl.sum(acc3, axis=1) * scale, out_ptr, partials_ptr, 3, M, N, offs_n, stride_om, pid_k, SPLIT_K
         )
     if SPLIT_K > 1:
-        if split_k_is_last(counters_ptr, pid_n, SPLIT_K):
-            for row in range(M):
+        if split_k_is_last(counters_ptr, tile, SPLIT_K):
+            for row in range(row0, row0 + ROWS):
                 sum_row(out_ptr, partials_ptr, row, M, N, offs_n, stride_om, SPLIT_K)
-            tl.atomic_xchg(counters_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+            tl.atomic_xchg(counters_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
 def fp8_gemv(
@@ -131,20 +135,22 @@ def fp8_gemv(
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
     split_k = triton.cdiv(K, k_per_split)
     tiles = triton.cdiv(N, block_n)
-    if split_k > 1 and tiles > MAX_TILES:
-        raise ValueError(f"fp8_gemv: {tiles} row tiles exceed the split-K workspace ({MAX_TILES})")
-    if M == 3:  # accumulators for 1, 2 or 4 rows: a zero fourth row
-        x = torch.cat([x, x.new_zeros(1, K)])
+    rows = M if M <= 2 else 4
+    if M % rows:  # zero rows up to whole groups
+        padded = torch.cat([x, x.new_zeros(rows - M % rows, K)])
         return fp8_gemv(
-            x, weight, weight_scale, input_scale, block_n, block_k, split_k, num_warps, num_stages
-        )[:3]
+            padded, weight, weight_scale, input_scale, block_n, block_k, split_k, num_warps, num_stages
+        )[:M]
+    groups = M // rows
+    if split_k > 1 and tiles * groups > MAX_TILES:
+        raise ValueError(f"fp8_gemv: {tiles * groups} tiles exceed the split-K workspace ({MAX_TILES})")
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     partials = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else out
     static = input_scale is not None
-    _fp8_gemv_kernel[(tiles, split_k)](
+    _fp8_gemv_kernel[(groups, tiles, split_k)](
         x, weight, weight_scale, input_scale if static else weight_scale, out, partials, split_counters(x.device),
         M, N, K, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
-        ROWS=M, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         STATIC_INPUT=static, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out

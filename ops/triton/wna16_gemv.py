@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ops.triton.split_k import MAX_TILES, finish_row, split_counters, split_k_is_last, sum_row
 
-MAX_GEMV_TOKENS = 4  # above this the per-weight math of each extra row makes the dot kernel better
+MAX_GEMV_TOKENS = 16  # rows of x in groups of up to 4, one group per program
 
 
 @triton.jit
@@ -39,7 +39,7 @@ def _x_row(x_ptrs, offset):
     """[WORDS] float32: x at the tile's pointers plus a constant offset (folded into the load
     instruction, where per-element offsets cost two address instructions each). No mask: every tile
     lies inside K (BLOCK_K divides the group, the group K, and each split is whole tiles) and x has
-    ROWS rows (the wrapper pads 3 to 4)."""
+    whole groups of ROWS rows (the wrapper pads it)."""
     return tl.load(x_ptrs + offset).to(tl.float32)
 
 
@@ -63,7 +63,7 @@ def _wna16_gemv_kernel(
     stride_zg,
     stride_om,
     BITS: tl.constexpr,
-    ROWS: tl.constexpr,  # M (1, 2 or 4): rows with accumulators
+    ROWS: tl.constexpr,  # rows per program (1, 2 or 4; M is a multiple): each has its accumulators
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
@@ -73,8 +73,11 @@ def _wna16_gemv_kernel(
     HALF: tl.constexpr = PACK // 2  # codes per half-word
     MASK: tl.constexpr = (1 << BITS) - 1
     WORDS: tl.constexpr = BLOCK_K // PACK  # word rows per tile
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    pid_g = tl.program_id(0)  # a group of ROWS rows of x; groups side by side share each weight tile in L2
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    tile = pid_g * tl.num_programs(1) + pid_n  # this program's split-K counter
+    row0 = pid_g * ROWS
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_w = tl.arange(0, WORDS)
     mask_n = offs_n < N
@@ -100,7 +103,7 @@ def _wna16_gemv_kernel(
         xs1 = tl.zeros((WORDS,), dtype=tl.float32)
         xs2 = tl.zeros((WORDS,), dtype=tl.float32)
         xs3 = tl.zeros((WORDS,), dtype=tl.float32)
-        x_ptrs = x_ptr + k0 + offs_w * PACK  # [WORDS]: row 0's x at the first code of each word
+        x_ptrs = x_ptr + row0 * stride_xm + k0 + offs_w * PACK  # [WORDS]: row0's x at each word's first code
         for h in tl.static_range(2):
             half = words if h == 0 else words >> 16
             for i in tl.static_range(HALF):
@@ -131,17 +134,28 @@ def _wna16_gemv_kernel(
         if ROWS >= 4:
             acc2 += (dot2 - xs2[:, None] * zero) * scale
             acc3 += (dot3 - xs3[:, None] * zero) * scale
-    finish_row(tl.sum(acc0, axis=0), out_ptr, partials_ptr, 0, M, N, offs_n, stride_om, pid_k, SPLIT_K)
+    finish_row(tl.sum(acc0, axis=0), out_ptr, partials_ptr, row0 + 0, M, N, offs_n, stride_om, pid_k, SPLIT_K)
     if ROWS >= 2:
-        finish_row(tl.sum(acc1, axis=0), out_ptr, partials_ptr, 1, M, N, offs_n, stride_om, pid_k, SPLIT_K)
+        finish_row(
+            tl.sum(acc1, axis=0), out_ptr, partials_ptr, row0 + 1, M, N, offs_n, stride_om, pid_k, SPLIT_K
+        )
     if ROWS >= 4:
-        finish_row(tl.sum(acc2, axis=0), out_ptr, partials_ptr, 2, M, N, offs_n, stride_om, pid_k, SPLIT_K)
-        finish_row(tl.sum(acc3, axis=0), out_ptr, partials_ptr, 3, M, N, offs_n, stride_om, pid_k, SPLIT_K)
+        finish_row(
+            tl.sum(acc2, axis=0), out_ptr, partials_ptr, row0 + 2, M, N, offs_n, stride_om, pid_k, SPLIT_K
+        )
+        finish_row(
+            tl.sum(acc3, axis=0), out_ptr, partials_ptr, row0 + 3, M, N, offs_n, stride_om, pid_k, SPLIT_K
+        )
     if SPLIT_K > 1:
-        if split_k_is_last(counters_ptr, pid_n, SPLIT_K):
-            for row in range(M):
+        if split_k_is_last(counters_ptr, tile, SPLIT_K):
+            for row in range(row0, row0 + ROWS):
                 sum_row(out_ptr, partials_ptr, row, M, N, offs_n, stride_om, SPLIT_K)
-            tl.atomic_xchg(counters_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+            tl.atomic_xchg(counters_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
+def _rows_per_program(m: int) -> int:
+    """1 or 2 rows alone; 3 and more in groups of 4 (3 padded to 4)."""
+    return m if m <= 2 else 4
 
 
 def wna16_gemv(
@@ -181,19 +195,21 @@ def wna16_gemv(
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
     split_k = triton.cdiv(K, k_per_split)
     tiles = triton.cdiv(N, block_n)
-    if split_k > 1 and tiles > MAX_TILES:
-        raise ValueError(f"wna16_gemv: {tiles} column tiles exceed the split-K workspace ({MAX_TILES})")
-    if M == 3:  # the kernel has accumulators for 1, 2 or 4 rows and masks none: a zero fourth row
-        x = torch.cat([x, x.new_zeros(1, K)])
-        return wna16_gemv(x, qweight, scales, zeros, bits, group_size, block_n, block_k, split_k, num_warps,
-                          num_stages)[:3]  # fmt: skip
+    rows = _rows_per_program(M)
+    if M % rows:  # the kernel masks no row: zero rows up to whole groups
+        padded = torch.cat([x, x.new_zeros(rows - M % rows, K)])
+        return wna16_gemv(padded, qweight, scales, zeros, bits, group_size, block_n, block_k, split_k, num_warps,
+                          num_stages)[:M]  # fmt: skip
+    groups = M // rows
+    if split_k > 1 and tiles * groups > MAX_TILES:
+        raise ValueError(f"wna16_gemv: {tiles * groups} tiles exceed the split-K workspace ({MAX_TILES})")
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     partials = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else out
-    _wna16_gemv_kernel[(tiles, split_k)](
+    _wna16_gemv_kernel[(groups, tiles, split_k)](
         x, qweight, scales, zeros, out, partials, split_counters(x.device),
         M, N, K, group_size, k_per_split,
         x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
-        BITS=bits, ROWS=M, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, EVEN_N=N % block_n == 0,
+        BITS=bits, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, EVEN_N=N % block_n == 0,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out

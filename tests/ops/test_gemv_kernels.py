@@ -43,6 +43,8 @@ WNA16_CASES = [
     (8, 32, 2, 40, 96, 16, 32, 1),
     (8, 64, 4, 32, 256, 16, 32, 2),
     (4, 384, 1, 24, 384, 8, 128, 2),
+    (4, 64, 6, 32, 256, 16, 64, 2),  # two row groups (4 + 2 padded to 4), split-K per group
+    (8, 32, 13, 16, 64, 16, 32, 1),  # four row groups, the last one row
 ]
 
 
@@ -79,8 +81,8 @@ def test_wna16_gemv_refuses_what_it_cannot_run() -> None:
 
     qweight = torch.zeros(8, 32, dtype=torch.int32, device=DEVICE)  # K 64 at 4 bits
     scales = torch.zeros(2, 32, device=DEVICE)
-    with pytest.raises(ValueError, match="wna16_gemv takes 1 to 4 rows; got 5"):
-        wna16_gemv(torch.zeros(5, 64, device=DEVICE), qweight, scales, scales, 4, 32)
+    with pytest.raises(ValueError, match="wna16_gemv takes 1 to 16 rows; got 17"):
+        wna16_gemv(torch.zeros(17, 64, device=DEVICE), qweight, scales, scales, 4, 32)
     with pytest.raises(ValueError, match="block_k 64 must divide group_size 32 and be a multiple of 8"):
         wna16_gemv(torch.zeros(1, 64, device=DEVICE), qweight, scales, scales, 4, 32, block_k=64)
 

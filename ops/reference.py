@@ -16,6 +16,8 @@ replays them without a host value baked in. None (a cache in the model's dtype) 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -189,8 +191,12 @@ def lora_expand(
     b_stacked: torch.Tensor,  # [num_slots, out_features, lora_dim]: every slot's B, scaling folded in
     token_slots: torch.Tensor,  # [num_tokens] int32; -1 = no adapter (the row of y is left alone)
     y: torch.Tensor,  # [num_tokens, out_features]: the base layer's output, updated in place
+    slice_offsets: Sequence[int] = (0,),  # where each sub-matrix's rows start (the kernel's hint)
 ) -> torch.Tensor:
     """The second half: y += t @ B[slot]^T per token, in place; returns y.
+
+    `slice_offsets` lets the Triton kernel skip B's zero blocks; the full product here gives the
+    same sum, so it is not used.
 
     `t` is rounded to B's dtype first, as PEFT feeds lora_A's output (in the model dtype) to lora_B.
     Fused layers hold a block-diagonal B: sub-matrix i's output rows read only lora_dim columns

@@ -83,6 +83,8 @@ class LoRALinear(nn.Module):
             self.out_slices = list(zip(offsets, starts, parts, strict=True))
         del size
         self.in_part = in_part
+        # Where each sub-matrix's output rows start: the expand skips B's zero blocks with it.
+        self.slice_offsets = tuple(offset for offset, _, _ in self.out_slices)
         out_part = sum(n for _, _, n in self.out_slices)
         dim = len(self.out_slices) * max_rank
         self.max_loras = max_loras
@@ -111,7 +113,7 @@ class LoRALinear(nn.Module):
             return out
         slots = self.batch.token_slots[: x.shape[0]]
         t = self.shrink(x, self.a_stacked, slots)  # fp32 [(split,) num_tokens, num_slices * max_rank]
-        return self.expand(t, self.b_stacked, slots, out)
+        return self.expand(t, self.b_stacked, slots, out, self.slice_offsets)
 
     @torch.no_grad()
     def write_slot_image(self, image: torch.Tensor, weights: LoRALayerWeights | None) -> None:

@@ -14,9 +14,13 @@ splits as it loads t, so nothing has to be zeroed first: a LoRA layer is exactly
 atomic version needed a memset of t before the shrink, a third launch per layer).
 
 Ranks up to max_lora_rank are zero-padded in the stacked weights, so one launch covers them all.
+A fused layer's B (q/k/v, gate/up) is block-diagonal; given where each sub-matrix's rows start, the
+expand reads and multiplies only the diagonal blocks (a third of q/k/v's B, half of gate/up's).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -84,11 +88,13 @@ def _lora_shrink_kernel(
 @triton.jit
 def _lora_expand_kernel(
     t_ptr,  # [SPLIT, T, K] fp32: the shrink's partials, summed here
-    b_ptr,  # [S, OUT, K]
+    b_ptr,  # [S, OUT, K]: block-diagonal over the sub-matrices of a fused layer
     slots_ptr,  # [T] int32
     y_ptr,  # [T, OUT], updated in place
     T,
-    K,
+    SLICE_K,  # lora_dim of one sub-matrix (K = number of sub-matrices x SLICE_K)
+    N1,  # output row where sub-matrix 1 starts (OUT: there is none)
+    N2,  # output row where sub-matrix 2 starts (OUT: there is none)
     OUT,
     SPLIT,
     stride_ts,
@@ -108,24 +114,38 @@ def _lora_expand_kernel(
     lo = tl.min(tl.where(tok_slot >= 0, tok_slot, 1 << 30), axis=0)  # none: an empty range below
     hi = tl.max(tok_slot, axis=0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    k_mask = offs_k < K
     n_mask = offs_n < OUT
+    # The sub-matrices this output tile meets (one unless it straddles a boundary): only their
+    # diagonal blocks of B are read (the rest is zero), and only their K columns multiplied.
+    n_first = pid_n * BLOCK_N
+    n_last = tl.minimum(n_first + BLOCK_N, OUT) - 1
+    sub_lo = (n_first >= N1).to(tl.int32) + (n_first >= N2).to(tl.int32)
+    sub_hi = (n_last >= N1).to(tl.int32) + (n_last >= N2).to(tl.int32)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < SLICE_K
     for slot in range(lo, hi + 1):
         match = tok_slot == slot
         if tl.sum(match.to(tl.int32), axis=0) > 0:
-            t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_k[None, :]
             t_mask = match[:, None] & k_mask[None, :]
-            t = tl.load(t_ptrs, mask=t_mask, other=0.0)
-            for s in range(1, SPLIT):  # in split order: the sum does not depend on scheduling
-                t += tl.load(t_ptrs + s * stride_ts, mask=t_mask, other=0.0)
-            b = tl.load(
-                b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn + offs_k[:, None],
-                mask=k_mask[:, None] & n_mask[None, :],
-                other=0.0,
-            )  # [BLOCK_K, BLOCK_N]: B^T's tile
-            # Round the shrink's output to B's dtype (PEFT feeds lora_A's output, in the model dtype, to lora_B).
-            delta = tl.dot(t.to(b.dtype), b, input_precision=DOT_PRECISION)
+            delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for sub in range(sub_lo, sub_hi + 1):
+                k = sub * SLICE_K + offs_k
+                t_ptrs = t_ptr + offs_m[:, None] * stride_tm + k[None, :]
+                t = tl.load(t_ptrs, mask=t_mask, other=0.0)
+                for s in range(1, SPLIT):  # in split order: the sum does not depend on scheduling
+                    t += tl.load(t_ptrs + s * stride_ts, mask=t_mask, other=0.0)
+                # this sub-matrix's rows of the tile (all of them unless the tile straddles two)
+                row_lo = tl.where(sub == 0, 0, tl.where(sub == 1, N1, N2))
+                row_hi = tl.where(sub == 0, N1, tl.where(sub == 1, N2, OUT))
+                rows = n_mask & (offs_n >= row_lo) & (offs_n < row_hi)
+                b = tl.load(
+                    b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn + k[:, None],
+                    mask=k_mask[:, None] & rows[None, :],
+                    other=0.0,
+                )  # [BLOCK_K, BLOCK_N]: B^T's tile
+                # Round the shrink's output to B's dtype (PEFT feeds lora_A's output, in the model
+                # dtype, to lora_B).
+                delta += tl.dot(t.to(b.dtype), b, input_precision=DOT_PRECISION)
             y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
             y_mask = match[:, None] & n_mask[None, :]
             y = tl.load(y_ptrs, mask=y_mask, other=0.0)
@@ -203,8 +223,13 @@ def lora_expand(
     b_stacked: torch.Tensor,  # [num_slots, out_features, lora_dim]
     token_slots: torch.Tensor,  # [num_tokens] int32; -1 = no adapter
     y: torch.Tensor,  # [num_tokens, out_features], updated in place
+    slice_offsets: Sequence[int] = (0,),  # output row where each sub-matrix of a fused layer starts
 ) -> torch.Tensor:
-    """y += (sum of t's splits) @ B[slot]^T per token, in place; returns y (ops.reference.lora_expand)."""
+    """y += (sum of t's splits) @ B[slot]^T per token, in place; returns y (ops.reference.lora_expand).
+
+    A fused layer's B is block-diagonal: sub-matrix i's rows (from slice_offsets[i]) read only
+    columns [i * lora_dim / n, (i + 1) * lora_dim / n). Each output tile reads only the column blocks
+    of the sub-matrices it meets, so the zeros (2/3 of a q/k/v B, 1/2 of gate/up's) are not read."""
     shape = tuple(t.shape)
     t = (t.unsqueeze(0) if t.dim() == 2 else t).contiguous()  # a 2-D t is one split
     split, num_tokens, lora_dim = t.shape
@@ -214,11 +239,16 @@ def lora_expand(
             f"lora_expand: t {shape}, B {tuple(b_stacked.shape)}, y {tuple(y.shape)}, "
             f"slots {tuple(token_slots.shape)}"
         )
+    num_subs = len(slice_offsets)
+    if not 1 <= num_subs <= 3 or lora_dim % num_subs or slice_offsets[0] != 0:
+        raise ValueError(f"lora_expand: slice_offsets {tuple(slice_offsets)} for lora_dim {lora_dim}")
     if num_tokens == 0:
         return y
     if y.stride(1) != 1:
         raise ValueError("lora_expand: y must be contiguous along its last dimension")
-    block_k = _block_k(lora_dim)
+    slice_k = lora_dim // num_subs
+    bounds = [*slice_offsets[1:], out_features, out_features][:2]  # N1, N2
+    block_k = _block_k(slice_k)
     block_m, block_n = _block_m(num_tokens, block_k), 64
     grid = (triton.cdiv(num_tokens, block_m), triton.cdiv(out_features, block_n))
     _lora_expand_kernel[grid](
@@ -227,7 +257,9 @@ def lora_expand(
         token_slots,
         y,
         num_tokens,
-        lora_dim,
+        slice_k,
+        bounds[0],
+        bounds[1],
         out_features,
         split,
         t.stride(0),

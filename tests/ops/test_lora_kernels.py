@@ -97,6 +97,42 @@ def test_lora_shrink_writes_every_element_of_its_uninitialized_output(
 
 
 @in_process
+@pytest.mark.parametrize(
+    ("num_tokens", "sizes"),
+    [
+        (3, (64, 32, 32)),  # the tiny Llama's q/k/v: an output tile straddles k and v
+        (70, (128, 64, 64)),  # q/k/v on tile boundaries
+        (5, (100, 100)),  # gate/up, ragged
+    ],
+)
+def test_lora_expand_of_a_fused_layer_reads_only_its_diagonal_blocks(num_tokens: int, sizes: tuple) -> None:
+    """A fused layer's block-diagonal B, given its sub-matrices' row offsets: the expand reads only
+    the diagonal blocks (here garbage elsewhere, where the engine's slots hold zeros) and matches
+    the reference's full product over the zero-filled B, tiles straddling two sub-matrices too."""
+    from ops.triton.lora import lora_expand
+
+    rank, num_slots = 16, 3
+    gen = torch.Generator().manual_seed(num_tokens)
+    lora_dim, out = rank * len(sizes), sum(sizes)
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    b = torch.zeros(num_slots, out, lora_dim)
+    for i, (start, rows) in enumerate(zip(offsets, sizes, strict=True)):
+        b[:, start : start + rows, i * rank : (i + 1) * rank] = torch.randn(
+            num_slots, rows, rank, generator=gen
+        )
+    garbage = b + (b == 0) * torch.randn(b.shape, generator=gen) * 1e3  # off the diagonal blocks
+    t = torch.randn(num_tokens, lora_dim, generator=gen)
+    slots = torch.randint(-1, num_slots, (num_tokens,), generator=gen).to(torch.int32)
+    slots[0] = 1
+    y = torch.randn(num_tokens, out, generator=gen)
+    t, b, garbage, slots, y = (x.to(DEVICE) for x in (t, b, garbage, slots, y))
+    y_ref = reference.lora_expand(t, b, slots, y.clone())
+    y_out = lora_expand(t, garbage, slots, y.clone(), offsets)
+    torch.testing.assert_close(y_out, y_ref, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(y_out, y)
+
+
+@in_process
 def test_lora_kernels_refuse_mismatched_shapes() -> None:
     from ops.triton.lora import lora_expand, lora_shrink
 

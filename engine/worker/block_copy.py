@@ -4,8 +4,9 @@ Sequences that fork (parallel sampling, beam search) share their parent's blocks
 into a shared partial block gets a fresh one, and its KV must first hold the shared block's. The copy
 runs eagerly on the device's stream before the step's forward pass (captured CUDA graphs included),
 so it sees every earlier step's writes and precedes this step's. One gather and one scatter per cache
-tensor, whatever the number of copies: every source is read before any destination is written, so a
-block freed and handed out again within the same step may be both a source and a destination.
+tensor (or over all of them, when they are views of one tensor), whatever the number of copies: every
+source is read before any destination is written, so a block freed and handed out again within the
+same step may be both a source and a destination.
 """
 
 from __future__ import annotations
@@ -23,12 +24,22 @@ def copy_blocks_index(
     return index[0], index[1]
 
 
-def copy_kv_blocks(kv_caches: list[tuple[torch.Tensor, torch.Tensor]], copies: list[tuple[int, int]]) -> None:
+def copy_kv_blocks(
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    copies: list[tuple[int, int]],
+    stack: torch.Tensor | None = None,
+) -> None:
     """cache[dst] = cache[src] for every (src, dst) in `copies`, in every layer's K and V cache
-    ([num_blocks, block_size, num_kv_heads, head_dim])."""
+    ([num_blocks, block_size, num_kv_heads, head_dim]). `stack`: the tensor [num_layers, 2, num_blocks,
+    ...] that every cache is a view of, if any: then one gather and one scatter in all (a beam step
+    forks about half its beams, and two launches per cache were 4 x num_layers launches on the host)."""
     if not copies or not kv_caches:
         return
     src, dst = copy_blocks_index(copies, kv_caches[0][0].device)
+    if stack is not None:
+        raw = stack.view(torch.uint8)  # [num_layers, 2, num_blocks, block_size, heads, dim * itemsize]
+        raw.index_copy_(2, dst, raw.index_select(2, src))
+        return
     for k_cache, v_cache in kv_caches:
         for cache in (k_cache, v_cache):
             # As bytes: the same copy for every cache dtype (fp8 caches included).

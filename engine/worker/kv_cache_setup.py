@@ -68,12 +68,30 @@ class KVCacheSetup:
         kernels never read NaN garbage from unused slots."""
         self.graph_runner = None  # graphs hold the old caches' addresses
         self.kv_caches = []
+        self.kv_cache_stack = None
         backend = self.attn_backend
         assert backend is not None, "load_model() first"
-        for layer in self.attn_layers:
-            shape = backend.kv_cache_shape(num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
-            k_cache = torch.zeros(shape, dtype=backend.kv_cache_dtype, device=self.device)
-            v_cache = torch.zeros(shape, dtype=backend.kv_cache_dtype, device=self.device)
+        dtype = backend.kv_cache_dtype
+        shapes = [
+            backend.kv_cache_shape(num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+            for layer in self.attn_layers
+        ]
+        if shapes and all(shape == shapes[0] for shape in shapes):
+            # One tensor [num_layers, 2, *shape]: each layer's K and V are contiguous views of it (the
+            # layout they had alone), and a step's copy-on-write block copies are one gather and one
+            # scatter over every layer (engine/worker/block_copy.py) instead of two per cache.
+            stack = torch.zeros((len(shapes), 2, *shapes[0]), dtype=dtype, device=self.device)
+            self.kv_cache_stack = stack
+            caches = [(stack[i, 0], stack[i, 1]) for i in range(len(shapes))]
+        else:
+            caches = [
+                (
+                    torch.zeros(shape, dtype=dtype, device=self.device),
+                    torch.zeros(shape, dtype=dtype, device=self.device),
+                )
+                for shape in shapes
+            ]
+        for layer, (k_cache, v_cache) in zip(self.attn_layers, caches, strict=True):
             layer.k_cache, layer.v_cache = k_cache, v_cache
             self.kv_caches.append((k_cache, v_cache))
         self.num_kv_blocks = num_blocks
@@ -135,6 +153,7 @@ class KVCacheSetup:
             for layer in self.attn_layers:
                 layer.k_cache = layer.v_cache = None
             self.kv_caches = []
+            self.kv_cache_stack = None
             self.num_kv_blocks = 0
 
         available, self.memory_profile = profile_kv_cache_bytes(

@@ -112,6 +112,8 @@ class ModelRunner(KVCacheSetup):
         self.model: torch.nn.Module | None = None
         self.attn_layers: list[Attention] = []
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # [num_layers, 2, num_blocks, ...]: every layer's K and V cache, when they share one shape.
+        self.kv_cache_stack: torch.Tensor | None = None
         self.num_kv_blocks = 0
         self.requests: dict[str, RequestState] = {}
         self.sampler = Sampler()
@@ -223,6 +225,7 @@ class ModelRunner(KVCacheSetup):
             layer.k_cache = layer.v_cache = None
         self.attn_layers = []
         self.kv_caches = []
+        self.kv_cache_stack = None
         self.num_kv_blocks = 0
         self.model = None
         self.lora = None
@@ -337,7 +340,7 @@ class ModelRunner(KVCacheSetup):
         prev = previous if previous is not None and not previous.done else None
         update_states(self.requests, scheduler_output)
         if scheduler_output.block_copies:
-            copy_kv_blocks(self.kv_caches, scheduler_output.block_copies)
+            copy_kv_blocks(self.kv_caches, scheduler_output.block_copies, self.kv_cache_stack)
         if self.lora is not None:
             for new in scheduler_output.new_requests:
                 if new.lora_request is not None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine import LLM, SamplingParams
 from engine.core.kv_cache_manager import KVCacheManager
@@ -50,6 +51,46 @@ def test_copy_kv_blocks_reads_every_source_before_writing() -> None:
     copy_kv_blocks([(k, v)], [(0, 1), (1, 2)])  # block 1 is a destination and a source
     assert k[:, 0, 0, 0].tolist() == [0.0, 0.0, 1.0, 3.0]
     assert v[:, 0, 0, 0].tolist() == [0.0, 0.0, -1.0, -3.0]
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_copies_over_stacked_caches_are_one_gather_and_one_scatter_for_every_layer() -> None:
+    """The runner's caches are views of one [num_layers, 2, num_blocks, ...] tensor: a step's block
+    copies are then two launches in all, not two per layer's K and per layer's V, with the same result
+    (sources read before any destination is written)."""
+    stack = torch.randn(5, 2, 6, 4, 2, 3)  # [layers, K/V, blocks, block_size, heads, dim]
+    caches = [(stack[i, 0], stack[i, 1]) for i in range(5)]
+    original = stack.clone()
+    expected = [(k.clone(), v.clone()) for k, v in caches]
+    copies = [(0, 1), (1, 2), (4, 5)]
+    copy_kv_blocks(expected, copies)
+    with _CountOps() as counted:
+        copy_kv_blocks(caches, copies, stack)
+    moves = [op for op in counted.ops if op in ("index_select", "index_copy_", "index_copy")]
+    assert moves == ["index_select", "index_copy_"]
+    for (k, v), (ek, ev) in zip(caches, expected, strict=True):
+        assert torch.equal(k, ek) and torch.equal(v, ev)
+    # Block 2 holds block 1's KV from before the copies (block 1 itself was overwritten by block 0's).
+    assert torch.equal(caches[2][1][2], original[2, 1, 1]) and not torch.equal(stack, original)
+
+
+def test_the_runner_caches_are_views_of_one_stack(tiny_llama_dir: Path) -> None:
+    llm = LLM(str(tiny_llama_dir), device="cpu", dtype="float32", num_kv_blocks=8)
+    runner = llm.llm_engine.executor.runner  # type: ignore[attr-defined]
+    stack = runner.kv_cache_stack
+    assert stack is not None and stack.shape[:3] == (len(runner.kv_caches), 2, 8)
+    for i, (k, v) in enumerate(runner.kv_caches):
+        assert k.data_ptr() == stack[i, 0].data_ptr() and v.data_ptr() == stack[i, 1].data_ptr()
+        assert k.is_contiguous() and v.is_contiguous() and k.shape == stack.shape[2:]
 
 
 def _run_counting_blocks(llm: LLM, params: SamplingParams) -> tuple[list[list[int]], int]:

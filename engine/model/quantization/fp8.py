@@ -16,9 +16,9 @@ F.linear, which is the reference and the path on CPU and on GPUs without FP8 ten
 devices of compute capability 8.9+ (Ada, Hopper, Blackwell) with bfloat16 activations and
 per-channel scales, it runs torch._scaled_mm on FP8 activations quantized per token on the fly
 (dynamic activation scales; W8A8) from 5 tokens up, and a Triton W8A16 GEMV (ops/triton/fp8_gemv.py:
-the weight converted in registers, x unquantized as in the reference) for decode batches of 1-4
-tokens, where quantizing x and a GEMM tiled for large M cost more than the bytes saved (1.48x bf16's
-batch-1 latency on an H200 before). Block-wise weights always take the dequantizing path for now.
+the weight converted in registers, x unquantized as in the reference) for decode batches of 1-2
+tokens (1-2 since the sweep), where quantizing x and a GEMM tiled for large M cost more than the
+bytes saved (1.48x bf16's batch-1 latency on an H200 before). Block-wise weights always take the dequantizing path for now.
 Static activation scales (`activation_scheme: "static"`, a scalar `input_scale` per module) quantize
 each layer's input per tensor instead: on the FP8 GEMM, and on the dequantizing path as a
 quantize-dequantize of x, so CPU computes what the GPU does.
@@ -225,7 +225,7 @@ class Fp8LinearMethod(LinearMethodBase):
         return F.linear(x, w, bias)
 
 
-GEMV_MAX_TOKENS = 4  # ops.triton.fp8_gemv.MAX_GEMV_TOKENS
+GEMV_MAX_TOKENS = 2  # from 4 tokens _scaled_mm is as fast or faster (sweep on an H200)
 
 
 def _triton_fp8_gemv_available() -> bool:
@@ -237,13 +237,15 @@ def _triton_fp8_gemv_available() -> bool:
 
 
 def fp8_gemv_launch(in_features: int, out_features: int, num_sms: int) -> dict[str, int]:
-    """The GEMV's launch: 16-row weight tiles 256 bytes of K wide, K split until the grid holds about
-    two programs per SM while each split still streams at least 1,024 columns."""
-    tiles = -(-out_features // 16)
+    """The GEMV's launch, from the sweep on an H200 (loadtest/sweep_gemv.py): 16-row weight tiles for
+    wide layers and 32 for the others, 256 bytes of K wide, K split while the grid holds at most about
+    six programs per SM, at most 4 ways (Llama-3-8B: qkv 2, o 4, gate_up 1, down 4)."""
+    block_n = 16 if out_features > 4096 else 32
+    tiles = -(-out_features // block_n)
     split_k = 1
-    while tiles * split_k * 2 <= 2 * num_sms and in_features // (split_k * 2) >= 1024:
+    while tiles * split_k * 2 <= 6 * num_sms and split_k < 4 and in_features // (split_k * 2) >= 256:
         split_k *= 2
-    return {"block_n": 16, "block_k": 256, "split_k": split_k}
+    return {"block_n": block_n, "block_k": 256, "split_k": split_k}
 
 
 _SMS: dict[int, int] = {}

@@ -35,7 +35,6 @@ DEQUANT_MIN_TOKENS = 256  # from here on: dequantize, then cuBLAS
 GEMV_MAX_TOKENS = 4  # up to here: the GEMV (ops.triton.wna16_gemv.MAX_GEMV_TOKENS)
 SMALL_BATCH = 16  # up to here: one 16-row tile of M, split-K
 _PROGRAMS_PER_SM = 4
-_GEMV_PROGRAMS_PER_SM = 2
 _MIN_K_PER_SPLIT = 256  # fewer rows per split and the partials' traffic and sum stop paying
 
 
@@ -77,7 +76,7 @@ def plan_wna16(
     if num_tokens >= DEQUANT_MIN_TOKENS:
         return WNA16Launch("dequant")
     if gemv and num_tokens <= GEMV_MAX_TOKENS:
-        plan = plan_wna16_gemv(in_features, out_features, group_size, num_sms)
+        plan = plan_wna16_gemv(num_tokens, in_features, out_features, group_size, num_sms)
         if plan is not None:
             return plan
     if num_tokens <= SMALL_BATCH:
@@ -100,19 +99,23 @@ def plan_wna16(
     return WNA16Launch("gemm", block_m, block_n, block_k, split_k)
 
 
-def plan_wna16_gemv(in_features: int, out_features: int, group_size: int, num_sms: int) -> WNA16Launch | None:
-    """The GEMV's launch: 64-word column tiles (256-byte rows of words), tiles of up to 128 rows of K
-    inside one group, and K split until the grid holds about two programs per SM while each split
-    still streams at least 512 rows. None when no tile of 32 rows or more fits the groups."""
-    block_n, block_k = 64, 128
+def plan_wna16_gemv(
+    num_tokens: int, in_features: int, out_features: int, group_size: int, num_sms: int
+) -> WNA16Launch | None:
+    """The GEMV's launch, from the sweep on an H200 at Llama-3-8B's four shapes (loadtest/sweep_gemv.py,
+    loadtest/results/gemv-sweep-h200-2026-12-03-cb7dcc4): 64-word column tiles (256 at batch 1 for
+    layers as wide as gate_up), tiles of 128 rows of K inside one group, and K split 8 ways at batch 1
+    (4 at 2-4 tokens, 2 for the widest layers) so short layers still put several programs on each
+    SM. None when no tile of 32 rows or more fits the groups."""
+    block_k = 128
     while group_size % block_k and block_k > 32:
         block_k //= 2  # groups of 32 or 64
     if group_size % block_k:
         return None
-    tiles = -(-out_features // block_n)
-    split_k = 1
-    while tiles * split_k * 2 <= _GEMV_PROGRAMS_PER_SM * num_sms and in_features // (split_k * 2) >= 512:
-        split_k *= 2
+    wide = out_features >= 16384
+    block_n = 256 if wide and num_tokens == 1 else 64
+    split_k = 8 if num_tokens == 1 else (2 if wide else 4)
+    del num_sms  # measured on 132 SMs; the splits are few enough to fill fewer
     return WNA16Launch("gemv", 1, block_n, block_k, split_k, num_warps=4, num_stages=3)
 
 

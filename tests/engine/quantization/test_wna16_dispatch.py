@@ -29,17 +29,39 @@ def test_kernels_on_cuda_only_for_layouts_they_read() -> None:
 
 
 @pytest.mark.parametrize("num_tokens", [1, 2, 4])
-def test_decode_batches_take_the_gemv_split_to_fill_the_gpu(num_tokens: int) -> None:
+def test_decode_batches_take_the_gemv_with_the_swept_launches(num_tokens: int) -> None:
+    """The launches the H200 sweep picked (loadtest/results/gemv-sweep-h200-2026-12-03-cb7dcc4)."""
     plans = {name: plan_wna16(num_tokens, k, n, 128, H100_SMS) for name, (k, n) in LLAMA3_8B.items()}
-    assert {name: p.split_k for name, p in plans.items()} == {"qkv": 2, "o": 4, "gate_up": 1, "down": 4}
-    for name, p in plans.items():
-        k, n = LLAMA3_8B[name]
-        assert (p.path, p.block_n, p.block_k) == ("gemv", 64, 128)
-        programs = -(-n // p.block_n) * p.split_k
-        assert H100_SMS <= programs <= 4 * H100_SMS, name
-        assert k // p.split_k >= 512
+    assert {p.path for p in plans.values()} == {"gemv"}
+    if num_tokens == 1:
+        assert {name: (p.block_n, p.split_k) for name, p in plans.items()} == {
+            "qkv": (64, 8),
+            "o": (64, 8),
+            "gate_up": (256, 8),
+            "down": (64, 8),
+        }
+    else:
+        assert {name: (p.block_n, p.split_k) for name, p in plans.items()} == {
+            "qkv": (64, 4),
+            "o": (64, 4),
+            "gate_up": (64, 2),
+            "down": (64, 4),
+        }
+    assert all(p.block_k == 128 for p in plans.values())
     # SqueezeLLM's tables have no GEMV: the GEMM at batch 1
     assert plan_wna16(1, 4096, 4096, 4096, H100_SMS, gemv=False).path == "gemm"
+
+
+def test_fp8_gemv_launches_follow_the_sweep() -> None:
+    from engine.model.quantization.fp8 import fp8_gemv_launch
+
+    got = {name: fp8_gemv_launch(k, n, H100_SMS) for name, (k, n) in LLAMA3_8B.items()}
+    assert {name: (g["block_n"], g["split_k"]) for name, g in got.items()} == {
+        "qkv": (16, 2),
+        "o": (32, 4),
+        "gate_up": (16, 1),
+        "down": (32, 4),
+    }
 
 
 @pytest.mark.parametrize("num_tokens", [5, 8, 16])

@@ -18,9 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.triton.split_k import MAX_TILES, finish_row, split_counters, split_k_is_last, sum_row
+from ops.triton.split_k import MAX_TILES, rows_per_program, split_counters, store_rows
 
-MAX_GEMV_TOKENS = 4  # one group of rows: several groups gave wrong answers on an H200 (not understood yet)
+MAX_GEMV_TOKENS = 16  # rows of x in groups of up to 4, one group per program
 FP8_MAX = tl.constexpr(448.0)  # float8_e4m3fn's largest value (a constexpr: read inside the kernel)
 
 
@@ -89,25 +89,11 @@ def _fp8_gemv_kernel(
             acc2 += w * _x_tile(x_ptr, 2, stride_xm, kk, mask_k, s_in, STATIC_INPUT, W_DTYPE)[None, :]
             acc3 += w * _x_tile(x_ptr, 3, stride_xm, kk, mask_k, s_in, STATIC_INPUT, W_DTYPE)[None, :]
     scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)  # [BLOCK_N]
-    finish_row(
-        tl.sum(acc0, axis=1) * scale, out_ptr, partials_ptr, 0, M, N, offs_n, stride_om, pid_k, SPLIT_K
-    )
-    if ROWS >= 2:
-        finish_row(
-            tl.sum(acc1, axis=1) * scale, out_ptr, partials_ptr, 1, M, N, offs_n, stride_om, pid_k, SPLIT_K
-        )
-    if ROWS >= 4:
-        finish_row(
-            tl.sum(acc2, axis=1) * scale, out_ptr, partials_ptr, 2, M, N, offs_n, stride_om, pid_k, SPLIT_K
-        )
-        finish_row(
-            tl.sum(acc3, axis=1) * scale, out_ptr, partials_ptr, 3, M, N, offs_n, stride_om, pid_k, SPLIT_K
-        )
-    if SPLIT_K > 1:
-        if split_k_is_last(counters_ptr, tile, SPLIT_K):
-            for row in range(row0, row0 + ROWS):
-                sum_row(out_ptr, partials_ptr, row, M, N, offs_n, stride_om, SPLIT_K)
-            tl.atomic_xchg(counters_ptr + tile, 0, sem="relaxed", scope="gpu")
+    store_rows(
+        tl.sum(acc0, axis=1) * scale, tl.sum(acc1, axis=1) * scale,
+        tl.sum(acc2, axis=1) * scale, tl.sum(acc3, axis=1) * scale,
+        out_ptr, partials_ptr, counters_ptr, tile, row0, M, N, offs_n, stride_om, pid_k, ROWS, SPLIT_K,
+    )  # fmt: skip
 
 
 def fp8_gemv(
@@ -135,7 +121,7 @@ def fp8_gemv(
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
     split_k = triton.cdiv(K, k_per_split)
     tiles = triton.cdiv(N, block_n)
-    rows = M if M <= 2 else 4
+    rows = rows_per_program(M)
     if M % rows:  # zero rows up to whole groups
         padded = torch.cat([x, x.new_zeros(rows - M % rows, K)])
         return fp8_gemv(

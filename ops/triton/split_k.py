@@ -6,7 +6,8 @@ split over SPLIT_K programs per tile. Summing their float32 partials in a separa
 launch per layer (about a microsecond inside a CUDA graph, several percent of a 4-bit projection).
 Instead each program writes its partial (`finish_row`), then takes a ticket from a per-tile counter
 (`split_k_is_last`); the one that draws the last ticket reads all partials (`sum_row`), writes the
-output in its dtype and puts the counter back to zero, so the next launch (or CUDA-graph replay) finds it clean. The counters are one persistent int32
+output in its dtype and puts the counter back to zero (`store_rows` is that whole epilogue), so
+the next launch (or CUDA-graph replay) finds it clean. The counters are one persistent int32
 workspace per device, shared by every layer: launches on one stream never overlap.
 
 Memory order: every thread's partial store happens before the barrier, the ticket is an acq_rel
@@ -64,3 +65,43 @@ def sum_row(out_ptr, partials_ptr, row, M, N, offs_n, stride_om, SPLIT_K: tl.con
             partials_ptr + (s * M + row) * N + offs_n, mask=mask, other=0.0, cache_modifier=".cg"
         )
     tl.store(out_ptr + row * stride_om + offs_n, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def store_rows(
+    acc0,  # [BLOCK_N] float32: row row0's result (this split's share of it)
+    acc1,  # row row0 + 1 (ROWS >= 2)
+    acc2,  # row row0 + 2 (ROWS == 4)
+    acc3,  # row row0 + 3 (ROWS == 4)
+    out_ptr,
+    partials_ptr,
+    counters_ptr,
+    tile,  # this program's counter: one per (row group, column tile)
+    row0,
+    M,
+    N,
+    offs_n,
+    stride_om,
+    pid_k,
+    ROWS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    """A GEMV program's epilogue, shared so its kernels cannot disagree on where a row goes: rows
+    row0 .. row0 + ROWS stored, or their partials stored and summed by the tile's last program."""
+    finish_row(acc0, out_ptr, partials_ptr, row0, M, N, offs_n, stride_om, pid_k, SPLIT_K)
+    if ROWS >= 2:
+        finish_row(acc1, out_ptr, partials_ptr, row0 + 1, M, N, offs_n, stride_om, pid_k, SPLIT_K)
+    if ROWS >= 4:
+        finish_row(acc2, out_ptr, partials_ptr, row0 + 2, M, N, offs_n, stride_om, pid_k, SPLIT_K)
+        finish_row(acc3, out_ptr, partials_ptr, row0 + 3, M, N, offs_n, stride_om, pid_k, SPLIT_K)
+    if SPLIT_K > 1:
+        if split_k_is_last(counters_ptr, tile, SPLIT_K):
+            for row in range(row0, row0 + ROWS):
+                sum_row(out_ptr, partials_ptr, row, M, N, offs_n, stride_om, SPLIT_K)
+            tl.atomic_xchg(counters_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
+def rows_per_program(m: int) -> int:
+    """Rows of x one GEMV program takes: 1 or 2 alone, 3 and more in groups of 4 (padded with zero
+    rows to whole groups: the kernels mask no row)."""
+    return m if m <= 2 else 4

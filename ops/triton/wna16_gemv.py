@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.triton.split_k import MAX_TILES, finish_row, split_counters, split_k_is_last, sum_row
+from ops.triton.split_k import MAX_TILES, rows_per_program, split_counters, store_rows
 
 MAX_GEMV_TOKENS = 16  # rows of x in groups of up to 4, one group per program
 
@@ -134,28 +134,10 @@ def _wna16_gemv_kernel(
         if ROWS >= 4:
             acc2 += (dot2 - xs2[:, None] * zero) * scale
             acc3 += (dot3 - xs3[:, None] * zero) * scale
-    finish_row(tl.sum(acc0, axis=0), out_ptr, partials_ptr, row0 + 0, M, N, offs_n, stride_om, pid_k, SPLIT_K)
-    if ROWS >= 2:
-        finish_row(
-            tl.sum(acc1, axis=0), out_ptr, partials_ptr, row0 + 1, M, N, offs_n, stride_om, pid_k, SPLIT_K
-        )
-    if ROWS >= 4:
-        finish_row(
-            tl.sum(acc2, axis=0), out_ptr, partials_ptr, row0 + 2, M, N, offs_n, stride_om, pid_k, SPLIT_K
-        )
-        finish_row(
-            tl.sum(acc3, axis=0), out_ptr, partials_ptr, row0 + 3, M, N, offs_n, stride_om, pid_k, SPLIT_K
-        )
-    if SPLIT_K > 1:
-        if split_k_is_last(counters_ptr, tile, SPLIT_K):
-            for row in range(row0, row0 + ROWS):
-                sum_row(out_ptr, partials_ptr, row, M, N, offs_n, stride_om, SPLIT_K)
-            tl.atomic_xchg(counters_ptr + tile, 0, sem="relaxed", scope="gpu")
-
-
-def _rows_per_program(m: int) -> int:
-    """1 or 2 rows alone; 3 and more in groups of 4 (3 padded to 4)."""
-    return m if m <= 2 else 4
+    store_rows(
+        tl.sum(acc0, axis=0), tl.sum(acc1, axis=0), tl.sum(acc2, axis=0), tl.sum(acc3, axis=0),
+        out_ptr, partials_ptr, counters_ptr, tile, row0, M, N, offs_n, stride_om, pid_k, ROWS, SPLIT_K,
+    )  # fmt: skip
 
 
 def wna16_gemv(
@@ -195,7 +177,7 @@ def wna16_gemv(
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
     split_k = triton.cdiv(K, k_per_split)
     tiles = triton.cdiv(N, block_n)
-    rows = _rows_per_program(M)
+    rows = rows_per_program(M)
     if M % rows:  # the kernel masks no row: zero rows up to whole groups
         padded = torch.cat([x, x.new_zeros(rows - M % rows, K)])
         return wna16_gemv(padded, qweight, scales, zeros, bits, group_size, block_n, block_k, split_k, num_warps,

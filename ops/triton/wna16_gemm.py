@@ -221,7 +221,7 @@ def _split_k_sum_kernel(
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _check(
+def check_layout(
     qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, k: int, bits: int, group_size: int
 ) -> int:
     n = qweight.shape[1]
@@ -252,7 +252,7 @@ def wna16_gemm(
     """y = x w with w dequantized tile by tile. block_k must be a multiple of 32 // bits; split_k > 1
     splits K over that many programs per output tile (partials summed in float32). gather_words: the
     other way to unpack (see _dequant_tile), for the GPU benchmark to compare."""
-    _check(qweight, scales, zeros, x.shape[1], bits, group_size)
+    check_layout(qweight, scales, zeros, x.shape[1], bits, group_size)
     tables = (scales, zeros, scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1))
     return _gemm(x, qweight, tables, bits, group_size, block_m, block_n, block_k, split_k, num_warps,
                  num_stages, gather_words, lut=False)  # fmt: skip
@@ -344,7 +344,7 @@ def wna16_dequantize(
     block_k: int = 64,
 ) -> torch.Tensor:  # [K, N] in dtype
     K = qweight.shape[0] * (32 // bits)
-    _check(qweight, scales, zeros, K, bits, group_size)
+    check_layout(qweight, scales, zeros, K, bits, group_size)
     tables = (scales, zeros, scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1))
     return _dequantize(qweight, tables, bits, group_size, dtype, block_n, block_k, lut=False)
 

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ops.triton.split_k import MAX_TILES, rows_per_program, split_counters, store_rows
+from ops.triton.wna16_gemm import check_layout
 
 MAX_GEMV_TOKENS = 16  # rows of x in groups of up to 4, one group per program
 
@@ -162,12 +163,7 @@ def wna16_gemv(
         raise ValueError(f"wna16_gemv reads 4- or 8-bit codes; got {bits}")
     if not 1 <= M <= MAX_GEMV_TOKENS:
         raise ValueError(f"wna16_gemv takes 1 to {MAX_GEMV_TOKENS} rows; got {M}")
-    if qweight.shape[0] * pack != K:
-        raise ValueError(f"qweight {tuple(qweight.shape)} does not pack K={K} at {bits} bits")
-    if K % group_size or scales.shape != (K // group_size, N) or zeros.shape != scales.shape:
-        raise ValueError(
-            f"scales/zeros {tuple(scales.shape)} do not match K={K}, N={N}, group_size={group_size}"
-        )
+    check_layout(qweight, scales, zeros, K, bits, group_size)  # the GEMM's layout checks, same messages
     if group_size % block_k or block_k % pack:
         raise ValueError(f"block_k {block_k} must divide group_size {group_size} and be a multiple of {pack}")
     if qweight.stride(1) != 1 or scales.stride(1) != 1 or zeros.stride(1) != 1 or x.stride(1) != 1:

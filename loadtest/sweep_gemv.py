@@ -26,9 +26,27 @@ from loadtest.model_shapes import SHAPES  # noqa: E402
 
 # per batch: the launches tried (batch 1 widest: it is the latency that matters most)
 W4_GRIDS = {
-    1: {"block_n": (64, 128, 256), "block_k": (128,), "split_k": (1, 2, 4, 8), "num_warps": (4, 8)},
-    2: {"block_n": (64, 128), "block_k": (128,), "split_k": (1, 2, 4), "num_warps": (4,)},
-    4: {"block_n": (64, 128), "block_k": (128,), "split_k": (1, 2, 4), "num_warps": (4,)},
+    1: {
+        "block_n": (64, 128, 256),
+        "block_k": (128,),
+        "split_k": (4, 8, 16),
+        "num_warps": (4, 8),
+        "prefetch": (False, True),
+    },
+    2: {
+        "block_n": (64, 128),
+        "block_k": (128,),
+        "split_k": (2, 4, 8),
+        "num_warps": (4,),
+        "prefetch": (False, True),
+    },
+    4: {
+        "block_n": (64, 128),
+        "block_k": (128,),
+        "split_k": (2, 4, 8),
+        "num_warps": (4,),
+        "prefetch": (False, True),
+    },
     8: {"block_n": (64, 128), "block_k": (128,), "split_k": (1, 2), "num_warps": (4,)},
     16: {"block_n": (64, 128), "block_k": (128,), "split_k": (1, 2), "num_warps": (4,)},
 }
@@ -41,7 +59,7 @@ FP8_GRIDS = {
 }
 
 
-def _grid(grid: dict[str, tuple[int, ...]]) -> list[dict[str, int]]:
+def _grid(grid: dict[str, tuple[int, ...]]) -> list[dict[str, int]]:  # bools are ints
     return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
 
 

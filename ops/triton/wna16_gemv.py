@@ -45,6 +45,31 @@ def _x_row(x_ptrs, offset):
 
 
 @triton.jit
+def _code_terms(dot, lo, hi, code_lo, code_hi, x_ptrs, at, BITS: tl.constexpr):
+    """One row's terms for the codes of one byte of each word: dot += x (256 + c) [+ x (16 + c')], and
+    the sums of x under each magic. `at`: the byte's first code's K within the word (plus the row)."""
+    x_lo = _x_row(x_ptrs, at)
+    dot += code_lo * x_lo[:, None]
+    lo += x_lo
+    if BITS == 4:
+        x_hi = _x_row(x_ptrs, at + 1)
+        dot += code_hi * x_hi[:, None]
+        hi += x_hi
+    return dot, lo, hi
+
+
+@triton.jit
+def _words(word_ptrs, offset, mask_n, EVEN_N: tl.constexpr):
+    """[WORDS, BLOCK_N] uint32: the tile of packed codes at word_ptrs + offset (offset: word rows times
+    their stride)."""
+    if EVEN_N:
+        words = tl.load(word_ptrs + offset)
+    else:
+        words = tl.load(word_ptrs + offset, mask=mask_n[None, :], other=0)
+    return words.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
 def _wna16_gemv_kernel(
     x_ptr,  # [M, K]
     qweight_ptr,  # [K / pf, N] int32
@@ -69,10 +94,9 @@ def _wna16_gemv_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no column mask on the words
+    PREFETCH: tl.constexpr,  # load tile i + 1 before decoding tile i (two tiles in flight per program)
 ):
     PACK: tl.constexpr = 32 // BITS
-    HALF: tl.constexpr = PACK // 2  # codes per half-word
-    MASK: tl.constexpr = (1 << BITS) - 1
     WORDS: tl.constexpr = BLOCK_K // PACK  # word rows per tile
     pid_g = tl.program_id(0)  # a group of ROWS rows of x; groups side by side share each weight tile in L2
     pid_n = tl.program_id(1)
@@ -88,53 +112,72 @@ def _wna16_gemv_kernel(
     acc1 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
     acc3 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+    word_ptrs = qweight_ptr + offs_w[:, None] * stride_qk + offs_n[None, :]  # [WORDS, BLOCK_N] at K = 0
+    if PREFETCH:
+        words = _words(word_ptrs, k_start // PACK * stride_qk, mask_n, EVEN_N)
     for k0 in range(k_start, k_end, BLOCK_K):
-        word_rows = k0 // PACK + offs_w  # [WORDS]
-        word_ptrs = qweight_ptr + word_rows[:, None] * stride_qk + offs_n[None, :]
-        if EVEN_N:
-            words = tl.load(word_ptrs)
+        if PREFETCH:
+            # The next tile's words are requested before this tile is decoded, so one tile is always
+            # in flight while the SM works (the last iteration re-reads its own tile: no mask needed).
+            k_next = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K)
+            words_next = _words(word_ptrs, k_next // PACK * stride_qk, mask_n, EVEN_N)
         else:
-            words = tl.load(word_ptrs, mask=mask_n[None, :], other=0)
-        words = words.to(tl.uint32, bitcast=True)  # [WORDS, BLOCK_N]
-        dot0 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)  # sum_k x_k c_kn over each word's codes
+            words = _words(word_ptrs, k0 // PACK * stride_qk, mask_n, EVEN_N)
+        # Per row: sum_k x_k (M_k + c_kn) over the tile (M_k: the code's magic, 256 or 16), and the sums
+        # of x over the codes of each magic, which remove the magic (and the zero point) per group.
+        dot0 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
         dot1 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
         dot2 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
         dot3 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
-        xs0 = tl.zeros((WORDS,), dtype=tl.float32)  # sum_k x_k over each word's codes
-        xs1 = tl.zeros((WORDS,), dtype=tl.float32)
-        xs2 = tl.zeros((WORDS,), dtype=tl.float32)
-        xs3 = tl.zeros((WORDS,), dtype=tl.float32)
+        lo0 = tl.zeros((WORDS,), dtype=tl.float32)  # sum of x over codes decoded as 256 + c
+        lo1 = tl.zeros((WORDS,), dtype=tl.float32)
+        lo2 = tl.zeros((WORDS,), dtype=tl.float32)
+        lo3 = tl.zeros((WORDS,), dtype=tl.float32)
+        hi0 = tl.zeros((WORDS,), dtype=tl.float32)  # sum of x over codes decoded as 16 + c (4-bit only)
+        hi1 = tl.zeros((WORDS,), dtype=tl.float32)
+        hi2 = tl.zeros((WORDS,), dtype=tl.float32)
+        hi3 = tl.zeros((WORDS,), dtype=tl.float32)
         x_ptrs = x_ptr + row0 * stride_xm + k0 + offs_w * PACK  # [WORDS]: row0's x at each word's first code
-        for h in tl.static_range(2):
-            half = words if h == 0 else words >> 16
-            for i in tl.static_range(HALF):
-                bits = (half & (MASK << (i * BITS))) | 0x4B000000
-                code = bits.to(tl.float32, bitcast=True) - 8388608.0  # code * 2**(i * BITS), exact
-                at = h * HALF + i  # this code's K within each word
-                unit = 1.0 / (1 << (i * BITS))  # undoes the code's position (exact)
-                x0 = _x_row(x_ptrs, at)
-                dot0 += code * (x0 * unit)[:, None]
-                xs0 += x0
-                if ROWS >= 2:
-                    x1 = _x_row(x_ptrs, 1 * stride_xm + at)
-                    dot1 += code * (x1 * unit)[:, None]
-                    xs1 += x1
-                if ROWS >= 4:
-                    x2 = _x_row(x_ptrs, 2 * stride_xm + at)
-                    x3 = _x_row(x_ptrs, 3 * stride_xm + at)
-                    dot2 += code * (x2 * unit)[:, None]
-                    dot3 += code * (x3 * unit)[:, None]
-                    xs2 += x2
-                    xs3 += x3
+        for b in tl.static_range(4):  # byte b of each word: one 8-bit code or two 4-bit codes
+            # Bring byte b to mantissa bits 15-22 (one shift for its codes), then OR in an exponent:
+            # a code at bits 15-18 reads 256 + c as a float, at bits 19-22 16 + c (exact: one LOP3
+            # per code, no conversion, no subtraction; 256 and 16 come off per group).
+            if b < 2:
+                byte = words << (15 - 8 * b)
+            else:
+                byte = words >> (8 * b - 15)
+            if BITS == 8:
+                code_lo = ((byte & 0x007F8000) | 0x43800000).to(tl.float32, bitcast=True)  # 256 + c
+                code_hi = code_lo  # unused
+                at = b
+            else:
+                code_lo = ((byte & 0x00078000) | 0x43800000).to(tl.float32, bitcast=True)  # 256 + c[2b]
+                code_hi = ((byte & 0x00780000) | 0x41800000).to(tl.float32, bitcast=True)  # 16 + c[2b+1]
+                at = 2 * b
+            dot0, lo0, hi0 = _code_terms(dot0, lo0, hi0, code_lo, code_hi, x_ptrs, at, BITS)
+            if ROWS >= 2:
+                dot1, lo1, hi1 = _code_terms(dot1, lo1, hi1, code_lo, code_hi, x_ptrs, stride_xm + at, BITS)
+            if ROWS >= 4:
+                dot2, lo2, hi2 = _code_terms(
+                    dot2, lo2, hi2, code_lo, code_hi, x_ptrs, 2 * stride_xm + at, BITS
+                )
+                dot3, lo3, hi3 = _code_terms(
+                    dot3, lo3, hi3, code_lo, code_hi, x_ptrs, 3 * stride_xm + at, BITS
+                )
         g = k0 // group_size
         scale = tl.load(scales_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         zero = tl.load(zeros_ptr + g * stride_zg + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        acc0 += (dot0 - xs0[:, None] * zero) * scale
+        # sum_k x_k (c_kn - z_n) = dot - sum_lo x (256 + z) - sum_hi x (16 + z)
+        zero_lo = zero + 256.0
+        zero_hi = zero + 16.0
+        acc0 += (dot0 - lo0[:, None] * zero_lo - hi0[:, None] * zero_hi) * scale
         if ROWS >= 2:
-            acc1 += (dot1 - xs1[:, None] * zero) * scale
+            acc1 += (dot1 - lo1[:, None] * zero_lo - hi1[:, None] * zero_hi) * scale
         if ROWS >= 4:
-            acc2 += (dot2 - xs2[:, None] * zero) * scale
-            acc3 += (dot3 - xs3[:, None] * zero) * scale
+            acc2 += (dot2 - lo2[:, None] * zero_lo - hi2[:, None] * zero_hi) * scale
+            acc3 += (dot3 - lo3[:, None] * zero_lo - hi3[:, None] * zero_hi) * scale
+        if PREFETCH:
+            words = words_next
     store_rows(
         tl.sum(acc0, axis=0), tl.sum(acc1, axis=0), tl.sum(acc2, axis=0), tl.sum(acc3, axis=0),
         out_ptr, partials_ptr, counters_ptr, tile, row0, M, N, offs_n, stride_om, pid_k, ROWS, SPLIT_K,
@@ -153,9 +196,11 @@ def wna16_gemv(
     split_k: int = 1,
     num_warps: int = 4,
     num_stages: int = 3,
+    prefetch: bool = False,
 ) -> torch.Tensor:  # [M, N] in x.dtype
     """y = x w with w dequantized in registers, one launch. block_k must divide group_size and be a
-    multiple of 32 // bits; split_k > 1 splits K over that many programs per BLOCK_N columns."""
+    multiple of 32 // bits; split_k > 1 splits K over that many programs per BLOCK_N columns; prefetch
+    keeps the next tile's words in flight while one is decoded."""
     M, K = x.shape
     N = qweight.shape[1]
     pack = 32 // bits
@@ -177,7 +222,7 @@ def wna16_gemv(
     if M % rows:  # the kernel masks no row: zero rows up to whole groups
         padded = torch.cat([x, x.new_zeros(rows - M % rows, K)])
         return wna16_gemv(padded, qweight, scales, zeros, bits, group_size, block_n, block_k, split_k, num_warps,
-                          num_stages)[:M]  # fmt: skip
+                          num_stages, prefetch)[:M]  # fmt: skip
     groups = M // rows
     if split_k > 1 and tiles * groups > MAX_TILES:
         raise ValueError(f"wna16_gemv: {tiles * groups} tiles exceed the split-K workspace ({MAX_TILES})")
@@ -188,6 +233,6 @@ def wna16_gemv(
         M, N, K, group_size, k_per_split,
         x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
         BITS=bits, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, EVEN_N=N % block_n == 0,
-        num_warps=num_warps, num_stages=num_stages,
+        PREFETCH=prefetch, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out

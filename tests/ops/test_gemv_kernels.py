@@ -69,10 +69,20 @@ def test_wna16_gemv_matches_dequantize_then_matmul(
         scales.to(DEVICE, torch.float16),
         zeros.to(DEVICE, torch.float16),
     )
-    for _ in range(2):  # the second launch finds the split counters as the first left them
-        out = wna16_gemv(x, *args, bits, group_size, block_n=block_n, block_k=block_k, split_k=split_k)
-        assert out.shape == (m, n) and out.dtype == dtype
-        assert _err(out, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
+    for prefetch in (False, True):  # with the next tile's words loaded ahead, and without
+        for _ in range(2):  # the second launch finds the split counters as the first left them
+            out = wna16_gemv(
+                x,
+                *args,
+                bits,
+                group_size,
+                block_n=block_n,
+                block_k=block_k,
+                split_k=split_k,
+                prefetch=prefetch,
+            )
+            assert out.shape == (m, n) and out.dtype == dtype
+            assert _err(out, expected) < (1e-5 if dtype == torch.float32 else 1e-2), prefetch
 
 
 @in_process

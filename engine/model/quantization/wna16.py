@@ -47,6 +47,7 @@ class WNA16Launch:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    prefetch: bool = False  # GEMV: the next tile's words in flight while one is decoded
 
 
 def use_wna16_kernels(
@@ -175,7 +176,7 @@ def apply_wna16(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) ->
     elif launch.path == "gemv":
         out = wna16_gemv(
             x2.contiguous(), qweight, layer.scales, layer.zeros, bits, group_size,
-            launch.block_n, launch.block_k, launch.split_k, launch.num_warps, launch.num_stages,
+            launch.block_n, launch.block_k, launch.split_k, launch.num_warps, launch.num_stages, launch.prefetch,
         )  # fmt: skip
     else:
         out = wna16_gemm(

@@ -148,6 +148,9 @@ ENGINE_HELP: dict[str, str] = {
     "max_cuda_graph_batch_size": "Largest decode batch captured in a CUDA graph. Default: 1024.",
     "max_cuda_graph_mixed_tokens": "Mixed prefill+decode steps of up to this many tokens replay CUDA "
     "graphs too (0: always eager). Default: 512 on cuda.",
+    "long_prefill_token_threshold": "Most prompt tokens one request computes in one step (0: the step's whole "
+    "budget). Lower (e.g. 512) to keep streams' inter-token latency low while long prompts arrive; their "
+    "time to first token rises.",
     "max_waiting_requests": "Waiting-queue bound in requests; beyond it new requests get 429.",
     "max_waiting_tokens": "Waiting-queue bound in prompt tokens; beyond it new requests get 429.",
     "max_best_of": "Most sequences a request with best_of > n may generate (OpenAI's limit, 20); above it "

@@ -75,6 +75,10 @@ class EngineConfig:
     # dwarfs the GPU work; above ~1k tokens the GPU work hides the launches and padding to the next
     # graph size would only add compute (measured: loadtest/results/chat-mixed-h200-*).
     max_cuda_graph_mixed_tokens: int | None = None
+    # One request's prompt chunk per step, in tokens (vLLM's name); 0: up to the step's whole budget.
+    # A long prompt then takes several steps, and the decodes that share them wait less: under load,
+    # the inter-token latency's tail falls, and time to first token of long prompts rises.
+    long_prefill_token_threshold: int = 0
     # Admission control (serving): beyond these the server answers 429 instead of queueing.
     max_waiting_requests: int = 1024
     max_waiting_tokens: int = 1_048_576
@@ -133,6 +137,11 @@ class EngineConfig:
         if mixed is not None and (not isinstance(mixed, int) or isinstance(mixed, bool) or mixed < 0):
             raise ValueError(
                 f"max_cuda_graph_mixed_tokens must be 0 (off) or a positive integer; got {mixed!r}"
+            )
+        threshold = self.long_prefill_token_threshold
+        if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 0:
+            raise ValueError(
+                f"long_prefill_token_threshold must be 0 (off) or a positive integer; got {threshold!r}"
             )
         _positive("max_waiting_requests", self.max_waiting_requests)
         _positive("max_waiting_tokens", self.max_waiting_tokens)
@@ -207,6 +216,7 @@ class EngineConfig:
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens,
+                long_prefill_token_threshold=self.long_prefill_token_threshold,
                 max_model_len=max_model_len,
                 async_scheduling=self.async_scheduling,
                 max_waiting_requests=self.max_waiting_requests,
@@ -340,6 +350,7 @@ class SchedulerConfig:
     max_best_of: int = 20  # a request with best_of > n above this is refused (input processor)
     max_beam_width: int = 16  # a beam search wider than this is refused (input processor)
     scheduling_policy: str = "fcfs"  # "fcfs" | "fair" (EngineConfig.scheduling_policy)
+    long_prefill_token_threshold: int = 0  # one request's tokens per step (0: no cap below the budget)
 
 
 @dataclass(frozen=True, slots=True)

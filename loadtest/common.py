@@ -62,6 +62,12 @@ def add_common_args(
     g.add_argument("--num-kv-blocks", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=None)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument(
+        "--long-prefill-token-threshold",
+        type=int,
+        default=None,
+        help="one request's prompt tokens per step (engine default: 0, the whole budget)",
+    )
     g.add_argument("--gpu-memory-utilization", type=float, default=None)
     g.add_argument("--enforce-eager", action="store_true")
     g.add_argument(
@@ -247,6 +253,7 @@ def engine_kwargs(args: argparse.Namespace, model: ModelChoice, **overrides: Any
         "num_kv_blocks": args.num_kv_blocks,
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
+        "long_prefill_token_threshold": getattr(args, "long_prefill_token_threshold", None),
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "max_cuda_graph_mixed_tokens": getattr(args, "max_cuda_graph_mixed_tokens", None),
         "tensor_parallel_size": getattr(args, "tensor_parallel_size", None),
@@ -985,6 +992,7 @@ def server_flags(args: argparse.Namespace, model: ModelChoice, max_model_len: in
         ("--num-kv-blocks", args.num_kv_blocks),
         ("--max-num-seqs", args.max_num_seqs),
         ("--max-num-batched-tokens", args.max_num_batched_tokens),
+        ("--long-prefill-token-threshold", getattr(args, "long_prefill_token_threshold", None)),
         ("--gpu-memory-utilization", args.gpu_memory_utilization),
         ("--max-cuda-graph-mixed-tokens", getattr(args, "max_cuda_graph_mixed_tokens", None)),
     ):

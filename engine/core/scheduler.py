@@ -45,6 +45,9 @@ class Scheduler(BeamScheduling):
         self.num_kv_blocks = cache.num_kv_blocks
         self.max_model_len = config.max_model_len
         self.max_num_batched_tokens = config.max_num_batched_tokens
+        # One request's prompt chunk per step (0: the whole budget): long prompts then take several
+        # steps, and the decodes sharing those steps wait for smaller ones.
+        self.long_prefill_token_threshold = config.long_prefill_token_threshold
         self.kv_cache_manager = KVCacheManager(
             cache.num_kv_blocks, cache.block_size, cache.enable_prefix_caching
         )
@@ -141,6 +144,11 @@ class Scheduler(BeamScheduling):
         self.num_preemptions += 1
         self._enqueue(request)  # keeps its arrival seq: ahead of everything that came after it
 
+    def _chunk(self, budget: int) -> int:
+        """The most tokens one request may compute in this step, given the budget left."""
+        cap = self.long_prefill_token_threshold
+        return min(budget, cap) if cap > 0 else budget
+
     def _pick_victim(self) -> Request:
         seq = self._arrival_seq
         return max(self.running.values(), key=lambda r: (r.priority, seq[r.req_id]))
@@ -173,7 +181,7 @@ class Scheduler(BeamScheduling):
                 # The step in flight samples its last token: the update finishes it, or, for a beam,
                 # the group's next tokens depend on that step's results.
                 continue
-            num_new = min(req.num_tokens_with_placeholders - req.num_computed_tokens, budget)
+            num_new = min(req.num_tokens_with_placeholders - req.num_computed_tokens, self._chunk(budget))
             while True:
                 new_block_ids = kv.allocate_slots(req, num_new)
                 if new_block_ids is not None:
@@ -226,12 +234,12 @@ class Scheduler(BeamScheduling):
             if source is _WAIT_FOR_SIBLING:
                 break  # a sibling is computing the shared prompt: fork it once it is done
             if source is not None:
-                num_hit_tokens = self._fork(req, source, budget)
+                num_hit_tokens = self._fork(req, source, self._chunk(budget))
                 allocated = num_hit_tokens is not None
             else:
                 computed_blocks, num_hit_tokens = kv.get_computed_blocks(req)
                 allocated = kv.allocate_slots(
-                    req, min(req.num_tokens - num_hit_tokens, budget), computed_blocks
+                    req, min(req.num_tokens - num_hit_tokens, self._chunk(budget)), computed_blocks
                 )
                 allocated = allocated is not None
             if not allocated:
@@ -256,7 +264,7 @@ class Scheduler(BeamScheduling):
                 preempted.append(victim)
                 continue
             assert num_hit_tokens is not None
-            num_new = min(req.num_tokens - num_hit_tokens, budget)
+            num_new = min(req.num_tokens - num_hit_tokens, self._chunk(budget))
             self._pop_waiting(req)
             req.status = RequestStatus.RUNNING
             req.num_computed_tokens = num_hit_tokens

@@ -108,6 +108,10 @@ def test_clear_errors(tiny_llama_dir: Path) -> None:
         ValueError, match=r"max_cuda_graph_mixed_tokens must be 0 \(off\) or a positive integer"
     ):
         EngineConfig("m", max_cuda_graph_mixed_tokens=-1)
+    with pytest.raises(
+        ValueError, match=r"long_prefill_token_threshold must be 0 \(off\) or a positive integer; got -5"
+    ):
+        EngineConfig("m", long_prefill_token_threshold=-5)
     with pytest.raises(ValueError, match="model directory '/nonexistent' does not exist"):
         EngineConfig("/nonexistent", device="cpu").resolve()
     if not torch.cuda.is_available():

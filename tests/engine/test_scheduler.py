@@ -27,9 +27,11 @@ def make_sched(
     budget: int = 64,
     max_num_seqs: int = 16,
     prefix_caching: bool = True,
+    long_prefill_token_threshold: int = 0,
 ) -> Scheduler:
     return Scheduler(
         SchedulerConfig(
+            long_prefill_token_threshold=long_prefill_token_threshold,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=budget,
             max_model_len=max_model_len,
@@ -217,6 +219,30 @@ def test_chunked_prefill_splits_a_long_prompt_while_decodes_go_first() -> None:
     run_to_completion(sched, runner)
     assert long.output_token_ids == expected_outputs(long_prompt, 3)
     assert short.output_token_ids == expected_outputs([5] * 4, 20)
+    assert_all_blocks_free(sched)
+
+
+def test_long_prefill_token_threshold_caps_each_prompt_chunk() -> None:
+    # Budget 64, threshold 10: two long prompts arriving together each compute at most 10 tokens a
+    # step (20 of the 64), the running stream decodes every step, and every output is right.
+    sched, runner = make_sched(budget=64, long_prefill_token_threshold=10), FakeRunner(64)
+    short = make_req("short", [5] * 4, max_tokens=12)
+    sched.add_request(short)
+    step(sched, runner)
+    prompts = {"a": list(range(100, 125)), "b": list(range(200, 207))}  # 25 and 7 tokens
+    reqs = {rid: make_req(rid, prompt, max_tokens=3) for rid, prompt in prompts.items()}
+    for req in reqs.values():
+        sched.add_request(req)
+    steps = []
+    while reqs["a"].num_output_tokens == 0:
+        so, _ = step(sched, runner)
+        assert so.num_scheduled_tokens["short"] == 1
+        steps.append({rid: so.num_scheduled_tokens.get(rid, 0) for rid in prompts})
+    assert steps == [{"a": 10, "b": 7}, {"a": 10, "b": 1}, {"a": 5, "b": 1}]  # b decodes once its 7 are in
+    run_to_completion(sched, runner)
+    for rid, prompt in prompts.items():
+        assert reqs[rid].output_token_ids == expected_outputs(prompt, 3)
+    assert short.output_token_ids == expected_outputs([5] * 4, 12)
     assert_all_blocks_free(sched)
 
 

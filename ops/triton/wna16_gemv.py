@@ -81,14 +81,16 @@ def _wna16_gemv_kernel(
     M,
     N,
     K,
-    group_size,
-    k_per_split,  # K rows per split, a multiple of BLOCK_K
+    k_per_split,
+    mask_lo,  # 0x00078000 (8-bit codes: 0x007F8000): passed in, so the compiler keeps it in a register
+    mask_hi,  # 0x00780000   instead of re-materialising the constant before every LOP3  # K rows per split, a multiple of BLOCK_K
     stride_xm,
     stride_qk,
     stride_sg,
     stride_zg,
     stride_om,
     BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,  # a constant: the group index is a shift, not a division per tile
     ROWS: tl.constexpr,  # rows per program (1, 2 or 4; M is a multiple): each has its accumulators
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -147,12 +149,12 @@ def _wna16_gemv_kernel(
             else:
                 byte = words >> (8 * b - 15)
             if BITS == 8:
-                code_lo = ((byte & 0x007F8000) | 0x43800000).to(tl.float32, bitcast=True)  # 256 + c
+                code_lo = ((byte & mask_lo) | 0x43800000).to(tl.float32, bitcast=True)  # 256 + c
                 code_hi = code_lo  # unused
                 at = b
             else:
-                code_lo = ((byte & 0x00078000) | 0x43800000).to(tl.float32, bitcast=True)  # 256 + c[2b]
-                code_hi = ((byte & 0x00780000) | 0x41800000).to(tl.float32, bitcast=True)  # 16 + c[2b+1]
+                code_lo = ((byte & mask_lo) | 0x43800000).to(tl.float32, bitcast=True)  # 256 + c[2b]
+                code_hi = ((byte & mask_hi) | 0x41800000).to(tl.float32, bitcast=True)  # 16 + c[2b+1]
                 at = 2 * b
             dot0, lo0, hi0 = _code_terms(dot0, lo0, hi0, code_lo, code_hi, x_ptrs, at, BITS)
             if ROWS >= 2:
@@ -164,7 +166,7 @@ def _wna16_gemv_kernel(
                 dot3, lo3, hi3 = _code_terms(
                     dot3, lo3, hi3, code_lo, code_hi, x_ptrs, 3 * stride_xm + at, BITS
                 )
-        g = k0 // group_size
+        g = k0 // GROUP_SIZE
         scale = tl.load(scales_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         zero = tl.load(zeros_ptr + g * stride_zg + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         # sum_k x_k (c_kn - z_n) = dot - sum_lo x (256 + z) - sum_hi x (16 + z)
@@ -230,9 +232,9 @@ def wna16_gemv(
     partials = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else out
     _wna16_gemv_kernel[(groups, tiles, split_k)](
         x, qweight, scales, zeros, out, partials, split_counters(x.device),
-        M, N, K, group_size, k_per_split,
+        M, N, K, k_per_split, 0x007F8000 if bits == 8 else 0x00078000, 0x00780000,
         x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
-        BITS=bits, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, EVEN_N=N % block_n == 0,
+        BITS=bits, GROUP_SIZE=group_size, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, EVEN_N=N % block_n == 0,
         PREFETCH=prefetch, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out

@@ -103,21 +103,23 @@ def plan_wna16(
 def plan_wna16_gemv(
     num_tokens: int, in_features: int, out_features: int, group_size: int, num_sms: int
 ) -> WNA16Launch | None:
-    """The GEMV's launch, from the sweep on an H200 at Llama-3-8B's four shapes (loadtest/sweep_gemv.py,
-    loadtest/results/gemv-sweep-h200-2026-12-03-cb7dcc4): 64-word column tiles (256 at batch 1 for
-    layers as wide as gate_up), tiles of 128 rows of K inside one group, and K split 8 ways at batch 1
-    (4 at 2-4 tokens, 2 for the widest layers) so short layers still put several programs on each
-    SM. None when no tile of 32 rows or more fits the groups."""
+    """The GEMV's launch, from the sweeps on an H200 at Llama-3-8B's four shapes (loadtest/sweep_gemv.py;
+    loadtest/results/gemv-sweep-h200-2026-12-03-cb7dcc4 and -2026-12-03-cb9a06e): 64-word column tiles,
+    tiles of 128 rows of K inside one group. At batch 1, K split 8 ways (16 for K >= 8192, the down
+    projection) with the next tile prefetched: ~8 programs per SM keep enough loads in flight
+    (1-3 us better per layer than no prefetch). At 2-4 tokens, split 4 (2 for the widest layers), no
+    prefetch (it measured slower there). None when no tile of 32 rows or more fits the groups."""
     block_k = 128
     while group_size % block_k and block_k > 32:
         block_k //= 2  # groups of 32 or 64
     if group_size % block_k:
         return None
-    wide = out_features >= 16384
-    block_n = 256 if wide and num_tokens == 1 else 64
-    split_k = 8 if num_tokens == 1 else (2 if wide else 4)
     del num_sms  # measured on 132 SMs; the splits are few enough to fill fewer
-    return WNA16Launch("gemv", 1, block_n, block_k, split_k, num_warps=4, num_stages=3)
+    if num_tokens == 1:
+        split_k = 16 if in_features >= 8192 else 8
+        return WNA16Launch("gemv", 1, 64, block_k, split_k, num_warps=4, num_stages=3, prefetch=True)
+    split_k = 2 if out_features >= 16384 else 4
+    return WNA16Launch("gemv", 1, 64, block_k, split_k, num_warps=4, num_stages=3)
 
 
 @functools.cache

@@ -30,17 +30,18 @@ def test_kernels_on_cuda_only_for_layouts_they_read() -> None:
 
 @pytest.mark.parametrize("num_tokens", [1, 2, 4])
 def test_decode_batches_take_the_gemv_with_the_swept_launches(num_tokens: int) -> None:
-    """The launches the H200 sweep picked (loadtest/results/gemv-sweep-h200-2026-12-03-cb7dcc4)."""
+    """The launches the H200 sweeps picked (loadtest/results/gemv-sweep-h200-2026-12-03-*)."""
     plans = {name: plan_wna16(num_tokens, k, n, 128, H100_SMS) for name, (k, n) in LLAMA3_8B.items()}
     assert {p.path for p in plans.values()} == {"gemv"}
     if num_tokens == 1:
-        assert {name: (p.block_n, p.split_k) for name, p in plans.items()} == {
-            "qkv": (64, 8),
-            "o": (64, 8),
-            "gate_up": (256, 8),
-            "down": (64, 8),
+        assert {name: (p.block_n, p.split_k, p.prefetch) for name, p in plans.items()} == {
+            "qkv": (64, 8, True),
+            "o": (64, 8, True),
+            "gate_up": (64, 8, True),
+            "down": (64, 16, True),
         }
     else:
+        assert not any(p.prefetch for p in plans.values())
         assert {name: (p.block_n, p.split_k) for name, p in plans.items()} == {
             "qkv": (64, 4),
             "o": (64, 4),

@@ -55,6 +55,7 @@ from engine.worker.attention_metadata import (
     build_step_inputs,
     step_layout,
 )
+from engine.worker.warmup_summary import warmup_summary
 
 if TYPE_CHECKING:
     from engine.lora.layers import LoRABatch
@@ -260,6 +261,7 @@ class CUDAGraphRunner:
         self.pool: tuple[int, int] | None = None
         self.capture_seconds = 0.0
         self.warmup_seconds = 0.0  # of capture_seconds: the eager warm-up forwards
+        self.warmup_by_step: dict[str, float] = {}  # "decode 8" / "mixed 64" -> its warm-up's seconds
         self.memory_bytes = 0  # device memory the capture took (graph pool, graph objects)
 
     def padded_size(self, num_seqs: int) -> int | None:
@@ -311,7 +313,9 @@ class CUDAGraphRunner:
                         with torch.cuda.stream(stream):
                             self.forward(step.input_ids, step.positions, step.metadata)
                         torch.cuda.current_stream(device).wait_stream(stream)
-                        self.warmup_seconds += time.perf_counter() - t0
+                        seconds = time.perf_counter() - t0
+                        self.warmup_seconds += seconds
+                        self.warmup_by_step[f"{'mixed' if mixed else 'decode'} {bs}"] = seconds
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=self.pool, stream=stream):
                         output = self.forward(step.input_ids, step.positions, step.metadata)
@@ -340,6 +344,8 @@ class CUDAGraphRunner:
             self.memory_bytes / (1 << 30),
             " (emulated)" if self.emulate else "",
         )
+        if self.warmup_by_step:
+            logger.info("CUDA graph warm-up forwards: %s", warmup_summary(self.warmup_by_step))
 
     def _emulated(self, step: StepInputs, variant: bool | None) -> _Captured:
         """CPU stand-in for a graph: rerun the forward on the static inputs into a fixed output.

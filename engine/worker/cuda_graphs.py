@@ -307,7 +307,11 @@ class CUDAGraphRunner:
                         continue
                     if variant is not False:
                         # Warm-up outside the capture: Triton compiles and cuBLAS picks its kernels
-                        # here (the variant without LoRA runs a subset of these kernels).
+                        # here (the variant without LoRA runs a subset of these kernels). One per size:
+                        # sizes launch different kernel variants (decode attention's NUM_SEGMENTS
+                        # constexpr follows the batch size; Triton specializes ints on ==1 and %16;
+                        # cuBLAS picks by shape), and a variant first met inside a capture would
+                        # compile or load there. The log line below shows what each one cost.
                         t0 = time.perf_counter()
                         stream.wait_stream(torch.cuda.current_stream(device))
                         with torch.cuda.stream(stream):

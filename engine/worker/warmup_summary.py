@@ -9,8 +9,6 @@ anything (only the second kind would shrink) before anyone removes one.
 
 from __future__ import annotations
 
-import statistics
-
 
 def warmup_summary(seconds: dict[str, float], slowest: int = 3) -> str:
     """`seconds`: warm-up name -> seconds. E.g. "slowest: decode 1024 1.20s, decode 1 0.30s; the
@@ -21,5 +19,12 @@ def warmup_summary(seconds: dict[str, float], slowest: int = 3) -> str:
     top, rest = ranked[:slowest], [s for _, s in ranked[slowest:]]
     text = "slowest: " + ", ".join(f"{name} {s:.2f}s" for name, s in top)
     if rest:
-        text += f"; the other {len(rest)}: median {statistics.median(rest):.3f}s, {sum(rest):.2f}s in all"
+        text += f"; the other {len(rest)}: median {_median(rest):.3f}s, {sum(rest):.2f}s in all"
     return f"{text}; {sum(seconds.values()):.2f}s in all"
+
+
+def _median(values: list[float]) -> float:
+    # Not statistics.median: that module (and what it imports) would join every start-up's imports.
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2

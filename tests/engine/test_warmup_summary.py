@@ -20,3 +20,10 @@ def test_fewer_than_the_slowest_count_has_no_rest() -> None:
         == "slowest: decode 1 0.50s, mixed 16 0.25s; 0.75s in all"
     )
     assert warmup_summary({}) == "none"
+
+
+def test_median_of_an_odd_rest() -> None:
+    seconds = {"decode 64": 0.9, "decode 1": 0.01, "decode 2": 0.04, "decode 4": 0.02}
+    assert warmup_summary(seconds, slowest=1) == (
+        "slowest: decode 64 0.90s; the other 3: median 0.020s, 0.07s in all; 0.97s in all"
+    )

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.triton.pdl import let_next_kernel_start, pdl_enabled
+
 
 @triton.jit
 def _silu_and_mul_kernel(
@@ -15,7 +17,9 @@ def _silu_and_mul_kernel(
     stride_out,
     d,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,  # let a PDL-launched next kernel (the down projection's GEMV) start now
 ):
+    let_next_kernel_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < d
@@ -54,6 +58,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(num_tokens, d, dtype=x.dtype, device=x.device)  # [num_tokens, d]
     if num_tokens > 0 and d > 0:
         block, programs_per_row = _LAUNCH.get(d) or _launch_params(d)
-        # BLOCK passed positionally: a keyword costs a dict build per launch. out is contiguous.
-        _silu_and_mul_kernel[(num_tokens, programs_per_row)](out, x2, x2.stride(0), d, d, block, num_warps=4)
+        # BLOCK and PDL passed positionally: a keyword costs a dict build per launch. out is contiguous.
+        _silu_and_mul_kernel[(num_tokens, programs_per_row)](
+            out, x2, x2.stride(0), d, d, block, pdl_enabled(x.device), num_warps=4
+        )
     return out if len(shape) == 2 else out.view(*shape[:-1], d)

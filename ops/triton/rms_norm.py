@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.triton.pdl import let_next_kernel_start, pdl_enabled
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -24,7 +26,9 @@ def _rms_norm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,  # let a PDL-launched next kernel (a decode GEMV) start loading its weights now
 ):
+    let_next_kernel_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
@@ -83,12 +87,12 @@ def rms_norm(
     else:
         r2, nr2 = x2, out  # placeholders; the kernel does not touch them
     if num_tokens > 0:
-        # Constexprs passed positionally (HAS_RESIDUAL, BLOCK): keywords cost a dict build per launch.
+        # Constexprs passed positionally (HAS_RESIDUAL, BLOCK, PDL): keywords cost a dict build per launch.
         _rms_norm_kernel[(num_tokens,)](
             out, nr2, x2, r2, weight.contiguous(),
             x2.stride(0), r2.stride(0), hidden, hidden,  # out and new_residual are contiguous
             hidden, eps,
-            residual is not None, block,
+            residual is not None, block, pdl_enabled(x.device),
             num_warps=num_warps,
         )  # fmt: skip
     if len(shape) != 2:

@@ -8,7 +8,8 @@ Instead each program writes its partial (`finish_row`), then takes a ticket from
 (`split_k_is_last`); the one that draws the last ticket reads all partials (`sum_row`), writes the
 output in its dtype and puts the counter back to zero (`store_rows` is that whole epilogue), so
 the next launch (or CUDA-graph replay) finds it clean. The counters are one persistent int32
-workspace per device, shared by every layer: launches on one stream never overlap.
+workspace per device, shared by every layer: launches on one stream never overlap where it matters
+(a GEMV launched with PDL touches the counters only after waiting for the kernel before it).
 
 Memory order: every thread's partial store happens before the barrier, the ticket is an acq_rel
 atomic at GPU scope (its release covers what the barrier made visible), and the reader loads the

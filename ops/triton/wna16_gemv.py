@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.triton.pdl import pdl_enabled, wait_for_previous_kernel
 from ops.triton.split_k import MAX_TILES, rows_per_program, split_counters, store_rows
 from ops.triton.wna16_gemm import check_layout
 
@@ -97,6 +98,7 @@ def _wna16_gemv_kernel(
     SPLIT_K: tl.constexpr,
     EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no column mask on the words
     PREFETCH: tl.constexpr,  # load tile i + 1 before decoding tile i (two tiles in flight per program)
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (ops.triton.pdl)
 ):
     PACK: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PACK  # word rows per tile
@@ -117,6 +119,9 @@ def _wna16_gemv_kernel(
     word_ptrs = qweight_ptr + offs_w[:, None] * stride_qk + offs_n[None, :]  # [WORDS, BLOCK_N] at K = 0
     if PREFETCH:
         words = _words(word_ptrs, k_start // PACK * stride_qk, mask_n, EVEN_N)
+    # Weights do not depend on the kernel before this one: the first tile is requested before waiting
+    # for it (with PDL, while it still runs); x, the partials and the counters only after.
+    wait_for_previous_kernel(PDL)
     for k0 in range(k_start, k_end, BLOCK_K):
         if PREFETCH:
             # The next tile's words are requested before this tile is decoded, so one tile is always
@@ -226,6 +231,7 @@ def wna16_gemv(
         return wna16_gemv(padded, qweight, scales, zeros, bits, group_size, block_n, block_k, split_k, num_warps,
                           num_stages, prefetch)[:M]  # fmt: skip
     groups = M // rows
+    pdl = prefetch and pdl_enabled(x.device)  # only the prefetched first tile has anything to overlap
     if split_k > 1 and tiles * groups > MAX_TILES:
         raise ValueError(f"wna16_gemv: {tiles * groups} tiles exceed the split-K workspace ({MAX_TILES})")
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
@@ -235,6 +241,6 @@ def wna16_gemv(
         M, N, K, k_per_split, 0x007F8000 if bits == 8 else 0x00078000, 0x00780000,
         x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
         BITS=bits, GROUP_SIZE=group_size, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, EVEN_N=N % block_n == 0,
-        PREFETCH=prefetch, num_warps=num_warps, num_stages=num_stages,
+        PREFETCH=prefetch, PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
     return out

@@ -1,0 +1,54 @@
+"""Programmatic dependent launch (PDL, Hopper and later): overlap a kernel's start with the end of the
+kernel before it in the stream.
+
+A kernel launched with `launch_pdl=True` may begin once every program of the kernel before it has
+started and signalled (`let_next_kernel_start`) or finished, instead of after that kernel's last
+program has drained and its launch latency has passed. Until it calls `wait_for_previous_kernel` it may
+only do what does not depend on that kernel: compute addresses and load constant data (weights). Every
+read of the previous kernel's outputs and every write (its output may reuse memory the previous kernel
+still reads) must come after the wait. The wait returns once the previous kernel has completed and its
+writes are visible, which, since that kernel waited on its own predecessor or was launched after it,
+covers everything earlier in the stream.
+
+At batch 1 a GEMV spends ~4.5 us of each launch on its ramp (first weight bytes in flight) and drain,
+about as long as its streaming on the small projections (H200 sweep at 9ed7267); with PDL its first
+weight tiles are requested while the small kernel before it (RMSNorm, SiLU-and-mul, attention) runs.
+Works inside CUDA graphs (the launch attribute becomes a programmatic edge). Off under the Triton
+interpreter, below compute capability 9.0, and with WEIR_PDL=0; the in-kernel calls compile to nothing
+when off, and are safe no-ops on a launch without PDL.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@functools.cache
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether launches on `device` use PDL: a CUDA device of compute capability 9.0+, not under the
+    interpreter, WEIR_PDL not 0 (read once per device: launch paths call this every step)."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    if os.environ.get("WEIR_PDL", "1") == "0":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+@triton.jit
+def wait_for_previous_kernel(PDL: tl.constexpr):
+    """Block until the previous kernel in the stream has completed and its writes are visible."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def let_next_kernel_start(PDL: tl.constexpr):
+    """Allow a PDL-launched next kernel to start (a hint; its own wait still orders its reads)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()

@@ -51,7 +51,13 @@ W4_GRIDS = {
     16: {"block_n": (64, 128), "block_k": (128,), "split_k": (1, 2), "num_warps": (4,)},
 }
 FP8_GRIDS = {
-    1: {"block_n": (16, 32, 64), "block_k": (128, 256), "split_k": (1, 2, 4), "num_warps": (4,)},
+    1: {
+        "block_n": (16, 32, 64),
+        "block_k": (128, 256),
+        "split_k": (1, 2, 4),
+        "num_warps": (4,),
+        "prefetch": (False, True),
+    },
     2: {"block_n": (16, 32), "block_k": (256,), "split_k": (1, 2), "num_warps": (4,)},
     4: {"block_n": (16, 32), "block_k": (256,), "split_k": (1, 2), "num_warps": (4,)},
     8: {"block_n": (16, 32), "block_k": (256,), "split_k": (1, 2), "num_warps": (4,)},

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.triton.pdl import pdl_enabled, wait_for_previous_kernel
 from ops.triton.split_k import MAX_TILES, rows_per_program, split_counters, store_rows
 
 MAX_GEMV_TOKENS = 16  # rows of x in groups of up to 4, one group per program
@@ -32,6 +33,13 @@ def _x_tile(x_ptr, row, stride_xm, kk, mask_k, s_in, STATIC_INPUT: tl.constexpr,
         q = tl.minimum(tl.maximum(x / s_in, -FP8_MAX), FP8_MAX)
         x = q.to(W_DTYPE).to(tl.float32) * s_in
     return x
+
+
+@triton.jit
+def _w_tile(w_ptrs, k0, k_end, mask_n, BLOCK_K: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] float32: the weight tile at K offset k0 (columns past k_end read as 0)."""
+    mask_k = k0 + tl.arange(0, BLOCK_K) < k_end
+    return tl.load(w_ptrs + k0, mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -55,6 +63,8 @@ def _fp8_gemv_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     STATIC_INPUT: tl.constexpr,
+    PREFETCH: tl.constexpr,  # load tile i + 1 before using tile i
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (ops.triton.pdl)
 ):
     pid_g = tl.program_id(0)  # a group of ROWS rows of x; groups side by side share each weight tile in L2
     pid_n = tl.program_id(1)
@@ -74,20 +84,29 @@ def _fp8_gemv_kernel(
     acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K] at K = 0
+    k_last = k_start + (k_end - 1 - k_start) // BLOCK_K * BLOCK_K  # the split's last tile
+    if PREFETCH:
+        w = _w_tile(w_ptrs, k_start, k_end, mask_n, BLOCK_K)
+    # Weights do not depend on the kernel before this one: with PDL the first tile is requested while it
+    # still runs; x and every write come after the wait.
+    wait_for_previous_kernel(PDL)
     for k0 in range(k_start, k_end, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
+        kk = k0 + offs_k
         mask_k = kk < k_end
-        w = tl.load(
-            w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
-            mask=mask_n[:, None] & mask_k[None, :],
-            other=0.0,
-        ).to(tl.float32)  # [BLOCK_N, BLOCK_K]
+        if PREFETCH:  # the next tile in flight while this one is used (the last re-reads itself)
+            w_next = _w_tile(w_ptrs, tl.minimum(k0 + BLOCK_K, k_last), k_end, mask_n, BLOCK_K)
+        else:
+            w = _w_tile(w_ptrs, k0, k_end, mask_n, BLOCK_K)
         acc0 += w * _x_tile(x_ptr, 0, stride_xm, kk, mask_k, s_in, STATIC_INPUT, W_DTYPE)[None, :]
         if ROWS >= 2:
             acc1 += w * _x_tile(x_ptr, 1, stride_xm, kk, mask_k, s_in, STATIC_INPUT, W_DTYPE)[None, :]
         if ROWS >= 4:
             acc2 += w * _x_tile(x_ptr, 2, stride_xm, kk, mask_k, s_in, STATIC_INPUT, W_DTYPE)[None, :]
             acc3 += w * _x_tile(x_ptr, 3, stride_xm, kk, mask_k, s_in, STATIC_INPUT, W_DTYPE)[None, :]
+        if PREFETCH:
+            w = w_next
     scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)  # [BLOCK_N]
     store_rows(
         tl.sum(acc0, axis=1) * scale, tl.sum(acc1, axis=1) * scale,
@@ -106,8 +125,10 @@ def fp8_gemv(
     split_k: int = 1,
     num_warps: int = 4,
     num_stages: int = 3,
+    prefetch: bool = False,
 ) -> torch.Tensor:  # [M, N] in x.dtype
-    """y = x (weight * weight_scale[:, None])^T, one launch; split_k > 1 splits K per BLOCK_N rows."""
+    """y = x (weight * weight_scale[:, None])^T, one launch; split_k > 1 splits K per BLOCK_N rows;
+    prefetch keeps the next weight tile in flight (and lets the launch use PDL, ops.triton.pdl)."""
     M, K = x.shape
     N = weight.shape[0]
     if not 1 <= M <= MAX_GEMV_TOKENS:
@@ -125,7 +146,16 @@ def fp8_gemv(
     if M % rows:  # zero rows up to whole groups
         padded = torch.cat([x, x.new_zeros(rows - M % rows, K)])
         return fp8_gemv(
-            padded, weight, weight_scale, input_scale, block_n, block_k, split_k, num_warps, num_stages
+            padded,
+            weight,
+            weight_scale,
+            input_scale,
+            block_n,
+            block_k,
+            split_k,
+            num_warps,
+            num_stages,
+            prefetch,
         )[:M]
     groups = M // rows
     if split_k > 1 and tiles * groups > MAX_TILES:
@@ -133,10 +163,12 @@ def fp8_gemv(
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     partials = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else out
     static = input_scale is not None
+    pdl = prefetch and pdl_enabled(x.device)
     _fp8_gemv_kernel[(groups, tiles, split_k)](
         x, weight, weight_scale, input_scale if static else weight_scale, out, partials, split_counters(x.device),
         M, N, K, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
         ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-        STATIC_INPUT=static, num_warps=num_warps, num_stages=num_stages,
+        STATIC_INPUT=static, PREFETCH=prefetch, PDL=pdl, num_warps=num_warps, num_stages=num_stages,
+        launch_pdl=pdl,
     )  # fmt: skip
     return out

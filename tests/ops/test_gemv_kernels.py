@@ -127,12 +127,14 @@ def test_fp8_gemv_matches_dequantize_then_matmul(
     dtype = _dtype()
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEVICE, dtype)
     expected = F.linear(x.float(), reference.to(DEVICE))
-    for _ in range(2):
-        out = fp8_gemv(
-            x, weight.to(DEVICE), scale.to(DEVICE), block_n=block_n, block_k=block_k, split_k=split_k
-        )
-        assert out.shape == (m, n) and out.dtype == dtype
-        assert _err(out, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
+    for prefetch in (False, True):
+        for _ in range(2):
+            out = fp8_gemv(
+                x, weight.to(DEVICE), scale.to(DEVICE), block_n=block_n, block_k=block_k, split_k=split_k,
+                prefetch=prefetch,
+            )  # fmt: skip
+            assert out.shape == (m, n) and out.dtype == dtype
+            assert _err(out, expected) < (1e-5 if dtype == torch.float32 else 1e-2), prefetch
 
 
 @in_process

@@ -1,5 +1,6 @@
 """Launch-shape sweep of the decode GEMVs (ops/triton/wna16_gemv.py, fp8_gemv.py) at a model's four
-linear shapes, against bf16 torch.matmul and the W4A16 dot kernel's planned launch, in one GPU call.
+linear shapes, against bf16 F.linear (cuBLAS) and the W4A16 dot kernel's planned launch, in one GPU call;
+at batch 1 also the float-weight GEMV on the bf16 weights themselves (`bf16_gemv`).
 
     python loadtest/sweep_gemv.py --shape llama3-8b --out sweep.json
 
@@ -65,6 +66,18 @@ FP8_GRIDS = {
 }
 
 
+# The float-weight GEMV (ops/triton/fp8_gemv.py) on bf16 weights, batch 1 only
+BF16_GRIDS = {
+    1: {
+        "block_n": (8, 16, 32),
+        "block_k": (256, 512),
+        "split_k": (1, 2, 4),
+        "num_warps": (4,),
+        "prefetch": (False, True),
+    },
+}
+
+
 def _grid(grid: dict[str, tuple[int, ...]]) -> list[dict[str, int]]:  # bools are ints
     return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
 
@@ -75,6 +88,7 @@ def _rel_err(out: Any, expected: Any) -> float:
 
 def sweep_shape(name: str, k: int, n: int, bandwidth: float, ms: tuple[int, ...]) -> dict[str, Any]:
     import torch
+    import torch.nn.functional as F
 
     from engine.model.quantization.fp8 import _scaled_mm_linear, quantize_per_channel
     from engine.model.quantization.wna16 import plan_wna16
@@ -97,16 +111,25 @@ def sweep_shape(name: str, k: int, n: int, bandwidth: float, ms: tuple[int, ...]
         for _ in range(copies_past_l2(k * n))
     ]  # [(weight [N, K] fp8, scale [N])]
     dense = [
-        torch.randn(k, n, device="cuda", dtype=torch.bfloat16, generator=gen)
+        torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen)
         for _ in range(copies_past_l2(k * n * 2))
-    ]
+    ]  # [N, K]: torch.nn.Linear's layout, as the engine holds unquantized weights
+    ones = torch.ones(n, device="cuda")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     result: dict[str, Any] = {"k": k, "n": n, "group_size": group}
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
         row: dict[str, Any] = {}
-        bf16_ms = graph_ms([functools.partial(torch.matmul, x, w) for w in dense])
+        bf16_ms = graph_ms([functools.partial(F.linear, x, w) for w in dense])
         row["bf16"] = {"us": round(bf16_ms * 1e3, 2), "bw": round(k * n * 2 / (bf16_ms / 1e3) / bandwidth, 3)}
+        if m in BF16_GRIDS:  # the float-weight GEMV on bf16 weights (unit scales), against cuBLAS above
+            ref = F.linear(x.float(), dense[0].float())
+            row["bf16_gemv"] = []
+            for cfg in _grid(BF16_GRIDS[m]):
+                err = _rel_err(fp8_gemv(x, dense[0], ones, **cfg), ref)
+                t = graph_ms([functools.partial(fp8_gemv, x, w, ones, **cfg) for w in dense])
+                row["bf16_gemv"].append({**cfg, "us": round(t * 1e3, 2),
+                                         "bw": round(k * n * 2 / (t / 1e3) / bandwidth, 3), "err": round(err, 5)})  # fmt: skip
         w4_bytes = k * n // 2 + 2 * (k // group) * n * 2
         ref_w4 = x.float() @ wna16_dequantize(*w4[0], 4, group, torch.float32)
         plan = plan_wna16(m, k, n, group, sms)
@@ -150,14 +173,17 @@ def sweep_shape(name: str, k: int, n: int, bandwidth: float, ms: tuple[int, ...]
             t = graph_ms([functools.partial(fp8_gemv, x, w, s, **cfg) for w, s in fp8])
             row["fp8_gemv"].append({**cfg, "us": round(t * 1e3, 2), "bw": round(k * n / (t / 1e3) / bandwidth, 3),
                                     "err": round(err, 5)})  # fmt: skip
-        for key in ("w4_gemv", "fp8_gemv"):
+        for key in ("w4_gemv", "fp8_gemv", "bf16_gemv"):
+            if key not in row:
+                continue
             good = [r for r in row[key] if r["err"] < 2e-2]
             row[f"{key}_best"] = min(good, key=lambda r: r["us"]) if good else None
             row[f"{key}_wrong"] = [r for r in row[key] if r["err"] >= 2e-2]
         result[f"m{m}"] = row
         print(
             f"[sweep] {name} {k}x{n} m={m}: bf16 {row['bf16']} dot {row['w4_dot_plan']} "
-            f"w4 {row['w4_gemv_best']} fp8 {row['fp8_gemv_best']} fp8_mm {row['fp8_scaled_mm']} wrong {len(row['w4_gemv_wrong'])}+{len(row['fp8_gemv_wrong'])}",
+            f"w4 {row['w4_gemv_best']} fp8 {row['fp8_gemv_best']} fp8_mm {row['fp8_scaled_mm']} "
+            f"bf16_gemv {row.get('bf16_gemv_best')} wrong {len(row['w4_gemv_wrong'])}+{len(row['fp8_gemv_wrong'])}",
             flush=True,
         )
     del w4, fp8, dense

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from engine.model.quantization.float_gemv import decode_gemv_allowed
 from engine.worker.attention_metadata import (
     AttentionMetadata,
     PinnedStaging,
@@ -290,6 +291,8 @@ class CUDAGraphRunner:
         gc.collect()
         gc.freeze()
         lora_active = self.lora.active if self.lora is not None else None
+        gemv = decode_gemv_allowed()  # batch-1 linears may take the Triton GEMV: graphs replay it
+        gemv.__enter__()
         try:
             # Decode sizes first (the largest batch needs the most memory), then the mixed sizes.
             plan = [(bs, False) for bs in reversed(self.sizes)] + [
@@ -325,6 +328,7 @@ class CUDAGraphRunner:
                         output = self.forward(step.input_ids, step.positions, step.metadata)
                     graphs[bs, variant] = _Captured(replay=graph.replay, output=output)
         finally:
+            gemv.__exit__(None, None, None)
             gc.unfreeze()
             if self.lora is not None:
                 self.lora.active = bool(lora_active)

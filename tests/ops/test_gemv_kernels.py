@@ -183,3 +183,38 @@ def test_fp8_layer_apply_at_decode_batches_takes_the_gemv_and_matches_the_refere
     finally:
         gemv_module.fp8_gemv = original
     assert calls == [(1, 256), (2, 256)]  # 3 tokens: the reference path (on a GPU, _scaled_mm)
+
+
+@in_process
+def test_unquantized_linear_takes_the_float_gemv_only_for_one_token_inside_graph_capture(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The float-weight GEMV serves an unquantized layer at one token while the CUDA-graph runner
+    warms up and captures (`decode_gemv_allowed`), with F.linear's answer; eager steps and more
+    tokens keep F.linear."""
+    from torch import nn
+
+    import engine.model.quantization.unquantized as unquantized
+    from engine.model.quantization.float_gemv import decode_gemv_allowed, decode_gemv_is_allowed
+
+    gen = torch.Generator().manual_seed(7)
+    layer = nn.Module()
+    layer.weight = nn.Parameter(torch.randn(24, 192, generator=gen).to(DEVICE, _dtype()), requires_grad=False)
+    layer.float_gemv = {"block_n": 16, "block_k": 64, "split_k": 2, "prefetch": True}  # a planned launch
+    layer.float_gemv_scale = torch.ones(24, device=DEVICE)
+    bias = torch.randn(24, generator=gen).to(DEVICE, _dtype())
+    calls = []
+    real = unquantized.float_gemv_linear
+    monkeypatch.setattr(unquantized, "float_gemv_linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    method = unquantized.UnquantizedLinearMethod()
+    one = torch.randn(1, 192, generator=gen).to(DEVICE, _dtype())
+    two = torch.randn(2, 192, generator=gen).to(DEVICE, _dtype())
+    tol = 1e-5 if _dtype() == torch.float32 else 1e-2
+    assert not decode_gemv_is_allowed()
+    method.apply(layer, one, bias)  # eager: F.linear
+    with decode_gemv_allowed():
+        out = method.apply(layer, one, bias)
+        method.apply(layer, two, bias)  # two tokens: F.linear
+    assert not decode_gemv_is_allowed()
+    assert calls == [torch.Size([1, 192])]
+    assert _err(out, F.linear(one.float(), layer.weight.float(), bias.float())) < tol

@@ -10,6 +10,12 @@ from torch import nn
 
 from engine.model.parameter import WeightLoader, set_weight_attrs
 from engine.model.quantization.base import LinearMethodBase, QuantizationConfig
+from engine.model.quantization.float_gemv import (
+    decode_gemv_is_allowed,
+    float_gemv_linear,
+    float_gemv_supported,
+    plan_float_gemv,
+)
 
 if TYPE_CHECKING:
     from engine.model.layers.linear import LinearBase
@@ -35,7 +41,21 @@ class UnquantizedLinearMethod(LinearMethodBase):
         set_weight_attrs(weight, {"input_dim": 1, "output_dim": 0, "weight_loader": weight_loader})
         layer.register_parameter("weight", weight)
 
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        # A batch-1 GEMV launch where the sweep found one faster than cuBLAS (float_gemv.py), else None.
+        weight = layer.weight
+        launch = plan_float_gemv(weight.shape[1], weight.shape[0])
+        if launch is not None and not float_gemv_supported(weight):
+            launch = None
+        layer.float_gemv = launch
+        layer.float_gemv_scale = (
+            torch.ones(weight.shape[0], dtype=torch.float32, device=weight.device) if launch else None
+        )  # [out]
+
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        launch = getattr(layer, "float_gemv", None)
+        if launch is not None and x.numel() == x.shape[-1] and decode_gemv_is_allowed():
+            return float_gemv_linear(x, layer.weight, layer.float_gemv_scale, bias, launch)
         return F.linear(x, layer.weight, bias)
 
 

@@ -1,0 +1,76 @@
+"""Batch-1 decode of unquantized (bf16/fp16) linears through a Triton GEMV instead of cuBLAS.
+
+At one token a linear layer streams its weights once; cuBLAS reaches 0.64-0.75 of the copy bandwidth on
+the attention-side projections of an 8B model on an H200 (qkv 4096x6144, o 4096x4096), where each launch
+spends ~4.5 us ramping up and draining. The float-weight GEMV of ops/triton/fp8_gemv.py (it converts
+any float weight in registers; unit scales here) with its next tile prefetched is launched with
+programmatic dependent launch, so its first weight tiles are requested while the kernel before it (an
+RMSNorm, attention) still runs. The launches below are the ones that beat cuBLAS in the sweep
+(loadtest/sweep_gemv.py, `bf16_gemv` against `bf16`); other shapes keep cuBLAS.
+
+Only inside CUDA graphs: the runner allows the GEMV while it warms up and captures (`decode_gemv_allowed`),
+and replays run what was captured. An eager step keeps cuBLAS, since a Triton launch costs ~20-30 us of
+host time, more than the GEMV saves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+_allowed = False
+
+
+@contextlib.contextmanager
+def decode_gemv_allowed() -> Iterator[None]:
+    """Batch-1 linears may take the GEMV inside this block (the CUDA-graph warm-up and capture)."""
+    global _allowed
+    previous, _allowed = _allowed, True
+    try:
+        yield
+    finally:
+        _allowed = previous
+
+
+def decode_gemv_is_allowed() -> bool:
+    return _allowed
+
+
+# (in_features, out_features) -> the launch, from the H200 sweep; shapes not listed keep cuBLAS
+_LAUNCHES: dict[tuple[int, int], dict[str, int | bool]] = {}
+
+
+def plan_float_gemv(in_features: int, out_features: int) -> dict[str, int | bool] | None:
+    """The GEMV launch for a layer of this shape at one token, or None (cuBLAS is as fast)."""
+    return _LAUNCHES.get((in_features, out_features))
+
+
+def float_gemv_supported(weight: torch.Tensor) -> bool:
+    """CUDA compute capability 9.0+ (where it was measured, and where PDL exists), 16-bit weights
+    contiguous along K, and Triton importable."""
+    if weight.device.type != "cuda" or weight.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if weight.stride(-1) != 1 or torch.cuda.get_device_capability(weight.device) < (9, 0):
+        return False
+    try:
+        import ops.triton.fp8_gemv  # noqa: F401, PLC0415 (importing triton needs a GPU or the interpreter)
+    except ImportError:
+        return False
+    return True
+
+
+def float_gemv_linear(
+    x: torch.Tensor,  # [..., in], one token
+    weight: torch.Tensor,  # [out, in]
+    unit_scale: torch.Tensor,  # [out] float32 ones
+    bias: torch.Tensor | None,
+    launch: dict[str, int | bool],
+) -> torch.Tensor:  # [..., out]
+    from ops.triton.fp8_gemv import fp8_gemv  # noqa: PLC0415
+
+    out = fp8_gemv(x.reshape(1, -1), weight, unit_scale, None, **launch)  # [1, out]
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], weight.shape[0])

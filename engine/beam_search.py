@@ -13,15 +13,18 @@ one final RequestOutput (whatever output_kind: a stream gets the final beams onl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.core.beam_search import BeamSearchState, Hypothesis
+import numpy as np
+
+from engine.core.beam_ranking import rank_groups
+from engine.core.beam_search import BeamSearchState, BeamStep, Hypothesis
 from engine.core.request import Request, RequestStatus
 from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler import Scheduler
-from engine.core.scheduler_output import TokenLogprobs
+from engine.core.scheduler_output import BeamCandidates
 from engine.inputs.input_processor import EngineRequest
 from engine.outputs.request_output import CompletionOutput, RequestMetrics, RequestOutput
 
@@ -73,13 +76,25 @@ class BeamSearchOutput:
     sequences: list[BeamSearchSequence]
 
 
+class _Candidates:
+    """A step's BeamCandidates as arrays, and which row holds which beam."""
+
+    __slots__ = ("row_of", "token_ids", "logprobs")
+
+    def __init__(self, c: BeamCandidates) -> None:
+        self.row_of = {req_id: i for i, req_id in enumerate(c.req_ids)}
+        shape = (len(c.req_ids), c.num_top)
+        self.token_ids = np.frombuffer(c.token_ids, dtype=np.int64).reshape(shape)  # [R, N]
+        self.logprobs = np.frombuffer(c.logprobs, dtype=np.float64).reshape(shape)  # [R, N]
+
+
 @dataclass(slots=True, eq=False)
 class _BeamGroup:
     request: EngineRequest
     state: BeamSearchState
     slots: list[Request]  # the k beam Requests (fixed; which beam each holds changes)
     running: list[Request]  # the slot of running beam i, in the ranking's order
-    results: dict[str, TokenLogprobs]  # this step's, by the beam's req_id
+    results: dict[str, tuple[_Candidates, int]]  # this step's: each beam's (step's candidates, row)
     metrics: RequestMetrics
 
 
@@ -162,40 +177,72 @@ class BeamSearchDriver:
 
     # ------------------------------------------------------------------ a step's results
     def process(
-        self, updates: Iterable[tuple[Request, list[int]]], logprobs: Mapping[str, TokenLogprobs], now: float
+        self, updates: Iterable[tuple[Request, list[int]]], candidates: BeamCandidates | None, now: float
     ) -> list[RequestOutput]:
-        """Collect the beams' results of a step; step every group whose running beams all have theirs.
-        Returns the final outputs of the groups that finished."""
-        outputs = []
+        """Collect the beams' results of a step; step every group whose running beams all have theirs
+        (their candidates ranked together). Returns the final outputs of the groups that finished."""
+        if candidates is None:
+            return []
+        arrays = _Candidates(candidates)
+        row_of = arrays.row_of
+        ready: list[_BeamGroup] = []
         for req, _ in updates:
             if not req.is_beam:
                 continue
             group = self._by_beam.get(req.req_id)
-            lp = logprobs.get(req.req_id)
-            if group is None or lp is None or not any(b is req for b in group.running):
+            row = row_of.get(req.req_id)
+            if group is None or row is None or req.req_id in group.results:
+                continue  # a beam recomputed after preemption keeps its first results (the same)
+            if not any(b is req for b in group.running):
                 continue
             if req.num_computed_tokens != req.num_tokens:
                 # Computed for tokens it no longer has: a beam recomputing after preemption whose
                 # group stepped (extending or re-forking it) while that step was in flight.
                 continue
-            group.results.setdefault(req.req_id, lp)  # a beam recomputed after preemption: same values
+            group.results[req.req_id] = (arrays, row)
             if len(group.results) == len(group.running):
                 if group.metrics.first_token_time is None:
                     group.metrics.first_token_time = now
                     group.metrics.first_scheduled_time = group.slots[0].first_scheduled_time
-                out = self._step(group, now)
-                if out is not None:
-                    outputs.append(out)
+                ready.append(group)
+        if not ready:
+            return []
+        outputs = []
+        for group, step in zip(ready, self._rank(ready, arrays), strict=True):
+            out = self._apply(group, step, now)
+            if out is not None:
+                outputs.append(out)
         return outputs
 
-    def _step(self, group: _BeamGroup, now: float) -> RequestOutput | None:
-        top = []
-        for beam in group.running:
-            lp = group.results[beam.req_id]
-            top.append((lp.token_ids, lp.logprobs))
-        group.results.clear()
-        self.num_generation_tokens += len(top)
-        step = group.state.step(top)
+    def _rank(self, groups: list[_BeamGroup], arrays: _Candidates) -> list[BeamStep]:
+        """The groups' steps: those whose beams' results all came in this step ranked together;
+        a group with results from earlier steps too (beams recomputed after preemption) alone."""
+        together: list[int] = []
+        steps: list[BeamStep | None] = [None] * len(groups)
+        for j, group in enumerate(groups):
+            results = [group.results[beam.req_id] for beam in group.running]
+            if all(a is arrays for a, _ in results):
+                together.append(j)
+                continue
+            k = group.slots[0].sampling_params.logprobs or 0
+            top = [(a.token_ids[r, :k].tolist(), a.logprobs[r, :k].tolist()) for a, r in results]
+            steps[j] = group.state.step(top)
+        if together:
+            ranked = rank_groups(
+                [groups[j].state for j in together],
+                [[groups[j].results[b.req_id][1] for b in groups[j].running] for j in together],
+                [groups[j].slots[0].sampling_params.logprobs or 0 for j in together],
+                arrays.token_ids,
+                arrays.logprobs,
+            )
+            for j, step in zip(together, ranked, strict=True):
+                steps[j] = step
+        for group in groups:
+            self.num_generation_tokens += len(group.running)
+            group.results.clear()
+        return steps  # type: ignore[return-value]
+
+    def _apply(self, group: _BeamGroup, step: BeamStep, now: float) -> RequestOutput | None:
         if step.done:
             return self._finish(group, "stop", now)
         # Slots: a parent's first continuation keeps its slot; the others take the slots of beams

@@ -281,7 +281,7 @@ class LLMEngine:
         updates = self.scheduler.update_from_output(scheduler_output, runner_output)
         outputs, stopped_ids = processor.process(updates, runner_output.logprobs, now)
         if len(self.beam_search):
-            outputs += self.beam_search.process(updates, runner_output.logprobs, now)
+            outputs += self.beam_search.process(updates, runner_output.beam_candidates, now)
         if stopped_ids:  # stop strings, found by the detokenizer
             self.scheduler.finish_requests(stopped_ids, RequestStatus.FINISHED_STOPPED)
         return outputs

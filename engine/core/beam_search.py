@@ -97,7 +97,6 @@ class BeamSearchState:
     def step(self, top: list[tuple[list[int], list[float]]]) -> BeamStep:
         """top[i]: running beam i's most likely next tokens and their log-probabilities, best first
         (at least num_candidates of them). Returns the next running beams."""
-        stop_ids = self.stop_token_ids
         # Every candidate as (-score, beam, token): sorted, the best first, ties by the lower
         # beam-major index (what a top-k over beam x vocabulary gives).
         cands: list[tuple[float, int, int]] = []
@@ -107,6 +106,13 @@ class BeamSearchState:
             cands += [(-a, i, t) for a, t in zip(accs, ids, strict=True)]
         cands.sort()
         del cands[self.num_candidates :]
+        return self.advance(cands)
+
+    def advance(self, cands: list[tuple[float, int, int]]) -> BeamStep:
+        """The step from its ranked candidates: the best num_candidates of every running beam's
+        (-float32 score, beam, token), sorted (step() builds them; engine/core/beam_ranking.py builds
+        them for many groups at once)."""
+        stop_ids = self.stop_token_ids
         gen_len = self.num_generated + 1
         at_max = gen_len >= self.max_tokens
         hits = [at_max or t in stop_ids for _, _, t in cands]

@@ -80,11 +80,27 @@ class TokenLogprobs:
 
 
 @dataclass(slots=True)
+class BeamCandidates:
+    """The top candidates of a step's beams (beam search), as two raw buffers rather than a
+    TokenLogprobs per beam: the engine ranks every group's candidates with a few numpy calls
+    (engine/core/beam_ranking.py), so Python lists per beam would only be unpacked again. Row i is
+    the beam `req_ids[i]`'s `num_top` most likely next tokens, best first (a beam that asked for
+    fewer uses the first columns)."""
+
+    req_ids: list[str]
+    num_top: int
+    token_ids: bytes  # [len(req_ids), num_top] int64, native byte order
+    logprobs: bytes  # [len(req_ids), num_top] float64 (float32 values, exact)
+
+
+@dataclass(slots=True)
 class ModelRunnerOutput:
     # req_id -> sampled token ids this step ([] for a prefill chunk that did not reach the end).
     sampled_token_ids: dict[str, list[int]]
-    # req_id -> logprobs of the sampled token, for requests that asked for logprobs.
+    # req_id -> logprobs of the sampled token, for requests that asked for logprobs (beams excepted).
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     # req_id -> logprobs of the prompt positions computed this step (position i scores token i+1);
     # the first prompt token has no logprob and is never included.
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    # The beams' candidates (None when the step ran no beam).
+    beam_candidates: BeamCandidates | None = None

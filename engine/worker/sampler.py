@@ -383,12 +383,32 @@ class Sampler:
         return sampled, packed
 
     @staticmethod
-    def to_output(sampled_ids: list[int], packed: list[list[float]], md: SamplingMetadata) -> SamplerOutput:
-        """Host side: the sampled ids [B] and packed logprob rows [L] from `sample`, as Python values."""
+    def to_output(
+        sampled_ids: list[int],
+        packed: list[list[float]],
+        md: SamplingMetadata,
+        skip: frozenset[int] | set[int] = frozenset(),
+    ) -> SamplerOutput:
+        """Host side: the sampled ids [B] and packed logprob rows [L] from `sample`, as Python values.
+        Rows in `skip` (beams, whose candidates travel as arrays) get no TokenLogprobs; `packed` may
+        then be empty if only they asked."""
         logprobs: list[TokenLogprobs | None] = [None] * md.num_rows
         j = 0
         for i, n in enumerate(md.num_logprobs):
             if n is not None:
-                logprobs[i] = _unpack(packed[j], sampled_ids[i], n, md.max_num_logprobs or 0)
+                if i not in skip:
+                    logprobs[i] = _unpack(packed[j], sampled_ids[i], n, md.max_num_logprobs or 0)
                 j += 1
         return SamplerOutput(sampled_token_ids=sampled_ids, logprobs=logprobs)
+
+    @staticmethod
+    def packed_rows(md: SamplingMetadata, rows: list[int]) -> list[int]:
+        """The rows of `sample`'s packed logprobs that hold batch rows `rows` (which asked for them)."""
+        if md.logprob_rows is None:  # every row asked: the same order
+            return rows
+        packed_of = []
+        j = 0
+        for n in md.num_logprobs:
+            packed_of.append(j)
+            j += n is not None
+        return [packed_of[i] for i in rows]

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import torch
 
-from engine.core.scheduler_output import ModelRunnerOutput
+from engine.core.scheduler_output import BeamCandidates, ModelRunnerOutput
 from engine.worker.sampler import Sampler, SamplingMetadata
 
 
@@ -96,9 +96,16 @@ class StepInFlight:
             self._ready.synchronize()
         assert self._host_ids is not None and self.metadata is not None
         ids: list[int] = self._host_ids.tolist()
-        packed = self._host_logprobs.tolist() if self._host_logprobs is not None else []
-        sampler_output = Sampler.to_output(ids, packed, self.metadata)
         out = self.output
+        host_lp = self._host_logprobs
+        beams = [i for i, s in enumerate(self.states) if not s.appends_sampled]
+        if beams and host_lp is not None:
+            # Beams' candidates stay arrays (the engine ranks them with numpy), not a list per row.
+            out.beam_candidates = self._beam_candidates(beams, host_lp)
+            if len(beams) == host_lp.shape[0]:
+                host_lp = None  # only beams asked for logprobs
+        packed = host_lp.tolist() if host_lp is not None else []
+        sampler_output = Sampler.to_output(ids, packed, self.metadata, set(beams))
         for state, token, lp in zip(self.states, ids, sampler_output.logprobs, strict=True):
             if state.appends_sampled:
                 state.token_ids.append(token)
@@ -113,6 +120,21 @@ class StepInFlight:
         self._host_ids = self._host_logprobs = None
         self._ready = None
         return out
+
+    def _beam_candidates(self, beams: list[int], packed: torch.Tensor) -> BeamCandidates:
+        """Rows `beams` of the batch (beams, which all asked for logprobs) out of `packed`
+        ([L, 2 + 2N] float64: chosen logprob, rank, N top logprobs, N top ids; see Sampler.sample)."""
+        md = self.metadata
+        assert md is not None and md.max_num_logprobs is not None
+        width = md.max_num_logprobs
+        rows = Sampler.packed_rows(md, beams)
+        sub = packed if len(rows) == packed.shape[0] else packed[rows]  # [R, 2 + 2N]
+        return BeamCandidates(
+            req_ids=[self.states[i].req_id for i in beams],
+            num_top=width,
+            token_ids=sub[:, 2 + width : 2 + 2 * width].to(torch.int64).numpy().tobytes(),
+            logprobs=sub[:, 2 : 2 + width].contiguous().numpy().tobytes(),
+        )
 
 
 def _to_host_async(t: torch.Tensor) -> torch.Tensor:

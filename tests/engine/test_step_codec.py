@@ -8,11 +8,13 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from engine import LoRARequest, SamplingParams
 from engine.config import EngineConfig
 from engine.core.scheduler_output import (
+    BeamCandidates,
     CachedRequestData,
     ModelRunnerOutput,
     NewRequestData,
@@ -106,6 +108,12 @@ def test_every_field_round_trips_without_pickle(monkeypatch: pytest.MonkeyPatch)
         sampled_token_ids={"new-0": [], "run-0": [7]},
         logprobs={"run-0": TokenLogprobs([7, 1], [-0.25, -1.5], 7, -0.25, 1)},
         prompt_logprobs={"new-0": [TokenLogprobs([3], [float("-inf")], 3, float("-inf"), 1)]},
+        beam_candidates=BeamCandidates(
+            ["b#beam0", "b#beam1"],
+            2,
+            np.array([[5, 9], [70000, 3]], dtype=np.int64).tobytes(),
+            np.array([[-0.5, -1.25], [-0.75, float("-inf")]]).tobytes(),
+        ),
     )
 
     def refuse(*args: object, **kwargs: object) -> None:

@@ -1,7 +1,8 @@
 """Beam search's ranking, step by step, exactly as transformers' generate(num_beams=k,
 num_return_sequences=k, do_sample=False, length_penalty, early_stopping) does it. Plain Python, no torch
 and no numpy: a group's step handles k x 2k candidates, where a numpy call per stage costs more than the
-loop. Every score is rounded to float32 after each operation (array("f")), the dtype transformers
+loop. The engine ranks stage 1 for all the groups that step together with numpy instead
+(engine/core/beam_ranking.py), then runs `advance` per group. Every score is rounded to float32 after each operation (array("f")), the dtype transformers
 accumulates in, so the same candidates win: a float64 result of one +, - or / of float32 values,
 rounded to float32, is the correctly rounded float32 result.
 

@@ -42,7 +42,7 @@ def check_close(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float = RE
 def lora_kernels() -> None:
     """hidden 4096, rank 16, 8 slots; tokens of mixed slots with -1 rows (base-model tokens)."""
     from ops import reference
-    from ops.triton.lora import lora_expand, lora_shrink, slot_order
+    from ops.triton.lora import lora_expand, lora_shrink
 
     g = torch.Generator(device=DEV).manual_seed(0)
     rank, slots = 16, 8
@@ -54,31 +54,27 @@ def lora_kernels() -> None:
         token_slots = torch.randint(-1, slots, (num_tokens,), device=DEV, generator=g, dtype=torch.int32)
         if num_tokens >= 8:
             token_slots[:2] = -1  # some base-model rows for sure
-        order = slot_order(token_slots)  # [T, 2]: built once a step on the host in the engine
-        t = lora_shrink(x, a, token_slots, order)  # [split, T, r] fp32: partials over splits of the input
+        t = lora_shrink(x, a, token_slots)  # [split, T, r] fp32: partials over splits of the input
         t_ref = reference.lora_shrink(x, a, token_slots)
         check_close(
             f"lora_shrink bf16 {num_tokens} tokens x 4096 -> rank 16 (8 slots, -1 rows)", t.sum(0), t_ref
         )
         # expand into zeros: the delta itself is compared, not drowned by y's own magnitude
-        zeros = torch.zeros(num_tokens, HIDDEN, device=DEV, dtype=BF16)
-        y = lora_expand(t_ref, b, token_slots, zeros, (0,), order)
+        y = lora_expand(t_ref, b, token_slots, torch.zeros(num_tokens, HIDDEN, device=DEV, dtype=BF16))
         y_ref = reference.lora_expand(
             t_ref, b, token_slots, torch.zeros(num_tokens, HIDDEN, device=DEV, dtype=BF16)
         )
         check_close(f"lora_expand bf16 {num_tokens} tokens rank 16 -> 4096 (8 slots, -1 rows)", y, y_ref)
         base = torch.randn(num_tokens, HIDDEN, device=DEV, generator=g).to(BF16)  # [T, out]
-        y = lora_expand(t_ref, b, token_slots, base.clone(), (0,), order)
+        y = lora_expand(t_ref, b, token_slots, base.clone())
         untouched = bool((y[token_slots < 0] == base[token_slots < 0]).all())
         check(f"lora_expand {num_tokens} tokens: rows of slot -1 left exactly as they were", untouched)
         w = torch.randn(HIDDEN, HIDDEN, device=DEV, generator=g).to(BF16)  # [in, out]: the base layer
         rows.append(
             {
                 "tokens": num_tokens,
-                "shrink_ms": bench_ms(lambda x=x, s=token_slots, o=order: lora_shrink(x, a, s, o)),
-                "expand_ms": bench_ms(
-                    lambda t=t_ref, s=token_slots, y=y, o=order: lora_expand(t, b, s, y, (0,), o)
-                ),
+                "shrink_ms": bench_ms(lambda x=x, s=token_slots: lora_shrink(x, a, s)),
+                "expand_ms": bench_ms(lambda t=t_ref, s=token_slots, y=y: lora_expand(t, b, s, y)),
                 "base_layer_bf16_4096x4096_ms": bench_ms(lambda x=x, w=w: x @ w),
             }
         )

@@ -171,14 +171,12 @@ def lora_shrink(
     x: torch.Tensor,  # [num_tokens, in_features]
     a_stacked: torch.Tensor,  # [num_slots, lora_dim, in_features]: every adapter slot's A, zero-padded
     token_slots: torch.Tensor,  # [num_tokens] int32: each token's adapter slot; -1 = no adapter
-    order: torch.Tensor | None = None,  # the Triton kernel's tile order (a hint: unused here)
 ) -> torch.Tensor:
     """The first half of batched LoRA: x @ A[slot]^T per token -> [num_tokens, lora_dim] float32.
 
     Rows of tokens without an adapter (slot -1) are left at zero; `lora_expand` skips them anyway.
     Fused layers (qkv, gate_up) stack their sub-matrices' A along lora_dim (n_slices * max_rank).
     """
-    del order
     out = torch.zeros(x.shape[0], a_stacked.shape[1], dtype=torch.float32, device=x.device)
     for slot in token_slots.unique().tolist():
         if slot < 0:
@@ -194,18 +192,16 @@ def lora_expand(
     token_slots: torch.Tensor,  # [num_tokens] int32; -1 = no adapter (the row of y is left alone)
     y: torch.Tensor,  # [num_tokens, out_features]: the base layer's output, updated in place
     slice_offsets: Sequence[int] = (0,),  # where each sub-matrix's rows start (the kernel's hint)
-    order: torch.Tensor | None = None,  # the Triton kernel's tile order (a hint: unused here)
 ) -> torch.Tensor:
     """The second half: y += t @ B[slot]^T per token, in place; returns y.
 
-    `slice_offsets` lets the Triton kernel skip B's zero blocks and `order` group its token tiles by
-    slot; the full product here gives the same sum whatever they are, so neither is used.
+    `slice_offsets` lets the Triton kernel skip B's zero blocks; the full product here gives the
+    same sum, so it is not used.
 
     `t` is rounded to B's dtype first, as PEFT feeds lora_A's output (in the model dtype) to lora_B.
     Fused layers hold a block-diagonal B: sub-matrix i's output rows read only lora_dim columns
     [i * max_rank, (i + 1) * max_rank), so one product serves every sub-matrix.
     """
-    del slice_offsets, order
     for slot in token_slots.unique().tolist():
         if slot < 0:
             continue

@@ -31,25 +31,14 @@ from engine.model.layers.linear import LinearBase, QKVParallelLinear, RowParalle
 
 
 class LoRABatch:
-    """The step's per-token adapter slots and the tokens' order by slot, shared by every LoRA layer
-    of one model.
-
-    One int32 device tensor [max_num_tokens, 3]; row i holds token i's slot (-1 = no adapter), then
-    the token at position i of the order by slot (stable, tokens without an adapter first) and that
-    token's slot (ops.triton.lora.slot_order). A step writes its first num_tokens rows with one copy
-    (engine.lora.manager); the kernels gather each tile's tokens through the order, so a tile meets
-    one or two adapters however the batch is laid out. Before any step the order is the identity:
-    a forward of any size (the profile, graph captures) reads a valid one."""
+    """The step's per-token adapter slots, shared by every LoRA layer of one model."""
 
     def __init__(self, max_num_tokens: int, device: torch.device) -> None:
-        index = torch.full((max_num_tokens, 3), -1, dtype=torch.int32, device=device)
-        index[:, 1] = torch.arange(max_num_tokens, dtype=torch.int32, device=device)
-        self.index = index
-        self.token_slots = index[:, 0]  # [max_num_tokens] view (stride 3): the reference kernels read it
-        self.order = index[:, 1:]  # [max_num_tokens, 2] view: the Triton kernels read it
+        # [max_num_tokens] int32; -1 = no adapter. Steps write their first num_tokens entries.
+        self.token_slots = torch.full((max_num_tokens,), -1, dtype=torch.int32, device=device)
         # False when no token of the step has an adapter: the layers skip the LoRA term (eager), and
         # a CUDA-graph step replays its size's graph captured without it (engine.worker.cuda_graphs).
-        # The index is then neither read nor written.
+        # token_slots is then neither read nor written.
         self.active = True
 
 
@@ -122,10 +111,9 @@ class LoRALinear(nn.Module):
         updated in place) -> out."""
         if not self.batch.active:
             return out
-        n = x.shape[0]
-        slots, order = self.batch.token_slots[:n], self.batch.order[:n]
-        t = self.shrink(x, self.a_stacked, slots, order)  # fp32 [(split,) n, num_slices * max_rank]
-        return self.expand(t, self.b_stacked, slots, out, self.slice_offsets, order)
+        slots = self.batch.token_slots[: x.shape[0]]
+        t = self.shrink(x, self.a_stacked, slots)  # fp32 [(split,) num_tokens, num_slices * max_rank]
+        return self.expand(t, self.b_stacked, slots, out, self.slice_offsets)
 
     @torch.no_grad()
     def write_slot_image(self, image: torch.Tensor, weights: LoRALayerWeights | None) -> None:

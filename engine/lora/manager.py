@@ -15,9 +15,8 @@ rank-16 Llama-3-8B adapter.) The pinned image costs one slot of host memory (Lla
 max_lora_rank 16: 32 layers x (A 623K + block-diagonal B 1.34M elements) x 2 bytes = 120 MiB).
 
 Per step: a step with no adapter token writes nothing (its LoRA term is skipped, eagerly or by
-replaying a graph captured without it); a step with adapters writes its per-token slot index and
-the tokens' order by slot (`write_index`; the LoRA kernels' tiles follow it, so each meets one or two
-adapters whatever the batch's order) from a reused pinned buffer (one copy, no pinned allocation).
+replaying a graph captured without it); a step with adapters writes its per-token slot index from a
+reused pinned buffer (one copy, no pinned allocation).
 
 Requests hold their adapter (a LoRAAdapter object) for as long as the runner holds them: an adapter
 removed or evicted from the cache while requests run on it still serves them to the end.
@@ -127,6 +126,19 @@ class LoRAManager:
             return list(self._cache)
 
     # ------------------------------------------------------------------ per step
+    @staticmethod
+    def group_by_adapter(requests: dict, scheduled: dict[str, int]) -> dict[str, int]:
+        """The step's requests ordered by adapter (stable; the base model first), so that a token
+        tile of the LoRA kernels holds few adapters: each tile reads the weights of every adapter
+        in it. Unchanged when the step has at most one adapter."""
+        keys = {}
+        for req_id in scheduled:
+            state = requests.get(req_id)
+            keys[req_id] = state.lora.lora_int_id if state is not None and state.lora is not None else 0
+        if len(set(keys.values())) <= 1:
+            return scheduled
+        return {req_id: scheduled[req_id] for req_id in sorted(scheduled, key=keys.__getitem__)}
+
     def prepare_step(
         self,
         adapters: list[LoRAAdapter | None],  # per scheduled sequence, in flat-batch order
@@ -156,11 +168,14 @@ class LoRAManager:
             (-1 if a is None else slot_of[a] for a in adapters), dtype=np.int32, count=len(adapters)
         )
         if self._index_staging is not None:  # reused pinned memory: an asynchronous copy
-            src = self._index_staging.take(12 * num_tokens).view(torch.int32).view(num_tokens, 3)
+            src = self._index_staging.take(4 * num_tokens).view(torch.int32)
         else:
-            src = torch.empty(num_tokens, 3, dtype=torch.int32)
-        write_index(src.numpy(), per_seq, num_scheduled)
-        self.batch.index[:num_tokens].copy_(src, non_blocking=self._pin)
+            src = torch.empty(num_tokens, dtype=torch.int32)
+        host = src.numpy()  # [num_tokens]
+        n = int(sum(num_scheduled))
+        host[:n] = np.repeat(per_seq, num_scheduled)
+        host[n:] = -1
+        self.batch.token_slots[:num_tokens].copy_(src, non_blocking=self._pin)
         if self._index_staging is not None:
             self._index_staging.record_copy()
 
@@ -181,32 +196,3 @@ class LoRAManager:
                 self._image_copied = torch.cuda.Event()
             self._image_copied.record()
         self.num_slot_loads += 1
-
-
-def write_index(
-    host: np.ndarray,  # [num_tokens, 3] int32, written: LoRABatch.index's rows
-    per_seq: np.ndarray,  # [num_seqs] int32: each sequence's slot (-1: none)
-    num_scheduled: list[int],  # tokens per sequence; the rows past their sum are padding (slot -1)
-) -> None:
-    """Each token's slot, the tokens ordered by slot (stable: a sequence's tokens keep their order;
-    tokens without an adapter first) and the slot of each ordered token.
-
-    Sorting sequences, not tokens: a sequence's tokens share its slot, so the order is the
-    sequences' (stable) argsort with each expanded to its token range (O(num_seqs log num_seqs),
-    then one pass over the tokens; a padded decode step of 256 is a few microseconds)."""
-    num_tokens = host.shape[0]
-    counts = np.asarray(num_scheduled, dtype=np.int64)
-    n = int(counts.sum())
-    slots = host[:, 0]
-    slots[:n] = np.repeat(per_seq, counts)
-    slots[n:] = -1
-    # Padding rows have no adapter: a pseudo-sequence of them, first with the other slot -1 tokens.
-    seq_slots = np.append(per_seq, np.int32(-1))
-    seq_counts = np.append(counts, num_tokens - n)
-    seq_starts = np.concatenate(([0], np.cumsum(seq_counts)[:-1]))
-    by_slot = np.argsort(seq_slots, kind="stable")
-    lengths = seq_counts[by_slot]
-    # token ranges of the sorted sequences, concatenated: start of each + 0..length-1
-    offsets = np.repeat(seq_starts[by_slot] - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
-    host[:, 1] = np.arange(num_tokens, dtype=np.int64) + offsets
-    host[:, 2] = np.repeat(seq_slots[by_slot], lengths)

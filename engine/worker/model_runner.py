@@ -349,6 +349,8 @@ class ModelRunner(KVCacheSetup):
         output = ModelRunnerOutput(sampled_token_ids={req_id: [] for req_id in scheduled})
         if scheduler_output.total_num_scheduled_tokens == 0 or not scheduled:
             return StepInFlight.finished(output)
+        if self.lora is not None:
+            scheduled = self.lora.group_by_adapter(self.requests, scheduled)
         if prev is not None and self._needs_ids_of(prev, scheduled):
             prev.result()  # a penalty reads the output ids: no overlap for this step
             prev = None

@@ -1,23 +1,12 @@
 """Batched LoRA over stacked adapter slots: one launch serves every adapter in the batch.
 
-Both kernels take a per-token slot index (-1: no adapter) and the tokens' order by slot (`order`,
-[T, 2] int32: position -> token, and that token's slot; stable, tokens without an adapter first;
-`slot_order`). A program owns BLOCK_M consecutive positions of that order (and a tile of the
-output): it gathers its tokens' rows of x and scatters into their rows of y (and of the partials)
-through the order, and loops over the slots present in its tile only, lowest first, working each
-time on the rows of that slot. So every adapter of the batch goes through one launch, the grid
-depends on shapes only (CUDA graphs capture it with the index and the order as static inputs; no
-program per slot, so 64 slots cost no more launch than one), and every output element is written by
-exactly one program: no atomics anywhere.
-
-Why the order: a tile reads the A and B of every slot it meets, so the weight bytes of a step are
-sum over tiles of (slots met) x (A + B), not (distinct slots) x (A + B). Tokens in arrival order mix
-adapters in every tile; sorted by slot, a tile meets one or two. Counted on CPU from this plan
-(loadtest/lora_traffic.py) for A2's decode steps, 256 tokens over 64 rank-16 adapters at the
-Llama-3-8B shape, 32 layers: round-robin arrival order 256 slot-tile visits a layer, 21.5 GB of
-A/B a step; by slot 64 visits, 5.37 GB (each adapter read once, the minimum; the host-side grouping
-of requests by adapter that this order replaced reached it too). The order is built once a step
-on the host with the slot index (engine.lora.manager.write_index) and copied with it.
+Both kernels take a per-token slot index (-1: no adapter). A program owns a tile of tokens (and of
+the output) and loops over the slots present in its tile (between the tile's lowest and highest
+index), working each time only on the rows of that slot: a prefill segment's tile is one slot, a
+decode tile any mix. So every adapter of the batch goes through one launch, the grid depends on
+shapes only (CUDA graphs capture it with the index as a static input; no program per slot, so 64
+slots cost no more launch than one), and every output element is written by exactly one program:
+no atomics anywhere.
 
 Small batches (decode) split the shrink's input dimension over programs to stream A at full
 bandwidth. Each split writes its own fp32 partial product ([split, T, K]) and the expand sums the
@@ -42,8 +31,8 @@ import triton.language as tl
 def _lora_shrink_kernel(
     x_ptr,  # [T, IN]
     a_ptr,  # [S, K, IN]
-    order_ptr,  # [T, 2] int32 (strides stride_op, stride_oc): position -> (token, its slot), by slot
-    out_ptr,  # [SPLIT, T, K] fp32 in token order: one partial product per split of IN (program axis 1)
+    slots_ptr,  # [T] int32
+    out_ptr,  # [SPLIT, T, K] fp32: one partial product per split of IN (program axis 1)
     T,
     K,
     IN,
@@ -52,8 +41,6 @@ def _lora_shrink_kernel(
     stride_ak,
     stride_os,
     stride_om,
-    stride_op,
-    stride_oc,
     CHUNK_IN,  # input columns per split (a multiple of BLOCK_IN)
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -62,53 +49,47 @@ def _lora_shrink_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_split = tl.program_id(1)
-    # The tile is BLOCK_M consecutive positions of the slot order: its tokens (rows of x and of the
-    # output, gathered and scattered through the order) come in runs of one slot.
-    offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    p_mask = offs_p < T
-    rows = tl.load(order_ptr + offs_p * stride_op, mask=p_mask, other=0)
-    tok_slot = tl.load(order_ptr + offs_p * stride_op + stride_oc, mask=p_mask, other=-1)
-    tok_slot = tl.where(rows < T, tok_slot, -1)  # never a row out of bounds, whatever the order holds
-    slot = tl.min(tl.where(tok_slot >= 0, tok_slot, 1 << 30), axis=0)  # none: past hi, no iteration
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < T
+    tok_slot = tl.load(slots_ptr + offs_m, mask=m_mask, other=-1)
+    lo = tl.min(tl.where(tok_slot >= 0, tok_slot, 1 << 30), axis=0)  # none: an empty range below
     hi = tl.max(tok_slot, axis=0)
     offs_k = tl.arange(0, BLOCK_K)
     k_mask = offs_k < K
     start = pid_split * CHUNK_IN
-    out_ptrs = out_ptr + pid_split * stride_os + rows[:, None] * stride_om + offs_k[None, :]
+    out_ptrs = out_ptr + pid_split * stride_os + offs_m[:, None] * stride_om + offs_k[None, :]
     # Rows without an adapter get zeros: the buffer comes uninitialized, and this program owns its
     # rows of this split (one masked store, no separate memset launch).
-    base_rows = (tok_slot < 0) & p_mask & (rows < T)
+    base_rows = (tok_slot < 0) & m_mask
     tl.store(
         out_ptrs, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), mask=base_rows[:, None] & k_mask[None, :]
     )
-    # Only the slots present in the tile, lowest first: the next one is the smallest index above
-    # this one (one reduction), so slots absent from the batch cost nothing.
-    while slot <= hi:
+    for slot in range(lo, hi + 1):
         match = tok_slot == slot
-        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for i0 in range(0, CHUNK_IN, BLOCK_IN):
-            offs_i = start + i0 + tl.arange(0, BLOCK_IN)
-            i_mask = offs_i < IN
-            x = tl.load(
-                x_ptr + rows[:, None] * stride_xm + offs_i[None, :],
-                mask=match[:, None] & i_mask[None, :],
-                other=0.0,
-            )
-            a = tl.load(
-                a_ptr + slot * stride_as + offs_k[None, :] * stride_ak + offs_i[:, None],
-                mask=k_mask[None, :] & i_mask[:, None],
-                other=0.0,
-            )  # [BLOCK_IN, BLOCK_K]: A^T's tile
-            acc += tl.dot(x, a.to(x.dtype), input_precision=DOT_PRECISION)
-        tl.store(out_ptrs, acc, mask=match[:, None] & k_mask[None, :])
-        slot = tl.min(tl.where(tok_slot > slot, tok_slot, 1 << 30), axis=0)
+        if tl.sum(match.to(tl.int32), axis=0) > 0:
+            acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            for i0 in range(0, CHUNK_IN, BLOCK_IN):
+                offs_i = start + i0 + tl.arange(0, BLOCK_IN)
+                i_mask = offs_i < IN
+                x = tl.load(
+                    x_ptr + offs_m[:, None] * stride_xm + offs_i[None, :],
+                    mask=match[:, None] & i_mask[None, :],
+                    other=0.0,
+                )
+                a = tl.load(
+                    a_ptr + slot * stride_as + offs_k[None, :] * stride_ak + offs_i[:, None],
+                    mask=k_mask[None, :] & i_mask[:, None],
+                    other=0.0,
+                )  # [BLOCK_IN, BLOCK_K]: A^T's tile
+                acc += tl.dot(x, a.to(x.dtype), input_precision=DOT_PRECISION)
+            tl.store(out_ptrs, acc, mask=match[:, None] & k_mask[None, :])
 
 
 @triton.jit
 def _lora_expand_kernel(
-    t_ptr,  # [SPLIT, T, K] fp32 in token order: the shrink's partials, summed here
+    t_ptr,  # [SPLIT, T, K] fp32: the shrink's partials, summed here
     b_ptr,  # [S, OUT, K]: block-diagonal over the sub-matrices of a fused layer
-    order_ptr,  # [T, 2] int32 (strides stride_op, stride_oc): position -> (token, its slot), by slot
+    slots_ptr,  # [T] int32
     y_ptr,  # [T, OUT], updated in place
     T,
     SLICE_K,  # lora_dim of one sub-matrix (K = number of sub-matrices x SLICE_K)
@@ -121,22 +102,16 @@ def _lora_expand_kernel(
     stride_bs,
     stride_bn,
     stride_ym,
-    stride_op,
-    stride_oc,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_S: tl.constexpr,  # splits of t summed per load ([BLOCK_S, BLOCK_M, BLOCK_K])
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    p_mask = offs_p < T
-    rows = tl.load(order_ptr + offs_p * stride_op, mask=p_mask, other=0)
-    tok_slot = tl.load(order_ptr + offs_p * stride_op + stride_oc, mask=p_mask, other=-1)
-    tok_slot = tl.where(rows < T, tok_slot, -1)  # never a row out of bounds, whatever the order holds
-    slot = tl.min(tl.where(tok_slot >= 0, tok_slot, 1 << 30), axis=0)  # none: past hi, no iteration
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    tok_slot = tl.load(slots_ptr + offs_m, mask=offs_m < T, other=-1)
+    lo = tl.min(tl.where(tok_slot >= 0, tok_slot, 1 << 30), axis=0)  # none: an empty range below
     hi = tl.max(tok_slot, axis=0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < OUT
@@ -148,47 +123,33 @@ def _lora_expand_kernel(
     sub_hi = (n_last >= N1).to(tl.int32) + (n_last >= N2).to(tl.int32)
     offs_k = tl.arange(0, BLOCK_K)
     k_mask = offs_k < SLICE_K
-    offs_s = tl.arange(0, BLOCK_S)
-    while slot <= hi:  # the slots present in the tile, lowest first (as in the shrink)
+    for slot in range(lo, hi + 1):
         match = tok_slot == slot
-        t_mask = match[:, None] & k_mask[None, :]
-        delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for sub in range(sub_lo, sub_hi + 1):
-            k = sub * SLICE_K + offs_k
-            t_ptrs = t_ptr + rows[:, None] * stride_tm + k[None, :]  # [BLOCK_M, BLOCK_K]
-            # BLOCK_S splits per load, independent loads: the sum over many splits (a batch-1 plan
-            # splits the shrink 64-112 ways) is not a chain of one dependent load per split.
-            if BLOCK_S == 1:  # wide tiles: no registers to spare for a third dimension
+        if tl.sum(match.to(tl.int32), axis=0) > 0:
+            t_mask = match[:, None] & k_mask[None, :]
+            delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for sub in range(sub_lo, sub_hi + 1):
+                k = sub * SLICE_K + offs_k
+                t_ptrs = t_ptr + offs_m[:, None] * stride_tm + k[None, :]
                 t = tl.load(t_ptrs, mask=t_mask, other=0.0)
-                for s1 in range(1, SPLIT):
-                    t += tl.load(t_ptrs + s1 * stride_ts, mask=t_mask, other=0.0)
-            else:
-                t = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-                for s0 in range(0, SPLIT, BLOCK_S):
-                    s = s0 + offs_s
-                    part = tl.load(
-                        t_ptrs[None, :, :] + s[:, None, None] * stride_ts,
-                        mask=(s < SPLIT)[:, None, None] & t_mask[None, :, :],
-                        other=0.0,
-                    )  # [BLOCK_S, BLOCK_M, BLOCK_K]
-                    t += tl.sum(part, axis=0)
-            # this sub-matrix's rows of the tile (all of them unless the tile straddles two)
-            row_lo = tl.where(sub == 0, 0, tl.where(sub == 1, N1, N2))
-            row_hi = tl.where(sub == 0, N1, tl.where(sub == 1, N2, OUT))
-            n_rows = n_mask & (offs_n >= row_lo) & (offs_n < row_hi)
-            b = tl.load(
-                b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn + k[:, None],
-                mask=k_mask[:, None] & n_rows[None, :],
-                other=0.0,
-            )  # [BLOCK_K, BLOCK_N]: B^T's tile
-            # Round the shrink's output to B's dtype (PEFT feeds lora_A's output, in the model
-            # dtype, to lora_B).
-            delta += tl.dot(t.to(b.dtype), b, input_precision=DOT_PRECISION)
-        y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :]
-        y_mask = match[:, None] & n_mask[None, :]
-        y = tl.load(y_ptrs, mask=y_mask, other=0.0)
-        tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=y_mask)
-        slot = tl.min(tl.where(tok_slot > slot, tok_slot, 1 << 30), axis=0)
+                for s in range(1, SPLIT):  # in split order: the sum does not depend on scheduling
+                    t += tl.load(t_ptrs + s * stride_ts, mask=t_mask, other=0.0)
+                # this sub-matrix's rows of the tile (all of them unless the tile straddles two)
+                row_lo = tl.where(sub == 0, 0, tl.where(sub == 1, N1, N2))
+                row_hi = tl.where(sub == 0, N1, tl.where(sub == 1, N2, OUT))
+                rows = n_mask & (offs_n >= row_lo) & (offs_n < row_hi)
+                b = tl.load(
+                    b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn + k[:, None],
+                    mask=k_mask[:, None] & rows[None, :],
+                    other=0.0,
+                )  # [BLOCK_K, BLOCK_N]: B^T's tile
+                # Round the shrink's output to B's dtype (PEFT feeds lora_A's output, in the model
+                # dtype, to lora_B).
+                delta += tl.dot(t.to(b.dtype), b, input_precision=DOT_PRECISION)
+            y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+            y_mask = match[:, None] & n_mask[None, :]
+            y = tl.load(y_ptrs, mask=y_mask, other=0.0)
+            tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=y_mask)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -207,67 +168,14 @@ def _block_m(num_tokens: int, block_k: int) -> int:
     return 64 if num_tokens >= 256 and block_k <= 64 else 16
 
 
-def slot_order(token_slots: torch.Tensor) -> torch.Tensor:
-    """[num_tokens] int32 slots -> [num_tokens, 2] int32: the tokens sorted by slot (stable; tokens
-    without an adapter first) and the slot of each, the kernels' `order` argument. The engine builds
-    it on the host with each step's slot index (engine.lora.manager); this device version serves
-    callers that pass none (one sort and a stack: extra launches, so not for the per-layer path)."""
-    order = torch.sort(token_slots, stable=True).indices.to(torch.int32)
-    return torch.stack([order, token_slots[order].to(torch.int32)], dim=1)
-
-
-def _order(token_slots: torch.Tensor, order: torch.Tensor | None, num_tokens: int, name: str) -> torch.Tensor:
-    if order is None:
-        return slot_order(token_slots)
-    if tuple(order.shape) != (num_tokens, 2) or order.dtype != torch.int32:
-        raise ValueError(
-            f"{name}: order {tuple(order.shape)} {order.dtype}, expected ({num_tokens}, 2) int32"
-        )
-    return order
-
-
-# Batch-1 decode (A3) is latency-bound, not bandwidth-bound: one adapter's A at Llama-3-8B is
-# 0.4 MB (q/k/v) to 0.46 MB (down) per layer, microseconds of HBM time, so a launch costs what its
-# slowest program's chain of dependent steps costs. The old plan split IN in chunks of >= 512
-# columns: 8 programs for IN 4096 and 28 for the down projection's 14336, each walking 8 BLOCK_IN
-# steps one after the other (each a global-load round trip), on 132 SMs. Now a tile of at most a
-# few tokens splits IN so that the launch has about _SHRINK_PROGRAMS programs of one or two steps
-# each: 64 programs of one 64-column step at IN 4096, 112 of two at 14336. The splits' partials
-# are summed by the expand, which loads BLOCK_S of them at once, so more splits do not lengthen its
-# chain either (the down projection's expand at batch 1 sums 112 partials in 7 loads of 16; it was
-# 28 loads one after the other). split x tokens stays <= _SHRINK_PROGRAMS, which bounds the
-# partials every expand program re-reads (all splits of its token tile's rows). The expand's own
-# grid (64-row output tiles: 64 programs for o/down, 96 q/k/v, 448 gate/up) is left as it is: each
-# program's chain (partials, one B tile, one dot, y) does not shorten with more, smaller tiles.
-_SHRINK_PROGRAMS = 128
-_BLOCK_IN = 64  # input columns per shrink step
-
-
-def shrink_plan(num_tokens: int, in_features: int, lora_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_K, split, chunk): the shrink's token tile, rank tile, programs along
-    in_features and columns per split. Fixed by shapes only, so a CUDA graph captures it."""
-    block_k = _block_k(lora_dim)
-    block_m = _block_m(num_tokens, block_k)
-    num_m = triton.cdiv(num_tokens, block_m)
-    # Decode-sized batches give too few programs to stream A at full bandwidth: split IN too.
-    split = max(1, min(in_features // 512, 64 // num_m))
-    if num_m == 1:
-        split = max(split, min(triton.cdiv(in_features, _BLOCK_IN), _SHRINK_PROGRAMS // num_tokens))
-    chunk = triton.cdiv(triton.cdiv(in_features, split), _BLOCK_IN) * _BLOCK_IN
-    return block_m, block_k, triton.cdiv(in_features, chunk), chunk
-
-
 def lora_shrink(
     x: torch.Tensor,  # [num_tokens, in_features]
     a_stacked: torch.Tensor,  # [num_slots, lora_dim, in_features]
     token_slots: torch.Tensor,  # [num_tokens] int32; -1 = no adapter
-    order: torch.Tensor | None = None,  # [num_tokens, 2] int32: slot_order(token_slots)
 ) -> torch.Tensor:
     """x @ A[slot]^T per token as partial products over splits of in_features -> [split, num_tokens,
-    lora_dim] float32 (token order), whose sum over dim 0 is ops.reference.lora_shrink's [num_tokens,
-    lora_dim] (rows of slot -1 are zeros). `lora_expand` takes it as it is and sums the splits as it
-    loads them. With `order` given the kernel reads it and not `token_slots` (the engine passes both,
-    built together on the host); without it, it is computed here (extra launches)."""
+    lora_dim] float32, whose sum over dim 0 is ops.reference.lora_shrink's [num_tokens, lora_dim] (rows
+    of slot -1 are zeros). `lora_expand` takes it as it is and sums the splits as it loads them."""
     num_tokens, in_features = x.shape
     num_slots, lora_dim, a_in = a_stacked.shape
     if a_in != in_features or token_slots.shape[0] != num_tokens:
@@ -277,16 +185,21 @@ def lora_shrink(
     x = x.contiguous()
     if num_tokens == 0:
         return torch.zeros(1, 0, lora_dim, dtype=torch.float32, device=x.device)
-    order = _order(token_slots, order, num_tokens, "lora_shrink")
-    block_m, block_k, split, chunk = shrink_plan(num_tokens, in_features, lora_dim)
+    block_k = _block_k(lora_dim)
+    block_m, block_in = _block_m(num_tokens, block_k), 64
     num_m = triton.cdiv(num_tokens, block_m)
+    # Small batches (decode) give too few programs to stream A at full bandwidth: split the input
+    # dimension too, one partial product per split. Fixed by shapes only, so graphs capture it.
+    split = max(1, min(in_features // 512, 64 // num_m))
+    chunk = triton.cdiv(triton.cdiv(in_features, split), block_in) * block_in
+    split = triton.cdiv(in_features, chunk)
     # Every element is written by the kernel (partials, or zeros on rows without an adapter): no memset.
     out = torch.empty(split, num_tokens, lora_dim, dtype=torch.float32, device=x.device)
-    del num_slots  # the kernel reads the slots of its tile from the order
+    del num_slots  # the kernel reads the slots of its tile from token_slots
     _lora_shrink_kernel[(num_m, split)](
         x,
         a_stacked,
-        order,
+        token_slots,
         out,
         num_tokens,
         lora_dim,
@@ -296,12 +209,10 @@ def lora_shrink(
         a_stacked.stride(1),
         out.stride(0),
         out.stride(1),
-        order.stride(0),
-        order.stride(1),
         chunk,
         BLOCK_M=block_m,
         BLOCK_K=block_k,
-        BLOCK_IN=_BLOCK_IN,
+        BLOCK_IN=block_in,
         DOT_PRECISION=_dot_precision(x.dtype),
     )
     return out
@@ -313,7 +224,6 @@ def lora_expand(
     token_slots: torch.Tensor,  # [num_tokens] int32; -1 = no adapter
     y: torch.Tensor,  # [num_tokens, out_features], updated in place
     slice_offsets: Sequence[int] = (0,),  # output row where each sub-matrix of a fused layer starts
-    order: torch.Tensor | None = None,  # [num_tokens, 2] int32: slot_order(token_slots)
 ) -> torch.Tensor:
     """y += (sum of t's splits) @ B[slot]^T per token, in place; returns y (ops.reference.lora_expand).
 
@@ -336,19 +246,15 @@ def lora_expand(
         return y
     if y.stride(1) != 1:
         raise ValueError("lora_expand: y must be contiguous along its last dimension")
-    order = _order(token_slots, order, num_tokens, "lora_expand")
     slice_k = lora_dim // num_subs
     bounds = [*slice_offsets[1:], out_features, out_features][:2]  # N1, N2
     block_k = _block_k(slice_k)
     block_m, block_n = _block_m(num_tokens, block_k), 64
-    # Splits summed per load: up to 4096 fp32 values of t in flight (32 registers a thread at 4 warps;
-    # 8192 spilled a [64, 16] tile's registers in an sm_90 build).
-    block_s = min(triton.next_power_of_2(split), max(1, 4096 // (block_m * block_k)))
     grid = (triton.cdiv(num_tokens, block_m), triton.cdiv(out_features, block_n))
     _lora_expand_kernel[grid](
         t,
         b_stacked,
-        order,
+        token_slots,
         y,
         num_tokens,
         slice_k,
@@ -361,12 +267,9 @@ def lora_expand(
         b_stacked.stride(0),
         b_stacked.stride(1),
         y.stride(0),
-        order.stride(0),
-        order.stride(1),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        BLOCK_S=block_s,
         DOT_PRECISION=_dot_precision(b_stacked.dtype),
     )
     return y

@@ -13,9 +13,12 @@ covers everything earlier in the stream.
 At batch 1 a GEMV spends ~4.5 us of each launch on its ramp (first weight bytes in flight) and drain,
 about as long as its streaming on the small projections (H200 sweep at 9ed7267); with PDL its first
 weight tiles are requested while the small kernel before it (RMSNorm, SiLU-and-mul, attention) runs.
-Works inside CUDA graphs (the launch attribute becomes a programmatic edge). Off under the Triton
-interpreter, below compute capability 9.0, and with WEIR_PDL=0; the in-kernel calls compile to nothing
-when off, and are safe no-ops on a launch without PDL.
+Works inside CUDA graphs (the launch attribute becomes a programmatic edge).
+
+OFF by default (WEIR_PDL=1 turns it on): measured on an H200 at c2fa90c, a batch-1 GPTQ decode step took
+3.058 ms with it and 2.978 ms without (Q1, `loadtest/results/gemv-pdl-lora-h200-2026-12-03-c2fa90c/`),
+although back-to-back GEMVs in the sweep's graphs gained from it. Also off under the Triton interpreter
+and below compute capability 9.0; the in-kernel calls compile to nothing when off.
 """
 
 from __future__ import annotations
@@ -30,11 +33,11 @@ import triton.language as tl
 
 @functools.cache
 def pdl_enabled(device: torch.device) -> bool:
-    """Whether launches on `device` use PDL: a CUDA device of compute capability 9.0+, not under the
-    interpreter, WEIR_PDL not 0 (read once per device: launch paths call this every step)."""
+    """Whether launches on `device` use PDL: WEIR_PDL=1, a CUDA device of compute capability 9.0+, not
+    under the interpreter (read once per device: launch paths call this every step)."""
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
-    if os.environ.get("WEIR_PDL", "1") == "0":
+    if os.environ.get("WEIR_PDL", "0") != "1":
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return torch.cuda.get_device_capability(index) >= (9, 0)

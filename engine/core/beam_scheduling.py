@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from engine.core.request import Request, RequestStatus
+from engine.core.scheduler_output import ForkedRequestData
 
 if TYPE_CHECKING:
     from engine.core.kv_cache_manager import KVCacheManager
@@ -30,6 +31,7 @@ class BeamScheduling:
     _next_seq: int
     _beam_resend: set[str]
     _beam_new_tokens: dict[str, list[int]]
+    _beam_parent: dict[str, tuple[Request, int]]
     kv_cache_manager: KVCacheManager
 
     if TYPE_CHECKING:  # Scheduler's
@@ -79,6 +81,8 @@ class BeamScheduling:
                 beam.first_scheduled_time = parent.first_scheduled_time
             self.running[beam.req_id] = beam  # a slot already running keeps its place
             self._beam_resend.add(beam.req_id)
+            # The runner may build it from the parent's row (what the parent has computed so far).
+            self._beam_parent[beam.req_id] = (parent, parent.num_tokens)
         else:
             # The parent was preempted (its blocks are gone): the beam recomputes, like it.
             self.running.pop(beam.req_id, None)
@@ -92,3 +96,25 @@ class BeamScheduling:
     def _forget_beam_diffs(self, beam: Request) -> None:
         self._beam_resend.discard(beam.req_id)
         self._beam_new_tokens.pop(beam.req_id, None)
+        self._beam_parent.pop(beam.req_id, None)
+
+    def _fork_data(self, beam: Request, preempted: list[Request]) -> ForkedRequestData | None:
+        """`beam` (re-sent after a fork) as its parent's row plus its own tokens, if the runner still
+        holds the parent as it was at the fork (running, not preempted in this step); else None (it
+        goes whole)."""
+        parent, num_parent_tokens = self._beam_parent.pop(beam.req_id, (None, 0))
+        if (
+            parent is None
+            or self.running.get(parent.req_id) is not parent
+            or any(p is parent for p in preempted)
+            or beam.num_tokens < num_parent_tokens
+        ):
+            return None
+        return ForkedRequestData(
+            req_id=beam.req_id,
+            parent_req_id=parent.req_id,
+            num_parent_tokens=num_parent_tokens,
+            new_token_ids=beam.all_token_ids[num_parent_tokens:],
+            block_ids=self.kv_cache_manager.get_block_ids(beam.req_id),
+            num_computed_tokens=beam.num_computed_tokens,
+        )

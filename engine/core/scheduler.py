@@ -76,6 +76,8 @@ class Scheduler(BeamScheduling):
         # be sent whole (forked from another beam), and tokens appended to the others since.
         self._beam_resend: set[str] = set()
         self._beam_new_tokens: dict[str, list[int]] = {}
+        # A re-sent beam's parent and its length at the fork (the runner may copy the parent's row).
+        self._beam_parent: dict[str, tuple[Request, int]] = {}
         self._next_step_id = 1
         # A step holds only running requests, so keeping their distinct LoRA adapters <= max_loras
         # keeps every step within the runner's adapter slots.
@@ -295,10 +297,19 @@ class Scheduler(BeamScheduling):
         num_prompt_scheduled = 0
         replaced = kv.replaced
         beam_diffs = bool(self._beam_resend or self._beam_new_tokens)
+        forked_data = []
         for req, new_block_ids in scheduled_running.values():
             if beam_diffs and req.req_id in self._beam_resend:
-                new_reqs.append(req)  # forked from another beam: the runner gets it whole
+                # Forked from another beam: the runner copies the parent's row, or gets it whole.
                 self._beam_resend.discard(req.req_id)
+                fork = self._fork_data(req, preempted)
+                if fork is None:
+                    new_reqs.append(req)
+                    continue
+                forked_data.append(fork)
+                self._beam_new_tokens.pop(req.req_id, None)
+                num_prompt_scheduled += self._advance(req, num_scheduled[req.req_id])
+                scheduled_requests[req.req_id] = req
                 continue
             cached_data.append(
                 CachedRequestData(
@@ -346,6 +357,7 @@ class Scheduler(BeamScheduling):
             preempted_req_ids={r.req_id for r in preempted},
             step_id=step_id,
             num_prompt_tokens=num_prompt_scheduled,
+            forked_requests=forked_data,
             block_copies=kv.take_copies(),
         )
 

@@ -32,6 +32,20 @@ class NewRequestData:
 
 
 @dataclass(slots=True)
+class ForkedRequestData:
+    """A beam that took another beam's sequence (beam search), where the runner holds that beam (the
+    parent): its tokens are the parent's first `num_parent_tokens` plus `new_token_ids`, so the
+    runner copies the parent's row instead of receiving the whole sequence again."""
+
+    req_id: str
+    parent_req_id: str
+    num_parent_tokens: int
+    new_token_ids: list[int]
+    block_ids: list[int]  # the whole block table
+    num_computed_tokens: int
+
+
+@dataclass(slots=True)
 class CachedRequestData:
     """A request the runner already holds: what changed since the last step."""
 
@@ -62,6 +76,8 @@ class SchedulerOutput:
     num_prompt_tokens: int = 0
     # Copy-on-write: (src, dst) block ids whose KV the runner copies before this step's forward pass.
     block_copies: list[tuple[int, int]] = field(default_factory=list)
+    # Beams forked from a beam the runner holds, applied after new_requests (a parent may be one).
+    forked_requests: list[ForkedRequestData] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:

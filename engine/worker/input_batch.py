@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from engine.core.sampling_params import SamplingParams
-from engine.core.scheduler_output import NewRequestData, SchedulerOutput
+from engine.core.scheduler_output import ForkedRequestData, NewRequestData, SchedulerOutput
 from engine.worker.cuda_graphs import DecodeArrays, pad_decode_batch
 
 
@@ -68,12 +68,39 @@ def new_request_state(new: NewRequestData) -> RequestState:
     )
 
 
+def forked_request_state(requests: dict[str, RequestState], fork: ForkedRequestData) -> RequestState:
+    """A beam forked from a beam this runner holds: the parent's first tokens plus its own, the
+    parent's prompt list and parameters (shared, never written) and adapter."""
+    parent = requests.get(fork.parent_req_id)
+    if parent is None or len(parent.token_ids) < fork.num_parent_tokens:
+        raise RuntimeError(
+            f"beam {fork.req_id!r} forks {fork.parent_req_id!r} at {fork.num_parent_tokens} tokens, "
+            f"which the runner does not hold"
+        )
+    token_ids = parent.token_ids[: fork.num_parent_tokens] + fork.new_token_ids
+    return RequestState(
+        req_id=fork.req_id,
+        token_ids=token_ids,
+        prompt_token_ids=parent.prompt_token_ids,
+        output_token_ids=token_ids[len(parent.prompt_token_ids) :],
+        sampling_params=parent.sampling_params,
+        block_ids=list(fork.block_ids),
+        num_computed_tokens=fork.num_computed_tokens,
+        emit_prompt_logprobs=False,
+        needs_output_ids=parent.needs_output_ids,
+        appends_sampled=False,
+        lora=parent.lora,
+    )
+
+
 def update_states(requests: dict[str, RequestState], so: SchedulerOutput) -> None:
     """Apply the scheduler's diff to the runner's per-request states (in place)."""
     for req_id in itertools.chain(so.finished_req_ids, so.preempted_req_ids):
         requests.pop(req_id, None)
     for new in so.new_requests:
         requests[new.req_id] = new_request_state(new)
+    for fork in so.forked_requests:
+        requests[fork.req_id] = forked_request_state(requests, fork)
     for cached in so.cached_requests:
         state = requests.get(cached.req_id)
         if state is None:

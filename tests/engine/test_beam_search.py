@@ -73,6 +73,24 @@ def _transformers_beams(hf, width: int, length_penalty: float, early_stopping) -
     return beams, scores
 
 
+def _count_fork_diffs(engine) -> dict[str, int]:
+    """Counts, over the engine's steps from now on, the beams sent to the runner as a fork of a beam
+    it holds ("forked") and the beams with outputs sent whole ("whole")."""
+    sent = {"forked": 0, "whole": 0}
+    schedule = engine.scheduler.schedule
+
+    def counting_schedule():
+        so = schedule()
+        sent["forked"] += len(so.forked_requests)
+        sent["whole"] += sum(
+            1 for r in so.new_requests if r.is_beam and len(r.token_ids) > r.num_prompt_tokens
+        )
+        return so
+
+    engine.scheduler.schedule = counting_schedule
+    return sent
+
+
 def _weir_beams(llm: LLM, width: int, length_penalty: float, early_stopping) -> list:
     params = BeamSearchParams(width, MAX_TOKENS, length_penalty=length_penalty, early_stopping=early_stopping)
     (out,) = llm.beam_search([PROMPT], params)
@@ -98,6 +116,18 @@ def test_beam_search_matches_transformers(models, family, width, length_penalty,
         assert [s.score for s in got] == pytest.approx(scores, abs=1e-4)
 
 
+def test_forks_sent_as_parent_row_plus_tokens_give_transformers_beams(models) -> None:
+    """A beam that takes another's sequence reaches the runner as (parent, new tokens): the runner
+    copies the parent's row. The beams are transformers' and no beam with outputs went whole."""
+    path, hf, _ = models["llama"]
+    llm = LLM(str(path), device="cpu", dtype="float32", block_size=8)
+    sent = _count_fork_diffs(llm.llm_engine)
+    expected, _ = _transformers_beams(hf, 4, 1.0, False)
+    assert [s.tokens[len(PROMPT) :] for s in _weir_beams(llm, 4, 1.0, False)] == expected
+    assert sent["forked"] > 0 and sent["whole"] == 0
+    llm.shutdown()
+
+
 def test_width_one_is_greedy(models) -> None:
     _, _, llm = models["llama"]
     (greedy,) = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)
@@ -121,6 +151,7 @@ def test_same_beams_under_preemption_and_prefix_caching(models) -> None:
         enable_prefix_caching=True,
     )
     engine = tight.llm_engine
+    sent = _count_fork_diffs(engine)
     engine.add_request("long", PROMPT[::-1], SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True))
     engine.add_request("beam", PROMPT, BeamSearchParams(4, MAX_TOKENS).to_sampling_params())
     finals = {}
@@ -128,6 +159,9 @@ def test_same_beams_under_preemption_and_prefix_caching(models) -> None:
         finals.update((o.request_id, o) for o in engine.step() if o.finished)
     assert [list(c.token_ids) for c in finals["beam"].outputs] == expected
     assert engine.scheduler.num_preemptions > 0
+    # Forks went to the runner as (parent, new tokens), and beams with outputs also went whole (a
+    # preempted beam recomputing, or a fork whose parent was preempted).
+    assert sent["forked"] > 0 and sent["whole"] > 0
     kv = engine.scheduler.kv_cache_manager
     assert kv.num_free_blocks == kv.num_blocks
     tight.shutdown()

@@ -16,6 +16,7 @@ from engine.config import EngineConfig
 from engine.core.scheduler_output import (
     BeamCandidates,
     CachedRequestData,
+    ForkedRequestData,
     ModelRunnerOutput,
     NewRequestData,
     SchedulerOutput,
@@ -103,6 +104,7 @@ def test_every_field_round_trips_without_pickle(monkeypatch: pytest.MonkeyPatch)
         step_id=99,
         num_prompt_tokens=2,
         block_copies=[(3, 12)],
+        forked_requests=[ForkedRequestData("b#beam2", "b#beam0", 9, [44], [4, 6], 9)],
     )
     output = ModelRunnerOutput(
         sampled_token_ids={"new-0": [], "run-0": [7]},
@@ -128,6 +130,7 @@ def test_every_field_round_trips_without_pickle(monkeypatch: pytest.MonkeyPatch)
         assert step_codec.decode_reply(step_codec.encode_step_reply(None)) == ("ok", None)
     assert decoded == so
     assert type(decoded.cached_requests[0]) is CachedRequestData and decoded.cached_requests[0].cow == (1, 12)
+    assert type(decoded.forked_requests[0]) is ForkedRequestData
     assert decoded.new_requests[0].sampling_params.all_stop_token_ids == frozenset({2, 9})
     # Control calls and their replies stay pickled, on the same pipes.
     frame = step_codec.encode_control("add_lora", (LoRARequest("sql", 3, "/adapters/sql"),))

@@ -41,9 +41,17 @@ def rank_groups(
         tok = token_ids[index, :k].reshape(len(members), size)  # [G, r*k]
         beam = np.broadcast_to(np.arange(num_running).repeat(k), tok.shape)  # [G, r*k]
         order = np.lexsort((tok, beam, -acc), axis=-1)[:, :n]  # [G, min(n, r*k)] best first
-        neg_scores = (-np.take_along_axis(acc, order, axis=-1)).tolist()
+        best = np.take_along_axis(acc, order, axis=-1).tolist()
         beams = (order // k).tolist()
         toks = np.take_along_axis(tok, order, axis=-1).tolist()
         for j, g in enumerate(members):
-            steps[g] = states[g].advance(list(zip(neg_scores[j], beams[j], toks[j], strict=True)))
+            state = states[g]
+            if state.can_advance_plainly(toks[j]):  # the common step: no candidate ends a hypothesis
+                width = state.width
+                steps[g] = state.advance_plainly(
+                    best[j][:width], list(zip(beams[j][:width], toks[j][:width], strict=True))
+                )
+            else:
+                cands = [(-a, b, t) for a, b, t in zip(best[j], beams[j], toks[j], strict=True)]
+                steps[g] = state.advance(cands)
     return steps  # type: ignore[return-value]

@@ -125,15 +125,33 @@ class BeamSearchState:
                     stop_strs[j] = self.stop_string(_tokens((tok, chains[beam])))
                     hits[j] = stop_strs[j] is not None
 
-        lp = self.length_penalty
         if any(hits):
             continuations = self._rank_with_hits(cands, hits, stop_strs, gen_len)
         else:
             continuations = self._rank_without_hits(cands)
+        return self._end_step(continuations, all(hits))
+
+    def can_advance_plainly(self, tokens: list[int]) -> bool:
+        """Whether a step whose ranked candidates end in `tokens` has no candidate that hits a
+        stopping criterion (then advance_plainly may take it)."""
+        if self.stop_string is not None or self.num_generated + 1 >= self.max_tokens:
+            return False
+        stop_ids = self.stop_token_ids
+        return not any(t in stop_ids for t in tokens)
+
+    def advance_plainly(self, scores: list[float], continuations: list[tuple[int, int]]) -> BeamStep:
+        """advance() for a step that can_advance_plainly: the best k candidates' float32 scores and
+        (beam, token), best first, run on; the finished slots stay (see _rank_without_hits)."""
+        self.scores = scores
+        return self._end_step(continuations, False)
+
+    def _end_step(self, continuations: list[tuple[int, int]], all_hit: bool) -> BeamStep:
+        chains = self._chains
         self._chains = [(t, chains[b]) for b, t in continuations]
-        self.num_generated = gen_len
+        gen_len = self.num_generated = self.num_generated + 1
 
         # Can a running beam still beat the worst finished one?
+        lp = self.length_penalty
         if self.early_stopping == "never" and lp > 0.0:
             best_len = self.max_tokens
         else:
@@ -145,7 +163,7 @@ class BeamSearchState:
         )
         all_finished = all(h is not None for h in self.finished)
         self.done = not (
-            self.improvable and not (all_finished and self.early_stopping is True) and not all(hits)
+            self.improvable and not (all_finished and self.early_stopping is True) and not all_hit
         )
         return BeamStep(continuations, self.done)
 

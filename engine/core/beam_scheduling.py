@@ -5,7 +5,8 @@ others wait outside the queue until the first step of the search forks them. Aft
 engine's beam search (engine/beam_search.py) gives each beam its next token: a beam that continues its
 own sequence gets the token appended (sent to the runner as `new_token_ids`); a beam slot that takes
 another beam's sequence (its own beam died, or was never used) drops its blocks and forks that beam's
-blocks by reference, copy-on-write (sent to the runner whole, as a new request). A beam is scheduled
+blocks by reference, copy-on-write (sent to the runner as the parent's row plus its new token,
+ForkedRequestData, or whole, as a new request, if the parent was preempted meanwhile). A beam is scheduled
 only once its last step's results are applied (Scheduler.schedule), since its next token depends on
 the whole group's.
 

@@ -185,22 +185,26 @@ class BeamSearchDriver:
             return []
         arrays = _Candidates(candidates)
         row_of = arrays.row_of
+        by_beam = self._by_beam
         ready: list[_BeamGroup] = []
-        for req, _ in updates:
+        for req, _ in updates:  # a loop per beam per step: kept to plain lookups
             if not req.is_beam:
                 continue
-            group = self._by_beam.get(req.req_id)
-            row = row_of.get(req.req_id)
-            if group is None or row is None or req.req_id in group.results:
-                continue  # a beam recomputed after preemption keeps its first results (the same)
-            if not any(b is req for b in group.running):
+            req_id = req.req_id
+            row = row_of.get(req_id)
+            group = by_beam.get(req_id)
+            if group is None or row is None:
                 continue
-            if req.num_computed_tokens != req.num_tokens:
+            results = group.results
+            # Request compares by identity: `in` finds this very Request among the running beams.
+            if req_id in results or req not in group.running:
+                continue  # a beam recomputed after preemption keeps its first results (the same)
+            if req.num_computed_tokens != len(req.all_token_ids):
                 # Computed for tokens it no longer has: a beam recomputing after preemption whose
                 # group stepped (extending or re-forking it) while that step was in flight.
                 continue
-            group.results[req.req_id] = (arrays, row)
-            if len(group.results) == len(group.running):
+            results[req_id] = (arrays, row)
+            if len(results) == len(group.running):
                 if group.metrics.first_token_time is None:
                     group.metrics.first_token_time = now
                     group.metrics.first_scheduled_time = group.slots[0].first_scheduled_time
@@ -218,11 +222,13 @@ class BeamSearchDriver:
         """The groups' steps: those whose beams' results all came in this step ranked together;
         a group with results from earlier steps too (beams recomputed after preemption) alone."""
         together: list[int] = []
+        rows: list[list[int]] = []
         steps: list[BeamStep | None] = [None] * len(groups)
         for j, group in enumerate(groups):
             results = [group.results[beam.req_id] for beam in group.running]
             if all(a is arrays for a, _ in results):
                 together.append(j)
+                rows.append([r for _, r in results])
                 continue
             k = group.slots[0].sampling_params.logprobs or 0
             top = [(a.token_ids[r, :k].tolist(), a.logprobs[r, :k].tolist()) for a, r in results]
@@ -230,7 +236,7 @@ class BeamSearchDriver:
         if together:
             ranked = rank_groups(
                 [groups[j].state for j in together],
-                [[groups[j].results[b.req_id][1] for b in groups[j].running] for j in together],
+                rows,
                 [groups[j].slots[0].sampling_params.logprobs or 0 for j in together],
                 arrays.token_ids,
                 arrays.logprobs,

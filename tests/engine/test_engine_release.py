@@ -143,12 +143,15 @@ def test_dropping_a_started_async_engine_frees_the_device_without_gc(
         assert loop_task is not None and len(workers) == 1 and _alive(refs) == list(refs)
         del engine
         # The loop may still be draining the step launched after the last token; it ends on its own
-        # once the engine is gone (awaiting it is the event), and by then everything is freed.
+        # once the engine is gone (awaiting it is the event). The worker thread ends with it, and may
+        # hold its last work item (a step of the engine) for a moment after that item's result woke
+        # the loop (ThreadPoolExecutor drops it after setting the result): once the thread has ended
+        # (joining it is the event), everything is freed.
         await asyncio.wait_for(asyncio.shield(loop_task), timeout=10)
         assert loop_task.result() is None
-        assert _alive(refs) == []
         workers[0].join(timeout=10)
         assert not workers[0].is_alive()
+        assert _alive(refs) == []
         return token_ids
 
     assert len(asyncio.run(run())) == 6

@@ -6,6 +6,10 @@ five launches and writes float32 copies of x: on an 8,192-token prefill step of 
 0.7 GB of traffic per linear, against 0.1 GB here (one read for the maximum, one read and one fp8
 write). Bit for bit the torch result: IEEE divisions (div_rn) and round-to-nearest-even to fp8 in
 float32 arithmetic (ops.triton.kv_cache._round_to_fp8, exact under the interpreter too).
+
+Not used yet: its first GPU run (H200, 1829d99) failed to compile (a plain global read in the kernel,
+which the interpreter allows; tests/ops/test_kernels_compile.py now compiles it for sm_90 on CPU). The
+FP8 path keeps torch's lines until this passes tests/ops/test_fp8_quant.py on a GPU.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import triton.language as tl
 
 from ops.triton.kv_cache import _round_to_fp8
 
-FP8_MAX = 448.0
+FP8_MAX = tl.constexpr(448.0)  # a constexpr: compiled kernels may read no other globals
 
 
 @triton.jit

@@ -139,6 +139,16 @@ def test_serve_exits_2_on_bad_settings(capsys: pytest.CaptureFixture[str], tmp_p
     assert "invalid max_num_seqs (from --max-num-seqs)" in capsys.readouterr().err
 
 
+def test_long_prefill_token_threshold_from_flag_env_and_yaml(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("long_prefill_token_threshold: 256\n")
+    assert resolve({"config": str(cfg)}, env={})[0].long_prefill_token_threshold == 256
+    env = {"WEIR_LONG_PREFILL_TOKEN_THRESHOLD": "384"}
+    assert resolve({"config": str(cfg)}, env=env)[0].long_prefill_token_threshold == 384
+    flags = {"config": str(cfg), "long_prefill_token_threshold": 512}
+    assert resolve(flags, env=env)[0].long_prefill_token_threshold == 512
+
+
 def test_tp_broadcast_ring_from_flag_env_and_yaml(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("tp_broadcast_slots: 8\ntp-broadcast-slot-bytes: 65536\n")

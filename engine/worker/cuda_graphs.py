@@ -291,44 +291,43 @@ class CUDAGraphRunner:
         gc.collect()
         gc.freeze()
         lora_active = self.lora.active if self.lora is not None else None
-        gemv = decode_gemv_allowed()  # batch-1 linears may take the Triton GEMV: graphs replay it
-        gemv.__enter__()
         try:
-            # Decode sizes first (the largest batch needs the most memory), then the mixed sizes.
-            plan = [(bs, False) for bs in reversed(self.sizes)] + [
-                (t, True) for t in reversed(self.mixed_sizes)
-            ]
-            for bs, mixed in plan:
-                step = self.dummy_mixed_step(bs) if mixed else self.dummy_step(bs)
-                graphs = self._mixed_graphs if mixed else self._graphs
-                # With LoRA: the variant with the LoRA term first (the larger), then the one without.
-                for variant in self.lora_variants:
-                    if self.lora is not None:
-                        self.lora.active = bool(variant)
-                    if not on_cuda:
-                        graphs[bs, variant] = self._emulated(step, variant)
-                        continue
-                    if variant is not False:
-                        # Warm-up outside the capture: Triton compiles and cuBLAS picks its kernels
-                        # here (the variant without LoRA runs a subset of these kernels). One per size:
-                        # sizes launch different kernel variants (decode attention's NUM_SEGMENTS
-                        # constexpr follows the batch size; Triton specializes ints on ==1 and %16;
-                        # cuBLAS picks by shape), and a variant first met inside a capture would
-                        # compile or load there. The log line below shows what each one cost.
-                        t0 = time.perf_counter()
-                        stream.wait_stream(torch.cuda.current_stream(device))
-                        with torch.cuda.stream(stream):
-                            self.forward(step.input_ids, step.positions, step.metadata)
-                        torch.cuda.current_stream(device).wait_stream(stream)
-                        seconds = time.perf_counter() - t0
-                        self.warmup_seconds += seconds
-                        self.warmup_by_step[f"{'mixed' if mixed else 'decode'} {bs}"] = seconds
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                        output = self.forward(step.input_ids, step.positions, step.metadata)
-                    graphs[bs, variant] = _Captured(replay=graph.replay, output=output)
+            # Batch-1 linears may take the Triton GEMV here: graphs replay it (float_gemv.py).
+            with decode_gemv_allowed():
+                # Decode sizes first (the largest batch needs the most memory), then the mixed sizes.
+                plan = [(bs, False) for bs in reversed(self.sizes)] + [
+                    (t, True) for t in reversed(self.mixed_sizes)
+                ]
+                for bs, mixed in plan:
+                    step = self.dummy_mixed_step(bs) if mixed else self.dummy_step(bs)
+                    graphs = self._mixed_graphs if mixed else self._graphs
+                    # With LoRA: the variant with the LoRA term first (the larger), then the one without.
+                    for variant in self.lora_variants:
+                        if self.lora is not None:
+                            self.lora.active = bool(variant)
+                        if not on_cuda:
+                            graphs[bs, variant] = self._emulated(step, variant)
+                            continue
+                        if variant is not False:
+                            # Warm-up outside the capture: Triton compiles and cuBLAS picks its kernels
+                            # here (the variant without LoRA runs a subset of these kernels). One per size:
+                            # sizes launch different kernel variants (decode attention's NUM_SEGMENTS
+                            # constexpr follows the batch size; Triton specializes ints on ==1 and %16;
+                            # cuBLAS picks by shape), and a variant first met inside a capture would
+                            # compile or load there. The log line below shows what each one cost.
+                            t0 = time.perf_counter()
+                            stream.wait_stream(torch.cuda.current_stream(device))
+                            with torch.cuda.stream(stream):
+                                self.forward(step.input_ids, step.positions, step.metadata)
+                            torch.cuda.current_stream(device).wait_stream(stream)
+                            seconds = time.perf_counter() - t0
+                            self.warmup_seconds += seconds
+                            self.warmup_by_step[f"{'mixed' if mixed else 'decode'} {bs}"] = seconds
+                        graph = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                            output = self.forward(step.input_ids, step.positions, step.metadata)
+                        graphs[bs, variant] = _Captured(replay=graph.replay, output=output)
         finally:
-            gemv.__exit__(None, None, None)
             gc.unfreeze()
             if self.lora is not None:
                 self.lora.active = bool(lora_active)

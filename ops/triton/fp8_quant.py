@@ -18,9 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.triton.fp8_gemv import FP8_MAX
 from ops.triton.kv_cache import _round_to_fp8
-
-FP8_MAX = tl.constexpr(448.0)  # a constexpr: compiled kernels may read no other globals
 
 
 @triton.jit

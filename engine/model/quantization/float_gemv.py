@@ -39,20 +39,20 @@ def decode_gemv_is_allowed() -> bool:
 
 
 # (in_features, out_features) -> the launch, from the H200 sweep; shapes not listed keep cuBLAS
-_LAUNCHES: dict[tuple[int, int], dict[str, int | bool]] = {
+_LAUNCHES: dict[tuple[int, int], dict[str, int]] = {
     (4096, 6144): {"block_n": 8, "block_k": 512, "split_k": 1},  # Llama-3-8B qkv
     (4096, 4096): {"block_n": 8, "block_k": 512, "split_k": 1},  # Llama-3-8B o_proj
 }
 
 
-def plan_float_gemv(in_features: int, out_features: int) -> dict[str, int | bool] | None:
+def plan_float_gemv(in_features: int, out_features: int) -> dict[str, int] | None:
     """The GEMV launch for a layer of this shape at one token, or None (cuBLAS is as fast)."""
     return _LAUNCHES.get((in_features, out_features))
 
 
 def float_gemv_supported(weight: torch.Tensor) -> bool:
-    """CUDA compute capability 9.0+ (where it was measured, and where PDL exists), 16-bit weights
-    contiguous along K, and Triton importable."""
+    """CUDA compute capability 9.0+ (where it was measured), 16-bit weights contiguous along K, and
+    Triton importable."""
     if weight.device.type != "cuda" or weight.dtype not in (torch.bfloat16, torch.float16):
         return False
     if weight.stride(-1) != 1 or torch.cuda.get_device_capability(weight.device) < (9, 0):
@@ -69,7 +69,7 @@ def float_gemv_linear(
     weight: torch.Tensor,  # [out, in]
     unit_scale: torch.Tensor,  # [out] float32 ones
     bias: torch.Tensor | None,
-    launch: dict[str, int | bool],
+    launch: dict[str, int],
 ) -> torch.Tensor:  # [..., out]
     from ops.triton.fp8_gemv import fp8_gemv  # noqa: PLC0415
 

@@ -17,7 +17,7 @@ devices of compute capability 8.9+ (Ada, Hopper, Blackwell) with bfloat16 activa
 per-channel scales, it runs torch._scaled_mm on FP8 activations quantized per token on the fly
 (dynamic activation scales; W8A8) from 5 tokens up, and a Triton W8A16 GEMV (ops/triton/fp8_gemv.py:
 the weight converted in registers, x unquantized as in the reference) for decode batches of 1-2
-tokens (1-2 since the sweep), where quantizing x and a GEMM tiled for large M cost more than the
+tokens (the sweep on an H200: from 3, `_scaled_mm` is as fast), where quantizing x and a GEMM tiled for large M cost more than the
 bytes saved (1.48x bf16's batch-1 latency on an H200 before). Block-wise weights always take the dequantizing path for now.
 Static activation scales (`activation_scheme: "static"`, a scalar `input_scale` per module) quantize
 each layer's input per tensor instead: on the FP8 GEMM, and on the dequantizing path as a

@@ -7,9 +7,9 @@ five launches and writes float32 copies of x: on an 8,192-token prefill step of 
 write). Bit for bit the torch result: IEEE divisions (div_rn) and round-to-nearest-even to fp8 in
 float32 arithmetic (ops.triton.kv_cache._round_to_fp8, exact under the interpreter too).
 
-Not used yet: its first GPU run (H200, 1829d99) failed to compile (a plain global read in the kernel,
-which the interpreter allows; tests/ops/test_kernels_compile.py now compiles it for sm_90 on CPU). The
-FP8 path keeps torch's lines until this passes tests/ops/test_fp8_quant.py on a GPU.
+Used by `_scaled_mm_linear` on CUDA for dynamic (per-token) scales; WEIR_FP8_QUANT_KERNEL=0 keeps the
+torch lines. Its first GPU run (H200, 1829d99) failed to compile (a plain global read in the kernel,
+which the interpreter allows); tests/ops/test_kernels_compile.py now compiles it for sm_90 on CPU.
 """
 
 from __future__ import annotations

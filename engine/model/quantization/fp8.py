@@ -26,6 +26,7 @@ quantize-dequantize of x, so CPU computes what the GPU does.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -225,6 +226,18 @@ class Fp8LinearMethod(LinearMethodBase):
         return F.linear(x, w, bias)
 
 
+def _fp8_quant_kernel_enabled() -> bool:
+    """Per-token activation quantization in one Triton kernel (ops/triton/fp8_quant.py) on CUDA;
+    WEIR_FP8_QUANT_KERNEL=0 keeps the five torch launches (for comparison in a benchmark)."""
+    return os.environ.get("WEIR_FP8_QUANT_KERNEL", "1") != "0"
+
+
+def _per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from ops.triton.fp8_quant import per_token_fp8  # noqa: PLC0415 (triton: only on CUDA)
+
+    return per_token_fp8(x)
+
+
 GEMV_MAX_TOKENS = 2  # from 4 tokens _scaled_mm is as fast or faster (sweep on an H200)
 
 
@@ -283,13 +296,14 @@ def _scaled_mm_linear(
     CUDA graphs capture it) or with the checkpoint's static scale, one cuBLASLt GEMM with row-wise
     scales on both sides (a static scale repeated per row: cuBLASLt takes both sides row-wise)."""
     x2 = x.reshape(-1, x.shape[-1])  # [M, in]
-    # ops/triton/fp8_quant.py computes these lines in one kernel (bit for bit under the interpreter) but
-    # has not yet run on a GPU: it is wired in once it passes tests/ops/test_fp8_quant.py there.
-    if input_scale is None:
-        x_scale = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX  # [M, 1]
+    if input_scale is None and x2.is_cuda and _fp8_quant_kernel_enabled():
+        xq, x_scale = _per_token_fp8(x2)  # one launch, the same bits as the torch lines below
     else:
-        x_scale = input_scale.expand(x2.shape[0], 1).contiguous()  # [M, 1]
-    xq = (x2.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        if input_scale is None:
+            x_scale = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX  # [M, 1]
+        else:
+            x_scale = input_scale.expand(x2.shape[0], 1).contiguous()  # [M, 1]
+        xq = (x2.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     out = torch._scaled_mm(
         xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), out_dtype=torch.bfloat16
     )  # [M, out]

@@ -7,6 +7,8 @@ B1  beam width 4 over 64 prompts of 256 tokens, 256 output tokens (ignore_eos): 
     in static batches (the peer capped by --peer-max-requests / --peer-max-steps and extrapolated, as in
     the other scripts). Target >= 10x.
 B2  B1 vs weir's own n=4 sampling on the same prompts (the same output tokens). Target >= 0.8x.
+    B2 is unseeded sampling (a user's default); B2_seeded gives every request a seed (each row
+    then draws its own noise), the B2 of runs before 2026-12-03's third session.
 B3  n=8 on a 1,024-token prompt: TTFT vs n=1 (median of --b3-iters, each on its own prompt so the
     prefix cache does not help), and the KV blocks in use at the peak vs the prompt once plus each
     child's own blocks. Targets TTFT <= 1.2x n=1's; blocks = prompt once + children.
@@ -100,11 +102,17 @@ def run_b1(llm: Any, prompts: list[list[int]], args: argparse.Namespace) -> dict
     }
 
 
-def run_b2(llm: Any, prompts: list[list[int]], args: argparse.Namespace) -> dict[str, Any]:
+def run_b2(llm: Any, prompts: list[list[int]], args: argparse.Namespace, seeded: bool) -> dict[str, Any]:
+    """n = width sampling on the same prompts: unseeded (what a user runs by default), or with a
+    per-request seed (every row draws its own noise)."""
     from engine import SamplingParams
 
     params = SamplingParams(
-        n=args.beam_width, temperature=1.0, max_tokens=args.output_len, ignore_eos=True, seed=args.seed
+        n=args.beam_width,
+        temperature=1.0,
+        max_tokens=args.output_len,
+        ignore_eos=True,
+        seed=args.seed if seeded else None,
     )
     counts = _StepCounts(llm)
     t0 = time.perf_counter()
@@ -113,6 +121,7 @@ def run_b2(llm: Any, prompts: list[list[int]], args: argparse.Namespace) -> dict
     tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
     return {
         "n": args.beam_width,
+        "seeded": seeded,
         "elapsed_s": round(elapsed, 4),
         "output_tokens": tokens,
         "output_tok_s": round(tokens / elapsed, 2),
@@ -288,14 +297,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"({b1['step_loop']['steps']} steps, {b1['step_loop']['stalls']} stalls)",
                 flush=True,
             )
-        with phase(report, "B2"):
-            results["B2"] = run_b2(llm, prompts, args)
-            b2 = results["B2"]
-            print(
-                f"[B2] n={args.beam_width} sampling: {b2['output_tok_s']} output tok/s "
-                f"({b2['step_loop']['steps']} steps, {b2['step_loop']['stalls']} stalls)",
-                flush=True,
-            )
+        for key, seeded in (("B2", False), ("B2_seeded", True)):
+            with phase(report, key):
+                results[key] = run_b2(llm, prompts, args, seeded)
+                b2 = results[key]
+                print(
+                    f"[{key}] n={args.beam_width} sampling{' (per-request seed)' if seeded else ''}: "
+                    f"{b2['output_tok_s']} output tok/s "
+                    f"({b2['step_loop']['steps']} steps, {b2['step_loop']['stalls']} stalls)",
+                    flush=True,
+                )
         with phase(report, "B3"):
             results["B3"] = run_b3(llm, args, id_max)
             b3 = results["B3"]
@@ -315,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         report["ratios"]["B1_beam_vs_peer"] = ratio(b1["output_tok_s"], peer["output_tok_s"])
     if b1 and b2:
         report["ratios"]["B2_beam_vs_n_sampling"] = ratio(b1["output_tok_s"], b2["output_tok_s"])
+    if b1 and results.get("B2_seeded"):
+        report["ratios"]["B2_beam_vs_seeded_n_sampling"] = ratio(
+            b1["output_tok_s"], results["B2_seeded"]["output_tok_s"]
+        )
     if b3:
         report["ratios"]["B3_ttft_n_over_n1"] = b3["ttft_ratio"]
         report["ratios"]["B3_kv_blocks_over_prompt_once_plus_children"] = ratio(

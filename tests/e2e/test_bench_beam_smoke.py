@@ -17,8 +17,9 @@ def test_bench_beam_reports_b1_to_b3(tiny_llama_dir: Path, tmp_path: Path) -> No
     assert bench_beam.main(argv) == 0
     data = json.loads(out.read_text())
     assert data["benchmark"] == "B" and data["status"] == "ok" and not data["errors"]
-    b1, b2, b3 = (data["results"][k] for k in ("B1", "B2", "B3"))
-    assert b1["output_tokens"] == b2["output_tokens"] == 3 * 2 * 6
+    b1, b2, b2_seeded, b3 = (data["results"][k] for k in ("B1", "B2", "B2_seeded", "B3"))
+    assert b1["output_tokens"] == b2["output_tokens"] == b2_seeded["output_tokens"] == 3 * 2 * 6
+    assert (b2["seeded"], b2_seeded["seeded"]) == (False, True)
     # The three 12-token prompts fit one step's budget, so the three beam groups move together: 6
     # forward passes (one per output token), each followed by a trip that waits for the ranking.
     assert (b1["step_loop"]["steps"], b1["step_loop"]["stalls"]) == (6, 6)
@@ -36,6 +37,7 @@ def test_bench_beam_reports_b1_to_b3(tiny_llama_dir: Path, tmp_path: Path) -> No
     assert set(data["ratios"]) == {
         "B1_beam_vs_peer",
         "B2_beam_vs_n_sampling",
+        "B2_beam_vs_seeded_n_sampling",
         "B3_ttft_n_over_n1",
         "B3_kv_blocks_over_prompt_once_plus_children",
     }

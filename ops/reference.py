@@ -209,3 +209,69 @@ def lora_expand(
         delta = t[rows].to(b_stacked.dtype).float() @ b_stacked[slot].float().t()
         y[rows] = (y[rows].float() + delta).to(y.dtype)
     return y
+
+
+# ---------------------------------------------------------------------------- seeded sampling noise
+# Counter-based: the noise of (row key, column) is a pure function of the two, so a seeded row's
+# noise never depends on which rows share its batch, and every seeded row of a step is one
+# vectorized operation (no per-row torch.Generator). Integers are int64 holding uint32 values, masked
+# after every multiply: exact, and every product stays below 2**63 (both multipliers are < 2**31).
+_M32 = 0xFFFFFFFF
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit multiply-xorshift finalizer (Wellons' hash-prospector low-bias constants), in place."""
+    x ^= x >> 16
+    x *= 0x21F0AAAD
+    x &= _M32
+    x ^= x >> 15
+    x *= 0x735A2D97
+    x &= _M32
+    x ^= x >> 15
+    return x
+
+
+def seeded_row_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """keys [S] int64 in [0, 2**63) -> two 32-bit round keys (k0, k1), [S] int64 each.
+
+    A two-round Feistel-like mix of the key's halves, so (lo, hi) -> (k0, k1) is a bijection and
+    keys that differ in one bit (consecutive steps of a row) get unrelated round keys."""
+    lo = keys & _M32
+    hi = keys >> 32
+    k0 = _mix32_(lo ^ _mix32_(hi ^ 0x9E3779B9))
+    k1 = _mix32_(hi ^ _mix32_((k0 + 0x7F4A7C15) & _M32))
+    return k0, k1
+
+
+def seeded_hash(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """keys [S] int64 -> [S, V] int64 uint32 hashes: h(key, c) = mix(mix(c ^ k0) + k1)."""
+    k0, k1 = seeded_row_keys(keys)
+    cols = torch.arange(vocab_size, dtype=torch.int64, device=keys.device)  # [V]
+    x = _mix32_(cols ^ k0[:, None])  # [S, V]
+    x += k1[:, None]
+    x &= _M32
+    return _mix32_(x)
+
+
+def seeded_uniform(h: torch.Tensor) -> torch.Tensor:
+    """uint32 hashes (int64) -> float32 u = ((h >> 9) + 0.5) * 2**-23: the 2**23 midpoints of (0, 1), all
+    exact in float32 (with 24 bits the top midpoint would round to 1.0), so -log(u) is in [6e-8, 16.6]."""
+    return (h >> 9).to(torch.float32).add_(0.5).mul_(2.0**-23)
+
+
+def seeded_exponential_(
+    noise: torch.Tensor,  # [B, V] float32, updated in place
+    rows: torch.Tensor,  # [S] int64: the seeded rows of the batch
+    keys: torch.Tensor,  # [S] int64 in [0, 2**63): each row's key (seed and step, engine.worker.sampler)
+) -> torch.Tensor:
+    """noise[rows[s], c] = -log(seeded_uniform(seeded_hash(keys)[s, c])), Exponential(1) noise that is
+    finite and > 0; returns noise."""
+    vocab_size = noise.shape[1]
+    # On CPU a few rows at a time: each of the hash's ~20 integer passes then stays in cache (one pass
+    # over 256 x 128k int64 values streams 256 MB; chunked, the hash is ~6x faster). Elsewhere at once.
+    step = max(1, _CHUNK_ELEMENTS // vocab_size) if noise.device.type == "cpu" else max(rows.numel(), 1)
+    for a in range(0, rows.numel(), step):
+        h = seeded_hash(keys[a : a + step], vocab_size)  # [s, V]
+        noise.index_copy_(0, rows[a : a + step], seeded_uniform(h).log_().neg_())
+    return noise

@@ -16,13 +16,16 @@ skipping costs no device sync). `Sampler.sample` stays on the device (sampled id
 packed logprobs); the caller brings them to the host, in the engine with non-blocking copies
 (engine.worker.step_in_flight), and `Sampler.to_output` turns them into Python values.
 
-Seeded rows draw their noise from a generator seeded with (seed, number of outputs so far) and nothing
-else, so their tokens do not depend on which other requests share the batch, and survive preemption.
+Seeded rows draw their noise from a counter-based hash of (seed, number of outputs so far) and the
+column, and nothing else (ops.reference.seeded_exponential_; one Triton launch on CUDA for every seeded
+row of the step, no torch.Generator per row), so their tokens do not depend on which other requests
+share the batch, and survive preemption.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +33,7 @@ from torch import Tensor
 
 from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler_output import TokenLogprobs
+from ops import reference
 
 _SEED_MIX = 1_000_003
 
@@ -63,8 +67,11 @@ class SamplingMetadata:
     top_k: Tensor | None  # [B, 1] int64, V where disabled; None when no row uses top-k
     top_p: Tensor | None  # [B, 1] fp32, inf where disabled; None when no row uses top-p
     min_p: Tensor | None  # [B, 1] fp32, 0 where disabled; None when no row uses min-p
-    # row index -> generator for its noise this step (seeded rows only; the rest share the default)
-    generators: dict[int, torch.Generator]
+    # Seeded random rows: their noise is a pure function of (key, column); the rest share the default
+    # generator. S = number of seeded rows (known on the host, so no stage needs a device sync).
+    num_seeded: int
+    seeded_rows: Tensor | None  # [S] int64 row indices; None when S == 0
+    seed_keys: Tensor | None  # [S] int64 in [0, 2**63): seed_for_step(seed, outputs so far); None when S == 0
     # Sparse additive edits: logit_bias entries and min_tokens masks (-inf), one index_put per step.
     edit_rows: Tensor | None  # [E] int64
     edit_token_ids: Tensor | None  # [E] int64
@@ -107,7 +114,7 @@ def _padded(rows: list[list[int]], pad: int) -> Tensor:
 
 
 def seed_for_step(seed: int, step: int) -> int:
-    """The generator seed of a seeded row at its `step`-th output: a fixed mix, no Python hash()."""
+    """The noise key of a seeded row at its `step`-th output: a fixed mix, no Python hash()."""
     return (seed * _SEED_MIX + step) % 2**63
 
 
@@ -125,7 +132,8 @@ def build_sampling_metadata(
     # Per-row scalars, packed into one tensor: temperature, top_k, top_p, min_p, rep, freq, pres.
     temps, top_ks, top_ps, min_ps, reps, freqs, press = [], [], [], [], [], [], []
     use_temp = use_top_k = use_top_p = use_min_p = use_rep = use_freq_pres = False
-    generators: dict[int, torch.Generator] = {}
+    seed_rows: list[int] = []
+    seed_keys: list[int] = []
     edit_r: list[int] = []
     edit_t: list[int] = []
     edit_v: list[float] = []
@@ -153,9 +161,8 @@ def build_sampling_metadata(
         press.append(p.presence_penalty)
 
         if not greedy and p.seed is not None:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(seed_for_step(p.seed, row.num_output_tokens))
-            generators[i] = gen
+            seed_rows.append(i)
+            seed_keys.append(seed_for_step(p.seed, row.num_output_tokens))
 
         if p.logit_bias:
             for tok, bias in p.logit_bias.items():
@@ -180,11 +187,17 @@ def build_sampling_metadata(
     if not all_greedy and not all_random:
         greedy_mask = _to_device(torch.tensor(greedy_flags, dtype=torch.bool), device)
 
-    edit_rows = edit_token_ids = edit_values = None
-    if edit_r:
-        idx = _to_device(torch.tensor([edit_r, edit_t], dtype=torch.int64), device)
-        edit_rows, edit_token_ids = idx[0], idx[1]
-        edit_values = _to_device(torch.tensor(edit_v, dtype=torch.float32), device)
+    # The int64 per-row data (edit positions, seeded rows and their keys) travel as one tensor.
+    edit_rows = edit_token_ids = edit_values = seeded_rows = seeded_keys = None
+    num_edits, num_seeded = len(edit_r), len(seed_rows)
+    if num_edits or num_seeded:
+        ints = _to_device(torch.tensor(edit_r + edit_t + seed_rows + seed_keys, dtype=torch.int64), device)
+        if num_edits:
+            edit_rows, edit_token_ids = ints[:num_edits], ints[num_edits : 2 * num_edits]
+            edit_values = _to_device(torch.tensor(edit_v, dtype=torch.float32), device)
+        if num_seeded:
+            seeds = ints[2 * num_edits :]
+            seeded_rows, seeded_keys = seeds[:num_seeded], seeds[num_seeded:]
 
     # Token ids for penalties: only the rows that use them (others stay empty and neutral).
     out_ids = prompt_ids = None
@@ -216,7 +229,9 @@ def build_sampling_metadata(
         top_k=col[1].to(torch.int64) if use_top_k else None,
         top_p=col[2] if use_top_p else None,
         min_p=col[3] if use_min_p else None,
-        generators=generators,
+        num_seeded=num_seeded,
+        seeded_rows=seeded_rows,
+        seed_keys=seeded_keys,
         edit_rows=edit_rows,
         edit_token_ids=edit_token_ids,
         edit_values=edit_values,
@@ -229,6 +244,27 @@ def build_sampling_metadata(
         logprob_rows=logprob_rows,
         max_num_logprobs=max(asked_ns) if asked_ns else None,
     )
+
+
+# ---------------------------------------------------------------------------- seeded noise
+_SEEDED_NOISE: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {}
+
+
+def _seeded_exponential(device: torch.device) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """The seeded-noise fill for `device`: the Triton kernel on CUDA (one launch for every seeded row),
+    else the torch spec (ops.reference.seeded_exponential_). Both give the same noise to the ulp."""
+    fill = _SEEDED_NOISE.get(device.type)
+    if fill is None:
+        fill = reference.seeded_exponential_
+        if device.type == "cuda":
+            try:
+                from ops.triton.seeded_noise import seeded_exponential_  # noqa: PLC0415 (needs a GPU)
+
+                fill = seeded_exponential_
+            except ImportError:
+                pass
+        _SEEDED_NOISE[device.type] = fill
+    return fill
 
 
 # ---------------------------------------------------------------------------- processing stages
@@ -300,9 +336,12 @@ def _sample_random(logits: Tensor, md: SamplingMetadata) -> Tensor:
     if md.min_p is not None:
         logits = apply_min_p(logits, md.min_p)
     probs = logits.softmax(dim=-1, dtype=torch.float32)  # [B, V]
-    noise = torch.empty_like(probs).exponential_()
-    for i, gen in md.generators.items():
-        noise[i].exponential_(generator=gen)
+    noise = torch.empty_like(probs)  # [B, V]
+    if md.num_seeded < md.num_rows:  # some row draws from the default generator
+        noise.exponential_()
+    if md.seeded_rows is not None:
+        assert md.seed_keys is not None
+        _seeded_exponential(probs.device)(noise, md.seeded_rows, md.seed_keys)
     # An Exponential draw of exactly 0 would turn a masked 0/0 into NaN, which argmax would pick.
     noise.clamp_min_(torch.finfo(torch.float32).tiny)
     return (probs / noise).argmax(dim=-1)

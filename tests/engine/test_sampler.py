@@ -16,6 +16,7 @@ from engine.worker.sampler import (
     build_sampling_metadata,
     compute_prompt_logprobs,
     process_logits,
+    seed_for_step,
 )
 
 V = 64
@@ -77,6 +78,29 @@ def test_seeded_row_is_independent_of_batch_and_repeatable() -> None:
         assert batched == alone
     # The draw changes with the step, so a seeded request is not stuck on one token.
     assert len(set(alone)) > 1
+
+
+def test_seeded_rows_keep_their_draws_next_to_logit_bias_and_min_tokens() -> None:
+    # Edits and seeded rows travel to the device in one int64 tensor: each must land on its own row.
+    torch.manual_seed(7)
+    logits = torch.randn(4, V)
+    logits[2, 1] = 50.0  # the stop token min_tokens holds back, overwhelmingly likely
+    odd_only = {t: -100.0 for t in range(0, V, 2)}
+    for step in range(4):
+        rows = [
+            row(temperature=1.0, logit_bias={3: 100.0}),
+            row(seed=11, output=[0] * step, logit_bias=odd_only),
+            row(seed=12, output=[0] * step, min_tokens=5, stop_token_ids=[1]),
+            row(temperature=0.0),
+        ]
+        ids = sample(logits, rows).sampled_token_ids
+        assert ids[0] == 3 and ids[1] % 2 == 1 and ids[2] != 1 and ids[3] == int(logits[3].argmax())
+        assert ids[1] == sample(logits[1:2], [rows[1]]).sampled_token_ids[0]
+        assert ids[2] == sample(logits[2:3], [rows[2]]).sampled_token_ids[0]
+        md = build_sampling_metadata(rows, V, "cpu")
+        assert md.num_seeded == 2 and md.seeded_rows is not None and md.seed_keys is not None
+        assert md.seeded_rows.tolist() == [1, 2]
+        assert md.seed_keys.tolist() == [seed_for_step(11, step), seed_for_step(12, step)]
 
 
 def test_different_seeds_differ_on_flat_distribution() -> None:
@@ -250,7 +274,13 @@ def test_prompt_logprobs() -> None:
 def test_metadata_skips_stages_no_row_needs() -> None:
     md = build_sampling_metadata([row(temperature=0.0, top_k=5, top_p=0.5, min_p=0.2, seed=3)], V, "cpu")
     assert md.all_greedy and md.temperature is None and md.top_k is None and md.top_p is None
-    assert md.min_p is None and md.generators == {} and md.no_penalties and md.edit_rows is None
+    assert (
+        md.min_p is None
+        and md.num_seeded == 0
+        and md.seeded_rows is None
+        and md.no_penalties
+        and md.edit_rows is None
+    )
     assert md.max_num_logprobs is None
     md = build_sampling_metadata([row(), row(top_k=V + 10, top_p=1.0)], V, "cpu")
     assert md.all_random and md.temperature is None and md.top_k is None and md.top_p is None

@@ -31,6 +31,11 @@ KERNELS = [
         {"x_ptr": "*bf16", "w_ptr": "*bf16", "scale_ptr": "*fp32", "input_scale_ptr": "*fp32", "out_ptr": "*bf16",
          "partials_ptr": "*fp32", "counters_ptr": "*i32"},
     ),
+    (
+        "ops.triton.seeded_noise:_seeded_noise_kernel",
+        {"BLOCK": 4096, "HASH": False},
+        {"out_ptr": "*fp32", "rows_ptr": "*i64", "keys_ptr": "*i64"},
+    ),
 ]  # fmt: skip
 
 _COMPILE = """

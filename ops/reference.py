@@ -235,8 +235,8 @@ def _mix32_(x: torch.Tensor) -> torch.Tensor:
 def seeded_row_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """keys [S] int64 in [0, 2**63) -> two 32-bit round keys (k0, k1), [S] int64 each.
 
-    A two-round Feistel-like mix of the key's halves, so (lo, hi) -> (k0, k1) is a bijection and
-    keys that differ in one bit (consecutive steps of a row) get unrelated round keys."""
+    A two-round Feistel-like mix of the key's halves, so (lo, hi) -> (k0, k1) is a bijection (mix is
+    invertible) and near keys (a row's consecutive steps differ by 1) get unrelated round keys."""
     lo = keys & _M32
     hi = keys >> 32
     k0 = _mix32_(lo ^ _mix32_(hi ^ 0x9E3779B9))

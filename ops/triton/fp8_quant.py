@@ -1,11 +1,14 @@
 """Per-token FP8 quantization of activations in one kernel: x [M, K] (bf16) -> x_q [M, K] float8_e4m3fn
-and scales [M, 1] float32, with scale = max(amax(|x[m]|), 1e-12) / 448 and x_q = fp8(x / scale).
+and scales [M, 1] float32, with scale = max(amax(|x[m]|), 1e-12) * float32(1 / 448) and x_q = fp8(x / scale).
 
 The torch version (engine.model.quantization.fp8._scaled_mm_linear on CPU, and the spec here) takes
 five launches and writes float32 copies of x: on an 8,192-token prefill step of an 8B model about
 0.7 GB of traffic per linear, against 0.1 GB here (one read for the maximum, one read and one fp8
-write). Bit for bit the torch result: IEEE divisions (div_rn) and round-to-nearest-even to fp8 in
-float32 arithmetic (ops.triton.kv_cache._round_to_fp8, exact under the interpreter too).
+write). Bit for bit the torch lines on CUDA: there torch divides a tensor by a Python scalar as a
+multiplication by the float32 reciprocal (so the scale is amax * float32(1/448), one ulp off a true
+division now and then: the first GPU run of this kernel, with div_rn, failed on exactly that), and a
+tensor by a tensor with an IEEE division (div_rn here); round-to-nearest-even to fp8 in float32
+arithmetic (ops.triton.kv_cache._round_to_fp8, exact under the interpreter too).
 
 Used by `_scaled_mm_linear` on CUDA for dynamic (per-token) scales; WEIR_FP8_QUANT_KERNEL=0 keeps the
 torch lines. Its first GPU run (H200, 1829d99) failed to compile (a plain global read in the kernel,
@@ -21,6 +24,8 @@ import triton.language as tl
 from ops.triton.fp8_gemv import FP8_MAX
 from ops.triton.kv_cache import _round_to_fp8
 
+INV_FP8_MAX = float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(FP8_MAX.value, dtype=torch.float32))
+
 
 @triton.jit
 def _per_token_fp8_kernel(
@@ -30,6 +35,7 @@ def _per_token_fp8_kernel(
     K,
     stride_x,
     stride_q,
+    INV_FP8_MAX: tl.constexpr,  # float32(1 / 448), as torch's CUDA division by a scalar uses it
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -39,7 +45,7 @@ def _per_token_fp8_kernel(
     for k0 in range(0, K, BLOCK):
         x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), FP8_MAX)
+    scale = tl.maximum(tl.max(amax, axis=0), 1e-12) * INV_FP8_MAX
     tl.store(scale_ptr + row, scale)
     q_row = q_ptr + row * stride_q
     for k0 in range(0, K, BLOCK):  # the row again, from L2
@@ -58,5 +64,5 @@ def per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.empty(M, 1, dtype=torch.float32, device=x.device)
     if M > 0:
         block = min(triton.next_power_of_2(K), 4096)
-        _per_token_fp8_kernel[(M,)](x, q, scale, K, x.stride(0), q.stride(0), block, num_warps=8)
+        _per_token_fp8_kernel[(M,)](x, q, scale, K, x.stride(0), q.stride(0), INV_FP8_MAX, block, num_warps=8)
     return q, scale

@@ -1,5 +1,6 @@
 """The per-token FP8 activation quantizer against its torch spec (the lines it replaces in
-engine.model.quantization.fp8._scaled_mm_linear), bit for bit, under TRITON_INTERPRET=1."""
+engine.model.quantization.fp8._scaled_mm_linear, as torch computes them on CUDA), bit for bit, under
+TRITON_INTERPRET=1 and on a GPU."""
 
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ def test_in_fresh_interpreter_process() -> None:
 
 
 def _spec(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / 448.0  # [M, 1]
+    # On CUDA torch divides by a Python scalar as a multiplication by its float32 reciprocal: written
+    # out here, so the spec is the same on every device.
+    inv = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(448.0, dtype=torch.float32)
+    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) * inv.to(x.device)  # [M, 1]
     return (x.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale
 
 

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # (module:kernel, constexprs, pointer argument types; other arguments are i32)
 KERNELS = [
-    ("ops.triton.fp8_quant:_per_token_fp8_kernel", {"BLOCK": 4096}, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}),
+    ("ops.triton.fp8_quant:_per_token_fp8_kernel", {"INV_FP8_MAX": 1.0 / 448.0, "BLOCK": 4096}, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}),
     (
         "ops.triton.wna16_gemv:_wna16_gemv_kernel",
         {"BITS": 4, "GROUP_SIZE": 128, "ROWS": 1, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 8, "EVEN_N": True,

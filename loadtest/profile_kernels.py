@@ -4,6 +4,8 @@
     python loadtest/profile_kernels.py --shape llama3-8b --out profile_kernels.json
     python loadtest/profile_kernels.py --mode batch1 --shape llama3-8b --input-len 32 --out profile_l1.json
 
+`--beam-width W` makes every request a beam search (B1's step), `--n N` parallel sampling (B2's).
+
 Queues `--num-requests` prompts of `--input-len` tokens (T2's shape: 1024 in), then profiles, with
 torch.profiler, a window of full prefill steps (chunked-prefill budget) and, once every prompt is in,
 a window of decode steps (every request running, context ~ input length; the batch can be smaller
@@ -147,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
         "step kernel by kernel, with each part's bandwidth and the gaps inside the graph (K1, "
         "loadtest/decode_breakdown.py)",
     )
+    p.add_argument(
+        "--beam-width",
+        type=int,
+        default=0,
+        help="t2 mode: every request a beam search of this width (B1's step: 0 = sampling)",
+    )
+    p.add_argument("--n", type=int, default=1, help="t2 mode: parallel samples per request (B2's step)")
     p.add_argument("--prefill-steps", type=int, default=3, help="profiled prefill steps")
     p.add_argument("--decode-steps", type=int, default=8, help="profiled decode steps")
     add_common_args(p, default_shape="llama3-8b")
@@ -208,6 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     engine = llm.llm_engine
     rng = random.Random(args.seed)
     params = sampling_params(args.output_len, args.temperature)
+    if args.beam_width:
+        from engine import BeamSearchParams
+
+        params = BeamSearchParams(args.beam_width, args.output_len, ignore_eos=True).to_sampling_params()
+    elif args.n > 1:
+        params.n = args.n
+    report["workload"].update(beam_width=args.beam_width, n=args.n)
     for i in range(args.num_requests):
         prompt = [rng.randrange(model.vocab_size) for _ in range(args.input_len)]
         engine.add_request(f"r{i}", prompt, params)

@@ -79,7 +79,9 @@ def profile_seq_lens(num_tokens: int, max_model_len: int) -> list[int]:
 
 
 def worst_case_sampling_rows(num_rows: int) -> list[SamplingRow]:
-    """Rows with every sampler stage at once: the largest working set a step can need."""
+    """Rows with every sampler stage at once: the largest working set a step can need. Every other
+    row is seeded, so both noise paths run here too (and the seeded-noise kernel is compiled at
+    start-up, not inside the first seeded request's step)."""
     params = SamplingParams(
         temperature=0.7,
         top_p=0.9,
@@ -90,7 +92,12 @@ def worst_case_sampling_rows(num_rows: int) -> list[SamplingRow]:
         logprobs=20,
         max_tokens=1,
     )
-    return [SamplingRow(params=params, prompt_token_ids=[0], output_token_ids=[0]) for _ in range(num_rows)]
+    seeded = params.copy()
+    seeded.seed = 0
+    return [
+        SamplingRow(params=seeded if i % 2 else params, prompt_token_ids=[0], output_token_ids=[0])
+        for i in range(num_rows)
+    ]
 
 
 def profile_kv_cache_bytes(

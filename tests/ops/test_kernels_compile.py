@@ -17,7 +17,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # (module:kernel, constexprs, pointer argument types; other arguments are i32)
 KERNELS = [
-    ("ops.triton.fp8_quant:_per_token_fp8_kernel", {"INV_FP8_MAX": 1.0 / 448.0, "BLOCK": 4096}, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}),
+    *(
+        (
+            "ops.triton.fp8_quant:_per_token_fp8_kernel",
+            {"INV_FP8_MAX": 1.0 / 448.0, "BLOCK": 4096, "ONE_BLOCK": one_block, "HW_CVT": True},
+            {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"},
+        )
+        for one_block in (True, False)
+    ),
     (
         "ops.triton.wna16_gemv:_wna16_gemv_kernel",
         {"BITS": 4, "GROUP_SIZE": 128, "ROWS": 1, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 8, "EVEN_N": True,
@@ -52,7 +59,11 @@ triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), tar
 """
 
 
-@pytest.mark.parametrize(("name", "consts", "types"), KERNELS, ids=[k[0].split(":")[1] for k in KERNELS])
+@pytest.mark.parametrize(
+    ("name", "consts", "types"),
+    KERNELS,
+    ids=[k[0].split(":")[1] + ("" if k[1].get("ONE_BLOCK", True) else "-two_pass") for k in KERNELS],
+)
 def test_kernel_compiles_for_sm90(name: str, consts: dict, types: dict) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)

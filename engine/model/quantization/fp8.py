@@ -303,7 +303,8 @@ def _scaled_mm_linear(
             x_scale = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX  # [M, 1]
         else:
             x_scale = input_scale.expand(x2.shape[0], 1).contiguous()  # [M, 1]
-        xq = (x2.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        # times the reciprocal: the kernel's arithmetic (one division a row, not one an element)
+        xq = (x2.float() * x_scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     out = torch._scaled_mm(
         xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), out_dtype=torch.bfloat16
     )  # [M, out]

@@ -22,8 +22,7 @@ OP_NAMES = (
     "silu_and_mul",
     "write_kv_cache",
     "paged_attention",
-    "lora_shrink",
-    "lora_expand",
+    "lora_apply",
 )
 
 
@@ -41,8 +40,7 @@ class Kernels:
     silu_and_mul: Callable[..., Any]
     write_kv_cache: Callable[..., Any]
     paged_attention: Callable[..., Any]
-    lora_shrink: Callable[..., Any]  # batched LoRA over stacked adapter slots (engine.lora)
-    lora_expand: Callable[..., Any]
+    lora_apply: Callable[..., Any]  # batched LoRA over stacked adapter slots (engine.lora)
 
     @classmethod
     def from_module(cls, name: str, module: ModuleType) -> Kernels:

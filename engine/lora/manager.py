@@ -66,8 +66,7 @@ class LoRAManager:
                     self.batch,
                     config.max_loras,
                     config.max_lora_rank,
-                    kernels.lora_shrink,
-                    kernels.lora_expand,
+                    kernels.lora_apply,
                 )
                 module.lora = lora
                 self.layers[name] = lora

@@ -10,9 +10,6 @@ it to B's dtype as PEFT does and multiplies it by its B tile. Every program reco
 (rank x in_features of A, read from L2 after the first program's pass): cheap at a handful of tokens,
 wasteful for long batches (the shrink's work times the number of output tiles), hence the threshold
 `FUSED_MAX_TOKENS`, below which `lora_apply` takes this kernel.
-What it does cost at batch 1: each program streams rank x in_features of A by itself, latency-bound
-(Llama-3-8B's down_proj: 458 KB at rank 16), so it keeps a second 32 KB tile of A in flight;
-loadtest/gpu_feature_check.py's part f2 times it against the pair at each Llama-3-8B layer.
 
 As in the pair: the per-token slot index is read by the kernel (-1: the row of y is left alone), the
 grid depends on shapes only (CUDA graphs capture it with the index as a static input), every output
@@ -28,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.triton.lora import _block_k, lora_expand, lora_shrink
+from ops.triton.lora import _block_k, _dot_precision, lora_expand, lora_shrink
 
 # Batches of at most this many tokens take the one-launch kernel (decode: CUDA-graph sizes 1-8).
 # Each distinct adapter of the batch costs every program one pass over its A, so past a handful of
@@ -55,18 +52,15 @@ def _lora_fused_kernel(
     stride_bs,
     stride_bn,
     stride_ym,
-    BLOCK_M: tl.constexpr,  # tokens per program: unrolled, each token's products its own
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_IN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    # No tl.dot: its 16-row minimum would hold a [16, BLOCK_IN] tile of x for one real row, and a
-    # program streams all of A through registers, so they go to A's tiles instead. fp32 products,
-    # fp32 sums: what the fp32 models' PEFT parity needs ("ieee"), exact products for 16-bit inputs.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    row0 = pid_m * BLOCK_M
-    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     tok_slot = tl.load(slots_ptr + offs_m, mask=offs_m < T, other=-1)
     lo = tl.min(tl.where(tok_slot >= 0, tok_slot, 1 << 30), axis=0)  # none: an empty range below
     hi = tl.max(tok_slot, axis=0)
@@ -80,36 +74,28 @@ def _lora_fused_kernel(
     sub_hi = (n_last >= N1).to(tl.int32) + (n_last >= N2).to(tl.int32)
     offs_k = tl.arange(0, BLOCK_K)
     k_mask = offs_k < SLICE_K
-    offs_in = tl.arange(0, BLOCK_IN)
     for slot in range(lo, hi + 1):
         match = tok_slot == slot
         if tl.sum(match.to(tl.int32), axis=0) > 0:
             delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for sub in range(sub_lo, sub_hi + 1):
                 k = sub * SLICE_K + offs_k
-                a_rows = a_ptr + slot * stride_as + k[:, None] * stride_ak  # [BLOCK_K, 1]
-                # shrink: x @ A^T of this sub-matrix over the whole input, in fp32. The next tile of
-                # A is requested before this one is used (one program streams all of A: it has to
-                # keep the memory busy by itself); past IN it is fully masked, no traffic.
+                # shrink: this sub-matrix's x @ A^T over the whole input, accumulated in fp32
                 t = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-                a_next = tl.load(
-                    a_rows + offs_in[None, :], mask=k_mask[:, None] & (offs_in < IN)[None, :], other=0.0
-                )
                 for i0 in range(0, IN, BLOCK_IN):
-                    a = a_next.to(tl.float32)  # [BLOCK_K, BLOCK_IN]
-                    nxt = i0 + BLOCK_IN + offs_in
-                    a_next = tl.load(
-                        a_rows + nxt[None, :], mask=k_mask[:, None] & (nxt < IN)[None, :], other=0.0
+                    offs_i = i0 + tl.arange(0, BLOCK_IN)
+                    i_mask = offs_i < IN
+                    x = tl.load(
+                        x_ptr + offs_m[:, None] * stride_xm + offs_i[None, :],
+                        mask=match[:, None] & i_mask[None, :],
+                        other=0.0,
                     )
-                    offs_i = i0 + offs_in
-                    for m in tl.static_range(BLOCK_M):
-                        if row0 + m < T:
-                            if tl.load(slots_ptr + row0 + m) == slot:
-                                x = tl.load(
-                                    x_ptr + (row0 + m) * stride_xm + offs_i, mask=offs_i < IN, other=0.0
-                                )
-                                part = tl.sum(a * x.to(tl.float32)[None, :], axis=1)  # [BLOCK_K]
-                                t += tl.where(offs_m[:, None] == row0 + m, part[None, :], 0.0)
+                    a = tl.load(
+                        a_ptr + slot * stride_as + k[None, :] * stride_ak + offs_i[:, None],
+                        mask=k_mask[None, :] & i_mask[:, None],
+                        other=0.0,
+                    )  # [BLOCK_IN, BLOCK_K]: A^T's tile
+                    t += tl.dot(x, a.to(x.dtype), input_precision=DOT_PRECISION)
                 # this sub-matrix's rows of the tile (all of them unless the tile straddles two)
                 row_lo = tl.where(sub == 0, 0, tl.where(sub == 1, N1, N2))
                 row_hi = tl.where(sub == 0, N1, tl.where(sub == 1, N2, OUT))
@@ -121,14 +107,7 @@ def _lora_fused_kernel(
                 )  # [BLOCK_K, BLOCK_N]: B^T's tile
                 # Round the shrink's output to B's dtype (PEFT feeds lora_A's output, in the model
                 # dtype, to lora_B).
-                t = t.to(b.dtype).to(tl.float32)
-                b = b.to(tl.float32)
-                for m in tl.static_range(BLOCK_M):
-                    if row0 + m < T:
-                        if tl.load(slots_ptr + row0 + m) == slot:
-                            t_m = tl.sum(tl.where(offs_m[:, None] == row0 + m, t, 0.0), axis=0)  # [BLOCK_K]
-                            d_m = tl.sum(b * t_m[:, None], axis=0)  # [BLOCK_N]
-                            delta += tl.where(offs_m[:, None] == row0 + m, d_m[None, :], 0.0)
+                delta += tl.dot(t.to(b.dtype), b, input_precision=DOT_PRECISION)
             y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
             y_mask = match[:, None] & n_mask[None, :]
             y = tl.load(y_ptrs, mask=y_mask, other=0.0)
@@ -185,13 +164,13 @@ def lora_fused(
     slice_k = lora_dim // len(slice_offsets)
     bounds = [*slice_offsets[1:], out_features, out_features][:2]  # N1, N2
     block_k = _block_k(slice_k)
-    # Wide output tiles (few programs, so little redundant shrink) and 16K-element tiles of A (32 KB
-    # in bf16, a second one in flight), 8 warps: no register spills for bf16 at ranks 16-128 on sm_90
-    # (ptxas, with the 16-divisible shapes and strides Triton specializes on; a 32K tile spills).
-    block_m = FUSED_MAX_TOKENS  # a decode batch in one token tile
-    block_n = {16: 256, 32: 128}.get(block_k, 64)
-    block_in = max(16, 16384 // block_k)
+    # Wide output tiles (few programs, so little redundant shrink) and long strides through A, as far
+    # as registers allow: sizes without spills for bf16 on sm_90 (ptxas), ranks 16 / 32 / 64.
+    block_m = 16  # a decode batch in one token tile
+    block_n = 128 if block_k <= 32 else 64
+    block_in = {16: 256, 32: 128}.get(block_k, 32)
     grid = (triton.cdiv(num_tokens, block_m), triton.cdiv(out_features, block_n))
+    fp32 = torch.float32 in (x.dtype, b_stacked.dtype)
     _lora_fused_kernel[grid](
         x,
         a_stacked,
@@ -214,7 +193,7 @@ def lora_fused(
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         BLOCK_IN=block_in,
-        num_warps=8,
+        DOT_PRECISION=_dot_precision(torch.float32 if fp32 else x.dtype),
     )
     return y
 

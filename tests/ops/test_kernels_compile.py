@@ -45,12 +45,12 @@ KERNELS = [
     ),
     (
         "ops.triton.lora_fused:_lora_fused_kernel",
-        {"BLOCK_M": 8, "BLOCK_N": 256, "BLOCK_K": 16, "BLOCK_IN": 1024},
+        {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 16, "BLOCK_IN": 256, "DOT_PRECISION": "tf32"},
         {"x_ptr": "*bf16", "a_ptr": "*bf16", "b_ptr": "*bf16", "slots_ptr": "*i32", "y_ptr": "*bf16"},
     ),
-    (  # an fp32 model (the PEFT parity runs) at rank 64
+    (  # fp32 parity runs at rank 64: the "ieee" dots
         "ops.triton.lora_fused:_lora_fused_kernel",
-        {"BLOCK_M": 8, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_IN": 256},
+        {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_IN": 64, "DOT_PRECISION": "ieee"},
         {"x_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32", "slots_ptr": "*i32", "y_ptr": "*fp32"},
     ),
 ]  # fmt: skip

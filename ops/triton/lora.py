@@ -8,12 +8,10 @@ shapes only (CUDA graphs capture it with the index as a static input; no program
 slots cost no more launch than one), and every output element is written by exactly one program:
 no atomics anywhere.
 
-Small batches split the shrink's input dimension over programs to stream A at full bandwidth. Each
-split writes its own fp32 partial product ([split, T, K]) and the expand sums the splits as it loads
-t, so nothing has to be zeroed first: two launches per LoRA layer (the atomic version needed a memset
-of t before the shrink, a third launch per layer). Decode-sized batches (at most FUSED_MAX_TOKENS
-tokens) do not come here: ops/triton/lora_fused.py does both halves in one launch, and its
-`lora_apply` (the engine's op) chooses between the two by token count.
+Small batches (decode) split the shrink's input dimension over programs to stream A at full
+bandwidth. Each split writes its own fp32 partial product ([split, T, K]) and the expand sums the
+splits as it loads t, so nothing has to be zeroed first: a LoRA layer is exactly two launches (the
+atomic version needed a memset of t before the shrink, a third launch per layer).
 
 Ranks up to max_lora_rank are zero-padded in the stacked weights, so one launch covers them all.
 A fused layer's B (q/k/v, gate/up) is block-diagonal; given where each sub-matrix's rows start, the

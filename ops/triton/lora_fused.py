@@ -8,8 +8,7 @@ slot present among the tokens, computes the shrink of only the sub-matrix (or tw
 straddles a boundary of a fused layer) that its columns meet, over the whole input dimension, rounds
 it to B's dtype as PEFT does and multiplies it by its B tile. Every program recomputes that shrink
 (rank x in_features of A, read from L2 after the first program's pass): cheap at a handful of tokens,
-wasteful for long batches (the shrink's work times the number of output tiles), hence the threshold
-`FUSED_MAX_TOKENS`, below which `lora_apply` takes this kernel.
+quadratic in waste for long batches, hence the threshold `FUSED_MAX_TOKENS`.
 
 As in the pair: the per-token slot index is read by the kernel (-1: the row of y is left alone), the
 grid depends on shapes only (CUDA graphs capture it with the index as a static input), every output

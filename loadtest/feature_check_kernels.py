@@ -1,12 +1,10 @@
 """Kernel parts of loadtest/gpu_feature_check.py at the Llama-3-8B shapes (CUDA only): the LoRA
-shrink/expand kernels and the one-launch fused LoRA kernel against them, the W4A16 GEMM as GPTQ/AWQ
-layers call it, and the Triton paged attention on an fp8 KV cache, each against its torch reference
-(relative error) and timed as CUDA-graph replays (loadtest/gpu_timing.py: no host launch overhead,
-weights cycled past L2 where they would fit)."""
+shrink/expand kernels, the W4A16 GEMM as GPTQ/AWQ layers call it, and the Triton paged attention on
+an fp8 KV cache, each against its torch reference (relative error) and timed as CUDA-graph replays
+(loadtest/gpu_timing.py: no host launch overhead, weights cycled past L2 where they would fit)."""
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -82,88 +80,6 @@ def lora_kernels() -> None:
         )
         print(rows[-1], flush=True)
     RESULTS["timings"]["lora_kernels_llama3_8b"] = rows
-
-
-# ------------------------------------------------------------------------------------------ f2. fused LoRA
-LLAMA3_8B_LORA_LAYERS = {  # name -> (in_features, output rows of each sub-matrix)
-    "qkv": (HIDDEN, (HIDDEN, 1024, 1024)),
-    "o": (HIDDEN, (HIDDEN,)),
-    "gate_up": (HIDDEN, (INTERMEDIATE, INTERMEDIATE)),
-    "down": (INTERMEDIATE, (HIDDEN,)),
-}
-
-
-def lora_layer_slots(in_features: int, sizes: tuple[int, ...], rank: int, slots: int, seed: int) -> tuple:
-    """One layer's stacked bf16 slots as engine.lora.layers lays them out: A [slots, subs x rank, in]
-    and block-diagonal B [slots, out, subs x rank] (zeros off the diagonal blocks)."""
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    subs = len(sizes)
-    a = (torch.randn(slots, subs * rank, in_features, device=DEV, generator=g) / in_features**0.5).to(BF16)
-    b = torch.zeros(slots, sum(sizes), subs * rank, device=DEV, dtype=BF16)
-    start = 0
-    for i, rows in enumerate(sizes):
-        block = torch.randn(slots, rows, rank, device=DEV, generator=g) * 0.1
-        b[:, start : start + rows, i * rank : (i + 1) * rank] = block.to(BF16)
-        start += rows
-    return a, b
-
-
-def lora_pair(
-    x: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    slots: torch.Tensor,
-    y: torch.Tensor,
-    offsets: list[int],
-) -> torch.Tensor:
-    """The shrink/expand pair: lora_apply's path past FUSED_MAX_TOKENS tokens."""
-    from ops.triton.lora import lora_expand, lora_shrink
-
-    return lora_expand(lora_shrink(x, a, slots), b, slots, y, offsets)
-
-
-def lora_fused_kernel() -> None:
-    """The one-launch LoRA kernel (lora_apply's path up to FUSED_MAX_TOKENS tokens) vs the
-    shrink/expand pair at each Llama-3-8B LoRA layer, rank 16: equal to the reference, and the time
-    of one fused launch vs the pair's two, as CUDA-graph replays with the weights cycled past L2 (a
-    decode step's 32 layers of adapter weights do not fit in it). Batches 1 (A3's), 8 (the
-    threshold; one adapter and eight) and 16 (past it) say whether the threshold sits right."""
-    from loadtest.gpu_timing import copies_past_l2
-    from ops import reference
-    from ops.triton.lora_fused import FUSED_MAX_TOKENS, lora_fused
-
-    rank, num_slots = 16, 8
-    rows = []
-    for name, (in_features, sizes) in LLAMA3_8B_LORA_LAYERS.items():
-        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        a, b = lora_layer_slots(in_features, sizes, rank, num_slots, seed=in_features + len(sizes))
-        copies = [(a, b)] + [
-            lora_layer_slots(in_features, sizes, rank, num_slots, seed=i)
-            for i in range(1, copies_past_l2((a.numel() + b.numel()) * 2 // num_slots))
-        ]
-        for num_tokens, adapters in ((1, 1), (8, 1), (8, 8), (16, 1)):
-            x = torch.randn(num_tokens, in_features, device=DEV, dtype=BF16)  # [T, in]
-            token_slots = (torch.arange(num_tokens, device=DEV, dtype=torch.int32) % adapters).contiguous()
-            if num_tokens > 1:
-                token_slots[-1] = -1  # a base-model row
-            y = torch.zeros(num_tokens, sum(sizes), device=DEV, dtype=BF16)  # [T, out]: the delta alone
-            y_ref = reference.lora_apply(x, a, b, token_slots, y.clone(), offsets)
-            label = f"lora_fused bf16 {name} {num_tokens} tokens, {adapters} adapter(s), rank {rank}"
-            check_close(label, lora_fused(x, a, b, token_slots, y.clone(), offsets), y_ref)
-
-            args = (token_slots, y, offsets)
-            row = {
-                "layer": name,
-                "tokens": num_tokens,
-                "adapters": adapters,
-                "fused_ms": bench_ms([functools.partial(lora_fused, x, ca, cb, *args) for ca, cb in copies]),
-                "pair_ms": bench_ms([functools.partial(lora_pair, x, ca, cb, *args) for ca, cb in copies]),
-                "lora_apply_takes": "fused" if num_tokens <= FUSED_MAX_TOKENS else "pair",
-            }
-            row["fused_over_pair"] = round(row["fused_ms"] / row["pair_ms"], 3)
-            rows.append(row)
-            print(row, flush=True)
-    RESULTS["timings"]["lora_fused_vs_pair_llama3_8b"] = rows
 
 
 # ------------------------------------------------------------------------------------------ d2. W4A16 GEMM

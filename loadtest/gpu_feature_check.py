@@ -17,8 +17,6 @@ e. FP8 KV cache: the default model, fp8 vs auto on CUDA within tests/engine/quan
    test_fp8_kv_cache.py's bounds; blocks doubled at the Qwen3-0.6B shape; the Triton paged attention
    on an fp8 cache at the Llama-3-8B shape vs the reference.
 f. LoRA shrink / expand kernels at the Llama-3-8B shape vs the torch reference in bf16, timed.
-f2. The one-launch fused LoRA kernel vs the shrink/expand pair at each Llama-3-8B LoRA layer (qkv, o,
-   gate_up, down; rank 16; 1, 8 and 16 tokens) vs the reference, both timed (WEIR_CHECK_PARTS=f2).
 (Tensor parallel tp=1 is covered by gpu_engine_check.py; `pytest tests/ops` runs separately.)
 
 Prints PASS/FAIL lines and a table last; writes $OUT/feature_check.json.
@@ -292,12 +290,7 @@ def copy_on_write() -> None:
 
 # ------------------------------------------------------------------------------------------ main
 def main() -> int:
-    from loadtest.feature_check_kernels import (
-        fp8_paged_attention_kernel,
-        lora_fused_kernel,
-        lora_kernels,
-        wna16_kernel,
-    )
+    from loadtest.feature_check_kernels import fp8_paged_attention_kernel, lora_kernels, wna16_kernel
     from loadtest.feature_check_quant import fp8_kv_cache, quantized_checkpoints
 
     cuda = torch.cuda.is_available()
@@ -316,11 +309,10 @@ def main() -> int:
         save()
         return 1
     kernel = lambda fn: lambda: print("skipped: the kernels need CUDA") if DRY_RUN else fn()  # noqa: E731
-    default = "f f2 d2 e2 a b c e d" if not DRY_RUN else "a b c e d"
+    default = "f d2 e2 a b c e d" if not DRY_RUN else "a b c e d"
     wanted = os.environ.get("WEIR_CHECK_PARTS", default).split()
     for key, name, fn in (
         ("f", "f. LoRA kernels at the Llama-3-8B shape", kernel(lora_kernels)),
-        ("f2", "f2. fused LoRA kernel vs the pair at the Llama-3-8B layers", kernel(lora_fused_kernel)),
         ("d2", "d2. W4A16 GEMM at the Llama-3-8B shapes", kernel(wna16_kernel)),
         (
             "e2",

@@ -22,7 +22,8 @@ OP_NAMES = (
     "silu_and_mul",
     "write_kv_cache",
     "paged_attention",
-    "lora_apply",
+    "lora_shrink",
+    "lora_expand",
 )
 
 
@@ -40,7 +41,8 @@ class Kernels:
     silu_and_mul: Callable[..., Any]
     write_kv_cache: Callable[..., Any]
     paged_attention: Callable[..., Any]
-    lora_apply: Callable[..., Any]  # batched LoRA over stacked adapter slots (engine.lora)
+    lora_shrink: Callable[..., Any]  # batched LoRA over stacked adapter slots (engine.lora)
+    lora_expand: Callable[..., Any]
 
     @classmethod
     def from_module(cls, name: str, module: ModuleType) -> Kernels:

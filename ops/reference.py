@@ -211,20 +211,6 @@ def lora_expand(
     return y
 
 
-def lora_apply(
-    x: torch.Tensor,  # [num_tokens, in_features]
-    a_stacked: torch.Tensor,  # [num_slots, lora_dim, in_features]
-    b_stacked: torch.Tensor,  # [num_slots, out_features, lora_dim]: scaling folded in
-    token_slots: torch.Tensor,  # [num_tokens] int32; -1 = no adapter (the row of y is left alone)
-    y: torch.Tensor,  # [num_tokens, out_features]: the base layer's output, updated in place
-    slice_offsets: Sequence[int] = (0,),  # where each sub-matrix's rows start (the kernels' hint)
-) -> torch.Tensor:
-    """A LoRA layer's whole term: y += (x @ A[slot]^T, rounded to B's dtype) @ B[slot]^T per token,
-    in place; returns y. `lora_shrink` then `lora_expand` (the Triton op fuses them for small batches).
-    """
-    return lora_expand(lora_shrink(x, a_stacked, token_slots), b_stacked, token_slots, y, slice_offsets)
-
-
 # ---------------------------------------------------------------------------- seeded sampling noise
 # Counter-based: the noise of (row key, column) is a pure function of the two, so a seeded row's
 # noise never depends on which rows share its batch, and every seeded row of a step is one

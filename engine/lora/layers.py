@@ -58,12 +58,14 @@ class LoRALinear(nn.Module):
         batch: LoRABatch,
         max_loras: int,
         max_rank: int,
-        lora_apply: Callable[..., torch.Tensor],  # the kernels' op (ops.reference.lora_apply)
+        shrink: Callable[..., torch.Tensor],
+        expand: Callable[..., torch.Tensor],
     ) -> None:
         super().__init__()
         self.batch = batch
         self.max_rank = max_rank
-        self.lora_apply = lora_apply
+        self.shrink = shrink
+        self.expand = expand
         rank, size = base.tp_rank, base.tp_size
         if isinstance(base, RowParallelLinear):
             in_part = base.input_size_per_partition
@@ -109,9 +111,9 @@ class LoRALinear(nn.Module):
         updated in place) -> out."""
         if not self.batch.active:
             return out
-        slots = self.batch.token_slots[: x.shape[0]]  # [num_tokens] int32, a view of the static index
-        # One launch for decode-sized batches, the shrink/expand pair otherwise (ops.triton.lora_fused)
-        return self.lora_apply(x, self.a_stacked, self.b_stacked, slots, out, self.slice_offsets)
+        slots = self.batch.token_slots[: x.shape[0]]
+        t = self.shrink(x, self.a_stacked, slots)  # fp32 [(split,) num_tokens, num_slices * max_rank]
+        return self.expand(t, self.b_stacked, slots, out, self.slice_offsets)
 
     @torch.no_grad()
     def write_slot_image(self, image: torch.Tensor, weights: LoRALayerWeights | None) -> None:

@@ -66,7 +66,8 @@ class LoRAManager:
                     self.batch,
                     config.max_loras,
                     config.max_lora_rank,
-                    kernels.lora_apply,
+                    kernels.lora_shrink,
+                    kernels.lora_expand,
                 )
                 module.lora = lora
                 self.layers[name] = lora

@@ -6,13 +6,11 @@ Imported lazily by `ops.triton_kernels()`: importing triton needs a GPU or TRITO
 from ops.triton.activation import silu_and_mul
 from ops.triton.kv_cache import write_kv_cache
 from ops.triton.lora import lora_expand, lora_shrink
-from ops.triton.lora_fused import lora_apply
 from ops.triton.paged_attention import paged_attention
 from ops.triton.rms_norm import rms_norm
 from ops.triton.rotary import rotary_embedding
 
 __all__ = [
-    "lora_apply",
     "lora_expand",
     "lora_shrink",
     "paged_attention",

@@ -171,9 +171,9 @@ def test_graph_variant_without_lora_for_base_only_steps(lora_setup: dict) -> Non
     runner.capture_cuda_graphs(emulate=True)
     graph_runner, lora = runner.graph_runner, runner.lora
     assert graph_runner.num_graphs == 2 * len(graph_runner.sizes)  # with and without LoRA per size
-    applied = []
+    shrinks = []
     for layer in lora.layers.values():
-        layer.lora_apply = lambda *args, _apply=layer.lora_apply: applied.append(1) or _apply(*args)
+        layer.shrink = lambda *args, _shrink=layer.shrink: shrinks.append(1) or _shrink(*args)
     has_adapter: list[bool] = []  # per step, from what the runner hands prepare_step
     prepare = lora.prepare_step
     lora.prepare_step = lambda adapters, *a: has_adapter.append(any(adapters)) or prepare(adapters, *a)
@@ -185,15 +185,15 @@ def test_graph_variant_without_lora_for_base_only_steps(lora_setup: dict) -> Non
 
     _check(llm, lora_setup, PROMPTS[:3], [None] * 3)  # 3 decodes padded to a graph of 4
     assert replays and all(variant is False for _, variant in replays)
-    assert applied == []  # no LoRA kernel in any step, eager or replayed
+    assert shrinks == []  # no LoRA kernel in any step, eager or replayed
     replays.clear()
     _check(llm, lora_setup, PROMPTS, MIXED)
     assert replays and all(with_adapter and variant is True for with_adapter, variant in replays)
-    assert applied
+    assert shrinks
     replays.clear()
-    applied.clear()
+    shrinks.clear()
     _check(llm, lora_setup, PROMPTS[3:5], [None] * 2)  # base-only again, after adapter steps
-    assert replays and all(variant is False for _, variant in replays) and applied == []
+    assert replays and all(variant is False for _, variant in replays) and shrinks == []
     del lora.prepare_step, graph_runner.replay
 
 

@@ -91,6 +91,7 @@ def test_a_bf16_slot_holds_b_scaled_then_rounded_once(
         1,
         16,
         None,
+        None,
     )
     image = torch.full((layer.slot_numel,), float("nan"), dtype=torch.bfloat16)
     layer.bind(image.view(1, -1), 0)

@@ -43,16 +43,6 @@ KERNELS = [
         {"BLOCK": 4096, "HASH": False},
         {"out_ptr": "*fp32", "rows_ptr": "*i64", "keys_ptr": "*i64"},
     ),
-    (
-        "ops.triton.lora_fused:_lora_fused_kernel",
-        {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 16, "BLOCK_IN": 256, "DOT_PRECISION": "tf32"},
-        {"x_ptr": "*bf16", "a_ptr": "*bf16", "b_ptr": "*bf16", "slots_ptr": "*i32", "y_ptr": "*bf16"},
-    ),
-    (  # fp32 parity runs at rank 64: the "ieee" dots
-        "ops.triton.lora_fused:_lora_fused_kernel",
-        {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_IN": 64, "DOT_PRECISION": "ieee"},
-        {"x_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32", "slots_ptr": "*i32", "y_ptr": "*fp32"},
-    ),
 ]  # fmt: skip
 
 _COMPILE = """

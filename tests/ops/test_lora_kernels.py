@@ -186,14 +186,10 @@ def _write_adapter(path: Path, config: dict, rank: int) -> None:
 
 
 @in_process
-@pytest.mark.parametrize("lens", [(9, 7, 12), (3, 1, 2)])  # the shrink/expand pair; the one-launch kernel
-def test_model_forward_with_adapters_on_triton_matches_torch(
-    tiny_llama_dir: Path, tmp_path: Path, lens: tuple[int, ...]
-) -> None:
+def test_model_forward_with_adapters_on_triton_matches_torch(tiny_llama_dir: Path, tmp_path: Path) -> None:
     """The LoRA layers through the Triton kernels in a whole forward (fused qkv/gate_up, o_proj's
-    input a view, a prefill of one adapter beside a base-model prefill and a second adapter), as
-    many tokens as a prefill (the shrink/expand pair) and as few as a decode step (the fused kernel):
-    the logits match the torch reference path's, and the adapters change them."""
+    input a view, a prefill of one adapter beside a base-model prefill and a second adapter): the
+    logits match the torch reference path's, and the adapters change them."""
     from engine.config import EngineConfig
     from engine.lora.request import LoRARequest
     from engine.worker.model_runner import ModelRunner
@@ -202,7 +198,7 @@ def test_model_forward_with_adapters_on_triton_matches_torch(
     _write_adapter(tmp_path / "a", config, 8)
     _write_adapter(tmp_path / "b", config, 4)
     rng = np.random.default_rng(0)
-    prompts = [[int(t) for t in rng.integers(3, 500, size=n)] for n in lens]
+    prompts = [[int(t) for t in rng.integers(3, 500, size=n)] for n in (9, 7, 12)]
     logits = {}
     for use_triton in (False, True):
         engine_config = EngineConfig(

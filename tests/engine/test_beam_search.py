@@ -276,3 +276,52 @@ def test_beam_width_above_the_configured_maximum(models) -> None:
     ) as info:
         llm.beam_search([PROMPT], BeamSearchParams(17, 4))
     assert info.value.param == "n"
+
+
+def _two_groups_admitted_apart(llm: LLM, align: bool) -> tuple[dict[str, list[list[int]]], int, int]:
+    """Two width-2 beam searches, the second added one step after the first (so their results come
+    back in different steps): each's beams, the forward passes run, the most beams in one of them."""
+    engine = llm.llm_engine
+    engine.scheduler.align_beam_groups = align
+    params = BeamSearchParams(2, MAX_TOKENS).to_sampling_params()
+    most = [0]
+    schedule = engine.scheduler.schedule
+
+    def counting_schedule():
+        so = schedule()
+        most[0] = max(most[0], sum(1 for r in so.num_scheduled_tokens if r.startswith("g")))
+        return so
+
+    engine.scheduler.schedule = counting_schedule
+    steps_before = engine.step_times.steps
+    finals: dict[str, list[list[int]]] = {}
+    try:
+        engine.add_request("g0", PROMPT, params)
+        for out in engine.step():
+            finals[out.request_id] = [list(c.token_ids) for c in out.outputs]
+        engine.add_request("g1", PROMPT[::-1], params)
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    finals[out.request_id] = [list(c.token_ids) for c in out.outputs]
+    finally:
+        del engine.scheduler.schedule
+        engine.scheduler.align_beam_groups = False
+    assert engine.scheduler.kv_cache_usage == 0.0
+    return finals, engine.step_times.steps - steps_before, most[0]
+
+
+def test_aligned_beam_groups_share_each_forward_pass_with_the_same_beams(models) -> None:
+    """align_beam_groups: a group whose results are back waits one step for the group in flight,
+    then both run in every forward pass: fewer passes, all four beams together, the same beams."""
+    path, _, _ = models["llama"]
+    llm = LLM(str(path), device="cpu", dtype="float32", block_size=8, enable_prefix_caching=False)
+    apart, apart_steps, apart_most = _two_groups_admitted_apart(llm, align=False)
+    together, together_steps, together_most = _two_groups_admitted_apart(llm, align=True)
+    llm.shutdown()
+    assert set(together) == {"g0", "g1"} and together == apart
+    assert (apart_most, together_most) == (2, 4)
+    # Apart, the groups take turns: a pass per group per output token (the prefill samples the first).
+    # Together: the two prefills, then one pass per later token (the first group waited one step).
+    assert apart_steps == 2 * MAX_TOKENS
+    assert together_steps == 2 + (MAX_TOKENS - 1)

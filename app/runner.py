@@ -25,6 +25,7 @@ from app.config import ServerConfig
 from app.http_protocol import limited_protocol
 from app.logging import get_logger
 from app.state import AppState
+from engine.gc_tuning import gen0_threshold
 from engine.protocol import EngineClient
 
 log = get_logger("weir.server")
@@ -106,12 +107,14 @@ def freeze_startup_objects() -> None:
     long as the process. Left in the GC's oldest generation, each full collection walks all of it
     while serving, and that stops the event loop (every stream) and the engine's worker thread for
     as long: a few hundred milliseconds with just the tokenizer loaded (loadtest/profile_serving.py).
+    Young collections then come every WEIR_GC_GEN0 (50,000) net allocations, not 700.
     Frozen, a full collection only walks what serving allocated since. The collect first frees
     start-up garbage instead of freezing it. `weir serve` starts up with the collector off
     (app/cli.py); it is on from here.
     """
     gc.collect()
     gc.freeze()
+    gc.set_threshold(gen0_threshold(), *gc.get_threshold()[1:])  # engine/gc_tuning.py says why
     gc.enable()
 
 

@@ -11,6 +11,7 @@ from tqdm import tqdm
 from engine.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from engine.config import EngineConfig
 from engine.core.sampling_params import SamplingParams
+from engine.gc_tuning import young_collections_every
 from engine.inputs.tokenizer import render_chat
 from engine.llm_engine import LLMEngine
 from engine.lora.request import LoRARequest
@@ -170,7 +171,7 @@ class LLM:
             engine.abort_request(ids)
             raise
         finals: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), desc="Generating", disable=not use_tqdm) as bar:
+        with tqdm(total=len(ids), desc="Generating", disable=not use_tqdm) as bar, young_collections_every():
             while engine.has_unfinished_requests():
                 for out in engine.step():
                     if out.finished:

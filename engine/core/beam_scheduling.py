@@ -34,8 +34,6 @@ class BeamScheduling:
     _beam_new_tokens: dict[str, list[int]]
     _beam_parent: dict[str, tuple[Request, int]]
     kv_cache_manager: KVCacheManager
-    align_beam_groups: bool
-    _held_beams_last_step: bool
 
     if TYPE_CHECKING:  # Scheduler's
 
@@ -92,26 +90,6 @@ class BeamScheduling:
             beam.num_computed_tokens = 0
             beam.status = RequestStatus.PREEMPTED
             self._enqueue(beam)
-
-    def _hold_ready_beams(self, decodes: list[Request]) -> bool:
-        """Whether this step skips the beams whose last results are back (`align_beam_groups`): when
-        others are still in flight, they wait one step and then all run together. Never two steps
-        in a row (a group that keeps arriving cannot starve the rest); so groups admitted in
-        different steps merge at their first chance and then stay together."""
-        hold = False
-        if self.align_beam_groups and not self._held_beams_last_step:
-            in_flight = ready = False
-            for r in decodes:
-                if r.is_beam:
-                    if r.num_output_placeholders:
-                        in_flight = True
-                    else:
-                        ready = True
-                    if in_flight and ready:
-                        hold = True
-                        break
-        self._held_beams_last_step = hold
-        return hold
 
     def _num_beams_not_running(self, beam: Request) -> int:
         return sum(1 for b in beam.group or (beam,) if b.status != RequestStatus.RUNNING)

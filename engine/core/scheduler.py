@@ -15,7 +15,6 @@ waits until it can run alone.
 from __future__ import annotations
 
 import heapq
-import os
 import time
 from collections.abc import Iterable
 
@@ -49,11 +48,6 @@ class Scheduler(BeamScheduling):
         # One request's prompt chunk per step (0: the whole budget): long prompts then take several
         # steps, and the decodes sharing those steps wait for smaller ones.
         self.long_prefill_token_threshold = config.long_prefill_token_threshold
-        # Beam groups whose results are back wait (at most one step) for the groups still in flight,
-        # so all move together: one forward pass per output token instead of one per half of them
-        # (engine/core/beam_scheduling.py, BeamScheduling._hold_ready_beams).
-        self.align_beam_groups = os.environ.get("WEIR_BEAM_ALIGN", "0") == "1"
-        self._held_beams_last_step = False
         self.kv_cache_manager = KVCacheManager(
             cache.num_kv_blocks, cache.block_size, cache.enable_prefix_caching
         )
@@ -180,7 +174,6 @@ class Scheduler(BeamScheduling):
                 decodes.append(r)
             elif remaining > 1:
                 prefills.append(r)
-        hold_beams = self._hold_ready_beams(decodes)
         for req in decodes + prefills:
             if budget <= 0:
                 break
@@ -189,8 +182,6 @@ class Scheduler(BeamScheduling):
             if req.num_output_placeholders and (req.is_beam or self._reaches_limit_in_flight(req)):
                 # The step in flight samples its last token: the update finishes it, or, for a beam,
                 # the group's next tokens depend on that step's results.
-                continue
-            if hold_beams and req.is_beam:
                 continue
             num_new = min(req.num_tokens_with_placeholders - req.num_computed_tokens, self._chunk(budget))
             while True:

@@ -57,7 +57,11 @@ ENV WEIR_HOST=0.0.0.0 \
     WEIR_MODEL=/models/default \
     PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \
-    TRANSFORMERS_OFFLINE=1
+    TRANSFORMERS_OFFLINE=1 \
+    TRITON_CACHE_DIR=/home/weir/.cache/triton
+
+# Triton compiles weir's kernels on their first launch and keeps them in TRITON_CACHE_DIR: mount a
+# volume there so later starts skip the compiles (README, Docker and Kubernetes).
 
 EXPOSE 8000
 

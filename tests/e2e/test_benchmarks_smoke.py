@@ -344,3 +344,20 @@ def test_kernel_profile(tiny_llama_dir: Path, tmp_path: Path) -> None:
         assert w["family_ms_per_step"].get("matmul", 0) > 0, w["family_ms_per_step"]
         assert w["top_kernels"]
     assert_in_summary(tmp_path, "K")
+
+
+@pytest.mark.parametrize(("flag", "rows_per_request"), [("--beam-width", 2), ("--n", 3)])
+def test_kernel_profile_of_beam_and_parallel_sampling_steps(
+    tiny_llama_dir: Path, tmp_path: Path, flag: str, rows_per_request: int
+) -> None:
+    """profile_kernels --beam-width / --n: the decode window holds every beam (or sample) of each request."""
+    out = tmp_path / "profile.json"
+    argv = ["--model", str(tiny_llama_dir), *ENGINE, "--num-requests", "2", "--input-len", "16"]
+    argv += ["--output-len", "16", "--prefill-steps", "1", "--decode-steps", "2", flag, str(rows_per_request)]
+    argv += ["--out", str(out)]
+    assert profile_kernels.main(argv) == 0
+    data = load_report(out, "K")
+    assert data["workload"][flag.lstrip("-").replace("-", "_")] == rows_per_request
+    decode = data["results"]["decode"]
+    assert decode["batch"] == 2 * rows_per_request
+    assert decode["kernel_ms_per_step"] > 0 and decode["family_ms_per_step"].get("matmul", 0) > 0

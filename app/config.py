@@ -151,6 +151,9 @@ ENGINE_HELP: dict[str, str] = {
     "long_prefill_token_threshold": "Most prompt tokens one request computes in one step (0: the step's whole "
     "budget). Lower (e.g. 512) to keep streams' inter-token latency low while long prompts arrive; their "
     "time to first token rises.",
+    "fit_mixed_steps_to_cuda_graphs": "When decodes share a step with a prompt, cut the prompt's chunk so "
+    "the step fits the largest mixed CUDA graph (--max-cuda-graph-mixed-tokens), instead of a larger step "
+    "that runs eagerly; the prompt takes more steps. Off by default (not measured on a GPU yet).",
     "max_waiting_requests": "Waiting-queue bound in requests; beyond it new requests get 429.",
     "max_waiting_tokens": "Waiting-queue bound in prompt tokens; beyond it new requests get 429.",
     "max_best_of": "Most sequences a request with best_of > n may generate (OpenAI's limit, 20); above it "

@@ -79,6 +79,8 @@ class EngineConfig:
     # A long prompt then takes several steps, and the decodes that share them wait less: under load,
     # the inter-token latency's tail falls, and time to first token of long prompts rises.
     long_prefill_token_threshold: int = 0
+    # Decodes in the step: a prompt's chunk is cut so the step fits the largest mixed CUDA graph.
+    fit_mixed_steps_to_cuda_graphs: bool = False
     # Admission control (serving): beyond these the server answers 429 instead of queueing.
     max_waiting_requests: int = 1024
     max_waiting_tokens: int = 1_048_576
@@ -192,6 +194,10 @@ class EngineConfig:
         # a GPU. The runner profiles memory for a step of this many tokens.
         max_num_batched_tokens = self.max_num_batched_tokens or (max(8192, max_model_len) if on_cuda else 512)
         mixed = self.max_cuda_graph_mixed_tokens
+        # Never more than a step can hold.
+        mixed_graph_tokens = min(
+            mixed if mixed is not None else (512 if on_cuda else 0), max_num_batched_tokens
+        )
         parallel = _resolve_parallel(
             model,
             self.tensor_parallel_size,
@@ -217,6 +223,11 @@ class EngineConfig:
                 max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens,
                 long_prefill_token_threshold=self.long_prefill_token_threshold,
+                mixed_step_token_cap=(
+                    mixed_graph_tokens
+                    if self.fit_mixed_steps_to_cuda_graphs and not self.enforce_eager
+                    else 0
+                ),
                 max_model_len=max_model_len,
                 async_scheduling=self.async_scheduling,
                 max_waiting_requests=self.max_waiting_requests,
@@ -238,10 +249,7 @@ class EngineConfig:
                 enforce_eager=self.enforce_eager,
                 # Large decode batches are the host-bound ones when eager (~0.5 ms of launches per layer).
                 max_cuda_graph_batch_size=self.max_cuda_graph_batch_size or 1024,
-                # Never more than a step can hold.
-                max_cuda_graph_mixed_tokens=min(
-                    mixed if mixed is not None else (512 if on_cuda else 0), max_num_batched_tokens
-                ),
+                max_cuda_graph_mixed_tokens=mixed_graph_tokens,
             ),
         )
 
@@ -351,6 +359,9 @@ class SchedulerConfig:
     max_beam_width: int = 16  # a beam search wider than this is refused (input processor)
     scheduling_policy: str = "fcfs"  # "fcfs" | "fair" (EngineConfig.scheduling_policy)
     long_prefill_token_threshold: int = 0  # one request's tokens per step (0: no cap below the budget)
+    # fit_mixed_steps_to_cuda_graphs: when a step already holds tokens (decodes), a prompt's chunk is cut
+    # so the step stays within this many tokens, the largest mixed CUDA graph (0: no such cut).
+    mixed_step_token_cap: int = 0
 
 
 @dataclass(frozen=True, slots=True)

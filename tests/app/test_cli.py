@@ -149,6 +149,17 @@ def test_long_prefill_token_threshold_from_flag_env_and_yaml(tmp_path: Path) -> 
     assert resolve(flags, env=env)[0].long_prefill_token_threshold == 512
 
 
+def test_fit_mixed_steps_to_cuda_graphs_from_flag_env_and_yaml(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("fit_mixed_steps_to_cuda_graphs: true\n")
+    assert resolve({"config": str(cfg)}, env={})[0].fit_mixed_steps_to_cuda_graphs is True
+    env = {"WEIR_FIT_MIXED_STEPS_TO_CUDA_GRAPHS": "false"}
+    assert resolve({"config": str(cfg)}, env=env)[0].fit_mixed_steps_to_cuda_graphs is False
+    flags = {"config": str(cfg), "fit_mixed_steps_to_cuda_graphs": True}
+    assert resolve(flags, env=env)[0].fit_mixed_steps_to_cuda_graphs is True
+    assert resolve({}, env={})[0].fit_mixed_steps_to_cuda_graphs is False
+
+
 def test_tp_broadcast_ring_from_flag_env_and_yaml(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("tp_broadcast_slots: 8\ntp-broadcast-slot-bytes: 65536\n")

@@ -136,3 +136,14 @@ def test_tp_broadcast_ring_options_resolve_and_are_bounded() -> None:
         ValueError, match="^tp_broadcast_slot_bytes must be at most 1073741824; got 1073741825$"
     ):
         EngineConfig("m", tp_broadcast_slot_bytes=(1 << 30) + 1)
+
+
+def test_fit_mixed_steps_caps_the_scheduler_at_the_largest_mixed_graph() -> None:
+    def cap(device: str, **kw: object) -> int:
+        return _resolve(device, **kw).scheduler.mixed_step_token_cap
+
+    assert cap("cuda") == 0  # off by default
+    assert cap("cuda", fit_mixed_steps_to_cuda_graphs=True) == 512  # the default largest mixed graph
+    assert cap("cuda", fit_mixed_steps_to_cuda_graphs=True, max_cuda_graph_mixed_tokens=256) == 256
+    assert cap("cuda", fit_mixed_steps_to_cuda_graphs=True, enforce_eager=True) == 0  # no graphs
+    assert cap("cpu", fit_mixed_steps_to_cuda_graphs=True) == 0  # no mixed graphs on cpu by default

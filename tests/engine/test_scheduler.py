@@ -28,10 +28,12 @@ def make_sched(
     max_num_seqs: int = 16,
     prefix_caching: bool = True,
     long_prefill_token_threshold: int = 0,
+    mixed_step_token_cap: int = 0,
 ) -> Scheduler:
     return Scheduler(
         SchedulerConfig(
             long_prefill_token_threshold=long_prefill_token_threshold,
+            mixed_step_token_cap=mixed_step_token_cap,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=budget,
             max_model_len=max_model_len,
@@ -243,6 +245,37 @@ def test_long_prefill_token_threshold_caps_each_prompt_chunk() -> None:
     for rid, prompt in prompts.items():
         assert reqs[rid].output_token_ids == expected_outputs(prompt, 3)
     assert short.output_token_ids == expected_outputs([5] * 4, 12)
+    assert_all_blocks_free(sched)
+
+
+def test_mixed_steps_fit_the_largest_mixed_graph_when_decodes_share_them() -> None:
+    # Budget 64, mixed graphs up to 16 tokens (fit_mixed_steps_to_cuda_graphs): with two streams
+    # decoding, a 30-token prompt goes in chunks of 14, so every step holds 16 tokens, not 32; a
+    # prompt alone in its step still takes the whole budget.
+    sched, runner = make_sched(budget=64, mixed_step_token_cap=16), FakeRunner(64)
+    alone = make_req("alone", list(range(300, 340)), max_tokens=2)  # 40 tokens, no decodes beside it
+    sched.add_request(alone)
+    so, _ = step(sched, runner)
+    assert so.num_scheduled_tokens == {"alone": 40}
+    run_to_completion(sched, runner)
+    streams = [make_req(f"s{i}", [5 + i] * 4, max_tokens=12) for i in range(2)]
+    for s in streams:
+        sched.add_request(s)
+    step(sched, runner)  # their prefills; now they decode
+    long_prompt = list(range(100, 130))  # 30 tokens
+    long = make_req("long", long_prompt, max_tokens=3)
+    sched.add_request(long)
+    totals, chunks = [], []
+    while long.num_output_tokens == 0:
+        so, _ = step(sched, runner)
+        assert so.num_scheduled_tokens["s0"] == so.num_scheduled_tokens["s1"] == 1
+        totals.append(so.total_num_scheduled_tokens)
+        chunks.append(so.num_scheduled_tokens["long"])
+    assert chunks == [14, 14, 2] and totals == [16, 16, 4]
+    run_to_completion(sched, runner)
+    assert long.output_token_ids == expected_outputs(long_prompt, 3)
+    for i, s in enumerate(streams):
+        assert s.output_token_ids == expected_outputs([5 + i] * 4, 12)
     assert_all_blocks_free(sched)
 
 

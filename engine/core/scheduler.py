@@ -51,6 +51,7 @@ class Scheduler(BeamScheduling):
         # With decodes in the step, a prompt's chunk stops where the step would outgrow the largest
         # mixed CUDA graph (0: no such cut): a step past it runs eagerly, ~18 ms of launches for an 8B.
         self.mixed_step_token_cap = config.mixed_step_token_cap
+        self._step_decode_tokens = 0  # decodes scheduled so far in the step being built
         self.kv_cache_manager = KVCacheManager(
             cache.num_kv_blocks, cache.block_size, cache.enable_prefix_caching
         )
@@ -154,9 +155,11 @@ class Scheduler(BeamScheduling):
         cap = self.long_prefill_token_threshold
         chunk = min(budget, cap) if cap > 0 else budget
         fit = self.mixed_step_token_cap
-        scheduled = self.max_num_batched_tokens - budget  # tokens already in this step (decodes first)
-        if fit and 0 < scheduled < fit:
-            chunk = min(chunk, fit - scheduled)
+        if fit and 0 < self._step_decode_tokens < fit:
+            # Decodes share the step and fit a mixed graph: the step's tokens stay within it (0 when
+            # full: the prompt waits). Decodes past the graph make the step eager anyway: no cut.
+            scheduled = self.max_num_batched_tokens - budget  # decodes come first
+            chunk = min(chunk, max(fit - scheduled, 0))
         return chunk
 
     def _pick_victim(self) -> Request:
@@ -182,6 +185,7 @@ class Scheduler(BeamScheduling):
                 decodes.append(r)
             elif remaining > 1:
                 prefills.append(r)
+        self._step_decode_tokens = 0
         for req in decodes + prefills:
             if budget <= 0:
                 break
@@ -191,7 +195,10 @@ class Scheduler(BeamScheduling):
                 # The step in flight samples its last token: the update finishes it, or, for a beam,
                 # the group's next tokens depend on that step's results.
                 continue
-            num_new = min(req.num_tokens_with_placeholders - req.num_computed_tokens, self._chunk(budget))
+            remaining = req.num_tokens_with_placeholders - req.num_computed_tokens
+            num_new = min(remaining, self._chunk(budget))
+            if num_new <= 0:
+                continue  # an ongoing prefill, and the step is full to its mixed graph
             while True:
                 new_block_ids = kv.allocate_slots(req, num_new)
                 if new_block_ids is not None:
@@ -210,6 +217,8 @@ class Scheduler(BeamScheduling):
             scheduled_running[req.req_id] = (req, new_block_ids)
             num_scheduled[req.req_id] = num_new
             budget -= num_new
+            if remaining == 1:
+                self._step_decode_tokens += 1
 
         # 2. Waiting requests, in queue order, unless this step already had to preempt.
         new_reqs: list[Request] = []
@@ -221,6 +230,8 @@ class Scheduler(BeamScheduling):
         )
         running_preempted = bool(preempted)
         while not running_preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+            if self._chunk(budget) <= 0:
+                break  # the step is as large as its mixed graph (fit_mixed_steps_to_cuda_graphs)
             req = self._peek_waiting()
             if req is None:
                 break

@@ -272,8 +272,33 @@ def test_mixed_steps_fit_the_largest_mixed_graph_when_decodes_share_them() -> No
         totals.append(so.total_num_scheduled_tokens)
         chunks.append(so.num_scheduled_tokens["long"])
     assert chunks == [14, 14, 2] and totals == [16, 16, 4]
+    # Two prompts arriving together beside the streams: the step stays at 16; the second prompt
+    # waits until the first one's chunks leave room.
+    pair = {
+        rid: make_req(rid, list(range(base, base + 20)), max_tokens=2)
+        for rid, base in (("p", 400), ("q", 500))
+    }
+    for req in pair.values():
+        sched.add_request(req)
+    steps = []
+    while any(r.num_output_tokens == 0 for r in pair.values()):
+        so, _ = step(sched, runner)
+        assert so.num_scheduled_tokens["s0"] == so.num_scheduled_tokens["s1"] == 1
+        steps.append(
+            (
+                so.total_num_scheduled_tokens,
+                so.num_scheduled_tokens.get("p", 0),
+                so.num_scheduled_tokens.get("q", 0),
+            )
+        )
+    assert all(total <= 16 for total, _, _ in steps), steps
+    assert all(total <= 16 for total, _, _ in steps), steps
+    # First step: the three decodes (the streams, "long") and 13 of p's 20; q waits, then fills the rest.
+    assert steps[0] == (16, 13, 0) and steps[1] == (16, 7, 6), steps
     run_to_completion(sched, runner)
     assert long.output_token_ids == expected_outputs(long_prompt, 3)
+    for rid, base in (("p", 400), ("q", 500)):
+        assert pair[rid].output_token_ids == expected_outputs(list(range(base, base + 20)), 2)
     for i, s in enumerate(streams):
         assert s.output_token_ids == expected_outputs([5 + i] * 4, 12)
     assert_all_blocks_free(sched)

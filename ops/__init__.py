@@ -24,6 +24,7 @@ OP_NAMES = (
     "paged_attention",
     "lora_shrink",
     "lora_expand",
+    "seeded_exponential_",
 )
 
 
@@ -43,6 +44,7 @@ class Kernels:
     paged_attention: Callable[..., Any]
     lora_shrink: Callable[..., Any]  # batched LoRA over stacked adapter slots (engine.lora)
     lora_expand: Callable[..., Any]
+    seeded_exponential_: Callable[..., Any]  # the sampling noise of seeded rows (engine.worker.sampler)
 
     @classmethod
     def from_module(cls, name: str, module: ModuleType) -> Kernels:

@@ -165,6 +165,7 @@ class ModelRunner(KVCacheSetup):
             self.block_size,
             use_triton,
         )
+        self.sampler = Sampler(self.attn_backend.kernels)
         model_cls = get_model_class(self.model_config.architecture)
         ctx = BuildContext(
             dtype=self.dtype,

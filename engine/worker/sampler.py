@@ -17,15 +17,14 @@ packed logprobs); the caller brings them to the host, in the engine with non-blo
 (engine.worker.step_in_flight), and `Sampler.to_output` turns them into Python values.
 
 Seeded rows draw their noise from a counter-based hash of (seed, number of outputs so far) and the
-column, and nothing else (ops.reference.seeded_exponential_; one Triton launch on CUDA for every seeded
-row of the step, no torch.Generator per row), so their tokens do not depend on which other requests
+column, and nothing else (the kernels' seeded_exponential_: one launch for every seeded row of the
+step, no torch.Generator per row), so their tokens do not depend on which other requests
 share the batch, and survive preemption.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +32,7 @@ from torch import Tensor
 
 from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler_output import TokenLogprobs
-from ops import reference
+from ops import TORCH_KERNELS, Kernels
 
 _SEED_MIX = 1_000_003
 
@@ -246,27 +245,6 @@ def build_sampling_metadata(
     )
 
 
-# ---------------------------------------------------------------------------- seeded noise
-_SEEDED_NOISE: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {}
-
-
-def _seeded_exponential(device: torch.device) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    """The seeded-noise fill for `device`: the Triton kernel on CUDA (one launch for every seeded row),
-    else the torch spec (ops.reference.seeded_exponential_). Both give the same noise to the ulp."""
-    fill = _SEEDED_NOISE.get(device.type)
-    if fill is None:
-        fill = reference.seeded_exponential_
-        if device.type == "cuda":
-            try:
-                from ops.triton.seeded_noise import seeded_exponential_  # noqa: PLC0415 (needs a GPU)
-
-                fill = seeded_exponential_
-            except ImportError:
-                pass
-        _SEEDED_NOISE[device.type] = fill
-    return fill
-
-
 # ---------------------------------------------------------------------------- processing stages
 def _token_counts(token_ids: Tensor, vocab_size: int) -> Tensor:
     """[B, W] ids padded with V -> [B, V] occurrence counts (fp32)."""
@@ -328,7 +306,7 @@ def process_logits(logits: Tensor, md: SamplingMetadata) -> Tensor:
     return logits
 
 
-def _sample_random(logits: Tensor, md: SamplingMetadata) -> Tensor:
+def _sample_random(logits: Tensor, md: SamplingMetadata, kernels: Kernels) -> Tensor:
     if md.temperature is not None:
         logits = logits / md.temperature
     if md.top_k is not None or md.top_p is not None:
@@ -341,7 +319,7 @@ def _sample_random(logits: Tensor, md: SamplingMetadata) -> Tensor:
         noise.exponential_()
     if md.seeded_rows is not None:
         assert md.seed_keys is not None
-        _seeded_exponential(probs.device)(noise, md.seeded_rows, md.seed_keys)
+        kernels.seeded_exponential_(noise, md.seeded_rows, md.seed_keys)
     # An Exponential draw of exactly 0 would turn a masked 0/0 into NaN, which argmax would pick.
     noise.clamp_min_(torch.finfo(torch.float32).tiny)
     return (probs / noise).argmax(dim=-1)
@@ -392,6 +370,10 @@ def compute_prompt_logprobs(logits: Tensor, target_token_ids: list[int], num_top
 
 # ---------------------------------------------------------------------------- the sampler
 class Sampler:
+    def __init__(self, kernels: Kernels = TORCH_KERNELS) -> None:
+        # The engine's kernels (the attention backend's choice): the seeded rows' noise is one of them.
+        self.kernels = kernels
+
     def __call__(self, logits: Tensor, md: SamplingMetadata) -> SamplerOutput:
         """Sample and bring the results to the host (blocks until the device is done)."""
         sampled, packed = self.sample(logits, md)
@@ -406,10 +388,12 @@ class Sampler:
         if md.all_greedy:
             sampled = logits.argmax(dim=-1)
         elif md.all_random:
-            sampled = _sample_random(logits, md)
+            sampled = _sample_random(logits, md, self.kernels)
         else:
             assert md.greedy_mask is not None
-            sampled = torch.where(md.greedy_mask, logits.argmax(dim=-1), _sample_random(logits, md))
+            sampled = torch.where(
+                md.greedy_mask, logits.argmax(dim=-1), _sample_random(logits, md, self.kernels)
+            )
 
         packed = None
         if raw_logprobs is not None:

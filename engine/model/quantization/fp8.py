@@ -211,12 +211,16 @@ class Fp8LinearMethod(LinearMethodBase):
             and all(n % 16 == 0 for n in layer.weight.shape)
         )
         layer.fp8_gemv = layer.fp8_scaled_mm and _triton_fp8_gemv_available()
+        # Dynamic activation scales for _scaled_mm by the one-kernel quantizer (decided here, once).
+        layer.fp8_quant_kernel = layer.fp8_gemv and input_scale is None and _fp8_quant_kernel_enabled()
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if layer.fp8_gemv and x.numel() <= GEMV_MAX_TOKENS * x.shape[-1]:
             return fp8_gemv_linear(x, layer.weight, layer.weight_scale, bias, layer.input_scale)
         if layer.fp8_scaled_mm and x.dtype == torch.bfloat16:
-            return _scaled_mm_linear(x, layer.weight, layer.weight_scale, bias, layer.input_scale)
+            return _scaled_mm_linear(
+                x, layer.weight, layer.weight_scale, bias, layer.input_scale, layer.fp8_quant_kernel
+            )
         if layer.input_scale is not None:  # x as the FP8 GEMM sees it: quantized with the static scale
             s = layer.input_scale
             x = ((x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float() * s).to(x.dtype)
@@ -291,12 +295,13 @@ def _scaled_mm_linear(
     weight_scale: torch.Tensor,  # [out] float32
     bias: torch.Tensor | None,
     input_scale: torch.Tensor | None = None,  # [1] float32: static; None: per token
+    quant_kernel: bool = False,  # per-token scales by ops/triton/fp8_quant.py (CUDA; input_scale None)
 ) -> torch.Tensor:  # [..., out] bfloat16
     """W8A8 on FP8 tensor cores: activations quantized per token (dynamic scales, no host sync, so
     CUDA graphs capture it) or with the checkpoint's static scale, one cuBLASLt GEMM with row-wise
     scales on both sides (a static scale repeated per row: cuBLASLt takes both sides row-wise)."""
     x2 = x.reshape(-1, x.shape[-1])  # [M, in]
-    if input_scale is None and x2.is_cuda and _fp8_quant_kernel_enabled():
+    if quant_kernel:
         xq, x_scale = _per_token_fp8(x2)  # one launch, the same bits as the torch lines below
     else:
         if input_scale is None:

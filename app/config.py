@@ -153,7 +153,9 @@ ENGINE_HELP: dict[str, str] = {
     "time to first token rises.",
     "fit_mixed_steps_to_cuda_graphs": "When decodes share a step with a prompt, cut the prompt's chunk so "
     "the step fits the largest mixed CUDA graph (--max-cuda-graph-mixed-tokens), instead of a larger step "
-    "that runs eagerly; the prompt takes more steps. Off by default (not measured on a GPU yet).",
+    "that runs eagerly; the prompt takes more steps. Only while the prompts' backlog fits one full step "
+    "(under a longer queue, steps take the whole budget). On by default; --no-fit-mixed-steps-to-cuda-graphs: "
+    "lower time to first token, a higher inter-token latency tail.",
     "max_waiting_requests": "Waiting-queue bound in requests; beyond it new requests get 429.",
     "max_waiting_tokens": "Waiting-queue bound in prompt tokens; beyond it new requests get 429.",
     "max_best_of": "Most sequences a request with best_of > n may generate (OpenAI's limit, 20); above it "

@@ -118,7 +118,9 @@ def profile_window(engine: Any, num_steps: int, cuda: bool) -> dict[str, Any]:
         top.append((us, evt.key))
     busy_ms = sum(by_family.values()) / 1e3
     top.sort(reverse=True)
+    host_side = device_gaps(prof, num_steps)  # on CPU: no kernels, no runtime calls
     return {
+        **host_side,
         "steps": num_steps,
         "tokens_per_step": round(tokens / num_steps, 1),
         "wall_ms_per_step": round(wall * 1e3 / num_steps, 3),
@@ -160,6 +162,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-steps", type=int, default=8, help="profiled decode steps")
     add_common_args(p, default_shape="llama3-8b")
     return p
+
+
+def device_gaps(prof: Any, num_steps: int) -> dict[str, Any]:
+    """Where the device waited for the host: the CUDA runtime calls by host time (a synchronizing one,
+    such as cudaEventSynchronize or a pageable cudaMemcpy, shows as a large total), and the idle gaps
+    between kernels, the largest with the host operations that began inside them."""
+    runtime: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    kernels: list[tuple[float, float]] = []
+    host_ops: list[tuple[float, str]] = []
+    for evt in prof.events():
+        kind = str(getattr(evt, "device_type", "")).split(".")[-1]
+        start, end = evt.time_range.start, evt.time_range.end  # us
+        if kind == "CUDA":
+            kernels.append((start, end))
+        elif evt.name.startswith("cuda"):
+            runtime[evt.name][0] += 1
+            runtime[evt.name][1] += end - start
+            host_ops.append((start, evt.name))
+        elif evt.name.startswith("aten::"):
+            host_ops.append((start, evt.name))
+    calls = sorted(runtime.items(), key=lambda kv: -kv[1][1])[:10]
+    out: dict[str, Any] = {
+        "runtime_calls_per_step": [
+            {"name": name, "calls": round(n / num_steps, 1), "host_ms": round(us / 1e3 / num_steps, 3)}
+            for name, (n, us) in calls
+        ]
+    }
+    if not kernels:
+        return out
+    kernels.sort()
+    gaps: list[tuple[float, float, float]] = []  # (length, start, end)
+    busy_until = kernels[0][1]
+    for start, end in kernels[1:]:
+        if start > busy_until:
+            gaps.append((start - busy_until, busy_until, start))
+        busy_until = max(busy_until, end)
+    host_ops.sort()
+    idle = sum(g[0] for g in gaps)
+    largest = sorted(gaps, reverse=True)[:6]
+    out["device_idle"] = {
+        "ms_per_step": round(idle / 1e3 / num_steps, 3),
+        "gaps_over_100us_per_step": round(sum(1 for g in gaps if g[0] > 100) / num_steps, 1),
+        "largest": [
+            {
+                "us": round(length, 1),
+                "host_ops_started": [name for t, name in host_ops if g0 <= t < g1][:12],
+            }
+            for length, g0, g1 in largest
+        ],
+    }
+    return out
 
 
 def main_batch1(args: argparse.Namespace) -> int:

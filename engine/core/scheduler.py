@@ -52,6 +52,7 @@ class Scheduler(BeamScheduling):
         # mixed CUDA graph (0: no such cut): a step past it runs eagerly, ~18 ms of launches for an 8B.
         self.mixed_step_token_cap = config.mixed_step_token_cap
         self._step_decode_tokens = 0  # decodes scheduled so far in the step being built
+        self._step_fit = 0  # the step being built: mixed_step_token_cap, or 0 when it does not apply
         self.kv_cache_manager = KVCacheManager(
             cache.num_kv_blocks, cache.block_size, cache.enable_prefix_caching
         )
@@ -154,7 +155,7 @@ class Scheduler(BeamScheduling):
         """The most tokens one request may compute in this step, given the budget left."""
         cap = self.long_prefill_token_threshold
         chunk = min(budget, cap) if cap > 0 else budget
-        fit = self.mixed_step_token_cap
+        fit = self._step_fit
         if fit and 0 < self._step_decode_tokens < fit:
             # Decodes share the step and fit a mixed graph: the step's tokens stay within it (0 when
             # full: the prompt waits). Decodes past the graph make the step eager anyway: no cut.
@@ -179,12 +180,19 @@ class Scheduler(BeamScheduling):
         # sampled by the step in flight is scheduled for it now (the runner feeds it on the device).
         decodes = []
         prefills = []
+        prefill_backlog = 0  # prompt tokens not computed yet, running and waiting
         for r in self.running.values():
             remaining = r.num_tokens_with_placeholders - r.num_computed_tokens
             if remaining == 1:
                 decodes.append(r)
             elif remaining > 1:
                 prefills.append(r)
+                prefill_backlog += remaining
+        prefill_backlog += self._num_waiting_tokens
+        # Cut prompts to the mixed graph only while their backlog fits one full step: at light load
+        # that keeps the decodes' steps short (ITL); past it the queue's own wait dominates TTFT and
+        # full steps drain it (and keep throughput at saturation).
+        self._step_fit = self.mixed_step_token_cap if prefill_backlog <= self.max_num_batched_tokens else 0
         self._step_decode_tokens = 0
         for req in decodes + prefills:
             if budget <= 0:

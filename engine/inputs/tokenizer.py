@@ -7,9 +7,11 @@ seconds, which `TokenizerLoad` spends on a thread of its own while the engine bu
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import Future
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -20,9 +22,46 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer  # noqa: PLC0415 - seconds of imports; see the module doc
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, **_declared_config(path))
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot load a tokenizer from {path!r}: {exc}") from exc
+
+
+def _declared_config(path: str) -> dict[str, Any]:
+    """`config=` for AutoTokenizer when the checkpoint's files decide its tokenizer by name alone.
+
+    Without it AutoTokenizer builds the model's own config class to read `model_type`, and importing
+    that class (transformers' type validators, activations, kernels hub, sharding) pulls in
+    torch.distributed.tensor and sympy: ~2 s of CPU on a test machine, more on a GPU host, where it
+    also holds the GIL against the model's construction and CUDA-graph capture beside it. When
+    tokenizer_config.json names the class and neither file asks for remote code, AutoTokenizer only
+    reads the config's model_type, name and tokenizer_class (strings), which a plain PreTrainedConfig
+    carries as well. Anything else ({} here) takes AutoTokenizer's own path.
+    """
+    root = Path(path)
+    try:
+        tok_cfg = json.loads((root / "tokenizer_config.json").read_text())
+        model_cfg = json.loads((root / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(tok_cfg, dict) or not isinstance(model_cfg, dict):
+        return {}
+    model_type = model_cfg.get("model_type")
+    if (
+        not isinstance(tok_cfg.get("tokenizer_class"), str)
+        or not isinstance(model_type, str)
+        or "auto_map" in tok_cfg
+        or "auto_map" in model_cfg
+    ):
+        return {}
+    from transformers import PreTrainedConfig  # noqa: PLC0415 - with AutoTokenizer, see above
+
+    config = PreTrainedConfig()
+    config.model_type = model_type
+    config._name_or_path = path
+    if isinstance(model_cfg.get("tokenizer_class"), str):
+        config.tokenizer_class = model_cfg["tokenizer_class"]
+    return {"config": config}
 
 
 class TokenizerLoad:

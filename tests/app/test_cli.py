@@ -151,13 +151,13 @@ def test_long_prefill_token_threshold_from_flag_env_and_yaml(tmp_path: Path) -> 
 
 def test_fit_mixed_steps_to_cuda_graphs_from_flag_env_and_yaml(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("fit_mixed_steps_to_cuda_graphs: true\n")
-    assert resolve({"config": str(cfg)}, env={})[0].fit_mixed_steps_to_cuda_graphs is True
-    env = {"WEIR_FIT_MIXED_STEPS_TO_CUDA_GRAPHS": "false"}
-    assert resolve({"config": str(cfg)}, env=env)[0].fit_mixed_steps_to_cuda_graphs is False
-    flags = {"config": str(cfg), "fit_mixed_steps_to_cuda_graphs": True}
-    assert resolve(flags, env=env)[0].fit_mixed_steps_to_cuda_graphs is True
-    assert resolve({}, env={})[0].fit_mixed_steps_to_cuda_graphs is False
+    cfg.write_text("fit_mixed_steps_to_cuda_graphs: false\n")
+    assert resolve({"config": str(cfg)}, env={})[0].fit_mixed_steps_to_cuda_graphs is False
+    env = {"WEIR_FIT_MIXED_STEPS_TO_CUDA_GRAPHS": "true"}
+    assert resolve({"config": str(cfg)}, env=env)[0].fit_mixed_steps_to_cuda_graphs is True
+    flags = {"config": str(cfg), "fit_mixed_steps_to_cuda_graphs": False}
+    assert resolve(flags, env=env)[0].fit_mixed_steps_to_cuda_graphs is False
+    assert resolve({}, env={})[0].fit_mixed_steps_to_cuda_graphs is True  # on by default
 
 
 def test_tp_broadcast_ring_from_flag_env_and_yaml(tmp_path: Path) -> None:

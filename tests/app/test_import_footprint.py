@@ -101,10 +101,14 @@ def test_tokenizer_stack_loads_on_the_tokenizer_thread() -> None:
         "engine = LLMEngine(EngineConfig(model=str(default_model_dir()), device='cpu', max_model_len=64,\n"
         "    max_num_batched_tokens=64, max_num_seqs=4, num_kv_blocks=16))\n"
         "print(json.dumps({'tokens': engine.tokenizer.encode('hello'),\n"
-        "    'threads': {n: t for n, t in first.items() if n.split('.')[0] in ('transformers', 'sympy')}}))\n"
+        "    'threads': {n: t for n, t in first.items() if n.split('.')[0] in ('transformers', 'sympy')},\n"
+        "    'modules': sorted(sys.modules)}))\n"
     )
     r = _fresh(code)
     assert r["tokens"]  # the tokenizer did load
     threads = r["threads"]
     assert threads.get("transformers") == "weir-tokenizer"
     assert {n: t for n, t in threads.items() if t != "weir-tokenizer"} == {}
+    # A checkpoint that names its tokenizer class loads it without the model's config class, whose
+    # imports drag in DTensor and sympy (engine/inputs/tokenizer.py): not on any thread.
+    assert _loaded(r["modules"], ("sympy", "torch.distributed.tensor")) == []

@@ -343,6 +343,8 @@ def test_kernel_profile(tiny_llama_dir: Path, tmp_path: Path) -> None:
         assert w["steps"] > 0 and w["wall_ms_per_step"] > 0 and w["kernel_ms_per_step"] > 0
         assert w["family_ms_per_step"].get("matmul", 0) > 0, w["family_ms_per_step"]
         assert w["top_kernels"]
+        assert w["runtime_calls_per_step"] == []  # CUDA runtime calls and device gaps: a GPU's only
+        assert "device_idle" not in w
     assert_in_summary(tmp_path, "K")
 
 

@@ -142,7 +142,8 @@ def test_fit_mixed_steps_caps_the_scheduler_at_the_largest_mixed_graph() -> None
     def cap(device: str, **kw: object) -> int:
         return _resolve(device, **kw).scheduler.mixed_step_token_cap
 
-    assert cap("cuda") == 0  # off by default
+    assert cap("cuda") == 512  # on by default: the default largest mixed graph
+    assert cap("cuda", fit_mixed_steps_to_cuda_graphs=False) == 0
     assert cap("cuda", fit_mixed_steps_to_cuda_graphs=True) == 512  # the default largest mixed graph
     assert cap("cuda", fit_mixed_steps_to_cuda_graphs=True, max_cuda_graph_mixed_tokens=256) == 256
     assert cap("cuda", fit_mixed_steps_to_cuda_graphs=True, enforce_eager=True) == 0  # no graphs

@@ -304,6 +304,31 @@ def test_mixed_steps_fit_the_largest_mixed_graph_when_decodes_share_them() -> No
     assert_all_blocks_free(sched)
 
 
+def test_mixed_step_cut_waits_until_the_prompt_backlog_fits_one_step() -> None:
+    # Budget 64, mixed graphs up to 16 tokens. Three 30-token prompts arrive beside two decoding
+    # streams: 90 prompt tokens are more than one full step, so the step takes the whole budget (the
+    # cut would only slow a queue that is already waiting); once the backlog fits one step (28 left),
+    # steps are cut to the graph again.
+    sched, runner = make_sched(budget=64, mixed_step_token_cap=16), FakeRunner(64)
+    streams = [make_req(f"s{i}", [5 + i] * 4, max_tokens=12) for i in range(2)]
+    for s in streams:
+        sched.add_request(s)
+    step(sched, runner)  # their prefills; now they decode
+    prompts = {f"p{i}": list(range(100 + 40 * i, 130 + 40 * i)) for i in range(3)}
+    reqs = {rid: make_req(rid, prompt, max_tokens=2) for rid, prompt in prompts.items()}
+    for req in reqs.values():
+        sched.add_request(req)
+    so, _ = step(sched, runner)
+    assert so.total_num_scheduled_tokens == 64
+    assert so.num_scheduled_tokens == {"s0": 1, "s1": 1, "p0": 30, "p1": 30, "p2": 2}
+    so, _ = step(sched, runner)  # 28 of p2's tokens left: cut to the graph, 12 beside 4 decodes
+    assert so.num_scheduled_tokens == {"s0": 1, "s1": 1, "p0": 1, "p1": 1, "p2": 12}
+    run_to_completion(sched, runner)
+    for rid, prompt in prompts.items():
+        assert reqs[rid].output_token_ids == expected_outputs(prompt, 2)
+    assert_all_blocks_free(sched)
+
+
 def test_max_num_seqs_bounds_running_requests() -> None:
     sched, runner = make_sched(max_num_seqs=2), FakeRunner(64)
     for i in range(4):

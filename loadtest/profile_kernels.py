@@ -65,8 +65,10 @@ def kv_bytes_per_token(config: dict[str, Any], dtype_bytes: int) -> int:
     return 2 * config["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
 
 
-def profile_window(engine: Any, num_steps: int, cuda: bool) -> dict[str, Any]:
-    """Run `num_steps` engine steps under the profiler; per-step wall and kernel time by family."""
+def profile_window(engine: Any, num_steps: int, cuda: bool, drain_first: bool = True) -> dict[str, Any]:
+    """Run `num_steps` engine steps under the profiler; per-step wall and kernel time by family.
+    `drain_first=False` keeps the step in flight across the window's start (beam search: draining
+    would merge the beam groups that B1 runs in two alternating halves into one step, and a stall)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -80,7 +82,8 @@ def profile_window(engine: Any, num_steps: int, cuda: bool) -> dict[str, Any]:
         scheduled.append(out.total_num_scheduled_tokens)
         return out
 
-    engine.flush()  # the window starts with nothing on the device
+    if drain_first:
+        engine.flush()  # the window starts with nothing on the device
     if cuda:
         torch.cuda.synchronize()
         with profile(activities=activities):  # CUPTI's one-time start-up (~0.5 s) stays out of the window
@@ -293,11 +296,18 @@ def main(argv: list[str] | None = None) -> int:
         ):
             engine.step()
         engine.step()  # the first all-decode step
-        engine.flush()
+        if not args.beam_width:
+            engine.flush()
         running = list(engine.scheduler.running.values())
         # Each decode step reads every running sequence's whole context (plus half the window's tokens).
         context = sum(r.num_computed_tokens for r in running) + len(running) * (args.decode_steps // 2)
-        report["results"]["decode"] = window = profile_window(engine, args.decode_steps, cuda)
+        stalls = engine.pipeline.num_stalls
+        report["results"]["decode"] = window = profile_window(
+            engine, args.decode_steps, cuda, drain_first=not args.beam_width
+        )
+        # Trips that only collected a step (the schedule came back empty: every group waited for its
+        # results), the device idle meanwhile; B1 itself has 1 in 512 steps.
+        window["stalls"] = engine.pipeline.num_stalls - stalls
         window["batch"] = len(running)
         window["mean_context_tokens"] = round(context / max(len(running), 1), 1)
         attention_ms = window["family_ms_per_step"].get("attention", 0.0)

@@ -360,6 +360,9 @@ def test_kernel_profile_of_beam_and_parallel_sampling_steps(
     assert profile_kernels.main(argv) == 0
     data = load_report(out, "K")
     assert data["workload"][flag.lstrip("-").replace("-", "_")] == rows_per_request
+    # The two beam groups, admitted in one step, move together: every other trip only collects (the
+    # window keeps its step in flight); sampled rows never wait for the host.
+    assert data["results"]["decode"]["stalls"] == (1 if flag == "--beam-width" else 0)
     decode = data["results"]["decode"]
     assert decode["batch"] == 2 * rows_per_request
     assert decode["kernel_ms_per_step"] > 0 and decode["family_ms_per_step"].get("matmul", 0) > 0

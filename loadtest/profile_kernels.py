@@ -67,8 +67,9 @@ def kv_bytes_per_token(config: dict[str, Any], dtype_bytes: int) -> int:
 
 def profile_window(engine: Any, num_steps: int, cuda: bool, drain_first: bool = True) -> dict[str, Any]:
     """Run `num_steps` engine steps under the profiler; per-step wall and kernel time by family.
-    `drain_first=False` keeps the step in flight across the window's start (beam search: draining
-    would merge the beam groups that B1 runs in two alternating halves into one step, and a stall)."""
+    `drain_first=False` keeps a step in flight across the window's edges (beam search: draining would
+    merge the beam groups that B1 runs in two alternating halves into one step, and a stall); the
+    device is still synchronized at the end, so the window holds every kernel it launched."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -95,7 +96,8 @@ def profile_window(engine: Any, num_steps: int, cuda: bool, drain_first: bool = 
             t0 = time.perf_counter()
             for _ in range(num_steps):
                 engine.step()
-            engine.flush()  # async scheduling: the window's last step completes inside it
+            if drain_first:
+                engine.flush()  # async scheduling: the window's last step completes inside it
             if cuda:
                 torch.cuda.synchronize()
             wall = time.perf_counter() - t0
@@ -285,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         engine.add_request(f"r{i}", prompt, params)
     with phase(report, "prefill"):
         engine.step()  # the first step (kernel compiles, allocator growth) is not profiled
-        report["results"]["prefill"] = window = profile_window(engine, args.prefill_steps, cuda)
+        report["results"]["prefill"] = window = profile_window(
+            engine, args.prefill_steps, cuda, drain_first=not args.beam_width
+        )
         matmul_ms = window["family_ms_per_step"].get("matmul", 0.0)
         flop = 2 * layer_params(model.config) * model.config["num_hidden_layers"] * window["tokens_per_step"]
         if cuda and matmul_ms > 0:

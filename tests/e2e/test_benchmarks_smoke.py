@@ -366,3 +366,18 @@ def test_kernel_profile_of_beam_and_parallel_sampling_steps(
     decode = data["results"]["decode"]
     assert decode["batch"] == 2 * rows_per_request
     assert decode["kernel_ms_per_step"] > 0 and decode["family_ms_per_step"].get("matmul", 0) > 0
+
+
+def test_kernel_profile_keeps_beam_groups_admitted_apart_alternating(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """B1's pattern: groups admitted in different steps (one prompt per step's budget here) take turns,
+    one group's step on the device while the other's results are ranked: no stalls in the window."""
+    out = tmp_path / "profile.json"
+    argv = ["--model", str(tiny_llama_dir), *ENGINE, "--num-requests", "2", "--input-len", "16"]
+    argv += ["--output-len", "16", "--prefill-steps", "1", "--decode-steps", "4", "--beam-width", "2"]
+    argv += ["--max-num-batched-tokens", "16", "--out", str(out)]
+    assert profile_kernels.main(argv) == 0
+    decode = load_report(out, "K")["results"]["decode"]
+    assert decode["stalls"] == 0
+    assert decode["tokens_per_step"] == 2  # one group's two beams per step

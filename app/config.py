@@ -141,7 +141,8 @@ ENGINE_HELP: dict[str, str] = {
     "gpu_memory_utilization": "Fraction of GPU memory weir may use (weights + activations + KV cache), in (0, 1].",
     "cpu_kv_cache_gb": "KV-cache size on CPU, in GiB.",
     "max_num_seqs": "Most sequences in one batch. Default: 1024 on cuda, 256 on cpu.",
-    "max_num_batched_tokens": "Token budget of one engine step. Default: max(8192, max_model_len) on cuda, 512 on cpu.",
+    "max_num_batched_tokens": "Token budget of one engine step. Default: 2048 on cuda (max(8192, max_model_len) "
+    "offline, in LLM), 512 on cpu.",
     "enable_prefix_caching": "Reuse KV blocks of shared prompt prefixes.",
     "enforce_eager": "Run without CUDA graphs.",
     "async_scheduling": "Schedule and launch step N+1 while the GPU runs step N (off: one step at a time).",
@@ -228,6 +229,8 @@ def _options_of(cls: type, target: str, help_text: Mapping[str, str]) -> list[Op
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
+        if f.metadata.get("option") is False:
+            continue  # set by the program, not by users (EngineConfig.usage)
         if f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:
@@ -385,6 +388,7 @@ def resolve(
 
     server = build(ServerConfig, "server")
     engine = build(EngineConfig, "engine")
+    engine.usage = "server"  # the server's defaults (EngineConfig.resolve: a smaller step budget)
     if not server.served_model_name:
         server.served_model_name = [Path(engine.model).name or "model"]
     problem = check_lora_settings(

@@ -54,21 +54,25 @@ class LLMEngine:
         self.startup_phases = phases = startup_phases or StartupPhases(start)
         with phases.phase("config"):
             resolved = config.resolve() if isinstance(config, EngineConfig) else config
-        # The tokenizer loads on a thread of its own while the model is built, loaded and profiled;
-        # start-up waits for it ("tokenizer") only where it is slower. On CUDA it is waited for
-        # before the CUDA graphs are captured, so that nothing else runs while they are.
+        # On a CPU the tokenizer loads on a thread of its own while the model is built, loaded and
+        # profiled (torch's CPU kernels release the GIL while they compute: the two overlap). On CUDA
+        # it loads first: the main thread's work there is launching kernels, which holds the GIL between
+        # short releases, and a thread importing transformers beside it made both slower. H200, `weir
+        # serve` of an 8B shape to its first request: 14.9 s loaded first, 20.1-20.3 s beside (model
+        # build 0.27 vs 1.6 s, memory profile 1.4 vs 5.7 s, graph capture 2.5 vs 5.0 s; a 50 us GIL
+        # switch interval while the thread ran gave 14.7 s; loadtest/results/u1-beam-s1inf-h200-*).
         tokenizer_load = TokenizerLoad(resolved.load.tokenizer)
         on_cuda = resolved.device.device == "cuda"
         executor: Executor | None = None
         try:
+            if on_cuda:
+                with phases.phase("tokenizer"):
+                    self.tokenizer = tokenizer_load.result()
             with phases.phase("model_build"):  # what the runner does not time as weights is building
                 executor = create_executor(resolved)
                 phases.add("weights", executor.startup_timings().get("weights_load_s", 0.0))
             with phases.phase("kv_cache"):  # the capture of the CUDA graphs runs inside
                 num_blocks = executor.determine_num_kv_blocks()
-                if on_cuda:
-                    with phases.phase("tokenizer"):
-                        self.tokenizer = tokenizer_load.result()
                 executor.initialize_kv_cache(num_blocks)
                 phases.add("cuda_graphs", executor.startup_timings().get("cuda_graph_capture_s", 0.0))
             if not on_cuda:
@@ -84,7 +88,9 @@ class LLMEngine:
                     raise tokenizer_error from tokenizer_error.__cause__
             raise
         self.executor: Executor = executor
-        logger.info("tokenizer loaded in %.2fs, beside the model", tokenizer_load.seconds)
+        logger.info(
+            "tokenizer loaded in %.2fs%s", tokenizer_load.seconds, "" if on_cuda else ", beside the model"
+        )
         # The one write after resolution: the cache's size (and max_model_len capped to it).
         self.config = config = resolved.with_num_kv_blocks(num_blocks)
         self.model_config = config.model

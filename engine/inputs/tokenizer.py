@@ -67,7 +67,7 @@ def _declared_config(path: str) -> dict[str, Any]:
 class TokenizerLoad:
     """`load_tokenizer(path)` on a thread of its own, started now; `result()` waits for it.
 
-    The thread only imports and reads files (no torch device work), so it can run beside the model's
+    The thread only imports and reads files (no torch device work), so on a CPU it runs beside the model's
     construction, weight loading and memory profile.
     """
 

@@ -30,7 +30,8 @@ def test_help_documents_every_option(capsys: pytest.CaptureFixture[str]) -> None
 
 def test_every_engine_field_has_written_help() -> None:
     """A new EngineConfig field gets a flag automatically; this asks for a sentence of help for it."""
-    assert set(ENGINE_HELP) == set(EngineConfig.field_names())
+    assert set(ENGINE_HELP) == {o.name for o in all_options() if o.target == "engine"}
+    assert set(EngineConfig.field_names()) - set(ENGINE_HELP) == {"usage"}  # the program's, not an option
 
 
 def test_defaults_and_default_model() -> None:
@@ -38,7 +39,7 @@ def test_defaults_and_default_model() -> None:
     assert engine.model == default_model_dir()
     assert Path(engine.model).parent.name == "engine"
     assert server == dataclasses.replace(ServerConfig(), served_model_name=["default_model"])
-    assert engine == EngineConfig(model=default_model_dir())
+    assert engine == EngineConfig(model=default_model_dir(), usage="server")
 
 
 def test_precedence_flags_env_yaml_defaults(tmp_path: Path) -> None:
@@ -126,7 +127,7 @@ def test_parser_flags_types_and_repeats() -> None:
 def test_shipped_configs_load(name: str) -> None:
     engine, server = resolve({"config": str(REPO / "config" / name)}, env={})
     if name == "default.yaml":  # spells out the defaults exactly
-        assert engine == EngineConfig(model=default_model_dir())
+        assert engine == EngineConfig(model=default_model_dir(), usage="server")
         assert server == dataclasses.replace(ServerConfig(), served_model_name=["default_model"])
     else:
         assert server.served_model_name == ["qwen2.5-7b-instruct", "default"]
@@ -158,6 +159,17 @@ def test_fit_mixed_steps_to_cuda_graphs_from_flag_env_and_yaml(tmp_path: Path) -
     flags = {"config": str(cfg), "fit_mixed_steps_to_cuda_graphs": False}
     assert resolve(flags, env=env)[0].fit_mixed_steps_to_cuda_graphs is False
     assert resolve({}, env={})[0].fit_mixed_steps_to_cuda_graphs is True  # on by default
+
+
+def test_the_server_resolves_its_engine_as_a_server_and_usage_is_no_option(tmp_path: Path) -> None:
+    # The server's defaults (a 2048-token step budget on cuda) come from EngineConfig.usage, which the
+    # server sets and no flag, variable or YAML key can.
+    assert resolve({}, env={})[0].usage == "server"
+    assert "usage" not in {o.name for o in all_options()}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("usage: offline\n")
+    with pytest.raises(ConfigError, match="usage"):
+        resolve({"config": str(cfg)}, env={})
 
 
 def test_tp_broadcast_ring_from_flag_env_and_yaml(tmp_path: Path) -> None:

@@ -38,6 +38,15 @@ def test_device_defaults() -> None:
     # max(8192, max_model_len) on cuda, 512 on cpu
     assert (cuda.scheduler.max_num_batched_tokens, cpu.scheduler.max_num_batched_tokens) == (8192, 512)
     assert _resolve("cuda", max_model_len=4096).scheduler.max_num_batched_tokens == 8192
+
+    # `weir serve` (usage "server"): 2048 on cuda whatever max_model_len; an explicit value wins.
+    def served(device: str, **kw: object) -> int:
+        return _resolve(device, usage="server", **kw).scheduler.max_num_batched_tokens
+
+    assert (served("cuda"), served("cuda", max_model_len=4096), served("cpu")) == (2048, 2048, 512)
+    assert served("cuda", max_num_batched_tokens=8192) == 8192
+    with pytest.raises(ValueError, match="usage must be one of offline, server; got 'batch'"):
+        EngineConfig("m", usage="batch")
     assert cuda.device.max_cuda_graph_batch_size == cpu.device.max_cuda_graph_batch_size == 1024
     # Measured on an H200 (loadtest/results/chat-mixed-h200-*): mixed graphs on up to 512 tokens.
     assert (cuda.device.max_cuda_graph_mixed_tokens, cpu.device.max_cuda_graph_mixed_tokens) == (512, 0)

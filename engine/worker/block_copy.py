@@ -37,11 +37,22 @@ def copy_kv_blocks(
         return
     src, dst = copy_blocks_index(copies, kv_caches[0][0].device)
     if stack is not None:
-        raw = stack.view(torch.uint8)  # [num_layers, 2, num_blocks, block_size, heads, dim * itemsize]
+        raw = as_words(stack)  # [num_layers, 2, num_blocks, block_size, heads, dim * itemsize / word]
         raw.index_copy_(2, dst, raw.index_select(2, src))
         return
     for k_cache, v_cache in kv_caches:
         for cache in (k_cache, v_cache):
-            # As bytes: the same copy for every cache dtype (fp8 caches included).
-            raw = cache.view(torch.uint8)  # [num_blocks, block_size, num_kv_heads, head_dim * itemsize]
+            raw = as_words(cache)  # [num_blocks, block_size, num_kv_heads, head_dim * itemsize / word]
             raw.index_copy_(0, dst, raw.index_select(0, src))
+
+
+def as_words(cache: torch.Tensor) -> torch.Tensor:
+    """The cache's bytes as the widest integer words that divide its last dimension: the same copy for
+    every cache dtype (fp8 caches included), and each thread of the index kernels moves a word, not a
+    byte (as bytes, a beam step's copies took ~0.7 ms of an H200's 7.7 ms step, `prof_beam.json` of
+    loadtest/results/u1-beam-s1inf-h200-2026-12-03-718ceba: ~10x their bytes at copy bandwidth)."""
+    raw = cache.view(torch.uint8)
+    for dtype in (torch.int64, torch.int32, torch.int16):
+        if raw.shape[-1] % dtype.itemsize == 0 and raw.storage_offset() % dtype.itemsize == 0:
+            return raw.view(dtype)
+    return raw

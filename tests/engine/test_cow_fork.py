@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from engine import LLM, SamplingParams
 from engine.core.kv_cache_manager import KVCacheManager
 from engine.core.request import Request
-from engine.worker.block_copy import copy_kv_blocks
+from engine.worker.block_copy import as_words, copy_kv_blocks
 
 PROMPT = list(range(5, 26))  # 21 tokens: 2 full blocks of 8 and a partial one
 SAMPLE = {"temperature": 1.0, "seed": 7, "max_tokens": 6, "ignore_eos": True}
@@ -150,3 +150,27 @@ def test_n4_under_preemption_gives_the_same_samples(roomy: LLM, tiny_llama_dir: 
     assert got == expected
     assert peak <= 9
     tight.shutdown()
+
+
+def test_block_copies_move_the_widest_words_that_divide_a_row() -> None:
+    """Copies move integer words, not bytes (each index-kernel thread then moves 8 bytes): int64 for a
+    bf16 row of 128, int32 for a float32 row of 3 (12 bytes), bytes for an fp8 row of 3; every dtype's
+    KV comes through bit for bit."""
+    cases = [
+        (torch.bfloat16, 128, torch.int64),
+        (torch.float32, 3, torch.int32),
+        (torch.float8_e4m3fn, 3, torch.uint8),
+        (torch.float8_e4m3fn, 16, torch.int64),
+    ]
+    for dtype, dim, word in cases:
+        stack = torch.randn(2, 2, 5, 4, 2, dim).to(dtype)  # [layers, K/V, blocks, block_size, heads, dim]
+        assert as_words(stack).dtype == word
+        caches = [(stack[i, 0], stack[i, 1]) for i in range(2)]
+        before = stack.view(torch.uint8).clone()
+        copy_kv_blocks(caches, [(0, 3), (4, 1)], stack)
+        after = stack.view(torch.uint8)
+        assert torch.equal(after[:, :, 3], before[:, :, 0]) and torch.equal(after[:, :, 1], before[:, :, 4])
+        assert torch.equal(after[:, :, [0, 2, 4]], before[:, :, [0, 2, 4]])
+    # A view whose first byte is not word-aligned stays bytes (a wider view would be refused).
+    odd = torch.zeros(17, dtype=torch.uint8)[1:].view(2, 8)
+    assert as_words(odd).dtype == torch.uint8

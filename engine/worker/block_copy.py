@@ -49,8 +49,10 @@ def copy_kv_blocks(
 def as_words(cache: torch.Tensor) -> torch.Tensor:
     """The cache's bytes as the widest integer words that divide its last dimension: the same copy for
     every cache dtype (fp8 caches included), and each thread of the index kernels moves a word, not a
-    byte (as bytes, a beam step's copies took ~0.7 ms of an H200's 7.7 ms step, `prof_beam.json` of
-    loadtest/results/u1-beam-s1inf-h200-2026-12-03-718ceba: ~10x their bytes at copy bandwidth)."""
+    byte. As bytes, in B1's step on an H200 the index_copy kernel took 0.35 ms of a 7.7 ms half-step,
+    and a gather kernel 0.39 ms that is most likely the index_select (`prof_beam.json` of
+    loadtest/results/u1-beam-s1inf-h200-2026-12-03-718ceba; n=4's step has neither): ~10x the copies'
+    bytes at copy bandwidth. Not re-measured as words yet."""
     raw = cache.view(torch.uint8)
     for dtype in (torch.int64, torch.int32, torch.int16):
         if raw.shape[-1] % dtype.itemsize == 0 and raw.storage_offset() % dtype.itemsize == 0:

@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.lora_config import LoRASectionError, check_lora_settings, expand_section, parse_lora_modules
+from app.lora_config import (
+    LoRASectionError,
+    check_lora_settings,
+    expand_section,
+    parse_lora_modules,
+    parse_lora_shares,
+)
 from engine.config import EngineConfig
 
 ENV_PREFIX = "WEIR_"
@@ -52,6 +58,8 @@ class ServerConfig:
     # Multi-LoRA: adapters served at start (NAME=PATH; YAML lora.adapters), and whether
     # /v1/load_lora_adapter and /v1/unload_lora_adapter are on.
     lora_modules: list[str] = field(default_factory=list)
+    # NAME=SHARE: an adapter's share under scheduling_policy "fair" (YAML: an adapter entry's `share`).
+    lora_shares: list[str] = field(default_factory=list)
     allow_runtime_lora_updating: bool = False
 
     def __post_init__(self) -> None:
@@ -81,11 +89,17 @@ class ServerConfig:
             )
         self.log_level = self.log_level.lower()
         parse_lora_modules(self.lora_modules)
+        parse_lora_shares(self.lora_shares, [name for name, _ in self.lora_adapters])
 
     @property
     def lora_adapters(self) -> list[tuple[str, str]]:
         """`lora_modules` as (name, path) pairs, in the order given."""
         return parse_lora_modules(self.lora_modules)
+
+    @property
+    def lora_share_map(self) -> dict[str, float]:
+        """`lora_shares` as {adapter name: share} (adapters not named there have share 1)."""
+        return parse_lora_shares(self.lora_shares, [name for name, _ in self.lora_adapters])
 
 
 SERVER_HELP: dict[str, str] = {
@@ -118,6 +132,9 @@ SERVER_HELP: dict[str, str] = {
     "log_json": "JSON log lines (default) or, with --no-log-json, plain console lines.",
     "lora_modules": "LoRA adapter to serve, as NAME=PATH (a PEFT adapter directory); repeatable (env: "
     "comma-separated). A request's 'model' set to NAME runs with that adapter. Needs --enable-lora.",
+    "lora_shares": "An adapter's share under --scheduling-policy fair, as NAME=SHARE (a number in (0, 1e6]; "
+    "default 1, the base model's): an adapter of share 2 is served about twice as much as one of share 1 "
+    "while both have requests waiting. Repeatable (env: comma-separated); YAML: an adapter entry's 'share'.",
     "allow_runtime_lora_updating": "Turn on POST /v1/load_lora_adapter and /v1/unload_lora_adapter (behind "
     "the API key when keys are set). Needs --enable-lora.",
 }
@@ -169,6 +186,10 @@ ENGINE_HELP: dict[str, str] = {
     "max_cpu_loras": "Adapters kept loaded in host memory (LRU). Default: max_loras.",
     "scheduling_policy": "fcfs (arrival order) or fair (waiting requests ordered by the service their adapter "
     "has received, a virtual token counter).",
+    "fair_prompt_token_weight": "Under --scheduling-policy fair: what one computed prompt token adds to its "
+    "adapter's counter (default 1).",
+    "fair_output_token_weight": "Under --scheduling-policy fair: what one output token adds to its adapter's "
+    "counter (default 2: a decode step costs more per token than a prefill).",
     "tensor_parallel_size": "Shard the model over this many GPUs (or CPU processes with --device cpu), "
     "one worker process per rank (README: Tensor parallelism). It must divide the attention heads.",
     "distributed_executor_backend": "Where tensor-parallel workers run: mp (processes on this node) or "

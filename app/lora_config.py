@@ -7,8 +7,9 @@ The YAML section is sugar over flat options, so flags and `WEIR_*` variables ove
       enable: true                 # enable_lora
       max_loras: 4                 # max_loras, max_lora_rank, max_cpu_loras: as named
       allow_runtime_updating: true # allow_runtime_lora_updating
-      adapters:                    # lora_modules
+      adapters:                    # lora_modules (and lora_shares for the entries with a share)
         - {name: sql, path: /adapters/sql}
+        - {name: chat, path: /adapters/chat, share: 2}   # share: under scheduling_policy fair
 """
 
 from __future__ import annotations
@@ -46,21 +47,25 @@ def expand_section(section: Any, where: str) -> dict[str, tuple[Any, str]]:
                 f"unknown key 'lora.{key}' in {where}; known keys: {', '.join(SECTION_KEYS)}"
             )
         if name == "adapters":
-            raw = _adapter_entries(raw, source)
+            raw, shares = _adapter_entries(raw, source)
+            if shares:
+                out["lora_shares"] = (shares, source)
         out[SECTION_KEYS[name]] = (raw, source)
     return out
 
 
-def _adapter_entries(raw: Any, source: str) -> list[str]:
+def _adapter_entries(raw: Any, source: str) -> tuple[list[str], list[str]]:
+    """NAME=PATH entries for lora_modules and NAME=SHARE entries for lora_shares."""
     if raw is None:
-        return []
+        return [], []
     if not isinstance(raw, list):
         raise LoRASectionError(f"{source}: expected a list of {{name, path}} mappings; got {raw!r}")
-    entries = []
+    entries, shares = [], []
     for i, item in enumerate(raw):
-        if not isinstance(item, Mapping) or set(item) != {"name", "path"}:
+        if not isinstance(item, Mapping) or not {"name", "path"} <= set(item) <= {"name", "path", "share"}:
             raise LoRASectionError(
-                f"{source}: entry {i} must be a mapping with exactly the keys name and path; got {item!r}"
+                f"{source}: entry {i} must be a mapping with the keys name and path (and optionally share); "
+                f"got {item!r}"
             )
         name, path = item["name"], item["path"]
         if not isinstance(name, str) or not name or "=" in name:
@@ -72,7 +77,34 @@ def _adapter_entries(raw: Any, source: str) -> list[str]:
                 f"{source}: entry {i} ({name!r}): path must be a non-empty string; got {path!r}"
             )
         entries.append(f"{name}={path}")
-    return entries
+        if "share" in item:
+            shares.append(f"{name}={item['share']}")
+    return entries, shares
+
+
+def parse_lora_shares(entries: list[str], adapter_names: list[str]) -> dict[str, float]:
+    """`NAME=SHARE` entries as {name: share}; ValueError starting with `lora_shares` otherwise."""
+    shares: dict[str, float] = {}
+    for entry in entries:
+        name, sep, raw = entry.partition("=")
+        name, raw = name.strip(), raw.strip()
+        if not sep or not name or not raw:
+            raise ValueError(f"lora_shares entry {entry!r} must be NAME=SHARE (e.g. sql=2)")
+        try:
+            share = float(raw)
+        except ValueError:
+            share = float("nan")
+        if not 0 < share <= 1e6:  # NaN fails too
+            raise ValueError(f"lora_shares entry {entry!r}: the share must be a number in (0, 1e6]")
+        if name in shares:
+            raise ValueError(f"lora_shares names the adapter {name!r} twice")
+        if name not in adapter_names:
+            known = ", ".join(adapter_names) or "none"
+            raise ValueError(
+                f"lora_shares names {name!r}, which lora_modules does not serve (served: {known})"
+            )
+        shares[name] = share
+    return shares
 
 
 def parse_lora_modules(entries: list[str]) -> list[tuple[str, str]]:

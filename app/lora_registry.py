@@ -28,9 +28,9 @@ class LoRARegistry:
     def get(self, name: str) -> LoRARequest | None:
         return self._by_name.get(name)
 
-    def new_request(self, name: str, path: str) -> LoRARequest:
+    def new_request(self, name: str, path: str, fair_share: float = 1.0) -> LoRARequest:
         """A request for a new adapter, with a fresh id; `add` it once the engine has loaded it."""
-        request = LoRARequest(name, self._next_id, path)
+        request = LoRARequest(name, self._next_id, path, fair_share)
         self._next_id += 1
         return request
 

@@ -50,7 +50,10 @@ async def load_lora_adapter(request: Request) -> Response:
                 param="lora_name",
                 code="adapter_already_loaded",
             )
-        lora = state.loras.new_request(name, path)
+        try:
+            lora = state.loras.new_request(name, path, body.fair_share)
+        except ValueError as exc:  # names fair_share and its bounds
+            raise bad_request(str(exc), param="fair_share") from None
         try:
             await state.engine.add_lora(lora)
         except ValueError as exc:  # the engine's message names the adapter and the field at fault
@@ -97,10 +100,13 @@ def _check_enabled(state: AppState) -> None:
         )
 
 
-async def load_startup_adapters(state: AppState, adapters: list[tuple[str, str]]) -> None:
-    """Load `--lora-modules` before serving; AdapterLoadError names the first the engine refuses."""
+async def load_startup_adapters(
+    state: AppState, adapters: list[tuple[str, str]], shares: dict[str, float] | None = None
+) -> None:
+    """Load `--lora-modules` before serving (with their `--lora-shares`); AdapterLoadError names the
+    first the engine refuses."""
     for name, path in adapters:
-        lora: LoRARequest = state.loras.new_request(name, path)
+        lora: LoRARequest = state.loras.new_request(name, path, (shares or {}).get(name, 1.0))
         try:
             await state.engine.add_lora(lora)
         except ValueError as exc:  # the engine's message names the adapter and the field at fault

@@ -236,6 +236,8 @@ class LoadLoRAAdapterRequest(Struct):
 
     lora_name: str
     lora_path: str
+    # weir's: the adapter's share under --scheduling-policy fair (LoRARequest.fair_share; default 1).
+    fair_share: float = 1.0
 
 
 class UnloadLoRAAdapterRequest(Struct):

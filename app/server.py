@@ -163,7 +163,7 @@ def build_app(engine: EngineClient, server_config: ServerConfig) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await engine.start()
         try:
-            await load_startup_adapters(state, server_config.lora_adapters)
+            await load_startup_adapters(state, server_config.lora_adapters, server_config.lora_share_map)
         except AdapterLoadError as exc:
             # Not raised: uvicorn would log the lifespan's traceback and sys.exit(3). The server
             # stops as soon as it has started (WeirServer.startup) and `weir serve` prints this line.

@@ -104,6 +104,10 @@ class EngineConfig:
     # "fcfs": arrival order (priority first); "fair": waiting requests ordered by the service their
     # adapter (tenant) has received so far, a virtual token counter (Sheng et al., OSDI 2024).
     scheduling_policy: str = "fcfs"
+    # Under "fair": what a computed prompt token and an output token add to their tenant's counter
+    # (VTC's w_p and w_q; an adapter's LoRARequest.fair_share divides both).
+    fair_prompt_token_weight: float = 1.0
+    fair_output_token_weight: float = 2.0
     # Tensor parallelism (engine.executor.multiproc_executor): the model sharded over this many
     # ranks, one worker process per rank ("mp", one node) or one Ray actor per GPU ("ray", a cluster).
     tensor_parallel_size: int = 1
@@ -165,6 +169,10 @@ class EngineConfig:
                     f"max_cpu_loras must be >= max_loras ({self.max_loras}); got {self.max_cpu_loras}"
                 )
         _choice("scheduling_policy", self.scheduling_policy, VALID_SCHEDULING_POLICIES)
+        for name in ("fair_prompt_token_weight", "fair_output_token_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1e6:
+                raise ValueError(f"{name} must be a number in (0, 1e6]; got {value!r}")
         _positive("tensor_parallel_size", self.tensor_parallel_size)
         _choice("distributed_executor_backend", self.distributed_executor_backend, VALID_EXECUTOR_BACKENDS)
         _bounded("tp_broadcast_slots", self.tp_broadcast_slots, MAX_TP_BROADCAST_SLOTS)
@@ -247,6 +255,10 @@ class EngineConfig:
                 max_best_of=self.max_best_of,
                 max_beam_width=self.max_beam_width,
                 scheduling_policy=self.scheduling_policy,
+                fair_token_weights=(
+                    float(self.fair_prompt_token_weight),
+                    float(self.fair_output_token_weight),
+                ),
             ),
             lora=LoRAConfig(
                 max_loras=self.max_loras,
@@ -370,6 +382,7 @@ class SchedulerConfig:
     max_best_of: int = 20  # a request with best_of > n above this is refused (input processor)
     max_beam_width: int = 16  # a beam search wider than this is refused (input processor)
     scheduling_policy: str = "fcfs"  # "fcfs" | "fair" (EngineConfig.scheduling_policy)
+    fair_token_weights: tuple[float, float] = (1.0, 2.0)  # "fair": (prompt, output) token weights
     long_prefill_token_threshold: int = 0  # one request's tokens per step (0: no cap below the budget)
     # fit_mixed_steps_to_cuda_graphs: when a step already holds tokens (decodes), a prompt's chunk is cut
     # so the step stays within this many tokens, the largest mixed CUDA graph (0: no such cut).

@@ -4,8 +4,11 @@ Models", OSDI 2024). Plain Python, no torch.
 
 Why: in arrival order, a tenant that sends ten times the others' load fills the queue, and everyone
 else's queueing delay grows with it. Here every tenant has a counter of the weighted tokens the engine
-has computed for it (prompt tokens at weight 1, output tokens at weight 2, the paper's w_p and w_q:
-a decode step costs a token's share of a whole forward pass, a prefill token much less); the head of
+has computed for it (by default prompt tokens at weight 1, output tokens at weight 2, the paper's w_p
+and w_q: a decode step costs a token's share of a whole forward pass, a prefill token much less;
+EngineConfig.fair_prompt_token_weight / fair_output_token_weight), divided by the tenant's share
+(LoRARequest.fair_share, 1 for the base model: a tenant of share 2 is served about twice as much
+while both wait, the paper's weighted variant); the head of
 the queue is the oldest request of the waiting tenant with the lowest counter. A tenant that starts
 waiting is lifted to the lowest counter among the tenants already waiting (or, if none is, to the
 counter of the last tenant admitted), so idling earns no credit to later burst ahead of everyone.
@@ -30,10 +33,22 @@ def tenant_of(request: Request) -> int:
     return request.lora_int_id
 
 
+def share_of(request: Request) -> float:
+    """The tenant's share of the service: its adapter's fair_share, 1 for the base model."""
+    lora = request.lora_request
+    return lora.fair_share if lora is not None else 1.0
+
+
 class FairQueue:
     """Waiting requests, per tenant in (priority, arrival) order, tenants by their virtual counters."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        prompt_token_weight: float = PROMPT_TOKEN_WEIGHT,
+        output_token_weight: float = OUTPUT_TOKEN_WEIGHT,
+    ) -> None:
+        self.prompt_token_weight = prompt_token_weight
+        self.output_token_weight = output_token_weight
         # tenant -> heap of (priority, arrival seq, request); removed requests stay until they surface.
         self._heaps: dict[int, list[tuple[int, int, Request]]] = {}
         self._live: dict[str, Request] = {}  # req_id -> request: the truth of who is waiting
@@ -100,8 +115,5 @@ class FairQueue:
             end = req.num_computed_tokens
             prompt = max(0, min(end, req.num_prompt_tokens) - (end - n))
             tenant = tenant_of(req)
-            self.counters[tenant] = (
-                self.counters.get(tenant, 0.0)
-                + PROMPT_TOKEN_WEIGHT * prompt
-                + OUTPUT_TOKEN_WEIGHT * (n - prompt)
-            )
+            service = self.prompt_token_weight * prompt + self.output_token_weight * (n - prompt)
+            self.counters[tenant] = self.counters.get(tenant, 0.0) + service / share_of(req)

@@ -14,6 +14,10 @@ class LoRARequest:
     lora_name: str
     lora_int_id: int
     lora_path: str
+    # Under scheduling_policy "fair": this adapter's share of the service against the others (the base
+    # model's is 1). An adapter of share 2 is charged half the weighted tokens for the same work, so it
+    # is served about twice as much while both wait (weighted VTC). Ignored under "fcfs".
+    fair_share: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.lora_name:
@@ -28,3 +32,8 @@ class LoRARequest:
             )
         if not self.lora_path:
             raise ValueError(f"lora_path of adapter {self.lora_name!r} must name a directory")
+        share = self.fair_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1e6:
+            raise ValueError(
+                f"fair_share of adapter {self.lora_name!r} must be a number in (0, 1e6]; got {share!r}"
+            )

@@ -35,6 +35,7 @@ def lora_server(tiny_tokenizer_dir: Path, adapter_dirs: dict[str, str]) -> Itera
     live = start_server(
         engine,
         lora_modules=[f"sql={adapter_dirs['sql']}", f"chat={adapter_dirs['chat']}"],
+        lora_shares=["chat=3"],
         allow_runtime_lora_updating=True,
     )
     yield live
@@ -110,9 +111,15 @@ def test_load_and_unload_at_run_time(lora_server: LiveServer, adapter_dirs: dict
         r = _complete(c, "extra")
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
-        # Loaded again under the same name: a new id, so nothing of the old one is reused.
-        r = c.post("/v1/load_lora_adapter", json={"lora_name": "extra", "lora_path": adapter_dirs["extra"]})
+        # Loaded again under the same name: a new id, so nothing of the old one is reused; with a share
+        # for --scheduling-policy fair this time.
+        body = {"lora_name": "extra", "lora_path": adapter_dirs["extra"], "fair_share": 2.5}
+        r = c.post("/v1/load_lora_adapter", json=body)
         assert r.status_code == 200 and lora_server.state.loras.get("extra").lora_int_id == 4  # type: ignore[union-attr]
+        assert (
+            engine.loras[4].fair_share == 2.5 and engine.loras[2].fair_share == 3.0
+        )  # chat (id 2): --lora-shares
+        assert lora_server.state.loras.get("sql").fair_share == 1.0  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(
@@ -162,6 +169,16 @@ def test_load_and_unload_at_run_time(lora_server: LiveServer, adapter_dirs: dict
             "/v1/load_lora_adapter",
             {"lora_name": "new", "lora_path": " "},
             _error(400, "lora_path must be a non-empty string.", "lora_path", "invalid_value"),
+        ),
+        (
+            "/v1/load_lora_adapter",
+            {"lora_name": "new", "lora_path": "/x", "fair_share": 0},
+            _error(
+                400,
+                "fair_share of adapter 'new' must be a number in (0, 1e6]; got 0.0",
+                "fair_share",
+                "invalid_value",
+            ),
         ),
         (
             "/v1/unload_lora_adapter",

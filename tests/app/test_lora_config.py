@@ -114,7 +114,15 @@ def test_bad_settings_name_the_field(flags: dict, env: dict, message: str) -> No
         ("lora:\n  adapters: {name: a, path: /x}\n", "key 'lora.adapters' in"),
         (
             "lora:\n  adapters:\n    - {name: a}\n",
-            "entry 0 must be a mapping with exactly the keys name and path",
+            "entry 0 must be a mapping with the keys name and path (and optionally share)",
+        ),
+        (
+            "lora:\n  adapters:\n    - {name: a, path: /x, weight: 2}\n",
+            "entry 0 must be a mapping with the keys name and path (and optionally share)",
+        ),
+        (
+            "lora:\n  enable: true\n  adapters:\n    - {name: a, path: /x, share: 0}\n",
+            "invalid lora_shares (from key 'lora.adapters' in",
         ),
         (
             "lora:\n  adapters:\n    - {name: a=b, path: /x}\n",
@@ -141,6 +149,7 @@ def test_shipped_multi_lora_example_loads() -> None:
     assert engine.enable_lora is True and engine.scheduling_policy == "fair"
     names = [name for name, _ in server.lora_adapters]
     assert len(names) >= 2 and not set(names) & set(server.served_model_name)
+    assert server.lora_share_map == {"support-bot": 2.0}  # the others keep share 1
 
 
 def test_serve_exits_2_on_a_missing_adapter_directory(
@@ -153,3 +162,38 @@ def test_serve_exits_2_on_a_missing_adapter_directory(
         err
         == f"weir serve: error: lora_modules: the directory '{tmp_path / 'nope'}' of adapter 'sql' does not exist"
     )
+
+
+def test_adapter_shares_from_yaml_flags_and_env(tmp_path: Path) -> None:
+    """Under --scheduling-policy fair an adapter's share comes from its YAML entry, --lora-shares or
+    WEIR_LORA_SHARES (the usual precedence); adapters not named keep share 1."""
+    text = (
+        "scheduling_policy: fair\nlora:\n  enable: true\n  adapters:\n"
+        "    - {name: a, path: /x, share: 2}\n    - {name: b, path: /y}\n"
+    )
+    cfg = _yaml(tmp_path, text)
+    engine, server = resolve({"config": cfg}, env={})
+    assert engine.scheduling_policy == "fair"
+    assert server.lora_share_map == {"a": 2.0}
+    _, server = resolve({"config": cfg}, env={"WEIR_LORA_SHARES": "a=0.5,b=3"})
+    assert server.lora_share_map == {"a": 0.5, "b": 3.0}
+    _, server = resolve({"config": cfg, "lora_shares": ["b=4"]}, env={"WEIR_LORA_SHARES": "a=0.5"})
+    assert server.lora_share_map == {"b": 4.0}
+
+
+@pytest.mark.parametrize(
+    ("shares", "message"),
+    [
+        (["a"], "lora_shares entry 'a' must be NAME=SHARE (e.g. sql=2)"),
+        (["a=x"], "lora_shares entry 'a=x': the share must be a number in (0, 1e6]"),
+        (["a=-1"], "lora_shares entry 'a=-1': the share must be a number in (0, 1e6]"),
+        (["a=nan"], "lora_shares entry 'a=nan': the share must be a number in (0, 1e6]"),
+        (["a=1", "a=2"], "lora_shares names the adapter 'a' twice"),
+        (["c=1"], "lora_shares names 'c', which lora_modules does not serve (served: a)"),
+    ],
+)
+def test_bad_shares_name_the_option(shares: list[str], message: str) -> None:
+    flags = {"enable_lora": True, "lora_modules": ["a=/x"], "lora_shares": shares}
+    with pytest.raises(ConfigError) as exc:
+        resolve(flags, env={})
+    assert message in str(exc.value) and "lora_shares" in str(exc.value)

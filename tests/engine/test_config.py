@@ -157,3 +157,14 @@ def test_fit_mixed_steps_caps_the_scheduler_at_the_largest_mixed_graph() -> None
     assert cap("cuda", fit_mixed_steps_to_cuda_graphs=True, max_cuda_graph_mixed_tokens=256) == 256
     assert cap("cuda", fit_mixed_steps_to_cuda_graphs=True, enforce_eager=True) == 0  # no graphs
     assert cap("cpu", fit_mixed_steps_to_cuda_graphs=True) == 0  # no mixed graphs on cpu by default
+
+
+def test_fair_token_weights_reach_the_scheduler_and_are_checked() -> None:
+    weights = _resolve(
+        "cpu", fair_prompt_token_weight=0.5, fair_output_token_weight=3
+    ).scheduler.fair_token_weights
+    assert weights == (0.5, 3.0)
+    assert _resolve("cpu").scheduler.fair_token_weights == (1.0, 2.0)  # VTC's defaults
+    for bad in (0, -1.0, float("nan"), 2e6):
+        with pytest.raises(ValueError, match="fair_output_token_weight must be a number in"):
+            EngineConfig("m", fair_output_token_weight=bad)

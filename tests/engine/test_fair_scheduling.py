@@ -129,3 +129,49 @@ def test_priority_orders_within_a_tenant(policy: str) -> None:
     sched.add_request(_request("first", LIGHT, priority=1))
     sched.add_request(_request("urgent", LIGHT, priority=-1))
     assert [r.req_id for r in sched.schedule().new_requests] == ["urgent"]
+
+
+def test_token_weights_and_an_adapters_share_scale_its_charge() -> None:
+    q = FairQueue(prompt_token_weight=0.5, output_token_weight=4.0)
+    double = LoRARequest("double", 3, "/adapters/double", fair_share=2.0)
+    r = _request("r", double)
+    q.push(r, 0)
+    q.pop(r)
+    r.num_computed_tokens = PROMPT_LEN
+    q.charge([r], {"r": PROMPT_LEN})
+    r.num_computed_tokens += 1
+    q.charge([r], {"r": 1})
+    assert q.counters[3] == (0.5 * PROMPT_LEN + 4.0 * 1) / 2.0
+
+
+def test_overloaded_tenants_are_served_in_proportion_to_their_shares() -> None:
+    """Both tenants ask for more than the engine serves; the one of share 2 gets ~twice the admissions
+    (equal shares: ~equal), under the scheduler's own charging."""
+
+    def admitted(share_a: float) -> dict[str, int]:
+        a = LoRARequest("a", 1, "/adapters/a", fair_share=share_a)
+        b = LoRARequest("b", 2, "/adapters/b")
+        sched = _scheduler("fair")
+        counts = {"a": 0, "b": 0}
+        for step in range(STEPS):
+            for tenant, lora in (("a", a), ("b", b)):
+                for i in range(2):
+                    sched.add_request(_request(f"{tenant}{step}-{i}", lora))
+            out = sched.schedule()
+            for new_req in out.new_requests:
+                counts[new_req.req_id[0]] += 1
+            scheduled = sched.scheduled_requests(out)
+            sampled = {rid: [42] for rid, r in scheduled.items() if r.num_output_placeholders}
+            sched.update_from_output(out, ModelRunnerOutput(sampled_token_ids=sampled))
+        return counts
+
+    equal, weighted = admitted(1.0), admitted(2.0)
+    assert abs(equal["a"] - equal["b"]) <= 0.05 * equal["b"], equal
+    assert 1.8 <= weighted["a"] / weighted["b"] <= 2.2, weighted
+    assert sum(weighted.values()) >= 0.95 * sum(equal.values())  # the same engine, only divided differently
+
+
+def test_share_must_be_positive_and_bounded() -> None:
+    for bad in (0, -1.0, float("inf"), float("nan"), True, "2"):
+        with pytest.raises(ValueError, match="fair_share of adapter 'x' must be a number in"):
+            LoRARequest("x", 1, "/adapters/x", fair_share=bad)  # type: ignore[arg-type]

@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from engine.lora.request import valid_fair_weight
+
 # Key in the YAML `lora:` section -> the option it sets.
 SECTION_KEYS: dict[str, str] = {
     "enable": "enable_lora",
@@ -94,7 +96,7 @@ def parse_lora_shares(entries: list[str], adapter_names: list[str]) -> dict[str,
             share = float(raw)
         except ValueError:
             share = float("nan")
-        if not 0 < share <= 1e6:  # NaN fails too
+        if not valid_fair_weight(share):
             raise ValueError(f"lora_shares entry {entry!r}: the share must be a number in (0, 1e6]")
         if name in shares:
             raise ValueError(f"lora_shares names the adapter {name!r} twice")

@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from engine.lora.request import valid_fair_weight
 from engine.model_config import ModelConfig, resolve_device
 
 logger = logging.getLogger("weir.engine")
@@ -170,9 +171,8 @@ class EngineConfig:
                 )
         _choice("scheduling_policy", self.scheduling_policy, VALID_SCHEDULING_POLICIES)
         for name in ("fair_prompt_token_weight", "fair_output_token_weight"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1e6:
-                raise ValueError(f"{name} must be a number in (0, 1e6]; got {value!r}")
+            if not valid_fair_weight(getattr(self, name)):
+                raise ValueError(f"{name} must be a number in (0, 1e6]; got {getattr(self, name)!r}")
         _positive("tensor_parallel_size", self.tensor_parallel_size)
         _choice("distributed_executor_backend", self.distributed_executor_backend, VALID_EXECUTOR_BACKENDS)
         _bounded("tp_broadcast_slots", self.tp_broadcast_slots, MAX_TP_BROADCAST_SLOTS)

@@ -4,6 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The fair policy's weights (an adapter's share, the prompt and output token weights) lie in (0, this].
+MAX_FAIR_WEIGHT = 1e6
+
+
+def valid_fair_weight(value: object) -> bool:
+    """Whether `value` may be a share (LoRARequest.fair_share, --lora-shares) or a token weight
+    (EngineConfig.fair_prompt_token_weight / fair_output_token_weight): a real number, not a bool,
+    in (0, MAX_FAIR_WEIGHT] (NaN and infinity are not)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value <= MAX_FAIR_WEIGHT
+
 
 @dataclass(frozen=True, slots=True)
 class LoRARequest:
@@ -32,8 +42,8 @@ class LoRARequest:
             )
         if not self.lora_path:
             raise ValueError(f"lora_path of adapter {self.lora_name!r} must name a directory")
-        share = self.fair_share
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1e6:
+        if not valid_fair_weight(self.fair_share):
             raise ValueError(
-                f"fair_share of adapter {self.lora_name!r} must be a number in (0, 1e6]; got {share!r}"
+                f"fair_share of adapter {self.lora_name!r} must be a number in (0, 1e6]; "
+                f"got {self.fair_share!r}"
             )

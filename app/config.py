@@ -88,8 +88,8 @@ class ServerConfig:
                 f"log_level must be one of debug, info, warning, error, critical; got {self.log_level!r}"
             )
         self.log_level = self.log_level.lower()
-        parse_lora_modules(self.lora_modules)
-        parse_lora_shares(self.lora_shares, [name for name, _ in self.lora_adapters])
+        adapters = parse_lora_modules(self.lora_modules)
+        parse_lora_shares(self.lora_shares, [name for name, _ in adapters])
 
     @property
     def lora_adapters(self) -> list[tuple[str, str]]:

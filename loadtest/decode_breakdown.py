@@ -53,6 +53,7 @@ PARTS = (
     "activation",
     "embedding",
     "sampler",
+    "lora",
     "copies",
     "other",
 )
@@ -228,6 +229,8 @@ def refine(part: str | None, name: str) -> str:
     family = family_of(name)
     if part == "attention" and family == "kv_write":
         return "kv_write"
+    if family == "lora":  # a LoRA kernel runs inside a projection's module but is its own part
+        return "lora"
     if part in PARTS:
         return part
     return family if family in PARTS else "other"
@@ -351,15 +354,18 @@ def profile_steps(engine: Any, steps: int, cuda: bool) -> tuple[Any, float]:
     return prof, wall
 
 
-def run(llm: Any, model: Any, args: Any, copy_gb_s: float | None) -> dict[str, Any]:
-    """Prefill one request, then the eager labelled step and the graphed window; the K1 results."""
+def run(llm: Any, model: Any, args: Any, copy_gb_s: float | None, lora_request: Any = None) -> dict[str, Any]:
+    """Prefill one request (on lora_request's adapter when given), then the eager labelled step and the
+    graphed window; the K1 results."""
     from loadtest.common import engine_runner, sampling_params
 
     engine = llm.llm_engine
     runner = engine_runner(llm)
     cuda = model.device == "cuda"
     prompt = [(7 * i) % min(model.vocab_size, 10000) for i in range(args.input_len)]
-    engine.add_request("k1", prompt, sampling_params(args.output_len, args.temperature))
+    engine.add_request(
+        "k1", prompt, sampling_params(args.output_len, args.temperature), lora_request=lora_request
+    )
     for _ in range(4):  # the prefill, then decode steps (graph replays) before anything is timed
         engine.step()
     engine.flush()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import random
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -163,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="t2 mode: every request a beam search of this width (B1's step: 0 = sampling)",
     )
     p.add_argument("--n", type=int, default=1, help="t2 mode: parallel samples per request (B2's step)")
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="batch1 mode: the request runs on a random LoRA adapter of this rank on all seven "
+        "projections (A3's step; 0 = no LoRA)",
+    )
     p.add_argument("--prefill-steps", type=int, default=3, help="profiled prefill steps")
     p.add_argument("--decode-steps", type=int, default=8, help="profiled decode steps")
     add_common_args(p, default_shape="llama3-8b")
@@ -229,12 +237,24 @@ def main_batch1(args: argparse.Namespace) -> int:
     copy_gb_s = bw["GB_s"] if bw else None
     mml = default_max_model_len(args, model, args.input_len + args.output_len)
     llm = None
+    tmp = tempfile.TemporaryDirectory(prefix="weir-k1-lora-")
     try:
+        lora_request, lora_kwargs = None, {}
+        if args.lora_rank:
+            from engine import LoRARequest
+            from loadtest.bench_lora import write_adapters
+
+            (path,) = write_adapters(Path(tmp.name), model.config, 1, args.lora_rank, model.dtype)
+            lora_request = LoRARequest("k1-adapter", 1, str(path))
+            lora_kwargs = {"enable_lora": True, "max_loras": 1, "max_lora_rank": args.lora_rank}
+            report["workload"]["lora_rank"] = args.lora_rank
         with phase(report, "engine_build"):
-            llm, build_s = build_llm(model, engine_kwargs(args, model, max_model_len=mml))
+            llm, build_s = build_llm(model, engine_kwargs(args, model, max_model_len=mml, **lora_kwargs))
             report["engine"] = {**engine_info(llm), "build_s": round(build_s, 3)}
         with phase(report, "batch1"):
-            res = decode_breakdown.run(llm, model, args, copy_gb_s)
+            res = decode_breakdown.run(llm, model, args, copy_gb_s, lora_request)
+            if lora_request is not None:
+                res["loras_loaded"] = sorted(llm.llm_engine.list_loras())
             report["results"]["batch1"] = res
             graphed = res.get("graphed")
             table = graphed["table"] if graphed else res["eager_step"]
@@ -253,6 +273,7 @@ def main_batch1(args: argparse.Namespace) -> int:
     finally:
         if llm is not None:
             free_engine(llm)
+        tmp.cleanup()
     return report.finish()
 
 

@@ -158,3 +158,19 @@ def test_align_labels_skips_what_one_side_lacks() -> None:
 )
 def test_module_parts(name: str, part: str | None) -> None:
     assert db.part_of_module(name) == part
+
+
+def test_batch1_profile_with_a_lora_adapter_on_cpu(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """A3's step: the request runs on a rank-8 adapter; the LoRA kernels are a part of their own even
+    though they launch inside a projection's module."""
+    out = tmp_path / "k1_lora.json"
+    argv = ["--mode", "batch1", "--model", str(tiny_llama_dir), *ENGINE, "--input-len", "12"]
+    argv += ["--output-len", "24", "--decode-steps", "3", "--temperature", "0", "--lora-rank", "8"]
+    assert profile_kernels.main([*argv, "--out", str(out)]) == 0
+    data = load_report(out, "K1")
+    assert data["workload"]["lora_rank"] == 8
+    assert data["results"]["batch1"]["loras_loaded"] == [1]  # the request ran on the adapter
+    assert data["results"]["batch1"]["eager_step"]["qkv_proj"]["us_per_step"] > 0
+    assert db.refine("qkv_proj", "_lora_shrink_kernel") == "lora"
+    assert db.refine("down_proj", "_lora_expand_kernel") == "lora"
+    assert db.refine("qkv_proj", "gemv_a") == "qkv_proj"

@@ -171,8 +171,8 @@ ENGINE_HELP: dict[str, str] = {
     "time to first token rises.",
     "fit_mixed_steps_to_cuda_graphs": "When decodes share a step with a prompt, cut the prompt's chunk so "
     "the step fits the largest mixed CUDA graph (--max-cuda-graph-mixed-tokens), instead of a larger step "
-    "that runs eagerly; the prompt takes more steps. Only while the prompts' backlog fits one full step "
-    "(under a longer queue, steps take the whole budget). On by default; --no-fit-mixed-steps-to-cuda-graphs: "
+    "that runs eagerly; the prompt takes more steps. Only while the prompts' backlog is at most "
+    "8,192 tokens or one full step (under a longer queue, steps take the whole budget). On by default; --no-fit-mixed-steps-to-cuda-graphs: "
     "lower time to first token, a higher inter-token latency tail.",
     "max_waiting_requests": "Waiting-queue bound in requests; beyond it new requests get 429.",
     "max_waiting_tokens": "Waiting-queue bound in prompt tokens; beyond it new requests get 429.",

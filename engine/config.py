@@ -33,6 +33,11 @@ VALID_EXECUTOR_BACKENDS = ("mp", "ray")
 # Bounds of the tensor-parallel broadcast ring: its header stores both in 32 bits, and the whole ring
 # lives in /dev/shm (checked against its free space when the executor starts).
 MAX_TP_BROADCAST_SLOTS = 4096
+# fit_mixed_steps_to_cuda_graphs cuts prompts beside decodes while their backlog is at most this many
+# tokens (or one step, if larger). Measured on an H200 (S1 at 16 req/s, 1,024-token prompts): with the
+# server's 2,048-token steps a one-step limit let three waiting prompts turn the cut off, and ITL p99
+# rose from 15.2 to 20.6 ms; 8,192 is the limit those 15.2 ms were measured with (the old step size).
+MIXED_STEP_FIT_BACKLOG_TOKENS = 8192
 MAX_TP_BROADCAST_SLOT_BYTES = 1 << 30
 # kv_cache_dtype -> the caches' torch dtype name (auto: the model's). "fp8" is e4m3, as in vLLM.
 KV_CACHE_DTYPES = {
@@ -82,7 +87,7 @@ class EngineConfig:
     # the inter-token latency's tail falls, and time to first token of long prompts rises.
     long_prefill_token_threshold: int = 0
     # Decodes in the step: a prompt's chunk is cut so the step fits the largest mixed CUDA graph, while
-    # the prompts' backlog fits one full step (light load). S1 at 16 req/s on an H200: ITL p99 31 -> 15 ms,
+    # the prompts' backlog is short (8,192 tokens or one full step; light load). S1 at 16 req/s on an H200: ITL p99 31 -> 15 ms,
     # TTFT p50 41 -> 48 ms (loadtest/results/suite-h200-2026-12-03-*). Nothing to fit without mixed graphs.
     fit_mixed_steps_to_cuda_graphs: bool = True
     # Admission control (serving): beyond these the server answers 429 instead of queueing.
@@ -248,6 +253,7 @@ class EngineConfig:
                     if self.fit_mixed_steps_to_cuda_graphs and not self.enforce_eager
                     else 0
                 ),
+                mixed_step_fit_backlog_tokens=MIXED_STEP_FIT_BACKLOG_TOKENS,
                 max_model_len=max_model_len,
                 async_scheduling=self.async_scheduling,
                 max_waiting_requests=self.max_waiting_requests,
@@ -387,6 +393,9 @@ class SchedulerConfig:
     # fit_mixed_steps_to_cuda_graphs: when a step already holds tokens (decodes), a prompt's chunk is cut
     # so the step stays within this many tokens, the largest mixed CUDA graph (0: no such cut).
     mixed_step_token_cap: int = 0
+    # The cut applies while the prompts' backlog (running and waiting) is at most this many tokens, or
+    # one full step if that is more; past it the queue's own wait dominates TTFT and full steps drain it.
+    mixed_step_fit_backlog_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,6 +51,7 @@ class Scheduler(BeamScheduling):
         # With decodes in the step, a prompt's chunk stops where the step would outgrow the largest
         # mixed CUDA graph (0: no such cut): a step past it runs eagerly, ~18 ms of launches for an 8B.
         self.mixed_step_token_cap = config.mixed_step_token_cap
+        self._fit_backlog_limit = max(config.max_num_batched_tokens, config.mixed_step_fit_backlog_tokens)
         self._step_decode_tokens = 0  # decodes scheduled so far in the step being built
         self._step_fit = 0  # the step being built: mixed_step_token_cap, or 0 when it does not apply
         self.kv_cache_manager = KVCacheManager(
@@ -189,10 +190,11 @@ class Scheduler(BeamScheduling):
                 prefills.append(r)
                 prefill_backlog += remaining
         prefill_backlog += self._num_waiting_tokens
-        # Cut prompts to the mixed graph only while their backlog fits one full step: at light load
-        # that keeps the decodes' steps short (ITL); past it the queue's own wait dominates TTFT and
-        # full steps drain it (and keep throughput at saturation).
-        self._step_fit = self.mixed_step_token_cap if prefill_backlog <= self.max_num_batched_tokens else 0
+        # Cut prompts to the mixed graph only while their backlog is short (SchedulerConfig's
+        # mixed_step_fit_backlog_tokens, at least one full step): at light load that keeps the decodes'
+        # steps short (ITL); past it the queue's own wait dominates TTFT and full steps drain it (and
+        # keep throughput at saturation).
+        self._step_fit = self.mixed_step_token_cap if prefill_backlog <= self._fit_backlog_limit else 0
         self._step_decode_tokens = 0
         for req in decodes + prefills:
             if budget <= 0:

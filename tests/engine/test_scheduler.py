@@ -29,11 +29,13 @@ def make_sched(
     prefix_caching: bool = True,
     long_prefill_token_threshold: int = 0,
     mixed_step_token_cap: int = 0,
+    mixed_step_fit_backlog_tokens: int = 0,
 ) -> Scheduler:
     return Scheduler(
         SchedulerConfig(
             long_prefill_token_threshold=long_prefill_token_threshold,
             mixed_step_token_cap=mixed_step_token_cap,
+            mixed_step_fit_backlog_tokens=mixed_step_fit_backlog_tokens,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=budget,
             max_model_len=max_model_len,
@@ -323,6 +325,33 @@ def test_mixed_step_cut_waits_until_the_prompt_backlog_fits_one_step() -> None:
     assert so.num_scheduled_tokens == {"s0": 1, "s1": 1, "p0": 30, "p1": 30, "p2": 2}
     so, _ = step(sched, runner)  # 28 of p2's tokens left: cut to the graph, 12 beside 4 decodes
     assert so.num_scheduled_tokens == {"s0": 1, "s1": 1, "p0": 1, "p1": 1, "p2": 12}
+    run_to_completion(sched, runner)
+    for rid, prompt in prompts.items():
+        assert reqs[rid].output_token_ids == expected_outputs(prompt, 2)
+    assert_all_blocks_free(sched)
+
+
+def test_mixed_step_cut_applies_up_to_the_configured_backlog_past_one_step() -> None:
+    # The same three 30-token prompts beside two decoding streams, but the cut applies up to a backlog
+    # of 128 tokens (more than the 64-token step): every step stays within the 16-token graph from the
+    # first one (the server's case: short steps, and a few prompts waiting must not turn the cut off).
+    sched = make_sched(budget=64, mixed_step_token_cap=16, mixed_step_fit_backlog_tokens=128)
+    runner = FakeRunner(64)
+    streams = [make_req(f"s{i}", [5 + i] * 4, max_tokens=12) for i in range(2)]
+    for s in streams:
+        sched.add_request(s)
+    step(sched, runner)  # their prefills; now they decode
+    prompts = {f"p{i}": list(range(100 + 40 * i, 130 + 40 * i)) for i in range(3)}
+    reqs = {rid: make_req(rid, prompt, max_tokens=2) for rid, prompt in prompts.items()}
+    for req in reqs.values():
+        sched.add_request(req)
+    so, _ = step(sched, runner)
+    assert so.num_scheduled_tokens == {"s0": 1, "s1": 1, "p0": 14}
+    totals = [so.total_num_scheduled_tokens]
+    while any(r.num_output_tokens == 0 for r in reqs.values()):
+        so, _ = step(sched, runner)
+        totals.append(so.total_num_scheduled_tokens)
+    assert max(totals) == 16, totals
     run_to_completion(sched, runner)
     for rid, prompt in prompts.items():
         assert reqs[rid].output_token_ids == expected_outputs(prompt, 2)

@@ -21,6 +21,7 @@ OP_NAMES = (
     "rotary_embedding",
     "silu_and_mul",
     "write_kv_cache",
+    "rotary_and_write_kv",
     "paged_attention",
     "lora_shrink",
     "lora_expand",
@@ -41,6 +42,7 @@ class Kernels:
     rotary_embedding: Callable[..., Any]
     silu_and_mul: Callable[..., Any]
     write_kv_cache: Callable[..., Any]
+    rotary_and_write_kv: Callable[..., Any]  # rotary_embedding, then write_kv_cache: one launch
     paged_attention: Callable[..., Any]
     lora_shrink: Callable[..., Any]  # batched LoRA over stacked adapter slots (engine.lora)
     lora_expand: Callable[..., Any]

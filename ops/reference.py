@@ -96,6 +96,35 @@ def write_kv_cache(
     v_cache[blocks, offsets] = _to_cache(value[valid], v_cache.dtype, v_scale)
 
 
+def rotary_and_write_kv(
+    positions: torch.Tensor,  # [num_tokens] int64
+    query: torch.Tensor,  # [num_tokens, num_heads * head_dim]
+    key: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
+    cos_sin_cache: torch.Tensor,  # [max_position, head_dim]: cos in the first half, sin in the second
+    head_dim: int,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64; -1 = skip (padding)
+    k_scale: torch.Tensor | None = None,  # [num_kv_heads] float32; None = 1.0
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:  # [num_tokens, num_heads * head_dim]
+    """rotary_embedding on q and k, then write_kv_cache of the rotated k and v; returns the rotated q
+    (the rotated k lives only in the cache, where attention reads keys)."""
+    q, k = rotary_embedding(positions, query, key, cos_sin_cache, head_dim)
+    n = k.shape[0]
+    write_kv_cache(
+        k.view(n, -1, head_dim),
+        value.reshape(n, -1, head_dim),
+        k_cache,
+        v_cache,
+        slot_mapping,
+        k_scale,
+        v_scale,
+    )
+    return q
+
+
 def _to_cache(
     x: torch.Tensor,  # [n, num_kv_heads, head_dim]
     cache_dtype: torch.dtype,

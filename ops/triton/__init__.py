@@ -9,6 +9,7 @@ from ops.triton.lora import lora_expand, lora_shrink
 from ops.triton.paged_attention import paged_attention
 from ops.triton.rms_norm import rms_norm
 from ops.triton.rotary import rotary_embedding
+from ops.triton.rotary_kv import rotary_and_write_kv
 from ops.triton.seeded_noise import seeded_exponential_
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "lora_shrink",
     "paged_attention",
     "rms_norm",
+    "rotary_and_write_kv",
     "rotary_embedding",
     "seeded_exponential_",
     "silu_and_mul",

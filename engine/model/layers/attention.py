@@ -64,17 +64,30 @@ class Attention(nn.Module):
         query: torch.Tensor,  # [num_tokens, num_heads * head_dim]
         key: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
         value: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
+        positions: torch.Tensor
+        | None = None,  # [num_tokens] int64: rotate q and k first (with the cache below)
+        cos_sin_cache: torch.Tensor | None = None,  # [max_position, head_dim] (RotaryEmbedding's)
     ) -> torch.Tensor:  # [num_tokens, num_heads * head_dim]
+        """Store this step's K/V in the cache, then attend. Given positions and the rotary cos/sin cache,
+        q and k are rotated by the same launch that stores K/V (ops rotary_and_write_kv): one kernel
+        per layer fewer than rotating first, which at batch 1 is launch time saved, not bytes."""
         if self.k_cache is None or self.v_cache is None:
             raise RuntimeError(f"attention layer {self.layer_idx} has no KV cache bound")
         md = get_attention_metadata()
         backend = self.attn_backend
         num_tokens = query.shape[0]
-        key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
-        value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
-        backend.write_kv_cache(
-            key, value, self.k_cache, self.v_cache, md.slot_mapping, self.k_scale, self.v_scale
-        )
+        if positions is not None:
+            assert cos_sin_cache is not None
+            query = backend.kernels.rotary_and_write_kv(
+                positions, query, key, value, cos_sin_cache, self.head_dim, self.k_cache, self.v_cache,
+                md.slot_mapping, self.k_scale, self.v_scale,
+            )  # fmt: skip
+        else:
+            key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
+            value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
+            backend.write_kv_cache(
+                key, value, self.k_cache, self.v_cache, md.slot_mapping, self.k_scale, self.v_scale
+            )
         out = backend.paged_attention(
             query.view(num_tokens, self.num_heads, self.head_dim),
             self.k_cache,

@@ -82,12 +82,12 @@ class AppState:
 
     def finish_startup(self) -> None:
         """The server listens: close the start-up phases and log them, once per engine (one line
-        with total_s, <phase>_s for each phase and other_s)."""
+        with the labels (tokenizer_loader), total_s, <phase>_s for each phase and other_s)."""
         phases = self.engine.startup_phases
         if phases.finished:
             return
         phases.end(self.startup_span)
-        log.info("startup phases", **phases.finish())
+        log.info("startup phases", **phases.labels, **phases.finish())
 
     # ---------------------------------------------------------------- shutdown
 

@@ -88,8 +88,15 @@ class LLMEngine:
                     raise tokenizer_error from tokenizer_error.__cause__
             raise
         self.executor: Executor = executor
+        # Which loader read the tokenizer: weir's own (`tokenizers`, no transformers import) or
+        # transformers' AutoTokenizer, with the reason weir's own could not.
+        phases.labels["tokenizer_loader"] = tokenizer_load.loader or ""
         logger.info(
-            "tokenizer loaded in %.2fs%s", tokenizer_load.seconds, "" if on_cuda else ", beside the model"
+            "tokenizer loaded in %.2fs by %s%s%s",
+            tokenizer_load.seconds,
+            tokenizer_load.loader,
+            f" ({tokenizer_load.fallback_reason})" if tokenizer_load.fallback_reason else "",
+            "" if on_cuda else ", beside the model",
         )
         # The one write after resolution: the cache's size (and max_model_len capped to it).
         self.config = config = resolved.with_num_kv_blocks(num_blocks)

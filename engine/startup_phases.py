@@ -5,7 +5,8 @@ Phases, in start-up order:
 
 - imports: interpreter start and the Python imports of weir, torch, transformers, uvicorn;
 - config: settings (flags, environment, YAML), the checkpoint's config.json, device and port checks;
-- tokenizer: loading the tokenizer (transformers imports what it needs for it here);
+- tokenizer: loading the tokenizer (transformers' imports too, for a tokenizer weir does not read
+  itself: the `tokenizer_loader` label says which loader ran);
 - model_build: building the model's layers (and, with tensor parallelism, starting the workers);
 - weights: loading (or dummy-initialising) the weights;
 - kv_cache: the memory profile and the KV cache's allocation;
@@ -57,6 +58,8 @@ class StartupPhases:
         self.origin = time.perf_counter() if origin is None else origin
         self.seconds: dict[str, float] = dict.fromkeys(PHASES, 0.0)
         self.total: float | None = None  # set by finish()
+        # Facts about start-up that are not times, logged with the phases (tokenizer_loader=...).
+        self.labels: dict[str, str] = {}
         self._open: list[Span] = []
 
     @property

@@ -1,8 +1,12 @@
 """Tokenizer loading and prompt encoding (the asyncio side of the engine; never the step loop).
 
-transformers is imported where a tokenizer is loaded, not with this module: its imports (and those a
-tokenizer's first load pulls in through AutoConfig: torch.distributed, sympy, accelerate) take
-seconds, which `TokenizerLoad` spends on a thread of its own while the engine builds the model.
+A checkpoint with a plain fast tokenizer (tokenizer.json, named PreTrainedTokenizerFast in
+tokenizer_config.json: Llama 3's, the default model's) is read with the `tokenizers` library and
+jinja2 directly (engine/inputs/fast_tokenizer_files.py says which ones, fast_tokenizer.py how):
+transformers' imports, and those a tokenizer's first load pulls in through AutoConfig
+(torch.distributed, sympy, accelerate), take seconds. Every other checkpoint loads through
+transformers' AutoTokenizer, imported here and not with this module. `TokenizerLoad` loads on a
+thread of its own, which on a CPU runs beside the model's construction.
 """
 
 from __future__ import annotations
@@ -12,13 +16,36 @@ import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Union
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from engine.inputs.fast_tokenizer import FastTokenizer
 
-def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    AnyTokenizer = Union[FastTokenizer, PreTrainedTokenizerBase]
+
+# Which loader read a tokenizer (logged at start-up): the `tokenizers` library directly, or transformers.
+FAST_LOADER = "tokenizers"
+AUTO_LOADER = "transformers"
+
+
+def load_tokenizer(path: str) -> AnyTokenizer:
+    return load_tokenizer_with_loader(path)[0]
+
+
+def load_tokenizer_with_loader(path: str) -> tuple[AnyTokenizer, str, str | None]:
+    """The tokenizer, the loader that read it (FAST_LOADER or AUTO_LOADER) and, for AUTO_LOADER,
+    why weir's own could not."""
+    from engine.inputs.fast_tokenizer_files import read_fast_tokenizer  # noqa: PLC0415 - on the loading thread
+
+    fast = read_fast_tokenizer(path)
+    if not isinstance(fast, str):
+        return fast, FAST_LOADER, None
+    return _auto_tokenizer(path), AUTO_LOADER, fast
+
+
+def _auto_tokenizer(path: str) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer  # noqa: PLC0415 - seconds of imports; see the module doc
 
     try:
@@ -73,13 +100,15 @@ class TokenizerLoad:
 
     def __init__(self, path: str) -> None:
         self.seconds = 0.0  # how long the load took on its thread (once done)
-        self._future: Future[PreTrainedTokenizerBase] = Future()
+        self.loader: str | None = None  # FAST_LOADER or AUTO_LOADER (once loaded)
+        self.fallback_reason: str | None = None  # why AUTO_LOADER was needed
+        self._future: Future[AnyTokenizer] = Future()
         threading.Thread(target=self._run, args=(path,), name="weir-tokenizer", daemon=True).start()
 
     def _run(self, path: str) -> None:
         start = time.perf_counter()
         try:
-            tokenizer = load_tokenizer(path)
+            tokenizer, self.loader, self.fallback_reason = load_tokenizer_with_loader(path)
         except BaseException as exc:  # noqa: BLE001 - raised again by result(), on the caller's thread
             self.seconds = time.perf_counter() - start
             self._future.set_exception(exc)
@@ -87,7 +116,7 @@ class TokenizerLoad:
         self.seconds = time.perf_counter() - start
         self._future.set_result(tokenizer)
 
-    def result(self) -> PreTrainedTokenizerBase:
+    def result(self) -> AnyTokenizer:
         """The tokenizer, once loaded; raises what loading raised."""
         return self._future.result()
 
@@ -96,13 +125,13 @@ class TokenizerLoad:
         return self._future.exception()
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+def encode_prompt(tokenizer: AnyTokenizer, prompt: str) -> list[int]:
     """Token ids of a text prompt, with the tokenizer's own special tokens (BOS for Llama)."""
     return list(tokenizer.encode(prompt, add_special_tokens=True))
 
 
 def render_chat(
-    tokenizer: PreTrainedTokenizerBase,
+    tokenizer: AnyTokenizer,
     messages: list[dict[str, Any]],
     add_generation_prompt: bool = True,
     chat_template: str | None = None,

@@ -48,7 +48,7 @@ class LLM:
         """SamplingParams with the model's generation_config.json values (temperature, top_p, ...)."""
         return SamplingParams(**self.llm_engine.model_config.generation_defaults)
 
-    def get_tokenizer(self):  # noqa: ANN201 - a transformers tokenizer
+    def get_tokenizer(self):  # noqa: ANN201 - weir's FastTokenizer or a transformers tokenizer (engine/inputs/tokenizer.py)
         return self.llm_engine.tokenizer
 
     def generate(

@@ -43,8 +43,9 @@ class EngineStats:
 
 
 class EngineClient(Protocol):
-    # What the model is, for the routes: its tokenizer (a transformers tokenizer), limits, and the
-    # sampling defaults of its generation_config.json (SamplingParams names).
+    # What the model is, for the routes: its tokenizer (weir's FastTokenizer or a transformers one, with
+    # the same methods: engine/inputs/tokenizer.py), limits, and the sampling defaults of its
+    # generation_config.json (SamplingParams names).
     tokenizer: Any
     model_path: str
     max_model_len: int

@@ -1,9 +1,9 @@
 """What `weir serve` imports before its engine starts building, in a fresh interpreter.
 
 Every module imported there is paid by every start-up, on the critical path: transformers' tokenizer
-stack (seconds, with the torch.distributed.tensor and sympy it drags in through AutoConfig) loads on
-the tokenizer's own thread beside the model (engine/inputs/tokenizer.py), and the rest named below is
-not needed to serve at all. These tests fail when an eager import brings one of them back; they time
+stack (seconds, with the torch.distributed.tensor and sympy it drags in through AutoConfig) is not
+imported at all for a plain fast tokenizer, which weir reads itself on the tokenizer's own thread
+(engine/inputs/tokenizer.py), and the rest named below is not needed to serve at all. These tests fail when an eager import brings one of them back; they time
 nothing (the machine's speed would make any bound flaky).
 """
 
@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 # What app/cli.py's `serve` imports before it builds the engine (and the app, right after it).
 SERVE_PATH = ("app.cli", "app.startup", "app.logging", "engine.async_engine", "app.runner", "app.server")
 
-# Not before the engine builds: the tokenizer stack (its thread imports it), what only torch.compile,
+# Not before the engine builds: the tokenizer stack (its thread imports what it needs), what only torch.compile,
 # DTensor or symbolic shapes use (weir uses none of them), the Triton kernels (imported where a
 # runner picks them), optional extras and the other commands.
 HEAVY = (
@@ -84,9 +84,10 @@ def test_serve_path_imports_nothing_heavy_beyond_torch() -> None:
     assert _loaded(added, HEAVY) == []
 
 
-def test_tokenizer_stack_loads_on_the_tokenizer_thread() -> None:
-    """Building an engine imports transformers on the tokenizer's thread only: the main thread builds
-    the model meanwhile and never waits on transformers' imports for it."""
+def test_engine_start_imports_no_transformers_for_a_plain_fast_tokenizer() -> None:
+    """Building an engine on the default model (a tokenizer.json named PreTrainedTokenizerFast) reads
+    its tokenizer with `tokenizers` and jinja2 on the tokenizer's thread: transformers (seconds of
+    imports, with the DTensor and sympy its config classes drag in) is imported on no thread at all."""
     code = (
         "import gc, sys, json, threading\n"
         "gc.disable()\n"
@@ -100,15 +101,20 @@ def test_tokenizer_stack_loads_on_the_tokenizer_thread() -> None:
         "from engine.llm_engine import LLMEngine\n"
         "engine = LLMEngine(EngineConfig(model=str(default_model_dir()), device='cpu', max_model_len=64,\n"
         "    max_num_batched_tokens=64, max_num_seqs=4, num_kv_blocks=16))\n"
-        "print(json.dumps({'tokens': engine.tokenizer.encode('hello'),\n"
-        "    'threads': {n: t for n, t in first.items() if n.split('.')[0] in ('transformers', 'sympy')},\n"
+        "from app.prompt_encoder import PromptEncoder\n"
+        "PromptEncoder(engine.tokenizer).close()  # what the server builds on it\n"
+        "chat = engine.tokenizer.apply_chat_template([{'role': 'user', 'content': 'hi'}], tokenize=False)\n"
+        "print(json.dumps({'tokens': engine.tokenizer.encode('hello'), 'chat': chat,\n"
+        "    'loader': engine.startup_phases.labels,\n"
+        "    'threads': {n: t for n, t in first.items() if n.split('.')[0] == 'jinja2'},\n"
         "    'modules': sorted(sys.modules)}))\n"
     )
     r = _fresh(code)
-    assert r["tokens"]  # the tokenizer did load
-    threads = r["threads"]
-    assert threads.get("transformers") == "weir-tokenizer"
-    assert {n: t for n, t in threads.items() if t != "weir-tokenizer"} == {}
-    # A checkpoint that names its tokenizer class loads it without the model's config class, whose
-    # imports drag in DTensor and sympy (engine/inputs/tokenizer.py): not on any thread.
-    assert _loaded(r["modules"], ("sympy", "torch.distributed.tensor")) == []
+    assert r["tokens"] and r["chat"] == "<|im_start|>user\nhi<|im_end|>\n"  # the tokenizer did load
+    assert r["loader"] == {"tokenizer_loader": "tokenizers"}
+    # The chat template was compiled while loading, on the tokenizer's thread.
+    assert r["threads"].get("jinja2") == "weir-tokenizer"
+    assert set(r["threads"].values()) == {"weir-tokenizer"}
+    assert (
+        _loaded(r["modules"], ("transformers", "huggingface_hub", "sympy", "torch.distributed.tensor")) == []
+    )

@@ -130,6 +130,9 @@ def test_sigterm_drains_then_exits_0(serve: ServeProcess) -> None:
     # Start-up's phases, in one line just before "serving": every phase, from the process's start.
     startup = logs[events.index("serving") - 1]
     assert startup["event"] == "startup phases"
+    assert (
+        startup["tokenizer_loader"] == "tokenizers"
+    )  # the tiny llama's tokenizer.json, without transformers
     phases = {key: value for key, value in startup.items() if key.endswith("_s") and key != "total_s"}
     assert list(phases) == [f"{name}_s" for name in PHASES] + ["other_s"]
     assert all(value >= 0 for value in phases.values()) and phases["imports_s"] > 0

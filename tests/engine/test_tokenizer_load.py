@@ -1,4 +1,6 @@
-"""load_tokenizer's shortcut past the model's config class gives AutoTokenizer's own tokenizer."""
+"""load_tokenizer gives AutoTokenizer's tokenizer, or weir's own where that reads the same checkpoint
+(engine/inputs/fast_tokenizer_files.py), and its shortcut past the model's config class for the rest
+gives AutoTokenizer's own tokenizer."""
 
 from __future__ import annotations
 
@@ -10,30 +12,40 @@ import pytest
 from transformers import AutoTokenizer
 
 from app.config import default_model_dir
-from engine.inputs.tokenizer import _declared_config, load_tokenizer
+from engine.inputs.fast_tokenizer import FastTokenizer
+from engine.inputs.tokenizer import AUTO_LOADER, FAST_LOADER, _declared_config, load_tokenizer_with_loader
 
 TEXT = "def f(x):\n    return x + 1  # <|im_start|> héllo wörld\n\n"
 
 
-def _same_tokenizer(path: Path) -> None:
-    ours = load_tokenizer(str(path))
+def _same_tokenizer(path: Path) -> str:
+    """The loader used, once its tokenizer proved equal to AutoTokenizer's."""
+    ours, loader, _ = load_tokenizer_with_loader(str(path))
     theirs = AutoTokenizer.from_pretrained(str(path))
-    assert type(ours) is type(theirs)
+    if loader == AUTO_LOADER:
+        assert type(ours) is type(theirs)
+    else:
+        assert type(ours) is FastTokenizer
     assert ours.encode(TEXT) == theirs.encode(TEXT)
     assert ours.decode(theirs.encode(TEXT)) == theirs.decode(theirs.encode(TEXT))
     assert ours.all_special_tokens == theirs.all_special_tokens
     assert ours.chat_template == theirs.chat_template
+    return loader
 
 
 def test_default_model_tokenizer_equals_autotokenizer() -> None:
-    assert "config" in _declared_config(str(default_model_dir()))  # the shortcut is taken
-    _same_tokenizer(default_model_dir())
+    assert _same_tokenizer(default_model_dir()) == FAST_LOADER  # read without transformers
+    assert "config" in _declared_config(str(default_model_dir()))  # the shortcut, for AutoTokenizer's path
 
 
 def test_every_tiny_family_tokenizer_equals_autotokenizer(tiny_model_dirs: dict[str, Path]) -> None:
-    for path in tiny_model_dirs.values():
+    loaders = {}
+    for family, path in tiny_model_dirs.items():
         assert "config" in _declared_config(str(path))  # the tests' tokenizer names its class
-        _same_tokenizer(path)
+        loaders[family] = _same_tokenizer(path)
+    # transformers 5 loads a qwen2 checkpoint with its own Qwen2Tokenizer class, which rebuilds the
+    # pre-tokenizer: weir leaves that one to transformers.
+    assert loaders == {f: AUTO_LOADER if f == "qwen2" else FAST_LOADER for f in tiny_model_dirs}
 
 
 @pytest.mark.parametrize(

@@ -193,6 +193,41 @@ def test_llama3_post_processor_adds_bos_whatever_add_bos_token_says(checkpoints:
     assert bos not in ours.encode("hi", add_special_tokens=False)
 
 
+@pytest.mark.parametrize(
+    ("name", "tokenizer_json", "tokenizer_config", "specials"),
+    [
+        # transformers 5 ignores add_bos_token / add_eos_token beside a tokenizer.json ...
+        ("llama3", {}, {"add_bos_token": True, "add_eos_token": True}, ["<|begin_of_text|>"]),
+        ("bert", {}, {"add_bos_token": True}, ["[CLS]", "[SEP]"]),
+        # ... and gives a tokenizer.json without a post-processor an empty TemplateProcessing.
+        ("bert", {"post_processor": None}, {}, []),
+        ("llama3", {"post_processor": None}, {"add_bos_token": True}, []),
+    ],
+)
+def test_post_processor_and_add_bos_token_as_transformers(
+    checkpoints: dict[str, Path],
+    tmp_path: Path,
+    name: str,
+    tokenizer_json: dict,
+    tokenizer_config: dict,
+    specials: list[str],
+) -> None:
+    """The special tokens `encode` adds (`specials`, around "hello") are the post-processor's."""
+    path = tmp_path / "m"
+    shutil.copytree(checkpoints[name], path)
+    data = json.loads((path / "tokenizer.json").read_text())
+    data.update(tokenizer_json)
+    (path / "tokenizer.json").write_text(json.dumps(data))
+    edit_json(path / "tokenizer_config.json", **tokenizer_config)
+    ours, theirs = _load(path)
+    assert json.loads(ours.backend_tokenizer.to_str()) == json.loads(theirs.backend_tokenizer.to_str())
+    for text in TEXTS:
+        for add in (True, False):
+            assert ours.encode(text, add_special_tokens=add) == theirs.encode(text, add_special_tokens=add)
+    special_ids = set(ours.all_special_ids)
+    assert [t for t in ours.encode("hello") if t in special_ids] == ours.convert_tokens_to_ids(specials)
+
+
 def _render_both(ours: object, theirs: object, conversation: list, **kwargs: object) -> tuple:
     """Both tokenizers' results, or both errors' (class, message)."""
     results = []
@@ -218,12 +253,15 @@ def test_chat_templates_render_as_transformers(checkpoints: dict[str, Path], nam
         calls.append((conversation, {}))  # tokenized, as a dict
         calls.append((conversation, {"tokenize": True, "return_dict": False}))
     tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
-    extras = {"tools": tools, "documents": [{"title": "t", "text": "<b>x</b>"}], "date_string": "26 Jul 2024"}
+    extras = {"tools": tools, "documents": [{"title": "t", "text": "<b>x</b> \u2603"}], "date_string": "26 Jul 2024"}
     calls.append((CONVERSATIONS[1], {"tokenize": False, **extras}))
     calls.append(
         (CONVERSATIONS[0], {"tokenize": False, "chat_template": "{{ messages[0].content }}!{{ eos_token }}"})
     )
     calls.append(([CONVERSATIONS[0], CONVERSATIONS[2]], {"tokenize": False, "add_generation_prompt": True}))
+    # Newlines after block tags (trim_blocks) and spaces before them (lstrip_blocks) are dropped.
+    blocks = "{% for m in messages %}\n  {% if m.role == 'user' %}\nU: {{ m.content }}\n  {% endif %}\n{% endfor %}\n"
+    calls.append((CONVERSATIONS[1], {"tokenize": False, "chat_template": blocks}))
     calls.append(([], {"tokenize": False}))
     calls.append(([{"role": "tool", "content": "x"}], {"tokenize": False}))
     calls.append(
@@ -244,6 +282,9 @@ def test_chat_templates_render_as_transformers(checkpoints: dict[str, Path], nam
         assert got == want, (conversation, kwargs)
     got, want = _render_both(ours, theirs, CONVERSATIONS[1], tokenize=False, add_generation_prompt=True)
     assert isinstance(got, str) and got  # the comparisons above are not all errors
+    assert ours.apply_chat_template(CONVERSATIONS[1], tokenize=False, chat_template=blocks) == (
+        "U:   What is 2+2?  \nU: And <html>&amp; \u2603?\n"
+    )
 
 
 def test_template_errors_are_the_same_400(checkpoints: dict[str, Path]) -> None:

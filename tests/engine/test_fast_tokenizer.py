@@ -253,7 +253,11 @@ def test_chat_templates_render_as_transformers(checkpoints: dict[str, Path], nam
         calls.append((conversation, {}))  # tokenized, as a dict
         calls.append((conversation, {"tokenize": True, "return_dict": False}))
     tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
-    extras = {"tools": tools, "documents": [{"title": "t", "text": "<b>x</b> \u2603"}], "date_string": "26 Jul 2024"}
+    extras = {
+        "tools": tools,
+        "documents": [{"title": "t", "text": "<b>x</b> \u2603"}],
+        "date_string": "26 Jul 2024",
+    }
     calls.append((CONVERSATIONS[1], {"tokenize": False, **extras}))
     calls.append(
         (CONVERSATIONS[0], {"tokenize": False, "chat_template": "{{ messages[0].content }}!{{ eos_token }}"})

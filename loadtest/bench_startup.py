@@ -110,6 +110,18 @@ def startup_phases(text: str) -> dict[str, float] | None:
     return None
 
 
+def tokenizer_loader(text: str) -> str | None:
+    """Which loader read the server's tokenizer, from its "startup phases" line: `tokenizers` (weir's
+    own, no transformers import) or `transformers`."""
+    for line in text.splitlines():
+        if '"startup phases"' in line:
+            try:
+                return json.loads(line[line.index("{") :]).get("tokenizer_loader")
+            except ValueError:
+                continue
+    return None
+
+
 def parse_server_log(text: str) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for key, pat in _LOG_PATTERNS.items():
@@ -389,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         if phases is not None:
             report["results"]["startup_phases"] = phases
             print(f"[U1] server's start-up phases (s): {phases}", flush=True)
+        report["results"]["tokenizer_loader"] = tokenizer_loader(log_text)
         report.save()
 
     if not args.no_imports:

@@ -247,6 +247,7 @@ def test_startup_with_peer(tiny_llama_dir: Path, tmp_path: Path) -> None:
     assert list(phases) == ["total_s", *(f"{name}_s" for name in STARTUP_PHASES), "other_s"]
     assert all(v >= 0 for v in phases.values())
     assert 0 < phases["total_s"] <= res["seconds_to_health"] + 0.02
+    assert res["tokenizer_loader"] == "tokenizers"  # the tiny llama's tokenizer, read without transformers
     split = res["in_process"]
     load_s = split["timed_methods_s"]["ModelRunner.load_model"]  # building the model, reading its file
     assert load_s > 0 and split["split_s"]["weights"] == pytest.approx(load_s, abs=1e-3)

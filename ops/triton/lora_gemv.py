@@ -1,0 +1,367 @@
+"""One token through a LoRA layer in one GEMV launch: y = x W^T (+ x A[slot]^T B[slot]^T).
+
+At batch 1 a LoRA layer was three launches: the base GEMV, the shrink (t = x A^T) and the expand
+(y += t B^T), each a few microseconds of ramp and drain around a few kilobytes of LoRA weights (A3:
+an adapter made batch-1 decode 1.31x slower on an H200, 256 LoRA launches a step on Llama-3-8B).
+Here the float GEMV of ops/triton/fp8_gemv.py (same tiles, same split-K epilogue) adds the expand
+term to its output columns before it stores them:
+
+    y[n] += sum_{r < R} t[s_n R + r] * B[slot, n, s_n R + r]
+
+s_n being n's sub-matrix (fused q/k/v or gate/up: B is block-diagonal, so each output column reads
+only its own block's R columns: a program reads B's rows of its own columns, nothing else). t is the
+shrink's fp32 partials ([split, 1, lora_dim], summed here as they are loaded) rounded to B's dtype, as
+ops.triton.lora's expand does (PEFT feeds lora_A's output, in the model dtype, to lora_B); slot is
+the token's adapter slot, -1 adding nothing. With split-K only the K-split 0 adds the term (the tile's
+last program sums the splits). `gemv_lora_expand` takes t from `lora_shrink`: two launches a layer.
+
+`gemv_lora` also computes t in the same launch: one launch a layer. The grid has extra programs, and
+roles go by tickets drawn from an atomic counter, not by program ids: the first `workers` tickets
+compute disjoint input ranges of x A[slot]^T (each its own partial, as the shrink's splits) and
+publish them with a release increment of a ready counter; the other tickets are GEMV programs, which
+stream their weights first and only then acquire-poll the ready counter before the epilogue. A GEMV
+program waits only after it drew its ticket, so every worker had drawn one before it: the workers
+are running (or done), and they wait on nothing, so the wait ends (program ids would give no such
+guarantee: a waiting GEMV program could occupy the slot a worker never got). Under TRITON_INTERPRET
+programs run one after another in grid order and draw tickets in that order: the workers run first.
+The last program to finish (a third counter) puts the three counters back to zero, so the next
+launch, or graph replay, finds them clean. No PDL there: a ticket drawn before the previous kernel
+finished could be that kernel's.
+
+Launched only for one token of an unquantized layer inside CUDA graphs (engine.lora.layers); the
+spec is F.linear + ops.reference's shrink and expand (tests/ops/test_lora_gemv.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ops.triton.fp8_gemv import _w_tile
+from ops.triton.pdl import pdl_enabled, wait_for_previous_kernel
+from ops.triton.split_k import MAX_TILES, split_counters, store_rows
+
+SHRINK_CHUNK = 512  # input columns per shrink worker (lora_shrink's split at one token)
+
+_sync: dict[torch.device, torch.Tensor] = {}
+
+
+def _sync_counters(device: torch.device) -> torch.Tensor:
+    """[3] int32 zeros per device (ticket, ready, done), made on first use: an eager call (the warm-up
+    before graph capture), so they never live in a graph's memory pool. Every `gemv_lora` launch
+    shares them: launches on one stream run one after another, and each leaves them at zero."""
+    counters = _sync.get(device)
+    if counters is None:
+        counters = torch.zeros(3, dtype=torch.int32, device=device)
+        _sync[device] = counters
+    return counters
+
+
+@triton.jit
+def _expand_term(
+    t_ptr,  # [T_SPLIT, 1, LORA_DIM] float32
+    b_ptr,  # [S, N, LORA_DIM], at this token's slot
+    offs_n,  # [BLOCK_N] this program's output columns
+    mask_n,
+    N1,  # first column of sub-matrix 1 (N: none)
+    N2,  # first column of sub-matrix 2 (N: none)
+    RANK,  # columns of t (and of B) per sub-matrix
+    T_SPLIT,
+    stride_ts,
+    stride_bn,
+    BLOCK_R: tl.constexpr,
+):
+    """[BLOCK_N] float32: each column's LoRA term, from its own sub-matrix's block of B."""
+    sub = (offs_n >= N1).to(tl.int32) + (offs_n >= N2).to(tl.int32)  # [BLOCK_N]
+    offs_r = tl.arange(0, BLOCK_R)
+    cols = sub[:, None] * RANK + offs_r[None, :]  # [BLOCK_N, BLOCK_R]: t's and B's columns
+    mask = mask_n[:, None] & (offs_r < RANK)[None, :]
+    # Past L1: in `gemv_lora` other programs of this launch wrote t.
+    t = tl.load(t_ptr + cols, mask=mask, other=0.0, cache_modifier=".cg")
+    for s in range(1, T_SPLIT):  # in split order, as the expand kernel sums them
+        t += tl.load(t_ptr + s * stride_ts + cols, mask=mask, other=0.0, cache_modifier=".cg")
+    b = tl.load(b_ptr + offs_n[:, None] * stride_bn + cols, mask=mask, other=0.0)  # [BLOCK_N, BLOCK_R]
+    return tl.sum(t.to(b.dtype).to(tl.float32) * b.to(tl.float32), axis=1)
+
+
+@triton.jit
+def _shrink_part(
+    x_ptr,  # [1, K]
+    a_ptr,  # [LORA_DIM, K], at this token's slot
+    t_ptr,  # [T_SPLIT, 1, LORA_DIM] float32
+    part,  # which input range (and partial) this worker computes
+    K,
+    LORA_DIM,
+    CHUNK,  # input columns per part (a multiple of BLOCK_K)
+    stride_ak,
+    stride_ts,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Partial `part` of x A^T over inputs [part * CHUNK, (part + 1) * CHUNK), stored in t."""
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < LORA_DIM
+    acc = tl.zeros((BLOCK_D, BLOCK_K), dtype=tl.float32)
+    for k0 in range(part * CHUNK, part * CHUNK + CHUNK, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0)  # [BLOCK_K]
+        a = tl.load(
+            a_ptr + offs_d[:, None] * stride_ak + offs_k[None, :],
+            mask=mask_d[:, None] & mask_k[None, :],
+            other=0.0,
+        )  # [BLOCK_D, BLOCK_K]: rows of A, contiguous along K
+        # x in A's dtype, as the shrink kernel's dot takes them; products summed in float32
+        acc += a.to(tl.float32) * x.to(a.dtype).to(tl.float32)[None, :]
+    tl.store(t_ptr + part * stride_ts + offs_d, tl.sum(acc, axis=1), mask=mask_d)
+
+
+@triton.jit
+def _gemv_part(
+    gemv,  # this program's GEMV index: column tile gemv % tiles, K-split gemv // tiles
+    x_ptr, w_ptr, scale_ptr, out_ptr, partials_ptr, counters_ptr, t_ptr, b_ptr, slots_ptr, sync_ptr,
+    N, K, k_per_split, stride_wn, stride_bs, stride_bn, stride_ts, N1, N2, RANK, T_SPLIT,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
+    PDL: tl.constexpr, BLOCK_R: tl.constexpr, FUSE_SHRINK: tl.constexpr,
+):  # fmt: skip
+    """fp8_gemv's program at one token (ROWS 1), the LoRA term added to its columns before they are stored."""
+    tiles = tl.cdiv(N, BLOCK_N)
+    pid_n = gemv % tiles
+    pid_k = gemv // tiles
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K] at K = 0
+    k_last = k_start + (k_end - 1 - k_start) // BLOCK_K * BLOCK_K  # the split's last tile
+    if PREFETCH:
+        w = _w_tile(w_ptrs, k_start, k_end, mask_n, BLOCK_K)
+    wait_for_previous_kernel(PDL)  # x, the slot, t and every write come after it (ops.triton.pdl)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        kk = k0 + offs_k
+        if PREFETCH:
+            w_next = _w_tile(w_ptrs, tl.minimum(k0 + BLOCK_K, k_last), k_end, mask_n, BLOCK_K)
+        else:
+            w = _w_tile(w_ptrs, k0, k_end, mask_n, BLOCK_K)
+        acc += w * tl.load(x_ptr + kk, mask=kk < k_end, other=0.0).to(tl.float32)[None, :]
+        if PREFETCH:
+            w = w_next
+    y = tl.sum(acc, axis=1) * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)  # [BLOCK_N]
+    slot = tl.load(slots_ptr)
+    if (pid_k == 0) & (slot >= 0):  # one K-split adds the term
+        if FUSE_SHRINK:  # the weights are streamed: now wait for the workers' partials
+            while tl.atomic_add(sync_ptr + 1, 0, sem="acquire", scope="gpu") < T_SPLIT:
+                pass
+            tl.debug_barrier()
+        y += _expand_term(
+            t_ptr,
+            b_ptr + slot * stride_bs,
+            offs_n,
+            mask_n,
+            N1,
+            N2,
+            RANK,
+            T_SPLIT,
+            stride_ts,
+            stride_bn,
+            BLOCK_R,
+        )
+    store_rows(
+        y, y, y, y, out_ptr, partials_ptr, counters_ptr, pid_n, 0, 1, N, offs_n, 0, pid_k, 1, SPLIT_K,
+    )  # fmt: skip
+
+
+@triton.jit
+def _gemv_lora_kernel(
+    x_ptr,  # [1, K]
+    w_ptr,  # [N, K]
+    scale_ptr,  # [N] float32
+    out_ptr,  # [1, N]
+    partials_ptr,  # [SPLIT_K, 1, N] float32 (split-K)
+    counters_ptr,  # split-K counters (ops.triton.split_k)
+    a_ptr,  # [S, LORA_DIM, K] (FUSE_SHRINK)
+    t_ptr,  # [T_SPLIT, 1, LORA_DIM] float32: the shrink's partials (written here when FUSE_SHRINK)
+    b_ptr,  # [S, N, LORA_DIM]
+    slots_ptr,  # [>= 1] int32: slots_ptr[0] is the token's slot
+    sync_ptr,  # [3] int32: ticket, ready, done (FUSE_SHRINK)
+    N,
+    K,
+    k_per_split,
+    stride_wn,
+    stride_as,
+    stride_ak,
+    stride_bs,
+    stride_bn,
+    stride_ts,
+    N1,  # first column of sub-matrix 1 (N: none)
+    N2,  # first column of sub-matrix 2 (N: none)
+    RANK,  # lora_dim of one sub-matrix
+    LORA_DIM,
+    T_SPLIT,  # partials of t (FUSE_SHRINK: also the number of worker tickets, one partial each)
+    CHUNK,  # input columns per worker (FUSE_SHRINK)
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    PDL: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    FUSE_SHRINK: tl.constexpr,
+):
+    if FUSE_SHRINK:
+        role = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")  # a ticket, not the program id
+        if role < T_SPLIT:  # a shrink worker
+            slot = tl.load(slots_ptr)
+            if slot >= 0:
+                _shrink_part(
+                    x_ptr, a_ptr + slot * stride_as, t_ptr, role, K, LORA_DIM, CHUNK, stride_ak, stride_ts,
+                    BLOCK_D, BLOCK_K,
+                )  # fmt: skip
+            tl.debug_barrier()  # every thread's partial stored before it is published
+            tl.atomic_add(sync_ptr + 1, 1, sem="release", scope="gpu")
+        else:
+            _gemv_part(
+                role - T_SPLIT, x_ptr, w_ptr, scale_ptr, out_ptr, partials_ptr, counters_ptr, t_ptr, b_ptr,
+                slots_ptr, sync_ptr, N, K, k_per_split, stride_wn, stride_bs, stride_bn, stride_ts, N1, N2,
+                RANK, T_SPLIT, BLOCK_N, BLOCK_K, SPLIT_K, PREFETCH, PDL, BLOCK_R, FUSE_SHRINK,
+            )  # fmt: skip
+        # the last program out puts the counters back for the next launch
+        total = T_SPLIT + tl.cdiv(N, BLOCK_N) * SPLIT_K
+        if tl.atomic_add(sync_ptr + 2, 1, sem="acq_rel", scope="gpu") == total - 1:
+            tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
+            tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed", scope="gpu")
+            tl.atomic_xchg(sync_ptr + 2, 0, sem="relaxed", scope="gpu")
+    else:
+        _gemv_part(
+            tl.program_id(0), x_ptr, w_ptr, scale_ptr, out_ptr, partials_ptr, counters_ptr, t_ptr, b_ptr,
+            slots_ptr, sync_ptr, N, K, k_per_split, stride_wn, stride_bs, stride_bn, stride_ts, N1, N2,
+            RANK, T_SPLIT, BLOCK_N, BLOCK_K, SPLIT_K, PREFETCH, PDL, BLOCK_R, FUSE_SHRINK,
+        )  # fmt: skip
+
+
+def _check(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    b_stacked: torch.Tensor,
+    offsets: Sequence[int],
+) -> None:
+    n, k = weight.shape
+    if x.shape != (1, k) or weight_scale.shape != (n,) or b_stacked.shape[1] != n:
+        raise ValueError(
+            f"gemv_lora: x {tuple(x.shape)} (one token), weight {tuple(weight.shape)}, "
+            f"scale {tuple(weight_scale.shape)}, B {tuple(b_stacked.shape)}"
+        )
+    lora_dim = b_stacked.shape[2]
+    if not 1 <= len(offsets) <= 3 or lora_dim % len(offsets) or offsets[0] != 0:
+        raise ValueError(f"gemv_lora: slice_offsets {tuple(offsets)} for lora_dim {lora_dim}")
+    if weight.stride(1) != 1 or x.stride(1) != 1 or b_stacked.stride(2) != 1:
+        raise ValueError("gemv_lora: weight, x and B must be contiguous along their last dimension")
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    a_stacked: torch.Tensor | None,
+    t: torch.Tensor | None,
+    b_stacked: torch.Tensor,
+    token_slots: torch.Tensor,
+    slice_offsets: Sequence[int],
+    block_n: int,
+    block_k: int,
+    split_k: int,
+    num_warps: int,
+    num_stages: int,
+    prefetch: bool,
+) -> torch.Tensor:
+    _check(x, weight, weight_scale, b_stacked, slice_offsets)
+    n, k = weight.shape
+    lora_dim = b_stacked.shape[2]
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    split_k = triton.cdiv(k, k_per_split)
+    tiles = triton.cdiv(n, block_n)
+    if split_k > 1 and tiles > MAX_TILES:
+        raise ValueError(f"gemv_lora: {tiles} tiles exceed the split-K workspace ({MAX_TILES})")
+    fuse = t is None
+    chunk = triton.cdiv(SHRINK_CHUNK, block_k) * block_k
+    if fuse:  # the workers' partials, each written by its worker whatever the slot (never read at -1)
+        assert a_stacked is not None
+        if a_stacked.shape[1:] != (lora_dim, k) or a_stacked.stride(2) != 1:
+            raise ValueError(f"gemv_lora: A {tuple(a_stacked.shape)} for lora_dim {lora_dim}, K {k}")
+        t = torch.empty(triton.cdiv(k, chunk), 1, lora_dim, dtype=torch.float32, device=x.device)
+        a = a_stacked
+    else:
+        t = t.unsqueeze(0) if t.dim() == 2 else t  # [split, 1, lora_dim]
+        if t.shape[1:] != (1, lora_dim) or t.stride(2) != 1:
+            raise ValueError(f"gemv_lora: t {tuple(t.shape)} for one token, lora_dim {lora_dim}")
+        a = b_stacked  # not read
+    t_split = t.shape[0]
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    partials = torch.empty(split_k, 1, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
+    sync = _sync_counters(x.device) if fuse else token_slots
+    pdl = prefetch and not fuse and pdl_enabled(x.device)
+    bounds = [*slice_offsets[1:], n, n][:2]
+    rank = lora_dim // len(slice_offsets)
+    grid = (tiles * split_k + (t_split if fuse else 0),)
+    _gemv_lora_kernel[grid](
+        x, weight, weight_scale, out, partials, split_counters(x.device), a, t, b_stacked, token_slots, sync,
+        n, k, k_per_split, weight.stride(0), a.stride(0), a.stride(1), b_stacked.stride(0), b_stacked.stride(1),
+        t.stride(0), bounds[0], bounds[1], rank, lora_dim, t_split, chunk,
+        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, PREFETCH=prefetch, PDL=pdl,
+        BLOCK_R=triton.next_power_of_2(rank), BLOCK_D=triton.next_power_of_2(lora_dim), FUSE_SHRINK=fuse,
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+    )  # fmt: skip
+    return out
+
+
+def gemv_lora_expand(
+    x: torch.Tensor,  # [1, K]: one token
+    weight: torch.Tensor,  # [N, K], any float dtype
+    weight_scale: torch.Tensor,  # [N] float32 (ones for a float weight)
+    t: torch.Tensor,  # [split, 1, lora_dim] float32: lora_shrink's partials (or [1, lora_dim])
+    b_stacked: torch.Tensor,  # [num_slots, N, lora_dim]: scaling folded in, block-diagonal when fused
+    token_slots: torch.Tensor,  # [>= 1] int32: element 0 is the token's slot; -1 = no adapter
+    slice_offsets: Sequence[int] = (0,),  # the column where each sub-matrix starts
+    block_n: int = 16,
+    block_k: int = 256,
+    split_k: int = 1,
+    num_warps: int = 4,
+    num_stages: int = 3,
+    prefetch: bool = False,
+) -> torch.Tensor:  # [1, N] in x.dtype
+    """x (weight * scale)^T + (sum of t's splits) B[slot]^T in one launch: the base GEMV with the
+    expand as its epilogue (ops.reference.lora_expand applied to F.linear's output, but the term is
+    added in float32 before the output is rounded once)."""
+    return _launch(
+        x, weight, weight_scale, None, t, b_stacked, token_slots, slice_offsets, block_n, block_k, split_k,
+        num_warps, num_stages, prefetch,
+    )  # fmt: skip
+
+
+def gemv_lora(
+    x: torch.Tensor,  # [1, K]: one token
+    weight: torch.Tensor,  # [N, K]
+    weight_scale: torch.Tensor,  # [N] float32
+    a_stacked: torch.Tensor,  # [num_slots, lora_dim, K]
+    b_stacked: torch.Tensor,  # [num_slots, N, lora_dim]
+    token_slots: torch.Tensor,  # [>= 1] int32: element 0 is the token's slot; -1 = no adapter
+    slice_offsets: Sequence[int] = (0,),
+    block_n: int = 16,
+    block_k: int = 256,
+    split_k: int = 1,
+    num_warps: int = 4,
+    num_stages: int = 3,
+    prefetch: bool = False,
+) -> torch.Tensor:  # [1, N] in x.dtype
+    """The whole LoRA layer at one token in one launch: shrink workers and the GEMV with the expand
+    epilogue, synchronized by tickets (module docstring). PDL is off for it."""
+    return _launch(
+        x, weight, weight_scale, a_stacked, None, b_stacked, token_slots, slice_offsets, block_n, block_k,
+        split_k, num_warps, num_stages, prefetch,
+    )  # fmt: skip

@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from engine.lora.adapter import LoRALayerWeights, LoRATarget
+from engine.lora.gemv import lora_gemv_linear, plan_lora_gemv
 from engine.model.layers.linear import LinearBase, QKVParallelLinear, RowParallelLinear
+from engine.model.quantization.float_gemv import decode_gemv_is_allowed
 
 
 class LoRABatch:
@@ -60,12 +63,22 @@ class LoRALinear(nn.Module):
         max_rank: int,
         shrink: Callable[..., torch.Tensor],
         expand: Callable[..., torch.Tensor],
+        triton_kernels: bool = False,  # shrink/expand are ops.triton's: the fused GEMV may be planned
     ) -> None:
         super().__init__()
         self.batch = batch
         self.max_rank = max_rank
         self.shrink = shrink
         self.expand = expand
+        # The one-token GEMV with the expand in its epilogue (engine.lora.gemv), or None.
+        self.gemv_launch = plan_lora_gemv(base, triton_kernels)
+        self.register_buffer(
+            "gemv_scale",
+            torch.ones(base.weight.shape[0], dtype=torch.float32, device=base.weight.device)
+            if self.gemv_launch is not None
+            else None,
+            persistent=False,
+        )  # [out_per_partition]: the GEMV's unit scale
         rank, size = base.tp_rank, base.tp_size
         if isinstance(base, RowParallelLinear):
             in_part = base.input_size_per_partition
@@ -105,6 +118,28 @@ class LoRALinear(nn.Module):
         self.offset = offset
         self.a_stacked = slots[:, offset : offset + na].view(self.max_loras, *self.a_shape)
         self.b_stacked = slots[:, b_offset : b_offset + nb].view(self.max_loras, *self.b_shape)
+
+    def fused_gemv_launch(self, x: torch.Tensor) -> dict[str, Any] | None:
+        """The launch of the GEMV with the expand in its epilogue when this call takes it, else None:
+        a planned layer (unquantized, Triton kernels), a step with adapters, one token, and the
+        CUDA-graph warm-up or capture (`decode_gemv_is_allowed`: an eager Triton launch costs more
+        host time than it saves)."""
+        if self.gemv_launch is None or not self.batch.active or x.numel() != x.shape[-1]:
+            return None
+        return self.gemv_launch if decode_gemv_is_allowed() else None
+
+    def forward_layer(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The layer's output with the LoRA term (before a row-parallel all-reduce): the shrink and the
+        GEMV with the expand in its epilogue where `fused_gemv_launch` says so, else the layer's method
+        and then `forward`."""
+        launch = self.fused_gemv_launch(x)
+        if launch is None:
+            return self(x, layer.quant_method.apply(layer, x, bias))
+        slots = self.batch.token_slots
+        return lora_gemv_linear(
+            x, layer.weight, self.gemv_scale, bias, self.shrink, self.a_stacked, self.b_stacked, slots,
+            self.slice_offsets, launch,
+        )  # fmt: skip
 
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """x [num_tokens, in_per_partition], out [num_tokens, out_per_partition] (the base output,

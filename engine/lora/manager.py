@@ -68,6 +68,7 @@ class LoRAManager:
                     config.max_lora_rank,
                     kernels.lora_shrink,
                     kernels.lora_expand,
+                    triton_kernels=kernels.name == "triton",
                 )
                 module.lora = lora
                 self.layers[name] = lora

@@ -18,9 +18,11 @@ never change when any of them arrives.
   converted along the packed axis.
 
 LoRA (engine.lora.layers.LoRALinear) is a hook, not a method: attached after loading as `layer.lora`,
-it gets the method's output (and the input) and adds the batched LoRA term in place, before the
+it runs the layer's method and adds the batched LoRA term to its output in place, before the
 row-parallel all-reduce (the partial LoRA products of each rank sum there like the base's). So LoRA
 composes with any quantization method and tensor parallelism, and parameters and loaders are untouched.
+At one token inside CUDA graphs an unquantized layer's hook may instead run one GEMV that adds the term
+in its epilogue (engine.lora.gemv).
 """
 
 from __future__ import annotations
@@ -193,8 +195,9 @@ class ColumnParallelLinear(LinearBase):
         self._load_slice(param, loaded_weight, 0, shard, self.output_size, self.tp_rank * shard)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.quant_method.apply(self, x, self.bias)
-        return out if self.lora is None else self.lora(x, out)
+        if self.lora is not None:  # the hook runs the method (or a fused GEMV) and adds the LoRA term
+            return self.lora.forward_layer(self, x, self.bias)
+        return self.quant_method.apply(self, x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -347,9 +350,10 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.tp_rank == 0 else None
-        out = self.quant_method.apply(self, x, bias)
-        if self.lora is not None:
-            out = self.lora(x, out)
+        if self.lora is not None:  # the LoRA term joins this rank's partial sum, before the all-reduce
+            out = self.lora.forward_layer(self, x, bias)
+        else:
+            out = self.quant_method.apply(self, x, bias)
         if self.tp_size > 1 and self.reduce_results:
             torch.distributed.all_reduce(out)
         return out

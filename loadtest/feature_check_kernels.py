@@ -80,6 +80,99 @@ def lora_kernels() -> None:
         )
         print(rows[-1], flush=True)
     RESULTS["timings"]["lora_kernels_llama3_8b"] = rows
+    lora_gemv_layers()
+
+
+# (name, in, sub-matrices' outputs) of a Llama-3-8B decoder layer's LoRA layers (A3: all seven projections)
+LLAMA3_8B_LORA_LAYERS = (
+    ("qkv", HIDDEN, (4096, 1024, 1024)),
+    ("o", HIDDEN, (HIDDEN,)),
+    ("gate_up", HIDDEN, (INTERMEDIATE, INTERMEDIATE)),
+    ("down", INTERMEDIATE, (HIDDEN,)),
+)
+
+
+def lora_gemv_layers() -> None:
+    """A3's batch-1 LoRA layers at rank 16 (8 slots, the token on slot 3): the GEMV with the expand
+    epilogue (after the shrink) and the one-launch version vs F.linear + the reference shrink/expand,
+    slot -1 vs the plain GEMV; then microseconds per layer as graph replays, weights cycled past L2:
+    today's base (the planned float GEMV, else cuBLAS) + shrink + expand, shrink + fused GEMV, one launch."""
+    g = torch.Generator(device=DEV).manual_seed(1)
+    rows = [_lora_gemv_layer(name, k, sizes, g) for name, k, sizes in LLAMA3_8B_LORA_LAYERS]
+    RESULTS["timings"]["lora_gemv_llama3_8b_batch1"] = rows
+    # per decoder layer (its four LoRA layers): the part of a step A3 is about
+    totals = {key: round(sum(r[key] for r in rows), 2) for key in rows[0] if key.endswith("_us")}
+    RESULTS["info"]["lora_gemv_decoder_layer_us"] = totals
+    print({"decoder_layer_us": totals}, flush=True)
+
+
+def _lora_gemv_layer(name: str, k: int, sizes: tuple[int, ...], g: torch.Generator) -> dict[str, Any]:
+    import torch.nn.functional as F
+
+    from engine.model.quantization.float_gemv import plan_float_gemv
+    from loadtest.gpu_timing import copies_past_l2
+    from ops import reference
+    from ops.triton.fp8_gemv import fp8_gemv
+    from ops.triton.lora import lora_expand, lora_shrink
+    from ops.triton.lora_gemv import gemv_lora, gemv_lora_expand
+
+    rank, num_slots = 16, 8
+    n, dim = sum(sizes), rank * len(sizes)
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    launch = plan_float_gemv(k, n, lora=True)
+    base_launch = plan_float_gemv(k, n)  # None: cuBLAS, as today
+    assert launch is not None, name
+    ws = [
+        torch.randn(n, k, device=DEV, generator=g).mul_(0.02).to(BF16)
+        for _ in range(copies_past_l2(n * k * 2))
+    ]  # [N, K] each: distinct copies cycled through, so no call finds its weight in L2
+    a = torch.randn(num_slots, dim, k, device=DEV, generator=g).mul_(0.02).to(BF16)  # [slots, S*R, K]
+    b = torch.zeros(num_slots, n, dim, device=DEV, dtype=BF16)  # block-diagonal, as the slots hold it
+    for i, (start, rows) in enumerate(zip(offsets, sizes, strict=True)):
+        block = torch.randn(num_slots, rows, rank, device=DEV, generator=g).mul_(0.1)
+        b[:, start : start + rows, i * rank : (i + 1) * rank] = block.to(BF16)
+    x = torch.randn(1, k, device=DEV, generator=g).to(BF16)  # [1, K]
+    ones = torch.ones(n, device=DEV)
+    label = f"{name} {k}->{n} rank 16"
+    for slot in (3, -1):
+        slots = torch.tensor([slot], device=DEV, dtype=torch.int32)
+        t_ref = reference.lora_shrink(x, a, slots)
+        ref = reference.lora_expand(t_ref, b, slots, F.linear(x.float(), ws[0].float()), offsets)
+        fused = gemv_lora_expand(x, ws[0], ones, lora_shrink(x, a, slots), b, slots, offsets, **launch)
+        check_close(f"gemv + LoRA expand epilogue, {label} slot {slot} == reference", fused, ref)
+        for i in range(2):  # twice: the first launch must put its counters back
+            one = gemv_lora(x, ws[0], ones, a, b, slots, offsets, **launch)
+            check_close(
+                f"gemv + LoRA in one launch (launch {i + 1}), {label} slot {slot} == reference", one, ref
+            )
+        if slot < 0:
+            same = torch.equal(fused, fp8_gemv(x, ws[0], ones, **launch))
+            check(f"gemv + LoRA expand epilogue, {label} slot -1: exactly the plain GEMV", same)
+    slots = torch.tensor([3], device=DEV, dtype=torch.int32)
+
+    def base(w: torch.Tensor) -> torch.Tensor:
+        return fp8_gemv(x, w, ones, **base_launch) if base_launch else F.linear(x, w)
+
+    def unfused(w: torch.Tensor) -> torch.Tensor:
+        return lora_expand(lora_shrink(x, a, slots), b, slots, base(w), offsets)
+
+    def epilogue(w: torch.Tensor) -> torch.Tensor:
+        return gemv_lora_expand(x, w, ones, lora_shrink(x, a, slots), b, slots, offsets, **launch)
+
+    def one_launch(w: torch.Tensor) -> torch.Tensor:
+        return gemv_lora(x, w, ones, a, b, slots, offsets, **launch)
+
+    row: dict[str, Any] = {"layer": f"{name} {k}x{n}"}
+    for key, fn in (
+        ("base_us", base),
+        ("base_shrink_expand_us", unfused),
+        ("shrink_fused_gemv_us", epilogue),
+    ):
+        row[key] = round(1000 * bench_ms([lambda w=w, fn=fn: fn(w) for w in ws]), 2)
+    row["one_launch_us"] = round(1000 * bench_ms([lambda w=w: one_launch(w) for w in ws]), 2)
+    row["launch"] = launch
+    print(row, flush=True)
+    return row
 
 
 # ------------------------------------------------------------------------------------------ d2. W4A16 GEMM

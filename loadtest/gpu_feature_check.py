@@ -3,8 +3,10 @@ checkpoints, FP8 KV cache, the LoRA / W4A16 / fp8 paged-attention kernels), each
 reference, in one device call.
 
 a. Multi-LoRA: tiny fp32 Llama + four PEFT adapters (ranks 4/8/16/2, tests/engine/test_lora.py), one
-   batch mixing them and the base; weir on CUDA with graphs, enforce_eager, chunked prefill and
-   max_loras=2 vs transformers + PEFT on CPU fp32: greedy tokens equal, graphs replayed with LoRA.
+   batch mixing them and the base, and one request decoding alone (batch 1) on an adapter; weir on
+   CUDA with graphs, enforce_eager, chunked prefill, max_loras=2 and the one-token LoRA GEMV (expand
+   epilogue; also with the shrink in the launch), forced on every layer, vs transformers + PEFT on CPU
+   fp32: greedy tokens equal, graphs replayed with LoRA.
 b. Beam search widths 2 and 4 (tests/engine/test_beam_search.py's EOS-prone tiny models), weir on
    CUDA with graphs vs transformers generate(num_beams) on CPU fp32: tokens equal, scores within 1e-4.
 c. Copy-on-write forks on CUDA with graphs: n=4 greedy (children == transformers greedy), n=4 seeded
@@ -16,7 +18,9 @@ d. Quantized checkpoints (tests/engine/quantization/checkpoints.py): weir on CUD
 e. FP8 KV cache: the default model, fp8 vs auto on CUDA within tests/engine/quantization/
    test_fp8_kv_cache.py's bounds; blocks doubled at the Qwen3-0.6B shape; the Triton paged attention
    on an fp8 cache at the Llama-3-8B shape vs the reference.
-f. LoRA shrink / expand kernels at the Llama-3-8B shape vs the torch reference in bf16, timed.
+f. LoRA shrink / expand kernels at the Llama-3-8B shape vs the torch reference in bf16, timed; the
+   one-token LoRA GEMVs at each Llama-3-8B layer shape vs F.linear + the reference pair, and a layer's
+   time as graph replays: base + shrink + expand, shrink + GEMV with the expand epilogue, one launch.
 (Tensor parallel tp=1 is covered by gpu_engine_check.py; `pytest tests/ops` runs separately.)
 
 Prints PASS/FAIL lines and a table last; writes $OUT/feature_check.json.
@@ -28,6 +32,7 @@ Imports nothing from app/ (the GPU machine lacks the HTTP stack).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -42,6 +47,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from engine import LLM, LoRARequest, SamplingParams  # noqa: E402
+from engine.lora.gemv import lora_gemv_forced  # noqa: E402
 from loadtest.feature_check_quant import tiny_llama  # noqa: E402
 from loadtest.gpu_engine_check import (  # noqa: E402
     RESULTS,
@@ -62,6 +68,7 @@ DRY_RUN = "--dry-run" in sys.argv
 DEVICE = "cpu" if DRY_RUN else "cuda"
 GRAPHS = dict(max_cuda_graph_batch_size=8)  # a few small graphs: quick to capture
 MAX_TOKENS = 8
+FUSED_GEMV = {"block_n": 16, "block_k": 32, "split_k": 1}  # the tiny model's forced LoRA GEMV launch
 
 
 def save() -> None:
@@ -132,12 +139,23 @@ def multi_lora() -> None:
         "eager": dict(max_loras=4, enforce_eager=True),
         "chunked_prefill": dict(max_loras=4, max_num_batched_tokens=7, **GRAPHS),
         "max_loras=2 (4 adapters)": dict(max_loras=2, **GRAPHS),
+        # The one-token GEMV with the LoRA expand in its epilogue (engine/lora/gemv.py), then also with
+        # the shrink in the same launch: forced, as the tiny fp32 model has no planned shape of its own.
+        "graphs, fused LoRA GEMV": dict(max_loras=4, lora_gemv=FUSED_GEMV, **GRAPHS),
+        "graphs, fused LoRA GEMV + shrink": dict(
+            max_loras=4, lora_gemv={**FUSED_GEMV, "split_k": 2, "fuse_shrink": True}, **GRAPHS
+        ),
     }
     summary = RESULTS["info"]["multi_lora"] = {}
+    # A request decoding alone on an adapter of every projection: batch-1 steps, where the fused GEMV
+    # serves every LoRA layer (when planned).
+    alone = MIXED.index("r8-all")
     for name, kw in configs.items():
-        llm = strict(
-            LLM(str(model_dir), device=DEVICE, dtype="float32", enable_lora=True, num_kv_blocks=256, **kw)
-        )
+        forced = kw.pop("lora_gemv", None)
+        with lora_gemv_forced(forced) if forced else contextlib.nullcontext():
+            llm = strict(
+                LLM(str(model_dir), device=DEVICE, dtype="float32", enable_lora=True, num_kv_blocks=256, **kw)
+            )
         replays = count_replays(llm)
         scheduler = llm.llm_engine.scheduler
         schedule = scheduler.schedule
@@ -153,15 +171,22 @@ def multi_lora() -> None:
             o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False, lora_request=loras)
         ]
         del scheduler.schedule
+        got_alone = llm.generate([PROMPTS[alone]], params, use_tqdm=False, lora_request=loras[alone])
+        got_alone = got_alone[0].outputs[0].token_ids
         runner = llm.llm_engine.executor.runner
         detail: dict[str, Any] = dict(
             graph_replays=sum(replays.values()),
             most_adapters_per_step=max(per_step),
             slot_loads=runner.lora.num_slot_loads,
+            fused_gemv_layers=sum(layer.gemv_launch is not None for layer in runner.lora.layers.values()),
         )
-        ok = got == expected and blocks_free(llm)
+        ok = got == expected and got_alone == expected[alone] and blocks_free(llm)
         if got != expected:
             detail["first_divergence"] = first_divergence(got, expected)
+        if got_alone != expected[alone]:
+            detail["alone_divergence"] = first_divergence([got_alone], [expected[alone]])
+        if forced and DEVICE == "cuda":  # every LoRA layer planned the fused GEMV
+            ok = ok and detail["fused_gemv_layers"] == len(runner.lora.layers)
         if name == "eager":
             ok = ok and runner.graph_runner is None
         else:
@@ -169,7 +194,11 @@ def multi_lora() -> None:
         if name.startswith("max_loras=2"):
             ok = ok and max(per_step) <= 2 and runner.lora.num_slot_loads >= 4
         summary[name] = {"ok": ok, **detail}
-        check(f"lora {DEVICE} {name}: mixed batch tokens == transformers+PEFT (cpu fp32)", ok, **detail)
+        check(
+            f"lora {DEVICE} {name}: mixed batch and a lone adapter request == transformers+PEFT (cpu fp32)",
+            ok,
+            **detail,
+        )
         llm.shutdown()
         del llm
         free()

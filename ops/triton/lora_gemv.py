@@ -45,6 +45,9 @@ from ops.triton.pdl import pdl_enabled, wait_for_previous_kernel
 from ops.triton.split_k import MAX_TILES, split_counters, store_rows
 
 SHRINK_CHUNK = 512  # input columns per shrink worker (lora_shrink's split at one token)
+# A worker's tile of A along K, [lora_dim, 32]: narrow, so that the worker's branch needs few more
+# registers than the GEMV's (sm_90 build of 8 x 512 GEMV tiles: 119 a thread vs 94; 64 wide: 149)
+SHRINK_BLOCK_K = 32
 
 _sync: dict[torch.device, torch.Tensor] = {}
 
@@ -121,16 +124,14 @@ def _shrink_part(
 
 @triton.jit
 def _gemv_part(
-    gemv,  # this program's GEMV index: column tile gemv % tiles, K-split gemv // tiles
+    pid_n,  # this program's column tile
+    pid_k,  # and K-split
     x_ptr, w_ptr, scale_ptr, out_ptr, partials_ptr, counters_ptr, t_ptr, b_ptr, slots_ptr, sync_ptr,
     N, K, k_per_split, stride_wn, stride_bs, stride_bn, stride_ts, N1, N2, RANK, T_SPLIT,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
     PDL: tl.constexpr, BLOCK_R: tl.constexpr, FUSE_SHRINK: tl.constexpr,
 ):  # fmt: skip
     """fp8_gemv's program at one token (ROWS 1), the LoRA term added to its columns before they are stored."""
-    tiles = tl.cdiv(N, BLOCK_N)
-    pid_n = gemv % tiles
-    pid_k = gemv // tiles
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     k_start = pid_k * k_per_split
@@ -211,6 +212,7 @@ def _gemv_lora_kernel(
     PDL: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    SHRINK_BLOCK: tl.constexpr,  # a worker's tile of A along K
     FUSE_SHRINK: tl.constexpr,
 ):
     if FUSE_SHRINK:
@@ -220,13 +222,14 @@ def _gemv_lora_kernel(
             if slot >= 0:
                 _shrink_part(
                     x_ptr, a_ptr + slot * stride_as, t_ptr, role, K, LORA_DIM, CHUNK, stride_ak, stride_ts,
-                    BLOCK_D, BLOCK_K,
+                    BLOCK_D, SHRINK_BLOCK,
                 )  # fmt: skip
             tl.debug_barrier()  # every thread's partial stored before it is published
             tl.atomic_add(sync_ptr + 1, 1, sem="release", scope="gpu")
         else:
+            tiles = tl.cdiv(N, BLOCK_N)
             _gemv_part(
-                role - T_SPLIT, x_ptr, w_ptr, scale_ptr, out_ptr, partials_ptr, counters_ptr, t_ptr, b_ptr,
+                (role - T_SPLIT) % tiles, (role - T_SPLIT) // tiles, x_ptr, w_ptr, scale_ptr, out_ptr, partials_ptr, counters_ptr, t_ptr, b_ptr,
                 slots_ptr, sync_ptr, N, K, k_per_split, stride_wn, stride_bs, stride_bn, stride_ts, N1, N2,
                 RANK, T_SPLIT, BLOCK_N, BLOCK_K, SPLIT_K, PREFETCH, PDL, BLOCK_R, FUSE_SHRINK,
             )  # fmt: skip
@@ -238,7 +241,7 @@ def _gemv_lora_kernel(
             tl.atomic_xchg(sync_ptr + 2, 0, sem="relaxed", scope="gpu")
     else:
         _gemv_part(
-            tl.program_id(0), x_ptr, w_ptr, scale_ptr, out_ptr, partials_ptr, counters_ptr, t_ptr, b_ptr,
+            tl.program_id(0), tl.program_id(1), x_ptr, w_ptr, scale_ptr, out_ptr, partials_ptr, counters_ptr, t_ptr, b_ptr,
             slots_ptr, sync_ptr, N, K, k_per_split, stride_wn, stride_bs, stride_bn, stride_ts, N1, N2,
             RANK, T_SPLIT, BLOCK_N, BLOCK_K, SPLIT_K, PREFETCH, PDL, BLOCK_R, FUSE_SHRINK,
         )  # fmt: skip
@@ -289,7 +292,7 @@ def _launch(
     if split_k > 1 and tiles > MAX_TILES:
         raise ValueError(f"gemv_lora: {tiles} tiles exceed the split-K workspace ({MAX_TILES})")
     fuse = t is None
-    chunk = triton.cdiv(SHRINK_CHUNK, block_k) * block_k
+    chunk = SHRINK_CHUNK
     if fuse:  # the workers' partials, each written by its worker whatever the slot (never read at -1)
         assert a_stacked is not None
         if a_stacked.shape[1:] != (lora_dim, k) or a_stacked.stride(2) != 1:
@@ -308,13 +311,14 @@ def _launch(
     pdl = prefetch and not fuse and pdl_enabled(x.device)
     bounds = [*slice_offsets[1:], n, n][:2]
     rank = lora_dim // len(slice_offsets)
-    grid = (tiles * split_k + (t_split if fuse else 0),)
+    grid = (tiles * split_k + t_split,) if fuse else (tiles, split_k)  # fused: roles go by ticket
     _gemv_lora_kernel[grid](
         x, weight, weight_scale, out, partials, split_counters(x.device), a, t, b_stacked, token_slots, sync,
         n, k, k_per_split, weight.stride(0), a.stride(0), a.stride(1), b_stacked.stride(0), b_stacked.stride(1),
         t.stride(0), bounds[0], bounds[1], rank, lora_dim, t_split, chunk,
         BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, PREFETCH=prefetch, PDL=pdl,
-        BLOCK_R=triton.next_power_of_2(rank), BLOCK_D=triton.next_power_of_2(lora_dim), FUSE_SHRINK=fuse,
+        BLOCK_R=triton.next_power_of_2(rank), BLOCK_D=triton.next_power_of_2(lora_dim), SHRINK_BLOCK=SHRINK_BLOCK_K,
+        FUSE_SHRINK=fuse,
         num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
     return out

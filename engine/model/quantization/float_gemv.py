@@ -6,7 +6,9 @@ spends ~4.5 us ramping up and draining. The float-weight GEMV of ops/triton/fp8_
 any float weight in registers; unit scales here), with 8-row tiles 512 columns deep and no split, is
 faster there: qkv 14.38 us vs 16.24, o 10.86 vs 12.68 (H200 sweep at c2fa90c,
 `loadtest/results/gemv-pdl-lora-h200-2026-12-03-c2fa90c/`); on the MLP's shapes it only ties cuBLAS
-(gate_up 54.6 vs 54.8, down 30.4 vs 30.4), so they, and every shape not listed, keep cuBLAS.
+(gate_up 54.6 vs 54.8, down 30.4 vs 30.4), so they, and every shape not listed, keep cuBLAS, unless
+the layer has a LoRA adapter: then the GEMV also adds the LoRA expand in its epilogue (one launch less,
+engine/lora/gemv.py) and the MLP's shapes take it too (`plan_float_gemv(..., lora=True)`).
 
 Only inside CUDA graphs: the runner allows the GEMV while it warms up and captures (`decode_gemv_allowed`),
 and replays run what was captured. An eager step keeps cuBLAS, since a Triton launch costs ~20-30 us of

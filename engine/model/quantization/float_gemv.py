@@ -50,14 +50,24 @@ _LAUNCHES: dict[tuple[int, int], dict[str, int]] = {
 # With a LoRA adapter the GEMV also adds the expand's term (ops/triton/lora_gemv.py), which saves a
 # launch whatever the shape: the MLP's shapes, where the plain GEMV only ties cuBLAS, take it too, at
 # the H200 sweep's best launches (gate_up 54.63 us vs cuBLAS 54.83, down 29.05 vs 30.42).
-_LORA_LAUNCHES: dict[tuple[int, int], dict[str, int]] = {
+# `fuse_shrink` (the shrink in the same launch, ops.triton.lora_gemv.gemv_lora) where it measured faster
+# than a shrink launch before the GEMV (H200, CUDA-graph replays, rank 16, e33bbfa's GPU check part f:
+# o 14.9 vs 16.4 us, down 38.0 vs 40.0; qkv 24.2 vs 21.8 and gate_up 67.1 vs 63.5 keep the shrink apart).
+_LORA_LAUNCHES: dict[tuple[int, int], dict[str, int | bool]] = {
     **_LAUNCHES,
+    (4096, 4096): {"block_n": 8, "block_k": 512, "split_k": 1, "fuse_shrink": True},  # Llama-3-8B o_proj
     (4096, 28672): {"block_n": 16, "block_k": 256, "split_k": 1, "prefetch": False},  # Llama-3-8B gate_up
-    (14336, 4096): {"block_n": 8, "block_k": 512, "split_k": 1, "prefetch": True},  # Llama-3-8B down_proj
+    (14336, 4096): {
+        "block_n": 8,
+        "block_k": 512,
+        "split_k": 1,
+        "prefetch": True,
+        "fuse_shrink": True,
+    },  # down
 }
 
 
-def plan_float_gemv(in_features: int, out_features: int, lora: bool = False) -> dict[str, int] | None:
+def plan_float_gemv(in_features: int, out_features: int, lora: bool = False) -> dict[str, int | bool] | None:
     """The GEMV launch for a layer of this shape at one token, or None (cuBLAS is as fast). With
     `lora` the plan of a layer that also adds a LoRA term (engine.lora.gemv): more shapes have one."""
     return (_LORA_LAUNCHES if lora else _LAUNCHES).get((in_features, out_features))

@@ -23,6 +23,8 @@
 #                                 batching, loadtest/hf_cb_peer.py) or hf,hf-cb (T1/T2 caps grow by CB_EXTRA_S)
 #   HF_CB_VARIANTS=tuned          tuned (the --hf-cb-* defaults) and/or defaults (the library's own)
 #   HF_CB_MAX_REQUESTS=           run the CB peer on the first N requests only (default: all)
+#   HF_CB_TIME_LIMIT=150          seconds for the CB peer's measured run; its figures then count the
+#                                 requests finished by then (the JSON says how many)
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-$PWD/gpu_out}"
@@ -39,7 +41,8 @@ CB_EXTRA_S=0
 CB_ARGS=()
 if [[ "$PEERS" == *hf-cb* ]]; then
   CB_EXTRA_S="${CB_EXTRA_S_OVERRIDE:-240}"
-  CB_ARGS=(--hf-cb-variants "$HF_CB_VARIANTS" ${HF_CB_MAX_REQUESTS:+--hf-cb-max-requests "$HF_CB_MAX_REQUESTS"})
+  CB_ARGS=(--hf-cb-variants "$HF_CB_VARIANTS" --hf-cb-time-limit "${HF_CB_TIME_LIMIT:-150}"
+           ${HF_CB_MAX_REQUESTS:+--hf-cb-max-requests "$HF_CB_MAX_REQUESTS"})
 fi
 
 suite() {

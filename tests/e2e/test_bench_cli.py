@@ -144,6 +144,8 @@ def test_throughput_with_both_transformers_peers(tiny_llama_dir: Path, tmp_path:
     assert cb["output_tokens"] == cb["expected_output_tokens"] == data["results"]["expected_output_tokens"]
     assert cb["requests_run"] == 5 and cb["extrapolated"] is False and cb["best_variant"] == "tuned"
     assert cb["output_tok_s"] > 0 and cb["itl_p50_ms"] > 0 and cb["ttft_p50_ms"] > 0
+    assert cb["requests_completed"] == 5 and cb["time_limited"] is False
+    assert abs(cb["req_s"] * cb["elapsed_s"] - 5) < 0.25  # 5 requests over the run (elapsed_s is rounded)
     setting = cb["setting"]
     assert setting["requested"]["use_cuda_graph"] is True and "use_async_batching" not in setting["requested"]
     resolved = setting["resolved"]
@@ -153,6 +155,23 @@ def test_throughput_with_both_transformers_peers(tiny_llama_dir: Path, tmp_path:
     assert data["ratios"]["output_tok_s_vs_hf_cb"] > 0 and data["ratios"]["output_tok_s_vs_hf"] > 0
     row = next(line for line in summary_table(tmp_path).splitlines() if "vs HF CB" in line)
     assert row.split()[-3:-1] == [_fmt(data["results"]["output_tok_s"]), _fmt(cb["output_tok_s"])], row
+
+
+def test_hf_cb_time_limit_with_nothing_finished_is_a_peer_error_naming_it(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """--hf-cb-time-limit: a run that finishes no request within it fails the peer's phase (weir's own
+    figures still stand) with how many of how many were done, instead of hanging the suite."""
+    out = tmp_path / "t1.json"
+    argv = ["--workload", "t1", "--model", str(tiny_llama_dir), *SMALL, "--num-requests", "3"]
+    argv += ["--input-len", "8:24", "--output-len", "3:7", "--warmup-requests", "1", "--peer", "hf-cb"]
+    argv += ["--hf-cb-page-size", "16", "--hf-cb-num-blocks", "16", "--hf-cb-max-batch-tokens", "64"]
+    argv += ["--hf-cb-warmup-requests", "0", "--hf-cb-time-limit", "0"]
+    bench_throughput.main([*argv, "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["results"]["output_tok_s"] > 0  # weir's run is unaffected
+    assert "hf-cb" not in (data.get("peers") or {})
+    assert any("0/3 requests done after 0s" in e for e in data["errors"]), data["errors"]
 
 
 def test_peer_flag_rejects_unknown_peers(capsys: pytest.CaptureFixture[str]) -> None:

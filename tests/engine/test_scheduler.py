@@ -306,12 +306,8 @@ def test_mixed_steps_fit_the_largest_mixed_graph_when_decodes_share_them() -> No
     assert_all_blocks_free(sched)
 
 
-def test_mixed_step_cut_waits_until_the_prompt_backlog_fits_one_step() -> None:
-    # Budget 64, mixed graphs up to 16 tokens. Three 30-token prompts arrive beside two decoding
-    # streams: 90 prompt tokens are more than one full step, so the step takes the whole budget (the
-    # cut would only slow a queue that is already waiting); once the backlog fits one step (28 left),
-    # steps are cut to the graph again.
-    sched, runner = make_sched(budget=64, mixed_step_token_cap=16), FakeRunner(64)
+def _two_streams_then_three_prompts(sched: Scheduler, runner: FakeRunner) -> tuple[dict, dict]:
+    """Two streams prefilled (decoding from the next step), then three 30-token prompts queued."""
     streams = [make_req(f"s{i}", [5 + i] * 4, max_tokens=12) for i in range(2)]
     for s in streams:
         sched.add_request(s)
@@ -320,6 +316,16 @@ def test_mixed_step_cut_waits_until_the_prompt_backlog_fits_one_step() -> None:
     reqs = {rid: make_req(rid, prompt, max_tokens=2) for rid, prompt in prompts.items()}
     for req in reqs.values():
         sched.add_request(req)
+    return prompts, reqs
+
+
+def test_mixed_step_cut_waits_until_the_prompt_backlog_fits_one_step() -> None:
+    # Budget 64, mixed graphs up to 16 tokens. Three 30-token prompts arrive beside two decoding
+    # streams: 90 prompt tokens are more than one full step, so the step takes the whole budget (the
+    # cut would only slow a queue that is already waiting); once the backlog fits one step (28 left),
+    # steps are cut to the graph again.
+    sched, runner = make_sched(budget=64, mixed_step_token_cap=16), FakeRunner(64)
+    prompts, reqs = _two_streams_then_three_prompts(sched, runner)
     so, _ = step(sched, runner)
     assert so.total_num_scheduled_tokens == 64
     assert so.num_scheduled_tokens == {"s0": 1, "s1": 1, "p0": 30, "p1": 30, "p2": 2}
@@ -337,14 +343,7 @@ def test_mixed_step_cut_applies_up_to_the_configured_backlog_past_one_step() -> 
     # first one (the server's case: short steps, and a few prompts waiting must not turn the cut off).
     sched = make_sched(budget=64, mixed_step_token_cap=16, mixed_step_fit_backlog_tokens=128)
     runner = FakeRunner(64)
-    streams = [make_req(f"s{i}", [5 + i] * 4, max_tokens=12) for i in range(2)]
-    for s in streams:
-        sched.add_request(s)
-    step(sched, runner)  # their prefills; now they decode
-    prompts = {f"p{i}": list(range(100 + 40 * i, 130 + 40 * i)) for i in range(3)}
-    reqs = {rid: make_req(rid, prompt, max_tokens=2) for rid, prompt in prompts.items()}
-    for req in reqs.values():
-        sched.add_request(req)
+    prompts, reqs = _two_streams_then_three_prompts(sched, runner)
     so, _ = step(sched, runner)
     assert so.num_scheduled_tokens == {"s0": 1, "s1": 1, "p0": 14}
     totals = [so.total_num_scheduled_tokens]

@@ -282,6 +282,20 @@ def correctness() -> None:
         RESULTS["checks"].append({"name": f"{model} write_kv_cache exact", "ok": exact})
         print(f"  {'PASS' if exact else 'FAIL'} {model} write_kv_cache exact (with -1 slots)", flush=True)
 
+        # Rotary fused with the KV write (the model's path): bit for bit the two launches it replaces.
+        v = qkv[:, (nh + nkv) * d :]
+        fkc, fvc, skc, svc = (torch.zeros_like(kc) for _ in range(4))
+        with Poisoned():
+            fq = tops.rotary_and_write_kv(pos, q, k, v, cache, d, fkc, fvc, slots)
+        sq, sk = tops.rotary_embedding(pos, q, k, cache, d)
+        tops.write_kv_cache(sk.view(n, nkv, d), v.reshape(n, nkv, d), skc, svc, slots)
+        torch.cuda.synchronize()
+        exact = bool(torch.equal(fq, sq) and torch.equal(fkc, skc) and torch.equal(fvc, svc))
+        RESULTS["checks"].append(
+            {"name": f"{model} rotary_and_write_kv == rotary, write_kv_cache", "ok": exact}
+        )
+        print(f"  {'PASS' if exact else 'FAIL'} {model} rotary_and_write_kv == the two launches", flush=True)
+
         # Mixed batch: 2 prefills with cached prefixes (0 and 700 tokens), one chunk without, decodes.
         q_lens = [300, 129, 77, *([1] * 12)]
         seq_lens = [300, 829, 1077, 1, 2, 15, 16, 17, 100, 511, 512, 513, 2000, 3000, 4096]
@@ -369,6 +383,9 @@ def kernel_timings() -> None:
     slots = torch.randperm(kc.shape[0] * 16, device=DEV)[:n]
     ms = bench(lambda: tops.write_kv_cache(key, val, kc, vc, slots))
     rows.append(("write_kv_cache 4096 tok 8x128", ms, 4 * key.numel() * 2))
+    v = qkv[:, 40 * 128 :]
+    ms = bench(lambda: tops.rotary_and_write_kv(pos, q, k, v, cache, 128, kc, vc, slots))
+    rows.append(("rotary_and_write_kv 4096 tok", ms, 2 * 2 * (q.numel() + k.numel()) + 4 * key.numel() * 2))
     copy = RESULTS.get("copy_bandwidth_gbs", float("nan"))
     RESULTS["timings"]["elementwise"] = []
     for name, ms, nbytes in rows:

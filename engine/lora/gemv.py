@@ -12,7 +12,10 @@ ties cuBLAS there, with it it also saves the expand.
 The hook decides (engine.lora.layers.LoRALinear.forward_layer), so the quantization methods stay as
 they are: quantized layers keep their own apply and the shrink/expand pair. A launch may carry
 `fuse_shrink: True` to compute the shrink in the same launch too (`gemv_lora`: one launch a layer);
-the planned launches do not, until it is measured on a GPU.
+the planned launches do not, until it is measured on a GPU. A launch may also carry the
+ops.triton.lora_gemv options `shrink_chunk` (fused: input columns per worker; not fused: the shrink
+launch's columns per split), `reduce_t` (fused only) and `early_b`; none planned yet
+(loadtest/sweep_lora_gemv.py measures them).
 
 The term joins the base output in float32 before the output is rounded once (the unfused pair rounds
 the base output, then adds the term and rounds again): the same sum, rounded once less.
@@ -83,7 +86,12 @@ def lora_gemv_linear(
     if launch.pop("fuse_shrink", False):
         out = gemv_lora(x2, weight, unit_scale, a_stacked, b_stacked, slots, slice_offsets, **launch)
     else:
-        t = shrink(x2, a_stacked, slots)  # [split, 1, S * R] float32
+        if launch.pop("reduce_t", False):
+            raise ValueError("lora_gemv_linear: reduce_t needs fuse_shrink (the separate shrink's partials)")
+        # shrink_chunk: here the separate shrink's columns per split (its default when not given)
+        chunk = launch.pop("shrink_chunk", None)
+        t = shrink(x2, a_stacked, slots) if chunk is None else shrink(x2, a_stacked, slots, chunk=chunk)
+        # t: [split, 1, S * R] float32
         out = gemv_lora_expand(x2, weight, unit_scale, t, b_stacked, slots, slice_offsets, **launch)
     if bias is not None:
         out = out + bias

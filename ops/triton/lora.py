@@ -172,10 +172,13 @@ def lora_shrink(
     x: torch.Tensor,  # [num_tokens, in_features]
     a_stacked: torch.Tensor,  # [num_slots, lora_dim, in_features]
     token_slots: torch.Tensor,  # [num_tokens] int32; -1 = no adapter
+    chunk: int = 512,
 ) -> torch.Tensor:
     """x @ A[slot]^T per token as partial products over splits of in_features -> [split, num_tokens,
     lora_dim] float32, whose sum over dim 0 is ops.reference.lora_shrink's [num_tokens, lora_dim] (rows
-    of slot -1 are zeros). `lora_expand` takes it as it is and sums the splits as it loads them."""
+    of slot -1 are zeros). `lora_expand` takes it as it is and sums the splits as it loads them.
+    `chunk`: input columns per split at small batches (rounded up to a multiple of 64; at most 64
+    programs in all, so fewer splits where that would be more)."""
     num_tokens, in_features = x.shape
     num_slots, lora_dim, a_in = a_stacked.shape
     if a_in != in_features or token_slots.shape[0] != num_tokens:
@@ -190,7 +193,9 @@ def lora_shrink(
     num_m = triton.cdiv(num_tokens, block_m)
     # Small batches (decode) give too few programs to stream A at full bandwidth: split the input
     # dimension too, one partial product per split. Fixed by shapes only, so graphs capture it.
-    split = max(1, min(in_features // 512, 64 // num_m))
+    if chunk <= 0:
+        raise ValueError(f"lora_shrink: chunk {chunk} is not positive")
+    split = max(1, min(in_features // chunk, 64 // num_m))
     chunk = triton.cdiv(triton.cdiv(in_features, split), block_in) * block_in
     split = triton.cdiv(in_features, chunk)
     # Every element is written by the kernel (partials, or zeros on rows without an adapter): no memset.

@@ -140,3 +140,97 @@ def test_gemv_lora_refuses_what_it_cannot_serve() -> None:
         gemv_lora_expand(x, w, ones, t[:, :, :16], b, slots, offsets)
     with pytest.raises(ValueError, match=r"gemv_lora: A \(2, 24, 32\) for lora_dim 24, K 64"):
         gemv_lora(x, w, ones, a[:, :, :32], b, slots, offsets)
+
+
+# Launch options of ops.triton.lora_gemv (the sweep's grid, loadtest/sweep_lora_gemv.py): fused
+# (shrink_chunk, reduce_t, early_b), and not fused (the separate shrink's chunk, early_b).
+OPTION_CASES = [
+    # (sizes, k, max_rank, rank, block_n, block_k, split_k)
+    ((50,), 600, 16, 5, 16, 64, 1),  # one sub-matrix, rank 5 padded to 16
+    ((40, 24, 24), 600, 8, 3, 8, 256, 2),  # q/k/v, a tile straddling q and k, rank 3 of 8, split-K
+]
+
+
+@in_process
+@pytest.mark.parametrize(("sizes", "k", "max_rank", "rank", "block_n", "block_k", "split_k"), OPTION_CASES)
+@pytest.mark.parametrize("shrink_chunk", [96, 512])
+def test_one_launch_options_match_the_reference_and_change_no_bit(
+    sizes: tuple[int, ...], k: int, max_rank: int, rank: int, block_n: int, block_k: int, split_k: int,
+    shrink_chunk: int,
+) -> None:  # fmt: skip
+    """Every reduce_t / early_b combination at a worker chunk: within the reference's tolerance, and
+    bit for bit the output without them (the partials are summed in split order wherever it happens);
+    slot -1 exactly the plain GEMV; two launches in a row, counters back at zero after each."""
+    from ops.triton.fp8_gemv import fp8_gemv
+    from ops.triton.lora_gemv import _sync_counters, gemv_lora
+
+    x, w, a, b, garbage, offsets = _layer(sizes, k, max_rank, rank, 3, seed=rank + shrink_chunk)
+    ones = torch.ones(w.shape[0], device=DEVICE)
+    launch = dict(block_n=block_n, block_k=block_k, split_k=split_k, shrink_chunk=shrink_chunk)
+    tol = 1e-5 if _dtype() == torch.float32 else 1e-2
+    for slot in (2, -1):
+        slots = torch.tensor([slot], dtype=torch.int32, device=DEVICE)
+        plain = gemv_lora(x, w, ones, a, garbage, slots, offsets, **launch)
+        assert _err(plain, _expected(x, w, a, b, slot, offsets)) < tol
+        for reduce_t in (False, True):
+            for early_b in (False, True):
+                for _ in range(2):
+                    out = gemv_lora(
+                        x, w, ones, a, garbage, slots, offsets, reduce_t=reduce_t, early_b=early_b, **launch
+                    )
+                    assert _sync_counters(x.device).tolist() == [0, 0, 0]
+                    assert torch.equal(out, plain), (slot, reduce_t, early_b)
+        if slot < 0:
+            base = dict(block_n=block_n, block_k=block_k, split_k=split_k)
+            assert torch.equal(plain, fp8_gemv(x, w, ones, **base))
+        else:
+            assert _err(plain, fp8_gemv(x, w, ones, block_n=block_n, block_k=block_k)) > 1e-2
+
+
+@in_process
+@pytest.mark.parametrize(("sizes", "k", "max_rank", "rank", "block_n", "block_k", "split_k"), OPTION_CASES)
+def test_two_launch_options_match_the_reference_and_early_b_changes_no_bit(
+    sizes: tuple[int, ...], k: int, max_rank: int, rank: int, block_n: int, block_k: int, split_k: int
+) -> None:
+    """The separate shrink at 128 and 256 columns a split (4 and 2 partials here), then the GEMV with
+    and without B loaded before its K loop; slot -1 exactly the plain GEMV."""
+    from ops.triton.fp8_gemv import fp8_gemv
+    from ops.triton.lora import lora_shrink
+    from ops.triton.lora_gemv import gemv_lora_expand
+
+    x, w, a, b, garbage, offsets = _layer(sizes, k, max_rank, rank, 3, seed=rank)
+    ones = torch.ones(w.shape[0], device=DEVICE)
+    launch = dict(block_n=block_n, block_k=block_k, split_k=split_k)
+    tol = 1e-5 if _dtype() == torch.float32 else 1e-2
+    for slot in (1, -1):
+        slots = torch.tensor([slot], dtype=torch.int32, device=DEVICE)
+        for chunk, splits in ((128, 4), (256, 2)):
+            t = lora_shrink(x, a, slots, chunk=chunk)
+            assert t.shape[0] == splits
+            plain = gemv_lora_expand(x, w, ones, t, garbage, slots, offsets, **launch)
+            early = gemv_lora_expand(x, w, ones, t, garbage, slots, offsets, early_b=True, **launch)
+            assert torch.equal(early, plain)
+            assert _err(plain, _expected(x, w, a, b, slot, offsets)) < tol
+            if slot < 0:
+                assert torch.equal(plain, fp8_gemv(x, w, ones, **launch))
+
+
+@in_process
+def test_default_options_are_todays_launch() -> None:
+    """No option given: a 512-column worker chunk (lora_shrink's split), no reduction, B after the loop,
+    bit for bit; a chunk that is not a multiple of the worker's 32-column tile is refused."""
+    from ops.triton.lora import lora_shrink
+    from ops.triton.lora_gemv import SHRINK_BLOCK_K, SHRINK_CHUNK, gemv_lora
+
+    assert (SHRINK_CHUNK, SHRINK_BLOCK_K) == (512, 32)
+    x, w, a, b, _, offsets = _layer((40, 24, 24), 1100, 8, 8, 2, seed=7)
+    ones = torch.ones(w.shape[0], device=DEVICE)
+    slots = torch.ones(1, dtype=torch.int32, device=DEVICE)
+    explicit = gemv_lora(x, w, ones, a, b, slots, offsets, shrink_chunk=512, reduce_t=False, early_b=False)
+    assert torch.equal(gemv_lora(x, w, ones, a, b, slots, offsets), explicit)
+    assert _err(gemv_lora(x, w, ones, a, b, slots, offsets, shrink_chunk=256), explicit) > 0  # chunk is used
+    assert lora_shrink(x, a, slots).shape[0] == lora_shrink(x, a, slots, chunk=512).shape[0] == 2
+    with pytest.raises(ValueError, match=r"gemv_lora: shrink_chunk 100 is not a positive multiple of 32"):
+        gemv_lora(x, w, ones, a, b, slots, offsets, shrink_chunk=100)
+    with pytest.raises(ValueError, match=r"lora_shrink: chunk 0 is not positive"):
+        lora_shrink(x, a, slots, chunk=0)

@@ -183,3 +183,48 @@ def test_one_token_through_the_tiny_llama_with_the_fused_gemv_matches_the_kernel
             hidden = runner._forward(step.input_ids, step.positions, step.metadata)
             logits[fused] = runner.compute_logits(hidden[step.logits_indices])
     assert (logits[True] - logits[False]).abs().max().item() < 1e-4
+
+
+@in_process
+def test_launch_options_reach_the_kernels() -> None:
+    """A planned launch's `shrink_chunk` goes to the separate shrink (not fused) or to the workers
+    (fused); `early_b` and `reduce_t` change no bit; `reduce_t` without the fused shrink is refused."""
+    from engine.lora.gemv import lora_gemv_linear
+    from ops.triton.lora import lora_shrink
+
+    layer, lora = _hooked(_layers()["qkv"])
+    x = torch.randn(1, layer.weight.shape[1], generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    slots = torch.tensor([1], dtype=torch.int32, device=DEVICE)
+    ones = torch.ones(layer.weight.shape[0], device=DEVICE)
+    splits = []
+
+    def shrink(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        t = lora_shrink(*args, **kwargs)
+        splits.append((kwargs, t.shape[0]))
+        return t
+
+    def run(**launch):  # noqa: ANN003, ANN202
+        args = (
+            x,
+            layer.weight,
+            ones,
+            None,
+            shrink,
+            lora.a_stacked,
+            lora.b_stacked,
+            slots,
+            lora.slice_offsets,
+        )
+        return lora_gemv_linear(*args, {"block_n": 16, "block_k": 64, **launch})
+
+    two = run()
+    assert torch.equal(run(early_b=True), two)
+    chunked = run(shrink_chunk=32)  # in 64: two splits of 32 rounded up to one of 64
+    assert splits == [({}, 1), ({}, 1), ({"chunk": 32}, 1)]
+    torch.testing.assert_close(chunked, two, rtol=0, atol=0)
+    one = run(fuse_shrink=True, shrink_chunk=32)  # two workers
+    assert torch.equal(run(fuse_shrink=True, shrink_chunk=32, reduce_t=True, early_b=True), one)
+    assert len(splits) == 3  # the fused launches call no shrink
+    torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"lora_gemv_linear: reduce_t needs fuse_shrink"):
+        run(reduce_t=True)

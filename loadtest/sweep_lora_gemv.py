@@ -16,6 +16,9 @@ Budget: 4 layers x 18 variants, each ~0.1 s of graph capture and replays; the Tr
 parallel, into Triton's disk cache (one layer and fused/not each), and timing stops at `--budget-s`
 (the variants left are listed as skipped).
 
+`--chunks`, `--fuse`, `--reduce-t`, `--early-b` narrow the grid (e.g. `--reduce-t 0` if a variant
+never returns: a GPU run should sit under `timeout`).
+
 `--smoke` runs the same code on tiny layers under TRITON_INTERPRET=1 on CPU (CI): every variant is
 checked; its "times" are interpreter wall times, meaningless except to exercise the selection.
 """
@@ -57,9 +60,18 @@ DEFAULT_CHUNK = 512  # ops.triton.lora_gemv.SHRINK_CHUNK and lora_shrink's defau
 BASE_KEYS = ("block_n", "block_k", "split_k", "prefetch", "num_warps", "num_stages")
 
 
-def variants(chunks: Sequence[int]) -> list[dict[str, Any]]:
-    """The grid: 2 x len(chunks) two-launch variants (early_b or not), 4 x len(chunks) fused ones."""
-    grid = itertools.product((False, True), chunks, (False, True), (False, True))
+BOTH = (False, True)
+
+
+def variants(
+    chunks: Sequence[int],
+    fuse: Sequence[bool] = BOTH,
+    reduce_t: Sequence[bool] = BOTH,
+    early_b: Sequence[bool] = BOTH,
+) -> list[dict[str, Any]]:
+    """The grid: 2 x len(chunks) two-launch variants (early_b or not), 4 x len(chunks) fused ones (all
+    axes at both values; `--fuse` etc. narrow them)."""
+    grid = itertools.product(fuse, chunks, reduce_t, early_b)
     return [
         {"fuse_shrink": fuse, "shrink_chunk": chunk, "reduce_t": reduce_t, "early_b": early_b}
         for fuse, chunk, reduce_t, early_b in grid
@@ -139,28 +151,41 @@ def _fns(op: dict[str, Any], k: int, smoke: bool) -> tuple[Callable[..., Any], C
 
 def _precompile(task: tuple[int, bool, bool, tuple[int, ...]]) -> str:
     """Compile (into Triton's disk cache) one layer's variants, fused or not: a worker process's job."""
-    index, fuse, smoke, chunks = task
+    index, fuse, smoke, axes = task
     name, k, sizes = (SMOKE_LAYERS if smoke else LAYERS)[index]
     op = _setup(k, sizes, smoke, 1, seed=index)
     plan, _ = _plans(k, op["n"], smoke)
     base, lora = _fns(op, k, smoke)
     base(op["ws"][0])
-    for variant in variants(chunks):
+    for variant in variants(*axes):
         if variant["fuse_shrink"] == fuse:
             lora(op["ws"][0], launch_of(plan, variant))
     return f"{name} {'fused' if fuse else 'two launches'}"
 
 
-def _precompile_all(indices: Sequence[int], smoke: bool, chunks: Sequence[int], jobs: int) -> None:
-    import concurrent.futures
+def _precompile_all(
+    indices: Sequence[int], smoke: bool, axes: tuple[Sequence[Any], ...], jobs: int, deadline: float
+) -> None:
     import multiprocessing
 
-    tasks = [(i, fuse, smoke, tuple(chunks)) for i in indices for fuse in (True, False)]
+    tasks = [(i, fuse, smoke, axes) for i in indices for fuse in axes[1]]
     ctx = multiprocessing.get_context("spawn")  # CUDA in each worker: no fork
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        for future in concurrent.futures.as_completed([pool.submit(_precompile, t) for t in tasks]):
+    with ctx.Pool(min(jobs, len(tasks))) as pool:  # leaving the block kills what is still running
+        done = pool.imap_unordered(_precompile, tasks)
+        for _ in tasks:
             try:  # a failure only costs its compiles again in the timing process
-                print(f"[sweep-lora] compiled {future.result()}", flush=True)
+                print(
+                    f"[sweep-lora] compiled {done.next(timeout=max(1.0, deadline - time.monotonic()))}",
+                    flush=True,
+                )
+            except (
+                multiprocessing.TimeoutError
+            ):  # e.g. a variant that never returns: the timing would hang on it too
+                print(
+                    "[sweep-lora] precompile past its deadline: stopped (see which layers compiled above)",
+                    flush=True,
+                )
+                break
             except Exception as exc:  # noqa: BLE001
                 print(f"[sweep-lora] precompile failed: {exc!r}", flush=True)
 
@@ -185,7 +210,7 @@ def _rel_err(out: Any, ref: Any) -> float:
     return float((out - ref).norm() / ref.norm())
 
 
-def sweep_layer(index: int, smoke: bool, chunks: Sequence[int], deadline: float) -> dict[str, Any]:
+def sweep_layer(index: int, smoke: bool, axes: tuple[Sequence[Any], ...], deadline: float) -> dict[str, Any]:
     """One layer: base, then every variant checked, then timed (until the deadline)."""
     import torch
     import torch.nn.functional as F
@@ -212,7 +237,7 @@ def sweep_layer(index: int, smoke: bool, chunks: Sequence[int], deadline: float)
     today = {key: value for key, value in plan.items() if key in BASE_KEYS or value}
     result: dict[str, Any] = {"layer": name, "k": k, "n": n, "plan": today, "variants": []}
     result["base_us"] = _time_us([lambda w=w: base(w) for w in op["ws"]], smoke)
-    for variant in variants(chunks):
+    for variant in variants(*axes):
         launch = launch_of(plan, variant)
         row: dict[str, Any] = {**variant, "launch": launch, "is_plan": launch == today}
         result["variants"].append(row)
@@ -271,13 +296,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--jobs", type=int, default=None, help="compile processes first (0: none; default 8 on GPU)"
     )
+    p.add_argument(
+        "--chunks", default=None, help="shrink_chunk values (default 128,256,512; smoke 32,64,512)"
+    )
+    p.add_argument("--fuse", default="0,1", help="fuse_shrink values tried: 0,1 (or one of them)")
+    p.add_argument("--reduce-t", default="0,1", help="reduce_t values tried (fused variants only)")
+    p.add_argument("--early-b", default="0,1", help="early_b values tried")
     p.add_argument("--smoke", action="store_true", help="tiny layers on CPU under TRITON_INTERPRET=1")
     args = p.parse_args(argv)
     start = time.monotonic()
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
     table = SMOKE_LAYERS if args.smoke else LAYERS
-    chunks = SMOKE_CHUNKS if args.smoke else CHUNKS
+    chunks = (
+        [int(c) for c in args.chunks.split(",")] if args.chunks else (SMOKE_CHUNKS if args.smoke else CHUNKS)
+    )
+    axes = (
+        tuple(chunks),
+        *(tuple(bool(int(v)) for v in a.split(",")) for a in (args.fuse, args.reduce_t, args.early_b)),
+    )
     wanted = args.layers.split(",")
     unknown = set(wanted) - {name for name, _, _ in table}
     if unknown:
@@ -289,15 +326,15 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             p.error("no CUDA device: use --smoke for the CPU check")
     print(
-        f"[sweep-lora] {len(indices)} layers x {len(variants(chunks))} variants, budget {args.budget_s} s",
+        f"[sweep-lora] {len(indices)} layers x {len(variants(*axes))} variants, budget {args.budget_s} s",
         flush=True,
     )
     jobs = args.jobs if args.jobs is not None else (0 if args.smoke else 8)
     if jobs > 0:
-        _precompile_all(indices, args.smoke, chunks, jobs)
+        _precompile_all(indices, args.smoke, axes, jobs, start + 0.6 * args.budget_s)
         print(f"[sweep-lora] precompiled in {time.monotonic() - start:.1f} s", flush=True)
     deadline = start + args.budget_s
-    results = [sweep_layer(i, args.smoke, chunks, deadline) for i in indices]
+    results = [sweep_layer(i, args.smoke, axes, deadline) for i in indices]
     lines = entries(results)
     print("# _LORA_LAUNCHES (engine/model/quantization/float_gemv.py), best per layer:")
     print("\n".join(lines), flush=True)

@@ -55,14 +55,19 @@ def test_smoke_sweep_checks_every_variant_and_prints_the_best(tmp_path: Path) ->
 
 
 @in_process
-def test_smoke_sweep_stops_at_its_budget_and_precompiles(tmp_path: Path) -> None:
+def test_smoke_sweep_stops_at_its_budget_and_precompiles(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from loadtest.sweep_lora_gemv import _precompile, main
 
     out = tmp_path / "sweep.json"
-    assert main(["--smoke", "--layers", "down", "--budget-s", "0", "--out", str(out)]) == 0
+    # one compile process, past its deadline at once (a spawned process takes more than the 1 s floor)
+    assert main(["--smoke", "--layers", "down", "--budget-s", "0", "--jobs", "1", "--out", str(out)]) == 0
+    assert "[sweep-lora] precompile past its deadline: stopped" in capsys.readouterr().out
     (layer,) = json.loads(out.read_text())["layers"]
     assert len(layer["skipped"]) == 18 and layer["best"] is None and layer["plan_us"] is None
     assert json.loads(out.read_text())["entries"] == ["    # down (320, 48): no variant both right and timed"]
-    assert _precompile((3, False, True, (512,))) == "down two launches"
+    axes = ((512,), (False,), (False,), (False, True))  # chunks, fuse_shrink, reduce_t, early_b
+    assert _precompile((3, False, True, axes)) == "down two launches"
     with pytest.raises(SystemExit):
         main(["--smoke", "--layers", "qkv,lm_head"])

@@ -12,7 +12,8 @@ ties cuBLAS there, with it it also saves the expand.
 The hook decides (engine.lora.layers.LoRALinear.forward_layer), so the quantization methods stay as
 they are: quantized layers keep their own apply and the shrink/expand pair. A launch may carry
 `fuse_shrink: True` to compute the shrink in the same launch too (`gemv_lora`: one launch a layer);
-the planned launches do not, until it is measured on a GPU. A launch may also carry the
+o_proj's and down_proj's planned launches do, where the H200 measured it faster (float_gemv.py's
+`_LORA_LAUNCHES`). A launch may also carry the
 ops.triton.lora_gemv options `shrink_chunk` (fused: input columns per worker; not fused: the shrink
 launch's columns per split), `reduce_t` (fused only) and `early_b`; none planned yet
 (loadtest/sweep_lora_gemv.py measures them).

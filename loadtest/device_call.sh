@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One device call of several steps, for the lent GPU machine (its `run` tool returns at most 8 files and
+# runs one command of at most 10 minutes): each step under `timeout`, capped by what is left of
+# DEADLINE (seconds, default 560), every output under /tmp/o, tarred last to $OUT/r.tgz (one file back).
+#
+#   git rev-parse --short HEAD > .commit        # on this machine, before the call
+#   STEPS="suite lora sweep" bash loadtest/device_call.sh   # the run's command (carry: .whl, .commit)
+#
+# Steps (knobs in the environment): suite (run_gpu_suite.sh; BENCHES, SB = its budget), feat
+# (gpu_feature_check.py; FEAT_PARTS), eng (gpu_engine_check.py; ENG_PARTS), pyt (pytest on CUDA; PYT),
+# l1, s16 (S1 at 16 req/s), u1, beam (B1-B3), lora (A1-A4; LORA_COUNTS), k1lora (A3's step by kernel),
+# cb (T1 with the transformers continuous-batching peer; CBB, CBN), sweep (sweep_lora_gemv.py); any
+# other word is run as a shell command. abold1 abnew1 abold2 ...: L1 alternating an older tree and this
+# one in one call (machines differ by up to 4%; compare within a call): first, on this machine,
+# `mkdir ab_old && git archive REV engine ops app loadtest pyproject.toml | tar x -C ab_old`, carry ab_old. .whl holds the server's wheels (../shared/scripts/device-wheels.sh).
+set -o pipefail
+export PYTHONUNBUFFERED=1
+O=/tmp/o; mkdir -p $O
+T0=$SECONDS
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>&1 | tail -2
+export PYTHONPATH=/tmp/site:$PWD WEIR_COMMIT=$(cat .commit)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee $O/gpu.txt
+step() { local name=$1 cap=$2; shift 2; local left=$(( ${DEADLINE:-560} - (SECONDS-T0) )); [ $cap -gt $left ] && cap=$left
+  [ $cap -lt 20 ] && { echo "== $name skipped" | tee -a $O/steps.txt; return; }
+  echo "== $name (cap ${cap}s) at $((SECONDS-T0))s: $*" | tee -a $O/steps.txt
+  local t=$SECONDS; timeout -k 10 $cap "$@" > $O/$name.log 2>&1; local rc=$?
+  echo "== $name rc=$rc $((SECONDS-t))s" | tee -a $O/steps.txt; tail -25 $O/$name.log; }
+for s in $STEPS; do case $s in
+  feat) step feat 150 env OUT=$O WEIR_CHECK_PARTS="${FEAT_PARTS:-b c}" python3 loadtest/gpu_feature_check.py;;
+  eng) step eng 300 env OUT=$O WEIR_CHECK_PARTS="${ENG_PARTS:-a}" python3 loadtest/gpu_engine_check.py;;
+  suite) mkdir -p $O/suite; OUT=$O/suite SUITE_BUDGET=${SB:-330} BENCHES="${BENCHES:-T2 S1 U1 K1}" step suite $((${SB:-330}+20)) bash loadtest/run_gpu_suite.sh;;
+  k1lora) step k1lora 120 python3 loadtest/profile_kernels.py --mode batch1 --shape llama3-8b --input-len 32 --output-len 256 --decode-steps 20 --lora-rank 16 --out $O/k1_lora.json;;
+  beam) step beam 150 python3 loadtest/bench_beam.py --shape llama3-8b --peer hf --peer-max-requests 8 --peer-max-steps 16 --out $O/b.json;;
+  lora) step lora 300 python3 loadtest/bench_lora.py --shape llama3-8b --num-requests 300 --adapter-counts ${LORA_COUNTS:-8} --out $O/a.json;;
+  cb) mkdir -p $O/cb; OUT=$O/cb SUITE_BUDGET=${CBB:-300} PEERS=hf-cb HF_CB_MAX_REQUESTS=${CBN:-64} BENCHES=T1 step cb $((${CBB:-300}+20)) bash loadtest/run_gpu_suite.sh;;
+  pyt) step pyt 120 python3 -m pytest -q -p no:cacheprovider ${PYT:-tests/ops/test_rotary_kv.py tests/ops/test_fp8_kv_kernels.py};;
+  l1) step l1 150 python3 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer hf --peer-max-steps 48 --out $O/l1.json;;
+  s16) step s16 150 python3 loadtest/bench_serving.py --shape llama3-8b --num-requests 240 --request-rates 16 --num-requests-finite-rate 240 --offline none --server-log $O/server_s16.log --out $O/s16.json;;
+  u1) step u1 150 python3 loadtest/bench_startup.py --shape llama3-8b --no-split --no-imports --server-log $O/server_u1.log --out $O/u1.json;;
+  abold*) step $s 60 env PYTHONPATH=/tmp/site:$PWD/ab_old python3 ab_old/loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;
+  abnew*) step $s 60 python3 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;
+  sweep) step sweep 170 python3 loadtest/sweep_lora_gemv.py --out $O/sweep_lora_gemv.json;;
+  *) eval "$s";;
+esac; done
+echo "total $((SECONDS-T0))s" | tee -a $O/steps.txt
+tar czf $OUT/r.tgz -C /tmp o

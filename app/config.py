@@ -190,6 +190,8 @@ ENGINE_HELP: dict[str, str] = {
     "adapter's counter (default 1).",
     "fair_output_token_weight": "Under --scheduling-policy fair: what one output token adds to its adapter's "
     "counter (default 2: a decode step costs more per token than a prefill).",
+    "fair_base_share": "Under --scheduling-policy fair: the base model's share of the service (requests "
+    "without an adapter), as --lora-shares gives an adapter's (default 1; in (0, 1e6]).",
     "tensor_parallel_size": "Shard the model over this many GPUs (or CPU processes with --device cpu), "
     "one worker process per rank (README: Tensor parallelism). It must divide the attention heads.",
     "distributed_executor_backend": "Where tensor-parallel workers run: mp (processes on this node) or "

@@ -114,6 +114,8 @@ class EngineConfig:
     # (VTC's w_p and w_q; an adapter's LoRARequest.fair_share divides both).
     fair_prompt_token_weight: float = 1.0
     fair_output_token_weight: float = 2.0
+    # Under "fair": the base model's share (requests without an adapter), as an adapter's fair_share.
+    fair_base_share: float = 1.0
     # Tensor parallelism (engine.executor.multiproc_executor): the model sharded over this many
     # ranks, one worker process per rank ("mp", one node) or one Ray actor per GPU ("ray", a cluster).
     tensor_parallel_size: int = 1
@@ -175,7 +177,7 @@ class EngineConfig:
                     f"max_cpu_loras must be >= max_loras ({self.max_loras}); got {self.max_cpu_loras}"
                 )
         _choice("scheduling_policy", self.scheduling_policy, VALID_SCHEDULING_POLICIES)
-        for name in ("fair_prompt_token_weight", "fair_output_token_weight"):
+        for name in ("fair_prompt_token_weight", "fair_output_token_weight", "fair_base_share"):
             if not valid_fair_weight(getattr(self, name)):
                 raise ValueError(f"{name} must be a number in (0, 1e6]; got {getattr(self, name)!r}")
         _positive("tensor_parallel_size", self.tensor_parallel_size)
@@ -265,6 +267,7 @@ class EngineConfig:
                     float(self.fair_prompt_token_weight),
                     float(self.fair_output_token_weight),
                 ),
+                fair_base_share=float(self.fair_base_share),
             ),
             lora=LoRAConfig(
                 max_loras=self.max_loras,
@@ -389,6 +392,7 @@ class SchedulerConfig:
     max_beam_width: int = 16  # a beam search wider than this is refused (input processor)
     scheduling_policy: str = "fcfs"  # "fcfs" | "fair" (EngineConfig.scheduling_policy)
     fair_token_weights: tuple[float, float] = (1.0, 2.0)  # "fair": (prompt, output) token weights
+    fair_base_share: float = 1.0  # "fair": the base model's share (an adapter's is its fair_share)
     long_prefill_token_threshold: int = 0  # one request's tokens per step (0: no cap below the budget)
     # fit_mixed_steps_to_cuda_graphs: when a step already holds tokens (decodes), a prompt's chunk is cut
     # so the step stays within this many tokens, the largest mixed CUDA graph (0: no such cut).

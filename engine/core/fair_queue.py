@@ -7,7 +7,8 @@ else's queueing delay grows with it. Here every tenant has a counter of the weig
 has computed for it (by default prompt tokens at weight 1, output tokens at weight 2, the paper's w_p
 and w_q: a decode step costs a token's share of a whole forward pass, a prefill token much less;
 EngineConfig.fair_prompt_token_weight / fair_output_token_weight), divided by the tenant's share
-(LoRARequest.fair_share, 1 for the base model: a tenant of share 2 is served about twice as much
+(LoRARequest.fair_share; EngineConfig.fair_base_share, default 1, for the base model: a tenant of
+share 2 is served about twice as much
 while both wait, the paper's weighted variant); the head of
 the queue is the oldest request of the waiting tenant with the lowest counter. A tenant that starts
 waiting is lifted to the lowest counter among the tenants already waiting (or, if none is, to the
@@ -33,10 +34,10 @@ def tenant_of(request: Request) -> int:
     return request.lora_int_id
 
 
-def share_of(request: Request) -> float:
-    """The tenant's share of the service: its adapter's fair_share, 1 for the base model."""
+def share_of(request: Request, base_share: float = 1.0) -> float:
+    """The tenant's share of the service: its adapter's fair_share, `base_share` for the base model."""
     lora = request.lora_request
-    return lora.fair_share if lora is not None else 1.0
+    return lora.fair_share if lora is not None else base_share
 
 
 class FairQueue:
@@ -46,9 +47,11 @@ class FairQueue:
         self,
         prompt_token_weight: float = PROMPT_TOKEN_WEIGHT,
         output_token_weight: float = OUTPUT_TOKEN_WEIGHT,
+        base_share: float = 1.0,
     ) -> None:
         self.prompt_token_weight = prompt_token_weight
         self.output_token_weight = output_token_weight
+        self.base_share = base_share  # the base model's (tenant 0's) share; EngineConfig.fair_base_share
         # tenant -> heap of (priority, arrival seq, request); removed requests stay until they surface.
         self._heaps: dict[int, list[tuple[int, int, Request]]] = {}
         self._live: dict[str, Request] = {}  # req_id -> request: the truth of who is waiting
@@ -116,4 +119,4 @@ class FairQueue:
             prompt = max(0, min(end, req.num_prompt_tokens) - (end - n))
             tenant = tenant_of(req)
             service = self.prompt_token_weight * prompt + self.output_token_weight * (n - prompt)
-            self.counters[tenant] = self.counters.get(tenant, 0.0) + service / share_of(req)
+            self.counters[tenant] = self.counters.get(tenant, 0.0) + service / share_of(req, self.base_share)

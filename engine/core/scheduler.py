@@ -69,7 +69,11 @@ class Scheduler(BeamScheduling):
         self._next_seq = 0
         # scheduling_policy "fair": the waiting queue orders tenants (adapters) by the service they
         # have received (engine/core/fair_queue.py) instead of the heap above.
-        self._fair = FairQueue(*config.fair_token_weights) if config.scheduling_policy == "fair" else None
+        self._fair = (
+            FairQueue(*config.fair_token_weights, base_share=config.fair_base_share)
+            if config.scheduling_policy == "fair"
+            else None
+        )
         # Running requests in admission order (dict: O(1) removal, ordered iteration).
         self.running: dict[str, Request] = {}
         # Finished or aborted since the last schedule(); the runner drops their state.

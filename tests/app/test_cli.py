@@ -161,6 +161,18 @@ def test_fit_mixed_steps_to_cuda_graphs_from_flag_env_and_yaml(tmp_path: Path) -
     assert resolve({}, env={})[0].fit_mixed_steps_to_cuda_graphs is True  # on by default
 
 
+def test_fair_base_share_from_flag_env_and_yaml(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("scheduling_policy: fair\nfair_base_share: 0.5\n")
+    assert resolve({"config": str(cfg)}, env={})[0].fair_base_share == 0.5
+    env = {"WEIR_FAIR_BASE_SHARE": "3"}
+    assert resolve({"config": str(cfg)}, env=env)[0].fair_base_share == 3.0
+    assert resolve({"config": str(cfg), "fair_base_share": 2.0}, env=env)[0].fair_base_share == 2.0
+    assert resolve({}, env={})[0].fair_base_share == 1.0
+    with pytest.raises(ConfigError, match=r"fair_base_share must be a number in \(0, 1e6\]"):
+        resolve({"fair_base_share": -1.0}, env={})
+
+
 def test_the_server_resolves_its_engine_as_a_server_and_usage_is_no_option(tmp_path: Path) -> None:
     # The server's defaults (a 2048-token step budget on cuda) come from EngineConfig.usage, which the
     # server sets and no flag, variable or YAML key can.

@@ -165,6 +165,10 @@ def test_fair_token_weights_reach_the_scheduler_and_are_checked() -> None:
     ).scheduler.fair_token_weights
     assert weights == (0.5, 3.0)
     assert _resolve("cpu").scheduler.fair_token_weights == (1.0, 2.0)  # VTC's defaults
+    assert _resolve("cpu", fair_base_share=3).scheduler.fair_base_share == 3.0
+    assert _resolve("cpu").scheduler.fair_base_share == 1.0
+    with pytest.raises(ValueError, match=r"fair_base_share must be a number in \(0, 1e6\]; got 0"):
+        EngineConfig("m", fair_base_share=0)
     for bad in (0, -1.0, float("nan"), 2e6):
         with pytest.raises(ValueError, match="fair_output_token_weight must be a number in"):
             EngineConfig("m", fair_output_token_weight=bad)

@@ -27,7 +27,7 @@ MAX_TOKENS = 4
 STEPS = 400
 
 
-def _scheduler(policy: str) -> Scheduler:
+def _scheduler(policy: str, base_share: float = 1.0) -> Scheduler:
     return Scheduler(
         SchedulerConfig(
             max_num_seqs=6,
@@ -37,6 +37,7 @@ def _scheduler(policy: str) -> Scheduler:
             max_waiting_requests=1 << 20,
             max_waiting_tokens=1 << 30,
             scheduling_policy=policy,
+            fair_base_share=base_share,
         ),
         CacheConfig(
             block_size=16,
@@ -169,6 +170,33 @@ def test_overloaded_tenants_are_served_in_proportion_to_their_shares() -> None:
     assert abs(equal["a"] - equal["b"]) <= 0.05 * equal["b"], equal
     assert 1.8 <= weighted["a"] / weighted["b"] <= 2.2, weighted
     assert sum(weighted.values()) >= 0.95 * sum(equal.values())  # the same engine, only divided differently
+
+
+def test_the_base_models_share_scales_its_charge_and_its_admissions() -> None:
+    """fair_base_share: the base model (tenant 0) is charged service / its share, and overloaded beside
+    an adapter of share 1 it is admitted in proportion."""
+    q = FairQueue(base_share=4.0)
+    r = _request("r", None)
+    q.push(r, 0)
+    q.pop(r)
+    r.num_computed_tokens = PROMPT_LEN
+    q.charge([r], {"r": PROMPT_LEN})
+    assert q.counters[0] == PROMPT_LEN / 4.0
+
+    a = LoRARequest("a", 1, "/adapters/a")
+    sched = _scheduler("fair", base_share=2.0)
+    counts = {"base": 0, "a": 0}
+    for step in range(STEPS):
+        for i in range(2):
+            sched.add_request(_request(f"base{step}-{i}", None))
+            sched.add_request(_request(f"a{step}-{i}", a))
+        out = sched.schedule()
+        for new_req in out.new_requests:
+            counts["a" if new_req.req_id.startswith("a") else "base"] += 1
+        scheduled = sched.scheduled_requests(out)
+        sampled = {rid: [42] for rid, r in scheduled.items() if r.num_output_placeholders}
+        sched.update_from_output(out, ModelRunnerOutput(sampled_token_ids=sampled))
+    assert 1.8 <= counts["base"] / counts["a"] <= 2.2, counts
 
 
 def test_share_must_be_positive_and_bounded() -> None:

@@ -38,6 +38,22 @@ def _round_to_fp8(x, MANT: tl.constexpr, MIN_EXP: tl.constexpr, MAX: tl.constexp
 
 
 @triton.jit
+def _to_cache(x, scale_ptr, heads, mask_h, FP8_MANT: tl.constexpr, FP8_MIN_EXP: tl.constexpr,
+              FP8_MAX: tl.constexpr, SCALED: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
+    """[BLOCK_H, D] rows of heads `heads` -> what the cache stores of them: for an fp8 cache, float32
+    values scaled by each head's reciprocal scale (SCALED) and rounded to the format, so the cast to it
+    is exact; for a cache in the model's dtype, x as it is."""
+    if FP8_MANT > 0:
+        x = x.to(tl.float32)
+        if SCALED:
+            one = tl.full([BLOCK_H], 1.0, tl.float32)
+            scale = tl.load(scale_ptr + heads, mask=mask_h, other=1.0)  # [BLOCK_H]
+            x = x * tl.math.div_rn(one, scale)[:, None]
+        x = _round_to_fp8(x, FP8_MANT, FP8_MIN_EXP, FP8_MAX)
+    return x
+
+
+@triton.jit
 def _write_kv_cache_kernel(
     key_ptr,  # [num_tokens, num_kv_heads, head_dim]
     value_ptr,  # [num_tokens, num_kv_heads, head_dim]
@@ -74,24 +90,16 @@ def _write_kv_cache_kernel(
         offs_d = tl.arange(0, HEAD_DIM)
         for h0 in range(0, num_kv_heads, BLOCK_H):
             heads = h0 + offs_h
-            mask = (heads < num_kv_heads)[:, None]
+            mask_h = heads < num_kv_heads
+            mask = mask_h[:, None]
             k = tl.load(key_ptr + token * stride_kt + heads[:, None] * stride_kh + offs_d[None, :], mask=mask)
             v = tl.load(
                 value_ptr + token * stride_vt + heads[:, None] * stride_vh + offs_d[None, :], mask=mask
             )
             kc = k_cache_ptr + block * stride_kcb + offset * stride_kcs
             vc = v_cache_ptr + block * stride_vcb + offset * stride_vcs
-            if FP8_MANT > 0:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-                if SCALED:
-                    one = tl.full([BLOCK_H], 1.0, tl.float32)
-                    k_scale = tl.load(k_scale_ptr + heads, mask=heads < num_kv_heads, other=1.0)  # [BLOCK_H]
-                    v_scale = tl.load(v_scale_ptr + heads, mask=heads < num_kv_heads, other=1.0)
-                    k = k * tl.math.div_rn(one, k_scale)[:, None]
-                    v = v * tl.math.div_rn(one, v_scale)[:, None]
-                k = _round_to_fp8(k, FP8_MANT, FP8_MIN_EXP, FP8_MAX)
-                v = _round_to_fp8(v, FP8_MANT, FP8_MIN_EXP, FP8_MAX)
+            k = _to_cache(k, k_scale_ptr, heads, mask_h, FP8_MANT, FP8_MIN_EXP, FP8_MAX, SCALED, BLOCK_H)
+            v = _to_cache(v, v_scale_ptr, heads, mask_h, FP8_MANT, FP8_MIN_EXP, FP8_MAX, SCALED, BLOCK_H)
             tl.store(
                 kc + heads[:, None] * stride_kch + offs_d[None, :],
                 k.to(k_cache_ptr.dtype.element_ty),

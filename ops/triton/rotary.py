@@ -14,6 +14,17 @@ import triton.language as tl
 
 
 @triton.jit
+def _rotated_halves(x_row, idx, mask, cos, sin, HALF: tl.constexpr):
+    """The two rotated halves of the heads at x_row + idx ([BLOCK_H, HALF] each), computed in float32
+    and rounded to x's dtype, as the rotary op returns them."""
+    x1 = tl.load(x_row + idx, mask=mask, other=0.0)
+    x2 = tl.load(x_row + idx + HALF, mask=mask, other=0.0)
+    x1f = x1.to(tl.float32)
+    x2f = x2.to(tl.float32)
+    return (x1f * cos - x2f * sin).to(x1.dtype), (x2f * cos + x1f * sin).to(x1.dtype)
+
+
+@triton.jit
 def _rotate_heads(
     out_ptr, x_ptr, stride_x, stride_out, row, cos, sin, num_heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr
 ):
@@ -23,14 +34,10 @@ def _rotate_heads(
         heads = h0 + offs_h
         mask = (heads < num_heads)[:, None]
         idx = heads[:, None] * (2 * HALF) + offs_d[None, :]  # [BLOCK_H, HALF]
-        x_row = x_ptr + row * stride_x
-        x1 = tl.load(x_row + idx, mask=mask, other=0.0)
-        x2 = tl.load(x_row + idx + HALF, mask=mask, other=0.0)
-        x1f = x1.to(tl.float32)
-        x2f = x2.to(tl.float32)
+        r1, r2 = _rotated_halves(x_ptr + row * stride_x, idx, mask, cos, sin, HALF)
         o_row = out_ptr + row * stride_out
-        tl.store(o_row + idx, (x1f * cos - x2f * sin).to(x1.dtype), mask=mask)
-        tl.store(o_row + idx + HALF, (x2f * cos + x1f * sin).to(x1.dtype), mask=mask)
+        tl.store(o_row + idx, r1, mask=mask)
+        tl.store(o_row + idx + HALF, r2, mask=mask)
 
 
 @triton.jit

@@ -19,23 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.triton.kv_cache import _FP8_FORMATS, _NOT_FP8, _round_to_fp8
-from ops.triton.rotary import _rotate_heads, _rows
-
-
-@triton.jit
-def _to_cache(x, scale_ptr, heads, mask_h, FP8_MANT: tl.constexpr, FP8_MIN_EXP: tl.constexpr,
-              FP8_MAX: tl.constexpr, SCALED: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
-    """[BLOCK_H, D] in the model dtype -> float32 values the cache's dtype holds exactly (fp8: scaled
-    by the head's reciprocal scale, rounded); a cache in the model dtype takes x as it is."""
-    if FP8_MANT > 0:
-        x = x.to(tl.float32)
-        if SCALED:
-            one = tl.full([BLOCK_H], 1.0, tl.float32)
-            scale = tl.load(scale_ptr + heads, mask=mask_h, other=1.0)  # [BLOCK_H]
-            x = x * tl.math.div_rn(one, scale)[:, None]
-        x = _round_to_fp8(x, FP8_MANT, FP8_MIN_EXP, FP8_MAX)
-    return x
+from ops.triton.kv_cache import _FP8_FORMATS, _NOT_FP8, _to_cache
+from ops.triton.rotary import _rotate_heads, _rotated_halves, _rows
 
 
 @triton.jit
@@ -87,12 +72,8 @@ def _rotary_write_kv_kernel(
             mask_h = heads < num_kv_heads
             mask = mask_h[:, None]
             idx = heads[:, None] * (2 * HALF) + offs_d[None, :]  # [BLOCK_H, HALF]
-            k1 = tl.load(k_ptr + row * stride_k + idx, mask=mask, other=0.0)
-            k2 = tl.load(k_ptr + row * stride_k + idx + HALF, mask=mask, other=0.0)
-            k1f = k1.to(tl.float32)
-            k2f = k2.to(tl.float32)
-            r1 = (k1f * cos - k2f * sin).to(k1.dtype)  # rounded as the separate rotary op returns it
-            r2 = (k2f * cos + k1f * sin).to(k1.dtype)
+            # rounded to the model dtype, as the separate rotary op returns it
+            r1, r2 = _rotated_halves(k_ptr + row * stride_k, idx, mask, cos, sin, HALF)
             r1 = _to_cache(r1, k_scale_ptr, heads, mask_h, FP8_MANT, FP8_MIN_EXP, FP8_MAX, SCALED, BLOCK_H)
             r2 = _to_cache(r2, k_scale_ptr, heads, mask_h, FP8_MANT, FP8_MIN_EXP, FP8_MAX, SCALED, BLOCK_H)
             tl.store(kc + idx, r1.to(k_cache_ptr.dtype.element_ty), mask=mask)

@@ -45,8 +45,8 @@ def read_fast_tokenizer(path: str) -> FastTokenizer | str:
         return reason
     if not (root / "tokenizer.json").is_file():
         return "no tokenizer.json"
-    tok_cfg = _json_object(root / "tokenizer_config.json")
-    model_cfg = _json_object(root / "config.json")
+    tok_cfg = json_object(root / "tokenizer_config.json")
+    model_cfg = json_object(root / "config.json")
     if tok_cfg is None or model_cfg is None:
         return "no readable tokenizer_config.json and config.json"
     reason = _config_problem(root, tok_cfg, model_cfg)
@@ -113,7 +113,7 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def _json_object(path: Path) -> dict | None:
+def json_object(path: Path) -> dict | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -11,7 +11,6 @@ thread of its own, which on a CPU runs beside the model's construction.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from concurrent.futures import Future
@@ -65,13 +64,12 @@ def _declared_config(path: str) -> dict[str, Any]:
     reads the config's model_type, name and tokenizer_class (strings), which a plain PreTrainedConfig
     carries as well. Anything else ({} here) takes AutoTokenizer's own path.
     """
+    from engine.inputs.fast_tokenizer_files import json_object  # noqa: PLC0415 - on the loading thread
+
     root = Path(path)
-    try:
-        tok_cfg = json.loads((root / "tokenizer_config.json").read_text())
-        model_cfg = json.loads((root / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(tok_cfg, dict) or not isinstance(model_cfg, dict):
+    tok_cfg = json_object(root / "tokenizer_config.json")
+    model_cfg = json_object(root / "config.json")
+    if tok_cfg is None or model_cfg is None:
         return {}
     model_type = model_cfg.get("model_type")
     if (

@@ -33,12 +33,12 @@ VALID_EXECUTOR_BACKENDS = ("mp", "ray")
 # Bounds of the tensor-parallel broadcast ring: its header stores both in 32 bits, and the whole ring
 # lives in /dev/shm (checked against its free space when the executor starts).
 MAX_TP_BROADCAST_SLOTS = 4096
+MAX_TP_BROADCAST_SLOT_BYTES = 1 << 30
 # fit_mixed_steps_to_cuda_graphs cuts prompts beside decodes while their backlog is at most this many
 # tokens (or one step, if larger). Measured on an H200 (S1 at 16 req/s, 1,024-token prompts): with the
 # server's 2,048-token steps a one-step limit let three waiting prompts turn the cut off, and ITL p99
 # rose from 15.2 to 20.6 ms; 8,192 is the limit those 15.2 ms were measured with (the old step size).
 MIXED_STEP_FIT_BACKLOG_TOKENS = 8192
-MAX_TP_BROADCAST_SLOT_BYTES = 1 << 30
 # kv_cache_dtype -> the caches' torch dtype name (auto: the model's). "fp8" is e4m3, as in vLLM.
 KV_CACHE_DTYPES = {
     "auto": None,

@@ -109,6 +109,7 @@ def lora_gemv_layers() -> None:
 def _lora_gemv_layer(name: str, k: int, sizes: tuple[int, ...], g: torch.Generator) -> dict[str, Any]:
     import torch.nn.functional as F
 
+    from engine.lora.gemv import lora_gemv_linear
     from engine.model.quantization.float_gemv import plan_float_gemv
     from loadtest.gpu_timing import copies_past_l2
     from ops import reference
@@ -122,6 +123,11 @@ def _lora_gemv_layer(name: str, k: int, sizes: tuple[int, ...], g: torch.Generat
     launch = plan_float_gemv(k, n, lora=True)
     base_launch = plan_float_gemv(k, n)  # None: cuBLAS, as today
     assert launch is not None, name
+    # The plan's keys split by kernel: the GEMV's tile (every variant), the separate shrink's chunk, and
+    # the LoRA options each kernel takes (gemv_lora: all but fuse_shrink; the epilogue GEMV: early_b).
+    gemv_keys = {key: v for key, v in launch.items() if key in ("block_n", "block_k", "split_k", "prefetch")}
+    one_keys = {key: v for key, v in launch.items() if key != "fuse_shrink"}
+    epilogue_keys = {**gemv_keys, "early_b": bool(launch.get("early_b", False))}
     ws = [
         torch.randn(n, k, device=DEV, generator=g).mul_(0.02).to(BF16)
         for _ in range(copies_past_l2(n * k * 2))
@@ -138,15 +144,17 @@ def _lora_gemv_layer(name: str, k: int, sizes: tuple[int, ...], g: torch.Generat
         slots = torch.tensor([slot], device=DEV, dtype=torch.int32)
         t_ref = reference.lora_shrink(x, a, slots)
         ref = reference.lora_expand(t_ref, b, slots, F.linear(x.float(), ws[0].float()), offsets)
-        fused = gemv_lora_expand(x, ws[0], ones, lora_shrink(x, a, slots), b, slots, offsets, **launch)
+        fused = gemv_lora_expand(x, ws[0], ones, lora_shrink(x, a, slots), b, slots, offsets, **epilogue_keys)
         check_close(f"gemv + LoRA expand epilogue, {label} slot {slot} == reference", fused, ref)
         for i in range(2):  # twice: the first launch must put its counters back
-            one = gemv_lora(x, ws[0], ones, a, b, slots, offsets, **launch)
+            one = gemv_lora(x, ws[0], ones, a, b, slots, offsets, **one_keys)
             check_close(
                 f"gemv + LoRA in one launch (launch {i + 1}), {label} slot {slot} == reference", one, ref
             )
+        planned_out = lora_gemv_linear(x, ws[0], ones, None, lora_shrink, a, b, slots, offsets, launch)
+        check_close(f"the planned path ({launch}), {label} slot {slot} == reference", planned_out, ref)
         if slot < 0:
-            same = torch.equal(fused, fp8_gemv(x, ws[0], ones, **launch))
+            same = torch.equal(fused, fp8_gemv(x, ws[0], ones, **gemv_keys))
             check(f"gemv + LoRA expand epilogue, {label} slot -1: exactly the plain GEMV", same)
     slots = torch.tensor([3], device=DEV, dtype=torch.int32)
 
@@ -157,10 +165,13 @@ def _lora_gemv_layer(name: str, k: int, sizes: tuple[int, ...], g: torch.Generat
         return lora_expand(lora_shrink(x, a, slots), b, slots, base(w), offsets)
 
     def epilogue(w: torch.Tensor) -> torch.Tensor:
-        return gemv_lora_expand(x, w, ones, lora_shrink(x, a, slots), b, slots, offsets, **launch)
+        return gemv_lora_expand(x, w, ones, lora_shrink(x, a, slots), b, slots, offsets, **epilogue_keys)
 
     def one_launch(w: torch.Tensor) -> torch.Tensor:
-        return gemv_lora(x, w, ones, a, b, slots, offsets, **launch)
+        return gemv_lora(x, w, ones, a, b, slots, offsets, **one_keys)
+
+    def planned(w: torch.Tensor) -> torch.Tensor:  # what the engine runs for this layer
+        return lora_gemv_linear(x, w, ones, None, lora_shrink, a, b, slots, offsets, launch)
 
     row: dict[str, Any] = {"layer": f"{name} {k}x{n}"}
     for key, fn in (
@@ -170,6 +181,7 @@ def _lora_gemv_layer(name: str, k: int, sizes: tuple[int, ...], g: torch.Generat
     ):
         row[key] = round(1000 * bench_ms([lambda w=w, fn=fn: fn(w) for w in ws]), 2)
     row["one_launch_us"] = round(1000 * bench_ms([lambda w=w: one_launch(w) for w in ws]), 2)
+    row["planned_us"] = round(1000 * bench_ms([lambda w=w: planned(w) for w in ws]), 2)
     row["launch"] = launch
     print(row, flush=True)
     return row

@@ -50,20 +50,46 @@ _LAUNCHES: dict[tuple[int, int], dict[str, int]] = {
 # With a LoRA adapter the GEMV also adds the expand's term (ops/triton/lora_gemv.py), which saves a
 # launch whatever the shape: the MLP's shapes, where the plain GEMV only ties cuBLAS, take it too, at
 # the H200 sweep's best launches (gate_up 54.63 us vs cuBLAS 54.83, down 29.05 vs 30.42).
-# `fuse_shrink` (the shrink in the same launch, ops.triton.lora_gemv.gemv_lora) where it measured faster
-# than a shrink launch before the GEMV (H200, CUDA-graph replays, rank 16, e33bbfa's GPU check part f:
-# o 14.9 vs 16.4 us, down 38.0 vs 40.0; qkv 24.2 vs 21.8 and gate_up 67.1 vs 63.5 keep the shrink apart).
+# `fuse_shrink` (the shrink in the same launch, ops.triton.lora_gemv.gemv_lora), `shrink_chunk` (K per
+# shrink worker), `reduce_t` (the fused shrink's partials summed once by a ticket, not by every GEMV
+# program) and `early_b` (B's columns loaded before the K loop): the best of loadtest/sweep_lora_gemv.py
+# per layer (H200, CUDA-graph replays, rank 16, 0e90f80: qkv 18.67 us vs 21.67 before, o 13.32 vs
+# 14.74, gate_up 62.77 vs 63.55, down 33.37 vs 38.03; the plain GEMVs 14.29 / 11.20 / 57.32 / 31.42).
 _LORA_LAUNCHES: dict[tuple[int, int], dict[str, int | bool]] = {
-    **_LAUNCHES,
-    (4096, 4096): {"block_n": 8, "block_k": 512, "split_k": 1, "fuse_shrink": True},  # Llama-3-8B o_proj
-    (4096, 28672): {"block_n": 16, "block_k": 256, "split_k": 1, "prefetch": False},  # Llama-3-8B gate_up
-    (14336, 4096): {
+    (4096, 6144): {  # Llama-3-8B qkv
+        "block_n": 8,
+        "block_k": 512,
+        "split_k": 1,
+        "fuse_shrink": True,
+        "shrink_chunk": 256,
+        "reduce_t": True,
+    },
+    (4096, 4096): {  # o_proj
+        "block_n": 8,
+        "block_k": 512,
+        "split_k": 1,
+        "fuse_shrink": True,
+        "reduce_t": True,
+        "early_b": True,
+    },
+    (4096, 28672): {  # gate_up
+        "block_n": 16,
+        "block_k": 256,
+        "split_k": 1,
+        "prefetch": False,
+        "shrink_chunk": 256,
+        "early_b": True,
+    },
+    (14336, 4096): {  # down
         "block_n": 8,
         "block_k": 512,
         "split_k": 1,
         "prefetch": True,
         "fuse_shrink": True,
-    },  # down
+        "shrink_chunk": 128,
+        "reduce_t": True,
+        "early_b": True,
+    },
 }
 
 

@@ -140,6 +140,12 @@ def one_request(engine: Any, prompt: list[int], params: Any, tag: str, lora: Any
     }
 
 
+def lora_manager(engine: Any) -> Any:
+    """The in-process worker's LoRAManager (its host timings), or None behind another executor."""
+    runner = getattr(getattr(engine, "executor", None), "runner", None)
+    return getattr(runner, "lora", None)
+
+
 def itl(
     engine: Any, prompt: list[int], params: Any, iters: int, tag: str, lora: Any = None
 ) -> dict[str, Any]:
@@ -242,11 +248,14 @@ def main(argv: list[str] | None = None) -> int:
                     # A4: a request naming an adapter never loaded, then one more on it (in its slot
                     # by then); medians over A4_TRIALS adapters, each request on a prompt of its own
                     # (no prefix-cache hit)
-                    firsts, loaded = [], []
+                    firsts, loaded, host_ms = [], [], []
+                    manager = lora_manager(engine)
                     for t in range(A4_TRIALS):
                         new = requests[n + t]
                         p_new, p_loaded = a4_prompts[2 * t], a4_prompts[2 * t + 1]
                         firsts.append(one_request(engine, p_new, sampling_params(16, 0.0), f"a4-new{t}", new))
+                        if manager is not None:  # the host's part: disk read + checks, slot image
+                            host_ms.append((1000 * manager.last_load_s, 1000 * manager.last_slot_write_s))
                         loaded.append(
                             one_request(engine, p_loaded, sampling_params(16, 0.0), f"a4-in{t}", new)
                         )
@@ -257,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                         "loaded_request_s": round(loaded_s, 4),
                         "added_ms": round(1000 * (first_s - loaded_s), 2),
                         "trials": A4_TRIALS,
+                        "read_ms": [round(r, 2) for r, _ in host_ms],  # per trial
+                        "slot_write_ms": [round(w, 2) for _, w in host_ms],
                         "adapter_mb": round(
                             sum(f.stat().st_size for f in Path(new.lora_path).iterdir()) / 2**20, 1
                         ),

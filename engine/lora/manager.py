@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -92,6 +93,10 @@ class LoRAManager:
         self._slot_lru: OrderedDict[int, None] = OrderedDict((i, None) for i in range(config.max_loras))
         self._index_staging = PinnedStaging() if self._pin else None  # the per-token index's copies
         self.num_slot_loads = 0
+        # Host seconds of the last adapter read from disk (add) and the last slot image written
+        # (_load_slot; the copy to the device after it is asynchronous): where A4's latency goes.
+        self.last_load_s = 0.0
+        self.last_slot_write_s = 0.0
 
     # ------------------------------------------------------------------ host cache
     def load(self, lora_request: LoRARequest) -> LoRAAdapter:
@@ -108,7 +113,9 @@ class LoRAManager:
             if adapter is not None and adapter.lora_request == lora_request:
                 self._cache.move_to_end(lora_request.lora_int_id)
                 return adapter
+        t0 = time.perf_counter()
         adapter = self.load(lora_request)
+        self.last_load_s = time.perf_counter() - t0
         with self._cache_lock:
             self._cache[lora_request.lora_int_id] = adapter
             self._cache.move_to_end(lora_request.lora_int_id)
@@ -187,6 +194,7 @@ class LoRAManager:
             del self._slot_of[old]
         self._slots[slot] = adapter
         self._slot_of[adapter] = slot
+        t0 = time.perf_counter()
         if self._image_copied is not None:
             self._image_copied.synchronize()  # the previous slot's copy out of the image is done
         for name, layer in self.layers.items():
@@ -197,3 +205,4 @@ class LoRAManager:
                 self._image_copied = torch.cuda.Event()
             self._image_copied.record()
         self.num_slot_loads += 1
+        self.last_slot_write_s = time.perf_counter() - t0

@@ -44,6 +44,9 @@ def test_lora_benchmark_runs_the_base_twice_and_rates_against_the_mean(
     assert r["A3"]["vs_base"] == ratio(r["A3"]["itl_p50_ms"], (l1_first + l1_last) / 2)
     assert r["A3"]["base_on_lora_engine"]["itl_p50_ms"] > 0
     assert r["A4"]["trials"] == 3 and r["A4"]["first_request_s"] > 0
+    # the host's part of each new adapter's first request: its read, then its slot image
+    assert len(r["A4"]["read_ms"]) == 3 and all(ms > 0 for ms in r["A4"]["read_ms"])
+    assert len(r["A4"]["slot_write_ms"]) == 3 and all(ms > 0 for ms in r["A4"]["slot_write_ms"])
     # 2 adapters for A1 plus one per A4 trial, each a PEFT directory
     written = sorted(p.name for p in (tmp_path / "adapters").iterdir())
     assert len(written) == 2 + 3 and all(

@@ -168,8 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--lora-rank",
         type=int,
         default=0,
-        help="batch1 mode: the request runs on a random LoRA adapter of this rank on all seven "
-        "projections (A3's step; 0 = no LoRA)",
+        help="the requests run on random LoRA adapters of this rank on all seven projections (batch1: "
+        "one adapter, A3's step; t2: --lora-adapters of them, A1/A2's steps; 0 = no LoRA)",
+    )
+    p.add_argument(
+        "--lora-adapters",
+        type=int,
+        default=8,
+        help="t2 mode with --lora-rank: distinct adapters, request i on adapter i mod N, max_loras N "
+        "(A1: 8, A2: 64)",
     )
     p.add_argument("--prefill-steps", type=int, default=3, help="profiled prefill steps")
     p.add_argument("--decode-steps", type=int, default=8, help="profiled decode steps")
@@ -290,8 +297,18 @@ def main(argv: list[str] | None = None) -> int:
     }
     cuda = model.device == "cuda"
     mml = default_max_model_len(args, model, args.input_len + args.output_len)
+    tmp = tempfile.TemporaryDirectory(prefix="weir-k-lora-")
+    loras, lora_kwargs = [None], {}
+    if args.lora_rank:
+        from engine import LoRARequest
+        from loadtest.bench_lora import write_adapters
+
+        paths = write_adapters(Path(tmp.name), model.config, args.lora_adapters, args.lora_rank, model.dtype)
+        loras = [LoRARequest(f"k-adapter-{i}", i + 1, str(path)) for i, path in enumerate(paths)]
+        lora_kwargs = {"enable_lora": True, "max_loras": len(loras), "max_lora_rank": args.lora_rank}
+        report["workload"].update(lora_rank=args.lora_rank, lora_adapters=len(loras))
     with phase(report, "engine_build"):
-        llm, build_s = build_llm(model, engine_kwargs(args, model, max_model_len=mml))
+        llm, build_s = build_llm(model, engine_kwargs(args, model, max_model_len=mml, **lora_kwargs))
         report["engine"] = {**engine_info(llm), "build_s": round(build_s, 3)}
     engine = llm.llm_engine
     rng = random.Random(args.seed)
@@ -305,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     report["workload"].update(beam_width=args.beam_width, n=args.n)
     for i in range(args.num_requests):
         prompt = [rng.randrange(model.vocab_size) for _ in range(args.input_len)]
-        engine.add_request(f"r{i}", prompt, params)
+        engine.add_request(f"r{i}", prompt, params, lora_request=loras[i % len(loras)])
     with phase(report, "prefill"):
         engine.step()  # the first step (kernel compiles, allocator growth) is not profiled
         report["results"]["prefill"] = window = profile_window(
@@ -342,6 +359,14 @@ def main(argv: list[str] | None = None) -> int:
         window["weight_bytes"] = model.weight_bytes
         if cuda and attention_ms > 0:
             window["attention_kv_gb_s"] = round(kv_read / (attention_ms / 1e3) / 1e9, 1)
+    if args.lora_rank:
+        from loadtest.bench_lora import lora_manager
+
+        manager = lora_manager(engine)
+        report["results"]["lora"] = {
+            "adapters_loaded": len(engine.list_loras()),
+            "slot_loads": getattr(manager, "num_slot_loads", None),
+        }
     for name in ("prefill", "decode"):
         w = report["results"].get(name)
         if w:
@@ -351,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     copy_bandwidth_phase(report, model.device, args.copy_bytes)
+    tmp.cleanup()
     return report.finish()
 
 

@@ -382,3 +382,18 @@ def test_kernel_profile_keeps_beam_groups_admitted_apart_alternating(
     decode = load_report(out, "K")["results"]["decode"]
     assert decode["stalls"] == 0
     assert decode["tokens_per_step"] == 2  # one group's two beams per step
+
+
+def test_kernel_profile_of_a_multi_lora_step(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """profile_kernels --lora-rank --lora-adapters (A1/A2's step): requests spread over the adapters,
+    every adapter in a slot of the profiled engine."""
+    out = tmp_path / "profile.json"
+    argv = ["--model", str(tiny_llama_dir), *ENGINE, "--num-requests", "4", "--input-len", "16"]
+    argv += ["--output-len", "12", "--prefill-steps", "1", "--decode-steps", "2"]
+    argv += ["--lora-rank", "4", "--lora-adapters", "3", "--out", str(out)]
+    assert profile_kernels.main(argv) == 0
+    data = load_report(out, "K")
+    assert data["workload"]["lora_rank"] == 4 and data["workload"]["lora_adapters"] == 3
+    assert data["results"]["lora"] == {"adapters_loaded": 3, "slot_loads": 3}
+    decode = data["results"]["decode"]
+    assert decode["batch"] == 4 and decode["kernel_ms_per_step"] > 0

@@ -9,7 +9,7 @@
 # Steps (knobs in the environment): suite (run_gpu_suite.sh; BENCHES, SB = its budget), feat
 # (gpu_feature_check.py; FEAT_PARTS), eng (gpu_engine_check.py; ENG_PARTS), pyt (pytest on CUDA; PYT),
 # l1, s16 (S1 at 16 req/s), u1, beam (B1-B3), lora (A1-A4; LORA_COUNTS), k1lora (A3's step by kernel),
-# cb (T1 with the transformers continuous-batching peer; CBB, CBN), sweep (sweep_lora_gemv.py), profbase and
+# cb (T1 with the transformers continuous-batching peer; CBB, CBN), cbng (the same, its CUDA graphs off; CBV, CBT), sweep (sweep_lora_gemv.py), profbase and
 # proflora (a T2-like decode step by kernel family, base / with PROF_ADAPTERS rank-16 adapters); any
 # other word is run as a shell command. abold1 abnew1 abold2 ...: L1 alternating an older tree and this
 # one in one call (machines differ by up to 4%; compare within a call): first, on this machine,
@@ -34,6 +34,7 @@ for s in $STEPS; do case $s in
   beam) step beam 150 python3 loadtest/bench_beam.py --shape llama3-8b --peer hf --peer-max-requests 8 --peer-max-steps 16 --out $O/b.json;;
   lora) step lora 300 python3 loadtest/bench_lora.py --shape llama3-8b --num-requests 300 --adapter-counts ${LORA_COUNTS:-8} --out $O/a.json;;
   cb) mkdir -p $O/cb; OUT=$O/cb SUITE_BUDGET=${CBB:-300} PEERS=hf-cb HF_CB_MAX_REQUESTS=${CBN:-64} BENCHES=T1 step cb $((${CBB:-300}+20)) bash loadtest/run_gpu_suite.sh;;
+  cbng) step cbng ${CBB:-170} python3 loadtest/bench_throughput.py --workload t1 --shape qwen3-0.6b --peer hf-cb --hf-cb-variants ${CBV:-tuned} --hf-cb-cuda-graphs off --hf-cb-max-requests ${CBN:-64} --hf-cb-time-limit ${CBT:-60} --out $O/cbng.json;;
   pyt) step pyt 120 python3 -m pytest -q -p no:cacheprovider ${PYT:-tests/ops/test_rotary_kv.py tests/ops/test_fp8_kv_kernels.py};;
   l1) step l1 150 python3 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer hf --peer-max-steps 48 --out $O/l1.json;;
   s16) step s16 150 python3 loadtest/bench_serving.py --shape llama3-8b --num-requests 240 --request-rates 16 --num-requests-finite-rate 240 --offline none --server-log $O/server_s16.log --out $O/s16.json;;

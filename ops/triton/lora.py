@@ -51,7 +51,8 @@ def _lora_shrink_kernel(
     pid_split = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < T
-    tok_slot = tl.load(slots_ptr + offs_m, mask=m_mask, other=-1)
+    # int64: the loop's slot multiplies a slot stride of every layer's weights (GBs at 64 slots)
+    tok_slot = tl.load(slots_ptr + offs_m, mask=m_mask, other=-1).to(tl.int64)
     lo = tl.min(tl.where(tok_slot >= 0, tok_slot, 1 << 30), axis=0)  # none: an empty range below
     hi = tl.max(tok_slot, axis=0)
     offs_k = tl.arange(0, BLOCK_K)
@@ -110,7 +111,7 @@ def _lora_expand_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    tok_slot = tl.load(slots_ptr + offs_m, mask=offs_m < T, other=-1)
+    tok_slot = tl.load(slots_ptr + offs_m, mask=offs_m < T, other=-1).to(tl.int64)  # as the shrink's
     lo = tl.min(tl.where(tok_slot >= 0, tok_slot, 1 << 30), axis=0)  # none: an empty range below
     hi = tl.max(tok_slot, axis=0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

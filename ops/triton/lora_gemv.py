@@ -199,7 +199,7 @@ def _gemv_part(
         # scalar in a block's mask)
         use_b = (offs_n * 0 + slot >= 0) & (offs_n * 0 + pid_k == 0)  # [BLOCK_N]
         b = tl.load(
-            b_ptr + tl.maximum(slot, 0) * stride_bs + offs_n[:, None] * stride_bn + cols,
+            b_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_bs + offs_n[:, None] * stride_bn + cols,
             mask=mask_t & use_b[:, None],
             other=0.0,
         )  # [BLOCK_N, BLOCK_R]: a few registers a thread, held through the K loop
@@ -234,7 +234,7 @@ def _gemv_part(
         else:
             y += _expand_term(
                 t_rows_ptr,
-                b_ptr + slot * stride_bs,
+                b_ptr + slot.to(tl.int64) * stride_bs,
                 offs_n,
                 mask_n,
                 N1,
@@ -296,7 +296,7 @@ def _gemv_lora_kernel(
             slot = tl.load(slots_ptr)
             if slot >= 0:
                 _shrink_part(
-                    x_ptr, a_ptr + slot * stride_as, t_ptr, role, K, LORA_DIM, CHUNK, stride_ak, stride_ts,
+                    x_ptr, a_ptr + slot.to(tl.int64) * stride_as, t_ptr, role, K, LORA_DIM, CHUNK, stride_ak, stride_ts,
                     BLOCK_D, SHRINK_BLOCK,
                 )  # fmt: skip
             tl.debug_barrier()  # every thread's partial stored before it is published

@@ -29,6 +29,7 @@ from torch import nn
 
 from engine.lora.adapter import LoRALayerWeights, LoRATarget
 from engine.lora.gemv import lora_gemv_linear, plan_lora_gemv
+from engine.lora.segments import max_segment_entries, segment_piece
 from engine.model.layers.linear import LinearBase, QKVParallelLinear, RowParallelLinear
 from engine.model.quantization.float_gemv import decode_gemv_is_allowed
 
@@ -43,6 +44,11 @@ class LoRABatch:
         # a CUDA-graph step replays its size's graph captured without it (engine.worker.cuda_graphs).
         # token_slots is then neither read nor written.
         self.active = True
+        # The step's runs of tokens on one slot (engine.lora.segments), for the segment kernels:
+        # [1 + 3 * max_num_tokens] int32, written with token_slots when `use_segments` (Triton
+        # kernels, WEIR_LORA_SEGMENTS not 0). Zero segments until a step writes it (graph capture).
+        self.segments = torch.zeros(max_segment_entries(max_num_tokens), dtype=torch.int32, device=device)
+        self.use_segments = False
 
 
 # Regions of a slot start on a multiple of this many elements (>= 16 bytes: Triton specializes
@@ -146,6 +152,14 @@ class LoRALinear(nn.Module):
         updated in place) -> out."""
         if not self.batch.active:
             return out
+        if self.batch.use_segments:  # one program per run of tokens on one adapter
+            from ops.triton.lora_segments import lora_expand_segments, lora_shrink_segments  # noqa: PLC0415
+
+            piece = segment_piece(x.shape[0])  # as prepare_step built the segments for this size
+            t = lora_shrink_segments(x, self.a_stacked, self.batch.segments, piece)  # fp32 [split, T, S*R]
+            return lora_expand_segments(
+                t, self.b_stacked, self.batch.segments, out, self.slice_offsets, piece
+            )
         slots = self.batch.token_slots[: x.shape[0]]
         t = self.shrink(x, self.a_stacked, slots)  # fp32 [(split,) num_tokens, num_slices * max_rank]
         return self.expand(t, self.b_stacked, slots, out, self.slice_offsets)

@@ -25,6 +25,7 @@ removed or evicted from the cache while requests run on it still serves them to 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -37,6 +38,7 @@ from engine.config import LoRAConfig
 from engine.lora.adapter import LoRAAdapter, load_adapter
 from engine.lora.layers import LoRABatch, LoRALinear, lora_targets
 from engine.lora.request import LoRARequest
+from engine.lora.segments import build_segments, segment_piece
 from engine.model.layers.linear import LinearBase
 from engine.worker.attention_metadata import PinnedStaging
 from ops import Kernels
@@ -59,6 +61,11 @@ class LoRAManager:
         self.dtype = dtype
         self.targets, self.num_slices = lora_targets(model)
         self.batch = LoRABatch(max_num_tokens, device)
+        # Segment kernels (one program per run of one adapter's tokens) with the Triton kernels;
+        # WEIR_LORA_SEGMENTS=0 keeps the tile kernels (ops/triton/lora.py) for every step.
+        self.batch.use_segments = (
+            kernels.name == "triton" and os.environ.get("WEIR_LORA_SEGMENTS", "1") != "0"
+        )
         self.layers: dict[str, LoRALinear] = {}
         for name, module in model.named_modules():
             if isinstance(module, LinearBase):
@@ -175,15 +182,23 @@ class LoRAManager:
         per_seq = np.fromiter(
             (-1 if a is None else slot_of[a] for a in adapters), dtype=np.int32, count=len(adapters)
         )
-        if self._index_staging is not None:  # reused pinned memory: an asynchronous copy
-            src = self._index_staging.take(4 * num_tokens).view(torch.int32)
-        else:
-            src = torch.empty(num_tokens, dtype=torch.int32)
-        host = src.numpy()  # [num_tokens]
         n = int(sum(num_scheduled))
-        host[:n] = np.repeat(per_seq, num_scheduled)
+        token_slots = np.repeat(per_seq, num_scheduled)  # [n]
+        segments = build_segments(token_slots, segment_piece(num_tokens)) if self.batch.use_segments else None
+        size = num_tokens + (len(segments) if segments is not None else 0)
+        if self._index_staging is not None:  # reused pinned memory: asynchronous copies
+            staged = self._index_staging.take(4 * size).view(torch.int32)
+        else:
+            staged = torch.empty(size, dtype=torch.int32)
+        src = staged[:num_tokens]
+        host = src.numpy()  # [num_tokens]
+        host[:n] = token_slots
         host[n:] = -1
         self.batch.token_slots[:num_tokens].copy_(src, non_blocking=self._pin)
+        if segments is not None:
+            seg_src = staged[num_tokens:]
+            seg_src.numpy()[:] = segments
+            self.batch.segments[: len(segments)].copy_(seg_src, non_blocking=self._pin)
         if self._index_staging is not None:
             self._index_staging.record_copy()
 

@@ -1,0 +1,184 @@
+"""The segment LoRA kernels (ops/triton/lora_segments.py) against the torch references, under
+TRITON_INTERPRET=1 without a GPU, and the host's segment builder (engine/lora/segments.py): decode
+steps of many adapters in runs, prompts cut into pieces, tokens without an adapter left untouched,
+runs of one slot that recur (unsorted batches), more segments than programs, and fused layers."""
+
+from __future__ import annotations
+
+# isort: off
+# First: it sets TRITON_INTERPRET before anything below can import triton.
+from tests.ops.triton_interpreter import DEVICE, in_process, only_in_subprocess, rerun_in_fresh_process
+
+# isort: on
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.lora.segments import build_segments, max_segment_entries, segment_piece
+from ops import reference
+
+
+@only_in_subprocess
+def test_in_fresh_interpreter_process() -> None:
+    rerun_in_fresh_process(__file__)
+
+
+def _segments(slots: list[int], piece: int) -> list[tuple[int, int, int]]:
+    seg = build_segments(np.array(slots, dtype=np.int32), piece)
+    assert seg.dtype == np.int32 and seg[0] == (len(seg) - 1) // 3
+    return [tuple(int(v) for v in seg[1 + 3 * i : 4 + 3 * i]) for i in range(seg[0])]
+
+
+def test_segments_are_the_runs_of_one_slot_without_the_base_tokens() -> None:
+    assert _segments([-1, 2, 2, 2, 0, 0, -1, -1, 5], piece=16) == [(1, 4, 2), (4, 6, 0), (8, 9, 5)]
+    # a slot that comes back later is a segment of its own (an unsorted batch stays correct)
+    assert _segments([3, 1, 3], piece=16) == [(0, 1, 3), (1, 2, 1), (2, 3, 3)]
+    assert _segments([-1, -1], piece=16) == []
+    assert _segments([], piece=16) == []
+
+
+def test_a_long_run_is_cut_into_pieces() -> None:
+    assert _segments([7] * 37 + [-1] + [1] * 16, piece=16) == [
+        (0, 16, 7),
+        (16, 32, 7),
+        (32, 37, 7),
+        (38, 54, 1),
+    ]
+    assert segment_piece(512) == 16 and segment_piece(513) == 64
+    # at most one segment per token: the device buffer's size
+    assert len(build_segments(np.arange(10, dtype=np.int32), 16)) == max_segment_entries(10)
+
+
+def _inputs(slots: list[int], in_features: int, out_features: int, lora_dim: int, num_slots: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    n = len(slots)
+    x = torch.randn(n, in_features, generator=gen)
+    a = torch.randn(num_slots, lora_dim, in_features, generator=gen) * 0.1
+    b = torch.randn(num_slots, out_features, lora_dim, generator=gen) * 0.1
+    y = torch.randn(n, out_features, generator=gen)
+    token_slots = torch.tensor(slots, dtype=torch.int32)
+    return (t.to(DEVICE) for t in (x, a, b, token_slots, y))
+
+
+def _decode_step(num_adapters: int, per_adapter: int) -> list[int]:
+    """A decode step ordered by adapter (as the scheduler orders it): base tokens first, then runs."""
+    return [-1] * 3 + [s for s in range(num_adapters) for _ in range(per_adapter)]
+
+
+@in_process
+@pytest.mark.parametrize(
+    ("slots", "in_features", "out_features", "slice_offsets", "lora_dim", "num_slots", "piece"),
+    [
+        ([0], 64, 48, (0,), 16, 1, 16),  # batch-1 decode
+        (_decode_step(70, 1), 80, 96, (0,), 8, 70, 16),  # more segments than the 64 programs
+        (_decode_step(5, 3), 1100, 96, (0, 64, 80), 48, 5, 16),  # fused qkv (3 x 16), input splits
+        ([2] * 40 + [-1] * 5 + [0] * 21 + [2] * 3, 64, 200, (0, 100), 32, 3, 16),  # pieces, a slot twice
+        ([1] * 150 + [0] * 30, 64, 96, (0,), 16, 2, 64),  # a large step's 64-token pieces
+    ],
+)
+def test_segment_kernels_match_the_reference(
+    slots: list[int],
+    in_features: int,
+    out_features: int,
+    slice_offsets: tuple[int, ...],
+    lora_dim: int,
+    num_slots: int,
+    piece: int,
+) -> None:
+    from ops.triton.lora_segments import lora_expand_segments, lora_shrink_segments
+
+    x, a, b, token_slots, y = _inputs(slots, in_features, out_features, lora_dim, num_slots, len(slots))
+    if len(slice_offsets) > 1:  # a fused layer's B is block-diagonal, as the slots hold it
+        mask = torch.zeros(out_features, lora_dim, device=b.device)
+        bounds = [*slice_offsets, out_features]
+        width = lora_dim // len(slice_offsets)
+        for i in range(len(slice_offsets)):
+            mask[bounds[i] : bounds[i + 1], i * width : (i + 1) * width] = 1
+        b = b * mask
+    segments = torch.from_numpy(build_segments(np.array(slots, dtype=np.int32), piece)).to(DEVICE)
+    rows = token_slots >= 0
+
+    t_ref = reference.lora_shrink(x, a, token_slots)
+    t = lora_shrink_segments(x, a, segments, piece=piece)  # [split, num_tokens, lora_dim]
+    assert t.dtype == torch.float32 and t.shape[1:] == (len(slots), lora_dim)
+    torch.testing.assert_close(t.sum(0)[rows], t_ref[rows], rtol=1e-4, atol=1e-4)
+
+    y_ref = reference.lora_expand(t_ref, b, token_slots, y.clone())
+    y_out = y.clone()
+    assert lora_expand_segments(t, b, segments, y_out, slice_offsets, piece=piece) is y_out
+    torch.testing.assert_close(y_out, y_ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(y_out[~rows], y[~rows])  # no adapter: the base output is untouched
+    assert not torch.equal(y_out[rows], y[rows])
+
+
+@in_process
+def test_a_step_without_segments_leaves_y_alone() -> None:
+    from ops.triton.lora_segments import lora_expand_segments, lora_shrink_segments
+
+    x, a, b, _, y = _inputs([-1, -1, -1], 64, 32, 16, 2, 0)
+    segments = torch.zeros(max_segment_entries(3), dtype=torch.int32, device=DEVICE)  # 0 segments
+    y_out = lora_expand_segments(lora_shrink_segments(x, a, segments), b, segments, y.clone())
+    assert torch.equal(y_out, y)
+
+
+@in_process
+def test_bad_shapes_are_refused_naming_them() -> None:
+    from ops.triton.lora_segments import lora_expand_segments, lora_shrink_segments
+
+    x, a, b, _, y = _inputs([0, 0], 64, 32, 16, 2, 0)
+    segments = torch.from_numpy(build_segments(np.array([0, 0], dtype=np.int32), 16)).to(DEVICE)
+    with pytest.raises(ValueError, match=r"lora_shrink_segments: x \(2, 32\), A \(2, 16, 64\)"):
+        lora_shrink_segments(x[:, :32], a, segments)
+    with pytest.raises(ValueError, match=r"lora_expand_segments: slice_offsets \(0, 8, 16, 24\)"):
+        lora_expand_segments(torch.zeros(1, 2, 16, device=DEVICE), b, segments, y, (0, 8, 16, 24))
+
+
+@in_process
+def test_a_mixed_step_of_three_adapters_through_the_tiny_llama_matches_the_reference_kernels(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One prefill step of five prompts on adapters a, none, b, a, c (a recurs: two segments of one
+    slot) through the tiny Llama: the segment kernels' logits equal the torch reference kernels' and
+    the tile kernels' (WEIR_LORA_SEGMENTS=0)."""
+    from engine.config import EngineConfig
+    from engine.lora.request import LoRARequest
+    from engine.worker.model_runner import ModelRunner
+    from tests.ops.test_lora_kernels import _write_adapter
+
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    for name, rank in (("a", 8), ("b", 4), ("c", 16)):
+        _write_adapter(tmp_path / name, config, rank)
+    prompts = [[5, 9, 3], [7, 7, 1, 2], [11, 4], [3, 3, 3, 3, 8], [2]]
+    which = ["a", None, "b", "a", "c"]
+    logits = {}
+    for variant, use_triton, segments_env in (
+        ("reference", False, "1"),
+        ("tiles", True, "0"),
+        ("segments", True, "1"),
+    ):
+        monkeypatch.setenv("WEIR_LORA_SEGMENTS", segments_env)
+        engine_config = EngineConfig(
+            model=str(tiny_llama_dir), device=DEVICE, dtype="float32", num_kv_blocks=16, enforce_eager=True,
+            enable_lora=True, max_loras=3, max_lora_rank=16,
+        )  # fmt: skip
+        runner = ModelRunner(engine_config.resolve())
+        runner.load_model(use_triton=use_triton)
+        assert runner.lora.batch.use_segments == (variant == "segments")
+        runner.initialize_kv_cache(16)
+        adapters = {
+            name: runner.lora.add(LoRARequest(name, i + 1, str(tmp_path / name)))
+            for i, name in enumerate("abc")
+        }
+        lengths = [len(p) for p in prompts]
+        ends = np.cumsum(lengths) - 1  # each prompt's last token
+        step = runner._build_inputs(prompts, [0] * 5, lengths, [[i] for i in range(5)], ends)
+        with torch.inference_mode():
+            runner.lora.prepare_step([adapters.get(w) if w else None for w in which], lengths, sum(lengths))
+            hidden = runner._forward(step.input_ids, step.positions, step.metadata)
+            logits[variant] = runner.compute_logits(hidden[step.logits_indices])
+    assert (logits["segments"] - logits["reference"]).abs().max().item() < 1e-4
+    assert (logits["tiles"] - logits["reference"]).abs().max().item() < 1e-4

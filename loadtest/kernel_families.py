@@ -4,7 +4,7 @@ from __future__ import annotations
 
 # Kernel (or CPU operator) name fragments -> family; the first match wins, so order matters.
 FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("lora", ("lora_shrink", "lora_expand")),
+    ("lora", ("lora_shrink", "lora_expand", "segment_shrink", "segment_expand")),
     ("attention", ("paged_attention", "reduce_segments", "attn", "sdpa", "flash")),
     ("kv_write", ("write_kv_cache", "kv_cache")),
     ("norm", ("rms_norm", "rmsnorm", "layer_norm")),

@@ -397,3 +397,16 @@ def test_kernel_profile_of_a_multi_lora_step(tiny_llama_dir: Path, tmp_path: Pat
     assert data["results"]["lora"] == {"adapters_loaded": 3, "slot_loads": 3}
     decode = data["results"]["decode"]
     assert decode["batch"] == 4 and decode["kernel_ms_per_step"] > 0
+
+
+def test_every_lora_kernel_counts_in_the_lora_family() -> None:
+    from loadtest.kernel_families import family_of
+
+    for name in (
+        "_lora_shrink_kernel",
+        "_lora_expand_kernel",
+        "_segment_shrink_kernel",
+        "_segment_expand_kernel",
+    ):
+        assert family_of(name) == "lora", name
+    assert family_of("_paged_attention_kernel") == "attention"

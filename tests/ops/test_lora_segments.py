@@ -78,6 +78,7 @@ def _decode_step(num_adapters: int, per_adapter: int) -> list[int]:
         (_decode_step(5, 3), 1100, 96, (0, 64, 80), 48, 5, 16),  # fused qkv (3 x 16), input splits
         ([2] * 40 + [-1] * 5 + [0] * 21 + [2] * 3, 64, 200, (0, 100), 32, 3, 16),  # pieces, a slot twice
         ([1] * 150 + [0] * 30, 64, 96, (0,), 16, 2, 64),  # a large step's 64-token pieces
+        ([0] * 20 + [1] * 3, 128, 160, (0, 96, 128), 192, 2, 64),  # rank 64 on qkv: a wide tile
     ],
 )
 def test_segment_kernels_match_the_reference(

@@ -28,6 +28,78 @@ import triton.language as tl
 
 
 @triton.jit
+def shrink_rows(
+    x_ptr, a_slot_ptr, offs_m, m_mask, offs_k, k_mask, start, CHUNK_IN, IN, stride_xm, stride_ak,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_IN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """[BLOCK_M, BLOCK_K] fp32: rows offs_m (where m_mask) of x @ A^T over input columns
+    [start, start + CHUNK_IN), A being one slot's [K, IN] at a_slot_ptr. Shared by the tile kernel
+    and the segment kernels (ops/triton/lora_segments.py)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for i0 in range(0, CHUNK_IN, BLOCK_IN):
+        offs_i = start + i0 + tl.arange(0, BLOCK_IN)
+        i_mask = offs_i < IN
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_i[None, :],
+            mask=m_mask[:, None] & i_mask[None, :],
+            other=0.0,
+        )  # [BLOCK_M, BLOCK_IN]
+        a = tl.load(
+            a_slot_ptr + offs_k[None, :] * stride_ak + offs_i[:, None],
+            mask=k_mask[None, :] & i_mask[:, None],
+            other=0.0,
+        )  # [BLOCK_IN, BLOCK_K]: A^T's tile
+        acc += tl.dot(x, a.to(x.dtype), input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def expand_rows(
+    t_ptr, b_slot_ptr, y_ptr, offs_m, m_mask, offs_n, n_mask, offs_k, k_mask, sub_lo, sub_hi,
+    SLICE_K, N1, N2, OUT, SPLIT, stride_ts, stride_tm, stride_bn, stride_ym,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """y[rows offs_m (where m_mask), cols offs_n] += (sum of t's SPLIT partials) @ B^T, B being one
+    slot's [OUT, K] at b_slot_ptr, over the sub-matrices sub_lo..sub_hi this output tile meets (only
+    their diagonal blocks of a fused layer's B are read). Shared by the tile and segment kernels."""
+    t_mask = m_mask[:, None] & k_mask[None, :]
+    delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for sub in range(sub_lo, sub_hi + 1):
+        k = sub * SLICE_K + offs_k
+        t_ptrs = t_ptr + offs_m[:, None] * stride_tm + k[None, :]
+        t = tl.load(t_ptrs, mask=t_mask, other=0.0)
+        for s in range(1, SPLIT):  # in split order: the sum does not depend on scheduling
+            t += tl.load(t_ptrs + s * stride_ts, mask=t_mask, other=0.0)
+        # this sub-matrix's rows of the tile (all of them unless the tile straddles two)
+        row_lo = tl.where(sub == 0, 0, tl.where(sub == 1, N1, N2))
+        row_hi = tl.where(sub == 0, N1, tl.where(sub == 1, N2, OUT))
+        rows = n_mask & (offs_n >= row_lo) & (offs_n < row_hi)
+        b = tl.load(
+            b_slot_ptr + offs_n[None, :] * stride_bn + k[:, None],
+            mask=k_mask[:, None] & rows[None, :],
+            other=0.0,
+        )  # [BLOCK_K, BLOCK_N]: B^T's tile
+        # Round the shrink's output to B's dtype (PEFT feeds lora_A's output, in the model dtype,
+        # to lora_B).
+        delta += tl.dot(t.to(b.dtype), b, input_precision=DOT_PRECISION)
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    y_mask = m_mask[:, None] & n_mask[None, :]
+    y = tl.load(y_ptrs, mask=y_mask, other=0.0)
+    tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=y_mask)
+
+
+@triton.jit
+def sub_matrices(pid_n, OUT, N1, N2, BLOCK_N: tl.constexpr):
+    """The sub-matrices (0-2) an output tile meets: the first and the last (one unless it straddles a
+    boundary), so the expand reads only their diagonal blocks of B (the rest is zero)."""
+    n_first = pid_n * BLOCK_N
+    n_last = tl.minimum(n_first + BLOCK_N, OUT) - 1
+    sub_lo = (n_first >= N1).to(tl.int32) + (n_first >= N2).to(tl.int32)
+    sub_hi = (n_last >= N1).to(tl.int32) + (n_last >= N2).to(tl.int32)
+    return sub_lo, sub_hi
+
+
+@triton.jit
 def _lora_shrink_kernel(
     x_ptr,  # [T, IN]
     a_ptr,  # [S, K, IN]
@@ -68,21 +140,10 @@ def _lora_shrink_kernel(
     for slot in range(lo, hi + 1):
         match = tok_slot == slot
         if tl.sum(match.to(tl.int32), axis=0) > 0:
-            acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-            for i0 in range(0, CHUNK_IN, BLOCK_IN):
-                offs_i = start + i0 + tl.arange(0, BLOCK_IN)
-                i_mask = offs_i < IN
-                x = tl.load(
-                    x_ptr + offs_m[:, None] * stride_xm + offs_i[None, :],
-                    mask=match[:, None] & i_mask[None, :],
-                    other=0.0,
-                )
-                a = tl.load(
-                    a_ptr + slot * stride_as + offs_k[None, :] * stride_ak + offs_i[:, None],
-                    mask=k_mask[None, :] & i_mask[:, None],
-                    other=0.0,
-                )  # [BLOCK_IN, BLOCK_K]: A^T's tile
-                acc += tl.dot(x, a.to(x.dtype), input_precision=DOT_PRECISION)
+            acc = shrink_rows(
+                x_ptr, a_ptr + slot * stride_as, offs_m, match, offs_k, k_mask, start, CHUNK_IN, IN, stride_xm,
+                stride_ak, BLOCK_M, BLOCK_K, BLOCK_IN, DOT_PRECISION,
+            )  # fmt: skip
             tl.store(out_ptrs, acc, mask=match[:, None] & k_mask[None, :])
 
 
@@ -116,41 +177,17 @@ def _lora_expand_kernel(
     hi = tl.max(tok_slot, axis=0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < OUT
-    # The sub-matrices this output tile meets (one unless it straddles a boundary): only their
-    # diagonal blocks of B are read (the rest is zero), and only their K columns multiplied.
-    n_first = pid_n * BLOCK_N
-    n_last = tl.minimum(n_first + BLOCK_N, OUT) - 1
-    sub_lo = (n_first >= N1).to(tl.int32) + (n_first >= N2).to(tl.int32)
-    sub_hi = (n_last >= N1).to(tl.int32) + (n_last >= N2).to(tl.int32)
+    sub_lo, sub_hi = sub_matrices(pid_n, OUT, N1, N2, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     k_mask = offs_k < SLICE_K
     for slot in range(lo, hi + 1):
         match = tok_slot == slot
         if tl.sum(match.to(tl.int32), axis=0) > 0:
-            t_mask = match[:, None] & k_mask[None, :]
-            delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for sub in range(sub_lo, sub_hi + 1):
-                k = sub * SLICE_K + offs_k
-                t_ptrs = t_ptr + offs_m[:, None] * stride_tm + k[None, :]
-                t = tl.load(t_ptrs, mask=t_mask, other=0.0)
-                for s in range(1, SPLIT):  # in split order: the sum does not depend on scheduling
-                    t += tl.load(t_ptrs + s * stride_ts, mask=t_mask, other=0.0)
-                # this sub-matrix's rows of the tile (all of them unless the tile straddles two)
-                row_lo = tl.where(sub == 0, 0, tl.where(sub == 1, N1, N2))
-                row_hi = tl.where(sub == 0, N1, tl.where(sub == 1, N2, OUT))
-                rows = n_mask & (offs_n >= row_lo) & (offs_n < row_hi)
-                b = tl.load(
-                    b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn + k[:, None],
-                    mask=k_mask[:, None] & rows[None, :],
-                    other=0.0,
-                )  # [BLOCK_K, BLOCK_N]: B^T's tile
-                # Round the shrink's output to B's dtype (PEFT feeds lora_A's output, in the model
-                # dtype, to lora_B).
-                delta += tl.dot(t.to(b.dtype), b, input_precision=DOT_PRECISION)
-            y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-            y_mask = match[:, None] & n_mask[None, :]
-            y = tl.load(y_ptrs, mask=y_mask, other=0.0)
-            tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=y_mask)
+            expand_rows(
+                t_ptr, b_ptr + slot * stride_bs, y_ptr, offs_m, match, offs_n, n_mask, offs_k, k_mask, sub_lo,
+                sub_hi, SLICE_K, N1, N2, OUT, SPLIT, stride_ts, stride_tm, stride_bn, stride_ym, BLOCK_M,
+                BLOCK_N, DOT_PRECISION,
+            )  # fmt: skip
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.triton.lora import _block_k, _dot_precision
+from ops.triton.lora import _block_k, _dot_precision, expand_rows, shrink_rows, sub_matrices
 
 SEGMENT_PROGRAMS = 64  # programs along the segment axis (grid-stride beyond): 64 adapters, one each
 BLOCK_IN = 64
@@ -68,21 +68,10 @@ def _segment_shrink_kernel(
         for m0 in range(first, end, BLOCK_M):  # one pass unless a piece is longer than BLOCK_M
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_mask = offs_m < end
-            acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-            for i0 in range(0, CHUNK_IN, BLOCK_IN):
-                offs_i = start + i0 + tl.arange(0, BLOCK_IN)
-                i_mask = offs_i < IN
-                x = tl.load(
-                    x_ptr + offs_m[:, None] * stride_xm + offs_i[None, :],
-                    mask=m_mask[:, None] & i_mask[None, :],
-                    other=0.0,
-                )  # [BLOCK_M, BLOCK_IN]
-                a = tl.load(
-                    a_ptr + slot * stride_as + offs_k[None, :] * stride_ak + offs_i[:, None],
-                    mask=k_mask[None, :] & i_mask[:, None],
-                    other=0.0,
-                )  # [BLOCK_IN, BLOCK_K]: A^T's tile
-                acc += tl.dot(x, a.to(x.dtype), input_precision=DOT_PRECISION)
+            acc = shrink_rows(
+                x_ptr, a_ptr + slot * stride_as, offs_m, m_mask, offs_k, k_mask, start, CHUNK_IN, IN, stride_xm,
+                stride_ak, BLOCK_M, BLOCK_K, BLOCK_IN, DOT_PRECISION,
+            )  # fmt: skip
             out_ptrs = out_ptr + pid_split * stride_os + offs_m[:, None] * stride_om + offs_k[None, :]
             tl.store(out_ptrs, acc, mask=m_mask[:, None] & k_mask[None, :])
 
@@ -113,40 +102,18 @@ def _segment_expand_kernel(
     num_segments = tl.load(seg_ptr)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < OUT
-    # The sub-matrices this output tile meets (one unless it straddles a boundary).
-    n_first = pid_n * BLOCK_N
-    n_last = tl.minimum(n_first + BLOCK_N, OUT) - 1
-    sub_lo = (n_first >= N1).to(tl.int32) + (n_first >= N2).to(tl.int32)
-    sub_hi = (n_last >= N1).to(tl.int32) + (n_last >= N2).to(tl.int32)
+    sub_lo, sub_hi = sub_matrices(pid_n, OUT, N1, N2, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     k_mask = offs_k < SLICE_K
     for seg in range(pid, num_segments, tl.num_programs(1)):
         first, end, slot = _segment(seg_ptr, seg)
         for m0 in range(first, end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
-            m_mask = offs_m < end
-            t_mask = m_mask[:, None] & k_mask[None, :]
-            delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for sub in range(sub_lo, sub_hi + 1):
-                k = sub * SLICE_K + offs_k
-                t_ptrs = t_ptr + offs_m[:, None] * stride_tm + k[None, :]
-                t = tl.load(t_ptrs, mask=t_mask, other=0.0)
-                for s in range(1, SPLIT):  # in split order: the sum does not depend on scheduling
-                    t += tl.load(t_ptrs + s * stride_ts, mask=t_mask, other=0.0)
-                row_lo = tl.where(sub == 0, 0, tl.where(sub == 1, N1, N2))
-                row_hi = tl.where(sub == 0, N1, tl.where(sub == 1, N2, OUT))
-                rows = n_mask & (offs_n >= row_lo) & (offs_n < row_hi)
-                b = tl.load(
-                    b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn + k[:, None],
-                    mask=k_mask[:, None] & rows[None, :],
-                    other=0.0,
-                )  # [BLOCK_K, BLOCK_N]: B^T's tile
-                # t rounded to B's dtype, as PEFT feeds lora_A's output (model dtype) to lora_B
-                delta += tl.dot(t.to(b.dtype), b, input_precision=DOT_PRECISION)
-            y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-            y_mask = m_mask[:, None] & n_mask[None, :]
-            y = tl.load(y_ptrs, mask=y_mask, other=0.0)
-            tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=y_mask)
+            expand_rows(
+                t_ptr, b_ptr + slot * stride_bs, y_ptr, offs_m, offs_m < end, offs_n, n_mask, offs_k, k_mask,
+                sub_lo, sub_hi, SLICE_K, N1, N2, OUT, SPLIT, stride_ts, stride_tm, stride_bn, stride_ym, BLOCK_M,
+                BLOCK_N, DOT_PRECISION,
+            )  # fmt: skip
 
 
 def _segment_programs(num_tokens: int) -> int:
@@ -212,7 +179,9 @@ def lora_expand_segments(
         )
     num_subs = len(slice_offsets)
     if not 1 <= num_subs <= 3 or lora_dim % num_subs or slice_offsets[0] != 0:
-        raise ValueError(f"lora_expand_segments: slice_offsets {tuple(slice_offsets)} for lora_dim {lora_dim}")
+        raise ValueError(
+            f"lora_expand_segments: slice_offsets {tuple(slice_offsets)} for lora_dim {lora_dim}"
+        )
     if num_tokens == 0:
         return y
     if y.stride(1) != 1:

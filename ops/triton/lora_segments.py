@@ -44,6 +44,7 @@ def _segment_shrink_kernel(
     a_ptr,  # [S, K, IN]
     seg_ptr,  # [1 + 3 * segments] int32 (engine.lora.segments)
     out_ptr,  # [SPLIT, T, K] fp32
+    T,  # this forward's tokens: segment rows past it (a stale table) are never touched
     K,
     IN,
     stride_xm,
@@ -67,7 +68,7 @@ def _segment_shrink_kernel(
         first, end, slot = _segment(seg_ptr, seg)
         for m0 in range(first, end, BLOCK_M):  # one pass unless a piece is longer than BLOCK_M
             offs_m = m0 + tl.arange(0, BLOCK_M)
-            m_mask = offs_m < end
+            m_mask = (offs_m < end) & (offs_m < T)
             acc = shrink_rows(
                 x_ptr, a_ptr + slot * stride_as, offs_m, m_mask, offs_k, k_mask, start, CHUNK_IN, IN, stride_xm,
                 stride_ak, BLOCK_M, BLOCK_K, BLOCK_IN, DOT_PRECISION,
@@ -82,6 +83,7 @@ def _segment_expand_kernel(
     b_ptr,  # [S, OUT, K]: block-diagonal over the sub-matrices of a fused layer
     seg_ptr,  # [1 + 3 * segments] int32
     y_ptr,  # [T, OUT], updated in place
+    T,  # as the shrink's
     SLICE_K,  # lora_dim of one sub-matrix
     N1,  # output row where sub-matrix 1 starts (OUT: there is none)
     N2,  # output row where sub-matrix 2 starts (OUT: there is none)
@@ -110,7 +112,7 @@ def _segment_expand_kernel(
         for m0 in range(first, end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             expand_rows(
-                t_ptr, b_ptr + slot * stride_bs, y_ptr, offs_m, offs_m < end, offs_n, n_mask, offs_k, k_mask,
+                t_ptr, b_ptr + slot * stride_bs, y_ptr, offs_m, (offs_m < end) & (offs_m < T), offs_n, n_mask, offs_k, k_mask,
                 sub_lo, sub_hi, SLICE_K, N1, N2, OUT, SPLIT, stride_ts, stride_tm, stride_bn, stride_ym, BLOCK_M,
                 BLOCK_N, DOT_PRECISION,
             )  # fmt: skip
@@ -153,7 +155,7 @@ def lora_shrink_segments(
     split = triton.cdiv(in_features, chunk)
     out = torch.empty(split, num_tokens, lora_dim, dtype=torch.float32, device=x.device)
     _segment_shrink_kernel[(programs, split)](
-        x, a_stacked, segments, out, lora_dim, in_features,
+        x, a_stacked, segments, out, num_tokens, lora_dim, in_features,
         x.stride(0), a_stacked.stride(0), a_stacked.stride(1), out.stride(0), out.stride(1), chunk,
         BLOCK_M=_block_m(piece, block_k), BLOCK_K=block_k, BLOCK_IN=BLOCK_IN, DOT_PRECISION=_dot_precision(x.dtype),
     )  # fmt: skip
@@ -192,7 +194,7 @@ def lora_expand_segments(
     block_n = 128
     grid = (triton.cdiv(out_features, block_n), _segment_programs(num_tokens))
     _segment_expand_kernel[grid](
-        t, b_stacked, segments, y, slice_k, bounds[0], bounds[1], out_features, split,
+        t, b_stacked, segments, y, num_tokens, slice_k, bounds[0], bounds[1], out_features, split,
         t.stride(0), t.stride(1), b_stacked.stride(0), b_stacked.stride(1), y.stride(0),
         BLOCK_M=_block_m(piece, block_k), BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION=_dot_precision(b_stacked.dtype),
     )  # fmt: skip

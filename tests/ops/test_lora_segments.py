@@ -183,3 +183,21 @@ def test_a_mixed_step_of_three_adapters_through_the_tiny_llama_matches_the_refer
             logits[variant] = runner.compute_logits(hidden[step.logits_indices])
     assert (logits["segments"] - logits["reference"]).abs().max().item() < 1e-4
     assert (logits["tiles"] - logits["reference"]).abs().max().item() < 1e-4
+
+
+@in_process
+def test_a_segment_table_longer_than_the_forward_touches_no_row_past_it() -> None:
+    """A stale table (from a larger step) never reaches past this forward's tokens: the kernels bound
+    every segment by T, so no read or write leaves x, t or y."""
+    from ops.triton.lora_segments import lora_expand_segments, lora_shrink_segments
+
+    x, a, b, _, y_big = _inputs([0] * 4 + [1] * 12, 64, 32, 16, 2, 3)  # 16 rows of memory
+    x, y_after = x[:8], y_big.clone()
+    token_slots = torch.tensor([0] * 4 + [1] * 4, dtype=torch.int32, device=DEVICE)
+    table = torch.from_numpy(build_segments(np.array([0] * 4 + [1] * 12, dtype=np.int32), 16)).to(DEVICE)
+    t = lora_shrink_segments(x, a, table)  # a table of 16 tokens over an 8-token forward
+    assert t.shape[1] == 8
+    lora_expand_segments(t, b, table, y_after[:8])  # y: the first 8 rows of a 16-row buffer
+    y_ref = reference.lora_expand(reference.lora_shrink(x, a, token_slots), b, token_slots, y_big[:8].clone())
+    torch.testing.assert_close(y_after[:8], y_ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(y_after[8:], y_big[8:])  # the rows past the forward, untouched

@@ -9,7 +9,7 @@
 # Steps (knobs in the environment): suite (run_gpu_suite.sh; BENCHES, SB = its budget), feat
 # (gpu_feature_check.py; FEAT_PARTS), eng (gpu_engine_check.py; ENG_PARTS), pyt (pytest on CUDA; PYT),
 # l1, s16 (S1 at 16 req/s), u1, beam (B1-B3), lora (A1-A4; LORA_COUNTS), k1lora (A3's step by kernel),
-# cb (T1 with the transformers continuous-batching peer; CBB, CBN), cbng (the same, its CUDA graphs off; CBV, CBT), sweep (sweep_lora_gemv.py), profbase and
+# cb (T1 with the transformers continuous-batching peer; CBB, CBN), cbng (the same, its CUDA graphs off; CBV, CBT), sweep (sweep_lora_gemv.py), sweepseg (sweep_lora_segments.py), profbase and
 # proflora (a T2-like decode step by kernel family, base / with PROF_ADAPTERS rank-16 adapters); any
 # other word is run as a shell command. abold1 abnew1 abold2 ...: L1 alternating an older tree and this
 # one in one call (machines differ by up to 4%; compare within a call): first, on this machine,
@@ -42,6 +42,7 @@ for s in $STEPS; do case $s in
   abold*) step $s 60 env PYTHONPATH=/tmp/site:$PWD/ab_old python3 ab_old/loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;
   abnew*) step $s 60 python3 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;
   sweep) step sweep 170 python3 loadtest/sweep_lora_gemv.py --out $O/sweep_lora_gemv.json;;
+  sweepseg) step sweepseg 150 python3 loadtest/sweep_lora_segments.py --out $O/sweep_lora_segments.json;;
   profbase|proflora) step $s 120 python3 loadtest/profile_kernels.py --shape llama3-8b --num-requests 256 --input-len 512 --output-len 128 --prefill-steps 1 --decode-steps 8 $([ $s = proflora ] && echo --lora-rank 16 --lora-adapters ${PROF_ADAPTERS:-64}) --out $O/$s.json;;
   *) eval "$s";;
 esac; done

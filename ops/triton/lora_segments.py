@@ -118,8 +118,9 @@ def _segment_expand_kernel(
             )  # fmt: skip
 
 
-def _segment_programs(num_tokens: int) -> int:
-    return max(1, min(num_tokens, SEGMENT_PROGRAMS))
+def _segment_programs(num_tokens: int, programs: int | None) -> int:
+    """Programs along the segment axis: at most one a token (there are no more segments)."""
+    return max(1, min(num_tokens, programs or SEGMENT_PROGRAMS))
 
 
 def _block_m(rows: int, block_k: int) -> int:
@@ -134,6 +135,9 @@ def lora_shrink_segments(
     segments: torch.Tensor,  # [>= 1 + 3 * segments] int32 on x's device (engine.lora.segments)
     piece: int = 16,  # the segments' most tokens (engine.lora.segments.segment_piece)
     chunk: int = 512,
+    programs: int | None = None,  # along the segment axis (default SEGMENT_PROGRAMS)
+    total_programs: int = 512,  # the input dimension splits until segments x splits reach this
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """x @ A[slot]^T for every segment's rows -> [split, num_tokens, lora_dim] float32 partials whose sum
     over dim 0 is ops.reference.lora_shrink on those rows; rows in no segment are left unwritten."""
@@ -147,10 +151,10 @@ def lora_shrink_segments(
     if num_tokens == 0:
         return torch.zeros(1, 0, lora_dim, dtype=torch.float32, device=x.device)
     block_k = _block_k(lora_dim)
-    programs = _segment_programs(num_tokens)
+    programs = _segment_programs(num_tokens, programs)
     # Split the input dimension so that segments x splits fill the GPU (~512 programs): a segment's
     # A is then streamed by several programs at once. Fixed by shapes only, so graphs capture it.
-    split = max(1, min(in_features // chunk, 512 // programs))
+    split = max(1, min(in_features // chunk, total_programs // programs))
     chunk = triton.cdiv(triton.cdiv(in_features, split), BLOCK_IN) * BLOCK_IN
     split = triton.cdiv(in_features, chunk)
     out = torch.empty(split, num_tokens, lora_dim, dtype=torch.float32, device=x.device)
@@ -158,6 +162,7 @@ def lora_shrink_segments(
         x, a_stacked, segments, out, num_tokens, lora_dim, in_features,
         x.stride(0), a_stacked.stride(0), a_stacked.stride(1), out.stride(0), out.stride(1), chunk,
         BLOCK_M=_block_m(piece, block_k), BLOCK_K=block_k, BLOCK_IN=BLOCK_IN, DOT_PRECISION=_dot_precision(x.dtype),
+        num_warps=num_warps,
     )  # fmt: skip
     return out
 
@@ -169,6 +174,9 @@ def lora_expand_segments(
     y: torch.Tensor,  # [num_tokens, out_features], updated in place
     slice_offsets: Sequence[int] = (0,),  # output row where each sub-matrix of a fused layer starts
     piece: int = 16,
+    block_n: int = 128,  # output columns per program
+    programs: int | None = None,  # along the segment axis (default SEGMENT_PROGRAMS)
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """y += (sum of t's splits) @ B[slot]^T on every segment's rows, in place; returns y (rows in no
     segment untouched): ops.reference.lora_expand."""
@@ -191,11 +199,11 @@ def lora_expand_segments(
     slice_k = lora_dim // num_subs
     bounds = [*slice_offsets[1:], out_features, out_features][:2]  # N1, N2
     block_k = _block_k(slice_k)
-    block_n = 128
-    grid = (triton.cdiv(out_features, block_n), _segment_programs(num_tokens))
+    grid = (triton.cdiv(out_features, block_n), _segment_programs(num_tokens, programs))
     _segment_expand_kernel[grid](
         t, b_stacked, segments, y, num_tokens, slice_k, bounds[0], bounds[1], out_features, split,
         t.stride(0), t.stride(1), b_stacked.stride(0), b_stacked.stride(1), y.stride(0),
         BLOCK_M=_block_m(piece, block_k), BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION=_dot_precision(b_stacked.dtype),
+        num_warps=num_warps,
     )  # fmt: skip
     return y

@@ -18,7 +18,7 @@ logic is testable on CPU.
 
 With LoRA on (`lora` given: the LoRABatch every LoRA layer reads), each size is captured twice: with
 the LoRA term (`lora.active` True: the shrink and expand kernels of every layer, reading the per-token
-slot index from its static tensor) and without it (`active` False: the base model's kernels only). A
+slot index and the segment table, engine/lora/segments.py, from their static tensors) and without it (`active` False: the base model's kernels only). A
 replay picks the variant from `lora.active`, which the step's `LoRAManager.prepare_step` sets: False
 when no token of the step has an adapter, so base-model steps on a LoRA engine launch no LoRA kernel.
 What the second set costs: both sets share one memory pool and are captured back to back, so a

@@ -45,6 +45,10 @@ from ops import Kernels
 
 logger = logging.getLogger("weir.engine")
 
+# Host slot images the manager may hold (each one slot of every layer: 120 MiB for Llama-3-8B at rank 16,
+# pinned on CUDA): so many adapter loads can be in flight before a load waits for a copy to finish.
+IMAGE_RING = 4
+
 
 class LoRAManager:
     def __init__(
@@ -88,10 +92,14 @@ class LoRAManager:
             layer.bind(self.slot_weights, offset)
             offset += layer.slot_numel
         self._pin = device.type == "cuda"
-        # [slot_numel] host image of one slot, packed then copied whole (pinned on CUDA; the same path
-        # on CPU). Zeroed once: the blocks no adapter writes (fused layers' off-diagonal B) stay zero.
-        self._image = torch.zeros(slot_numel, dtype=dtype, pin_memory=self._pin)
-        self._image_copied: torch.cuda.Event | None = None  # the last copy out of the image
+        # [slot_numel] host images of one slot, each packed then copied whole (pinned on CUDA; the same
+        # path on CPU). Zeroed once: the blocks no adapter writes (fused layers' off-diagonal B) stay
+        # zero. A ring of them (allocated as loads need them, up to IMAGE_RING): a slot's copy waits
+        # in the stream behind the step in flight (it may overwrite a slot that step reads), so with
+        # one image a second load in a step would wait on the host for that whole step before packing.
+        self._slot_numel = slot_numel
+        self._images: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []  # (image, its last copy)
+        self._next_image = 0
         # lora_int_id -> adapter, least recently used first.
         self._cache: OrderedDict[int, LoRAAdapter] = OrderedDict()
         self._cache_lock = threading.Lock()  # loads may run off the worker thread
@@ -210,14 +218,28 @@ class LoRAManager:
         self._slots[slot] = adapter
         self._slot_of[adapter] = slot
         t0 = time.perf_counter()
-        if self._image_copied is not None:
-            self._image_copied.synchronize()  # the previous slot's copy out of the image is done
+        image = self._take_image()
         for name, layer in self.layers.items():
-            layer.write_slot_image(self._image, adapter.layers.get(name))
-        self.slot_weights[slot].copy_(self._image, non_blocking=self._pin)
+            layer.write_slot_image(image, adapter.layers.get(name))
+        self.slot_weights[slot].copy_(image, non_blocking=self._pin)
         if self._pin:
-            if self._image_copied is None:
-                self._image_copied = torch.cuda.Event()
-            self._image_copied.record()
+            copied = torch.cuda.Event()
+            copied.record()
+            self._images[self._next_image - 1] = (image, copied)
         self.num_slot_loads += 1
         self.last_slot_write_s = time.perf_counter() - t0
+
+    def _take_image(self) -> torch.Tensor:
+        """The next image of the ring, once its last copy to the device is done: a new one while the
+        ring is short of IMAGE_RING and the oldest is still copying (CUDA), else the oldest."""
+        ring = self._images
+        i = self._next_image % max(len(ring), 1)
+        if ring and (event := ring[i][1]) is not None and not event.query() and len(ring) < IMAGE_RING:
+            i = len(ring)  # every image still copying: one more rather than a wait
+        if i == len(ring):
+            ring.append((torch.zeros(self._slot_numel, dtype=self.dtype, pin_memory=self._pin), None))
+        image, copied = ring[i]
+        if copied is not None:
+            copied.synchronize()  # only when IMAGE_RING loads are in flight at once
+        self._next_image = i + 1
+        return image

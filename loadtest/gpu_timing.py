@@ -53,3 +53,25 @@ def graph_ms(
         end.synchronize()
         times.append(start.elapsed_time(end) / calls)
     return statistics.median(times)
+
+
+def rel_err(out: Any, ref: Any) -> float:
+    """||out - ref|| / ||ref|| in float64: how far a timed variant's result is from its reference (NaN
+    when out holds a NaN, e.g. a split-K race), so a sweep never picks a wrong variant."""
+    out, ref = out.double(), ref.double()
+    if out.isnan().any():
+        return float("nan")
+    return float((out - ref).norm() / ref.norm())
+
+
+def variant_us(fns: Sequence[Callable[[], Any]] | Callable[[], Any], smoke: bool) -> float:
+    """Microseconds per call as graph_ms measures them; under a sweep's CPU smoke mode (the Triton
+    interpreter) the wall time of one call, which exercises the selection and measures nothing."""
+    if smoke:
+        import time
+
+        fn = fns[0] if isinstance(fns, Sequence) else fns
+        start = time.perf_counter()
+        fn()
+        return round((time.perf_counter() - start) * 1e6, 2)
+    return round(graph_ms(fns) * 1e3, 2)

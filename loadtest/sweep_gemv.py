@@ -22,7 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from loadtest.gpu_timing import copies_past_l2, graph_ms  # noqa: E402
+from loadtest.gpu_timing import copies_past_l2, graph_ms, rel_err  # noqa: E402
 from loadtest.model_shapes import SHAPES  # noqa: E402
 
 # per batch: the launches tried (batch 1 widest: it is the latency that matters most)
@@ -82,10 +82,6 @@ def _grid(grid: dict[str, tuple[int, ...]]) -> list[dict[str, int]]:  # bools ar
     return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
 
 
-def _rel_err(out: Any, expected: Any) -> float:
-    return float((out.float() - expected.float()).norm() / expected.float().norm())
-
-
 def sweep_shape(name: str, k: int, n: int, bandwidth: float, ms: tuple[int, ...]) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
@@ -126,7 +122,7 @@ def sweep_shape(name: str, k: int, n: int, bandwidth: float, ms: tuple[int, ...]
             ref = F.linear(x.float(), dense[0].float())
             row["bf16_gemv"] = []
             for cfg in _grid(BF16_GRIDS[m]):
-                err = _rel_err(fp8_gemv(x, dense[0], ones, **cfg), ref)
+                err = rel_err(fp8_gemv(x, dense[0], ones, **cfg), ref)
                 t = graph_ms([functools.partial(fp8_gemv, x, w, ones, **cfg) for w in dense])
                 row["bf16_gemv"].append({**cfg, "us": round(t * 1e3, 2),
                                          "bw": round(k * n * 2 / (t / 1e3) / bandwidth, 3), "err": round(err, 5)})  # fmt: skip
@@ -157,7 +153,7 @@ def sweep_shape(name: str, k: int, n: int, bandwidth: float, ms: tuple[int, ...]
         }
         row["w4_gemv"] = []
         for cfg in _grid(W4_GRIDS[m]):
-            err = _rel_err(wna16_gemv(x, *w4[0], 4, group, **cfg), ref_w4)
+            err = rel_err(wna16_gemv(x, *w4[0], 4, group, **cfg), ref_w4)
             t = graph_ms([functools.partial(wna16_gemv, x, *q, 4, group, **cfg) for q in w4])
             row["w4_gemv"].append({**cfg, "us": round(t * 1e3, 2), "bw": round(w4_bytes / (t / 1e3) / bandwidth, 3),
                                    "err": round(err, 5)})  # fmt: skip
@@ -169,7 +165,7 @@ def sweep_shape(name: str, k: int, n: int, bandwidth: float, ms: tuple[int, ...]
         }
         row["fp8_gemv"] = []
         for cfg in _grid(FP8_GRIDS[m]):
-            err = _rel_err(fp8_gemv(x, *fp8[0], **cfg), ref_fp8)
+            err = rel_err(fp8_gemv(x, *fp8[0], **cfg), ref_fp8)
             t = graph_ms([functools.partial(fp8_gemv, x, w, s, **cfg) for w, s in fp8])
             row["fp8_gemv"].append({**cfg, "us": round(t * 1e3, 2), "bw": round(k * n / (t / 1e3) / bandwidth, 3),
                                     "err": round(err, 5)})  # fmt: skip

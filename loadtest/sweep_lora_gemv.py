@@ -29,7 +29,6 @@ import argparse
 import itertools
 import json
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from loadtest.gpu_timing import rel_err, variant_us  # noqa: E402
 
 RANK, NUM_SLOTS, SLOT = 16, 8, 3
 # (name, in, sub-matrices' outputs): a Llama-3-8B decoder layer's LoRA layers (all seven projections)
@@ -190,26 +191,6 @@ def _precompile_all(
                 print(f"[sweep-lora] precompile failed: {exc!r}", flush=True)
 
 
-def _time_us(fns: list[Callable[[], Any]], smoke: bool) -> float:
-    if smoke:  # interpreter wall time: exercises the selection, measures nothing
-        times = []
-        for fn in fns[:1]:
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return round(statistics.median(times) * 1e6, 2)
-    from loadtest.gpu_timing import graph_ms
-
-    return round(graph_ms(fns) * 1e3, 2)
-
-
-def _rel_err(out: Any, ref: Any) -> float:
-    out, ref = out.double(), ref.double()
-    if out.isnan().any():
-        return float("nan")
-    return float((out - ref).norm() / ref.norm())
-
-
 def sweep_layer(index: int, smoke: bool, axes: tuple[Sequence[Any], ...], deadline: float) -> dict[str, Any]:
     """One layer: base, then every variant checked, then timed (until the deadline)."""
     import torch
@@ -236,7 +217,7 @@ def sweep_layer(index: int, smoke: bool, axes: tuple[Sequence[Any], ...], deadli
     )
     today = {key: value for key, value in plan.items() if key in BASE_KEYS or value}
     result: dict[str, Any] = {"layer": name, "k": k, "n": n, "plan": today, "variants": []}
-    result["base_us"] = _time_us([lambda w=w: base(w) for w in op["ws"]], smoke)
+    result["base_us"] = variant_us([lambda w=w: base(w) for w in op["ws"]], smoke)
     for variant in variants(*axes):
         launch = launch_of(plan, variant)
         row: dict[str, Any] = {**variant, "launch": launch, "is_plan": launch == today}
@@ -244,7 +225,7 @@ def sweep_layer(index: int, smoke: bool, axes: tuple[Sequence[Any], ...], deadli
         if time.monotonic() > deadline:  # over the budget: neither compiled nor checked nor timed
             row.update(rel_err=None, ok=None, us=None)
             continue
-        errs = [_rel_err(lora(op["ws"][0], launch), ref) for _ in range(2)]  # twice: counters put back
+        errs = [rel_err(lora(op["ws"][0], launch), ref) for _ in range(2)]  # twice: counters put back
         if not smoke:
             torch.cuda.synchronize()
         clean = _sync_counters(op["x"].device).tolist() == [0, 0, 0]
@@ -252,7 +233,7 @@ def sweep_layer(index: int, smoke: bool, axes: tuple[Sequence[Any], ...], deadli
         row["ok"] = all(e < tol for e in errs) and clean  # NaN fails
         ok = row["ok"]
         row["us"] = (
-            _time_us([lambda w=w, launch=launch: lora(w, launch) for w in op["ws"]], smoke) if ok else None
+            variant_us([lambda w=w, launch=launch: lora(w, launch) for w in op["ws"]], smoke) if ok else None
         )
     timed = [r for r in result["variants"] if r["ok"]]
     plan_rows = [r for r in timed if r["is_plan"]]

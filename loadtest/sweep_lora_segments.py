@@ -22,11 +22,12 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from loadtest.gpu_timing import rel_err, variant_us  # noqa: E402
 
 RANK, NUM_SLOTS, TOKENS = 16, 64, 256
 LAYERS = (  # (name, in, sub-matrices' outputs)
@@ -54,23 +55,6 @@ SMOKE = {
 
 def grid(axes: dict[str, tuple[Any, ...]]) -> list[dict[str, Any]]:
     return [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
-
-
-def _time_us(fn: Callable[[], Any], smoke: bool) -> float:
-    if smoke:  # interpreter wall time: exercises the selection, measures nothing
-        start = time.perf_counter()
-        fn()
-        return round((time.perf_counter() - start) * 1e6, 2)
-    from loadtest.gpu_timing import graph_ms
-
-    return round(graph_ms(fn) * 1e3, 2)
-
-
-def _rel_err(out: Any, ref: Any) -> float:
-    out, ref = out.double(), ref.double()
-    if out.isnan().any():
-        return float("nan")
-    return float((out - ref).norm() / ref.norm())
 
 
 def sweep(layer: tuple[str, int, tuple[int, ...]], step: tuple[str, int], smoke: bool) -> dict[str, Any]:
@@ -120,14 +104,14 @@ def sweep(layer: tuple[str, int, tuple[int, ...]], step: tuple[str, int], smoke:
                 def fn(launch: dict[str, Any] = launch) -> Any:
                     return lora_shrink_segments(x, a, segments, piece, **launch)
 
-                err = _rel_err(fn().sum(0)[rows], t_ref[rows])
+                err = rel_err(fn().sum(0)[rows], t_ref[rows])
             else:
                 y = y0.clone()
 
                 def fn(launch: dict[str, Any] = launch, y: Any = y) -> Any:
                     return lora_expand_segments(t, b, segments, y, offsets, piece, **launch)
 
-                err = _rel_err(
+                err = rel_err(
                     lora_expand_segments(t, b, segments, y0.clone(), offsets, piece, **launch), y_ref
                 )
             ok = err == err and err < (1e-5 if smoke else 2e-2)  # not NaN, and close
@@ -137,7 +121,7 @@ def sweep(layer: tuple[str, int, tuple[int, ...]], step: tuple[str, int], smoke:
                     "is_today": launch == today,
                     "rel_err": err,
                     "ok": ok,
-                    "us": _time_us(fn, smoke),
+                    "us": variant_us(fn, smoke),
                 }
             )
         good = [r for r in rows_out if r["ok"]]

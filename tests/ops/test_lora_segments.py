@@ -201,3 +201,57 @@ def test_a_segment_table_longer_than_the_forward_touches_no_row_past_it() -> Non
     y_ref = reference.lora_expand(reference.lora_shrink(x, a, token_slots), b, token_slots, y_big[:8].clone())
     torch.testing.assert_close(y_after[:8], y_ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(y_after[8:], y_big[8:])  # the rows past the forward, untouched
+
+
+@in_process
+def test_the_engine_on_the_triton_kernels_matches_peft_through_the_segment_kernels(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LLM.generate with every kernel Triton's (the interpreter), so LoRA runs the segment kernels: a batch
+    of four PEFT adapters and the base model, under a small token budget that chunks the prompts and mixes
+    them with decodes; greedy tokens equal transformers + PEFT's, and every block comes back."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from engine import LLM, SamplingParams
+    from engine.worker.model_runner import ModelRunner
+    from tests.engine.test_lora import MAX_TOKENS, _prompts, save_peft_adapters
+
+    load_model = ModelRunner.load_model
+    monkeypatch.setattr(
+        ModelRunner, "load_model", lambda self, *a, **k: load_model(self, *a, use_triton=True)
+    )
+    requests = save_peft_adapters(tiny_llama_dir, tmp_path)
+    prompts = _prompts(3, (5, 17, 9, 12, 6))
+    which = [None, "r4-qv", "r8-all", "r16-regex", "r8-all"]
+    llm = LLM(
+        str(tiny_llama_dir),
+        device="cpu",
+        dtype="float32",
+        enable_lora=True,
+        max_loras=4,
+        max_num_batched_tokens=16,
+    )
+    assert llm.llm_engine.executor.runner.lora.batch.use_segments
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    outs = llm.generate(
+        prompts, params, use_tqdm=False, lora_request=[requests[w] if w else None for w in which]
+    )
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
+    for prompt, adapter, out in zip(prompts, which, outs, strict=True):
+        model = base if adapter is None else PeftModel.from_pretrained(base, requests[adapter].lora_path)
+        want = (
+            model.eval()
+            .generate(
+                torch.tensor([prompt]),
+                max_new_tokens=MAX_TOKENS,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )[0, len(prompt) :]
+            .tolist()
+        )
+        if adapter is not None:
+            base = model.unload()  # the base model back, for the next adapter
+        assert out.outputs[0].token_ids == want, adapter
+    assert llm.llm_engine.scheduler.kv_cache_usage == 0.0

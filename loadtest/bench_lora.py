@@ -36,6 +36,7 @@ from loadtest.common import (  # noqa: E402
     default_max_model_len,
     engine_info,
     engine_kwargs,
+    engine_runner,
     free_engine,
     install_signal_handlers,
     phase,
@@ -138,12 +139,6 @@ def one_request(engine: Any, prompt: list[int], params: Any, tag: str, lora: Any
         "latency": time.perf_counter() - t0,
         "gaps": [b - a for a, b in zip(times, times[1:], strict=False)],
     }
-
-
-def lora_manager(engine: Any) -> Any:
-    """The in-process worker's LoRAManager (its host timings), or None behind another executor."""
-    runner = getattr(getattr(engine, "executor", None), "runner", None)
-    return getattr(runner, "lora", None)
 
 
 def itl(
@@ -249,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                     # by then); medians over A4_TRIALS adapters, each request on a prompt of its own
                     # (no prefix-cache hit)
                     firsts, loaded, host_ms = [], [], []
-                    manager = lora_manager(engine)
+                    manager = getattr(engine_runner(engine), "lora", None)  # in-process worker only
                     for t in range(A4_TRIALS):
                         new = requests[n + t]
                         p_new, p_loaded = a4_prompts[2 * t], a4_prompts[2 * t + 1]

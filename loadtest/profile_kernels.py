@@ -40,6 +40,7 @@ from loadtest.common import (  # noqa: E402
     default_max_model_len,
     engine_info,
     engine_kwargs,
+    engine_runner,
     free_engine,
     install_signal_handlers,
     phase,
@@ -360,9 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         if cuda and attention_ms > 0:
             window["attention_kv_gb_s"] = round(kv_read / (attention_ms / 1e3) / 1e9, 1)
     if args.lora_rank:
-        from loadtest.bench_lora import lora_manager
-
-        manager = lora_manager(engine)
+        manager = getattr(engine_runner(engine), "lora", None)
         report["results"]["lora"] = {
             "adapters_loaded": len(engine.list_loras()),
             "slot_loads": getattr(manager, "num_slot_loads", None),

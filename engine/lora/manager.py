@@ -218,20 +218,20 @@ class LoRAManager:
         self._slots[slot] = adapter
         self._slot_of[adapter] = slot
         t0 = time.perf_counter()
-        image = self._take_image()
+        i, image = self._take_image()
         for name, layer in self.layers.items():
             layer.write_slot_image(image, adapter.layers.get(name))
         self.slot_weights[slot].copy_(image, non_blocking=self._pin)
         if self._pin:
             copied = torch.cuda.Event()
             copied.record()
-            self._images[self._next_image - 1] = (image, copied)
+            self._images[i] = (image, copied)
         self.num_slot_loads += 1
         self.last_slot_write_s = time.perf_counter() - t0
 
-    def _take_image(self) -> torch.Tensor:
-        """The next image of the ring, once its last copy to the device is done: a new one while the
-        ring is short of IMAGE_RING and the oldest is still copying (CUDA), else the oldest."""
+    def _take_image(self) -> tuple[int, torch.Tensor]:
+        """The next image of the ring and its index, once its last copy to the device is done: a new one
+        while the ring is short of IMAGE_RING and the oldest is still copying (CUDA), else the oldest."""
         ring = self._images
         i = self._next_image % max(len(ring), 1)
         if ring and (event := ring[i][1]) is not None and not event.query() and len(ring) < IMAGE_RING:
@@ -242,4 +242,4 @@ class LoRAManager:
         if copied is not None:
             copied.synchronize()  # only when IMAGE_RING loads are in flight at once
         self._next_image = i + 1
-        return image
+        return i, image

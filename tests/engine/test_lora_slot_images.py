@@ -43,20 +43,24 @@ def test_loads_take_a_new_image_while_the_others_are_copying_then_wait_for_the_o
     tiny_llama_dir: Path,
 ) -> None:
     m = _manager(tiny_llama_dir)
-    first = m._take_image()
+    _, first = m._take_image()
     assert len(m._images) == 1
     m._images[0] = (first, _Copy(done=True))
-    assert m._take_image() is first  # its copy is done: reused, no new image
+    i, again = m._take_image()
+    assert i == 0 and again is first  # its copy is done: reused, no new image
     pending = [_Copy(done=False)]
     m._images[0] = (first, pending[0])
     for n in range(2, manager_module.IMAGE_RING + 1):  # each load while all others copy: one more image
-        image = m._take_image()
+        i, image = m._take_image()
+        assert i == n - 1
         assert len(m._images) == n and all(image is not other for other, _ in m._images[: n - 1])
         pending.append(_Copy(done=False))
         m._images[n - 1] = (image, pending[-1])
     assert all(c.waits == 0 for c in pending)
-    oldest = m._take_image()  # the ring is full and every copy pending: wait for the oldest
-    assert oldest is first and pending[0].waits == 1 and len(m._images) == manager_module.IMAGE_RING
+    i, oldest = m._take_image()  # the ring is full and every copy pending: wait for the oldest
+    assert (
+        i == 0 and oldest is first and pending[0].waits == 1 and len(m._images) == manager_module.IMAGE_RING
+    )
 
 
 def test_on_cpu_one_image_serves_every_load_and_slots_hold_their_adapters(

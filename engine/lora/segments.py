@@ -20,7 +20,8 @@ import numpy as np
 
 # Tokens per segment piece: decode-sized steps (CUDA graphs are at most 512 tokens) cut runs into
 # short pieces, one program each; larger (prefill) steps into longer ones, so a prompt's tokens do
-# not read their adapter's weights once per 16 tokens.
+# not read their adapter's weights once per 16 tokens. The kernels' launch rule reads the piece too
+# (ops.triton.lora_segments.segment_launch: DECODE_PIECE is SMALL_PIECE).
 SMALL_STEP_TOKENS = 512
 SMALL_PIECE = 16
 LARGE_PIECE = 64

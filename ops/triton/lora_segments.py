@@ -13,11 +13,16 @@ adapter's weights once:
   into y, reading only the diagonal blocks of a fused layer's B, as the tile kernel does.
 Each output element belongs to one segment: no atomics. The spec is ops.reference.lora_shrink /
 lora_expand (tests/ops/test_lora_segments.py, under TRITON_INTERPRET=1).
+
+The launch (programs along the segment axis, the shrink's splits, the expand's output tile) is
+`segment_launch`'s, from the shapes only (tokens, piece, slots), so a CUDA graph captures the launch
+its size's steps want whatever adapters they carry.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -25,8 +30,58 @@ import triton.language as tl
 
 from ops.triton.lora import _block_k, _dot_precision, expand_rows, shrink_rows, sub_matrices
 
-SEGMENT_PROGRAMS = 64  # programs along the segment axis (grid-stride beyond): 64 adapters, one each
 BLOCK_IN = 64
+
+
+@dataclass(frozen=True)
+class SegmentLaunch:
+    """Both kernels' launch for one step (loadtest/sweep_lora_segments.py sweeps each field)."""
+
+    shrink_programs: int  # the shrink's programs along the segment axis (grid-stride beyond)
+    total_programs: int  # the shrink splits its input dimension until programs x splits reach this
+    expand_programs: int  # the expand's programs along the segment axis
+    block_n: int  # the expand's output columns per program
+    expand_warps: int = 4
+
+
+# The launches, from the H200 sweep of loadtest/sweep_lora_segments.py at Llama-3-8B's four LoRA layers
+# (rank 16, 256-token decode steps ordered by adapter; every variant checked against the reference first):
+# loadtest/results/verify-h200-2026-12-03-8ed5bc2/ (sweep_lora_segments.json, sweepseg.log). A decoder
+# layer's LoRA (shrink + expand over qkv, o, gate_up and down), the launch before -> this rule's:
+# - A1's step, 8 adapters (16 segments): 61.8 -> 46.2 us (45.9 at each layer's own best). Shrink: 32
+#   programs along the segment axis, 1,024 in all (29.3 -> 19.6 us); expand: a 256-wide output tile, 16 programs,
+#   4 warps (32.5 -> 26.6 us).
+# - A2's step, 64 adapters (64 segments): 116.9 -> 107.0 us (106.9). Shrink: 64 programs, 512 in all (as
+#   before: 30.3 us); expand: a 256-wide tile, 32 programs, 4 warps (86.6 -> 76.8 us).
+# The shrink wants a program per segment (32 programs for 64 segments cost 12%; 128 were slower), the
+# expand, whose grid also spans the output tiles, half as many (at 64 segments, 64 cost 5% more). The sweep held 64 slots in
+# both steps (a slot count moves no more than the weights' addresses); A1 runs at max_loras 8, which is
+# what puts it on FEW_SEGMENTS. An engine at max_loras 64 whose step carries 8 adapters gets
+# MANY_SEGMENTS: 56.2 us a layer in that sweep.
+FEW_SEGMENTS = SegmentLaunch(shrink_programs=32, total_programs=1024, expand_programs=16, block_n=256)
+MANY_SEGMENTS = SegmentLaunch(shrink_programs=64, total_programs=512, expand_programs=32, block_n=256)
+# Steps above 512 tokens (64-token pieces: prefill) keep the launch from before the sweep, which measured
+# decode steps only; a 256-wide tile at 64 rows a pass would double the expand's fp32 accumulator.
+LARGE_STEPS = SegmentLaunch(shrink_programs=64, total_programs=512, expand_programs=64, block_n=128)
+DECODE_PIECE = 16  # engine.lora.segments.SMALL_PIECE: the pieces of steps up to 512 tokens
+
+
+def most_segments(num_tokens: int, piece: int, num_slots: int) -> int:
+    """The most segments a step ordered by adapter (one run per slot) can have: each run's pieces are at
+    most its tokens // piece + 1, so runs + num_tokens // piece in all, and at most one a token."""
+    return max(0, min(num_tokens, num_slots + num_tokens // piece))
+
+
+def segment_launch(num_tokens: int, piece: int, num_slots: int) -> SegmentLaunch:
+    """The launch for a forward of `num_tokens` tokens (padding included) cut into `piece`-token pieces
+    over `num_slots` adapter slots (max_loras): FEW_SEGMENTS when the shrink's 32 programs cover the most
+    segments the step can have (A1's 256-token steps at max_loras 8: 24), MANY_SEGMENTS above (A2's at
+    64: 80), LARGE_STEPS for large pieces. Shapes only, so a graph's launch fits every replay; an unsorted
+    batch with more segments is still right (the kernels stride over them), only slower."""
+    if piece > DECODE_PIECE:
+        return LARGE_STEPS
+    few = most_segments(num_tokens, piece, num_slots) <= FEW_SEGMENTS.shrink_programs
+    return FEW_SEGMENTS if few else MANY_SEGMENTS
 
 
 @triton.jit
@@ -118,9 +173,15 @@ def _segment_expand_kernel(
             )  # fmt: skip
 
 
-def _segment_programs(num_tokens: int, programs: int | None) -> int:
+def _segment_programs(num_tokens: int, programs: int) -> int:
     """Programs along the segment axis: at most one a token (there are no more segments)."""
-    return max(1, min(num_tokens, programs or SEGMENT_PROGRAMS))
+    return max(1, min(num_tokens, programs))
+
+
+def _expand_block_n(launch: SegmentLaunch, block_k: int) -> int:
+    """The launch's output tile, at most 128 wide past a 64-wide rank slice: the sweep measured rank 16,
+    and a wider tile would make B's [block_k, block_n] tile larger than the launch before ever made it."""
+    return launch.block_n if block_k <= 64 else min(launch.block_n, 128)
 
 
 def _block_m(rows: int, block_k: int) -> int:
@@ -135,8 +196,8 @@ def lora_shrink_segments(
     segments: torch.Tensor,  # [>= 1 + 3 * segments] int32 on x's device (engine.lora.segments)
     piece: int = 16,  # the segments' most tokens (engine.lora.segments.segment_piece)
     chunk: int = 512,
-    programs: int | None = None,  # along the segment axis (default SEGMENT_PROGRAMS)
-    total_programs: int = 512,  # the input dimension splits until segments x splits reach this
+    programs: int | None = None,  # along the segment axis (None: segment_launch's)
+    total_programs: int | None = None,  # the input dimension splits until programs x splits reach this
     num_warps: int = 4,
 ) -> torch.Tensor:
     """x @ A[slot]^T for every segment's rows -> [split, num_tokens, lora_dim] float32 partials whose sum
@@ -151,9 +212,11 @@ def lora_shrink_segments(
     if num_tokens == 0:
         return torch.zeros(1, 0, lora_dim, dtype=torch.float32, device=x.device)
     block_k = _block_k(lora_dim)
-    programs = _segment_programs(num_tokens, programs)
-    # Split the input dimension so that segments x splits fill the GPU (~512 programs): a segment's
-    # A is then streamed by several programs at once. Fixed by shapes only, so graphs capture it.
+    launch = segment_launch(num_tokens, piece, a_stacked.shape[0])
+    programs = _segment_programs(num_tokens, programs or launch.shrink_programs)
+    total_programs = total_programs or launch.total_programs
+    # Split the input dimension so that segments x splits fill the GPU (512-1,024 programs): a
+    # segment's A is then streamed by several programs at once. Fixed by shapes only, so graphs capture it.
     split = max(1, min(in_features // chunk, total_programs // programs))
     chunk = triton.cdiv(triton.cdiv(in_features, split), BLOCK_IN) * BLOCK_IN
     split = triton.cdiv(in_features, chunk)
@@ -174,9 +237,9 @@ def lora_expand_segments(
     y: torch.Tensor,  # [num_tokens, out_features], updated in place
     slice_offsets: Sequence[int] = (0,),  # output row where each sub-matrix of a fused layer starts
     piece: int = 16,
-    block_n: int = 128,  # output columns per program
-    programs: int | None = None,  # along the segment axis (default SEGMENT_PROGRAMS)
-    num_warps: int = 4,
+    block_n: int | None = None,  # output columns per program (None: segment_launch's, as below)
+    programs: int | None = None,  # along the segment axis
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """y += (sum of t's splits) @ B[slot]^T on every segment's rows, in place; returns y (rows in no
     segment untouched): ops.reference.lora_expand."""
@@ -199,7 +262,13 @@ def lora_expand_segments(
     slice_k = lora_dim // num_subs
     bounds = [*slice_offsets[1:], out_features, out_features][:2]  # N1, N2
     block_k = _block_k(slice_k)
-    grid = (triton.cdiv(out_features, block_n), _segment_programs(num_tokens, programs))
+    launch = segment_launch(num_tokens, piece, b_stacked.shape[0])
+    block_n = block_n or _expand_block_n(launch, block_k)
+    num_warps = num_warps or launch.expand_warps
+    grid = (
+        triton.cdiv(out_features, block_n),
+        _segment_programs(num_tokens, programs or launch.expand_programs),
+    )
     _segment_expand_kernel[grid](
         t, b_stacked, segments, y, num_tokens, slice_k, bounds[0], bounds[1], out_features, split,
         t.stride(0), t.stride(1), b_stacked.stride(0), b_stacked.stride(1), y.stride(0),

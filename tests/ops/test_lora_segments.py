@@ -1,7 +1,8 @@
 """The segment LoRA kernels (ops/triton/lora_segments.py) against the torch references, under
 TRITON_INTERPRET=1 without a GPU, and the host's segment builder (engine/lora/segments.py): decode
 steps of many adapters in runs, prompts cut into pieces, tokens without an adapter left untouched,
-runs of one slot that recur (unsorted batches), more segments than programs, and fused layers."""
+runs of one slot that recur (unsorted batches), more segments than programs, fused layers, and each
+launch the wrappers' rule (segment_launch) picks."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.lora.segments import build_segments, max_segment_entries, segment_piece
+from engine.lora.segments import SMALL_PIECE, build_segments, max_segment_entries, segment_piece
 from ops import reference
 
 
@@ -79,6 +80,7 @@ def _decode_step(num_adapters: int, per_adapter: int) -> list[int]:
         ([2] * 40 + [-1] * 5 + [0] * 21 + [2] * 3, 64, 200, (0, 100), 32, 3, 16),  # pieces, a slot twice
         ([1] * 150 + [0] * 30, 64, 96, (0,), 16, 2, 64),  # a large step's 64-token pieces
         ([0] * 20 + [1] * 3, 128, 160, (0, 96, 128), 192, 2, 64),  # rank 64 on qkv: a wide tile
+        ([0] * 5 + [-1] + [1] * 3, 64, 300, (0,), 128, 2, 16),  # rank 128 in a decode step: 128-wide tiles
     ],
 )
 def test_segment_kernels_match_the_reference(
@@ -114,6 +116,80 @@ def test_segment_kernels_match_the_reference(
     torch.testing.assert_close(y_out, y_ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(y_out[~rows], y[~rows])  # no adapter: the base output is untouched
     assert not torch.equal(y_out[rows], y[rows])
+
+
+def test_the_launch_rule_picks_the_sweeps_best_for_a1_and_a2_steps() -> None:
+    """segment_launch at the H200 sweep's steps (verify-h200-2026-12-03-8ed5bc2: 256 decode tokens):
+    8 adapters (A1, max_loras 8) -> 32 shrink programs, 1,024 in all, the expand 256 wide on 16 programs;
+    64 (A2) -> 64 and 512, the expand 256 wide on 32; 4 warps; large steps keep the launch before."""
+    from ops.triton.lora_segments import (
+        DECODE_PIECE,
+        FEW_SEGMENTS,
+        LARGE_STEPS,
+        MANY_SEGMENTS,
+        SegmentLaunch,
+        _expand_block_n,
+        most_segments,
+        segment_launch,
+    )
+
+    assert DECODE_PIECE == SMALL_PIECE == segment_piece(256)
+    assert segment_launch(256, 16, 8) == FEW_SEGMENTS == SegmentLaunch(32, 1024, 16, 256, 4)
+    assert segment_launch(256, 16, 64) == MANY_SEGMENTS == SegmentLaunch(64, 512, 32, 256, 4)
+    assert segment_launch(1024, 64, 8) == LARGE_STEPS == SegmentLaunch(64, 512, 64, 128, 4)
+    # the most segments: one run per slot cut into 16-token pieces, at most one a token
+    assert most_segments(256, 16, 8) == 24 and most_segments(256, 16, 64) == 80
+    assert most_segments(256, 16, 16) == 32 and segment_launch(256, 16, 16) == FEW_SEGMENTS
+    assert segment_launch(256, 16, 17) == MANY_SEGMENTS
+    assert most_segments(32, 16, 64) == 32 and segment_launch(32, 16, 64) == FEW_SEGMENTS  # few tokens
+    assert most_segments(0, 16, 8) == 0
+    # past a 64-wide rank slice the expand's tile stays 128 wide (the sweep measured rank 16)
+    assert _expand_block_n(FEW_SEGMENTS, 64) == 256 and _expand_block_n(MANY_SEGMENTS, 128) == 128
+    for tokens in (1, 8, 100, 512):  # every decode-sized step: the wrappers' piece is the builder's
+        assert segment_piece(tokens) == DECODE_PIECE
+        assert segment_launch(tokens, segment_piece(tokens), 64) in (FEW_SEGMENTS, MANY_SEGMENTS)
+
+
+@in_process
+@pytest.mark.parametrize("which", ["FEW_SEGMENTS", "MANY_SEGMENTS", "LARGE_STEPS"])
+def test_each_launch_of_the_rule_matches_the_reference(which: str) -> None:
+    """Each launch segment_launch picks, passed explicitly, on a small fused step big enough that neither
+    program count is cut to the tokens: 83 tokens (3 without an adapter, 20 adapters of 4), a fused
+    qkv-like layer of 300 outputs (two 256-wide tiles, the first over all three sub-matrices), and an
+    input of 1,100 split 9 ways at 32 programs (1,024 in all), 6 at 64 (512)."""
+    from ops.triton import lora_segments
+    from ops.triton.lora_segments import lora_expand_segments, lora_shrink_segments, segment_launch
+
+    launch = getattr(lora_segments, which)
+    slots = _decode_step(20, 4)
+    slice_offsets, out_features, lora_dim = (0, 200, 250), 300, 24
+    x, a, b, token_slots, y = _inputs(slots, 1100, out_features, lora_dim, 20, 7)
+    mask = torch.zeros(out_features, lora_dim, device=b.device)
+    for i, (lo, hi) in enumerate(zip(slice_offsets, [*slice_offsets[1:], out_features], strict=True)):
+        mask[lo:hi, 8 * i : 8 * (i + 1)] = 1
+    b = b * mask
+    segments = torch.from_numpy(build_segments(np.array(slots, dtype=np.int32), 16)).to(DEVICE)
+    assert segment_launch(len(slots), 16, 20) == lora_segments.FEW_SEGMENTS  # 25 segments at most
+
+    t_ref = reference.lora_shrink(x, a, token_slots)
+    t = lora_shrink_segments(
+        x, a, segments, 16, chunk=64, programs=launch.shrink_programs, total_programs=launch.total_programs
+    )
+    assert t.shape[0] == {"FEW_SEGMENTS": 9, "MANY_SEGMENTS": 6, "LARGE_STEPS": 6}[which]
+    rows = token_slots >= 0
+    torch.testing.assert_close(t.sum(0)[rows], t_ref[rows], rtol=1e-4, atol=1e-4)
+    y_ref = reference.lora_expand(t_ref, b, token_slots, y.clone())
+    y_out = lora_expand_segments(
+        t, b, segments, y.clone(), slice_offsets, 16, block_n=launch.block_n, programs=launch.expand_programs,
+        num_warps=launch.expand_warps,
+    )  # fmt: skip
+    torch.testing.assert_close(y_out, y_ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(y_out[~rows], y[~rows])
+    if which == "FEW_SEGMENTS":  # the wrappers' default for this step: the same launch, the same values
+        y_default = lora_expand_segments(
+            lora_shrink_segments(x, a, segments, 16, chunk=64), b, segments, y.clone(), slice_offsets, 16
+        )
+        assert torch.equal(y_default, y_out)
 
 
 @in_process

@@ -9,6 +9,11 @@ num_candidates of them); once all running beams of the group have theirs, the ra
 a beam with a surviving continuation keeps its slot, the others' slots fork it copy-on-write, and dead
 beams' blocks are freed at once. When the ranking stops, the k best finished hypotheses come back as
 one final RequestOutput (whatever output_kind: a stream gets the final beams only).
+
+After the first step (ranked here from the prompt's candidates), a group is handed to the device when
+it can be (engine/core/beam_device.py: no stop strings, no adapter, its blocks reserved): the runner
+ranks every later step itself and sends the candidates back, and `process` replays each step's
+ranking one step later, which keeps the finished hypotheses and decides when the search stops.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from engine.core.beam_search import BeamSearchState, BeamStep, Hypothesis
 from engine.core.request import Request, RequestStatus
 from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler import Scheduler
-from engine.core.scheduler_output import BeamCandidates
+from engine.core.scheduler_output import BeamCandidates, DeviceBeamResults
 from engine.inputs.input_processor import EngineRequest
 from engine.outputs.request_output import CompletionOutput, RequestMetrics, RequestOutput
 
@@ -96,6 +101,7 @@ class _BeamGroup:
     running: list[Request]  # the slot of running beam i, in the ranking's order
     results: dict[str, tuple[_Candidates, int]]  # this step's: each beam's (step's candidates, row)
     metrics: RequestMetrics
+    device_id: str | None = None  # set once its steps are ranked on the device
 
 
 class BeamSearchDriver:
@@ -107,6 +113,7 @@ class BeamSearchDriver:
         self.vocab_size = vocab_size
         self._groups: dict[str, _BeamGroup] = {}  # by request id
         self._by_beam: dict[str, _BeamGroup] = {}  # by beam req_id
+        self._by_device: dict[str, _BeamGroup] = {}  # device-ranked groups, by their device group id
         self.num_generation_tokens = 0  # a token per running beam per step (Prometheus)
 
     def __len__(self) -> int:
@@ -177,12 +184,18 @@ class BeamSearchDriver:
 
     # ------------------------------------------------------------------ a step's results
     def process(
-        self, updates: Iterable[tuple[Request, list[int]]], candidates: BeamCandidates | None, now: float
+        self,
+        updates: Iterable[tuple[Request, list[int]]],
+        candidates: BeamCandidates | None,
+        now: float,
+        device: DeviceBeamResults | None = None,
     ) -> list[RequestOutput]:
         """Collect the beams' results of a step; step every group whose running beams all have theirs
-        (their candidates ranked together). Returns the final outputs of the groups that finished."""
+        (their candidates ranked together), and replay the device-ranked groups' steps (`device`).
+        Returns the final outputs of the groups that finished."""
+        outputs = self._replay_device(device, now) if device is not None else []
         if candidates is None:
-            return []
+            return outputs
         arrays = _Candidates(candidates)
         row_of = arrays.row_of
         by_beam = self._by_beam
@@ -210,8 +223,7 @@ class BeamSearchDriver:
                     group.metrics.first_scheduled_time = group.slots[0].first_scheduled_time
                 ready.append(group)
         if not ready:
-            return []
-        outputs = []
+            return outputs
         for group, step in zip(ready, self._rank(ready, arrays), strict=True):
             out = self._apply(group, step, now)
             if out is not None:
@@ -248,9 +260,46 @@ class BeamSearchDriver:
             group.results.clear()
         return steps  # type: ignore[return-value]
 
+    def _replay_device(self, results: DeviceBeamResults, now: float) -> list[RequestOutput]:
+        """Each device-ranked group's step, from the candidates in the device's ranked order: the
+        same continuations the device chose (the first `width` that hit no stopping criterion), the
+        hits among the first `width` into the finished hypotheses, and the stopping rule."""
+        table = np.frombuffer(results.candidates, dtype=np.float64).reshape(-1, 3)  # [sum, 3]
+        scores = table[:, 0].tolist()
+        parents = table[:, 1].astype(np.int64).tolist()
+        tokens = table[:, 2].astype(np.int64).tolist()
+        outputs = []
+        at = 0
+        for group_id, count in zip(results.group_ids, results.num_candidates, strict=True):
+            group = self._by_device.get(group_id)
+            end = at + count
+            if group is None:  # ended while this step was in flight
+                at = end
+                continue
+            state = group.state
+            toks = tokens[at:end]
+            width = state.width
+            if state.can_advance_plainly(toks[:width]):
+                runs = list(zip(parents[at : at + width], toks[:width], strict=True))
+                step = state.advance_plainly(scores[at : at + width], runs)
+            else:
+                cands = zip(scores[at:end], parents[at:end], toks, strict=True)
+                step = state.advance([(-a, b, t) for a, b, t in cands])
+            self.num_generation_tokens += width
+            at = end
+            if step.done:
+                outputs.append(self._finish(group, "stop", now))
+        return outputs
+
     def _apply(self, group: _BeamGroup, step: BeamStep, now: float) -> RequestOutput | None:
         if step.done:
             return self._finish(group, "stop", now)
+        if (
+            group.state.num_generated == 1
+            and self.scheduler.beam_device_ranking
+            and self._to_device(group, step)
+        ):
+            return None
         # Slots: a parent's first continuation keeps its slot; the others take the slots of beams
         # with none (dead, or not used yet), forking the parent before it is extended.
         parents = group.running
@@ -279,6 +328,24 @@ class BeamSearchDriver:
         group.running = [s for s in new_running if s is not None]
         return None
 
+    def _to_device(self, group: _BeamGroup, step: BeamStep) -> bool:
+        """Hand the group's next steps to the device, if it can go (see the module docstring)."""
+        state = group.state
+        if state.stop_string is not None or group.request.lora_request is not None:
+            return False
+        device_id = self.scheduler.start_device_group(
+            group.slots,
+            [token for _, token in step.continuations],
+            list(state.scores),
+            sorted(state.stop_token_ids),
+            state.num_candidates,
+        )
+        if device_id is None:
+            return False
+        group.device_id = device_id
+        self._by_device[device_id] = group
+        return True
+
     # ------------------------------------------------------------------ ends
     def _finish(self, group: _BeamGroup, reason: str, now: float, error: str | None = None) -> RequestOutput:
         request = group.request
@@ -293,8 +360,8 @@ class BeamSearchDriver:
             hyps = group.state.results()[: params.n]
         else:  # aborted or failed: the running beams as they are
             hyps = [
-                Hypothesis(list(s.output_token_ids), float(score), float(score), reason)
-                for s, score in zip(group.running, group.state.scores, strict=False)
+                Hypothesis(tokens, float(score), float(score), reason)
+                for tokens, score in zip(group.state.outputs, group.state.scores, strict=False)
             ]
         completions = []
         for i, hyp in enumerate(hyps):
@@ -348,6 +415,8 @@ class BeamSearchDriver:
 
     def _drop(self, group: _BeamGroup) -> None:
         self._groups.pop(group.request.request_id, None)
+        if group.device_id is not None:
+            self._by_device.pop(group.device_id, None)
         for slot in group.slots:
             self._by_beam.pop(slot.req_id, None)
 
@@ -367,7 +436,7 @@ class BeamSearchDriver:
         """The forward pass that computed `req_ids` failed: their groups end with finish_reason "error"."""
         failed = {}
         for req_id in req_ids:
-            group = self._by_beam.get(req_id)
+            group = self._by_beam.get(req_id) or self._by_device.get(req_id)
             if group is not None:
                 failed[group.request.request_id] = group
         return [self._finish(g, "error", now, message) for g in failed.values()]

@@ -294,7 +294,9 @@ class LLMEngine:
         updates = self.scheduler.update_from_output(scheduler_output, runner_output)
         outputs, stopped_ids = processor.process(updates, runner_output.logprobs, now)
         if len(self.beam_search):
-            outputs += self.beam_search.process(updates, runner_output.beam_candidates, now)
+            outputs += self.beam_search.process(
+                updates, runner_output.beam_candidates, now, runner_output.device_beams
+            )
         if stopped_ids:  # stop strings, found by the detokenizer
             self.scheduler.finish_requests(stopped_ids, RequestStatus.FINISHED_STOPPED)
         return outputs
@@ -309,7 +311,8 @@ class LLMEngine:
         now = time.monotonic()
         outputs, seq_ids = self.output_processor.fail(scheduler_output.num_scheduled_tokens, message, now)
         self.scheduler.finish_requests(seq_ids, RequestStatus.FINISHED_ERROR)
-        return outputs + self.beam_search.fail(scheduler_output.num_scheduled_tokens, message, now)
+        failed = [*scheduler_output.num_scheduled_tokens, *(s.group_id for s in scheduler_output.beam_steps)]
+        return outputs + self.beam_search.fail(failed, message, now)
 
     def abort_all(self) -> list[RequestOutput]:
         """Abort every request (server shutdown); returns their final outputs (finish_reason "abort")."""

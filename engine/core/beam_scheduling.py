@@ -10,6 +10,9 @@ ForkedRequestData, or whole, as a new request, if the parent was preempted meanw
 only once its last step's results are applied (Scheduler.schedule), since its next token depends on
 the whole group's.
 
+A group may instead be ranked on the device after its first step (engine/core/beam_device.py):
+`start_device_group` reserves its blocks, and the scheduler then sends its steps without waiting.
+
 A mixin of Scheduler, over its state: kept apart so the scheduler's own file stays about scheduling.
 """
 
@@ -17,8 +20,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from engine.core.beam_device import DeviceBeamGroup, blocks_to_reserve, new_device_group
 from engine.core.request import Request, RequestStatus
-from engine.core.scheduler_output import ForkedRequestData
+from engine.core.scheduler_output import DeviceBeamStart, DeviceBeamStep, ForkedRequestData
 
 if TYPE_CHECKING:
     from engine.core.kv_cache_manager import KVCacheManager
@@ -34,6 +38,15 @@ class BeamScheduling:
     _beam_new_tokens: dict[str, list[int]]
     _beam_parent: dict[str, tuple[Request, int]]
     kv_cache_manager: KVCacheManager
+    block_size: int
+    max_num_seqs: int
+    beam_device_ranking: bool
+    # Device-ranked groups by their leader's req_id; seats their other beams take (not in `running`);
+    # groups that ended since the last schedule() (the runner drops their rows).
+    _device_groups: dict[str, DeviceBeamGroup]
+    _device_seats: int
+    _finished_beam_groups: list[str]
+    _next_group_serial: int
 
     if TYPE_CHECKING:  # Scheduler's
 
@@ -90,6 +103,82 @@ class BeamScheduling:
             beam.num_computed_tokens = 0
             beam.status = RequestStatus.PREEMPTED
             self._enqueue(beam)
+
+    # ------------------------------------------------------------ groups ranked on the device
+    def start_device_group(
+        self,
+        slots: list[Request],
+        token_ids: list[int],
+        scores: list[float],
+        stop_token_ids: list[int],
+        num_candidates: int,
+    ) -> str | None:
+        """Rank the rest of the group whose first step the host ranked (`token_ids`, `scores`: its
+        running beams, best first) on the device. Returns the group's id, or None when it cannot (off,
+        the leader not running with its prompt computed, or too few free blocks to reserve): the host
+        then forks its beams as before."""
+        leader = slots[0]
+        kv = self.kv_cache_manager
+        params = leader.sampling_params
+        assert params.max_tokens is not None  # resolved by the input processor
+        prompt_len = leader.num_prompt_tokens
+        if (
+            not self.beam_device_ranking
+            or params.max_tokens < 2
+            or leader.status != RequestStatus.RUNNING
+            or leader.num_computed_tokens != prompt_len
+            or leader.num_output_placeholders
+            or any(s.status == RequestStatus.RUNNING for s in slots[1:])
+        ):
+            return None
+        width = len(token_ids)
+        blocks = kv.get_block_ids(leader.req_id)
+        if len(blocks) * self.block_size < prompt_len:
+            return None
+        needed = blocks_to_reserve(width, prompt_len, params.max_tokens, self.block_size)
+        if needed > kv.block_pool.num_free_blocks:
+            return None
+        reserve = kv.block_pool.allocate(needed)
+        tail_index = (prompt_len - 1) // self.block_size
+        start = DeviceBeamStart(
+            prompt_full_blocks=blocks[:tail_index],
+            prompt_tail_block=blocks[tail_index],
+            token_ids=list(token_ids),
+            scores=list(scores),
+            stop_token_ids=list(stop_token_ids),
+            num_candidates=num_candidates,
+        )
+        group_id = f"{leader.req_id}@{self._next_group_serial}"
+        self._next_group_serial += 1
+        group = new_device_group(
+            group_id, leader, slots, reserve, blocks, self.block_size, start, params.max_tokens
+        )
+        self._device_groups[leader.req_id] = group
+        self._device_seats += width - 1
+        for beam in slots[1:]:
+            if beam.req_id in self._waiting:
+                self._remove_waiting(beam)
+        return group_id
+
+    def _device_beam_steps(self, budget: int) -> tuple[list[DeviceBeamStep], int]:
+        """This step's device-ranked group steps (decodes: scheduled first), and the budget left."""
+        steps = []
+        for group in self._device_groups.values():
+            if budget < group.width:
+                break
+            if group.has_step_left:
+                steps.append(group.next_step())
+                budget -= group.width
+        return steps, budget
+
+    def _end_device_group(self, leader: Request) -> None:
+        """The leader finished: the group's reserved blocks go back, the runner drops its rows."""
+        group = self._device_groups.pop(leader.req_id, None)
+        if group is None:
+            return
+        self._device_seats -= group.width - 1
+        self.kv_cache_manager.block_pool.free_blocks(reversed(group.reserve))
+        self._finished_beam_groups.append(group.group_id)
 
     def _num_beams_not_running(self, beam: Request) -> int:
         return sum(1 for b in beam.group or (beam,) if b.status != RequestStatus.RUNNING)

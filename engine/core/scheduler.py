@@ -89,6 +89,12 @@ class Scheduler(BeamScheduling):
         # A re-sent beam's parent and its length at the fork (the runner may copy the parent's row).
         self._beam_parent: dict[str, tuple[Request, int]] = {}
         self._next_step_id = 1
+        # Beam groups ranked on the device (engine/core/beam_device.py, BeamScheduling's methods).
+        self.beam_device_ranking = config.beam_device_ranking
+        self._device_groups = {}
+        self._device_seats = 0
+        self._finished_beam_groups = []
+        self._next_group_serial = 0
         # A step holds only running requests, so keeping their distinct LoRA adapters <= max_loras
         # keeps every step within the runner's adapter slots.
         self.max_loras = max_loras
@@ -168,9 +174,16 @@ class Scheduler(BeamScheduling):
             chunk = min(chunk, max(fit - scheduled, 0))
         return chunk
 
-    def _pick_victim(self) -> Request:
+    def _pick_victim(self) -> Request | None:
+        """The running request to preempt: the lowest priority, latest arrival. Never a device-ranked
+        beam group (its blocks are reserved for its whole run); None when only those run."""
         seq = self._arrival_seq
-        return max(self.running.values(), key=lambda r: (r.priority, seq[r.req_id]))
+        groups = self._device_groups
+        return max(
+            (r for r in self.running.values() if r.req_id not in groups),
+            key=lambda r: (r.priority, seq[r.req_id]),
+            default=None,
+        )
 
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
@@ -179,6 +192,9 @@ class Scheduler(BeamScheduling):
         # req_id -> (request, new block ids) for running requests scheduled this step.
         scheduled_running: dict[str, tuple[Request, list[int]]] = {}
         preempted: list[Request] = []
+        beam_steps: list = []
+        if self._device_groups:
+            beam_steps, budget = self._device_beam_steps(budget)
 
         # 1. Running requests: decodes first, then ongoing (chunked) prefills; admission order within.
         # Placeholders count as known: under async scheduling a request whose token is still being
@@ -218,6 +234,7 @@ class Scheduler(BeamScheduling):
                 if new_block_ids is not None:
                     break
                 victim = self._pick_victim()
+                assert victim is not None  # req itself is running and not a device-ranked group
                 if victim.req_id in scheduled_running:
                     # Already given tokens this step: take them back.
                     del scheduled_running[victim.req_id]
@@ -243,13 +260,14 @@ class Scheduler(BeamScheduling):
             else set()
         )
         running_preempted = bool(preempted)
-        while not running_preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+        seats = self.max_num_seqs - self._device_seats  # a device-ranked group's beams beyond its leader
+        while not running_preempted and budget > 0 and len(self.running) < seats:
             if self._chunk(budget) <= 0:
                 break  # the step is as large as its mixed graph (fit_mixed_steps_to_cuda_graphs)
             req = self._peek_waiting()
             if req is None:
                 break
-            if req.is_beam and len(self.running) + self._num_beams_not_running(req) > self.max_num_seqs:
+            if req.is_beam and len(self.running) + self._num_beams_not_running(req) > seats:
                 break  # a beam group runs all its beams together: seats for all of them
             if req.num_output_placeholders:
                 break  # preempted while its last step was in flight: wait until that token lands
@@ -377,6 +395,9 @@ class Scheduler(BeamScheduling):
         if self._fair is not None:
             self._fair.charge(scheduled_requests.values(), num_scheduled)
         finished, self._finished_req_ids = self._finished_req_ids, set()
+        finished_groups: list[str] = []
+        if num_scheduled or beam_steps:  # an empty step never reaches the runner: they wait for one
+            finished_groups, self._finished_beam_groups = self._finished_beam_groups, []
         step_id = self._next_step_id
         self._next_step_id += 1
         if scheduled_requests:
@@ -385,13 +406,15 @@ class Scheduler(BeamScheduling):
             new_requests=new_data,
             cached_requests=cached_data,
             num_scheduled_tokens=num_scheduled,
-            total_num_scheduled_tokens=sum(num_scheduled.values()),
+            total_num_scheduled_tokens=sum(num_scheduled.values()) + sum(s.width for s in beam_steps),
             finished_req_ids=finished,
             preempted_req_ids={r.req_id for r in preempted},
             step_id=step_id,
             num_prompt_tokens=num_prompt_scheduled,
             forked_requests=forked_data,
             block_copies=kv.take_copies(),
+            beam_steps=beam_steps,
+            finished_beam_groups=finished_groups,
         )
 
     def _fork_source(self, req: Request, num_scheduled: dict[str, int]) -> Request | object | None:
@@ -507,6 +530,8 @@ class Scheduler(BeamScheduling):
         req.group = None  # its siblings skip it now; no reference cycle outlives the group
         if req.is_beam:
             self._forget_beam_diffs(req)
+            if self._device_groups:
+                self._end_device_group(req)
         # A failed forward pass left garbage in blocks already registered for prefix hits.
         self.kv_cache_manager.free(req, uncache=status == RequestStatus.FINISHED_ERROR)
         del self.requests[req.req_id]

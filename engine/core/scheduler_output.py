@@ -59,6 +59,49 @@ class CachedRequestData:
 
 
 @dataclass(slots=True)
+class DeviceBeamStart:
+    """A beam group's first step ranked on the device (engine/core/beam_device.py): what the runner
+    needs to set up its rows. Every beam reads the prompt's KV: `prompt_full_blocks` (the prompt's
+    leading full blocks, shared by every beam) and `prompt_tail_block` (the block of the prompt's last
+    token, which each beam copies into its own tail)."""
+
+    prompt_full_blocks: list[int]
+    prompt_tail_block: int
+    token_ids: list[int]  # [width] each beam's first generated token (the host ranked the prompt)
+    scores: list[float]  # [width] their float32 scores (cumulative log-probabilities)
+    stop_token_ids: list[int]  # candidates ending in one of these hit a stopping criterion
+    num_candidates: int  # candidates ranked per step (transformers' max(2, 1 + stops) x width)
+
+
+@dataclass(slots=True)
+class DeviceBeamStep:
+    """One step of a beam group whose ranking runs on the device: `width` rows, one token each, at
+    `position`. Everything here follows from the group's reserved blocks and its step count, so the
+    scheduler sends it without knowing which beam the device chose for which row: each row's input
+    token, its full blocks and its tail's content come from the device's ranking of the step before
+    (engine/worker/beam_device.py)."""
+
+    group_id: str
+    width: int
+    position: int  # the position every row computes this step
+    tail_blocks: list[int]  # [width] each row's own tail block this step (the block of `position`)
+    # [width] at a block boundary (position % block_size == 0): each row's copy of its parent's last
+    # tail, now a full block of its table; empty otherwise.
+    full_blocks: list[int]
+    start: DeviceBeamStart | None = None  # set on the group's first device step
+
+
+@dataclass(slots=True)
+class DeviceBeamResults:
+    """Each device-ranked group's step, as one buffer: for group g, `num_candidates[g]` rows of
+    (score, parent row, token id), in the device's ranked order (the host replays it exactly)."""
+
+    group_ids: list[str]
+    num_candidates: list[int]
+    candidates: bytes  # [sum(num_candidates), 3] float64, native byte order
+
+
+@dataclass(slots=True)
 class SchedulerOutput:
     new_requests: list[NewRequestData]
     cached_requests: list[CachedRequestData]
@@ -78,6 +121,11 @@ class SchedulerOutput:
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     # Beams forked from a beam the runner holds, applied after new_requests (a parent may be one).
     forked_requests: list[ForkedRequestData] = field(default_factory=list)
+    # Beam groups ranked on the device (engine/core/beam_device.py): rows after every request above,
+    # counted in total_num_scheduled_tokens but not in num_scheduled_tokens.
+    beam_steps: list[DeviceBeamStep] = field(default_factory=list)
+    # Device-ranked groups that ended: the runner drops their rows' state.
+    finished_beam_groups: list[str] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -120,3 +168,5 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     # The beams' candidates (None when the step ran no beam).
     beam_candidates: BeamCandidates | None = None
+    # The device-ranked beam groups' candidates (None when the step ran none).
+    device_beams: DeviceBeamResults | None = None

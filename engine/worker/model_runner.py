@@ -54,6 +54,7 @@ from engine.worker.attention_metadata import (
     build_step_inputs,
     eager_forward,
 )
+from engine.worker.beam_device import BeamRows, DeviceBeamPool
 from engine.worker.block_copy import copy_kv_blocks
 from engine.worker.cuda_graphs import (
     CUDAGraphRunner,
@@ -132,6 +133,7 @@ class ModelRunner(KVCacheSetup):
         torch.manual_seed(config.load.seed)
         self.attn_backend: AttentionBackend | None = None  # chosen once, in load_model
         self.lora: LoRAManager | None = None  # adapters, slots, per-token index (config.lora set)
+        self._beam_pool: DeviceBeamPool | None = None  # device-ranked beam groups' rows (on first use)
 
     @property
     def use_cuda_graphs(self) -> bool:
@@ -231,6 +233,7 @@ class ModelRunner(KVCacheSetup):
         self.model = None
         self.lora = None
         self.requests.clear()
+        self._beam_pool = None
         self._staging = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -342,13 +345,14 @@ class ModelRunner(KVCacheSetup):
         update_states(self.requests, scheduler_output)
         if scheduler_output.block_copies:
             copy_kv_blocks(self.kv_caches, scheduler_output.block_copies, self.kv_cache_stack)
+        beams = self._beam_rows(scheduler_output)
         if self.lora is not None:
             for new in scheduler_output.new_requests:
                 if new.lora_request is not None:
                     self.requests[new.req_id].lora = self.lora.add(new.lora_request)
         scheduled = scheduler_output.num_scheduled_tokens
         output = ModelRunnerOutput(sampled_token_ids={req_id: [] for req_id in scheduled})
-        if scheduler_output.total_num_scheduled_tokens == 0 or not scheduled:
+        if scheduler_output.total_num_scheduled_tokens == 0 or not (scheduled or beams):
             return StepInFlight.finished(output)
         if self.lora is not None:
             scheduled = self.lora.group_by_adapter(self.requests, scheduled)
@@ -361,21 +365,41 @@ class ModelRunner(KVCacheSetup):
         )
         states, num_scheduled, sample_states = batch.states, batch.num_scheduled, batch.sample_states
         logits_indices = np.concatenate([np.asarray(batch.sample_rows, dtype=np.int64), *batch.prompt_rows])
+        # The device-ranked beams' rows go after every other sequence, one token each; their input
+        # ids and full blocks are placeholders here, which the pool fills in on the device (feed).
+        token_ids = [s.token_ids for s in states]
+        num_computed = [s.num_computed_tokens for s in states]
+        block_tables = [s.block_ids for s in states]
+        num_seqs, num_tokens = len(states), batch.num_tokens
+        max_scheduled, max_num_blocks = batch.max_scheduled, batch.max_num_blocks
+        lora_rows = [s.lora for s in states]
+        row_tokens = num_scheduled
+        if beams is not None:
+            n = beams.num_rows
+            token_ids = token_ids + [[]] * n
+            num_computed = num_computed + beams.positions
+            block_tables = block_tables + beams.host_tables
+            row_tokens = num_scheduled + [1] * n
+            lora_rows += [None] * n
+            num_seqs += n
+            num_tokens += n
+            max_scheduled = max(max_scheduled, 1)
+            max_num_blocks = max(max_num_blocks, max(map(len, beams.host_tables)))
         graph_size = mixed_graph_size = None
-        if self.graph_runner is not None and batch.max_num_blocks <= self.max_blocks_per_seq:
+        if self.graph_runner is not None and max_num_blocks <= self.max_blocks_per_seq:
             # None above the largest graph of the kind
-            if batch.max_scheduled == 1:
-                graph_size = self.graph_runner.padded_size(len(states))
+            if max_scheduled == 1:
+                graph_size = self.graph_runner.padded_size(num_seqs)
             else:
-                mixed_graph_size = self.graph_runner.padded_mixed_size(batch.num_tokens)
+                mixed_graph_size = self.graph_runner.padded_mixed_size(num_tokens)
         if self.lora is not None:
-            padded = graph_size or mixed_graph_size or batch.num_tokens
-            self.lora.prepare_step([s.lora for s in states], num_scheduled, padded)
+            padded = graph_size or mixed_graph_size or num_tokens
+            self.lora.prepare_step(lora_rows, row_tokens, padded)
         step = self._build_inputs(
-            [s.token_ids for s in states],
-            [s.num_computed_tokens for s in states],
-            num_scheduled,
-            [s.block_ids for s in states],
+            token_ids,
+            num_computed,
+            row_tokens,
+            block_tables,
             logits_indices,
             graph_size=graph_size,
             mixed_graph_size=mixed_graph_size,
@@ -383,11 +407,19 @@ class ModelRunner(KVCacheSetup):
         if batch.pending_dst:
             assert prev is not None and prev.sampled is not None
             scatter_rows(step.input_ids, batch.pending_dst, prev.sampled, batch.pending_src)
+        if beams is not None:
+            assert self._beam_pool is not None
+            self._beam_pool.feed(beams, step, batch.num_tokens, len(states))
         hidden = self._forward(step.input_ids, step.positions, step.metadata)
         for state, n in zip(states, num_scheduled, strict=True):
             state.num_computed_tokens += n
+        beam_results = None
+        if beams is not None:
+            assert self._beam_pool is not None
+            beam_logits = self.compute_logits(hidden[batch.num_tokens : batch.num_tokens + beams.num_rows])
+            beam_results = self._beam_pool.rank(beams, beam_logits)
         if logits_indices.size == 0:
-            return StepInFlight.finished(output)
+            return StepInFlight.launch_beams(output, beam_results, previous=prev)
 
         # Prompt logprobs in chunks of at most max_num_seqs rows: a whole prompt chunk's logits
         # ([max_num_batched_tokens, vocab] fp32) would be far beyond what the memory profile reserved.
@@ -405,7 +437,7 @@ class ModelRunner(KVCacheSetup):
             row += len(targets)
 
         if not sample_states:
-            return StepInFlight.finished(output)
+            return StepInFlight.launch_beams(output, beam_results, previous=prev)
         # [num_sampled, vocab] fp32; the sampled rows come first in logits_indices
         logits = self.compute_logits(hidden[step.logits_indices[: len(sample_states)]])
         rows = [
@@ -419,7 +451,21 @@ class ModelRunner(KVCacheSetup):
         ]
         md = build_sampling_metadata(rows, vocab_size=self.vocab_size, device=self.device)
         sampled, packed_logprobs = self.sampler.sample(logits, md)
-        return StepInFlight.launch(output, sampled, packed_logprobs, sample_states, md, previous=prev)
+        return StepInFlight.launch(
+            output, sampled, packed_logprobs, sample_states, md, previous=prev, beams=beam_results
+        )
+
+    def _beam_rows(self, so: SchedulerOutput) -> BeamRows | None:
+        """The step's device-ranked beam rows, moved to their parents' sequences (None: none)."""
+        if not (so.beam_steps or so.finished_beam_groups):
+            return None
+        if self._beam_pool is None:
+            self._beam_pool = DeviceBeamPool(
+                self.max_num_seqs, self.max_blocks_per_seq, self.block_size, self.device
+            )
+        return self._beam_pool.prepare(
+            so.finished_beam_groups, so.beam_steps, self.kv_caches, self.kv_cache_stack
+        )
 
     def _needs_ids_of(self, prev: StepInFlight, scheduled: dict[str, int]) -> bool:
         """True when a scheduled request that waits on `prev`'s token must see the id on the host."""

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import torch
 
-from engine.core.scheduler_output import BeamCandidates, ModelRunnerOutput
+from engine.core.scheduler_output import BeamCandidates, DeviceBeamResults, ModelRunnerOutput
 from engine.worker.sampler import Sampler, SamplingMetadata
 
 
@@ -48,6 +48,35 @@ class StepInFlight:
     # states, so they must be resolved in launch order whoever asks first.
     previous: StepInFlight | None = None
     done: bool = False
+    # Device-ranked beam groups' candidates (engine/worker/beam_device.py): group ids, candidates per
+    # group, and the [sum, 3] float64 buffer (on the host, pinned, once copied).
+    _beam_groups: tuple[list[str], list[int]] | None = None
+    _host_beams: torch.Tensor | None = None
+
+    def _copy_beams(self, beams: tuple[list[str], list[int], torch.Tensor] | None) -> None:
+        if beams is None:
+            return
+        group_ids, counts, candidates = beams
+        self._beam_groups = (group_ids, counts)
+        on_cuda = candidates.device.type == "cuda"
+        self._host_beams = _to_host_async(candidates) if on_cuda else candidates
+
+    @classmethod
+    def launch_beams(
+        cls,
+        output: ModelRunnerOutput,
+        beams: tuple[list[str], list[int], torch.Tensor] | None,
+        previous: StepInFlight | None = None,
+    ) -> StepInFlight:
+        """A step that sampled nothing but may have ranked device beam groups."""
+        if beams is None:
+            return cls.finished(output)
+        step = cls(output=output, previous=previous if previous is not None and not previous.done else None)
+        step._copy_beams(beams)
+        if beams[2].device.type == "cuda":
+            step._ready = torch.cuda.Event()
+            step._ready.record()
+        return step
 
     @classmethod
     def launch(
@@ -58,8 +87,10 @@ class StepInFlight:
         states: Sequence[SampledState],
         metadata: SamplingMetadata,
         previous: StepInFlight | None = None,
+        beams: tuple[list[str], list[int], torch.Tensor] | None = None,
     ) -> StepInFlight:
-        """Start copying the step's results to the host without waiting for them."""
+        """Start copying the step's results to the host without waiting for them (`beams`: the
+        device-ranked groups' candidates, DeviceBeamPool.rank)."""
         step = cls(
             output=output,
             sampled=sampled,
@@ -68,6 +99,7 @@ class StepInFlight:
             metadata=metadata,
             previous=previous if previous is not None and not previous.done else None,
         )
+        step._copy_beams(beams)
         if sampled.device.type == "cuda":
             step._host_ids = _to_host_async(sampled)
             if packed_logprobs is not None:
@@ -94,9 +126,18 @@ class StepInFlight:
             self.previous = None
         if self._ready is not None:
             self._ready.synchronize()
-        assert self._host_ids is not None and self.metadata is not None
-        ids: list[int] = self._host_ids.tolist()
         out = self.output
+        if self._beam_groups is not None:
+            assert self._host_beams is not None
+            group_ids, counts = self._beam_groups
+            out.device_beams = DeviceBeamResults(group_ids, counts, self._host_beams.numpy().tobytes())
+            self._beam_groups = self._host_beams = None
+        if self._host_ids is None:  # only device beam groups ran
+            self.done = True
+            self._ready = None
+            return out
+        assert self.metadata is not None
+        ids: list[int] = self._host_ids.tolist()
         host_lp = self._host_logprobs
         beams = [i for i, s in enumerate(self.states) if not s.appends_sampled]
         if beams and host_lp is not None:

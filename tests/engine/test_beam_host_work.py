@@ -99,15 +99,33 @@ def _run_two_groups(llm: LLM, steps_apart: int) -> tuple[int, int, dict]:
     return engine.step_times.steps - steps0, engine.pipeline.num_stalls - stalls0, finals
 
 
-def test_beam_groups_in_alternate_steps_keep_the_device_busy(llm: LLM) -> None:
-    """A beam group's next step needs its last step's candidates ranked on the host, so a group
+def test_beam_groups_in_alternate_steps_keep_the_device_busy(tiny_llama_dir: Path) -> None:
+    """Ranked on the host, a beam group's next step needs its last step's candidates, so a group
     alone stalls the pipeline once per token. Two groups admitted together move in the same steps
     and stall together (8 steps of 8 beams, each followed by a trip that only waits); admitted one
     step apart they take turns: one group's step runs on the device while the other's results are
     ranked, and the only stall is the last group's last step."""
+    llm = LLM(str(tiny_llama_dir), device="cpu", dtype="float32", block_size=8, beam_device_ranking=False)
     steps, stalls, together = _run_two_groups(llm, 0)
     assert (steps, stalls) == (8, 8)
     steps, stalls, apart = _run_two_groups(llm, 1)
     assert (steps, stalls) == (16, 1)
+    for rid in ("first", "second"):
+        assert [c.token_ids for c in apart[rid].outputs] == [c.token_ids for c in together[rid].outputs]
+    llm.shutdown()
+
+
+def test_device_ranked_groups_share_every_step(llm: LLM) -> None:
+    """Ranked on the device after their first step, groups do not wait for the host: two groups
+    admitted together take 8 steps (one per token, all 8 beams in each); the host's first ranking
+    and the last trip stall. Admitted a step apart, the second group's prompt joins the first
+    group's device steps: the first group's 7 device steps run from step 3, the second's from step 4,
+    10 steps in all, and the only stall is the last trip."""
+    steps, stalls, together = _run_two_groups(llm, 0)
+    assert (steps, stalls) == (8, 2)
+    steps, stalls, apart = _run_two_groups(llm, 1)
+    assert (steps, stalls) == (10, 1)
+    for rid in ("first", "second"):
+        assert [c.token_ids for c in apart[rid].outputs] == [c.token_ids for c in together[rid].outputs]
     for rid in ("first", "second"):
         assert [c.token_ids for c in apart[rid].outputs] == [c.token_ids for c in together[rid].outputs]

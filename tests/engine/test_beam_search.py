@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine import LLM, BeamSearchParams, SamplingParams
+from engine.core.beam_device import blocks_to_reserve
 from engine.errors import InvalidRequestError
 
 PROMPT = [1, 50, 60, 70, 80, 90, 100]  # 7 tokens: a partial first block of 8
@@ -98,10 +99,26 @@ def _weir_beams(llm: LLM, width: int, length_penalty: float, early_stopping) -> 
     return out.sequences
 
 
+@pytest.fixture(scope="module")
+def host_ranked(models) -> dict[str, LLM]:
+    """family -> a weir LLM whose beam groups are all ranked on the host (beam_device_ranking off)."""
+    return {
+        family: LLM(str(path), device="cpu", dtype="float32", block_size=8, beam_device_ranking=False)
+        for family, (path, _, _) in models.items()
+    }
+
+
+@pytest.mark.parametrize("ranking", ["device", "host"])
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize(("width", "length_penalty", "early_stopping"), CASES)
-def test_beam_search_matches_transformers(models, family, width, length_penalty, early_stopping) -> None:
+def test_beam_search_matches_transformers(
+    models, host_ranked, ranking, family, width, length_penalty, early_stopping
+) -> None:
     _, hf, llm = models[family]
+    if ranking == "host":
+        llm = host_ranked[family]
+    engine = llm.llm_engine
+    handed = _count_device_groups(engine)
     expected, scores = _transformers_beams(hf, width, length_penalty, early_stopping)
     got = _weir_beams(llm, width, length_penalty, early_stopping)
     assert [s.tokens[len(PROMPT) :] for s in got] == expected
@@ -114,13 +131,29 @@ def test_beam_search_matches_transformers(models, family, width, length_penalty,
         assert s.cum_logprob < 0.0
     if scores is not None:
         assert [s.score for s in got] == pytest.approx(scores, abs=1e-4)
+    # Device ranking took the group after its first step; host ranking never did.
+    assert handed == {"groups": 1 if ranking == "device" else 0}
+
+
+def _count_device_groups(engine) -> dict[str, int]:
+    """Counts the beam groups handed to the device from now on."""
+    counted = {"groups": 0}
+    start = engine.scheduler.start_device_group
+
+    def counting_start(*args, **kwargs):
+        group_id = start(*args, **kwargs)
+        counted["groups"] += group_id is not None
+        return group_id
+
+    engine.scheduler.start_device_group = counting_start
+    return counted
 
 
 def test_forks_sent_as_parent_row_plus_tokens_give_transformers_beams(models) -> None:
     """A beam that takes another's sequence reaches the runner as (parent, new tokens): the runner
     copies the parent's row. The beams are transformers' and no beam with outputs went whole."""
     path, hf, _ = models["llama"]
-    llm = LLM(str(path), device="cpu", dtype="float32", block_size=8)
+    llm = LLM(str(path), device="cpu", dtype="float32", block_size=8, beam_device_ranking=False)
     sent = _count_fork_diffs(llm.llm_engine)
     expected, _ = _transformers_beams(hf, 4, 1.0, False)
     assert [s.tokens[len(PROMPT) :] for s in _weir_beams(llm, 4, 1.0, False)] == expected
@@ -149,6 +182,7 @@ def test_same_beams_under_preemption_and_prefix_caching(models) -> None:
         block_size=8,
         num_kv_blocks=8,
         enable_prefix_caching=True,
+        beam_device_ranking=False,
     )
     engine = tight.llm_engine
     sent = _count_fork_diffs(engine)
@@ -167,8 +201,9 @@ def test_same_beams_under_preemption_and_prefix_caching(models) -> None:
     tight.shutdown()
 
 
-def test_blocks_in_use_stay_within_prompt_plus_each_live_beam(models) -> None:
-    path, _, llm = models["llama"]
+def test_blocks_in_use_stay_within_prompt_plus_each_live_beam(host_ranked) -> None:
+    """Ranked on the host, beams share their parents' blocks copy-on-write step by step."""
+    llm = host_ranked["llama"]
     engine = llm.llm_engine
     sched = engine.scheduler
     kv = sched.kv_cache_manager
@@ -185,6 +220,52 @@ def test_blocks_in_use_stay_within_prompt_plus_each_live_beam(models) -> None:
         shared_any |= used < sum(len(kv.req_to_blocks.get(r.req_id, ())) for r in beams)
     assert shared_any  # beams did share blocks (a forked beam's table points at its parent's)
     assert kv.num_free_blocks == kv.num_blocks
+
+
+def test_device_ranked_group_reserves_its_blocks_once_and_frees_them(models) -> None:
+    """Ranked on the device, a group holds the prompt's blocks and, from its first step on, the
+    blocks every later step can write (two tails per beam, a copy per beam at each block boundary up
+    to max_tokens): a fixed amount, never more, all free at the end."""
+    _, _, llm = models["llama"]
+    engine = llm.llm_engine
+    kv = engine.scheduler.kv_cache_manager
+    bs = kv.block_size
+    engine.add_request("b", PROMPT, BeamSearchParams(4, MAX_TOKENS).to_sampling_params())
+    used = []
+    while engine.has_unfinished_requests():
+        engine.step()
+        used.append(kv.num_blocks - kv.num_free_blocks)
+    prompt_blocks = -(-len(PROMPT) // bs)
+    # 7 prompt tokens, steps at positions 7..13 (the host ranked the first token): one boundary (8).
+    assert blocks_to_reserve(4, len(PROMPT), MAX_TOKENS, bs) == 4 * (2 + 1)
+    assert max(used) == prompt_blocks + 4 * 3
+    assert used[-1] == 0 and kv.num_free_blocks == kv.num_blocks
+
+
+def test_device_ranked_group_is_never_preempted(models) -> None:
+    """15 blocks of 8: a 14-token request (2 blocks), the group's prompt (1) and the 12 blocks the group
+    reserves after its first step fill the cache, so the request, growing beside the group, is the one
+    preempted (it waits and recomputes); the beams are transformers' and every block comes back."""
+    path, hf, _ = models["llama"]
+    expected, _ = _transformers_beams(hf, 4, 1.0, False)
+    tight = LLM(str(path), device="cpu", dtype="float32", block_size=8, num_kv_blocks=15)
+    engine = tight.llm_engine
+    handed = _count_device_groups(engine)
+    long_params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    long_prompt = (PROMPT * 2)[::-1]
+    engine.add_request("long", long_prompt, long_params)
+    engine.add_request("beam", PROMPT, BeamSearchParams(4, MAX_TOKENS).to_sampling_params())
+    finals = {}
+    while engine.has_unfinished_requests():
+        finals.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert handed == {"groups": 1}
+    assert [list(c.token_ids) for c in finals["beam"].outputs] == expected
+    assert engine.scheduler.num_preemptions > 0
+    (alone,) = tight.generate([long_prompt], long_params, use_tqdm=False)
+    assert list(finals["long"].outputs[0].token_ids) == list(alone.outputs[0].token_ids)
+    kv = engine.scheduler.kv_cache_manager
+    assert kv.num_free_blocks == kv.num_blocks
+    tight.shutdown()
 
 
 def test_mixed_requests_finished_or_aborted_free_every_block(models) -> None:

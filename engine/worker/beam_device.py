@@ -100,43 +100,46 @@ class DeviceBeamPool:
         pool_rows: list[int] = []
         positions: list[int] = []
         host_tables: list[list[int]] = []
-        cols: list[tuple[int, int]] = []  # per row: the two table entries it writes ...
-        vals: list[tuple[int, int]] = []  # ... and their block ids
-        copy_rows: list[np.ndarray] = []  # per copied token: its row, offset in the block, destination
-        copy_offsets: list[np.ndarray] = []
-        copy_dst: list[np.ndarray] = []
+        cols: list[np.ndarray] = []  # per group: [width, 2] the two table entries each row writes ...
+        vals: list[np.ndarray] = []  # ... and their block ids
+        copy_rows: list[np.ndarray] = []  # per copied token: its row in the step ...
+        copy_dst: list[np.ndarray] = []  # ... and its destination slot
+        copy_offsets: list[np.ndarray] = []  # ... and its offset in the block
         for step in steps:
             group = self.groups[step.group_id]
+            width = step.width
             pos = step.position
             num_full = pos // bs
-            boundary = pos % bs == 0
-            count = bs if boundary else pos % bs  # tokens of the parent's last tail to copy
+            first = len(pool_rows)
+            pool_rows += group.rows
+            positions += [pos] * width
+            host_tables += [[0] * num_full + [tail] for tail in step.tail_blocks]
+            tails = np.asarray(step.tail_blocks, dtype=np.int64)  # [width]
+            if pos % bs == 0:  # a boundary: the parent's last tail, full, is copied whole into a block
+                dst = np.asarray(step.full_blocks, dtype=np.int64)
+                cols.append(np.broadcast_to(np.array([num_full - 1, num_full]), (width, 2)))
+                vals.append(np.stack((dst, tails), axis=1))
+                count = bs
+            else:  # its filled part is copied into the row's own tail
+                dst = tails
+                cols.append(np.full((width, 2), num_full))
+                vals.append(np.stack((tails, tails), axis=1))
+                count = pos % bs
             offsets = np.arange(count, dtype=np.int64)
-            for i, row in enumerate(group.rows):
-                tail = step.tail_blocks[i]
-                r = len(pool_rows)
-                pool_rows.append(row)
-                positions.append(pos)
-                host_tables.append([0] * num_full + [tail])
-                if boundary:
-                    dst = step.full_blocks[i]
-                    cols.append((num_full - 1, num_full))
-                    vals.append((dst, tail))
-                else:
-                    dst = tail
-                    cols.append((num_full, num_full))
-                    vals.append((tail, tail))
-                copy_rows.append(np.full(count, r, dtype=np.int64))
-                copy_offsets.append(offsets)
-                copy_dst.append(dst * bs + offsets)
+            copy_rows.append(np.repeat(np.arange(first, first + width), count))
+            copy_offsets.append(np.tile(offsets, width))
+            copy_dst.append((dst[:, None] * bs + offsets).reshape(-1))
+        vals_all = np.concatenate(vals)  # [R, 2]
         dev = self.device
         rows_t = _to_device(pool_rows, torch.int64, dev)  # [R]
         parents = self.parents[rows_t]  # [R] pool rows of the parents (last step's ranking)
         src_tails = self.tails[parents]  # [R] block of each parent's last tail
         tables = self.tables[parents]  # [R, max_blocks]
-        tables.scatter_(1, _to_device(cols, torch.int64, dev), _to_device(vals, torch.int32, dev))
+        tables.scatter_(
+            1, _to_device(np.concatenate(cols), torch.int64, dev), _to_device(vals_all, torch.int32, dev)
+        )
         self.tables[rows_t] = tables
-        self.tails[rows_t] = _to_device([v[1] for v in vals], torch.int64, dev)
+        self.tails[rows_t] = _to_device(vals_all[:, 1], torch.int64, dev)
         row_of = _to_device(np.concatenate(copy_rows), torch.int64, dev)  # [C]
         offsets_t = _to_device(np.concatenate(copy_offsets), torch.int64, dev)  # [C]
         dst_slots = _to_device(np.concatenate(copy_dst), torch.int64, dev)  # [C]

@@ -1,0 +1,104 @@
+"""Beam search ranked on the device (engine/core/beam_device.py, engine/worker/beam_device.py) against
+the host's ranking, which tests/engine/test_beam_search.py holds token for token to transformers:
+many groups of different widths and lengths at once, prompts that end on a block boundary and inside
+one, outputs that cross several boundaries, stop tokens, every early-stopping rule, prompts chunked
+beside the beams' steps, and a group aborted while its step is in flight."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.core.beam_device import blocks_to_reserve
+
+# (prompt length, width, max_tokens, early_stopping, length_penalty, stop token ids)
+GROUPS = [
+    (8, 4, 20, False, 1.0, []),  # the prompt fills its last block: the first step is a boundary
+    (16, 2, 20, True, 0.5, []),
+    (5, 3, 20, "never", 2.0, []),
+    (13, 4, 19, False, 1.0, [7, 11]),  # stop tokens: hypotheses end early, 3 x 4 candidates a step
+    (9, 1, 12, False, 1.0, []),  # width 1: greedy
+    (30, 4, 17, True, 1.0, [3]),
+]
+
+
+def _params(width: int, max_tokens: int, early, lp: float, stops: list[int]) -> SamplingParams:
+    return SamplingParams(
+        n=width,
+        use_beam_search=True,
+        temperature=0.0,
+        max_tokens=max_tokens,
+        early_stopping=early,
+        length_penalty=lp,
+        stop_token_ids=stops,
+        ignore_eos=True,
+    )
+
+
+def _prompt(length: int, seed: int) -> list[int]:
+    return [1] + [(seed * 37 + i * 11) % 400 + 20 for i in range(length - 1)]
+
+
+def _run(llm: LLM) -> list[list[tuple[list[int], float]]]:
+    prompts = [_prompt(n, i) for i, (n, *_) in enumerate(GROUPS)]
+    params = [_params(w, t, e, lp, s) for _, w, t, e, lp, s in GROUPS]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    kv = llm.llm_engine.scheduler.kv_cache_manager
+    assert kv.num_free_blocks == kv.num_blocks
+    return [[(list(c.token_ids), c.cumulative_logprob) for c in o.outputs] for o in outs]
+
+
+@pytest.fixture(scope="module")
+def host_beams(tiny_llama_dir: Path) -> list:
+    llm = LLM(str(tiny_llama_dir), device="cpu", dtype="float32", block_size=8, beam_device_ranking=False)
+    beams = _run(llm)
+    llm.shutdown()
+    return beams
+
+
+@pytest.mark.parametrize("budget", [None, 16])
+def test_device_ranking_gives_the_host_rankings_beams(tiny_llama_dir: Path, host_beams, budget) -> None:
+    """Every group's beams (tokens and cumulative log-probabilities) as the host ranks them; with a
+    16-token step budget the prompts are chunked and share steps with the beams'."""
+    extra = {"max_num_batched_tokens": budget, "long_prefill_token_threshold": 8} if budget else {}
+    llm = LLM(str(tiny_llama_dir), device="cpu", dtype="float32", block_size=8, **extra)
+    started = []
+    start = llm.llm_engine.scheduler.start_device_group
+    llm.llm_engine.scheduler.start_device_group = lambda *a: started.append(start(*a)) or started[-1]
+    got = _run(llm)
+    assert len(started) == len(GROUPS) and all(started)
+    # Stop tokens ended the best hypothesis of some group before max_tokens.
+    assert any(len(beams[0][0]) < group[2] for beams, group in zip(got, GROUPS, strict=True))
+    for dev, host in zip(got, host_beams, strict=True):
+        assert [t for t, _ in dev] == [t for t, _ in host]
+        assert [lp for _, lp in dev] == pytest.approx([lp for _, lp in host], rel=1e-6)  # float32 sums
+    llm.shutdown()
+
+
+def test_abort_with_a_device_step_in_flight_frees_every_block(tiny_llama_dir: Path) -> None:
+    llm = LLM(str(tiny_llama_dir), device="cpu", dtype="float32", block_size=8)
+    engine = llm.llm_engine
+    engine.add_request("a", _prompt(8, 1), _params(4, 30, False, 1.0, []))
+    engine.add_request("b", _prompt(11, 2), _params(2, 30, False, 1.0, []))
+    kv = engine.scheduler.kv_cache_manager
+    for _ in range(6):
+        engine.step()
+    assert len(engine.scheduler._device_groups) == 2
+    # Reserved: the prompts' blocks, and each group's tails and boundary copies.
+    held = 1 + 2 + blocks_to_reserve(4, 8, 30, 8) + blocks_to_reserve(2, 11, 30, 8)
+    assert kv.num_blocks - kv.num_free_blocks == held
+    engine.abort_request(["a"])
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert sorted(finished) == ["b"] and len(finished["b"].outputs) == 2
+    assert kv.num_free_blocks == kv.num_blocks
+    assert not engine.scheduler._device_groups
+    # The runner drops the ended groups' rows with the next step it runs.
+    pool = engine.executor.runner._beam_pool
+    assert pool is not None and len(pool) == 1
+    llm.generate([_prompt(4, 3)], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
+    assert len(pool) == 0 and len(pool._free_rows) == engine.scheduler.max_num_seqs
+    llm.shutdown()

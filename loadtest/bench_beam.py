@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--b3-output-len", type=int, default=64)
     p.add_argument("--b3-iters", type=int, default=5)
     p.add_argument("--token-id-max", type=int, default=10000)
+    p.add_argument(
+        "--no-host-ranking-b1",
+        action="store_true",
+        help="skip B1 run again with the beams ranked on the host (the engine's --no-beam-device-ranking)",
+    )
     add_common_args(p, default_shape="llama3-8b")
     return p
 
@@ -297,6 +302,22 @@ def main(argv: list[str] | None = None) -> int:
                 f"({b1['step_loop']['steps']} steps, {b1['step_loop']['stalls']} stalls)",
                 flush=True,
             )
+        if not args.no_host_ranking_b1:
+            # The same search ranked on the host (each group waits for its ranking; the engine's
+            # --no-beam-device-ranking), in the same engine: what the device ranking changes.
+            scheduler = llm.llm_engine.scheduler
+            device_ranking, scheduler.beam_device_ranking = scheduler.beam_device_ranking, False
+            try:
+                with phase(report, "B1_host_ranking"):
+                    results["B1_host_ranking"] = run_b1(llm, prompts, args)
+                    b1h = results["B1_host_ranking"]
+                    print(
+                        f"[B1 host ranking] {b1h['output_tok_s']} output tok/s "
+                        f"({b1h['step_loop']['steps']} steps, {b1h['step_loop']['stalls']} stalls)",
+                        flush=True,
+                    )
+            finally:
+                scheduler.beam_device_ranking = device_ranking
         for key, seeded in (("B2", False), ("B2_seeded", True)):
             with phase(report, key):
                 results[key] = run_b2(llm, prompts, args, seeded)
@@ -326,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         report["ratios"]["B1_beam_vs_peer"] = ratio(b1["output_tok_s"], peer["output_tok_s"])
     if b1 and b2:
         report["ratios"]["B2_beam_vs_n_sampling"] = ratio(b1["output_tok_s"], b2["output_tok_s"])
+    if b1 and results.get("B1_host_ranking"):
+        report["ratios"]["B1_device_vs_host_ranking"] = ratio(
+            b1["output_tok_s"], results["B1_host_ranking"]["output_tok_s"]
+        )
     if b1 and results.get("B2_seeded"):
         report["ratios"]["B2_beam_vs_seeded_n_sampling"] = ratio(
             b1["output_tok_s"], results["B2_seeded"]["output_tok_s"]

@@ -24,6 +24,10 @@ def test_bench_beam_reports_b1_to_b3(tiny_llama_dir: Path, tmp_path: Path) -> No
     # forward passes (one per output token). The host ranks the prompts' candidates (one trip waits
     # for them), then the device ranks the rest without waiting; the last trip only collects.
     assert (b1["step_loop"]["steps"], b1["step_loop"]["stalls"]) == (6, 2)
+    # Ranked on the host, every step waits for the ranking: 6 steps, 6 stalls. Same beams' tokens.
+    b1_host = data["results"]["B1_host_ranking"]
+    assert (b1_host["step_loop"]["steps"], b1_host["step_loop"]["stalls"]) == (6, 6)
+    assert b1_host["output_tokens"] == b1["output_tokens"]
     assert b2["step_loop"]["steps"] >= 6 and set(b2["step_loop"]["host_s"]) == {
         "schedule",
         "launch",
@@ -39,6 +43,7 @@ def test_bench_beam_reports_b1_to_b3(tiny_llama_dir: Path, tmp_path: Path) -> No
         "B1_beam_vs_peer",
         "B2_beam_vs_n_sampling",
         "B2_beam_vs_seeded_n_sampling",
+        "B1_device_vs_host_ranking",
         "B3_ttft_n_over_n1",
         "B3_kv_blocks_over_prompt_once_plus_children",
     }

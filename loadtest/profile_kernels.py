@@ -70,8 +70,9 @@ def kv_bytes_per_token(config: dict[str, Any], dtype_bytes: int) -> int:
 def profile_window(engine: Any, num_steps: int, cuda: bool, drain_first: bool = True) -> dict[str, Any]:
     """Run `num_steps` engine steps under the profiler; per-step wall and kernel time by family.
     `drain_first=False` keeps a step in flight across the window's edges (beam search: draining would
-    merge the beam groups that B1 runs in two alternating halves into one step, and a stall); the
-    device is still synchronized at the end, so the window holds every kernel it launched."""
+    add a stall that B1 does not have; with --no-beam-device-ranking it would also merge the groups
+    that run in two alternating halves into one step); the device is still synchronized at the end,
+    so the window holds every kernel it launched."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -341,9 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         engine.step()  # the first all-decode step
         if not args.beam_width:
             engine.flush()
-        running = list(engine.scheduler.running.values())
+        running = engine.scheduler.running_context_lengths()  # every running sequence's, beams included
         # Each decode step reads every running sequence's whole context (plus half the window's tokens).
-        context = sum(r.num_computed_tokens for r in running) + len(running) * (args.decode_steps // 2)
+        context = sum(running) + len(running) * (args.decode_steps // 2)
         stalls = engine.pipeline.num_stalls
         report["results"]["decode"] = window = profile_window(
             engine, args.decode_steps, cuda, drain_first=not args.beam_width

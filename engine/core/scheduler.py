@@ -559,7 +559,21 @@ class Scheduler(BeamScheduling):
 
     @property
     def num_running(self) -> int:
-        return len(self.running)
+        """Running sequences, every beam of a device-ranked group included."""
+        return len(self.running) + self._device_seats
+
+    def running_context_lengths(self) -> list[int]:
+        """The tokens each running sequence has in the KV cache (a device-ranked group's beams: the
+        position of its next step, the same for all of them)."""
+        groups = self._device_groups
+        lengths = []
+        for r in self.running.values():
+            group = groups.get(r.req_id) if groups else None
+            if group is None:
+                lengths.append(r.num_computed_tokens)
+            else:
+                lengths += [group.position] * group.width
+        return lengths
 
     @property
     def num_waiting(self) -> int:

@@ -86,6 +86,7 @@ def test_abort_with_a_device_step_in_flight_frees_every_block(tiny_llama_dir: Pa
     for _ in range(6):
         engine.step()
     assert len(engine.scheduler._device_groups) == 2
+    assert engine.scheduler.num_running == 4 + 2  # every beam is a running sequence (metrics, profiles)
     # Reserved: the prompts' blocks, and each group's tails and boundary copies.
     held = 1 + 2 + blocks_to_reserve(4, 8, 30, 8) + blocks_to_reserve(2, 11, 30, 8)
     assert kv.num_blocks - kv.num_free_blocks == held

@@ -102,6 +102,7 @@ class _BeamGroup:
     results: dict[str, tuple[_Candidates, int]]  # this step's: each beam's (step's candidates, row)
     metrics: RequestMetrics
     device_id: str | None = None  # set once its steps are ranked on the device
+    host_only: bool = False  # started again after a preemption on the device: ranked on the host
 
 
 class BeamSearchDriver:
@@ -114,6 +115,7 @@ class BeamSearchDriver:
         self._groups: dict[str, _BeamGroup] = {}  # by request id
         self._by_beam: dict[str, _BeamGroup] = {}  # by beam req_id
         self._by_device: dict[str, _BeamGroup] = {}  # device-ranked groups, by their device group id
+        scheduler.on_device_group_restart = self._restart
         self.num_generation_tokens = 0  # a token per running beam per step (Prometheus)
 
     def __len__(self) -> int:
@@ -289,7 +291,30 @@ class BeamSearchDriver:
             at = end
             if step.done:
                 outputs.append(self._finish(group, "stop", now))
+            else:
+                self.scheduler.advance_device_group(group.slots[0], [b for b, _ in step.continuations])
         return outputs
+
+    def _restart(self, leader: Request) -> None:
+        """The scheduler preempted the device-ranked group of `leader`: it recomputes its prompt and
+        is ranked from its first step again (the same beams: the search is deterministic), on the host."""
+        group = self._by_beam.get(leader.req_id)
+        if group is None or group.device_id is None:
+            return
+        self._by_device.pop(group.device_id, None)
+        state = group.state
+        group.state = BeamSearchState(
+            state.width,
+            state.stop_token_ids,
+            state.max_tokens,
+            state.length_penalty,
+            state.early_stopping,
+            state.stop_string,
+        )
+        group.running = [group.slots[0]]
+        group.results = {}
+        group.device_id = None
+        group.host_only = True
 
     def _apply(self, group: _BeamGroup, step: BeamStep, now: float) -> RequestOutput | None:
         if step.done:
@@ -331,7 +356,7 @@ class BeamSearchDriver:
     def _to_device(self, group: _BeamGroup, step: BeamStep) -> bool:
         """Hand the group's next steps to the device, if it can go (see the module docstring)."""
         state = group.state
-        if state.stop_string is not None or group.request.lora_request is not None:
+        if group.host_only or state.stop_string is not None or group.request.lora_request is not None:
             return False
         device_id = self.scheduler.start_device_group(
             group.slots,

@@ -15,13 +15,16 @@ What the scheduler must still send each step follows from the group's length alo
 group has the same length), not from the ranking:
 - each row has two tail blocks of its own, used in turn: at step t a row copies its parent's tail of
   step t - 1 (the filled part) into its tail of step t and writes its token there, so a copy never
-  reads a block that another row's copy of the same step writes;
-- at a block boundary the parent's last tail is full: each row copies it into a fresh block, which
-  becomes a full block of its table (full blocks are then shared by reference: the device gathers
-  the rows' tables from their parents');
-- so a group reserves, when it starts, every block it can need: two tails and one block per boundary
-  up to max_tokens for each beam (the prompt's blocks stay the leader's). It never allocates again,
-  so it is never preempted; a group that cannot reserve them runs the host's way.
+  reads a block that another row's copy of the same step writes. The group takes them when it starts
+  (a group that cannot runs the host's way);
+- at a block boundary the parent's last tail is full: each row copies it into a fresh block, taken
+  from the pool when the step is scheduled, which becomes a full block of its table (full blocks are
+  then shared by reference: the device gathers the rows' tables from their parents').
+The host mirrors the rows' tables one step late, as it replays the ranking (`advance`), and frees the
+copies no beam holds any more; so a group holds the prompt, each live beam's own blocks and one more
+tail per beam. When the pool is short at a boundary, requests ranked the host's way are preempted
+first; if none is left, the device-ranked group that arrived last starts again from its prompt (the
+search is deterministic: the same beams come out) and is ranked on the host from then on.
 
 Not on the device: stop strings (the text is the host's), LoRA adapters, tensor parallelism; such
 groups rank on the host (engine/core/beam_scheduling.py).
@@ -29,7 +32,7 @@ groups rank on the host (engine/core/beam_scheduling.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.core.block_pool import KVCacheBlock
 from engine.core.request import Request
@@ -43,62 +46,86 @@ class DeviceBeamGroup:
     slots: list[Request]  # every beam Request of the group (finished together)
     width: int
     block_size: int
-    reserve: list[KVCacheBlock]  # every block the group's steps write, held until it ends
-    tails: tuple[list[int], list[int]]  # [2][width] the rows' tail blocks, used in turn
-    spare: list[int]  # the full-block copies of the boundaries to come, `width` per boundary, in order
+    tail_blocks: list[KVCacheBlock]  # [2 * width] the rows' tails, held until the group ends
     position: int  # the position the group's next step computes
     last_position: int  # the last position a step may compute (its token's successor is max_tokens')
     start: DeviceBeamStart | None  # sent with the first step
-    num_steps: int = 0
+    num_steps: int = 0  # steps scheduled so far
+    # The host's mirror of the rows' tables (their boundary copies; the prompt's blocks are the
+    # leader's), as of step `mirrored` (the rows of the last step whose parents are known).
+    tables: list[list[KVCacheBlock]] = field(default_factory=list)
+    mirrored: int = 1  # the host ranked the prompt: step 1's rows are known
+    pending: dict[int, list[KVCacheBlock]] = field(
+        default_factory=dict
+    )  # step -> its copies, past `mirrored`
+    copies: set[KVCacheBlock] = field(default_factory=set)  # every boundary copy not freed yet
+
+    def __post_init__(self) -> None:
+        self.tables = [[] for _ in range(self.width)]
 
     @property
     def has_step_left(self) -> bool:
         return self.position <= self.last_position
 
-    def next_step(self) -> DeviceBeamStep:
-        """The group's next step, advancing its position."""
-        pos = self.position
+    @property
+    def next_is_boundary(self) -> bool:
+        return self.position % self.block_size == 0
+
+    def next_step(self, copies: list[KVCacheBlock]) -> DeviceBeamStep:
+        """The group's next step, advancing its position. `copies`: `width` fresh blocks when the step
+        is at a block boundary (next_is_boundary), else empty."""
+        step_no = self.num_steps + 1
         width = self.width
-        full: list[int] = []
-        if pos % self.block_size == 0:
-            full, self.spare = self.spare[:width], self.spare[width:]
+        if copies:
+            self.copies.update(copies)
+            if step_no == self.mirrored:  # this step's rows are known already: they take them now
+                for table, block in zip(self.tables, copies, strict=True):
+                    table.append(block)
+            else:
+                self.pending[step_no] = copies
+        ids = [b.block_id for b in self.tail_blocks]
+        parity = self.num_steps % 2
         step = DeviceBeamStep(
             group_id=self.group_id,
             width=width,
-            position=pos,
-            tail_blocks=self.tails[self.num_steps % 2],
-            full_blocks=full,
+            position=self.position,
+            tail_blocks=ids[parity * width : (parity + 1) * width],
+            full_blocks=[b.block_id for b in copies],
             start=self.start,
         )
         self.start = None
-        self.position = pos + 1
-        self.num_steps += 1
+        self.position += 1
+        self.num_steps = step_no
         return step
 
-
-def blocks_to_reserve(width: int, prompt_len: int, max_tokens: int, block_size: int) -> int:
-    """Blocks a group's device steps need: two tails per beam, and a copy per beam at every block
-    boundary among the positions they compute (prompt_len .. prompt_len + max_tokens - 2: the first
-    token was ranked by the host, each step feeds one and ranks the next)."""
-    last = prompt_len + max_tokens - 2
-    boundaries = last // block_size - (prompt_len - 1) // block_size
-    return width * (2 + boundaries)
+    def advance(self, parents: list[int]) -> list[KVCacheBlock]:
+        """Step `mirrored`'s ranking, replayed on the host: row i of the next step continues row
+        parents[i]. Returns the boundary copies no row holds any more (to free)."""
+        self.tables = [list(self.tables[p]) for p in parents]
+        self.mirrored += 1
+        copies = self.pending.pop(self.mirrored, None)
+        if copies is not None:
+            for table, block in zip(self.tables, copies, strict=True):
+                table.append(block)
+        held = {b for table in self.tables for b in table}
+        for later in self.pending.values():
+            held.update(later)
+        dropped = [b for b in self.copies if b not in held]
+        self.copies.intersection_update(held)
+        return dropped
 
 
 def new_device_group(
     group_id: str,
     leader: Request,
     slots: list[Request],
-    reserve: list[KVCacheBlock],
-    prompt_block_ids: list[int],
+    tail_blocks: list[KVCacheBlock],
     block_size: int,
     start: DeviceBeamStart,
     max_tokens: int,
 ) -> DeviceBeamGroup:
-    """A group whose first step the host ranked (`start`), its blocks reserved (`reserve`, as many as
-    blocks_to_reserve says) and the leader's prompt blocks `prompt_block_ids`."""
+    """A group whose first step the host ranked (`start`), with its rows' `2 * width` tail blocks."""
     width = len(start.token_ids)
-    ids = [b.block_id for b in reserve]
     prompt_len = leader.num_prompt_tokens
     return DeviceBeamGroup(
         group_id=group_id,
@@ -106,9 +133,7 @@ def new_device_group(
         slots=slots,
         width=width,
         block_size=block_size,
-        reserve=reserve,
-        tails=(ids[:width], ids[width : 2 * width]),
-        spare=ids[2 * width :],
+        tail_blocks=tail_blocks,
         position=prompt_len,
         last_position=prompt_len + max_tokens - 2,
         start=start,

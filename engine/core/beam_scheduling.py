@@ -18,9 +18,10 @@ A mixin of Scheduler, over its state: kept apart so the scheduler's own file sta
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from engine.core.beam_device import DeviceBeamGroup, blocks_to_reserve, new_device_group
+from engine.core.beam_device import DeviceBeamGroup, new_device_group
 from engine.core.request import Request, RequestStatus
 from engine.core.scheduler_output import DeviceBeamStart, DeviceBeamStep, ForkedRequestData
 
@@ -47,6 +48,15 @@ class BeamScheduling:
     _device_seats: int
     _finished_beam_groups: list[str]
     _next_group_serial: int
+    num_preemptions: int
+    # Called with a device-ranked group's leader when the group starts again from its prompt (the
+    # engine's beam search resets its ranking); set by engine/beam_search.py.
+    on_device_group_restart: Callable[[Request], None] | None
+
+    if TYPE_CHECKING:  # Scheduler's
+
+        def _pick_victim(self) -> Request | None: ...
+        def _preempt(self, request: Request) -> None: ...
 
     if TYPE_CHECKING:  # Scheduler's
 
@@ -133,12 +143,9 @@ class BeamScheduling:
             return None
         width = len(token_ids)
         blocks = kv.get_block_ids(leader.req_id)
-        if len(blocks) * self.block_size < prompt_len:
+        if len(blocks) * self.block_size < prompt_len or 2 * width > kv.block_pool.num_free_blocks:
             return None
-        needed = blocks_to_reserve(width, prompt_len, params.max_tokens, self.block_size)
-        if needed > kv.block_pool.num_free_blocks:
-            return None
-        reserve = kv.block_pool.allocate(needed)
+        tails = kv.block_pool.allocate(2 * width)
         tail_index = (prompt_len - 1) // self.block_size
         start = DeviceBeamStart(
             prompt_full_blocks=blocks[:tail_index],
@@ -150,9 +157,7 @@ class BeamScheduling:
         )
         group_id = f"{leader.req_id}@{self._next_group_serial}"
         self._next_group_serial += 1
-        group = new_device_group(
-            group_id, leader, slots, reserve, blocks, self.block_size, start, params.max_tokens
-        )
+        group = new_device_group(group_id, leader, slots, tails, self.block_size, start, params.max_tokens)
         self._device_groups[leader.req_id] = group
         self._device_seats += width - 1
         for beam in slots[1:]:
@@ -160,25 +165,74 @@ class BeamScheduling:
                 self._remove_waiting(beam)
         return group_id
 
-    def _device_beam_steps(self, budget: int) -> tuple[list[DeviceBeamStep], int]:
-        """This step's device-ranked group steps (decodes: scheduled first), and the budget left."""
-        steps = []
-        for group in self._device_groups.values():
-            if budget < group.width:
-                break
-            if group.has_step_left:
-                steps.append(group.next_step())
-                budget -= group.width
-        return steps, budget
+    def _device_beam_steps(self, budget: int) -> tuple[list[DeviceBeamStep], int, list[Request]]:
+        """This step's device-ranked group steps (decodes: scheduled first), the budget left, and the
+        requests preempted for their boundary copies."""
+        steps: list[DeviceBeamStep] = []
+        preempted: list[Request] = []
+        for group in list(self._device_groups.values()):
+            if group.leader.req_id not in self._device_groups:
+                continue  # started again from its prompt for a group before it
+            if budget < group.width or not group.has_step_left:
+                continue
+            copies = []
+            if group.next_is_boundary:
+                copies = self._take_copies(group, preempted)
+                if copies is None:
+                    continue  # it waits for blocks (or started again)
+            steps.append(group.next_step(copies))
+            budget -= group.width
+        return steps, budget, preempted
 
-    def _end_device_group(self, leader: Request) -> None:
-        """The leader finished: the group's reserved blocks go back, the runner drops its rows."""
+    def _take_copies(self, group: DeviceBeamGroup, preempted: list[Request]) -> list | None:
+        """`width` fresh blocks for a boundary step: requests ranked the host's way are preempted
+        for them; if none is left, the device-ranked group that arrived last starts again (None)."""
+        pool = self.kv_cache_manager.block_pool
+        while pool.num_free_blocks < group.width:
+            victim = self._pick_victim()
+            if victim is not None:
+                self._preempt(victim)
+                preempted.append(victim)
+                continue
+            last = max(self._device_groups.values(), key=lambda g: self._arrival_seq[g.leader.req_id])
+            self._restart_device_group(last)
+            if last is group:
+                return None
+        return pool.allocate(group.width)
+
+    def advance_device_group(self, leader: Request, parents: list[int]) -> None:
+        """The host replayed a step of the group: its next rows continue rows `parents`; the boundary
+        copies no row holds any more go back to the pool."""
+        group = self._device_groups.get(leader.req_id)
+        if group is not None:
+            dropped = group.advance(parents)
+            if dropped:
+                self.kv_cache_manager.block_pool.free_blocks(dropped)
+
+    def _release_device_group(self, leader: Request) -> DeviceBeamGroup | None:
         group = self._device_groups.pop(leader.req_id, None)
         if group is None:
-            return
+            return None
         self._device_seats -= group.width - 1
-        self.kv_cache_manager.block_pool.free_blocks(reversed(group.reserve))
+        pool = self.kv_cache_manager.block_pool
+        pool.free_blocks(group.copies)
+        pool.free_blocks(reversed(group.tail_blocks))
         self._finished_beam_groups.append(group.group_id)
+        return group
+
+    def _end_device_group(self, leader: Request) -> None:
+        """The leader finished: the group's blocks go back, the runner drops its rows."""
+        self._release_device_group(leader)
+
+    def _restart_device_group(self, group: DeviceBeamGroup) -> None:
+        """Preempt a device-ranked group: its blocks go back and its leader recomputes the prompt; the
+        engine's beam search ranks it again from its first step, on the host."""
+        leader = group.leader
+        self._release_device_group(leader)
+        callback = self.on_device_group_restart
+        if callback is not None:
+            callback(leader)
+        self._preempt(leader)
 
     def _num_beams_not_running(self, beam: Request) -> int:
         return sum(1 for b in beam.group or (beam,) if b.status != RequestStatus.RUNNING)

@@ -95,6 +95,7 @@ class Scheduler(BeamScheduling):
         self._device_seats = 0
         self._finished_beam_groups = []
         self._next_group_serial = 0
+        self.on_device_group_restart = None
         # A step holds only running requests, so keeping their distinct LoRA adapters <= max_loras
         # keeps every step within the runner's adapter slots.
         self.max_loras = max_loras
@@ -194,7 +195,7 @@ class Scheduler(BeamScheduling):
         preempted: list[Request] = []
         beam_steps: list = []
         if self._device_groups:
-            beam_steps, budget = self._device_beam_steps(budget)
+            beam_steps, budget, preempted = self._device_beam_steps(budget)
 
         # 1. Running requests: decodes first, then ongoing (chunked) prefills; admission order within.
         # Placeholders count as known: under async scheduling a request whose token is still being

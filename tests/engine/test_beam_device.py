@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from engine import LLM, SamplingParams
-from engine.core.beam_device import blocks_to_reserve
 
 # (prompt length, width, max_tokens, early_stopping, length_penalty, stop token ids)
 GROUPS = [
@@ -87,8 +86,9 @@ def test_abort_with_a_device_step_in_flight_frees_every_block(tiny_llama_dir: Pa
         engine.step()
     assert len(engine.scheduler._device_groups) == 2
     assert engine.scheduler.num_running == 4 + 2  # every beam is a running sequence (metrics, profiles)
-    # Reserved: the prompts' blocks, and each group's tails and boundary copies.
-    held = 1 + 2 + blocks_to_reserve(4, 8, 30, 8) + blocks_to_reserve(2, 11, 30, 8)
+    # Held: the prompts' blocks, each group's tails and the boundary copies its beams hold.
+    groups = engine.scheduler._device_groups.values()
+    held = 1 + 2 + sum(len(g.tail_blocks) + len(g.copies) for g in groups)
     assert kv.num_blocks - kv.num_free_blocks == held
     engine.abort_request(["a"])
     finished = {}
@@ -102,4 +102,24 @@ def test_abort_with_a_device_step_in_flight_frees_every_block(tiny_llama_dir: Pa
     assert pool is not None and len(pool) == 1
     llm.generate([_prompt(4, 3)], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
     assert len(pool) == 0 and len(pool._free_rows) == engine.scheduler.max_num_seqs
+    llm.shutdown()
+
+
+def test_a_group_short_of_blocks_starts_again_ranked_on_the_host(tiny_llama_dir: Path, host_beams) -> None:
+    """A cache too small for every group's boundary copies: with no request ranked the host's way left
+    to preempt, the device-ranked group that arrived last gives its blocks back and starts again from
+    its prompt, ranked on the host; every group's beams are still the host ranking's, every block and
+    pool row comes back."""
+    llm = LLM(str(tiny_llama_dir), device="cpu", dtype="float32", block_size=8, num_kv_blocks=40)
+    engine = llm.llm_engine
+    restarted = []
+    callback = engine.scheduler.on_device_group_restart
+    engine.scheduler.on_device_group_restart = lambda leader: (
+        restarted.append(leader.req_id),
+        callback(leader),
+    )
+    got = _run(llm)
+    assert restarted and engine.scheduler.num_preemptions >= len(restarted)
+    for dev, host in zip(got, host_beams, strict=True):
+        assert [t for t, _ in dev] == [t for t, _ in host]
     llm.shutdown()

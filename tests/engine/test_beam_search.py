@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine import LLM, BeamSearchParams, SamplingParams
-from engine.core.beam_device import blocks_to_reserve
 from engine.errors import InvalidRequestError
 
 PROMPT = [1, 50, 60, 70, 80, 90, 100]  # 7 tokens: a partial first block of 8
@@ -222,33 +221,50 @@ def test_blocks_in_use_stay_within_prompt_plus_each_live_beam(host_ranked) -> No
     assert kv.num_free_blocks == kv.num_blocks
 
 
-def test_device_ranked_group_reserves_its_blocks_once_and_frees_them(models) -> None:
-    """Ranked on the device, a group holds the prompt's blocks and, from its first step on, the
-    blocks every later step can write (two tails per beam, a copy per beam at each block boundary up
-    to max_tokens): a fixed amount, never more, all free at the end."""
+@pytest.mark.parametrize("max_tokens", [MAX_TOKENS, 40])
+def test_device_ranked_blocks_stay_within_prompt_plus_each_live_beam_and_a_tail(models, max_tokens) -> None:
+    """Ranked on the device, each beam writes its token into one of two tails of its own in turn,
+    and at each block boundary copies its parent's full tail into a fresh block; the copies no beam
+    holds any more go back as the host replays each step. So a group holds the prompt's blocks and
+    each live beam's own, plus one more tail per beam and the prompt's partial last block: at most
+    width + 1 blocks more than the host's formula."""
     _, _, llm = models["llama"]
     engine = llm.llm_engine
-    kv = engine.scheduler.kv_cache_manager
+    sched = engine.scheduler
+    kv = sched.kv_cache_manager
     bs = kv.block_size
-    engine.add_request("b", PROMPT, BeamSearchParams(4, MAX_TOKENS).to_sampling_params())
-    used = []
+    width = 4
+    params = BeamSearchParams(width, max_tokens, ignore_eos=True).to_sampling_params()
+    engine.add_request("b", PROMPT, params)
+    excess = []
+    freed_copies = False
     while engine.has_unfinished_requests():
         engine.step()
-        used.append(kv.num_blocks - kv.num_free_blocks)
-    prompt_blocks = -(-len(PROMPT) // bs)
-    # 7 prompt tokens, steps at positions 7..13 (the host ranked the first token): one boundary (8).
-    assert blocks_to_reserve(4, len(PROMPT), MAX_TOKENS, bs) == 4 * (2 + 1)
-    assert max(used) == prompt_blocks + 4 * 3
-    assert used[-1] == 0 and kv.num_free_blocks == kv.num_blocks
+        groups = list(sched._device_groups.values())
+        if not groups:
+            continue
+        (group,) = groups
+        # Every beam holds position tokens once the step in flight is done (the host's formula).
+        own = width * (-(-group.position // bs) - len(PROMPT) // bs)
+        used = kv.num_blocks - kv.num_free_blocks
+        excess.append(used - (len(PROMPT) // bs + own))
+        freed_copies |= len(group.copies) < width * (group.position // bs - len(PROMPT) // bs)
+    # One more tail per beam, and the prompt's partial last block, which the beams copied (the
+    # leader holds it): [5, 5, 5, 3, 2, ...] at max_tokens 8; negative later at 40, beams sharing blocks.
+    assert excess and max(excess) == width + 1, excess
+    if max_tokens == 40:  # 5 boundaries: beams died and their copies came back
+        assert freed_copies
+    assert kv.num_free_blocks == kv.num_blocks
 
 
-def test_device_ranked_group_is_never_preempted(models) -> None:
-    """15 blocks of 8: a 14-token request (2 blocks), the group's prompt (1) and the 12 blocks the group
-    reserves after its first step fill the cache, so the request, growing beside the group, is the one
-    preempted (it waits and recomputes); the beams are transformers' and every block comes back."""
+def test_device_ranked_group_takes_blocks_from_host_ranked_requests(models) -> None:
+    """12 blocks of 8: a 14-token request (2 blocks), the group's prompt (1), its 8 tails and its 4
+    boundary copies at position 8 leave no room for the request to grow to 3 blocks beside the group:
+    the request is the one preempted (it waits and recomputes), not the group; the beams are
+    transformers' and every block comes back."""
     path, hf, _ = models["llama"]
     expected, _ = _transformers_beams(hf, 4, 1.0, False)
-    tight = LLM(str(path), device="cpu", dtype="float32", block_size=8, num_kv_blocks=15)
+    tight = LLM(str(path), device="cpu", dtype="float32", block_size=8, num_kv_blocks=12)
     engine = tight.llm_engine
     handed = _count_device_groups(engine)
     long_params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)

@@ -170,6 +170,7 @@ class BeamScheduling:
         requests preempted for their boundary copies."""
         steps: list[DeviceBeamStep] = []
         preempted: list[Request] = []
+        num_groups = len(self._device_groups)
         for group in list(self._device_groups.values()):
             if group.leader.req_id not in self._device_groups:
                 continue  # started again from its prompt for a group before it
@@ -182,6 +183,12 @@ class BeamScheduling:
                     continue  # it waits for blocks (or started again)
             steps.append(group.next_step(copies))
             budget -= group.width
+        if num_groups != len(self._device_groups):
+            # A group given its step started again for a later one's copies: its step goes too.
+            live = {g.group_id for g in self._device_groups.values()}
+            kept = [s for s in steps if s.group_id in live]
+            budget += sum(s.width for s in steps) - sum(s.width for s in kept)
+            steps = kept
         return steps, budget, preempted
 
     def _take_copies(self, group: DeviceBeamGroup, preempted: list[Request]) -> list | None:
@@ -196,6 +203,7 @@ class BeamScheduling:
                 continue
             last = max(self._device_groups.values(), key=lambda g: self._arrival_seq[g.leader.req_id])
             self._restart_device_group(last)
+            preempted.append(last.leader)
             if last is group:
                 return None
         return pool.allocate(group.width)

@@ -11,6 +11,10 @@ from pathlib import Path
 import pytest
 
 from engine import LLM, SamplingParams
+from engine.config import CacheConfig, SchedulerConfig
+from engine.core.request import Request, RequestStatus
+from engine.core.scheduler import Scheduler
+from engine.core.scheduler_output import ModelRunnerOutput
 
 # (prompt length, width, max_tokens, early_stopping, length_penalty, stop token ids)
 GROUPS = [
@@ -123,3 +127,56 @@ def test_a_group_short_of_blocks_starts_again_ranked_on_the_host(tiny_llama_dir:
     for dev, host in zip(got, host_beams, strict=True):
         assert [t for t, _ in dev] == [t for t, _ in host]
     llm.shutdown()
+
+
+def test_a_group_started_again_in_the_step_that_gave_it_a_step_loses_that_step() -> None:
+    """Blocks of 4, the cache full after two groups took their tails: the first group (earlier
+    arrival, later handed to the device) reaches a block boundary after the second group was given
+    its step; with no host-ranked request to preempt, the second group starts again: its step goes,
+    its blocks come back, the runner is told to drop its rows."""
+    sched = Scheduler(
+        SchedulerConfig(
+            max_num_seqs=16,
+            max_num_batched_tokens=64,
+            max_model_len=64,
+            async_scheduling=True,
+            max_waiting_requests=16,
+            max_waiting_tokens=1024,
+            beam_device_ranking=True,
+        ),
+        CacheConfig(
+            block_size=4,
+            kv_cache_dtype="float32",
+            enable_prefix_caching=False,
+            gpu_memory_utilization=0.9,
+            cpu_kv_cache_gb=1.0,
+            num_kv_blocks_override=None,
+            num_kv_blocks=10,
+        ),
+    )
+    restarted = []
+    sched.on_device_group_restart = restarted.append
+    # B arrives after A but goes to the device first, so each step lists B's step before A's.
+    a_prompt, b_prompt = [1, 2, 3], [4, 5]
+    a_params, b_params = _params(2, 10, False, 1.0, []), _params(2, 10, False, 1.0, [])
+    a = [Request(f"a#beam{i}", a_prompt, a_params, is_beam=True) for i in range(2)]
+    b = [Request(f"b#beam{i}", b_prompt, b_params, is_beam=True) for i in range(2)]
+    for g in (a, b):
+        for slot in g:
+            slot.group = g
+        sched.add_beam_group(g)
+    so = sched.schedule()
+    assert so.num_scheduled_tokens == {"a#beam0": 3, "b#beam0": 2}
+    sched.update_from_output(so, ModelRunnerOutput({"a#beam0": [0], "b#beam0": [0]}))
+    b_id = sched.start_device_group(b, [7, 8], [-1.0, -2.0], [], 4)
+    a_id = sched.start_device_group(a, [7, 8], [-1.0, -2.0], [], 4)
+    kv = sched.kv_cache_manager
+    assert b_id and a_id and kv.num_free_blocks == 0  # 2 prompts + 2 x 4 tails
+    so = sched.schedule()  # B at position 2, A at 3: inside their first blocks
+    assert [(s.group_id, s.position) for s in so.beam_steps] == [(b_id, 2), (a_id, 3)]
+    so = sched.schedule()  # B at 3; A at 4, a boundary: 2 copies, none free, B goes
+    assert [(s.group_id, s.position, len(s.full_blocks)) for s in so.beam_steps] == [(a_id, 4, 2)]
+    assert so.finished_beam_groups == [b_id] and so.total_num_scheduled_tokens == 2
+    assert restarted == [b[0]] and b[0].status == RequestStatus.PREEMPTED
+    # B gave back its prompt block and 4 tails; A took 2 of them for its copies.
+    assert sched.num_preemptions == 1 and kv.num_free_blocks == 3

@@ -61,11 +61,15 @@ def host_beams(tiny_llama_dir: Path) -> list:
     return beams
 
 
-@pytest.mark.parametrize("budget", [None, 16])
-def test_device_ranking_gives_the_host_rankings_beams(tiny_llama_dir: Path, host_beams, budget) -> None:
+@pytest.mark.parametrize(("budget", "async_scheduling"), [(None, True), (16, True), (None, False)])
+def test_device_ranking_gives_the_host_rankings_beams(
+    tiny_llama_dir: Path, host_beams, budget, async_scheduling
+) -> None:
     """Every group's beams (tokens and cumulative log-probabilities) as the host ranks them; with a
-    16-token step budget the prompts are chunked and share steps with the beams'."""
+    16-token step budget the prompts are chunked and share steps with the beams'; without async
+    scheduling the host replays each step before the next is scheduled."""
     extra = {"max_num_batched_tokens": budget, "long_prefill_token_threshold": 8} if budget else {}
+    extra["async_scheduling"] = async_scheduling
     llm = LLM(str(tiny_llama_dir), device="cpu", dtype="float32", block_size=8, **extra)
     started = []
     start = llm.llm_engine.scheduler.start_device_group

@@ -266,6 +266,18 @@ def run_peer(model: Any, prompts: list[list[int]], args: argparse.Namespace) -> 
         peer.close()
 
 
+def _b1_phase(
+    report: Report, llm: Any, prompts: list[list[int]], args: argparse.Namespace, key: str, label: str
+) -> None:
+    with phase(report, key):
+        report["results"][key] = b1 = run_b1(llm, prompts, args)
+        print(
+            f"[{key}] {label}: {b1['output_tok_s']} output tok/s "
+            f"({b1['step_loop']['steps']} steps, {b1['step_loop']['stalls']} stalls)",
+            flush=True,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     model = resolve_model(args)
@@ -294,28 +306,14 @@ def main(argv: list[str] | None = None) -> int:
             llm.generate(
                 prompts[:4], SamplingParams(n=args.beam_width, max_tokens=8, ignore_eos=True), use_tqdm=False
             )
-        with phase(report, "B1"):
-            results["B1"] = run_b1(llm, prompts, args)
-            b1 = results["B1"]
-            print(
-                f"[B1] beam width {args.beam_width}: {b1['output_tok_s']} output tok/s "
-                f"({b1['step_loop']['steps']} steps, {b1['step_loop']['stalls']} stalls)",
-                flush=True,
-            )
+        _b1_phase(report, llm, prompts, args, "B1", f"beam width {args.beam_width}")
         if not args.no_host_ranking_b1:
             # The same search ranked on the host (each group waits for its ranking; the engine's
             # --no-beam-device-ranking), in the same engine: what the device ranking changes.
             scheduler = llm.llm_engine.scheduler
             device_ranking, scheduler.beam_device_ranking = scheduler.beam_device_ranking, False
             try:
-                with phase(report, "B1_host_ranking"):
-                    results["B1_host_ranking"] = run_b1(llm, prompts, args)
-                    b1h = results["B1_host_ranking"]
-                    print(
-                        f"[B1 host ranking] {b1h['output_tok_s']} output tok/s "
-                        f"({b1h['step_loop']['steps']} steps, {b1h['step_loop']['stalls']} stalls)",
-                        flush=True,
-                    )
+                _b1_phase(report, llm, prompts, args, "B1_host_ranking", "host ranking")
             finally:
                 scheduler.beam_device_ranking = device_ranking
         for key, seeded in (("B2", False), ("B2_seeded", True)):

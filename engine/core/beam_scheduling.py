@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from engine.core.beam_device import DeviceBeamGroup, new_device_group
+from engine.core.block_pool import KVCacheBlock
 from engine.core.request import Request, RequestStatus
 from engine.core.scheduler_output import DeviceBeamStart, DeviceBeamStep, ForkedRequestData
 
@@ -191,7 +192,7 @@ class BeamScheduling:
             steps = kept
         return steps, budget, preempted
 
-    def _take_copies(self, group: DeviceBeamGroup, preempted: list[Request]) -> list | None:
+    def _take_copies(self, group: DeviceBeamGroup, preempted: list[Request]) -> list[KVCacheBlock] | None:
         """`width` fresh blocks for a boundary step: requests ranked the host's way are preempted
         for them; if none is left, the device-ranked group that arrived last starts again (None)."""
         pool = self.kv_cache_manager.block_pool

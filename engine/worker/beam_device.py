@@ -180,7 +180,7 @@ class DeviceBeamPool:
         self.tails[rows_t] = _to_device(tails, torch.int64, dev)
         self.parents[rows_t] = rows_t  # each row is its own parent: every one reads the prompt's tail
         self.tokens[rows_t] = _to_device(tokens, torch.int64, dev)
-        self.scores[rows_t] = torch.tensor(scores, dtype=torch.float32).to(dev, non_blocking=True)
+        self.scores[rows_t] = _to_device(scores, torch.float32, dev)  # float32 values: exact
 
     def feed(self, beams: BeamRows, step: StepInputs, first_token: int, first_seq: int) -> None:
         """The rows' input ids and block-table rows in the step's device inputs (the host's arrays

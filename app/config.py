@@ -182,7 +182,7 @@ ENGINE_HELP: dict[str, str] = {
     "the request gets a 400.",
     "beam_device_ranking": "Rank beam search candidates on the device: one forward pass per token for all "
     "beams, the host a step behind. On by default; --no-beam-device-ranking: every beam group waits for "
-    "the host's ranking before its next step (groups with stop strings or an adapter always do).",
+    "the host's ranking before its next step (groups with stop strings always do).",
     "enable_lora": "Serve LoRA adapters (README: Multi-LoRA); off: a request naming an adapter gets a 404.",
     "max_loras": "Most distinct adapters in one engine step (GPU slots of stacked adapter weights).",
     "max_lora_rank": "Highest adapter rank accepted; an adapter of a higher rank is refused at load.",

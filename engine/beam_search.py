@@ -11,7 +11,7 @@ beams' blocks are freed at once. When the ranking stops, the k best finished hyp
 one final RequestOutput (whatever output_kind: a stream gets the final beams only).
 
 After the first step (ranked here from the prompt's candidates), a group is handed to the device when
-it can be (engine/core/beam_device.py: no stop strings, no adapter, its blocks reserved): the runner
+it can be (engine/core/beam_device.py: no stop strings, its tail blocks free): the runner
 ranks every later step itself and sends the candidates back, and `process` replays each step's
 ranking one step later, which keeps the finished hypotheses and decides when the search stops.
 """
@@ -356,7 +356,7 @@ class BeamSearchDriver:
     def _to_device(self, group: _BeamGroup, step: BeamStep) -> bool:
         """Hand the group's next steps to the device, if it can go (see the module docstring)."""
         state = group.state
-        if group.host_only or state.stop_string is not None or group.request.lora_request is not None:
+        if group.host_only or state.stop_string is not None:
             return False
         device_id = self.scheduler.start_device_group(
             group.slots,

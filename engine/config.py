@@ -102,7 +102,7 @@ class EngineConfig:
     max_beam_width: int = 16
     # Rank beam search's candidates on the device, one forward pass per token for all beams, the host a
     # step behind (engine/core/beam_device.py); off: every group waits for the host's ranking before
-    # its next step. Groups with stop strings or an adapter, and tensor parallelism, rank on the host.
+    # its next step. Groups with stop strings, and tensor parallelism, rank on the host.
     beam_device_ranking: bool = True
     # Multi-LoRA (engine.lora). Off: a request naming an adapter is refused. max_loras adapters run in
     # one step (the GPU slots), max_cpu_loras stay loaded on the host (None: max_loras), ranks above

@@ -155,6 +155,7 @@ class BeamScheduling:
             scores=list(scores),
             stop_token_ids=list(stop_token_ids),
             num_candidates=num_candidates,
+            lora_request=leader.lora_request,
         )
         group_id = f"{leader.req_id}@{self._next_group_serial}"
         self._next_group_serial += 1

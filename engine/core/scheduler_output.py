@@ -71,6 +71,7 @@ class DeviceBeamStart:
     scores: list[float]  # [width] their float32 scores (cumulative log-probabilities)
     stop_token_ids: list[int]  # candidates ending in one of these hit a stopping criterion
     num_candidates: int  # candidates ranked per step (transformers' max(2, 1 + stops) x width)
+    lora_request: LoRARequest | None = None  # the adapter every beam runs with (None: the base model)
 
 
 @dataclass(slots=True)

@@ -23,7 +23,9 @@ of groups (the groups are batched by width and candidate count); nothing waits f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +40,7 @@ class _Group:
     rows: list[int]  # pool rows, beam i's at rows[i]
     num_candidates: int
     stop_token_ids: list[int]
+    adapter: Any = None  # its LoRA adapter (engine.lora.adapter.LoRAAdapter), held while it runs
 
 
 @dataclass(slots=True, eq=False)
@@ -48,6 +51,7 @@ class BeamRows:
     pool_rows: torch.Tensor  # [R] int64 on the device
     positions: list[int]  # [R] each row's position
     host_tables: list[list[int]]  # [R] the rows' block tables for the host's arrays (full blocks as 0s)
+    adapters: list[Any]  # [R] each row's LoRA adapter (None: the base model)
 
     @property
     def num_rows(self) -> int:
@@ -84,9 +88,11 @@ class DeviceBeamPool:
         steps: list[DeviceBeamStep],
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         stack: torch.Tensor | None,
+        adapter_of: Callable[[Any], Any] | None = None,
     ) -> BeamRows | None:
         """Drop ended groups, set up new ones, and move every row of `steps` to its parent's sequence
-        (tables, tails, KV of the filled tail). None when no group steps."""
+        (tables, tails, KV of the filled tail). None when no group steps. `adapter_of`: a new group's
+        LoRA request -> the runner's adapter (None: LoRA is off)."""
         for group_id in finished:
             group = self.groups.pop(group_id, None)
             if group is not None:
@@ -95,11 +101,12 @@ class DeviceBeamPool:
             return None
         starts = [s for s in steps if s.start is not None]
         if starts:
-            self._start(starts)
+            self._start(starts, adapter_of)
         bs = self.block_size
         pool_rows: list[int] = []
         positions: list[int] = []
         host_tables: list[list[int]] = []
+        adapters: list[Any] = []
         cols: list[np.ndarray] = []  # per group: [width, 2] the two table entries each row writes ...
         vals: list[np.ndarray] = []  # ... and their block ids
         copy_rows: list[np.ndarray] = []  # per copied token: its row in the step ...
@@ -113,6 +120,7 @@ class DeviceBeamPool:
             first = len(pool_rows)
             pool_rows += group.rows
             positions += [pos] * width
+            adapters += [group.adapter] * width
             host_tables += [[0] * num_full + [tail] for tail in step.tail_blocks]
             tails = np.asarray(step.tail_blocks, dtype=np.int64)  # [width]
             if pos % bs == 0:  # a boundary: the parent's last tail, full, is copied whole into a block
@@ -145,9 +153,9 @@ class DeviceBeamPool:
         dst_slots = _to_device(np.concatenate(copy_dst), torch.int64, dev)  # [C]
         src_slots = src_tails[row_of] * bs + offsets_t  # [C]
         _copy_slots(kv_caches, stack, src_slots, dst_slots)
-        return BeamRows(steps, rows_t, positions, host_tables)
+        return BeamRows(steps, rows_t, positions, host_tables, adapters)
 
-    def _start(self, starts: list[DeviceBeamStep]) -> None:
+    def _start(self, starts: list[DeviceBeamStep], adapter_of: Callable[[Any], Any] | None) -> None:
         rows: list[int] = []
         table_rows: list[int] = []
         table_cols: list[int] = []
@@ -161,7 +169,14 @@ class DeviceBeamPool:
             if len(self._free_rows) < step.width:
                 raise RuntimeError(f"beam group {step.group_id!r}: no free rows in the device beam pool")
             group_rows = [self._free_rows.pop() for _ in range(step.width)]
-            self.groups[step.group_id] = _Group(group_rows, start.num_candidates, list(start.stop_token_ids))
+            adapter = None
+            if start.lora_request is not None:
+                if adapter_of is None:
+                    raise RuntimeError(f"beam group {step.group_id!r} names an adapter, but LoRA is off")
+                adapter = adapter_of(start.lora_request)
+            self.groups[step.group_id] = _Group(
+                group_rows, start.num_candidates, list(start.stop_token_ids), adapter
+            )
             full = start.prompt_full_blocks
             for row in group_rows:
                 table_rows += [row] * len(full)

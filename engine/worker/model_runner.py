@@ -380,7 +380,7 @@ class ModelRunner(KVCacheSetup):
             num_computed = num_computed + beams.positions
             block_tables = block_tables + beams.host_tables
             row_tokens = num_scheduled + [1] * n
-            lora_rows += [None] * n
+            lora_rows += beams.adapters
             num_seqs += n
             num_tokens += n
             max_scheduled = max(max_scheduled, 1)
@@ -464,7 +464,11 @@ class ModelRunner(KVCacheSetup):
                 self.max_num_seqs, self.max_blocks_per_seq, self.block_size, self.device
             )
         return self._beam_pool.prepare(
-            so.finished_beam_groups, so.beam_steps, self.kv_caches, self.kv_cache_stack
+            so.finished_beam_groups,
+            so.beam_steps,
+            self.kv_caches,
+            self.kv_cache_stack,
+            self.lora.add if self.lora is not None else None,
         )
 
     def _needs_ids_of(self, prev: StepInFlight, scheduled: dict[str, int]) -> bool:

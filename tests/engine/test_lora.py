@@ -117,9 +117,13 @@ def test_mixed_batch_matches_peft(lora_setup: dict) -> None:
     _check(llm, lora_setup, prompts, MIXED)
     assert [r.lora_name for r in llm.llm_engine.lora_requests()] == ["r4-qv", "r8-all", "r16-regex", "r2-kup"]
 
-    # beam search: every beam runs with the adapter (transformers + PEFT's generate(num_beams=2))
+    # beam search: every beam runs with the adapter (transformers + PEFT's generate(num_beams=2)),
+    # ranked on the device after its first step
     from engine.beam_search import BeamSearchParams
 
+    sched = llm.llm_engine.scheduler
+    start, started = sched.start_device_group, []
+    sched.start_device_group = lambda *args: started.append(start(*args)) or started[-1]
     (out,) = llm.beam_search(
         [PROMPTS[1]], BeamSearchParams(2, MAX_TOKENS), lora_request=lora_setup["requests"]["r8-all"]
     )
@@ -132,6 +136,7 @@ def test_mixed_batch_matches_peft(lora_setup: dict) -> None:
         gen = seq[len(PROMPTS[1]) :]
         want.append(gen[: gen.index(2) + 1] if 2 in gen else gen)  # EOS (2) ends a beam
     assert [s.tokens[len(PROMPTS[1]) :] for s in out.sequences] == want
+    assert len(started) == 1 and started[0] is not None
     assert llm.llm_engine.list_loras() == {1, 2, 3, 4}
 
 

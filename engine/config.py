@@ -102,7 +102,8 @@ class EngineConfig:
     max_beam_width: int = 16
     # Rank beam search's candidates on the device, one forward pass per token for all beams, the host a
     # step behind (engine/core/beam_device.py); off: every group waits for the host's ranking before
-    # its next step. Groups with stop strings, and tensor parallelism, rank on the host.
+    # its next step. Groups with stop strings rank on the host. Under tensor parallelism every rank
+    # ranks the same logits the same way; rank 0's candidates come back.
     beam_device_ranking: bool = True
     # Multi-LoRA (engine.lora). Off: a request naming an adapter is refused. max_loras adapters run in
     # one step (the GPU slots), max_cpu_loras stay loaded on the host (None: max_loras), ranks above
@@ -266,7 +267,7 @@ class EngineConfig:
                 max_waiting_tokens=self.max_waiting_tokens,
                 max_best_of=self.max_best_of,
                 max_beam_width=self.max_beam_width,
-                beam_device_ranking=self.beam_device_ranking and self.tensor_parallel_size == 1,
+                beam_device_ranking=self.beam_device_ranking,
                 scheduling_policy=self.scheduling_policy,
                 fair_token_weights=(
                     float(self.fair_prompt_token_weight),
@@ -395,7 +396,7 @@ class SchedulerConfig:
     max_waiting_tokens: int
     max_best_of: int = 20  # a request with best_of > n above this is refused (input processor)
     max_beam_width: int = 16  # a beam search wider than this is refused (input processor)
-    beam_device_ranking: bool = False  # beam groups ranked on the device (EngineConfig's; off with TP)
+    beam_device_ranking: bool = False  # beam groups ranked on the device (EngineConfig's)
     scheduling_policy: str = "fcfs"  # "fcfs" | "fair" (EngineConfig.scheduling_policy)
     fair_token_weights: tuple[float, float] = (1.0, 2.0)  # "fair": (prompt, output) token weights
     fair_base_share: float = 1.0  # "fair": the base model's share (an adapter's is its fair_share)

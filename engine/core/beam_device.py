@@ -26,8 +26,9 @@ tail per beam. When the pool is short at a boundary, requests ranked the host's 
 first; if none is left, the device-ranked group that arrived last starts again from its prompt (the
 search is deterministic: the same beams come out) and is ranked on the host from then on.
 
-Not on the device: stop strings (the text is the host's) and tensor parallelism; such
-groups rank on the host (engine/core/beam_scheduling.py).
+Not on the device: stop strings (the text is the host's); such groups rank on the host
+(engine/core/beam_scheduling.py). Under tensor parallelism every rank ranks the same gathered logits
+the same way, so their pools agree; rank 0's candidates come back.
 """
 
 from __future__ import annotations

@@ -130,6 +130,31 @@ def test_tp2_lora_matches_tp1(tp_llm: LLM, one_kv_head_dir: Path, tmp_path: Path
     assert tp_llm.llm_engine.executor.is_healthy
 
 
+def test_tp2_beam_search_ranked_on_the_device_matches_tp1(tp_llm: LLM, one_kv_head_dir: Path) -> None:
+    """Beam groups ranked on the device under tensor parallelism: each rank ranks the same (gathered)
+    logits, so their pools agree; the steps and candidates cross the step codec. Same beams as TP 1."""
+    from engine import BeamSearchParams
+
+    # 6 prompt tokens, 14 out: boundaries at positions 8 and 16, within the 9-block cache (prompt 1,
+    # tails 4, copies 2 a boundary, freed as beams die).
+    prompts = [_prompts()[0][:6]]
+    params = BeamSearchParams(2, 14, ignore_eos=True, length_penalty=0.5)
+    sched = tp_llm.llm_engine.scheduler
+    start, started = sched.start_device_group, []
+    sched.start_device_group = lambda *args: started.append(start(*args)) or started[-1]
+    preemptions = sched.num_preemptions
+    try:
+        got = [[s.tokens for s in o.sequences] for o in tp_llm.beam_search(prompts, params)]
+    finally:
+        sched.start_device_group = start
+    with LLM(str(one_kv_head_dir), device="cpu", dtype="float32", beam_device_ranking=False) as tp1:
+        want = [[s.tokens for s in o.sequences] for o in tp1.beam_search(prompts, params)]
+    assert len(started) == 1 and all(started)
+    assert sched.num_preemptions == preemptions  # it ran on the device to the end
+    assert got == want
+    assert tp_llm.llm_engine.scheduler.kv_cache_usage == 0.0
+
+
 def test_hung_worker_stops_the_engine_then_shutdown_leaves_no_worker(tp_llm: LLM) -> None:
     executor = tp_llm.llm_engine.executor
     pids = executor.worker_pids  # type: ignore[attr-defined]

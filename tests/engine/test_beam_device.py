@@ -184,3 +184,54 @@ def test_a_group_started_again_in_the_step_that_gave_it_a_step_loses_that_step()
     assert restarted == [b[0]] and b[0].status == RequestStatus.PREEMPTED
     # B gave back its prompt block and 4 tails; A took 2 of them for its copies.
     assert sched.num_preemptions == 1 and kv.num_free_blocks == 3
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_random_mix_under_a_tight_cache_matches_the_host_ranking(tiny_llama_dir: Path, seed: int) -> None:
+    """Beam groups of random widths, lengths and stop tokens beside sampled requests, some aborted at
+    random steps, in a cache tight enough for preemptions and device groups starting again: every
+    finished beam search gives the host ranking's beams, and every block comes back."""
+    import random
+
+    rng = random.Random(seed)
+    requests = []
+    for i in range(10):
+        prompt = _prompt(rng.randint(3, 20), 100 * seed + i)
+        if rng.random() < 0.6:
+            params = _params(rng.randint(1, 4), rng.randint(2, 18), rng.choice([True, False, "never"]),
+                             rng.choice([0.5, 1.0]), rng.sample(range(3, 40), rng.randint(0, 2)))  # fmt: skip
+        else:
+            params = SamplingParams(temperature=0.0, max_tokens=rng.randint(1, 24), ignore_eos=True)
+        requests.append((f"r{i}", prompt, params, rng.randint(1, 12) if rng.random() < 0.2 else None))
+
+    def run(device_ranking: bool) -> dict:
+        llm = LLM(
+            str(tiny_llama_dir), device="cpu", dtype="float32", block_size=8, num_kv_blocks=20,
+            max_num_batched_tokens=24, beam_device_ranking=device_ranking,
+        )  # fmt: skip
+        engine = llm.llm_engine
+        finals, step = {}, 0
+        for rid, prompt, params, _ in requests:
+            engine.add_request(rid, prompt, params)
+        while engine.has_unfinished_requests():
+            step += 1
+            engine.abort_request([rid for rid, _, _, at in requests if at == step])
+            finals.update((o.request_id, o) for o in engine.step() if o.finished)
+        kv = engine.scheduler.kv_cache_manager
+        assert kv.num_free_blocks == kv.num_blocks and not engine.scheduler.requests
+        assert (engine.scheduler._next_group_serial > 0) == device_ranking  # groups went to the device
+        preemptions.append(engine.scheduler.num_preemptions)
+        llm.shutdown()
+        return {
+            rid: [list(c.token_ids) for c in out.outputs]
+            for rid, out in finals.items()
+            if out.outputs and out.outputs[0].finish_reason != "abort"
+        }
+
+    preemptions: list[int] = []
+    device, host = run(True), run(False)
+    assert max(preemptions) > 0  # the cache was tight: the four seeds preempt 1-11 times
+    aborted = {rid for rid, *_, at in requests if at is not None}
+    assert {rid for rid, *_ in requests} - aborted <= set(device) & set(host)
+    for rid in set(device) & set(host):
+        assert device[rid] == host[rid], rid

@@ -47,7 +47,6 @@ BEFORE = {  # the wrappers' launch for every step before segment_launch
     "shrink": {"total_programs": 512, "programs": 64},
     "expand": {"block_n": 128, "programs": 64, "num_warps": 4},
 }
-TODAY = BEFORE  # the name tests/ops/test_sweep_lora_segments.py checks the real grids for
 SMOKE = {
     "layers": (("qkv", 64, (32, 16, 16)), ("down", 160, (48,))),
     "tokens": 24,

@@ -18,11 +18,26 @@ def test_in_fresh_interpreter_process() -> None:
     rerun_in_fresh_process(__file__)
 
 
-def test_the_real_grids_hold_todays_launch_once() -> None:
-    from loadtest.sweep_lora_segments import EXPAND_GRID, SHRINK_GRID, TODAY, grid
+def test_the_real_grids_hold_the_launches_before_and_today_once() -> None:
+    """The launch every step took before segment_launch, and the rule's launch for A1's and A2's
+    steps (the sweep's two steps, on as many slots as adapters), each once in the grids."""
+    from engine.lora.segments import segment_piece
+    from loadtest.sweep_lora_segments import (
+        BEFORE,
+        EXPAND_GRID,
+        SHRINK_GRID,
+        STEPS,
+        TOKENS,
+        grid,
+        todays_launch,
+    )
 
-    assert grid(SHRINK_GRID).count(TODAY["shrink"]) == 1 and len(grid(SHRINK_GRID)) == 9
-    assert grid(EXPAND_GRID).count(TODAY["expand"]) == 1 and len(grid(EXPAND_GRID)) == 18
+    shrinks, expands = grid(SHRINK_GRID), grid(EXPAND_GRID)
+    assert len(shrinks) == 9 and len(expands) == 18
+    assert shrinks.count(BEFORE["shrink"]) == 1 and expands.count(BEFORE["expand"]) == 1
+    for _, slots in STEPS:
+        today = todays_launch(TOKENS, segment_piece(TOKENS), slots)
+        assert shrinks.count(today["shrink"]) == 1 and expands.count(today["expand"]) == 1
 
 
 @in_process

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.app.conftest import MODEL_NAME, LiveServer
+from tests.app.conftest import MODEL_NAME, LiveServer, wait_until
 
 COMP = "/v1/completions"
 CHAT = "/v1/chat/completions"
@@ -111,3 +111,46 @@ def test_bad_beam_search_is_a_400(client: httpx.Client, body: dict, expected: di
     r = client.post(COMP, json=body)
     assert r.status_code == 400
     assert r.json() == expected
+
+
+def test_beam_searches_dropped_by_their_clients_free_everything(
+    server: LiveServer, offline_beams: list
+) -> None:
+    """Eight long beam searches (ranked on the device, a step in flight), streamed and not, whose
+    clients go away mid-search: the server aborts every group, the KV cache empties, and the next beam
+    search gets the offline beams."""
+    import asyncio
+
+    engine = server.engine
+    body = _comp(n=4, max_tokens=200, ignore_eos=True)
+
+    async def dropped() -> None:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as c:
+
+            async def one(i: int) -> None:
+                async def run() -> None:
+                    if i % 2:
+                        async with c.stream("POST", COMP, json={**body, "stream": True}) as r:
+                            async for _ in r.aiter_bytes():
+                                pass
+                    else:
+                        await c.post(COMP, json=body)
+
+                task = asyncio.ensure_future(run())
+                # Gone once the engine runs the searches (every beam of 8 groups running).
+                deadline = asyncio.get_running_loop().time() + 10
+                while engine.stats().num_running < 32 and not task.done():
+                    assert asyncio.get_running_loop().time() < deadline, engine.stats()
+                    await asyncio.sleep(0.01)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+            await asyncio.gather(*(one(i) for i in range(8)))
+
+    asyncio.run(dropped())
+    assert wait_until(lambda: engine.stats().num_running + engine.stats().num_waiting == 0, timeout=15)
+    assert wait_until(lambda: engine.stats().kv_cache_usage == 0.0, timeout=5)
+    with httpx.Client(base_url=server.base_url, timeout=30) as c:
+        r = c.post(COMP, json=_comp())
+    assert r.status_code == 200
+    assert [ch["text"] for ch in r.json()["choices"]] == [b.text for b in offline_beams]

@@ -32,7 +32,7 @@ import torch
 
 from engine.core.scheduler_output import DeviceBeamStep
 from engine.worker.attention_metadata import StepInputs
-from engine.worker.block_copy import as_words
+from engine.worker.block_copy import copy_kv_rows
 
 
 @dataclass(slots=True, eq=False)
@@ -152,7 +152,7 @@ class DeviceBeamPool:
         offsets_t = _to_device(np.concatenate(copy_offsets), torch.int64, dev)  # [C]
         dst_slots = _to_device(np.concatenate(copy_dst), torch.int64, dev)  # [C]
         src_slots = src_tails[row_of] * bs + offsets_t  # [C]
-        _copy_slots(kv_caches, stack, src_slots, dst_slots)
+        copy_kv_rows(kv_caches, stack, src_slots, dst_slots, token_slots=True)
         return BeamRows(steps, rows_t, positions, host_tables, adapters)
 
     def _start(self, starts: list[DeviceBeamStep], adapter_of: Callable[[Any], Any] | None) -> None:
@@ -250,26 +250,3 @@ class DeviceBeamPool:
             group_ids += [g for g, _ in members]
             counts += [num_top] * num_groups
         return group_ids, counts, torch.cat(outs)
-
-
-def _copy_slots(
-    kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-    stack: torch.Tensor | None,
-    src: torch.Tensor,  # [C] token slots (block * block_size + offset)
-    dst: torch.Tensor,  # [C]
-) -> None:
-    """cache[dst] = cache[src] token by token in every layer's K and V cache: every source is read
-    before any destination is written."""
-    if src.numel() == 0 or not kv_caches:
-        return
-    if stack is not None:
-        raw = as_words(stack)  # [layers, 2, num_blocks, block_size, heads, words]
-        shape = raw.shape
-        raw = raw.view(shape[0], shape[1], shape[2] * shape[3], *shape[4:])  # a view: slots in a row
-        raw.index_copy_(2, dst, raw.index_select(2, src))
-        return
-    for k_cache, v_cache in kv_caches:
-        for cache in (k_cache, v_cache):
-            raw = as_words(cache)
-            raw = raw.view(raw.shape[0] * raw.shape[1], *raw.shape[2:])  # [num_blocks * block_size, ...]
-            raw.index_copy_(0, dst, raw.index_select(0, src))

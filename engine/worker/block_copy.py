@@ -36,13 +36,33 @@ def copy_kv_blocks(
     if not copies or not kv_caches:
         return
     src, dst = copy_blocks_index(copies, kv_caches[0][0].device)
+    copy_kv_rows(kv_caches, stack, src, dst)
+
+
+def copy_kv_rows(
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    stack: torch.Tensor | None,
+    src: torch.Tensor,  # [C] int64 on the device
+    dst: torch.Tensor,  # [C]
+    token_slots: bool = False,
+) -> None:
+    """cache[dst] = cache[src] in every layer's K and V cache: `src` and `dst` index blocks, or with
+    `token_slots` single token slots (block * block_size + offset; the device-ranked beams copy the
+    filled part of a block). One gather and one scatter per cache, or over all of them with `stack`:
+    every source is read before any destination is written."""
+    if src.numel() == 0 or not kv_caches:
+        return
     if stack is not None:
         raw = as_words(stack)  # [num_layers, 2, num_blocks, block_size, heads, dim * itemsize / word]
+        if token_slots:  # a view: [num_layers, 2, num_blocks * block_size, heads, words]
+            raw = raw.view(raw.shape[0], raw.shape[1], raw.shape[2] * raw.shape[3], *raw.shape[4:])
         raw.index_copy_(2, dst, raw.index_select(2, src))
         return
     for k_cache, v_cache in kv_caches:
         for cache in (k_cache, v_cache):
             raw = as_words(cache)  # [num_blocks, block_size, num_kv_heads, head_dim * itemsize / word]
+            if token_slots:  # [num_blocks * block_size, heads, words]
+                raw = raw.view(raw.shape[0] * raw.shape[1], *raw.shape[2:])
             raw.index_copy_(0, dst, raw.index_select(0, src))
 
 

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from engine import LLM, SamplingParams
 from engine.core.kv_cache_manager import KVCacheManager
 from engine.core.request import Request
-from engine.worker.block_copy import as_words, copy_kv_blocks
+from engine.worker.block_copy import as_words, copy_kv_blocks, copy_kv_rows
 
 PROMPT = list(range(5, 26))  # 21 tokens: 2 full blocks of 8 and a partial one
 SAMPLE = {"temperature": 1.0, "seed": 7, "max_tokens": 6, "ignore_eos": True}
@@ -81,6 +81,25 @@ def test_copies_over_stacked_caches_are_one_gather_and_one_scatter_for_every_lay
         assert torch.equal(k, ek) and torch.equal(v, ev)
     # Block 2 holds block 1's KV from before the copies (block 1 itself was overwritten by block 0's).
     assert torch.equal(caches[2][1][2], original[2, 1, 1]) and not torch.equal(stack, original)
+
+
+def test_token_slot_copies_over_stacked_and_separate_caches_agree() -> None:
+    """copy_kv_rows with token slots (the device-ranked beams' tail copies): slot s of block b is row
+    b * block_size + s; the stacked path and the per-layer path give the same caches, each destination
+    slot holding its source's KV from before the copy."""
+    stack = torch.randn(3, 2, 5, 4, 2, 3)  # [layers, K/V, blocks, block_size, heads, dim]
+    separate = [(stack[i, 0].clone(), stack[i, 1].clone()) for i in range(3)]
+    original = stack.clone()
+    src = torch.tensor([0, 1, 2, 5, 6])  # block 0's slots 0-2, block 1's slots 1-2
+    dst = torch.tensor([9, 10, 11, 1, 17])  # block 2's slots 1-3, then slot 1 (also a source), block 4's 1
+    copy_kv_rows([(stack[i, 0], stack[i, 1]) for i in range(3)], stack, src, dst, token_slots=True)
+    copy_kv_rows(separate, None, src, dst, token_slots=True)
+    flat = original.flatten(2, 3)  # [layers, K/V, blocks * block_size, heads, dim]
+    want = flat.clone()
+    want[:, :, dst] = flat[:, :, src]
+    assert torch.equal(stack.flatten(2, 3), want)
+    for i, (k, v) in enumerate(separate):
+        assert torch.equal(k.flatten(0, 1), want[i, 0]) and torch.equal(v.flatten(0, 1), want[i, 1])
 
 
 def test_the_runner_caches_are_views_of_one_stack(tiny_llama_dir: Path) -> None:

@@ -302,15 +302,7 @@ class BeamSearchDriver:
         if group is None or group.device_id is None:
             return
         self._by_device.pop(group.device_id, None)
-        state = group.state
-        group.state = BeamSearchState(
-            state.width,
-            state.stop_token_ids,
-            state.max_tokens,
-            state.length_penalty,
-            state.early_stopping,
-            state.stop_string,
-        )
+        group.state = group.state.restarted()
         group.running = [group.slots[0]]
         group.results = {}
         group.device_id = None

@@ -11,7 +11,8 @@ only once its last step's results are applied (Scheduler.schedule), since its ne
 the whole group's.
 
 A group may instead be ranked on the device after its first step (engine/core/beam_device.py):
-`start_device_group` reserves its blocks, and the scheduler then sends its steps without waiting.
+`start_device_group` takes its rows' tail blocks, and the scheduler then sends its steps without
+waiting, taking each boundary's copies as it goes.
 
 A mixin of Scheduler, over its state: kept apart so the scheduler's own file stays about scheduling.
 """
@@ -58,9 +59,6 @@ class BeamScheduling:
 
         def _pick_victim(self) -> Request | None: ...
         def _preempt(self, request: Request) -> None: ...
-
-    if TYPE_CHECKING:  # Scheduler's
-
         def add_request(self, request: Request) -> None: ...
         def _enqueue(self, request: Request) -> None: ...
         def _remove_waiting(self, request: Request) -> None: ...
@@ -126,8 +124,8 @@ class BeamScheduling:
     ) -> str | None:
         """Rank the rest of the group whose first step the host ranked (`token_ids`, `scores`: its
         running beams, best first) on the device. Returns the group's id, or None when it cannot (off,
-        the leader not running with its prompt computed, or too few free blocks to reserve): the host
-        then forks its beams as before."""
+        the leader not running with its prompt computed, or too few free blocks for its 2 x width
+        tails): the host then forks its beams as before."""
         leader = slots[0]
         kv = self.kv_cache_manager
         params = leader.sampling_params
@@ -219,20 +217,17 @@ class BeamScheduling:
             if dropped:
                 self.kv_cache_manager.block_pool.free_blocks(dropped)
 
-    def _release_device_group(self, leader: Request) -> DeviceBeamGroup | None:
+    def _release_device_group(self, leader: Request) -> None:
+        """The group of `leader` (if device-ranked) ends or starts again: its tails and boundary copies
+        go back, the runner drops its rows."""
         group = self._device_groups.pop(leader.req_id, None)
         if group is None:
-            return None
+            return
         self._device_seats -= group.width - 1
         pool = self.kv_cache_manager.block_pool
         pool.free_blocks(group.copies)
         pool.free_blocks(reversed(group.tail_blocks))
         self._finished_beam_groups.append(group.group_id)
-        return group
-
-    def _end_device_group(self, leader: Request) -> None:
-        """The leader finished: the group's blocks go back, the runner drops its rows."""
-        self._release_device_group(leader)
 
     def _restart_device_group(self, group: DeviceBeamGroup) -> None:
         """Preempt a device-ranked group: its blocks go back and its leader recomputes the prompt; the

@@ -86,6 +86,17 @@ class BeamSearchState:
         self.improvable = True
         self.done = False
 
+    def restarted(self) -> BeamSearchState:
+        """The same search from its first step (a preempted device-ranked group computes it again)."""
+        return BeamSearchState(
+            self.width,
+            self.stop_token_ids,
+            self.max_tokens,
+            self.length_penalty,
+            self.early_stopping,
+            self.stop_string,
+        )
+
     @property
     def num_running(self) -> int:
         return len(self.scores)

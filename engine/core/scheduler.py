@@ -177,7 +177,8 @@ class Scheduler(BeamScheduling):
 
     def _pick_victim(self) -> Request | None:
         """The running request to preempt: the lowest priority, latest arrival. Never a device-ranked
-        beam group (its blocks are reserved for its whole run); None when only those run."""
+        beam group's leader (preempting one restarts its whole search: _take_copies does that only
+        when nothing else is left); None when only those run."""
         seq = self._arrival_seq
         groups = self._device_groups
         return max(
@@ -532,7 +533,7 @@ class Scheduler(BeamScheduling):
         if req.is_beam:
             self._forget_beam_diffs(req)
             if self._device_groups:
-                self._end_device_group(req)
+                self._release_device_group(req)
         # A failed forward pass left garbage in blocks already registered for prefix hits.
         self.kv_cache_manager.free(req, uncache=status == RequestStatus.FINISHED_ERROR)
         del self.requests[req.req_id]

@@ -77,7 +77,7 @@ class DeviceBeamStart:
 @dataclass(slots=True)
 class DeviceBeamStep:
     """One step of a beam group whose ranking runs on the device: `width` rows, one token each, at
-    `position`. Everything here follows from the group's reserved blocks and its step count, so the
+    `position`. Everything here follows from the group's own blocks and its step count, so the
     scheduler sends it without knowing which beam the device chose for which row: each row's input
     token, its full blocks and its tail's content come from the device's ranking of the step before
     (engine/worker/beam_device.py)."""

@@ -1,0 +1,126 @@
+"""Which Triton kernels compile during start-up, when, for how long, and for which specialization.
+
+U1 (start-up to the first request) spends seconds of its CUDA-graph warm-up on Triton JIT compiles when
+the Triton cache is cold. This builds the offline engine the way the server does (same defaults) with
+an empty TRITON_CACHE_DIR, records every compile through Triton's JIT hooks (kernel, the specialized
+signature, seconds), and marks the start of each CUDA-graph warm-up forward, so each compile is
+attributed to the phase that triggered it. Two kernels' compiles of the same function differ in a
+constexpr or in how an int argument was specialized (Triton compiles an int argument equal to 1 as a
+constant and one divisible by 16 with an alignment hint; `do_not_specialize` turns both off): the
+table prints the argument specializations that differ from the kernel's first compile.
+
+    python loadtest/trace_compiles.py --shape llama3-8b --out $OUT/compiles.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shape", default="llama3-8b")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--keep-cache", action="store_true", help="use the existing Triton cache")
+    args = parser.parse_args()
+    if not args.keep_cache:
+        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="weir_triton_cold_")
+
+    import triton
+
+    from engine.worker import cuda_graphs
+    from loadtest.common import write_json
+    from loadtest.model_shapes import shape_dir
+
+    origin = time.perf_counter()
+    marks: list[tuple[float, str]] = [(0.0, "before graphs")]
+    compiles: list[dict[str, Any]] = []
+    started: dict[Any, float] = {}
+
+    def specialization(kwargs: dict[str, Any]) -> str:
+        return str(kwargs.get("repr", ""))
+
+    def before(*_args: Any, **kwargs: Any) -> bool:
+        started[kwargs.get("key", id(kwargs))] = time.perf_counter()
+        return False  # compile as usual
+
+    def after(*_args: Any, **kwargs: Any) -> None:
+        now = time.perf_counter()
+        key = kwargs.get("key", id(kwargs))
+        name = getattr(kwargs.get("fn"), "name", "?")
+        compiles.append(
+            {
+                "at_s": round(now - origin, 3),
+                "seconds": round(now - started.pop(key, now), 3),
+                "kernel": name,
+                "signature": specialization(kwargs),
+                "phase": marks[-1][1],
+            }
+        )
+
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None and hasattr(knobs.runtime, "jit_cache_hook"):
+        knobs.runtime.jit_cache_hook = before
+        knobs.runtime.jit_post_compile_hook = after
+    else:  # older Triton: one hook, called before the compile only
+        triton.runtime.jit.JITFunction.cache_hook = lambda *a, **k: (before(*a, **k), after(*a, **k))[0]
+
+    graphs_class = cuda_graphs.CUDAGraphRunner
+    plain, mixed = graphs_class.dummy_step, graphs_class.dummy_mixed_step
+
+    def dummy_step(self: Any, batch_size: int) -> Any:
+        marks.append((time.perf_counter() - origin, f"decode {batch_size}"))
+        return plain(self, batch_size)
+
+    def dummy_mixed_step(self: Any, num_tokens: int) -> Any:
+        marks.append((time.perf_counter() - origin, f"mixed {num_tokens}"))
+        return mixed(self, num_tokens)
+
+    graphs_class.dummy_step, graphs_class.dummy_mixed_step = dummy_step, dummy_mixed_step
+    from engine import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM(str(shape_dir(args.shape)), dtype="bfloat16", device="cuda", load_format="dummy")
+    build_s = time.perf_counter() - t0
+    marks.append((time.perf_counter() - origin, "after graphs"))
+    first = time.perf_counter()
+    llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=4, temperature=0.0))
+    marks.append((time.perf_counter() - origin, f"first request {time.perf_counter() - first:.3f}s"))
+
+    # Per kernel: the arguments whose specialization differs from its first compile.
+    first_sig: dict[str, list[str]] = {}
+    for c in compiles:
+        parts = c["signature"].split("(", 1)[-1].rstrip(")").split(", ")
+        if c["kernel"] not in first_sig:
+            first_sig[c["kernel"]] = parts
+            c["differs"] = "first"
+        else:
+            base = first_sig[c["kernel"]]
+            c["differs"] = "; ".join(p for p, b in zip(parts, base, strict=False) if p != b) or "options only"
+    by_phase: dict[str, float] = defaultdict(float)
+    for c in compiles:
+        by_phase[c["phase"]] += c["seconds"]
+    print(f"engine built in {build_s:.2f}s; {len(compiles)} compiles, {sum(by_phase.values()):.2f}s in all")
+    for phase, seconds in sorted(by_phase.items(), key=lambda kv: -kv[1]):
+        print(f"  {phase:>16}: {seconds:6.2f}s")
+    for c in compiles:
+        print(f"{c['at_s']:8.2f} {c['seconds']:6.3f}s {c['phase']:>14}  {c['kernel']}  [{c['differs']}]")
+    if args.out:
+        write_json(args.out, {"build_s": build_s, "marks": marks, "compiles": compiles, "by_phase": by_phase})
+
+
+if __name__ == "__main__":
+    main()

@@ -28,6 +28,13 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 
+def _difference(first: str, other: str) -> str:
+    """The comma-separated items of `other` that `first` lacks (what made this compile new)."""
+    seen = set(first.replace("{", ",").replace("}", ",").split(","))
+    new = [p.strip() for p in other.replace("{", ",").replace("}", ",").split(",") if p not in seen]
+    return "; ".join(p for p in new if p) or "options only"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -51,7 +58,12 @@ def main() -> None:
     started: dict[Any, float] = {}
 
     def specialization(kwargs: dict[str, Any]) -> str:
-        return str(kwargs.get("repr", ""))
+        """The compile's constexprs and argument attributes (alignment / equal-to-1 hints), as text:
+        Triton's own `repr` of the argument types is empty on some versions."""
+        compile_info = kwargs.get("compile") or {}
+        constants = compile_info.get("constants") or {}
+        configs = compile_info.get("configs") or [None]
+        return f"constants={dict(sorted((str(k), v) for k, v in constants.items()))} attrs={configs[0]}"
 
     def before(*_args: Any, **kwargs: Any) -> bool:
         started[kwargs.get("key", id(kwargs))] = time.perf_counter()
@@ -100,16 +112,14 @@ def main() -> None:
     llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=4, temperature=0.0))
     marks.append((time.perf_counter() - origin, f"first request {time.perf_counter() - first:.3f}s"))
 
-    # Per kernel: the arguments whose specialization differs from its first compile.
-    first_sig: dict[str, list[str]] = {}
+    # Per kernel: what differs from its first compile (constexprs or argument attributes).
+    first_sig: dict[str, str] = {}
     for c in compiles:
-        parts = c["signature"].split("(", 1)[-1].rstrip(")").split(", ")
         if c["kernel"] not in first_sig:
-            first_sig[c["kernel"]] = parts
+            first_sig[c["kernel"]] = c["signature"]
             c["differs"] = "first"
         else:
-            base = first_sig[c["kernel"]]
-            c["differs"] = "; ".join(p for p, b in zip(parts, base, strict=False) if p != b) or "options only"
+            c["differs"] = _difference(first_sig[c["kernel"]], c["signature"])
     by_phase: dict[str, float] = defaultdict(float)
     for c in compiles:
         by_phase[c["phase"]] += c["seconds"]
@@ -117,7 +127,9 @@ def main() -> None:
     for phase, seconds in sorted(by_phase.items(), key=lambda kv: -kv[1]):
         print(f"  {phase:>16}: {seconds:6.2f}s")
     for c in compiles:
-        print(f"{c['at_s']:8.2f} {c['seconds']:6.3f}s {c['phase']:>14}  {c['kernel']}  [{c['differs']}]")
+        print(
+            f"{c['at_s']:8.2f} {c['seconds']:6.3f}s {c['phase']:>14}  {c['kernel']}  [{c['differs'][:300]}]"
+        )
     if args.out:
         write_json(args.out, {"build_s": build_s, "marks": marks, "compiles": compiles, "by_phase": by_phase})
 

@@ -311,10 +311,11 @@ class CUDAGraphRunner:
                         if variant is not False:
                             # Warm-up outside the capture: Triton compiles and cuBLAS picks its kernels
                             # here (the variant without LoRA runs a subset of these kernels). One per size:
-                            # sizes launch different kernel variants (decode attention's NUM_SEGMENTS
-                            # constexpr follows the batch size; Triton specializes ints on ==1 and %16;
-                            # cuBLAS picks by shape), and a variant first met inside a capture would
-                            # compile or load there. The log line below shows what each one cost.
+                            # sizes may launch different kernel variants (decode attention splits KV
+                            # below some batch size; Triton specializes ints on ==1 and %16 unless a
+                            # kernel opts out; cuBLAS picks by shape), and a variant first met inside a
+                            # capture would compile or load there. The log line below shows what each
+                            # one cost; loadtest/trace_compiles.py shows which kernels compiled.
                             t0 = time.perf_counter()
                             stream.wait_stream(torch.cuda.current_stream(device))
                             with torch.cuda.stream(stream):

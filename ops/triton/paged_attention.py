@@ -11,9 +11,12 @@ One launch covers the whole batch. The grid is (query blocks, KV heads[, KV segm
 - K/V are walked in tiles of TILE positions (any multiple or fraction of block_size), looking up each
   position's physical block in the block table; causal masking per row; online softmax in float32 with
   exp2 (the softmax scale folded into log2(e)).
-- Split-KV (flash-decoding): with NUM_SEGMENTS > 1 a third grid axis splits each sequence's tiles into
-  segments; programs write partial (max, sum, unnormalised acc) in float32 and `_reduce_segments_kernel`
-  merges them. Chosen for decode-heavy batches too small to fill the GPU with long contexts.
+- Split-KV (flash-decoding): with SPLIT a third grid axis splits each sequence's tiles into
+  num_segments segments; programs write partial (max, sum, unnormalised acc) in float32 and
+  `_reduce_segments_kernel` merges them. Chosen for decode-heavy batches too small to fill the GPU with
+  long contexts. The segment count is a runtime argument, not a constexpr: each value was a separate
+  compile (~1 s each on an H200, five of them met by the CUDA-graph warm-up's decode sizes on a cold
+  Triton cache, loadtest/trace_compiles.py), while it only sizes the split and the partials' index.
 - FP8 caches: K/V tiles are loaded as 1-byte values and widened to the query's dtype in registers;
   the scales never touch a tile: a program serves one KV head, so it loads that head's k_scale and
   v_scale ([num_kv_heads] float32 device tensors, read in the kernel: CUDA-graph safe) once, folds
@@ -31,6 +34,7 @@ import triton
 import triton.language as tl
 
 _LOG2E = 1.4426950408889634
+_MAX_SEGMENTS = 32  # _decode_segments' cap: the reduce kernel's one compile covers every count up to it
 
 
 @triton.jit
@@ -109,12 +113,13 @@ def _attend_tile(
     return m_new, l_i, acc
 
 
-@triton.jit(do_not_specialize=["num_seqs"])  # a batch of one must not recompile or make `hi` a constant
+# A batch of one must not recompile or make `hi` a constant; neither may a segment count.
+@triton.jit(do_not_specialize=["num_seqs", "num_segments"])
 def _paged_attention_kernel(
-    out_ptr,  # [num_tokens, num_heads, HEAD_DIM] (NUM_SEGMENTS == 1)
-    part_acc_ptr,  # [num_tokens, num_heads, NUM_SEGMENTS, HEAD_DIM] float32 (NUM_SEGMENTS > 1)
-    part_max_ptr,  # [num_tokens, num_heads, NUM_SEGMENTS] float32, log2 domain
-    part_sum_ptr,  # [num_tokens, num_heads, NUM_SEGMENTS] float32
+    out_ptr,  # [num_tokens, num_heads, HEAD_DIM] (not SPLIT)
+    part_acc_ptr,  # [num_tokens, num_heads, num_segments, HEAD_DIM] float32 (SPLIT)
+    part_max_ptr,  # [num_tokens, num_heads, num_segments] float32, log2 domain
+    part_sum_ptr,  # [num_tokens, num_heads, num_segments] float32
     q_ptr,  # [num_tokens, num_heads, HEAD_DIM]
     k_cache_ptr,  # [num_blocks, BLOCK_SIZE, num_kv_heads, HEAD_DIM]
     v_cache_ptr,  # [num_blocks, BLOCK_SIZE, num_kv_heads, HEAD_DIM]
@@ -126,6 +131,7 @@ def _paged_attention_kernel(
     v_scale_ptr,  # [num_kv_heads] float32 (KV_SCALED): applied to the normalised output
     num_seqs,
     num_heads,
+    num_segments,  # KV segments per sequence (SPLIT; 1 otherwise)
     stride_qt,
     stride_qh,
     stride_ot,
@@ -143,7 +149,7 @@ def _paged_attention_kernel(
     TILE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_Q: tl.constexpr,
-    NUM_SEGMENTS: tl.constexpr,
+    SPLIT: tl.constexpr,  # num_segments > 1: write partials for _reduce_segments_kernel
     DOT_PRECISION: tl.constexpr,
     KV_SCALED: tl.constexpr,
 ):
@@ -177,8 +183,8 @@ def _paged_attention_kernel(
     last_q_local = tl.minimum((q_block_local + 1) * BLOCK_Q, q_len) - 1
     kv_end = context_len + last_q_local + 1
     num_tiles = tl.cdiv(kv_end, TILE)
-    if NUM_SEGMENTS > 1:
-        tiles_per_segment = tl.cdiv(tl.cdiv(seq_len, TILE), NUM_SEGMENTS)
+    if SPLIT:
+        tiles_per_segment = tl.cdiv(tl.cdiv(seq_len, TILE), num_segments)
         tile_lo = segment * tiles_per_segment
         tile_hi = tl.minimum(tile_lo + tiles_per_segment, num_tiles)
     else:
@@ -211,7 +217,7 @@ def _paged_attention_kernel(
 
     if KV_SCALED:
         acc = acc * tl.load(v_scale_ptr + kv_head)
-    if NUM_SEGMENTS == 1:
+    if not SPLIT:
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(
             out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
@@ -219,35 +225,39 @@ def _paged_attention_kernel(
             mask=row_valid[:, None],
         )
     else:
-        part = (token * num_heads + head) * NUM_SEGMENTS + segment  # [BLOCK_M]
+        part = (token * num_heads + head) * num_segments + segment  # [BLOCK_M]
         tl.store(part_max_ptr + part, m_i, mask=row_valid)
         tl.store(part_sum_ptr + part, l_i, mask=row_valid)
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_valid[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_segments"])
 def _reduce_segments_kernel(
     out_ptr,  # [num_tokens, num_heads, HEAD_DIM]
-    part_acc_ptr,  # [num_tokens, num_heads, NUM_SEGMENTS, HEAD_DIM] float32
-    part_max_ptr,  # [num_tokens, num_heads, NUM_SEGMENTS] float32
-    part_sum_ptr,  # [num_tokens, num_heads, NUM_SEGMENTS] float32
+    part_acc_ptr,  # [num_tokens, num_heads, num_segments, HEAD_DIM] float32
+    part_max_ptr,  # [num_tokens, num_heads, num_segments] float32
+    part_sum_ptr,  # [num_tokens, num_heads, num_segments] float32
     num_heads,
+    num_segments,
     stride_ot,
     stride_oh,
     HEAD_DIM: tl.constexpr,
-    NUM_SEGMENTS: tl.constexpr,
+    MAX_SEGMENTS: tl.constexpr,  # a power of two >= num_segments: one compile for every count
 ):
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    offs_s = tl.arange(0, NUM_SEGMENTS)
+    offs_s = tl.arange(0, MAX_SEGMENTS)
+    valid = offs_s < num_segments
     offs_d = tl.arange(0, HEAD_DIM)
-    base = (token * num_heads + head) * NUM_SEGMENTS
-    m = tl.load(part_max_ptr + base + offs_s)  # [NUM_SEGMENTS]
+    base = (token * num_heads + head) * num_segments
+    m = tl.load(part_max_ptr + base + offs_s, mask=valid, other=float("-inf"))  # [MAX_SEGMENTS]
     m_max = tl.max(m, axis=0)
     m_max = tl.where(m_max > float("-inf"), m_max, 0.0)
-    w = tl.exp2(m - m_max)  # empty segments (max -inf) weigh 0
-    total = tl.sum(w * tl.load(part_sum_ptr + base + offs_s), axis=0)
-    acc = tl.load(part_acc_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :])
+    w = tl.exp2(m - m_max)  # empty segments (max -inf) and the padding weigh 0
+    total = tl.sum(w * tl.load(part_sum_ptr + base + offs_s, mask=valid, other=0.0), axis=0)
+    acc = tl.load(
+        part_acc_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=valid[:, None], other=0.0
+    )
     out = tl.sum(w[:, None] * acc, axis=0) / tl.where(total > 0.0, total, 1.0)
     tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
 
@@ -288,7 +298,7 @@ def _decode_segments(programs: int, max_seq_len: int, tile: int, sms: int) -> in
         return 1
     tiles = (max_seq_len + tile - 1) // tile
     min_tiles = 1 if programs < sms else 16
-    segments = min((4 * sms + programs - 1) // programs, tiles // min_tiles, 32)
+    segments = min((4 * sms + programs - 1) // programs, tiles // min_tiles, _MAX_SEGMENTS)
     return 1 << (segments.bit_length() - 1) if segments >= 2 else 1
 
 
@@ -481,7 +491,7 @@ def _launch(
     _paged_attention_kernel[(num_tokens // block_q + num_seqs, num_kv_heads, segments)](
         out, part_acc, part_max, part_sum, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
         # without scales the kernel reads none: the query stands in for their pointers
-        scale * _LOG2E, k_scale if scaled else query, v_scale if scaled else query, num_seqs, num_heads,
+        scale * _LOG2E, k_scale if scaled else query, v_scale if scaled else query, num_seqs, num_heads, segments,
         qs[0], qs[1], out_stride_t, head_dim,
         ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
         block_tables.stride(0),
@@ -491,7 +501,7 @@ def _launch(
         tile,  # TILE
         block_m,  # BLOCK_M
         block_q,  # BLOCK_Q
-        segments,  # NUM_SEGMENTS
+        segments > 1,  # SPLIT
         plan.dot_precision,  # DOT_PRECISION
         scaled,  # KV_SCALED
         num_warps=num_warps,
@@ -499,9 +509,9 @@ def _launch(
     )  # fmt: skip
     if segments > 1:
         _reduce_segments_kernel[(num_tokens, num_heads)](
-            out, part_acc, part_max, part_sum, num_heads, out_stride_t, head_dim,
+            out, part_acc, part_max, part_sum, num_heads, segments, out_stride_t, head_dim,
             head_dim,  # HEAD_DIM
-            segments,  # NUM_SEGMENTS
+            max(_MAX_SEGMENTS, triton.next_power_of_2(segments)),  # MAX_SEGMENTS
             num_warps=4,
         )  # fmt: skip
     return out

@@ -235,6 +235,17 @@ def test_paged_attention_decode_batch(split: bool) -> None:
 
 
 @in_process
+@pytest.mark.parametrize("segments", [2, 3, 32, 64])
+def test_paged_attention_segment_counts(segments: int) -> None:
+    """The segment count is a runtime argument (one compile for all): counts below the reduce kernel's
+    32-wide padding, one that is not a power of two, exactly 32, and past it (a wider reduce), each
+    with segments left empty by short sequences, match the reference."""
+    batch = make_batch(*DECODES, 8, 2, 32, 16, torch.float16, seed=segments)
+    config = AttentionConfig(block_m=16, tile=16, num_segments=segments)
+    check_attention(batch, config, torch.float16)
+
+
+@in_process
 def test_paged_attention_default_config() -> None:
     """The public entry point with its own heuristic, on the mixed batch and on a decode-only batch."""
     for q_lens, seq_lens in (MIXED, DECODES):

@@ -12,11 +12,16 @@ One launch covers the whole batch. The grid is (query blocks, KV heads[, KV segm
   position's physical block in the block table; causal masking per row; online softmax in float32 with
   exp2 (the softmax scale folded into log2(e)).
 - Split-KV (flash-decoding): with SPLIT a third grid axis splits each sequence's tiles into
-  num_segments segments; programs write partial (max, sum, unnormalised acc) in float32 and
-  `_reduce_segments_kernel` merges them. Chosen for decode-heavy batches too small to fill the GPU with
-  long contexts. The segment count is a runtime argument, not a constexpr: each value was a separate
-  compile (~1 s each on an H200, five of them met by the CUDA-graph warm-up's decode sizes on a cold
-  Triton cache, loadtest/trace_compiles.py), while it only sizes the split and the partials' index.
+  num_segments segments. Chosen for decode-heavy batches too small to fill the GPU with long contexts.
+  Only the segments that hold tiles of a query block work (a CUDA graph sizes the split for the longest
+  context, so at a short one most leave at once); with one such segment it writes the output itself,
+  with more each writes a float32 partial (max, sum, unnormalised acc), takes a ticket from a counter
+  per (query block, KV head), and the last one merges them and puts the counter back to zero
+  (ops/triton/split_k.py's pattern; its counter workspace is shared). No second kernel: a reduce
+  launch per layer was ~2-3 us of a ~4.5 ms batch-1 step on an H200, 32 times.
+  The segment count is a runtime argument, not a constexpr: each value was a separate compile (~1 s
+  each on an H200, five of them met by the CUDA-graph warm-up's decode sizes on a cold Triton cache,
+  loadtest/trace_compiles.py), while it only sizes the split and the partials' index.
 - FP8 caches: K/V tiles are loaded as 1-byte values and widened to the query's dtype in registers;
   the scales never touch a tile: a program serves one KV head, so it loads that head's k_scale and
   v_scale ([num_kv_heads] float32 device tensors, read in the kernel: CUDA-graph safe) once, folds
@@ -33,8 +38,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.triton.split_k import MAX_TILES, split_counters
+
 _LOG2E = 1.4426950408889634
-_MAX_SEGMENTS = 32  # _decode_segments' cap: the reduce kernel's one compile covers every count up to it
+_MAX_SEGMENTS = 32  # _decode_segments' cap (64 measured slower)
 
 
 @triton.jit
@@ -120,6 +127,7 @@ def _paged_attention_kernel(
     part_acc_ptr,  # [num_tokens, num_heads, num_segments, HEAD_DIM] float32 (SPLIT)
     part_max_ptr,  # [num_tokens, num_heads, num_segments] float32, log2 domain
     part_sum_ptr,  # [num_tokens, num_heads, num_segments] float32
+    counters_ptr,  # [grid 0 x num_kv_heads] int32 zeros (SPLIT), left zero
     q_ptr,  # [num_tokens, num_heads, HEAD_DIM]
     k_cache_ptr,  # [num_blocks, BLOCK_SIZE, num_kv_heads, HEAD_DIM]
     v_cache_ptr,  # [num_blocks, BLOCK_SIZE, num_kv_heads, HEAD_DIM]
@@ -149,7 +157,7 @@ def _paged_attention_kernel(
     TILE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_Q: tl.constexpr,
-    SPLIT: tl.constexpr,  # num_segments > 1: write partials for _reduce_segments_kernel
+    SPLIT: tl.constexpr,  # num_segments > 1: the split-KV path
     DOT_PRECISION: tl.constexpr,
     KV_SCALED: tl.constexpr,
 ):
@@ -185,11 +193,17 @@ def _paged_attention_kernel(
     num_tiles = tl.cdiv(kv_end, TILE)
     if SPLIT:
         tiles_per_segment = tl.cdiv(tl.cdiv(seq_len, TILE), num_segments)
+        # Segments that hold any of this block's tiles: the others leave at once and write nothing (a
+        # CUDA graph sizes the split for the longest context; a short one fills the first segment only).
+        used = tl.cdiv(num_tiles, tiles_per_segment)
         tile_lo = segment * tiles_per_segment
         tile_hi = tl.minimum(tile_lo + tiles_per_segment, num_tiles)
     else:
+        used = 1
         tile_lo = 0
         tile_hi = num_tiles
+    if segment >= used:
+        return
 
     if KV_SCALED:
         qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
@@ -217,49 +231,70 @@ def _paged_attention_kernel(
 
     if KV_SCALED:
         acc = acc * tl.load(v_scale_ptr + kv_head)
-    if not SPLIT:
+    last = segment < used  # whether this program writes the output: true here unless a split's ticket says
+    if SPLIT:
+        if used > 1:
+            part = (token * num_heads + head) * num_segments  # [BLOCK_M]: the rows' segment 0
+            tl.store(part_max_ptr + part + segment, m_i, mask=row_valid)
+            tl.store(part_sum_ptr + part + segment, l_i, mask=row_valid)
+            tl.store(
+                part_acc_ptr + (part + segment)[:, None] * HEAD_DIM + offs_d[None, :],
+                acc,
+                mask=row_valid[:, None],
+            )
+            # Ticket: every thread's partial is written first; the acq_rel atomic publishes them, and
+            # the program drawing the last ticket merges all `used` partials (ops/triton/split_k.py).
+            tl.debug_barrier()
+            counter = counters_ptr + q_block * tl.num_programs(1) + kv_head
+            last = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == used - 1
+            if last:
+                m_i, l_i, acc = _merge_segments(
+                    part_max_ptr, part_sum_ptr, part_acc_ptr, part, row_valid, offs_d, used, HEAD_DIM, BLOCK_M
+                )
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # clean for the next launch
+    if last:  # no split, one used segment, or the split's last program
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(
             out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
             out.to(out_ptr.dtype.element_ty),
             mask=row_valid[:, None],
         )
-    else:
-        part = (token * num_heads + head) * num_segments + segment  # [BLOCK_M]
-        tl.store(part_max_ptr + part, m_i, mask=row_valid)
-        tl.store(part_sum_ptr + part, l_i, mask=row_valid)
-        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_valid[:, None])
 
 
-@triton.jit(do_not_specialize=["num_segments"])
-def _reduce_segments_kernel(
-    out_ptr,  # [num_tokens, num_heads, HEAD_DIM]
-    part_acc_ptr,  # [num_tokens, num_heads, num_segments, HEAD_DIM] float32
-    part_max_ptr,  # [num_tokens, num_heads, num_segments] float32
-    part_sum_ptr,  # [num_tokens, num_heads, num_segments] float32
-    num_heads,
-    num_segments,
-    stride_ot,
-    stride_oh,
+@triton.jit
+def _merge_segments(
+    part_max_ptr,
+    part_sum_ptr,
+    part_acc_ptr,
+    part,
+    row_valid,
+    offs_d,
+    used,
     HEAD_DIM: tl.constexpr,
-    MAX_SEGMENTS: tl.constexpr,  # a power of two >= num_segments: one compile for every count
+    BLOCK_M: tl.constexpr,
 ):
-    token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    offs_s = tl.arange(0, MAX_SEGMENTS)
-    valid = offs_s < num_segments
-    offs_d = tl.arange(0, HEAD_DIM)
-    base = (token * num_heads + head) * num_segments
-    m = tl.load(part_max_ptr + base + offs_s, mask=valid, other=float("-inf"))  # [MAX_SEGMENTS]
-    m_max = tl.max(m, axis=0)
-    m_max = tl.where(m_max > float("-inf"), m_max, 0.0)
-    w = tl.exp2(m - m_max)  # empty segments (max -inf) and the padding weigh 0
-    total = tl.sum(w * tl.load(part_sum_ptr + base + offs_s, mask=valid, other=0.0), axis=0)
-    acc = tl.load(
-        part_acc_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=valid[:, None], other=0.0
-    )
-    out = tl.sum(w[:, None] * acc, axis=0) / tl.where(total > 0.0, total, 1.0)
-    tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+    """The rows' partials of segments 0 .. used - 1 merged: (max, sum, unnormalised acc) as one pass would
+    have left them. Read past L1 (`.cg`): other SMs wrote them."""
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for s in range(used):
+        m_s = tl.load(part_max_ptr + part + s, mask=row_valid, other=float("-inf"), cache_modifier=".cg")
+        l_s = tl.load(part_sum_ptr + part + s, mask=row_valid, other=0.0, cache_modifier=".cg")
+        acc_s = tl.load(
+            part_acc_ptr + (part + s)[:, None] * HEAD_DIM + offs_d[None, :],
+            mask=row_valid[:, None],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        m_new = tl.maximum(m_i, m_s)
+        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # masked rows stay empty
+        alpha = tl.exp2(m_i - m_safe)
+        beta = tl.exp2(m_s - m_safe)
+        l_i = l_i * alpha + l_s * beta
+        acc = acc * alpha[:, None] + acc_s * beta[:, None]
+        m_i = m_new
+    return m_i, l_i, acc
 
 
 @dataclass(frozen=True, slots=True)
@@ -476,7 +511,12 @@ def _launch(
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=query.dtype, device=device)
     if num_tokens == 0 or num_seqs == 0:
         return out
+    grid_q = num_tokens // block_q + num_seqs
+    if segments > 1 and grid_q * num_kv_heads > MAX_TILES:
+        segments = 1  # more (query block, KV head) pairs than split counters: one pass (only forced configs)
+    counters = out
     if segments > 1:
+        counters = split_counters(device)
         # [num_tokens, num_heads, segments, head_dim], [num_tokens, num_heads, segments] x 2: float32
         part_acc = torch.empty(num_tokens, num_heads, segments, head_dim, dtype=torch.float32, device=device)
         part_max = torch.empty(num_tokens, num_heads, segments, dtype=torch.float32, device=device)
@@ -488,8 +528,8 @@ def _launch(
     if scaled and v_scale is None:
         raise ValueError("paged_attention takes both k_scale and v_scale or neither")
     # Constexprs passed positionally (a keyword costs a dict build per launch), in the kernel's order.
-    _paged_attention_kernel[(num_tokens // block_q + num_seqs, num_kv_heads, segments)](
-        out, part_acc, part_max, part_sum, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+    _paged_attention_kernel[(grid_q, num_kv_heads, segments)](
+        out, part_acc, part_max, part_sum, counters, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
         # without scales the kernel reads none: the query stands in for their pointers
         scale * _LOG2E, k_scale if scaled else query, v_scale if scaled else query, num_seqs, num_heads, segments,
         qs[0], qs[1], out_stride_t, head_dim,
@@ -507,11 +547,4 @@ def _launch(
         num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip
-    if segments > 1:
-        _reduce_segments_kernel[(num_tokens, num_heads)](
-            out, part_acc, part_max, part_sum, num_heads, segments, out_stride_t, head_dim,
-            head_dim,  # HEAD_DIM
-            max(_MAX_SEGMENTS, triton.next_power_of_2(segments)),  # MAX_SEGMENTS
-            num_warps=4,
-        )  # fmt: skip
     return out

@@ -26,6 +26,7 @@ OP_NAMES = (
     "lora_shrink",
     "lora_expand",
     "seeded_exponential_",
+    "sample_argmax",
 )
 
 
@@ -47,6 +48,7 @@ class Kernels:
     lora_shrink: Callable[..., Any]  # batched LoRA over stacked adapter slots (engine.lora)
     lora_expand: Callable[..., Any]
     seeded_exponential_: Callable[..., Any]  # the sampling noise of seeded rows (engine.worker.sampler)
+    sample_argmax: Callable[..., Any]  # the sampler's draw (argmax of logits - log noise) or greedy argmax
 
     @classmethod
     def from_module(cls, name: str, module: ModuleType) -> Kernels:

@@ -304,3 +304,16 @@ def seeded_exponential_(
         h = seeded_hash(keys[a : a + step], vocab_size)  # [s, V]
         noise.index_copy_(0, rows[a : a + step], seeded_uniform(h).log_().neg_())
     return noise
+
+
+def sample_argmax(
+    logits: torch.Tensor,  # [B, V] float32
+    noise: torch.Tensor | None,  # [B, V] float32 Exponential(1) draws, or None (greedy)
+) -> torch.Tensor:  # [B] int64
+    """Per row, the index of the largest logits - log(max(noise, tiny)); of logits alone without noise.
+    With Exponential(1) noise this samples softmax(logits): argmax p / E = argmax log p - log E, and
+    log p differs from the logits by one constant per row (the exponential race, without a softmax).
+    The clamp to float32's smallest normal keeps a draw of exactly 0 finite. Ties: the first index."""
+    if noise is None:
+        return logits.argmax(dim=-1)
+    return (logits - noise.clamp_min(torch.finfo(torch.float32).tiny).log()).argmax(dim=-1)

@@ -7,7 +7,8 @@ Hot path, kept minimal on purpose. The order follows vLLM v1:
      (repetition over prompt+output, frequency and presence over output);
   3. greedy rows: argmax (first max, as transformers);
      random rows: temperature, top-k, top-p, min-p, then an exponential race (argmax of probs / E,
-     E ~ Exponential(1)), which samples exactly from probs without a cumsum or a host sync.
+     E ~ Exponential(1)), which samples exactly from probs without a cumsum or a host sync; taken
+     as argmax logits - log E (the same draw, no softmax), one kernel (the kernels' sample_argmax).
 
 `build_sampling_metadata` does all host-side work once per step: per-row scalars travel to the device
 as one packed tensor, token ids for penalties as one padded tensor, sparse edits (logit_bias,
@@ -313,16 +314,15 @@ def _sample_random(logits: Tensor, md: SamplingMetadata, kernels: Kernels) -> Te
         logits = apply_top_k_top_p(logits, md.top_k, md.top_p)
     if md.min_p is not None:
         logits = apply_min_p(logits, md.min_p)
-    probs = logits.softmax(dim=-1, dtype=torch.float32)  # [B, V]
-    noise = torch.empty_like(probs)  # [B, V]
+    noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)  # [B, V]
     if md.num_seeded < md.num_rows:  # some row draws from the default generator
         noise.exponential_()
     if md.seeded_rows is not None:
         assert md.seed_keys is not None
         kernels.seeded_exponential_(noise, md.seeded_rows, md.seed_keys)
-    # An Exponential draw of exactly 0 would turn a masked 0/0 into NaN, which argmax would pick.
-    noise.clamp_min_(torch.finfo(torch.float32).tiny)
-    return (probs / noise).argmax(dim=-1)
+    # argmax softmax(logits) / noise, as argmax logits - log noise: no softmax over the vocabulary, and
+    # on a GPU one pass over logits and noise (ops.reference.sample_argmax says why they agree).
+    return kernels.sample_argmax(logits, noise)
 
 
 # ---------------------------------------------------------------------------- logprobs
@@ -386,7 +386,7 @@ class Sampler:
 
         logits = process_logits(logits, md)
         if md.all_greedy:
-            sampled = logits.argmax(dim=-1)
+            sampled = self.kernels.sample_argmax(logits, None)
         elif md.all_random:
             sampled = _sample_random(logits, md, self.kernels)
         else:

@@ -10,6 +10,7 @@ from ops.triton.paged_attention import paged_attention
 from ops.triton.rms_norm import rms_norm
 from ops.triton.rotary import rotary_embedding
 from ops.triton.rotary_kv import rotary_and_write_kv
+from ops.triton.sample_argmax import sample_argmax
 from ops.triton.seeded_noise import seeded_exponential_
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "rms_norm",
     "rotary_and_write_kv",
     "rotary_embedding",
+    "sample_argmax",
     "seeded_exponential_",
     "silu_and_mul",
     "write_kv_cache",

@@ -120,8 +120,9 @@ def _attend_tile(
     return m_new, l_i, acc
 
 
-# A batch of one must not recompile or make `hi` a constant; neither may a segment count.
-@triton.jit(do_not_specialize=["num_seqs", "num_segments"])
+# A batch of one must not recompile or make `hi` a constant; neither may a segment count, nor the
+# memory profile's one-block-wide block table (stride 1) compile a decode variant of its own.
+@triton.jit(do_not_specialize=["num_seqs", "num_segments", "stride_bt"])
 def _paged_attention_kernel(
     out_ptr,  # [num_tokens, num_heads, HEAD_DIM] (not SPLIT)
     part_acc_ptr,  # [num_tokens, num_heads, num_segments, HEAD_DIM] float32 (SPLIT)

@@ -1,0 +1,68 @@
+"""The sampler's draw on the GPU: the softmax path it replaced against ops.triton.sample_argmax.
+
+For a batch of B rows over a Llama-3 vocabulary (128,256), times (triton.testing.do_bench, median,
+L2 flushed between runs) the random draw after the noise is made:
+  - torch: softmax, clamp, divide, argmax (the sampler before sample_argmax);
+  - triton: ops.triton.sample_argmax (one pass over logits and noise);
+and the greedy argmax (torch.argmax against sample_argmax without noise). Each pair is first checked
+to pick the same indices as ops.reference.sample_argmax on the same noise (softmax / E and
+logits - log E rank alike except at float32 near-ties, which the JSON counts).
+
+    python loadtest/bench_sampler.py --out $OUT/sampler.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+
+def _softmax_draw(logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    probs = logits.softmax(dim=-1, dtype=torch.float32)
+    return (probs / noise.clamp_min(torch.finfo(torch.float32).tiny)).argmax(dim=-1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-sizes", default="1,8,64,256,640")
+    parser.add_argument("--vocab-size", type=int, default=128256)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    from triton.testing import do_bench
+
+    from ops import reference
+    from ops.triton.sample_argmax import sample_argmax
+
+    results = []
+    for rows in (int(b) for b in args.batch_sizes.split(",")):
+        g = torch.Generator(device="cuda").manual_seed(rows)
+        logits = torch.randn(rows, args.vocab_size, device="cuda", generator=g) * 3  # [B, V] float32
+        noise = torch.empty_like(logits).exponential_(generator=g)
+        spec = reference.sample_argmax(logits, noise)
+        row = {
+            "rows": rows,
+            "triton_equals_spec": bool(torch.equal(sample_argmax(logits, noise), spec)),
+            "softmax_path_differs_rows": int((_softmax_draw(logits, noise) != spec).sum()),
+            "greedy_equals_torch": bool(torch.equal(sample_argmax(logits, None), logits.argmax(dim=-1))),
+            "draw_us_torch_softmax": 1000 * do_bench(lambda: _softmax_draw(logits, noise)),
+            "draw_us_triton": 1000 * do_bench(lambda: sample_argmax(logits, noise)),
+            "greedy_us_torch": 1000 * do_bench(lambda: logits.argmax(dim=-1)),
+            "greedy_us_triton": 1000 * do_bench(lambda: sample_argmax(logits, None)),
+            "noise_us_exponential": 1000 * do_bench(lambda: noise.exponential_()),
+        }
+        row = {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"card": torch.cuda.get_device_name(), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -28,8 +28,29 @@ def _softmax_draw(logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return (probs / noise.clamp_min(torch.finfo(torch.float32).tiny)).argmax(dim=-1)
 
 
+def _measure(rows: int, vocab_size: int, do_bench, spec_fn, triton_fn) -> dict:  # noqa: ANN001
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    logits = torch.randn(rows, vocab_size, device="cuda", generator=g) * 3  # [B, V] float32
+    noise = torch.empty_like(logits).exponential_(generator=g)
+    spec = spec_fn(logits, noise)
+    row = {
+        "rows": rows,
+        "triton_equals_spec": bool(torch.equal(triton_fn(logits, noise), spec)),
+        "softmax_path_differs_rows": int((_softmax_draw(logits, noise) != spec).sum()),
+        "greedy_equals_torch": bool(torch.equal(triton_fn(logits, None), logits.argmax(dim=-1))),
+        "draw_us_torch_softmax": 1000 * do_bench(lambda: _softmax_draw(logits, noise)),
+        "draw_us_triton": 1000 * do_bench(lambda: triton_fn(logits, noise)),
+        "greedy_us_torch": 1000 * do_bench(lambda: logits.argmax(dim=-1)),
+        "greedy_us_triton": 1000 * do_bench(lambda: triton_fn(logits, None)),
+        "noise_us_exponential": 1000 * do_bench(lambda: noise.exponential_()),
+    }
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch-sizes", default="1,8,64,256,640")
     parser.add_argument("--vocab-size", type=int, default=128256)
     parser.add_argument("--out", default=None)
@@ -42,26 +63,13 @@ def main() -> None:
 
     results = []
     for rows in (int(b) for b in args.batch_sizes.split(",")):
-        g = torch.Generator(device="cuda").manual_seed(rows)
-        logits = torch.randn(rows, args.vocab_size, device="cuda", generator=g) * 3  # [B, V] float32
-        noise = torch.empty_like(logits).exponential_(generator=g)
-        spec = reference.sample_argmax(logits, noise)
-        row = {
-            "rows": rows,
-            "triton_equals_spec": bool(torch.equal(sample_argmax(logits, noise), spec)),
-            "softmax_path_differs_rows": int((_softmax_draw(logits, noise) != spec).sum()),
-            "greedy_equals_torch": bool(torch.equal(sample_argmax(logits, None), logits.argmax(dim=-1))),
-            "draw_us_torch_softmax": 1000 * do_bench(lambda: _softmax_draw(logits, noise)),
-            "draw_us_triton": 1000 * do_bench(lambda: sample_argmax(logits, noise)),
-            "greedy_us_torch": 1000 * do_bench(lambda: logits.argmax(dim=-1)),
-            "greedy_us_triton": 1000 * do_bench(lambda: sample_argmax(logits, None)),
-            "noise_us_exponential": 1000 * do_bench(lambda: noise.exponential_()),
-        }
-        row = {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}
+        row = _measure(rows, args.vocab_size, do_bench, reference.sample_argmax, sample_argmax)
         print(json.dumps(row), flush=True)
         results.append(row)
     if args.out:
-        Path(args.out).write_text(json.dumps({"card": torch.cuda.get_device_name(), "results": results}, indent=1))
+        Path(args.out).write_text(
+            json.dumps({"card": torch.cuda.get_device_name(), "results": results}, indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 #
 # Steps (knobs in the environment): suite (run_gpu_suite.sh; BENCHES, SB = its budget), feat
 # (gpu_feature_check.py; FEAT_PARTS), eng (gpu_engine_check.py; ENG_PARTS), pyt (pytest on CUDA; PYT),
-# l1, s16 (S1 at 16 req/s), u1, u1cold (U1 on an empty Triton cache), trace (trace_compiles.py), beam (B1-B3), lora (A1-A4; LORA_COUNTS), k1lora (A3's step by kernel),
+# l1, s16 (S1 at 16 req/s), u1, u1cold (U1 on an empty Triton cache), trace (trace_compiles.py), sampler (bench_sampler.py), beam (B1-B3), lora (A1-A4; LORA_COUNTS), k1lora (A3's step by kernel),
 # cb (T1 with the transformers continuous-batching peer; CBB, CBN), cbng (the same, its CUDA graphs off; CBV, CBT), sweep (sweep_lora_gemv.py), sweepseg (sweep_lora_segments.py), profbase and
 # proflora (a T2-like decode step by kernel family, base / with PROF_ADAPTERS rank-16 adapters); any
 # other word is run as a shell command. abold1 abnew1 abold2 ...: L1 alternating an older tree and this
@@ -39,6 +39,7 @@ for s in $STEPS; do case $s in
   l1) step l1 150 python3 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer hf --peer-max-steps 48 --out $O/l1.json;;
   s16) step s16 150 python3 loadtest/bench_serving.py --shape llama3-8b --num-requests 240 --request-rates 16 --num-requests-finite-rate 240 --offline none --server-log $O/server_s16.log --out $O/s16.json;;
   u1cold) step u1cold 150 env TRITON_CACHE_DIR=$(mktemp -d) python3 loadtest/bench_startup.py --shape llama3-8b --no-split --no-imports --server-log $O/server_u1_cold.log --out $O/u1_cold.json;;
+  sampler) step sampler 90 python3 loadtest/bench_sampler.py --out $O/sampler.json;;
   trace) step trace 150 python3 loadtest/trace_compiles.py --shape llama3-8b --out $O/compiles.json;;
   u1) step u1 150 python3 loadtest/bench_startup.py --shape llama3-8b --no-split --no-imports --server-log $O/server_u1.log --out $O/u1.json;;
   abold*) step $s 60 env PYTHONPATH=/tmp/site:$PWD/ab_old python3 ab_old/loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;

@@ -16,6 +16,8 @@ The spec is ops.reference.sample_argmax (tests/ops/test_sample_argmax.py, under 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -89,10 +91,15 @@ def _sample_argmax_kernel(
             tl.atomic_xchg(counters_ptr + row, 0, sem="relaxed", scope="gpu")
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
 def _parts(rows: int, vocab_size: int, device: torch.device) -> int:
     """Slices per row: about four programs per SM over the batch, each at least one BLOCK, a power of
     two up to MAX_PARTS (132 SMs assumed off CUDA)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    sms = _sm_count(device)
     parts = min(MAX_PARTS, max(1, (4 * sms) // rows), triton.cdiv(vocab_size, BLOCK))
     return 1 << (parts.bit_length() - 1)
 

@@ -4,7 +4,9 @@ With Exponential(1) noise this draws from softmax(logits) (the exponential race:
 computing the softmax; with no noise it is the greedy argmax. In torch the random path was five
 launches over [B, V] float32 (softmax, clamp, divide, argmax, plus the noise): each a full pass over
 the logits, and at batch 1 single-row kernels that leave most SMs idle. Here every row is cut into
-PARTS slices so that a batch of any size has a few programs per SM; each program keeps, per lane, the
+`parts` slices (a runtime argument: every batch size runs one compiled kernel, since the sampler runs
+outside the CUDA graphs and a new constexpr would compile mid-serving) so that a batch of any size has
+a few programs per SM; each program keeps, per lane, the
 best value and its first index over its slice, reduces them, and stores its (value, index). With
 more than one slice the last program of a row (a ticket from ops/triton/split_k.py's counters) merges
 the row's partials and puts the counter back to zero.
@@ -25,7 +27,7 @@ import triton.language as tl
 from ops.triton.split_k import MAX_TILES, split_counters
 
 BLOCK = 1024  # vocabulary entries per loop step of a program
-MAX_PARTS = 64  # slices per row (a power of two: the merge loads them as one vector)
+MAX_PARTS = 64  # most slices per row (a power of two: the merge loads up to that many as one vector)
 _TINY = tl.constexpr(1.1754943508222875e-38)  # float32's smallest normal: a 0 draw keeps log finite
 _NO_INDEX = tl.constexpr(2**31 - 1)  # a lane (or slice) that has seen no entry yet
 
@@ -38,20 +40,21 @@ def _best(values, indices):
     return top, first
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["parts", "slice_size"])
 def _sample_argmax_kernel(
     logits_ptr,  # [B, V] (read as float32)
     noise_ptr,  # [B, V] float32 (HAS_NOISE)
-    part_value_ptr,  # [B, PARTS] float32
-    part_index_ptr,  # [B, PARTS] int32
-    counters_ptr,  # [B] int32 zeros (PARTS > 1), left zero
+    part_value_ptr,  # [B, parts] float32
+    part_index_ptr,  # [B, parts] int32
+    counters_ptr,  # [B] int32 zeros (parts > 1), left zero
     out_ptr,  # [B] int64
     vocab_size,
+    parts,  # slices per row (grid axis 1), <= MAX_PARTS: a runtime value, so batch sizes share one compile
     slice_size,  # vocabulary entries per program, a multiple of BLOCK
     stride_l,
     stride_n,
     HAS_NOISE: tl.constexpr,
-    PARTS: tl.constexpr,
+    MAX_PARTS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -76,16 +79,21 @@ def _sample_argmax_kernel(
         best = tl.where(better, value, best)
         best_index = tl.where(better, index, best_index)
     top, first = _best(best, best_index)
-    if PARTS == 1:
+    if parts == 1:
         tl.store(out_ptr + row, first.to(tl.int64))
     else:
-        tl.store(part_value_ptr + row * PARTS + part, top)
-        tl.store(part_index_ptr + row * PARTS + part, first)
+        tl.store(part_value_ptr + row * parts + part, top)
+        tl.store(part_index_ptr + row * parts + part, first)
         tl.debug_barrier()
-        if tl.atomic_add(counters_ptr + row, 1, sem="acq_rel", scope="gpu") == PARTS - 1:
-            parts = tl.arange(0, PARTS)
-            values = tl.load(part_value_ptr + row * PARTS + parts, cache_modifier=".cg")
-            indices = tl.load(part_index_ptr + row * PARTS + parts, cache_modifier=".cg")
+        if tl.atomic_add(counters_ptr + row, 1, sem="acq_rel", scope="gpu") == parts - 1:
+            slices = tl.arange(0, MAX_PARTS)
+            valid = slices < parts
+            values = tl.load(
+                part_value_ptr + row * parts + slices, mask=valid, other=float("-inf"), cache_modifier=".cg"
+            )
+            indices = tl.load(
+                part_index_ptr + row * parts + slices, mask=valid, other=_NO_INDEX, cache_modifier=".cg"
+            )
             top, first = _best(values, indices)
             tl.store(out_ptr + row, first.to(tl.int64))
             tl.atomic_xchg(counters_ptr + row, 0, sem="relaxed", scope="gpu")
@@ -128,7 +136,7 @@ def sample_argmax(
     has_noise = noise is not None
     _sample_argmax_kernel[(rows, parts)](
         logits, noise if has_noise else logits, part_value, part_index, counters, out,
-        vocab_size, slice_size, logits.stride(0), noise.stride(0) if has_noise else 0,
-        HAS_NOISE=has_noise, PARTS=parts, BLOCK=BLOCK, num_warps=4,
+        vocab_size, parts, slice_size, logits.stride(0), noise.stride(0) if has_noise else 0,
+        HAS_NOISE=has_noise, MAX_PARTS=MAX_PARTS, BLOCK=BLOCK, num_warps=4,
     )  # fmt: skip
     return out

@@ -12,7 +12,8 @@
 # cb (T1 with the transformers continuous-batching peer; CBB, CBN), cbng (the same, its CUDA graphs off; CBV, CBT), sweep (sweep_lora_gemv.py), sweepseg (sweep_lora_segments.py), profbase and
 # proflora (a T2-like decode step by kernel family, base / with PROF_ADAPTERS rank-16 adapters), proffp8 (the same with
 # FP8 weights), k1 (L1's batch-1 step by kernel); any
-# other word is run as a shell command. abold1 abnew1 abold2 ...: L1 alternating an older tree and this
+# other word is run as a shell command. pdl0a pdl1a pdl0b ...: L1 with WEIR_PDL=0 / 1 (ops/triton/pdl.py);
+# engpdl: the engine check with WEIR_PDL=1. abold1 abnew1 abold2 ...: L1 alternating an older tree and this
 # one in one call (machines differ by up to 4%; compare within a call): first, on this machine,
 # `mkdir ab_old && git archive REV engine ops app loadtest pyproject.toml | tar x -C ab_old`, carry ab_old. .whl holds the server's wheels (../shared/scripts/device-wheels.sh).
 set -o pipefail
@@ -44,6 +45,8 @@ for s in $STEPS; do case $s in
   trace) step trace 150 python3 loadtest/trace_compiles.py --shape llama3-8b --out $O/compiles.json;;
   u1) step u1 150 python3 loadtest/bench_startup.py --shape llama3-8b --no-split --no-imports --server-log $O/server_u1.log --out $O/u1.json;;
   abold*) step $s 60 env PYTHONPATH=/tmp/site:$PWD/ab_old python3 ab_old/loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;
+  pdl0*|pdl1*) step $s 60 env WEIR_PDL=${s:3:1} python3 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;
+  engpdl) mkdir -p $O/engpdl; step engpdl 300 env OUT=$O/engpdl WEIR_PDL=1 WEIR_CHECK_PARTS="${ENG_PARTS:-a}" python3 loadtest/gpu_engine_check.py;;
   abnew*) step $s 60 python3 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;
   sweep) step sweep 170 python3 loadtest/sweep_lora_gemv.py --out $O/sweep_lora_gemv.json;;
   sweepseg) step sweepseg 150 python3 loadtest/sweep_lora_segments.py --out $O/sweep_lora_segments.json;;

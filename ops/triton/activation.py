@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.triton.pdl import let_next_kernel_start, pdl_enabled
+from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
 
 
 @triton.jit
@@ -17,9 +17,10 @@ def _silu_and_mul_kernel(
     stride_out,
     d,
     BLOCK: tl.constexpr,
-    PDL: tl.constexpr,  # let a PDL-launched next kernel (the down projection's GEMV) start now
+    PDL: tl.constexpr,  # launched with PDL, and lets the next kernel launch early (ops.triton.pdl)
 ):
     let_next_kernel_start(PDL)
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < d
@@ -59,7 +60,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if num_tokens > 0 and d > 0:
         block, programs_per_row = _LAUNCH.get(d) or _launch_params(d)
         # BLOCK and PDL passed positionally: a keyword costs a dict build per launch. out is contiguous.
+        pdl = pdl_enabled(x.device)
         _silu_and_mul_kernel[(num_tokens, programs_per_row)](
-            out, x2, x2.stride(0), d, d, block, pdl_enabled(x.device), num_warps=4
+            out, x2, x2.stride(0), d, d, block, pdl, num_warps=4, launch_pdl=pdl
         )
     return out if len(shape) == 2 else out.view(*shape[:-1], d)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.triton.pdl import pdl_enabled, wait_for_previous_kernel
+from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
 from ops.triton.split_k import MAX_TILES, rows_per_program, split_counters, store_rows
 
 MAX_GEMV_TOKENS = 16  # rows of x in groups of up to 4, one group per program
@@ -91,6 +91,7 @@ def _fp8_gemv_kernel(
         w = _w_tile(w_ptrs, k_start, k_end, mask_n, BLOCK_K)
     # Weights do not depend on the kernel before this one: with PDL the first tile is requested while it
     # still runs; x and every write come after the wait.
+    let_next_kernel_start(PDL)  # all programs resident: the next kernel may launch and wait for this one
     wait_for_previous_kernel(PDL)
     for k0 in range(k_start, k_end, BLOCK_K):
         kk = k0 + offs_k
@@ -163,7 +164,7 @@ def fp8_gemv(
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     partials = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else out
     static = input_scale is not None
-    pdl = prefetch and pdl_enabled(x.device)
+    pdl = pdl_enabled(x.device)
     _fp8_gemv_kernel[(groups, tiles, split_k)](
         x, weight, weight_scale, input_scale if static else weight_scale, out, partials, split_counters(x.device),
         M, N, K, k_per_split, x.stride(0), weight.stride(0), out.stride(0),

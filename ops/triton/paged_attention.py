@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
 from ops.triton.split_k import MAX_TILES, split_counters
 
 _LOG2E = 1.4426950408889634
@@ -161,7 +162,10 @@ def _paged_attention_kernel(
     SPLIT: tl.constexpr,  # num_segments > 1: the split-KV path
     DOT_PRECISION: tl.constexpr,
     KV_SCALED: tl.constexpr,
+    PDL: tl.constexpr,  # launched with PDL, and lets the next kernel launch early (ops.triton.pdl)
 ):
+    let_next_kernel_start(PDL)
+    wait_for_previous_kernel(PDL)
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
@@ -375,7 +379,7 @@ class _Plan:
     a per-call choose_config + AttentionConfig costs more than the launch arithmetic left below.
     Holds python values only, so it is valid for every batch and across CUDA-graph capture and replay."""
 
-    __slots__ = ("decode", "dot_precision", "group", "prefill", "sms")
+    __slots__ = ("decode", "dot_precision", "group", "pdl", "prefill", "sms")
 
     def __init__(
         self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device_index: int
@@ -389,6 +393,7 @@ class _Plan:
         self.sms = _num_sms(device_index)
         self.decode = _base_launch(group, head_dim, decode=True)  # (block_m, tile, num_warps, num_stages)
         self.prefill = _base_launch(group, head_dim, decode=False)
+        self.pdl = device_index >= 0 and pdl_enabled(torch.device("cuda", device_index))
 
 
 _PLANS: dict[tuple[int, int, int, int, torch.dtype, int], _Plan] = {}
@@ -545,7 +550,9 @@ def _launch(
         segments > 1,  # SPLIT
         plan.dot_precision,  # DOT_PRECISION
         scaled,  # KV_SCALED
+        plan.pdl,  # PDL
         num_warps=num_warps,
         num_stages=num_stages,
+        launch_pdl=plan.pdl,
     )  # fmt: skip
     return out

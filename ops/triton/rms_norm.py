@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.triton.pdl import let_next_kernel_start, pdl_enabled
+from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
 
 
 @triton.jit
@@ -26,9 +26,10 @@ def _rms_norm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
-    PDL: tl.constexpr,  # let a PDL-launched next kernel (a decode GEMV) start loading its weights now
+    PDL: tl.constexpr,  # launched with PDL, and lets the next kernel launch early (ops.triton.pdl)
 ):
     let_next_kernel_start(PDL)
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
@@ -87,13 +88,14 @@ def rms_norm(
     else:
         r2, nr2 = x2, out  # placeholders; the kernel does not touch them
     if num_tokens > 0:
+        pdl = pdl_enabled(x.device)
         # Constexprs passed positionally (HAS_RESIDUAL, BLOCK, PDL): keywords cost a dict build per launch.
         _rms_norm_kernel[(num_tokens,)](
             out, nr2, x2, r2, weight.contiguous(),
             x2.stride(0), r2.stride(0), hidden, hidden,  # out and new_residual are contiguous
             hidden, eps,
-            residual is not None, block, pdl_enabled(x.device),
-            num_warps=num_warps,
+            residual is not None, block, pdl,
+            num_warps=num_warps, launch_pdl=pdl,
         )  # fmt: skip
     if len(shape) != 2:
         out = out.view(shape)

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ops.triton.kv_cache import _FP8_FORMATS, _NOT_FP8, _to_cache
+from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
 from ops.triton.rotary import _rotate_heads, _rotated_halves, _rows
 
 
@@ -54,7 +55,10 @@ def _rotary_write_kv_kernel(
     FP8_MIN_EXP: tl.constexpr,
     FP8_MAX: tl.constexpr,
     SCALED: tl.constexpr,
+    PDL: tl.constexpr,  # launched with PDL, and lets the next kernel launch early (ops.triton.pdl)
 ):
+    let_next_kernel_start(PDL)
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + row).to(tl.int64)
     offs_d = tl.arange(0, HALF)
@@ -133,6 +137,7 @@ def rotary_and_write_kv(
         raise ValueError("rotary_and_write_kv takes both k_scale and v_scale or neither")
     q_out = torch.empty(num_tokens, q.shape[1], dtype=q.dtype, device=q.device)
     if num_tokens > 0:
+        pdl = pdl_enabled(q.device)
         # Constexprs passed positionally: keywords cost a dict build per launch (eager steps are host-bound).
         _rotary_write_kv_kernel[(num_tokens,)](
             q_out, q, k, v, positions, cs, k_cache, v_cache, slot_mapping,
@@ -140,7 +145,7 @@ def rotary_and_write_kv(
             q.stride(0), q_out.stride(0), k.stride(0), v.stride(0), cs.stride(0),
             kcs[0], kcs[1], vcs[0], vcs[1],
             num_heads, num_kv_heads, k_cache.shape[1],
-            head_dim // 2, block_h, mant, min_exp, fp8_max, scaled,
-            num_warps=4,
+            head_dim // 2, block_h, mant, min_exp, fp8_max, scaled, pdl,
+            num_warps=4, launch_pdl=pdl,
         )  # fmt: skip
     return q_out if query.dim() == 2 else q_out.view(query.shape)

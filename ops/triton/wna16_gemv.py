@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.triton.pdl import pdl_enabled, wait_for_previous_kernel
+from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
 from ops.triton.split_k import MAX_TILES, rows_per_program, split_counters, store_rows
 from ops.triton.wna16_gemm import check_layout
 
@@ -121,6 +121,7 @@ def _wna16_gemv_kernel(
         words = _words(word_ptrs, k_start // PACK * stride_qk, mask_n, EVEN_N)
     # Weights do not depend on the kernel before this one: the first tile is requested before waiting
     # for it (with PDL, while it still runs); x, the partials and the counters only after.
+    let_next_kernel_start(PDL)  # all programs resident: the next kernel may launch and wait for this one
     wait_for_previous_kernel(PDL)
     for k0 in range(k_start, k_end, BLOCK_K):
         if PREFETCH:
@@ -231,7 +232,7 @@ def wna16_gemv(
         return wna16_gemv(padded, qweight, scales, zeros, bits, group_size, block_n, block_k, split_k, num_warps,
                           num_stages, prefetch)[:M]  # fmt: skip
     groups = M // rows
-    pdl = prefetch and pdl_enabled(x.device)  # only the prefetched first tile has anything to overlap
+    pdl = pdl_enabled(x.device)
     if split_k > 1 and tiles * groups > MAX_TILES:
         raise ValueError(f"wna16_gemv: {tiles * groups} tiles exceed the split-K workspace ({MAX_TILES})")
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)

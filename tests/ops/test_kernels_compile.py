@@ -1,6 +1,6 @@
 """The Triton interpreter runs kernels the compiler refuses (a plain Python global read inside a kernel,
 for one: the per-token FP8 quantizer passed its interpreter tests and failed to compile on an H200).
-So the newest kernels are also compiled here, without a GPU, for sm_90 (Triton's frontend, its
+So the newest kernels (and those that use PDL or split-KV tickets) are also compiled here, without a GPU, for sm_90 (Triton's frontend, its
 passes and ptxas from the wheel), in a fresh interpreter without TRITON_INTERPRET."""
 
 from __future__ import annotations
@@ -43,6 +43,42 @@ KERNELS = [
         {"BLOCK": 4096, "HASH": False},
         {"out_ptr": "*fp32", "rows_ptr": "*i64", "keys_ptr": "*i64"},
     ),
+    (
+        "ops.triton.sample_argmax:_sample_argmax_kernel",
+        {"HAS_NOISE": True, "MAX_PARTS": 64, "BLOCK": 1024},
+        {"logits_ptr": "*fp32", "noise_ptr": "*fp32", "part_value_ptr": "*fp32", "part_index_ptr": "*i32",
+         "counters_ptr": "*i32", "out_ptr": "*i64"},
+    ),
+    *(
+        (
+            "ops.triton.paged_attention:_paged_attention_kernel",
+            {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "TILE": 64, "BLOCK_M": 16, "BLOCK_Q": 4, "SPLIT": split,
+             "DOT_PRECISION": "tf32", "KV_SCALED": False, "PDL": True},
+            {"out_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32",
+             "counters_ptr": "*i32", "q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",
+             "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "query_start_loc_ptr": "*i32", "qk_scale": "fp32",
+             "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"},
+        )
+        for split in (True, False)
+    ),
+    (
+        "ops.triton.rotary_kv:_rotary_write_kv_kernel",
+        {"HALF": 64, "BLOCK_H": 8, "FP8_MANT": 0, "FP8_MIN_EXP": 0, "FP8_MAX": 0.0, "SCALED": False, "PDL": True},
+        {"q_out_ptr": "*bf16", "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "positions_ptr": "*i64",
+         "cos_sin_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "slot_mapping_ptr": "*i64",
+         "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"},
+    ),
+    (
+        "ops.triton.rms_norm:_rms_norm_kernel",
+        {"HAS_RESIDUAL": True, "BLOCK": 4096, "PDL": True},
+        {"out_ptr": "*bf16", "new_residual_ptr": "*bf16", "x_ptr": "*bf16", "residual_ptr": "*bf16",
+         "weight_ptr": "*bf16", "eps": "fp32"},
+    ),
+    (
+        "ops.triton.activation:_silu_and_mul_kernel",
+        {"BLOCK": 2048, "PDL": True},
+        {"out_ptr": "*bf16", "x_ptr": "*bf16"},
+    ),
 ]  # fmt: skip
 
 _COMPILE = """
@@ -62,7 +98,12 @@ triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), tar
 @pytest.mark.parametrize(
     ("name", "consts", "types"),
     KERNELS,
-    ids=[k[0].split(":")[1] + ("" if k[1].get("ONE_BLOCK", True) else "-two_pass") for k in KERNELS],
+    ids=[
+        k[0].split(":")[1]
+        + ("" if k[1].get("ONE_BLOCK", True) else "-two_pass")
+        + ("-split" if k[1].get("SPLIT") else "")
+        for k in KERNELS
+    ],
 )
 def test_kernel_compiles_for_sm90(name: str, consts: dict, types: dict) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

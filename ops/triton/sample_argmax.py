@@ -127,12 +127,11 @@ def sample_argmax(
     parts = _parts(rows, vocab_size, logits.device) if rows <= MAX_TILES else 1
     # Whole BLOCKs per slice; the last slice may hold none (it then reports no index, and loses).
     slice_size = triton.cdiv(triton.cdiv(vocab_size, parts), BLOCK) * BLOCK
-    if parts > 1:
-        part_value = torch.empty(rows, parts, dtype=torch.float32, device=logits.device)
-        part_index = torch.empty(rows, parts, dtype=torch.int32, device=logits.device)
-        counters = split_counters(logits.device)
-    else:
-        part_value, part_index, counters = logits, out, out  # placeholders, not touched
+    # Allocated even for one slice (then untouched): `parts` is a runtime value, so the merge branch is
+    # compiled for every launch, and placeholders of other types would not type-check there.
+    part_value = torch.empty(rows, parts, dtype=torch.float32, device=logits.device)
+    part_index = torch.empty(rows, parts, dtype=torch.int32, device=logits.device)
+    counters = split_counters(logits.device)
     has_noise = noise is not None
     _sample_argmax_kernel[(rows, parts)](
         logits, noise if has_noise else logits, part_value, part_index, counters, out,

@@ -17,8 +17,13 @@ Works inside CUDA graphs (the launch attribute becomes a programmatic edge).
 
 OFF by default (WEIR_PDL=1 turns it on): measured on an H200 at c2fa90c, a batch-1 GPTQ decode step took
 3.058 ms with it and 2.978 ms without (Q1, `loadtest/results/gemv-pdl-lora-h200-2026-12-03-c2fa90c/`),
-although back-to-back GEMVs in the sweep's graphs gained from it. Also off under the Triton interpreter
-and below compute capability 9.0; the in-kernel calls compile to nothing when off.
+although back-to-back GEMVs in the sweep's graphs gained from it. Since ece1a6b every Triton kernel of
+a decoder layer (RMSNorm, rotary + KV write, paged attention, SiLU-mul, the GEMVs) takes part: each
+lets the next launch once all its programs are resident and waits for the previous one before any
+read or write. Token parity holds (engine check 36/36 on an H200 with WEIR_PDL=1), but the bf16 batch-1
+step was 2% slower with it (4.446 against 4.359 ms, 5a5b861, alternating runs in one call,
+`loadtest/results/startup-sampler-pdl-h200-2026-12-04/5-pdl-5a5b861/`). Also off under the Triton
+interpreter and below compute capability 9.0; the in-kernel calls compile to nothing when off.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ constant and one divisible by 16 with an alignment hint; `do_not_specialize` tur
 table prints the argument specializations that differ from the kernel's first compile.
 
     python loadtest/trace_compiles.py --shape llama3-8b --out $OUT/compiles.json
+
+On CPU (`--device cpu`, the CI smoke test) the engine runs the torch kernels: nothing compiles, and the
+run checks that the script's hooks, marks and report work.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--shape", default="llama3-8b")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--out", default=None)
     parser.add_argument("--keep-cache", action="store_true", help="use the existing Triton cache")
     args = parser.parse_args()
@@ -105,7 +109,8 @@ def main() -> None:
     from engine import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(str(shape_dir(args.shape)), dtype="bfloat16", device="cuda", load_format="dummy")
+    dtype = "bfloat16" if args.device == "cuda" else "float32"
+    llm = LLM(str(shape_dir(args.shape)), dtype=dtype, device=args.device, load_format="dummy")
     build_s = time.perf_counter() - t0
     marks.append((time.perf_counter() - origin, "after graphs"))
     first = time.perf_counter()

@@ -27,6 +27,8 @@ OP_NAMES = (
     "lora_expand",
     "seeded_exponential_",
     "sample_argmax",
+    "rms_norm_fp8",
+    "silu_and_mul_fp8",
 )
 
 
@@ -49,6 +51,8 @@ class Kernels:
     lora_expand: Callable[..., Any]
     seeded_exponential_: Callable[..., Any]  # the sampling noise of seeded rows (engine.worker.sampler)
     sample_argmax: Callable[..., Any]  # the sampler's draw (argmax of logits - log noise) or greedy argmax
+    rms_norm_fp8: Callable[..., Any]  # rms_norm quantized per token for a W8A8 linear (fp8_activation)
+    silu_and_mul_fp8: Callable[..., Any]  # silu_and_mul likewise
 
     @classmethod
     def from_module(cls, name: str, module: ModuleType) -> Kernels:

@@ -317,3 +317,32 @@ def sample_argmax(
     if noise is None:
         return logits.argmax(dim=-1)
     return (logits - noise.clamp_min(torch.finfo(torch.float32).tiny).log()).argmax(dim=-1)
+
+
+_INV_FP8_MAX = torch.tensor(1.0) / torch.tensor(448.0)  # float32(1 / 448)
+
+
+def per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (q [M, K] float8_e4m3fn, scales [M, 1] float32): scale = max(amax |x[m]|, 1e-12) times
+    float32(1 / 448) (as torch on CUDA divides by a scalar), q = fp8(x * (1 / scale)), saturating."""
+    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) * _INV_FP8_MAX.to(x.device)
+    q = (x.float() * scale.reciprocal()).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def rms_norm_fp8(
+    x: torch.Tensor,  # [num_tokens, hidden]
+    weight: torch.Tensor,  # [hidden]
+    eps: float,
+    residual: torch.Tensor | None = None,  # [num_tokens, hidden]
+) -> tuple[torch.Tensor, ...]:
+    """(q, scales[, the new residual]): `rms_norm` quantized per token for a W8A8 linear."""
+    if residual is None:
+        return per_token_fp8(rms_norm(x, weight, eps))
+    out, new_residual = rms_norm(x, weight, eps, residual)
+    return (*per_token_fp8(out), new_residual)
+
+
+def silu_and_mul_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scales): `silu_and_mul` quantized per token for a W8A8 linear."""
+    return per_token_fp8(silu_and_mul(x))

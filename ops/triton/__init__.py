@@ -3,11 +3,11 @@
 Imported lazily by `ops.triton_kernels()`: importing triton needs a GPU or TRITON_INTERPRET=1.
 """
 
-from ops.triton.activation import silu_and_mul
+from ops.triton.activation import silu_and_mul, silu_and_mul_fp8
 from ops.triton.kv_cache import write_kv_cache
 from ops.triton.lora import lora_expand, lora_shrink
 from ops.triton.paged_attention import paged_attention
-from ops.triton.rms_norm import rms_norm
+from ops.triton.rms_norm import rms_norm, rms_norm_fp8
 from ops.triton.rotary import rotary_embedding
 from ops.triton.rotary_kv import rotary_and_write_kv
 from ops.triton.sample_argmax import sample_argmax
@@ -18,10 +18,12 @@ __all__ = [
     "lora_shrink",
     "paged_attention",
     "rms_norm",
+    "rms_norm_fp8",
     "rotary_and_write_kv",
     "rotary_embedding",
     "sample_argmax",
     "seeded_exponential_",
     "silu_and_mul",
+    "silu_and_mul_fp8",
     "write_kv_cache",
 ]

@@ -52,10 +52,7 @@ def _per_token_fp8_kernel(
     if ONE_BLOCK:
         mask = offs < K
         x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) * INV_FP8_MAX
-        tl.store(scale_ptr + row, scale)
-        q = _to_fp8(x * tl.math.div_rn(1.0, scale), HW_CVT)
-        tl.store(q_row + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+        store_row_fp8(x, q_row + offs, mask, scale_ptr + row, INV_FP8_MAX, HW_CVT)
     else:
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK):
@@ -72,6 +69,16 @@ def _per_token_fp8_kernel(
 
 
 @triton.jit
+def store_row_fp8(x, q_ptrs, mask, scale_ptr, INV_FP8_MAX: tl.constexpr, HW_CVT: tl.constexpr):
+    """Quantize one row held in registers ([BLOCK] float32, masked lanes 0) with its own scale and store
+    both: the per-token arithmetic above, shared with the kernels that fuse it (RMSNorm, SiLU-mul)."""
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) * INV_FP8_MAX
+    tl.store(scale_ptr, scale)
+    q = _to_fp8(x * tl.math.div_rn(1.0, scale), HW_CVT)
+    tl.store(q_ptrs, q.to(tl.float8e4nv), mask=mask)
+
+
+@triton.jit
 def _to_fp8(x, HW_CVT: tl.constexpr):
     """float32 -> float8_e4m3fn, nearest even, saturating at +-448 (the spec clamps, then casts)."""
     if HW_CVT:
@@ -81,6 +88,11 @@ def _to_fp8(x, HW_CVT: tl.constexpr):
 
 
 MAX_ONE_BLOCK = 16384  # widest row kept in registers (64 floats a thread at 8 warps)
+
+
+def hardware_fp8_conversion(x: torch.Tensor) -> bool:
+    """Whether kernels on x's device convert to fp8 in hardware (CUDA, not the interpreter)."""
+    return x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 def per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +105,7 @@ def per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if M > 0:
         one_block = K <= MAX_ONE_BLOCK
         block = triton.next_power_of_2(K) if one_block else 4096
-        hw_cvt = x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+        hw_cvt = hardware_fp8_conversion(x)
         _per_token_fp8_kernel[(M,)](
             x, q, scale, K, x.stride(0), q.stride(0), INV_FP8_MAX, block, one_block, hw_cvt,
             num_warps=8 if block <= 8192 else 16,

@@ -1,5 +1,9 @@
 """RMSNorm Triton kernel, with the residual add fused in (one read of x and residual, one write of each
 output). Same signature and rounding points as `ops.reference.rms_norm`.
+
+`rms_norm_fp8` also quantizes the output per token to FP8 for a W8A8 linear that follows
+(engine.model.quantization.fp8_activation): the row is already in registers, so the quantizer's own
+read of it, and the 16-bit write it would read, go. Bit for bit `per_token_fp8(rms_norm(...))`.
 """
 
 from __future__ import annotations
@@ -8,12 +12,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.triton.fp8_quant import INV_FP8_MAX, hardware_fp8_conversion, store_row_fp8
 from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
 
 
 @triton.jit
 def _rms_norm_kernel(
-    out_ptr,  # [num_tokens, hidden]
+    out_ptr,  # [num_tokens, hidden]; float8_e4m3fn with QUANT
+    scale_ptr,  # [num_tokens] float32 per-token scales (QUANT)
     new_residual_ptr,  # [num_tokens, hidden]; unused without residual
     x_ptr,  # [num_tokens, hidden]
     residual_ptr,  # [num_tokens, hidden]; unused without residual
@@ -27,6 +33,9 @@ def _rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,  # launched with PDL, and lets the next kernel launch early (ops.triton.pdl)
+    QUANT: tl.constexpr,  # store the output as FP8 with a per-token scale
+    INV_FP8_MAX: tl.constexpr,
+    HW_CVT: tl.constexpr,
 ):
     let_next_kernel_start(PDL)
     wait_for_previous_kernel(PDL)
@@ -43,7 +52,13 @@ def _rms_norm_kernel(
     normed = (h * tl.rsqrt(variance + eps)).to(x.dtype)  # the reference rounds before the weight multiply
     w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
     out = normed.to(tl.float32) * w.to(tl.float32)
-    tl.store(out_ptr + row * stride_out + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    if QUANT:  # quantize what the plain kernel would have stored (x's dtype), as the quantizer reads it
+        quantized = out.to(x.dtype).to(tl.float32)
+        store_row_fp8(
+            quantized, out_ptr + row * stride_out + offs, mask, scale_ptr + row, INV_FP8_MAX, HW_CVT
+        )
+    else:
+        tl.store(out_ptr + row * stride_out + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # Launch constants per hidden size: (BLOCK, num_warps). Keyed on one python int, so an entry is valid for
@@ -91,10 +106,10 @@ def rms_norm(
         pdl = pdl_enabled(x.device)
         # Constexprs passed positionally (HAS_RESIDUAL, BLOCK, PDL): keywords cost a dict build per launch.
         _rms_norm_kernel[(num_tokens,)](
-            out, nr2, x2, r2, weight.contiguous(),
+            out, out, nr2, x2, r2, weight.contiguous(),
             x2.stride(0), r2.stride(0), hidden, hidden,  # out and new_residual are contiguous
             hidden, eps,
-            residual is not None, block, pdl,
+            residual is not None, block, pdl, False, INV_FP8_MAX, False,
             num_warps=num_warps, launch_pdl=pdl,
         )  # fmt: skip
     if len(shape) != 2:
@@ -104,3 +119,31 @@ def rms_norm(
     if residual is not None:
         return out, new_residual
     return out
+
+
+def rms_norm_fp8(
+    x: torch.Tensor,  # [num_tokens, hidden] 16-bit, contiguous rows
+    weight: torch.Tensor,  # [hidden], x's dtype
+    eps: float,
+    residual: torch.Tensor | None = None,  # [num_tokens, hidden]
+) -> tuple[torch.Tensor, ...]:
+    """(q [num_tokens, hidden] float8_e4m3fn, scales [num_tokens, 1] float32[, the new residual]): the
+    normed rows quantized per token, in the same launch."""
+    num_tokens, hidden = x.shape
+    if x.stride(1) != 1 or weight.dtype != x.dtype or (residual is not None and residual.stride(1) != 1):
+        raise ValueError("rms_norm_fp8: contiguous rows, and a weight of x's dtype")
+    block, num_warps = _LAUNCH.get(hidden) or _launch_params(hidden)
+    q = torch.empty(num_tokens, hidden, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(num_tokens, 1, dtype=torch.float32, device=x.device)
+    new_residual = torch.empty_like(x) if residual is not None else None
+    r2, nr2 = (residual, new_residual) if residual is not None else (x, x)  # placeholders without residual
+    if num_tokens > 0:
+        pdl = pdl_enabled(x.device)
+        _rms_norm_kernel[(num_tokens,)](
+            q, scale, nr2, x, r2, weight.contiguous(),
+            x.stride(0), r2.stride(0), hidden, hidden,
+            hidden, eps,
+            residual is not None, block, pdl, True, INV_FP8_MAX, hardware_fp8_conversion(x),
+            num_warps=num_warps, launch_pdl=pdl,
+        )  # fmt: skip
+    return (q, scale) if new_residual is None else (q, scale, new_residual)

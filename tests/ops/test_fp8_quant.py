@@ -44,3 +44,62 @@ def test_per_token_fp8_equals_the_torch_spec_bit_for_bit(m: int, k: int) -> None
     assert q.dtype == torch.float8_e4m3fn and q.shape == (m, k) and scale.shape == (m, 1)
     assert torch.equal(scale, scale_ref)
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+def _bits(q: torch.Tensor) -> torch.Tensor:
+    return q.view(torch.uint8)
+
+
+def _within_one_fp8_step(
+    q: torch.Tensor, scale: torch.Tensor, spec_q: torch.Tensor, spec_scale: torch.Tensor
+) -> None:
+    """Dequantized, q agrees with the torch spec's within one e4m3 step (3 mantissa bits: 1/8 relative;
+    near zero a few subnormal steps of the row's scale): the spec's norm or SiLU rounds differently."""
+    torch.testing.assert_close(scale, spec_scale, rtol=3e-2, atol=0)  # the amax element rounds too
+    deq, spec_deq = q.float() * scale, spec_q.float() * spec_scale
+    assert ((deq - spec_deq).abs() <= 0.125 * spec_deq.abs() + 2.0**-6 * spec_scale).all()
+
+
+@in_process
+@pytest.mark.parametrize("hidden", [96, 4096])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_fp8_equals_the_two_kernels_bit_for_bit(hidden: int, with_residual: bool) -> None:
+    """The fused norm + quantizer stores what rms_norm then per_token_fp8 store, and the same residual;
+    and the torch spec (ops.reference.rms_norm_fp8) agrees within one fp8 step."""
+    from ops import reference
+    from ops.triton.fp8_quant import per_token_fp8
+    from ops.triton.rms_norm import rms_norm, rms_norm_fp8
+
+    gen = torch.Generator().manual_seed(hidden + with_residual)
+    x = (torch.randn(4, hidden, generator=gen) * 3).to(torch.bfloat16).to(DEVICE)
+    weight = (torch.rand(hidden, generator=gen) + 0.5).to(torch.bfloat16).to(DEVICE)
+    residual = torch.randn(4, hidden, generator=gen).to(torch.bfloat16).to(DEVICE) if with_residual else None
+    fused = rms_norm_fp8(x, weight, 1e-5, residual)
+    plain = rms_norm(x, weight, 1e-5, residual)
+    normed = plain[0] if with_residual else plain
+    q_ref, scale_ref = per_token_fp8(normed)
+    assert torch.equal(_bits(fused[0]), _bits(q_ref)) and torch.equal(fused[1], scale_ref)
+    if with_residual:
+        assert torch.equal(fused[2], plain[1])
+    spec = reference.rms_norm_fp8(x, weight, 1e-5, residual)
+    _within_one_fp8_step(fused[0].cpu(), fused[1].cpu(), spec[0].cpu(), spec[1].cpu())
+
+
+@in_process
+@pytest.mark.parametrize("d", [100, 2048])
+def test_silu_and_mul_fp8_equals_the_two_kernels_bit_for_bit(d: int) -> None:
+    """The fused SiLU-mul + quantizer (one program a row) stores what silu_and_mul (its own programs
+    per row) then per_token_fp8 store; the torch spec, which rounds silu before the multiply, is within
+    one fp8 step of it."""
+    from ops import reference
+    from ops.triton.activation import silu_and_mul, silu_and_mul_fp8
+    from ops.triton.fp8_quant import per_token_fp8
+
+    gen = torch.Generator().manual_seed(d)
+    x = (torch.randn(3, 2 * d, generator=gen) * 2).to(torch.bfloat16).to(DEVICE)
+    q, scale = silu_and_mul_fp8(x)
+    q_ref, scale_ref = per_token_fp8(silu_and_mul(x))
+    assert q.shape == (3, d) and scale.shape == (3, 1)
+    assert torch.equal(_bits(q), _bits(q_ref)) and torch.equal(scale, scale_ref)
+    spec_q, spec_scale = reference.silu_and_mul_fp8(x)
+    _within_one_fp8_step(q.cpu(), scale.cpu(), spec_q.cpu(), spec_scale.cpu())

@@ -68,16 +68,24 @@ KERNELS = [
          "cos_sin_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "slot_mapping_ptr": "*i64",
          "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"},
     ),
-    (
-        "ops.triton.rms_norm:_rms_norm_kernel",
-        {"HAS_RESIDUAL": True, "BLOCK": 4096, "PDL": True},
-        {"out_ptr": "*bf16", "new_residual_ptr": "*bf16", "x_ptr": "*bf16", "residual_ptr": "*bf16",
-         "weight_ptr": "*bf16", "eps": "fp32"},
+    *(
+        (
+            "ops.triton.rms_norm:_rms_norm_kernel",
+            {"HAS_RESIDUAL": True, "BLOCK": 4096, "PDL": True, "QUANT": quant, "INV_FP8_MAX": 1.0 / 448.0,
+             "HW_CVT": True},
+            {"out_ptr": "*fp8e4nv" if quant else "*bf16", "scale_ptr": "*fp32", "new_residual_ptr": "*bf16",
+             "x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "eps": "fp32"},
+        )
+        for quant in (False, True)
     ),
-    (
-        "ops.triton.activation:_silu_and_mul_kernel",
-        {"BLOCK": 2048, "PDL": True},
-        {"out_ptr": "*bf16", "x_ptr": "*bf16"},
+    *(
+        (
+            "ops.triton.activation:_silu_and_mul_kernel",
+            {"BLOCK": 16384 if quant else 2048, "PDL": True, "QUANT": quant, "INV_FP8_MAX": 1.0 / 448.0,
+             "HW_CVT": True},
+            {"out_ptr": "*fp8e4nv" if quant else "*bf16", "scale_ptr": "*fp32", "x_ptr": "*bf16"},
+        )
+        for quant in (False, True)
     ),
 ]  # fmt: skip
 
@@ -102,6 +110,7 @@ triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), tar
         k[0].split(":")[1]
         + ("" if k[1].get("ONE_BLOCK", True) else "-two_pass")
         + ("-split" if k[1].get("SPLIT") else "")
+        + ("-fp8" if k[1].get("QUANT") else "")
         for k in KERNELS
     ],
 )

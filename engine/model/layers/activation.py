@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.model.quantization.fp8_activation import Fp8Activation
 from ops import TORCH_KERNELS, Kernels
 
 
@@ -14,6 +15,9 @@ class SiluAndMul(nn.Module):
         self.kernels = kernels
         self.prefix = prefix
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [num_tokens, 2 * d] holding [gate | up] -> silu(gate) * up: [num_tokens, d]."""
+    def forward(self, x: torch.Tensor, fp8: bool = False) -> torch.Tensor | Fp8Activation:
+        """x: [num_tokens, 2 * d] holding [gate | up] -> silu(gate) * up: [num_tokens, d]; with `fp8`,
+        quantized per token in the same launch for the FP8 linear that takes it (fp8_activation)."""
+        if fp8:
+            return Fp8Activation(*self.kernels.silu_and_mul_fp8(x), x.dtype)
         return self.kernels.silu_and_mul(x)

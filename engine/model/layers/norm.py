@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from engine.model.parameter import default_weight_loader, set_weight_attrs
+from engine.model.quantization.fp8_activation import Fp8Activation
 from ops import TORCH_KERNELS, Kernels
 
 
@@ -31,6 +32,14 @@ class RMSNorm(nn.Module):
         self,
         x: torch.Tensor,  # [num_tokens, hidden]
         residual: torch.Tensor | None = None,  # [num_tokens, hidden]
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Without residual: norm(x). With residual: (norm(x + residual), x + residual)."""
-        return self.kernels.rms_norm(x, self.weight, self.eps, residual)
+        fp8: bool = False,
+    ) -> torch.Tensor | Fp8Activation | tuple[torch.Tensor | Fp8Activation, torch.Tensor]:
+        """Without residual: norm(x). With residual: (norm(x + residual), x + residual). With `fp8` the
+        norm comes quantized per token, in the same launch, for the FP8 linear that takes it
+        (engine.model.quantization.fp8_activation)."""
+        if not fp8:
+            return self.kernels.rms_norm(x, self.weight, self.eps, residual)
+        if residual is None:
+            return Fp8Activation(*self.kernels.rms_norm_fp8(x, self.weight, self.eps), x.dtype)
+        q, scale, new_residual = self.kernels.rms_norm_fp8(x, self.weight, self.eps, residual)
+        return Fp8Activation(q, scale, x.dtype), new_residual

@@ -25,6 +25,7 @@ from engine.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.model.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from engine.model.layers.norm import RMSNorm
 from engine.model.layers.rotary import RotaryEmbedding
+from engine.model.quantization.fp8_activation import Fp8Activation, takes_fp8_activation
 from engine.model_config import ModelConfig
 
 
@@ -54,8 +55,10 @@ class LlamaMLP(nn.Module):
         )
         self.act_fn = SiluAndMul(ctx.kernels, prefix=join_prefix(prefix, "act_fn"))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate]
+        fp8 = takes_fp8_activation(self.down_proj, gate_up.shape[0], gate_up.dtype)
+        return self.down_proj(self.act_fn(gate_up, fp8))
 
 
 class LlamaAttention(nn.Module):
@@ -113,7 +116,7 @@ class LlamaAttention(nn.Module):
             kv_head_offset=self.qkv_proj.kv_head_offset,
         )
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor | Fp8Activation) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)  # [num_tokens, q_size + 2 * kv_size]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.q_norm is not None and self.k_norm is not None:
@@ -141,14 +144,18 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        # An FP8 W8A8 projection after a norm takes the norm already quantized (fp8_activation).
+        num_tokens, dtype = hidden.shape[0], hidden.dtype
+        fp8 = takes_fp8_activation(self.self_attn.qkv_proj, num_tokens, dtype)
         if residual is None:
             residual = hidden
-            hidden = self.input_layernorm(hidden)
+            normed = self.input_layernorm(hidden, None, fp8)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+            normed, residual = self.input_layernorm(hidden, residual, fp8)
+        hidden = self.self_attn(positions, normed)
+        fp8 = takes_fp8_activation(self.mlp.gate_up_proj, num_tokens, dtype)
+        normed, residual = self.post_attention_layernorm(hidden, residual, fp8)
+        return self.mlp(normed), residual
 
 
 class LlamaModel(nn.Module):

@@ -215,6 +215,8 @@ class Fp8LinearMethod(LinearMethodBase):
         layer.fp8_quant_kernel = layer.fp8_gemv and input_scale is None and _fp8_quant_kernel_enabled()
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):  # quantized by the kernel that made it (fp8_activation)
+            return _scaled_mm(x.q, x.scale, layer.weight, layer.weight_scale, bias, x.dtype)
         if layer.fp8_gemv and x.numel() <= GEMV_MAX_TOKENS * x.shape[-1]:
             return fp8_gemv_linear(x, layer.weight, layer.weight_scale, bias, layer.input_scale)
         if layer.fp8_scaled_mm and x.dtype == torch.bfloat16:
@@ -310,12 +312,23 @@ def _scaled_mm_linear(
             x_scale = input_scale.expand(x2.shape[0], 1).contiguous()  # [M, 1]
         # times the reciprocal: the kernel's arithmetic (one division a row, not one an element)
         xq = (x2.float() * x_scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    out = torch._scaled_mm(
-        xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), out_dtype=torch.bfloat16
-    )  # [M, out]
-    if bias is not None:
-        out = out + bias
+    out = _scaled_mm(xq, x_scale, weight, weight_scale, bias, torch.bfloat16)  # [M, out]
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _scaled_mm(
+    xq: torch.Tensor,  # [M, in] float8_e4m3fn
+    x_scale: torch.Tensor,  # [M, 1] float32
+    weight: torch.Tensor,  # [out, in] float8_e4m3fn
+    weight_scale: torch.Tensor,  # [out] float32
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:  # [M, out]
+    """The W8A8 GEMM on quantized activations: cuBLASLt with row-wise scales on both sides."""
+    out = torch._scaled_mm(
+        xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), out_dtype=out_dtype
+    )
+    return out if bias is None else out + bias
 
 
 def _block_columns_loader(layer: nn.Module, columns: int) -> WeightLoader:

@@ -4,12 +4,12 @@ With Exponential(1) noise this draws from softmax(logits) (the exponential race:
 computing the softmax; with no noise it is the greedy argmax. In torch the random path was five
 launches over [B, V] float32 (softmax, clamp, divide, argmax, plus the noise): each a full pass over
 the logits, and at batch 1 single-row kernels that leave most SMs idle. Here every row is cut into
-`parts` slices (a runtime argument: every batch size runs one compiled kernel, since the sampler runs
-outside the CUDA graphs and a new constexpr would compile mid-serving) so that a batch of any size has
-a few programs per SM; each program keeps, per lane, the
-best value and its first index over its slice, reduces them, and stores its (value, index). With
-more than one slice the last program of a row (a ticket from ops/triton/split_k.py's counters) merges
-the row's partials and puts the counter back to zero.
+`parts` slices so that a batch of any size has a few programs per SM (a runtime argument: every batch
+size runs one compiled kernel, since the sampler runs outside the CUDA graphs and a new constexpr would
+compile mid-serving). Each program keeps, per lane, the best value and its first index over its slice,
+reduces them, and stores its (value, index); with more than one slice the last program of a row (a
+ticket from ops/triton/split_k.py's counters) merges the row's partials and puts the counter back to
+zero.
 
 Ties go to the smallest index, as torch.argmax; a row whose values are all -inf gives its first index
 (0), as torch does. NaN logits are not picked (torch would pick one): the engine never produces them.

@@ -38,6 +38,7 @@ from engine.model.parameter import WeightLoader, WeightShapeError, register_weig
 from engine.model.quantization.base import LinearMethodBase, QuantizationConfig
 from engine.model.quantization.common import is_ignored, is_skipped
 from engine.model.quantization.unquantized import UnquantizedLinearMethod
+from ops import reference
 
 if TYPE_CHECKING:
     from engine.model.layers.linear import LinearBase
@@ -307,11 +308,11 @@ def _scaled_mm_linear(
         xq, x_scale = _per_token_fp8(x2)  # one launch, the same bits as the torch lines below
     else:
         if input_scale is None:
-            x_scale = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX  # [M, 1]
+            xq, x_scale = reference.per_token_fp8(x2)  # [M, in], [M, 1]: the kernel's spec
         else:
             x_scale = input_scale.expand(x2.shape[0], 1).contiguous()  # [M, 1]
-        # times the reciprocal: the kernel's arithmetic (one division a row, not one an element)
-        xq = (x2.float() * x_scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+            # times the reciprocal: the kernel's arithmetic (one division a row, not one an element)
+            xq = (x2.float() * x_scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     out = _scaled_mm(xq, x_scale, weight, weight_scale, bias, torch.bfloat16)  # [M, out]
     return out.view(*x.shape[:-1], weight.shape[0])
 

@@ -84,20 +84,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         # BLOCK and PDL passed positionally: a keyword costs a dict build per launch. out is contiguous.
         pdl = pdl_enabled(x.device)
         _silu_and_mul_kernel[(num_tokens, programs_per_row)](
-            out,
-            out,
-            x2,
-            x2.stride(0),
-            d,
-            d,
-            block,
-            pdl,
-            False,
-            INV_FP8_MAX,
-            False,
-            num_warps=4,
-            launch_pdl=pdl,
-        )
+            out, out, x2, x2.stride(0), d, d, block, pdl, False, INV_FP8_MAX, False,  # out is also the unused scale
+            num_warps=4, launch_pdl=pdl,
+        )  # fmt: skip
     return out if len(shape) == 2 else out.view(*shape[:-1], d)
 
 

@@ -25,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from loadtest.gpu_timing import copies_past_l2, graph_ms, rel_err  # noqa: E402
 from loadtest.model_shapes import SHAPES  # noqa: E402
 
+KINDS = frozenset({"w4", "fp8", "bf16"})  # the W4A16 GEMV (and dot kernel), the FP8 GEMV, the bf16 GEMV
+
 # per batch: the launches tried (batch 1 widest: it is the latency that matters most)
 W4_GRIDS = {
     1: {
@@ -51,46 +53,53 @@ W4_GRIDS = {
     8: {"block_n": (64, 128), "block_k": (128,), "split_k": (1, 2), "num_warps": (4,)},
     16: {"block_n": (64, 128), "block_k": (128,), "split_k": (1, 2), "num_warps": (4,)},
 }
+# (block_k, num_warps) pairs: block_k = 8 * 32 * num_warps reads x in the weight tile's own layout
+# (ops/triton/fp8_gemv.py's docstring); (256, 4) is the launch the planner took before that change
+_FLOAT_KW = ((256, 4), (256, 1), (512, 2), (1024, 4), (2048, 8))
 FP8_GRIDS = {
     1: {
-        "block_n": (16, 32, 64),
-        "block_k": (128, 256),
+        "block_n": (4, 8, 16),
+        "block_k_warps": _FLOAT_KW,
         "split_k": (1, 2, 4),
-        "num_warps": (4,),
         "prefetch": (False, True),
     },
-    2: {"block_n": (16, 32), "block_k": (256,), "split_k": (1, 2), "num_warps": (4,)},
+    2: {"block_n": (4, 8, 16), "block_k_warps": ((256, 4), (512, 2), (1024, 4)), "split_k": (1, 2)},
     4: {"block_n": (16, 32), "block_k": (256,), "split_k": (1, 2), "num_warps": (4,)},
     8: {"block_n": (16, 32), "block_k": (256,), "split_k": (1, 2), "num_warps": (4,)},
     16: {"block_n": (16, 32), "block_k": (256,), "split_k": (1, 2), "num_warps": (4,)},
 }
 
 
-# The float-weight GEMV (ops/triton/fp8_gemv.py) on bf16 weights, batch 1 only
+# The float-weight GEMV (ops/triton/fp8_gemv.py) on bf16 weights, batch 1 only; (512, 4): the old launch
 BF16_GRIDS = {
     1: {
-        "block_n": (8, 16, 32),
-        "block_k": (256, 512),
-        "split_k": (1, 2, 4),
-        "num_warps": (4,),
+        "block_n": (4, 8, 16),
+        "block_k_warps": ((512, 4), (512, 2), (1024, 4), (2048, 8)),
+        "split_k": (1, 2),
         "prefetch": (False, True),
     },
 }
 
 
-def _grid(grid: dict[str, tuple[int, ...]]) -> list[dict[str, int]]:  # bools are ints
-    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+def _grid(grid: dict[str, tuple[Any, ...]]) -> list[dict[str, int]]:  # bools are ints
+    """Every launch of the grid; a `block_k_warps` pair becomes block_k and num_warps."""
+    launches = []
+    for values in itertools.product(*grid.values()):
+        cfg = dict(zip(grid, values, strict=True))
+        if "block_k_warps" in cfg:
+            cfg["block_k"], cfg["num_warps"] = cfg.pop("block_k_warps")
+        launches.append(cfg)
+    return launches
 
 
-def sweep_shape(name: str, k: int, n: int, bandwidth: float, ms: tuple[int, ...]) -> dict[str, Any]:
+def sweep_shape(
+    name: str, k: int, n: int, bandwidth: float, ms: tuple[int, ...], kinds: frozenset[str] = KINDS
+) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from engine.model.quantization.fp8 import _scaled_mm_linear, quantize_per_channel
-    from engine.model.quantization.wna16 import plan_wna16
+    from engine.model.quantization.fp8 import quantize_per_channel
     from ops.triton.fp8_gemv import fp8_gemv
-    from ops.triton.wna16_gemm import wna16_dequantize, wna16_gemm
-    from ops.triton.wna16_gemv import wna16_gemv
 
     group = 128
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -100,11 +109,11 @@ def sweep_shape(name: str, k: int, n: int, bandwidth: float, ms: tuple[int, ...]
             (torch.rand(k // group, n, device="cuda", generator=gen) * 1e-3).half(),
             torch.full((k // group, n), 8.0, device="cuda").half(),
         )
-        for _ in range(copies_past_l2(k * n // 2))
+        for _ in range(copies_past_l2(k * n // 2) if "w4" in kinds else 0)
     ]  # [(qweight [K/8, N], scales [G, N], zeros [G, N])]
     fp8 = [
         quantize_per_channel(torch.randn(n, k, device="cuda", generator=gen))
-        for _ in range(copies_past_l2(k * n))
+        for _ in range(copies_past_l2(k * n) if "fp8" in kinds else 0)
     ]  # [(weight [N, K] fp8, scale [N])]
     dense = [
         torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -118,7 +127,8 @@ def sweep_shape(name: str, k: int, n: int, bandwidth: float, ms: tuple[int, ...]
         row: dict[str, Any] = {}
         bf16_ms = graph_ms([functools.partial(F.linear, x, w) for w in dense])
         row["bf16"] = {"us": round(bf16_ms * 1e3, 2), "bw": round(k * n * 2 / (bf16_ms / 1e3) / bandwidth, 3)}
-        if m in BF16_GRIDS:  # the float-weight GEMV on bf16 weights (unit scales), against cuBLAS above
+        # the float-weight GEMV on bf16 weights (unit scales), against cuBLAS above
+        if m in BF16_GRIDS and "bf16" in kinds:
             ref = F.linear(x.float(), dense[0].float())
             row["bf16_gemv"] = []
             for cfg in _grid(BF16_GRIDS[m]):
@@ -127,48 +137,10 @@ def sweep_shape(name: str, k: int, n: int, bandwidth: float, ms: tuple[int, ...]
                 row["bf16_gemv"].append({**cfg, "us": round(t * 1e3, 2),
                                          "bw": round(k * n * 2 / (t / 1e3) / bandwidth, 3), "err": round(err, 5)})  # fmt: skip
         w4_bytes = k * n // 2 + 2 * (k // group) * n * 2
-        ref_w4 = x.float() @ wna16_dequantize(*w4[0], 4, group, torch.float32)
-        plan = plan_wna16(m, k, n, group, sms)
-        dot_ms = graph_ms(
-            [
-                functools.partial(
-                    wna16_gemm,
-                    x,
-                    *q,
-                    4,
-                    group,
-                    plan.block_m,
-                    plan.block_n,
-                    plan.block_k,
-                    plan.split_k,
-                    plan.num_warps,
-                    plan.num_stages,
-                )  # fmt: skip
-                for q in w4
-            ]
-        )
-        row["w4_dot_plan"] = {
-            "us": round(dot_ms * 1e3, 2),
-            "bw": round(w4_bytes / (dot_ms / 1e3) / bandwidth, 3),
-        }
-        row["w4_gemv"] = []
-        for cfg in _grid(W4_GRIDS[m]):
-            err = rel_err(wna16_gemv(x, *w4[0], 4, group, **cfg), ref_w4)
-            t = graph_ms([functools.partial(wna16_gemv, x, *q, 4, group, **cfg) for q in w4])
-            row["w4_gemv"].append({**cfg, "us": round(t * 1e3, 2), "bw": round(w4_bytes / (t / 1e3) / bandwidth, 3),
-                                   "err": round(err, 5)})  # fmt: skip
-        ref_fp8 = x.float() @ (fp8[0][0].float() * fp8[0][1][:, None]).t()
-        mm_ms = graph_ms([functools.partial(_scaled_mm_linear, x, w, s, None) for w, s in fp8])
-        row["fp8_scaled_mm"] = {
-            "us": round(mm_ms * 1e3, 2),
-            "bw": round(k * n / (mm_ms / 1e3) / bandwidth, 3),
-        }
-        row["fp8_gemv"] = []
-        for cfg in _grid(FP8_GRIDS[m]):
-            err = rel_err(fp8_gemv(x, *fp8[0], **cfg), ref_fp8)
-            t = graph_ms([functools.partial(fp8_gemv, x, w, s, **cfg) for w, s in fp8])
-            row["fp8_gemv"].append({**cfg, "us": round(t * 1e3, 2), "bw": round(k * n / (t / 1e3) / bandwidth, 3),
-                                    "err": round(err, 5)})  # fmt: skip
+        if "w4" in kinds:
+            _sweep_w4(row, x, w4, group, m, k, n, sms, bandwidth, w4_bytes)
+        if "fp8" in kinds:
+            _sweep_fp8(row, x, fp8, m, k, n, bandwidth)
         for key in ("w4_gemv", "fp8_gemv", "bf16_gemv"):
             if key not in row:
                 continue
@@ -177,9 +149,10 @@ def sweep_shape(name: str, k: int, n: int, bandwidth: float, ms: tuple[int, ...]
             row[f"{key}_wrong"] = [r for r in row[key] if r["err"] >= 2e-2]
         result[f"m{m}"] = row
         print(
-            f"[sweep] {name} {k}x{n} m={m}: bf16 {row['bf16']} dot {row['w4_dot_plan']} "
-            f"w4 {row['w4_gemv_best']} fp8 {row['fp8_gemv_best']} fp8_mm {row['fp8_scaled_mm']} "
-            f"bf16_gemv {row.get('bf16_gemv_best')} wrong {len(row['w4_gemv_wrong'])}+{len(row['fp8_gemv_wrong'])}",
+            f"[sweep] {name} {k}x{n} m={m}: bf16 {row['bf16']} dot {row.get('w4_dot_plan')} "
+            f"w4 {row.get('w4_gemv_best')} fp8 {row.get('fp8_gemv_best')} fp8_mm {row.get('fp8_scaled_mm')} "
+            f"bf16_gemv {row.get('bf16_gemv_best')} "
+            f"wrong {sum(len(row.get(f'{key}_wrong', [])) for key in ('w4_gemv', 'fp8_gemv', 'bf16_gemv'))}",
             flush=True,
         )
     del w4, fp8, dense
@@ -187,12 +160,56 @@ def sweep_shape(name: str, k: int, n: int, bandwidth: float, ms: tuple[int, ...]
     return result
 
 
+def _sweep_w4(row: dict[str, Any], x: Any, w4: list, group: int, m: int, k: int, n: int, sms: int,
+              bandwidth: float, w4_bytes: int) -> None:  # fmt: skip
+    """The W4A16 dot kernel's planned launch and the GEMV's grid on `w4`'s copies, into `row`."""
+    import torch
+
+    from engine.model.quantization.wna16 import plan_wna16
+    from ops.triton.wna16_gemm import wna16_dequantize, wna16_gemm
+    from ops.triton.wna16_gemv import wna16_gemv
+
+    ref_w4 = x.float() @ wna16_dequantize(*w4[0], 4, group, torch.float32)
+    plan = plan_wna16(m, k, n, group, sms)
+    launch = (plan.block_m, plan.block_n, plan.block_k, plan.split_k, plan.num_warps, plan.num_stages)
+    dot_ms = graph_ms([functools.partial(wna16_gemm, x, *q, 4, group, *launch) for q in w4])
+    row["w4_dot_plan"] = {"us": round(dot_ms * 1e3, 2), "bw": round(w4_bytes / (dot_ms / 1e3) / bandwidth, 3)}
+    row["w4_gemv"] = []
+    for cfg in _grid(W4_GRIDS[m]):
+        err = rel_err(wna16_gemv(x, *w4[0], 4, group, **cfg), ref_w4)
+        t = graph_ms([functools.partial(wna16_gemv, x, *q, 4, group, **cfg) for q in w4])
+        row["w4_gemv"].append({**cfg, "us": round(t * 1e3, 2), "bw": round(w4_bytes / (t / 1e3) / bandwidth, 3),
+                               "err": round(err, 5)})  # fmt: skip
+
+
+def _sweep_fp8(row: dict[str, Any], x: Any, fp8: list, m: int, k: int, n: int, bandwidth: float) -> None:
+    """torch._scaled_mm (W8A8) and the FP8 GEMV's grid on `fp8`'s copies, into `row`."""
+    from engine.model.quantization.fp8 import _scaled_mm_linear
+    from ops.triton.fp8_gemv import fp8_gemv
+
+    ref_fp8 = x.float() @ (fp8[0][0].float() * fp8[0][1][:, None]).t()
+    mm_ms = graph_ms([functools.partial(_scaled_mm_linear, x, w, s, None) for w, s in fp8])
+    row["fp8_scaled_mm"] = {"us": round(mm_ms * 1e3, 2), "bw": round(k * n / (mm_ms / 1e3) / bandwidth, 3)}
+    row["fp8_gemv"] = []
+    for cfg in _grid(FP8_GRIDS[m]):
+        err = rel_err(fp8_gemv(x, *fp8[0], **cfg), ref_fp8)
+        t = graph_ms([functools.partial(fp8_gemv, x, w, s, **cfg) for w, s in fp8])
+        row["fp8_gemv"].append({**cfg, "us": round(t * 1e3, 2), "bw": round(k * n / (t / 1e3) / bandwidth, 3),
+                                "err": round(err, 5)})  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     p.add_argument("--batches", default="1,2,4,8,16", help="token counts to sweep (of 1, 2, 4, 8, 16)")
+    p.add_argument(
+        "--kinds", default=",".join(sorted(KINDS)), help="kernels to sweep, of " + ",".join(sorted(KINDS))
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    kinds = frozenset(args.kinds.split(","))
+    if not kinds <= KINDS:
+        p.error(f"--kinds: {sorted(kinds - KINDS)} not among {sorted(KINDS)}")
     import torch
 
     from loadtest.common import measure_copy_bandwidth
@@ -206,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                               "shape": args.shape}  # fmt: skip
     ms = tuple(int(b) for b in args.batches.split(","))
     for name, (k, n) in shapes.items():
-        report[name] = sweep_shape(name, k, n, bandwidth, ms)
+        report[name] = sweep_shape(name, k, n, bandwidth, ms, kinds)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
     return 0

@@ -7,6 +7,13 @@ owns BLOCK_N rows of the weight and a K range, streams [BLOCK_N, BLOCK_K] tiles 
 converts them in registers and multiplies by x kept in 16/32-bit: one launch, no activation
 quantization, and the K splits summed by the tile's last program (ops.triton.split_k).
 
+The weight tile is read VEC columns per thread, VEC being x's elements per 16-byte load (8 for
+bf16), even where the weight's own elements are narrower (FP8 could take 16): then, with BLOCK_K =
+VEC * 32 * num_warps, the tile's columns and x's vector fall on the threads in the same order, and x
+is used where it was loaded. Otherwise the compiler moves x into the tile's layout through shared
+memory every tile, with barriers between the warps (the FP8 GEMV's 256-wide tiles did, and ran
+at 0.50-0.58 of the copy bandwidth on the attention projections; sm_90 SASS, loadtest/sweep_gemv.py).
+
 A static activation scale (`input_scale`, activation_scheme "static") is applied as the W8A8 GEMM
 and the CPU reference apply it: x quantized to FP8 with it and dequantized, per element, on load.
 The spec is dequantize (w * scale in float32) + F.linear (tests/ops/test_fp8_gemv.py).
@@ -65,6 +72,7 @@ def _fp8_gemv_kernel(
     STATIC_INPUT: tl.constexpr,
     PREFETCH: tl.constexpr,  # load tile i + 1 before using tile i
     PDL: tl.constexpr,  # launched with programmatic dependent launch (ops.triton.pdl)
+    VEC: tl.constexpr,  # x's elements per 16-byte load: the weight tile's columns per thread too
 ):
     pid_g = tl.program_id(0)  # a group of ROWS rows of x; groups side by side share each weight tile in L2
     pid_n = tl.program_id(1)
@@ -85,7 +93,8 @@ def _fp8_gemv_kernel(
     acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
-    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K] at K = 0
+    # [BLOCK_N, BLOCK_K] at K = 0; runs of VEC columns, so the tile gets x's layout (module docstring)
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + tl.max_contiguous(offs_k, VEC)[None, :]
     k_last = k_start + (k_end - 1 - k_start) // BLOCK_K * BLOCK_K  # the split's last tile
     if PREFETCH:
         w = _w_tile(w_ptrs, k_start, k_end, mask_n, BLOCK_K)
@@ -129,7 +138,8 @@ def fp8_gemv(
     prefetch: bool = False,
 ) -> torch.Tensor:  # [M, N] in x.dtype
     """y = x (weight * weight_scale[:, None])^T, one launch; split_k > 1 splits K per BLOCK_N rows;
-    prefetch keeps the next weight tile in flight (and lets the launch use PDL, ops.triton.pdl)."""
+    prefetch keeps the next weight tile in flight (and lets the launch use PDL, ops.triton.pdl).
+    block_k = 8 * 32 * num_warps (bf16 / fp16 x) keeps x out of shared memory (module docstring)."""
     M, K = x.shape
     N = weight.shape[0]
     if not 1 <= M <= MAX_GEMV_TOKENS:
@@ -169,7 +179,7 @@ def fp8_gemv(
         x, weight, weight_scale, input_scale if static else weight_scale, out, partials, split_counters(x.device),
         M, N, K, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
         ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-        STATIC_INPUT=static, PREFETCH=prefetch, PDL=pdl, num_warps=num_warps, num_stages=num_stages,
-        launch_pdl=pdl,
+        STATIC_INPUT=static, PREFETCH=prefetch, PDL=pdl, VEC=16 // x.element_size(), num_warps=num_warps,
+        num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
     return out

@@ -32,11 +32,15 @@ KERNELS = [
         {"x_ptr": "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*fp16", "out_ptr": "*bf16",
          "partials_ptr": "*fp32", "counters_ptr": "*i32"},
     ),
-    (
-        "ops.triton.fp8_gemv:_fp8_gemv_kernel",
-        {"ROWS": 1, "BLOCK_N": 8, "BLOCK_K": 512, "SPLIT_K": 1, "STATIC_INPUT": False, "PREFETCH": True, "PDL": True},
-        {"x_ptr": "*bf16", "w_ptr": "*bf16", "scale_ptr": "*fp32", "input_scale_ptr": "*fp32", "out_ptr": "*bf16",
-         "partials_ptr": "*fp32", "counters_ptr": "*i32"},
+    *(
+        (
+            "ops.triton.fp8_gemv:_fp8_gemv_kernel",
+            {"ROWS": 1, "BLOCK_N": 8, "BLOCK_K": 1024, "SPLIT_K": 1, "STATIC_INPUT": False, "PREFETCH": True,
+             "PDL": True, "VEC": 8},
+            {"x_ptr": "*bf16", "w_ptr": weight, "scale_ptr": "*fp32", "input_scale_ptr": "*fp32", "out_ptr": "*bf16",
+             "partials_ptr": "*fp32", "counters_ptr": "*i32"},
+        )
+        for weight in ("*bf16", "*fp8e4nv")
     ),
     (
         "ops.triton.seeded_noise:_seeded_noise_kernel",
@@ -110,7 +114,7 @@ triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), tar
         k[0].split(":")[1]
         + ("" if k[1].get("ONE_BLOCK", True) else "-two_pass")
         + ("-split" if k[1].get("SPLIT") else "")
-        + ("-fp8" if k[1].get("QUANT") else "")
+        + ("-fp8" if k[1].get("QUANT") or k[2].get("w_ptr") == "*fp8e4nv" else "")
         for k in KERNELS
     ],
 )

@@ -25,12 +25,15 @@ KERNELS = [
         )
         for one_block in (True, False)
     ),
-    (
-        "ops.triton.wna16_gemv:_wna16_gemv_kernel",
-        {"BITS": 4, "GROUP_SIZE": 128, "ROWS": 1, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 8, "EVEN_N": True,
-         "PREFETCH": True, "PDL": True},
-        {"x_ptr": "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*fp16", "out_ptr": "*bf16",
-         "partials_ptr": "*fp32", "counters_ptr": "*i32"},
+    *(
+        (
+            "ops.triton.wna16_gemv:_wna16_gemv_kernel",
+            {"BITS": 4, "GROUP_SIZE": 128, "ROWS": rows, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 8, "EVEN_N": True,
+             "PREFETCH": True, "PDL": True, "HALF2": half2},
+            {"x_ptr": "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*fp16", "out_ptr": "*bf16",
+             "partials_ptr": "*fp32", "counters_ptr": "*i32"},
+        )
+        for rows, half2 in ((1, False), (1, True), (4, True))  # HALF2: inline PTX, which only ptxas checks
     ),
     *(
         (
@@ -115,6 +118,8 @@ triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), tar
         + ("" if k[1].get("ONE_BLOCK", True) else "-two_pass")
         + ("-split" if k[1].get("SPLIT") else "")
         + ("-fp8" if k[1].get("QUANT") or k[2].get("w_ptr") == "*fp8e4nv" else "")
+        + ("-half2" if k[1].get("HALF2") else "")
+        + (f"-rows{k[1]['ROWS']}" if k[1].get("ROWS", 1) > 1 else "")
         for k in KERNELS
     ],
 )

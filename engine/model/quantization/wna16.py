@@ -48,6 +48,7 @@ class WNA16Launch:
     num_warps: int = 4
     num_stages: int = 3
     prefetch: bool = False  # GEMV: the next tile's words in flight while one is decoded
+    half2: bool = False  # GEMV, 4-bit codes on CUDA: decoded in packed fp16 (ops/triton/wna16_gemv.py)
 
 
 def use_wna16_kernels(
@@ -179,6 +180,7 @@ def apply_wna16(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) ->
         out = wna16_gemv(
             x2.contiguous(), qweight, layer.scales, layer.zeros, bits, group_size,
             launch.block_n, launch.block_k, launch.split_k, launch.num_warps, launch.num_stages, launch.prefetch,
+            launch.half2 and bits == 4 and x2.is_cuda,
         )  # fmt: skip
     else:
         out = wna16_gemm(

@@ -319,13 +319,15 @@ def sample_argmax(
     return (logits - noise.clamp_min(torch.finfo(torch.float32).tiny).log()).argmax(dim=-1)
 
 
-_INV_FP8_MAX = torch.tensor(1.0) / torch.tensor(448.0)  # float32(1 / 448)
+# float32(1 / 448) as a Python float: a float32 tensor times it is times float32(1 / 448), with no tensor
+# to copy to the device (a copy that CUDA graph capture refuses)
+_INV_FP8_MAX = float(torch.tensor(1.0) / torch.tensor(448.0))
 
 
 def per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (q [M, K] float8_e4m3fn, scales [M, 1] float32): scale = max(amax |x[m]|, 1e-12) times
     float32(1 / 448) (as torch on CUDA divides by a scalar), q = fp8(x * (1 / scale)), saturating."""
-    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) * _INV_FP8_MAX.to(x.device)
+    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) * _INV_FP8_MAX
     q = (x.float() * scale.reciprocal()).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
     return q, scale
 

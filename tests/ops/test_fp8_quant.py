@@ -103,3 +103,24 @@ def test_silu_and_mul_fp8_equals_the_two_kernels_bit_for_bit(d: int) -> None:
     assert torch.equal(_bits(q), _bits(q_ref)) and torch.equal(scale, scale_ref)
     spec_q, spec_scale = reference.silu_and_mul_fp8(x)
     _within_one_fp8_step(q.cpu(), scale.cpu(), spec_q.cpu(), spec_scale.cpu())
+
+
+def test_reference_quantizer_equals_the_written_out_spec_and_runs_inside_cuda_graph_capture() -> None:
+    """ops.reference.per_token_fp8 (the W8A8 path's torch quantizer when the Triton one is off) is the
+    spec above bit for bit; on CUDA it is also captured into a graph (an earlier version copied a CPU
+    tensor to the device per call, which capture refuses) and replays to the same bits."""
+    from ops.reference import per_token_fp8
+
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.randn(4, 300, generator=gen) * torch.logspace(-2, 2, 4)[:, None]).to(torch.bfloat16).to(DEVICE)
+    q_ref, scale_ref = _spec(x)
+    q, scale = per_token_fp8(x)
+    assert torch.equal(scale, scale_ref) and torch.equal(_bits(q), _bits(q_ref))
+    if DEVICE != "cuda":
+        return
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        q_graph, scale_graph = per_token_fp8(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(scale_graph, scale_ref) and torch.equal(_bits(q_graph), _bits(q_ref))

@@ -131,8 +131,9 @@ def test_no_fused_gemv_without_a_plan_for_quantized_layers_or_on_the_torch_kerne
         fp8_layer = ColumnParallelLinear(96, 40, quant_config=Fp8Config(from_checkpoint=False))
         _, fp8 = _hooked(fp8_layer)
     assert on_torch.gemv_launch is None and fp8.gemv_launch is None and fp8.gemv_scale is None
-    # Llama-3-8B's MLP keeps cuBLAS without LoRA; with LoRA it takes the GEMV
-    assert plan_float_gemv(4096, 28672) is None and plan_float_gemv(14336, 4096) is None
+    # Llama-3-8B's gate_up keeps cuBLAS without LoRA (a tie in the sweep; down measured faster on the
+    # GEMV); with LoRA both take the GEMV
+    assert plan_float_gemv(4096, 28672) is None and plan_float_gemv(14336, 4096)["block_n"] == 4
     assert plan_float_gemv(4096, 28672, lora=True)["block_n"] == 16
     assert plan_float_gemv(14336, 4096, lora=True)["prefetch"] is True
     # One launch (the shrink inside the GEMV) where the H200 sweep measured it faster: all but gate_up.

@@ -256,16 +256,16 @@ def _triton_fp8_gemv_available() -> bool:
     return True
 
 
-def fp8_gemv_launch(in_features: int, out_features: int, num_sms: int) -> dict[str, int]:
-    """The GEMV's launch, from the sweep on an H200 (loadtest/sweep_gemv.py): 16-row weight tiles for
-    wide layers and 32 for the others, 256 bytes of K wide, K split while the grid holds at most about
-    six programs per SM, at most 4 ways (Llama-3-8B: qkv 2, o 4, gate_up 1, down 4)."""
-    block_n = 16 if out_features > 4096 else 32
-    tiles = -(-out_features // block_n)
-    split_k = 1
-    while tiles * split_k * 2 <= 6 * num_sms and split_k < 4 and in_features // (split_k * 2) >= 256:
-        split_k *= 2
-    return {"block_n": block_n, "block_k": 256, "split_k": split_k}
+def fp8_gemv_launch(in_features: int, out_features: int, num_sms: int, num_tokens: int = 1) -> dict[str, int]:
+    """The GEMV's launch, from the sweep on an H200 (loadtest/sweep_gemv.py, loadtest/results/
+    gemv-half2-h200-2026-12-04-835ef63): 4-row weight tiles, no K split, and x's layout kept (block_k
+    = 8 x 32 x num_warps, ops/triton/fp8_gemv.py): 512 columns on 2 warps where the layer widens
+    (qkv, gate_up: 9.23 / 32.35 us) and 1,024 on 4 where it does not (o, down: 6.94 / 16.87 us; the
+    256-column launch before: 10.70, 8.89, 32.41, 22.05); at 2 tokens 512 on 2 (8.84-47.92 us)."""
+    del num_sms  # measured on 132 SMs; with no split the tiles alone fill the card
+    if num_tokens == 1 and out_features <= in_features:
+        return {"block_n": 4, "block_k": 1024, "split_k": 1, "num_warps": 4}
+    return {"block_n": 4, "block_k": 512, "split_k": 1, "num_warps": 2}
 
 
 _SMS: dict[int, int] = {}
@@ -285,7 +285,11 @@ def fp8_gemv_linear(
     if device not in _SMS:
         _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count if device >= 0 else 132
     out = fp8_gemv(
-        x2, weight, weight_scale, input_scale, **fp8_gemv_launch(x2.shape[1], weight.shape[0], _SMS[device])
+        x2,
+        weight,
+        weight_scale,
+        input_scale,
+        **fp8_gemv_launch(x2.shape[1], weight.shape[0], _SMS[device], x2.shape[0]),
     )
     if bias is not None:
         out = out + bias

@@ -105,11 +105,14 @@ def plan_wna16_gemv(
     num_tokens: int, in_features: int, out_features: int, group_size: int, num_sms: int
 ) -> WNA16Launch | None:
     """The GEMV's launch, from the sweeps on an H200 at Llama-3-8B's four shapes (loadtest/sweep_gemv.py;
-    loadtest/results/gemv-sweep-h200-2026-12-03-cb7dcc4 and -2026-12-03-cb9a06e): 64-word column tiles,
-    tiles of 128 rows of K inside one group. At batch 1, K split 8 ways (16 for K >= 8192, the down
-    projection) with the next tile prefetched: ~8 programs per SM keep enough loads in flight
-    (1-3 us better per layer than no prefetch). At 2-4 tokens, split 4 (2 for the widest layers), no
-    prefetch (it measured slower there). None when no tile of 32 rows or more fits the groups."""
+    loadtest/results/gemv-sweep-h200-2026-12-03-cb7dcc4, -cb9a06e and gemv-half2-h200-2026-12-04-835ef63):
+    64-word column tiles, tiles of 128 rows of K inside one group. At batch 1, K split 8 ways (16 for
+    K >= 8192, the down projection) with the next tile prefetched (~8 programs per SM keep enough loads
+    in flight) and 4-bit codes decoded in packed fp16 (HALF2; at 835ef63 qkv 9.28 us vs 9.71, o 8.14 vs
+    8.13, gate_up 26.85 vs 30.43, down 15.86 vs 18.61). At 2-4 tokens (measured at 2), no prefetch and
+    the float32 decode (HALF2 won two layers of four there, by at most 1 us), K split 8 for the down
+    projection and the square o (24.72 / 10.33 us vs 31.97 / 12.28 split 4), 2 for the widest layers,
+    else 4. None when no tile of 32 rows or more fits the groups."""
     block_k = 128
     while group_size % block_k and block_k > 32:
         block_k //= 2  # groups of 32 or 64
@@ -118,8 +121,13 @@ def plan_wna16_gemv(
     del num_sms  # measured on 132 SMs; the splits are few enough to fill fewer
     if num_tokens == 1:
         split_k = 16 if in_features >= 8192 else 8
-        return WNA16Launch("gemv", 1, 64, block_k, split_k, num_warps=4, num_stages=3, prefetch=True)
-    split_k = 2 if out_features >= 16384 else 4
+        return WNA16Launch(
+            "gemv", 1, 64, block_k, split_k, num_warps=4, num_stages=3, prefetch=True, half2=True
+        )
+    if in_features >= 8192 or out_features <= in_features:
+        split_k = 8
+    else:
+        split_k = 2 if out_features >= 16384 else 4
     return WNA16Launch("gemv", 1, 64, block_k, split_k, num_warps=4, num_stages=3)
 
 

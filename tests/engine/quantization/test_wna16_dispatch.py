@@ -30,23 +30,24 @@ def test_kernels_on_cuda_only_for_layouts_they_read() -> None:
 
 @pytest.mark.parametrize("num_tokens", [1, 2, 4])
 def test_decode_batches_take_the_gemv_with_the_swept_launches(num_tokens: int) -> None:
-    """The launches the H200 sweeps picked (loadtest/results/gemv-sweep-h200-2026-12-03-*)."""
+    """The launches the H200 sweeps picked (loadtest/results/gemv-sweep-h200-2026-12-03-*,
+    gemv-half2-h200-2026-12-04-835ef63): at one token prefetched and decoded in packed fp16."""
     plans = {name: plan_wna16(num_tokens, k, n, 128, H100_SMS) for name, (k, n) in LLAMA3_8B.items()}
     assert {p.path for p in plans.values()} == {"gemv"}
     if num_tokens == 1:
-        assert {name: (p.block_n, p.split_k, p.prefetch) for name, p in plans.items()} == {
-            "qkv": (64, 8, True),
-            "o": (64, 8, True),
-            "gate_up": (64, 8, True),
-            "down": (64, 16, True),
+        assert {name: (p.block_n, p.split_k, p.prefetch, p.half2) for name, p in plans.items()} == {
+            "qkv": (64, 8, True, True),
+            "o": (64, 8, True, True),
+            "gate_up": (64, 8, True, True),
+            "down": (64, 16, True, True),
         }
     else:
-        assert not any(p.prefetch for p in plans.values())
+        assert not any(p.prefetch or p.half2 for p in plans.values())
         assert {name: (p.block_n, p.split_k) for name, p in plans.items()} == {
             "qkv": (64, 4),
-            "o": (64, 4),
+            "o": (64, 8),
             "gate_up": (64, 2),
-            "down": (64, 4),
+            "down": (64, 8),
         }
     assert all(p.block_k == 128 for p in plans.values())
     # SqueezeLLM's tables have no GEMV: the GEMM at batch 1
@@ -57,12 +58,15 @@ def test_fp8_gemv_launches_follow_the_sweep() -> None:
     from engine.model.quantization.fp8 import fp8_gemv_launch
 
     got = {name: fp8_gemv_launch(k, n, H100_SMS) for name, (k, n) in LLAMA3_8B.items()}
-    assert {name: (g["block_n"], g["split_k"]) for name, g in got.items()} == {
-        "qkv": (16, 2),
-        "o": (32, 4),
-        "gate_up": (16, 1),
-        "down": (32, 4),
+    assert {name: (g["block_n"], g["split_k"], g["block_k"], g["num_warps"]) for name, g in got.items()} == {
+        "qkv": (4, 1, 512, 2),
+        "o": (4, 1, 1024, 4),
+        "gate_up": (4, 1, 512, 2),
+        "down": (4, 1, 1024, 4),
     }
+    # block_k = 8 x 32 x num_warps: bf16 x is used in the weight tile's own layout (ops/triton/fp8_gemv.py)
+    two = [fp8_gemv_launch(k, n, H100_SMS, num_tokens=2) for k, n in LLAMA3_8B.values()]
+    assert all((g["block_k"], g["num_warps"]) == (512, 2) for g in two)
 
 
 @pytest.mark.parametrize("num_tokens", [5, 8, 16])

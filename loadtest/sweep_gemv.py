@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from loadtest.gpu_timing import copies_past_l2, graph_ms, rel_err  # noqa: E402
 from loadtest.model_shapes import SHAPES  # noqa: E402
 
-KINDS = frozenset({"w4", "fp8", "bf16"})  # the W4A16 GEMV (and dot kernel), the FP8 GEMV, the bf16 GEMV
+# the W4A16 GEMV (and dot kernel), the FP8 GEMV, the bf16 GEMV, gate_up's gated launches
+KINDS = frozenset({"w4", "fp8", "bf16", "gated"})
 
 # per batch: the launches tried (batch 1 widest: it is the latency that matters most)
 W4_GRIDS = {
@@ -143,6 +144,8 @@ def sweep_shape(
             _sweep_w4(row, x, w4, group, m, k, n, sms, bandwidth, w4_bytes)
         if "fp8" in kinds:
             _sweep_fp8(row, x, fp8, m, k, n, bandwidth)
+        if "gated" in kinds and name == "gate_up" and m <= 2:
+            row["gated"] = _sweep_gated(x, k, n, group, sms, gen)
         for key in ("w4_gemv", "fp8_gemv", "bf16_gemv"):
             if key not in row:
                 continue
@@ -153,7 +156,7 @@ def sweep_shape(
         print(
             f"[sweep] {name} {k}x{n} m={m}: bf16 {row['bf16']} dot {row.get('w4_dot_plan')} "
             f"w4 {row.get('w4_gemv_best')} fp8 {row.get('fp8_gemv_best')} fp8_mm {row.get('fp8_scaled_mm')} "
-            f"bf16_gemv {row.get('bf16_gemv_best')} "
+            f"bf16_gemv {row.get('bf16_gemv_best')} gated {row.get('gated')} "
             f"wrong {sum(len(row.get(f'{key}_wrong', [])) for key in ('w4_gemv', 'fp8_gemv', 'bf16_gemv'))}",
             flush=True,
         )
@@ -198,6 +201,70 @@ def _sweep_fp8(row: dict[str, Any], x: Any, fp8: list, m: int, k: int, n: int, b
         t = graph_ms([functools.partial(fp8_gemv, x, w, s, **cfg) for w, s in fp8])
         row["fp8_gemv"].append({**cfg, "us": round(t * 1e3, 2), "bw": round(k * n / (t / 1e3) / bandwidth, 3),
                                 "err": round(err, 5)})  # fmt: skip
+
+
+def _sweep_gated(x: Any, k: int, n: int, group: int, sms: int, gen: Any) -> dict[str, Any]:
+    """The gate_up projection with silu(gate) * up in the GEMV's epilogue (the engine's decode path,
+    at the planned launches) against the plain GEMV followed by the SiLU-mul kernel: microseconds of
+    both, and the gated output's error against F.linear then SiLU-mul in float32."""
+    import torch
+    import torch.nn.functional as F
+
+    from engine.model.quantization.float_gemv import plan_float_gemv, plan_gated_gemv
+    from engine.model.quantization.fp8 import fp8_gemv_launch, quantize_per_channel
+    from engine.model.quantization.wna16 import plan_wna16
+    from ops.triton.activation import silu_and_mul
+    from ops.triton.fp8_gemv import fp8_gemv
+    from ops.triton.wna16_gemm import wna16_dequantize
+    from ops.triton.wna16_gemv import wna16_gemv
+
+    m, half = x.shape[0], n // 2
+
+    def reference(dense: Any) -> Any:  # dense [N, K] float32
+        y = F.linear(x.float(), dense)
+        return F.silu(y[:, :half]) * y[:, half:]
+
+    out: dict[str, Any] = {}
+    cases = []
+    if m == 1:
+        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+                 for _ in range(copies_past_l2(k * n * 2))]  # fmt: skip
+        ones = torch.ones(n, device="cuda")
+        plain = plan_float_gemv(k, n) or plan_gated_gemv(k, n)
+        gated = plan_gated_gemv(k, n)
+        if gated is not None:
+            cases.append(("bf16", [functools.partial(fp8_gemv, x, w, ones, None, **gated, gated=True) for w in dense],
+                          [functools.partial(lambda w: silu_and_mul(fp8_gemv(x, w, ones, None, **plain)), w)
+                           for w in dense], reference(dense[0].float())))  # fmt: skip
+    fp8 = [
+        quantize_per_channel(torch.randn(n, k, device="cuda", generator=gen))
+        for _ in range(copies_past_l2(k * n))
+    ]
+    launch = fp8_gemv_launch(k, n, sms, m)
+    cases.append(("fp8", [functools.partial(fp8_gemv, x, w, s, None, **launch, gated=True) for w, s in fp8],
+                  [functools.partial(lambda w, s: silu_and_mul(fp8_gemv(x, w, s, None, **launch)), w, s) for w, s in fp8],
+                  reference(fp8[0][0].float() * fp8[0][1][:, None])))  # fmt: skip
+    del fp8
+    w4 = [
+        (
+            torch.randint(-(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda", generator=gen),
+            (torch.rand(k // group, n, device="cuda", generator=gen) * 1e-3).half(),
+            torch.full((k // group, n), 8.0, device="cuda").half(),
+        )
+        for _ in range(copies_past_l2(k * n // 2))
+    ]
+    p = plan_wna16(m, k, n, group, sms)
+    args = (p.block_n, p.block_k, p.split_k, p.num_warps, p.num_stages, p.prefetch, p.half2)
+    cases.append(("w4", [functools.partial(wna16_gemv, x, *q, 4, group, *args, gated=True) for q in w4],
+                  [functools.partial(lambda q: silu_and_mul(wna16_gemv(x, *q, 4, group, *args)), q) for q in w4],
+                  reference(wna16_dequantize(*w4[0], 4, group, torch.float32).t().contiguous())))  # fmt: skip
+    for name, gated_fns, plain_fns, ref in cases:
+        out[name] = {
+            "err": round(rel_err(gated_fns[0](), ref), 5),
+            "gated_us": round(graph_ms(gated_fns) * 1e3, 2),
+            "plain_then_silu_mul_us": round(graph_ms(plain_fns) * 1e3, 2),
+        }
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,14 @@ import triton
 import triton.language as tl
 
 from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
-from ops.triton.split_k import MAX_TILES, rows_per_program, split_counters, store_rows
+from ops.triton.split_k import (
+    MAX_TILES,
+    gated_rows,
+    rows_per_program,
+    split_counters,
+    store_rows,
+    store_rows_gated,
+)
 
 MAX_GEMV_TOKENS = 16  # rows of x in groups of up to 4, one group per program
 FP8_MAX = tl.constexpr(448.0)  # float8_e4m3fn's largest value (a constexpr: read inside the kernel)
@@ -73,14 +80,19 @@ def _fp8_gemv_kernel(
     PREFETCH: tl.constexpr,  # load tile i + 1 before using tile i
     PDL: tl.constexpr,  # launched with programmatic dependent launch (ops.triton.pdl)
     VEC: tl.constexpr,  # x's elements per 16-byte load: the weight tile's columns per thread too
+    GATED: tl.constexpr = False,  # a [gate; up] weight (N = 2 x half_n rows): silu(gate) * up stored
+    half_n=0,  # GATED: the gate half's rows, the output's columns
 ):
     pid_g = tl.program_id(0)  # a group of ROWS rows of x; groups side by side share each weight tile in L2
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     tile = pid_g * tl.num_programs(1) + pid_n  # this program's split-K counter
     row0 = pid_g * ROWS
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    if GATED:  # BLOCK_N / 2 rows of each half, so one program sees a column's gate and up rows
+        offs_n, mask_n = gated_rows(pid_n, half_n, BLOCK_N)
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     W_DTYPE: tl.constexpr = w_ptr.dtype.element_ty
@@ -118,11 +130,20 @@ def _fp8_gemv_kernel(
         if PREFETCH:
             w = w_next
     scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)  # [BLOCK_N]
-    store_rows(
-        tl.sum(acc0, axis=1) * scale, tl.sum(acc1, axis=1) * scale,
-        tl.sum(acc2, axis=1) * scale, tl.sum(acc3, axis=1) * scale,
-        out_ptr, partials_ptr, counters_ptr, tile, row0, M, N, offs_n, stride_om, pid_k, ROWS, SPLIT_K,
-    )  # fmt: skip
+    if GATED:
+        offs_v = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # the tile's virtual columns (split partials)
+        store_rows_gated(
+            tl.sum(acc0, axis=1) * scale, tl.sum(acc1, axis=1) * scale,
+            tl.sum(acc2, axis=1) * scale, tl.sum(acc3, axis=1) * scale,
+            out_ptr, partials_ptr, counters_ptr, tile, row0, M, half_n, tl.num_programs(1) * BLOCK_N, offs_v,
+            stride_om, pid_k, ROWS, SPLIT_K,
+        )  # fmt: skip
+    else:
+        store_rows(
+            tl.sum(acc0, axis=1) * scale, tl.sum(acc1, axis=1) * scale,
+            tl.sum(acc2, axis=1) * scale, tl.sum(acc3, axis=1) * scale,
+            out_ptr, partials_ptr, counters_ptr, tile, row0, M, N, offs_n, stride_om, pid_k, ROWS, SPLIT_K,
+        )  # fmt: skip
 
 
 def fp8_gemv(
@@ -136,10 +157,13 @@ def fp8_gemv(
     num_warps: int = 4,
     num_stages: int = 3,
     prefetch: bool = False,
-) -> torch.Tensor:  # [M, N] in x.dtype
+    gated: bool = False,
+) -> torch.Tensor:  # [M, N] in x.dtype; gated: [M, N / 2]
     """y = x (weight * weight_scale[:, None])^T, one launch; split_k > 1 splits K per BLOCK_N rows;
     prefetch keeps the next weight tile in flight (and lets the launch use PDL, ops.triton.pdl).
-    block_k = 8 * 32 * num_warps (bf16 / fp16 x) keeps x out of shared memory (module docstring)."""
+    block_k = 8 * 32 * num_warps (bf16 / fp16 x) keeps x out of shared memory (module docstring).
+    gated: weight is [gate; up] (a MergedColumnParallelLinear's); y = silu(x gate^T) * (x up^T), each
+    tile taking block_n / 2 rows of both halves."""
     M, K = x.shape
     N = weight.shape[0]
     if not 1 <= M <= MAX_GEMV_TOKENS:
@@ -150,36 +174,34 @@ def fp8_gemv(
         )
     if weight.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError("fp8_gemv: weight and x must be contiguous along K")
+    if gated and (N % 2 or block_n % 2):
+        raise ValueError(
+            f"fp8_gemv: gated needs an even row count and block_n; got {N} rows, block_n {block_n}"
+        )
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
     split_k = triton.cdiv(K, k_per_split)
-    tiles = triton.cdiv(N, block_n)
+    out_n = N // 2 if gated else N
+    tiles = triton.cdiv(out_n, block_n // 2) if gated else triton.cdiv(N, block_n)
     rows = rows_per_program(M)
     if M % rows:  # zero rows up to whole groups
         padded = torch.cat([x, x.new_zeros(rows - M % rows, K)])
-        return fp8_gemv(
-            padded,
-            weight,
-            weight_scale,
-            input_scale,
-            block_n,
-            block_k,
-            split_k,
-            num_warps,
-            num_stages,
-            prefetch,
-        )[:M]
+        return fp8_gemv(padded, weight, weight_scale, input_scale, block_n, block_k, split_k, num_warps, num_stages,
+                        prefetch, gated)[:M]  # fmt: skip
     groups = M // rows
     if split_k > 1 and tiles * groups > MAX_TILES:
         raise ValueError(f"fp8_gemv: {tiles * groups} tiles exceed the split-K workspace ({MAX_TILES})")
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    partials = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else out
+    out = torch.empty(M, out_n, dtype=x.dtype, device=x.device)
+    partial_n = tiles * block_n if gated else N  # a gated tile's partials at its virtual columns
+    partials = (
+        torch.empty(split_k, M, partial_n, dtype=torch.float32, device=x.device) if split_k > 1 else out
+    )
     static = input_scale is not None
     pdl = pdl_enabled(x.device)
     _fp8_gemv_kernel[(groups, tiles, split_k)](
         x, weight, weight_scale, input_scale if static else weight_scale, out, partials, split_counters(x.device),
         M, N, K, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
         ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-        STATIC_INPUT=static, PREFETCH=prefetch, PDL=pdl, VEC=16 // x.element_size(), num_warps=num_warps,
-        num_stages=num_stages, launch_pdl=pdl,
+        STATIC_INPUT=static, PREFETCH=prefetch, PDL=pdl, VEC=16 // x.element_size(), GATED=gated, half_n=out_n,
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
     return out

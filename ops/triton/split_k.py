@@ -7,7 +7,9 @@ launch per layer (about a microsecond inside a CUDA graph, several percent of a 
 Instead each program writes its partial (`finish_row`), then takes a ticket from a per-tile counter
 (`split_k_is_last`); the one that draws the last ticket reads all partials (`sum_row`), writes the
 output in its dtype and puts the counter back to zero (`store_rows` is that whole epilogue), so
-the next launch (or CUDA-graph replay) finds it clean. The counters are one persistent int32
+the next launch (or CUDA-graph replay) finds it clean. `store_rows_gated` is the same epilogue for a
+gate_up projection whose tiles hold matching gate and up rows (`gated_rows`): it stores silu(gate) *
+up, so the MLP's activation needs no launch of its own at decode batches. The counters are one persistent int32
 workspace per device, shared by every layer: launches on one stream never overlap where it matters
 (a GEMV launched with PDL touches the counters only after waiting for the kernel before it).
 
@@ -100,6 +102,75 @@ def store_rows(
             for row in range(row0, row0 + ROWS):
                 sum_row(out_ptr, partials_ptr, row, M, N, offs_n, stride_om, SPLIT_K)
             tl.atomic_xchg(counters_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _silu_mul_store(y, out_ptr, row, half_n, offs_v, stride_om):
+    """y [BLOCK_N] float32 over a gated tile's rows (BLOCK_N / 2 gate rows, then as many up rows):
+    silu(gate) * up stored at the tile's BLOCK_N / 2 output columns."""
+    HALF: tl.constexpr = y.shape[0] // 2
+    pair = tl.reshape(y, (2, HALF))  # [0]: gate, [1]: up
+    first = (tl.arange(0, 2) == 0)[:, None]
+    gate = tl.sum(tl.where(first, pair, 0.0), axis=0)
+    up = tl.sum(tl.where(first, 0.0, pair), axis=0)
+    cols = tl.min(offs_v, axis=0) // 2 + tl.arange(0, HALF)  # offs_v: the tile's BLOCK_N virtual columns
+    act = gate / (1.0 + tl.exp(-gate)) * up
+    tl.store(out_ptr + row * stride_om + cols, act.to(out_ptr.dtype.element_ty), mask=cols < half_n)
+
+
+@triton.jit
+def store_rows_gated(
+    acc0,  # [BLOCK_N] float32: row row0's gate and up sums (this split's share of them)
+    acc1,
+    acc2,
+    acc3,
+    out_ptr,  # [M, half_n]
+    partials_ptr,  # [SPLIT_K, M, n_virtual] float32
+    counters_ptr,
+    tile,
+    row0,
+    M,
+    half_n,  # output columns: the gate half's rows of the weight
+    n_virtual,  # tiles x BLOCK_N: a gated tile's partials sit at its virtual columns
+    offs_v,  # [BLOCK_N] this tile's virtual columns, pid_n * BLOCK_N + arange
+    stride_om,
+    pid_k,
+    ROWS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    """store_rows for a GEMV over a [gate; up] weight whose tiles hold BLOCK_N / 2 rows of each: every
+    row of x gets silu(gate) * up, after the split's partials are summed."""
+    if SPLIT_K == 1:
+        _silu_mul_store(acc0, out_ptr, row0, half_n, offs_v, stride_om)
+        if ROWS >= 2:
+            _silu_mul_store(acc1, out_ptr, row0 + 1, half_n, offs_v, stride_om)
+        if ROWS >= 4:
+            _silu_mul_store(acc2, out_ptr, row0 + 2, half_n, offs_v, stride_om)
+            _silu_mul_store(acc3, out_ptr, row0 + 3, half_n, offs_v, stride_om)
+    else:
+        tl.store(partials_ptr + (pid_k * M + row0) * n_virtual + offs_v, acc0)
+        if ROWS >= 2:
+            tl.store(partials_ptr + (pid_k * M + row0 + 1) * n_virtual + offs_v, acc1)
+        if ROWS >= 4:
+            tl.store(partials_ptr + (pid_k * M + row0 + 2) * n_virtual + offs_v, acc2)
+            tl.store(partials_ptr + (pid_k * M + row0 + 3) * n_virtual + offs_v, acc3)
+        if split_k_is_last(counters_ptr, tile, SPLIT_K):
+            for row in range(row0, row0 + ROWS):
+                total = tl.zeros(offs_v.shape, dtype=tl.float32)
+                for s in range(SPLIT_K):
+                    total += tl.load(partials_ptr + (s * M + row) * n_virtual + offs_v, cache_modifier=".cg")
+                _silu_mul_store(total, out_ptr, row, half_n, offs_v, stride_om)
+            tl.atomic_xchg(counters_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def gated_rows(pid_n, half_n, BLOCK_N: tl.constexpr):
+    """A gated tile's weight rows ([BLOCK_N]: BLOCK_N / 2 gate rows from pid_n * BLOCK_N / 2, then the
+    same rows of the up half, half_n further) and which of them exist."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    offs = tl.arange(0, BLOCK_N)
+    col = pid_n * HALF + offs % HALF  # the output column each row feeds
+    return col + (offs // HALF) * half_n, col < half_n
 
 
 def rows_per_program(m: int) -> int:

@@ -40,7 +40,14 @@ import triton
 import triton.language as tl
 
 from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
-from ops.triton.split_k import MAX_TILES, rows_per_program, split_counters, store_rows
+from ops.triton.split_k import (
+    MAX_TILES,
+    gated_rows,
+    rows_per_program,
+    split_counters,
+    store_rows,
+    store_rows_gated,
+)
 from ops.triton.wna16_gemm import check_layout
 
 MAX_GEMV_TOKENS = 16  # rows of x in groups of up to 4, one group per program
@@ -178,6 +185,8 @@ def _wna16_gemv_kernel(
     PREFETCH: tl.constexpr,  # load tile i + 1 before decoding tile i (two tiles in flight per program)
     PDL: tl.constexpr,  # launched with programmatic dependent launch (ops.triton.pdl)
     HALF2: tl.constexpr = False,  # 4-bit codes decoded in packed fp16 (inline PTX; module docstring)
+    GATED: tl.constexpr = False,  # [gate | up] columns (N = 2 x half_n): silu(gate) * up stored
+    half_n=0,  # GATED: the gate half's columns, the output's
 ):
     PACK: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PACK  # word rows per tile
@@ -186,9 +195,12 @@ def _wna16_gemv_kernel(
     pid_k = tl.program_id(2)
     tile = pid_g * tl.num_programs(1) + pid_n  # this program's split-K counter
     row0 = pid_g * ROWS
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if GATED:  # BLOCK_N / 2 columns of each half, so one program sees a column's gate and up sums
+        offs_n, mask_n = gated_rows(pid_n, half_n, BLOCK_N)
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
     offs_w = tl.arange(0, WORDS)
-    mask_n = offs_n < N
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     acc0 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)  # scaled, zero-corrected sums per word row
@@ -280,10 +292,17 @@ def _wna16_gemv_kernel(
                 acc3 += (dot3 - lo3[:, None] * zero_lo - hi3[:, None] * zero_hi) * scale
         if PREFETCH:
             words = words_next
-    store_rows(
-        tl.sum(acc0, axis=0), tl.sum(acc1, axis=0), tl.sum(acc2, axis=0), tl.sum(acc3, axis=0),
-        out_ptr, partials_ptr, counters_ptr, tile, row0, M, N, offs_n, stride_om, pid_k, ROWS, SPLIT_K,
-    )  # fmt: skip
+    if GATED:
+        store_rows_gated(
+            tl.sum(acc0, axis=0), tl.sum(acc1, axis=0), tl.sum(acc2, axis=0), tl.sum(acc3, axis=0),
+            out_ptr, partials_ptr, counters_ptr, tile, row0, M, half_n, tl.num_programs(1) * BLOCK_N,
+            pid_n * BLOCK_N + tl.arange(0, BLOCK_N), stride_om, pid_k, ROWS, SPLIT_K,
+        )  # fmt: skip
+    else:
+        store_rows(
+            tl.sum(acc0, axis=0), tl.sum(acc1, axis=0), tl.sum(acc2, axis=0), tl.sum(acc3, axis=0),
+            out_ptr, partials_ptr, counters_ptr, tile, row0, M, N, offs_n, stride_om, pid_k, ROWS, SPLIT_K,
+        )  # fmt: skip
 
 
 def wna16_gemv(
@@ -300,7 +319,8 @@ def wna16_gemv(
     num_stages: int = 3,
     prefetch: bool = False,
     half2: bool = False,
-) -> torch.Tensor:  # [M, N] in x.dtype
+    gated: bool = False,
+) -> torch.Tensor:  # [M, N] in x.dtype; gated: [M, N / 2]
     """y = x w with w dequantized in registers, one launch. block_k must divide group_size and be a
     multiple of 32 // bits; split_k > 1 splits K over that many programs per BLOCK_N columns; prefetch
     keeps the next tile's words in flight while one is decoded; half2 decodes 4-bit codes in packed
@@ -323,23 +343,31 @@ def wna16_gemv(
         )
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
     split_k = triton.cdiv(K, k_per_split)
-    tiles = triton.cdiv(N, block_n)
+    if gated and (N % 2 or block_n % 2):
+        raise ValueError(
+            f"wna16_gemv: gated needs an even column count and block_n; got {N}, block_n {block_n}"
+        )
+    out_n = N // 2 if gated else N
+    tiles = triton.cdiv(out_n, block_n // 2) if gated else triton.cdiv(N, block_n)
     rows = rows_per_program(M)
     if M % rows:  # the kernel masks no row: zero rows up to whole groups
         padded = torch.cat([x, x.new_zeros(rows - M % rows, K)])
         return wna16_gemv(padded, qweight, scales, zeros, bits, group_size, block_n, block_k, split_k, num_warps,
-                          num_stages, prefetch, half2)[:M]  # fmt: skip
+                          num_stages, prefetch, half2, gated)[:M]  # fmt: skip
     groups = M // rows
     pdl = pdl_enabled(x.device)
     if split_k > 1 and tiles * groups > MAX_TILES:
         raise ValueError(f"wna16_gemv: {tiles * groups} tiles exceed the split-K workspace ({MAX_TILES})")
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    partials = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else out
+    out = torch.empty(M, out_n, dtype=x.dtype, device=x.device)
+    partial_n = tiles * block_n if gated else N  # a gated tile's partials at its virtual columns
+    partials = (
+        torch.empty(split_k, M, partial_n, dtype=torch.float32, device=x.device) if split_k > 1 else out
+    )
     _wna16_gemv_kernel[(groups, tiles, split_k)](
         x, qweight, scales, zeros, out, partials, split_counters(x.device),
         M, N, K, k_per_split, 0x007F8000 if bits == 8 else 0x00078000, 0x00780000,
         x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
-        BITS=bits, GROUP_SIZE=group_size, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, EVEN_N=N % block_n == 0,
-        PREFETCH=prefetch, PDL=pdl, HALF2=half2, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+        BITS=bits, GROUP_SIZE=group_size, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, EVEN_N=out_n % (block_n // 2) == 0 if gated else N % block_n == 0,
+        PREFETCH=prefetch, PDL=pdl, HALF2=half2, GATED=gated, half_n=out_n, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
     return out

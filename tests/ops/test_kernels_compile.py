@@ -35,6 +35,20 @@ KERNELS = [
         )
         for rows, half2 in ((1, False), (1, True), (4, True))  # HALF2: inline PTX, which only ptxas checks
     ),
+    (  # the gated epilogue after a K split (silu(gate) * up from the summed partials)
+        "ops.triton.wna16_gemv:_wna16_gemv_kernel",
+        {"BITS": 4, "GROUP_SIZE": 128, "ROWS": 1, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 8, "EVEN_N": True,
+         "PREFETCH": True, "PDL": False, "HALF2": True, "GATED": True},
+        {"x_ptr": "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*fp16", "out_ptr": "*bf16",
+         "partials_ptr": "*fp32", "counters_ptr": "*i32"},
+    ),
+    (
+        "ops.triton.fp8_gemv:_fp8_gemv_kernel",
+        {"ROWS": 1, "BLOCK_N": 8, "BLOCK_K": 512, "SPLIT_K": 1, "STATIC_INPUT": False, "PREFETCH": False,
+         "PDL": False, "VEC": 8, "GATED": True},
+        {"x_ptr": "*bf16", "w_ptr": "*bf16", "scale_ptr": "*fp32", "input_scale_ptr": "*fp32", "out_ptr": "*bf16",
+         "partials_ptr": "*fp32", "counters_ptr": "*i32"},
+    ),
     *(
         (
             "ops.triton.fp8_gemv:_fp8_gemv_kernel",
@@ -119,6 +133,7 @@ triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), tar
         + ("-split" if k[1].get("SPLIT") else "")
         + ("-fp8" if k[1].get("QUANT") or k[2].get("w_ptr") == "*fp8e4nv" else "")
         + ("-half2" if k[1].get("HALF2") else "")
+        + ("-gated" if k[1].get("GATED") else "")
         + (f"-rows{k[1]['ROWS']}" if k[1].get("ROWS", 1) > 1 else "")
         for k in KERNELS
     ],

@@ -229,6 +229,15 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             prefix=prefix,
         )
 
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) * up of a [gate, up] projection in its matmul's own launch, [num_tokens, half], where
+        the quant method has such a path for x (decode batches on a GEMV); None otherwise (then forward
+        and the activation kernel): with a bias, a LoRA adapter, or other than two equal halves."""
+        sizes = self.output_partition_sizes
+        if self.has_bias or self.lora is not None or len(sizes) != 2 or sizes[0] != sizes[1]:
+            return None
+        return self.quant_method.apply_silu_mul(self, x)
+
     def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
         if shard_id is None:  # an already-fused checkpoint tensor: split it and load each part
             self._load_fused(param, loaded_weight, self.output_sizes, list(range(len(self.output_sizes))))

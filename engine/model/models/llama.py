@@ -56,6 +56,10 @@ class LlamaMLP(nn.Module):
         self.act_fn = SiluAndMul(ctx.kernels, prefix=join_prefix(prefix, "act_fn"))
 
     def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
+        if isinstance(x, torch.Tensor):
+            act = self.gate_up_proj.silu_mul(x)  # decode batches on a GEMV: the activation in its launch
+            if act is not None:
+                return self.down_proj(act)
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate]
         fp8 = takes_fp8_activation(self.down_proj, gate_up.shape[0], gate_up.dtype)
         return self.down_proj(self.act_fn(gate_up, fp8))

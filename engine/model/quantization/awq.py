@@ -26,6 +26,7 @@ from engine.model.quantization.common import (
     apply_weight_only,
     is_skipped,
     register_weight_only,
+    silu_mul_weight_only,
     unpacking_loader,
 )
 from engine.model.quantization.packing import AWQ_PACK_ORDER, unpack_cols
@@ -126,3 +127,6 @@ class AWQLinearMethod(LinearMethodBase):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return apply_weight_only(layer, x, bias)
+
+    def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        return silu_mul_weight_only(layer, x)

@@ -55,6 +55,14 @@ class LinearMethodBase(QuantizeMethodBase, ABC):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """[num_tokens, input_size_per_partition] -> [num_tokens, sum(output_partition_sizes)]."""
 
+    def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """For a bias-free [gate; up] layer (two equal halves): silu(x gate^T) * (x up^T), [num_tokens,
+        half], computed in the matmul's own launch where this method has a path for x (decode batches
+        on a GEMV: the SiLU-mul kernel's launch saved); None where it has not (then `apply` and the
+        activation kernel). Default: none."""
+        del layer, x
+        return None
+
 
 class QuantizationConfig(ABC):
     """Picks each layer's method. One instance per model; frozen after construction."""

@@ -21,6 +21,7 @@ from torch import nn
 from engine.model.parameter import WeightLoader, WeightShapeError
 from engine.model.quantization.wna16 import (
     apply_wna16,
+    apply_wna16_silu_mul,
     register_kernel_layout,
     triton_wna16_available,
     use_wna16_kernels,
@@ -155,6 +156,12 @@ def register_weight_only(
     layer.register_buffer("scales", scales)
     layer.register_buffer("perm", perm)
     layer.register_buffer("g_idx", g_idx)
+
+
+def silu_mul_weight_only(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """LinearMethodBase.apply_silu_mul for the weight-only layers: the GEMV's gated launch where the
+    layer runs the Triton kernels and the batch takes the GEMV, else None."""
+    return apply_wna16_silu_mul(layer, x) if layer.wna16_bits else None
 
 
 def apply_weight_only(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

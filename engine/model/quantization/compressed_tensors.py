@@ -43,6 +43,7 @@ from engine.model.quantization.common import (
     apply_weight_only,
     is_ignored,
     register_weight_only,
+    silu_mul_weight_only,
     unpacking_loader,
 )
 from engine.model.quantization.packing import pack_factor, unpack_cols, unpack_rows
@@ -206,6 +207,9 @@ class CompressedTensorsWNA16Method(LinearMethodBase):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return apply_weight_only(layer, x, bias)
+
+    def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        return silu_mul_weight_only(layer, x)
 
 
 def _int32_only(weight_loader: WeightLoader, name: str) -> WeightLoader:

@@ -215,6 +215,13 @@ class Fp8LinearMethod(LinearMethodBase):
         # Dynamic activation scales for _scaled_mm by the one-kernel quantizer (decided here, once).
         layer.fp8_quant_kernel = layer.fp8_gemv and input_scale is None and _fp8_quant_kernel_enabled()
 
+    def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        if not (
+            isinstance(x, torch.Tensor) and layer.fp8_gemv and x.numel() <= GEMV_MAX_TOKENS * x.shape[-1]
+        ):
+            return None
+        return fp8_gemv_linear(x, layer.weight, layer.weight_scale, None, layer.input_scale, gated=True)
+
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):  # quantized by the kernel that made it (fp8_activation)
             return _scaled_mm(x.q, x.scale, layer.weight, layer.weight_scale, bias, x.dtype)
@@ -277,6 +284,7 @@ def fp8_gemv_linear(
     weight_scale: torch.Tensor,  # [out] float32
     bias: torch.Tensor | None,
     input_scale: torch.Tensor | None = None,  # [1] float32: static; None: x as is (W8A16)
+    gated: bool = False,  # weight is [gate; up]: silu(gate) * up, [..., out / 2] (no bias)
 ) -> torch.Tensor:  # [..., out]
     from ops.triton.fp8_gemv import fp8_gemv  # noqa: PLC0415
 
@@ -284,16 +292,11 @@ def fp8_gemv_linear(
     device = x.get_device()
     if device not in _SMS:
         _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count if device >= 0 else 132
-    out = fp8_gemv(
-        x2,
-        weight,
-        weight_scale,
-        input_scale,
-        **fp8_gemv_launch(x2.shape[1], weight.shape[0], _SMS[device], x2.shape[0]),
-    )
+    launch = fp8_gemv_launch(x2.shape[1], weight.shape[0], _SMS[device], x2.shape[0])
+    out = fp8_gemv(x2, weight, weight_scale, input_scale, **launch, gated=gated)
     if bias is not None:
         out = out + bias
-    return out.view(*x.shape[:-1], weight.shape[0])
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def _scaled_mm_linear(

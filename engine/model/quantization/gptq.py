@@ -33,6 +33,7 @@ from engine.model.quantization.common import (
     apply_weight_only,
     is_skipped,
     register_weight_only,
+    silu_mul_weight_only,
     unpacking_loader,
 )
 from engine.model.quantization.packing import pack_factor, unpack_cols, unpack_rows
@@ -173,3 +174,6 @@ class GPTQLinearMethod(LinearMethodBase):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return apply_weight_only(layer, x, bias)
+
+    def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        return silu_mul_weight_only(layer, x)

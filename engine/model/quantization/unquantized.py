@@ -15,6 +15,7 @@ from engine.model.quantization.float_gemv import (
     float_gemv_linear,
     float_gemv_supported,
     plan_float_gemv,
+    plan_gated_gemv,
 )
 
 if TYPE_CHECKING:
@@ -47,9 +48,15 @@ class UnquantizedLinearMethod(LinearMethodBase):
         launch = plan_float_gemv(weight.shape[1], weight.shape[0])
         if launch is not None and not float_gemv_supported(weight):
             launch = None
+        gated = plan_gated_gemv(weight.shape[1], weight.shape[0])  # used only if the layer is a [gate; up]
+        if gated is not None and not float_gemv_supported(weight):
+            gated = None
         layer.float_gemv = launch
+        layer.float_gemv_gated = gated
         layer.float_gemv_scale = (
-            torch.ones(weight.shape[0], dtype=torch.float32, device=weight.device) if launch else None
+            torch.ones(weight.shape[0], dtype=torch.float32, device=weight.device)
+            if launch or gated
+            else None
         )  # [out]
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -57,6 +64,12 @@ class UnquantizedLinearMethod(LinearMethodBase):
         if launch is not None and x.numel() == x.shape[-1] and decode_gemv_is_allowed():
             return float_gemv_linear(x, layer.weight, layer.float_gemv_scale, bias, launch)
         return F.linear(x, layer.weight, bias)
+
+    def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        launch = getattr(layer, "float_gemv_gated", None)
+        if launch is None or x.numel() != x.shape[-1] or not decode_gemv_is_allowed():
+            return None
+        return float_gemv_linear(x, layer.weight, layer.float_gemv_scale, None, {**launch, "gated": True})
 
 
 _UNQUANTIZED = UnquantizedLinearMethod()

@@ -200,6 +200,30 @@ def apply_wna16(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) ->
     return out.view(*x.shape[:-1], out_features)
 
 
+def apply_wna16_silu_mul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up for a [gate | up] layer in the GEMV's own launch ([..., in] -> [..., out / 2]),
+    where the batch takes the GEMV; None otherwise."""
+    from ops.triton.wna16_gemv import wna16_gemv  # noqa: PLC0415
+
+    bits = layer.wna16_bits
+    qweight = layer.qweight  # [in / pf, out]
+    in_features, out_features = qweight.shape[0] * (32 // bits), qweight.shape[1]
+    x2 = x.reshape(-1, in_features)  # [tokens, in]
+    launch = _plan(
+        x2.shape[0], in_features, out_features, in_features // layer.scales.shape[0], x.get_device()
+    )
+    if launch.path != "gemv" or out_features % 2:
+        return None
+    if layer.perm is not None:
+        x2 = x2.index_select(1, layer.perm)
+    out = wna16_gemv(
+        x2.contiguous(), qweight, layer.scales, layer.zeros, bits, in_features // layer.scales.shape[0],
+        launch.block_n, launch.block_k, launch.split_k, launch.num_warps, launch.num_stages, launch.prefetch,
+        launch.half2 and bits == 4 and x2.is_cuda, gated=True,
+    )  # fmt: skip
+    return out.view(*x.shape[:-1], out_features // 2)
+
+
 def apply_wna16_reference(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The kernel layout computed in plain torch (the spec `apply_wna16` must match; tests)."""
     from engine.model.quantization.common import dequantize  # noqa: PLC0415

@@ -7,7 +7,9 @@ any float weight in registers; unit scales here), with 8-row tiles 512 columns d
 faster there: qkv 14.38 us vs 16.24, o 10.86 vs 12.68 (H200 sweep at c2fa90c,
 `loadtest/results/gemv-pdl-lora-h200-2026-12-03-c2fa90c/`); on the MLP's shapes it about ties cuBLAS
 (gate_up 54.6 vs 54.8, down 30.4 vs 30.4 there; down 29.8 vs 31.1 at 835ef63, so down takes it, see
-`_LAUNCHES`); gate_up, and every shape not listed, keep cuBLAS, unless the layer has a LoRA adapter: then the GEMV also adds the LoRA expand in its epilogue (one launch less,
+`_LAUNCHES`). gate_up takes it as a gated launch, silu(gate) * up in its epilogue (`plan_gated_gemv`,
+the MLP's activation without a launch of its own). Every shape not listed keeps cuBLAS, unless the
+layer has a LoRA adapter: then the GEMV also adds the LoRA expand in its epilogue (one launch less,
 engine/lora/gemv.py) and the MLP's shapes take it too (`plan_float_gemv(..., lora=True)`).
 
 Only inside CUDA graphs: the runner allows the GEMV while it warms up and captures (`decode_gemv_allowed`),
@@ -41,7 +43,7 @@ def decode_gemv_is_allowed() -> bool:
 
 
 # (in_features, out_features) -> the launch, from the H200 sweep; shapes not listed keep cuBLAS
-# (the H200 sweep at 835ef63, gemv-half2-h200-2026-12-04-835ef63: qkv 14.57 us vs cuBLAS 14.66, o 10.73
+# (the H200 sweep at 835ef63, gemv-half2-gated-h200-2026-12-04/sweep-835ef63: qkv 14.57 us vs cuBLAS 14.66, o 10.73
 # vs 12.72, down 29.78 vs 31.13; gate_up 56.59 vs 56.78, a tie, keeps cuBLAS)
 _LAUNCHES: dict[tuple[int, int], dict[str, int]] = {
     (4096, 6144): {"block_n": 8, "block_k": 512, "split_k": 1},  # Llama-3-8B qkv

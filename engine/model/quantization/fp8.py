@@ -265,8 +265,8 @@ def _triton_fp8_gemv_available() -> bool:
 
 def fp8_gemv_launch(in_features: int, out_features: int, num_sms: int, num_tokens: int = 1) -> dict[str, int]:
     """The GEMV's launch, from the sweep on an H200 (loadtest/sweep_gemv.py, loadtest/results/
-    gemv-half2-h200-2026-12-04-835ef63): 4-row weight tiles, no K split, and x's layout kept (block_k
-    = 8 x 32 x num_warps, ops/triton/fp8_gemv.py): 512 columns on 2 warps where the layer widens
+    gemv-half2-gated-h200-2026-12-04/sweep-835ef63): 4-row weight tiles, no K split, and x's layout
+    kept (block_k = 8 x 32 x num_warps, ops/triton/fp8_gemv.py): 512 columns on 2 warps where it widens
     (qkv, gate_up: 9.23 / 32.35 us) and 1,024 on 4 where it does not (o, down: 6.94 / 16.87 us; the
     256-column launch before: 10.70, 8.89, 32.41, 22.05); at 2 tokens 512 on 2 (8.84-47.92 us)."""
     del num_sms  # measured on 132 SMs; with no split the tiles alone fill the card

@@ -105,8 +105,8 @@ def plan_wna16_gemv(
     num_tokens: int, in_features: int, out_features: int, group_size: int, num_sms: int
 ) -> WNA16Launch | None:
     """The GEMV's launch, from the sweeps on an H200 at Llama-3-8B's four shapes (loadtest/sweep_gemv.py;
-    loadtest/results/gemv-sweep-h200-2026-12-03-cb7dcc4, -cb9a06e and gemv-half2-h200-2026-12-04-835ef63):
-    64-word column tiles, tiles of 128 rows of K inside one group. At batch 1, K split 8 ways (16 for
+    loadtest/results/gemv-sweep-h200-2026-12-03-cb7dcc4, -cb9a06e and
+    gemv-half2-gated-h200-2026-12-04/sweep-835ef63): 64-word column tiles, tiles of 128 rows of K inside one group. At batch 1, K split 8 ways (16 for
     K >= 8192, the down projection) with the next tile prefetched (~8 programs per SM keep enough loads
     in flight) and 4-bit codes decoded in packed fp16 (HALF2; at 835ef63 qkv 9.28 us vs 9.71, o 8.14 vs
     8.13, gate_up 26.85 vs 30.43, down 15.86 vs 18.61). At 2-4 tokens (measured at 2), no prefetch and

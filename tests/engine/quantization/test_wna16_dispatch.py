@@ -31,7 +31,7 @@ def test_kernels_on_cuda_only_for_layouts_they_read() -> None:
 @pytest.mark.parametrize("num_tokens", [1, 2, 4])
 def test_decode_batches_take_the_gemv_with_the_swept_launches(num_tokens: int) -> None:
     """The launches the H200 sweeps picked (loadtest/results/gemv-sweep-h200-2026-12-03-*,
-    gemv-half2-h200-2026-12-04-835ef63): at one token prefetched and decoded in packed fp16."""
+    gemv-half2-gated-h200-2026-12-04/sweep-835ef63): at one token prefetched and decoded in packed fp16."""
     plans = {name: plan_wna16(num_tokens, k, n, 128, H100_SMS) for name, (k, n) in LLAMA3_8B.items()}
     assert {p.path for p in plans.values()} == {"gemv"}
     if num_tokens == 1:

@@ -236,3 +236,40 @@ def test_default_options_are_todays_launch() -> None:
         gemv_lora(x, w, ones, a, b, slots, offsets, shrink_chunk=100)
     with pytest.raises(ValueError, match=r"lora_shrink: chunk 0 is not positive"):
         lora_shrink(x, a, slots, chunk=0)
+
+
+@in_process
+@pytest.mark.parametrize(
+    ("k", "block_n", "block_k", "split_k"), [(576, 16, 64, 1), (1100, 8, 256, 2), (640, 32, 64, 1)]
+)
+@pytest.mark.parametrize("fuse_shrink", [False, True])
+def test_gated_gemv_with_the_lora_term_is_silu_of_gate_times_up(
+    k: int, block_n: int, block_k: int, split_k: int, fuse_shrink: bool
+) -> None:
+    """A gate/up LoRA layer's gated launch: silu(gate) * up of the base output plus the LoRA term (the
+    ungated launch's sums), for an adapter and for none; ragged halves (36 columns in tiles of 4, 8
+    or 16) and split-K, each launched twice (clean counters)."""
+    from ops.triton.lora import lora_shrink
+    from ops.triton.lora_gemv import _sync_counters, gemv_lora, gemv_lora_expand
+
+    sizes = (36, 36)
+    x, w, a, b, garbage, offsets = _layer(sizes, k, 8, 8, 3, seed=k + block_n)
+    ones = torch.ones(w.shape[0], device=DEVICE)
+    launch = dict(block_n=block_n, block_k=block_k, split_k=split_k)
+    tol = 1e-5 if _dtype() == torch.float32 else 1e-2
+    for slot in (1, -1):
+        slots = torch.tensor([slot], dtype=torch.int32, device=DEVICE)
+        full = _expected(x, w, a, b, slot, offsets)  # [1, 72] float32
+        expected = F.silu(full[:, :36]) * full[:, 36:]
+        for _ in range(2):
+            if fuse_shrink:
+                out = gemv_lora(x, w, ones, a, garbage, slots, offsets, **launch, gated=True)
+            else:
+                t = lora_shrink(x, a, slots)
+                out = gemv_lora_expand(x, w, ones, t, garbage, slots, offsets, **launch, gated=True)
+            assert out.shape == (1, 36) and out.dtype == x.dtype
+            assert _err(out, expected) < tol
+    if fuse_shrink:
+        assert _sync_counters(x.device).tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="gated needs two equal sub-matrices and an even block_n"):
+        gemv_lora_expand(x, w, ones, lora_shrink(x, a, slots), garbage, slots, (0, 30), **launch, gated=True)

@@ -76,20 +76,16 @@ def lora_gemv_linear(
     token_slots: torch.Tensor,  # [>= 1] int32: element 0 is the token's slot
     slice_offsets: Sequence[int],
     launch: dict[str, Any],
-    gated: bool = False,
-) -> torch.Tensor:  # [..., out]; gated: [..., out / 2]
+) -> torch.Tensor:  # [..., out]
     """x W^T (+ bias) + the token's LoRA term: the shrink, then the GEMV with the expand as its
-    epilogue (or, with launch["fuse_shrink"], both in one launch). `gated`: a [gate; up] layer (no
-    bias), silu(gate) * up of those sums stored (the MLP's activation in the same launch)."""
+    epilogue (or, with launch["fuse_shrink"], both in one launch)."""
     from ops.triton.lora_gemv import gemv_lora, gemv_lora_expand  # noqa: PLC0415 (triton: GPU or interpreter)
 
     launch = dict(launch)
     x2 = x.reshape(1, -1)  # [1, in]
     slots = token_slots[:1]
     if launch.pop("fuse_shrink", False):
-        out = gemv_lora(
-            x2, weight, unit_scale, a_stacked, b_stacked, slots, slice_offsets, **launch, gated=gated
-        )
+        out = gemv_lora(x2, weight, unit_scale, a_stacked, b_stacked, slots, slice_offsets, **launch)
     else:
         if launch.pop("reduce_t", False):
             raise ValueError("lora_gemv_linear: reduce_t needs fuse_shrink (the separate shrink's partials)")
@@ -97,9 +93,7 @@ def lora_gemv_linear(
         chunk = launch.pop("shrink_chunk", None)
         t = shrink(x2, a_stacked, slots) if chunk is None else shrink(x2, a_stacked, slots, chunk=chunk)
         # t: [split, 1, S * R] float32
-        out = gemv_lora_expand(
-            x2, weight, unit_scale, t, b_stacked, slots, slice_offsets, **launch, gated=gated
-        )
+        out = gemv_lora_expand(x2, weight, unit_scale, t, b_stacked, slots, slice_offsets, **launch)
     if bias is not None:
         out = out + bias
-    return out.view(*x.shape[:-1], out.shape[-1])
+    return out.view(*x.shape[:-1], weight.shape[0])

@@ -147,18 +147,6 @@ class LoRALinear(nn.Module):
             self.slice_offsets, launch,
         )  # fmt: skip
 
-    def forward_layer_silu_mul(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor | None:
-        """A bias-free [gate, up] layer's silu(gate) * up with the LoRA term, in the fused GEMV's one
-        launch (gated) where `fused_gemv_launch` takes this call, else None (then `forward_layer` and
-        the activation kernel)."""
-        launch = self.fused_gemv_launch(x)
-        if launch is None:
-            return None
-        return lora_gemv_linear(
-            x, layer.weight, self.gemv_scale, None, self.shrink, self.a_stacked, self.b_stacked,
-            self.batch.token_slots, self.slice_offsets, launch, gated=True,
-        )  # fmt: skip
-
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """x [num_tokens, in_per_partition], out [num_tokens, out_per_partition] (the base output,
         updated in place) -> out."""

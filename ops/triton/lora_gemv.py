@@ -57,7 +57,7 @@ import triton.language as tl
 
 from ops.triton.fp8_gemv import _w_tile
 from ops.triton.pdl import pdl_enabled, wait_for_previous_kernel
-from ops.triton.split_k import MAX_TILES, gated_rows, split_counters, store_rows, store_rows_gated
+from ops.triton.split_k import MAX_TILES, split_counters, store_rows
 
 SHRINK_CHUNK = 512  # input columns per shrink worker (lora_shrink's split at one token)
 # A worker's tile of A along K, [lora_dim, 32]: narrow, so that the worker's branch needs few more
@@ -178,15 +178,11 @@ def _gemv_part(
     N, K, k_per_split, stride_wn, stride_bs, stride_bn, stride_ts, N1, N2, RANK, T_SPLIT,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
     PDL: tl.constexpr, BLOCK_R: tl.constexpr, FUSE_SHRINK: tl.constexpr, REDUCE_T: tl.constexpr,
-    EARLY_B: tl.constexpr, GATED: tl.constexpr,
+    EARLY_B: tl.constexpr,
 ):  # fmt: skip
-    """fp8_gemv's program at one token (ROWS 1), the LoRA term added to its columns before they are stored
-    (GATED: a [gate; up] layer's tile of gate and up rows, silu(gate) * up stored, as fp8_gemv's)."""
-    if GATED:
-        offs_n, mask_n = gated_rows(pid_n, N // 2, BLOCK_N)  # weight rows, i.e. the ungated columns
-    else:
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
+    """fp8_gemv's program at one token (ROWS 1), the LoRA term added to its columns before they are stored."""
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -249,24 +245,9 @@ def _gemv_part(
                 stride_bn,
                 BLOCK_R,
             )
-    if GATED:
-        store_rows_gated(
-            y, y, y, y, out_ptr, partials_ptr, counters_ptr, pid_n, 0, 1, N // 2, _tiles(N, BLOCK_N, GATED) * BLOCK_N,
-            pid_n * BLOCK_N + tl.arange(0, BLOCK_N), 0, pid_k, 1, SPLIT_K,
-        )  # fmt: skip
-    else:
-        store_rows(
-            y, y, y, y, out_ptr, partials_ptr, counters_ptr, pid_n, 0, 1, N, offs_n, 0, pid_k, 1, SPLIT_K,
-        )  # fmt: skip
-
-
-@triton.jit
-def _tiles(N, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
-    """Column tiles of the launch: BLOCK_N / 2 output columns each when GATED."""
-    if GATED:
-        return tl.cdiv(N // 2, BLOCK_N // 2)
-    else:
-        return tl.cdiv(N, BLOCK_N)
+    store_rows(
+        y, y, y, y, out_ptr, partials_ptr, counters_ptr, pid_n, 0, 1, N, offs_n, 0, pid_k, 1, SPLIT_K,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -308,7 +289,6 @@ def _gemv_lora_kernel(
     FUSE_SHRINK: tl.constexpr,
     REDUCE_T: tl.constexpr,  # FUSE_SHRINK: the last worker sums the partials into row T_SPLIT of t
     EARLY_B: tl.constexpr,  # the epilogue's B rows (and the slot) loaded before the K loop
-    GATED: tl.constexpr,  # a [gate; up] layer: silu(gate) * up stored (N / 2 columns)
 ):
     if FUSE_SHRINK:
         role = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")  # a ticket, not the program id
@@ -332,15 +312,14 @@ def _gemv_lora_kernel(
             else:
                 tl.atomic_add(sync_ptr + 1, 1, sem="release", scope="gpu")
         else:
-            tiles = _tiles(N, BLOCK_N, GATED)
+            tiles = tl.cdiv(N, BLOCK_N)
             _gemv_part(
                 (role - T_SPLIT) % tiles, (role - T_SPLIT) // tiles, x_ptr, w_ptr, scale_ptr, out_ptr, partials_ptr, counters_ptr, t_ptr, b_ptr,
                 slots_ptr, sync_ptr, N, K, k_per_split, stride_wn, stride_bs, stride_bn, stride_ts, N1, N2,
                 RANK, T_SPLIT, BLOCK_N, BLOCK_K, SPLIT_K, PREFETCH, PDL, BLOCK_R, FUSE_SHRINK, REDUCE_T, EARLY_B,
-                GATED,
             )  # fmt: skip
         # the last program out puts the counters back for the next launch
-        total = T_SPLIT + _tiles(N, BLOCK_N, GATED) * SPLIT_K
+        total = T_SPLIT + tl.cdiv(N, BLOCK_N) * SPLIT_K
         if tl.atomic_add(sync_ptr + 2, 1, sem="acq_rel", scope="gpu") == total - 1:
             tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
             tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed", scope="gpu")
@@ -349,7 +328,7 @@ def _gemv_lora_kernel(
         _gemv_part(
             tl.program_id(0), tl.program_id(1), x_ptr, w_ptr, scale_ptr, out_ptr, partials_ptr, counters_ptr, t_ptr, b_ptr,
             slots_ptr, sync_ptr, N, K, k_per_split, stride_wn, stride_bs, stride_bn, stride_ts, N1, N2,
-            RANK, T_SPLIT, BLOCK_N, BLOCK_K, SPLIT_K, PREFETCH, PDL, BLOCK_R, FUSE_SHRINK, False, EARLY_B, GATED,
+            RANK, T_SPLIT, BLOCK_N, BLOCK_K, SPLIT_K, PREFETCH, PDL, BLOCK_R, FUSE_SHRINK, False, EARLY_B,
         )  # fmt: skip
 
 
@@ -391,19 +370,13 @@ def _launch(
     shrink_chunk: int = SHRINK_CHUNK,
     reduce_t: bool = False,
     early_b: bool = False,
-    gated: bool = False,
 ) -> torch.Tensor:
     _check(x, weight, weight_scale, b_stacked, slice_offsets)
     n, k = weight.shape
     lora_dim = b_stacked.shape[2]
-    if gated and (len(slice_offsets) != 2 or 2 * slice_offsets[1] != n or block_n % 2):
-        raise ValueError(
-            f"gemv_lora: gated needs two equal sub-matrices and an even block_n; got slice_offsets "
-            f"{tuple(slice_offsets)} of {n} rows, block_n {block_n}"
-        )
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     split_k = triton.cdiv(k, k_per_split)
-    tiles = triton.cdiv(n // 2, block_n // 2) if gated else triton.cdiv(n, block_n)
+    tiles = triton.cdiv(n, block_n)
     if split_k > 1 and tiles > MAX_TILES:
         raise ValueError(f"gemv_lora: {tiles} tiles exceed the split-K workspace ({MAX_TILES})")
     fuse = t is None
@@ -425,11 +398,8 @@ def _launch(
             raise ValueError(f"gemv_lora: t {tuple(t.shape)} for one token, lora_dim {lora_dim}")
         t_split = t.shape[0]
         a = b_stacked  # not read
-    out = torch.empty(1, n // 2 if gated else n, dtype=x.dtype, device=x.device)
-    partial_n = tiles * block_n if gated else n  # a gated tile's partials at its virtual columns
-    partials = (
-        torch.empty(split_k, 1, partial_n, dtype=torch.float32, device=x.device) if split_k > 1 else out
-    )
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    partials = torch.empty(split_k, 1, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
     sync = _sync_counters(x.device) if fuse else token_slots
     pdl = prefetch and not fuse and pdl_enabled(x.device)
     bounds = [*slice_offsets[1:], n, n][:2]
@@ -441,7 +411,7 @@ def _launch(
         t.stride(0), bounds[0], bounds[1], rank, lora_dim, t_split, shrink_chunk,
         BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, PREFETCH=prefetch, PDL=pdl,
         BLOCK_R=triton.next_power_of_2(rank), BLOCK_D=triton.next_power_of_2(lora_dim), SHRINK_BLOCK=SHRINK_BLOCK_K,
-        FUSE_SHRINK=fuse, REDUCE_T=fuse and reduce_t, EARLY_B=early_b, GATED=gated,
+        FUSE_SHRINK=fuse, REDUCE_T=fuse and reduce_t, EARLY_B=early_b,
         num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
     return out
@@ -462,15 +432,14 @@ def gemv_lora_expand(
     num_stages: int = 3,
     prefetch: bool = False,
     early_b: bool = False,
-    gated: bool = False,
-) -> torch.Tensor:  # [1, N] in x.dtype; gated: [1, N / 2]
+) -> torch.Tensor:  # [1, N] in x.dtype
     """x (weight * scale)^T + (sum of t's splits) B[slot]^T in one launch: the base GEMV with the
     expand as its epilogue (ops.reference.lora_expand applied to F.linear's output, but the term is
     added in float32 before the output is rounded once). `early_b`: B's rows are loaded before the
-    K loop (module docstring). `gated`: a [gate; up] layer, silu(gate) * up stored."""
+    K loop (module docstring)."""
     return _launch(
         x, weight, weight_scale, None, t, b_stacked, token_slots, slice_offsets, block_n, block_k, split_k,
-        num_warps, num_stages, prefetch, early_b=early_b, gated=gated,
+        num_warps, num_stages, prefetch, early_b=early_b,
     )  # fmt: skip
 
 
@@ -491,13 +460,11 @@ def gemv_lora(
     shrink_chunk: int = SHRINK_CHUNK,
     reduce_t: bool = False,
     early_b: bool = False,
-    gated: bool = False,
-) -> torch.Tensor:  # [1, N] in x.dtype; gated: [1, N / 2]
+) -> torch.Tensor:  # [1, N] in x.dtype
     """The whole LoRA layer at one token in one launch: shrink workers and the GEMV with the expand
     epilogue, synchronized by tickets (module docstring). PDL is off for it. `shrink_chunk` (input
-    columns per worker, a multiple of SHRINK_BLOCK_K), `reduce_t` and `early_b`: module docstring.
-    `gated`: a [gate; up] layer, silu(gate) * up stored."""
+    columns per worker, a multiple of SHRINK_BLOCK_K), `reduce_t` and `early_b`: module docstring."""
     return _launch(
         x, weight, weight_scale, a_stacked, None, b_stacked, token_slots, slice_offsets, block_n, block_k,
-        split_k, num_warps, num_stages, prefetch, shrink_chunk, reduce_t, early_b, gated,
+        split_k, num_warps, num_stages, prefetch, shrink_chunk, reduce_t, early_b,
     )  # fmt: skip

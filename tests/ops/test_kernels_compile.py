@@ -42,17 +42,6 @@ KERNELS = [
         {"x_ptr": "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*fp16", "out_ptr": "*bf16",
          "partials_ptr": "*fp32", "counters_ptr": "*i32"},
     ),
-    *(
-        (  # LoRA's gate_up at one token: the gated epilogue after the expand term (fused shrink or not)
-            "ops.triton.lora_gemv:_gemv_lora_kernel",
-            {"BLOCK_N": 16, "BLOCK_K": 256, "SPLIT_K": 1, "PREFETCH": False, "PDL": False, "BLOCK_R": 16,
-             "BLOCK_D": 32, "SHRINK_BLOCK": 32, "FUSE_SHRINK": fuse, "REDUCE_T": False, "EARLY_B": True, "GATED": True},
-            {"x_ptr": "*bf16", "w_ptr": "*bf16", "scale_ptr": "*fp32", "out_ptr": "*bf16", "partials_ptr": "*fp32",
-             "counters_ptr": "*i32", "a_ptr": "*bf16", "t_ptr": "*fp32", "b_ptr": "*bf16", "slots_ptr": "*i32",
-             "sync_ptr": "*i32"},
-        )
-        for fuse in (False, True)
-    ),
     (
         "ops.triton.fp8_gemv:_fp8_gemv_kernel",
         {"ROWS": 1, "BLOCK_N": 8, "BLOCK_K": 512, "SPLIT_K": 1, "STATIC_INPUT": False, "PREFETCH": False,
@@ -145,7 +134,6 @@ triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), tar
         + ("-fp8" if k[1].get("QUANT") or k[2].get("w_ptr") == "*fp8e4nv" else "")
         + ("-half2" if k[1].get("HALF2") else "")
         + ("-gated" if k[1].get("GATED") else "")
-        + ("-fused" if k[1].get("FUSE_SHRINK") else "")
         + (f"-rows{k[1]['ROWS']}" if k[1].get("ROWS", 1) > 1 else "")
         for k in KERNELS
     ],

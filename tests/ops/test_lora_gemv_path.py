@@ -229,31 +229,3 @@ def test_launch_options_reach_the_kernels() -> None:
     torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"lora_gemv_linear: reduce_t needs fuse_shrink"):
         run(reduce_t=True)
-
-
-@in_process
-@pytest.mark.parametrize("fuse_shrink", [False, True])
-def test_a_gate_up_lora_layer_gives_silu_mul_in_the_fused_launch_at_one_token(fuse_shrink: bool) -> None:
-    """MergedColumnParallelLinear.silu_mul with a LoRA hook: at one token inside graph capture the
-    gated fused launch, silu(gate) * up of the layer's output with the adapter's term; in a step
-    without adapters the layer's own method (no gated plan for this CPU layer: None, so the MLP runs
-    the layer and then the activation kernel); eagerly None."""
-    import torch.nn.functional as F
-
-    from engine.lora.gemv import lora_gemv_forced
-    from engine.model.layers.linear import MergedColumnParallelLinear
-    from engine.model.quantization.float_gemv import decode_gemv_allowed
-
-    with lora_gemv_forced({**LAUNCH, "fuse_shrink": fuse_shrink}):
-        layer, lora = _hooked(MergedColumnParallelLinear(96, [20, 20]))
-    one = torch.randn(1, 96, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    lora.batch.token_slots[:1] = torch.tensor([2], dtype=torch.int32)
-    assert layer.silu_mul(one) is None  # eager
-    with decode_gemv_allowed():
-        full = layer(one)  # the fused ungated launch: [1, 40] with the adapter's term
-        gated = layer.silu_mul(one)
-        lora.batch.active = False
-        assert layer.silu_mul(one) is None
-        lora.batch.active = True
-    assert gated.shape == (1, 20)
-    torch.testing.assert_close(gated, F.silu(full[:, :20]) * full[:, 20:], rtol=1e-5, atol=1e-5)

@@ -231,15 +231,11 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
         """silu(gate) * up of a [gate, up] projection in its matmul's own launch, [num_tokens, half], where
-        the quant method (or, with LoRA, the hook's fused GEMV) has such a path for x (decode batches on
-        a GEMV); None otherwise (then forward and the activation kernel), and always with a bias or
-        other than two equal halves."""
+        the quant method has such a path for x (decode batches on a GEMV); None otherwise (then forward
+        and the activation kernel): with a bias, a LoRA adapter, or other than two equal halves."""
         sizes = self.output_partition_sizes
-        if self.has_bias or len(sizes) != 2 or sizes[0] != sizes[1]:
+        if self.has_bias or self.lora is not None or len(sizes) != 2 or sizes[0] != sizes[1]:
             return None
-        if self.lora is not None and self.lora.batch.active:
-            return self.lora.forward_layer_silu_mul(self, x)
-        # no LoRA, or a step (a graph variant) without adapters, where the hook adds nothing either
         return self.quant_method.apply_silu_mul(self, x)
 
     def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:

@@ -219,3 +219,27 @@ def test_llama_mlp_takes_the_gated_projection_at_decode_and_keeps_its_output() -
     assert calls == [torch.Size([1, 192])] * 2
     assert fused.shape == unfused.shape == (1, 192)
     assert _err(fused, unfused) < (1e-5 if _dtype() == torch.float32 else 1e-2)
+
+
+@in_process
+def test_a_lora_gate_up_takes_the_gated_launch_only_in_steps_without_adapters() -> None:
+    """With a LoRA hook: a step with adapters declines (the LoRA GEMV and the activation kernel run,
+    the LoRA term in between); a step without (a graph variant without the term) takes the method's
+    gated launch, equal to the layer's output through SiLU-mul."""
+    from engine.model.layers.linear import MergedColumnParallelLinear
+    from engine.model.quantization.float_gemv import decode_gemv_allowed
+    from tests.ops.test_lora_gemv_path import _hooked
+
+    layer, lora = _hooked(MergedColumnParallelLinear(96, [20, 20]))
+    layer.float_gemv_gated = {"block_n": 8, "block_k": 32, "split_k": 1}
+    layer.float_gemv_scale = torch.ones(40, device=DEVICE)
+    one = torch.randn(1, 96, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    with decode_gemv_allowed():
+        assert layer.silu_mul(one) is None  # adapters in the step
+        lora.batch.active = False
+        gated = layer.silu_mul(one)
+        full = layer(one)  # the hook adds nothing now
+        lora.batch.active = True
+    assert gated is not None and gated.shape == (1, 20)
+    assert _err(gated, _silu_mul_reference(one.float().cpu(), layer.weight.float().cpu())) < 1e-5
+    assert _err(gated, torch.nn.functional.silu(full[:, :20]) * full[:, 20:]) < 1e-5

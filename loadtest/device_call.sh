@@ -9,7 +9,7 @@
 # Steps (knobs in the environment): suite (run_gpu_suite.sh; BENCHES, SB = its budget), feat
 # (gpu_feature_check.py; FEAT_PARTS), eng (gpu_engine_check.py; ENG_PARTS), pyt (pytest on CUDA; PYT),
 # l1, s16 (S1 at 16 req/s), u1, u1cold (U1 on an empty Triton cache), trace (trace_compiles.py), sampler (bench_sampler.py), beam (B1-B3), lora (A1-A4; LORA_COUNTS), k1lora (A3's step by kernel),
-# cb (T1 with the transformers continuous-batching peer; CBB, CBN), cbng (the same, its CUDA graphs off; CBV, CBT), sweep (sweep_lora_gemv.py), sweepseg (sweep_lora_segments.py), profbase and
+# cb (T1 with the transformers continuous-batching peer; CBB, CBN), cbng (the same, its CUDA graphs off; CBV, CBT), sweep (sweep_lora_gemv.py; SWT its options, SWC the cap), sweepseg (sweep_lora_segments.py), profbase and
 # proflora (a T2-like decode step by kernel family, base / with PROF_ADAPTERS rank-16 adapters), proffp8 (the same with
 # FP8 weights), k1 (L1's batch-1 step by kernel), gemv (sweep_gemv.py; GB batches, GK kinds, GC cap), q12 (Q1, Q2); any
 # other word is run as a shell command. pdl0a pdl1a pdl0b ...: L1 with WEIR_PDL=0 / 1 (ops/triton/pdl.py);
@@ -53,7 +53,7 @@ for s in $STEPS; do case $s in
   abnew*) step $s 60 python3 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;
   gemv) step gemv ${GC:-400} python3 loadtest/sweep_gemv.py --shape llama3-8b --batches ${GB:-1,2} --kinds ${GK:-w4,fp8,bf16} --out $O/sweep_gemv.json;;
   q12) step q12 150 python3 loadtest/bench_quant.py --shape llama3-8b --cases Q1,Q2 --out $O/q12.json;;
-  sweep) step sweep 170 python3 loadtest/sweep_lora_gemv.py --out $O/sweep_lora_gemv.json;;
+  sweep) step sweep ${SWC:-170} python3 loadtest/sweep_lora_gemv.py $SWT --out $O/sweep_lora_gemv.json;;
   sweepseg) step sweepseg 150 python3 loadtest/sweep_lora_segments.py --out $O/sweep_lora_segments.json;;
   proffp8) step proffp8 150 python3 loadtest/profile_kernels.py --shape llama3-8b --num-requests 256 --input-len 512 --output-len 128 --prefill-steps 1 --decode-steps 8 --quantization fp8 --out $O/proffp8.json;;
   k1) step k1 120 python3 loadtest/profile_kernels.py --mode batch1 --shape llama3-8b --input-len 32 --out $O/profile_l1.json;;

@@ -17,7 +17,10 @@ parallel, into Triton's disk cache (one layer and fused/not each), and timing st
 (the variants left are listed as skipped).
 
 `--chunks`, `--fuse`, `--reduce-t`, `--early-b` narrow the grid (e.g. `--reduce-t 0` if a variant
-never returns: a GPU run should sit under `timeout`).
+never returns: a GPU run should sit under `timeout`). `--tiles 512x2,1024x4` widens it: (block_k,
+num_warps) pairs tried beside the plan's own. The plans' 512-wide tiles on 4 warps give x's load 4
+elements a thread against the weight tile's 8, so x goes through shared memory every tile (what
+slowed the FP8 GEMV, ops/triton/fp8_gemv.py's docstring); 512 on 2 warps or 1,024 on 4 do not.
 
 `--smoke` runs the same code on tiny layers under TRITON_INTERPRET=1 on CPU (CI): every variant is
 checked; its "times" are interpreter wall times, meaningless except to exercise the selection.
@@ -69,13 +72,15 @@ def variants(
     fuse: Sequence[bool] = BOTH,
     reduce_t: Sequence[bool] = BOTH,
     early_b: Sequence[bool] = BOTH,
+    tiles: Sequence[tuple[int, int] | None] = (None,),
 ) -> list[dict[str, Any]]:
     """The grid: 2 x len(chunks) two-launch variants (early_b or not), 4 x len(chunks) fused ones (all
-    axes at both values; `--fuse` etc. narrow them)."""
-    grid = itertools.product(fuse, chunks, reduce_t, early_b)
+    axes at both values; `--fuse` etc. narrow them), each with every (block_k, num_warps) of `tiles`
+    (None: the plan's own)."""
+    grid = itertools.product(tiles, fuse, chunks, reduce_t, early_b)
     return [
-        {"fuse_shrink": fuse, "shrink_chunk": chunk, "reduce_t": reduce_t, "early_b": early_b}
-        for fuse, chunk, reduce_t, early_b in grid
+        {"fuse_shrink": fuse, "shrink_chunk": chunk, "reduce_t": reduce_t, "early_b": early_b, "tiles": tile}
+        for tile, fuse, chunk, reduce_t, early_b in grid
         if fuse or not reduce_t
     ]
 
@@ -83,6 +88,8 @@ def variants(
 def launch_of(plan: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]:
     """The planned launch's tiles with the variant's options, defaults left out (as a plan holds them)."""
     launch = {key: plan[key] for key in BASE_KEYS if key in plan}
+    if variant.get("tiles") is not None:
+        launch["block_k"], launch["num_warps"] = variant["tiles"]
     if variant["fuse_shrink"]:
         launch["fuse_shrink"] = True
     if variant["shrink_chunk"] != DEFAULT_CHUNK:
@@ -283,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fuse", default="0,1", help="fuse_shrink values tried: 0,1 (or one of them)")
     p.add_argument("--reduce-t", default="0,1", help="reduce_t values tried (fused variants only)")
     p.add_argument("--early-b", default="0,1", help="early_b values tried")
+    p.add_argument(
+        "--tiles", default="", help="(block_k, num_warps) pairs tried beside the plan's, e.g. 512x2,1024x4"
+    )
     p.add_argument("--smoke", action="store_true", help="tiny layers on CPU under TRITON_INTERPRET=1")
     args = p.parse_args(argv)
     start = time.monotonic()
@@ -292,9 +302,16 @@ def main(argv: list[str] | None = None) -> int:
     chunks = (
         [int(c) for c in args.chunks.split(",")] if args.chunks else (SMOKE_CHUNKS if args.smoke else CHUNKS)
     )
+    tiles: list[tuple[int, int] | None] = [None]
+    for pair in filter(None, args.tiles.split(",")):
+        block_k, _, warps = pair.partition("x")
+        if not (block_k.isdigit() and warps.isdigit()):
+            p.error(f"--tiles: {pair!r} is not BLOCK_KxNUM_WARPS (e.g. 512x2)")
+        tiles.append((int(block_k), int(warps)))
     axes = (
         tuple(chunks),
         *(tuple(bool(int(v)) for v in a.split(",")) for a in (args.fuse, args.reduce_t, args.early_b)),
+        tuple(tiles),
     )
     wanted = args.layers.split(",")
     unknown = set(wanted) - {name for name, _, _ in table}

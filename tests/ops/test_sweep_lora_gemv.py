@@ -71,3 +71,39 @@ def test_smoke_sweep_stops_at_its_budget_and_precompiles(
     assert _precompile((3, False, True, axes)) == "down two launches"
     with pytest.raises(SystemExit):
         main(["--smoke", "--layers", "qkv,lm_head"])
+
+
+@in_process
+def test_smoke_sweep_tries_other_tiles_beside_the_plans(tmp_path: Path) -> None:
+    """--tiles adds (block_k, num_warps) variants of every option beside the plan's own tiles; each is
+    checked like the rest, and a malformed pair is refused."""
+    from loadtest.sweep_lora_gemv import main
+
+    out = tmp_path / "sweep.json"
+    assert (
+        main(
+            [
+                "--smoke",
+                "--layers",
+                "o",
+                "--fuse",
+                "0",
+                "--chunks",
+                "512",
+                "--tiles",
+                "32x2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    (layer,) = json.loads(out.read_text())["layers"]
+    launches = [r["launch"] for r in layer["variants"]]
+    assert len(launches) == 4  # (plan's tiles, 32x2) x early_b
+    assert sum(launch.get("num_warps") == 2 and launch["block_k"] == 32 for launch in launches) == 2
+    assert (
+        all(r["ok"] for r in layer["variants"]) and [r["is_plan"] for r in layer["variants"]].count(True) == 1
+    )
+    with pytest.raises(SystemExit):
+        main(["--smoke", "--layers", "o", "--tiles", "512by2"])

@@ -171,7 +171,6 @@ def register_kernel_layout(
 def apply_wna16(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x w + b through the Triton kernels: [..., in] -> [..., out]."""
     from ops.triton.wna16_gemm import wna16_dequantize, wna16_gemm  # noqa: PLC0415
-    from ops.triton.wna16_gemv import wna16_gemv  # noqa: PLC0415
 
     bits = layer.wna16_bits
     qweight = layer.qweight  # [in / pf, out]
@@ -185,11 +184,7 @@ def apply_wna16(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) ->
         w = wna16_dequantize(qweight, layer.scales, layer.zeros, bits, group_size, x.dtype)  # [in, out]
         out = torch.matmul(x2, w)
     elif launch.path == "gemv":
-        out = wna16_gemv(
-            x2.contiguous(), qweight, layer.scales, layer.zeros, bits, group_size,
-            launch.block_n, launch.block_k, launch.split_k, launch.num_warps, launch.num_stages, launch.prefetch,
-            launch.half2 and bits == 4 and x2.is_cuda,
-        )  # fmt: skip
+        out = _gemv(layer, x2, group_size, launch)
     else:
         out = wna16_gemm(
             x2, qweight, layer.scales, layer.zeros, bits, group_size,
@@ -203,25 +198,30 @@ def apply_wna16(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) ->
 def apply_wna16_silu_mul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """silu(gate) * up for a [gate | up] layer in the GEMV's own launch ([..., in] -> [..., out / 2]),
     where the batch takes the GEMV; None otherwise."""
-    from ops.triton.wna16_gemv import wna16_gemv  # noqa: PLC0415
-
-    bits = layer.wna16_bits
     qweight = layer.qweight  # [in / pf, out]
-    in_features, out_features = qweight.shape[0] * (32 // bits), qweight.shape[1]
+    in_features, out_features = qweight.shape[0] * (32 // layer.wna16_bits), qweight.shape[1]
+    group_size = in_features // layer.scales.shape[0]
     x2 = x.reshape(-1, in_features)  # [tokens, in]
-    launch = _plan(
-        x2.shape[0], in_features, out_features, in_features // layer.scales.shape[0], x.get_device()
-    )
+    launch = _plan(x2.shape[0], in_features, out_features, group_size, x.get_device())
     if launch.path != "gemv" or out_features % 2:
         return None
     if layer.perm is not None:
         x2 = x2.index_select(1, layer.perm)
-    out = wna16_gemv(
-        x2.contiguous(), qweight, layer.scales, layer.zeros, bits, in_features // layer.scales.shape[0],
+    return _gemv(layer, x2, group_size, launch, gated=True).view(*x.shape[:-1], out_features // 2)
+
+
+def _gemv(
+    layer: nn.Module, x2: torch.Tensor, group_size: int, launch: WNA16Launch, gated: bool = False
+) -> torch.Tensor:
+    """The layer's GEMV at `launch` on x2 [tokens, in] (in the codes' column order)."""
+    from ops.triton.wna16_gemv import wna16_gemv  # noqa: PLC0415
+
+    bits = layer.wna16_bits
+    return wna16_gemv(
+        x2.contiguous(), layer.qweight, layer.scales, layer.zeros, bits, group_size,
         launch.block_n, launch.block_k, launch.split_k, launch.num_warps, launch.num_stages, launch.prefetch,
-        launch.half2 and bits == 4 and x2.is_cuda, gated=True,
+        launch.half2 and bits == 4 and x2.is_cuda, gated,
     )  # fmt: skip
-    return out.view(*x.shape[:-1], out_features // 2)
 
 
 def apply_wna16_reference(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -23,7 +23,8 @@ are decoded two at a time in packed fp16 instead, as Marlin / FasterTransformer 
 puts two codes into the mantissas of 1024 (a pair of fp16 1024 + c, or 1024 + 16 c for the odd
 codes), one packed FMA turns each pair into (c - 8) / 16, exactly, and four packed FMAs multiply the
 word's codes by x (as fp16 pairs, x_j beside x_j+4) into two fp16 lanes, summed into float32 per word.
-The decode is 9 instructions a word (5 on the integer pipe) where the float32 path spends ~14 (10);
+The decode is 9 instructions a word (5 on the half-rate integer pipe) where the float32 path spends ~13,
+all integer (a LOP3 a code, a shift a byte);
 with x's loads and packing and each word's float32 step, the loop is 265 instructions a thread a tile
 against 304 (sm_90 SASS, 64-column tiles): gate_up 26.6 us against 29.4 on an H200. The zero point and
 scale still apply per group in float32: sum_j (c_j - z) x_j = 16 sum_j x_j (c_j - 8) / 16 - (z - 8)

@@ -30,13 +30,14 @@ KINDS = frozenset({"w4", "fp8", "bf16", "gated"})
 
 # per batch: the launches tried (batch 1 widest: it is the latency that matters most)
 W4_GRIDS = {
-    1: {
-        "block_n": (64, 128, 256),
+    1: {  # the hand-written prefetch against Triton's pipelining of the tile loads (loop_stages)
+        "block_n": (64, 128),
         "block_k": (128,),
         "split_k": (4, 8, 16),
-        "num_warps": (4, 8),
-        "prefetch": (True,),
-        "half2": (False, True),
+        "num_warps": (4,),
+        "prefetch": (False, True),
+        "half2": (True,),
+        "loop_stages": (1, 3, 4),
     },
     2: {
         "block_n": (64, 128),

@@ -186,6 +186,7 @@ def _wna16_gemv_kernel(
     SPLIT_K: tl.constexpr,
     EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no column mask on the words
     PREFETCH: tl.constexpr,  # load tile i + 1 before decoding tile i (two tiles in flight per program)
+    LOOP_STAGES: tl.constexpr,  # > 1: Triton pipelines the tile loads (cp.async into shared memory, stages deep)
     PDL: tl.constexpr,  # launched with programmatic dependent launch (ops.triton.pdl)
     HALF2: tl.constexpr = False,  # 4-bit codes decoded in packed fp16 (inline PTX; module docstring)
     GATED: tl.constexpr = False,  # [gate | up] columns (N = 2 x half_n): silu(gate) * up stored
@@ -217,7 +218,7 @@ def _wna16_gemv_kernel(
     # for it (with PDL, while it still runs); x, the partials and the counters only after.
     let_next_kernel_start(PDL)  # all programs resident: the next kernel may launch and wait for this one
     wait_for_previous_kernel(PDL)
-    for k0 in range(k_start, k_end, BLOCK_K):
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=LOOP_STAGES):
         if PREFETCH:
             # The next tile's words are requested before this tile is decoded, so one tile is always
             # in flight while the SM works (the last iteration re-reads its own tile: no mask needed).
@@ -323,11 +324,14 @@ def wna16_gemv(
     prefetch: bool = False,
     half2: bool = False,
     gated: bool = False,
+    loop_stages: int = 1,
 ) -> torch.Tensor:  # [M, N] in x.dtype; gated: [M, N / 2]
     """y = x w with w dequantized in registers, one launch. block_k must divide group_size and be a
     multiple of 32 // bits; split_k > 1 splits K over that many programs per BLOCK_N columns; prefetch
     keeps the next tile's words in flight while one is decoded; half2 decodes 4-bit codes in packed
-    fp16 (CUDA only, module docstring)."""
+    fp16 (CUDA only, module docstring); gated: a [gate | up] weight, silu(gate) * up stored (N / 2
+    columns). loop_stages > 1 lets Triton pipeline the tile loads that deep (cp.async into shared
+    memory, a barrier a tile: sm_90 SASS); a sweep option, not measured yet, so no plan takes it."""
     M, K = x.shape
     N = qweight.shape[1]
     pack = 32 // bits
@@ -356,7 +360,7 @@ def wna16_gemv(
     if M % rows:  # the kernel masks no row: zero rows up to whole groups
         padded = torch.cat([x, x.new_zeros(rows - M % rows, K)])
         return wna16_gemv(padded, qweight, scales, zeros, bits, group_size, block_n, block_k, split_k, num_warps,
-                          num_stages, prefetch, half2, gated)[:M]  # fmt: skip
+                          num_stages, prefetch, half2, gated, loop_stages)[:M]  # fmt: skip
     groups = M // rows
     pdl = pdl_enabled(x.device)
     if split_k > 1 and tiles * groups > MAX_TILES:
@@ -371,6 +375,6 @@ def wna16_gemv(
         M, N, K, k_per_split, 0x007F8000 if bits == 8 else 0x00078000, 0x00780000,
         x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
         BITS=bits, GROUP_SIZE=group_size, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, EVEN_N=out_n % (block_n // 2) == 0 if gated else N % block_n == 0,
-        PREFETCH=prefetch, PDL=pdl, HALF2=half2, GATED=gated, half_n=out_n, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+        PREFETCH=prefetch, LOOP_STAGES=loop_stages, PDL=pdl, HALF2=half2, GATED=gated, half_n=out_n, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
     return out

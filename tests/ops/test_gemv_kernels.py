@@ -89,6 +89,11 @@ def test_wna16_gemv_matches_dequantize_then_matmul(
             )
             assert out.shape == (m, n) and out.dtype == dtype
             assert _err(out, expected) < (1e-5 if dtype == torch.float32 else 1e-2), (prefetch, half2)
+    # the tile loads pipelined by Triton instead of the hand-written prefetch (a sweep option)
+    out = wna16_gemv(
+        x, *args, bits, group_size, block_n=block_n, block_k=block_k, split_k=split_k, loop_stages=3
+    )
+    assert _err(out, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
     if DEVICE == "cuda" and bits == 4:
         big = x * 2000
         frac = args[2] + 0.37

@@ -29,16 +29,23 @@ KERNELS = [
         (
             "ops.triton.wna16_gemv:_wna16_gemv_kernel",
             {"BITS": 4, "GROUP_SIZE": 128, "ROWS": rows, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 8, "EVEN_N": True,
-             "PREFETCH": True, "PDL": True, "HALF2": half2},
+             "PREFETCH": True, "LOOP_STAGES": 1, "PDL": True, "HALF2": half2},
             {"x_ptr": "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*fp16", "out_ptr": "*bf16",
              "partials_ptr": "*fp32", "counters_ptr": "*i32"},
         )
         for rows, half2 in ((1, False), (1, True), (4, True))  # HALF2: inline PTX, which only ptxas checks
     ),
+    (  # the tile loads pipelined by Triton (cp.async into shared memory), a sweep option
+        "ops.triton.wna16_gemv:_wna16_gemv_kernel",
+        {"BITS": 4, "GROUP_SIZE": 128, "ROWS": 1, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4, "EVEN_N": True,
+         "PREFETCH": False, "LOOP_STAGES": 4, "PDL": False, "HALF2": True},
+        {"x_ptr": "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*fp16", "out_ptr": "*bf16",
+         "partials_ptr": "*fp32", "counters_ptr": "*i32"},
+    ),
     (  # the gated epilogue after a K split (silu(gate) * up from the summed partials)
         "ops.triton.wna16_gemv:_wna16_gemv_kernel",
         {"BITS": 4, "GROUP_SIZE": 128, "ROWS": 1, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 8, "EVEN_N": True,
-         "PREFETCH": True, "PDL": False, "HALF2": True, "GATED": True},
+         "PREFETCH": True, "LOOP_STAGES": 1, "PDL": False, "HALF2": True, "GATED": True},
         {"x_ptr": "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*fp16", "out_ptr": "*bf16",
          "partials_ptr": "*fp32", "counters_ptr": "*i32"},
     ),
@@ -118,6 +125,8 @@ from triton.compiler import ASTSource
 name, consts, types = json.loads(sys.argv[1])
 module, fn_name = name.split(":")
 fn = getattr(importlib.import_module(module), fn_name)
+# constexprs left out take their defaults, as a launch does (else they would compile as runtime values)
+consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **consts}
 signature = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
 constexprs = {(i,): consts[n] for i, n in enumerate(fn.arg_names) if n in consts}
 triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
@@ -134,6 +143,7 @@ triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), tar
         + ("-fp8" if k[1].get("QUANT") or k[2].get("w_ptr") == "*fp8e4nv" else "")
         + ("-half2" if k[1].get("HALF2") else "")
         + ("-gated" if k[1].get("GATED") else "")
+        + (f"-stages{k[1]['LOOP_STAGES']}" if k[1].get("LOOP_STAGES", 1) > 1 else "")
         + (f"-rows{k[1]['ROWS']}" if k[1].get("ROWS", 1) > 1 else "")
         for k in KERNELS
     ],

@@ -96,29 +96,45 @@ def _grid(grid: dict[str, tuple[Any, ...]]) -> list[dict[str, int]]:  # bools ar
     return launches
 
 
+def _w4_copies(k: int, n: int, group: int, gen: Any) -> list[tuple[Any, Any, Any]]:
+    """Random 4-bit layers in the GEMV's layout, enough copies to miss L2: [(qweight [K/8, N] int32,
+    scales [G, N], zeros [G, N])]."""
+    import torch
+
+    return [
+        (
+            torch.randint(-(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda", generator=gen),
+            (torch.rand(k // group, n, device="cuda", generator=gen) * 1e-3).half(),
+            torch.full((k // group, n), 8.0, device="cuda").half(),
+        )
+        for _ in range(copies_past_l2(k * n // 2))
+    ]
+
+
+def _fp8_copies(k: int, n: int, gen: Any) -> list[tuple[Any, Any]]:
+    """Random FP8 layers, enough copies to miss L2: [(weight [N, K] float8, scale [N])]."""
+    import torch
+
+    from engine.model.quantization.fp8 import quantize_per_channel
+
+    return [
+        quantize_per_channel(torch.randn(n, k, device="cuda", generator=gen))
+        for _ in range(copies_past_l2(k * n))
+    ]
+
+
 def sweep_shape(
     name: str, k: int, n: int, bandwidth: float, ms: tuple[int, ...], kinds: frozenset[str] = KINDS
 ) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from engine.model.quantization.fp8 import quantize_per_channel
     from ops.triton.fp8_gemv import fp8_gemv
 
     group = 128
     gen = torch.Generator(device="cuda").manual_seed(0)
-    w4 = [
-        (
-            torch.randint(-(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda", generator=gen),
-            (torch.rand(k // group, n, device="cuda", generator=gen) * 1e-3).half(),
-            torch.full((k // group, n), 8.0, device="cuda").half(),
-        )
-        for _ in range(copies_past_l2(k * n // 2) if "w4" in kinds else 0)
-    ]  # [(qweight [K/8, N], scales [G, N], zeros [G, N])]
-    fp8 = [
-        quantize_per_channel(torch.randn(n, k, device="cuda", generator=gen))
-        for _ in range(copies_past_l2(k * n) if "fp8" in kinds else 0)
-    ]  # [(weight [N, K] fp8, scale [N])]
+    w4 = _w4_copies(k, n, group, gen) if "w4" in kinds else []
+    fp8 = _fp8_copies(k, n, gen) if "fp8" in kinds else []
     dense = [
         torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen)
         for _ in range(copies_past_l2(k * n * 2))
@@ -212,7 +228,7 @@ def _sweep_gated(x: Any, k: int, n: int, group: int, sms: int, gen: Any) -> dict
     import torch.nn.functional as F
 
     from engine.model.quantization.float_gemv import plan_float_gemv, plan_gated_gemv
-    from engine.model.quantization.fp8 import fp8_gemv_launch, quantize_per_channel
+    from engine.model.quantization.fp8 import fp8_gemv_launch
     from engine.model.quantization.wna16 import plan_wna16
     from ops.triton.activation import silu_and_mul
     from ops.triton.fp8_gemv import fp8_gemv
@@ -237,23 +253,13 @@ def _sweep_gated(x: Any, k: int, n: int, group: int, sms: int, gen: Any) -> dict
             cases.append(("bf16", [functools.partial(fp8_gemv, x, w, ones, None, **gated, gated=True) for w in dense],
                           [functools.partial(lambda w: silu_and_mul(fp8_gemv(x, w, ones, None, **plain)), w)
                            for w in dense], reference(dense[0].float())))  # fmt: skip
-    fp8 = [
-        quantize_per_channel(torch.randn(n, k, device="cuda", generator=gen))
-        for _ in range(copies_past_l2(k * n))
-    ]
+    fp8 = _fp8_copies(k, n, gen)
     launch = fp8_gemv_launch(k, n, sms, m)
     cases.append(("fp8", [functools.partial(fp8_gemv, x, w, s, None, **launch, gated=True) for w, s in fp8],
                   [functools.partial(lambda w, s: silu_and_mul(fp8_gemv(x, w, s, None, **launch)), w, s) for w, s in fp8],
                   reference(fp8[0][0].float() * fp8[0][1][:, None])))  # fmt: skip
     del fp8
-    w4 = [
-        (
-            torch.randint(-(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda", generator=gen),
-            (torch.rand(k // group, n, device="cuda", generator=gen) * 1e-3).half(),
-            torch.full((k // group, n), 8.0, device="cuda").half(),
-        )
-        for _ in range(copies_past_l2(k * n // 2))
-    ]
+    w4 = _w4_copies(k, n, group, gen)
     p = plan_wna16(m, k, n, group, sms)
     args = (p.block_n, p.block_k, p.split_k, p.num_warps, p.num_stages, p.prefetch, p.half2)
     cases.append(("w4", [functools.partial(wna16_gemv, x, *q, 4, group, *args, gated=True) for q in w4],

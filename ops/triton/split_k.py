@@ -59,15 +59,21 @@ def finish_row(acc, out_ptr, partials_ptr, row, M, N, offs_n, stride_om, pid_k, 
 
 
 @triton.jit
-def sum_row(out_ptr, partials_ptr, row, M, N, offs_n, stride_om, SPLIT_K: tl.constexpr):
-    """The last program of a tile: a row's partials summed and stored."""
-    mask = offs_n < N
+def _partials_sum(partials_ptr, row, M, N, offs_n, SPLIT_K: tl.constexpr):
+    """[BLOCK_N] float32: a row's partials at columns offs_n summed in split order (the last program)."""
     total = tl.zeros(offs_n.shape, dtype=tl.float32)
     for s in range(SPLIT_K):
         total += tl.load(
-            partials_ptr + (s * M + row) * N + offs_n, mask=mask, other=0.0, cache_modifier=".cg"
+            partials_ptr + (s * M + row) * N + offs_n, mask=offs_n < N, other=0.0, cache_modifier=".cg"
         )
-    tl.store(out_ptr + row * stride_om + offs_n, total.to(out_ptr.dtype.element_ty), mask=mask)
+    return total
+
+
+@triton.jit
+def sum_row(out_ptr, partials_ptr, row, M, N, offs_n, stride_om, SPLIT_K: tl.constexpr):
+    """The last program of a tile: a row's partials summed and stored."""
+    total = _partials_sum(partials_ptr, row, M, N, offs_n, SPLIT_K)
+    tl.store(out_ptr + row * stride_om + offs_n, total.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
 
 @triton.jit
@@ -147,18 +153,16 @@ def store_rows_gated(
         if ROWS >= 4:
             _silu_mul_store(acc2, out_ptr, row0 + 2, half_n, offs_v, stride_om)
             _silu_mul_store(acc3, out_ptr, row0 + 3, half_n, offs_v, stride_om)
-    else:
-        tl.store(partials_ptr + (pid_k * M + row0) * n_virtual + offs_v, acc0)
+    else:  # partials at the tile's virtual columns (all inside n_virtual), as store_rows stores them
+        finish_row(acc0, out_ptr, partials_ptr, row0, M, n_virtual, offs_v, stride_om, pid_k, SPLIT_K)
         if ROWS >= 2:
-            tl.store(partials_ptr + (pid_k * M + row0 + 1) * n_virtual + offs_v, acc1)
+            finish_row(acc1, out_ptr, partials_ptr, row0 + 1, M, n_virtual, offs_v, stride_om, pid_k, SPLIT_K)
         if ROWS >= 4:
-            tl.store(partials_ptr + (pid_k * M + row0 + 2) * n_virtual + offs_v, acc2)
-            tl.store(partials_ptr + (pid_k * M + row0 + 3) * n_virtual + offs_v, acc3)
+            finish_row(acc2, out_ptr, partials_ptr, row0 + 2, M, n_virtual, offs_v, stride_om, pid_k, SPLIT_K)
+            finish_row(acc3, out_ptr, partials_ptr, row0 + 3, M, n_virtual, offs_v, stride_om, pid_k, SPLIT_K)
         if split_k_is_last(counters_ptr, tile, SPLIT_K):
             for row in range(row0, row0 + ROWS):
-                total = tl.zeros(offs_v.shape, dtype=tl.float32)
-                for s in range(SPLIT_K):
-                    total += tl.load(partials_ptr + (s * M + row) * n_virtual + offs_v, cache_modifier=".cg")
+                total = _partials_sum(partials_ptr, row, M, n_virtual, offs_v, SPLIT_K)
                 _silu_mul_store(total, out_ptr, row, half_n, offs_v, stride_om)
             tl.atomic_xchg(counters_ptr + tile, 0, sem="relaxed", scope="gpu")
 

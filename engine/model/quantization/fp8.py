@@ -216,16 +216,14 @@ class Fp8LinearMethod(LinearMethodBase):
         layer.fp8_quant_kernel = layer.fp8_gemv and input_scale is None and _fp8_quant_kernel_enabled()
 
     def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        if not (
-            isinstance(x, torch.Tensor) and layer.fp8_gemv and x.numel() <= GEMV_MAX_TOKENS * x.shape[-1]
-        ):
+        if not (isinstance(x, torch.Tensor) and _takes_gemv(layer, x)):
             return None
         return fp8_gemv_linear(x, layer.weight, layer.weight_scale, None, layer.input_scale, gated=True)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):  # quantized by the kernel that made it (fp8_activation)
             return _scaled_mm(x.q, x.scale, layer.weight, layer.weight_scale, bias, x.dtype)
-        if layer.fp8_gemv and x.numel() <= GEMV_MAX_TOKENS * x.shape[-1]:
+        if _takes_gemv(layer, x):
             return fp8_gemv_linear(x, layer.weight, layer.weight_scale, bias, layer.input_scale)
         if layer.fp8_scaled_mm and x.dtype == torch.bfloat16:
             return _scaled_mm_linear(
@@ -261,6 +259,12 @@ def _triton_fp8_gemv_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _takes_gemv(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether x ([..., in], 16-bit) goes through the FP8 GEMV: at most GEMV_MAX_TOKENS rows, on a layer
+    that runs it."""
+    return layer.fp8_gemv and x.numel() <= GEMV_MAX_TOKENS * x.shape[-1]
 
 
 def fp8_gemv_launch(in_features: int, out_features: int, num_sms: int, num_tokens: int = 1) -> dict[str, int]:

@@ -45,12 +45,10 @@ class UnquantizedLinearMethod(LinearMethodBase):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         # A batch-1 GEMV launch where the sweep found one faster than cuBLAS (float_gemv.py), else None.
         weight = layer.weight
-        launch = plan_float_gemv(weight.shape[1], weight.shape[0])
-        if launch is not None and not float_gemv_supported(weight):
-            launch = None
-        gated = plan_gated_gemv(weight.shape[1], weight.shape[0])  # used only if the layer is a [gate; up]
-        if gated is not None and not float_gemv_supported(weight):
-            gated = None
+        supported = float_gemv_supported(weight)
+        launch = plan_float_gemv(weight.shape[1], weight.shape[0]) if supported else None
+        # used only if the layer is a [gate; up] (MergedColumnParallelLinear.silu_mul)
+        gated = plan_gated_gemv(weight.shape[1], weight.shape[0]) if supported else None
         layer.float_gemv = launch
         layer.float_gemv_gated = gated
         layer.float_gemv_scale = (

@@ -106,10 +106,11 @@ def plan_wna16_gemv(
 ) -> WNA16Launch | None:
     """The GEMV's launch, from the sweeps on an H200 at Llama-3-8B's four shapes (loadtest/sweep_gemv.py;
     loadtest/results/gemv-sweep-h200-2026-12-03-cb7dcc4, -cb9a06e and
-    gemv-half2-gated-h200-2026-12-04/sweep-835ef63): 64-word column tiles, tiles of 128 rows of K inside one group. At batch 1, K split 8 ways (16 for
-    K >= 8192, the down projection) with the next tile prefetched (~8 programs per SM keep enough loads
-    in flight) and 4-bit codes decoded in packed fp16 (HALF2; at 835ef63 qkv 9.28 us vs 9.71, o 8.14 vs
-    8.13, gate_up 26.85 vs 30.43, down 15.86 vs 18.61). At 2-4 tokens (measured at 2), no prefetch and
+    gemv-half2-gated-h200-2026-12-04/sweep-835ef63): 64-word column tiles, tiles of 128 rows of K
+    inside one group. At batch 1, K split 8 ways (16 for K >= 8192, the down projection) with the next
+    tile prefetched (~8 programs per SM keep enough loads in flight) and 4-bit codes decoded in packed
+    fp16 (HALF2; at 835ef63 qkv 9.28 us vs 9.71, o 8.14 vs 8.13, gate_up 26.85 vs 30.43, down 15.86 vs
+    18.61). At 2-4 tokens (measured at 2), no prefetch and
     the float32 decode (HALF2 won two layers of four there, by at most 1 us), K split 8 for the down
     projection and the square o (24.72 / 10.33 us vs 31.97 / 12.28 split 4), 2 for the widest layers,
     else 4. None when no tile of 32 rows or more fits the groups."""
@@ -174,8 +175,7 @@ def apply_wna16(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) ->
 
     bits = layer.wna16_bits
     qweight = layer.qweight  # [in / pf, out]
-    in_features, out_features = qweight.shape[0] * (32 // bits), qweight.shape[1]
-    group_size = in_features // layer.scales.shape[0]
+    in_features, out_features, group_size = _dims(layer)
     x2 = x.reshape(-1, in_features)  # [tokens, in]
     if layer.perm is not None:
         x2 = x2.index_select(1, layer.perm)
@@ -198,9 +198,7 @@ def apply_wna16(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) ->
 def apply_wna16_silu_mul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """silu(gate) * up for a [gate | up] layer in the GEMV's own launch ([..., in] -> [..., out / 2]),
     where the batch takes the GEMV; None otherwise."""
-    qweight = layer.qweight  # [in / pf, out]
-    in_features, out_features = qweight.shape[0] * (32 // layer.wna16_bits), qweight.shape[1]
-    group_size = in_features // layer.scales.shape[0]
+    in_features, out_features, group_size = _dims(layer)
     x2 = x.reshape(-1, in_features)  # [tokens, in]
     launch = _plan(x2.shape[0], in_features, out_features, group_size, x.get_device())
     if launch.path != "gemv" or out_features % 2:
@@ -208,6 +206,13 @@ def apply_wna16_silu_mul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | No
     if layer.perm is not None:
         x2 = x2.index_select(1, layer.perm)
     return _gemv(layer, x2, group_size, launch, gated=True).view(*x.shape[:-1], out_features // 2)
+
+
+def _dims(layer: nn.Module) -> tuple[int, int, int]:
+    """A kernel-layout layer's (in_features, out_features, group_size), from its packed tensors."""
+    qweight = layer.qweight  # [in / pf, out]
+    in_features = qweight.shape[0] * (32 // layer.wna16_bits)
+    return in_features, qweight.shape[1], in_features // layer.scales.shape[0]
 
 
 def _gemv(

@@ -1,4 +1,4 @@
-"""Launch-shape sweep of the decode GEMVs (ops/triton/wna16_gemv.py, fp8_gemv.py) at a model's four
+"""Launch-shape sweep of the decode GEMVs (ops/triton/wna16_gemv.py, w4_half2_gemv.py, fp8_gemv.py) at a model's four
 linear shapes, against bf16 F.linear (cuBLAS) and the W4A16 dot kernel's planned launch, in one GPU call;
 at batch 1 also the float-weight GEMV on the bf16 weights themselves (`bf16_gemv`).
 
@@ -25,19 +25,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from loadtest.gpu_timing import copies_past_l2, graph_ms, rel_err  # noqa: E402
 from loadtest.model_shapes import SHAPES  # noqa: E402
 
-# the W4A16 GEMV (and dot kernel), the FP8 GEMV, the bf16 GEMV, gate_up's gated launches
-KINDS = frozenset({"w4", "fp8", "bf16", "gated"})
+# the W4A16 GEMV (and dot kernel), the packed-fp16 W4A16 GEMV, the FP8 GEMV, the bf16 GEMV, gate_up's
+# gated launches
+KINDS = frozenset({"w4", "w4h", "fp8", "bf16", "gated"})
 
 # per batch: the launches tried (batch 1 widest: it is the latency that matters most)
 W4_GRIDS = {
-    1: {  # the hand-written prefetch against Triton's pipelining of the tile loads (loop_stages)
-        "block_n": (64, 128),
+    1: {  # the plan and Triton's pipelining of the tile loads (loop_stages) without the prefetch
+        "block_n": (64,),
         "block_k": (128,),
-        "split_k": (4, 8, 16),
+        "split_k": (8, 16),
         "num_warps": (4,),
         "prefetch": (False, True),
         "half2": (True,),
-        "loop_stages": (1, 3, 4),
+        "loop_stages": (1, 3),
     },
     2: {
         "block_n": (64, 128),
@@ -56,6 +57,18 @@ W4_GRIDS = {
     },
     8: {"block_n": (64, 128), "block_k": (128,), "split_k": (1, 2), "num_warps": (4,)},
     16: {"block_n": (64, 128), "block_k": (128,), "split_k": (1, 2), "num_warps": (4,)},
+}
+# The packed-fp16 W4A16 GEMV (ops/triton/w4_half2_gemv.py): tiles requested `ahead` of the decoded one
+W4H_GRIDS = {
+    1: {
+        "block_n": (64, 128),
+        "block_k": (128,),
+        "split_k": (4, 8, 16),
+        "num_warps": (2, 4),
+        "ahead": (1, 2),
+    },
+    2: {"block_n": (64, 128), "block_k": (128,), "split_k": (2, 4, 8), "num_warps": (4,), "ahead": (1, 2)},
+    4: {"block_n": (64, 128), "block_k": (128,), "split_k": (2, 4, 8), "num_warps": (4,), "ahead": (1, 2)},
 }
 # (block_k, num_warps) pairs: block_k = 8 * 32 * num_warps reads x in the weight tile's own layout
 # (ops/triton/fp8_gemv.py's docstring); (256, 4) is the launch the planner took before that change
@@ -133,7 +146,7 @@ def sweep_shape(
 
     group = 128
     gen = torch.Generator(device="cuda").manual_seed(0)
-    w4 = _w4_copies(k, n, group, gen) if "w4" in kinds else []
+    w4 = _w4_copies(k, n, group, gen) if kinds & {"w4", "w4h"} else []
     fp8 = _fp8_copies(k, n, gen) if "fp8" in kinds else []
     dense = [
         torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -159,11 +172,13 @@ def sweep_shape(
         w4_bytes = k * n // 2 + 2 * (k // group) * n * 2
         if "w4" in kinds:
             _sweep_w4(row, x, w4, group, m, k, n, sms, bandwidth, w4_bytes)
+        if "w4h" in kinds and m in W4H_GRIDS:
+            _sweep_w4h(row, x, w4, group, m, name == "gate_up", bandwidth, w4_bytes)
         if "fp8" in kinds:
             _sweep_fp8(row, x, fp8, m, k, n, bandwidth)
         if "gated" in kinds and name == "gate_up" and m <= 2:
             row["gated"] = _sweep_gated(x, k, n, group, sms, gen)
-        for key in ("w4_gemv", "fp8_gemv", "bf16_gemv"):
+        for key in ("w4_gemv", "w4h_gemv", "w4h_gated", "fp8_gemv", "bf16_gemv"):
             if key not in row:
                 continue
             good = [r for r in row[key] if r["err"] < 2e-2]
@@ -172,9 +187,9 @@ def sweep_shape(
         result[f"m{m}"] = row
         print(
             f"[sweep] {name} {k}x{n} m={m}: bf16 {row['bf16']} dot {row.get('w4_dot_plan')} "
-            f"w4 {row.get('w4_gemv_best')} fp8 {row.get('fp8_gemv_best')} fp8_mm {row.get('fp8_scaled_mm')} "
+            f"w4 {row.get('w4_gemv_best')} w4h {row.get('w4h_gemv_best')} w4h_gated {row.get('w4h_gated_best')} fp8 {row.get('fp8_gemv_best')} fp8_mm {row.get('fp8_scaled_mm')} "
             f"bf16_gemv {row.get('bf16_gemv_best')} gated {row.get('gated')} "
-            f"wrong {sum(len(row.get(f'{key}_wrong', [])) for key in ('w4_gemv', 'fp8_gemv', 'bf16_gemv'))}",
+            f"wrong {sum(len(row.get(f'{key}_wrong', [])) for key in ('w4_gemv', 'w4h_gemv', 'w4h_gated', 'fp8_gemv', 'bf16_gemv'))}",
             flush=True,
         )
     del w4, fp8, dense
@@ -202,6 +217,30 @@ def _sweep_w4(row: dict[str, Any], x: Any, w4: list, group: int, m: int, k: int,
         t = graph_ms([functools.partial(wna16_gemv, x, *q, 4, group, **cfg) for q in w4])
         row["w4_gemv"].append({**cfg, "us": round(t * 1e3, 2), "bw": round(w4_bytes / (t / 1e3) / bandwidth, 3),
                                "err": round(err, 5)})  # fmt: skip
+
+
+def _sweep_w4h(row: dict[str, Any], x: Any, w4: list, group: int, m: int, gated: bool, bandwidth: float,
+               w4_bytes: int) -> None:  # fmt: skip
+    """The packed-fp16 W4A16 GEMV's grid on `w4`'s copies, into `row`; for a [gate; up] layer also
+    with silu(gate) * up in its epilogue (error against F.linear then SiLU-mul)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ops.triton.w4_half2_gemv import w4_half2_gemv
+    from ops.triton.wna16_gemm import wna16_dequantize
+
+    ref = x.float() @ wna16_dequantize(*w4[0], 4, group, torch.float32)  # [M, N]
+    half = ref.shape[1] // 2
+    ref_gated = F.silu(ref[:, :half]) * ref[:, half:]
+    for key, ref_out, flag in (("w4h_gemv", ref, False), ("w4h_gated", ref_gated, True)):
+        if flag and not gated:
+            continue
+        row[key] = []
+        for cfg in _grid(W4H_GRIDS[m]):
+            err = rel_err(w4_half2_gemv(x, *w4[0], group, **cfg, gated=flag), ref_out)
+            t = graph_ms([functools.partial(w4_half2_gemv, x, *q, group, **cfg, gated=flag) for q in w4])
+            row[key].append({**cfg, "us": round(t * 1e3, 2), "bw": round(w4_bytes / (t / 1e3) / bandwidth, 3),
+                             "err": round(err, 5)})  # fmt: skip
 
 
 def _sweep_fp8(row: dict[str, Any], x: Any, fp8: list, m: int, k: int, n: int, bandwidth: float) -> None:

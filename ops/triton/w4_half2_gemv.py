@@ -1,0 +1,442 @@
+"""W4A16 GEMV in packed fp16 with the zero point folded into the decode, for 1-4 tokens on CUDA.
+
+Same weight layout as wna16_gemv.py (`qweight` int32 [K / 8, N], code i of a word at bits 4i, K along
+the words; `scales` and `zeros` fp16 [G, N]) and the same split-K epilogue (ops.triton.split_k), but
+with what the H200 showed about wna16_gemv's packed-fp16 path (265 instructions a thread per 4 KB
+tile, gate_up at 0.56 of the copy bandwidth: bound by issue; the small layers ~5 us over their bytes:
+bound by latency):
+
+- Fewer instructions a word. A word's 8 codes become four fp16 pairs with one LOP3 each (two codes
+  into the mantissas of 1024) and one packed FMA each that also removes the zero point:
+  (1024 + c) / 16 - (64 + z / 16) = (c - z) / 16 (the high nibbles, 1024 + 16 c, take 1 / 256 and
+  4 + z / 16). Exact in fp16 for integer zero points below 64 (every format weir reads stores
+  integers), so no per-word sum of x is needed for the zero point. Four packed FMAs then multiply by
+  x's fp16 pairs (x_j beside x_j+4, the pairs the nibble layout gives) into one fp16 pair, and the
+  two words of a thread in one group (the tile is loaded as two half tiles, rows [0, W/2) and
+  [W/2, W)) chain into the same pair: 8 products a lane before it goes to float32, once per group,
+  times 16 s. About 13 instructions a word plus 4 per two words, where wna16_gemv's path spends ~20
+  plus x's unpacking.
+- x read as int32 pairs of its 16-bit elements (4 loads a word row, not 8) and converted to fp16
+  pairs in registers (bf16: shift / mask to float32, one cvt per pair; fp16: one PRMT per pair).
+- More in flight. Up to AHEAD tiles (words, scales and zero points: wna16_gemv left the scales
+  for the loop to wait on) are requested before the tile being decoded, so a program's chain of
+  memory round trips is about its tile count / AHEAD, not its tile count.
+
+Accuracy: the dequantized weight (c - z) / 16 is exact in fp16; each lane rounds its running sum to
+fp16 (relative 2**-11) over 8 products of magnitude at most |x|, then float32. x is rounded to fp16
+(exact from bf16 within fp16's range): |x| up to ~8,000 is safe (65,504 / 8 products). The spec is
+engine.model.quantization.common.dequantize + F.linear (tests/ops/test_w4_half2_gemv.py).
+
+EMULATE (the Triton interpreter, CPU tests): the same kernel with each inline-PTX block replaced by
+integer and float32 operations on the same bits (fp16 pairs kept as uint32, rounded to fp16 at the
+same points; the FMAs round twice where the hardware rounds once). The PTX itself is compiled for
+sm_90 on CPU (tests/ops/test_kernels_compile.py) and checked against the spec on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
+from ops.triton.split_k import (
+    MAX_TILES,
+    gated_rows,
+    rows_per_program,
+    split_counters,
+    store_rows,
+    store_rows_gated,
+)
+from ops.triton.wna16_gemm import check_layout
+
+MAX_ZERO_POINT = 63  # integer zero points up to here decode exactly (module docstring)
+
+# A word's four fp16 pairs (c - z) / 16: codes 0/4 and 2/6 (bits 0-3 / 16-19 of the word and of the
+# word >> 8) over 1024 = 0x6400 times 1/16 = 0x2C00, codes 1/5 and 3/7 (bits 4-7 / 20-23: 1024 + 16 c)
+# times 1/256 = 0x1C00; $5 / $6: the zero point's addends, -(64 + z / 16) and -(4 + z / 16). LUT 0xEA:
+# (a & b) | c. Temporaries throughout: an output may share a register with an input.
+_DECODE = tl.constexpr("""{
+.reg .b32 w8, l0, h0, l1, h1, ml, mh;
+mov.b32 ml, 0x2C002C00;
+mov.b32 mh, 0x1C001C00;
+lop3.b32 l0, $4, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 h0, $4, 0x00F000F0, 0x64006400, 0xEA;
+shr.b32 w8, $4, 8;
+lop3.b32 l1, w8, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 h1, w8, 0x00F000F0, 0x64006400, 0xEA;
+fma.rn.f16x2 l0, l0, ml, $5;
+fma.rn.f16x2 h0, h0, mh, $6;
+fma.rn.f16x2 l1, l1, ml, $5;
+fma.rn.f16x2 h1, h1, mh, $6;
+mov.b32 $0, l0;
+mov.b32 $1, h0;
+mov.b32 $2, l1;
+mov.b32 $3, h1;
+}""")
+
+# acc + the four decoded pairs times x's pairs ($6..$9: (x0, x4), (x1, x5), (x2, x6), (x3, x7))
+_DOT = tl.constexpr("""{
+.reg .b32 t;
+fma.rn.f16x2 t, $2, $6, $1;
+fma.rn.f16x2 t, $3, $7, t;
+fma.rn.f16x2 t, $4, $8, t;
+fma.rn.f16x2 t, $5, $9, t;
+mov.b32 $0, t;
+}""")
+
+# x's bf16 pairs (x0, x1) .. (x6, x7) as the fp16 pairs (x0, x4) .. (x3, x7): each value to float32 by
+# a shift or a mask, then cvt.rn.f16x2.f32 d, hi, lo
+_X_BF16 = tl.constexpr("""{
+.reg .b32 a0, a1, a2, a3, a4, a5, a6, a7;
+shl.b32 a0, $4, 16;
+and.b32 a1, $4, 0xFFFF0000;
+shl.b32 a2, $5, 16;
+and.b32 a3, $5, 0xFFFF0000;
+shl.b32 a4, $6, 16;
+and.b32 a5, $6, 0xFFFF0000;
+shl.b32 a6, $7, 16;
+and.b32 a7, $7, 0xFFFF0000;
+cvt.rn.f16x2.f32 $0, a4, a0;
+cvt.rn.f16x2.f32 $1, a5, a1;
+cvt.rn.f16x2.f32 $2, a6, a2;
+cvt.rn.f16x2.f32 $3, a7, a3;
+}""")
+
+# fp16 x: (x0, x4) = bytes 0-1 of (x0, x1) and bytes 0-1 of (x4, x5), (x1, x5) the upper halves
+_X_FP16 = tl.constexpr("""{
+.reg .b32 t0, t1, t2, t3;
+prmt.b32 t0, $4, $6, 0x5410;
+prmt.b32 t1, $4, $6, 0x7632;
+prmt.b32 t2, $5, $7, 0x5410;
+prmt.b32 t3, $5, $7, 0x7632;
+mov.b32 $0, t0;
+mov.b32 $1, t1;
+mov.b32 $2, t2;
+mov.b32 $3, t3;
+}""")
+
+# the fp16 pair's two lanes summed in float32
+_HSUM = tl.constexpr("""{
+.reg .b16 s0, s1;
+.reg .f32 f0, f1;
+mov.b32 {s0, s1}, $1;
+cvt.f32.f16 f0, s0;
+cvt.f32.f16 f1, s1;
+add.f32 $0, f0, f1;
+}""")
+
+
+@triton.jit
+def _lanes(v):
+    """(lo, hi) float32: the two fp16 lanes of uint32 pairs (EMULATE)."""
+    lo = (v & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (v >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _pair(lo, hi):
+    """uint32 fp16 pairs of float32 lo and hi, each rounded to nearest (EMULATE)."""
+    lo16 = lo.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+    hi16 = hi.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+    return lo16 | (hi16 << 16)
+
+
+@triton.jit
+def _fma_pair(a, b, c):
+    """a * b + c on fp16 pairs (EMULATE: float32, then rounded)."""
+    a_lo, a_hi = _lanes(a)
+    b_lo, b_hi = _lanes(b)
+    c_lo, c_hi = _lanes(c)
+    return _pair(a_lo * b_lo + c_lo, a_hi * b_hi + c_hi)
+
+
+@triton.jit
+def _splat(v, EMULATE: tl.constexpr):
+    """uint32 fp16 pairs (v, v) of float32 v."""
+    if EMULATE:
+        return _pair(v, v)
+    return tl.inline_asm_elementwise(
+        "cvt.rn.f16x2.f32 $0, $1, $1;", "=r,f", [v], dtype=tl.uint32, is_pure=True, pack=1
+    )
+
+
+@triton.jit
+def _decode(words, add_lo, add_hi, EMULATE: tl.constexpr):
+    """A word's codes as four fp16 pairs (c - z) / 16: codes (0, 4), (1, 5), (2, 6), (3, 7)."""
+    if EMULATE:
+        w8 = words >> 8
+        lo_mul = _splat(tl.full(words.shape, 0.0625, tl.float32), True)
+        hi_mul = _splat(tl.full(words.shape, 0.00390625, tl.float32), True)
+        d0 = _fma_pair((words & 0x000F000F) | 0x64006400, lo_mul, add_lo)
+        d1 = _fma_pair((words & 0x00F000F0) | 0x64006400, hi_mul, add_hi)
+        d2 = _fma_pair((w8 & 0x000F000F) | 0x64006400, lo_mul, add_lo)
+        d3 = _fma_pair((w8 & 0x00F000F0) | 0x64006400, hi_mul, add_hi)
+        return d0, d1, d2, d3
+    return tl.inline_asm_elementwise(
+        _DECODE, "=r,=r,=r,=r,r,r,r", [words, add_lo, add_hi],
+        dtype=(tl.uint32, tl.uint32, tl.uint32, tl.uint32), is_pure=True, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _dot(acc, d0, d1, d2, d3, p0, p1, p2, p3, EMULATE: tl.constexpr):
+    """acc + sum_j d_j * p_j on fp16 pairs, in that order."""
+    if EMULATE:
+        acc = _fma_pair(d0, p0, acc)
+        acc = _fma_pair(d1, p1, acc)
+        acc = _fma_pair(d2, p2, acc)
+        return _fma_pair(d3, p3, acc)
+    return tl.inline_asm_elementwise(
+        _DOT, "=r,r,r,r,r,r,r,r,r,r", [acc, d0, d1, d2, d3, p0, p1, p2, p3],
+        dtype=tl.uint32, is_pure=True, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _hsum(acc, EMULATE: tl.constexpr):
+    """float32: the pair's lanes summed."""
+    if EMULATE:
+        lo, hi = _lanes(acc)
+        return lo + hi
+    return tl.inline_asm_elementwise(_HSUM, "=f,r", [acc], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _x_pairs(x_ptrs, offset, X_BF16: tl.constexpr, EMULATE: tl.constexpr):
+    """One row of x at a half tile's words ([HALF_W] int32 pointers at each word's first pair, plus a
+    constant offset): the fp16 pairs (x0, x4), (x1, x5), (x2, x6), (x3, x7), [HALF_W] uint32 each."""
+    q0 = tl.load(x_ptrs + offset).to(tl.uint32, bitcast=True)  # (x0, x1)
+    q1 = tl.load(x_ptrs + offset + 1).to(tl.uint32, bitcast=True)  # (x2, x3)
+    q2 = tl.load(x_ptrs + offset + 2).to(tl.uint32, bitcast=True)  # (x4, x5)
+    q3 = tl.load(x_ptrs + offset + 3).to(tl.uint32, bitcast=True)  # (x6, x7)
+    if EMULATE:
+        if X_BF16:  # a bf16 is the upper half of its float32
+            x0 = (q0 << 16).to(tl.float32, bitcast=True)
+            x1 = (q0 & 0xFFFF0000).to(tl.float32, bitcast=True)
+            x2 = (q1 << 16).to(tl.float32, bitcast=True)
+            x3 = (q1 & 0xFFFF0000).to(tl.float32, bitcast=True)
+            x4 = (q2 << 16).to(tl.float32, bitcast=True)
+            x5 = (q2 & 0xFFFF0000).to(tl.float32, bitcast=True)
+            x6 = (q3 << 16).to(tl.float32, bitcast=True)
+            x7 = (q3 & 0xFFFF0000).to(tl.float32, bitcast=True)
+        else:
+            x0, x1 = _lanes(q0)
+            x2, x3 = _lanes(q1)
+            x4, x5 = _lanes(q2)
+            x6, x7 = _lanes(q3)
+        return _pair(x0, x4), _pair(x1, x5), _pair(x2, x6), _pair(x3, x7)
+    return tl.inline_asm_elementwise(
+        _X_BF16 if X_BF16 else _X_FP16, "=r,=r,=r,=r,r,r,r,r", [q0, q1, q2, q3],
+        dtype=(tl.uint32, tl.uint32, tl.uint32, tl.uint32), is_pure=True, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _row_terms(acc, da0, da1, da2, da3, db0, db1, db2, db3, x_ptrs, offset, half_offset, scale16,
+               X_BF16: tl.constexpr, EMULATE: tl.constexpr):  # fmt: skip
+    """acc + one row's group sums over a tile (its two half tiles chained in one fp16 pair per word row
+    and column) times 16 s. da / db: the half tiles' decoded pairs; half_offset: the second half
+    tile's distance in x's int32 pairs."""
+    a0, a1, a2, a3 = _x_pairs(x_ptrs, offset, X_BF16, EMULATE)
+    b0, b1, b2, b3 = _x_pairs(x_ptrs, offset + half_offset, X_BF16, EMULATE)
+    pairs = tl.zeros(da0.shape, dtype=tl.uint32)
+    pairs = _dot(pairs, da0, da1, da2, da3, a0[:, None], a1[:, None], a2[:, None], a3[:, None], EMULATE)
+    pairs = _dot(pairs, db0, db1, db2, db3, b0[:, None], b1[:, None], b2[:, None], b3[:, None], EMULATE)
+    return acc + _hsum(pairs, EMULATE) * scale16
+
+
+@triton.jit
+def _load_tile(word_ptrs, scale_ptrs, zero_ptrs, k, stride_qk, stride_sg, stride_zg, mask_n,
+               GROUP_SIZE: tl.constexpr, HALF_W: tl.constexpr, EVEN_N: tl.constexpr):  # fmt: skip
+    """The tile at K = k: its two half tiles of words ([HALF_W, BLOCK_N] uint32 each), and its group's
+    scales and zero points ([BLOCK_N] fp16)."""
+    rows = k // 8 * stride_qk
+    g = k // GROUP_SIZE
+    if EVEN_N:
+        a = tl.load(word_ptrs + rows)
+        b = tl.load(word_ptrs + rows + HALF_W * stride_qk)
+    else:
+        a = tl.load(word_ptrs + rows, mask=mask_n[None, :], other=0)
+        b = tl.load(word_ptrs + rows + HALF_W * stride_qk, mask=mask_n[None, :], other=0)
+    scale = tl.load(scale_ptrs + g * stride_sg, mask=mask_n, other=0.0)
+    zero = tl.load(zero_ptrs + g * stride_zg, mask=mask_n, other=0.0)
+    return a.to(tl.uint32, bitcast=True), b.to(tl.uint32, bitcast=True), scale, zero
+
+
+@triton.jit
+def _w4_half2_gemv_kernel(
+    x_ptr,  # [M, K / 2] int32: x's 16-bit elements in pairs
+    qweight_ptr,  # [K / 8, N] int32
+    scales_ptr,  # [G, N] fp16
+    zeros_ptr,  # [G, N] fp16, integers in [0, MAX_ZERO_POINT]
+    out_ptr,  # [M, N] (gated: [M, N / 2]) in x's dtype
+    partials_ptr,  # [SPLIT_K, M, N] float32 (gated: the tiles' virtual columns)
+    counters_ptr,  # [tiles] int32
+    M,
+    N,
+    K,
+    k_per_split,  # K rows per split, whole tiles
+    stride_xm,  # in int32 pairs
+    stride_qk,
+    stride_sg,
+    stride_zg,
+    stride_om,
+    X_BF16: tl.constexpr,  # x is bf16 (else fp16)
+    GROUP_SIZE: tl.constexpr,
+    ROWS: tl.constexpr,  # rows of x per program: 1, 2 or 4 (M a multiple), the decode shared
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # divides GROUP_SIZE: a tile lies in one group
+    SPLIT_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    AHEAD: tl.constexpr,  # tiles requested before the one decoded: 0, 1 or 2
+    LOOP_STAGES: tl.constexpr,  # > 1: Triton's own pipelining of the loop's loads instead (cp.async)
+    PDL: tl.constexpr,
+    EMULATE: tl.constexpr,  # no inline PTX (the interpreter): the same arithmetic in integer / float32 ops
+    GATED: tl.constexpr = False,  # [gate | up] columns (N = 2 x half_n): silu(gate) * up stored
+    half_n=0,
+):
+    HALF_W: tl.constexpr = BLOCK_K // 16  # word rows of each half tile
+    pid_g = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    tile = pid_g * tl.num_programs(1) + pid_n
+    row0 = pid_g * ROWS
+    if GATED:
+        offs_n, mask_n = gated_rows(pid_n, half_n, BLOCK_N)
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+    offs_w = tl.arange(0, HALF_W)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    k_last = k_end - BLOCK_K  # the split's last tile (K is whole groups, so whole tiles)
+    word_ptrs = qweight_ptr + offs_w[:, None] * stride_qk + offs_n[None, :]  # [HALF_W, BLOCK_N] at K = 0
+    scale_ptrs = scales_ptr + offs_n
+    zero_ptrs = zeros_ptr + offs_n
+    acc0 = tl.zeros((HALF_W, BLOCK_N), dtype=tl.float32)
+    acc1 = tl.zeros((HALF_W, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((HALF_W, BLOCK_N), dtype=tl.float32)
+    acc3 = tl.zeros((HALF_W, BLOCK_N), dtype=tl.float32)
+    # Weights, scales and zero points do not depend on the kernel before: requested before the wait.
+    if AHEAD >= 1:
+        a, b, s, z = _load_tile(word_ptrs, scale_ptrs, zero_ptrs, k_start, stride_qk, stride_sg, stride_zg,
+                                mask_n, GROUP_SIZE, HALF_W, EVEN_N)  # fmt: skip
+    if AHEAD >= 2:
+        a1, b1, s1, z1 = _load_tile(word_ptrs, scale_ptrs, zero_ptrs, tl.minimum(k_start + BLOCK_K, k_last),
+                                    stride_qk, stride_sg, stride_zg, mask_n, GROUP_SIZE, HALF_W, EVEN_N)  # fmt: skip
+    let_next_kernel_start(PDL)
+    wait_for_previous_kernel(PDL)
+    half_offset = HALF_W * 4  # int32 pairs of x under a half tile
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=LOOP_STAGES):
+        if AHEAD >= 1:  # request the tile AHEAD further (the last ones re-read the split's last tile)
+            an, bn, sn, zn = _load_tile(word_ptrs, scale_ptrs, zero_ptrs, tl.minimum(k0 + AHEAD * BLOCK_K, k_last),
+                                        stride_qk, stride_sg, stride_zg, mask_n, GROUP_SIZE, HALF_W, EVEN_N)  # fmt: skip
+        else:
+            a, b, s, z = _load_tile(word_ptrs, scale_ptrs, zero_ptrs, k0, stride_qk, stride_sg, stride_zg,
+                                    mask_n, GROUP_SIZE, HALF_W, EVEN_N)  # fmt: skip
+        zf = z.to(tl.float32)
+        add_lo = _splat(-64.0 - zf * 0.0625, EMULATE)[None, :]  # (1024 + c) / 16 - 64 - z / 16
+        add_hi = _splat(-4.0 - zf * 0.0625, EMULATE)[None, :]  # (1024 + 16 c) / 256 - 4 - z / 16
+        scale16 = (s.to(tl.float32) * 16.0)[None, :]
+        da0, da1, da2, da3 = _decode(a, add_lo, add_hi, EMULATE)
+        db0, db1, db2, db3 = _decode(b, add_lo, add_hi, EMULATE)
+        x_ptrs = x_ptr + row0 * stride_xm + k0 // 2 + offs_w * 4  # [HALF_W] int32: row0's x at each word
+        acc0 = _row_terms(acc0, da0, da1, da2, da3, db0, db1, db2, db3, x_ptrs, 0, half_offset, scale16,
+                          X_BF16, EMULATE)  # fmt: skip
+        if ROWS >= 2:
+            acc1 = _row_terms(acc1, da0, da1, da2, da3, db0, db1, db2, db3, x_ptrs, stride_xm, half_offset, scale16,
+                              X_BF16, EMULATE)  # fmt: skip
+        if ROWS >= 4:
+            acc2 = _row_terms(acc2, da0, da1, da2, da3, db0, db1, db2, db3, x_ptrs, 2 * stride_xm, half_offset, scale16,
+                              X_BF16, EMULATE)  # fmt: skip
+            acc3 = _row_terms(acc3, da0, da1, da2, da3, db0, db1, db2, db3, x_ptrs, 3 * stride_xm, half_offset, scale16,
+                              X_BF16, EMULATE)  # fmt: skip
+        if AHEAD == 1:
+            a, b, s, z = an, bn, sn, zn
+        if AHEAD == 2:
+            a, b, s, z = a1, b1, s1, z1
+            a1, b1, s1, z1 = an, bn, sn, zn
+    if GATED:
+        store_rows_gated(
+            tl.sum(acc0, axis=0), tl.sum(acc1, axis=0), tl.sum(acc2, axis=0), tl.sum(acc3, axis=0),
+            out_ptr, partials_ptr, counters_ptr, tile, row0, M, half_n, tl.num_programs(1) * BLOCK_N,
+            pid_n * BLOCK_N + tl.arange(0, BLOCK_N), stride_om, pid_k, ROWS, SPLIT_K,
+        )  # fmt: skip
+    else:
+        store_rows(
+            tl.sum(acc0, axis=0), tl.sum(acc1, axis=0), tl.sum(acc2, axis=0), tl.sum(acc3, axis=0),
+            out_ptr, partials_ptr, counters_ptr, tile, row0, M, N, offs_n, stride_om, pid_k, ROWS, SPLIT_K,
+        )  # fmt: skip
+
+
+def w4_half2_gemv(
+    x: torch.Tensor,  # [M, K] bfloat16 / float16, M <= 4
+    qweight: torch.Tensor,  # [K / 8, N] int32
+    scales: torch.Tensor,  # [G, N] fp16
+    zeros: torch.Tensor,  # [G, N] fp16, integers in [0, MAX_ZERO_POINT]
+    group_size: int,
+    block_n: int = 64,
+    block_k: int = 128,
+    split_k: int = 8,
+    num_warps: int = 4,
+    ahead: int = 1,
+    loop_stages: int = 1,
+    gated: bool = False,
+) -> torch.Tensor:  # [M, N] in x.dtype; gated: [M, N / 2]
+    """y = x w for 4-bit codes, w[k, n] = (code - zero) * scale. block_k divides group_size (at least
+    16); split_k splits K over that many programs per column tile (whole tiles each); ahead: tiles in
+    flight ahead of the decoded one; loop_stages > 1: Triton pipelines the loads instead; gated: a
+    [gate | up] weight, silu(gate) * up stored (N / 2 columns). The zero points must be integers in
+    [0, MAX_ZERO_POINT] (not checked here: a device sync per call; the engine checks at load)."""
+    M, K = x.shape
+    N = qweight.shape[1]
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"w4_half2_gemv: x must be bfloat16 or float16; got {x.dtype}")
+    if not 1 <= M <= 4:
+        raise ValueError(f"w4_half2_gemv takes 1 to 4 rows; got {M}")
+    check_layout(qweight, scales, zeros, K, 4, group_size)
+    if group_size % block_k or block_k % 16:
+        raise ValueError(f"block_k {block_k} must divide group_size {group_size} and be a multiple of 16")
+    if ahead not in (0, 1, 2):
+        raise ValueError(f"w4_half2_gemv: ahead is 0, 1 or 2; got {ahead}")
+    if gated and (N % 2 or block_n % 2):
+        raise ValueError(
+            f"w4_half2_gemv: gated needs an even column count and block_n; got {N}, block_n {block_n}"
+        )
+    if qweight.stride(1) != 1 or scales.stride(1) != 1 or zeros.stride(1) != 1:
+        raise ValueError(
+            "w4_half2_gemv: qweight, scales and zeros must be contiguous along their last dimension"
+        )
+    rows = rows_per_program(M)
+    if M % rows:  # the kernel masks no row: zero rows up to whole groups
+        padded = torch.cat([x, x.new_zeros(rows - M % rows, K)])
+        return w4_half2_gemv(padded, qweight, scales, zeros, group_size, block_n, block_k, split_k, num_warps,
+                             ahead, loop_stages, gated)[:M]  # fmt: skip
+    if x.stride(1) != 1 or x.stride(0) % 2 or x.storage_offset() % 2:
+        x = x.contiguous()
+    x_pairs = x.view(torch.int32)  # [M, K / 2]
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
+    split_k = triton.cdiv(K, k_per_split)
+    out_n = N // 2 if gated else N
+    tiles = triton.cdiv(out_n, block_n // 2) if gated else triton.cdiv(N, block_n)
+    groups = M // rows
+    if split_k > 1 and tiles * groups > MAX_TILES:
+        raise ValueError(f"w4_half2_gemv: {tiles * groups} tiles exceed the split-K workspace ({MAX_TILES})")
+    out = torch.empty(M, out_n, dtype=x.dtype, device=x.device)
+    partial_n = tiles * block_n if gated else N
+    partials = (
+        torch.empty(split_k, M, partial_n, dtype=torch.float32, device=x.device) if split_k > 1 else out
+    )
+    pdl = pdl_enabled(x.device)
+    _w4_half2_gemv_kernel[(groups, tiles, split_k)](
+        x_pairs, qweight, scales, zeros, out, partials, split_counters(x.device),
+        M, N, K, k_per_split,
+        x_pairs.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
+        X_BF16=x.dtype == torch.bfloat16, GROUP_SIZE=group_size, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k,
+        SPLIT_K=split_k, EVEN_N=out_n % (block_n // 2) == 0 if gated else N % block_n == 0, AHEAD=ahead,
+        LOOP_STAGES=loop_stages, PDL=pdl, EMULATE=x.device.type != "cuda", GATED=gated, half_n=out_n,
+        num_warps=num_warps, launch_pdl=pdl,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,120 @@
+"""The packed-fp16 W4A16 GEMV (ops/triton/w4_half2_gemv.py) against its spec, dequantize then F.linear:
+under TRITON_INTERPRET=1 its EMULATE twin (the same bits through integer and float32 operations), on
+CUDA the inline PTX. Split-K launches run twice in a row (a counter the last program failed to reset
+shows up as a wrong second answer); bf16 and fp16 x (their fp16 pairs come from different code);
+zero points 0 and 16 (GPTQ's v1 zeros reach 16), the edges of the exact decode."""
+
+from __future__ import annotations
+
+# isort: off
+# First: it sets TRITON_INTERPRET before anything below can import triton.
+from tests.ops.triton_interpreter import DEVICE, in_process, only_in_subprocess, rerun_in_fresh_process
+
+# isort: on
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.model.quantization.common import dequantize
+from engine.model.quantization.packing import pack_rows
+
+
+@only_in_subprocess
+def test_in_fresh_interpreter_process() -> None:
+    rerun_in_fresh_process(__file__)
+
+
+def _layer(k: int, n: int, group_size: int, seed: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """((qweight [K/8, N], scales [G, N] fp16, zeros [G, N] fp16) on DEVICE, the weight [N, K] float32)."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = k // group_size
+    codes = torch.randint(0, 16, (k, n), generator=gen)  # [K, N]
+    zeros = torch.randint(0, 17, (groups, n), generator=gen).float()  # [G, N], 16 included
+    zeros[0, :2] = torch.tensor([0.0, 16.0])
+    scales = (torch.rand(groups, n, generator=gen) * 0.02 + 0.001).half().float()  # [G, N]
+    weight = dequantize(codes.t().to(torch.uint8), zeros.t(), scales.t(), None, torch.float32)  # [N, K]
+    packed = (pack_rows(codes, 4), scales.half(), zeros.half())
+    return tuple(t.to(DEVICE) for t in packed), weight.to(DEVICE)
+
+
+def _err(out: torch.Tensor, expected: torch.Tensor) -> float:
+    assert not torch.isnan(out).any()
+    return ((out.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+# (group_size, m, n, k, block_n, block_k, split_k, ahead): one tile per split up to several, an uneven
+# last split, a ragged N tail, the loads one or two tiles ahead and none, groups of 32 (two-row half
+# tiles), 2 and 3 rows (3 padded to a group of 4)
+CASES = [
+    (128, 1, 64, 512, 64, 128, 4, 1),
+    (128, 1, 40, 384, 16, 128, 2, 2),
+    (64, 1, 48, 640, 32, 64, 3, 0),
+    (32, 2, 32, 256, 32, 32, 2, 1),
+    (128, 3, 24, 256, 16, 64, 1, 2),
+    (128, 4, 32, 1024, 32, 128, 8, 2),
+]
+
+
+@in_process
+@pytest.mark.parametrize(("group_size", "m", "n", "k", "block_n", "block_k", "split_k", "ahead"), CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_matches_dequantize_then_matmul(
+    group_size: int,
+    m: int,
+    n: int,
+    k: int,
+    block_n: int,
+    block_k: int,
+    split_k: int,
+    ahead: int,
+    dtype: torch.dtype,
+) -> None:
+    from ops.triton.w4_half2_gemv import w4_half2_gemv
+
+    args, weight = _layer(k, n, group_size, seed=k + n + m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEVICE, dtype)
+    expected = F.linear(x.float(), weight)
+    for _ in range(2):  # the second launch finds the split counters as the first left them
+        out = w4_half2_gemv(
+            x, *args, group_size, block_n=block_n, block_k=block_k, split_k=split_k, ahead=ahead
+        )
+        assert out.shape == (m, n) and out.dtype == dtype
+        assert _err(out, expected) < 6e-3
+    if DEVICE == "cuda":  # x 1,000 times larger: the fp16 lanes hold (|x| up to ~8,000 is the limit)
+        out = w4_half2_gemv(x * 1000, *args, group_size, block_n=block_n, block_k=block_k, split_k=split_k)
+        assert _err(out, expected * 1000) < 6e-3
+        out = w4_half2_gemv(
+            x, *args, group_size, block_n=block_n, block_k=block_k, split_k=split_k, loop_stages=3
+        )
+        assert _err(out, expected) < 6e-3
+
+
+@in_process
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_gated_stores_silu_gate_times_up(split_k: int) -> None:
+    from ops.triton.w4_half2_gemv import w4_half2_gemv
+
+    args, weight = _layer(256, 48, 128, seed=7)  # [gate (24 rows); up (24 rows)]
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.bfloat16)
+    y = F.linear(x.float(), weight)
+    expected = F.silu(y[:, :24]) * y[:, 24:]
+    out = w4_half2_gemv(x, *args, 128, block_n=16, block_k=128, split_k=split_k, gated=True)
+    assert out.shape == (1, 24)
+    assert _err(out, expected) < 6e-3
+
+
+@in_process
+def test_refuses_what_it_cannot_run() -> None:
+    from ops.triton.w4_half2_gemv import w4_half2_gemv
+
+    args, _ = _layer(64, 32, 32, seed=1)
+    with pytest.raises(ValueError, match="x must be bfloat16 or float16; got torch.float32"):
+        w4_half2_gemv(torch.zeros(1, 64, device=DEVICE), *args, 32, block_k=32)
+    x = torch.zeros(1, 64, device=DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="takes 1 to 4 rows; got 5"):
+        w4_half2_gemv(x.expand(5, 64), *args, 32, block_k=32)
+    with pytest.raises(ValueError, match="block_k 64 must divide group_size 32 and be a multiple of 16"):
+        w4_half2_gemv(x, *args, 32, block_k=64)
+    with pytest.raises(ValueError, match="ahead is 0, 1 or 2; got 3"):
+        w4_half2_gemv(x, *args, 32, block_k=32, ahead=3)

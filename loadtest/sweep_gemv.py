@@ -60,8 +60,8 @@ W4_GRIDS = {
 }
 # The packed-fp16 W4A16 GEMV (ops/triton/w4_half2_gemv.py): tiles requested `ahead` of the decoded one
 W4H_GRIDS = {
-    1: {
-        "block_n": (64, 128),
+    1: {  # 256-word tiles: 1 KB runs of each word row (the FP8 GEMV reads 1 KB runs and streams faster)
+        "block_n": (64, 128, 256),
         "block_k": (128,),
         "split_k": (4, 8, 16),
         "num_warps": (2, 4),

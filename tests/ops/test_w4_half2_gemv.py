@@ -118,3 +118,46 @@ def test_refuses_what_it_cannot_run() -> None:
         w4_half2_gemv(x, *args, 32, block_k=64)
     with pytest.raises(ValueError, match="ahead is 0, 1 or 2; got 3"):
         w4_half2_gemv(x, *args, 32, block_k=32, ahead=3)
+
+
+def test_the_engine_checks_the_zero_points_the_kernel_decodes_exactly() -> None:
+    from engine.model.quantization.wna16 import FOLDED_MAX_ZERO_POINT
+    from ops.triton.w4_half2_gemv import MAX_ZERO_POINT
+
+    assert FOLDED_MAX_ZERO_POINT == MAX_ZERO_POINT
+
+
+@in_process
+@pytest.mark.parametrize("zero_offset", [0.0, 0.5])
+def test_a_layer_takes_the_folded_gemv_only_with_integer_zero_points(zero_offset: float) -> None:
+    """A 4-bit layer in the kernel layout at 1 and 2 tokens of bf16 (the folded GEMV), plain and gated,
+    against the layer's torch spec; with fractional zero points it is marked and takes wna16_gemv."""
+    from unittest import mock
+
+    from engine.model.layers.linear import MergedColumnParallelLinear
+    from engine.model.quantization.wna16 import (
+        apply_wna16,
+        apply_wna16_reference,
+        apply_wna16_silu_mul,
+        register_kernel_layout,
+    )
+    from ops.triton import w4_half2_gemv as folded
+
+    gen = torch.Generator().manual_seed(11)
+    layer = MergedColumnParallelLinear(256, [32, 32], params_dtype=torch.bfloat16)
+    codes = torch.randint(0, 16, (64, 256), generator=gen).to(torch.uint8)  # [out, in]
+    zeros = torch.randint(0, 17, (64, 2), generator=gen).float() + zero_offset  # [out, G]
+    scales = torch.rand(64, 2, generator=gen) * 0.02 + 0.001
+    register_kernel_layout(layer, codes, zeros, scales, torch.randperm(256, generator=gen), 4)
+    assert layer.wna16_folded_ok == (zero_offset == 0.0)
+    layer.to(DEVICE)
+    for tokens in (1, 2):
+        x = torch.randn(tokens, 256, generator=gen).to(DEVICE, torch.bfloat16)
+        expected = apply_wna16_reference(layer, x.float(), None)  # [tokens, 64]
+        with mock.patch.object(folded, "w4_half2_gemv", wraps=folded.w4_half2_gemv) as spy:
+            out = apply_wna16(layer, x, None)
+            gated = apply_wna16_silu_mul(layer, x)
+        assert spy.call_count == (2 if zero_offset == 0.0 else 0)
+        assert _err(out, expected) < 6e-3
+        assert gated is not None
+        assert _err(gated, F.silu(expected[:, :32]) * expected[:, 32:]) < 6e-3

@@ -49,6 +49,10 @@ class WNA16Launch:
     num_stages: int = 3
     prefetch: bool = False  # GEMV: the next tile's words in flight while one is decoded
     half2: bool = False  # GEMV, 4-bit codes on CUDA: decoded in packed fp16 (ops/triton/wna16_gemv.py)
+    # GEMV, 4-bit codes, integer zero points, 16-bit x: ops/triton/w4_half2_gemv.py (zero point folded into
+    # the packed-fp16 decode), tiles requested `ahead`; other layers fall back to wna16_gemv at this launch
+    folded: bool = False
+    ahead: int = 1
 
 
 def use_wna16_kernels(
@@ -105,15 +109,17 @@ def plan_wna16_gemv(
     num_tokens: int, in_features: int, out_features: int, group_size: int, num_sms: int
 ) -> WNA16Launch | None:
     """The GEMV's launch, from the sweeps on an H200 at Llama-3-8B's four shapes (loadtest/sweep_gemv.py;
-    loadtest/results/gemv-sweep-h200-2026-12-03-cb7dcc4, -cb9a06e and
-    gemv-half2-gated-h200-2026-12-04/sweep-835ef63): 64-word column tiles, tiles of 128 rows of K
-    inside one group. At batch 1, K split 8 ways (16 for K >= 8192, the down projection) with the next
-    tile prefetched (~8 programs per SM keep enough loads in flight) and 4-bit codes decoded in packed
-    fp16 (HALF2; at 835ef63 qkv 9.28 us vs 9.71, o 8.14 vs 8.13, gate_up 26.85 vs 30.43, down 15.86 vs
-    18.61). At 2-4 tokens (measured at 2), no prefetch and
-    the float32 decode (HALF2 won two layers of four there, by at most 1 us), K split 8 for the down
-    projection and the square o (24.72 / 10.33 us vs 31.97 / 12.28 split 4), 2 for the widest layers,
-    else 4. None when no tile of 32 rows or more fits the groups."""
+    loadtest/results/gemv-sweep-h200-2026-12-03-cb7dcc4, -cb9a06e, gemv-half2-gated-h200-2026-12-04/
+    sweep-835ef63 and folded-gemv-h200-2026-12-04/1-sweep-9864c10): tiles of 128 rows of K inside one
+    group. At 1-2 tokens the folded packed-fp16 GEMV (ops/triton/w4_half2_gemv.py, the next tile, its
+    scales and zeros requested ahead): at one token 64-word column tiles on 4 warps, K split 16 for
+    the down projection and the square o, 8 for qkv; gate_up 128-word tiles on 2 warps, split 8
+    (9864c10: qkv 8.99 us vs 9.18 with wna16_gemv's packed decode, o 7.82 vs 7.81, gate_up 26.68 vs
+    26.63, gated 26.92 vs 27.34, down 14.76 vs 16.11); at two tokens split 8, 2 for the widest layers
+    (qkv 11.37 vs 13.24, o 9.09 vs 10.22, gate_up 32.91 vs 42.95, down 19.53 vs 24.66). At 3-4 tokens
+    wna16_gemv without prefetch, float32 decode (HALF2 won two layers of four there, by at most 1 us),
+    K split 8 for the down projection and the square o (24.72 / 10.33 us vs 31.97 / 12.28 split 4),
+    2 for the widest layers, else 4. None when no tile of 32 rows or more fits the groups."""
     block_k = 128
     while group_size % block_k and block_k > 32:
         block_k //= 2  # groups of 32 or 64
@@ -121,10 +127,16 @@ def plan_wna16_gemv(
         return None
     del num_sms  # measured on 132 SMs; the splits are few enough to fill fewer
     if num_tokens == 1:
-        split_k = 16 if in_features >= 8192 else 8
+        if out_features >= 16384:  # gate_up
+            block_n, split_k, warps = 128, 8, 2
+        else:
+            block_n, split_k, warps = 64, (16 if in_features >= 8192 or out_features <= in_features else 8), 4
         return WNA16Launch(
-            "gemv", 1, 64, block_k, split_k, num_warps=4, num_stages=3, prefetch=True, half2=True
+            "gemv", 1, block_n, block_k, split_k, warps, 3, prefetch=True, half2=True, folded=True, ahead=1
         )
+    if num_tokens == 2:
+        split_k = 2 if out_features >= 16384 else 8
+        return WNA16Launch("gemv", 1, 64, block_k, split_k, num_warps=4, num_stages=3, folded=True, ahead=1)
     if in_features >= 8192 or out_features <= in_features:
         split_k = 8
     else:
@@ -154,6 +166,11 @@ def triton_wna16_available() -> bool:
     return True
 
 
+# the zero points w4_half2_gemv decodes exactly (ops.triton.w4_half2_gemv.MAX_ZERO_POINT; a test keeps
+# them equal: that module needs Triton, this one must load without it)
+FOLDED_MAX_ZERO_POINT = 63
+
+
 def register_kernel_layout(
     layer: nn.Module,
     codes: torch.Tensor,  # [out, in] uint8, input columns in the kernel's (perm) order
@@ -167,6 +184,10 @@ def register_kernel_layout(
     layer.register_buffer("zeros", zeros.t().to(torch.float16).contiguous())  # [G, out]
     layer.register_buffer("perm", perm)
     layer.wna16_bits = bits
+    # every format weir reads stores integer zero points; the folded GEMV needs them (checked once here)
+    layer.wna16_folded_ok = bits == 4 and bool(
+        ((zeros == zeros.round()) & (zeros >= 0) & (zeros <= FOLDED_MAX_ZERO_POINT)).all()
+    )
 
 
 def apply_wna16(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -219,9 +240,20 @@ def _gemv(
     layer: nn.Module, x2: torch.Tensor, group_size: int, launch: WNA16Launch, gated: bool = False
 ) -> torch.Tensor:
     """The layer's GEMV at `launch` on x2 [tokens, in] (in the codes' column order)."""
+    bits = layer.wna16_bits
+    if (
+        launch.folded
+        and getattr(layer, "wna16_folded_ok", False)
+        and x2.dtype in (torch.bfloat16, torch.float16)
+    ):
+        from ops.triton.w4_half2_gemv import w4_half2_gemv  # noqa: PLC0415
+
+        return w4_half2_gemv(
+            x2, layer.qweight, layer.scales, layer.zeros, group_size, launch.block_n, launch.block_k,
+            launch.split_k, launch.num_warps, launch.ahead, gated=gated,
+        )  # fmt: skip
     from ops.triton.wna16_gemv import wna16_gemv  # noqa: PLC0415
 
-    bits = layer.wna16_bits
     return wna16_gemv(
         x2.contiguous(), layer.qweight, layer.scales, layer.zeros, bits, group_size,
         launch.block_n, launch.block_k, launch.split_k, launch.num_warps, launch.num_stages, launch.prefetch,

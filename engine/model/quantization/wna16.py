@@ -7,7 +7,8 @@ Two decisions, both pure functions of python values so they are testable without
 on every CUDA-graph replay:
 - `use_wna16_kernels(...)`, once per layer at load: kernel layout or the reference's;
 - `plan_wna16(num_tokens, in_features, out_features, group_size, num_sms)`, per call (cached per
-  shape): the GEMV (ops/triton/wna16_gemv.py) for 1-4 tokens, a fused GEMM launch shape, or "dequant"
+  shape): the GEMV for 1-4 tokens (ops/triton/w4_half2_gemv.py for 4-bit codes with small integer zero
+  points and 16-bit x, else ops/triton/wna16_gemv.py), a fused GEMM launch shape, or "dequant"
   (dequantize the weight, then cuBLAS) for large batches. Decode batches read every weight byte once
   and do little math: up to 4 tokens the GEMV (no tensor-core tile, codes converted without a
   conversion instruction, split-K summed in the same launch), 5-16 the GEMM with one 16-row tile,
@@ -17,7 +18,8 @@ on every CUDA-graph replay:
 
 Kernel layout on the layer (replacing codes/zeros/scales): `qweight` int32 [in / pf, out],
 `scales` and `zeros` float16 [groups, out] (exact: fp16 scales, integer zeros), `perm` (act order,
-gathered from x per call) and `wna16_bits`.
+gathered from x per call), `wna16_bits` and `wna16_folded_ok` (the folded GEMV decodes its zero points
+exactly).
 """
 
 from __future__ import annotations
@@ -116,10 +118,12 @@ def plan_wna16_gemv(
     the down projection and the square o, 8 for qkv; gate_up 128-word tiles on 2 warps, split 8
     (9864c10: qkv 8.99 us vs 9.18 with wna16_gemv's packed decode, o 7.82 vs 7.81, gate_up 26.68 vs
     26.63, gated 26.92 vs 27.34, down 14.76 vs 16.11); at two tokens split 8, 2 for the widest layers
-    (qkv 11.37 vs 13.24, o 9.09 vs 10.22, gate_up 32.91 vs 42.95, down 19.53 vs 24.66). At 3-4 tokens
-    wna16_gemv without prefetch, float32 decode (HALF2 won two layers of four there, by at most 1 us),
-    K split 8 for the down projection and the square o (24.72 / 10.33 us vs 31.97 / 12.28 split 4),
-    2 for the widest layers, else 4. None when no tile of 32 rows or more fits the groups."""
+    (qkv 11.37 vs 13.24, o 9.09 vs 10.22, gate_up 32.91 vs 42.95, down 19.53 vs 24.66); at 3-4 tokens
+    (4 rows) split 2 for the widest layers, 8 for the down projection and the square o, else 4, with two
+    tiles ahead where a split holds 8 or more (1e2a45b, 2-sweep: qkv 15.00 us, o 12.57, gate_up 49.33,
+    gated 50.32, down 26.84; wna16_gemv's float32 decode took 21.3 / 16.2 / 78.4 / 43.5 at cb7dcc4).
+    Layers the folded GEMV cannot take (8-bit codes, zero points that are not small integers, float32
+    x) run wna16_gemv at the same launch. None when no tile of 32 rows or more fits the groups."""
     block_k = 128
     while group_size % block_k and block_k > 32:
         block_k //= 2  # groups of 32 or 64
@@ -137,11 +141,13 @@ def plan_wna16_gemv(
     if num_tokens == 2:
         split_k = 2 if out_features >= 16384 else 8
         return WNA16Launch("gemv", 1, 64, block_k, split_k, num_warps=4, num_stages=3, folded=True, ahead=1)
-    if in_features >= 8192 or out_features <= in_features:
-        split_k = 8
+    # 3-4 tokens (padded to 4 rows)
+    if out_features >= 16384:
+        split_k = 2
     else:
-        split_k = 2 if out_features >= 16384 else 4
-    return WNA16Launch("gemv", 1, 64, block_k, split_k, num_warps=4, num_stages=3)
+        split_k = 8 if in_features >= 8192 or out_features <= in_features else 4
+    ahead = 2 if split_k <= 4 else 1  # a split of 8+ tiles keeps two in flight
+    return WNA16Launch("gemv", 1, 64, block_k, split_k, num_warps=4, num_stages=3, folded=True, ahead=ahead)
 
 
 @functools.cache

@@ -28,7 +28,7 @@ def test_kernels_on_cuda_only_for_layouts_they_read() -> None:
     assert not use_wna16_kernels("cuda", True, False, 4, 4096, 6148)  # N not 16-byte rows
 
 
-@pytest.mark.parametrize("num_tokens", [1, 2, 4])
+@pytest.mark.parametrize("num_tokens", [1, 2, 3, 4])
 def test_decode_batches_take_the_gemv_with_the_swept_launches(num_tokens: int) -> None:
     """The launches the H200 sweeps picked (loadtest/results/gemv-sweep-h200-2026-12-03-*,
     gemv-half2-gated-h200-2026-12-04/sweep-835ef63, folded-gemv-h200-2026-12-04/1-sweep-9864c10)."""
@@ -50,13 +50,12 @@ def test_decode_batches_take_the_gemv_with_the_swept_launches(num_tokens: int) -
             "gate_up": (64, 2, 4, True),
             "down": (64, 8, 4, True),
         }
-    else:
-        assert not any(p.prefetch or p.half2 or p.folded for p in plans.values())
-        assert {name: (p.block_n, p.split_k) for name, p in plans.items()} == {
-            "qkv": (64, 4),
-            "o": (64, 8),
-            "gate_up": (64, 2),
-            "down": (64, 8),
+    else:  # 4 rows
+        assert {name: (p.block_n, p.split_k, p.ahead, p.folded) for name, p in plans.items()} == {
+            "qkv": (64, 4, 2, True),
+            "o": (64, 8, 1, True),
+            "gate_up": (64, 2, 2, True),
+            "down": (64, 8, 1, True),
         }
     assert all(p.block_k == 128 for p in plans.values())
     # SqueezeLLM's tables have no GEMV: the GEMM at batch 1

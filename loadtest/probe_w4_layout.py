@@ -37,7 +37,9 @@ def _columns_kernel(w_ptr, out_ptr, KW, N, kw_per_split, WORDS: tl.constexpr, BL
     acc = tl.zeros((WORDS, BLOCK_N), dtype=tl.int32)
     start = pid_k * kw_per_split
     for kw in range(start, tl.minimum(start + kw_per_split, KW), WORDS):
-        acc ^= tl.load(w_ptr + (kw + offs_w)[:, None] * N + offs_n[None, :])
+        acc ^= tl.load(
+            w_ptr + (kw + offs_w)[:, None] * N + offs_n[None, :], mask=(kw + offs_w)[:, None] < KW, other=0
+        )
     tl.store(out_ptr + pid_k * N + offs_n, tl.reduce(acc, 0, _xor))
 
 
@@ -51,7 +53,9 @@ def _rows_kernel(w_ptr, out_ptr, KW, N, kw_per_split, BLOCK_KW: tl.constexpr, BL
     acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.int32)
     start = pid_k * kw_per_split
     for kw in range(start, tl.minimum(start + kw_per_split, KW), BLOCK_KW):
-        acc ^= tl.load(w_ptr + offs_n[:, None] * KW + (kw + offs_k)[None, :])
+        acc ^= tl.load(
+            w_ptr + offs_n[:, None] * KW + (kw + offs_k)[None, :], mask=(kw + offs_k)[None, :] < KW, other=0
+        )
     tl.store(out_ptr + pid_k * N + offs_n, tl.reduce(acc, 1, _xor))
 
 

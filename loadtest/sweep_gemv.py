@@ -59,14 +59,23 @@ W4_GRIDS = {
     16: {"block_n": (64, 128), "block_k": (128,), "split_k": (1, 2), "num_warps": (4,)},
 }
 # The packed-fp16 W4A16 GEMV (ops/triton/w4_half2_gemv.py): tiles requested `ahead` of the decoded one
-W4H_GRIDS = {
-    1: {  # 256-word tiles: 1 KB runs of each word row (the FP8 GEMV reads 1 KB runs and streams faster)
-        "block_n": (64, 128, 256),
-        "block_k": (128,),
-        "split_k": (4, 8, 16),
-        "num_warps": (2, 4),
-        "ahead": (1, 2),
-    },
+W4H_GRIDS: dict[int, dict[str, tuple[Any, ...]] | list[dict[str, tuple[Any, ...]]]] = {
+    1: [
+        {  # 256-word tiles: 1 KB runs of each word row (the FP8 GEMV reads 1 KB runs)
+            "block_n": (64, 128, 256),
+            "block_k": (128,),
+            "split_k": (4, 8, 16),
+            "num_warps": (2, 4),
+            "ahead": (1, 2),
+        },
+        {  # narrow tiles over (nearly) all of K: few or no partials, tickets and fences
+            "block_n": (16, 32, 64),
+            "block_k": (128,),
+            "split_k": (1, 2),
+            "num_warps": (2, 4),
+            "ahead": (2,),
+        },
+    ],
     2: {"block_n": (64, 128), "block_k": (128,), "split_k": (2, 4, 8), "num_warps": (4,), "ahead": (1, 2)},
     4: {"block_n": (64, 128), "block_k": (128,), "split_k": (2, 4, 8), "num_warps": (4,), "ahead": (1, 2)},
 }
@@ -98,8 +107,11 @@ BF16_GRIDS = {
 }
 
 
-def _grid(grid: dict[str, tuple[Any, ...]]) -> list[dict[str, int]]:  # bools are ints
-    """Every launch of the grid; a `block_k_warps` pair becomes block_k and num_warps."""
+def _grid(grid: dict[str, tuple[Any, ...]] | list[dict[str, tuple[Any, ...]]]) -> list[dict[str, int]]:
+    """Every launch of the grid (of each grid, for a list); a `block_k_warps` pair becomes block_k and
+    num_warps. Bools are ints."""
+    if isinstance(grid, list):
+        return [cfg for part in grid for cfg in _grid(part)]
     launches = []
     for values in itertools.product(*grid.values()):
         cfg = dict(zip(grid, values, strict=True))

@@ -68,6 +68,14 @@ W4H_GRIDS: dict[int, dict[str, tuple[Any, ...]] | list[dict[str, tuple[Any, ...]
             "num_warps": (2, 4),
             "ahead": (1, 2),
         },
+        {  # x's next pairs requested with the next tile
+            "block_n": (64, 128, 256),
+            "block_k": (128,),
+            "split_k": (4, 8, 16),
+            "num_warps": (2, 4),
+            "ahead": (1,),
+            "x_ahead": (True,),
+        },
         {  # narrow tiles over (nearly) all of K: few or no partials, tickets and fences
             "block_n": (16, 32, 64),
             "block_k": (128,),

@@ -204,13 +204,19 @@ def _hsum(acc, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _x_pairs(x_ptrs, offset, X_BF16: tl.constexpr, EMULATE: tl.constexpr):
+def _x_raw(x_ptrs, offset):
     """One row of x at a half tile's words ([HALF_W] int32 pointers at each word's first pair, plus a
-    constant offset): the fp16 pairs (x0, x4), (x1, x5), (x2, x6), (x3, x7), [HALF_W] uint32 each."""
-    q0 = tl.load(x_ptrs + offset).to(tl.uint32, bitcast=True)  # (x0, x1)
-    q1 = tl.load(x_ptrs + offset + 1).to(tl.uint32, bitcast=True)  # (x2, x3)
-    q2 = tl.load(x_ptrs + offset + 2).to(tl.uint32, bitcast=True)  # (x4, x5)
-    q3 = tl.load(x_ptrs + offset + 3).to(tl.uint32, bitcast=True)  # (x6, x7)
+    constant offset): its pairs (x0, x1), (x2, x3), (x4, x5), (x6, x7) as loaded, [HALF_W] uint32 each."""
+    q0 = tl.load(x_ptrs + offset).to(tl.uint32, bitcast=True)
+    q1 = tl.load(x_ptrs + offset + 1).to(tl.uint32, bitcast=True)
+    q2 = tl.load(x_ptrs + offset + 2).to(tl.uint32, bitcast=True)
+    q3 = tl.load(x_ptrs + offset + 3).to(tl.uint32, bitcast=True)
+    return q0, q1, q2, q3
+
+
+@triton.jit
+def _x_pairs(q0, q1, q2, q3, X_BF16: tl.constexpr, EMULATE: tl.constexpr):
+    """x's loaded pairs (x0, x1) .. (x6, x7) as the fp16 pairs (x0, x4), (x1, x5), (x2, x6), (x3, x7)."""
     if EMULATE:
         if X_BF16:  # a bf16 is the upper half of its float32
             x0 = (q0 << 16).to(tl.float32, bitcast=True)
@@ -239,8 +245,18 @@ def _row_terms(acc, da0, da1, da2, da3, db0, db1, db2, db3, x_ptrs, offset, half
     """acc + one row's group sums over a tile (its two half tiles chained in one fp16 pair per word row
     and column) times 16 s. da / db: the half tiles' decoded pairs; half_offset: the second half
     tile's distance in x's int32 pairs."""
-    a0, a1, a2, a3 = _x_pairs(x_ptrs, offset, X_BF16, EMULATE)
-    b0, b1, b2, b3 = _x_pairs(x_ptrs, offset + half_offset, X_BF16, EMULATE)
+    qa0, qa1, qa2, qa3 = _x_raw(x_ptrs, offset)
+    qb0, qb1, qb2, qb3 = _x_raw(x_ptrs, offset + half_offset)
+    return _row_dot(acc, da0, da1, da2, da3, db0, db1, db2, db3, qa0, qa1, qa2, qa3, qb0, qb1, qb2, qb3,
+                    scale16, X_BF16, EMULATE)  # fmt: skip
+
+
+@triton.jit
+def _row_dot(acc, da0, da1, da2, da3, db0, db1, db2, db3, qa0, qa1, qa2, qa3, qb0, qb1, qb2, qb3, scale16,
+             X_BF16: tl.constexpr, EMULATE: tl.constexpr):  # fmt: skip
+    """_row_terms on x's pairs as loaded (qa: the first half tile's, qb: the second's)."""
+    a0, a1, a2, a3 = _x_pairs(qa0, qa1, qa2, qa3, X_BF16, EMULATE)
+    b0, b1, b2, b3 = _x_pairs(qb0, qb1, qb2, qb3, X_BF16, EMULATE)
     pairs = tl.zeros(da0.shape, dtype=tl.uint32)
     pairs = _dot(pairs, da0, da1, da2, da3, a0[:, None], a1[:, None], a2[:, None], a3[:, None], EMULATE)
     pairs = _dot(pairs, db0, db1, db2, db3, b0[:, None], b1[:, None], b2[:, None], b3[:, None], EMULATE)
@@ -291,6 +307,7 @@ def _w4_half2_gemv_kernel(
     SPLIT_K: tl.constexpr,
     EVEN_N: tl.constexpr,
     AHEAD: tl.constexpr,  # tiles requested before the one decoded: 0, 1 or 2
+    X_AHEAD: tl.constexpr,  # ROWS 1, AHEAD 1: x's pairs for the next tile requested with it too
     LOOP_STAGES: tl.constexpr,  # > 1: Triton's own pipelining of the loop's loads instead (cp.async)
     PDL: tl.constexpr,
     EMULATE: tl.constexpr,  # no inline PTX (the interpreter): the same arithmetic in integer / float32 ops
@@ -329,6 +346,10 @@ def _w4_half2_gemv_kernel(
     let_next_kernel_start(PDL)
     wait_for_previous_kernel(PDL)
     half_offset = HALF_W * 4  # int32 pairs of x under a half tile
+    x_row = x_ptr + row0 * stride_xm + offs_w * 4  # [HALF_W] int32: row0's x at each word of K = 0
+    if X_AHEAD:  # x is the previous kernel's output: read after the wait
+        xa0, xa1, xa2, xa3 = _x_raw(x_row + k_start // 2, 0)
+        xb0, xb1, xb2, xb3 = _x_raw(x_row + k_start // 2, half_offset)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=LOOP_STAGES):
         if AHEAD >= 1:  # request the tile AHEAD further (the last ones re-read the split's last tile)
             an, bn, sn, zn = _load_tile(word_ptrs, scale_ptrs, zero_ptrs, tl.minimum(k0 + AHEAD * BLOCK_K, k_last),
@@ -342,9 +363,18 @@ def _w4_half2_gemv_kernel(
         scale16 = (s.to(tl.float32) * 16.0)[None, :]
         da0, da1, da2, da3 = _decode(a, add_lo, add_hi, EMULATE)
         db0, db1, db2, db3 = _decode(b, add_lo, add_hi, EMULATE)
-        x_ptrs = x_ptr + row0 * stride_xm + k0 // 2 + offs_w * 4  # [HALF_W] int32: row0's x at each word
-        acc0 = _row_terms(acc0, da0, da1, da2, da3, db0, db1, db2, db3, x_ptrs, 0, half_offset, scale16,
-                          X_BF16, EMULATE)  # fmt: skip
+        x_ptrs = x_row + k0 // 2
+        if X_AHEAD:
+            k_next = tl.minimum(k0 + BLOCK_K, k_last)
+            na0, na1, na2, na3 = _x_raw(x_row + k_next // 2, 0)
+            nb0, nb1, nb2, nb3 = _x_raw(x_row + k_next // 2, half_offset)
+            acc0 = _row_dot(acc0, da0, da1, da2, da3, db0, db1, db2, db3, xa0, xa1, xa2, xa3, xb0, xb1, xb2,
+                            xb3, scale16, X_BF16, EMULATE)  # fmt: skip
+            xa0, xa1, xa2, xa3 = na0, na1, na2, na3
+            xb0, xb1, xb2, xb3 = nb0, nb1, nb2, nb3
+        else:
+            acc0 = _row_terms(acc0, da0, da1, da2, da3, db0, db1, db2, db3, x_ptrs, 0, half_offset, scale16,
+                              X_BF16, EMULATE)  # fmt: skip
         if ROWS >= 2:
             acc1 = _row_terms(acc1, da0, da1, da2, da3, db0, db1, db2, db3, x_ptrs, stride_xm, half_offset, scale16,
                               X_BF16, EMULATE)  # fmt: skip
@@ -384,11 +414,13 @@ def w4_half2_gemv(
     ahead: int = 1,
     loop_stages: int = 1,
     gated: bool = False,
+    x_ahead: bool = False,
 ) -> torch.Tensor:  # [M, N] in x.dtype; gated: [M, N / 2]
     """y = x w for 4-bit codes, w[k, n] = (code - zero) * scale. block_k divides group_size (at least
     16); split_k splits K over that many programs per column tile (whole tiles each); ahead: tiles in
     flight ahead of the decoded one; loop_stages > 1: Triton pipelines the loads instead; gated: a
-    [gate | up] weight, silu(gate) * up stored (N / 2 columns). The zero points must be integers in
+    [gate | up] weight, silu(gate) * up stored (N / 2 columns); x_ahead (one row, ahead 1): x's next
+    pairs requested with the next tile (a sweep option, measured in 5-x-ahead). The zero points must be integers in
     [0, MAX_ZERO_POINT] (not checked here: a device sync per call; the engine checks at load)."""
     M, K = x.shape
     N = qweight.shape[1]
@@ -401,6 +433,8 @@ def w4_half2_gemv(
         raise ValueError(f"block_k {block_k} must divide group_size {group_size} and be a multiple of 16")
     if ahead not in (0, 1, 2):
         raise ValueError(f"w4_half2_gemv: ahead is 0, 1 or 2; got {ahead}")
+    if x_ahead and (M != 1 or ahead != 1):
+        raise ValueError(f"w4_half2_gemv: x_ahead takes one row and ahead 1; got {M} rows, ahead {ahead}")
     if gated and (N % 2 or block_n % 2):
         raise ValueError(
             f"w4_half2_gemv: gated needs an even column count and block_n; got {N}, block_n {block_n}"
@@ -413,7 +447,7 @@ def w4_half2_gemv(
     if M % rows:  # the kernel masks no row: zero rows up to whole groups
         padded = torch.cat([x, x.new_zeros(rows - M % rows, K)])
         return w4_half2_gemv(padded, qweight, scales, zeros, group_size, block_n, block_k, split_k, num_warps,
-                             ahead, loop_stages, gated)[:M]  # fmt: skip
+                             ahead, loop_stages, gated, x_ahead)[:M]  # fmt: skip
     if x.stride(1) != 1 or x.stride(0) % 2 or x.storage_offset() % 2:
         x = x.contiguous()
     x_pairs = x.view(torch.int32)  # [M, K / 2]
@@ -436,7 +470,7 @@ def w4_half2_gemv(
         x_pairs.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
         X_BF16=x.dtype == torch.bfloat16, GROUP_SIZE=group_size, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k,
         SPLIT_K=split_k, EVEN_N=out_n % (block_n // 2) == 0 if gated else N % block_n == 0, AHEAD=ahead,
-        LOOP_STAGES=loop_stages, PDL=pdl, EMULATE=x.device.type != "cuda", GATED=gated, half_n=out_n,
+        X_AHEAD=x_ahead, LOOP_STAGES=loop_stages, PDL=pdl, EMULATE=x.device.type != "cuda", GATED=gated, half_n=out_n,
         num_warps=num_warps, launch_pdl=pdl,
     )  # fmt: skip
     return out

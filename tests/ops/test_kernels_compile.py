@@ -53,11 +53,14 @@ KERNELS = [
         (  # the packed-fp16 W4A16 GEMV's inline PTX (bf16 and fp16 x), loads one and two tiles ahead, gated
             "ops.triton.w4_half2_gemv:_w4_half2_gemv_kernel",
             {"X_BF16": x_bf16, "GROUP_SIZE": 128, "ROWS": rows, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 8,
-             "EVEN_N": True, "AHEAD": ahead, "LOOP_STAGES": 1, "PDL": True, "EMULATE": False, "GATED": gated},
+             "EVEN_N": True, "AHEAD": ahead, "X_AHEAD": x_ahead, "LOOP_STAGES": 1, "PDL": True, "EMULATE": False,
+             "GATED": gated},
             {"x_ptr": "*i32", "qweight_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*fp16",
              "out_ptr": "*bf16" if x_bf16 else "*fp16", "partials_ptr": "*fp32", "counters_ptr": "*i32"},
         )
-        for x_bf16, rows, ahead, gated in ((True, 1, 1, False), (False, 4, 2, False), (True, 1, 2, True))
+        for x_bf16, rows, ahead, gated, x_ahead in (
+            (True, 1, 1, False, False), (False, 4, 2, False, False), (True, 1, 2, True, False), (True, 1, 1, True, True)
+        )
     ),
     (
         "ops.triton.fp8_gemv:_fp8_gemv_kernel",

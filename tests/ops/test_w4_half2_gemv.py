@@ -75,6 +75,18 @@ def test_matches_dequantize_then_matmul(
     args, weight = _layer(k, n, group_size, seed=k + n + m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEVICE, dtype)
     expected = F.linear(x.float(), weight)
+    for x_ahead in (False, True) if m == 1 and ahead == 1 else (False,):  # x's pairs requested ahead too
+        out = w4_half2_gemv(
+            x,
+            *args,
+            group_size,
+            block_n=block_n,
+            block_k=block_k,
+            split_k=split_k,
+            ahead=ahead,
+            x_ahead=x_ahead,
+        )
+        assert _err(out, expected) < 6e-3
     for _ in range(2):  # the second launch finds the split counters as the first left them
         out = w4_half2_gemv(
             x, *args, group_size, block_n=block_n, block_k=block_k, split_k=split_k, ahead=ahead
@@ -118,6 +130,8 @@ def test_refuses_what_it_cannot_run() -> None:
         w4_half2_gemv(x, *args, 32, block_k=64)
     with pytest.raises(ValueError, match="ahead is 0, 1 or 2; got 3"):
         w4_half2_gemv(x, *args, 32, block_k=32, ahead=3)
+    with pytest.raises(ValueError, match="x_ahead takes one row and ahead 1; got 1 rows, ahead 2"):
+        w4_half2_gemv(x, *args, 32, block_k=32, ahead=2, x_ahead=True)
 
 
 def test_the_engine_checks_the_zero_points_the_kernel_decodes_exactly() -> None:

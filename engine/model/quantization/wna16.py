@@ -55,6 +55,7 @@ class WNA16Launch:
     # the packed-fp16 decode), tiles requested `ahead`; other layers fall back to wna16_gemv at this launch
     folded: bool = False
     ahead: int = 1
+    x_ahead: bool = False  # folded, one token: x's next pairs requested with the next tile
 
 
 def use_wna16_kernels(
@@ -113,11 +114,12 @@ def plan_wna16_gemv(
     """The GEMV's launch, from the sweeps on an H200 at Llama-3-8B's four shapes (loadtest/sweep_gemv.py;
     loadtest/results/gemv-sweep-h200-2026-12-03-cb7dcc4, -cb9a06e, gemv-half2-gated-h200-2026-12-04/
     sweep-835ef63 and folded-gemv-h200-2026-12-04/1-sweep-9864c10): tiles of 128 rows of K inside one
-    group. At 1-2 tokens the folded packed-fp16 GEMV (ops/triton/w4_half2_gemv.py, the next tile, its
-    scales and zeros requested ahead): at one token 64-word column tiles on 4 warps, K split 16 for
-    the down projection and the square o, 8 for qkv; gate_up 128-word tiles on 2 warps, split 8
-    (9864c10: qkv 8.99 us vs 9.18 with wna16_gemv's packed decode, o 7.82 vs 7.81, gate_up 26.68 vs
-    26.63, gated 26.92 vs 27.34, down 14.76 vs 16.11); at two tokens split 8, 2 for the widest layers
+    group. At 1-4 tokens the folded packed-fp16 GEMV (ops/triton/w4_half2_gemv.py, the next tile, its
+    scales and zeros requested ahead): at one token 64-word column tiles on 2 warps with x's next pairs
+    requested ahead too, K split 16 for the down projection, 4 for the widest layers, else 8
+    (folded-gemv-h200-2026-12-04/5-sweep-5714741: qkv 8.15 us, o 6.96, gate_up 23.12, gated 24.04,
+    down 13.07; without x ahead 8.92 / 7.64 / 25.62 / 26.81 / 14.45; wna16_gemv's packed decode at 9864c10:
+    qkv 9.18, o 7.81, gate_up 26.63, gated 27.34, down 16.11); at two tokens split 8, 2 for the widest layers
     (qkv 11.37 vs 13.24, o 9.09 vs 10.22, gate_up 32.91 vs 42.95, down 19.53 vs 24.66); at 3-4 tokens
     (4 rows) split 2 for the widest layers, 8 for the down projection and the square o, else 4, with two
     tiles ahead where a split holds 8 or more (1e2a45b, 2-sweep: qkv 15.00 us, o 12.57, gate_up 49.33,
@@ -131,12 +133,20 @@ def plan_wna16_gemv(
         return None
     del num_sms  # measured on 132 SMs; the splits are few enough to fill fewer
     if num_tokens == 1:
-        if out_features >= 16384:  # gate_up
-            block_n, split_k, warps = 128, 8, 2
-        else:
-            block_n, split_k, warps = 64, (16 if in_features >= 8192 or out_features <= in_features else 8), 4
+        split_k = 4 if out_features >= 16384 else (16 if in_features >= 8192 else 8)
         return WNA16Launch(
-            "gemv", 1, block_n, block_k, split_k, warps, 3, prefetch=True, half2=True, folded=True, ahead=1
+            "gemv",
+            1,
+            64,
+            block_k,
+            split_k,
+            2,
+            3,
+            prefetch=True,
+            half2=True,
+            folded=True,
+            ahead=1,
+            x_ahead=True,
         )
     if num_tokens == 2:
         split_k = 2 if out_features >= 16384 else 8
@@ -256,7 +266,7 @@ def _gemv(
 
         return w4_half2_gemv(
             x2, layer.qweight, layer.scales, layer.zeros, group_size, launch.block_n, launch.block_k,
-            launch.split_k, launch.num_warps, launch.ahead, gated=gated,
+            launch.split_k, launch.num_warps, launch.ahead, gated=gated, x_ahead=launch.x_ahead and x2.shape[0] == 1,
         )  # fmt: skip
     from ops.triton.wna16_gemv import wna16_gemv  # noqa: PLC0415
 

@@ -45,18 +45,13 @@ def decode_gemv_is_allowed() -> bool:
 # (in_features, out_features) -> the launch, from the H200 sweep; shapes not listed keep cuBLAS
 # (the H200 sweep at 835ef63, gemv-half2-gated-h200-2026-12-04/sweep-835ef63: qkv 14.57 us vs cuBLAS 14.66, o 10.73
 # vs 12.72, down 29.78 vs 31.13; gate_up 56.59 vs 56.78, a tie, keeps cuBLAS)
-# x_ahead: x's next tile requested before this one is used (the folded W4A16 GEMV gained 5-10% per layer
-# from the same at 5714741; here from 2026-12-04's last call, folded-gemv-h200-2026-12-04/7-*)
-_LAUNCHES: dict[tuple[int, int], dict[str, int | bool]] = {
-    (4096, 6144): {"block_n": 8, "block_k": 512, "split_k": 1, "x_ahead": True},  # Llama-3-8B qkv
-    (4096, 4096): {"block_n": 4, "block_k": 512, "split_k": 1, "prefetch": True, "x_ahead": True},  # o_proj
-    (14336, 4096): {
-        "block_n": 4,
-        "block_k": 512,
-        "split_k": 1,
-        "prefetch": True,
-        "x_ahead": True,
-    },  # down_proj
+# fp8_gemv's x_ahead (x's next tile requested ahead, which the folded W4A16 GEMV gained from) stays
+# off: with it on these three and the gated gate_up the bf16 batch-1 step took 4.350 / 4.349 ms against
+# 4.264 / 4.263 without (A/B in one call, loadtest/results/folded-gemv-h200-2026-12-04/7-xahead-ab-6c25784)
+_LAUNCHES: dict[tuple[int, int], dict[str, int]] = {
+    (4096, 6144): {"block_n": 8, "block_k": 512, "split_k": 1},  # Llama-3-8B qkv
+    (4096, 4096): {"block_n": 4, "block_k": 512, "split_k": 1, "prefetch": True},  # Llama-3-8B o_proj
+    (14336, 4096): {"block_n": 4, "block_k": 512, "split_k": 1, "prefetch": True},  # Llama-3-8B down_proj
 }
 
 
@@ -108,12 +103,12 @@ _LORA_LAUNCHES: dict[tuple[int, int], dict[str, int | bool]] = {
 
 # [gate; up] projections at one token, silu(gate) * up in the GEMV's epilogue: the plain GEMV's best
 # launch on gate_up (56.59 us vs cuBLAS 56.78 at 835ef63), each 8-row tile 4 gate and 4 up rows
-_GATED_LAUNCHES: dict[tuple[int, int], dict[str, int | bool]] = {
-    (4096, 28672): {"block_n": 8, "block_k": 512, "split_k": 1, "x_ahead": True},  # Llama-3-8B gate_up
+_GATED_LAUNCHES: dict[tuple[int, int], dict[str, int]] = {
+    (4096, 28672): {"block_n": 8, "block_k": 512, "split_k": 1},  # Llama-3-8B gate_up
 }
 
 
-def plan_gated_gemv(in_features: int, out_features: int) -> dict[str, int | bool] | None:
+def plan_gated_gemv(in_features: int, out_features: int) -> dict[str, int] | None:
     """The gated GEMV's launch for a [gate; up] layer of this shape at one token, or None."""
     return _GATED_LAUNCHES.get((in_features, out_features))
 

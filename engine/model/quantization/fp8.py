@@ -267,19 +267,16 @@ def _takes_gemv(layer: nn.Module, x: torch.Tensor) -> bool:
     return layer.fp8_gemv and x.numel() <= GEMV_MAX_TOKENS * x.shape[-1]
 
 
-def fp8_gemv_launch(
-    in_features: int, out_features: int, num_sms: int, num_tokens: int = 1
-) -> dict[str, int | bool]:
+def fp8_gemv_launch(in_features: int, out_features: int, num_sms: int, num_tokens: int = 1) -> dict[str, int]:
     """The GEMV's launch, from the sweep on an H200 (loadtest/sweep_gemv.py, loadtest/results/
     gemv-half2-gated-h200-2026-12-04/sweep-835ef63): 4-row weight tiles, no K split, and x's layout
     kept (block_k = 8 x 32 x num_warps, ops/triton/fp8_gemv.py): 512 columns on 2 warps where it widens
     (qkv, gate_up: 9.23 / 32.35 us) and 1,024 on 4 where it does not (o, down: 6.94 / 16.87 us; the
     256-column launch before: 10.70, 8.89, 32.41, 22.05); at 2 tokens 512 on 2 (8.84-47.92 us)."""
     del num_sms  # measured on 132 SMs; with no split the tiles alone fill the card
-    if num_tokens == 1:  # x's next tile requested ahead too (folded-gemv-h200-2026-12-04/7-*)
-        if out_features <= in_features:
-            return {"block_n": 4, "block_k": 1024, "split_k": 1, "num_warps": 4, "x_ahead": True}
-        return {"block_n": 4, "block_k": 512, "split_k": 1, "num_warps": 2, "x_ahead": True}
+    # fp8_gemv's x_ahead stays off: no layer gained from it (folded-gemv-h200-2026-12-04/7-xahead-ab-6c25784)
+    if num_tokens == 1 and out_features <= in_features:
+        return {"block_n": 4, "block_k": 1024, "split_k": 1, "num_warps": 4}
     return {"block_n": 4, "block_k": 512, "split_k": 1, "num_warps": 2}
 
 

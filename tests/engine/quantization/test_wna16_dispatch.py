@@ -75,8 +75,8 @@ def test_fp8_gemv_launches_follow_the_sweep() -> None:
     # block_k = 8 x 32 x num_warps: bf16 x is used in the weight tile's own layout (ops/triton/fp8_gemv.py)
     two = [fp8_gemv_launch(k, n, H100_SMS, num_tokens=2) for k, n in LLAMA3_8B.values()]
     assert all((g["block_k"], g["num_warps"]) == (512, 2) for g in two)
-    # x's next tile requested ahead: one row of x only (fp8_gemv refuses it for more)
-    assert all(g["x_ahead"] for g in got.values()) and not any(g.get("x_ahead") for g in two)
+    # x_ahead measured no gain on these (folded-gemv-h200-2026-12-04/7-xahead-ab-6c25784): not planned
+    assert not any(g.get("x_ahead") for g in [*got.values(), *two])
 
 
 @pytest.mark.parametrize("num_tokens", [5, 8, 16])

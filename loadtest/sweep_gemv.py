@@ -84,8 +84,28 @@ W4H_GRIDS: dict[int, dict[str, tuple[Any, ...]] | list[dict[str, tuple[Any, ...]
             "ahead": (2,),
         },
     ],
-    2: {"block_n": (64, 128), "block_k": (128,), "split_k": (2, 4, 8), "num_warps": (4,), "ahead": (1, 2)},
-    4: {"block_n": (64, 128), "block_k": (128,), "split_k": (2, 4, 8), "num_warps": (4,), "ahead": (1, 2)},
+    2: [
+        {"block_n": (64, 128), "block_k": (128,), "split_k": (2, 4, 8), "num_warps": (4,), "ahead": (1, 2)},
+        {
+            "block_n": (64,),
+            "block_k": (128,),
+            "split_k": (2, 4, 8),
+            "num_warps": (2, 4),
+            "ahead": (1,),
+            "x_ahead": (True,),
+        },
+    ],
+    4: [
+        {"block_n": (64, 128), "block_k": (128,), "split_k": (2, 4, 8), "num_warps": (4,), "ahead": (1, 2)},
+        {
+            "block_n": (64,),
+            "block_k": (128,),
+            "split_k": (2, 4, 8),
+            "num_warps": (2, 4),
+            "ahead": (1,),
+            "x_ahead": (True,),
+        },
+    ],
 }
 # (block_k, num_warps) pairs: block_k = 8 * 32 * num_warps reads x in the weight tile's own layout
 # (ops/triton/fp8_gemv.py's docstring); (256, 4) is the launch the planner took before that change

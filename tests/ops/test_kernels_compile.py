@@ -59,7 +59,7 @@ KERNELS = [
              "out_ptr": "*bf16" if x_bf16 else "*fp16", "partials_ptr": "*fp32", "counters_ptr": "*i32"},
         )
         for x_bf16, rows, ahead, gated, x_ahead in (
-            (True, 1, 1, False, False), (False, 4, 2, False, False), (True, 1, 2, True, False), (True, 1, 1, True, True)
+            (True, 1, 1, False, False), (False, 4, 2, False, False), (True, 1, 2, True, False), (True, 1, 1, True, True), (True, 4, 1, False, True)
         )
     ),
     (

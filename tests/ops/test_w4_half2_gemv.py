@@ -53,6 +53,7 @@ CASES = [
     (32, 2, 32, 256, 32, 32, 2, 1),
     (128, 3, 24, 256, 16, 64, 1, 2),
     (128, 4, 32, 1024, 32, 128, 8, 2),
+    (128, 4, 48, 512, 16, 128, 2, 1),  # four rows with x ahead
 ]
 
 
@@ -75,7 +76,7 @@ def test_matches_dequantize_then_matmul(
     args, weight = _layer(k, n, group_size, seed=k + n + m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEVICE, dtype)
     expected = F.linear(x.float(), weight)
-    for x_ahead in (False, True) if m == 1 and ahead == 1 else (False,):  # x's pairs requested ahead too
+    for x_ahead in (False, True) if ahead == 1 else (False,):  # x's pairs (every row's) requested ahead too
         out = w4_half2_gemv(
             x,
             *args,
@@ -130,7 +131,7 @@ def test_refuses_what_it_cannot_run() -> None:
         w4_half2_gemv(x, *args, 32, block_k=64)
     with pytest.raises(ValueError, match="ahead is 0, 1 or 2; got 3"):
         w4_half2_gemv(x, *args, 32, block_k=32, ahead=3)
-    with pytest.raises(ValueError, match="x_ahead takes one row and ahead 1; got 1 rows, ahead 2"):
+    with pytest.raises(ValueError, match="x_ahead takes ahead 1; got ahead 2"):
         w4_half2_gemv(x, *args, 32, block_k=32, ahead=2, x_ahead=True)
 
 

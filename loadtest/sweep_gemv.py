@@ -58,7 +58,19 @@ W4_GRIDS = {
     8: {"block_n": (64, 128), "block_k": (128,), "split_k": (1, 2), "num_warps": (4,)},
     16: {"block_n": (64, 128), "block_k": (128,), "split_k": (1, 2), "num_warps": (4,)},
 }
-# The packed-fp16 W4A16 GEMV (ops/triton/w4_half2_gemv.py): tiles requested `ahead` of the decoded one
+# The packed-fp16 W4A16 GEMV (ops/triton/w4_half2_gemv.py): tiles requested `ahead` of the decoded one;
+# at 2 and 4 tokens also x's next pairs with them (x_ahead, planned at one token only)
+_W4H_FEW_ROWS = [
+    {"block_n": (64, 128), "block_k": (128,), "split_k": (2, 4, 8), "num_warps": (4,), "ahead": (1, 2)},
+    {
+        "block_n": (64,),
+        "block_k": (128,),
+        "split_k": (2, 4, 8),
+        "num_warps": (2, 4),
+        "ahead": (1,),
+        "x_ahead": (True,),
+    },
+]
 W4H_GRIDS: dict[int, dict[str, tuple[Any, ...]] | list[dict[str, tuple[Any, ...]]]] = {
     1: [
         {  # 256-word tiles: 1 KB runs of each word row (the FP8 GEMV reads 1 KB runs)
@@ -84,28 +96,8 @@ W4H_GRIDS: dict[int, dict[str, tuple[Any, ...]] | list[dict[str, tuple[Any, ...]
             "ahead": (2,),
         },
     ],
-    2: [
-        {"block_n": (64, 128), "block_k": (128,), "split_k": (2, 4, 8), "num_warps": (4,), "ahead": (1, 2)},
-        {
-            "block_n": (64,),
-            "block_k": (128,),
-            "split_k": (2, 4, 8),
-            "num_warps": (2, 4),
-            "ahead": (1,),
-            "x_ahead": (True,),
-        },
-    ],
-    4: [
-        {"block_n": (64, 128), "block_k": (128,), "split_k": (2, 4, 8), "num_warps": (4,), "ahead": (1, 2)},
-        {
-            "block_n": (64,),
-            "block_k": (128,),
-            "split_k": (2, 4, 8),
-            "num_warps": (2, 4),
-            "ahead": (1,),
-            "x_ahead": (True,),
-        },
-    ],
+    2: _W4H_FEW_ROWS,
+    4: _W4H_FEW_ROWS,
 }
 # (block_k, num_warps) pairs: block_k = 8 * 32 * num_warps reads x in the weight tile's own layout
 # (ops/triton/fp8_gemv.py's docstring); (256, 4) is the launch the planner took before that change

@@ -168,6 +168,44 @@ def store_rows_gated(
 
 
 @triton.jit
+def store_column_tiles(
+    acc0,  # [rows of K, BLOCK_N] float32: row row0's per-thread sums (the W4A16 GEMVs' accumulators)
+    acc1,
+    acc2,
+    acc3,
+    out_ptr,
+    partials_ptr,
+    counters_ptr,
+    tile,
+    row0,
+    M,
+    N,  # the weight's columns (gated: gate and up)
+    half_n,  # gated: the output's columns
+    offs_n,  # [BLOCK_N] the tile's weight columns (gated: as gated_rows gives them)
+    pid_n,
+    stride_om,
+    pid_k,
+    ROWS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GATED: tl.constexpr,
+):
+    """The epilogue of a GEMV that accumulates [rows of K, BLOCK_N] tiles: the sums over K, then
+    store_rows, or store_rows_gated for a [gate | up] weight."""
+    if GATED:
+        store_rows_gated(
+            tl.sum(acc0, axis=0), tl.sum(acc1, axis=0), tl.sum(acc2, axis=0), tl.sum(acc3, axis=0),
+            out_ptr, partials_ptr, counters_ptr, tile, row0, M, half_n, tl.num_programs(1) * BLOCK_N,
+            pid_n * BLOCK_N + tl.arange(0, BLOCK_N), stride_om, pid_k, ROWS, SPLIT_K,
+        )  # fmt: skip
+    else:
+        store_rows(
+            tl.sum(acc0, axis=0), tl.sum(acc1, axis=0), tl.sum(acc2, axis=0), tl.sum(acc3, axis=0),
+            out_ptr, partials_ptr, counters_ptr, tile, row0, M, N, offs_n, stride_om, pid_k, ROWS, SPLIT_K,
+        )  # fmt: skip
+
+
+@triton.jit
 def gated_rows(pid_n, half_n, BLOCK_N: tl.constexpr):
     """A gated tile's weight rows ([BLOCK_N]: BLOCK_N / 2 gate rows from pid_n * BLOCK_N / 2, then the
     same rows of the up half, half_n further) and which of them exist."""

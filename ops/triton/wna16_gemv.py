@@ -48,8 +48,7 @@ from ops.triton.split_k import (
     gated_rows,
     rows_per_program,
     split_counters,
-    store_rows,
-    store_rows_gated,
+    store_column_tiles,
 )
 from ops.triton.wna16_gemm import check_layout
 
@@ -296,17 +295,8 @@ def _wna16_gemv_kernel(
                 acc3 += (dot3 - lo3[:, None] * zero_lo - hi3[:, None] * zero_hi) * scale
         if PREFETCH:
             words = words_next
-    if GATED:
-        store_rows_gated(
-            tl.sum(acc0, axis=0), tl.sum(acc1, axis=0), tl.sum(acc2, axis=0), tl.sum(acc3, axis=0),
-            out_ptr, partials_ptr, counters_ptr, tile, row0, M, half_n, tl.num_programs(1) * BLOCK_N,
-            pid_n * BLOCK_N + tl.arange(0, BLOCK_N), stride_om, pid_k, ROWS, SPLIT_K,
-        )  # fmt: skip
-    else:
-        store_rows(
-            tl.sum(acc0, axis=0), tl.sum(acc1, axis=0), tl.sum(acc2, axis=0), tl.sum(acc3, axis=0),
-            out_ptr, partials_ptr, counters_ptr, tile, row0, M, N, offs_n, stride_om, pid_k, ROWS, SPLIT_K,
-        )  # fmt: skip
+    store_column_tiles(acc0, acc1, acc2, acc3, out_ptr, partials_ptr, counters_ptr, tile, row0, M, N, half_n, offs_n,
+                       pid_n, stride_om, pid_k, ROWS, SPLIT_K, BLOCK_N, GATED)  # fmt: skip
 
 
 def wna16_gemv(

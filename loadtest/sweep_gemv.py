@@ -31,14 +31,12 @@ KINDS = frozenset({"w4", "w4h", "fp8", "bf16", "gated"})
 
 # per batch: the launches tried (batch 1 widest: it is the latency that matters most)
 W4_GRIDS = {
-    1: {  # the plan and Triton's pipelining of the tile loads (loop_stages) without the prefetch
+    1: {  # wna16_gemv's float32 decode (8-bit codes, float32 x; 4-bit layers take the folded GEMV, w4h)
         "block_n": (64,),
         "block_k": (128,),
         "split_k": (8, 16),
         "num_warps": (4,),
         "prefetch": (False, True),
-        "half2": (True,),
-        "loop_stages": (1, 3),
     },
     2: {
         "block_n": (64, 128),
@@ -46,7 +44,6 @@ W4_GRIDS = {
         "split_k": (2, 4, 8),
         "num_warps": (4,),
         "prefetch": (False,),
-        "half2": (False, True),
     },
     4: {
         "block_n": (64, 128),
@@ -311,6 +308,7 @@ def _sweep_gated(x: Any, k: int, n: int, group: int, sms: int, gen: Any) -> dict
     from engine.model.quantization.wna16 import plan_wna16
     from ops.triton.activation import silu_and_mul
     from ops.triton.fp8_gemv import fp8_gemv
+    from ops.triton.w4_half2_gemv import w4_half2_gemv
     from ops.triton.wna16_gemm import wna16_dequantize
     from ops.triton.wna16_gemv import wna16_gemv
 
@@ -340,9 +338,14 @@ def _sweep_gated(x: Any, k: int, n: int, group: int, sms: int, gen: Any) -> dict
     del fp8
     w4 = _w4_copies(k, n, group, gen)
     p = plan_wna16(m, k, n, group, sms)
-    args = (p.block_n, p.block_k, p.split_k, p.num_warps, p.num_stages, p.prefetch, p.half2)
-    cases.append(("w4", [functools.partial(wna16_gemv, x, *q, 4, group, *args, gated=True) for q in w4],
-                  [functools.partial(lambda q: silu_and_mul(wna16_gemv(x, *q, 4, group, *args)), q) for q in w4],
+    if p.folded:  # the engine's path for these (integer zero points, bf16 x)
+        w4_gemv = functools.partial(w4_half2_gemv, group_size=group, block_n=p.block_n, block_k=p.block_k,
+                                    split_k=p.split_k, num_warps=p.num_warps, ahead=p.ahead, x_ahead=p.x_ahead)  # fmt: skip
+    else:
+        w4_gemv = functools.partial(wna16_gemv, bits=4, group_size=group, block_n=p.block_n, block_k=p.block_k,
+                                    split_k=p.split_k, num_warps=p.num_warps, prefetch=p.prefetch)  # fmt: skip
+    cases.append(("w4", [functools.partial(w4_gemv, x, *q, gated=True) for q in w4],
+                  [functools.partial(lambda q: silu_and_mul(w4_gemv(x, *q)), q) for q in w4],
                   reference(wna16_dequantize(*w4[0], 4, group, torch.float32).t().contiguous())))  # fmt: skip
     for name, gated_fns, plain_fns, ref in cases:
         out[name] = {

@@ -18,19 +18,12 @@ operand layout, an int-to-float conversion per weight, a second launch to sum sp
 - each of the 1-4 rows of x has its own accumulators (the codes are decoded once for all rows);
 - the K splits' partials are summed by the last program of each tile (ops.triton.split_k), so a layer
   is one launch.
-With HALF2 (4-bit codes, CUDA only: inline PTX, which the interpreter cannot run) a word's eight codes
-are decoded two at a time in packed fp16 instead, as Marlin / FasterTransformer decode them: one LOP3
-puts two codes into the mantissas of 1024 (a pair of fp16 1024 + c, or 1024 + 16 c for the odd
-codes), one packed FMA turns each pair into (c - 8) / 16, exactly, and four packed FMAs multiply the
-word's codes by x (as fp16 pairs, x_j beside x_j+4) into two fp16 lanes, summed into float32 per word.
-The decode is 9 instructions a word (5 on the half-rate integer pipe) where the float32 path spends ~13,
-all integer (a LOP3 a code, a shift a byte);
-with x's loads and packing and each word's float32 step, the loop is 265 instructions a thread a tile
-against 304 (sm_90 SASS, 64-column tiles): gate_up 26.6 us against 29.4 on an H200. The zero point and
-scale still apply per group in float32: sum_j (c_j - z) x_j = 16 sum_j x_j (c_j - 8) / 16 - (z - 8)
-sum_j x_j. The fp16 lanes sum four products each of magnitude at most |x| / 2, so x up to ~16,000 is
-safe; each word's sum is rounded to fp16 once per product (relative 2**-11), far below the bf16
-output's rounding.
+4-bit layers with integer zero points and 16-bit x take ops/triton/w4_half2_gemv.py at 1-4 tokens
+instead (the codes decoded in packed fp16 with the zero point folded in: 1.1-1.5x faster on an H200);
+this kernel serves 8-bit codes, float32 x and any other zero points. Its own packed-fp16 path (HALF2,
+zero point applied per group) and Triton's pipelining of its loads (loop_stages, slower on every
+Llama-3-8B shape: folded-gemv-h200-2026-12-04/1-sweep-9864c10) were removed once the folded GEMV
+replaced them.
 A tile lies in one group: BLOCK_K divides group_size (the planner, engine.model.quantization.wna16,
 ensures it). The spec is engine.model.quantization.common.dequantize + F.linear
 (tests/ops/test_gemv_kernels.py, under TRITON_INTERPRET=1).
@@ -78,74 +71,6 @@ def _code_terms(dot, lo, hi, code_lo, code_hi, x_ptrs, at, BITS: tl.constexpr):
     return dot, lo, hi
 
 
-# (c - 8) / 16 for the four code pairs of a word (lo: codes 0/4 and 2/6 at bits 0-3 / 16-19; hi:
-# codes 1/5 and 3/7 at bits 4-7 / 20-23), then the dot with x's pairs $2..$5, summed into one float32.
-# fp16 constants: 1024 = 0x6400, 1/16 = 0x2C00, -64.5 = 0xD408 ((1024 + c) / 16 - 64.5), 1/256 = 0x1C00,
-# -4.5 = 0xC480 ((1024 + 16 c) / 256 - 4.5); LUT 0xEA = (a & b) | c.
-_DOT8_HALF2 = tl.constexpr("""{
-.reg .b32 w8, l0, h0, l1, h1, ml, al, mh, ah, acc;
-.reg .b16 s0, s1;
-.reg .f32 f0, f1;
-mov.b32 ml, 0x2C002C00;
-mov.b32 al, 0xD408D408;
-mov.b32 mh, 0x1C001C00;
-mov.b32 ah, 0xC480C480;
-lop3.b32 l0, $1, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 h0, $1, 0x00F000F0, 0x64006400, 0xEA;
-shr.b32 w8, $1, 8;
-lop3.b32 l1, w8, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 h1, w8, 0x00F000F0, 0x64006400, 0xEA;
-fma.rn.f16x2 l0, l0, ml, al;
-fma.rn.f16x2 h0, h0, mh, ah;
-fma.rn.f16x2 l1, l1, ml, al;
-fma.rn.f16x2 h1, h1, mh, ah;
-mul.rn.f16x2 acc, l0, $2;
-fma.rn.f16x2 acc, h0, $3, acc;
-fma.rn.f16x2 acc, l1, $4, acc;
-fma.rn.f16x2 acc, h1, $5, acc;
-mov.b32 {s0, s1}, acc;
-cvt.f32.f16 f0, s0;
-cvt.f32.f16 f1, s1;
-add.f32 $0, f0, f1;
-}""")
-
-
-@triton.jit
-def _pack_half2(lo, hi):
-    """[WORDS] uint32: lo and hi (float32) rounded to fp16, lo in the low half."""
-    return tl.inline_asm_elementwise(
-        "cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi], dtype=tl.uint32, is_pure=True, pack=1
-    )
-
-
-@triton.jit
-def _x_pairs(x_ptrs, offset):
-    """One row of x at each word's 8 codes as the half2 dot takes it: pairs (x_j, x_j+4) for j < 4
-    ([WORDS] uint32 each), and the 8 values' float32 sum (for the zero point)."""
-    x0 = _x_row(x_ptrs, offset)
-    x1 = _x_row(x_ptrs, offset + 1)
-    x2 = _x_row(x_ptrs, offset + 2)
-    x3 = _x_row(x_ptrs, offset + 3)
-    x4 = _x_row(x_ptrs, offset + 4)
-    x5 = _x_row(x_ptrs, offset + 5)
-    x6 = _x_row(x_ptrs, offset + 6)
-    x7 = _x_row(x_ptrs, offset + 7)
-    total = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
-    return _pack_half2(x0, x4), _pack_half2(x1, x5), _pack_half2(x2, x6), _pack_half2(x3, x7), total
-
-
-@triton.jit
-def _half2_terms(acc, words, x_ptrs, offset, zero_c, scale16):
-    """acc + one row's group term over a tile: sum_j (c_j - z) x_j s per word row and column, from the
-    half2 dot (sum_j x_j (c_j - 8) / 16) as 16 s (dot - sum_j x_j (z - 8) / 16)."""
-    p0, p1, p2, p3, total = _x_pairs(x_ptrs, offset)
-    dot = tl.inline_asm_elementwise(
-        _DOT8_HALF2, "=f,r,r,r,r,r", [words, p0[:, None], p1[:, None], p2[:, None], p3[:, None]],
-        dtype=tl.float32, is_pure=True, pack=1,
-    )  # fmt: skip
-    return acc + (dot - total[:, None] * zero_c) * scale16
-
-
 @triton.jit
 def _words(word_ptrs, offset, mask_n, EVEN_N: tl.constexpr):
     """[WORDS, BLOCK_N] uint32: the tile of packed codes at word_ptrs + offset (offset: word rows times
@@ -185,9 +110,7 @@ def _wna16_gemv_kernel(
     SPLIT_K: tl.constexpr,
     EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no column mask on the words
     PREFETCH: tl.constexpr,  # load tile i + 1 before decoding tile i (two tiles in flight per program)
-    LOOP_STAGES: tl.constexpr,  # > 1: Triton pipelines the tile loads (cp.async into shared memory, stages deep)
     PDL: tl.constexpr,  # launched with programmatic dependent launch (ops.triton.pdl)
-    HALF2: tl.constexpr = False,  # 4-bit codes decoded in packed fp16 (inline PTX; module docstring)
     GATED: tl.constexpr = False,  # [gate | up] columns (N = 2 x half_n): silu(gate) * up stored
     half_n=0,  # GATED: the gate half's columns, the output's
 ):
@@ -217,7 +140,7 @@ def _wna16_gemv_kernel(
     # for it (with PDL, while it still runs); x, the partials and the counters only after.
     let_next_kernel_start(PDL)  # all programs resident: the next kernel may launch and wait for this one
     wait_for_previous_kernel(PDL)
-    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=LOOP_STAGES):
+    for k0 in range(k_start, k_end, BLOCK_K):
         if PREFETCH:
             # The next tile's words are requested before this tile is decoded, so one tile is always
             # in flight while the SM works (the last iteration re-reads its own tile: no mask needed).
@@ -228,71 +151,56 @@ def _wna16_gemv_kernel(
         g = k0 // GROUP_SIZE
         scale = tl.load(scales_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         zero = tl.load(zeros_ptr + g * stride_zg + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        if HALF2:
-            zero_c = (zero - 8.0) * 0.0625
-            scale16 = scale * 16.0
-            x_ptrs = x_ptr + row0 * stride_xm + k0 + offs_w * PACK  # [WORDS]: row0's x at each word's code 0
-            acc0 = _half2_terms(acc0, words, x_ptrs, 0, zero_c, scale16)
+        # Per row: sum_k x_k (M_k + c_kn) over the tile (M_k: the code's magic, 256 or 16), and the sums
+        # of x over the codes of each magic, which remove the magic (and the zero point) per group.
+        dot0 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+        dot1 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+        dot2 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+        dot3 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+        lo0 = tl.zeros((WORDS,), dtype=tl.float32)  # sum of x over codes decoded as 256 + c
+        lo1 = tl.zeros((WORDS,), dtype=tl.float32)
+        lo2 = tl.zeros((WORDS,), dtype=tl.float32)
+        lo3 = tl.zeros((WORDS,), dtype=tl.float32)
+        hi0 = tl.zeros((WORDS,), dtype=tl.float32)  # sum of x over codes decoded as 16 + c (4-bit only)
+        hi1 = tl.zeros((WORDS,), dtype=tl.float32)
+        hi2 = tl.zeros((WORDS,), dtype=tl.float32)
+        hi3 = tl.zeros((WORDS,), dtype=tl.float32)
+        x_ptrs = x_ptr + row0 * stride_xm + k0 + offs_w * PACK  # [WORDS]: row0's x at each word's first code
+        for b in tl.static_range(4):  # byte b of each word: one 8-bit code or two 4-bit codes
+            # Bring byte b to mantissa bits 15-22 (one shift for its codes), then OR in an exponent:
+            # a code at bits 15-18 reads 256 + c as a float, at bits 19-22 16 + c (exact: one LOP3
+            # per code, no conversion, no subtraction; 256 and 16 come off per group).
+            if b < 2:
+                byte = words << (15 - 8 * b)
+            else:
+                byte = words >> (8 * b - 15)
+            if BITS == 8:
+                code_lo = ((byte & mask_lo) | 0x43800000).to(tl.float32, bitcast=True)  # 256 + c
+                code_hi = code_lo  # unused
+                at = b
+            else:
+                code_lo = ((byte & mask_lo) | 0x43800000).to(tl.float32, bitcast=True)  # 256 + c[2b]
+                code_hi = ((byte & mask_hi) | 0x41800000).to(tl.float32, bitcast=True)  # 16 + c[2b+1]
+                at = 2 * b
+            dot0, lo0, hi0 = _code_terms(dot0, lo0, hi0, code_lo, code_hi, x_ptrs, at, BITS)
             if ROWS >= 2:
-                acc1 = _half2_terms(acc1, words, x_ptrs, stride_xm, zero_c, scale16)
+                dot1, lo1, hi1 = _code_terms(dot1, lo1, hi1, code_lo, code_hi, x_ptrs, stride_xm + at, BITS)
             if ROWS >= 4:
-                acc2 = _half2_terms(acc2, words, x_ptrs, 2 * stride_xm, zero_c, scale16)
-                acc3 = _half2_terms(acc3, words, x_ptrs, 3 * stride_xm, zero_c, scale16)
-        else:
-            # Per row: sum_k x_k (M_k + c_kn) over the tile (M_k: the code's magic, 256 or 16), and the sums
-            # of x over the codes of each magic, which remove the magic (and the zero point) per group.
-            dot0 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
-            dot1 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
-            dot2 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
-            dot3 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
-            lo0 = tl.zeros((WORDS,), dtype=tl.float32)  # sum of x over codes decoded as 256 + c
-            lo1 = tl.zeros((WORDS,), dtype=tl.float32)
-            lo2 = tl.zeros((WORDS,), dtype=tl.float32)
-            lo3 = tl.zeros((WORDS,), dtype=tl.float32)
-            hi0 = tl.zeros((WORDS,), dtype=tl.float32)  # sum of x over codes decoded as 16 + c (4-bit only)
-            hi1 = tl.zeros((WORDS,), dtype=tl.float32)
-            hi2 = tl.zeros((WORDS,), dtype=tl.float32)
-            hi3 = tl.zeros((WORDS,), dtype=tl.float32)
-            x_ptrs = (
-                x_ptr + row0 * stride_xm + k0 + offs_w * PACK
-            )  # [WORDS]: row0's x at each word's first code
-            for b in tl.static_range(4):  # byte b of each word: one 8-bit code or two 4-bit codes
-                # Bring byte b to mantissa bits 15-22 (one shift for its codes), then OR in an exponent:
-                # a code at bits 15-18 reads 256 + c as a float, at bits 19-22 16 + c (exact: one LOP3
-                # per code, no conversion, no subtraction; 256 and 16 come off per group).
-                if b < 2:
-                    byte = words << (15 - 8 * b)
-                else:
-                    byte = words >> (8 * b - 15)
-                if BITS == 8:
-                    code_lo = ((byte & mask_lo) | 0x43800000).to(tl.float32, bitcast=True)  # 256 + c
-                    code_hi = code_lo  # unused
-                    at = b
-                else:
-                    code_lo = ((byte & mask_lo) | 0x43800000).to(tl.float32, bitcast=True)  # 256 + c[2b]
-                    code_hi = ((byte & mask_hi) | 0x41800000).to(tl.float32, bitcast=True)  # 16 + c[2b+1]
-                    at = 2 * b
-                dot0, lo0, hi0 = _code_terms(dot0, lo0, hi0, code_lo, code_hi, x_ptrs, at, BITS)
-                if ROWS >= 2:
-                    dot1, lo1, hi1 = _code_terms(
-                        dot1, lo1, hi1, code_lo, code_hi, x_ptrs, stride_xm + at, BITS
-                    )
-                if ROWS >= 4:
-                    dot2, lo2, hi2 = _code_terms(
-                        dot2, lo2, hi2, code_lo, code_hi, x_ptrs, 2 * stride_xm + at, BITS
-                    )
-                    dot3, lo3, hi3 = _code_terms(
-                        dot3, lo3, hi3, code_lo, code_hi, x_ptrs, 3 * stride_xm + at, BITS
-                    )
-            # sum_k x_k (c_kn - z_n) = dot - sum_lo x (256 + z) - sum_hi x (16 + z)
-            zero_lo = zero + 256.0
-            zero_hi = zero + 16.0
-            acc0 += (dot0 - lo0[:, None] * zero_lo - hi0[:, None] * zero_hi) * scale
-            if ROWS >= 2:
-                acc1 += (dot1 - lo1[:, None] * zero_lo - hi1[:, None] * zero_hi) * scale
-            if ROWS >= 4:
-                acc2 += (dot2 - lo2[:, None] * zero_lo - hi2[:, None] * zero_hi) * scale
-                acc3 += (dot3 - lo3[:, None] * zero_lo - hi3[:, None] * zero_hi) * scale
+                dot2, lo2, hi2 = _code_terms(
+                    dot2, lo2, hi2, code_lo, code_hi, x_ptrs, 2 * stride_xm + at, BITS
+                )
+                dot3, lo3, hi3 = _code_terms(
+                    dot3, lo3, hi3, code_lo, code_hi, x_ptrs, 3 * stride_xm + at, BITS
+                )
+        # sum_k x_k (c_kn - z_n) = dot - sum_lo x (256 + z) - sum_hi x (16 + z)
+        zero_lo = zero + 256.0
+        zero_hi = zero + 16.0
+        acc0 += (dot0 - lo0[:, None] * zero_lo - hi0[:, None] * zero_hi) * scale
+        if ROWS >= 2:
+            acc1 += (dot1 - lo1[:, None] * zero_lo - hi1[:, None] * zero_hi) * scale
+        if ROWS >= 4:
+            acc2 += (dot2 - lo2[:, None] * zero_lo - hi2[:, None] * zero_hi) * scale
+            acc3 += (dot3 - lo3[:, None] * zero_lo - hi3[:, None] * zero_hi) * scale
         if PREFETCH:
             words = words_next
     store_column_tiles(acc0, acc1, acc2, acc3, out_ptr, partials_ptr, counters_ptr, tile, row0, M, N, half_n, offs_n,
@@ -312,16 +220,12 @@ def wna16_gemv(
     num_warps: int = 4,
     num_stages: int = 3,
     prefetch: bool = False,
-    half2: bool = False,
     gated: bool = False,
-    loop_stages: int = 1,
 ) -> torch.Tensor:  # [M, N] in x.dtype; gated: [M, N / 2]
     """y = x w with w dequantized in registers, one launch. block_k must divide group_size and be a
     multiple of 32 // bits; split_k > 1 splits K over that many programs per BLOCK_N columns; prefetch
-    keeps the next tile's words in flight while one is decoded; half2 decodes 4-bit codes in packed
-    fp16 (CUDA only, module docstring); gated: a [gate | up] weight, silu(gate) * up stored (N / 2
-    columns). loop_stages > 1 lets Triton pipeline the tile loads that deep (cp.async into shared
-    memory, a barrier a tile: sm_90 SASS); a sweep option, not measured yet, so no plan takes it."""
+    keeps the next tile's words in flight while one is decoded; gated: a [gate | up] weight,
+    silu(gate) * up stored (N / 2 columns)."""
     M, K = x.shape
     N = qweight.shape[1]
     pack = 32 // bits
@@ -329,8 +233,6 @@ def wna16_gemv(
         raise ValueError(f"wna16_gemv reads 4- or 8-bit codes; got {bits}")
     if not 1 <= M <= MAX_GEMV_TOKENS:
         raise ValueError(f"wna16_gemv takes 1 to {MAX_GEMV_TOKENS} rows; got {M}")
-    if half2 and (bits != 4 or x.device.type != "cuda"):
-        raise ValueError(f"wna16_gemv: half2 decodes 4-bit codes on CUDA; got {bits} bits on {x.device.type}")
     check_layout(qweight, scales, zeros, K, bits, group_size)  # the GEMM's layout checks, same messages
     if group_size % block_k or block_k % pack:
         raise ValueError(f"block_k {block_k} must divide group_size {group_size} and be a multiple of {pack}")
@@ -350,7 +252,7 @@ def wna16_gemv(
     if M % rows:  # the kernel masks no row: zero rows up to whole groups
         padded = torch.cat([x, x.new_zeros(rows - M % rows, K)])
         return wna16_gemv(padded, qweight, scales, zeros, bits, group_size, block_n, block_k, split_k, num_warps,
-                          num_stages, prefetch, half2, gated, loop_stages)[:M]  # fmt: skip
+                          num_stages, prefetch, gated)[:M]  # fmt: skip
     groups = M // rows
     pdl = pdl_enabled(x.device)
     if split_k > 1 and tiles * groups > MAX_TILES:
@@ -365,6 +267,6 @@ def wna16_gemv(
         M, N, K, k_per_split, 0x007F8000 if bits == 8 else 0x00078000, 0x00780000,
         x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
         BITS=bits, GROUP_SIZE=group_size, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, EVEN_N=out_n % (block_n // 2) == 0 if gated else N % block_n == 0,
-        PREFETCH=prefetch, LOOP_STAGES=loop_stages, PDL=pdl, HALF2=half2, GATED=gated, half_n=out_n, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+        PREFETCH=prefetch, PDL=pdl, GATED=gated, half_n=out_n, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
     return out

@@ -26,28 +26,14 @@ KERNELS = [
         for one_block in (True, False)
     ),
     *(
-        (
+        (  # the float32 decode (8-bit codes, float32 x): one row prefetched, four rows gated after a K split
             "ops.triton.wna16_gemv:_wna16_gemv_kernel",
-            {"BITS": 4, "GROUP_SIZE": 128, "ROWS": rows, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 8, "EVEN_N": True,
-             "PREFETCH": True, "LOOP_STAGES": 1, "PDL": True, "HALF2": half2},
+            {"BITS": bits, "GROUP_SIZE": 128, "ROWS": rows, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 8, "EVEN_N": True,
+             "PREFETCH": rows == 1, "PDL": True, "GATED": rows == 4},
             {"x_ptr": "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*fp16", "out_ptr": "*bf16",
              "partials_ptr": "*fp32", "counters_ptr": "*i32"},
         )
-        for rows, half2 in ((1, False), (1, True), (4, True))  # HALF2: inline PTX, which only ptxas checks
-    ),
-    (  # the tile loads pipelined by Triton (cp.async into shared memory), a sweep option
-        "ops.triton.wna16_gemv:_wna16_gemv_kernel",
-        {"BITS": 4, "GROUP_SIZE": 128, "ROWS": 1, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4, "EVEN_N": True,
-         "PREFETCH": False, "LOOP_STAGES": 4, "PDL": False, "HALF2": True},
-        {"x_ptr": "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*fp16", "out_ptr": "*bf16",
-         "partials_ptr": "*fp32", "counters_ptr": "*i32"},
-    ),
-    (  # the gated epilogue after a K split (silu(gate) * up from the summed partials)
-        "ops.triton.wna16_gemv:_wna16_gemv_kernel",
-        {"BITS": 4, "GROUP_SIZE": 128, "ROWS": 1, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 8, "EVEN_N": True,
-         "PREFETCH": True, "LOOP_STAGES": 1, "PDL": False, "HALF2": True, "GATED": True},
-        {"x_ptr": "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*fp16", "out_ptr": "*bf16",
-         "partials_ptr": "*fp32", "counters_ptr": "*i32"},
+        for bits, rows in ((8, 1), (4, 4))
     ),
     *(
         (  # the packed-fp16 W4A16 GEMV's inline PTX (bf16 and fp16 x), loads one and two tiles ahead, gated
@@ -154,9 +140,7 @@ triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), tar
         + ("" if k[1].get("ONE_BLOCK", True) else "-two_pass")
         + ("-split" if k[1].get("SPLIT") else "")
         + ("-fp8" if k[1].get("QUANT") or k[2].get("w_ptr") == "*fp8e4nv" else "")
-        + ("-half2" if k[1].get("HALF2") else "")
         + ("-gated" if k[1].get("GATED") else "")
-        + (f"-stages{k[1]['LOOP_STAGES']}" if k[1].get("LOOP_STAGES", 1) > 1 else "")
         + (f"-rows{k[1]['ROWS']}" if k[1].get("ROWS", 1) > 1 else "")
         for k in KERNELS
     ],

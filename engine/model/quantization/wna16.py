@@ -50,7 +50,6 @@ class WNA16Launch:
     num_warps: int = 4
     num_stages: int = 3
     prefetch: bool = False  # GEMV: the next tile's words in flight while one is decoded
-    half2: bool = False  # GEMV, 4-bit codes on CUDA: decoded in packed fp16 (ops/triton/wna16_gemv.py)
     # GEMV, 4-bit codes, integer zero points, 16-bit x: ops/triton/w4_half2_gemv.py (zero point folded into
     # the packed-fp16 decode), tiles requested `ahead`; other layers fall back to wna16_gemv at this launch
     folded: bool = False
@@ -143,7 +142,6 @@ def plan_wna16_gemv(
             2,
             3,
             prefetch=True,
-            half2=True,
             folded=True,
             ahead=1,
             x_ahead=True,
@@ -266,14 +264,13 @@ def _gemv(
 
         return w4_half2_gemv(
             x2, layer.qweight, layer.scales, layer.zeros, group_size, launch.block_n, launch.block_k,
-            launch.split_k, launch.num_warps, launch.ahead, gated=gated, x_ahead=launch.x_ahead and x2.shape[0] == 1,
+            launch.split_k, launch.num_warps, launch.ahead, gated=gated, x_ahead=launch.x_ahead,
         )  # fmt: skip
     from ops.triton.wna16_gemv import wna16_gemv  # noqa: PLC0415
 
     return wna16_gemv(
         x2.contiguous(), layer.qweight, layer.scales, layer.zeros, bits, group_size,
-        launch.block_n, launch.block_k, launch.split_k, launch.num_warps, launch.num_stages, launch.prefetch,
-        launch.half2 and bits == 4 and x2.is_cuda, gated,
+        launch.block_n, launch.block_k, launch.split_k, launch.num_warps, launch.num_stages, launch.prefetch, gated,
     )  # fmt: skip
 
 

@@ -12,9 +12,11 @@ with a quantization_config, FP8 weights quantized at load with --quantization fp
   target >= 1.5.
 - Q4: FP8 KV cache (--kv-cache-dtype fp8): KV blocks (target 2x) and T2 throughput (target >= 1.0x)
   against the bf16 cache.
-- Q5: the W4A16 GEMM alone at the shape's four linear layers: batch 1..16 as a fraction of the copy
+- Q5: the W4A16 kernels alone at the shape's four linear layers: batch 1..16 as a fraction of the copy
   bandwidth (bytes of packed weights, scales, zeros, x and y over the kernel time; target >= 0.80 at
-  batch 1), both ways of unpacking (reshape, the default, and gather_words); from 256 tokens the
+  batch 1): at 1-4 tokens the GEMV the engine runs (`engine_gemv`, engine.model.quantization.wna16.
+  run_wna16_gemv), and at every batch the GEMM, both ways of unpacking (reshape, the default, and
+  gather_words); from 256 tokens the
   dequantize + cuBLAS path's TFLOP/s against the bf16 GEMM's. Timed as CUDA-graph replays cycling
   through weight copies larger than L2 (loadtest/gpu_timing.py), for both sides.
 """
@@ -120,10 +122,11 @@ class _Model:
 
 
 def kernel_bench(config: dict[str, Any], bandwidth: float) -> dict[str, Any]:
-    """Q5 at the model's four linear shapes (fused as weir runs them)."""
+    """Q5 at the model's four linear shapes (fused as weir runs them): the GEMV the engine runs at 1-4
+    tokens (`engine_gemv`), the dot kernel (GEMM) at the plan's tiles, bf16's matmul."""
     import torch
 
-    from engine.model.quantization.wna16 import plan_wna16
+    from engine.model.quantization.wna16 import plan_wna16, run_wna16_gemv
     from ops.triton.wna16_gemm import wna16_dequantize, wna16_gemm
 
     h, inter = config["hidden_size"], config["intermediate_size"]
@@ -156,6 +159,13 @@ def kernel_bench(config: dict[str, Any], bandwidth: float) -> dict[str, Any]:
             plan = plan_wna16(m, k, n, group, sms)
             moved = k * n // 2 + 2 * (k // group) * n * 2 + (m * k + m * n) * 2  # bytes read + written
             row: dict[str, Any] = {"plan": [plan.block_m, plan.block_n, plan.block_k, plan.split_k]}
+            if plan.path == "gemv":  # what the engine runs at this batch (1-4 tokens): the GEMV
+                ms = graph_ms([functools.partial(run_wna16_gemv, x, *q, 4, group, plan) for q in quantized])
+                row["engine_gemv"] = {
+                    "us": round(ms * 1000, 2),
+                    "bandwidth_fraction": round(moved / (ms / 1000) / bandwidth, 3),
+                    "folded": plan.folded,
+                }
             for label, gather in (("reshape", False), ("gather_words", True)):
                 calls = [
                     functools.partial(

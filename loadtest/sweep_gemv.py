@@ -305,12 +305,10 @@ def _sweep_gated(x: Any, k: int, n: int, group: int, sms: int, gen: Any) -> dict
 
     from engine.model.quantization.float_gemv import plan_float_gemv, plan_gated_gemv
     from engine.model.quantization.fp8 import fp8_gemv_launch
-    from engine.model.quantization.wna16 import plan_wna16
+    from engine.model.quantization.wna16 import plan_wna16, run_wna16_gemv
     from ops.triton.activation import silu_and_mul
     from ops.triton.fp8_gemv import fp8_gemv
-    from ops.triton.w4_half2_gemv import w4_half2_gemv
     from ops.triton.wna16_gemm import wna16_dequantize
-    from ops.triton.wna16_gemv import wna16_gemv
 
     m, half = x.shape[0], n // 2
 
@@ -337,15 +335,9 @@ def _sweep_gated(x: Any, k: int, n: int, group: int, sms: int, gen: Any) -> dict
                   reference(fp8[0][0].float() * fp8[0][1][:, None])))  # fmt: skip
     del fp8
     w4 = _w4_copies(k, n, group, gen)
-    p = plan_wna16(m, k, n, group, sms)
-    if p.folded:  # the engine's path for these (integer zero points, bf16 x)
-        w4_gemv = functools.partial(w4_half2_gemv, group_size=group, block_n=p.block_n, block_k=p.block_k,
-                                    split_k=p.split_k, num_warps=p.num_warps, ahead=p.ahead, x_ahead=p.x_ahead)  # fmt: skip
-    else:
-        w4_gemv = functools.partial(wna16_gemv, bits=4, group_size=group, block_n=p.block_n, block_k=p.block_k,
-                                    split_k=p.split_k, num_warps=p.num_warps, prefetch=p.prefetch)  # fmt: skip
-    cases.append(("w4", [functools.partial(w4_gemv, x, *q, gated=True) for q in w4],
-                  [functools.partial(lambda q: silu_and_mul(w4_gemv(x, *q)), q) for q in w4],
+    p = plan_wna16(m, k, n, group, sms)  # the engine's launch and kernel (integer zero points, bf16 x)
+    cases.append(("w4", [functools.partial(run_wna16_gemv, x, *q, 4, group, p, True) for q in w4],
+                  [functools.partial(lambda q: silu_and_mul(run_wna16_gemv(x, *q, 4, group, p)), q) for q in w4],
                   reference(wna16_dequantize(*w4[0], 4, group, torch.float32).t().contiguous())))  # fmt: skip
     for name, gated_fns, plain_fns, ref in cases:
         out[name] = {

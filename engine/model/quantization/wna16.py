@@ -254,23 +254,37 @@ def _gemv(
     layer: nn.Module, x2: torch.Tensor, group_size: int, launch: WNA16Launch, gated: bool = False
 ) -> torch.Tensor:
     """The layer's GEMV at `launch` on x2 [tokens, in] (in the codes' column order)."""
-    bits = layer.wna16_bits
-    if (
-        launch.folded
-        and getattr(layer, "wna16_folded_ok", False)
-        and x2.dtype in (torch.bfloat16, torch.float16)
-    ):
+    folded_ok = getattr(layer, "wna16_folded_ok", False)
+    return run_wna16_gemv(
+        x2, layer.qweight, layer.scales, layer.zeros, layer.wna16_bits, group_size, launch, gated, folded_ok
+    )
+
+
+def run_wna16_gemv(
+    x2: torch.Tensor,  # [tokens, in], in the codes' column order
+    qweight: torch.Tensor,  # [in / pf, out] int32
+    scales: torch.Tensor,  # [G, out]
+    zeros: torch.Tensor,  # [G, out]
+    bits: int,
+    group_size: int,
+    launch: WNA16Launch,
+    gated: bool = False,
+    folded_ok: bool = True,  # the zero points are integers the folded GEMV decodes exactly
+) -> torch.Tensor:  # [tokens, out] (gated: [tokens, out / 2])
+    """The GEMV a "gemv" launch runs: the folded packed-fp16 kernel where it applies, else wna16_gemv.
+    The engine's layers and the benchmarks (loadtest/sweep_gemv.py, bench_quant.py) call this one."""
+    if launch.folded and folded_ok and bits == 4 and x2.dtype in (torch.bfloat16, torch.float16):
         from ops.triton.w4_half2_gemv import w4_half2_gemv  # noqa: PLC0415
 
         return w4_half2_gemv(
-            x2, layer.qweight, layer.scales, layer.zeros, group_size, launch.block_n, launch.block_k,
-            launch.split_k, launch.num_warps, launch.ahead, gated=gated, x_ahead=launch.x_ahead,
+            x2, qweight, scales, zeros, group_size, launch.block_n, launch.block_k, launch.split_k,
+            launch.num_warps, launch.ahead, gated=gated, x_ahead=launch.x_ahead,
         )  # fmt: skip
     from ops.triton.wna16_gemv import wna16_gemv  # noqa: PLC0415
 
     return wna16_gemv(
-        x2.contiguous(), layer.qweight, layer.scales, layer.zeros, bits, group_size,
-        launch.block_n, launch.block_k, launch.split_k, launch.num_warps, launch.num_stages, launch.prefetch, gated,
+        x2.contiguous(), qweight, scales, zeros, bits, group_size, launch.block_n, launch.block_k,
+        launch.split_k, launch.num_warps, launch.num_stages, launch.prefetch, gated,
     )  # fmt: skip
 
 

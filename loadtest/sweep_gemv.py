@@ -99,14 +99,6 @@ W4H_GRIDS: dict[int, dict[str, tuple[Any, ...]] | list[dict[str, tuple[Any, ...]
 # (block_k, num_warps) pairs: block_k = 8 * 32 * num_warps reads x in the weight tile's own layout
 # (ops/triton/fp8_gemv.py's docstring); (256, 4) is the launch the planner took before that change
 _FLOAT_KW = ((256, 4), (512, 2), (1024, 4), (2048, 8))
-# x's next tile requested ahead (x_ahead): the planned tiles, with and without it
-_X_AHEAD = {
-    "block_n": (4, 8),
-    "block_k_warps": ((512, 2), (1024, 4)),
-    "split_k": (1,),
-    "prefetch": (False, True),
-    "x_ahead": (False, True),
-}
 FP8_GRIDS: dict[int, Any] = {
     1: {
         "block_n": (4, 8, 16),
@@ -355,15 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--kinds", default=",".join(sorted(KINDS)), help="kernels to sweep, of " + ",".join(sorted(KINDS))
     )
-    p.add_argument(
-        "--x-ahead-only",
-        action="store_true",
-        help="bf16 and FP8 at batch 1: only the planned tiles with and without x_ahead",
-    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    if args.x_ahead_only:
-        FP8_GRIDS[1] = BF16_GRIDS[1] = _X_AHEAD
     kinds = frozenset(args.kinds.split(","))
     if not kinds <= KINDS:
         p.error(f"--kinds: {sorted(kinds - KINDS)} not among {sorted(KINDS)}")

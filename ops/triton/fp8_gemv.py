@@ -42,14 +42,7 @@ FP8_MAX = tl.constexpr(448.0)  # float8_e4m3fn's largest value (a constexpr: rea
 @triton.jit
 def _x_tile(x_ptr, row, stride_xm, kk, mask_k, s_in, STATIC_INPUT: tl.constexpr, W_DTYPE: tl.constexpr):
     """[BLOCK_K] float32: a row of x, as the FP8 GEMM sees it when the scale is static."""
-    x = tl.load(x_ptr + row * stride_xm + kk, mask=mask_k, other=0.0)  # row: of this group
-    return _x_value(x, s_in, STATIC_INPUT, W_DTYPE)
-
-
-@triton.jit
-def _x_value(x, s_in, STATIC_INPUT: tl.constexpr, W_DTYPE: tl.constexpr):
-    """x as loaded (its own dtype) in float32, quantized and dequantized with a static scale."""
-    x = x.to(tl.float32)
+    x = tl.load(x_ptr + row * stride_xm + kk, mask=mask_k, other=0.0).to(tl.float32)  # row: of this group
     if STATIC_INPUT:
         q = tl.minimum(tl.maximum(x / s_in, -FP8_MAX), FP8_MAX)
         x = q.to(W_DTYPE).to(tl.float32) * s_in
@@ -87,7 +80,6 @@ def _fp8_gemv_kernel(
     PREFETCH: tl.constexpr,  # load tile i + 1 before using tile i
     PDL: tl.constexpr,  # launched with programmatic dependent launch (ops.triton.pdl)
     VEC: tl.constexpr,  # x's elements per 16-byte load: the weight tile's columns per thread too
-    X_AHEAD: tl.constexpr = False,  # ROWS 1: x's next tile requested before this one is used
     GATED: tl.constexpr = False,  # a [gate; up] weight (N = 2 x half_n rows): silu(gate) * up stored
     half_n=0,  # GATED: the gate half's rows, the output's columns
 ):
@@ -122,8 +114,6 @@ def _fp8_gemv_kernel(
     # still runs; x and every write come after the wait.
     let_next_kernel_start(PDL)  # all programs resident: the next kernel may launch and wait for this one
     wait_for_previous_kernel(PDL)
-    if X_AHEAD:  # x as loaded (16-bit), converted only where used, so its load is not waited on early
-        x_raw = tl.load(x_ptr + k_start + offs_k, mask=k_start + offs_k < k_end, other=0.0)
     for k0 in range(k_start, k_end, BLOCK_K):
         kk = k0 + offs_k
         mask_k = kk < k_end
@@ -131,13 +121,7 @@ def _fp8_gemv_kernel(
             w_next = _w_tile(w_ptrs, tl.minimum(k0 + BLOCK_K, k_last), k_end, mask_n, BLOCK_K)
         else:
             w = _w_tile(w_ptrs, k0, k_end, mask_n, BLOCK_K)
-        if X_AHEAD:
-            k_next = tl.minimum(k0 + BLOCK_K, k_last)
-            x_next = tl.load(x_ptr + k_next + offs_k, mask=k_next + offs_k < k_end, other=0.0)
-            acc0 += w * _x_value(x_raw, s_in, STATIC_INPUT, W_DTYPE)[None, :]
-            x_raw = x_next
-        else:
-            acc0 += w * _x_tile(x_ptr, 0, stride_xm, kk, mask_k, s_in, STATIC_INPUT, W_DTYPE)[None, :]
+        acc0 += w * _x_tile(x_ptr, 0, stride_xm, kk, mask_k, s_in, STATIC_INPUT, W_DTYPE)[None, :]
         if ROWS >= 2:
             acc1 += w * _x_tile(x_ptr, 1, stride_xm, kk, mask_k, s_in, STATIC_INPUT, W_DTYPE)[None, :]
         if ROWS >= 4:
@@ -174,11 +158,9 @@ def fp8_gemv(
     num_stages: int = 3,
     prefetch: bool = False,
     gated: bool = False,
-    x_ahead: bool = False,
 ) -> torch.Tensor:  # [M, N] in x.dtype; gated: [M, N / 2]
     """y = x (weight * weight_scale[:, None])^T, one launch; split_k > 1 splits K per BLOCK_N rows;
-    prefetch keeps the next weight tile in flight (and lets the launch use PDL, ops.triton.pdl);
-    x_ahead (one row of x) requests x's next tile before this one is used.
+    prefetch keeps the next weight tile in flight (and lets the launch use PDL, ops.triton.pdl).
     block_k = 8 * 32 * num_warps (bf16 / fp16 x) keeps x out of shared memory (module docstring).
     gated: weight is [gate; up] (a MergedColumnParallelLinear's); y = silu(x gate^T) * (x up^T), each
     tile taking block_n / 2 rows of both halves."""
@@ -192,8 +174,6 @@ def fp8_gemv(
         )
     if weight.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError("fp8_gemv: weight and x must be contiguous along K")
-    if x_ahead and M != 1:
-        raise ValueError(f"fp8_gemv: x_ahead takes one row of x; got {M}")
     if gated and (N % 2 or block_n % 2):
         raise ValueError(
             f"fp8_gemv: gated needs an even row count and block_n; got {N} rows, block_n {block_n}"
@@ -221,7 +201,7 @@ def fp8_gemv(
         x, weight, weight_scale, input_scale if static else weight_scale, out, partials, split_counters(x.device),
         M, N, K, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
         ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-        STATIC_INPUT=static, PREFETCH=prefetch, PDL=pdl, VEC=16 // x.element_size(), X_AHEAD=x_ahead, GATED=gated, half_n=out_n,
+        STATIC_INPUT=static, PREFETCH=prefetch, PDL=pdl, VEC=16 // x.element_size(), GATED=gated, half_n=out_n,
         num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
     return out

@@ -77,6 +77,18 @@ def sum_row(out_ptr, partials_ptr, row, M, N, offs_n, stride_om, SPLIT_K: tl.con
 
 
 @triton.jit
+def _finish_rows(acc0, acc1, acc2, acc3, out_ptr, partials_ptr, row0, M, N, offs_n, stride_om, pid_k,
+                 ROWS: tl.constexpr, SPLIT_K: tl.constexpr):  # fmt: skip
+    """finish_row for each of the program's ROWS rows (acc0 .. acc3: [BLOCK_N] each)."""
+    finish_row(acc0, out_ptr, partials_ptr, row0, M, N, offs_n, stride_om, pid_k, SPLIT_K)
+    if ROWS >= 2:
+        finish_row(acc1, out_ptr, partials_ptr, row0 + 1, M, N, offs_n, stride_om, pid_k, SPLIT_K)
+    if ROWS >= 4:
+        finish_row(acc2, out_ptr, partials_ptr, row0 + 2, M, N, offs_n, stride_om, pid_k, SPLIT_K)
+        finish_row(acc3, out_ptr, partials_ptr, row0 + 3, M, N, offs_n, stride_om, pid_k, SPLIT_K)
+
+
+@triton.jit
 def store_rows(
     acc0,  # [BLOCK_N] float32: row row0's result (this split's share of it)
     acc1,  # row row0 + 1 (ROWS >= 2)
@@ -97,12 +109,9 @@ def store_rows(
 ):
     """A GEMV program's epilogue, shared so its kernels cannot disagree on where a row goes: rows
     row0 .. row0 + ROWS stored, or their partials stored and summed by the tile's last program."""
-    finish_row(acc0, out_ptr, partials_ptr, row0, M, N, offs_n, stride_om, pid_k, SPLIT_K)
-    if ROWS >= 2:
-        finish_row(acc1, out_ptr, partials_ptr, row0 + 1, M, N, offs_n, stride_om, pid_k, SPLIT_K)
-    if ROWS >= 4:
-        finish_row(acc2, out_ptr, partials_ptr, row0 + 2, M, N, offs_n, stride_om, pid_k, SPLIT_K)
-        finish_row(acc3, out_ptr, partials_ptr, row0 + 3, M, N, offs_n, stride_om, pid_k, SPLIT_K)
+    _finish_rows(
+        acc0, acc1, acc2, acc3, out_ptr, partials_ptr, row0, M, N, offs_n, stride_om, pid_k, ROWS, SPLIT_K
+    )
     if SPLIT_K > 1:
         if split_k_is_last(counters_ptr, tile, SPLIT_K):
             for row in range(row0, row0 + ROWS):
@@ -154,12 +163,8 @@ def store_rows_gated(
             _silu_mul_store(acc2, out_ptr, row0 + 2, half_n, offs_v, stride_om)
             _silu_mul_store(acc3, out_ptr, row0 + 3, half_n, offs_v, stride_om)
     else:  # partials at the tile's virtual columns (all inside n_virtual), as store_rows stores them
-        finish_row(acc0, out_ptr, partials_ptr, row0, M, n_virtual, offs_v, stride_om, pid_k, SPLIT_K)
-        if ROWS >= 2:
-            finish_row(acc1, out_ptr, partials_ptr, row0 + 1, M, n_virtual, offs_v, stride_om, pid_k, SPLIT_K)
-        if ROWS >= 4:
-            finish_row(acc2, out_ptr, partials_ptr, row0 + 2, M, n_virtual, offs_v, stride_om, pid_k, SPLIT_K)
-            finish_row(acc3, out_ptr, partials_ptr, row0 + 3, M, n_virtual, offs_v, stride_om, pid_k, SPLIT_K)
+        _finish_rows(acc0, acc1, acc2, acc3, out_ptr, partials_ptr, row0, M, n_virtual, offs_v, stride_om, pid_k,
+                     ROWS, SPLIT_K)  # fmt: skip
         if split_k_is_last(counters_ptr, tile, SPLIT_K):
             for row in range(row0, row0 + ROWS):
                 total = _partials_sum(partials_ptr, row, M, n_virtual, offs_v, SPLIT_K)

@@ -375,7 +375,6 @@ def _w4_half2_gemv_kernel(
         scale16 = (s.to(tl.float32) * 16.0)[None, :]
         da0, da1, da2, da3 = _decode(a, add_lo, add_hi, EMULATE)
         db0, db1, db2, db3 = _decode(b, add_lo, add_hi, EMULATE)
-        x_ptrs = x_row + k0 // 2
         if X_AHEAD:  # this tile's x came with it; the next tile's is requested now (rows in turn)
             x_next = x_row + tl.minimum(k0 + BLOCK_K, k_last) // 2
             na0, na1, na2, na3, nb0, nb1, nb2, nb3 = _x_tile_raw(x_next, half_offset)
@@ -397,6 +396,7 @@ def _w4_half2_gemv_kernel(
                                 vb3, scale16, X_BF16, EMULATE)  # fmt: skip
                 va0, va1, va2, va3, vb0, vb1, vb2, vb3 = na0, na1, na2, na3, nb0, nb1, nb2, nb3
         else:
+            x_ptrs = x_row + k0 // 2
             acc0 = _row_terms(acc0, da0, da1, da2, da3, db0, db1, db2, db3, x_ptrs, 0, half_offset, scale16,
                               X_BF16, EMULATE)  # fmt: skip
             if ROWS >= 2:

@@ -11,8 +11,6 @@ from tests.ops.triton_interpreter import DEVICE, in_process, only_in_subprocess,
 
 # isort: on
 
-import itertools
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -110,7 +108,7 @@ def _fp8_layer(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, t
 # (m, n, k, block_n, block_k, split_k)
 FP8_CASES = [
     (1, 32, 256, 16, 64, 1),
-    (1, 24, 200, 8, 64, 2),  # one row, the second split ending inside a tile (x_ahead's last re-read)
+    (1, 24, 200, 8, 64, 2),  # one row, the second split ending inside a tile
     (2, 40, 320, 16, 64, 3),
     (4, 24, 512, 8, 128, 2),
     (3, 17, 200, 16, 64, 1),  # padded to one group of 4
@@ -130,15 +128,14 @@ def test_fp8_gemv_matches_dequantize_then_matmul(
     dtype = _dtype()
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEVICE, dtype)
     expected = F.linear(x.float(), reference.to(DEVICE))
-    # x_ahead (x's next tile requested before this one is used) takes one row of x
-    for prefetch, x_ahead in itertools.product((False, True), (False, True) if m == 1 else (False,)):
+    for prefetch in (False, True):
         for _ in range(2):
             out = fp8_gemv(
                 x, weight.to(DEVICE), scale.to(DEVICE), block_n=block_n, block_k=block_k, split_k=split_k,
-                prefetch=prefetch, x_ahead=x_ahead,
+                prefetch=prefetch,
             )  # fmt: skip
             assert out.shape == (m, n) and out.dtype == dtype
-            assert _err(out, expected) < (1e-5 if dtype == torch.float32 else 1e-2), (prefetch, x_ahead)
+            assert _err(out, expected) < (1e-5 if dtype == torch.float32 else 1e-2), prefetch
 
 
 @in_process
@@ -158,10 +155,6 @@ def test_fp8_gemv_with_a_static_input_scale_sees_x_as_the_fp8_gemm_does() -> Non
     expected = F.linear(on_grid * s, reference)  # x as the FP8 GEMM sees it
     out = fp8_gemv(x, weight.to(DEVICE), scale.to(DEVICE), s.to(DEVICE), block_n=16, block_k=64, split_k=2)
     assert _err(out.cpu(), expected) < (1e-5 if DEVICE == "cpu" else 1e-2)
-    for row in range(2):  # x_ahead applies the static scale where x is used, as without it
-        ahead = fp8_gemv(x[row : row + 1], weight.to(DEVICE), scale.to(DEVICE), s.to(DEVICE), block_n=16,
-                         block_k=64, split_k=2, x_ahead=True)  # fmt: skip
-        assert _err(ahead.cpu(), expected[row : row + 1]) < (1e-5 if DEVICE == "cpu" else 1e-2)
     # the quantization matters: x as is gives a measurably different answer
     assert _err(F.linear(x.float().cpu(), reference), expected) > 1e-2
 

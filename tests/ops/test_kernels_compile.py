@@ -59,7 +59,7 @@ KERNELS = [
         (
             "ops.triton.fp8_gemv:_fp8_gemv_kernel",
             {"ROWS": 1, "BLOCK_N": 8, "BLOCK_K": 1024, "SPLIT_K": 1, "STATIC_INPUT": False, "PREFETCH": True,
-             "PDL": True, "VEC": 8, "X_AHEAD": True},
+             "PDL": True, "VEC": 8},
             {"x_ptr": "*bf16", "w_ptr": weight, "scale_ptr": "*fp32", "input_scale_ptr": "*fp32", "out_ptr": "*bf16",
              "partials_ptr": "*fp32", "counters_ptr": "*i32"},
         )

@@ -45,9 +45,9 @@ def decode_gemv_is_allowed() -> bool:
 # (in_features, out_features) -> the launch, from the H200 sweep; shapes not listed keep cuBLAS
 # (the H200 sweep at 835ef63, gemv-half2-gated-h200-2026-12-04/sweep-835ef63: qkv 14.57 us vs cuBLAS 14.66, o 10.73
 # vs 12.72, down 29.78 vs 31.13; gate_up 56.59 vs 56.78, a tie, keeps cuBLAS)
-# fp8_gemv's x_ahead (x's next tile requested ahead, which the folded W4A16 GEMV gained from) stays
-# off: with it on these three and the gated gate_up the bf16 batch-1 step took 4.350 / 4.349 ms against
-# 4.264 / 4.263 without (A/B in one call, loadtest/results/folded-gemv-h200-2026-12-04/7-xahead-ab-6c25784)
+# x's next tile requested ahead (what the folded W4A16 GEMV gained from) did not pay here: with it on
+# these three and the gated gate_up the bf16 batch-1 step took 4.350 / 4.349 ms against 4.264 / 4.263
+# without (A/B in one call, loadtest/results/folded-gemv-h200-2026-12-04/7-xahead-ab-6c25784); removed
 _LAUNCHES: dict[tuple[int, int], dict[str, int]] = {
     (4096, 6144): {"block_n": 8, "block_k": 512, "split_k": 1},  # Llama-3-8B qkv
     (4096, 4096): {"block_n": 4, "block_k": 512, "split_k": 1, "prefetch": True},  # Llama-3-8B o_proj

@@ -274,7 +274,7 @@ def fp8_gemv_launch(in_features: int, out_features: int, num_sms: int, num_token
     (qkv, gate_up: 9.23 / 32.35 us) and 1,024 on 4 where it does not (o, down: 6.94 / 16.87 us; the
     256-column launch before: 10.70, 8.89, 32.41, 22.05); at 2 tokens 512 on 2 (8.84-47.92 us)."""
     del num_sms  # measured on 132 SMs; with no split the tiles alone fill the card
-    # fp8_gemv's x_ahead stays off: no layer gained from it (folded-gemv-h200-2026-12-04/7-xahead-ab-6c25784)
+    # x's next tile requested ahead gained no layer here (folded-gemv-h200-2026-12-04/7-xahead-ab-6c25784)
     if num_tokens == 1 and out_features <= in_features:
         return {"block_n": 4, "block_k": 1024, "split_k": 1, "num_warps": 4}
     return {"block_n": 4, "block_k": 512, "split_k": 1, "num_warps": 2}

@@ -254,10 +254,10 @@ def _gemv(
     layer: nn.Module, x2: torch.Tensor, group_size: int, launch: WNA16Launch, gated: bool = False
 ) -> torch.Tensor:
     """The layer's GEMV at `launch` on x2 [tokens, in] (in the codes' column order)."""
-    folded_ok = getattr(layer, "wna16_folded_ok", False)
     return run_wna16_gemv(
-        x2, layer.qweight, layer.scales, layer.zeros, layer.wna16_bits, group_size, launch, gated, folded_ok
-    )
+        x2, layer.qweight, layer.scales, layer.zeros, layer.wna16_bits, group_size, launch, gated,
+        layer.wna16_folded_ok,
+    )  # fmt: skip
 
 
 def run_wna16_gemv(

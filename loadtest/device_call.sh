@@ -11,7 +11,7 @@
 # l1, s16 (S1 at 16 req/s), u1, u1cold (U1 on an empty Triton cache), trace (trace_compiles.py), sampler (bench_sampler.py), beam (B1-B3), lora (A1-A4; LORA_COUNTS), k1lora (A3's step by kernel),
 # cb (T1 with the transformers continuous-batching peer; CBB, CBN), cbng (the same, its CUDA graphs off; CBV, CBT), sweep (sweep_lora_gemv.py; SWT its options, SWC the cap), sweepseg (sweep_lora_segments.py), profbase and
 # proflora (a T2-like decode step by kernel family, base / with PROF_ADAPTERS rank-16 adapters), proffp8 (the same with
-# FP8 weights), k1 (L1's batch-1 step by kernel), gemv (sweep_gemv.py; GB batches, GK kinds, GX more options, GC cap), probe (probe_w4_layout.py), q12 (Q1, Q2); any
+# FP8 weights), k1 (L1's batch-1 step by kernel), gemv (sweep_gemv.py; GB batches, GK kinds, GX more options, GC cap), probe (probe_w4_layout.py), kern (gpu_kernel_check.py's KPARTS, default correctness and CUDA graphs), q12 (Q1, Q2); any
 # other word is run as a shell command. pdl0a pdl1a pdl0b ...: L1 with WEIR_PDL=0 / 1 (ops/triton/pdl.py);
 # engpdl: the engine check with WEIR_PDL=1; q3: bench_quant.py's Q3 (T2 bf16 and FP8 weights);
 # featd: the feature check's quantized checkpoints (part d) alone. abold1 abnew1 abold2 ...: L1 alternating an older tree and this
@@ -52,6 +52,7 @@ for s in $STEPS; do case $s in
   engpdl) mkdir -p $O/engpdl; step engpdl 300 env OUT=$O/engpdl WEIR_PDL=1 WEIR_CHECK_PARTS="${ENG_PARTS:-a}" python3 loadtest/gpu_engine_check.py;;
   abnew*) step $s 60 python3 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;
   gemv) step gemv ${GC:-400} python3 loadtest/sweep_gemv.py --shape llama3-8b --batches ${GB:-1,2} --kinds ${GK:-w4,fp8,bf16} $GX --out $O/sweep_gemv.json;;
+  kern) step kern ${KC:-150} env OUT=$O python3 loadtest/gpu_kernel_check.py ${KPARTS:-correctness cuda};;
   probe) step probe 150 python3 loadtest/probe_w4_layout.py --out $O/probe.json;;
   q12) step q12 150 python3 loadtest/bench_quant.py --shape llama3-8b --cases Q1,Q2 --out $O/q12.json;;
   sweep) step sweep ${SWC:-170} python3 loadtest/sweep_lora_gemv.py $SWT --out $O/sweep_lora_gemv.json;;

@@ -319,6 +319,42 @@ def correctness() -> None:
             out,
             ref,
         )
+        decode_attention_exact(model, nh, nkv, d, cache)
+
+
+def decode_attention_exact(model: str, nh: int, nkv: int, d: int, cos_sin: torch.Tensor) -> None:
+    """decode_attention (rotary, KV write and attention in one launch) bit for bit the two launches it
+    replaces, on decode batches that split KV (the new token in a split's last segment, written and read
+    back by one program) and that do not; ten rounds each, since a missing ordering would show as a race."""
+    for label, seq_lens, max_seq_len in (
+        ("split", [1, 33, 64, 65, 1000, 2048, 4000, 129], 8192),
+        ("one-pass", [1, 17, 200, 511], 511),
+    ):
+        n = len(seq_lens)
+        dec = make_paged([1] * n, seq_lens, nh, nkv, d, 16, seed=n)
+        bt, bs = dec["block_tables"], 16
+        pos = torch.tensor(seq_lens, device=DEV) - 1
+        slots = bt[torch.arange(n, device=DEV), pos // bs].long() * bs + pos % bs
+        exact = True
+        for r in range(10):
+            qkv = torch.randn(
+                n, (nh + 2 * nkv) * d, device=DEV, dtype=BF16, generator=torch.Generator(DEV).manual_seed(r)
+            )
+            q, k, v = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
+            caches = [c.clone() for c in (dec["k_cache"], dec["v_cache"]) for _ in range(2)]
+            fkc, skc, fvc, svc = caches
+            args = (dec["block_tables"], dec["seq_lens"], dec["query_start_loc"])
+            with Poisoned():
+                fused = tops.decode_attention(
+                    pos, q, k, v, cos_sin, d, fkc, fvc, slots, *args, max_seq_len, dec["scale"]
+                )
+            sq = tops.rotary_and_write_kv(pos, q, k, v, cos_sin, d, skc, svc, slots)
+            sep = tops.paged_attention(sq.view(n, nh, d), skc, svc, *args, 1, max_seq_len, dec["scale"])
+            torch.cuda.synchronize()
+            exact &= bool(torch.equal(fused, sep) and torch.equal(fkc, skc) and torch.equal(fvc, svc))
+        name = f"{model} decode_attention == rotary_and_write_kv, paged_attention ({label}, 10 rounds)"
+        RESULTS["checks"].append({"name": name, "ok": exact})
+        print(f"  {'PASS' if exact else 'FAIL'} {name}", flush=True)
 
 
 def cuda_graph_replay() -> None:

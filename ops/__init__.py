@@ -23,6 +23,7 @@ OP_NAMES = (
     "write_kv_cache",
     "rotary_and_write_kv",
     "paged_attention",
+    "decode_attention",
     "lora_shrink",
     "lora_expand",
     "seeded_exponential_",
@@ -47,6 +48,9 @@ class Kernels:
     write_kv_cache: Callable[..., Any]
     rotary_and_write_kv: Callable[..., Any]  # rotary_embedding, then write_kv_cache: one launch
     paged_attention: Callable[..., Any]
+    decode_attention: Callable[
+        ..., Any
+    ]  # rotary_and_write_kv, then paged_attention: one launch (decodes only)
     lora_shrink: Callable[..., Any]  # batched LoRA over stacked adapter slots (engine.lora)
     lora_expand: Callable[..., Any]
     seeded_exponential_: Callable[..., Any]  # the sampling noise of seeded rows (engine.worker.sampler)

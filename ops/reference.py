@@ -196,6 +196,45 @@ def paged_attention(
     return out
 
 
+def decode_attention(
+    positions: torch.Tensor,  # [num_tokens] int64
+    query: torch.Tensor,  # [num_tokens, num_heads * head_dim], not rotated yet
+    key: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim], not rotated yet
+    value: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
+    cos_sin_cache: torch.Tensor,  # [max_position, head_dim]: cos in the first half, sin in the second
+    head_dim: int,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64; -1 = skip (padding)
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32, including this step's token
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32: one token a sequence
+    max_seq_len: int,
+    scale: float,
+    k_scale: torch.Tensor | None = None,  # [num_kv_heads] float32 (fp8 caches); None = 1.0
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """A decode batch's attention (one new token a sequence): rotary_and_write_kv, then paged_attention."""
+    q = rotary_and_write_kv(
+        positions,
+        query,
+        key,
+        value,
+        cos_sin_cache,
+        head_dim,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        k_scale,
+        v_scale,
+    )
+    n = q.shape[0]
+    return paged_attention(
+        q.view(n, -1, head_dim), k_cache, v_cache, block_tables, seq_lens, query_start_loc, 1, max_seq_len, scale,
+        k_scale, v_scale,
+    )  # fmt: skip
+
+
 def lora_shrink(
     x: torch.Tensor,  # [num_tokens, in_features]
     a_stacked: torch.Tensor,  # [num_slots, lora_dim, in_features]: every adapter slot's A, zero-padded

@@ -6,7 +6,7 @@ Imported lazily by `ops.triton_kernels()`: importing triton needs a GPU or TRITO
 from ops.triton.activation import silu_and_mul, silu_and_mul_fp8
 from ops.triton.kv_cache import write_kv_cache
 from ops.triton.lora import lora_expand, lora_shrink
-from ops.triton.paged_attention import paged_attention
+from ops.triton.paged_attention import decode_attention, paged_attention
 from ops.triton.rms_norm import rms_norm, rms_norm_fp8
 from ops.triton.rotary import rotary_embedding
 from ops.triton.rotary_kv import rotary_and_write_kv
@@ -14,6 +14,7 @@ from ops.triton.sample_argmax import sample_argmax
 from ops.triton.seeded_noise import seeded_exponential_
 
 __all__ = [
+    "decode_attention",
     "lora_expand",
     "lora_shrink",
     "paged_attention",

@@ -80,13 +80,17 @@ KERNELS = [
         (
             "ops.triton.paged_attention:_paged_attention_kernel",
             {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "TILE": 64, "BLOCK_M": 16, "BLOCK_Q": 4, "SPLIT": split,
-             "DOT_PRECISION": "tf32", "KV_SCALED": False, "PDL": True},
+             "DOT_PRECISION": "tf32", "KV_SCALED": fp8, "PDL": True, "ROTARY": rotary, "FP8_MANT": 3 if fp8 else 0,
+             "FP8_MIN_EXP": -6 if fp8 else 0, "FP8_MAX": 448.0 if fp8 else 0.0},
             {"out_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32",
-             "counters_ptr": "*i32", "q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",
-             "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "query_start_loc_ptr": "*i32", "qk_scale": "fp32",
-             "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"},
+             "counters_ptr": "*i32", "q_ptr": "*bf16", "k_cache_ptr": "*fp8e4nv" if fp8 else "*bf16",
+             "v_cache_ptr": "*fp8e4nv" if fp8 else "*bf16", "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
+             "query_start_loc_ptr": "*i32", "qk_scale": "fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32",
+             "positions_ptr": "*i64", "cos_sin_ptr": "*fp32", "k_new_ptr": "*bf16", "v_new_ptr": "*bf16",
+             "slot_mapping_ptr": "*i64"},
         )
-        for split in (True, False)
+        # decode_attention (ROTARY: the new token's K/V stored before the tiles are read) split and not
+        for split, rotary, fp8 in ((True, False, False), (False, False, False), (True, True, False), (False, True, True))
     ),
     (
         "ops.triton.rotary_kv:_rotary_write_kv_kernel",
@@ -139,6 +143,8 @@ triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), tar
         k[0].split(":")[1]
         + ("" if k[1].get("ONE_BLOCK", True) else "-two_pass")
         + ("-split" if k[1].get("SPLIT") else "")
+        + ("-rotary" if k[1].get("ROTARY") else "")
+        + ("-fp8kv" if k[1].get("KV_SCALED") else "")
         + ("-fp8" if k[1].get("QUANT") or k[2].get("w_ptr") == "*fp8e4nv" else "")
         + ("-gated" if k[1].get("GATED") else "")
         + (f"-rows{k[1]['ROWS']}" if k[1].get("ROWS", 1) > 1 else "")

@@ -70,7 +70,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:  # [num_tokens, num_heads * head_dim]
         """Store this step's K/V in the cache, then attend. Given positions and the rotary cos/sin cache,
         q and k are rotated by the same launch that stores K/V (ops rotary_and_write_kv): one kernel
-        per layer fewer than rotating first, which at batch 1 is launch time saved, not bytes."""
+        per layer fewer than rotating first, which at batch 1 is launch time saved, not bytes. A decode
+        batch (one token a sequence) rotates, stores and attends in one launch (ops decode_attention)."""
         if self.k_cache is None or self.v_cache is None:
             raise RuntimeError(f"attention layer {self.layer_idx} has no KV cache bound")
         md = get_attention_metadata()
@@ -78,6 +79,13 @@ class Attention(nn.Module):
         num_tokens = query.shape[0]
         if positions is not None:
             assert cos_sin_cache is not None
+            if md.max_query_len == 1:
+                out = backend.kernels.decode_attention(
+                    positions, query, key, value, cos_sin_cache, self.head_dim, self.k_cache, self.v_cache,
+                    md.slot_mapping, md.block_tables, md.seq_lens, md.query_start_loc, md.max_seq_len,
+                    self.scale, self.k_scale, self.v_scale,
+                )  # fmt: skip
+                return out.view(num_tokens, self.num_heads * self.head_dim)
             query = backend.kernels.rotary_and_write_kv(
                 positions, query, key, value, cos_sin_cache, self.head_dim, self.k_cache, self.v_cache,
                 md.slot_mapping, self.k_scale, self.v_scale,

@@ -13,7 +13,8 @@
 # proflora (a T2-like decode step by kernel family, base / with PROF_ADAPTERS rank-16 adapters), proffp8 (the same with
 # FP8 weights), k1 (L1's batch-1 step by kernel), gemv (sweep_gemv.py; GB batches, GK kinds, GX more options, GC cap), probe (probe_w4_layout.py), kern (gpu_kernel_check.py's KPARTS, default correctness and CUDA graphs), q12 (Q1, Q2); any
 # other word is run as a shell command. pdl0a pdl1a pdl0b ...: L1 with WEIR_PDL=0 / 1 (ops/triton/pdl.py);
-# engpdl: the engine check with WEIR_PDL=1; q3: bench_quant.py's Q3 (T2 bf16 and FP8 weights);
+# engpdl: the engine check with WEIR_PDL=1; fda0a fda1a fda0b ...: L1 with WEIR_FUSED_DECODE_ATTENTION=0 / 1
+# (decode_attention, engine/model/layers/attention.py); engfda: the engine check with it on; q3: bench_quant.py's Q3 (T2 bf16 and FP8 weights);
 # featd: the feature check's quantized checkpoints (part d) alone. abold1 abnew1 abold2 ...: L1 alternating an older tree and this
 # one in one call (machines differ by up to 4%; compare within a call): first, on this machine,
 # `mkdir ab_old && git archive REV engine ops app loadtest pyproject.toml | tar x -C ab_old`, carry ab_old. .whl holds the server's wheels (../shared/scripts/device-wheels.sh).
@@ -46,6 +47,8 @@ for s in $STEPS; do case $s in
   trace) step trace 150 python3 loadtest/trace_compiles.py --shape llama3-8b --out $O/compiles.json;;
   u1) step u1 150 python3 loadtest/bench_startup.py --shape llama3-8b --no-split --no-imports --server-log $O/server_u1.log --out $O/u1.json;;
   abold*) step $s 60 env PYTHONPATH=/tmp/site:$PWD/ab_old python3 ab_old/loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;
+  fda0*|fda1*) step $s 60 env WEIR_FUSED_DECODE_ATTENTION=${s:3:1} python3 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;
+  engfda) mkdir -p $O/engfda; step engfda 300 env OUT=$O/engfda WEIR_FUSED_DECODE_ATTENTION=1 WEIR_CHECK_PARTS="${ENG_PARTS:-a}" python3 loadtest/gpu_engine_check.py;;
   pdl0*|pdl1*) step $s 60 env WEIR_PDL=${s:3:1} python3 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;
   q3) step q3 200 python3 loadtest/bench_quant.py --shape llama3-8b --cases Q3 --t2-requests 1000 --out $O/q3.json;;
   featd) step featd 150 env OUT=$O WEIR_CHECK_PARTS=d python3 loadtest/gpu_feature_check.py;;

@@ -39,9 +39,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.triton.kv_cache import _FP8_FORMATS, _NOT_FP8
+from ops.triton.kv_cache import _FP8_FORMATS, _NOT_FP8, _to_cache
 from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
-from ops.triton.rotary_kv import _store_rotated_kv, rotated_rows
+from ops.triton.rotary_kv import rotated_rows
 from ops.triton.split_k import MAX_TILES, split_counters
 
 _LOG2E = 1.4426950408889634
@@ -299,22 +299,39 @@ def _store_new_kv(
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, FP8_MANT: tl.constexpr, FP8_MIN_EXP: tl.constexpr,
     FP8_MAX: tl.constexpr, SCALED: tl.constexpr,
 ):  # fmt: skip
-    """Rotate `token`'s key of `kv_head` and store it and its value in the token's cache slot, as
-    ops.triton.rotary_kv does for all heads (the same helper); slot -1 (padding) stores nothing."""
-    slot = tl.load(slot_mapping_ptr + token)
-    if slot >= 0:
-        HALF: tl.constexpr = HEAD_DIM // 2
-        offs = tl.arange(0, HALF)
-        cs_row = cos_sin_ptr + tl.load(positions_ptr + token) * stride_cs
-        cos = tl.load(cs_row + offs).to(tl.float32)[None, :]  # [1, HALF]
-        sin = tl.load(cs_row + HALF + offs).to(tl.float32)[None, :]
-        block, in_block = slot // BLOCK_SIZE, slot % BLOCK_SIZE
-        heads = kv_head + tl.zeros([1], dtype=tl.int32)  # [1]: the helper's head block of one
-        _store_rotated_kv(
-            k_cache_ptr + block * stride_kb + in_block * stride_ks, v_cache_ptr + block * stride_vb + in_block * stride_vs,
-            k_new_ptr + token * stride_kn, v_new_ptr + token * stride_vn, heads, heads >= 0, cos, sin,
-            k_scale_ptr, v_scale_ptr, HALF, FP8_MANT, FP8_MIN_EXP, FP8_MAX, SCALED, 1,
-        )  # fmt: skip
+    """Rotate `token`'s key of `kv_head` and store it and its value in the token's cache slot, rounded as
+    ops.triton.rotary_kv stores them (the model dtype, then an fp8 cache's format); slot -1 (padding)
+    stores nothing. Every load is issued before any depends on another (the slot only addresses the
+    stores): one memory round trip before the stores."""
+    one = tl.full([1], 0, dtype=tl.int32)  # [1]: rows of one, the helpers' shape
+    offs_d = tl.arange(0, HEAD_DIM)
+    slot = tl.load(slot_mapping_ptr + token + one)  # [1] int64
+    cs_row = cos_sin_ptr + tl.load(positions_ptr + token + one) * stride_cs  # [1]
+    k = rotated_rows(
+        (k_new_ptr + token * stride_kn + kv_head * HEAD_DIM + one)[:, None],
+        cs_row[:, None],
+        one == 0,
+        HEAD_DIM,
+    )  # fmt: skip  [1, HEAD_DIM]
+    v = tl.load(v_new_ptr + token * stride_vn + kv_head * HEAD_DIM + offs_d[None, :] + one[:, None])
+    heads = kv_head + one
+    k = _to_cache(k, k_scale_ptr, heads, one == 0, FP8_MANT, FP8_MIN_EXP, FP8_MAX, SCALED, 1)
+    v = _to_cache(v, v_scale_ptr, heads, one == 0, FP8_MANT, FP8_MIN_EXP, FP8_MAX, SCALED, 1)
+    keep = slot >= 0
+    safe = tl.where(keep, slot, 0)
+    block, in_block = safe // BLOCK_SIZE, safe % BLOCK_SIZE  # [1]
+    k_dst = (
+        k_cache_ptr
+        + (block * stride_kb + in_block * stride_ks + kv_head * HEAD_DIM)[:, None]
+        + offs_d[None, :]
+    )
+    v_dst = (
+        v_cache_ptr
+        + (block * stride_vb + in_block * stride_vs + kv_head * HEAD_DIM)[:, None]
+        + offs_d[None, :]
+    )
+    tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=keep[:, None])
+    tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=keep[:, None])
 
 
 @triton.jit

@@ -73,66 +73,21 @@ def _rotary_write_kv_kernel(
         offs_h = tl.arange(0, BLOCK_H)
         for h0 in range(0, num_kv_heads, BLOCK_H):
             heads = h0 + offs_h
-            _store_rotated_kv(
-                kc, vc, k_ptr + row * stride_k, v_ptr + row * stride_v, heads, heads < num_kv_heads, cos, sin,
-                k_scale_ptr, v_scale_ptr, HALF, FP8_MANT, FP8_MIN_EXP, FP8_MAX, SCALED, BLOCK_H,
-            )  # fmt: skip
-
-
-@triton.jit
-def _store_rotated_kv(
-    kc,  # the key cache row of this token's slot (heads contiguous, each 2 * HALF wide)
-    vc,  # the value cache row of that slot
-    k_row,  # this token's keys (heads contiguous)
-    v_row,  # this token's values
-    heads,  # [BLOCK_H] KV heads
-    mask_h,  # [BLOCK_H] which of them exist
-    cos,  # [1, HALF] float32 of this token's position
-    sin,
-    k_scale_ptr,  # [num_kv_heads] float32 (SCALED fp8 caches)
-    v_scale_ptr,
-    HALF: tl.constexpr,
-    FP8_MANT: tl.constexpr,
-    FP8_MIN_EXP: tl.constexpr,
-    FP8_MAX: tl.constexpr,
-    SCALED: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-):
-    """Rotate the keys of `heads` and store them and the values in their cache slot (rounded to the
-    model dtype first, as the separate rotary op returns them, then to an fp8 cache's format)."""
-    offs_d = tl.arange(0, HALF)
-    mask = mask_h[:, None]
-    idx = heads[:, None] * (2 * HALF) + offs_d[None, :]  # [BLOCK_H, HALF]
-    r1, r2 = _rotated_halves(k_row, idx, mask, cos, sin, HALF)
-    r1 = _to_cache(r1, k_scale_ptr, heads, mask_h, FP8_MANT, FP8_MIN_EXP, FP8_MAX, SCALED, BLOCK_H)
-    r2 = _to_cache(r2, k_scale_ptr, heads, mask_h, FP8_MANT, FP8_MIN_EXP, FP8_MAX, SCALED, BLOCK_H)
-    tl.store(kc + idx, r1.to(kc.dtype.element_ty), mask=mask)
-    tl.store(kc + idx + HALF, r2.to(kc.dtype.element_ty), mask=mask)
-    v1 = tl.load(v_row + idx, mask=mask, other=0.0)
-    v2 = tl.load(v_row + idx + HALF, mask=mask, other=0.0)
-    v1 = _to_cache(v1, v_scale_ptr, heads, mask_h, FP8_MANT, FP8_MIN_EXP, FP8_MAX, SCALED, BLOCK_H)
-    v2 = _to_cache(v2, v_scale_ptr, heads, mask_h, FP8_MANT, FP8_MIN_EXP, FP8_MAX, SCALED, BLOCK_H)
-    tl.store(vc + idx, v1.to(vc.dtype.element_ty), mask=mask)
-    tl.store(vc + idx + HALF, v2.to(vc.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def rotated_rows(x_rows, cs_rows, valid, HEAD_DIM: tl.constexpr):
-    """[BLOCK_M, HEAD_DIM] rows at x_rows ([BLOCK_M, 1] pointers; `valid` [BLOCK_M]) rotated by the
-    cos | sin rows at cs_rows, in float32 and rounded to x's dtype: _rotated_halves' arithmetic, one
-    whole head a row (each element with its partner in the other half), for a kernel that wants the
-    head in one tile."""
-    HALF: tl.constexpr = HEAD_DIM // 2
-    offs_d = tl.arange(0, HEAD_DIM)
-    in_half = offs_d % HALF
-    mask = valid[:, None]
-    x = tl.load(x_rows + offs_d[None, :], mask=mask, other=0.0)
-    xf = x.to(tl.float32)
-    partner = tl.load(x_rows + (offs_d ^ HALF)[None, :], mask=mask, other=0.0).to(tl.float32)
-    cos = tl.load(cs_rows + in_half[None, :], mask=mask, other=0.0).to(tl.float32)
-    sin = tl.load(cs_rows + HALF + in_half[None, :], mask=mask, other=0.0).to(tl.float32)
-    first = (offs_d < HALF)[None, :]
-    return tl.where(first, xf * cos - partner * sin, xf * cos + partner * sin).to(x.dtype)
+            mask_h = heads < num_kv_heads
+            mask = mask_h[:, None]
+            idx = heads[:, None] * (2 * HALF) + offs_d[None, :]  # [BLOCK_H, HALF]
+            # rounded to the model dtype, as the separate rotary op returns it
+            r1, r2 = _rotated_halves(k_ptr + row * stride_k, idx, mask, cos, sin, HALF)
+            r1 = _to_cache(r1, k_scale_ptr, heads, mask_h, FP8_MANT, FP8_MIN_EXP, FP8_MAX, SCALED, BLOCK_H)
+            r2 = _to_cache(r2, k_scale_ptr, heads, mask_h, FP8_MANT, FP8_MIN_EXP, FP8_MAX, SCALED, BLOCK_H)
+            tl.store(kc + idx, r1.to(k_cache_ptr.dtype.element_ty), mask=mask)
+            tl.store(kc + idx + HALF, r2.to(k_cache_ptr.dtype.element_ty), mask=mask)
+            v1 = tl.load(v_ptr + row * stride_v + idx, mask=mask, other=0.0)
+            v2 = tl.load(v_ptr + row * stride_v + idx + HALF, mask=mask, other=0.0)
+            v1 = _to_cache(v1, v_scale_ptr, heads, mask_h, FP8_MANT, FP8_MIN_EXP, FP8_MAX, SCALED, BLOCK_H)
+            v2 = _to_cache(v2, v_scale_ptr, heads, mask_h, FP8_MANT, FP8_MIN_EXP, FP8_MAX, SCALED, BLOCK_H)
+            tl.store(vc + idx, v1.to(v_cache_ptr.dtype.element_ty), mask=mask)
+            tl.store(vc + idx + HALF, v2.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 # BLOCK_H per (head_dim, num_heads, num_kv_heads), stored once validated. Python ints only: valid for
@@ -194,3 +149,22 @@ def rotary_and_write_kv(
             num_warps=4, launch_pdl=pdl,
         )  # fmt: skip
     return q_out if query.dim() == 2 else q_out.view(query.shape)
+
+
+@triton.jit
+def rotated_rows(x_rows, cs_rows, valid, HEAD_DIM: tl.constexpr):
+    """[R, HEAD_DIM]: the heads at x_rows ([R, 1] pointers, `valid` [R]) rotated by the cos | sin rows
+    at cs_rows ([R, 1]), in float32 and rounded to x's dtype. _rotated_halves' arithmetic with each
+    element beside its partner in the other half, so a kernel that wants a whole head in one tile
+    (paged attention's query, decode_attention's key) gets it bit for bit as the rotary ops give it."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_half = offs_d % HALF
+    mask = valid[:, None]
+    x = tl.load(x_rows + offs_d[None, :], mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    partner = tl.load(x_rows + (offs_d ^ HALF)[None, :], mask=mask, other=0.0).to(tl.float32)
+    cos = tl.load(cs_rows + in_half[None, :], mask=mask, other=0.0).to(tl.float32)
+    sin = tl.load(cs_rows + HALF + in_half[None, :], mask=mask, other=0.0).to(tl.float32)
+    first = (offs_d < HALF)[None, :]
+    return tl.where(first, xf * cos - partner * sin, xf * cos + partner * sin).to(x.dtype)

@@ -120,3 +120,50 @@ def test_model_forward_on_triton_matches_torch(
         logits[use_triton] = torch.cat(chunks)  # [21, vocab]
     assert logits[True].shape == (21, 512)
     assert (logits[True] - logits[False]).abs().max().item() < 1e-4
+
+
+@in_process
+@pytest.mark.parametrize("model", ["llama", "qwen3"])
+def test_fused_decode_attention_leaves_every_logit_as_it_was(
+    tiny_model_dirs: dict[str, Path], model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WEIR_FUSED_DECODE_ATTENTION=1: the decode steps of two sequences (one crossing into its second
+    KV block) take decode_attention, and their greedy tokens and logits equal the separate launches'
+    bit for bit; prefill chunks keep the separate path."""
+    calls = []
+    spy = impl.decode_attention
+
+    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(args[0].shape[0])
+        return spy(*args, **kwargs)
+
+    monkeypatch.setattr(impl, "decode_attention", counted)
+    rng = np.random.default_rng(1)
+    prompts = [[int(t) for t in rng.integers(3, 500, size=n)] for n in (13, 5)]
+    blocks = [[5, 0], [3]]
+    runs = {}
+    for fused in ("0", "1"):
+        monkeypatch.setenv("WEIR_FUSED_DECODE_ATTENTION", fused)
+        runner = _runner(tiny_model_dirs[model], use_triton=True)
+        tokens = [list(p) for p in prompts]
+        logits = []
+        with torch.inference_mode():
+            for i, seq in enumerate(tokens):  # each prompt in one chunk
+                step = runner._build_inputs([seq], [0], [len(seq)], [blocks[i]], np.array([len(seq) - 1]))
+                hidden = runner._forward(step.input_ids, step.positions, step.metadata)
+                row = runner.compute_logits(hidden[step.logits_indices])
+                seq.append(int(row.argmax()))
+                logits.append(row)
+            for _ in range(5):  # decodes of both at once: positions 13..17 (block 0 from 16) and 5..9
+                computed = [len(s) - 1 for s in tokens]
+                step = runner._build_inputs(tokens, computed, [1, 1], blocks, np.arange(2))
+                hidden = runner._forward(step.input_ids, step.positions, step.metadata)
+                rows = runner.compute_logits(hidden[step.logits_indices])
+                for seq, row in zip(tokens, rows, strict=True):
+                    seq.append(int(row.argmax()))
+                logits.append(rows)
+        runs[fused] = (tokens, torch.cat(logits))
+    num_layers = 2
+    assert calls == [2] * 5 * num_layers  # the fused run's decode steps only, every layer
+    assert runs["1"][0] == runs["0"][0]
+    assert torch.equal(runs["1"][1], runs["0"][1])

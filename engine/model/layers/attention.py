@@ -14,9 +14,16 @@ model's dtype has none (None): the kernels scale nothing.
 With tensor parallelism a rank holds KV heads [kv_head_offset, kv_head_offset + num_kv_heads) of the
 model's total_num_kv_heads (one replicated head when tp_size > total_num_kv_heads), which is the slice
 of a checkpoint's per-head scales it takes.
+
+Decode batches (one token a sequence) can rotate, store K/V and attend in one launch
+(ops decode_attention: one kernel per layer fewer). OFF until measured on a GPU:
+WEIR_FUSED_DECODE_ATTENTION=1 turns it on (read when the layer is built; the outputs and caches are
+bit for bit the two launches', tests/ops/test_decode_attention.py).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
@@ -46,6 +53,7 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.attn_backend = attn_backend
         self.prefix = prefix
+        self.fused_decode = os.environ.get("WEIR_FUSED_DECODE_ATTENTION", "0") == "1"
         self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, num_kv_heads, head_dim]
         self.v_cache: torch.Tensor | None = None
         self.total_num_kv_heads = total_num_kv_heads or num_kv_heads
@@ -71,7 +79,7 @@ class Attention(nn.Module):
         """Store this step's K/V in the cache, then attend. Given positions and the rotary cos/sin cache,
         q and k are rotated by the same launch that stores K/V (ops rotary_and_write_kv): one kernel
         per layer fewer than rotating first, which at batch 1 is launch time saved, not bytes. A decode
-        batch (one token a sequence) rotates, stores and attends in one launch (ops decode_attention)."""
+        batch (one token a sequence) may rotate, store and attend in one launch (`fused_decode`)."""
         if self.k_cache is None or self.v_cache is None:
             raise RuntimeError(f"attention layer {self.layer_idx} has no KV cache bound")
         md = get_attention_metadata()
@@ -79,7 +87,7 @@ class Attention(nn.Module):
         num_tokens = query.shape[0]
         if positions is not None:
             assert cos_sin_cache is not None
-            if md.max_query_len == 1:
+            if md.max_query_len == 1 and self.fused_decode:
                 out = backend.kernels.decode_attention(
                     positions, query, key, value, cos_sin_cache, self.head_dim, self.k_cache, self.v_cache,
                     md.slot_mapping, md.block_tables, md.seq_lens, md.query_start_loc, md.max_seq_len,

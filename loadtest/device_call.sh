@@ -14,7 +14,7 @@
 # FP8 weights), k1 (L1's batch-1 step by kernel), gemv (sweep_gemv.py; GB batches, GK kinds, GX more options, GC cap), probe (probe_w4_layout.py), kern (gpu_kernel_check.py's KPARTS, default correctness and CUDA graphs), q12 (Q1, Q2); any
 # other word is run as a shell command. pdl0a pdl1a pdl0b ...: L1 with WEIR_PDL=0 / 1 (ops/triton/pdl.py);
 # engpdl: the engine check with WEIR_PDL=1; fda0a fda1a fda0b ...: L1 with WEIR_FUSED_DECODE_ATTENTION=0 / 1
-# (decode_attention, engine/model/layers/attention.py); engfda: the engine check with it on; q3: bench_quant.py's Q3 (T2 bf16 and FP8 weights);
+# (decode_attention, engine/model/layers/attention.py); engfda: the engine check with it on; q12fda: Q1, Q2 with it on; q3: bench_quant.py's Q3 (T2 bf16 and FP8 weights);
 # featd: the feature check's quantized checkpoints (part d) alone. abold1 abnew1 abold2 ...: L1 alternating an older tree and this
 # one in one call (machines differ by up to 4%; compare within a call): first, on this machine,
 # `mkdir ab_old && git archive REV engine ops app loadtest pyproject.toml | tar x -C ab_old`, carry ab_old. .whl holds the server's wheels (../shared/scripts/device-wheels.sh).
@@ -57,6 +57,7 @@ for s in $STEPS; do case $s in
   gemv) step gemv ${GC:-400} python3 loadtest/sweep_gemv.py --shape llama3-8b --batches ${GB:-1,2} --kinds ${GK:-w4,fp8,bf16} $GX --out $O/sweep_gemv.json;;
   kern) step kern ${KC:-150} env OUT=$O python3 loadtest/gpu_kernel_check.py ${KPARTS:-correctness cuda};;
   probe) step probe 150 python3 loadtest/probe_w4_layout.py --out $O/probe.json;;
+  q12fda) step q12fda 150 env WEIR_FUSED_DECODE_ATTENTION=1 python3 loadtest/bench_quant.py --shape llama3-8b --cases Q1,Q2 --out $O/q12fda.json;;
   q12) step q12 150 python3 loadtest/bench_quant.py --shape llama3-8b --cases Q1,Q2 --out $O/q12.json;;
   sweep) step sweep ${SWC:-170} python3 loadtest/sweep_lora_gemv.py $SWT --out $O/sweep_lora_gemv.json;;
   sweepseg) step sweepseg 150 python3 loadtest/sweep_lora_segments.py --out $O/sweep_lora_segments.json;;

@@ -28,6 +28,10 @@ One launch covers the whole batch. The grid is (query blocks, KV heads[, KV segm
   v_scale ([num_kv_heads] float32 device tensors, read in the kernel: CUDA-graph safe) once, folds
   k_scale into the softmax scale and v_scale into the final normalisation. Without scales (a cache in
   the model's dtype; KV_SCALED off) nothing is loaded or multiplied.
+- Decode batches may also rotate and store this step's K/V in the same launch (ROTARY, `decode_attention`):
+  queries are rotated as they are loaded, and the program whose tiles hold the new position stores that
+  token's K/V for its KV head before a block barrier and its tile loop. Off unless
+  WEIR_FUSED_DECODE_ATTENTION=1 (engine/model/layers/attention.py) until measured on a GPU.
 """
 
 from __future__ import annotations

@@ -48,9 +48,8 @@ class Kernels:
     write_kv_cache: Callable[..., Any]
     rotary_and_write_kv: Callable[..., Any]  # rotary_embedding, then write_kv_cache: one launch
     paged_attention: Callable[..., Any]
-    decode_attention: Callable[
-        ..., Any
-    ]  # rotary_and_write_kv, then paged_attention: one launch (decodes only)
+    # rotary_and_write_kv, then paged_attention: one launch (decode batches only)
+    decode_attention: Callable[..., Any]
     lora_shrink: Callable[..., Any]  # batched LoRA over stacked adapter slots (engine.lora)
     lora_expand: Callable[..., Any]
     seeded_exponential_: Callable[..., Any]  # the sampling noise of seeded rows (engine.worker.sampler)

@@ -216,18 +216,8 @@ def decode_attention(
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """A decode batch's attention (one new token a sequence): rotary_and_write_kv, then paged_attention."""
     q = rotary_and_write_kv(
-        positions,
-        query,
-        key,
-        value,
-        cos_sin_cache,
-        head_dim,
-        k_cache,
-        v_cache,
-        slot_mapping,
-        k_scale,
-        v_scale,
-    )
+        positions, query, key, value, cos_sin_cache, head_dim, k_cache, v_cache, slot_mapping, k_scale, v_scale,
+    )  # fmt: skip
     n = q.shape[0]
     return paged_attention(
         q.view(n, -1, head_dim), k_cache, v_cache, block_tables, seq_lens, query_start_loc, 1, max_seq_len, scale,

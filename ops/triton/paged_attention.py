@@ -45,7 +45,7 @@ import triton.language as tl
 
 from ops.triton.kv_cache import _FP8_FORMATS, _NOT_FP8, _to_cache
 from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
-from ops.triton.rotary_kv import rotated_rows
+from ops.triton.rotary_kv import check_head_rows_cache, rotated_rows
 from ops.triton.split_k import MAX_TILES, split_counters
 
 _LOG2E = 1.4426950408889634
@@ -493,6 +493,27 @@ def paged_attention(
     v_scale: torch.Tensor | None = None,  # [num_kv_heads] float32 (fp8 caches); None = 1.0
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole paged context (see the reference)."""
+    return _attend(
+        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len, max_seq_len, scale,
+        k_scale, v_scale,
+    )  # fmt: skip
+
+
+def _attend(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
+    max_query_len: int,
+    max_seq_len: int,
+    scale: float,
+    k_scale: torch.Tensor | None,  # [num_kv_heads] float32
+    v_scale: torch.Tensor | None,
+    rotary: tuple[torch.Tensor, ...] | None = None,  # see _launch
+) -> torch.Tensor:
+    """paged_attention's launch shape from its plan (decode or prefill), then the launch."""
     _, num_heads, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     dtype, device = query.dtype, query.get_device()
@@ -508,7 +529,7 @@ def paged_attention(
         segments = 1
     return _launch(
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale, plan,
-        block_m, tile, segments, num_warps, num_stages,
+        block_m, tile, segments, num_warps, num_stages, rotary=rotary,
     )  # fmt: skip
 
 
@@ -540,28 +561,14 @@ def decode_attention(
     this is one launch (~2.8 us on an H200) a layer fewer.
     """
     num_tokens = query.shape[0]
-    num_heads, num_kv_heads = query.shape[1] // head_dim, key.shape[1] // head_dim
-    kcs, vcs = k_cache.stride(), v_cache.stride()
-    if k_cache.shape[2:] != (num_kv_heads, head_dim) or kcs[-1] != 1 or kcs[-2] != head_dim or vcs != kcs:
-        raise ValueError(
-            f"decode_attention: caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} must be contiguous "
-            f"[blocks, block_size, {num_kv_heads}, {head_dim}] and alike"
-        )
+    check_head_rows_cache("decode_attention", k_cache, v_cache, key.shape[1] // head_dim, head_dim)
     if cos_sin_cache.shape[-1] != head_dim or cos_sin_cache.stride(-1) != 1:
         raise ValueError(f"cos_sin_cache rows must be head_dim={head_dim} wide and contiguous")
     if key.stride(-1) != 1 or value.stride(-1) != 1:
         raise ValueError("decode_attention needs key and value contiguous in their last dimension")
-    block_size = k_cache.shape[1]
-    dtype, device = query.dtype, query.get_device()
-    plan = _PLANS.get((num_heads, num_kv_heads, head_dim, block_size, dtype, device)) or _plan(
-        num_heads, num_kv_heads, head_dim, block_size, dtype, device
-    )
-    block_m, tile, num_warps, num_stages = plan.decode
-    segments = _decode_segments(seq_lens.shape[0] * num_kv_heads, max_seq_len, tile, plan.sms)
-    return _launch(
-        query.view(num_tokens, num_heads, head_dim), k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-        scale, k_scale, v_scale, plan, block_m, tile, segments, num_warps, num_stages,
-        (positions, key, value, cos_sin_cache, slot_mapping),
+    return _attend(
+        query.view(num_tokens, -1, head_dim), k_cache, v_cache, block_tables, seq_lens, query_start_loc, 1,
+        max_seq_len, scale, k_scale, v_scale, (positions, key, value, cos_sin_cache, slot_mapping),
     )  # fmt: skip
 
 
@@ -623,8 +630,8 @@ def _launch(
     segments: int,
     num_warps: int,
     num_stages: int,
-    rotary: tuple[torch.Tensor, ...]
-    | None = None,  # decode_attention's (positions, key, value, cos_sin, slots)
+    # decode_attention's (positions, key, value, cos_sin, slots): the kernel's ROTARY path
+    rotary: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
     """Allocate the output (and split-KV partials) and launch; every decision is already made."""
     num_tokens, num_heads, head_dim = query.shape

@@ -103,6 +103,20 @@ def _block_h(head_dim: int, num_heads: int, num_kv_heads: int) -> int:
     return block_h
 
 
+def check_head_rows_cache(
+    op: str, k_cache: torch.Tensor, v_cache: torch.Tensor, num_kv_heads: int, head_dim: int
+) -> None:
+    """The cache layout the kernels that store a token's heads as one row address (head h at
+    h * head_dim of the slot's row): [blocks, block_size, num_kv_heads, head_dim], contiguous in its
+    last two dimensions, K and V alike."""
+    kcs, vcs = k_cache.stride(), v_cache.stride()
+    if k_cache.shape[2:] != (num_kv_heads, head_dim) or kcs[-1] != 1 or kcs[-2] != head_dim or vcs != kcs:
+        raise ValueError(
+            f"{op}: caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} must be contiguous "
+            f"[blocks, block_size, {num_kv_heads}, {head_dim}] and alike"
+        )
+
+
 def rotary_and_write_kv(
     positions: torch.Tensor,  # [num_tokens] int64
     query: torch.Tensor,  # [num_tokens, num_heads * head_dim]
@@ -125,12 +139,8 @@ def rotary_and_write_kv(
         raise ValueError(f"cos_sin_cache rows must be head_dim={head_dim} wide; got {cs.shape[-1]}")
     num_heads, num_kv_heads = q.shape[1] // head_dim, k.shape[1] // head_dim
     block_h = _BLOCK_H.get((head_dim, num_heads, num_kv_heads)) or _block_h(head_dim, num_heads, num_kv_heads)
+    check_head_rows_cache("rotary_and_write_kv", k_cache, v_cache, num_kv_heads, head_dim)
     kcs, vcs = k_cache.stride(), v_cache.stride()
-    if k_cache.shape[2:] != (num_kv_heads, head_dim) or kcs[-1] != 1 or kcs[-2] != head_dim or vcs != kcs:
-        raise ValueError(
-            f"rotary_and_write_kv: caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} must be contiguous "
-            f"[blocks, block_size, {num_kv_heads}, {head_dim}] and alike"
-        )
     mant, min_exp, fp8_max = _FP8_FORMATS.get(k_cache.dtype, _NOT_FP8)
     scaled = k_scale is not None
     if scaled and v_scale is None:

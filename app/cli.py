@@ -138,6 +138,17 @@ def _serve(flags: dict, startup: StartupPhases) -> int:
             )
             return 2
 
+    if engine_config.device == "cuda":
+        # Start-up's Triton compiles in worker processes (WEIR_COMPILE_WORKERS; engine/worker/
+        # compile_pool.py): spawned first, they import torch and triton while this process does.
+        from engine.worker import compile_pool
+
+        try:
+            compile_pool.start(compile_pool.workers_from_env())
+        except ValueError as exc:
+            print(f"weir serve: error: {exc}", file=sys.stderr)
+            return 2
+
     with startup.phase("imports"):
         from app.startup import device_problem, port_problem
 

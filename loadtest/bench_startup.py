@@ -138,6 +138,7 @@ def parse_server_log(text: str) -> dict[str, Any]:
         "startup",
         "start-up",
         "listening",
+        "compile ahead",
     )
     found["lines"] = [ln[:300] for ln in text.splitlines() if any(k in ln.lower() for k in keywords)][:20]
     return found

@@ -135,8 +135,21 @@ def main() -> None:
         print(
             f"{c['at_s']:8.2f} {c['seconds']:6.3f}s {c['phase']:>14}  {c['kernel']}  [{c['differs'][:300]}]"
         )
+    # With WEIR_COMPILE_WORKERS: what the compile pool took off this process (engine/worker/compile_ahead.py).
+    ahead = getattr(getattr(llm.llm_engine.executor, "runner", None), "compile_ahead_figures", {})
+    if ahead:
+        print(f"compile ahead: {ahead}")
     if args.out:
-        write_json(args.out, {"build_s": build_s, "marks": marks, "compiles": compiles, "by_phase": by_phase})
+        write_json(
+            args.out,
+            {
+                "build_s": build_s,
+                "marks": marks,
+                "compiles": compiles,
+                "by_phase": by_phase,
+                "compile_ahead": ahead,
+            },
+        )
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ graphs alive until a garbage collection.
 from __future__ import annotations
 
 import bisect
+import functools
 import gc
 import logging
 import time
@@ -56,6 +57,7 @@ from engine.worker.attention_metadata import (
     build_step_inputs,
     step_layout,
 )
+from engine.worker.compile_ahead import compile_ahead, representative_sizes
 from engine.worker.warmup_summary import warmup_summary
 
 if TYPE_CHECKING:
@@ -234,8 +236,11 @@ class CUDAGraphRunner:
         emulate: bool = False,
         mixed_sizes: list[int] | None = None,
         lora: LoRABatch | None = None,  # LoRA on: capture each size with and without the LoRA term
+        compile_ahead: bool = False,  # warm-ups' Triton compiles to the compile pool first
     ) -> None:
         self.forward = forward
+        self.compile_ahead = compile_ahead
+        self.compile_ahead_figures: dict[str, float] = {}
         self.lora = lora
         # The LoRA variants captured per size: `lora.active` at capture (None: LoRA is off).
         self.lora_variants: tuple[bool | None, ...] = (True, False) if lora is not None else (None,)
@@ -294,6 +299,8 @@ class CUDAGraphRunner:
         try:
             # Batch-1 linears may take the Triton GEMV here: graphs replay it (float_gemv.py).
             with decode_gemv_allowed():
+                if on_cuda and self.compile_ahead:
+                    self.compile_ahead_figures = compile_ahead("cuda graphs", self._dry_warmups())
                 # Decode sizes first (the largest batch needs the most memory), then the mixed sizes.
                 plan = [(bs, False) for bs in reversed(self.sizes)] + [
                     (t, True) for t in reversed(self.mixed_sizes)
@@ -436,6 +443,20 @@ class CUDAGraphRunner:
         return self.step_inputs(
             pad_mixed_batch(none, num_tokens), np.zeros(0, dtype=np.int64), num_tokens, 0, mixed=True
         )
+
+    def _dry_warmups(self) -> list[Callable[[], object]]:
+        """compile_ahead's dry forwards: the warm-up of each representative decode and mixed size, with
+        the LoRA term where LoRA is on (its kernels include those of the variant without)."""
+
+        def warm_up(size: int, mixed: bool) -> None:
+            step = self.dummy_mixed_step(size) if mixed else self.dummy_step(size)
+            if self.lora is not None:
+                self.lora.active = True
+            self.forward(step.input_ids, step.positions, step.metadata)
+
+        plan = [(bs, False) for bs in representative_sizes(self.sizes)]
+        plan += [(t, True) for t in representative_sizes(self.mixed_sizes)]
+        return [functools.partial(warm_up, size, mixed) for size, mixed in plan]
 
     def replay_variant(self) -> bool | None:
         """The LoRA variant this step replays: with the LoRA term exactly when some token of the step

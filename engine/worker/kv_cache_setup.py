@@ -15,7 +15,10 @@ import time
 import numpy as np
 import torch
 
+from engine.model.quantization.float_gemv import decode_gemv_allowed
+from engine.worker import compile_pool
 from engine.worker.attention_metadata import eager_forward
+from engine.worker.compile_ahead import compile_ahead, representative_sizes
 from engine.worker.cuda_graphs import CUDAGraphRunner, pad_decode_batch
 from engine.worker.memory_profile import (
     choose_num_kv_blocks,
@@ -60,7 +63,10 @@ class KVCacheSetup:
         self._allocate_kv_cache(num_blocks)
         self._sync()
         self.timings["kv_alloc_s"] = time.perf_counter() - start
-        self.capture_cuda_graphs()
+        try:
+            self.capture_cuda_graphs()
+        finally:
+            compile_pool.stop()  # start-up's compiles are done: the workers exit
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         """Per-layer K and V caches in the attention backend's shape and dtype ([num_blocks, block_size,
@@ -115,8 +121,11 @@ class KVCacheSetup:
             emulate=emulate,
             mixed_sizes=self.cuda_graph_mixed_sizes(),
             lora=self.lora.batch if self.lora is not None else None,
+            compile_ahead=self._compiles_ahead(),
         )
         graph_runner.capture()
+        if graph_runner.compile_ahead_figures:
+            self.compile_ahead_figures["cuda graphs"] = graph_runner.compile_ahead_figures
         self.graph_runner = graph_runner
         self.timings["cuda_graph_capture_s"] = graph_runner.capture_seconds
 
@@ -134,20 +143,26 @@ class KVCacheSetup:
             self._allocate_kv_cache(num_blocks)
             return num_blocks * self.bytes_per_kv_block
 
-        def peak_step() -> None:
+        num_rows = min(self.max_num_seqs, num_tokens)
+
+        def profile_forward() -> torch.Tensor:  # -> logits [num_rows, vocab]
             block_ids = iter(range(num_blocks))
             token_ids = [[0] * n for n in seq_lens]
             tables = [[next(block_ids) for _ in range(b)] for b in blocks_per_seq]
-            num_rows = min(self.max_num_seqs, num_tokens)
             step = self._build_inputs(
                 token_ids, [0] * len(seq_lens), seq_lens, tables, np.arange(num_tokens - num_rows, num_tokens)
             )
             hidden = self._forward(step.input_ids, step.positions, step.metadata)
-            logits = self.compute_logits(hidden[step.logits_indices])
+            return self.compute_logits(hidden[step.logits_indices])
+
+        def sample(logits: torch.Tensor) -> None:
             rows = worst_case_sampling_rows(num_rows)
             self.sampler(
                 logits, build_sampling_metadata(rows, vocab_size=self.vocab_size, device=self.device)
             )
+
+        def peak_step() -> None:
+            sample(profile_forward())
 
         def free_temp_cache() -> None:
             for layer in self.attn_layers:
@@ -156,6 +171,24 @@ class KVCacheSetup:
             self.kv_cache_stack = None
             self.num_kv_blocks = 0
 
+        if self._compiles_ahead():
+            # The profile's kernels (and, at the sizes that choose kernel variants, the graph
+            # warm-ups') compiled in the pool while the sampler's compile here, on zero logits.
+            allocate_temp_cache()
+            try:
+                self.compile_ahead_figures["memory profile"] = compile_ahead(
+                    "memory profile",
+                    [profile_forward]
+                    + [
+                        functools.partial(self._padding_decode_forward, bs)
+                        for bs in representative_sizes(self.cuda_graph_sizes())
+                    ],
+                    meanwhile=lambda: sample(
+                        torch.zeros(num_rows, self.vocab_size, dtype=torch.float32, device=self.device)
+                    ),
+                )
+            finally:
+                free_temp_cache()
         available, self.memory_profile = profile_kv_cache_bytes(
             self.device,
             self.config.cache.gpu_memory_utilization,
@@ -173,12 +206,7 @@ class KVCacheSetup:
         sizes = self.cuda_graph_sizes()
 
         def largest_decode_forward() -> None:
-            empty = np.zeros(0, dtype=np.int64)
-            arrays = pad_decode_batch(
-                empty, empty, empty, empty.astype(np.int32), np.zeros((0, 1), np.int32), sizes[-1]
-            )
-            step = self._step_inputs(arrays, np.zeros(0, dtype=np.int64), max_seq_len=self.max_model_len)
-            self._forward(step.input_ids, step.positions, step.metadata)
+            self._padding_decode_forward(sizes[-1], allow_gemv=False)
 
         return profile_graph_pool_bytes(
             self.device,
@@ -187,4 +215,29 @@ class KVCacheSetup:
             self.cuda_graph_mixed_sizes(),
             self.max_blocks_per_seq,
             graphs_per_size=2 if self.lora is not None else 1,  # with and without the LoRA term
+        )
+
+    def _padding_decode_forward(self, batch_size: int, allow_gemv: bool = True) -> None:
+        """An eager forward of a decode batch of padding rows only (they read no KV and store none).
+        `allow_gemv`: batch-1 linears may take the Triton GEMV, as inside the CUDA graphs."""
+        empty = np.zeros(0, dtype=np.int64)
+        arrays = pad_decode_batch(
+            empty, empty, empty, empty.astype(np.int32), np.zeros((0, 1), np.int32), batch_size
+        )
+        step = self._step_inputs(arrays, np.zeros(0, dtype=np.int64), max_seq_len=self.max_model_len)
+        if allow_gemv and self.use_cuda_graphs:
+            with decode_gemv_allowed():
+                self._forward(step.input_ids, step.positions, step.metadata)
+        else:
+            self._forward(step.input_ids, step.positions, step.metadata)
+
+    def _compiles_ahead(self) -> bool:
+        """Whether start-up's Triton compiles go to the compile pool (engine.worker.compile_ahead): the
+        pool is running and this runner launches Triton kernels on a GPU."""
+        backend = self.attn_backend
+        return (
+            compile_pool.running() > 0
+            and self.device.type == "cuda"
+            and backend is not None
+            and backend.kernels.name == "triton"
         )

@@ -47,6 +47,7 @@ from engine.model.models.registry import get_model_class
 from engine.model.quantization import QuantizationConfig
 from engine.model.quantization.kv_cache import load_kv_cache_scales
 from engine.model.weight_loader import find_safetensors_files, initialize_dummy_weights, load_weights
+from engine.worker import compile_pool
 from engine.worker.attention_metadata import (
     AttentionMetadata,
     PinnedStaging,
@@ -130,6 +131,8 @@ class ModelRunner(KVCacheSetup):
         }
         # GiB figures of the CUDA memory profile (empty on CPU or with num_kv_blocks set).
         self.memory_profile: dict[str, float] = {}
+        # Per start-up phase, what the compile pool did (engine.worker.compile_ahead; empty without it).
+        self.compile_ahead_figures: dict[str, dict[str, float]] = {}
         torch.manual_seed(config.load.seed)
         self.attn_backend: AttentionBackend | None = None  # chosen once, in load_model
         self.lora: LoRAManager | None = None  # adapters, slots, per-token index (config.lora set)
@@ -159,6 +162,8 @@ class ModelRunner(KVCacheSetup):
         unquantized), then load or dummy-initialise the weights (each ends with the methods'
         post-load hooks)."""
         start = time.perf_counter()
+        if self.device.type == "cuda":  # no-op if `weir serve` started it already, or it is off
+            compile_pool.start(compile_pool.workers_from_env())
         self.attn_backend = get_attention_backend(
             self.device,
             self.dtype,

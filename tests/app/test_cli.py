@@ -140,6 +140,16 @@ def test_serve_exits_2_on_bad_settings(capsys: pytest.CaptureFixture[str], tmp_p
     assert "invalid max_num_seqs (from --max-num-seqs)" in capsys.readouterr().err
 
 
+def test_serve_exits_2_on_a_bad_compile_workers_count(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WEIR_COMPILE_WORKERS is read on CUDA only, before anything loads (the workers start first)."""
+    monkeypatch.setenv("WEIR_COMPILE_WORKERS", "many")
+    assert main(["serve", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "weir serve: error: WEIR_COMPILE_WORKERS must be a whole number >= 0 (0: off); got 'many'" in err
+
+
 def test_long_prefill_token_threshold_from_flag_env_and_yaml(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("long_prefill_token_threshold: 256\n")

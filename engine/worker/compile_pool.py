@@ -146,43 +146,49 @@ def current_target() -> tuple[str, int, int]:
 
 # ------------------------------------------------------------------ in the workers
 def _import_compiler() -> None:
-    """Worker initializer: the imports every compile needs (torch with the kernels' modules)."""
+    """Worker initializer: the imports every compile needs (torch with the kernels' modules) and the
+    driver (on a cold cache its C helpers are built with gcc here, not in the first compile)."""
     import triton  # noqa: F401
 
     import ops.triton  # noqa: F401 - the kernels most start-ups compile, and torch with them
+
+    _load_driver()
 
 
 def _ready() -> None:
     """A no-op task: submitting one per worker makes the pool spawn them all now."""
 
 
-_worker_driver: tuple[tuple[str, int, int], bool] | None = None  # (target, launchers possible)
+_driver: Any = None  # this process's Triton driver, once loaded
+_driver_builds_launchers = False
 
 
-def _use_target(target: tuple[str, int, int], want_launchers: bool) -> bool:
-    """Make Triton compile for `target` without touching a GPU: the CUDA driver (it builds launchers)
-    with its device queries answered from `target`, or, where it cannot load (no driver library) or
-    is not wanted, a stand-in that only answers them. Once per worker. -> launchers can be built."""
-    global _worker_driver
-    if _worker_driver is not None and _worker_driver[0] == target:
-        return _worker_driver[1]
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime import driver
-
-    gpu_target = GPUTarget(*target)
-    active: Any = _TargetOnlyDriver()
-    if want_launchers:
+def _load_driver() -> Any:
+    """The CUDA driver (it builds launchers; loading it touches no GPU), or where its library is
+    missing a stand-in that only answers device queries."""
+    global _driver, _driver_builds_launchers
+    if _driver is None:
         try:
             from triton.backends.nvidia.driver import CudaDriver
 
-            active = CudaDriver()
+            _driver, _driver_builds_launchers = CudaDriver(), True
         except Exception:  # no libcuda here: compile only; the server's process builds the launchers
-            want_launchers = False
+            _driver = _TargetOnlyDriver()
+    return _driver
+
+
+def _use_target(target: tuple[str, int, int]) -> bool:
+    """Make Triton compile for `target` without touching a GPU: the driver's device queries answered
+    from `target`. -> whether launchers can be built here."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    active = _load_driver()
+    gpu_target = GPUTarget(*target)
     active.get_current_device = lambda: 0
     active.get_current_target = lambda: gpu_target
     driver.set_active(active)
-    _worker_driver = (target, want_launchers)
-    return want_launchers
+    return _driver_builds_launchers
 
 
 class _TargetOnlyDriver:
@@ -199,7 +205,7 @@ def _compile(spec: Specialization, target: tuple[str, int, int], build_launcher:
     start_time = time.perf_counter()
     launcher = False
     try:
-        launcher = _use_target(target, build_launcher)
+        launcher = _use_target(target) and build_launcher
         fn: Any = importlib.import_module(spec.module)
         for part in spec.name.split("."):
             fn = getattr(fn, part)

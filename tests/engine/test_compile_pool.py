@@ -58,7 +58,7 @@ def main():
     cache = os.environ["TRITON_CACHE_DIR"]
     listing = lambda: sorted(os.listdir(cache))
     compile_pool.start(2)
-    compile_pool._use_target(("cuda", 90, 32), False)  # this process too: no GPU here
+    compile_pool._use_target(("cuda", 90, 32))  # this process too: no GPU here
     from ops.triton.activation import silu_and_mul
     from ops.triton.rms_norm import rms_norm
 
@@ -141,7 +141,7 @@ def main():
     cache = os.environ["TRITON_CACHE_DIR"]
     listing = lambda: sorted(os.listdir(cache))
     compile_pool.start(2)
-    compile_pool._use_target(("cuda", 90, 32), False)  # no GPU here
+    compile_pool._use_target(("cuda", 90, 32))  # no GPU here
     config = EngineConfig(model=sys.argv[1], device="cpu", dtype="bfloat16", block_size=16, num_kv_blocks=64)
     runner = ModelRunner(config.resolve())
     runner.load_model(use_triton=True)

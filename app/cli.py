@@ -115,6 +115,9 @@ def serve(flags: dict, startup: StartupPhases | None = None) -> int:
     try:
         return _serve(flags, startup or StartupPhases())
     finally:
+        compile_pool = sys.modules.get("engine.worker.compile_pool")
+        if compile_pool is not None:  # an error before the engine's graphs: its workers end now
+            compile_pool.stop(terminate=True)
         if gc_was_enabled:
             gc.enable()  # where start-up stopped before serving (an in-process caller's collector)
 
@@ -138,7 +141,7 @@ def _serve(flags: dict, startup: StartupPhases) -> int:
             )
             return 2
 
-    if engine_config.device == "cuda":
+    if engine_config.device == "cuda" and engine_config.tensor_parallel_size == 1:
         # Start-up's Triton compiles in worker processes (WEIR_COMPILE_WORKERS; engine/worker/
         # compile_pool.py): spawned first, they import torch and triton while this process does.
         from engine.worker import compile_pool

@@ -91,11 +91,17 @@ def running() -> int:
     return _pool_workers if _pool is not None else 0
 
 
-def stop() -> None:
-    """Let the workers exit (their memory is freed); queued compiles are dropped."""
+def stop(terminate: bool = False) -> None:
+    """Let the workers exit (their memory is freed); queued compiles are dropped. `terminate`: end
+    them now (an error path, where they may still be importing for seconds and the process would
+    wait for them at exit)."""
     global _pool, _pool_workers
     if _pool is not None:
+        # The executor's own table of its processes (a private attribute, hence the default).
+        processes = list((getattr(_pool, "_processes", None) or {}).values()) if terminate else []
         _pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
     _pool, _pool_workers = None, 0
 
 

@@ -233,10 +233,13 @@ class KVCacheSetup:
 
     def _compiles_ahead(self) -> bool:
         """Whether start-up's Triton compiles go to the compile pool (engine.worker.compile_ahead): the
-        pool is running and this runner launches Triton kernels on a GPU."""
+        pool is running and this runner launches Triton kernels on a GPU, alone (with tensor
+        parallelism the ranks' forwards meet in collectives: one rank's dry forwards would wait for
+        the others forever)."""
         backend = self.attn_backend
         return (
             compile_pool.running() > 0
+            and self.config.parallel.tensor_parallel_size == 1
             and self.device.type == "cuda"
             and backend is not None
             and backend.kernels.name == "triton"

@@ -162,7 +162,8 @@ class ModelRunner(KVCacheSetup):
         unquantized), then load or dummy-initialise the weights (each ends with the methods'
         post-load hooks)."""
         start = time.perf_counter()
-        if self.device.type == "cuda":  # no-op if `weir serve` started it already, or it is off
+        if self.device.type == "cuda" and self.config.parallel.tensor_parallel_size == 1:
+            # No-op if `weir serve` started it already, or it is off.
             compile_pool.start(compile_pool.workers_from_env())
         self.attn_backend = get_attention_backend(
             self.device,

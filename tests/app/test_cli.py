@@ -5,6 +5,7 @@ fail at start naming the key and where it came from.
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from app.cli import build_parser, main
 from app.config import ENGINE_HELP, ConfigError, ServerConfig, all_options, default_model_dir, resolve
 from engine.config import EngineConfig
+from engine.worker import compile_pool
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -148,6 +150,20 @@ def test_serve_exits_2_on_a_bad_compile_workers_count(
     assert main(["serve", "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert "weir serve: error: WEIR_COMPILE_WORKERS must be a whole number >= 0 (0: off); got 'many'" in err
+
+
+def test_serve_ends_its_compile_workers_when_it_exits_early(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The workers start before the device check; a start-up that stops there (no GPU here) ends
+    them rather than leaving them, or the exit, to wait for their imports."""
+    monkeypatch.setenv("WEIR_COMPILE_WORKERS", "2")
+    assert main(["serve", "--device", "cuda"]) == 2
+    assert "weir serve: error:" in capsys.readouterr().err
+    assert compile_pool.running() == 0
+    for child in multiprocessing.active_children():
+        child.join(timeout=30)
+    assert multiprocessing.active_children() == []
 
 
 def test_long_prefill_token_threshold_from_flag_env_and_yaml(tmp_path: Path) -> None:

@@ -141,11 +141,11 @@ def _serve(flags: dict, startup: StartupPhases) -> int:
             )
             return 2
 
-    if engine_config.device == "cuda" and engine_config.tensor_parallel_size == 1:
+    from engine.worker import compile_pool
+
+    if compile_pool.gpu_likely(engine_config.device) and engine_config.tensor_parallel_size == 1:
         # Start-up's Triton compiles in worker processes (WEIR_COMPILE_WORKERS; engine/worker/
         # compile_pool.py): spawned first, they import torch and triton while this process does.
-        from engine.worker import compile_pool
-
         try:
             compile_pool.start(compile_pool.workers_from_env())
         except ValueError as exc:

@@ -70,6 +70,19 @@ def workers_from_env() -> int:
     return workers
 
 
+def gpu_likely(device: str) -> bool:
+    """Whether an engine of `device` ("cuda", "cpu", "auto") will run on an NVIDIA GPU, guessed without
+    importing torch (the pool starts before it): "auto" counts when the NVIDIA driver's device node
+    exists and CUDA_VISIBLE_DEVICES hides none of it. A wrong guess costs the workers' CPU time: the
+    runner only uses the pool on CUDA, and stops it after start-up either way."""
+    if device != "auto":
+        return device == "cuda"
+    return os.path.exists("/dev/nvidiactl") and os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() not in (
+        "",
+        "-1",
+    )
+
+
 def start(workers: int) -> bool:
     """Spawn `workers` processes (none if 0 or already running) and have each import what it
     compiles with, now, so that they are ready when the first specializations come. -> running."""
@@ -152,13 +165,11 @@ def current_target() -> tuple[str, int, int]:
 
 # ------------------------------------------------------------------ in the workers
 def _import_compiler() -> None:
-    """Worker initializer: the imports every compile needs (torch with the kernels' modules) and the
-    driver (on a cold cache its C helpers are built with gcc here, not in the first compile)."""
-    import triton  # noqa: F401
-
-    import ops.triton  # noqa: F401 - the kernels most start-ups compile, and torch with them
-
+    """Worker initializer: the driver first (on a cold cache its C helpers are built with gcc here, and
+    the server's process, which needs them too, finds them sooner), then the kernels' modules."""
     _load_driver()
+
+    import ops.triton  # noqa: F401 - the kernels most start-ups compile
 
 
 def _ready() -> None:

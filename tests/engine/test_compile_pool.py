@@ -250,3 +250,19 @@ def test_the_graph_warm_ups_run_dry_at_each_representative_size(tiny_model_dirs:
         warm_up()
     assert seen == [(1, False), (2, False), (4, False), (8, False), (16, False), (16, True), (32, True)]
     assert not runner._compiles_ahead()  # CPU: the pool is never used
+
+
+def test_gpu_likely_guesses_without_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`weir serve` decides before importing torch: cuda and cpu say so; auto follows the NVIDIA device
+    node, unless CUDA_VISIBLE_DEVICES hides every GPU."""
+    assert compile_pool.gpu_likely("cuda") and not compile_pool.gpu_likely("cpu")
+    monkeypatch.setattr(compile_pool.os.path, "exists", lambda path: path == "/dev/nvidiactl")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert compile_pool.gpu_likely("auto")
+    for hidden in ("", "-1"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert not compile_pool.gpu_likely("auto")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert compile_pool.gpu_likely("auto")
+    monkeypatch.setattr(compile_pool.os.path, "exists", lambda path: False)
+    assert not compile_pool.gpu_likely("auto")

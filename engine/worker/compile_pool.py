@@ -123,7 +123,8 @@ def record_specializations() -> Iterator[list[Specialization]]:
     """Inside: every Triton launch that would compile (not in its kernel's in-process cache) records
     its specialization and returns None at once: nothing compiles, nothing launches, outputs are left
     as allocated. Launches of kernels already compiled in this process run as usual. The list yielded
-    is filled, in first-seen order without repeats, when the block exits."""
+    is filled, in first-seen order without repeats, when the block exits. The hook is process-wide
+    while the block runs: start-up only, when no other thread launches Triton kernels."""
     from triton import knobs
 
     found: dict[str, Specialization] = {}

@@ -41,6 +41,7 @@ import bisect
 import functools
 import gc
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -210,6 +211,21 @@ def static_buffer_bytes(max_batch_size: int, block_table_width: int, max_mixed_t
     return nbytes
 
 
+GRAPH_WARMUPS_ENV = "WEIR_GRAPH_WARMUPS"
+
+
+def graph_warmups_from_env() -> str:
+    """WEIR_GRAPH_WARMUPS: "all" (the default: an eager warm-up before every size's capture) or
+    "representative" (only at compile_ahead.representative_sizes: every kernel variant and cuBLAS
+    choice should be met there, and the other sizes' warm-ups, ~23 ms each for Llama-3-8B on the H200,
+    were ~1.6 s of U1's 9.3 s; a capture that fails without one is warmed up and captured again).
+    Experimental: not yet measured on a GPU."""
+    value = os.environ.get(GRAPH_WARMUPS_ENV, "all").strip() or "all"
+    if value not in ("all", "representative"):
+        raise ValueError(f"{GRAPH_WARMUPS_ENV} must be 'all' or 'representative'; got {value!r}")
+    return value
+
+
 # The eager forward a graph captures: (input_ids [T], positions [T], metadata) -> hidden [T, hidden].
 EagerForward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
 
@@ -239,6 +255,7 @@ class CUDAGraphRunner:
         compile_ahead: bool = False,  # warm-ups' Triton compiles to the compile pool first
     ) -> None:
         self.forward = forward
+        self.warm_every_size = graph_warmups_from_env() == "all"
         self.compile_ahead = compile_ahead
         self.compile_ahead_figures: dict[str, float] = {}
         self.lora = lora
@@ -305,9 +322,13 @@ class CUDAGraphRunner:
                 plan = [(bs, False) for bs in reversed(self.sizes)] + [
                     (t, True) for t in reversed(self.mixed_sizes)
                 ]
+                # WEIR_GRAPH_WARMUPS=representative: warm-ups at these sizes only (every kernel variant
+                # should be met there; see graph_warmups_from_env).
+                warmed_sizes = set(plan) if self.warm_every_size else self._representative_plan()
                 for bs, mixed in plan:
                     step = self.dummy_mixed_step(bs) if mixed else self.dummy_step(bs)
                     graphs = self._mixed_graphs if mixed else self._graphs
+                    label = f"{'mixed' if mixed else 'decode'} {bs}"
                     # With LoRA: the variant with the LoRA term first (the larger), then the one without.
                     for variant in self.lora_variants:
                         if self.lora is not None:
@@ -315,26 +336,30 @@ class CUDAGraphRunner:
                         if not on_cuda:
                             graphs[bs, variant] = self._emulated(step, variant)
                             continue
-                        if variant is not False:
-                            # Warm-up outside the capture: Triton compiles and cuBLAS picks its kernels
-                            # here (the variant without LoRA runs a subset of these kernels). One per size:
-                            # sizes may launch different kernel variants (decode attention splits KV
-                            # below some batch size; Triton specializes ints on ==1 and %16 unless a
-                            # kernel opts out; cuBLAS picks by shape), and a variant first met inside a
-                            # capture would compile or load there. The log line below shows what each
-                            # one cost; loadtest/trace_compiles.py shows which kernels compiled.
-                            t0 = time.perf_counter()
-                            stream.wait_stream(torch.cuda.current_stream(device))
-                            with torch.cuda.stream(stream):
-                                self.forward(step.input_ids, step.positions, step.metadata)
-                            torch.cuda.current_stream(device).wait_stream(stream)
-                            seconds = time.perf_counter() - t0
-                            self.warmup_seconds += seconds
-                            self.warmup_by_step[f"{'mixed' if mixed else 'decode'} {bs}"] = seconds
-                        graph = torch.cuda.CUDAGraph()
-                        with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                            output = self.forward(step.input_ids, step.positions, step.metadata)
-                        graphs[bs, variant] = _Captured(replay=graph.replay, output=output)
+                        # Warm-up outside the capture: Triton compiles and cuBLAS picks its kernels here
+                        # (the variant without LoRA runs a subset of these kernels). One per size: sizes
+                        # may launch different kernel variants (decode attention splits KV below some
+                        # batch size; Triton specializes ints on ==1 and %16 unless a kernel opts out;
+                        # cuBLAS picks by shape), and a variant first met inside a capture would compile
+                        # or load there. The log line below shows what each one cost;
+                        # loadtest/trace_compiles.py shows which kernels compiled.
+                        warmed = variant is not False and (bs, mixed) in warmed_sizes
+                        if warmed:
+                            self._warm_up(step, stream, label)
+                        try:
+                            graphs[bs, variant] = self._capture(step, stream)
+                        except RuntimeError:
+                            if warmed or variant is False:
+                                raise
+                            logger.warning(
+                                "CUDA graph %s: the capture without a warm-up failed; warming up and "
+                                "capturing again",
+                                label,
+                                exc_info=True,
+                            )
+                            torch.cuda.synchronize(device)
+                            self._warm_up(step, stream, label)
+                            graphs[bs, variant] = self._capture(step, stream)
         finally:
             gc.unfreeze()
             if self.lora is not None:
@@ -444,6 +469,29 @@ class CUDAGraphRunner:
             pad_mixed_batch(none, num_tokens), np.zeros(0, dtype=np.int64), num_tokens, 0, mixed=True
         )
 
+    def _warm_up(self, step: StepInputs, stream: torch.cuda.Stream, label: str) -> None:
+        """One eager forward of `step` on the capture stream, timed into warmup_by_step."""
+        device = self.device
+        t0 = time.perf_counter()
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            self.forward(step.input_ids, step.positions, step.metadata)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        seconds = time.perf_counter() - t0
+        self.warmup_seconds += seconds
+        self.warmup_by_step[label] = seconds
+
+    def _capture(self, step: StepInputs, stream: torch.cuda.Stream) -> _Captured:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+            output = self.forward(step.input_ids, step.positions, step.metadata)
+        return _Captured(replay=graph.replay, output=output)
+
+    def _representative_plan(self) -> set[tuple[int, bool]]:
+        """(size, mixed) of the representative decode and mixed sizes (compile_ahead's choice)."""
+        plan = {(bs, False) for bs in representative_sizes(self.sizes)}
+        return plan | {(t, True) for t in representative_sizes(self.mixed_sizes)}
+
     def _dry_warmups(self) -> list[Callable[[], object]]:
         """compile_ahead's dry forwards: the warm-up of each representative decode and mixed size, with
         the LoRA term where LoRA is on (its kernels include those of the variant without)."""
@@ -454,8 +502,7 @@ class CUDAGraphRunner:
                 self.lora.active = True
             self.forward(step.input_ids, step.positions, step.metadata)
 
-        plan = [(bs, False) for bs in representative_sizes(self.sizes)]
-        plan += [(t, True) for t in representative_sizes(self.mixed_sizes)]
+        plan = sorted(self._representative_plan(), key=lambda size_mixed: (size_mixed[1], size_mixed[0]))
         return [functools.partial(warm_up, size, mixed) for size, mixed in plan]
 
     def replay_variant(self) -> bool | None:

@@ -22,6 +22,7 @@ from engine.worker.attention_metadata import build_step_inputs, step_layout
 from engine.worker.cuda_graphs import (
     DecodeArrays,
     capture_sizes,
+    graph_warmups_from_env,
     mixed_capture_sizes,
     pad_decode_batch,
     pad_mixed_batch,
@@ -371,3 +372,23 @@ def test_cuda_graphs_match_eager_and_transformers_on_gpu(tiny_model_dirs: dict[s
         del llm
         torch.cuda.empty_cache()
     assert results[False] == results[True] == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"), [(None, "all"), ("all", "all"), (" representative ", "representative")]
+)
+def test_graph_warmups_from_env(monkeypatch: pytest.MonkeyPatch, raw: str | None, expected: str) -> None:
+    if raw is None:
+        monkeypatch.delenv("WEIR_GRAPH_WARMUPS", raising=False)
+    else:
+        monkeypatch.setenv("WEIR_GRAPH_WARMUPS", raw)
+    assert graph_warmups_from_env() == expected
+
+
+def test_a_bad_graph_warmups_value_stops_the_engine_build(
+    monkeypatch: pytest.MonkeyPatch, tiny_llama_dir: Path
+) -> None:
+    monkeypatch.setenv("WEIR_GRAPH_WARMUPS", "some")
+    runner = _runner(tiny_llama_dir, max_cuda_graph_batch_size=4)
+    with pytest.raises(ValueError, match="WEIR_GRAPH_WARMUPS must be 'all' or 'representative'; got 'some'"):
+        runner.capture_cuda_graphs(emulate=True)

@@ -58,8 +58,13 @@ class CompileResult:
     launcher_built: bool  # its C launcher built too (needs the CUDA driver library)
 
 
+# A start-up compiles ~10-15 specializations; each worker holds torch in memory (~0.5 GB).
+MAX_WORKERS = 16
+
+
 def workers_from_env() -> int:
-    """WEIR_COMPILE_WORKERS: how many compile workers start-up spawns (0, the default: none)."""
+    """WEIR_COMPILE_WORKERS: how many compile workers start-up spawns (0, the default: none), at most
+    the CPU count and MAX_WORKERS."""
     raw = os.environ.get(ENV_WORKERS, "0").strip() or "0"
     try:
         workers = int(raw)
@@ -67,7 +72,7 @@ def workers_from_env() -> int:
         workers = -1
     if workers < 0:
         raise ValueError(f"{ENV_WORKERS} must be a whole number >= 0 (0: off); got {raw!r}")
-    return workers
+    return min(workers, os.cpu_count() or 1, MAX_WORKERS)
 
 
 def gpu_likely(device: str) -> bool:

@@ -217,8 +217,8 @@ GRAPH_WARMUPS_ENV = "WEIR_GRAPH_WARMUPS"
 def graph_warmups_from_env() -> str:
     """WEIR_GRAPH_WARMUPS: "all" (the default: an eager warm-up before every size's capture) or
     "representative" (only at compile_ahead.representative_sizes: every kernel variant and cuBLAS
-    choice should be met there, and the other sizes' warm-ups, ~23 ms each for Llama-3-8B on the H200,
-    were ~1.6 s of U1's 9.3 s; a capture that fails without one is warmed up and captured again).
+    choice should be met there, and the ~60 other sizes' warm-ups, ~23 ms each for Llama-3-8B on the
+    H200, were ~1.4 s of U1's 9.3 s; a capture that fails without one is warmed up and captured again).
     Experimental: not yet measured on a GPU."""
     value = os.environ.get(GRAPH_WARMUPS_ENV, "all").strip() or "all"
     if value not in ("all", "representative"):

@@ -193,10 +193,13 @@ def test_the_models_forwards_recorded_compile_in_the_pool_as_their_launches_woul
     assert report["new_after_launches"] == []
 
 
-@pytest.mark.parametrize(("raw", "expected"), [("", 0), ("0", 0), (" 6 ", 6)])
+@pytest.mark.parametrize(("raw", "expected"), [("", 0), ("0", 0), (" 2 ", 2), ("1000", 16)])
 def test_workers_from_env(monkeypatch: pytest.MonkeyPatch, raw: str, expected: int) -> None:
     monkeypatch.setenv("WEIR_COMPILE_WORKERS", raw)
+    monkeypatch.setattr(compile_pool.os, "cpu_count", lambda: 64)
     assert compile_pool.workers_from_env() == expected
+    monkeypatch.setattr(compile_pool.os, "cpu_count", lambda: 2)  # never more than the CPUs
+    assert compile_pool.workers_from_env() == min(expected, 2)
 
 
 @pytest.mark.parametrize("raw", ["-1", "two", "1.5"])

@@ -52,9 +52,14 @@ def compile_ahead(
         with compile_pool.record_specializations() as specs:
             for forward in dry_forwards:
                 forward()
-        futures = compile_pool.compile_specializations(specs, compile_pool.current_target())
     except Exception:  # the phase compiles in-process, as without the pool
         logger.warning("compile ahead (%s): the dry forwards failed", phase, exc_info=True)
+        return {}
+    try:
+        futures = compile_pool.compile_specializations(specs, compile_pool.current_target())
+    except Exception:  # a worker could not start (BrokenProcessPool): compile in-process
+        logger.warning("compile ahead (%s): the compile pool is not usable", phase, exc_info=True)
+        compile_pool.stop(terminate=True)
         return {}
     dry_s = time.perf_counter() - start
     if meanwhile is not None:

@@ -82,10 +82,8 @@ def gpu_likely(device: str) -> bool:
     runner only uses the pool on CUDA, and stops it after start-up either way."""
     if device != "auto":
         return device == "cuda"
-    return os.path.exists("/dev/nvidiactl") and os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() not in (
-        "",
-        "-1",
-    )
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip()
+    return os.path.exists("/dev/nvidiactl") and visible not in ("", "-1")
 
 
 def start(workers: int) -> bool:

@@ -269,3 +269,29 @@ def test_gpu_likely_guesses_without_torch(monkeypatch: pytest.MonkeyPatch) -> No
     assert compile_pool.gpu_likely("auto")
     monkeypatch.setattr(compile_pool.os.path, "exists", lambda path: False)
     assert not compile_pool.gpu_likely("auto")
+
+
+def test_a_pool_that_cannot_compile_leaves_the_phase_to_compile_in_process(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker that could not start breaks the executor: the phase logs it, ends the pool and runs
+    on (its kernels compile in-process, as without a pool)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    stopped = []
+    monkeypatch.setattr(compile_pool, "running", lambda: 2)
+    monkeypatch.setattr(compile_pool, "current_target", lambda: ("cuda", 90, 32))
+    monkeypatch.setattr(compile_pool, "stop", lambda terminate=False: stopped.append(terminate))
+
+    def broken(specs: list, target: tuple) -> list:
+        raise BrokenProcessPool("a child process terminated abruptly")
+
+    monkeypatch.setattr(compile_pool, "compile_specializations", broken)
+    ran = []
+    with caplog.at_level("WARNING", logger="weir.engine"):
+        assert (
+            compile_ahead("memory profile", [lambda: ran.append("dry")], meanwhile=lambda: ran.append("x"))
+            == {}
+        )
+    assert ran == ["dry"] and stopped == [True]
+    assert "compile ahead (memory profile): the compile pool is not usable" in caplog.text

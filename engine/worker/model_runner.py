@@ -45,6 +45,7 @@ from engine.model.layers.attention import Attention
 from engine.model.layers.attention_backend import AttentionBackend, get_attention_backend
 from engine.model.models.registry import get_model_class
 from engine.model.quantization import QuantizationConfig
+from engine.model.quantization.act_order_folding import fold_down_proj_orders
 from engine.model.quantization.kv_cache import load_kv_cache_scales
 from engine.model.weight_loader import find_safetensors_files, initialize_dummy_weights, load_weights
 from engine.worker import compile_pool
@@ -197,6 +198,10 @@ class ModelRunner(KVCacheSetup):
                     "KV-cache scales from the checkpoint: %d layers", load_kv_cache_scales(model, files)
                 )
         model.eval()
+        if self.config.lora is None:  # with LoRA an adapter's rows would need the same reorder
+            folded = fold_down_proj_orders(model)
+            if folded:
+                logger.info("act order: %d down_proj input gathers folded into gate_up_proj's rows", folded)
         _drop_weight_loaders(model)
         self.model = model
         self.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]

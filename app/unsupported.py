@@ -56,3 +56,8 @@ def check_unsupported(req: Any, chat: bool) -> None:
             param="stream_options.continuous_usage_stats",
             code="unsupported",
         )
+    if opts is not None and not getattr(req, "stream", False):
+        # As OpenAI's API answers it: options of a stream that was not asked for would go unused.
+        raise bad_request(
+            "stream_options is only allowed when stream is true", param="stream_options", code="invalid_value"
+        )

@@ -125,6 +125,23 @@ def test_unsupported_fields_are_400(client: httpx.Client, path: str, field: str,
     assert err["message"].startswith(f"{param} is not supported")
 
 
+@pytest.mark.parametrize("path", [COMP, CHAT])
+@pytest.mark.parametrize("stream", [None, False])
+def test_stream_options_without_stream_are_400(client: httpx.Client, path: str, stream: bool | None) -> None:
+    """Not silently ignored: OpenAI's API refuses stream_options on a request that does not stream."""
+    body = {"model": MODEL_NAME, "max_tokens": 1, "stream_options": {"include_usage": True}}
+    body.update({"messages": MSGS} if path == CHAT else {"prompt": "hi"})
+    if stream is not None:
+        body["stream"] = stream
+    err = _error(client.post(path, json=body), 400, "invalid_value", "stream_options")
+    assert err["message"] == "stream_options is only allowed when stream is true"
+    body.update(stream=True)
+    with client.stream("POST", path, json=body) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        r.read()
+
+
 def test_unsupported_fields_at_their_defaults_are_fine(client: httpx.Client) -> None:
     body = {
         "model": MODEL_NAME,

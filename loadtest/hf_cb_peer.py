@@ -337,8 +337,9 @@ class HFContinuousBatchingPeer:
         # could not stream, the finished requests' only (a lower bound of its rate).
         lower_bound = res["timed_out"] and not res["streamed"]
         counted = res["output_tokens"] if lower_bound or not res["timed_out"] else res["generated_tokens"]
+        # elapsed to 4 decimals, as bench_throughput rounds its own (a tiny run takes milliseconds)
         return {
-            "elapsed_s": round(elapsed, 3),
+            "elapsed_s": round(elapsed, 4),
             "output_tokens": res["output_tokens"],
             "output_tokens_in_window": res["generated_tokens"],
             "expected_output_tokens": workload.num_output_tokens,

@@ -145,7 +145,9 @@ def test_throughput_with_both_transformers_peers(tiny_llama_dir: Path, tmp_path:
     assert cb["requests_run"] == 5 and cb["extrapolated"] is False and cb["best_variant"] == "tuned"
     assert cb["output_tok_s"] > 0 and cb["itl_p50_ms"] > 0 and cb["ttft_p50_ms"] > 0
     assert cb["requests_completed"] == 5 and cb["time_limited"] is False
-    assert abs(cb["req_s"] * cb["elapsed_s"] - 5) < 0.25  # 5 requests over the run (elapsed_s is rounded)
+    # 5 requests over the run: elapsed_s is rounded to 4 decimals (a tiny run takes milliseconds), so the
+    # product is off by at most req_s x half a unit of that digit
+    assert abs(cb["req_s"] * cb["elapsed_s"] - 5) <= cb["req_s"] * 0.00005 + 0.01
     setting = cb["setting"]
     assert setting["requested"]["use_cuda_graph"] is True and "use_async_batching" not in setting["requested"]
     resolved = setting["resolved"]

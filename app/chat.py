@@ -49,6 +49,13 @@ async def create_chat_completion(request: Request) -> Response:
     model, lora = state.resolve_model(req.model)
     check_unsupported(req, chat=True)
     if req.max_completion_tokens is not None:
+        if req.max_tokens is not None and req.max_tokens != req.max_completion_tokens:
+            # One of them would go unused: which was meant is the caller's to say.
+            raise bad_request(
+                f"max_tokens ({req.max_tokens}) and max_completion_tokens ({req.max_completion_tokens}) "
+                "disagree; set one of them (max_tokens is the deprecated name)",
+                param="max_tokens",
+            )
         max_tokens, max_field = req.max_completion_tokens, "max_completion_tokens"
     else:
         max_tokens, max_field = req.max_tokens, "max_tokens"

@@ -142,6 +142,18 @@ def test_stream_options_without_stream_are_400(client: httpx.Client, path: str, 
         r.read()
 
 
+def test_max_tokens_and_max_completion_tokens_must_agree(client: httpx.Client) -> None:
+    """Both set and different: one would be silently ignored, so 400; both the same is fine."""
+    body = {"model": MODEL_NAME, "messages": MSGS, "max_tokens": 3, "max_completion_tokens": 2}
+    err = _error(client.post(CHAT, json=body), 400, "invalid_value", "max_tokens")
+    assert err["message"] == (
+        "max_tokens (3) and max_completion_tokens (2) disagree; set one of them (max_tokens is the deprecated name)"
+    )
+    body["max_tokens"] = 2
+    r = client.post(CHAT, json=body)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
+
+
 def test_unsupported_fields_at_their_defaults_are_fine(client: httpx.Client) -> None:
     body = {
         "model": MODEL_NAME,

@@ -67,6 +67,22 @@ class SamplingRequest(Struct, kw_only=True):
     user: str | None = None  # accepted and ignored, as OpenAI documents it for abuse tracking
     # Refused unless at their defaults (app/unsupported.py): weir has no structured output yet.
     response_format: Any = None
+    # vLLM's extra fields that would change the output: declared so that they are refused (app/unsupported.py),
+    # not ignored as unknown fields are.
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None
+    structured_outputs: Any = None
+    prompt_logprobs: Any = None
+    truncate_prompt_tokens: Any = None
+    allowed_token_ids: Any = None
+    bad_words: Any = None
+    logits_processors: Any = None
+    return_tokens_as_token_ids: Any = None
+    add_special_tokens: Any = None  # completions: True (the default) is what weir does; chat: False
 
 
 class CompletionRequest(SamplingRequest, kw_only=True):
@@ -107,6 +123,12 @@ class ChatCompletionRequest(SamplingRequest, kw_only=True):
     modalities: Any = None
     audio: Any = None
     web_search_options: Any = None
+    # vLLM's extra chat fields, refused unless at their defaults (app/unsupported.py)
+    chat_template: Any = None
+    chat_template_kwargs: Any = None
+    documents: Any = None
+    continue_final_message: Any = None
+    echo: Any = None
 
 
 class TokenizeRequest(Struct, kw_only=True):

@@ -115,6 +115,26 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
         (CHAT, "audio", {"voice": "alloy", "format": "wav"}),
         (CHAT, "web_search_options", {}),
         (CHAT, "stream_options", {"include_usage": True, "continuous_usage_stats": True}),
+        # vLLM's extra fields that change the output: refused, not ignored as unknown fields are
+        (COMP, "guided_json", {"type": "object"}),
+        (CHAT, "guided_regex", "a+"),
+        (CHAT, "guided_choice", ["yes", "no"]),
+        (COMP, "guided_grammar", "root ::= 'a'"),
+        (CHAT, "guided_decoding_backend", "xgrammar"),
+        (CHAT, "structured_outputs", {"json": {"type": "object"}}),
+        (COMP, "prompt_logprobs", 1),
+        (COMP, "truncate_prompt_tokens", 5),
+        (CHAT, "allowed_token_ids", [1, 2]),
+        (COMP, "bad_words", ["x"]),
+        (COMP, "logits_processors", ["m.f"]),
+        (COMP, "return_tokens_as_token_ids", True),
+        (COMP, "add_special_tokens", False),
+        (CHAT, "add_special_tokens", True),
+        (CHAT, "chat_template", "{{ messages }}"),
+        (CHAT, "chat_template_kwargs", {"enable_thinking": False}),
+        (CHAT, "documents", [{"text": "d"}]),
+        (CHAT, "continue_final_message", True),
+        (CHAT, "echo", True),
     ],
 )
 def test_unsupported_fields_are_400(client: httpx.Client, path: str, field: str, value: object) -> None:
@@ -152,6 +172,28 @@ def test_max_tokens_and_max_completion_tokens_must_agree(client: httpx.Client) -
     body["max_tokens"] = 2
     r = client.post(CHAT, json=body)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
+
+
+def test_vllm_extra_fields_at_what_weir_does_are_fine(client: httpx.Client) -> None:
+    """The same fields at their defaults, or at what weir does anyway (special tokens added to a
+    completion's prompt, not to a rendered chat), answer 200."""
+    comp = {
+        "model": MODEL_NAME,
+        "prompt": "hi",
+        "max_tokens": 1,
+        "add_special_tokens": True,
+        "guided_json": None,
+    }
+    assert client.post(COMP, json=comp).status_code == 200
+    chat = {
+        "model": MODEL_NAME,
+        "messages": MSGS,
+        "max_tokens": 1,
+        "add_special_tokens": False,
+        "echo": False,
+    }
+    chat.update(continue_final_message=False, documents=[], chat_template_kwargs={}, bad_words=[])
+    assert client.post(CHAT, json=chat).status_code == 200
 
 
 def test_unsupported_fields_at_their_defaults_are_fine(client: httpx.Client) -> None:

@@ -56,9 +56,9 @@ _CHAT_ONLY: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "echo": (_false, "echo on chat", "the prompt is the messages you sent"),
     "add_special_tokens": (_false, "added special tokens on chat", "the chat template places them"),
 }
-# vLLM's extra fields that change the output, which clients written for vLLM send: refused, not ignored.
 _BOTH: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "response_format": (_text_format, "structured output (json_object, json_schema)", _ASK_IN_PROMPT),
+    # vLLM's extra fields that change the output, which clients written for vLLM send: refused, not ignored
     **{
         name: (_unset, "structured output (guided decoding)", _ASK_IN_PROMPT)
         for name in (
@@ -70,7 +70,7 @@ _BOTH: dict[str, tuple[Callable[[Any], bool], str, str]] = {
             "guided_whitespace_pattern",
             "structured_outputs",
         )
-    },  # fmt: skip
+    },
     "prompt_logprobs": (
         _unset,
         "prompt_logprobs",

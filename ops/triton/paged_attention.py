@@ -479,6 +479,17 @@ def _plan(
     return plan
 
 
+def _plan_for(query: torch.Tensor, k_cache: torch.Tensor) -> _Plan:
+    """The plan of a [num_tokens, num_heads, head_dim] query over a [num_blocks, block_size,
+    num_kv_heads, head_dim] cache: made on first use, then looked up (every launch asks)."""
+    _, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    dtype, device = query.dtype, query.get_device()
+    return _PLANS.get((num_heads, num_kv_heads, head_dim, block_size, dtype, device)) or _plan(
+        num_heads, num_kv_heads, head_dim, block_size, dtype, device
+    )
+
+
 def paged_attention(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -514,15 +525,11 @@ def _attend(
     rotary: tuple[torch.Tensor, ...] | None = None,  # see _launch
 ) -> torch.Tensor:
     """paged_attention's launch shape from its plan (decode or prefill), then the launch."""
-    _, num_heads, head_dim = query.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    dtype, device = query.dtype, query.get_device()
-    plan = _PLANS.get((num_heads, num_kv_heads, head_dim, block_size, dtype, device)) or _plan(
-        num_heads, num_kv_heads, head_dim, block_size, dtype, device
-    )
+    plan = _plan_for(query, k_cache)
     num_seqs = seq_lens.shape[0]
     if max_query_len == 1:
         block_m, tile, num_warps, num_stages = plan.decode
+        num_kv_heads = k_cache.shape[2]
         segments = _decode_segments(num_seqs * num_kv_heads, max_seq_len, tile, plan.sms)
     else:
         block_m, tile, num_warps, num_stages = plan.prefill
@@ -601,12 +608,7 @@ def paged_attention_with_config(
             k_scale,
             v_scale,
         )
-    _, num_heads, head_dim = query.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    dtype, device = query.dtype, query.get_device()
-    plan = _PLANS.get((num_heads, num_kv_heads, head_dim, block_size, dtype, device)) or _plan(
-        num_heads, num_kv_heads, head_dim, block_size, dtype, device
-    )
+    plan = _plan_for(query, k_cache)
     block_m = max(config.block_m, triton.next_power_of_2(plan.group))
     return _launch(
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale, plan,

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.model.quantization.unquantized import UnquantizedLinearMethod
+
 
 def fold_down_proj_orders(model: nn.Module) -> int:
     """Fold each MLP's (a module with gate_up_proj and down_proj) down_proj `perm` into its
@@ -49,7 +51,7 @@ def reorder_gate_up_rows(layer: nn.Module, perm: torch.Tensor) -> bool:
         names, dim = ("qweight", "scales", "zeros"), 1
     elif bits == 0 and hasattr(layer, "codes"):  # the reference's: codes [out, in], zeros / scales [out, G]
         names, dim = ("codes", "zeros", "scales"), 0
-    elif type(layer.quant_method).__name__ == "UnquantizedLinearMethod":
+    elif isinstance(getattr(layer, "quant_method", None), UnquantizedLinearMethod):
         names, dim = ("weight",), 0
     else:
         return False

@@ -37,12 +37,14 @@ One launch covers the whole batch. The grid is (query blocks, KV heads[, KV segm
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from ops.triton.fp8_kv_read import E4M3, E5M2, load_f16_rows
 from ops.triton.kv_cache import _FP8_FORMATS, _NOT_FP8, _to_cache
 from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
 from ops.triton.rotary_kv import check_head_rows_cache, rotated_rows
@@ -89,12 +91,24 @@ def _attend_tile(
     TILE: tl.constexpr,
     MASKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KV_WIDEN: tl.constexpr,  # 0, or an fp8 cache's format (ops.triton.fp8_kv_read): read as words, widened
+    HW_CVT: tl.constexpr,
 ):
     offs_t = tl.arange(0, TILE)
     offs_d = tl.arange(0, HEAD_DIM)
     k_pos = t * TILE + offs_t  # [TILE]
     slot = k_pos % BLOCK_SIZE
-    if MASKED:
+    if KV_WIDEN:  # float16 tiles of the fp8 cache's exact values (q is float16 then: see the kernel)
+        k_valid = k_pos < kv_end
+        if MASKED:
+            phys = tl.load(block_table + k_pos // BLOCK_SIZE, mask=k_valid, other=0).to(tl.int64)
+        else:
+            phys = tl.load(block_table + k_pos // BLOCK_SIZE).to(tl.int64)
+        k_rows = k_head + phys * stride_kb + slot * stride_ks  # [TILE] row pointers
+        v_rows = v_head + phys * stride_vb + slot * stride_vs
+        k = load_f16_rows(k_rows, k_valid, HEAD_DIM, KV_WIDEN, HW_CVT, MASKED)  # [TILE, HEAD_DIM]
+        v = load_f16_rows(v_rows, k_valid, HEAD_DIM, KV_WIDEN, HW_CVT, MASKED)
+    elif MASKED:
         k_valid = k_pos < kv_end
         phys = tl.load(block_table + k_pos // BLOCK_SIZE, mask=k_valid, other=0).to(tl.int64)
         k = tl.load(
@@ -182,6 +196,8 @@ def _paged_attention_kernel(
     FP8_MANT: tl.constexpr,  # (ROTARY) 0: the cache is in the model's dtype; else its fp8 format's
     FP8_MIN_EXP: tl.constexpr,
     FP8_MAX: tl.constexpr,
+    KV_WIDEN: tl.constexpr,  # 0, or the fp8 cache's format: tiles widened to float16 as words, dots in float16
+    HW_CVT: tl.constexpr,  # (KV_WIDEN) the GPU's fp8x2 -> f16x2 conversion, else Triton's per byte
 ):
     let_next_kernel_start(PDL)
     wait_for_previous_kernel(PDL)
@@ -210,6 +226,11 @@ def _paged_attention_kernel(
         q = rotated_rows(q_rows, cos_sin_ptr + pos[:, None] * stride_cs, row_valid, HEAD_DIM)
     else:
         q = tl.load(q_rows + offs_d[None, :], mask=row_valid[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
+    if KV_WIDEN:
+        # The dots run in float16, the widened tiles' type: a 16-bit query loses nothing in [6e-5, 65504]
+        # (float16 has three more mantissa bits than bfloat16; beyond that range it is clamped), and the
+        # probabilities (<= 1) are rounded to float16 rather than bfloat16.
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
     q_pos = context_len + q_local  # [BLOCK_M] the last key position each row may see
 
     # Keys this program needs: up to its last valid row's position.
@@ -256,12 +277,14 @@ def _paged_attention_kernel(
     for t in range(tile_lo, mid):
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, t, block_table, k_head, v_head, q_pos, kv_end, qk_scale,
-            stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_SIZE, TILE, False, DOT_PRECISION,
+            stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_SIZE, TILE, False, DOT_PRECISION, KV_WIDEN,
+            HW_CVT,
         )  # fmt: skip
     for t in range(mid, tile_hi):
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, t, block_table, k_head, v_head, q_pos, kv_end, qk_scale,
-            stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_SIZE, TILE, True, DOT_PRECISION,
+            stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_SIZE, TILE, True, DOT_PRECISION, KV_WIDEN,
+            HW_CVT,
         )  # fmt: skip
 
     if KV_SCALED:
@@ -384,6 +407,7 @@ class AttentionConfig:
     num_segments: int  # KV splits per sequence; 1 = no split (power of two)
     num_warps: int = 4
     num_stages: int = 2
+    fp8_widen: bool | None = None  # an fp8 cache read as words into float16 tiles; None: WEIR_FP8_KV_WIDEN
 
 
 @functools.cache
@@ -451,7 +475,7 @@ class _Plan:
     a per-call choose_config + AttentionConfig costs more than the launch arithmetic left below.
     Holds python values only, so it is valid for every batch and across CUDA-graph capture and replay."""
 
-    __slots__ = ("decode", "dot_precision", "group", "pdl", "prefill", "sms")
+    __slots__ = ("decode", "dot_precision", "fp8_widen", "group", "hw_fp8_cvt", "pdl", "prefill", "sms")
 
     def __init__(
         self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device_index: int
@@ -466,6 +490,25 @@ class _Plan:
         self.decode = _base_launch(group, head_dim, decode=True)  # (block_m, tile, num_warps, num_stages)
         self.prefill = _base_launch(group, head_dim, decode=False)
         self.pdl = device_index >= 0 and pdl_enabled(torch.device("cuda", device_index))
+        self.fp8_widen = fp8_widen_from_env()
+        self.hw_fp8_cvt = device_index >= 0 and _hardware_fp8_cvt(device_index)
+
+
+def fp8_widen_from_env() -> bool:
+    """WEIR_FP8_KV_WIDEN=1: 16-bit queries over an fp8 cache read its tiles as words widened to float16
+    and run the dots in float16 (ops/triton/fp8_kv_read.py); 0 (the default until measured on a GPU): the
+    bytes widen to the query's dtype in the dot's operand layout."""
+    value = os.environ.get("WEIR_FP8_KV_WIDEN", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"WEIR_FP8_KV_WIDEN must be 0 or 1; got {value!r}")
+    return value == "1"
+
+
+def _hardware_fp8_cvt(device_index: int) -> bool:
+    """cvt.rn.f16x2.{e4m3,e5m2}x2 exists from sm_89; the interpreter runs no PTX."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return torch.cuda.get_device_capability(device_index) >= (8, 9)
 
 
 _PLANS: dict[tuple[int, int, int, int, torch.dtype, int], _Plan] = {}
@@ -536,7 +579,7 @@ def _attend(
         segments = 1
     return _launch(
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale, plan,
-        block_m, tile, segments, num_warps, num_stages, rotary=rotary,
+        block_m, tile, segments, num_warps, num_stages, plan.fp8_widen, rotary=rotary,
     )  # fmt: skip
 
 
@@ -610,10 +653,27 @@ def paged_attention_with_config(
         )
     plan = _plan_for(query, k_cache)
     block_m = max(config.block_m, triton.next_power_of_2(plan.group))
+    widen = plan.fp8_widen if config.fp8_widen is None else config.fp8_widen
     return _launch(
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale, plan,
-        block_m, config.tile, config.num_segments, config.num_warps, config.num_stages,
+        block_m, config.tile, config.num_segments, config.num_warps, config.num_stages, widen,
     )  # fmt: skip
+
+
+_WIDEN_FORMATS = {torch.float8_e4m3fn: E4M3.value, torch.float8_e5m2: E5M2.value}
+_WIDEN_QUERIES = (torch.bfloat16, torch.float16)
+
+
+def _kv_widen(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
+    """KV_WIDEN for this launch: the fp8 cache's format where a 16-bit query reads it as 4-byte words
+    (the caches' rows aligned to 4 bytes); 0 keeps the bytes path (a float32 query's dots stay float32)."""
+    fmt = _WIDEN_FORMATS.get(k_cache.dtype, 0)
+    if not fmt or query.dtype not in _WIDEN_QUERIES:
+        return 0
+    for cache in (k_cache, v_cache):
+        if cache.data_ptr() % 4 or any(stride % 4 for stride in cache.stride()[:3]):
+            return 0
+    return fmt
 
 
 def _launch(
@@ -632,6 +692,7 @@ def _launch(
     segments: int,
     num_warps: int,
     num_stages: int,
+    fp8_widen: bool,
     # decode_attention's (positions, key, value, cos_sin, slots): the kernel's ROTARY path
     rotary: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
@@ -677,6 +738,7 @@ def _launch(
         positions, k_new, v_new, cos_sin, slots = rotary
         stride_cs, stride_kn, stride_vn = cos_sin.stride(0), k_new.stride(0), v_new.stride(0)
         mant, min_exp, fp8_max = _FP8_FORMATS.get(k_cache.dtype, _NOT_FP8)
+    widen = _kv_widen(query, k_cache, v_cache) if fp8_widen else 0
     # Constexprs passed positionally (a keyword costs a dict build per launch), in the kernel's order.
     _paged_attention_kernel[(grid_q, num_kv_heads, segments)](
         out, part_acc, part_max, part_sum, counters, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
@@ -700,6 +762,8 @@ def _launch(
         mant,  # FP8_MANT
         min_exp,  # FP8_MIN_EXP
         fp8_max,  # FP8_MAX
+        widen,  # KV_WIDEN
+        plan.hw_fp8_cvt,  # HW_CVT
         num_warps=num_warps,
         num_stages=num_stages,
         launch_pdl=plan.pdl,

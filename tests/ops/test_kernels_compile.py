@@ -1,7 +1,8 @@
 """The Triton interpreter runs kernels the compiler refuses (a plain Python global read inside a kernel,
 for one: the per-token FP8 quantizer passed its interpreter tests and failed to compile on an H200).
 So the newest kernels (and those that use PDL or split-KV tickets) are also compiled here, without a GPU, for sm_90 (Triton's frontend, its
-passes and ptxas from the wheel), in a fresh interpreter without TRITON_INTERPRET."""
+passes and ptxas from the wheel), in a fresh interpreter without TRITON_INTERPRET, with the 16-byte
+divisibility a launch finds in its pointers and strides (the vectorized loads' code, as on the GPU)."""
 
 from __future__ import annotations
 
@@ -81,16 +82,23 @@ KERNELS = [
             "ops.triton.paged_attention:_paged_attention_kernel",
             {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "TILE": 64, "BLOCK_M": 16, "BLOCK_Q": 4, "SPLIT": split,
              "DOT_PRECISION": "tf32", "KV_SCALED": fp8, "PDL": True, "ROTARY": rotary, "FP8_MANT": 3 if fp8 else 0,
-             "FP8_MIN_EXP": -6 if fp8 else 0, "FP8_MAX": 448.0 if fp8 else 0.0},
+             "FP8_MIN_EXP": -6 if fp8 else 0, "FP8_MAX": 448.0 if fp8 else 0.0, "KV_WIDEN": widen,
+             "HW_CVT": widen == 1 or split},
             {"out_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32",
-             "counters_ptr": "*i32", "q_ptr": "*bf16", "k_cache_ptr": "*fp8e4nv" if fp8 else "*bf16",
-             "v_cache_ptr": "*fp8e4nv" if fp8 else "*bf16", "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
+             "counters_ptr": "*i32", "q_ptr": "*bf16", "k_cache_ptr": cache if fp8 else "*bf16",
+             "v_cache_ptr": cache if fp8 else "*bf16", "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
              "query_start_loc_ptr": "*i32", "qk_scale": "fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32",
              "positions_ptr": "*i64", "cos_sin_ptr": "*fp32", "k_new_ptr": "*bf16", "v_new_ptr": "*bf16",
              "slot_mapping_ptr": "*i64"},
         )
         # decode_attention (ROTARY: the new token's K/V stored before the tiles are read) split and not
-        for split, rotary, fp8 in ((True, False, False), (False, False, False), (True, True, False), (False, True, True))
+        # widen: the fp8 cache read as words (ops/triton/fp8_kv_read.py), e4m3 1, e5m2 2 (the PTX conversion
+        # where HW_CVT; e5m2 unsplit: its bit-arithmetic one, as on a GPU older than sm_89)
+        for split, rotary, fp8, widen, cache in (
+            (True, False, False, 0, None), (False, False, False, 0, None), (True, True, False, 0, None),
+            (False, True, True, 0, "*fp8e4nv"), (False, False, True, 1, "*fp8e4nv"), (True, True, True, 1, "*fp8e4nv"),
+            (True, False, True, 2, "*fp8e5"), (False, False, True, 2, "*fp8e5"),
+        )
     ),
     (
         "ops.triton.rotary_kv:_rotary_write_kv_kernel",
@@ -132,7 +140,11 @@ fn = getattr(importlib.import_module(module), fn_name)
 consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **consts}
 signature = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
 constexprs = {(i,): consts[n] for i, n in enumerate(fn.arg_names) if n in consts}
-triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+# as launches specialize them: pointers (torch's allocations) and strides divisible by 16
+attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params)
+         if p.name not in consts and not p.do_not_specialize
+         and (signature[p.name].startswith("*") or p.name.startswith("stride"))}
+triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs), target=GPUTarget("cuda", 90, 32))
 """
 
 
@@ -145,6 +157,7 @@ triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), tar
         + ("-split" if k[1].get("SPLIT") else "")
         + ("-rotary" if k[1].get("ROTARY") else "")
         + ("-fp8kv" if k[1].get("KV_SCALED") else "")
+        + (f"-widen{k[1]['KV_WIDEN']}{'ptx' if k[1]['HW_CVT'] else 'bits'}" if k[1].get("KV_WIDEN") else "")
         + ("-fp8" if k[1].get("QUANT") or k[2].get("w_ptr") == "*fp8e4nv" else "")
         + ("-gated" if k[1].get("GATED") else "")
         + (f"-rows{k[1]['ROWS']}" if k[1].get("ROWS", 1) > 1 else "")

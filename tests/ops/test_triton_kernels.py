@@ -395,7 +395,7 @@ def test_paged_attention_cached_plan_matches_choose_config(monkeypatch: pytest.M
 
     def capture(*args: object, rotary: object = None) -> torch.Tensor:
         assert rotary is None  # paged_attention never takes decode_attention's path
-        block_m, tile, segments, num_warps, num_stages = args[-5:]
+        block_m, tile, segments, num_warps, num_stages, _fp8_widen = args[-6:]
         seen.append((block_m, tile, segments, num_warps, num_stages))  # type: ignore[arg-type]
         return args[0]  # type: ignore[return-value]
 

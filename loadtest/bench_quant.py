@@ -12,6 +12,8 @@ with a quantization_config, FP8 weights quantized at load with --quantization fp
   target >= 1.5.
 - Q4: FP8 KV cache (--kv-cache-dtype fp8): KV blocks (target 2x) and T2 throughput (target >= 1.0x)
   against the bf16 cache.
+- Q3KV (not in the default set): Q3 with the FP8 KV cache too (FP8 weights shorten the GEMMs, the fp8
+  cache the decode steps' attention), reported as Q3_fp8_weights_kv_throughput_vs_bf16.
 - Q5: the W4A16 kernels alone at the shape's four linear layers: batch 1..16 as a fraction of the copy
   bandwidth (bytes of packed weights, scales, zeros, x and y over the kernel time; target >= 0.80 at
   batch 1): at 1-4 tokens the GEMV the engine runs (`engine_gemv`, engine.model.quantization.wna16.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -43,6 +46,7 @@ from loadtest.common import (  # noqa: E402
     copy_bandwidth_phase,
     engine_info,
     engine_kwargs,
+    engine_runner,
     free_engine,
     install_signal_handlers,
     phase,
@@ -52,13 +56,16 @@ from loadtest.common import (  # noqa: E402
 from loadtest.gpu_timing import copies_past_l2, graph_ms  # noqa: E402
 
 CASES = ("Q1", "Q2", "Q3", "Q4", "Q5")
+EXTRA_CASES = ("Q3KV",)
 GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True}
 AWQ = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", default=",".join(CASES), help="comma-separated of " + ", ".join(CASES))
+    p.add_argument(
+        "--cases", default=",".join(CASES), help="comma-separated of " + ", ".join(CASES + EXTRA_CASES)
+    )
     p.add_argument("--input-len", type=int, default=32, help="Q1/Q2 prompt tokens")
     p.add_argument("--output-len", type=int, default=128, help="Q1/Q2 output tokens")
     p.add_argument("--num-iters", type=int, default=3)
@@ -104,11 +111,16 @@ def throughput(
         outs = llm.generate(work.prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - t0
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        runner = engine_runner(llm)
         return {
             "output_tok_s": round(tokens / elapsed, 1),
             "elapsed_s": round(elapsed, 2),
             "output_tokens": tokens,
             "num_kv_blocks": llm.llm_engine.num_kv_blocks,
+            # what ran: the cache's dtype as allocated, the weights' method, the fp8 cache's read path
+            "kv_cache_dtype": str(runner.kv_caches[0][0].dtype).removeprefix("torch.") if runner else None,
+            "quantization": kwargs.get("quantization"),
+            "fp8_kv_widen": os.environ.get("WEIR_FP8_KV_WIDEN", "0") == "1",
         }
     finally:
         free_engine(llm)
@@ -220,6 +232,11 @@ def kernel_bench(config: dict[str, Any], bandwidth: float) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cases = [c.strip().upper() for c in args.cases.split(",") if c.strip()]
+    unknown = sorted(set(cases) - set(CASES + EXTRA_CASES))
+    if unknown:
+        build_parser().error(
+            f"--cases: unknown {', '.join(unknown)}; known: {', '.join(CASES + EXTRA_CASES)}"
+        )
     model = resolve_model(args)
     vocab = model.vocab_size
     report = Report("Q", args, model)
@@ -257,19 +274,21 @@ def main(argv: list[str] | None = None) -> int:
                 got = (results.get(f"l1_{label}") or {}).get("itl_p50_ms")
                 if base and got and label != "bf16":
                     ratios[f"Q{'2' if label == 'fp8' else '1'}_{label}_itl_vs_bf16"] = round(got / base, 3)
-        if {"Q3", "Q4"} & set(cases):
+        if {"Q3", "Q4", "Q3KV"} & set(cases):
             variants = {"bf16": {}}
             if "Q3" in cases:
                 variants["fp8_weights"] = {"quantization": "fp8"}
             if "Q4" in cases:
                 variants["fp8_kv"] = {"kv_cache_dtype": "fp8"}
+            if "Q3KV" in cases:
+                variants["fp8_weights_kv"] = {"quantization": "fp8", "kv_cache_dtype": "fp8"}
             for label, extra in variants.items():
                 with phase(report, f"t2_{label}", required=False):
                     results[f"t2_{label}"] = throughput(model.model_dir, {**t2_kwargs, **extra}, args, vocab)
                     print(f"[T2 {label}] {json.dumps(results[f't2_{label}'])}", flush=True)
                     report.save()
             base = results.get("t2_bf16") or {}
-            for label, key in (("fp8_weights", "Q3"), ("fp8_kv", "Q4")):
+            for label, key in (("fp8_weights", "Q3"), ("fp8_kv", "Q4"), ("fp8_weights_kv", "Q3")):
                 got = results.get(f"t2_{label}") or {}
                 if base.get("output_tok_s") and got.get("output_tok_s"):
                     ratios[f"{key}_{label}_throughput_vs_bf16"] = round(

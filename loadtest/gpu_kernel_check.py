@@ -17,6 +17,7 @@ Run: PYTHONUNBUFFERED=1 python loadtest/gpu_kernel_check.py
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -433,18 +434,23 @@ def kernel_timings() -> None:
 
 
 class DecodePool:
-    """One big cache shared by all decode timings (random blocks from it, like a busy server)."""
+    """One big cache shared by all decode timings (random blocks from it, like a busy server); an fp8
+    `cache_dtype` gives fp8 caches and per-KV-head scales, as the engine passes them."""
 
-    def __init__(self, model: str, block_size: int, max_tokens: int):
+    def __init__(self, model: str, block_size: int, max_tokens: int, cache_dtype: torch.dtype = BF16):
         m = MODELS[model]
         self.m, self.block_size = m, block_size
         shape = (max_tokens // block_size + 64, block_size, m["num_kv_heads"], m["head_dim"])
-        self.k = torch.randn(shape, device=DEV, dtype=BF16)
-        self.v = torch.randn(shape, device=DEV, dtype=BF16)
+        self.k = torch.randn(shape, device=DEV, dtype=BF16).to(cache_dtype)
+        self.v = torch.randn(shape, device=DEV, dtype=BF16).to(cache_dtype)
+        self.scales = None
+        if cache_dtype != BF16:
+            self.scales = torch.full((m["num_kv_heads"],), 0.5, device=DEV)
 
     def batch(self, num_seqs: int, ctx: int, copy: int = 0) -> dict:
         m = self.m
-        return make_paged(
+        scales = {} if self.scales is None else {"k_scale": self.scales, "v_scale": self.scales}
+        return scales | make_paged(
             [1] * num_seqs,
             [ctx] * num_seqs,
             m["num_heads"],
@@ -588,6 +594,62 @@ def decode_tile_sweep() -> None:
     del m
 
 
+def fp8_kv_decode() -> None:
+    """An fp8 KV cache at Llama-3-8B's shapes: paged attention's widened path (WEIR_FP8_KV_WIDEN,
+    ops/triton/fp8_kv_read.py) and its bytes path against the float32 reference (bf16 queries, per-head
+    scales, e4m3 and e5m2; decode split and unsplit, mixed), the widened path bit for bit the bytes path's
+    with fp16 queries, then decode times in CUDA graphs against a bf16 cache at the same batch and context
+    (the widened path should take about half the bf16 time where the bf16 read is bandwidth-bound)."""
+    m = MODELS["llama3-8b"]
+    nh, nkv, d = m["num_heads"], m["num_kv_heads"], m["head_dim"]
+    scales = {"k_scale": torch.tensor([0.5, 2.0, 0.03, 1.0, 8.0, 0.25, 1.5, 0.1], device=DEV)}
+    scales["v_scale"] = scales["k_scale"].flip(0)
+    shapes = {"decode b8 ctx3000": ([1] * 8, [3000] * 8), "decode b64 ctx700": ([1] * 64, [700] * 64),
+              "mixed": ([200, 1, 1, 37], [700, 4096, 513, 100])}  # fmt: skip
+    for fmt in (torch.float8_e4m3fn, torch.float8_e5m2):
+        for name, (q_lens, seq_lens) in shapes.items():
+            batch = make_paged(q_lens, seq_lens, nh, nkv, d, 16, seed=5)
+            batch["k_cache"], batch["v_cache"] = (batch[n].mul(2.0).to(fmt) for n in ("k_cache", "v_cache"))
+            batch |= scales
+            ref = reference.paged_attention(**upcast(batch))
+            heur = choose_config(len(q_lens), nh, nkv, d, max(q_lens), max(seq_lens), DEV)
+            for widen in (False, True):
+                out = paged_attention_with_config(**batch, config=dataclasses.replace(heur, fp8_widen=widen))
+                check(f"{fmt} {name} {'widened' if widen else 'bytes'}", out, ref)
+            half = {**batch, "query": batch["query"].half()}
+            outs = [
+                paged_attention_with_config(**half, config=dataclasses.replace(heur, fp8_widen=w))
+                for w in (0, 1)
+            ]
+            torch.cuda.synchronize()
+            same = torch.equal(outs[0], outs[1])
+            RESULTS["checks"].append({"name": f"{fmt} {name} fp16 widened == bytes", "ok": same})
+            print(f"  {'PASS' if same else 'FAIL'} {fmt} {name} fp16 queries: widened == bytes bit for bit")
+    out = RESULTS["timings"]["fp8_kv_decode"] = []
+    points = [(1, 4096), (8, 2048), (32, 1024), (64, 1024), (64, 2048), (256, 512), (256, 1024), (256, 2048)]
+    pools = {"bf16": DecodePool("llama3-8b", 16, 256 * 2048)}
+    pools["fp8"] = DecodePool("llama3-8b", 16, 256 * 2048, torch.float8_e4m3fn)
+    print("  decode us (% of copy): bf16 cache | fp8 bytes | fp8 widened  (fp8 widened / bf16)")
+    for num_seqs, ctx in points:
+        if over_budget():
+            print("  (time budget spent: cut short)")
+            break
+        heur = choose_config(num_seqs, nh, nkv, d, 1, ctx, DEV)
+        row = {"num_seqs": num_seqs, "ctx": ctx, **cfg_dict(heur)}
+        row["bf16"] = time_decode(pools["bf16"], num_seqs, ctx, heur)
+        for label, widen in (("fp8_bytes", False), ("fp8_widened", True)):
+            row[label] = time_decode(pools["fp8"], num_seqs, ctx, dataclasses.replace(heur, fp8_widen=widen))
+        row["widened_vs_bf16"] = row["fp8_widened"]["ms"] / row["bf16"]["ms"]
+        out.append(row)
+        cells = " | ".join(
+            f"{row[k]['ms'] * 1e3:7.1f} ({row[k]['frac_copy']:4.0%})"
+            for k in ("bf16", "fp8_bytes", "fp8_widened")
+        )
+        print(f"  b{num_seqs:<4d} ctx{ctx:<5d} {cells}  ({row['widened_vs_bf16']:.2f}x)", flush=True)
+    del pools
+    torch.cuda.empty_cache()
+
+
 def mixed_and_prefill() -> None:
     m = MODELS["llama3-8b"]
     nh, nkv, d = m["num_heads"], m["num_kv_heads"], m["head_dim"]
@@ -700,6 +762,7 @@ def main() -> None:
         ("decode graphs", decode_graph_sweep),
         ("mixed + prefill", mixed_and_prefill),
         ("tile sweep", decode_tile_sweep),
+        ("fp8kv decode", fp8_kv_decode),
     ]
     for name, fn in parts:
         if not only or name.split()[0] in only or name in ("environment", "copy bandwidth"):

@@ -408,3 +408,44 @@ def test_every_lora_kernel_counts_in_the_lora_family() -> None:
     ):
         assert family_of(name) == "lora", name
     assert family_of("_paged_attention_kernel") == "attention"
+
+
+def test_bench_quant_t2_cases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Q3, Q4 and Q3KV (FP8 weights and the FP8 KV cache together) on the tiny Llama-3 shape: each
+    variant's T2 run records what it ran (the cache as allocated, the weights' method), and a case
+    name bench_quant does not know is refused rather than skipped."""
+    from loadtest import bench_quant
+
+    monkeypatch.setenv("WEIR_FP8_KV_WIDEN", "1")
+    out = tmp_path / "q.json"
+    argv = [
+        "--shape",
+        "tiny-llama3",
+        *ENGINE,
+        "--cases",
+        "Q3,Q4,q3kv",
+        "--t2-requests",
+        "2",
+        "--out",
+        str(out),
+    ]
+    assert bench_quant.main(argv) == 0
+    data = load_report(out, "Q")
+    ran = {k: (v["kv_cache_dtype"], v["quantization"], v["output_tokens"]) for k, v in data["results"].items()
+           if k.startswith("t2_")}  # fmt: skip
+    assert ran == {
+        "t2_bf16": ("float32", None, 256),  # (the model's dtype on CPU)
+        "t2_fp8_weights": ("float32", "fp8", 256),
+        "t2_fp8_kv": ("float8_e4m3fn", None, 256),
+        "t2_fp8_weights_kv": ("float8_e4m3fn", "fp8", 256),
+    }
+    assert data["results"]["t2_fp8_kv"]["fp8_kv_widen"] is True
+    assert set(data["ratios"]) == {
+        "Q3_fp8_weights_throughput_vs_bf16",
+        "Q4_fp8_kv_throughput_vs_bf16",
+        "Q4_kv_blocks_vs_bf16",
+        "Q3_fp8_weights_kv_throughput_vs_bf16",
+    }
+    with pytest.raises(SystemExit) as refused:
+        bench_quant.main(["--shape", "tiny-llama3", *ENGINE, "--cases", "Q3,Q7", "--out", str(out)])
+    assert refused.value.code == 2

@@ -47,6 +47,11 @@ from engine.model.models.registry import get_model_class
 from engine.model.quantization import QuantizationConfig
 from engine.model.quantization.act_order_folding import fold_down_proj_orders
 from engine.model.quantization.kv_cache import load_kv_cache_scales
+from engine.model.quantization.l2_prefetch_chain import (
+    l2_prefetch_bytes,
+    l2_prefetch_enabled,
+    link_l2_prefetch,
+)
 from engine.model.weight_loader import find_safetensors_files, initialize_dummy_weights, load_weights
 from engine.worker import compile_pool
 from engine.worker.attention_metadata import (
@@ -202,6 +207,7 @@ class ModelRunner(KVCacheSetup):
             folded = fold_down_proj_orders(model)
             if folded:
                 logger.info("act order: %d down_proj input gathers folded into gate_up_proj's rows", folded)
+        self._link_l2_prefetch(model)
         _drop_weight_loaders(model)
         self.model = model
         self.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
@@ -251,6 +257,15 @@ class ModelRunner(KVCacheSetup):
             torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ forward
+    def _link_l2_prefetch(self, model: torch.nn.Module) -> None:
+        """WEIR_L2_PREFETCH=1 (sm_90): each 4-bit projection's GEMV asks L2 for the next one's weights
+        (engine/model/quantization/l2_prefetch_chain.py); off by default until measured."""
+        max_bytes = l2_prefetch_bytes()  # (a bad value is refused on any device)
+        if not l2_prefetch_enabled(self.device):
+            return
+        linked = link_l2_prefetch(model, max_bytes)
+        logger.info("L2 prefetch: %d projections ask for the next one's weights", linked)
+
     def _forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
     ) -> torch.Tensor:

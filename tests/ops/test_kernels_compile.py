@@ -37,16 +37,19 @@ KERNELS = [
         for bits, rows in ((8, 1), (4, 4))
     ),
     *(
-        (  # the packed-fp16 W4A16 GEMV's inline PTX (bf16 and fp16 x), loads one and two tiles ahead, gated
+        (  # the packed-fp16 W4A16 GEMV's inline PTX (bf16 and fp16 x), loads one and two tiles ahead, gated,
+           # the next weights' L2 prefetch (ops/triton/l2_prefetch.py)
             "ops.triton.w4_half2_gemv:_w4_half2_gemv_kernel",
             {"X_BF16": x_bf16, "GROUP_SIZE": 128, "ROWS": rows, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 8,
              "EVEN_N": True, "AHEAD": ahead, "X_AHEAD": x_ahead, "LOOP_STAGES": 1, "PDL": True, "EMULATE": False,
-             "GATED": gated},
+             "GATED": gated, "L2_PREFETCH": prefetch},
             {"x_ptr": "*i32", "qweight_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*fp16",
-             "out_ptr": "*bf16" if x_bf16 else "*fp16", "partials_ptr": "*fp32", "counters_ptr": "*i32"},
+             "out_ptr": "*bf16" if x_bf16 else "*fp16", "partials_ptr": "*fp32", "counters_ptr": "*i32",
+             "prefetch_ptr": "*u8" if prefetch else "*bf16"},
         )
-        for x_bf16, rows, ahead, gated, x_ahead in (
-            (True, 1, 1, False, False), (False, 4, 2, False, False), (True, 1, 2, True, False), (True, 1, 1, True, True), (True, 4, 1, False, True)
+        for x_bf16, rows, ahead, gated, x_ahead, prefetch in (
+            (True, 1, 1, False, False, False), (False, 4, 2, False, False, False), (True, 1, 2, True, False, False),
+            (True, 1, 1, True, True, True), (True, 4, 1, False, True, False), (True, 1, 1, False, True, True),
         )
     ),
     (
@@ -160,6 +163,7 @@ triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attr
         + (f"-widen{k[1]['KV_WIDEN']}{'ptx' if k[1]['HW_CVT'] else 'bits'}" if k[1].get("KV_WIDEN") else "")
         + ("-fp8" if k[1].get("QUANT") or k[2].get("w_ptr") == "*fp8e4nv" else "")
         + ("-gated" if k[1].get("GATED") else "")
+        + ("-l2prefetch" if k[1].get("L2_PREFETCH") else "")
         + (f"-rows{k[1]['ROWS']}" if k[1].get("ROWS", 1) > 1 else "")
         for k in KERNELS
     ],

@@ -256,7 +256,7 @@ def _gemv(
     """The layer's GEMV at `launch` on x2 [tokens, in] (in the codes' column order)."""
     return run_wna16_gemv(
         x2, layer.qweight, layer.scales, layer.zeros, layer.wna16_bits, group_size, launch, gated,
-        layer.wna16_folded_ok,
+        layer.wna16_folded_ok, getattr(layer, "l2_prefetch", None),
     )  # fmt: skip
 
 
@@ -270,6 +270,8 @@ def run_wna16_gemv(
     launch: WNA16Launch,
     gated: bool = False,
     folded_ok: bool = True,  # the zero points are integers the folded GEMV decodes exactly
+    prefetch: torch.Tensor
+    | None = None,  # the next projection's weight bytes (l2_prefetch_chain): folded GEMV
 ) -> torch.Tensor:  # [tokens, out] (gated: [tokens, out / 2])
     """The GEMV a "gemv" launch runs: the folded packed-fp16 kernel where it applies, else wna16_gemv.
     The engine's layers and the benchmarks (loadtest/sweep_gemv.py, bench_quant.py) call this one."""
@@ -278,7 +280,7 @@ def run_wna16_gemv(
 
         return w4_half2_gemv(
             x2, qweight, scales, zeros, group_size, launch.block_n, launch.block_k, launch.split_k,
-            launch.num_warps, launch.ahead, gated=gated, x_ahead=launch.x_ahead,
+            launch.num_warps, launch.ahead, gated=gated, x_ahead=launch.x_ahead, prefetch=prefetch,
         )  # fmt: skip
     from ops.triton.wna16_gemv import wna16_gemv  # noqa: PLC0415
 

@@ -1,0 +1,67 @@
+"""Which weights each decode GEMV asks L2 for: the next projection's (WEIR_L2_PREFETCH=1, ops/triton/l2_prefetch.py).
+
+A decoder layer's projections run in a fixed order, qkv_proj, o_proj, gate_up_proj, down_proj, then the
+next layer's qkv_proj. At load the runner walks them in that order (the modules' registration order) and
+gives each projection that runs the folded W4A16 GEMV (the kernel layout's 4-bit layers) `l2_prefetch`:
+a flat uint8 view of the next projection's packed or plain weight, its first `max_bytes` (the first
+rows, which the next GEMV's first programs read). The view shares the weight's storage: nothing is
+copied, and a weight replaced later (LoRA, reloads) is not followed, which only costs the prefetch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def _weight_bytes(module: nn.Module, max_bytes: int) -> torch.Tensor | None:
+    """[<= max_bytes] uint8: the start of the module's main weight (qweight, else weight), or None."""
+    weight = getattr(module, "qweight", None)
+    if weight is None:
+        weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not weight.is_contiguous() or weight.data_ptr() % 16:
+        return None
+    flat = weight.detach().reshape(-1).view(torch.uint8)  # the same storage, byte by byte
+    return flat[: max_bytes // 16 * 16]
+
+
+def link_l2_prefetch(model: nn.Module, max_bytes: int) -> int:
+    """Set `l2_prefetch` on each 4-bit kernel-layout projection followed by another. -> how many."""
+    chain = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in PROJECTIONS]
+    linked = 0
+    for current, following in zip(chain, chain[1:], strict=False):
+        if getattr(current, "wna16_bits", None) != 4:
+            continue
+        view = _weight_bytes(following, max_bytes)
+        if view is not None and view.numel():
+            current.l2_prefetch = view
+            linked += 1
+    return linked
+
+
+def l2_prefetch_enabled(device: torch.device) -> bool:
+    """WEIR_L2_PREFETCH=1 on a CUDA device of compute capability 9.0+ (the bulk prefetch's PTX), not
+    under the Triton interpreter. A value other than 0 or 1 is refused on any device."""
+    value = os.environ.get("WEIR_L2_PREFETCH", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"WEIR_L2_PREFETCH must be 0 or 1; got {value!r}")
+    if value == "0" or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def l2_prefetch_bytes() -> int:
+    """WEIR_L2_PREFETCH_MB (16): the most of one weight a GEMV asks L2 for, well under an H100 / H200's
+    50 MB L2, which the GEMV itself streams through."""
+    value = os.environ.get("WEIR_L2_PREFETCH_MB", "16")
+    try:
+        mb = float(value)
+    except ValueError:
+        mb = -1.0
+    if not 0 < mb <= 64:
+        raise ValueError(f"WEIR_L2_PREFETCH_MB must be a number in (0, 64]; got {value!r}")
+    return int(mb * (1 << 20)) // 16 * 16

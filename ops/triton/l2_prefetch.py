@@ -1,0 +1,47 @@
+"""Asking L2 for the next kernel's weights while this one finishes (WEIR_L2_PREFETCH=1, sm_90).
+
+Why: every decode GEMV of a batch-1 step spends ~2.4 us more than its bytes take even when it only
+reads (loadtest/probe_w4_layout.py at ea9949b: the W4A16 words alone in the GEMV's tiles, 0.43-0.84 of
+the copy bandwidth), the memory pipeline filling at its start and draining at its end, 128 times a
+step; the small kernels between the GEMVs (norms, attention) leave the memory idle meanwhile. Here each
+program of a GEMV, once its own tiles are read, hands the GPU one bulk L2 prefetch
+(`cp.async.bulk.prefetch.L2.global`, a fire-and-forget request served by the copy engine) of its slice
+of the next projection's weights, so that GEMV's first loads find L2 warm. The slices follow the
+programs' launch order (program 0 the first bytes): the next GEMV's first wave reads the first rows.
+
+A prefetch changes no value, only where the bytes come from: the outputs are the same with and without
+it. Not measured on a GPU yet, so off (engine/model/quantization/l2_prefetch_chain.py decides who asks
+for what). Only PTX of sm_90 (Hopper) has the bulk prefetch; elsewhere, and in the Triton interpreter
+(no PTX), nothing is prefetched.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# one thread of the program issues it (every thread runs the asm; the predicate keeps one)
+_PREFETCH_PTX: tl.constexpr = tl.constexpr(
+    "{ .reg .pred p; .reg .b32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
+    "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0; }"
+)
+
+
+@triton.jit
+def prefetch_slice(base_ptr, nbytes, part, parts):
+    """Program `part` of `parts` asks L2 for its share of the `nbytes` at `base_ptr` (a byte pointer,
+    16-byte aligned): whole 16-byte chunks (the bulk prefetch's unit; a tail under 16 bytes is left),
+    the last share what is left."""
+    whole = nbytes // 16 * 16
+    share = (whole // parts + 15) // 16 * 16
+    start = part * share
+    size = tl.minimum(share, whole - start)
+    if size > 0:
+        tl.inline_asm_elementwise(
+            _PREFETCH_PTX,
+            "=r,l,r",
+            [base_ptr + start, size.to(tl.int32)],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )

@@ -21,8 +21,8 @@
 # featd: the feature check's quantized checkpoints (part d) alone. fp8kv: gpu_kernel_check.py's fp8 KV part (the widened
 # read, ops/triton/fp8_kv_read.py, against the bytes path and a bf16 cache: checks and decode times); featew: the
 # feature check's FP8 KV part (e) with WEIR_FP8_KV_WIDEN=1; q34w: bench_quant.py's Q3, Q4 and Q3KV with it (Q34N requests).
-# q1p0a q1p1a q1p0b ...: Q1 with WEIR_L2_PREFETCH=0 / 1 (ops/triton/l2_prefetch.py), alternating; featdp: the feature
-# check's quantized checkpoints (d) with it on. abold1 abnew1 abold2 ...: L1 alternating an older tree and this
+# q1p0a q1p1a q1p0b ...: Q1 and Q2 with WEIR_L2_PREFETCH=0 / 1 (ops/triton/l2_prefetch.py), alternating; l1p0a l1p1a ...:
+# L1 (bf16) the same way; featdp: the feature check's quantized checkpoints (d) with it on; engl2p: the engine check with it on. abold1 abnew1 abold2 ...: L1 alternating an older tree and this
 # one in one call (machines differ by up to 4%; compare within a call): first, on this machine,
 # `mkdir ab_old && git archive REV engine ops app loadtest pyproject.toml | tar x -C ab_old`, carry ab_old. .whl holds the server's wheels (../shared/scripts/device-wheels.sh).
 set -o pipefail
@@ -68,7 +68,9 @@ for s in $STEPS; do case $s in
   fp8kv) mkdir -p $O/fp8kv; step fp8kv 150 env OUT=$O/fp8kv python3 loadtest/gpu_kernel_check.py fp8kv;;
   featew) mkdir -p $O/featew; step featew 150 env OUT=$O/featew WEIR_FP8_KV_WIDEN=1 WEIR_CHECK_PARTS=e python3 loadtest/gpu_feature_check.py;;
   q34w) step q34w 330 env WEIR_FP8_KV_WIDEN=1 python3 loadtest/bench_quant.py --shape llama3-8b --cases Q3,Q4,Q3KV --t2-requests ${Q34N:-500} --out $O/q34w.json;;
-  q1p0*|q1p1*) step $s 150 env WEIR_L2_PREFETCH=${s:3:1} python3 loadtest/bench_quant.py --shape llama3-8b --cases Q1 --out $O/$s.json;;
+  q1p0*|q1p1*) step $s 150 env WEIR_L2_PREFETCH=${s:3:1} python3 loadtest/bench_quant.py --shape llama3-8b --cases Q1,Q2 --out $O/$s.json;;
+  l1p0*|l1p1*) step $s 60 env WEIR_L2_PREFETCH=${s:3:1} python3 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;
+  engl2p) mkdir -p $O/engl2p; step engl2p 300 env OUT=$O/engl2p WEIR_L2_PREFETCH=1 WEIR_CHECK_PARTS="${ENG_PARTS:-a}" python3 loadtest/gpu_engine_check.py;;
   featdp) mkdir -p $O/featdp; step featdp 150 env OUT=$O/featdp WEIR_L2_PREFETCH=1 WEIR_CHECK_PARTS=d python3 loadtest/gpu_feature_check.py;;
   featd) step featd 150 env OUT=$O WEIR_CHECK_PARTS=d python3 loadtest/gpu_feature_check.py;;
   engpdl) mkdir -p $O/engpdl; step engpdl 300 env OUT=$O/engpdl WEIR_PDL=1 WEIR_CHECK_PARTS="${ENG_PARTS:-a}" python3 loadtest/gpu_engine_check.py;;

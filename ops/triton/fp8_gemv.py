@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.triton.l2_prefetch import check_l2_next, prefetch_slice
 from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
 from ops.triton.split_k import (
     MAX_TILES,
@@ -82,6 +83,9 @@ def _fp8_gemv_kernel(
     VEC: tl.constexpr,  # x's elements per 16-byte load: the weight tile's columns per thread too
     GATED: tl.constexpr = False,  # a [gate; up] weight (N = 2 x half_n rows): silu(gate) * up stored
     half_n=0,  # GATED: the gate half's rows, the output's columns
+    prefetch_ptr=None,  # (L2_PREFETCH) bytes of the next projection's weights (ops/triton/l2_prefetch.py)
+    prefetch_bytes=0,
+    L2_PREFETCH: tl.constexpr = False,
 ):
     pid_g = tl.program_id(0)  # a group of ROWS rows of x; groups side by side share each weight tile in L2
     pid_n = tl.program_id(1)
@@ -129,6 +133,10 @@ def _fp8_gemv_kernel(
             acc3 += w * _x_tile(x_ptr, 3, stride_xm, kk, mask_k, s_in, STATIC_INPUT, W_DTYPE)[None, :]
         if PREFETCH:
             w = w_next
+    if L2_PREFETCH:  # this program's tiles are read: its slice of the next weights, in launch order
+        part = pid_g + tl.num_programs(0) * (pid_n + tl.num_programs(1) * pid_k)
+        parts = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
+        prefetch_slice(prefetch_ptr, prefetch_bytes, part, parts)
     scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)  # [BLOCK_N]
     if GATED:
         offs_v = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # the tile's virtual columns (split partials)
@@ -158,12 +166,15 @@ def fp8_gemv(
     num_stages: int = 3,
     prefetch: bool = False,
     gated: bool = False,
+    l2_next: torch.Tensor | None = None,  # [bytes] uint8: asked of L2 as the programs finish
 ) -> torch.Tensor:  # [M, N] in x.dtype; gated: [M, N / 2]
     """y = x (weight * weight_scale[:, None])^T, one launch; split_k > 1 splits K per BLOCK_N rows;
     prefetch keeps the next weight tile in flight (and lets the launch use PDL, ops.triton.pdl).
     block_k = 8 * 32 * num_warps (bf16 / fp16 x) keeps x out of shared memory (module docstring).
     gated: weight is [gate; up] (a MergedColumnParallelLinear's); y = silu(x gate^T) * (x up^T), each
-    tile taking block_n / 2 rows of both halves."""
+    tile taking block_n / 2 rows of both halves. l2_next: the next projection's weight bytes (a flat uint8
+    view, 16-byte aligned), each program asking L2 for its slice once its tiles are read
+    (ops/triton/l2_prefetch.py; sm_90; the outputs unchanged)."""
     M, K = x.shape
     N = weight.shape[0]
     if not 1 <= M <= MAX_GEMV_TOKENS:
@@ -186,7 +197,7 @@ def fp8_gemv(
     if M % rows:  # zero rows up to whole groups
         padded = torch.cat([x, x.new_zeros(rows - M % rows, K)])
         return fp8_gemv(padded, weight, weight_scale, input_scale, block_n, block_k, split_k, num_warps, num_stages,
-                        prefetch, gated)[:M]  # fmt: skip
+                        prefetch, gated, l2_next)[:M]  # fmt: skip
     groups = M // rows
     if split_k > 1 and tiles * groups > MAX_TILES:
         raise ValueError(f"fp8_gemv: {tiles * groups} tiles exceed the split-K workspace ({MAX_TILES})")
@@ -197,11 +208,15 @@ def fp8_gemv(
     )
     static = input_scale is not None
     pdl = pdl_enabled(x.device)
+    check_l2_next("fp8_gemv", l2_next)
     _fp8_gemv_kernel[(groups, tiles, split_k)](
         x, weight, weight_scale, input_scale if static else weight_scale, out, partials, split_counters(x.device),
         M, N, K, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
         ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         STATIC_INPUT=static, PREFETCH=prefetch, PDL=pdl, VEC=16 // x.element_size(), GATED=gated, half_n=out_n,
+        prefetch_ptr=out if l2_next is None else l2_next,
+        prefetch_bytes=0 if l2_next is None else l2_next.numel(),
+        L2_PREFETCH=l2_next is not None and x.device.type == "cuda",
         num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
     return out

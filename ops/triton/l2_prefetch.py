@@ -1,7 +1,8 @@
 """Asking L2 for the next kernel's weights while this one finishes (WEIR_L2_PREFETCH=1, sm_90).
 
-Why: every decode GEMV of a batch-1 step spends ~2.4 us more than its bytes take even when it only
-reads (loadtest/probe_w4_layout.py at ea9949b: the W4A16 words alone in the GEMV's tiles, 0.43-0.84 of
+Used by the decode GEMVs (ops/triton/w4_half2_gemv.py, ops/triton/fp8_gemv.py for bf16 and FP8
+weights). Why: every decode GEMV of a batch-1 step spends ~2.4 us more than its bytes take even when it
+only reads (loadtest/probe_w4_layout.py at ea9949b: the W4A16 words alone in the GEMV's tiles, 0.43-0.84 of
 the copy bandwidth), the memory pipeline filling at its start and draining at its end, 128 times a
 step; the small kernels between the GEMVs (norms, attention) leave the memory idle meanwhile. Here each
 program of a GEMV, once its own tiles are read, hands the GPU one bulk L2 prefetch
@@ -17,6 +18,7 @@ for what). Only PTX of sm_90 (Hopper) has the bulk prefetch; elsewhere, and in t
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -45,3 +47,11 @@ def prefetch_slice(base_ptr, nbytes, part, parts):
             is_pure=False,
             pack=1,
         )
+
+
+def check_l2_next(op: str, l2_next: torch.Tensor | None) -> None:
+    """A GEMV's `l2_next` is None or a flat uint8 view of 16-byte aligned weights."""
+    if l2_next is not None and (
+        l2_next.dtype != torch.uint8 or l2_next.dim() != 1 or l2_next.data_ptr() % 16
+    ):
+        raise ValueError(f"{op}: l2_next must be a flat uint8 view of 16-byte aligned weights")

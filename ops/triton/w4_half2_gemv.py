@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.triton.l2_prefetch import prefetch_slice
+from ops.triton.l2_prefetch import check_l2_next, prefetch_slice
 from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
 from ops.triton.split_k import (
     MAX_TILES,
@@ -438,14 +438,14 @@ def w4_half2_gemv(
     loop_stages: int = 1,
     gated: bool = False,
     x_ahead: bool = False,
-    prefetch: torch.Tensor | None = None,  # [bytes] uint8: asked of L2 as the programs finish
+    l2_next: torch.Tensor | None = None,  # [bytes] uint8: asked of L2 as the programs finish
 ) -> torch.Tensor:  # [M, N] in x.dtype; gated: [M, N / 2]
     """y = x w for 4-bit codes, w[k, n] = (code - zero) * scale. block_k divides group_size (at least
     16); split_k splits K over that many programs per column tile (whole tiles each); ahead: tiles in
     flight ahead of the decoded one; loop_stages > 1: Triton pipelines the loads instead; gated: a
     [gate | up] weight, silu(gate) * up stored (N / 2 columns); x_ahead (ahead 1): x's next pairs
     requested with the next tile (one row: 8-11% a layer on an H200, planned; 2-4 rows: not measured
-    yet, a sweep option); prefetch: the next projection's weight bytes (a flat uint8 view, 16-byte
+    yet, a sweep option); l2_next: the next projection's weight bytes (a flat uint8 view, 16-byte
     aligned), each program asking L2 for its slice once its tiles are read (ops/triton/l2_prefetch.py;
     sm_90, the outputs unchanged). The zero points must be integers in
     [0, MAX_ZERO_POINT] (not checked here: a device sync per call; the engine checks at load)."""
@@ -474,7 +474,7 @@ def w4_half2_gemv(
     if M % rows:  # the kernel masks no row: zero rows up to whole groups
         padded = torch.cat([x, x.new_zeros(rows - M % rows, K)])
         return w4_half2_gemv(padded, qweight, scales, zeros, group_size, block_n, block_k, split_k, num_warps,
-                             ahead, loop_stages, gated, x_ahead, prefetch)[:M]  # fmt: skip
+                             ahead, loop_stages, gated, x_ahead, l2_next)[:M]  # fmt: skip
     if x.stride(1) != 1 or x.stride(0) % 2 or x.storage_offset() % 2:
         x = x.contiguous()
     x_pairs = x.view(torch.int32)  # [M, K / 2]
@@ -491,10 +491,7 @@ def w4_half2_gemv(
         torch.empty(split_k, M, partial_n, dtype=torch.float32, device=x.device) if split_k > 1 else out
     )
     pdl = pdl_enabled(x.device)
-    if prefetch is not None and (
-        prefetch.dtype != torch.uint8 or prefetch.dim() != 1 or prefetch.data_ptr() % 16
-    ):
-        raise ValueError("w4_half2_gemv: prefetch must be a flat uint8 view of 16-byte aligned weights")
+    check_l2_next("w4_half2_gemv", l2_next)
     _w4_half2_gemv_kernel[(groups, tiles, split_k)](
         x_pairs, qweight, scales, zeros, out, partials, split_counters(x.device),
         M, N, K, k_per_split,
@@ -502,9 +499,9 @@ def w4_half2_gemv(
         X_BF16=x.dtype == torch.bfloat16, GROUP_SIZE=group_size, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k,
         SPLIT_K=split_k, EVEN_N=out_n % (block_n // 2) == 0 if gated else N % block_n == 0, AHEAD=ahead,
         X_AHEAD=x_ahead, LOOP_STAGES=loop_stages, PDL=pdl, EMULATE=x.device.type != "cuda", GATED=gated, half_n=out_n,
-        prefetch_ptr=out if prefetch is None else prefetch,
-        prefetch_bytes=0 if prefetch is None else prefetch.numel(),
-        L2_PREFETCH=prefetch is not None and x.device.type == "cuda",
+        prefetch_ptr=out if l2_next is None else l2_next,
+        prefetch_bytes=0 if l2_next is None else l2_next.numel(),
+        L2_PREFETCH=l2_next is not None and x.device.type == "cuda",
         num_warps=num_warps, launch_pdl=pdl,
     )  # fmt: skip
     return out

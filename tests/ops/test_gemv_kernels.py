@@ -139,6 +139,31 @@ def test_fp8_gemv_matches_dequantize_then_matmul(
 
 
 @in_process
+@pytest.mark.parametrize("gated", [False, True])
+def test_fp8_gemv_l2_next_changes_no_output(gated: bool) -> None:
+    """l2_next: each program asks L2 for its slice of other weights (on sm_90; nothing is asked elsewhere
+    or in the interpreter): outputs bit for bit those without, for FP8 and bf16 weights, whatever the
+    share; a view that is not flat, uint8 and 16-byte aligned is refused."""
+    from ops.triton.fp8_gemv import fp8_gemv
+
+    weight, scale, _ = _fp8_layer(32, 256, seed=9)
+    nxt, _, _ = _fp8_layer(64, 256, seed=10)
+    dtype = _dtype()
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
+    other = nxt.to(DEVICE).reshape(-1).view(torch.uint8)
+    for w in (weight, weight.float().to(dtype)):  # FP8 weights and a float layer's (the bf16 GEMV's path)
+        args = (x, w.to(DEVICE), scale.to(DEVICE))
+        launch = dict(block_n=8, block_k=64, split_k=2, gated=gated)
+        plain = fp8_gemv(*args, **launch)
+        for nbytes in (other.numel(), 16, 1000):
+            assert torch.equal(fp8_gemv(*args, **launch, l2_next=other[:nbytes]), plain)
+    with pytest.raises(
+        ValueError, match="fp8_gemv: l2_next must be a flat uint8 view of 16-byte aligned weights"
+    ):
+        fp8_gemv(x, weight.to(DEVICE), scale.to(DEVICE), l2_next=other[3:])
+
+
+@in_process
 def test_fp8_gemv_with_a_static_input_scale_sees_x_as_the_fp8_gemm_does() -> None:
     """x quantized to FP8 with the static scale and dequantized, as Fp8LinearMethod's reference path.
     x / scale lies 0.3 of an FP8 step above an FP8 value, so quantizing rounds it down onto that value:

@@ -60,12 +60,12 @@ KERNELS = [
          "partials_ptr": "*fp32", "counters_ptr": "*i32"},
     ),
     *(
-        (
+        (  # with the next weights' L2 prefetch (ops/triton/l2_prefetch.py)
             "ops.triton.fp8_gemv:_fp8_gemv_kernel",
             {"ROWS": 1, "BLOCK_N": 8, "BLOCK_K": 1024, "SPLIT_K": 1, "STATIC_INPUT": False, "PREFETCH": True,
-             "PDL": True, "VEC": 8},
+             "PDL": True, "VEC": 8, "L2_PREFETCH": True},
             {"x_ptr": "*bf16", "w_ptr": weight, "scale_ptr": "*fp32", "input_scale_ptr": "*fp32", "out_ptr": "*bf16",
-             "partials_ptr": "*fp32", "counters_ptr": "*i32"},
+             "partials_ptr": "*fp32", "counters_ptr": "*i32", "prefetch_ptr": "*u8"},
         )
         for weight in ("*bf16", "*fp8e4nv")
     ),

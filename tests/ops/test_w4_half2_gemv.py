@@ -120,7 +120,7 @@ def test_gated_stores_silu_gate_times_up(split_k: int) -> None:
 @in_process
 @pytest.mark.parametrize("gated", [False, True])
 def test_an_l2_prefetch_of_other_weights_changes_no_output(gated: bool) -> None:
-    """prefetch: each program asks L2 for its slice of other weights' bytes (on sm_90; nothing is asked
+    """l2_next: each program asks L2 for its slice of other weights' bytes (on sm_90; nothing is asked
     elsewhere or in the interpreter): the outputs are bit for bit those without, whatever the slices
     (more programs than 16-byte chunks, an uneven last share); a prefetch not a flat 16-byte aligned
     uint8 view is refused."""
@@ -133,10 +133,12 @@ def test_an_l2_prefetch_of_other_weights_changes_no_output(gated: bool) -> None:
     plain = w4_half2_gemv(x, *args, 128, **launch)
     other = nxt[0].reshape(-1).view(torch.uint8)  # the next layer's packed words, byte by byte
     for nbytes in (other.numel(), 48, 1000):
-        assert torch.equal(w4_half2_gemv(x, *args, 128, **launch, prefetch=other[:nbytes]), plain)
+        assert torch.equal(w4_half2_gemv(x, *args, 128, **launch, l2_next=other[:nbytes]), plain)
     for bad in (nxt[0], other[1:], other.view(2, -1)):
-        with pytest.raises(ValueError, match="prefetch must be a flat uint8 view of 16-byte aligned weights"):
-            w4_half2_gemv(x, *args, 128, **launch, prefetch=bad)
+        with pytest.raises(
+            ValueError, match="w4_half2_gemv: l2_next must be a flat uint8 view of 16-byte aligned weights"
+        ):
+            w4_half2_gemv(x, *args, 128, **launch, l2_next=bad)
 
 
 @in_process

@@ -139,10 +139,11 @@ def float_gemv_linear(
     unit_scale: torch.Tensor,  # [out] float32 ones
     bias: torch.Tensor | None,
     launch: dict[str, int],
+    l2_next: torch.Tensor | None = None,  # the next projection's weight bytes (l2_prefetch_chain)
 ) -> torch.Tensor:  # [..., out]
     from ops.triton.fp8_gemv import fp8_gemv  # noqa: PLC0415
 
-    out = fp8_gemv(x.reshape(1, -1), weight, unit_scale, None, **launch)  # [1, out]
+    out = fp8_gemv(x.reshape(1, -1), weight, unit_scale, None, **launch, l2_next=l2_next)  # [1, out]
     if bias is not None:
         out = out + bias
     return out.view(*x.shape[:-1], out.shape[-1])

@@ -218,13 +218,17 @@ class Fp8LinearMethod(LinearMethodBase):
     def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         if not (isinstance(x, torch.Tensor) and _takes_gemv(layer, x)):
             return None
-        return fp8_gemv_linear(x, layer.weight, layer.weight_scale, None, layer.input_scale, gated=True)
+        l2_next = getattr(layer, "l2_prefetch", None)
+        return fp8_gemv_linear(x, layer.weight, layer.weight_scale, None, layer.input_scale, True, l2_next)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):  # quantized by the kernel that made it (fp8_activation)
             return _scaled_mm(x.q, x.scale, layer.weight, layer.weight_scale, bias, x.dtype)
         if _takes_gemv(layer, x):
-            return fp8_gemv_linear(x, layer.weight, layer.weight_scale, bias, layer.input_scale)
+            l2_next = getattr(layer, "l2_prefetch", None)
+            return fp8_gemv_linear(
+                x, layer.weight, layer.weight_scale, bias, layer.input_scale, False, l2_next
+            )
         if layer.fp8_scaled_mm and x.dtype == torch.bfloat16:
             return _scaled_mm_linear(
                 x, layer.weight, layer.weight_scale, bias, layer.input_scale, layer.fp8_quant_kernel
@@ -290,6 +294,7 @@ def fp8_gemv_linear(
     bias: torch.Tensor | None,
     input_scale: torch.Tensor | None = None,  # [1] float32: static; None: x as is (W8A16)
     gated: bool = False,  # weight is [gate; up]: silu(gate) * up, [..., out / 2] (no bias)
+    l2_next: torch.Tensor | None = None,  # the next projection's weight bytes (l2_prefetch_chain)
 ) -> torch.Tensor:  # [..., out]
     from ops.triton.fp8_gemv import fp8_gemv  # noqa: PLC0415
 
@@ -298,7 +303,7 @@ def fp8_gemv_linear(
     if device not in _SMS:
         _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count if device >= 0 else 132
     launch = fp8_gemv_launch(x2.shape[1], weight.shape[0], _SMS[device], x2.shape[0])
-    out = fp8_gemv(x2, weight, weight_scale, input_scale, **launch, gated=gated)
+    out = fp8_gemv(x2, weight, weight_scale, input_scale, **launch, gated=gated, l2_next=l2_next)
     if bias is not None:
         out = out + bias
     return out.view(*x.shape[:-1], out.shape[-1])

@@ -2,10 +2,12 @@
 
 A decoder layer's projections run in a fixed order, qkv_proj, o_proj, gate_up_proj, down_proj, then the
 next layer's qkv_proj. At load the runner walks them in that order (the modules' registration order) and
-gives each projection that runs the folded W4A16 GEMV (the kernel layout's 4-bit layers) `l2_prefetch`:
-a flat uint8 view of the next projection's packed or plain weight, its first `max_bytes` (the first
-rows, which the next GEMV's first programs read). The view shares the weight's storage: nothing is
-copied, and a weight replaced later (LoRA, reloads) is not followed, which only costs the prefetch.
+gives each projection but the last `l2_prefetch`: a flat uint8 view of the next projection's packed or
+plain weight, its first `max_bytes` (the first rows, which the next GEMV's first programs read; of a
+[gate; up] weight that is gate's). The decode GEMVs use it (the folded W4A16 GEMV, the bf16 and FP8
+GEMVs of ops/triton/fp8_gemv.py); a projection that runs cuBLAS or another kernel ignores it. The view
+shares the weight's storage: nothing is copied, and a weight replaced later (LoRA, reloads) is not
+followed, which only costs the prefetch.
 """
 
 from __future__ import annotations
@@ -30,12 +32,10 @@ def _weight_bytes(module: nn.Module, max_bytes: int) -> torch.Tensor | None:
 
 
 def link_l2_prefetch(model: nn.Module, max_bytes: int) -> int:
-    """Set `l2_prefetch` on each 4-bit kernel-layout projection followed by another. -> how many."""
+    """Set `l2_prefetch` on each projection followed by another. -> how many."""
     chain = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in PROJECTIONS]
     linked = 0
     for current, following in zip(chain, chain[1:], strict=False):
-        if getattr(current, "wna16_bits", None) != 4:
-            continue
         view = _weight_bytes(following, max_bytes)
         if view is not None and view.numel():
             current.l2_prefetch = view

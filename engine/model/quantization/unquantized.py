@@ -60,14 +60,19 @@ class UnquantizedLinearMethod(LinearMethodBase):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         launch = getattr(layer, "float_gemv", None)
         if launch is not None and x.numel() == x.shape[-1] and decode_gemv_is_allowed():
-            return float_gemv_linear(x, layer.weight, layer.float_gemv_scale, bias, launch)
+            return float_gemv_linear(
+                x, layer.weight, layer.float_gemv_scale, bias, launch, getattr(layer, "l2_prefetch", None)
+            )
         return F.linear(x, layer.weight, bias)
 
     def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         launch = getattr(layer, "float_gemv_gated", None)
         if launch is None or x.numel() != x.shape[-1] or not decode_gemv_is_allowed():
             return None
-        return float_gemv_linear(x, layer.weight, layer.float_gemv_scale, None, {**launch, "gated": True})
+        gated = {**launch, "gated": True}
+        return float_gemv_linear(
+            x, layer.weight, layer.float_gemv_scale, None, gated, getattr(layer, "l2_prefetch", None)
+        )
 
 
 _UNQUANTIZED = UnquantizedLinearMethod()

@@ -270,8 +270,7 @@ def run_wna16_gemv(
     launch: WNA16Launch,
     gated: bool = False,
     folded_ok: bool = True,  # the zero points are integers the folded GEMV decodes exactly
-    prefetch: torch.Tensor
-    | None = None,  # the next projection's weight bytes (l2_prefetch_chain): folded GEMV
+    l2_next: torch.Tensor | None = None,  # the next projection's weights (l2_prefetch_chain), folded GEMV
 ) -> torch.Tensor:  # [tokens, out] (gated: [tokens, out / 2])
     """The GEMV a "gemv" launch runs: the folded packed-fp16 kernel where it applies, else wna16_gemv.
     The engine's layers and the benchmarks (loadtest/sweep_gemv.py, bench_quant.py) call this one."""
@@ -280,7 +279,7 @@ def run_wna16_gemv(
 
         return w4_half2_gemv(
             x2, qweight, scales, zeros, group_size, launch.block_n, launch.block_k, launch.split_k,
-            launch.num_warps, launch.ahead, gated=gated, x_ahead=launch.x_ahead, prefetch=prefetch,
+            launch.num_warps, launch.ahead, gated=gated, x_ahead=launch.x_ahead, l2_next=l2_next,
         )  # fmt: skip
     from ops.triton.wna16_gemv import wna16_gemv  # noqa: PLC0415
 

@@ -43,18 +43,15 @@ def _model(four_bit: list[bool]) -> nn.Module:
     return model
 
 
-def test_each_4bit_projection_points_at_the_next_ones_weight() -> None:
-    """qkv -> o -> gate_up -> down -> the next layer's qkv; the last down and non-4-bit layers get
-    nothing; the views share the weights' storage and stop at max_bytes (16-byte multiples)."""
+def test_each_projection_points_at_the_next_ones_weight() -> None:
+    """qkv -> o -> gate_up -> down -> the next layer's qkv, 4-bit (qweight) or not (weight); the last
+    down gets nothing; the views share the weights' storage and stop at max_bytes (16-byte multiples)."""
     model = _model([True, True, True, True, True, False, True, True])
-    assert link_l2_prefetch(model, max_bytes=200) == 6  # all 4-bit ones but the last
+    assert link_l2_prefetch(model, max_bytes=200) == 7  # all but the last
     first, second = model.layers
     order = [first.self_attn.qkv_proj, first.self_attn.o_proj, first.mlp.gate_up_proj, first.mlp.down_proj,
              second.self_attn.qkv_proj, second.self_attn.o_proj, second.mlp.gate_up_proj, second.mlp.down_proj]  # fmt: skip
     for current, following in zip(order, order[1:], strict=False):
-        if current is second.self_attn.o_proj:  # bf16: runs no folded GEMV
-            assert not hasattr(current, "l2_prefetch")
-            continue
         view = current.l2_prefetch
         target = getattr(following, "qweight", None)
         target = following.weight if target is None else target

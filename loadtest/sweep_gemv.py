@@ -1,6 +1,6 @@
 """Launch-shape sweep of the decode GEMVs (ops/triton/wna16_gemv.py, w4_half2_gemv.py, fp8_gemv.py) at a model's four
 linear shapes, against bf16 F.linear (cuBLAS) and the W4A16 dot kernel's planned launch, in one GPU call;
-at batch 1 also the float-weight GEMV on the bf16 weights themselves (`bf16_gemv`).
+at 1-8 tokens also the float-weight GEMV on the bf16 weights themselves (`bf16_gemv`).
 
     python loadtest/sweep_gemv.py --shape llama3-8b --out sweep.json
 
@@ -120,6 +120,12 @@ BF16_GRIDS: dict[int, Any] = {
         "block_k_warps": ((512, 4), (512, 2), (1024, 4), (2048, 8)),
         "split_k": (1, 2),
         "prefetch": (False, True),
+    },
+    # L1's batch 8 runs cuBLAS (0.84 of the roofline at 5a5b861 against batch 1's 0.90): whether the
+    # GEMV, a weight tile shared by the row groups' programs through L2, reads faster at 2-8 tokens
+    **{
+        m: {"block_n": (8, 16, 32), "block_k_warps": ((256, 4), (512, 2), (512, 4)), "split_k": (1, 2)}
+        for m in (2, 4, 8)
     },
 }
 

@@ -15,6 +15,8 @@ from tests.ops.triton_interpreter import DEVICE, in_process, only_in_subprocess,
 
 # isort: on
 
+import sys
+
 import pytest
 import torch
 
@@ -150,3 +152,32 @@ def test_decode_attention_refuses_a_cache_of_another_layout() -> None:
             torch.zeros(1, dtype=torch.int64, device=DEVICE), one.view(1, 1) * 0, one, torch.arange(2, device=DEVICE,
             dtype=torch.int32), 1, 1.0,
         )  # fmt: skip
+
+
+@in_process
+@pytest.mark.parametrize("case", ["e4m3 group 4 split", "e5m2 group 1"])
+def test_decode_attention_over_a_widened_fp8_cache_is_bit_for_bit_the_bytes_path(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WEIR_FP8_KV_WIDEN=1 (ops/triton/fp8_kv_read.py): the program that stores this step's fp8 K/V reads
+    it back, with the rest of the tile, as words widened to float16; with float16 queries outputs and
+    caches are the bytes path's bit for bit."""
+    dtype, cache_dtype, group, max_seq_len = CASES[case]
+    b = _batch(dtype, cache_dtype, group)
+    cos_sin = build_cos_sin_cache(HEAD_DIM, 1024, 10000.0).to(DEVICE)
+    q, k, v = b["qkv"].split(b["split"], dim=-1)
+    plans = sys.modules["ops.triton.paged_attention"]
+    runs = []
+    for widen in ("0", "1"):
+        monkeypatch.setenv("WEIR_FP8_KV_WIDEN", widen)
+        monkeypatch.setattr(plans, "_PLANS", {})
+        kc, vc = b["k_cache"].clone(), b["v_cache"].clone()
+        o = impl.decode_attention(
+            b["positions"], q, k, v, cos_sin, HEAD_DIM, kc, vc, b["slot_mapping"], b["block_tables"],
+            b["seq_lens"], b["query_start_loc"], max_seq_len, HEAD_DIM**-0.5, b["k_scale"], b["v_scale"],
+        )  # fmt: skip
+        assert all(plan.fp8_widen == (widen == "1") for plan in plans._PLANS.values())
+        runs.append((o, kc.view(torch.uint8), vc.view(torch.uint8)))
+    real = slice(0, q.shape[0] - 1)
+    assert torch.equal(runs[1][0][real], runs[0][0][real])
+    assert torch.equal(runs[1][1], runs[0][1]) and torch.equal(runs[1][2], runs[0][2])

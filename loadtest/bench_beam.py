@@ -28,7 +28,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loadtest.common import (  # noqa: E402
-    HFPeer,
     Report,
     add_common_args,
     build_llm,
@@ -41,6 +40,7 @@ from loadtest.common import (  # noqa: E402
     ratio,
     resolve_model,
 )
+from loadtest.hf_peer import HFPeer  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

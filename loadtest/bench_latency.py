@@ -21,7 +21,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loadtest.common import (  # noqa: E402
-    HFPeer,
     Report,
     add_common_args,
     build_llm,
@@ -38,6 +37,7 @@ from loadtest.common import (  # noqa: E402
     sampling_params,
     summarize_ms,
 )
+from loadtest.hf_peer import HFPeer  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

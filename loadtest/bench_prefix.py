@@ -29,7 +29,6 @@ from loadtest.common import (  # noqa: E402
     REPO_ROOT,
     Report,
     Workload,
-    _die_with_parent,
     add_common_args,
     build_llm,
     copy_bandwidth_phase,
@@ -41,11 +40,12 @@ from loadtest.common import (  # noqa: E402
     phase,
     ratio,
     resolve_model,
-    run_peer,
     sampling_params,
     shared_prefix_workload,
     summarize_ms,
 )
+from loadtest.hf_peer import run_peer  # noqa: E402
+from loadtest.server_process import _die_with_parent  # noqa: E402
 
 MODES = ("on", "off")
 

@@ -45,26 +45,30 @@ from loadtest.bench_throughput import (  # noqa: E402
 )
 from loadtest.common import (  # noqa: E402
     Report,
-    ServerProcess,
-    StreamResult,
     Workload,
     add_common_args,
     build_llm,
     copy_bandwidth_phase,
     default_max_model_len,
     engine_kwargs,
-    first_model_id,
     free_engine,
     install_signal_handlers,
     percentile,
     phase,
-    raise_fd_limit,
     resolve_model,
-    run_peer,
-    server_flags,
     step_loop_delta,
-    stream_completion,
     summarize_ms,
+)
+from loadtest.hf_peer import run_peer  # noqa: E402
+from loadtest.server_process import (  # noqa: E402
+    ServerProcess,
+    first_model_id,
+    raise_fd_limit,
+    server_flags,
+)
+from loadtest.streaming import (  # noqa: E402
+    StreamResult,
+    stream_completion,
 )
 
 
@@ -325,7 +329,7 @@ class _StreamProtocol(asyncio.Protocol):
 async def fast_stream_completion(
     host: str, port: int, payload: dict[str, Any], path: str = "/v1/completions"
 ) -> StreamResult:
-    """`common.stream_completion`'s result, from `_StreamProtocol` instead of httpx."""
+    """`loadtest.streaming.stream_completion`'s result, from `_StreamProtocol` instead of httpx."""
     body = msgspec.json.encode(payload)
     request = (
         f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"

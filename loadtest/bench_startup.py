@@ -30,9 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loadtest.common import (  # noqa: E402
     REPO_ROOT,
-    HFPeer,
     Report,
-    ServerProcess,
     add_common_args,
     build_llm,
     copy_bandwidth_phase,
@@ -43,9 +41,13 @@ from loadtest.common import (  # noqa: E402
     phase,
     resolve_model,
     sampling_params,
-    server_flags,
-    stream_completion,
 )
+from loadtest.hf_peer import HFPeer  # noqa: E402
+from loadtest.server_process import (  # noqa: E402
+    ServerProcess,
+    server_flags,
+)
+from loadtest.streaming import stream_completion  # noqa: E402
 
 # Runner methods timed during the in-process start-up, by what their names say.
 _TIMED = re.compile(r"load|kv|profile|capture|graph|warm|compile|alloc")

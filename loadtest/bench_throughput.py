@@ -36,11 +36,11 @@ from loadtest.common import (  # noqa: E402
     random_workload,
     ratio,
     resolve_model,
-    run_peer,
     sampling_params,
     step_loop_delta,
 )
 from loadtest.hf_cb_peer import add_hf_cb_args, run_hf_cb_peer  # noqa: E402
+from loadtest.hf_peer import run_peer  # noqa: E402
 
 WORKLOADS = {
     "t1": {"shape": "qwen3-0.6b", "num_requests": 256, "input_len": "100:1024", "output_len": "100:1024"},

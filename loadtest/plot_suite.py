@@ -20,7 +20,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from loadtest.common import _dig  # noqa: E402
+from loadtest.summary import _dig  # noqa: E402
 
 # (benchmark, panel title, weir's figure, [(peer label, path in the report), ...]); paths are dotted,
 # 'a|b' takes the first present. Reports before `peers` existed keep generate() under `peer`.

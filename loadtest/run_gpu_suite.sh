@@ -104,7 +104,7 @@ suite() {
 
   echo
   echo "== summary (${SECONDS}s in all; skipped:${skipped:- none}; failed:${failed:- none})"
-  "$PY" loadtest/common.py summary "$OUT"
+  "$PY" loadtest/summary.py "$OUT"
   if "$PY" -c "import matplotlib" 2>/dev/null; then
     "$PY" loadtest/plot_suite.py "$OUT" || echo "!! plot failed"
   else

@@ -15,7 +15,11 @@ from app.cli import build_parser
 from app.cli import main as weir_main
 from app.config import default_model_dir
 from loadtest import bench_throughput
-from loadtest.common import ServerProcess, _fmt, summary_table
+from loadtest.server_process import ServerProcess
+from loadtest.summary import (
+    _fmt,
+    summary_table,
+)
 
 SMALL = ["--device", "cpu", "--num-kv-blocks", "64", "--copy-bytes", str(1 << 20)]
 

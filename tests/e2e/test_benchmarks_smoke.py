@@ -29,9 +29,9 @@ from loadtest.common import (
     random_workload,
     resolve_model,
     step_loop_delta,
-    summary_table,
 )
 from loadtest.model_shapes import SHAPES, num_parameters, shape_dir
+from loadtest.summary import summary_table
 
 # Small everything: a KV cache of 4k tokens, short prompts and outputs.
 ENGINE = ["--device", "cpu", "--num-kv-blocks", "256", "--copy-bytes", str(1 << 20), "--seed", "0"]

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.common import REPO_ROOT, ServerProcess
+from loadtest.common import REPO_ROOT
+from loadtest.server_process import ServerProcess
 
 # Locust runs in its own process. Never import it here: importing locust monkey-patches the whole
 # pytest process with gevent, which deadlocks the asyncio/uvicorn threads of the other tests.

@@ -142,7 +142,13 @@ def _serve(flags: dict, startup: StartupPhases) -> int:
             return 2
 
     from engine.worker import compile_pool
+    from ops.env_flags import check_env_flags
 
+    try:
+        check_env_flags()  # the tuning switches (WEIR_PDL, ...): 0 or 1, refused here before anything loads
+    except ValueError as exc:
+        print(f"weir serve: error: {exc}", file=sys.stderr)
+        return 2
     if compile_pool.gpu_likely(engine_config.device) and engine_config.tensor_parallel_size == 1:
         # Start-up's Triton compiles in worker processes (WEIR_COMPILE_WORKERS; engine/worker/
         # compile_pool.py): spawned first, they import torch and triton while this process does.

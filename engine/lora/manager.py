@@ -25,7 +25,6 @@ removed or evicted from the cache while requests run on it still serves them to 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -42,6 +41,7 @@ from engine.lora.segments import build_segments, segment_piece
 from engine.model.layers.linear import LinearBase
 from engine.worker.attention_metadata import PinnedStaging
 from ops import Kernels
+from ops.env_flags import env_flag
 
 logger = logging.getLogger("weir.engine")
 
@@ -67,9 +67,7 @@ class LoRAManager:
         self.batch = LoRABatch(max_num_tokens, device)
         # Segment kernels (one program per run of one adapter's tokens) with the Triton kernels;
         # WEIR_LORA_SEGMENTS=0 keeps the tile kernels (ops/triton/lora.py) for every step.
-        self.batch.use_segments = (
-            kernels.name == "triton" and os.environ.get("WEIR_LORA_SEGMENTS", "1") != "0"
-        )
+        self.batch.use_segments = kernels.name == "triton" and env_flag("WEIR_LORA_SEGMENTS")
         self.layers: dict[str, LoRALinear] = {}
         for name, module in model.named_modules():
             if isinstance(module, LinearBase):

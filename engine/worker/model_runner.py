@@ -80,6 +80,7 @@ from engine.worker.input_batch import (
 from engine.worker.kv_cache_setup import KVCacheSetup
 from engine.worker.sampler import Sampler, SamplingRow, build_sampling_metadata, compute_prompt_logprobs
 from engine.worker.step_in_flight import StepInFlight, scatter_rows
+from ops.env_flags import check_env_flags
 
 if TYPE_CHECKING:
     from engine.lora.manager import LoRAManager
@@ -103,6 +104,7 @@ class ModelRunner(KVCacheSetup):
         """`rank`: this runner's tensor-parallel rank (of config.parallel.tensor_parallel_size; its
         process group is already initialised when > 1). `device_index`: its CUDA device (None: the
         current one)."""
+        check_env_flags()  # a tuning switch set to anything but 0 or 1 fails here, naming it
         self.config = config
         self.rank = rank
         self.model_config = model_config = config.model

@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.env_flags import env_flag
 from ops.triton.fp8_kv_read import E4M3, E5M2, load_f16_rows
 from ops.triton.kv_cache import _FP8_FORMATS, _NOT_FP8, _to_cache
 from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
@@ -498,10 +499,7 @@ def fp8_widen_from_env() -> bool:
     """WEIR_FP8_KV_WIDEN=1: 16-bit queries over an fp8 cache read its tiles as words widened to float16
     and run the dots in float16 (ops/triton/fp8_kv_read.py); 0 (the default until measured on a GPU): the
     bytes widen to the query's dtype in the dot's operand layout."""
-    value = os.environ.get("WEIR_FP8_KV_WIDEN", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"WEIR_FP8_KV_WIDEN must be 0 or 1; got {value!r}")
-    return value == "1"
+    return env_flag("WEIR_FP8_KV_WIDEN")
 
 
 def _hardware_fp8_cvt(device_index: int) -> bool:

@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.env_flags import env_flag
+
 
 @functools.cache
 def pdl_enabled(device: torch.device) -> bool:
@@ -42,7 +44,7 @@ def pdl_enabled(device: torch.device) -> bool:
     under the interpreter (read once per device: launch paths call this every step)."""
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
-    if os.environ.get("WEIR_PDL", "0") != "1":
+    if not env_flag("WEIR_PDL"):
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return torch.cuda.get_device_capability(index) >= (9, 0)

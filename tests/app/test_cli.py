@@ -153,6 +153,17 @@ def test_serve_exits_2_on_a_bad_compile_workers_count(
     assert "weir serve: error: WEIR_COMPILE_WORKERS must be a whole number >= 0 (0: off); got 'many'" in err
 
 
+def test_serve_exits_2_on_a_bad_tuning_switch(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tuning switch of ops/env_flags.py set to anything but 0 or 1 stops `weir serve` before anything
+    loads, naming it (on any device)."""
+    monkeypatch.setenv("WEIR_FP8_KV_WIDEN", "on")
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert "weir serve: error: WEIR_FP8_KV_WIDEN must be 0 or 1 (unset: 0); got 'on'" in err
+
+
 def test_serve_ends_its_compile_workers_when_it_exits_early(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -23,13 +23,12 @@ bit for bit the two launches', tests/ops/test_decode_attention.py).
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
 from engine.model.layers.attention_backend import AttentionBackend
 from engine.worker.attention_metadata import get_attention_metadata
+from ops.env_flags import env_flag
 
 
 class Attention(nn.Module):
@@ -53,7 +52,7 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.attn_backend = attn_backend
         self.prefix = prefix
-        self.fused_decode = os.environ.get("WEIR_FUSED_DECODE_ATTENTION", "0") == "1"
+        self.fused_decode = env_flag("WEIR_FUSED_DECODE_ATTENTION")
         self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, num_kv_heads, head_dim]
         self.v_cache: torch.Tensor | None = None
         self.total_num_kv_heads = total_num_kv_heads or num_kv_heads

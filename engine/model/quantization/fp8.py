@@ -26,7 +26,6 @@ quantize-dequantize of x, so CPU computes what the GPU does.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +38,7 @@ from engine.model.quantization.base import LinearMethodBase, QuantizationConfig
 from engine.model.quantization.common import is_ignored, is_skipped
 from engine.model.quantization.unquantized import UnquantizedLinearMethod
 from ops import reference
+from ops.env_flags import env_flag
 
 if TYPE_CHECKING:
     from engine.model.layers.linear import LinearBase
@@ -245,7 +245,7 @@ class Fp8LinearMethod(LinearMethodBase):
 def _fp8_quant_kernel_enabled() -> bool:
     """Per-token activation quantization in one Triton kernel (ops/triton/fp8_quant.py) on CUDA;
     WEIR_FP8_QUANT_KERNEL=0 keeps the five torch launches (for comparison in a benchmark)."""
-    return os.environ.get("WEIR_FP8_QUANT_KERNEL", "1") != "0"
+    return env_flag("WEIR_FP8_QUANT_KERNEL")
 
 
 def _per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,13 +17,13 @@ launches (to compare).
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from engine.model.quantization.fp8 import GEMV_MAX_TOKENS
+from ops.env_flags import env_flag
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +35,7 @@ class Fp8Activation:
 
 @functools.cache
 def _enabled() -> bool:
-    return os.environ.get("WEIR_FP8_FUSED_QUANT", "1") != "0"
+    return env_flag("WEIR_FP8_FUSED_QUANT")
 
 
 def takes_fp8_activation(layer: nn.Module, num_tokens: int, dtype: torch.dtype) -> bool:

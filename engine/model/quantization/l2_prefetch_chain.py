@@ -17,6 +17,8 @@ import os
 import torch
 from torch import nn
 
+from ops.env_flags import env_flag
+
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
@@ -46,10 +48,7 @@ def link_l2_prefetch(model: nn.Module, max_bytes: int) -> int:
 def l2_prefetch_enabled(device: torch.device) -> bool:
     """WEIR_L2_PREFETCH=1 on a CUDA device of compute capability 9.0+ (the bulk prefetch's PTX), not
     under the Triton interpreter. A value other than 0 or 1 is refused on any device."""
-    value = os.environ.get("WEIR_L2_PREFETCH", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"WEIR_L2_PREFETCH must be 0 or 1; got {value!r}")
-    if value == "0" or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if not env_flag("WEIR_L2_PREFETCH") or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     return torch.cuda.get_device_capability(device) >= (9, 0)
 

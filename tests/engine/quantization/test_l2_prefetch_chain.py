@@ -80,7 +80,7 @@ def test_settings_and_their_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WEIR_L2_PREFETCH", "1")
     assert not l2_prefetch_enabled(torch.device("cpu"))  # the bulk prefetch is sm_90 PTX
     monkeypatch.setenv("WEIR_L2_PREFETCH", "on")
-    with pytest.raises(ValueError, match="WEIR_L2_PREFETCH must be 0 or 1; got 'on'"):
+    with pytest.raises(ValueError, match=r"WEIR_L2_PREFETCH must be 0 or 1 \(unset: 0\); got 'on'"):
         l2_prefetch_enabled(torch.device("cpu"))
 
 

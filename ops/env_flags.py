@@ -1,0 +1,42 @@
+"""weir's on/off tuning switches, read from the environment: one parser, one table, checked at start.
+
+Each is "1" (on) or "0" (off); unset or empty means its default. Any other value ("true", "yes", "2")
+is refused with a message naming the variable, at engine start (`check_env_flags`, called by the model
+runner) rather than silently read as off: a benchmark run with `WEIR_PDL=true` must not measure the
+default. Plain Python (no torch, no triton), so ops, engine and app all read it.
+"""
+
+from __future__ import annotations
+
+import os
+
+# name -> (default, what it switches; where)
+ENV_FLAGS: dict[str, tuple[bool, str]] = {
+    "WEIR_PDL": (False, "programmatic dependent launch through the decode step's kernels; ops/triton/pdl.py"),
+    "WEIR_FUSED_DECODE_ATTENTION": (False, "rotary, KV write and decode attention in one launch"),
+    "WEIR_FP8_KV_WIDEN": (
+        False,
+        "an fp8 KV cache read as words widened to float16; ops/triton/fp8_kv_read.py",
+    ),
+    "WEIR_L2_PREFETCH": (False, "decode GEMVs ask L2 for the next weights; ops/triton/l2_prefetch.py"),
+    "WEIR_FP8_QUANT_KERNEL": (True, "FP8 activations quantized by the Triton kernel, not torch's lines"),
+    "WEIR_FP8_FUSED_QUANT": (True, "a norm or SiLU-mul quantizes the next FP8 linear's input"),
+    "WEIR_LORA_SEGMENTS": (True, "multi-LoRA through the segment kernels, not the tile kernels"),
+}
+
+
+def env_flag(name: str) -> bool:
+    """The switch `name` (a key of ENV_FLAGS) as the environment sets it, else its default."""
+    default = ENV_FLAGS[name][0]
+    raw = os.environ.get(name, "").strip()
+    if raw == "":
+        return default
+    if raw not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1 (unset: {int(default)}); got {raw!r}")
+    return raw == "1"
+
+
+def check_env_flags() -> None:
+    """Every switch of ENV_FLAGS the environment sets holds 0 or 1 (ValueError naming the first that does not)."""
+    for name in ENV_FLAGS:
+        env_flag(name)

@@ -1,0 +1,49 @@
+"""ops/env_flags.py: weir's on/off tuning switches, 0 or 1, their defaults, and the refusal at start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.config import EngineConfig
+from engine.worker.model_runner import ModelRunner
+from ops.env_flags import ENV_FLAGS, check_env_flags, env_flag
+
+
+@pytest.mark.parametrize("name", sorted(ENV_FLAGS))
+def test_each_switch_reads_0_1_and_its_default(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    default = ENV_FLAGS[name][0]
+    monkeypatch.delenv(name, raising=False)
+    assert env_flag(name) is default
+    monkeypatch.setenv(name, "")
+    assert env_flag(name) is default
+    for raw, on in (("1", True), ("0", False), (" 1 ", True)):
+        monkeypatch.setenv(name, raw)
+        assert env_flag(name) is on
+    monkeypatch.setenv(name, "true")
+    with pytest.raises(ValueError, match=rf"^{name} must be 0 or 1 \(unset: {int(default)}\); got 'true'$"):
+        env_flag(name)
+    with pytest.raises(ValueError, match=name):
+        check_env_flags()
+
+
+def test_the_defaults_are_the_measured_ones() -> None:
+    """Off until measured on a GPU: PDL (2% slower), the fused decode attention, the widened fp8 KV
+    read, the L2 prefetch; on: the FP8 quantizer kernel and its fusion, the LoRA segment kernels."""
+    assert {name for name, (default, _) in ENV_FLAGS.items() if default} == {
+        "WEIR_FP8_QUANT_KERNEL",
+        "WEIR_FP8_FUSED_QUANT",
+        "WEIR_LORA_SEGMENTS",
+    }
+
+
+def test_an_engine_does_not_start_with_a_bad_switch(
+    tiny_model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WEIR_PDL=yes is refused when the engine starts, on CPU too (where PDL would never be used):
+    a benchmark must not measure the default under a setting it did not get."""
+    monkeypatch.setenv("WEIR_PDL", "yes")
+    config = EngineConfig(model=str(tiny_model_dirs["llama"]), device="cpu", dtype="float32", num_kv_blocks=8)
+    with pytest.raises(ValueError, match=r"WEIR_PDL must be 0 or 1 \(unset: 0\); got 'yes'"):
+        ModelRunner(config.resolve())

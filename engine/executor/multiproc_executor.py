@@ -50,10 +50,23 @@ from engine.lora.request import LoRARequest
 
 logger = logging.getLogger("weir.engine")
 
+
+def seconds_from_env(name: str, default: float) -> float:
+    """A positive number of seconds from the environment variable `name` (unset or empty: default)."""
+    raw = os.environ.get(name, "").strip()
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        value = -1.0
+    if not value > 0:  # (NaN too)
+        raise ValueError(f"{name} must be a positive number of seconds; got {raw!r}")
+    return value
+
+
 # Seconds a step (or a collective inside it) may take before the engine gives up on the workers.
-DEFAULT_TIMEOUT_S = float(os.environ.get("WEIR_TP_TIMEOUT_S", "300"))
+DEFAULT_TIMEOUT_S = seconds_from_env("WEIR_TP_TIMEOUT_S", 300.0)
 # Start-up (weights load, memory profile, graph capture) may take much longer than a step.
-STARTUP_TIMEOUT_S = float(os.environ.get("WEIR_TP_STARTUP_TIMEOUT_S", "1800"))
+STARTUP_TIMEOUT_S = seconds_from_env("WEIR_TP_STARTUP_TIMEOUT_S", 1800.0)
 # How long shutdown() waits for a free slot to ask the workers to stop before it terminates them.
 _SHUTDOWN_WRITE_S = 5.0
 

@@ -47,3 +47,18 @@ def test_an_engine_does_not_start_with_a_bad_switch(
     config = EngineConfig(model=str(tiny_model_dirs["llama"]), device="cpu", dtype="float32", num_kv_blocks=8)
     with pytest.raises(ValueError, match=r"WEIR_PDL must be 0 or 1 \(unset: 0\); got 'yes'"):
         ModelRunner(config.resolve())
+
+
+def test_tensor_parallel_timeouts_name_a_bad_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.executor.multiproc_executor import seconds_from_env
+
+    monkeypatch.delenv("WEIR_TP_TIMEOUT_S", raising=False)
+    assert seconds_from_env("WEIR_TP_TIMEOUT_S", 300.0) == 300.0
+    monkeypatch.setenv("WEIR_TP_TIMEOUT_S", "12.5")
+    assert seconds_from_env("WEIR_TP_TIMEOUT_S", 300.0) == 12.5
+    for bad in ("soon", "0", "-1", "nan"):
+        monkeypatch.setenv("WEIR_TP_TIMEOUT_S", bad)
+        with pytest.raises(
+            ValueError, match=f"WEIR_TP_TIMEOUT_S must be a positive number of seconds; got '{bad}'"
+        ):
+            seconds_from_env("WEIR_TP_TIMEOUT_S", 300.0)

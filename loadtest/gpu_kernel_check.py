@@ -672,6 +672,11 @@ def mixed_and_prefill() -> None:
             (128, 128, 8, 2),
             (128, 64, 4, 3),
             (32, 64, 4, 3),
+            # fewer stages / smaller tiles: more programs resident per SM (BLOCK_M 64 on 4 warps takes
+            # 212 registers and 83 KB of shared memory at 3 stages, two programs an SM, sm_90 SASS)
+            (64, 64, 4, 2),
+            (64, 32, 4, 3),
+            (128, 64, 8, 2),
         )
     ]
     # 4 prefill chunks of 512 (two with 1024 cached tokens) + 64 decodes at context 2048.

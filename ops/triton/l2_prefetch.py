@@ -6,7 +6,7 @@ only reads (loadtest/probe_w4_layout.py at ea9949b: the W4A16 words alone in the
 the copy bandwidth), the memory pipeline filling at its start and draining at its end, 128 times a
 step; the small kernels between the GEMVs (norms, attention) leave the memory idle meanwhile. Here each
 program of a GEMV, once its own tiles are read, hands the GPU one bulk L2 prefetch
-(`cp.async.bulk.prefetch.L2.global`, a fire-and-forget request served by the copy engine) of its slice
+(`cp.async.bulk.prefetch.L2.global`, a fire-and-forget request the SM's TMA unit serves) of its slice
 of the next projection's weights, so that GEMV's first loads find L2 warm. The slices follow the
 programs' launch order (program 0 the first bytes): the next GEMV's first wave reads the first rows.
 

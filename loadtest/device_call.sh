@@ -87,5 +87,6 @@ for s in $STEPS; do case $s in
   profbase|proflora) step $s 120 python3 loadtest/profile_kernels.py --shape llama3-8b --num-requests 256 --input-len 512 --output-len 128 --prefill-steps 1 --decode-steps 8 $([ $s = proflora ] && echo --lora-rank 16 --lora-adapters ${PROF_ADAPTERS:-64}) --out $O/$s.json;;
   *) eval "$s";;
 esac; done
+python3 loadtest/ab_table.py $O > $O/ab.txt 2>&1; cat $O/ab.txt  # the A/B steps side by side (loadtest/ab_table.py)
 echo "total $((SECONDS-T0))s" | tee -a $O/steps.txt
 tar czf $OUT/r.tgz -C /tmp o

@@ -1,7 +1,8 @@
 """The A/B steps of one device call side by side: which setting won, by how much, in every run.
 
 loadtest/device_call.sh runs a switch's settings alternately in one call (`fda0a fda1a fda0b fda1b`:
-WEIR_FUSED_DECODE_ATTENTION 0 / 1, runs a and b; `l1p0a l1p1a ...`, `q1p0a q1p1a ...`, `pdl0a ...`;
+WEIR_FUSED_DECODE_ATTENTION 0 / 1, runs a and b; `l1p0a l1p1a ...`, `q1p0a q1p1a ...`, `pdl0a ...`,
+`t1k0a t1k1a ...` (T1 with a bf16 / fp8 KV cache);
 `abold1 abnew1 ...`: an older tree against this one), each writing `<step>.json`. Machines differ by up
 to 4% and a call's runs drift, so a setting is judged within a call, run against run: this prints, per
 switch and figure, each run's value for each setting, the medians, the change of the second setting
@@ -26,7 +27,8 @@ _STEP = re.compile(
 
 
 def figures(report: dict[str, Any]) -> dict[str, float]:
-    """The figures a step's report gives: L1's ITL p50 (and roofline fraction) per batch, Q's ratios."""
+    """The figures a step's report gives: L1's ITL p50 (and roofline fraction) per batch, T1 / T2's output
+    tok/s, ratios (Q's; a peer's ratios are not among them: the A/B steps run without a peer)."""
     out: dict[str, float] = {}
     results = report.get("results") or {}
     if report.get("benchmark") == "L1":
@@ -35,6 +37,8 @@ def figures(report: dict[str, Any]) -> dict[str, float]:
                 for name in ("itl_p50_ms", "roofline_fraction"):
                     if isinstance(value.get(name), int | float):
                         out[f"{key} {name}"] = float(value[name])
+    if report.get("benchmark") in ("T1", "T2") and isinstance(results.get("output_tok_s"), int | float):
+        out["output_tok_s"] = float(results["output_tok_s"])
     for key, value in (report.get("ratios") or {}).items():
         if isinstance(value, int | float):
             out[key] = float(value)

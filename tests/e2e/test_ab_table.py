@@ -42,10 +42,12 @@ def test_pairs_runs_and_reports_the_change(tmp_path: Path) -> None:
     _l1(tmp_path / "abnew1.json", 5.0, 4.0)
     _write(tmp_path / "q1p0a.json", {"benchmark": "Q", "ratios": {"Q1_gptq_w4a16_itl_vs_bf16": 0.57}})
     _write(tmp_path / "q1p1a.json", {"benchmark": "Q", "ratios": {"Q1_gptq_w4a16_itl_vs_bf16": 0.50}})
+    _write(tmp_path / "t1k0a.json", {"benchmark": "T1", "results": {"output_tok_s": 20000.0}})
+    _write(tmp_path / "t1k1a.json", {"benchmark": "T1", "results": {"output_tok_s": 21000.0}})
     _write(tmp_path / "u1.json", {"benchmark": "U1", "results": {}})  # not an A/B step
     (tmp_path / "l1p0a.json").write_text("{not json")  # a step that died mid-write
     table = ab_table.collect(tmp_path)
-    assert set(table) == {"fda", "ab", "q1p"}
+    assert set(table) == {"fda", "ab", "q1p", "t1k"}
     assert table["fda"]["1"]["b"] == {"batch_1 itl_p50_ms": 4.31, "batch_8 itl_p50_ms": 4.60}
     blocks = _blocks(ab_table.render(table))
     assert blocks["fda"] == [
@@ -53,6 +55,7 @@ def test_pairs_runs_and_reports_the_change(tmp_path: Path) -> None:
         "batch_8 itl_p50_ms 4.6 4.62 | 4.61 4.6 medians 4.61 -> 4.605 (-0.11%) runs disagree",  # +0.01, -0.02
     ]
     assert blocks["ab"][0] == "batch_1 itl_p50_ms 4 | 5 medians 4 -> 5 (+25.00%)"
+    assert blocks["t1k"] == ["output_tok_s 2e+04 | 2.1e+04 medians 2e+04 -> 2.1e+04 (+5.00%)"]
     assert blocks["q1p"] == ["Q1_gptq_w4a16_itl_vs_bf16 0.57 | 0.5 medians 0.57 -> 0.5 (-12.28%)"]
 
 

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.triton.l2_prefetch import check_l2_next, prefetch_slice
+from ops.triton.l2_prefetch import l2_next_args, prefetch_slice
 from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
 from ops.triton.split_k import (
     MAX_TILES,
@@ -85,6 +85,7 @@ def _fp8_gemv_kernel(
     half_n=0,  # GATED: the gate half's rows, the output's columns
     prefetch_ptr=None,  # (L2_PREFETCH) bytes of the next projection's weights (ops/triton/l2_prefetch.py)
     prefetch_bytes=0,
+    prefetch_second=0,  # > 0: a second range at this byte offset (a [gate; up] weight's up half)
     L2_PREFETCH: tl.constexpr = False,
 ):
     pid_g = tl.program_id(0)  # a group of ROWS rows of x; groups side by side share each weight tile in L2
@@ -137,6 +138,8 @@ def _fp8_gemv_kernel(
         part = pid_g + tl.num_programs(0) * (pid_n + tl.num_programs(1) * pid_k)
         parts = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
         prefetch_slice(prefetch_ptr, prefetch_bytes, part, parts)
+        if prefetch_second > 0:
+            prefetch_slice(prefetch_ptr + prefetch_second, prefetch_bytes, part, parts)
     scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)  # [BLOCK_N]
     if GATED:
         offs_v = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # the tile's virtual columns (split partials)
@@ -173,7 +176,7 @@ def fp8_gemv(
     block_k = 8 * 32 * num_warps (bf16 / fp16 x) keeps x out of shared memory (module docstring).
     gated: weight is [gate; up] (a MergedColumnParallelLinear's); y = silu(x gate^T) * (x up^T), each
     tile taking block_n / 2 rows of both halves. l2_next: the next projection's weight bytes (a flat uint8
-    view, 16-byte aligned), each program asking L2 for its slice once its tiles are read
+    view, 16-byte aligned, or [2, n] for two ranges: l2_prefetch.l2_next_args), each program asking L2 for its slice once its tiles are read
     (ops/triton/l2_prefetch.py; sm_90; the outputs unchanged)."""
     M, K = x.shape
     N = weight.shape[0]
@@ -208,14 +211,15 @@ def fp8_gemv(
     )
     static = input_scale is not None
     pdl = pdl_enabled(x.device)
-    check_l2_next("fp8_gemv", l2_next)
+    l2_bytes, l2_second = l2_next_args("fp8_gemv", l2_next)
     _fp8_gemv_kernel[(groups, tiles, split_k)](
         x, weight, weight_scale, input_scale if static else weight_scale, out, partials, split_counters(x.device),
         M, N, K, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
         ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         STATIC_INPUT=static, PREFETCH=prefetch, PDL=pdl, VEC=16 // x.element_size(), GATED=gated, half_n=out_n,
         prefetch_ptr=out if l2_next is None else l2_next,
-        prefetch_bytes=0 if l2_next is None else l2_next.numel(),
+        prefetch_bytes=l2_bytes,
+        prefetch_second=l2_second,
         L2_PREFETCH=l2_next is not None and x.device.type == "cuda",
         num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip

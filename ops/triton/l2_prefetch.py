@@ -49,9 +49,22 @@ def prefetch_slice(base_ptr, nbytes, part, parts):
         )
 
 
-def check_l2_next(op: str, l2_next: torch.Tensor | None) -> None:
-    """A GEMV's `l2_next` is None or a flat uint8 view of 16-byte aligned weights."""
-    if l2_next is not None and (
-        l2_next.dtype != torch.uint8 or l2_next.dim() != 1 or l2_next.data_ptr() % 16
-    ):
-        raise ValueError(f"{op}: l2_next must be a flat uint8 view of 16-byte aligned weights")
+def l2_next_args(op: str, l2_next: torch.Tensor | None) -> tuple[int, int]:
+    """A GEMV's `l2_next` checked -> (bytes of a range, offset of the second range or 0).
+
+    None, a flat uint8 view of 16-byte aligned weights (one range), or a [2, n] uint8 view whose rows are
+    16-byte aligned (two ranges: the starts of a [gate; up] weight's halves, which a gated GEMV reads
+    side by side)."""
+    if l2_next is None:
+        return 0, 0
+    two = (
+        l2_next.dim() == 2
+        and l2_next.shape[0] == 2
+        and l2_next.stride(1) == 1
+        and l2_next.stride(0) % 16 == 0
+    )
+    if l2_next.dtype != torch.uint8 or not (l2_next.dim() == 1 or two) or l2_next.data_ptr() % 16:
+        raise ValueError(
+            f"{op}: l2_next must be a flat uint8 view of 16-byte aligned weights, or [2, n] of two"
+        )
+    return l2_next.shape[-1], l2_next.stride(0) if two else 0

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.triton.l2_prefetch import check_l2_next, prefetch_slice
+from ops.triton.l2_prefetch import l2_next_args, prefetch_slice
 from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
 from ops.triton.split_k import (
     MAX_TILES,
@@ -323,6 +323,7 @@ def _w4_half2_gemv_kernel(
     half_n=0,
     prefetch_ptr=None,  # (L2_PREFETCH) bytes of the next projection's weights (ops/triton/l2_prefetch.py)
     prefetch_bytes=0,
+    prefetch_second=0,  # > 0: a second range at this byte offset (a [gate; up] weight's up half)
     L2_PREFETCH: tl.constexpr = False,
 ):
     HALF_W: tl.constexpr = BLOCK_K // 16  # word rows of each half tile
@@ -420,6 +421,8 @@ def _w4_half2_gemv_kernel(
         part = pid_g + tl.num_programs(0) * (pid_n + tl.num_programs(1) * pid_k)
         parts = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
         prefetch_slice(prefetch_ptr, prefetch_bytes, part, parts)
+        if prefetch_second > 0:
+            prefetch_slice(prefetch_ptr + prefetch_second, prefetch_bytes, part, parts)
     store_column_tiles(acc0, acc1, acc2, acc3, out_ptr, partials_ptr, counters_ptr, tile, row0, M, N, half_n, offs_n,
                        pid_n, stride_om, pid_k, ROWS, SPLIT_K, BLOCK_N, GATED)  # fmt: skip
 
@@ -446,7 +449,7 @@ def w4_half2_gemv(
     [gate | up] weight, silu(gate) * up stored (N / 2 columns); x_ahead (ahead 1): x's next pairs
     requested with the next tile (one row: 8-11% a layer on an H200, planned; 2-4 rows: not measured
     yet, a sweep option); l2_next: the next projection's weight bytes (a flat uint8 view, 16-byte
-    aligned), each program asking L2 for its slice once its tiles are read (ops/triton/l2_prefetch.py;
+    aligned, or [2, n] for two ranges: l2_prefetch.l2_next_args), each program asking L2 for its slice once its tiles are read (ops/triton/l2_prefetch.py;
     sm_90, the outputs unchanged). The zero points must be integers in
     [0, MAX_ZERO_POINT] (not checked here: a device sync per call; the engine checks at load)."""
     M, K = x.shape
@@ -491,7 +494,7 @@ def w4_half2_gemv(
         torch.empty(split_k, M, partial_n, dtype=torch.float32, device=x.device) if split_k > 1 else out
     )
     pdl = pdl_enabled(x.device)
-    check_l2_next("w4_half2_gemv", l2_next)
+    l2_bytes, l2_second = l2_next_args("w4_half2_gemv", l2_next)
     _w4_half2_gemv_kernel[(groups, tiles, split_k)](
         x_pairs, qweight, scales, zeros, out, partials, split_counters(x.device),
         M, N, K, k_per_split,
@@ -500,7 +503,8 @@ def w4_half2_gemv(
         SPLIT_K=split_k, EVEN_N=out_n % (block_n // 2) == 0 if gated else N % block_n == 0, AHEAD=ahead,
         X_AHEAD=x_ahead, LOOP_STAGES=loop_stages, PDL=pdl, EMULATE=x.device.type != "cuda", GATED=gated, half_n=out_n,
         prefetch_ptr=out if l2_next is None else l2_next,
-        prefetch_bytes=0 if l2_next is None else l2_next.numel(),
+        prefetch_bytes=l2_bytes,
+        prefetch_second=l2_second,
         L2_PREFETCH=l2_next is not None and x.device.type == "cuda",
         num_warps=num_warps, launch_pdl=pdl,
     )  # fmt: skip

@@ -157,8 +157,11 @@ def test_fp8_gemv_l2_next_changes_no_output(gated: bool) -> None:
         plain = fp8_gemv(*args, **launch)
         for nbytes in (other.numel(), 16, 1000):
             assert torch.equal(fp8_gemv(*args, **launch, l2_next=other[:nbytes]), plain)
+        two = other.view(2, -1)[:, :400]  # two ranges, each half's start ([gate; up] weights)
+        assert torch.equal(fp8_gemv(*args, **launch, l2_next=two), plain)
     with pytest.raises(
-        ValueError, match="fp8_gemv: l2_next must be a flat uint8 view of 16-byte aligned weights"
+        ValueError,
+        match="fp8_gemv: l2_next must be a flat uint8 view of 16-byte aligned weights, or \\[2, n\\] of two",
     ):
         fp8_gemv(x, weight.to(DEVICE), scale.to(DEVICE), l2_next=other[3:])
 

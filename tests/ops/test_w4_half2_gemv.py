@@ -134,9 +134,12 @@ def test_an_l2_prefetch_of_other_weights_changes_no_output(gated: bool) -> None:
     other = nxt[0].reshape(-1).view(torch.uint8)  # the next layer's packed words, byte by byte
     for nbytes in (other.numel(), 48, 1000):
         assert torch.equal(w4_half2_gemv(x, *args, 128, **launch, l2_next=other[:nbytes]), plain)
-    for bad in (nxt[0], other[1:], other.view(2, -1)):
+    two = other.view(2, -1)[:, :400]  # two ranges, each half's start ([gate; up] weights)
+    assert torch.equal(w4_half2_gemv(x, *args, 128, **launch, l2_next=two), plain)
+    for bad in (nxt[0], other[1:], other.view(4, -1), other.view(2, -1)[:, 1:]):
         with pytest.raises(
-            ValueError, match="w4_half2_gemv: l2_next must be a flat uint8 view of 16-byte aligned weights"
+            ValueError,
+            match="w4_half2_gemv: l2_next must be a flat uint8 view of 16-byte aligned weights, or \\[2, n\\] of two",
         ):
             w4_half2_gemv(x, *args, 128, **launch, l2_next=bad)
 

@@ -4,7 +4,8 @@ A decoder layer's projections run in a fixed order, qkv_proj, o_proj, gate_up_pr
 next layer's qkv_proj. At load the runner walks them in that order (the modules' registration order) and
 gives each projection but the last `l2_prefetch`: a flat uint8 view of the next projection's packed or
 plain weight, its first `max_bytes` (the first rows, which the next GEMV's first programs read; of a
-[gate; up] weight that is gate's). The decode GEMVs use it (the folded W4A16 GEMV, the bf16 and FP8
+[gate; up] weight stored [out, in], half of it from each half's start, the rows the gated GEMV's first
+programs read side by side). The decode GEMVs use it (the folded W4A16 GEMV, the bf16 and FP8
 GEMVs of ops/triton/fp8_gemv.py); a projection that runs cuBLAS or another kernel ignores it. The view
 shares the weight's storage: nothing is copied, and a weight replaced later (LoRA, reloads) is not
 followed, which only costs the prefetch.
@@ -22,23 +23,30 @@ from ops.env_flags import env_flag
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
-def _weight_bytes(module: nn.Module, max_bytes: int) -> torch.Tensor | None:
-    """[<= max_bytes] uint8: the start of the module's main weight (qweight, else weight), or None."""
+def _weight_bytes(module: nn.Module, max_bytes: int, halves: bool = False) -> torch.Tensor | None:
+    """The start of the module's main weight (qweight, else weight) as uint8, or None: [<= max_bytes], or
+    with `halves` (a [gate; up] weight stored [out, in], whose halves are row blocks a gated GEMV reads side
+    by side) [2, <= max_bytes / 2], the start of each half."""
     weight = getattr(module, "qweight", None)
+    packed = weight is not None
     if weight is None:
         weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or not weight.is_contiguous() or weight.data_ptr() % 16:
         return None
     flat = weight.detach().reshape(-1).view(torch.uint8)  # the same storage, byte by byte
+    half = flat.numel() // 2
+    if halves and not packed and weight.dim() == 2 and weight.shape[0] % 2 == 0 and half % 16 == 0:
+        return flat.view(2, half)[:, : max_bytes // 32 * 16]
     return flat[: max_bytes // 16 * 16]
 
 
 def link_l2_prefetch(model: nn.Module, max_bytes: int) -> int:
     """Set `l2_prefetch` on each projection followed by another. -> how many."""
-    chain = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in PROJECTIONS]
+    named = [(name.rsplit(".", 1)[-1], m) for name, m in model.named_modules()]
+    chain = [(short, m) for short, m in named if short in PROJECTIONS]
     linked = 0
-    for current, following in zip(chain, chain[1:], strict=False):
-        view = _weight_bytes(following, max_bytes)
+    for (_, current), (short, following) in zip(chain, chain[1:], strict=False):
+        view = _weight_bytes(following, max_bytes, halves=short == "gate_up_proj")
         if view is not None and view.numel():
             current.l2_prefetch = view
             linked += 1

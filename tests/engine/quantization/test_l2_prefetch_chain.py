@@ -92,3 +92,16 @@ def test_the_runner_refuses_a_bad_setting_on_any_device(
     runner = ModelRunner(config.resolve())
     with pytest.raises(ValueError, match="WEIR_L2_PREFETCH_MB must be a number in \\(0, 64\\]; got '-3'"):
         runner.load_model()
+
+
+def test_a_plain_gate_up_is_asked_for_from_both_halves() -> None:
+    """A [gate; up] weight stored [out, in] (bf16, FP8): the gated GEMV reads gate row i beside up row i,
+    so o_proj asks for the start of each half, max_bytes / 2 each ([2, n] view, rows a half apart)."""
+    model = _model([False] * 4)
+    assert link_l2_prefetch(model, max_bytes=64) == 3
+    layer = model.layers[0]
+    view = layer.self_attn.o_proj.l2_prefetch
+    weight = layer.mlp.gate_up_proj.weight  # [30, 8] bf16: 480 bytes, halves of 240
+    assert view.shape == (2, 32) and view.stride() == (240, 1)
+    assert view.data_ptr() == weight.data_ptr()
+    assert layer.self_attn.qkv_proj.l2_prefetch.dim() == 1  # o_proj's weight: one range

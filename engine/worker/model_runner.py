@@ -258,9 +258,8 @@ class ModelRunner(KVCacheSetup):
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
 
-    # ------------------------------------------------------------------ forward
     def _link_l2_prefetch(self, model: torch.nn.Module) -> None:
-        """WEIR_L2_PREFETCH=1 (sm_90): each 4-bit projection's GEMV asks L2 for the next one's weights
+        """WEIR_L2_PREFETCH=1 (sm_90): each projection's decode GEMV asks L2 for the next one's weights
         (engine/model/quantization/l2_prefetch_chain.py); off by default until measured."""
         max_bytes = l2_prefetch_bytes()  # (a bad value is refused on any device)
         if not l2_prefetch_enabled(self.device):
@@ -268,6 +267,7 @@ class ModelRunner(KVCacheSetup):
         linked = link_l2_prefetch(model, max_bytes)
         logger.info("L2 prefetch: %d projections ask for the next one's weights", linked)
 
+    # ------------------------------------------------------------------ forward
     def _forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
     ) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.triton.l2_prefetch import l2_next_args, prefetch_slice
+from ops.triton.l2_prefetch import l2_next_args, prefetch_next_weights
 from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
 from ops.triton.split_k import (
     MAX_TILES,
@@ -134,12 +134,8 @@ def _fp8_gemv_kernel(
             acc3 += w * _x_tile(x_ptr, 3, stride_xm, kk, mask_k, s_in, STATIC_INPUT, W_DTYPE)[None, :]
         if PREFETCH:
             w = w_next
-    if L2_PREFETCH:  # this program's tiles are read: its slice of the next weights, in launch order
-        part = pid_g + tl.num_programs(0) * (pid_n + tl.num_programs(1) * pid_k)
-        parts = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
-        prefetch_slice(prefetch_ptr, prefetch_bytes, part, parts)
-        if prefetch_second > 0:
-            prefetch_slice(prefetch_ptr + prefetch_second, prefetch_bytes, part, parts)
+    if L2_PREFETCH:  # this program's tiles are read: its slice of the next weights
+        prefetch_next_weights(prefetch_ptr, prefetch_bytes, prefetch_second)
     scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)  # [BLOCK_N]
     if GATED:
         offs_v = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # the tile's virtual columns (split partials)

@@ -49,6 +49,17 @@ def prefetch_slice(base_ptr, nbytes, part, parts):
         )
 
 
+@triton.jit
+def prefetch_next_weights(base_ptr, nbytes, second):
+    """A GEMV program's share of the next weights (its place in launch order over the whole 3-D grid):
+    the `nbytes` at `base_ptr` and, when `second` > 0, the `nbytes` at `base_ptr + second` (l2_next_args)."""
+    part = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2))
+    parts = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
+    prefetch_slice(base_ptr, nbytes, part, parts)
+    if second > 0:
+        prefetch_slice(base_ptr + second, nbytes, part, parts)
+
+
 def l2_next_args(op: str, l2_next: torch.Tensor | None) -> tuple[int, int]:
     """A GEMV's `l2_next` checked -> (bytes of a range, offset of the second range or 0).
 

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.triton.l2_prefetch import l2_next_args, prefetch_slice
+from ops.triton.l2_prefetch import l2_next_args, prefetch_next_weights
 from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
 from ops.triton.split_k import (
     MAX_TILES,
@@ -417,12 +417,8 @@ def _w4_half2_gemv_kernel(
         if AHEAD == 2:
             a, b, s, z = a1, b1, s1, z1
             a1, b1, s1, z1 = an, bn, sn, zn
-    if L2_PREFETCH:  # this program's tiles are read: its slice of the next weights, in launch order
-        part = pid_g + tl.num_programs(0) * (pid_n + tl.num_programs(1) * pid_k)
-        parts = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
-        prefetch_slice(prefetch_ptr, prefetch_bytes, part, parts)
-        if prefetch_second > 0:
-            prefetch_slice(prefetch_ptr + prefetch_second, prefetch_bytes, part, parts)
+    if L2_PREFETCH:  # this program's tiles are read: its slice of the next weights
+        prefetch_next_weights(prefetch_ptr, prefetch_bytes, prefetch_second)
     store_column_tiles(acc0, acc1, acc2, acc3, out_ptr, partials_ptr, counters_ptr, tile, row0, M, N, half_n, offs_n,
                        pid_n, stride_om, pid_k, ROWS, SPLIT_K, BLOCK_N, GATED)  # fmt: skip
 

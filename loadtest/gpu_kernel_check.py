@@ -706,6 +706,8 @@ def mixed_and_prefill() -> None:
             out.append({"what": what, "config": label, "tflops": tf, **r})
             print(f"  {what[:14]:14s} {label:72s} {r['ms'] * 1e3:8.1f} us {tf:6.1f} TFLOP/s", flush=True)
 
+    torch_varlen_peer([1024] * 8, nh, nkv, d, out)
+
     batch = make_paged([L], [L], nh, nkv, d, 16, seed=11)
     flops = attention_flops([L], [L], nh, d)
     q = batch["query"].transpose(0, 1).unsqueeze(0)  # [1, heads, L, d]
@@ -724,6 +726,62 @@ def mixed_and_prefill() -> None:
     print(
         f"  torch SDPA prefill {L}: {sdpa_ms * 1e3:.0f} us ({flops / sdpa_ms / 1e9:.0f} TFLOP/s)", flush=True
     )
+
+
+def torch_varlen_peer(q_lens: list[int], nh: int, nkv: int, d: int, out: list) -> None:
+    """torch's flash varlen attention (torch.nn.attention.varlen, torch >= 2.10) on the same fresh prefills,
+    K/V gathered contiguous: what a flash path for prompts without cached context would take. Its API
+    changed between releases (is_causal and equal head counts first; window_size and enable_gqa later),
+    so both are tried; it is timed only where it exists."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        print("  torch varlen_attn: not in this torch", torch.__version__)
+        return
+    import inspect
+
+    batch = make_paged(q_lens, q_lens, nh, nkv, d, 16, seed=11)
+    bs = 16
+    k_rows, v_rows = [], []
+    for i, n in enumerate(q_lens):
+        blocks = batch["block_tables"][i, : (n + bs - 1) // bs].long()
+        k_rows.append(batch["k_cache"][blocks].reshape(-1, nkv, d)[:n])
+        v_rows.append(batch["v_cache"][blocks].reshape(-1, nkv, d)[:n])
+    k = torch.cat(k_rows)  # [total, nkv, d]
+    v = torch.cat(v_rows)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+    q = batch["query"]  # [total, nh, d]
+    params = inspect.signature(varlen_attn).parameters
+    if "enable_gqa" in params:
+        api = "window_size=(-1, 0), enable_gqa"
+
+        def fn():
+            return varlen_attn(
+                q, k, v, cu, cu, max(q_lens), max(q_lens), window_size=(-1, 0), enable_gqa=True
+            )
+    else:
+        api = "is_causal, K/V repeated to the query heads"
+        k = k.repeat_interleave(nh // nkv, dim=1).contiguous()
+        v = v.repeat_interleave(nh // nkv, dim=1).contiguous()
+
+        def fn():
+            return varlen_attn(q, k, v, cu, cu, max(q_lens), max(q_lens), is_causal=True)
+
+    try:
+        got = fn()
+        check(
+            f"torch varlen_attn {len(q_lens)}x{max(q_lens)} vs paged_attention",
+            got,
+            tops.paged_attention(**batch),
+        )
+        ms = bench(fn)
+    except Exception as exc:  # noqa: BLE001  (an API or backend this torch lacks)
+        print(f"  torch varlen_attn failed ({api}): {str(exc)[:120]}")
+        return
+    tf = attention_flops(q_lens, q_lens, nh, d) / ms / 1e9
+    what = f"torch varlen_attn prefill {len(q_lens)}x{max(q_lens)} ({api})"
+    out.append({"what": what, "ms": ms, "tflops": tf})
+    print(f"  {what}: {ms * 1e3:.0f} us ({tf:.0f} TFLOP/s)", flush=True)
 
 
 def summary() -> None:
@@ -758,7 +816,7 @@ def summary() -> None:
                     )
                 print(f"  b{b:<9d}" + "".join(cells))
     for r in RESULTS["timings"].get("mixed", []):
-        if r.get("config", "").startswith("default") or "SDPA" in r["what"]:
+        if r.get("config", "").startswith("default") or "SDPA" in r["what"] or "varlen" in r["what"]:
             print(f"{r['what']}: {r.get('config', '')} {r['ms'] * 1e3:.0f} us, {r['tflops']:.0f} TFLOP/s")
     if RESULTS["errors"]:
         print("errors:", *RESULTS["errors"], sep="\n  ")

@@ -752,20 +752,17 @@ def torch_varlen_peer(q_lens: list[int], nh: int, nkv: int, d: int, out: list) -
     cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
     q = batch["query"]  # [total, nh, d]
     params = inspect.signature(varlen_attn).parameters
+    # torch 2.10: is_causal, equal head counts; 2.11: window_size (no is_causal); later also enable_gqa
+    kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     if "enable_gqa" in params:
-        api = "window_size=(-1, 0), enable_gqa"
-
-        def fn():
-            return varlen_attn(
-                q, k, v, cu, cu, max(q_lens), max(q_lens), window_size=(-1, 0), enable_gqa=True
-            )
+        kwargs["enable_gqa"] = True
     else:
-        api = "is_causal, K/V repeated to the query heads"
         k = k.repeat_interleave(nh // nkv, dim=1).contiguous()
         v = v.repeat_interleave(nh // nkv, dim=1).contiguous()
+    api = ", ".join(kwargs) + ("" if "enable_gqa" in kwargs else ", K/V repeated to the query heads")
 
-        def fn():
-            return varlen_attn(q, k, v, cu, cu, max(q_lens), max(q_lens), is_causal=True)
+    def fn():
+        return varlen_attn(q, k, v, cu, cu, max(q_lens), max(q_lens), **kwargs)
 
     try:
         got = fn()

@@ -444,7 +444,9 @@ def _base_launch(group: int, head_dim: int, decode: bool) -> tuple[int, int, int
     tile = 64 if head_dim <= 128 else 32
     if decode:
         return max(16, triton.next_power_of_2(group)), tile, 4, 3
-    return max(64, triton.next_power_of_2(group)), tile, 4, 3
+    # Prefill: 2 stages beat 3 at every shape of the H200 sweep (gpu_kernel_check mixed, 83d1569):
+    # 8 x 1,024 fresh prompts 268 against 287 us, one 4,096 prompt 419 against 443, mixed 248 against 253.
+    return max(64, triton.next_power_of_2(group)), tile, 4, 2
 
 
 def choose_config(
@@ -572,6 +574,12 @@ def _attend(
         block_m, tile, num_warps, num_stages = plan.decode
         num_kv_heads = k_cache.shape[2]
         segments = _decode_segments(num_seqs * num_kv_heads, max_seq_len, tile, plan.sms)
+        if plan.fp8_widen and _kv_widen(query, k_cache, v_cache):
+            # Widened fp8 tiles of twice the positions (the bytes of a 16-bit tile), the split's segments
+            # halved to keep their tiles: on the H200 (gpu_kernel_check fp8kv, 83d1569) 0.70-0.87x the
+            # bf16 cache's decode time against 0.89-1.03x with 64 positions (b256 ctx2048: 384, 487, 543 us).
+            tile *= 2
+            segments = max(1, segments // 2)
     else:
         block_m, tile, num_warps, num_stages = plan.prefill
         segments = 1

@@ -154,3 +154,41 @@ def test_the_default_entry_point_reads_the_environment(monkeypatch: pytest.Monke
     monkeypatch.setenv("WEIR_FP8_KV_WIDEN", "yes")
     with pytest.raises(ValueError, match=r"WEIR_FP8_KV_WIDEN must be 0 or 1 \(unset: 0\); got 'yes'"):
         impl.paged_attention(**batch)
+
+
+@in_process
+def test_widened_decode_launches_tiles_of_twice_the_positions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode batch over a widened fp8 cache takes tiles of twice the 16-bit path's positions (the same
+    bytes a tile) and half its split-KV segments; prefill, the bytes path and a bf16 cache keep theirs."""
+    seen: list[tuple[int, int]] = []
+    real_launch = pa._launch
+
+    def capture(*args: object, rotary: object = None) -> torch.Tensor:
+        _block_m, tile, segments = args[-6:-3]
+        seen.append((tile, segments))  # type: ignore[arg-type]
+        return real_launch(*args, rotary=rotary)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pa, "_launch", capture)
+    monkeypatch.setattr(pa, "_PLANS", {})
+    monkeypatch.setenv("WEIR_FP8_KV_WIDEN", "1")
+    decodes = _fp8_batch([1] * 4, [700, 1, 64, 1500], torch.float8_e4m3fn, torch.bfloat16)
+    base_tile = pa._base_launch(4, 32, decode=True)[1]
+    segments = pa._decode_segments(4 * 2, 1500, base_tile, pa._num_sms(-1))
+    assert segments >= 2  # the case halves a real split
+    out = impl.paged_attention(**decodes)
+    assert seen[-1] == (2 * base_tile, segments // 2)
+    assert rel_err(out, reference.paged_attention(**decodes)) < 8e-3
+    bf16 = {
+        **decodes,
+        "k_cache": decodes["k_cache"].to(torch.bfloat16),
+        "v_cache": decodes["v_cache"].to(torch.bfloat16),
+    }
+    impl.paged_attention(**bf16)
+    assert seen[-1] == (base_tile, segments)
+    prefill = _fp8_batch(*MIXED, torch.float8_e4m3fn, torch.bfloat16)
+    impl.paged_attention(**prefill)
+    assert seen[-1][0] == pa._base_launch(4, 32, decode=False)[1]
+    monkeypatch.setattr(pa, "_PLANS", {})
+    monkeypatch.setenv("WEIR_FP8_KV_WIDEN", "0")
+    impl.paged_attention(**decodes)
+    assert seen[-1] == (base_tile, segments)

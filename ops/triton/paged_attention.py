@@ -571,15 +571,10 @@ def _attend(
     plan = _plan_for(query, k_cache)
     num_seqs = seq_lens.shape[0]
     if max_query_len == 1:
-        block_m, tile, num_warps, num_stages = plan.decode
-        num_kv_heads = k_cache.shape[2]
-        segments = _decode_segments(num_seqs * num_kv_heads, max_seq_len, tile, plan.sms)
-        if plan.fp8_widen and _kv_widen(query, k_cache, v_cache):
-            # Widened fp8 tiles of twice the positions (the bytes of a 16-bit tile), the split's segments
-            # halved to keep their tiles: on the H200 (gpu_kernel_check fp8kv, 83d1569) 0.70-0.87x the
-            # bf16 cache's decode time against 0.89-1.03x with 64 positions (b256 ctx2048: 384, 487, 543 us).
-            tile *= 2
-            segments = max(1, segments // 2)
+        widened = plan.fp8_widen and _kv_widen(query, k_cache, v_cache) != 0
+        block_m, tile, segments, num_warps, num_stages = _decode_shape(
+            plan, widened, num_seqs * k_cache.shape[2], max_seq_len
+        )
     else:
         block_m, tile, num_warps, num_stages = plan.prefill
         segments = 1
@@ -587,6 +582,21 @@ def _attend(
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale, plan,
         block_m, tile, segments, num_warps, num_stages, plan.fp8_widen, rotary=rotary,
     )  # fmt: skip
+
+
+def _decode_shape(
+    plan: _Plan, widened: bool, programs: int, max_seq_len: int
+) -> tuple[int, int, int, int, int]:
+    """(block_m, tile, segments, num_warps, num_stages) of a decode launch of `programs` (seq, KV head)
+    pairs. Widened fp8 tiles take twice the positions (the bytes of a 16-bit tile) and the split half the
+    segments, to keep their tiles: on the H200 (gpu_kernel_check fp8kv, 83d1569) 0.70-0.87x the bf16
+    cache's decode time against 0.89-1.03x with 64 positions (b256 ctx2048: 384 and 487 us, bf16 543)."""
+    block_m, tile, num_warps, num_stages = plan.decode
+    segments = _decode_segments(programs, max_seq_len, tile, plan.sms)
+    if widened:
+        tile *= 2
+        segments = max(1, segments // 2)
+    return block_m, tile, segments, num_warps, num_stages
 
 
 def decode_attention(

@@ -21,7 +21,9 @@ def _rotated_halves(x_row, idx, mask, cos, sin, HALF: tl.constexpr):
     x2 = tl.load(x_row + idx + HALF, mask=mask, other=0.0)
     x1f = x1.to(tl.float32)
     x2f = x2.to(tl.float32)
-    return (x1f * cos - x2f * sin).to(x1.dtype), (x2f * cos + x1f * sin).to(x1.dtype)
+    # Explicit fmas: left as a * b - c * d, the compiler picks which product it fuses per kernel, and the
+    # fused decode attention (rotated_rows) then stored keys one float32 ulp apart from this op's (H200).
+    return tl.fma(x1f, cos, -(x2f * sin)).to(x1.dtype), tl.fma(x2f, cos, x1f * sin).to(x1.dtype)
 
 
 @triton.jit

@@ -177,4 +177,5 @@ def rotated_rows(x_rows, cs_rows, valid, HEAD_DIM: tl.constexpr):
     cos = tl.load(cs_rows + in_half[None, :], mask=mask, other=0.0).to(tl.float32)
     sin = tl.load(cs_rows + HALF + in_half[None, :], mask=mask, other=0.0).to(tl.float32)
     first = (offs_d < HALF)[None, :]
-    return tl.where(first, xf * cos - partner * sin, xf * cos + partner * sin).to(x.dtype)
+    # the same explicit fmas as _rotated_halves (a contraction the compiler chose would differ per kernel)
+    return tl.where(first, tl.fma(xf, cos, -(partner * sin)), tl.fma(xf, cos, partner * sin)).to(x.dtype)

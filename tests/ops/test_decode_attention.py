@@ -161,7 +161,7 @@ def test_decode_attention_over_a_widened_fp8_cache_is_bit_for_bit_the_bytes_path
 ) -> None:
     """WEIR_FP8_KV_WIDEN=1 (ops/triton/fp8_kv_read.py): the program that stores this step's fp8 K/V reads
     it back, with the rest of the tile, as words widened to float16; with float16 queries outputs and
-    caches are the bytes path's bit for bit."""
+    caches are the bytes path's bit for bit (the bytes path launched in the widened path's shape)."""
     dtype, cache_dtype, group, max_seq_len = CASES[case]
     b = _batch(dtype, cache_dtype, group)
     cos_sin = build_cos_sin_cache(HEAD_DIM, 1024, 10000.0).to(DEVICE)
@@ -171,6 +171,14 @@ def test_decode_attention_over_a_widened_fp8_cache_is_bit_for_bit_the_bytes_path
     for widen in ("0", "1"):
         monkeypatch.setenv("WEIR_FP8_KV_WIDEN", widen)
         monkeypatch.setattr(plans, "_PLANS", {})
+        if widen == "0":  # the widened path's tiles and segments, so only the read differs
+            monkeypatch.setattr(
+                plans, "_decode_shape", lambda plan, _w, *a, f=plans._decode_shape: f(plan, True, *a)
+            )
+        else:
+            monkeypatch.undo()
+            monkeypatch.setenv("WEIR_FP8_KV_WIDEN", widen)
+            monkeypatch.setattr(plans, "_PLANS", {})
         kc, vc = b["k_cache"].clone(), b["v_cache"].clone()
         o = impl.decode_attention(
             b["positions"], q, k, v, cos_sin, HEAD_DIM, kc, vc, b["slot_mapping"], b["block_tables"],

@@ -124,10 +124,12 @@ def sampling_params(
         kw["best_of"] = best_of
     if beam:
         kw["use_beam_search"] = True
-        if req.length_penalty is not None:
-            kw["length_penalty"] = req.length_penalty
-        if req.early_stopping is not None:
-            kw["early_stopping"] = req.early_stopping
+    # Passed on with or without beam search: SamplingParams refuses them, by name, when they would be
+    # ignored (set without use_beam_search), rather than have them dropped here.
+    if req.length_penalty is not None:
+        kw["length_penalty"] = req.length_penalty
+    if req.early_stopping is not None:
+        kw["early_stopping"] = req.early_stopping
     # Streams read only what each output adds; collected responses read the finished output, which
     # holds the whole sequence either way.
     kw["output_kind"] = "delta"

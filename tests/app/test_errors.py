@@ -273,6 +273,26 @@ CASES = [
         "invalid_value",
         "min_tokens",
     ),
+    (
+        # max_tokens unset: the rest of the context, fewer tokens than min_tokens (was silently cut short)
+        "min_tokens_over_the_context",
+        CHAT,
+        _chat(min_tokens=500),
+        400,
+        "min_tokens",
+        "invalid_value",
+        "min_tokens must be at most the ",
+    ),
+    (
+        "min_tokens_over_the_context_completions",
+        COMP,
+        _comp(prompt=[5] * 100, max_tokens=None, min_tokens=29),
+        400,
+        "min_tokens",
+        "invalid_value",
+        "min_tokens must be at most the 28 tokens the context leaves after the prompt (100 of max_model_len "
+        "128 tokens); got 29",
+    ),
     ("seed_type", COMP, _comp(seed="x"), 400, "seed", "invalid_type", "Expected `int | null`"),
     ("suffix", COMP, _comp(suffix="x"), 400, "suffix", "unsupported", "suffix is not supported"),
     (

@@ -183,3 +183,23 @@ def test_beam_fields_without_beam_search_are_a_400(
     defaults = {"length_penalty": 1.0, "early_stopping": False}
     r = client.post(path, json={"model": MODEL_NAME, **prompt, "max_tokens": 2, **defaults})
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [({"logprobs": True}, "logprobs"), ({"logprobs": True, "top_logprobs": 2}, "top_logprobs")],
+)
+def test_chat_beam_search_with_logprobs_names_the_field_sent(
+    client: httpx.Client, extra: dict, param: str
+) -> None:
+    """`logprobs: true` alone is refused naming logprobs (it named top_logprobs, a field not sent)."""
+    body = {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 2,
+        "n": 2,
+        **BEAM,
+    }
+    r = client.post(CHAT, json={**body, **extra})
+    assert r.status_code == 400
+    assert r.json() == _error("logprobs is not supported with beam search (use_beam_search)", param)

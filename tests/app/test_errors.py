@@ -198,6 +198,16 @@ CASES = [
     ("empty_stop", CHAT, _chat(stop=[""]), 400, "stop", "invalid_value", "stop strings must not be empty"),
     ("stop_token_vocab", COMP, _comp(stop_token_ids=[9999]), 400, "stop_token_ids", "invalid_value", "9999"),
     ("logit_bias_vocab", CHAT, _chat(logit_bias={"9999": 1}), 400, "logit_bias", "invalid_value", "9999"),
+    # a bad value: param names logit_bias (msgspec's path for a dict value is `logit_bias[...]`)
+    (
+        "logit_bias_value_type",
+        COMP,
+        _comp(logit_bias={"5": "x"}),
+        400,
+        "logit_bias",
+        "invalid_type",
+        "got `str`",
+    ),
     ("logit_bias_key", CHAT, _chat(logit_bias={"abc": 1}), 400, "logit_bias", "invalid_value", "'abc'"),
     # int() takes these too; "05" and "5" would name one token twice, one bias silently dropped
     (

@@ -59,7 +59,10 @@ async def create_chat_completion(request: Request) -> Response:
         max_tokens, max_field = req.max_completion_tokens, "max_completion_tokens"
     else:
         max_tokens, max_field = req.max_tokens, "max_tokens"
-    names = FieldNames(prompt="messages", max_tokens=max_field, renames={"logprobs": "top_logprobs"})
+    # The engine's logprobs is chat's top_logprobs when the request set that count; otherwise it came
+    # from `logprobs: true` alone, and naming top_logprobs would point at a field the client never sent.
+    renames = {"logprobs": "top_logprobs"} if req.top_logprobs is not None else {}
+    names = FieldNames(prompt="messages", max_tokens=max_field, renames=renames)
     top_n = _top_logprobs(req)
     # 2. The prompt (rendered and tokenized off the event loop) and the SamplingParams.
     ids = await state.encoder.run(

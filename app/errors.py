@@ -75,8 +75,10 @@ def error_from_decode(exc: msgspec.DecodeError) -> APIError:
         text = text[: m.start()]
     if m := _MISSING.match(text):
         path = f"{path}.{m.group('field')}" if path else m.group("field")
-    param = path or None
-    message = f"{text} (at `{param}`)" if param else text
+    # msgspec writes a dict value's key as `[...]` (`logit_bias[...]`): not a field a client can look up,
+    # so `param` names the dict itself; the message keeps msgspec's path.
+    param = path.replace("[...]", "") or None
+    message = f"{text} (at `{path}`)" if path else text
     return APIError(400, f"Invalid request: {message}", param=param, code="invalid_type")
 
 

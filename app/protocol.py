@@ -129,6 +129,9 @@ class ChatCompletionRequest(SamplingRequest, kw_only=True):
     documents: Any = None
     continue_final_message: Any = None
     echo: Any = None
+    # Completions' (and vLLM's chat) best_of: declared so that it is refused rather than ignored as an
+    # unknown field (best_of > 1 would change which samples come back).
+    best_of: Any = None
 
 
 class TokenizeRequest(Struct, kw_only=True):

@@ -110,12 +110,18 @@ def sampling_params(
     if req.logit_bias:
         bias: dict[int, float] = {}
         for key, value in req.logit_bias.items():
+            # A token id as JSON writes it, "5": int() alone also takes " 5", "05", "0_5" and "٥", so
+            # {"5": 10, "05": -10} named one token twice and one bias was silently dropped.
             try:
-                bias[int(key)] = value
+                tok = int(key)
             except ValueError:
+                tok = None
+            if tok is None or str(tok) != key:
                 raise bad_request(
-                    f"logit_bias keys must be token ids; got {key!r}", param="logit_bias"
-                ) from None
+                    f'logit_bias keys must be token ids written as decimal integers ("5"); got {key!r}',
+                    param="logit_bias",
+                )
+            bias[tok] = value
         kw["logit_bias"] = bias
     kw["max_tokens"] = max_tokens
     kw["logprobs"] = logprobs
@@ -124,10 +130,12 @@ def sampling_params(
         kw["best_of"] = best_of
     if beam:
         kw["use_beam_search"] = True
-        if req.length_penalty is not None:
-            kw["length_penalty"] = req.length_penalty
-        if req.early_stopping is not None:
-            kw["early_stopping"] = req.early_stopping
+    # Passed on with or without beam search: SamplingParams refuses them, by name, when they would be
+    # ignored (set without use_beam_search), rather than have them dropped here.
+    if req.length_penalty is not None:
+        kw["length_penalty"] = req.length_penalty
+    if req.early_stopping is not None:
+        kw["early_stopping"] = req.early_stopping
     # Streams read only what each output adds; collected responses read the finished output, which
     # holds the whole sequence either way.
     kw["output_kind"] = "delta"

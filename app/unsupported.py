@@ -55,6 +55,11 @@ _CHAT_ONLY: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "continue_final_message": (_false, "continuing the final message", "end the messages with a user turn"),
     "echo": (_false, "echo on chat", "the prompt is the messages you sent"),
     "add_special_tokens": (_false, "added special tokens on chat", "the chat template places them"),
+    "best_of": (
+        lambda v: v is None or v == 1,
+        "best_of on chat",
+        "use /v1/completions for best_of, or n for several samples",
+    ),
 }
 _BOTH: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "response_format": (_text_format, "structured output (json_object, json_schema)", _ASK_IN_PROMPT),

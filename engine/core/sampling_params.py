@@ -151,6 +151,21 @@ class SamplingParams:
                 _float_range(f"logit_bias[{tok}]", bias, -100.0, 100.0, param="logit_bias")
         if self.use_beam_search:
             self._validate_beam_search()
+        else:
+            # As vLLM v0: beam search's own fields change nothing without it, so a value other than the
+            # default is refused by name rather than accepted and silently ignored.
+            if self.early_stopping is not False:
+                raise InvalidRequestError(
+                    "early_stopping",
+                    f"early_stopping is only used by beam search (use_beam_search); without it leave "
+                    f"early_stopping out or false; got {self.early_stopping!r}",
+                )
+            if self.length_penalty != 1.0:
+                raise InvalidRequestError(
+                    "length_penalty",
+                    f"length_penalty is only used by beam search (use_beam_search); without it leave "
+                    f"length_penalty out or 1.0; got {self.length_penalty!r}",
+                )
 
     def _validate_beam_search(self) -> None:
         """What beam search supports: deterministic scoring of the raw log-probabilities (as

@@ -116,6 +116,15 @@ class InputProcessor:
         params.max_tokens = self._resolve_max_tokens(
             len(prompt_token_ids), params.max_tokens, params.n if params.use_beam_search else 1
         )
+        if params.min_tokens > params.max_tokens:
+            # Only when max_tokens was left unset (SamplingParams checks an explicit one): the rest of
+            # the context is fewer tokens than min_tokens asks for, which could never be honoured.
+            raise InvalidRequestError(
+                "min_tokens",
+                f"min_tokens must be at most the {params.max_tokens} tokens the context leaves after the "
+                f"prompt ({len(prompt_token_ids)} of max_model_len {self.max_model_len} tokens); "
+                f"got {params.min_tokens}",
+            )
         stop_ids = frozenset(params.stop_token_ids or ())
         params.all_stop_token_ids = stop_ids if params.ignore_eos else stop_ids | self.eos_token_ids
         return EngineRequest(

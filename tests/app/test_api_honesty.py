@@ -135,6 +135,7 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
         (CHAT, "documents", [{"text": "d"}]),
         (CHAT, "continue_final_message", True),
         (CHAT, "echo", True),
+        (CHAT, "best_of", 3),  # vLLM's chat field: was an unknown field, silently ignored
     ],
 )
 def test_unsupported_fields_are_400(client: httpx.Client, path: str, field: str, value: object) -> None:
@@ -192,7 +193,7 @@ def test_vllm_extra_fields_at_what_weir_does_are_fine(client: httpx.Client) -> N
         "add_special_tokens": False,
         "echo": False,
     }
-    chat.update(continue_final_message=False, documents=[], chat_template_kwargs={}, bad_words=[])
+    chat.update(continue_final_message=False, documents=[], chat_template_kwargs={}, bad_words=[], best_of=1)
     assert client.post(CHAT, json=chat).status_code == 200
 
 

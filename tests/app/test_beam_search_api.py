@@ -154,3 +154,52 @@ def test_beam_searches_dropped_by_their_clients_free_everything(
         r = c.post(COMP, json=_comp())
     assert r.status_code == 200
     assert [ch["text"] for ch in r.json()["choices"]] == [b.text for b in offline_beams]
+
+
+@pytest.mark.parametrize(
+    ("path", "field", "value", "shown"),
+    [
+        (COMP, "length_penalty", 2.0, "2.0"),
+        (CHAT, "length_penalty", -1.0, "-1.0"),
+        (COMP, "early_stopping", True, "True"),
+        (CHAT, "early_stopping", "never", "'never'"),
+        (COMP, "early_stopping", "soon", "'soon'"),
+    ],
+)
+def test_beam_fields_without_beam_search_are_a_400(
+    client: httpx.Client, path: str, field: str, value: object, shown: str
+) -> None:
+    """Beam search's own fields change nothing without use_beam_search: refused by name (as vLLM v0),
+    not accepted and silently ignored. Their defaults stay fine."""
+    prompt = {"prompt": "Return the"} if path == COMP else {"messages": [{"role": "user", "content": "hi"}]}
+    r = client.post(path, json={"model": MODEL_NAME, **prompt, "max_tokens": 2, field: value})
+    assert r.status_code == 400
+    default = "false" if field == "early_stopping" else "1.0"
+    assert r.json() == _error(
+        f"{field} is only used by beam search (use_beam_search); without it leave {field} out or "
+        f"{default}; got {shown}",
+        field,
+    )
+    defaults = {"length_penalty": 1.0, "early_stopping": False}
+    r = client.post(path, json={"model": MODEL_NAME, **prompt, "max_tokens": 2, **defaults})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [({"logprobs": True}, "logprobs"), ({"logprobs": True, "top_logprobs": 2}, "top_logprobs")],
+)
+def test_chat_beam_search_with_logprobs_names_the_field_sent(
+    client: httpx.Client, extra: dict, param: str
+) -> None:
+    """`logprobs: true` alone is refused naming logprobs (it named top_logprobs, a field not sent)."""
+    body = {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 2,
+        "n": 2,
+        **BEAM,
+    }
+    r = client.post(CHAT, json={**body, **extra})
+    assert r.status_code == 400
+    assert r.json() == _error("logprobs is not supported with beam search (use_beam_search)", param)

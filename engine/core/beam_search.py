@@ -168,9 +168,11 @@ class BeamSearchState:
         else:
             best_len = gen_len
         best_possible = _f32(self.scores[0] / _f32(best_len**lp))
-        worst = min(self.finished_scores)
-        self.improvable = self.improvable and any(
-            best_possible > (worst if h is not None else _NEG) for h in self.finished
+        # An empty slot can always be filled. transformers compares with its -1e9 instead, the same
+        # wherever scores stay above -1e9; a negative length_penalty multiplies them past it
+        # (-20 * 8**12), and the search then stopped with fewer than k results.
+        self.improvable = self.improvable and (
+            any(h is None for h in self.finished) or best_possible > min(self.finished_scores)
         )
         all_finished = all(h is not None for h in self.finished)
         self.done = not (
@@ -217,12 +219,19 @@ class BeamSearchState:
         not_finished = array("f", [f + _NEG for f in fins])
         merged_scores = list(self.finished_scores)
         merged: list[Hypothesis | None] = list(self.finished)
+        # Whether each entry is a hypothesis that may hold a slot: these rank above every other entry
+        # (empty slots, candidates that did not hit, hypotheses barred from entering). transformers
+        # ranks by the -1e9 offsets alone, which agrees wherever scores stay above -1e9 (see _end_step).
+        holds = [h is not None for h in merged]
+        may_enter = not full and self.improvable
         for j, (neg_acc, beam, tok) in enumerate(cands):
             if not (hits[j] and j < k):
                 merged_scores.append(not_finished[j])
                 merged.append(None)
+                holds.append(False)
                 continue
             merged_scores.append(fins[j])
+            holds.append(may_enter)
             merged.append(
                 Hypothesis(
                     _tokens((tok, chains[beam])),
@@ -232,7 +241,7 @@ class BeamSearchState:
                     stop_strs[j],
                 )
             )
-        best = sorted(range(len(merged_scores)), key=lambda j: -merged_scores[j])[:k]
+        best = sorted(range(len(merged_scores)), key=lambda j: (not holds[j], -merged_scores[j]))[:k]
         self.finished_scores = [merged_scores[j] for j in best]
         self.finished = [merged[j] for j in best]
         self.scores = [running_lp[j] for j in keep]

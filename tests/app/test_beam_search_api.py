@@ -203,3 +203,19 @@ def test_chat_beam_search_with_logprobs_names_the_field_sent(
     r = client.post(CHAT, json={**body, **extra})
     assert r.status_code == 400
     assert r.json() == _error("logprobs is not supported with beam search (use_beam_search)", param)
+
+
+@pytest.mark.parametrize(("length_penalty", "max_tokens"), [(-12.0, 8), (-5.0, 100)])
+def test_a_negative_length_penalty_still_returns_n_beams(
+    client: httpx.Client, length_penalty: float, max_tokens: int
+) -> None:
+    """A negative length_penalty multiplies a finished beam's score by its length's power (-20 * 8**12),
+    past transformers' -1e9 'empty slot' score: the search kept empty slots over real results and
+    answered 200 with no choices (or fewer than n). Now n beams, best first."""
+    body = _comp(prompt="The json module", max_tokens=max_tokens, n=2, length_penalty=length_penalty)
+    r = client.post(COMP, json=body)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1]
+    assert all(c["finish_reason"] in ("stop", "length") for c in choices)
+    assert choices[0]["text"] != choices[1]["text"]

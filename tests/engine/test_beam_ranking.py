@@ -78,3 +78,17 @@ def test_groups_ranked_together_step_as_each_alone() -> None:
                 checked_plain += 1
     assert all(s.done for s in alone)
     assert checked_hits > 20 and checked_plain > 20
+
+
+def test_scores_below_minus_1e9_still_fill_every_slot() -> None:
+    """A negative length_penalty pushes finished scores below transformers' -1e9 'empty slot' score
+    (here -3 * 4**20 ~ -3.3e12): every slot still fills, best first, and the search runs until then."""
+    state = BeamSearchState(2, frozenset({2}), 4, -20.0, False)
+    top = [([5, 6, 2, 7], [-1.0, -1.5, -2.0, -3.0])]
+    for _ in range(4):
+        if state.done:
+            break
+        state.step(top * state.num_running)
+    results = state.results()
+    assert state.done and len(results) == 2
+    assert results[0].score >= results[1].score and results[1].score < -1.0e9

@@ -499,8 +499,8 @@ class _Plan:
 
 def fp8_widen_from_env() -> bool:
     """WEIR_FP8_KV_WIDEN=1: 16-bit queries over an fp8 cache read its tiles as words widened to float16
-    and run the dots in float16 (ops/triton/fp8_kv_read.py); 0 (the default until measured on a GPU): the
-    bytes widen to the query's dtype in the dot's operand layout."""
+    and run the dots in float16 (ops/triton/fp8_kv_read.py), the default; 0: the bytes widen to the query's
+    dtype in the dot's operand layout (Triton's own conversion)."""
     return env_flag("WEIR_FP8_KV_WIDEN")
 
 

@@ -152,7 +152,7 @@ def test_the_default_entry_point_reads_the_environment(monkeypatch: pytest.Monke
     assert all(plan.fp8_widen for plan in pa._PLANS.values())
     monkeypatch.setattr(pa, "_PLANS", {})
     monkeypatch.setenv("WEIR_FP8_KV_WIDEN", "yes")
-    with pytest.raises(ValueError, match=r"WEIR_FP8_KV_WIDEN must be 0 or 1 \(unset: 0\); got 'yes'"):
+    with pytest.raises(ValueError, match=r"WEIR_FP8_KV_WIDEN must be 0 or 1 \(unset: 1\); got 'yes'"):
         impl.paged_attention(**batch)
 
 

@@ -34,6 +34,7 @@ from engine.core.sampling_params import SamplingParams
 from engine.errors import EngineDeadError, EngineDrainingError, QueueFullError
 from engine.executor.step_loop_times import StepLoopTimes
 from engine.executor.step_pipeline import StepWork
+from engine.inputs.input_processor import check_request_types
 from engine.llm_engine import LLMEngine
 from engine.lora.request import LoRARequest
 from engine.outputs.output_channel import OutputChannel
@@ -164,6 +165,9 @@ class AsyncEngine:
             raise EngineDeadError(f"the engine has stopped: {self.dead_error}")
         if self._draining:
             raise EngineDrainingError("the server is shutting down and takes no new requests")
+        check_request_types(request_id, params, priority)  # before params is read below
+        if params is None:
+            params = SamplingParams()  # as LLMEngine.add_request
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         stats = self.engine.scheduler

@@ -30,6 +30,7 @@ from engine.core.request import Request, RequestStatus
 from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler import Scheduler
 from engine.core.scheduler_output import BeamCandidates, DeviceBeamResults
+from engine.errors import InvalidRequestError
 from engine.inputs.input_processor import EngineRequest
 from engine.outputs.request_output import CompletionOutput, RequestMetrics, RequestOutput
 
@@ -48,6 +49,16 @@ class BeamSearchParams:
 
     def to_sampling_params(self) -> SamplingParams:
         """The engine's form (validated: a bad field raises InvalidRequestError naming it)."""
+        try:
+            return self._sampling_params()
+        except InvalidRequestError as exc:
+            if exc.param != "n":
+                raise
+            # The width is SamplingParams' n; the caller wrote beam_width, so name that.
+            message = str(exc).replace("n must be", "beam_width must be", 1)
+            raise InvalidRequestError("beam_width", message) from None
+
+    def _sampling_params(self) -> SamplingParams:
         return SamplingParams(
             n=self.beam_width,
             use_beam_search=True,

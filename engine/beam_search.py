@@ -457,6 +457,11 @@ class BeamSearchDriver:
         self.scheduler.finish_requests([s.req_id for s in group.slots], RequestStatus.FINISHED_ABORTED)
         return True
 
+    def abort_with_output(self, request_id: str, now: float) -> RequestOutput | None:
+        """Abort one group, returning its final output (the running beams as they are); None if unknown."""
+        group = self._groups.get(request_id)
+        return None if group is None else self._finish(group, "abort", now)
+
     def abort_all(self, now: float) -> list[RequestOutput]:
         return [self._finish(g, "abort", now) for g in list(self._groups.values())]
 

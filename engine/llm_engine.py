@@ -230,6 +230,17 @@ class LLMEngine:
             if seq_ids is not None:
                 self.scheduler.finish_requests(seq_ids, RequestStatus.FINISHED_ABORTED)
 
+    def abort_request_with_output(self, request_id: str) -> RequestOutput | None:
+        """Abort one request as abort_request does, returning its final output (finish_reason
+        "abort", what it had generated so far), for a stream that must end; None if unknown."""
+        now = time.monotonic()
+        final = self.beam_search.abort_with_output(request_id, now)
+        if final is not None:
+            return final
+        final, seq_ids = self.output_processor.end(request_id, "abort", now)
+        self.scheduler.finish_requests(seq_ids, RequestStatus.FINISHED_ABORTED)
+        return final
+
     def has_unfinished_requests(self) -> bool:
         return bool(len(self.output_processor)) or bool(len(self.beam_search))
 
@@ -412,6 +423,10 @@ class LLMEngine:
         }
 
     # ------------------------------------------------------------------ lifecycle
+    @property
+    def is_shut_down(self) -> bool:
+        return self._shut_down
+
     def shutdown(self) -> None:
         """Abort every request and free what the engine holds on the device (model, KV cache, CUDA
         graphs) now, rather than whenever the last reference goes. Idempotent; afterwards adding a

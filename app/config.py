@@ -427,4 +427,14 @@ def resolve(
     )
     if problem:
         raise ConfigError(problem)
+    if not engine.enable_lora:
+        # Sizing LoRA without turning it on was silently ignored; a value equal to the default is
+        # fine (config/default.yaml spells every default out).
+        defaults = EngineConfig(model=engine.model)
+        for name in ("max_loras", "max_lora_rank", "max_cpu_loras"):
+            if name in values and getattr(engine, name) != getattr(defaults, name):
+                raise ConfigError(
+                    f"{name} (from {values[name][1]}) needs enable_lora (--enable-lora, WEIR_ENABLE_LORA or "
+                    "lora.enable in YAML); without it no adapter is served"
+                )
     return engine, server

@@ -139,6 +139,20 @@ def test_a_kv_cache_larger_than_memory_names_the_option(
     )
 
 
+def test_lora_sizes_without_enable_lora_are_refused() -> None:
+    """--max-loras and the like without --enable-lora were silently ignored."""
+    with pytest.raises(ConfigError) as exc:
+        resolve({"max_loras": "4"}, env={})
+    assert str(exc.value) == (
+        "max_loras (from --max-loras) needs enable_lora (--enable-lora, WEIR_ENABLE_LORA or lora.enable in "
+        "YAML); without it no adapter is served"
+    )
+    with pytest.raises(ConfigError, match=r"^max_lora_rank \(from WEIR_MAX_LORA_RANK\) needs"):
+        resolve({}, env={"WEIR_MAX_LORA_RANK": "64"})
+    engine, _ = resolve({"max_loras": "4", "enable_lora": True}, env={})
+    assert engine.max_loras == 4
+
+
 def test_parser_flags_types_and_repeats() -> None:
     args = vars(
         build_parser().parse_args(

@@ -69,7 +69,8 @@ class ServerConfig:
             raise ValueError("api_key must not be empty")
         if any(not n for n in self.served_model_name):
             raise ValueError("served_model_name must not be empty")
-        if self.shutdown_timeout < 0:
+        # `not x >= 0`: NaN fails every comparison, so `x < 0` let it through (a NaN timeout).
+        if not self.shutdown_timeout >= 0:
             raise ValueError(f"shutdown_timeout must be >= 0; got {self.shutdown_timeout}")
         if self.max_body_bytes <= 0:
             raise ValueError(f"max_body_bytes must be > 0; got {self.max_body_bytes}")
@@ -77,9 +78,9 @@ class ServerConfig:
             raise ValueError(f"max_header_bytes must be > 0; got {self.max_header_bytes}")
         if self.max_header_count <= 0:
             raise ValueError(f"max_header_count must be > 0; got {self.max_header_count}")
-        if self.header_timeout <= 0:
+        if not self.header_timeout > 0:
             raise ValueError(f"header_timeout must be > 0; got {self.header_timeout}")
-        if self.sse_keepalive <= 0:
+        if not self.sse_keepalive > 0:
             raise ValueError(f"sse_keepalive must be > 0; got {self.sse_keepalive}")
         if not 0 < self.gil_switch_interval <= 1:
             raise ValueError(f"gil_switch_interval must be in (0, 1] seconds; got {self.gil_switch_interval}")
@@ -426,4 +427,14 @@ def resolve(
     )
     if problem:
         raise ConfigError(problem)
+    if not engine.enable_lora:
+        # Sizing LoRA without turning it on was silently ignored; a value equal to the default is
+        # fine (config/default.yaml spells every default out).
+        defaults = EngineConfig(model=engine.model)
+        for name in ("max_loras", "max_lora_rank", "max_cpu_loras"):
+            if name in values and getattr(engine, name) != getattr(defaults, name):
+                raise ConfigError(
+                    f"{name} (from {values[name][1]}) needs enable_lora (--enable-lora, WEIR_ENABLE_LORA or "
+                    "lora.enable in YAML); without it no adapter is served"
+                )
     return engine, server

@@ -31,9 +31,10 @@ from typing import Any
 
 from engine.config import EngineConfig
 from engine.core.sampling_params import SamplingParams
-from engine.errors import EngineDeadError, EngineDrainingError, QueueFullError
+from engine.errors import EngineDeadError, EngineDrainingError, EngineShutdownError, QueueFullError
 from engine.executor.step_loop_times import StepLoopTimes
 from engine.executor.step_pipeline import StepWork
+from engine.inputs.input_processor import check_request_types
 from engine.llm_engine import LLMEngine
 from engine.lora.request import LoRARequest
 from engine.outputs.output_channel import OutputChannel
@@ -160,10 +161,21 @@ class AsyncEngine:
         before anything is queued. A `lora_request` not added yet is loaded first (add_lora; a bad
         adapter raises LoRAAdapterError, a ValueError).
         """
+        if self.engine.is_shut_down:  # not "dead: None": shutdown() was called
+            raise EngineShutdownError("the engine was shut down; build a new one to generate")
         if self.dead_error is not None or not self.is_healthy:
             raise EngineDeadError(f"the engine has stopped: {self.dead_error}")
+        if self._loop_task is None:
+            # Nothing would ever step the request: its stream would wait forever.
+            raise RuntimeError(
+                "the AsyncEngine is not started: await engine.start() (or use `async with AsyncEngine(...)`) "
+                "before adding requests"
+            )
         if self._draining:
             raise EngineDrainingError("the server is shutting down and takes no new requests")
+        check_request_types(request_id, params, priority)  # before params is read below
+        if params is None:
+            params = SamplingParams()  # as LLMEngine.add_request
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         stats = self.engine.scheduler
@@ -250,8 +262,13 @@ class AsyncEngine:
                 self.engine.abort_request(request_id)
 
     async def abort(self, request_id: str) -> None:
-        self.engine.abort_request(request_id)
-        self._streams.pop(request_id, None)
+        """Abort a request (unknown ids are ignored): its blocks are freed at once and its stream ends
+        with a final output whose finish_reason is "abort" (as at shutdown). The stream used to be
+        dropped without a word, so whoever was reading it waited forever."""
+        final = self.engine.abort_request_with_output(request_id)
+        channel = self._streams.pop(request_id, None)
+        if channel is not None and final is not None:
+            channel.put(final)
 
     def stats(self) -> EngineStats:
         return self.engine.stats()

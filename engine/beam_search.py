@@ -30,6 +30,7 @@ from engine.core.request import Request, RequestStatus
 from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler import Scheduler
 from engine.core.scheduler_output import BeamCandidates, DeviceBeamResults
+from engine.errors import InvalidRequestError
 from engine.inputs.input_processor import EngineRequest
 from engine.outputs.request_output import CompletionOutput, RequestMetrics, RequestOutput
 
@@ -48,6 +49,16 @@ class BeamSearchParams:
 
     def to_sampling_params(self) -> SamplingParams:
         """The engine's form (validated: a bad field raises InvalidRequestError naming it)."""
+        try:
+            return self._sampling_params()
+        except InvalidRequestError as exc:
+            if exc.param != "n":
+                raise
+            # The width is SamplingParams' n; the caller wrote beam_width, so name that.
+            message = str(exc).replace("n must be", "beam_width must be", 1)
+            raise InvalidRequestError("beam_width", message) from None
+
+    def _sampling_params(self) -> SamplingParams:
         return SamplingParams(
             n=self.beam_width,
             use_beam_search=True,
@@ -445,6 +456,11 @@ class BeamSearchDriver:
         self._drop(group)
         self.scheduler.finish_requests([s.req_id for s in group.slots], RequestStatus.FINISHED_ABORTED)
         return True
+
+    def abort_with_output(self, request_id: str, now: float) -> RequestOutput | None:
+        """Abort one group, returning its final output (the running beams as they are); None if unknown."""
+        group = self._groups.get(request_id)
+        return None if group is None else self._finish(group, "abort", now)
 
     def abort_all(self, now: float) -> list[RequestOutput]:
         return [self._finish(g, "abort", now) for g in list(self._groups.values())]

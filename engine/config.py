@@ -14,6 +14,7 @@ Plain Python: torch is imported only to resolve device/dtype "auto".
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -151,8 +152,8 @@ class EngineConfig:
             _positive("num_kv_blocks", self.num_kv_blocks)
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1]; got {self.gpu_memory_utilization}")
-        if self.cpu_kv_cache_gb <= 0:
-            raise ValueError(f"cpu_kv_cache_gb must be > 0; got {self.cpu_kv_cache_gb}")
+        if not self.cpu_kv_cache_gb > 0 or not math.isfinite(self.cpu_kv_cache_gb):  # NaN passed "<= 0"
+            raise ValueError(f"cpu_kv_cache_gb must be a finite number > 0; got {self.cpu_kv_cache_gb}")
         if self.max_num_seqs is not None:
             _positive("max_num_seqs", self.max_num_seqs)
         if self.max_num_batched_tokens is not None:

@@ -11,6 +11,7 @@ from tqdm import tqdm
 from engine.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from engine.config import EngineConfig
 from engine.core.sampling_params import SamplingParams
+from engine.errors import InvalidRequestError
 from engine.gc_tuning import young_collections_every
 from engine.inputs.tokenizer import render_chat
 from engine.llm_engine import LLMEngine
@@ -67,7 +68,14 @@ class LLM:
         if isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompt_list)
         else:
-            params_list = list(sampling_params)
+            # A dict would be taken as a list of its keys and fail as an AttributeError inside.
+            params_list = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [None]
+            bad = next((p for p in params_list if not isinstance(p, SamplingParams)), False)
+            if bad is not False:
+                raise TypeError(
+                    "sampling_params must be a SamplingParams or a list of them; got "
+                    f"{type(sampling_params if bad is None else bad).__name__}"
+                )
             if len(params_list) != len(prompt_list):
                 raise ValueError(
                     f"sampling_params has {len(params_list)} entries but there are {len(prompt_list)} prompts"
@@ -76,6 +84,10 @@ class LLM:
             raise ValueError(f"priority has {len(priority)} entries but there are {len(prompt_list)} prompts")
         if lora_request is None or isinstance(lora_request, LoRARequest):
             lora_list = [lora_request] * len(prompt_list)
+        elif not isinstance(lora_request, (list, tuple)):  # a name string would be a list of letters
+            raise TypeError(
+                f"lora_request must be a LoRARequest, None or a list of them; got {type(lora_request).__name__}"
+            )
         else:
             lora_list = list(lora_request)
             if len(lora_list) != len(prompt_list):
@@ -113,9 +125,15 @@ class LLM:
         output's beam_width sequences, best first. Bad parameters raise InvalidRequestError.
         `lora_request`: the LoRA adapter every beam runs with (enable_lora=True)."""
         sampling_params = params.to_sampling_params()
+        if isinstance(prompts, (str, dict)):  # one prompt, as generate() takes it (not one per letter)
+            prompts = [prompts]
         prompt_list: list[Prompt] = []
-        for p in prompts:
+        for i, p in enumerate(prompts):
             if isinstance(p, dict):
+                if "prompt_token_ids" not in p and "prompt" not in p:
+                    raise InvalidRequestError(
+                        "prompt", f"prompts[{i}] is a dict without 'prompt' or 'prompt_token_ids'"
+                    )
                 p = p["prompt_token_ids"] if "prompt_token_ids" in p else p["prompt"]
             prompt_list.append(p)
         outputs = self._run(
@@ -183,6 +201,10 @@ class LLM:
 def _as_prompt_list(prompts: str | Sequence[str] | Sequence[list[int]]) -> list[Prompt]:
     if isinstance(prompts, str):
         return [prompts]
+    if not isinstance(prompts, (list, tuple)):  # an int or None failed in list() with no name
+        raise TypeError(
+            f"prompts must be a string, a list of strings or a list of token-id lists; got {type(prompts).__name__}"
+        )
     out = list(prompts)
     if out and isinstance(out[0], int):
         return [list(out)]  # a single prompt given as token ids

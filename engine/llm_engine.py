@@ -33,7 +33,7 @@ from engine.executor.executor import Executor
 from engine.executor.factory import create_executor
 from engine.executor.step_loop_times import StepLoopTimes
 from engine.executor.step_pipeline import StepPipeline
-from engine.inputs.input_processor import EngineRequest, InputProcessor
+from engine.inputs.input_processor import EngineRequest, InputProcessor, check_request_types
 from engine.inputs.tokenizer import TokenizerLoad
 from engine.lora.request import LoRARequest
 from engine.outputs.output_processor import OutputProcessor
@@ -170,6 +170,7 @@ class LLMEngine:
         `lora_request`: the LoRA adapter to run it with (loaded first if it was not added yet; a bad
         adapter raises LoRAAdapterError, a ValueError).
         """
+        check_request_types(request_id, params, priority)  # a list id is unhashable just below
         if request_id in self.output_processor or request_id in self.beam_search:
             raise InvalidRequestError("request_id", f"request_id {request_id!r} is already in use")
         request = self.input_processor.process(
@@ -195,7 +196,10 @@ class LLMEngine:
         num_sequences = params.num_sequences
         for i in range(num_sequences):
             child_id = request_id if num_sequences == 1 else f"{request_id}#{i}"
-            if self.output_processor.has_sequence(child_id):
+            # The scheduler's ids too: a beam's sequences (`ID#beam0`) are not the output processor's,
+            # and a collision found by scheduler.add_request below, after the output processor took
+            # the request, left it unfinished forever (has_unfinished_requests() stayed True).
+            if self.output_processor.has_sequence(child_id) or self.scheduler.get_request(child_id):
                 raise InvalidRequestError("request_id", f"request_id {child_id!r} is already in use")
             sequences.append(
                 Request(
@@ -225,6 +229,17 @@ class LLMEngine:
             seq_ids = self.output_processor.abort(request_id)
             if seq_ids is not None:
                 self.scheduler.finish_requests(seq_ids, RequestStatus.FINISHED_ABORTED)
+
+    def abort_request_with_output(self, request_id: str) -> RequestOutput | None:
+        """Abort one request as abort_request does, returning its final output (finish_reason
+        "abort", what it had generated so far), for a stream that must end; None if unknown."""
+        now = time.monotonic()
+        final = self.beam_search.abort_with_output(request_id, now)
+        if final is not None:
+            return final
+        final, seq_ids = self.output_processor.end(request_id, "abort", now)
+        self.scheduler.finish_requests(seq_ids, RequestStatus.FINISHED_ABORTED)
+        return final
 
     def has_unfinished_requests(self) -> bool:
         return bool(len(self.output_processor)) or bool(len(self.beam_search))
@@ -408,6 +423,10 @@ class LLMEngine:
         }
 
     # ------------------------------------------------------------------ lifecycle
+    @property
+    def is_shut_down(self) -> bool:
+        return self._shut_down
+
     def shutdown(self) -> None:
         """Abort every request and free what the engine holds on the device (model, KV cache, CUDA
         graphs) now, rather than whenever the last reference goes. Idempotent; afterwards adding a

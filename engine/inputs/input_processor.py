@@ -46,6 +46,23 @@ class EngineRequest:
         return len(self.prompt_token_ids)
 
 
+def check_request_types(request_id: object, params: object, priority: object) -> None:
+    """The argument types the engine relies on, refused up front with the argument's name: a priority
+    that is not an int went into the waiting heap and broke every later comparison there (the engine
+    could never schedule again), a params object that is not SamplingParams failed as an
+    AttributeError deep inside, and a request id that is not a str failed its request in the step."""
+    if not isinstance(request_id, str):
+        raise InvalidRequestError(
+            "request_id", f"request_id must be a string; got {type(request_id).__name__} {request_id!r}"
+        )
+    if params is not None and not isinstance(params, SamplingParams):
+        raise InvalidRequestError(
+            "sampling_params", f"sampling_params must be a SamplingParams; got {type(params).__name__}"
+        )
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise InvalidRequestError("priority", f"priority must be an integer; got {priority!r}")
+
+
 class InputProcessor:
     """Validates and normalizes requests for one engine (its tokenizer, vocabulary and limits)."""
 
@@ -86,6 +103,7 @@ class InputProcessor:
         """`prompt` is text (tokenized here) or token ids; `prompt_text` is the text token ids came from,
         when the caller tokenized it already. The caller's `params` object is never modified, so one
         object can serve prompts of different lengths."""
+        check_request_types(request_id, params, priority)
         if lora_request is not None:
             if not self.enable_lora:
                 raise InvalidRequestError(
@@ -100,8 +118,14 @@ class InputProcessor:
                 raise InvalidRequestError("prompt", "prompt must not be empty")
             prompt_text = prompt
             prompt_token_ids = encode_prompt(self.tokenizer, prompt)
-        else:
+        elif isinstance(prompt, (list, tuple)):
             prompt_token_ids = list(prompt)
+        else:
+            # bytes would pass as token ids (list(b"hi") == [104, 105]), None or a dict fail deep in
+            # list() or as "token id 'prompt'": name what a prompt may be.
+            raise InvalidRequestError(
+                "prompt", f"prompt must be a string or a list of token ids; got {type(prompt).__name__}"
+            )
         self.validate_prompt_tokens(prompt_token_ids)
         params = params.copy() if params is not None else SamplingParams()
         if params.best_of is not None and params.best_of > max(params.n, self.max_best_of):
@@ -148,7 +172,11 @@ class InputProcessor:
         )
         if not all_valid:
             for tok in prompt_token_ids:
-                if not isinstance(tok, int) or isinstance(tok, bool) or not 0 <= tok < vocab_size:
+                if not isinstance(tok, int) or isinstance(tok, bool):
+                    raise InvalidRequestError(
+                        "prompt", f"prompt token ids must be integers; got {tok!r} ({type(tok).__name__})"
+                    )
+                if not 0 <= tok < vocab_size:
                     raise InvalidRequestError(
                         "prompt",
                         f"prompt contains token id {tok!r}, outside the vocabulary [0, {vocab_size})",

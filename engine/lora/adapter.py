@@ -119,14 +119,21 @@ def load_adapter(
     from safetensors import safe_open  # noqa: PLC0415  (only adapters need it here)
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(weights_file), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
-            module, kind = _split_key(key, error)
-            if module not in targets:
-                raise error(
-                    key, f"module {module!r} is not a projection weir applies LoRA to ({_supported(targets)})"
-                )
-            pairs.setdefault(module, {})[kind] = f.get_tensor(key)
+    try:
+        with safe_open(str(weights_file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
+                module, kind = _split_key(key, error)
+                if module not in targets:
+                    raise error(
+                        key,
+                        f"module {module!r} is not a projection weir applies LoRA to ({_supported(targets)})",
+                    )
+                pairs.setdefault(module, {})[kind] = f.get_tensor(key)
+    except LoRAAdapterError:
+        raise
+    except Exception as e:  # noqa: BLE001  SafetensorError (a truncated or corrupt file) is no ValueError:
+        # it escaped the server's load route as a 500 and `--lora-modules` as a traceback.
+        raise error("adapter_model.safetensors", f"unreadable: {e}") from None
 
     adapter = LoRAAdapter(lora_request=lora_request, rank=rank)
     for module, pair in pairs.items():
@@ -137,6 +144,16 @@ def load_adapter(
             )
         target = targets[module]
         a, b = pair["A"], pair["B"]
+        for kind, tensor in (("lora_A", a), ("lora_B", b)):
+            # Integer weights would be converted as numbers, NaN or infinite ones would turn every
+            # output of the adapter into token 0: both were served without a word.
+            key = f"{_PEFT_PREFIX}{module}.{kind}.weight"
+            if not tensor.dtype.is_floating_point:
+                raise error(
+                    key, f"dtype {str(tensor.dtype).removeprefix('torch.')} is not a floating-point dtype"
+                )
+            if not bool(torch.isfinite(tensor).all()):
+                raise error(key, "holds NaN or infinite values")
         r = a.shape[0] if a.dim() == 2 else -1
         if not has_rank_pattern and r != rank:
             r = rank  # report the shape mismatch against the configured rank below
@@ -179,8 +196,9 @@ def _check_config(
     if rank > max_lora_rank:
         raise error("r", f"rank {rank} is above max_lora_rank {max_lora_rank} (raise --max-lora-rank)")
     alpha = config.get("lora_alpha", rank)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-        raise error("lora_alpha", f"must be a number; got {alpha!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        # JSON's NaN / Infinity parse as floats: the scaling would make every output token 0.
+        raise error("lora_alpha", f"must be a finite number; got {alpha!r}")
     if config.get("use_dora"):
         raise error("use_dora", "DoRA adapters are not supported")
     if config.get("modules_to_save"):

@@ -254,6 +254,15 @@ class OutputProcessor:
             state.error = message
         return self._end(failed.values(), "error", now)
 
+    def end(self, request_id: str, reason: str, now: float) -> tuple[RequestOutput | None, list[str]]:
+        """End one request with `reason` (AsyncEngine.abort): its final output (None if unknown) and
+        its sequences' req_ids, to finish in the scheduler."""
+        state = self._requests.get(request_id)
+        if state is None:
+            return None, []
+        outputs, req_ids = self._end([state], reason, now)
+        return outputs[0], req_ids
+
     def abort_all(self, now: float) -> tuple[list[RequestOutput], list[str]]:
         """End every request with finish_reason "abort" (server shutdown); returns the final outputs
         and every sequence's req_id, to finish in the scheduler."""

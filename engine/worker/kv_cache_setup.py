@@ -60,7 +60,24 @@ class KVCacheSetup:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         """Allocate the KV cache, then capture the CUDA graphs over it (CUDA, unless enforce_eager)."""
         start = time.perf_counter()
-        self._allocate_kv_cache(num_blocks)
+        try:
+            self._allocate_kv_cache(num_blocks)
+        except RuntimeError as exc:  # torch.OutOfMemoryError too; CPU's allocator raises RuntimeError
+            # A cpu_kv_cache_gb or num_kv_blocks past the memory there is ended start-up in the
+            # allocator's "[enforce fail at alloc_cpu.cpp:127] ..." naming no option.
+            cache = self.config.cache
+            source = (
+                f"num_kv_blocks {cache.num_kv_blocks_override}"
+                if cache.num_kv_blocks_override is not None
+                else f"cpu_kv_cache_gb {cache.cpu_kv_cache_gb}"
+                if self.device.type == "cpu"
+                else f"gpu_memory_utilization {cache.gpu_memory_utilization}"
+            )
+            gib = num_blocks * self.bytes_per_kv_block / 2**30
+            raise ValueError(
+                f"cannot allocate the KV cache: {num_blocks} blocks of {self.bytes_per_kv_block} bytes "
+                f"({gib:.1f} GiB, from {source}) do not fit in memory; lower it"
+            ) from exc
         self._sync()
         self.timings["kv_alloc_s"] = time.perf_counter() - start
         try:

@@ -100,6 +100,59 @@ def test_bad_env_and_flag_name_the_source() -> None:
         resolve({"config": "/nonexistent/weir.yaml"}, env={})
 
 
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (
+            "shutdown_timeout",
+            "invalid shutdown_timeout (from --shutdown-timeout): shutdown_timeout must be >= 0; got nan",
+        ),
+        (
+            "header_timeout",
+            "invalid header_timeout (from --header-timeout): header_timeout must be > 0; got nan",
+        ),
+        ("sse_keepalive", "invalid sse_keepalive (from --sse-keepalive): sse_keepalive must be > 0; got nan"),
+        (
+            "cpu_kv_cache_gb",
+            "invalid cpu_kv_cache_gb (from --cpu-kv-cache-gb): cpu_kv_cache_gb must be a finite number > 0; got nan",
+        ),
+    ],
+)
+def test_nan_is_refused_naming_the_option(option: str, message: str) -> None:
+    """NaN fails every comparison, so `x < 0` / `x <= 0` checks let it through (a NaN timeout)."""
+    with pytest.raises(ConfigError) as exc:
+        resolve({option: "nan"}, env={})
+    assert str(exc.value) == message
+
+
+def test_a_kv_cache_larger_than_memory_names_the_option(
+    capsys: pytest.CaptureFixture[str], tiny_llama_dir: Path
+) -> None:
+    """It ended in the allocator's "[enforce fail at alloc_cpu.cpp:127] ..." naming no option."""
+    assert (
+        main(["serve", str(tiny_llama_dir), "--device", "cpu", "--port", "0", "--cpu-kv-cache-gb", "1e9"])
+        == 1
+    )
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "weir serve: error: cannot load the model: cannot allocate the KV cache: 131072000000000 blocks of "
+        "8192 bytes (1000000000.0 GiB, from cpu_kv_cache_gb 1000000000.0) do not fit in memory; lower it"
+    )
+
+
+def test_lora_sizes_without_enable_lora_are_refused() -> None:
+    """--max-loras and the like without --enable-lora were silently ignored."""
+    with pytest.raises(ConfigError) as exc:
+        resolve({"max_loras": "4"}, env={})
+    assert str(exc.value) == (
+        "max_loras (from --max-loras) needs enable_lora (--enable-lora, WEIR_ENABLE_LORA or lora.enable in "
+        "YAML); without it no adapter is served"
+    )
+    with pytest.raises(ConfigError, match=r"^max_lora_rank \(from WEIR_MAX_LORA_RANK\) needs"):
+        resolve({}, env={"WEIR_MAX_LORA_RANK": "64"})
+    engine, _ = resolve({"max_loras": "4", "enable_lora": True}, env={})
+    assert engine.max_loras == 4
+
+
 def test_parser_flags_types_and_repeats() -> None:
     args = vars(
         build_parser().parse_args(

@@ -231,6 +231,9 @@ def bad_adapters(adapters: dict[str, str], tmp_path_factory: pytest.TempPathFact
     make("pickled", {}, pickled=True)
     a = weights[SHAPE_KEY]  # [rank, hidden]
     make("shape", {}, {**weights, SHAPE_KEY: torch.zeros(a.shape[0], a.shape[1] + 1)})
+    make("truncated", {})  # a copy cut short: safetensors' own error was a 500
+    truncated = root / "truncated" / "adapter_model.safetensors"
+    truncated.write_bytes(truncated.read_bytes()[:100])
     return {d.name: str(d) for d in root.iterdir()} | {
         "rank32": adapters["rank32"],
         "missing": str(root / "missing"),
@@ -261,6 +264,11 @@ def _bad_loads(bad: dict[str, str], hidden: int) -> list[tuple[str, str]]:
             f"LoRA adapter 'shape': {SHAPE_KEY}: shape (4, {hidden + 1}) does not match the base model's (4, {hidden})",
         ),
         ("missing", f"LoRA adapter 'missing': lora_path: {bad['missing']!r} is not a directory"),
+        (
+            "truncated",
+            "LoRA adapter 'truncated': adapter_model.safetensors: unreadable: Error while deserializing "
+            "header: invalid header length",
+        ),
     ]
 
 

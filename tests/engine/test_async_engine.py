@@ -154,3 +154,54 @@ def test_failure_surfacing_when_results_arrive(config: EngineConfig, monkeypatch
         await engine.shutdown(timeout=1)
 
     _run(main())
+
+
+def test_abort_ends_the_stream_and_frees_blocks(config: EngineConfig) -> None:
+    """abort() used to drop the stream without a word: whoever read it waited forever."""
+
+    async def main() -> None:
+        engine = AsyncEngine(config)
+        await engine.start()
+        stream = await engine.add_request(
+            "ab", None, [5] * 20, SamplingParams(max_tokens=100, ignore_eos=True)
+        )
+        first = await stream.__anext__()
+        assert not first.finished
+        await engine.abort("ab")
+        rest = [o async for o in stream]
+        assert len(rest) == 1 and rest[0].finished
+        assert rest[0].outputs[0].finish_reason == "abort"
+        assert not engine.engine.has_unfinished_requests()
+        assert engine.stats().kv_cache_usage == 0.0
+        await engine.abort("never-added")  # unknown ids are ignored
+        await engine.shutdown(timeout=1)
+
+    _run(main())
+
+
+def test_requests_before_start_and_after_shutdown_are_refused(config: EngineConfig) -> None:
+    """Before start() nothing steps: a request was queued and its stream waited forever. After
+    shutdown() the refusal said "the engine has stopped: None"."""
+    from engine.errors import EngineShutdownError, InvalidRequestError
+
+    async def main() -> None:
+        engine = AsyncEngine(config)
+        with pytest.raises(RuntimeError, match=r"^the AsyncEngine is not started: await engine.start\(\)"):
+            await engine.add_request("early", None, [5, 6], SamplingParams(max_tokens=2))
+        assert not engine.engine.has_unfinished_requests()
+        await engine.start()
+        with pytest.raises(InvalidRequestError, match=r"^priority must be an integer; got 'x'$"):
+            await engine.add_request("p", None, [5, 6], SamplingParams(max_tokens=2), priority="x")
+        with pytest.raises(
+            InvalidRequestError, match=r"^sampling_params must be a SamplingParams; got dict$"
+        ):
+            await engine.add_request("p", None, [5, 6], {"max_tokens": 2})
+        outs = [o async for o in engine.generate([5, 6], SamplingParams(max_tokens=2, ignore_eos=True), "ok")]
+        assert outs[-1].finished and engine.is_healthy
+        await engine.shutdown(timeout=1)
+        with pytest.raises(
+            EngineShutdownError, match=r"^the engine was shut down; build a new one to generate$"
+        ):
+            await engine.add_request("late", None, [5, 6], SamplingParams(max_tokens=2))
+
+    _run(main())

@@ -74,7 +74,7 @@ def test_request_that_could_never_fit_the_kv_cache_is_rejected() -> None:
         ("", None, "prompt", "prompt must not be empty"),
         ([1, 1000], None, "prompt", "prompt contains token id 1000, outside the vocabulary [0, 1000)"),
         ([1, -1], None, "prompt", "prompt contains token id -1, outside the vocabulary [0, 1000)"),
-        ([1, True], None, "prompt", "prompt contains token id True, outside the vocabulary [0, 1000)"),
+        ([1, True], None, "prompt", "prompt token ids must be integers; got True (bool)"),
         (
             [1],
             SamplingParams(stop_token_ids=[1000]),
@@ -92,6 +92,29 @@ def test_request_that_could_never_fit_the_kv_cache_is_rejected() -> None:
 def test_invalid_input_names_the_field(prompt, params, param: str, message: str) -> None:
     with pytest.raises(InvalidRequestError) as e:
         make_processor().process("a", prompt, params)
+    assert (e.value.param, str(e.value)) == (param, message)
+
+
+@pytest.mark.parametrize(
+    ("args", "param", "message"),
+    [
+        ((5, [1], None, 0), "request_id", "request_id must be a string; got int 5"),
+        (
+            ("a", [1], {"max_tokens": 3}, 0),
+            "sampling_params",
+            "sampling_params must be a SamplingParams; got dict",
+        ),
+        (("a", [1], None, "high"), "priority", "priority must be an integer; got 'high'"),
+        (("a", [1], None, None), "priority", "priority must be an integer; got None"),
+        (("a", [1], None, 1.5), "priority", "priority must be an integer; got 1.5"),
+        (("a", b"hi", None, 0), "prompt", "prompt must be a string or a list of token ids; got bytes"),
+    ],
+)
+def test_argument_types_are_refused_up_front(args: tuple, param: str, message: str) -> None:
+    """A str priority reached the scheduler's heap, where it broke every later comparison: the engine
+    could never schedule again. Each is refused naming the argument."""
+    with pytest.raises(InvalidRequestError) as e:
+        make_processor().process(*args)
     assert (e.value.param, str(e.value)) == (param, message)
 
 

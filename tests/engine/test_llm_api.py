@@ -50,8 +50,11 @@ def test_offline_step_phases_are_counted(llm: LLM) -> None:
         ([], SamplingParams(), "prompt must not be empty"),
         ([1, 2, 512], SamplingParams(), "prompt contains token id 512, outside the vocabulary [0, 512)"),
         ([1, -3], SamplingParams(), "prompt contains token id -3, outside the vocabulary [0, 512)"),
-        ([1, True], SamplingParams(), "prompt contains token id True, outside the vocabulary [0, 512)"),
-        ([1, 2.0], SamplingParams(), "prompt contains token id 2.0, outside the vocabulary [0, 512)"),
+        ([1, True], SamplingParams(), "prompt token ids must be integers; got True (bool)"),
+        ([1, 2.0], SamplingParams(), "prompt token ids must be integers; got 2.0 (float)"),
+        (b"hi", SamplingParams(), "prompt must be a string or a list of token ids; got bytes"),
+        (None, SamplingParams(), "prompt must be a string or a list of token ids; got NoneType"),
+        ({"prompt": "hi"}, SamplingParams(), "prompt must be a string or a list of token ids; got dict"),
         ([5] * 128, SamplingParams(), "prompt (128 tokens) is longer than max_model_len (128) allows"),
         ([5] * 100, SamplingParams(max_tokens=40), "exceeds max_model_len (128)"),
         ([5, 6], SamplingParams(stop_token_ids=[9999]), "stop_token_ids contains 9999"),
@@ -207,3 +210,77 @@ def test_generation_config_supplies_default_sampling_params(tiny_llama_dir: Path
     (out,) = llm.generate([[5, 6, 7]], use_tqdm=False)
     greedy = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=7), use_tqdm=False)[0]
     assert out.outputs[0].token_ids == greedy.outputs[0].token_ids
+
+
+def test_a_bad_priority_is_refused_and_the_engine_goes_on(llm: LLM) -> None:
+    """A str priority used to enter the waiting heap: the next comparison raised TypeError in the
+    scheduler and every later generate() failed the same way."""
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    with pytest.raises(ValueError, match=r"^priority must be an integer; got 'x'$"):
+        llm.generate(["a", "b"], params, use_tqdm=False, priority=[0, "x"])
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert len(llm.generate(["a", "b"], params, use_tqdm=False, priority=[1, 0])) == 2
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda llm: llm.generate(5),
+            "prompts must be a string, a list of strings or a list of token-id lists; got int",
+        ),
+        (
+            lambda llm: llm.generate(["a"], {"max_tokens": 3}),
+            "sampling_params must be a SamplingParams or a list of them; got dict",
+        ),
+        (
+            lambda llm: llm.generate(["a"], [{"max_tokens": 3}]),
+            "sampling_params must be a SamplingParams or a list of them; got dict",
+        ),
+        (
+            lambda llm: llm.generate(["a"], SamplingParams(max_tokens=2), lora_request="sql"),
+            "lora_request must be a LoRARequest, None or a list of them; got str",
+        ),
+    ],
+)
+def test_wrong_argument_types_raise_type_error_naming_the_argument(llm: LLM, call, message: str) -> None:
+    with pytest.raises(TypeError) as exc:
+        call(llm)
+    assert str(exc.value) == message
+    assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_beam_search_takes_a_string_as_one_prompt_and_names_its_fields(llm: LLM) -> None:
+    from engine import BeamSearchParams
+    from engine.errors import InvalidRequestError
+
+    params = BeamSearchParams(beam_width=2, max_tokens=3)
+    (out,) = llm.beam_search("Hello", params)  # was one beam search per letter
+    assert out.sequences[0].tokens[:-3] == llm.get_tokenizer().encode("Hello")
+    with pytest.raises(InvalidRequestError) as exc:
+        llm.beam_search([{"text": "Hello"}], params)  # was a KeyError
+    assert (exc.value.param, str(exc.value)) == (
+        "prompt",
+        "prompts[0] is a dict without 'prompt' or 'prompt_token_ids'",
+    )
+    with pytest.raises(InvalidRequestError) as exc:
+        llm.beam_search(["Hello"], BeamSearchParams(beam_width=0, max_tokens=3))
+    assert (exc.value.param, str(exc.value)) == ("beam_width", "beam_width must be in [1, 128]; got 0")
+
+
+def test_an_id_taken_by_a_beam_is_refused_without_a_stuck_request(llm: LLM) -> None:
+    """A request whose id was one of a beam group's sequence ids (`ID#beam0`) passed the output
+    processor's check, was taken by it, then refused by the scheduler: it stayed unfinished forever,
+    so LLM.generate and every step loop spun without end."""
+    engine = llm.llm_engine
+    engine.add_request(
+        "b", [5, 6, 7], SamplingParams(use_beam_search=True, n=2, temperature=0.0, max_tokens=3)
+    )
+    with pytest.raises(ValueError, match=r"^request_id 'b#beam0' is already in use$"):
+        engine.add_request("b#beam0", [5, 6], SamplingParams(max_tokens=3))
+    steps = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+        assert steps < 50
+    assert _usage(llm) == 0.0

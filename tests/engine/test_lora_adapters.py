@@ -131,6 +131,9 @@ def safe_tensors(request: LoRARequest):  # noqa: ANN201
         ),
         ({"bias": "all"}, "bias: 'all': adapters that train biases are not supported"),
         ({"peft_type": "IA3"}, "peft_type: 'IA3' adapters are not supported (only LORA)"),
+        # JSON's NaN / Infinity: every output token of the adapter became 0
+        ({"lora_alpha": float("nan")}, "lora_alpha: must be a finite number; got nan"),
+        ({"lora_alpha": float("inf")}, "lora_alpha: must be a finite number; got inf"),
     ],
 )
 def test_bad_configs_are_refused(
@@ -182,3 +185,30 @@ def test_missing_and_pickled_files_are_refused(targets: tuple[dict, dict], tmp_p
     (tmp_path / "pickled" / "adapter_model.bin").unlink()
     with pytest.raises(LoRAAdapterError, match=r"adapter_model.safetensors: missing in"):
         _load(targets, request)
+
+
+def test_unreadable_and_non_finite_weights_are_refused(targets: tuple[dict, dict], tmp_path: Path) -> None:
+    """A corrupt or truncated safetensors file raised safetensors' own error (no ValueError: the load
+    route answered 500, --lora-modules crashed with a traceback); integer and NaN weights were served."""
+    request = _write(tmp_path / "corrupt")
+    weights = Path(request.lora_path) / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(LoRAAdapterError) as info:
+        _load(targets, request)
+    assert str(info.value) == (
+        "LoRA adapter 'bad': adapter_model.safetensors: unreadable: Error while deserializing header: "
+        "invalid header length"
+    )
+    key = f"{PREFIX}.self_attn.q_proj.lora_B.weight"
+    a = torch.ones(4, 64)
+    with pytest.raises(LoRAAdapterError, match=rf"^LoRA adapter 'bad': {key}: holds NaN or infinite values$"):
+        _load(
+            targets,
+            _write(tmp_path / "nan", tensors={key.replace("B", "A"): a, key: torch.full((64, 4), torch.nan)}),
+        )
+    with pytest.raises(
+        LoRAAdapterError,
+        match=rf"^LoRA adapter 'bad': {key.replace('B', 'A')}: dtype int8 is not a floating-point dtype$",
+    ):
+        ints = {key.replace("B", "A"): a.to(torch.int8), key: torch.ones(64, 4, dtype=torch.int8)}
+        _load(targets, _write(tmp_path / "int", tensors=ints))

@@ -214,7 +214,7 @@ def test_serve_exits_2_on_a_bad_tuning_switch(
     monkeypatch.setenv("WEIR_FP8_KV_WIDEN", "on")
     assert main(["serve"]) == 2
     err = capsys.readouterr().err
-    assert "weir serve: error: WEIR_FP8_KV_WIDEN must be 0 or 1 (unset: 0); got 'on'" in err
+    assert "weir serve: error: WEIR_FP8_KV_WIDEN must be 0 or 1 (unset: 1); got 'on'" in err
 
 
 def test_serve_ends_its_compile_workers_when_it_exits_early(

@@ -455,4 +455,15 @@ def resolve(
                     f"{name} (from {values[name][1]}) needs enable_lora (--enable-lora, WEIR_ENABLE_LORA or "
                     "lora.enable in YAML); without it no adapter is served"
                 )
+    if not server.allowed_origins:
+        # CORS is off without allowed origins (app/server.py adds no middleware), so these were
+        # silently ignored; a value equal to the default is fine (config/default.yaml spells it out).
+        server_defaults = ServerConfig()
+        for name in ("allow_credentials", "allowed_methods", "allowed_headers"):
+            if name in values and getattr(server, name) != getattr(server_defaults, name):
+                raise ConfigError(
+                    f"{name} (from {values[name][1]}) needs allowed_origins (--allowed-origins, "
+                    "WEIR_ALLOWED_ORIGINS or allowed_origins in YAML); without it CORS is off and no CORS "
+                    "header is sent"
+                )
     return engine, server

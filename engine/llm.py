@@ -12,7 +12,7 @@ from engine.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSeq
 from engine.config import EngineConfig
 from engine.core.sampling_params import SamplingParams
 from engine.errors import InvalidRequestError
-from engine.gc_tuning import young_collections_every
+from engine.gc_tuning import gen0_threshold, young_collections_every
 from engine.inputs.tokenizer import render_chat
 from engine.llm_engine import LLMEngine
 from engine.lora.request import LoRARequest
@@ -31,6 +31,9 @@ class LLM:
     def __init__(self, model: str | None = None, **engine_kwargs: Any) -> None:
         if model is None:  # the checkpoint shipped inside the package, found from any directory
             model = str(importlib.resources.files("engine") / "default_model")
+        # WEIR_GC_GEN0 is read by every generate(); a bad value is refused here, before the model
+        # loads, not at the first call.
+        gen0_threshold()
         self.llm_engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
         self._next_id = 0
 

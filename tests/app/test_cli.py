@@ -254,6 +254,23 @@ def test_serve_exits_2_on_a_bad_tuning_switch(
     assert "weir serve: error: WEIR_FP8_KV_WIDEN must be 0 or 1 (unset: 1); got 'on'" in err
 
 
+def test_serve_exits_2_on_a_bad_gc_gen0_before_loading_the_model(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WEIR_GC_GEN0 was first read once serving started: the model loaded, then a traceback and exit 1."""
+    import engine.async_engine
+
+    def no_engine(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(engine.async_engine, "AsyncEngine", no_engine)
+    monkeypatch.setenv("WEIR_GC_GEN0", "abc")
+    assert main(["serve", "--device", "cpu", "--port", "0"]) == 2
+    assert (
+        capsys.readouterr().err == "weir serve: error: WEIR_GC_GEN0 must be a positive integer; got 'abc'\n"
+    )
+
+
 def test_serve_ends_its_compile_workers_when_it_exits_early(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

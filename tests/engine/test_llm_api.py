@@ -156,6 +156,25 @@ def test_abort_frees_blocks(llm: LLM) -> None:
     assert _usage(llm) == 0.0
 
 
+@pytest.mark.parametrize(
+    ("request_ids", "got"),
+    [(5, "int"), (None, "NoneType"), (b"a", "bytes"), (["a", 5], "int at index 1")],
+)
+def test_abort_request_names_request_id_for_a_bad_id(llm: LLM, request_ids, got: str) -> None:
+    """5 or None raised Python's bare "'int' object is not iterable"; an int in a list, or bytes, matched
+    no request and aborted nothing without a word. A bad list aborts none of its ids."""
+    engine = llm.llm_engine
+    engine.add_request("a", [5] * 10, SamplingParams(max_tokens=50, ignore_eos=True))
+    with pytest.raises(TypeError) as exc:
+        engine.abort_request(request_ids)
+    assert str(exc.value) == f"request_id must be a str or an iterable of str; got {got}"
+    assert engine.has_unfinished_requests()
+    with pytest.raises(TypeError, match=r"^request_id must be a str; got int$"):
+        engine.abort_request_with_output(5)
+    engine.abort_request(iter(["a"]))
+    assert not engine.has_unfinished_requests()
+
+
 def test_output_kinds(llm: LLM) -> None:
     """cumulative: an output per step that adds a token; final_only: the finished output alone, the same."""
     engine = llm.llm_engine

@@ -24,54 +24,18 @@ from app.errors import bad_request
 from app.prompt_processing import check_prompt_chars
 from app.protocol import ChatMessage
 from app.state import AppState
-
-ROLES = ("system", "developer", "user", "assistant")
+from engine.errors import InvalidRequestError, UnsupportedRequestError
+from engine.inputs.chat_messages import conversation_of as check_conversation
 
 
 def conversation_of(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """The messages as the chat template takes them; a 400 naming the message for anything wrong."""
-    if not messages:
-        raise bad_request("messages must not be empty", param="messages")
-    conversation: list[dict[str, Any]] = []
-    for i, m in enumerate(messages):
-        if m.role not in ROLES:
-            raise bad_request(
-                f"messages[{i}].role must be one of {', '.join(ROLES)}; got {m.role!r}",
-                param=f"messages[{i}].role",
-            )
-        if m.tool_calls:
-            raise bad_request(
-                f"messages[{i}].tool_calls: tool calls are not supported by weir yet",
-                param=f"messages[{i}].tool_calls",
-                code="unsupported",
-            )
-        if m.content is None:
-            if m.role != "assistant":
-                raise bad_request(f"messages[{i}].content must not be null", param=f"messages[{i}].content")
-            content = ""
-        elif isinstance(m.content, str):
-            content = m.content
-        else:
-            texts = []
-            for j, part in enumerate(m.content):
-                if part.type != "text":
-                    raise bad_request(
-                        f"messages[{i}].content[{j}].type: only text content parts are supported; got {part.type!r}",
-                        param=f"messages[{i}].content[{j}].type",
-                        code="unsupported",
-                    )
-                if part.text is None:
-                    raise bad_request(
-                        f"messages[{i}].content[{j}].text is required for a text part",
-                        param=f"messages[{i}].content[{j}].text",
-                    )
-                texts.append(part.text)
-            content = "\n".join(texts)
-        entry: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
-        if m.name is not None:
-            entry["name"] = m.name
-        conversation.append(entry)
-    return conversation
+    """The messages as the chat template takes them; a 400 naming the message for anything wrong.
+    The rules are LLM.chat's too (engine/inputs/chat_messages.py): both refuse the same input alike."""
+    try:
+        return check_conversation(messages)
+    except InvalidRequestError as exc:
+        code = "unsupported" if isinstance(exc, UnsupportedRequestError) else "invalid_value"
+        raise bad_request(str(exc), param=exc.param, code=code) from None
 
 
 def render_chat(

@@ -141,11 +141,15 @@ def _serve(flags: dict, startup: StartupPhases) -> int:
             )
             return 2
 
+    from engine.gc_tuning import gen0_threshold
     from engine.worker import compile_pool
     from ops.env_flags import check_env_flags
 
     try:
         check_env_flags()  # the tuning switches (WEIR_PDL, ...): 0 or 1, refused here before anything loads
+        # Read once serving starts (app/runner.py): a bad value there came after the model loaded,
+        # as a traceback and exit 1.
+        gen0_threshold()
     except ValueError as exc:
         print(f"weir serve: error: {exc}", file=sys.stderr)
         return 2

@@ -107,7 +107,8 @@ SERVER_HELP: dict[str, str] = {
     "host": "Address to listen on.",
     "port": "TCP port to listen on (0: any free port, logged at start).",
     "api_key": "API key clients must send as 'Authorization: Bearer KEY'. Repeat for several keys "
-    "(env: comma-separated). None: no authentication. /health, /metrics and /openapi.json stay open.",
+    "(env: comma-separated; an empty entry is refused). None: no authentication. /health, /metrics and "
+    "/openapi.json stay open.",
     "served_model_name": "Model name(s) clients use in the 'model' field; repeatable. "
     "Default: the model directory's name.",
     "shutdown_timeout": "Seconds in-flight requests may keep running after SIGTERM before they are aborted.",
@@ -278,6 +279,8 @@ def all_options() -> list[Option]:
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 _NONE = {"none", "null", "auto", ""}
+# List options whose empty entries are refused rather than dropped (an empty entry is a mistake there).
+_NO_EMPTY_ENTRIES = {"api_key"}
 
 
 def convert(opt: Option, raw: Any, source: str) -> Any:
@@ -297,7 +300,22 @@ def convert(opt: Option, raw: Any, source: str) -> Any:
         items = raw.split(",") if isinstance(raw, str) else raw
         if not isinstance(items, list) or not all(isinstance(i, (str, int, float)) for i in items):
             raise fail("a list of strings")
-        return [str(i).strip() for i in items if str(i).strip()]
+        values = [str(i).strip() for i in items if str(i).strip()]
+        if opt.name in _NO_EMPTY_ENTRIES and len(values) != len(items):
+            # WEIR_API_KEY="," (or "", " , ", "--api-key ''") used to drop its empty entries and
+            # leave no key: authentication silently off where the operator meant it on. The message
+            # does not echo the value: it holds the keys.
+            empty = [k for k, i in enumerate(items, 1) if not str(i).strip()]
+            what = (
+                "has no key, only empty entries"
+                if not values
+                else f"entry {empty[0]} of {len(items)} is empty"
+            )
+            raise ConfigError(
+                f"{source} {what}; give one or more non-empty keys (comma-separated in the environment), "
+                "or leave it unset for no authentication"
+            )
+        return values
     if base is bool:
         if isinstance(raw, bool):
             return raw
@@ -436,5 +454,16 @@ def resolve(
                 raise ConfigError(
                     f"{name} (from {values[name][1]}) needs enable_lora (--enable-lora, WEIR_ENABLE_LORA or "
                     "lora.enable in YAML); without it no adapter is served"
+                )
+    if not server.allowed_origins:
+        # CORS is off without allowed origins (app/server.py adds no middleware), so these were
+        # silently ignored; a value equal to the default is fine (config/default.yaml spells it out).
+        server_defaults = ServerConfig()
+        for name in ("allow_credentials", "allowed_methods", "allowed_headers"):
+            if name in values and getattr(server, name) != getattr(server_defaults, name):
+                raise ConfigError(
+                    f"{name} (from {values[name][1]}) needs allowed_origins (--allowed-origins, "
+                    "WEIR_ALLOWED_ORIGINS or allowed_origins in YAML); without it CORS is off and no CORS "
+                    "header is sent"
                 )
     return engine, server

@@ -262,7 +262,8 @@ class AsyncEngine:
                 self.engine.abort_request(request_id)
 
     async def abort(self, request_id: str) -> None:
-        """Abort a request (unknown ids are ignored): its blocks are freed at once and its stream ends
+        """Abort a request (unknown ids are ignored; a non-str id is a TypeError, from
+        LLMEngine.abort_request_with_output): its blocks are freed at once and its stream ends
         with a final output whose finish_reason is "abort" (as at shutdown). The stream used to be
         dropped without a word, so whoever was reading it waited forever."""
         final = self.engine.abort_request_with_output(request_id)

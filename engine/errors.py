@@ -38,6 +38,11 @@ class InvalidRequestError(ValueError):
         self.param = param
 
 
+class UnsupportedRequestError(InvalidRequestError):
+    """A request asking for something weir does not support yet, e.g. a chat message's tool calls
+    (-> 400, code "unsupported")."""
+
+
 class ContextLengthError(InvalidRequestError):
     """The prompt, or the prompt plus max_tokens, does not fit the model's context (-> 400,
     context_length_exceeded). Carries the numbers, so a caller can word its own message."""

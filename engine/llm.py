@@ -12,7 +12,8 @@ from engine.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSeq
 from engine.config import EngineConfig
 from engine.core.sampling_params import SamplingParams
 from engine.errors import InvalidRequestError
-from engine.gc_tuning import young_collections_every
+from engine.gc_tuning import gen0_threshold, young_collections_every
+from engine.inputs.chat_messages import conversation_of
 from engine.inputs.tokenizer import render_chat
 from engine.llm_engine import LLMEngine
 from engine.lora.request import LoRARequest
@@ -31,6 +32,9 @@ class LLM:
     def __init__(self, model: str | None = None, **engine_kwargs: Any) -> None:
         if model is None:  # the checkpoint shipped inside the package, found from any directory
             model = str(importlib.resources.files("engine") / "default_model")
+        # WEIR_GC_GEN0 is read by every generate(); a bad value is refused here, before the model
+        # loads, not at the first call.
+        gen0_threshold()
         self.llm_engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
         self._next_id = 0
 
@@ -104,10 +108,15 @@ class LLM:
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
     ) -> list[RequestOutput]:
-        """Render each conversation with the model's chat template, then generate."""
-        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        """Render each conversation with the model's chat template, then generate. A bad message
+        raises InvalidRequestError (a ValueError) naming it and its field, as the server's chat route
+        answers the same input (engine/inputs/chat_messages.py), instead of failing in the template."""
+        if isinstance(messages, list) and messages and isinstance(messages[0], list):
+            conversations = [conversation_of(conv, f"messages[{c}]") for c, conv in enumerate(messages)]
+        else:
+            conversations = [conversation_of(messages)]
         prompts = [
-            render_chat(self.llm_engine.tokenizer, conv, add_generation_prompt, chat_template)  # type: ignore[arg-type]
+            render_chat(self.llm_engine.tokenizer, conv, add_generation_prompt, chat_template)
             for conv in conversations
         ]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

@@ -221,9 +221,7 @@ class LLMEngine:
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         """Abort requests (by the ids given to add_request); their blocks are freed at once."""
-        if isinstance(request_ids, str):
-            request_ids = [request_ids]
-        for request_id in request_ids:
+        for request_id in _request_id_list(request_ids):
             if self.beam_search.abort(request_id):
                 continue
             seq_ids = self.output_processor.abort(request_id)
@@ -233,6 +231,8 @@ class LLMEngine:
     def abort_request_with_output(self, request_id: str) -> RequestOutput | None:
         """Abort one request as abort_request does, returning its final output (finish_reason
         "abort", what it had generated so far), for a stream that must end; None if unknown."""
+        if not isinstance(request_id, str):  # an int id matched nothing: silently no abort
+            raise TypeError(f"request_id must be a str; got {type(request_id).__name__}")
         now = time.monotonic()
         final = self.beam_search.abort_with_output(request_id, now)
         if final is not None:
@@ -443,3 +443,22 @@ class LLMEngine:
 
     def __exit__(self, *exc_info: object) -> None:
         self.shutdown()
+
+
+def _request_id_list(request_ids: str | Iterable[str]) -> list[str]:
+    """abort_request's ids as a list; TypeError naming request_id for anything but a str or an
+    iterable of str (5 or None raised Python's bare "not iterable"; an int inside a list, or bytes,
+    matched no request and was silently no abort)."""
+    expected = "request_id must be a str or an iterable of str"
+    if isinstance(request_ids, str):
+        return [request_ids]
+    if isinstance(request_ids, (bytes, bytearray)):
+        raise TypeError(f"{expected}; got {type(request_ids).__name__}")
+    try:
+        ids = list(request_ids)
+    except TypeError:
+        raise TypeError(f"{expected}; got {type(request_ids).__name__}") from None
+    for i, request_id in enumerate(ids):
+        if not isinstance(request_id, str):
+            raise TypeError(f"{expected}; got {type(request_id).__name__} at index {i}")
+    return ids

@@ -153,6 +153,43 @@ def test_lora_sizes_without_enable_lora_are_refused() -> None:
     assert engine.max_loras == 4
 
 
+@pytest.mark.parametrize(
+    ("env", "flags", "message"),
+    [
+        ({"WEIR_API_KEY": ","}, {}, "environment variable WEIR_API_KEY has no key, only empty entries"),
+        ({"WEIR_API_KEY": " , "}, {}, "environment variable WEIR_API_KEY has no key, only empty entries"),
+        ({"WEIR_API_KEY": ""}, {}, "environment variable WEIR_API_KEY has no key, only empty entries"),
+        ({"WEIR_API_KEY": "k1,,k2"}, {}, "environment variable WEIR_API_KEY entry 2 of 3 is empty"),
+        ({}, {"api_key": [""]}, "option --api-key has no key, only empty entries"),
+        ({}, {"api_key": ["k1", " "]}, "option --api-key entry 2 of 2 is empty"),
+    ],
+)
+def test_an_api_key_with_empty_entries_is_refused(env: dict, flags: dict, message: str) -> None:
+    """WEIR_API_KEY="," dropped its empty entries and left no key: authentication silently off. The
+    message does not echo the value (it holds the keys)."""
+    with pytest.raises(ConfigError) as exc:
+        resolve(flags, env=env)
+    assert str(exc.value) == (
+        f"{message}; give one or more non-empty keys (comma-separated in the environment), or leave it "
+        "unset for no authentication"
+    )
+    assert "k1" not in str(exc.value)
+
+
+def test_serve_exits_2_on_an_api_key_of_empty_entries(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("WEIR_API_KEY", ",")
+    assert main(["serve"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "weir serve: error: environment variable WEIR_API_KEY has no key, only empty entries;"
+    )
+    cfg = tmp_path / "c.yaml"  # an explicit empty list in YAML (config/default.yaml's) means no keys
+    cfg.write_text("api_key: []\n")
+    monkeypatch.delenv("WEIR_API_KEY")
+    assert resolve({"config": str(cfg)}, env={})[1].api_key == []
+
+
 def test_parser_flags_types_and_repeats() -> None:
     args = vars(
         build_parser().parse_args(
@@ -215,6 +252,23 @@ def test_serve_exits_2_on_a_bad_tuning_switch(
     assert main(["serve"]) == 2
     err = capsys.readouterr().err
     assert "weir serve: error: WEIR_FP8_KV_WIDEN must be 0 or 1 (unset: 1); got 'on'" in err
+
+
+def test_serve_exits_2_on_a_bad_gc_gen0_before_loading_the_model(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WEIR_GC_GEN0 was first read once serving started: the model loaded, then a traceback and exit 1."""
+    import engine.async_engine
+
+    def no_engine(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(engine.async_engine, "AsyncEngine", no_engine)
+    monkeypatch.setenv("WEIR_GC_GEN0", "abc")
+    assert main(["serve", "--device", "cpu", "--port", "0"]) == 2
+    assert (
+        capsys.readouterr().err == "weir serve: error: WEIR_GC_GEN0 must be a positive integer; got 'abc'\n"
+    )
 
 
 def test_serve_ends_its_compile_workers_when_it_exits_early(

@@ -7,8 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 
-from app.config import resolve
+from app.cli import main
+from app.config import ConfigError, resolve
 from tests.app.conftest import API_KEY, start_server
 from tests.app.fake_engine import FakeEngine
 
@@ -63,3 +65,47 @@ def test_cors_settings_from_env_and_yaml(tmp_path: Path) -> None:
     _, server = resolve({"allowed_origins": ["https://b.example", "https://c.example"]}, env={})
     assert server.allowed_origins == ["https://b.example", "https://c.example"]
     assert server.allowed_methods == ["*"] and server.allow_credentials is False
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "yaml_text", "source"),
+    [
+        ({"allow_credentials": True}, {}, "", "--allow-credentials"),
+        ({}, {"WEIR_ALLOW_CREDENTIALS": "true"}, "", "WEIR_ALLOW_CREDENTIALS"),
+        ({}, {}, "allow_credentials: true\n", "key 'allow_credentials' in"),
+    ],
+)
+def test_cors_settings_without_allowed_origins_are_refused(
+    tmp_path: Path, flags: dict, env: dict, yaml_text: str, source: str
+) -> None:
+    """--allow-credentials (and methods or headers) without --allowed-origins were silently ignored:
+    CORS stays off without origins."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text)
+    with pytest.raises(ConfigError) as exc:
+        resolve({**flags, "config": str(cfg)}, env=env)
+    assert str(exc.value).startswith(f"allow_credentials (from {source}")
+    assert str(exc.value).endswith(
+        ") needs allowed_origins (--allowed-origins, WEIR_ALLOWED_ORIGINS or allowed_origins in YAML); "
+        "without it CORS is off and no CORS header is sent"
+    )
+
+
+def test_cors_methods_without_origins_are_refused_and_defaults_pass(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(
+        ConfigError, match=r"^allowed_methods \(from WEIR_ALLOWED_METHODS\) needs allowed_origins"
+    ):
+        resolve({}, env={"WEIR_ALLOWED_METHODS": "GET"})
+    with pytest.raises(
+        ConfigError, match=r"^allowed_headers \(from --allowed-headers\) needs allowed_origins"
+    ):
+        resolve({"allowed_headers": ["authorization"]}, env={})
+    # The defaults spelled out (config/default.yaml does) are no request for CORS.
+    _, server = resolve({"allow_credentials": False, "allowed_methods": ["*"]}, env={})
+    assert server.allowed_origins == [] and server.allow_credentials is False
+    assert main(["serve", "--allow-credentials"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "weir serve: error: allow_credentials (from --allow-credentials) needs allowed_origins"
+    )

@@ -353,6 +353,33 @@ def test_bad_input(
 
 
 @pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "wizard", "content": "hi"}],
+        [{"role": "user", "content": None}],
+        [{"role": "user", "content": [{"type": "text"}]}],
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+        [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}],
+        [],
+    ],
+    ids=["role", "content_null", "part_text", "part_type", "tool_calls", "empty"],
+)
+def test_chat_route_and_llm_chat_refuse_a_message_alike(client: httpx.Client, messages: list) -> None:
+    """The route and LLM.chat check messages with one function (engine/inputs/chat_messages.py):
+    the same message and field for the same input."""
+    from engine.errors import InvalidRequestError, UnsupportedRequestError
+    from engine.inputs.chat_messages import conversation_of
+
+    err = _check_envelope(client.post(CHAT, json=_chat(messages=messages)), 400)
+    with pytest.raises(InvalidRequestError) as exc:
+        conversation_of(messages)
+    assert (err["message"], err["param"]) == (str(exc.value), exc.value.param)
+    assert err["code"] == (
+        "unsupported" if isinstance(exc.value, UnsupportedRequestError) else "invalid_value"
+    )
+
+
+@pytest.mark.parametrize(
     ("raw", "status", "code"),
     [
         (b"{not json", 400, "invalid_json"),

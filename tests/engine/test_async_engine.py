@@ -174,6 +174,10 @@ def test_abort_ends_the_stream_and_frees_blocks(config: EngineConfig) -> None:
         assert not engine.engine.has_unfinished_requests()
         assert engine.stats().kv_cache_usage == 0.0
         await engine.abort("never-added")  # unknown ids are ignored
+        for bad, name in ((5, "int"), (None, "NoneType")):  # matched no request: silently no abort
+            with pytest.raises(TypeError) as exc:
+                await engine.abort(bad)
+            assert str(exc.value) == f"request_id must be a str; got {name}"
         await engine.shutdown(timeout=1)
 
     _run(main())

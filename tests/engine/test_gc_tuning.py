@@ -61,3 +61,16 @@ def test_llm_generate_runs_with_the_raised_threshold(tiny_llama_dir, monkeypatch
     llm.shutdown()
     assert seen and set(seen) == {DEFAULT_GEN0}
     assert gc.get_threshold() == before
+
+
+def test_llm_refuses_a_bad_gc_gen0_when_built(tiny_llama_dir, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It was refused at the first generate(), after the model had loaded."""
+    from engine import LLM
+
+    def no_engine(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr("engine.llm.LLMEngine", no_engine)
+    monkeypatch.setenv("WEIR_GC_GEN0", "abc")
+    with pytest.raises(ValueError, match=r"^WEIR_GC_GEN0 must be a positive integer; got 'abc'$"):
+        LLM(str(tiny_llama_dir), device="cpu")

@@ -156,6 +156,25 @@ def test_abort_frees_blocks(llm: LLM) -> None:
     assert _usage(llm) == 0.0
 
 
+@pytest.mark.parametrize(
+    ("request_ids", "got"),
+    [(5, "int"), (None, "NoneType"), (b"a", "bytes"), (["a", 5], "int at index 1")],
+)
+def test_abort_request_names_request_id_for_a_bad_id(llm: LLM, request_ids, got: str) -> None:
+    """5 or None raised Python's bare "'int' object is not iterable"; an int in a list, or bytes, matched
+    no request and aborted nothing without a word. A bad list aborts none of its ids."""
+    engine = llm.llm_engine
+    engine.add_request("a", [5] * 10, SamplingParams(max_tokens=50, ignore_eos=True))
+    with pytest.raises(TypeError) as exc:
+        engine.abort_request(request_ids)
+    assert str(exc.value) == f"request_id must be a str or an iterable of str; got {got}"
+    assert engine.has_unfinished_requests()
+    with pytest.raises(TypeError, match=r"^request_id must be a str; got int$"):
+        engine.abort_request_with_output(5)
+    engine.abort_request(iter(["a"]))
+    assert not engine.has_unfinished_requests()
+
+
 def test_output_kinds(llm: LLM) -> None:
     """cumulative: an output per step that adds a token; final_only: the finished output alone, the same."""
     engine = llm.llm_engine
@@ -193,6 +212,58 @@ def test_chat_applies_template(llm: LLM) -> None:
     tok = llm.get_tokenizer()
     expected = tok.encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
     assert out.prompt_token_ids == expected
+
+
+@pytest.mark.parametrize(
+    ("messages", "param", "message"),
+    [
+        (
+            [{"role": "user", "content": 5}],
+            "messages[0].content",
+            "messages[0].content must be a string, a list of text parts or null; got int",
+        ),
+        (
+            [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "hi"}],
+            "messages[1].role",
+            "messages[1].role must be one of system, developer, user, assistant; got 'wizard'",
+        ),
+        ([{"content": "hi"}], "messages[0].role", "messages[0].role is required"),
+        ([{"role": "user"}], "messages[0].content", "messages[0].content must not be null"),
+        (
+            [{"role": "user", "content": [{"type": "text", "text": 3}]}],
+            "messages[0].content[0].text",
+            "messages[0].content[0].text must be a string; got int",
+        ),
+        (["hi"], "messages[0]", "messages[0] must be a message (a dict with role and content); got str"),
+        ([], "messages", "messages must not be empty"),
+        (
+            [[{"role": "user", "content": "a"}], [{"role": "user", "content": None}]],
+            "messages[1][0].content",
+            "messages[1][0].content must not be null",
+        ),
+    ],
+)
+def test_chat_names_the_bad_message_and_field(llm: LLM, messages, param: str, message: str) -> None:
+    """An int content failed inside the template ("'int' object is not iterable"), a missing role as
+    jinja's "'dict object' has no attribute 'role'", and an unknown role or no content rendered as is.
+    The words are the server's chat route's for the same input (engine/inputs/chat_messages.py)."""
+    from engine.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError) as exc:
+        llm.chat(messages, SamplingParams(max_tokens=2), use_tqdm=False)
+    assert (exc.value.param, str(exc.value)) == (param, message)
+    assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_chat_takes_developer_turns_and_text_parts_as_the_server_does(llm: LLM) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    plain = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi\nthere"}]
+    parts = [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]},
+    ]
+    a, b = llm.chat([plain, parts], params, use_tqdm=False)
+    assert a.prompt_token_ids == b.prompt_token_ids
 
 
 def test_generation_config_supplies_default_sampling_params(tiny_llama_dir: Path, tmp_path: Path) -> None:

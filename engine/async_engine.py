@@ -47,6 +47,38 @@ __all__ = ["AsyncEngine", "EngineStats"]
 logger = logging.getLogger("weir.engine")
 
 
+class RequestStream:
+    """AsyncEngine.add_request's output stream. `async for` reads the async generator itself (no layer
+    per token); aclose() also aborts a request whose stream was never read. An async generator closed
+    before its first step runs none of its body, so `_stream`'s finally never aborted such a request:
+    a request added and closed unread (a multi-prompt completion whose second prompt the engine
+    refused, answered 400) ran on to max_tokens, its outputs piling up in a channel nobody read."""
+
+    __slots__ = ("_gen", "_engine", "_request_id", "_channel")
+
+    def __init__(
+        self,
+        gen: AsyncIterator[RequestOutput],
+        engine: AsyncEngine,
+        request_id: str,
+        channel: OutputChannel[RequestOutput | BaseException],
+    ) -> None:
+        self._gen = gen
+        self._engine = engine
+        self._request_id = request_id
+        self._channel = channel
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._gen
+
+    def __anext__(self) -> Any:
+        return self._gen.__anext__()
+
+    async def aclose(self) -> None:
+        await self._gen.aclose()  # type: ignore[attr-defined]
+        self._engine._forget_unread(self._request_id, self._channel)
+
+
 class AsyncEngine:
     def __init__(self, config: EngineConfig, startup_phases: StartupPhases | None = None) -> None:
         """Loads the model and tokenizer and allocates the KV cache (blocking, seconds).
@@ -223,7 +255,7 @@ class AsyncEngine:
         channel: OutputChannel[RequestOutput | BaseException] = OutputChannel()
         self._streams[request_id] = channel
         self._on_new_work()
-        return self._stream(request_id, channel)
+        return RequestStream(self._stream(request_id, channel), self, request_id, channel)
 
     async def generate(
         self,
@@ -260,6 +292,14 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             if not finished:
                 self.engine.abort_request(request_id)
+
+    def _forget_unread(self, request_id: str, channel: OutputChannel[RequestOutput | BaseException]) -> None:
+        """Abort a request whose stream was closed without being read (RequestStream.aclose); a no-op
+        once its stream finished or was closed mid-read (the channel is gone, or is a later request's
+        with the same id)."""
+        if self._streams.get(request_id) is channel:
+            del self._streams[request_id]
+            self.engine.abort_request(request_id)
 
     async def abort(self, request_id: str) -> None:
         """Abort a request (unknown ids are ignored; a non-str id is a TypeError, from

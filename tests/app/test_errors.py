@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.app.conftest import MODEL_NAME
+from tests.app.conftest import MODEL_NAME, wait_until
 
 CHAT = "/v1/chat/completions"
 COMP = "/v1/completions"
@@ -495,4 +495,19 @@ def test_engine_refusals_keep_the_apps_words(client: httpx.Client) -> None:
         "code": "invalid_value",
     }
     r = client.post(COMP, json=_comp(max_tokens=2))
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_a_refused_prompt_leaves_none_of_the_requests_prompts_running(client: httpx.Client, server) -> None:
+    """A list of prompts is all or none: the first prompt's engine request, added before the engine
+    refused the second, used to run on to max_tokens after the 400 (its stream was closed unread, and
+    closing an async generator that never started runs none of its cleanup), outputs piling up unread."""
+    engine = server.engine
+    body = _comp(prompt=[[1, 2, 3], [3, 512]], max_tokens=100, ignore_eos=True, n=2)
+    err = _check_envelope(client.post(COMP, json=body), 400)
+    assert err["message"] == "prompt contains token id 512, outside the vocabulary [0, 512)"
+    assert not engine.engine.has_unfinished_requests()
+    assert engine._streams == {}
+    assert wait_until(lambda: engine.stats().kv_cache_usage == 0.0)
+    r = client.post(COMP, json=_comp(max_tokens=2))  # and the engine serves on
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2

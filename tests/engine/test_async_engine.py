@@ -183,6 +183,32 @@ def test_abort_ends_the_stream_and_frees_blocks(config: EngineConfig) -> None:
     _run(main())
 
 
+def test_closing_an_unread_stream_aborts_the_request(config: EngineConfig) -> None:
+    """An async generator closed before its first step runs none of its body, so a stream closed
+    unread never aborted its request: it ran on to max_tokens, its outputs kept in a channel."""
+
+    async def main() -> None:
+        engine = AsyncEngine(config)
+        await engine.start()
+        stream = await engine.add_request(
+            "unread", None, [5] * 20, SamplingParams(max_tokens=100, ignore_eos=True)
+        )
+        await stream.aclose()
+        assert not engine.engine.has_unfinished_requests()
+        assert engine._streams == {}
+        assert engine.stats().kv_cache_usage == 0.0
+        # A stream read to its end, closed afterwards, leaves a later request of the same id alone.
+        done = await engine.add_request("again", None, [5, 6], SamplingParams(max_tokens=2, ignore_eos=True))
+        assert [o async for o in done][-1].finished
+        live = await engine.add_request("again", None, [5, 6], SamplingParams(max_tokens=3, ignore_eos=True))
+        await done.aclose()
+        outs = [o async for o in live]
+        assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 3
+        await engine.shutdown(timeout=1)
+
+    _run(main())
+
+
 def test_requests_before_start_and_after_shutdown_are_refused(config: EngineConfig) -> None:
     """Before start() nothing steps: a request was queued and its stream waited forever. After
     shutdown() the refusal said "the engine has stopped: None"."""

@@ -29,7 +29,7 @@ def conversation_of(messages: Any, where: str = "messages") -> list[dict[str, An
     """The messages as the chat template takes them ({"role", "content"[, "name"]}, developer as
     system, text parts joined by newlines). InvalidRequestError naming the field for anything wrong
     (UnsupportedRequestError for tool calls and non-text parts); `where` prefixes the field names."""
-    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, (list, tuple)):
+    if not isinstance(messages, (list, tuple)):  # a str, bytes or a single dict too
         raise InvalidRequestError(
             where,
             f"{where} must be a list of messages (dicts with role and content); got {type(messages).__name__}",

@@ -260,7 +260,8 @@ class ModelRunner(KVCacheSetup):
 
     def _link_l2_prefetch(self, model: torch.nn.Module) -> None:
         """WEIR_L2_PREFETCH=1 (sm_90): each projection's decode GEMV asks L2 for the next one's weights
-        (engine/model/quantization/l2_prefetch_chain.py); off by default until measured."""
+        (engine/model/quantization/l2_prefetch_chain.py); off by default: on an H200 it made L1's
+        batch-1 step 4.8% slower (README, Configuration)."""
         max_bytes = l2_prefetch_bytes()  # (a bad value is refused on any device)
         if not l2_prefetch_enabled(self.device):
             return

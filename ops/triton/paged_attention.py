@@ -570,17 +570,17 @@ def _attend(
     """paged_attention's launch shape from its plan (decode or prefill), then the launch."""
     plan = _plan_for(query, k_cache)
     num_seqs = seq_lens.shape[0]
+    widen = _kv_widen(query, k_cache, v_cache) if plan.fp8_widen else 0
     if max_query_len == 1:
-        widened = plan.fp8_widen and _kv_widen(query, k_cache, v_cache) != 0
         block_m, tile, segments, num_warps, num_stages = _decode_shape(
-            plan, widened, num_seqs * k_cache.shape[2], max_seq_len
+            plan, widen != 0, num_seqs * k_cache.shape[2], max_seq_len
         )
     else:
         block_m, tile, num_warps, num_stages = plan.prefill
         segments = 1
     return _launch(
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale, plan,
-        block_m, tile, segments, num_warps, num_stages, plan.fp8_widen, rotary=rotary,
+        block_m, tile, segments, num_warps, num_stages, widen, rotary=rotary,
     )  # fmt: skip
 
 
@@ -669,7 +669,8 @@ def paged_attention_with_config(
         )
     plan = _plan_for(query, k_cache)
     block_m = max(config.block_m, triton.next_power_of_2(plan.group))
-    widen = plan.fp8_widen if config.fp8_widen is None else config.fp8_widen
+    wanted = plan.fp8_widen if config.fp8_widen is None else config.fp8_widen
+    widen = _kv_widen(query, k_cache, v_cache) if wanted else 0
     return _launch(
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale, plan,
         block_m, config.tile, config.num_segments, config.num_warps, config.num_stages, widen,
@@ -708,7 +709,7 @@ def _launch(
     segments: int,
     num_warps: int,
     num_stages: int,
-    fp8_widen: bool,
+    widen: int,  # KV_WIDEN: _kv_widen's format, or 0 (the caller decided it)
     # decode_attention's (positions, key, value, cos_sin, slots): the kernel's ROTARY path
     rotary: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
@@ -754,7 +755,6 @@ def _launch(
         positions, k_new, v_new, cos_sin, slots = rotary
         stride_cs, stride_kn, stride_vn = cos_sin.stride(0), k_new.stride(0), v_new.stride(0)
         mant, min_exp, fp8_max = _FP8_FORMATS.get(k_cache.dtype, _NOT_FP8)
-    widen = _kv_widen(query, k_cache, v_cache) if fp8_widen else 0
     # Constexprs passed positionally (a keyword costs a dict build per launch), in the kernel's order.
     _paged_attention_kernel[(grid_q, num_kv_heads, segments)](
         out, part_acc, part_max, part_sum, counters, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,

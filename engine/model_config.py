@@ -5,8 +5,18 @@ Handles both rope formats: transformers < 5 (`rope_theta` + `rope_scaling`) and 
 (`rope_parameters` holding `rope_theta` and `rope_type`).
 
 Sliding-window attention is not implemented: a model that uses a sliding window (Mistral v0.1,
-Qwen with `use_sliding_window`) gets `max_model_len` capped at the window, where full attention and
-windowed attention agree, with a warning.
+Qwen with `use_sliding_window`, Phi-3-mini-4k's 2047) gets `max_model_len` capped at the window, where
+full attention and windowed attention agree, with a warning.
+
+Phi-3 (`Phi3ForCausalLM`: Phi-3-mini/medium, Phi-3.5-mini, Phi-4, Phi-4-mini) adds two rope options:
+`partial_rotary_factor` (only the first `rotary_dim` = int(head_dim * factor) dims of each head
+rotate) and rope type `longrope` (Phi-3 "su"): per-frequency `short_factor` / `long_factor` and an
+attention factor that scales cos and sin. transformers switches from the short to the long factors
+when a sequence grows past `original_max_position_embeddings` (recomputing its whole KV cache then);
+weir, as vLLM, decides once per engine: the long factors when `max_model_len` (after the user's value
+and the window cap) is larger than `original_max_position_embeddings`, else the short ones, so a KV
+cache (and a prefix-cache block) never holds keys rotated two ways. Serve with `--max-model-len` at
+most `original_max_position_embeddings` to get the short factors.
 
 Plain Python: torch is imported only to resolve device/dtype "auto".
 """
@@ -15,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +34,7 @@ from engine.model.models.registry import SUPPORTED_ARCHITECTURES
 
 logger = logging.getLogger("weir.engine")
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 # generation_config.json key -> SamplingParams field, for the defaults a model ships with.
 _GENERATION_DEFAULT_KEYS = {
     "temperature": "temperature",
@@ -48,7 +59,9 @@ class ModelConfig:
     intermediate_size: int
     rms_norm_eps: float
     rope_theta: float
-    rope_scaling: dict[str, Any] | None  # None for plain rope; else has "rope_type" (linear, llama3)
+    # None for plain rope; else has "rope_type" (linear, llama3, longrope). longrope's is resolved here:
+    # "attention_factor" (a float), "use_long_factor" (from max_model_len: see the module doc).
+    rope_scaling: dict[str, Any] | None
     max_position_embeddings: int
     # The user's value, else max_position_embeddings; capped by sliding_window. What the model and
     # the runner's memory profile are sized for; requests may be held shorter by the KV cache's
@@ -67,6 +80,12 @@ class ModelConfig:
     device: str  # resolved: "cpu" | "cuda"
     # Sampling defaults from generation_config.json, keyed by SamplingParams field names.
     generation_defaults: dict[str, Any] = field(default_factory=dict)
+    # Leading dims of each head that rotate (Phi-3's partial_rotary_factor); 0 = all (head_dim).
+    partial_rotary_dim: int = 0
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.partial_rotary_dim or self.head_dim
 
     @property
     def attention_bias(self) -> bool:
@@ -135,9 +154,11 @@ class ModelConfig:
                 f"num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads})"
             )
         max_position_embeddings = int(cfg.get("max_position_embeddings", 2048))
-        rope_theta, rope_scaling = _parse_rope(cfg, model_path)
-
         family = arch.removesuffix("ForCausalLM")
+        rope_theta, rope_scaling = _parse_rope(cfg, model_path)
+        rotary_dim = _rotary_dim(family, cfg, head_dim, model_path)
+        if rope_scaling is not None and rope_scaling["rope_type"] == "longrope":
+            _check_longrope(rope_scaling, rotary_dim, max_position_embeddings, model_path)
         attention_bias = bool(cfg.get("attention_bias", False))
         qkv_bias = True if family == "Qwen2" else attention_bias
         o_proj_bias = attention_bias if family in ("Llama", "Qwen3") else False
@@ -148,6 +169,16 @@ class ModelConfig:
         resolved_len = _resolve_max_model_len(
             max_model_len, max_position_embeddings, sliding_window, model_path
         )
+        if rope_scaling is not None and rope_scaling["rope_type"] == "longrope":
+            original = rope_scaling["original_max_position_embeddings"]
+            rope_scaling["use_long_factor"] = resolved_len > original
+            logger.info(
+                "longrope: %s factors for every request (max_model_len %d %s original_max_position_embeddings %d)",
+                "long" if resolved_len > original else "short",
+                resolved_len,
+                ">" if resolved_len > original else "<=",
+                original,
+            )
 
         eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
         eos_token_ids = _as_id_list(eos)
@@ -184,6 +215,7 @@ class ModelConfig:
             dtype=_resolve_dtype(dtype, resolved_device),
             device=resolved_device,
             generation_defaults=generation_defaults,
+            partial_rotary_dim=0 if rotary_dim == head_dim else rotary_dim,
         )
 
 
@@ -193,7 +225,10 @@ def _parse_rope(cfg: dict[str, Any], model_path: str) -> tuple[float, dict[str, 
     if legacy:
         params = {**legacy, **params}
     rope_theta = float(params.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0)
+    params.pop("partial_rotary_factor", None)  # read by _rotary_dim
     rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type == "su":  # Phi-3's first name for longrope (transformers renames it too)
+        rope_type = "longrope"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(
             f"unsupported rope_type {rope_type!r} in {model_path}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
@@ -202,13 +237,62 @@ def _parse_rope(cfg: dict[str, Any], model_path: str) -> tuple[float, dict[str, 
         return rope_theta, None
     params["rope_type"] = rope_type
     params.pop("type", None)
-    required = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}[rope_type]
+    required = {
+        "linear": ("factor",),
+        "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+        "longrope": ("short_factor", "long_factor"),
+    }[rope_type]
     for key in required:
         if key not in params:
             raise ValueError(f"rope scaling {rope_type!r} in {model_path} is missing {key!r}")
     if rope_type == "llama3":
         params.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
+    if rope_type == "longrope":
+        # Phi-3 keeps the pretraining length at the top level, and transformers gives it priority.
+        original = cfg.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+        params["original_max_position_embeddings"] = int(original or cfg.get("max_position_embeddings", 2048))
     return rope_theta, params
+
+
+def _rotary_dim(family: str, cfg: dict[str, Any], head_dim: int, model_path: str) -> int:
+    """How many leading dims of a head rotate: Phi-3's partial_rotary_factor (top level, or in
+    rope_parameters with transformers >= 5); every other family rotates the whole head."""
+    if family != "Phi3":
+        return head_dim
+    factor = cfg.get("partial_rotary_factor")
+    if factor is None:
+        factor = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)
+    rotary_dim = int(head_dim * float(factor))
+    if not 0 < rotary_dim <= head_dim or rotary_dim % 2:
+        raise ValueError(
+            f"partial_rotary_factor {factor} in {model_path} gives rotary_dim {rotary_dim} for head_dim "
+            f"{head_dim}; it must be even and in (0, head_dim]"
+        )
+    return rotary_dim
+
+
+def _check_longrope(
+    params: dict[str, Any], rotary_dim: int, max_position_embeddings: int, model_path: str
+) -> None:
+    """Validate longrope's factor lists and resolve its attention factor (cos and sin are scaled by
+    it, short and long alike), as transformers' _compute_longrope_parameters does."""
+    for key in ("short_factor", "long_factor"):
+        values = params[key]
+        if not isinstance(values, list) or len(values) != rotary_dim // 2:
+            got = len(values) if isinstance(values, list) else type(values).__name__
+            raise ValueError(
+                f"rope scaling 'longrope' in {model_path}: {key} must be a list of rotary_dim / 2 = "
+                f"{rotary_dim // 2} numbers; got {got}"
+            )
+    original = params["original_max_position_embeddings"]
+    factor = params.get("factor")
+    if factor is None:  # Phi-3: the ratio of the extended to the pretraining length
+        factor = max_position_embeddings / original
+    if params.get("attention_factor") is None:
+        params["attention_factor"] = (
+            1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        )
+    params["attention_factor"] = float(params["attention_factor"])
 
 
 def _effective_sliding_window(family: str, cfg: dict[str, Any]) -> int | None:
@@ -218,6 +302,8 @@ def _effective_sliding_window(family: str, cfg: dict[str, Any]) -> int | None:
     if family == "Mistral":
         return int(window)
     if family in ("Qwen2", "Qwen3") and cfg.get("use_sliding_window", False):
+        return int(window)
+    if family == "Phi3":  # Phi-3-mini-4k: 2047; transformers applies any window Phi3Config holds
         return int(window)
     return None
 

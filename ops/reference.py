@@ -50,11 +50,15 @@ def rotary_embedding(
     cos_sin_cache: torch.Tensor,  # [max_position, rotary_dim]: cos in the first half, sin in the second
     head_dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neox-style rotary embedding (rotate the two halves), as Llama/Mistral/Qwen use.
+    """Neox-style rotary embedding (rotate the two halves), as Llama/Mistral/Qwen/Phi-3 use.
 
-    Returns new tensors of the input shapes and dtypes (computed in float32). rotary_dim == head_dim
-    for every family supported.
+    The cache's width is the rotary_dim: the first rotary_dim dims of each head rotate (their two
+    halves paired), the rest pass through unchanged (Phi-3's partial_rotary_factor). Returns new
+    tensors of the input shapes and dtypes (computed in float32).
     """
+    rotary_dim = cos_sin_cache.shape[-1]
+    if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
+        raise ValueError(f"cos_sin_cache rows must be an even width <= head_dim={head_dim}; got {rotary_dim}")
     cos_sin = cos_sin_cache.index_select(0, positions)  # [num_tokens, rotary_dim]
     cos, sin = cos_sin.chunk(2, dim=-1)  # [num_tokens, rotary_dim / 2] each
     return _rotate(query, cos, sin, head_dim), _rotate(key, cos, sin, head_dim)
@@ -63,12 +67,14 @@ def rotary_embedding(
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
     num_tokens = x.shape[0]
     orig_dtype = x.dtype
+    rotary_dim = 2 * cos.shape[-1]
     x = x.view(num_tokens, -1, head_dim).float()  # [num_tokens, heads, head_dim]
-    x1, x2 = x.chunk(2, dim=-1)
-    cos = cos.float().unsqueeze(1)  # [num_tokens, 1, head_dim / 2]
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]  # pass: [num_tokens, heads, head_dim - rotary_dim]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    cos = cos.float().unsqueeze(1)  # [num_tokens, 1, rotary_dim / 2]
     sin = sin.float().unsqueeze(1)
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.view(num_tokens, -1).to(orig_dtype)
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, x_pass), dim=-1)
+    return out.reshape(num_tokens, -1).to(orig_dtype)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -101,7 +107,7 @@ def rotary_and_write_kv(
     query: torch.Tensor,  # [num_tokens, num_heads * head_dim]
     key: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
     value: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
-    cos_sin_cache: torch.Tensor,  # [max_position, head_dim]: cos in the first half, sin in the second
+    cos_sin_cache: torch.Tensor,  # [max_position, rotary_dim]: cos in the first half, sin in the second
     head_dim: int,
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -201,7 +207,7 @@ def decode_attention(
     query: torch.Tensor,  # [num_tokens, num_heads * head_dim], not rotated yet
     key: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim], not rotated yet
     value: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
-    cos_sin_cache: torch.Tensor,  # [max_position, head_dim]: cos in the first half, sin in the second
+    cos_sin_cache: torch.Tensor,  # [max_position, rotary_dim]: cos in the first half, sin in the second
     head_dim: int,
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]

@@ -78,12 +78,25 @@ def build_tokenizer(path: Path) -> Path:
     return path
 
 
-FAMILIES = ("llama", "llama3_scaled", "llama_tied", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "llama3_scaled", "llama_tied", "mistral", "qwen2", "qwen3", "phi3", "phi3_partial")
+
+
+def longrope_parameters(rotary_dim: int, original_max_position_embeddings: int, **extra: float) -> dict:
+    """A longrope `rope_parameters` dict with distinct, deterministic short and long factors."""
+    half = rotary_dim // 2
+    return {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": [1.0 + 0.05 * i for i in range(half)],
+        "long_factor": [1.5 + 0.75 * i for i in range(half)],
+        "original_max_position_embeddings": original_max_position_embeddings,
+        **extra,
+    }
 
 
 def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
     """A tiny transformers config of the given family (random weights are drawn later)."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=vocab_size,
@@ -121,6 +134,27 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
         return Qwen2Config(**common)
     if family == "qwen3":
         return Qwen3Config(**{**common, "head_dim": 32, "tie_word_embeddings": True})
+    if family == "phi3":  # Phi-3-mini / Phi-4: fused qkv_proj and gate_up_proj, plain rope
+        return Phi3Config(**common, pad_token_id=0)
+    if family == "phi3_partial":
+        # Phi-4-mini's shape: 3/4 of each head rotates (head_dim 16 -> 12, a half of 6 that is not a
+        # power of two), longrope. original_max_position_embeddings equals max_position_embeddings, so
+        # both weir and transformers use the short factors at every length; an explicit attention
+        # factor still scales cos/sin. tests/engine/test_phi3.py crosses to the long factors.
+        rotary_dim = 12
+        rope = longrope_parameters(
+            rotary_dim,
+            common["max_position_embeddings"],
+            factor=1.0,
+            attention_factor=1.19,
+            partial_rotary_factor=0.75,
+        )
+        return Phi3Config(
+            **common,
+            pad_token_id=0,
+            original_max_position_embeddings=common["max_position_embeddings"],
+            rope_parameters=rope,
+        )
     raise ValueError(f"unknown family {family}")
 
 

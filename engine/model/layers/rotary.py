@@ -1,8 +1,14 @@
-"""Rotary position embedding (neox style: rotate the two halves of each head), over the
-rotary_embedding kernel of the model's `Kernels` (ops).
+"""Rotary position embedding (neox style: rotate the two halves of the rotated part of each head),
+over the rotary_embedding kernel of the model's `Kernels` (ops).
 
 The cos/sin cache is built in float32 with the same expressions as transformers'
-`modeling_rope_utils` (default, "linear" and "llama3" rope types), so positions embed bit-identically.
+`modeling_rope_utils` (default, "linear", "llama3" and "longrope" rope types), so positions embed
+bit-identically. Its rows are `rotary_dim` wide: with Phi-3's partial_rotary_factor only the first
+rotary_dim dims of a head rotate (the kernels take the width from the cache) and the rest pass through.
+
+longrope (Phi-3) has two sets of per-frequency factors; which one this cache holds was decided once
+per engine from max_model_len (engine.model_config: the long factors when max_model_len is larger
+than original_max_position_embeddings, as vLLM), and its attention factor scales cos and sin.
 """
 
 from __future__ import annotations
@@ -16,11 +22,20 @@ from torch import nn
 from ops import TORCH_KERNELS, Kernels
 
 
-def compute_inv_freq(head_dim: int, base: float, rope_scaling: dict[str, Any] | None = None) -> torch.Tensor:
-    """[head_dim / 2] float32 inverse frequencies, scaled per `rope_scaling["rope_type"]`."""
-    dim = head_dim
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim))
+def compute_inv_freq(
+    rotary_dim: int, base: float, rope_scaling: dict[str, Any] | None = None
+) -> torch.Tensor:
+    """[rotary_dim / 2] float32 inverse frequencies, scaled per `rope_scaling["rope_type"]`."""
+    dim = rotary_dim
     rope_type = (rope_scaling or {}).get("rope_type", "default")
+    if rope_type == "longrope":
+        assert rope_scaling is not None
+        key = "long_factor" if rope_scaling["use_long_factor"] else "short_factor"
+        ext_factors = torch.tensor(rope_scaling[key], dtype=torch.float32)  # [rotary_dim / 2]
+        # transformers' order of operations (1 / (factor * base ** x)), for identical bits.
+        inv_freq_shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+        return 1.0 / (ext_factors * base**inv_freq_shape)
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim))
     if rope_type == "default":
         return inv_freq
     assert rope_scaling is not None
@@ -44,13 +59,18 @@ def compute_inv_freq(head_dim: int, base: float, rope_scaling: dict[str, Any] | 
 
 
 def build_cos_sin_cache(
-    head_dim: int, max_position: int, base: float, rope_scaling: dict[str, Any] | None = None
+    rotary_dim: int, max_position: int, base: float, rope_scaling: dict[str, Any] | None = None
 ) -> torch.Tensor:
-    """[max_position, head_dim] float32: cos(pos * inv_freq) in the first half, sin in the second."""
-    inv_freq = compute_inv_freq(head_dim, base, rope_scaling)  # [head_dim / 2]
+    """[max_position, rotary_dim] float32: cos(pos * inv_freq) in the first half, sin in the second
+    (times longrope's attention factor)."""
+    inv_freq = compute_inv_freq(rotary_dim, base, rope_scaling)  # [rotary_dim / 2]
     positions = torch.arange(max_position, dtype=torch.int64).float()
-    freqs = positions[:, None] * inv_freq[None, :]  # [max_position, head_dim / 2]
-    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    freqs = positions[:, None] * inv_freq[None, :]  # [max_position, rotary_dim / 2]
+    cos, sin = freqs.cos(), freqs.sin()
+    attention_factor = (rope_scaling or {}).get("attention_factor")
+    if attention_factor is not None:
+        cos, sin = cos * attention_factor, sin * attention_factor
+    return torch.cat((cos, sin), dim=-1)
 
 
 class RotaryEmbedding(nn.Module):
@@ -62,15 +82,16 @@ class RotaryEmbedding(nn.Module):
         rope_scaling: dict[str, Any] | None = None,
         kernels: Kernels = TORCH_KERNELS,
         prefix: str = "",
+        rotary_dim: int | None = None,  # None: the whole head rotates
     ) -> None:
         super().__init__()
         self.head_dim = head_dim
+        self.rotary_dim = rotary_dim or head_dim
         self.kernels = kernels
         self.prefix = prefix
         # Kept float32 whatever the model dtype; not a checkpoint tensor (persistent=False).
-        self.register_buffer(
-            "cos_sin_cache", build_cos_sin_cache(head_dim, max_position, base, rope_scaling), persistent=False
-        )
+        cache = build_cos_sin_cache(self.rotary_dim, max_position, base, rope_scaling)
+        self.register_buffer("cos_sin_cache", cache, persistent=False)  # [max_position, rotary_dim]
 
     def forward(
         self,

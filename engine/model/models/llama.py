@@ -1,9 +1,14 @@
 """The Llama decoder family in one implementation: Llama 1/2/3 (incl. llama3 rope scaling), Mistral,
-Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm), with optional tied embeddings.
+Qwen2 (q/k/v bias), Qwen3 (per-head q/k RMSNorm) and Phi-3 (Phi-3/3.5-mini, Phi-3-medium, Phi-4,
+Phi-4-mini: partial rotary, longrope), with optional tied embeddings.
 
 The variants differ only in flags read from ModelConfig (qkv_bias, o_proj_bias, mlp_bias, qk_norm,
-rope_scaling, tie_word_embeddings). Parameter names mirror the Hugging Face checkpoints, except that
-q/k/v and gate/up are fused: `packed_modules_mapping` tells the weight loader how.
+rope_scaling, rotary_dim, tie_word_embeddings): Phi-3's decoder layer is Llama's (its residual
+dropouts are identities at inference). Parameter names mirror the Hugging Face checkpoints, except
+that q/k/v and gate/up are fused: `packed_modules_mapping` tells the weight loader how. Phi-3
+checkpoints store `qkv_proj` and `gate_up_proj` already fused under our names: each fused layer's
+loader splits such a tensor into its q/k/v (gate/up) sections and loads each as that shard, so a
+tensor-parallel rank takes its slice of every section.
 
 Built from a BuildContext (engine.model.build_context): dtype, quantization config (each linear
 layer asks it for its method by prefix), the attention backend (every Attention layer holds it; the
@@ -107,6 +112,7 @@ class LlamaAttention(nn.Module):
             config.rope_scaling,
             kernels,
             prefix=join_prefix(prefix, "rotary_emb"),
+            rotary_dim=config.rotary_dim,
         )
         self.attn = Attention(
             self.num_heads,

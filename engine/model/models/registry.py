@@ -18,6 +18,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("engine.model.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("engine.model.models.llama", "LlamaForCausalLM"),
     "Qwen3ForCausalLM": ("engine.model.models.llama", "LlamaForCausalLM"),
+    "Phi3ForCausalLM": ("engine.model.models.llama", "LlamaForCausalLM"),
 }
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODELS)

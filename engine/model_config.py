@@ -249,7 +249,9 @@ def _parse_rope(cfg: dict[str, Any], model_path: str) -> tuple[float, dict[str, 
         params.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
     if rope_type == "longrope":
         # Phi-3 keeps the pretraining length at the top level, and transformers gives it priority.
-        original = cfg.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+        original = cfg.get("original_max_position_embeddings") or params.get(
+            "original_max_position_embeddings"
+        )
         params["original_max_position_embeddings"] = int(original or cfg.get("max_position_embeddings", 2048))
     return rope_theta, params
 

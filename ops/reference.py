@@ -69,7 +69,10 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int
     orig_dtype = x.dtype
     rotary_dim = 2 * cos.shape[-1]
     x = x.view(num_tokens, -1, head_dim).float()  # [num_tokens, heads, head_dim]
-    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]  # pass: [num_tokens, heads, head_dim - rotary_dim]
+    x_rot, x_pass = (
+        x[..., :rotary_dim],
+        x[..., rotary_dim:],
+    )  # pass: [num_tokens, heads, head_dim - rotary_dim]
     x1, x2 = x_rot.chunk(2, dim=-1)
     cos = cos.float().unsqueeze(1)  # [num_tokens, 1, rotary_dim / 2]
     sin = sin.float().unsqueeze(1)

@@ -48,6 +48,7 @@ from ops.env_flags import env_flag
 from ops.triton.fp8_kv_read import E4M3, E5M2, load_f16_rows
 from ops.triton.kv_cache import _FP8_FORMATS, _NOT_FP8, _to_cache
 from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
+from ops.triton.rotary import check_rotary_width
 from ops.triton.rotary_kv import check_head_rows_cache, rotated_rows
 from ops.triton.split_k import MAX_TILES, split_counters
 
@@ -162,7 +163,7 @@ def _paged_attention_kernel(
     k_scale_ptr,  # [num_kv_heads] float32 (KV_SCALED): folded into qk_scale
     v_scale_ptr,  # [num_kv_heads] float32 (KV_SCALED): applied to the normalised output
     positions_ptr,  # [num_tokens] int64 (ROTARY)
-    cos_sin_ptr,  # [max_position, HEAD_DIM]: cos | sin (ROTARY)
+    cos_sin_ptr,  # [max_position, rotary_dim]: cos | sin (ROTARY)
     k_new_ptr,  # [num_tokens, num_kv_heads * HEAD_DIM]: this step's keys, not rotated yet (ROTARY)
     v_new_ptr,  # [num_tokens, num_kv_heads * HEAD_DIM]: this step's values (ROTARY)
     slot_mapping_ptr,  # [num_tokens] int64; -1: padding, nothing stored (ROTARY)
@@ -199,6 +200,7 @@ def _paged_attention_kernel(
     FP8_MAX: tl.constexpr,
     KV_WIDEN: tl.constexpr,  # 0, or the fp8 cache's format: tiles widened to float16 as words, dots in float16
     HW_CVT: tl.constexpr,  # (KV_WIDEN) the GPU's fp8x2 -> f16x2 conversion, else Triton's per byte
+    ROT_HALF: tl.constexpr = 0,  # (ROTARY) rotary_dim / 2 when only part of a head rotates; 0: all of it
 ):
     let_next_kernel_start(PDL)
     wait_for_previous_kernel(PDL)
@@ -224,7 +226,7 @@ def _paged_attention_kernel(
     q_rows = q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh  # [BLOCK_M, 1]
     if ROTARY:
         pos = tl.load(positions_ptr + token, mask=row_valid, other=0)  # [BLOCK_M]
-        q = rotated_rows(q_rows, cos_sin_ptr + pos[:, None] * stride_cs, row_valid, HEAD_DIM)
+        q = rotated_rows(q_rows, cos_sin_ptr + pos[:, None] * stride_cs, row_valid, HEAD_DIM, ROT_HALF)
     else:
         q = tl.load(q_rows + offs_d[None, :], mask=row_valid[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
     if KV_WIDEN:
@@ -257,6 +259,7 @@ def _paged_attention_kernel(
                 q_start.to(tl.int64), kv_head, positions_ptr, cos_sin_ptr, k_new_ptr, v_new_ptr, slot_mapping_ptr,
                 k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, stride_cs, stride_kn, stride_vn, stride_kb,
                 stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_SIZE, FP8_MANT, FP8_MIN_EXP, FP8_MAX, KV_SCALED,
+                ROT_HALF,
             )  # fmt: skip
             # Every thread's stores before any thread's loads of that position below: a block-wide
             # barrier also orders the block's global memory (the tiles are read by the same block).
@@ -325,7 +328,7 @@ def _store_new_kv(
     token, kv_head, positions_ptr, cos_sin_ptr, k_new_ptr, v_new_ptr, slot_mapping_ptr, k_cache_ptr, v_cache_ptr,
     k_scale_ptr, v_scale_ptr, stride_cs, stride_kn, stride_vn, stride_kb, stride_ks, stride_vb, stride_vs,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, FP8_MANT: tl.constexpr, FP8_MIN_EXP: tl.constexpr,
-    FP8_MAX: tl.constexpr, SCALED: tl.constexpr,
+    FP8_MAX: tl.constexpr, SCALED: tl.constexpr, ROT_HALF: tl.constexpr,
 ):  # fmt: skip
     """Rotate `token`'s key of `kv_head` and store it and its value in the token's cache slot, rounded as
     ops.triton.rotary_kv stores them (the model dtype, then an fp8 cache's format); slot -1 (padding)
@@ -340,6 +343,7 @@ def _store_new_kv(
         cs_row[:, None],
         one == 0,
         HEAD_DIM,
+        ROT_HALF,
     )  # fmt: skip  [1, HEAD_DIM]
     v = tl.load(v_new_ptr + token * stride_vn + kv_head * HEAD_DIM + offs_d[None, :] + one[:, None])
     heads = kv_head + one
@@ -604,7 +608,7 @@ def decode_attention(
     query: torch.Tensor,  # [num_tokens, num_heads * head_dim], not rotated yet
     key: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim], not rotated yet
     value: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
-    cos_sin_cache: torch.Tensor,  # [max_position, head_dim]: cos in the first half, sin in the second
+    cos_sin_cache: torch.Tensor,  # [max_position, rotary_dim]: cos in the first half, sin in the second
     head_dim: int,
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -628,8 +632,9 @@ def decode_attention(
     """
     num_tokens = query.shape[0]
     check_head_rows_cache("decode_attention", k_cache, v_cache, key.shape[1] // head_dim, head_dim)
-    if cos_sin_cache.shape[-1] != head_dim or cos_sin_cache.stride(-1) != 1:
-        raise ValueError(f"cos_sin_cache rows must be head_dim={head_dim} wide and contiguous")
+    check_rotary_width("decode_attention", cos_sin_cache.shape[-1], head_dim)
+    if cos_sin_cache.stride(-1) != 1:
+        raise ValueError("decode_attention needs cos_sin_cache contiguous in its last dimension")
     if key.stride(-1) != 1 or value.stride(-1) != 1:
         raise ValueError("decode_attention needs key and value contiguous in their last dimension")
     return _attend(
@@ -749,11 +754,12 @@ def _launch(
         raise ValueError("paged_attention takes both k_scale and v_scale or neither")
     if rotary is None:  # the kernel reads none of these: the query stands in for the pointers
         positions = k_new = v_new = cos_sin = slots = query
-        stride_cs = stride_kn = stride_vn = 0
+        stride_cs = stride_kn = stride_vn = rot_half = 0
         mant, min_exp, fp8_max = _NOT_FP8
     else:
         positions, k_new, v_new, cos_sin, slots = rotary
         stride_cs, stride_kn, stride_vn = cos_sin.stride(0), k_new.stride(0), v_new.stride(0)
+        rot_half = 0 if cos_sin.shape[-1] == head_dim else cos_sin.shape[-1] // 2  # partial rotary
         mant, min_exp, fp8_max = _FP8_FORMATS.get(k_cache.dtype, _NOT_FP8)
     # Constexprs passed positionally (a keyword costs a dict build per launch), in the kernel's order.
     _paged_attention_kernel[(grid_q, num_kv_heads, segments)](
@@ -780,6 +786,7 @@ def _launch(
         fp8_max,  # FP8_MAX
         widen,  # KV_WIDEN
         plan.hw_fp8_cvt,  # HW_CVT
+        rot_half,  # ROT_HALF
         num_warps=num_warps,
         num_stages=num_stages,
         launch_pdl=plan.pdl,

@@ -2,6 +2,11 @@
 
 The cos/sin cache is precomputed by the model (llama3 / rope scaling already baked in), so the kernel is
 a gather of one cache row per token plus an elementwise rotation of every q and k head of that token.
+
+Partial rotary (Phi-3's partial_rotary_factor): the cache's rows are rotary_dim < head_dim wide; only
+the first rotary_dim dims of each head rotate (halves of ROT_HALF = rotary_dim / 2, which need not be
+a power of two: Phi-4-mini's is 48) and the rest are copied. ROT_HALF = 0 (the default) is the whole
+head, compiled exactly as before the option existed.
 Returns new tensors, like `ops.reference.rotary_embedding`: q and k are usually views into the fused
 QKV projection, and writing them in place would surprise a caller that still reads that buffer.
 """
@@ -28,18 +33,53 @@ def _rotated_halves(x_row, idx, mask, cos, sin, HALF: tl.constexpr):
 
 @triton.jit
 def _rotate_heads(
-    out_ptr, x_ptr, stride_x, stride_out, row, cos, sin, num_heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr
-):
+    out_ptr, x_ptr, stride_x, stride_out, row, cos, sin, num_heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+    ROT_HALF: tl.constexpr = 0,
+):  # fmt: skip
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, HALF)
     for h0 in range(0, num_heads, BLOCK_H):
         heads = h0 + offs_h
-        mask = (heads < num_heads)[:, None]
-        idx = heads[:, None] * (2 * HALF) + offs_d[None, :]  # [BLOCK_H, HALF]
-        r1, r2 = _rotated_halves(x_ptr + row * stride_x, idx, mask, cos, sin, HALF)
         o_row = out_ptr + row * stride_out
-        tl.store(o_row + idx, r1, mask=mask)
-        tl.store(o_row + idx + HALF, r2, mask=mask)
+        if ROT_HALF == 0:  # the whole head rotates
+            mask = (heads < num_heads)[:, None]
+            idx = heads[:, None] * (2 * HALF) + offs_d[None, :]  # [BLOCK_H, HALF]
+            r1, r2 = _rotated_halves(x_ptr + row * stride_x, idx, mask, cos, sin, HALF)
+            tl.store(o_row + idx, r1, mask=mask)
+            tl.store(o_row + idx + HALF, r2, mask=mask)
+        else:
+            mask_h = (heads < num_heads)[:, None]
+            mask = mask_h & (offs_d < ROT_HALF)[None, :]  # [BLOCK_H, HALF]: the first ROT_HALF columns
+            idx = heads[:, None] * (2 * HALF) + offs_d[None, :]
+            r1, r2 = _rotated_halves(x_ptr + row * stride_x, idx, mask, cos, sin, ROT_HALF)
+            tl.store(o_row + idx, r1, mask=mask)
+            tl.store(o_row + idx + ROT_HALF, r2, mask=mask)
+            # the dims past rotary_dim, copied as they are
+            pass_idx, pass_mask = _pass_dims(heads, mask_h, HALF, ROT_HALF)
+            x = tl.load(x_ptr + row * stride_x + pass_idx, mask=pass_mask, other=0.0)
+            tl.store(o_row + pass_idx, x, mask=pass_mask)
+
+
+@triton.jit
+def _pass_dims(heads, mask_h, HALF: tl.constexpr, ROT_HALF: tl.constexpr):
+    """Offsets [BLOCK_H, 2 * HALF] over whole heads and the mask of the dims that do not rotate."""
+    offs = tl.arange(0, 2 * HALF)
+    return heads[:, None] * (2 * HALF) + offs[None, :], mask_h & (offs >= 2 * ROT_HALF)[None, :]
+
+
+@triton.jit
+def _cos_sin(cs_row, HALF: tl.constexpr, ROT_HALF: tl.constexpr):
+    """The [1, HALF] float32 cos and sin of one cache row (ROT_HALF = 0: HALF wide; else its first
+    ROT_HALF columns, zero past them: those lanes are masked off where they are used)."""
+    offs_d = tl.arange(0, HALF)
+    if ROT_HALF == 0:
+        cos = tl.load(cs_row + offs_d).to(tl.float32)[None, :]
+        sin = tl.load(cs_row + HALF + offs_d).to(tl.float32)[None, :]
+    else:
+        rot = offs_d < ROT_HALF
+        cos = tl.load(cs_row + offs_d, mask=rot, other=0.0).to(tl.float32)[None, :]
+        sin = tl.load(cs_row + ROT_HALF + offs_d, mask=rot, other=0.0).to(tl.float32)[None, :]
+    return cos, sin
 
 
 @triton.jit
@@ -49,7 +89,7 @@ def _rotary_kernel(
     q_ptr,
     k_ptr,
     positions_ptr,  # [num_tokens]
-    cos_sin_ptr,  # [max_position, head_dim]: cos | sin
+    cos_sin_ptr,  # [max_position, rotary_dim]: cos | sin
     stride_q,
     stride_k,
     stride_q_out,
@@ -57,16 +97,17 @@ def _rotary_kernel(
     stride_cs,
     num_heads,
     num_kv_heads,
-    HALF: tl.constexpr,
+    HALF: tl.constexpr,  # head_dim / 2
     BLOCK_H: tl.constexpr,
+    ROT_HALF: tl.constexpr = 0,  # rotary_dim / 2 where it is less than HALF; 0: the whole head rotates
 ):
     row = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + row).to(tl.int64)
-    offs_d = tl.arange(0, HALF)
-    cos = tl.load(cos_sin_ptr + pos * stride_cs + offs_d).to(tl.float32)[None, :]
-    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + offs_d).to(tl.float32)[None, :]
-    _rotate_heads(q_out_ptr, q_ptr, stride_q, stride_q_out, row, cos, sin, num_heads, HALF, BLOCK_H)
-    _rotate_heads(k_out_ptr, k_ptr, stride_k, stride_k_out, row, cos, sin, num_kv_heads, HALF, BLOCK_H)
+    cos, sin = _cos_sin(cos_sin_ptr + pos * stride_cs, HALF, ROT_HALF)
+    _rotate_heads(q_out_ptr, q_ptr, stride_q, stride_q_out, row, cos, sin, num_heads, HALF, BLOCK_H, ROT_HALF)
+    _rotate_heads(
+        k_out_ptr, k_ptr, stride_k, stride_k_out, row, cos, sin, num_kv_heads, HALF, BLOCK_H, ROT_HALF
+    )
 
 
 # BLOCK_H per (head_dim, cos_sin width, q width, k width), stored once those passed validation. Python
@@ -74,11 +115,19 @@ def _rotary_kernel(
 _BLOCK_H: dict[tuple[int, int, int, int], int] = {}
 
 
+def check_rotary_width(op: str, cs_width: int, head_dim: int) -> int:
+    """ROT_HALF for a cos/sin cache `cs_width` wide: 0 when it covers the head, else cs_width / 2."""
+    if cs_width % 2 or not 0 < cs_width <= head_dim:
+        raise ValueError(
+            f"{op}: cos_sin_cache rows must be an even width <= head_dim={head_dim}; got {cs_width}"
+        )
+    return 0 if cs_width == head_dim else cs_width // 2
+
+
 def _block_h(head_dim: int, cs_width: int, q_width: int, k_width: int) -> int:
     if head_dim < 2 or head_dim & (head_dim - 1):
         raise ValueError(f"rotary_embedding needs a power-of-two head_dim; got {head_dim}")
-    if cs_width != head_dim:
-        raise ValueError(f"cos_sin_cache rows must be head_dim={head_dim} wide; got {cs_width}")
+    check_rotary_width("rotary_embedding", cs_width, head_dim)
     num_heads, num_kv_heads = q_width // head_dim, k_width // head_dim
     block_h = min(triton.next_power_of_2(max(num_heads, num_kv_heads)), max(1, 4096 // head_dim))
     _BLOCK_H[(head_dim, cs_width, q_width, k_width)] = block_h
@@ -120,7 +169,7 @@ def rotary_embedding(
             q_out, k_out, q, k, positions, cs,
             q.stride(0), k.stride(0), q_width, k_width, cs.stride(0),  # the outputs are contiguous
             q_width // head_dim, k_width // head_dim,
-            head_dim // 2, block_h,
+            head_dim // 2, block_h, 0 if cs_width == head_dim else cs_width // 2,
             num_warps=4,
         )  # fmt: skip
     if query.dim() != 2:

@@ -30,13 +30,16 @@ def test_in_fresh_interpreter_process() -> None:
     rerun_in_fresh_process(__file__)
 
 
-CASES = {
+CASES = {  # (model dtype, cache dtype, group, max_seq_len, rotary_dim)
     # (no bf16: the interpreter's bf16 dot is not a number, for paged_attention as for this)
-    "fp16 group 4": (torch.float16, torch.float16, 4, 512),
-    "fp16 group 4 split": (torch.float16, torch.float16, 4, 4096),
-    "fp32 group 1": (torch.float32, torch.float32, 1, 512),
-    "e4m3 group 4 split": (torch.float16, torch.float8_e4m3fn, 4, 4096),
-    "e5m2 group 1": (torch.float16, torch.float8_e5m2, 1, 512),
+    "fp16 group 4": (torch.float16, torch.float16, 4, 512, 32),
+    "fp16 group 4 split": (torch.float16, torch.float16, 4, 4096, 32),
+    "fp32 group 1": (torch.float32, torch.float32, 1, 512, 32),
+    "e4m3 group 4 split": (torch.float16, torch.float8_e4m3fn, 4, 4096, 32),
+    "e5m2 group 1": (torch.float16, torch.float8_e5m2, 1, 512, 32),
+    # Phi-3's partial rotary: 20 of 32 dims rotate (a half of 10, not a power of two)
+    "fp32 group 1 partial rotary": (torch.float32, torch.float32, 1, 512, 20),
+    "e4m3 group 4 split partial rotary": (torch.float16, torch.float8_e4m3fn, 4, 4096, 20),
 }
 
 HEAD_DIM, NUM_KV_HEADS, BLOCK_SIZE, NUM_BLOCKS = 32, 2, 8, 48
@@ -85,9 +88,9 @@ def _batch(dtype: torch.dtype, cache_dtype: torch.dtype, group: int) -> dict:
 @in_process
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
 def test_decode_attention_equals_rotary_write_then_attention(case: str) -> None:
-    dtype, cache_dtype, group, max_seq_len = CASES[case]
+    dtype, cache_dtype, group, max_seq_len, rotary_dim = CASES[case]
     b = _batch(dtype, cache_dtype, group)
-    cos_sin = build_cos_sin_cache(HEAD_DIM, 1024, 10000.0).to(DEVICE)
+    cos_sin = build_cos_sin_cache(rotary_dim, 1024, 10000.0).to(DEVICE)  # [1024, rotary_dim]
     q, k, v = b["qkv"].split(b["split"], dim=-1)
     scale = HEAD_DIM**-0.5
     n = q.shape[0]
@@ -162,9 +165,9 @@ def test_decode_attention_over_a_widened_fp8_cache_is_bit_for_bit_the_bytes_path
     """WEIR_FP8_KV_WIDEN=1 (ops/triton/fp8_kv_read.py): the program that stores this step's fp8 K/V reads
     it back, with the rest of the tile, as words widened to float16; with float16 queries outputs and
     caches are the bytes path's bit for bit (the bytes path launched in the widened path's shape)."""
-    dtype, cache_dtype, group, max_seq_len = CASES[case]
+    dtype, cache_dtype, group, max_seq_len, rotary_dim = CASES[case]
     b = _batch(dtype, cache_dtype, group)
-    cos_sin = build_cos_sin_cache(HEAD_DIM, 1024, 10000.0).to(DEVICE)
+    cos_sin = build_cos_sin_cache(rotary_dim, 1024, 10000.0).to(DEVICE)  # [1024, rotary_dim]
     q, k, v = b["qkv"].split(b["split"], dim=-1)
     plans = sys.modules["ops.triton.paged_attention"]
     runs = []

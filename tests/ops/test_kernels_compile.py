@@ -103,12 +103,34 @@ KERNELS = [
             (True, False, True, 2, "*fp8e5"), (False, False, True, 2, "*fp8e5"),
         )
     ),
+    (  # Phi-4-mini's partial rotary: 96 of 128 dims rotate (ROT_HALF 48, not a power of two)
+        "ops.triton.paged_attention:_paged_attention_kernel",
+        {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "TILE": 64, "BLOCK_M": 16, "BLOCK_Q": 4, "SPLIT": True,
+         "DOT_PRECISION": "tf32", "KV_SCALED": False, "PDL": True, "ROTARY": True, "FP8_MANT": 0,
+         "FP8_MIN_EXP": 0, "FP8_MAX": 0.0, "KV_WIDEN": 0, "HW_CVT": True, "ROT_HALF": 48},
+        {"out_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32",
+         "counters_ptr": "*i32", "q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",
+         "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "query_start_loc_ptr": "*i32", "qk_scale": "fp32",
+         "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "positions_ptr": "*i64", "cos_sin_ptr": "*fp32",
+         "k_new_ptr": "*bf16", "v_new_ptr": "*bf16", "slot_mapping_ptr": "*i64"},
+    ),
+    *(
+        (
+            "ops.triton.rotary_kv:_rotary_write_kv_kernel",
+            {"HALF": 64, "BLOCK_H": 8, "FP8_MANT": 3 if rot_half else 0, "FP8_MIN_EXP": -6 if rot_half else 0,
+             "FP8_MAX": 448.0 if rot_half else 0.0, "SCALED": bool(rot_half), "PDL": True, "ROT_HALF": rot_half},
+            {"q_out_ptr": "*bf16", "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "positions_ptr": "*i64",
+             "cos_sin_ptr": "*bf16", "k_cache_ptr": "*fp8e4nv" if rot_half else "*bf16",
+             "v_cache_ptr": "*fp8e4nv" if rot_half else "*bf16", "slot_mapping_ptr": "*i64",
+             "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"},
+        )
+        for rot_half in (0, 48)  # 48: Phi-4-mini's partial rotary, over an fp8 cache
+    ),
     (
-        "ops.triton.rotary_kv:_rotary_write_kv_kernel",
-        {"HALF": 64, "BLOCK_H": 8, "FP8_MANT": 0, "FP8_MIN_EXP": 0, "FP8_MAX": 0.0, "SCALED": False, "PDL": True},
-        {"q_out_ptr": "*bf16", "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "positions_ptr": "*i64",
-         "cos_sin_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "slot_mapping_ptr": "*i64",
-         "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"},
+        "ops.triton.rotary:_rotary_kernel",
+        {"HALF": 64, "BLOCK_H": 8, "ROT_HALF": 48},
+        {"q_out_ptr": "*bf16", "k_out_ptr": "*bf16", "q_ptr": "*bf16", "k_ptr": "*bf16", "positions_ptr": "*i64",
+         "cos_sin_ptr": "*fp32"},
     ),
     *(
         (
@@ -159,6 +181,7 @@ triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attr
         + ("" if k[1].get("ONE_BLOCK", True) else "-two_pass")
         + ("-split" if k[1].get("SPLIT") else "")
         + ("-rotary" if k[1].get("ROTARY") else "")
+        + (f"-rot_half{k[1]['ROT_HALF']}" if k[1].get("ROT_HALF") else "")
         + ("-fp8kv" if k[1].get("KV_SCALED") else "")
         + (f"-widen{k[1]['KV_WIDEN']}{'ptx' if k[1]['HW_CVT'] else 'bits'}" if k[1].get("KV_WIDEN") else "")
         + ("-fp8" if k[1].get("QUANT") or k[2].get("w_ptr") == "*fp8e4nv" else "")

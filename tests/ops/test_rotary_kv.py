@@ -2,7 +2,8 @@
 rotary_embedding followed by write_kv_cache, under TRITON_INTERPRET=1 without a GPU
 (tests.ops.triton_interpreter): the rotated query and both caches equal the two separate ops' bit for bit,
 with q/k/v as views into one fused qkv buffer (as the model passes them), padding slots (-1) that must
-store nothing, caches in the model dtype and in both fp8 formats with per-head scales."""
+store nothing, caches in the model dtype and in both fp8 formats with per-head scales, and partial
+rotary (Phi-3: a cos/sin cache 20 of 32 dims wide, a half of 10 that is not a power of two)."""
 
 from __future__ import annotations
 
@@ -31,18 +32,20 @@ def _sentinel_cache(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.full((*lead, last * dtype.itemsize), 0x11, dtype=torch.uint8, device=DEVICE).view(dtype)
 
 
-CASES = {
-    "bf16 cache": (torch.bfloat16, torch.bfloat16),
-    "fp32 cache": (torch.float32, torch.float32),
-    "e4m3 cache": (torch.float16, torch.float8_e4m3fn),
-    "e5m2 cache": (torch.float16, torch.float8_e5m2),
+CASES = {  # (model dtype, cache dtype, rotary_dim)
+    "bf16 cache": (torch.bfloat16, torch.bfloat16, 32),
+    "fp32 cache": (torch.float32, torch.float32, 32),
+    "e4m3 cache": (torch.float16, torch.float8_e4m3fn, 32),
+    "e5m2 cache": (torch.float16, torch.float8_e5m2, 32),
+    "fp32 cache partial rotary": (torch.float32, torch.float32, 20),
+    "e4m3 cache partial rotary": (torch.float16, torch.float8_e4m3fn, 20),
 }
 
 
 @in_process
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
 def test_fused_rotary_kv_write_equals_rotary_then_write(case: str) -> None:
-    dtype, cache_dtype = CASES[case]
+    dtype, cache_dtype, rotary_dim = CASES[case]
     num_heads, num_kv_heads, head_dim, block_size, num_blocks = 4, 2, 32, 8, 5
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
     g = torch.Generator().manual_seed(7)
@@ -52,7 +55,7 @@ def test_fused_rotary_kv_write_equals_rotary_then_write(case: str) -> None:
     q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
     positions = torch.tensor([0, 5, 17, 300, 301, 0], dtype=torch.int64, device=DEVICE)
     slot_mapping = torch.tensor([3, 9, -1, 38, 39, -1], dtype=torch.int64, device=DEVICE)
-    cos_sin = build_cos_sin_cache(head_dim, 512, 10000.0).to(DEVICE)
+    cos_sin = build_cos_sin_cache(rotary_dim, 512, 10000.0).to(DEVICE)  # [512, rotary_dim]
     fp8 = cache_dtype.itemsize == 1
     # per-head scales orders of magnitude apart: a kernel using one head's scale for another fails
     k_scale = torch.tensor([0.5, 20.0], device=DEVICE) if fp8 else None
@@ -105,6 +108,13 @@ def test_fused_rotary_kv_write_equals_rotary_then_write(case: str) -> None:
     assert torch.equal(q_ref, q_rot)
     assert torch.equal(kc_ref.view(-1, num_kv_heads, head_dim)[9], k_rot[1].view(num_kv_heads, head_dim))
     assert torch.equal(vc_ref.view(-1, num_kv_heads, head_dim)[38], v[3].reshape(num_kv_heads, head_dim))
+    # Past rotary_dim, q and k come back (and k is stored) exactly as given.
+    assert torch.equal(
+        q_got.view(num_tokens, num_heads, head_dim)[..., rotary_dim:],
+        q.reshape(num_tokens, num_heads, head_dim)[..., rotary_dim:],
+    )
+    stored_k = kc_got.view(-1, num_kv_heads, head_dim)[9]
+    assert torch.equal(stored_k[:, rotary_dim:], k[1].reshape(num_kv_heads, head_dim)[:, rotary_dim:])
 
 
 @in_process

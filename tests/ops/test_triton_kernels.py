@@ -135,6 +135,39 @@ def test_rotary_embedding_llama3_scaled(dtype: torch.dtype) -> None:
 
 @in_process
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rotary_embedding_partial_rotary_dim(dtype: torch.dtype) -> None:
+    """Phi-3's partial_rotary_factor: a cache 24 of 32 dims wide (a half of 12, not a power of two)
+    rotates the first 24 dims of each head; the last 8 come back bit for bit."""
+    from engine.model.layers.rotary import build_cos_sin_cache
+
+    torch.manual_seed(4)
+    head_dim, rotary_dim, num_heads, num_kv_heads, num_tokens = 32, 24, 4, 2, 5
+    cache = build_cos_sin_cache(rotary_dim, 512, 10000.0).to(DEVICE)  # [512, 24]
+    positions = torch.tensor([0, 3, 77, 300, 511], device=DEVICE)
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, device=DEVICE).to(dtype)
+    q, k, _ = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    ref_q, ref_k = reference.rotary_embedding(positions, q, k, cache, head_dim)
+    with poisoned_allocations():
+        out_q, out_k = impl.rotary_embedding(positions, q, k, cache, head_dim)
+    assert rel_err(out_q, ref_q) < TOL[dtype] and rel_err(out_k, ref_k) < TOL[dtype]
+    for out, x, heads in ((out_q, q, num_heads), (out_k, k, num_kv_heads)):
+        out, x = out.view(num_tokens, heads, head_dim), x.reshape(num_tokens, heads, head_dim)
+        assert torch.equal(out[..., rotary_dim:], x[..., rotary_dim:])
+        assert not torch.equal(out[1:, :, :rotary_dim], x[1:, :, :rotary_dim])  # position 0 is the identity
+    # The spec itself is transformers' partial rotation (rotate the first rotary_dim dims' halves).
+    cos, sin = cache[positions].chunk(2, dim=-1)  # [num_tokens, 12] each
+    xr = q.float().view(num_tokens, num_heads, head_dim)[..., :rotary_dim]
+    x1, x2 = xr.chunk(2, dim=-1)
+    rotated = torch.cat(
+        (x1 * cos[:, None] - x2 * sin[:, None], x2 * cos[:, None] + x1 * sin[:, None]), dim=-1
+    )
+    assert torch.equal(ref_q.view(num_tokens, num_heads, head_dim)[..., :rotary_dim], rotated.to(dtype))
+    with pytest.raises(ValueError, match=r"cos_sin_cache rows must be an even width <= head_dim=32; got 23"):
+        impl.rotary_embedding(positions, q, k, cache[:, :23], head_dim)
+
+
+@in_process
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_write_kv_cache_skips_padding_slots(dtype: torch.dtype) -> None:
     torch.manual_seed(3)
     num_blocks, block_size, num_kv_heads, head_dim = 6, 8, 2, 16

@@ -45,6 +45,10 @@ class LoRATarget:
     slice_index: int  # its sub-matrix (q 0, k 1, v 2; gate 0, up 1; 0 for unfused layers)
     in_features: int  # the whole (unsharded) projection's shape
     out_features: int
+    # A projection the checkpoint already fuses (Phi-3's qkv_proj, gate_up_proj): every sub-matrix's
+    # output rows, in order. Its one A serves each of them and B's rows split by these sizes, which
+    # is the same product (B A x, its rows taken per sub-matrix). Empty: one sub-matrix, slice_index.
+    slice_sizes: tuple[int, ...] = ()
 
 
 @dataclass(eq=False, slots=True)
@@ -70,9 +74,9 @@ class LoRAAdapter:
 
     @property
     def nbytes(self) -> int:
-        return sum(
-            t.numel() * t.element_size() for w in self.layers.values() for t in (*w.a, *w.b) if t is not None
-        )
+        # A fused projection's one A serves each of its sub-matrices: counted once.
+        tensors = {id(t): t for w in self.layers.values() for t in (*w.a, *w.b) if t is not None}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def load_adapter(
@@ -172,12 +176,16 @@ def load_adapter(
             layer = adapter.layers[target.layer_prefix] = LoRALayerWeights(
                 a=[None] * n, b=[None] * n, scale=[1.0] * n
             )
-        layer.a[target.slice_index] = a.to(dtype).contiguous()
-        if b.dtype == dtype:  # scaled when written into a slot (see the module docstring)
-            layer.b[target.slice_index] = b.contiguous()
-            layer.scale[target.slice_index] = scaling_of(r)
-        else:
-            layer.b[target.slice_index] = (b.float() * scaling_of(r)).to(dtype).contiguous()
+        a = a.to(dtype).contiguous()
+        scale = scaling_of(r)
+        if b.dtype != dtype:  # scaled here, rounded once (see the module docstring)
+            b, scale = (b.float() * scale).to(dtype), 1.0
+        sizes = target.slice_sizes or (target.out_features,)
+        first = 0 if target.slice_sizes else target.slice_index
+        for i, b_rows in enumerate(b.split(list(sizes))):  # a fused projection's B, per sub-matrix
+            layer.a[first + i] = a
+            layer.b[first + i] = b_rows.contiguous()
+            layer.scale[first + i] = scale
     if not adapter.layers:
         raise error("adapter_model.safetensors", "holds no LoRA weights")
     return adapter

@@ -197,8 +197,11 @@ class LoRALinear(nn.Module):
 def lora_targets(model: nn.Module) -> tuple[dict[str, LoRATarget], dict[str, int]]:
     """The Hugging Face projections of `model` that take LoRA -> where they live in weir, and each
     weir layer's number of sub-matrices. Fused layers are unpacked with the model's
-    `packed_modules_mapping` (qkv_proj -> q_proj, k_proj, v_proj)."""
+    `packed_modules_mapping` (qkv_proj -> q_proj, k_proj, v_proj), except those the model's checkpoints
+    fuse themselves (`checkpoint_fused_modules`: Phi-3's qkv_proj and gate_up_proj), which PEFT adapts
+    whole: one target for all the layer's sub-matrices."""
     packed: dict[str, list[tuple[str, object]]] = getattr(model, "packed_modules_mapping", {})
+    fused_in_checkpoint: tuple[str, ...] = getattr(model, "checkpoint_fused_modules", ())
     targets: dict[str, LoRATarget] = {}
     num_slices: dict[str, int] = {}
     for name, module in model.named_modules():
@@ -213,6 +216,9 @@ def lora_targets(model: nn.Module) -> tuple[dict[str, LoRATarget], dict[str, int
         if len(sub_names) != len(sizes):
             raise RuntimeError(f"{name}: {len(sizes)} sub-matrices but packed as {sub_names}")
         num_slices[name] = len(sizes)
+        if leaf in fused_in_checkpoint:
+            targets[name] = LoRATarget(name, 0, module.input_size, sum(sizes), tuple(sizes))
+            continue
         for i, (sub, out) in enumerate(zip(sub_names, sizes, strict=True)):
             hf_name = f"{parent}.{sub}" if parent else sub
             targets[hf_name] = LoRATarget(name, i, module.input_size, out)

@@ -1,13 +1,15 @@
 """Phi-3 beyond the parity tests every family gets (tests/e2e/test_parity.py): pre-fused qkv_proj /
 gate_up_proj tensors sliced per tensor-parallel rank section by section, longrope's short and long
-factors on both sides of weir's once-per-engine switch against transformers, the sliding-window cap
-and the config errors."""
+factors on both sides of weir's once-per-engine switch against transformers, PEFT adapters on the
+fused projections against PEFT, the sliding-window cap and the config errors."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Phi3Config
 
-from engine import LLM, SamplingParams
+from engine import LLM, LoRARequest, SamplingParams
+from engine.errors import LoRAAdapterError
 from engine.model.build_context import BuildContext
 from engine.model.layers.rotary import build_cos_sin_cache
 from engine.model.models.llama import LlamaForCausalLM
@@ -45,10 +48,7 @@ def longrope_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: P
 
 def _hf_greedy(model_dir: Path, prompt: list[int], max_tokens: int) -> list[int]:
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    out = model.generate(
-        torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
-    )
-    return out[0, len(prompt) :].tolist()
+    return _hf_greedy_model(model, prompt, max_tokens)
 
 
 def _greedy(max_tokens: int) -> SamplingParams:
@@ -189,3 +189,66 @@ def test_phi3_legacy_su_rope_and_errors() -> None:
         ValueError, match=r"partial_rotary_factor 0.1 in phi gives rotary_dim 1 for head_dim 16"
     ):
         ModelConfig.from_dicts("phi", {**_PHI3, "partial_rotary_factor": 0.1}, device="cpu")
+
+
+# ---------------------------------------------------------------------------------- LoRA
+# PEFT adapts Phi-3's fused projections whole: one A for q, k and v, B's rows split among them.
+PHI3_ADAPTERS = {  # name -> (rank, lora_alpha, target_modules, use_rslora)
+    "r4-qkv": (4, 8, ["qkv_proj"], False),
+    "r8-all": (8, 16, ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], True),
+}
+
+
+def test_peft_adapters_on_fused_projections_match_peft(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    model_dir = tiny_model_dirs["phi3_partial"]
+    requests = {}
+    for i, (name, (rank, alpha, targets, rslora)) in enumerate(PHI3_ADAPTERS.items()):
+        base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        peft_model = get_peft_model(
+            base, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora)
+        )
+        gen = torch.Generator().manual_seed(200 + i)
+        with torch.no_grad():
+            for pname, p in peft_model.named_parameters():
+                if "lora_" in pname:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
+        peft_model.save_pretrained(str(tmp_path / name))
+        requests[name] = LoRARequest(name, i + 1, str(tmp_path / name))
+
+    prompts = [_prompt(n, seed=n) for n in (6, 19, 11)]
+    adapters = [None, "r4-qkv", "r8-all"]
+    expected = []
+    for prompt, adapter in zip(prompts, adapters, strict=True):
+        base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        model = base if adapter is None else PeftModel.from_pretrained(base, requests[adapter].lora_path)
+        expected.append(_hf_greedy_model(model.eval(), prompt, 8))
+    # each adapter changes the output: the test would catch one not applied
+    assert expected[1] != _hf_greedy(model_dir, prompts[1], 8)
+    assert expected[2] != _hf_greedy(model_dir, prompts[2], 8)
+
+    llm = LLM(str(model_dir), device="cpu", dtype="float32", enable_lora=True, max_loras=2)
+    loras = [requests[a] if a else None for a in adapters]
+    outs = llm.generate(prompts, _greedy(8), use_tqdm=False, lora_request=loras)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+
+    # An adapter naming the split projections of a Llama checkpoint does not fit Phi-3's modules.
+    bad = tmp_path / "split-names"
+    shutil.copytree(tmp_path / "r4-qkv", bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["q_proj", "v_proj"]}))
+    with pytest.raises(
+        LoRAAdapterError,
+        match=r"'q_proj' is not supported \(supported: down_proj, gate_up_proj, o_proj, qkv_proj\)",
+    ):
+        llm.generate(prompts[:1], _greedy(1), use_tqdm=False, lora_request=LoRARequest("split", 9, str(bad)))
+
+
+def _hf_greedy_model(model: torch.nn.Module, prompt: list[int], max_tokens: int) -> list[int]:
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    return out[0, len(prompt) :].tolist()

@@ -211,6 +211,10 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         ctx = ctx or BuildContext()
         self.config = config
+        # Fused layers whose checkpoints (and PEFT adapters) name them whole, under our names.
+        self.checkpoint_fused_modules: tuple[str, ...] = (
+            ("qkv_proj", "gate_up_proj") if config.architecture == "Phi3ForCausalLM" else ()
+        )
         self.model = LlamaModel(config, ctx, join_prefix(prefix, "model"))
         self.lm_head = ParallelLMHead(
             config.vocab_size,

@@ -37,13 +37,16 @@ FUSED_MODULES: dict[str, tuple[str, ...]] = {
 def is_skipped(prefix: str, skip: tuple[str, ...]) -> bool:
     """Whether the checkpoint left the layer `prefix` unquantized: a skip entry is a substring of the
     module name (AWQ's modules_to_not_convert, FP8's ignored_layers, as their tools match them). A
-    fused layer is skipped when all its checkpoint modules are; a mix cannot be one method."""
+    fused layer is skipped when all its checkpoint modules are, or when an entry names the fused module
+    itself (Phi-3's checkpoints store qkv_proj and gate_up_proj fused); a mix cannot be one method."""
     if not skip:
         return False
     head, _, last = prefix.rpartition(".")
     parts = FUSED_MODULES.get(last)
     if parts is None:
         return any(s in prefix for s in skip)
+    if any(last in s and s in prefix for s in skip):  # "qkv_proj", "layers.0.mlp.gate_up_proj", ...
+        return True
     names = [f"{head}.{p}" if head else p for p in parts]
     hits = [any(s in n for s in skip) for n in names]
     if any(hits) and not all(hits):
@@ -57,7 +60,8 @@ def is_skipped(prefix: str, skip: tuple[str, ...]) -> bool:
 def is_ignored(prefix: str, ignore: tuple[str, ...]) -> bool:
     """Whether compressed-tensors' `ignore` list keeps the layer `prefix` unquantized: an entry is a
     module name (matched as a suffix) or `re:PATTERN` (re.match on the name). A fused layer is ignored
-    when all its checkpoint modules are; a mix cannot be one method."""
+    when all its checkpoint modules are, or when an entry names the fused module itself (Phi-3's
+    checkpoints store qkv_proj and gate_up_proj fused); a mix cannot be one method."""
     if not ignore:
         return False
     head, _, last = prefix.rpartition(".")
@@ -72,6 +76,8 @@ def is_ignored(prefix: str, ignore: tuple[str, ...]) -> bool:
                 return True
         return False
 
+    if last in FUSED_MODULES and hit(prefix):
+        return True
     hits = [hit(n) for n in names]
     if any(hits) and not all(hits):
         raise ValueError(

@@ -138,6 +138,19 @@ def _chunked_prefill_logits(runner: ModelRunner, prompt: list[int], blocks: list
 
 
 @in_process
+def test_partial_rotary_model_on_triton_matches_torch(tiny_model_dirs: dict[str, Path]) -> None:
+    """Phi-3 with partial rotary (12 of 16 dims) and longrope's scaled cos/sin: two prefill chunks through
+    the Triton rotary + KV write and paged attention give the torch backend's logits."""
+    prompt = [int(t) for t in np.random.default_rng(3).integers(3, 500, size=21)]
+    logits = {}
+    for use_triton in (False, True):
+        runner = _runner(tiny_model_dirs["phi3_partial"], use_triton)
+        assert runner.model.model.layers[0].self_attn.rotary_emb.cos_sin_cache.shape[-1] == 12
+        logits[use_triton] = _chunked_prefill_logits(runner, prompt, [5, 0])
+    assert (logits[True] - logits[False]).abs().max().item() < 1e-4
+
+
+@in_process
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_widened_fp8_cache_reads_keep_the_models_logits(
     tiny_model_dirs: dict[str, Path], dtype: str, monkeypatch: pytest.MonkeyPatch

@@ -4,7 +4,9 @@ model.safetensors.index.json) into a model built from engine.model.layers, throu
 
 Never unpickles: a checkpoint that only has *.bin / *.pt files is refused with the conversion recipe.
 Name mapping is HF -> ours: q_proj/k_proj/v_proj and gate_proj/up_proj land as shards of the fused
-parameters named in the model's `packed_modules_mapping`; rotary `inv_freq` buffers are skipped;
+parameters named in the model's `packed_modules_mapping`; a tensor the checkpoint stores fused under
+our name (Phi-3's qkv_proj, gate_up_proj, quantized ones too) goes whole to the fused layer's loader,
+which splits it into those shards; rotary `inv_freq` buffers are skipped;
 with tied embeddings a stored lm_head.weight is ignored (the embedding is the head).
 
 Both ways of filling a model (`load_weights`, `initialize_dummy_weights`) end with

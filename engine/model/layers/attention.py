@@ -78,7 +78,7 @@ class Attention(nn.Module):
         value: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
         positions: torch.Tensor
         | None = None,  # [num_tokens] int64: rotate q and k first (with the cache below)
-        cos_sin_cache: torch.Tensor | None = None,  # [max_position, head_dim] (RotaryEmbedding's)
+        cos_sin_cache: torch.Tensor | None = None,  # [max_position, rotary_dim] (RotaryEmbedding's)
     ) -> torch.Tensor:  # [num_tokens, num_heads * head_dim]
         """Store this step's K/V in the cache, then attend. Given positions and the rotary cos/sin cache,
         q and k are rotated by the same launch that stores K/V (ops rotary_and_write_kv): one kernel

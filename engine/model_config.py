@@ -234,8 +234,12 @@ def moe_fields(family: str, cfg: dict[str, Any], num_layers: int, model_path: st
         num_experts = _int_field(cfg, key, model_path)
         step = _int_field(cfg, "decoder_sparse_step", model_path, default=1)
         dense = cfg.get("mlp_only_layers") or []
-        if not isinstance(dense, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in dense):
-            raise ValueError(f"mlp_only_layers in {model_path} must be a list of layer indices; got {dense!r}")
+        if not isinstance(dense, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in dense
+        ):
+            raise ValueError(
+                f"mlp_only_layers in {model_path} must be a list of layer indices; got {dense!r}"
+            )
         fields = {
             "num_experts": num_experts,
             "moe_intermediate_size": _int_field(cfg, "moe_intermediate_size", model_path),

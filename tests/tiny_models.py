@@ -143,7 +143,9 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
     if family == "qwen3":
         return Qwen3Config(**{**common, "head_dim": 32, "tie_word_embeddings": True})
     if family == "mixtral":  # every layer MoE; intermediate_size is each expert's
-        return MixtralConfig(**{**common, "intermediate_size": 48}, num_local_experts=4, sliding_window=None, **_MOE)
+        return MixtralConfig(
+            **{**common, "intermediate_size": 48}, num_local_experts=4, sliding_window=None, **_MOE
+        )
     if family == "qwen2_moe":  # every layer MoE, plus the sigmoid-gated shared expert; no renormalisation
         return Qwen2MoeConfig(
             **common,

@@ -21,10 +21,14 @@ from engine.model.parameter import default_weight_loader, set_weight_attrs
 class ReplicatedLinear(nn.Module):
     """y = x W^T, W [out, in] whole on every rank, unquantized."""
 
-    def __init__(self, input_size: int, output_size: int, params_dtype: torch.dtype, prefix: str = "") -> None:
+    def __init__(
+        self, input_size: int, output_size: int, params_dtype: torch.dtype, prefix: str = ""
+    ) -> None:
         super().__init__()
         self.prefix = prefix
-        self.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=params_dtype), requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(output_size, input_size, dtype=params_dtype), requires_grad=False
+        )
         set_weight_attrs(self.weight, {"weight_loader": default_weight_loader})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -212,3 +212,22 @@ def test_lora_attention_adapter_matches_peft_and_expert_targets_are_refused(
         )
     assert "module 'model.layers.1.mlp.experts.0.gate_proj' is a mixture-of-experts module" in str(err.value)
     assert "LoRA on MoE experts is not supported" in str(err.value)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_router_matches_transformers_in_bfloat16(tiny_model_dirs: dict[str, Path], family: str) -> None:
+    """The routing's dtype steps, which float32 parity cannot see: bf16 logits, float32 softmax and top-k,
+    renormalised; Qwen's weights rounded to bf16 (as transformers multiplies the experts by them),
+    Mixtral's kept float32."""
+    model_dir = tiny_model_dirs[family]
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16)
+    hf_router = hf.model.layers[1].mlp.gate
+    config = ModelConfig.from_pretrained(model_dir, dtype="bfloat16", device="cpu")
+    model = MoeForCausalLM(config, BuildContext(dtype=torch.bfloat16))
+    load_weights(model, model_dir)
+    x = torch.randn(33, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    weights, ids = model.model.layers[1].mlp.gate.route(x)
+    _, hf_weights, hf_ids = hf_router(x)
+    assert hf_weights.dtype == (torch.float32 if family == "mixtral" else torch.bfloat16)
+    assert torch.equal(ids, hf_ids)
+    assert weights.dtype == torch.float32 and torch.equal(weights, hf_weights.float())

@@ -215,9 +215,10 @@ def moe_fields(family: str, cfg: dict[str, Any], num_layers: int, model_path: st
 
     Mixtral: `num_local_experts` experts of `intermediate_size` in every layer, the top_k
     probabilities always renormalised, the routing weights kept in float32. Qwen2-MoE / Qwen3-MoE:
-    `num_experts` (or `num_local_experts`) experts of `moe_intermediate_size`; a layer is MoE unless it is in `mlp_only_layers`
-    or (layer + 1) is not a multiple of `decoder_sparse_step` (then a dense MLP of `intermediate_size`);
-    `norm_topk_prob` as configured; the routing weights cast to the model dtype (as transformers does).
+    `num_experts` (or `num_local_experts`) experts of `moe_intermediate_size`; a layer is MoE unless it
+    is in `mlp_only_layers` or (layer + 1) is not a multiple of `decoder_sparse_step` (then a dense MLP
+    of `intermediate_size`); `norm_topk_prob` as configured; the routing weights cast to the model
+    dtype (as transformers does); Qwen2-MoE's shared expert of `shared_expert_intermediate_size`.
     """
     if family == "Mixtral":
         num_experts = _int_field(cfg, "num_local_experts", model_path)

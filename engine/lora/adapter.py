@@ -202,7 +202,7 @@ def _check_config(
         raise error("peft_type", f"{peft_type!r} adapters are not supported (only LORA)")
     # What PEFT makes of MLP targets on transformers 5's stacked experts (with an alpha/rank pattern for
     # them): named first, as the reason.
-    if config.get("target_parameters"):  # what PEFT makes of MLP targets on transformers 5's stacked experts
+    if config.get("target_parameters"):
         raise error(
             "target_parameters",
             f"{config['target_parameters']} targets MoE expert parameters: LoRA on MoE experts is not supported",

@@ -3,8 +3,9 @@ Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm), with optional tied embeddin
 
 The variants differ only in flags read from ModelConfig (qkv_bias, o_proj_bias, mlp_bias, qk_norm,
 rope_scaling, tie_word_embeddings). The mixture-of-experts families (engine.model.models.moe) are this
-model with another MLP in some layers: the class's `build_mlp` picks each layer's. Parameter names mirror the Hugging Face checkpoints, except that
-q/k/v and gate/up are fused: `packed_modules_mapping` tells the weight loader how.
+model with another MLP in some layers: the class's `build_mlp` picks each layer's. Parameter names
+mirror the Hugging Face checkpoints, except that q/k/v and gate/up are fused:
+`packed_modules_mapping` tells the weight loader how.
 
 Built from a BuildContext (engine.model.build_context): dtype, quantization config (each linear
 layer asks it for its method by prefix), the attention backend (every Attention layer holds it; the

@@ -238,9 +238,17 @@ class EngineConfig:
             self.tp_broadcast_slots,
             self.tp_broadcast_slot_bytes,
         )
+        quant = _resolve_quantization(model.model_path, self.quantization)
+        if model.is_moe and quant.method != "none":
+            # The experts are stacked tensors run by the fused MoE op, which reads float weights only:
+            # a quantized checkpoint's experts would be misread, not run slowly.
+            raise ValueError(
+                f"quantization {quant.method!r} ({quant.source}) is not supported for {model.architecture}: "
+                f"MoE experts are not supported with {quant.method}; serve an unquantized checkpoint"
+            )
         return ResolvedConfig(
             model=model,
-            quant=_resolve_quantization(model.model_path, self.quantization),
+            quant=quant,
             load=LoadConfig(
                 load_format=self.load_format, tokenizer=self.tokenizer or self.model, seed=self.seed
             ),
@@ -326,6 +334,10 @@ def _resolve_parallel(
         "num_attention_heads": model.num_heads,
         "intermediate_size": model.intermediate_size,
     }
+    if model.is_moe:  # each expert's (and the shared expert's) intermediate rows are split like the MLP's
+        what["moe_intermediate_size"] = model.moe_intermediate_size
+        if model.shared_expert_intermediate_size:
+            what["shared_expert_intermediate_size"] = model.shared_expert_intermediate_size
     for name, value in what.items():
         if value % tp:
             raise ValueError(

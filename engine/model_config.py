@@ -86,6 +86,19 @@ class ModelConfig:
     @property
     def rotary_dim(self) -> int:
         return self.partial_rotary_dim or self.head_dim
+    # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE; see moe_fields). 0 experts: a dense model.
+    num_experts: int = 0  # routed experts of each MoE layer
+    num_experts_per_tok: int = 0  # top_k
+    moe_intermediate_size: int = 0  # each expert's intermediate size (dense layers: intermediate_size)
+    norm_topk_prob: bool = False  # renormalise the top_k probabilities to sum to 1 (Mixtral: always)
+    # Qwen casts the routing weights to the model dtype before weighting the experts; Mixtral keeps float32.
+    routing_weights_in_model_dtype: bool = False
+    moe_layers: tuple[int, ...] = ()  # the layers whose MLP is the MoE block (the others are dense)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's sigmoid-gated shared expert (0: none)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @property
     def attention_bias(self) -> bool:
@@ -160,10 +173,19 @@ class ModelConfig:
         if rope_scaling is not None and rope_scaling["rope_type"] == "longrope":
             _check_longrope(rope_scaling, rotary_dim, max_position_embeddings, model_path)
         attention_bias = bool(cfg.get("attention_bias", False))
-        qkv_bias = True if family == "Qwen2" else attention_bias
-        o_proj_bias = attention_bias if family in ("Llama", "Qwen3") else False
+        if family == "Qwen2":
+            qkv_bias = True
+        elif family == "Qwen2Moe":
+            qkv_bias = bool(cfg.get("qkv_bias", True))
+        elif family == "Mixtral":
+            qkv_bias = False
+        else:
+            qkv_bias = attention_bias
+        o_proj_bias = attention_bias if family in ("Llama", "Qwen3", "Qwen3Moe") else False
         mlp_bias = bool(cfg.get("mlp_bias", False)) if family == "Llama" else False
-        qk_norm = family == "Qwen3"
+        qk_norm = family in ("Qwen3", "Qwen3Moe")
+        num_layers = int(cfg["num_hidden_layers"])
+        moe = moe_fields(family, cfg, num_layers, model_path)
 
         sliding_window = _effective_sliding_window(family, cfg)
         resolved_len = _resolve_max_model_len(
@@ -193,7 +215,7 @@ class ModelConfig:
             architecture=arch,
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=hidden_size,
-            num_layers=int(cfg["num_hidden_layers"]),
+            num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
@@ -216,7 +238,67 @@ class ModelConfig:
             device=resolved_device,
             generation_defaults=generation_defaults,
             partial_rotary_dim=0 if rotary_dim == head_dim else rotary_dim,
+            **moe,
         )
+
+
+def moe_fields(family: str, cfg: dict[str, Any], num_layers: int, model_path: str) -> dict[str, Any]:
+    """ModelConfig's mixture-of-experts fields from a config.json ({} for a dense family).
+
+    Mixtral: `num_local_experts` experts of `intermediate_size` in every layer, the top_k
+    probabilities always renormalised, the routing weights kept in float32. Qwen2-MoE / Qwen3-MoE:
+    `num_experts` (or `num_local_experts`) experts of `moe_intermediate_size`; a layer is MoE unless it
+    is in `mlp_only_layers` or (layer + 1) is not a multiple of `decoder_sparse_step` (then a dense MLP
+    of `intermediate_size`); `norm_topk_prob` as configured; the routing weights cast to the model
+    dtype (as transformers does); Qwen2-MoE's shared expert of `shared_expert_intermediate_size`.
+    """
+    if family == "Mixtral":
+        num_experts = _int_field(cfg, "num_local_experts", model_path)
+        fields = {
+            "num_experts": num_experts,
+            "moe_intermediate_size": int(cfg["intermediate_size"]),
+            "norm_topk_prob": True,
+            "routing_weights_in_model_dtype": False,
+            "moe_layers": tuple(range(num_layers)),
+        }
+    elif family in ("Qwen2Moe", "Qwen3Moe"):
+        # The hub's configs say num_experts; transformers 5 saves it as num_local_experts.
+        key = "num_experts" if "num_experts" in cfg else "num_local_experts"
+        num_experts = _int_field(cfg, key, model_path)
+        step = _int_field(cfg, "decoder_sparse_step", model_path, default=1)
+        dense = cfg.get("mlp_only_layers") or []
+        if not isinstance(dense, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in dense
+        ):
+            raise ValueError(
+                f"mlp_only_layers in {model_path} must be a list of layer indices; got {dense!r}"
+            )
+        fields = {
+            "num_experts": num_experts,
+            "moe_intermediate_size": _int_field(cfg, "moe_intermediate_size", model_path),
+            "norm_topk_prob": bool(cfg.get("norm_topk_prob", False)),
+            "routing_weights_in_model_dtype": True,
+            "moe_layers": tuple(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0),
+        }
+        if family == "Qwen2Moe":
+            fields["shared_expert_intermediate_size"] = _int_field(
+                cfg, "shared_expert_intermediate_size", model_path
+            )
+    else:
+        return {}
+    top_k = _int_field(cfg, "num_experts_per_tok", model_path)
+    if top_k > num_experts:
+        raise ValueError(
+            f"num_experts_per_tok ({top_k}) in {model_path} is larger than the number of experts ({num_experts})"
+        )
+    return {**fields, "num_experts_per_tok": top_k}
+
+
+def _int_field(cfg: dict[str, Any], name: str, model_path: str, default: int | None = None) -> int:
+    value = cfg.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} in {model_path} must be a positive integer; got {value!r}")
+    return value
 
 
 def _parse_rope(cfg: dict[str, Any], model_path: str) -> tuple[float, dict[str, Any] | None]:
@@ -301,9 +383,9 @@ def _effective_sliding_window(family: str, cfg: dict[str, Any]) -> int | None:
     window = cfg.get("sliding_window")
     if not window:
         return None
-    if family == "Mistral":
+    if family in ("Mistral", "Mixtral"):
         return int(window)
-    if family in ("Qwen2", "Qwen3") and cfg.get("use_sliding_window", False):
+    if family in ("Qwen2", "Qwen3", "Qwen2Moe", "Qwen3Moe") and cfg.get("use_sliding_window", False):
         return int(window)
     if family == "Phi3":  # Phi-3-mini-4k: 2047; transformers applies any window Phi3Config holds
         return int(window)

@@ -30,6 +30,7 @@ OP_NAMES = (
     "sample_argmax",
     "rms_norm_fp8",
     "silu_and_mul_fp8",
+    "fused_moe",
 )
 
 
@@ -56,6 +57,9 @@ class Kernels:
     sample_argmax: Callable[..., Any]  # the sampler's draw (argmax of logits - log noise) or greedy argmax
     rms_norm_fp8: Callable[..., Any]  # rms_norm quantized per token for a W8A8 linear (fp8_activation)
     silu_and_mul_fp8: Callable[..., Any]  # silu_and_mul likewise
+    fused_moe: Callable[
+        ..., Any
+    ]  # the mixture-of-experts MLP of routed tokens (engine.model.layers.fused_moe)
 
     @classmethod
     def from_module(cls, name: str, module: ModuleType) -> Kernels:

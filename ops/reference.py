@@ -386,3 +386,30 @@ def rms_norm_fp8(
 def silu_and_mul_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, scales): `silu_and_mul` quantized per token for a W8A8 linear."""
     return per_token_fp8(silu_and_mul(x))
+
+
+def fused_moe(
+    hidden: torch.Tensor,  # [num_tokens, hidden]
+    w13: torch.Tensor,  # [num_experts, 2 * intermediate, hidden]: each expert's [gate; up]
+    w2: torch.Tensor,  # [num_experts, hidden, intermediate]: each expert's down projection
+    topk_weights: torch.Tensor,  # [num_tokens, top_k] float32: the routing weights
+    topk_ids: torch.Tensor,  # [num_tokens, top_k] int: the chosen experts
+) -> torch.Tensor:  # [num_tokens, hidden] in hidden's dtype
+    """A mixture-of-experts MLP: sum over k of topk_weights[t, k] * expert_{topk_ids[t, k]}(x_t), where
+    expert_e(x) = down_e(silu(gate_e x) * up_e x).
+
+    The rounding steps are the Triton kernel's: [gate | up] rounded to x's dtype, the SiLU-mul computed
+    in float32 and rounded, the down projection rounded, times the weight in float32 and rounded once
+    more (one row per (token, k) pair), then the top_k rows summed in float32 and rounded. In float32
+    every rounding is exact, so this is transformers' per-expert loop up to summation order.
+    """
+    num_tokens, top_k = topk_ids.shape
+    dtype = hidden.dtype
+    per_pair = torch.zeros(num_tokens, top_k, hidden.shape[1], dtype=dtype, device=hidden.device)
+    for expert in topk_ids.unique().tolist():  # experts that got no token cost nothing
+        rows, slots = torch.where(topk_ids == expert)
+        gate_up = hidden[rows] @ w13[expert].t()  # [n, 2 * intermediate]
+        act = silu_and_mul(gate_up.float()).to(dtype)  # [n, intermediate]
+        down = (act @ w2[expert].t()).float()  # [n, hidden]
+        per_pair[rows, slots] = (down * topk_weights[rows, slots, None].float()).to(dtype)
+    return per_pair.float().sum(dim=1).to(dtype)

@@ -78,7 +78,22 @@ def build_tokenizer(path: Path) -> Path:
     return path
 
 
-FAMILIES = ("llama", "llama3_scaled", "llama_tied", "mistral", "qwen2", "qwen3", "phi3", "phi3_partial")
+FAMILIES = (
+    "llama",
+    "llama3_scaled",
+    "llama_tied",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "phi3",
+    "phi3_partial",
+)
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+# Tiny mixture-of-experts settings: 4 experts, top-2, an expert intermediate size that is no power of two.
+_MOE = dict(num_experts_per_tok=2, router_aux_loss_coef=0.0)
 
 
 def longrope_parameters(rotary_dim: int, original_max_position_embeddings: int, **extra: float) -> dict:
@@ -96,7 +111,16 @@ def longrope_parameters(rotary_dim: int, original_max_position_embeddings: int, 
 
 def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
     """A tiny transformers config of the given family (random weights are drawn later)."""
-    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+    from transformers import (
+        LlamaConfig,
+        MistralConfig,
+        MixtralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen2MoeConfig,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
 
     common = dict(
         vocab_size=vocab_size,
@@ -154,6 +178,28 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
             pad_token_id=0,
             original_max_position_embeddings=common["max_position_embeddings"],
             rope_parameters=rope,
+        )
+    if family == "mixtral":  # every layer MoE; intermediate_size is each expert's
+        return MixtralConfig(
+            **{**common, "intermediate_size": 48}, num_local_experts=4, sliding_window=None, **_MOE
+        )
+    if family == "qwen2_moe":  # every layer MoE, plus the sigmoid-gated shared expert; no renormalisation
+        return Qwen2MoeConfig(
+            **common,
+            num_experts=4,
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=64,
+            norm_topk_prob=False,
+            **_MOE,
+        )
+    if family == "qwen3_moe":  # layer 0 dense (mlp_only_layers), layer 1 MoE; q/k norm; renormalised top-k
+        return Qwen3MoeConfig(
+            **{**common, "head_dim": 32},
+            num_experts=4,
+            moe_intermediate_size=48,
+            mlp_only_layers=[0],
+            norm_topk_prob=True,
+            **_MOE,
         )
     raise ValueError(f"unknown family {family}")
 

@@ -5,6 +5,10 @@ module names or one regex, `use_rslora`, ...) and adapter_model.safetensors whos
 (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`: A is [r, in_features], B is
 [out_features, r]). Pickled weights (.bin/.pt) are refused, never loaded.
 
+Mixture-of-experts models: LoRA applies to their attention projections (and to dense or shared-expert
+MLPs, which are ordinary linear layers); an adapter that targets the experts, the router or the
+shared-expert gate (PEFT's `target_parameters`, or such modules' keys) is refused naming them.
+
 Everything wrong with an adapter is found here, at load, and raised as a LoRAAdapterError naming
 the adapter and the field: nothing later (slots, kernels, steps) can fail on a bad adapter.
 
@@ -127,6 +131,12 @@ def load_adapter(
         with safe_open(str(weights_file), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
                 module, kind = _split_key(key, error)
+                if module not in targets and _is_moe_module(module):
+                    raise error(
+                        key,
+                        f"module {module!r} is a mixture-of-experts module (experts, router or shared-expert "
+                        "gate): LoRA on MoE experts is not supported",
+                    )
                 if module not in targets:
                     raise error(
                         key,
@@ -198,6 +208,13 @@ def _check_config(
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise error("peft_type", f"{peft_type!r} adapters are not supported (only LORA)")
+    # What PEFT makes of MLP targets on transformers 5's stacked experts (with an alpha/rank pattern for
+    # them): named first, as the reason.
+    if config.get("target_parameters"):
+        raise error(
+            "target_parameters",
+            f"{config['target_parameters']} targets MoE expert parameters: LoRA on MoE experts is not supported",
+        )
     rank = config.get("r")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise error("r", f"must be a positive integer; got {rank!r}")
@@ -238,6 +255,19 @@ def _check_config(
     elif modules is not None:
         raise error("target_modules", f"must be a list of module names or a regex; got {modules!r}")
     return rank, float(alpha)
+
+
+def _is_moe_module(module: str) -> bool:
+    """A module of a mixture-of-experts block weir runs without LoRA: the stacked or per-expert experts
+    (`mlp.experts`, `mlp.experts.3.gate_proj`, Mixtral's `block_sparse_moe.experts.0.w1`), the router
+    (`mlp.gate`, `block_sparse_moe.gate`) or Qwen2-MoE's `shared_expert_gate`."""
+    parts = module.split(".")
+    return (
+        "experts" in parts
+        or "block_sparse_moe" in parts
+        or parts[-1] == "shared_expert_gate"
+        or parts[-2:] == ["mlp", "gate"]
+    )
 
 
 def _split_key(key: str, error) -> tuple[str, str]:  # noqa: ANN001

@@ -7,7 +7,10 @@ Name mapping is HF -> ours: q_proj/k_proj/v_proj and gate_proj/up_proj land as s
 parameters named in the model's `packed_modules_mapping`; a tensor the checkpoint stores fused under
 our name (Phi-3's qkv_proj, gate_up_proj, quantized ones too) goes whole to the fused layer's loader,
 which splits it into those shards; rotary `inv_freq` buffers are skipped;
-with tied embeddings a stored lm_head.weight is ignored (the embedding is the head).
+with tied embeddings a stored lm_head.weight is ignored (the embedding is the head). A model's
+`checkpoint_renames` (Mixtral: `.block_sparse_moe.` -> `.mlp.`) apply first; a layer with
+`checkpoint_names()` (the stacked MoE experts, engine.model.layers.fused_moe) names every tensor it
+loads itself, with the shard each fills, and every per-expert shard must be found (or the fused whole).
 
 Both ways of filling a model (`load_weights`, `initialize_dummy_weights`) end with
 `process_weights_after_loading(model)`: every module's method (`module.quant_method`, see
@@ -71,6 +74,23 @@ def _checkpoint_name_to_param(name: str, packed: dict[str, list[tuple[str, Any]]
     return name, None, False
 
 
+def _layer_checkpoint_names(model: nn.Module) -> dict[str, tuple[str, Any]]:
+    """Checkpoint tensor name -> (our parameter name, shard_id), from layers that list their own."""
+    names: dict[str, tuple[str, Any]] = {}
+    for module_name, module in model.named_modules():
+        listing = getattr(module, "checkpoint_names", None)
+        if callable(listing):
+            for tensor_name, (attr, shard_id) in listing().items():
+                names[tensor_name] = (f"{module_name}.{attr}" if module_name else attr, shard_id)
+    return names
+
+
+def _rename(name: str, renames: dict[str, str]) -> str:
+    for theirs, ours in renames.items():
+        name = name.replace(theirs, ours)
+    return name
+
+
 def load_weights(model: nn.Module, model_dir: str | Path) -> None:
     """Load every parameter of `model` from the safetensors checkpoint in `model_dir`.
 
@@ -81,6 +101,8 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
     packed: dict[str, list[tuple[str, Any]]] = getattr(model, "packed_modules_mapping", {})
     params = dict(model.named_parameters())  # tied parameters appear once, under their first name
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    renames: dict[str, str] = getattr(model, "checkpoint_renames", {})
+    layer_names = _layer_checkpoint_names(model)
     loaded: dict[str, set[Any]] = {}
     unexpected: list[str] = []
     for file in files:
@@ -96,7 +118,11 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
                     continue
                 if is_kv_scale_name(name):  # an fp8 KV cache's scales: not parameters (kv_cache.py)
                     continue
-                param_name, shard_id, _ = _checkpoint_name_to_param(name, packed)
+                ours = _rename(name, renames)
+                if ours in layer_names:
+                    param_name, shard_id = layer_names[ours]
+                else:
+                    param_name, shard_id, _ = _checkpoint_name_to_param(ours, packed)
                 param = params.get(param_name)
                 if param is None:
                     unexpected.append(name)
@@ -116,7 +142,8 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
         logger.warning(
             "ignored %d checkpoint tensors the model has no parameter for: %s", len(unexpected), shown
         )
-    _check_complete(params, loaded, packed, files)
+    hub_names = {ours: theirs for theirs, ours in renames.items()}
+    _check_complete(params, loaded, packed, files, layer_names, hub_names)
     process_weights_after_loading(model)
 
 
@@ -142,24 +169,38 @@ def _check_complete(
     loaded: dict[str, set[Any]],
     packed: dict[str, list[tuple[str, Any]]],
     files: list[Path],
+    layer_names: dict[str, tuple[str, Any]],
+    hub_names: dict[str, str],  # our name fragment -> the checkpoint's (the renames reversed)
 ) -> None:
     searched = ", ".join(f.name for f in files)
+    shards_of: dict[str, dict[Any, str]] = {}  # parameter -> {shard_id: checkpoint tensor}, per-shard layers
+    for tensor_name, (param_name, shard_id) in layer_names.items():
+        if shard_id is not None:
+            shards_of.setdefault(param_name, {})[shard_id] = tensor_name
     for param_name in params:
         done = loaded.get(param_name, set())
         if None in done:  # loaded whole (also a fused checkpoint tensor for a fused parameter)
             continue
         fused = next((k for k in packed if f".{k}." in param_name), None)
-        if fused is not None:
+        if param_name in shards_of:
+            for shard_id, tensor_name in shards_of[param_name].items():
+                if shard_id not in done:
+                    raise ValueError(
+                        f"missing weight for parameter {param_name} (shard {shard_id!r}): checkpoint tensor "
+                        f"{_rename(tensor_name, hub_names)} not found in {searched}"
+                    )
+        elif fused is not None:
             for part, shard_id in packed[fused]:
                 if shard_id not in done:
-                    hf_name = param_name.replace(f".{fused}.", f".{part}.")
+                    hf_name = _rename(param_name.replace(f".{fused}.", f".{part}."), hub_names)
                     raise ValueError(
                         f"missing weight for parameter {param_name} (shard {shard_id!r}): checkpoint tensor "
                         f"{hf_name} not found in {searched}"
                     )
         elif not done:
             raise ValueError(
-                f"missing weight for parameter {param_name}: checkpoint tensor {param_name} not found in {searched}"
+                f"missing weight for parameter {param_name}: checkpoint tensor "
+                f"{_rename(param_name, hub_names)} not found in {searched}"
             )
 
 

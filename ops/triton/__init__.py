@@ -4,6 +4,7 @@ Imported lazily by `ops.triton_kernels()`: importing triton needs a GPU or TRITO
 """
 
 from ops.triton.activation import silu_and_mul, silu_and_mul_fp8
+from ops.triton.fused_moe import fused_moe
 from ops.triton.kv_cache import write_kv_cache
 from ops.triton.lora import lora_expand, lora_shrink
 from ops.triton.paged_attention import decode_attention, paged_attention
@@ -15,6 +16,7 @@ from ops.triton.seeded_noise import seeded_exponential_
 
 __all__ = [
     "decode_attention",
+    "fused_moe",
     "lora_expand",
     "lora_shrink",
     "paged_attention",

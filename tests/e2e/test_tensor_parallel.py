@@ -231,3 +231,15 @@ def test_ring_larger_than_dev_shm_is_refused_at_start(one_kv_head_dir: Path) -> 
             tp_broadcast_slot_bytes=1 << 30,
         )
     assert set(multiprocessing.active_children()) == children_before
+
+
+def test_tp2_moe_matches_transformers(tiny_model_dirs: dict[str, Path]) -> None:
+    """Qwen2-MoE over 2 ranks: each expert's and the shared expert's intermediate rows split, the
+    router replicated, one all-reduce per MoE block; transformers' greedy tokens under chunked prefill."""
+    model_dir = tiny_model_dirs["qwen2_moe"]
+    prompts = _prompts()  # all of them: hf_greedy caches by directory (the parity tests' run)
+    expected, _ = hf_greedy(model_dir, prompts)
+    with LLM(
+        str(model_dir), device="cpu", dtype="float32", tensor_parallel_size=2, max_num_batched_tokens=16
+    ) as llm:
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, _greedy(), use_tqdm=False)] == expected

@@ -151,6 +151,15 @@ KERNELS = [
         )
         for quant in (False, True)
     ),
+    *(
+        (  # the fused MoE's grouped GEMMs: [gate; up] with silu-mul in the epilogue, down with the routing weight
+            "ops.triton.fused_moe:_moe_gemm_kernel",
+            {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GATED": gated, "IEEE": False},
+            {"a_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "weights_ptr": "*fp32",
+             "sorted_pairs_ptr": "*i32", "block_expert_ptr": "*i32", "num_padded_ptr": "*i32"},
+        )
+        for gated in (True, False)
+    ),
 ]  # fmt: skip
 
 _COMPILE = """

@@ -220,3 +220,24 @@ def test_fused_decode_attention_leaves_every_logit_as_it_was(
     assert calls == [2] * 5 * num_layers  # the fused run's decode steps only, every layer
     assert runs["1"][0] == runs["0"][0]
     assert torch.equal(runs["1"][1], runs["0"][1])
+
+
+@in_process
+def test_moe_model_forward_on_triton_matches_torch(tiny_model_dirs: dict[str, Path]) -> None:
+    """A mixture-of-experts model (Qwen2-MoE: every layer routed, plus the shared expert) takes the Triton
+    fused MoE kernel in every MoE layer, and its logits over two prefill chunks match the torch backend's."""
+    from engine.model.layers.fused_moe import FusedMoE
+
+    prompt = [int(t) for t in np.random.default_rng(3).integers(3, 500, size=21)]
+    logits = {}
+    for use_triton in (False, True):
+        runner = _runner(tiny_model_dirs["qwen2_moe"], use_triton)
+        experts = [m for m in runner.model.modules() if isinstance(m, FusedMoE)]
+        assert len(experts) == 2
+        assert all(
+            m.kernels.fused_moe is (impl.fused_moe if use_triton else ops.reference.fused_moe)
+            for m in experts
+        )
+        logits[use_triton] = _chunked_prefill_logits(runner, prompt, [5, 0])
+    assert logits[True].shape == (21, 512)
+    assert (logits[True] - logits[False]).abs().max().item() < 1e-4

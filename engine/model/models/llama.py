@@ -4,11 +4,12 @@ Phi-4-mini: partial rotary, longrope), with optional tied embeddings.
 
 The variants differ only in flags read from ModelConfig (qkv_bias, o_proj_bias, mlp_bias, qk_norm,
 rope_scaling, rotary_dim, tie_word_embeddings): Phi-3's decoder layer is Llama's (its residual
-dropouts are identities at inference). Parameter names mirror the Hugging Face checkpoints, except
-that q/k/v and gate/up are fused: `packed_modules_mapping` tells the weight loader how. Phi-3
-checkpoints store `qkv_proj` and `gate_up_proj` already fused under our names: each fused layer's
-loader splits such a tensor into its q/k/v (gate/up) sections and loads each as that shard, so a
-tensor-parallel rank takes its slice of every section.
+dropouts are identities at inference). The mixture-of-experts families (engine.model.models.moe) are
+this model with another MLP in some layers: the class's `build_mlp` picks each layer's. Parameter names
+mirror the Hugging Face checkpoints, except that q/k/v and gate/up are fused: `packed_modules_mapping`
+tells the weight loader how. Phi-3 checkpoints store `qkv_proj` and `gate_up_proj` already fused under
+our names: each fused layer's loader splits such a tensor into its q/k/v (gate/up) sections and loads
+each as that shard, so a tensor-parallel rank takes its slice of every section.
 
 Built from a BuildContext (engine.model.build_context): dtype, quantization config (each linear
 layer asks it for its method by prefix), the attention backend (every Attention layer holds it; the
@@ -19,6 +20,8 @@ find the sequence boundaries in the step's AttentionMetadata.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -41,20 +44,29 @@ def _linear_args(ctx: BuildContext) -> dict:
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, ctx: BuildContext, prefix: str) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        ctx: BuildContext,
+        prefix: str,
+        intermediate_size: int | None = None,  # None: the config's (an MoE model's shared expert: its own)
+        reduce_results: bool = True,  # False: the caller all-reduces this rank's partial sum with others
+    ) -> None:
         super().__init__()
         args = _linear_args(ctx)
+        intermediate_size = intermediate_size or config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(
             config.hidden_size,
-            [config.intermediate_size] * 2,
+            [intermediate_size] * 2,
             bias=config.mlp_bias,
             prefix=join_prefix(prefix, "gate_up_proj"),
             **args,
         )
         self.down_proj = RowParallelLinear(
-            config.intermediate_size,
+            intermediate_size,
             config.hidden_size,
             bias=config.mlp_bias,
+            reduce_results=reduce_results,
             prefix=join_prefix(prefix, "down_proj"),
             **args,
         )
@@ -137,13 +149,31 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v, positions, self.rotary_emb.cos_sin_cache))
 
 
+# (config, layer_idx, ctx, prefix) -> the layer's MLP module, which maps [num_tokens, hidden] to the same
+MlpBuilder = Callable[[ModelConfig, int, BuildContext, str], nn.Module]
+
+
+def dense_mlp(config: ModelConfig, layer_idx: int, ctx: BuildContext, prefix: str) -> nn.Module:
+    del layer_idx  # every layer of a dense model has the same MLP
+    return LlamaMLP(config, ctx, prefix)
+
+
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, ctx: BuildContext, prefix: str) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_idx: int,
+        ctx: BuildContext,
+        prefix: str,
+        build_mlp: MlpBuilder = dense_mlp,
+    ) -> None:
         super().__init__()
         kernels = ctx.kernels
         eps = config.rms_norm_eps
         self.self_attn = LlamaAttention(config, layer_idx, ctx, join_prefix(prefix, "self_attn"))
-        self.mlp = LlamaMLP(config, ctx, join_prefix(prefix, "mlp"))
+        self.mlp = build_mlp(config, layer_idx, ctx, join_prefix(prefix, "mlp"))
+        # Only a dense MLP's gate_up_proj may take an FP8 activation straight from the norm.
+        self.dense_mlp = isinstance(self.mlp, LlamaMLP)
         self.input_layernorm = RMSNorm(
             config.hidden_size, eps, ctx.dtype, kernels, join_prefix(prefix, "input_layernorm")
         )
@@ -163,13 +193,15 @@ class LlamaDecoderLayer(nn.Module):
         else:
             normed, residual = self.input_layernorm(hidden, residual, fp8)
         hidden = self.self_attn(positions, normed)
-        fp8 = takes_fp8_activation(self.mlp.gate_up_proj, num_tokens, dtype)
+        fp8 = self.dense_mlp and takes_fp8_activation(self.mlp.gate_up_proj, num_tokens, dtype)
         normed, residual = self.post_attention_layernorm(hidden, residual, fp8)
         return self.mlp(normed), residual
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, ctx: BuildContext, prefix: str) -> None:
+    def __init__(
+        self, config: ModelConfig, ctx: BuildContext, prefix: str, build_mlp: MlpBuilder = dense_mlp
+    ) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(
             config.vocab_size,
@@ -180,7 +212,7 @@ class LlamaModel(nn.Module):
             prefix=join_prefix(prefix, "embed_tokens"),
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, ctx, join_prefix(prefix, f"layers.{i}"))
+            LlamaDecoderLayer(config, i, ctx, join_prefix(prefix, f"layers.{i}"), build_mlp)
             for i in range(config.num_layers)
         )
         self.norm = RMSNorm(
@@ -206,6 +238,9 @@ class LlamaForCausalLM(nn.Module):
         "qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")],
         "gate_up_proj": [("gate_proj", 0), ("up_proj", 1)],
     }
+    # checkpoint name fragment -> ours, applied to every tensor name before the mapping above
+    checkpoint_renames: dict[str, str] = {}
+    build_mlp: MlpBuilder = staticmethod(dense_mlp)
 
     def __init__(self, config: ModelConfig, ctx: BuildContext | None = None, prefix: str = "") -> None:
         super().__init__()
@@ -215,7 +250,7 @@ class LlamaForCausalLM(nn.Module):
         self.checkpoint_fused_modules: tuple[str, ...] = (
             ("qkv_proj", "gate_up_proj") if config.architecture == "Phi3ForCausalLM" else ()
         )
-        self.model = LlamaModel(config, ctx, join_prefix(prefix, "model"))
+        self.model = LlamaModel(config, ctx, join_prefix(prefix, "model"), type(self).build_mlp)
         self.lm_head = ParallelLMHead(
             config.vocab_size,
             config.hidden_size,

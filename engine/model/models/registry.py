@@ -18,6 +18,9 @@ _MODELS: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("engine.model.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("engine.model.models.llama", "LlamaForCausalLM"),
     "Qwen3ForCausalLM": ("engine.model.models.llama", "LlamaForCausalLM"),
+    "MixtralForCausalLM": ("engine.model.models.moe", "MoeForCausalLM"),
+    "Qwen2MoeForCausalLM": ("engine.model.models.moe", "MoeForCausalLM"),
+    "Qwen3MoeForCausalLM": ("engine.model.models.moe", "MoeForCausalLM"),
     "Phi3ForCausalLM": ("engine.model.models.llama", "LlamaForCausalLM"),
 }
 

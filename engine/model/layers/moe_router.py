@@ -1,0 +1,64 @@
+"""The mixture-of-experts router: which experts each token goes to, and with what weight.
+
+The router's linear ([num_experts, hidden]) and Qwen2-MoE's shared-expert gate ([1, hidden]) are small,
+replicated on every rank (each computes the same routing, so no communication) and never quantized nor
+LoRA-adapted: they are plain modules, not engine.model.layers.linear layers, so neither the quantization
+methods nor the LoRA machinery see them.
+
+Routing follows transformers exactly: the logits in the model dtype, softmax over all experts in
+float32, top_k, then (Mixtral always, Qwen with `norm_topk_prob`) the top_k probabilities divided by
+their sum; Qwen then casts them to the model dtype, Mixtral keeps float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.model.parameter import default_weight_loader, set_weight_attrs
+
+
+class ReplicatedLinear(nn.Module):
+    """y = x W^T, W [out, in] whole on every rank, unquantized."""
+
+    def __init__(
+        self, input_size: int, output_size: int, params_dtype: torch.dtype, prefix: str = ""
+    ) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.weight = nn.Parameter(
+            torch.empty(output_size, input_size, dtype=params_dtype), requires_grad=False
+        )
+        set_weight_attrs(self.weight, {"weight_loader": default_weight_loader})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight)  # [num_tokens, out]
+
+
+class TopKRouter(ReplicatedLinear):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        renormalize: bool,
+        weights_in_model_dtype: bool,
+        params_dtype: torch.dtype,
+        prefix: str = "",
+    ) -> None:
+        super().__init__(hidden_size, num_experts, params_dtype, prefix)
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.weights_in_model_dtype = weights_in_model_dtype
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [num_tokens, hidden] -> (topk_weights [num_tokens, top_k] float32, topk_ids [num_tokens, top_k]
+        int64). Fixed shapes, no host sync: CUDA graphs capture it."""
+        logits = self(x)  # [num_tokens, num_experts] in the model dtype, as transformers computes them
+        probs = torch.softmax(logits.float(), dim=-1)
+        topk_weights, topk_ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.renormalize:
+            topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+        if self.weights_in_model_dtype:  # what the experts' outputs are multiplied by in transformers' Qwen
+            topk_weights = topk_weights.to(x.dtype).float()
+        return topk_weights, topk_ids

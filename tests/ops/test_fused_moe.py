@@ -1,0 +1,100 @@
+"""The fused MoE Triton kernel (ops/triton/fused_moe.py) against its torch reference, under
+TRITON_INTERPRET=1 without a GPU (tests.ops.triton_interpreter), at small shapes: a handful of tokens,
+top-2 of a few experts, experts that get no token, sizes that are no multiple of the tiles, and a
+batch past the small-block threshold. Outputs are poisoned (NaN) before the kernels run, so a pair
+the kernels skip fails the comparison. Under the interpreter `tl.dot` on bf16 is wrong: fp32 and fp16.
+"""
+
+from __future__ import annotations
+
+# isort: off
+# First: it sets TRITON_INTERPRET before anything below can import triton.
+from tests.ops.triton_interpreter import DEVICE, in_process, only_in_subprocess, rerun_in_fresh_process
+
+# isort: on
+
+import pytest
+import torch
+
+from ops import reference
+
+
+@only_in_subprocess
+def test_in_fresh_interpreter_process() -> None:
+    rerun_in_fresh_process(__file__)
+
+
+def _inputs(num_tokens: int, hidden: int, inter: int, num_experts: int, top_k: int, dtype: torch.dtype):
+    gen = torch.Generator().manual_seed(num_tokens)
+    x = torch.randn(num_tokens, hidden, generator=gen)
+    w13 = torch.randn(num_experts, 2 * inter, hidden, generator=gen) / hidden**0.5
+    w2 = torch.randn(num_experts, hidden, inter, generator=gen) / inter**0.5
+    logits = torch.randn(num_tokens, num_experts, generator=gen)
+    logits[:, 0] = -1e4  # expert 0 never chosen: an expert without a token gets no block
+    weights, ids = torch.softmax(logits, dim=-1).topk(top_k, dim=-1)
+    return (
+        x.to(DEVICE, dtype),
+        w13.to(DEVICE, dtype),
+        w2.to(DEVICE, dtype),
+        weights.to(DEVICE),
+        ids.to(DEVICE),
+    )
+
+
+@in_process
+@pytest.mark.parametrize(
+    ("num_tokens", "hidden", "inter", "num_experts", "top_k", "dtype"),
+    [
+        (1, 64, 32, 4, 2, torch.float32),  # batch-1 decode: two experts of four
+        (5, 48, 40, 6, 2, torch.float32),  # ragged hidden / intermediate tiles
+        (7, 80, 24, 4, 3, torch.float16),  # top-3, fp16 (the rounding steps of the spec)
+        (70, 64, 48, 8, 2, torch.float32),  # 64-row blocks; several blocks of one expert
+    ],
+)
+def test_fused_moe_matches_the_reference(
+    num_tokens: int, hidden: int, inter: int, num_experts: int, top_k: int, dtype: torch.dtype
+) -> None:
+    from ops.triton.fused_moe import fused_moe
+
+    x, w13, w2, weights, ids = _inputs(num_tokens, hidden, inter, num_experts, top_k, dtype)
+    assert not (ids == 0).any()
+    ref = reference.fused_moe(x, w13, w2, weights, ids)
+    orig_empty = torch.empty
+    torch.empty = lambda *a, **k: orig_empty(*a, **k).fill_(float("nan"))  # type: ignore[assignment]
+    try:
+        out = fused_moe(x, w13, w2, weights, ids)
+    finally:
+        torch.empty = orig_empty
+    assert out.shape == (num_tokens, hidden) and out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+
+
+def test_reference_is_transformers_expert_loop() -> None:
+    """The spec in float32: sum_k w_k * down(silu(gate x) * up x) over each token's chosen experts, as
+    transformers' per-expert loop computes it (an expert whose column stays unused contributes nothing)."""
+    x, w13, w2, weights, ids = (t.cpu() for t in _inputs(6, 32, 16, 4, 2, torch.float32))
+    expected = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for k in range(ids.shape[1]):
+            gate, up = (w13[ids[t, k]] @ x[t]).chunk(2)
+            expected[t] += weights[t, k] * (w2[ids[t, k]] @ (torch.nn.functional.silu(gate) * up))
+    torch.testing.assert_close(reference.fused_moe(x, w13, w2, weights, ids), expected, rtol=1e-5, atol=1e-6)
+
+
+@in_process
+def test_alignment_sorts_pairs_by_expert_in_fixed_size_buffers() -> None:
+    """Buffer sizes depend on the number of tokens only (CUDA graphs replay any routing); each expert's
+    pairs sit in its own blocks, padded with num_pairs; unused experts get no block."""
+    from ops.triton.fused_moe import moe_align_block_size
+
+    ids = torch.tensor([[1, 3], [1, 2], [3, 1]], device=DEVICE)  # expert 0 unused
+    sorted_pairs, block_expert, num_padded = moe_align_block_size(ids, num_experts=4, block_m=4)
+    num_pairs = 6
+    assert sorted_pairs.shape == (20,) and block_expert.shape == (5,)  # 6 + 4 * 3, rounded up to 4
+    assert int(num_padded) == 12  # experts 1, 2, 3: one block each
+    pad = num_pairs
+    assert sorted_pairs[:12].tolist() == [0, 2, 5, pad, 3, pad, pad, pad, 1, 4, pad, pad]
+    assert block_expert[:3].tolist() == [1, 2, 3]
+    other = moe_align_block_size(torch.zeros_like(ids), num_experts=4, block_m=4)
+    assert [t.shape for t in other] == [sorted_pairs.shape, block_expert.shape, num_padded.shape]

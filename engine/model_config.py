@@ -86,6 +86,7 @@ class ModelConfig:
     @property
     def rotary_dim(self) -> int:
         return self.partial_rotary_dim or self.head_dim
+
     # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE; see moe_fields). 0 experts: a dense model.
     num_experts: int = 0  # routed experts of each MoE layer
     num_experts_per_tok: int = 0  # top_k

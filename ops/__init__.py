@@ -30,6 +30,8 @@ OP_NAMES = (
     "sample_argmax",
     "rms_norm_fp8",
     "silu_and_mul_fp8",
+    "gemma_rms_norm",
+    "gelu_tanh_and_mul",
 )
 
 
@@ -56,6 +58,8 @@ class Kernels:
     sample_argmax: Callable[..., Any]  # the sampler's draw (argmax of logits - log noise) or greedy argmax
     rms_norm_fp8: Callable[..., Any]  # rms_norm quantized per token for a W8A8 linear (fp8_activation)
     silu_and_mul_fp8: Callable[..., Any]  # silu_and_mul likewise
+    gemma_rms_norm: Callable[..., Any]  # RMSNorm scaling by (1 + weight) in float32 (Gemma)
+    gelu_tanh_and_mul: Callable[..., Any]  # GeGLU with the tanh-approximate GELU (Gemma)
 
     @classmethod
     def from_module(cls, name: str, module: ModuleType) -> Kernels:

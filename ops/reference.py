@@ -43,6 +43,26 @@ def rms_norm(
     return out
 
 
+def gemma_rms_norm(
+    x: torch.Tensor,  # [num_tokens, hidden]
+    weight: torch.Tensor,  # [hidden]: the checkpoint's, scaling by (1 + weight)
+    eps: float,
+    residual: torch.Tensor | None = None,  # [num_tokens, hidden]
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Gemma's RMSNorm: x * rsqrt(mean(x^2) + eps) * (1 + weight), in float32 and rounded once at the
+    end (transformers' Gemma2/Gemma3RMSNorm; Llama's rounds before the weight). With `residual`, first
+    adds it in x's dtype (the model's `residual + hidden`) and also returns that sum."""
+    orig_dtype = x.dtype
+    if residual is not None:
+        x = x + residual
+    h = x.float()
+    variance = h.pow(2).mean(dim=-1, keepdim=True)
+    out = (h * torch.rsqrt(variance + eps) * (1.0 + weight.float())).to(orig_dtype)
+    if residual is not None:
+        return out, x
+    return out
+
+
 def rotary_embedding(
     positions: torch.Tensor,  # [num_tokens] int64
     query: torch.Tensor,  # [num_tokens, num_heads * head_dim]
@@ -75,6 +95,13 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x: [num_tokens, 2 * d] holding [gate | up]; returns silu(gate) * up: [num_tokens, d]."""
     d = x.shape[-1] // 2
     return torch.nn.functional.silu(x[..., :d]) * x[..., d:]
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: [num_tokens, 2 * d] holding [gate | up]; returns gelu(gate) * up: [num_tokens, d], GELU's tanh
+    approximation (transformers' `gelu_pytorch_tanh`, Gemma's GeGLU), in x's dtype as transformers."""
+    d = x.shape[-1] // 2
+    return torch.nn.functional.gelu(x[..., :d], approximate="tanh") * x[..., d:]
 
 
 def write_kv_cache(

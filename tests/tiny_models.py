@@ -78,12 +78,35 @@ def build_tokenizer(path: Path) -> Path:
     return path
 
 
-FAMILIES = ("llama", "llama3_scaled", "llama_tied", "mistral", "qwen2", "qwen3")
+FAMILIES = (
+    "llama",
+    "llama3_scaled",
+    "llama_tied",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "mistral_window",
+    "gemma2",
+    "gemma3",
+)
+# Windows shorter than the parity tests' prompts + outputs (5-48 + 20 tokens), so they matter: under a
+# 16-token block, across 8-token blocks, and of one 8-token block.
+WINDOWS = {"mistral_window": 10, "gemma2": 12, "gemma3": 8, "qwen2_window": 10}
+# Built on demand by their own tests (tests/e2e/test_parity.py), not by every FAMILIES-wide test.
+OTHER_FAMILIES = ("gemma", "qwen2_window")
 
 
 def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
     """A tiny transformers config of the given family (random weights are drawn later)."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        GemmaConfig,
+        LlamaConfig,
+        MistralConfig,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     common = dict(
         vocab_size=vocab_size,
@@ -121,6 +144,37 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
         return Qwen2Config(**common)
     if family == "qwen3":
         return Qwen3Config(**{**common, "head_dim": 32, "tie_word_embeddings": True})
+    if family == "mistral_window":
+        return MistralConfig(**common, sliding_window=WINDOWS[family])
+    if family == "qwen2_window":  # full, sliding, sliding
+        return Qwen2Config(
+            **{**common, "num_hidden_layers": 3},
+            use_sliding_window=True,
+            sliding_window=WINDOWS[family],
+            max_window_layers=1,
+        )
+    if family == "gemma":
+        return GemmaConfig(**{**common, "head_dim": 16, "tie_word_embeddings": True})
+    gemma = {**common, "head_dim": 16, "tie_word_embeddings": True, "query_pre_attn_scalar": 24}
+    if family == "gemma2":
+        # sliding, full, sliding; softcaps small enough to bend this model's scores and logits
+        return Gemma2Config(
+            **{**gemma, "num_hidden_layers": 3},
+            sliding_window=WINDOWS[family],
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=3.0,
+        )
+    if family == "gemma3":
+        # sliding, full, sliding: the global layer with linear rope scaling, the sliding ones on their own base
+        return Gemma3TextConfig(
+            **{**gemma, "num_hidden_layers": 3},
+            sliding_window=WINDOWS[family],
+            sliding_window_pattern=2,
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            },
+        )
     raise ValueError(f"unknown family {family}")
 
 
@@ -149,6 +203,8 @@ def build_model(
                 p.normal_(0.0, 0.08)
             elif "bias" in name:
                 p.normal_(0.0, 0.05)
+            elif family.startswith("gemma") and "norm" in name:  # (1 + weight): 0 would hide a missing 1
+                p.normal_(0.0, 0.3)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(path), safe_serialization=True)
     GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(str(path))

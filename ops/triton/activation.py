@@ -38,7 +38,7 @@ def _silu_and_mul_kernel(
     QUANT: tl.constexpr,  # one program a row (BLOCK >= d): store it as FP8 with a per-token scale
     INV_FP8_MAX: tl.constexpr,
     HW_CVT: tl.constexpr,
-    GELU_TANH: tl.constexpr,  # gelu_tanh(gate) * up instead of silu
+    GELU_TANH: tl.constexpr = False,  # gelu_tanh(gate) * up instead of silu
 ):
     let_next_kernel_start(PDL)
     wait_for_previous_kernel(PDL)

@@ -210,8 +210,8 @@ def _paged_attention_kernel(
     FP8_MAX: tl.constexpr,
     KV_WIDEN: tl.constexpr,  # 0, or the fp8 cache's format: tiles widened to float16 as words, dots in float16
     HW_CVT: tl.constexpr,  # (KV_WIDEN) the GPU's fp8x2 -> f16x2 conversion, else Triton's per byte
-    WINDOWED: tl.constexpr,  # sliding-window attention: tiles wholly before every row's window are skipped
-    SOFTCAP: tl.constexpr,  # attention logit softcapping (Gemma 2)
+    WINDOWED: tl.constexpr = False,  # sliding-window attention: tiles wholly before every row's window skipped
+    SOFTCAP: tl.constexpr = False,  # attention logit softcapping (Gemma 2)
 ):
     let_next_kernel_start(PDL)
     wait_for_previous_kernel(PDL)
@@ -253,6 +253,7 @@ def _paged_attention_kernel(
     kv_end = context_len + last_q_local + 1
     num_tiles = tl.cdiv(kv_end, TILE)
     first_q_pos = context_len + q_block_local * BLOCK_Q
+    tile_first = 0
     if WINDOWED:
         tile_first = tl.maximum(first_q_pos - window + 1, 0) // TILE
     if SPLIT:

@@ -39,7 +39,7 @@ def _rms_norm_kernel(
     QUANT: tl.constexpr,  # store the output as FP8 with a per-token scale
     INV_FP8_MAX: tl.constexpr,
     HW_CVT: tl.constexpr,
-    GEMMA: tl.constexpr,  # Gemma's norm: the rounded sum, (1 + weight) in float32, one rounding
+    GEMMA: tl.constexpr = False,  # Gemma's norm: the rounded sum, (1 + weight) in float32, one rounding
 ):
     let_next_kernel_start(PDL)
     wait_for_previous_kernel(PDL)

@@ -1,5 +1,6 @@
 """The Llama decoder family in one implementation: Llama 1/2/3 (incl. llama3 rope scaling), Mistral,
-Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm), with optional tied embeddings.
+Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm), with optional tied embeddings and sliding-window
+layers (Mistral's `sliding_window`, Qwen's `use_sliding_window`: ModelConfig.layer_window).
 
 The variants differ only in flags read from ModelConfig (qkv_bias, o_proj_bias, mlp_bias, qk_norm,
 rope_scaling, tie_word_embeddings). Parameter names mirror the Hugging Face checkpoints, except that
@@ -118,6 +119,7 @@ class LlamaAttention(nn.Module):
             prefix=join_prefix(prefix, "attn"),
             total_num_kv_heads=config.num_kv_heads,
             kv_head_offset=self.qkv_proj.kv_head_offset,
+            sliding_window=config.layer_window(layer_idx),  # Mistral, Qwen with use_sliding_window
         )
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor | Fp8Activation) -> torch.Tensor:

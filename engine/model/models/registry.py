@@ -18,6 +18,9 @@ _MODELS: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("engine.model.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("engine.model.models.llama", "LlamaForCausalLM"),
     "Qwen3ForCausalLM": ("engine.model.models.llama", "LlamaForCausalLM"),
+    "GemmaForCausalLM": ("engine.model.models.gemma", "GemmaForCausalLM"),
+    "Gemma2ForCausalLM": ("engine.model.models.gemma", "GemmaForCausalLM"),
+    "Gemma3ForCausalLM": ("engine.model.models.gemma", "GemmaForCausalLM"),
 }
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODELS)

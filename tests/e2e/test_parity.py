@@ -128,7 +128,9 @@ def test_greedy_parity_with_prefix_cache_hits(tiny_model_dirs: dict[str, Path], 
 
 
 @pytest.mark.parametrize("family", OTHER_FAMILIES)
-def test_greedy_parity_chunked_prefill_other_families(tiny_tokenizer_dir: Path, tmp_path: Path, family: str) -> None:
+def test_greedy_parity_chunked_prefill_other_families(
+    tiny_tokenizer_dir: Path, tmp_path: Path, family: str
+) -> None:
     """One run each, not the whole matrix: Gemma 1 (Gemma 2's layers without the window, the softcaps
     and the post-norms) and Qwen2 with the window on its upper layers only (max_window_layers)."""
     model_dir = build_model(family, tmp_path / family, tiny_tokenizer_dir)

@@ -36,13 +36,23 @@ def test_gemma2_as_the_hub_ships_it() -> None:
         hidden_activation="gelu_pytorch_tanh", rope_theta=10000.0, cache_implementation="hybrid",
     )  # fmt: skip
     assert _windows(c) == [4096, None, 4096, None] and c.max_model_len == 8192
-    assert (c.attn_logit_softcapping, c.final_logit_softcapping, c.query_pre_attn_scalar) == (50.0, 30.0, 256.0)
+    assert (c.attn_logit_softcapping, c.final_logit_softcapping, c.query_pre_attn_scalar) == (
+        50.0,
+        30.0,
+        256.0,
+    )
     assert c.tie_word_embeddings and c.hidden_act == "gelu_pytorch_tanh" and not c.qk_norm
     # transformers' class defaults where config.json leaves the keys out
     bare = _config("Gemma2ForCausalLM", num_hidden_layers=2, head_dim=16)
-    assert (bare.attn_logit_softcapping, bare.final_logit_softcapping, bare.query_pre_attn_scalar) == (50.0, 30.0, 256.0)
+    assert (bare.attn_logit_softcapping, bare.final_logit_softcapping, bare.query_pre_attn_scalar) == (
+        50.0,
+        30.0,
+        256.0,
+    )
     assert _windows(bare) == [4096, None]
-    none = _config("Gemma2ForCausalLM", num_hidden_layers=2, attn_logit_softcapping=None, final_logit_softcapping=None)
+    none = _config(
+        "Gemma2ForCausalLM", num_hidden_layers=2, attn_logit_softcapping=None, final_logit_softcapping=None
+    )
     assert none.attn_logit_softcapping is None and none.final_logit_softcapping is None
 
 
@@ -64,12 +74,19 @@ def test_gemma3_ropes_and_layer_pattern_in_both_formats() -> None:
         },
     )  # fmt: skip
     assert _windows(saved) == [8, None, 8]
-    assert saved.layer_rope(0) == (1e4, None) and saved.layer_rope(1) == (1e6, {"rope_type": "linear", "factor": 2.0})
+    assert saved.layer_rope(0) == (1e4, None) and saved.layer_rope(1) == (
+        1e6,
+        {"rope_type": "linear", "factor": 2.0},
+    )
 
 
 def test_qwen_windows_from_max_window_layers_or_layer_types() -> None:
     qwen = _config(
-        "Qwen2ForCausalLM", num_hidden_layers=3, use_sliding_window=True, sliding_window=64, max_window_layers=1
+        "Qwen2ForCausalLM",
+        num_hidden_layers=3,
+        use_sliding_window=True,
+        sliding_window=64,
+        max_window_layers=1,
     )
     assert _windows(qwen) == [None, 64, 64] and qwen.max_model_len == 8192
     off = _config("Qwen3ForCausalLM", num_hidden_layers=3, use_sliding_window=False, sliding_window=64)
@@ -127,7 +144,12 @@ def test_gemma1_reads_gelu_as_the_tanh_approximation() -> None:
         ),
         (
             "Qwen2ForCausalLM",
-            {"num_hidden_layers": 2, "use_sliding_window": True, "sliding_window": 1.5, "max_window_layers": 0},
+            {
+                "num_hidden_layers": 2,
+                "use_sliding_window": True,
+                "sliding_window": 1.5,
+                "max_window_layers": 0,
+            },
             "sliding_window must be a positive integer; got 1.5 in /m",
         ),
     ],

@@ -52,7 +52,9 @@ def test_reference_is_attention_over_the_window_with_capped_scores() -> None:
             torch.testing.assert_close(out[i, h], probs @ v[p - window + 1 : p + 1])
 
 
-def _check(batch: dict, config: AttentionConfig, window: int | None, softcap: float | None, tol: float) -> None:
+def _check(
+    batch: dict, config: AttentionConfig, window: int | None, softcap: float | None, tol: float
+) -> None:
     ref = reference.paged_attention(**batch, sliding_window=window, softcap=softcap)
     plain = reference.paged_attention(**batch)
     assert rel_err(ref, plain) > 0.05  # the window / softcap change this batch's output
@@ -147,12 +149,23 @@ def test_windowed_softcapped_fused_decode_equals_the_two_launches(
     cos_sin = build_cos_sin_cache(HEAD_DIM, 1024, 10000.0).to(DEVICE)
     q, k, v = b["qkv"].split(b["split"], dim=-1)
     n, window, softcap, scale = q.shape[0], 12, 2.0, HEAD_DIM**-0.5
-    args = (b["slot_mapping"], b["block_tables"], b["seq_lens"], b["query_start_loc"], 4096, scale, None, None)
+    args = (
+        b["slot_mapping"],
+        b["block_tables"],
+        b["seq_lens"],
+        b["query_start_loc"],
+        4096,
+        scale,
+        None,
+        None,
+    )
     outs = []
     for op in ("ref", "separate", "fused"):
         kc, vc = b["k_cache"].clone(), b["v_cache"].clone()
         if op == "separate":
-            q_rot = impl.rotary_and_write_kv(b["positions"], q, k, v, cos_sin, HEAD_DIM, kc, vc, b["slot_mapping"])
+            q_rot = impl.rotary_and_write_kv(
+                b["positions"], q, k, v, cos_sin, HEAD_DIM, kc, vc, b["slot_mapping"]
+            )
             o = impl.paged_attention(
                 q_rot.view(n, -1, HEAD_DIM), kc, vc, *args[1:4], 1, 4096, scale, None, None, window, softcap
             )
@@ -163,7 +176,9 @@ def test_windowed_softcapped_fused_decode_equals_the_two_launches(
     (o_ref, _, _), (o_sep, kc_sep, vc_sep), (o_got, kc_got, vc_got) = outs
     assert torch.equal(o_got, o_sep) and torch.equal(kc_got, kc_sep) and torch.equal(vc_got, vc_sep)
     assert rel_err(o_got, o_ref) < 1e-5
-    plain = reference.decode_attention(b["positions"], q, k, v, cos_sin, HEAD_DIM, kc_sep.clone(), vc_sep.clone(), *args)
+    plain = reference.decode_attention(
+        b["positions"], q, k, v, cos_sin, HEAD_DIM, kc_sep.clone(), vc_sep.clone(), *args
+    )
     assert rel_err(plain[: n - 1], o_ref) > 0.05
 
 

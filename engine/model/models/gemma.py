@@ -179,7 +179,8 @@ class GemmaModel(nn.Module):
         # sqrt(3072) = 55.43 into 55.5); a Python float of that value multiplies the same in every dtype.
         self.normalizer = torch.tensor(config.hidden_size**0.5, dtype=torch.float32).to(ctx.dtype).item()
         self.layers = nn.ModuleList(
-            GemmaDecoderLayer(config, i, ctx, join_prefix(prefix, f"layers.{i}")) for i in range(config.num_layers)
+            GemmaDecoderLayer(config, i, ctx, join_prefix(prefix, f"layers.{i}"))
+            for i in range(config.num_layers)
         )
         self.norm = GemmaRMSNorm(
             config.hidden_size, config.rms_norm_eps, ctx.dtype, ctx.kernels, join_prefix(prefix, "norm")

@@ -28,6 +28,12 @@ One launch covers the whole batch. The grid is (query blocks, KV heads[, KV segm
   v_scale ([num_kv_heads] float32 device tensors, read in the kernel: CUDA-graph safe) once, folds
   k_scale into the softmax scale and v_scale into the final normalisation. Without scales (a cache in
   the model's dtype; KV_SCALED off) nothing is loaded or multiplied.
+- Sliding windows (WINDOWED, `sliding_window` W: a row at position p sees keys p - W + 1 .. p) and logit
+  softcapping (SOFTCAP: scores -> c * tanh(scores / c), Gemma 2) are constexpr switches, off for models
+  without them (their kernels compile as before). A windowed program starts at the tile holding its
+  first row's window start: the tiles before it are never loaded, so a decode reads about W keys
+  however long its context, and a split divides those tiles only (the host sizes it from min(context,
+  W)). Tiles crossed by some row's window edge take the masked loop, like the causal diagonal.
 - Decode batches may also rotate and store this step's K/V in the same launch (ROTARY, `decode_attention`):
   queries are rotated as they are loaded, and the program whose tiles hold the new position stores that
   token's K/V for its KV head before a block barrier and its tile loop. Off unless

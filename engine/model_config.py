@@ -83,9 +83,11 @@ class ModelConfig:
     rope_local_scaling: dict[str, Any] | None = None
 
     def layer_window(self, layer_idx: int) -> int | None:
-        """The sliding window of layer `layer_idx`, or None where it attends to its whole context."""
+        """The sliding window of layer `layer_idx`, or None where it attends to its whole context (also
+        where the window holds every position up to max_model_len: the kernels need no window then)."""
         if self.layer_types and self.layer_types[layer_idx] == SLIDING_ATTENTION:
-            return self.sliding_window
+            window = self.sliding_window
+            return window if window is not None and window < self.max_model_len else None
         return None
 
     def layer_rope(self, layer_idx: int) -> tuple[float, dict[str, Any] | None]:

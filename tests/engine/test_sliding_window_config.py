@@ -98,6 +98,12 @@ def test_qwen_windows_from_max_window_layers_or_layer_types() -> None:
     assert _windows(typed) == [64, None]
     mistral = _config("MistralForCausalLM", num_hidden_layers=2, sliding_window=32)  # every layer
     assert _windows(mistral) == [32, 32] and mistral.max_model_len == 8192
+    # a window holding every position the model serves is no window: the kernels compiled without one
+    short = ModelConfig.from_dicts(
+        "/m", {**BASE, "architectures": ["MistralForCausalLM"], "num_hidden_layers": 2, "sliding_window": 32},
+        max_model_len=32, device="cpu",
+    )  # fmt: skip
+    assert _windows(short) == [None, None] and short.sliding_window == 32
 
 
 def test_gemma1_reads_gelu_as_the_tanh_approximation() -> None:

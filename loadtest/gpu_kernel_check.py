@@ -311,6 +311,16 @@ def correctness() -> None:
                     **batch, config=AttentionConfig(block_m=16, tile=32, num_segments=8)
                 )
             check(f"{model} paged_attention mixed bs{bs} split8", out, ref)
+        # Sliding window (Gemma 2's 4096 and a window inside one block) with Gemma 2's softcap of 50
+        batch = make_paged(q_lens, seq_lens, nh, nkv, d, 16, seed=3)
+        for window, split in ((4096, 1), (1000, 8), (7, 1)):
+            ref = reference.paged_attention(**upcast(batch), sliding_window=window, softcap=50.0)
+            with Poisoned():
+                out = paged_attention_with_config(
+                    **batch, config=AttentionConfig(block_m=16, tile=32, num_segments=split),
+                    sliding_window=window, softcap=50.0,
+                )  # fmt: skip
+            check(f"{model} paged_attention mixed window{window} softcap50 split{split}", out, ref)
         dec = make_paged([1] * 5, [1, 33, 1000, 2048, 4000], nh, nkv, d, 16, seed=7)
         ref = reference.paged_attention(**upcast(dec))
         with Poisoned():

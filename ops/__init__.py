@@ -31,6 +31,8 @@ OP_NAMES = (
     "rms_norm_fp8",
     "silu_and_mul_fp8",
     "fused_moe",
+    "gemma_rms_norm",
+    "gelu_tanh_and_mul",
 )
 
 
@@ -60,6 +62,8 @@ class Kernels:
     fused_moe: Callable[
         ..., Any
     ]  # the mixture-of-experts MLP of routed tokens (engine.model.layers.fused_moe)
+    gemma_rms_norm: Callable[..., Any]  # RMSNorm scaling by (1 + weight) in float32 (Gemma)
+    gelu_tanh_and_mul: Callable[..., Any]  # GeGLU with the tanh-approximate GELU (Gemma)
 
     @classmethod
     def from_module(cls, name: str, module: ModuleType) -> Kernels:

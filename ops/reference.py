@@ -43,6 +43,26 @@ def rms_norm(
     return out
 
 
+def gemma_rms_norm(
+    x: torch.Tensor,  # [num_tokens, hidden]
+    weight: torch.Tensor,  # [hidden]: the checkpoint's, scaling by (1 + weight)
+    eps: float,
+    residual: torch.Tensor | None = None,  # [num_tokens, hidden]
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Gemma's RMSNorm: x * rsqrt(mean(x^2) + eps) * (1 + weight), in float32 and rounded once at the
+    end (transformers' Gemma2/Gemma3RMSNorm; Llama's rounds before the weight). With `residual`, first
+    adds it in x's dtype (the model's `residual + hidden`) and also returns that sum."""
+    orig_dtype = x.dtype
+    if residual is not None:
+        x = x + residual
+    h = x.float()
+    variance = h.pow(2).mean(dim=-1, keepdim=True)
+    out = (h * torch.rsqrt(variance + eps) * (1.0 + weight.float())).to(orig_dtype)
+    if residual is not None:
+        return out, x
+    return out
+
+
 def rotary_embedding(
     positions: torch.Tensor,  # [num_tokens] int64
     query: torch.Tensor,  # [num_tokens, num_heads * head_dim]
@@ -84,6 +104,13 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x: [num_tokens, 2 * d] holding [gate | up]; returns silu(gate) * up: [num_tokens, d]."""
     d = x.shape[-1] // 2
     return torch.nn.functional.silu(x[..., :d]) * x[..., d:]
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: [num_tokens, 2 * d] holding [gate | up]; returns gelu(gate) * up: [num_tokens, d], GELU's tanh
+    approximation (transformers' `gelu_pytorch_tanh`, Gemma's GeGLU), in x's dtype as transformers."""
+    d = x.shape[-1] // 2
+    return torch.nn.functional.gelu(x[..., :d], approximate="tanh") * x[..., d:]
 
 
 def write_kv_cache(
@@ -163,6 +190,8 @@ def paged_attention(
     scale: float,
     k_scale: torch.Tensor | None = None,  # [num_kv_heads] float32 (fp8 caches); None = 1.0
     v_scale: torch.Tensor | None = None,  # [num_kv_heads] float32 (fp8 caches); None = 1.0
+    sliding_window: int | None = None,  # keys q_pos - window < k_pos <= q_pos only; None = all
+    softcap: float | None = None,  # scores -> softcap * tanh(scores / softcap) before the softmax
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole paged context.
 
@@ -172,6 +201,10 @@ def paged_attention(
     prefix) and decodes (q_len == 1). GQA: query head h reads KV head h // (num_heads / num_kv_heads).
     An fp8 cache's KV head h is read as cache * k_scale[h] (V: * v_scale[h]). Returns [num_tokens, num_heads, head_dim]
     in the query's dtype.
+
+    With `sliding_window` W a query at position p sees only the W keys p - W + 1 .. p (transformers'
+    masking_utils: kv_idx > q_idx - W). With `softcap` c the scaled scores s become c * tanh(s / c)
+    before the mask and the softmax (Gemma 2's attn_logit_softcapping).
     """
     del max_query_len, max_seq_len  # the kernels use them for grid sizing; the reference does not
     num_heads, head_dim = query.shape[1], query.shape[2]
@@ -197,9 +230,14 @@ def paged_attention(
         v = v.repeat_interleave(group, dim=1).transpose(0, 1)
         q = query[q_start:q_end].float().transpose(0, 1)  # [heads, q_len, d]
         scores = torch.matmul(q, k.transpose(1, 2)) * scale  # [heads, q_len, seq_len]
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
         q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device).unsqueeze(1)
         k_pos = torch.arange(seq_len, device=query.device).unsqueeze(0)
-        scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+        hidden = k_pos > q_pos  # [q_len, seq_len]
+        if sliding_window is not None:
+            hidden |= k_pos <= q_pos - sliding_window
+        scores = scores.masked_fill(hidden, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[q_start:q_end] = torch.matmul(probs, v).transpose(0, 1).to(query.dtype)
     return out
@@ -222,6 +260,8 @@ def decode_attention(
     scale: float,
     k_scale: torch.Tensor | None = None,  # [num_kv_heads] float32 (fp8 caches); None = 1.0
     v_scale: torch.Tensor | None = None,
+    sliding_window: int | None = None,  # as paged_attention's
+    softcap: float | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """A decode batch's attention (one new token a sequence): rotary_and_write_kv, then paged_attention."""
     q = rotary_and_write_kv(
@@ -230,7 +270,7 @@ def decode_attention(
     n = q.shape[0]
     return paged_attention(
         q.view(n, -1, head_dim), k_cache, v_cache, block_tables, seq_lens, query_start_loc, 1, max_seq_len, scale,
-        k_scale, v_scale,
+        k_scale, v_scale, sliding_window, softcap,
     )  # fmt: skip
 
 

@@ -90,6 +90,9 @@ FAMILIES = (
     "qwen3_moe",
     "phi3",
     "phi3_partial",
+    "mistral_window",
+    "gemma2",
+    "gemma3",
 )
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 # Tiny mixture-of-experts settings: 4 experts, top-2, an expert intermediate size that is no power of two.
@@ -109,9 +112,26 @@ def longrope_parameters(rotary_dim: int, original_max_position_embeddings: int, 
     }
 
 
+# Windows shorter than the parity tests' prompts + outputs (5-48 + 20 tokens), so they matter: under a
+# 16-token block, across 8-token blocks, and of one 8-token block.
+WINDOWS = {
+    "mistral_window": 10,
+    "gemma2": 12,
+    "gemma3": 8,
+    "qwen2_window": 10,
+    "qwen2_moe_window": 9,
+    "phi3_window": 11,
+}
+# Built on demand by their own tests (tests/e2e/test_parity.py), not by every FAMILIES-wide test.
+OTHER_FAMILIES = ("gemma", "qwen2_window", "qwen2_moe_window", "phi3_window")
+
+
 def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
     """A tiny transformers config of the given family (random weights are drawn later)."""
     from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        GemmaConfig,
         LlamaConfig,
         MistralConfig,
         MixtralConfig,
@@ -201,6 +221,50 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
             norm_topk_prob=True,
             **_MOE,
         )
+    if family == "mistral_window":
+        return MistralConfig(**common, sliding_window=WINDOWS[family])
+    if family == "qwen2_window":  # full, sliding, sliding
+        return Qwen2Config(
+            **{**common, "num_hidden_layers": 3},
+            use_sliding_window=True,
+            sliding_window=WINDOWS[family],
+            max_window_layers=1,
+        )
+    if family == "qwen2_moe_window":  # transformers' Qwen2-MoE layout: sliding, full, full (layer 2 >= 2)
+        return Qwen2MoeConfig(
+            **{**common, "num_hidden_layers": 3},
+            num_experts=4,
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=64,
+            use_sliding_window=True,
+            sliding_window=WINDOWS[family],
+            max_window_layers=2,
+            **_MOE,
+        )
+    if family == "phi3_window":  # Phi-3-mini-4k's kind: the window on every layer
+        return Phi3Config(**common, pad_token_id=0, sliding_window=WINDOWS[family])
+    if family == "gemma":
+        return GemmaConfig(**{**common, "head_dim": 16, "tie_word_embeddings": True})
+    gemma = {**common, "head_dim": 16, "tie_word_embeddings": True, "query_pre_attn_scalar": 24}
+    if family == "gemma2":
+        # sliding, full, sliding; softcaps small enough to bend this model's scores and logits
+        return Gemma2Config(
+            **{**gemma, "num_hidden_layers": 3},
+            sliding_window=WINDOWS[family],
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=3.0,
+        )
+    if family == "gemma3":
+        # sliding, full, sliding: the global layer with linear rope scaling, the sliding ones on their own base
+        return Gemma3TextConfig(
+            **{**gemma, "num_hidden_layers": 3},
+            sliding_window=WINDOWS[family],
+            sliding_window_pattern=2,
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            },
+        )
     raise ValueError(f"unknown family {family}")
 
 
@@ -229,6 +293,8 @@ def build_model(
                 p.normal_(0.0, 0.08)
             elif "bias" in name:
                 p.normal_(0.0, 0.05)
+            elif family.startswith("gemma") and "norm" in name:  # (1 + weight): 0 would hide a missing 1
+                p.normal_(0.0, 0.3)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(path), safe_serialization=True)
     GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(str(path))

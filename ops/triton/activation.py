@@ -3,6 +3,9 @@
 `silu_and_mul_fp8` also quantizes each row per token to FP8 for the W8A8 down projection that follows
 (engine.model.quantization.fp8_activation): one program holds a whole row, so the 16-bit output is
 neither written nor read back by the quantizer. Bit for bit `per_token_fp8(silu_and_mul(x))`.
+
+`gelu_tanh_and_mul` (Gemma's GeGLU) is the same kernel with GELU_TANH on: the tanh-approximate GELU in
+float32, rounded to x's dtype before the multiply, as torch rounds `gelu(gate)` before `* up`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from ops.triton.fp8_quant import (
     store_row_fp8,
 )
 from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
+from ops.triton.tanh import tanh
 
 
 @triton.jit
@@ -34,6 +38,7 @@ def _silu_and_mul_kernel(
     QUANT: tl.constexpr,  # one program a row (BLOCK >= d): store it as FP8 with a per-token scale
     INV_FP8_MAX: tl.constexpr,
     HW_CVT: tl.constexpr,
+    GELU_TANH: tl.constexpr = False,  # gelu_tanh(gate) * up instead of silu
 ):
     let_next_kernel_start(PDL)
     wait_for_previous_kernel(PDL)
@@ -42,7 +47,11 @@ def _silu_and_mul_kernel(
     mask = offs < d
     gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + d + offs, mask=mask, other=0.0).to(tl.float32)
-    out = gate / (1.0 + tl.exp(-gate)) * up
+    if GELU_TANH:  # 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))), rounded as torch's gelu output
+        gelu = 0.5 * gate * (1.0 + tanh(0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)))
+        out = gelu.to(x_ptr.dtype.element_ty).to(tl.float32) * up
+    else:
+        out = gate / (1.0 + tl.exp(-gate)) * up
     if QUANT:  # quantize what the plain kernel would have stored (x's dtype), as the quantizer reads it
         quantized = out.to(x_ptr.dtype.element_ty).to(tl.float32)
         store_row_fp8(
@@ -64,8 +73,9 @@ def _launch_params(d: int) -> tuple[int, int]:
     return params
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """x: [num_tokens, 2 * d] holding [gate | up]; returns silu(gate) * up: [num_tokens, d].
+def silu_and_mul(x: torch.Tensor, gelu_tanh: bool = False) -> torch.Tensor:
+    """x: [num_tokens, 2 * d] holding [gate | up]; returns silu(gate) * up: [num_tokens, d] (with
+    `gelu_tanh`, gelu_tanh(gate) * up).
 
     The model's 2-D input takes no reshape and its output no view (host-bound eager path).
     """
@@ -84,7 +94,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         # BLOCK and PDL passed positionally: a keyword costs a dict build per launch. out is contiguous.
         pdl = pdl_enabled(x.device)
         _silu_and_mul_kernel[(num_tokens, programs_per_row)](
-            out, out, x2, x2.stride(0), d, d, block, pdl, False, INV_FP8_MAX, False,  # out is also the unused scale
+            out, out, x2, x2.stride(0), d, d, block, pdl, False, INV_FP8_MAX, False, gelu_tanh,  # out: unused scale
             num_warps=4, launch_pdl=pdl,
         )  # fmt: skip
     return out if len(shape) == 2 else out.view(*shape[:-1], d)
@@ -105,7 +115,13 @@ def silu_and_mul_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         block = triton.next_power_of_2(d)
         pdl = pdl_enabled(x.device)
         _silu_and_mul_kernel[(num_tokens, 1)](
-            q, scale, x2, x2.stride(0), d, d, block, pdl, True, INV_FP8_MAX, hardware_fp8_conversion(x),
+            q, scale, x2, x2.stride(0), d, d, block, pdl, True, INV_FP8_MAX, hardware_fp8_conversion(x), False,
             num_warps=8 if block <= 8192 else 16, launch_pdl=pdl,
         )  # fmt: skip
     return q, scale
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: [num_tokens, 2 * d] holding [gate | up]; returns gelu_tanh(gate) * up: [num_tokens, d]
+    (ops.reference.gelu_tanh_and_mul)."""
+    return silu_and_mul(x, True)

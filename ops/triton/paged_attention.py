@@ -28,6 +28,12 @@ One launch covers the whole batch. The grid is (query blocks, KV heads[, KV segm
   v_scale ([num_kv_heads] float32 device tensors, read in the kernel: CUDA-graph safe) once, folds
   k_scale into the softmax scale and v_scale into the final normalisation. Without scales (a cache in
   the model's dtype; KV_SCALED off) nothing is loaded or multiplied.
+- Sliding windows (WINDOWED, `sliding_window` W: a row at position p sees keys p - W + 1 .. p) and logit
+  softcapping (SOFTCAP: scores -> c * tanh(scores / c), Gemma 2) are constexpr switches, off for models
+  without them (their kernels compile as before). A windowed program starts at the tile holding its
+  first row's window start: the tiles before it are never loaded, so a decode reads about W keys
+  however long its context, and a split divides those tiles only (the host sizes it from min(context,
+  W)). Tiles crossed by some row's window edge take the masked loop, like the causal diagonal.
 - Decode batches may also rotate and store this step's K/V in the same launch (ROTARY, `decode_attention`):
   queries are rotated as they are loaded, and the program whose tiles hold the new position stores that
   token's K/V for its KV head before a block barrier and its tile loop. Off unless
@@ -51,6 +57,7 @@ from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous
 from ops.triton.rotary import check_rotary_width
 from ops.triton.rotary_kv import check_head_rows_cache, rotated_rows
 from ops.triton.split_k import MAX_TILES, split_counters
+from ops.triton.tanh import tanh
 
 _LOG2E = 1.4426950408889634
 _MAX_SEGMENTS = 32  # _decode_segments' cap (64 measured slower)
@@ -84,6 +91,8 @@ def _attend_tile(
     q_pos,  # [BLOCK_M] last key position each row may see
     kv_end,  # keys at or past this are out of range
     qk_scale,
+    window,  # (WINDOWED) a row sees keys q_pos - window < k_pos <= q_pos
+    softcap_log2,  # (SOFTCAP) softcap * log2(e); qk_scale is then scale / softcap, without log2(e)
     stride_kb,
     stride_ks,
     stride_vb,
@@ -95,6 +104,8 @@ def _attend_tile(
     DOT_PRECISION: tl.constexpr,
     KV_WIDEN: tl.constexpr,  # 0, or an fp8 cache's format (ops.triton.fp8_kv_read): read as words, widened
     HW_CVT: tl.constexpr,
+    WINDOWED: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     offs_t = tl.arange(0, TILE)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -129,8 +140,12 @@ def _attend_tile(
         v = tl.load(v_head + phys[:, None] * stride_vb + slot[:, None] * stride_vs + offs_d[None, :])
     # (an fp8 cache's tiles widen to q's dtype here; for a cache in q's dtype .to is a no-op)
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, TILE]
+    if SOFTCAP:  # softcap * tanh(scores / softcap), in the log2 domain
+        s = tanh(s) * softcap_log2
     if MASKED:
         visible = (k_pos[None, :] <= q_pos[:, None]) & k_valid[None, :]
+        if WINDOWED:
+            visible = visible & (k_pos[None, :] > q_pos[:, None] - window)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # rows with nothing visible yet
@@ -146,7 +161,7 @@ def _attend_tile(
 
 # A batch of one must not recompile or make `hi` a constant; neither may a segment count, nor the
 # memory profile's one-block-wide block table (stride 1) compile a decode variant of its own.
-@triton.jit(do_not_specialize=["num_seqs", "num_segments", "stride_bt"])
+@triton.jit(do_not_specialize=["num_seqs", "num_segments", "stride_bt", "window"])
 def _paged_attention_kernel(
     out_ptr,  # [num_tokens, num_heads, HEAD_DIM] (not SPLIT)
     part_acc_ptr,  # [num_tokens, num_heads, num_segments, HEAD_DIM] float32 (SPLIT)
@@ -159,7 +174,9 @@ def _paged_attention_kernel(
     block_tables_ptr,  # [num_seqs, max_blocks_per_seq] int32
     seq_lens_ptr,  # [num_seqs] int32
     query_start_loc_ptr,  # [num_seqs + 1] int32
-    qk_scale,  # softmax scale * log2(e)
+    qk_scale,  # softmax scale * log2(e); scale / softcap with SOFTCAP
+    window,  # (WINDOWED) the sliding window: keys q_pos - window < k_pos <= q_pos
+    softcap_log2,  # (SOFTCAP) the logit softcap * log2(e)
     k_scale_ptr,  # [num_kv_heads] float32 (KV_SCALED): folded into qk_scale
     v_scale_ptr,  # [num_kv_heads] float32 (KV_SCALED): applied to the normalised output
     positions_ptr,  # [num_tokens] int64 (ROTARY)
@@ -201,6 +218,8 @@ def _paged_attention_kernel(
     KV_WIDEN: tl.constexpr,  # 0, or the fp8 cache's format: tiles widened to float16 as words, dots in float16
     HW_CVT: tl.constexpr,  # (KV_WIDEN) the GPU's fp8x2 -> f16x2 conversion, else Triton's per byte
     ROT_HALF: tl.constexpr = 0,  # (ROTARY) rotary_dim / 2 when only part of a head rotates; 0: all of it
+    WINDOWED: tl.constexpr = False,  # sliding-window attention: tiles wholly before every row's window skipped
+    SOFTCAP: tl.constexpr = False,  # attention logit softcapping (Gemma 2)
 ):
     let_next_kernel_start(PDL)
     wait_for_previous_kernel(PDL)
@@ -236,20 +255,33 @@ def _paged_attention_kernel(
         q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
     q_pos = context_len + q_local  # [BLOCK_M] the last key position each row may see
 
-    # Keys this program needs: up to its last valid row's position.
+    # Keys this program needs: up to its last valid row's position (with a window, from its first row's
+    # window start: the tiles before it are never read, so a decode's work stops growing past the window).
     last_q_local = tl.minimum((q_block_local + 1) * BLOCK_Q, q_len) - 1
     kv_end = context_len + last_q_local + 1
     num_tiles = tl.cdiv(kv_end, TILE)
+    first_q_pos = context_len + q_block_local * BLOCK_Q
+    tile_first = 0
+    if WINDOWED:
+        tile_first = tl.maximum(first_q_pos - window + 1, 0) // TILE
     if SPLIT:
-        tiles_per_segment = tl.cdiv(tl.cdiv(seq_len, TILE), num_segments)
-        # Segments that hold any of this block's tiles: the others leave at once and write nothing (a
-        # CUDA graph sizes the split for the longest context; a short one fills the first segment only).
-        used = tl.cdiv(num_tiles, tiles_per_segment)
-        tile_lo = segment * tiles_per_segment
+        if WINDOWED:  # the split covers the window's tiles only
+            tiles_per_segment = tl.cdiv(num_tiles - tile_first, num_segments)
+            used = tl.cdiv(num_tiles - tile_first, tiles_per_segment)
+            tile_lo = tile_first + segment * tiles_per_segment
+        else:
+            tiles_per_segment = tl.cdiv(tl.cdiv(seq_len, TILE), num_segments)
+            # Segments that hold any of this block's tiles: the others leave at once and write nothing (a
+            # CUDA graph sizes the split for the longest context; a short one fills the first segment only).
+            used = tl.cdiv(num_tiles, tiles_per_segment)
+            tile_lo = segment * tiles_per_segment
         tile_hi = tl.minimum(tile_lo + tiles_per_segment, num_tiles)
     else:
         used = 1
-        tile_lo = 0
+        if WINDOWED:
+            tile_lo = tile_first
+        else:
+            tile_lo = 0
         tile_hi = num_tiles
     if segment >= used:
         return
@@ -267,6 +299,7 @@ def _paged_attention_kernel(
 
     if KV_SCALED:
         qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
+    # (SOFTCAP: qk_scale came without log2(e), which softcap_log2 applies after the tanh)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -276,19 +309,31 @@ def _paged_attention_kernel(
     v_head = v_cache_ptr + kv_head * stride_vh
     # Tiles below the first row's position are visible to every row: no masks there. The rest (the
     # causal diagonal of a prefill chunk, a decode's last partial tile) go through the masked loop.
-    first_q_pos = context_len + q_block_local * BLOCK_Q
     mid = tl.minimum(tl.maximum((first_q_pos + 1) // TILE, tile_lo), tile_hi)
+    if WINDOWED:
+        # Tiles that start before the last row's window (some row's window edge crosses them) are masked
+        # too; a window narrower than the block's rows leaves no unmasked tile at all.
+        full_lo = tl.cdiv(tl.maximum(kv_end - window, 0), TILE)  # first tile inside every row's window
+        full_lo = tl.minimum(tl.maximum(full_lo, tile_lo), tile_hi)
+        mid = tl.maximum(mid, full_lo)
+        for t in range(tile_lo, full_lo):
+            m_i, l_i, acc = _attend_tile(
+                q, m_i, l_i, acc, t, block_table, k_head, v_head, q_pos, kv_end, qk_scale, window, softcap_log2,
+                stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_SIZE, TILE, True, DOT_PRECISION,
+                KV_WIDEN, HW_CVT, WINDOWED, SOFTCAP,
+            )  # fmt: skip
+        tile_lo = full_lo
     for t in range(tile_lo, mid):
         m_i, l_i, acc = _attend_tile(
-            q, m_i, l_i, acc, t, block_table, k_head, v_head, q_pos, kv_end, qk_scale,
+            q, m_i, l_i, acc, t, block_table, k_head, v_head, q_pos, kv_end, qk_scale, window, softcap_log2,
             stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_SIZE, TILE, False, DOT_PRECISION, KV_WIDEN,
-            HW_CVT,
+            HW_CVT, WINDOWED, SOFTCAP,
         )  # fmt: skip
     for t in range(mid, tile_hi):
         m_i, l_i, acc = _attend_tile(
-            q, m_i, l_i, acc, t, block_table, k_head, v_head, q_pos, kv_end, qk_scale,
+            q, m_i, l_i, acc, t, block_table, k_head, v_head, q_pos, kv_end, qk_scale, window, softcap_log2,
             stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_SIZE, TILE, True, DOT_PRECISION, KV_WIDEN,
-            HW_CVT,
+            HW_CVT, WINDOWED, SOFTCAP,
         )  # fmt: skip
 
     if KV_SCALED:
@@ -549,11 +594,13 @@ def paged_attention(
     scale: float,
     k_scale: torch.Tensor | None = None,  # [num_kv_heads] float32 (fp8 caches); None = 1.0
     v_scale: torch.Tensor | None = None,  # [num_kv_heads] float32 (fp8 caches); None = 1.0
+    sliding_window: int | None = None,  # keys q_pos - window < k_pos <= q_pos only; None = all
+    softcap: float | None = None,  # scores -> softcap * tanh(scores / softcap) before the softmax
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole paged context (see the reference)."""
     return _attend(
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len, max_seq_len, scale,
-        k_scale, v_scale,
+        k_scale, v_scale, None, sliding_window, softcap,
     )  # fmt: skip
 
 
@@ -570,21 +617,26 @@ def _attend(
     k_scale: torch.Tensor | None,  # [num_kv_heads] float32
     v_scale: torch.Tensor | None,
     rotary: tuple[torch.Tensor, ...] | None = None,  # see _launch
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """paged_attention's launch shape from its plan (decode or prefill), then the launch."""
     plan = _plan_for(query, k_cache)
     num_seqs = seq_lens.shape[0]
     widen = _kv_widen(query, k_cache, v_cache) if plan.fp8_widen else 0
     if max_query_len == 1:
+        # A windowed decode reads at most the window's keys: split for those, not the whole context.
+        keys = max_seq_len if sliding_window is None else min(max_seq_len, sliding_window)
         block_m, tile, segments, num_warps, num_stages = _decode_shape(
-            plan, widen != 0, num_seqs * k_cache.shape[2], max_seq_len
+            plan, widen != 0, num_seqs * k_cache.shape[2], keys
         )
     else:
         block_m, tile, num_warps, num_stages = plan.prefill
         segments = 1
     return _launch(
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale, plan,
-        block_m, tile, segments, num_warps, num_stages, widen, rotary=rotary,
+        block_m, tile, segments, num_warps, num_stages, widen, rotary=rotary, sliding_window=sliding_window,
+        softcap=softcap,
     )  # fmt: skip
 
 
@@ -620,6 +672,8 @@ def decode_attention(
     scale: float,
     k_scale: torch.Tensor | None = None,  # [num_kv_heads] float32 (fp8 caches); None = 1.0
     v_scale: torch.Tensor | None = None,
+    sliding_window: int | None = None,  # as paged_attention's
+    softcap: float | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """A decode batch's attention (one new token a sequence) with its rotary embedding and KV write in
     the same launch: ops.reference's rotary_and_write_kv, then paged_attention (the spec).
@@ -639,7 +693,8 @@ def decode_attention(
         raise ValueError("decode_attention needs key and value contiguous in their last dimension")
     return _attend(
         query.view(num_tokens, -1, head_dim), k_cache, v_cache, block_tables, seq_lens, query_start_loc, 1,
-        max_seq_len, scale, k_scale, v_scale, (positions, key, value, cos_sin_cache, slot_mapping),
+        max_seq_len, scale, k_scale, v_scale, (positions, key, value, cos_sin_cache, slot_mapping), sliding_window,
+        softcap,
     )  # fmt: skip
 
 
@@ -656,6 +711,8 @@ def paged_attention_with_config(
     config: AttentionConfig | None = None,
     k_scale: torch.Tensor | None = None,  # [num_kv_heads] float32; None = 1.0
     v_scale: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """`paged_attention` with an explicit launch shape (None: the heuristic's, as paged_attention)."""
     if config is None:
@@ -671,6 +728,8 @@ def paged_attention_with_config(
             scale,
             k_scale,
             v_scale,
+            sliding_window,
+            softcap,
         )
     plan = _plan_for(query, k_cache)
     block_m = max(config.block_m, triton.next_power_of_2(plan.group))
@@ -679,6 +738,7 @@ def paged_attention_with_config(
     return _launch(
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale, plan,
         block_m, config.tile, config.num_segments, config.num_warps, config.num_stages, widen,
+        sliding_window=sliding_window, softcap=softcap,
     )  # fmt: skip
 
 
@@ -717,6 +777,8 @@ def _launch(
     widen: int,  # KV_WIDEN: _kv_widen's format, or 0 (the caller decided it)
     # decode_attention's (positions, key, value, cos_sin, slots): the kernel's ROTARY path
     rotary: tuple[torch.Tensor, ...] | None = None,
+    sliding_window: int | None = None,  # the WINDOWED path (None: off)
+    softcap: float | None = None,  # the SOFTCAP path (None: off)
 ) -> torch.Tensor:
     """Allocate the output (and split-KV partials) and launch; every decision is already made."""
     num_tokens, num_heads, head_dim = query.shape
@@ -761,11 +823,21 @@ def _launch(
         stride_cs, stride_kn, stride_vn = cos_sin.stride(0), k_new.stride(0), v_new.stride(0)
         rot_half = 0 if cos_sin.shape[-1] == head_dim else cos_sin.shape[-1] // 2  # partial rotary
         mant, min_exp, fp8_max = _FP8_FORMATS.get(k_cache.dtype, _NOT_FP8)
+    windowed = sliding_window is not None
+    if windowed and sliding_window < 1:
+        raise ValueError(f"paged_attention: sliding_window must be >= 1; got {sliding_window}")
+    if softcap is None:
+        qk_scale, softcap_log2 = scale * _LOG2E, 0.0
+    elif softcap > 0:  # the tanh takes scores / softcap; log2(e) comes after it
+        qk_scale, softcap_log2 = scale / softcap, softcap * _LOG2E
+    else:
+        raise ValueError(f"paged_attention: softcap must be > 0; got {softcap}")
     # Constexprs passed positionally (a keyword costs a dict build per launch), in the kernel's order.
     _paged_attention_kernel[(grid_q, num_kv_heads, segments)](
         out, part_acc, part_max, part_sum, counters, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+        qk_scale, sliding_window if windowed else 0, softcap_log2,
         # without scales the kernel reads none: the query stands in for their pointers
-        scale * _LOG2E, k_scale if scaled else query, v_scale if scaled else query,
+        k_scale if scaled else query, v_scale if scaled else query,
         positions, cos_sin, k_new, v_new, slots, num_seqs, num_heads, segments,
         qs[0], qs[1], out_stride_t, head_dim,
         ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
@@ -787,6 +859,8 @@ def _launch(
         widen,  # KV_WIDEN
         plan.hw_fp8_cvt,  # HW_CVT
         rot_half,  # ROT_HALF
+        windowed,  # WINDOWED
+        softcap is not None,  # SOFTCAP
         num_warps=num_warps,
         num_stages=num_stages,
         launch_pdl=plan.pdl,

@@ -4,6 +4,9 @@ output). Same signature and rounding points as `ops.reference.rms_norm`.
 `rms_norm_fp8` also quantizes the output per token to FP8 for a W8A8 linear that follows
 (engine.model.quantization.fp8_activation): the row is already in registers, so the quantizer's own
 read of it, and the 16-bit write it would read, go. Bit for bit `per_token_fp8(rms_norm(...))`.
+
+`gemma_rms_norm` is the same kernel with GEMMA on: the norm reads the residual sum as stored (rounded to
+x's dtype) and scales by (1 + weight) in float32 before its one rounding (`ops.reference.gemma_rms_norm`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ def _rms_norm_kernel(
     QUANT: tl.constexpr,  # store the output as FP8 with a per-token scale
     INV_FP8_MAX: tl.constexpr,
     HW_CVT: tl.constexpr,
+    GEMMA: tl.constexpr = False,  # Gemma's norm: the rounded sum, (1 + weight) in float32, one rounding
 ):
     let_next_kernel_start(PDL)
     wait_for_previous_kernel(PDL)
@@ -48,10 +52,15 @@ def _rms_norm_kernel(
         r = tl.load(residual_ptr + row * stride_r + offs, mask=mask, other=0.0)
         h = h + r.to(tl.float32)
         tl.store(new_residual_ptr + row * stride_new_r + offs, h.to(x.dtype), mask=mask)
+        if GEMMA:
+            h = h.to(x.dtype).to(tl.float32)
     variance = tl.sum(h * h, axis=0) / hidden
-    normed = (h * tl.rsqrt(variance + eps)).to(x.dtype)  # the reference rounds before the weight multiply
     w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
-    out = normed.to(tl.float32) * w.to(tl.float32)
+    if GEMMA:
+        out = h * tl.rsqrt(variance + eps) * (1.0 + w.to(tl.float32))
+    else:
+        normed = (h * tl.rsqrt(variance + eps)).to(x.dtype)  # the reference rounds before the weight multiply
+        out = normed.to(tl.float32) * w.to(tl.float32)
     if QUANT:  # quantize what the plain kernel would have stored (x's dtype), as the quantizer reads it
         quantized = out.to(x.dtype).to(tl.float32)
         store_row_fp8(
@@ -83,6 +92,7 @@ def rms_norm(
     weight: torch.Tensor,  # [hidden]
     eps: float,
     residual: torch.Tensor | None = None,  # [num_tokens, hidden]
+    gemma: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm; with `residual`, first adds it and also returns the sum (the next residual).
 
@@ -94,7 +104,7 @@ def rms_norm(
     block, num_warps = _LAUNCH.get(hidden) or _launch_params(hidden)
     x2 = x if len(shape) == 2 and x.stride()[1] == 1 else _rows(x)  # [num_tokens, hidden]
     num_tokens = x2.shape[0]
-    out_dtype = x.dtype if weight.dtype == x.dtype else torch.promote_types(x.dtype, weight.dtype)
+    out_dtype = x.dtype if gemma or weight.dtype == x.dtype else torch.promote_types(x.dtype, weight.dtype)
     out = torch.empty(num_tokens, hidden, dtype=out_dtype, device=x.device)  # [num_tokens, hidden]
     if residual is not None:
         r2 = residual if residual.dim() == 2 and residual.stride()[1] == 1 else _rows(residual)
@@ -109,7 +119,7 @@ def rms_norm(
             out, out, nr2, x2, r2, weight.contiguous(),
             x2.stride(0), r2.stride(0), hidden, hidden,  # out and new_residual are contiguous
             hidden, eps,
-            residual is not None, block, pdl, False, INV_FP8_MAX, False,
+            residual is not None, block, pdl, False, INV_FP8_MAX, False, gemma,
             num_warps=num_warps, launch_pdl=pdl,
         )  # fmt: skip
     if len(shape) != 2:
@@ -143,7 +153,17 @@ def rms_norm_fp8(
             q, scale, nr2, x, r2, weight.contiguous(),
             x.stride(0), r2.stride(0), hidden, hidden,
             hidden, eps,
-            residual is not None, block, pdl, True, INV_FP8_MAX, hardware_fp8_conversion(x),
+            residual is not None, block, pdl, True, INV_FP8_MAX, hardware_fp8_conversion(x), False,
             num_warps=num_warps, launch_pdl=pdl,
         )  # fmt: skip
     return (q, scale) if new_residual is None else (q, scale, new_residual)
+
+
+def gemma_rms_norm(
+    x: torch.Tensor,  # [num_tokens, hidden]
+    weight: torch.Tensor,  # [hidden]: scales by (1 + weight)
+    eps: float,
+    residual: torch.Tensor | None = None,  # [num_tokens, hidden]
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Gemma's RMSNorm (see ops.reference.gemma_rms_norm); outputs in x's dtype."""
+    return rms_norm(x, weight, eps, residual, True)

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine import LLM, SamplingParams
-from tests.tiny_models import FAMILIES
+from tests.tiny_models import FAMILIES, OTHER_FAMILIES, build_model
 
 MAX_TOKENS = 20
 PROMPT_LENGTHS = (5, 17, 33, 40)
@@ -124,6 +124,26 @@ def test_greedy_parity_with_prefix_cache_hits(tiny_model_dirs: dict[str, Path], 
     assert [o.outputs[0].token_ids for o in second] == expected
     assert llm.llm_engine.stats().prefix_cache_hits > hits_before
     assert all(o.num_cached_tokens >= 32 for o in second)
+    _assert_all_blocks_free(llm)
+
+
+@pytest.mark.parametrize("family", OTHER_FAMILIES)
+def test_greedy_parity_chunked_prefill_other_families(
+    tiny_tokenizer_dir: Path, tmp_path: Path, family: str
+) -> None:
+    """One run each, not the whole matrix: Gemma 1 (Gemma 2's layers without the window, the softcaps
+    and the post-norms), Qwen2 with the window on its upper layers only (max_window_layers), Qwen2-MoE
+    with transformers' own layout of its windowed layers, and Phi-3 with a window on every layer."""
+    model_dir = build_model(family, tmp_path / family, tiny_tokenizer_dir)
+    prompts = _prompts()
+    expected, expected_lp = hf_greedy(model_dir, prompts)
+    llm = LLM(str(model_dir), device="cpu", dtype="float32", max_num_batched_tokens=7, block_size=8)
+    outs = llm.generate(prompts, _greedy(logprobs=0), use_tqdm=False)
+    for out, exp, exp_lp in zip(outs, expected, expected_lp, strict=True):
+        got = out.outputs[0]
+        assert got.token_ids == exp
+        got_lp = [pos[tok].logprob for pos, tok in zip(got.logprobs or [], got.token_ids, strict=True)]
+        assert got_lp == pytest.approx(exp_lp, abs=1e-4)
     _assert_all_blocks_free(llm)
 
 

@@ -243,3 +243,20 @@ def test_tp2_moe_matches_transformers(tiny_model_dirs: dict[str, Path]) -> None:
         str(model_dir), device="cpu", dtype="float32", tensor_parallel_size=2, max_num_batched_tokens=16
     ) as llm:
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, _greedy(), use_tqdm=False)] == expected
+
+
+def test_tp2_gemma2_windows_and_softcaps_match_transformers(tiny_model_dirs: dict[str, Path]) -> None:
+    """Gemma 2 over two ranks (one KV head each): sliding-window and full layers, both softcaps, the
+    sqrt(hidden) embedding scale after the embedding's all-reduce, chunked prefill."""
+    model_dir = tiny_model_dirs["gemma2"]
+    prompts = _prompts()
+    expected, _ = hf_greedy(model_dir, prompts)
+    with LLM(
+        str(model_dir),
+        device="cpu",
+        dtype="float32",
+        tensor_parallel_size=2,
+        block_size=8,
+        max_num_batched_tokens=7,
+    ) as llm:
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, _greedy(), use_tqdm=False)] == expected

@@ -344,3 +344,40 @@ def test_async_engine_generates_with_adapters(lora_setup: dict) -> None:
     tokens, loaded, removed, after = asyncio.run(asyncio.wait_for(main(), timeout=120))
     assert tokens == [lora_setup["expected"](PROMPTS[i], a) for i, a in enumerate(adapters)]
     assert loaded == {2, 4} and removed and after == {4}
+
+
+def test_gemma2_adapter_matches_peft(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """An adapter on all seven projections of Gemma 2 (GeGLU MLP, windowed softcapped attention)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_model_dirs["gemma2"]
+    targets = ADAPTERS["r8-all"][2]
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32),
+        LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0),
+    )
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:  # B too: a fresh adapter's zero B would change nothing
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
+    model.save_pretrained(str(tmp_path / "all"))
+    adapter = LoRARequest("all", 1, str(tmp_path / "all"))
+    prompts = PROMPTS[:3]
+    peft = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32), str(tmp_path / "all")
+    ).eval()
+    want = [
+        peft.generate(
+            torch.tensor([p]), max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, len(p) :].tolist()
+        for p in prompts
+    ]
+    with LLM(str(model_dir), device="cpu", dtype="float32", enable_lora=True, max_lora_rank=8) as llm:
+        got = [
+            o.outputs[0].token_ids
+            for o in llm.generate(prompts, _greedy(), use_tqdm=False, lora_request=adapter)
+        ]
+        base = [o.outputs[0].token_ids for o in llm.generate(prompts, _greedy(), use_tqdm=False)]
+    assert got == want and got != base

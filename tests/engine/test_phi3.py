@@ -1,7 +1,7 @@
 """Phi-3 beyond the parity tests every family gets (tests/e2e/test_parity.py): pre-fused qkv_proj /
 gate_up_proj tensors sliced per tensor-parallel rank section by section, longrope's short and long
 factors on both sides of weir's once-per-engine switch against transformers, PEFT adapters on the
-fused projections against PEFT, the sliding-window cap and the config errors."""
+fused projections against PEFT, Phi-3-mini-4k's window and the config errors."""
 
 from __future__ import annotations
 
@@ -153,11 +153,12 @@ _PHI3 = {
 }
 
 
-def test_phi3_mini_4k_window_caps_max_model_len(caplog) -> None:
+def test_phi3_mini_4k_window_is_every_layers_and_leaves_max_model_len(caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="weir.engine"):
         config = ModelConfig.from_dicts("phi-3-mini-4k", {**_PHI3, "sliding_window": 2047}, device="cpu")
-    assert config.max_model_len == 2047 and config.sliding_window == 2047
-    assert "capping max_model_len from 4096 to 2047" in caplog.text
+    assert config.max_model_len == 4096 and config.sliding_window == 2047
+    assert [config.layer_window(i) for i in range(2)] == [2047, 2047]
+    assert "capping" not in caplog.text
     assert (config.rotary_dim, config.rope_scaling) == (16, None)
 
 

@@ -45,9 +45,9 @@ def test_every_tiny_family_tokenizer_equals_autotokenizer(tiny_model_dirs: dict[
         assert "config" in _declared_config(str(path))  # the tests' tokenizer names its class
         loaders[family] = _same_tokenizer(path)
     # transformers 5 loads a qwen2 checkpoint with its own Qwen2Tokenizer class, which rebuilds the
-    # pre-tokenizer: weir leaves that one to transformers, and the MoE model types, not verified
-    # (VERIFIED_MODEL_TYPES), likewise.
-    auto = ("qwen2", *MOE_FAMILIES)
+    # pre-tokenizer: weir leaves that one to transformers, and the MoE, Phi-3 and Gemma model types (not
+    # among those fast_tokenizer_files verified: VERIFIED_MODEL_TYPES) too.
+    auto = ("qwen2", *MOE_FAMILIES, "phi3", "phi3_partial", "gemma2", "gemma3")
     assert loaders == {f: AUTO_LOADER if f in auto else FAST_LOADER for f in tiny_model_dirs}
 
 

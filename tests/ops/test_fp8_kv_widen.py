@@ -163,10 +163,10 @@ def test_widened_decode_launches_tiles_of_twice_the_positions(monkeypatch: pytes
     seen: list[tuple[int, int]] = []
     real_launch = pa._launch
 
-    def capture(*args: object, rotary: object = None) -> torch.Tensor:
+    def capture(*args: object, **kw: object) -> torch.Tensor:
         _block_m, tile, segments = args[-6:-3]
         seen.append((tile, segments))  # type: ignore[arg-type]
-        return real_launch(*args, rotary=rotary)  # type: ignore[arg-type]
+        return real_launch(*args, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(pa, "_launch", capture)
     monkeypatch.setattr(pa, "_PLANS", {})

@@ -86,21 +86,25 @@ KERNELS = [
             {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "TILE": 64, "BLOCK_M": 16, "BLOCK_Q": 4, "SPLIT": split,
              "DOT_PRECISION": "tf32", "KV_SCALED": fp8, "PDL": True, "ROTARY": rotary, "FP8_MANT": 3 if fp8 else 0,
              "FP8_MIN_EXP": -6 if fp8 else 0, "FP8_MAX": 448.0 if fp8 else 0.0, "KV_WIDEN": widen,
-             "HW_CVT": widen == 1 or split},
+             "HW_CVT": widen == 1 or split, "WINDOWED": windowed, "SOFTCAP": windowed},
             {"out_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32",
              "counters_ptr": "*i32", "q_ptr": "*bf16", "k_cache_ptr": cache if fp8 else "*bf16",
              "v_cache_ptr": cache if fp8 else "*bf16", "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
-             "query_start_loc_ptr": "*i32", "qk_scale": "fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32",
+             "query_start_loc_ptr": "*i32", "qk_scale": "fp32", "softcap_log2": "fp32", "k_scale_ptr": "*fp32",
+             "v_scale_ptr": "*fp32",
              "positions_ptr": "*i64", "cos_sin_ptr": "*fp32", "k_new_ptr": "*bf16", "v_new_ptr": "*bf16",
              "slot_mapping_ptr": "*i64"},
         )
         # decode_attention (ROTARY: the new token's K/V stored before the tiles are read) split and not
         # widen: the fp8 cache read as words (ops/triton/fp8_kv_read.py), e4m3 1, e5m2 2 (the PTX conversion
-        # where HW_CVT; e5m2 unsplit: its bit-arithmetic one, as on a GPU older than sm_89)
-        for split, rotary, fp8, widen, cache in (
-            (True, False, False, 0, None), (False, False, False, 0, None), (True, True, False, 0, None),
-            (False, True, True, 0, "*fp8e4nv"), (False, False, True, 1, "*fp8e4nv"), (True, True, True, 1, "*fp8e4nv"),
-            (True, False, True, 2, "*fp8e5"), (False, False, True, 2, "*fp8e5"),
+        # where HW_CVT; e5m2 unsplit: its bit-arithmetic one, as on a GPU older than sm_89); a sliding window
+        # with a softcap (Gemma 2) split with the fused decode's store, and over a widened fp8 cache
+        for split, rotary, fp8, widen, cache, windowed in (
+            (True, False, False, 0, None, False), (False, False, False, 0, None, False),
+            (True, True, False, 0, None, False), (False, True, True, 0, "*fp8e4nv", False),
+            (False, False, True, 1, "*fp8e4nv", False), (True, True, True, 1, "*fp8e4nv", False),
+            (True, False, True, 2, "*fp8e5", False), (False, False, True, 2, "*fp8e5", False),
+            (True, True, False, 0, None, True), (False, False, True, 1, "*fp8e4nv", True),
         )
     ),
     (  # Phi-4-mini's partial rotary: 96 of 128 dims rotate (ROT_HALF 48, not a power of two)
@@ -136,20 +140,20 @@ KERNELS = [
         (
             "ops.triton.rms_norm:_rms_norm_kernel",
             {"HAS_RESIDUAL": True, "BLOCK": 4096, "PDL": True, "QUANT": quant, "INV_FP8_MAX": 1.0 / 448.0,
-             "HW_CVT": True},
+             "HW_CVT": True, "GEMMA": gemma},
             {"out_ptr": "*fp8e4nv" if quant else "*bf16", "scale_ptr": "*fp32", "new_residual_ptr": "*bf16",
              "x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "eps": "fp32"},
         )
-        for quant in (False, True)
+        for quant, gemma in ((False, False), (True, False), (False, True))
     ),
     *(
         (
             "ops.triton.activation:_silu_and_mul_kernel",
             {"BLOCK": 16384 if quant else 2048, "PDL": True, "QUANT": quant, "INV_FP8_MAX": 1.0 / 448.0,
-             "HW_CVT": True},
+             "HW_CVT": True, "GELU_TANH": gelu},
             {"out_ptr": "*fp8e4nv" if quant else "*bf16", "scale_ptr": "*fp32", "x_ptr": "*bf16"},
         )
-        for quant in (False, True)
+        for quant, gelu in ((False, False), (True, False), (False, True))
     ),
     *(
         (  # the fused MoE's grouped GEMMs: [gate; up] with silu-mul in the epilogue, down with the routing weight
@@ -193,6 +197,9 @@ triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attr
         + (f"-rot_half{k[1]['ROT_HALF']}" if k[1].get("ROT_HALF") else "")
         + ("-fp8kv" if k[1].get("KV_SCALED") else "")
         + (f"-widen{k[1]['KV_WIDEN']}{'ptx' if k[1]['HW_CVT'] else 'bits'}" if k[1].get("KV_WIDEN") else "")
+        + ("-window-softcap" if k[1].get("WINDOWED") else "")
+        + ("-gemma" if k[1].get("GEMMA") else "")
+        + ("-gelu_tanh" if k[1].get("GELU_TANH") else "")
         + ("-fp8" if k[1].get("QUANT") or k[2].get("w_ptr") == "*fp8e4nv" else "")
         + ("-gated" if k[1].get("GATED") else "")
         + ("-l2prefetch" if k[1].get("L2_PREFETCH") else "")

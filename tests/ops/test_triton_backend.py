@@ -176,7 +176,7 @@ def test_widened_fp8_cache_reads_keep_the_models_logits(
 
 
 @in_process
-@pytest.mark.parametrize("model", ["llama", "qwen3"])
+@pytest.mark.parametrize("model", ["llama", "qwen3", "gemma2"])  # gemma2: decodes past its window, softcapped
 def test_fused_decode_attention_leaves_every_logit_as_it_was(
     tiny_model_dirs: dict[str, Path], model: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -216,7 +216,7 @@ def test_fused_decode_attention_leaves_every_logit_as_it_was(
                     seq.append(int(row.argmax()))
                 logits.append(rows)
         runs[fused] = (tokens, torch.cat(logits))
-    num_layers = 2
+    num_layers = runner.model_config.num_layers
     assert calls == [2] * 5 * num_layers  # the fused run's decode steps only, every layer
     assert runs["1"][0] == runs["0"][0]
     assert torch.equal(runs["1"][1], runs["0"][1])
@@ -241,3 +241,19 @@ def test_moe_model_forward_on_triton_matches_torch(tiny_model_dirs: dict[str, Pa
         logits[use_triton] = _chunked_prefill_logits(runner, prompt, [5, 0])
     assert logits[True].shape == (21, 512)
     assert (logits[True] - logits[False]).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("model", ["gemma2", "gemma3"])
+def test_gemma_on_triton_matches_transformers(tiny_model_dirs: dict[str, Path], model: str) -> None:
+    """Gemma's norms, GeGLU and windowed (gemma2: softcapped) attention on the Triton kernels: a 21-token
+    prompt in two prefill chunks (the second past the 12- / 8-token windows) gives transformers' logits."""
+    from transformers import AutoModelForCausalLM
+
+    prompt = [int(t) for t in np.random.default_rng(3).integers(3, 500, size=21)]
+    runner = _runner(tiny_model_dirs[model], use_triton=True)
+    assert {type(m).__name__ for m in runner.model.modules()} >= {"GemmaRMSNorm", "GeluTanhAndMul"}
+    logits = _chunked_prefill_logits(runner, prompt, [5, 0])
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_model_dirs[model]), dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = hf(torch.tensor([prompt])).logits[0].float()
+    assert (logits.cpu() - expected).abs().max().item() < 1e-4

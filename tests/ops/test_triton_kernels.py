@@ -426,7 +426,7 @@ def test_paged_attention_cached_plan_matches_choose_config(monkeypatch: pytest.M
     pa = importlib.import_module("ops.triton.paged_attention")
     seen: list[tuple[int, int, int, int, int]] = []
 
-    def capture(*args: object, rotary: object = None) -> torch.Tensor:
+    def capture(*args: object, rotary: object = None, **_: object) -> torch.Tensor:
         assert rotary is None  # paged_attention never takes decode_attention's path
         block_m, tile, segments, num_warps, num_stages, _fp8_widen = args[-6:]
         seen.append((block_m, tile, segments, num_warps, num_stages))  # type: ignore[arg-type]

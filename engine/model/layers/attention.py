@@ -21,6 +21,11 @@ and on an H200 at Llama-3-8B and Qwen3-0.6B shapes). On by default for caches in
 batch-1 and batch-8 steps 1.4% faster on an H200 (`loadtest/results/fused-decode-h200-2026-12-05-a047c14/`).
 An fp8 cache keeps the two launches: the fused path's fp8 read-back is checked on CPU only.
 WEIR_FUSED_DECODE_ATTENTION=0 turns it off (read when the layer is built).
+
+A layer may attend over a sliding window (`sliding_window` W: a query at position p sees keys
+p - W + 1 .. p, transformers' convention) and cap its scores (`logit_softcap` c: c * tanh(s / c)
+before the softmax, Gemma 2); every kernel path takes both (None: off, the kernels compiled without).
+The cache keeps the blocks before a window: the kernels skip them, nothing frees them.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ class Attention(nn.Module):
         prefix: str = "",
         total_num_kv_heads: int | None = None,
         kv_head_offset: int = 0,
+        sliding_window: int | None = None,
+        logit_softcap: float | None = None,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -52,6 +59,8 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.scale = scale
         self.layer_idx = layer_idx
+        self.sliding_window = sliding_window
+        self.logit_softcap = logit_softcap
         self.attn_backend = attn_backend
         self.prefix = prefix
         # not over an fp8 cache: its fused read-back has not run on a GPU yet (module docstring)
@@ -95,7 +104,7 @@ class Attention(nn.Module):
                 out = backend.kernels.decode_attention(
                     positions, query, key, value, cos_sin_cache, self.head_dim, self.k_cache, self.v_cache,
                     md.slot_mapping, md.block_tables, md.seq_lens, md.query_start_loc, md.max_seq_len,
-                    self.scale, self.k_scale, self.v_scale,
+                    self.scale, self.k_scale, self.v_scale, self.sliding_window, self.logit_softcap,
                 )  # fmt: skip
                 return out.view(num_tokens, self.num_heads * self.head_dim)
             query = backend.kernels.rotary_and_write_kv(
@@ -120,5 +129,7 @@ class Attention(nn.Module):
             self.scale,
             self.k_scale,
             self.v_scale,
+            self.sliding_window,
+            self.logit_softcap,
         )
         return out.view(num_tokens, self.num_heads * self.head_dim)

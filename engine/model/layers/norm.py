@@ -1,5 +1,5 @@
 """RMSNorm over the rms_norm kernel of the model's `Kernels` (ops), with the fused residual add used
-between decoder sub-layers."""
+between decoder sub-layers; GemmaRMSNorm over gemma_rms_norm (a (1 + weight) scale in float32)."""
 
 from __future__ import annotations
 
@@ -43,3 +43,33 @@ class RMSNorm(nn.Module):
             return Fp8Activation(*self.kernels.rms_norm_fp8(x, self.weight, self.eps), x.dtype)
         q, scale, new_residual = self.kernels.rms_norm_fp8(x, self.weight, self.eps, residual)
         return Fp8Activation(q, scale, x.dtype), new_residual
+
+
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm over the gemma_rms_norm kernel: scales by (1 + weight) in float32 (the checkpoint
+    stores the offset from 1; a fresh layer's weight is 0, the identity scale). Same calling convention
+    as RMSNorm without the fp8 output: a W8A8 projection after it quantizes its input itself."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float = 1e-6,
+        params_dtype: torch.dtype | None = None,
+        kernels: Kernels = TORCH_KERNELS,
+        prefix: str = "",
+    ) -> None:
+        super().__init__()
+        self.eps = eps
+        self.kernels = kernels
+        self.prefix = prefix
+        dtype = params_dtype or torch.get_default_dtype()
+        self.weight = nn.Parameter(torch.zeros(hidden_size, dtype=dtype), requires_grad=False)  # [hidden]
+        set_weight_attrs(self.weight, {"weight_loader": default_weight_loader})
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [num_tokens, hidden]
+        residual: torch.Tensor | None = None,  # [num_tokens, hidden]
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Without residual: norm(x). With residual: (norm(x + residual), x + residual)."""
+        return self.kernels.gemma_rms_norm(x, self.weight, self.eps, residual)

@@ -1,6 +1,7 @@
 """The Llama decoder family in one implementation: Llama 1/2/3 (incl. llama3 rope scaling), Mistral,
 Qwen2 (q/k/v bias), Qwen3 (per-head q/k RMSNorm) and Phi-3 (Phi-3/3.5-mini, Phi-3-medium, Phi-4,
-Phi-4-mini: partial rotary, longrope), with optional tied embeddings.
+Phi-4-mini: partial rotary, longrope), with optional tied embeddings and sliding-window layers (Mistral's
+`sliding_window`, Qwen's `use_sliding_window`: ModelConfig.layer_window).
 
 The variants differ only in flags read from ModelConfig (qkv_bias, o_proj_bias, mlp_bias, qk_norm,
 rope_scaling, rotary_dim, tie_word_embeddings): Phi-3's decoder layer is Llama's (its residual
@@ -136,6 +137,7 @@ class LlamaAttention(nn.Module):
             prefix=join_prefix(prefix, "attn"),
             total_num_kv_heads=config.num_kv_heads,
             kv_head_offset=self.qkv_proj.kv_head_offset,
+            sliding_window=config.layer_window(layer_idx),  # Mistral, Qwen with use_sliding_window
         )
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor | Fp8Activation) -> torch.Tensor:

@@ -22,6 +22,9 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen2MoeForCausalLM": ("engine.model.models.moe", "MoeForCausalLM"),
     "Qwen3MoeForCausalLM": ("engine.model.models.moe", "MoeForCausalLM"),
     "Phi3ForCausalLM": ("engine.model.models.llama", "LlamaForCausalLM"),
+    "GemmaForCausalLM": ("engine.model.models.gemma", "GemmaForCausalLM"),
+    "Gemma2ForCausalLM": ("engine.model.models.gemma", "GemmaForCausalLM"),
+    "Gemma3ForCausalLM": ("engine.model.models.gemma", "GemmaForCausalLM"),
 }
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODELS)

@@ -150,15 +150,25 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
         "temperature": args.temperature,
     }
     bw = copy_bandwidth_phase(report, model.device, args.copy_bytes)
-    roofline_ms = model.weight_bytes / bw["bytes_per_s"] * 1000 if bw else None
+    # ms per decode step at batch bs: the weights it reads over the copy bandwidth (every parameter for a
+    # dense model; for an MoE model the experts bs tokens choose, model_shapes.active_parameters)
+    roofline = {bs: model.step_weight_bytes(bs) / bw["bytes_per_s"] * 1000 for bs in batch_sizes} if bw else {}
+    roofline_ms = model.step_weight_bytes(1) / bw["bytes_per_s"] * 1000 if bw else None
     if roofline_ms:
+        moe = model.step_weight_bytes(1) < model.weight_bytes
         report["roofline"] = {
-            "weight_bytes": model.weight_bytes,
+            "weight_bytes": round(model.step_weight_bytes(1)),
             "ms_per_step": round(roofline_ms, 4),
-            "note": "every parameter read once per decode step (embedding included, as vLLM's anchor counts)",
+            "note": "every parameter read once per decode step (embedding included, as vLLM's anchor counts)"
+            + (
+                "; MoE: batch 1 reads top_k experts a layer, batch bs the expected distinct experts of bs "
+                "uniformly routed tokens (results' roofline_ms per batch)"
+                if moe
+                else ""
+            ),
         }
         print(
-            f"[L1] roofline {roofline_ms:.3f} ms/step ({model.weight_bytes / 1e9:.2f} GB of weights)",
+            f"[L1] roofline {roofline_ms:.3f} ms/step ({model.step_weight_bytes(1) / 1e9:.2f} GB of weights)",
             flush=True,
         )
 
@@ -191,9 +201,9 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
         for bs in batch_sizes:
             with phase(report, f"batch_{bs}"):
                 res = measure_engine(llm.llm_engine, args, bs, id_max)
-                if roofline_ms and res["itl_p50_ms"]:
-                    res["roofline_ms"] = round(roofline_ms, 4)
-                    res["roofline_fraction"] = round(roofline_ms / res["itl_p50_ms"], 4)
+                if roofline and res["itl_p50_ms"]:
+                    res["roofline_ms"] = round(roofline[bs], 4)
+                    res["roofline_fraction"] = round(roofline[bs] / res["itl_p50_ms"], 4)
                 report["results"][f"batch_{bs}"] = res
                 print(
                     f"[L1] batch {bs}: ITL p50 {res['itl_p50_ms']:.3f} ms, {res['tok_s']:.1f} tok/s, "

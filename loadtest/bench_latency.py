@@ -152,7 +152,9 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     bw = copy_bandwidth_phase(report, model.device, args.copy_bytes)
     # ms per decode step at batch bs: the weights it reads over the copy bandwidth (every parameter for a
     # dense model; for an MoE model the experts bs tokens choose, model_shapes.active_parameters)
-    roofline = {bs: model.step_weight_bytes(bs) / bw["bytes_per_s"] * 1000 for bs in batch_sizes} if bw else {}
+    roofline = (
+        {bs: model.step_weight_bytes(bs) / bw["bytes_per_s"] * 1000 for bs in batch_sizes} if bw else {}
+    )
     roofline_ms = model.step_weight_bytes(1) / bw["bytes_per_s"] * 1000 if bw else None
     if roofline_ms:
         moe = model.step_weight_bytes(1) < model.weight_bytes

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from loadtest.common import (  # noqa: E402
     Report,
     add_common_args,
+    add_peer_last_arg,
     build_llm,
     copy_bandwidth_phase,
     default_max_model_len,
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-iters-warmup", type=int, default=2)
     p.add_argument("--token-id-max", type=int, default=10000)
     add_common_args(p, default_shape="llama3-8b")
+    add_peer_last_arg(p)
     return p
 
 
@@ -124,6 +126,28 @@ def measure_peer(peer: HFPeer, args: argparse.Namespace, bs: int, id_max: int) -
     }
 
 
+def run_latency_peer(
+    report: Report, model: Any, args: argparse.Namespace, batch_sizes: list[int], id_max: int
+) -> None:
+    """transformers generate() on each batch size (with --peer hf), a non-fatal phase."""
+    if args.peer != "hf":
+        return
+    with phase(report, "peer", required=False):
+        peer = HFPeer(model, seed=args.seed)
+        try:
+            report["peer"] = {
+                "name": "transformers generate()",
+                "model_build_s": round(peer.build_seconds, 3),
+            }
+            for bs in batch_sizes:
+                report["peer"][f"batch_{bs}"] = measure_peer(peer, args, bs, id_max)
+                report.save()
+        finally:
+            peer.close()
+        if args.peer_max_steps and args.peer_max_steps < args.output_len:
+            report.note(f"peer latency extrapolated from {args.peer_max_steps} timed decode steps")
+
+
 def engine_weight_bytes(llm: Any) -> int | None:
     """Bytes of the engine's own parameters, when its model is reachable (cross-checks the config count)."""
     model = getattr(engine_runner(llm), "model", None)
@@ -174,21 +198,8 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
             flush=True,
         )
 
-    if args.peer == "hf":
-        with phase(report, "peer", required=False):
-            peer = HFPeer(model, seed=args.seed)
-            try:
-                report["peer"] = {
-                    "name": "transformers generate()",
-                    "model_build_s": round(peer.build_seconds, 3),
-                }
-                for bs in batch_sizes:
-                    report["peer"][f"batch_{bs}"] = measure_peer(peer, args, bs, id_max)
-                    report.save()
-            finally:
-                peer.close()
-            if args.peer_max_steps and args.peer_max_steps < args.output_len:
-                report.note(f"peer latency extrapolated from {args.peer_max_steps} timed decode steps")
+    if not args.peer_last:
+        run_latency_peer(report, model, args, batch_sizes, id_max)
 
     max_model_len = default_max_model_len(args, model, args.input_len + args.output_len)
     kwargs = engine_kwargs(args, model, max_model_len=max_model_len)
@@ -217,6 +228,8 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     finally:
         if llm is not None:
             free_engine(llm)
+    if args.peer_last:
+        run_latency_peer(report, model, args, batch_sizes, id_max)
     peer = report["peer"]
     if peer:
         for bs in batch_sizes:

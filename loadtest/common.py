@@ -124,6 +124,16 @@ def add_common_args(
     parser.set_defaults(_default_shape=default_shape)
 
 
+def add_peer_last_arg(p: argparse.ArgumentParser) -> None:
+    """--peer-last, for the scripts whose generate() peer can run after weir's measurement."""
+    p.add_argument(
+        "--peer-last",
+        action="store_true",
+        help="run the generate() peer after weir's measurement (a slow peer then loses only its own "
+        "figure to a timeout; device_call.sh's MoE steps)",
+    )
+
+
 def peer_list_type(allowed: Sequence[str]) -> Any:
     """argparse type for --peer: 'none', one peer or a comma list of them, normalised ('hf-cb,hf' -> 'hf,hf-cb')."""
 

@@ -37,8 +37,8 @@
 # transformers on the GPU, fp32 and bf16; b = dummy-weight starts of Mixtral-8x7B (2 layers) and Gemma-2-9B: Triton vs the
 # torch ops, graphs vs eager) -> $O/fam/family_check.json. moet2: T2-like throughput on a Qwen3-30B-A3B-shaped dummy model
 # (MOEN requests, default 400; MOEPEER=hf (default) or none: transformers' generate() on the first MOEPN=32 requests, MOEPS=16
-# steps, extrapolated) -> $O/moet2.json. moel1: L1 (batch 1 and 8 ITL, the roofline counting only the experts a step reads)
-# on the same shape, with the transformers peer (MOEPEER) -> $O/moel1.json.
+# steps, extrapolated; run after weir's figure, --peer-last, so a slow MoE peer loses only its own) -> $O/moet2.json. moel1: L1
+# (batch 1 and 8 ITL, the roofline counting only the experts a step reads) on the same shape, the peer likewise -> $O/moel1.json.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 O=/tmp/o; mkdir -p $O
@@ -95,8 +95,8 @@ for s in $STEPS; do case $s in
   famk) mkdir -p $O/famk; step famk 60 env OUT=$O/famk python3 loadtest/gpu_kernel_check.py families;;
   moek) mkdir -p $O/moek; step moek 150 env OUT=$O/moek WEIR_MOE_SWEEP_S=${MOESW:-50} python3 loadtest/gpu_kernel_check.py moe;;
   fam) mkdir -p $O/fam; step fam 240 env OUT=$O/fam WEIR_CHECK_PARTS="${FAM_PARTS:-a b}" WEIR_CHECK_LIMIT_S=200 WEIR_COMPILE_WORKERS=${CPW:-8} python3 loadtest/gpu_family_check.py;;
-  moet2) step moet2 150 python3 loadtest/bench_throughput.py --workload t2 --shape qwen3-30b-a3b --num-requests ${MOEN:-400} --peer ${MOEPEER:-hf} --peer-max-requests ${MOEPN:-32} --peer-max-steps ${MOEPS:-16} --out $O/moet2.json;;
-  moel1) step moel1 100 python3 loadtest/bench_latency.py --shape qwen3-30b-a3b --batch-sizes 1,8 --num-iters 3 --num-iters-warmup 1 --peer ${MOEPEER:-hf} --peer-max-steps ${MOEPS:-16} --out $O/moel1.json;;
+  moet2) step moet2 150 python3 loadtest/bench_throughput.py --workload t2 --shape qwen3-30b-a3b --num-requests ${MOEN:-400} --peer ${MOEPEER:-hf} --peer-max-requests ${MOEPN:-32} --peer-max-steps ${MOEPS:-16} --peer-last --out $O/moet2.json;;
+  moel1) step moel1 100 python3 loadtest/bench_latency.py --shape qwen3-30b-a3b --batch-sizes 1,8 --num-iters 3 --num-iters-warmup 1 --peer ${MOEPEER:-hf} --peer-max-steps ${MOEPS:-16} --peer-last --out $O/moel1.json;;
   probe) step probe 150 python3 loadtest/probe_w4_layout.py --out $O/probe.json;;
   q12fda) step q12fda 150 env WEIR_FUSED_DECODE_ATTENTION=1 python3 loadtest/bench_quant.py --shape llama3-8b --cases Q1,Q2 --out $O/q12fda.json;;
   q12) step q12 150 python3 loadtest/bench_quant.py --shape llama3-8b --cases Q1,Q2 --out $O/q12.json;;

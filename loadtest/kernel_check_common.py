@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -57,6 +58,19 @@ def check_true(results: dict, name: str, ok: bool, **detail: Any) -> bool:
     extra = "".join(f" {k}={v}" for k, v in detail.items())
     print(f"  {'PASS' if ok else 'FAIL'} {name}{extra}", flush=True)
     return bool(ok)
+
+
+def guarded(results: dict, label: str, fn: Callable[..., Any], *args: Any) -> None:
+    """Run one sub-check; an exception (a kernel that fails to compile or launch at this shape, a
+    capture that fails) is a FAIL and an error line, and the part goes on with the next one."""
+    try:
+        fn(*args)
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc()
+        msg = f"{label}: {type(exc).__name__}: {str(exc)[:300]}"
+        results["errors"].append(msg)
+        results["checks"].append({"name": f"{label}: ran", "ok": False, "error": msg})
+        print(f"  FAIL {msg}", flush=True)
 
 
 def time_ms(fns: Sequence[Callable[[], Any]] | Callable[[], Any], device: torch.device) -> float:

@@ -33,6 +33,7 @@ from loadtest.kernel_check_common import (
     Replay,
     check_close,
     check_true,
+    guarded,
     make_paged,
     sync,
     time_ms,
@@ -70,14 +71,27 @@ def families_part(results: dict, device: torch.device, smoke: bool) -> None:
 
     dtype = torch.float32 if smoke else torch.bfloat16
     for name, shape in (SMOKE_WINDOWED if smoke else WINDOWED).items():
-        windowed_attention(results, tops, name, shape, dtype, device)
+        guarded(
+            results,
+            f"{name} windowed attention",
+            windowed_attention,
+            results,
+            tops,
+            name,
+            shape,
+            dtype,
+            device,
+        )
     gemma = "tiny-gemma2" if smoke else "gemma2-9b"
     shape = (SMOKE_WINDOWED if smoke else WINDOWED)[gemma]
-    fused_decode_exact(results, tops, gemma, shape, dtype, device)
-    windowed_graph_replay(results, tops, gemma, shape, dtype, device)
+    guarded(results, f"{gemma} fused decode", fused_decode_exact, results, tops, gemma, shape, dtype, device)
+    guarded(
+        results, f"{gemma} graph replay", windowed_graph_replay, results, tops, gemma, shape, dtype, device
+    )
     for name, dims in (SMOKE_PARTIAL if smoke else PARTIAL).items():
-        partial_rotary(results, tops, name, *dims, dtype, device, 17 if smoke else 257)
-    norms_and_geglu(results, tops, smoke, dtype, device)
+        args = (results, tops, name, *dims, dtype, device, 17 if smoke else 257)
+        guarded(results, f"{name} partial rotary", partial_rotary, *args)
+    guarded(results, "gemma norms and GeGLU", norms_and_geglu, results, tops, smoke, dtype, device)
 
 
 def window_lens(w: int) -> tuple[list[int], list[int], list[int]]:

@@ -44,6 +44,7 @@ from loadtest.kernel_check_common import (
     check_close,
     check_true,
     eager_ms,
+    guarded,
     sync,
     time_ms,
 )
@@ -239,14 +240,19 @@ def moe_part(results: dict, device: torch.device, smoke: bool, budget_s: float =
     }
     for name, shape in shapes.items():
         w13, w2 = layers[name]
-        correctness(results, name, shape, w13, w2, SMOKE_TOKENS if smoke else TOKENS, tops.fused_moe)
-        graphs(results, name, shape, w13, w2, SMOKE_GRAPH_TOKENS if smoke else GRAPH_TOKENS, tops.fused_moe)
+        tokens = SMOKE_TOKENS if smoke else TOKENS
+        guarded(
+            results, f"{name} correctness", correctness, results, name, shape, w13, w2, tokens, tops.fused_moe
+        )
+        tokens = SMOKE_GRAPH_TOKENS if smoke else GRAPH_TOKENS
+        guarded(results, f"{name} CUDA graphs", graphs, results, name, shape, w13, w2, tokens, tops.fused_moe)
     copy = results.get("copy_bandwidth_gbs", float("nan"))
     for name, shape in shapes.items():
         w13, w2 = layers[name]
         for num_tokens in SMOKE_TIMED_TOKENS if smoke else TOKENS:
-            timing(results, name, shape, w13, w2, num_tokens, copy, tops.fused_moe)
-    sweep(results, shapes, layers, smoke, budget_s)
+            args = (results, name, shape, w13, w2, num_tokens, copy, tops.fused_moe)
+            guarded(results, f"{name} {num_tokens} tok timing", timing, *args)
+    guarded(results, "moe tile sweep", sweep, results, shapes, layers, smoke, budget_s)
 
 
 def correctness(results: dict, name: str, shape: MoeShape, w13: torch.Tensor, w2: torch.Tensor, token_counts: tuple[int, ...], fused_moe) -> None:  # fmt: skip  # noqa: ANN001
@@ -291,9 +297,13 @@ def timing(results: dict, name: str, shape: MoeShape, w13: torch.Tensor, w2: tor
             make_tokens(shape, num_tokens, w13.dtype, device, seed=3001 + num_tokens + c) for c in range(more)
         ]
     fns = [lambda c=c: fused_moe(c[0], w13, w2, c[1], c[2]) for c in copies]
-    ms = time_ms(fns, device)
     x, tw, ti = first
     eager = eager_ms(lambda: fused_moe(x, w13, w2, tw, ti), device)
+    graph_error = None
+    try:
+        ms = time_ms(fns, device)
+    except Exception as exc:  # noqa: BLE001  (a capture that fails: the eager time stands in, marked)
+        graph_error, ms = f"{type(exc).__name__}: {str(exc)[:200]}", eager
     loop = eager_ms(lambda: reference.fused_moe(x, w13, w2, tw, ti), device, reps=5)
     floor_ms = all_bytes / (copy_gbs * 1e6)
     flops = 6 * ti.numel() * shape.hidden * shape.intermediate
@@ -310,6 +320,7 @@ def timing(results: dict, name: str, shape: MoeShape, w13: torch.Tensor, w2: tor
         "frac_floor": floor_ms / ms,
         "tflops": flops / ms / 1e9,
         "speedup_vs_torch_loop": loop / ms,
+        "graph_error": graph_error,
     }
     results["timings"].setdefault("moe", []).append(row)
     print(

@@ -130,8 +130,9 @@ def test_new_shapes_match_transformers_and_the_engine(tmp_path: Path) -> None:
 
 
 def test_moe_latency_roofline_counts_the_experts_a_step_reads(tmp_path: Path) -> None:
-    """moel1's script on a tiny Qwen3-MoE shape: the engine's own parameters equal the config's count, and
-    each batch's roofline reads the experts that batch's tokens choose (more at batch 4 than at 1)."""
+    """moel1's script on a tiny Qwen3-MoE shape: the engine's own parameters equal the config's count,
+    each batch's roofline reads the experts that batch's tokens choose (more at batch 4 than at 1), and
+    the peer runs after weir (--peer-last) with its figures in the report."""
     from loadtest import bench_latency
     from loadtest.model_shapes import SHAPES, active_parameters
 
@@ -147,7 +148,17 @@ def test_moe_latency_roofline_counts_the_experts_a_step_reads(tmp_path: Path) ->
         str(1 << 20),
     ]
     argv += ["--batch-sizes", "1,4", "--input-len", "8", "--output-len", "4", "--num-iters", "1"]
-    argv += ["--num-iters-warmup", "0", "--peer", "hf", "--peer-max-steps", "2", "--out", str(out)]
+    argv += [
+        "--num-iters-warmup",
+        "0",
+        "--peer",
+        "hf",
+        "--peer-max-steps",
+        "2",
+        "--peer-last",
+        "--out",
+        str(out),
+    ]
     assert bench_latency.main(argv) == 0
     data = json.loads(out.read_text())
     assert data["status"] == "ok" and data["errors"] == []
@@ -179,7 +190,32 @@ def test_device_call_new_steps_are_wired() -> None:
         assert line, name
         args = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", line.group(1)).replace("$O/", "/tmp/")
         parsed = parser.parse_args(shlex.split(args))
-        assert parsed.shape == "qwen3-30b-a3b" and parsed.peer == "hf"
+        assert parsed.shape == "qwen3-30b-a3b" and parsed.peer == "hf" and parsed.peer_last
     assert re.search(r"gpu_kernel_check\.py moe;;", text) and re.search(
         r"gpu_kernel_check\.py families;;", text
     )
+
+
+def test_moe_throughput_with_the_peer_last(tmp_path: Path) -> None:
+    """moet2's script on a tiny Qwen3-MoE shape with --peer-last: weir's figure first, then the peer's, and
+    the ratio between them."""
+    from loadtest import bench_throughput
+
+    out = tmp_path / "t2.json"
+    argv = ["--workload", "t2", "--shape", "tiny-qwen3-moe", "--device", "cpu", "--num-kv-blocks", "64"]
+    argv += ["--copy-bytes", str(1 << 20), "--num-requests", "3", "--input-len", "8", "--output-len", "3"]
+    argv += [
+        "--warmup-requests",
+        "1",
+        "--peer",
+        "hf",
+        "--peer-max-requests",
+        "2",
+        "--peer-last",
+        "--out",
+        str(out),
+    ]
+    assert bench_throughput.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["status"] == "ok" and data["results"]["output_tokens"] == 9
+    assert data["peer"]["requests_run"] == 2 and data["ratios"]["output_tok_s_vs_peer"] > 0

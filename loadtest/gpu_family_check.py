@@ -37,6 +37,7 @@ import random
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -132,73 +133,89 @@ def families() -> list[str]:
     return env.split() if env else list(DRY_RUN_FAMILIES if DRY_RUN else NEW_FAMILIES)
 
 
-def tiny_families() -> None:
-    from transformers import AutoModelForCausalLM
+def attempt(label: str, fn: Any, *args: Any) -> None:
+    """One family, shape or sub-check: an exception is a FAIL line, and the part goes on to the next."""
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        RESULTS["errors"].append(
+            {"part": label, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()}
+        )
+        check(f"{label}: ran to the end", False, error=f"{type(e).__name__}: {e}"[:300])
+    free()
 
+
+def tiny_families() -> None:
     from tests.tiny_models import build_model, build_tokenizer
 
     root = Path(tempfile.mkdtemp(prefix="weir-families-"))
     tok = build_tokenizer(root / "tokenizer")
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in PROMPT_LENGTHS]
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    summary = RESULTS["info"].setdefault("tiny_families", {})
     for family in families():
         if elapsed() > min(PART_A_LIMIT_S, HARD_LIMIT_S):
             check(f"tiny {family}: ran", False, reason=f"no time left ({elapsed():.0f}s)")
             continue
-        model_dir = build_model(family, root / family, tok)
-        hf_tokens: dict[str, list[list[int]]] = {}
-        for dtype in ("float32", "bfloat16"):
-            hf = (
-                AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
-                .to(DEVICE)
-                .eval()
-            )
-            expected = hf_tokens[dtype] = hf_generate(hf, prompts, MAX_TOKENS)
-            hf_lp = hf_teacher_forced(hf, prompts, expected) if dtype == "bfloat16" else None
-            del hf
-            free()
-            llm = strict(LLM(str(model_dir), device=DEVICE, dtype=dtype, num_kv_blocks=256, max_cuda_graph_batch_size=8))  # fmt: skip
-            replays = count_replays(llm)
-            got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
-            firsts = [first_index(g, e) for g, e in zip(got, expected, strict=True)]
-            row: dict[str, Any] = {
-                "tokens_equal": got == expected,
-                "matching_prefix_per_prompt": firsts,
-                "graph_replays": sum(replays.values()),
-            }
-            if dtype == "float32":
-                check(
-                    f"tiny {family} {DEVICE} fp32, graphs: tokens == transformers fp32 on the same device",
-                    got == expected and replayed(replays),
-                    matching_prefix=firsts,
-                    graph_replays=row["graph_replays"],
-                )
-            else:
-                assert hf_lp is not None
-                ours = teacher_forced(llm, prompts, expected)
-                drift = max(
-                    abs(a - b) for o, h in zip(ours, hf_lp, strict=True) for a, b in zip(o, h, strict=True)
-                )
-                row["max_logprob_drift"] = round(drift, 4)
-                row["hf_bf16_vs_hf_fp32_matching_prefix"] = [
-                    first_index(a, b) for a, b in zip(expected, hf_tokens["float32"], strict=True)
-                ]
-                check(
-                    f"tiny {family} {DEVICE} bf16, graphs: greedy vs transformers bf16 (first {MUST_AGREE} "
-                    f"agree, or log p of its tokens within {DRIFT_BOUND['bfloat16']})",
-                    (min(firsts) >= MUST_AGREE or drift <= DRIFT_BOUND["bfloat16"]) and replayed(replays),
-                    matching_prefix=firsts,
-                    of=MAX_TOKENS,
-                    max_logprob_drift=row["max_logprob_drift"],
-                    hf_bf16_vs_fp32=row["hf_bf16_vs_hf_fp32_matching_prefix"],
-                )
-            summary.setdefault(family, {})[dtype] = row
-            llm.shutdown()
-            del llm
-            free()
+        attempt(f"tiny {family}", tiny_family, family, build_model(family, root / family, tok), prompts)
         save()
+
+
+def tiny_family(family: str, model_dir: Path, prompts: list[list[int]]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    summary = RESULTS["info"].setdefault("tiny_families", {})
+    hf_tokens: dict[str, list[list[int]]] = {}
+    for dtype in ("float32", "bfloat16"):
+        hf = (
+            AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
+            .to(DEVICE)
+            .eval()
+        )
+        expected = hf_tokens[dtype] = hf_generate(hf, prompts, MAX_TOKENS)
+        hf_lp = hf_teacher_forced(hf, prompts, expected) if dtype == "bfloat16" else None
+        del hf
+        free()
+        llm = strict(LLM(str(model_dir), device=DEVICE, dtype=dtype, num_kv_blocks=256, max_cuda_graph_batch_size=8))  # fmt: skip
+        replays = count_replays(llm)
+        got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+        firsts = [first_index(g, e) for g, e in zip(got, expected, strict=True)]
+        row: dict[str, Any] = {
+            "tokens_equal": got == expected,
+            "matching_prefix_per_prompt": firsts,
+            "graph_replays": sum(replays.values()),
+        }
+        if dtype == "float32":
+            check(
+                f"tiny {family} {DEVICE} fp32, graphs: tokens == transformers fp32 on the same device",
+                got == expected and replayed(replays),
+                matching_prefix=firsts,
+                graph_replays=row["graph_replays"],
+            )
+        else:
+            assert hf_lp is not None
+            ours = teacher_forced(llm, prompts, expected)
+            drift = max(
+                abs(a - b) for o, h in zip(ours, hf_lp, strict=True) for a, b in zip(o, h, strict=True)
+            )
+            row["max_logprob_drift"] = round(drift, 4)
+            row["hf_bf16_vs_hf_fp32_matching_prefix"] = [
+                first_index(a, b) for a, b in zip(expected, hf_tokens["float32"], strict=True)
+            ]
+            check(
+                f"tiny {family} {DEVICE} bf16, graphs: greedy vs transformers bf16 (first {MUST_AGREE} "
+                f"agree, or log p of its tokens within {DRIFT_BOUND['bfloat16']})",
+                (min(firsts) >= MUST_AGREE or drift <= DRIFT_BOUND["bfloat16"]) and replayed(replays),
+                matching_prefix=firsts,
+                of=MAX_TOKENS,
+                max_logprob_drift=row["max_logprob_drift"],
+                hf_bf16_vs_fp32=row["hf_bf16_vs_hf_fp32_matching_prefix"],
+            )
+        summary.setdefault(family, {})[dtype] = row
+        llm.shutdown()
+        del llm
+        free()
 
 
 # ------------------------------------------------------------------------------------------ b. real shapes
@@ -263,24 +280,30 @@ class TorchOps:
 
 
 def real_shapes() -> None:
-    from loadtest.model_shapes import SHAPES, shape_dir
-
     lengths = DRY_RUN_PROMPT_LENGTHS if DRY_RUN else REAL_PROMPT_LENGTHS
     for shape in DRY_RUN_SHAPES if DRY_RUN else REAL_SHAPES:
         if elapsed() > HARD_LIMIT_S:
             check(f"{shape}: ran", False, reason=f"no time left ({elapsed():.0f}s)")
             continue
-        vocab = int(SHAPES[shape]["vocab_size"])
-        rng = random.Random(1)
-        prompts = [[rng.randrange(10, vocab) for _ in range(n)] for n in lengths]
-        dtype = "float32" if DRY_RUN else "bfloat16"
-        # Headroom outside the profiled budget: the torch ops' attention holds [heads, q, context] scores.
-        memory = {"num_kv_blocks": 64} if DRY_RUN else {"gpu_memory_utilization": 0.6}
-        t0 = time.perf_counter()
-        llm = strict(
-            LLM(str(shape_dir(shape)), load_format="dummy", dtype=dtype, device=DEVICE,
-                max_model_len=max(lengths) + 512, enable_prefix_caching=False, **memory)
-        )  # fmt: skip
+        attempt(shape, real_shape, shape, lengths)
+        save()
+
+
+def real_shape(shape: str, lengths: tuple[int, ...]) -> None:
+    from loadtest.model_shapes import SHAPES, shape_dir
+
+    vocab = int(SHAPES[shape]["vocab_size"])
+    rng = random.Random(1)
+    prompts = [[rng.randrange(10, vocab) for _ in range(n)] for n in lengths]
+    dtype = "float32" if DRY_RUN else "bfloat16"
+    # Headroom outside the profiled budget: the torch ops' attention holds [heads, q, context] scores.
+    memory = {"num_kv_blocks": 64} if DRY_RUN else {"gpu_memory_utilization": 0.6}
+    t0 = time.perf_counter()
+    llm = strict(
+        LLM(str(shape_dir(shape)), load_format="dummy", dtype=dtype, device=DEVICE,
+            max_model_len=max(lengths) + 512, enable_prefix_caching=False, **memory)
+    )  # fmt: skip
+    try:
         build_s = time.perf_counter() - t0
         runner = llm.llm_engine.executor.runner
         gr = runner.graph_runner
@@ -294,24 +317,31 @@ def real_shapes() -> None:
         }
         print(json.dumps(info), flush=True)
         reinit_weights(runner.model)
-        real_shape_checks(llm, runner, shape, prompts, vocab, info)
+        tokens, logprobs = greedy_through_graphs(llm, runner, shape, prompts)
+        attempt(f"{shape} Triton vs torch ops", triton_vs_torch_ops, llm, runner, shape, prompts, tokens, logprobs, info)  # fmt: skip
+        if DEVICE == "cpu":
+            print("graphs vs eager: skipped (no CUDA graphs on CPU)", flush=True)
+        else:
+            rng = random.Random(2)
+            batch = [[rng.randrange(10, min(vocab, 30000)) for _ in range(rng.randrange(16, 200))] for _ in range(32)]  # fmt: skip
+            attempt(f"{shape} graphs vs eager", graphs_vs_eager, llm, batch, f"{shape} bf16", False)
+    finally:
         llm.shutdown()
-        del llm, runner, gr
+        del llm
         free()
-        save()
 
 
-def real_shape_checks(
-    llm: LLM, runner: Any, shape: str, prompts: list[list[int]], vocab: int, info: dict
-) -> None:
-    from loadtest.gpu_timing import rel_err
-
-    # 1. Greedy decode through the graphs
+def greedy_through_graphs(
+    llm: LLM, runner: Any, shape: str, prompts: list[list[int]]
+) -> tuple[list[list[int]], list[list[float]]]:
+    """Greedy decode of the prompts (decode steps replayed from the graphs): tokens and their logprobs."""
     replays = count_replays(llm)
     params = SamplingParams(temperature=0.0, max_tokens=REAL_MAX_TOKENS, ignore_eos=True, logprobs=0)
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    if runner.graph_runner is not None:
-        del runner.graph_runner.replay  # the counting wrapper
+    try:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        if runner.graph_runner is not None:
+            del runner.graph_runner.replay  # the counting wrapper
     tokens = [list(o.outputs[0].token_ids) for o in outs]
     logprobs = [[pos[t].logprob for pos, t in zip(o.outputs[0].logprobs, toks, strict=True)] for o, toks in zip(outs, tokens, strict=True)]  # fmt: skip
     finite = all(math.isfinite(x) for row in logprobs for x in row)
@@ -321,31 +351,46 @@ def real_shape_checks(
         all(len(t) == REAL_MAX_TOKENS for t in tokens) and finite and replayed(replays),
         graph_replays=sum(replays.values()),
     )
-    # 2. The prompts' last-position logits, Triton kernels vs the torch ops, on the same weights
+    return tokens, logprobs
+
+
+def triton_vs_torch_ops(
+    llm: LLM,
+    runner: Any,
+    shape: str,
+    prompts: list[list[int]],
+    tokens: list[list[int]],
+    logprobs: list[list[float]],
+    info: dict,
+) -> None:
+    """The prompts' last-position logits with the engine's kernels and with the torch ops on the same
+    weights; then the torch ops' teacher-forced log p of the tokens the graphs decoded."""
+    from loadtest.gpu_timing import rel_err
+
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    with LogitsTap(runner) as triton_tap:
+    with LogitsTap(runner) as kernels_tap:
         llm.generate(prompts, one, use_tqdm=False)
     with TorchOps(runner):
         with LogitsTap(runner) as torch_tap:
             llm.generate(prompts, one, use_tqdm=False)
-        # 3. the torch ops' teacher-forced log p of the tokens decoded above, a prompt at a time (its
-        # prompt logprobs are [prompt tokens, vocab] float32: 6 GB for 6,000 tokens of Gemma's 256k)
+        # a prompt at a time: its prompt logprobs are [prompt tokens, vocab] float32 (6 GB for 6,000
+        # tokens of Gemma's 256k vocabulary)
         forced = [teacher_forced(llm, [p], [t])[0] for p, t in zip(prompts, tokens, strict=True)]
-    ours, ref = torch.cat(triton_tap.rows), torch.cat(torch_tap.rows)
+    ours, ref = torch.cat(kernels_tap.rows), torch.cat(torch_tap.rows)
     if ours.shape != ref.shape:
         check(
             f"{shape}: the two prefills computed the same logits rows", False, shapes=[ours.shape, ref.shape]
         )
-        return
-    err = rel_err(ours, ref)
-    agree = int((ours.argmax(-1) == ref.argmax(-1)).sum())
-    info |= {"logits_rel_err": err, "argmax_agree": f"{agree}/{ref.shape[0]}"}
-    check(
-        f"{shape}: last-position logits, {runner.attn_backend.name} kernels vs torch ops (rel err < {LOGITS_TOL})",
-        err < LOGITS_TOL,
-        rel_err=f"{err:.2e}",
-        argmax_agree=info["argmax_agree"],
-    )
+    else:
+        err = rel_err(ours, ref)
+        agree = int((ours.argmax(-1) == ref.argmax(-1)).sum())
+        info |= {"logits_rel_err": err, "argmax_agree": f"{agree}/{ref.shape[0]}"}
+        check(
+            f"{shape}: last-position logits, {runner.attn_backend.name} kernels vs torch ops (rel err < {LOGITS_TOL})",
+            err < LOGITS_TOL,
+            rel_err=f"{err:.2e}",
+            argmax_agree=info["argmax_agree"],
+        )
     drift = max(abs(a - b) for f, g in zip(forced, logprobs, strict=True) for a, b in zip(f, g, strict=True))
     info["decode_logprob_drift_vs_torch_ops"] = round(drift, 4)
     check(
@@ -354,13 +399,6 @@ def real_shape_checks(
         drift <= DRIFT_BOUND["bfloat16"],
         max_logprob_drift=round(drift, 4),
     )
-    # 4. Graphs vs eager on the same padded inputs (bit for bit), 32 prompts
-    if DEVICE == "cpu":
-        print("graphs vs eager: skipped (no CUDA graphs on CPU)", flush=True)
-        return
-    rng = random.Random(2)
-    batch = [[rng.randrange(10, min(vocab, 30000)) for _ in range(rng.randrange(16, 200))] for _ in range(32)]
-    graphs_vs_eager(llm, batch, f"{shape} bf16", plain_eager_must_match=False)
 
 
 def main() -> int:

@@ -5,7 +5,9 @@
 Drives the step-level engine directly (add_request, then step() until done) and timestamps every step
 that produced tokens: inter-token latency is the gap between consecutive such steps. Reports the median
 ITL (ms), tok/s (batch x output tokens / end-to-end latency), and the fraction of the bandwidth roofline
-(weight bytes / measured copy bandwidth, divided by the measured ITL). Warm-up iterations are excluded.
+(weight bytes / measured copy bandwidth, divided by the measured ITL; for an MoE model the bytes of the
+experts a step at that batch size reads, loadtest/model_shapes.active_parameters). Warm-up iterations
+are excluded. --peer-last runs the transformers peer after weir's figures.
 """
 
 from __future__ import annotations

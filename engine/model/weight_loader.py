@@ -150,7 +150,8 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
 def _checkpoint_tensor(f: Any, name: str, loader: Any) -> torch.Tensor | CheckpointSlice:
     """What `loader` gets for tensor `name`: a lazy slice when it belongs to a tensor-parallel layer
     that narrows before copying (each rank then reads only its shard), else the whole tensor."""
-    owner = getattr(loader, "__self__", None)
+    # a bound method's layer, or the layer a loader closure names as its owner (`slice_owner`)
+    owner = getattr(loader, "__self__", None) or getattr(loader, "slice_owner", None)
     if getattr(owner, "accepts_checkpoint_slices", False) and getattr(owner, "tp_size", 1) > 1:
         return CheckpointSlice(f.get_slice(name))
     return f.get_tensor(name)

@@ -38,7 +38,7 @@ from torch import nn
 
 from engine.model.parameter import WeightLoader, register_weight
 from engine.model.quantization.act_order import g_idx_loader, group_order
-from engine.model.quantization.base import LinearMethodBase, QuantizationConfig
+from engine.model.quantization.base import FusedMoEMethodBase, LinearMethodBase, QuantizationConfig
 from engine.model.quantization.common import (
     apply_weight_only,
     is_ignored,
@@ -47,7 +47,7 @@ from engine.model.quantization.common import (
     unpacking_loader,
 )
 from engine.model.quantization.packing import pack_factor, unpack_cols, unpack_rows
-from engine.model.quantization.unquantized import UnquantizedLinearMethod
+from engine.model.quantization.unquantized import UnquantizedFusedMoEMethod, UnquantizedLinearMethod
 
 if TYPE_CHECKING:
     from engine.model.layers.linear import LinearBase
@@ -83,6 +83,13 @@ class CompressedTensorsUnquantizedConfig(QuantizationConfig):
     def get_linear_method(self, layer: LinearBase, prefix: str) -> LinearMethodBase:
         del layer, prefix
         return UnquantizedLinearMethod()
+
+    def moe_refusal(self) -> str | None:
+        return None  # float experts
+
+    def get_moe_method(self, layer: nn.Module, prefix: str) -> FusedMoEMethodBase:
+        del layer, prefix
+        return UnquantizedFusedMoEMethod()
 
 
 class CompressedTensorsWNA16Method(LinearMethodBase):

@@ -226,7 +226,10 @@ def initialize_dummy_weights(model: nn.Module, low: float = -1e-3, high: float =
             if param.device not in generators:
                 generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
             generator = generators[param.device]
-            if param.is_floating_point():
+            if param.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # no uniform_ kernel for fp8
+                drawn = torch.empty(param.shape, device=param.device).uniform_(low, high, generator=generator)
+                param.copy_(drawn)
+            elif param.is_floating_point():
                 param.uniform_(low, high, generator=generator)
             elif param.dtype == torch.bool:
                 param.copy_(torch.randint(0, 2, param.shape, generator=generator, device=param.device) == 1)

@@ -78,15 +78,15 @@ class FusedMoE(nn.Module):
         # attribute -> (part "w13" | "w2", checkpoint suffix, transformers 5's fused name or None)
         self._expert_params: dict[str, tuple[str, str, str | None]] = {}
         self.quant_method: FusedMoEMethodBase = (
-            UnquantizedFusedMoEMethod()
-            if quant_config is None
-            else quant_config.get_moe_method(self, prefix)
+            UnquantizedFusedMoEMethod() if quant_config is None else quant_config.get_moe_method(self, prefix)
         )
         self.quant_method.create_weights(self, params_dtype)
 
     def checkpoint_module_names(self) -> list[str]:
         """The hub's name of every expert projection this layer holds (for skip lists)."""
-        return [f"{self.checkpoint_prefix}.{e}.{n}" for e in range(self.num_experts) for n in self.expert_names]
+        return [
+            f"{self.checkpoint_prefix}.{e}.{n}" for e in range(self.num_experts) for n in self.expert_names
+        ]
 
     def add_expert_param(
         self,
@@ -147,7 +147,9 @@ class FusedMoE(nn.Module):
             if projection == "down":  # this rank's column blocks
                 columns = param.shape[2]
                 _check(loaded_weight, (-(-hidden // bn), -(-size // bk)))
-                param.data[expert].copy_(materialize(loaded_weight.narrow(1, self.tp_rank * columns, columns)))
+                param.data[expert].copy_(
+                    materialize(loaded_weight.narrow(1, self.tp_rank * columns, columns))
+                )
                 return
             rows = param.shape[1] // 2  # gate or up: this rank's row blocks
             _check(loaded_weight, (-(-size // bn), -(-hidden // bk)))

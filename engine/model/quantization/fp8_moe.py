@@ -50,7 +50,10 @@ class Fp8FusedMoEMethod(FusedMoEMethodBase):
             UnquantizedFusedMoEMethod().create_weights(layer, params_dtype)
             return
         experts, hidden, shard = layer.num_experts, layer.hidden_size, layer.intermediate_per_partition
-        for attr, part, shape in (("w13_weight", "w13", (2 * shard, hidden)), ("w2_weight", "w2", (hidden, shard))):
+        for attr, part, shape in (
+            ("w13_weight", "w13", (2 * shard, hidden)),
+            ("w2_weight", "w2", (hidden, shard)),
+        ):
             layer.add_expert_param(
                 attr,
                 torch.empty(experts, *shape, dtype=FP8_DTYPE),
@@ -65,7 +68,11 @@ class Fp8FusedMoEMethod(FusedMoEMethodBase):
                 raise ValueError(
                     f"FP8 MoE layer {layer.prefix}: each expert's intermediate rows per rank ({shard}) are not "
                     f"a multiple of weight_block_size[0] {bn}"
-                    + (f" (moe_intermediate_size {layer.intermediate_size} over {layer.tp_size} ranks)" if layer.tp_size > 1 else "")
+                    + (
+                        f" (moe_intermediate_size {layer.intermediate_size} over {layer.tp_size} ranks)"
+                        if layer.tp_size > 1
+                        else ""
+                    )
                 )
             if layer.tp_size > 1 and shard % bk:
                 raise ValueError(
@@ -87,7 +94,10 @@ class Fp8FusedMoEMethod(FusedMoEMethodBase):
                     dummy_init=_dummy_scale((experts, *shape)),
                 )
         else:
-            for attr, part, rows in (("w13_weight_scale", "w13", 2 * shard), ("w2_weight_scale", "w2", hidden)):
+            for attr, part, rows in (
+                ("w13_weight_scale", "w13", 2 * shard),
+                ("w2_weight_scale", "w2", hidden),
+            ):
                 layer.add_expert_param(
                     attr,
                     torch.empty(experts, rows, dtype=torch.float32),  # per output row: scalars repeated
@@ -137,7 +147,9 @@ class Fp8FusedMoEMethod(FusedMoEMethodBase):
     def apply(
         self, layer: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
     ) -> torch.Tensor:
-        scales = Fp8ExpertScales(layer.w13_scale, layer.w2_scale, self.block_shape, layer.a13_scale, layer.a2_scale)
+        scales = Fp8ExpertScales(
+            layer.w13_scale, layer.w2_scale, self.block_shape, layer.a13_scale, layer.a2_scale
+        )
         return layer.kernels.fused_moe(x, layer.w13_weight, layer.w2_weight, topk_weights, topk_ids, scales)
 
 
@@ -168,7 +180,9 @@ def _channel_scale_loader(layer: nn.Module) -> Any:
     def load(param: torch.Tensor, loaded_weight: Any, shard_id: Any = None) -> None:
         expert, projection = shard_id
         shard = layer.intermediate_per_partition
-        first, rows = (0, param.shape[1]) if projection == "down" else ((0 if projection == "gate" else shard), shard)
+        first, rows = (
+            (0, param.shape[1]) if projection == "down" else ((0 if projection == "gate" else shard), shard)
+        )
         target = param.data[expert].narrow(0, first, rows)
         if loaded_weight.numel() == 1:
             target.fill_(materialize(loaded_weight).float().reshape(()))

@@ -37,7 +37,9 @@ def _expert_weights(module: FusedMoE) -> tuple[torch.Tensor, torch.Tensor]:
         return module.w13_weight, module.w2_weight
     block = module.quant_method.block_shape
     return tuple(  # type: ignore[return-value]
-        dequantize_fp8_experts(getattr(module, f"{p}_weight"), getattr(module, f"{p}_scale"), block, torch.float32)
+        dequantize_fp8_experts(
+            getattr(module, f"{p}_weight"), getattr(module, f"{p}_scale"), block, torch.float32
+        )
         for p in ("w13", "w2")
     )
 
@@ -47,7 +49,10 @@ def _reference_experts(module: FusedMoE, ref: dict[str, torch.Tensor]) -> tuple[
     gate, up, down = module.expert_names
     base = module.checkpoint_prefix
     w13 = torch.stack(
-        [torch.cat([ref[f"{base}.{e}.{gate}.weight"], ref[f"{base}.{e}.{up}.weight"]]) for e in range(module.num_experts)]
+        [
+            torch.cat([ref[f"{base}.{e}.{gate}.weight"], ref[f"{base}.{e}.{up}.weight"]])
+            for e in range(module.num_experts)
+        ]
     )
     w2 = torch.stack([ref[f"{base}.{e}.{down}.weight"] for e in range(module.num_experts)])
     return w13, w2

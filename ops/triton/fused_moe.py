@@ -15,7 +15,9 @@ kernel is unchanged: each fp8 weight tile is converted in registers to the activ
 scales (per output channel: loaded once per program; per block: gathered per tile) before the same
 tl.dot, as the reference dequantizes before its float GEMMs. A static input scale (A_QDQ) passes each
 input tile through fp8 and back (fp8(a / s) * s), what an FP8 GEMM would read. (A W8A8 variant with an
-fp8 tl.dot on quantized activations is left for later.)
+fp8 tl.dot on quantized activations is left for later.) Integer experts (W4A16 / W8A16;
+ops.moe_quant.IntExpertScales) are another (W_BITS): each code of the tile shifted out of its int32 word
+(packed along K), (code - zero) * scale with its group's zero and scale, rounded to the activation dtype.
 
 No shape depends on the routing: the padded length is num_pairs + num_experts * (BLOCK_M - 1) rounded
 up to BLOCK_M (the most any routing can need), every buffer is sized by the number of tokens, the
@@ -29,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.moe_quant import Fp8ExpertScales
+from ops.moe_quant import Fp8ExpertScales, IntExpertScales
 from ops.triton.fp8_quant import _to_fp8, hardware_fp8_conversion
 
 
@@ -86,6 +88,7 @@ def _moe_gemm_kernel(
     group_n,  # weight rows per scale row (1 per channel)
     group_k,  # weight columns per scale column (BLOCKED only)
     a_scale_ptr,  # A_QDQ: [1] float32 static input scale
+    zeros_ptr,  # W_BITS: [E, N, G] float32 zero points, laid out as the scales
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -95,6 +98,7 @@ def _moe_gemm_kernel(
     BLOCKED: tl.constexpr = False,  # W_FP8 scales per [group_n, group_k] block; else per output channel
     A_QDQ: tl.constexpr = False,  # the input through fp8 with a static scale (W_FP8 only)
     HW_CVT: tl.constexpr = True,  # A_QDQ: the GPU's fp8 conversion; else in software (the interpreter)
+    W_BITS: tl.constexpr = 0,  # 4 / 8: integer codes packed along K in int32 words, per-group scales / zeros
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -113,6 +117,12 @@ def _moe_gemm_kernel(
     a_base = a_ptr + rows.to(tl.int64)[:, None] * stride_am
     w_base = w_ptr + expert * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn
     a_ty = a_ptr.dtype.element_ty
+    if (
+        W_BITS > 0
+    ):  # [1, BLOCK_N] scale / zero rows of the gate (or w2) and up halves; groups gathered per K tile
+        s_base = scale_ptr + expert * stride_se + offs_n.to(tl.int64)[None, :] * stride_sn
+        z_base = zeros_ptr + expert * stride_se + offs_n.to(tl.int64)[None, :] * stride_sn
+        up_rows = N * stride_sn
     if W_FP8:  # this tile's scale rows: gate (or w2) rows offs_n, up rows N + offs_n
         s_base = scale_ptr + expert * stride_se + (offs_n // group_n).to(tl.int64)[None, :] * stride_sn
         s_base_up = (
@@ -136,7 +146,12 @@ def _moe_gemm_kernel(
             a_q = _to_fp8(tl.math.div_rn(a.to(tl.float32), a_scale), HW_CVT)
             a = (a_q.to(tl.float32) * a_scale).to(a_ty)
         w_mask = k_mask[:, None] & n_mask[None, :]
-        w = tl.load(w_base + offs_k[:, None] * stride_wk, mask=w_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
+        if W_BITS > 0:
+            w = _int_tile(w_base, s_base, z_base, offs_k, group_k, stride_wk, stride_sk, w_mask, W_BITS).to(
+                a_ty
+            )
+        else:
+            w = tl.load(w_base + offs_k[:, None] * stride_wk, mask=w_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
         if W_FP8:
             w = _dequantize_tile(w, s_base, offs_k, group_k, stride_sk, w_mask, s_chan, BLOCKED).to(a_ty)
         if IEEE:
@@ -144,7 +159,13 @@ def _moe_gemm_kernel(
         else:
             acc += tl.dot(a, w)
         if GATED:  # the up half: rows N.. of the expert's w13
-            w_up = tl.load(w_base + N * stride_wn + offs_k[:, None] * stride_wk, mask=w_mask, other=0.0)
+            if W_BITS > 0:
+                w_up = _int_tile(
+                    w_base + N * stride_wn, s_base + up_rows, z_base + up_rows, offs_k, group_k, stride_wk,
+                    stride_sk, w_mask, W_BITS,
+                ).to(a_ty)  # fmt: skip
+            else:
+                w_up = tl.load(w_base + N * stride_wn + offs_k[:, None] * stride_wk, mask=w_mask, other=0.0)
             if W_FP8:
                 w_up = _dequantize_tile(
                     w_up, s_base_up, offs_k, group_k, stride_sk, w_mask, s_chan_up, BLOCKED
@@ -176,6 +197,20 @@ def _dequantize_tile(w, s_base, offs_k, group_k, stride_sk, w_mask, s_chan, BLOC
     return w.to(tl.float32) * s
 
 
+@triton.jit
+def _int_tile(w_base, s_base, z_base, offs_k, group_k, stride_wk, stride_sk, w_mask, W_BITS: tl.constexpr):
+    """[BLOCK_K, BLOCK_N] float32 (code - zero) * scale: each column's codes read from its int32 words
+    (32 // W_BITS a word along K, the first in the lowest bits; a word is read once per code, from
+    cache), its groups' scales and zeros gathered (the reference's dequantize_int_experts)."""
+    PF: tl.constexpr = 32 // W_BITS
+    words = tl.load(w_base + (offs_k // PF).to(tl.int64)[:, None] * stride_wk, mask=w_mask, other=0)
+    codes = (words >> ((offs_k % PF) * W_BITS)[:, None]) & ((1 << W_BITS) - 1)  # the mask drops sign bits
+    group = (offs_k // group_k).to(tl.int64)[:, None] * stride_sk
+    s = tl.load(s_base + group, mask=w_mask, other=0.0)
+    z = tl.load(z_base + group, mask=w_mask, other=0.0)
+    return (codes.to(tl.float32) - z) * s
+
+
 def _block_m(num_tokens: int) -> int:
     # Decode batches: few pairs an expert, so small blocks waste little padding; prefill: bigger tiles.
     return 16 if num_tokens <= 64 else 64
@@ -190,27 +225,32 @@ def _launch(
     top_k: int,
     block_m: int,
     gated: bool,
-    scale: torch.Tensor | None = None,  # fp8 w: [E, N_s, K_s] float32
-    block_shape: tuple[int, int] | None = None,  # (bn, bk) of `scale`; None: per output channel
+    scale: torch.Tensor | None = None,  # quantized w: [E, N_s, K_s] float32
+    block_shape: tuple[int, int] | None = None,  # fp8 (bn, bk) of `scale`; None: per output channel
     a_scale: torch.Tensor | None = None,  # [1] float32 static input scale
+    zeros: torch.Tensor | None = None,  # integer w: [E, N, G] float32, as `scale`
+    bits: int = 0,  # integer w: [E, N, K / (32 // bits)] int32 words; 0: w is float or fp8
 ) -> None:
     sorted_pairs, block_expert, num_padded = align
     n, k = out.shape[1], a.shape[1]
     block_n = min(64, max(16, triton.next_power_of_2(n)))
     block_k = min(64, max(16, triton.next_power_of_2(k)))
     grid = (block_expert.shape[0], triton.cdiv(n, block_n))
-    fp8 = scale is not None
-    s = scale if fp8 else out  # unread unless W_FP8
-    group_n, group_k = block_shape or (1, k)
+    quantized = scale is not None
+    s = scale if quantized else out  # unread unless W_FP8 or W_BITS
+    if bits:
+        group_n, group_k = 1, k // scale.shape[2]
+    else:
+        group_n, group_k = block_shape or (1, k)
     _moe_gemm_kernel[grid](
         a, w, out, weights, sorted_pairs, block_expert, num_padded,
         n, k, out.shape[0], top_k,
         a.stride(0), w.stride(0), w.stride(1), w.stride(2), out.stride(0),
-        s, s.stride(0), s.stride(1), s.stride(2) if fp8 else 0, group_n, group_k,
-        a_scale if a_scale is not None else weights,
+        s, s.stride(0), s.stride(1), s.stride(2) if quantized else 0, group_n, group_k,
+        a_scale if a_scale is not None else weights, zeros if zeros is not None else s,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated, IEEE=a.dtype == torch.float32,
-        W_FP8=fp8, BLOCKED=block_shape is not None, A_QDQ=a_scale is not None,
-        HW_CVT=hardware_fp8_conversion(a), num_warps=4,
+        W_FP8=quantized and not bits, BLOCKED=block_shape is not None, A_QDQ=a_scale is not None,
+        HW_CVT=hardware_fp8_conversion(a), W_BITS=bits, num_warps=4,
     )  # fmt: skip
 
 
@@ -220,10 +260,11 @@ def fused_moe(
     w2: torch.Tensor,  # [num_experts, hidden, intermediate]
     topk_weights: torch.Tensor,  # [num_tokens, top_k] float32
     topk_ids: torch.Tensor,  # [num_tokens, top_k] int
-    fp8: Fp8ExpertScales | None = None,  # w13 / w2 float8_e4m3fn with these scales
+    quant: Fp8ExpertScales | IntExpertScales | None = None,  # quantized w13 / w2 (ops.moe_quant)
 ) -> torch.Tensor:  # [num_tokens, hidden]
     num_tokens, top_k = topk_ids.shape
-    num_experts, two_i, hidden_size = w13.shape
+    num_experts, two_i, _ = w13.shape
+    hidden_size = hidden.shape[1]  # (w13's last dim is packed for integer experts)
     if num_tokens == 0:
         return torch.empty(0, hidden_size, dtype=hidden.dtype, device=hidden.device)
     x = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
@@ -232,9 +273,12 @@ def fused_moe(
     num_pairs = num_tokens * top_k
     act = torch.empty(num_pairs, two_i // 2, dtype=hidden.dtype, device=hidden.device)  # [num_pairs, I]
     q13 = q2 = {}
-    if fp8 is not None:
-        q13 = {"scale": fp8.w13, "block_shape": fp8.block_shape, "a_scale": fp8.a13}
-        q2 = {"scale": fp8.w2, "block_shape": fp8.block_shape, "a_scale": fp8.a2}
+    if isinstance(quant, IntExpertScales):
+        q13 = {"scale": quant.w13_scales, "zeros": quant.w13_zeros, "bits": quant.bits}
+        q2 = {"scale": quant.w2_scales, "zeros": quant.w2_zeros, "bits": quant.bits}
+    elif quant is not None:
+        q13 = {"scale": quant.w13, "block_shape": quant.block_shape, "a_scale": quant.a13}
+        q2 = {"scale": quant.w2, "block_shape": quant.block_shape, "a_scale": quant.a2}
     _launch(x, w13, act, topk_weights, align, top_k, block_m, gated=True, **q13)
     down = torch.empty(num_pairs, hidden_size, dtype=hidden.dtype, device=hidden.device)  # [num_pairs, H]
     weights = topk_weights.reshape(-1).to(torch.float32)  # [num_pairs], pair = token * top_k + k

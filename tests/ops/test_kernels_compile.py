@@ -176,6 +176,16 @@ KERNELS = [
         )
         for gated, blocked, static in ((True, True, False), (False, True, False), (True, False, True), (False, False, False))
     ),
+    *(
+        (  # integer experts (W4A16, W8A16): codes shifted out of int32 words along K, group zeros and scales
+            "ops.triton.fused_moe:_moe_gemm_kernel",
+            {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GATED": gated, "IEEE": False, "W_BITS": bits},
+            {"a_ptr": "*bf16", "w_ptr": "*i32", "out_ptr": "*bf16", "weights_ptr": "*fp32",
+             "sorted_pairs_ptr": "*i32", "block_expert_ptr": "*i32", "num_padded_ptr": "*i32",
+             "scale_ptr": "*fp32", "a_scale_ptr": "*fp32", "zeros_ptr": "*fp32"},
+        )
+        for gated, bits in ((True, 4), (False, 4), (True, 8))
+    ),
 ]  # fmt: skip
 
 _COMPILE = """
@@ -216,6 +226,7 @@ triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attr
         + ("-gated" if k[1].get("GATED") else "")
         + ("-blocked" if k[1].get("BLOCKED") else "")
         + ("-static" if k[1].get("A_QDQ") else "")
+        + (f"-int{k[1]['W_BITS']}" if k[1].get("W_BITS") else "")
         + ("-l2prefetch" if k[1].get("L2_PREFETCH") else "")
         + (f"-rows{k[1]['ROWS']}" if k[1].get("ROWS", 1) > 1 else "")
         for k in KERNELS

@@ -241,11 +241,11 @@ class EngineConfig:
         quant = _resolve_quantization(model.model_path, self.quantization)
         refusal = quant.linear.moe_refusal() if model.is_moe and quant.linear is not None else None
         if refusal is not None:
-            # The experts are stacked tensors run by the fused MoE op, which reads float and FP8 weights
-            # (engine.model.quantization.fp8_moe): another format's experts would be misread.
+            # The experts are stacked tensors run by the fused MoE op, which reads float, FP8 and integer
+            # weights (engine.model.quantization.fp8_moe, wna16_moe): another format's would be misread.
             raise ValueError(
                 f"quantization {quant.method!r} ({quant.source}) is not supported for {model.architecture}: "
-                f"{refusal}; serve an unquantized or FP8 checkpoint"
+                f"{refusal}"
             )
         return ResolvedConfig(
             model=model,

@@ -97,7 +97,10 @@ class QuantizationConfig(ABC):
     def moe_refusal(self) -> str | None:
         """Why this config cannot run a mixture-of-experts model's experts (None: `get_moe_method`
         can). Asked once at start (EngineConfig.resolve), so a refused checkpoint never loads."""
-        return f"MoE experts are not supported with {self.name}"
+        return (
+            f"MoE experts are not supported with {self.name}; serve an unquantized, FP8, GPTQ, AWQ or "
+            "compressed-tensors checkpoint"
+        )
 
     def get_moe_method(self, layer: nn.Module, prefix: str) -> FusedMoEMethodBase:
         """The method for the stacked experts named `prefix` (a FusedMoE layer)."""

@@ -41,6 +41,7 @@ from engine.model.quantization.act_order import g_idx_loader, group_order
 from engine.model.quantization.base import FusedMoEMethodBase, LinearMethodBase, QuantizationConfig
 from engine.model.quantization.common import (
     apply_weight_only,
+    experts_skipped,
     is_ignored,
     register_weight_only,
     silu_mul_weight_only,
@@ -72,6 +73,21 @@ class CompressedTensorsWNA16Config(QuantizationConfig):
         if is_ignored(prefix, self.ignore):
             return UnquantizedLinearMethod()
         return CompressedTensorsWNA16Method(self)
+
+    def moe_refusal(self) -> str | None:
+        if self.act_order:  # each expert would need its own permutation of the input
+            return "MoE experts with actorder 'group' are not supported; re-quantize with actorder 'weight'"
+        return None
+
+    def get_moe_method(self, layer: nn.Module, prefix: str) -> FusedMoEMethodBase:
+        from engine.model.quantization.wna16_moe import (  # noqa: PLC0415
+            WNA16FusedMoEMethod,
+            compressed_tensors_format,
+        )
+
+        if experts_skipped(layer.checkpoint_module_names(), prefix, lambda n: is_ignored(n, self.ignore)):
+            return UnquantizedFusedMoEMethod()
+        return WNA16FusedMoEMethod(compressed_tensors_format(self.bits, self.group_size, self.symmetric))
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from engine.model.quantization.common import dequantize
 from engine.model.quantization.squeezellm import dequantize_lut
 from engine.model.weight_loader import load_weights
 from engine.model_config import ModelConfig
-from ops.reference import dequantize_fp8_experts
+from ops.reference import dequantize_fp8_experts, dequantize_int_experts
 
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
@@ -33,6 +33,18 @@ def load_quantized(model_dir: Path, quant_config: object) -> LlamaForCausalLM:
 
 def _expert_weights(module: FusedMoE) -> tuple[torch.Tensor, torch.Tensor]:
     """(w13, w2) [E, N, K] float32 as the fused MoE op computes with them."""
+    if hasattr(module, "w13_codes"):  # integer experts
+        bits = module.quant_method.fmt.bits
+        return tuple(  # type: ignore[return-value]
+            dequantize_int_experts(
+                getattr(module, f"{p}_codes"),
+                getattr(module, f"{p}_zeros"),
+                getattr(module, f"{p}_scales"),
+                bits,
+                torch.float32,
+            )
+            for p in ("w13", "w2")
+        )
     if module.w13_weight.dtype != torch.float8_e4m3fn:
         return module.w13_weight, module.w2_weight
     block = module.quant_method.block_shape
@@ -69,7 +81,7 @@ def assert_weights_match_reference(model: LlamaForCausalLM, reference_dir: Path)
             for got, expected in zip(_expert_weights(module), _reference_experts(module, ref), strict=True):
                 assert got.dtype == torch.float32
                 assert torch.equal(got, expected), name
-            quantized += module.w13_weight.dtype == torch.float8_e4m3fn
+            quantized += hasattr(module, "w13_codes") or module.w13_weight.dtype == torch.float8_e4m3fn
             continue
         head, _, last = name.rpartition(".")
         # the checkpoint's modules behind the layer: fused already (Phi-3) or fused by weir

@@ -2,13 +2,15 @@
 for every expert's down projection, run by the `fused_moe` op of the model's kernels (ops.reference on
 CPU, the Triton grouped GEMM of ops/triton/fused_moe.py on CUDA).
 
-Parameters (per rank), registered by the layer's method (engine.model.quantization: the
-unquantized one, or FP8's, engine.model.quantization.fp8_moe) through `add_expert_param`:
+Parameters (per rank), registered by the layer's method (`quant_method`, from the model's quantization
+config: unquantized, engine.model.quantization.fp8_moe or wna16_moe) through `add_expert_param`, which
+names their per-expert checkpoint tensors:
 - `w13_weight` [num_experts, 2 * intermediate / tp, hidden]: expert e's gate rows, then its up rows;
 - `w2_weight` [num_experts, hidden, intermediate / tp];
-- a quantized method's per-expert tensors beside them (scales), each stacked the same way: a stored
-  entry may cover a block of rows and columns (FP8's [128, 128] block scales), then each expert's
-  [gate; up] shard must be whole blocks.
+- a quantized method's tensors (FP8: fp8 weights and scales; integer: codes, zeros, scales), each
+  stacked the same way: a stored entry may cover a block of rows and columns (FP8's [128, 128] block
+  scales), then each expert's [gate; up] shard must be whole blocks; integer formats convert each
+  expert's tensors with loaders of their own.
 
 Tensor parallelism shards each expert's intermediate dimension as the dense MLP does (gate/up by
 rows, column-parallel; down by columns, row-parallel): every rank holds every expert, each output is

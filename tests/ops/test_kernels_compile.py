@@ -174,7 +174,7 @@ KERNELS = [
              "sorted_pairs_ptr": "*i32", "block_expert_ptr": "*i32", "num_padded_ptr": "*i32",
              "scale_ptr": "*fp32", "a_scale_ptr": "*fp32"},
         )
-        for gated, blocked, static in ((True, True, False), (False, True, False), (True, False, True), (False, False, False))
+        for gated, blocked, static in ((True, True, False), (False, False, True))
     ),
     *(
         (  # integer experts (W4A16, W8A16): codes shifted out of int32 words along K, group zeros and scales
@@ -184,7 +184,7 @@ KERNELS = [
              "sorted_pairs_ptr": "*i32", "block_expert_ptr": "*i32", "num_padded_ptr": "*i32",
              "scale_ptr": "*fp32", "a_scale_ptr": "*fp32", "zeros_ptr": "*fp32"},
         )
-        for gated, bits in ((True, 4), (False, 4), (True, 8))
+        for gated, bits in ((True, 4), (False, 8))
     ),
 ]  # fmt: skip
 

@@ -35,7 +35,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from loadtest.gpu_timing import copies_past_l2, rel_err
 from loadtest.kernel_check_common import (
@@ -169,18 +168,11 @@ def launch_gemm(
     gated: bool,
 ) -> None:
     """ops.triton.fused_moe's GEMM launch with this tile (its own launch when tile == Tile())."""
-    from ops.triton.fused_moe import _moe_gemm_kernel
+    from ops.triton.fused_moe import launch_moe_gemm
 
-    n, k = out.shape[1], a.shape[1]
-    block_n = tile.block_n or min(64, max(16, triton.next_power_of_2(n)))
-    block_k = tile.block_k or min(64, max(16, triton.next_power_of_2(k)))
-    grid = (align[1].shape[0], triton.cdiv(n, block_n))
-    stages = {} if tile.num_stages is None else {"num_stages": tile.num_stages}
-    _moe_gemm_kernel[grid](
-        a, w, out, weights, *align, n, k, out.shape[0], top_k,
-        a.stride(0), w.stride(0), w.stride(1), w.stride(2), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated, IEEE=a.dtype == torch.float32,
-        num_warps=tile.num_warps, **stages,
+    launch_moe_gemm(
+        a, w, out, weights, align, top_k, block_m, gated,
+        block_n=tile.block_n, block_k=tile.block_k, num_warps=tile.num_warps, num_stages=tile.num_stages,
     )  # fmt: skip
 
 
@@ -334,7 +326,7 @@ def timing(results: dict, name: str, shape: MoeShape, w13: torch.Tensor, w2: tor
 def sweep(results: dict, shapes: dict[str, MoeShape], layers: dict, smoke: bool, budget_s: float) -> None:
     """Block sizes, warps and stages of both GEMMs; the default launch first, checked bit for bit."""
     import ops.triton as tops
-    from ops.triton.fused_moe import _block_m
+    from ops.triton.fused_moe import default_block_m
 
     start = time.time()
     rows = results["timings"].setdefault("moe_sweep", [])
@@ -345,7 +337,7 @@ def sweep(results: dict, shapes: dict[str, MoeShape], layers: dict, smoke: bool,
             w13, w2 = layers[name]
             device = w13.device
             x, tw, ti = make_tokens(shape, num_tokens, w13.dtype, device, seed=4000 + num_tokens)
-            default_m = _block_m(num_tokens)
+            default_m = default_block_m(num_tokens)
             ref = tops.fused_moe(x, w13, w2, tw, ti)
             mine = TiledMoe(x, w13, w2, tw, ti, default_m).whole(Tile())
             sync(device)

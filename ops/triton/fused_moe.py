@@ -211,12 +211,12 @@ def _int_tile(w_base, s_base, z_base, offs_k, group_k, stride_wk, stride_sk, w_m
     return (codes.to(tl.float32) - z) * s
 
 
-def _block_m(num_tokens: int) -> int:
+def default_block_m(num_tokens: int) -> int:
     # Decode batches: few pairs an expert, so small blocks waste little padding; prefill: bigger tiles.
     return 16 if num_tokens <= 64 else 64
 
 
-def _launch(
+def launch_moe_gemm(
     a: torch.Tensor,
     w: torch.Tensor,
     out: torch.Tensor,
@@ -230,11 +230,17 @@ def _launch(
     a_scale: torch.Tensor | None = None,  # [1] float32 static input scale
     zeros: torch.Tensor | None = None,  # integer w: [E, N, G] float32, as `scale`
     bits: int = 0,  # integer w: [E, N, K / (32 // bits)] int32 words; 0: w is float or fp8
+    block_n: int | None = None,  # tile overrides (loadtest/kernel_check_moe.py's sweep); None: the default
+    block_k: int | None = None,
+    num_warps: int = 4,
+    num_stages: int | None = None,
 ) -> None:
+    """One grouped GEMM of fused_moe (GEMM 1 when `gated`, else GEMM 2) into `out`."""
     sorted_pairs, block_expert, num_padded = align
     n, k = out.shape[1], a.shape[1]
-    block_n = min(64, max(16, triton.next_power_of_2(n)))
-    block_k = min(64, max(16, triton.next_power_of_2(k)))
+    block_n = block_n or min(64, max(16, triton.next_power_of_2(n)))
+    block_k = block_k or min(64, max(16, triton.next_power_of_2(k)))
+    stages = {} if num_stages is None else {"num_stages": num_stages}
     grid = (block_expert.shape[0], triton.cdiv(n, block_n))
     quantized = scale is not None
     s = scale if quantized else out  # unread unless W_FP8 or W_BITS
@@ -250,7 +256,7 @@ def _launch(
         a_scale if a_scale is not None else weights, zeros if zeros is not None else s,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated, IEEE=a.dtype == torch.float32,
         W_FP8=quantized and not bits, BLOCKED=block_shape is not None, A_QDQ=a_scale is not None,
-        HW_CVT=hardware_fp8_conversion(a), W_BITS=bits, num_warps=4,
+        HW_CVT=hardware_fp8_conversion(a), W_BITS=bits, num_warps=num_warps, **stages,
     )  # fmt: skip
 
 
@@ -268,7 +274,7 @@ def fused_moe(
     if num_tokens == 0:
         return torch.empty(0, hidden_size, dtype=hidden.dtype, device=hidden.device)
     x = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
-    block_m = _block_m(num_tokens)
+    block_m = default_block_m(num_tokens)
     align = moe_align_block_size(topk_ids, num_experts, block_m)
     num_pairs = num_tokens * top_k
     act = torch.empty(num_pairs, two_i // 2, dtype=hidden.dtype, device=hidden.device)  # [num_pairs, I]
@@ -279,8 +285,8 @@ def fused_moe(
     elif quant is not None:
         q13 = {"scale": quant.w13, "block_shape": quant.block_shape, "a_scale": quant.a13}
         q2 = {"scale": quant.w2, "block_shape": quant.block_shape, "a_scale": quant.a2}
-    _launch(x, w13, act, topk_weights, align, top_k, block_m, gated=True, **q13)
+    launch_moe_gemm(x, w13, act, topk_weights, align, top_k, block_m, gated=True, **q13)
     down = torch.empty(num_pairs, hidden_size, dtype=hidden.dtype, device=hidden.device)  # [num_pairs, H]
     weights = topk_weights.reshape(-1).to(torch.float32)  # [num_pairs], pair = token * top_k + k
-    _launch(act, w2, down, weights, align, top_k, block_m, gated=False, **q2)
+    launch_moe_gemm(act, w2, down, weights, align, top_k, block_m, gated=False, **q2)
     return down.view(num_tokens, top_k, hidden_size).sum(dim=1, dtype=torch.float32).to(hidden.dtype)

@@ -84,12 +84,14 @@ REFUSALS = [
     (_longrope(attention_factor="x"), f"longrope attention_factor in {F} must be a positive number; got 'x'"),
     (_longrope(original_max_position_embeddings=1), f"longrope original_max_position_embeddings in {F} must be an integer of at least 2; got 1"),
     (_longrope(original_max_position_embeddings="x"), f"longrope original_max_position_embeddings in {F} must be an integer of at least 2; got 'x'"),
-    (_longrope(short_factor=["a"] * 6), f"rope scaling 'longrope' in /m: short_factor must be a list of rotary_dim / 2 = 6 numbers; got 'a' at index 0"),
+    (_longrope(short_factor=["a"] * 6), "rope scaling 'longrope' in /m: short_factor must be a list of rotary_dim / 2 = 6 numbers; got 'a' at index 0"),
     (_longrope(rope_theta="x"), f"rope_theta in {F} must be a positive number; got 'x'"),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("cfg", "message"), REFUSALS, ids=[m.split(" in ")[0] + f"-{i}" for i, (_, m) in enumerate(REFUSALS)])
+@pytest.mark.parametrize(
+    ("cfg", "message"), REFUSALS, ids=[m.split(" in ")[0] + f"-{i}" for i, (_, m) in enumerate(REFUSALS)]
+)
 def test_bad_values_are_refused_naming_field_value_and_file(cfg: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError) as err:
         _read(copy.deepcopy(cfg))
@@ -136,6 +138,8 @@ def test_missing_keys_read_as_transformers_reads_them(family: str) -> None:
         cfg = {k: v for k, v in _cfg(family).items() if k != key}
         if key == "sliding_window" and family == "qwen2_window":
             cfg["use_sliding_window"] = True
+        if key == "num_key_value_heads":  # a multiple of every family's default (4, 8, 16 or 32)
+            cfg["num_attention_heads"] = 32
         theirs = _transformers_view(config_class(**{k: v for k, v in cfg.items() if k != "architectures"}))
         ours = _read(cfg)
         got = {

@@ -208,7 +208,8 @@ class ModelConfig:
         head_dim = int_field(cfg, "head_dim", model_path, default=hidden_size // num_heads or None)
         if num_heads % num_kv_heads != 0:
             raise ValueError(
-                f"num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads})"
+                f"num_attention_heads ({num_heads}) in {config_file(model_path)} must be a multiple of "
+                f"num_key_value_heads ({num_kv_heads})"
             )
         max_position_embeddings = int_field(cfg, "max_position_embeddings", model_path, default=2048)
         rope_local_theta, rope_local_scaling = None, None

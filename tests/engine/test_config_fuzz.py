@@ -57,6 +57,7 @@ REFUSALS = [
     (_set("mixtral", drop=("intermediate_size",)), f"intermediate_size in {F} must be a positive integer; got None"),
     (_set("mixtral", num_attention_heads=0), f"num_attention_heads in {F} must be a positive integer; got 0"),
     (_set("gemma2", num_key_value_heads=-2), f"num_key_value_heads in {F} must be a positive integer; got -2"),
+    (_set("mixtral", num_key_value_heads=3), f"num_attention_heads (4) in {F} must be a multiple of num_key_value_heads (3)"),
     (_set("gemma3", hidden_size="64"), f"hidden_size in {F} must be a positive integer; got '64'"),
     (_set("qwen3_moe", num_hidden_layers=2.0), f"num_hidden_layers in {F} must be a positive integer; got 2.0"),
     (_set("gemma2", head_dim=15), f"head_dim 15 in {F} must be even: rotary embeddings turn pairs of dims"),

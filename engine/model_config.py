@@ -33,6 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.config_fields import (
+    bool_field,
+    config_file,
+    int_field,
+    positive_number,
+    with_family_defaults,
+)
 from engine.model.models.registry import SUPPORTED_ARCHITECTURES
 
 logger = logging.getLogger("weir.engine")
@@ -192,17 +199,19 @@ class ModelConfig:
             )
         family = arch.removesuffix("ForCausalLM")
         gemma = family in GEMMA_FAMILIES
+        cfg = with_family_defaults(family, cfg)
         hidden_act = _hidden_act(family, cfg, model_path)
 
-        hidden_size = int(cfg["hidden_size"])
-        num_heads = int(cfg["num_attention_heads"])
-        num_kv_heads = int(cfg.get("num_key_value_heads") or num_heads)
-        head_dim = int(cfg.get("head_dim") or hidden_size // num_heads)
+        hidden_size = int_field(cfg, "hidden_size", model_path)
+        num_heads = int_field(cfg, "num_attention_heads", model_path)
+        num_kv_heads = int_field(cfg, "num_key_value_heads", model_path, default=num_heads)
+        head_dim = int_field(cfg, "head_dim", model_path, default=hidden_size // num_heads or None)
         if num_heads % num_kv_heads != 0:
             raise ValueError(
-                f"num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads})"
+                f"num_attention_heads ({num_heads}) in {config_file(model_path)} must be a multiple of "
+                f"num_key_value_heads ({num_kv_heads})"
             )
-        max_position_embeddings = int(cfg.get("max_position_embeddings", 2048))
+        max_position_embeddings = int_field(cfg, "max_position_embeddings", model_path, default=2048)
         rope_local_theta, rope_local_scaling = None, None
         if family == "Gemma3":
             (rope_theta, rope_scaling), (rope_local_theta, rope_local_scaling) = _gemma3_ropes(
@@ -211,6 +220,10 @@ class ModelConfig:
         else:
             rope_theta, rope_scaling = _parse_rope(cfg, model_path)
         rotary_dim = _rotary_dim(family, cfg, head_dim, model_path)
+        if rotary_dim % 2:  # (Phi-3's partial rotary_dim is checked by _rotary_dim)
+            raise ValueError(
+                f"head_dim {head_dim} in {config_file(model_path)} must be even: rotary embeddings turn pairs of dims"
+            )
         if rope_scaling is not None and rope_scaling["rope_type"] == "longrope":
             _check_longrope(rope_scaling, rotary_dim, max_position_embeddings, model_path)
 
@@ -227,7 +240,7 @@ class ModelConfig:
         mlp_bias = bool(cfg.get("mlp_bias", False)) if family == "Llama" else False
         qk_norm = family in ("Qwen3", "Qwen3Moe", "Gemma3")
 
-        num_layers = int(cfg["num_hidden_layers"])
+        num_layers = int_field(cfg, "num_hidden_layers", model_path)
         moe = moe_fields(family, cfg, num_layers, model_path)
         sliding_window, layer_types = _sliding_layers(family, cfg, num_layers, model_path)
         resolved_len = _resolve_max_model_len(max_model_len, max_position_embeddings, model_path)
@@ -271,14 +284,14 @@ class ModelConfig:
         return cls(
             model_path=model_path,
             architecture=arch,
-            vocab_size=int(cfg["vocab_size"]),
+            vocab_size=int_field(cfg, "vocab_size", model_path),
             hidden_size=hidden_size,
             num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
-            intermediate_size=int(cfg["intermediate_size"]),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            intermediate_size=int_field(cfg, "intermediate_size", model_path),
+            rms_norm_eps=positive_number(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps", model_path),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position_embeddings=max_position_embeddings,
@@ -319,10 +332,10 @@ def moe_fields(family: str, cfg: dict[str, Any], num_layers: int, model_path: st
     dtype (as transformers does); Qwen2-MoE's shared expert of `shared_expert_intermediate_size`.
     """
     if family == "Mixtral":
-        num_experts = _int_field(cfg, "num_local_experts", model_path)
+        num_experts = int_field(cfg, "num_local_experts", model_path)
         fields = {
             "num_experts": num_experts,
-            "moe_intermediate_size": int(cfg["intermediate_size"]),
+            "moe_intermediate_size": int_field(cfg, "intermediate_size", model_path),
             "norm_topk_prob": True,
             "routing_weights_in_model_dtype": False,
             "moe_layers": tuple(range(num_layers)),
@@ -330,41 +343,36 @@ def moe_fields(family: str, cfg: dict[str, Any], num_layers: int, model_path: st
     elif family in ("Qwen2Moe", "Qwen3Moe"):
         # The hub's configs say num_experts; transformers 5 saves it as num_local_experts.
         key = "num_experts" if "num_experts" in cfg else "num_local_experts"
-        num_experts = _int_field(cfg, key, model_path)
-        step = _int_field(cfg, "decoder_sparse_step", model_path, default=1)
+        num_experts = int_field(cfg, key, model_path)
+        step = int_field(cfg, "decoder_sparse_step", model_path, default=1)
         dense = cfg.get("mlp_only_layers") or []
+        # (transformers ignores an index past the last layer; here it is a typo to report, not to skip)
         if not isinstance(dense, list) or not all(
-            isinstance(i, int) and not isinstance(i, bool) for i in dense
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_layers for i in dense
         ):
             raise ValueError(
-                f"mlp_only_layers in {model_path} must be a list of layer indices; got {dense!r}"
+                f"mlp_only_layers in {config_file(model_path)} must be a list of layer indices in "
+                f"[0, {num_layers}); got {dense!r}"
             )
         fields = {
             "num_experts": num_experts,
-            "moe_intermediate_size": _int_field(cfg, "moe_intermediate_size", model_path),
-            "norm_topk_prob": bool(cfg.get("norm_topk_prob", False)),
+            "moe_intermediate_size": int_field(cfg, "moe_intermediate_size", model_path),
+            "norm_topk_prob": bool_field(cfg, "norm_topk_prob", model_path, default=False),
             "routing_weights_in_model_dtype": True,
             "moe_layers": tuple(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0),
         }
         if family == "Qwen2Moe":
-            fields["shared_expert_intermediate_size"] = _int_field(
+            fields["shared_expert_intermediate_size"] = int_field(
                 cfg, "shared_expert_intermediate_size", model_path
             )
     else:
         return {}
-    top_k = _int_field(cfg, "num_experts_per_tok", model_path)
+    top_k = int_field(cfg, "num_experts_per_tok", model_path)
     if top_k > num_experts:
         raise ValueError(
             f"num_experts_per_tok ({top_k}) in {model_path} is larger than the number of experts ({num_experts})"
         )
     return {**fields, "num_experts_per_tok": top_k}
-
-
-def _int_field(cfg: dict[str, Any], name: str, model_path: str, default: int | None = None) -> int:
-    value = cfg.get(name, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} in {model_path} must be a positive integer; got {value!r}")
-    return value
 
 
 def _parse_rope(
@@ -374,7 +382,8 @@ def _parse_rope(
     legacy = cfg.get("rope_scaling")
     if legacy:
         params = {**legacy, **params}
-    rope_theta = float(params.pop("rope_theta", None) or cfg.get("rope_theta") or default_theta)
+    rope_theta = params.pop("rope_theta", None) or cfg.get("rope_theta") or default_theta
+    rope_theta = positive_number(rope_theta, "rope_theta", model_path)
     params.pop("partial_rotary_factor", None)  # read by _rotary_dim
     rope_type = params.get("rope_type") or params.get("type") or "default"
     if rope_type == "su":  # Phi-3's first name for longrope (transformers renames it too)
@@ -402,7 +411,15 @@ def _parse_rope(
         original = cfg.get("original_max_position_embeddings") or params.get(
             "original_max_position_embeddings"
         )
-        params["original_max_position_embeddings"] = int(original or cfg.get("max_position_embeddings", 2048))
+        original = original or cfg.get("max_position_embeddings", 2048)
+        if (
+            not isinstance(original, int) or isinstance(original, bool) or original < 2
+        ):  # log(original) divides
+            raise ValueError(
+                f"longrope original_max_position_embeddings in {config_file(model_path)} must be an integer "
+                f"of at least 2; got {original!r}"
+            )
+        params["original_max_position_embeddings"] = original
     return rope_theta, params
 
 
@@ -413,8 +430,9 @@ def _rotary_dim(family: str, cfg: dict[str, Any], head_dim: int, model_path: str
         return head_dim
     factor = cfg.get("partial_rotary_factor")
     if factor is None:
-        factor = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)
-    rotary_dim = int(head_dim * float(factor))
+        factor = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor")
+    factor = 1.0 if factor is None else positive_number(factor, "partial_rotary_factor", model_path)
+    rotary_dim = int(head_dim * factor)
     if not 0 < rotary_dim <= head_dim or rotary_dim % 2:
         raise ValueError(
             f"partial_rotary_factor {factor} in {model_path} gives rotary_dim {rotary_dim} for head_dim "
@@ -430,8 +448,12 @@ def _check_longrope(
     it, short and long alike), as transformers' _compute_longrope_parameters does."""
     for key in ("short_factor", "long_factor"):
         values = params[key]
-        if not isinstance(values, list) or len(values) != rotary_dim // 2:
-            got = len(values) if isinstance(values, list) else type(values).__name__
+        bad = next(
+            (i for i, v in enumerate(values) if isinstance(v, bool) or not isinstance(v, (int, float))), None
+        ) if isinstance(values, list) else None  # fmt: skip
+        if not isinstance(values, list) or len(values) != rotary_dim // 2 or bad is not None:
+            got = type(values).__name__ if not isinstance(values, list) else len(values)
+            got = f"{values[bad]!r} at index {bad}" if bad is not None else got
             raise ValueError(
                 f"rope scaling 'longrope' in {model_path}: {key} must be a list of rotary_dim / 2 = "
                 f"{rotary_dim // 2} numbers; got {got}"
@@ -440,7 +462,10 @@ def _check_longrope(
     factor = params.get("factor")
     if factor is None:  # Phi-3: the ratio of the extended to the pretraining length
         factor = max_position_embeddings / original
-    if params.get("attention_factor") is None:
+    factor = positive_number(factor, "longrope factor", model_path)
+    if params.get("attention_factor") is not None:
+        positive_number(params["attention_factor"], "longrope attention_factor", model_path)
+    else:
         params["attention_factor"] = (
             1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
         )
@@ -481,16 +506,27 @@ def _hidden_act(family: str, cfg: dict[str, Any], model_path: str) -> str:
 def _sliding_layers(
     family: str, cfg: dict[str, Any], num_layers: int, model_path: str
 ) -> tuple[int | None, tuple[str, ...]]:
-    """(window, per-layer types) as transformers builds them; (None, ()) where no layer has a window."""
+    """(window, per-layer types) as transformers builds them; (None, ()) where no layer has a window.
+    A window is a positive integer: 0, a negative, a bool or a float is refused (transformers' masks
+    would hide every key, or the window would run other than the checkpoint says). The families whose
+    windows are on or off by config (Mistral, Mixtral, Phi-3; Qwen with use_sliding_window) take null
+    as no window; Gemma 2/3 always have one."""
     window = cfg.get("sliding_window")
     if family in ("Mistral", "Mixtral", "Phi3"):  # every layer (Phi-3-mini-4k: 2047)
-        return (int(window), (SLIDING_ATTENTION,) * num_layers) if window else (None, ())
-    if family in ("Qwen2", "Qwen3", "Qwen2Moe", "Qwen3Moe"):
-        if not (window and cfg.get("use_sliding_window", False)):
+        if window is None:
             return None, ()
-        first = int(cfg.get("max_window_layers", 28))  # transformers' default
+        return _window(window, model_path, nullable=True), (SLIDING_ATTENTION,) * num_layers
+    if family in ("Qwen2", "Qwen3", "Qwen2Moe", "Qwen3Moe"):
+        if not bool_field(cfg, "use_sliding_window", model_path, default=False) or window is None:
+            return None, ()
+        window = _window(window, model_path, nullable=True)
+        first = cfg.get("max_window_layers", 28)  # transformers' default
+        if not isinstance(first, int) or isinstance(first, bool) or first < 0:
+            raise ValueError(
+                f"max_window_layers in {config_file(model_path)} must be a non-negative integer; got {first!r}"
+            )
         if family == "Qwen3Moe":  # transformers windows every layer (it reads no layer_types)
-            return int(window), (SLIDING_ATTENTION,) * num_layers
+            return window, (SLIDING_ATTENTION,) * num_layers
         if family == "Qwen2Moe":  # transformers' Qwen2MoeConfig: even layers below max_window_layers
             default = [
                 SLIDING_ATTENTION if (i + 1) % 2 and i < first else FULL_ATTENTION for i in range(num_layers)
@@ -498,23 +534,33 @@ def _sliding_layers(
         else:
             default = [SLIDING_ATTENTION if i >= first else FULL_ATTENTION for i in range(num_layers)]
     elif family == "Gemma2":
-        window = window or 4096
+        window = _window(window, model_path, nullable=False)
         default = [SLIDING_ATTENTION if (i + 1) % 2 else FULL_ATTENTION for i in range(num_layers)]
     elif family == "Gemma3":
-        window = window or 4096
-        pattern = int(cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6)
+        window = _window(window, model_path, nullable=False)
+        key = "sliding_window_pattern" if "sliding_window_pattern" in cfg else "_sliding_window_pattern"
+        pattern = int_field(cfg, key, model_path, default=6)
         default = [SLIDING_ATTENTION if (i + 1) % pattern else FULL_ATTENTION for i in range(num_layers)]
     else:
         return None, ()
-    types = tuple(cfg.get("layer_types") or default)
-    if len(types) != num_layers or any(t not in (FULL_ATTENTION, SLIDING_ATTENTION) for t in types):
+    types = cfg.get("layer_types") or default
+    if (
+        not isinstance(types, list)
+        or len(types) != num_layers
+        or any(t not in (FULL_ATTENTION, SLIDING_ATTENTION) for t in types)
+    ):
         raise ValueError(
-            f"unsupported layer_types {list(types)} in {model_path}: expected {num_layers} entries (num_hidden_layers), "
-            f"each {FULL_ATTENTION!r} or {SLIDING_ATTENTION!r}"
+            f"unsupported layer_types {types!r} in {config_file(model_path)}: expected {num_layers} entries "
+            f"(num_hidden_layers), each {FULL_ATTENTION!r} or {SLIDING_ATTENTION!r}"
         )
-    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-        raise ValueError(f"sliding_window must be a positive integer; got {window!r} in {model_path}")
-    return (window, types) if SLIDING_ATTENTION in types else (None, ())
+    return (window, tuple(types)) if SLIDING_ATTENTION in types else (None, ())
+
+
+def _window(value: Any, model_path: str, nullable: bool) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        allowed = "a positive integer or null" if nullable else "a positive integer"
+        raise ValueError(f"sliding_window in {config_file(model_path)} must be {allowed}; got {value!r}")
+    return value
 
 
 def _positive_or_none(cfg: dict[str, Any], key: str, model_path: str) -> float | None:

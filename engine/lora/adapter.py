@@ -211,9 +211,15 @@ def _check_config(
     # What PEFT makes of MLP targets on transformers 5's stacked experts (with an alpha/rank pattern for
     # them): named first, as the reason.
     if config.get("target_parameters"):
+        params = config["target_parameters"]
+        # A target module "gate" is the router in transformers 5's MoE blocks, not an expert.
+        if any(str(p).split(".")[0] == "gate" for p in params):
+            raise error(
+                "target_parameters", f"{params} targets the MoE router: LoRA on the router is not supported"
+            )
         raise error(
             "target_parameters",
-            f"{config['target_parameters']} targets MoE expert parameters: LoRA on MoE experts is not supported",
+            f"{params} targets MoE expert parameters: LoRA on MoE experts is not supported",
         )
     rank = config.get("r")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:

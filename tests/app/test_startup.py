@@ -64,7 +64,10 @@ def test_unloadable_model_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}')
     r = _weir("serve", str(tmp_path), "--device", "cpu", "--port", "0")
     assert r.returncode == 1
-    assert "cannot load the model: KeyError: 'hidden_size'" in _one_line(r.stderr, after_logs=True)
+    assert _one_line(r.stderr, after_logs=True) == (
+        f"weir serve: error: cannot load the model: hidden_size in {tmp_path}/config.json must be a positive "
+        "integer; got None"
+    )
 
 
 def test_version() -> None:

@@ -205,6 +205,13 @@ def test_lora_attention_adapter_matches_peft_and_expert_targets_are_refused(
         )
     assert "module 'model.layers.1.mlp.experts.0.gate_proj' is a mixture-of-experts module" in str(err.value)
     assert "LoRA on MoE experts is not supported" in str(err.value)
+    # the router ("gate"): PEFT turns it into a target parameter too; the refusal names the router
+    router = _peft_adapter(model_dir, tmp_path / "router", target_modules=["gate"])
+    with pytest.raises(LoRAAdapterError) as err:
+        llm.generate(prompts[:1], params, use_tqdm=False, lora_request=LoRARequest("router", 4, str(router)))
+    assert str(err.value).endswith(
+        "target_parameters: ['gate.weight'] targets the MoE router: LoRA on the router is not supported"
+    )
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])

@@ -140,7 +140,7 @@ def test_gemma1_reads_gelu_as_the_tanh_approximation() -> None:
         (
             "Gemma2ForCausalLM",
             {"num_hidden_layers": 2, "layer_types": ["sliding_attention", "chunked_attention"]},
-            "unsupported layer_types ['sliding_attention', 'chunked_attention'] in /m: expected 2 entries "
+            "unsupported layer_types ['sliding_attention', 'chunked_attention'] in /m/config.json: expected 2 entries "
             "(num_hidden_layers), each 'full_attention' or 'sliding_attention'",
         ),
         (
@@ -156,7 +156,7 @@ def test_gemma1_reads_gelu_as_the_tanh_approximation() -> None:
                 "sliding_window": 1.5,
                 "max_window_layers": 0,
             },
-            "sliding_window must be a positive integer; got 1.5 in /m",
+            "sliding_window in /m/config.json must be a positive integer or null; got 1.5",
         ),
     ],
     ids=["multimodal", "bidirectional", "gelu-exact", "llama-gelu", "layer-types", "softcap", "window"],

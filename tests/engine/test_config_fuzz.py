@@ -1,0 +1,155 @@
+"""config.json fuzzing for the model families: a missing key reads as transformers' config class of
+that family reads it (compared with the class itself), and a wrong-typed or out-of-range value is
+refused at start with a message naming the field, the value and the file, never a KeyError,
+TypeError or ZeroDivisionError and never a model built differently from transformers'. No model is
+built."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import pytest
+
+from engine.model_config import ModelConfig
+from tests.tiny_models import make_config
+
+ARCHITECTURES = {
+    "mistral_window": "MistralForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen2_window": "Qwen2ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "phi3_partial": "Phi3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+}
+F = "/m/config.json"
+
+
+def _cfg(family: str) -> dict[str, Any]:
+    """The tiny family's config.json as save_pretrained writes it (only non-default keys)."""
+    cfg = json.loads(make_config(family).to_json_string(use_diff=True))
+    return {**cfg, "architectures": [ARCHITECTURES[family]]}
+
+
+def _read(cfg: dict[str, Any]) -> ModelConfig:
+    return ModelConfig.from_dicts("/m", cfg, device="cpu")
+
+
+def _set(family: str, drop: tuple[str, ...] = (), **values: Any) -> dict[str, Any]:
+    cfg = {k: v for k, v in _cfg(family).items() if k not in drop}
+    return {**cfg, **values}
+
+
+def _longrope(**changes: Any) -> dict[str, Any]:
+    cfg = _cfg("phi3_partial")
+    cfg["rope_parameters"] = {**cfg["rope_parameters"], "factor": 2.0, **changes}
+    cfg.pop("original_max_position_embeddings")
+    return cfg
+
+
+REFUSALS = [
+    (_set("mixtral", drop=("intermediate_size",)), f"intermediate_size in {F} must be a positive integer; got None"),
+    (_set("mixtral", num_attention_heads=0), f"num_attention_heads in {F} must be a positive integer; got 0"),
+    (_set("gemma2", num_key_value_heads=-2), f"num_key_value_heads in {F} must be a positive integer; got -2"),
+    (_set("mixtral", num_key_value_heads=3), f"num_attention_heads (4) in {F} must be a multiple of num_key_value_heads (3)"),
+    (_set("gemma3", hidden_size="64"), f"hidden_size in {F} must be a positive integer; got '64'"),
+    (_set("qwen3_moe", num_hidden_layers=2.0), f"num_hidden_layers in {F} must be a positive integer; got 2.0"),
+    (_set("gemma2", head_dim=15), f"head_dim 15 in {F} must be even: rotary embeddings turn pairs of dims"),
+    (_set("mixtral", rms_norm_eps="1e-5"), f"rms_norm_eps in {F} must be a positive number; got '1e-5'"),
+    (_set("mistral_window", sliding_window=-5), f"sliding_window in {F} must be a positive integer or null; got -5"),
+    (_set("mistral_window", sliding_window=True), f"sliding_window in {F} must be a positive integer or null; got True"),
+    (_set("mixtral", sliding_window=0), f"sliding_window in {F} must be a positive integer or null; got 0"),
+    (_set("phi3", sliding_window=10.5), f"sliding_window in {F} must be a positive integer or null; got 10.5"),
+    (_set("qwen3_moe", use_sliding_window=True, sliding_window=0), f"sliding_window in {F} must be a positive integer or null; got 0"),
+    (_set("gemma2", sliding_window=0), f"sliding_window in {F} must be a positive integer; got 0"),
+    (_set("gemma2", sliding_window=None), f"sliding_window in {F} must be a positive integer; got None"),
+    (_set("qwen3_moe", use_sliding_window="no", sliding_window=8), f"use_sliding_window in {F} must be true or false; got 'no'"),
+    (_set("qwen2_moe", use_sliding_window=True, sliding_window=8, max_window_layers="x"), f"max_window_layers in {F} must be a non-negative integer; got 'x'"),
+    (_set("gemma2", layer_types=5), f"unsupported layer_types 5 in {F}: expected 3 entries (num_hidden_layers), each 'full_attention' or 'sliding_attention'"),
+    (_set("gemma3", drop=("layer_types",), sliding_window_pattern=0), f"sliding_window_pattern in {F} must be a positive integer; got 0"),
+    (_set("qwen3_moe", mlp_only_layers=[5]), f"mlp_only_layers in {F} must be a list of layer indices in [0, 2); got [5]"),
+    (_set("qwen2_moe", mlp_only_layers=[-1]), f"mlp_only_layers in {F} must be a list of layer indices in [0, 2); got [-1]"),
+    (_set("qwen3_moe", norm_topk_prob="false"), f"norm_topk_prob in {F} must be true or false; got 'false'"),
+    (_set("qwen2_moe", decoder_sparse_step=0), f"decoder_sparse_step in {F} must be a positive integer; got 0"),
+    (_set("qwen3_moe", moe_intermediate_size="48"), f"moe_intermediate_size in {F} must be a positive integer; got '48'"),
+    (_set("mixtral", drop=("num_experts_per_tok",)), f"num_experts_per_tok in {F} must be a positive integer; got None"),
+    (_set("phi3", partial_rotary_factor=[0.5]), f"partial_rotary_factor in {F} must be a positive number; got [0.5]"),
+    (_set("phi3", partial_rotary_factor=True), f"partial_rotary_factor in {F} must be a positive number; got True"),
+    (_longrope(factor="x"), f"longrope factor in {F} must be a positive number; got 'x'"),
+    (_longrope(attention_factor="x"), f"longrope attention_factor in {F} must be a positive number; got 'x'"),
+    (_longrope(original_max_position_embeddings=1), f"longrope original_max_position_embeddings in {F} must be an integer of at least 2; got 1"),
+    (_longrope(original_max_position_embeddings="x"), f"longrope original_max_position_embeddings in {F} must be an integer of at least 2; got 'x'"),
+    (_longrope(short_factor=["a"] * 6), "rope scaling 'longrope' in /m: short_factor must be a list of rotary_dim / 2 = 6 numbers; got 'a' at index 0"),
+    (_longrope(rope_theta="x"), f"rope_theta in {F} must be a positive number; got 'x'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"), REFUSALS, ids=[m.split(" in ")[0] + f"-{i}" for i, (_, m) in enumerate(REFUSALS)]
+)
+def test_bad_values_are_refused_naming_field_value_and_file(cfg: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError) as err:
+        _read(copy.deepcopy(cfg))
+    assert str(err.value) == message
+
+
+# Keys a real config.json may leave out whose transformers default is not the Llama one.
+MISSING = {
+    "mistral_window": ("num_key_value_heads", "sliding_window", "max_position_embeddings"),
+    "mixtral": ("num_key_value_heads", "rms_norm_eps", "rope_parameters", "max_position_embeddings"),
+    "qwen2_moe": ("num_key_value_heads",),
+    "qwen3_moe": ("num_key_value_heads",),
+    "qwen3": ("head_dim", "num_key_value_heads"),
+    "qwen2_window": ("num_key_value_heads", "sliding_window"),
+    "phi3": ("rms_norm_eps", "max_position_embeddings"),
+    "gemma": ("head_dim", "num_key_value_heads"),
+    "gemma2": ("head_dim", "num_key_value_heads", "sliding_window"),
+    "gemma3": ("head_dim", "num_key_value_heads", "sliding_window", "max_position_embeddings"),
+}
+
+
+def _transformers_view(config: Any) -> dict[str, Any]:
+    rope = config.rope_parameters
+    rope = rope.get("full_attention", rope)
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None) or ["sliding_attention"] * config.num_hidden_layers
+    return {
+        "num_kv_heads": config.num_key_value_heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": float(rope["rope_theta"]),
+        "max_position_embeddings": config.max_position_embeddings,
+        "windows": [window if window and t == "sliding_attention" else None for t in types],
+    }
+
+
+@pytest.mark.parametrize("family", sorted(MISSING))
+def test_missing_keys_read_as_transformers_reads_them(family: str) -> None:
+    """Each key of MISSING left out of the tiny config.json: weir's value is the one transformers'
+    config class of the family gives (num_key_value_heads, head_dim, rms_norm_eps, rope_theta,
+    max_position_embeddings, the per-layer windows)."""
+    config_class = type(make_config(family))
+    for key in MISSING[family]:
+        cfg = {k: v for k, v in _cfg(family).items() if k != key}
+        if key == "sliding_window" and family == "qwen2_window":
+            cfg["use_sliding_window"] = True
+        if key == "num_key_value_heads":  # a multiple of every family's default (4, 8, 16 or 32)
+            cfg["num_attention_heads"] = 32
+        theirs = _transformers_view(config_class(**{k: v for k, v in cfg.items() if k != "architectures"}))
+        ours = _read(cfg)
+        got = {
+            "num_kv_heads": ours.num_kv_heads,
+            "head_dim": ours.head_dim,
+            "rms_norm_eps": ours.rms_norm_eps,
+            "rope_theta": ours.rope_theta,
+            "max_position_embeddings": ours.max_position_embeddings,
+            "windows": [ours.sliding_window if t == "sliding_attention" else None for t in ours.layer_types]
+            or [None] * ours.num_layers,
+        }
+        assert got == theirs, key

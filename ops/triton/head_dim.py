@@ -8,29 +8,13 @@ kind sits behind a constexpr test of pad(HEAD_DIM) != HEAD_DIM: for a power-of-t
 compile to the code they compiled to before (SASS compared on sm_90 without a GPU: tools/kernel_asm.py).
 
 A padded head costs the lanes of its power of two (96 computes as 128): the price of one kernel for
-every size, still far below the torch reference ops such models ran on before.
+every size. Which sizes are taken: ops/head_dims.py.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-SUPPORTED_HEAD_DIMS = "a multiple of 8 from 16 to 256, or a power of two"
-
-
-def supports_head_dim(head_dim: int) -> bool:
-    """Whether the Triton kernels take heads `head_dim` wide (paged attention also needs >= 16)."""
-    power_of_two = head_dim > 0 and head_dim & (head_dim - 1) == 0
-    return power_of_two or (head_dim % 8 == 0 and 16 <= head_dim <= 256)
-
-
-def check_head_dim(op: str, head_dim: int) -> None:
-    """Refuse a head size the kernels cannot tile, naming it and the sizes they can."""
-    if not supports_head_dim(head_dim):
-        raise ValueError(
-            f"{op}: head_dim={head_dim} is not supported; the Triton kernels take {SUPPORTED_HEAD_DIMS}"
-        )
 
 
 @triton.constexpr_function

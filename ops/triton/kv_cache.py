@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.triton.head_dim import check_head_dim, head_rows_mask, pad
+from ops.head_dims import check_head_dim
+from ops.triton.head_dim import head_rows_mask, pad
 
 
 @triton.jit

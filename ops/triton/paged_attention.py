@@ -51,8 +51,9 @@ import triton
 import triton.language as tl
 
 from ops.env_flags import env_flag
+from ops.head_dims import check_head_dim
 from ops.triton.fp8_kv_read import E4M3, E5M2, load_f16_rows
-from ops.triton.head_dim import check_head_dim, head_lanes, head_rows_mask, pad
+from ops.triton.head_dim import head_lanes, head_rows_mask, pad
 from ops.triton.kv_cache import _FP8_FORMATS, _NOT_FP8, _to_cache
 from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
 from ops.triton.rotary import check_rotary_width
@@ -553,8 +554,6 @@ class _Plan:
     def __init__(
         self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device_index: int
     ) -> None:
-        if head_dim < 16:  # a dot's K dimension needs 16
-            raise ValueError(f"paged_attention: head_dim={head_dim} is not supported; it needs >= 16")
         check_head_dim("paged_attention", head_dim)
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")

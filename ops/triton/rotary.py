@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.triton.head_dim import SUPPORTED_HEAD_DIMS, head_rows_mask, pad, supports_head_dim
+from ops.head_dims import check_head_dim
+from ops.triton.head_dim import head_rows_mask, pad
 
 
 @triton.jit
@@ -142,14 +143,6 @@ def check_rotary_width(op: str, cs_width: int, head_dim: int) -> int:
     return 0 if cs_width == head_dim else cs_width // 2
 
 
-def check_rotary_head_dim(op: str, head_dim: int) -> None:
-    """A head the rotary kernels take: two halves, each a power of two or padded to one."""
-    if head_dim < 2 or not supports_head_dim(head_dim):
-        raise ValueError(
-            f"{op}: head_dim={head_dim} is not supported; the Triton kernels take {SUPPORTED_HEAD_DIMS}"
-        )
-
-
 def rotary_block_h(head_dim: int, num_heads: int, num_kv_heads: int) -> int:
     """Heads a step: about 4,096 lanes (a padded head's count, so BLOCK_H stays a power of two)."""
     return min(
@@ -158,7 +151,7 @@ def rotary_block_h(head_dim: int, num_heads: int, num_kv_heads: int) -> int:
 
 
 def _block_h(head_dim: int, cs_width: int, q_width: int, k_width: int) -> int:
-    check_rotary_head_dim("rotary_embedding", head_dim)
+    check_head_dim("rotary_embedding", head_dim)
     check_rotary_width("rotary_embedding", cs_width, head_dim)
     num_heads, num_kv_heads = q_width // head_dim, k_width // head_dim
     block_h = rotary_block_h(head_dim, num_heads, num_kv_heads)

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.head_dims import check_head_dim
 from ops.triton.head_dim import head_rows_mask, pad
 from ops.triton.kv_cache import _FP8_FORMATS, _NOT_FP8, _to_cache
 from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
@@ -30,7 +31,6 @@ from ops.triton.rotary import (
     _rotate_heads,
     _rotated_halves,
     _rows,
-    check_rotary_head_dim,
     check_rotary_width,
     rotary_block_h,
 )
@@ -157,7 +157,7 @@ _BLOCK_H: dict[tuple[int, int, int], int] = {}
 
 
 def _block_h(head_dim: int, num_heads: int, num_kv_heads: int) -> int:
-    check_rotary_head_dim("rotary_and_write_kv", head_dim)
+    check_head_dim("rotary_and_write_kv", head_dim)
     block_h = rotary_block_h(head_dim, num_heads, num_kv_heads)
     _BLOCK_H[(head_dim, num_heads, num_kv_heads)] = block_h
     return block_h

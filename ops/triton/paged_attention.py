@@ -178,7 +178,7 @@ def _attend_tile(
 # memory profile's one-block-wide block table (stride 1) compile a decode variant of its own.
 @triton.jit(do_not_specialize=["num_seqs", "num_segments", "stride_bt", "window"])
 def _paged_attention_kernel(
-    out_ptr,  # [num_tokens, num_heads, HEAD_DIM] (not SPLIT); HEAD_DIM any head_dim.py takes
+    out_ptr,  # [num_tokens, num_heads, HEAD_DIM] (not SPLIT); HEAD_DIM: any size ops/head_dims.py takes
     part_acc_ptr,  # [num_tokens, num_heads, num_segments, HEAD_DIM] float32 (SPLIT)
     part_max_ptr,  # [num_tokens, num_heads, num_segments] float32, log2 domain
     part_sum_ptr,  # [num_tokens, num_heads, num_segments] float32
@@ -252,9 +252,8 @@ def _paged_attention_kernel(
     context_len = seq_len - q_len
 
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(
-        0, pad(HEAD_DIM)
-    )  # a padded head's extra lanes: zeros in q, K, V and acc, never stored
+    # a padded head's extra lanes (ops/triton/head_dim.py): zeros in q, K, V and acc, never stored
+    offs_d = tl.arange(0, pad(HEAD_DIM))
     q_local = q_block_local * BLOCK_Q + offs_m // GROUP  # [BLOCK_M] query index within the sequence
     head = kv_head * GROUP + offs_m % GROUP  # [BLOCK_M]
     row_valid = (q_local < q_len) & (offs_m < BLOCK_Q * GROUP)

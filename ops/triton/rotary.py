@@ -48,7 +48,7 @@ def _rotate_heads(
         o_row = out_ptr + row * stride_out
         if ROT_HALF == 0:  # the whole head rotates
             mask = head_rows_mask(heads < num_heads, offs_d, HALF)
-            idx = heads[:, None] * (2 * HALF) + offs_d[None, :]  # [BLOCK_H, HALF]
+            idx = heads[:, None] * (2 * HALF) + offs_d[None, :]  # [BLOCK_H, pad(HALF)]
             r1, r2 = _rotated_halves(x_ptr + row * stride_x, idx, mask, cos, sin, HALF)
             tl.store(o_row + idx, r1, mask=mask)
             tl.store(o_row + idx + HALF, r2, mask=mask)

@@ -106,7 +106,7 @@ def _store_rotary_kv(
         heads = h0 + offs_h
         mask_h = heads < num_kv_heads
         mask = head_rows_mask(mask_h, offs_d, HALF)
-        idx = heads[:, None] * (2 * HALF) + offs_d[None, :]  # [BLOCK_H, HALF]
+        idx = heads[:, None] * (2 * HALF) + offs_d[None, :]  # [BLOCK_H, pad(HALF)]
         # rounded to the model dtype, as the separate rotary op returns it
         r1, r2 = _rotated_halves(k_row, idx, mask, cos, sin, HALF)
         r1 = _to_cache(r1, k_scale_ptr, heads, mask_h, FP8_MANT, FP8_MIN_EXP, FP8_MAX, SCALED, BLOCK_H)
@@ -241,9 +241,8 @@ def rotated_rows(x_rows, cs_rows, valid, HEAD_DIM: tl.constexpr, ROT_HALF: tl.co
             sin = tl.load(cs_rows + HALF + in_half[None, :], mask=mask, other=0.0).to(tl.float32)
             first = (offs_d < HALF)[None, :]
             # the same explicit fmas as _rotated_halves (a contraction the compiler chose would differ per kernel)
-            out = tl.where(first, tl.fma(xf, cos, -(partner * sin)), tl.fma(xf, cos, partner * sin)).to(
-                x.dtype
-            )
+            rotated = tl.where(first, tl.fma(xf, cos, -(partner * sin)), tl.fma(xf, cos, partner * sin))
+            out = rotated.to(x.dtype)
         else:  # a padded head (its halves' partners are not an XOR away): every dim rotating
             out = _rotated_part(x_rows, cs_rows, valid, HEAD_DIM, HEAD_DIM // 2)
     else:

@@ -45,6 +45,7 @@ CASES = {  # (model dtype, cache dtype, group, max_seq_len, rotary_dim[, head_di
     "fp32 group 1 head 96": (torch.float32, torch.float32, 1, 512, 96, 96),
     "e4m3 group 4 split head 48": (torch.float16, torch.float8_e4m3fn, 4, 4096, 48, 48),
     "e5m2 group 1 head 48 partial rotary": (torch.float16, torch.float8_e5m2, 1, 512, 20, 48),
+    "fp16 group 4 split head 40": (torch.float16, torch.float16, 4, 4096, 40, 40),  # a multiple of 8, not 16
 }
 
 HEAD_DIM, NUM_KV_HEADS, BLOCK_SIZE, NUM_BLOCKS = 32, 2, 8, 48

@@ -117,7 +117,7 @@ def llama3_cos_sin_cache(head_dim: int, max_position: int, base: float = 500000.
 
 @in_process
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("head_dim", [32, 96])  # 96: Phi-3-mini's, halves of 48 padded to 64 lanes
+@pytest.mark.parametrize("head_dim", [32, 96, 40])  # 96: Phi-3-mini's, halves of 48 in 64 lanes; 40: 20 in 32
 def test_rotary_embedding_llama3_scaled(dtype: torch.dtype, head_dim: int) -> None:
     torch.manual_seed(2)
     num_heads, num_kv_heads, num_tokens = 4, 2, 6
@@ -173,7 +173,7 @@ def test_rotary_embedding_partial_rotary_dim(dtype: torch.dtype, head_dim: int, 
 
 @in_process
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("head_dim", [16, 48])  # 48: a padded head, its 16 extra lanes never stored
+@pytest.mark.parametrize("head_dim", [16, 48, 40])  # padded heads: their extra lanes never stored
 def test_write_kv_cache_skips_padding_slots(dtype: torch.dtype, head_dim: int) -> None:
     torch.manual_seed(3)
     num_blocks, block_size, num_kv_heads = 6, 8, 2
@@ -253,6 +253,7 @@ def check_attention(batch: dict, config: AttentionConfig | None, dtype: torch.dt
         (6, 2, 16, 16, torch.float16),  # group 3: not a power of two
         (4, 2, 48, 8, torch.float16),  # head_dim 48: padded to 64 lanes (ops/triton/head_dim.py)
         (2, 1, 96, 16, torch.float32),  # Phi-3-mini's head_dim 96 (128 lanes), group 2
+        (2, 2, 40, 8, torch.float16),  # a multiple of 8, not of 16: 64 lanes
     ],
 )
 @pytest.mark.parametrize("split", [False, True], ids=["one-pass", "split-kv"])

@@ -239,12 +239,13 @@ class EngineConfig:
             self.tp_broadcast_slot_bytes,
         )
         quant = _resolve_quantization(model.model_path, self.quantization)
-        if model.is_moe and quant.method != "none":
-            # The experts are stacked tensors run by the fused MoE op, which reads float weights only:
-            # a quantized checkpoint's experts would be misread, not run slowly.
+        refusal = quant.linear.moe_refusal() if model.is_moe and quant.linear is not None else None
+        if refusal is not None:
+            # The experts are stacked tensors run by the fused MoE op, which reads float, FP8 and integer
+            # weights (engine.model.quantization.fp8_moe, wna16_moe): another format's would be misread.
             raise ValueError(
                 f"quantization {quant.method!r} ({quant.source}) is not supported for {model.architecture}: "
-                f"MoE experts are not supported with {quant.method}; serve an unquantized checkpoint"
+                f"{refusal}"
             )
         return ResolvedConfig(
             model=model,

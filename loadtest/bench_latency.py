@@ -5,7 +5,9 @@
 Drives the step-level engine directly (add_request, then step() until done) and timestamps every step
 that produced tokens: inter-token latency is the gap between consecutive such steps. Reports the median
 ITL (ms), tok/s (batch x output tokens / end-to-end latency), and the fraction of the bandwidth roofline
-(weight bytes / measured copy bandwidth, divided by the measured ITL). Warm-up iterations are excluded.
+(weight bytes / measured copy bandwidth, divided by the measured ITL; for an MoE model the bytes of the
+experts a step at that batch size reads, loadtest/model_shapes.active_parameters). Warm-up iterations
+are excluded. --peer-last runs the transformers peer after weir's figures.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from loadtest.common import (  # noqa: E402
     Report,
     add_common_args,
+    add_peer_last_arg,
     build_llm,
     copy_bandwidth_phase,
     default_max_model_len,
@@ -49,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-iters-warmup", type=int, default=2)
     p.add_argument("--token-id-max", type=int, default=10000)
     add_common_args(p, default_shape="llama3-8b")
+    add_peer_last_arg(p)
     return p
 
 
@@ -124,6 +128,28 @@ def measure_peer(peer: HFPeer, args: argparse.Namespace, bs: int, id_max: int) -
     }
 
 
+def run_latency_peer(
+    report: Report, model: Any, args: argparse.Namespace, batch_sizes: list[int], id_max: int
+) -> None:
+    """transformers generate() on each batch size (with --peer hf), a non-fatal phase."""
+    if args.peer != "hf":
+        return
+    with phase(report, "peer", required=False):
+        peer = HFPeer(model, seed=args.seed)
+        try:
+            report["peer"] = {
+                "name": "transformers generate()",
+                "model_build_s": round(peer.build_seconds, 3),
+            }
+            for bs in batch_sizes:
+                report["peer"][f"batch_{bs}"] = measure_peer(peer, args, bs, id_max)
+                report.save()
+        finally:
+            peer.close()
+        if args.peer_max_steps and args.peer_max_steps < args.output_len:
+            report.note(f"peer latency extrapolated from {args.peer_max_steps} timed decode steps")
+
+
 def engine_weight_bytes(llm: Any) -> int | None:
     """Bytes of the engine's own parameters, when its model is reachable (cross-checks the config count)."""
     model = getattr(engine_runner(llm), "model", None)
@@ -150,33 +176,32 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
         "temperature": args.temperature,
     }
     bw = copy_bandwidth_phase(report, model.device, args.copy_bytes)
-    roofline_ms = model.weight_bytes / bw["bytes_per_s"] * 1000 if bw else None
+    # ms per decode step at batch bs: the weights it reads over the copy bandwidth (every parameter for a
+    # dense model; for an MoE model the experts bs tokens choose, model_shapes.active_parameters)
+    roofline = (
+        {bs: model.step_weight_bytes(bs) / bw["bytes_per_s"] * 1000 for bs in batch_sizes} if bw else {}
+    )
+    roofline_ms = model.step_weight_bytes(1) / bw["bytes_per_s"] * 1000 if bw else None
     if roofline_ms:
+        moe = model.step_weight_bytes(1) < model.weight_bytes
         report["roofline"] = {
-            "weight_bytes": model.weight_bytes,
+            "weight_bytes": round(model.step_weight_bytes(1)),
             "ms_per_step": round(roofline_ms, 4),
-            "note": "every parameter read once per decode step (embedding included, as vLLM's anchor counts)",
+            "note": "every parameter read once per decode step (embedding included, as vLLM's anchor counts)"
+            + (
+                "; MoE: batch 1 reads top_k experts a layer, batch bs the expected distinct experts of bs "
+                "uniformly routed tokens (results' roofline_ms per batch)"
+                if moe
+                else ""
+            ),
         }
         print(
-            f"[L1] roofline {roofline_ms:.3f} ms/step ({model.weight_bytes / 1e9:.2f} GB of weights)",
+            f"[L1] roofline {roofline_ms:.3f} ms/step ({model.step_weight_bytes(1) / 1e9:.2f} GB of weights)",
             flush=True,
         )
 
-    if args.peer == "hf":
-        with phase(report, "peer", required=False):
-            peer = HFPeer(model, seed=args.seed)
-            try:
-                report["peer"] = {
-                    "name": "transformers generate()",
-                    "model_build_s": round(peer.build_seconds, 3),
-                }
-                for bs in batch_sizes:
-                    report["peer"][f"batch_{bs}"] = measure_peer(peer, args, bs, id_max)
-                    report.save()
-            finally:
-                peer.close()
-            if args.peer_max_steps and args.peer_max_steps < args.output_len:
-                report.note(f"peer latency extrapolated from {args.peer_max_steps} timed decode steps")
+    if not args.peer_last:
+        run_latency_peer(report, model, args, batch_sizes, id_max)
 
     max_model_len = default_max_model_len(args, model, args.input_len + args.output_len)
     kwargs = engine_kwargs(args, model, max_model_len=max_model_len)
@@ -191,9 +216,9 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
         for bs in batch_sizes:
             with phase(report, f"batch_{bs}"):
                 res = measure_engine(llm.llm_engine, args, bs, id_max)
-                if roofline_ms and res["itl_p50_ms"]:
-                    res["roofline_ms"] = round(roofline_ms, 4)
-                    res["roofline_fraction"] = round(roofline_ms / res["itl_p50_ms"], 4)
+                if roofline and res["itl_p50_ms"]:
+                    res["roofline_ms"] = round(roofline[bs], 4)
+                    res["roofline_fraction"] = round(roofline[bs] / res["itl_p50_ms"], 4)
                 report["results"][f"batch_{bs}"] = res
                 print(
                     f"[L1] batch {bs}: ITL p50 {res['itl_p50_ms']:.3f} ms, {res['tok_s']:.1f} tok/s, "
@@ -205,6 +230,8 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     finally:
         if llm is not None:
             free_engine(llm)
+    if args.peer_last:
+        run_latency_peer(report, model, args, batch_sizes, id_max)
     peer = report["peer"]
     if peer:
         for bs in batch_sizes:

@@ -24,6 +24,7 @@ from loadtest.common import (  # noqa: E402
     Report,
     Workload,
     add_common_args,
+    add_peer_last_arg,
     build_llm,
     copy_bandwidth_phase,
     default_max_model_len,
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_random_dataset_args(p)
     p.add_argument("--warmup-requests", type=int, default=16)
     add_common_args(p, peers=("hf", "hf-cb"))
+    add_peer_last_arg(p)
     add_hf_cb_args(p)
     return p
 
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     report["workload"] = workload.description
     print(f"[{bench}] {len(workload)} requests, {model.describe()}", flush=True)
     copy_bandwidth_phase(report, model.device, args.copy_bytes)
-    peer = run_peer(report, model, args, workload, default_batch=min(len(workload), 256))
+    peer = None if args.peer_last else run_peer(report, model, args, workload, min(len(workload), 256))
 
     max_model_len = default_max_model_len(args, model, workload.max_seq_len)
     kwargs = engine_kwargs(args, model, max_model_len=max_model_len)
@@ -199,6 +201,8 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     finally:
         if llm is not None:
             free_engine(llm)
+    if args.peer_last:
+        peer = run_peer(report, model, args, workload, min(len(workload), 256))
     # The continuous-batching peer runs last: the slowest phase, so a timeout loses only its figure.
     warm = warmup_workload(
         workload, max(args.warmup_requests, args.hf_cb_warmup_requests), args.seed, model.vocab_size

@@ -35,7 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from loadtest.model_shapes import SHAPES, num_parameters, shape_dir  # noqa: E402
+from loadtest.model_shapes import SHAPES, active_parameters, num_parameters, shape_dir  # noqa: E402
 
 SHAPE_CHOICES = tuple(SHAPES)
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -124,6 +124,16 @@ def add_common_args(
     parser.set_defaults(_default_shape=default_shape)
 
 
+def add_peer_last_arg(p: argparse.ArgumentParser) -> None:
+    """--peer-last, for the scripts whose generate() peer can run after weir's measurement."""
+    p.add_argument(
+        "--peer-last",
+        action="store_true",
+        help="run the generate() peer after weir's measurement (a slow peer then loses only its own "
+        "figure to a timeout; device_call.sh's MoE steps)",
+    )
+
+
 def peer_list_type(allowed: Sequence[str]) -> Any:
     """argparse type for --peer: 'none', one peer or a comma list of them, normalised ('hf-cb,hf' -> 'hf,hf-cb')."""
 
@@ -174,6 +184,11 @@ class ModelChoice:
     @property
     def weight_bytes(self) -> int:
         return self.num_parameters * DTYPE_BYTES[self.dtype]
+
+    def step_weight_bytes(self, num_tokens: int) -> float:
+        """Weight bytes a forward over num_tokens tokens reads: weight_bytes for a dense model; for an MoE
+        model the experts its tokens choose (model_shapes.active_parameters)."""
+        return active_parameters(self.config, num_tokens) * DTYPE_BYTES[self.dtype]
 
     @property
     def vocab_size(self) -> int:

@@ -26,6 +26,19 @@
 # it on. t1k0a t1k1a ...: T1 with a bf16 / an fp8 KV cache (Q4's T1 figure; the fp8 read widened unless T1KW=0).
 # abold1 abnew1 abold2 ...: L1 alternating an older tree and this one in one call (machines differ by up to 4%; compare within a call): first, on this machine,
 # `mkdir ab_old && git archive REV engine ops app loadtest pyproject.toml | tar x -C ab_old`, carry ab_old. .whl holds the server's wheels (../shared/scripts/device-wheels.sh).
+# The MoE / Phi-3 / Gemma / sliding-window families (none has run on a GPU yet), most important first; all five in one call:
+#   STEPS="famk moek fam moet2 moel1" DEADLINE=580 bash loadtest/device_call.sh   (estimated, not measured: ~60 + 150 +
+#   240 + 150 + 100 s at the caps; what the deadline cuts runs in a second call, e.g. STEPS="moet2 moel1"):
+# famk: gpu_kernel_check.py's families part (windowed + softcapped attention at Gemma-2-9B's head_dim 256 past the window,
+# Gemma 3's and Mistral's windows, the fused decode, a graph replay; Phi-4-mini's partial rotary; Gemma RMSNorm and GeGLU
+# at real widths) -> $O/famk/kernels.json. moek: its moe part (the fused MoE kernel at Mixtral-8x7B / Qwen3-30B-A3B layer
+# shapes, 1..4096 tokens: correctness, CUDA-graph replay, times vs the bytes floor and a torch per-expert loop, a tile sweep
+# of MOESW seconds, default 50) -> $O/moek/kernels.json. fam: gpu_family_check.py (FAM_PARTS: a = tiny new families vs
+# transformers on the GPU, fp32 and bf16; b = dummy-weight starts of Mixtral-8x7B (2 layers) and Gemma-2-9B: Triton vs the
+# torch ops, graphs vs eager) -> $O/fam/family_check.json. moet2: T2-like throughput on a Qwen3-30B-A3B-shaped dummy model
+# (MOEN requests, default 400; MOEPEER=hf (default) or none: transformers' generate() on the first MOEPN=32 requests, MOEPS=16
+# steps, extrapolated; run after weir's figure, --peer-last, so a slow MoE peer loses only its own) -> $O/moet2.json. moel1: L1
+# (batch 1 and 8 ITL, the roofline counting only the experts a step reads) on the same shape, the peer likewise -> $O/moel1.json.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 O=/tmp/o; mkdir -p $O
@@ -79,6 +92,11 @@ for s in $STEPS; do case $s in
   abnew*) step $s 60 python3 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;
   gemv) step gemv ${GC:-400} python3 loadtest/sweep_gemv.py --shape llama3-8b --batches ${GB:-1,2} --kinds ${GK:-w4,fp8,bf16} $GX --out $O/sweep_gemv.json;;
   kern) step kern ${KC:-150} env OUT=$O python3 loadtest/gpu_kernel_check.py ${KPARTS:-correctness cuda};;
+  famk) mkdir -p $O/famk; step famk 60 env OUT=$O/famk python3 loadtest/gpu_kernel_check.py families;;
+  moek) mkdir -p $O/moek; step moek 150 env OUT=$O/moek WEIR_MOE_SWEEP_S=${MOESW:-50} python3 loadtest/gpu_kernel_check.py moe;;
+  fam) mkdir -p $O/fam; step fam 240 env OUT=$O/fam WEIR_CHECK_PARTS="${FAM_PARTS:-a b}" WEIR_CHECK_LIMIT_S=200 WEIR_COMPILE_WORKERS=${CPW:-8} python3 loadtest/gpu_family_check.py;;
+  moet2) step moet2 150 python3 loadtest/bench_throughput.py --workload t2 --shape qwen3-30b-a3b --num-requests ${MOEN:-400} --peer ${MOEPEER:-hf} --peer-max-requests ${MOEPN:-32} --peer-max-steps ${MOEPS:-16} --peer-last --out $O/moet2.json;;
+  moel1) step moel1 100 python3 loadtest/bench_latency.py --shape qwen3-30b-a3b --batch-sizes 1,8 --num-iters 3 --num-iters-warmup 1 --peer ${MOEPEER:-hf} --peer-max-steps ${MOEPS:-16} --peer-last --out $O/moel1.json;;
   probe) step probe 150 python3 loadtest/probe_w4_layout.py --out $O/probe.json;;
   q12fda) step q12fda 150 env WEIR_FUSED_DECODE_ATTENTION=1 python3 loadtest/bench_quant.py --shape llama3-8b --cases Q1,Q2 --out $O/q12fda.json;;
   q12) step q12 150 python3 loadtest/bench_quant.py --shape llama3-8b --cases Q1,Q2 --out $O/q12.json;;

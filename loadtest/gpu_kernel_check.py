@@ -11,6 +11,18 @@
    (the heuristic's pick is marked); a mixed prefill+decode batch and a long prefill (config sweep, and
    torch SDPA as the peer); the row/elementwise kernels. Bandwidth is reported as a fraction of the copy.
 
+4. families (loadtest/kernel_check_families.py): the kernels of the Gemma and Phi-3 families at real
+   shapes: windowed + softcapped paged and fused decode attention at Gemma-2-9B's head_dim 256 with
+   contexts past the window, Gemma 3's 1024 window, Mistral's 4096 window without softcap; partial
+   rotary at Phi-4-mini's (head 128, rotary 96); Gemma's RMSNorm and GeGLU at Gemma-2/3 widths; a
+   CUDA-graph replay of the windowed decode.
+5. moe (loadtest/kernel_check_moe.py): the fused MoE kernel at Mixtral-8x7B's and Qwen3-30B-A3B's
+   layer shapes, 1..4096 tokens: correctness, CUDA-graph capture/replay, times against the touched
+   experts' bytes and a torch per-expert loop, and a tile sweep (WEIR_MOE_SWEEP_S seconds).
+
+Parts by first word: `python loadtest/gpu_kernel_check.py moe families` runs those (environment and the
+copy bandwidth always). `--smoke` runs families and moe at tiny shapes on CPU under the Triton
+interpreter (tests/e2e/test_gpu_scripts_smoke.py).
 Prints a short table last; writes everything to $OUT/kernels.json when OUT is set.
 Run: PYTHONUNBUFFERED=1 python loadtest/gpu_kernel_check.py
 """
@@ -19,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -29,12 +42,19 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# --smoke: the parts that have a smoke form (families, moe) at tiny shapes on CPU, under the Triton
+# interpreter (set before triton's first import), in float32: a CI check that the script runs.
+SMOKE = "--smoke" in sys.argv
+if SMOKE:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 import ops.triton as tops  # noqa: E402
+from loadtest import kernel_check_common  # noqa: E402
+from loadtest.kernel_check_common import Poisoned, sync, upcast  # noqa: E402
 from ops import reference  # noqa: E402
 from ops.triton.paged_attention import (  # noqa: E402
     AttentionConfig,
@@ -42,7 +62,8 @@ from ops.triton.paged_attention import (  # noqa: E402
     paged_attention_with_config,
 )
 
-DEV = torch.device("cuda")
+DEV = torch.device("cpu" if SMOKE else "cuda")
+make_paged = functools.partial(kernel_check_common.make_paged, device=DEV)
 BF16 = torch.bfloat16
 MODELS = {
     "llama3-8b": {"num_heads": 32, "num_kv_heads": 8, "head_dim": 128, "hidden": 4096, "intermediate": 14336},
@@ -75,29 +96,12 @@ def section(name: str):
         except Exception as exc:  # noqa: BLE001
             traceback.print_exc()
             RESULTS["errors"].append(f"{name}: {type(exc).__name__}: {exc}")
-        torch.cuda.synchronize()
+        sync(DEV)
         print(f"=== {name} done in {time.time() - t0:.1f}s", flush=True)
         save()
         return fn
 
     return wrap
-
-
-class Poisoned:
-    """torch.empty / empty_like hand out NaN-filled float tensors while active."""
-
-    def __enter__(self):
-        self.orig = torch.empty, torch.empty_like
-
-        def poison(t):
-            return t.fill_(float("nan")) if t.is_floating_point() else t
-
-        e, el = self.orig
-        torch.empty = lambda *a, **k: poison(e(*a, **k))
-        torch.empty_like = lambda *a, **k: poison(el(*a, **k))
-
-    def __exit__(self, *exc):
-        torch.empty, torch.empty_like = self.orig
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -108,7 +112,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def check(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float = 1e-2) -> None:
-    torch.cuda.synchronize()
+    sync(DEV)
     err = rel_err(out, ref)
     ok = err < tol  # NaN fails
     RESULTS["checks"].append({"name": name, "rel_err": err, "tol": tol, "ok": ok})
@@ -121,57 +125,6 @@ def bench(fn) -> float:
 
 
 # ---------------------------------------------------------------- batches
-
-
-def make_paged(
-    q_lens: list[int],
-    seq_lens: list[int],
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    block_size: int,
-    dtype: torch.dtype = BF16,
-    k_cache: torch.Tensor | None = None,
-    v_cache: torch.Tensor | None = None,
-    seed: int = 0,
-) -> dict:
-    """Paged batch with randomly placed physical blocks; garbage in unused block-table entries."""
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    blocks_per_seq = [math.ceil(s / block_size) for s in seq_lens]
-    total = sum(blocks_per_seq)
-    if k_cache is None:
-        shape = (total + 8, block_size, num_kv_heads, head_dim)
-        k_cache = torch.randn(shape, device=DEV, dtype=dtype, generator=g)
-        v_cache = torch.randn(shape, device=DEV, dtype=dtype, generator=g)
-    assert v_cache is not None and k_cache.shape[0] >= total
-    perm = torch.randperm(k_cache.shape[0], device=DEV, generator=g)[:total].int()
-    max_blocks = max(blocks_per_seq) + 1
-    block_tables = torch.full((len(seq_lens), max_blocks), 2**30, dtype=torch.int32, device=DEV)
-    used = 0
-    for i, n in enumerate(blocks_per_seq):
-        block_tables[i, :n] = perm[used : used + n]
-        used += n
-    qsl = [0]
-    for q in q_lens:
-        qsl.append(qsl[-1] + q)
-    return {
-        "query": torch.randn(qsl[-1], num_heads, head_dim, device=DEV, dtype=dtype, generator=g),
-        "k_cache": k_cache,
-        "v_cache": v_cache,
-        "block_tables": block_tables,
-        "seq_lens": torch.tensor(seq_lens, dtype=torch.int32, device=DEV),
-        "query_start_loc": torch.tensor(qsl, dtype=torch.int32, device=DEV),
-        "max_query_len": max(q_lens),
-        "max_seq_len": max(seq_lens),
-        "scale": head_dim**-0.5,
-    }
-
-
-def upcast(batch: dict) -> dict:
-    return {
-        k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-        for k, v in batch.items()
-    }
 
 
 def attention_bytes(batch: dict, q_lens: list[int], seq_lens: list[int]) -> int:
@@ -207,6 +160,10 @@ def llama3_cos_sin_cache(head_dim: int, max_position: int, base: float = 500000.
 
 
 def environment() -> None:
+    if SMOKE:
+        RESULTS["env"] = {"card": "cpu (smoke: Triton interpreter)", "torch": torch.__version__}
+        print(RESULTS["env"], flush=True)
+        return
     p = torch.cuda.get_device_properties(DEV)
     commit = os.environ.get("WEIR_COMMIT", "")
     try:
@@ -227,13 +184,13 @@ def environment() -> None:
 
 
 def copy_bandwidth() -> None:
-    n = 1 << 30  # 1 GiB each way
+    n = 1 << (20 if SMOKE else 30)  # 1 GiB each way (smoke: 1 MiB)
     src = torch.randn(n // 2, device=DEV, dtype=BF16)
     dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src))
+    ms = kernel_check_common.time_ms(lambda: dst.copy_(src), DEV) if SMOKE else bench(lambda: dst.copy_(src))
     gbs = 2 * n / ms / 1e6
     RESULTS["copy_bandwidth_gbs"] = gbs
-    print(f"  device copy: {ms:.3f} ms for 2 x {n / 2**30:.0f} GiB -> {gbs:.0f} GB/s", flush=True)
+    print(f"  device copy: {ms:.3f} ms for 2 x {n / 2**30:g} GiB -> {gbs:.0f} GB/s", flush=True)
 
 
 def correctness() -> None:
@@ -825,12 +782,34 @@ def summary() -> None:
     for r in RESULTS["timings"].get("mixed", []):
         if r.get("config", "").startswith("default") or "SDPA" in r["what"] or "varlen" in r["what"]:
             print(f"{r['what']}: {r.get('config', '')} {r['ms'] * 1e3:.0f} us, {r['tflops']:.0f} TFLOP/s")
+    if RESULTS["timings"].get("moe"):
+        from loadtest.kernel_check_moe import print_summary
+
+        print_summary(RESULTS)
     if RESULTS["errors"]:
         print("errors:", *RESULTS["errors"], sep="\n  ")
 
 
+def moe() -> None:
+    from loadtest.kernel_check_moe import moe_part
+
+    moe_part(RESULTS, DEV, SMOKE, budget_s=float(os.environ.get("WEIR_MOE_SWEEP_S", "120")))
+
+
+def families() -> None:
+    from loadtest.kernel_check_families import families_part
+
+    families_part(RESULTS, DEV, SMOKE)
+
+
+SMOKE_PARTS = ("families", "moe")  # the parts with a smoke form (tiny shapes, float32, on CPU)
+
+
 def main() -> None:
-    only = set(sys.argv[1:])
+    only = {a for a in sys.argv[1:] if a != "--smoke"}
+    if SMOKE and not only <= set(SMOKE_PARTS):
+        raise SystemExit(f"--smoke runs only {', '.join(SMOKE_PARTS)}; got {sorted(only)}")
+    only = only or (set(SMOKE_PARTS) if SMOKE else set())
     parts = [
         ("environment", environment),
         ("copy bandwidth", copy_bandwidth),
@@ -841,6 +820,8 @@ def main() -> None:
         ("mixed + prefill", mixed_and_prefill),
         ("tile sweep", decode_tile_sweep),
         ("fp8kv decode", fp8_kv_decode),
+        ("families (Gemma, Phi-4-mini, sliding windows at real shapes)", families),
+        ("moe (fused MoE at the Mixtral-8x7B and Qwen3-30B-A3B shapes)", moe),
     ]
     for name, fn in parts:
         if not only or name.split()[0] in only or name in ("environment", "copy bandwidth"):

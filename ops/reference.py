@@ -17,8 +17,14 @@ replays them without a host value baked in. None (a cache in the model's dtype) 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
+
+from ops.moe_quant import IntExpertScales
+
+if TYPE_CHECKING:
+    from ops.moe_quant import Fp8ExpertScales
 
 
 def rms_norm(
@@ -434,6 +440,7 @@ def fused_moe(
     w2: torch.Tensor,  # [num_experts, hidden, intermediate]: each expert's down projection
     topk_weights: torch.Tensor,  # [num_tokens, top_k] float32: the routing weights
     topk_ids: torch.Tensor,  # [num_tokens, top_k] int: the chosen experts
+    quant: Fp8ExpertScales | IntExpertScales | None = None,  # quantized w13 / w2 (ops.moe_quant)
 ) -> torch.Tensor:  # [num_tokens, hidden] in hidden's dtype
     """A mixture-of-experts MLP: sum over k of topk_weights[t, k] * expert_{topk_ids[t, k]}(x_t), where
     expert_e(x) = down_e(silu(gate_e x) * up_e x).
@@ -442,14 +449,73 @@ def fused_moe(
     in float32 and rounded, the down projection rounded, times the weight in float32 and rounded once
     more (one row per (token, k) pair), then the top_k rows summed in float32 and rounded. In float32
     every rounding is exact, so this is transformers' per-expert loop up to summation order.
+
+    Quantized experts: the weights dequantized to x's dtype first (`dequantize_fp8_experts`,
+    `dequantize_int_experts`), then the same; with static FP8 input scales each GEMM's input goes
+    through `fp8_qdq` (x before [gate; up], the rounded SiLU-mul before down).
     """
     num_tokens, top_k = topk_ids.shape
     dtype = hidden.dtype
+    a2_scale = None
+    if isinstance(quant, IntExpertScales):
+        w13 = dequantize_int_experts(w13, quant.w13_zeros, quant.w13_scales, quant.bits, dtype)
+        w2 = dequantize_int_experts(w2, quant.w2_zeros, quant.w2_scales, quant.bits, dtype)
+    elif quant is not None:
+        w13 = dequantize_fp8_experts(w13, quant.w13, quant.block_shape, dtype)
+        w2 = dequantize_fp8_experts(w2, quant.w2, quant.block_shape, dtype)
+        if quant.a13 is not None:
+            hidden = fp8_qdq(hidden, quant.a13)
+        a2_scale = quant.a2
     per_pair = torch.zeros(num_tokens, top_k, hidden.shape[1], dtype=dtype, device=hidden.device)
     for expert in topk_ids.unique().tolist():  # experts that got no token cost nothing
         rows, slots = torch.where(topk_ids == expert)
         gate_up = hidden[rows] @ w13[expert].t()  # [n, 2 * intermediate]
         act = silu_and_mul(gate_up.float()).to(dtype)  # [n, intermediate]
+        if a2_scale is not None:
+            act = fp8_qdq(act, a2_scale)
         down = (act @ w2[expert].t()).float()  # [n, hidden]
         per_pair[rows, slots] = (down * topk_weights[rows, slots, None].float()).to(dtype)
     return per_pair.float().sum(dim=1).to(dtype)
+
+
+def dequantize_fp8_experts(
+    w: torch.Tensor,  # [E, N, K] float8_e4m3fn
+    scale: torch.Tensor,  # [E, N, 1] per channel, or [E, ceil(N / bn), ceil(K / bk)] float32
+    block_shape: tuple[int, int] | None,  # (bn, bk); None: per channel
+    dtype: torch.dtype,
+) -> torch.Tensor:  # [E, N, K] in dtype
+    """w * scale in float32 (each scale over its block), rounded once to dtype."""
+    if block_shape is not None:
+        bn, bk = block_shape
+        n, k = w.shape[1], w.shape[2]
+        scale = scale.repeat_interleave(bn, 1)[:, :n].repeat_interleave(bk, 2)[:, :, :k]  # [E, N, K]
+    return (w.float() * scale).to(dtype)
+
+
+def fp8_qdq(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x as an FP8 GEMM with the static input scale `scale` ([1] float32) reads it: fp8(x / s) * s,
+    saturating at +-448, back in x's dtype."""
+    q = (x.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return (q.float() * scale).to(x.dtype)
+
+
+def unpack_int_experts(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """[E, N, K / pf] int32 words -> [E, N, K] int64 codes in [0, 2**bits), the first in the lowest bits."""
+    shifts = torch.arange(0, 32, bits, device=w.device, dtype=torch.int64)  # [pf]
+    codes = (w.to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [E, N, K / pf, pf]
+    return codes.flatten(2)
+
+
+def dequantize_int_experts(
+    w: torch.Tensor,  # [E, N, K / pf] int32
+    zeros: torch.Tensor,  # [E, N, G] float32
+    scales: torch.Tensor,  # [E, N, G] float32
+    bits: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:  # [E, N, K] in dtype
+    """(code - zero) * scale per group of K / G columns, in float32, rounded once to dtype."""
+    codes = unpack_int_experts(w, bits).float()  # [E, N, K]
+    group = codes.shape[2] // scales.shape[2]
+    full_z = zeros.repeat_interleave(group, 2)
+    full_s = scales.repeat_interleave(group, 2)
+    return ((codes - full_z) * full_s).to(dtype)

@@ -274,16 +274,20 @@ def build_model(
     tokenizer_dir: Path,
     seed: int = 0,
     vocab_size: int = MODEL_VOCAB_SIZE,
+    config_overrides: dict | None = None,
     **sizes: int,
 ) -> Path:
     """Save a random-weight checkpoint of `family` (float32 safetensors) plus the tokenizer files;
-    `sizes` override the config's dimensions (hidden_size, intermediate_size, ...)."""
+    `sizes` override the config's dimensions (hidden_size, intermediate_size, ...), `config_overrides`
+    any attribute the family sets itself (moe_intermediate_size, ...)."""
     import shutil
 
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     config = make_config(family, vocab_size, **sizes)
+    for key, value in (config_overrides or {}).items():
+        setattr(config, key, value)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Larger-than-default init so greedy decoding is not a flat distribution that ties easily.

@@ -31,7 +31,12 @@ from engine.inputs.fast_tokenizer import SPECIAL_TOKEN_NAMES, VERY_LARGE_INTEGER
 PLAIN_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 # Model types for which transformers 5 keeps a declared plain class (for others, e.g. qwen2, it
 # swaps in the model's own tokenizer class, which rebuilds the pre-tokenizer and decoder).
-VERIFIED_MODEL_TYPES = ("llama", "mistral", "qwen3")
+VERIFIED_MODEL_TYPES = (
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen3",
+)  # mixtral: mistral's mapping in transformers 5
 _ADDED_TOKEN_TYPE = "AddedToken"  # how tokenizer_config.json marks an AddedToken dict
 
 

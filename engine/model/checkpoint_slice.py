@@ -31,6 +31,13 @@ class CheckpointSlice:
     def shape(self) -> torch.Size:
         return torch.Size(stop - start for start, stop in self._bounds)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The stored dtype, read from an empty window (no data)."""
+        if not self._bounds:
+            return self._source[()].dtype
+        return self._source[tuple(slice(0, 0) for _ in self._bounds)].dtype
+
     def dim(self) -> int:
         return len(self._bounds)
 

@@ -150,7 +150,8 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
 def _checkpoint_tensor(f: Any, name: str, loader: Any) -> torch.Tensor | CheckpointSlice:
     """What `loader` gets for tensor `name`: a lazy slice when it belongs to a tensor-parallel layer
     that narrows before copying (each rank then reads only its shard), else the whole tensor."""
-    owner = getattr(loader, "__self__", None)
+    # a bound method's layer, or the layer a loader closure names as its owner (`slice_owner`)
+    owner = getattr(loader, "__self__", None) or getattr(loader, "slice_owner", None)
     if getattr(owner, "accepts_checkpoint_slices", False) and getattr(owner, "tp_size", 1) > 1:
         return CheckpointSlice(f.get_slice(name))
     return f.get_tensor(name)
@@ -225,7 +226,10 @@ def initialize_dummy_weights(model: nn.Module, low: float = -1e-3, high: float =
             if param.device not in generators:
                 generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
             generator = generators[param.device]
-            if param.is_floating_point():
+            if param.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # no uniform_ kernel for fp8
+                drawn = torch.empty(param.shape, device=param.device).uniform_(low, high, generator=generator)
+                param.copy_(drawn)
+            elif param.is_floating_point():
                 param.uniform_(low, high, generator=generator)
             elif param.dtype == torch.bool:
                 param.copy_(torch.randint(0, 2, param.shape, generator=generator, device=param.device) == 1)

@@ -10,6 +10,15 @@ whole block (a grouped GEMM), and experts that got no pair get no block at all.
 - GEMM 2: those rows times the expert's down projection, the pair's routing weight applied in the
   epilogue: [num_pairs, hidden]. The top_k rows of each token are then summed (float32).
 
+FP8 experts (W8A16; ops.moe_quant.Fp8ExpertScales) are a compile-time variant (W_FP8), so the float
+kernel is unchanged: each fp8 weight tile is converted in registers to the activation dtype times its
+scales (per output channel: loaded once per program; per block: gathered per tile) before the same
+tl.dot, as the reference dequantizes before its float GEMMs. A static input scale (A_QDQ) passes each
+input tile through fp8 and back (fp8(a / s) * s), what an FP8 GEMM would read. (A W8A8 variant with an
+fp8 tl.dot on quantized activations is left for later.) Integer experts (W4A16 / W8A16;
+ops.moe_quant.IntExpertScales) are another (W_BITS): each code of the tile shifted out of its int32 word
+(packed along K), (code - zero) * scale with its group's zero and scale, rounded to the activation dtype.
+
 No shape depends on the routing: the padded length is num_pairs + num_experts * (BLOCK_M - 1) rounded
 up to BLOCK_M (the most any routing can need), every buffer is sized by the number of tokens, the
 sorting is torch ops without host syncs, and programs past the used length return at once. So a step
@@ -21,6 +30,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ops.moe_quant import Fp8ExpertScales, IntExpertScales
+from ops.triton.fp8_quant import _to_fp8, hardware_fp8_conversion
 
 
 def moe_align_block_size(
@@ -69,11 +81,24 @@ def _moe_gemm_kernel(
     stride_wn,
     stride_wk,
     stride_om,
+    scale_ptr,  # W_FP8: [E, N_s, K_s] float32 weight scales (per channel: [E, N, 1])
+    stride_se,
+    stride_sn,
+    stride_sk,
+    group_n,  # weight rows per scale row (1 per channel)
+    group_k,  # weight columns per scale column (BLOCKED only)
+    a_scale_ptr,  # A_QDQ: [1] float32 static input scale
+    zeros_ptr,  # W_BITS: [E, N, G] float32 zero points, laid out as the scales
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GATED: tl.constexpr,  # GEMM 1: both halves of w13, silu(gate) * up in the epilogue
     IEEE: tl.constexpr,  # float32 inputs: full-precision dot products (no TF32)
+    W_FP8: tl.constexpr = False,  # float8_e4m3fn weights, dequantized per tile in registers
+    BLOCKED: tl.constexpr = False,  # W_FP8 scales per [group_n, group_k] block; else per output channel
+    A_QDQ: tl.constexpr = False,  # the input through fp8 with a static scale (W_FP8 only)
+    HW_CVT: tl.constexpr = True,  # A_QDQ: the GPU's fp8 conversion; else in software (the interpreter)
+    W_BITS: tl.constexpr = 0,  # 4 / 8: integer codes packed along K in int32 words, per-group scales / zeros
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -91,20 +116,60 @@ def _moe_gemm_kernel(
     n_mask = offs_n < N
     a_base = a_ptr + rows.to(tl.int64)[:, None] * stride_am
     w_base = w_ptr + expert * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn
+    a_ty = a_ptr.dtype.element_ty
+    if (
+        W_BITS > 0
+    ):  # [1, BLOCK_N] scale / zero rows of the gate (or w2) and up halves; groups gathered per K tile
+        s_base = scale_ptr + expert * stride_se + offs_n.to(tl.int64)[None, :] * stride_sn
+        z_base = zeros_ptr + expert * stride_se + offs_n.to(tl.int64)[None, :] * stride_sn
+        up_rows = N * stride_sn
+    if W_FP8:  # this tile's scale rows: gate (or w2) rows offs_n, up rows N + offs_n
+        s_base = scale_ptr + expert * stride_se + (offs_n // group_n).to(tl.int64)[None, :] * stride_sn
+        s_base_up = (
+            scale_ptr + expert * stride_se + ((N + offs_n) // group_n).to(tl.int64)[None, :] * stride_sn
+        )
+        s_chan = 0.0  # BLOCKED: the tile's scales are gathered per K tile instead
+        s_chan_up = 0.0
+        if not BLOCKED:  # [1, BLOCK_N]: one scale per output channel, for every K tile
+            s_chan = tl.load(s_base, mask=n_mask[None, :], other=0.0)
+            if GATED:
+                s_chan_up = tl.load(s_base_up, mask=n_mask[None, :], other=0.0)
+    if A_QDQ:
+        a_scale = tl.load(a_scale_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         a = tl.load(a_base + offs_k[None, :], mask=valid[:, None] & k_mask[None, :], other=0.0)
+        if A_QDQ:  # as the reference's fp8_qdq: fp8(a / s) * s in a's dtype
+            a_q = _to_fp8(tl.math.div_rn(a.to(tl.float32), a_scale), HW_CVT)
+            a = (a_q.to(tl.float32) * a_scale).to(a_ty)
         w_mask = k_mask[:, None] & n_mask[None, :]
-        w = tl.load(w_base + offs_k[:, None] * stride_wk, mask=w_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
+        if W_BITS > 0:
+            w = _int_tile(w_base, s_base, z_base, offs_k, group_k, stride_wk, stride_sk, w_mask, W_BITS).to(
+                a_ty
+            )
+        else:
+            w = tl.load(w_base + offs_k[:, None] * stride_wk, mask=w_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
+        if W_FP8:
+            w = _dequantize_tile(w, s_base, offs_k, group_k, stride_sk, w_mask, s_chan, BLOCKED).to(a_ty)
         if IEEE:
             acc += tl.dot(a, w, input_precision="ieee")
         else:
             acc += tl.dot(a, w)
         if GATED:  # the up half: rows N.. of the expert's w13
-            w_up = tl.load(w_base + N * stride_wn + offs_k[:, None] * stride_wk, mask=w_mask, other=0.0)
+            if W_BITS > 0:
+                w_up = _int_tile(
+                    w_base + N * stride_wn, s_base + up_rows, z_base + up_rows, offs_k, group_k, stride_wk,
+                    stride_sk, w_mask, W_BITS,
+                ).to(a_ty)  # fmt: skip
+            else:
+                w_up = tl.load(w_base + N * stride_wn + offs_k[:, None] * stride_wk, mask=w_mask, other=0.0)
+            if W_FP8:
+                w_up = _dequantize_tile(
+                    w_up, s_base_up, offs_k, group_k, stride_sk, w_mask, s_chan_up, BLOCKED
+                ).to(a_ty)
             if IEEE:
                 acc_up += tl.dot(a, w_up, input_precision="ieee")
             else:
@@ -121,6 +186,31 @@ def _moe_gemm_kernel(
     tl.store(out_ptr + out_offs, result.to(out_ty), mask=valid[:, None] & n_mask[None, :])
 
 
+@triton.jit
+def _dequantize_tile(w, s_base, offs_k, group_k, stride_sk, w_mask, s_chan, BLOCKED: tl.constexpr):
+    """[BLOCK_K, BLOCK_N] fp8 -> float32 w * scale (the caller rounds it once to the activation dtype, as
+    the reference's dequantize_fp8_experts)."""
+    if BLOCKED:
+        s = tl.load(s_base + (offs_k // group_k).to(tl.int64)[:, None] * stride_sk, mask=w_mask, other=0.0)
+    else:
+        s = s_chan
+    return w.to(tl.float32) * s
+
+
+@triton.jit
+def _int_tile(w_base, s_base, z_base, offs_k, group_k, stride_wk, stride_sk, w_mask, W_BITS: tl.constexpr):
+    """[BLOCK_K, BLOCK_N] float32 (code - zero) * scale: each column's codes read from its int32 words
+    (32 // W_BITS a word along K, the first in the lowest bits; a word is read once per code, from
+    cache), its groups' scales and zeros gathered (the reference's dequantize_int_experts)."""
+    PF: tl.constexpr = 32 // W_BITS
+    words = tl.load(w_base + (offs_k // PF).to(tl.int64)[:, None] * stride_wk, mask=w_mask, other=0)
+    codes = (words >> ((offs_k % PF) * W_BITS)[:, None]) & ((1 << W_BITS) - 1)  # the mask drops sign bits
+    group = (offs_k // group_k).to(tl.int64)[:, None] * stride_sk
+    s = tl.load(s_base + group, mask=w_mask, other=0.0)
+    z = tl.load(z_base + group, mask=w_mask, other=0.0)
+    return (codes.to(tl.float32) - z) * s
+
+
 def _block_m(num_tokens: int) -> int:
     # Decode batches: few pairs an expert, so small blocks waste little padding; prefill: bigger tiles.
     return 16 if num_tokens <= 64 else 64
@@ -135,18 +225,32 @@ def _launch(
     top_k: int,
     block_m: int,
     gated: bool,
+    scale: torch.Tensor | None = None,  # quantized w: [E, N_s, K_s] float32
+    block_shape: tuple[int, int] | None = None,  # fp8 (bn, bk) of `scale`; None: per output channel
+    a_scale: torch.Tensor | None = None,  # [1] float32 static input scale
+    zeros: torch.Tensor | None = None,  # integer w: [E, N, G] float32, as `scale`
+    bits: int = 0,  # integer w: [E, N, K / (32 // bits)] int32 words; 0: w is float or fp8
 ) -> None:
     sorted_pairs, block_expert, num_padded = align
     n, k = out.shape[1], a.shape[1]
     block_n = min(64, max(16, triton.next_power_of_2(n)))
     block_k = min(64, max(16, triton.next_power_of_2(k)))
     grid = (block_expert.shape[0], triton.cdiv(n, block_n))
+    quantized = scale is not None
+    s = scale if quantized else out  # unread unless W_FP8 or W_BITS
+    if bits:
+        group_n, group_k = 1, k // scale.shape[2]
+    else:
+        group_n, group_k = block_shape or (1, k)
     _moe_gemm_kernel[grid](
         a, w, out, weights, sorted_pairs, block_expert, num_padded,
         n, k, out.shape[0], top_k,
         a.stride(0), w.stride(0), w.stride(1), w.stride(2), out.stride(0),
+        s, s.stride(0), s.stride(1), s.stride(2) if quantized else 0, group_n, group_k,
+        a_scale if a_scale is not None else weights, zeros if zeros is not None else s,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated, IEEE=a.dtype == torch.float32,
-        num_warps=4,
+        W_FP8=quantized and not bits, BLOCKED=block_shape is not None, A_QDQ=a_scale is not None,
+        HW_CVT=hardware_fp8_conversion(a), W_BITS=bits, num_warps=4,
     )  # fmt: skip
 
 
@@ -156,9 +260,11 @@ def fused_moe(
     w2: torch.Tensor,  # [num_experts, hidden, intermediate]
     topk_weights: torch.Tensor,  # [num_tokens, top_k] float32
     topk_ids: torch.Tensor,  # [num_tokens, top_k] int
+    quant: Fp8ExpertScales | IntExpertScales | None = None,  # quantized w13 / w2 (ops.moe_quant)
 ) -> torch.Tensor:  # [num_tokens, hidden]
     num_tokens, top_k = topk_ids.shape
-    num_experts, two_i, hidden_size = w13.shape
+    num_experts, two_i, _ = w13.shape
+    hidden_size = hidden.shape[1]  # (w13's last dim is packed for integer experts)
     if num_tokens == 0:
         return torch.empty(0, hidden_size, dtype=hidden.dtype, device=hidden.device)
     x = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
@@ -166,8 +272,15 @@ def fused_moe(
     align = moe_align_block_size(topk_ids, num_experts, block_m)
     num_pairs = num_tokens * top_k
     act = torch.empty(num_pairs, two_i // 2, dtype=hidden.dtype, device=hidden.device)  # [num_pairs, I]
-    _launch(x, w13, act, topk_weights, align, top_k, block_m, gated=True)
+    q13 = q2 = {}
+    if isinstance(quant, IntExpertScales):
+        q13 = {"scale": quant.w13_scales, "zeros": quant.w13_zeros, "bits": quant.bits}
+        q2 = {"scale": quant.w2_scales, "zeros": quant.w2_zeros, "bits": quant.bits}
+    elif quant is not None:
+        q13 = {"scale": quant.w13, "block_shape": quant.block_shape, "a_scale": quant.a13}
+        q2 = {"scale": quant.w2, "block_shape": quant.block_shape, "a_scale": quant.a2}
+    _launch(x, w13, act, topk_weights, align, top_k, block_m, gated=True, **q13)
     down = torch.empty(num_pairs, hidden_size, dtype=hidden.dtype, device=hidden.device)  # [num_pairs, H]
     weights = topk_weights.reshape(-1).to(torch.float32)  # [num_pairs], pair = token * top_k + k
-    _launch(act, w2, down, weights, align, top_k, block_m, gated=False)
+    _launch(act, w2, down, weights, align, top_k, block_m, gated=False, **q2)
     return down.view(num_tokens, top_k, hidden_size).sum(dim=1, dtype=torch.float32).to(hidden.dtype)

@@ -1,7 +1,9 @@
-"""CPU smoke runs of two GPU scripts, so they do not rot between device calls: loadtest/bench_sampler.py
-(the sampler's draw checked against its spec, kernel under the Triton interpreter) and
+"""CPU smoke runs of the GPU scripts, so they do not rot between device calls: loadtest/bench_sampler.py
+(the sampler's draw checked against its spec, kernel under the Triton interpreter),
 loadtest/trace_compiles.py (the engine built with the compile hooks and warm-up marks in place; on CPU
-nothing compiles)."""
+nothing compiles), and the steps for the MoE / Phi-3 / Gemma families (loadtest/device_call.sh's famk,
+moek, fam, moet2, moel1): gpu_kernel_check.py's families and moe parts at tiny shapes under the
+interpreter, gpu_family_check.py --dry-run, the new model shapes and the MoE latency roofline."""
 
 from __future__ import annotations
 
@@ -35,3 +37,185 @@ def test_trace_compiles_cpu(tmp_path: Path) -> None:
     assert report["compiles"] == []  # the torch kernels on CPU: nothing for Triton to compile
     names = [name for _, name in report["marks"]]
     assert names[:2] == ["before graphs", "after graphs"] and names[2].startswith("first request"), names
+
+
+# ------------------------------------------------------------------ the new families' GPU steps
+
+
+def _run_env(args: list[str], env: dict[str, str]) -> None:
+    """One intra-op thread: on the two shared CI cores, oversubscribed torch threads make these tiny
+    forwards several times slower."""
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    done = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_gpu_kernel_check_families_and_moe_smoke(tmp_path: Path) -> None:
+    """gpu_kernel_check.py's families and moe parts at tiny shapes under the Triton interpreter: every
+    check passes, the sweep's own launch is the op's bit for bit, every timing row is there."""
+    _run_env(["loadtest/gpu_kernel_check.py", "--smoke", "families", "moe"], {"OUT": str(tmp_path)})
+    report = json.loads((tmp_path / "kernels.json").read_text())
+    assert report["errors"] == []
+    names = [c["name"] for c in report["checks"]]
+    assert all(c["ok"] for c in report["checks"]), [c for c in report["checks"] if not c["ok"]]
+    for expected in (
+        "tiny-gemma2 window 24 softcap 50: paged_attention decode, 8 KV segments",
+        "tiny-gemma2: windowed softcapped decode_attention == rotary_and_write_kv, paged_attention (bit for bit)",
+        "tiny-gemma2: CUDA-graph replay of the windowed softcapped decode (new lengths, tables)",
+        "tiny-phi4-mini (head 32, rotary 24): the dims past rotary_dim pass through unchanged",
+        "tiny gemma_rms_norm+residual 64 residual",
+        "tiny gelu_tanh_and_mul 48",
+        "tiny-qwen3-moe fused_moe 70 tok vs float32 reference",
+        "tiny-mixtral fused_moe 8 tok skewed vs reference in float32",
+        "tiny-qwen3-moe fused_moe 8 tok: CUDA graph replay 2 (new routing)",
+        "tiny-mixtral 70 tok: the sweep's launch at ops' tiles == ops.triton.fused_moe (bit for bit)",
+    ):
+        assert expected in names, (expected, names)
+    rows = report["timings"]["moe"]
+    assert [(r["shape"], r["tokens"]) for r in rows] == [
+        (s, t) for s in ("tiny-mixtral", "tiny-qwen3-moe") for t in (1, 70)
+    ]
+    assert rows[0]["touched_experts"] == 2 and all(r["ms_graph"] > 0 and r["torch_loop_ms"] > 0 for r in rows)
+    sweep = report["timings"]["moe_sweep"]
+    assert sum(r["default"] for r in sweep) == 2  # one default launch per (shape, token count)
+    assert all(r["ok"] for r in sweep), [r for r in sweep if not r["ok"]]
+    assert {r["block_m"] for r in sweep} == {32, 64} and len(sweep) == 8  # 2 shapes x 2 BLOCK_M x 2 tiles
+
+
+def test_gpu_family_check_dry_run(tmp_path: Path) -> None:
+    """gpu_family_check.py on CPU: a tiny MoE family in fp32 and bf16 against transformers, and the
+    real-shape part on tiny-gemma2 (dummy weights, the torch-ops swap, the logits tap)."""
+    _run_env(["loadtest/gpu_family_check.py", "--dry-run"], {"OUT": str(tmp_path)})
+    report = json.loads((tmp_path / "family_check.json").read_text())
+    assert report["errors"] == [] and all(c["ok"] for c in report["checks"])
+    assert set(report["info"]["tiny_families"]["qwen3_moe"]) == {"float32", "bfloat16"}
+    info = report["info"]["real_shapes"]["tiny-gemma2"]
+    assert info["logits_rel_err"] == 0.0 and info["argmax_agree"] == "3/3"  # torch ops both ways on CPU
+    assert len(report["checks"]) == 5
+
+
+def test_new_shapes_match_transformers_and_the_engine(tmp_path: Path) -> None:
+    """The MoE and Gemma shapes' parameter counts equal transformers' (meta device), the engine reads their
+    configs, and the active parameters of an MoE step grow from top_k experts toward all of them."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from engine.model_config import ModelConfig
+    from loadtest.model_shapes import SHAPES, active_parameters, num_parameters
+
+    expected = {"mixtral-8x7b-2l": 3_164_688_384, "qwen3-30b-a3b": 30_532_122_624, "gemma2-9b": 9_241_705_984}
+    for shape in (*expected, "tiny-mixtral", "tiny-qwen3-moe", "tiny-gemma2"):
+        path = tmp_path / shape
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps(SHAPES[shape]))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+        assert sum(p.numel() for p in model.parameters()) == num_parameters(SHAPES[shape]), shape
+        assert num_parameters(SHAPES[shape]) == expected.get(shape, num_parameters(SHAPES[shape]))
+        ModelConfig.from_pretrained(path, max_model_len=2048, device="cpu")
+    qwen = SHAPES["qwen3-30b-a3b"]
+    assert round(active_parameters(qwen, 1) / 1e9, 2) == 3.35  # "A3B": top-8 of 128 experts
+    assert (
+        active_parameters(qwen, 1)
+        < active_parameters(qwen, 8)
+        < active_parameters(qwen, 64)
+        < num_parameters(qwen)
+    )
+    assert abs(active_parameters(qwen, 4096) - num_parameters(qwen)) < 1  # every expert
+    assert active_parameters(SHAPES["gemma2-9b"], 8) == num_parameters(SHAPES["gemma2-9b"])  # dense
+
+
+def test_moe_latency_roofline_counts_the_experts_a_step_reads(tmp_path: Path) -> None:
+    """moel1's script on a tiny Qwen3-MoE shape: the engine's own parameters equal the config's count,
+    each batch's roofline reads the experts that batch's tokens choose (more at batch 4 than at 1), and
+    the peer runs after weir (--peer-last) with its figures in the report."""
+    from loadtest import bench_latency
+    from loadtest.model_shapes import SHAPES, active_parameters
+
+    out = tmp_path / "l1.json"
+    argv = [
+        "--shape",
+        "tiny-qwen3-moe",
+        "--device",
+        "cpu",
+        "--num-kv-blocks",
+        "64",
+        "--copy-bytes",
+        str(1 << 20),
+    ]
+    argv += ["--batch-sizes", "1,4", "--input-len", "8", "--output-len", "4", "--num-iters", "1"]
+    argv += [
+        "--num-iters-warmup",
+        "0",
+        "--peer",
+        "hf",
+        "--peer-max-steps",
+        "2",
+        "--peer-last",
+        "--out",
+        str(out),
+    ]
+    assert bench_latency.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["status"] == "ok" and data["errors"] == []
+    assert data["results"]["engine_weight_bytes"] == data["model"]["weight_bytes"]
+    cfg = SHAPES["tiny-qwen3-moe"]
+    assert data["roofline"]["weight_bytes"] == round(4 * active_parameters(cfg, 1))
+    r1, r4 = data["results"]["batch_1"]["roofline_ms"], data["results"]["batch_4"]["roofline_ms"]
+    ratio = active_parameters(cfg, 4) / active_parameters(cfg, 1)
+    assert r4 > r1 and abs(r4 / r1 - ratio) < 0.01, (r1, r4, ratio)
+    assert data["peer"]["batch_4"]["itl_p50_ms"] > 0
+
+
+def test_device_call_new_steps_are_wired() -> None:
+    """Each new STEPS name has its own case in loadtest/device_call.sh (not the eval fallback), is in the
+    header, and its benchmark command line parses with the script's own parser."""
+    import re
+    import shlex
+
+    from loadtest import bench_latency, bench_throughput
+
+    text = (ROOT / "loadtest" / "device_call.sh").read_text()
+    header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    for name in ("famk", "moek", "fam", "moet2", "moel1"):
+        assert re.search(rf"^  {name}\) ", text, re.M), name
+        assert f"{name}:" in header, name
+    parsers = {"moet2": bench_throughput.build_parser(), "moel1": bench_latency.build_parser()}
+    for name, parser in parsers.items():
+        line = re.search(rf"^  {name}\) step {name} \d+ python3 \S+ (.*);;$", text, re.M)
+        assert line, name
+        args = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", line.group(1)).replace("$O/", "/tmp/")
+        parsed = parser.parse_args(shlex.split(args))
+        assert parsed.shape == "qwen3-30b-a3b" and parsed.peer == "hf" and parsed.peer_last
+    assert re.search(r"gpu_kernel_check\.py moe;;", text) and re.search(
+        r"gpu_kernel_check\.py families;;", text
+    )
+
+
+def test_moe_throughput_with_the_peer_last(tmp_path: Path) -> None:
+    """moet2's script on a tiny Qwen3-MoE shape with --peer-last: weir's figure first, then the peer's, and
+    the ratio between them."""
+    from loadtest import bench_throughput
+
+    out = tmp_path / "t2.json"
+    argv = ["--workload", "t2", "--shape", "tiny-qwen3-moe", "--device", "cpu", "--num-kv-blocks", "64"]
+    argv += ["--copy-bytes", str(1 << 20), "--num-requests", "3", "--input-len", "8", "--output-len", "3"]
+    argv += [
+        "--warmup-requests",
+        "1",
+        "--peer",
+        "hf",
+        "--peer-max-requests",
+        "2",
+        "--peer-last",
+        "--out",
+        str(out),
+    ]
+    assert bench_throughput.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["status"] == "ok" and data["results"]["output_tokens"] == 9
+    assert data["peer"]["requests_run"] == 2 and data["ratios"]["output_tok_s_vs_peer"] > 0

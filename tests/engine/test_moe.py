@@ -1,8 +1,8 @@
 """Mixture-of-experts models beyond the parity tests (tests/e2e/test_parity.py, tests/engine/test_models.py
 run Mixtral, Qwen2-MoE and Qwen3-MoE under every engine feature): which layers are MoE, both checkpoint
 layouts (the hub's per-expert tensors, which save_pretrained writes, and transformers 5's fused one),
-the error naming a missing expert tensor, each tensor-parallel rank's expert slices and their sum, and
-the refusals: quantized checkpoints, LoRA on experts (an attention-only adapter matches PEFT)."""
+the error naming a missing expert tensor, each tensor-parallel rank's expert slices and their sum,
+quantized checkpoints resolving, and LoRA on experts refused (an attention-only adapter matches PEFT)."""
 
 from __future__ import annotations
 
@@ -117,7 +117,9 @@ def test_tensor_parallel_ranks_hold_their_expert_slices_and_sum_to_the_whole(
     torch.testing.assert_close(partial(ranks[0]) + partial(ranks[1]), whole(x), rtol=1e-5, atol=1e-5)
 
 
-def test_quantized_moe_checkpoints_are_refused(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+def test_quantized_moe_checkpoints_resolve(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """FP8 and integer experts run (tests/engine/quantization/test_moe_fp8.py, test_moe_wna16.py, with
+    the formats still refused); a GPTQ config and online fp8 resolve."""
     dst = tmp_path / "gptq"
     shutil.copytree(tiny_model_dirs["qwen3_moe"], dst)
     cfg = json.loads((dst / "config.json").read_text())
@@ -129,18 +131,9 @@ def test_quantized_moe_checkpoints_are_refused(tiny_model_dirs: dict[str, Path],
         "sym": True,
     }
     (dst / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError) as err:
-        EngineConfig(model=str(dst), device="cpu").resolve()
-    assert str(err.value) == (
-        f"quantization 'gptq' ({dst / 'config.json'} quantization_config) is not supported for "
-        "Qwen3MoeForCausalLM: MoE experts are not supported with gptq; serve an unquantized checkpoint"
-    )
-    with pytest.raises(
-        ValueError,
-        match=r"^quantization 'fp8' \(quantization='fp8' \(online, per channel\)\) "
-        r"is not supported for MixtralForCausalLM: MoE experts are not supported with fp8",
-    ):
-        EngineConfig(model=str(tiny_model_dirs["mixtral"]), device="cpu", quantization="fp8").resolve()
+    assert EngineConfig(model=str(dst), device="cpu").resolve().quant.method == "gptq"
+    resolved = EngineConfig(model=str(tiny_model_dirs["mixtral"]), device="cpu", quantization="fp8").resolve()
+    assert resolved.quant.method == "fp8"
 
 
 def _peft_adapter(model_dir: Path, out: Path, **lora: object) -> Path:

@@ -3,6 +3,10 @@ TRITON_INTERPRET=1 without a GPU (tests.ops.triton_interpreter), at small shapes
 top-2 of a few experts, experts that get no token, sizes that are no multiple of the tiles, and a
 batch past the small-block threshold. Outputs are poisoned (NaN) before the kernels run, so a pair
 the kernels skip fails the comparison. Under the interpreter `tl.dot` on bf16 is wrong: fp32 and fp16.
+The FP8-expert variant (W8A16: fp8 weight tiles dequantized in registers) likewise, per output channel
+and per block (blocks that do not divide the shapes), with static input scales; its reference is the
+float reference on the dequantized weights. So is the integer-expert variant (W4A16 / W8A16: codes
+unpacked from int32 words along K, per-group zeros and scales).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import pytest
 import torch
 
 from ops import reference
+from ops.moe_quant import Fp8ExpertScales, IntExpertScales
 
 
 @only_in_subprocess
@@ -98,3 +103,117 @@ def test_alignment_sorts_pairs_by_expert_in_fixed_size_buffers() -> None:
     assert block_expert[:3].tolist() == [1, 2, 3]
     other = moe_align_block_size(torch.zeros_like(ids), num_experts=4, block_m=4)
     assert [t.shape for t in other] == [sorted_pairs.shape, block_expert.shape, num_padded.shape]
+
+
+def _fp8_experts(w: torch.Tensor, block: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [E, N, K] float -> (float8_e4m3fn [E, N, K], scales): amax / 448 per output channel ([E, N, 1])
+    or per (bn, bk) block ([E, ceil(N / bn), ceil(K / bk)]), the partial edge blocks included."""
+    e, n, k = w.shape
+    if block is None:
+        scale = w.abs().amax(dim=2, keepdim=True) / 448  # [E, N, 1]
+        full = scale
+    else:
+        bn, bk = block
+        padded = torch.zeros(e, -(-n // bn) * bn, -(-k // bk) * bk)
+        padded[:, :n, :k] = w
+        scale = padded.unflatten(1, (-1, bn)).unflatten(3, (-1, bk)).abs().amax(dim=(2, 4)) / 448
+        full = scale.repeat_interleave(bn, 1)[:, :n].repeat_interleave(bk, 2)[:, :, :k]
+    return (w / full).clamp(-448, 448).to(torch.float8_e4m3fn), scale.float()
+
+
+@in_process
+@pytest.mark.parametrize(
+    ("num_tokens", "block", "static", "dtype"),
+    [
+        (3, None, False, torch.float32),  # per output channel, decode-sized
+        (6, (16, 32), False, torch.float16),  # blocks; hidden 80 / intermediate 48 end in partial blocks
+        (70, (16, 32), True, torch.float32),  # 64-row blocks of pairs; static input scales on both GEMMs
+        (5, None, True, torch.float16),
+    ],
+)
+def test_fp8_experts_match_the_reference_on_dequantized_weights(
+    num_tokens: int, block: tuple[int, int] | None, static: bool, dtype: torch.dtype
+) -> None:
+    from ops.triton.fused_moe import fused_moe
+
+    x, w13, w2, weights, ids = (t.cpu() for t in _inputs(num_tokens, 80, 48, 6, 2, torch.float32))
+    q13, s13 = _fp8_experts(w13, block)
+    q2, s2 = _fp8_experts(w2, block)
+    a13 = a2 = None
+    if static:  # x reaches ~3-4 sigma; the SiLU-mul stays below 1: scales that saturate neither
+        a13, a2 = torch.tensor([4.0 / 448]), torch.tensor([1.5 / 448])
+    fp8 = Fp8ExpertScales(s13, s2, block, a13, a2)
+    x = x.to(dtype)
+    ref = reference.fused_moe(x, q13, q2, weights, ids, fp8)
+    # the spec: the float reference on weights dequantized to x's dtype (and inputs through fp8)
+    deq13 = reference.dequantize_fp8_experts(q13, s13, block, dtype)
+    deq2 = reference.dequantize_fp8_experts(q2, s2, block, dtype)
+    if not static:
+        torch.testing.assert_close(ref, reference.fused_moe(x, deq13, deq2, weights, ids), rtol=0, atol=0)
+    else:
+        assert not torch.equal(ref, reference.fused_moe(x, deq13, deq2, weights, ids))  # the inputs moved
+    dev = [t.to(DEVICE) for t in (x, q13, q2, weights, ids)]
+    fp8_dev = Fp8ExpertScales(
+        s13.to(DEVICE), s2.to(DEVICE), block, *(None if a is None else a.to(DEVICE) for a in (a13, a2))
+    )
+    orig_empty = torch.empty
+    torch.empty = lambda *a, **k: orig_empty(*a, **k).fill_(float("nan"))  # type: ignore[assignment]
+    try:
+        out = fused_moe(*dev, fp8_dev)
+    finally:
+        torch.empty = orig_empty
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out.cpu(), ref, rtol=tol, atol=tol)
+
+
+def _int_experts(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [E, N, K] float -> (int32 words [E, N, K / pf] along K, zeros [E, N, G], scales [E, N, G]):
+    asymmetric min-max codes per group, fp16-exact scales."""
+    from engine.model.quantization.packing import pack_cols
+
+    e, n, k = w.shape
+    maxq = (1 << bits) - 1
+    g = w.unflatten(2, (-1, group))  # [E, N, G, group]
+    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+    scales = ((hi - lo) / maxq).clamp(min=1e-6).half().float()
+    zeros = torch.round(-lo / scales).clamp(0, maxq)
+    codes = torch.clamp(torch.round(g / scales[..., None]) + zeros[..., None], 0, maxq).flatten(2)
+    return pack_cols(codes.reshape(e * n, k), bits).view(e, n, -1), zeros, scales
+
+
+@in_process
+@pytest.mark.parametrize(
+    ("num_tokens", "bits", "group", "dtype"),
+    [
+        (3, 4, 16, torch.float32),  # decode-sized; 5 groups of hidden 80, 3 of intermediate 48
+        (70, 4, 16, torch.float16),  # 64-row blocks of pairs
+        (5, 8, 16, torch.float32),  # W8A16
+    ],
+)
+def test_int_experts_match_the_reference_on_dequantized_weights(
+    num_tokens: int, bits: int, group: int, dtype: torch.dtype
+) -> None:
+    from ops.triton.fused_moe import fused_moe
+
+    x, w13, w2, weights, ids = (t.cpu() for t in _inputs(num_tokens, 80, 48, 6, 2, torch.float32))
+    q13, z13, s13 = _int_experts(w13, bits, group)
+    q2, z2, s2 = _int_experts(w2, bits, group)
+    quant = IntExpertScales(bits, s13, z13, s2, z2)
+    x = x.to(dtype)
+    ref = reference.fused_moe(x, q13, q2, weights, ids, quant)
+    deq13 = reference.dequantize_int_experts(q13, z13, s13, bits, torch.float32)
+    assert (deq13 - w13).abs().max() < (0.1 if bits == 4 else 0.01)  # the codes hold the weights
+    deq = [
+        reference.dequantize_int_experts(q, z, s, bits, dtype) for q, z, s in ((q13, z13, s13), (q2, z2, s2))
+    ]
+    torch.testing.assert_close(ref, reference.fused_moe(x, *deq, weights, ids), rtol=0, atol=0)
+    dev = [t.to(DEVICE) for t in (x, q13, q2, weights, ids)]
+    quant_dev = IntExpertScales(bits, *(t.to(DEVICE) for t in (s13, z13, s2, z2)))
+    orig_empty = torch.empty
+    torch.empty = lambda *a, **k: orig_empty(*a, **k).fill_(float("nan"))  # type: ignore[assignment]
+    try:
+        out = fused_moe(*dev, quant_dev)
+    finally:
+        torch.empty = orig_empty
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out.cpu(), ref, rtol=tol, atol=tol)

@@ -198,6 +198,28 @@ KERNELS = [
         )
         for gated in (True, False)
     ),
+    *(
+        (  # FP8 experts (W8A16): the fp8 tiles dequantized in registers, per block or per channel; static
+           # input scales through the hardware fp8 conversion
+            "ops.triton.fused_moe:_moe_gemm_kernel",
+            {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GATED": gated, "IEEE": False, "W_FP8": True,
+             "BLOCKED": blocked, "A_QDQ": static, "HW_CVT": True},
+            {"a_ptr": "*bf16", "w_ptr": "*fp8e4nv", "out_ptr": "*bf16", "weights_ptr": "*fp32",
+             "sorted_pairs_ptr": "*i32", "block_expert_ptr": "*i32", "num_padded_ptr": "*i32",
+             "scale_ptr": "*fp32", "a_scale_ptr": "*fp32"},
+        )
+        for gated, blocked, static in ((True, True, False), (False, False, True))
+    ),
+    *(
+        (  # integer experts (W4A16, W8A16): codes shifted out of int32 words along K, group zeros and scales
+            "ops.triton.fused_moe:_moe_gemm_kernel",
+            {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GATED": gated, "IEEE": False, "W_BITS": bits},
+            {"a_ptr": "*bf16", "w_ptr": "*i32", "out_ptr": "*bf16", "weights_ptr": "*fp32",
+             "sorted_pairs_ptr": "*i32", "block_expert_ptr": "*i32", "num_padded_ptr": "*i32",
+             "scale_ptr": "*fp32", "a_scale_ptr": "*fp32", "zeros_ptr": "*fp32"},
+        )
+        for gated, bits in ((True, 4), (False, 8))
+    ),
 ]  # fmt: skip
 
 _COMPILE = """
@@ -238,6 +260,9 @@ triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attr
         + ("-gelu_tanh" if k[1].get("GELU_TANH") else "")
         + ("-fp8" if k[1].get("QUANT") or k[2].get("w_ptr") == "*fp8e4nv" else "")
         + ("-gated" if k[1].get("GATED") else "")
+        + ("-blocked" if k[1].get("BLOCKED") else "")
+        + ("-static" if k[1].get("A_QDQ") else "")
+        + (f"-int{k[1]['W_BITS']}" if k[1].get("W_BITS") else "")
         + ("-l2prefetch" if k[1].get("L2_PREFETCH") else "")
         + (f"-rows{k[1]['ROWS']}" if k[1].get("ROWS", 1) > 1 else "")
         for k in KERNELS

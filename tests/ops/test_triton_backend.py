@@ -36,7 +36,11 @@ def test_in_fresh_interpreter_process() -> None:
 
 
 def _runner(
-    model_dir: Path, use_triton: bool, kv_cache_dtype: str = "auto", dtype: str = "float32"
+    model_dir: Path,
+    use_triton: bool,
+    kv_cache_dtype: str = "auto",
+    dtype: str = "float32",
+    quantization: str | None = None,
 ) -> ModelRunner:
     config = EngineConfig(
         model=str(model_dir),
@@ -46,9 +50,11 @@ def _runner(
         num_kv_blocks=8,
         enforce_eager=True,
         kv_cache_dtype=kv_cache_dtype,
+        quantization=quantization,
     )
-    runner = ModelRunner(config.resolve())
-    runner.load_model(use_triton=use_triton)
+    resolved = config.resolve()
+    runner = ModelRunner(resolved)
+    runner.load_model(resolved.quant.linear, use_triton=use_triton)
     runner.initialize_kv_cache(8)
     return runner
 
@@ -223,21 +229,26 @@ def test_fused_decode_attention_leaves_every_logit_as_it_was(
 
 
 @in_process
-def test_moe_model_forward_on_triton_matches_torch(tiny_model_dirs: dict[str, Path]) -> None:
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_moe_model_forward_on_triton_matches_torch(
+    tiny_model_dirs: dict[str, Path], quantization: str | None
+) -> None:
     """A mixture-of-experts model (Qwen2-MoE: every layer routed, plus the shared expert) takes the Triton
-    fused MoE kernel in every MoE layer, and its logits over two prefill chunks match the torch backend's."""
+    fused MoE kernel in every MoE layer, and its logits over two prefill chunks match the torch backend's;
+    with online fp8 the kernel's FP8-expert variant against the reference's dequantized experts."""
     from engine.model.layers.fused_moe import FusedMoE
 
     prompt = [int(t) for t in np.random.default_rng(3).integers(3, 500, size=21)]
     logits = {}
     for use_triton in (False, True):
-        runner = _runner(tiny_model_dirs["qwen2_moe"], use_triton)
+        runner = _runner(tiny_model_dirs["qwen2_moe"], use_triton, quantization=quantization)
         experts = [m for m in runner.model.modules() if isinstance(m, FusedMoE)]
         assert len(experts) == 2
         assert all(
             m.kernels.fused_moe is (impl.fused_moe if use_triton else ops.reference.fused_moe)
             for m in experts
         )
+        assert all((m.w13_weight.dtype == torch.float8_e4m3fn) == (quantization == "fp8") for m in experts)
         logits[use_triton] = _chunked_prefill_logits(runner, prompt, [5, 0])
     assert logits[True].shape == (21, 512)
     assert (logits[True] - logits[False]).abs().max().item() < 1e-4

@@ -47,6 +47,9 @@ class SparseMoeBlock(nn.Module):
             kernels=ctx.kernels,
             expert_names=MIXTRAL_EXPERT_NAMES if mixtral else QWEN_EXPERT_NAMES,
             prefix=join_prefix(prefix, "experts"),
+            quant_config=ctx.quant_config,
+            # the hub's name, which skip lists use: Mixtral's block_sparse_moe (checkpoint_renames)
+            checkpoint_prefix=_hub_name(join_prefix(prefix, "experts")) if mixtral else None,
         )
         if config.shared_expert_intermediate_size:
             # Its down projection's partial sum joins the experts' before the block's one all-reduce.
@@ -73,6 +76,11 @@ class SparseMoeBlock(nn.Module):
         if self.tp_size > 1:
             torch.distributed.all_reduce(out)
         return out
+
+
+def _hub_name(name: str) -> str:
+    """Our `model.layers.N.mlp...` as Mixtral's checkpoints name it (`block_sparse_moe`)."""
+    return name.replace(".mlp.", ".block_sparse_moe.")
 
 
 def moe_or_dense_mlp(config: ModelConfig, layer_idx: int, ctx: BuildContext, prefix: str) -> nn.Module:

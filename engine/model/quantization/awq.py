@@ -21,16 +21,17 @@ import torch
 from torch import nn
 
 from engine.model.parameter import WeightLoader, register_weight
-from engine.model.quantization.base import LinearMethodBase, QuantizationConfig
+from engine.model.quantization.base import FusedMoEMethodBase, LinearMethodBase, QuantizationConfig
 from engine.model.quantization.common import (
     apply_weight_only,
+    experts_skipped,
     is_skipped,
     register_weight_only,
     silu_mul_weight_only,
     unpacking_loader,
 )
 from engine.model.quantization.packing import AWQ_PACK_ORDER, unpack_cols
-from engine.model.quantization.unquantized import UnquantizedLinearMethod
+from engine.model.quantization.unquantized import UnquantizedFusedMoEMethod, UnquantizedLinearMethod
 
 if TYPE_CHECKING:
     from engine.model.layers.linear import LinearBase
@@ -51,6 +52,18 @@ class AWQConfig(QuantizationConfig):
         if is_skipped(prefix, self.skip_modules):
             return UnquantizedLinearMethod()
         return AWQLinearMethod(self)
+
+    def moe_refusal(self) -> str | None:
+        return None
+
+    def get_moe_method(self, layer: nn.Module, prefix: str) -> FusedMoEMethodBase:
+        from engine.model.quantization.wna16_moe import WNA16FusedMoEMethod, awq_format  # noqa: PLC0415
+
+        if experts_skipped(
+            layer.checkpoint_module_names(), prefix, lambda n: is_skipped(n, self.skip_modules)
+        ):
+            return UnquantizedFusedMoEMethod()
+        return WNA16FusedMoEMethod(awq_format(self.group_size))
 
 
 def _unpack_awq(packed: torch.Tensor) -> torch.Tensor:

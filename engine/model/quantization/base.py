@@ -64,6 +64,27 @@ class LinearMethodBase(QuantizeMethodBase, ABC):
         return None
 
 
+class FusedMoEMethodBase(QuantizeMethodBase, ABC):
+    """A mixture-of-experts layer's stacked experts (engine.model.layers.fused_moe.FusedMoE): the
+    method registers them through `layer.add_expert_param` (which names their checkpoint tensors and
+    loads each expert's slice) and runs them through the layer's `fused_moe` op."""
+
+    @abstractmethod
+    def create_weights(self, layer: nn.Module, params_dtype: torch.dtype) -> None:
+        """Register this rank's expert parameters on `layer` (sizes: layer.num_experts, hidden_size,
+        intermediate_per_partition)."""
+
+    @abstractmethod
+    def apply(
+        self,
+        layer: nn.Module,
+        x: torch.Tensor,  # [num_tokens, hidden]
+        topk_weights: torch.Tensor,  # [num_tokens, top_k] float32
+        topk_ids: torch.Tensor,  # [num_tokens, top_k]
+    ) -> torch.Tensor:  # [num_tokens, hidden]: this rank's partial sum
+        """The routed experts' weighted sum for each token."""
+
+
 class QuantizationConfig(ABC):
     """Picks each layer's method. One instance per model; frozen after construction."""
 
@@ -72,3 +93,16 @@ class QuantizationConfig(ABC):
     @abstractmethod
     def get_linear_method(self, layer: LinearBase, prefix: str) -> LinearMethodBase:
         """The method for the linear layer named `prefix`."""
+
+    def moe_refusal(self) -> str | None:
+        """Why this config cannot run a mixture-of-experts model's experts (None: `get_moe_method`
+        can). Asked once at start (EngineConfig.resolve), so a refused checkpoint never loads."""
+        return (
+            f"MoE experts are not supported with {self.name}; serve an unquantized, FP8, GPTQ, AWQ or "
+            "compressed-tensors checkpoint"
+        )
+
+    def get_moe_method(self, layer: nn.Module, prefix: str) -> FusedMoEMethodBase:
+        """The method for the stacked experts named `prefix` (a FusedMoE layer)."""
+        del layer, prefix
+        raise ValueError(self.moe_refusal())

@@ -87,6 +87,20 @@ def is_ignored(prefix: str, ignore: tuple[str, ...]) -> bool:
     return all(hits)
 
 
+def experts_skipped(names: list[str], prefix: str, skipped: Callable[[str], bool]) -> bool:
+    """Whether the checkpoint left a MoE layer's experts (the hub's module names, every expert's
+    projections) unquantized: all of them or none, since weir stacks them into one tensor per layer."""
+    hits = [skipped(n) for n in names]
+    if any(hits) and not all(hits):
+        kept = next(n for n, hit in zip(names, hits, strict=True) if hit)
+        quantized = next(n for n, hit in zip(names, hits, strict=True) if not hit)
+        raise ValueError(
+            f"the checkpoint keeps only some experts of {prefix} unquantized ({kept} but not {quantized}), "
+            "which weir runs stacked: skip all of them or none"
+        )
+    return bool(hits) and all(hits)
+
+
 def unpacking_loader(
     loader: WeightLoader, unpack: Callable[[torch.Tensor], torch.Tensor], name: str
 ) -> WeightLoader:

@@ -38,16 +38,17 @@ from torch import nn
 
 from engine.model.parameter import WeightLoader, register_weight
 from engine.model.quantization.act_order import g_idx_loader, group_order
-from engine.model.quantization.base import LinearMethodBase, QuantizationConfig
+from engine.model.quantization.base import FusedMoEMethodBase, LinearMethodBase, QuantizationConfig
 from engine.model.quantization.common import (
     apply_weight_only,
+    experts_skipped,
     is_ignored,
     register_weight_only,
     silu_mul_weight_only,
     unpacking_loader,
 )
 from engine.model.quantization.packing import pack_factor, unpack_cols, unpack_rows
-from engine.model.quantization.unquantized import UnquantizedLinearMethod
+from engine.model.quantization.unquantized import UnquantizedFusedMoEMethod, UnquantizedLinearMethod
 
 if TYPE_CHECKING:
     from engine.model.layers.linear import LinearBase
@@ -73,6 +74,21 @@ class CompressedTensorsWNA16Config(QuantizationConfig):
             return UnquantizedLinearMethod()
         return CompressedTensorsWNA16Method(self)
 
+    def moe_refusal(self) -> str | None:
+        if self.act_order:  # each expert would need its own permutation of the input
+            return "MoE experts with actorder 'group' are not supported; re-quantize with actorder 'weight'"
+        return None
+
+    def get_moe_method(self, layer: nn.Module, prefix: str) -> FusedMoEMethodBase:
+        from engine.model.quantization.wna16_moe import (  # noqa: PLC0415
+            WNA16FusedMoEMethod,
+            compressed_tensors_format,
+        )
+
+        if experts_skipped(layer.checkpoint_module_names(), prefix, lambda n: is_ignored(n, self.ignore)):
+            return UnquantizedFusedMoEMethod()
+        return WNA16FusedMoEMethod(compressed_tensors_format(self.bits, self.group_size, self.symmetric))
+
 
 @dataclass(frozen=True, slots=True)
 class CompressedTensorsUnquantizedConfig(QuantizationConfig):
@@ -83,6 +99,13 @@ class CompressedTensorsUnquantizedConfig(QuantizationConfig):
     def get_linear_method(self, layer: LinearBase, prefix: str) -> LinearMethodBase:
         del layer, prefix
         return UnquantizedLinearMethod()
+
+    def moe_refusal(self) -> str | None:
+        return None  # float experts
+
+    def get_moe_method(self, layer: nn.Module, prefix: str) -> FusedMoEMethodBase:
+        del layer, prefix
+        return UnquantizedFusedMoEMethod()
 
 
 class CompressedTensorsWNA16Method(LinearMethodBase):

@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model.parameter import WeightLoader, WeightShapeError, register_weight
-from engine.model.quantization.base import LinearMethodBase, QuantizationConfig
-from engine.model.quantization.common import is_ignored, is_skipped
-from engine.model.quantization.unquantized import UnquantizedLinearMethod
+from engine.model.quantization.base import FusedMoEMethodBase, LinearMethodBase, QuantizationConfig
+from engine.model.quantization.common import experts_skipped, is_ignored, is_skipped
+from engine.model.quantization.unquantized import UnquantizedFusedMoEMethod, UnquantizedLinearMethod
 from ops import reference
 from ops.env_flags import env_flag
 
@@ -67,6 +67,17 @@ class Fp8Config(QuantizationConfig):
         if skipped(prefix, self.skip_modules):
             return UnquantizedLinearMethod()
         return Fp8LinearMethod(self)
+
+    def moe_refusal(self) -> str | None:
+        return None  # engine.model.quantization.fp8_moe
+
+    def get_moe_method(self, layer: nn.Module, prefix: str) -> FusedMoEMethodBase:
+        from engine.model.quantization.fp8_moe import Fp8FusedMoEMethod  # noqa: PLC0415 (it imports this)
+
+        skipped = is_ignored if self.ignore_is_ct else is_skipped
+        if experts_skipped(layer.checkpoint_module_names(), prefix, lambda n: skipped(n, self.skip_modules)):
+            return UnquantizedFusedMoEMethod()
+        return Fp8FusedMoEMethod(self)
 
 
 def fp8_matmul_supported(device: torch.device) -> bool:

@@ -28,16 +28,17 @@ from torch import nn
 
 from engine.model.parameter import WeightLoader, register_weight
 from engine.model.quantization.act_order import g_idx_loader, group_order
-from engine.model.quantization.base import LinearMethodBase, QuantizationConfig
+from engine.model.quantization.base import FusedMoEMethodBase, LinearMethodBase, QuantizationConfig
 from engine.model.quantization.common import (
     apply_weight_only,
+    experts_skipped,
     is_skipped,
     register_weight_only,
     silu_mul_weight_only,
     unpacking_loader,
 )
 from engine.model.quantization.packing import pack_factor, unpack_cols, unpack_rows
-from engine.model.quantization.unquantized import UnquantizedLinearMethod
+from engine.model.quantization.unquantized import UnquantizedFusedMoEMethod, UnquantizedLinearMethod
 
 if TYPE_CHECKING:
     from engine.model.layers.linear import LinearBase
@@ -61,6 +62,20 @@ class GPTQConfig(QuantizationConfig):
         if is_skipped(prefix, self.skip_modules):
             return UnquantizedLinearMethod()
         return GPTQLinearMethod(self)
+
+    def moe_refusal(self) -> str | None:
+        if self.desc_act:  # each expert would need its own permutation of the input
+            return "MoE experts with desc_act=True (act order) are not supported; re-quantize with desc_act=False"
+        return None
+
+    def get_moe_method(self, layer: nn.Module, prefix: str) -> FusedMoEMethodBase:
+        from engine.model.quantization.wna16_moe import WNA16FusedMoEMethod, gptq_format  # noqa: PLC0415
+
+        if experts_skipped(
+            layer.checkpoint_module_names(), prefix, lambda n: is_skipped(n, self.skip_modules)
+        ):
+            return UnquantizedFusedMoEMethod()
+        return WNA16FusedMoEMethod(gptq_format(self.bits, self.group_size, self.checkpoint_format))
 
 
 class GPTQLinearMethod(LinearMethodBase):

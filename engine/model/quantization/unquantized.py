@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model.parameter import WeightLoader, set_weight_attrs
-from engine.model.quantization.base import LinearMethodBase, QuantizationConfig
+from engine.model.quantization.base import FusedMoEMethodBase, LinearMethodBase, QuantizationConfig
 from engine.model.quantization.float_gemv import (
     decode_gemv_is_allowed,
     float_gemv_linear,
@@ -78,9 +78,32 @@ class UnquantizedLinearMethod(LinearMethodBase):
 _UNQUANTIZED = UnquantizedLinearMethod()
 
 
+class UnquantizedFusedMoEMethod(FusedMoEMethodBase):
+    """Float experts in the model dtype: the hub's per-expert tensors or transformers 5's stacked ones."""
+
+    def create_weights(self, layer: nn.Module, params_dtype: torch.dtype) -> None:
+        experts, hidden, shard = layer.num_experts, layer.hidden_size, layer.intermediate_per_partition
+        w13 = torch.empty(experts, 2 * shard, hidden, dtype=params_dtype)  # [E, 2 * I / tp, H]
+        layer.add_expert_param("w13_weight", w13, "w13", "weight", fused_name="gate_up_proj")
+        w2 = torch.empty(experts, hidden, shard, dtype=params_dtype)  # [E, H, I / tp]
+        layer.add_expert_param("w2_weight", w2, "w2", "weight", fused_name="down_proj")
+
+    def apply(
+        self, layer: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor:
+        return layer.kernels.fused_moe(x, layer.w13_weight, layer.w2_weight, topk_weights, topk_ids)
+
+
 class UnquantizedConfig(QuantizationConfig):
     name = "none"
 
     def get_linear_method(self, layer: LinearBase, prefix: str) -> LinearMethodBase:
         del layer, prefix
         return _UNQUANTIZED
+
+    def moe_refusal(self) -> str | None:
+        return None
+
+    def get_moe_method(self, layer: nn.Module, prefix: str) -> FusedMoEMethodBase:
+        del layer, prefix
+        return UnquantizedFusedMoEMethod()

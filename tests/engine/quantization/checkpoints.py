@@ -32,6 +32,14 @@ LINEAR_SUFFIXES = (
     # Phi-3's checkpoints store these fused: quantized as one module each, as its tools write them
     "self_attn.qkv_proj",
     "mlp.gate_up_proj",
+    # mixture of experts: every expert's projections (Qwen's names, Mixtral's w1/w3/w2) and Qwen2-MoE's
+    # shared expert; the routers (mlp.gate, block_sparse_moe.gate, shared_expert_gate) stay float
+    ".gate_proj",
+    ".up_proj",
+    ".down_proj",
+    ".w1.",
+    ".w2.",
+    ".w3.",
 )
 
 

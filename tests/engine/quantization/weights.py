@@ -1,6 +1,7 @@
 """Load a quantized checkpoint into weir's model (no engine) and compare every layer's dequantized
-weight with the reference checkpoint's float32 weights: exact, since both compute (q - z) * s in
-float32 from fp16 scales. Cheap, so every option combination gets it; engine parity runs on a few."""
+weight with the reference checkpoint's float32 weights (a MoE layer's stacked experts with every
+expert's tensors): exact, since both compute (q - z) * s in float32 from fp16 scales. Cheap, so every
+option combination gets it; engine parity runs on a few."""
 
 from __future__ import annotations
 
@@ -10,20 +11,63 @@ import torch
 from safetensors.torch import load_file
 
 from engine.model.build_context import BuildContext
+from engine.model.layers.fused_moe import FusedMoE
 from engine.model.models.llama import LlamaForCausalLM
+from engine.model.models.registry import get_model_class
 from engine.model.quantization.common import dequantize
 from engine.model.quantization.squeezellm import dequantize_lut
 from engine.model.weight_loader import load_weights
 from engine.model_config import ModelConfig
+from ops.reference import dequantize_fp8_experts, dequantize_int_experts
 
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 def load_quantized(model_dir: Path, quant_config: object) -> LlamaForCausalLM:
     config = ModelConfig.from_pretrained(str(model_dir), dtype="float32", device="cpu")
-    model = LlamaForCausalLM(config, BuildContext(dtype=torch.float32, quant_config=quant_config))
+    model_class = get_model_class(config.architecture)  # Llama, or the MoE families
+    model = model_class(config, BuildContext(dtype=torch.float32, quant_config=quant_config))
     load_weights(model, model_dir)
     return model
+
+
+def _expert_weights(module: FusedMoE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w13, w2) [E, N, K] float32 as the fused MoE op computes with them."""
+    if hasattr(module, "w13_codes"):  # integer experts
+        bits = module.quant_method.fmt.bits
+        return tuple(  # type: ignore[return-value]
+            dequantize_int_experts(
+                getattr(module, f"{p}_codes"),
+                getattr(module, f"{p}_zeros"),
+                getattr(module, f"{p}_scales"),
+                bits,
+                torch.float32,
+            )
+            for p in ("w13", "w2")
+        )
+    if module.w13_weight.dtype != torch.float8_e4m3fn:
+        return module.w13_weight, module.w2_weight
+    block = module.quant_method.block_shape
+    return tuple(  # type: ignore[return-value]
+        dequantize_fp8_experts(
+            getattr(module, f"{p}_weight"), getattr(module, f"{p}_scale"), block, torch.float32
+        )
+        for p in ("w13", "w2")
+    )
+
+
+def _reference_experts(module: FusedMoE, ref: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference checkpoint's per-expert tensors stacked as the layer stacks them."""
+    gate, up, down = module.expert_names
+    base = module.checkpoint_prefix
+    w13 = torch.stack(
+        [
+            torch.cat([ref[f"{base}.{e}.{gate}.weight"], ref[f"{base}.{e}.{up}.weight"]])
+            for e in range(module.num_experts)
+        ]
+    )
+    w2 = torch.stack([ref[f"{base}.{e}.{down}.weight"] for e in range(module.num_experts)])
+    return w13, w2
 
 
 def assert_weights_match_reference(model: LlamaForCausalLM, reference_dir: Path) -> int:
@@ -32,6 +76,12 @@ def assert_weights_match_reference(model: LlamaForCausalLM, reference_dir: Path)
     quantized = 0
     for name, module in model.named_modules():
         if not hasattr(module, "quant_method"):
+            continue
+        if isinstance(module, FusedMoE):  # the stacked experts: every expert's [gate; up] and down
+            for got, expected in zip(_expert_weights(module), _reference_experts(module, ref), strict=True):
+                assert got.dtype == torch.float32
+                assert torch.equal(got, expected), name
+            quantized += hasattr(module, "w13_codes") or module.w13_weight.dtype == torch.float8_e4m3fn
             continue
         head, _, last = name.rpartition(".")
         # the checkpoint's modules behind the layer: fused already (Phi-3) or fused by weir

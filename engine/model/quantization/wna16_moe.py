@@ -1,0 +1,225 @@
+"""Integer experts of a mixture-of-experts layer (weight-only W4A16 / W8A16): GPTQ (`desc_act` false),
+AWQ (GEMM) and compressed-tensors pack-quantized checkpoints, the hub's per-expert layout (Qwen's
+`mlp.experts.<e>.{gate,up,down}_proj.*`, Mixtral's `block_sparse_moe.experts.<e>.{w1,w3,w2}.*`).
+
+Each expert projection's tensors are read in its format (the layouts of engine.model.quantization.gptq,
+awq and compressed_tensors), turned into one layout as they load, and stacked per layer (this rank's
+gate/up rows, down columns):
+- `w13_qweight` / `w2_qweight` int32 [E, N, K / pf]: codes packed along the input K (pf = 32 // bits a
+  word, the first in the lowest bits: compressed-tensors' packing);
+- `w13_scales` / `w2_scales` and `w13_zeros` / `w2_zeros` float32 [E, N, G]: each group's scale and
+  zero point (GPTQ's stored zero - 1 added back, AWQ's as stored, compressed-tensors' 2**(bits - 1) when
+  symmetric); w = (code - zero) * scale, as the dense formats' reference (common.dequantize).
+The fused MoE op (ops.moe_quant.IntExpertScales) dequantizes them: on CPU the reference, on CUDA the
+Triton kernel's W_BITS variant, each code shifted out of its word in the inner loop.
+
+Act order (GPTQ desc_act, compressed-tensors actorder "group") is refused at start: each expert would
+need its own permutation of the input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.model.checkpoint_slice import materialize
+from engine.model.parameter import WeightShapeError
+from engine.model.quantization.base import FusedMoEMethodBase
+from engine.model.quantization.packing import AWQ_PACK_ORDER, pack_cols, pack_factor, unpack_cols, unpack_rows
+from ops.moe_quant import IntExpertScales
+
+# (tensor, out features N, in features K, group size) -> [N, K] codes, or [N, G] zeros / scales
+Convert = Callable[[torch.Tensor, int, int, int], torch.Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertFormat:
+    """How one format stores an expert projection: checkpoint suffix -> (what it holds, its converter).
+    What: "codes", "scales", "zeros", or "check" (validated, not kept)."""
+
+    name: str  # for messages: "GPTQ", "AWQ", "compressed-tensors"
+    bits: int
+    group_size: int  # -1: one group over the whole input
+    tensors: dict[str, tuple[str, Convert]]
+    symmetric_zero: bool = False  # no zero-point tensor: zeros are 2**(bits - 1)
+
+
+def _expect(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    if tuple(t.shape) != shape:
+        raise WeightShapeError(shape, tuple(t.shape))
+    return t
+
+
+def _int32(t: torch.Tensor, what: str) -> torch.Tensor:
+    if t.dtype != torch.int32:
+        raise ValueError(f"{what} must be int32; got {t.dtype}")
+    return t
+
+
+def gptq_format(bits: int, group_size: int, checkpoint_format: str) -> ExpertFormat:
+    """GPTQ: qweight [K / pf, N] packed along K; qzeros [G, N / pf] (zero - 1 in format "gptq");
+    scales [G, N]; g_idx [K] (must be in order: no act order)."""
+    mask, offset = (1 << bits) - 1, 1.0 if checkpoint_format == "gptq" else 0.0
+    pf = pack_factor(bits)
+
+    def codes(t: torch.Tensor, n: int, k: int, gs: int) -> torch.Tensor:
+        return unpack_rows(_expect(_int32(t, "qweight"), (k // pf, n)), bits).t()
+
+    def zeros(t: torch.Tensor, n: int, k: int, gs: int) -> torch.Tensor:
+        return (
+            (unpack_cols(_expect(_int32(t, "qzeros"), (k // gs, n // pf)), bits) & mask).float() + offset
+        ).t()
+
+    def scales(t: torch.Tensor, n: int, k: int, gs: int) -> torch.Tensor:
+        return _expect(t, (k // gs, n)).float().t()
+
+    def g_idx(t: torch.Tensor, n: int, k: int, gs: int) -> torch.Tensor:
+        if not torch.equal(_expect(t, (k,)).long(), torch.arange(k) // gs):
+            raise ValueError(
+                "g_idx is not in input order (act order); weir runs GPTQ experts without desc_act"
+            )
+        return t
+
+    tensors = {"qweight": ("codes", codes), "qzeros": ("zeros", zeros), "scales": ("scales", scales)}
+    return ExpertFormat("GPTQ", bits, group_size, {**tensors, "g_idx": ("check", g_idx)})
+
+
+def awq_format(group_size: int) -> ExpertFormat:
+    """AWQ GEMM: qweight [K, N / 8] and qzeros [G, N / 8] packed along N in AWQ's order; scales [G, N]."""
+
+    def codes(t: torch.Tensor, n: int, k: int, gs: int) -> torch.Tensor:
+        return unpack_cols(_expect(_int32(t, "qweight"), (k, n // 8)), 4, AWQ_PACK_ORDER).t()
+
+    def zeros(t: torch.Tensor, n: int, k: int, gs: int) -> torch.Tensor:
+        return unpack_cols(_expect(_int32(t, "qzeros"), (k // gs, n // 8)), 4, AWQ_PACK_ORDER).float().t()
+
+    def scales(t: torch.Tensor, n: int, k: int, gs: int) -> torch.Tensor:
+        return _expect(t, (k // gs, n)).float().t()
+
+    return ExpertFormat(
+        "AWQ",
+        4,
+        group_size,
+        {"qweight": ("codes", codes), "qzeros": ("zeros", zeros), "scales": ("scales", scales)},
+    )
+
+
+def compressed_tensors_format(bits: int, group_size: int, symmetric: bool) -> ExpertFormat:
+    """pack-quantized: weight_packed [N, K / pf] along K; weight_scale [N, G]; weight_shape [2];
+    asymmetric: weight_zero_point [N / pf, G] packed along N."""
+    pf = pack_factor(bits)
+
+    def codes(t: torch.Tensor, n: int, k: int, gs: int) -> torch.Tensor:
+        return unpack_cols(_expect(_int32(t, "weight_packed"), (n, k // pf)), bits)
+
+    def scales(t: torch.Tensor, n: int, k: int, gs: int) -> torch.Tensor:
+        return _expect(t, (n, k // gs)).float()
+
+    def zeros(t: torch.Tensor, n: int, k: int, gs: int) -> torch.Tensor:
+        return unpack_rows(_expect(_int32(t, "weight_zero_point"), (n // pf, k // gs)), bits).float()
+
+    def shape(t: torch.Tensor, n: int, k: int, gs: int) -> torch.Tensor:
+        if [int(v) for v in t.reshape(-1).tolist()] != [n, k]:
+            raise ValueError(f"weight_shape is {t.tolist()}; the expert projection is [{n}, {k}]")
+        return t
+
+    tensors: dict[str, tuple[str, Convert]] = {
+        "weight_packed": ("codes", codes),
+        "weight_scale": ("scales", scales),
+        "weight_shape": ("check", shape),
+    }
+    if not symmetric:
+        tensors["weight_zero_point"] = ("zeros", zeros)
+    return ExpertFormat("compressed-tensors", bits, group_size, tensors, symmetric_zero=symmetric)
+
+
+class WNA16FusedMoEMethod(FusedMoEMethodBase):
+    def __init__(self, fmt: ExpertFormat) -> None:
+        self.fmt = fmt
+
+    def create_weights(self, layer: nn.Module, params_dtype: torch.dtype) -> None:
+        del params_dtype
+        fmt = self.fmt
+        experts, hidden, size = layer.num_experts, layer.hidden_size, layer.intermediate_size
+        shard = layer.intermediate_per_partition
+        pf = pack_factor(fmt.bits)
+        # (part, rows, this rank's input K, the whole input K)
+        for part, rows, k, k_full in (("w13", 2 * shard, hidden, hidden), ("w2", hidden, shard, size)):
+            gs = fmt.group_size if fmt.group_size != -1 else k_full
+            if k_full % gs or k % gs or k % pf:
+                what = "input" if part == "w13" else "down projection's input per rank"
+                raise ValueError(
+                    f"{fmt.name} MoE layer {layer.prefix}: each expert's {what} ({k}) is not a multiple of "
+                    f"group_size {fmt.group_size} and of {pf} (codes per int32)"
+                )
+            groups = k // gs  # per channel over a sharded input: the one group, on every rank
+            for kind, (suffix, convert) in _by_kind(fmt).items():
+                if kind == "codes":
+                    tensor = torch.empty(experts, rows, k // pf, dtype=torch.int32)
+                elif kind == "check":
+                    tensor = torch.zeros(1, dtype=torch.int32)  # validated as it loads, then dropped
+                else:
+                    tensor = torch.empty(experts, rows, groups, dtype=torch.float32)
+                loader = _converting_loader(layer, part, kind, convert, suffix, gs, fmt.bits)
+                attr = f"{part}_{'check_' + suffix if kind == 'check' else kind}"
+                layer.add_expert_param(attr, tensor, part, suffix, loader=loader)
+            if fmt.symmetric_zero:
+                layer.register_buffer(
+                    f"{part}_zeros", torch.full((experts, rows, groups), float(1 << (fmt.bits - 1)))
+                )
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        for attr in [n for n, _ in layer.named_parameters(recurse=False) if "_check_" in n]:
+            delattr(layer, attr)
+
+    def apply(
+        self, layer: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor:
+        scales = IntExpertScales(
+            self.fmt.bits, layer.w13_scales, layer.w13_zeros, layer.w2_scales, layer.w2_zeros
+        )
+        return layer.kernels.fused_moe(x, layer.w13_codes, layer.w2_codes, topk_weights, topk_ids, scales)
+
+
+def _by_kind(fmt: ExpertFormat) -> dict[str, tuple[str, Convert]]:
+    return {kind: (suffix, convert) for suffix, (kind, convert) in fmt.tensors.items()}
+
+
+def _converting_loader(
+    layer: nn.Module, part: str, kind: str, convert: Convert, suffix: str, gs: int, bits: int
+) -> Callable[..., None]:
+    """One expert projection's tensor: converted whole ([N, K] codes or [N, G] zeros / scales), then this
+    rank's gate/up rows or down columns copied into the stacked parameter (codes packed along K)."""
+
+    def load(param: torch.Tensor, loaded_weight: Any, shard_id: Any = None) -> None:
+        expert, projection = shard_id
+        size, hidden, shard = layer.intermediate_size, layer.hidden_size, layer.intermediate_per_partition
+        n, k = (hidden, size) if projection == "down" else (size, hidden)
+        names = dict(zip(("gate", "up", "down"), layer.expert_names, strict=True))
+        name = f"{layer.checkpoint_prefix}.{expert}.{names[projection]}.{suffix}"
+        try:
+            full = convert(materialize(loaded_weight), n, k, gs)
+        except WeightShapeError:
+            raise
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        if kind == "check":
+            return
+        if projection == "down":  # this rank's input columns (codes), or their groups
+            if kind == "codes":
+                piece = pack_cols(full.narrow(1, layer.tp_rank * shard, shard), bits)
+            else:
+                groups = param.shape[2]
+                piece = full if full.shape[1] == 1 else full.narrow(1, layer.tp_rank * groups, groups)
+            param.data[expert].copy_(piece)
+            return
+        piece = full.narrow(0, layer.tp_rank * shard, shard)  # this rank's gate or up rows
+        if kind == "codes":
+            piece = pack_cols(piece, bits)
+        param.data[expert].narrow(0, 0 if projection == "gate" else shard, shard).copy_(piece)
+
+    return load

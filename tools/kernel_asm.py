@@ -3,9 +3,9 @@ with a hash of each listing stripped of line info, so a change meant to leave a 
 be checked without a GPU: the same hashes before and after it mean the same machine code.
 
 Usage (run without TRITON_INTERPRET, from the repository root):
-    python -m tools.kernel_asm CASES.json OUT.json
+    python -m tools.kernel_asm OUT.json [CASES.json]
 CASES.json: [[case name, "module:kernel", {constexprs}, {pointer/float argument types}], ...]; arguments
-not named are i32. Constexprs the kernel lacks are dropped (a case list written before a parameter was
+not named are i32. Without it, every case of tests/ops/test_kernels_compile.py (named kernel#index). Constexprs the kernel lacks are dropped (a case list written before a parameter was
 added still compiles). Pointers and strides get the 16-byte divisibility a launch finds (as
 tests/ops/test_kernels_compile.py compiles them).
 """
@@ -81,7 +81,15 @@ def _digest(lines: list[str]) -> str:
 
 
 def main() -> None:
-    cases = json.loads(Path(sys.argv[1]).read_text())
+    if len(sys.argv) > 2:
+        cases = json.loads(Path(sys.argv[2]).read_text())
+    else:
+        from tests.ops.test_kernels_compile import KERNELS  # noqa: PLC0415  (a dev tool: tests are there)
+
+        cases = [
+            [f"{name.split(':')[1]}#{i}", name, consts, types]
+            for i, (name, consts, types) in enumerate(KERNELS)
+        ]
     result = {}
     for case, name, consts, types in cases:
         kernel = compile_case(name, consts, types)
@@ -94,7 +102,7 @@ def main() -> None:
             "sass_hash": _digest(sass),
         }
         print(case, result[case], flush=True)
-    Path(sys.argv[2]).write_text(json.dumps(result, indent=1))
+    Path(sys.argv[1]).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

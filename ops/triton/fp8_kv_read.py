@@ -25,6 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ops.triton.head_dim import head_lanes, head_rows_mask, pad
+
 E4M3: tl.constexpr = tl.constexpr(1)  # FORMAT codes (paged attention's KV_WIDEN)
 E5M2: tl.constexpr = tl.constexpr(2)
 
@@ -83,11 +85,15 @@ def load_f16_rows(
     HW_CVT: tl.constexpr,
     MASKED: tl.constexpr,
 ):
-    """[R, HEAD_DIM] float16: the fp8 rows' values, read as HEAD_DIM / 4 words a row."""
-    offs_w = tl.arange(0, HEAD_DIM // 4)
-    word_ptrs = rows.to(tl.pointer_type(tl.int32))[:, None] + offs_w[None, :]  # [R, HEAD_DIM / 4]
+    """[R, pad(HEAD_DIM)] float16: the fp8 rows' values, read as HEAD_DIM / 4 words a row (a padded head,
+    ops/triton/head_dim.py: the words past them read as 0, which widen to +0.0)."""
+    HEAD_WORDS: tl.constexpr = HEAD_DIM // 4
+    offs_w = tl.arange(0, pad(HEAD_WORDS))
+    word_ptrs = rows.to(tl.pointer_type(tl.int32))[:, None] + offs_w[None, :]  # [R, pad(HEAD_DIM) / 4]
     if MASKED:
-        words = tl.load(word_ptrs, mask=valid[:, None], other=0)
+        words = tl.load(word_ptrs, mask=head_rows_mask(valid, offs_w, HEAD_WORDS), other=0)
+    elif pad(HEAD_WORDS) != HEAD_WORDS:
+        words = tl.load(word_ptrs, mask=head_lanes(offs_w, HEAD_WORDS), other=0)
     else:
         words = tl.load(word_ptrs)
     return widen_words(words, FORMAT, HW_CVT)

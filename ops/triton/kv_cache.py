@@ -17,6 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.head_dims import check_head_dim
+from ops.triton.head_dim import head_rows_mask, pad
+
 
 @triton.jit
 def _round_to_fp8(x, MANT: tl.constexpr, MIN_EXP: tl.constexpr, MAX: tl.constexpr):
@@ -87,11 +90,11 @@ def _write_kv_cache_kernel(
         block = slot // block_size
         offset = slot % block_size
         offs_h = tl.arange(0, BLOCK_H)
-        offs_d = tl.arange(0, HEAD_DIM)
+        offs_d = tl.arange(0, pad(HEAD_DIM))  # a padded head's extra lanes are masked off
         for h0 in range(0, num_kv_heads, BLOCK_H):
             heads = h0 + offs_h
             mask_h = heads < num_kv_heads
-            mask = mask_h[:, None]
+            mask = head_rows_mask(mask_h, offs_d, HEAD_DIM)  # [BLOCK_H, pad(HEAD_DIM)] or [BLOCK_H, 1]
             k = tl.load(key_ptr + token * stride_kt + heads[:, None] * stride_kh + offs_d[None, :], mask=mask)
             v = tl.load(
                 value_ptr + token * stride_vt + heads[:, None] * stride_vh + offs_d[None, :], mask=mask
@@ -125,9 +128,9 @@ _BLOCK_H: dict[tuple[int, int], int] = {}
 
 
 def _block_h(num_kv_heads: int, head_dim: int) -> int:
-    if head_dim & (head_dim - 1):
-        raise ValueError(f"write_kv_cache needs a power-of-two head_dim; got {head_dim}")
-    block_h = min(triton.next_power_of_2(num_kv_heads), max(1, 4096 // head_dim))
+    check_head_dim("write_kv_cache", head_dim)
+    # about 4,096 lanes a step (a padded head's count: BLOCK_H stays a power of two)
+    block_h = min(triton.next_power_of_2(num_kv_heads), max(1, 4096 // triton.next_power_of_2(head_dim)))
     _BLOCK_H[(num_kv_heads, head_dim)] = block_h
     return block_h
 

@@ -51,7 +51,9 @@ import triton
 import triton.language as tl
 
 from ops.env_flags import env_flag
+from ops.head_dims import check_head_dim
 from ops.triton.fp8_kv_read import E4M3, E5M2, load_f16_rows
+from ops.triton.head_dim import head_lanes, head_rows_mask, pad
 from ops.triton.kv_cache import _FP8_FORMATS, _NOT_FP8, _to_cache
 from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
 from ops.triton.rotary import check_rotary_width
@@ -80,10 +82,10 @@ def _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _attend_tile(
-    q,  # [BLOCK_M, HEAD_DIM]
+    q,  # [BLOCK_M, pad(HEAD_DIM)], zero past HEAD_DIM
     m_i,  # [BLOCK_M] running max (log2 domain)
     l_i,  # [BLOCK_M] running sum
-    acc,  # [BLOCK_M, HEAD_DIM] float32, unnormalised
+    acc,  # [BLOCK_M, pad(HEAD_DIM)] float32, unnormalised
     t,  # tile index
     block_table,  # this sequence's row of the block table
     k_head,  # k_cache + kv_head offset
@@ -108,7 +110,7 @@ def _attend_tile(
     SOFTCAP: tl.constexpr,
 ):
     offs_t = tl.arange(0, TILE)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, pad(HEAD_DIM))  # lanes past HEAD_DIM (a padded head) load as 0: dots unchanged
     k_pos = t * TILE + offs_t  # [TILE]
     slot = k_pos % BLOCK_SIZE
     if KV_WIDEN:  # float16 tiles of the fp8 cache's exact values (q is float16 then: see the kernel)
@@ -119,25 +121,38 @@ def _attend_tile(
             phys = tl.load(block_table + k_pos // BLOCK_SIZE).to(tl.int64)
         k_rows = k_head + phys * stride_kb + slot * stride_ks  # [TILE] row pointers
         v_rows = v_head + phys * stride_vb + slot * stride_vs
-        k = load_f16_rows(k_rows, k_valid, HEAD_DIM, KV_WIDEN, HW_CVT, MASKED)  # [TILE, HEAD_DIM]
+        k = load_f16_rows(k_rows, k_valid, HEAD_DIM, KV_WIDEN, HW_CVT, MASKED)  # [TILE, pad(HEAD_DIM)]
         v = load_f16_rows(v_rows, k_valid, HEAD_DIM, KV_WIDEN, HW_CVT, MASKED)
     elif MASKED:
         k_valid = k_pos < kv_end
         phys = tl.load(block_table + k_pos // BLOCK_SIZE, mask=k_valid, other=0).to(tl.int64)
         k = tl.load(
             k_head + phys[:, None] * stride_kb + slot[:, None] * stride_ks + offs_d[None, :],
-            mask=k_valid[:, None],
+            mask=head_rows_mask(k_valid, offs_d, HEAD_DIM),
             other=0.0,
-        )  # [TILE, HEAD_DIM]
+        )  # [TILE, pad(HEAD_DIM)]
         v = tl.load(
             v_head + phys[:, None] * stride_vb + slot[:, None] * stride_vs + offs_d[None, :],
-            mask=k_valid[:, None],
+            mask=head_rows_mask(k_valid, offs_d, HEAD_DIM),
             other=0.0,
         )
     else:
         phys = tl.load(block_table + k_pos // BLOCK_SIZE).to(tl.int64)
-        k = tl.load(k_head + phys[:, None] * stride_kb + slot[:, None] * stride_ks + offs_d[None, :])
-        v = tl.load(v_head + phys[:, None] * stride_vb + slot[:, None] * stride_vs + offs_d[None, :])
+        if pad(HEAD_DIM) != HEAD_DIM:  # a padded head: only its lanes are masked
+            lanes = head_lanes(offs_d, HEAD_DIM)
+            k = tl.load(
+                k_head + phys[:, None] * stride_kb + slot[:, None] * stride_ks + offs_d[None, :],
+                mask=lanes,
+                other=0.0,
+            )
+            v = tl.load(
+                v_head + phys[:, None] * stride_vb + slot[:, None] * stride_vs + offs_d[None, :],
+                mask=lanes,
+                other=0.0,
+            )
+        else:
+            k = tl.load(k_head + phys[:, None] * stride_kb + slot[:, None] * stride_ks + offs_d[None, :])
+            v = tl.load(v_head + phys[:, None] * stride_vb + slot[:, None] * stride_vs + offs_d[None, :])
     # (an fp8 cache's tiles widen to q's dtype here; for a cache in q's dtype .to is a no-op)
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, TILE]
     if SOFTCAP:  # softcap * tanh(scores / softcap), in the log2 domain
@@ -163,7 +178,7 @@ def _attend_tile(
 # memory profile's one-block-wide block table (stride 1) compile a decode variant of its own.
 @triton.jit(do_not_specialize=["num_seqs", "num_segments", "stride_bt", "window"])
 def _paged_attention_kernel(
-    out_ptr,  # [num_tokens, num_heads, HEAD_DIM] (not SPLIT)
+    out_ptr,  # [num_tokens, num_heads, HEAD_DIM] (not SPLIT); HEAD_DIM: any size ops/head_dims.py takes
     part_acc_ptr,  # [num_tokens, num_heads, num_segments, HEAD_DIM] float32 (SPLIT)
     part_max_ptr,  # [num_tokens, num_heads, num_segments] float32, log2 domain
     part_sum_ptr,  # [num_tokens, num_heads, num_segments] float32
@@ -237,7 +252,8 @@ def _paged_attention_kernel(
     context_len = seq_len - q_len
 
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    # a padded head's extra lanes (ops/triton/head_dim.py): zeros in q, K, V and acc, never stored
+    offs_d = tl.arange(0, pad(HEAD_DIM))
     q_local = q_block_local * BLOCK_Q + offs_m // GROUP  # [BLOCK_M] query index within the sequence
     head = kv_head * GROUP + offs_m % GROUP  # [BLOCK_M]
     row_valid = (q_local < q_len) & (offs_m < BLOCK_Q * GROUP)
@@ -247,7 +263,8 @@ def _paged_attention_kernel(
         pos = tl.load(positions_ptr + token, mask=row_valid, other=0)  # [BLOCK_M]
         q = rotated_rows(q_rows, cos_sin_ptr + pos[:, None] * stride_cs, row_valid, HEAD_DIM, ROT_HALF)
     else:
-        q = tl.load(q_rows + offs_d[None, :], mask=row_valid[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
+        q = tl.load(q_rows + offs_d[None, :], mask=head_rows_mask(row_valid, offs_d, HEAD_DIM), other=0.0)
+        # q: [BLOCK_M, pad(HEAD_DIM)]
     if KV_WIDEN:
         # The dots run in float16, the widened tiles' type: a 16-bit query loses nothing in [6e-5, 65504]
         # (float16 has three more mantissa bits than bfloat16; beyond that range it is clamped), and the
@@ -303,7 +320,7 @@ def _paged_attention_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, pad(HEAD_DIM)], dtype=tl.float32)
     block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     k_head = k_cache_ptr + kv_head * stride_kh
     v_head = v_cache_ptr + kv_head * stride_vh
@@ -347,7 +364,7 @@ def _paged_attention_kernel(
             tl.store(
                 part_acc_ptr + (part + segment)[:, None] * HEAD_DIM + offs_d[None, :],
                 acc,
-                mask=row_valid[:, None],
+                mask=head_rows_mask(row_valid, offs_d, HEAD_DIM),
             )
             # Ticket: every thread's partial is written first; the acq_rel atomic publishes them, and
             # the program drawing the last ticket merges all `used` partials (ops/triton/split_k.py).
@@ -364,7 +381,7 @@ def _paged_attention_kernel(
         tl.store(
             out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
             out.to(out_ptr.dtype.element_ty),
-            mask=row_valid[:, None],
+            mask=head_rows_mask(row_valid, offs_d, HEAD_DIM),
         )
 
 
@@ -380,7 +397,7 @@ def _store_new_kv(
     stores nothing. Every load is issued before any depends on another (the slot only addresses the
     stores): one memory round trip before the stores."""
     one = tl.full([1], 0, dtype=tl.int32)  # [1]: rows of one, the helpers' shape
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, pad(HEAD_DIM))
     slot = tl.load(slot_mapping_ptr + token + one)  # [1] int64
     cs_row = cos_sin_ptr + tl.load(positions_ptr + token + one) * stride_cs  # [1]
     k = rotated_rows(
@@ -389,8 +406,12 @@ def _store_new_kv(
         one == 0,
         HEAD_DIM,
         ROT_HALF,
-    )  # fmt: skip  [1, HEAD_DIM]
-    v = tl.load(v_new_ptr + token * stride_vn + kv_head * HEAD_DIM + offs_d[None, :] + one[:, None])
+    )  # fmt: skip  [1, pad(HEAD_DIM)]
+    v_ptrs = v_new_ptr + token * stride_vn + kv_head * HEAD_DIM + offs_d[None, :] + one[:, None]
+    if pad(HEAD_DIM) != HEAD_DIM:
+        v = tl.load(v_ptrs, mask=head_lanes(offs_d, HEAD_DIM), other=0.0)
+    else:
+        v = tl.load(v_ptrs)
     heads = kv_head + one
     k = _to_cache(k, k_scale_ptr, heads, one == 0, FP8_MANT, FP8_MIN_EXP, FP8_MAX, SCALED, 1)
     v = _to_cache(v, v_scale_ptr, heads, one == 0, FP8_MANT, FP8_MIN_EXP, FP8_MAX, SCALED, 1)
@@ -407,8 +428,8 @@ def _store_new_kv(
         + (block * stride_vb + in_block * stride_vs + kv_head * HEAD_DIM)[:, None]
         + offs_d[None, :]
     )
-    tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=keep[:, None])
-    tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=keep[:, None])
+    tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=head_rows_mask(keep, offs_d, HEAD_DIM))
+    tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=head_rows_mask(keep, offs_d, HEAD_DIM))
 
 
 @triton.jit
@@ -427,13 +448,13 @@ def _merge_segments(
     have left them. Read past L1 (`.cg`): other SMs wrote them."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, pad(HEAD_DIM)], dtype=tl.float32)
     for s in range(used):
         m_s = tl.load(part_max_ptr + part + s, mask=row_valid, other=float("-inf"), cache_modifier=".cg")
         l_s = tl.load(part_sum_ptr + part + s, mask=row_valid, other=0.0, cache_modifier=".cg")
         acc_s = tl.load(
             part_acc_ptr + (part + s)[:, None] * HEAD_DIM + offs_d[None, :],
-            mask=row_valid[:, None],
+            mask=head_rows_mask(row_valid, offs_d, HEAD_DIM),
             other=0.0,
             cache_modifier=".cg",
         )
@@ -490,7 +511,7 @@ def _decode_segments(programs: int, max_seq_len: int, tile: int, sms: int) -> in
 
 def _base_launch(group: int, head_dim: int, decode: bool) -> tuple[int, int, int, int]:
     """(block_m, tile, num_warps, num_stages) before split-KV: the one heuristic both entry points use."""
-    tile = 64 if head_dim <= 128 else 32
+    tile = 64 if triton.next_power_of_2(head_dim) <= 128 else 32  # a padded head's tiles are its padding's
     if decode:
         return max(16, triton.next_power_of_2(group)), tile, 4, 3
     # Prefill: 2 stages beat 3 at every shape of the H200 sweep (gpu_kernel_check mixed, 83d1569):
@@ -532,8 +553,7 @@ class _Plan:
     def __init__(
         self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device_index: int
     ) -> None:
-        if head_dim < 16 or head_dim & (head_dim - 1):
-            raise ValueError(f"paged_attention needs a power-of-two head_dim >= 16; got {head_dim}")
+        check_head_dim("paged_attention", head_dim)
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
         self.group = group = num_heads // num_kv_heads

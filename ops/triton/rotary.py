@@ -7,6 +7,8 @@ Partial rotary (Phi-3's partial_rotary_factor): the cache's rows are rotary_dim 
 the first rotary_dim dims of each head rotate (halves of ROT_HALF = rotary_dim / 2, which need not be
 a power of two: Phi-4-mini's is 48) and the rest are copied. ROT_HALF = 0 (the default) is the whole
 head, compiled exactly as before the option existed.
+Heads that are not a power of two (Phi-3's 96: halves of 48) span pad(HALF) lanes, those past HALF
+masked off (ops/triton/head_dim.py); a power-of-two head compiles as before.
 Returns new tensors, like `ops.reference.rotary_embedding`: q and k are usually views into the fused
 QKV projection, and writing them in place would surprise a caller that still reads that buffer.
 """
@@ -16,6 +18,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ops.head_dims import check_head_dim
+from ops.triton.head_dim import head_rows_mask, pad
 
 
 @triton.jit
@@ -37,13 +42,13 @@ def _rotate_heads(
     ROT_HALF: tl.constexpr = 0,
 ):  # fmt: skip
     offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, HALF)
+    offs_d = tl.arange(0, pad(HALF))  # a padded head's lanes past HALF are masked off
     for h0 in range(0, num_heads, BLOCK_H):
         heads = h0 + offs_h
         o_row = out_ptr + row * stride_out
         if ROT_HALF == 0:  # the whole head rotates
-            mask = (heads < num_heads)[:, None]
-            idx = heads[:, None] * (2 * HALF) + offs_d[None, :]  # [BLOCK_H, HALF]
+            mask = head_rows_mask(heads < num_heads, offs_d, HALF)
+            idx = heads[:, None] * (2 * HALF) + offs_d[None, :]  # [BLOCK_H, pad(HALF)]
             r1, r2 = _rotated_halves(x_ptr + row * stride_x, idx, mask, cos, sin, HALF)
             tl.store(o_row + idx, r1, mask=mask)
             tl.store(o_row + idx + HALF, r2, mask=mask)
@@ -62,23 +67,37 @@ def _rotate_heads(
 
 @triton.jit
 def _pass_dims(heads, mask_h, HALF: tl.constexpr, ROT_HALF: tl.constexpr):
-    """Offsets [BLOCK_H, 2 * HALF] over whole heads and the mask of the dims that do not rotate."""
-    offs = tl.arange(0, 2 * HALF)
-    return heads[:, None] * (2 * HALF) + offs[None, :], mask_h & (offs >= 2 * ROT_HALF)[None, :]
+    """Offsets [BLOCK_H, pad(2 * HALF)] over whole heads and the mask of the dims that do not rotate."""
+    offs = tl.arange(0, pad(2 * HALF))
+    passed = offs >= 2 * ROT_HALF
+    if pad(2 * HALF) != 2 * HALF:  # a padded head: not the lanes past it
+        passed = passed & (offs < 2 * HALF)
+    return heads[:, None] * (2 * HALF) + offs[None, :], mask_h & passed[None, :]
 
 
 @triton.jit
 def _cos_sin(cs_row, HALF: tl.constexpr, ROT_HALF: tl.constexpr):
-    """The [1, HALF] float32 cos and sin of one cache row (ROT_HALF = 0: HALF wide; else its first
-    ROT_HALF columns, zero past them: those lanes are masked off where they are used)."""
-    offs_d = tl.arange(0, HALF)
+    """The [1, pad(HALF)] float32 cos and sin of one cache row (ROT_HALF = 0: HALF wide; else its first
+    ROT_HALF columns; zero past them: those lanes are masked off where they are used)."""
+    offs_d = tl.arange(0, pad(HALF))
     if ROT_HALF == 0:
-        cos = tl.load(cs_row + offs_d).to(tl.float32)[None, :]
-        sin = tl.load(cs_row + HALF + offs_d).to(tl.float32)[None, :]
+        if pad(HALF) == HALF:
+            cos = tl.load(cs_row + offs_d).to(tl.float32)[None, :]
+            sin = tl.load(cs_row + HALF + offs_d).to(tl.float32)[None, :]
+        else:  # a padded head
+            cos, sin = _cos_sin_columns(cs_row, offs_d, HALF)
     else:
-        rot = offs_d < ROT_HALF
-        cos = tl.load(cs_row + offs_d, mask=rot, other=0.0).to(tl.float32)[None, :]
-        sin = tl.load(cs_row + ROT_HALF + offs_d, mask=rot, other=0.0).to(tl.float32)[None, :]
+        cos, sin = _cos_sin_columns(cs_row, offs_d, ROT_HALF)
+    return cos, sin
+
+
+@triton.jit
+def _cos_sin_columns(cs_row, offs_d, WIDTH: tl.constexpr):
+    """[1, len(offs_d)] float32 cos and sin of a cache row's first WIDTH columns (cos | sin, each WIDTH
+    wide), zero past them."""
+    rot = offs_d < WIDTH
+    cos = tl.load(cs_row + offs_d, mask=rot, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(cs_row + WIDTH + offs_d, mask=rot, other=0.0).to(tl.float32)[None, :]
     return cos, sin
 
 
@@ -124,12 +143,18 @@ def check_rotary_width(op: str, cs_width: int, head_dim: int) -> int:
     return 0 if cs_width == head_dim else cs_width // 2
 
 
+def rotary_block_h(head_dim: int, num_heads: int, num_kv_heads: int) -> int:
+    """Heads a step: about 4,096 lanes (a padded head's count, so BLOCK_H stays a power of two)."""
+    return min(
+        triton.next_power_of_2(max(num_heads, num_kv_heads)), max(1, 4096 // triton.next_power_of_2(head_dim))
+    )
+
+
 def _block_h(head_dim: int, cs_width: int, q_width: int, k_width: int) -> int:
-    if head_dim < 2 or head_dim & (head_dim - 1):
-        raise ValueError(f"rotary_embedding needs a power-of-two head_dim; got {head_dim}")
+    check_head_dim("rotary_embedding", head_dim)
     check_rotary_width("rotary_embedding", cs_width, head_dim)
     num_heads, num_kv_heads = q_width // head_dim, k_width // head_dim
-    block_h = min(triton.next_power_of_2(max(num_heads, num_kv_heads)), max(1, 4096 // head_dim))
+    block_h = rotary_block_h(head_dim, num_heads, num_kv_heads)
     _BLOCK_H[(head_dim, cs_width, q_width, k_width)] = block_h
     return block_h
 

@@ -21,9 +21,19 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.head_dims import check_head_dim
+from ops.triton.head_dim import head_rows_mask, pad
 from ops.triton.kv_cache import _FP8_FORMATS, _NOT_FP8, _to_cache
 from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
-from ops.triton.rotary import _cos_sin, _pass_dims, _rotate_heads, _rotated_halves, _rows, check_rotary_width
+from ops.triton.rotary import (
+    _cos_sin,
+    _pass_dims,
+    _rotate_heads,
+    _rotated_halves,
+    _rows,
+    check_rotary_width,
+    rotary_block_h,
+)
 
 
 @triton.jit
@@ -90,13 +100,13 @@ def _store_rotary_kv(
     SCALED: tl.constexpr,
 ):  # fmt: skip
     """One token's rotated keys and its values stored at the cache rows kc / vc (whole heads rotate)."""
-    offs_d = tl.arange(0, HALF)
+    offs_d = tl.arange(0, pad(HALF))  # a padded head's lanes past HALF are masked off
     offs_h = tl.arange(0, BLOCK_H)
     for h0 in range(0, num_kv_heads, BLOCK_H):
         heads = h0 + offs_h
         mask_h = heads < num_kv_heads
-        mask = mask_h[:, None]
-        idx = heads[:, None] * (2 * HALF) + offs_d[None, :]  # [BLOCK_H, HALF]
+        mask = head_rows_mask(mask_h, offs_d, HALF)
+        idx = heads[:, None] * (2 * HALF) + offs_d[None, :]  # [BLOCK_H, pad(HALF)]
         # rounded to the model dtype, as the separate rotary op returns it
         r1, r2 = _rotated_halves(k_row, idx, mask, cos, sin, HALF)
         r1 = _to_cache(r1, k_scale_ptr, heads, mask_h, FP8_MANT, FP8_MIN_EXP, FP8_MAX, SCALED, BLOCK_H)
@@ -120,7 +130,7 @@ def _store_partial_rotary_kv(
     """One token's keys (the first 2 * ROT_HALF dims of each head rotated, the rest as they are) and
     values stored at the cache rows kc / vc, rounded as the whole-head path rounds them."""
     offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, HALF)
+    offs_d = tl.arange(0, pad(HALF))  # ROT_HALF < HALF: the mask below leaves a padded head's extra lanes out
     for h0 in range(0, num_kv_heads, BLOCK_H):
         heads = h0 + offs_h
         mask_h = heads < num_kv_heads
@@ -135,7 +145,7 @@ def _store_partial_rotary_kv(
         k = tl.load(k_row + pass_idx, mask=pass_mask, other=0.0)
         k = _to_cache(k, k_scale_ptr, heads, mask_h, FP8_MANT, FP8_MIN_EXP, FP8_MAX, SCALED, BLOCK_H)
         tl.store(kc + pass_idx, k.to(kc.dtype.element_ty), mask=pass_mask)
-        whole = mask_h[:, None] & (tl.arange(0, 2 * HALF) < 2 * HALF)[None, :]  # every dim of the value
+        whole = mask_h[:, None] & (tl.arange(0, pad(2 * HALF)) < 2 * HALF)[None, :]  # every dim of the value
         v = tl.load(v_row + pass_idx, mask=whole, other=0.0)
         v = _to_cache(v, v_scale_ptr, heads, mask_h, FP8_MANT, FP8_MIN_EXP, FP8_MAX, SCALED, BLOCK_H)
         tl.store(vc + pass_idx, v.to(vc.dtype.element_ty), mask=whole)
@@ -147,9 +157,8 @@ _BLOCK_H: dict[tuple[int, int, int], int] = {}
 
 
 def _block_h(head_dim: int, num_heads: int, num_kv_heads: int) -> int:
-    if head_dim < 2 or head_dim & (head_dim - 1):
-        raise ValueError(f"rotary_and_write_kv needs a power-of-two head_dim; got {head_dim}")
-    block_h = min(triton.next_power_of_2(max(num_heads, num_kv_heads)), max(1, 4096 // head_dim))
+    check_head_dim("rotary_and_write_kv", head_dim)
+    block_h = rotary_block_h(head_dim, num_heads, num_kv_heads)
     _BLOCK_H[(head_dim, num_heads, num_kv_heads)] = block_h
     return block_h
 
@@ -213,40 +222,51 @@ def rotary_and_write_kv(
 
 @triton.jit
 def rotated_rows(x_rows, cs_rows, valid, HEAD_DIM: tl.constexpr, ROT_HALF: tl.constexpr = 0):
-    """[R, HEAD_DIM]: the heads at x_rows ([R, 1] pointers, `valid` [R]) rotated by the cos | sin rows
-    at cs_rows ([R, 1]), in float32 and rounded to x's dtype. _rotated_halves' arithmetic with each
-    element beside its partner in the other half, so a kernel that wants a whole head in one tile
-    (paged attention's query, decode_attention's key) gets it bit for bit as the rotary ops give it.
-    ROT_HALF > 0 (partial rotary): only the first 2 * ROT_HALF dims rotate, the rest come back as
-    they are."""
+    """[R, pad(HEAD_DIM)]: the heads at x_rows ([R, 1] pointers, `valid` [R]) rotated by the cos | sin
+    rows at cs_rows ([R, 1]), in float32 and rounded to x's dtype; zero past HEAD_DIM (a padded head).
+    _rotated_halves' arithmetic with each element beside its partner in the other half, so a kernel
+    that wants a whole head in one tile (paged attention's query, decode_attention's key) gets it bit
+    for bit as the rotary ops give it. ROT_HALF > 0 (partial rotary): only the first 2 * ROT_HALF dims
+    rotate, the rest come back as they are."""
     if ROT_HALF == 0:
-        HALF: tl.constexpr = HEAD_DIM // 2
-        offs_d = tl.arange(0, HEAD_DIM)
-        in_half = offs_d % HALF
-        mask = valid[:, None]
-        x = tl.load(x_rows + offs_d[None, :], mask=mask, other=0.0)
-        xf = x.to(tl.float32)
-        partner = tl.load(x_rows + (offs_d ^ HALF)[None, :], mask=mask, other=0.0).to(tl.float32)
-        cos = tl.load(cs_rows + in_half[None, :], mask=mask, other=0.0).to(tl.float32)
-        sin = tl.load(cs_rows + HALF + in_half[None, :], mask=mask, other=0.0).to(tl.float32)
-        first = (offs_d < HALF)[None, :]
-        # the same explicit fmas as _rotated_halves (a contraction the compiler chose would differ per kernel)
-        out = tl.where(first, tl.fma(xf, cos, -(partner * sin)), tl.fma(xf, cos, partner * sin)).to(x.dtype)
+        if pad(HEAD_DIM) == HEAD_DIM:
+            HALF: tl.constexpr = HEAD_DIM // 2
+            offs_d = tl.arange(0, HEAD_DIM)
+            in_half = offs_d % HALF
+            mask = valid[:, None]
+            x = tl.load(x_rows + offs_d[None, :], mask=mask, other=0.0)
+            xf = x.to(tl.float32)
+            partner = tl.load(x_rows + (offs_d ^ HALF)[None, :], mask=mask, other=0.0).to(tl.float32)
+            cos = tl.load(cs_rows + in_half[None, :], mask=mask, other=0.0).to(tl.float32)
+            sin = tl.load(cs_rows + HALF + in_half[None, :], mask=mask, other=0.0).to(tl.float32)
+            first = (offs_d < HALF)[None, :]
+            # the same explicit fmas as _rotated_halves (a contraction the compiler chose would differ per kernel)
+            rotated = tl.where(first, tl.fma(xf, cos, -(partner * sin)), tl.fma(xf, cos, partner * sin))
+            out = rotated.to(x.dtype)
+        else:  # a padded head (its halves' partners are not an XOR away): every dim rotating
+            out = _rotated_part(x_rows, cs_rows, valid, HEAD_DIM, HEAD_DIM // 2)
     else:
-        offs_d = tl.arange(0, HEAD_DIM)
-        is_first = offs_d < ROT_HALF
-        is_rot = offs_d < 2 * ROT_HALF
-        in_half = tl.where(is_first, offs_d, offs_d - ROT_HALF)  # cos/sin column (rotated dims only)
-        partner_d = tl.where(is_first, offs_d + ROT_HALF, tl.where(is_rot, offs_d - ROT_HALF, offs_d))
-        mask = valid[:, None]
-        rot_mask = mask & is_rot[None, :]
-        x = tl.load(x_rows + offs_d[None, :], mask=mask, other=0.0)
-        xf = x.to(tl.float32)
-        partner = tl.load(x_rows + partner_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        cos = tl.load(cs_rows + in_half[None, :], mask=rot_mask, other=0.0).to(tl.float32)
-        sin = tl.load(cs_rows + ROT_HALF + in_half[None, :], mask=rot_mask, other=0.0).to(tl.float32)
-        rotated = tl.where(
-            is_first[None, :], tl.fma(xf, cos, -(partner * sin)), tl.fma(xf, cos, partner * sin)
-        ).to(x.dtype)
-        out = tl.where(is_rot[None, :], rotated, x)
+        out = _rotated_part(x_rows, cs_rows, valid, HEAD_DIM, ROT_HALF)
     return out
+
+
+@triton.jit
+def _rotated_part(x_rows, cs_rows, valid, HEAD_DIM: tl.constexpr, ROT_HALF: tl.constexpr):
+    """rotated_rows with the first 2 * ROT_HALF dims rotating (all of them when 2 * ROT_HALF is
+    HEAD_DIM), the rest as they are; [R, pad(HEAD_DIM)], zero past HEAD_DIM."""
+    offs_d = tl.arange(0, pad(HEAD_DIM))
+    is_first = offs_d < ROT_HALF
+    is_rot = offs_d < 2 * ROT_HALF
+    in_half = tl.where(is_first, offs_d, offs_d - ROT_HALF)  # cos/sin column (rotated dims only)
+    partner_d = tl.where(is_first, offs_d + ROT_HALF, tl.where(is_rot, offs_d - ROT_HALF, offs_d))
+    mask = head_rows_mask(valid, offs_d, HEAD_DIM)
+    rot_mask = mask & is_rot[None, :]
+    x = tl.load(x_rows + offs_d[None, :], mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    partner = tl.load(x_rows + partner_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    cos = tl.load(cs_rows + in_half[None, :], mask=rot_mask, other=0.0).to(tl.float32)
+    sin = tl.load(cs_rows + ROT_HALF + in_half[None, :], mask=rot_mask, other=0.0).to(tl.float32)
+    rotated = tl.where(
+        is_first[None, :], tl.fma(xf, cos, -(partner * sin)), tl.fma(xf, cos, partner * sin)
+    ).to(x.dtype)
+    return tl.where(is_rot[None, :], rotated, x)

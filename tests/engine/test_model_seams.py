@@ -20,7 +20,11 @@ from engine.config import EngineConfig
 from engine.model.build_context import BuildContext
 from engine.model.layers.activation import SiluAndMul
 from engine.model.layers.attention import Attention
-from engine.model.layers.attention_backend import TorchAttentionBackend, get_attention_backend
+from engine.model.layers.attention_backend import (
+    TorchAttentionBackend,
+    TritonAttentionBackend,
+    get_attention_backend,
+)
 from engine.model.layers.linear import (
     LinearBase,
     MergedColumnParallelLinear,
@@ -297,12 +301,19 @@ def test_backend_choice(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptu
     f32 = torch.float32
     assert get_attention_backend("cpu", f32, f32, 64, 16).name == "torch"
     assert get_attention_backend("cuda", f32, f32, 64, 16, use_triton=False).name == "torch"
-    # The Triton kernels tile a head in one power-of-two block: other head sizes stay on torch.
+    # The Triton kernels take powers of two >= 16 and, padded, multiples of 8 up to 256 (80, Phi-3's 96);
+    # other head sizes stay on torch, named.
+    supports = TritonAttentionBackend.supports_head_size
+    assert all(supports(d) for d in (16, 64, 80, 96, 112, 160, 192, 200, 256, 512))
+    assert not any(supports(d) for d in (8, 20, 100, 264))
+    supported = "a multiple of 8 from 16 to 256, or a power of two >= 16"
     with caplog.at_level(logging.WARNING, logger="weir.engine"):
-        assert get_attention_backend("cuda", f32, f32, 80, 16).name == "torch"
-    assert "head size 80 is not a power of two >= 16" in caplog.text
-    with pytest.raises(ValueError, match="power-of-two head size >= 16; got 80"):
-        get_attention_backend("cpu", f32, f32, 80, 16, use_triton=True)
+        assert get_attention_backend("cuda", f32, f32, 100, 16).name == "torch"
+    assert f"head_dim 100 is not one the Triton kernels take ({supported})" in caplog.text
+    with pytest.raises(
+        ValueError, match=rf"head_dim=100 is not supported by the Triton kernels; they take {supported}"
+    ):
+        get_attention_backend("cpu", f32, f32, 100, 16, use_triton=True)
 
     def no_triton() -> ops.Kernels:
         raise ImportError("No module named 'triton'")

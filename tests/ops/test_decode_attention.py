@@ -5,7 +5,8 @@ paged_attention), and its output is within rounding of the spec (ops.reference.d
 Cases: q/k/v as views into one fused qkv buffer (as the model passes them), sequences whose new token
 opens a fresh block, lies mid-block or ends one, padding rows (slot -1) that must store nothing, a
 split-KV launch (max_seq_len past 512: several segments, the new token in the last one), GQA groups
-of 4 and 1, caches in the model dtype and both fp8 formats with per-head scales."""
+of 4 and 1, caches in the model dtype and both fp8 formats with per-head scales, heads of 32 and of
+48 and 96 (not powers of two: padded lanes, ops/triton/head_dim.py)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def test_in_fresh_interpreter_process() -> None:
     rerun_in_fresh_process(__file__)
 
 
-CASES = {  # (model dtype, cache dtype, group, max_seq_len, rotary_dim)
+CASES = {  # (model dtype, cache dtype, group, max_seq_len, rotary_dim[, head_dim: HEAD_DIM])
     # (no bf16: the interpreter's bf16 dot is not a number, for paged_attention as for this)
     "fp16 group 4": (torch.float16, torch.float16, 4, 512, 32),
     "fp16 group 4 split": (torch.float16, torch.float16, 4, 4096, 32),
@@ -40,21 +41,26 @@ CASES = {  # (model dtype, cache dtype, group, max_seq_len, rotary_dim)
     # Phi-3's partial rotary: 20 of 32 dims rotate (a half of 10, not a power of two)
     "fp32 group 1 partial rotary": (torch.float32, torch.float32, 1, 512, 20),
     "e4m3 group 4 split partial rotary": (torch.float16, torch.float8_e4m3fn, 4, 4096, 20),
+    # heads that are not a power of two: Phi-3-mini's 96, and 48 over an fp8 cache with partial rotary
+    "fp32 group 1 head 96": (torch.float32, torch.float32, 1, 512, 96, 96),
+    "e4m3 group 4 split head 48": (torch.float16, torch.float8_e4m3fn, 4, 4096, 48, 48),
+    "e5m2 group 1 head 48 partial rotary": (torch.float16, torch.float8_e5m2, 1, 512, 20, 48),
+    "fp16 group 4 split head 40": (torch.float16, torch.float16, 4, 4096, 40, 40),  # a multiple of 8, not 16
 }
 
 HEAD_DIM, NUM_KV_HEADS, BLOCK_SIZE, NUM_BLOCKS = 32, 2, 8, 48
 
 
-def _batch(dtype: torch.dtype, cache_dtype: torch.dtype, group: int) -> dict:
+def _batch(dtype: torch.dtype, cache_dtype: torch.dtype, group: int, head_dim: int = HEAD_DIM) -> dict:
     """Four real sequences (contexts 1, 9, 16 and 150 before this step) and one padding row, with
     caches holding random earlier context and distinct, shuffled blocks per sequence."""
     g = torch.Generator().manual_seed(11)
     num_heads = NUM_KV_HEADS * group
-    q_size, kv_size = num_heads * HEAD_DIM, NUM_KV_HEADS * HEAD_DIM
+    q_size, kv_size = num_heads * head_dim, NUM_KV_HEADS * head_dim
     seq_lens = [2, 10, 17, 151, 1]  # including this step's token; the last row is padding
     num_seqs = len(seq_lens)
     qkv = (torch.randn(num_seqs, q_size + 2 * kv_size, generator=g) * 2).to(dtype)
-    shape = (NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    shape = (NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, head_dim)
     k_cache = (torch.randn(shape, generator=g)).to(cache_dtype)
     v_cache = (torch.randn(shape, generator=g)).to(cache_dtype)
     width = (max(seq_lens) + BLOCK_SIZE - 1) // BLOCK_SIZE
@@ -88,11 +94,12 @@ def _batch(dtype: torch.dtype, cache_dtype: torch.dtype, group: int) -> dict:
 @in_process
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
 def test_decode_attention_equals_rotary_write_then_attention(case: str) -> None:
-    dtype, cache_dtype, group, max_seq_len, rotary_dim = CASES[case]
-    b = _batch(dtype, cache_dtype, group)
+    dtype, cache_dtype, group, max_seq_len, rotary_dim, *rest = CASES[case]
+    head_dim = rest[0] if rest else HEAD_DIM
+    b = _batch(dtype, cache_dtype, group, head_dim)
     cos_sin = build_cos_sin_cache(rotary_dim, 1024, 10000.0).to(DEVICE)  # [1024, rotary_dim]
     q, k, v = b["qkv"].split(b["split"], dim=-1)
-    scale = HEAD_DIM**-0.5
+    scale = head_dim**-0.5
     n = q.shape[0]
 
     def separate(
@@ -112,7 +119,7 @@ def test_decode_attention_equals_rotary_write_then_attention(case: str) -> None:
     ):
         kc, vc = b["k_cache"].clone(), b["v_cache"].clone()
         o = op(
-            b["positions"], q, k, v, cos_sin, HEAD_DIM, kc, vc, b["slot_mapping"], b["block_tables"],
+            b["positions"], q, k, v, cos_sin, head_dim, kc, vc, b["slot_mapping"], b["block_tables"],
             b["seq_lens"], b["query_start_loc"], max_seq_len, scale, b["k_scale"], b["v_scale"],
         )  # fmt: skip
         out[name] = (o, kc, vc)
@@ -121,7 +128,7 @@ def test_decode_attention_equals_rotary_write_then_attention(case: str) -> None:
         out["separate"],
         out["fused"],
     )
-    assert o_got.shape == (n, NUM_KV_HEADS * group, HEAD_DIM) and o_got.dtype == dtype
+    assert o_got.shape == (n, NUM_KV_HEADS * group, head_dim) and o_got.dtype == dtype
     # Bit for bit the launches it replaces: the model's tokens do not move.
     assert torch.equal(kc_got.view(torch.uint8), kc_sep.view(torch.uint8))
     assert torch.equal(vc_got.view(torch.uint8), vc_sep.view(torch.uint8))
@@ -158,15 +165,16 @@ def test_decode_attention_refuses_a_cache_of_another_layout() -> None:
 
 
 @in_process
-@pytest.mark.parametrize("case", ["e4m3 group 4 split", "e5m2 group 1"])
+@pytest.mark.parametrize("case", ["e4m3 group 4 split", "e5m2 group 1", "e4m3 group 4 split head 48"])
 def test_decode_attention_over_a_widened_fp8_cache_is_bit_for_bit_the_bytes_path(
     case: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """WEIR_FP8_KV_WIDEN=1 (ops/triton/fp8_kv_read.py): the program that stores this step's fp8 K/V reads
     it back, with the rest of the tile, as words widened to float16; with float16 queries outputs and
     caches are the bytes path's bit for bit (the bytes path launched in the widened path's shape)."""
-    dtype, cache_dtype, group, max_seq_len, rotary_dim = CASES[case]
-    b = _batch(dtype, cache_dtype, group)
+    dtype, cache_dtype, group, max_seq_len, rotary_dim, *rest = CASES[case]
+    head_dim = rest[0] if rest else HEAD_DIM
+    b = _batch(dtype, cache_dtype, group, head_dim)
     cos_sin = build_cos_sin_cache(rotary_dim, 1024, 10000.0).to(DEVICE)  # [1024, rotary_dim]
     q, k, v = b["qkv"].split(b["split"], dim=-1)
     plans = sys.modules["ops.triton.paged_attention"]
@@ -184,8 +192,8 @@ def test_decode_attention_over_a_widened_fp8_cache_is_bit_for_bit_the_bytes_path
             monkeypatch.setattr(plans, "_PLANS", {})
         kc, vc = b["k_cache"].clone(), b["v_cache"].clone()
         o = impl.decode_attention(
-            b["positions"], q, k, v, cos_sin, HEAD_DIM, kc, vc, b["slot_mapping"], b["block_tables"],
-            b["seq_lens"], b["query_start_loc"], max_seq_len, HEAD_DIM**-0.5, b["k_scale"], b["v_scale"],
+            b["positions"], q, k, v, cos_sin, head_dim, kc, vc, b["slot_mapping"], b["block_tables"],
+            b["seq_lens"], b["query_start_loc"], max_seq_len, head_dim**-0.5, b["k_scale"], b["v_scale"],
         )  # fmt: skip
         assert all(plan.fp8_widen == (widen == "1") for plan in plans._PLANS.values())
         runs.append((o, kc.view(torch.uint8), vc.view(torch.uint8)))

@@ -3,7 +3,8 @@ without a GPU (tests.ops.triton_interpreter): the KV write is the reference bit 
 nearest even, saturating) with per-tensor and per-head scales, and paged attention over fp8 caches
 matches the reference reading the same caches, for mixed prefill+decode batches and split-KV decodes.
 Scales are [num_kv_heads] float32 device tensors; per-head ones differ by orders of magnitude between
-heads, so a kernel applying one head's scale to another fails."""
+heads, so a kernel applying one head's scale to another fails. Heads of 32, and of 48 (not a power of
+two: padded lanes, ops/triton/head_dim.py)."""
 
 from __future__ import annotations
 
@@ -58,13 +59,15 @@ WRITE_SCALES = {"per-tensor": ((0.5, 0.5), (3.0, 3.0)), "per-head": ((0.5, 40.0)
 
 
 @in_process
-@pytest.mark.parametrize("scales", WRITE_SCALES, ids=list(WRITE_SCALES))
+@pytest.mark.parametrize(
+    ("scales", "head_dim"), [("per-tensor", 32), ("per-head", 32), ("per-head", 48)], ids=lambda v: str(v)
+)
 @pytest.mark.parametrize("cache_dtype", FP8, ids=["e4m3", "e5m2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_fp8_write_matches_reference_bit_for_bit(
-    cache_dtype: torch.dtype, dtype: torch.dtype, scales: str
+    cache_dtype: torch.dtype, dtype: torch.dtype, scales: str, head_dim: int
 ) -> None:
-    num_blocks, block_size, num_kv_heads, head_dim = 6, 8, 2, 32
+    num_blocks, block_size, num_kv_heads = 6, 8, 2
     k_scale, v_scale = (_scales(*s) for s in WRITE_SCALES[scales])
     key = _keys(9, num_kv_heads, head_dim, seed=1).to(dtype).to(DEVICE)
     value = _keys(9, num_kv_heads, head_dim, seed=2).to(dtype).to(DEVICE)
@@ -153,10 +156,11 @@ def _fp8_batch(
     dtype: torch.dtype,
     seed: int,
     scales: str = "per-tensor",
+    head_dim: int = 32,
 ) -> dict:
     """make_batch's paged batch (8 heads, 2 KV heads) with fp8 caches holding randn * 2 (well inside
     both formats) and the ATTN_SCALES[scales] scales: KV head h's keys are cache * k_scale[h]."""
-    batch = make_batch(q_lens, seq_lens, 8, 2, 32, 16, dtype, seed=seed)
+    batch = make_batch(q_lens, seq_lens, 8, 2, head_dim, 16, dtype, seed=seed)
     for name in ("k_cache", "v_cache"):
         batch[name] = (batch[name].float() * 2.0).to(cache_dtype)
     batch["k_scale"], batch["v_scale"] = (_scales(*s) for s in ATTN_SCALES[scales])
@@ -166,20 +170,30 @@ def _fp8_batch(
 @in_process
 @pytest.mark.parametrize("scales", ATTN_SCALES, ids=list(ATTN_SCALES))
 @pytest.mark.parametrize(
-    ("cache_dtype", "dtype", "split"),
+    ("cache_dtype", "dtype", "split", "head_dim"),
     [
-        (torch.float8_e4m3fn, torch.float32, False),
-        (torch.float8_e4m3fn, torch.float16, True),
-        (torch.float8_e5m2, torch.float16, False),
-        (torch.float8_e5m2, torch.float32, True),
+        (torch.float8_e4m3fn, torch.float32, False, 32),
+        (torch.float8_e4m3fn, torch.float16, True, 32),
+        (torch.float8_e5m2, torch.float16, False, 32),
+        (torch.float8_e5m2, torch.float32, True, 32),
+        # a padded head: the bytes path (float32 queries) and the widened one (float16, words masked)
+        (torch.float8_e4m3fn, torch.float32, False, 48),
+        (torch.float8_e5m2, torch.float16, True, 48),
     ],
-    ids=["e4m3-fp32-mixed", "e4m3-fp16-split-kv", "e5m2-fp16-mixed", "e5m2-fp32-split-kv"],
+    ids=[
+        "e4m3-fp32-mixed",
+        "e4m3-fp16-split-kv",
+        "e5m2-fp16-mixed",
+        "e5m2-fp32-split-kv",
+        "e4m3-fp32-mixed-head48",
+        "e5m2-fp16-split-kv-head48",
+    ],
 )
 def test_fp8_paged_attention_matches_reference(
-    cache_dtype: torch.dtype, dtype: torch.dtype, split: bool, scales: str
+    cache_dtype: torch.dtype, dtype: torch.dtype, split: bool, head_dim: int, scales: str
 ) -> None:
     q_lens, seq_lens = DECODES if split else MIXED
-    batch = _fp8_batch(q_lens, seq_lens, cache_dtype, dtype, seed=11, scales=scales)
+    batch = _fp8_batch(q_lens, seq_lens, cache_dtype, dtype, seed=11, scales=scales, head_dim=head_dim)
     ref = reference.paged_attention(**batch)
     unscaled = reference.paged_attention(**{**batch, "k_scale": None, "v_scale": None})
     assert rel_err(unscaled, ref) > 0.5  # the scales matter, so a kernel ignoring them would fail

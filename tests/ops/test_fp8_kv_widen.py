@@ -2,7 +2,8 @@
 TRITON_INTERPRET=1 without a GPU (tests.ops.triton_interpreter), on CUDA with the GPU's conversion too:
 the words widen every byte value to what torch's fp8 -> float16 cast gives, in the cache's element
 order; float16 queries get the bytes path's output bit for bit; bfloat16 queries (whose dots now run in
-float16) match the reference; float32 queries and misaligned caches keep the bytes path."""
+float16) match the reference; float32 queries and misaligned caches keep the bytes path. A head of 48
+(not a power of two) reads its 12 words a row in 16 lanes, the rest masked."""
 
 from __future__ import annotations
 
@@ -66,10 +67,12 @@ def test_every_byte_widens_to_torchs_float16_in_order(cache_dtype: torch.dtype, 
     assert len(positions) == 256 * 4  # the check covered each byte value in each lane of a word
 
 
-def _fp8_batch(q_lens: list[int], seq_lens: list[int], cache_dtype: torch.dtype, dtype: torch.dtype) -> dict:
+def _fp8_batch(
+    q_lens: list[int], seq_lens: list[int], cache_dtype: torch.dtype, dtype: torch.dtype, head_dim: int = 32
+) -> dict:
     """A paged batch (8 heads, 2 KV heads, head_dim 32) with fp8 caches of randn * 2 and per-head scales
     far apart, so a tile read from the wrong place or with another head's scale fails."""
-    batch = make_batch(q_lens, seq_lens, 8, 2, 32, 16, dtype, seed=7)
+    batch = make_batch(q_lens, seq_lens, 8, 2, head_dim, 16, dtype, seed=7)
     for name in ("k_cache", "v_cache"):
         batch[name] = (batch[name].float() * 2.0).to(cache_dtype)
     batch["k_scale"] = torch.tensor([2.0, 0.02], device=DEVICE)
@@ -87,13 +90,23 @@ SHAPES = {"mixed": (MIXED, 1), "split-kv-decode": (DECODES, 4)}
 
 
 @in_process
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("cache_dtype", list(FORMATS), ids=["e4m3", "e5m2"])
-def test_float16_queries_get_the_bytes_paths_output_bit_for_bit(cache_dtype: torch.dtype, shape: str) -> None:
+@pytest.mark.parametrize(
+    ("shape", "cache_dtype", "head_dim"),
+    [
+        *((shape, fmt, 32) for shape in SHAPES for fmt in FORMATS),
+        ("mixed", torch.float8_e4m3fn, 48),  # a padded head: 12 words a row read in 16 lanes
+        ("split-kv-decode", torch.float8_e5m2, 48),
+        ("mixed", torch.float8_e4m3fn, 40),  # 10 words a row in 16 lanes; rows 8-byte aligned
+    ],
+    ids=lambda v: {torch.float8_e4m3fn: "e4m3", torch.float8_e5m2: "e5m2"}.get(v, str(v)),
+)
+def test_float16_queries_get_the_bytes_paths_output_bit_for_bit(
+    cache_dtype: torch.dtype, shape: str, head_dim: int
+) -> None:
     """With float16 queries both paths feed the same float16 values to the same dots: the widened tile
     (words, masked tails, per-head scales) must equal what the bytes path reads, so any misread fails."""
     (q_lens, seq_lens), split = SHAPES[shape]
-    batch = _fp8_batch(q_lens, seq_lens, cache_dtype, torch.float16)
+    batch = _fp8_batch(q_lens, seq_lens, cache_dtype, torch.float16, head_dim)
     bytes_path, widened = _attend(batch, False, split), _attend(batch, True, split)
     assert torch.equal(widened, bytes_path)
     assert rel_err(widened, reference.paged_attention(**batch)) < 5e-3

@@ -119,6 +119,40 @@ KERNELS = [
          "k_new_ptr": "*bf16", "v_new_ptr": "*bf16", "slot_mapping_ptr": "*i64"},
     ),
     *(
+        (  # Phi-3-mini's head_dim 96, padded to 128 lanes (ops/triton/head_dim.py): split with the fused decode's
+           # rotary and store over a widened e4m3 cache, a window and a softcap; a bf16 prefill launch (the
+           # plain loads, masked and not); a split with partial rotary storing to a bytes-read e5m2 cache
+            "ops.triton.paged_attention:_paged_attention_kernel",
+            {"GROUP": 4, "HEAD_DIM": 96, "BLOCK_SIZE": 16, "TILE": 64, "BLOCK_M": block_m, "BLOCK_Q": block_m // 4,
+             "SPLIT": split, "DOT_PRECISION": "tf32", "KV_SCALED": cache != "*bf16", "PDL": True, "ROTARY": rotary,
+             "FP8_MANT": {"*fp8e4nv": 3, "*fp8e5": 2}.get(cache, 0), "FP8_MIN_EXP": {"*fp8e4nv": -6, "*fp8e5": -14}.get(cache, 0),
+             "FP8_MAX": {"*fp8e4nv": 448.0, "*fp8e5": 57344.0}.get(cache, 0.0), "KV_WIDEN": widen, "HW_CVT": True,
+             "ROT_HALF": rot_half, "WINDOWED": windowed, "SOFTCAP": windowed},
+            {"out_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32",
+             "counters_ptr": "*i32", "q_ptr": "*bf16", "k_cache_ptr": cache, "v_cache_ptr": cache,
+             "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "query_start_loc_ptr": "*i32", "qk_scale": "fp32",
+             "softcap_log2": "fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "positions_ptr": "*i64",
+             "cos_sin_ptr": "*fp32", "k_new_ptr": "*bf16", "v_new_ptr": "*bf16", "slot_mapping_ptr": "*i64"},
+        )
+        for block_m, split, rotary, cache, widen, rot_half, windowed in (
+            (16, True, True, "*fp8e4nv", 1, 0, True), (64, False, False, "*bf16", 0, 0, False),
+            (16, True, True, "*fp8e5", 0, 24, False),
+        )
+    ),
+    *(
+        (  # head_dim 96 (halves of 48 in 64 lanes): the fused rotary + KV write over an fp8 cache, rotary, the KV write
+            name,
+            {"HALF": 48, "HEAD_DIM": 96, "BLOCK_H": 8, "FP8_MANT": 3, "FP8_MIN_EXP": -6, "FP8_MAX": 448.0, "SCALED": True,
+             "PDL": True, "ROT_HALF": 0},
+            {"q_out_ptr": "*bf16", "k_out_ptr": "*bf16", "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16",
+             "positions_ptr": "*i64", "cos_sin_ptr": "*fp32", "k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv",
+             "slot_mapping_ptr": "*i64", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "key_ptr": "*bf16",
+             "value_ptr": "*bf16"},
+        )
+        for name in ("ops.triton.rotary_kv:_rotary_write_kv_kernel", "ops.triton.rotary:_rotary_kernel",
+                     "ops.triton.kv_cache:_write_kv_cache_kernel")
+    ),
+    *(
         (
             "ops.triton.rotary_kv:_rotary_write_kv_kernel",
             {"HALF": 64, "BLOCK_H": 8, "FP8_MANT": 3 if rot_half else 0, "FP8_MIN_EXP": -6 if rot_half else 0,
@@ -196,6 +230,7 @@ from triton.compiler import ASTSource
 name, consts, types = json.loads(sys.argv[1])
 module, fn_name = name.split(":")
 fn = getattr(importlib.import_module(module), fn_name)
+consts = {k: v for k, v in consts.items() if k in fn.arg_names}  # (a dict may serve several kernels)
 # constexprs left out take their defaults, as a launch does (else they would compile as runtime values)
 consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **consts}
 signature = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
@@ -213,6 +248,7 @@ triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attr
     KERNELS,
     ids=[
         k[0].split(":")[1]
+        + (f"-head{k[1]['HEAD_DIM']}" if k[1].get("HEAD_DIM", 128) not in (128,) else "")
         + ("" if k[1].get("ONE_BLOCK", True) else "-two_pass")
         + ("-split" if k[1].get("SPLIT") else "")
         + ("-rotary" if k[1].get("ROTARY") else "")

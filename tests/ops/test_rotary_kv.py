@@ -2,8 +2,9 @@
 rotary_embedding followed by write_kv_cache, under TRITON_INTERPRET=1 without a GPU
 (tests.ops.triton_interpreter): the rotated query and both caches equal the two separate ops' bit for bit,
 with q/k/v as views into one fused qkv buffer (as the model passes them), padding slots (-1) that must
-store nothing, caches in the model dtype and in both fp8 formats with per-head scales, and partial
-rotary (Phi-3: a cos/sin cache 20 of 32 dims wide, a half of 10 that is not a power of two)."""
+store nothing, caches in the model dtype and in both fp8 formats with per-head scales, partial
+rotary (Phi-3: a cos/sin cache 20 of 32 dims wide, a half of 10 that is not a power of two), and heads
+that are not a power of two (Phi-3-mini's 96, and 48: padded lanes, ops/triton/head_dim.py)."""
 
 from __future__ import annotations
 
@@ -32,21 +33,24 @@ def _sentinel_cache(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.full((*lead, last * dtype.itemsize), 0x11, dtype=torch.uint8, device=DEVICE).view(dtype)
 
 
-CASES = {  # (model dtype, cache dtype, rotary_dim)
-    "bf16 cache": (torch.bfloat16, torch.bfloat16, 32),
-    "fp32 cache": (torch.float32, torch.float32, 32),
-    "e4m3 cache": (torch.float16, torch.float8_e4m3fn, 32),
-    "e5m2 cache": (torch.float16, torch.float8_e5m2, 32),
-    "fp32 cache partial rotary": (torch.float32, torch.float32, 20),
-    "e4m3 cache partial rotary": (torch.float16, torch.float8_e4m3fn, 20),
+CASES = {  # (model dtype, cache dtype, rotary_dim, head_dim)
+    "bf16 cache": (torch.bfloat16, torch.bfloat16, 32, 32),
+    "fp32 cache": (torch.float32, torch.float32, 32, 32),
+    "e4m3 cache": (torch.float16, torch.float8_e4m3fn, 32, 32),
+    "e5m2 cache": (torch.float16, torch.float8_e5m2, 32, 32),
+    "fp32 cache partial rotary": (torch.float32, torch.float32, 20, 32),
+    "e4m3 cache partial rotary": (torch.float16, torch.float8_e4m3fn, 20, 32),
+    "bf16 cache head 96": (torch.bfloat16, torch.bfloat16, 96, 96),
+    "e5m2 cache head 48": (torch.float16, torch.float8_e5m2, 48, 48),
+    "e4m3 cache head 48 partial rotary": (torch.float16, torch.float8_e4m3fn, 20, 48),
 }
 
 
 @in_process
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
 def test_fused_rotary_kv_write_equals_rotary_then_write(case: str) -> None:
-    dtype, cache_dtype, rotary_dim = CASES[case]
-    num_heads, num_kv_heads, head_dim, block_size, num_blocks = 4, 2, 32, 8, 5
+    dtype, cache_dtype, rotary_dim, head_dim = CASES[case]
+    num_heads, num_kv_heads, block_size, num_blocks = 4, 2, 8, 5
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
     g = torch.Generator().manual_seed(7)
     num_tokens = 6

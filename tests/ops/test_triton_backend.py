@@ -268,3 +268,65 @@ def test_gemma_on_triton_matches_transformers(tiny_model_dirs: dict[str, Path], 
     with torch.no_grad():
         expected = hf(torch.tensor([prompt])).logits[0].float()
     assert (logits.cpu() - expected).abs().max().item() < 1e-4
+
+
+@in_process
+def test_head_dim_96_phi3_on_triton_matches_torch_and_transformers(
+    tiny_tokenizer_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Phi-3-mini's head size, 96 (not a power of two: the kernels pad it to 128 lanes), on the Triton
+    backend: a 21-token prompt in two prefill chunks, then three greedy decode steps (decode_attention:
+    rotary, KV write and attention in one launch), give the torch backend's logits and transformers'."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_models import build_model
+
+    model_dir = build_model(
+        "phi3", tmp_path / "phi3_head96", tiny_tokenizer_dir, hidden_size=192, num_attention_heads=2,
+        num_key_value_heads=1,
+    )  # fmt: skip
+    monkeypatch.setenv("WEIR_FUSED_DECODE_ATTENTION", "1")
+    calls = []
+    fused = impl.decode_attention
+    monkeypatch.setattr(impl, "decode_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    prompt = [int(t) for t in np.random.default_rng(4).integers(3, 500, size=21)]
+    runs = {}
+    for use_triton in (False, True):
+        runner = _runner(model_dir, use_triton)
+        assert runner.model_config.head_dim == 96
+        assert runner.attn_backend.name == ("triton" if use_triton else "torch")
+        tokens = list(prompt)
+        rows = [_chunked_prefill_logits(runner, tokens, [5, 0])]
+        with torch.inference_mode():
+            for _ in range(3):
+                tokens.append(int(rows[-1][-1].argmax()))
+                step = runner._build_inputs([tokens], [len(tokens) - 1], [1], [[5, 0]], np.arange(1))
+                hidden = runner._forward(step.input_ids, step.positions, step.metadata)
+                rows.append(runner.compute_logits(hidden[step.logits_indices]))
+        runs[use_triton] = (tokens, torch.cat(rows))  # [21 + 3, vocab]
+    assert calls == [1] * 3 * 2  # every decode step of both layers took the fused kernel
+    assert runs[True][0] == runs[False][0]
+    assert (runs[True][1] - runs[False][1]).abs().max().item() < 1e-4
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = hf(torch.tensor([runs[True][0]])).logits[0].float()  # [21 + 3, vocab]
+    assert (runs[True][1].cpu() - expected).abs().max().item() < 1e-4
+
+
+def test_head_sizes_the_kernels_do_not_take_are_named(caplog: pytest.LogCaptureFixture) -> None:
+    """96 now takes the Triton backend on a GPU; a size no kernel takes (20: not a multiple of 8) is
+    refused when Triton is asked for and falls back to the torch ops, with a warning, when it is not."""
+    f32 = torch.float32
+    assert isinstance(get_attention_backend("cuda", f32, f32, 96, 16), TritonAttentionBackend)
+    assert isinstance(
+        get_attention_backend(DEVICE, f32, f32, 96, 16, use_triton=True), TritonAttentionBackend
+    )
+    supported = "a multiple of 8 from 16 to 256, or a power of two >= 16"
+    with pytest.raises(
+        ValueError, match=f"head_dim=20 is not supported by the Triton kernels; they take {supported}"
+    ):
+        get_attention_backend(DEVICE, f32, f32, 20, 16, use_triton=True)
+    with caplog.at_level("WARNING", logger="weir.engine"):
+        backend = get_attention_backend("cuda", f32, f32, 20, 16)
+    assert backend.name == "torch"
+    assert f"head_dim 20 is not one the Triton kernels take ({supported})" in caplog.text

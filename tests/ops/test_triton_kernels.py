@@ -117,9 +117,10 @@ def llama3_cos_sin_cache(head_dim: int, max_position: int, base: float = 500000.
 
 @in_process
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_rotary_embedding_llama3_scaled(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("head_dim", [32, 96, 40])  # 96: Phi-3-mini's, halves of 48 in 64 lanes; 40: 20 in 32
+def test_rotary_embedding_llama3_scaled(dtype: torch.dtype, head_dim: int) -> None:
     torch.manual_seed(2)
-    head_dim, num_heads, num_kv_heads, num_tokens = 32, 4, 2, 6
+    num_heads, num_kv_heads, num_tokens = 4, 2, 6
     cache = llama3_cos_sin_cache(head_dim, 20000).to(DEVICE)
     positions = torch.tensor([0, 1, 7, 300, 9000, 19999], device=DEVICE)
     # q and k as views into one fused qkv buffer, as the model passes them (row stride != width)
@@ -135,14 +136,16 @@ def test_rotary_embedding_llama3_scaled(dtype: torch.dtype) -> None:
 
 @in_process
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_rotary_embedding_partial_rotary_dim(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(("head_dim", "rotary_dim"), [(32, 24), (48, 20)])  # 48: a padded head (64 lanes)
+def test_rotary_embedding_partial_rotary_dim(dtype: torch.dtype, head_dim: int, rotary_dim: int) -> None:
     """Phi-3's partial_rotary_factor: a cache 24 of 32 dims wide (a half of 12, not a power of two)
-    rotates the first 24 dims of each head; the last 8 come back bit for bit."""
+    rotates the first 24 dims of each head; the last 8 come back bit for bit. Likewise 20 of a head of
+    48 (not a power of two either)."""
     from engine.model.layers.rotary import build_cos_sin_cache
 
     torch.manual_seed(4)
-    head_dim, rotary_dim, num_heads, num_kv_heads, num_tokens = 32, 24, 4, 2, 5
-    cache = build_cos_sin_cache(rotary_dim, 512, 10000.0).to(DEVICE)  # [512, 24]
+    num_heads, num_kv_heads, num_tokens = 4, 2, 5
+    cache = build_cos_sin_cache(rotary_dim, 512, 10000.0).to(DEVICE)  # [512, rotary_dim]
     positions = torch.tensor([0, 3, 77, 300, 511], device=DEVICE)
     qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, device=DEVICE).to(dtype)
     q, k, _ = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
@@ -155,22 +158,25 @@ def test_rotary_embedding_partial_rotary_dim(dtype: torch.dtype) -> None:
         assert torch.equal(out[..., rotary_dim:], x[..., rotary_dim:])
         assert not torch.equal(out[1:, :, :rotary_dim], x[1:, :, :rotary_dim])  # position 0 is the identity
     # The spec itself is transformers' partial rotation (rotate the first rotary_dim dims' halves).
-    cos, sin = cache[positions].chunk(2, dim=-1)  # [num_tokens, 12] each
+    cos, sin = cache[positions].chunk(2, dim=-1)  # [num_tokens, rotary_dim / 2] each
     xr = q.float().view(num_tokens, num_heads, head_dim)[..., :rotary_dim]
     x1, x2 = xr.chunk(2, dim=-1)
     rotated = torch.cat(
         (x1 * cos[:, None] - x2 * sin[:, None], x2 * cos[:, None] + x1 * sin[:, None]), dim=-1
     )
     assert torch.equal(ref_q.view(num_tokens, num_heads, head_dim)[..., :rotary_dim], rotated.to(dtype))
-    with pytest.raises(ValueError, match=r"cos_sin_cache rows must be an even width <= head_dim=32; got 23"):
-        impl.rotary_embedding(positions, q, k, cache[:, :23], head_dim)
+    with pytest.raises(
+        ValueError, match=rf"cos_sin_cache rows must be an even width <= head_dim={head_dim}; got 19"
+    ):
+        impl.rotary_embedding(positions, q, k, cache[:, :19], head_dim)
 
 
 @in_process
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_write_kv_cache_skips_padding_slots(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("head_dim", [16, 48, 40])  # padded heads: their extra lanes never stored
+def test_write_kv_cache_skips_padding_slots(dtype: torch.dtype, head_dim: int) -> None:
     torch.manual_seed(3)
-    num_blocks, block_size, num_kv_heads, head_dim = 6, 8, 2, 16
+    num_blocks, block_size, num_kv_heads = 6, 8, 2
     k_cache = torch.full((num_blocks, block_size, num_kv_heads, head_dim), 1234.0, dtype=dtype, device=DEVICE)
     v_cache = torch.full_like(k_cache, -777.0)
     key = torch.randn(7, num_kv_heads, head_dim, dtype=dtype, device=DEVICE)
@@ -245,6 +251,9 @@ def check_attention(batch: dict, config: AttentionConfig | None, dtype: torch.dt
         (8, 2, 64, 8, torch.float16),  # group 4
         (4, 1, 32, 8, torch.float32),  # group 4, one KV head
         (6, 2, 16, 16, torch.float16),  # group 3: not a power of two
+        (4, 2, 48, 8, torch.float16),  # head_dim 48: padded to 64 lanes (ops/triton/head_dim.py)
+        (2, 1, 96, 16, torch.float32),  # Phi-3-mini's head_dim 96 (128 lanes), group 2
+        (2, 2, 40, 8, torch.float16),  # a multiple of 8, not of 16: 64 lanes
     ],
 )
 @pytest.mark.parametrize("split", [False, True], ids=["one-pass", "split-kv"])
@@ -379,17 +388,22 @@ def _row_kernels_keep_non_2d_shapes() -> None:
 @in_process
 def test_invalid_shapes_raise_every_time() -> None:
     """Validation lives in the cache-miss path: an invalid shape must not be cached as if it were valid."""
-    cache = torch.zeros(8, 24)
+    cache = torch.zeros(8, 20)
+    supported = r"the Triton kernels take a multiple of 8 from 16 to 256, or a power of two >= 16"
     for _ in range(2):
-        with pytest.raises(ValueError, match="power-of-two head_dim"):
+        with pytest.raises(ValueError, match=rf"rotary_embedding: head_dim=20 is not supported; {supported}"):
             impl.rotary_embedding(
-                torch.zeros(1, dtype=torch.long), torch.zeros(1, 24), torch.zeros(1, 24), cache, 24
+                torch.zeros(1, dtype=torch.long), torch.zeros(1, 20), torch.zeros(1, 20), cache, 20
             )
-        with pytest.raises(ValueError, match="power-of-two head_dim"):
-            kv = torch.zeros(1, 1, 24)
+        with pytest.raises(ValueError, match=rf"write_kv_cache: head_dim=20 is not supported; {supported}"):
+            kv = torch.zeros(1, 1, 20)
             impl.write_kv_cache(
-                kv, kv, torch.zeros(2, 4, 1, 24), torch.zeros(2, 4, 1, 24), torch.zeros(1).long()
+                kv, kv, torch.zeros(2, 4, 1, 20), torch.zeros(2, 4, 1, 20), torch.zeros(1).long()
             )
+        for head_dim in (8, 264):  # a dot needs 16 lanes; past 256 only powers of two
+            batch = make_batch([1], [3], 2, 1, head_dim, 8, torch.float32, seed=0)
+            with pytest.raises(ValueError, match=rf"paged_attention: head_dim={head_dim} is not supported"):
+                impl.paged_attention(**batch)
         batch = make_batch([1], [3], 6, 4, 16, 8, torch.float32, seed=0)
         with pytest.raises(ValueError, match="not a multiple"):
             impl.paged_attention(**batch)

@@ -5,7 +5,8 @@ the reference (ops/reference.py), under TRITON_INTERPRET=1 without a GPU (tests.
 Windows smaller than a block (5 of 8), of one key (1), spanning blocks and tiles (20), over prefill
 chunks whose queries sit mid-sequence after a cached prefix and over decodes; softcaps small enough to
 change the output. The kernels skip tiles wholly before a query block's window: the values there are
-NaN in one test, which any read would spread into the output.
+NaN in one test, which any read would spread into the output. Heads of 48 (not a power of two: padded
+lanes, ops/triton/head_dim.py) take the same paths.
 """
 
 from __future__ import annotations
@@ -81,6 +82,15 @@ def test_windowed_softcapped_attention_matches_reference(variant: str, split: bo
 
 
 @in_process
+@pytest.mark.parametrize("split", [False, True], ids=["one-pass", "split-kv"])
+def test_windowed_softcapped_attention_over_a_padded_head(split: bool) -> None:
+    """A head of 48 (64 lanes, 16 masked) with a window under a block and a softcap."""
+    batch = make_batch(*MIXED, 4, 2, 48, 8, torch.float32, seed=26)
+    config = AttentionConfig(block_m=16, tile=16, num_segments=4 if split else 1)
+    _check(batch, config, 5, 2.0, 1e-5)
+
+
+@in_process
 def test_windowed_softcapped_decode_float16_default_entry_point() -> None:
     batch = make_batch(*DECODES, 8, 2, 32, 16, torch.float16, seed=22)
     ref = reference.paged_attention(**batch, sliding_window=12, softcap=2.0)
@@ -131,9 +141,10 @@ def test_tiles_before_the_window_are_never_read(split: bool) -> None:
 
 
 @in_process
+@pytest.mark.parametrize("head_dim", [HEAD_DIM, 48], ids=lambda d: f"head{d}")
 @pytest.mark.parametrize("split", [False, True], ids=["one-pass", "split-kv"])
 def test_windowed_softcapped_fused_decode_equals_the_two_launches(
-    split: bool, monkeypatch: pytest.MonkeyPatch
+    split: bool, head_dim: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """decode_attention (rotary, KV write and attention in one launch) with a window and a softcap: its
     output and caches bit for bit rotary_and_write_kv then paged_attention, and within rounding of the
@@ -145,10 +156,10 @@ def test_windowed_softcapped_fused_decode_equals_the_two_launches(
         monkeypatch.setattr(
             plans, "_decode_shape", lambda *a: (*real(*a)[:2], 4, *real(*a)[3:])
         )  # 4 segments
-    b = _batch(torch.float32, torch.float32, 4)
-    cos_sin = build_cos_sin_cache(HEAD_DIM, 1024, 10000.0).to(DEVICE)
+    b = _batch(torch.float32, torch.float32, 4, head_dim)
+    cos_sin = build_cos_sin_cache(head_dim, 1024, 10000.0).to(DEVICE)
     q, k, v = b["qkv"].split(b["split"], dim=-1)
-    n, window, softcap, scale = q.shape[0], 12, 2.0, HEAD_DIM**-0.5
+    n, window, softcap, scale = q.shape[0], 12, 2.0, head_dim**-0.5
     args = (
         b["slot_mapping"],
         b["block_tables"],
@@ -164,20 +175,20 @@ def test_windowed_softcapped_fused_decode_equals_the_two_launches(
         kc, vc = b["k_cache"].clone(), b["v_cache"].clone()
         if op == "separate":
             q_rot = impl.rotary_and_write_kv(
-                b["positions"], q, k, v, cos_sin, HEAD_DIM, kc, vc, b["slot_mapping"]
+                b["positions"], q, k, v, cos_sin, head_dim, kc, vc, b["slot_mapping"]
             )
             o = impl.paged_attention(
-                q_rot.view(n, -1, HEAD_DIM), kc, vc, *args[1:4], 1, 4096, scale, None, None, window, softcap
+                q_rot.view(n, -1, head_dim), kc, vc, *args[1:4], 1, 4096, scale, None, None, window, softcap
             )
         else:
             fn = reference.decode_attention if op == "ref" else impl.decode_attention
-            o = fn(b["positions"], q, k, v, cos_sin, HEAD_DIM, kc, vc, *args, window, softcap)
+            o = fn(b["positions"], q, k, v, cos_sin, head_dim, kc, vc, *args, window, softcap)
         outs.append((o[: n - 1], kc, vc))  # the last row is padding
     (o_ref, _, _), (o_sep, kc_sep, vc_sep), (o_got, kc_got, vc_got) = outs
     assert torch.equal(o_got, o_sep) and torch.equal(kc_got, kc_sep) and torch.equal(vc_got, vc_sep)
     assert rel_err(o_got, o_ref) < 1e-5
     plain = reference.decode_attention(
-        b["positions"], q, k, v, cos_sin, HEAD_DIM, kc_sep.clone(), vc_sep.clone(), *args
+        b["positions"], q, k, v, cos_sin, head_dim, kc_sep.clone(), vc_sep.clone(), *args
     )
     assert rel_err(plain[: n - 1], o_ref) > 0.05
 

@@ -8,7 +8,8 @@ the Triton kernels asks for them (`use_triton=True`, or `TritonAttentionBackend(
 
 Backends:
 - `TorchAttentionBackend`: the plain-torch reference ops (ops.reference): CPU, and the fallback on a
-  GPU where Triton is missing or the head size is one the Triton kernels do not handle.
+  GPU where Triton is missing or the head size is one the Triton kernels do not handle (they take a
+  multiple of 8 from 16 to 256, Phi-3's 96 included, or a power of two >= 16: ops/head_dims.py).
 - `TritonAttentionBackend`: the Triton kernels (ops.triton): CUDA, or CPU under TRITON_INTERPRET=1.
 
 The KV cache dtype is the model's or an fp8 format (float8_e4m3fn, float8_e5m2): both backends'
@@ -32,6 +33,7 @@ import torch
 
 import ops
 from ops import Kernels
+from ops.head_dims import SUPPORTED_HEAD_DIMS, supports_head_dim
 
 # The fp8 KV-cache formats (EngineConfig.kv_cache_dtype fp8 / fp8_e4m3, fp8_e5m2)
 FP8_KV_CACHE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -86,8 +88,8 @@ class TritonAttentionBackend(AttentionBackend):
 
     @staticmethod
     def supports_head_size(head_size: int) -> bool:
-        # The paged-attention, KV-write and rotary kernels tile a head in one power-of-two block.
-        return head_size >= 16 and head_size & (head_size - 1) == 0
+        # The kernels tile a head in one power-of-two block, padding the others (ops/triton/head_dim.py).
+        return supports_head_dim(head_size)
 
 
 def get_attention_backend(
@@ -113,8 +115,10 @@ def get_attention_backend(
             return TorchAttentionBackend(kv_cache_dtype)
         if not TritonAttentionBackend.supports_head_size(head_size):
             logger.warning(
-                "head size %d is not a power of two >= 16: running the torch reference ops on the GPU",
+                "head_dim %d is not one the Triton kernels take (%s): running the torch reference ops "
+                "on the GPU",
                 head_size,
+                SUPPORTED_HEAD_DIMS,
             )
             return TorchAttentionBackend(kv_cache_dtype)
         try:
@@ -127,7 +131,9 @@ def get_attention_backend(
     if not use_triton:
         return TorchAttentionBackend(kv_cache_dtype)
     if not TritonAttentionBackend.supports_head_size(head_size):
-        raise ValueError(f"the Triton kernels need a power-of-two head size >= 16; got {head_size}")
+        raise ValueError(
+            f"head_dim={head_size} is not supported by the Triton kernels; they take {SUPPORTED_HEAD_DIMS}"
+        )
     if device_type == "cuda":
         _check_triton_fp8(torch.device(device), kv_cache_dtype)
     return TritonAttentionBackend(kv_cache_dtype)

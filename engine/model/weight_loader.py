@@ -216,12 +216,13 @@ def initialize_dummy_weights(model: nn.Module, low: float = -1e-3, high: float =
     generators: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-                continue
-            dummy_init = getattr(param, "dummy_init", None)  # a method's valid placeholder (GPTQ's g_idx)
+            # a layer's valid placeholder (GPTQ's g_idx; Gemma's norms: 0, their identity scale)
+            dummy_init = getattr(param, "dummy_init", None)
             if dummy_init is not None:
                 param.copy_(dummy_init())
+                continue
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
                 continue
             if param.device not in generators:
                 generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)

@@ -389,3 +389,16 @@ def test_cpu_kv_blocks_from_budget(tiny_model_dirs: dict[str, Path]) -> None:
     # 2 (K,V) * 2 layers * 16 tokens * 2 kv heads * 16 dims * 4 bytes = 8 KiB per block
     assert runner.bytes_per_kv_block == 8192
     assert runner.determine_num_kv_blocks() == int(0.001 * (1 << 30)) // 8192
+
+
+def test_dummy_weights_give_gemma_norms_their_identity_scale() -> None:
+    """load_format="dummy" sets RMSNorm weights to 1; Gemma's norms scale by (1 + weight), so theirs stay 0
+    (a 1 would double every norm's output in the benchmarks' dummy Gemma models)."""
+    from engine.model.layers.norm import GemmaRMSNorm, RMSNorm
+    from engine.model.weight_loader import initialize_dummy_weights
+
+    layers = torch.nn.ModuleDict({"input_layernorm": GemmaRMSNorm(8), "post_norm": RMSNorm(8)})
+    layers.input_layernorm.weight.data.fill_(5.0)
+    initialize_dummy_weights(layers)
+    assert layers.input_layernorm.weight.tolist() == [0.0] * 8
+    assert layers.post_norm.weight.tolist() == [1.0] * 8

@@ -45,7 +45,7 @@ class RMSNorm(nn.Module):
         return Fp8Activation(q, scale, x.dtype), new_residual
 
 
-class GemmaRMSNorm(nn.Module):
+class GemmaRMSNorm(RMSNorm):
     """Gemma's RMSNorm over the gemma_rms_norm kernel: scales by (1 + weight) in float32 (the checkpoint
     stores the offset from 1; a fresh layer's weight is 0, the identity scale). Same calling convention
     as RMSNorm without the fp8 output: a W8A8 projection after it quantizes its input itself."""
@@ -58,15 +58,12 @@ class GemmaRMSNorm(nn.Module):
         kernels: Kernels = TORCH_KERNELS,
         prefix: str = "",
     ) -> None:
-        super().__init__()
-        self.eps = eps
-        self.kernels = kernels
-        self.prefix = prefix
-        dtype = params_dtype or torch.get_default_dtype()
-        self.weight = nn.Parameter(torch.zeros(hidden_size, dtype=dtype), requires_grad=False)  # [hidden]
-        set_weight_attrs(self.weight, {"weight_loader": default_weight_loader})
+        super().__init__(hidden_size, eps, params_dtype, kernels, prefix)
+        self.weight.data.zero_()  # [hidden]: the offset from 1
+        # load_format="dummy": the identity scale, not RMSNorm's 1 (which would double every norm)
+        set_weight_attrs(self.weight, {"dummy_init": lambda: torch.zeros(hidden_size)})
 
-    def forward(
+    def forward(  # type: ignore[override]
         self,
         x: torch.Tensor,  # [num_tokens, hidden]
         residual: torch.Tensor | None = None,  # [num_tokens, hidden]

@@ -22,6 +22,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen2MoeForCausalLM": ("engine.model.models.moe", "MoeForCausalLM"),
     "Qwen3MoeForCausalLM": ("engine.model.models.moe", "MoeForCausalLM"),
     "Phi3ForCausalLM": ("engine.model.models.llama", "LlamaForCausalLM"),
+    "GraniteForCausalLM": ("engine.model.models.llama", "LlamaForCausalLM"),
+    "Olmo2ForCausalLM": ("engine.model.models.olmo2", "Olmo2ForCausalLM"),
     "GemmaForCausalLM": ("engine.model.models.gemma", "GemmaForCausalLM"),
     "Gemma2ForCausalLM": ("engine.model.models.gemma", "GemmaForCausalLM"),
     "Gemma3ForCausalLM": ("engine.model.models.gemma", "GemmaForCausalLM"),

@@ -342,9 +342,7 @@ def granite_fields(cfg: dict[str, Any], model_path: str) -> dict[str, float]:
     """Granite's four scalings, each a positive number (transformers' GraniteConfig defaults them to
     1.0); the attention multiplier is the softmax scale itself, in place of head_dim ** -0.5."""
     keys = ("embedding_multiplier", "residual_multiplier", "logits_scaling", "attention_multiplier")
-    return {
-        key: positive_number(1.0 if cfg.get(key) is None else cfg[key], key, model_path) for key in keys
-    }
+    return {key: positive_number(1.0 if cfg.get(key) is None else cfg[key], key, model_path) for key in keys}
 
 
 def moe_fields(family: str, cfg: dict[str, Any], num_layers: int, model_path: str) -> dict[str, Any]:

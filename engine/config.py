@@ -240,6 +240,11 @@ class EngineConfig:
         )
         quant = _resolve_quantization(model.model_path, self.quantization)
         refusal = quant.linear.moe_refusal() if model.is_moe and quant.linear is not None else None
+        if model.softmax_after_topk and quant.linear is not None:  # GraniteMoe
+            refusal = (
+                "its experts load only from the float stacked tensors (input_linear / output_linear); "
+                "serve an unquantized checkpoint"
+            )
         if refusal is not None:
             # The experts are stacked tensors run by the fused MoE op, which reads float, FP8 and integer
             # weights (engine.model.quantization.fp8_moe, wna16_moe): another format's would be misread.

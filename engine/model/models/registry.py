@@ -23,6 +23,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen3MoeForCausalLM": ("engine.model.models.moe", "MoeForCausalLM"),
     "Phi3ForCausalLM": ("engine.model.models.llama", "LlamaForCausalLM"),
     "GraniteForCausalLM": ("engine.model.models.llama", "LlamaForCausalLM"),
+    "GraniteMoeForCausalLM": ("engine.model.models.moe", "MoeForCausalLM"),
     "Olmo2ForCausalLM": ("engine.model.models.olmo2", "Olmo2ForCausalLM"),
     "GemmaForCausalLM": ("engine.model.models.gemma", "GemmaForCausalLM"),
     "Gemma2ForCausalLM": ("engine.model.models.gemma", "GemmaForCausalLM"),

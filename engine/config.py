@@ -240,6 +240,11 @@ class EngineConfig:
         )
         quant = _resolve_quantization(model.model_path, self.quantization)
         refusal = quant.linear.moe_refusal() if model.is_moe and quant.linear is not None else None
+        if model.softmax_after_topk and quant.linear is not None:  # GraniteMoe
+            refusal = (
+                "its experts load only from the float stacked tensors (input_linear / output_linear); "
+                "serve an unquantized checkpoint"
+            )
         if refusal is not None:
             # The experts are stacked tensors run by the fused MoE op, which reads float, FP8 and integer
             # weights (engine.model.quantization.fp8_moe, wna16_moe): another format's would be misread.
@@ -331,6 +336,11 @@ def _resolve_parallel(
     ring = {"tp_broadcast_slots": slots, "tp_broadcast_slot_bytes": slot_bytes}
     if tp == 1:
         return ParallelConfig(distributed_executor_backend=backend, **ring)
+    if model.qk_norm_across_heads:  # OLMo 2: each rank holds only its heads, the norm needs them all
+        raise ValueError(
+            f"tensor_parallel_size {tp} is not supported for {model.architecture}: its q/k RMSNorms "
+            "span every attention head; serve it with tensor_parallel_size 1"
+        )
     what = {
         "num_attention_heads": model.num_heads,
         "intermediate_size": model.intermediate_size,

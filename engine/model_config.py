@@ -21,6 +21,12 @@ and the window cap) is larger than `original_max_position_embeddings`, else the 
 cache (and a prefix-cache block) never holds keys rotated two ways. Serve with `--max-model-len` at
 most `original_max_position_embeddings` to get the short factors.
 
+Granite (`GraniteForCausalLM`, and `GraniteMoeForCausalLM` over the MoE layers) is Llama with four
+scalings (granite_fields): embedding_multiplier,
+residual_multiplier, logits_scaling and attention_multiplier (the softmax scale). OLMo 2
+(`Olmo2ForCausalLM`, engine.model.models.olmo2) norms each sub-layer's output instead of its input
+and norms q and k over all heads at once (`qk_norm_across_heads`).
+
 Plain Python: torch is imported only to resolve device/dtype "auto".
 """
 
@@ -111,6 +117,8 @@ class ModelConfig:
     routing_weights_in_model_dtype: bool = False
     moe_layers: tuple[int, ...] = ()  # the layers whose MLP is the MoE block (the others are dense)
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's sigmoid-gated shared expert (0: none)
+    # GraniteMoe: top_k of the router logits, then a softmax over those k (not over every expert)
+    softmax_after_topk: bool = False
 
     @property
     def is_moe(self) -> bool:
@@ -125,6 +133,14 @@ class ModelConfig:
     # Gemma 3's sliding layers' own rope (rope_local_base_freq); None: every layer the one above
     rope_local_theta: float | None = None
     rope_local_scaling: dict[str, Any] | None = None
+    # Granite's scalings (1.0 elsewhere): the embeddings times embedding_multiplier, each attention and
+    # MLP output times residual_multiplier before its residual add, the logits divided by logits_scaling.
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
+    attention_multiplier: float | None = None  # Granite's softmax scale; None: head_dim ** -0.5
+    # OLMo 2: RMSNorm over the whole q and the whole k projection (every head at once), not per head
+    qk_norm_across_heads: bool = False
 
     def layer_window(self, layer_idx: int) -> int | None:
         """The sliding window of layer `layer_idx`, or None where it attends to its whole context (also
@@ -236,9 +252,11 @@ class ModelConfig:
             qkv_bias = False
         else:
             qkv_bias = attention_bias
-        o_proj_bias = attention_bias if family in ("Llama", "Qwen3", "Qwen3Moe", *GEMMA_FAMILIES) else False
-        mlp_bias = bool(cfg.get("mlp_bias", False)) if family == "Llama" else False
+        o_proj_families = ("Llama", "Qwen3", "Qwen3Moe", "Granite", "GraniteMoe", "Olmo2", *GEMMA_FAMILIES)
+        o_proj_bias = attention_bias if family in o_proj_families else False
+        mlp_bias = bool(cfg.get("mlp_bias", False)) if family in ("Llama", "Granite") else False
         qk_norm = family in ("Qwen3", "Qwen3Moe", "Gemma3")
+        granite = granite_fields(cfg, model_path) if family in ("Granite", "GraniteMoe") else {}
 
         num_layers = int_field(cfg, "num_hidden_layers", model_path)
         moe = moe_fields(family, cfg, num_layers, model_path)
@@ -317,8 +335,17 @@ class ModelConfig:
             final_logit_softcapping=softcaps["final_logit_softcapping"],
             rope_local_theta=rope_local_theta,
             rope_local_scaling=rope_local_scaling,
+            qk_norm_across_heads=family == "Olmo2",
+            **granite,
             **moe,
         )
+
+
+def granite_fields(cfg: dict[str, Any], model_path: str) -> dict[str, float]:
+    """Granite's four scalings, each a positive number (transformers' GraniteConfig defaults them to
+    1.0); the attention multiplier is the softmax scale itself, in place of head_dim ** -0.5."""
+    keys = ("embedding_multiplier", "residual_multiplier", "logits_scaling", "attention_multiplier")
+    return {key: positive_number(1.0 if cfg.get(key) is None else cfg[key], key, model_path) for key in keys}
 
 
 def moe_fields(family: str, cfg: dict[str, Any], num_layers: int, model_path: str) -> dict[str, Any]:
@@ -330,6 +357,8 @@ def moe_fields(family: str, cfg: dict[str, Any], num_layers: int, model_path: st
     is in `mlp_only_layers` or (layer + 1) is not a multiple of `decoder_sparse_step` (then a dense MLP
     of `intermediate_size`); `norm_topk_prob` as configured; the routing weights cast to the model
     dtype (as transformers does); Qwen2-MoE's shared expert of `shared_expert_intermediate_size`.
+    GraniteMoe: Mixtral's layout (`num_local_experts` of `intermediate_size` in every layer), its router
+    a softmax over the top_k logits, the weights cast to the model dtype.
     """
     if family == "Mixtral":
         num_experts = int_field(cfg, "num_local_experts", model_path)
@@ -339,6 +368,16 @@ def moe_fields(family: str, cfg: dict[str, Any], num_layers: int, model_path: st
             "norm_topk_prob": True,
             "routing_weights_in_model_dtype": False,
             "moe_layers": tuple(range(num_layers)),
+        }
+    elif family == "GraniteMoe":
+        num_experts = int_field(cfg, "num_local_experts", model_path)
+        fields = {
+            "num_experts": num_experts,
+            "moe_intermediate_size": int_field(cfg, "intermediate_size", model_path),
+            "norm_topk_prob": True,  # (a softmax over the top_k sums to 1)
+            "routing_weights_in_model_dtype": True,
+            "moe_layers": tuple(range(num_layers)),
+            "softmax_after_topk": True,
         }
     elif family in ("Qwen2Moe", "Qwen3Moe"):
         # The hub's configs say num_experts; transformers 5 saves it as num_local_experts.

@@ -93,8 +93,11 @@ FAMILIES = (
     "mistral_window",
     "gemma2",
     "gemma3",
+    "granite",
+    "granite_moe",
+    "olmo2",
 )
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "granite_moe")
 # Tiny mixture-of-experts settings: 4 experts, top-2, an expert intermediate size that is no power of two.
 _MOE = dict(num_experts_per_tok=2, router_aux_loss_coef=0.0)
 
@@ -132,9 +135,12 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
         Gemma2Config,
         Gemma3TextConfig,
         GemmaConfig,
+        GraniteConfig,
+        GraniteMoeConfig,
         LlamaConfig,
         MistralConfig,
         MixtralConfig,
+        Olmo2Config,
         Phi3Config,
         Qwen2Config,
         Qwen2MoeConfig,
@@ -243,6 +249,17 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
         )
     if family == "phi3_window":  # Phi-3-mini-4k's kind: the window on every layer
         return Phi3Config(**common, pad_token_id=0, sliding_window=WINDOWS[family])
+    # Granite 3's scalings, far enough from 1 (and the attention multiplier from head_dim ** -0.5 = 0.25)
+    # that leaving any one out changes the tokens
+    granite = dict(
+        embedding_multiplier=12.0, residual_multiplier=0.22, logits_scaling=8.0, attention_multiplier=0.09
+    )
+    if family == "granite":  # biases on every projection
+        return GraniteConfig(**common, **granite, attention_bias=True, mlp_bias=True)
+    if family == "granite_moe":  # every layer MoE (4 experts of 48, top-2), stacked expert tensors
+        return GraniteMoeConfig(**{**common, "intermediate_size": 48}, **granite, num_local_experts=4, **_MOE)
+    if family == "olmo2":  # post-norms, q/k norms over all heads
+        return Olmo2Config(**common, pad_token_id=0)  # k_norm narrower than q_norm (2 of 4 kv heads)
     if family == "gemma":
         return GemmaConfig(**{**common, "head_dim": 16, "tie_word_embeddings": True})
     gemma = {**common, "head_dim": 16, "tie_word_embeddings": True, "query_pre_attn_scalar": 24}
@@ -299,6 +316,10 @@ def build_model(
                 p.normal_(0.0, 0.05)
             elif family.startswith("gemma") and "norm" in name:  # (1 + weight): 0 would hide a missing 1
                 p.normal_(0.0, 0.3)
+            elif (
+                family in ("granite", "granite_moe", "olmo2") and "norm" in name
+            ):  # all-ones would hide a swapped norm
+                p.normal_(1.0, 0.3)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(path), safe_serialization=True)
     GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(str(path))

@@ -27,6 +27,9 @@ ARCHITECTURES = {
     "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
+    "granite": "GraniteForCausalLM",
+    "granite_moe": "GraniteMoeForCausalLM",
+    "olmo2": "Olmo2ForCausalLM",
 }
 F = "/m/config.json"
 
@@ -87,6 +90,14 @@ REFUSALS = [
     (_longrope(original_max_position_embeddings="x"), f"longrope original_max_position_embeddings in {F} must be an integer of at least 2; got 'x'"),
     (_longrope(short_factor=["a"] * 6), "rope scaling 'longrope' in /m: short_factor must be a list of rotary_dim / 2 = 6 numbers; got 'a' at index 0"),
     (_longrope(rope_theta="x"), f"rope_theta in {F} must be a positive number; got 'x'"),
+    (_set("granite", logits_scaling=0), f"logits_scaling in {F} must be a positive number; got 0"),
+    (_set("granite", residual_multiplier="0.22"), f"residual_multiplier in {F} must be a positive number; got '0.22'"),
+    (_set("granite", embedding_multiplier=-12.0), f"embedding_multiplier in {F} must be a positive number; got -12.0"),
+    (_set("granite", attention_multiplier=True), f"attention_multiplier in {F} must be a positive number; got True"),
+    (_set("granite_moe", num_local_experts=0), f"num_local_experts in {F} must be a positive integer; got 0"),
+    (_set("granite_moe", logits_scaling=-8), f"logits_scaling in {F} must be a positive number; got -8"),
+    (_set("granite", hidden_act="gelu"), "unsupported hidden_act 'gelu' in /m; only 'silu' is supported"),
+    (_set("olmo2", rope_parameters={"rope_type": "yarn", "factor": 2.0}), "unsupported rope_type 'yarn' in /m; supported: default, linear, llama3, longrope"),
 ]  # fmt: skip
 
 
@@ -111,6 +122,9 @@ MISSING = {
     "gemma": ("head_dim", "num_key_value_heads"),
     "gemma2": ("head_dim", "num_key_value_heads", "sliding_window"),
     "gemma3": ("head_dim", "num_key_value_heads", "sliding_window", "max_position_embeddings"),
+    "granite": ("num_key_value_heads", "rms_norm_eps", "max_position_embeddings"),
+    "granite_moe": ("num_key_value_heads", "rms_norm_eps", "max_position_embeddings"),
+    "olmo2": ("num_key_value_heads", "rms_norm_eps", "max_position_embeddings"),
 }
 
 
@@ -153,3 +167,35 @@ def test_missing_keys_read_as_transformers_reads_them(family: str) -> None:
             or [None] * ours.num_layers,
         }
         assert got == theirs, key
+
+
+GRANITE_SCALINGS = ("embedding_multiplier", "residual_multiplier", "logits_scaling", "attention_multiplier")
+
+
+def test_granite_scalings_read_as_transformers_reads_them() -> None:
+    """The tiny Granite's four scalings as written, and each left out: transformers' GraniteConfig
+    default (1.0; the attention multiplier then the softmax scale 1.0, not head_dim ** -0.5)."""
+    from transformers import GraniteConfig
+
+    ours = _read(_cfg("granite"))
+    assert [getattr(ours, k) for k in GRANITE_SCALINGS] == [12.0, 0.22, 8.0, 0.09]
+    for key in GRANITE_SCALINGS:
+        cfg = {k: v for k, v in _cfg("granite").items() if k != key}
+        theirs = getattr(GraniteConfig(**{k: v for k, v in cfg.items() if k != "architectures"}), key)
+        assert getattr(_read(cfg), key) == theirs == 1.0, key
+    llama = _read({**_cfg("granite"), "architectures": ["LlamaForCausalLM"]})  # only Granite reads them
+    assert [getattr(llama, k) for k in GRANITE_SCALINGS] == [1.0, 1.0, 1.0, None]
+
+
+def test_granite_moe_expert_counts_default_as_transformers() -> None:
+    """num_local_experts and num_experts_per_tok left out: GraniteMoeConfig's 8 and 2."""
+    from transformers import GraniteMoeConfig
+
+    cfg = _set("granite_moe", drop=("num_local_experts", "num_experts_per_tok"))
+    theirs = GraniteMoeConfig(**{k: v for k, v in cfg.items() if k != "architectures"})
+    ours = _read(cfg)
+    assert (ours.num_experts, ours.num_experts_per_tok) == (
+        theirs.num_local_experts,
+        theirs.num_experts_per_tok,
+    )
+    assert (ours.num_experts, ours.num_experts_per_tok) == (8, 2)

@@ -214,14 +214,15 @@ def test_lora_attention_adapter_matches_peft_and_expert_targets_are_refused(
     )
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "granite_moe"])
 def test_router_matches_transformers_in_bfloat16(tiny_model_dirs: dict[str, Path], family: str) -> None:
     """The routing's dtype steps, which float32 parity cannot see: bf16 logits, float32 softmax and top-k,
-    renormalised; Qwen's weights rounded to bf16 (as transformers multiplies the experts by them),
-    Mixtral's kept float32."""
+    renormalised (GraniteMoe: top-k of the logits, then their softmax); Qwen's and GraniteMoe's weights
+    rounded to bf16 (as transformers multiplies the experts by them), Mixtral's kept float32."""
     model_dir = tiny_model_dirs[family]
     hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16)
-    hf_router = hf.model.layers[1].mlp.gate
+    layer = hf.model.layers[1]
+    hf_router = layer.block_sparse_moe.router if family == "granite_moe" else layer.mlp.gate
     config = ModelConfig.from_pretrained(model_dir, dtype="bfloat16", device="cpu")
     model = MoeForCausalLM(config, BuildContext(dtype=torch.bfloat16))
     load_weights(model, model_dir)
@@ -231,3 +232,35 @@ def test_router_matches_transformers_in_bfloat16(tiny_model_dirs: dict[str, Path
     assert hf_weights.dtype == (torch.float32 if family == "mixtral" else torch.bfloat16)
     assert torch.equal(ids, hf_ids)
     assert weights.dtype == torch.float32 and torch.equal(weights, hf_weights.float())
+
+
+def test_granite_moe_stacked_experts_split_per_rank_and_quantization_is_refused(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """GraniteMoe's input_linear [E, 2 * I, H] (gate rows, then up) and output_linear [E, H, I] load into
+    the stacked experts, each tensor-parallel rank its rows / columns; a quantized GraniteMoe checkpoint
+    is refused at resolution (its experts load only from the float stacked tensors)."""
+    model_dir = tiny_model_dirs["granite_moe"]
+    config = ModelConfig.from_pretrained(model_dir, dtype="float32", device="cpu")
+    assert config.softmax_after_topk and config.moe_layers == (0, 1) and config.residual_multiplier == 0.22
+    full = load_file(str(model_dir / "model.safetensors"))
+    w13, w2 = (full[f"model.layers.1.block_sparse_moe.{n}.weight"] for n in ("input_linear", "output_linear"))
+    for rank in (0, 1):
+        model = MoeForCausalLM(config, BuildContext(tp_rank=rank, tp_size=2))
+        load_weights(model, model_dir)
+        experts = model.model.layers[1].mlp.experts
+        rows = slice(rank * 24, (rank + 1) * 24)  # 48 intermediate rows per expert, 24 a rank
+        assert torch.equal(experts.w13_weight, torch.cat([w13[:, :48][:, rows], w13[:, 48:][:, rows]], dim=1))
+        assert torch.equal(experts.w2_weight, w2[:, :, rows])
+    dst = tmp_path / "gptq"
+    shutil.copytree(model_dir, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError) as err:
+        EngineConfig(model=str(dst), device="cpu").resolve()
+    assert str(err.value) == (
+        f"quantization 'gptq' ({dst / 'config.json'} quantization_config) is not supported for "
+        "GraniteMoeForCausalLM: its experts load only from the float stacked tensors (input_linear / "
+        "output_linear); serve an unquantized checkpoint"
+    )

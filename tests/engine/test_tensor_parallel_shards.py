@@ -126,6 +126,13 @@ def test_tensor_parallel_size_is_checked_at_resolution(monkeypatch: pytest.Monke
         _resolve("cpu", tensor_parallel_size=3)
     with pytest.raises(ValueError, match="tensor_parallel_size must be a positive integer; got 0"):
         EngineConfig("m", tensor_parallel_size=0)
+    olmo2 = ModelConfig.from_dicts("m", {**_LLAMA, "architectures": ["Olmo2ForCausalLM"]}, device="cpu")
+    with pytest.raises(ValueError) as err:
+        EngineConfig("m", tensor_parallel_size=2).resolve_with(olmo2)
+    assert str(err.value) == (
+        "tensor_parallel_size 2 is not supported for Olmo2ForCausalLM: its q/k RMSNorms span every "
+        "attention head; serve it with tensor_parallel_size 1"
+    )
     with pytest.raises(ValueError, match="distributed_executor_backend must be one of mp, ray; got 'x'"):
         EngineConfig("m", distributed_executor_backend="x")
     # More ranks than GPUs, on CUDA with worker processes on this node.

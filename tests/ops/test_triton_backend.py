@@ -271,6 +271,24 @@ def test_gemma_on_triton_matches_transformers(tiny_model_dirs: dict[str, Path], 
 
 
 @in_process
+@pytest.mark.parametrize("model", ["granite", "olmo2"])
+def test_granite_and_olmo2_on_triton_match_transformers(tiny_model_dirs: dict[str, Path], model: str) -> None:
+    """Granite's attention multiplier as the paged attention's softmax scale, and OLMo 2's q/k RMSNorm
+    over rows of every head (64 and 32 wide, not head_dim) through the Triton rms_norm: a 21-token
+    prompt in two prefill chunks gives transformers' logits."""
+    from transformers import AutoModelForCausalLM
+
+    prompt = [int(t) for t in np.random.default_rng(3).integers(3, 500, size=21)]
+    runner = _runner(tiny_model_dirs[model], use_triton=True)
+    assert runner.attn_layers[0].scale == (0.09 if model == "granite" else 16**-0.5)
+    logits = _chunked_prefill_logits(runner, prompt, [5, 0])
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_model_dirs[model]), dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = hf(torch.tensor([prompt])).logits[0].float()
+    assert (logits.cpu() - expected).abs().max().item() < 1e-4
+
+
+@in_process
 def test_head_dim_96_phi3_on_triton_matches_torch_and_transformers(
     tiny_tokenizer_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

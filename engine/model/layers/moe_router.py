@@ -7,7 +7,9 @@ methods nor the LoRA machinery see them.
 
 Routing follows transformers exactly: the logits in the model dtype, softmax over all experts in
 float32, top_k, then (Mixtral always, Qwen with `norm_topk_prob`) the top_k probabilities divided by
-their sum; Qwen then casts them to the model dtype, Mixtral keeps float32.
+their sum; Qwen then casts them to the model dtype, Mixtral keeps float32. GraniteMoe takes the top_k
+of the float32 logits first and softmaxes only those (`softmax_after_topk`: the same weights as the
+renormalised ones in exact arithmetic, computed in transformers' order so they round the same).
 """
 
 from __future__ import annotations
@@ -45,19 +47,25 @@ class TopKRouter(ReplicatedLinear):
         weights_in_model_dtype: bool,
         params_dtype: torch.dtype,
         prefix: str = "",
+        softmax_after_topk: bool = False,
     ) -> None:
         super().__init__(hidden_size, num_experts, params_dtype, prefix)
         self.top_k = top_k
         self.renormalize = renormalize
         self.weights_in_model_dtype = weights_in_model_dtype
+        self.softmax_after_topk = softmax_after_topk
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [num_tokens, hidden] -> (topk_weights [num_tokens, top_k] float32, topk_ids [num_tokens, top_k]
         int64). Fixed shapes, no host sync: CUDA graphs capture it."""
         logits = self(x)  # [num_tokens, num_experts] in the model dtype, as transformers computes them
-        probs = torch.softmax(logits.float(), dim=-1)
-        topk_weights, topk_ids = torch.topk(probs, self.top_k, dim=-1)
-        if self.renormalize:
+        if self.softmax_after_topk:  # GraniteMoe
+            topk_logits, topk_ids = torch.topk(logits.float(), self.top_k, dim=-1)
+            topk_weights = torch.softmax(topk_logits, dim=-1)
+        else:
+            probs = torch.softmax(logits.float(), dim=-1)
+            topk_weights, topk_ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.renormalize and not self.softmax_after_topk:
             topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
         if self.weights_in_model_dtype:  # what the experts' outputs are multiplied by in transformers' Qwen
             topk_weights = topk_weights.to(x.dtype).float()

@@ -1,6 +1,7 @@
 """The Llama decoder family in one implementation: Llama 1/2/3 (incl. llama3 rope scaling), Mistral,
 Qwen2 (q/k/v bias), Qwen3 (per-head q/k RMSNorm) and Phi-3 (Phi-3/3.5-mini, Phi-3-medium, Phi-4,
-Phi-4-mini: partial rotary, longrope), with optional tied embeddings and sliding-window layers (Mistral's
+Phi-4-mini: partial rotary, longrope) and Granite 3.x dense (embedding, residual and attention
+multipliers, logits scaling), with optional tied embeddings and sliding-window layers (Mistral's
 `sliding_window`, Qwen's `use_sliding_window`: ModelConfig.layer_window).
 
 The variants differ only in flags read from ModelConfig (qkv_bias, o_proj_bias, mlp_bias, qk_norm,
@@ -131,7 +132,7 @@ class LlamaAttention(nn.Module):
             self.num_heads,
             self.head_dim,
             self.num_kv_heads,
-            scale=self.head_dim**-0.5,
+            scale=config.attention_multiplier or self.head_dim**-0.5,  # Granite: its attention_multiplier
             layer_idx=layer_idx,
             attn_backend=ctx.backend,
             prefix=join_prefix(prefix, "attn"),
@@ -182,6 +183,9 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(
             config.hidden_size, eps, ctx.dtype, kernels, join_prefix(prefix, "post_attention_layernorm")
         )
+        # Granite scales each branch before its residual add; the add itself is the next norm's fused
+        # one, so the branch output is scaled here and the sum (residual + m * branch) stays transformers'.
+        self.residual_multiplier = config.residual_multiplier
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
@@ -195,9 +199,14 @@ class LlamaDecoderLayer(nn.Module):
         else:
             normed, residual = self.input_layernorm(hidden, residual, fp8)
         hidden = self.self_attn(positions, normed)
+        if self.residual_multiplier != 1.0:
+            hidden = hidden * self.residual_multiplier
         fp8 = self.dense_mlp and takes_fp8_activation(self.mlp.gate_up_proj, num_tokens, dtype)
         normed, residual = self.post_attention_layernorm(hidden, residual, fp8)
-        return self.mlp(normed), residual
+        hidden = self.mlp(normed)
+        if self.residual_multiplier != 1.0:
+            hidden = hidden * self.residual_multiplier
+        return hidden, residual
 
 
 class LlamaModel(nn.Module):
@@ -224,9 +233,12 @@ class LlamaModel(nn.Module):
             ctx.kernels,
             join_prefix(prefix, "norm"),
         )
+        self.embedding_multiplier = config.embedding_multiplier  # Granite's; 1.0 elsewhere
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden]
+        if self.embedding_multiplier != 1.0:
+            hidden = hidden * self.embedding_multiplier  # in the model dtype, as transformers
         residual: torch.Tensor | None = None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual)
@@ -272,5 +284,9 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[num_rows, hidden] -> [num_rows, vocab_size] float32."""
-        return self.lm_head.logits(hidden)
+        """[num_rows, hidden] -> [num_rows, vocab_size] float32; Granite's divided by logits_scaling
+        (a division, as transformers', so the float32 logits are bit-equal, not one ulp off)."""
+        logits = self.lm_head.logits(hidden)
+        if self.config.logits_scaling != 1.0:
+            logits = logits / self.config.logits_scaling
+        return logits

@@ -1,4 +1,5 @@
-"""The mixture-of-experts families: Mixtral, Qwen2-MoE and Qwen3-MoE.
+"""The mixture-of-experts families: Mixtral, Qwen2-MoE, Qwen3-MoE and GraniteMoe (Granite's scalings
+from the Llama layers, Mixtral's every-layer MoE, a softmax over the top_k router logits).
 
 Each is the Llama decoder (engine.model.models.llama: attention, norms, rotary; Qwen3-MoE's q/k norm
 and Qwen2-MoE's q/k/v bias by the same ModelConfig flags) whose MLP, in the layers listed in
@@ -35,6 +36,7 @@ class SparseMoeBlock(nn.Module):
             weights_in_model_dtype=config.routing_weights_in_model_dtype,
             params_dtype=ctx.dtype,
             prefix=join_prefix(prefix, "gate"),
+            softmax_after_topk=config.softmax_after_topk,
         )
         mixtral = config.architecture == "MixtralForCausalLM"
         self.experts = FusedMoE(
@@ -96,3 +98,12 @@ class MoeForCausalLM(LlamaForCausalLM):
         super().__init__(config, ctx, prefix)
         if config.architecture == "MixtralForCausalLM":  # the hub's name for the MoE block
             self.checkpoint_renames = {".block_sparse_moe.": ".mlp."}
+        elif config.architecture == "GraniteMoeForCausalLM":
+            # GraniteMoe's checkpoints (hub and transformers 5's save alike) stack every expert in one
+            # tensor per layer: input_linear [E, 2 * I, H] (gate rows, then up), output_linear [E, H, I]:
+            # the stacked layout FusedMoE loads as transformers 5's fused gate_up_proj / down_proj.
+            self.checkpoint_renames = {
+                ".block_sparse_moe.input_linear.weight": ".mlp.experts.gate_up_proj",
+                ".block_sparse_moe.output_linear.weight": ".mlp.experts.down_proj",
+                ".block_sparse_moe.router.layer.": ".mlp.gate.",
+            }

@@ -1,0 +1,123 @@
+"""OLMo 2 (`Olmo2ForCausalLM`): the Llama decoder's attention and MLP (engine.model.models.llama) with
+its norms moved and widened, as transformers' modeling_olmo2:
+- no norm before attention or the MLP: each sub-layer reads the residual stream itself, and its output
+  is normed (post_attention_layernorm, post_feedforward_layernorm) before the residual add;
+- q and k are RMS-normed over the whole projection (all heads at once: q_norm's weight is
+  [num_heads * head_dim]), before rope, not per head as Qwen3's.
+
+Tensor parallelism is refused: a rank holds only its heads, and the q/k norms need every head's sum of
+squares (an all-reduce weir does not do here).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.model.build_context import BuildContext, join_prefix
+from engine.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from engine.model.layers.norm import RMSNorm
+from engine.model.models.llama import LlamaAttention, LlamaMLP
+from engine.model_config import ModelConfig
+
+
+class Olmo2Attention(LlamaAttention):
+    def __init__(self, config: ModelConfig, layer_idx: int, ctx: BuildContext, prefix: str) -> None:
+        super().__init__(config, layer_idx, ctx, prefix)  # config.qk_norm is off: no per-head norms
+        eps, dtype, kernels = config.rms_norm_eps, ctx.dtype, ctx.kernels
+        self.q_norm = RMSNorm(self.q_size, eps, dtype, kernels, join_prefix(prefix, "q_norm"))
+        self.k_norm = RMSNorm(self.kv_size, eps, dtype, kernels, join_prefix(prefix, "k_norm"))
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)  # [num_tokens, q_size + 2 * kv_size]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        # One row per token across all heads (the norm reads rows): [num_tokens, q_size] / [.., kv_size]
+        q = self.q_norm(q.contiguous())
+        k = self.k_norm(k.contiguous())
+        return self.o_proj(self.attn(q, k, v, positions, self.rotary_emb.cos_sin_cache))
+
+
+class Olmo2DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, ctx: BuildContext, prefix: str) -> None:
+        super().__init__()
+        eps, dtype, kernels = config.rms_norm_eps, ctx.dtype, ctx.kernels
+        self.self_attn = Olmo2Attention(config, layer_idx, ctx, join_prefix(prefix, "self_attn"))
+        self.mlp = LlamaMLP(config, ctx, join_prefix(prefix, "mlp"))
+        self.post_attention_layernorm = RMSNorm(
+            config.hidden_size, eps, dtype, kernels, join_prefix(prefix, "post_attention_layernorm")
+        )
+        self.post_feedforward_layernorm = RMSNorm(
+            config.hidden_size, eps, dtype, kernels, join_prefix(prefix, "post_feedforward_layernorm")
+        )
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: the residual stream [num_tokens, hidden] -> the same after this layer. (No fused
+        add + norm: the add comes after the norm here, and the norm is of the branch alone.)"""
+        hidden = hidden + self.post_attention_layernorm(self.self_attn(positions, hidden))
+        return hidden + self.post_feedforward_layernorm(self.mlp(hidden))
+
+
+class Olmo2Model(nn.Module):
+    def __init__(self, config: ModelConfig, ctx: BuildContext, prefix: str) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(
+            config.vocab_size,
+            config.hidden_size,
+            ctx.dtype,
+            tp_rank=ctx.tp_rank,
+            tp_size=ctx.tp_size,
+            prefix=join_prefix(prefix, "embed_tokens"),
+        )
+        self.layers = nn.ModuleList(
+            Olmo2DecoderLayer(config, i, ctx, join_prefix(prefix, f"layers.{i}"))
+            for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, ctx.dtype, ctx.kernels, join_prefix(prefix, "norm")
+        )
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden]
+        for layer in self.layers:
+            hidden = layer(positions, hidden)
+        return self.norm(hidden)
+
+
+class Olmo2ForCausalLM(nn.Module):
+    # fused parameter -> (checkpoint module name, shard_id) it is loaded from, in order.
+    packed_modules_mapping: dict[str, list[tuple[str, str | int]]] = {
+        "qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")],
+        "gate_up_proj": [("gate_proj", 0), ("up_proj", 1)],
+    }
+
+    def __init__(self, config: ModelConfig, ctx: BuildContext | None = None, prefix: str = "") -> None:
+        super().__init__()
+        ctx = ctx or BuildContext()
+        if ctx.tp_size > 1:
+            raise ValueError(
+                f"tensor_parallel_size {ctx.tp_size} is not supported for Olmo2ForCausalLM "
+                f"({config.model_path}): its q/k norms span every attention head; serve it on one GPU"
+            )
+        self.config = config
+        self.model = Olmo2Model(config, ctx, join_prefix(prefix, "model"))
+        self.lm_head = ParallelLMHead(
+            config.vocab_size,
+            config.hidden_size,
+            ctx.dtype,
+            tp_rank=ctx.tp_rank,
+            tp_size=ctx.tp_size,
+            prefix=join_prefix(prefix, "lm_head"),
+        )
+        if config.tie_word_embeddings:
+            self.lm_head.tie_to(self.model.embed_tokens)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [num_tokens] int64
+        positions: torch.Tensor,  # [num_tokens] int64
+    ) -> torch.Tensor:  # [num_tokens, hidden]
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[num_rows, hidden] -> [num_rows, vocab_size] float32."""
+        return self.lm_head.logits(hidden)

@@ -22,11 +22,10 @@ from torch import nn
 
 from engine.model.build_context import BuildContext, join_prefix
 from engine.model.layers.activation import GeluTanhAndMul
-from engine.model.layers.attention import Attention
 from engine.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from engine.model.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from engine.model.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from engine.model.layers.norm import GemmaRMSNorm
-from engine.model.layers.rotary import RotaryEmbedding
+from engine.model.models.llama import LlamaAttention
 from engine.model_config import ModelConfig
 
 
@@ -65,70 +64,11 @@ class GemmaMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))  # via [num_tokens, 2 * intermediate]
 
 
-class GemmaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, ctx: BuildContext, prefix: str) -> None:
-        super().__init__()
-        args = _linear_args(ctx)
-        self.head_dim = config.head_dim
-        self.qkv_proj = QKVParallelLinear(
-            config.hidden_size,
-            config.head_dim,
-            config.num_heads,
-            config.num_kv_heads,
-            bias=config.qkv_bias,
-            prefix=join_prefix(prefix, "qkv_proj"),
-            **args,
-        )
-        self.num_heads = self.qkv_proj.num_heads  # per rank
-        self.num_kv_heads = self.qkv_proj.num_kv_heads
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.o_proj = RowParallelLinear(
-            config.num_heads * config.head_dim,
-            config.hidden_size,
-            bias=config.o_proj_bias,
-            prefix=join_prefix(prefix, "o_proj"),
-            **args,
-        )
-        self.q_norm: GemmaRMSNorm | None = None
-        self.k_norm: GemmaRMSNorm | None = None
-        if config.qk_norm:  # Gemma 3
-            eps, dtype, kernels = config.rms_norm_eps, ctx.dtype, ctx.kernels
-            self.q_norm = GemmaRMSNorm(config.head_dim, eps, dtype, kernels, join_prefix(prefix, "q_norm"))
-            self.k_norm = GemmaRMSNorm(config.head_dim, eps, dtype, kernels, join_prefix(prefix, "k_norm"))
-        rope_theta, rope_scaling = config.layer_rope(layer_idx)
-        self.rotary_emb = RotaryEmbedding(
-            config.head_dim,
-            config.max_model_len,
-            rope_theta,
-            rope_scaling,
-            ctx.kernels,
-            prefix=join_prefix(prefix, "rotary_emb"),
-        )
-        scalar = config.query_pre_attn_scalar or config.head_dim  # Gemma 1: head_dim
-        self.attn = Attention(
-            self.num_heads,
-            self.head_dim,
-            self.num_kv_heads,
-            scale=scalar**-0.5,
-            layer_idx=layer_idx,
-            attn_backend=ctx.backend,
-            prefix=join_prefix(prefix, "attn"),
-            total_num_kv_heads=config.num_kv_heads,
-            kv_head_offset=self.qkv_proj.kv_head_offset,
-            sliding_window=config.layer_window(layer_idx),
-            logit_softcap=config.attn_logit_softcapping,
-        )
+class GemmaAttention(LlamaAttention):
+    """Llama's attention layer as ModelConfig sets it for Gemma (softmax scale, windows, softcap, Gemma 3's
+    local rope), with Gemma's (1 + weight) q/k norms (Gemma 3)."""
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden)  # [num_tokens, q_size + 2 * kv_size]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if self.q_norm is not None and self.k_norm is not None:
-            # Per-head norm: view heads as rows.
-            q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
-            k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
-        # Rotary runs inside the attention layer, in the launch that stores K/V.
-        return self.o_proj(self.attn(q, k, v, positions, self.rotary_emb.cos_sin_cache))
+    qk_norm_class = GemmaRMSNorm
 
 
 class GemmaDecoderLayer(nn.Module):

@@ -85,6 +85,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaAttention(nn.Module):
+    # q/k norms (Qwen3, Gemma 3): their class; engine.model.models.gemma swaps in Gemma's (1 + weight) norm
+    qk_norm_class: type[RMSNorm] = RMSNorm
+
     def __init__(self, config: ModelConfig, layer_idx: int, ctx: BuildContext, prefix: str) -> None:
         super().__init__()
         kernels = ctx.kernels
@@ -110,35 +113,36 @@ class LlamaAttention(nn.Module):
             prefix=join_prefix(prefix, "o_proj"),
             **args,
         )
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
         if config.qk_norm:
-            self.q_norm: RMSNorm | None = RMSNorm(
-                config.head_dim, config.rms_norm_eps, ctx.dtype, kernels, join_prefix(prefix, "q_norm")
-            )
-            self.k_norm: RMSNorm | None = RMSNorm(
-                config.head_dim, config.rms_norm_eps, ctx.dtype, kernels, join_prefix(prefix, "k_norm")
-            )
-        else:
-            self.q_norm = self.k_norm = None
+            norm, eps = self.qk_norm_class, config.rms_norm_eps
+            self.q_norm = norm(config.head_dim, eps, ctx.dtype, kernels, join_prefix(prefix, "q_norm"))
+            self.k_norm = norm(config.head_dim, eps, ctx.dtype, kernels, join_prefix(prefix, "k_norm"))
+        rope_theta, rope_scaling = config.layer_rope(layer_idx)  # Gemma 3's sliding layers: their own
         self.rotary_emb = RotaryEmbedding(
             config.head_dim,
             config.max_model_len,
-            config.rope_theta,
-            config.rope_scaling,
+            rope_theta,
+            rope_scaling,
             kernels,
             prefix=join_prefix(prefix, "rotary_emb"),
             rotary_dim=config.rotary_dim,
         )
+        # Granite: its attention_multiplier; Gemma 2/3: query_pre_attn_scalar ** -0.5; else head_dim ** -0.5
+        scale = config.attention_multiplier or (config.query_pre_attn_scalar or self.head_dim) ** -0.5
         self.attn = Attention(
             self.num_heads,
             self.head_dim,
             self.num_kv_heads,
-            scale=config.attention_multiplier or self.head_dim**-0.5,  # Granite: its attention_multiplier
+            scale=scale,
             layer_idx=layer_idx,
             attn_backend=ctx.backend,
             prefix=join_prefix(prefix, "attn"),
             total_num_kv_heads=config.num_kv_heads,
             kv_head_offset=self.qkv_proj.kv_head_offset,
-            sliding_window=config.layer_window(layer_idx),  # Mistral, Qwen with use_sliding_window
+            sliding_window=config.layer_window(layer_idx),  # Mistral, Qwen, Phi-3, Gemma 2/3's sliding layers
+            logit_softcap=config.attn_logit_softcapping,  # Gemma 2
         )
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor | Fp8Activation) -> torch.Tensor:

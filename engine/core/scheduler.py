@@ -460,7 +460,10 @@ class Scheduler(BeamScheduling):
         end = req.num_computed_tokens = start + num_new
         if end == len(req.all_token_ids) + req.num_output_placeholders:  # num_tokens_with_placeholders
             req.num_output_placeholders += 1
-        return max(0, min(end, len(req.prompt_token_ids)) - start)
+        num_prompt = len(req.prompt_token_ids)
+        if start >= num_prompt:
+            return 0  # a decode
+        return min(end, num_prompt) - start
 
     def _reaches_limit_in_flight(self, req: Request) -> bool:
         """True when the tokens in flight bring the request to max_tokens or max_model_len."""

@@ -170,7 +170,7 @@ def build_sampling_metadata(
                     edit_r.append(i)
                     edit_t.append(tok)
                     edit_v.append(bias)
-        if row.num_output_tokens < p.min_tokens:
+        if p.min_tokens and row.num_output_tokens < p.min_tokens:
             for tok in p.all_stop_token_ids:
                 if tok < vocab_size:
                     edit_r.append(i)

@@ -143,8 +143,13 @@ class KVCacheManager:
                     not num_new_tokens or blocks[request.num_computed_tokens // self.block_size].ref_cnt == 1
                 )
             ):
-                if self.enable_prefix_caching:
-                    self._cache_full_blocks(request, blocks, min(total_tokens, request.num_tokens))
+                # _cache_full_blocks only once a block has filled up (every block_size-th decode).
+                num_known = min(total_tokens, len(request.all_token_ids))
+                if (
+                    self.enable_prefix_caching
+                    and num_known // self.block_size > self._num_cached_blocks[req_id]
+                ):
+                    self._cache_full_blocks(request, blocks, num_known)
                 return []
         computed = new_computed_blocks or []
         is_new = req_id not in self.req_to_blocks

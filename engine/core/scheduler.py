@@ -205,7 +205,8 @@ class Scheduler(BeamScheduling):
         prefills = []
         prefill_backlog = 0  # prompt tokens not computed yet, running and waiting
         for r in self.running.values():
-            remaining = r.num_tokens_with_placeholders - r.num_computed_tokens
+            # r.num_tokens_with_placeholders, inlined (these loops run for every running request)
+            remaining = len(r.all_token_ids) + r.num_output_placeholders - r.num_computed_tokens
             if remaining == 1:
                 decodes.append(r)
             elif remaining > 1:
@@ -218,16 +219,19 @@ class Scheduler(BeamScheduling):
         # keep throughput at saturation).
         self._step_fit = self.mixed_step_token_cap if prefill_backlog <= self._fit_backlog_limit else 0
         self._step_decode_tokens = 0
+        running = RequestStatus.RUNNING
+        reaches_limit_in_flight = self._reaches_limit_in_flight
         for req in decodes + prefills:
             if budget <= 0:
                 break
-            if req.status != RequestStatus.RUNNING:
+            if req.status != running:
                 continue  # preempted earlier in this loop
-            if req.num_output_placeholders and (req.is_beam or self._reaches_limit_in_flight(req)):
+            placeholders = req.num_output_placeholders
+            if placeholders and (req.is_beam or reaches_limit_in_flight(req)):
                 # The step in flight samples its last token: the update finishes it, or, for a beam,
                 # the group's next tokens depend on that step's results.
                 continue
-            remaining = req.num_tokens_with_placeholders - req.num_computed_tokens
+            remaining = len(req.all_token_ids) + placeholders - req.num_computed_tokens
             num_new = min(remaining, self._chunk(budget))
             if num_new <= 0:
                 continue  # an ongoing prefill, and the step is full to its mixed graph
@@ -453,18 +457,22 @@ class Scheduler(BeamScheduling):
     def _advance(req: Request, num_new: int) -> int:
         """Advance num_computed_tokens by a scheduled chunk; returns how many of its tokens are prompt."""
         start = req.num_computed_tokens
-        req.num_computed_tokens = start + num_new
-        if req.num_computed_tokens == req.num_tokens_with_placeholders:
+        end = req.num_computed_tokens = start + num_new
+        if end == len(req.all_token_ids) + req.num_output_placeholders:  # num_tokens_with_placeholders
             req.num_output_placeholders += 1
-        return max(0, min(start + num_new, req.num_prompt_tokens) - start)
+        num_prompt = len(req.prompt_token_ids)
+        if start >= num_prompt:
+            return 0  # a decode
+        return min(end, num_prompt) - start
 
     def _reaches_limit_in_flight(self, req: Request) -> bool:
         """True when the tokens in flight bring the request to max_tokens or max_model_len."""
         sp = req.sampling_params
         assert sp.max_tokens is not None  # resolved by the input processor
+        placeholders = req.num_output_placeholders
         return (
-            req.num_output_tokens + req.num_output_placeholders >= sp.max_tokens
-            or req.num_tokens_with_placeholders >= self.max_model_len
+            len(req.output_token_ids) + placeholders >= sp.max_tokens
+            or len(req.all_token_ids) + placeholders >= self.max_model_len
         )
 
     # ---------------------------------------------------------------- results
@@ -475,33 +483,41 @@ class Scheduler(BeamScheduling):
 
         Returns (request, tokens appended this step) for every request that got tokens, finished or not.
         """
+        # Runs for every running request every step: locals for the lookups, no property calls.
         out: list[tuple[Request, list[int]]] = []
+        append = out.append
         sampled = runner_output.sampled_token_ids
+        requests = self.requests
+        check_stop = self._check_stop
+        finished = RequestStatus.FINISHED_STOPPED  # the first finished status
         for req_id, req in self._scheduled_steps.pop(scheduler_output.step_id, {}).items():
             token_ids = sampled.get(req_id)
             if not token_ids:
                 continue  # a prefill chunk that did not reach the end
-            req.num_output_placeholders = max(0, req.num_output_placeholders - len(token_ids))
-            if self.requests.get(req_id) is not req or req.is_finished:
+            num_new = len(token_ids)
+            placeholders = req.num_output_placeholders - num_new
+            req.num_output_placeholders = placeholders if placeholders > 0 else 0
+            if requests.get(req_id) is not req or req.status >= finished:
                 # Finished or aborted since it was scheduled (with async scheduling, also by a stop
                 # found in the previous step's output, after this step was launched): drop the token.
                 continue
             if req.is_beam:
-                out.append((req, []))  # the engine's beam search picks its tokens from the logprobs
+                append((req, []))  # the engine's beam search picks its tokens from the logprobs
                 continue
             # RUNNING, or PREEMPTED by a schedule() made while this step was in flight: a preempted
             # request keeps its token, which becomes part of what it recomputes.
             if req.first_token_time is None:
                 req.first_token_time = time.monotonic()
-            new_tokens: list[int] = []
-            for tok in token_ids:
-                req.append_output_token(tok)
-                new_tokens.append(tok)
-                status = self._check_stop(req, tok)
+            output_ids, all_ids = req.output_token_ids, req.all_token_ids
+            for i, tok in enumerate(token_ids):
+                output_ids.append(tok)  # Request.append_output_token, inlined
+                all_ids.append(tok)
+                status = check_stop(req, tok)
                 if status is not None:
                     self._finish(req, status)
+                    num_new = i + 1  # tokens after the stop are dropped
                     break
-            out.append((req, new_tokens))
+            append((req, token_ids[:num_new]))
         return out
 
     def scheduled_requests(self, scheduler_output: SchedulerOutput) -> dict[str, Request]:
@@ -514,12 +530,13 @@ class Scheduler(BeamScheduling):
 
     def _check_stop(self, req: Request, token_id: int) -> RequestStatus | None:
         sp = req.sampling_params
-        if token_id in sp.all_stop_token_ids and req.num_output_tokens > sp.min_tokens:
+        num_output_tokens = len(req.output_token_ids)
+        if token_id in sp.all_stop_token_ids and num_output_tokens > sp.min_tokens:
             # stop_reason names the user's stop token; EOS reports None, as in vLLM.
             req.stop_reason = token_id if token_id in (sp.stop_token_ids or ()) else None
             return RequestStatus.FINISHED_STOPPED
         assert sp.max_tokens is not None  # resolved by the input processor
-        if req.num_output_tokens >= sp.max_tokens or req.num_tokens >= self.max_model_len:
+        if num_output_tokens >= sp.max_tokens or len(req.all_token_ids) >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 

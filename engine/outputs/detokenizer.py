@@ -41,6 +41,7 @@ class IncrementalDetokenizer:
         "_ids",
         "_prefix_offset",
         "_read_offset",
+        "_prefix_text",
         "_text",
         "_sent",
         "num_output_tokens",
@@ -67,6 +68,9 @@ class IncrementalDetokenizer:
         self._ids: list[int] = list(prompt_token_ids[-_INITIAL_PREFIX_TOKENS:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
+        # The text of ids[_prefix_offset:_read_offset], once decoded: a step that emits nothing (an
+        # incomplete character) leaves the offsets as they are, and the next step reuses it.
+        self._prefix_text: str | None = None
 
         self._text = ""  # decoded output text, cut at a stop string once one matched
         self._sent = 0  # characters of _text already returned by get_next_delta()
@@ -94,13 +98,18 @@ class IncrementalDetokenizer:
         if stop_terminated and not self._include_stop:
             new_token_ids = new_token_ids[:-1]
 
-        # Text from the first min_tokens outputs cannot end a sequence with a stop string.
-        num_protected = max(
-            0, min(len(new_token_ids), self._min_tokens - (self.num_output_tokens - len(new_token_ids)))
-        )
-        if num_protected:
-            self._decode(new_token_ids[:num_protected])
-            new_token_ids = new_token_ids[num_protected:]
+        if self._min_tokens:
+            # Text from the first min_tokens outputs cannot end a sequence with a stop string.
+            num_protected = max(
+                0, min(len(new_token_ids), self._min_tokens - (self.num_output_tokens - len(new_token_ids)))
+            )
+            if num_protected:
+                self._decode(new_token_ids[:num_protected])
+                new_token_ids = new_token_ids[num_protected:]
+        if not self._stop:  # the common case: nothing to search (_check_stop would return None)
+            if new_token_ids:
+                self._decode(new_token_ids)
+            return None
         check_from = len(self._text)
         if new_token_ids:
             self._decode(new_token_ids)
@@ -156,12 +165,15 @@ class IncrementalDetokenizer:
         new_text = self._decode_ids(ids[self._prefix_offset :])
         if new_text.endswith(_REPLACEMENT_CHAR) and not flush:
             return  # a character is still incomplete: wait for the tokens that finish it
-        prefix_text = self._decode_ids(ids[self._prefix_offset : self._read_offset])
+        prefix_text = self._prefix_text
+        if prefix_text is None:
+            prefix_text = self._prefix_text = self._decode_ids(ids[self._prefix_offset : self._read_offset])
         if len(new_text) <= len(prefix_text):
             return  # e.g. only skipped special tokens so far
         self._text += new_text[len(prefix_text) :]
         self._prefix_offset = self._read_offset
         self._read_offset = len(ids)
+        self._prefix_text = None
         if self._prefix_offset > _TRIM_THRESHOLD:
             del ids[: self._prefix_offset]
             self._read_offset -= self._prefix_offset

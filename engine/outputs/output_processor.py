@@ -226,7 +226,7 @@ class OutputProcessor:
             # A stop token's own text is left out of the output, as vLLM does (EOS is special anyway).
             status = request.status
             detokenizer = seq.detokenizer
-            stop_str = detokenizer.update(new_token_ids, stop_terminated=status == stopped)
+            stop_str = detokenizer.update(new_token_ids, status == stopped)  # (ids, stop_terminated)
             if stop_str is not None and status < stopped:
                 seq.stop_reason = stop_str
                 stopped_ids.append(request.req_id)

@@ -170,7 +170,7 @@ def build_sampling_metadata(
                     edit_r.append(i)
                     edit_t.append(tok)
                     edit_v.append(bias)
-        if row.num_output_tokens < p.min_tokens:
+        if p.min_tokens and row.num_output_tokens < p.min_tokens:
             for tok in p.all_stop_token_ids:
                 if tok < vocab_size:
                     edit_r.append(i)
@@ -416,6 +416,8 @@ class Sampler:
         Rows in `skip` (beams, whose candidates travel as arrays) get no TokenLogprobs; `packed` may
         then be empty if only they asked."""
         logprobs: list[TokenLogprobs | None] = [None] * md.num_rows
+        if md.max_num_logprobs is None:  # no row asked for logprobs (the common step)
+            return SamplerOutput(sampled_token_ids=sampled_ids, logprobs=logprobs)
         j = 0
         for i, n in enumerate(md.num_logprobs):
             if n is not None:

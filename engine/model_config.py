@@ -5,8 +5,8 @@ Handles both rope formats: transformers < 5 (`rope_theta` + `rope_scaling`) and 
 (`rope_parameters` holding `rope_theta` and `rope_type`).
 
 Sliding-window attention per layer (`layer_types`, transformers' names): Mistral's, Mixtral's and
-Phi-3's window on every layer; Qwen2/Qwen3 (and their MoE models) with `use_sliding_window` on layers from `max_window_layers` on (or as `layer_types`
-says); Gemma 2 alternating (sliding first); Gemma 3 every `sliding_window_pattern`-th layer global (or as
+Phi-3's window on every layer; Qwen2/Qwen3 with `use_sliding_window` on layers from `max_window_layers` on
+(Qwen2-MoE: its even layers below it; Qwen3-MoE: every layer; or as `layer_types` says); Gemma 2 alternating (sliding first); Gemma 3 every `sliding_window_pattern`-th layer global (or as
 `layer_types` says), its sliding layers with their own rope (`rope_local_base_freq`). The Gemma families'
 other settings (GeGLU, query_pre_attn_scalar, logit softcaps) are read here too; values weir does not
 implement are refused naming the field.
@@ -16,8 +16,8 @@ Phi-3 (`Phi3ForCausalLM`: Phi-3-mini/medium, Phi-3.5-mini, Phi-4, Phi-4-mini) ad
 rotate) and rope type `longrope` (Phi-3 "su"): per-frequency `short_factor` / `long_factor` and an
 attention factor that scales cos and sin. transformers switches from the short to the long factors
 when a sequence grows past `original_max_position_embeddings` (recomputing its whole KV cache then);
-weir, as vLLM, decides once per engine: the long factors when `max_model_len` (after the user's value
-and the window cap) is larger than `original_max_position_embeddings`, else the short ones, so a KV
+weir, as vLLM, decides once per engine: the long factors when `max_model_len` (the user's value, else
+max_position_embeddings) is larger than `original_max_position_embeddings`, else the short ones, so a KV
 cache (and a prefix-cache block) never holds keys rotated two ways. Serve with `--max-model-len` at
 most `original_max_position_embeddings` to get the short factors.
 

@@ -6,8 +6,9 @@ Handles both rope formats: transformers < 5 (`rope_theta` + `rope_scaling`) and 
 
 Sliding-window attention per layer (`layer_types`, transformers' names): Mistral's, Mixtral's and
 Phi-3's window on every layer; Qwen2/Qwen3 with `use_sliding_window` on layers from `max_window_layers` on
-(Qwen2-MoE: its even layers below it; Qwen3-MoE: every layer; or as `layer_types` says); Gemma 2 alternating (sliding first); Gemma 3 every `sliding_window_pattern`-th layer global (or as
-`layer_types` says), its sliding layers with their own rope (`rope_local_base_freq`). The Gemma families'
+(Qwen2-MoE: its even layers below it; Qwen3-MoE: every layer; or as `layer_types` says); Gemma 2
+alternating (sliding first); Gemma 3 every `sliding_window_pattern`-th layer global (or as `layer_types`
+says), its sliding layers with their own rope (`rope_local_base_freq`). The Gemma families'
 other settings (GeGLU, query_pre_attn_scalar, logit softcaps) are read here too; values weir does not
 implement are refused naming the field.
 

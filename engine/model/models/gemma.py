@@ -22,9 +22,10 @@ from torch import nn
 
 from engine.model.build_context import BuildContext, join_prefix
 from engine.model.layers.activation import GeluTanhAndMul
-from engine.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from engine.model.layers.embedding import VocabParallelEmbedding
 from engine.model.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from engine.model.layers.norm import GemmaRMSNorm
+from engine.model.models.causal_lm import DecoderForCausalLM
 from engine.model.models.llama import LlamaAttention
 from engine.model_config import ModelConfig
 
@@ -135,41 +136,15 @@ class GemmaModel(nn.Module):
         return hidden
 
 
-class GemmaForCausalLM(nn.Module):
-    # fused parameter -> (checkpoint module name, shard_id) it is loaded from, in order.
-    packed_modules_mapping: dict[str, list[tuple[str, str | int]]] = {
-        "qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")],
-        "gate_up_proj": [("gate_proj", 0), ("up_proj", 1)],
-    }
-
+class GemmaForCausalLM(DecoderForCausalLM):
     def __init__(self, config: ModelConfig, ctx: BuildContext | None = None, prefix: str = "") -> None:
-        super().__init__()
-        ctx = ctx or BuildContext()
-        self.config = config
+        super().__init__(config, ctx or BuildContext(), prefix, GemmaModel)
         self.final_logit_softcap = config.final_logit_softcapping
-        self.model = GemmaModel(config, ctx, join_prefix(prefix, "model"))
-        self.lm_head = ParallelLMHead(
-            config.vocab_size,
-            config.hidden_size,
-            ctx.dtype,
-            tp_rank=ctx.tp_rank,
-            tp_size=ctx.tp_size,
-            prefix=join_prefix(prefix, "lm_head"),
-        )
-        if config.tie_word_embeddings:
-            self.lm_head.tie_to(self.model.embed_tokens)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,  # [num_tokens] int64
-        positions: torch.Tensor,  # [num_tokens] int64
-    ) -> torch.Tensor:  # [num_tokens, hidden]
-        return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[num_rows, hidden] -> [num_rows, vocab_size] float32, softcapped (Gemma 2) as transformers:
         logits / c, tanh, * c."""
-        logits = self.lm_head.logits(hidden)
+        logits = super().compute_logits(hidden)
         if self.final_logit_softcap is not None:
             cap = self.final_logit_softcap
             logits = torch.tanh(logits / cap) * cap

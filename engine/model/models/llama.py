@@ -31,10 +31,11 @@ from torch import nn
 from engine.model.build_context import BuildContext, join_prefix
 from engine.model.layers.activation import SiluAndMul
 from engine.model.layers.attention import Attention
-from engine.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from engine.model.layers.embedding import VocabParallelEmbedding
 from engine.model.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from engine.model.layers.norm import RMSNorm
 from engine.model.layers.rotary import RotaryEmbedding
+from engine.model.models.causal_lm import DecoderForCausalLM
 from engine.model.quantization.fp8_activation import Fp8Activation, takes_fp8_activation
 from engine.model_config import ModelConfig
 
@@ -250,47 +251,26 @@ class LlamaModel(nn.Module):
         return hidden
 
 
-class LlamaForCausalLM(nn.Module):
-    # fused parameter -> (checkpoint module name, shard_id) it is loaded from, in order.
-    packed_modules_mapping: dict[str, list[tuple[str, str | int]]] = {
-        "qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")],
-        "gate_up_proj": [("gate_proj", 0), ("up_proj", 1)],
-    }
-    # checkpoint name fragment -> ours, applied to every tensor name before the mapping above
-    checkpoint_renames: dict[str, str] = {}
+class LlamaForCausalLM(DecoderForCausalLM):
     build_mlp: MlpBuilder = staticmethod(dense_mlp)
 
     def __init__(self, config: ModelConfig, ctx: BuildContext | None = None, prefix: str = "") -> None:
-        super().__init__()
-        ctx = ctx or BuildContext()
-        self.config = config
+        build_mlp = type(self).build_mlp
+        super().__init__(
+            config,
+            ctx or BuildContext(),
+            prefix,
+            lambda config, ctx, prefix: LlamaModel(config, ctx, prefix, build_mlp),
+        )
         # Fused layers whose checkpoints (and PEFT adapters) name them whole, under our names.
         self.checkpoint_fused_modules: tuple[str, ...] = (
             ("qkv_proj", "gate_up_proj") if config.architecture == "Phi3ForCausalLM" else ()
         )
-        self.model = LlamaModel(config, ctx, join_prefix(prefix, "model"), type(self).build_mlp)
-        self.lm_head = ParallelLMHead(
-            config.vocab_size,
-            config.hidden_size,
-            ctx.dtype,
-            tp_rank=ctx.tp_rank,
-            tp_size=ctx.tp_size,
-            prefix=join_prefix(prefix, "lm_head"),
-        )
-        if config.tie_word_embeddings:
-            self.lm_head.tie_to(self.model.embed_tokens)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,  # [num_tokens] int64
-        positions: torch.Tensor,  # [num_tokens] int64
-    ) -> torch.Tensor:  # [num_tokens, hidden]
-        return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[num_rows, hidden] -> [num_rows, vocab_size] float32; Granite's divided by logits_scaling
         (a division, as transformers', so the float32 logits are bit-equal, not one ulp off)."""
-        logits = self.lm_head.logits(hidden)
+        logits = super().compute_logits(hidden)
         if self.config.logits_scaling != 1.0:
             logits = logits / self.config.logits_scaling
         return logits

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from engine.model.build_context import BuildContext, join_prefix
-from engine.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from engine.model.layers.embedding import VocabParallelEmbedding
 from engine.model.layers.norm import RMSNorm
+from engine.model.models.causal_lm import DecoderForCausalLM
 from engine.model.models.llama import LlamaAttention, LlamaMLP
 from engine.model_config import ModelConfig
 
@@ -83,41 +84,12 @@ class Olmo2Model(nn.Module):
         return self.norm(hidden)
 
 
-class Olmo2ForCausalLM(nn.Module):
-    # fused parameter -> (checkpoint module name, shard_id) it is loaded from, in order.
-    packed_modules_mapping: dict[str, list[tuple[str, str | int]]] = {
-        "qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")],
-        "gate_up_proj": [("gate_proj", 0), ("up_proj", 1)],
-    }
-
+class Olmo2ForCausalLM(DecoderForCausalLM):
     def __init__(self, config: ModelConfig, ctx: BuildContext | None = None, prefix: str = "") -> None:
-        super().__init__()
         ctx = ctx or BuildContext()
         if ctx.tp_size > 1:
             raise ValueError(
                 f"tensor_parallel_size {ctx.tp_size} is not supported for Olmo2ForCausalLM "
                 f"({config.model_path}): its q/k norms span every attention head; serve it on one GPU"
             )
-        self.config = config
-        self.model = Olmo2Model(config, ctx, join_prefix(prefix, "model"))
-        self.lm_head = ParallelLMHead(
-            config.vocab_size,
-            config.hidden_size,
-            ctx.dtype,
-            tp_rank=ctx.tp_rank,
-            tp_size=ctx.tp_size,
-            prefix=join_prefix(prefix, "lm_head"),
-        )
-        if config.tie_word_embeddings:
-            self.lm_head.tie_to(self.model.embed_tokens)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,  # [num_tokens] int64
-        positions: torch.Tensor,  # [num_tokens] int64
-    ) -> torch.Tensor:  # [num_tokens, hidden]
-        return self.model(input_ids, positions)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[num_rows, hidden] -> [num_rows, vocab_size] float32."""
-        return self.lm_head.logits(hidden)
+        super().__init__(config, ctx, prefix, Olmo2Model)

@@ -494,7 +494,7 @@ def test_engine_refusals_keep_the_apps_words(client: httpx.Client) -> None:
         "param": "prompt",
         "code": "invalid_value",
     }
-    r = client.post(COMP, json=_comp(max_tokens=2))
+    r = client.post(COMP, json=_comp(max_tokens=2, ignore_eos=True))
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 
@@ -509,5 +509,5 @@ def test_a_refused_prompt_leaves_none_of_the_requests_prompts_running(client: ht
     assert not engine.engine.has_unfinished_requests()
     assert engine._streams == {}
     assert wait_until(lambda: engine.stats().kv_cache_usage == 0.0)
-    r = client.post(COMP, json=_comp(max_tokens=2))  # and the engine serves on
+    r = client.post(COMP, json=_comp(max_tokens=2, ignore_eos=True))  # and the engine serves on
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2

@@ -43,6 +43,15 @@ class BuildContext:
         """The op implementations that go with the attention backend (norm, rotary, activation)."""
         return self.backend.kernels
 
+    def linear_args(self) -> dict:
+        """The keyword arguments every parallel linear layer of a model takes from this context."""
+        return dict(
+            params_dtype=self.dtype,
+            quant_config=self.quant_config,
+            tp_rank=self.tp_rank,
+            tp_size=self.tp_size,
+        )
+
 
 def join_prefix(prefix: str, name: str) -> str:
     """`model.layers.0` + `self_attn` -> `model.layers.0.self_attn` (no leading dot at the top)."""

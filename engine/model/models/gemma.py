@@ -30,12 +30,6 @@ from engine.model.models.llama import LlamaAttention
 from engine.model_config import ModelConfig
 
 
-def _linear_args(ctx: BuildContext) -> dict:
-    return dict(
-        params_dtype=ctx.dtype, quant_config=ctx.quant_config, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size
-    )
-
-
 def _has_sandwich_norms(config: ModelConfig) -> bool:
     """Gemma 2/3 norm each sub-layer's output too (pre/post attention and feed-forward norms)."""
     return config.architecture != "GemmaForCausalLM"
@@ -44,7 +38,7 @@ def _has_sandwich_norms(config: ModelConfig) -> bool:
 class GemmaMLP(nn.Module):
     def __init__(self, config: ModelConfig, ctx: BuildContext, prefix: str) -> None:
         super().__init__()
-        args = _linear_args(ctx)
+        args = ctx.linear_args()
         self.gate_up_proj = MergedColumnParallelLinear(
             config.hidden_size,
             [config.intermediate_size] * 2,

@@ -40,12 +40,6 @@ from engine.model.quantization.fp8_activation import Fp8Activation, takes_fp8_ac
 from engine.model_config import ModelConfig
 
 
-def _linear_args(ctx: BuildContext) -> dict:
-    return dict(
-        params_dtype=ctx.dtype, quant_config=ctx.quant_config, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size
-    )
-
-
 class LlamaMLP(nn.Module):
     def __init__(
         self,
@@ -56,7 +50,7 @@ class LlamaMLP(nn.Module):
         reduce_results: bool = True,  # False: the caller all-reduces this rank's partial sum with others
     ) -> None:
         super().__init__()
-        args = _linear_args(ctx)
+        args = ctx.linear_args()
         intermediate_size = intermediate_size or config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(
             config.hidden_size,
@@ -92,7 +86,7 @@ class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, ctx: BuildContext, prefix: str) -> None:
         super().__init__()
         kernels = ctx.kernels
-        args = _linear_args(ctx)
+        args = ctx.linear_args()
         self.head_dim = config.head_dim
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size,

@@ -36,8 +36,8 @@ One launch covers the whole batch. The grid is (query blocks, KV heads[, KV segm
   W)). Tiles crossed by some row's window edge take the masked loop, like the causal diagonal.
 - Decode batches may also rotate and store this step's K/V in the same launch (ROTARY, `decode_attention`):
   queries are rotated as they are loaded, and the program whose tiles hold the new position stores that
-  token's K/V for its KV head before a block barrier and its tile loop. Off unless
-  WEIR_FUSED_DECODE_ATTENTION=1 (engine/model/layers/attention.py) until measured on a GPU.
+  token's K/V for its KV head before a block barrier and its tile loop. On by default for caches in the
+  model's dtype (engine/model/layers/attention.py says why; WEIR_FUSED_DECODE_ATTENTION=0 turns it off).
 """
 
 from __future__ import annotations

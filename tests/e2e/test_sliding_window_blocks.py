@@ -180,34 +180,48 @@ def test_blocks_held_while_decoding_are_the_windows(tiny_model_dirs: dict[str, P
     llm.shutdown()
 
 
-def test_forks_and_beams_past_the_window(tiny_model_dirs: dict[str, Path]) -> None:
-    """n=3 samples of a prompt longer than the window, forked after its blocks were released (each
-    token's logprob as transformers scores that sequence), and beam search of width 3 over a prompt
-    prefilled in chunks (its first blocks released before the beams start), ranked on the device and
-    on the host: token for token."""
+# The first sample of an n=3 request computes the 37- or 41-token prompt in chunks of 16 (blocks 0, 1
+# released at the chunk from 32), then decodes position 37 / 41 (blocks 0-2 / 0-3 released) before the
+# others start at position 36 / 40, whose windows reach back to 27 / 31 (block 3): of 37 tokens they
+# fork the first's blocks (null entries and all); of 41 it no longer holds block 3, so they take their
+# prompts from the prefix cache instead (the hits a user sees in the metrics).
+@pytest.mark.parametrize(("prompt_len", "forks"), [(37, True), (41, False)])
+def test_n_samples_past_the_window(tiny_model_dirs: dict[str, Path], prompt_len: int, forks: bool) -> None:
+    """Each token's logprob as transformers scores that sample's sequence: a block shared or copied
+    wrong, or released too early, shows."""
     model_dir = tiny_model_dirs["mistral_window"]
     hf = _hf(model_dir)
+    prompt = [random.Random(prompt_len).randrange(3, 500) for _ in range(prompt_len)]
+    llm = LLM(str(model_dir), device="cpu", dtype="float32", block_size=BS, max_num_batched_tokens=16)
+    params = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=40, ignore_eos=True, logprobs=0)
+    (out,) = llm.generate([prompt], params, use_tqdm=False)
+    assert (llm.llm_engine.stats().prefix_cache_hits == 0) == forks
+    assert len({tuple(c.token_ids) for c in out.outputs}) == 3
+    for sample in out.outputs:
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt + sample.token_ids])).logits[0]
+        expected = torch.log_softmax(logits.float(), dim=-1)
+        for i, (pos, tok) in enumerate(zip(sample.logprobs, sample.token_ids, strict=True)):
+            assert pos[tok].logprob == pytest.approx(expected[len(prompt) - 1 + i, tok].item(), abs=1e-4)
+    _assert_all_blocks_free(llm)
+    llm.shutdown()
+
+
+@pytest.mark.parametrize("device_ranking", [True, False], ids=["device-ranked", "host-ranked"])
+def test_beam_search_past_the_window(tiny_model_dirs: dict[str, Path], device_ranking: bool) -> None:
+    """Width 3 over a 41-token prompt prefilled in chunks of 16 (blocks 0, 1 released before the beams
+    start), token for token with transformers."""
+    model_dir = tiny_model_dirs["mistral_window"]
     prompt = PROMPTS[2]
-    beams = hf.generate(
+    beams = _hf(model_dir).generate(
         torch.tensor([prompt]), num_beams=3, num_return_sequences=3, do_sample=False, max_new_tokens=30,
         eos_token_id=None, pad_token_id=0, early_stopping=False, length_penalty=1.0,
     )  # fmt: skip
-    want_beams = [b[len(prompt) :].tolist() for b in beams]
-    for device_ranking in (True, False):
-        llm = LLM(
-            str(model_dir), device="cpu", dtype="float32", block_size=BS, max_num_batched_tokens=16,
-            beam_device_ranking=device_ranking,
-        )  # fmt: skip
-        params = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=40, ignore_eos=True, logprobs=0)
-        (out,) = llm.generate([prompt], params, use_tqdm=False)
-        assert len({tuple(c.token_ids) for c in out.outputs}) == 3
-        for sample in out.outputs:
-            with torch.no_grad():
-                logits = hf(torch.tensor([prompt + sample.token_ids])).logits[0]
-            expected = torch.log_softmax(logits.float(), dim=-1)
-            for i, (pos, tok) in enumerate(zip(sample.logprobs, sample.token_ids, strict=True)):
-                assert pos[tok].logprob == pytest.approx(expected[len(prompt) - 1 + i, tok].item(), abs=1e-4)
-        (result,) = llm.beam_search([prompt], BeamSearchParams(beam_width=3, max_tokens=30, ignore_eos=True))
-        assert [s.tokens[len(prompt) :] for s in result.sequences] == want_beams
-        _assert_all_blocks_free(llm)
-        llm.shutdown()
+    llm = LLM(
+        str(model_dir), device="cpu", dtype="float32", block_size=BS, max_num_batched_tokens=16,
+        beam_device_ranking=device_ranking,
+    )  # fmt: skip
+    (result,) = llm.beam_search([prompt], BeamSearchParams(beam_width=3, max_tokens=30, ignore_eos=True))
+    assert [s.tokens[len(prompt) :] for s in result.sequences] == [b[len(prompt) :].tolist() for b in beams]
+    _assert_all_blocks_free(llm)
+    llm.shutdown()

@@ -6,7 +6,8 @@ defaults are the user-facing options (README's configuration table). Fields left
 by `resolve()` from the checkpoint (`max_model_len`) and the device (batch limits, CUDA-graph sizes).
 Nothing downstream re-resolves an option or writes one back; the single value set later is the KV
 cache's size, known after the runner profiled memory (`ResolvedConfig.with_num_kv_blocks`), which
-also caps `scheduler.max_model_len` to what the cache can hold.
+also caps `scheduler.max_model_len` to what the cache can hold (for a model windowed on every layer:
+only if a sequence's window and chunk do not fit, engine/core/sliding_window.py).
 
 Plain Python: torch is imported only to resolve device/dtype "auto".
 """
@@ -18,6 +19,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from engine.core.sliding_window import max_blocks_held
 from engine.lora.request import valid_fair_weight
 from engine.model_config import ModelConfig, resolve_device
 
@@ -265,6 +267,7 @@ class EngineConfig:
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 cpu_kv_cache_gb=self.cpu_kv_cache_gb,
                 num_kv_blocks_override=self.num_kv_blocks,
+                sliding_window=model.uniform_sliding_window,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs,
@@ -404,6 +407,9 @@ class CacheConfig:
     gpu_memory_utilization: float  # share of the GPU's memory the engine may use, KV cache included
     cpu_kv_cache_gb: float  # KV cache size on CPU
     num_kv_blocks_override: int | None  # the user's num_kv_blocks: skips the memory profile
+    # The window of every attention layer (ModelConfig.uniform_sliding_window): a sequence then holds
+    # only the blocks its window reaches (engine/core/sliding_window.py). None: whole contexts.
+    sliding_window: int | None = None
     # Set once, after the runner sized the cache (ResolvedConfig.with_num_kv_blocks); None before.
     num_kv_blocks: int | None = None
 
@@ -431,6 +437,12 @@ class SchedulerConfig:
     # The cut applies while the prompts' backlog (running and waiting) is at most this many tokens, or
     # one full step if that is more; past it the queue's own wait dominates TTFT and full steps drain it.
     mixed_step_fit_backlog_tokens: int = 0
+
+    @property
+    def max_chunk_tokens(self) -> int:
+        """The most tokens one request computes in a step (what a windowed sequence's blocks grow by)."""
+        cap = self.long_prefill_token_threshold
+        return min(cap, self.max_num_batched_tokens) if cap > 0 else self.max_num_batched_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -477,14 +489,19 @@ class ResolvedConfig:
     def with_num_kv_blocks(self, num_kv_blocks: int) -> ResolvedConfig:
         """The config once the KV cache is sized: `cache.num_kv_blocks` set, and
         `scheduler.max_model_len` capped to the cache's capacity (serve shorter contexts rather than
-        refuse to start). The one place either value is decided."""
+        refuse to start), unless every layer's window bounds what a sequence holds to what the cache
+        has. The one place either value is decided."""
         if self.cache.num_kv_blocks is not None:
             raise RuntimeError("the KV cache size is already set")
         if num_kv_blocks <= 0:
             raise ValueError(f"num_kv_blocks must be positive; got {num_kv_blocks}")
         capacity = num_kv_blocks * self.cache.block_size
         max_model_len = self.scheduler.max_model_len
-        if capacity < max_model_len:
+        # A windowed sequence holds its window's blocks, not its context's: it may outgrow the cache.
+        held = max_blocks_held(
+            max_model_len, self.cache.block_size, self.cache.sliding_window, self.scheduler.max_chunk_tokens
+        )
+        if held > num_kv_blocks:
             logger.warning(
                 "the KV cache holds %d tokens (%d blocks of %d), fewer than max_model_len %d; "
                 "capping max_model_len to %d",

@@ -131,6 +131,8 @@ class LLMEngine:
             config.scheduler.max_beam_width,
             config.scheduler.max_num_seqs,
             enable_lora=config.lora is not None,
+            sliding_window=config.cache.sliding_window,
+            max_chunk_tokens=config.scheduler.max_chunk_tokens,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.beam_search = BeamSearchDriver(self.scheduler, self.tokenizer, self.vocab_size)

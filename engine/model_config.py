@@ -151,6 +151,16 @@ class ModelConfig:
             return window if window is not None and window < self.max_model_len else None
         return None
 
+    @property
+    def uniform_sliding_window(self) -> int | None:
+        """The window when every attention layer has it (Mistral, Mixtral, Phi-3, Qwen windowed on
+        every layer): the KV cache manager then releases the blocks behind it. None when any layer
+        reads its whole context (Gemma 2/3, Qwen's max_window_layers > 0), since one block table
+        serves every layer, or when the window holds max_model_len anyway."""
+        if not self.layer_types or any(t != SLIDING_ATTENTION for t in self.layer_types):
+            return None
+        return self.layer_window(0)
+
     def layer_rope(self, layer_idx: int) -> tuple[float, dict[str, Any] | None]:
         """(rope_theta, rope_scaling) of layer `layer_idx` (Gemma 3's sliding layers have their own)."""
         if self.rope_local_theta is not None and self.layer_window(layer_idx) is not None:

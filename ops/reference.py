@@ -209,7 +209,9 @@ def paged_attention(
     in the query's dtype.
 
     With `sliding_window` W a query at position p sees only the W keys p - W + 1 .. p (transformers'
-    masking_utils: kv_idx > q_idx - W). With `softcap` c the scaled scores s become c * tanh(s / c)
+    masking_utils: kv_idx > q_idx - W), and the blocks wholly before the first query's window are not
+    read at all: the KV cache manager may have released them (their table entries name any block;
+    engine/core/sliding_window.py). With `softcap` c the scaled scores s become c * tanh(s / c)
     before the mask and the softmax (Gemma 2's attn_logit_softcapping).
     """
     del max_query_len, max_seq_len  # the kernels use them for grid sizing; the reference does not
@@ -225,22 +227,28 @@ def paged_attention(
         if q_len == 0:
             continue
         num_blocks = (seq_len + block_size - 1) // block_size
-        blocks = block_tables[i, :num_blocks].long()
-        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()  # [seq_len, kv_heads, d]
-        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
+        # Keys from `first_key` on: a window's first block on (its own keys before the window masked).
+        first_block = 0
+        if sliding_window is not None:
+            first_block = max(seq_len - q_len - sliding_window + 1, 0) // block_size
+        first_key = first_block * block_size
+        blocks = block_tables[i, first_block:num_blocks].long()
+        # [seq_len - first_key, kv_heads, d]
+        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[: seq_len - first_key].float()
+        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[: seq_len - first_key].float()
         if k_scale is not None:  # an fp8 cache's scales, one per KV head
             k = k * k_scale[:, None]
         if v_scale is not None:
             v = v * v_scale[:, None]
-        k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [heads, seq_len, d]
+        k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [heads, seq_len - first_key, d]
         v = v.repeat_interleave(group, dim=1).transpose(0, 1)
         q = query[q_start:q_end].float().transpose(0, 1)  # [heads, q_len, d]
-        scores = torch.matmul(q, k.transpose(1, 2)) * scale  # [heads, q_len, seq_len]
+        scores = torch.matmul(q, k.transpose(1, 2)) * scale  # [heads, q_len, seq_len - first_key]
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap
         q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device).unsqueeze(1)
-        k_pos = torch.arange(seq_len, device=query.device).unsqueeze(0)
-        hidden = k_pos > q_pos  # [q_len, seq_len]
+        k_pos = torch.arange(first_key, seq_len, device=query.device).unsqueeze(0)
+        hidden = k_pos > q_pos  # [q_len, seq_len - first_key]
         if sliding_window is not None:
             hidden |= k_pos <= q_pos - sliding_window
         scores = scores.masked_fill(hidden, float("-inf"))

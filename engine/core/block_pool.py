@@ -7,6 +7,9 @@ hit costs the same as popping the head.
 A free block may still carry a hash: its KV is valid and a later request with the same prefix can
 reuse it (`touch`). Such blocks are evicted in LRU order: freed blocks join the tail, allocation
 pops the head, and a popped block loses its hash.
+
+`NULL_BLOCK` stands in a block table for a block a sliding window released (engine/core/sliding_window.py):
+not one of the pool's blocks, never cached, never written; `touch` and `free_blocks` pass over it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ class KVCacheBlock:
     def __repr__(self) -> str:
         h = self.block_hash.hex()[:8] if self.block_hash else None
         return f"KVCacheBlock(id={self.block_id}, ref_cnt={self.ref_cnt}, hash={h})"
+
+
+# Its id keeps a table row's entries valid block indices, though no kernel reads the entry: a table
+# position holding it is before every window that sequence's queries will read.
+NULL_BLOCK = KVCacheBlock(0)
 
 
 class FreeBlockQueue:
@@ -118,6 +126,8 @@ class BlockPool:
     def touch(self, blocks: Iterable[KVCacheBlock]) -> None:
         """Take a reference on prefix-hit blocks, pulling free ones out of the free list."""
         for block in blocks:
+            if block is NULL_BLOCK:
+                continue
             if block.ref_cnt == 0:
                 self.free_block_queue.remove(block)
             block.ref_cnt += 1
@@ -126,6 +136,8 @@ class BlockPool:
         """Drop a reference on each block; blocks reaching 0 join the free-list tail in this order,
         so the first one given is the first to be evicted."""
         for block in blocks:
+            if block is NULL_BLOCK:
+                continue
             if block.ref_cnt <= 0:
                 raise ValueError(f"double free of block {block.block_id}")
             block.ref_cnt -= 1

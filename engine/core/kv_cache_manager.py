@@ -14,6 +14,15 @@ copies it first (copy-on-write): allocate_slots swaps in a fresh block and queue
 A block is registered in the cache as soon as the tokens that fill it are scheduled (before the
 forward pass has run): a request scheduled later in the same step may hit it, which is sound because
 the runner writes a layer's KV for the whole batch before any attention of that layer reads it.
+
+With `sliding_window` (every layer windowed alike: engine/core/sliding_window.py) a table holds only
+what its queries can still read: each allocation first releases the blocks wholly before the window
+of the request's next query, leaving `NULL_BLOCK` in their places (a table stays positional: block i
+holds tokens i * block_size ..), and a prefix hit needs only the blocks its first computed query's
+window reaches. A released block keeps its hash: it waits in the free list as any freed cached
+block, and a later request may hit it. That is sound under async scheduling too: the step in flight
+may still read a block released while the next step is scheduled, but a block given to another
+request is written only by a later step's forward pass, which runs after it.
 """
 
 from __future__ import annotations
@@ -22,8 +31,9 @@ import hashlib
 from array import array
 from collections.abc import Sequence
 
-from engine.core.block_pool import BlockPool, KVCacheBlock
+from engine.core.block_pool import NULL_BLOCK, BlockPool, KVCacheBlock
 from engine.core.request import Request
+from engine.core.sliding_window import first_live_block, longest_window_hit
 
 # Parent of the first block: a fixed 32-byte value keeps every hash input the same layout.
 _ROOT_HASH = hashlib.sha256(b"weir prefix cache root").digest()
@@ -51,15 +61,28 @@ def _cdiv(a: int, b: int) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool,
+        sliding_window: int | None = None,
+    ) -> None:
+        """`sliding_window`: the window of every attention layer of the model (CacheConfig's), whose
+        blocks behind it are released; None where any layer reads its whole context."""
         if block_size <= 0:
             raise ValueError(f"block_size must be a positive integer; got {block_size}")
+        if sliding_window is not None and sliding_window <= 0:
+            raise ValueError(f"sliding_window must be a positive integer; got {sliding_window}")
         self.block_size = block_size
+        self.sliding_window = sliding_window
         self.enable_prefix_caching = enable_prefix_caching
         self.block_pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
         # req_id -> how many leading blocks of its table are already registered in the cache.
         self._num_cached_blocks: dict[str, int] = {}
+        # req_id -> how many leading entries of its table are NULL_BLOCK (released behind its window).
+        self._num_released: dict[str, int] = {}
         # Monotonic counters in tokens, for Prometheus. Counted once per admission (when the
         # lookup is committed by allocate_slots), not per lookup attempt of a blocked queue head.
         self.prefix_cache_queries = 0
@@ -103,7 +126,8 @@ class KVCacheManager:
             hashes.append(parent)
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
-        """Longest cached run of the request's leading full blocks, and the tokens they hold.
+        """Longest cached run of the request's leading full blocks, and the tokens they hold (under a
+        window: the longest prefix whose window blocks are cached, _window_hit).
 
         At least the last token is left to compute so the forward pass yields logits for it.
         """
@@ -111,12 +135,29 @@ class KVCacheManager:
             return [], 0
         self.update_block_hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size
+        if self.sliding_window is not None:
+            return self._window_hit(request.block_hashes, max_blocks)
         hits: list[KVCacheBlock] = []
         for block_hash in request.block_hashes[:max_blocks]:
             block = self.block_pool.get_cached_block(block_hash)
             if block is None:
                 break
             hits.append(block)
+        return hits, len(hits) * self.block_size
+
+    def _window_hit(self, block_hashes: list[bytes], max_blocks: int) -> tuple[list[KVCacheBlock], int]:
+        """A windowed request's hit: the blocks its first computed query's window reaches must be
+        cached, those before it need not be (NULL_BLOCK in the hit). Not the leading run: a long
+        sequence's first blocks are the first evicted once released, while its window's stay."""
+        window = self.sliding_window
+        assert window is not None
+        if window == 1:
+            return [], 0  # a query reads only its own key: a "hit" would need no cached block at all
+        lookup = self.block_pool.get_cached_block
+        first, found = longest_window_hit(
+            lambda i: lookup(block_hashes[i]), max_blocks, window, self.block_size
+        )
+        hits = [NULL_BLOCK] * first + found if found else []
         return hits, len(hits) * self.block_size
 
     # ---------------------------------------------------------------- allocation
@@ -129,12 +170,16 @@ class KVCacheManager:
         """Grow the request's table to hold its computed tokens, the prefix hits and `num_new_tokens`.
 
         Returns the ids of the blocks appended to its table (hits first), or None when the pool is
-        short — in which case nothing changed.
+        short — in which case nothing changed but the release of blocks behind the window, which no
+        query of the request reads either way.
         """
         req_id = request.req_id
         if not new_computed_blocks:
             # Fast path, most decode steps: the table already has room for the new tokens.
             blocks = self.req_to_blocks.get(req_id)
+            if self.sliding_window is not None and blocks is not None:
+                # Before the check below: the released blocks count as free for this allocation.
+                self._release_behind_window(req_id, blocks, request.num_computed_tokens)
             total_tokens = request.num_computed_tokens + num_new_tokens
             if (
                 blocks is not None
@@ -161,7 +206,7 @@ class KVCacheManager:
         write_index = num_computed_tokens // self.block_size
         cow = num_new_tokens > 0 and write_index < len(blocks) and blocks[write_index].ref_cnt > 1
         # Hits sitting in the free list stop being allocatable once touched.
-        num_evictable_hits = sum(1 for b in computed if b.ref_cnt == 0)
+        num_evictable_hits = sum(1 for b in computed if b.ref_cnt == 0 and b is not NULL_BLOCK)
         if num_needed + cow > self.block_pool.num_free_blocks - num_evictable_hits:
             return None
         if cow:
@@ -171,6 +216,8 @@ class KVCacheManager:
             self.req_to_blocks[req_id] = blocks
             # Hits are registered already; the run of cached blocks starts after them.
             self._num_cached_blocks[req_id] = len(computed)
+            # A windowed hit's leading nulls (_window_hit).
+            self._num_released[req_id] = sum(1 for b in computed if b is NULL_BLOCK)
             if self._uses_prefix_cache(request):
                 self.prefix_cache_queries += request.num_tokens
                 self.prefix_cache_hits += len(computed) * self.block_size
@@ -183,6 +230,30 @@ class KVCacheManager:
             self._cache_full_blocks(request, blocks, min(total_tokens, request.num_tokens))
         return [b.block_id for b in computed] + [b.block_id for b in new_blocks]
 
+    def _release_behind_window(
+        self, req_id: str, blocks: list[KVCacheBlock], num_computed_tokens: int
+    ) -> None:
+        """Give back the table's blocks that no query of the request, from position
+        `num_computed_tokens` on, reads; NULL_BLOCK takes their places. A block other sequences hold
+        (a fork, a prefix hit) only loses this reference; a cached one keeps its hash."""
+        assert self.sliding_window is not None
+        start = self._num_released[req_id]
+        end = min(first_live_block(num_computed_tokens, self.sliding_window, self.block_size), len(blocks))
+        if end <= start:
+            return
+        dead = blocks[start:end]
+        blocks[start:end] = [NULL_BLOCK] * (end - start)
+        self._num_released[req_id] = end
+        self.block_pool.free_blocks(dead)  # oldest first: the first of them to be evicted
+
+    def can_fork(self, parent: Request, num_tokens: int) -> bool:
+        """Whether `parent`'s table still holds every block a sequence forked at `num_tokens` would
+        read: under a window the parent may have released some once it ran past that point."""
+        if self.sliding_window is None:
+            return True
+        needed_from = first_live_block(num_tokens, self.sliding_window, self.block_size)
+        return self._num_released.get(parent.req_id, 0) <= needed_from
+
     def _copy_on_write(self, req_id: str, blocks: list[KVCacheBlock], index: int) -> None:
         shared = blocks[index]
         (copy,) = self.block_pool.allocate(1)
@@ -193,7 +264,8 @@ class KVCacheManager:
 
     def fork(self, child: Request, parent: Request, num_tokens: int) -> None:
         """Give `child` (holding no blocks) the blocks of `parent`'s first num_tokens tokens, by
-        reference. Whichever of them first writes into a shared block copies it (allocate_slots)."""
+        reference. Whichever of them first writes into a shared block copies it (allocate_slots).
+        Under a window the parent must still hold what the child reads (can_fork)."""
         if child.req_id in self.req_to_blocks:
             raise ValueError(f"request {child.req_id!r} already holds blocks")
         num_blocks = _cdiv(num_tokens, self.block_size)
@@ -203,6 +275,7 @@ class KVCacheManager:
         self._num_cached_blocks[child.req_id] = min(
             self._num_cached_blocks[parent.req_id], num_tokens // self.block_size
         )
+        self._num_released[child.req_id] = min(self._num_released[parent.req_id], num_blocks)
 
     def refork(self, child: Request, parent: Request, num_tokens: int) -> None:
         """free(child) then fork(child, parent, num_tokens), in one pass: the leading blocks the two
@@ -227,6 +300,7 @@ class KVCacheManager:
         self._num_cached_blocks[child.req_id] = min(
             self._num_cached_blocks[parent.req_id], num_tokens // self.block_size
         )
+        self._num_released[child.req_id] = min(self._num_released[parent.req_id], num_blocks)
 
     def take_copies(self) -> list[tuple[int, int]]:
         """The (src, dst) block copies queued since the last call, for the step being scheduled."""
@@ -242,26 +316,37 @@ class KVCacheManager:
         self.update_block_hashes(request)
         hashes = request.block_hashes
         for i in range(start, num_full):
+            block = blocks[i]
+            if block is NULL_BLOCK:
+                continue  # released before it was registered (a window narrower than the tokens in flight)
             # False when an identical block is cached already; this copy then stays private.
-            self.block_pool.cache_block(blocks[i], hashes[i])
+            self.block_pool.cache_block(block, hashes[i])
         self._num_cached_blocks[request.req_id] = num_full
 
     def free(self, request: Request, uncache: bool = False) -> None:
         """Release the request's blocks, tail first, so its last blocks are the first evicted.
 
         uncache=True also drops them from the prefix cache: after a failed forward pass the blocks
-        registered at schedule time never received their KV.
+        registered at schedule time never received their KV. That includes the blocks a window
+        released meanwhile (scheduled in the failed step, released when the next one was scheduled):
+        whatever block is cached under the hashes of its released positions is dropped too.
         """
         blocks = self.req_to_blocks.pop(request.req_id, None)
         self._num_cached_blocks.pop(request.req_id, None)
+        num_released = self._num_released.pop(request.req_id, 0)
         if self.replaced.pop(request.req_id, None) is not None and blocks:
             # Copied into this step, then preempted in the same step: the copy must not land in a
             # block that someone else may be given before the runner performs it.
-            dropped = {b.block_id for b in blocks}
+            dropped = {b.block_id for b in blocks if b is not NULL_BLOCK}
             self._copies = [c for c in self._copies if c[1] not in dropped]
         if blocks:
             if uncache:
                 self.block_pool.uncache_blocks(blocks)
+                pool = self.block_pool
+                for block_hash in request.block_hashes[:num_released]:
+                    cached = pool.get_cached_block(block_hash)
+                    if cached is not None:
+                        pool.uncache_blocks((cached,))
             self.block_pool.free_blocks(reversed(blocks))
 
     def get_block_ids(self, req_id: str) -> list[int]:

@@ -55,7 +55,7 @@ class Scheduler(BeamScheduling):
         self._step_decode_tokens = 0  # decodes scheduled so far in the step being built
         self._step_fit = 0  # the step being built: mixed_step_token_cap, or 0 when it does not apply
         self.kv_cache_manager = KVCacheManager(
-            cache.num_kv_blocks, cache.block_size, cache.enable_prefix_caching
+            cache.num_kv_blocks, cache.block_size, cache.enable_prefix_caching, cache.sliding_window
         )
 
         # Every unfinished request, waiting or running.
@@ -427,7 +427,9 @@ class Scheduler(BeamScheduling):
         """A running sibling whose KV holds the shared prompt (all but its last token, which each
         sequence computes for its own first token) as of the steps before this one, so any copy of it
         runs after that KV was written; _WAIT_FOR_SIBLING while one is still computing the prompt;
-        None when none runs (this one computes the prompt itself)."""
+        None when none runs, or when a sliding window has moved each running one past the prompt and
+        released blocks a fork would read (this one then computes the prompt itself, from the prefix
+        cache where it can)."""
         fork_at = req.num_prompt_tokens - 1
         if fork_at <= 0 or req.sampling_params.prompt_logprobs is not None:
             return None  # nothing to share, or every prompt position must be scored
@@ -436,7 +438,9 @@ class Scheduler(BeamScheduling):
             if sibling is req or sibling.status != RequestStatus.RUNNING:
                 continue
             if sibling.num_computed_tokens - num_scheduled.get(sibling.req_id, 0) >= fork_at:
-                return sibling
+                if self.kv_cache_manager.can_fork(sibling, fork_at):
+                    return sibling
+                continue
             waiting = True
         return _WAIT_FOR_SIBLING if waiting else None
 

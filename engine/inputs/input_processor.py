@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.core.sampling_params import SamplingParams
+from engine.core.sliding_window import max_blocks_held
 from engine.errors import ContextLengthError, InvalidRequestError
 from engine.inputs.tokenizer import encode_prompt
 from engine.lora.request import LoRARequest
@@ -78,7 +79,13 @@ class InputProcessor:
         max_beam_width: int = 16,
         max_num_seqs: int | None = None,
         enable_lora: bool = False,
+        sliding_window: int | None = None,
+        max_chunk_tokens: int | None = None,
     ) -> None:
+        """`sliding_window` (CacheConfig's) with `max_chunk_tokens` (SchedulerConfig's): a sequence of
+        a model windowed on every layer holds only its window's blocks, so a longer one fits."""
+        self.sliding_window = sliding_window
+        self.max_chunk_tokens = max_chunk_tokens
         self.tokenizer = tokenizer
         self.max_beam_width = max_beam_width  # EngineConfig.max_beam_width
         self.max_num_seqs = max_num_seqs  # a beam group runs all its beams at once
@@ -198,13 +205,17 @@ class InputProcessor:
     def _resolve_max_tokens(self, num_prompt_tokens: int, max_tokens: int | None, num_beams: int = 1) -> int:
         """max_tokens=None means up to the context length. Raises when the request could never fit
         the context or the whole KV cache (admitted, it would wait forever); a beam search's beams
-        must fit together, each at its longest (sharing makes them smaller in practice)."""
+        must fit together, each at its longest (sharing makes them smaller in practice; a group ranked
+        on the device releases nothing behind a window). A sequence of a windowed model needs at most
+        its window's blocks and a chunk's (engine/core/sliding_window.py)."""
         limit = self.max_model_len
         if max_tokens is None:
             max_tokens = limit - num_prompt_tokens  # > 0: validate_prompt_tokens ran
         elif num_prompt_tokens + max_tokens > limit:
             raise ContextLengthError(num_prompt_tokens, limit, max_tokens)
-        need = -(-(num_prompt_tokens + max_tokens) // self.block_size) * num_beams
+        total = num_prompt_tokens + max_tokens
+        window = self.sliding_window if num_beams == 1 else None
+        need = max_blocks_held(total, self.block_size, window, self.max_chunk_tokens or total) * num_beams
         if need > self.num_kv_blocks:
             beams = f" for each of {num_beams} beams" if num_beams > 1 else ""
             raise InvalidRequestError(

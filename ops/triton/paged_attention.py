@@ -33,7 +33,10 @@ One launch covers the whole batch. The grid is (query blocks, KV heads[, KV segm
   without them (their kernels compile as before). A windowed program starts at the tile holding its
   first row's window start: the tiles before it are never loaded, so a decode reads about W keys
   however long its context, and a split divides those tiles only (the host sizes it from min(context,
-  W)). Tiles crossed by some row's window edge take the masked loop, like the causal diagonal.
+  W)). Tiles crossed by some row's window edge take the masked loop, like the causal diagonal, which
+  loads no key before the first row's window start either: the blocks before the one holding it may
+  have been released by the KV cache manager (a null entry in the table), whatever TILE's ratio to the
+  block size.
 - Decode batches may also rotate and store this step's K/V in the same launch (ROTARY, `decode_attention`):
   queries are rotated as they are loaded, and the program whose tiles hold the new position stores that
   token's K/V for its KV head before a block barrier and its tile loop. On by default for caches in the
@@ -92,6 +95,7 @@ def _attend_tile(
     v_head,
     q_pos,  # [BLOCK_M] last key position each row may see
     kv_end,  # keys at or past this are out of range
+    kv_start,  # (WINDOWED) keys before this are in no row's window: never loaded (MASKED tiles)
     qk_scale,
     window,  # (WINDOWED) a row sees keys q_pos - window < k_pos <= q_pos
     softcap_log2,  # (SOFTCAP) softcap * log2(e); qk_scale is then scale / softcap, without log2(e)
@@ -115,6 +119,9 @@ def _attend_tile(
     slot = k_pos % BLOCK_SIZE
     if KV_WIDEN:  # float16 tiles of the fp8 cache's exact values (q is float16 then: see the kernel)
         k_valid = k_pos < kv_end
+        if WINDOWED:
+            # A tile may start before the window's first key: its block may be released (a null entry).
+            k_valid = k_valid & (k_pos >= kv_start)
         if MASKED:
             phys = tl.load(block_table + k_pos // BLOCK_SIZE, mask=k_valid, other=0).to(tl.int64)
         else:
@@ -125,6 +132,8 @@ def _attend_tile(
         v = load_f16_rows(v_rows, k_valid, HEAD_DIM, KV_WIDEN, HW_CVT, MASKED)
     elif MASKED:
         k_valid = k_pos < kv_end
+        if WINDOWED:
+            k_valid = k_valid & (k_pos >= kv_start)
         phys = tl.load(block_table + k_pos // BLOCK_SIZE, mask=k_valid, other=0).to(tl.int64)
         k = tl.load(
             k_head + phys[:, None] * stride_kb + slot[:, None] * stride_ks + offs_d[None, :],
@@ -279,8 +288,13 @@ def _paged_attention_kernel(
     num_tiles = tl.cdiv(kv_end, TILE)
     first_q_pos = context_len + q_block_local * BLOCK_Q
     tile_first = 0
+    kv_start = 0
     if WINDOWED:
-        tile_first = tl.maximum(first_q_pos - window + 1, 0) // TILE
+        # The first key any row reads. The KV cache manager may have released the blocks before the
+        # block holding it (engine/core/sliding_window.py): the tile holding it starts up to TILE - 1
+        # keys earlier, possibly in such a block, so the masked tiles load no key before it.
+        kv_start = tl.maximum(first_q_pos - window + 1, 0)
+        tile_first = kv_start // TILE
     if SPLIT:
         if WINDOWED:  # the split covers the window's tiles only
             tiles_per_segment = tl.cdiv(num_tiles - tile_first, num_segments)
@@ -335,22 +349,22 @@ def _paged_attention_kernel(
         mid = tl.maximum(mid, full_lo)
         for t in range(tile_lo, full_lo):
             m_i, l_i, acc = _attend_tile(
-                q, m_i, l_i, acc, t, block_table, k_head, v_head, q_pos, kv_end, qk_scale, window, softcap_log2,
-                stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_SIZE, TILE, True, DOT_PRECISION,
-                KV_WIDEN, HW_CVT, WINDOWED, SOFTCAP,
+                q, m_i, l_i, acc, t, block_table, k_head, v_head, q_pos, kv_end, kv_start, qk_scale, window,
+                softcap_log2, stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_SIZE, TILE, True,
+                DOT_PRECISION, KV_WIDEN, HW_CVT, WINDOWED, SOFTCAP,
             )  # fmt: skip
         tile_lo = full_lo
     for t in range(tile_lo, mid):
         m_i, l_i, acc = _attend_tile(
-            q, m_i, l_i, acc, t, block_table, k_head, v_head, q_pos, kv_end, qk_scale, window, softcap_log2,
-            stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_SIZE, TILE, False, DOT_PRECISION, KV_WIDEN,
-            HW_CVT, WINDOWED, SOFTCAP,
+            q, m_i, l_i, acc, t, block_table, k_head, v_head, q_pos, kv_end, kv_start, qk_scale, window,
+            softcap_log2, stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_SIZE, TILE, False,
+            DOT_PRECISION, KV_WIDEN, HW_CVT, WINDOWED, SOFTCAP,
         )  # fmt: skip
     for t in range(mid, tile_hi):
         m_i, l_i, acc = _attend_tile(
-            q, m_i, l_i, acc, t, block_table, k_head, v_head, q_pos, kv_end, qk_scale, window, softcap_log2,
-            stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_SIZE, TILE, True, DOT_PRECISION, KV_WIDEN,
-            HW_CVT, WINDOWED, SOFTCAP,
+            q, m_i, l_i, acc, t, block_table, k_head, v_head, q_pos, kv_end, kv_start, qk_scale, window,
+            softcap_log2, stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_SIZE, TILE, True,
+            DOT_PRECISION, KV_WIDEN, HW_CVT, WINDOWED, SOFTCAP,
         )  # fmt: skip
 
     if KV_SCALED:

@@ -140,6 +140,78 @@ def test_tiles_before_the_window_are_never_read(split: bool) -> None:
     assert rel_err(out, ref) < 1e-5
 
 
+def _release_behind_windows(batch: dict, window: int) -> dict:
+    """A copy of `batch` as the KV cache manager may leave it (engine/core/sliding_window.py): every
+    block wholly before the block holding a sequence's first window key (of its first query) released
+    and given to someone else, here filled with NaN keys and values. Finer than a tile: the kernels'
+    tiles (16, 64) span several blocks (8), so a tile may start in such a block."""
+    released = {**batch, "k_cache": batch["k_cache"].clone(), "v_cache": batch["v_cache"].clone()}
+    block_size = batch["k_cache"].shape[1]
+    starts = batch["query_start_loc"].tolist()
+    for s, seq_len in enumerate(batch["seq_lens"].tolist()):
+        first_pos = seq_len - (starts[s + 1] - starts[s])
+        for blk in range(max(first_pos - window + 1, 0) // block_size):
+            for name in ("k_cache", "v_cache"):
+                released[name][int(batch["block_tables"][s, blk])] = float("nan")
+    return released
+
+
+# Decodes 70, 33 and 9 keys deep and a prefill chunk 100 keys into its sequence: window 10's first key
+# mid-tile (16) and mid-block (8) for the 70- and 105-key rows.
+RELEASED = ([1, 5, 1, 1], [70, 105, 33, 9])
+
+
+@in_process
+@pytest.mark.parametrize("split", [False, True], ids=["one-pass", "split-kv"])
+def test_released_blocks_before_the_window_are_never_read(split: bool) -> None:
+    """The reference and the kernel over a cache whose released blocks hold NaN give the reference's
+    output over the clean cache."""
+    batch = make_batch(*RELEASED, 4, 2, 32, 8, torch.float32, seed=27)
+    released = _release_behind_windows(batch, 10)
+    assert torch.isnan(released["v_cache"]).any()
+    ref = reference.paged_attention(**batch, sliding_window=10)
+    torch.testing.assert_close(reference.paged_attention(**released, sliding_window=10), ref)
+    config = AttentionConfig(block_m=16, tile=16, num_segments=4 if split else 1)
+    with poisoned_allocations():
+        out = paged_attention_with_config(**released, config=config, sliding_window=10)
+        default = impl.paged_attention(**released, sliding_window=10)  # tiles of 64
+    assert rel_err(out, ref) < 1e-5
+    assert rel_err(default, ref) < 1e-5
+
+
+@in_process
+@pytest.mark.parametrize("widen", [False, True], ids=["fp8-bytes", "fp8-widened"])
+def test_released_blocks_before_the_window_are_never_read_from_fp8_caches(widen: bool) -> None:
+    dtype = torch.float16 if widen else torch.float32
+    batch = _fp8_batch(*RELEASED, torch.float8_e4m3fn, dtype, seed=28, scales="per-head")
+    released = _release_behind_windows(batch, 20)
+    ref = reference.paged_attention(**batch, sliding_window=20)
+    config = AttentionConfig(block_m=16, tile=32, num_segments=1, fp8_widen=widen)  # tiles of 2 blocks
+    with poisoned_allocations():
+        out = paged_attention_with_config(**released, config=config, sliding_window=20)
+    assert rel_err(out, ref) < (5e-3 if widen else 1e-5)
+
+
+@in_process
+def test_released_blocks_before_the_window_are_never_read_by_the_fused_decode() -> None:
+    b = _batch(torch.float32, torch.float32, 2)
+    cos_sin = build_cos_sin_cache(HEAD_DIM, 1024, 10000.0).to(DEVICE)
+    q, k, v = b["qkv"].split(b["split"], dim=-1)
+    n, window = q.shape[0], 12
+    released = _release_behind_windows(b, window)  # the 151-key row: blocks 0-16 hold NaN
+    assert torch.isnan(released["k_cache"]).any()
+    args = (b["slot_mapping"], b["block_tables"], b["seq_lens"], b["query_start_loc"], 4096, HEAD_DIM**-0.5)
+    ref = reference.decode_attention(
+        b["positions"], q, k, v, cos_sin, HEAD_DIM, b["k_cache"].clone(), b["v_cache"].clone(), *args,
+        None, None, window,
+    )  # fmt: skip
+    out = impl.decode_attention(
+        b["positions"], q, k, v, cos_sin, HEAD_DIM, released["k_cache"], released["v_cache"], *args,
+        None, None, window,
+    )  # fmt: skip
+    assert rel_err(out[: n - 1], ref[: n - 1]) < 1e-5
+
+
 @in_process
 @pytest.mark.parametrize("head_dim", [HEAD_DIM, 48], ids=lambda d: f"head{d}")
 @pytest.mark.parametrize("split", [False, True], ids=["one-pass", "split-kv"])

@@ -25,7 +25,9 @@ WEIR_FUSED_DECODE_ATTENTION=0 turns it off (read when the layer is built).
 A layer may attend over a sliding window (`sliding_window` W: a query at position p sees keys
 p - W + 1 .. p, transformers' convention) and cap its scores (`logit_softcap` c: c * tanh(s / c)
 before the softmax, Gemma 2); every kernel path takes both (None: off, the kernels compiled without).
-The cache keeps the blocks before a window: the kernels skip them, nothing frees them.
+The kernels never load a key before their first query's window: where every layer has the same
+window, the KV cache manager releases the blocks before it (engine/core/sliding_window.py) and the
+table's entries there name blocks that may hold anything.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ b. Real-shape starts with dummy weights (load_format="dummy", re-drawn N(0, 0.02
 
 Prints PASS/FAIL lines last; writes $OUT/family_check.json.
 Run: OUT=$OUT WEIR_COMMIT=<hash> PYTHONUNBUFFERED=1 python3 loadtest/gpu_family_check.py
-     WEIR_CHECK_PARTS="a" (or "b") for one part; WEIR_FAMILIES="mixtral gemma2" for some families;
+     WEIR_CHECK_PARTS="a" (or "b") for one part; WEIR_FAMILIES="mixtral gemma2" for some families,
+     WEIR_REAL_SHAPES="mixtral-8x7b-2l" for some of part b's shapes;
      part a starts no family after WEIR_PART_A_LIMIT_S (120) seconds, no part after WEIR_CHECK_LIMIT_S (400);
      --dry-run: engines and transformers on CPU, one family, tiny-gemma2 for part b (CI smoke).
 Imports nothing from app/ (the GPU machine lacks the HTTP stack).
@@ -82,7 +83,7 @@ NEW_FAMILIES = (  # most telling first: part a stops starting families at its ti
 DRY_RUN_FAMILIES = ("qwen3_moe",)
 PROMPT_LENGTHS = (5, 17, 33, 40) if not DRY_RUN else (5, 17)  # past every tiny window (8-12 tokens)
 MAX_TOKENS = 20 if not DRY_RUN else 8
-REAL_SHAPES = ("mixtral-8x7b-2l", "gemma2-9b")
+REAL_SHAPES = tuple(os.environ.get("WEIR_REAL_SHAPES", "mixtral-8x7b-2l gemma2-9b").split())
 DRY_RUN_SHAPES = ("tiny-gemma2",)
 REAL_PROMPT_LENGTHS = (7, 300, 1500, 4500, 6000)  # the longest two past Gemma 2's 4096-token window
 DRY_RUN_PROMPT_LENGTHS = (5, 20, 40)  # past tiny-gemma2's 16
@@ -391,13 +392,27 @@ def triton_vs_torch_ops(
             rel_err=f"{err:.2e}",
             argmax_agree=info["argmax_agree"],
         )
-    drift = max(abs(a - b) for f, g in zip(forced, logprobs, strict=True) for a, b in zip(f, g, strict=True))
+    # [prompt][token] |log p graphs - log p torch ops|. Its spread tells a bug (drift everywhere) from an
+    # MoE router's near-tie flipped by rounding (one token's expert pair changes: drift at a few tokens).
+    drifts = [[abs(a - b) for a, b in zip(f, g, strict=True)] for f, g in zip(forced, logprobs, strict=True)]
+    flat = sorted(d for row in drifts for d in row)
+    drift = flat[-1]
+    over = [
+        (i, j, round(d, 3))
+        for i, row in enumerate(drifts)
+        for j, d in enumerate(row)
+        if d > DRIFT_BOUND["bfloat16"]
+    ]
     info["decode_logprob_drift_vs_torch_ops"] = round(drift, 4)
+    info["decode_logprob_drift_median"] = round(flat[len(flat) // 2], 4)
+    info["decode_tokens_over_bound"] = f"{len(over)}/{len(flat)}: {over[:12]}"
     check(
         f"{shape}: decoded tokens' log p, graphs vs the torch ops teacher-forced (within "
         f"{DRIFT_BOUND['bfloat16']})",
         drift <= DRIFT_BOUND["bfloat16"],
         max_logprob_drift=round(drift, 4),
+        median=info["decode_logprob_drift_median"],
+        over_bound=info["decode_tokens_over_bound"],
     )
 
 

@@ -169,12 +169,16 @@ def test_drain_lets_in_flight_finish_and_refuses_new(fake_server: LiveServer) ->
     engine.step_delay = 0.02
     t, events = _read_stream_in_thread(fake_server.base_url, {"prompt": "Hi", "max_tokens": 40})
     assert wait_until(lambda: engine.stats().num_running == 1)
+    # Held in flight while the drain is checked: its 40 steps (0.8 s) alone raced the checks below, and
+    # a request that had finished first would have let the server close the listener (ConnectError).
+    engine.pause()
     fake_server.server.request_shutdown()
     assert wait_until(lambda: fake_server.state.draining)
     with httpx.Client(base_url=fake_server.base_url, timeout=30) as c:
         _error(c.post(COMP, json={"prompt": "Hi"}), 503, "draining")
         r = c.get("/health")
         assert r.status_code == 503 and r.json()["status"] == "draining"
+    engine.resume()
     t.join(10)
     assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
     fake_server.thread.join(10)

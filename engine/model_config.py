@@ -14,8 +14,8 @@ implement are refused naming the field.
 
 Phi-3 (`Phi3ForCausalLM`: Phi-3-mini/medium, Phi-3.5-mini, Phi-4, Phi-4-mini) adds two rope options:
 `partial_rotary_factor` (only the first `rotary_dim` = int(head_dim * factor) dims of each head
-rotate) and rope type `longrope` (Phi-3 "su", or "yarn" as transformers reads it): per-frequency `short_factor` / `long_factor` and an
-attention factor that scales cos and sin. transformers switches from the short to the long factors
+rotate) and rope type `longrope` (Phi-3 "su", or "yarn" as transformers reads it): per-frequency
+`short_factor` / `long_factor` and an attention factor that scales cos and sin. transformers switches from the short to the long factors
 when a sequence grows past `original_max_position_embeddings` (recomputing its whole KV cache then);
 weir, as vLLM, decides once per engine: the long factors when `max_model_len` (the user's value, else
 max_position_embeddings) is larger than `original_max_position_embeddings`, else the short ones, so a KV

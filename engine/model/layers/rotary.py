@@ -3,8 +3,9 @@ over the rotary_embedding kernel of the model's `Kernels` (ops).
 
 The cos/sin cache is built in float32 with the same expressions as transformers'
 `modeling_rope_utils` (default, "linear", "llama3", "longrope", "yarn" and "dynamic" rope types), so
-positions embed bit-identically. Its rows are `rotary_dim` wide: with Phi-3's partial_rotary_factor only the first
-rotary_dim dims of a head rotate (the kernels take the width from the cache) and the rest pass through.
+positions embed bit-identically. Its rows are `rotary_dim` wide: with Phi-3's partial_rotary_factor
+only the first rotary_dim dims of a head rotate (the kernels take the width from the cache) and the
+rest pass through.
 
 longrope (Phi-3) has two sets of per-frequency factors; which one this cache holds was decided once
 per engine from max_model_len (engine.model_config: the long factors when max_model_len is larger

@@ -148,7 +148,8 @@ ENGINE_HELP: dict[str, str] = {
     "device": "auto (cuda when available), cpu or cuda.",
     "seed": "Seed of the engine's random generator (requests may pass their own seed).",
     "load_format": "auto, safetensors, or dummy (random weights, for benchmarks).",
-    "max_model_len": "Context length: prompt + output tokens. Default: the model's max_position_embeddings.",
+    "max_model_len": "Context length: prompt + output tokens. Default: the model's max_position_embeddings "
+    "(rope_scaling yarn: original_max_position_embeddings * factor, as vLLM).",
     "block_size": "Tokens per KV-cache block: 8, 16, 32 or 64.",
     "kv_cache_dtype": "KV-cache dtype: auto (the model dtype), fp8 (= fp8_e4m3) or fp8_e5m2: 1-byte K/V "
     "with per-tensor or per-KV-head scales from the checkpoint's k_scale/v_scale (1.0 without), twice the blocks of a "

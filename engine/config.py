@@ -59,7 +59,7 @@ class EngineConfig:
     device: str = "auto"  # auto: cuda when available
     seed: int = 0
     load_format: str = "auto"
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_model_len: int | None = None  # None: the model's max_position_embeddings (yarn: scaled, rope_fields)
     block_size: int = 16
     # auto: the model dtype; fp8 / fp8_e4m3 / fp8_e5m2: 1-byte K/V with per-tensor or per-head scales (the
     # checkpoint's k_scale / v_scale, else 1.0): half a bf16 cache's bytes, twice the blocks

@@ -14,13 +14,18 @@ implement are refused naming the field.
 
 Phi-3 (`Phi3ForCausalLM`: Phi-3-mini/medium, Phi-3.5-mini, Phi-4, Phi-4-mini) adds two rope options:
 `partial_rotary_factor` (only the first `rotary_dim` = int(head_dim * factor) dims of each head
-rotate) and rope type `longrope` (Phi-3 "su"): per-frequency `short_factor` / `long_factor` and an
-attention factor that scales cos and sin. transformers switches from the short to the long factors
+rotate) and rope type `longrope` (Phi-3 "su", or "yarn" as transformers reads it): per-frequency
+`short_factor` / `long_factor` and an attention factor that scales cos and sin. transformers switches from the short to the long factors
 when a sequence grows past `original_max_position_embeddings` (recomputing its whole KV cache then);
 weir, as vLLM, decides once per engine: the long factors when `max_model_len` (the user's value, else
 max_position_embeddings) is larger than `original_max_position_embeddings`, else the short ones, so a KV
 cache (and a prefix-cache block) never holds keys rotated two ways. Serve with `--max-model-len` at
 most `original_max_position_embeddings` to get the short factors.
+
+Rope types `yarn` (static: transformers' cache at every length; max_model_len up to, and by default,
+original_max_position_embeddings * factor, as vLLM) and `dynamic` (Dynamic NTK: one base per engine,
+from max_model_len) are validated and resolved in engine.rope_fields, whose doc says where dynamic's
+tokens can differ from transformers'.
 
 Granite (`GraniteForCausalLM`, and `GraniteMoeForCausalLM` over the MoE layers) is Llama with four
 scalings (granite_fields): embedding_multiplier,
@@ -48,10 +53,17 @@ from engine.config_fields import (
     with_family_defaults,
 )
 from engine.model.models.registry import SUPPORTED_ARCHITECTURES
+from engine.rope_fields import (
+    default_max_model_len,
+    resolve_dynamic,
+    resolve_yarn,
+    scaled_max_len,
+    set_dynamic_seq_len,
+)
 
 logger = logging.getLogger("weir.engine")
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn", "dynamic")
 FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
 GEMMA_FAMILIES = ("Gemma", "Gemma2", "Gemma3")
 _MULTIMODAL = {
@@ -82,8 +94,9 @@ class ModelConfig:
     intermediate_size: int
     rms_norm_eps: float
     rope_theta: float
-    # None for plain rope; else has "rope_type" (linear, llama3, longrope). longrope's is resolved here:
-    # "attention_factor" (a float), "use_long_factor" (from max_model_len: see the module doc).
+    # None for plain rope; else has "rope_type" (linear, llama3, longrope, yarn, dynamic). longrope's is
+    # resolved here: "attention_factor" (a float), "use_long_factor" (from max_model_len: see the module
+    # doc); yarn's and dynamic's in engine.rope_fields (dynamic's "seq_len" from max_model_len).
     rope_scaling: dict[str, Any] | None
     max_position_embeddings: int
     # The user's value, else max_position_embeddings. What the model and the runner's memory profile
@@ -245,7 +258,7 @@ class ModelConfig:
                 cfg, model_path
             )
         else:
-            rope_theta, rope_scaling = _parse_rope(cfg, model_path)
+            rope_theta, rope_scaling = _parse_rope(cfg, model_path, phi3=family == "Phi3")
         rotary_dim = _rotary_dim(family, cfg, head_dim, model_path)
         if rotary_dim % 2:  # (Phi-3's partial rotary_dim is checked by _rotary_dim)
             raise ValueError(
@@ -253,6 +266,11 @@ class ModelConfig:
             )
         if rope_scaling is not None and rope_scaling["rope_type"] == "longrope":
             _check_longrope(rope_scaling, rotary_dim, max_position_embeddings, model_path)
+        for scaling in (rope_scaling, rope_local_scaling):
+            if scaling is not None and scaling["rope_type"] == "yarn":
+                resolve_yarn(scaling, cfg, max_position_embeddings, model_path)
+            if scaling is not None and scaling["rope_type"] == "dynamic":
+                resolve_dynamic(scaling, rotary_dim, max_position_embeddings, model_path)
 
         attention_bias = bool(cfg.get("attention_bias", False))
         if family == "Qwen2":
@@ -272,7 +290,9 @@ class ModelConfig:
         num_layers = int_field(cfg, "num_hidden_layers", model_path)
         moe = moe_fields(family, cfg, num_layers, model_path)
         sliding_window, layer_types = _sliding_layers(family, cfg, num_layers, model_path)
-        resolved_len = _resolve_max_model_len(max_model_len, max_position_embeddings, model_path)
+        resolved_len = _resolve_max_model_len(
+            max_model_len, max_position_embeddings, rope_scaling, model_path
+        )
         # Gemma 2's config class defaults to both softcaps (50, 30) when config.json omits them; Gemma 3's to none
         softcaps = {
             key: _positive_or_none({key: default, **cfg}, key, model_path)
@@ -301,6 +321,9 @@ class ModelConfig:
                 ">" if resolved_len > original else "<=",
                 original,
             )
+        for scaling in (rope_scaling, rope_local_scaling):
+            if scaling is not None and scaling["rope_type"] == "dynamic":
+                set_dynamic_seq_len(scaling, resolved_len)
 
         eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
         eos_token_ids = _as_id_list(eos)
@@ -426,7 +449,7 @@ def moe_fields(family: str, cfg: dict[str, Any], num_layers: int, model_path: st
 
 
 def _parse_rope(
-    cfg: dict[str, Any], model_path: str, default_theta: float = 10000.0
+    cfg: dict[str, Any], model_path: str, default_theta: float = 10000.0, phi3: bool = False
 ) -> tuple[float, dict[str, Any] | None]:
     params = dict(cfg.get("rope_parameters") or {})
     legacy = cfg.get("rope_scaling")
@@ -436,8 +459,12 @@ def _parse_rope(
     rope_theta = positive_number(rope_theta, "rope_theta", model_path)
     params.pop("partial_rotary_factor", None)  # read by _rotary_dim
     rope_type = params.get("rope_type") or params.get("type") or "default"
-    if rope_type == "su":  # Phi-3's first name for longrope (transformers renames it too)
-        rope_type = "longrope"
+    if rope_type == "su" or (phi3 and rope_type == "yarn"):  # Phi-3's first names for longrope (as
+        rope_type = "longrope"  # transformers renames them)
+    if phi3 and rope_type not in ("default", "longrope"):  # (transformers' Phi3Config refuses the others)
+        raise ValueError(
+            f"unsupported rope_type {rope_type!r} in {model_path}; Phi-3 takes default or longrope"
+        )
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(
             f"unsupported rope_type {rope_type!r} in {model_path}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
@@ -450,6 +477,8 @@ def _parse_rope(
         "linear": ("factor",),
         "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
         "longrope": ("short_factor", "long_factor"),
+        "yarn": ("factor",),  # (present; null: transformers' ratio, see engine.rope_fields)
+        "dynamic": ("factor",),
     }[rope_type]
     for key in required:
         if key not in params:
@@ -622,19 +651,29 @@ def _positive_or_none(cfg: dict[str, Any], key: str, model_path: str) -> float |
     return float(value)
 
 
-def _resolve_max_model_len(requested: int | None, max_position_embeddings: int, model_path: str) -> int:
-    if requested is not None:
-        if not isinstance(requested, int) or isinstance(requested, bool) or requested <= 0:
-            raise ValueError(f"max_model_len must be a positive integer; got {requested!r}")
-        if requested > max_position_embeddings:
-            raise ValueError(
-                f"max_model_len ({requested}) is larger than the model's max_position_embeddings "
-                f"({max_position_embeddings}) in {model_path}"
-            )
-        length = requested
-    else:
-        length = max_position_embeddings
-    return length
+def _resolve_max_model_len(
+    requested: int | None,
+    max_position_embeddings: int,
+    rope_scaling: dict[str, Any] | None,
+    model_path: str,
+) -> int:
+    """The user's max_model_len, at most the model's length (yarn and dynamic scale it, as vLLM), else
+    the default (engine.rope_fields.default_max_model_len)."""
+    if requested is None:
+        return default_max_model_len(rope_scaling, max_position_embeddings)
+    if not isinstance(requested, int) or isinstance(requested, bool) or requested <= 0:
+        raise ValueError(f"max_model_len must be a positive integer; got {requested!r}")
+    limit, why = scaled_max_len(rope_scaling, max_position_embeddings)
+    if requested > limit and limit == max_position_embeddings:
+        raise ValueError(
+            f"max_model_len ({requested}) is larger than the model's max_position_embeddings "
+            f"({max_position_embeddings}) in {model_path}"
+        )
+    if requested > limit:
+        raise ValueError(
+            f"max_model_len ({requested}) is larger than the model's scaled length {limit} ({why}) in {model_path}"
+        )
+    return requested
 
 
 def _as_id_list(value: Any) -> list[int]:

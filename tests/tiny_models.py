@@ -96,6 +96,8 @@ FAMILIES = (
     "granite",
     "granite_moe",
     "olmo2",
+    "qwen2_yarn",
+    "llama_dynamic",
 )
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "granite_moe")
 # Tiny mixture-of-experts settings: 4 experts, top-2, an expert intermediate size that is no power of two.
@@ -125,6 +127,12 @@ WINDOWS = {
     "qwen2_moe_window": 9,
     "phi3_window": 11,
 }
+# Rope scalings with lengths the parity tests' prompts + outputs (up to 68 tokens) cross or stay under:
+# yarn's pretraining length (its scaling is static, so it changes every position's rotation, its ramp
+# over the 8 frequencies of a 16-dim head partial at this length) and dynamic's max_position_embeddings
+# (weir's default max_model_len: transformers applies no scaling below it, and weir none).
+YARN_ORIGINAL = 32
+DYNAMIC_MAX_POSITIONS = 72
 # Built on demand by their own tests (tests/e2e/test_parity.py), not by every FAMILIES-wide test.
 OTHER_FAMILIES = ("gemma", "qwen2_window", "qwen2_moe_window", "phi3_window")
 
@@ -176,6 +184,12 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
                 "original_max_position_embeddings": 64,
             },
         )
+    if family == "qwen2_yarn":  # Qwen2.5 / Qwen3's long-context setting, in the legacy rope_scaling form
+        rope = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": YARN_ORIGINAL}
+        return Qwen2Config(**common, rope_scaling=rope)
+    if family == "llama_dynamic":
+        positions = {"max_position_embeddings": DYNAMIC_MAX_POSITIONS}
+        return LlamaConfig(**{**common, **positions}, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     if family == "llama_tied":
         return LlamaConfig(**{**common, "tie_word_embeddings": True})
     if family == "mistral":

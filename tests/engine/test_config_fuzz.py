@@ -30,6 +30,8 @@ ARCHITECTURES = {
     "granite": "GraniteForCausalLM",
     "granite_moe": "GraniteMoeForCausalLM",
     "olmo2": "Olmo2ForCausalLM",
+    "qwen2_yarn": "Qwen2ForCausalLM",
+    "llama_dynamic": "LlamaForCausalLM",
 }
 F = "/m/config.json"
 
@@ -53,6 +55,14 @@ def _longrope(**changes: Any) -> dict[str, Any]:
     cfg = _cfg("phi3_partial")
     cfg["rope_parameters"] = {**cfg["rope_parameters"], "factor": 2.0, **changes}
     cfg.pop("original_max_position_embeddings")
+    return cfg
+
+
+def _rope(family: str, drop: str = "", **changes: Any) -> dict[str, Any]:
+    """The family's config.json with its rope_parameters changed (and `drop` left out)."""
+    cfg = _cfg(family)
+    rope = {**cfg["rope_parameters"], **changes}
+    cfg["rope_parameters"] = {k: v for k, v in rope.items() if k != drop}
     return cfg
 
 
@@ -97,7 +107,29 @@ REFUSALS = [
     (_set("granite_moe", num_local_experts=0), f"num_local_experts in {F} must be a positive integer; got 0"),
     (_set("granite_moe", logits_scaling=-8), f"logits_scaling in {F} must be a positive number; got -8"),
     (_set("granite", hidden_act="gelu"), "unsupported hidden_act 'gelu' in /m; only 'silu' is supported"),
-    (_set("olmo2", rope_parameters={"rope_type": "yarn", "factor": 2.0}), "unsupported rope_type 'yarn' in /m; supported: default, linear, llama3, longrope"),
+    (_set("olmo2", rope_parameters={"rope_type": "ntk", "factor": 2.0}), "unsupported rope_type 'ntk' in /m; supported: default, linear, llama3, longrope, yarn, dynamic"),
+    (_rope("qwen2_yarn", factor="4"), f"yarn factor in {F} must be a positive number; got '4'"),
+    (_rope("qwen2_yarn", factor=0), f"yarn factor in {F} must be a positive number; got 0"),
+    (_rope("qwen2_yarn", factor=-4.0), f"yarn factor in {F} must be a positive number; got -4.0"),
+    (_rope("qwen2_yarn", factor=True), f"yarn factor in {F} must be a positive number; got True"),
+    (_rope("qwen2_yarn", drop="factor"), "rope scaling 'yarn' in /m is missing 'factor'"),
+    (_rope("qwen2_yarn", original_max_position_embeddings=0), f"yarn original_max_position_embeddings in {F} must be a positive integer; got 0"),
+    (_rope("qwen2_yarn", original_max_position_embeddings="32"), f"yarn original_max_position_embeddings in {F} must be a positive integer; got '32'"),
+    (_set("qwen2_yarn", original_max_position_embeddings=32.5), f"yarn original_max_position_embeddings in {F} must be a positive integer; got 32.5"),
+    (_rope("qwen2_yarn", beta_fast="fast"), f"yarn beta_fast in {F} must be a positive number; got 'fast'"),
+    (_rope("qwen2_yarn", beta_slow=0), f"yarn beta_slow in {F} must be a positive number; got 0"),
+    (_rope("qwen2_yarn", beta_fast=1, beta_slow=2), f"yarn beta_fast (1.0) in {F} must be at least beta_slow (2.0)"),
+    (_rope("qwen2_yarn", beta_fast=0.5), f"yarn beta_fast (0.5) in {F} must be at least beta_slow (1.0)"),
+    (_rope("qwen2_yarn", mscale=-1), f"yarn mscale in {F} must be a non-negative number or null; got -1"),
+    (_rope("qwen2_yarn", mscale_all_dim="1"), f"yarn mscale_all_dim in {F} must be a non-negative number or null; got '1'"),
+    (_rope("qwen2_yarn", attention_factor=0.0), f"yarn attention_factor in {F} must be a positive number; got 0.0"),
+    (_rope("qwen2_yarn", truncate="no"), f"yarn truncate in {F} must be true or false; got 'no'"),
+    (_rope("qwen2_yarn", truncate=None), f"yarn truncate in {F} must be true or false; got None"),
+    (_rope("llama_dynamic", factor="2.0"), f"dynamic factor in {F} must be a positive number; got '2.0'"),
+    (_rope("llama_dynamic", factor=None), f"dynamic factor in {F} must be a positive number; got None"),
+    (_rope("llama_dynamic", factor=-2), f"dynamic factor in {F} must be a positive number; got -2"),
+    (_rope("llama_dynamic", drop="factor"), "rope scaling 'dynamic' in /m is missing 'factor'"),
+    (_rope("llama_dynamic", rope_theta=[1e4]), f"rope_theta in {F} must be a positive number; got [10000.0]"),
 ]  # fmt: skip
 
 

@@ -2,13 +2,16 @@
 over the rotary_embedding kernel of the model's `Kernels` (ops).
 
 The cos/sin cache is built in float32 with the same expressions as transformers'
-`modeling_rope_utils` (default, "linear", "llama3" and "longrope" rope types), so positions embed
-bit-identically. Its rows are `rotary_dim` wide: with Phi-3's partial_rotary_factor only the first
-rotary_dim dims of a head rotate (the kernels take the width from the cache) and the rest pass through.
+`modeling_rope_utils` (default, "linear", "llama3", "longrope", "yarn" and "dynamic" rope types), so
+positions embed bit-identically. Its rows are `rotary_dim` wide: with Phi-3's partial_rotary_factor
+only the first rotary_dim dims of a head rotate (the kernels take the width from the cache) and the
+rest pass through.
 
 longrope (Phi-3) has two sets of per-frequency factors; which one this cache holds was decided once
 per engine from max_model_len (engine.model_config: the long factors when max_model_len is larger
-than original_max_position_embeddings, as vLLM), and its attention factor scales cos and sin.
+than original_max_position_embeddings, as vLLM), and its attention factor scales cos and sin, as
+yarn's does. dynamic (Dynamic NTK) has one base per engine, for the sequence length engine.rope_fields
+chose from max_model_len (transformers recomputes it per forward; see there).
 """
 
 from __future__ import annotations
@@ -55,14 +58,50 @@ def compute_inv_freq(
         smoothed_inv_freq = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
         is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
         return torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama)
+    if rope_type == "yarn":
+        return _yarn_inv_freq(dim, base, rope_scaling)
+    if rope_type == "dynamic":
+        return _dynamic_ntk_inv_freq(dim, base, rope_scaling)
     raise ValueError(f"unsupported rope_type {rope_type!r}")
+
+
+def _yarn_inv_freq(dim: int, base: float, rope_scaling: dict[str, Any]) -> torch.Tensor:
+    """YaRN: frequencies that turn fewer than beta_slow times over the pretraining length are
+    interpolated (divided by factor), those that turn more than beta_fast times kept, a linear ramp between
+    (in transformers' order of operations, for identical bits)."""
+    factor = rope_scaling["factor"]
+    original = rope_scaling["original_max_position_embeddings"]
+
+    def correction_dim(num_rotations: float) -> float:  # the dim that turns num_rotations times
+        return (dim * math.log(original / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(rope_scaling["beta_fast"]), correction_dim(rope_scaling["beta_slow"])
+    if rope_scaling["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # (no zero-width ramp)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).to(dtype=torch.float) / dim)  # [rotary_dim / 2]
+    inv_freq_extrapolation = 1.0 / pos_freqs
+    inv_freq_interpolation = 1.0 / (factor * pos_freqs)
+    extrapolation_factor = 1 - ramp
+    return inv_freq_interpolation * (1 - extrapolation_factor) + inv_freq_extrapolation * extrapolation_factor
+
+
+def _dynamic_ntk_inv_freq(dim: int, base: float, rope_scaling: dict[str, Any]) -> torch.Tensor:
+    """Dynamic NTK: the base raised for rope_scaling["seq_len"] (at most max_position_embeddings: the
+    plain base, computed through the same float expression as transformers' for identical bits)."""
+    factor, trained = rope_scaling["factor"], rope_scaling["max_position_embeddings"]
+    base = base * ((factor * rope_scaling["seq_len"] / trained) - (factor - 1)) ** (dim / (dim - 2))
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim))
 
 
 def build_cos_sin_cache(
     rotary_dim: int, max_position: int, base: float, rope_scaling: dict[str, Any] | None = None
 ) -> torch.Tensor:
     """[max_position, rotary_dim] float32: cos(pos * inv_freq) in the first half, sin in the second
-    (times longrope's attention factor)."""
+    (times longrope's or yarn's attention factor)."""
     inv_freq = compute_inv_freq(rotary_dim, base, rope_scaling)  # [rotary_dim / 2]
     positions = torch.arange(max_position, dtype=torch.int64).float()
     freqs = positions[:, None] * inv_freq[None, :]  # [max_position, rotary_dim / 2]

@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from engine import LLM, SamplingParams  # noqa: E402
-from tests.tiny_models import FAMILIES, build_model, build_tokenizer  # noqa: E402
+from tests.tiny_models import FAMILIES, build_model, build_tokenizer, preemption_cache  # noqa: E402
 
 OUT_DIR = os.environ.get("OUT")
 START = time.time()
@@ -193,7 +193,7 @@ def tiny_parity() -> None:
         "graphs": dict(num_kv_blocks=256),
         "eager": dict(num_kv_blocks=256, enforce_eager=True),
         "chunked_prefill": dict(num_kv_blocks=256, max_num_batched_tokens=7),
-        "preemption": dict(block_size=8, num_kv_blocks=9),
+        "preemption": {},  # preemption_cache(family), per family below
         # Mixed prefill+decode steps replayed from CUDA graphs (off by default in the engine).
         "mixed_graphs": dict(num_kv_blocks=256, max_num_batched_tokens=24, max_cuda_graph_mixed_tokens=32),
     }
@@ -204,6 +204,8 @@ def tiny_parity() -> None:
         got: dict[str, list[list[int]]] = {}
         fam = summary[family] = {}
         for name, kw in configs.items():
+            if name == "preemption":
+                kw = preemption_cache(family)
             llm = strict(LLM(str(model_dir), **common, **kw))
             replays = count_replays(llm)
             outs = llm.generate(prompts, params, use_tqdm=False)

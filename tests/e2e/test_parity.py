@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine import LLM, SamplingParams
-from tests.tiny_models import FAMILIES, OTHER_FAMILIES, build_model
+from tests.tiny_models import FAMILIES, OTHER_FAMILIES, build_model, preemption_cache
 
 MAX_TOKENS = 20
 PROMPT_LENGTHS = (5, 17, 33, 40)
@@ -101,15 +101,7 @@ def test_greedy_parity_under_preemption(tiny_model_dirs: dict[str, Path], family
     model_dir = tiny_model_dirs[family]
     prompts = _prompts()
     expected, _ = hf_greedy(model_dir, prompts)
-    # 60 tokens (40 + 20) need 8 blocks of 8; the whole batch needs ~20. 9 blocks force preemption.
-    # A model windowed on every layer holds only its window's blocks (2 or 3 of 8 for a decode: see
-    # tests/e2e/test_sliding_window_blocks.py): 6, with prompts in chunks of 16 so each fits alone.
-    cache = (
-        dict(num_kv_blocks=6, max_num_batched_tokens=16)
-        if family == "mistral_window"
-        else dict(num_kv_blocks=9)
-    )
-    llm = LLM(str(model_dir), device="cpu", dtype="float32", block_size=8, **cache)
+    llm = LLM(str(model_dir), device="cpu", dtype="float32", **preemption_cache(family))
     outs = llm.generate(prompts, _greedy(), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected
     assert llm.llm_engine.stats().num_preemptions > 0

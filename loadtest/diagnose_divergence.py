@@ -1,0 +1,193 @@
+"""Where a tiny family's greedy tokens leave transformers' on the GPU: one op at a time back on torch.
+
+On an H100 (`2d0586f`, loadtest/results/families-moe-h100-2026-12-05-98de842/README.md) the engine
+check's tiny gemma2 in fp32 left transformers' tokens (transformers on the CPU) at prompt 3, token 8, in
+every engine mode, though that step's top-two logit margin is 1.3e-2 and the same engine on the CPU,
+with the torch ops or the Triton kernels under the interpreter, gives transformers' tokens. This script
+takes the engine check's prompts (loadtest/gpu_engine_check.py) and prints, for each setting, the
+greedy tokens' first divergence from transformers on the CPU and the largest |log p| difference of
+transformers' own tokens, teacher-forced (prompt_logprobs over prompt + its continuation):
+
+- transformers on the device (does the device itself move these logits?);
+- the engine with every Triton kernel, then with the torch ops everywhere (CUDA graphs off for both);
+- the engine with the Triton kernels but one op (or the attention backend) on torch: the op whose
+  swap brings the drift down to the torch ops' level is where the difference is.
+
+Run: python3 loadtest/diagnose_divergence.py --family gemma2 [--out FILE]; --device cpu runs the
+same on the CPU (the Triton kernels under TRITON_INTERPRET=1 when it is set before the start; CI's
+smoke uses it). Imports nothing from app/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+import ops  # noqa: E402
+from engine import LLM, SamplingParams  # noqa: E402
+from engine.model.layers.attention_backend import AttentionBackend, TorchAttentionBackend  # noqa: E402
+from loadtest.gpu_engine_check import TINY_MAX_TOKENS, TINY_PROMPT_LENGTHS, first_divergence  # noqa: E402
+from tests.tiny_models import build_model, build_tokenizer  # noqa: E402
+
+# The ops a model forward calls (the sampler's and LoRA's are not in a plain greedy forward's logits).
+MODEL_OPS = (
+    "rms_norm",
+    "gemma_rms_norm",
+    "rotary_embedding",
+    "silu_and_mul",
+    "gelu_tanh_and_mul",
+    "write_kv_cache",
+    "rotary_and_write_kv",
+    "paged_attention",
+    "decode_attention",
+    "fused_moe",
+)
+
+
+def hf_run(
+    model_dir: Path, prompts: list[list[int]], device: str
+) -> tuple[list[list[int]], list[list[float]]]:
+    """transformers' greedy tokens and their teacher-forced log p (float32) on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
+    tokens, logps = [], []
+    with torch.no_grad():
+        for p in prompts:
+            seq = model.generate(
+                torch.tensor([p], device=device),
+                max_new_tokens=TINY_MAX_TOKENS,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )[0]
+            logits = model(seq[None]).logits[0].float().log_softmax(-1)  # [len, vocab]
+            cont = seq[len(p) :]
+            tokens.append(cont.tolist())
+            rows = logits[len(p) - 1 : -1]  # the rows predicting each continuation token
+            logps.append(rows.gather(1, cont[:, None])[:, 0].tolist())
+    return tokens, logps
+
+
+class Swapped:
+    """The engine's model with `ops_on_torch` (names of ops.Kernels fields, or "attention" for the whole
+    attention backend) on the torch reference while active, everything else as built; graphs off."""
+
+    def __init__(self, llm: LLM, ops_on_torch: tuple[str, ...]) -> None:
+        self.runner = llm.llm_engine.executor.runner
+        self.ops_on_torch, self.undo = ops_on_torch, []
+
+    def __enter__(self) -> Swapped:
+        built = self.runner.attn_backend
+        kernels = dataclasses.replace(
+            built.kernels,
+            **{op: getattr(ops.TORCH_KERNELS, op) for op in self.ops_on_torch if op != "attention"},
+        )
+        if "attention" in self.ops_on_torch:
+            backend: AttentionBackend = TorchAttentionBackend(built.kv_cache_dtype)
+        else:
+            backend = type(built).__new__(type(built))
+            AttentionBackend.__init__(backend, kernels, built.kv_cache_dtype)
+        for module in self.runner.model.modules():
+            for attr, new in (("kernels", kernels), ("attn_backend", backend)):
+                if attr in module.__dict__:
+                    self.undo.append((module, attr, module.__dict__[attr]))
+                    setattr(module, attr, new)
+        self.graphs, self.runner.graph_runner = self.runner.graph_runner, None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for module, attr, old in self.undo:
+            setattr(module, attr, old)
+        self.runner.graph_runner = self.graphs
+
+
+def engine_run(
+    llm: LLM, prompts: list[list[int]], hf_tokens: list[list[int]]
+) -> tuple[list[list[int]], list[list[float]]]:
+    greedy = SamplingParams(temperature=0.0, max_tokens=TINY_MAX_TOKENS, ignore_eos=True)
+    tokens = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    full = [p + c for p, c in zip(prompts, hf_tokens, strict=True)]
+    outs = llm.generate(full, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    logps = [
+        [o.prompt_logprobs[i][seq[i]].logprob for i in range(len(p), len(seq))]
+        for o, p, seq in zip(outs, prompts, full, strict=True)
+    ]
+    return tokens, logps
+
+
+def drift(a: list[list[float]], b: list[list[float]]) -> dict[str, Any]:
+    """The largest |a - b| and where (prompt, token)."""
+    worst = max(
+        (
+            (abs(x - y), i, j)
+            for i, (r, s) in enumerate(zip(a, b, strict=True))
+            for j, (x, y) in enumerate(zip(r, s, strict=True))
+        ),
+        default=(0.0, -1, -1),
+    )
+    return {"max_abs_logprob_diff": float(f"{worst[0]:.3e}"), "at": [worst[1], worst[2]]}
+
+
+def force_triton_on_cpu() -> None:
+    """The engine's backend choice made Triton (the interpreter) on the CPU, as the kernel tests force it."""
+    import engine.worker.model_runner as model_runner
+
+    choose = model_runner.get_attention_backend
+    model_runner.get_attention_backend = lambda *args, **kw: choose(*args[:5], use_triton=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", default="gemma2")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="weir-diverge-"))
+    tok = build_tokenizer(root / "tokenizer")
+    rng = random.Random(0)  # the engine check's prompts (gpu_engine_check.tiny_parity)
+    prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in TINY_PROMPT_LENGTHS]
+    model_dir = build_model(args.family, root / args.family, tok)
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        force_triton_on_cpu()
+
+    expected, hf_cpu = hf_run(model_dir, prompts, "cpu")
+    rows: list[dict[str, Any]] = []
+
+    def row(label: str, tokens: list[list[int]], logps: list[list[float]]) -> None:
+        r = {"setting": label, "first_divergence": first_divergence(tokens, expected), **drift(logps, hf_cpu)}
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+
+    if args.device != "cpu":
+        row(f"transformers on {args.device}", *hf_run(model_dir, prompts, args.device))
+    llm = LLM(str(model_dir), device=args.device, dtype="float32", num_kv_blocks=256, enforce_eager=True)
+    print(f"engine backend: {llm.llm_engine.executor.runner.attn_backend.name}", flush=True)
+    row("engine, as built", *engine_run(llm, prompts, expected))
+    with Swapped(llm, ("attention", *MODEL_OPS)):
+        row("engine, every op on torch", *engine_run(llm, prompts, expected))
+    for op in ("attention", *MODEL_OPS):
+        with Swapped(llm, (op,)):
+            row(f"engine, {op} on torch", *engine_run(llm, prompts, expected))
+    if args.out:
+        Path(args.out).write_text(
+            json.dumps({"family": args.family, "device": args.device, "rows": rows}, indent=1)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -32,8 +32,9 @@
 # famk: gpu_kernel_check.py's families part (windowed + softcapped attention at Gemma-2-9B's head_dim 256 past the window,
 # Gemma 3's and Mistral's windows, the fused decode, a graph replay; Phi-4-mini's partial rotary; Gemma RMSNorm and GeGLU
 # at real widths) -> $O/famk/kernels.json. moek: its moe part (the fused MoE kernel at Mixtral-8x7B / Qwen3-30B-A3B layer
-# shapes, 1..4096 tokens: correctness, CUDA-graph replay, times vs the bytes floor and a torch per-expert loop, a tile sweep
-# of MOESW seconds, default 50) -> $O/moek/kernels.json. fam: gpu_family_check.py (FAM_PARTS: a = tiny new families vs
+# shapes, 1..4096 tokens: correctness, CUDA-graph replay, times vs the bytes floor and a torch per-expert loop, the layer with
+# the one-launch alignment kernel on and off, that kernel bit for bit vs the torch ops at 1..8192 tokens and both timed alone,
+# a tile sweep of MOESW seconds, default 50) -> $O/moek/kernels.json. fam: gpu_family_check.py (FAM_PARTS: a = tiny new families vs
 # transformers on the GPU, fp32 and bf16; b = dummy-weight starts of Mixtral-8x7B (2 layers) and Gemma-2-9B: Triton vs the
 # torch ops, graphs vs eager) -> $O/fam/family_check.json. moet2: T2-like throughput on a Qwen3-30B-A3B-shaped dummy model
 # (MOEN requests, default 400; MOEPEER=hf (default) or none: transformers' generate() on the first MOEPN=32 requests, MOEPS=16

@@ -18,7 +18,11 @@ renormalised), and a skewed one where every token picks the same top_k experts.
    the measured copy bandwidth; the same op launched eagerly, and a plain torch per-expert loop
    (ops.reference.fused_moe in bf16, what transformers' eager experts do; eager only: its expert list
    syncs the host); TFLOP/s at 6 * pairs * hidden * intermediate.
-4. Tile sweep at 1, 64, 512 and 4096 tokens: BLOCK_M x (BLOCK_N, BLOCK_K, warps, stages) through the same
+   The graph time twice: with the one-launch alignment kernel (WEIR_MOE_ALIGN_KERNEL=1, where fused_moe
+   uses it: up to ALIGN_KERNEL_MAX_PAIRS pairs) and with the torch alignment ops (=0).
+4. The alignment kernel (loadtest/kernel_check_moe_align.py): bit for bit against the torch ops at 1..8192
+   tokens, and both alone in graphs.
+5. Tile sweep at 1, 64, 512 and 4096 tokens: BLOCK_M x (BLOCK_N, BLOCK_K, warps, stages) through the same
    kernel and launch as ops.triton.fused_moe (checked bit for bit at its own tiles), each GEMM and the
    whole op timed in graphs; a variant whose output is > 5e-3 from the default's is marked wrong and
    never best. Variants stop starting after `budget_s` seconds (decode token counts first).
@@ -47,6 +51,7 @@ from loadtest.kernel_check_common import (
     sync,
     time_ms,
 )
+from loadtest.kernel_check_moe_align import align_correctness, align_kernel, align_timing, print_align_summary
 from ops import reference
 
 
@@ -238,12 +243,16 @@ def moe_part(results: dict, device: torch.device, smoke: bool, budget_s: float =
         )
         tokens = SMOKE_GRAPH_TOKENS if smoke else GRAPH_TOKENS
         guarded(results, f"{name} CUDA graphs", graphs, results, name, shape, w13, w2, tokens, tops.fused_moe)
+        guarded(
+            results, f"{name} moe_align correctness", align_correctness, results, name, shape, device, smoke
+        )
     copy = results.get("copy_bandwidth_gbs", float("nan"))
     for name, shape in shapes.items():
         w13, w2 = layers[name]
         for num_tokens in SMOKE_TIMED_TOKENS if smoke else TOKENS:
             args = (results, name, shape, w13, w2, num_tokens, copy, tops.fused_moe)
             guarded(results, f"{name} {num_tokens} tok timing", timing, *args)
+        guarded(results, f"{name} moe_align timing", align_timing, results, name, shape, device, smoke)
     guarded(results, "moe tile sweep", sweep, results, shapes, layers, smoke, budget_s)
 
 
@@ -293,16 +302,20 @@ def timing(results: dict, name: str, shape: MoeShape, w13: torch.Tensor, w2: tor
     eager = eager_ms(lambda: fused_moe(x, w13, w2, tw, ti), device)
     graph_error = None
     try:
-        ms = time_ms(fns, device)
+        with align_kernel(True):
+            ms = time_ms(fns, device)
+        with align_kernel(False):
+            ms_torch_align = time_ms(fns, device)
     except Exception as exc:  # noqa: BLE001  (a capture that fails: the eager time stands in, marked)
-        graph_error, ms = f"{type(exc).__name__}: {str(exc)[:200]}", eager
+        graph_error, ms, ms_torch_align = f"{type(exc).__name__}: {str(exc)[:200]}", eager, eager
     loop = eager_ms(lambda: reference.fused_moe(x, w13, w2, tw, ti), device, reps=5)
     floor_ms = all_bytes / (copy_gbs * 1e6)
     flops = 6 * ti.numel() * shape.hidden * shape.intermediate
     row = {
         "shape": name,
         "tokens": num_tokens,
-        "ms_graph": ms,
+        "ms_graph": ms,  # the alignment kernel where fused_moe uses it (WEIR_MOE_ALIGN_KERNEL=1)
+        "ms_graph_torch_align": ms_torch_align,  # WEIR_MOE_ALIGN_KERNEL=0
         "ms_eager": eager,
         "torch_loop_ms": loop,
         "touched_experts": int(ti.unique().numel()),
@@ -318,7 +331,7 @@ def timing(results: dict, name: str, shape: MoeShape, w13: torch.Tensor, w2: tor
     print(
         f"  {name:14s} {num_tokens:5d} tok: {ms * 1e3:9.1f} us in graphs ({row['frac_floor']:4.0%} of the "
         f"{floor_ms * 1e3:.1f} us floor, {row['touched_experts']} experts, {row['tflops']:.0f} TFLOP/s); "
-        f"eager {eager * 1e3:.1f} us; torch loop {loop * 1e3:.1f} us (x{row['speedup_vs_torch_loop']:.1f})",
+        f"torch alignment {ms_torch_align * 1e3:.1f} us; eager {eager * 1e3:.1f} us; torch loop {loop * 1e3:.1f} us (x{row['speedup_vs_torch_loop']:.1f})",
         flush=True,
     )
 
@@ -403,13 +416,15 @@ def describe(row: dict) -> str:
 def print_summary(results: dict) -> None:
     rows = results["timings"].get("moe", [])
     print(
-        "fused MoE (one layer): us in CUDA graphs / % of the bytes floor / torch per-expert loop us (speedup)"
+        "fused MoE (one layer): us in CUDA graphs / % of the bytes floor / with the torch alignment ops us"
+        " / torch per-expert loop us (speedup)"
     )
     for r in rows:
         print(
             f"  {r['shape']:14s} {r['tokens']:5d} tok {r['ms_graph'] * 1e3:9.1f} us {r['frac_floor']:5.0%}"
-            f"  loop {r['torch_loop_ms'] * 1e3:9.1f} us (x{r['speedup_vs_torch_loop']:.1f})"
+            f"  torch align {r['ms_graph_torch_align'] * 1e3:9.1f} us  loop {r['torch_loop_ms'] * 1e3:9.1f} us (x{r['speedup_vs_torch_loop']:.1f})"
         )
+    print_align_summary(results)
     sweep_rows = results["timings"].get("moe_sweep", [])
     for name, num_tokens in sorted({(r["shape"], r["tokens"]) for r in sweep_rows}):
         report_best(sweep_rows, name, num_tokens)

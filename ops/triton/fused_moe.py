@@ -21,8 +21,9 @@ ops.moe_quant.IntExpertScales) are another (W_BITS): each code of the tile shift
 
 No shape depends on the routing: the padded length is num_pairs + num_experts * (BLOCK_M - 1) rounded
 up to BLOCK_M (the most any routing can need), every buffer is sized by the number of tokens, the
-sorting is torch ops without host syncs, and programs past the used length return at once. So a step
-of a given size launches the same grid whatever its tokens chose, and CUDA graphs can capture it.
+sorting is torch ops without host syncs (or one Triton launch, ops/triton/moe_align.py, on a GPU at
+decode-sized batches), and programs past the used length return at once. So a step of a given size
+launches the same grid whatever its tokens chose, and CUDA graphs can capture it.
 """
 
 from __future__ import annotations
@@ -31,8 +32,19 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.env_flags import env_flag
 from ops.moe_quant import Fp8ExpertScales, IntExpertScales
 from ops.triton.fp8_quant import _to_fp8, hardware_fp8_conversion
+from ops.triton.moe_align import moe_align_block_size_kernel
+
+# The most pairs (tokens * top_k) aligned by the one-program kernel; past it the torch ops. An estimate,
+# not yet measured (loadtest/kernel_check_moe_align.py times both alone at 1..65536 pairs, and the layer
+# both ways): the torch ops are ~15 launches of ~3-4 us each in a graph, ~50-60 us at any decode size
+# (H100, 98de842). The kernel is one program on one SM walking the pairs twice in chunks of 64, each
+# chunk a few dependent cross-warp reductions: ~0.5 us a chunk to count, ~1-1.5 us to place, so
+# ~30-40 us at 2048 pairs and about the torch ops' time near 4096. 2048 covers decode batches to 256
+# tokens at Qwen3-MoE's top 8 and 1024 at Mixtral's top 2, with a margin for the estimate.
+ALIGN_KERNEL_MAX_PAIRS = 2048
 
 
 def moe_align_block_size(
@@ -61,6 +73,23 @@ def moe_align_block_size(
     block_starts = torch.arange(0, padded, block_m, device=device)  # [padded / block_m]
     block_expert = torch.searchsorted(padded_end, block_starts, right=True).clamp_(max=num_experts - 1)
     return sorted_pairs, block_expert.to(torch.int32), padded_end[-1:].to(torch.int32)
+
+
+def align_kernel_applies(topk_ids: torch.Tensor) -> bool:
+    """Whether fused_moe aligns these pairs with the one-launch kernel: on a GPU, up to
+    ALIGN_KERNEL_MAX_PAIRS pairs, WEIR_MOE_ALIGN_KERNEL on (the CPU keeps the torch ops, the spec)."""
+    return (
+        topk_ids.is_cuda and topk_ids.numel() <= ALIGN_KERNEL_MAX_PAIRS and env_flag("WEIR_MOE_ALIGN_KERNEL")
+    )
+
+
+def align_pairs(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """moe_align_block_size's result, by the kernel where it applies, else by the torch ops."""
+    if align_kernel_applies(topk_ids):
+        return moe_align_block_size_kernel(topk_ids, num_experts, block_m)
+    return moe_align_block_size(topk_ids, num_experts, block_m)
 
 
 @triton.jit
@@ -275,7 +304,7 @@ def fused_moe(
         return torch.empty(0, hidden_size, dtype=hidden.dtype, device=hidden.device)
     x = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     block_m = default_block_m(num_tokens)
-    align = moe_align_block_size(topk_ids, num_experts, block_m)
+    align = align_pairs(topk_ids, num_experts, block_m)
     num_pairs = num_tokens * top_k
     act = torch.empty(num_pairs, two_i // 2, dtype=hidden.dtype, device=hidden.device)  # [num_pairs, I]
     q13 = q2 = {}

@@ -73,6 +73,8 @@ def test_gpu_kernel_check_families_and_moe_smoke(tmp_path: Path) -> None:
         "tiny-mixtral fused_moe 8 tok skewed vs reference in float32",
         "tiny-qwen3-moe fused_moe 8 tok: CUDA graph replay 2 (new routing)",
         "tiny-mixtral 70 tok: the sweep's launch at ops' tiles == ops.triton.fused_moe (bit for bit)",
+        "tiny-qwen3-moe moe_align 70 tok skewed: kernel == torch ops (bit for bit, BLOCK_M 16 and 64)",
+        "tiny-mixtral moe_align 1 tok: kernel == torch ops (bit for bit, BLOCK_M 16 and 64)",
     ):
         assert expected in names, (expected, names)
     rows = report["timings"]["moe"]
@@ -80,6 +82,13 @@ def test_gpu_kernel_check_families_and_moe_smoke(tmp_path: Path) -> None:
         (s, t) for s in ("tiny-mixtral", "tiny-qwen3-moe") for t in (1, 70)
     ]
     assert rows[0]["touched_experts"] == 2 and all(r["ms_graph"] > 0 and r["torch_loop_ms"] > 0 for r in rows)
+    assert all(r["ms_graph_torch_align"] > 0 for r in rows)  # the layer with the alignment kernel on and off
+    align = report["timings"]["moe_align"]
+    assert [(r["shape"], r["pairs"]) for r in align] == [
+        ("tiny-mixtral", 2), ("tiny-mixtral", 16), ("tiny-mixtral", 140),
+        ("tiny-qwen3-moe", 4), ("tiny-qwen3-moe", 32), ("tiny-qwen3-moe", 280),
+    ]  # fmt: skip
+    assert all(r["kernel_ms"] > 0 and r["torch_ms"] > 0 and not r["kernel_used_by_fused_moe"] for r in align)
     sweep = report["timings"]["moe_sweep"]
     assert sum(r["default"] for r in sweep) == 2  # one default launch per (shape, token count)
     assert all(r["ok"] for r in sweep), [r for r in sweep if not r["ok"]]

@@ -24,7 +24,7 @@ ENV_FLAGS: dict[str, tuple[bool, str]] = {
     "WEIR_FP8_FUSED_QUANT": (True, "a norm or SiLU-mul quantizes the next FP8 linear's input"),
     "WEIR_LORA_SEGMENTS": (True, "multi-LoRA through the segment kernels, not the tile kernels"),
     "WEIR_MOE_ALIGN_KERNEL": (
-        True,  # not yet measured on a GPU: loadtest/kernel_check_moe.py times fused_moe both ways
+        False,  # off until measured on a GPU: loadtest/kernel_check_moe.py times fused_moe both ways
         "fused_moe's routing sorted by one Triton launch, not ~15 torch ops; ops/triton/moe_align.py",
     ),
 }

@@ -122,7 +122,7 @@ def test_beam_searches_dropped_by_their_clients_free_everything(
     import asyncio
 
     engine = server.engine
-    body = _comp(n=4, max_tokens=200, ignore_eos=True)
+    body = _comp(n=4, max_tokens=100, ignore_eos=True)  # the prompt + 100 within max_model_len 128
 
     async def dropped() -> None:
         async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as c:
@@ -142,6 +142,7 @@ def test_beam_searches_dropped_by_their_clients_free_everything(
                 while engine.stats().num_running < 32 and not task.done():
                     assert asyncio.get_running_loop().time() < deadline, engine.stats()
                     await asyncio.sleep(0.01)
+                assert not task.done(), task.result()  # still searching when its client goes (not refused)
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
 

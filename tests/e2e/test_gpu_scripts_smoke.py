@@ -228,3 +228,16 @@ def test_moe_throughput_with_the_peer_last(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert data["status"] == "ok" and data["results"]["output_tokens"] == 9
     assert data["peer"]["requests_run"] == 2 and data["ratios"]["output_tok_s_vs_peer"] > 0
+
+
+def test_diagnose_divergence_on_cpu(tmp_path: Path) -> None:
+    """diagnose_divergence.py (device_call.sh's diag step) on the CPU's torch ops: every setting, each op
+    swapped back on torch in turn, gives transformers' tokens and log p within the parity tests' 1e-4."""
+    out = tmp_path / "diag.json"
+    _run_env(
+        ["loadtest/diagnose_divergence.py", "--family", "gemma2", "--device", "cpu", "--out", str(out)], {}
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["setting"] for r in rows[:2]] == ["engine, as built", "engine, every op on torch"]
+    assert len(rows) == 13  # as built, all on torch, then the attention backend and 10 ops one at a time
+    assert all(r["first_divergence"] == [] and r["max_abs_logprob_diff"] < 1e-4 for r in rows), rows

@@ -114,14 +114,26 @@ def test_bad_beam_search_is_a_400(client: httpx.Client, body: dict, expected: di
 
 
 def test_beam_searches_dropped_by_their_clients_free_everything(
-    server: LiveServer, offline_beams: list
+    server: LiveServer, offline_beams: list, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Eight long beam searches (ranked on the device, a step in flight), streamed and not, whose
     clients go away mid-search: the server aborts every group, the KV cache empties, and the next beam
     search gets the offline beams."""
     import asyncio
+    import time
 
     engine = server.engine
+    # Steps of at least 20 ms (the launch runs on the engine's worker thread): a search of 100 tokens
+    # then lasts 2 s, so it is still running when its client goes, however loaded the machine (the
+    # tiny model's own steps took a 100-token search through in 0.64 s under a loaded CI).
+    executor = engine.engine.executor
+    real_launch = executor.launch
+
+    def slow_launch(*args: object) -> object:
+        time.sleep(0.02)
+        return real_launch(*args)
+
+    monkeypatch.setattr(executor, "launch", slow_launch)
     body = _comp(n=4, max_tokens=100, ignore_eos=True)  # the prompt + 100 within max_model_len 128
 
     async def dropped() -> None:

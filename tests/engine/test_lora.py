@@ -346,12 +346,16 @@ def test_async_engine_generates_with_adapters(lora_setup: dict) -> None:
     assert loaded == {2, 4} and removed and after == {4}
 
 
-def test_gemma2_adapter_matches_peft(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
-    """An adapter on all seven projections of Gemma 2 (GeGLU MLP, windowed softcapped attention)."""
+@pytest.mark.parametrize("family", ["gemma2", "granite", "olmo2"])
+def test_family_adapter_matches_peft(tiny_model_dirs: dict[str, Path], tmp_path: Path, family: str) -> None:
+    """An adapter on all seven projections of the families whose decoders are not Llama's: Gemma 2
+    (GeGLU MLP, windowed softcapped attention), Granite (biases on every projection the adapter adds
+    to, residual and attention multipliers, logits scaling) and OLMo 2 (q/k norms over all heads after
+    the adapted projections, post-norms)."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model_dir = tiny_model_dirs["gemma2"]
+    model_dir = tiny_model_dirs[family]
     targets = ADAPTERS["r8-all"][2]
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32),

@@ -337,3 +337,17 @@ def write_compressed_tensors(
     }
     tag = f"ct-{scheme}-{len(ignore)}"
     return _write(src, root / tag, quantized, quant), _write(src, root / f"{tag}-ref", reference, None)
+
+
+# name -> (quant method, writer(src, root) -> (checkpoint, reference)): one checkpoint per format, as
+# the per-family parity tests (test_phi3_quant.py, test_family_quant.py) write them
+FORMATS = {
+    "gptq-4-g32": ("gptq", lambda src, root: write_gptq(src, root, 4, 32, False, True, "gptq")),
+    "gptq-4-g32-act-order": ("gptq", lambda src, root: write_gptq(src, root, 4, 32, True, False, "gptq")),
+    "awq-g64": ("awq", lambda src, root: write_awq(src, root, 64)),
+    "ct-w4a16-g32": ("compressed-tensors", lambda src, root: write_compressed_tensors(src, root, "w4a16-g32")),
+    "ct-fp8-channel": ("compressed-tensors", lambda src, root: write_compressed_tensors(src, root, "fp8-channel")),
+    "fp8-tensor": ("fp8", lambda src, root: write_fp8(src, root, "tensor")),
+    "fp8-channel": ("fp8", lambda src, root: write_fp8(src, root, "channel")),
+    "fp8-block-64": ("fp8", lambda src, root: write_fp8(src, root, "block", block=(64, 64))),
+}  # fmt: skip

@@ -21,30 +21,22 @@ from engine.model.quantization.detect import resolve_quantization
 from engine.model.quantization.fp8 import Fp8Config
 from engine.model.weight_loader import load_weights
 from engine.model_config import ModelConfig
-from tests.engine.quantization.checkpoints import (
-    write_awq,
-    write_compressed_tensors,
-    write_fp8,
-    write_fp8_online_reference,
-    write_gptq,
-)
+from tests.engine.quantization.checkpoints import FORMATS, write_awq, write_fp8_online_reference, write_gptq
 from tests.engine.quantization.parity import assert_parity
 from tests.engine.quantization.weights import assert_weights_match_reference, load_quantized
 from tests.tiny_models import build_model
 
-WRITERS = {  # name -> (quant method, writer(src, root) -> (checkpoint, reference))
-    "gptq-4-g32-act-order": ("gptq", lambda src, root: write_gptq(src, root, 4, 32, True, False, "gptq")),
-    "awq-g64": ("awq", lambda src, root: write_awq(src, root, 64)),
-    "ct-w4a16-g32": (
-        "compressed-tensors",
-        lambda src, root: write_compressed_tensors(src, root, "w4a16-g32"),
-    ),
-    "ct-fp8-channel": (
-        "compressed-tensors",
-        lambda src, root: write_compressed_tensors(src, root, "fp8-channel"),
-    ),
-    "fp8-tensor": ("fp8", lambda src, root: write_fp8(src, root, "tensor")),
-    "fp8-block-64": ("fp8", lambda src, root: write_fp8(src, root, "block", block=(64, 64))),
+# the formats' writers: checkpoints.FORMATS
+WRITERS = {
+    n: FORMATS[n]
+    for n in (
+        "gptq-4-g32-act-order",
+        "awq-g64",
+        "ct-w4a16-g32",
+        "ct-fp8-channel",
+        "fp8-tensor",
+        "fp8-block-64",
+    )
 }
 
 

@@ -163,12 +163,17 @@ def _serve(flags: dict, startup: StartupPhases) -> int:
             return 2
 
     with startup.phase("imports"):
+        from app.port_file import prepare_port_file
         from app.startup import device_problem, port_problem
 
         if engine_config.device == "cuda":
             import torch  # noqa: F401 - device_problem's first use: an import, not a check
 
-    problem = device_problem(engine_config) or port_problem(server_config)
+    problem = (
+        device_problem(engine_config)
+        or port_problem(server_config)
+        or prepare_port_file(server_config.port_file)
+    )
     startup.end(config_phase)
     if problem:
         print(f"weir serve: error: {problem}", file=sys.stderr)

@@ -39,6 +39,7 @@ class ConfigError(ValueError):
 class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 8000
+    port_file: str | None = None
     api_key: list[str] = field(default_factory=list)
     served_model_name: list[str] = field(default_factory=list)
     shutdown_timeout: float = 30.0
@@ -106,6 +107,9 @@ class ServerConfig:
 SERVER_HELP: dict[str, str] = {
     "host": "Address to listen on.",
     "port": "TCP port to listen on (0: any free port, logged at start).",
+    "port_file": "Write the port the server listens on to this file (the number and a newline) once it "
+    "serves, and remove the file at exit; with --port 0, how a supervisor or a test learns the port the "
+    "kernel picked. An old file there is removed at start. None (default): no file.",
     "api_key": "API key clients must send as 'Authorization: Bearer KEY'. Repeat for several keys "
     "(env: comma-separated; an empty entry is refused). None: no authentication. /health, /metrics and "
     "/openapi.json stay open.",

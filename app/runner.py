@@ -24,6 +24,7 @@ from starlette.applications import Starlette
 from app.config import ServerConfig
 from app.http_protocol import limited_protocol
 from app.logging import get_logger
+from app.port_file import remove_port_file, write_port_file
 from app.state import AppState
 from engine.gc_tuning import gen0_threshold
 from engine.protocol import EngineClient
@@ -57,8 +58,25 @@ class WeirServer(uvicorn.Server):
         if self.started:
             self.port = self.servers[0].sockets[0].getsockname()[1]
             self.state.finish_startup()
+            if not self._write_port_file():
+                return
             log.info("serving", host=self.config.host, port=self.port, pid=_pid())
             self.started_event.set()
+
+    def _write_port_file(self) -> bool:
+        """--port-file, once listening (whoever reads it can call /health at once). A file that
+        cannot be written stops the server: whoever asked for it would wait for it in vain."""
+        path = self.state.config.port_file
+        if not path or self.port is None:
+            return True
+        try:
+            write_port_file(path, self.port)
+        except OSError as exc:
+            self.state.startup_error = f"cannot write --port-file {path!r}: {exc.strerror or exc}"
+            log.error("cannot start", error=self.state.startup_error)
+            self.should_exit = True
+            return False
+        return True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """Signal handler (main thread). Never calls super: that would re-raise the signal at exit."""
@@ -157,7 +175,10 @@ def run_server(engine: EngineClient, cfg: ServerConfig) -> WeirServer:
 
     set_switch_interval(cfg.gil_switch_interval)
     server = make_server(build_app(engine, cfg), cfg, freeze_gc=True)
-    server.run()
+    try:
+        server.run()
+    finally:
+        remove_port_file(cfg.port_file)  # the file names a port only while this server is on it
     return server
 
 

@@ -305,9 +305,10 @@ def serve(args: argparse.Namespace) -> None:
     if args.http != "default":
         server.config.http = args.http  # read when the server starts
     import gc
+    import socket
 
     gc.callbacks.append(_gc_callback)
-    server.run()
+    server.run(sockets=None if args.listen_fd is None else [socket.socket(fileno=args.listen_fd)])
 
 
 # --------------------------------------------------------------------------------------------- client
@@ -451,25 +452,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", default=None, help="write the figures here too")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the server child
+    p.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)  # the child's socket
     args = p.parse_args(argv)
     if args.serve:
         serve(args)
         return 0
 
-    if not args.port:
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            args.port = sock.getsockname()[1]
     from transformers import AutoTokenizer
 
     args.vocab_for_prompts = min(len(AutoTokenizer.from_pretrained(args.tokenizer)), 10000)
+    # The child serves on a socket bound here (port 0: the kernel's pick, as it binds) and passed down:
+    # a port only found free here could be taken by another process before the child bound it.
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", args.port))
+    args.port = listener.getsockname()[1]
     cmd = [sys.executable, __file__, "--serve", "--port", str(args.port), "--tokenizer", args.tokenizer]
+    cmd += ["--listen-fd", str(listener.fileno())]
     cmd += ["--max-num-seqs", str(args.max_num_seqs), "--step-s", str(args.step_s)]
     cmd += ["--max-model-len", str(args.max_model_len), "--http", args.http]
     log = open(os.devnull, "wb")  # noqa: SIM115 - the child's JSON log lines: part of its cost, not ours
-    child = subprocess.Popen(cmd, stderr=log, stdout=log, cwd=REPO)
+    with listener:  # the child's copy stays open: connections wait in its backlog until it serves
+        child = subprocess.Popen(cmd, stderr=log, stdout=log, cwd=REPO, pass_fds=(listener.fileno(),))
     base = f"http://127.0.0.1:{args.port}"
     try:
         deadline = time.monotonic() + 120

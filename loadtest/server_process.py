@@ -1,15 +1,24 @@
-"""A `weir serve` subprocess for the serving benchmarks and tests: a free port, the command line from the
-benchmark's arguments, start-up until /health answers, and a stop that leaves nothing behind."""
+"""A `weir serve` subprocess for the serving benchmarks and tests: the command line from the benchmark's
+arguments, start-up until /health answers, and a stop that leaves nothing behind.
+
+The server picks its own port: `--port 0`, so the kernel chooses one as the server binds, and
+`--port-file` tells us which (app/port_file.py). A port picked here and passed as --port would be free
+only when picked: in the seconds before the server binds it, another process (a concurrent CI job,
+another test's server) could take it. The server's log goes to /tmp/weir-serve-starting-*.log until
+the port is known, then is renamed /tmp/weir-serve-{port}.log (unless a log path is given).
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
+import shutil
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,13 +27,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from app.port_file import read_port_file  # noqa: E402
 from loadtest.common import ModelChoice  # noqa: E402
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_instances = itertools.count()  # names the log files of this process's servers until their ports are known
 
 
 def raise_fd_limit() -> None:
@@ -89,7 +95,10 @@ def server_flags(args: argparse.Namespace, model: ModelChoice, max_model_len: in
 
 
 class ServerProcess:
-    """A `weir serve` subprocess on loopback: started, waited on until /health is 200, stopped."""
+    """A `weir serve` subprocess on loopback: started, waited on until /health is 200, stopped.
+
+    `port` 0 (default): the server binds a port of the kernel's choosing; `port` and `url` are known
+    once `wait_healthy` has seen it (before that, `port` is None)."""
 
     def __init__(
         self,
@@ -98,15 +107,34 @@ class ServerProcess:
         log_path: str | Path | None = None,
         port: int = 0,
     ) -> None:
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = serve_command(model_dir, self.port, extra_args)
-        self.log_path = Path(log_path) if log_path else Path(f"/tmp/weir-serve-{self.port}.log")
+        self.port: int | None = None
+        self._model_dir, self._extra_args, self._requested_port = model_dir, list(extra_args), port
+        self.cmd = serve_command(model_dir, port, extra_args)  # start() adds --port-file
+        self._name_log_by_port = log_path is None and not port
+        if log_path is not None:
+            self.log_path = Path(log_path)
+        elif port:
+            self.log_path = Path(f"/tmp/weir-serve-{port}.log")
+        else:  # until the server has bound a port (then weir-serve-{port}.log)
+            self.log_path = Path(f"/tmp/weir-serve-starting-{os.getpid()}-{next(_instances)}.log")
+        self._workdir: Path | None = None
+        self.port_file: Path | None = None
         self.proc: subprocess.Popen | None = None
         self.started_at: float | None = None
 
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("the server's port is not known yet: call wait_healthy() first")
+        return f"http://127.0.0.1:{self.port}"
+
     def start(self) -> ServerProcess:
         raise_fd_limit()
+        self._workdir = Path(tempfile.mkdtemp(prefix="weir-serve-"))  # removed by stop()
+        self.port_file = self._workdir / "port"
+        self.cmd = serve_command(
+            self._model_dir, self._requested_port, [*self._extra_args, "--port-file", str(self.port_file)]
+        )
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")  # noqa: SIM115 - kept open for the child's lifetime
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -127,7 +155,11 @@ class ServerProcess:
         return self
 
     def wait_healthy(self, timeout: float = 600.0, interval: float = 0.05) -> float:
-        """Poll /health until 200; returns seconds since start(). Raises with the log tail on failure."""
+        """Wait for the server's port (its --port-file), then poll /health until 200; returns seconds
+        since start(). Raises with the log tail on failure.
+
+        The server writes the port file once it listens and /health answers, so the interval timed is
+        the same as polling /health alone: from start() to the first 200, within `interval`."""
         import httpx
 
         assert self.proc is not None and self.started_at is not None
@@ -136,6 +168,13 @@ class ServerProcess:
             while time.perf_counter() < deadline:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"weir serve exited with {self.proc.returncode}:\n{self.log_tail()}")
+                if self.port is None:
+                    assert self.port_file is not None
+                    port = read_port_file(self.port_file)
+                    if port is None:
+                        time.sleep(interval)  # polled, as /health is: nothing to wait on
+                        continue
+                    self._bound(port)
                 try:
                     if client.get(f"{self.url}/health").status_code == 200:
                         return time.perf_counter() - self.started_at
@@ -144,6 +183,19 @@ class ServerProcess:
                 time.sleep(interval)  # nothing to wait on: the server gives no other signal
         raise TimeoutError(f"weir serve not healthy after {timeout:.0f}s:\n{self.log_tail()}")
 
+    def _bound(self, port: int) -> None:
+        """The server listens on `port`: the URL, and the log's name after it (the child's open file
+        follows the rename)."""
+        self.port = port
+        if self._name_log_by_port:
+            named = self.log_path.with_name(f"weir-serve-{port}.log")
+            try:
+                os.replace(self.log_path, named)
+                self.log_path = named
+            except OSError:  # e.g. another user's old file of that name in /tmp: keep the first name
+                pass
+        print(f"[server] listening on {self.url} (log: {self.log_path})", flush=True)
+
     def log_tail(self, n: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
@@ -151,6 +203,13 @@ class ServerProcess:
             return ""
 
     def stop(self, grace: float = 20.0) -> int | None:
+        try:
+            return self._stop(grace)
+        finally:
+            if self._workdir is not None:
+                shutil.rmtree(self._workdir, ignore_errors=True)
+
+    def _stop(self, grace: float) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
             return None if self.proc is None else self.proc.returncode
         with contextlib.suppress(ProcessLookupError):

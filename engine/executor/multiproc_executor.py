@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import socket
 import threading
 import time
 import weakref
@@ -38,6 +37,7 @@ from engine.config import ResolvedConfig
 from engine.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from engine.executor import step_codec
 from engine.executor.executor import Executor
+from engine.executor.rendezvous import start_store
 from engine.executor.shm_broadcast import (
     BroadcastWriter,
     ChannelTimeout,
@@ -77,13 +77,6 @@ class WorkerFailedError(RuntimeError):
     fatal = True  # engine.executor.step_pipeline.is_fatal
 
 
-def free_port() -> int:
-    """A TCP port free on this host now (the process group's rendezvous)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class MultiprocExecutor(Executor):
     """Ranks as worker processes. Its step handles are step ids."""
 
@@ -100,7 +93,9 @@ class MultiprocExecutor(Executor):
         # Messages sent per path ("shm": in a slot of the ring, "pipe": down every rank's pipe).
         self.sent: Counter[str] = Counter()
         context = multiprocessing.get_context("spawn")
-        init_method = f"tcp://127.0.0.1:{free_port()}"
+        # The process group's rendezvous, held here while the workers run (rendezvous.py says why).
+        self._store: object | None
+        self._store, init_method = start_store("127.0.0.1", timeout_s)
         log_level = logging.getLogger("weir").getEffectiveLevel()
         on_cuda = config.device.device == "cuda"
         slots, slot_bytes = config.parallel.tp_broadcast_slots, config.parallel.tp_broadcast_slot_bytes
@@ -196,6 +191,7 @@ class MultiprocExecutor(Executor):
                 if process.is_alive():
                     process.kill()
         self._finalizer()
+        self._store = None  # the rendezvous's server stops: no worker is left to use it
 
     def add_lora(self, lora_request: LoRARequest) -> None:
         self._call("add_lora", (lora_request,), self.timeout_s)

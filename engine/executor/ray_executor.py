@@ -28,7 +28,6 @@ from engine.executor.multiproc_executor import (
     DEFAULT_TIMEOUT_S,
     STARTUP_TIMEOUT_S,
     WorkerFailedError,
-    free_port,
 )
 from engine.executor.step_codec import (
     decode_call,
@@ -48,11 +47,17 @@ class RayWorker:
 
     def __init__(self) -> None:
         self.worker: Any = None
+        self.store: Any = None  # rank 0's: the rendezvous's server, held while the actor lives
 
-    def rendezvous_address(self) -> str:
+    def rendezvous_address(self, timeout_s: float) -> str:
+        """Rank 0: start the process group's rendezvous on this node (engine/executor/rendezvous.py)
+        and return its address, which every rank joins."""
         import ray  # noqa: PLC0415
 
-        return f"tcp://{ray.util.get_node_ip_address()}:{free_port()}"
+        from engine.executor.rendezvous import start_store  # noqa: PLC0415
+
+        self.store, address = start_store(ray.util.get_node_ip_address(), timeout_s)
+        return address
 
     def start(self, config: ResolvedConfig, rank: int, init_method: str, timeout_s: float) -> None:
         from engine.worker.worker import Worker, init_distributed  # noqa: PLC0415
@@ -126,7 +131,7 @@ class RayExecutor(Executor):
                     options["num_gpus"] = 1
                 self._actors.append(actor_cls.options(**options).remote())
             init_method = self._get(
-                [self._actors[0].rendezvous_address.remote()], STARTUP_TIMEOUT_S, "start"
+                [self._actors[0].rendezvous_address.remote(timeout_s)], STARTUP_TIMEOUT_S, "start"
             )[0]
             self._get(
                 [a.start.remote(config, rank, init_method, timeout_s) for rank, a in enumerate(self._actors)],

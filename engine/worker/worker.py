@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from engine.config import ResolvedConfig
 from engine.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from engine.executor.rendezvous import join_store
 from engine.lora.request import LoRARequest
 from engine.worker.model_runner import ModelRunner
 from engine.worker.step_in_flight import StepInFlight
@@ -34,7 +35,9 @@ def init_distributed(
     config: ResolvedConfig, rank: int, device_index: int | None, init_method: str, timeout_s: float
 ) -> None:
     """Join the tensor-parallel process group: NCCL between GPUs, gloo on CPU (the same code in CI).
-    `timeout_s` bounds every collective, so a rank whose peer died or hangs raises instead of waiting."""
+    `init_method`: the address of the rendezvous store the executor started (engine/executor/
+    rendezvous.py). `timeout_s` bounds every collective, so a rank whose peer died or hangs raises
+    instead of waiting."""
     world_size = config.parallel.tensor_parallel_size
     on_cuda = config.device.device == "cuda"
     if on_cuda:
@@ -44,7 +47,7 @@ def init_distributed(
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     dist.init_process_group(
         backend="nccl" if on_cuda else "gloo",
-        init_method=init_method,
+        store=join_store(init_method, world_size, timeout_s),
         world_size=world_size,
         rank=rank,
         timeout=datetime.timedelta(seconds=timeout_s),

@@ -19,16 +19,20 @@ import httpx
 import pytest
 
 from engine.startup_phases import PHASES
+from tests.server_log import log_entries, log_entry
 
 REPO = Path(__file__).resolve().parents[2]
 SHUTDOWN_TIMEOUT = 2.5
 
 
 class ServeProcess:
-    def __init__(self, model_dir: Path, *extra: str) -> None:
+    def __init__(self, model_dir: Path, *extra: str, port_file: Path | None = None) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("WEIR_")}
         env["PYTHONUNBUFFERED"] = "1"
         cmd = [sys.executable, "-m", "app", "serve", str(model_dir), "--host", "127.0.0.1", "--port", "0"]
+        if port_file is not None:
+            cmd += ["--port-file", str(port_file)]
+        self.port_file = port_file
         cmd += ["--device", "cpu", "--dtype", "float32", "--served-model-name", "tiny", *extra]
         self.proc = subprocess.Popen(
             cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True
@@ -52,14 +56,15 @@ class ServeProcess:
                 line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
             except queue.Empty:
                 break
-            if line.startswith("{") and json.loads(line).get("event") == event:
-                return json.loads(line)
+            entry = log_entry(line)
+            if entry is not None and entry.get("event") == event:
+                return entry
             if self.proc.poll() is not None and self.lines.empty():
                 break
         raise AssertionError(f"no {event!r} log line; stderr:\n" + "".join(self.all_lines[-40:]))
 
     def json_logs(self) -> list[dict]:
-        return [json.loads(line) for line in self.all_lines if line.startswith("{")]
+        return log_entries("".join(self.all_lines))
 
 
 def _stream(base_url: str, body: dict, first_chunk: threading.Event, events: list, ended: list) -> None:
@@ -75,8 +80,10 @@ def _stream(base_url: str, body: dict, first_chunk: threading.Event, events: lis
 
 
 @pytest.fixture()
-def serve(tiny_llama_dir: Path):
-    proc = ServeProcess(tiny_llama_dir, "--shutdown-timeout", str(SHUTDOWN_TIMEOUT))
+def serve(tiny_llama_dir: Path, tmp_path: Path):
+    proc = ServeProcess(
+        tiny_llama_dir, "--shutdown-timeout", str(SHUTDOWN_TIMEOUT), port_file=tmp_path / "port"
+    )
     yield proc
     if proc.proc.poll() is None:
         proc.proc.kill()
@@ -84,6 +91,8 @@ def serve(tiny_llama_dir: Path):
 
 
 def test_sigterm_drains_then_exits_0(serve: ServeProcess) -> None:
+    # --port 0: the port the "serving" line reports (serve.port, served on below) is in --port-file too.
+    assert serve.port_file is not None and serve.port_file.read_text() == f"{serve.port}\n"
     streams = {}
     # n=16 x 240 tokens takes several seconds on CPU: it is cut at the shutdown timeout. The short one
     # has ample time to finish.
@@ -124,6 +133,7 @@ def test_sigterm_drains_then_exits_0(serve: ServeProcess) -> None:
     assert "error" not in streams["short"][1][-2]  # the short one had time to finish
 
     assert serve.proc.wait(timeout=30) == 0
+    assert not serve.port_file.exists()  # removed at exit: it no longer names a port being served
     logs = serve.json_logs()
     events = [entry["event"] for entry in logs]
     assert "shutdown requested" in events and "draining" in events and "stopped" in events

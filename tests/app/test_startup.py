@@ -18,9 +18,9 @@ from app import __version__
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _weir(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _weir(*args: str, timeout: float = 120, **weir_env: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env = {k: v for k, v in env.items() if not k.startswith("WEIR_")}
+    env = {k: v for k, v in env.items() if not k.startswith("WEIR_")} | weir_env
     return subprocess.run(
         [sys.executable, "-m", "app", *args],
         capture_output=True,
@@ -58,6 +58,26 @@ def test_port_in_use_is_one_line_before_loading() -> None:
         r = _weir("serve", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port))
     assert r.returncode == 2
     assert "the address is in use; pass another --port" in _one_line(r.stderr) and r.stdout == ""
+
+
+def test_port_file_that_cannot_be_written_is_one_line_before_loading(tmp_path: Path) -> None:
+    # WEIR_PORT_FILE, as --port-file: a directory that does not exist is found before the model loads.
+    missing = tmp_path / "no-such-dir" / "port"
+    r = _weir("serve", "--device", "cpu", "--port", "0", WEIR_PORT_FILE=str(missing))
+    assert r.returncode == 2 and r.stdout == ""
+    assert _one_line(r.stderr) == (
+        f"weir serve: error: --port-file {str(missing)!r}: the directory {str(missing.parent)!r} does not exist"
+    )
+    # An old file there is removed at start, so it cannot be taken for this server's port (here a
+    # model that does not load: the server never serves, and no file says it does).
+    old = tmp_path / "port"
+    old.write_text("12345\n")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}')
+    r = _weir("serve", str(model), "--device", "cpu", "--port", "0", "--port-file", str(old))
+    assert r.returncode == 1 and not old.exists()
+    assert "cannot load the model" in _one_line(r.stderr, after_logs=True)
 
 
 def test_unloadable_model_is_one_line(tmp_path: Path) -> None:

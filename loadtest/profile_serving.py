@@ -2,7 +2,8 @@
 
 Starts the real app the way `weir serve` does (structlog JSON logging, `app.server.build_app`,
 `app.runner.make_server`: uvicorn on uvloop) in a child process, over a fast fake engine with the
-AsyncEngine interface whose step loop emits one token per running request per step. Client processes
+engine client interface (engine/protocol.py; tests/app/fake_engine.py's FakeEngine with a cheaper step
+loop) whose step loop emits one token per running request per step. Client processes
 drive concurrent streaming /v1/completions requests (token-id prompts, as S1 sends them) with a
 minimal raw-socket HTTP/1.1 client, so the client costs little. Around each phase the harness reads
 the server process's CPU time and subtracts what the fake engine's own step loop spent:
@@ -26,11 +27,11 @@ import json
 import multiprocessing as mp
 import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from collections import deque
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -41,162 +42,86 @@ CONTROL_PREFIX = "/_profile/"
 
 
 # --------------------------------------------------------------------------------------------- fake engine
-class FastFakeEngine:
-    """AsyncEngine's interface over a step loop that costs little: each step gives every running request
-    one token, with outputs shaped as LLMEngine._make_output builds them (full text and token list plus
-    the deltas). Its own CPU time is counted (`engine_cpu_s`) so the harness can leave it out."""
+from engine.outputs.output_channel import OutputChannel  # noqa: E402
+from tests.app.fake_engine import FakeEngine  # noqa: E402
+
+
+class _Channel(OutputChannel[Any]):
+    """AsyncEngine's per-request stream channel, under the name FakeEngine puts with."""
+
+    __slots__ = ()
+    put_nowait = OutputChannel.put
+
+
+class FastFakeEngine(FakeEngine):
+    """The app tests' FakeEngine (tests/app/fake_engine.py: the EngineClient protocol, the engine's own
+    input processor and output shapes) with a step loop that costs little: each step gives every
+    running request one token from a fixed cycle (no sampling, no detokenizing: those are the engine's
+    cost, not the app's), with outputs carrying full text and token list plus the deltas, as the
+    engine's output processor builds them. Admission never refuses (the harness measures the app).
+    The step loop's own CPU time is counted (`engine_cpu_s`) so the harness can leave it out."""
+
+    new_output_queue = _Channel  # as AsyncEngine's streams
 
     def __init__(self, tokenizer_dir: str, max_num_seqs: int, step_s: float, max_model_len: int) -> None:
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        self.model_path = tokenizer_dir
-        self.max_model_len = max_model_len
-        self.vocab_size = len(self.tokenizer)
-        self.generation_defaults: dict[str, Any] = {}
-        self.max_waiting_requests = 1 << 20  # admission never refuses: the harness measures the app
-        self.max_waiting_tokens = 1 << 30
-        self.max_num_seqs = max_num_seqs
-        self.step_s = step_s
-        self.warm = False
-        self.is_healthy = True
-        self.dead_error: BaseException | None = None
+        super().__init__(
+            tokenizer_dir,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            step_delay=step_s,
+            max_waiting_requests=1 << 20,
+            max_waiting_tokens=1 << 40,
+            kv_capacity_tokens=max_model_len * max(max_num_seqs, 1),
+        )
+        # The whole vocabulary is valid input (the harness's prompts draw from it).
+        self.vocab_size = self.input_processor.vocab_size = len(self.tokenizer)
         self.engine_cpu_s = 0.0
-        self.tokens_emitted = 0
-        self._draining = False
-        self._waiting: deque[Any] = deque()
-        self._running: dict[str, Any] = {}
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
-        # A fixed cycle of plain tokens and their texts: detokenizing is the engine's cost, not the app's.
-        ids = [i for i in range(1000, 1064)]
+        first = min(1000, max(self.vocab_size - 64, 0))  # plain tokens of any but a tiny vocabulary
+        ids = list(range(first, min(first + 64, self.vocab_size)))
         self._pieces = [(i, self.tokenizer.decode([i])) for i in ids]
 
-    async def start(self) -> None:
-        self._wake = asyncio.Event()
-        self._task = asyncio.create_task(self._loop())
-        self.warm = True
+    @property
+    def tokens_emitted(self) -> int:
+        return self._counters["generation"]
 
-    def begin_drain(self) -> None:
-        self._draining = True
-
-    async def shutdown(self, timeout: float = 0.0) -> None:
-        self._draining = True
-        if self._task is not None:
-            self._task.cancel()
-
-    def stats(self) -> Any:
-        from types import SimpleNamespace
-
-        return SimpleNamespace(
-            num_running=len(self._running),
-            num_waiting=len(self._waiting),
-            num_waiting_tokens=0,
-            kv_cache_usage=0.0,
-            prefix_cache_queries=0,
-            prefix_cache_hits=0,
-            num_preemptions=0,
-            prompt_tokens_total=0,
-            generation_tokens_total=self.tokens_emitted,
-            step_loop=None,
-        )
-
-    async def abort(self, request_id: str) -> None:
-        self._running.pop(request_id, None)
-
-    async def add_request(
-        self,
-        request_id: str,
-        prompt: str | None,
-        prompt_token_ids: list[int] | None,
-        params: Any,
-        priority: int = 0,
-    ) -> AsyncIterator[Any]:
-        from engine.outputs.output_channel import OutputChannel
-        from engine.outputs.request_output import RequestMetrics
-
-        ids = prompt_token_ids if prompt_token_ids is not None else list(self.tokenizer.encode(prompt or ""))
-        queue: OutputChannel[Any] = OutputChannel()  # as AsyncEngine's streams
-        req = {
-            "id": request_id,
-            "prompt": prompt,
-            "prompt_ids": ids,
-            "max_tokens": params.max_tokens or 16,
-            "n": params.n,
-            "tokens": [[] for _ in range(params.n)],
-            "texts": ["" for _ in range(params.n)],
-            "queue": queue,
-            "metrics": RequestMetrics(arrival_time=time.monotonic()),
-        }
-        self._waiting.append(req)
-        assert self._wake is not None
-        self._wake.set()
-        return self._stream(request_id, queue)
-
-    async def _stream(self, request_id: str, queue: Any) -> AsyncIterator[Any]:
-        finished = False
-        try:
-            while True:
-                out = await queue.get()
-                finished = out.finished
-                yield out
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self._running.pop(request_id, None)
-
-    async def _loop(self) -> None:
-        from engine.outputs.request_output import CompletionOutput, RequestOutput
-
-        assert self._wake is not None
-        pieces = self._pieces
+    async def _run(self) -> None:
+        assert self._wake is not None and self._idle is not None
         while True:
             if not self._waiting and not self._running:
+                self._idle.set()
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             t0 = time.thread_time()
             while self._waiting and len(self._running) < self.max_num_seqs:
                 req = self._waiting.popleft()
-                req["metrics"].first_scheduled_time = time.monotonic()
-                self._running[req["id"]] = req
-            for rid, req in list(self._running.items()):
-                outs = []
-                done = False
-                for i in range(req["n"]):
-                    toks = req["tokens"][i]
-                    tok, piece = pieces[len(toks) % len(pieces)]
-                    toks.append(tok)
-                    req["texts"][i] += piece
-                    done = len(toks) >= req["max_tokens"]
-                    outs.append(
-                        CompletionOutput(
-                            index=i,
-                            text=req["texts"][i],
-                            token_ids=list(toks),
-                            finish_reason="length" if done else None,
-                            text_delta=piece,
-                            token_ids_delta=[tok],
-                        )
-                    )
-                    self.tokens_emitted += 1
-                if done:
-                    del self._running[rid]
-                    req["metrics"].finished_time = time.monotonic()
-                req["queue"].put(
-                    RequestOutput(
-                        request_id=rid,
-                        prompt=req["prompt"],
-                        prompt_token_ids=req["prompt_ids"],
-                        outputs=outs,
-                        finished=done,
-                        num_cached_tokens=0,
-                        metrics=req["metrics"],
-                    )
-                )
+                req.metrics.first_scheduled_time = time.monotonic()
+                self._counters["prompt"] += len(req.prompt_token_ids)
+                self._running.append(req)
+            for req in list(self._running):
+                self._step(req)
             self.engine_cpu_s += time.thread_time() - t0
-            await asyncio.sleep(self.step_s)
+            await asyncio.sleep(self.step_delay)
+
+    def _step(self, req: Any) -> None:
+        pieces = self._pieces
+        prompt_len = len(req.prompt_token_ids)
+        limit = min(req.params.max_tokens or self.max_model_len, self.max_model_len - prompt_len)
+        for s in req.seqs:
+            if s.finish_reason is not None:
+                continue
+            tok, piece = pieces[len(s.token_ids) % len(pieces)]
+            s.token_ids.append(tok)
+            s.text += piece
+            self._counters["generation"] += 1
+            if len(s.token_ids) >= limit:
+                s.finish_reason = "length"
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = time.monotonic()
+        if all(s.finish_reason is not None for s in req.seqs):
+            self._finish(req, None)
+        else:
+            self._emit(req)
 
 
 # --------------------------------------------------------------------------------------------- server child
@@ -239,6 +164,7 @@ class ControlApp:
                 "process_cpu_s": time.process_time(),
                 "sys_cpu_s": os.times().system,
                 "engine_cpu_s": self.engine.engine_cpu_s,
+                "vocab_size": self.engine.vocab_size,
                 "tokens": self.engine.tokens_emitted,
                 "gc_s": _gc_time[0],
                 "gc_by_generation": _gc_by_generation,
@@ -453,14 +379,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write the figures here too")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the server child
     p.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)  # the child's socket
+    p.add_argument("--error-file", default=None, help=argparse.SUPPRESS)  # the child's traceback, if it fails
     args = p.parse_args(argv)
+    if args.profile == "pyinstrument" and not args.serve:
+        import importlib.util
+
+        if importlib.util.find_spec("pyinstrument") is None:
+            p.error(
+                "--profile pyinstrument needs pyinstrument (pip install pyinstrument); or --profile cprofile"
+            )
     if args.serve:
-        serve(args)
+        try:
+            serve(args)
+        except BaseException:
+            if args.error_file:
+                import traceback
+
+                Path(args.error_file).write_text(traceback.format_exc())
+            raise
         return 0
 
-    from transformers import AutoTokenizer
-
-    args.vocab_for_prompts = min(len(AutoTokenizer.from_pretrained(args.tokenizer)), 10000)
     # The child serves on a socket bound here (port 0: the kernel's pick, as it binds) and passed down:
     # a port only found free here could be taken by another process before the child bound it.
     import socket
@@ -471,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd += ["--listen-fd", str(listener.fileno())]
     cmd += ["--max-num-seqs", str(args.max_num_seqs), "--step-s", str(args.step_s)]
     cmd += ["--max-model-len", str(args.max_model_len), "--http", args.http]
+    error_file = Path(tempfile.mkdtemp(prefix="weir-profile-serving-")) / "server-error.txt"
+    cmd += ["--error-file", str(error_file)]
     log = open(os.devnull, "wb")  # noqa: SIM115 - the child's JSON log lines: part of its cost, not ours
     with listener:  # the child's copy stays open: connections wait in its backlog until it serves
         child = subprocess.Popen(cmd, stderr=log, stdout=log, cwd=REPO, pass_fds=(listener.fileno(),))
@@ -479,11 +419,13 @@ def main(argv: list[str] | None = None) -> int:
         deadline = time.monotonic() + 120
         while True:
             try:
-                control(base, "counters")
+                # Prompts draw from the server's vocabulary (the client loads no tokenizer).
+                args.vocab_for_prompts = min(control(base, "counters")["vocab_size"], 10000)
                 break
             except OSError:
                 if child.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the server did not start") from None
+                    why = error_file.read_text() if error_file.exists() else f"exit status {child.poll()}"
+                    raise RuntimeError(f"the server did not start:\n{why}") from None
                 time.sleep(0.2)
         measure(base, args, args.max_tokens, seed=99)  # warm-up: imports, first-use caches
         setup, stream = [], []
@@ -495,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         child.terminate()
         child.wait(30)
+        shutil.rmtree(error_file.parent, ignore_errors=True)
 
     def median(xs: list[float]) -> float:
         return sorted(xs)[len(xs) // 2]

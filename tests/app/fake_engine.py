@@ -12,7 +12,7 @@ import asyncio
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,7 @@ class _Req:
     params: SamplingParams
     priority: int
     seqs: list[_Seq]
-    queue: asyncio.Queue
+    queue: Any  # new_output_queue()'s
     metrics: RequestMetrics
     lora_request: LoRARequest | None = None
     finished: bool = False
@@ -58,6 +58,10 @@ class _Req:
 
 
 class FakeEngine(EngineClient):
+    # Makes each request's output queue (`put_nowait`, `await get()`); loadtest/profile_serving.py's
+    # subclass uses the real engine's OutputChannel, so the app's per-token hand-over costs as there.
+    new_output_queue: Callable[[], Any] = asyncio.Queue
+
     def __init__(
         self,
         tokenizer_dir: Path | str,
@@ -177,7 +181,7 @@ class FakeEngine(EngineClient):
             params,
             priority,
             seqs,
-            asyncio.Queue(),
+            self.new_output_queue(),
             RequestMetrics(arrival_time=time.monotonic()),
             lora_request,
         )

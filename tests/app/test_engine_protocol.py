@@ -113,6 +113,13 @@ def test_fake_engine_implements_the_protocol(tiny_tokenizer_dir: Path) -> None:
     assert isinstance(fake.stats(), EngineStats)
 
 
+def test_profile_serving_fake_engine_implements_the_protocol(tiny_tokenizer_dir: Path) -> None:
+    from loadtest.profile_serving import FastFakeEngine  # loadtest/profile_serving.py's cheap step loop
+
+    fake = FastFakeEngine(str(tiny_tokenizer_dir), max_num_seqs=4, step_s=0.0, max_model_len=128)
+    assert protocol_mismatches(FastFakeEngine, fake) == []
+
+
 def test_async_engine_implements_the_protocol(server: LiveServer) -> None:
     engine = server.engine
     assert type(engine) is AsyncEngine

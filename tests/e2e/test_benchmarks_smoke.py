@@ -449,3 +449,30 @@ def test_bench_quant_t2_cases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(SystemExit) as refused:
         bench_quant.main(["--shape", "tiny-llama3", *ENGINE, "--cases", "Q3,Q7", "--out", str(out)])
     assert refused.value.code == 2
+
+
+def test_profile_serving_reports_server_cpu_per_token_and_request(tmp_path: Path) -> None:
+    """loadtest/profile_serving.py end to end, tiny: the real app over its fast fake engine (a FakeEngine
+    subclass, held to the engine client protocol) in a child process, and a cProfile of one phase."""
+    out, prof = tmp_path / "serving.json", tmp_path / "serving-profile.txt"
+    n, t = 8, 32
+    cmd = [sys.executable, str(REPO_ROOT / "loadtest" / "profile_serving.py"), "--concurrency", str(n)]
+    cmd += ["--prompt-len", "16", "--max-tokens", str(t), "--max-num-seqs", "4", "--max-model-len", "256"]
+    cmd += ["--repeats", "3", "--json", str(out), "--profile", "cprofile", "--profile-out", str(prof)]
+    cmd += ["--profile-max-tokens", "4"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert json.loads(proc.stdout[: proc.stdout.rindex("}") + 1]) == data  # printed as written
+    assert (data["concurrency"], data["max_tokens"]) == (n, t)
+    for key in ("per_request_us", "per_token_us", "per_token_all_in_us", "engine_cpu_per_token_us"):
+        assert data[key] > 0, key
+    assert data["stream_wall_s"] > 0 and data["stream_tok_s"] > 0
+    for phase, max_tokens in (("setup", 1), ("stream", t)):
+        runs = data["phases"][phase]
+        assert len(runs) == 3
+        for r in runs:
+            # every token streamed, plus the usage chunk of each request
+            assert (r["requests"], r["tokens"], r["events"]) == (n, n * max_tokens, n * (max_tokens + 1))
+            assert r["app_cpu_s"] > 0 and r["engine_cpu_s"] > 0
+    assert "function calls" in prof.read_text() and str(prof) in proc.stdout

@@ -140,25 +140,33 @@ def test_beam_searches_dropped_by_their_clients_free_everything(
         async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as c:
 
             async def one(i: int) -> None:
-                async def run() -> None:
+                async def run() -> tuple[int, bytes]:
                     if i % 2:
                         async with c.stream("POST", COMP, json={**body, "stream": True}) as r:
-                            async for _ in r.aiter_bytes():
-                                pass
-                    else:
-                        await c.post(COMP, json=body)
+                            data = b"".join([chunk async for chunk in r.aiter_bytes()])
+                            return r.status_code, data[-300:]
+                    r = await c.post(COMP, json=body)
+                    return r.status_code, r.content[-300:]
 
                 task = asyncio.ensure_future(run())
-                # Gone once the engine runs the searches (every beam of 8 groups running).
-                deadline = asyncio.get_running_loop().time() + 10
-                while engine.stats().num_running < 32 and not task.done():
-                    assert asyncio.get_running_loop().time() < deadline, engine.stats()
-                    await asyncio.sleep(0.01)
+                # Gone once the engine runs every search (all beams of the 8 groups at once: one watcher
+                # decides for all, since the first drops shrink num_running for the others).
+                await asyncio.wait(
+                    {task, asyncio.ensure_future(all_running.wait())}, return_when="FIRST_COMPLETED"
+                )
                 assert not task.done(), task.result()  # still searching when its client goes (not refused)
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
 
-            await asyncio.gather(*(one(i) for i in range(8)))
+            async def watch() -> None:
+                deadline = asyncio.get_running_loop().time() + 10
+                while engine.stats().num_running < 32:
+                    assert asyncio.get_running_loop().time() < deadline, engine.stats()
+                    await asyncio.sleep(0.01)
+                all_running.set()
+
+            all_running = asyncio.Event()
+            await asyncio.gather(watch(), *(one(i) for i in range(8)))
 
     asyncio.run(dropped())
     assert wait_until(lambda: engine.stats().num_running + engine.stats().num_waiting == 0, timeout=15)

@@ -21,7 +21,6 @@ smoke uses it). Imports nothing from app/.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import random
@@ -35,25 +34,10 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-import ops  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
-from engine.model.layers.attention_backend import AttentionBackend, TorchAttentionBackend  # noqa: E402
 from loadtest.gpu_engine_check import TINY_MAX_TOKENS, TINY_PROMPT_LENGTHS, first_divergence  # noqa: E402
+from loadtest.op_swap import EVERY_OP, OpSwap  # noqa: E402
 from tests.tiny_models import build_model, build_tokenizer  # noqa: E402
-
-# The ops a model forward calls (the sampler's and LoRA's are not in a plain greedy forward's logits).
-MODEL_OPS = (
-    "rms_norm",
-    "gemma_rms_norm",
-    "rotary_embedding",
-    "silu_and_mul",
-    "gelu_tanh_and_mul",
-    "write_kv_cache",
-    "rotary_and_write_kv",
-    "paged_attention",
-    "decode_attention",
-    "fused_moe",
-)
 
 
 def hf_run(
@@ -79,39 +63,6 @@ def hf_run(
             rows = logits[len(p) - 1 : -1]  # the rows predicting each continuation token
             logps.append(rows.gather(1, cont[:, None])[:, 0].tolist())
     return tokens, logps
-
-
-class Swapped:
-    """The engine's model with `ops_on_torch` (names of ops.Kernels fields, or "attention" for the whole
-    attention backend) on the torch reference while active, everything else as built; graphs off."""
-
-    def __init__(self, llm: LLM, ops_on_torch: tuple[str, ...]) -> None:
-        self.runner = llm.llm_engine.executor.runner
-        self.ops_on_torch, self.undo = ops_on_torch, []
-
-    def __enter__(self) -> Swapped:
-        built = self.runner.attn_backend
-        kernels = dataclasses.replace(
-            built.kernels,
-            **{op: getattr(ops.TORCH_KERNELS, op) for op in self.ops_on_torch if op != "attention"},
-        )
-        if "attention" in self.ops_on_torch:
-            backend: AttentionBackend = TorchAttentionBackend(built.kv_cache_dtype)
-        else:
-            backend = type(built).__new__(type(built))
-            AttentionBackend.__init__(backend, kernels, built.kv_cache_dtype)
-        for module in self.runner.model.modules():
-            for attr, new in (("kernels", kernels), ("attn_backend", backend)):
-                if attr in module.__dict__:
-                    self.undo.append((module, attr, module.__dict__[attr]))
-                    setattr(module, attr, new)
-        self.graphs, self.runner.graph_runner = self.runner.graph_runner, None
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for module, attr, old in self.undo:
-            setattr(module, attr, old)
-        self.runner.graph_runner = self.graphs
 
 
 def engine_run(
@@ -177,10 +128,11 @@ def main() -> int:
     llm = LLM(str(model_dir), device=args.device, dtype="float32", num_kv_blocks=256, enforce_eager=True)
     print(f"engine backend: {llm.llm_engine.executor.runner.attn_backend.name}", flush=True)
     row("engine, as built", *engine_run(llm, prompts, expected))
-    with Swapped(llm, ("attention", *MODEL_OPS)):
+    runner = llm.llm_engine.executor.runner
+    with OpSwap(runner):
         row("engine, every op on torch", *engine_run(llm, prompts, expected))
-    for op in ("attention", *MODEL_OPS):
-        with Swapped(llm, (op,)):
+    for op in EVERY_OP:
+        with OpSwap(runner, (op,)):
             row(f"engine, {op} on torch", *engine_run(llm, prompts, expected))
     if args.out:
         Path(args.out).write_text(

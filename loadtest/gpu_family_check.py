@@ -59,6 +59,7 @@ from loadtest.gpu_engine_check import (  # noqa: E402
     run_part,
     strict,
 )
+from loadtest.op_swap import OpSwap  # noqa: E402
 
 OUT_DIR = os.environ.get("OUT")
 HARD_LIMIT_S = float(os.environ.get("WEIR_CHECK_LIMIT_S", "400"))
@@ -254,32 +255,6 @@ class LogitsTap:
         del self.runner.compute_logits
 
 
-class TorchOps:
-    """Every layer of the model on the torch reference ops (ops.reference) and the graph runner off (its
-    graphs hold the Triton kernels) while active: the same weights and cache, the spec's arithmetic."""
-
-    def __init__(self, runner: Any) -> None:
-        self.runner, self.undo = runner, []
-
-    def __enter__(self) -> TorchOps:
-        from engine.model.layers.attention_backend import TorchAttentionBackend
-        from ops import TORCH_KERNELS
-
-        backend = TorchAttentionBackend(self.runner.attn_backend.kv_cache_dtype)
-        for module in self.runner.model.modules():
-            for attr, new in (("kernels", TORCH_KERNELS), ("attn_backend", backend)):
-                if attr in module.__dict__:
-                    self.undo.append((module, attr, module.__dict__[attr]))
-                    setattr(module, attr, new)
-        self.graphs, self.runner.graph_runner = self.runner.graph_runner, None
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for module, attr, old in self.undo:
-            setattr(module, attr, old)
-        self.runner.graph_runner = self.graphs
-
-
 def real_shapes() -> None:
     lengths = DRY_RUN_PROMPT_LENGTHS if DRY_RUN else REAL_PROMPT_LENGTHS
     for shape in DRY_RUN_SHAPES if DRY_RUN else REAL_SHAPES:
@@ -371,7 +346,7 @@ def triton_vs_torch_ops(
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     with LogitsTap(runner) as kernels_tap:
         llm.generate(prompts, one, use_tqdm=False)
-    with TorchOps(runner):
+    with OpSwap(runner):  # every op on torch
         with LogitsTap(runner) as torch_tap:
             llm.generate(prompts, one, use_tqdm=False)
         # a prompt at a time: its prompt logprobs are [prompt tokens, vocab] float32 (6 GB for 6,000

@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from engine import LLM, SamplingParams  # noqa: E402
+from loadtest.feature_check_quant import teacher_forced  # noqa: E402
 from loadtest.gpu_engine_check import TINY_MAX_TOKENS, TINY_PROMPT_LENGTHS, first_divergence  # noqa: E402
 from loadtest.op_swap import EVERY_OP, OpSwap  # noqa: E402
 from tests.tiny_models import build_model, build_tokenizer  # noqa: E402
@@ -70,13 +71,7 @@ def engine_run(
 ) -> tuple[list[list[int]], list[list[float]]]:
     greedy = SamplingParams(temperature=0.0, max_tokens=TINY_MAX_TOKENS, ignore_eos=True)
     tokens = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, greedy, use_tqdm=False)]
-    full = [p + c for p, c in zip(prompts, hf_tokens, strict=True)]
-    outs = llm.generate(full, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
-    logps = [
-        [o.prompt_logprobs[i][seq[i]].logprob for i in range(len(p), len(seq))]
-        for o, p, seq in zip(outs, prompts, full, strict=True)
-    ]
-    return tokens, logps
+    return tokens, teacher_forced(llm, prompts, hf_tokens)
 
 
 def drift(a: list[list[float]], b: list[list[float]]) -> dict[str, Any]:

@@ -116,12 +116,7 @@ class FastFakeEngine(FakeEngine):
             self._counters["generation"] += 1
             if len(s.token_ids) >= limit:
                 s.finish_reason = "length"
-        if req.metrics.first_token_time is None:
-            req.metrics.first_token_time = time.monotonic()
-        if all(s.finish_reason is not None for s in req.seqs):
-            self._finish(req, None)
-        else:
-            self._emit(req)
+        self._publish(req)
 
 
 # --------------------------------------------------------------------------------------------- server child

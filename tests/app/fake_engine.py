@@ -355,6 +355,10 @@ class FakeEngine(EngineClient):
                 s.finish_reason, s.stop_reason = "stop", tok
             if s.finish_reason is None and len(s.token_ids) >= limit:
                 s.finish_reason = "length"
+        self._publish(req)
+
+    def _publish(self, req: _Req) -> None:
+        """After a step gave `req` its tokens: its first-token time, then its end or its outputs."""
         if req.metrics.first_token_time is None:
             req.metrics.first_token_time = time.monotonic()
         if all(s.finish_reason is not None for s in req.seqs):

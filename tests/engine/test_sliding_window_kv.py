@@ -17,6 +17,7 @@ from engine.core.sliding_window import first_live_block, longest_window_hit, max
 from engine.errors import InvalidRequestError
 from engine.inputs.input_processor import InputProcessor
 from engine.model_config import ModelConfig
+from tests.engine.test_sliding_window_config import BASE as WINDOW_CONFIG_BASE
 
 BS, W = 4, 6  # a query at p reads p - 5 .. p: two blocks, or three where p - 5 is not block-aligned
 
@@ -185,15 +186,7 @@ _MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48}
 
 
 def _model(arch: str, **cfg: Any) -> ModelConfig:
-    base = {
-        "vocab_size": 512,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 8192,
-        "num_hidden_layers": 4,
-    }
+    base = {**WINDOW_CONFIG_BASE, "num_hidden_layers": 4}
     return ModelConfig.from_dicts("/m", {**base, "architectures": [arch], **cfg}, device="cpu")
 
 

@@ -26,7 +26,7 @@
 # it on. t1k0a t1k1a ...: T1 with a bf16 / an fp8 KV cache (Q4's T1 figure; the fp8 read widened unless T1KW=0).
 # abold1 abnew1 abold2 ...: L1 alternating an older tree and this one in one call (machines differ by up to 4%; compare within a call): first, on this machine,
 # `mkdir ab_old && git archive REV engine ops app loadtest pyproject.toml | tar x -C ab_old`, carry ab_old. .whl holds the server's wheels (../shared/scripts/device-wheels.sh).
-# diag: loadtest/diagnose_divergence.py on DIAGF (default gemma2: the engine check's tiny gemma2 left transformers' tokens
+# diag: loadtest/diagnose_divergence.py on DIAGF (DIAGX: more options, e.g. --layers; default gemma2: the engine check's tiny gemma2 left transformers' tokens
 # at (3, 8) on an H100 at 2d0586f; each op in turn back on torch tells which kernel moves its logits) -> $O/diag_$DIAGF.json.
 # The MoE / Phi-3 / Gemma / sliding-window families (first run on an H100 at 98de842), most important first; all five in one call:
 #   STEPS="famk moek fam moet2 moel1" DEADLINE=580 bash loadtest/device_call.sh   (estimated, not measured: ~60 + 150 +
@@ -100,7 +100,7 @@ for s in $STEPS; do case $s in
   fam) mkdir -p $O/fam; step fam 240 env OUT=$O/fam WEIR_CHECK_PARTS="${FAM_PARTS:-a b}" WEIR_CHECK_LIMIT_S=200 WEIR_COMPILE_WORKERS=${CPW:-8} python3 loadtest/gpu_family_check.py;;
   moet2) step moet2 150 python3 loadtest/bench_throughput.py --workload t2 --shape qwen3-30b-a3b --num-requests ${MOEN:-400} --peer ${MOEPEER:-hf} --peer-max-requests ${MOEPN:-32} --peer-max-steps ${MOEPS:-16} --peer-last --out $O/moet2.json;;
   moel1) step moel1 100 python3 loadtest/bench_latency.py --shape qwen3-30b-a3b --batch-sizes 1,8 --num-iters 3 --num-iters-warmup 1 --peer ${MOEPEER:-hf} --peer-max-steps ${MOEPS:-16} --peer-last --out $O/moel1.json;;
-  diag) step diag ${DIAGC:-200} python3 loadtest/diagnose_divergence.py --family ${DIAGF:-gemma2} --out $O/diag_${DIAGF:-gemma2}.json;;
+  diag) step diag ${DIAGC:-200} python3 loadtest/diagnose_divergence.py --family ${DIAGF:-gemma2} ${DIAGX:-} --out $O/diag_${DIAGF:-gemma2}.json;;
   probe) step probe 150 python3 loadtest/probe_w4_layout.py --out $O/probe.json;;
   q12fda) step q12fda 150 env WEIR_FUSED_DECODE_ATTENTION=1 python3 loadtest/bench_quant.py --shape llama3-8b --cases Q1,Q2 --out $O/q12fda.json;;
   q12) step q12 150 python3 loadtest/bench_quant.py --shape llama3-8b --cases Q1,Q2 --out $O/q12.json;;

@@ -13,7 +13,13 @@ transformers' own tokens, teacher-forced (prompt_logprobs over prompt + its cont
 - the engine with the Triton kernels but one op (or the attention backend) on torch: the op whose
   swap brings the drift down to the torch ops' level is where the difference is.
 
-Run: python3 loadtest/diagnose_divergence.py --family gemma2 [--out FILE]; --device cpu runs the
+On an H100 at 9c4fe20 transformers on the GPU kept its CPU tokens (9.5e-7) while the engine left them
+with every op on torch as with the kernels (0.018 at (3, 7)): the difference is outside the swappable
+ops. `--layers` then compares the residual stream and each attention / MLP output, layer by layer and
+position by position, between the engine and transformers on the device (prompt 3 + transformers'
+continuation, alone and in the four-prompt batch): the first module whose output moves is the place.
+
+Run: python3 loadtest/diagnose_divergence.py --family gemma2 [--layers] [--out FILE]; --device cpu runs the
 same on the CPU (the Triton kernels under TRITON_INTERPRET=1 when it is set before the start; CI's
 smoke uses it). Imports nothing from app/.
 """
@@ -87,6 +93,67 @@ def drift(a: list[list[float]], b: list[list[float]]) -> dict[str, Any]:
     return {"max_abs_logprob_diff": float(f"{worst[0]:.3e}"), "at": [worst[1], worst[2]]}
 
 
+def _captured(store: dict[str, list[torch.Tensor]], name: str) -> Any:
+    def hook(_module: Any, _args: Any, out: Any) -> None:
+        if isinstance(out, tuple):  # a weir decoder layer's (hidden, residual) sums to the stream; HF's [0]
+            out = out[0] + out[1] if name.startswith("weir") and name.endswith("stream") else out[0]
+        store.setdefault(name, []).append(out.detach().float().reshape(-1, out.shape[-1]).cpu())
+
+    return hook
+
+
+def layer_outputs(model: Any, prefix: str, layers: Any) -> tuple[dict[str, list[torch.Tensor]], list[Any]]:
+    """Forward hooks on each layer (the stream after it), its self_attn and its mlp."""
+    store: dict[str, list[torch.Tensor]] = {}
+    handles = []  # (not the embedding: transformers' Gemma scales inside it, the engine after it)
+    for i, layer in enumerate(layers):
+        handles.append(layer.self_attn.register_forward_hook(_captured(store, f"{prefix} {i} attn")))
+        handles.append(layer.mlp.register_forward_hook(_captured(store, f"{prefix} {i} mlp")))
+        handles.append(layer.register_forward_hook(_captured(store, f"{prefix} {i} stream")))
+    return store, handles
+
+
+def layer_drift(
+    llm: LLM, model_dir: Path, prompts: list[list[int]], continuations: list[list[int]], device: str
+) -> list[dict[str, Any]]:
+    """For the longest prompt + its continuation (alone, then last in the batch of all), each module's
+    largest |engine - transformers| on `device` and the first position over 1e-4. transformers' hidden
+    states are its residual stream after each layer; the engine's layer returns (hidden, residual),
+    whose sum is the same stream."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
+    seq = prompts[-1] + continuations[-1]
+    hf_store, handles = layer_outputs(hf, "hf", hf.model.layers)
+    with torch.no_grad():
+        hf(torch.tensor([seq], device=device))
+    for h in handles:
+        h.remove()
+    model = llm.llm_engine.executor.runner.model
+    rows = []
+    full = [p + c for p, c in zip(prompts, continuations, strict=True)]
+    for label, batch in (("alone", [seq]), ("in the batch", full)):
+        llm.llm_engine.scheduler.reset_prefix_cache()
+        store, handles = layer_outputs(model, "weir", model.model.layers)
+        llm.generate(batch, SamplingParams(max_tokens=1), use_tqdm=False)
+        for h in handles:
+            h.remove()
+        for key, hf_out in hf_store.items():
+            name = key.removeprefix("hf ")
+            ours = torch.cat(store[f"weir {name}"])[-len(seq) :]  # [len(seq), hidden]: the last sequence
+            diff = (ours - hf_out[0]).abs().amax(-1)  # [len(seq)]
+            over = (diff > 1e-4).nonzero()
+            row = {
+                "run": label,
+                "module": name,
+                "max_abs_diff": float(f"{diff.max().item():.3e}"),
+                "first_position_over_1e-4": int(over[0]) if len(over) else None,
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def force_triton_on_cpu() -> None:
     """The engine's backend choice made Triton (the interpreter) on the CPU, as the kernel tests force it."""
     import engine.worker.model_runner as model_runner
@@ -100,6 +167,10 @@ def main() -> int:
     parser.add_argument("--family", default="gemma2")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--layers", action="store_true", help="compare module outputs layer by layer")
+    parser.add_argument(
+        "--ops", default=",".join(EVERY_OP), help="the ops swapped back on torch one at a time (comma list)"
+    )
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="weir-diverge-"))
@@ -123,10 +194,14 @@ def main() -> int:
     llm = LLM(str(model_dir), device=args.device, dtype="float32", num_kv_blocks=256, enforce_eager=True)
     print(f"engine backend: {llm.llm_engine.executor.runner.attn_backend.name}", flush=True)
     row("engine, as built", *engine_run(llm, prompts, expected))
+    if args.layers:
+        rows.extend(layer_drift(llm, model_dir, prompts, expected, args.device))
     runner = llm.llm_engine.executor.runner
     with OpSwap(runner):
         row("engine, every op on torch", *engine_run(llm, prompts, expected))
-    for op in EVERY_OP:
+    for op in args.ops.split(","):
+        if op not in EVERY_OP:
+            parser.error(f"--ops: {op!r} is not one of {', '.join(EVERY_OP)}")
         with OpSwap(runner, (op,)):
             row(f"engine, {op} on torch", *engine_run(llm, prompts, expected))
     if args.out:

@@ -37,14 +37,14 @@ from ops.moe_quant import Fp8ExpertScales, IntExpertScales
 from ops.triton.fp8_quant import _to_fp8, hardware_fp8_conversion
 from ops.triton.moe_align import moe_align_block_size_kernel
 
-# The most pairs (tokens * top_k) aligned by the one-program kernel; past it the torch ops. An estimate,
-# not yet measured (loadtest/kernel_check_moe_align.py times both alone at 1..65536 pairs, and the layer
-# both ways): the torch ops are ~15 launches of ~3-4 us each in a graph, ~50-60 us at any decode size
-# (H100, 98de842). The kernel is one program on one SM walking the pairs twice in chunks of 64, each
-# chunk a few dependent cross-warp reductions: ~0.5 us a chunk to count, ~1-1.5 us to place, so
-# ~30-40 us at 2048 pairs and about the torch ops' time near 4096. 2048 covers decode batches to 256
-# tokens at Qwen3-MoE's top 8 and 1024 at Mixtral's top 2, with a margin for the estimate.
-ALIGN_KERNEL_MAX_PAIRS = 2048
+# The most pairs (tokens * top_k) aligned by the one-program kernel; past it the torch ops. Measured on an
+# H100 at 9c4fe20 (loadtest/results/moe-align-h100-2026-12-05-9c4fe20/), each alone in a CUDA graph,
+# kernel / torch ops: Qwen3-30B-A3B (128 experts) 5.3 / 46.5 us at 8 pairs, 52.8 / 76.8 at 1024, 98.8 /
+# 78.4 at 2048; Mixtral-8x7B (8 experts) 2.0 / 46.8 at 2, 60.6 / 76.3 at 2048, 119.5 / 81.1 at 4096. The
+# kernel is one program walking the pairs (its time grows with pairs and experts), the torch ops a
+# fixed ~15 launches: 1024 is the largest measured size where the kernel wins at both shapes (decode
+# batches to 128 tokens at Qwen3-MoE's top 8, 512 at Mixtral's top 2).
+ALIGN_KERNEL_MAX_PAIRS = 1024
 
 
 def moe_align_block_size(

@@ -231,13 +231,34 @@ def test_moe_throughput_with_the_peer_last(tmp_path: Path) -> None:
 
 
 def test_diagnose_divergence_on_cpu(tmp_path: Path) -> None:
-    """diagnose_divergence.py (device_call.sh's diag step) on the CPU's torch ops: every setting, each op
-    swapped back on torch in turn, gives transformers' tokens and log p within the parity tests' 1e-4."""
+    """diagnose_divergence.py (device_call.sh's diag step) under the Triton interpreter: every setting (as
+    built, every op on torch, two ops swapped back in turn: each setting is ~15 s of interpreter here)
+    gives transformers' tokens and log p within the parity tests' 1e-4;
+    with --layers every module's output (3 layers: attention, MLP, the stream), alone and in the batch,
+    within 1e-4 of transformers'."""
     out = tmp_path / "diag.json"
     _run_env(
-        ["loadtest/diagnose_divergence.py", "--family", "gemma2", "--device", "cpu", "--out", str(out)], {}
+        [
+            "loadtest/diagnose_divergence.py",
+            "--family",
+            "gemma2",
+            "--device",
+            "cpu",
+            "--layers",
+            "--ops",
+            "attention,rms_norm",
+            "--out",
+            str(out),
+        ],
+        {},
     )
     rows = json.loads(out.read_text())["rows"]
+    layer_rows = [r for r in rows if "module" in r]
+    rows = [r for r in rows if "setting" in r]
     assert [r["setting"] for r in rows[:2]] == ["engine, as built", "engine, every op on torch"]
-    assert len(rows) == 13  # as built, all on torch, then the attention backend and 10 ops one at a time
+    assert [r["setting"] for r in rows[2:]] == ["engine, attention on torch", "engine, rms_norm on torch"]
     assert all(r["first_divergence"] == [] and r["max_abs_logprob_diff"] < 1e-4 for r in rows), rows
+    assert len(layer_rows) == 2 * 3 * 3  # (alone, in the batch) x 3 layers x (attn, mlp, stream)
+    assert all(r["max_abs_diff"] < 1e-4 and r["first_position_over_1e-4"] is None for r in layer_rows), (
+        layer_rows
+    )

@@ -113,31 +113,67 @@ def layer_outputs(model: Any, prefix: str, layers: Any) -> tuple[dict[str, list[
     return store, handles
 
 
+def layer0_tensors(model: Any, side: str, kept: dict[str, torch.Tensor]) -> list[Any]:
+    """Hooks keeping layer 0's attention tensors in `kept` (CPU copies, float32): q, k, v before rope
+    (transformers' q/k/v_proj, side "hf"; the engine's fused qkv_proj, side "weir"), the input of o_proj
+    (attention's output) and the rotary cos/sin (transformers' rotary_emb output; the engine's cache)."""
+
+    def keep(name: str, arg: bool = False) -> Any:
+        def hook(_m: Any, args: Any, out: Any = None) -> None:
+            t = args[0] if arg else out
+            if not isinstance(t, torch.Tensor):  # transformers' rotary_emb: (cos, sin)
+                t = torch.cat([x.reshape(-1, x.shape[-1]) for x in t], -1)
+            kept[f"{side} {name}"] = t.detach().float().reshape(-1, t.shape[-1]).cpu()
+
+        return hook
+
+    attn = model.model.layers[0].self_attn
+    handles = [attn.o_proj.register_forward_pre_hook(keep("attn", arg=True))]
+    if side == "hf":
+        handles += [getattr(attn, f"{x}_proj").register_forward_hook(keep(x)) for x in "qkv"]
+        handles.append(model.model.rotary_emb.register_forward_hook(keep("cos sin")))
+    else:
+        handles.append(attn.qkv_proj.register_forward_hook(keep("qkv")))
+        kept["weir cos sin cache"] = attn.rotary_emb.cos_sin_cache.detach().float().cpu()
+    return handles
+
+
 def layer_drift(
-    llm: LLM, model_dir: Path, prompts: list[list[int]], continuations: list[list[int]], device: str
+    llm: LLM,
+    model_dir: Path,
+    prompts: list[list[int]],
+    continuations: list[list[int]],
+    device: str,
+    dump: Path | None = None,
 ) -> list[dict[str, Any]]:
     """For the longest prompt + its continuation (alone, then last in the batch of all), each module's
     largest |engine - transformers| on `device` and the first position over 1e-4. transformers' hidden
     states are its residual stream after each layer; the engine's layer returns (hidden, residual),
-    whose sum is the same stream."""
+    whose sum is the same stream. `dump`: layer 0's attention tensors of both (layer0_tensors), saved."""
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
     seq = prompts[-1] + continuations[-1]
+    model = llm.llm_engine.executor.runner.model
+    kept: dict[str, torch.Tensor] = {}
     hf_store, handles = layer_outputs(hf, "hf", hf.model.layers)
+    handles += layer0_tensors(hf, "hf", kept)
     with torch.no_grad():
         hf(torch.tensor([seq], device=device))
     for h in handles:
         h.remove()
-    model = llm.llm_engine.executor.runner.model
     rows = []
     full = [p + c for p, c in zip(prompts, continuations, strict=True)]
     for label, batch in (("alone", [seq]), ("in the batch", full)):
         llm.llm_engine.scheduler.reset_prefix_cache()
         store, handles = layer_outputs(model, "weir", model.model.layers)
+        if label == "alone":
+            handles += layer0_tensors(model, "weir", kept)
         llm.generate(batch, SamplingParams(max_tokens=1), use_tqdm=False)
         for h in handles:
             h.remove()
+        if label == "alone" and dump is not None:
+            torch.save(kept, dump)
         for key, hf_out in hf_store.items():
             name = key.removeprefix("hf ")
             ours = torch.cat(store[f"weir {name}"])[-len(seq) :]  # [len(seq), hidden]: the last sequence
@@ -195,7 +231,8 @@ def main() -> int:
     print(f"engine backend: {llm.llm_engine.executor.runner.attn_backend.name}", flush=True)
     row("engine, as built", *engine_run(llm, prompts, expected))
     if args.layers:
-        rows.extend(layer_drift(llm, model_dir, prompts, expected, args.device))
+        dump = Path(args.out).with_suffix(".layer0.pt") if args.out else None
+        rows.extend(layer_drift(llm, model_dir, prompts, expected, args.device, dump))
     runner = llm.llm_engine.executor.runner
     with OpSwap(runner):
         row("engine, every op on torch", *engine_run(llm, prompts, expected))

@@ -44,16 +44,14 @@ from engine import LLM, SamplingParams  # noqa: E402
 from loadtest.feature_check_quant import teacher_forced  # noqa: E402
 from loadtest.gpu_engine_check import TINY_MAX_TOKENS, TINY_PROMPT_LENGTHS, first_divergence  # noqa: E402
 from loadtest.op_swap import EVERY_OP, OpSwap  # noqa: E402
-from tests.tiny_models import build_model, build_tokenizer  # noqa: E402
+from tests.tiny_models import build_model, build_tokenizer, hf_causal_lm  # noqa: E402
 
 
 def hf_run(
     model_dir: Path, prompts: list[list[int]], device: str
 ) -> tuple[list[list[int]], list[list[float]]]:
     """transformers' greedy tokens and their teacher-forced log p (float32) on `device`."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
+    model = hf_causal_lm(str(model_dir), dtype=torch.float32).to(device).eval()
     tokens, logps = [], []
     with torch.no_grad():
         for p in prompts:
@@ -150,9 +148,7 @@ def layer_drift(
     largest |engine - transformers| on `device` and the first position over 1e-4. transformers' hidden
     states are its residual stream after each layer; the engine's layer returns (hidden, residual),
     whose sum is the same stream. `dump`: layer 0's attention tensors of both (layer0_tensors), saved."""
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
+    hf = hf_causal_lm(str(model_dir), dtype=torch.float32).to(device).eval()
     seq = prompts[-1] + continuations[-1]
     model = llm.llm_engine.executor.runner.model
     kept: dict[str, torch.Tensor] = {}

@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from engine import LLM, SamplingParams  # noqa: E402
-from tests.tiny_models import FAMILIES, build_model, build_tokenizer, preemption_cache  # noqa: E402
+from tests.tiny_models import FAMILIES, build_model, build_tokenizer, hf_causal_lm, preemption_cache  # noqa: E402
 
 OUT_DIR = os.environ.get("OUT")
 START = time.time()
@@ -159,9 +159,8 @@ TINY_MAX_TOKENS = 20
 
 
 def hf_greedy(model_dir: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    model = hf_causal_lm(str(model_dir), dtype=torch.float32).eval()
     outs = []
     with torch.no_grad():
         for p in prompts:

@@ -60,6 +60,7 @@ from loadtest.gpu_engine_check import (  # noqa: E402
     strict,
 )
 from loadtest.op_swap import OpSwap  # noqa: E402
+from tests.tiny_models import hf_causal_lm  # noqa: E402
 
 OUT_DIR = os.environ.get("OUT")
 HARD_LIMIT_S = float(os.environ.get("WEIR_CHECK_LIMIT_S", "400"))
@@ -164,17 +165,12 @@ def tiny_families() -> None:
 
 
 def tiny_family(family: str, model_dir: Path, prompts: list[list[int]]) -> None:
-    from transformers import AutoModelForCausalLM
 
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     summary = RESULTS["info"].setdefault("tiny_families", {})
     hf_tokens: dict[str, list[list[int]]] = {}
     for dtype in ("float32", "bfloat16"):
-        hf = (
-            AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
-            .to(DEVICE)
-            .eval()
-        )
+        hf = hf_causal_lm(str(model_dir), dtype=getattr(torch, dtype)).to(DEVICE).eval()
         expected = hf_tokens[dtype] = hf_generate(hf, prompts, MAX_TOKENS)
         hf_lp = hf_teacher_forced(hf, prompts, expected) if dtype == "bfloat16" else None
         del hf

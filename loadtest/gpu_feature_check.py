@@ -60,6 +60,7 @@ from loadtest.gpu_engine_check import (  # noqa: E402
     run_part,
     strict,
 )
+from tests.tiny_models import hf_causal_lm  # noqa: E402
 
 OUT_DIR = os.environ.get("OUT")
 # Parts start only while there is time left in the device call (the slow quantized sweep goes last).
@@ -100,14 +101,13 @@ def peft_greedy(
 ) -> list[list[int]]:
     """transformers + PEFT greedy on CPU fp32, one model per adapter."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     models: dict[str | None, torch.nn.Module] = {}
     outs = []
     with torch.no_grad():
         for prompt, name in zip(prompts, adapters, strict=True):
             if name not in models:
-                base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+                base = hf_causal_lm(str(model_dir), dtype=torch.float32)
                 models[name] = (
                     base if name is None else PeftModel.from_pretrained(base, requests[name].lora_path)
                 ).eval()
@@ -209,7 +209,6 @@ BEAM_CASES = [(2, 0.5, True), (4, 1.0, False), (4, 2.0, "never")]  # (width, len
 
 
 def beam_search() -> None:
-    from transformers import AutoModelForCausalLM
 
     from engine import BeamSearchParams
     from tests.engine.test_beam_search import PROMPT, _eos_prone_copy, _transformers_beams
@@ -218,7 +217,7 @@ def beam_search() -> None:
     rows = RESULTS["info"]["beam_search"] = []
     for family in ("llama", "qwen3"):
         path = _eos_prone_copy(tiny_llama(root, family), root / f"{family}-eos")
-        hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+        hf = hf_causal_lm(str(path), dtype=torch.float32).eval()
         llm = strict(
             LLM(str(path), device=DEVICE, dtype="float32", block_size=8, num_kv_blocks=256, **GRAPHS)
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
+from typing import Any
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -354,3 +355,19 @@ def build_model(
 
 def read_config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
+
+
+def hf_causal_lm(model_dir: str | Path, **kwargs: Any) -> Any:
+    """transformers' model from `model_dir` as the parity reference (`kwargs` to from_pretrained): with
+    eager attention where the config caps attention logits (Gemma 2). transformers 5.17 (the GPU
+    image's) ran Gemma 2 through sdpa by default, which drops the cap, so the reference there differed
+    from the model's definition (and from weir, and from transformers 5.25, which refuses sdpa for it):
+    the engine check's tiny gemma2 left "transformers' tokens" at prompt 3, token 8, on an H100 at
+    2d0586f and 9c4fe20, and the same 5.17 on the CPU gave the same drift (diagnose_divergence --layers)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "attn_logit_softcapping", None) is not None:
+        kwargs.setdefault("attn_implementation", "eager")
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)

@@ -20,6 +20,7 @@ import torch
 from app.config import resolve
 from engine import LLM, LoRARequest, SamplingParams
 from tests.app.conftest import LiveServer, start_server
+from tests.tiny_models import hf_causal_lm
 
 MAX_TOKENS = 8
 PROMPTS = [[5, 17, 33, 9, 12], [40, 41, 42, 43, 44, 45, 46, 47, 48]]
@@ -36,10 +37,9 @@ def _save_adapter(
     base_dir: Path, out: Path, rank: int, targets: list[str], seed: int, **config: object
 ) -> str:
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32),
+        hf_causal_lm(str(base_dir), dtype=torch.float32),
         LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0, **config),
     )
     gen = torch.Generator().manual_seed(seed)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from engine import LLM, BeamSearchParams, SamplingParams
+from tests.tiny_models import hf_causal_lm
 
 _rng = random.Random(3)
 PROMPT = [_rng.randrange(3, 500) for _ in range(13)]  # a partial second block of 8: forked, then copied
@@ -20,7 +20,7 @@ LONG = [_rng.randrange(3, 500) for _ in range(37)]  # past every tiny window (8-
 
 
 def _hf(model_dir: Path):
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    return hf_causal_lm(str(model_dir), dtype=torch.float32).eval()
 
 
 def _hf_logprobs(hf, ids: list[int]) -> torch.Tensor:

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from engine import LLM, SamplingParams
-from tests.tiny_models import FAMILIES, OTHER_FAMILIES, build_model, preemption_cache
+from tests.tiny_models import FAMILIES, OTHER_FAMILIES, build_model, hf_causal_lm, preemption_cache
 
 MAX_TOKENS = 20
 PROMPT_LENGTHS = (5, 17, 33, 40)
@@ -31,7 +30,7 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], max_tokens: int = MAX_T
     key = (str(model_dir), seed)
     if key in _HF_CACHE:
         return _HF_CACHE[key]
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = hf_causal_lm(str(model_dir), dtype=torch.float32)
     model.eval()
     all_tokens, all_logprobs = [], []
     for prompt in prompts:
@@ -149,7 +148,7 @@ def test_greedy_parity_chunked_prefill_other_families(
 def test_prompt_logprobs_match_transformers(tiny_model_dirs: dict[str, Path]) -> None:
     model_dir = tiny_model_dirs["qwen2"]
     prompt = _prompts()[2]
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = hf_causal_lm(str(model_dir), dtype=torch.float32)
     with torch.no_grad():
         logits = model(torch.tensor([prompt])).logits[0]
     expected = torch.log_softmax(logits.float(), dim=-1)

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from engine import LLM, BeamSearchParams, SamplingParams
-from tests.tiny_models import WINDOWS, build_model
+from tests.tiny_models import WINDOWS, build_model, hf_causal_lm
 
 _rng = random.Random(7)
 PROMPTS = [[_rng.randrange(3, 500) for _ in range(n)] for n in (5, 23, 41)]
@@ -23,7 +22,7 @@ BS = 8
 
 
 def _hf(model_dir: Path):
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    return hf_causal_lm(str(model_dir), dtype=torch.float32).eval()
 
 
 def _hf_greedy(hf, prompts: list[list[int]], max_tokens: int = MAX_TOKENS) -> list[list[int]]:

@@ -22,7 +22,7 @@ import torch
 from engine import LLM, LoRARequest, SamplingParams
 from engine.errors import LoRAAdapterError
 from tests.e2e.test_parity import _prompts, hf_greedy
-from tests.tiny_models import build_model
+from tests.tiny_models import build_model, hf_causal_lm
 
 MAX_TOKENS = 20
 # 60 tokens (40 + 20) need 8 blocks of 8; 9 blocks force preemption; a 7-token budget chunks prompts.
@@ -100,9 +100,8 @@ def test_tp2_prefix_cache_hits(tp_llm: LLM, one_kv_head_dir: Path) -> None:
 
 def test_tp2_lora_matches_tp1(tp_llm: LLM, one_kv_head_dir: Path, tmp_path: Path) -> None:
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(str(one_kv_head_dir), dtype=torch.float32)
+    base = hf_causal_lm(str(one_kv_head_dir), dtype=torch.float32)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0))
     gen = torch.Generator().manual_seed(3)

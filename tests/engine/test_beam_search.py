@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from engine import LLM, BeamSearchParams, SamplingParams
 from engine.errors import InvalidRequestError
+from tests.tiny_models import hf_causal_lm
 
 PROMPT = [1, 50, 60, 70, 80, 90, 100]  # 7 tokens: a partial first block of 8
 EOS = 2
@@ -23,12 +24,10 @@ CASES = [(1, 1.0, False), (2, 0.5, True), (4, 2.0, "never"), (4, 1.0, False)]
 def _eos_prone_copy(src: Path, dst: Path) -> Path:
     """The tiny checkpoint with EOS's output row set to that of the token greedy decoding repeats
     most: EOS then is close to the top at times, so some beams end early and others run to max_tokens."""
-    from transformers import AutoModelForCausalLM
-
     shutil.copytree(src, dst)
     (weights,) = dst.glob("*.safetensors")
     state = load_file(str(weights))
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    model = hf_causal_lm(str(src), dtype=torch.float32)
     greedy = model.generate(
         torch.tensor([PROMPT]), do_sample=False, max_new_tokens=MAX_TOKENS, pad_token_id=EOS
     )
@@ -41,13 +40,11 @@ def _eos_prone_copy(src: Path, dst: Path) -> Path:
 @pytest.fixture(scope="module")
 def models(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple]:
     """family -> (checkpoint dir, transformers model, weir LLM)."""
-    from transformers import AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("eos_prone")
     out = {}
     for family in FAMILIES:
         path = _eos_prone_copy(tiny_model_dirs[family], root / family)
-        hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+        hf = hf_causal_lm(str(path), dtype=torch.float32).eval()
         out[family] = (path, hf, LLM(str(path), device="cpu", dtype="float32", block_size=8))
     return out
 

@@ -29,6 +29,7 @@ from engine.worker.cuda_graphs import (
     padded_size,
 )
 from engine.worker.model_runner import ModelRunner
+from tests.tiny_models import hf_causal_lm
 
 BLOCK_SIZE = 8
 NUM_BLOCKS = 64
@@ -340,12 +341,11 @@ def test_prompt_logprobs_chunked_by_max_num_seqs(tiny_model_dirs: dict[str, Path
 # ---------------------------------------------------------------------------------- on a GPU
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graphs_match_eager_and_transformers_on_gpu(tiny_model_dirs: dict[str, Path]) -> None:
-    from transformers import AutoModelForCausalLM
 
     model_dir = tiny_model_dirs["qwen2"]
     prompts = _prompts((5, 17, 33))
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    hf = hf_causal_lm(str(model_dir), dtype=torch.float32).eval()
     expected = []
     for p in prompts:
         out = hf.generate(

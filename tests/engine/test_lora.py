@@ -16,6 +16,7 @@ import torch
 
 from engine import LLM, LoRARequest, SamplingParams
 from engine.errors import InvalidRequestError, LoRAAdapterError
+from tests.tiny_models import hf_causal_lm
 
 MAX_TOKENS = 8
 # name -> (rank, lora_alpha, target_modules, use_rslora)
@@ -31,11 +32,10 @@ def save_peft_adapters(model_dir: Path, root: Path) -> dict[str, LoRARequest]:
     """ADAPTERS over the checkpoint in `model_dir`, saved by peft under `root` with random non-zero B
     (so each changes the output); also used by loadtest/gpu_feature_check.py."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     requests: dict[str, LoRARequest] = {}
     for i, (name, (rank, alpha, targets, rslora)) in enumerate(ADAPTERS.items()):
-        base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        base = hf_causal_lm(str(model_dir), dtype=torch.float32)
         config = LoraConfig(
             r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora, lora_dropout=0.0
         )
@@ -59,7 +59,6 @@ def _prompts(seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
 def lora_setup(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The adapters (saved by peft, random non-zero B) and a function giving PEFT's greedy tokens."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     requests = save_peft_adapters(tiny_llama_dir, tmp_path_factory.mktemp("loras"))
 
@@ -68,7 +67,7 @@ def lora_setup(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
     def model(adapter: str | None) -> torch.nn.Module:
         if adapter not in models:
-            base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
+            base = hf_causal_lm(str(tiny_llama_dir), dtype=torch.float32)
             models[adapter] = (
                 base if adapter is None else PeftModel.from_pretrained(base, requests[adapter].lora_path)
             ).eval()
@@ -353,12 +352,11 @@ def test_family_adapter_matches_peft(tiny_model_dirs: dict[str, Path], tmp_path:
     to, residual and attention multipliers, logits scaling) and OLMo 2 (q/k norms over all heads after
     the adapted projections, post-norms)."""
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     model_dir = tiny_model_dirs[family]
     targets = ADAPTERS["r8-all"][2]
     model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32),
+        hf_causal_lm(str(model_dir), dtype=torch.float32),
         LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0),
     )
     gen = torch.Generator().manual_seed(5)
@@ -370,7 +368,7 @@ def test_family_adapter_matches_peft(tiny_model_dirs: dict[str, Path], tmp_path:
     adapter = LoRARequest("all", 1, str(tmp_path / "all"))
     prompts = PROMPTS[:3]
     peft = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32), str(tmp_path / "all")
+        hf_causal_lm(str(model_dir), dtype=torch.float32), str(tmp_path / "all")
     ).eval()
     want = [
         peft.generate(

@@ -16,14 +16,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
 
 from engine.config import EngineConfig
 from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
 from engine.model_config import ModelConfig
 from engine.worker.model_runner import ModelRunner
-from tests.tiny_models import FAMILIES, make_config
+from tests.tiny_models import FAMILIES, hf_causal_lm, make_config
 
 BLOCK_SIZE = 16
 NUM_BLOCKS = 64
@@ -52,7 +51,7 @@ def _hf_logits(model_dir: Path, token_ids: list[int]) -> torch.Tensor:
     """transformers' float32 logits for every position: [len(token_ids), vocab]."""
     key = str(model_dir)
     if key not in _HF:
-        _HF[key] = AutoModelForCausalLM.from_pretrained(key, dtype=torch.float32).eval()
+        _HF[key] = hf_causal_lm(key, dtype=torch.float32).eval()
     with torch.no_grad():
         return _HF[key](torch.tensor([token_ids])).logits[0].float()
 
@@ -402,3 +401,9 @@ def test_dummy_weights_give_gemma_norms_their_identity_scale() -> None:
     initialize_dummy_weights(layers)
     assert layers.input_layernorm.weight.tolist() == [0.0] * 8
     assert layers.post_norm.weight.tolist() == [1.0] * 8
+
+
+def test_the_transformers_reference_keeps_gemma2s_attention_softcap(tiny_model_dirs: dict[str, Path]) -> None:
+    """The parity reference (tests/tiny_models.hf_causal_lm) runs Gemma 2 with eager attention, the one
+    that applies attn_logit_softcapping (transformers 5.17 chose sdpa, which drops it)."""
+    assert hf_causal_lm(tiny_model_dirs["gemma2"]).config._attn_implementation == "eager"

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
 
 from engine import LLM, LoRARequest, SamplingParams
 from engine.config import EngineConfig
@@ -23,6 +22,7 @@ from engine.model.models.moe import MoeForCausalLM, SparseMoeBlock
 from engine.model.weight_loader import load_weights
 from engine.model_config import ModelConfig
 from tests.engine.test_models import _direct_logits, _hf_logits, _prompt, _runner
+from tests.tiny_models import hf_causal_lm
 
 TOL = 1e-4
 
@@ -51,7 +51,7 @@ def _fused_layout(src: Path, dst: Path) -> Path:
     """`src` saved in transformers 5's in-memory layout: every layer's experts as two stacked tensors
     (mlp.experts.gate_up_proj [E, 2I, H], mlp.experts.down_proj [E, H, I]) and Mixtral's router under mlp."""
     shutil.copytree(src, dst)
-    state = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).state_dict()
+    state = hf_causal_lm(str(src), dtype=torch.float32).state_dict()
     assert "model.layers.1.mlp.experts.gate_up_proj" in state
     save_file(
         {k: v.contiguous() for k, v in state.items()},
@@ -140,7 +140,7 @@ def _peft_adapter(model_dir: Path, out: Path, **lora: object) -> Path:
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32),
+        hf_causal_lm(str(model_dir), dtype=torch.float32),
         LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, **lora),  # type: ignore[arg-type]
     )
     gen = torch.Generator().manual_seed(5)
@@ -162,10 +162,8 @@ def test_lora_attention_adapter_matches_peft_and_expert_targets_are_refused(
         model_dir, tmp_path / "attn", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
     )
     prompts = [_prompt(n, seed=n) for n in (6, 19)]
-    peft = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32), str(attn)
-    )
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    peft = PeftModel.from_pretrained(hf_causal_lm(str(model_dir), dtype=torch.float32), str(attn))
+    base = hf_causal_lm(str(model_dir), dtype=torch.float32)
     expected, unadapted = [], []
     for prompt, out in ((p, o) for p in prompts for o in (expected, unadapted)):
         model = peft if out is expected else base
@@ -220,7 +218,7 @@ def test_router_matches_transformers_in_bfloat16(tiny_model_dirs: dict[str, Path
     renormalised (GraniteMoe: top-k of the logits, then their softmax); Qwen's and GraniteMoe's weights
     rounded to bf16 (as transformers multiplies the experts by them), Mixtral's kept float32."""
     model_dir = tiny_model_dirs[family]
-    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16)
+    hf = hf_causal_lm(str(model_dir), dtype=torch.bfloat16)
     layer = hf.model.layers[1]
     hf_router = layer.block_sparse_moe.router if family == "granite_moe" else layer.mlp.gate
     config = ModelConfig.from_pretrained(model_dir, dtype="bfloat16", device="cpu")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, Phi3Config
+from transformers import Phi3Config
 
 from engine import LLM, LoRARequest, SamplingParams
 from engine.errors import LoRAAdapterError
@@ -24,7 +24,7 @@ from engine.model.layers.rotary import build_cos_sin_cache
 from engine.model.models.llama import LlamaForCausalLM
 from engine.model.weight_loader import load_weights
 from engine.model_config import ModelConfig
-from tests.tiny_models import build_model, longrope_parameters
+from tests.tiny_models import build_model, hf_causal_lm, longrope_parameters
 
 ORIGINAL = 32  # original_max_position_embeddings of the switch model: small, so a test crosses it
 MAX_POSITIONS = 128
@@ -47,7 +47,7 @@ def longrope_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: P
 
 
 def _hf_greedy(model_dir: Path, prompt: list[int], max_tokens: int) -> list[int]:
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    model = hf_causal_lm(str(model_dir), dtype=torch.float32).eval()
     return _hf_greedy_model(model, prompt, max_tokens)
 
 
@@ -208,7 +208,7 @@ def test_peft_adapters_on_fused_projections_match_peft(
     model_dir = tiny_model_dirs["phi3_partial"]
     requests = {}
     for i, (name, (rank, alpha, targets, rslora)) in enumerate(PHI3_ADAPTERS.items()):
-        base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        base = hf_causal_lm(str(model_dir), dtype=torch.float32)
         peft_model = get_peft_model(
             base, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora)
         )
@@ -224,7 +224,7 @@ def test_peft_adapters_on_fused_projections_match_peft(
     adapters = [None, "r4-qkv", "r8-all"]
     expected = []
     for prompt, adapter in zip(prompts, adapters, strict=True):
-        base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        base = hf_causal_lm(str(model_dir), dtype=torch.float32)
         model = base if adapter is None else PeftModel.from_pretrained(base, requests[adapter].lora_path)
         expected.append(_hf_greedy_model(model.eval(), prompt, 8))
     # each adapter changes the output: the test would catch one not applied

@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import LlamaConfig, Qwen2Config
 
 from engine.config import EngineConfig
 from engine.model.layers.rotary import build_cos_sin_cache
 from engine.model_config import ModelConfig
 from engine.worker.model_runner import ModelRunner
-from tests.tiny_models import DYNAMIC_MAX_POSITIONS
+from tests.tiny_models import DYNAMIC_MAX_POSITIONS, hf_causal_lm
 
 SIZES = dict(
     hidden_size=64,
@@ -181,7 +181,7 @@ def test_dynamic_past_max_positions_where_tokens_differ(
     long_len = 2 * DYNAMIC_MAX_POSITIONS
     rng = random.Random(4)
     prompt = [rng.randrange(3, 500) for _ in range(long_len)]
-    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    hf = hf_causal_lm(str(model_dir), dtype=torch.float32).eval()
     with caplog.at_level(logging.INFO, logger="weir.engine"):
         runner = _runner(model_dir, long_len)
     assert f"dynamic rope: one NTK base for max_model_len {long_len}" in caplog.text

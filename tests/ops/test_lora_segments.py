@@ -21,6 +21,7 @@ import torch
 
 from engine.lora.segments import SMALL_PIECE, build_segments, max_segment_entries, segment_piece
 from ops import reference
+from tests.tiny_models import hf_causal_lm
 
 
 @only_in_subprocess
@@ -287,7 +288,6 @@ def test_the_engine_on_the_triton_kernels_matches_peft_through_the_segment_kerne
     of four PEFT adapters and the base model, under a small token budget that chunks the prompts and mixes
     them with decodes; greedy tokens equal transformers + PEFT's, and every block comes back."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     from engine import LLM, SamplingParams
     from engine.worker.model_runner import ModelRunner
@@ -313,7 +313,7 @@ def test_the_engine_on_the_triton_kernels_matches_peft_through_the_segment_kerne
     outs = llm.generate(
         prompts, params, use_tqdm=False, lora_request=[requests[w] if w else None for w in which]
     )
-    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
+    base = hf_causal_lm(str(tiny_llama_dir), dtype=torch.float32)
     for prompt, adapter, out in zip(prompts, which, outs, strict=True):
         model = base if adapter is None else PeftModel.from_pretrained(base, requests[adapter].lora_path)
         want = (

@@ -28,6 +28,7 @@ from engine.model.layers.attention_backend import TritonAttentionBackend, get_at
 from engine.model.layers.norm import RMSNorm
 from engine.model.layers.rotary import RotaryEmbedding
 from engine.worker.model_runner import ModelRunner
+from tests.tiny_models import hf_causal_lm
 
 
 @only_in_subprocess
@@ -258,13 +259,11 @@ def test_moe_model_forward_on_triton_matches_torch(
 def test_gemma_on_triton_matches_transformers(tiny_model_dirs: dict[str, Path], model: str) -> None:
     """Gemma's norms, GeGLU and windowed (gemma2: softcapped) attention on the Triton kernels: a 21-token
     prompt in two prefill chunks (the second past the 12- / 8-token windows) gives transformers' logits."""
-    from transformers import AutoModelForCausalLM
-
     prompt = [int(t) for t in np.random.default_rng(3).integers(3, 500, size=21)]
     runner = _runner(tiny_model_dirs[model], use_triton=True)
     assert {type(m).__name__ for m in runner.model.modules()} >= {"GemmaRMSNorm", "GeluTanhAndMul"}
     logits = _chunked_prefill_logits(runner, prompt, [5, 0])
-    hf = AutoModelForCausalLM.from_pretrained(str(tiny_model_dirs[model]), dtype=torch.float32).eval()
+    hf = hf_causal_lm(str(tiny_model_dirs[model]), dtype=torch.float32).eval()
     with torch.no_grad():
         expected = hf(torch.tensor([prompt])).logits[0].float()
     assert (logits.cpu() - expected).abs().max().item() < 1e-4
@@ -276,13 +275,11 @@ def test_granite_and_olmo2_on_triton_match_transformers(tiny_model_dirs: dict[st
     """Granite's attention multiplier as the paged attention's softmax scale, and OLMo 2's q/k RMSNorm
     over rows of every head (64 and 32 wide, not head_dim) through the Triton rms_norm: a 21-token
     prompt in two prefill chunks gives transformers' logits."""
-    from transformers import AutoModelForCausalLM
-
     prompt = [int(t) for t in np.random.default_rng(3).integers(3, 500, size=21)]
     runner = _runner(tiny_model_dirs[model], use_triton=True)
     assert runner.attn_layers[0].scale == (0.09 if model == "granite" else 16**-0.5)
     logits = _chunked_prefill_logits(runner, prompt, [5, 0])
-    hf = AutoModelForCausalLM.from_pretrained(str(tiny_model_dirs[model]), dtype=torch.float32).eval()
+    hf = hf_causal_lm(str(tiny_model_dirs[model]), dtype=torch.float32).eval()
     with torch.no_grad():
         expected = hf(torch.tensor([prompt])).logits[0].float()
     assert (logits.cpu() - expected).abs().max().item() < 1e-4
@@ -295,8 +292,6 @@ def test_head_dim_96_phi3_on_triton_matches_torch_and_transformers(
     """Phi-3-mini's head size, 96 (not a power of two: the kernels pad it to 128 lanes), on the Triton
     backend: a 21-token prompt in two prefill chunks, then three greedy decode steps (decode_attention:
     rotary, KV write and attention in one launch), give the torch backend's logits and transformers'."""
-    from transformers import AutoModelForCausalLM
-
     from tests.tiny_models import build_model
 
     model_dir = build_model(
@@ -325,7 +320,7 @@ def test_head_dim_96_phi3_on_triton_matches_torch_and_transformers(
     assert calls == [1] * 3 * 2  # every decode step of both layers took the fused kernel
     assert runs[True][0] == runs[False][0]
     assert (runs[True][1] - runs[False][1]).abs().max().item() < 1e-4
-    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    hf = hf_causal_lm(str(model_dir), dtype=torch.float32).eval()
     with torch.no_grad():
         expected = hf(torch.tensor([runs[True][0]])).logits[0].float()  # [21 + 3, vocab]
     assert (runs[True][1].cpu() - expected).abs().max().item() < 1e-4

@@ -42,7 +42,12 @@ import torch  # noqa: E402
 
 from engine import LLM, SamplingParams  # noqa: E402
 from loadtest.feature_check_quant import teacher_forced  # noqa: E402
-from loadtest.gpu_engine_check import TINY_MAX_TOKENS, TINY_PROMPT_LENGTHS, first_divergence  # noqa: E402
+from loadtest.gpu_engine_check import (  # noqa: E402
+    TINY_MAX_TOKENS,
+    TINY_PROMPT_LENGTHS,
+    first_divergence,
+    hf_greedy,
+)
 from loadtest.op_swap import EVERY_OP, OpSwap  # noqa: E402
 from tests.tiny_models import build_model, build_tokenizer, hf_causal_lm  # noqa: E402
 
@@ -50,23 +55,17 @@ from tests.tiny_models import build_model, build_tokenizer, hf_causal_lm  # noqa
 def hf_run(
     model_dir: Path, prompts: list[list[int]], device: str
 ) -> tuple[list[list[int]], list[list[float]]]:
-    """transformers' greedy tokens and their teacher-forced log p (float32) on `device`."""
+    """transformers' greedy tokens (the engine check's hf_greedy) and their teacher-forced log p (float32)
+    on `device`."""
+    tokens = hf_greedy(model_dir, prompts, TINY_MAX_TOKENS, device)
     model = hf_causal_lm(str(model_dir), dtype=torch.float32).to(device).eval()
-    tokens, logps = [], []
+    logps = []
     with torch.no_grad():
-        for p in prompts:
-            seq = model.generate(
-                torch.tensor([p], device=device),
-                max_new_tokens=TINY_MAX_TOKENS,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-            )[0]
-            logits = model(seq[None]).logits[0].float().log_softmax(-1)  # [len, vocab]
-            cont = seq[len(p) :]
-            tokens.append(cont.tolist())
+        for p, cont in zip(prompts, tokens, strict=True):
+            seq = torch.tensor([p + cont], device=device)
+            logits = model(seq).logits[0].float().log_softmax(-1)  # [len, vocab]
             rows = logits[len(p) - 1 : -1]  # the rows predicting each continuation token
-            logps.append(rows.gather(1, cont[:, None])[:, 0].tolist())
+            logps.append(rows.gather(1, seq[0, len(p) :, None])[:, 0].tolist())
     return tokens, logps
 
 

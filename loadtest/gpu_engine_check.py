@@ -158,14 +158,16 @@ TINY_PROMPT_LENGTHS = (5, 17, 33, 40)
 TINY_MAX_TOKENS = 20
 
 
-def hf_greedy(model_dir: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-
-    model = hf_causal_lm(str(model_dir), dtype=torch.float32).eval()
+def hf_greedy(
+    model_dir: Path, prompts: list[list[int]], max_tokens: int, device: str = "cpu"
+) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt (float32, on `device`), EOS ignored."""
+    model = hf_causal_lm(str(model_dir), dtype=torch.float32).to(device).eval()
     outs = []
     with torch.no_grad():
         for p in prompts:
             seq = model.generate(
-                torch.tensor([p]),
+                torch.tensor([p], device=device),
                 max_new_tokens=max_tokens,
                 do_sample=False,
                 eos_token_id=None,

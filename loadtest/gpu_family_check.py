@@ -165,7 +165,6 @@ def tiny_families() -> None:
 
 
 def tiny_family(family: str, model_dir: Path, prompts: list[list[int]]) -> None:
-
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     summary = RESULTS["info"].setdefault("tiny_families", {})
     hf_tokens: dict[str, list[list[int]]] = {}

@@ -209,7 +209,6 @@ BEAM_CASES = [(2, 0.5, True), (4, 1.0, False), (4, 2.0, "never")]  # (width, len
 
 
 def beam_search() -> None:
-
     from engine import BeamSearchParams
     from tests.engine.test_beam_search import PROMPT, _eos_prone_copy, _transformers_beams
 

@@ -341,7 +341,6 @@ def test_prompt_logprobs_chunked_by_max_num_seqs(tiny_model_dirs: dict[str, Path
 # ---------------------------------------------------------------------------------- on a GPU
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graphs_match_eager_and_transformers_on_gpu(tiny_model_dirs: dict[str, Path]) -> None:
-
     model_dir = tiny_model_dirs["qwen2"]
     prompts = _prompts((5, 17, 33))
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)

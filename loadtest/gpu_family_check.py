@@ -15,7 +15,8 @@ b. Real-shape starts with dummy weights (load_format="dummy", re-drawn N(0, 0.02
    through the graphs: every token produced, every logprob finite, graphs replayed; the prompts'
    last-position logits with the Triton kernels vs with the torch reference ops on the same weights (every
    layer's kernels swapped, eager): rel err < 5e-2; the torch ops' teacher-forced log p of the decoded
-   tokens within 0.3 of the Triton run's own; graphs == eager on the same padded inputs
+   tokens within 0.3 of the Triton run's own (an MoE shape: at most 5% of tokens over it, the median under
+   0.03: a router near-tie flipped by rounding moves one token, MOE_FLIP_SHARE); graphs == eager on the same padded inputs
    (gpu_engine_check.graphs_vs_eager). The two bounds are first guesses for bf16 through 2 and 42
    layers: the measured values are recorded to set them.
 
@@ -91,6 +92,11 @@ REAL_PROMPT_LENGTHS = (7, 300, 1500, 4500, 6000)  # the longest two past Gemma 2
 DRY_RUN_PROMPT_LENGTHS = (5, 20, 40)  # past tiny-gemma2's 16
 LOGITS_TOL = 5e-2
 REAL_MAX_TOKENS = 16
+# An MoE model's decoded tokens may leave the drift bound at a few tokens where a router near-tie is
+# flipped by bf16 rounding (that token's experts change); a kernel error moves every token. Measured on
+# an H100 at 2d0586f, Mixtral-8x7B-2l: 2 of 80 tokens over 0.3, median 0.0003. So an MoE shape passes
+# with at most this share of tokens over the bound and a median under a tenth of it; a dense one never.
+MOE_FLIP_SHARE = 0.05
 
 
 def save() -> None:
@@ -373,13 +379,20 @@ def triton_vs_torch_ops(
         for j, d in enumerate(row)
         if d > DRIFT_BOUND["bfloat16"]
     ]
+    median = flat[len(flat) // 2]
+    bound = DRIFT_BOUND["bfloat16"]
+    moe = runner.model_config.is_moe
     info["decode_logprob_drift_vs_torch_ops"] = round(drift, 4)
-    info["decode_logprob_drift_median"] = round(flat[len(flat) // 2], 4)
+    info["decode_logprob_drift_median"] = round(median, 4)
     info["decode_tokens_over_bound"] = f"{len(over)}/{len(flat)}: {over[:12]}"
+    if moe:  # router flips at a few tokens allowed (MOE_FLIP_SHARE)
+        name = f"at most {MOE_FLIP_SHARE:.0%} of tokens over {bound} (router near-ties), median under {bound / 10}"
+        ok = len(over) <= MOE_FLIP_SHARE * len(flat) and median < bound / 10
+    else:
+        name, ok = f"within {bound}", drift <= bound
     check(
-        f"{shape}: decoded tokens' log p, graphs vs the torch ops teacher-forced (within "
-        f"{DRIFT_BOUND['bfloat16']})",
-        drift <= DRIFT_BOUND["bfloat16"],
+        f"{shape}: decoded tokens' log p, graphs vs the torch ops teacher-forced ({name})",
+        ok,
         max_logprob_drift=round(drift, 4),
         median=info["decode_logprob_drift_median"],
         over_bound=info["decode_tokens_over_bound"],

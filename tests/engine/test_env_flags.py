@@ -29,15 +29,17 @@ def test_each_switch_reads_0_1_and_its_default(name: str, monkeypatch: pytest.Mo
 
 
 def test_the_defaults_are_the_measured_ones() -> None:
-    """Off: PDL (2% slower on an H200), the L2 prefetch (5% slower at batch 1), the one-launch MoE
-    alignment (not yet measured on a GPU); on: the fused decode attention (1.4% faster at batch 1 and 8),
-    the widened fp8 KV read (T1 +11%), the FP8 quantizer kernel and its fusion, the LoRA segment kernels."""
+    """Off: PDL (2% slower on an H200), the L2 prefetch (5% slower at batch 1); on: the fused decode
+    attention (1.4% faster at batch 1 and 8), the widened fp8 KV read (T1 +11%), the FP8 quantizer kernel
+    and its fusion, the LoRA segment kernels, the one-launch MoE alignment (a one-token Qwen3-30B-A3B
+    layer 96.1 -> 48.8 us on an H100)."""
     assert {name for name, (default, _) in ENV_FLAGS.items() if default} == {
         "WEIR_FUSED_DECODE_ATTENTION",
         "WEIR_FP8_KV_WIDEN",
         "WEIR_FP8_QUANT_KERNEL",
         "WEIR_FP8_FUSED_QUANT",
         "WEIR_LORA_SEGMENTS",
+        "WEIR_MOE_ALIGN_KERNEL",
     }
 
 

@@ -25,7 +25,7 @@
 # L1 (bf16) the same way; featdp: the feature check's quantized checkpoints (d) with it on; engl2p: the engine check with
 # it on. t1k0a t1k1a ...: T1 with a bf16 / an fp8 KV cache (Q4's T1 figure; the fp8 read widened unless T1KW=0).
 # abold1 abnew1 abold2 ...: L1 alternating an older tree and this one in one call (machines differ by up to 4%; compare within a call): first, on this machine,
-# `mkdir ab_old && git archive REV engine ops app loadtest pyproject.toml | tar x -C ab_old`, carry ab_old. .whl holds the server's wheels (../shared/scripts/device-wheels.sh).
+# `mkdir ab_old && git archive REV engine ops app loadtest pyproject.toml | tar x -C ab_old`, carry ab_old. .whl holds the server's wheels: `../shared/scripts/device-wheels.sh httptools` (httptools: the bounded HTTP protocol, app/http_protocol.py; without it U1 and every server step exit after "engine ready").
 # diag: loadtest/diagnose_divergence.py on DIAGF (DIAGX: more options, e.g. --layers; default gemma2: the engine check's tiny gemma2 left transformers' tokens
 # at (3, 8) on an H100 at 2d0586f; each op in turn back on torch tells which kernel moves its logits) -> $O/diag_$DIAGF.json.
 # The MoE / Phi-3 / Gemma / sliding-window families (first run on an H100 at 98de842), most important first; all five in one call:

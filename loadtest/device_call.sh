@@ -14,7 +14,7 @@
 # FP8 weights), k1 (L1's batch-1 step by kernel), gemv (sweep_gemv.py; GB batches, GK kinds, GX more options, GC cap), probe (probe_w4_layout.py), kern (gpu_kernel_check.py's KPARTS, default correctness and CUDA graphs), q12 (Q1, Q2); any
 # other word is run as a shell command. pdl0a pdl1a pdl0b ...: L1 with WEIR_PDL=0 / 1 (ops/triton/pdl.py);
 # u1coldcp / u1cp / tracecp / engcp: U1 on an empty / the machine's Triton cache, trace_compiles.py, the engine check
-# (on an empty cache), each with WEIR_COMPILE_WORKERS=${CPW:-8} (engine/worker/compile_pool.py); u1rw / engrw: U1 and
+# (on an empty cache: ~3x the warm check, 111 of 114 checks in 287 s on an H100), each with WEIR_COMPILE_WORKERS=${CPW:-8} (engine/worker/compile_pool.py); u1rw / engrw: U1 and
 # the engine check with WEIR_GRAPH_WARMUPS=representative (engine/worker/cuda_graphs.py); u1coldcprw: both on an empty cache;
 # engpdl: the engine check with WEIR_PDL=1; fda0a fda1a fda0b ...: L1 with WEIR_FUSED_DECODE_ATTENTION=0 / 1
 # (decode_attention, engine/model/layers/attention.py); engfda: the engine check with it on; q12fda: Q1, Q2 with it on; q3: bench_quant.py's Q3 (T2 bf16 and FP8 weights);
@@ -73,7 +73,7 @@ for s in $STEPS; do case $s in
   u1coldcprw) step u1coldcprw 150 env TRITON_CACHE_DIR=$(mktemp -d) WEIR_COMPILE_WORKERS=${CPW:-8} WEIR_GRAPH_WARMUPS=representative python3 loadtest/bench_startup.py --shape llama3-8b --no-split --no-imports --server-log $O/server_u1_cold_cp_rw.log --out $O/u1_cold_cp_rw.json;;
   engrw) mkdir -p $O/engrw; step engrw 300 env OUT=$O/engrw WEIR_GRAPH_WARMUPS=representative WEIR_CHECK_PARTS="${ENG_PARTS:-a}" python3 loadtest/gpu_engine_check.py;;
   tracecp) step tracecp 150 env WEIR_COMPILE_WORKERS=${CPW:-8} python3 loadtest/trace_compiles.py --shape llama3-8b --out $O/compiles_cp.json;;
-  engcp) mkdir -p $O/engcp; step engcp 300 env OUT=$O/engcp TRITON_CACHE_DIR=$(mktemp -d) WEIR_COMPILE_WORKERS=${CPW:-8} WEIR_CHECK_PARTS="${ENG_PARTS:-a}" python3 loadtest/gpu_engine_check.py;;
+  engcp) mkdir -p $O/engcp; step engcp 420 env OUT=$O/engcp TRITON_CACHE_DIR=$(mktemp -d) WEIR_COMPILE_WORKERS=${CPW:-8} WEIR_CHECK_PARTS="${ENG_PARTS:-a}" python3 loadtest/gpu_engine_check.py;;
   sampler) step sampler 90 python3 loadtest/bench_sampler.py --out $O/sampler.json;;
   trace) step trace 150 python3 loadtest/trace_compiles.py --shape llama3-8b --out $O/compiles.json;;
   u1) step u1 150 python3 loadtest/bench_startup.py --shape llama3-8b --no-split --no-imports --server-log $O/server_u1.log --out $O/u1.json;;

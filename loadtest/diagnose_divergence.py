@@ -18,6 +18,9 @@ with every op on torch as with the kernels (0.018 at (3, 7)): the difference is 
 ops. `--layers` then compares the residual stream and each attention / MLP output, layer by layer and
 position by position, between the engine and transformers on the device (prompt 3 + transformers'
 continuation, alone and in the four-prompt batch): the first module whose output moves is the place.
+There it was layer 0's attention from position 1, and the cause the reference's: that machine's
+transformers 5.17 ran Gemma 2 through sdpa, which drops its attention softcap (the references now load
+through tests/tiny_models.hf_causal_lm; loadtest/results/gemma2-diag-layers-h100-2026-12-05-79d0c3e/).
 
 Run: python3 loadtest/diagnose_divergence.py --family gemma2 [--layers] [--out FILE]; --device cpu runs the
 same on the CPU (the Triton kernels under TRITON_INTERPRET=1 when it is set before the start; CI's

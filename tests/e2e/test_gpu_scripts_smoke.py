@@ -95,6 +95,27 @@ def test_gpu_kernel_check_families_and_moe_smoke(tmp_path: Path) -> None:
     assert {r["block_m"] for r in sweep} == {32, 64} and len(sweep) == 8  # 2 shapes x 2 BLOCK_M x 2 tiles
 
 
+def test_family_check_tells_router_flips_from_a_kernel_error() -> None:
+    """gpu_family_check's decoded-token drift rule, on drifts shaped as measured on an H100 (Mixtral-8x7B-2l,
+    2d0586f: 2 of 80 tokens over 0.3, median 0.0003): an MoE model passes with two flipped tokens, a dense
+    one does not; an MoE model whose every token drifts (a kernel error) or with 5 of 80 flipped fails.
+    In a subprocess: the script imports the engine, which must not bring triton into this process."""
+    code = """
+from loadtest.gpu_family_check import judge_drift
+flips = [[0.0003] * 16 for _ in range(5)]
+flips[1][15], flips[3][2] = 3.98, 0.47
+assert judge_drift(flips, moe=True)[1], judge_drift(flips, moe=True)
+assert not judge_drift(flips, moe=False)[1]
+assert judge_drift(flips, moe=True)[2]["decode_tokens_over_bound"] == "2/80: [(1, 15, 3.98), (3, 2, 0.47)]"
+assert not judge_drift([[0.05] * 16 for _ in range(5)], moe=True)[1]  # median 0.05 >= 0.03
+many = [row[:] for row in flips]
+many[0][0] = many[0][1] = many[2][5] = 1.0  # 5 of 80 over: past 5%
+assert not judge_drift(many, moe=True)[1]
+assert judge_drift([[0.29] * 4], moe=False)[1]
+"""
+    _run_env(["-c", code], {})
+
+
 def test_gpu_family_check_dry_run(tmp_path: Path) -> None:
     """gpu_family_check.py on CPU: a tiny MoE family in fp32 and bf16 against transformers, and the
     real-shape part on tiny-gemma2 (dummy weights, the torch-ops swap, the logits tap)."""

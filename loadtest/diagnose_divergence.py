@@ -206,6 +206,10 @@ def main() -> int:
         "--ops", default=",".join(EVERY_OP), help="the ops swapped back on torch one at a time (comma list)"
     )
     args = parser.parse_args()
+    ops = args.ops.split(",")
+    unknown = [op for op in ops if op not in EVERY_OP]
+    if unknown:  # refused before the minutes of runs, not when the loop reaches it
+        parser.error(f"--ops: {', '.join(map(repr, unknown))} not among {', '.join(EVERY_OP)}")
 
     root = Path(tempfile.mkdtemp(prefix="weir-diverge-"))
     tok = build_tokenizer(root / "tokenizer")
@@ -234,9 +238,7 @@ def main() -> int:
     runner = llm.llm_engine.executor.runner
     with OpSwap(runner):
         row("engine, every op on torch", *engine_run(llm, prompts, expected))
-    for op in args.ops.split(","):
-        if op not in EVERY_OP:
-            parser.error(f"--ops: {op!r} is not one of {', '.join(EVERY_OP)}")
+    for op in ops:
         with OpSwap(runner, (op,)):
             row(f"engine, {op} on torch", *engine_run(llm, prompts, expected))
     if args.out:

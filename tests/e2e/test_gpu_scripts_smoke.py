@@ -252,9 +252,10 @@ def test_moe_throughput_with_the_peer_last(tmp_path: Path) -> None:
 
 
 def test_diagnose_divergence_on_cpu(tmp_path: Path) -> None:
-    """diagnose_divergence.py (device_call.sh's diag step) under the Triton interpreter: every setting (as
-    built, every op on torch, two ops swapped back in turn: each setting is ~15 s of interpreter here)
-    gives transformers' tokens and log p within the parity tests' 1e-4;
+    """diagnose_divergence.py (device_call.sh's diag step) on the CPU (the Triton kernels under the
+    interpreter where this process has set TRITON_INTERPRET: ~15 s a setting there, so two ops swapped
+    back in turn, not all ten): every setting gives transformers' tokens and log p within the parity
+    tests' 1e-4;
     with --layers every module's output (3 layers: attention, MLP, the stream), alone and in the batch,
     within 1e-4 of transformers'."""
     out = tmp_path / "diag.json"

@@ -61,6 +61,12 @@ class CompileResult:
 # A start-up compiles ~10-15 specializations; each worker holds torch in memory (~0.5 GB).
 MAX_WORKERS = 16
 
+# (module, kernel) of the kernels whose outputs later kernels read as indices or lengths: a dry
+# forward that left them as allocated would send those kernels out of bounds (the fused MoE kernel
+# indexes experts' weights by the alignment kernel's block_expert and stops at its num_padded). They
+# compile in this process and run for real even inside record_specializations().
+RUN_EVEN_DRY = frozenset({("ops.triton.moe_align", "_moe_align_kernel")})
+
 
 def workers_from_env() -> int:
     """WEIR_COMPILE_WORKERS: how many compile workers start-up spawns (0, the default: none), at most
@@ -125,7 +131,8 @@ def stop(terminate: bool = False) -> None:
 def record_specializations() -> Iterator[list[Specialization]]:
     """Inside: every Triton launch that would compile (not in its kernel's in-process cache) records
     its specialization and returns None at once: nothing compiles, nothing launches, outputs are left
-    as allocated. Launches of kernels already compiled in this process run as usual. The list yielded
+    as allocated. Launches of kernels already compiled in this process, and of RUN_EVEN_DRY's (compiled
+    here, not recorded), run as usual. The list yielded
     is filled, in first-seen order without repeats, when the block exits. The hook is process-wide
     while the block runs: start-up only, when no other thread launches Triton kernels."""
     from triton import knobs
@@ -134,6 +141,8 @@ def record_specializations() -> Iterator[list[Specialization]]:
 
     def hook(**kwargs: Any) -> bool:
         fn = kwargs["fn"]  # triton's JitFunctionInfo: module, name (qualname), jit_function
+        if (fn.module, fn.name) in RUN_EVEN_DRY:
+            return False  # not handled: Triton compiles it here and launches it
         data = kwargs["compile"]["specialization_data"]
         found.setdefault(data, Specialization(fn.module, fn.name, data))
         return True  # handled: Triton neither compiles nor launches

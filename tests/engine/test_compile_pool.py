@@ -193,6 +193,42 @@ def test_the_models_forwards_recorded_compile_in_the_pool_as_their_launches_woul
     assert report["new_after_launches"] == []
 
 
+_INDEX_KERNEL_SCRIPT = """
+import json, os
+import torch
+import triton.runtime.jit as jit
+from engine.worker import compile_pool
+from ops.triton.moe_align import moe_align_block_size_kernel
+from ops.triton.rms_norm import rms_norm
+
+
+def main():
+    cache = os.environ["TRITON_CACHE_DIR"]
+    compile_pool._use_target(("cuda", 90, 32))  # no GPU here
+    run = jit.JITFunction.run  # Triton's launch path, the launch itself skipped (no GPU)
+    jit.JITFunction.run = lambda self, *a, grid, warmup, **k: run(self, *a, grid=grid, warmup=True, **k)
+    topk_ids = torch.tensor([[0, 3], [1, 3], [2, 0]], dtype=torch.int32)  # 3 tokens, top-2 of 4 experts
+    with compile_pool.record_specializations() as specs:
+        moe_align_block_size_kernel(topk_ids, num_experts=4, block_m=16)
+        rms_norm(torch.randn(3, 64, dtype=torch.bfloat16), torch.randn(64, dtype=torch.bfloat16), 1e-6)
+    print("REPORT " + json.dumps({"recorded": [s.name for s in specs], "compiled": len(os.listdir(cache))}))
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_a_kernel_whose_outputs_are_indices_runs_even_in_a_dry_forward(tmp_path: Path) -> None:
+    """The MoE alignment kernel's outputs index the fused MoE kernel's expert weights: left as allocated
+    by a dry forward they would send that kernel out of bounds. Inside record_specializations it is
+    compiled in the process and launched (the launch skipped here, no GPU), while the norm is recorded."""
+    report = _run_script(tmp_path, _INDEX_KERNEL_SCRIPT)
+    assert compile_pool.RUN_EVEN_DRY == {("ops.triton.moe_align", "_moe_align_kernel")}
+    assert report["recorded"] == ["_rms_norm_kernel"]
+    assert report["compiled"] == 1  # the alignment kernel's cache entry, compiled in the process
+
+
 @pytest.mark.parametrize(("raw", "expected"), [("", 0), ("0", 0), (" 2 ", 2), ("1000", 16)])
 def test_workers_from_env(monkeypatch: pytest.MonkeyPatch, raw: str, expected: int) -> None:
     monkeypatch.setenv("WEIR_COMPILE_WORKERS", raw)

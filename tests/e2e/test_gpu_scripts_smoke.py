@@ -284,3 +284,16 @@ def test_diagnose_divergence_on_cpu(tmp_path: Path) -> None:
     assert all(r["max_abs_diff"] < 1e-4 and r["first_position_over_1e-4"] is None for r in layer_rows), (
         layer_rows
     )
+
+
+def test_probe_fp8_gemm_smoke(tmp_path: Path) -> None:
+    """loadtest/probe_fp8_gemm.py (device_call's fp8mm) on CPU: every variant ran and timed, the FP8
+    ones within FP8's error of the unquantized product, bf16 within bf16's."""
+    out = tmp_path / "fp8_gemm.json"
+    _run(["loadtest/probe_fp8_gemm.py", "--smoke", "--out", str(out)])
+    row = json.loads(out.read_text())["results"]["tiny m=16"]
+    assert row["bf16"]["rel_err"] < 0.01, row
+    for name in ("rowwise", "rowwise_fast", "tensorwise", "tensorwise_fast"):
+        assert row[name]["ms"] > 0 and 0 < row[name]["rel_err"] < 0.1, (name, row)
+    text = (ROOT / "loadtest" / "device_call.sh").read_text()
+    assert "probe_fp8_gemm.py" in text and "fp8mm:" in text

@@ -43,6 +43,9 @@
 # (MOEN requests, default 400; MOEPEER=hf (default) or none: transformers' generate() on the first MOEPN=32 requests, MOEPS=16
 # steps, extrapolated; run after weir's figure, --peer-last, so a slow MoE peer loses only its own) -> $O/moet2.json. moel1: L1
 # (batch 1 and 8 ITL, the roofline counting only the experts a step reads) on the same shape, the peer likewise -> $O/moel1.json.
+# moel10 / moel1r: moel1 without the peer, the router's torch lines / its one-launch kernel (WEIR_MOE_ROUTE_KERNEL=1,
+# ops/triton/moe_route.py): an A/B in one call; its kernel test on CUDA: STEPS=pyt PYT=tests/ops/test_moe_route.py; engrt: the
+# engine check with it on.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 O=/tmp/o; mkdir -p $O
@@ -72,6 +75,7 @@ for s in $STEPS; do case $s in
   u1cp) step u1cp 150 env WEIR_COMPILE_WORKERS=${CPW:-8} python3 loadtest/bench_startup.py --shape llama3-8b --no-split --no-imports --server-log $O/server_u1_cp.log --out $O/u1_cp.json;;
   u1rw) step u1rw 150 env WEIR_GRAPH_WARMUPS=representative python3 loadtest/bench_startup.py --shape llama3-8b --no-split --no-imports --server-log $O/server_u1_rw.log --out $O/u1_rw.json;;
   u1coldcprw) step u1coldcprw 150 env TRITON_CACHE_DIR=$(mktemp -d) WEIR_COMPILE_WORKERS=${CPW:-8} WEIR_GRAPH_WARMUPS=representative python3 loadtest/bench_startup.py --shape llama3-8b --no-split --no-imports --server-log $O/server_u1_cold_cp_rw.log --out $O/u1_cold_cp_rw.json;;
+  engrt) mkdir -p $O/engrt; step engrt 300 env OUT=$O/engrt WEIR_MOE_ROUTE_KERNEL=1 WEIR_CHECK_PARTS="${ENG_PARTS:-a}" python3 loadtest/gpu_engine_check.py;;
   engrw) mkdir -p $O/engrw; step engrw 300 env OUT=$O/engrw WEIR_GRAPH_WARMUPS=representative WEIR_CHECK_PARTS="${ENG_PARTS:-a}" python3 loadtest/gpu_engine_check.py;;
   tracecp) step tracecp 150 env WEIR_COMPILE_WORKERS=${CPW:-8} python3 loadtest/trace_compiles.py --shape llama3-8b --out $O/compiles_cp.json;;
   engcp) mkdir -p $O/engcp; step engcp 420 env OUT=$O/engcp TRITON_CACHE_DIR=$(mktemp -d) WEIR_COMPILE_WORKERS=${CPW:-8} WEIR_CHECK_PARTS="${ENG_PARTS:-a}" python3 loadtest/gpu_engine_check.py;;
@@ -101,6 +105,8 @@ for s in $STEPS; do case $s in
   moek) mkdir -p $O/moek; step moek 150 env OUT=$O/moek WEIR_MOE_SWEEP_S=${MOESW:-50} python3 loadtest/gpu_kernel_check.py moe;;
   fam) mkdir -p $O/fam; step fam 240 env OUT=$O/fam WEIR_CHECK_PARTS="${FAM_PARTS:-a b}" WEIR_CHECK_LIMIT_S=200 WEIR_COMPILE_WORKERS=${CPW:-8} python3 loadtest/gpu_family_check.py;;
   moet2) step moet2 150 python3 loadtest/bench_throughput.py --workload t2 --shape qwen3-30b-a3b --num-requests ${MOEN:-400} --peer ${MOEPEER:-hf} --peer-max-requests ${MOEPN:-32} --peer-max-steps ${MOEPS:-16} --peer-last --out $O/moet2.json;;
+  moel1r) step moel1r 100 env WEIR_MOE_ROUTE_KERNEL=1 python3 loadtest/bench_latency.py --shape qwen3-30b-a3b --batch-sizes 1,8 --num-iters 3 --num-iters-warmup 1 --peer none --out $O/moel1r.json;;
+  moel10) step moel10 100 python3 loadtest/bench_latency.py --shape qwen3-30b-a3b --batch-sizes 1,8 --num-iters 3 --num-iters-warmup 1 --peer none --out $O/moel10.json;;
   moel1) step moel1 100 python3 loadtest/bench_latency.py --shape qwen3-30b-a3b --batch-sizes 1,8 --num-iters 3 --num-iters-warmup 1 --peer ${MOEPEER:-hf} --peer-max-steps ${MOEPS:-16} --peer-last --out $O/moel1.json;;
   diag) step diag ${DIAGC:-200} python3 loadtest/diagnose_divergence.py --family ${DIAGF:-gemma2} ${DIAGX:-} --out $O/diag_${DIAGF:-gemma2}.json;;
   probe) step probe 150 python3 loadtest/probe_w4_layout.py --out $O/probe.json;;

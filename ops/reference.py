@@ -442,6 +442,29 @@ def silu_and_mul_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return per_token_fp8(silu_and_mul(x))
 
 
+def moe_route(
+    logits: torch.Tensor,  # [num_tokens, num_experts] in the model dtype
+    top_k: int,
+    renormalize: bool,
+    softmax_after_topk: bool = False,
+    round_to: torch.dtype | None = None,  # the weights rounded through this dtype (None: float32 as is)
+) -> tuple[torch.Tensor, torch.Tensor]:  # weights [num_tokens, top_k] float32, ids [num_tokens, top_k] int64
+    """A router's weights and experts as transformers computes them: softmax over all experts in float32,
+    top_k, the k divided by their sum (`renormalize`); GraniteMoe (`softmax_after_topk`) takes the top_k
+    logits first and softmaxes those; Qwen rounds the weights through the model dtype (`round_to`)."""
+    if softmax_after_topk:
+        topk_logits, topk_ids = torch.topk(logits.float(), top_k, dim=-1)
+        topk_weights = torch.softmax(topk_logits, dim=-1)
+    else:
+        probs = torch.softmax(logits.float(), dim=-1)
+        topk_weights, topk_ids = torch.topk(probs, top_k, dim=-1)
+        if renormalize:
+            topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+    if round_to is not None:
+        topk_weights = topk_weights.to(round_to).float()
+    return topk_weights, topk_ids
+
+
 def fused_moe(
     hidden: torch.Tensor,  # [num_tokens, hidden]
     w13: torch.Tensor,  # [num_experts, 2 * intermediate, hidden]: each expert's [gate; up]

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from engine.model.parameter import default_weight_loader, set_weight_attrs
+from ops import reference
+from ops.env_flags import env_flag
 
 
 class ReplicatedLinear(nn.Module):
@@ -59,14 +61,21 @@ class TopKRouter(ReplicatedLinear):
         """x [num_tokens, hidden] -> (topk_weights [num_tokens, top_k] float32, topk_ids [num_tokens, top_k]
         int64). Fixed shapes, no host sync: CUDA graphs capture it."""
         logits = self(x)  # [num_tokens, num_experts] in the model dtype, as transformers computes them
-        if self.softmax_after_topk:  # GraniteMoe
-            topk_logits, topk_ids = torch.topk(logits.float(), self.top_k, dim=-1)
-            topk_weights = torch.softmax(topk_logits, dim=-1)
-        else:
-            probs = torch.softmax(logits.float(), dim=-1)
-            topk_weights, topk_ids = torch.topk(probs, self.top_k, dim=-1)
-        if self.renormalize and not self.softmax_after_topk:
-            topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
-        if self.weights_in_model_dtype:  # what the experts' outputs are multiplied by in transformers' Qwen
-            topk_weights = topk_weights.to(x.dtype).float()
-        return topk_weights, topk_ids
+        # Qwen multiplies the experts' outputs by weights in the model dtype
+        round_to = x.dtype if self.weights_in_model_dtype else None
+        route = reference.moe_route
+        if route_kernel_applies(logits):
+            from ops.triton.moe_route import moe_route as route  # noqa: PLC0415 (triton: only on CUDA)
+        return route(logits, self.top_k, self.renormalize, self.softmax_after_topk, round_to)
+
+
+def route_kernel_applies(logits: torch.Tensor) -> bool:
+    """The one-launch routing kernel (ops/triton/moe_route.py) on CUDA with WEIR_MOE_ROUTE_KERNEL on;
+    the torch lines (ops.reference.moe_route, the spec) otherwise. Its weights may differ from torch's in
+    the last bit (a sum's order), and among experts of equal probability it takes the lowest indices,
+    as torch.topk on CUDA does."""
+    if not logits.is_cuda or not env_flag("WEIR_MOE_ROUTE_KERNEL"):
+        return False
+    from ops.triton.moe_route import MAX_EXPERTS  # noqa: PLC0415 (triton: only on CUDA)
+
+    return logits.shape[-1] <= MAX_EXPERTS

@@ -1,0 +1,115 @@
+"""The one-launch MoE routing kernel (ops/triton/moe_route.py) against its spec, ops.reference.moe_route
+(transformers' softmax, top-k, renormalization), under TRITON_INTERPRET=1 without a GPU
+(tests.ops.triton_interpreter): the same experts in the same order and weights within float32's last
+bits, for Mixtral's, Qwen's and GraniteMoe's variants; among equal probabilities the lowest expert
+indices (the set torch.topk takes on CUDA; torch on CPU may take others, so ties are checked on their
+own); the engine's router takes it only on CUDA with WEIR_MOE_ROUTE_KERNEL on.
+"""
+
+from __future__ import annotations
+
+# isort: off
+# First: it sets TRITON_INTERPRET before anything below can import triton.
+from tests.ops.triton_interpreter import DEVICE, in_process, only_in_subprocess, rerun_in_fresh_process
+
+# isort: on
+
+import pytest
+import torch
+
+from ops import reference
+
+
+@only_in_subprocess
+def test_in_fresh_interpreter_process() -> None:
+    rerun_in_fresh_process(__file__)
+
+
+def _logits(num_tokens: int, num_experts: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[num_tokens, num_experts]: distinct float32 logits (no ties), in `dtype`."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(num_tokens, num_experts, generator=gen) * 2).to(dtype).to(DEVICE)
+
+
+@in_process
+@pytest.mark.parametrize(
+    ("num_tokens", "num_experts", "top_k", "renormalize", "softmax_after_topk", "round_to"),
+    [
+        (1, 8, 2, True, False, None),  # Mixtral's decode step: top 2 of 8, renormalized, float32
+        (5, 128, 8, True, False, torch.bfloat16),  # Qwen3-30B-A3B (norm_topk_prob), weights in bf16
+        (37, 60, 4, False, False, torch.float16),  # Qwen2-MoE's 60 experts, not renormalized, fp16 model
+        (16, 40, 8, False, True, None),  # GraniteMoe: the top 8 logits softmaxed among themselves
+        (40, 256, 8, True, False, None),  # 256 experts: one token a program; several programs
+        (3, 6, 6, True, False, None),  # top_k = num_experts
+        (0, 8, 2, True, False, None),  # an empty batch
+    ],
+)
+def test_kernel_matches_the_reference(
+    num_tokens: int,
+    num_experts: int,
+    top_k: int,
+    renormalize: bool,
+    softmax_after_topk: bool,
+    round_to: torch.dtype | None,
+) -> None:
+    from ops.triton.moe_route import moe_route
+
+    logits = _logits(num_tokens, num_experts, seed=num_tokens + num_experts)
+    expected = reference.moe_route(logits, top_k, renormalize, softmax_after_topk, round_to)
+    weights, ids = moe_route(logits, top_k, renormalize, softmax_after_topk, round_to)
+    assert ids.dtype == torch.int64 and weights.dtype == torch.float32
+    assert weights.shape == ids.shape == (num_tokens, top_k)
+    assert torch.equal(ids, expected[1]), (ids.tolist(), expected[1].tolist())
+    # float32: the softmax's sum in another order moves a weight by an ulp at most; through bf16/fp16
+    # that ulp may cross a rounding boundary, so one unit of the narrow type
+    tol = {None: 1e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}[round_to]
+    torch.testing.assert_close(weights, expected[0], rtol=tol, atol=1e-7)
+    if renormalize or softmax_after_topk:
+        torch.testing.assert_close(
+            weights.sum(-1), torch.ones(num_tokens, device=DEVICE), rtol=0, atol=4 * tol
+        )
+
+
+@in_process
+def test_bfloat16_logits_with_ties_take_the_lowest_indices() -> None:
+    """Logits in bfloat16 tie often (equal logits give equal probabilities): the kernel's set of experts
+    is the spec's wherever the k-th place is not tied, and where it is, the lowest indices among the
+    tied (what torch.topk on CUDA takes), each weight still the probability it was taken at."""
+    from ops.triton.moe_route import moe_route
+
+    logits = _logits(512, 128, seed=3, dtype=torch.bfloat16)
+    weights, ids = moe_route(logits, 8, renormalize=False)
+    probs = torch.softmax(logits.float(), dim=-1)
+    ranked = probs.sort(dim=-1, descending=True, stable=True)  # stable: equal values in index order
+    boundary_tied = ranked.values[:, 7] == ranked.values[:, 8]
+    assert 0 < int(boundary_tied.sum()) < 512  # the case this test is about does occur
+    assert torch.equal(ids, ranked.indices[:, :8])  # descending, ties by lowest index
+    torch.testing.assert_close(weights, probs.gather(1, ids), rtol=1e-6, atol=1e-8)
+    expected_ids = reference.moe_route(logits, 8, renormalize=False)[1]
+    same_set = ids.sort(-1).values == expected_ids.sort(-1).values  # [512, 8]
+    assert bool(same_set[~boundary_tied].all())
+    if DEVICE == "cuda":  # the claim the kernel's tie rule rests on: torch.topk on CUDA takes these too
+        assert bool(same_set.all()), int((~same_set.all(-1)).sum())
+
+
+@in_process
+def test_bad_arguments_are_refused() -> None:
+    from ops.triton.moe_route import moe_route
+
+    logits = _logits(2, 8, seed=0)
+    with pytest.raises(ValueError, match=r"top_k 9 of 8 experts"):
+        moe_route(logits, 9, True)
+    with pytest.raises(ValueError, match="contiguous along the experts"):
+        moe_route(_logits(8, 2, seed=0).t(), 1, True)
+    with pytest.raises(ValueError, match="round_to must be None, bfloat16 or float16"):
+        moe_route(logits, 2, True, round_to=torch.float64)
+
+
+def test_the_router_takes_the_kernel_only_on_cuda_with_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.model.layers.moe_router import route_kernel_applies
+
+    cpu = torch.zeros(2, 8)
+    monkeypatch.setenv("WEIR_MOE_ROUTE_KERNEL", "1")
+    assert route_kernel_applies(cpu) is False  # the CPU keeps the spec
+    monkeypatch.delenv("WEIR_MOE_ROUTE_KERNEL")
+    assert route_kernel_applies(cpu) is False

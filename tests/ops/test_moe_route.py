@@ -113,3 +113,39 @@ def test_the_router_takes_the_kernel_only_on_cuda_with_the_switch(monkeypatch: p
     assert route_kernel_applies(cpu) is False  # the CPU keeps the spec
     monkeypatch.delenv("WEIR_MOE_ROUTE_KERNEL")
     assert route_kernel_applies(cpu) is False
+
+
+@in_process
+@pytest.mark.parametrize(
+    ("renormalize", "weights_in_model_dtype", "softmax_after_topk"),
+    [(True, False, False), (True, True, False), (False, True, False), (True, False, True)],
+)
+def test_the_router_with_the_kernel_routes_as_without(
+    monkeypatch: pytest.MonkeyPatch, renormalize: bool, weights_in_model_dtype: bool, softmax_after_topk: bool
+) -> None:
+    """TopKRouter.route through the kernel (forced on here; on CUDA WEIR_MOE_ROUTE_KERNEL=1) passes its
+    options through: Mixtral's, Qwen's (weights in bf16), Qwen2-MoE's without renormalization and
+    GraniteMoe's route the same experts with the same weights as the torch lines."""
+    from engine.model.layers import moe_router
+
+    router = moe_router.TopKRouter(
+        hidden_size=32, num_experts=16, top_k=4, renormalize=renormalize,
+        weights_in_model_dtype=weights_in_model_dtype, params_dtype=torch.bfloat16,
+        softmax_after_topk=softmax_after_topk,
+    ).to(DEVICE)  # fmt: skip
+    gen = torch.Generator().manual_seed(5)
+    router.weight.data.copy_(torch.randn(16, 32, generator=gen).to(torch.bfloat16))
+    # float32 logits have no ties; the bf16 router's may, so compare on inputs whose logits are distinct
+    x = torch.randn(6, 32, generator=gen).to(torch.bfloat16).to(DEVICE)
+    assert all(len(set(row.tolist())) == 16 for row in router(x))
+    round_to = torch.bfloat16 if weights_in_model_dtype else None
+    expected = reference.moe_route(router(x), 4, renormalize, softmax_after_topk, round_to)
+    assert all(
+        torch.equal(a, b) for a, b in zip(router.route(x), expected, strict=True)
+    )  # not CUDA: the spec
+    monkeypatch.setattr(moe_router, "route_kernel_applies", lambda logits: True)
+    weights, ids = router.route(x)
+    assert torch.equal(ids, expected[1])
+    torch.testing.assert_close(
+        weights, expected[0], rtol=2**-8 if weights_in_model_dtype else 1e-6, atol=1e-7
+    )

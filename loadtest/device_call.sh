@@ -19,7 +19,8 @@
 # engpdl: the engine check with WEIR_PDL=1; fda0a fda1a fda0b ...: L1 with WEIR_FUSED_DECODE_ATTENTION=0 / 1
 # (decode_attention, engine/model/layers/attention.py); engfda: the engine check with it on; q12fda: Q1, Q2 with it on; q3: bench_quant.py's Q3 (T2 bf16 and FP8 weights);
 # featd: the feature check's quantized checkpoints (part d) alone. fp8mm: probe_fp8_gemm.py (Q3's FP8 GEMMs at prefill and
-# decode row counts: row-wise scales as weir runs them, tensor-wise, fast accumulation, against bf16; FMR rows). fp8kv: gpu_kernel_check.py's fp8 KV part (the widened
+# decode row counts: row-wise scales as weir runs them, tensor-wise, fast accumulation, against bf16; FMR rows); q3fa: Q3
+# with WEIR_FP8_FAST_ACCUM=1 (Q3N requests; compare with q3 in the same call). fp8kv: gpu_kernel_check.py's fp8 KV part (the widened
 # read, ops/triton/fp8_kv_read.py, against the bytes path and a bf16 cache: checks and decode times); featew: the
 # feature check's FP8 KV part (e) with WEIR_FP8_KV_WIDEN=1; q34w: bench_quant.py's Q3, Q4 and Q3KV with it (Q34N requests).
 # q1p0a q1p1a q1p0b ...: Q1 and Q2 with WEIR_L2_PREFETCH=0 / 1 (ops/triton/l2_prefetch.py), alternating; l1p0a l1p1a ...:
@@ -87,6 +88,7 @@ for s in $STEPS; do case $s in
   engfda) mkdir -p $O/engfda; step engfda 300 env OUT=$O/engfda WEIR_FUSED_DECODE_ATTENTION=1 WEIR_CHECK_PARTS="${ENG_PARTS:-a}" python3 loadtest/gpu_engine_check.py;;
   pdl0*|pdl1*) step $s 60 env WEIR_PDL=${s:3:1} python3 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;
   fp8mm) step fp8mm 120 python3 loadtest/probe_fp8_gemm.py --shape llama3-8b --rows ${FMR:-256,2048,8192} --out $O/fp8_gemm.json;;
+  q3fa) step q3fa 200 env WEIR_FP8_FAST_ACCUM=1 python3 loadtest/bench_quant.py --shape llama3-8b --cases Q3 --t2-requests ${Q3N:-1000} --out $O/q3fa.json;;
   q3) step q3 200 python3 loadtest/bench_quant.py --shape llama3-8b --cases Q3 --t2-requests 1000 --out $O/q3.json;;
   fp8kv) mkdir -p $O/fp8kv; step fp8kv 150 env OUT=$O/fp8kv python3 loadtest/gpu_kernel_check.py fp8kv;;
   featew) mkdir -p $O/featew; step featew 150 env OUT=$O/featew WEIR_FP8_KV_WIDEN=1 WEIR_CHECK_PARTS=e python3 loadtest/gpu_feature_check.py;;

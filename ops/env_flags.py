@@ -28,6 +28,10 @@ ENV_FLAGS: dict[str, tuple[bool, str]] = {
         True,
         "fused_moe's routing sorted by one Triton launch, not ~15 torch ops; ops/triton/moe_align.py",
     ),
+    "WEIR_FP8_FAST_ACCUM": (
+        False,  # not yet measured end to end (loadtest/probe_fp8_gemm.py times the GEMMs alone)
+        "FP8 W8A8 GEMMs accumulate without periodic float32 promotion (torch._scaled_mm's use_fast_accum)",
+    ),
     "WEIR_MOE_ROUTE_KERNEL": (
         False,  # not yet measured on a GPU
         "an MoE router's softmax and top-k in one Triton launch, not ~6 torch ops; ops/triton/moe_route.py",

@@ -225,6 +225,8 @@ class Fp8LinearMethod(LinearMethodBase):
         layer.fp8_gemv = layer.fp8_scaled_mm and _triton_fp8_gemv_available()
         # Dynamic activation scales for _scaled_mm by the one-kernel quantizer (decided here, once).
         layer.fp8_quant_kernel = layer.fp8_gemv and input_scale is None and _fp8_quant_kernel_enabled()
+        # cuBLASLt's FP8 accumulation without periodic promotion (WEIR_FP8_FAST_ACCUM; off until measured)
+        layer.fp8_fast_accum = layer.fp8_scaled_mm and env_flag("WEIR_FP8_FAST_ACCUM")
 
     def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         if not (isinstance(x, torch.Tensor) and _takes_gemv(layer, x)):
@@ -234,7 +236,9 @@ class Fp8LinearMethod(LinearMethodBase):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):  # quantized by the kernel that made it (fp8_activation)
-            return _scaled_mm(x.q, x.scale, layer.weight, layer.weight_scale, bias, x.dtype)
+            return _scaled_mm(
+                x.q, x.scale, layer.weight, layer.weight_scale, bias, x.dtype, layer.fp8_fast_accum
+            )
         if _takes_gemv(layer, x):
             l2_next = getattr(layer, "l2_prefetch", None)
             return fp8_gemv_linear(
@@ -242,8 +246,9 @@ class Fp8LinearMethod(LinearMethodBase):
             )
         if layer.fp8_scaled_mm and x.dtype == torch.bfloat16:
             return _scaled_mm_linear(
-                x, layer.weight, layer.weight_scale, bias, layer.input_scale, layer.fp8_quant_kernel
-            )
+                x, layer.weight, layer.weight_scale, bias, layer.input_scale, layer.fp8_quant_kernel,
+                layer.fp8_fast_accum,
+            )  # fmt: skip
         if layer.input_scale is not None:  # x as the FP8 GEMM sees it: quantized with the static scale
             s = layer.input_scale
             x = ((x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float() * s).to(x.dtype)
@@ -327,6 +332,7 @@ def _scaled_mm_linear(
     bias: torch.Tensor | None,
     input_scale: torch.Tensor | None = None,  # [1] float32: static; None: per token
     quant_kernel: bool = False,  # per-token scales by ops/triton/fp8_quant.py (CUDA; input_scale None)
+    fast_accum: bool = False,  # _scaled_mm's
 ) -> torch.Tensor:  # [..., out] bfloat16
     """W8A8 on FP8 tensor cores: activations quantized per token (dynamic scales, no host sync, so
     CUDA graphs capture it) or with the checkpoint's static scale, one cuBLASLt GEMM with row-wise
@@ -341,7 +347,7 @@ def _scaled_mm_linear(
             x_scale = input_scale.expand(x2.shape[0], 1).contiguous()  # [M, 1]
             # times the reciprocal: the kernel's arithmetic (one division a row, not one an element)
             xq = (x2.float() * x_scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    out = _scaled_mm(xq, x_scale, weight, weight_scale, bias, torch.bfloat16)  # [M, out]
+    out = _scaled_mm(xq, x_scale, weight, weight_scale, bias, torch.bfloat16, fast_accum)  # [M, out]
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -352,11 +358,16 @@ def _scaled_mm(
     weight_scale: torch.Tensor,  # [out] float32
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
+    fast_accum: bool = False,
 ) -> torch.Tensor:  # [M, out]
-    """The W8A8 GEMM on quantized activations: cuBLASLt with row-wise scales on both sides."""
+    """The W8A8 GEMM on quantized activations: cuBLASLt with row-wise scales on both sides. `fast_accum`:
+    Hopper's FP8 tensor-core sums kept in their reduced-precision accumulator over the whole K instead of
+    promoted to float32 every few steps (faster; what vLLM's CUTLASS FP8 kernels do on sm_90; less exact
+    over long K: loadtest/probe_fp8_gemm.py reports both)."""
     out = torch._scaled_mm(
-        xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), out_dtype=out_dtype
-    )
+        xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), out_dtype=out_dtype,
+        use_fast_accum=fast_accum,
+    )  # fmt: skip
     return out if bias is None else out + bias
 
 

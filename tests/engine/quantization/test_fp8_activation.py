@@ -25,6 +25,7 @@ def _fp8_layer(quant_kernel: bool = True, lora: object = None) -> nn.Module:
     layer.input_scale = None
     layer.fp8_scaled_mm = layer.fp8_gemv = True
     layer.fp8_quant_kernel = quant_kernel
+    layer.fp8_fast_accum = False
     layer.lora = lora
     return layer
 
@@ -59,3 +60,25 @@ def test_apply_on_a_quantized_activation_is_the_gemm_on_the_16_bit_one(with_bias
     plain = _scaled_mm_linear(x, layer.weight, layer.weight_scale, bias, None, quant_kernel=False)
     assert fused.dtype == torch.bfloat16 and fused.shape == (5, 48)
     assert torch.equal(fused, plain)
+
+
+def test_fast_accumulation_reaches_the_gemm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer loaded with WEIR_FP8_FAST_ACCUM=1 (fp8_fast_accum) asks _scaled_mm for use_fast_accum, on
+    both the quantized-activation and the 16-bit path; off by default."""
+    seen: list[bool] = []
+    real = torch._scaled_mm
+
+    def spy(*args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(bool(kwargs.get("use_fast_accum")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    method = Fp8LinearMethod(Fp8Config(from_checkpoint=True))
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    q, scale = reference.per_token_fp8(x)
+    layer = _fp8_layer(quant_kernel=False)  # x quantized by the torch lines (the kernel is CUDA's)
+    method.apply(layer, Fp8Activation(q, scale, x.dtype))
+    layer.fp8_fast_accum = True
+    method.apply(layer, Fp8Activation(q, scale, x.dtype))
+    method.apply(layer, x)  # 5 rows: past the GEMV's sizes, the 16-bit path quantizes x itself
+    assert seen == [False, True, True]

@@ -157,7 +157,7 @@ def _serve(flags: dict, startup: StartupPhases) -> int:
         # Start-up's Triton compiles in worker processes (WEIR_COMPILE_WORKERS; engine/worker/
         # compile_pool.py): spawned first, they import torch and triton while this process does.
         try:
-            compile_pool.start(compile_pool.workers_from_env())
+            compile_pool.start(compile_pool.workers_from_env(default=compile_pool.SERVE_DEFAULT_WORKERS))
         except ValueError as exc:
             print(f"weir serve: error: {exc}", file=sys.stderr)
             return 2

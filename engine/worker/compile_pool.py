@@ -68,10 +68,15 @@ MAX_WORKERS = 16
 RUN_EVEN_DRY = frozenset({("ops.triton.moe_align", "_moe_align_kernel")})
 
 
-def workers_from_env() -> int:
-    """WEIR_COMPILE_WORKERS: how many compile workers start-up spawns (0, the default: none), at most
-    the CPU count and MAX_WORKERS."""
-    raw = os.environ.get(ENV_WORKERS, "0").strip() or "0"
+# `weir serve`'s default (an LLM in a user's script keeps 0: spawned workers need its
+# `if __name__ == "__main__":`). With engine.worker.compile_marker a warm cache skips the pool.
+SERVE_DEFAULT_WORKERS = 8
+
+
+def workers_from_env(default: int = 0) -> int:
+    """WEIR_COMPILE_WORKERS: how many compile workers start-up spawns (unset: `default`; 0: none), at
+    most the CPU count and MAX_WORKERS."""
+    raw = os.environ.get(ENV_WORKERS, "").strip() or str(default)
     try:
         workers = int(raw)
     except ValueError:

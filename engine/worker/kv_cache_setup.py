@@ -10,13 +10,14 @@ attention layers, and runs its step-building and forward methods for the profile
 from __future__ import annotations
 
 import functools
+import logging
 import time
 
 import numpy as np
 import torch
 
 from engine.model.quantization.float_gemv import decode_gemv_allowed
-from engine.worker import compile_pool
+from engine.worker import compile_marker, compile_pool
 from engine.worker.attention_metadata import eager_forward
 from engine.worker.compile_ahead import compile_ahead, representative_sizes
 from engine.worker.cuda_graphs import CUDAGraphRunner, pad_decode_batch
@@ -29,6 +30,8 @@ from engine.worker.memory_profile import (
     worst_case_sampling_rows,
 )
 from engine.worker.sampler import build_sampling_metadata
+
+logger = logging.getLogger("weir.engine")
 
 
 class KVCacheSetup:
@@ -84,6 +87,8 @@ class KVCacheSetup:
             self.capture_cuda_graphs()
         finally:
             compile_pool.stop()  # start-up's compiles are done: the workers exit
+        if self._launches_triton_on_cuda():  # every kernel this start-up launched is in the cache now
+            compile_marker.mark_compiled(self._kernels_key())
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         """Per-layer K and V caches in the attention backend's shape and dtype ([num_blocks, block_size,
@@ -252,12 +257,30 @@ class KVCacheSetup:
         """Whether start-up's Triton compiles go to the compile pool (engine.worker.compile_ahead): the
         pool is running and this runner launches Triton kernels on a GPU, alone (with tensor
         parallelism the ranks' forwards meet in collectives: one rank's dry forwards would wait for
-        the others forever)."""
-        backend = self.attn_backend
-        return (
+        the others forever), and no start-up like this one has filled the Triton cache before
+        (engine.worker.compile_marker: then the workers are ended at once)."""
+        if not (
             compile_pool.running() > 0
             and self.config.parallel.tensor_parallel_size == 1
-            and self.device.type == "cuda"
-            and backend is not None
-            and backend.kernels.name == "triton"
-        )
+            and self._launches_triton_on_cuda()
+        ):
+            return False
+        if compile_marker.compiled_before(self._kernels_key()):
+            logger.info(
+                "compile pool: not used, this start-up's Triton kernels are in the cache (%s)",
+                compile_marker.marker_path(self._kernels_key()),
+            )
+            compile_pool.stop(terminate=True)
+            return False
+        return True
+
+    def _launches_triton_on_cuda(self) -> bool:
+        backend = self.attn_backend
+        return self.device.type == "cuda" and backend is not None and backend.kernels.name == "triton"
+
+    def _kernels_key(self) -> str:
+        """compile_marker's key of this start-up, computed once (before the KV cache is sized)."""
+        if self._startup_kernels_key is None:
+            capability = torch.cuda.get_device_capability(self.device)
+            self._startup_kernels_key = compile_marker.startup_key(self.config, capability)
+        return self._startup_kernels_key

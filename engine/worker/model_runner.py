@@ -141,6 +141,7 @@ class ModelRunner(KVCacheSetup):
         self.memory_profile: dict[str, float] = {}
         # Per start-up phase, what the compile pool did (engine.worker.compile_ahead; empty without it).
         self.compile_ahead_figures: dict[str, dict[str, float]] = {}
+        self._startup_kernels_key: str | None = None  # engine.worker.compile_marker's, once computed
         torch.manual_seed(config.load.seed)
         self.attn_backend: AttentionBackend | None = None  # chosen once, in load_model
         self.lora: LoRAManager | None = None  # adapters, slots, per-token index (config.lora set)

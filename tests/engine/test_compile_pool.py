@@ -248,8 +248,15 @@ def test_workers_from_env_refuses(monkeypatch: pytest.MonkeyPatch, raw: str) -> 
 
 
 def test_off_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off for an LLM in a script (its spawned workers would need `if __name__ == "__main__":`); `weir
+    serve` passes its own default, 8 (app/cli.py)."""
     monkeypatch.delenv("WEIR_COMPILE_WORKERS", raising=False)
+    monkeypatch.setattr(compile_pool.os, "cpu_count", lambda: 64)
     assert compile_pool.workers_from_env() == 0
+    assert compile_pool.workers_from_env(default=compile_pool.SERVE_DEFAULT_WORKERS) == 8
+    monkeypatch.setenv("WEIR_COMPILE_WORKERS", "0")
+    assert compile_pool.workers_from_env(default=compile_pool.SERVE_DEFAULT_WORKERS) == 0  # off when asked
+    monkeypatch.delenv("WEIR_COMPILE_WORKERS")
     assert compile_pool.start(0) is False and compile_pool.running() == 0
     # Without a pool a phase runs nothing dry and reports nothing.
     ran = []

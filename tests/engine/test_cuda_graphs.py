@@ -374,7 +374,7 @@ def test_cuda_graphs_match_eager_and_transformers_on_gpu(tiny_model_dirs: dict[s
 
 
 @pytest.mark.parametrize(
-    ("raw", "expected"), [(None, "all"), ("all", "all"), (" representative ", "representative")]
+    ("raw", "expected"), [(None, "representative"), ("all", "all"), (" representative ", "representative")]
 )
 def test_graph_warmups_from_env(monkeypatch: pytest.MonkeyPatch, raw: str | None, expected: str) -> None:
     if raw is None:

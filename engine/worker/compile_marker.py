@@ -45,10 +45,16 @@ def startup_key(config: object, capability: tuple[int, int]) -> str:
 
 
 def marker_path(key: str) -> Path:
-    """Where a start-up's marker lives: in Triton's cache directory (TRITON_CACHE_DIR, else ~/.triton/cache)."""
-    from triton import knobs  # noqa: PLC0415 (the runner has imported triton by now)
+    """Where a start-up's marker lives: in Triton's cache directory (TRITON_CACHE_DIR, else
+    $TRITON_HOME/.triton/cache, TRITON_HOME defaulting to the home directory)."""
+    try:
+        from triton import knobs  # noqa: PLC0415 (the runner has imported triton by now)
 
-    return Path(knobs.cache.dir) / "weir-startups" / key
+        cache_dir = Path(knobs.cache.dir)
+    except (ImportError, AttributeError):  # a Triton without knobs: its documented default
+        home = os.environ.get("TRITON_HOME") or str(Path.home())
+        cache_dir = Path(os.environ.get("TRITON_CACHE_DIR") or Path(home) / ".triton" / "cache")
+    return cache_dir / "weir-startups" / key
 
 
 def compiled_before(key: str) -> bool:

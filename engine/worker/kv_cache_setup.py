@@ -88,7 +88,10 @@ class KVCacheSetup:
         finally:
             compile_pool.stop()  # start-up's compiles are done: the workers exit
         if self._launches_triton_on_cuda():  # every kernel this start-up launched is in the cache now
-            compile_marker.mark_compiled(self._kernels_key())
+            try:
+                compile_marker.mark_compiled(self._kernels_key())
+            except Exception:  # the marker only saves the next start the pool: never fail this one
+                logger.warning("compile pool: could not leave this start-up's marker", exc_info=True)
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         """Per-layer K and V caches in the attention backend's shape and dtype ([num_blocks, block_size,
@@ -265,7 +268,12 @@ class KVCacheSetup:
             and self._launches_triton_on_cuda()
         ):
             return False
-        if compile_marker.compiled_before(self._kernels_key()):
+        try:
+            cached = compile_marker.compiled_before(self._kernels_key())
+        except Exception:  # the pool as without the marker
+            logger.warning("compile pool: could not look for this start-up's marker", exc_info=True)
+            cached = False
+        if cached:
             logger.info(
                 "compile pool: not used, this start-up's Triton kernels are in the cache (%s)",
                 compile_marker.marker_path(self._kernels_key()),

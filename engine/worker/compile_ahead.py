@@ -6,8 +6,8 @@ launch that would compile records its specialization and returns without compili
 Those are compiled in the pool's processes at once while this process does what it can meanwhile;
 then the phase runs for real and finds them in Triton's cache. A dry forward computes garbage (the
 skipped kernels' outputs are left as allocated), which is harmless in the model's forwards: no
-skipped kernel's output is used as an index (the MoE alignment kernel's are, so it runs even dry,
-compile_pool.RUN_EVEN_DRY; the sampler's are, so the sampler never runs dry).
+skipped kernel's output is used as an index (the MoE routing and alignment kernels' are, so they run
+even dry, compile_pool.RUN_EVEN_DRY; the sampler's are, so the sampler never runs dry).
 
 Off without the pool, on CPU and under the Triton interpreter (nothing compiles there).
 """

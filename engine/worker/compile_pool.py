@@ -63,9 +63,12 @@ MAX_WORKERS = 16
 
 # (module, kernel) of the kernels whose outputs later kernels read as indices or lengths: a dry
 # forward that left them as allocated would send those kernels out of bounds (the fused MoE kernel
-# indexes experts' weights by the alignment kernel's block_expert and stops at its num_padded). They
-# compile in this process and run for real even inside record_specializations().
-RUN_EVEN_DRY = frozenset({("ops.triton.moe_align", "_moe_align_kernel")})
+# indexes experts' weights by the alignment kernel's block_expert and stops at its num_padded; the
+# alignment, Triton's or torch's, counts and sorts the router's expert ids). They compile in this
+# process and run for real even inside record_specializations().
+RUN_EVEN_DRY = frozenset(
+    {("ops.triton.moe_align", "_moe_align_kernel"), ("ops.triton.moe_route", "_moe_route_kernel")}
+)
 
 
 # `weir serve`'s default (an LLM in a user's script keeps 0: spawned workers need its

@@ -199,6 +199,7 @@ import torch
 import triton.runtime.jit as jit
 from engine.worker import compile_pool
 from ops.triton.moe_align import moe_align_block_size_kernel
+from ops.triton.moe_route import moe_route
 from ops.triton.rms_norm import rms_norm
 
 
@@ -209,6 +210,7 @@ def main():
     jit.JITFunction.run = lambda self, *a, grid, warmup, **k: run(self, *a, grid=grid, warmup=True, **k)
     topk_ids = torch.tensor([[0, 3], [1, 3], [2, 0]], dtype=torch.int32)  # 3 tokens, top-2 of 4 experts
     with compile_pool.record_specializations() as specs:
+        moe_route(torch.randn(3, 4, dtype=torch.bfloat16), top_k=2, renormalize=True)
         moe_align_block_size_kernel(topk_ids, num_experts=4, block_m=16)
         rms_norm(torch.randn(3, 64, dtype=torch.bfloat16), torch.randn(64, dtype=torch.bfloat16), 1e-6)
     print("REPORT " + json.dumps({"recorded": [s.name for s in specs], "compiled": len(os.listdir(cache))}))
@@ -220,13 +222,17 @@ if __name__ == "__main__":
 
 
 def test_a_kernel_whose_outputs_are_indices_runs_even_in_a_dry_forward(tmp_path: Path) -> None:
-    """The MoE alignment kernel's outputs index the fused MoE kernel's expert weights: left as allocated
-    by a dry forward they would send that kernel out of bounds. Inside record_specializations it is
-    compiled in the process and launched (the launch skipped here, no GPU), while the norm is recorded."""
+    """The MoE routing kernel's expert ids feed the alignment, whose outputs index the fused MoE kernel's
+    expert weights: left as allocated by a dry forward they would send those out of bounds. Inside
+    record_specializations both are compiled in the process and launched (the launch skipped here, no
+    GPU), while the norm is recorded."""
     report = _run_script(tmp_path, _INDEX_KERNEL_SCRIPT)
-    assert compile_pool.RUN_EVEN_DRY == {("ops.triton.moe_align", "_moe_align_kernel")}
+    assert compile_pool.RUN_EVEN_DRY == {
+        ("ops.triton.moe_align", "_moe_align_kernel"),
+        ("ops.triton.moe_route", "_moe_route_kernel"),
+    }
     assert report["recorded"] == ["_rms_norm_kernel"]
-    assert report["compiled"] == 1  # the alignment kernel's cache entry, compiled in the process
+    assert report["compiled"] == 2  # the routing and alignment kernels' cache entries, compiled here
 
 
 @pytest.mark.parametrize(("raw", "expected"), [("", 0), ("0", 0), (" 2 ", 2), ("1000", 16)])

@@ -123,7 +123,7 @@ def test_the_router_takes_the_kernel_only_on_cuda_with_the_switch(monkeypatch: p
 def test_the_router_with_the_kernel_routes_as_without(
     monkeypatch: pytest.MonkeyPatch, renormalize: bool, weights_in_model_dtype: bool, softmax_after_topk: bool
 ) -> None:
-    """TopKRouter.route through the kernel (forced on here; on CUDA WEIR_MOE_ROUTE_KERNEL=1) passes its
+    """TopKRouter.route through the kernel (forced on here; on CUDA by default) passes its
     options through: Mixtral's, Qwen's (weights in bf16), Qwen2-MoE's without renormalization and
     GraniteMoe's route the same experts with the same weights as the torch lines."""
     from engine.model.layers import moe_router

@@ -70,8 +70,9 @@ class TopKRouter(ReplicatedLinear):
 
 
 def route_kernel_applies(logits: torch.Tensor) -> bool:
-    """The one-launch routing kernel (ops/triton/moe_route.py) on CUDA with WEIR_MOE_ROUTE_KERNEL on;
-    the torch lines (ops.reference.moe_route, the spec) otherwise. Its weights may differ from torch's in
+    """The one-launch routing kernel (ops/triton/moe_route.py) on CUDA unless WEIR_MOE_ROUTE_KERNEL=0
+    (on an H100 at 9ae29e1 a Qwen3-30B-A3B-shaped decode step took 4.81 ms with it, 5.58 with the torch
+    lines); the torch lines (ops.reference.moe_route, the spec) otherwise. Its weights may differ from torch's in
     the last bit (a sum's order), and among experts of equal probability it takes the lowest indices,
     as torch.topk on CUDA does."""
     if not logits.is_cuda or not env_flag("WEIR_MOE_ROUTE_KERNEL"):

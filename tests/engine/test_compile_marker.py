@@ -92,3 +92,32 @@ def test_an_unwritable_cache_only_costs_the_marker(tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(blocker))
     compile_marker.mark_compiled("abc")  # no exception
     assert not compile_marker.compiled_before("abc")
+
+
+def test_a_cpu_start_up_leaves_no_marker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model_dirs: dict[str, Path]
+) -> None:
+    """Only a start-up that launched Triton kernels on a GPU can say the cache holds them."""
+    from engine.worker.model_runner import ModelRunner
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    config = EngineConfig(model=str(tiny_model_dirs["llama"]), device="cpu", num_kv_blocks=16)
+    runner = ModelRunner(config.resolve())
+    runner.load_model()
+    runner.initialize_kv_cache(runner.determine_num_kv_blocks())
+    assert not runner._launches_triton_on_cuda()
+    assert not (tmp_path / "cache" / "weir-startups").exists()
+
+
+def test_without_triton_knobs_the_marker_goes_where_triton_caches_by_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import triton
+
+    monkeypatch.delattr(triton, "knobs")
+    monkeypatch.setitem(sys.modules, "triton.knobs", None)  # `from triton import knobs` fails
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TRITON_HOME", str(tmp_path))
+    assert compile_marker.marker_path("k") == tmp_path / ".triton" / "cache" / "weir-startups" / "k"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "c"))
+    assert compile_marker.marker_path("k") == tmp_path / "c" / "weir-startups" / "k"

@@ -86,7 +86,15 @@ def workers_from_env(default: int = 0) -> int:
         workers = -1
     if workers < 0:
         raise ValueError(f"{ENV_WORKERS} must be a whole number >= 0 (0: off); got {raw!r}")
-    return min(workers, os.cpu_count() or 1, MAX_WORKERS)
+    return min(workers, usable_cpus(), MAX_WORKERS)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a container's or taskset's cpuset, where os.cpu_count() would
+    say the host's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def gpu_likely(device: str) -> bool:

@@ -238,9 +238,9 @@ def test_a_kernel_whose_outputs_are_indices_runs_even_in_a_dry_forward(tmp_path:
 @pytest.mark.parametrize(("raw", "expected"), [("", 0), ("0", 0), (" 2 ", 2), ("1000", 16)])
 def test_workers_from_env(monkeypatch: pytest.MonkeyPatch, raw: str, expected: int) -> None:
     monkeypatch.setenv("WEIR_COMPILE_WORKERS", raw)
-    monkeypatch.setattr(compile_pool.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(compile_pool, "usable_cpus", lambda: 64)
     assert compile_pool.workers_from_env() == expected
-    monkeypatch.setattr(compile_pool.os, "cpu_count", lambda: 2)  # never more than the CPUs
+    monkeypatch.setattr(compile_pool, "usable_cpus", lambda: 2)  # never more than the CPUs
     assert compile_pool.workers_from_env() == min(expected, 2)
 
 
@@ -253,11 +253,20 @@ def test_workers_from_env_refuses(monkeypatch: pytest.MonkeyPatch, raw: str) -> 
         compile_pool.workers_from_env()
 
 
+def test_usable_cpus_follow_the_affinity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container limited to 3 of the host's 64 cores gets 3 workers at most, not 8."""
+    monkeypatch.setattr(compile_pool.os, "sched_getaffinity", lambda pid: {0, 5, 9}, raising=False)
+    monkeypatch.setattr(compile_pool.os, "cpu_count", lambda: 64)
+    assert compile_pool.usable_cpus() == 3
+    monkeypatch.delenv("WEIR_COMPILE_WORKERS", raising=False)
+    assert compile_pool.workers_from_env(default=compile_pool.SERVE_DEFAULT_WORKERS) == 3
+
+
 def test_off_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     """Off for an LLM in a script (its spawned workers would need `if __name__ == "__main__":`); `weir
     serve` passes its own default, 8 (app/cli.py)."""
     monkeypatch.delenv("WEIR_COMPILE_WORKERS", raising=False)
-    monkeypatch.setattr(compile_pool.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(compile_pool, "usable_cpus", lambda: 64)
     assert compile_pool.workers_from_env() == 0
     assert compile_pool.workers_from_env(default=compile_pool.SERVE_DEFAULT_WORKERS) == 8
     monkeypatch.setenv("WEIR_COMPILE_WORKERS", "0")

@@ -78,7 +78,7 @@ SERVE_DEFAULT_WORKERS = 8
 
 def workers_from_env(default: int = 0) -> int:
     """WEIR_COMPILE_WORKERS: how many compile workers start-up spawns (unset: `default`; 0: none), at
-    most the CPU count and MAX_WORKERS."""
+    most the CPUs this process may run on (usable_cpus) and MAX_WORKERS."""
     raw = os.environ.get(ENV_WORKERS, "").strip() or str(default)
     try:
         workers = int(raw)

@@ -92,7 +92,8 @@ def _moe_route_kernel(
     tl.store(ids_ptr + out, taken_ids.to(tl.int64), mask=out_mask)
 
 
-_ROUND_CODES = {None: 0, torch.bfloat16: 1, torch.float16: 2}
+# float32: a float32 model's Qwen router rounds through its own dtype, which is no rounding at all
+_ROUND_CODES = {None: 0, torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def moe_route(
@@ -109,7 +110,7 @@ def moe_route(
     if logits.stride(1) != 1:
         raise ValueError("moe_route: logits must be contiguous along the experts")
     if round_to not in _ROUND_CODES:
-        raise ValueError(f"moe_route: round_to must be None, bfloat16 or float16; got {round_to}")
+        raise ValueError(f"moe_route: round_to must be None, float32, bfloat16 or float16; got {round_to}")
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
     if num_tokens == 0:

@@ -101,7 +101,7 @@ def test_bad_arguments_are_refused() -> None:
         moe_route(logits, 9, True)
     with pytest.raises(ValueError, match="contiguous along the experts"):
         moe_route(_logits(8, 2, seed=0).t(), 1, True)
-    with pytest.raises(ValueError, match="round_to must be None, bfloat16 or float16"):
+    with pytest.raises(ValueError, match="round_to must be None, float32, bfloat16 or float16"):
         moe_route(logits, 2, True, round_to=torch.float64)
 
 
@@ -117,28 +117,39 @@ def test_the_router_takes_the_kernel_only_on_cuda_with_the_switch(monkeypatch: p
 
 @in_process
 @pytest.mark.parametrize(
-    ("renormalize", "weights_in_model_dtype", "softmax_after_topk"),
-    [(True, False, False), (True, True, False), (False, True, False), (True, False, True)],
+    ("renormalize", "weights_in_model_dtype", "softmax_after_topk", "dtype"),
+    [
+        (True, False, False, torch.bfloat16),
+        (True, True, False, torch.bfloat16),
+        (False, True, False, torch.bfloat16),
+        (True, False, True, torch.bfloat16),
+        (True, True, False, torch.float32),  # a float32 Qwen model: its weights "rounded" through float32
+    ],
 )
 def test_the_router_with_the_kernel_routes_as_without(
-    monkeypatch: pytest.MonkeyPatch, renormalize: bool, weights_in_model_dtype: bool, softmax_after_topk: bool
+    monkeypatch: pytest.MonkeyPatch,
+    renormalize: bool,
+    weights_in_model_dtype: bool,
+    softmax_after_topk: bool,
+    dtype: torch.dtype,
 ) -> None:
     """TopKRouter.route through the kernel (forced on here; on CUDA by default) passes its
-    options through: Mixtral's, Qwen's (weights in bf16), Qwen2-MoE's without renormalization and
-    GraniteMoe's route the same experts with the same weights as the torch lines."""
+    options through: Mixtral's, Qwen's (weights in the model dtype, bf16 or float32), Qwen2-MoE's
+    without renormalization and GraniteMoe's route the same experts with the same weights as the torch
+    lines."""
     from engine.model.layers import moe_router
 
     router = moe_router.TopKRouter(
         hidden_size=32, num_experts=16, top_k=4, renormalize=renormalize,
-        weights_in_model_dtype=weights_in_model_dtype, params_dtype=torch.bfloat16,
+        weights_in_model_dtype=weights_in_model_dtype, params_dtype=dtype,
         softmax_after_topk=softmax_after_topk,
     ).to(DEVICE)  # fmt: skip
     gen = torch.Generator().manual_seed(5)
-    router.weight.data.copy_(torch.randn(16, 32, generator=gen).to(torch.bfloat16))
+    router.weight.data.copy_(torch.randn(16, 32, generator=gen).to(dtype))
     # float32 logits have no ties; the bf16 router's may, so compare on inputs whose logits are distinct
-    x = torch.randn(6, 32, generator=gen).to(torch.bfloat16).to(DEVICE)
+    x = torch.randn(6, 32, generator=gen).to(dtype).to(DEVICE)
     assert all(len(set(row.tolist())) == 16 for row in router(x))
-    round_to = torch.bfloat16 if weights_in_model_dtype else None
+    round_to = dtype if weights_in_model_dtype else None
     expected = reference.moe_route(router(x), 4, renormalize, softmax_after_topk, round_to)
     assert all(
         torch.equal(a, b) for a, b in zip(router.route(x), expected, strict=True)
@@ -147,5 +158,5 @@ def test_the_router_with_the_kernel_routes_as_without(
     weights, ids = router.route(x)
     assert torch.equal(ids, expected[1])
     torch.testing.assert_close(
-        weights, expected[0], rtol=2**-8 if weights_in_model_dtype else 1e-6, atol=1e-7
+        weights, expected[0], rtol=2**-8 if round_to == torch.bfloat16 else 1e-6, atol=1e-7
     )

@@ -225,7 +225,7 @@ class Fp8LinearMethod(LinearMethodBase):
         layer.fp8_gemv = layer.fp8_scaled_mm and _triton_fp8_gemv_available()
         # Dynamic activation scales for _scaled_mm by the one-kernel quantizer (decided here, once).
         layer.fp8_quant_kernel = layer.fp8_gemv and input_scale is None and _fp8_quant_kernel_enabled()
-        # cuBLASLt's FP8 accumulation without periodic promotion (WEIR_FP8_FAST_ACCUM; off until measured)
+        # cuBLASLt's FP8 accumulation without periodic promotion (WEIR_FP8_FAST_ACCUM, on by default: ops/env_flags.py)
         layer.fp8_fast_accum = layer.fp8_scaled_mm and env_flag("WEIR_FP8_FAST_ACCUM")
 
     def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:

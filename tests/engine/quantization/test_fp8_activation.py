@@ -64,7 +64,7 @@ def test_apply_on_a_quantized_activation_is_the_gemm_on_the_16_bit_one(with_bias
 
 def test_fast_accumulation_reaches_the_gemm(monkeypatch: pytest.MonkeyPatch) -> None:
     """A layer loaded with WEIR_FP8_FAST_ACCUM=1 (fp8_fast_accum) asks _scaled_mm for use_fast_accum, on
-    both the quantized-activation and the 16-bit path; off by default."""
+    both the quantized-activation and the 16-bit path, and not where the flag is off."""
     seen: list[bool] = []
     real = torch._scaled_mm
 

@@ -320,17 +320,18 @@ def graphed_breakdown(
 
 
 def bytes_per_step(
-    param_bytes: dict[str, int], config: dict[str, Any], dtype_bytes: int, context: int
+    param_bytes: dict[str, int], config: dict[str, Any], dtype_bytes: int, context: int, batch: int = 1
 ) -> dict:
-    """What each part must read per batch-1 step: its weights, one embedding row, the KV cache."""
+    """What each part must read per decode step of `batch` sequences of `context` tokens: its weights
+    (once, whatever the batch), the embedding rows, the KV caches."""
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads", heads)
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     layers = config["num_hidden_layers"]
     out: dict[str, int | None] = dict(param_bytes)
-    out["embedding"] = config["hidden_size"] * dtype_bytes
-    out["attention"] = 2 * layers * kv_heads * head_dim * dtype_bytes * context
-    out["kv_write"] = 2 * layers * kv_heads * head_dim * dtype_bytes
+    out["embedding"] = config["hidden_size"] * dtype_bytes * batch
+    out["attention"] = 2 * layers * kv_heads * head_dim * dtype_bytes * context * batch
+    out["kv_write"] = 2 * layers * kv_heads * head_dim * dtype_bytes * batch
     return out
 
 
@@ -362,10 +363,12 @@ def run(llm: Any, model: Any, args: Any, copy_gb_s: float | None, lora_request: 
     engine = llm.llm_engine
     runner = engine_runner(llm)
     cuda = model.device == "cuda"
-    prompt = [(7 * i) % min(model.vocab_size, 10000) for i in range(args.input_len)]
-    engine.add_request(
-        "k1", prompt, sampling_params(args.output_len, args.temperature), lora_request=lora_request
-    )
+    batch = getattr(args, "decode_batch", 1)  # L1's batch-8 step with --decode-batch 8
+    for b in range(batch):
+        prompt = [(7 * i + b) % min(model.vocab_size, 10000) for i in range(args.input_len)]
+        engine.add_request(
+            f"k1-{b}", prompt, sampling_params(args.output_len, args.temperature), lora_request=lora_request
+        )
     for _ in range(4):  # the prefill, then decode steps (graph replays) before anything is timed
         engine.step()
     engine.flush()
@@ -386,12 +389,13 @@ def run(llm: Any, model: Any, args: Any, copy_gb_s: float | None, lora_request: 
     running = list(engine.scheduler.running.values())
     context = running[0].num_computed_tokens if running else args.input_len
     dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}[model.dtype]
-    nbytes = bytes_per_step(param_bytes, model.config, dtype_bytes, context)
+    nbytes = bytes_per_step(param_bytes, model.config, dtype_bytes, context, batch)
     eager = part_table(
         [{**r, "part": refine(r["label"], r["name"])} for r in eager_rows], 1, nbytes, copy_gb_s
     )
     result: dict[str, Any] = {
-        "batch": 1,
+        "batch": batch,
+        "sequences_running": len(running),  # after the windows: the batch, unless one ended early
         "context_tokens": context,
         "time_source": "CUDA kernels" if cuda else "CPU operators (no CUDA graph on a CPU)",
         "eager_step": eager,

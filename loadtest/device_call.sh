@@ -16,6 +16,7 @@
 # u1coldcp / u1cp / tracecp / engcp: U1 on an empty / the machine's Triton cache, trace_compiles.py, the engine check
 # (on an empty cache: ~3x the warm check, 111 of 114 checks in 287 s on an H100), each with WEIR_COMPILE_WORKERS=${CPW:-8} (engine/worker/compile_pool.py); u1rw / engrw: U1 and
 # the engine check with WEIR_GRAPH_WARMUPS=representative (engine/worker/cuda_graphs.py); u1coldcprw: both on an empty cache;
+# s1x: T2 then S1 at rate inf three times against it (issue 17: every run >= 0.97); k8: K1 for L1's batch-8 step;
 # u1m1 u1m2 ...: U1 by the defaults, all sharing one Triton cache that starts empty in the call (cold, then warm with the start-up marker);
 # engpdl: the engine check with WEIR_PDL=1; fda0a fda1a fda0b ...: L1 with WEIR_FUSED_DECODE_ATTENTION=0 / 1
 # (decode_attention, engine/model/layers/attention.py); engfda: the engine check with it on; q12fda: Q1, Q2 with it on; q3: bench_quant.py's Q3 (T2 bf16 and FP8 weights);
@@ -84,6 +85,9 @@ for s in $STEPS; do case $s in
   sampler) step sampler 90 python3 loadtest/bench_sampler.py --out $O/sampler.json;;
   trace) step trace 150 python3 loadtest/trace_compiles.py --shape llama3-8b --out $O/compiles.json;;
   u1m*) mkdir -p /tmp/u1m_cache; step $s 150 env TRITON_CACHE_DIR=/tmp/u1m_cache python3 loadtest/bench_startup.py --shape llama3-8b --no-split --no-imports --server-log $O/server_$s.log --out $O/$s.json;;
+  s1x) step s1xt2 120 python3 loadtest/bench_throughput.py --workload t2 --shape llama3-8b --num-requests 1000 --peer none --out $O/s1x_t2.json
+    for r in 1 2 3; do step s1x$r 100 python3 loadtest/bench_serving.py --shape llama3-8b --num-requests 1000 --request-rates inf --offline-json $O/s1x_t2.json --peer none --server-log $O/server_s1x$r.log --out $O/s1x$r.json; done;;
+  k8) step k8 120 python3 loadtest/profile_kernels.py --mode batch1 --decode-batch 8 --shape llama3-8b --input-len 32 --output-len 256 --decode-steps 20 --out $O/profile_l1_b8.json;;
   u1) step u1 150 python3 loadtest/bench_startup.py --shape llama3-8b --no-split --no-imports --server-log $O/server_u1.log --out $O/u1.json;;
   abold*) step $s 60 env PYTHONPATH=/tmp/site:$PWD/ab_old python3 ab_old/loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;
   fda0*|fda1*) step $s 60 env WEIR_FUSED_DECODE_ATTENTION=${s:3:1} python3 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;

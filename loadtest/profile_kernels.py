@@ -160,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
         "loadtest/decode_breakdown.py)",
     )
     p.add_argument(
+        "--decode-batch",
+        type=int,
+        default=1,
+        help="batch1 mode: sequences decoding together (L1's batch-8 step: 8); the weights are read once a step",
+    )
+    p.add_argument(
         "--beam-width",
         type=int,
         default=0,
@@ -238,10 +244,15 @@ def device_gaps(prof: Any, num_steps: int) -> dict[str, Any]:
 
 
 def main_batch1(args: argparse.Namespace) -> int:
-    """K1: one sequence's decode step, eager (labelled) then graphed; the per-part table."""
+    """K1: one sequence's decode step (or --decode-batch sequences'), eager (labelled) then graphed; the
+    per-part table."""
     model = resolve_model(args)
     report = Report("K1", args, model)
-    report["workload"] = {"batch": 1, "input_len": args.input_len, "decode_steps": args.decode_steps}
+    report["workload"] = {
+        "batch": args.decode_batch,
+        "input_len": args.input_len,
+        "decode_steps": args.decode_steps,
+    }
     bw = copy_bandwidth_phase(report, model.device, args.copy_bytes)
     copy_gb_s = bw["GB_s"] if bw else None
     mml = default_max_model_len(args, model, args.input_len + args.output_len)

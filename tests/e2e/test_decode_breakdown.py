@@ -180,3 +180,23 @@ def test_batch1_profile_with_a_lora_adapter_on_cpu(tiny_llama_dir: Path, tmp_pat
     assert db.refine("qkv_proj", "_lora_shrink_kernel") == "lora"
     assert db.refine("down_proj", "_lora_expand_kernel") == "lora"
     assert db.refine("qkv_proj", "gemv_a") == "qkv_proj"
+
+
+def test_a_batch_of_decodes_profiles_as_one_step_on_cpu(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """L1's batch-8 step (--decode-batch): the sequences decode in one step; the weights count once, the
+    KV caches once per sequence."""
+    out = tmp_path / "k8.json"
+    argv = ["--mode", "batch1", "--model", str(tiny_llama_dir), *ENGINE, "--input-len", "12"]
+    argv += ["--output-len", "24", "--decode-steps", "3", "--temperature", "0", "--decode-batch", "3"]
+    assert profile_kernels.main([*argv, "--out", str(out)]) == 0
+    data = load_report(out, "K1")
+    res = data["results"]["batch1"]
+    assert data["workload"]["batch"] == 3 and res["batch"] == 3 and res["sequences_running"] == 3
+    assert res["context_tokens"] == 12 + 4
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    table = res["eager_step"]
+    assert table["lm_head"]["bytes_per_step"] == config["vocab_size"] * hidden * 4
+    assert table["attention"]["bytes_per_step"] == 2 * layers * kv_heads * head_dim * 4 * 16 * 3

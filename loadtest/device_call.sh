@@ -16,6 +16,7 @@
 # u1coldcp / u1cp / tracecp / engcp: U1 on an empty / the machine's Triton cache, trace_compiles.py, the engine check
 # (on an empty cache: ~3x the warm check, 111 of 114 checks in 287 s on an H100), each with WEIR_COMPILE_WORKERS=${CPW:-8} (engine/worker/compile_pool.py); u1rw / engrw: U1 and
 # the engine check with WEIR_GRAPH_WARMUPS=representative (engine/worker/cuda_graphs.py); u1coldcprw: both on an empty cache;
+# coldn1 coldo1 coldn2 ...: U1 on an empty Triton cache of its own by this tree and by ab_old/ (an A/B on the defaults);
 # s1x: T2 then S1 at rate inf three times against it (issue 17: every run >= 0.97); k8: K1 for L1's batch-8 step;
 # u1m1 u1m2 ...: U1 by the defaults, all sharing one Triton cache that starts empty in the call (cold, then warm with the start-up marker);
 # engpdl: the engine check with WEIR_PDL=1; fda0a fda1a fda0b ...: L1 with WEIR_FUSED_DECODE_ATTENTION=0 / 1
@@ -125,6 +126,8 @@ for s in $STEPS; do case $s in
   proffp8) step proffp8 150 python3 loadtest/profile_kernels.py --shape llama3-8b --num-requests 256 --input-len 512 --output-len 128 --prefill-steps 1 --decode-steps 8 --quantization fp8 --out $O/proffp8.json;;
   k1) step k1 120 python3 loadtest/profile_kernels.py --mode batch1 --shape llama3-8b --input-len 32 --out $O/profile_l1.json;;
   profbase|proflora) step $s 120 python3 loadtest/profile_kernels.py --shape llama3-8b --num-requests 256 --input-len 512 --output-len 128 --prefill-steps 1 --decode-steps 8 $([ $s = proflora ] && echo --lora-rank 16 --lora-adapters ${PROF_ADAPTERS:-64}) --out $O/$s.json;;
+  coldn*) step $s 60 env TRITON_CACHE_DIR=$(mktemp -d) python3 loadtest/bench_startup.py --shape llama3-8b --no-split --no-imports --server-log $O/server_$s.log --out $O/$s.json;;
+  coldo*) step $s 60 env TRITON_CACHE_DIR=$(mktemp -d) PYTHONPATH=/tmp/site:$PWD/ab_old python3 ab_old/loadtest/bench_startup.py --shape llama3-8b --no-split --no-imports --server-log $O/server_$s.log --out $O/$s.json;;
   *) eval "$s";;
 esac; done
 python3 loadtest/ab_table.py $O > $O/ab.txt 2>&1; cat $O/ab.txt  # the A/B steps side by side (loadtest/ab_table.py)

@@ -3,8 +3,8 @@
 With the compile pool running (engine.worker.compile_pool, WEIR_COMPILE_WORKERS), a phase that runs
 forwards (the memory profile, the CUDA-graph warm-ups) first runs a few of them dry: every Triton
 launch that would compile records its specialization and returns without compiling or launching.
-Each is queued to the pool's processes as it is first seen, so they compile while the dry forwards
-go on and while this process does what it can meanwhile; then the phase runs for real and finds them in Triton's cache. A dry forward computes garbage (the
+Those are compiled in the pool's processes at once while this process does what it can meanwhile;
+then the phase runs for real and finds them in Triton's cache. A dry forward computes garbage (the
 skipped kernels' outputs are left as allocated), which is harmless in the model's forwards: no
 skipped kernel's output is used as an index (the MoE routing and alignment kernels' are, so they run
 even dry, compile_pool.RUN_EVEN_DRY; the sampler's are, so the sampler never runs dry).
@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 
 from engine.worker import compile_pool
 
@@ -50,30 +49,17 @@ def compile_ahead(
     if not workers:
         return {}
     start = time.perf_counter()
-    target = compile_pool.current_target()
-    futures: list[Future[compile_pool.CompileResult]] = []
-    broken: list[BaseException] = []
-
-    def queue(spec: compile_pool.Specialization) -> None:
-        """Each compile queued as its launch is first seen: on an empty cache (an H100 at 334c97b) the
-        paged attention's compile alone took 2.96 s and the dry forwards 1.68 s, which queued at their
-        end it waited for."""
-        if broken:
-            return
-        try:
-            futures.extend(compile_pool.compile_specializations([spec], target))
-        except Exception as exc:  # a worker could not start (BrokenProcessPool)
-            broken.append(exc)
-
     try:
-        with compile_pool.record_specializations(on_new=queue) as specs:
+        with compile_pool.record_specializations() as specs:
             for forward in dry_forwards:
                 forward()
     except Exception:  # the phase compiles in-process, as without the pool
         logger.warning("compile ahead (%s): the dry forwards failed", phase, exc_info=True)
         return {}
-    if broken:  # compile in-process, as without the pool
-        logger.warning("compile ahead (%s): the compile pool is not usable", phase, exc_info=broken[0])
+    try:
+        futures = compile_pool.compile_specializations(specs, compile_pool.current_target())
+    except Exception:  # a worker could not start (BrokenProcessPool): compile in-process
+        logger.warning("compile ahead (%s): the compile pool is not usable", phase, exc_info=True)
         compile_pool.stop(terminate=True)
         return {}
     dry_s = time.perf_counter() - start

@@ -28,7 +28,7 @@ import importlib
 import multiprocessing
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -144,17 +144,13 @@ def stop(terminate: bool = False) -> None:
 
 
 @contextmanager
-def record_specializations(
-    on_new: Callable[[Specialization], None] | None = None,
-) -> Iterator[list[Specialization]]:
+def record_specializations() -> Iterator[list[Specialization]]:
     """Inside: every Triton launch that would compile (not in its kernel's in-process cache) records
     its specialization and returns None at once: nothing compiles, nothing launches, outputs are left
     as allocated. Launches of kernels already compiled in this process, and of RUN_EVEN_DRY's (compiled
     here, not recorded), run as usual. The list yielded
-    is filled, in first-seen order without repeats, when the block exits; `on_new` is called with each
-    specialization as it is first seen, inside the block (compile_ahead queues its compile there, so
-    the workers start on the first layer's kernels while the dry forwards go on). The hook is
-    process-wide while the block runs: start-up only, when no other thread launches Triton kernels."""
+    is filled, in first-seen order without repeats, when the block exits. The hook is process-wide
+    while the block runs: start-up only, when no other thread launches Triton kernels."""
     from triton import knobs
 
     found: dict[str, Specialization] = {}
@@ -164,10 +160,7 @@ def record_specializations(
         if (fn.module, fn.name) in RUN_EVEN_DRY:
             return False  # not handled: Triton compiles it here and launches it
         data = kwargs["compile"]["specialization_data"]
-        if data not in found:
-            found[data] = spec = Specialization(fn.module, fn.name, data)
-            if on_new is not None:
-                on_new(spec)
+        found.setdefault(data, Specialization(fn.module, fn.name, data))
         return True  # handled: Triton neither compiles nor launches
 
     previous = knobs.runtime.jit_cache_hook

@@ -404,6 +404,10 @@ def run(llm: Any, model: Any, args: Any, copy_gb_s: float | None, lora_request: 
     if copy_gb_s:
         # L1's roofline: every weight read once per step at the copy bandwidth (bench_latency's convention).
         result["roofline_us"] = round(model.weight_bytes / (copy_gb_s * 1e9) * 1e6, 2)
+    if cuda and graph_runner is not None:
+        # Split the step's wall time: the graph alone (back to back) against the rest.
+        replay_ms = graph_replay_ms(runner, batch)
+        result["graph_replay_ms"] = round(replay_ms, 4) if replay_ms is not None else None
     if graph_rows:
         wall_ms = wall * 1e3 / args.decode_steps
         graphed = graphed_breakdown(graph_rows, eager_rows, args.decode_steps, nbytes, copy_gb_s)
@@ -415,6 +419,30 @@ def run(llm: Any, model: Any, args: Any, copy_gb_s: float | None, lora_request: 
         if not graphed["graph"]["replays"]:
             result["graphed"]["note"] = "no kernel of a graph replay was recorded (no graph-node tracing?)"
     return result
+
+
+def graph_replay_ms(runner: Any, num_seqs: int, reps: int = 50) -> float | None:
+    """ms per replay of the decode graph a `num_seqs`-sequence step takes, replayed back to back with no
+    host work between (one sync at the end): the graph's own device time, gaps inside it included.
+    The step's wall time less this is what lies outside the graph (the LM head and sampler where they
+    run eagerly, the host between replays). None without a captured graph of that size."""
+    import torch
+
+    graph_runner = getattr(runner, "graph_runner", None)
+    replay = graph_runner.decode_replay(num_seqs) if graph_runner is not None else None
+    if replay is None:
+        return None
+    cuda = runner.device.type == "cuda"
+    with torch.inference_mode():  # as the engine replays (its buffers are inference tensors)
+        replay()  # warm: the first replay after other work may pay for its upload
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(reps):
+            replay()
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1e3 / reps
 
 
 def format_table(table: dict[str, dict[str, Any]]) -> str:

@@ -279,6 +279,8 @@ def main_batch1(args: argparse.Namespace) -> int:
             graphed = res.get("graphed")
             table = graphed["table"] if graphed else res["eager_step"]
             print(f"[K1] {res['time_source']}, context {res['context_tokens']} tokens", flush=True)
+            if res.get("graph_replay_ms") is not None:
+                print(f"[K1] the graph alone, replayed back to back: {res['graph_replay_ms']} ms", flush=True)
             print(decode_breakdown.format_table(table), flush=True)
             if graphed:
                 print(

@@ -510,6 +510,15 @@ class CUDAGraphRunner:
         has an adapter (`lora.active`, set by the step's prepare_step); None when LoRA is off."""
         return None if self.lora is None else self.lora.active
 
+    def decode_replay(self, num_seqs: int) -> Callable[[], None] | None:
+        """The replay of the decode graph a step of `num_seqs` sequences takes (its padded size, this
+        step's LoRA variant), on whatever its static buffer holds now; None without one. For timing the
+        graph alone, back to back (loadtest/decode_breakdown.py): a replay rewrites the last step's KV
+        slots with the values they hold."""
+        size = self.padded_size(num_seqs)
+        captured = None if size is None else self._graphs.get((size, self.replay_variant()))
+        return None if captured is None else captured.replay
+
     def replay(self, metadata: AttentionMetadata) -> torch.Tensor:
         """Replay the graph whose static buffer holds this step; returns its [B, hidden] output."""
         assert metadata.cuda_graph_size is not None

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from loadtest import decode_breakdown as db
 from loadtest import profile_kernels
@@ -200,3 +201,26 @@ def test_a_batch_of_decodes_profiles_as_one_step_on_cpu(tiny_llama_dir: Path, tm
     table = res["eager_step"]
     assert table["lm_head"]["bytes_per_step"] == config["vocab_size"] * hidden * 4
     assert table["attention"]["bytes_per_step"] == 2 * layers * kv_heads * head_dim * 4 * 16 * 3
+
+
+def test_the_graph_alone_is_timed_by_replaying_the_steps_graph(tiny_llama_dir: Path) -> None:
+    """graph_replay_ms replays the decode graph a step of N sequences takes (its padded size; here the
+    CPU stand-in graphs) back to back; no graph for a batch past the largest size, nor without graphs."""
+    from engine import LLM, SamplingParams
+    from loadtest.common import engine_runner
+
+    llm = LLM(str(tiny_llama_dir), device="cpu", dtype="float32", max_num_seqs=8, max_model_len=64)
+    runner = engine_runner(llm)
+    assert db.graph_replay_ms(runner, 1) is None  # no graphs on a CPU until emulated
+    runner.capture_cuda_graphs(emulate=True)
+    graphs = runner.graph_runner
+    llm.generate([[5, 6, 7]] * 3, SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
+    size = graphs.padded_size(3)
+    assert size is not None and size >= 3
+    assert graphs.decode_replay(3) is graphs.decode_replay(size)  # the padded size's graph
+    assert graphs.decode_replay(graphs.sizes[-1] + 1) is None
+    before = graphs._graphs[size, None].output.clone()
+    ms = db.graph_replay_ms(runner, 3, reps=3)
+    assert ms is not None and ms > 0
+    assert torch.equal(graphs._graphs[size, None].output, before)  # the same inputs, the same output
+    assert db.graph_replay_ms(runner, graphs.sizes[-1] + 1) is None

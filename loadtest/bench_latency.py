@@ -38,6 +38,7 @@ from loadtest.common import (  # noqa: E402
     ratio,
     resolve_model,
     sampling_params,
+    step_loop_delta,
     summarize_ms,
 )
 from loadtest.hf_peer import HFPeer  # noqa: E402
@@ -89,10 +90,13 @@ def measure_engine(engine: Any, args: argparse.Namespace, bs: int, id_max: int) 
         warm = make_prompts(bs, args.input_len, 10_000_000 + bs * 100 + w, id_max)
         timed_iteration(engine, warm, params, f"w{bs}-{w}")
     iters = []
+    times = getattr(engine, "step_times", None)
+    before = times.as_dict() if times is not None else None
     for it in range(args.num_iters):
         # Fresh prompts each iteration: a prefix-cache hit would skip the prefill being measured.
         prompts = make_prompts(bs, args.input_len, args.seed * 100_000 + bs * 100 + it, id_max)
         iters.append(timed_iteration(engine, prompts, params, f"b{bs}-{it}"))
+    after = times.as_dict() if times is not None else None
     gaps = [g for r in iters for g in r["gaps"]]
     latency = statistics.median(r["latency"] for r in iters)
     tokens = iters[0]["tokens"]
@@ -103,6 +107,9 @@ def measure_engine(engine: Any, args: argparse.Namespace, bs: int, id_max: int) 
         "latency_s_all": [round(r["latency"], 5) for r in iters],
         "output_tokens": tokens,
         "tok_s": round(tokens / latency, 2),
+        # The engine's step phases over the measured iterations: device_wait near the whole means the
+        # device set the pace; schedule, launch and update are host time the device may have waited for.
+        "step_loop_s": step_loop_delta(before, after),
     }
     if res["itl_p50_ms"]:
         res["decode_tok_s"] = round(bs * 1000.0 / res["itl_p50_ms"], 2)

@@ -144,14 +144,19 @@ def test_scripts_run_from_any_directory(script: str, tmp_path: Path) -> None:
     assert "--peer" in proc.stdout and "--shape" in proc.stdout and "--out" in proc.stdout
 
 
-def test_latency_with_peer(tiny_llama_dir: Path, tmp_path: Path) -> None:
+def test_latency_with_peer(tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "l1.json"
+    raw_loops = record_step_loop(monkeypatch, bench_latency)
     argv = ["--model", str(tiny_llama_dir), *ENGINE, "--batch-sizes", "1,3", "--input-len", "8"]
     argv += ["--output-len", "6", "--num-iters", "2", "--num-iters-warmup", "1", "--peer", "hf"]
     argv += ["--out", str(out)]
     assert bench_latency.main(argv) == 0
     data = load_report(out, "L1")
-    for bs in (1, 3):
+    for bs, raw in zip((1, 3), raw_loops, strict=True):
+        # The measured iterations' step phases (not the warm-up's): each of the two, one prefill step
+        # (its first token) and five decode steps.
+        assert_reports_phases(data["results"][f"batch_{bs}"]["step_loop_s"], raw)
+        assert raw["steps"] == 12 and raw["device_wait"] > 0 and raw["launch"] > 0
         ours, peer = data["results"][f"batch_{bs}"], data["peer"][f"batch_{bs}"]
         assert ours["output_tokens"] == bs * 6 and "warning" not in ours
         assert ours["itl_p50_ms"] > 0 and ours["tok_s"] > 0

@@ -14,6 +14,8 @@ from tests.ops.triton_interpreter import DEVICE, in_process, only_in_subprocess,
 
 # isort: on
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -160,3 +162,33 @@ def test_the_router_with_the_kernel_routes_as_without(
     torch.testing.assert_close(
         weights, expected[0], rtol=2**-8 if round_to == torch.bfloat16 else 1e-6, atol=1e-7
     )
+
+
+@in_process
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "granite_moe"])
+def test_a_float32_moe_model_decodes_alike_with_the_kernel(
+    family: str, tmp_path: Path, tiny_tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each MoE family's tiny model in float32 (the GPU engine check's setting), its routers on the
+    kernel (forced here; on CUDA by default): the same greedy tokens as with the torch lines. The GPU
+    check found the kernel refusing a float32 Qwen router's rounding through the model dtype."""
+    from engine import LLM, SamplingParams
+    from engine.model.layers import moe_router
+    from tests.tiny_models import build_model
+
+    path = build_model(family, tmp_path / family, tiny_tokenizer_dir)
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+    def greedy() -> list[list[int]]:
+        llm = LLM(str(path), device="cpu", dtype="float32", max_model_len=64, num_kv_blocks=16)
+        try:
+            return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+        finally:
+            llm.shutdown()
+
+    expected = greedy()
+    routed_by_kernel = []
+    monkeypatch.setattr(moe_router, "route_kernel_applies", lambda logits: not routed_by_kernel.append(1))
+    assert greedy() == expected
+    assert routed_by_kernel  # the routers took the kernel

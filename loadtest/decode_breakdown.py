@@ -428,21 +428,15 @@ def graph_replay_ms(runner: Any, num_seqs: int, reps: int = 50) -> float | None:
     run eagerly, the host between replays). None without a captured graph of that size."""
     import torch
 
+    from loadtest.gpu_timing import back_to_back_ms
+
     graph_runner = getattr(runner, "graph_runner", None)
     replay = graph_runner.decode_replay(num_seqs) if graph_runner is not None else None
     if replay is None:
         return None
-    cuda = runner.device.type == "cuda"
     with torch.inference_mode():  # as the engine replays (its buffers are inference tensors)
-        replay()  # warm: the first replay after other work may pay for its upload
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(reps):
-            replay()
-        if cuda:
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) * 1e3 / reps
+        # warmup: the first replay after other work may pay for its upload
+        return back_to_back_ms(replay, runner.device, calls=reps, warmup=1)
 
 
 def format_table(table: dict[str, dict[str, Any]]) -> str:

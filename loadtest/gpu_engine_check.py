@@ -51,6 +51,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from engine import LLM, SamplingParams  # noqa: E402
+from loadtest.gpu_timing import back_to_back_ms  # noqa: E402
 from tests.tiny_models import FAMILIES, build_model, build_tokenizer, hf_causal_lm, preemption_cache  # noqa: E402
 
 OUT_DIR = os.environ.get("OUT")
@@ -317,16 +318,7 @@ def gpu_forward_ms(runner: Any, bs: int, graphs: bool, iters: int = 50) -> float
             runner._run_model(step.input_ids, step.positions, md)
 
     with torch.inference_mode():
-        for _ in range(5):
-            fwd()
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(iters):
-            fwd()
-        b.record()
-        b.synchronize()
-    return a.elapsed_time(b) / iters
+        return back_to_back_ms(fwd, "cuda", calls=iters, warmup=5)
 
 
 def graphs_vs_eager(llm: LLM, prompts: list[list[int]], label: str, plain_eager_must_match: bool) -> None:

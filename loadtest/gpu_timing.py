@@ -55,6 +55,36 @@ def graph_ms(
     return statistics.median(times)
 
 
+def back_to_back_ms(fn: Callable[[], Any], device: Any, calls: int, reps: int = 1, warmup: int = 1) -> float:
+    """Median over `reps` of the mean milliseconds of `calls` back-to-back calls of `fn`, after `warmup`
+    calls (cuBLASLt picks its algorithm on the first): CUDA events around the calls on a GPU, the wall
+    clock elsewhere. For what launch overhead cannot blur: a CUDA graph's replay, or a GEMM of
+    thousands of rows; a small kernel wants graph_ms."""
+    import time
+
+    import torch
+
+    cuda = torch.device(device).type == "cuda"
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(reps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / calls)
+        else:
+            t = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples.append((time.perf_counter() - t) * 1e3 / calls)
+    return statistics.median(samples)
+
+
 def rel_err(out: Any, ref: Any) -> float:
     """||out - ref|| / ||ref|| in float64: how far a timed variant's result is from its reference (NaN
     when out holds a NaN, e.g. a split-K race), so a sweep never picks a wrong variant."""

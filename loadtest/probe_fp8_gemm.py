@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from loadtest.gpu_timing import back_to_back_ms  # noqa: E402
 from loadtest.model_shapes import SHAPES  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
@@ -46,27 +45,6 @@ def linear_shapes(shape: str) -> dict[str, tuple[int, int]]:
     h, inter = cfg["hidden_size"], cfg["intermediate_size"]
     kv = cfg["num_key_value_heads"] * cfg.get("head_dim", h // cfg["num_attention_heads"])
     return {"qkv": (h, h + 2 * kv), "o": (h, h), "gate_up": (h, 2 * inter), "down": (inter, h)}
-
-
-def time_ms(fn: Callable[[], Any], device: torch.device, calls: int, reps: int) -> float:
-    """Median over `reps` of the mean time of `calls` back-to-back calls (CUDA events; wall on CPU)."""
-    fn()  # cuBLASLt picks its algorithm on the first call
-    samples = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(calls):
-                fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / calls)
-        else:
-            t = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            samples.append((time.perf_counter() - t) * 1e3 / calls)
-    return statistics.median(samples)
 
 
 def per_token_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +90,7 @@ def probe_shape(
     for name, fn in variants.items():
         try:
             out = fn()
-            ms = time_ms(fn, device, calls, reps)
+            ms = back_to_back_ms(fn, device, calls, reps)
         except (RuntimeError, NotImplementedError) as exc:  # a scaling this torch / card lacks
             result[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
             continue
@@ -126,7 +104,9 @@ def probe_shape(
         try:
             from engine.model.quantization.fp8 import _per_token_fp8  # noqa: PLC0415
 
-            result["quant"] = {"ms": round(time_ms(lambda: _per_token_fp8(x), device, calls, reps), 4)}
+            result["quant"] = {
+                "ms": round(back_to_back_ms(lambda: _per_token_fp8(x), device, calls, reps), 4)
+            }
         except Exception as exc:  # noqa: BLE001 - reported with the figures, the GEMMs still count
             result["quant"] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
     return result

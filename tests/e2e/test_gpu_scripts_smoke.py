@@ -297,3 +297,21 @@ def test_probe_fp8_gemm_smoke(tmp_path: Path) -> None:
         assert row[name]["ms"] > 0 and 0 < row[name]["rel_err"] < 0.1, (name, row)
     text = (ROOT / "loadtest" / "device_call.sh").read_text()
     assert "probe_fp8_gemm.py" in text and "fp8mm:" in text
+
+
+def test_back_to_back_ms_times_the_calls_after_the_warm_up() -> None:
+    """loadtest/gpu_timing.back_to_back_ms (the probe's, K1's graph replay and the engine check's forward
+    timings): `warmup` calls, then `reps` samples of `calls` calls, the median sample's mean per call."""
+    import time
+
+    from loadtest.gpu_timing import back_to_back_ms
+
+    calls = []
+
+    def fn() -> None:
+        calls.append(1)
+        time.sleep(0.002)
+
+    ms = back_to_back_ms(fn, "cpu", calls=3, reps=2, warmup=4)
+    assert len(calls) == 4 + 3 * 2
+    assert 2.0 <= ms < 50.0  # each call sleeps 2 ms

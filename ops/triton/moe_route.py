@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_EXPERTS = 1024  # a [TOKENS, E_P] tile a program: beyond this the torch route (moe_route_kernel_applies)
+MAX_EXPERTS = 1024  # a [TOKENS, E_P] tile a program: beyond this the torch route (engine/model/layers/moe_router.py, route_kernel_applies)
 
 
 @triton.jit

@@ -26,8 +26,8 @@ from loadtest.gpu_timing import copies_past_l2, graph_ms, rel_err  # noqa: E402
 from loadtest.model_shapes import SHAPES  # noqa: E402
 
 # the W4A16 GEMV (and dot kernel), the packed-fp16 W4A16 GEMV, the FP8 GEMV, the bf16 GEMV, gate_up's
-# gated launches
-KINDS = frozenset({"w4", "w4h", "fp8", "bf16", "gated"})
+# gated launches, the tensor-core skinny GEMM on the bf16 weights
+KINDS = frozenset({"w4", "w4h", "fp8", "bf16", "gated", "skinny"})
 
 # per batch: the launches tried (batch 1 widest: it is the latency that matters most)
 W4_GRIDS = {
@@ -130,6 +130,17 @@ BF16_GRIDS: dict[int, Any] = {
 }
 
 
+# The tensor-core skinny GEMM (ops/triton/skinny_gemm.py) on the bf16 weights, 2-16 tokens: whether it reads
+# the attention side's weights faster than cuBLAS at L1's batch 8 (qkv 0.82, o 0.75 of the copy bandwidth)
+SKINNY_GRID = {
+    "block_n": (64, 128),
+    "block_k": (128, 256),
+    "split_k": (1, 2, 4, 8),
+    "num_warps": (4,),
+    "num_stages": (3, 5),
+}
+
+
 def _grid(grid: dict[str, tuple[Any, ...]] | list[dict[str, tuple[Any, ...]]]) -> list[dict[str, int]]:
     """Every launch of the grid (of each grid, for a list); a `block_k_warps` pair becomes block_k and
     num_warps. Bools are ints."""
@@ -204,6 +215,8 @@ def sweep_shape(
                 t = graph_ms([functools.partial(fp8_gemv, x, w, ones, **cfg) for w in dense])
                 row["bf16_gemv"].append({**cfg, "us": round(t * 1e3, 2),
                                          "bw": round(k * n * 2 / (t / 1e3) / bandwidth, 3), "err": round(err, 5)})  # fmt: skip
+        if "skinny" in kinds and m >= 2:
+            _sweep_skinny(row, x, dense, k, n, bandwidth)
         w4_bytes = k * n // 2 + 2 * (k // group) * n * 2
         if "w4" in kinds:
             _sweep_w4(row, x, w4, group, m, k, n, sms, bandwidth, w4_bytes)
@@ -213,7 +226,7 @@ def sweep_shape(
             _sweep_fp8(row, x, fp8, m, k, n, bandwidth)
         if "gated" in kinds and name == "gate_up" and m <= 2:
             row["gated"] = _sweep_gated(x, k, n, group, sms, gen)
-        for key in ("w4_gemv", "w4h_gemv", "w4h_gated", "fp8_gemv", "bf16_gemv"):
+        for key in ("w4_gemv", "w4h_gemv", "w4h_gated", "fp8_gemv", "bf16_gemv", "skinny"):
             if key not in row:
                 continue
             good = [r for r in row[key] if r["err"] < 2e-2]
@@ -223,13 +236,28 @@ def sweep_shape(
         print(
             f"[sweep] {name} {k}x{n} m={m}: bf16 {row['bf16']} dot {row.get('w4_dot_plan')} "
             f"w4 {row.get('w4_gemv_best')} w4h {row.get('w4h_gemv_best')} w4h_gated {row.get('w4h_gated_best')} fp8 {row.get('fp8_gemv_best')} fp8_mm {row.get('fp8_scaled_mm')} "
-            f"bf16_gemv {row.get('bf16_gemv_best')} gated {row.get('gated')} "
-            f"wrong {sum(len(row.get(f'{key}_wrong', [])) for key in ('w4_gemv', 'w4h_gemv', 'w4h_gated', 'fp8_gemv', 'bf16_gemv'))}",
+            f"bf16_gemv {row.get('bf16_gemv_best')} skinny {row.get('skinny_best')} gated {row.get('gated')} "
+            f"wrong {sum(len(row.get(f'{key}_wrong', [])) for key in ('w4_gemv', 'w4h_gemv', 'w4h_gated', 'fp8_gemv', 'bf16_gemv', 'skinny'))}",
             flush=True,
         )
     del w4, fp8, dense
     torch.cuda.empty_cache()
     return result
+
+
+def _sweep_skinny(row: dict[str, Any], x: Any, dense: list, k: int, n: int, bandwidth: float) -> None:
+    """The skinny GEMM's grid on the bf16 weights' copies, into `row` (against cuBLAS's row["bf16"])."""
+    import torch.nn.functional as F
+
+    from ops.triton.skinny_gemm import skinny_gemm
+
+    ref = F.linear(x.float(), dense[0].float())
+    row["skinny"] = []
+    for cfg in _grid(SKINNY_GRID):
+        err = rel_err(skinny_gemm(x, dense[0], **cfg), ref)
+        t = graph_ms([functools.partial(skinny_gemm, x, w, **cfg) for w in dense])
+        row["skinny"].append({**cfg, "us": round(t * 1e3, 2), "bw": round(k * n * 2 / (t / 1e3) / bandwidth, 3),
+                              "err": round(err, 5)})  # fmt: skip
 
 
 def _sweep_w4(row: dict[str, Any], x: Any, w4: list, group: int, m: int, k: int, n: int, sms: int,
@@ -346,6 +374,28 @@ def _sweep_gated(x: Any, k: int, n: int, group: int, sms: int, gen: Any) -> dict
     return out
 
 
+def skinny_launches(report: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """{"KxN": launch} for each shape where one skinny GEMM launch beats cuBLAS summed over the swept
+    batches (the launch with the least total time), the form WEIR_SKINNY_GEMM_LAUNCHES reads."""
+    chosen = {}
+    for row in report.values():
+        if not isinstance(row, dict) or "k" not in row:
+            continue
+        batches = [b for key, b in row.items() if key.startswith("m") and "skinny" in b]
+        if not batches:
+            continue
+        totals: dict[tuple[tuple[str, int], ...], float] = {}
+        for b in batches:
+            for r in b["skinny"]:
+                launch = tuple((name, r[name]) for name in SKINNY_GRID)
+                ok = r["err"] < 2e-2
+                totals[launch] = totals.get(launch, 0.0) + (r["us"] if ok else float("inf"))
+        best = min(totals, key=totals.__getitem__)
+        if totals[best] < sum(b["bf16"]["us"] for b in batches):
+            chosen[f"{row['k']}x{row['n']}"] = dict(best)
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
@@ -354,6 +404,11 @@ def main(argv: list[str] | None = None) -> int:
         "--kinds", default=",".join(sorted(KINDS)), help="kernels to sweep, of " + ",".join(sorted(KINDS))
     )
     p.add_argument("--out", default=None)
+    p.add_argument(
+        "--skinny-launches-out",
+        default=None,
+        help="write the skinny GEMM's winning launches here, as WEIR_SKINNY_GEMM_LAUNCHES reads them",
+    )
     args = p.parse_args(argv)
     kinds = frozenset(args.kinds.split(","))
     if not kinds <= KINDS:
@@ -374,6 +429,10 @@ def main(argv: list[str] | None = None) -> int:
         report[name] = sweep_shape(name, k, n, bandwidth, ms, kinds)
         if args.out:  # after every shape: a call that runs out of time keeps what it measured
             Path(args.out).write_text(json.dumps(report, indent=1))
+    if args.skinny_launches_out:
+        launches = skinny_launches(report)
+        print(f"[sweep] skinny launches that beat cuBLAS: {launches}", flush=True)
+        Path(args.skinny_launches_out).write_text(json.dumps(launches, indent=1))
     return 0
 
 

@@ -34,6 +34,10 @@ ENV_FLAGS: dict[str, tuple[bool, str]] = {
         True,
         "FP8 W8A8 GEMMs accumulate without periodic float32 promotion (torch._scaled_mm's use_fast_accum)",
     ),
+    "WEIR_SKINNY_GEMM": (
+        False,
+        "16-bit linears at 2-16 tokens inside CUDA graphs on a tensor-core Triton GEMM; ops/triton/skinny_gemm.py",
+    ),
     "WEIR_MOE_ROUTE_KERNEL": (
         # on an H100 at 9ae29e1, Qwen3-30B-A3B-shaped L1: batch 1 5.583 -> 4.813 ms, batch 8 13.147 -> 12.210
         True,

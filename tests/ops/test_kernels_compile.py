@@ -52,6 +52,14 @@ KERNELS = [
             (True, 1, 1, True, True, True), (True, 4, 1, False, True, False), (True, 1, 1, False, True, True),
         )
     ),
+    *(
+        (  # the tensor-core skinny GEMM (2-16 tokens), with and without its split-K tickets
+            "ops.triton.skinny_gemm:_skinny_gemm_kernel",
+            {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": split_k},
+            {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "partials_ptr": "*fp32", "counters_ptr": "*i32"},
+        )
+        for split_k in (1, 4)
+    ),
     (
         "ops.triton.fp8_gemv:_fp8_gemv_kernel",
         {"ROWS": 1, "BLOCK_N": 8, "BLOCK_K": 512, "SPLIT_K": 1, "STATIC_INPUT": False, "PREFETCH": False,

@@ -20,9 +20,14 @@ host time, more than the GEMV saves.
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
+import os
 from collections.abc import Iterator
 
 import torch
+
+from ops.env_flags import env_flag
 
 _allowed = False
 
@@ -117,6 +122,52 @@ def plan_float_gemv(in_features: int, out_features: int, lora: bool = False) -> 
     """The GEMV launch for a layer of this shape at one token, or None (cuBLAS is as fast). With
     `lora` the plan of a layer that also adds a LoRA term (engine.lora.gemv): more shapes have one."""
     return (_LORA_LAUNCHES if lora else _LAUNCHES).get((in_features, out_features))
+
+
+# (in_features, out_features) -> the tensor-core skinny GEMM's launch at 2-16 tokens
+# (ops/triton/skinny_gemm.py), where it reads the weights faster than cuBLAS; WEIR_SKINNY_GEMM=1 only,
+# until an A/B on a GPU decides (provisional launches, not yet swept: loadtest/sweep_gemv.py --kinds skinny)
+_SKINNY_LAUNCHES: dict[tuple[int, int], dict[str, int]] = {
+    (4096, 6144): {"block_n": 64, "block_k": 256, "split_k": 4, "num_warps": 4, "num_stages": 3},  # qkv
+    (4096, 4096): {"block_n": 64, "block_k": 256, "split_k": 4, "num_warps": 4, "num_stages": 3},  # o_proj
+}
+SKINNY_MIN_TOKENS, SKINNY_MAX_TOKENS = 2, 16  # one token takes the GEMV (_LAUNCHES) or cuBLAS
+
+
+@functools.cache
+def _skinny_launches() -> dict[tuple[int, int], dict[str, int]]:
+    """The table above, or where WEIR_SKINNY_GEMM_LAUNCHES names a JSON file ({"KxN": {launch}}, e.g. what
+    `sweep_gemv.py --kinds skinny --skinny-launches-out` found best on this card) that file's launches."""
+    path = os.environ.get("WEIR_SKINNY_GEMM_LAUNCHES", "")
+    if not path:
+        return _SKINNY_LAUNCHES
+    with open(path) as f:
+        table = json.load(f)
+    return {
+        tuple(int(v) for v in key.split("x")): {n: int(v) for n, v in launch.items()}
+        for key, launch in table.items()
+    }
+
+
+def plan_skinny_gemm(in_features: int, out_features: int) -> dict[str, int] | None:
+    """The skinny GEMM's launch for a layer of this shape at 2-16 tokens, or None (cuBLAS)."""
+    if not env_flag("WEIR_SKINNY_GEMM"):
+        return None
+    return _skinny_launches().get((in_features, out_features))
+
+
+def skinny_gemm_linear(
+    x: torch.Tensor,  # [..., in], 2-16 tokens
+    weight: torch.Tensor,  # [out, in]
+    bias: torch.Tensor | None,
+    launch: dict[str, int],
+) -> torch.Tensor:  # [..., out]
+    from ops.triton.skinny_gemm import skinny_gemm  # noqa: PLC0415
+
+    out = skinny_gemm(x.reshape(-1, x.shape[-1]), weight, **launch)  # [tokens, out]
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def float_gemv_supported(weight: torch.Tensor) -> bool:

@@ -11,11 +11,15 @@ from torch import nn
 from engine.model.parameter import WeightLoader, set_weight_attrs
 from engine.model.quantization.base import FusedMoEMethodBase, LinearMethodBase, QuantizationConfig
 from engine.model.quantization.float_gemv import (
+    SKINNY_MAX_TOKENS,
+    SKINNY_MIN_TOKENS,
     decode_gemv_is_allowed,
     float_gemv_linear,
     float_gemv_supported,
     plan_float_gemv,
     plan_gated_gemv,
+    plan_skinny_gemm,
+    skinny_gemm_linear,
 )
 
 if TYPE_CHECKING:
@@ -51,6 +55,8 @@ class UnquantizedLinearMethod(LinearMethodBase):
         gated = plan_gated_gemv(weight.shape[1], weight.shape[0]) if supported else None
         layer.float_gemv = launch
         layer.float_gemv_gated = gated
+        # 2-16 tokens: the tensor-core skinny GEMM where planned (float_gemv.plan_skinny_gemm), else cuBLAS
+        layer.skinny_gemm = plan_skinny_gemm(weight.shape[1], weight.shape[0]) if supported else None
         layer.float_gemv_scale = (
             torch.ones(weight.shape[0], dtype=torch.float32, device=weight.device)
             if launch or gated
@@ -63,6 +69,11 @@ class UnquantizedLinearMethod(LinearMethodBase):
             return float_gemv_linear(
                 x, layer.weight, layer.float_gemv_scale, bias, launch, getattr(layer, "l2_prefetch", None)
             )
+        skinny = getattr(layer, "skinny_gemm", None)
+        if skinny is not None and decode_gemv_is_allowed():
+            tokens = x.numel() // x.shape[-1]
+            if SKINNY_MIN_TOKENS <= tokens <= SKINNY_MAX_TOKENS:
+                return skinny_gemm_linear(x, layer.weight, bias, skinny)
         return F.linear(x, layer.weight, bias)
 
     def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:

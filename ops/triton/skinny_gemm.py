@@ -1,0 +1,114 @@
+"""A few rows of x times a float weight on tensor cores: y [M, N] = x [M, K] @ weight [N, K]^T for M <= 16.
+
+A decode step of 5-16 sequences reads every weight once, as batch 1 does, but the batch-1 GEMV
+(ops/triton/fp8_gemv.py) multiplies on the CUDA cores and, past 4 rows, shares a weight tile between
+row groups through L2: at 8 tokens it took 2.2-2.6x cuBLAS's time (H100, `9ae29e1`). cuBLAS reaches
+0.92-0.97 of the copy bandwidth on an 8B model's MLP at 8 tokens but 0.75-0.82 on the attention side
+(qkv, o: 21 and 7.7 us a launch, o in two kernels, a GEMM and its split-K reduction; K8 at `130880a`).
+
+Here the weight is the wide operand ("swap AB"): each program owns BLOCK_N weight rows and a K range,
+and multiplies [BLOCK_N, BLOCK_K] weight tiles by x^T [BLOCK_K, BLOCK_M] with tl.dot (BLOCK_M = 16, the
+MMA's smallest, x's missing rows masked to zero), so BLOCK_N (64 or 128) is the MMA's long side and the
+weight streams through the pipelined loads Triton builds for a dot loop (num_stages). K is split over
+SPLIT_K programs per tile, summed by the tile's last program (ops.triton.split_k's tickets), so there
+is no second launch.
+
+The spec is F.linear in float32 (tests/ops/test_skinny_gemm.py); sums are float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ops.triton.split_k import MAX_TILES, split_counters, split_k_is_last
+
+MAX_SKINNY_ROWS = 16  # rows of x: one MMA tile
+
+
+@triton.jit
+def _skinny_gemm_kernel(
+    x_ptr,  # [M, K]
+    w_ptr,  # [N, K]
+    out_ptr,  # [M, N]
+    partials_ptr,  # [SPLIT_K, M, N] float32 (SPLIT_K > 1)
+    counters_ptr,  # [tiles] int32, zero between launches
+    M,
+    N,
+    K,
+    k_per_split,
+    stride_xm,
+    stride_wn,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K] at K = 0
+    x_ptrs = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]  # [BLOCK_K, BLOCK_M]: x^T at K = 0
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T's tile
+    for k0 in range(k_start, k_end, BLOCK_K):
+        mask_k = k0 + offs_k < k_end
+        w = tl.load(w_ptrs + k0, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        xt = tl.load(x_ptrs + k0, mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+        acc = tl.dot(w.to(xt.dtype), xt, acc)
+    mask = mask_n[:, None] & mask_m[None, :]
+    out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]  # [BLOCK_N, BLOCK_M]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        part_ptrs = partials_ptr + offs_m[None, :] * N + offs_n[:, None]  # split s at + s * M * N
+        tl.store(part_ptrs + pid_k * M * N, acc, mask=mask)
+        if split_k_is_last(counters_ptr, pid_n, SPLIT_K):
+            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for s in range(SPLIT_K):  # in split order: the same sum whichever program is last
+                total += tl.load(part_ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(counters_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+
+
+def skinny_gemm(
+    x: torch.Tensor,  # [M, K], 1 <= M <= MAX_SKINNY_ROWS, bf16 / fp16 (float32 under the interpreter)
+    weight: torch.Tensor,  # [N, K], x's dtype
+    block_n: int = 64,
+    block_k: int = 128,
+    split_k: int = 1,
+    num_warps: int = 4,
+    num_stages: int = 4,
+) -> torch.Tensor:  # [M, N] in x.dtype
+    """y = x weight^T in one launch; split_k > 1 splits K over that many programs per BLOCK_N rows."""
+    M, K = x.shape
+    N = weight.shape[0]
+    if not 1 <= M <= MAX_SKINNY_ROWS:
+        raise ValueError(f"skinny_gemm takes 1 to {MAX_SKINNY_ROWS} rows of x; got {M}")
+    if weight.shape[1] != K or weight.dtype != x.dtype:
+        raise ValueError(
+            f"skinny_gemm: x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}"
+        )
+    if weight.stride(1) != 1 or x.stride(1) != 1:
+        raise ValueError("skinny_gemm: weight and x must be contiguous along K")
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
+    split_k = triton.cdiv(K, k_per_split)  # no empty split
+    tiles = triton.cdiv(N, block_n)
+    if split_k > 1 and tiles > MAX_TILES:
+        raise ValueError(f"skinny_gemm: {tiles} tiles exceed the split-K workspace ({MAX_TILES})")
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    partials = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else out
+    _skinny_gemm_kernel[(tiles, split_k)](
+        x, weight, out, partials, split_counters(x.device), M, N, K, k_per_split,
+        x.stride(0), weight.stride(0), out.stride(0),
+        BLOCK_M=MAX_SKINNY_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,116 @@
+"""The tensor-core skinny GEMM (ops/triton/skinny_gemm.py) against its spec, F.linear in float32, under
+TRITON_INTERPRET=1 without a GPU: ragged N and K tails and 1-16 rows exercise the masks; split-K runs
+are launched twice in a row, so a counter the last program failed to reset shows up as a wrong second
+answer."""
+
+from __future__ import annotations
+
+# isort: off
+# First: it sets TRITON_INTERPRET before anything below can import triton.
+from tests.ops.triton_interpreter import DEVICE, in_process, only_in_subprocess, rerun_in_fresh_process
+
+# isort: on
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+@only_in_subprocess
+def test_in_fresh_interpreter_process() -> None:
+    rerun_in_fresh_process(__file__)
+
+
+# (m, n, k, block_n, block_k, split_k)
+CASES = [
+    (1, 64, 128, 64, 32, 1),  # one row in a 16-row tile
+    (8, 100, 160, 32, 32, 2),  # a ragged N tail; the second split ends inside a tile
+    (5, 48, 200, 16, 64, 3),  # K not a multiple of the tile
+    (16, 32, 96, 32, 16, 1),  # a full tile of rows
+    (13, 40, 256, 16, 32, 4),
+]
+
+
+@in_process
+@pytest.mark.parametrize(("m", "n", "k", "block_n", "block_k", "split_k"), CASES)
+def test_skinny_gemm_matches_f_linear(
+    m: int, n: int, k: int, block_n: int, block_k: int, split_k: int
+) -> None:
+    from ops.triton.skinny_gemm import skinny_gemm
+
+    gen = torch.Generator().manual_seed(m * 1000 + k)
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+    weight = torch.randn(n, k, generator=gen).to(DEVICE, dtype)
+    expected = F.linear(x.float(), weight.float())  # [M, N]
+    for _ in range(2):  # the second launch finds the split counters as the first left them
+        out = skinny_gemm(x, weight, block_n=block_n, block_k=block_k, split_k=split_k)
+        assert out.shape == (m, n) and out.dtype == dtype
+        err = ((out.double() - expected.double()).norm() / expected.double().norm()).item()
+        assert err < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@in_process
+def test_skinny_gemm_refuses_what_it_cannot_run() -> None:
+    from ops.triton.skinny_gemm import skinny_gemm
+
+    weight = torch.zeros(32, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="skinny_gemm takes 1 to 16 rows of x; got 17"):
+        skinny_gemm(torch.zeros(17, 64, device=DEVICE), weight)
+    with pytest.raises(ValueError, match=r"skinny_gemm: x \(2, 32\)"):
+        skinny_gemm(torch.zeros(2, 32, device=DEVICE), weight)
+    with pytest.raises(ValueError, match="contiguous along K"):
+        skinny_gemm(torch.zeros(2, 64, device=DEVICE), torch.zeros(64, 32, device=DEVICE).t())
+
+
+def test_the_skinny_plan_is_off_by_default_and_read_from_a_launches_file(tmp_path, monkeypatch) -> None:
+    from engine.model.quantization import float_gemv
+
+    monkeypatch.delenv("WEIR_SKINNY_GEMM", raising=False)
+    monkeypatch.delenv("WEIR_SKINNY_GEMM_LAUNCHES", raising=False)
+    float_gemv._skinny_launches.cache_clear()
+    assert float_gemv.plan_skinny_gemm(4096, 6144) is None  # off: cuBLAS
+    monkeypatch.setenv("WEIR_SKINNY_GEMM", "1")
+    assert float_gemv.plan_skinny_gemm(4096, 6144) == float_gemv._SKINNY_LAUNCHES[(4096, 6144)]
+    assert float_gemv.plan_skinny_gemm(4096, 128256) is None  # the LM head: no plan
+    launches = tmp_path / "skinny.json"
+    launches.write_text(
+        '{"14336x4096": {"block_n": 128, "block_k": 128, "split_k": 8, "num_warps": 4, "num_stages": 5}}'
+    )
+    monkeypatch.setenv("WEIR_SKINNY_GEMM_LAUNCHES", str(launches))
+    float_gemv._skinny_launches.cache_clear()
+    try:  # the file replaces the table
+        assert float_gemv.plan_skinny_gemm(14336, 4096) == {
+            "block_n": 128, "block_k": 128, "split_k": 8, "num_warps": 4, "num_stages": 5,
+        }  # fmt: skip
+        assert float_gemv.plan_skinny_gemm(4096, 6144) is None
+    finally:
+        float_gemv._skinny_launches.cache_clear()
+
+
+def test_the_sweep_keeps_a_launch_only_where_it_beats_cublas_over_every_batch() -> None:
+    from loadtest.sweep_gemv import skinny_launches
+
+    def launch(block_n: int, us: float, err: float = 1e-3) -> dict:
+        return {
+            "block_n": block_n,
+            "block_k": 128,
+            "split_k": 4,
+            "num_warps": 4,
+            "num_stages": 3,
+            "us": us,
+            "err": err,
+        }
+
+    report = {
+        "device": "H100",
+        "qkv": {  # 64-wide wins over both batches; 128-wide is faster but wrong
+            "k": 4096, "n": 6144,
+            "m4": {"bf16": {"us": 20.0}, "skinny": [launch(64, 18.0), launch(128, 10.0, err=0.5)]},
+            "m8": {"bf16": {"us": 21.0}, "skinny": [launch(64, 19.0), launch(128, 10.0, err=0.5)]},
+        },
+        "o": {"k": 4096, "n": 4096, "m8": {"bf16": {"us": 7.0}, "skinny": [launch(64, 9.0)]}},  # cuBLAS wins
+    }  # fmt: skip
+    assert skinny_launches(report) == {
+        "4096x6144": {"block_n": 64, "block_k": 128, "split_k": 4, "num_warps": 4, "num_stages": 3}
+    }

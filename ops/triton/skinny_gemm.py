@@ -13,7 +13,9 @@ weight streams through the pipelined loads Triton builds for a dot loop (num_sta
 SPLIT_K programs per tile, summed by the tile's last program (ops.triton.split_k's tickets), so there
 is no second launch.
 
-The spec is F.linear in float32 (tests/ops/test_skinny_gemm.py); sums are float32.
+The spec is F.linear in float32 (tests/ops/test_skinny_gemm.py); sums are float32. Float32 operands
+multiply in IEEE float32 (no TF32), so a float32 model decodes the same tokens through it as through
+torch (the GPU engine check's tiny models, with WEIR_SKINNY_GEMM_LAUNCHES giving every shape a launch).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def _skinny_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 (exact, as the CPU reference), else the MMA's own
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -62,7 +65,7 @@ def _skinny_gemm_kernel(
         mask_k = k0 + offs_k < k_end
         w = tl.load(w_ptrs + k0, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         xt = tl.load(x_ptrs + k0, mask=mask_k[:, None] & mask_m[None, :], other=0.0)
-        acc = tl.dot(w.to(xt.dtype), xt, acc)
+        acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision=DOT_PRECISION)
     mask = mask_n[:, None] & mask_m[None, :]
     out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]  # [BLOCK_N, BLOCK_M]
     if SPLIT_K == 1:
@@ -79,7 +82,7 @@ def _skinny_gemm_kernel(
 
 
 def skinny_gemm(
-    x: torch.Tensor,  # [M, K], 1 <= M <= MAX_SKINNY_ROWS, bf16 / fp16 (float32 under the interpreter)
+    x: torch.Tensor,  # [M, K], 1 <= M <= MAX_SKINNY_ROWS; bf16 / fp16 (float32: exact but slow, for checks)
     weight: torch.Tensor,  # [N, K], x's dtype
     block_n: int = 64,
     block_k: int = 128,
@@ -109,6 +112,7 @@ def skinny_gemm(
         x, weight, out, partials, split_counters(x.device), M, N, K, k_per_split,
         x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=MAX_SKINNY_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out

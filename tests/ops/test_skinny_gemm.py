@@ -84,6 +84,11 @@ def test_the_skinny_plan_is_off_by_default_and_read_from_a_launches_file(tmp_pat
             "block_n": 128, "block_k": 128, "split_k": 8, "num_warps": 4, "num_stages": 5,
         }  # fmt: skip
         assert float_gemv.plan_skinny_gemm(4096, 6144) is None
+        launches.write_text(
+            '{"*": {"block_n": 32, "block_k": 64, "split_k": 2, "num_warps": 4, "num_stages": 2}}'
+        )
+        float_gemv._skinny_launches.cache_clear()  # "*": every shape
+        assert float_gemv.plan_skinny_gemm(64, 96)["split_k"] == 2
     finally:
         float_gemv._skinny_launches.cache_clear()
 

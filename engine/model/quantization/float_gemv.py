@@ -125,26 +125,31 @@ def plan_float_gemv(in_features: int, out_features: int, lora: bool = False) -> 
 
 
 # (in_features, out_features) -> the tensor-core skinny GEMM's launch at 2-16 tokens
-# (ops/triton/skinny_gemm.py), where it reads the weights faster than cuBLAS; WEIR_SKINNY_GEMM=1 only,
-# until an A/B on a GPU decides (provisional launches, not yet swept: loadtest/sweep_gemv.py --kinds skinny)
+# (ops/triton/skinny_gemm.py), the least total time over 2, 4, 8 and 16 tokens in the H100 sweep at 2330fb4
+# (loadtest/results/skinny-h100-2026-12-06-2330fb4/; microseconds at 8 tokens against cuBLAS): qkv 19.45 vs
+# 21.00, o 14.01 vs 15.59, gate_up 80.14 vs 82.28, down 42.31 vs 43.83; it won at every token count swept.
+# WEIR_SKINNY_GEMM switches it (off by default until its A/B settles, see ops/env_flags.py).
 _SKINNY_LAUNCHES: dict[tuple[int, int], dict[str, int]] = {
-    (4096, 6144): {"block_n": 64, "block_k": 256, "split_k": 4, "num_warps": 4, "num_stages": 3},  # qkv
-    (4096, 4096): {"block_n": 64, "block_k": 256, "split_k": 4, "num_warps": 4, "num_stages": 3},  # o_proj
+    (4096, 6144): {"block_n": 64, "block_k": 128, "split_k": 1, "num_warps": 4, "num_stages": 5},  # qkv
+    (4096, 4096): {"block_n": 64, "block_k": 128, "split_k": 1, "num_warps": 4, "num_stages": 5},  # o_proj
+    (4096, 28672): {"block_n": 128, "block_k": 256, "split_k": 1, "num_warps": 4, "num_stages": 3},  # gate_up
+    (14336, 4096): {"block_n": 64, "block_k": 256, "split_k": 1, "num_warps": 4, "num_stages": 5},  # down
 }
 SKINNY_MIN_TOKENS, SKINNY_MAX_TOKENS = 2, 16  # one token takes the GEMV (_LAUNCHES) or cuBLAS
 
 
 @functools.cache
-def _skinny_launches() -> dict[tuple[int, int], dict[str, int]]:
+def _skinny_launches() -> dict[tuple[int, int] | str, dict[str, int]]:
     """The table above, or where WEIR_SKINNY_GEMM_LAUNCHES names a JSON file ({"KxN": {launch}}, e.g. what
-    `sweep_gemv.py --kinds skinny --skinny-launches-out` found best on this card) that file's launches."""
+    `sweep_gemv.py --kinds skinny --skinny-launches-out` found best on this card; "*": a launch for every
+    shape not listed) that file's launches."""
     path = os.environ.get("WEIR_SKINNY_GEMM_LAUNCHES", "")
     if not path:
-        return _SKINNY_LAUNCHES
+        return dict(_SKINNY_LAUNCHES)
     with open(path) as f:
         table = json.load(f)
     return {
-        tuple(int(v) for v in key.split("x")): {n: int(v) for n, v in launch.items()}
+        key if key == "*" else tuple(int(v) for v in key.split("x")): {n: int(v) for n, v in launch.items()}
         for key, launch in table.items()
     }
 
@@ -153,7 +158,15 @@ def plan_skinny_gemm(in_features: int, out_features: int) -> dict[str, int] | No
     """The skinny GEMM's launch for a layer of this shape at 2-16 tokens, or None (cuBLAS)."""
     if not env_flag("WEIR_SKINNY_GEMM"):
         return None
-    return _skinny_launches().get((in_features, out_features))
+    table = _skinny_launches()
+    return table.get((in_features, out_features), table.get("*"))
+
+
+def skinny_gemm_supported(weight: torch.Tensor) -> bool:
+    """As float_gemv_supported, float32 weights too (the skinny GEMM multiplies them exactly, for checks)."""
+    if weight.dtype == torch.float32 and weight.device.type == "cuda" and weight.stride(-1) == 1:
+        return torch.cuda.get_device_capability(weight.device) >= (9, 0)
+    return float_gemv_supported(weight)
 
 
 def skinny_gemm_linear(

@@ -20,6 +20,7 @@ from engine.model.quantization.float_gemv import (
     plan_gated_gemv,
     plan_skinny_gemm,
     skinny_gemm_linear,
+    skinny_gemm_supported,
 )
 
 if TYPE_CHECKING:
@@ -56,7 +57,8 @@ class UnquantizedLinearMethod(LinearMethodBase):
         layer.float_gemv = launch
         layer.float_gemv_gated = gated
         # 2-16 tokens: the tensor-core skinny GEMM where planned (float_gemv.plan_skinny_gemm), else cuBLAS
-        layer.skinny_gemm = plan_skinny_gemm(weight.shape[1], weight.shape[0]) if supported else None
+        skinny = skinny_gemm_supported(weight)
+        layer.skinny_gemm = plan_skinny_gemm(weight.shape[1], weight.shape[0]) if skinny else None
         layer.float_gemv_scale = (
             torch.ones(weight.shape[0], dtype=torch.float32, device=weight.device)
             if launch or gated

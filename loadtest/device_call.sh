@@ -22,7 +22,8 @@
 # skin: sweep_gemv.py's skinny GEMM (ops/triton/skinny_gemm.py) at SKB tokens, its winning launches to
 # $O/skinny_launches.json; sk0a sk1a sk0b ...: L1 with WEIR_SKINNY_GEMM=0 / 1 on those launches (after skin; else
 # the built-in table); engsk: the engine check with it on and a launch for every shape (float32: exact); k1s / k8s: K1 /
-# K8 with it on; sl1a sl1b ...: L1 with it on, each layer's best launch of at most 100 KB of shared memory;
+# K8 with it on; s48: the skinny sweep's small tiles under 48 KB of shared memory, winners to $O/skinny_48kb.json;
+# sm1a sm1b ...: L1 with those (after s48); sl1a sl1b ...: L1 with it on, each layer's best launch of at most 100 KB of shared memory;
 # engpdl: the engine check with WEIR_PDL=1; fda0a fda1a fda0b ...: L1 with WEIR_FUSED_DECODE_ATTENTION=0 / 1
 # (decode_attention, engine/model/layers/attention.py); engfda: the engine check with it on; q12fda: Q1, Q2 with it on; q3: bench_quant.py's Q3 (T2 bf16 and FP8 weights);
 # featd: the feature check's quantized checkpoints (part d) alone. fp8mm: probe_fp8_gemm.py (Q3's FP8 GEMMs at prefill and
@@ -102,6 +103,8 @@ for s in $STEPS; do case $s in
     step engsk 300 env OUT=$O/engsk WEIR_SKINNY_GEMM=1 WEIR_SKINNY_GEMM_LAUNCHES=$O/skinny_all.json WEIR_CHECK_PARTS="${ENG_PARTS:-a}" python3 loadtest/gpu_engine_check.py;;
   k1s) step k1s 120 env WEIR_SKINNY_GEMM=1 python3 loadtest/profile_kernels.py --mode batch1 --shape llama3-8b --input-len 32 --out $O/profile_l1_skinny.json;;
   k8s) step k8s 120 env WEIR_SKINNY_GEMM=1 python3 loadtest/profile_kernels.py --mode batch1 --decode-batch 8 --shape llama3-8b --input-len 32 --output-len 256 --decode-steps 20 --out $O/profile_l1_b8_skinny.json;;
+  s48) step s48 ${SKC:-150} python3 loadtest/sweep_gemv.py --shape llama3-8b --batches ${SKB:-2,8,16} --kinds skinny --skinny-max-shared-kb 48 --out $O/sweep_skinny_48kb.json --skinny-launches-out $O/skinny_48kb.json;;
+  sm1*) step $s 60 env WEIR_SKINNY_GEMM=1 WEIR_SKINNY_GEMM_LAUNCHES=$O/skinny_48kb.json python3 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;
   sl1*) echo '{"4096x6144": {"block_n": 64, "block_k": 128, "split_k": 1, "num_warps": 4, "num_stages": 5}, "4096x4096": {"block_n": 64, "block_k": 128, "split_k": 1, "num_warps": 4, "num_stages": 5}, "4096x28672": {"block_n": 64, "block_k": 128, "split_k": 1, "num_warps": 4, "num_stages": 5}, "14336x4096": {"block_n": 64, "block_k": 128, "split_k": 2, "num_warps": 4, "num_stages": 5}}' > $O/skinny_100kb.json
     step $s 60 env WEIR_SKINNY_GEMM=1 WEIR_SKINNY_GEMM_LAUNCHES=$O/skinny_100kb.json python3 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;
   sk0*|sk1*) step $s 60 env WEIR_SKINNY_GEMM=${s:2:1} WEIR_SKINNY_GEMM_LAUNCHES=$([ -s $O/skinny_launches.json ] && echo $O/skinny_launches.json) python3 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;

@@ -139,6 +139,15 @@ SKINNY_GRID = {
     "num_warps": (4,),
     "num_stages": (3, 5),
 }
+# --skinny-max-shared-kb: launches that fit in that much shared memory (48: below Triton's opt-in to
+# oversized shared memory, which sets a kernel's L1 to 8 KB), from a grid of smaller tiles
+SKINNY_SMALL_GRID = {
+    "block_n": (32, 64),
+    "block_k": (64, 128),
+    "split_k": (1, 2, 4),
+    "num_warps": (4,),
+    "num_stages": (2, 3, 4),
+}
 
 
 def _grid(grid: dict[str, tuple[Any, ...]] | list[dict[str, tuple[Any, ...]]]) -> list[dict[str, int]]:
@@ -183,7 +192,13 @@ def _fp8_copies(k: int, n: int, gen: Any) -> list[tuple[Any, Any]]:
 
 
 def sweep_shape(
-    name: str, k: int, n: int, bandwidth: float, ms: tuple[int, ...], kinds: frozenset[str] = KINDS
+    name: str,
+    k: int,
+    n: int,
+    bandwidth: float,
+    ms: tuple[int, ...],
+    kinds: frozenset[str] = KINDS,
+    max_shared_kb: int | None = None,
 ) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
@@ -216,7 +231,7 @@ def sweep_shape(
                 row["bf16_gemv"].append({**cfg, "us": round(t * 1e3, 2),
                                          "bw": round(k * n * 2 / (t / 1e3) / bandwidth, 3), "err": round(err, 5)})  # fmt: skip
         if "skinny" in kinds and m >= 2:
-            _sweep_skinny(row, x, dense, k, n, bandwidth)
+            _sweep_skinny(row, x, dense, k, n, bandwidth, max_shared_kb)
         w4_bytes = k * n // 2 + 2 * (k // group) * n * 2
         if "w4" in kinds:
             _sweep_w4(row, x, w4, group, m, k, n, sms, bandwidth, w4_bytes)
@@ -245,23 +260,46 @@ def sweep_shape(
     return result
 
 
-def _sweep_skinny(row: dict[str, Any], x: Any, dense: list, k: int, n: int, bandwidth: float) -> None:
-    """The skinny GEMM's grid on the bf16 weights' copies, into `row` (against cuBLAS's row["bf16"])."""
+def _skinny_shared_estimate(cfg: dict[str, int]) -> int:
+    """Bytes of shared memory a skinny launch's pipeline holds: num_stages weight and x tiles (bf16)."""
+    return (cfg["block_n"] + 16) * cfg["block_k"] * 2 * cfg["num_stages"]
+
+
+def _sweep_skinny(
+    row: dict[str, Any],
+    x: Any,
+    dense: list,
+    k: int,
+    n: int,
+    bandwidth: float,
+    max_shared_kb: int | None = None,
+) -> None:
+    """The skinny GEMM's grid on the bf16 weights' copies, into `row` (against cuBLAS's row["bf16"]);
+    with max_shared_kb, SKINNY_SMALL_GRID's launches under that much shared memory (as compiled)."""
     import torch.nn.functional as F
 
-    from ops.triton.skinny_gemm import skinny_gemm
+    from ops.triton.skinny_gemm import SHARED_BYTES, skinny_gemm
 
     ref = F.linear(x.float(), dense[0].float())
     row["skinny"] = []
-    for cfg in _grid(SKINNY_GRID):
+    grid = _grid(SKINNY_GRID) if max_shared_kb is None else [
+        cfg for cfg in _grid(SKINNY_SMALL_GRID) if _skinny_shared_estimate(cfg) < max_shared_kb * 1024
+    ]  # fmt: skip
+    for cfg in grid:
         try:  # a wide tile with many stages can want more shared memory than the card has
             err = rel_err(skinny_gemm(x, dense[0], **cfg), ref)
         except Exception as e:  # noqa: BLE001 (triton's OutOfResources and its kin: skip the launch)
             print(f"[sweep] skinny {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
             continue
+        shared = SHARED_BYTES.get((cfg["block_n"], cfg["block_k"], cfg["split_k"] > 1, cfg["num_stages"]))
+        if max_shared_kb is not None and shared is not None and shared > max_shared_kb * 1024:
+            print(
+                f"[sweep] skinny {cfg}: {shared} bytes of shared memory, over {max_shared_kb} KB", flush=True
+            )
+            continue
         t = graph_ms([functools.partial(skinny_gemm, x, w, **cfg) for w in dense])
         row["skinny"].append({**cfg, "us": round(t * 1e3, 2), "bw": round(k * n * 2 / (t / 1e3) / bandwidth, 3),
-                              "err": round(err, 5)})  # fmt: skip
+                              "err": round(err, 5), "shared_bytes": shared})  # fmt: skip
 
 
 def _sweep_w4(row: dict[str, Any], x: Any, w4: list, group: int, m: int, k: int, n: int, sms: int,
@@ -413,6 +451,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="write the skinny GEMM's winning launches here, as WEIR_SKINNY_GEMM_LAUNCHES reads them",
     )
+    p.add_argument(
+        "--skinny-max-shared-kb",
+        type=int,
+        default=None,
+        help="sweep the skinny GEMM's small-tile grid, launches under this much shared memory only",
+    )
     args = p.parse_args(argv)
     kinds = frozenset(args.kinds.split(","))
     if not kinds <= KINDS:
@@ -430,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
                               "shape": args.shape}  # fmt: skip
     ms = tuple(int(b) for b in args.batches.split(","))
     for name, (k, n) in shapes.items():
-        report[name] = sweep_shape(name, k, n, bandwidth, ms, kinds)
+        report[name] = sweep_shape(name, k, n, bandwidth, ms, kinds, args.skinny_max_shared_kb)
         if args.out:  # after every shape: a call that runs out of time keeps what it measured
             Path(args.out).write_text(json.dumps(report, indent=1))
     if args.skinny_launches_out:

@@ -27,6 +27,9 @@ import triton.language as tl
 from ops.triton.split_k import MAX_TILES, split_counters, split_k_is_last
 
 MAX_SKINNY_ROWS = 16  # rows of x: one MMA tile
+# (block_n, block_k, split_k > 1, num_stages) -> the compiled kernel's shared memory in bytes, as launched
+# (for loadtest/sweep_gemv.py: past 48 KB Triton opts the kernel into oversized shared memory)
+SHARED_BYTES: dict[tuple[int, int, bool, int], int] = {}
 
 
 @triton.jit
@@ -108,11 +111,14 @@ def skinny_gemm(
         raise ValueError(f"skinny_gemm: {tiles} tiles exceed the split-K workspace ({MAX_TILES})")
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     partials = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else out
-    _skinny_gemm_kernel[(tiles, split_k)](
+    kernel = _skinny_gemm_kernel[(tiles, split_k)](
         x, weight, out, partials, split_counters(x.device), M, N, K, k_per_split,
         x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=MAX_SKINNY_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
+    shared = getattr(getattr(kernel, "metadata", None), "shared", None)
+    if shared is not None:
+        SHARED_BYTES[(block_n, block_k, split_k > 1, num_stages)] = int(shared)
     return out

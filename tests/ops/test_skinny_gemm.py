@@ -11,6 +11,8 @@ from tests.ops.triton_interpreter import DEVICE, in_process, only_in_subprocess,
 
 # isort: on
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -119,3 +121,56 @@ def test_the_sweep_keeps_a_launch_only_where_it_beats_cublas_over_every_batch() 
     assert skinny_launches(report) == {
         "4096x6144": {"block_n": 64, "block_k": 128, "split_k": 4, "num_warps": 4, "num_stages": 3}
     }
+
+
+@in_process
+def test_an_unquantized_linear_takes_the_skinny_gemm_at_2_to_16_tokens_inside_graph_capture_only(
+    tmp_path, monkeypatch
+) -> None:
+    """The routing in UnquantizedLinearMethod.apply: with a planned launch (here a '*' launch, and the
+    support check forced, since a CPU float32 weight has none of its own), 2-16 tokens inside the
+    CUDA-graph warm-up / capture go to the skinny GEMM, one token or 17, or outside it, to F.linear;
+    the outputs match F.linear either way (bias added after)."""
+    import torch.nn.functional as F
+
+    from engine.model.layers.linear import ColumnParallelLinear
+    from engine.model.quantization import float_gemv, unquantized
+    from ops.triton import skinny_gemm as kernel
+
+    launches = tmp_path / "skinny.json"
+    launches.write_text(
+        '{"*": {"block_n": 16, "block_k": 32, "split_k": 2, "num_warps": 4, "num_stages": 2}}'
+    )
+    monkeypatch.setenv("WEIR_SKINNY_GEMM", "1")
+    monkeypatch.setenv("WEIR_SKINNY_GEMM_LAUNCHES", str(launches))
+    monkeypatch.setattr(unquantized, "skinny_gemm_supported", lambda weight: True)
+    float_gemv._skinny_launches.cache_clear()
+    calls: list[int] = []
+    real = kernel.skinny_gemm
+    monkeypatch.setattr(
+        kernel, "skinny_gemm", lambda x, w, **launch: calls.append(x.shape[0]) or real(x, w, **launch)
+    )
+    try:
+        layer = ColumnParallelLinear(96, 40, bias=True).to(DEVICE)
+        gen = torch.Generator().manual_seed(0)
+        for p in layer.parameters():
+            p.data.copy_(torch.randn(p.shape, generator=gen))
+        layer.quant_method.process_weights_after_loading(layer)
+        assert layer.skinny_gemm == {
+            "block_n": 16,
+            "block_k": 32,
+            "split_k": 2,
+            "num_warps": 4,
+            "num_stages": 2,
+        }
+        for tokens, in_capture, skinny in ((1, True, False), (2, True, True), (16, True, True), (17, True, False),
+                                           (8, False, False)):  # fmt: skip
+            calls.clear()
+            x = torch.randn(tokens, 96, generator=gen).to(DEVICE)
+            with float_gemv.decode_gemv_allowed() if in_capture else contextlib.nullcontext():
+                out = layer.quant_method.apply(layer, x, layer.bias)
+            assert calls == ([tokens] if skinny else []), (tokens, in_capture)
+            expected = F.linear(x, layer.weight, layer.bias)
+            assert torch.allclose(out, expected, rtol=1e-5, atol=1e-4), (tokens, in_capture)
+    finally:
+        float_gemv._skinny_launches.cache_clear()

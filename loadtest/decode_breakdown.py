@@ -408,6 +408,14 @@ def run(llm: Any, model: Any, args: Any, copy_gb_s: float | None, lora_request: 
         # Split the step's wall time: the graph alone (back to back) against the rest.
         replay_ms = graph_replay_ms(runner, batch)
         result["graph_replay_ms"] = round(replay_ms, 4) if replay_ms is not None else None
+        # Other sizes' decode graphs, on what their static buffers hold (the capture's dummy step unless a
+        # step of that size ran): whether a setting changes every graph or only some (--replay-sizes)
+        by_size = {}
+        for size in getattr(args, "replay_sizes", None) or []:
+            ms = graph_replay_ms(runner, size)
+            by_size[str(size)] = round(ms, 4) if ms is not None else None
+        if by_size:
+            result["graph_replay_ms_by_size"] = by_size
     if graph_rows:
         wall_ms = wall * 1e3 / args.decode_steps
         graphed = graphed_breakdown(graph_rows, eager_rows, args.decode_steps, nbytes, copy_gb_s)

@@ -166,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="batch1 mode: sequences decoding together (L1's batch-8 step: 8); the weights are read once a step",
     )
     p.add_argument(
+        "--replay-sizes",
+        type=lambda v: [int(x) for x in v.split(",") if x],
+        default=[],
+        help="batch1 mode: also time these decode graphs alone, replayed back to back (e.g. 1,2,8,32,256)",
+    )
+    p.add_argument(
         "--beam-width",
         type=int,
         default=0,

@@ -189,9 +189,11 @@ def test_a_batch_of_decodes_profiles_as_one_step_on_cpu(tiny_llama_dir: Path, tm
     out = tmp_path / "k8.json"
     argv = ["--mode", "batch1", "--model", str(tiny_llama_dir), *ENGINE, "--input-len", "12"]
     argv += ["--output-len", "24", "--decode-steps", "3", "--temperature", "0", "--decode-batch", "3"]
+    argv += ["--replay-sizes", "1,2"]  # graphs replayed alone: CUDA only, none here
     assert profile_kernels.main([*argv, "--out", str(out)]) == 0
     data = load_report(out, "K1")
     res = data["results"]["batch1"]
+    assert "graph_replay_ms_by_size" not in res
     assert data["workload"]["batch"] == 3 and res["batch"] == 3 and res["sequences_running"] == 3
     assert res["context_tokens"] == 12 + 4
     config = json.loads((tiny_llama_dir / "config.json").read_text())

@@ -1,8 +1,9 @@
 """A few rows of x times a float weight on tensor cores: y [M, N] = x [M, K] @ weight [N, K]^T for M <= 16.
 
-A decode step of 5-16 sequences reads every weight once, as batch 1 does, but the batch-1 GEMV
+A decode step of 2-16 sequences reads every weight once, as batch 1 does, but the batch-1 GEMV
 (ops/triton/fp8_gemv.py) multiplies on the CUDA cores and, past 4 rows, shares a weight tile between
-row groups through L2: at 8 tokens it took 2.2-2.6x cuBLAS's time (H100, `9ae29e1`). cuBLAS reaches
+row groups through L2: at 8 tokens it took 2.2-2.6x cuBLAS's time (H100, `9ae29e1`), so those steps
+ran cuBLAS. cuBLAS reaches
 0.92-0.97 of the copy bandwidth on an 8B model's MLP at 8 tokens but 0.75-0.82 on the attention side
 (qkv, o: 21 and 7.7 us a launch, o in two kernels, a GEMM and its split-K reduction; K8 at `130880a`).
 

@@ -14,6 +14,10 @@ weight streams through the pipelined loads Triton builds for a dot loop (num_sta
 SPLIT_K programs per tile, summed by the tile's last program (ops.triton.split_k's tickets), so there
 is no second launch.
 
+FP8 weights (`weight_scale` given) are W8A16 here: each tile converted to x's dtype in registers, the
+row's scale applied to the float32 sums, as ops/triton/fp8_gemv.py does on the CUDA cores (whether this
+beats it is loadtest/sweep_gemv.py's `fp8_skinny`).
+
 The spec is F.linear in float32 (tests/ops/test_skinny_gemm.py); sums are float32. Float32 operands
 multiply in IEEE float32 (no TF32), so a float32 model decodes the same tokens through it as through
 torch (the GPU engine check's tiny models, with WEIR_SKINNY_GEMM_LAUNCHES giving every shape a launch).
@@ -36,7 +40,8 @@ SHARED_BYTES: dict[tuple[int, int, bool, int], int] = {}
 @triton.jit
 def _skinny_gemm_kernel(
     x_ptr,  # [M, K]
-    w_ptr,  # [N, K]
+    w_ptr,  # [N, K]: x's dtype, or float8 (then scaled per row)
+    scale_ptr,  # [N] float32: each weight row's scale (read when SCALED)
     out_ptr,  # [M, N]
     partials_ptr,  # [SPLIT_K, M, N] float32 (SPLIT_K > 1)
     counters_ptr,  # [tiles] int32, zero between launches
@@ -52,6 +57,7 @@ def _skinny_gemm_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 (exact, as the CPU reference), else the MMA's own
+    SCALED: tl.constexpr,  # FP8 weights: y = x (w * scale[:, None])^T, the scale applied to the sums
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -71,9 +77,10 @@ def _skinny_gemm_kernel(
         xt = tl.load(x_ptrs + k0, mask=mask_k[:, None] & mask_m[None, :], other=0.0)
         acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision=DOT_PRECISION)
     mask = mask_n[:, None] & mask_m[None, :]
+    scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[:, None] if SCALED else 1.0  # [BLOCK_N, 1]
     out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]  # [BLOCK_N, BLOCK_M]
     if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptrs, (acc * scale).to(out_ptr.dtype.element_ty), mask=mask)
     else:
         part_ptrs = partials_ptr + offs_m[None, :] * N + offs_n[:, None]  # split s at + s * M * N
         tl.store(part_ptrs + pid_k * M * N, acc, mask=mask)
@@ -81,27 +88,35 @@ def _skinny_gemm_kernel(
             total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for s in range(SPLIT_K):  # in split order: the same sum whichever program is last
                 total += tl.load(part_ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_ptrs, (total * scale).to(out_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(counters_ptr + pid_n, 0, sem="relaxed", scope="gpu")
 
 
 def skinny_gemm(
     x: torch.Tensor,  # [M, K], 1 <= M <= MAX_SKINNY_ROWS; bf16 / fp16 (float32: exact but slow, for checks)
-    weight: torch.Tensor,  # [N, K], x's dtype
+    weight: torch.Tensor,  # [N, K], x's dtype, or float8_e4m3fn with weight_scale
+    weight_scale: torch.Tensor | None = None,  # [N] float32: an FP8 weight's per-row scales
     block_n: int = 64,
     block_k: int = 128,
     split_k: int = 1,
     num_warps: int = 4,
     num_stages: int = 4,
 ) -> torch.Tensor:  # [M, N] in x.dtype
-    """y = x weight^T in one launch; split_k > 1 splits K over that many programs per BLOCK_N rows."""
+    """y = x weight^T in one launch (an FP8 weight: x (weight * weight_scale[:, None])^T, W8A16: its tiles
+    converted to x's dtype in registers); split_k > 1 splits K over that many programs per BLOCK_N rows."""
     M, K = x.shape
     N = weight.shape[0]
     if not 1 <= M <= MAX_SKINNY_ROWS:
         raise ValueError(f"skinny_gemm takes 1 to {MAX_SKINNY_ROWS} rows of x; got {M}")
-    if weight.shape[1] != K or weight.dtype != x.dtype:
+    scaled = weight_scale is not None
+    if weight.shape[1] != K or (weight.dtype != x.dtype and not scaled):
         raise ValueError(
             f"skinny_gemm: x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}"
+        )
+    if scaled and (weight.dtype != torch.float8_e4m3fn or weight_scale.shape != (N,)):
+        raise ValueError(
+            f"skinny_gemm: a scaled weight is float8_e4m3fn with [N] scales; got {weight.dtype}, "
+            f"scale {tuple(weight_scale.shape)}"
         )
     if weight.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError("skinny_gemm: weight and x must be contiguous along K")
@@ -113,10 +128,10 @@ def skinny_gemm(
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     partials = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else out
     kernel = _skinny_gemm_kernel[(tiles, split_k)](
-        x, weight, out, partials, split_counters(x.device), M, N, K, k_per_split,
+        x, weight, weight_scale if scaled else x, out, partials, split_counters(x.device), M, N, K, k_per_split,
         x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=MAX_SKINNY_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SCALED=scaled,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     shared = getattr(getattr(kernel, "metadata", None), "shared", None)

@@ -55,10 +55,12 @@ KERNELS = [
     *(
         (  # the tensor-core skinny GEMM (2-16 tokens), with and without its split-K tickets
             "ops.triton.skinny_gemm:_skinny_gemm_kernel",
-            {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": split_k, "DOT_PRECISION": "tf32"},
-            {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "partials_ptr": "*fp32", "counters_ptr": "*i32"},
+            {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": split_k, "DOT_PRECISION": "tf32",
+             "SCALED": fp8},
+            {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv" if fp8 else "*bf16", "scale_ptr": "*fp32", "out_ptr": "*bf16",
+             "partials_ptr": "*fp32", "counters_ptr": "*i32"},
         )
-        for split_k in (1, 4)
+        for split_k, fp8 in ((1, False), (4, False), (4, True))
     ),
     (
         "ops.triton.fp8_gemv:_fp8_gemv_kernel",

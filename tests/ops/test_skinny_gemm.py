@@ -53,6 +53,31 @@ def test_skinny_gemm_matches_f_linear(
 
 
 @in_process
+@pytest.mark.parametrize(
+    ("m", "n", "k", "block_n", "block_k", "split_k"), [(1, 64, 128, 32, 64, 1), (8, 40, 200, 16, 64, 3)]
+)
+def test_skinny_gemm_on_fp8_weights_matches_dequantize_then_f_linear(
+    m: int, n: int, k: int, block_n: int, block_k: int, split_k: int
+) -> None:
+    """W8A16: an FP8 weight with per-row scales, against F.linear on the dequantized weight (float32)."""
+    from ops.triton.skinny_gemm import skinny_gemm
+
+    gen = torch.Generator().manual_seed(m + k)
+    weight = (torch.randn(n, k, generator=gen) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    scale = torch.rand(n, generator=gen) * 0.01 + 1e-4
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+    expected = F.linear(x.float(), (weight.float() * scale[:, None]).to(DEVICE))
+    for _ in range(2):
+        out = skinny_gemm(
+            x, weight.to(DEVICE), scale.to(DEVICE), block_n=block_n, block_k=block_k, split_k=split_k
+        )
+        assert out.shape == (m, n) and out.dtype == dtype
+        err = ((out.double() - expected.double()).norm() / expected.double().norm()).item()
+        assert err < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@in_process
 def test_skinny_gemm_refuses_what_it_cannot_run() -> None:
     from ops.triton.skinny_gemm import skinny_gemm
 
@@ -61,6 +86,10 @@ def test_skinny_gemm_refuses_what_it_cannot_run() -> None:
         skinny_gemm(torch.zeros(17, 64, device=DEVICE), weight)
     with pytest.raises(ValueError, match=r"skinny_gemm: x \(2, 32\)"):
         skinny_gemm(torch.zeros(2, 32, device=DEVICE), weight)
+    with pytest.raises(
+        ValueError, match="a scaled weight is float8_e4m3fn with \\[N\\] scales; got torch.float32"
+    ):
+        skinny_gemm(torch.zeros(2, 64, device=DEVICE), weight, torch.ones(32, device=DEVICE))
     with pytest.raises(ValueError, match="contiguous along K"):
         skinny_gemm(torch.zeros(2, 64, device=DEVICE), torch.zeros(64, 32, device=DEVICE).t())
 

@@ -22,7 +22,8 @@
 # skin: sweep_gemv.py's skinny GEMM (ops/triton/skinny_gemm.py) at SKB tokens, its winning launches to
 # $O/skinny_launches.json; sk0a sk1a sk0b ...: L1 with WEIR_SKINNY_GEMM=0 / 1 on those launches (after skin; else
 # the built-in table); engsk: the engine check with it on and a launch for every shape (float32: exact); k1s / k8s: K1 /
-# K8 with it on; grs0a grs1a grs0b ...: K1 with it off / on, also each of GRS's decode graphs replayed alone
+# K8 with it on; fsk: sweep_gemv.py's FP8 GEMV and the skinny GEMM on FP8 weights (fp8_skinny) at FSB tokens (Q2's
+# batch-1 projections: does the tensor-core W8A16 read FP8 weights faster?); grs0a grs1a grs0b ...: K1 with it off / on, also each of GRS's decode graphs replayed alone
 # (graph_replay_ms_by_size: does the skinny GEMM's batch-1 cost reach every graph size?); s48: the skinny sweep's small tiles under 48 KB of shared memory, winners to $O/skinny_48kb.json;
 # sm1a sm1b ...: L1 with those (after s48); sl1a sl1b ...: L1 with it on, each layer's best launch of at most 100 KB of shared memory;
 # engpdl: the engine check with WEIR_PDL=1; fda0a fda1a fda0b ...: L1 with WEIR_FUSED_DECODE_ATTENTION=0 / 1
@@ -105,6 +106,7 @@ for s in $STEPS; do case $s in
   k1s) step k1s 120 env WEIR_SKINNY_GEMM=1 python3 loadtest/profile_kernels.py --mode batch1 --shape llama3-8b --input-len 32 --out $O/profile_l1_skinny.json;;
   grs0*|grs1*) step $s 120 env WEIR_SKINNY_GEMM=${s:3:1} python3 loadtest/profile_kernels.py --mode batch1 --shape llama3-8b --input-len 32 --decode-steps 4 --replay-sizes ${GRS:-1,2,8,16,32,64,128,256} --out $O/$s.json;;
   k8s) step k8s 120 env WEIR_SKINNY_GEMM=1 python3 loadtest/profile_kernels.py --mode batch1 --decode-batch 8 --shape llama3-8b --input-len 32 --output-len 256 --decode-steps 20 --out $O/profile_l1_b8_skinny.json;;
+  fsk) step fsk ${FSC:-300} python3 loadtest/sweep_gemv.py --shape llama3-8b --batches ${FSB:-1,2,8} --kinds fp8,skinny --out $O/sweep_fp8_skinny.json;;
   s48) step s48 ${SKC:-150} python3 loadtest/sweep_gemv.py --shape llama3-8b --batches ${SKB:-2,8,16} --kinds skinny --skinny-max-shared-kb 48 --out $O/sweep_skinny_48kb.json --skinny-launches-out $O/skinny_48kb.json;;
   sm1*) step $s 60 env WEIR_SKINNY_GEMM=1 WEIR_SKINNY_GEMM_LAUNCHES=$O/skinny_48kb.json python3 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;
   sl1*) echo '{"4096x6144": {"block_n": 64, "block_k": 128, "split_k": 1, "num_warps": 4, "num_stages": 5}, "4096x4096": {"block_n": 64, "block_k": 128, "split_k": 1, "num_warps": 4, "num_stages": 5}, "4096x28672": {"block_n": 64, "block_k": 128, "split_k": 1, "num_warps": 4, "num_stages": 5}, "14336x4096": {"block_n": 64, "block_k": 128, "split_k": 2, "num_warps": 4, "num_stages": 5}}' > $O/skinny_100kb.json

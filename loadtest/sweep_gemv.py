@@ -139,6 +139,15 @@ SKINNY_GRID = {
     "num_warps": (4,),
     "num_stages": (3, 5),
 }
+# The skinny GEMM on FP8 weights (W8A16, --kinds fp8,skinny), 1-16 tokens: against the FP8 GEMV (Q2's batch-1
+# projections) and torch._scaled_mm; FP8 tiles are half a bf16 tile's bytes, so deeper K tiles too
+FP8_SKINNY_GRID = {
+    "block_n": (32, 64, 128),
+    "block_k": (128, 256),
+    "split_k": (1, 2, 4),
+    "num_warps": (4,),
+    "num_stages": (3, 5),
+}
 # --skinny-max-shared-kb: launches that fit in that much shared memory (48: below Triton's opt-in to
 # oversized shared memory, which sets a kernel's L1 to 8 KB), from a grid of smaller tiles
 SKINNY_SMALL_GRID = {
@@ -238,10 +247,10 @@ def sweep_shape(
         if "w4h" in kinds and m in W4H_GRIDS:
             _sweep_w4h(row, x, w4, group, m, name == "gate_up", bandwidth, w4_bytes)
         if "fp8" in kinds:
-            _sweep_fp8(row, x, fp8, m, k, n, bandwidth)
+            _sweep_fp8(row, x, fp8, m, k, n, bandwidth, skinny="skinny" in kinds)
         if "gated" in kinds and name == "gate_up" and m <= 2:
             row["gated"] = _sweep_gated(x, k, n, group, sms, gen)
-        for key in ("w4_gemv", "w4h_gemv", "w4h_gated", "fp8_gemv", "bf16_gemv", "skinny"):
+        for key in ("w4_gemv", "w4h_gemv", "w4h_gated", "fp8_gemv", "bf16_gemv", "skinny", "fp8_skinny"):
             if key not in row:
                 continue
             good = [r for r in row[key] if r["err"] < 2e-2]
@@ -251,8 +260,8 @@ def sweep_shape(
         print(
             f"[sweep] {name} {k}x{n} m={m}: bf16 {row['bf16']} dot {row.get('w4_dot_plan')} "
             f"w4 {row.get('w4_gemv_best')} w4h {row.get('w4h_gemv_best')} w4h_gated {row.get('w4h_gated_best')} fp8 {row.get('fp8_gemv_best')} fp8_mm {row.get('fp8_scaled_mm')} "
-            f"bf16_gemv {row.get('bf16_gemv_best')} skinny {row.get('skinny_best')} gated {row.get('gated')} "
-            f"wrong {sum(len(row.get(f'{key}_wrong', [])) for key in ('w4_gemv', 'w4h_gemv', 'w4h_gated', 'fp8_gemv', 'bf16_gemv', 'skinny'))}",
+            f"bf16_gemv {row.get('bf16_gemv_best')} skinny {row.get('skinny_best')} fp8_skinny {row.get('fp8_skinny_best')} gated {row.get('gated')} "
+            f"wrong {sum(len(row.get(f'{key}_wrong', [])) for key in ('w4_gemv', 'w4h_gemv', 'w4h_gated', 'fp8_gemv', 'bf16_gemv', 'skinny', 'fp8_skinny'))}",
             flush=True,
         )
     del w4, fp8, dense
@@ -348,8 +357,11 @@ def _sweep_w4h(row: dict[str, Any], x: Any, w4: list, group: int, m: int, gated:
                              "err": round(err, 5)})  # fmt: skip
 
 
-def _sweep_fp8(row: dict[str, Any], x: Any, fp8: list, m: int, k: int, n: int, bandwidth: float) -> None:
-    """torch._scaled_mm (W8A8) and the FP8 GEMV's grid on `fp8`'s copies, into `row`."""
+def _sweep_fp8(
+    row: dict[str, Any], x: Any, fp8: list, m: int, k: int, n: int, bandwidth: float, skinny: bool = False
+) -> None:
+    """torch._scaled_mm (W8A8) and the FP8 GEMV's grid on `fp8`'s copies, into `row`; with `skinny` the
+    skinny GEMM's FP8 grid too."""
     from engine.model.quantization.fp8 import _scaled_mm_linear
     from ops.triton.fp8_gemv import fp8_gemv
 
@@ -362,6 +374,19 @@ def _sweep_fp8(row: dict[str, Any], x: Any, fp8: list, m: int, k: int, n: int, b
         t = graph_ms([functools.partial(fp8_gemv, x, w, s, **cfg) for w, s in fp8])
         row["fp8_gemv"].append({**cfg, "us": round(t * 1e3, 2), "bw": round(k * n / (t / 1e3) / bandwidth, 3),
                                 "err": round(err, 5)})  # fmt: skip
+    if skinny:  # the tensor-core skinny GEMM on the same FP8 weights (W8A16), every token count
+        from ops.triton.skinny_gemm import skinny_gemm
+
+        row["fp8_skinny"] = []
+        for cfg in _grid(FP8_SKINNY_GRID):
+            try:
+                err = rel_err(skinny_gemm(x, *fp8[0], **cfg), ref_fp8)
+            except Exception as e:  # noqa: BLE001 (a launch the card cannot hold: skipped)
+                print(f"[sweep] fp8 skinny {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                continue
+            t = graph_ms([functools.partial(skinny_gemm, x, w, s, **cfg) for w, s in fp8])
+            row["fp8_skinny"].append({**cfg, "us": round(t * 1e3, 2), "bw": round(k * n / (t / 1e3) / bandwidth, 3),
+                                      "err": round(err, 5)})  # fmt: skip
 
 
 def _sweep_gated(x: Any, k: int, n: int, group: int, sms: int, gen: Any) -> dict[str, Any]:

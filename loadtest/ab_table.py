@@ -27,8 +27,8 @@ _STEP = re.compile(
 
 
 def figures(report: dict[str, Any]) -> dict[str, float]:
-    """The figures a step's report gives: L1's ITL p50 (and roofline fraction) per batch, T1 / T2's output
-    tok/s, ratios (Q's; a peer's ratios are not among them: the A/B steps run without a peer)."""
+    """The figures a step's report gives: L1's ITL p50 (and roofline fraction) per batch, K1's decode graphs
+    replayed alone (ms per replay, per size), T1 / T2's output tok/s, ratios (Q's; a peer's ratios are not among them: the A/B steps run without a peer)."""
     out: dict[str, float] = {}
     results = report.get("results") or {}
     if report.get("benchmark") == "L1":
@@ -37,6 +37,13 @@ def figures(report: dict[str, Any]) -> dict[str, float]:
                 for name in ("itl_p50_ms", "roofline_fraction"):
                     if isinstance(value.get(name), int | float):
                         out[f"{key} {name}"] = float(value[name])
+    if report.get("benchmark") == "K1":  # the decode graphs replayed alone (grs0a grs1a ...)
+        step = results.get("batch1") or {}
+        if isinstance(step.get("graph_replay_ms"), int | float):
+            out["graph_replay_ms"] = float(step["graph_replay_ms"])
+        for size, ms in (step.get("graph_replay_ms_by_size") or {}).items():
+            if isinstance(ms, int | float):
+                out[f"graph {int(size):>4} replay_ms"] = float(ms)
     if report.get("benchmark") in ("T1", "T2") and isinstance(results.get("output_tok_s"), int | float):
         out["output_tok_s"] = float(results["output_tok_s"])
     for key, value in (report.get("ratios") or {}).items():

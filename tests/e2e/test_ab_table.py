@@ -44,10 +44,25 @@ def test_pairs_runs_and_reports_the_change(tmp_path: Path) -> None:
     _write(tmp_path / "q1p1a.json", {"benchmark": "Q", "ratios": {"Q1_gptq_w4a16_itl_vs_bf16": 0.50}})
     _write(tmp_path / "t1k0a.json", {"benchmark": "T1", "results": {"output_tok_s": 20000.0}})
     _write(tmp_path / "t1k1a.json", {"benchmark": "T1", "results": {"output_tok_s": 21000.0}})
+    for name, b1, by_size in (
+        ("grs0a", 5.03, {"1": 5.03, "256": 9.5}),
+        ("grs1a", 5.12, {"1": 5.12, "256": None}),
+    ):
+        k1 = {
+            "benchmark": "K1",
+            "results": {"batch1": {"graph_replay_ms": b1, "graph_replay_ms_by_size": by_size}},
+        }
+        _write(tmp_path / f"{name}.json", k1)
     _write(tmp_path / "u1.json", {"benchmark": "U1", "results": {}})  # not an A/B step
     (tmp_path / "l1p0a.json").write_text("{not json")  # a step that died mid-write
     table = ab_table.collect(tmp_path)
-    assert set(table) == {"fda", "ab", "q1p", "t1k"}
+    assert set(table) == {"fda", "ab", "q1p", "t1k", "grs"}
+    assert table["grs"]["0"]["a"] == {
+        "graph_replay_ms": 5.03,
+        "graph    1 replay_ms": 5.03,
+        "graph  256 replay_ms": 9.5,
+    }
+    assert table["grs"]["1"]["a"] == {"graph_replay_ms": 5.12, "graph    1 replay_ms": 5.12}  # no 256 graph
     assert table["fda"]["1"]["b"] == {"batch_1 itl_p50_ms": 4.31, "batch_8 itl_p50_ms": 4.60}
     blocks = _blocks(ab_table.render(table))
     assert blocks["fda"] == [

@@ -1,6 +1,8 @@
 """Launch-shape sweep of the decode GEMVs (ops/triton/wna16_gemv.py, w4_half2_gemv.py, fp8_gemv.py) at a model's four
 linear shapes, against bf16 F.linear (cuBLAS) and the W4A16 dot kernel's planned launch, in one GPU call;
-at 1-8 tokens also the float-weight GEMV on the bf16 weights themselves (`bf16_gemv`).
+at 1-8 tokens also the float-weight GEMV on the bf16 weights themselves (`bf16_gemv`), and with `--kinds skinny`
+the tensor-core skinny GEMM (ops/triton/skinny_gemm.py) on them at 2-16 tokens (`skinny`; `--skinny-launches-out`
+writes its winners as WEIR_SKINNY_GEMM_LAUNCHES reads them) and, with `fp8` too, on the FP8 weights (`fp8_skinny`).
 
     python loadtest/sweep_gemv.py --shape llama3-8b --out sweep.json
 

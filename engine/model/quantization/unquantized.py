@@ -56,9 +56,10 @@ class UnquantizedLinearMethod(LinearMethodBase):
         gated = plan_gated_gemv(weight.shape[1], weight.shape[0]) if supported else None
         layer.float_gemv = launch
         layer.float_gemv_gated = gated
-        # 2-16 tokens: the tensor-core skinny GEMM where planned (float_gemv.plan_skinny_gemm), else cuBLAS
-        skinny = skinny_gemm_supported(weight)
-        layer.skinny_gemm = plan_skinny_gemm(weight.shape[1], weight.shape[0]) if skinny else None
+        # 2-16 tokens: the tensor-core skinny GEMM where planned (float_gemv.plan_skinny_gemm), else cuBLAS;
+        # the plan first, so with WEIR_SKINNY_GEMM off no layer pays for the support check
+        skinny = plan_skinny_gemm(weight.shape[1], weight.shape[0])
+        layer.skinny_gemm = skinny if skinny is not None and skinny_gemm_supported(weight) else None
         layer.float_gemv_scale = (
             torch.ones(weight.shape[0], dtype=torch.float32, device=weight.device)
             if launch or gated

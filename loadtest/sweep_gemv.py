@@ -302,7 +302,9 @@ def _sweep_skinny(
         except Exception as e:  # noqa: BLE001 (triton's OutOfResources and its kin: skip the launch)
             print(f"[sweep] skinny {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
             continue
-        shared = SHARED_BYTES.get((cfg["block_n"], cfg["block_k"], cfg["split_k"] > 1, cfg["num_stages"]))
+        shared = SHARED_BYTES.get(
+            (cfg["block_n"], cfg["block_k"], cfg["split_k"] > 1, cfg["num_stages"], False)
+        )
         if max_shared_kb is not None and shared is not None and shared > max_shared_kb * 1024:
             print(
                 f"[sweep] skinny {cfg}: {shared} bytes of shared memory, over {max_shared_kb} KB", flush=True

@@ -32,9 +32,9 @@ import triton.language as tl
 from ops.triton.split_k import MAX_TILES, split_counters, split_k_is_last
 
 MAX_SKINNY_ROWS = 16  # rows of x: one MMA tile
-# (block_n, block_k, split_k > 1, num_stages) -> the compiled kernel's shared memory in bytes, as launched
-# (for loadtest/sweep_gemv.py: past 48 KB Triton opts the kernel into oversized shared memory)
-SHARED_BYTES: dict[tuple[int, int, bool, int], int] = {}
+# (block_n, block_k, split_k > 1, num_stages, FP8 weights) -> the compiled kernel's shared memory in bytes, as
+# launched (for loadtest/sweep_gemv.py: past 48 KB Triton opts the kernel into oversized shared memory)
+SHARED_BYTES: dict[tuple[int, int, bool, int, bool], int] = {}
 
 
 @triton.jit
@@ -136,5 +136,5 @@ def skinny_gemm(
     )  # fmt: skip
     shared = getattr(getattr(kernel, "metadata", None), "shared", None)
     if shared is not None:
-        SHARED_BYTES[(block_n, block_k, split_k > 1, num_stages)] = int(shared)
+        SHARED_BYTES[(block_n, block_k, split_k > 1, num_stages, scaled)] = int(shared)
     return out

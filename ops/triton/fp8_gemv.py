@@ -30,6 +30,7 @@ from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous
 from ops.triton.split_k import (
     MAX_TILES,
     gated_rows,
+    k_splits,
     rows_per_program,
     split_counters,
     store_rows,
@@ -188,8 +189,7 @@ def fp8_gemv(
         raise ValueError(
             f"fp8_gemv: gated needs an even row count and block_n; got {N} rows, block_n {block_n}"
         )
-    k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
-    split_k = triton.cdiv(K, k_per_split)
+    k_per_split, split_k = k_splits(K, split_k, block_k)
     out_n = N // 2 if gated else N
     tiles = triton.cdiv(out_n, block_n // 2) if gated else triton.cdiv(N, block_n)
     rows = rows_per_program(M)

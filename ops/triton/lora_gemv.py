@@ -57,7 +57,7 @@ import triton.language as tl
 
 from ops.triton.fp8_gemv import _w_tile
 from ops.triton.pdl import pdl_enabled, wait_for_previous_kernel
-from ops.triton.split_k import MAX_TILES, split_counters, store_rows
+from ops.triton.split_k import MAX_TILES, k_splits, split_counters, store_rows
 
 SHRINK_CHUNK = 512  # input columns per shrink worker (lora_shrink's split at one token)
 # A worker's tile of A along K, [lora_dim, 32]: narrow, so that the worker's branch needs few more
@@ -374,8 +374,7 @@ def _launch(
     _check(x, weight, weight_scale, b_stacked, slice_offsets)
     n, k = weight.shape
     lora_dim = b_stacked.shape[2]
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    split_k = triton.cdiv(k, k_per_split)
+    k_per_split, split_k = k_splits(k, split_k, block_k)
     tiles = triton.cdiv(n, block_n)
     if split_k > 1 and tiles > MAX_TILES:
         raise ValueError(f"gemv_lora: {tiles} tiles exceed the split-K workspace ({MAX_TILES})")

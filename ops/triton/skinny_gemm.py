@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.triton.split_k import MAX_TILES, split_counters, split_k_is_last
+from ops.triton.split_k import MAX_TILES, k_splits, split_counters, split_k_is_last
 
 MAX_SKINNY_ROWS = 16  # rows of x: one MMA tile
 # (block_n, block_k, split_k > 1, num_stages, FP8 weights) -> the compiled kernel's shared memory in bytes, as
@@ -120,8 +120,7 @@ def skinny_gemm(
         )
     if weight.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError("skinny_gemm: weight and x must be contiguous along K")
-    k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
-    split_k = triton.cdiv(K, k_per_split)  # no empty split
+    k_per_split, split_k = k_splits(K, split_k, block_k)  # no empty split
     tiles = triton.cdiv(N, block_n)
     if split_k > 1 and tiles > MAX_TILES:
         raise ValueError(f"skinny_gemm: {tiles} tiles exceed the split-K workspace ({MAX_TILES})")

@@ -220,6 +220,13 @@ def gated_rows(pid_n, half_n, BLOCK_N: tl.constexpr):
     return col + (offs // HALF) * half_n, col < half_n
 
 
+def k_splits(k: int, split_k: int, block_k: int) -> tuple[int, int]:
+    """(K per split, splits): K cut into `split_k` ranges of whole BLOCK_K tiles, fewer where the last
+    would be empty (a split launch never has a program with no K to read)."""
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    return k_per_split, triton.cdiv(k, k_per_split)
+
+
 def rows_per_program(m: int) -> int:
     """Rows of x one GEMV program takes: 1 or 2 alone, 3 and more in groups of 4 (padded with zero
     rows to whole groups: the kernels mask no row)."""

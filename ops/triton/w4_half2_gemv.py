@@ -44,6 +44,7 @@ from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous
 from ops.triton.split_k import (
     MAX_TILES,
     gated_rows,
+    k_splits,
     rows_per_program,
     split_counters,
     store_column_tiles,
@@ -477,8 +478,7 @@ def w4_half2_gemv(
     if x.stride(1) != 1 or x.stride(0) % 2 or x.storage_offset() % 2:
         x = x.contiguous()
     x_pairs = x.view(torch.int32)  # [M, K / 2]
-    k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
-    split_k = triton.cdiv(K, k_per_split)
+    k_per_split, split_k = k_splits(K, split_k, block_k)
     out_n = N // 2 if gated else N
     tiles = triton.cdiv(out_n, block_n // 2) if gated else triton.cdiv(N, block_n)
     groups = M // rows

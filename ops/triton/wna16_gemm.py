@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.triton.split_k import k_splits
+
 
 @triton.jit
 def _dequant_tile(
@@ -304,9 +306,7 @@ def _gemm(
     scales, zeros, sg, sn, zg, zn = tables
     if block_k % (32 // bits):
         raise ValueError(f"block_k {block_k} is not a multiple of {32 // bits} (codes per word)")
-    # K rows per split, whole tiles; fewer splits when K is short
-    k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
-    split_k = triton.cdiv(K, k_per_split)
+    k_per_split, split_k = k_splits(K, split_k, block_k)
     if split_k == 1:
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
         so, sm, so_n = 0, out.stride(0), out.stride(1)

@@ -39,6 +39,7 @@ from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous
 from ops.triton.split_k import (
     MAX_TILES,
     gated_rows,
+    k_splits,
     rows_per_program,
     split_counters,
     store_column_tiles,
@@ -240,8 +241,7 @@ def wna16_gemv(
         raise ValueError(
             "wna16_gemv: qweight, scales, zeros and x must be contiguous along their last dimension"
         )
-    k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
-    split_k = triton.cdiv(K, k_per_split)
+    k_per_split, split_k = k_splits(K, split_k, block_k)
     if gated and (N % 2 or block_n % 2):
         raise ValueError(
             f"wna16_gemv: gated needs an even column count and block_n; got {N}, block_n {block_n}"

@@ -408,11 +408,12 @@ def run(llm: Any, model: Any, args: Any, copy_gb_s: float | None, lora_request: 
         # Split the step's wall time: the graph alone (back to back) against the rest.
         replay_ms = graph_replay_ms(runner, batch)
         result["graph_replay_ms"] = round(replay_ms, 4) if replay_ms is not None else None
-        # Other sizes' decode graphs, on what their static buffers hold (the capture's dummy step unless a
-        # step of that size ran): whether a setting changes every graph or only some (--replay-sizes)
+        # Each size's decode graph on its capture's dummy step (padding rows only, written into the static
+        # buffer first: what a later step left there, a mixed step's layout included, is no decode batch
+        # of that size): whether a setting changes every graph or only some (--replay-sizes)
         by_size = {}
         for size in getattr(args, "replay_sizes", None) or []:
-            ms = graph_replay_ms(runner, size)
+            ms = graph_replay_ms(runner, size, on_dummy_step=True)
             by_size[str(size)] = round(ms, 4) if ms is not None else None
         if by_size:
             result["graph_replay_ms_by_size"] = by_size
@@ -429,7 +430,7 @@ def run(llm: Any, model: Any, args: Any, copy_gb_s: float | None, lora_request: 
     return result
 
 
-def graph_replay_ms(runner: Any, num_seqs: int, reps: int = 50) -> float | None:
+def graph_replay_ms(runner: Any, num_seqs: int, reps: int = 50, on_dummy_step: bool = False) -> float | None:
     """ms per replay of the decode graph a `num_seqs`-sequence step takes, replayed back to back with no
     host work between (one sync at the end): the graph's own device time, gaps inside it included.
     The step's wall time less this is what lies outside the graph (the LM head and sampler where they
@@ -443,6 +444,8 @@ def graph_replay_ms(runner: Any, num_seqs: int, reps: int = 50) -> float | None:
     if replay is None:
         return None
     with torch.inference_mode():  # as the engine replays (its buffers are inference tensors)
+        if on_dummy_step:  # the padding-only batch the graph was captured on (not the last step's rows)
+            graph_runner.dummy_step(graph_runner.padded_size(num_seqs))
         # warmup: the first replay after other work may pay for its upload
         return back_to_back_ms(replay, runner.device, calls=reps, warmup=1)
 

@@ -40,6 +40,11 @@ ENV_FLAGS: dict[str, tuple[bool, str]] = {
         False,
         "16-bit linears at 2-16 tokens inside CUDA graphs on a tensor-core Triton GEMM; ops/triton/skinny_gemm.py",
     ),
+    "WEIR_FP8_SKINNY_GEMM": (
+        # on an H100 at 4217c85 (sweep_gemv.py, 8 tokens): qkv 17.0 vs _scaled_mm's 39.6 us, gate_up 50.6 vs 69.4
+        True,
+        "FP8 linears at 3-16 tokens on the tensor-core skinny GEMM (W8A16), not _scaled_mm; engine/model/quantization/fp8.py",
+    ),
     "WEIR_MOE_ROUTE_KERNEL": (
         # on an H100 at 9ae29e1, Qwen3-30B-A3B-shaped L1: batch 1 5.583 -> 4.813 ms, batch 8 13.147 -> 12.210
         True,

@@ -203,3 +203,67 @@ def test_an_unquantized_linear_takes_the_skinny_gemm_at_2_to_16_tokens_inside_gr
             assert torch.allclose(out, expected, rtol=1e-5, atol=1e-4), (tokens, in_capture)
     finally:
         float_gemv._skinny_launches.cache_clear()
+
+
+def test_the_fp8_skinny_plan_is_the_sweeps_table_then_a_rule_and_off_with_its_flag(monkeypatch) -> None:
+    """FP8 layers' launch at 3-16 tokens (fp8.plan_fp8_skinny): Llama-3-8B's four shapes from the H100
+    sweep; other shapes 64x128 tiles, K split in 4 where N / 64 tiles are under two per SM; None with
+    WEIR_FP8_SKINNY_GEMM=0. A CPU layer gets none (no tensor cores), so its inputs keep their path."""
+    from engine.model.quantization import fp8
+
+    monkeypatch.setitem(fp8._SMS, 0, 132)
+    cuda0 = torch.device("cuda", 0)  # only the SM count is read for it (set above)
+    monkeypatch.delenv("WEIR_FP8_SKINNY_GEMM", raising=False)
+    assert fp8.plan_fp8_skinny(4096, 28672, cuda0) == {
+        "block_n": 64, "block_k": 128, "split_k": 1, "num_warps": 4, "num_stages": 3,
+    }  # fmt: skip
+    assert fp8.plan_fp8_skinny(4096, 6144, cuda0)["block_n"] == 128
+    small, wide = fp8.plan_fp8_skinny(2048, 64 * 263, cuda0), fp8.plan_fp8_skinny(2048, 64 * 264, cuda0)
+    assert small == {"block_n": 64, "block_k": 128, "split_k": 4, "num_warps": 4, "num_stages": 3}
+    assert wide == {**small, "split_k": 1}
+    monkeypatch.setenv("WEIR_FP8_SKINNY_GEMM", "0")
+    assert fp8.plan_fp8_skinny(4096, 28672, cuda0) is None
+    assert not fp8.fp8_skinny_supported(torch.device("cpu"))
+
+
+@in_process
+def test_an_fp8_linear_takes_the_skinny_gemm_at_3_to_16_tokens_and_hands_no_quantized_input(
+    monkeypatch,
+) -> None:
+    """The routing in Fp8LinearMethod.apply with a planned launch (set as process_weights_after_loading
+    sets it on a Hopper GPU): 3-16 tokens go to the skinny GEMM on the FP8 weight and its scales (W8A16:
+    the dequantized weight times unquantized x), 1, 2 and 17 tokens keep their path (here the
+    dequantizing one: this layer has no GEMV or _scaled_mm); and a norm before such a layer does not
+    quantize its output at those sizes (fp8_activation.takes_fp8_activation), since the GEMM reads 16-bit x."""
+    from engine.model.quantization.fp8 import Fp8Config, Fp8LinearMethod
+    from engine.model.quantization.fp8_activation import takes_fp8_activation
+    from ops.triton import skinny_gemm as kernel
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 96, generator=gen)
+    layer = torch.nn.Module()
+    layer.weight_scale = (w.abs().amax(dim=1) / 448.0).to(DEVICE)  # [out] float32
+    layer.weight = (w.to(DEVICE) / layer.weight_scale[:, None]).to(torch.float8_e4m3fn)  # [out, in]
+    layer.input_scale = None
+    layer.fp8_scaled_mm = layer.fp8_gemv = False
+    layer.fp8_skinny = {"block_n": 16, "block_k": 32, "split_k": 2, "num_warps": 4, "num_stages": 2}
+    layer.lora = None
+    method = Fp8LinearMethod(Fp8Config(from_checkpoint=True))
+    bias = torch.randn(40, generator=gen).to(DEVICE)
+    dequantized = layer.weight.float() * layer.weight_scale[:, None]  # [out, in]
+    calls: list[int] = []
+    real = kernel.skinny_gemm
+    monkeypatch.setattr(
+        kernel, "skinny_gemm", lambda x, *a, **k: calls.append(x.shape[0]) or real(x, *a, **k)
+    )
+    for tokens, skinny in ((1, False), (2, False), (3, True), (16, True), (17, False)):
+        calls.clear()
+        x = torch.randn(tokens, 96, generator=gen).to(DEVICE)
+        out = method.apply(layer, x, bias)
+        assert calls == ([tokens] if skinny else [])
+        expected = F.linear(x.float(), dequantized, bias.float())
+        err = ((out.double() - expected.double()).norm() / expected.double().norm()).item()
+        assert out.shape == (tokens, 40) and err < 1e-5
+    layer.fp8_quant_kernel = True  # as on a CUDA W8A8 layer with dynamic scales
+    assert not takes_fp8_activation(layer, 16, torch.bfloat16)
+    assert takes_fp8_activation(layer, 17, torch.bfloat16)

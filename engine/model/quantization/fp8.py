@@ -15,10 +15,11 @@ its own scalar) needs no requantization. `apply` dequantizes (w * scale in float
 F.linear, which is the reference and the path on CPU and on GPUs without FP8 tensor cores; on CUDA
 devices of compute capability 8.9+ (Ada, Hopper, Blackwell) with bfloat16 activations and
 per-channel scales, it runs torch._scaled_mm on FP8 activations quantized per token on the fly
-(dynamic activation scales; W8A8) from 5 tokens up, and a Triton W8A16 GEMV (ops/triton/fp8_gemv.py:
+(dynamic activation scales; W8A8) from 3 tokens up (17 on Hopper), a Triton W8A16 GEMV (ops/triton/fp8_gemv.py:
 the weight converted in registers, x unquantized as in the reference) for decode batches of 1-2
-tokens (the sweep on an H200: from 3, `_scaled_mm` is as fast), where quantizing x and a GEMM tiled for large M cost more than the
-bytes saved (1.48x bf16's batch-1 latency on an H200 before). Block-wise weights always take the dequantizing path for now.
+tokens, and on Hopper the tensor-core skinny GEMM, W8A16 too (ops/triton/skinny_gemm.py), at 3-16
+tokens: where quantizing x and a GEMM tiled for large M cost more than the bytes saved (1.48x bf16's
+batch-1 latency on an H200 before the GEMV; at 8 tokens _scaled_mm took longer than bf16's cuBLAS on an H100). Block-wise weights always take the dequantizing path for now.
 Static activation scales (`activation_scheme: "static"`, a scalar `input_scale` per module) quantize
 each layer's input per tensor instead: on the FP8 GEMM, and on the dequantizing path as a
 quantize-dequantize of x, so CPU computes what the GPU does.
@@ -223,6 +224,12 @@ class Fp8LinearMethod(LinearMethodBase):
             and all(n % 16 == 0 for n in layer.weight.shape)
         )
         layer.fp8_gemv = layer.fp8_scaled_mm and _triton_fp8_gemv_available()
+        # 3-16 tokens with dynamic scales: the tensor-core skinny GEMM's launch (W8A16), or None (_scaled_mm)
+        layer.fp8_skinny = (
+            plan_fp8_skinny(layer.weight.shape[1], layer.weight.shape[0], layer.weight.device)
+            if layer.fp8_gemv and input_scale is None and fp8_skinny_supported(layer.weight.device)
+            else None
+        )
         # Dynamic activation scales for _scaled_mm by the one-kernel quantizer (decided here, once).
         layer.fp8_quant_kernel = layer.fp8_gemv and input_scale is None and _fp8_quant_kernel_enabled()
         # cuBLASLt's FP8 accumulation without periodic promotion (WEIR_FP8_FAST_ACCUM, on by default: ops/env_flags.py)
@@ -244,6 +251,8 @@ class Fp8LinearMethod(LinearMethodBase):
             return fp8_gemv_linear(
                 x, layer.weight, layer.weight_scale, bias, layer.input_scale, False, l2_next
             )
+        if takes_fp8_skinny(layer, x.numel() // x.shape[-1]):  # any float x: float32 multiplies exactly (checks)
+            return fp8_skinny_linear(x, layer.weight, layer.weight_scale, bias, layer.fp8_skinny)
         if layer.fp8_scaled_mm and x.dtype == torch.bfloat16:
             return _scaled_mm_linear(
                 x, layer.weight, layer.weight_scale, bias, layer.input_scale, layer.fp8_quant_kernel,
@@ -303,6 +312,77 @@ def fp8_gemv_launch(in_features: int, out_features: int, num_sms: int, num_token
 _SMS: dict[int, int] = {}
 
 
+def _num_sms(device: int) -> int:
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count if device >= 0 else 132
+    return _SMS[device]
+
+
+# 3-16 tokens (L1's batch 8, a decode step's small batches): the tensor-core skinny GEMM on the FP8 weight
+# (ops/triton/skinny_gemm.py: tiles converted to x's dtype in registers, W8A16 as the GEMV) instead of
+# quantizing x and _scaled_mm. Sweep on an H100 at 4217c85 (loadtest/results/fp8-skinny-h100-2026-12-06-4217c85/,
+# `sweep_gemv.py --kinds fp8,skinny`), us at 8 tokens, skinny vs _scaled_mm (W8A8, the x quantization not
+# counted) vs bf16 cuBLAS: qkv 17.02 / 39.61 / 20.11, o 12.26 / 35.36 / 15.35, gate_up 50.61 / 69.38 / 78.70,
+# down 30.37 / 60.14 / 42.62, much the same at 2 tokens. At 1-2 tokens the FP8 GEMV is faster still (qkv 11.19
+# vs 14.74 at one token), so it keeps them. WEIR_FP8_SKINNY_GEMM=0 keeps _scaled_mm.
+FP8_SKINNY_MIN_TOKENS, FP8_SKINNY_MAX_TOKENS = GEMV_MAX_TOKENS + 1, 16
+# (in_features, out_features) -> the sweep's best launch at 8 tokens (Llama-3-8B's projections)
+_FP8_SKINNY_LAUNCHES: dict[tuple[int, int], dict[str, int]] = {
+    (4096, 6144): {"block_n": 128, "block_k": 128, "split_k": 4, "num_warps": 4, "num_stages": 3},  # qkv
+    (4096, 4096): {"block_n": 64, "block_k": 256, "split_k": 4, "num_warps": 4, "num_stages": 3},  # o_proj
+    (4096, 28672): {"block_n": 64, "block_k": 128, "split_k": 1, "num_warps": 4, "num_stages": 3},  # gate_up
+    (14336, 4096): {"block_n": 64, "block_k": 256, "split_k": 4, "num_warps": 4, "num_stages": 3},  # down
+}
+
+
+def plan_fp8_skinny(in_features: int, out_features: int, device: torch.device) -> dict[str, int] | None:
+    """The skinny GEMM's launch for an FP8 layer of this shape at 3-16 tokens (None: WEIR_FP8_SKINNY_GEMM=0).
+    Shapes not in the sweep's table take 64-row tiles of 128 columns, K split in 4 where the tiles alone
+    number under two per SM (the rule the four swept shapes' winners follow: split where N / 64 < 264)."""
+    if not env_flag("WEIR_FP8_SKINNY_GEMM"):
+        return None
+    launch = _FP8_SKINNY_LAUNCHES.get((in_features, out_features))
+    if launch is not None:
+        return dict(launch)
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    split_k = 4 if -(-out_features // 64) < 2 * sms else 1
+    return {"block_n": 64, "block_k": 128, "split_k": split_k, "num_warps": 4, "num_stages": 3}
+
+
+def fp8_skinny_supported(device: torch.device) -> bool:
+    """Hopper and later (compute capability 9.0+, where it was measured), Triton importable."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
+        return False
+    try:
+        import ops.triton.skinny_gemm  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    return True
+
+
+def takes_fp8_skinny(layer: nn.Module, num_tokens: int) -> bool:
+    """Whether an input of `num_tokens` rows goes through the FP8 skinny GEMM (16-bit x, unquantized)."""
+    return (
+        getattr(layer, "fp8_skinny", None) is not None
+        and FP8_SKINNY_MIN_TOKENS <= num_tokens <= FP8_SKINNY_MAX_TOKENS
+    )
+
+
+def fp8_skinny_linear(
+    x: torch.Tensor,  # [..., in], 3-16 tokens, 16-bit
+    weight: torch.Tensor,  # [out, in] float8_e4m3fn
+    weight_scale: torch.Tensor,  # [out] float32
+    bias: torch.Tensor | None,
+    launch: dict[str, int],
+) -> torch.Tensor:  # [..., out]
+    from ops.triton.skinny_gemm import skinny_gemm  # noqa: PLC0415
+
+    out = skinny_gemm(x.reshape(-1, x.shape[-1]).contiguous(), weight, weight_scale, **launch)  # [M, out]
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
 def fp8_gemv_linear(
     x: torch.Tensor,  # [..., in] with at most GEMV_MAX_TOKENS rows
     weight: torch.Tensor,  # [out, in] float8_e4m3fn
@@ -315,10 +395,7 @@ def fp8_gemv_linear(
     from ops.triton.fp8_gemv import fp8_gemv  # noqa: PLC0415
 
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [M, in]
-    device = x.get_device()
-    if device not in _SMS:
-        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count if device >= 0 else 132
-    launch = fp8_gemv_launch(x2.shape[1], weight.shape[0], _SMS[device], x2.shape[0])
+    launch = fp8_gemv_launch(x2.shape[1], weight.shape[0], _num_sms(x.get_device()), x2.shape[0])
     out = fp8_gemv(x2, weight, weight_scale, input_scale, **launch, gated=gated, l2_next=l2_next)
     if bias is not None:
         out = out + bias

@@ -10,7 +10,7 @@ launches) and passes this holder; `Fp8LinearMethod.apply` takes it straight to t
 
 Only where the linear would have quantized the same tensor itself: a W8A8 FP8 layer with dynamic
 scales on the Triton quantizer (CUDA), no LoRA (the LoRA term needs the 16-bit input), more tokens than
-the FP8 GEMV takes (it reads 16-bit x), a bfloat16 model. WEIR_FP8_FUSED_QUANT=0 keeps the separate
+the FP8 GEMV and the FP8 skinny GEMM take (they read 16-bit x), a bfloat16 model. WEIR_FP8_FUSED_QUANT=0 keeps the separate
 launches (to compare).
 """
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine.model.quantization.fp8 import GEMV_MAX_TOKENS
+from engine.model.quantization.fp8 import GEMV_MAX_TOKENS, takes_fp8_skinny
 from ops.env_flags import env_flag
 
 
@@ -43,6 +43,7 @@ def takes_fp8_activation(layer: nn.Module, num_tokens: int, dtype: torch.dtype) 
     kernel making that input should hand it over quantized."""
     return (
         num_tokens > GEMV_MAX_TOKENS
+        and not takes_fp8_skinny(layer, num_tokens)
         and dtype == torch.bfloat16
         and getattr(layer, "fp8_quant_kernel", False)
         and layer.lora is None

@@ -251,7 +251,9 @@ class Fp8LinearMethod(LinearMethodBase):
             return fp8_gemv_linear(
                 x, layer.weight, layer.weight_scale, bias, layer.input_scale, False, l2_next
             )
-        if takes_fp8_skinny(layer, x.numel() // x.shape[-1]):  # any float x: float32 multiplies exactly (checks)
+        if takes_fp8_skinny(
+            layer, x.numel() // x.shape[-1]
+        ):  # any float x: float32 multiplies exactly (checks)
             return fp8_skinny_linear(x, layer.weight, layer.weight_scale, bias, layer.fp8_skinny)
         if layer.fp8_scaled_mm and x.dtype == torch.bfloat16:
             return _scaled_mm_linear(

@@ -315,3 +315,19 @@ def test_back_to_back_ms_times_the_calls_after_the_warm_up() -> None:
     ms = back_to_back_ms(fn, "cpu", calls=3, reps=2, warmup=4)
     assert len(calls) == 4 + 3 * 2
     assert 2.0 <= ms < 50.0  # each call sleeps 2 ms
+
+
+def test_probe_carveout_says_it_needs_a_gpu_and_is_a_device_step(tmp_path: Path) -> None:
+    """loadtest/probe_carveout.py (device_call's prb0 / prb1) times CUDA graphs after driver-API calls:
+    on CPU it exits 1 with that reason in its report, and device_call.sh runs it."""
+    out = tmp_path / "carveout.json"
+    run = subprocess.run(
+        [sys.executable, "loadtest/probe_carveout.py", "--shape", "llama3-8b", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 1, run.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["status"] == "error"
+    assert report["errors"] == ["probe: RuntimeError: needs a CUDA GPU (CUDA graphs, the driver API)"]
+    text = (ROOT / "loadtest" / "device_call.sh").read_text()
+    assert "probe_carveout.py" in text and "prb0*|prb1*)" in text

@@ -1,0 +1,146 @@
+"""Does one kernel launch slow the decode graphs replayed after it? (issue 17: the skinny GEMM's batch-1 cost)
+
+With WEIR_SKINNY_GEMM=1 every decode graph without a skinny launch (sizes 1 and 32-256, 256 captured
+before any skinny graph) replayed 1.2-2.0% slower on an H100 (`09fb917`, K1 --replay-sizes). One guess:
+the SMs' split of their on-chip memory between L1 and shared memory ("carveout"), which the driver sets
+for a kernel that needs a lot of shared memory (the skinny GEMM's 100-200 KB launches) and may keep for
+the kernels after it that state no preference of their own.
+
+So, on one engine (the graphs captured as the environment sets them), the decode graphs at --sizes are
+timed alone (back to back, on their capture's padding-only batch) after each of:
+
+    captured      nothing more
+    skinny_big    a skinny GEMM launched eagerly with ~200 KB of shared memory
+    l1_pref       a small Triton kernel whose preferred carveout is set to 0 (all L1) by the driver API
+    skinny_48kb   a skinny GEMM of under 48 KB a block
+    l1_pref_again as l1_pref
+    cublas        a 256-row cuBLAS GEMM (torch.mm)
+    l1_pref_last  as l1_pref
+
+If the times move with what ran last, the state is the device's and a launch can set it back.
+
+    WEIR_SKINNY_GEMM=0 python loadtest/probe_carveout.py --shape llama3-8b --out carveout_off.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from loadtest.common import (  # noqa: E402
+    Report,
+    add_common_args,
+    build_llm,
+    default_max_model_len,
+    engine_kwargs,
+    engine_runner,
+    install_signal_handlers,
+    phase,
+    resolve_model,
+)
+from loadtest.decode_breakdown import graph_replay_ms  # noqa: E402
+
+CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT = 9  # cuda.h's CUfunction_attribute
+
+
+def set_carveout(function_handle: int, percent: int) -> int:
+    """cuFuncSetAttribute(function, PREFERRED_SHARED_MEMORY_CARVEOUT, percent): the driver's result code."""
+    libcuda = ctypes.CDLL("libcuda.so.1")
+    return int(
+        libcuda.cuFuncSetAttribute(
+            ctypes.c_void_p(function_handle),
+            ctypes.c_int(CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT),
+            ctypes.c_int(percent),
+        )
+    )
+
+
+def _l1_pref_kernel() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _touch(x_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1.0, mask=offs < n)
+
+    return _touch
+
+
+def run_probe(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from ops.triton.skinny_gemm import SHARED_BYTES, skinny_gemm
+
+    model = resolve_model(args)
+    llm, _ = build_llm(
+        model, engine_kwargs(args, model, max_model_len=default_max_model_len(args, model, 64))
+    )
+    runner = engine_runner(llm)
+    device = torch.device(model.device)
+    x8 = torch.randn(8, 4096, device=device, dtype=torch.bfloat16)
+    w = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    a256 = torch.randn(256, 4096, device=device, dtype=torch.bfloat16)
+    flat = torch.zeros(1 << 16, device=device)
+    touch = _l1_pref_kernel()
+    results: dict[str, Any] = {"order": [], "times_ms": {}, "carveout_rc": None, "shared_bytes": {}}
+
+    def l1_pref() -> None:
+        compiled = touch[(flat.numel() // 1024,)](flat, flat.numel(), BLOCK=1024)
+        handle = getattr(compiled, "function", None)  # the CUfunction, once Triton loaded it
+        if results["carveout_rc"] is None and handle is not None:
+            results["carveout_rc"] = set_carveout(handle, 0)
+            compiled = touch[(flat.numel() // 1024,)](flat, flat.numel(), BLOCK=1024)  # with it set
+
+    steps = {
+        "captured": lambda: None,
+        "skinny_big": lambda: skinny_gemm(x8, w, block_n=64, block_k=256, split_k=1, num_stages=5),
+        "l1_pref": l1_pref,
+        "skinny_48kb": lambda: skinny_gemm(x8, w, block_n=32, block_k=128, split_k=1, num_stages=2),
+        "l1_pref_again": l1_pref,
+        "cublas": lambda: torch.mm(a256, w),
+        "l1_pref_last": l1_pref,
+    }
+    with torch.inference_mode():
+        for label, launch in steps.items():
+            launch()
+            torch.cuda.synchronize()
+            results["order"].append(label)
+            results["times_ms"][label] = {
+                str(size): round(graph_replay_ms(runner, size, on_dummy_step=True) or float("nan"), 4)
+                for size in args.sizes
+            }
+            print(
+                f"[probe] after {label:14s} "
+                + " ".join(f"{s}:{v}" for s, v in results["times_ms"][label].items())
+            )
+    results["shared_bytes"] = {str(k): v for k, v in SHARED_BYTES.items()}
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--sizes", type=lambda v: [int(x) for x in v.split(",") if x], default=[1, 8, 32, 256],
+        help="decode graph sizes to time after each launch",
+    )  # fmt: skip
+    add_common_args(p, default_shape="llama3-8b")
+    args = p.parse_args(argv)
+    install_signal_handlers()
+    model = resolve_model(args)
+    report = Report("carveout", args, model)
+    if model.device != "cuda":
+        report.error("probe", RuntimeError("needs a CUDA GPU (CUDA graphs, the driver API)"))
+        return report.finish()
+    with phase(report, "probe", required=False):
+        report["results"]["probe"] = run_probe(args)
+    return report.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,7 +24,7 @@
 # the built-in table); engsk: the engine check with it on and a launch for every shape (float32: exact); k1s / k8s: K1 /
 # K8 with it on; fsk: sweep_gemv.py's FP8 GEMV and the skinny GEMM on FP8 weights (fp8_skinny) at FSB tokens (Q2's
 # batch-1 projections: does the tensor-core W8A16 read FP8 weights faster?); grs0a grs1a grs0b ...: K1 with it off / on, also each of GRS's decode graphs replayed alone
-# (graph_replay_ms_by_size: does the skinny GEMM's batch-1 cost reach every graph size?); t2s0a t2s1a ...: T2 with it off / on (T2SN requests); f8l0a f8l1a ...: L1 on FP8 weights with WEIR_FP8_SKINNY_GEMM=0 / 1 (fp8.py's skinny GEMM at 3-16 tokens); prb0 / prb1: probe_carveout.py with WEIR_SKINNY_GEMM=0 / 1 (decode graphs timed after launches that may set the SMs' L1/shared split); s48: the skinny sweep's small tiles under 48 KB of shared memory, winners to $O/skinny_48kb.json;
+# (graph_replay_ms_by_size: does the skinny GEMM's batch-1 cost reach every graph size?); t2s0a t2s1a ...: T2 with it off / on (T2SN requests); f8l0a f8l1a ...: L1 on FP8 weights with WEIR_FP8_SKINNY_GEMM=0 / 1 (fp8.py's skinny GEMM at 3-16 tokens); prb0 / prb1: probe_carveout.py with WEIR_SKINNY_GEMM=0 / 1 (decode graphs timed after launches that may set the SMs' L1/shared split), prb0big / prb048: with a skinny GEMM (~200 KB / 12 KB of shared memory) launched before the engine is built; s48: the skinny sweep's small tiles under 48 KB of shared memory, winners to $O/skinny_48kb.json;
 # sm1a sm1b ...: L1 with those (after s48); sl1a sl1b ...: L1 with it on, each layer's best launch of at most 100 KB of shared memory;
 # engpdl: the engine check with WEIR_PDL=1; fda0a fda1a fda0b ...: L1 with WEIR_FUSED_DECODE_ATTENTION=0 / 1
 # (decode_attention, engine/model/layers/attention.py); engfda: the engine check with it on; q12fda: Q1, Q2 with it on; q3: bench_quant.py's Q3 (T2 bf16 and FP8 weights);
@@ -107,7 +107,7 @@ for s in $STEPS; do case $s in
   grs0*|grs1*) step $s 120 env WEIR_SKINNY_GEMM=${s:3:1} python3 loadtest/profile_kernels.py --mode batch1 --shape llama3-8b --input-len 32 --decode-steps 4 --replay-sizes ${GRS:-1,2,8,16,32,64,128,256} --out $O/$s.json;;
   t2s0*|t2s1*) step $s 120 env WEIR_SKINNY_GEMM=${s:3:1} python3 loadtest/bench_throughput.py --workload t2 --shape llama3-8b --num-requests ${T2SN:-1000} --peer none --out $O/$s.json;;
   f8l0*|f8l1*) step $s 90 env WEIR_FP8_SKINNY_GEMM=${s:3:1} python3 loadtest/bench_latency.py --shape llama3-8b --quantization fp8 --batch-sizes 1,8 --peer none --out $O/$s.json;;
-  prb0*|prb1*) step $s 90 env WEIR_SKINNY_GEMM=${s:3:1} python3 loadtest/probe_carveout.py --shape llama3-8b --out $O/$s.json;;
+  prb0*|prb1*) step $s 90 env WEIR_SKINNY_GEMM=${s:3:1} python3 loadtest/probe_carveout.py --shape llama3-8b --before-build $(case $s in *big) echo skinny_big;; *48) echo skinny_48kb;; *) echo none;; esac) --out $O/$s.json;;
   k8s) step k8s 120 env WEIR_SKINNY_GEMM=1 python3 loadtest/profile_kernels.py --mode batch1 --decode-batch 8 --shape llama3-8b --input-len 32 --output-len 256 --decode-steps 20 --out $O/profile_l1_b8_skinny.json;;
   fsk) step fsk ${FSC:-300} python3 loadtest/sweep_gemv.py --shape llama3-8b --batches ${FSB:-1,2,8} --kinds fp8,skinny --out $O/sweep_fp8_skinny.json;;
   s48) step s48 ${SKC:-150} python3 loadtest/sweep_gemv.py --shape llama3-8b --batches ${SKB:-2,8,16} --kinds skinny --skinny-max-shared-kb 48 --out $O/sweep_skinny_48kb.json --skinny-launches-out $O/skinny_48kb.json;;

@@ -17,7 +17,10 @@ timed alone (back to back, on their capture's padding-only batch) after each of:
     cublas        a 256-row cuBLAS GEMM (torch.mm)
     l1_pref_last  as l1_pref
 
-If the times move with what ran last, the state is the device's and a launch can set it back.
+If the times move with what ran last, the state is the device's and a launch can set it back. On an
+H100 at `fd671cf` they did not (every size within 0.2% after every launch, both settings), so the cost
+is fixed by the time the graphs first replay: `--before-build` launches a skinny GEMM before the
+engine exists, to see whether that alone slows the graphs it then captures.
 
     WEIR_SKINNY_GEMM=0 python loadtest/probe_carveout.py --shape llama3-8b --out carveout_off.json
 """
@@ -78,6 +81,15 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
     from ops.triton.skinny_gemm import SHARED_BYTES, skinny_gemm
 
     model = resolve_model(args)
+    if args.before_build != "none":  # launched before the engine loads, captures and first replays its graphs
+        x, weight = torch.randn(8, 4096, device=model.device), torch.randn(4096, 4096, device=model.device)
+        x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
+        if args.before_build == "skinny_big":
+            skinny_gemm(x, weight, block_n=64, block_k=256, split_k=1, num_stages=5)
+        else:
+            skinny_gemm(x, weight, block_n=32, block_k=128, split_k=1, num_stages=2)
+        torch.cuda.synchronize()
+        del x, weight
     llm, _ = build_llm(
         model, engine_kwargs(args, model, max_model_len=default_max_model_len(args, model, 64))
     )
@@ -129,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         "--sizes", type=lambda v: [int(x) for x in v.split(",") if x], default=[1, 8, 32, 256],
         help="decode graph sizes to time after each launch",
     )  # fmt: skip
+    p.add_argument(
+        "--before-build",
+        choices=("none", "skinny_big", "skinny_48kb"),
+        default="none",
+        help="a skinny GEMM launched before the engine is built (does a launch before the graphs exist "
+        "slow them, where one after does not?)",
+    )
     add_common_args(p, default_shape="llama3-8b")
     args = p.parse_args(argv)
     install_signal_handlers()

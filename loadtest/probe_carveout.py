@@ -20,7 +20,9 @@ timed alone (back to back, on their capture's padding-only batch) after each of:
 If the times move with what ran last, the state is the device's and a launch can set it back. On an
 H100 at `fd671cf` they did not (every size within 0.2% after every launch, both settings), so the cost
 is fixed by the time the graphs first replay: `--before-build` launches a skinny GEMM before the
-engine exists, to see whether that alone slows the graphs it then captures.
+engine exists, to see whether that alone slows the graphs it then captures: it did not (`7845213`:
+sizes 1-256 within 0.15% of the engine without it, the engine with WEIR_SKINNY_GEMM=1 1.6% / 2.1% / 1.2%
+slower at 1 / 32 / 256 in the same call). `skinny_big_graph` keeps a CUDA graph holding that launch.
 
     WEIR_SKINNY_GEMM=0 python loadtest/probe_carveout.py --shape llama3-8b --out carveout_off.json
 """
@@ -81,14 +83,25 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
     from ops.triton.skinny_gemm import SHARED_BYTES, skinny_gemm
 
     model = resolve_model(args)
+    kept: list[Any] = []  # a graph made before the engine, alive until the end
     if args.before_build != "none":  # launched before the engine loads, captures and first replays its graphs
         x, weight = torch.randn(8, 4096, device=model.device), torch.randn(4096, 4096, device=model.device)
         x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
-        if args.before_build == "skinny_big":
-            skinny_gemm(x, weight, block_n=64, block_k=256, split_k=1, num_stages=5)
-        else:
-            skinny_gemm(x, weight, block_n=32, block_k=128, split_k=1, num_stages=2)
+        launches = {
+            "skinny_big": lambda: skinny_gemm(x, weight, block_n=64, block_k=256, split_k=1, num_stages=5),
+            "skinny_48kb": lambda: skinny_gemm(x, weight, block_n=32, block_k=128, split_k=1, num_stages=2),
+            "cublas": lambda: torch.nn.functional.linear(x, weight),
+        }
+        launch = launches[args.before_build.removesuffix("_graph")]
+        launch()
         torch.cuda.synchronize()
+        if args.before_build.endswith("_graph"):  # captured (instantiated) and replayed once, then kept
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                launch()
+            graph.replay()
+            torch.cuda.synchronize()
+            kept += [graph, x, weight]
         del x, weight
     llm, _ = build_llm(
         model, engine_kwargs(args, model, max_model_len=default_max_model_len(args, model, 64))
@@ -143,10 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     p.add_argument(
         "--before-build",
-        choices=("none", "skinny_big", "skinny_48kb"),
+        choices=("none", "skinny_big", "skinny_48kb", "skinny_big_graph", "cublas_graph"),
         default="none",
         help="a skinny GEMM launched before the engine is built (does a launch before the graphs exist "
-        "slow them, where one after does not?)",
+        "slow them, where one after does not?); *_graph: also captured into a CUDA graph kept alive (does "
+        "an instantiated graph holding it slow the engine's graphs?), cublas_graph its cuBLAS control",
     )
     add_common_args(p, default_shape="llama3-8b")
     args = p.parse_args(argv)

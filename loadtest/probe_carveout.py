@@ -22,7 +22,11 @@ H100 at `fd671cf` they did not (every size within 0.2% after every launch, both 
 is fixed by the time the graphs first replay: `--before-build` launches a skinny GEMM before the
 engine exists, to see whether that alone slows the graphs it then captures: it did not (`7845213`:
 sizes 1-256 within 0.15% of the engine without it, the engine with WEIR_SKINNY_GEMM=1 1.6% / 2.1% / 1.2%
-slower at 1 / 32 / 256 in the same call). `skinny_big_graph` keeps a CUDA graph holding that launch.
+slower at 1 / 32 / 256 in the same call). `skinny_big_graph` keeps a CUDA graph holding that launch, and
+that does it (`4c77e0a`, H100): the engine without the skinny GEMM, built after such a graph exists, replays
+its graphs 1 / 8 / 32 / 256 in 5.102 / 5.585 / 5.727 / 8.234 ms against 5.012 / 5.448 / 5.609 / 8.125
+without it, the engine with the skinny GEMM 5.098 / - / 5.727 / 8.223. Next: `skinny_48kb_graph` (12 KB of
+shared memory) and `fp8_skinny_graph` (72 KB), to see whether the launch's shared memory decides it.
 
     WEIR_SKINNY_GEMM=0 python loadtest/probe_carveout.py --shape llama3-8b --out carveout_off.json
 """
@@ -87,9 +91,13 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
     if args.before_build != "none":  # launched before the engine loads, captures and first replays its graphs
         x, weight = torch.randn(8, 4096, device=model.device), torch.randn(4096, 4096, device=model.device)
         x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
+        w8 = (weight.float() / weight.float().abs().amax(dim=1, keepdim=True) * 448).to(torch.float8_e4m3fn)
+        s8 = torch.ones(4096, device=model.device)
         launches = {
             "skinny_big": lambda: skinny_gemm(x, weight, block_n=64, block_k=256, split_k=1, num_stages=5),
             "skinny_48kb": lambda: skinny_gemm(x, weight, block_n=32, block_k=128, split_k=1, num_stages=2),
+            # the FP8 layers' o_proj launch (72 KB): FP8 engines showed no such cost at batch 1
+            "fp8_skinny": lambda: skinny_gemm(x, w8, s8, block_n=64, block_k=256, split_k=4, num_stages=3),
             "cublas": lambda: torch.nn.functional.linear(x, weight),
         }
         launch = launches[args.before_build.removesuffix("_graph")]
@@ -101,8 +109,8 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
                 launch()
             graph.replay()
             torch.cuda.synchronize()
-            kept += [graph, x, weight]
-        del x, weight
+            kept += [graph, x, weight, w8, s8]
+        del x, weight, w8, s8
     llm, _ = build_llm(
         model, engine_kwargs(args, model, max_model_len=default_max_model_len(args, model, 64))
     )
@@ -156,7 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     p.add_argument(
         "--before-build",
-        choices=("none", "skinny_big", "skinny_48kb", "skinny_big_graph", "cublas_graph"),
+        choices=(
+            "none",
+            "skinny_big",
+            "skinny_48kb",
+            "skinny_big_graph",
+            "skinny_48kb_graph",
+            "fp8_skinny_graph",
+            "cublas_graph",
+        ),
         default="none",
         help="a skinny GEMM launched before the engine is built (does a launch before the graphs exist "
         "slow them, where one after does not?); *_graph: also captured into a CUDA graph kept alive (does "

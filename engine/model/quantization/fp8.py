@@ -251,9 +251,8 @@ class Fp8LinearMethod(LinearMethodBase):
             return fp8_gemv_linear(
                 x, layer.weight, layer.weight_scale, bias, layer.input_scale, False, l2_next
             )
-        if takes_fp8_skinny(
-            layer, x.numel() // x.shape[-1]
-        ):  # any float x: float32 multiplies exactly (checks)
+        # any float x (float32 multiplies exactly, for checks)
+        if takes_fp8_skinny(layer, x.numel() // x.shape[-1]):
             return fp8_skinny_linear(x, layer.weight, layer.weight_scale, bias, layer.fp8_skinny)
         if layer.fp8_scaled_mm and x.dtype == torch.bfloat16:
             return _scaled_mm_linear(
@@ -363,7 +362,7 @@ def fp8_skinny_supported(device: torch.device) -> bool:
 
 
 def takes_fp8_skinny(layer: nn.Module, num_tokens: int) -> bool:
-    """Whether an input of `num_tokens` rows goes through the FP8 skinny GEMM (16-bit x, unquantized)."""
+    """Whether an input of `num_tokens` rows goes through the FP8 skinny GEMM (x as it is, unquantized)."""
     return (
         getattr(layer, "fp8_skinny", None) is not None
         and FP8_SKINNY_MIN_TOKENS <= num_tokens <= FP8_SKINNY_MAX_TOKENS
@@ -371,7 +370,7 @@ def takes_fp8_skinny(layer: nn.Module, num_tokens: int) -> bool:
 
 
 def fp8_skinny_linear(
-    x: torch.Tensor,  # [..., in], 3-16 tokens, 16-bit
+    x: torch.Tensor,  # [..., in], 3-16 tokens, bf16 / fp16 (float32: exact, for checks)
     weight: torch.Tensor,  # [out, in] float8_e4m3fn
     weight_scale: torch.Tensor,  # [out] float32
     bias: torch.Tensor | None,

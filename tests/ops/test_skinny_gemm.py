@@ -223,7 +223,7 @@ def test_the_fp8_skinny_plan_is_the_sweeps_table_then_a_rule_and_off_with_its_fl
     assert wide == {**small, "split_k": 1}
     monkeypatch.setenv("WEIR_FP8_SKINNY_GEMM", "0")
     assert fp8.plan_fp8_skinny(4096, 28672, cuda0) is None
-    assert not fp8.fp8_skinny_supported(torch.device("cpu"))
+    assert not fp8.hopper_with_triton(torch.device("cpu"))
 
 
 @in_process

@@ -167,37 +167,46 @@ def plan_skinny_gemm(in_features: int, out_features: int) -> dict[str, int] | No
 
 def skinny_gemm_supported(weight: torch.Tensor) -> bool:
     """As float_gemv_supported, float32 weights too (the skinny GEMM multiplies them exactly, for checks)."""
-    if weight.dtype == torch.float32 and weight.device.type == "cuda" and weight.stride(-1) == 1:
-        return torch.cuda.get_device_capability(weight.device) >= (9, 0)
+    if weight.dtype == torch.float32 and weight.stride(-1) == 1:
+        return hopper_with_triton(weight.device)
     return float_gemv_supported(weight)
 
 
 def skinny_gemm_linear(
     x: torch.Tensor,  # [..., in], 2-16 tokens
-    weight: torch.Tensor,  # [out, in]
+    weight: torch.Tensor,  # [out, in]: x's dtype, or float8_e4m3fn with weight_scale (W8A16)
     bias: torch.Tensor | None,
     launch: dict[str, int],
+    weight_scale: torch.Tensor | None = None,  # [out] float32: an FP8 weight's per-row scales
 ) -> torch.Tensor:  # [..., out]
     from ops.triton.skinny_gemm import skinny_gemm  # noqa: PLC0415
 
-    out = skinny_gemm(x.reshape(-1, x.shape[-1]), weight, **launch)  # [tokens, out]
+    x2 = x.reshape(-1, x.shape[-1])  # [tokens, in]
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = skinny_gemm(x2, weight, weight_scale=weight_scale, **launch)  # [tokens, out]
     if bias is not None:
         out = out + bias
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def float_gemv_supported(weight: torch.Tensor) -> bool:
-    """CUDA compute capability 9.0+ (where it was measured), 16-bit weights contiguous along K, and
+def hopper_with_triton(device: torch.device) -> bool:
+    """A CUDA device of compute capability 9.0+ (where the Triton decode kernels were measured), with
     Triton importable."""
-    if weight.device.type != "cuda" or weight.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    if weight.stride(-1) != 1 or torch.cuda.get_device_capability(weight.device) < (9, 0):
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
         return False
     try:
         import ops.triton.fp8_gemv  # noqa: F401, PLC0415 (importing triton needs a GPU or the interpreter)
     except ImportError:
         return False
     return True
+
+
+def float_gemv_supported(weight: torch.Tensor) -> bool:
+    """16-bit weights contiguous along K on a Hopper-class GPU with Triton (hopper_with_triton)."""
+    if weight.dtype not in (torch.bfloat16, torch.float16) or weight.stride(-1) != 1:
+        return False
+    return hopper_with_triton(weight.device)
 
 
 def float_gemv_linear(

@@ -37,6 +37,7 @@ from torch import nn
 from engine.model.parameter import WeightLoader, WeightShapeError, register_weight
 from engine.model.quantization.base import FusedMoEMethodBase, LinearMethodBase, QuantizationConfig
 from engine.model.quantization.common import experts_skipped, is_ignored, is_skipped
+from engine.model.quantization.float_gemv import hopper_with_triton, skinny_gemm_linear
 from engine.model.quantization.unquantized import UnquantizedFusedMoEMethod, UnquantizedLinearMethod
 from ops import reference
 from ops.env_flags import env_flag
@@ -227,7 +228,7 @@ class Fp8LinearMethod(LinearMethodBase):
         # 3-16 tokens with dynamic scales: the tensor-core skinny GEMM's launch (W8A16), or None (_scaled_mm)
         layer.fp8_skinny = (
             plan_fp8_skinny(layer.weight.shape[1], layer.weight.shape[0], layer.weight.device)
-            if layer.fp8_gemv and input_scale is None and fp8_skinny_supported(layer.weight.device)
+            if layer.fp8_gemv and input_scale is None and hopper_with_triton(layer.weight.device)
             else None
         )
         # Dynamic activation scales for _scaled_mm by the one-kernel quantizer (decided here, once).
@@ -253,7 +254,7 @@ class Fp8LinearMethod(LinearMethodBase):
             )
         # any float x (float32 multiplies exactly, for checks)
         if takes_fp8_skinny(layer, x.numel() // x.shape[-1]):
-            return fp8_skinny_linear(x, layer.weight, layer.weight_scale, bias, layer.fp8_skinny)
+            return skinny_gemm_linear(x, layer.weight, bias, layer.fp8_skinny, layer.weight_scale)
         if layer.fp8_scaled_mm and x.dtype == torch.bfloat16:
             return _scaled_mm_linear(
                 x, layer.weight, layer.weight_scale, bias, layer.input_scale, layer.fp8_quant_kernel,
@@ -350,38 +351,12 @@ def plan_fp8_skinny(in_features: int, out_features: int, device: torch.device) -
     return {"block_n": 64, "block_k": 128, "split_k": split_k, "num_warps": 4, "num_stages": 3}
 
 
-def fp8_skinny_supported(device: torch.device) -> bool:
-    """Hopper and later (compute capability 9.0+, where it was measured), Triton importable."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
-        return False
-    try:
-        import ops.triton.skinny_gemm  # noqa: F401, PLC0415
-    except ImportError:
-        return False
-    return True
-
-
 def takes_fp8_skinny(layer: nn.Module, num_tokens: int) -> bool:
     """Whether an input of `num_tokens` rows goes through the FP8 skinny GEMM (x as it is, unquantized)."""
     return (
         getattr(layer, "fp8_skinny", None) is not None
         and FP8_SKINNY_MIN_TOKENS <= num_tokens <= FP8_SKINNY_MAX_TOKENS
     )
-
-
-def fp8_skinny_linear(
-    x: torch.Tensor,  # [..., in], 3-16 tokens, bf16 / fp16 (float32: exact, for checks)
-    weight: torch.Tensor,  # [out, in] float8_e4m3fn
-    weight_scale: torch.Tensor,  # [out] float32
-    bias: torch.Tensor | None,
-    launch: dict[str, int],
-) -> torch.Tensor:  # [..., out]
-    from ops.triton.skinny_gemm import skinny_gemm  # noqa: PLC0415
-
-    out = skinny_gemm(x.reshape(-1, x.shape[-1]).contiguous(), weight, weight_scale, **launch)  # [M, out]
-    if bias is not None:
-        out = out + bias
-    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def fp8_gemv_linear(

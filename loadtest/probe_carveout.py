@@ -81,6 +81,24 @@ def _l1_pref_kernel() -> Any:
     return _touch
 
 
+def weight_placement(runner: Any) -> dict[str, Any]:
+    """Where the engine's weights and KV cache landed: does a kept graph move them (the GPU's pages are 2 MB)?"""
+    import torch
+
+    params = list(runner.model.parameters())
+    two_mb = 1 << 21
+    stack = getattr(runner, "kv_cache_stack", None)
+    return {
+        "num_params": len(params),
+        "first_param_ptr_mod_2mb": params[0].data_ptr() % two_mb,
+        "params_2mb_aligned": sum(p.data_ptr() % two_mb == 0 for p in params),
+        "largest_param_ptr_mod_2mb": max(params, key=lambda p: p.numel()).data_ptr() % two_mb,
+        "kv_ptr_mod_2mb": stack.data_ptr() % two_mb if isinstance(stack, torch.Tensor) else None,
+        "kv_bytes": stack.numel() * stack.element_size() if isinstance(stack, torch.Tensor) else None,
+        "reserved_bytes": torch.cuda.memory_reserved(),
+    }
+
+
 def run_probe(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -100,9 +118,12 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
             "fp8_skinny": lambda: skinny_gemm(x, w8, s8, block_n=64, block_k=256, split_k=4, num_stages=3),
             "cublas": lambda: torch.nn.functional.linear(x, weight),
         }
-        launch = launches[args.before_build.removesuffix("_graph")]
-        launch()
-        torch.cuda.synchronize()
+        if args.before_build == "alloc":  # the same tensors kept, nothing launched: placement alone
+            kept += [x, weight, w8, s8]
+        else:
+            launch = launches[args.before_build.removesuffix("_graph")]
+            launch()
+            torch.cuda.synchronize()
         if args.before_build.endswith("_graph"):  # captured (instantiated) and replayed once, then kept
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
@@ -116,12 +137,16 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
     )
     runner = engine_runner(llm)
     device = torch.device(model.device)
+    placement = weight_placement(runner)
+    print(f"[probe] placement {placement}")
     x8 = torch.randn(8, 4096, device=device, dtype=torch.bfloat16)
     w = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
     a256 = torch.randn(256, 4096, device=device, dtype=torch.bfloat16)
     flat = torch.zeros(1 << 16, device=device)
     touch = _l1_pref_kernel()
-    results: dict[str, Any] = {"order": [], "times_ms": {}, "carveout_rc": None, "shared_bytes": {}}
+    results: dict[str, Any] = {
+        "order": [], "times_ms": {}, "carveout_rc": None, "shared_bytes": {}, "placement": placement,
+    }  # fmt: skip
 
     def l1_pref() -> None:
         compiled = touch[(flat.numel() // 1024,)](flat, flat.numel(), BLOCK=1024)
@@ -172,11 +197,13 @@ def main(argv: list[str] | None = None) -> int:
             "skinny_48kb_graph",
             "fp8_skinny_graph",
             "cublas_graph",
+            "alloc",
         ),
         default="none",
         help="a skinny GEMM launched before the engine is built (does a launch before the graphs exist "
         "slow them, where one after does not?); *_graph: also captured into a CUDA graph kept alive (does "
-        "an instantiated graph holding it slow the engine's graphs?), cublas_graph its cuBLAS control",
+        "an instantiated graph holding it slow the engine's graphs?), cublas_graph its cuBLAS control; alloc: "
+        "the same tensors kept, nothing launched (does the weights' placement decide it?)",
     )
     add_common_args(p, default_shape="llama3-8b")
     args = p.parse_args(argv)

@@ -26,7 +26,11 @@ slower at 1 / 32 / 256 in the same call). `skinny_big_graph` keeps a CUDA graph 
 that does it (`4c77e0a`, H100): the engine without the skinny GEMM, built after such a graph exists, replays
 its graphs 1 / 8 / 32 / 256 in 5.102 / 5.585 / 5.727 / 8.234 ms against 5.012 / 5.448 / 5.609 / 8.125
 without it, the engine with the skinny GEMM 5.098 / - / 5.727 / 8.223. Next: `skinny_48kb_graph` (12 KB of
-shared memory) and `fp8_skinny_graph` (72 KB), to see whether the launch's shared memory decides it.
+shared memory) and `fp8_skinny_graph` (72 KB), to see whether the launch's shared memory decides it. They
+slowed it as much, and so did `cublas_graph` (a kept graph of one cuBLAS GEMM), where `alloc` (the same
+tensors kept, no graph) did not (`701f95a`): any CUDA graph made before the engine and kept costs the
+engine's graphs ~1.5%, whatever it holds. The steps after the l1_pref ones capture such graphs after the
+engine's (own pool, the engine's pool) and drop them: does the cost come and go with the graph?
 
     WEIR_SKINNY_GEMM=0 python loadtest/probe_carveout.py --shape llama3-8b --out carveout_off.json
 """
@@ -88,7 +92,11 @@ def weight_placement(runner: Any) -> dict[str, Any]:
     params = list(runner.model.parameters())
     two_mb = 1 << 21
     stack = getattr(runner, "kv_cache_stack", None)
+    segments = torch.cuda.memory_snapshot()
     return {
+        "num_graphs": getattr(runner.graph_runner, "num_graphs", None),
+        "memory_pools": len({tuple(seg.get("segment_pool_id", ())) for seg in segments}),
+        "memory_segments": len(segments),
         "num_params": len(params),
         "first_param_ptr_mod_2mb": params[0].data_ptr() % two_mb,
         "params_2mb_aligned": sum(p.data_ptr() % two_mb == 0 for p in params),
@@ -155,6 +163,23 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
             results["carveout_rc"] = set_carveout(handle, 0)
             compiled = touch[(flat.numel() // 1024,)](flat, flat.numel(), BLOCK=1024)  # with it set
 
+    made_after: list[Any] = []  # graphs captured after the engine's, kept until dropped
+
+    def graph_after(launch: Any, pool: Any = None) -> None:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = launch()
+        graph.replay()
+        made_after.extend([graph, out])
+
+    def drop_after() -> None:
+        made_after.clear()
+        torch.cuda.synchronize()
+
+    def touch_once() -> Any:
+        return touch[(flat.numel() // 1024,)](flat, flat.numel(), BLOCK=1024)
+
+    engine_pool = getattr(runner.graph_runner, "pool", None)
     steps = {
         "captured": lambda: None,
         "skinny_big": lambda: skinny_gemm(x8, w, block_n=64, block_k=256, split_k=1, num_stages=5),
@@ -163,6 +188,13 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
         "l1_pref_again": l1_pref,
         "cublas": lambda: torch.mm(a256, w),
         "l1_pref_last": l1_pref,
+        # graphs captured now, after the engine's: does one slow the engine's at once, and dropping it undo it?
+        "touch_graph_after": lambda: graph_after(touch_once),
+        "touch_graph_dropped": drop_after,
+        "cublas_graph_after": lambda: graph_after(lambda: torch.mm(x8, w)),
+        "cublas_graph_dropped": drop_after,
+        "touch_graph_engine_pool": lambda: graph_after(touch_once, pool=engine_pool),
+        "engine_pool_dropped": drop_after,
     }
     with torch.inference_mode():
         for label, launch in steps.items():

@@ -30,7 +30,11 @@ shared memory) and `fp8_skinny_graph` (72 KB), to see whether the launch's share
 slowed it as much, and so did `cublas_graph` (a kept graph of one cuBLAS GEMM), where `alloc` (the same
 tensors kept, no graph) did not (`701f95a`): any CUDA graph made before the engine and kept costs the
 engine's graphs ~1.5%, whatever it holds. The steps after the l1_pref ones capture such graphs after the
-engine's (own pool, the engine's pool) and drop them: does the cost come and go with the graph?
+engine's (own pool, the engine's pool) and drop them: does the cost come and go with the graph? It came
+with the first such graph, even a one-kernel graph in the engine's own pool, and stayed after it was
+dropped (`c0f7e7b`); the engine with the skinny GEMM was slow from the start and stayed as slow.
+`--after-build` runs one candidate action first, in a process of its own, to find which part of making a
+graph flips it.
 
     WEIR_SKINNY_GEMM=0 python loadtest/probe_carveout.py --shape llama3-8b --out carveout_off.json
 """
@@ -39,12 +43,14 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from engine.worker.cuda_graphs import capture_stream  # noqa: E402
 from loadtest.common import (  # noqa: E402
     Report,
     add_common_args,
@@ -180,8 +186,32 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
         return touch[(flat.numel() // 1024,)](flat, flat.numel(), BLOCK=1024)
 
     engine_pool = getattr(runner.graph_runner, "pool", None)
-    steps = {
-        "captured": lambda: None,
+
+    def fresh_segment() -> None:  # a new cudaMalloc'd segment, kept (outside any pool the engine has)
+        made_after.append(torch.empty(64 << 20, dtype=torch.uint8, device=device))
+
+    def graph_on_engine_stream() -> None:  # as the engine captures: its stream, its pool
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=engine_pool, stream=capture_stream(device)):
+            out = touch_once()
+        graph.replay()
+        made_after.extend([graph, out])
+
+    def clear_cache() -> None:  # what torch.cuda.graph's entry does before each capture
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    first_actions = {
+        "stream": lambda: made_after.append(torch.cuda.Stream(device)),
+        "segment": fresh_segment,
+        "empty_cache": clear_cache,
+        "graph_engine_stream": graph_on_engine_stream,
+        "graph": lambda: graph_after(touch_once),
+    }
+    steps = {"captured": lambda: None}
+    if args.after_build != "none":  # first, in a process of its own: which of these flips the graphs' speed?
+        steps[f"first_{args.after_build}"] = first_actions[args.after_build]
+    steps |= {
         "skinny_big": lambda: skinny_gemm(x8, w, block_n=64, block_k=256, split_k=1, num_stages=5),
         "l1_pref": l1_pref,
         "skinny_48kb": lambda: skinny_gemm(x8, w, block_n=32, block_k=128, split_k=1, num_stages=2),
@@ -236,6 +266,14 @@ def main(argv: list[str] | None = None) -> int:
         "slow them, where one after does not?); *_graph: also captured into a CUDA graph kept alive (does "
         "an instantiated graph holding it slow the engine's graphs?), cublas_graph its cuBLAS control; alloc: "
         "the same tensors kept, nothing launched (does the weights' placement decide it?)",
+    )
+    p.add_argument(
+        "--after-build",
+        choices=("none", "stream", "segment", "empty_cache", "graph_engine_stream", "graph"),
+        default="none",
+        help="one action right after the first timing, before any other: a new CUDA stream, a new 64 MiB "
+        "segment, gc + empty_cache, a graph captured as the engine captures (its stream and pool), a graph on "
+        "torch's default capture stream (which any later graph slowed the engine's graphs, for good?)",
     )
     add_common_args(p, default_shape="llama3-8b")
     args = p.parse_args(argv)

@@ -201,7 +201,32 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
         gc.collect()
         torch.cuda.empty_cache()
 
+    def stream_used() -> None:  # a new stream's first work: one eager kernel on it, no graph
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            touch_once()
+        torch.cuda.current_stream(device).wait_stream(side)
+        made_after.append(side)
+
+    def graph_private_pool() -> None:  # the engine's stream, a new private pool
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=capture_stream(device)):
+            out = touch_once()
+        graph.replay()
+        made_after.extend([graph, out])
+
+    def skinny_graph_engine_stream() -> None:  # the big skinny launch, captured as the engine captures
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=engine_pool, stream=capture_stream(device)):
+            out = skinny_gemm(x8, w, block_n=64, block_k=256, split_k=1, num_stages=5)
+        graph.replay()
+        made_after.extend([graph, out])
+
     first_actions = {
+        "stream_used": stream_used,
+        "graph_private_pool": graph_private_pool,
+        "skinny_graph_engine_stream": skinny_graph_engine_stream,
         "stream": lambda: made_after.append(torch.cuda.Stream(device)),
         "segment": fresh_segment,
         "empty_cache": clear_cache,
@@ -269,7 +294,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--after-build",
-        choices=("none", "stream", "segment", "empty_cache", "graph_engine_stream", "graph"),
+        choices=(
+            "none",
+            "stream",
+            "stream_used",
+            "segment",
+            "empty_cache",
+            "graph_engine_stream",
+            "graph_private_pool",
+            "skinny_graph_engine_stream",
+            "graph",
+        ),
         default="none",
         help="one action right after the first timing, before any other: a new CUDA stream, a new 64 MiB "
         "segment, gc + empty_cache, a graph captured as the engine captures (its stream and pool), a graph on "

@@ -113,12 +113,47 @@ def weight_placement(runner: Any) -> dict[str, Any]:
     }
 
 
+def trace_streams() -> dict[str, Any]:
+    """Record, from now on, each stream a Triton kernel is launched on (its first kernels' names) and
+    where each torch.cuda.Stream is made: the first work on a third stream slows every decode graph."""
+    import traceback
+
+    import torch
+    from triton import knobs
+
+    launches: dict[int, dict[str, Any]] = {}
+    made: list[dict[str, Any]] = []
+
+    def on_launch(metadata: Any) -> None:
+        data = metadata.get()
+        entry = launches.setdefault(int(data["stream"]), {"launches": 0, "first": [], "capturing": False})
+        entry["launches"] += 1
+        entry["capturing"] |= torch.cuda.is_current_stream_capturing()
+        if len(entry["first"]) < 4 and data["name"] not in entry["first"]:
+            entry["first"].append(data["name"])
+
+    knobs.runtime.launch_enter_hook = on_launch
+    original_new = torch.cuda.Stream.__new__
+
+    def recording_new(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        stream = original_new(cls, *args, **kwargs)
+        frames = traceback.extract_stack(limit=6)[:-1]
+        made.append(
+            {"stream": stream.cuda_stream, "at": [f"{f.filename}:{f.lineno} {f.name}" for f in frames]}
+        )
+        return stream
+
+    torch.cuda.Stream.__new__ = recording_new
+    return {"triton_launches_by_stream": launches, "streams_made": made}
+
+
 def run_probe(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from ops.triton.skinny_gemm import SHARED_BYTES, skinny_gemm
 
     model = resolve_model(args)
+    traced = trace_streams() if args.trace_streams else None
     kept: list[Any] = []  # a graph made before the engine, alive until the end
     if args.before_build != "none":  # launched before the engine loads, captures and first replays its graphs
         x, weight = torch.randn(8, 4096, device=model.device), torch.randn(4096, 4096, device=model.device)
@@ -151,6 +186,19 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
     )
     runner = engine_runner(llm)
     device = torch.device(model.device)
+    if traced is not None:  # what the engine's build launched where (the probe's own launches come after)
+        print(f"[probe] streams during the build: {traced}")
+        streams_at_build = {
+            "default_stream": torch.cuda.default_stream(device).cuda_stream,
+            "capture_stream": capture_stream(device).cuda_stream,
+            "triton_launches_by_stream": {
+                str(k): dict(v) for k, v in traced["triton_launches_by_stream"].items()
+            },
+            "streams_made": list(traced["streams_made"]),
+        }
+        from triton import knobs
+
+        knobs.runtime.launch_enter_hook = None
     placement = weight_placement(runner)
     print(f"[probe] placement {placement}")
     x8 = torch.randn(8, 4096, device=device, dtype=torch.bfloat16)
@@ -201,6 +249,13 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
         gc.collect()
         torch.cuda.empty_cache()
 
+    def on_engine_stream(launch: Any) -> None:  # an eager launch on the engine's capture stream
+        side = capture_stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            launch()
+        torch.cuda.current_stream(device).wait_stream(side)
+
     def stream_used() -> None:  # a new stream's first work: one eager kernel on it, no graph
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -224,6 +279,10 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
         made_after.extend([graph, out])
 
     first_actions = {
+        "touch_engine_stream": lambda: on_engine_stream(touch_once),
+        "skinny_engine_stream": lambda: on_engine_stream(
+            lambda: skinny_gemm(x8, w, block_n=64, block_k=256, split_k=1, num_stages=5)
+        ),
         "stream_used": stream_used,
         "graph_private_pool": graph_private_pool,
         "skinny_graph_engine_stream": skinny_graph_engine_stream,
@@ -265,6 +324,8 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
                 + " ".join(f"{s}:{v}" for s, v in results["times_ms"][label].items())
             )
     results["shared_bytes"] = {str(k): v for k, v in SHARED_BYTES.items()}
+    if traced is not None:
+        results["streams_at_build"] = streams_at_build
     return results
 
 
@@ -310,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
         "segment, gc + empty_cache, a graph captured as the engine captures (its stream and pool), a graph on "
         "torch's default capture stream (which any later graph slowed the engine's graphs, for good?)",
     )
+    p.add_argument(
+        "--trace-streams", action="store_true",
+        help="record the streams the engine's build launched Triton kernels on, and where streams were made",
+    )  # fmt: skip
     add_common_args(p, default_shape="llama3-8b")
     args = p.parse_args(argv)
     install_signal_handlers()

@@ -364,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
             "graph_engine_stream",
             "graph_private_pool",
             "skinny_graph_engine_stream",
+            "touch_engine_stream",
+            "skinny_engine_stream",
             "graph",
         ),
         default="none",

@@ -31,10 +31,15 @@ slowed it as much, and so did `cublas_graph` (a kept graph of one cuBLAS GEMM), 
 tensors kept, no graph) did not (`701f95a`): any CUDA graph made before the engine and kept costs the
 engine's graphs ~1.5%, whatever it holds. The steps after the l1_pref ones capture such graphs after the
 engine's (own pool, the engine's pool) and drop them: does the cost come and go with the graph? It came
-with the first such graph, even a one-kernel graph in the engine's own pool, and stayed after it was
+with the first such graph (one Triton kernel, on torch's default capture stream) and stayed after it was
 dropped (`c0f7e7b`); the engine with the skinny GEMM was slow from the start and stayed as slow.
-`--after-build` runs one candidate action first, in a process of its own, to find which part of making a
-graph flips it.
+`--after-build` runs one candidate action first, in a process of its own: the first work on a third
+stream (one eager kernel on a new stream, or a graph captured on torch's default capture stream) puts the
+engine without the skinny GEMM at the skinny engine's speed for good; a new stream with no work, a new
+segment, empty_cache, a graph captured on the engine's own stream (own pool, the engine's pool, even one
+holding the 200 KB skinny launch) do not (`128eda3`, `38bd8b1`). `--trace-streams` showed both engines
+launching on the default and capture streams only (`1e62b78`), so what puts the skinny engine in that
+state is still open. Results: loadtest/results/graph-stream-state-h100-2026-12-06-701f95a/.
 
     WEIR_SKINNY_GEMM=0 python loadtest/probe_carveout.py --shape llama3-8b --out carveout_off.json
 """
@@ -136,11 +141,11 @@ def trace_streams() -> dict[str, Any]:
     original_new = torch.cuda.Stream.__new__
 
     def recording_new(cls: Any, *args: Any, **kwargs: Any) -> Any:
-        stream = original_new(cls, *args, **kwargs)
-        frames = traceback.extract_stack(limit=6)[:-1]
-        made.append(
-            {"stream": stream.cuda_stream, "at": [f"{f.filename}:{f.lineno} {f.name}" for f in frames]}
-        )
+        stream = original_new(cls, *args, **kwargs)  # also each wrapper current_stream() returns
+        if all(entry["stream"] != stream.cuda_stream for entry in made):  # where each handle first appears
+            frames = traceback.extract_stack(limit=6)[:-1]
+            at = [f"{f.filename}:{f.lineno} {f.name}" for f in frames]
+            made.append({"stream": stream.cuda_stream, "at": at})
         return stream
 
     torch.cuda.Stream.__new__ = recording_new

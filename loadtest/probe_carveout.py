@@ -39,7 +39,9 @@ engine without the skinny GEMM at the skinny engine's speed for good; a new stre
 segment, empty_cache, a graph captured on the engine's own stream (own pool, the engine's pool, even one
 holding the 200 KB skinny launch) do not (`128eda3`, `38bd8b1`). `--trace-streams` showed both engines
 launching on the default and capture streams only (`1e62b78`), so what puts the skinny engine in that
-state is still open. Results: loadtest/results/graph-stream-state-h100-2026-12-06-701f95a/.
+state is still open; next: `--after-build skinny_engine_stream` / `touch_engine_stream` (an eager launch on
+the capture stream, where the engine's warm-ups run them) and `--warm-up-stream default` (the warm-ups on
+the default stream, where an eager skinny launch left the graphs fast). Results: loadtest/results/graph-stream-state-h100-2026-12-06-701f95a/.
 
     WEIR_SKINNY_GEMM=0 python loadtest/probe_carveout.py --shape llama3-8b --out carveout_off.json
 """
@@ -152,6 +154,28 @@ def trace_streams() -> dict[str, Any]:
     return {"triton_launches_by_stream": launches, "streams_made": made}
 
 
+def warm_up_on_default_stream() -> None:
+    """The engines built from now on run their pre-capture warm-up forwards on the current (default)
+    stream instead of the capture stream: does an eager skinny launch on the capture stream put the engine
+    in the slow state (a skinny launch eagerly on the default stream did not)? Captures are unchanged."""
+    import time
+
+    import torch
+
+    from engine.worker.cuda_graphs import CUDAGraphRunner
+
+    def warm_up(self: Any, step: Any, stream: Any, label: str) -> None:
+        t0 = time.perf_counter()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.forward(step.input_ids, step.positions, step.metadata)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        seconds = time.perf_counter() - t0
+        self.warmup_seconds += seconds
+        self.warmup_by_step[label] = seconds
+
+    CUDAGraphRunner._warm_up = warm_up
+
+
 def run_probe(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -159,6 +183,8 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
 
     model = resolve_model(args)
     traced = trace_streams() if args.trace_streams else None
+    if args.warm_up_stream == "default":
+        warm_up_on_default_stream()
     kept: list[Any] = []  # a graph made before the engine, alive until the end
     if args.before_build != "none":  # launched before the engine loads, captures and first replays its graphs
         x, weight = torch.randn(8, 4096, device=model.device), torch.randn(4096, 4096, device=model.device)
@@ -378,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
         "segment, gc + empty_cache, a graph captured as the engine captures (its stream and pool), a graph on "
         "torch's default capture stream (which any later graph slowed the engine's graphs, for good?)",
     )
+    p.add_argument(
+        "--warm-up-stream", choices=("capture", "default"), default="capture",
+        help="where the engine's pre-capture warm-up forwards run (default: a patched runner, this probe only)",
+    )  # fmt: skip
     p.add_argument(
         "--trace-streams", action="store_true",
         help="record the streams the engine's build launched Triton kernels on, and where streams were made",

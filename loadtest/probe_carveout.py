@@ -250,12 +250,24 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
 
     made_after: list[Any] = []  # graphs captured after the engine's, kept until dropped
 
-    def graph_after(launch: Any, pool: Any = None) -> None:
+    engine_pool = getattr(runner.graph_runner, "pool", None)
+    engine_stream = capture_stream(device)
+
+    def graph_after(launch: Any, pool: Any = None, stream: Any = None) -> None:
+        """Capture `launch` into a graph kept alive (no stream: torch's default capture stream, a third one)."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
             out = launch()
         graph.replay()
         made_after.extend([graph, out])
+
+    def on_stream(launch: Any, side: Any) -> None:
+        """`launch` eagerly on stream `side`, ordered after and before the current stream's work."""
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            launch()
+        torch.cuda.current_stream(device).wait_stream(side)
+        made_after.append(side)
 
     def drop_after() -> None:
         made_after.clear()
@@ -264,70 +276,35 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
     def touch_once() -> Any:
         return touch[(flat.numel() // 1024,)](flat, flat.numel(), BLOCK=1024)
 
-    engine_pool = getattr(runner.graph_runner, "pool", None)
+    def skinny_big() -> Any:
+        return skinny_gemm(x8, w, block_n=64, block_k=256, split_k=1, num_stages=5)
 
     def fresh_segment() -> None:  # a new cudaMalloc'd segment, kept (outside any pool the engine has)
         made_after.append(torch.empty(64 << 20, dtype=torch.uint8, device=device))
-
-    def graph_on_engine_stream() -> None:  # as the engine captures: its stream, its pool
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=engine_pool, stream=capture_stream(device)):
-            out = touch_once()
-        graph.replay()
-        made_after.extend([graph, out])
 
     def clear_cache() -> None:  # what torch.cuda.graph's entry does before each capture
         gc.collect()
         torch.cuda.empty_cache()
 
-    def on_engine_stream(launch: Any) -> None:  # an eager launch on the engine's capture stream
-        side = capture_stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            launch()
-        torch.cuda.current_stream(device).wait_stream(side)
-
-    def stream_used() -> None:  # a new stream's first work: one eager kernel on it, no graph
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            touch_once()
-        torch.cuda.current_stream(device).wait_stream(side)
-        made_after.append(side)
-
-    def graph_private_pool() -> None:  # the engine's stream, a new private pool
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=capture_stream(device)):
-            out = touch_once()
-        graph.replay()
-        made_after.extend([graph, out])
-
-    def skinny_graph_engine_stream() -> None:  # the big skinny launch, captured as the engine captures
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=engine_pool, stream=capture_stream(device)):
-            out = skinny_gemm(x8, w, block_n=64, block_k=256, split_k=1, num_stages=5)
-        graph.replay()
-        made_after.extend([graph, out])
-
     first_actions = {
-        "touch_engine_stream": lambda: on_engine_stream(touch_once),
-        "skinny_engine_stream": lambda: on_engine_stream(
-            lambda: skinny_gemm(x8, w, block_n=64, block_k=256, split_k=1, num_stages=5)
-        ),
-        "stream_used": stream_used,
-        "graph_private_pool": graph_private_pool,
-        "skinny_graph_engine_stream": skinny_graph_engine_stream,
+        "touch_engine_stream": lambda: on_stream(touch_once, engine_stream),
+        "skinny_engine_stream": lambda: on_stream(skinny_big, engine_stream),
+        # a new stream's first work: one eager kernel on it, no graph
+        "stream_used": lambda: on_stream(touch_once, torch.cuda.Stream(device)),
+        "graph_private_pool": lambda: graph_after(touch_once, stream=engine_stream),
+        "skinny_graph_engine_stream": lambda: graph_after(skinny_big, pool=engine_pool, stream=engine_stream),
         "stream": lambda: made_after.append(torch.cuda.Stream(device)),
         "segment": fresh_segment,
         "empty_cache": clear_cache,
-        "graph_engine_stream": graph_on_engine_stream,
+        # as the engine captures: its stream, its pool
+        "graph_engine_stream": lambda: graph_after(touch_once, pool=engine_pool, stream=engine_stream),
         "graph": lambda: graph_after(touch_once),
     }
     steps = {"captured": lambda: None}
     if args.after_build != "none":  # first, in a process of its own: which of these flips the graphs' speed?
         steps[f"first_{args.after_build}"] = first_actions[args.after_build]
     steps |= {
-        "skinny_big": lambda: skinny_gemm(x8, w, block_n=64, block_k=256, split_k=1, num_stages=5),
+        "skinny_big": skinny_big,
         "l1_pref": l1_pref,
         "skinny_48kb": lambda: skinny_gemm(x8, w, block_n=32, block_k=128, split_k=1, num_stages=2),
         "l1_pref_again": l1_pref,

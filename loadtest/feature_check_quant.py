@@ -67,6 +67,26 @@ def _checkpoints(src: Path, root: Path) -> list[tuple[str, Callable[[], Path], d
     def gptq(*variant: Any) -> Callable[[], Path]:
         return lambda: write_gptq(src, root / "gptq", *variant)[0]
 
+    def moe_gptq(*variant: Any) -> Callable[[], Path]:  # integer experts through the fused MoE kernel
+        def write() -> Path:
+            from tests.tiny_models import build_model
+
+            moe = root / "qwen3_moe"
+            if not (moe / "built").exists():  # experts 128 wide, so groups of 32 divide every input
+                overrides = {"moe_intermediate_size": 128}
+                build_model(
+                    "qwen3_moe",
+                    moe,
+                    root / "tokenizer",
+                    vocab_size=512,
+                    config_overrides=overrides,
+                    hidden_size=128,
+                )
+                (moe / "built").touch()
+            return write_gptq(moe, root / "moe-gptq", *variant)[0]
+
+        return write
+
     return [
         ("gptq 4-bit g32", gptq(4, 32, False, True, "gptq"), {}),
         ("gptq 4-bit g128", gptq(4, 128, False, True, "gptq"), {}),
@@ -88,6 +108,8 @@ def _checkpoints(src: Path, root: Path) -> list[tuple[str, Callable[[], Path], d
         ),
         ("fp8 checkpoint per-channel", lambda: write_fp8(src, root / "fp8", "channel")[0], {}),
         ("online fp8 (quantization=fp8)", lambda: src, {"quantization": "fp8"}),
+        ("qwen3-moe gptq 4-bit g32", moe_gptq(4, 32, False, True, "gptq"), {}),
+        ("qwen3-moe gptq 4-bit g32 desc_act", moe_gptq(4, 32, True, True, "gptq"), {}),  # A_PERM
     ]
 
 

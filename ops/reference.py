@@ -500,7 +500,10 @@ def fused_moe(
     per_pair = torch.zeros(num_tokens, top_k, hidden.shape[1], dtype=dtype, device=hidden.device)
     for expert in topk_ids.unique().tolist():  # experts that got no token cost nothing
         rows, slots = torch.where(topk_ids == expert)
-        gate_up = hidden[rows] @ w13[expert].t()  # [n, 2 * intermediate]
+        x = hidden[rows]  # [n, hidden]
+        if isinstance(quant, IntExpertScales) and quant.w13_perm is not None:  # act order: w13's columns
+            x = x[:, quant.w13_perm[expert].long()]
+        gate_up = x @ w13[expert].t()  # [n, 2 * intermediate]
         act = silu_and_mul(gate_up.float()).to(dtype)  # [n, intermediate]
         if a2_scale is not None:
             act = fp8_qdq(act, a2_scale)

@@ -18,6 +18,8 @@ input tile through fp8 and back (fp8(a / s) * s), what an FP8 GEMM would read. (
 fp8 tl.dot on quantized activations is left for later.) Integer experts (W4A16 / W8A16;
 ops.moe_quant.IntExpertScales) are another (W_BITS): each code of the tile shifted out of its int32 word
 (packed along K), (code - zero) * scale with its group's zero and scale, rounded to the activation dtype.
+With act order (A_PERM, GPTQ desc_act) an expert's w13 columns are stored in group order and GEMM 1
+gathers x's columns through the expert's permutation (a [BLOCK_K] index load per K tile).
 
 No shape depends on the routing: the padded length is num_pairs + num_experts * (BLOCK_M - 1) rounded
 up to BLOCK_M (the most any routing can need), every buffer is sized by the number of tokens, the
@@ -118,6 +120,7 @@ def _moe_gemm_kernel(
     group_k,  # weight columns per scale column (BLOCKED only)
     a_scale_ptr,  # A_QDQ: [1] float32 static input scale
     zeros_ptr,  # W_BITS: [E, N, G] float32 zero points, laid out as the scales
+    perm_ptr,  # A_PERM: [E, K] int32, the input column each of the expert's K columns reads
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -128,6 +131,7 @@ def _moe_gemm_kernel(
     A_QDQ: tl.constexpr = False,  # the input through fp8 with a static scale (W_FP8 only)
     HW_CVT: tl.constexpr = True,  # A_QDQ: the GPU's fp8 conversion; else in software (the interpreter)
     W_BITS: tl.constexpr = 0,  # 4 / 8: integer codes packed along K in int32 words, per-group scales / zeros
+    A_PERM: tl.constexpr = False,  # act order: the expert's columns of a gathered through perm_ptr
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -170,7 +174,11 @@ def _moe_gemm_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        a = tl.load(a_base + offs_k[None, :], mask=valid[:, None] & k_mask[None, :], other=0.0)
+        if A_PERM:  # [BLOCK_K] input columns of this K tile, in the expert's group order
+            cols = tl.load(perm_ptr + expert * K + offs_k, mask=k_mask, other=0)
+        else:
+            cols = offs_k
+        a = tl.load(a_base + cols[None, :], mask=valid[:, None] & k_mask[None, :], other=0.0)
         if A_QDQ:  # as the reference's fp8_qdq: fp8(a / s) * s in a's dtype
             a_q = _to_fp8(tl.math.div_rn(a.to(tl.float32), a_scale), HW_CVT)
             a = (a_q.to(tl.float32) * a_scale).to(a_ty)
@@ -259,6 +267,7 @@ def launch_moe_gemm(
     a_scale: torch.Tensor | None = None,  # [1] float32 static input scale
     zeros: torch.Tensor | None = None,  # integer w: [E, N, G] float32, as `scale`
     bits: int = 0,  # integer w: [E, N, K / (32 // bits)] int32 words; 0: w is float or fp8
+    a_perm: torch.Tensor | None = None,  # [E, K] int32: act order's input columns per expert (GEMM 1)
     block_n: int | None = None,  # tile overrides (loadtest/kernel_check_moe.py's sweep); None: the default
     block_k: int | None = None,
     num_warps: int = 4,
@@ -283,9 +292,11 @@ def launch_moe_gemm(
         a.stride(0), w.stride(0), w.stride(1), w.stride(2), out.stride(0),
         s, s.stride(0), s.stride(1), s.stride(2) if quantized else 0, group_n, group_k,
         a_scale if a_scale is not None else weights, zeros if zeros is not None else s,
+        a_perm if a_perm is not None else sorted_pairs,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated, IEEE=a.dtype == torch.float32,
         W_FP8=quantized and not bits, BLOCKED=block_shape is not None, A_QDQ=a_scale is not None,
-        HW_CVT=hardware_fp8_conversion(a), W_BITS=bits, num_warps=num_warps, **stages,
+        HW_CVT=hardware_fp8_conversion(a), W_BITS=bits, A_PERM=a_perm is not None, num_warps=num_warps,
+        **stages,
     )  # fmt: skip
 
 
@@ -309,7 +320,12 @@ def fused_moe(
     act = torch.empty(num_pairs, two_i // 2, dtype=hidden.dtype, device=hidden.device)  # [num_pairs, I]
     q13 = q2 = {}
     if isinstance(quant, IntExpertScales):
-        q13 = {"scale": quant.w13_scales, "zeros": quant.w13_zeros, "bits": quant.bits}
+        q13 = {
+            "scale": quant.w13_scales,
+            "zeros": quant.w13_zeros,
+            "bits": quant.bits,
+            "a_perm": quant.w13_perm,
+        }
         q2 = {"scale": quant.w2_scales, "zeros": quant.w2_zeros, "bits": quant.bits}
     elif quant is not None:
         q13 = {"scale": quant.w13, "block_shape": quant.block_shape, "a_scale": quant.a13}

@@ -17,6 +17,8 @@ from tests.ops.triton_interpreter import DEVICE, in_process, only_in_subprocess,
 
 # isort: on
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -27,6 +29,16 @@ from ops.moe_quant import Fp8ExpertScales, IntExpertScales
 @only_in_subprocess
 def test_in_fresh_interpreter_process() -> None:
     rerun_in_fresh_process(__file__)
+
+
+def _poisoned(fn: Callable[..., torch.Tensor], *args: object) -> torch.Tensor:
+    """fn(*args) with every torch.empty filled with NaN: an output row the kernels skip fails the check."""
+    orig_empty = torch.empty
+    torch.empty = lambda *a, **k: orig_empty(*a, **k).fill_(float("nan"))  # type: ignore[assignment]
+    try:
+        return fn(*args)
+    finally:
+        torch.empty = orig_empty
 
 
 def _inputs(num_tokens: int, hidden: int, inter: int, num_experts: int, top_k: int, dtype: torch.dtype):
@@ -64,12 +76,7 @@ def test_fused_moe_matches_the_reference(
     x, w13, w2, weights, ids = _inputs(num_tokens, hidden, inter, num_experts, top_k, dtype)
     assert not (ids == 0).any()
     ref = reference.fused_moe(x, w13, w2, weights, ids)
-    orig_empty = torch.empty
-    torch.empty = lambda *a, **k: orig_empty(*a, **k).fill_(float("nan"))  # type: ignore[assignment]
-    try:
-        out = fused_moe(x, w13, w2, weights, ids)
-    finally:
-        torch.empty = orig_empty
+    out = _poisoned(fused_moe, x, w13, w2, weights, ids)
     assert out.shape == (num_tokens, hidden) and out.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
@@ -156,12 +163,7 @@ def test_fp8_experts_match_the_reference_on_dequantized_weights(
     fp8_dev = Fp8ExpertScales(
         s13.to(DEVICE), s2.to(DEVICE), block, *(None if a is None else a.to(DEVICE) for a in (a13, a2))
     )
-    orig_empty = torch.empty
-    torch.empty = lambda *a, **k: orig_empty(*a, **k).fill_(float("nan"))  # type: ignore[assignment]
-    try:
-        out = fused_moe(*dev, fp8_dev)
-    finally:
-        torch.empty = orig_empty
+    out = _poisoned(fused_moe, *dev, fp8_dev)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(out.cpu(), ref, rtol=tol, atol=tol)
 
@@ -209,11 +211,40 @@ def test_int_experts_match_the_reference_on_dequantized_weights(
     torch.testing.assert_close(ref, reference.fused_moe(x, *deq, weights, ids), rtol=0, atol=0)
     dev = [t.to(DEVICE) for t in (x, q13, q2, weights, ids)]
     quant_dev = IntExpertScales(bits, *(t.to(DEVICE) for t in (s13, z13, s2, z2)))
-    orig_empty = torch.empty
-    torch.empty = lambda *a, **k: orig_empty(*a, **k).fill_(float("nan"))  # type: ignore[assignment]
-    try:
-        out = fused_moe(*dev, quant_dev)
-    finally:
-        torch.empty = orig_empty
+    out = _poisoned(fused_moe, *dev, quant_dev)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(out.cpu(), ref, rtol=tol, atol=tol)
+
+
+@in_process
+@pytest.mark.parametrize("num_tokens", [3, 70])  # decode-sized blocks; 64-row blocks
+def test_act_order_int_experts_gather_x_through_each_experts_permutation(num_tokens: int) -> None:
+    """GPTQ act order (IntExpertScales.w13_perm): each expert's [gate; up] stored with its input columns
+    in group order, so GEMM 1 reads x[:, perm[e]]: the same output as the checkpoint's order, each expert
+    with its own permutation (the reference's gather and the kernel's A_PERM)."""
+    from ops.triton.fused_moe import fused_moe
+
+    bits, group = 4, 16
+    x, w13, w2, weights, ids = (t.cpu() for t in _inputs(num_tokens, 80, 48, 6, 2, torch.float32))
+    gen = torch.Generator().manual_seed(7)
+    perm = torch.stack([torch.randperm(80, generator=gen) for _ in range(6)])  # [E, H]
+    stored = torch.stack([w13[e][:, perm[e]] for e in range(6)])  # columns in the permuted order
+    q13, z13, s13 = _int_experts(stored, bits, group)
+    q2, z2, s2 = _int_experts(w2, bits, group)
+    quant = IntExpertScales(bits, s13, z13, s2, z2, perm.to(torch.int32))
+    ref = reference.fused_moe(x, q13, q2, weights, ids, quant)
+    deq13 = reference.dequantize_int_experts(q13, z13, s13, bits, torch.float32)
+    unpermuted = torch.empty_like(deq13)
+    for e in range(6):
+        unpermuted[e][:, perm[e]] = deq13[e]
+    deq2 = reference.dequantize_int_experts(q2, z2, s2, bits, torch.float32)
+    # the checkpoint's order on the same weights (sums in another order: float32 rounding apart)
+    torch.testing.assert_close(
+        ref, reference.fused_moe(x, unpermuted, deq2, weights, ids), rtol=1e-5, atol=1e-5
+    )
+    without = reference.fused_moe(x, q13, q2, weights, ids, IntExpertScales(bits, s13, z13, s2, z2))
+    assert (without - ref).abs().max() > 1e-2  # the permutation matters: ignoring it is wrong
+    dev = [t.to(DEVICE) for t in (x, q13, q2, weights, ids)]
+    quant_dev = IntExpertScales(bits, *(t.to(DEVICE) for t in (s13, z13, s2, z2, quant.w13_perm)))
+    out = _poisoned(fused_moe, *dev, quant_dev)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-5)

@@ -230,6 +230,13 @@ KERNELS = [
         )
         for gated, bits in ((True, 4), (False, 8))
     ),
+    (  # GPTQ act order: GEMM 1 gathers x's columns through the expert's permutation
+        "ops.triton.fused_moe:_moe_gemm_kernel",
+        {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GATED": True, "IEEE": False, "W_BITS": 4, "A_PERM": True},
+        {"a_ptr": "*bf16", "w_ptr": "*i32", "out_ptr": "*bf16", "weights_ptr": "*fp32",
+         "sorted_pairs_ptr": "*i32", "block_expert_ptr": "*i32", "num_padded_ptr": "*i32",
+         "scale_ptr": "*fp32", "a_scale_ptr": "*fp32", "zeros_ptr": "*fp32", "perm_ptr": "*i32"},
+    ),
 ]  # fmt: skip
 
 _COMPILE = """
@@ -273,6 +280,7 @@ triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attr
         + ("-blocked" if k[1].get("BLOCKED") else "")
         + ("-static" if k[1].get("A_QDQ") else "")
         + (f"-int{k[1]['W_BITS']}" if k[1].get("W_BITS") else "")
+        + ("-act_order" if k[1].get("A_PERM") else "")
         + ("-l2prefetch" if k[1].get("L2_PREFETCH") else "")
         + (f"-rows{k[1]['ROWS']}" if k[1].get("ROWS", 1) > 1 else "")
         for k in KERNELS

@@ -64,9 +64,7 @@ class GPTQConfig(QuantizationConfig):
         return GPTQLinearMethod(self)
 
     def moe_refusal(self) -> str | None:
-        if self.desc_act:  # each expert would need its own permutation of the input
-            return "MoE experts with desc_act=True (act order) are not supported; re-quantize with desc_act=False"
-        return None
+        return None  # every option, act order too (wna16_moe.fold_act_order; one rank only, refused at build)
 
     def get_moe_method(self, layer: nn.Module, prefix: str) -> FusedMoEMethodBase:
         from engine.model.quantization.wna16_moe import WNA16FusedMoEMethod, gptq_format  # noqa: PLC0415
@@ -75,7 +73,9 @@ class GPTQConfig(QuantizationConfig):
             layer.checkpoint_module_names(), prefix, lambda n: is_skipped(n, self.skip_modules)
         ):
             return UnquantizedFusedMoEMethod()
-        return WNA16FusedMoEMethod(gptq_format(self.bits, self.group_size, self.checkpoint_format))
+        return WNA16FusedMoEMethod(
+            gptq_format(self.bits, self.group_size, self.checkpoint_format, self.desc_act)
+        )
 
 
 class GPTQLinearMethod(LinearMethodBase):

@@ -13,12 +13,18 @@ gate/up rows, down columns):
 The fused MoE op (ops.moe_quant.IntExpertScales) dequantizes them: on CPU the reference, on CUDA the
 Triton kernel's W_BITS variant, each code shifted out of its word in the inner loop.
 
-Act order (GPTQ desc_act, compressed-tensors actorder "group") is refused at start: each expert would
-need its own permutation of the input.
+Act order (GPTQ desc_act): each expert's g_idx is read too, and after loading (`fold_act_order`) its
+input columns are sorted into group order (engine.model.quantization.act_order.group_order): down's
+columns and, to match, the intermediate rows of gate and up, so the intermediate comes out in down's
+order at no cost; gate and up's own columns (they share x, hence one order, which is checked), so
+their GEMM gathers x's columns through `w13_perm` (ops.moe_quant.IntExpertScales). Uneven groups and
+tensor parallelism (an order that crosses ranks) are refused, as is compressed-tensors' actorder
+"group".
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +34,7 @@ from torch import nn
 
 from engine.model.checkpoint_slice import materialize
 from engine.model.parameter import WeightShapeError
+from engine.model.quantization.act_order import group_order
 from engine.model.quantization.base import FusedMoEMethodBase
 from engine.model.quantization.packing import AWQ_PACK_ORDER, pack_cols, pack_factor, unpack_cols, unpack_rows
 from ops.moe_quant import IntExpertScales
@@ -46,6 +53,7 @@ class ExpertFormat:
     group_size: int  # -1: one group over the whole input
     tensors: dict[str, tuple[str, Convert]]
     symmetric_zero: bool = False  # no zero-point tensor: zeros are 2**(bits - 1)
+    act_order: bool = False  # a "g_idx" tensor: each input column's group (GPTQ desc_act)
 
 
 def _expect(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -60,9 +68,9 @@ def _int32(t: torch.Tensor, what: str) -> torch.Tensor:
     return t
 
 
-def gptq_format(bits: int, group_size: int, checkpoint_format: str) -> ExpertFormat:
+def gptq_format(bits: int, group_size: int, checkpoint_format: str, act_order: bool = False) -> ExpertFormat:
     """GPTQ: qweight [K / pf, N] packed along K; qzeros [G, N / pf] (zero - 1 in format "gptq");
-    scales [G, N]; g_idx [K] (must be in order: no act order)."""
+    scales [G, N]; g_idx [K] (in order unless `act_order`, desc_act: then kept, each column's group)."""
     mask, offset = (1 << bits) - 1, 1.0 if checkpoint_format == "gptq" else 0.0
     pf = pack_factor(bits)
 
@@ -78,14 +86,23 @@ def gptq_format(bits: int, group_size: int, checkpoint_format: str) -> ExpertFor
         return _expect(t, (k // gs, n)).float().t()
 
     def g_idx(t: torch.Tensor, n: int, k: int, gs: int) -> torch.Tensor:
-        if not torch.equal(_expect(t, (k,)).long(), torch.arange(k) // gs):
-            raise ValueError(
-                "g_idx is not in input order (act order); weir runs GPTQ experts without desc_act"
-            )
+        order = _expect(t, (k,)).long()
+        if act_order:
+            if order.numel() and (int(order.min()) < 0 or int(order.max()) >= k // gs):
+                raise ValueError(
+                    f"g_idx holds groups in [{int(order.min())}, {int(order.max())}], outside the {k // gs} "
+                    "groups its scales have (corrupt or mismatched checkpoint)"
+                )
+            return order
+        if not torch.equal(order, torch.arange(k) // gs):
+            raise ValueError("g_idx is not in input order (act order) but the checkpoint says desc_act=False")
         return t
 
     tensors = {"qweight": ("codes", codes), "qzeros": ("zeros", zeros), "scales": ("scales", scales)}
-    return ExpertFormat("GPTQ", bits, group_size, {**tensors, "g_idx": ("check", g_idx)})
+    g_idx_kind = "g_idx" if act_order else "check"
+    return ExpertFormat(
+        "GPTQ", bits, group_size, {**tensors, "g_idx": (g_idx_kind, g_idx)}, act_order=act_order
+    )
 
 
 def awq_format(group_size: int) -> ExpertFormat:
@@ -147,6 +164,12 @@ class WNA16FusedMoEMethod(FusedMoEMethodBase):
         experts, hidden, size = layer.num_experts, layer.hidden_size, layer.intermediate_size
         shard = layer.intermediate_per_partition
         pf = pack_factor(fmt.bits)
+        if fmt.act_order and layer.tp_size > 1:  # one order over the intermediate would cross the ranks
+            raise ValueError(
+                f"{fmt.name} MoE layer {layer.prefix}: act order (desc_act) experts cannot be split over "
+                f"tensor_parallel_size {layer.tp_size}; serve it with tensor_parallel_size 1 or re-quantize "
+                "with desc_act=False"
+            )
         # (part, rows, this rank's input K, the whole input K)
         for part, rows, k, k_full in (("w13", 2 * shard, hidden, hidden), ("w2", hidden, shard, size)):
             gs = fmt.group_size if fmt.group_size != -1 else k_full
@@ -158,15 +181,20 @@ class WNA16FusedMoEMethod(FusedMoEMethodBase):
                 )
             groups = k // gs  # per channel over a sharded input: the one group, on every rank
             for kind, (suffix, convert) in _by_kind(fmt).items():
+                dummy = None
                 if kind == "codes":
                     tensor = torch.empty(experts, rows, k // pf, dtype=torch.int32)
                 elif kind == "check":
                     tensor = torch.zeros(1, dtype=torch.int32)  # validated as it loads, then dropped
+                elif kind == "g_idx":  # each projection's [K] groups: w13 [E, 2 (gate, up), H], w2 [E, I]
+                    shape = (experts, 2, k) if part == "w13" else (experts, k)
+                    tensor = torch.empty(shape, dtype=torch.int32)
+                    dummy = functools.partial(_groups_in_order, shape, gs)  # random weights: no act order
                 else:
                     tensor = torch.empty(experts, rows, groups, dtype=torch.float32)
                 loader = _converting_loader(layer, part, kind, convert, suffix, gs, fmt.bits)
                 attr = f"{part}_{'check_' + suffix if kind == 'check' else kind}"
-                layer.add_expert_param(attr, tensor, part, suffix, loader=loader)
+                layer.add_expert_param(attr, tensor, part, suffix, loader=loader, dummy_init=dummy)
             if fmt.symmetric_zero:
                 layer.register_buffer(
                     f"{part}_zeros", torch.full((experts, rows, groups), float(1 << (fmt.bits - 1)))
@@ -175,14 +203,65 @@ class WNA16FusedMoEMethod(FusedMoEMethodBase):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         for attr in [n for n, _ in layer.named_parameters(recurse=False) if "_check_" in n]:
             delattr(layer, attr)
+        if self.fmt.act_order:
+            fold_act_order(layer, self.fmt.bits)
 
     def apply(
         self, layer: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
     ) -> torch.Tensor:
         scales = IntExpertScales(
-            self.fmt.bits, layer.w13_scales, layer.w13_zeros, layer.w2_scales, layer.w2_zeros
-        )
+            self.fmt.bits, layer.w13_scales, layer.w13_zeros, layer.w2_scales, layer.w2_zeros,
+            getattr(layer, "w13_perm", None),
+        )  # fmt: skip
         return layer.kernels.fused_moe(x, layer.w13_codes, layer.w2_codes, topk_weights, topk_ids, scales)
+
+
+def _groups_in_order(shape: tuple[int, ...], group_size: int) -> torch.Tensor:
+    """A g_idx without act order: column k in group k // group_size, for every expert (and projection)."""
+    return (torch.arange(shape[-1], dtype=torch.int32) // group_size).expand(shape).clone()
+
+
+def fold_act_order(layer: nn.Module, bits: int) -> None:
+    """Each expert's columns sorted into group order (module docstring), in place; then `w13_perm`
+    [E, H] int32 (the x column each of w13's columns reads) and `w2_perm` [E, I] int32 (the intermediate
+    channel each stored one is), and the g_idx parameters are dropped."""
+    w13_g_idx, w2_g_idx = layer.w13_g_idx.data, layer.w2_g_idx.data  # [E, 2, H], [E, I]
+    shard = layer.intermediate_per_partition  # the whole intermediate (act order runs on one rank)
+    perms, intermediate = [], []
+    for expert in range(layer.num_experts):
+        where = f"{layer.checkpoint_prefix}.{expert}"
+        gate_order, up_order = w13_g_idx[expert]
+        if not torch.equal(gate_order, up_order):
+            raise ValueError(
+                f"{where}: the gate and up projections' g_idx differ; they share their input, so weir "
+                "needs one act order for both (re-quantize with desc_act=False)"
+            )
+        codes13 = unpack_cols(layer.w13_codes.data[expert], bits)  # [2I, H]
+        codes13, perm13, uneven13 = group_order(
+            codes13, gate_order, layer.w13_scales.shape[2], f"{where} gate/up"
+        )
+        codes2 = unpack_cols(layer.w2_codes.data[expert], bits)  # [H, I]
+        codes2, perm2, uneven2 = group_order(
+            codes2, w2_g_idx[expert], layer.w2_scales.shape[2], f"{where} down"
+        )
+        if uneven13 is not None or uneven2 is not None:
+            raise ValueError(
+                f"{where}: act order with groups of unequal size (not as GPTQ writes them) is not supported "
+                "for MoE experts"
+            )
+        if perm2 is not None:  # the intermediate in down's group order: gate's and up's rows permuted alike
+            rows = torch.cat([perm2, perm2 + shard])  # [2I]
+            codes13 = codes13[rows]
+            for attr in ("w13_scales", "w13_zeros"):
+                getattr(layer, attr).data[expert] = getattr(layer, attr).data[expert][rows]
+        layer.w13_codes.data[expert] = pack_cols(codes13, bits)
+        layer.w2_codes.data[expert] = pack_cols(codes2, bits)
+        perms.append(perm13 if perm13 is not None else torch.arange(codes13.shape[1]))
+        intermediate.append(perm2 if perm2 is not None else torch.arange(shard))
+    del layer.w13_g_idx, layer.w2_g_idx
+    layer.register_buffer("w13_perm", torch.stack(perms).to(torch.int32))  # [E, H]
+    # [E, I]: which intermediate channel each stored one is (nothing reads it at run time; for checks)
+    layer.register_buffer("w2_perm", torch.stack(intermediate).to(torch.int32))
 
 
 def _by_kind(fmt: ExpertFormat) -> dict[str, tuple[str, Convert]]:
@@ -208,6 +287,12 @@ def _converting_loader(
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
         if kind == "check":
+            return
+        if kind == "g_idx":  # act order runs unsharded (create_weights): the whole [K] order
+            target = (
+                param.data[expert] if projection == "down" else param.data[expert, int(projection == "up")]
+            )
+            target.copy_(full)
             return
         if projection == "down":  # this rank's input columns (codes), or their groups
             if kind == "codes":

@@ -4,7 +4,9 @@ pack-quantized checkpoints, the hub's per-expert layout. Each loads to exactly t
 (every expert's tensors, stacked) and runs like transformers on them. Checkpoints: GPTQ and AWQ by
 tests/engine/quantization/checkpoints.py (write_gptq, write_awq: GPTQModel's and AutoAWQ's layouts),
 compressed-tensors by the compressed-tensors library itself (ct_library.py) and by weir's packer.
-Models 128 wide (experts' intermediate 128) so group 128 divides every input. Act order is refused."""
+Models 128 wide (experts' intermediate 128) so group 128 divides every input. GPTQ act order (desc_act)
+loads into group order (wna16_moe.fold_act_order) and runs like transformers; over tensor-parallel ranks
+it is refused, as is compressed-tensors' actorder "group"."""
 
 from __future__ import annotations
 
@@ -60,6 +62,7 @@ def _checkpoint(src: Path, scheme: tuple) -> tuple[Path, Path]:
 
 GPTQ_4 = ("gptq", 4, 128, False, True, "gptq")  # bits, group, desc_act, sym, checkpoint_format
 GPTQ_8 = ("gptq", 8, 32, False, False, "gptq_v2")
+GPTQ_4_ACT = ("gptq", 4, 32, True, True, "gptq")  # act order: four groups of 32 over each input
 AWQ = ("awq", 128)
 CT_W4 = ("ct", "w4a16-g32")  # weir's packer, symmetric
 CT_LIB_ASYM = ("ct-lib", 4, 128, False)  # the library's packer, zero points
@@ -70,6 +73,7 @@ CT_LIB_ASYM = ("ct-lib", 4, 128, False)  # the library's packer, zero points
     [
         ("mixtral", GPTQ_4, "gptq", 2 * 3),
         ("mixtral", GPTQ_8, "gptq", 2 * 3),
+        ("qwen3_moe", GPTQ_4_ACT, "gptq", 2 * 2 + 2 + 1),
         ("qwen3_moe", AWQ, "awq", 2 * 2 + 2 + 1),
         ("qwen2_moe", CT_W4, "compressed-tensors", 2 * 5),
         ("qwen2_moe", CT_LIB_ASYM, "compressed-tensors", 2 * 5),
@@ -87,12 +91,21 @@ def test_int_moe_loads_exactly_the_dequantized_weights(
     assert experts and all(isinstance(m.quant_method, WNA16FusedMoEMethod) for m in experts)
     bits = 8 if scheme == GPTQ_8 else 4
     assert experts[-1].w13_codes.shape == (4, 256, 128 * bits // 32)  # [E, 2I, H / pf] int32 words
+    if scheme == GPTQ_4_ACT:  # each expert's own order for gate/up's input and for the intermediate
+        for layer in experts:
+            assert layer.w13_perm.shape == (4, 128) and layer.w2_perm.shape == (4, 128)
+            assert len({tuple(p.tolist()) for p in layer.w13_perm}) == 4
+            assert not torch.equal(layer.w2_perm[0], torch.arange(128, dtype=torch.int32))
+    else:
+        assert not hasattr(experts[-1], "w13_perm")
 
 
 @pytest.mark.parametrize(
     ("family", "scheme", "method", "setting"),
     [
         ("mixtral", GPTQ_4, "gptq", "default"),
+        ("qwen3_moe", GPTQ_4_ACT, "gptq", "default"),
+        ("qwen3_moe", GPTQ_4_ACT, "gptq", "preemption"),
         ("qwen3_moe", AWQ, "awq", "chunked_prefill"),
         ("qwen2_moe", CT_LIB_ASYM, "compressed-tensors", "default"),
     ],
@@ -141,19 +154,10 @@ def _with_quant(src: Path, dst: Path, quant: dict) -> Path:
     return dst
 
 
-def test_act_order_and_other_formats_are_refused_for_moe(
+def test_group_actorder_and_other_formats_are_refused_for_moe(
     tiny_model_dirs: dict[str, Path], wide_moe: dict[str, Path], tmp_path: Path
 ) -> None:
     src = tiny_model_dirs["qwen3_moe"]
-    gptq = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True, "sym": True}
-    dst = _with_quant(src, tmp_path / "gptq", gptq)
-    with pytest.raises(ValueError) as err:
-        EngineConfig(model=str(dst), device="cpu").resolve()
-    assert str(err.value) == (
-        f"quantization 'gptq' ({dst / 'config.json'} quantization_config) is not supported for "
-        "Qwen3MoeForCausalLM: MoE experts with desc_act=True (act order) are not supported; re-quantize with "
-        "desc_act=False"
-    )
     quantized, _ = _checkpoint(wide_moe["qwen2_moe"], ("ct-lib", 4, 32, False, "group"))
     with pytest.raises(ValueError, match=r"MoE experts with actorder 'group' are not supported; re-quantize"):
         EngineConfig(model=str(quantized), device="cpu").resolve()
@@ -166,4 +170,22 @@ def test_act_order_and_other_formats_are_refused_for_moe(
         f"quantization 'squeezellm' ({squeeze / 'quant_config.json'}) is not supported for Qwen3MoeForCausalLM: "
         "MoE experts are not supported with squeezellm; serve an unquantized, FP8, GPTQ, AWQ or "
         "compressed-tensors checkpoint"
+    )
+
+
+def test_act_order_experts_are_refused_over_tensor_parallel_ranks(wide_moe: dict[str, Path]) -> None:
+    """One act order over the intermediate would cross the ranks' slices: refused as the model is built,
+    naming the layer and both ways out."""
+    from engine.model.build_context import BuildContext
+    from engine.model.models.moe import MoeForCausalLM
+    from engine.model_config import ModelConfig
+
+    quantized, _ = _checkpoint(wide_moe["qwen3_moe"], GPTQ_4_ACT)
+    _, _, quant = resolve_quantization(quantized, None)
+    config = ModelConfig.from_pretrained(quantized, dtype="float32", device="cpu")
+    with pytest.raises(ValueError) as err:
+        MoeForCausalLM(config, BuildContext(quant_config=quant, tp_rank=0, tp_size=2))
+    assert str(err.value) == (
+        "GPTQ MoE layer model.layers.1.mlp.experts: act order (desc_act) experts cannot be split over "
+        "tensor_parallel_size 2; serve it with tensor_parallel_size 1 or re-quantize with desc_act=False"
     )

@@ -35,7 +35,7 @@ def _expert_weights(module: FusedMoE) -> tuple[torch.Tensor, torch.Tensor]:
     """(w13, w2) [E, N, K] float32 as the fused MoE op computes with them."""
     if hasattr(module, "w13_codes"):  # integer experts
         bits = module.quant_method.fmt.bits
-        return tuple(  # type: ignore[return-value]
+        w13, w2 = (
             dequantize_int_experts(
                 getattr(module, f"{p}_codes"),
                 getattr(module, f"{p}_zeros"),
@@ -45,6 +45,17 @@ def _expert_weights(module: FusedMoE) -> tuple[torch.Tensor, torch.Tensor]:
             )
             for p in ("w13", "w2")
         )
+        if getattr(module, "w13_perm", None) is None:
+            return w13, w2
+        # act order: stored in group order (wna16_moe.fold_act_order); put the checkpoint's order back
+        shard = module.intermediate_per_partition
+        w13_orig, w2_orig = torch.empty_like(w13), torch.empty_like(w2)
+        for e in range(module.num_experts):
+            columns, channels = module.w13_perm[e].long(), module.w2_perm[e].long()
+            rows = torch.cat([channels, channels + shard])
+            w13_orig[e, rows[:, None], columns[None, :]] = w13[e]
+            w2_orig[e][:, channels] = w2[e]
+        return w13_orig, w2_orig
     if module.w13_weight.dtype != torch.float8_e4m3fn:
         return module.w13_weight, module.w2_weight
     block = module.quant_method.block_shape

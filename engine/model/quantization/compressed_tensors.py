@@ -75,9 +75,7 @@ class CompressedTensorsWNA16Config(QuantizationConfig):
         return CompressedTensorsWNA16Method(self)
 
     def moe_refusal(self) -> str | None:
-        if self.act_order:  # each expert would need its own permutation of the input
-            return "MoE experts with actorder 'group' are not supported; re-quantize with actorder 'weight'"
-        return None
+        return None  # actorder "group" too (wna16_moe.fold_act_order; one rank only, refused at build)
 
     def get_moe_method(self, layer: nn.Module, prefix: str) -> FusedMoEMethodBase:
         from engine.model.quantization.wna16_moe import (  # noqa: PLC0415
@@ -87,7 +85,9 @@ class CompressedTensorsWNA16Config(QuantizationConfig):
 
         if experts_skipped(layer.checkpoint_module_names(), prefix, lambda n: is_ignored(n, self.ignore)):
             return UnquantizedFusedMoEMethod()
-        return WNA16FusedMoEMethod(compressed_tensors_format(self.bits, self.group_size, self.symmetric))
+        return WNA16FusedMoEMethod(
+            compressed_tensors_format(self.bits, self.group_size, self.symmetric, self.act_order)
+        )
 
 
 @dataclass(frozen=True, slots=True)

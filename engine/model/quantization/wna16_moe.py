@@ -13,13 +13,12 @@ gate/up rows, down columns):
 The fused MoE op (ops.moe_quant.IntExpertScales) dequantizes them: on CPU the reference, on CUDA the
 Triton kernel's W_BITS variant, each code shifted out of its word in the inner loop.
 
-Act order (GPTQ desc_act): each expert's g_idx is read too, and after loading (`fold_act_order`) its
+Act order (GPTQ desc_act, compressed-tensors actorder "group"): each expert's g_idx is read too, and after loading (`fold_act_order`) its
 input columns are sorted into group order (engine.model.quantization.act_order.group_order): down's
 columns and, to match, the intermediate rows of gate and up, so the intermediate comes out in down's
 order at no cost; gate and up's own columns (they share x, hence one order, which is checked), so
 their GEMM gathers x's columns through `w13_perm` (ops.moe_quant.IntExpertScales). Uneven groups and
-tensor parallelism (an order that crosses ranks) are refused, as is compressed-tensors' actorder
-"group".
+tensor parallelism (an order that crosses ranks) are refused.
 """
 
 from __future__ import annotations
@@ -53,7 +52,9 @@ class ExpertFormat:
     group_size: int  # -1: one group over the whole input
     tensors: dict[str, tuple[str, Convert]]
     symmetric_zero: bool = False  # no zero-point tensor: zeros are 2**(bits - 1)
-    act_order: bool = False  # a "g_idx" tensor: each input column's group (GPTQ desc_act)
+    act_order: bool = False  # a "g_idx" tensor: each input column's group (GPTQ desc_act, CT actorder group)
+    act_order_name: str = "act order (desc_act)"  # for messages: the option, and the way out without it
+    without_act_order: str = "re-quantize with desc_act=False"
 
 
 def _expect(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -86,15 +87,9 @@ def gptq_format(bits: int, group_size: int, checkpoint_format: str, act_order: b
         return _expect(t, (k // gs, n)).float().t()
 
     def g_idx(t: torch.Tensor, n: int, k: int, gs: int) -> torch.Tensor:
-        order = _expect(t, (k,)).long()
         if act_order:
-            if order.numel() and (int(order.min()) < 0 or int(order.max()) >= k // gs):
-                raise ValueError(
-                    f"g_idx holds groups in [{int(order.min())}, {int(order.max())}], outside the {k // gs} "
-                    "groups its scales have (corrupt or mismatched checkpoint)"
-                )
-            return order
-        if not torch.equal(order, torch.arange(k) // gs):
+            return _column_groups(t, n, k, gs)
+        if not torch.equal(_expect(t, (k,)).long(), torch.arange(k) // gs):
             raise ValueError("g_idx is not in input order (act order) but the checkpoint says desc_act=False")
         return t
 
@@ -125,9 +120,23 @@ def awq_format(group_size: int) -> ExpertFormat:
     )
 
 
-def compressed_tensors_format(bits: int, group_size: int, symmetric: bool) -> ExpertFormat:
+def _column_groups(t: torch.Tensor, n: int, k: int, gs: int) -> torch.Tensor:
+    """An act-order g_idx [K]: each input column's group, checked against the scales' k // gs groups."""
+    del n
+    order = _expect(t, (k,)).long()
+    if order.numel() and (int(order.min()) < 0 or int(order.max()) >= k // gs):
+        raise ValueError(
+            f"g_idx holds groups in [{int(order.min())}, {int(order.max())}], outside the {k // gs} groups "
+            "its scales have (corrupt or mismatched checkpoint)"
+        )
+    return order
+
+
+def compressed_tensors_format(
+    bits: int, group_size: int, symmetric: bool, act_order: bool = False
+) -> ExpertFormat:
     """pack-quantized: weight_packed [N, K / pf] along K; weight_scale [N, G]; weight_shape [2];
-    asymmetric: weight_zero_point [N / pf, G] packed along N."""
+    asymmetric: weight_zero_point [N / pf, G] packed along N; actorder "group": weight_g_idx [K]."""
     pf = pack_factor(bits)
 
     def codes(t: torch.Tensor, n: int, k: int, gs: int) -> torch.Tensor:
@@ -151,7 +160,12 @@ def compressed_tensors_format(bits: int, group_size: int, symmetric: bool) -> Ex
     }
     if not symmetric:
         tensors["weight_zero_point"] = ("zeros", zeros)
-    return ExpertFormat("compressed-tensors", bits, group_size, tensors, symmetric_zero=symmetric)
+    if act_order:
+        tensors["weight_g_idx"] = ("g_idx", _column_groups)
+    return ExpertFormat(
+        "compressed-tensors", bits, group_size, tensors, symmetric_zero=symmetric, act_order=act_order,
+        act_order_name="actorder 'group'", without_act_order="re-quantize with actorder 'weight'",
+    )  # fmt: skip
 
 
 class WNA16FusedMoEMethod(FusedMoEMethodBase):
@@ -166,9 +180,9 @@ class WNA16FusedMoEMethod(FusedMoEMethodBase):
         pf = pack_factor(fmt.bits)
         if fmt.act_order and layer.tp_size > 1:  # one order over the intermediate would cross the ranks
             raise ValueError(
-                f"{fmt.name} MoE layer {layer.prefix}: act order (desc_act) experts cannot be split over "
-                f"tensor_parallel_size {layer.tp_size}; serve it with tensor_parallel_size 1 or re-quantize "
-                "with desc_act=False"
+                f"{fmt.name} MoE layer {layer.prefix}: {fmt.act_order_name} experts cannot be split over "
+                f"tensor_parallel_size {layer.tp_size}; serve it with tensor_parallel_size 1 or "
+                f"{fmt.without_act_order}"
             )
         # (part, rows, this rank's input K, the whole input K)
         for part, rows, k, k_full in (("w13", 2 * shard, hidden, hidden), ("w2", hidden, shard, size)):
@@ -204,7 +218,7 @@ class WNA16FusedMoEMethod(FusedMoEMethodBase):
         for attr in [n for n, _ in layer.named_parameters(recurse=False) if "_check_" in n]:
             delattr(layer, attr)
         if self.fmt.act_order:
-            fold_act_order(layer, self.fmt.bits)
+            fold_act_order(layer, self.fmt)
 
     def apply(
         self, layer: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
@@ -221,10 +235,11 @@ def _groups_in_order(shape: tuple[int, ...], group_size: int) -> torch.Tensor:
     return (torch.arange(shape[-1], dtype=torch.int32) // group_size).expand(shape).clone()
 
 
-def fold_act_order(layer: nn.Module, bits: int) -> None:
+def fold_act_order(layer: nn.Module, fmt: ExpertFormat) -> None:
     """Each expert's columns sorted into group order (module docstring), in place; then `w13_perm`
     [E, H] int32 (the x column each of w13's columns reads) and `w2_perm` [E, I] int32 (the intermediate
     channel each stored one is), and the g_idx parameters are dropped."""
+    bits = fmt.bits
     w13_g_idx, w2_g_idx = layer.w13_g_idx.data, layer.w2_g_idx.data  # [E, 2, H], [E, I]
     shard = layer.intermediate_per_partition  # the whole intermediate (act order runs on one rank)
     perms, intermediate = [], []
@@ -234,7 +249,7 @@ def fold_act_order(layer: nn.Module, bits: int) -> None:
         if not torch.equal(gate_order, up_order):
             raise ValueError(
                 f"{where}: the gate and up projections' g_idx differ; they share their input, so weir "
-                "needs one act order for both (re-quantize with desc_act=False)"
+                f"needs one act order for both ({fmt.without_act_order})"
             )
         codes13 = unpack_cols(layer.w13_codes.data[expert], bits)  # [2I, H]
         codes13, perm13, uneven13 = group_order(

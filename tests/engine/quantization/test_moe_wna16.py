@@ -4,9 +4,9 @@ pack-quantized checkpoints, the hub's per-expert layout. Each loads to exactly t
 (every expert's tensors, stacked) and runs like transformers on them. Checkpoints: GPTQ and AWQ by
 tests/engine/quantization/checkpoints.py (write_gptq, write_awq: GPTQModel's and AutoAWQ's layouts),
 compressed-tensors by the compressed-tensors library itself (ct_library.py) and by weir's packer.
-Models 128 wide (experts' intermediate 128) so group 128 divides every input. GPTQ act order (desc_act)
-loads into group order (wna16_moe.fold_act_order) and runs like transformers; over tensor-parallel ranks
-it is refused, as is compressed-tensors' actorder "group"."""
+Models 128 wide (experts' intermediate 128) so group 128 divides every input. Act order (GPTQ desc_act,
+compressed-tensors actorder "group") loads into group order (wna16_moe.fold_act_order) and runs like
+transformers; over tensor-parallel ranks it is refused."""
 
 from __future__ import annotations
 
@@ -66,6 +66,7 @@ GPTQ_4_ACT = ("gptq", 4, 32, True, True, "gptq")  # act order: four groups of 32
 AWQ = ("awq", 128)
 CT_W4 = ("ct", "w4a16-g32")  # weir's packer, symmetric
 CT_LIB_ASYM = ("ct-lib", 4, 128, False)  # the library's packer, zero points
+CT_LIB_GROUP = ("ct-lib", 4, 32, False, "group")  # actorder "group": weight_g_idx per expert projection
 
 
 @pytest.mark.parametrize(
@@ -77,6 +78,7 @@ CT_LIB_ASYM = ("ct-lib", 4, 128, False)  # the library's packer, zero points
         ("qwen3_moe", AWQ, "awq", 2 * 2 + 2 + 1),
         ("qwen2_moe", CT_W4, "compressed-tensors", 2 * 5),
         ("qwen2_moe", CT_LIB_ASYM, "compressed-tensors", 2 * 5),
+        ("qwen2_moe", CT_LIB_GROUP, "compressed-tensors", 2 * 5),
     ],
 )
 def test_int_moe_loads_exactly_the_dequantized_weights(
@@ -91,7 +93,10 @@ def test_int_moe_loads_exactly_the_dequantized_weights(
     assert experts and all(isinstance(m.quant_method, WNA16FusedMoEMethod) for m in experts)
     bits = 8 if scheme == GPTQ_8 else 4
     assert experts[-1].w13_codes.shape == (4, 256, 128 * bits // 32)  # [E, 2I, H / pf] int32 words
-    if scheme == GPTQ_4_ACT:  # each expert's own order for gate/up's input and for the intermediate
+    if scheme in (
+        GPTQ_4_ACT,
+        CT_LIB_GROUP,
+    ):  # each expert's own order for gate/up's input and the intermediate
         for layer in experts:
             assert layer.w13_perm.shape == (4, 128) and layer.w2_perm.shape == (4, 128)
             assert len({tuple(p.tolist()) for p in layer.w13_perm}) == 4
@@ -108,6 +113,7 @@ def test_int_moe_loads_exactly_the_dequantized_weights(
         ("qwen3_moe", GPTQ_4_ACT, "gptq", "preemption"),
         ("qwen3_moe", AWQ, "awq", "chunked_prefill"),
         ("qwen2_moe", CT_LIB_ASYM, "compressed-tensors", "default"),
+        ("qwen2_moe", CT_LIB_GROUP, "compressed-tensors", "chunked_prefill"),
     ],
 )
 def test_int_moe_greedy_parity_with_transformers(
@@ -146,21 +152,8 @@ def test_tensor_parallel_ranks_hold_their_int_expert_slices(wide_moe: dict[str, 
     torch.testing.assert_close(ranks[0](x, weights, ids) + ranks[1](x, weights, ids), whole(x, weights, ids))
 
 
-def _with_quant(src: Path, dst: Path, quant: dict) -> Path:
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg["quantization_config"] = quant
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
-
-
-def test_group_actorder_and_other_formats_are_refused_for_moe(
-    tiny_model_dirs: dict[str, Path], wide_moe: dict[str, Path], tmp_path: Path
-) -> None:
+def test_squeezellm_is_refused_for_moe(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
     src = tiny_model_dirs["qwen3_moe"]
-    quantized, _ = _checkpoint(wide_moe["qwen2_moe"], ("ct-lib", 4, 32, False, "group"))
-    with pytest.raises(ValueError, match=r"MoE experts with actorder 'group' are not supported; re-quantize"):
-        EngineConfig(model=str(quantized), device="cpu").resolve()
     squeeze = tmp_path / "squeezellm"
     shutil.copytree(src, squeeze)
     (squeeze / "quant_config.json").write_text(json.dumps({"wbits": 4}))

@@ -271,8 +271,9 @@ def fold_act_order(layer: nn.Module, fmt: ExpertFormat) -> None:
                 getattr(layer, attr).data[expert] = getattr(layer, attr).data[expert][rows]
         layer.w13_codes.data[expert] = pack_cols(codes13, bits)
         layer.w2_codes.data[expert] = pack_cols(codes2, bits)
-        perms.append(perm13 if perm13 is not None else torch.arange(codes13.shape[1]))
-        intermediate.append(perm2 if perm2 is not None else torch.arange(shard))
+        device = codes13.device  # (an order already in groups gives no permutation: the identity)
+        perms.append(perm13 if perm13 is not None else torch.arange(codes13.shape[1], device=device))
+        intermediate.append(perm2 if perm2 is not None else torch.arange(shard, device=device))
     del layer.w13_g_idx, layer.w2_g_idx
     layer.register_buffer("w13_perm", torch.stack(perms).to(torch.int32))  # [E, H]
     # [E, I]: which intermediate channel each stored one is (nothing reads it at run time; for checks)

@@ -22,7 +22,9 @@ renormalised), and a skewed one where every token picks the same top_k experts.
    uses it: up to ALIGN_KERNEL_MAX_PAIRS pairs) and with the torch alignment ops (=0).
 4. The alignment kernel (loadtest/kernel_check_moe_align.py): bit for bit against the torch ops at 1..8192
    tokens, and both alone in graphs.
-5. Tile sweep at 1, 64, 512 and 4096 tokens: BLOCK_M x (BLOCK_N, BLOCK_K, warps, stages) through the same
+5. Integer experts (loadtest/kernel_check_moe_int.py): the W4A16 variant in the checkpoint's column order
+   and with act order (x gathered per expert), correctness at 8 tokens and times in graphs at 1-64.
+6. Tile sweep at 1, 64, 512 and 4096 tokens: BLOCK_M x (BLOCK_N, BLOCK_K, warps, stages) through the same
    kernel and launch as ops.triton.fused_moe (checked bit for bit at its own tiles), each GEMM and the
    whole op timed in graphs; a variant whose output is > 5e-3 from the default's is marked wrong and
    never best. Variants stop starting after `budget_s` seconds (decode token counts first).
@@ -52,6 +54,7 @@ from loadtest.kernel_check_common import (
     time_ms,
 )
 from loadtest.kernel_check_moe_align import align_correctness, align_kernel, align_timing, print_align_summary
+from loadtest.kernel_check_moe_int import int_experts_part
 from ops import reference
 
 
@@ -253,6 +256,7 @@ def moe_part(results: dict, device: torch.device, smoke: bool, budget_s: float =
             args = (results, name, shape, w13, w2, num_tokens, copy, tops.fused_moe)
             guarded(results, f"{name} {num_tokens} tok timing", timing, *args)
         guarded(results, f"{name} moe_align timing", align_timing, results, name, shape, device, smoke)
+    guarded(results, "moe int4 experts", int_experts_part, results, shapes, device, smoke, make_tokens)
     guarded(results, "moe tile sweep", sweep, results, shapes, layers, smoke, budget_s)
 
 

@@ -56,7 +56,8 @@ def _run_env(args: list[str], env: dict[str, str]) -> None:
 
 def test_gpu_kernel_check_families_and_moe_smoke(tmp_path: Path) -> None:
     """gpu_kernel_check.py's families and moe parts at tiny shapes under the Triton interpreter: every
-    check passes, the sweep's own launch is the op's bit for bit, every timing row is there."""
+    check passes (the integer experts' in both column orders too), the sweep's own launch is the op's bit
+    for bit, every timing row is there."""
     _run_env(["loadtest/gpu_kernel_check.py", "--smoke", "families", "moe"], {"OUT": str(tmp_path)})
     report = json.loads((tmp_path / "kernels.json").read_text())
     assert report["errors"] == []
@@ -75,8 +76,17 @@ def test_gpu_kernel_check_families_and_moe_smoke(tmp_path: Path) -> None:
         "tiny-mixtral 70 tok: the sweep's launch at ops' tiles == ops.triton.fused_moe (bit for bit)",
         "tiny-qwen3-moe moe_align 70 tok skewed: kernel == torch ops (bit for bit, BLOCK_M 16 and 64)",
         "tiny-mixtral moe_align 1 tok: kernel == torch ops (bit for bit, BLOCK_M 16 and 64)",
+        "tiny-mixtral fused_moe int4 checkpoint order 8 tok vs float32 reference",
+        "tiny-qwen3-moe fused_moe int4 act order 8 tok vs float32 reference",
     ):
         assert expected in names, (expected, names)
+    int4 = report["timings"][
+        "moe_int4"
+    ]  # the integer experts in both column orders (kernel_check_moe_int.py)
+    assert [(r["shape"], r["order"]) for r in int4] == [
+        (s, o) for s in ("tiny-mixtral", "tiny-qwen3-moe") for o in ("checkpoint order", "act order")
+    ]
+    assert all(r["ms_graph"] > 0 and r["min_bytes"] > 0 for r in int4)
     rows = report["timings"]["moe"]
     assert [(r["shape"], r["tokens"]) for r in rows] == [
         (s, t) for s in ("tiny-mixtral", "tiny-qwen3-moe") for t in (1, 70)

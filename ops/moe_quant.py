@@ -38,7 +38,7 @@ class IntExpertScales:
     w13_zeros: torch.Tensor  # [E, 2 * I, G13] float32 (integers)
     w2_scales: torch.Tensor  # [E, H, G2] float32
     w2_zeros: torch.Tensor  # [E, H, G2] float32
-    # [E, H] int32: act order (GPTQ desc_act), each expert's [gate; up] codes stored with their input
+    # [E, H] int32: act order (GPTQ desc_act, compressed-tensors actorder "group"), each expert's [gate; up] codes stored with their input
     # columns in group order; its GEMM reads x[:, w13_perm[e]] (down's order is folded into the
     # intermediate's, engine.model.quantization.wna16_moe). None: the checkpoint's order.
     w13_perm: torch.Tensor | None = None

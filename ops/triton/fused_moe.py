@@ -18,7 +18,7 @@ input tile through fp8 and back (fp8(a / s) * s), what an FP8 GEMM would read. (
 fp8 tl.dot on quantized activations is left for later.) Integer experts (W4A16 / W8A16;
 ops.moe_quant.IntExpertScales) are another (W_BITS): each code of the tile shifted out of its int32 word
 (packed along K), (code - zero) * scale with its group's zero and scale, rounded to the activation dtype.
-With act order (A_PERM, GPTQ desc_act) an expert's w13 columns are stored in group order and GEMM 1
+With act order (A_PERM: GPTQ desc_act, compressed-tensors actorder "group") an expert's w13 columns are stored in group order and GEMM 1
 gathers x's columns through the expert's permutation (a [BLOCK_K] index load per K tile).
 
 No shape depends on the routing: the padded length is num_pairs + num_experts * (BLOCK_M - 1) rounded

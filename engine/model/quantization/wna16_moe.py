@@ -13,8 +13,9 @@ gate/up rows, down columns):
 The fused MoE op (ops.moe_quant.IntExpertScales) dequantizes them: on CPU the reference, on CUDA the
 Triton kernel's W_BITS variant, each code shifted out of its word in the inner loop.
 
-Act order (GPTQ desc_act, compressed-tensors actorder "group"): each expert's g_idx is read too, and after loading (`fold_act_order`) its
-input columns are sorted into group order (engine.model.quantization.act_order.group_order): down's
+Act order (GPTQ desc_act, compressed-tensors actorder "group"): each expert's g_idx is read too, and
+after loading (`fold_act_order`) its input columns are sorted into group order
+(engine.model.quantization.act_order.group_order, which also checks each g_idx's range): down's
 columns and, to match, the intermediate rows of gate and up, so the intermediate comes out in down's
 order at no cost; gate and up's own columns (they share x, hence one order, which is checked), so
 their GEMM gathers x's columns through `w13_perm` (ops.moe_quant.IntExpertScales). Uneven groups and
@@ -121,15 +122,10 @@ def awq_format(group_size: int) -> ExpertFormat:
 
 
 def _column_groups(t: torch.Tensor, n: int, k: int, gs: int) -> torch.Tensor:
-    """An act-order g_idx [K]: each input column's group, checked against the scales' k // gs groups."""
-    del n
-    order = _expect(t, (k,)).long()
-    if order.numel() and (int(order.min()) < 0 or int(order.max()) >= k // gs):
-        raise ValueError(
-            f"g_idx holds groups in [{int(order.min())}, {int(order.max())}], outside the {k // gs} groups "
-            "its scales have (corrupt or mismatched checkpoint)"
-        )
-    return order
+    """An act-order g_idx [K]: each input column's group (its range is act_order.group_order's check,
+    in fold_act_order)."""
+    del n, gs
+    return _expect(t, (k,)).long()
 
 
 def compressed_tensors_format(

@@ -66,6 +66,7 @@ def _inputs(num_tokens: int, hidden: int, inter: int, num_experts: int, top_k: i
         (5, 48, 40, 6, 2, torch.float32),  # ragged hidden / intermediate tiles
         (7, 80, 24, 4, 3, torch.float16),  # top-3, fp16 (the rounding steps of the spec)
         (70, 64, 48, 8, 2, torch.float32),  # 64-row blocks; several blocks of one expert
+        (2, 160, 136, 4, 2, torch.float32),  # decode tile (128-deep K tiles), both K ends ragged
     ],
 )
 def test_fused_moe_matches_the_reference(

@@ -208,6 +208,12 @@ KERNELS = [
         )
         for gated in (True, False)
     ),
+    (  # a float expert's decode tile (fused_moe.DECODE_TILE): 128-deep K tiles
+        "ops.triton.fused_moe:_moe_gemm_kernel",
+        {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GATED": True, "IEEE": False},
+        {"a_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "weights_ptr": "*fp32",
+         "sorted_pairs_ptr": "*i32", "block_expert_ptr": "*i32", "num_padded_ptr": "*i32"},
+    ),
     *(
         (  # FP8 experts (W8A16): the fp8 tiles dequantized in registers, per block or per channel; static
            # input scales through the hardware fp8 conversion

@@ -16,8 +16,10 @@ scales (per output channel: loaded once per program; per block: gathered per til
 tl.dot, as the reference dequantizes before its float GEMMs. A static input scale (A_QDQ) passes each
 input tile through fp8 and back (fp8(a / s) * s), what an FP8 GEMM would read. (A W8A8 variant with an
 fp8 tl.dot on quantized activations is left for later.) Integer experts (W4A16 / W8A16;
-ops.moe_quant.IntExpertScales) are another (W_BITS): each code of the tile shifted out of its int32 word
-(packed along K), (code - zero) * scale with its group's zero and scale, rounded to the activation dtype.
+ops.moe_quant.IntExpertScales) are another (W_BITS): the dense W4A16 GEMM's tile decoder
+(ops.triton.wna16_gemm._dequant_tile, the expert's [N, K / pf] words seen through strides as its
+[K / pf, N]) reads each int32 word once, shifts its codes out in registers and applies the group's zero
+and scale (one row of them a tile where a K tile lies in one group), rounded to the activation dtype.
 With act order (A_PERM: GPTQ desc_act, compressed-tensors actorder "group") an expert's w13 columns are stored in group order and GEMM 1
 gathers x's columns through the expert's permutation (a [BLOCK_K] index load per K tile).
 
@@ -38,6 +40,7 @@ from ops.env_flags import env_flag
 from ops.moe_quant import Fp8ExpertScales, IntExpertScales
 from ops.triton.fp8_quant import _to_fp8, hardware_fp8_conversion
 from ops.triton.moe_align import moe_align_block_size_kernel
+from ops.triton.wna16_gemm import _dequant_tile
 
 # The most pairs (tokens * top_k) aligned by the one-program kernel; past it the torch ops. Measured on an
 # H100 at 9c4fe20 (loadtest/results/moe-align-h100-2026-12-05-9c4fe20/), each alone in a CUDA graph,
@@ -132,6 +135,7 @@ def _moe_gemm_kernel(
     HW_CVT: tl.constexpr = True,  # A_QDQ: the GPU's fp8 conversion; else in software (the interpreter)
     W_BITS: tl.constexpr = 0,  # 4 / 8: integer codes packed along K in int32 words, per-group scales / zeros
     A_PERM: tl.constexpr = False,  # act order: the expert's columns of a gathered through perm_ptr
+    ONE_GROUP: tl.constexpr = False,  # W_BITS: each K tile lies in one group (group_k % BLOCK_K == 0)
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -150,12 +154,10 @@ def _moe_gemm_kernel(
     a_base = a_ptr + rows.to(tl.int64)[:, None] * stride_am
     w_base = w_ptr + expert * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn
     a_ty = a_ptr.dtype.element_ty
-    if (
-        W_BITS > 0
-    ):  # [1, BLOCK_N] scale / zero rows of the gate (or w2) and up halves; groups gathered per K tile
-        s_base = scale_ptr + expert * stride_se + offs_n.to(tl.int64)[None, :] * stride_sn
-        z_base = zeros_ptr + expert * stride_se + offs_n.to(tl.int64)[None, :] * stride_sn
-        up_rows = N * stride_sn
+    if W_BITS > 0:  # the expert's words, scales and zeros: [N, K / pf] and [N, G] seen as wna16's [K, N]
+        wq_base = w_ptr + expert * stride_we
+        sq_base = scale_ptr + expert * stride_se
+        zq_base = zeros_ptr + expert * stride_se
     if W_FP8:  # this tile's scale rows: gate (or w2) rows offs_n, up rows N + offs_n
         s_base = scale_ptr + expert * stride_se + (offs_n // group_n).to(tl.int64)[None, :] * stride_sn
         s_base_up = (
@@ -184,9 +186,11 @@ def _moe_gemm_kernel(
             a = (a_q.to(tl.float32) * a_scale).to(a_ty)
         w_mask = k_mask[:, None] & n_mask[None, :]
         if W_BITS > 0:
-            w = _int_tile(w_base, s_base, z_base, offs_k, group_k, stride_wk, stride_sk, w_mask, W_BITS).to(
-                a_ty
-            )
+            w = _dequant_tile(
+                wq_base, sq_base, zq_base, k0, K, offs_n, n_mask, group_k,
+                stride_wk, stride_wn, stride_sk, stride_sn, stride_sk, stride_sn,
+                W_BITS, BLOCK_N, BLOCK_K, ONE_GROUP, False, False,
+            ).to(a_ty)  # fmt: skip
         else:
             w = tl.load(w_base + offs_k[:, None] * stride_wk, mask=w_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
         if W_FP8:
@@ -196,10 +200,11 @@ def _moe_gemm_kernel(
         else:
             acc += tl.dot(a, w)
         if GATED:  # the up half: rows N.. of the expert's w13
-            if W_BITS > 0:
-                w_up = _int_tile(
-                    w_base + N * stride_wn, s_base + up_rows, z_base + up_rows, offs_k, group_k, stride_wk,
-                    stride_sk, w_mask, W_BITS,
+            if W_BITS > 0:  # rows N.. of the expert's words, scales and zeros
+                w_up = _dequant_tile(
+                    wq_base + N * stride_wn, sq_base + N * stride_sn, zq_base + N * stride_sn, k0, K, offs_n,
+                    n_mask, group_k, stride_wk, stride_wn, stride_sk, stride_sn, stride_sk, stride_sn,
+                    W_BITS, BLOCK_N, BLOCK_K, ONE_GROUP, False, False,
                 ).to(a_ty)  # fmt: skip
             else:
                 w_up = tl.load(w_base + N * stride_wn + offs_k[:, None] * stride_wk, mask=w_mask, other=0.0)
@@ -232,20 +237,6 @@ def _dequantize_tile(w, s_base, offs_k, group_k, stride_sk, w_mask, s_chan, BLOC
     else:
         s = s_chan
     return w.to(tl.float32) * s
-
-
-@triton.jit
-def _int_tile(w_base, s_base, z_base, offs_k, group_k, stride_wk, stride_sk, w_mask, W_BITS: tl.constexpr):
-    """[BLOCK_K, BLOCK_N] float32 (code - zero) * scale: each column's codes read from its int32 words
-    (32 // W_BITS a word along K, the first in the lowest bits; a word is read once per code, from
-    cache), its groups' scales and zeros gathered (the reference's dequantize_int_experts)."""
-    PF: tl.constexpr = 32 // W_BITS
-    words = tl.load(w_base + (offs_k // PF).to(tl.int64)[:, None] * stride_wk, mask=w_mask, other=0)
-    codes = (words >> ((offs_k % PF) * W_BITS)[:, None]) & ((1 << W_BITS) - 1)  # the mask drops sign bits
-    group = (offs_k // group_k).to(tl.int64)[:, None] * stride_sk
-    s = tl.load(s_base + group, mask=w_mask, other=0.0)
-    z = tl.load(z_base + group, mask=w_mask, other=0.0)
-    return (codes.to(tl.float32) - z) * s
 
 
 def default_block_m(num_tokens: int) -> int:
@@ -326,7 +317,8 @@ def launch_moe_gemm(
         a_perm if a_perm is not None else sorted_pairs,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated, IEEE=a.dtype == torch.float32,
         W_FP8=quantized and not bits, BLOCKED=block_shape is not None, A_QDQ=a_scale is not None,
-        HW_CVT=hardware_fp8_conversion(a), W_BITS=bits, A_PERM=a_perm is not None, num_warps=num_warps,
+        HW_CVT=hardware_fp8_conversion(a), W_BITS=bits, A_PERM=a_perm is not None,
+        ONE_GROUP=bool(bits) and group_k % block_k == 0, num_warps=num_warps,
         **stages,
     )  # fmt: skip
 

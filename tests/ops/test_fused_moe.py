@@ -186,19 +186,20 @@ def _int_experts(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, 
 
 @in_process
 @pytest.mark.parametrize(
-    ("num_tokens", "bits", "group", "dtype"),
+    ("num_tokens", "bits", "group", "dtype", "hidden", "inter"),
     [
-        (3, 4, 16, torch.float32),  # decode-sized; 5 groups of hidden 80, 3 of intermediate 48
-        (70, 4, 16, torch.float16),  # 64-row blocks of pairs
-        (5, 8, 16, torch.float32),  # W8A16
+        (3, 4, 16, torch.float32, 80, 48),  # decode-sized; 5 groups of hidden 80, 3 of intermediate 48
+        (70, 4, 16, torch.float16, 80, 48),  # 64-row blocks of pairs
+        (5, 8, 16, torch.float32, 80, 48),  # W8A16
+        (4, 4, 64, torch.float32, 128, 64),  # each 64-deep K tile in one group (ONE_GROUP: one scale row)
     ],
 )
 def test_int_experts_match_the_reference_on_dequantized_weights(
-    num_tokens: int, bits: int, group: int, dtype: torch.dtype
+    num_tokens: int, bits: int, group: int, dtype: torch.dtype, hidden: int, inter: int
 ) -> None:
     from ops.triton.fused_moe import fused_moe
 
-    x, w13, w2, weights, ids = (t.cpu() for t in _inputs(num_tokens, 80, 48, 6, 2, torch.float32))
+    x, w13, w2, weights, ids = (t.cpu() for t in _inputs(num_tokens, hidden, inter, 6, 2, torch.float32))
     q13, z13, s13 = _int_experts(w13, bits, group)
     q2, z2, s2 = _int_experts(w2, bits, group)
     quant = IntExpertScales(bits, s13, z13, s2, z2)

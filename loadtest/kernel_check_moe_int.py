@@ -12,11 +12,19 @@ per expert (the codes are the same: only x's gather changes).
 2. Timings in CUDA graphs (as the engine runs decode), cycling over routings as kernel_check_moe.timing:
    ms per call at 1, 8 and 64 tokens, both orders, against the floor of the bytes the op must move (the
    touched experts' codes, scales and zeros, the hidden states and intermediates).
+3. The float experts' decode tile on the integer variant (order "... decode tile": ops.triton.fused_moe's
+   default_tile made to treat the weights as float, i.e. 64 x 128-deep K tiles three stages deep at <= 8
+   tokens): correctness at 8 tokens and timings at 1 and 8, beside the default tiles, to tell whether the
+   integer experts should take it too.
 
 Smoke form (CPU, Triton interpreter, float32): the tiny shapes at 8 tokens, one wall-clock call.
 """
 
 from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Iterator
 
 import torch
 
@@ -78,7 +86,24 @@ def int_experts_part(results: dict, shapes: dict, device: torch.device, smoke: b
             guarded(results, f"{name} int4 {label} correctness", _correct, results, name, label, shape, w13, w2, q, dtype, make_tokens, fused_moe)  # fmt: skip
             for num_tokens in SMOKE_TOKENS if smoke else TOKENS:
                 guarded(results, f"{name} int4 {label} {num_tokens} tok timing", _timing, results, name, label, shape, w13, w2, q, dtype, num_tokens, group, copy_gbs, make_tokens, fused_moe)  # fmt: skip
+        label = "checkpoint order decode tile"
+        with _float_decode_tile():
+            guarded(results, f"{name} int4 {label} correctness", _correct, results, name, label, shape, w13, w2, quant, dtype, make_tokens, fused_moe)  # fmt: skip
+            for num_tokens in SMOKE_TOKENS if smoke else (1, 8):
+                guarded(results, f"{name} int4 {label} {num_tokens} tok timing", _timing, results, name, label, shape, w13, w2, quant, dtype, num_tokens, group, copy_gbs, make_tokens, fused_moe)  # fmt: skip
         del w13, w2, quant, acted
+
+
+@contextlib.contextmanager
+def _float_decode_tile() -> Iterator[None]:
+    """fused_moe's launches pick their default tiles as if the weights were float (the decode tile)."""
+    fm = importlib.import_module("ops.triton.fused_moe")  # (ops.triton's fused_moe is the function)
+    default_tile = fm.default_tile
+    fm.default_tile = lambda n, k, num_tokens, float_weights: default_tile(n, k, num_tokens, True)
+    try:
+        yield
+    finally:
+        fm.default_tile = default_tile
 
 
 def _correct(results: dict, name: str, label: str, shape, w13, w2, q, dtype, make_tokens, fused_moe) -> None:  # fmt: skip  # noqa: ANN001

@@ -78,13 +78,15 @@ def test_gpu_kernel_check_families_and_moe_smoke(tmp_path: Path) -> None:
         "tiny-mixtral moe_align 1 tok: kernel == torch ops (bit for bit, BLOCK_M 16 and 64)",
         "tiny-mixtral fused_moe int4 checkpoint order 8 tok vs float32 reference",
         "tiny-qwen3-moe fused_moe int4 act order 8 tok vs float32 reference",
+        "tiny-mixtral fused_moe int4 checkpoint order decode tile 8 tok vs float32 reference",
     ):
         assert expected in names, (expected, names)
     int4 = report["timings"][
         "moe_int4"
-    ]  # the integer experts in both column orders (kernel_check_moe_int.py)
+    ]  # the integer experts in both column orders, then with the float experts' decode tile
+    orders = ("checkpoint order", "act order", "checkpoint order decode tile")
     assert [(r["shape"], r["order"]) for r in int4] == [
-        (s, o) for s in ("tiny-mixtral", "tiny-qwen3-moe") for o in ("checkpoint order", "act order")
+        (s, o) for s in ("tiny-mixtral", "tiny-qwen3-moe") for o in orders
     ]
     assert all(r["ms_graph"] > 0 and r["min_bytes"] > 0 for r in int4)
     rows = report["timings"]["moe"]

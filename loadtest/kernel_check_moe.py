@@ -37,6 +37,7 @@ wall-clock call.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 
@@ -232,6 +233,9 @@ def moe_part(results: dict, device: torch.device, smoke: bool, budget_s: float =
 
     dtype = torch.float32 if smoke else torch.bfloat16
     shapes = SMOKE_SHAPES if smoke else SHAPES
+    if os.environ.get("WEIR_MOE_ONLY") == "int":  # the integer experts alone (device step moei)
+        guarded(results, "moe int4 experts", int_experts_part, results, shapes, device, smoke, make_tokens)
+        return
     layers = {name: make_layer(s, dtype, device, seed=i) for i, (name, s) in enumerate(shapes.items())}
     results.setdefault("info", {})["moe"] = {
         "shapes": {k: dataclasses.asdict(v) for k, v in shapes.items()},

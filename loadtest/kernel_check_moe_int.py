@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 from collections.abc import Iterator
 
 import torch
+import triton
 
 from loadtest.gpu_timing import copies_past_l2
 from loadtest.kernel_check_common import Poisoned, check_close, guarded, time_ms
@@ -86,20 +88,34 @@ def int_experts_part(results: dict, shapes: dict, device: torch.device, smoke: b
             guarded(results, f"{name} int4 {label} correctness", _correct, results, name, label, shape, w13, w2, q, dtype, make_tokens, fused_moe)  # fmt: skip
             for num_tokens in SMOKE_TOKENS if smoke else TOKENS:
                 guarded(results, f"{name} int4 {label} {num_tokens} tok timing", _timing, results, name, label, shape, w13, w2, q, dtype, num_tokens, group, copy_gbs, make_tokens, fused_moe)  # fmt: skip
-        label = "checkpoint order decode tile"
-        with _float_decode_tile():
-            guarded(results, f"{name} int4 {label} correctness", _correct, results, name, label, shape, w13, w2, quant, dtype, make_tokens, fused_moe)  # fmt: skip
-            for num_tokens in SMOKE_TOKENS if smoke else (1, 8):
-                guarded(results, f"{name} int4 {label} {num_tokens} tok timing", _timing, results, name, label, shape, w13, w2, quant, dtype, num_tokens, group, copy_gbs, make_tokens, fused_moe)  # fmt: skip
+        for tile in (None, *_tiles_from_env()):
+            label = "checkpoint order decode tile" + ("" if tile is None else " n{} k{} s{}".format(*tile))
+            with _decode_tile(tile):
+                guarded(results, f"{name} int4 {label} correctness", _correct, results, name, label, shape, w13, w2, quant, dtype, make_tokens, fused_moe)  # fmt: skip
+                for num_tokens in SMOKE_TOKENS if smoke else (1, 8):
+                    guarded(results, f"{name} int4 {label} {num_tokens} tok timing", _timing, results, name, label, shape, w13, w2, quant, dtype, num_tokens, group, copy_gbs, make_tokens, fused_moe)  # fmt: skip
         del w13, w2, quant, acted
 
 
+def _tiles_from_env() -> list[tuple[int, int, int]]:
+    """WEIR_MOE_INT_TILES="n,k,stages;...": more tiles to time the integer experts with at 1 and 8 tokens."""
+    spec = os.environ.get("WEIR_MOE_INT_TILES", "")
+    return [tuple(int(v) for v in t.split(",")) for t in spec.split(";") if t.strip()]
+
+
 @contextlib.contextmanager
-def _float_decode_tile() -> Iterator[None]:
-    """fused_moe's launches pick their default tiles as if the weights were float (the decode tile)."""
+def _decode_tile(tile: tuple[int, int, int] | None) -> Iterator[None]:
+    """fused_moe's launches pick `tile` (BLOCK_N, BLOCK_K, stages) at decode batches; None: their default
+    tiles as if the weights were float (the decode tile)."""
     fm = importlib.import_module("ops.triton.fused_moe")  # (ops.triton's fused_moe is the function)
     default_tile = fm.default_tile
-    fm.default_tile = lambda n, k, num_tokens, float_weights: default_tile(n, k, num_tokens, True)
+
+    def chosen(n: int, k: int, num_tokens: int, float_weights: bool) -> tuple[int, int, int | None]:
+        if tile is None or num_tokens > fm.DECODE_TILE_MAX_TOKENS:
+            return default_tile(n, k, num_tokens, True)
+        return min(tile[0], max(16, triton.next_power_of_2(n))), min(tile[1], max(16, triton.next_power_of_2(k))), tile[2]  # fmt: skip
+
+    fm.default_tile = chosen
     try:
         yield
     finally:

@@ -12,10 +12,9 @@ per expert (the codes are the same: only x's gather changes).
 2. Timings in CUDA graphs (as the engine runs decode), cycling over routings as kernel_check_moe.timing:
    ms per call at 1, 8 and 64 tokens, both orders, against the floor of the bytes the op must move (the
    touched experts' codes, scales and zeros, the hidden states and intermediates).
-3. The float experts' decode tile on the integer variant (order "... decode tile": ops.triton.fused_moe's
-   default_tile made to treat the weights as float, i.e. 64 x 128-deep K tiles three stages deep at <= 8
-   tokens): correctness at 8 tokens and timings at 1 and 8, beside the default tiles, to tell whether the
-   integer experts should take it too.
+3. Other decode tiles (WEIR_MOE_INT_TILES="n,k,stages;...", none by default; order "checkpoint order
+   nN kK sS": ops.triton.fused_moe's default_tile made to return that tile at <= 8 tokens): correctness
+   at 8 tokens and timings at 1 and 8, beside the default ones (device step moei).
 
 Smoke form (CPU, Triton interpreter, float32): the tiny shapes at 8 tokens, one wall-clock call.
 """
@@ -88,8 +87,8 @@ def int_experts_part(results: dict, shapes: dict, device: torch.device, smoke: b
             guarded(results, f"{name} int4 {label} correctness", _correct, results, name, label, shape, w13, w2, q, dtype, make_tokens, fused_moe)  # fmt: skip
             for num_tokens in SMOKE_TOKENS if smoke else TOKENS:
                 guarded(results, f"{name} int4 {label} {num_tokens} tok timing", _timing, results, name, label, shape, w13, w2, q, dtype, num_tokens, group, copy_gbs, make_tokens, fused_moe)  # fmt: skip
-        for tile in (None, *_tiles_from_env()):
-            label = "checkpoint order decode tile" + ("" if tile is None else " n{} k{} s{}".format(*tile))
+        for tile in _tiles_from_env():
+            label = "checkpoint order n{} k{} s{}".format(*tile)
             with _decode_tile(tile):
                 guarded(results, f"{name} int4 {label} correctness", _correct, results, name, label, shape, w13, w2, quant, dtype, make_tokens, fused_moe)  # fmt: skip
                 for num_tokens in SMOKE_TOKENS if smoke else (1, 8):
@@ -104,15 +103,14 @@ def _tiles_from_env() -> list[tuple[int, int, int]]:
 
 
 @contextlib.contextmanager
-def _decode_tile(tile: tuple[int, int, int] | None) -> Iterator[None]:
-    """fused_moe's launches pick `tile` (BLOCK_N, BLOCK_K, stages) at decode batches; None: their default
-    tiles as if the weights were float (the decode tile)."""
+def _decode_tile(tile: tuple[int, int, int]) -> Iterator[None]:
+    """fused_moe's launches pick `tile` (BLOCK_N, BLOCK_K, stages) at decode batches."""
     fm = importlib.import_module("ops.triton.fused_moe")  # (ops.triton's fused_moe is the function)
     default_tile = fm.default_tile
 
-    def chosen(n: int, k: int, num_tokens: int, float_weights: bool) -> tuple[int, int, int | None]:
-        if tile is None or num_tokens > fm.DECODE_TILE_MAX_TOKENS:
-            return default_tile(n, k, num_tokens, True)
+    def chosen(n: int, k: int, num_tokens: int, applies: bool) -> tuple[int, int, int | None]:
+        if num_tokens > fm.DECODE_TILE_MAX_TOKENS:
+            return default_tile(n, k, num_tokens, applies)
         return min(tile[0], max(16, triton.next_power_of_2(n))), min(tile[1], max(16, triton.next_power_of_2(k))), tile[2]  # fmt: skip
 
     fm.default_tile = chosen

@@ -244,22 +244,24 @@ def default_block_m(num_tokens: int) -> int:
     return 16 if num_tokens <= 64 else 64
 
 
-DECODE_TILE_MAX_TOKENS = 8  # float experts at this many tokens or fewer take DECODE_TILE
+DECODE_TILE_MAX_TOKENS = 8  # float and integer experts at this many tokens or fewer take DECODE_TILE
 
 
-DECODE_TILE = (64, 128, 3)  # (BLOCK_N, BLOCK_K, num_stages) of a float expert's decode launch
+DECODE_TILE = (64, 128, 3)  # (BLOCK_N, BLOCK_K, num_stages) of a decode launch
 
 
-def default_tile(n: int, k: int, num_tokens: int, float_weights: bool) -> tuple[int, int, int | None]:
+def default_tile(n: int, k: int, num_tokens: int, decode_tile_applies: bool) -> tuple[int, int, int | None]:
     """(BLOCK_N, BLOCK_K, num_stages) of a launch the caller leaves untuned; num_stages None: Triton's.
 
-    At a few tokens a float expert's GEMM only streams its weights: 128-deep K tiles three stages deep
-    keep more bytes in flight per program. On an H100 (kernel_check_moe's sweep, `9c4fe20` and
-    `98de842`, at one token) they took Mixtral-8x7B's layer from 284 to 249 us and Qwen3-30B-A3B's from
-    37.8 to 32.1 us; at 64 tokens they were no faster, so bigger batches keep 64 x 64. The integer and
-    FP8 variants decode a tile in registers and were not swept: they keep 64 x 64.
+    At a few tokens an expert's GEMM only streams its weights: 128-deep K tiles three stages deep keep
+    more bytes in flight per program. On an H100, at one token, they took float experts' two GEMMs from
+    284 to 249 us at Mixtral-8x7B's shape and from 37.8 to 32.1 us at Qwen3-30B-A3B's (kernel_check_moe's
+    sweeps at `9c4fe20` and `98de842`), and the W4A16 experts' whole op from 602 to 479 us and 124 to 102
+    us (1 token) and 1,294 to 1,015 and 218 to 199 us (8 tokens; `moei` at `b01cf46`, the best of seven
+    tiles or within 14%). At 64 tokens the float sweep found them no faster, so bigger batches keep
+    64 x 64. FP8 experts were not timed with it: they keep 64 x 64 (decode_tile_applies False).
     """
-    if float_weights and num_tokens <= DECODE_TILE_MAX_TOKENS:
+    if decode_tile_applies and num_tokens <= DECODE_TILE_MAX_TOKENS:
         tile_n, tile_k, stages = DECODE_TILE
     else:
         tile_n, tile_k, stages = 64, 64, None
@@ -296,8 +298,8 @@ def launch_moe_gemm(
     quantized = scale is not None
     if block_n is None and block_k is None and num_stages is None:
         # out holds one row per (token, expert) pair in both GEMMs
-        float_weights = not quantized and a_scale is None
-        block_n, block_k, num_stages = default_tile(n, k, out.shape[0] // top_k, float_weights)
+        applies = a_scale is None and (not quantized or bits > 0)  # float or integer, not FP8 weights
+        block_n, block_k, num_stages = default_tile(n, k, out.shape[0] // top_k, applies)
     else:
         block_n = block_n or min(64, max(16, triton.next_power_of_2(n)))
         block_k = block_k or min(64, max(16, triton.next_power_of_2(k)))

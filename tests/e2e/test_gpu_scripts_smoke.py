@@ -58,7 +58,8 @@ def test_gpu_kernel_check_families_and_moe_smoke(tmp_path: Path) -> None:
     """gpu_kernel_check.py's families and moe parts at tiny shapes under the Triton interpreter: every
     check passes (the integer experts' in both column orders too), the sweep's own launch is the op's bit
     for bit, every timing row is there."""
-    _run_env(["loadtest/gpu_kernel_check.py", "--smoke", "families", "moe"], {"OUT": str(tmp_path)})
+    env = {"OUT": str(tmp_path), "WEIR_MOE_INT_TILES": "16,32,2"}  # one more decode tile (device step moei)
+    _run_env(["loadtest/gpu_kernel_check.py", "--smoke", "families", "moe"], env)
     report = json.loads((tmp_path / "kernels.json").read_text())
     assert report["errors"] == []
     names = [c["name"] for c in report["checks"]]
@@ -78,13 +79,13 @@ def test_gpu_kernel_check_families_and_moe_smoke(tmp_path: Path) -> None:
         "tiny-mixtral moe_align 1 tok: kernel == torch ops (bit for bit, BLOCK_M 16 and 64)",
         "tiny-mixtral fused_moe int4 checkpoint order 8 tok vs float32 reference",
         "tiny-qwen3-moe fused_moe int4 act order 8 tok vs float32 reference",
-        "tiny-mixtral fused_moe int4 checkpoint order decode tile 8 tok vs float32 reference",
+        "tiny-mixtral fused_moe int4 checkpoint order n16 k32 s2 8 tok vs float32 reference",
     ):
         assert expected in names, (expected, names)
     int4 = report["timings"][
         "moe_int4"
-    ]  # the integer experts in both column orders, then with the float experts' decode tile
-    orders = ("checkpoint order", "act order", "checkpoint order decode tile")
+    ]  # the integer experts in both column orders, then with the tile WEIR_MOE_INT_TILES adds
+    orders = ("checkpoint order", "act order", "checkpoint order n16 k32 s2")
     assert [(r["shape"], r["order"]) for r in int4] == [
         (s, o) for s in ("tiny-mixtral", "tiny-qwen3-moe") for o in orders
     ]

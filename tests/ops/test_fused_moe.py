@@ -191,7 +191,8 @@ def _int_experts(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, 
         (3, 4, 16, torch.float32, 80, 48),  # decode-sized; 5 groups of hidden 80, 3 of intermediate 48
         (70, 4, 16, torch.float16, 80, 48),  # 64-row blocks of pairs
         (5, 8, 16, torch.float32, 80, 48),  # W8A16
-        (4, 4, 64, torch.float32, 128, 64),  # each 64-deep K tile in one group (ONE_GROUP: one scale row)
+        (70, 4, 64, torch.float32, 128, 64),  # each 64-deep K tile in one group (ONE_GROUP: one scale row)
+        (4, 4, 128, torch.float32, 128, 128),  # the decode tile's 128-deep K tiles, each in one group
     ],
 )
 def test_int_experts_match_the_reference_on_dequantized_weights(

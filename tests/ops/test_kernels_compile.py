@@ -236,6 +236,13 @@ KERNELS = [
         )
         for gated, bits in ((True, 4), (False, 8))
     ),
+    (  # integer experts' decode tile (fused_moe.DECODE_TILE): 128-deep K tiles in one group each
+        "ops.triton.fused_moe:_moe_gemm_kernel",
+        {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GATED": True, "IEEE": False, "W_BITS": 4, "ONE_GROUP": True},
+        {"a_ptr": "*bf16", "w_ptr": "*i32", "out_ptr": "*bf16", "weights_ptr": "*fp32",
+         "sorted_pairs_ptr": "*i32", "block_expert_ptr": "*i32", "num_padded_ptr": "*i32",
+         "scale_ptr": "*fp32", "a_scale_ptr": "*fp32", "zeros_ptr": "*fp32"},
+    ),
     (  # GPTQ act order: GEMM 1 gathers x's columns through the expert's permutation
         "ops.triton.fused_moe:_moe_gemm_kernel",
         {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GATED": True, "IEEE": False, "W_BITS": 4, "A_PERM": True},

@@ -13,7 +13,7 @@ per expert (the codes are the same: only x's gather changes).
    ms per call at 1, 8 and 64 tokens, both orders, against the floor of the bytes the op must move (the
    touched experts' codes, scales and zeros, the hidden states and intermediates).
 3. Other decode tiles (WEIR_MOE_INT_TILES="n,k,stages;...", none by default; order "checkpoint order
-   nN kK sS": ops.triton.fused_moe's default_tile made to return that tile at <= 8 tokens): correctness
+   nN kK sS": ops.triton.fused_moe's DECODE_TILE set to that tile, taken at <= 8 tokens): correctness
    at 8 tokens and timings at 1 and 8, beside the default ones (device step moei).
 
 Smoke form (CPU, Triton interpreter, float32): the tiny shapes at 8 tokens, one wall-clock call.
@@ -27,7 +27,6 @@ import os
 from collections.abc import Iterator
 
 import torch
-import triton
 
 from loadtest.gpu_timing import copies_past_l2
 from loadtest.kernel_check_common import Poisoned, check_close, guarded, time_ms
@@ -104,20 +103,15 @@ def _tiles_from_env() -> list[tuple[int, int, int]]:
 
 @contextlib.contextmanager
 def _decode_tile(tile: tuple[int, int, int]) -> Iterator[None]:
-    """fused_moe's launches pick `tile` (BLOCK_N, BLOCK_K, stages) at decode batches."""
+    """fused_moe's launches pick `tile` (BLOCK_N, BLOCK_K, stages) at decode batches: its DECODE_TILE,
+    which default_tile reads at each launch (fitted to the layer as the default is)."""
     fm = importlib.import_module("ops.triton.fused_moe")  # (ops.triton's fused_moe is the function)
-    default_tile = fm.default_tile
-
-    def chosen(n: int, k: int, num_tokens: int, applies: bool) -> tuple[int, int, int | None]:
-        if num_tokens > fm.DECODE_TILE_MAX_TOKENS:
-            return default_tile(n, k, num_tokens, applies)
-        return min(tile[0], max(16, triton.next_power_of_2(n))), min(tile[1], max(16, triton.next_power_of_2(k))), tile[2]  # fmt: skip
-
-    fm.default_tile = chosen
+    decode_tile = fm.DECODE_TILE
+    fm.DECODE_TILE = tile
     try:
         yield
     finally:
-        fm.default_tile = default_tile
+        fm.DECODE_TILE = decode_tile
 
 
 def _correct(results: dict, name: str, label: str, shape, w13, w2, q, dtype, make_tokens, fused_moe) -> None:  # fmt: skip  # noqa: ANN001

@@ -265,11 +265,12 @@ def default_tile(n: int, k: int, num_tokens: int, decode_tile_applies: bool) -> 
         tile_n, tile_k, stages = DECODE_TILE
     else:
         tile_n, tile_k, stages = 64, 64, None
-    return (
-        min(tile_n, max(16, triton.next_power_of_2(n))),
-        min(tile_k, max(16, triton.next_power_of_2(k))),
-        stages,
-    )
+    return _fit(tile_n, n), _fit(tile_k, k), stages
+
+
+def _fit(tile: int, size: int) -> int:
+    """A tile side for a dimension of `size`: at most `tile`, at least 16, no wider than it needs."""
+    return min(tile, max(16, triton.next_power_of_2(size)))
 
 
 def launch_moe_gemm(
@@ -300,9 +301,9 @@ def launch_moe_gemm(
         # out holds one row per (token, expert) pair in both GEMMs
         applies = a_scale is None and (not quantized or bits > 0)  # float or integer, not FP8 weights
         block_n, block_k, num_stages = default_tile(n, k, out.shape[0] // top_k, applies)
-    else:
-        block_n = block_n or min(64, max(16, triton.next_power_of_2(n)))
-        block_k = block_k or min(64, max(16, triton.next_power_of_2(k)))
+    else:  # a sweep's tile; a side it leaves out is the plain 64
+        block_n = block_n or _fit(64, n)
+        block_k = block_k or _fit(64, k)
     stages = {} if num_stages is None else {"num_stages": num_stages}
     grid = (block_expert.shape[0], triton.cdiv(n, block_n))
     s = scale if quantized else out  # unread unless W_FP8 or W_BITS

@@ -250,7 +250,9 @@ DECODE_TILE_MAX_TOKENS = 8  # float and integer experts at this many tokens or f
 DECODE_TILE = (64, 128, 3)  # (BLOCK_N, BLOCK_K, num_stages) of a decode launch
 
 
-def default_tile(n: int, k: int, num_tokens: int, decode_tile_applies: bool) -> tuple[int, int, int | None]:
+def default_tile(
+    n: int, k: int, num_tokens: int, decode_tile_applies: bool, group_k: int | None = None
+) -> tuple[int, int, int | None]:
     """(BLOCK_N, BLOCK_K, num_stages) of a launch the caller leaves untuned; num_stages None: Triton's.
 
     At a few tokens an expert's GEMM only streams its weights: 128-deep K tiles three stages deep keep
@@ -260,11 +262,18 @@ def default_tile(n: int, k: int, num_tokens: int, decode_tile_applies: bool) -> 
     us (1 token) and 1,294 to 1,015 and 218 to 199 us (8 tokens; `moei` at `b01cf46`, the best of seven
     tiles or within 14%). At 64 tokens the float sweep found them no faster, so bigger batches keep
     64 x 64. FP8 experts were not timed with it: they keep 64 x 64 (decode_tile_applies False).
+
+    Integer experts (`group_k`: the K columns a zero/scale row covers) take K tiles no deeper than a group,
+    so that each tile reads one row of them (ONE_GROUP): a 128-deep tile across groups of 32 gathers a
+    zero and a scale per code, and three stages of those gathers asked an H100 for 296-303 KB of shared
+    memory (its limit is 227 KB; the feature check's group-32 MoE checkpoints at `a16eb5b`).
     """
     if decode_tile_applies and num_tokens <= DECODE_TILE_MAX_TOKENS:
         tile_n, tile_k, stages = DECODE_TILE
     else:
         tile_n, tile_k, stages = 64, 64, None
+    if group_k is not None and 16 <= group_k < tile_k and group_k & (group_k - 1) == 0:
+        tile_k = group_k
     return _fit(tile_n, n), _fit(tile_k, k), stages
 
 
@@ -297,20 +306,21 @@ def launch_moe_gemm(
     sorted_pairs, block_expert, num_padded = align
     n, k = out.shape[1], a.shape[1]
     quantized = scale is not None
+    if bits:
+        group_n, group_k = 1, k // scale.shape[2]
+    else:
+        group_n, group_k = block_shape or (1, k)
     if block_n is None and block_k is None and num_stages is None:
         # out holds one row per (token, expert) pair in both GEMMs
         applies = a_scale is None and (not quantized or bits > 0)  # float or integer, not FP8 weights
-        block_n, block_k, num_stages = default_tile(n, k, out.shape[0] // top_k, applies)
+        tokens = out.shape[0] // top_k
+        block_n, block_k, num_stages = default_tile(n, k, tokens, applies, group_k if bits else None)
     else:  # a sweep's tile; a side it leaves out is the plain 64
         block_n = block_n or _fit(64, n)
         block_k = block_k or _fit(64, k)
     stages = {} if num_stages is None else {"num_stages": num_stages}
     grid = (block_expert.shape[0], triton.cdiv(n, block_n))
     s = scale if quantized else out  # unread unless W_FP8 or W_BITS
-    if bits:
-        group_n, group_k = 1, k // scale.shape[2]
-    else:
-        group_n, group_k = block_shape or (1, k)
     _moe_gemm_kernel[grid](
         a, w, out, weights, sorted_pairs, block_expert, num_padded,
         n, k, out.shape[0], top_k,

@@ -307,3 +307,50 @@ def test_kernel_compiles_for_sm90(name: str, consts: dict, types: dict) -> None:
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+_SHARED_MEMORY = """
+import importlib, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+fused_moe = importlib.import_module("ops.triton.fused_moe")
+fn = fused_moe._moe_gemm_kernel
+types = {"a_ptr": "*bf16", "w_ptr": "*i32", "out_ptr": "*bf16", "weights_ptr": "*fp32",
+         "sorted_pairs_ptr": "*i32", "block_expert_ptr": "*i32", "num_padded_ptr": "*i32",
+         "scale_ptr": "*fp32", "a_scale_ptr": "*fp32", "zeros_ptr": "*fp32"}
+n, k = 1536, 2048  # Qwen3-30B-A3B's GEMM 1: [gate; up] of 2 x 768 over a hidden size of 2048
+shared = {}
+for group_k in json.loads(sys.argv[1]):
+    for tokens in (1, 64):
+        block_n, block_k, stages = fused_moe.default_tile(n, k, tokens, True, group_k)
+        consts = {"BLOCK_M": fused_moe.default_block_m(tokens), "BLOCK_N": block_n, "BLOCK_K": block_k,
+                  "GATED": True, "IEEE": False, "W_BITS": 4, "ONE_GROUP": group_k % block_k == 0}
+        consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **consts}
+        signature = {a: ("constexpr" if a in consts else types.get(a, "i32")) for a in fn.arg_names}
+        constexprs = {(i,): consts[a] for i, a in enumerate(fn.arg_names) if a in consts}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params)
+                 if p.name not in consts and (signature[p.name].startswith("*") or p.name.startswith("stride"))}
+        options = {} if stages is None else {"num_stages": stages}
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                                  target=GPUTarget("cuda", 90, 32), options=options)
+        shared[f"group {group_k}, {tokens} tok, tile {block_n}x{block_k}"] = compiled.metadata.shared
+print(json.dumps(shared))
+"""
+
+
+def test_integer_moe_default_tiles_fit_h100_shared_memory() -> None:
+    """The integer experts' default launches (fused_moe.default_tile) at every GPTQ group size, decode and
+    prefill, ask for no more shared memory than an sm_90 block may have (227 KB). A 128-deep decode tile
+    across groups of 32 asked an H100 for 303 KB and failed to launch (a16eb5b's feature check); compiled
+    here the same launch asks 299 KB, so this catches it without a GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", _SHARED_MEMORY, json.dumps([32, 64, 128, 2048])],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    shared = json.loads(done.stdout.strip().splitlines()[-1])
+    too_big = {launch: size for launch, size in shared.items() if size > 227 * 1024}
+    assert len(shared) == 8 and not too_big, shared

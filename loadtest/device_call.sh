@@ -49,7 +49,7 @@
 # shapes, 1..4096 tokens: correctness, CUDA-graph replay, times vs the bytes floor and a torch per-expert loop, the layer with
 # the one-launch alignment kernel on and off, that kernel bit for bit vs the torch ops at 1..8192 tokens and both timed alone,
 # a tile sweep of MOESW seconds, default 50) -> $O/moek/kernels.json. moei: its integer experts alone (WEIR_MOE_ONLY=int), with
-# more decode tiles (MOEIT: "n,k,stages;...") timed at 1 and 8 tokens -> $O/moei/kernels.json. fam: gpu_family_check.py (FAM_PARTS: a = tiny new families vs
+# more decode tiles of the grouped GEMM (MOEIT: "n,k,stages;...", none by default) and GEMV launches (MOEGV: "block_n,split_k,num_warps;...", split 0: the default) timed at 1 and 8 tokens -> $O/moei/kernels.json. fam: gpu_family_check.py (FAM_PARTS: a = tiny new families vs
 # transformers on the GPU, fp32 and bf16; b = dummy-weight starts of Mixtral-8x7B (2 layers) and Gemma-2-9B: Triton vs the
 # torch ops, graphs vs eager) -> $O/fam/family_check.json. moet2: T2-like throughput on a Qwen3-30B-A3B-shaped dummy model
 # (MOEN requests, default 400; MOEPEER=hf (default) or none: transformers' generate() on the first MOEPN=32 requests, MOEPS=16
@@ -139,7 +139,7 @@ for s in $STEPS; do case $s in
   kern) step kern ${KC:-150} env OUT=$O python3 loadtest/gpu_kernel_check.py ${KPARTS:-correctness cuda};;
   famk) mkdir -p $O/famk; step famk 60 env OUT=$O/famk python3 loadtest/gpu_kernel_check.py families;;
   moek) mkdir -p $O/moek; step moek 150 env OUT=$O/moek WEIR_MOE_SWEEP_S=${MOESW:-50} python3 loadtest/gpu_kernel_check.py moe;;
-  moei) mkdir -p $O/moei; step moei 150 env OUT=$O/moei WEIR_MOE_ONLY=int WEIR_MOE_INT_TILES="${MOEIT:-32,128,3;16,128,3;16,128,5;32,64,4;16,64,4;128,128,3}" python3 loadtest/gpu_kernel_check.py moe;;
+  moei) mkdir -p $O/moei; step moei 150 env OUT=$O/moei WEIR_MOE_ONLY=int WEIR_MOE_INT_TILES="${MOEIT:-}" WEIR_MOE_GEMV_LAUNCHES="${MOEGV:-32,0,4;128,0,4;64,1,4;64,0,8;64,0,2;32,0,2}" python3 loadtest/gpu_kernel_check.py moe;;
   fam) mkdir -p $O/fam; step fam 240 env OUT=$O/fam WEIR_CHECK_PARTS="${FAM_PARTS:-a b}" WEIR_CHECK_LIMIT_S=200 WEIR_COMPILE_WORKERS=${CPW:-8} python3 loadtest/gpu_family_check.py;;
   moet2) step moet2 150 python3 loadtest/bench_throughput.py --workload t2 --shape qwen3-30b-a3b --num-requests ${MOEN:-400} --peer ${MOEPEER:-hf} --peer-max-requests ${MOEPN:-32} --peer-max-steps ${MOEPS:-16} --peer-last --out $O/moet2.json;;
   moel1r) step moel1r 100 env WEIR_MOE_ROUTE_KERNEL=1 python3 loadtest/bench_latency.py --shape qwen3-30b-a3b --batch-sizes 1,8 --num-iters 3 --num-iters-warmup 1 --peer none --out $O/moel1r.json;;

@@ -7,14 +7,21 @@ Weights: random 4-bit codes in int32 words (packed along K), group 128, float32 
 / 4 and zeros 8, so each dequantized weight is (code - 8) * scale; act order: a random permutation of H
 per expert (the codes are the same: only x's gather changes).
 
-1. Correctness at 8 tokens, outputs poisoned first: against ops.reference.fused_moe in float32 on the
-   upcast inputs (which dequantizes the same codes and gathers x alike): rel err < 1e-2.
+Each order is run in two storage layouts: the checkpoint's ([E, N, K / pf] words, [E, N, G] scales) and
+K-major (the same values stored [E, K / pf, N] / [E, G, N], what engine.model.quantization.wna16_moe
+keeps after loading; label "k-major").
+
+1. Correctness at 1 and 8 tokens, outputs poisoned first: against ops.reference.fused_moe in float32 on
+   the upcast inputs (which dequantizes the same codes and gathers x alike): rel err < 1e-2.
 2. Timings in CUDA graphs (as the engine runs decode), cycling over routings as kernel_check_moe.timing:
-   ms per call at 1, 8 and 64 tokens, both orders, against the floor of the bytes the op must move (the
-   touched experts' codes, scales and zeros, the hidden states and intermediates).
-3. Other decode tiles (WEIR_MOE_INT_TILES="n,k,stages;...", none by default; order "checkpoint order
-   nN kK sS": ops.triton.fused_moe's DECODE_TILE set to that tile, taken at <= 8 tokens): correctness
-   at 8 tokens and timings at 1 and 8, beside the default ones (device step moei).
+   ms per call at 1, 8 and 64 tokens, both orders and layouts, against the floor of the bytes the op must
+   move (the touched experts' codes, scales and zeros, the hidden states and intermediates). At <= 8
+   tokens fused_moe takes the GEMVs (ops/triton/moe_wna16_gemv.py); "grouped GEMM" rows time the same
+   calls with WEIR_MOE_INT_GEMV=0 (the grouped GEMM's decode tile), in one process.
+3. Other decode tiles of the grouped GEMM (WEIR_MOE_INT_TILES="n,k,stages;...", none by default;
+   "checkpoint order nN kK sS": ops.triton.fused_moe's DECODE_TILE set to that tile, WEIR_MOE_INT_GEMV=0)
+   and other GEMV launches (WEIR_MOE_GEMV_LAUNCHES="block_n,split_k,num_warps;...", split_k 0: the
+   default; "k-major gemv nN sS wW", K-major layout): correctness at 8 tokens, timings at 1 and 8.
 
 Smoke form (CPU, Triton interpreter, float32): the tiny shapes at 8 tokens, one wall-clock call.
 """
@@ -22,6 +29,7 @@ Smoke form (CPU, Triton interpreter, float32): the tiny shapes at 8 tokens, one 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 from collections.abc import Iterator
@@ -70,34 +78,79 @@ def int_moe_bytes(shape, ids: torch.Tensor, group: int, act_itemsize: int) -> in
     return codes_and_groups + acts * act_itemsize
 
 
+def _k_major(t: torch.Tensor) -> torch.Tensor:
+    """The same [E, N, X] values stored [E, X, N], seen as [E, N, X] (wna16_moe.store_k_major)."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _k_major_scales(q: IntExpertScales) -> IntExpertScales:
+    return IntExpertScales(
+        q.bits, _k_major(q.w13_scales), _k_major(q.w13_zeros), _k_major(q.w2_scales), _k_major(q.w2_zeros),
+        q.w13_perm,
+    )  # fmt: skip
+
+
 def int_experts_part(results: dict, shapes: dict, device: torch.device, smoke: bool, make_tokens) -> None:  # noqa: ANN001
-    """Correctness and timings of the integer experts in both orders, per shape (module docstring)."""
+    """Correctness and timings of the integer experts in both orders and layouts, per shape (module
+    docstring)."""
     from ops.triton.fused_moe import fused_moe
+    from ops.triton.moe_wna16_gemv import fused_moe_wna16_gemv
 
     dtype = torch.float32 if smoke else torch.bfloat16
     group = SMOKE_GROUP if smoke else GROUP
     copy_gbs = results.get("copy_bandwidth_gbs", float("nan"))
+    decode = SMOKE_TOKENS if smoke else (1, 8)
     for index, (name, shape) in enumerate(shapes.items()):
         w13, w2, quant, perm = make_int_layer(shape, device, seed=50 + index, group=group)
         acted = IntExpertScales(
             BITS, quant.w13_scales, quant.w13_zeros, quant.w2_scales, quant.w2_zeros, perm
         )
-        for label, q in (("checkpoint order", quant), ("act order", acted)):
-            guarded(results, f"{name} int4 {label} correctness", _correct, results, name, label, shape, w13, w2, q, dtype, make_tokens, fused_moe)  # fmt: skip
-            for num_tokens in SMOKE_TOKENS if smoke else TOKENS:
-                guarded(results, f"{name} int4 {label} {num_tokens} tok timing", _timing, results, name, label, shape, w13, w2, q, dtype, num_tokens, group, copy_gbs, make_tokens, fused_moe)  # fmt: skip
-        for tile in _tiles_from_env():
-            label = "checkpoint order n{} k{} s{}".format(*tile)
-            with _decode_tile(tile):
-                guarded(results, f"{name} int4 {label} correctness", _correct, results, name, label, shape, w13, w2, quant, dtype, make_tokens, fused_moe)  # fmt: skip
-                for num_tokens in SMOKE_TOKENS if smoke else (1, 8):
-                    guarded(results, f"{name} int4 {label} {num_tokens} tok timing", _timing, results, name, label, shape, w13, w2, quant, dtype, num_tokens, group, copy_gbs, make_tokens, fused_moe)  # fmt: skip
-        del w13, w2, quant, acted
+        k13, k2 = _k_major(w13), _k_major(w2)
+        runs = [  # (label, words13, words2, scales, token counts, WEIR_MOE_INT_GEMV)
+            ("checkpoint order", w13, w2, quant, SMOKE_TOKENS if smoke else TOKENS, "1"),
+            ("act order", w13, w2, acted, SMOKE_TOKENS if smoke else TOKENS, "1"),
+            ("k-major", k13, k2, _k_major_scales(quant), SMOKE_TOKENS if smoke else TOKENS, "1"),
+            ("k-major act order", k13, k2, _k_major_scales(acted), decode, "1"),
+            ("checkpoint order grouped GEMM", w13, w2, quant, decode, "0"),
+            ("k-major grouped GEMM", k13, k2, _k_major_scales(quant), decode, "0"),
+        ]
+        for tile in _tiles_from_env("WEIR_MOE_INT_TILES"):
+            runs.append(("checkpoint order n{} k{} s{}".format(*tile), w13, w2, quant, decode, "0", tile))
+        for label, a13, a2, q, token_counts, gemv, *tile in runs:
+            with _env("WEIR_MOE_INT_GEMV", gemv), _decode_tile(tile[0]) if tile else contextlib.nullcontext():
+                _check_and_time(results, name, label, shape, a13, a2, q, dtype, (1, 8) if not smoke else decode, token_counts, group, copy_gbs, make_tokens, fused_moe)  # fmt: skip
+        for block_n, split_k, warps in _tiles_from_env("WEIR_MOE_GEMV_LAUNCHES"):
+            launch = {"block_n": block_n, "num_warps": warps, **({"split_k": split_k} if split_k else {})}
+            fn = functools.partial(fused_moe_wna16_gemv, **launch)
+            label = f"k-major gemv n{block_n} s{split_k or 'default'} w{warps}"
+            _check_and_time(results, name, label, shape, k13, k2, _k_major_scales(quant), dtype, decode, decode, group, copy_gbs, make_tokens, fn)  # fmt: skip
+        del w13, w2, quant, acted, k13, k2
 
 
-def _tiles_from_env() -> list[tuple[int, int, int]]:
-    """WEIR_MOE_INT_TILES="n,k,stages;...": more tiles to time the integer experts with at 1 and 8 tokens."""
-    spec = os.environ.get("WEIR_MOE_INT_TILES", "")
+def _check_and_time(results: dict, name: str, label: str, shape, w13, w2, q, dtype, check_tokens, token_counts, group: int, copy_gbs: float, make_tokens, fn) -> None:  # fmt: skip  # noqa: ANN001
+    for num_tokens in check_tokens:
+        guarded(results, f"{name} int4 {label} {num_tokens} tok correctness", _correct, results, name, label, shape, w13, w2, q, dtype, num_tokens, make_tokens, fn)  # fmt: skip
+    for num_tokens in token_counts:
+        guarded(results, f"{name} int4 {label} {num_tokens} tok timing", _timing, results, name, label, shape, w13, w2, q, dtype, num_tokens, group, copy_gbs, make_tokens, fn)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
+def _tiles_from_env(name: str) -> list[tuple[int, int, int]]:
+    """`name`="a,b,c;...": WEIR_MOE_INT_TILES (n, k, stages) or WEIR_MOE_GEMV_LAUNCHES (block_n, split_k,
+    num_warps): more launches to time the integer experts with at 1 and 8 tokens."""
+    spec = os.environ.get(name, "")
     return [tuple(int(v) for v in t.split(",")) for t in spec.split(";") if t.strip()]
 
 
@@ -114,12 +167,14 @@ def _decode_tile(tile: tuple[int, int, int]) -> Iterator[None]:
         fm.DECODE_TILE = decode_tile
 
 
-def _correct(results: dict, name: str, label: str, shape, w13, w2, q, dtype, make_tokens, fused_moe) -> None:  # fmt: skip  # noqa: ANN001
-    x, tw, ti = make_tokens(shape, 8, dtype, w13.device, seed=4008)
+def _correct(results: dict, name: str, label: str, shape, w13, w2, q, dtype, num_tokens: int, make_tokens, fused_moe) -> None:  # fmt: skip  # noqa: ANN001
+    x, tw, ti = make_tokens(shape, num_tokens, dtype, w13.device, seed=4000 + num_tokens)
     with Poisoned():
         out = fused_moe(x, w13, w2, tw, ti, q)
     ref = reference.fused_moe(x.float(), w13, w2, tw, ti, q)
-    check_close(results, f"{name} fused_moe int4 {label} 8 tok vs float32 reference", out, ref, TOL_FP32)
+    check_close(
+        results, f"{name} fused_moe int4 {label} {num_tokens} tok vs float32 reference", out, ref, TOL_FP32
+    )
 
 
 def _timing(results: dict, name: str, label: str, shape, w13, w2, q, dtype, num_tokens: int, group: int, copy_gbs: float, make_tokens, fused_moe) -> None:  # fmt: skip  # noqa: ANN001

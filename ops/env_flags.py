@@ -46,6 +46,11 @@ ENV_FLAGS: dict[str, tuple[bool, str]] = {
         True,
         "FP8 linears at 3-16 tokens on the tensor-core skinny GEMM (W8A16), not _scaled_mm; engine/model/quantization/fp8.py",
     ),
+    "WEIR_MOE_INT_GEMV": (
+        True,
+        "integer (W4A16 / W8A16) MoE experts at <= 8 tokens on the GEMV decoder, not the grouped GEMM; "
+        "ops/triton/moe_wna16_gemv.py",
+    ),
     "WEIR_MOE_ROUTE_KERNEL": (
         # on an H100 at 9ae29e1, Qwen3-30B-A3B-shaped L1: batch 1 5.583 -> 4.813 ms, batch 8 13.147 -> 12.210
         True,

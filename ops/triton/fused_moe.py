@@ -40,6 +40,7 @@ from ops.env_flags import env_flag
 from ops.moe_quant import Fp8ExpertScales, IntExpertScales
 from ops.triton.fp8_quant import _to_fp8, hardware_fp8_conversion
 from ops.triton.moe_align import moe_align_block_size_kernel
+from ops.triton.moe_wna16_gemv import fused_moe_wna16_gemv, gemv_applies
 from ops.triton.wna16_gemm import _dequant_tile
 
 # The most pairs (tokens * top_k) aligned by the one-program kernel; past it the torch ops. Measured on an
@@ -86,6 +87,14 @@ def align_kernel_applies(topk_ids: torch.Tensor) -> bool:
     return (
         topk_ids.is_cuda and topk_ids.numel() <= ALIGN_KERNEL_MAX_PAIRS and env_flag("WEIR_MOE_ALIGN_KERNEL")
     )
+
+
+def int_gemv_applies(
+    hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, quant: IntExpertScales
+) -> bool:
+    """Whether fused_moe runs integer experts as two GEMVs (ops/triton/moe_wna16_gemv.py): at decode
+    batches where a K tile fits a group, WEIR_MOE_INT_GEMV on; else the grouped GEMM below."""
+    return env_flag("WEIR_MOE_INT_GEMV") and gemv_applies(hidden, w13, w2, quant)
 
 
 def align_pairs(
@@ -349,6 +358,8 @@ def fused_moe(
     hidden_size = hidden.shape[1]  # (w13's last dim is packed for integer experts)
     if num_tokens == 0:
         return torch.empty(0, hidden_size, dtype=hidden.dtype, device=hidden.device)
+    if isinstance(quant, IntExpertScales) and int_gemv_applies(hidden, w13, w2, quant):
+        return fused_moe_wna16_gemv(hidden, w13, w2, topk_weights, topk_ids, quant)
     x = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     block_m = default_block_m(num_tokens)
     align = align_pairs(topk_ids, num_experts, block_m)

@@ -58,7 +58,8 @@ def test_gpu_kernel_check_families_and_moe_smoke(tmp_path: Path) -> None:
     """gpu_kernel_check.py's families and moe parts at tiny shapes under the Triton interpreter: every
     check passes (the integer experts' in both column orders too), the sweep's own launch is the op's bit
     for bit, every timing row is there."""
-    env = {"OUT": str(tmp_path), "WEIR_MOE_INT_TILES": "16,32,2"}  # one more decode tile (device step moei)
+    # one more decode tile for the grouped GEMM and one more GEMV launch (device step moei)
+    env = {"OUT": str(tmp_path), "WEIR_MOE_INT_TILES": "16,32,2", "WEIR_MOE_GEMV_LAUNCHES": "32,2,4"}
     _run_env(["loadtest/gpu_kernel_check.py", "--smoke", "families", "moe"], env)
     report = json.loads((tmp_path / "kernels.json").read_text())
     assert report["errors"] == []
@@ -80,12 +81,18 @@ def test_gpu_kernel_check_families_and_moe_smoke(tmp_path: Path) -> None:
         "tiny-mixtral fused_moe int4 checkpoint order 8 tok vs float32 reference",
         "tiny-qwen3-moe fused_moe int4 act order 8 tok vs float32 reference",
         "tiny-mixtral fused_moe int4 checkpoint order n16 k32 s2 8 tok vs float32 reference",
+        "tiny-qwen3-moe fused_moe int4 k-major act order 8 tok vs float32 reference",
+        "tiny-qwen3-moe fused_moe int4 k-major grouped GEMM 8 tok vs float32 reference",
+        "tiny-mixtral fused_moe int4 k-major gemv n32 s2 w4 8 tok vs float32 reference",
     ):
         assert expected in names, (expected, names)
-    int4 = report["timings"][
-        "moe_int4"
-    ]  # the integer experts in both column orders, then with the tile WEIR_MOE_INT_TILES adds
-    orders = ("checkpoint order", "act order", "checkpoint order n16 k32 s2")
+    # the integer experts in both column orders and layouts, on the grouped GEMM, with the tile
+    # WEIR_MOE_INT_TILES adds and the GEMV launch WEIR_MOE_GEMV_LAUNCHES adds
+    int4 = report["timings"]["moe_int4"]
+    orders = (
+        "checkpoint order", "act order", "k-major", "k-major act order", "checkpoint order grouped GEMM",
+        "k-major grouped GEMM", "checkpoint order n16 k32 s2", "k-major gemv n32 s2 w4",
+    )  # fmt: skip
     assert [(r["shape"], r["order"]) for r in int4] == [
         (s, o) for s in ("tiny-mixtral", "tiny-qwen3-moe") for o in orders
     ]

@@ -196,9 +196,19 @@ def _int_experts(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, 
     ],
 )
 def test_int_experts_match_the_reference_on_dequantized_weights(
-    num_tokens: int, bits: int, group: int, dtype: torch.dtype, hidden: int, inter: int
+    num_tokens: int,
+    bits: int,
+    group: int,
+    dtype: torch.dtype,
+    hidden: int,
+    inter: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The grouped GEMM's integer variant at every batch (decode batches too: the GEMVs that serve them
+    by default are tests/ops/test_moe_wna16_gemv.py's)."""
     from ops.triton.fused_moe import fused_moe
+
+    monkeypatch.setenv("WEIR_MOE_INT_GEMV", "0")
 
     x, w13, w2, weights, ids = (t.cpu() for t in _inputs(num_tokens, hidden, inter, 6, 2, torch.float32))
     q13, z13, s13 = _int_experts(w13, bits, group)
@@ -221,12 +231,15 @@ def test_int_experts_match_the_reference_on_dequantized_weights(
 
 @in_process
 @pytest.mark.parametrize("num_tokens", [3, 70])  # decode-sized blocks; 64-row blocks
-def test_act_order_int_experts_gather_x_through_each_experts_permutation(num_tokens: int) -> None:
+def test_act_order_int_experts_gather_x_through_each_experts_permutation(
+    num_tokens: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """GPTQ act order (IntExpertScales.w13_perm): each expert's [gate; up] stored with its input columns
     in group order, so GEMM 1 reads x[:, perm[e]]: the same output as the checkpoint's order, each expert
     with its own permutation (the reference's gather and the kernel's A_PERM)."""
     from ops.triton.fused_moe import fused_moe
 
+    monkeypatch.setenv("WEIR_MOE_INT_GEMV", "0")  # the grouped GEMM's A_PERM (the GEMVs': their own tests)
     bits, group = 4, 16
     x, w13, w2, weights, ids = (t.cpu() for t in _inputs(num_tokens, 80, 48, 6, 2, torch.float32))
     gen = torch.Generator().manual_seed(7)

@@ -250,6 +250,18 @@ KERNELS = [
          "sorted_pairs_ptr": "*i32", "block_expert_ptr": "*i32", "num_padded_ptr": "*i32",
          "scale_ptr": "*fp32", "a_scale_ptr": "*fp32", "zeros_ptr": "*fp32", "perm_ptr": "*i32"},
     ),
+    *(
+        (  # integer experts at decode batches (ops/triton/moe_wna16_gemv.py): [gate; up] with silu-mul and act
+           # order's gather, K split; down with the routing weight, 8-bit codes, K whole
+            "ops.triton.moe_wna16_gemv:_moe_wna16_gemv_kernel",
+            {"TOP_K": 8 if gated else 1, "BITS": bits, "GROUP_SIZE": 128, "BLOCK_N": 64, "BLOCK_K": 128,
+             "SPLIT_K": 4 if gated else 1, "EVEN_N": True, "GATED": gated, "ROUTED": not gated, "A_PERM": gated},
+            {"a_ptr": "*bf16", "w_ptr": "*i32", "scales_ptr": "*fp32", "zeros_ptr": "*fp32", "out_ptr": "*bf16",
+             "partials_ptr": "*fp32", "counters_ptr": "*i32", "topk_ids_ptr": "*i64", "weights_ptr": "*fp32",
+             "perm_ptr": "*i32"},
+        )
+        for gated, bits in ((True, 4), (False, 8))
+    ),
 ]  # fmt: skip
 
 _COMPILE = """

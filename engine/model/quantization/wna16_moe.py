@@ -11,7 +11,11 @@ gate/up rows, down columns):
   zero point (GPTQ's stored zero - 1 added back, AWQ's as stored, compressed-tensors' 2**(bits - 1) when
   symmetric); w = (code - zero) * scale, as the dense formats' reference (common.dequantize).
 The fused MoE op (ops.moe_quant.IntExpertScales) dequantizes them: on CPU the reference, on CUDA the
-Triton kernel's W_BITS variant, each code shifted out of its word in the inner loop.
+Triton kernels (ops/triton/moe_wna16_gemv.py at decode batches, the grouped GEMM's W_BITS variant past
+them). After loading (`store_k_major`) every one of them is stored K-major, [E, K / pf, N] and [E, G, N],
+and kept as a view of its logical [E, N, ...] shape: a row of words (or of scales) along N is then
+contiguous, so a GEMV's tile reads whole sectors where the checkpoint's order gave it 64-byte pieces
+strided by K / pf words.
 
 Act order (GPTQ desc_act, compressed-tensors actorder "group"): each expert's g_idx is read too, and
 after loading (`fold_act_order`) its input columns are sorted into group order
@@ -215,6 +219,7 @@ class WNA16FusedMoEMethod(FusedMoEMethodBase):
             delattr(layer, attr)
         if self.fmt.act_order:
             fold_act_order(layer, self.fmt)
+        store_k_major(layer)
 
     def apply(
         self, layer: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
@@ -224,6 +229,15 @@ class WNA16FusedMoEMethod(FusedMoEMethodBase):
             getattr(layer, "w13_perm", None),
         )  # fmt: skip
         return layer.kernels.fused_moe(x, layer.w13_codes, layer.w2_codes, topk_weights, topk_ids, scales)
+
+
+def store_k_major(layer: nn.Module) -> None:
+    """Codes, scales and zeros stored K-major (module docstring); their shapes and values are unchanged."""
+    for attr in ("w13_codes", "w2_codes", "w13_scales", "w13_zeros", "w2_scales", "w2_zeros"):
+        tensor = getattr(layer, attr)
+        tensor.data = (
+            tensor.data.transpose(1, 2).contiguous().transpose(1, 2)
+        )  # [E, X, N] storage as [E, N, X]
 
 
 def _groups_in_order(shape: tuple[int, ...], group_size: int) -> torch.Tensor:

@@ -93,6 +93,9 @@ def test_int_moe_loads_exactly_the_dequantized_weights(
     assert experts and all(isinstance(m.quant_method, WNA16FusedMoEMethod) for m in experts)
     bits = 8 if scheme == GPTQ_8 else 4
     assert experts[-1].w13_codes.shape == (4, 256, 128 * bits // 32)  # [E, 2I, H / pf] int32 words
+    for layer in experts:  # stored K-major (store_k_major): a row of words or scales along N is contiguous
+        for tensor in (layer.w13_codes, layer.w2_codes, layer.w13_scales, layer.w2_zeros):
+            assert tensor.transpose(1, 2).is_contiguous() and tensor.stride(1) == 1, tensor.stride()
     if scheme in (
         GPTQ_4_ACT,
         CT_LIB_GROUP,

@@ -132,7 +132,7 @@ for s in $STEPS; do case $s in
   engl2p) mkdir -p $O/engl2p; step engl2p 300 env OUT=$O/engl2p WEIR_L2_PREFETCH=1 WEIR_CHECK_PARTS="${ENG_PARTS:-a}" python3 loadtest/gpu_engine_check.py;;
   t1k0*|t1k1*) step $s 120 env WEIR_FP8_KV_WIDEN=${T1KW:-1} python3 loadtest/bench_throughput.py --workload t1 --shape qwen3-0.6b --peer none $([ ${s:3:1} = 1 ] && echo --kv-cache-dtype fp8) --out $O/$s.json;;
   featdp) mkdir -p $O/featdp; step featdp 150 env OUT=$O/featdp WEIR_L2_PREFETCH=1 WEIR_CHECK_PARTS=d python3 loadtest/gpu_feature_check.py;;
-  featd) step featd 150 env OUT=$O WEIR_CHECK_PARTS=d python3 loadtest/gpu_feature_check.py;;
+  featd) step featd 240 env OUT=$O WEIR_CHECK_PARTS=d python3 loadtest/gpu_feature_check.py;;
   engpdl) mkdir -p $O/engpdl; step engpdl 300 env OUT=$O/engpdl WEIR_PDL=1 WEIR_CHECK_PARTS="${ENG_PARTS:-a}" python3 loadtest/gpu_engine_check.py;;
   abnew*) step $s 60 python3 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;
   gemv) step gemv ${GC:-400} python3 loadtest/sweep_gemv.py --shape llama3-8b --batches ${GB:-1,2} --kinds ${GK:-w4,fp8,bf16} $GX --out $O/sweep_gemv.json;;

@@ -47,6 +47,7 @@ ENV_FLAGS: dict[str, tuple[bool, str]] = {
         "FP8 linears at 3-16 tokens on the tensor-core skinny GEMM (W8A16), not _scaled_mm; engine/model/quantization/fp8.py",
     ),
     "WEIR_MOE_INT_GEMV": (
+        # on an H100 at a38b72f, one W4A16 layer at 1 / 8 tokens: Mixtral-8x7B 485.0 / 1,017 -> 130.7 / 674 us
         True,
         "integer (W4A16 / W8A16) MoE experts at <= 8 tokens on the GEMV decoder, not the grouped GEMM; "
         "ops/triton/moe_wna16_gemv.py",

@@ -21,6 +21,12 @@ The words may be stored either way round: [E, N, K / pf] as checkpoints pack the
 pf, N] storage seen through strides as [E, N, K / pf], engine.model.quantization.wna16_moe's layout after
 loading), where a word row is read along N in whole sectors.
 
+Measured on an H100 at a38b72f (loadtest/results/moe-int-gemv-h100-2026-12-06-a38b72f/, `moei`: one
+W4A16 layer's op in CUDA graphs, group 128, K-major words), against the grouped GEMM on the checkpoint's
+layout as it ran before: Mixtral-8x7B at one token 130.7 us against 485.0 (0.50 of the bytes floor;
+bf16 experts take 262.4 us, `06d78af`), at 8 tokens 674.2 against 1,017.0; Qwen3-30B-A3B 31.7 against
+103.6 (bf16: 45.2) and 92.4 against 202.7. Act order adds 9-12%.
+
 Numerics: weights are not rounded to the activation dtype (the reference dequantizes, rounds and then
 multiplies); products and sums are float32, outputs rounded once, so results agree with the reference
 to the activation dtype's rounding. A K tile lies in one group (BLOCK_K divides the group size and K).
@@ -158,6 +164,13 @@ def _moe_wna16_gemv_kernel(
                        half_n, offs_n, pid_n, stride_om, pid_k, 1, SPLIT_K, BLOCK_N, GATED)  # fmt: skip
 
 
+def default_block_n(num_tokens: int) -> int:
+    """Output columns a program takes. H100 at a38b72f (moei, K-major words, one layer's op in CUDA graphs):
+    at one token 128 columns beat 64 at both shapes (Mixtral-8x7B 123.5 against 130.7 us, Qwen3-30B-A3B
+    28.5 against 31.7); at 8 tokens 64 (Qwen3 92.4 against 103.4 us; Mixtral 674 against 658)."""
+    return 128 if num_tokens == 1 else 64
+
+
 def gemv_block_k(k: int, group_k: int, bits: int, block_k: int = 128) -> int | None:
     """The deepest K tile up to `block_k` (a power of two, whole words) that divides both K and the group;
     None where there is none (the grouped GEMM serves such experts)."""
@@ -241,6 +254,7 @@ def fused_moe_wna16_gemv(
     """fused_moe for integer experts at decode batches (gemv_applies): GEMM 1 with silu(gate) * up, GEMM 2
     times the routing weight, one row per pair, then each token's top_k rows summed in float32."""
     num_tokens, top_k = topk_ids.shape
+    launch = {"block_n": default_block_n(num_tokens), **launch}
     x = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     ids = topk_ids.reshape(-1)  # [pairs], pair = token * top_k + k
     act = launch_moe_wna16_gemv(

@@ -59,6 +59,7 @@ CASES = ("Q1", "Q2", "Q3", "Q4", "Q5")
 EXTRA_CASES = ("Q3KV",)
 GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True}
 AWQ = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
+Q1_FORMATS = {"gptq": GPTQ, "awq": AWQ}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-iters-warmup", type=int, default=1)
     p.add_argument("--t2-requests", type=int, default=1000, help="Q3/Q4 requests (T2's workload)")
     p.add_argument("--group-size", type=int, default=128, help="Q1's GPTQ/AWQ group size (64 or 128)")
+    p.add_argument(
+        "--q1-methods", default="gptq,awq", help="Q1's checkpoint formats, comma-separated of gptq, awq"
+    )
     add_common_args(p, default_shape="llama3-8b")
     return p
 
@@ -257,11 +261,11 @@ def main(argv: list[str] | None = None) -> int:
             variants = {"bf16": (model.model_dir, {})}
             if "Q1" in cases:
                 group = {"group_size": args.group_size}
-                variants["gptq_w4a16"] = (
-                    quantized_copy(model.model_dir, root, "gptq", {**GPTQ, **group}),
-                    {},
-                )
-                variants["awq_w4a16"] = (quantized_copy(model.model_dir, root, "awq", {**AWQ, **group}), {})
+                for method in [m.strip() for m in args.q1_methods.split(",") if m.strip()]:
+                    if method not in Q1_FORMATS:
+                        build_parser().error(f"--q1-methods: unknown {method!r}; known: gptq, awq")
+                    quant = {**Q1_FORMATS[method], **group}
+                    variants[f"{method}_w4a16"] = (quantized_copy(model.model_dir, root, method, quant), {})
             if "Q2" in cases:
                 variants["fp8"] = (model.model_dir, {"quantization": "fp8"})
             for label, (model_dir, extra) in variants.items():

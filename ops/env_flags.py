@@ -52,6 +52,10 @@ ENV_FLAGS: dict[str, tuple[bool, str]] = {
         "integer (W4A16 / W8A16) MoE experts at <= 8 tokens on the GEMV decoder, not the grouped GEMM; "
         "ops/triton/moe_wna16_gemv.py",
     ),
+    "WEIR_MOE_FP8_GEMV": (
+        True,
+        "FP8 MoE experts at <= 8 tokens on the GEMV, not the grouped GEMM; ops/triton/moe_fp8_gemv.py",
+    ),
     "WEIR_MOE_ROUTE_KERNEL": (
         # on an H100 at 9ae29e1, Qwen3-30B-A3B-shaped L1: batch 1 5.583 -> 4.813 ms, batch 8 13.147 -> 12.210
         True,

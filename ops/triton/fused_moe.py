@@ -24,7 +24,7 @@ The engine stores those words K-major (engine.model.quantization.wna16_moe.store
 storage, as the dense GEMM's), so a tile's rows are whole sectors: on an H100 at a38b72f that took a
 64-token W4A16 layer from 1,752 to 1,012 us at Mixtral-8x7B's shape and from 509 to 325 us at
 Qwen3-30B-A3B's. At decode batches integer experts take two GEMVs instead (int_gemv_applies,
-ops/triton/moe_wna16_gemv.py). With act order (A_PERM: GPTQ desc_act, compressed-tensors actorder "group") an expert's w13 columns are stored in group order and GEMM 1
+ops/triton/moe_wna16_gemv.py), and so do FP8 experts (ops/triton/moe_fp8_gemv.py). With act order (A_PERM: GPTQ desc_act, compressed-tensors actorder "group") an expert's w13 columns are stored in group order and GEMM 1
 gathers x's columns through the expert's permutation (a [BLOCK_K] index load per K tile).
 
 No shape depends on the routing: the padded length is num_pairs + num_experts * (BLOCK_M - 1) rounded
@@ -44,6 +44,7 @@ from ops.env_flags import env_flag
 from ops.moe_quant import Fp8ExpertScales, IntExpertScales
 from ops.triton.fp8_quant import _to_fp8, hardware_fp8_conversion
 from ops.triton.moe_align import moe_align_block_size_kernel
+from ops.triton.moe_fp8_gemv import fp8_gemv_applies, fused_moe_fp8_gemv
 from ops.triton.moe_wna16_gemv import fused_moe_wna16_gemv, gemv_applies
 from ops.triton.wna16_gemm import _dequant_tile
 
@@ -364,6 +365,8 @@ def fused_moe(
         return torch.empty(0, hidden_size, dtype=hidden.dtype, device=hidden.device)
     if isinstance(quant, IntExpertScales) and int_gemv_applies(hidden, w13, w2, quant):
         return fused_moe_wna16_gemv(hidden, w13, w2, topk_weights, topk_ids, quant)
+    if isinstance(quant, Fp8ExpertScales) and env_flag("WEIR_MOE_FP8_GEMV") and fp8_gemv_applies(hidden, w13):
+        return fused_moe_fp8_gemv(hidden, w13, w2, topk_weights, topk_ids, quant)
     x = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     block_m = default_block_m(num_tokens)
     align = align_pairs(topk_ids, num_experts, block_m)

@@ -140,9 +140,16 @@ def _fp8_experts(w: torch.Tensor, block: tuple[int, int] | None) -> tuple[torch.
     ],
 )
 def test_fp8_experts_match_the_reference_on_dequantized_weights(
-    num_tokens: int, block: tuple[int, int] | None, static: bool, dtype: torch.dtype
+    num_tokens: int,
+    block: tuple[int, int] | None,
+    static: bool,
+    dtype: torch.dtype,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The grouped GEMM's FP8 variant at every batch (the decode GEMVs: tests/ops/test_moe_fp8_gemv.py)."""
     from ops.triton.fused_moe import fused_moe
+
+    monkeypatch.setenv("WEIR_MOE_FP8_GEMV", "0")
 
     x, w13, w2, weights, ids = (t.cpu() for t in _inputs(num_tokens, 80, 48, 6, 2, torch.float32))
     q13, s13 = _fp8_experts(w13, block)

@@ -262,6 +262,18 @@ KERNELS = [
         )
         for gated, bits in ((True, 4), (False, 8))
     ),
+    *(
+        (  # FP8 experts at decode batches (ops/triton/moe_fp8_gemv.py): [gate; up] with block scales, a static
+           # input scale through the hardware conversion and silu-mul; down per channel with the routing weight
+            "ops.triton.moe_fp8_gemv:_moe_fp8_gemv_kernel",
+            {"TOP_K": 8 if gated else 1, "BLOCK_N": 4, "BLOCK_K": 512, "SPLIT_K": 1 if gated else 2,
+             "BLOCKED": gated, "STATIC_INPUT": gated, "GATED": gated, "ROUTED": not gated, "VEC": 8, "HW_CVT": True},
+            {"a_ptr": "*bf16", "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "input_scale_ptr": "*fp32",
+             "out_ptr": "*bf16", "partials_ptr": "*fp32", "counters_ptr": "*i32", "topk_ids_ptr": "*i64",
+             "weights_ptr": "*fp32"},
+        )
+        for gated in (True, False)
+    ),
 ]  # fmt: skip
 
 _COMPILE = """

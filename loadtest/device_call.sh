@@ -28,7 +28,7 @@
 # sm1a sm1b ...: L1 with those (after s48); sl1a sl1b ...: L1 with it on, each layer's best launch of at most 100 KB of shared memory;
 # engpdl: the engine check with WEIR_PDL=1; fda0a fda1a fda0b ...: L1 with WEIR_FUSED_DECODE_ATTENTION=0 / 1
 # (decode_attention, engine/model/layers/attention.py); engfda: the engine check with it on; q12fda: Q1, Q2 with it on; q3: bench_quant.py's Q3 (T2 bf16 and FP8 weights);
-# featd: the feature check's quantized checkpoints (part d) alone. q12moe: Q1 (GPTQ W4A16 experts; Q1M: formats) and Q2 (FP8 experts) at the Qwen3-30B-A3B shape, batch-1 ITL vs bf16 in one call; q2moe0: its Q2 with WEIR_MOE_FP8_GEMV=0 (the grouped GEMM at decode). fp8mm: probe_fp8_gemm.py (Q3's FP8 GEMMs at prefill and
+# featd: the feature check's quantized checkpoints (part d) alone. q12moe: Q1 (GPTQ W4A16 experts; Q1M: formats) and Q2 (FP8 experts) at the Qwen3-30B-A3B shape, batch-1 ITL vs bf16 in one call; q2moe0 / q2moe1: its Q2 with WEIR_MOE_FP8_GEMV=0 / 1 (FP8 experts at decode on the grouped GEMM / the GEMVs). fp8mm: probe_fp8_gemm.py (Q3's FP8 GEMMs at prefill and
 # decode row counts: row-wise scales as weir runs them, tensor-wise, fast accumulation, against bf16; FMR rows); q3fa: Q3
 # with WEIR_FP8_FAST_ACCUM=1 (Q3N requests; compare with q3 in the same call). fp8kv: gpu_kernel_check.py's fp8 KV part (the widened
 # read, ops/triton/fp8_kv_read.py, against the bytes path and a bf16 cache: checks and decode times); featew: the
@@ -149,7 +149,7 @@ for s in $STEPS; do case $s in
   probe) step probe 150 python3 loadtest/probe_w4_layout.py --out $O/probe.json;;
   q12fda) step q12fda 150 env WEIR_FUSED_DECODE_ATTENTION=1 python3 loadtest/bench_quant.py --shape llama3-8b --cases Q1,Q2 --out $O/q12fda.json;;
   q12moe) step q12moe 420 python3 loadtest/bench_quant.py --shape qwen3-30b-a3b --cases Q1,Q2 --q1-methods ${Q1M:-gptq} --out $O/q12moe.json;;
-  q2moe0) step q2moe0 200 env WEIR_MOE_FP8_GEMV=0 python3 loadtest/bench_quant.py --shape qwen3-30b-a3b --cases Q2 --out $O/q2moe0.json;;
+  q2moe0|q2moe1) step $s 200 env WEIR_MOE_FP8_GEMV=${s#q2moe} python3 loadtest/bench_quant.py --shape qwen3-30b-a3b --cases Q2 --out $O/$s.json;;
   q12) step q12 150 python3 loadtest/bench_quant.py --shape llama3-8b --cases Q1,Q2 --out $O/q12.json;;
   sweep) step sweep ${SWC:-170} python3 loadtest/sweep_lora_gemv.py $SWT --out $O/sweep_lora_gemv.json;;
   sweepseg) step sweepseg 150 python3 loadtest/sweep_lora_segments.py --out $O/sweep_lora_segments.json;;

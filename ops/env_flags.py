@@ -53,7 +53,7 @@ ENV_FLAGS: dict[str, tuple[bool, str]] = {
         "ops/triton/moe_wna16_gemv.py",
     ),
     "WEIR_MOE_FP8_GEMV": (
-        True,
+        False,  # not yet timed on a GPU: off until it is
         "FP8 MoE experts at <= 8 tokens on the GEMV, not the grouped GEMM; ops/triton/moe_fp8_gemv.py",
     ),
     "WEIR_MOE_ROUTE_KERNEL": (

@@ -32,9 +32,15 @@ def test_in_fresh_interpreter_process() -> None:
 
 
 def _poisoned(fn: Callable[..., torch.Tensor], *args: object) -> torch.Tensor:
-    """fn(*args) with every torch.empty filled with NaN: an output row the kernels skip fails the check."""
+    """fn(*args) with every floating torch.empty filled with NaN: an output row the kernels skip fails the
+    check (integer buffers, the alignment kernel's on a GPU, are left as they come)."""
     orig_empty = torch.empty
-    torch.empty = lambda *a, **k: orig_empty(*a, **k).fill_(float("nan"))  # type: ignore[assignment]
+
+    def poisoned_empty(*a: object, **k: object) -> torch.Tensor:
+        t = orig_empty(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch.empty = poisoned_empty  # type: ignore[assignment]
     try:
         return fn(*args)
     finally:

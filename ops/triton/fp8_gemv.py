@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.triton.fp8_quant import _to_fp8, hardware_fp8_conversion
 from ops.triton.l2_prefetch import l2_next_args, prefetch_next_weights
 from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
 from ops.triton.split_k import (
@@ -38,16 +39,16 @@ from ops.triton.split_k import (
 )
 
 MAX_GEMV_TOKENS = 16  # rows of x in groups of up to 4, one group per program
-FP8_MAX = tl.constexpr(448.0)  # float8_e4m3fn's largest value (a constexpr: read inside the kernel)
 
 
 @triton.jit
-def _x_tile(x_ptr, row, stride_xm, kk, mask_k, s_in, STATIC_INPUT: tl.constexpr, W_DTYPE: tl.constexpr):
-    """[BLOCK_K] float32: a row of x, as the FP8 GEMM sees it when the scale is static."""
+def _x_tile(x_ptr, row, stride_xm, kk, mask_k, s_in, STATIC_INPUT: tl.constexpr, HW_CVT: tl.constexpr):
+    """[BLOCK_K] float32: a row of x, as the FP8 GEMM sees it when the scale is static: fp8(x / s) * s
+    (HW_CVT: the GPU's conversion; else exact rounding in software, where the interpreter's own cast
+    mis-rounds values that carry into the next power of two)."""
     x = tl.load(x_ptr + row * stride_xm + kk, mask=mask_k, other=0.0).to(tl.float32)  # row: of this group
     if STATIC_INPUT:
-        q = tl.minimum(tl.maximum(x / s_in, -FP8_MAX), FP8_MAX)
-        x = q.to(W_DTYPE).to(tl.float32) * s_in
+        x = _to_fp8(x / s_in, HW_CVT).to(tl.float32) * s_in
     return x
 
 
@@ -88,6 +89,7 @@ def _fp8_gemv_kernel(
     prefetch_bytes=0,
     prefetch_second=0,  # > 0: a second range at this byte offset (a [gate; up] weight's up half)
     L2_PREFETCH: tl.constexpr = False,
+    HW_CVT: tl.constexpr = True,  # STATIC_INPUT: the GPU's fp8 conversion (else software: the interpreter)
 ):
     pid_g = tl.program_id(0)  # a group of ROWS rows of x; groups side by side share each weight tile in L2
     pid_n = tl.program_id(1)
@@ -101,7 +103,6 @@ def _fp8_gemv_kernel(
         mask_n = offs_n < N
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    W_DTYPE: tl.constexpr = w_ptr.dtype.element_ty
     x_ptr += row0 * stride_xm
     s_in = tl.load(input_scale_ptr) if STATIC_INPUT else 1.0
     # [BLOCK_N, BLOCK_K] per row, reduced over K once at the end; 2-D in the weight tile's layout so
@@ -127,12 +128,12 @@ def _fp8_gemv_kernel(
             w_next = _w_tile(w_ptrs, tl.minimum(k0 + BLOCK_K, k_last), k_end, mask_n, BLOCK_K)
         else:
             w = _w_tile(w_ptrs, k0, k_end, mask_n, BLOCK_K)
-        acc0 += w * _x_tile(x_ptr, 0, stride_xm, kk, mask_k, s_in, STATIC_INPUT, W_DTYPE)[None, :]
+        acc0 += w * _x_tile(x_ptr, 0, stride_xm, kk, mask_k, s_in, STATIC_INPUT, HW_CVT)[None, :]
         if ROWS >= 2:
-            acc1 += w * _x_tile(x_ptr, 1, stride_xm, kk, mask_k, s_in, STATIC_INPUT, W_DTYPE)[None, :]
+            acc1 += w * _x_tile(x_ptr, 1, stride_xm, kk, mask_k, s_in, STATIC_INPUT, HW_CVT)[None, :]
         if ROWS >= 4:
-            acc2 += w * _x_tile(x_ptr, 2, stride_xm, kk, mask_k, s_in, STATIC_INPUT, W_DTYPE)[None, :]
-            acc3 += w * _x_tile(x_ptr, 3, stride_xm, kk, mask_k, s_in, STATIC_INPUT, W_DTYPE)[None, :]
+            acc2 += w * _x_tile(x_ptr, 2, stride_xm, kk, mask_k, s_in, STATIC_INPUT, HW_CVT)[None, :]
+            acc3 += w * _x_tile(x_ptr, 3, stride_xm, kk, mask_k, s_in, STATIC_INPUT, HW_CVT)[None, :]
         if PREFETCH:
             w = w_next
     if L2_PREFETCH:  # this program's tiles are read: its slice of the next weights
@@ -216,7 +217,7 @@ def fp8_gemv(
         prefetch_ptr=out if l2_next is None else l2_next,
         prefetch_bytes=l2_bytes,
         prefetch_second=l2_second,
-        L2_PREFETCH=l2_next is not None and x.device.type == "cuda",
+        L2_PREFETCH=l2_next is not None and x.device.type == "cuda", HW_CVT=hardware_fp8_conversion(x),
         num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
     return out

@@ -26,8 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.triton.fp8_gemv import FP8_MAX
 from ops.triton.kv_cache import _round_to_fp8
+
+FP8_MAX = tl.constexpr(448.0)  # float8_e4m3fn's largest value (a constexpr: read inside the kernels)
 
 INV_FP8_MAX = float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(FP8_MAX.value, dtype=torch.float32))
 

@@ -32,21 +32,11 @@ import triton
 import triton.language as tl
 
 from ops.moe_quant import Fp8ExpertScales
-from ops.triton.fp8_gemv import _w_tile
-from ops.triton.fp8_quant import _to_fp8, hardware_fp8_conversion
+from ops.triton.fp8_gemv import _w_tile, _x_tile
+from ops.triton.fp8_quant import hardware_fp8_conversion
 from ops.triton.split_k import MAX_TILES, gated_rows, k_splits, split_counters, store_rows, store_rows_gated
 
 MOE_FP8_GEMV_MAX_TOKENS = 8  # decode batches at most this large take the GEMV (fused_moe.py dispatches)
-
-
-@triton.jit
-def _x_row(a_ptr, row, stride_am, kk, mask_k, s_in, STATIC_INPUT: tl.constexpr, HW_CVT: tl.constexpr):
-    """[BLOCK_K] float32: a row of the input at columns kk; STATIC_INPUT: fp8(x / s) * s, as the reference's
-    fp8_qdq (HW_CVT: the GPU's conversion; else exact rounding in software, for the interpreter)."""
-    x = tl.load(a_ptr + row * stride_am + kk, mask=mask_k, other=0.0).to(tl.float32)
-    if STATIC_INPUT:
-        x = _to_fp8(x / s_in, HW_CVT).to(tl.float32) * s_in
-    return x
 
 
 @triton.jit
@@ -114,7 +104,7 @@ def _moe_fp8_gemv_kernel(
                 scale_ptrs + (offs_n // group_n)[:, None] * stride_sn + (kk // group_k)[None, :] * stride_sk
             )
             w *= tl.load(block_scale, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        acc += w * _x_row(a_ptr, pair // TOP_K, stride_am, kk, mask_k, s_in, STATIC_INPUT, HW_CVT)[None, :]
+        acc += w * _x_tile(a_ptr, pair // TOP_K, stride_am, kk, mask_k, s_in, STATIC_INPUT, HW_CVT)[None, :]
     y = tl.sum(acc, axis=1)  # [BLOCK_N]
     if not BLOCKED:
         y *= tl.load(scale_ptrs + offs_n * stride_sn, mask=mask_n, other=0.0)

@@ -169,9 +169,10 @@ def test_fp8_gemv_l2_next_changes_no_output(gated: bool) -> None:
 @in_process
 def test_fp8_gemv_with_a_static_input_scale_sees_x_as_the_fp8_gemm_does() -> None:
     """x quantized to FP8 with the static scale and dequantized, as Fp8LinearMethod's reference path.
-    x / scale lies 0.3 of an FP8 step above an FP8 value, so quantizing rounds it down onto that value:
-    the interpreter's float8 cast mis-rounds values that carry into the next power of two, which this
-    keeps out of the test (the GPU converts in hardware)."""
+    x / scale lies 0.3 of an FP8 step above an FP8 value, so quantizing rounds it down onto that value
+    (under the interpreter the kernel rounds in software, ops.triton.fp8_quant._to_fp8: the interpreter's
+    own float8 cast mis-rounds values that carry into the next power of two; the GPU converts in
+    hardware)."""
     from ops.triton.fp8_gemv import fp8_gemv
 
     weight, scale, reference = _fp8_layer(32, 256, seed=5)

@@ -34,7 +34,8 @@ import triton.language as tl
 from ops.moe_quant import Fp8ExpertScales
 from ops.triton.fp8_gemv import _w_tile, _x_tile
 from ops.triton.fp8_quant import hardware_fp8_conversion
-from ops.triton.split_k import MAX_TILES, gated_rows, k_splits, split_counters, store_rows, store_rows_gated
+from ops.triton.moe_gemv_common import pair_buffers, pair_program, two_gemvs
+from ops.triton.split_k import split_counters, store_rows, store_rows_gated
 
 MOE_FP8_GEMV_MAX_TOKENS = 8  # decode batches at most this large take the GEMV (fused_moe.py dispatches)
 
@@ -74,17 +75,7 @@ def _moe_fp8_gemv_kernel(
     VEC: tl.constexpr,  # x's elements per 16-byte load: the weight tile's columns per thread too
     HW_CVT: tl.constexpr,  # STATIC_INPUT: the GPU's fp8 conversion (else software: the interpreter)
 ):
-    pair = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    tile = pair * tl.num_programs(1) + pid_n  # this program's split-K counter
-    half_n = N // 2
-    if GATED:  # BLOCK_N / 2 rows of each half: one program sees a column's gate and up rows
-        offs_n, mask_n = gated_rows(pid_n, half_n, BLOCK_N)
-    else:
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-    expert = tl.load(topk_ids_ptr + pair).to(tl.int64)
+    pair, pid_n, pid_k, tile, half_n, offs_n, mask_n, expert = pair_program(topk_ids_ptr, N, BLOCK_N, GATED)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     s_in = tl.load(input_scale_ptr) if STATIC_INPUT else 1.0
@@ -141,15 +132,8 @@ def launch_moe_fp8_gemv(
     pairs, (k, n) = topk_ids.shape[0], (a.shape[1], w.shape[1])
     vec = 16 // a.element_size()
     block_k = vec * 32 * num_warps  # x's layout kept (module docstring)
-    out_n = n // 2 if gated else n
-    tiles = triton.cdiv(out_n, block_n // 2) if gated else triton.cdiv(n, block_n)
-    k_per_split, split_k = k_splits(k, split_k, block_k)
-    if split_k > 1 and pairs * tiles > MAX_TILES:
-        split_k, k_per_split = 1, k
-    out = torch.empty(pairs, out_n, dtype=a.dtype, device=a.device)
-    partial_n = tiles * block_n if gated else n  # a gated tile's partials at its virtual columns
-    partials = (
-        torch.empty(split_k, pairs, partial_n, dtype=torch.float32, device=a.device) if split_k > 1 else out
+    out, partials, tiles, k_per_split, split_k = pair_buffers(
+        a, pairs, n, k, gated, block_n, block_k, split_k
     )
     group_n, group_k = block_shape or (1, k)
     _moe_fp8_gemv_kernel[(pairs, tiles, split_k)](
@@ -175,31 +159,24 @@ def fused_moe_fp8_gemv(
 ) -> torch.Tensor:  # [num_tokens, hidden]
     """fused_moe for FP8 experts at decode batches (fp8_gemv_applies): GEMM 1 with silu(gate) * up, GEMM 2
     times the routing weight, one row per pair, then each token's top_k rows summed in float32."""
-    num_tokens, top_k = topk_ids.shape
-    x = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
-    ids = topk_ids.reshape(-1)  # [pairs], pair = token * top_k + k
-    act = launch_moe_fp8_gemv(
-        x,
-        w13,
-        quant.w13,
-        ids,
-        top_k,
-        gated=True,
-        block_shape=quant.block_shape,
-        input_scale=quant.a13,
-        **launch,
-    )  # [pairs, I]
-    weights = topk_weights.reshape(-1).to(torch.float32)  # [pairs]
-    down = launch_moe_fp8_gemv(
-        act,
-        w2,
-        quant.w2,
-        ids,
-        1,
-        gated=False,
-        block_shape=quant.block_shape,
-        input_scale=quant.a2,
-        weights=weights,
-        **launch,
-    )  # [pairs, hidden]
-    return down.view(num_tokens, top_k, -1).sum(dim=1, dtype=torch.float32).to(hidden.dtype)
+
+    def gemm1(x: torch.Tensor, ids: torch.Tensor, top_k: int) -> torch.Tensor:
+        return launch_moe_fp8_gemv(
+            x, w13, quant.w13, ids, top_k, True, quant.block_shape, input_scale=quant.a13, **launch
+        )
+
+    def gemm2(act: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return launch_moe_fp8_gemv(
+            act,
+            w2,
+            quant.w2,
+            ids,
+            1,
+            False,
+            quant.block_shape,
+            input_scale=quant.a2,
+            weights=weights,
+            **launch,
+        )
+
+    return two_gemvs(hidden, topk_weights, topk_ids, gemm1, gemm2)

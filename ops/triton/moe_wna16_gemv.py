@@ -40,8 +40,9 @@ import triton
 import triton.language as tl
 
 from ops.moe_quant import IntExpertScales
+from ops.triton.moe_gemv_common import pair_buffers, pair_program, two_gemvs
 from ops.triton.paged_attention import _num_sms
-from ops.triton.split_k import MAX_TILES, gated_rows, k_splits, split_counters, store_column_tiles
+from ops.triton.split_k import split_counters, store_column_tiles
 
 MOE_GEMV_MAX_TOKENS = 8  # decode batches at most this large take the GEMV (fused_moe.py dispatches)
 TARGET_PROGRAMS_PER_SM = 4  # split K until pairs x tiles x splits reaches this many programs an SM
@@ -108,17 +109,7 @@ def _moe_wna16_gemv_kernel(
 ):
     PACK: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PACK
-    pair = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    tile = pair * tl.num_programs(1) + pid_n  # this program's split-K counter
-    half_n = N // 2
-    if GATED:  # BLOCK_N / 2 rows of each half: one program sees a column's gate and up sums
-        offs_n, mask_n = gated_rows(pid_n, half_n, BLOCK_N)
-    else:
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-    expert = tl.load(topk_ids_ptr + pair).to(tl.int64)
+    pair, pid_n, pid_k, tile, half_n, offs_n, mask_n, expert = pair_program(topk_ids_ptr, N, BLOCK_N, GATED)
     offs_w = tl.arange(0, WORDS)
     word_ptrs = w_ptr + expert * stride_we + offs_w[:, None] * stride_wk + offs_n[None, :] * stride_wn
     scale_ptrs = scales_ptr + expert * stride_se + offs_n * stride_sn
@@ -215,18 +206,12 @@ def launch_moe_wna16_gemv(
     block_k = block_k or gemv_block_k(k, group_k, bits)
     if block_k is None or k % block_k or group_k % block_k:
         raise ValueError(f"moe_wna16_gemv: no K tile divides K {k} and its group {group_k}")
-    out_n = n // 2 if gated else n
-    tiles = triton.cdiv(out_n, block_n // 2) if gated else triton.cdiv(n, block_n)
-    if split_k is None:
+    if split_k is None:  # tiles per pair as pair_buffers counts them
+        tiles = triton.cdiv(n // 2, block_n // 2) if gated else triton.cdiv(n, block_n)
         wanted = _num_sms(a.device.index if a.is_cuda else -1) * TARGET_PROGRAMS_PER_SM
         split_k = max(1, min(k // block_k, wanted // (pairs * tiles)))
-    k_per_split, split_k = k_splits(k, split_k, block_k)
-    if split_k > 1 and pairs * tiles > MAX_TILES:
-        split_k, k_per_split = 1, k
-    out = torch.empty(pairs, out_n, dtype=a.dtype, device=a.device)
-    partial_n = tiles * block_n if gated else n  # a gated tile's partials at its virtual columns
-    partials = (
-        torch.empty(split_k, pairs, partial_n, dtype=torch.float32, device=a.device) if split_k > 1 else out
+    out, partials, tiles, k_per_split, split_k = pair_buffers(
+        a, pairs, n, k, gated, block_n, block_k, split_k
     )
     perm_arg = perm if perm is not None else topk_ids
     _moe_wna16_gemv_kernel[(pairs, tiles, split_k)](
@@ -236,7 +221,7 @@ def launch_moe_wna16_gemv(
         a.stride(0), w.stride(0), w.stride(1), w.stride(2), scales.stride(0), scales.stride(1), scales.stride(2),
         zeros.stride(0), zeros.stride(1), zeros.stride(2), perm_arg.stride(0), out.stride(0),
         TOP_K=top_k, BITS=bits, GROUP_SIZE=group_k, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-        EVEN_N=out_n % (block_n // 2) == 0 if gated else n % block_n == 0, GATED=gated,
+        EVEN_N=(n // 2) % (block_n // 2) == 0 if gated else n % block_n == 0, GATED=gated,
         ROUTED=weights is not None, A_PERM=perm is not None, num_warps=num_warps,
     )  # fmt: skip
     return out
@@ -253,24 +238,17 @@ def fused_moe_wna16_gemv(
 ) -> torch.Tensor:  # [num_tokens, hidden]
     """fused_moe for integer experts at decode batches (gemv_applies): GEMM 1 with silu(gate) * up, GEMM 2
     times the routing weight, one row per pair, then each token's top_k rows summed in float32."""
-    num_tokens, top_k = topk_ids.shape
-    launch = {"block_n": default_block_n(num_tokens), **launch}
-    x = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
-    ids = topk_ids.reshape(-1)  # [pairs], pair = token * top_k + k
-    act = launch_moe_wna16_gemv(
-        x,
-        w13,
-        quant.w13_scales,
-        quant.w13_zeros,
-        ids,
-        quant.bits,
-        top_k,
-        gated=True,
-        perm=quant.w13_perm,
-        **launch,
-    )  # [pairs, I]
-    weights = topk_weights.reshape(-1).to(torch.float32)  # [pairs]
-    down = launch_moe_wna16_gemv(
-        act, w2, quant.w2_scales, quant.w2_zeros, ids, quant.bits, 1, gated=False, weights=weights, **launch
-    )  # [pairs, hidden]
-    return down.view(num_tokens, top_k, -1).sum(dim=1, dtype=torch.float32).to(hidden.dtype)
+    launch = {"block_n": default_block_n(topk_ids.shape[0]), **launch}
+
+    def gemm1(x: torch.Tensor, ids: torch.Tensor, top_k: int) -> torch.Tensor:
+        return launch_moe_wna16_gemv(
+            x, w13, quant.w13_scales, quant.w13_zeros, ids, quant.bits, top_k, gated=True, perm=quant.w13_perm,
+            **launch,
+        )  # fmt: skip
+
+    def gemm2(act: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return launch_moe_wna16_gemv(
+            act, w2, quant.w2_scales, quant.w2_zeros, ids, quant.bits, 1, gated=False, weights=weights, **launch
+        )  # fmt: skip
+
+    return two_gemvs(hidden, topk_weights, topk_ids, gemm1, gemm2)

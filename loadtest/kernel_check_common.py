@@ -6,9 +6,11 @@ run (the Triton interpreter: it exercises the code and measures nothing)."""
 from __future__ import annotations
 
 import math
+import os
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -39,6 +41,20 @@ class Poisoned:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextmanager
+def env_switch(name: str, on: bool) -> Iterator[None]:
+    """The switch `name` (ops.env_flags, read at each call) set to 1 / 0 while active, then put back."""
+    before = os.environ.get(name)
+    os.environ[name] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def check_close(

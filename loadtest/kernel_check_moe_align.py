@@ -14,14 +14,12 @@ wall-clock call.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 import torch
 
-from loadtest.kernel_check_common import check_true, time_ms
+from loadtest.kernel_check_common import check_true, env_switch, time_ms
 
 if TYPE_CHECKING:
     from loadtest.kernel_check_moe import MoeShape
@@ -29,19 +27,9 @@ if TYPE_CHECKING:
 ALIGN_TOKENS, SMOKE_ALIGN_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192), (1, 8, 70)
 
 
-@contextmanager
-def align_kernel(on: bool) -> Iterator[None]:
+def align_kernel(on: bool) -> AbstractContextManager[None]:
     """WEIR_MOE_ALIGN_KERNEL set to on / off while active (fused_moe reads it at each call), then put back."""
-    name = "WEIR_MOE_ALIGN_KERNEL"
-    before = os.environ.get(name)
-    os.environ[name] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
+    return env_switch("WEIR_MOE_ALIGN_KERNEL", on)
 
 
 def routing(shape: MoeShape, num_tokens: int, device: torch.device, seed: int, skewed: bool) -> torch.Tensor:

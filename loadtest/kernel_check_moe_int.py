@@ -36,8 +36,9 @@ from collections.abc import Iterator
 
 import torch
 
+from engine.model.quantization.wna16_moe import k_major
 from loadtest.gpu_timing import copies_past_l2
-from loadtest.kernel_check_common import Poisoned, check_close, guarded, time_ms
+from loadtest.kernel_check_common import Poisoned, check_close, env_switch, guarded, time_ms
 from ops import reference
 from ops.moe_quant import IntExpertScales
 
@@ -78,14 +79,9 @@ def int_moe_bytes(shape, ids: torch.Tensor, group: int, act_itemsize: int) -> in
     return codes_and_groups + acts * act_itemsize
 
 
-def _k_major(t: torch.Tensor) -> torch.Tensor:
-    """The same [E, N, X] values stored [E, X, N], seen as [E, N, X] (wna16_moe.store_k_major)."""
-    return t.transpose(1, 2).contiguous().transpose(1, 2)
-
-
 def _k_major_scales(q: IntExpertScales) -> IntExpertScales:
     return IntExpertScales(
-        q.bits, _k_major(q.w13_scales), _k_major(q.w13_zeros), _k_major(q.w2_scales), _k_major(q.w2_zeros),
+        q.bits, k_major(q.w13_scales), k_major(q.w13_zeros), k_major(q.w2_scales), k_major(q.w2_zeros),
         q.w13_perm,
     )  # fmt: skip
 
@@ -105,19 +101,22 @@ def int_experts_part(results: dict, shapes: dict, device: torch.device, smoke: b
         acted = IntExpertScales(
             BITS, quant.w13_scales, quant.w13_zeros, quant.w2_scales, quant.w2_zeros, perm
         )
-        k13, k2 = _k_major(w13), _k_major(w2)
+        k13, k2 = k_major(w13), k_major(w2)
         runs = [  # (label, words13, words2, scales, token counts, WEIR_MOE_INT_GEMV)
-            ("checkpoint order", w13, w2, quant, SMOKE_TOKENS if smoke else TOKENS, "1"),
-            ("act order", w13, w2, acted, SMOKE_TOKENS if smoke else TOKENS, "1"),
-            ("k-major", k13, k2, _k_major_scales(quant), SMOKE_TOKENS if smoke else TOKENS, "1"),
-            ("k-major act order", k13, k2, _k_major_scales(acted), decode, "1"),
-            ("checkpoint order grouped GEMM", w13, w2, quant, decode, "0"),
-            ("k-major grouped GEMM", k13, k2, _k_major_scales(quant), decode, "0"),
+            ("checkpoint order", w13, w2, quant, SMOKE_TOKENS if smoke else TOKENS, True),
+            ("act order", w13, w2, acted, SMOKE_TOKENS if smoke else TOKENS, True),
+            ("k-major", k13, k2, _k_major_scales(quant), SMOKE_TOKENS if smoke else TOKENS, True),
+            ("k-major act order", k13, k2, _k_major_scales(acted), decode, True),
+            ("checkpoint order grouped GEMM", w13, w2, quant, decode, False),
+            ("k-major grouped GEMM", k13, k2, _k_major_scales(quant), decode, False),
         ]
         for tile in _tiles_from_env("WEIR_MOE_INT_TILES"):
-            runs.append(("checkpoint order n{} k{} s{}".format(*tile), w13, w2, quant, decode, "0", tile))
+            runs.append(("checkpoint order n{} k{} s{}".format(*tile), w13, w2, quant, decode, False, tile))
         for label, a13, a2, q, token_counts, gemv, *tile in runs:
-            with _env("WEIR_MOE_INT_GEMV", gemv), _decode_tile(tile[0]) if tile else contextlib.nullcontext():
+            with (
+                env_switch("WEIR_MOE_INT_GEMV", gemv),
+                _decode_tile(tile[0]) if tile else contextlib.nullcontext(),
+            ):
                 _check_and_time(results, name, label, shape, a13, a2, q, dtype, (1, 8) if not smoke else decode, token_counts, group, copy_gbs, make_tokens, fused_moe)  # fmt: skip
         for block_n, split_k, warps in _tiles_from_env("WEIR_MOE_GEMV_LAUNCHES"):
             launch = {"block_n": block_n, "num_warps": warps, **({"split_k": split_k} if split_k else {})}
@@ -132,19 +131,6 @@ def _check_and_time(results: dict, name: str, label: str, shape, w13, w2, q, dty
         guarded(results, f"{name} int4 {label} {num_tokens} tok correctness", _correct, results, name, label, shape, w13, w2, q, dtype, num_tokens, make_tokens, fn)  # fmt: skip
     for num_tokens in token_counts:
         guarded(results, f"{name} int4 {label} {num_tokens} tok timing", _timing, results, name, label, shape, w13, w2, q, dtype, num_tokens, group, copy_gbs, make_tokens, fn)  # fmt: skip
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str) -> Iterator[None]:
-    before = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = before
 
 
 def _tiles_from_env(name: str) -> list[tuple[int, int, int]]:

@@ -17,19 +17,15 @@ from tests.ops.triton_interpreter import DEVICE, in_process, only_in_subprocess,
 import pytest
 import torch
 
+from engine.model.quantization import wna16_moe
 from ops import reference
 from ops.moe_quant import IntExpertScales
-from tests.ops.test_fused_moe import _inputs, _int_experts, _poisoned
+from tests.ops.test_fused_moe import _gemv_calls, _inputs, _int_experts, _poisoned
 
 
 @only_in_subprocess
 def test_in_fresh_interpreter_process() -> None:
     rerun_in_fresh_process(__file__)
-
-
-def _k_major(t: torch.Tensor) -> torch.Tensor:
-    """The same [E, N, X] values stored [E, X, N] (contiguous along N), seen as [E, N, X]."""
-    return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _experts(num_tokens: int, bits: int, group: int, hidden: int, inter: int, act_order: bool = False):
@@ -47,7 +43,7 @@ def _experts(num_tokens: int, bits: int, group: int, hidden: int, inter: int, ac
 
 
 def _on_device(quant: IntExpertScales, k_major: bool) -> IntExpertScales:
-    move = (lambda t: _k_major(t).to(DEVICE)) if k_major else (lambda t: t.to(DEVICE))
+    move = (lambda t: wna16_moe.k_major(t).to(DEVICE)) if k_major else (lambda t: t.to(DEVICE))
     perm = None if quant.w13_perm is None else quant.w13_perm.to(DEVICE)
     return IntExpertScales(
         quant.bits,
@@ -86,7 +82,7 @@ def test_int_gemv_matches_the_reference(
     x, q13, q2, weights, ids, quant, ref = _experts(num_tokens, bits, group, hidden, inter)
     x = x.to(dtype)
     ref = reference.fused_moe(x, q13, q2, weights, ids, quant)
-    words = [(_k_major(q) if k_major else q).to(DEVICE) for q in (q13, q2)]
+    words = [(wna16_moe.k_major(q) if k_major else q).to(DEVICE) for q in (q13, q2)]
     dev_quant = _on_device(quant, k_major)
     assert gemv_applies(x.to(DEVICE), *words, dev_quant)
     launch = {} if split_k is None else {"split_k": split_k}
@@ -110,7 +106,7 @@ def test_int_gemv_act_order_gathers_x_through_each_experts_permutation(k_major: 
     x, q13, q2, weights, ids, quant, ref = _experts(3, 4, 16, 80, 48, act_order=True)
     without = reference.fused_moe(x, q13, q2, weights, ids, IntExpertScales(4, *_scales(quant)))
     assert (without - ref).abs().max() > 1e-2  # the permutation matters: ignoring it is wrong
-    words = [(_k_major(q) if k_major else q).to(DEVICE) for q in (q13, q2)]
+    words = [(wna16_moe.k_major(q) if k_major else q).to(DEVICE) for q in (q13, q2)]
     out = _poisoned(
         fused_moe_wna16_gemv,
         x.to(DEVICE),
@@ -130,21 +126,15 @@ def _scales(quant: IntExpertScales) -> tuple[torch.Tensor, ...]:
 def test_fused_moe_takes_the_gemv_at_decode_batches_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """fused_moe's integer experts: the GEMVs at <= 8 tokens (a K tile in a group), the grouped GEMM past
     that, or with WEIR_MOE_INT_GEMV=0; both paths give the reference's output."""
-    import importlib
+    from ops.triton.fused_moe import fused_moe
 
-    fm = importlib.import_module("ops.triton.fused_moe")  # (ops.triton's fused_moe is the function)
-    gemv = importlib.import_module("ops.triton.moe_wna16_gemv")
-    calls = []
-    real = gemv.fused_moe_wna16_gemv
-    monkeypatch.setattr(
-        fm, "fused_moe_wna16_gemv", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k)
-    )
+    calls = _gemv_calls(monkeypatch, "moe_wna16_gemv", "fused_moe_wna16_gemv")
     for num_tokens, flag, took_gemv in ((8, "1", True), (9, "1", False), (2, "0", False)):
         monkeypatch.setenv("WEIR_MOE_INT_GEMV", flag)
         x, q13, q2, weights, ids, quant, ref = _experts(num_tokens, 4, 16, 80, 48)
         calls.clear()
         dev = [t.to(DEVICE) for t in (x, q13, q2, weights, ids)]
-        out = _poisoned(fm.fused_moe, *dev, _on_device(quant, False))
+        out = _poisoned(fused_moe, *dev, _on_device(quant, False))
         assert calls == ([num_tokens] if took_gemv else []), (num_tokens, flag)
         torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-5)
 

@@ -231,13 +231,16 @@ class WNA16FusedMoEMethod(FusedMoEMethodBase):
         return layer.kernels.fused_moe(x, layer.w13_codes, layer.w2_codes, topk_weights, topk_ids, scales)
 
 
+def k_major(t: torch.Tensor) -> torch.Tensor:
+    """The same [E, N, X] values stored [E, X, N] (contiguous along N), seen as [E, N, X]."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def store_k_major(layer: nn.Module) -> None:
     """Codes, scales and zeros stored K-major (module docstring); their shapes and values are unchanged."""
     for attr in ("w13_codes", "w2_codes", "w13_scales", "w13_zeros", "w2_scales", "w2_zeros"):
         tensor = getattr(layer, attr)
-        tensor.data = (
-            tensor.data.transpose(1, 2).contiguous().transpose(1, 2)
-        )  # [E, X, N] storage as [E, N, X]
+        tensor.data = k_major(tensor.data)
 
 
 def _groups_in_order(shape: tuple[int, ...], group_size: int) -> torch.Tensor:

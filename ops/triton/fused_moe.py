@@ -23,7 +23,7 @@ and scale (one row of them a tile where a K tile lies in one group), rounded to 
 The engine stores those words K-major (engine.model.quantization.wna16_moe.store_k_major: [K / pf, N]
 storage, as the dense GEMM's), so a tile's rows are whole sectors: on an H100 at a38b72f that took a
 64-token W4A16 layer from 1,752 to 1,012 us at Mixtral-8x7B's shape and from 509 to 325 us at
-Qwen3-30B-A3B's. At decode batches integer experts take two GEMVs instead (int_gemv_applies,
+Qwen3-30B-A3B's. At decode batches integer experts take two GEMVs instead (gemv_applies,
 ops/triton/moe_wna16_gemv.py), and so do FP8 experts (ops/triton/moe_fp8_gemv.py). With act order (A_PERM: GPTQ desc_act, compressed-tensors actorder "group") an expert's w13 columns are stored in group order and GEMM 1
 gathers x's columns through the expert's permutation (a [BLOCK_K] index load per K tile).
 
@@ -92,14 +92,6 @@ def align_kernel_applies(topk_ids: torch.Tensor) -> bool:
     return (
         topk_ids.is_cuda and topk_ids.numel() <= ALIGN_KERNEL_MAX_PAIRS and env_flag("WEIR_MOE_ALIGN_KERNEL")
     )
-
-
-def int_gemv_applies(
-    hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, quant: IntExpertScales
-) -> bool:
-    """Whether fused_moe runs integer experts as two GEMVs (ops/triton/moe_wna16_gemv.py): at decode
-    batches where a K tile fits a group, WEIR_MOE_INT_GEMV on; else the grouped GEMM below."""
-    return env_flag("WEIR_MOE_INT_GEMV") and gemv_applies(hidden, w13, w2, quant)
 
 
 def align_pairs(
@@ -363,9 +355,9 @@ def fused_moe(
     hidden_size = hidden.shape[1]  # (w13's last dim is packed for integer experts)
     if num_tokens == 0:
         return torch.empty(0, hidden_size, dtype=hidden.dtype, device=hidden.device)
-    if isinstance(quant, IntExpertScales) and int_gemv_applies(hidden, w13, w2, quant):
+    if isinstance(quant, IntExpertScales) and gemv_applies(hidden, w13, w2, quant):
         return fused_moe_wna16_gemv(hidden, w13, w2, topk_weights, topk_ids, quant)
-    if isinstance(quant, Fp8ExpertScales) and env_flag("WEIR_MOE_FP8_GEMV") and fp8_gemv_applies(hidden, w13):
+    if isinstance(quant, Fp8ExpertScales) and fp8_gemv_applies(hidden, w13):
         return fused_moe_fp8_gemv(hidden, w13, w2, topk_weights, topk_ids, quant)
     x = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     block_m = default_block_m(num_tokens)

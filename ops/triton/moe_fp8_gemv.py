@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.env_flags import env_flag
 from ops.moe_quant import Fp8ExpertScales
 from ops.triton.fp8_gemv import _w_tile, _x_tile
 from ops.triton.fp8_quant import hardware_fp8_conversion
@@ -111,8 +112,9 @@ def _moe_fp8_gemv_kernel(
 
 
 def fp8_gemv_applies(hidden: torch.Tensor, w13: torch.Tensor) -> bool:
-    """Whether moe_fp8_gemv runs these experts: a decode batch, weights contiguous along K."""
-    return hidden.shape[0] <= MOE_FP8_GEMV_MAX_TOKENS and w13.stride(2) == 1
+    """Whether fused_moe runs these experts as the GEMVs: WEIR_MOE_FP8_GEMV on, a decode batch, weights
+    contiguous along K (else the grouped GEMM)."""
+    return env_flag("WEIR_MOE_FP8_GEMV") and hidden.shape[0] <= MOE_FP8_GEMV_MAX_TOKENS and w13.stride(2) == 1
 
 
 def launch_moe_fp8_gemv(
@@ -167,16 +169,7 @@ def fused_moe_fp8_gemv(
 
     def gemm2(act: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return launch_moe_fp8_gemv(
-            act,
-            w2,
-            quant.w2,
-            ids,
-            1,
-            False,
-            quant.block_shape,
-            input_scale=quant.a2,
-            weights=weights,
-            **launch,
-        )
+            act, w2, quant.w2, ids, 1, False, quant.block_shape, input_scale=quant.a2, weights=weights, **launch
+        )  # fmt: skip
 
     return two_gemvs(hidden, topk_weights, topk_ids, gemm1, gemm2)

@@ -34,13 +34,18 @@ def pair_program(topk_ids_ptr, N, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
     return pair, pid_n, pid_k, tile, half_n, offs_n, mask_n, expert
 
 
+def column_tiles(n: int, gated: bool, block_n: int) -> int:
+    """Output tiles a pair's launch has: N / BLOCK_N, or for a [gate; up] weight (N = 2 x half) half / (BLOCK_N / 2)."""
+    return triton.cdiv(n // 2, block_n // 2) if gated else triton.cdiv(n, block_n)
+
+
 def pair_buffers(
     a: torch.Tensor, pairs: int, n: int, k: int, gated: bool, block_n: int, block_k: int, split_k: int
 ) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
     """(out [pairs, N or N / 2] in a's dtype, partials [split_k, pairs, ...] float32 or out, column tiles,
     K per split, splits) of a launch; K left whole where the tiles would overflow the split-K workspace."""
     out_n = n // 2 if gated else n
-    tiles = triton.cdiv(out_n, block_n // 2) if gated else triton.cdiv(n, block_n)
+    tiles = column_tiles(n, gated, block_n)
     k_per_split, split_k = k_splits(k, split_k, block_k)
     if split_k > 1 and pairs * tiles > MAX_TILES:
         split_k, k_per_split = 1, k

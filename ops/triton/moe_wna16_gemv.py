@@ -39,8 +39,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.env_flags import env_flag
 from ops.moe_quant import IntExpertScales
-from ops.triton.moe_gemv_common import pair_buffers, pair_program, two_gemvs
+from ops.triton.moe_gemv_common import column_tiles, pair_buffers, pair_program, two_gemvs
 from ops.triton.paged_attention import _num_sms
 from ops.triton.split_k import split_counters, store_column_tiles
 
@@ -174,9 +175,9 @@ def gemv_block_k(k: int, group_k: int, bits: int, block_k: int = 128) -> int | N
 
 
 def gemv_applies(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, quant: IntExpertScales) -> bool:
-    """Whether moe_wna16_gemv can run these experts for `hidden`: a decode batch, and a K tile that lies
-    in one group in both GEMMs."""
-    if hidden.shape[0] > MOE_GEMV_MAX_TOKENS or quant.bits not in (4, 8):
+    """Whether fused_moe runs these experts for `hidden` as the GEMVs: WEIR_MOE_INT_GEMV on, a decode
+    batch, and a K tile that lies in one group in both GEMMs (else the grouped GEMM)."""
+    if not env_flag("WEIR_MOE_INT_GEMV") or hidden.shape[0] > MOE_GEMV_MAX_TOKENS or quant.bits not in (4, 8):
         return False
     k13, k2 = hidden.shape[1], w2.shape[2] * (32 // quant.bits)
     return (
@@ -206,10 +207,9 @@ def launch_moe_wna16_gemv(
     block_k = block_k or gemv_block_k(k, group_k, bits)
     if block_k is None or k % block_k or group_k % block_k:
         raise ValueError(f"moe_wna16_gemv: no K tile divides K {k} and its group {group_k}")
-    if split_k is None:  # tiles per pair as pair_buffers counts them
-        tiles = triton.cdiv(n // 2, block_n // 2) if gated else triton.cdiv(n, block_n)
+    if split_k is None:
         wanted = _num_sms(a.device.index if a.is_cuda else -1) * TARGET_PROGRAMS_PER_SM
-        split_k = max(1, min(k // block_k, wanted // (pairs * tiles)))
+        split_k = max(1, min(k // block_k, wanted // (pairs * column_tiles(n, gated, block_n))))
     out, partials, tiles, k_per_split, split_k = pair_buffers(
         a, pairs, n, k, gated, block_n, block_k, split_k
     )

@@ -47,6 +47,17 @@ def _poisoned(fn: Callable[..., torch.Tensor], *args: object) -> torch.Tensor:
         torch.empty = orig_empty
 
 
+def _gemv_calls(monkeypatch: pytest.MonkeyPatch, module: str, name: str) -> list[int]:
+    """The token counts fused_moe hands its decode GEMV `name` (of ops.triton.`module`), recorded as it runs."""
+    import importlib
+
+    fm = importlib.import_module("ops.triton.fused_moe")  # (ops.triton's fused_moe is the function)
+    real = getattr(importlib.import_module(f"ops.triton.{module}"), name)
+    calls: list[int] = []
+    monkeypatch.setattr(fm, name, lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    return calls
+
+
 def _inputs(num_tokens: int, hidden: int, inter: int, num_experts: int, top_k: int, dtype: torch.dtype):
     gen = torch.Generator().manual_seed(num_tokens)
     x = torch.randn(num_tokens, hidden, generator=gen)

@@ -18,7 +18,7 @@ import torch
 
 from ops import reference
 from ops.moe_quant import Fp8ExpertScales
-from tests.ops.test_fused_moe import _fp8_experts, _inputs, _poisoned
+from tests.ops.test_fused_moe import _fp8_experts, _gemv_calls, _inputs, _poisoned
 
 
 @only_in_subprocess
@@ -62,15 +62,9 @@ def test_fp8_gemv_matches_the_reference(
 def test_fused_moe_takes_the_fp8_gemv_at_decode_batches_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """fused_moe's FP8 experts: the GEMVs at <= 8 tokens, the grouped GEMM past that or with
     WEIR_MOE_FP8_GEMV=0; both give the reference's output."""
-    import importlib
+    from ops.triton.fused_moe import fused_moe
 
-    fm = importlib.import_module("ops.triton.fused_moe")  # (ops.triton's fused_moe is the function)
-    gemv = importlib.import_module("ops.triton.moe_fp8_gemv")
-    calls = []
-    real = gemv.fused_moe_fp8_gemv
-    monkeypatch.setattr(
-        fm, "fused_moe_fp8_gemv", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k)
-    )
+    calls = _gemv_calls(monkeypatch, "moe_fp8_gemv", "fused_moe_fp8_gemv")
     for num_tokens, flag, took_gemv in ((8, "1", True), (9, "1", False), (2, "0", False)):
         monkeypatch.setenv("WEIR_MOE_FP8_GEMV", flag)
         x, w13, w2, weights, ids = (t.cpu() for t in _inputs(num_tokens, 80, 48, 6, 2, torch.float32))
@@ -80,6 +74,6 @@ def test_fused_moe_takes_the_fp8_gemv_at_decode_batches_only(monkeypatch: pytest
         ref = reference.fused_moe(x, q13, q2, weights, ids, quant)
         calls.clear()
         dev = [t.to(DEVICE) for t in (x, q13, q2, weights, ids)]
-        out = _poisoned(fm.fused_moe, *dev, Fp8ExpertScales(s13.to(DEVICE), s2.to(DEVICE), None))
+        out = _poisoned(fused_moe, *dev, Fp8ExpertScales(s13.to(DEVICE), s2.to(DEVICE), None))
         assert calls == ([num_tokens] if took_gemv else []), (num_tokens, flag)
         torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-5)

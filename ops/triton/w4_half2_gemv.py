@@ -439,6 +439,7 @@ def w4_half2_gemv(
     gated: bool = False,
     x_ahead: bool = False,
     l2_next: torch.Tensor | None = None,  # [bytes] uint8: asked of L2 as the programs finish
+    max_registers: int | None = None,
 ) -> torch.Tensor:  # [M, N] in x.dtype; gated: [M, N / 2]
     """y = x w for 4-bit codes, w[k, n] = (code - zero) * scale. block_k divides group_size (at least
     16); split_k splits K over that many programs per column tile (whole tiles each); ahead: tiles in
@@ -447,7 +448,9 @@ def w4_half2_gemv(
     requested with the next tile (one row: 8-11% a layer on an H200, planned; 2-4 rows: not measured
     yet, a sweep option); l2_next: the next projection's weight bytes (a flat uint8 view, 16-byte
     aligned, or [2, n] for two ranges: l2_prefetch.l2_next_args), each program asking L2 for its slice once its tiles are read (ops/triton/l2_prefetch.py;
-    sm_90, the outputs unchanged). The zero points must be integers in
+    sm_90, the outputs unchanged); max_registers: ptxas's cap a thread (Triton's maxnreg; None: its own
+    choice, 128 at the one-token launch), more programs resident an SM at the cost of spills. The zero
+    points must be integers in
     [0, MAX_ZERO_POINT] (not checked here: a device sync per call; the engine checks at load)."""
     M, K = x.shape
     N = qweight.shape[1]
@@ -474,7 +477,7 @@ def w4_half2_gemv(
     if M % rows:  # the kernel masks no row: zero rows up to whole groups
         padded = torch.cat([x, x.new_zeros(rows - M % rows, K)])
         return w4_half2_gemv(padded, qweight, scales, zeros, group_size, block_n, block_k, split_k, num_warps,
-                             ahead, loop_stages, gated, x_ahead, l2_next)[:M]  # fmt: skip
+                             ahead, loop_stages, gated, x_ahead, l2_next, max_registers)[:M]  # fmt: skip
     if x.stride(1) != 1 or x.stride(0) % 2 or x.storage_offset() % 2:
         x = x.contiguous()
     x_pairs = x.view(torch.int32)  # [M, K / 2]
@@ -491,6 +494,7 @@ def w4_half2_gemv(
     )
     pdl = pdl_enabled(x.device)
     l2_bytes, l2_second = l2_next_args("w4_half2_gemv", l2_next)
+    options = {} if max_registers is None or x.device.type != "cuda" else {"maxnreg": max_registers}
     _w4_half2_gemv_kernel[(groups, tiles, split_k)](
         x_pairs, qweight, scales, zeros, out, partials, split_counters(x.device),
         M, N, K, k_per_split,
@@ -502,6 +506,6 @@ def w4_half2_gemv(
         prefetch_bytes=l2_bytes,
         prefetch_second=l2_second,
         L2_PREFETCH=l2_next is not None and x.device.type == "cuda",
-        num_warps=num_warps, launch_pdl=pdl,
+        num_warps=num_warps, launch_pdl=pdl, **options,
     )  # fmt: skip
     return out

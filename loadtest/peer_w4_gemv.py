@@ -7,8 +7,8 @@ codes, scales and zero points, at a model's four linear shapes, in one GPU call.
 Timing as Q5 and sweep_gemv.py (loadtest/gpu_timing.py): CUDA-graph replays cycling through enough
 weight copies to miss L2; bytes read over the copy bandwidth measured in the same call. Each kernel is
 checked against dequantize + matmul in float32 first. weir runs its planned launch (what the engine runs:
-engine.model.quantization.wna16.plan_wna16_gemv) and, with --max-registers, the same launch under those
-register caps (more programs resident an SM). GemLite runs with its own tuned configurations for the card
+engine.model.quantization.wna16.plan_wna16_gemv), with --max-registers the same launch under those
+register caps (more programs resident an SM), and the --variants launches. GemLite runs with its own tuned configurations for the card
 where it ships them (configs/h100.json on an H100) and its "fast" autotuning otherwise; its output is
 zeroed each call (a memset in the graph) since its GEMV adds its K splits with atomics.
 """
@@ -28,6 +28,16 @@ from loadtest.gpu_timing import graph_ms, rel_err  # noqa: E402
 from loadtest.model_shapes import SHAPES  # noqa: E402
 
 GROUP = 128
+# launches beside the planned one (--variants): GemLite's shape of work, each program one or two tiles of
+# K and its partial sums added by the split's tickets, so many more programs in flight and no loop
+VARIANTS = [
+    {"block_n": 64, "block_k": 128, "split_k": 32, "num_warps": 2, "ahead": 0},
+    {"block_n": 128, "block_k": 128, "split_k": 32, "num_warps": 4, "ahead": 0},
+    {"block_n": 256, "block_k": 128, "split_k": 32, "num_warps": 4, "ahead": 0},
+    {"block_n": 64, "block_k": 64, "split_k": 64, "num_warps": 2, "ahead": 0},
+    {"block_n": 128, "block_k": 64, "split_k": 32, "num_warps": 2, "ahead": 1},
+    {"block_n": 64, "block_k": 128, "split_k": 16, "num_warps": 2, "ahead": 1, "x_ahead": True},
+]
 
 
 def _gemlite_layer(qweight: Any, scales: Any, zeros: Any, k: int, n: int) -> Any:
@@ -46,7 +56,9 @@ def _gemlite_layer(qweight: Any, scales: Any, zeros: Any, k: int, n: int) -> Any
     return layer.pack(codes, scales.t().contiguous().bfloat16(), zeros.t().contiguous().bfloat16())
 
 
-def compare_shape(k: int, n: int, tokens: int, bandwidth: float, max_registers: list[int], sms: int) -> dict:
+def compare_shape(
+    k: int, n: int, tokens: int, bandwidth: float, max_registers: list[int], sms: int, variants: list[dict]
+) -> dict:
     import torch
 
     from engine.model.quantization.wna16 import plan_wna16_gemv, run_wna16_gemv
@@ -76,6 +88,13 @@ def compare_shape(k: int, n: int, tokens: int, bandwidth: float, max_registers: 
     for regs in max_registers:
         fn = functools.partial(w4_half2_gemv, group_size=GROUP, max_registers=regs, **launch)
         timed(f"weir_maxnreg{regs}", [functools.partial(fn, x, *q) for q in copies], fn(x, *copies[0]))
+    for cfg in variants:
+        name = "weir_" + "_".join(f"{key}{int(value)}" for key, value in cfg.items())
+        fn = functools.partial(w4_half2_gemv, group_size=GROUP, **cfg)
+        try:
+            timed(name, [functools.partial(fn, x, *q) for q in copies], fn(x, *copies[0]))
+        except Exception as e:  # noqa: BLE001 (a launch the shape cannot take: reported, the rest go on)
+            row[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
     try:
         layers = [_gemlite_layer(*q, k, n) for q in copies]
         timed("gemlite", [functools.partial(layer.forward, x) for layer in layers], layers[0].forward(x))
@@ -90,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     p.add_argument("--batches", default="1", help="token counts (1-4: the GEMV's range)")
     p.add_argument("--max-registers", default="96,80", help="register caps for weir's launch ('' for none)")
+    p.add_argument("--variants", default=json.dumps(VARIANTS), help="JSON list of w4_half2_gemv launches")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     import torch
@@ -113,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
                               "shape": args.shape, "gemlite": peer_version}  # fmt: skip
     for tokens in (int(b) for b in args.batches.split(",")):
         for name, (k, n) in shapes.items():
-            report[f"{name}_m{tokens}"] = compare_shape(k, n, tokens, bandwidth, regs, sms)
+            report[f"{name}_m{tokens}"] = compare_shape(
+                k, n, tokens, bandwidth, regs, sms, json.loads(args.variants)
+            )
             if args.out:  # after every shape: a call that runs out of time keeps what it measured
                 Path(args.out).write_text(json.dumps(report, indent=1))
     return 0

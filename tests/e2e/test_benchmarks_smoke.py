@@ -484,16 +484,20 @@ def test_profile_serving_reports_server_cpu_per_token_and_request(tmp_path: Path
 
 
 def test_bench_quant_q1_on_moe_experts(tmp_path: Path) -> None:
-    """Q1 with GPTQ alone (--q1-methods) on the tiny Qwen3-MoE shape: its experts load as W4A16 (dummy
-    codes) and the ratio to bf16's ITL is reported; an unknown format is refused."""
+    """Q1 with GPTQ alone (--q1-methods) on the tiny Qwen3-MoE shape at L1's batch 2 (--l1-batch): its
+    experts load as W4A16 (dummy codes), both engines decode two sequences (every token counted) and the
+    ratio to bf16's ITL is reported; an unknown format is refused."""
     from loadtest import bench_quant
 
     out = tmp_path / "q.json"
     argv = ["--shape", "tiny-qwen3-moe", *ENGINE, "--cases", "Q1", "--q1-methods", "gptq", "--group-size", "32",
-            "--input-len", "4", "--output-len", "4", "--out", str(out)]  # fmt: skip
+            "--input-len", "4", "--output-len", "4", "--l1-batch", "2", "--out", str(out)]  # fmt: skip
     assert bench_quant.main(argv) == 0
     data = load_report(out, "Q")
     assert sorted(k for k in data["results"] if k.startswith("l1_")) == ["l1_bf16", "l1_gptq_w4a16"]
+    assert data["workload"]["l1_batch"] == 2
+    for label in ("l1_bf16", "l1_gptq_w4a16"):
+        assert data["results"][label]["output_tokens"] == 2 * 4 and "warning" not in data["results"][label]
     assert data["ratios"]["Q1_gptq_w4a16_itl_vs_bf16"] > 0
     with pytest.raises(SystemExit):
-        bench_quant.main([*argv[:-4], "--q1-methods", "exl2", "--out", str(out)])
+        bench_quant.main([*argv[:-6], "--q1-methods", "exl2", "--out", str(out)])

@@ -120,11 +120,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: the plumbing only")
     parser.add_argument("--out", type=Path)
-    parser.add_argument(
-        "--fast-accum-table-out",
-        type=Path,
-        help="write where fast accumulation pays, per shape and rows, as WEIR_FP8_FAST_ACCUM_TABLE reads it",
-    )
     args = parser.parse_args(argv)
     if args.smoke:
         device, shapes, rows, calls, reps = torch.device("cpu"), {"tiny": (64, 96)}, [16], 1, 1
@@ -154,30 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"[fp8 gemm] {name} {in_f}x{out_f} m={m}: {line}", flush=True)
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
-    if args.fast_accum_table_out:
-        table = fast_accum_table(report["results"])
-        args.fast_accum_table_out.write_text(json.dumps(table, indent=1))
-        print(f"[fp8 gemm] fast accumulation table: {json.dumps(table)}", flush=True)
     return report
-
-
-# fast accumulation is kept unless it is slower than promotion by more than this (the probe's noise)
-FAST_ACCUM_MARGIN = 0.02
-
-
-def fast_accum_table(results: dict[str, Any]) -> dict[str, dict[str, bool]]:
-    """{"INxOUT": {"ROWS": fast accumulation kept}} from the probe's rows: kept unless `rowwise_fast`
-    took more than FAST_ACCUM_MARGIN longer than `rowwise` (engine/model/quantization/fp8_fast_accum.py
-    reads it)."""
-    table: dict[str, dict[str, bool]] = {}
-    for r in results.values():
-        fast, plain = r.get("rowwise_fast", {}).get("ms"), r.get("rowwise", {}).get("ms")
-        if fast is None or plain is None:
-            continue
-        table.setdefault(f"{r['in']}x{r['out']}", {})[str(r["rows"])] = fast <= plain * (
-            1 + FAST_ACCUM_MARGIN
-        )
-    return table
 
 
 if __name__ == "__main__":

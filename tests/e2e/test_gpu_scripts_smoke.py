@@ -308,16 +308,10 @@ def test_diagnose_divergence_on_cpu(tmp_path: Path) -> None:
 
 def test_probe_fp8_gemm_smoke(tmp_path: Path) -> None:
     """loadtest/probe_fp8_gemm.py (device_call's fp8mm) on CPU: every variant ran and timed, the FP8
-    ones within FP8's error of the unquantized product, bf16 within bf16's; its fast-accumulation table
-    says for the shape and rows what the two timings say, and the engine's table reader takes it."""
-    from engine.model.quantization.fp8_fast_accum import parse_table
-
-    out, table_out = tmp_path / "fp8_gemm.json", tmp_path / "fast_accum.json"
-    _run(["loadtest/probe_fp8_gemm.py", "--smoke", "--out", str(out), "--fast-accum-table-out", str(table_out)])
+    ones within FP8's error of the unquantized product, bf16 within bf16's."""
+    out = tmp_path / "fp8_gemm.json"
+    _run(["loadtest/probe_fp8_gemm.py", "--smoke", "--out", str(out)])
     row = json.loads(out.read_text())["results"]["tiny m=16"]
-    table = json.loads(table_out.read_text())
-    assert table == {"64x96": {"16": row["rowwise_fast"]["ms"] <= row["rowwise"]["ms"] * 1.02}}, (table, row)
-    assert parse_table(table) == {(64, 96): {16: table["64x96"]["16"]}}
     assert row["bf16"]["rel_err"] < 0.01, row
     for name in ("rowwise", "rowwise_fast", "tensorwise", "tensorwise_fast"):
         assert row[name]["ms"] > 0 and 0 < row[name]["rel_err"] < 0.1, (name, row)

@@ -38,7 +38,6 @@ from engine.model.parameter import WeightLoader, WeightShapeError, register_weig
 from engine.model.quantization.base import FusedMoEMethodBase, LinearMethodBase, QuantizationConfig
 from engine.model.quantization.common import experts_skipped, is_ignored, is_skipped
 from engine.model.quantization.float_gemv import hopper_with_triton, skinny_gemm_linear
-from engine.model.quantization.fp8_fast_accum import active_table, fast_accum_pays
 from engine.model.quantization.unquantized import UnquantizedFusedMoEMethod, UnquantizedLinearMethod
 from ops import reference
 from ops.env_flags import env_flag
@@ -236,8 +235,6 @@ class Fp8LinearMethod(LinearMethodBase):
         layer.fp8_quant_kernel = layer.fp8_gemv and input_scale is None and _fp8_quant_kernel_enabled()
         # cuBLASLt's FP8 accumulation without periodic promotion (WEIR_FP8_FAST_ACCUM, on by default: ops/env_flags.py)
         layer.fp8_fast_accum = layer.fp8_scaled_mm and env_flag("WEIR_FP8_FAST_ACCUM")
-        if layer.fp8_fast_accum:
-            active_table()  # WEIR_FP8_FAST_ACCUM_TABLE read (and a bad file refused) at load, not mid-step
 
     def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         if not (isinstance(x, torch.Tensor) and _takes_gemv(layer, x)):
@@ -248,13 +245,7 @@ class Fp8LinearMethod(LinearMethodBase):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):  # quantized by the kernel that made it (fp8_activation)
             return _scaled_mm(
-                x.q,
-                x.scale,
-                layer.weight,
-                layer.weight_scale,
-                bias,
-                x.dtype,
-                _fast_accum(layer, x.q.shape[0]),
+                x.q, x.scale, layer.weight, layer.weight_scale, bias, x.dtype, layer.fp8_fast_accum
             )
         if _takes_gemv(layer, x):
             l2_next = getattr(layer, "l2_prefetch", None)
@@ -267,7 +258,7 @@ class Fp8LinearMethod(LinearMethodBase):
         if layer.fp8_scaled_mm and x.dtype == torch.bfloat16:
             return _scaled_mm_linear(
                 x, layer.weight, layer.weight_scale, bias, layer.input_scale, layer.fp8_quant_kernel,
-                _fast_accum(layer, x.numel() // x.shape[-1]),
+                layer.fp8_fast_accum,
             )  # fmt: skip
         if layer.input_scale is not None:  # x as the FP8 GEMM sees it: quantized with the static scale
             s = layer.input_scale
@@ -276,12 +267,6 @@ class Fp8LinearMethod(LinearMethodBase):
         scale = scale[:, None] if scale.dim() == 1 else scale  # [out, 1] or [out, in]
         w = (layer.weight.float() * scale).to(x.dtype)  # [out, in]
         return F.linear(x, w, bias)
-
-
-def _fast_accum(layer: nn.Module, rows: int) -> bool:
-    """use_fast_accum for this layer's GEMM of `rows` rows: WEIR_FP8_FAST_ACCUM, except where the
-    shape's measured table says cuBLASLt is slower with it (fp8_fast_accum.py)."""
-    return layer.fp8_fast_accum and fast_accum_pays(layer.weight.shape[1], layer.weight.shape[0], rows)
 
 
 def _fp8_quant_kernel_enabled() -> bool:

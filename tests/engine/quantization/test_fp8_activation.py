@@ -5,9 +5,6 @@ checkpoints and bench_quant's Q3 run the whole path.)"""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
@@ -15,7 +12,6 @@ from torch import nn
 from engine.model.quantization import fp8_activation
 from engine.model.quantization.fp8 import Fp8Config, Fp8LinearMethod, _scaled_mm_linear
 from engine.model.quantization.fp8_activation import Fp8Activation, takes_fp8_activation
-from engine.model.quantization.fp8_fast_accum import TABLE_ENV, active_table, fast_accum_pays
 from ops import reference
 
 
@@ -86,45 +82,3 @@ def test_fast_accumulation_reaches_the_gemm(monkeypatch: pytest.MonkeyPatch) -> 
     method.apply(layer, Fp8Activation(q, scale, x.dtype))
     method.apply(layer, x)  # 5 rows: past the GEMV's sizes, the 16-bit path quantizes x itself
     assert seen == [False, True, True]
-
-
-def test_fast_accumulation_follows_the_measured_table(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    """WEIR_FP8_FAST_ACCUM_TABLE (loadtest/probe_fp8_gemm.py's file): where the probe found cuBLASLt slower
-    with fast accumulation, that shape's GEMM runs without it; other row counts follow the nearest measured
-    one (log2; a tie to the larger); a shape the table lacks keeps it; a malformed file is refused with
-    the variable's name."""
-    seen: list[bool] = []
-    real = torch._scaled_mm
-
-    def spy(*args: object, **kwargs: object) -> torch.Tensor:
-        seen.append(bool(kwargs.get("use_fast_accum")))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "_scaled_mm", spy)
-    method = Fp8LinearMethod(Fp8Config(from_checkpoint=True))
-    layer = _fp8_layer(quant_kernel=False)
-    layer.fp8_fast_accum = True
-    table = tmp_path / "fast_accum.json"
-    table.write_text(json.dumps({"64x48": {"4": False, "64": True}, "64x96": {"4": True}}))  # [in x out]
-    monkeypatch.setenv(TABLE_ENV, str(table))
-    active_table.cache_clear()
-    try:
-        for rows in (3, 5, 15, 16, 100):  # nearest 4, 4, 16 -> 4 (log2 2 vs 4 from 15), 64 (a tie), 64
-            x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
-            method.apply(layer, Fp8Activation(*reference.per_token_fp8(x), x.dtype))
-        assert seen == [False, False, False, True, True]
-        assert fast_accum_pays(64, 96, 5) and fast_accum_pays(128, 48, 5)  # other shapes: kept
-        table.write_text("{'64x48': }")
-        active_table.cache_clear()
-        with pytest.raises(ValueError, match=TABLE_ENV):
-            active_table()
-        table.write_text(json.dumps({"64-48": {"4": False}}))
-        active_table.cache_clear()
-        with pytest.raises(ValueError, match="'64-48'"):
-            active_table()
-    finally:
-        monkeypatch.delenv(TABLE_ENV)
-        active_table.cache_clear()
-    assert active_table() == {}  # the built-in table: nothing measured slower yet

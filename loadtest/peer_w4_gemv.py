@@ -7,8 +7,10 @@ codes, scales and zero points, at a model's four linear shapes, in one GPU call.
 Timing as Q5 and sweep_gemv.py (loadtest/gpu_timing.py): CUDA-graph replays cycling through enough
 weight copies to miss L2; bytes read over the copy bandwidth measured in the same call. Each kernel is
 checked against dequantize + matmul in float32 first. weir runs its planned launch (what the engine runs:
-engine.model.quantization.wna16.plan_wna16_gemv), with --max-registers the same launch under those
-register caps (more programs resident an SM), and the --variants launches. GemLite runs with its own tuned configurations for the card
+engine.model.quantization.wna16.plan_wna16_gemv; from 5 tokens what WEIR_W4_GEMV_8 runs: two groups of 4
+rows), with --max-registers the same launch under those register caps (more programs resident an SM),
+the --variants launches, the W4A16 GEMM where the planner has one for the batch (`weir_gemm`: what 5-16
+tokens run by default) and bf16 cuBLAS on bf16 weights of the shape (`bf16`, its own bytes). GemLite runs with its own tuned configurations for the card
 where it ships them (configs/h100.json on an H100) and its "fast" autotuning otherwise; its output is
 zeroed each call (a memset in the graph) since its GEMV adds its K splits with atomics.
 """
@@ -60,11 +62,13 @@ def compare_shape(
     k: int, n: int, tokens: int, bandwidth: float, max_registers: list[int], sms: int, variants: list[dict]
 ) -> dict:
     import torch
+    import torch.nn.functional as F
 
-    from engine.model.quantization.wna16 import plan_wna16_gemv, run_wna16_gemv
+    from engine.model.quantization.wna16 import plan_wna16, plan_wna16_gemv, run_wna16_gemv
+    from loadtest.gpu_timing import copies_past_l2 as copies_for
     from loadtest.sweep_gemv import _w4_copies
     from ops.triton.w4_half2_gemv import w4_half2_gemv
-    from ops.triton.wna16_gemm import wna16_dequantize
+    from ops.triton.wna16_gemm import wna16_dequantize, wna16_gemm
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     copies = _w4_copies(k, n, GROUP, gen)  # [(qweight [K/8, N], scales [G, N], zeros [G, N])]
@@ -79,6 +83,28 @@ def compare_shape(
                      "err": round(rel_err(out, ref), 5)}  # fmt: skip
         print(f"[peer_w4] {k}x{n} m={tokens} {name}: {row[name]}", flush=True)
 
+    dense = [
+        torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+        for _ in range(copies_for(k * n * 2))
+    ]
+    bf16_ref = F.linear(x.float(), dense[0].float())
+    t = graph_ms([functools.partial(F.linear, x, w) for w in dense])
+    row["bf16"] = {"us": round(t * 1e3, 2), "bw": round(k * n * 2 / (t / 1e3) / bandwidth, 3),
+                   "err": round(rel_err(F.linear(x, dense[0]), bf16_ref), 5)}  # fmt: skip
+    print(f"[peer_w4] {k}x{n} m={tokens} bf16 (cuBLAS): {row['bf16']}", flush=True)
+    del dense
+    gemm = plan_wna16(tokens, k, n, GROUP, sms, gemv=False)
+    if gemm.path == "gemm":  # the W4A16 GEMM (16-row tl.dot tiles) at this batch
+        launch_args = (
+            gemm.block_m,
+            gemm.block_n,
+            gemm.block_k,
+            gemm.split_k,
+            gemm.num_warps,
+            gemm.num_stages,
+        )
+        timed("weir_gemm", [functools.partial(wna16_gemm, x, *q, 4, GROUP, *launch_args) for q in copies],
+              wna16_gemm(x, *copies[0], 4, GROUP, *launch_args))  # fmt: skip
     plan = plan_wna16_gemv(tokens, k, n, GROUP, sms)
     row["weir_launch"] = repr(plan)
     timed("weir", [functools.partial(run_wna16_gemv, x, *q, 4, GROUP, plan) for q in copies],

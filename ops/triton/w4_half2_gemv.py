@@ -1,4 +1,5 @@
-"""W4A16 GEMV in packed fp16 with the zero point folded into the decode, for 1-4 tokens on CUDA.
+"""W4A16 GEMV in packed fp16 with the zero point folded into the decode, for 1-4 tokens on CUDA (up to 16
+in groups of 4 rows, each group's programs decoding the tiles again).
 
 Same weight layout as wna16_gemv.py (`qweight` int32 [K / 8, N], code i of a word at bits 4i, K along
 the words; `scales` and `zeros` fp16 [G, N]) and the same split-K epilogue (ops.triton.split_k), but
@@ -52,6 +53,7 @@ from ops.triton.split_k import (
 from ops.triton.wna16_gemm import check_layout
 
 MAX_ZERO_POINT = 63  # integer zero points up to here decode exactly (module docstring)
+MAX_GEMV_TOKENS = 16  # rows of x in groups of up to 4, one group per program (each decodes its tiles)
 
 # A word's four fp16 pairs (c - z) / 16: codes 0/4 and 2/6 (bits 0-3 / 16-19 of the word and of the
 # word >> 8) over 1024 = 0x6400 times 1/16 = 0x2C00, codes 1/5 and 3/7 (bits 4-7 / 20-23: 1024 + 16 c)
@@ -425,7 +427,7 @@ def _w4_half2_gemv_kernel(
 
 
 def w4_half2_gemv(
-    x: torch.Tensor,  # [M, K] bfloat16 / float16, M <= 4
+    x: torch.Tensor,  # [M, K] bfloat16 / float16, M <= MAX_GEMV_TOKENS
     qweight: torch.Tensor,  # [K / 8, N] int32
     scales: torch.Tensor,  # [G, N] fp16
     zeros: torch.Tensor,  # [G, N] fp16, integers in [0, MAX_ZERO_POINT]
@@ -456,8 +458,8 @@ def w4_half2_gemv(
     N = qweight.shape[1]
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"w4_half2_gemv: x must be bfloat16 or float16; got {x.dtype}")
-    if not 1 <= M <= 4:
-        raise ValueError(f"w4_half2_gemv takes 1 to 4 rows; got {M}")
+    if not 1 <= M <= MAX_GEMV_TOKENS:
+        raise ValueError(f"w4_half2_gemv takes 1 to {MAX_GEMV_TOKENS} rows; got {M}")
     check_layout(qweight, scales, zeros, K, 4, group_size)
     if group_size % block_k or block_k % 16:
         raise ValueError(f"block_k {block_k} must divide group_size {group_size} and be a multiple of 16")

@@ -45,7 +45,7 @@ def _err(out: torch.Tensor, expected: torch.Tensor) -> float:
 
 # (group_size, m, n, k, block_n, block_k, split_k, ahead): one tile per split up to several, an uneven
 # last split, a ragged N tail, the loads one or two tiles ahead and none, groups of 32 (two-row half
-# tiles), 2 and 3 rows (3 padded to a group of 4)
+# tiles), 2 and 3 rows (3 padded to a group of 4), 6 and 8 rows (two groups)
 CASES = [
     (128, 1, 64, 512, 64, 128, 4, 1),
     (128, 1, 40, 384, 16, 128, 2, 2),
@@ -54,6 +54,8 @@ CASES = [
     (128, 3, 24, 256, 16, 64, 1, 2),
     (128, 4, 32, 1024, 32, 128, 8, 2),
     (128, 4, 48, 512, 16, 128, 2, 1),  # four rows with x ahead
+    (128, 8, 32, 512, 16, 128, 2, 2),  # two groups of four rows (WEIR_W4_GEMV_8)
+    (128, 6, 24, 256, 16, 128, 1, 1),  # 6 rows: a second group padded with zero rows
 ]
 
 
@@ -152,8 +154,8 @@ def test_refuses_what_it_cannot_run() -> None:
     with pytest.raises(ValueError, match="x must be bfloat16 or float16; got torch.float32"):
         w4_half2_gemv(torch.zeros(1, 64, device=DEVICE), *args, 32, block_k=32)
     x = torch.zeros(1, 64, device=DEVICE, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="takes 1 to 4 rows; got 5"):
-        w4_half2_gemv(x.expand(5, 64), *args, 32, block_k=32)
+    with pytest.raises(ValueError, match="takes 1 to 16 rows; got 17"):
+        w4_half2_gemv(x.expand(17, 64), *args, 32, block_k=32)
     with pytest.raises(ValueError, match="block_k 64 must divide group_size 32 and be a multiple of 16"):
         w4_half2_gemv(x, *args, 32, block_k=64)
     with pytest.raises(ValueError, match="ahead is 0, 1 or 2; got 3"):

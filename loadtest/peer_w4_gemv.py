@@ -130,14 +130,18 @@ def compare_shape(
     return row
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     p.add_argument("--batches", default="1", help="token counts (1-4: the GEMV's range)")
     p.add_argument("--max-registers", default="96,80", help="register caps for weir's launch ('' for none)")
     p.add_argument("--variants", default=json.dumps(VARIANTS), help="JSON list of w4_half2_gemv launches")
     p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     import torch
 
     from loadtest.common import measure_copy_bandwidth

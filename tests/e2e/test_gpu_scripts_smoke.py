@@ -351,3 +351,37 @@ def test_probe_carveout_says_it_needs_a_gpu_and_is_a_device_step(tmp_path: Path)
     assert report["errors"] == ["probe: RuntimeError: needs a CUDA GPU (CUDA graphs, the driver API)"]
     text = (ROOT / "loadtest" / "device_call.sh").read_text()
     assert "probe_carveout.py" in text and "prb0*|prb1*)" in text
+
+
+def test_this_sessions_device_steps_parse() -> None:
+    """device_call.sh's q12b8 / q12b8g / q12moe8 (bench_quant at L1's batch 8) and peer4
+    (loadtest/peer_w4_gemv.py, Q5's peer): each has its case and header line, and its command line parses
+    with the script's own parser (peer4's --variants as the JSON list the script reads)."""
+    import re
+    import shlex
+
+    from loadtest import bench_quant, peer_w4_gemv
+
+    text = (ROOT / "loadtest" / "device_call.sh").read_text()
+    header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    for name in ("q12b8", "q12b8g", "q12moe8", "peer4"):
+        assert re.search(rf"^  {name}\) ", text, re.M), name
+        assert name in header, name
+    for name in ("q12b8", "q12b8g", "q12moe8"):
+        line = re.search(rf"^  {name}\) step {name} \d+ (?:env \S+ )?python3 \S+ (.*);;$", text, re.M)
+        assert line, name
+        args = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", line.group(1)).replace("$O/", "/tmp/")
+        parsed = bench_quant.build_parser().parse_args(shlex.split(args))
+        assert parsed.l1_batch == 8 and parsed.q1_methods == "gptq", name
+    assert re.search(r"^  q12b8g\) step q12b8g \d+ env WEIR_W4_GEMV_8=1 ", text, re.M)
+    line = re.search(r"^  peer4\) step peer4 \S+ python3 \S+ (.*);;$", text, re.M)
+    assert line
+    variants = '[{"block_n":64,"block_k":128,"split_k":4,"num_warps":4,"ahead":2}]'
+    args = line.group(1).replace('${P4V:+--variants "$P4V"}', f"--variants '{variants}'")
+    args = re.sub(r"\$\{\w+:?-([^}]*)\}", r"\1", args).replace("$O/", "/tmp/")
+    parsed = peer_w4_gemv.build_parser().parse_args(shlex.split(args))
+    assert (
+        parsed.batches == "1"
+        and parsed.max_registers == "96,80"
+        and json.loads(parsed.variants)[0]["split_k"] == 4
+    )

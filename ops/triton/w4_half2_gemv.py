@@ -451,7 +451,8 @@ def w4_half2_gemv(
     yet, a sweep option); l2_next: the next projection's weight bytes (a flat uint8 view, 16-byte
     aligned, or [2, n] for two ranges: l2_prefetch.l2_next_args), each program asking L2 for its slice once its tiles are read (ops/triton/l2_prefetch.py;
     sm_90, the outputs unchanged); max_registers: ptxas's cap a thread (Triton's maxnreg; None: its own
-    choice, 128 at the one-token launch), more programs resident an SM at the cost of spills. The zero
+    choice, 128 at the one-token launch), more programs resident an SM at the cost of spills (a sweep
+    knob: 96 / 80 / 72 were no faster on any Llama-3-8B layer on an H100, loadtest/peer_w4_gemv.py). The zero
     points must be integers in
     [0, MAX_ZERO_POINT] (not checked here: a device sync per call; the engine checks at load)."""
     M, K = x.shape

@@ -30,7 +30,7 @@
 # (decode_attention, engine/model/layers/attention.py); engfda: the engine check with it on; q12fda: Q1, Q2 with it on; q3: bench_quant.py's Q3 (T2 bf16 and FP8 weights);
 # peer4: loadtest/peer_w4_gemv.py (Q5's peer: weir's W4A16 GEMV against GemLite's on the same weights, P4B tokens, weir's launch also
 # under the P4R register caps, P4V: a JSON list of launches for --variants; needs gemlite's wheel in .whl: `pip wheel --no-deps gemlite -w .whl`).
-# featd: the feature check's quantized checkpoints (part d) alone. q12moe: Q1 (GPTQ W4A16 experts; Q1M: formats) and Q2 (FP8 experts) at the Qwen3-30B-A3B shape, batch-1 ITL vs bf16 in one call; q12moe8 / q12b8: Q1 and Q2 at L1's batch 8 (MoE shape / Llama-3-8B); q12b8g: Q1 at batch 8 with WEIR_W4_GEMV_8=1. q2moe0 / q2moe1: its Q2 with WEIR_MOE_FP8_GEMV=0 / 1 (FP8 experts at decode on the grouped GEMM / the GEMVs). fp8mm: probe_fp8_gemm.py (fp8mmb: again, to fp8_gemm_b.json; Q3's FP8 GEMMs at prefill and
+# featd: the feature check's quantized checkpoints (part d) alone. q12moe: Q1 (GPTQ W4A16 experts; Q1M: formats) and Q2 (FP8 experts) at the Qwen3-30B-A3B shape, batch-1 ITL vs bf16 in one call; q12moe8 / q12b8: Q1 and Q2 at L1's batch 8 (MoE shape / Llama-3-8B). q2moe0 / q2moe1: its Q2 with WEIR_MOE_FP8_GEMV=0 / 1 (FP8 experts at decode on the grouped GEMM / the GEMVs). fp8mm: probe_fp8_gemm.py (fp8mmb: again, to fp8_gemm_b.json; Q3's FP8 GEMMs at prefill and
 # decode row counts: row-wise scales as weir runs them, tensor-wise, fast accumulation, against bf16; FMR rows); q3fa: Q3
 # with WEIR_FP8_FAST_ACCUM=1 (Q3N requests; compare with q3 in the same call). fp8kv: gpu_kernel_check.py's fp8 KV part (the widened
 # read, ops/triton/fp8_kv_read.py, against the bytes path and a bf16 cache: checks and decode times); featew: the
@@ -153,7 +153,6 @@ for s in $STEPS; do case $s in
   probe) step probe 150 python3 loadtest/probe_w4_layout.py --out $O/probe.json;;
   q12fda) step q12fda 150 env WEIR_FUSED_DECODE_ATTENTION=1 python3 loadtest/bench_quant.py --shape llama3-8b --cases Q1,Q2 --out $O/q12fda.json;;
   q12moe8) step q12moe8 420 python3 loadtest/bench_quant.py --shape qwen3-30b-a3b --cases Q1,Q2 --q1-methods ${Q1M:-gptq} --l1-batch 8 --out $O/q12moe8.json;;
-  q12b8g) step q12b8g 240 env WEIR_W4_GEMV_8=1 python3 loadtest/bench_quant.py --shape llama3-8b --cases Q1 --q1-methods ${Q1M:-gptq} --l1-batch 8 --out $O/q12b8g.json;;
   q12b8) step q12b8 240 python3 loadtest/bench_quant.py --shape llama3-8b --cases Q1,Q2 --q1-methods ${Q1M:-gptq} --l1-batch 8 --out $O/q12b8.json;;
   q12moe) step q12moe 420 python3 loadtest/bench_quant.py --shape qwen3-30b-a3b --cases Q1,Q2 --q1-methods ${Q1M:-gptq} --out $O/q12moe.json;;
   q2moe0|q2moe1) step $s 200 env WEIR_MOE_FP8_GEMV=${s#q2moe} python3 loadtest/bench_quant.py --shape qwen3-30b-a3b --cases Q2 --out $O/$s.json;;

@@ -6,13 +6,14 @@ codes, scales and zero points, at a model's four linear shapes, in one GPU call.
 
 Timing as Q5 and sweep_gemv.py (loadtest/gpu_timing.py): CUDA-graph replays cycling through enough
 weight copies to miss L2; bytes read over the copy bandwidth measured in the same call. Each kernel is
-checked against dequantize + matmul in float32 first. weir runs its planned launch (what the engine runs:
-engine.model.quantization.wna16.plan_wna16_gemv; from 5 tokens what WEIR_W4_GEMV_8 runs: two groups of 4
-rows), with --max-registers the same launch under those register caps (more programs resident an SM),
-the --variants launches, the W4A16 GEMM where the planner has one for the batch (`weir_gemm`: what 5-16
-tokens run by default) and bf16 cuBLAS on bf16 weights of the shape (`bf16`, its own bytes). GemLite runs with its own tuned configurations for the card
-where it ships them (configs/h100.json on an H100) and its "fast" autotuning otherwise; its output is
-zeroed each call (a memset in the graph) since its GEMV adds its K splits with atomics.
+checked against dequantize + matmul in float32 first. weir runs its planned
+launch (what the engine runs: engine.model.quantization.wna16.plan_wna16_gemv; from 5 tokens, where the
+engine runs the W4A16 GEMM, the same kernel in groups of 4 rows, each group decoding the tiles again), with
+--max-registers the same launch under those register caps (more programs resident an SM), the --variants
+launches, the W4A16 GEMM where the planner has one for the batch (`weir_gemm`: what 5-16 tokens run) and
+bf16 cuBLAS on bf16 weights of the shape (`bf16`, its own bytes). GemLite runs with its own tuned
+configurations for the card where it ships them (configs/h100.json on an H100) and its "fast" autotuning
+otherwise; its output is zeroed each call (a memset in the graph) since its GEMV adds its K splits with atomics.
 """
 
 from __future__ import annotations

@@ -46,11 +46,6 @@ ENV_FLAGS: dict[str, tuple[bool, str]] = {
         True,
         "FP8 linears at 3-16 tokens on the tensor-core skinny GEMM (W8A16), not _scaled_mm; engine/model/quantization/fp8.py",
     ),
-    "WEIR_W4_GEMV_8": (
-        False,
-        "4-bit GPTQ/AWQ linears at 5-8 tokens on the folded GEMV (two groups of 4 rows), not the W4A16 GEMM; "
-        "engine/model/quantization/wna16.py",
-    ),
     "WEIR_MOE_INT_GEMV": (
         # on an H100 at a38b72f, one W4A16 layer at 1 / 8 tokens: Mixtral-8x7B 485.0 / 1,017 -> 130.7 / 674 us
         True,

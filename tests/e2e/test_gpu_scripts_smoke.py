@@ -354,7 +354,7 @@ def test_probe_carveout_says_it_needs_a_gpu_and_is_a_device_step(tmp_path: Path)
 
 
 def test_this_sessions_device_steps_parse() -> None:
-    """device_call.sh's q12b8 / q12b8g / q12moe8 (bench_quant at L1's batch 8) and peer4
+    """device_call.sh's q12b8 / q12moe8 (bench_quant at L1's batch 8) and peer4
     (loadtest/peer_w4_gemv.py, Q5's peer): each has its case and header line, and its command line parses
     with the script's own parser (peer4's --variants as the JSON list the script reads)."""
     import re
@@ -364,16 +364,15 @@ def test_this_sessions_device_steps_parse() -> None:
 
     text = (ROOT / "loadtest" / "device_call.sh").read_text()
     header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
-    for name in ("q12b8", "q12b8g", "q12moe8", "peer4"):
+    for name in ("q12b8", "q12moe8", "peer4"):
         assert re.search(rf"^  {name}\) ", text, re.M), name
         assert name in header, name
-    for name in ("q12b8", "q12b8g", "q12moe8"):
-        line = re.search(rf"^  {name}\) step {name} \d+ (?:env \S+ )?python3 \S+ (.*);;$", text, re.M)
+    for name in ("q12b8", "q12moe8"):
+        line = re.search(rf"^  {name}\) step {name} \d+ python3 \S+ (.*);;$", text, re.M)
         assert line, name
         args = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", line.group(1)).replace("$O/", "/tmp/")
         parsed = bench_quant.build_parser().parse_args(shlex.split(args))
         assert parsed.l1_batch == 8 and parsed.q1_methods == "gptq", name
-    assert re.search(r"^  q12b8g\) step q12b8g \d+ env WEIR_W4_GEMV_8=1 ", text, re.M)
     line = re.search(r"^  peer4\) step peer4 \S+ python3 \S+ (.*);;$", text, re.M)
     assert line
     variants = '[{"block_n":64,"block_k":128,"split_k":4,"num_warps":4,"ahead":2}]'

@@ -54,7 +54,7 @@ CASES = [
     (128, 3, 24, 256, 16, 64, 1, 2),
     (128, 4, 32, 1024, 32, 128, 8, 2),
     (128, 4, 48, 512, 16, 128, 2, 1),  # four rows with x ahead
-    (128, 8, 32, 512, 16, 128, 2, 2),  # two groups of four rows (WEIR_W4_GEMV_8)
+    (128, 8, 32, 512, 16, 128, 2, 2),  # two groups of four rows (loadtest/peer_w4_gemv.py --batches 8)
     (128, 6, 24, 256, 16, 128, 1, 1),  # 6 rows: a second group padded with zero rows
 ]
 

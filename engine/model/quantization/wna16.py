@@ -32,11 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model.quantization.packing import pack_rows
-from ops.env_flags import env_flag
 
 DEQUANT_MIN_TOKENS = 256  # from here on: dequantize, then cuBLAS
 GEMV_MAX_TOKENS = 4  # up to here: the GEMV (ops.triton.wna16_gemv.MAX_GEMV_TOKENS)
-GEMV_MAX_TOKENS_WIDE = 8  # with WEIR_W4_GEMV_8: 5-8 tokens too, two groups of 4 rows
 SMALL_BATCH = 16  # up to here: one 16-row tile of M, split-K
 _PROGRAMS_PER_SM = 4
 _MIN_K_PER_SPLIT = 256  # fewer rows per split and the partials' traffic and sum stop paying
@@ -85,7 +83,7 @@ def plan_wna16(
     gemv=False: no GEMV path (SqueezeLLM's lookup tables run the GEMM at every small batch)."""
     if num_tokens >= DEQUANT_MIN_TOKENS:
         return WNA16Launch("dequant")
-    if gemv and num_tokens <= (GEMV_MAX_TOKENS_WIDE if env_flag("WEIR_W4_GEMV_8") else GEMV_MAX_TOKENS):
+    if gemv and num_tokens <= GEMV_MAX_TOKENS:
         plan = plan_wna16_gemv(num_tokens, in_features, out_features, group_size, num_sms)
         if plan is not None:
             return plan
@@ -151,7 +149,7 @@ def plan_wna16_gemv(
     if num_tokens == 2:
         split_k = 2 if out_features >= 16384 else 8
         return WNA16Launch("gemv", 1, 64, block_k, split_k, num_warps=4, num_stages=3, folded=True, ahead=1)
-    # 3-4 tokens (padded to 4 rows); 5-8 with WEIR_W4_GEMV_8 (plan_wna16): this launch for each group of 4
+    # 3-4 tokens (padded to 4 rows)
     if out_features >= 16384:
         split_k = 2
     else:

@@ -79,18 +79,6 @@ def test_fp8_gemv_launches_follow_the_sweep() -> None:
     assert not any(g.get("x_ahead") for g in [*got.values(), *two])
 
 
-def test_five_to_eight_tokens_take_the_gemv_with_the_flag_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """WEIR_W4_GEMV_8: 5-8 tokens on the folded GEMV in two groups of 4 rows, each at the 4-row launch;
-    off (the default), the W4A16 GEMM; 9 tokens take the GEMM either way."""
-    assert plan_wna16(8, 4096, 28672, 128, H100_SMS).path == "gemm"
-    monkeypatch.setenv("WEIR_W4_GEMV_8", "1")
-    for num_tokens in (5, 8):
-        plans = {name: plan_wna16(num_tokens, k, n, 128, H100_SMS) for name, (k, n) in LLAMA3_8B.items()}
-        assert plans == {name: plan_wna16(4, k, n, 128, H100_SMS) for name, (k, n) in LLAMA3_8B.items()}
-        assert {p.path for p in plans.values()} == {"gemv"}
-    assert plan_wna16(9, 4096, 28672, 128, H100_SMS).path == "gemm"
-
-
 @pytest.mark.parametrize("num_tokens", [5, 8, 16])
 def test_small_batches_split_k_to_fill_the_gpu(num_tokens: int) -> None:
     plans = {name: plan_wna16(num_tokens, k, n, 128, H100_SMS) for name, (k, n) in LLAMA3_8B.items()}

@@ -28,6 +28,12 @@ fp16 (relative 2**-11) over 8 products of magnitude at most |x|, then float32. x
 (exact from bf16 within fp16's range): |x| up to ~8,000 is safe (65,504 / 8 products). The spec is
 engine.model.quantization.common.dequantize + F.linear (tests/ops/test_w4_half2_gemv.py).
 
+Known cost, not yet removed: compiled for sm_90 (triton 3.9 on CPU) the one-token launch's loop moves each
+tile's per-column terms (add_lo, add_hi, scale16) from the 1-D layout their loads get to the tile's slice
+layout through shared memory, three round trips and six BAR.SYNCs a tile; loading scales and zeros as
+[1, BLOCK_N] instead made Triton convert the word tiles themselves (worse), so removing them needs explicit
+layouts (Gluon) or per-column terms computed another way. Its effect on time is unmeasured.
+
 EMULATE (the Triton interpreter, CPU tests): the same kernel with each inline-PTX block replaced by
 integer and float32 operations on the same bits (fp16 pairs kept as uint32, rounded to fp16 at the
 same points; the FMAs round twice where the hardware rounds once). The PTX itself is compiled for

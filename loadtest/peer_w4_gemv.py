@@ -9,7 +9,8 @@ weight copies to miss L2; bytes read over the copy bandwidth measured in the sam
 checked against dequantize + matmul in float32 first. weir runs its planned
 launch (what the engine runs: engine.model.quantization.wna16.plan_wna16_gemv; from 5 tokens, where the
 engine runs the W4A16 GEMM, the same kernel in groups of 4 rows, each group decoding the tiles again), with
---max-registers the same launch under those register caps (more programs resident an SM), the --variants
+scales and zero points loaded in the word tiles' layout (`weir_meta2d`: no layout conversion in its loop,
+ops/triton/w4_half2_gemv.py), with --max-registers under those register caps, the --variants
 launches, the W4A16 GEMM where the planner has one for the batch (`weir_gemm`: what 5-16 tokens run) and
 bf16 cuBLAS on bf16 weights of the shape (`bf16`, its own bytes). GemLite runs with its own tuned
 configurations for the card where it ships them (configs/h100.json on an H100) and its "fast" autotuning
@@ -112,6 +113,9 @@ def compare_shape(
           run_wna16_gemv(x, *copies[0], 4, GROUP, plan))  # fmt: skip
     launch = dict(block_n=plan.block_n, block_k=plan.block_k, split_k=plan.split_k, num_warps=plan.num_warps,
                   ahead=plan.ahead, x_ahead=plan.x_ahead)  # fmt: skip
+    if plan.folded:  # the same launch with scales and zero points in the word tiles' layout (META_2D)
+        fn = functools.partial(w4_half2_gemv, group_size=GROUP, meta_2d=True, **launch)
+        timed("weir_meta2d", [functools.partial(fn, x, *q) for q in copies], fn(x, *copies[0]))
     for regs in max_registers:
         fn = functools.partial(w4_half2_gemv, group_size=GROUP, max_registers=regs, **launch)
         timed(f"weir_maxnreg{regs}", [functools.partial(fn, x, *q) for q in copies], fn(x, *copies[0]))

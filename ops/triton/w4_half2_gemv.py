@@ -28,11 +28,14 @@ fp16 (relative 2**-11) over 8 products of magnitude at most |x|, then float32. x
 (exact from bf16 within fp16's range): |x| up to ~8,000 is safe (65,504 / 8 products). The spec is
 engine.model.quantization.common.dequantize + F.linear (tests/ops/test_w4_half2_gemv.py).
 
-Known cost, not yet removed: compiled for sm_90 (triton 3.9 on CPU) the one-token launch's loop moves each
-tile's per-column terms (add_lo, add_hi, scale16) from the 1-D layout their loads get to the tile's slice
-layout through shared memory, three round trips and six BAR.SYNCs a tile; loading scales and zeros as
-[1, BLOCK_N] instead made Triton convert the word tiles themselves (worse), so removing them needs explicit
-layouts (Gluon) or per-column terms computed another way. Its effect on time is unmeasured.
+Layout conversions (META_2D, off until timed): compiled for sm_90 (triton 3.9 on CPU), the one-token launch's
+loop moves each tile's per-column terms (add_lo, add_hi, scale16) from the 1-D layout their [BLOCK_N] loads
+get to the tile's slice layout through shared memory: three round trips and six BAR.SYNCs a tile, at 128
+registers a thread. Loading scales and zeros as [1, BLOCK_N] made Triton convert the word tiles instead
+(worse); loaded as [HALF_W, BLOCK_N] tiles (every row the same columns, the redundant reads L1 hits) they
+take the word tiles' own layout (8 words a thread along N) and the loop has no conversion and no barrier,
+at 79 registers (tests/ops/test_kernels_compile.py checks both). Not yet timed on a GPU: the planner keeps
+the 1-D loads until `loadtest/peer_w4_gemv.py` (its META_2D variants) shows it faster.
 
 EMULATE (the Triton interpreter, CPU tests): the same kernel with each inline-PTX block replaced by
 integer and float32 operations on the same bits (fp16 pairs kept as uint32, rounded to fp16 at the
@@ -282,9 +285,10 @@ def _row_dot(acc, da0, da1, da2, da3, db0, db1, db2, db3, qa0, qa1, qa2, qa3, qb
 
 @triton.jit
 def _load_tile(word_ptrs, scale_ptrs, zero_ptrs, k, stride_qk, stride_sg, stride_zg, mask_n,
-               GROUP_SIZE: tl.constexpr, HALF_W: tl.constexpr, EVEN_N: tl.constexpr):  # fmt: skip
+               GROUP_SIZE: tl.constexpr, HALF_W: tl.constexpr, EVEN_N: tl.constexpr, META_2D: tl.constexpr):  # fmt: skip
     """The tile at K = k: its two half tiles of words ([HALF_W, BLOCK_N] uint32 each), and its group's
-    scales and zero points ([BLOCK_N] fp16)."""
+    scales and zero points ([BLOCK_N] fp16; META_2D: [HALF_W, BLOCK_N], every row the same, from
+    [HALF_W, BLOCK_N] pointers)."""
     rows = k // 8 * stride_qk
     g = k // GROUP_SIZE
     if EVEN_N:
@@ -293,8 +297,15 @@ def _load_tile(word_ptrs, scale_ptrs, zero_ptrs, k, stride_qk, stride_sg, stride
     else:
         a = tl.load(word_ptrs + rows, mask=mask_n[None, :], other=0)
         b = tl.load(word_ptrs + rows + HALF_W * stride_qk, mask=mask_n[None, :], other=0)
-    scale = tl.load(scale_ptrs + g * stride_sg, mask=mask_n, other=0.0)
-    zero = tl.load(zero_ptrs + g * stride_zg, mask=mask_n, other=0.0)
+    if META_2D and EVEN_N:
+        scale = tl.load(scale_ptrs + g * stride_sg)
+        zero = tl.load(zero_ptrs + g * stride_zg)
+    elif META_2D:
+        scale = tl.load(scale_ptrs + g * stride_sg, mask=mask_n[None, :], other=0.0)
+        zero = tl.load(zero_ptrs + g * stride_zg, mask=mask_n[None, :], other=0.0)
+    else:
+        scale = tl.load(scale_ptrs + g * stride_sg, mask=mask_n, other=0.0)
+        zero = tl.load(zero_ptrs + g * stride_zg, mask=mask_n, other=0.0)
     return a.to(tl.uint32, bitcast=True), b.to(tl.uint32, bitcast=True), scale, zero
 
 
@@ -329,6 +340,7 @@ def _w4_half2_gemv_kernel(
     PDL: tl.constexpr,
     EMULATE: tl.constexpr,  # no inline PTX (the interpreter): the same arithmetic in integer / float32 ops
     GATED: tl.constexpr = False,  # [gate | up] columns (N = 2 x half_n): silu(gate) * up stored
+    META_2D: tl.constexpr = False,  # scales / zeros loaded as the word tiles' shape (module docstring)
     half_n=0,
     prefetch_ptr=None,  # (L2_PREFETCH) bytes of the next projection's weights (ops/triton/l2_prefetch.py)
     prefetch_bytes=0,
@@ -351,8 +363,12 @@ def _w4_half2_gemv_kernel(
     k_end = tl.minimum(k_start + k_per_split, K)
     k_last = k_end - BLOCK_K  # the split's last tile (K is whole groups, so whole tiles)
     word_ptrs = qweight_ptr + offs_w[:, None] * stride_qk + offs_n[None, :]  # [HALF_W, BLOCK_N] at K = 0
-    scale_ptrs = scales_ptr + offs_n
-    zero_ptrs = zeros_ptr + offs_n
+    if META_2D:  # [HALF_W, BLOCK_N], each row the same columns: Triton gives them the word tiles' layout
+        scale_ptrs = scales_ptr + offs_w[:, None] * 0 + offs_n[None, :]
+        zero_ptrs = zeros_ptr + offs_w[:, None] * 0 + offs_n[None, :]
+    else:  # [BLOCK_N]
+        scale_ptrs = scales_ptr + offs_n
+        zero_ptrs = zeros_ptr + offs_n
     acc0 = tl.zeros((HALF_W, BLOCK_N), dtype=tl.float32)
     acc1 = tl.zeros((HALF_W, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((HALF_W, BLOCK_N), dtype=tl.float32)
@@ -360,10 +376,10 @@ def _w4_half2_gemv_kernel(
     # Weights, scales and zero points do not depend on the kernel before: requested before the wait.
     if AHEAD >= 1:
         a, b, s, z = _load_tile(word_ptrs, scale_ptrs, zero_ptrs, k_start, stride_qk, stride_sg, stride_zg,
-                                mask_n, GROUP_SIZE, HALF_W, EVEN_N)  # fmt: skip
+                                mask_n, GROUP_SIZE, HALF_W, EVEN_N, META_2D)  # fmt: skip
     if AHEAD >= 2:
         a1, b1, s1, z1 = _load_tile(word_ptrs, scale_ptrs, zero_ptrs, tl.minimum(k_start + BLOCK_K, k_last),
-                                    stride_qk, stride_sg, stride_zg, mask_n, GROUP_SIZE, HALF_W, EVEN_N)  # fmt: skip
+                                    stride_qk, stride_sg, stride_zg, mask_n, GROUP_SIZE, HALF_W, EVEN_N, META_2D)  # fmt: skip
     let_next_kernel_start(PDL)
     wait_for_previous_kernel(PDL)
     half_offset = HALF_W * 4  # int32 pairs of x under a half tile
@@ -379,14 +395,18 @@ def _w4_half2_gemv_kernel(
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=LOOP_STAGES):
         if AHEAD >= 1:  # request the tile AHEAD further (the last ones re-read the split's last tile)
             an, bn, sn, zn = _load_tile(word_ptrs, scale_ptrs, zero_ptrs, tl.minimum(k0 + AHEAD * BLOCK_K, k_last),
-                                        stride_qk, stride_sg, stride_zg, mask_n, GROUP_SIZE, HALF_W, EVEN_N)  # fmt: skip
+                                        stride_qk, stride_sg, stride_zg, mask_n, GROUP_SIZE, HALF_W, EVEN_N, META_2D)  # fmt: skip
         else:
             a, b, s, z = _load_tile(word_ptrs, scale_ptrs, zero_ptrs, k0, stride_qk, stride_sg, stride_zg,
-                                    mask_n, GROUP_SIZE, HALF_W, EVEN_N)  # fmt: skip
+                                    mask_n, GROUP_SIZE, HALF_W, EVEN_N, META_2D)  # fmt: skip
         zf = z.to(tl.float32)
-        add_lo = _splat(-64.0 - zf * 0.0625, EMULATE)[None, :]  # (1024 + c) / 16 - 64 - z / 16
-        add_hi = _splat(-4.0 - zf * 0.0625, EMULATE)[None, :]  # (1024 + 16 c) / 256 - 4 - z / 16
-        scale16 = (s.to(tl.float32) * 16.0)[None, :]
+        add_lo = _splat(-64.0 - zf * 0.0625, EMULATE)  # (1024 + c) / 16 - 64 - z / 16
+        add_hi = _splat(-4.0 - zf * 0.0625, EMULATE)  # (1024 + 16 c) / 256 - 4 - z / 16
+        scale16 = s.to(tl.float32) * 16.0
+        if not META_2D:  # [BLOCK_N] -> [1, BLOCK_N]
+            add_lo = add_lo[None, :]
+            add_hi = add_hi[None, :]
+            scale16 = scale16[None, :]
         da0, da1, da2, da3 = _decode(a, add_lo, add_hi, EMULATE)
         db0, db1, db2, db3 = _decode(b, add_lo, add_hi, EMULATE)
         if X_AHEAD:  # this tile's x came with it; the next tile's is requested now (rows in turn)
@@ -448,6 +468,7 @@ def w4_half2_gemv(
     x_ahead: bool = False,
     l2_next: torch.Tensor | None = None,  # [bytes] uint8: asked of L2 as the programs finish
     max_registers: int | None = None,
+    meta_2d: bool = False,
 ) -> torch.Tensor:  # [M, N] in x.dtype; gated: [M, N / 2]
     """y = x w for 4-bit codes, w[k, n] = (code - zero) * scale. block_k divides group_size (at least
     16); split_k splits K over that many programs per column tile (whole tiles each); ahead: tiles in
@@ -458,7 +479,9 @@ def w4_half2_gemv(
     aligned, or [2, n] for two ranges: l2_prefetch.l2_next_args), each program asking L2 for its slice once its tiles are read (ops/triton/l2_prefetch.py;
     sm_90, the outputs unchanged); max_registers: ptxas's cap a thread (Triton's maxnreg; None: its own
     choice, 128 at the one-token launch), more programs resident an SM at the cost of spills (a sweep
-    knob: 96 / 80 / 72 were no faster on any Llama-3-8B layer on an H100, loadtest/peer_w4_gemv.py). The zero
+    knob: 96 / 80 / 72 were no faster on any Llama-3-8B layer on an H100, loadtest/peer_w4_gemv.py);
+    meta_2d: scales and zero points loaded in the word tiles' shape and layout (module docstring; the
+    same outputs bit for bit; not yet timed, so not planned). The zero
     points must be integers in
     [0, MAX_ZERO_POINT] (not checked here: a device sync per call; the engine checks at load)."""
     M, K = x.shape
@@ -486,7 +509,7 @@ def w4_half2_gemv(
     if M % rows:  # the kernel masks no row: zero rows up to whole groups
         padded = torch.cat([x, x.new_zeros(rows - M % rows, K)])
         return w4_half2_gemv(padded, qweight, scales, zeros, group_size, block_n, block_k, split_k, num_warps,
-                             ahead, loop_stages, gated, x_ahead, l2_next, max_registers)[:M]  # fmt: skip
+                             ahead, loop_stages, gated, x_ahead, l2_next, max_registers, meta_2d)[:M]  # fmt: skip
     if x.stride(1) != 1 or x.stride(0) % 2 or x.storage_offset() % 2:
         x = x.contiguous()
     x_pairs = x.view(torch.int32)  # [M, K / 2]
@@ -511,6 +534,7 @@ def w4_half2_gemv(
         X_BF16=x.dtype == torch.bfloat16, GROUP_SIZE=group_size, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k,
         SPLIT_K=split_k, EVEN_N=out_n % (block_n // 2) == 0 if gated else N % block_n == 0, AHEAD=ahead,
         X_AHEAD=x_ahead, LOOP_STAGES=loop_stages, PDL=pdl, EMULATE=x.device.type != "cuda", GATED=gated, half_n=out_n,
+        META_2D=meta_2d,
         prefetch_ptr=out if l2_next is None else l2_next,
         prefetch_bytes=l2_bytes,
         prefetch_second=l2_second,

@@ -53,6 +53,17 @@ KERNELS = [
         )
     ),
     *(
+        (  # the same with scales and zero points loaded in the word tiles' shape (META_2D)
+            "ops.triton.w4_half2_gemv:_w4_half2_gemv_kernel",
+            {"X_BF16": True, "GROUP_SIZE": 128, "ROWS": rows, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 8,
+             "EVEN_N": even_n, "AHEAD": 1, "X_AHEAD": True, "LOOP_STAGES": 1, "PDL": True, "EMULATE": False,
+             "GATED": gated, "META_2D": True},
+            {"x_ptr": "*i32", "qweight_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*fp16",
+             "out_ptr": "*bf16", "partials_ptr": "*fp32", "counters_ptr": "*i32", "prefetch_ptr": "*bf16"},
+        )
+        for rows, gated, even_n in ((1, False, True), (1, True, False), (4, False, True))
+    ),
+    *(
         (  # the tensor-core skinny GEMM (2-16 tokens), with and without its split-K tickets
             "ops.triton.skinny_gemm:_skinny_gemm_kernel",
             {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": split_k, "DOT_PRECISION": "tf32",
@@ -320,6 +331,8 @@ triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attr
         + ("-act_order" if k[1].get("A_PERM") else "")
         + ("-l2prefetch" if k[1].get("L2_PREFETCH") else "")
         + (f"-rows{k[1]['ROWS']}" if k[1].get("ROWS", 1) > 1 else "")
+        + ("-meta2d" if k[1].get("META_2D") else "")
+        + ("-ragged" if k[1].get("EVEN_N") is False else "")
         for k in KERNELS
     ],
 )
@@ -378,3 +391,46 @@ def test_integer_moe_default_tiles_fit_h100_shared_memory() -> None:
     shared = json.loads(done.stdout.strip().splitlines()[-1])
     too_big = {launch: size for launch, size in shared.items() if size > 227 * 1024}
     assert len(shared) == 8 and not too_big, shared
+
+
+_LOOP_CONVERSIONS = r"""
+import json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ops.triton.w4_half2_gemv import _w4_half2_gemv_kernel as fn
+out = {}
+for meta_2d in (False, True):
+    consts = {"X_BF16": True, "GROUP_SIZE": 128, "ROWS": 1, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4,
+              "EVEN_N": True, "AHEAD": 1, "X_AHEAD": True, "LOOP_STAGES": 1, "PDL": False, "EMULATE": False,
+              "GATED": False, "META_2D": meta_2d}
+    consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **consts}
+    types = {"x_ptr": "*i32", "qweight_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*fp16",
+             "out_ptr": "*bf16", "partials_ptr": "*fp32", "counters_ptr": "*i32", "prefetch_ptr": "*bf16"}
+    signature = {a: ("constexpr" if a in consts else types.get(a, "i32")) for a in fn.arg_names}
+    constexprs = {(i,): consts[a] for i, a in enumerate(fn.arg_names) if a in consts}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params)
+             if p.name not in consts and (signature[p.name].startswith("*") or p.name.startswith("stride"))}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 2})
+    loops = re.findall(r"scf\.for .*?scf\.yield", compiled.asm["ttgir"], re.S)
+    out[str(meta_2d)] = {"loops": len(loops), "conversions": sum(body.count("ttg.convert_layout") for body in loops)}
+print(json.dumps(out))
+"""
+
+
+def test_meta_2d_leaves_no_layout_conversion_in_the_one_token_loop() -> None:
+    """The folded W4A16 GEMV's one-token launch (split 4, x ahead) compiled for sm_90: with META_2D (scales
+    and zero points loaded as [HALF_W, BLOCK_N] tiles) its K loop holds no ttg.convert_layout, each of
+    which is a shared-memory round trip and two barriers a tile; with the [BLOCK_N] loads it holds some
+    (three at triton 3.9: add_lo, add_hi, scale16). If a Triton release changes either, this says so."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", _LOOP_CONVERSIONS], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    # (two loops: K, and the split-K epilogue's sum over the partials)
+    assert found["True"]["conversions"] == 0 and found["True"]["loops"] >= 1, found
+    assert found["False"]["conversions"] > 0, found

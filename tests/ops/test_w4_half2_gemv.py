@@ -205,3 +205,30 @@ def test_a_layer_takes_the_folded_gemv_only_with_integer_zero_points(zero_offset
         assert _err(out, expected) < 6e-3
         assert gated is not None
         assert _err(gated, F.silu(expected[:, :32]) * expected[:, 32:]) < 6e-3
+
+
+@in_process
+@pytest.mark.parametrize(
+    ("m", "n", "k", "block_n", "split_k", "ahead", "x_ahead", "gated"),
+    [
+        (1, 40, 384, 16, 2, 2, False, False),  # a ragged N tail: the 2-D loads masked
+        (4, 48, 512, 16, 2, 1, True, False),  # four rows, x ahead
+        (1, 64, 512, 32, 4, 1, True, True),  # gated, the one-token launch's options
+    ],
+)
+def test_meta_2d_gives_the_same_outputs_bit_for_bit(
+    m: int, n: int, k: int, block_n: int, split_k: int, ahead: int, x_ahead: bool, gated: bool
+) -> None:
+    """meta_2d (scales and zero points loaded as [HALF_W, BLOCK_N] tiles, for their layout): the same
+    arithmetic on the same values, so the same bits as the [BLOCK_N] loads, and the spec's answer."""
+    from ops.triton.w4_half2_gemv import w4_half2_gemv
+
+    args, weight = _layer(k, n, 128, seed=n + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(DEVICE, torch.bfloat16)
+    launch = dict(block_n=block_n, block_k=128, split_k=split_k, ahead=ahead, x_ahead=x_ahead, gated=gated)
+    plain = w4_half2_gemv(x, *args, 128, **launch)
+    tiled = w4_half2_gemv(x, *args, 128, **launch, meta_2d=True)
+    assert torch.equal(tiled, plain)
+    y = F.linear(x.float(), weight)
+    expected = F.silu(y[:, : n // 2]) * y[:, n // 2 :] if gated else y
+    assert _err(tiled, expected) < 6e-3

@@ -30,7 +30,7 @@
 # (decode_attention, engine/model/layers/attention.py); engfda: the engine check with it on; q12fda: Q1, Q2 with it on; q3: bench_quant.py's Q3 (T2 bf16 and FP8 weights);
 # peer4: loadtest/peer_w4_gemv.py (Q5's peer: weir's W4A16 GEMV against GemLite's on the same weights, P4B tokens, weir's launch also
 # under the P4R register caps, P4V: a JSON list of launches for --variants; needs gemlite's wheel in .whl: `pip wheel --no-deps gemlite -w .whl`).
-# featd: the feature check's quantized checkpoints (part d) alone. q12moe: Q1 (GPTQ W4A16 experts; Q1M: formats) and Q2 (FP8 experts) at the Qwen3-30B-A3B shape, batch-1 ITL vs bf16 in one call; q12moe8 / q12b8: Q1 and Q2 at L1's batch 8 (MoE shape / Llama-3-8B). q2moe0 / q2moe1: its Q2 with WEIR_MOE_FP8_GEMV=0 / 1 (FP8 experts at decode on the grouped GEMM / the GEMVs). fp8mm: probe_fp8_gemm.py (fp8mmb: again, to fp8_gemm_b.json; Q3's FP8 GEMMs at prefill and
+# featd: the feature check's quantized checkpoints (part d) alone. q12moe: Q1 (GPTQ W4A16 experts; Q1M: formats) and Q2 (FP8 experts) at the Qwen3-30B-A3B shape, batch-1 ITL vs bf16 in one call; q12moe8 / q12b8: Q1 and Q2 at L1's batch 8 (MoE shape / Llama-3-8B). q2moe0 / q2moe1: its Q2 with WEIR_MOE_FP8_GEMV=0 / 1 (FP8 experts at decode on the grouped GEMM / the GEMVs). fp8mm: probe_fp8_gemm.py (fp8mmb: again, to fp8_gemmb.json; Q3's FP8 GEMMs at prefill and
 # decode row counts: row-wise scales as weir runs them, tensor-wise, fast accumulation, against bf16; FMR rows); q3fa: Q3
 # with WEIR_FP8_FAST_ACCUM=1 (Q3N requests; compare with q3 in the same call). fp8kv: gpu_kernel_check.py's fp8 KV part (the widened
 # read, ops/triton/fp8_kv_read.py, against the bytes path and a bf16 cache: checks and decode times); featew: the
@@ -123,8 +123,7 @@ for s in $STEPS; do case $s in
     step $s 60 env WEIR_SKINNY_GEMM=1 WEIR_SKINNY_GEMM_LAUNCHES=$O/skinny_100kb.json python3 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;
   sk0*|sk1*) step $s 60 env WEIR_SKINNY_GEMM=${s:2:1} WEIR_SKINNY_GEMM_LAUNCHES=$([ -s $O/skinny_launches.json ] && echo $O/skinny_launches.json) python3 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;
   pdl0*|pdl1*) step $s 60 env WEIR_PDL=${s:3:1} python3 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;
-  fp8mmb) step fp8mmb ${FMC:-120} python3 loadtest/probe_fp8_gemm.py --shape llama3-8b --rows ${FMR:-256,2048,8192} --out $O/fp8_gemm_b.json;;
-  fp8mm) step fp8mm ${FMC:-120} python3 loadtest/probe_fp8_gemm.py --shape llama3-8b --rows ${FMR:-256,2048,8192} --out $O/fp8_gemm.json;;
+  fp8mm|fp8mmb) step $s ${FMC:-120} python3 loadtest/probe_fp8_gemm.py --shape llama3-8b --rows ${FMR:-256,2048,8192} --out $O/${s/fp8mm/fp8_gemm}.json;;
   q3fa) step q3fa 200 env WEIR_FP8_FAST_ACCUM=1 python3 loadtest/bench_quant.py --shape llama3-8b --cases Q3 --t2-requests ${Q3N:-1000} --out $O/q3fa.json;;
   q3) step q3 200 python3 loadtest/bench_quant.py --shape llama3-8b --cases Q3 --t2-requests 1000 --out $O/q3.json;;
   fp8kv) mkdir -p $O/fp8kv; step fp8kv 150 env OUT=$O/fp8kv python3 loadtest/gpu_kernel_check.py fp8kv;;

@@ -79,21 +79,18 @@ def compare_shape(
     nbytes = k * n // 2 + 2 * (k // GROUP) * n * 2
     row: dict[str, Any] = {"k": k, "n": n, "tokens": tokens, "bytes": nbytes}
 
-    def timed(name: str, fns: list, out: Any) -> None:
+    def timed(name: str, fns: list, out: Any, expected: Any = ref, bytes_read: int = nbytes) -> None:
         t = graph_ms(fns)
-        row[name] = {"us": round(t * 1e3, 2), "bw": round(nbytes / (t / 1e3) / bandwidth, 3),
-                     "err": round(rel_err(out, ref), 5)}  # fmt: skip
+        row[name] = {"us": round(t * 1e3, 2), "bw": round(bytes_read / (t / 1e3) / bandwidth, 3),
+                     "err": round(rel_err(out, expected), 5)}  # fmt: skip
         print(f"[peer_w4] {k}x{n} m={tokens} {name}: {row[name]}", flush=True)
 
     dense = [
         torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen)
         for _ in range(copies_for(k * n * 2))
-    ]
-    bf16_ref = F.linear(x.float(), dense[0].float())
-    t = graph_ms([functools.partial(F.linear, x, w) for w in dense])
-    row["bf16"] = {"us": round(t * 1e3, 2), "bw": round(k * n * 2 / (t / 1e3) / bandwidth, 3),
-                   "err": round(rel_err(F.linear(x, dense[0]), bf16_ref), 5)}  # fmt: skip
-    print(f"[peer_w4] {k}x{n} m={tokens} bf16 (cuBLAS): {row['bf16']}", flush=True)
+    ]  # cuBLAS on bf16 weights of the shape, against its own product in float32 and its own bytes
+    timed("bf16", [functools.partial(F.linear, x, w) for w in dense], F.linear(x, dense[0]),
+          F.linear(x.float(), dense[0].float()), k * n * 2)  # fmt: skip
     del dense
     gemm = plan_wna16(tokens, k, n, GROUP, sms, gemv=False)
     if gemm.path == "gemm":  # the W4A16 GEMM (16-row tl.dot tiles) at this batch
@@ -150,11 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from loadtest.common import measure_copy_bandwidth
+    from loadtest.probe_fp8_gemm import linear_shapes
 
-    config = SHAPES[args.shape]
-    h, inter = config["hidden_size"], config["intermediate_size"]
-    kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
-    shapes = {"qkv": (h, h + 2 * kv), "o": (h, h), "gate_up": (h, 2 * inter), "down": (inter, h)}
+    shapes = linear_shapes(args.shape)
     bandwidth = measure_copy_bandwidth("cuda")["bytes_per_s"]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     regs = [int(r) for r in args.max_registers.split(",") if r]

@@ -20,6 +20,12 @@ ENV_FLAGS: dict[str, tuple[bool, str]] = {
         "an fp8 KV cache read as words widened to float16; ops/triton/fp8_kv_read.py",
     ),
     "WEIR_L2_PREFETCH": (False, "decode GEMVs ask L2 for the next weights; ops/triton/l2_prefetch.py"),
+    "WEIR_W4_META_2D": (
+        # sm_90 compile at 5e1802c: the one-token loop's three shared-memory layout conversions gone, 128 -> 79
+        # registers; bit for bit the same outputs. Off until an A/B on a GPU (device_call.sh's q1m0a q1m1a ...)
+        False,
+        "the folded W4A16 GEMV loads scales and zero points in its word tiles' layout; ops/triton/w4_half2_gemv.py",
+    ),
     "WEIR_FP8_QUANT_KERNEL": (True, "FP8 activations quantized by the Triton kernel, not torch's lines"),
     "WEIR_FP8_FUSED_QUANT": (True, "a norm or SiLU-mul quantizes the next FP8 linear's input"),
     "WEIR_LORA_SEGMENTS": (True, "multi-LoRA through the segment kernels, not the tile kernels"),

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model.quantization.packing import pack_rows
+from ops.env_flags import env_flag
 
 DEQUANT_MIN_TOKENS = 256  # from here on: dequantize, then cuBLAS
 GEMV_MAX_TOKENS = 4  # up to here: the GEMV (ops.triton.wna16_gemv.MAX_GEMV_TOKENS)
@@ -55,6 +56,7 @@ class WNA16Launch:
     folded: bool = False
     ahead: int = 1
     x_ahead: bool = False  # folded, one token: x's next pairs requested with the next tile
+    meta_2d: bool = False  # folded: scales / zeros loaded in the word tiles' layout (WEIR_W4_META_2D)
 
 
 def use_wna16_kernels(
@@ -131,6 +133,7 @@ def plan_wna16_gemv(
     if group_size % block_k:
         return None
     del num_sms  # measured on 132 SMs; the splits are few enough to fill fewer
+    meta_2d = env_flag("WEIR_W4_META_2D")  # off by default (ops/env_flags.py)
     if num_tokens == 1:
         split_k = 4 if out_features >= 16384 else (16 if in_features >= 8192 else 8)
         return WNA16Launch(
@@ -145,17 +148,22 @@ def plan_wna16_gemv(
             folded=True,
             ahead=1,
             x_ahead=True,
+            meta_2d=meta_2d,
         )
     if num_tokens == 2:
         split_k = 2 if out_features >= 16384 else 8
-        return WNA16Launch("gemv", 1, 64, block_k, split_k, num_warps=4, num_stages=3, folded=True, ahead=1)
+        return WNA16Launch(
+            "gemv", 1, 64, block_k, split_k, num_warps=4, num_stages=3, folded=True, ahead=1, meta_2d=meta_2d
+        )
     # 3-4 tokens (padded to 4 rows)
     if out_features >= 16384:
         split_k = 2
     else:
         split_k = 8 if in_features >= 8192 or out_features <= in_features else 4
     ahead = 2 if split_k <= 4 else 1  # a split of 8+ tiles keeps two in flight
-    return WNA16Launch("gemv", 1, 64, block_k, split_k, num_warps=4, num_stages=3, folded=True, ahead=ahead)
+    return WNA16Launch(
+        "gemv", 1, 64, block_k, split_k, num_warps=4, num_stages=3, folded=True, ahead=ahead, meta_2d=meta_2d
+    )
 
 
 @functools.cache
@@ -280,6 +288,7 @@ def run_wna16_gemv(
         return w4_half2_gemv(
             x2, qweight, scales, zeros, group_size, launch.block_n, launch.block_k, launch.split_k,
             launch.num_warps, launch.ahead, gated=gated, x_ahead=launch.x_ahead, l2_next=l2_next,
+            meta_2d=launch.meta_2d,
         )  # fmt: skip
     from ops.triton.wna16_gemv import wna16_gemv  # noqa: PLC0415
 

@@ -62,6 +62,14 @@ def test_decode_batches_take_the_gemv_with_the_swept_launches(num_tokens: int) -
     assert plan_wna16(1, 4096, 4096, 4096, H100_SMS, gemv=False).path == "gemm"
 
 
+@pytest.mark.parametrize("setting", ["", "0", "1"])
+def test_meta_2d_is_planned_only_when_switched_on(setting: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """WEIR_W4_META_2D (off by default) puts every folded decode launch on the tile-shaped scale loads."""
+    monkeypatch.setenv("WEIR_W4_META_2D", setting)
+    plans = [plan_wna16(t, k, n, 128, H100_SMS) for t in (1, 2, 4) for k, n in LLAMA3_8B.values()]
+    assert {(p.folded, p.meta_2d) for p in plans} == {(True, setting == "1")}
+
+
 def test_fp8_gemv_launches_follow_the_sweep() -> None:
     from engine.model.quantization.fp8 import fp8_gemv_launch
 

@@ -384,3 +384,39 @@ def test_this_sessions_device_steps_parse() -> None:
         and parsed.max_registers == "96,80"
         and json.loads(parsed.variants)[0]["split_k"] == 4
     )
+
+
+def test_stall_summary_sums_reasons_over_source_lines() -> None:
+    """loadtest/probe_gemv_stalls.summarize (device step `stalls`): a proton PC-sampling tree's leaves are
+    source lines; their stall counts add up into shares, and the lines come out by samples, top reasons first."""
+    from loadtest.probe_gemv_stalls import summarize
+
+    def leaf(name: str, samples: int, **stalls: int) -> dict:
+        return {"frame": {"name": name}, "metrics": {"num_samples": samples, **stalls}}
+
+    tree = [
+        {
+            "frame": {"name": "ROOT"},
+            "metrics": {"num_samples": 10},
+            "children": [
+                {
+                    "frame": {"name": "_w4_kernel"},
+                    "metrics": {"num_samples": 10},
+                    "children": [
+                        leaf("w4.py:120", 3, stall_wait=1, stall_long_scoreboard=2),
+                        leaf("w4.py:140", 7, stall_long_scoreboard=6, stall_barrier=1),
+                    ],
+                }
+            ],
+        }
+    ]
+    got = summarize(tree)
+    assert got["leaves"] == 2
+    assert got["stalls"] == {"stall_long_scoreboard": 0.8, "stall_wait": 0.1, "stall_barrier": 0.1}
+    assert [r["where"] for r in got["top_lines"]] == [
+        "ROOT / _w4_kernel / w4.py:140",
+        "ROOT / _w4_kernel / w4.py:120",
+    ]
+    assert got["top_lines"][0]["top_stalls"] == [("stall_long_scoreboard", 6.0), ("stall_barrier", 1.0)]
+    text = (ROOT / "loadtest" / "device_call.sh").read_text()
+    assert "probe_gemv_stalls.py" in text

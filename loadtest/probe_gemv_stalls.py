@@ -1,6 +1,6 @@
 """Where the one-token decode GEMVs wait: CUPTI PC sampling (Triton's proton profiler) of weir's W4A16 GEMV
 (the planned launch, ops/triton/w4_half2_gemv.py) beside the FP8 GEMV (ops/triton/fp8_gemv.py) at a model's
-linear shapes, each sample attributed to a kernel source line with the warp's stall reason.
+linear shapes (and, with the kind `attn`, the prefill attention of T2's 8 x 1,024-token steps), each sample attributed to a kernel source line with the warp's stall reason.
 
     python loadtest/probe_gemv_stalls.py --shape llama3-8b --out-dir /tmp/o/stalls
 
@@ -94,7 +94,16 @@ def probe(kind: str, layer: str, k: int, n: int, reps: int, out_dir: Path) -> di
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=gen)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    if kind == "w4":
+    if (
+        kind == "attn"
+    ):  # paged attention on T2's prefill step (8 fresh 1,024-token prompts), its default launch
+        import ops.triton as tops
+        from loadtest.kernel_check_common import make_paged
+
+        batch = make_paged([1024] * 8, [1024] * 8, n, k, 128, 16, seed=11)  # n query heads, k KV heads
+        fns = [functools.partial(tops.paged_attention, **batch)]
+        launch = "default"
+    elif kind == "w4":
         plan = plan_wna16_gemv(1, k, n, GROUP, sms)
         fns = [functools.partial(run_wna16_gemv, x, *q, 4, GROUP, plan) for q in _w4_copies(k, n, GROUP, gen)]
         launch = repr(plan)
@@ -125,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     p.add_argument("--layers", default="qkv,gate_up,down", help="of qkv, o, gate_up, down")
-    p.add_argument("--kinds", default="w4,fp8", help="of w4, fp8")
+    p.add_argument("--kinds", default="w4,fp8", help="of w4, fp8, attn (prefill attention, 8 x 1,024 tokens)")
     p.add_argument("--reps", type=int, default=400)
     p.add_argument("--out-dir", required=True)
     args = p.parse_args(argv)
@@ -138,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     for kind in args.kinds.split(","):
         for layer in args.layers.split(","):
             k, n = shapes[layer]
+            if kind == "attn":  # one case: the shape's heads (k: KV heads, n: query heads)
+                if layer != args.layers.split(",")[0]:
+                    continue
+                cfg = SHAPES[args.shape]
+                layer, k, n = "prefill8x1024", cfg["num_key_value_heads"], cfg["num_attention_heads"]
             try:
                 row = probe(kind, layer, k, n, args.reps, out_dir)
             except Exception as e:  # noqa: BLE001 (a profiler that cannot sample is the result)

@@ -41,30 +41,28 @@ def _start(name: str) -> Any:
         return proton.start(name, backend="cupti_pcsampling", context="shadow")
 
 
-def _walk(node: dict, path: list[str], rows: list[dict]) -> None:
-    """Every node of a hatchet tree as (path, metrics)."""
-    name = str(node.get("frame", {}).get("name", "?"))
-    here = [*path, name]
-    rows.append({"path": here, "metrics": node.get("metrics", {})})
-    for child in node.get("children", []) or []:
-        _walk(child, here, rows)
+def _leaves(node: dict, path: list[str], out: list[dict]) -> None:
+    """The leaves of a hatchet tree (nodes without children: source locations) as (path, metrics)."""
+    here = [*path, str(node.get("frame", {}).get("name", "?"))]
+    children = node.get("children") or []
+    if not children:
+        out.append({"path": here, "metrics": node.get("metrics", {})})
+    for child in children:
+        _leaves(child, here, out)
 
 
 def summarize(tree: Any, top: int = 25) -> dict:
     """Samples by stall reason over the whole tree's leaves, and the `top` leaves by samples. A leaf is a
-    source location; metric names holding "stall" (or "reason") are reasons, "num_samples" the count."""
-    roots = tree if isinstance(tree, list) else [tree]
-    rows: list[dict] = []
-    for root in roots:
-        _walk(root, [], rows)
-    leaves = [
-        r for r in rows if not any(r is not s and s["path"][: len(r["path"])] == r["path"] for s in rows)
-    ]
+    source location; its numeric metrics named with "stall" are reasons, the first named with "sample"
+    its count (proton's metric names are kept in `metric_names` to check that reading)."""
+    leaves: list[dict] = []
+    for root in tree if isinstance(tree, list) else [tree]:
+        _leaves(root, [], leaves)
     reasons: dict[str, float] = defaultdict(float)
     lines = []
     for leaf in leaves:
         m = leaf["metrics"]
-        stalls = {k: float(v) for k, v in m.items() if isinstance(v, int | float) and ("stall" in k.lower())}
+        stalls = {k: float(v) for k, v in m.items() if isinstance(v, int | float) and "stall" in k.lower()}
         for k, v in stalls.items():
             reasons[k] += v
         samples = next(
@@ -75,59 +73,66 @@ def summarize(tree: Any, top: int = 25) -> dict:
     lines.sort(key=lambda r: -r["samples"])
     total = sum(reasons.values()) or 1.0
     return {
-        "metric_names": sorted({k for r in rows for k in r["metrics"]}),
+        "metric_names": sorted({k for leaf in leaves for k in leaf["metrics"]}),
         "stalls": {k: round(v / total, 4) for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])},
         "top_lines": lines[:top],
         "leaves": len(leaves),
     }
 
 
-def probe(kind: str, layer: str, k: int, n: int, reps: int, out_dir: Path) -> dict:
+def kernel_calls(kind: str, shape: str, layer: str) -> tuple[list[Any], dict[str, Any]]:
+    """The calls to profile for one case, cycling through operand copies that miss L2, and what they run.
+    kind w4 / fp8: the one-token GEMV at the shape's `layer` (its planned launch); attn: paged attention on
+    T2's prefill step (8 fresh 1,024-token prompts, the shape's heads; `layer` unused), its default launch."""
     import torch
-    import triton.profiler as proton
 
-    from engine.model.quantization.fp8 import fp8_gemv_launch
-    from engine.model.quantization.wna16 import plan_wna16_gemv, run_wna16_gemv
-    from loadtest.sweep_gemv import _fp8_copies, _w4_copies
-    from ops.triton.fp8_gemv import fp8_gemv
-
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    if (
-        kind == "attn"
-    ):  # paged attention on T2's prefill step (8 fresh 1,024-token prompts), its default launch
+    if kind == "attn":
         import ops.triton as tops
         from loadtest.kernel_check_common import make_paged
 
-        batch = make_paged([1024] * 8, [1024] * 8, n, k, 128, 16, seed=11)  # n query heads, k KV heads
-        fns = [functools.partial(tops.paged_attention, **batch)]
-        launch = "default"
-    elif kind == "w4":
+        cfg = SHAPES[shape]
+        heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        head_dim = cfg.get("head_dim", cfg["hidden_size"] // heads)
+        batch = make_paged([1024] * 8, [1024] * 8, heads, kv_heads, head_dim, 16, seed=11)
+        return [functools.partial(tops.paged_attention, **batch)], {"heads": heads, "kv_heads": kv_heads}
+    from engine.model.quantization.fp8 import fp8_gemv_launch
+    from engine.model.quantization.wna16 import plan_wna16_gemv, run_wna16_gemv
+    from loadtest.probe_fp8_gemm import linear_shapes
+    from loadtest.sweep_gemv import _fp8_copies, _w4_copies
+    from ops.triton.fp8_gemv import fp8_gemv
+
+    k, n = linear_shapes(shape)[layer]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if kind == "w4":
         plan = plan_wna16_gemv(1, k, n, GROUP, sms)
         fns = [functools.partial(run_wna16_gemv, x, *q, 4, GROUP, plan) for q in _w4_copies(k, n, GROUP, gen)]
-        launch = repr(plan)
-    else:
-        cfg = fp8_gemv_launch(k, n, sms, 1)
-        fns = [functools.partial(fp8_gemv, x, w, s, None, **cfg) for w, s in _fp8_copies(k, n, gen)]
-        launch = repr(cfg)
-    for fn in fns:  # compile and warm outside the session
+        return fns, {"k": k, "n": n, "launch": repr(plan)}
+    cfg = fp8_gemv_launch(k, n, sms, 1)
+    fns = [functools.partial(fp8_gemv, x, w, s, None, **cfg) for w, s in _fp8_copies(k, n, gen)]
+    return fns, {"k": k, "n": n, "launch": repr(cfg)}
+
+
+def profile(name: str, fns: list[Any], reps: int, out_dir: Path) -> dict:
+    """`reps` calls of `fns` in turn under one PC-sampling session (compiled and warmed first) -> summary."""
+    import torch
+    import triton.profiler as proton
+
+    for fn in fns:
         fn()
     torch.cuda.synchronize()
-    name = str(out_dir / f"{kind}_{layer}")
-    _start(name)
-    with proton.scope(f"{kind}_{layer}"):
+    path = str(out_dir / name)
+    _start(path)
+    with proton.scope(name):
         for i in range(reps):
             fns[i % len(fns)]()
     torch.cuda.synchronize()
     proton.finalize()
-    hatchet = Path(name + ".hatchet")
-    row: dict[str, Any] = {"kind": kind, "layer": layer, "k": k, "n": n, "launch": launch, "reps": reps}
-    if hatchet.exists():
-        row["summary"] = summarize(json.loads(hatchet.read_text()))
-    else:
-        row["error"] = f"no {hatchet.name}; files: {sorted(p.name for p in out_dir.iterdir())}"
-    return row
+    hatchet = Path(path + ".hatchet")
+    if not hatchet.exists():
+        return {"error": f"no {hatchet.name}; files: {sorted(p.name for p in out_dir.iterdir())}"}
+    return {"summary": summarize(json.loads(hatchet.read_text()))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,31 +143,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=400)
     p.add_argument("--out-dir", required=True)
     args = p.parse_args(argv)
-    from loadtest.probe_fp8_gemm import linear_shapes
-
-    shapes = linear_shapes(args.shape)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    layers = args.layers.split(",")
+    cases = [
+        (kind, layer)
+        for kind in args.kinds.split(",")
+        for layer in (["prefill8x1024"] if kind == "attn" else layers)
+    ]
     rows = []
-    for kind in args.kinds.split(","):
-        for layer in args.layers.split(","):
-            k, n = shapes[layer]
-            if kind == "attn":  # one case: the shape's heads (k: KV heads, n: query heads)
-                if layer != args.layers.split(",")[0]:
-                    continue
-                cfg = SHAPES[args.shape]
-                layer, k, n = "prefill8x1024", cfg["num_key_value_heads"], cfg["num_attention_heads"]
-            try:
-                row = probe(kind, layer, k, n, args.reps, out_dir)
-            except Exception as e:  # noqa: BLE001 (a profiler that cannot sample is the result)
-                row = {
-                    "kind": kind,
-                    "layer": layer,
-                    "error": f"{type(e).__name__}: {e}",
-                    "tb": traceback.format_exc(),
-                }
-            rows.append(row)
-            print(json.dumps(row, indent=1)[:6000], flush=True)
+    for kind, layer in cases:
+        row: dict[str, Any] = {"kind": kind, "layer": layer, "reps": args.reps}
+        try:
+            fns, what = kernel_calls(kind, args.shape, layer)
+            row |= what | profile(f"{kind}_{layer}", fns, args.reps, out_dir)
+        except Exception as e:  # noqa: BLE001 (a profiler that cannot sample is the result)
+            row |= {"error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()}
+        rows.append(row)
+        print(json.dumps(row, indent=1)[:6000], flush=True)
     (out_dir / "stalls.json").write_text(json.dumps(rows, indent=1))
     return 0
 

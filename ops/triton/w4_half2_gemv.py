@@ -28,14 +28,16 @@ fp16 (relative 2**-11) over 8 products of magnitude at most |x|, then float32. x
 (exact from bf16 within fp16's range): |x| up to ~8,000 is safe (65,504 / 8 products). The spec is
 engine.model.quantization.common.dequantize + F.linear (tests/ops/test_w4_half2_gemv.py).
 
-Layout conversions (META_2D, off until timed): compiled for sm_90 (triton 3.9 on CPU), the one-token launch's
+Layout conversions (META_2D, off: timed slower): compiled for sm_90 (triton 3.9 on CPU), the one-token launch's
 loop moves each tile's per-column terms (add_lo, add_hi, scale16) from the 1-D layout their [BLOCK_N] loads
 get to the tile's slice layout through shared memory: three round trips and six BAR.SYNCs a tile, at 128
 registers a thread. Loading scales and zeros as [1, BLOCK_N] made Triton convert the word tiles instead
 (worse); loaded as [HALF_W, BLOCK_N] tiles (every row the same columns, the redundant reads L1 hits) they
 take the word tiles' own layout (8 words a thread along N) and the loop has no conversion and no barrier,
-at 79 registers (tests/ops/test_kernels_compile.py checks both). Not yet timed on a GPU: the planner keeps
-the 1-D loads until `loadtest/peer_w4_gemv.py` (its META_2D variants) shows it faster.
+at 79 registers (tests/ops/test_kernels_compile.py checks both). Timed on an H200 at 9ab6f7f it was 2.6-9%
+slower on every Llama-3-8B layer (`loadtest/peer_w4_gemv.py`'s weir_meta2d) and the GPTQ batch-1 step 3.1%
+slower (loadtest/results/meta2d-stalls-2026-12-06/): the conversions are not what the loop waits on. The
+planner keeps the 1-D loads; WEIR_W4_META_2D=1 plans it (engine/model/quantization/wna16.py).
 
 EMULATE (the Triton interpreter, CPU tests): the same kernel with each inline-PTX block replaced by
 integer and float32 operations on the same bits (fp16 pairs kept as uint32, rounded to fp16 at the
@@ -481,7 +483,7 @@ def w4_half2_gemv(
     choice, 128 at the one-token launch), more programs resident an SM at the cost of spills (a sweep
     knob: 96 / 80 / 72 were no faster on any Llama-3-8B layer on an H100, loadtest/peer_w4_gemv.py);
     meta_2d: scales and zero points loaded in the word tiles' shape and layout (module docstring; the
-    same outputs bit for bit; not yet timed, so not planned). The zero
+    same outputs bit for bit; timed slower, planned only with WEIR_W4_META_2D=1). The zero
     points must be integers in
     [0, MAX_ZERO_POINT] (not checked here: a device sync per call; the engine checks at load)."""
     M, K = x.shape

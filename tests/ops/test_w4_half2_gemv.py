@@ -209,25 +209,29 @@ def test_a_layer_takes_the_folded_gemv_only_with_integer_zero_points(zero_offset
 
 @in_process
 @pytest.mark.parametrize(
-    ("m", "n", "k", "block_n", "split_k", "ahead", "x_ahead", "gated"),
+    ("m", "n", "k", "block_n", "split_k", "ahead", "x_ahead", "gated", "stages"),
     [
-        (1, 40, 384, 16, 2, 2, False, False),  # a ragged N tail: the 2-D loads masked
-        (4, 48, 512, 16, 2, 1, True, False),  # four rows, x ahead
-        (1, 64, 512, 32, 4, 1, True, True),  # gated, the one-token launch's options
+        (1, 40, 384, 16, 2, 2, False, False, 1),  # a ragged N tail: the 2-D loads masked
+        (4, 48, 512, 16, 2, 1, True, False, 1),  # four rows, x ahead
+        (1, 64, 512, 32, 4, 1, True, True, 1),  # gated, the one-token launch's options
+        # WEIR_W4_PIPELINE's launch (ahead 0, Triton's 3-stage cp.async pipeline on CUDA), gated and not
+        (1, 64, 1024, 32, 2, 0, False, True, 3),
+        (1, 40, 1024, 16, 2, 0, False, False, 3),
     ],
 )
 def test_meta_2d_gives_the_same_outputs_bit_for_bit(
-    m: int, n: int, k: int, block_n: int, split_k: int, ahead: int, x_ahead: bool, gated: bool
+    m: int, n: int, k: int, block_n: int, split_k: int, ahead: int, x_ahead: bool, gated: bool, stages: int
 ) -> None:
     """meta_2d (scales and zero points loaded as [HALF_W, BLOCK_N] tiles, for their layout): the same
-    arithmetic on the same values, so the same bits as the [BLOCK_N] loads, and the spec's answer."""
+    arithmetic on the same values, so the same bits as the [BLOCK_N] loads, and the spec's answer; also
+    with the loop's loads pipelined by Triton (stages 3: the same arithmetic, only the loads move)."""
     from ops.triton.w4_half2_gemv import w4_half2_gemv
 
     args, weight = _layer(k, n, 128, seed=n + k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(DEVICE, torch.bfloat16)
     launch = dict(block_n=block_n, block_k=128, split_k=split_k, ahead=ahead, x_ahead=x_ahead, gated=gated)
     plain = w4_half2_gemv(x, *args, 128, **launch)
-    tiled = w4_half2_gemv(x, *args, 128, **launch, meta_2d=True)
+    tiled = w4_half2_gemv(x, *args, 128, **launch, meta_2d=True, loop_stages=stages)
     assert torch.equal(tiled, plain)
     y = F.linear(x.float(), weight)
     expected = F.silu(y[:, : n // 2]) * y[:, n // 2 :] if gated else y

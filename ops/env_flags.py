@@ -26,13 +26,6 @@ ENV_FLAGS: dict[str, tuple[bool, str]] = {
         False,
         "the folded W4A16 GEMV loads scales and zero points in its word tiles' layout; ops/triton/w4_half2_gemv.py",
     ),
-    "WEIR_W4_PIPELINE": (
-        # sm_90 compile (triton 3.9, CPU): with the tile-shaped scales every load of the one-token loop becomes a
-        # cp.async into shared memory (Triton's loop pipelining, 3 stages), 72 registers against 128, so ~14
-        # programs an SM keep two tiles each in flight against 8 keeping one; not yet timed on a GPU
-        False,
-        "the folded W4A16 GEMV at one token: Triton's cp.async pipeline instead of the register prefetch",
-    ),
     "WEIR_FP8_QUANT_KERNEL": (True, "FP8 activations quantized by the Triton kernel, not torch's lines"),
     "WEIR_FP8_FUSED_QUANT": (True, "a norm or SiLU-mul quantizes the next FP8 linear's input"),
     "WEIR_LORA_SEGMENTS": (True, "multi-LoRA through the segment kernels, not the tile kernels"),

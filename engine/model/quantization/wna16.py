@@ -57,7 +57,6 @@ class WNA16Launch:
     ahead: int = 1
     x_ahead: bool = False  # folded, one token: x's next pairs requested with the next tile
     meta_2d: bool = False  # folded: scales / zeros loaded in the word tiles' layout (WEIR_W4_META_2D)
-    loop_stages: int = 1  # folded: > 1, Triton pipelines the loop's loads through shared memory (ahead 0)
 
 
 def use_wna16_kernels(
@@ -137,10 +136,6 @@ def plan_wna16_gemv(
     meta_2d = env_flag("WEIR_W4_META_2D")  # off by default (ops/env_flags.py)
     if num_tokens == 1:
         split_k = 4 if out_features >= 16384 else (16 if in_features >= 8192 else 8)
-        if env_flag("WEIR_W4_PIPELINE"):  # off by default (ops/env_flags.py): every load a cp.async, 3 stages
-            return WNA16Launch(
-                "gemv", 1, 64, block_k, split_k, 2, 3, folded=True, ahead=0, meta_2d=True, loop_stages=3
-            )
         return WNA16Launch(
             "gemv",
             1,
@@ -293,7 +288,7 @@ def run_wna16_gemv(
         return w4_half2_gemv(
             x2, qweight, scales, zeros, group_size, launch.block_n, launch.block_k, launch.split_k,
             launch.num_warps, launch.ahead, gated=gated, x_ahead=launch.x_ahead, l2_next=l2_next,
-            loop_stages=launch.loop_stages, meta_2d=launch.meta_2d,
+            meta_2d=launch.meta_2d,
         )  # fmt: skip
     from ops.triton.wna16_gemv import wna16_gemv  # noqa: PLC0415
 

@@ -70,22 +70,6 @@ def test_meta_2d_is_planned_only_when_switched_on(setting: str, monkeypatch: pyt
     assert {(p.folded, p.meta_2d) for p in plans} == {(True, setting == "1")}
 
 
-@pytest.mark.parametrize("setting", ["", "0", "1"])
-def test_pipeline_is_planned_at_one_token_only_when_switched_on(
-    setting: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """WEIR_W4_PIPELINE (off by default) puts the one-token folded launches on Triton's 3-stage cp.async
-    pipeline with the tile-shaped scales (no register prefetch); 2-4 tokens keep their launches."""
-    monkeypatch.setenv("WEIR_W4_PIPELINE", setting)
-    one = {plan_wna16(1, k, n, 128, H100_SMS) for k, n in LLAMA3_8B.values()}
-    more = {plan_wna16(t, k, n, 128, H100_SMS) for t in (2, 4) for k, n in LLAMA3_8B.values()}
-    on = setting == "1"
-    assert {(p.loop_stages, p.ahead, p.x_ahead, p.meta_2d) for p in one} == {
-        (3, 0, False, True) if on else (1, 1, True, False)
-    }
-    assert {(p.loop_stages, p.meta_2d) for p in more} == {(1, False)}
-
-
 def test_fp8_gemv_launches_follow_the_sweep() -> None:
     from engine.model.quantization.fp8 import fp8_gemv_launch
 

@@ -11,7 +11,8 @@ launch (what the engine runs: engine.model.quantization.wna16.plan_wna16_gemv; f
 engine runs the W4A16 GEMM, the same kernel in groups of 4 rows, each group decoding the tiles again), with
 scales and zero points loaded in the word tiles' layout (`weir_meta2d`: no layout conversion in its loop,
 ops/triton/w4_half2_gemv.py), with --max-registers under those register caps, the --variants
-launches, the W4A16 GEMM where the planner has one for the batch (`weir_gemm`: what 5-16 tokens run) and
+launches (a variant's `gated` stores silu(gate) * up, checked against that; `col_blocked` runs it on
+`col_blocked_qweight`'s copy of the words, each program's split one contiguous run), the W4A16 GEMM where the planner has one for the batch (`weir_gemm`: what 5-16 tokens run) and
 bf16 cuBLAS on bf16 weights of the shape (`bf16`, its own bytes). GemLite runs with its own tuned
 configurations for the card where it ships them (configs/h100.json on an H100) and its "fast" autotuning
 otherwise; its output is zeroed each call (a memset in the graph) since its GEMV adds its K splits with atomics.
@@ -69,7 +70,7 @@ def compare_shape(
     from engine.model.quantization.wna16 import plan_wna16, plan_wna16_gemv, run_wna16_gemv
     from loadtest.gpu_timing import copies_past_l2 as copies_for
     from loadtest.sweep_gemv import _w4_copies
-    from ops.triton.w4_half2_gemv import w4_half2_gemv
+    from ops.triton.w4_half2_gemv import col_blocked_qweight, w4_half2_gemv
     from ops.triton.wna16_gemm import wna16_dequantize, wna16_gemm
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -116,11 +117,20 @@ def compare_shape(
     for regs in max_registers:
         fn = functools.partial(w4_half2_gemv, group_size=GROUP, max_registers=regs, **launch)
         timed(f"weir_maxnreg{regs}", [functools.partial(fn, x, *q) for q in copies], fn(x, *copies[0]))
+    gated_ref = F.silu(ref[:, : n // 2]) * ref[:, n // 2 :]  # [M, N / 2]: what a gated launch stores
     for cfg in variants:
         name = "weir_" + "_".join(f"{key}{int(value)}" for key, value in cfg.items())
         fn = functools.partial(w4_half2_gemv, group_size=GROUP, **cfg)
         try:
-            timed(name, [functools.partial(fn, x, *q) for q in copies], fn(x, *copies[0]))
+            weights = copies
+            if cfg.get("col_blocked"):  # the same words, each program's split one contiguous run
+                weights = [
+                    (col_blocked_qweight(q[0], cfg["block_n"], cfg.get("gated", False)), *q[1:])
+                    for q in copies
+                ]
+            expected = gated_ref if cfg.get("gated") else ref
+            timed(name, [functools.partial(fn, x, *q) for q in weights], fn(x, *weights[0]), expected)
+            del weights
         except Exception as e:  # noqa: BLE001 (a launch the shape cannot take: reported, the rest go on)
             row[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
     try:

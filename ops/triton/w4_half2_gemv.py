@@ -343,6 +343,7 @@ def _w4_half2_gemv_kernel(
     EMULATE: tl.constexpr,  # no inline PTX (the interpreter): the same arithmetic in integer / float32 ops
     GATED: tl.constexpr = False,  # [gate | up] columns (N = 2 x half_n): silu(gate) * up stored
     META_2D: tl.constexpr = False,  # scales / zeros loaded as the word tiles' shape (module docstring)
+    COL_BLOCKED: tl.constexpr = False,  # qweight [tiles, K / 8, BLOCK_N]: each program's words one contiguous run
     half_n=0,
     prefetch_ptr=None,  # (L2_PREFETCH) bytes of the next projection's weights (ops/triton/l2_prefetch.py)
     prefetch_bytes=0,
@@ -364,7 +365,11 @@ def _w4_half2_gemv_kernel(
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     k_last = k_end - BLOCK_K  # the split's last tile (K is whole groups, so whole tiles)
-    word_ptrs = qweight_ptr + offs_w[:, None] * stride_qk + offs_n[None, :]  # [HALF_W, BLOCK_N] at K = 0
+    if COL_BLOCKED:  # the tile's own [K / 8, BLOCK_N] block (gated: its virtual columns, gate then up)
+        block = qweight_ptr + pid_n.to(tl.int64) * (K // 8) * BLOCK_N
+        word_ptrs = block + offs_w[:, None] * stride_qk + tl.arange(0, BLOCK_N)[None, :]  # stride_qk: BLOCK_N
+    else:
+        word_ptrs = qweight_ptr + offs_w[:, None] * stride_qk + offs_n[None, :]  # [HALF_W, BLOCK_N] at K = 0
     if META_2D:  # [HALF_W, BLOCK_N], each row the same columns: Triton gives them the word tiles' layout
         scale_ptrs = scales_ptr + offs_w[:, None] * 0 + offs_n[None, :]
         zero_ptrs = zeros_ptr + offs_w[:, None] * 0 + offs_n[None, :]
@@ -471,6 +476,7 @@ def w4_half2_gemv(
     l2_next: torch.Tensor | None = None,  # [bytes] uint8: asked of L2 as the programs finish
     max_registers: int | None = None,
     meta_2d: bool = False,
+    col_blocked: bool = False,
 ) -> torch.Tensor:  # [M, N] in x.dtype; gated: [M, N / 2]
     """y = x w for 4-bit codes, w[k, n] = (code - zero) * scale. block_k divides group_size (at least
     16); split_k splits K over that many programs per column tile (whole tiles each); ahead: tiles in
@@ -483,16 +489,30 @@ def w4_half2_gemv(
     choice, 128 at the one-token launch), more programs resident an SM at the cost of spills (a sweep
     knob: 96 / 80 / 72 were no faster on any Llama-3-8B layer on an H100, loadtest/peer_w4_gemv.py);
     meta_2d: scales and zero points loaded in the word tiles' shape and layout (module docstring; the
-    same outputs bit for bit; timed slower, planned only with WEIR_W4_META_2D=1). The zero
+    same outputs bit for bit; timed slower, planned only with WEIR_W4_META_2D=1); col_blocked: qweight
+    is `col_blocked_qweight(qweight, block_n, gated)`, [tiles, K / 8, block_n], so a program reads its split
+    as one contiguous run instead of 256-byte rows 4 N bytes apart (the same outputs bit for bit). The zero
     points must be integers in
     [0, MAX_ZERO_POINT] (not checked here: a device sync per call; the engine checks at load)."""
     M, K = x.shape
-    N = qweight.shape[1]
+    N = scales.shape[1]
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"w4_half2_gemv: x must be bfloat16 or float16; got {x.dtype}")
     if not 1 <= M <= MAX_GEMV_TOKENS:
         raise ValueError(f"w4_half2_gemv takes 1 to {MAX_GEMV_TOKENS} rows; got {M}")
-    check_layout(qweight, scales, zeros, K, 4, group_size)
+    if col_blocked:
+        blocked = (triton.cdiv(N, block_n), K // 8, block_n)
+        if tuple(qweight.shape) != blocked or not qweight.is_contiguous():
+            raise ValueError(
+                f"w4_half2_gemv: a column-blocked qweight for K={K}, N={N}, block_n {block_n} is a contiguous "
+                f"{blocked}; got {tuple(qweight.shape)}"
+            )
+        if K % group_size or scales.shape[0] != K // group_size or zeros.shape != scales.shape:
+            raise ValueError(
+                f"scales/zeros {tuple(scales.shape)} do not match K={K}, group_size={group_size}"
+            )
+    else:
+        check_layout(qweight, scales, zeros, K, 4, group_size)
     if group_size % block_k or block_k % 16:
         raise ValueError(f"block_k {block_k} must divide group_size {group_size} and be a multiple of 16")
     if ahead not in (0, 1, 2):
@@ -503,7 +523,7 @@ def w4_half2_gemv(
         raise ValueError(
             f"w4_half2_gemv: gated needs an even column count and block_n; got {N}, block_n {block_n}"
         )
-    if qweight.stride(1) != 1 or scales.stride(1) != 1 or zeros.stride(1) != 1:
+    if qweight.stride(-1) != 1 or scales.stride(1) != 1 or zeros.stride(1) != 1:
         raise ValueError(
             "w4_half2_gemv: qweight, scales and zeros must be contiguous along their last dimension"
         )
@@ -511,7 +531,8 @@ def w4_half2_gemv(
     if M % rows:  # the kernel masks no row: zero rows up to whole groups
         padded = torch.cat([x, x.new_zeros(rows - M % rows, K)])
         return w4_half2_gemv(padded, qweight, scales, zeros, group_size, block_n, block_k, split_k, num_warps,
-                             ahead, loop_stages, gated, x_ahead, l2_next, max_registers, meta_2d)[:M]  # fmt: skip
+                             ahead, loop_stages, gated, x_ahead, l2_next, max_registers, meta_2d,
+                             col_blocked)[:M]  # fmt: skip
     if x.stride(1) != 1 or x.stride(0) % 2 or x.storage_offset() % 2:
         x = x.contiguous()
     x_pairs = x.view(torch.int32)  # [M, K / 2]
@@ -532,11 +553,12 @@ def w4_half2_gemv(
     _w4_half2_gemv_kernel[(groups, tiles, split_k)](
         x_pairs, qweight, scales, zeros, out, partials, split_counters(x.device),
         M, N, K, k_per_split,
-        x_pairs.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
+        x_pairs.stride(0), block_n if col_blocked else qweight.stride(0), scales.stride(0), zeros.stride(0),
+        out.stride(0),
         X_BF16=x.dtype == torch.bfloat16, GROUP_SIZE=group_size, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k,
         SPLIT_K=split_k, EVEN_N=out_n % (block_n // 2) == 0 if gated else N % block_n == 0, AHEAD=ahead,
         X_AHEAD=x_ahead, LOOP_STAGES=loop_stages, PDL=pdl, EMULATE=x.device.type != "cuda", GATED=gated, half_n=out_n,
-        META_2D=meta_2d,
+        META_2D=meta_2d, COL_BLOCKED=col_blocked,
         prefetch_ptr=out if l2_next is None else l2_next,
         prefetch_bytes=l2_bytes,
         prefetch_second=l2_second,
@@ -544,3 +566,29 @@ def w4_half2_gemv(
         num_warps=num_warps, launch_pdl=pdl, **options,
     )  # fmt: skip
     return out
+
+
+def col_blocked_qweight(qweight: torch.Tensor, block_n: int, gated: bool = False) -> torch.Tensor:
+    """qweight [K / 8, N] int32 as `w4_half2_gemv(col_blocked=True)` reads it: [tiles, K / 8, block_n], tile t
+    holding the columns its program decodes (gated: block_n / 2 gate columns from t * block_n / 2, then the
+    same up columns, N / 2 further), a ragged last tile padded with zero words. One program's split of K is
+    then one contiguous run of bytes (H200 read probe at ea9949b: gate_up's words in the row-major column
+    tiles at 0.84 of the copy bandwidth, a flat read at 0.94; loadtest/results/folded-gemv-h200-2026-12-04)."""
+    kw, n = qweight.shape
+    half = block_n // 2
+    if gated:
+        if n % 2 or block_n % 2:
+            raise ValueError(f"col_blocked_qweight: gated needs an even N and block_n; got {n}, {block_n}")
+        tiles = triton.cdiv(n // 2, half)
+        virtual = torch.arange(tiles * block_n, device=qweight.device)  # [tiles * block_n]
+        col = virtual // block_n * half + virtual % half
+        source = col + (virtual % block_n >= half) * (n // 2)
+        valid = col < n // 2
+    else:
+        tiles = triton.cdiv(n, block_n)
+        source = torch.arange(tiles * block_n, device=qweight.device)
+        valid = source < n
+    picked = qweight.index_select(1, torch.where(valid, source, 0)) * valid.to(
+        qweight.dtype
+    )  # [K / 8, tiles * bn]
+    return picked.view(kw, tiles, block_n).permute(1, 0, 2).contiguous()  # [tiles, K / 8, block_n]

@@ -214,7 +214,8 @@ def test_a_layer_takes_the_folded_gemv_only_with_integer_zero_points(zero_offset
         (1, 40, 384, 16, 2, 2, False, False, 1),  # a ragged N tail: the 2-D loads masked
         (4, 48, 512, 16, 2, 1, True, False, 1),  # four rows, x ahead
         (1, 64, 512, 32, 4, 1, True, True, 1),  # gated, the one-token launch's options
-        # WEIR_W4_PIPELINE's launch (ahead 0, Triton's 3-stage cp.async pipeline on CUDA), gated and not
+        # ahead 0 with Triton's 3-stage cp.async pipeline on CUDA, gated and not (timed slower on an H100:
+        # loadtest/results/w4-pipeline-stalls-h100-2026-12-07-1396ef1/)
         (1, 64, 1024, 32, 2, 0, False, True, 3),
         (1, 40, 1024, 16, 2, 0, False, False, 3),
     ],
@@ -236,3 +237,37 @@ def test_meta_2d_gives_the_same_outputs_bit_for_bit(
     y = F.linear(x.float(), weight)
     expected = F.silu(y[:, : n // 2]) * y[:, n // 2 :] if gated else y
     assert _err(tiled, expected) < 6e-3
+
+
+@in_process
+@pytest.mark.parametrize(
+    ("m", "n", "k", "block_n", "split_k", "ahead", "x_ahead", "gated"),
+    [
+        (1, 64, 512, 32, 4, 1, True, False),  # the one-token launch's options
+        (1, 64, 512, 32, 4, 1, True, True),  # gated: each block holds its gate columns, then its up columns
+        (1, 40, 384, 16, 2, 2, False, False),  # a ragged N tail: the last block padded with zero words
+        (1, 44, 384, 16, 2, 1, False, True),  # gated and ragged (22 output columns in blocks of 8)
+        (4, 48, 512, 16, 2, 1, True, False),  # four rows, x ahead
+    ],
+)
+def test_col_blocked_gives_the_same_outputs_bit_for_bit(
+    m: int, n: int, k: int, block_n: int, split_k: int, ahead: int, x_ahead: bool, gated: bool
+) -> None:
+    """col_blocked (qweight rearranged so each program's words are one contiguous run): the same words
+    decoded in the same order, so the same bits as the row-major layout, and the spec's answer."""
+    from ops.triton.w4_half2_gemv import col_blocked_qweight, w4_half2_gemv
+
+    (qweight, scales, zeros), weight = _layer(k, n, 128, seed=3 * n + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k + 1)).to(DEVICE, torch.bfloat16)
+    launch = dict(block_n=block_n, block_k=128, split_k=split_k, ahead=ahead, x_ahead=x_ahead, gated=gated)
+    plain = w4_half2_gemv(x, qweight, scales, zeros, 128, **launch)
+    blocked_weight = col_blocked_qweight(qweight, block_n, gated)
+    tiles = -(-(n // 2) // (block_n // 2)) if gated else -(-n // block_n)
+    assert blocked_weight.shape == (tiles, k // 8, block_n)
+    blocked = w4_half2_gemv(x, blocked_weight, scales, zeros, 128, **launch, col_blocked=True)
+    assert torch.equal(blocked, plain)
+    y = F.linear(x.float(), weight)
+    expected = F.silu(y[:, : n // 2]) * y[:, n // 2 :] if gated else y
+    assert _err(blocked, expected) < 6e-3
+    with pytest.raises(ValueError, match="column-blocked qweight"):
+        w4_half2_gemv(x, qweight, scales, zeros, 128, **launch, col_blocked=True)

@@ -26,6 +26,11 @@ ENV_FLAGS: dict[str, tuple[bool, str]] = {
         False,
         "the folded W4A16 GEMV loads scales and zero points in its word tiles' layout; ops/triton/w4_half2_gemv.py",
     ),
+    "WEIR_W4_COL_BLOCKED": (
+        # an experiment: a second, column-blocked copy of every 4-bit layer's words (twice their memory)
+        False,
+        "the one-token folded W4A16 GEMV reads a column-blocked copy of the words; ops/triton/w4_half2_gemv.py",
+    ),
     "WEIR_FP8_QUANT_KERNEL": (True, "FP8 activations quantized by the Triton kernel, not torch's lines"),
     "WEIR_FP8_FUSED_QUANT": (True, "a norm or SiLU-mul quantizes the next FP8 linear's input"),
     "WEIR_LORA_SEGMENTS": (True, "multi-LoRA through the segment kernels, not the tile kernels"),

@@ -271,3 +271,43 @@ def test_col_blocked_gives_the_same_outputs_bit_for_bit(
     assert _err(blocked, expected) < 6e-3
     with pytest.raises(ValueError, match="column-blocked qweight"):
         w4_half2_gemv(x, qweight, scales, zeros, 128, **launch, col_blocked=True)
+
+
+@in_process
+def test_a_layer_reads_its_column_blocked_copy_when_switched_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """WEIR_W4_COL_BLOCKED=1 (an experiment, off by default): a [gate | up] layer and a plain one keep a
+    column-blocked copy of their words (the gated launch's order for the first) that the one-token GEMV
+    reads, with the same outputs bit for bit as the row-major words; 2 tokens (block_n 64 too, not
+    switched) and the GEMM keep the row-major words."""
+    from unittest import mock
+
+    from engine.model.layers.linear import ColumnParallelLinear, MergedColumnParallelLinear
+    from engine.model.quantization.wna16 import apply_wna16, apply_wna16_silu_mul, register_kernel_layout
+    from ops.triton import w4_half2_gemv as folded
+
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(5)).to(DEVICE, torch.bfloat16)
+    outputs: dict[str, list[torch.Tensor]] = {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv("WEIR_W4_COL_BLOCKED", setting)
+        merged = MergedColumnParallelLinear(256, [96, 96], params_dtype=torch.bfloat16)
+        plain = ColumnParallelLinear(256, 160, params_dtype=torch.bfloat16)
+        for layer, n in ((merged, 192), (plain, 160)):
+            g = torch.Generator().manual_seed(n)
+            codes = torch.randint(0, 16, (n, 256), generator=g).to(torch.uint8)  # [out, in]
+            zeros = torch.randint(0, 17, (n, 2), generator=g).float()  # [out, G]
+            scales = torch.rand(n, 2, generator=g) * 0.02 + 0.001
+            register_kernel_layout(layer, codes, zeros, scales, None, 4)
+            layer.to(DEVICE)
+        assert merged.wna16_col_blocked is (True if setting == "1" else None)
+        assert plain.wna16_col_blocked is (False if setting == "1" else None)
+        with mock.patch.object(folded, "w4_half2_gemv", wraps=folded.w4_half2_gemv) as spy:
+            outputs[setting] = [
+                apply_wna16_silu_mul(merged, x),
+                apply_wna16(merged, x, None),
+                apply_wna16(plain, x, None),
+            ]
+        # the gated and the plain layer's one-token launches read the copy; the merged layer ungated does not
+        blocked_calls = [call.kwargs.get("col_blocked", False) for call in spy.call_args_list]
+        assert blocked_calls == ([True, False, True] if setting == "1" else [False] * 3)
+    for off, on in zip(outputs["0"], outputs["1"], strict=True):
+        assert torch.equal(off, on)

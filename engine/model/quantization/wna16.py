@@ -191,6 +191,7 @@ def triton_wna16_available() -> bool:
 # the zero points w4_half2_gemv decodes exactly (ops.triton.w4_half2_gemv.MAX_ZERO_POINT; a test keeps
 # them equal: that module needs Triton, this one must load without it)
 FOLDED_MAX_ZERO_POINT = 63
+COL_BLOCK_N = 64  # WEIR_W4_COL_BLOCKED: the column block of the one-token launch (plan_wna16_gemv's block_n)
 
 
 def register_kernel_layout(
@@ -210,6 +211,17 @@ def register_kernel_layout(
     layer.wna16_folded_ok = bits == 4 and bool(
         ((zeros == zeros.round()) & (zeros >= 0) & (zeros <= FOLDED_MAX_ZERO_POINT)).all()
     )
+    layer.wna16_col_blocked = None
+    if layer.wna16_folded_ok and env_flag("WEIR_W4_COL_BLOCKED") and triton_wna16_available():
+        # (an experiment, off by default: a second copy of the words, in the layout the one-token launch's
+        # programs read as one contiguous run each; a [gate | up] layer's in its gated launch's order)
+        from ops.triton.w4_half2_gemv import col_blocked_qweight  # noqa: PLC0415
+
+        sizes = getattr(layer, "output_partition_sizes", [])
+        gated = len(sizes) == 2 and sizes[0] == sizes[1]
+        blocked = col_blocked_qweight(layer.qweight, COL_BLOCK_N, gated)
+        layer.register_buffer("qweight_col_blocked", blocked)  # [tiles, in / 8, COL_BLOCK_N]
+        layer.wna16_col_blocked = gated
 
 
 def apply_wna16(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -262,6 +274,12 @@ def _gemv(
     layer: nn.Module, x2: torch.Tensor, group_size: int, launch: WNA16Launch, gated: bool = False
 ) -> torch.Tensor:
     """The layer's GEMV at `launch` on x2 [tokens, in] (in the codes' column order)."""
+    blocked = getattr(layer, "wna16_col_blocked", None)
+    if blocked is not None and blocked == gated and launch.folded and launch.block_n == COL_BLOCK_N:
+        return run_wna16_gemv(
+            x2, layer.qweight_col_blocked, layer.scales, layer.zeros, layer.wna16_bits, group_size, launch,
+            gated, True, getattr(layer, "l2_prefetch", None), col_blocked=True,
+        )  # fmt: skip
     return run_wna16_gemv(
         x2, layer.qweight, layer.scales, layer.zeros, layer.wna16_bits, group_size, launch, gated,
         layer.wna16_folded_ok, getattr(layer, "l2_prefetch", None),
@@ -279,6 +297,7 @@ def run_wna16_gemv(
     gated: bool = False,
     folded_ok: bool = True,  # the zero points are integers the folded GEMV decodes exactly
     l2_next: torch.Tensor | None = None,  # the next projection's weights (l2_prefetch_chain), folded GEMV
+    col_blocked: bool = False,  # qweight is col_blocked_qweight's [tiles, in / 8, block_n] (folded GEMV only)
 ) -> torch.Tensor:  # [tokens, out] (gated: [tokens, out / 2])
     """The GEMV a "gemv" launch runs: the folded packed-fp16 kernel where it applies, else wna16_gemv.
     The engine's layers and the benchmarks (loadtest/sweep_gemv.py, bench_quant.py) call this one."""
@@ -288,7 +307,7 @@ def run_wna16_gemv(
         return w4_half2_gemv(
             x2, qweight, scales, zeros, group_size, launch.block_n, launch.block_k, launch.split_k,
             launch.num_warps, launch.ahead, gated=gated, x_ahead=launch.x_ahead, l2_next=l2_next,
-            meta_2d=launch.meta_2d,
+            meta_2d=launch.meta_2d, col_blocked=col_blocked,
         )  # fmt: skip
     from ops.triton.wna16_gemv import wna16_gemv  # noqa: PLC0415
 

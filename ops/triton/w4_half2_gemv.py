@@ -39,6 +39,15 @@ slower on every Llama-3-8B layer (`loadtest/peer_w4_gemv.py`'s weir_meta2d) and 
 slower (loadtest/results/meta2d-stalls-2026-12-06/): the conversions are not what the loop waits on. The
 planner keeps the 1-D loads; WEIR_W4_META_2D=1 plans it (engine/model/quantization/wna16.py).
 
+What the loop waits on (H100 at 1396ef1, loadtest/results/w4-pipeline-stalls-h100-2026-12-07-1396ef1/): not the
+bytes in flight (Triton's 3-stage cp.async pipeline of every load, `loop_stages=3` with META_2D: 72 registers,
+~14 programs an SM with two tiles each in flight against 8 with one, tied on gate_up and lost elsewhere) and not
+wave quantization (splits that fill whole waves lost). Compiled for sm_90 (triton 3.9, CPU), `ahead=2` keeps no
+more in flight than `ahead=1`: the loop is not unrolled, so the tiles rotate through registers by MOVs at the top
+of each iteration, and each MOV waits for the load it copies (issued one iteration earlier) before the next load
+is issued. Column-blocked words (`col_blocked`, `col_blocked_qweight`) make each program's split one contiguous
+run of bytes (the read probe's 0.84 -> ~0.9 of the copy bandwidth on gate_up); not yet timed.
+
 EMULATE (the Triton interpreter, CPU tests): the same kernel with each inline-PTX block replaced by
 integer and float32 operations on the same bits (fp16 pairs kept as uint32, rounded to fp16 at the
 same points; the FMAs round twice where the hardware rounds once). The PTX itself is compiled for

@@ -29,7 +29,7 @@ ENV_FLAGS: dict[str, tuple[bool, str]] = {
     "WEIR_W4_COL_BLOCKED": (
         # an experiment: a second, column-blocked copy of every 4-bit layer's words (twice their memory)
         False,
-        "the one-token folded W4A16 GEMV reads a column-blocked copy of the words; ops/triton/w4_half2_gemv.py",
+        "the folded W4A16 decode GEMV reads a column-blocked copy of the words; ops/triton/w4_half2_gemv.py",
     ),
     "WEIR_FP8_QUANT_KERNEL": (True, "FP8 activations quantized by the Triton kernel, not torch's lines"),
     "WEIR_FP8_FUSED_QUANT": (True, "a norm or SiLU-mul quantizes the next FP8 linear's input"),

@@ -276,9 +276,9 @@ def test_col_blocked_gives_the_same_outputs_bit_for_bit(
 @in_process
 def test_a_layer_reads_its_column_blocked_copy_when_switched_on(monkeypatch: pytest.MonkeyPatch) -> None:
     """WEIR_W4_COL_BLOCKED=1 (an experiment, off by default): a [gate | up] layer and a plain one keep a
-    column-blocked copy of their words (the gated launch's order for the first) that the one-token GEMV
-    reads, with the same outputs bit for bit as the row-major words; 2 tokens (block_n 64 too, not
-    switched) and the GEMM keep the row-major words."""
+    column-blocked copy of their words (the gated launch's order for the first) that the folded decode GEMV
+    (1-4 tokens, 64-column tiles) reads, with the same outputs bit for bit as the row-major words; the
+    [gate | up] layer's ungated launch and the GEMM keep the row-major words."""
     from unittest import mock
 
     from engine.model.layers.linear import ColumnParallelLinear, MergedColumnParallelLinear

@@ -191,7 +191,9 @@ def triton_wna16_available() -> bool:
 # the zero points w4_half2_gemv decodes exactly (ops.triton.w4_half2_gemv.MAX_ZERO_POINT; a test keeps
 # them equal: that module needs Triton, this one must load without it)
 FOLDED_MAX_ZERO_POINT = 63
-COL_BLOCK_N = 64  # WEIR_W4_COL_BLOCKED: the column block of the one-token launch (plan_wna16_gemv's block_n)
+COL_BLOCK_N = (
+    64  # WEIR_W4_COL_BLOCKED: the column block of the folded decode launches (plan_wna16_gemv's block_n)
+)
 
 
 def register_kernel_layout(
@@ -213,8 +215,8 @@ def register_kernel_layout(
     )
     layer.wna16_col_blocked = None
     if layer.wna16_folded_ok and env_flag("WEIR_W4_COL_BLOCKED") and triton_wna16_available():
-        # (an experiment, off by default: a second copy of the words, in the layout the one-token launch's
-        # programs read as one contiguous run each; a [gate | up] layer's in its gated launch's order)
+        # (an experiment, off by default: a second copy of the words, in the layout the folded decode
+        # launches' programs read as one contiguous run each; a [gate | up] layer's in its gated launch's order)
         from ops.triton.w4_half2_gemv import col_blocked_qweight  # noqa: PLC0415
 
         sizes = getattr(layer, "output_partition_sizes", [])

@@ -388,35 +388,42 @@ def test_this_sessions_device_steps_parse() -> None:
 
 def test_stall_summary_sums_reasons_over_source_lines() -> None:
     """loadtest/probe_gemv_stalls.summarize (device step `stalls`): a proton PC-sampling tree's leaves are
-    source lines; their stall counts add up into shares, and the lines come out by samples, top reasons first."""
-    from loadtest.probe_gemv_stalls import summarize
+    source lines; their stall counts add up into shares (the count of stalled samples is not a reason, but
+    gives the stalled share), and the lines come out by samples, top reasons first. find_scope picks one
+    case's scope out of the run's one session (its warm-up scope apart)."""
+    from loadtest.probe_gemv_stalls import find_scope, summarize
 
-    def leaf(name: str, samples: int, **stalls: int) -> dict:
-        return {"frame": {"name": name}, "metrics": {"num_samples": samples, **stalls}}
+    def leaf(name: str, samples: int, stalled: int, **stalls: int) -> dict:
+        metrics = {"num_samples": samples, "num_stalled_samples": stalled, **stalls}
+        return {"frame": {"name": name}, "metrics": metrics}
+
+    def scope(name: str, *leaves: dict) -> dict:
+        kernel = {"frame": {"name": "_w4_kernel"}, "metrics": {}, "children": list(leaves)}
+        return {"frame": {"name": name}, "metrics": {}, "children": [kernel]}
 
     tree = [
         {
             "frame": {"name": "ROOT"},
-            "metrics": {"num_samples": 10},
+            "metrics": {"num_samples": 14},
             "children": [
-                {
-                    "frame": {"name": "_w4_kernel"},
-                    "metrics": {"num_samples": 10},
-                    "children": [
-                        leaf("w4.py:120", 3, stall_wait=1, stall_long_scoreboard=2),
-                        leaf("w4.py:140", 7, stall_long_scoreboard=6, stall_barrier=1),
-                    ],
-                }
+                scope("w4_qkv_warmup", leaf("w4.py:120", 4, 4, stall_wait=4)),
+                scope(
+                    "w4_qkv",
+                    leaf("w4.py:120", 3, 3, stall_wait=1, stall_long_scoreboard=2),
+                    leaf("w4.py:140", 7, 5, stall_long_scoreboard=4, stall_barrier=1),
+                ),
             ],
         }
     ]
-    got = summarize(tree)
+    got = summarize(find_scope(tree, "w4_qkv"))
     assert got["leaves"] == 2
-    assert got["stalls"] == {"stall_long_scoreboard": 0.8, "stall_wait": 0.1, "stall_barrier": 0.1}
+    assert got["stalls"] == {"stall_long_scoreboard": 0.75, "stall_wait": 0.125, "stall_barrier": 0.125}
+    assert got["stalled"] == 0.8
     assert [r["where"] for r in got["top_lines"]] == [
-        "ROOT / _w4_kernel / w4.py:140",
-        "ROOT / _w4_kernel / w4.py:120",
+        "w4_qkv / _w4_kernel / w4.py:140",
+        "w4_qkv / _w4_kernel / w4.py:120",
     ]
-    assert got["top_lines"][0]["top_stalls"] == [("stall_long_scoreboard", 6.0), ("stall_barrier", 1.0)]
+    assert find_scope(tree, "w4_gate_up") is None
+    assert got["top_lines"][0]["top_stalls"] == [("stall_long_scoreboard", 4.0), ("stall_barrier", 1.0)]
     text = (ROOT / "loadtest" / "device_call.sh").read_text()
     assert "probe_gemv_stalls.py" in text

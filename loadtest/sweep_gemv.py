@@ -114,6 +114,15 @@ FP8_GRIDS: dict[int, Any] = {
     16: {"block_n": (16, 32), "block_k": (256,), "split_k": (1, 2), "num_warps": (4,)},
 }
 
+# One token, the tile loads pipelined by Triton through shared memory (fp8_gemv's loop_stages; the GEMV waits
+# on memory for most of its samples, loadtest/results/w4-pipeline-stalls-h100-2026-12-07-1396ef1/)
+FP8_STAGED_GRID = {
+    "block_n": (4, 8),
+    "block_k_warps": ((512, 2), (1024, 4)),
+    "split_k": (1, 2),
+    "loop_stages": (3, 4),
+}
+
 
 # The float-weight GEMV (ops/triton/fp8_gemv.py) on bf16 weights, batch 1 only; (512, 4): the old launch
 BF16_GRIDS: dict[int, Any] = {
@@ -373,7 +382,7 @@ def _sweep_fp8(
     mm_ms = graph_ms([functools.partial(_scaled_mm_linear, x, w, s, None) for w, s in fp8])
     row["fp8_scaled_mm"] = {"us": round(mm_ms * 1e3, 2), "bw": round(k * n / (mm_ms / 1e3) / bandwidth, 3)}
     row["fp8_gemv"] = []
-    for cfg in _grid(FP8_GRIDS[m]):
+    for cfg in _grid(FP8_GRIDS[m]) + (_grid(FP8_STAGED_GRID) if m == 1 else []):
         err = rel_err(fp8_gemv(x, *fp8[0], **cfg), ref_fp8)
         t = graph_ms([functools.partial(fp8_gemv, x, w, s, **cfg) for w, s in fp8])
         row["fp8_gemv"].append({**cfg, "us": round(t * 1e3, 2), "bw": round(k * n / (t / 1e3) / bandwidth, 3),

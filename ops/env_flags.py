@@ -31,6 +31,12 @@ ENV_FLAGS: dict[str, tuple[bool, str]] = {
         False,
         "the folded W4A16 decode GEMV reads a column-blocked copy of the words; ops/triton/w4_half2_gemv.py",
     ),
+    "WEIR_FP8_GEMV_PIPELINE": (
+        # an experiment: the FP8 GEMV waits on memory for most of its samples (H100 at 1396ef1); 3 stages take
+        # 64 registers and 6 KB of shared memory a program compiled for sm_90 (triton 3.9)
+        False,
+        "the one-token FP8 GEMV's tile loads pipelined by Triton (cp.async, 3 stages); ops/triton/fp8_gemv.py",
+    ),
     "WEIR_FP8_QUANT_KERNEL": (True, "FP8 activations quantized by the Triton kernel, not torch's lines"),
     "WEIR_FP8_FUSED_QUANT": (True, "a norm or SiLU-mul quantizes the next FP8 linear's input"),
     "WEIR_LORA_SEGMENTS": (True, "multi-LoRA through the segment kernels, not the tile kernels"),

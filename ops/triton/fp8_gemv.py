@@ -90,6 +90,7 @@ def _fp8_gemv_kernel(
     prefetch_second=0,  # > 0: a second range at this byte offset (a [gate; up] weight's up half)
     L2_PREFETCH: tl.constexpr = False,
     HW_CVT: tl.constexpr = True,  # STATIC_INPUT: the GPU's fp8 conversion (else software: the interpreter)
+    LOOP_STAGES: tl.constexpr = 1,  # > 1: Triton pipelines the loop's loads through shared memory
 ):
     pid_g = tl.program_id(0)  # a group of ROWS rows of x; groups side by side share each weight tile in L2
     pid_n = tl.program_id(1)
@@ -121,7 +122,9 @@ def _fp8_gemv_kernel(
     # still runs; x and every write come after the wait.
     let_next_kernel_start(PDL)  # all programs resident: the next kernel may launch and wait for this one
     wait_for_previous_kernel(PDL)
-    for k0 in range(k_start, k_end, BLOCK_K):
+    # LOOP_STAGES > 1: Triton's pipelining of the tile loads (cp.async into shared memory, that many stages);
+    # 1: no pipelining, the loads in registers (ahead with PREFETCH)
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=LOOP_STAGES):
         kk = k0 + offs_k
         mask_k = kk < k_end
         if PREFETCH:  # the next tile in flight while this one is used (the last re-reads itself)
@@ -168,6 +171,7 @@ def fp8_gemv(
     prefetch: bool = False,
     gated: bool = False,
     l2_next: torch.Tensor | None = None,  # [bytes] uint8: asked of L2 as the programs finish
+    loop_stages: int = 1,
 ) -> torch.Tensor:  # [M, N] in x.dtype; gated: [M, N / 2]
     """y = x (weight * weight_scale[:, None])^T, one launch; split_k > 1 splits K per BLOCK_N rows;
     prefetch keeps the next weight tile in flight (and lets the launch use PDL, ops.triton.pdl).
@@ -175,7 +179,12 @@ def fp8_gemv(
     gated: weight is [gate; up] (a MergedColumnParallelLinear's); y = silu(x gate^T) * (x up^T), each
     tile taking block_n / 2 rows of both halves. l2_next: the next projection's weight bytes (a flat uint8
     view, 16-byte aligned, or [2, n] for two ranges: l2_prefetch.l2_next_args), each program asking L2 for its slice once its tiles are read
-    (ops/triton/l2_prefetch.py; sm_90; the outputs unchanged)."""
+    (ops/triton/l2_prefetch.py; sm_90; the outputs unchanged). loop_stages > 1 (not with prefetch): Triton
+    pipelines the tile loads through shared memory (cp.async, sm_80+), that many stages: the GEMV waits on
+    memory for most of its samples (loadtest/results/w4-pipeline-stalls-h100-2026-12-07-1396ef1/) with
+    ~28 KB an SM in flight at the planned launch; compiled for sm_90 (triton 3.9), 3 stages take 64 registers
+    and 6 KB of shared memory a program (2 warps, 4 x 512 tiles), ~64 KB an SM in flight; the outputs are the
+    same bits. Not yet timed (`loadtest/sweep_gemv.py`'s FP8 grid at one token has it)."""
     M, K = x.shape
     N = weight.shape[0]
     if not 1 <= M <= MAX_GEMV_TOKENS:
@@ -186,6 +195,10 @@ def fp8_gemv(
         )
     if weight.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError("fp8_gemv: weight and x must be contiguous along K")
+    if loop_stages < 1 or (loop_stages > 1 and prefetch):
+        raise ValueError(
+            f"fp8_gemv: loop_stages is 1, or more without prefetch; got {loop_stages}, prefetch {prefetch}"
+        )
     if gated and (N % 2 or block_n % 2):
         raise ValueError(
             f"fp8_gemv: gated needs an even row count and block_n; got {N} rows, block_n {block_n}"
@@ -197,7 +210,7 @@ def fp8_gemv(
     if M % rows:  # zero rows up to whole groups
         padded = torch.cat([x, x.new_zeros(rows - M % rows, K)])
         return fp8_gemv(padded, weight, weight_scale, input_scale, block_n, block_k, split_k, num_warps, num_stages,
-                        prefetch, gated, l2_next)[:M]  # fmt: skip
+                        prefetch, gated, l2_next, loop_stages)[:M]  # fmt: skip
     groups = M // rows
     if split_k > 1 and tiles * groups > MAX_TILES:
         raise ValueError(f"fp8_gemv: {tiles * groups} tiles exceed the split-K workspace ({MAX_TILES})")
@@ -218,6 +231,6 @@ def fp8_gemv(
         prefetch_bytes=l2_bytes,
         prefetch_second=l2_second,
         L2_PREFETCH=l2_next is not None and x.device.type == "cuda", HW_CVT=hardware_fp8_conversion(x),
-        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+        LOOP_STAGES=loop_stages, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
     return out

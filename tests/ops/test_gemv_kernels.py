@@ -139,6 +139,30 @@ def test_fp8_gemv_matches_dequantize_then_matmul(
 
 
 @in_process
+@pytest.mark.parametrize(("m", "gated", "split_k"), [(1, False, 1), (1, True, 2), (3, False, 2)])
+def test_fp8_gemv_pipelined_loop_gives_the_same_bits(m: int, gated: bool, split_k: int) -> None:
+    """loop_stages > 1 (Triton's cp.async pipeline of the tile loads on CUDA; the interpreter runs the loop
+    as written): the same tiles in the same order, so the same bits as loop_stages 1; with prefetch refused."""
+    from ops.triton.fp8_gemv import fp8_gemv
+
+    weight, scale, reference = _fp8_layer(48, 1024, seed=m + 7)
+    dtype = _dtype()
+    x = torch.randn(m, 1024, generator=torch.Generator().manual_seed(m + 3)).to(DEVICE, dtype)
+    args = (x, weight.to(DEVICE), scale.to(DEVICE))
+    launch = dict(block_n=4, block_k=128, split_k=split_k, num_warps=1, gated=gated)
+    plain = fp8_gemv(*args, **launch)
+    for stages in (3, 4):
+        assert torch.equal(fp8_gemv(*args, **launch, loop_stages=stages), plain)
+    y = F.linear(x.float(), reference.to(DEVICE))
+    expected = F.silu(y[:, :24]) * y[:, 24:] if gated else y
+    assert _err(plain, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
+    with pytest.raises(
+        ValueError, match="fp8_gemv: loop_stages is 1, or more without prefetch; got 3, prefetch True"
+    ):
+        fp8_gemv(*args, **launch, loop_stages=3, prefetch=True)
+
+
+@in_process
 @pytest.mark.parametrize("gated", [False, True])
 def test_fp8_gemv_l2_next_changes_no_output(gated: bool) -> None:
     """l2_next: each program asks L2 for its slice of other weights (on sm_90; nothing is asked elsewhere

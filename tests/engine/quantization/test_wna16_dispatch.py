@@ -70,6 +70,21 @@ def test_meta_2d_is_planned_only_when_switched_on(setting: str, monkeypatch: pyt
     assert {(p.folded, p.meta_2d) for p in plans} == {(True, setting == "1")}
 
 
+@pytest.mark.parametrize("setting", ["", "0", "1"])
+def test_fp8_gemv_pipeline_is_planned_at_one_token_only_when_switched_on(
+    setting: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WEIR_FP8_GEMV_PIPELINE (off by default, untimed) adds 3 loop stages to the one-token FP8 GEMV's
+    launches, and nothing at 2 tokens."""
+    from engine.model.quantization.fp8 import fp8_gemv_launch
+
+    monkeypatch.setenv("WEIR_FP8_GEMV_PIPELINE", setting)
+    one = [fp8_gemv_launch(k, n, H100_SMS) for k, n in LLAMA3_8B.values()]
+    two = [fp8_gemv_launch(k, n, H100_SMS, num_tokens=2) for k, n in LLAMA3_8B.values()]
+    assert {g.get("loop_stages", 1) for g in one} == {3 if setting == "1" else 1}
+    assert {g.get("loop_stages", 1) for g in two} == {1}
+
+
 def test_fp8_gemv_launches_follow_the_sweep() -> None:
     from engine.model.quantization.fp8 import fp8_gemv_launch
 

@@ -101,6 +101,16 @@ KERNELS = [
         )
         for weight in ("*bf16", "*fp8e4nv")
     ),
+    *(
+        (  # the tile loads pipelined by Triton (LOOP_STAGES, WEIR_FP8_GEMV_PIPELINE's experiment), gated and not
+            "ops.triton.fp8_gemv:_fp8_gemv_kernel",
+            {"ROWS": 1, "BLOCK_N": 4, "BLOCK_K": 512, "SPLIT_K": 1, "STATIC_INPUT": False, "PREFETCH": False,
+             "PDL": False, "VEC": 8, "GATED": gated, "LOOP_STAGES": 3},
+            {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "input_scale_ptr": "*fp32",
+             "out_ptr": "*bf16", "partials_ptr": "*fp32", "counters_ptr": "*i32", "prefetch_ptr": "*bf16"},
+        )
+        for gated in (False, True)
+    ),
     (
         "ops.triton.seeded_noise:_seeded_noise_kernel",
         {"BLOCK": 4096, "HASH": False},
@@ -344,6 +354,7 @@ triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attr
         + (f"-rows{k[1]['ROWS']}" if k[1].get("ROWS", 1) > 1 else "")
         + ("-meta2d" if k[1].get("META_2D") else "")
         + ("-col_blocked" if k[1].get("COL_BLOCKED") else "")
+        + (f"-stages{k[1]['LOOP_STAGES']}" if k[1].get("LOOP_STAGES", 1) > 1 else "")
         + ("-ragged" if k[1].get("EVEN_N") is False else "")
         for k in KERNELS
     ],

@@ -516,10 +516,8 @@ def w4_half2_gemv(
                 f"w4_half2_gemv: a column-blocked qweight for K={K}, N={N}, block_n {block_n} is a contiguous "
                 f"{blocked}; got {tuple(qweight.shape)}"
             )
-        if K % group_size or scales.shape[0] != K // group_size or zeros.shape != scales.shape:
-            raise ValueError(
-                f"scales/zeros {tuple(scales.shape)} do not match K={K}, group_size={group_size}"
-            )
+        words = torch.empty(K // 8, N, device="meta")  # the row-major words' shape, nothing allocated
+        check_layout(words, scales, zeros, K, 4, group_size)
     else:
         check_layout(qweight, scales, zeros, K, 4, group_size)
     if group_size % block_k or block_k % 16:
@@ -597,7 +595,6 @@ def col_blocked_qweight(qweight: torch.Tensor, block_n: int, gated: bool = False
         tiles = triton.cdiv(n, block_n)
         source = torch.arange(tiles * block_n, device=qweight.device)
         valid = source < n
-    picked = qweight.index_select(1, torch.where(valid, source, 0)) * valid.to(
-        qweight.dtype
-    )  # [K / 8, tiles * bn]
+    picked = qweight.index_select(1, torch.where(valid, source, 0))  # [K / 8, tiles * block_n]
+    picked *= valid.to(qweight.dtype)  # the padding columns' words 0
     return picked.view(kw, tiles, block_n).permute(1, 0, 2).contiguous()  # [tiles, K / 8, block_n]

@@ -191,9 +191,8 @@ def triton_wna16_available() -> bool:
 # the zero points w4_half2_gemv decodes exactly (ops.triton.w4_half2_gemv.MAX_ZERO_POINT; a test keeps
 # them equal: that module needs Triton, this one must load without it)
 FOLDED_MAX_ZERO_POINT = 63
-COL_BLOCK_N = (
-    64  # WEIR_W4_COL_BLOCKED: the column block of the folded decode launches (plan_wna16_gemv's block_n)
-)
+# WEIR_W4_COL_BLOCKED: the column block of the folded decode launches (plan_wna16_gemv's block_n)
+COL_BLOCK_N = 64
 
 
 def register_kernel_layout(
@@ -276,15 +275,13 @@ def _gemv(
     layer: nn.Module, x2: torch.Tensor, group_size: int, launch: WNA16Launch, gated: bool = False
 ) -> torch.Tensor:
     """The layer's GEMV at `launch` on x2 [tokens, in] (in the codes' column order)."""
-    blocked = getattr(layer, "wna16_col_blocked", None)
-    if blocked is not None and blocked == gated and launch.folded and launch.block_n == COL_BLOCK_N:
-        return run_wna16_gemv(
-            x2, layer.qweight_col_blocked, layer.scales, layer.zeros, layer.wna16_bits, group_size, launch,
-            gated, True, getattr(layer, "l2_prefetch", None), col_blocked=True,
-        )  # fmt: skip
+    # WEIR_W4_COL_BLOCKED's copy (kept only for folded layers) where it holds this launch's tiles, gated or not
+    blocked = (
+        getattr(layer, "wna16_col_blocked", None) == gated and launch.folded and launch.block_n == COL_BLOCK_N
+    )
     return run_wna16_gemv(
-        x2, layer.qweight, layer.scales, layer.zeros, layer.wna16_bits, group_size, launch, gated,
-        layer.wna16_folded_ok, getattr(layer, "l2_prefetch", None),
+        x2, layer.qweight_col_blocked if blocked else layer.qweight, layer.scales, layer.zeros, layer.wna16_bits,
+        group_size, launch, gated, layer.wna16_folded_ok, getattr(layer, "l2_prefetch", None), col_blocked=blocked,
     )  # fmt: skip
 
 

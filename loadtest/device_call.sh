@@ -42,6 +42,9 @@
 # engm: the engine check with it on. q1c0a q1c1a q1c0b ...: Q1 with WEIR_W4_COL_BLOCKED=0 / 1 (the one-token folded
 # GEMV on a column-blocked copy of the words), alternating; engc: the engine check with it on. q2p0a q2p1a ...: Q2
 # with WEIR_FP8_GEMV_PIPELINE=0 / 1 (the one-token FP8 GEMV's tile loads pipelined by Triton, 3 stages), alternating.
+# t2f0a t2f1a t2f0b ...: T2 with WEIR_FLASH_PREFILL=0 / 1 (whole prompts by torch's flash attention, ops/flash_prefill.py;
+# T2FN requests), alternating; q3f: Q3 with it on (compare with q3 in the same call); engf: the engine check with it on
+# for every prompt (WEIR_FLASH_PREFILL_MIN_TOKENS=1); `kern` with KPARTS=flash: its kernel check (loadtest/kernel_check_flash.py).
 # q1p0a q1p1a q1p0b ...: Q1 and Q2 with WEIR_L2_PREFETCH=0 / 1 (ops/triton/l2_prefetch.py), alternating; l1p0a l1p1a ...:
 # L1 (bf16) the same way; featdp: the feature check's quantized checkpoints (d) with it on; engl2p: the engine check with
 # it on. t1k0a t1k1a ...: T1 with a bf16 / an fp8 KV cache (Q4's T1 figure; the fp8 read widened unless T1KW=0).
@@ -137,6 +140,9 @@ for s in $STEPS; do case $s in
   featew) mkdir -p $O/featew; step featew 150 env OUT=$O/featew WEIR_FP8_KV_WIDEN=1 WEIR_CHECK_PARTS=e python3 loadtest/gpu_feature_check.py;;
   q34w) step q34w 330 env WEIR_FP8_KV_WIDEN=1 python3 loadtest/bench_quant.py --shape llama3-8b --cases Q3,Q4,Q3KV --t2-requests ${Q34N:-500} --out $O/q34w.json;;
   q2p0*|q2p1*) step $s 120 env WEIR_FP8_GEMV_PIPELINE=${s:3:1} python3 loadtest/bench_quant.py --shape llama3-8b --cases Q2 --out $O/$s.json;;
+  t2f0*|t2f1*) step $s 150 env WEIR_FLASH_PREFILL=${s:3:1} python3 loadtest/bench_throughput.py --workload t2 --shape llama3-8b --num-requests ${T2FN:-1000} --peer none --out $O/$s.json;;
+  q3f) step q3f 200 env WEIR_FLASH_PREFILL=1 python3 loadtest/bench_quant.py --shape llama3-8b --cases Q3 --t2-requests ${Q3N:-1000} --out $O/q3f.json;;
+  engf) mkdir -p $O/engf; step engf 300 env OUT=$O/engf WEIR_FLASH_PREFILL=1 WEIR_FLASH_PREFILL_MIN_TOKENS=1 WEIR_CHECK_PARTS="${ENG_PARTS:-a}" python3 loadtest/gpu_engine_check.py;;
   q1c0*|q1c1*) step $s 120 env WEIR_W4_COL_BLOCKED=${s:3:1} python3 loadtest/bench_quant.py --shape llama3-8b --cases Q1 --q1-methods ${Q1M:-gptq} --out $O/$s.json;;
   engc) mkdir -p $O/engc; step engc 300 env OUT=$O/engc WEIR_W4_COL_BLOCKED=1 WEIR_CHECK_PARTS="${ENG_PARTS:-a}" python3 loadtest/gpu_engine_check.py;;
   q1m0*|q1m1*) step $s 120 env WEIR_W4_META_2D=${s:3:1} python3 loadtest/bench_quant.py --shape llama3-8b --cases Q1 --q1-methods ${Q1M:-gptq} --out $O/$s.json;;

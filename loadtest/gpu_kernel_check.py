@@ -801,6 +801,12 @@ def moe() -> None:
     moe_part(RESULTS, DEV, SMOKE, budget_s=float(os.environ.get("WEIR_MOE_SWEEP_S", "120")))
 
 
+def flash() -> None:
+    from loadtest.kernel_check_flash import flash_part
+
+    flash_part(RESULTS, check, bench)
+
+
 def families() -> None:
     from loadtest.kernel_check_families import families_part
 
@@ -823,6 +829,7 @@ def main() -> None:
         ("elementwise timings", kernel_timings),
         ("decode graphs", decode_graph_sweep),
         ("mixed + prefill", mixed_and_prefill),
+        ("flash (whole prompts by torch's flash attention, ops/flash_prefill.py)", flash),
         ("tile sweep", decode_tile_sweep),
         ("fp8kv decode", fp8_kv_decode),
         ("families (Gemma, Phi-4-mini, sliding windows at real shapes)", families),

@@ -37,6 +37,12 @@ ENV_FLAGS: dict[str, tuple[bool, str]] = {
         False,
         "the one-token FP8 GEMV's tile loads pipelined by Triton (cp.async, 3 stages); ops/triton/fp8_gemv.py",
     ),
+    "WEIR_FLASH_PREFILL": (
+        # an experiment: weir's paged prefill attention ran at ~260 TFLOP/s on T2's 8 x 1,024-token steps
+        # against flash's ~520 on one 4,096 prompt (H200); not yet timed end to end
+        False,
+        "whole prompts without cached context attended by torch's flash attention; ops/flash_prefill.py",
+    ),
     "WEIR_FP8_QUANT_KERNEL": (True, "FP8 activations quantized by the Triton kernel, not torch's lines"),
     "WEIR_FP8_FUSED_QUANT": (True, "a norm or SiLU-mul quantizes the next FP8 linear's input"),
     "WEIR_LORA_SEGMENTS": (True, "multi-LoRA through the segment kernels, not the tile kernels"),

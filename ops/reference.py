@@ -257,6 +257,42 @@ def paged_attention(
     return out
 
 
+def varlen_causal_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim], rotated
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim], rotated
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    cu_seqlens: torch.Tensor,  # [num_seqs + 1] int32: cumulative lengths (0, n0, n0+n1, ...)
+    max_len: int,
+    scale: float,
+    sliding_window: int | None = None,  # keys q_pos - window < k_pos <= q_pos only; None = all
+    out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]: written in place when given
+) -> torch.Tensor:
+    """Causal attention of whole prompts over their own keys, given contiguously (no cache, no cached
+    context): sequence s is rows cu_seqlens[s]..cu_seqlens[s + 1] of each tensor. The spec of
+    ops.flash_prefill's flash path; the same masking as paged_attention of a prompt with no context.
+    Returns `out` (a new tensor if None) in the query's dtype."""
+    del max_len  # flash sizes its grid with it; the reference does not
+    group = query.shape[1] // key.shape[1]
+    if out is None:
+        out = torch.empty_like(query)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        n = end - start
+        if n == 0:
+            continue
+        q = query[start:end].float().transpose(0, 1)  # [heads, n, d]
+        k = key[start:end].float().repeat_interleave(group, dim=1).transpose(0, 1)  # [heads, n, d]
+        v = value[start:end].float().repeat_interleave(group, dim=1).transpose(0, 1)
+        scores = torch.matmul(q, k.transpose(1, 2)) * scale  # [heads, n, n]
+        pos = torch.arange(n, device=query.device)
+        hidden = pos.unsqueeze(0) > pos.unsqueeze(1)  # [n (query), n (key)]
+        if sliding_window is not None:
+            hidden |= pos.unsqueeze(0) <= pos.unsqueeze(1) - sliding_window
+        probs = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1)
+        out[start:end] = torch.matmul(probs, v).transpose(0, 1).to(query.dtype)
+    return out
+
+
 def decode_attention(
     positions: torch.Tensor,  # [num_tokens] int64
     query: torch.Tensor,  # [num_tokens, num_heads * head_dim], not rotated yet

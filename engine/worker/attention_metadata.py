@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.worker.fresh_prompts import FreshPromptTail, fresh_prompt_tail
+
 # Every region starts on a 16-byte boundary: Triton specializes pointer arguments on 16-byte
 # alignment, so aligned views keep one compiled variant per kernel whatever the batch shape.
 _ALIGN = 16
@@ -39,6 +41,9 @@ class AttentionMetadata:
     cuda_graph_size: int | None = None
     # True: that graph is a mixed-step graph (cuda_graph_size tokens in as many sequences).
     cuda_graph_mixed: bool = False
+    # An eager step with prompt tokens: its tail of whole prompts without cached context, which a layer
+    # may attend with flash instead of the paged kernel (engine.worker.fresh_prompts); else None.
+    fresh_prompts: FreshPromptTail | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -210,6 +215,11 @@ def build_step_inputs(
         num_actual_tokens=num_tokens if num_actual_tokens is None else num_actual_tokens,
         cuda_graph_size=cuda_graph_size,
         cuda_graph_mixed=cuda_graph_mixed,
+        fresh_prompts=(
+            fresh_prompt_tail(seq_lens, query_start_loc)
+            if cuda_graph_size is None and max_query_len > 1
+            else None
+        ),
     )
     return StepInputs(
         input_ids=views["input_ids"],

@@ -37,6 +37,7 @@ from torch import nn
 
 from engine.model.layers.attention_backend import AttentionBackend
 from engine.worker.attention_metadata import get_attention_metadata
+from engine.worker.fresh_prompts import FreshPromptTail
 from ops.env_flags import env_flag
 
 
@@ -100,6 +101,14 @@ class Attention(nn.Module):
         md = get_attention_metadata()
         backend = self.attn_backend
         num_tokens = query.shape[0]
+        tail = md.fresh_prompts
+        if (
+            tail is not None
+            and backend.flash_prefill is not None
+            and self.logit_softcap is None
+            and tail.num_tokens >= backend.flash_prefill_min_tokens
+        ):
+            return self._attend_fresh_prompts_apart(query, key, value, positions, cos_sin_cache, tail)
         if positions is not None:
             assert cos_sin_cache is not None
             if md.max_query_len == 1 and self.fused_decode:
@@ -135,3 +144,42 @@ class Attention(nn.Module):
             self.logit_softcap,
         )
         return out.view(num_tokens, self.num_heads * self.head_dim)
+
+    def _attend_fresh_prompts_apart(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads * head_dim]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
+        positions: torch.Tensor | None,  # [num_tokens] int64, or None: q and k come rotated
+        cos_sin_cache: torch.Tensor | None,
+        tail: FreshPromptTail,
+    ) -> torch.Tensor:  # [num_tokens, num_heads * head_dim]
+        """The step's tail of whole prompts (no cached context) attended by the backend's flash function
+        over their own rotated keys, the rows before it by the paged kernel. K/V are stored first, as on
+        the paged path; rotary and the store are two launches here, since flash needs the rotated keys
+        outside the cache."""
+        md = get_attention_metadata()
+        backend = self.attn_backend
+        n, d = query.shape[0], self.head_dim
+        if positions is not None:
+            assert cos_sin_cache is not None
+            query, key = backend.kernels.rotary_embedding(positions, query, key, cos_sin_cache, d)
+        q = query.view(n, self.num_heads, d)
+        k = key.view(n, self.num_kv_heads, d)
+        v = value.view(n, self.num_kv_heads, d)
+        backend.write_kv_cache(k, v, self.k_cache, self.v_cache, md.slot_mapping, self.k_scale, self.v_scale)
+        flash = backend.flash_prefill
+        assert flash is not None
+        cu_seqlens = tail.cu_seqlens(md.query_start_loc)
+        t0, s0 = tail.token_start, tail.seq_start
+        if t0 == 0:  # a step of fresh prompts only
+            out = flash(q, k, v, cu_seqlens, tail.max_len, self.scale, self.sliding_window)
+            return out.view(n, self.num_heads * d)
+        out = torch.empty_like(q)  # [n, num_heads, head_dim]
+        out[:t0] = backend.paged_attention(
+            q[:t0], self.k_cache, self.v_cache, md.block_tables[:s0], md.seq_lens[:s0],
+            md.query_start_loc[: s0 + 1], tail.head_max_query_len, tail.head_max_seq_len, self.scale,
+            self.k_scale, self.v_scale, self.sliding_window, self.logit_softcap,
+        )  # fmt: skip
+        flash(q[t0:], k[t0:], v[t0:], cu_seqlens, tail.max_len, self.scale, self.sliding_window, out=out[t0:])
+        return out.view(n, self.num_heads * d)

@@ -27,16 +27,23 @@ lookup per op, as the module-level `ops.paged_attention` it replaces did; no met
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
 
 import ops
 from ops import Kernels
+from ops.env_flags import env_flag
+from ops.flash_prefill import flash_prefill_unsupported, flash_varlen_attention
 from ops.head_dims import SUPPORTED_HEAD_DIMS, supports_head_dim
 
 # The fp8 KV-cache formats (EngineConfig.kv_cache_dtype fp8 / fp8_e4m3, fp8_e5m2)
 FP8_KV_CACHE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# Fewer prompt tokens than this in a step's tail stay on the paged kernel: the flash path costs two
+# launches more a layer (rotary and the KV write apart), which only long prompts repay.
+FLASH_PREFILL_MIN_TOKENS = 256
 
 logger = logging.getLogger("weir.engine")
 
@@ -50,13 +57,26 @@ class AttentionBackend:
     """
 
     name: ClassVar[str] = "base"
-    __slots__ = ("kernels", "kv_cache_dtype", "paged_attention", "write_kv_cache")
+    __slots__ = (
+        "flash_prefill",
+        "flash_prefill_min_tokens",
+        "kernels",
+        "kv_cache_dtype",
+        "paged_attention",
+        "write_kv_cache",
+    )
 
     def __init__(self, kernels: Kernels, kv_cache_dtype: torch.dtype) -> None:
         self.kernels = kernels
         self.kv_cache_dtype = kv_cache_dtype
         self.write_kv_cache = kernels.write_kv_cache
         self.paged_attention = kernels.paged_attention
+        # Whole prompts without cached context attended by this function instead of the paged kernel
+        # (the signature of ops.reference.varlen_causal_attention; engine.worker.fresh_prompts), when an
+        # eager step's tail of them holds at least flash_prefill_min_tokens tokens. None: never.
+        # `get_attention_backend` sets ops.flash_prefill's where WEIR_FLASH_PREFILL asks and it can run.
+        self.flash_prefill: Callable[..., torch.Tensor] | None = None
+        self.flash_prefill_min_tokens = FLASH_PREFILL_MIN_TOKENS
 
     @staticmethod
     def kv_cache_shape(
@@ -127,6 +147,7 @@ def get_attention_backend(
             logger.warning("Triton kernels unavailable (%s); running the torch reference ops on the GPU", e)
             return TorchAttentionBackend(kv_cache_dtype)
         _check_triton_fp8(torch.device(device), kv_cache_dtype)
+        _offer_flash_prefill(backend, torch.device(device), dtype, head_size)
         return backend
     if not use_triton:
         return TorchAttentionBackend(kv_cache_dtype)
@@ -134,9 +155,30 @@ def get_attention_backend(
         raise ValueError(
             f"head_dim={head_size} is not supported by the Triton kernels; they take {SUPPORTED_HEAD_DIMS}"
         )
+    backend = TritonAttentionBackend(kv_cache_dtype)
     if device_type == "cuda":
         _check_triton_fp8(torch.device(device), kv_cache_dtype)
-    return TritonAttentionBackend(kv_cache_dtype)
+        _offer_flash_prefill(backend, torch.device(device), dtype, head_size)
+    return backend
+
+
+def _offer_flash_prefill(
+    backend: AttentionBackend, device: torch.device, dtype: torch.dtype, head_size: int
+) -> None:
+    """Give the backend torch's flash attention for whole prompts (ops.flash_prefill) where
+    WEIR_FLASH_PREFILL is on and it can run; a layer with a logit softcap still declines it."""
+    if not env_flag("WEIR_FLASH_PREFILL"):
+        return
+    why_not = flash_prefill_unsupported(device, dtype, backend.kv_cache_dtype, head_size, None)
+    if why_not is not None:
+        logger.info("WEIR_FLASH_PREFILL: prompts stay on the paged kernel: %s", why_not)
+        return
+    backend.flash_prefill = flash_varlen_attention
+    min_tokens = os.environ.get("WEIR_FLASH_PREFILL_MIN_TOKENS", "").strip()
+    if min_tokens:  # the GPU checks' tiny prompts take the path too
+        if not min_tokens.isdigit() or int(min_tokens) < 1:
+            raise ValueError(f"WEIR_FLASH_PREFILL_MIN_TOKENS must be a positive integer; got {min_tokens!r}")
+        backend.flash_prefill_min_tokens = int(min_tokens)
 
 
 def _check_triton_fp8(device: torch.device, kv_cache_dtype: torch.dtype) -> None:

@@ -153,3 +153,48 @@ def test_the_torch_backend_keeps_its_kernels_when_flash_is_unset(tiny_model_dirs
     llm = LLM(str(tiny_model_dirs["llama"]), device="cpu", dtype="float32", max_model_len=64)
     backend = llm.llm_engine.executor.runner.attn_backend
     assert backend.flash_prefill is None and backend.kernels is ops.TORCH_KERNELS
+
+
+def test_the_switch_offers_flash_where_it_runs_and_reads_the_token_floor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """_offer_flash_prefill as on a GPU that can run it (the device check stubbed: this machine has none)."""
+    from engine.model.layers import attention_backend as ab
+    from ops.flash_prefill import flash_varlen_attention
+
+    monkeypatch.setattr(ab, "flash_prefill_unsupported", lambda *args: None)
+    backend = ab.TorchAttentionBackend(torch.bfloat16)
+    ab._offer_flash_prefill(backend, torch.device("cpu"), torch.bfloat16, 128)
+    assert backend.flash_prefill is None  # WEIR_FLASH_PREFILL is off by default
+    monkeypatch.setenv("WEIR_FLASH_PREFILL", "1")
+    ab._offer_flash_prefill(backend, torch.device("cpu"), torch.bfloat16, 128)
+    assert backend.flash_prefill is flash_varlen_attention
+    assert backend.flash_prefill_min_tokens == ab.FLASH_PREFILL_MIN_TOKENS == 256
+    monkeypatch.setenv("WEIR_FLASH_PREFILL_MIN_TOKENS", "7")
+    ab._offer_flash_prefill(backend, torch.device("cpu"), torch.bfloat16, 128)
+    assert backend.flash_prefill_min_tokens == 7
+    for bad in ("0", "-3", "many"):
+        monkeypatch.setenv("WEIR_FLASH_PREFILL_MIN_TOKENS", bad)
+        with pytest.raises(
+            ValueError, match=rf"^WEIR_FLASH_PREFILL_MIN_TOKENS must be a positive integer; got '{bad}'$"
+        ):
+            ab._offer_flash_prefill(backend, torch.device("cpu"), torch.bfloat16, 128)
+
+
+def test_flash_declines_what_it_cannot_attend() -> None:
+    """Each refusal names what it cannot take (the CUDA ones are checked before the card is asked)."""
+    from ops import flash_prefill as fp
+
+    cuda = torch.device("cuda")
+    assert fp.flash_prefill_unsupported(cuda, torch.float32, torch.float32, 128, None) == (
+        "dtype torch.float32 (flash takes float16 and bfloat16)"
+    )
+    assert fp.flash_prefill_unsupported(cuda, torch.bfloat16, torch.float8_e4m3fn, 128, None) == (
+        "kv_cache_dtype torch.float8_e4m3fn (the paged kernel reads keys rounded to it)"
+    )
+    assert fp.flash_prefill_unsupported(cuda, torch.bfloat16, torch.bfloat16, 100, None) == (
+        "head_dim 100 (flash takes multiples of 8 up to 256)"
+    )
+    assert fp.flash_prefill_unsupported(cuda, torch.bfloat16, torch.bfloat16, 128, 50.0) == (
+        "a logit softcap (torch's flash op takes none)"
+    )

@@ -110,7 +110,7 @@ class _CountingReference:
         )
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral_window"])
+@pytest.mark.parametrize("family", ["llama", "mistral_window", "qwen3", "phi3_partial"])
 def test_greedy_tokens_equal_transformers_with_prompts_attended_apart(
     tiny_model_dirs: dict[str, Path], family: str
 ) -> None:
@@ -198,3 +198,15 @@ def test_flash_declines_what_it_cannot_attend() -> None:
     assert fp.flash_prefill_unsupported(cuda, torch.bfloat16, torch.bfloat16, 128, 50.0) == (
         "a logit softcap (torch's flash op takes none)"
     )
+
+
+def test_a_softcapped_model_keeps_its_prompts_on_the_paged_kernel(tiny_model_dirs: dict[str, Path]) -> None:
+    """Gemma 2 caps its attention scores, which torch's flash op cannot: its layers decline the path."""
+    llm = LLM(str(tiny_model_dirs["gemma2"]), device="cpu", dtype="float32", max_model_len=64)
+    backend = llm.llm_engine.executor.runner.attn_backend
+    flash = _CountingReference()
+    backend.flash_prefill, backend.flash_prefill_min_tokens = flash, 1
+    llm.generate(
+        [_prompt(12, seed=7)], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), use_tqdm=False
+    )
+    assert flash.calls == []

@@ -41,8 +41,9 @@ class AttentionMetadata:
     cuda_graph_size: int | None = None
     # True: that graph is a mixed-step graph (cuda_graph_size tokens in as many sequences).
     cuda_graph_mixed: bool = False
-    # An eager step with prompt tokens: its tail of whole prompts without cached context, which a layer
-    # may attend with flash instead of the paged kernel (engine.worker.fresh_prompts); else None.
+    # An eager step with prompt tokens, built with find_fresh_prompts: its tail of whole prompts without
+    # cached context, which a layer may attend with flash instead of the paged kernel
+    # (engine.worker.fresh_prompts); else None.
     fresh_prompts: FreshPromptTail | None = None
 
     @property
@@ -151,6 +152,9 @@ def build_step_inputs(
     max_seq_len: int | None = None,  # override (CUDA-graph capture passes max_model_len)
     cuda_graph_size: int | None = None,
     cuda_graph_mixed: bool = False,
+    # Find an eager prompt step's tail of whole prompts (`AttentionMetadata.fresh_prompts`): only where a
+    # layer may attend it apart (the backend's flash_prefill), so no other step pays for the search.
+    find_fresh_prompts: bool = False,
     # With `out`: views of `out` by layout, reused across steps (the owner of `out` keeps it).
     view_cache: dict[tuple[int, int, int, int], dict[str, torch.Tensor]] | None = None,
 ) -> StepInputs:
@@ -217,7 +221,7 @@ def build_step_inputs(
         cuda_graph_mixed=cuda_graph_mixed,
         fresh_prompts=(
             fresh_prompt_tail(seq_lens, query_start_loc)
-            if cuda_graph_size is None and max_query_len > 1
+            if find_fresh_prompts and cuda_graph_size is None and max_query_len > 1
             else None
         ),
     )

@@ -353,6 +353,7 @@ class ModelRunner(KVCacheSetup):
             num_actual_tokens=num_actual_tokens,
             max_query_len=max_query_len,
             max_seq_len=max_seq_len,
+            find_fresh_prompts=self.attn_backend is not None and self.attn_backend.flash_prefill is not None,
         )
 
     # ------------------------------------------------------------------ step

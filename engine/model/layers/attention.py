@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from engine.model.layers.attention_backend import AttentionBackend
-from engine.worker.attention_metadata import get_attention_metadata
+from engine.worker.attention_metadata import AttentionMetadata, get_attention_metadata
 from engine.worker.fresh_prompts import FreshPromptTail
 from ops.env_flags import env_flag
 
@@ -108,7 +108,7 @@ class Attention(nn.Module):
             and self.logit_softcap is None
             and tail.num_tokens >= backend.flash_prefill_min_tokens
         ):
-            return self._attend_fresh_prompts_apart(query, key, value, positions, cos_sin_cache, tail)
+            return self._attend_fresh_prompts_apart(query, key, value, positions, cos_sin_cache, md, tail)
         if positions is not None:
             assert cos_sin_cache is not None
             if md.max_query_len == 1 and self.fused_decode:
@@ -152,13 +152,13 @@ class Attention(nn.Module):
         value: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
         positions: torch.Tensor | None,  # [num_tokens] int64, or None: q and k come rotated
         cos_sin_cache: torch.Tensor | None,
-        tail: FreshPromptTail,
+        md: AttentionMetadata,
+        tail: FreshPromptTail,  # md.fresh_prompts
     ) -> torch.Tensor:  # [num_tokens, num_heads * head_dim]
         """The step's tail of whole prompts (no cached context) attended by the backend's flash function
         over their own rotated keys, the rows before it by the paged kernel. K/V are stored first, as on
         the paged path; rotary and the store are two launches here, since flash needs the rotated keys
         outside the cache."""
-        md = get_attention_metadata()
         backend = self.attn_backend
         n, d = query.shape[0], self.head_dim
         if positions is not None:

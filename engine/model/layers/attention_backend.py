@@ -155,10 +155,10 @@ def get_attention_backend(
         raise ValueError(
             f"head_dim={head_size} is not supported by the Triton kernels; they take {SUPPORTED_HEAD_DIMS}"
         )
-    backend = TritonAttentionBackend(kv_cache_dtype)
     if device_type == "cuda":
         _check_triton_fp8(torch.device(device), kv_cache_dtype)
-        _offer_flash_prefill(backend, torch.device(device), dtype, head_size)
+    backend = TritonAttentionBackend(kv_cache_dtype)
+    _offer_flash_prefill(backend, torch.device(device), dtype, head_size)  # declines off CUDA
     return backend
 
 

@@ -2,7 +2,8 @@
 by default) against the GEMV with the norm folded in (ops/triton/fp8_gemv.py with `norm`), on Llama-3-8B's two
 projections after a norm (qkv, and gate_up as its gated launch), FP8 and bf16 weights, at the engine's planned
 launches and a few wider tiles (the fold reads x, the residual and the norm weight once more per program: fewer
-programs, fewer of those reads). CUDA-graph replays cycling weight copies past L2 (loadtest/gpu_timing.py).
+programs, fewer of those reads), and the one-pass fold (`norm_one_pass`: the row read once, the sums scaled by
+1 / rms, the norm's roundings not made). CUDA-graph replays cycling weight copies past L2 (loadtest/gpu_timing.py).
 
     python loadtest/probe_folded_norm.py --out fold.json
 """
@@ -71,7 +72,7 @@ def probe(kind: str, name: str, n: int) -> dict[str, Any]:
     gemv_only_us = graph_ms([functools.partial(fp8_gemv, x, w, s, **planned) for w, s in copies]) * 1e3
     ref = two_launches(*copies[0], planned).float()
     rows = []
-    for change in ({}, *WIDER):
+    for change in ({}, *WIDER, {"norm_one_pass": True}, {"norm_one_pass": True, "block_n": 8}):
         launch = {**planned, **change}
         err = rel_err(folded(*copies[0], launch).float(), ref)
         us = graph_ms([functools.partial(folded, w, s, launch) for w, s in copies]) * 1e3
@@ -81,7 +82,8 @@ def probe(kind: str, name: str, n: int) -> dict[str, Any]:
         "norm_then_gemv_us": round(base_us, 2), "gemv_alone_us": round(gemv_only_us, 2), "folded": rows,
     }  # fmt: skip
     print(f"[fold] {kind} {name}: norm+gemv {base_us:.2f} us, gemv {gemv_only_us:.2f}, folded "
-          + ", ".join(f"bn{r['block_n']} {r['us']} (err {r['err']})" for r in rows), flush=True)  # fmt: skip
+          + ", ".join(f"bn{r['block_n']}{' 1-pass' if r.get('norm_one_pass') else ''} {r['us']} (err {r['err']})"
+                      for r in rows), flush=True)  # fmt: skip
     return out
 
 

@@ -23,7 +23,9 @@ sub-layer's output, and each program computes norm(x + residual) itself as it re
 the row for its sum of squares, then the same rounding points as ops/triton/rms_norm.py per tile), and the
 programs of the first output tile store x + residual as the next residual. The decode step then has no norm
 launch before qkv and gate_up (`WEIR_FOLD_NORM`, engine/model/layers/folded_norm.py); the spec is
-`reference.rms_norm` then the GEMV.
+`reference.rms_norm` then the GEMV. `norm_one_pass` (an experiment for the probe, loadtest/probe_folded_norm.py)
+skips the first pass: it sums W ((x + r) * g) unrounded and the squares as it goes, scaling the sums by 1 / rms
+at the end (one read of the row, not two; the norm's two roundings to x's dtype are not made).
 """
 
 from __future__ import annotations
@@ -130,6 +132,7 @@ def _fp8_gemv_kernel(
     new_residual_ptr=None,  # (NORM) [1, K]: x + residual, stored by the first output tile's programs
     eps=0.0,  # (NORM)
     NORM: tl.constexpr = False,  # x is the input of an RMSNorm with residual add: the GEMV applies it (ROWS 1)
+    NORM_ONE_PASS: tl.constexpr = False,  # NORM without the first pass: 1 / rms applied to the sums (SPLIT_K 1)
 ):
     pid_g = tl.program_id(0)  # a group of ROWS rows of x; groups side by side share each weight tile in L2
     pid_n = tl.program_id(1)
@@ -161,8 +164,11 @@ def _fp8_gemv_kernel(
     # still runs; x and every write come after the wait.
     let_next_kernel_start(PDL)  # all programs resident: the next kernel may launch and wait for this one
     wait_for_previous_kernel(PDL)
-    if NORM:  # the whole row's sum of squares first (from L2 / L1: every program reads the same row)
+    if (
+        NORM and not NORM_ONE_PASS
+    ):  # the row's sum of squares first (L2 / L1: every program reads the same row)
         inv_rms = _row_inv_rms(x_ptr, residual_ptr, K, eps, BLOCK_K)
+    sum_sq = tl.zeros((BLOCK_K,), dtype=tl.float32)  # (NORM_ONE_PASS) the row's squares, column by column
     # LOOP_STAGES > 1: Triton's pipelining of the tile loads (cp.async into shared memory, that many stages);
     # 1: no pipelining, the loads in registers (ahead with PREFETCH)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=LOOP_STAGES):
@@ -172,7 +178,14 @@ def _fp8_gemv_kernel(
             w_next = _w_tile(w_ptrs, tl.minimum(k0 + BLOCK_K, k_last), k_end, mask_n, BLOCK_K)
         else:
             w = _w_tile(w_ptrs, k0, k_end, mask_n, BLOCK_K)
-        if NORM:
+        if NORM_ONE_PASS:  # (x + r) * g unrounded; the sums scaled by 1 / rms at the end
+            h = tl.load(x_ptr + kk, mask=mask_k, other=0.0).to(tl.float32)
+            h += tl.load(residual_ptr + kk, mask=mask_k, other=0.0).to(tl.float32)
+            if pid_n == 0:
+                tl.store(new_residual_ptr + kk, h.to(x_ptr.dtype.element_ty), mask=mask_k)
+            sum_sq += h * h
+            x0 = h * tl.load(norm_weight_ptr + kk, mask=mask_k, other=0.0).to(tl.float32)
+        elif NORM:
             x0 = _normed_x_tile(
                 x_ptr, residual_ptr, norm_weight_ptr, new_residual_ptr, kk, mask_k, inv_rms, pid_n == 0
             )
@@ -189,6 +202,8 @@ def _fp8_gemv_kernel(
     if L2_PREFETCH:  # this program's tiles are read: its slice of the next weights
         prefetch_next_weights(prefetch_ptr, prefetch_bytes, prefetch_second)
     scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)  # [BLOCK_N]
+    if NORM_ONE_PASS:
+        scale = scale * tl.rsqrt(tl.sum(sum_sq, axis=0) / K + eps)
     if GATED:
         offs_v = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # the tile's virtual columns (split partials)
         store_rows_gated(
@@ -220,6 +235,7 @@ def fp8_gemv(
     l2_next: torch.Tensor | None = None,  # [bytes] uint8: asked of L2 as the programs finish
     loop_stages: int = 1,
     norm: ResidualNorm | None = None,  # x is an RMSNorm's input: applied here (one row), residual stored
+    norm_one_pass: bool = False,  # norm without its roundings: y = (W ((x + r) * g)) / rms, one pass (split_k 1)
 ) -> torch.Tensor:  # [M, N] in x.dtype; gated: [M, N / 2]
     """y = x (weight * weight_scale[:, None])^T, one launch; split_k > 1 splits K per BLOCK_N rows;
     prefetch keeps the next weight tile in flight (and lets the launch use PDL, ops.triton.pdl).
@@ -249,6 +265,8 @@ def fp8_gemv(
         )
     if norm is not None and (M != 1 or input_scale is not None):
         raise ValueError(f"fp8_gemv: norm takes one row and no static input scale; got {M} rows")
+    if norm_one_pass and (norm is None or split_k != 1):
+        raise ValueError(f"fp8_gemv: norm_one_pass needs a norm and split_k 1; got split_k {split_k}")
     if norm is not None and not (
         norm.residual.shape == x.shape == norm.new_residual.shape and norm.weight.shape == (K,)
         and norm.residual.stride(-1) == norm.new_residual.stride(-1) == 1
@@ -268,7 +286,7 @@ def fp8_gemv(
     if M % rows:  # zero rows up to whole groups
         padded = torch.cat([x, x.new_zeros(rows - M % rows, K)])
         return fp8_gemv(padded, weight, weight_scale, input_scale, block_n, block_k, split_k, num_warps, num_stages,
-                        prefetch, gated, l2_next, loop_stages)[:M]  # fmt: skip
+                        prefetch, gated, l2_next, loop_stages, norm, norm_one_pass)[:M]  # fmt: skip
     groups = M // rows
     if split_k > 1 and tiles * groups > MAX_TILES:
         raise ValueError(f"fp8_gemv: {tiles * groups} tiles exceed the split-K workspace ({MAX_TILES})")
@@ -293,7 +311,7 @@ def fp8_gemv(
         residual_ptr=None if norm is None else norm.residual,
         norm_weight_ptr=None if norm is None else norm.weight,
         new_residual_ptr=None if norm is None else norm.new_residual,
-        eps=0.0 if norm is None else norm.eps, NORM=norm is not None,
+        eps=0.0 if norm is None else norm.eps, NORM=norm is not None, NORM_ONE_PASS=norm_one_pass,
         num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
     return out

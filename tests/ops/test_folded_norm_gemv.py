@@ -127,3 +127,28 @@ def test_the_folded_norm_is_refused_where_the_gemv_cannot_apply_it() -> None:
         ValueError, match=r"norm's residual \(1, 64\), new residual \(1, 64\) and weight \(32,\)"
     ):
         fp8_gemv(x1, weight, scale, block_n=4, block_k=64, norm=bad)
+
+
+@in_process
+@pytest.mark.parametrize("gated", [False, True])
+def test_the_one_pass_fold_scales_the_sums_by_one_over_rms(gated: bool) -> None:
+    """norm_one_pass (the probe's experiment): W ((x + r) * g) summed unrounded, then times 1 / rms: in float32
+    the norm's spec within float32's ulps, the residual stored the same; split_k other than 1 refused."""
+    from ops.triton.fp8_gemv import fp8_gemv
+
+    gen = torch.Generator().manual_seed(11)
+    k = 320
+    x, residual = torch.randn(1, k, generator=gen).to(DEVICE) * 3, torch.randn(1, k, generator=gen).to(DEVICE)
+    norm_weight = (torch.rand(k, generator=gen) + 0.5).to(DEVICE)
+    weight, scale = _weights(24, k, True, torch.float32, seed=4)
+    launch = dict(block_n=4, block_k=64, num_warps=1, gated=gated)
+    spec_residual = torch.empty_like(x)
+    normed = apply_residual_norm(x, ResidualNorm(residual, norm_weight, 1e-5, spec_residual))
+    expected = fp8_gemv(normed, weight, scale, **launch)
+    new_residual = torch.empty_like(x)
+    norm = ResidualNorm(residual, norm_weight, 1e-5, new_residual)
+    out = fp8_gemv(x, weight, scale, **launch, norm=norm, norm_one_pass=True)
+    assert torch.equal(new_residual, spec_residual)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="fp8_gemv: norm_one_pass needs a norm and split_k 1; got split_k 2"):
+        fp8_gemv(x, weight, scale, **{**launch, "split_k": 2}, norm=norm, norm_one_pass=True)

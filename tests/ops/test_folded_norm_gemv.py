@@ -152,3 +152,42 @@ def test_the_one_pass_fold_scales_the_sums_by_one_over_rms(gated: bool) -> None:
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="fp8_gemv: norm_one_pass needs a norm and split_k 1; got split_k 2"):
         fp8_gemv(x, weight, scale, **{**launch, "split_k": 2}, norm=norm, norm_one_pass=True)
+
+
+@in_process
+@pytest.mark.parametrize("gated", [False, True])
+def test_an_unquantized_layer_folds_the_norm_only_where_its_gemv_runs(gated: bool) -> None:
+    """UnquantizedLinearMethod.apply_folded_norm: inside CUDA-graph capture (`decode_gemv_allowed`) a layer
+    with a planned one-token launch runs the folded GEMV (the norm then the linear, SiLU-mul where gated);
+    eager, or without a plan, it declines (None) and leaves the norm unconsumed for `materialize`."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from engine.model.layers.folded_norm import FoldedNorm
+    from engine.model.layers.norm import RMSNorm
+    from engine.model.quantization.float_gemv import decode_gemv_allowed
+    from engine.model.quantization.unquantized import UnquantizedLinearMethod
+
+    gen = torch.Generator().manual_seed(5)
+    norm = RMSNorm(128, 1e-6, torch.float32, prefix="norm")
+    norm.weight.data = (torch.rand(128, generator=gen) + 0.5).to(DEVICE)
+    layer = nn.Module()
+    layer.weight = nn.Parameter(torch.randn(48, 128, generator=gen).to(DEVICE), requires_grad=False)
+    plan = {"block_n": 8, "block_k": 64, "split_k": 1}
+    layer.float_gemv, layer.float_gemv_gated = (None, plan) if gated else (plan, None)
+    layer.float_gemv_scale = torch.ones(48, device=DEVICE)
+    x, residual = torch.randn(1, 128, generator=gen).to(DEVICE), torch.randn(1, 128, generator=gen).to(DEVICE)
+    method = UnquantizedLinearMethod()
+    eager = FoldedNorm(x, residual, norm)
+    assert method.apply_folded_norm(layer, eager, None, gated) is None
+    assert method.apply_folded_norm(layer, eager, None, not gated) is None  # no plan for the other kind
+    with pytest.raises(RuntimeError, match="never applied"):
+        eager.new_residual()
+    folded = FoldedNorm(x, residual, norm)
+    with decode_gemv_allowed():
+        out = method.apply_folded_norm(layer, folded, None, gated)
+    normed = apply_residual_norm(x, ResidualNorm(residual, norm.weight, 1e-6, torch.empty_like(x)))
+    y = F.linear(normed, layer.weight)
+    expected = F.silu(y[:, :24]) * y[:, 24:] if gated else y
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(folded.new_residual(), (x + residual))

@@ -45,10 +45,6 @@
 # t2f0a t2f1a t2f0b ...: T2 with WEIR_FLASH_PREFILL=0 / 1 (whole prompts by torch's flash attention, ops/flash_prefill.py;
 # T2FN requests), alternating; q3f: Q3 with it on (compare with q3 in the same call); engf: the engine check with it on
 # for every prompt (WEIR_FLASH_PREFILL_MIN_TOKENS=1); `kern` with KPARTS=flash: its kernel check (loadtest/kernel_check_flash.py).
-# fn0a fn1a fn0b ...: L1 batch 1 (bf16) with WEIR_FOLD_NORM=0 / 1 (the one-token norms before qkv and gate_up inside
-# their GEMVs, engine/model/layers/folded_norm.py), alternating; q2n0a q2n1a ...: Q2 (FP8 weights) the same way;
-# fold: loadtest/probe_folded_norm.py (norm + GEMV against the folded GEMV, kernel level, qkv and gate_up, FP8 / bf16);
-# featdn: the feature check's quantized checkpoints (d: FP8 in bf16 / fp16 through the folded GEMV) with it on.
 # q1p0a q1p1a q1p0b ...: Q1 and Q2 with WEIR_L2_PREFETCH=0 / 1 (ops/triton/l2_prefetch.py), alternating; l1p0a l1p1a ...:
 # L1 (bf16) the same way; featdp: the feature check's quantized checkpoints (d) with it on; engl2p: the engine check with
 # it on. t1k0a t1k1a ...: T1 with a bf16 / an fp8 KV cache (Q4's T1 figure; the fp8 read widened unless T1KW=0).
@@ -154,10 +150,6 @@ for s in $STEPS; do case $s in
   l1p0*|l1p1*) step $s 60 env WEIR_L2_PREFETCH=${s:3:1} python3 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;
   engl2p) mkdir -p $O/engl2p; step engl2p 300 env OUT=$O/engl2p WEIR_L2_PREFETCH=1 WEIR_CHECK_PARTS="${ENG_PARTS:-a}" python3 loadtest/gpu_engine_check.py;;
   t1k0*|t1k1*) step $s 120 env WEIR_FP8_KV_WIDEN=${T1KW:-1} python3 loadtest/bench_throughput.py --workload t1 --shape qwen3-0.6b --peer none $([ ${s:3:1} = 1 ] && echo --kv-cache-dtype fp8) --out $O/$s.json;;
-  fold) step fold 120 python3 loadtest/probe_folded_norm.py --out $O/fold.json;;
-  fn0*|fn1*) step $s 60 env WEIR_FOLD_NORM=${s:2:1} python3 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1 --peer none --out $O/$s.json;;
-  q2n0*|q2n1*) step $s 120 env WEIR_FOLD_NORM=${s:3:1} python3 loadtest/bench_quant.py --shape llama3-8b --cases Q2 --out $O/$s.json;;
-  featdn) mkdir -p $O/featdn; step featdn 150 env OUT=$O/featdn WEIR_FOLD_NORM=1 WEIR_CHECK_PARTS=d python3 loadtest/gpu_feature_check.py;;
   featdp) mkdir -p $O/featdp; step featdp 150 env OUT=$O/featdp WEIR_L2_PREFETCH=1 WEIR_CHECK_PARTS=d python3 loadtest/gpu_feature_check.py;;
   featd) step featd 240 env OUT=$O WEIR_CHECK_PARTS=d python3 loadtest/gpu_feature_check.py;;
   engm) mkdir -p $O/engm; step engm 300 env OUT=$O/engm WEIR_W4_META_2D=1 WEIR_CHECK_PARTS="${ENG_PARTS:-a}" python3 loadtest/gpu_engine_check.py;;

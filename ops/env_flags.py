@@ -43,11 +43,6 @@ ENV_FLAGS: dict[str, tuple[bool, str]] = {
         False,
         "whole prompts without cached context attended by torch's flash attention; ops/flash_prefill.py",
     ),
-    "WEIR_FOLD_NORM": (
-        # an experiment: 64 of a Llama-3-8B one-token step's 65 norms are launches of ~2.3 us (H100, 09fb917)
-        False,
-        "one-token norms before qkv and gate_up applied inside their FP8 / bf16 GEMVs; engine/model/layers/folded_norm.py",
-    ),
     "WEIR_FP8_QUANT_KERNEL": (True, "FP8 activations quantized by the Triton kernel, not torch's lines"),
     "WEIR_FP8_FUSED_QUANT": (True, "a norm or SiLU-mul quantizes the next FP8 linear's input"),
     "WEIR_LORA_SEGMENTS": (True, "multi-LoRA through the segment kernels, not the tile kernels"),

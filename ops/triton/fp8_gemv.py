@@ -17,15 +17,6 @@ at 0.50-0.58 of the copy bandwidth on the attention projections; sm_90 SASS, loa
 A static activation scale (`input_scale`, activation_scheme "static") is applied as the W8A8 GEMM
 and the CPU reference apply it: x quantized to FP8 with it and dequantized, per element, on load.
 The spec is dequantize (w * scale in float32) + F.linear (tests/ops/test_fp8_gemv.py).
-
-With `norm` (one token) the GEMV's input is an RMSNorm not yet applied, with its residual add: x is the
-sub-layer's output, and each program computes norm(x + residual) itself as it reads x (a first pass over
-the row for its sum of squares, then the same rounding points as ops/triton/rms_norm.py per tile), and the
-programs of the first output tile store x + residual as the next residual. The decode step then has no norm
-launch before qkv and gate_up (`WEIR_FOLD_NORM`, engine/model/layers/folded_norm.py); the spec is
-`reference.rms_norm` then the GEMV. `norm_one_pass` (an experiment for the probe, loadtest/probe_folded_norm.py)
-skips the first pass: it sums W ((x + r) * g) unrounded and the squares as it goes, scaling the sums by 1 / rms
-at the end (one read of the row, not two; the norm's two roundings to x's dtype are not made).
 """
 
 from __future__ import annotations
@@ -34,7 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.folded_norm import ResidualNorm
 from ops.triton.fp8_quant import _to_fp8, hardware_fp8_conversion
 from ops.triton.l2_prefetch import l2_next_args, prefetch_next_weights
 from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
@@ -60,32 +50,6 @@ def _x_tile(x_ptr, row, stride_xm, kk, mask_k, s_in, STATIC_INPUT: tl.constexpr,
     if STATIC_INPUT:
         x = _to_fp8(x / s_in, HW_CVT).to(tl.float32) * s_in
     return x
-
-
-@triton.jit
-def _normed_x_tile(x_ptr, r_ptr, g_ptr, new_r_ptr, kk, mask_k, rs, STORE_RESIDUAL):
-    """[BLOCK_K] float32: norm(x + r) * g at columns kk as ops/triton/rms_norm.py rounds it (to x's dtype
-    before and after the weight multiply), rs being the row's 1 / rms; STORE_RESIDUAL: x + r stored too."""
-    x = tl.load(x_ptr + kk, mask=mask_k, other=0.0)
-    h = x.to(tl.float32) + tl.load(r_ptr + kk, mask=mask_k, other=0.0).to(tl.float32)
-    if STORE_RESIDUAL:
-        tl.store(new_r_ptr + kk, h.to(x.dtype), mask=mask_k)
-    g = tl.load(g_ptr + kk, mask=mask_k, other=0.0).to(tl.float32)
-    return ((h * rs).to(x.dtype).to(tl.float32) * g).to(x.dtype).to(tl.float32)
-
-
-@triton.jit
-def _row_inv_rms(x_ptr, r_ptr, K, eps, BLOCK_K: tl.constexpr):
-    """1 / sqrt(mean((x + r)^2) + eps) over the row's K columns, in float32."""
-    offs_k = tl.arange(0, BLOCK_K)
-    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        mask_k = kk < K
-        h = tl.load(x_ptr + kk, mask=mask_k, other=0.0).to(tl.float32)
-        h += tl.load(r_ptr + kk, mask=mask_k, other=0.0).to(tl.float32)
-        ss += h * h
-    return tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
 
 
 @triton.jit
@@ -127,12 +91,6 @@ def _fp8_gemv_kernel(
     L2_PREFETCH: tl.constexpr = False,
     HW_CVT: tl.constexpr = True,  # STATIC_INPUT: the GPU's fp8 conversion (else software: the interpreter)
     LOOP_STAGES: tl.constexpr = 1,  # > 1: Triton pipelines the loop's loads through shared memory
-    residual_ptr=None,  # (NORM) [1, K]: added to x before the norm
-    norm_weight_ptr=None,  # (NORM) [K]
-    new_residual_ptr=None,  # (NORM) [1, K]: x + residual, stored by the first output tile's programs
-    eps=0.0,  # (NORM)
-    NORM: tl.constexpr = False,  # x is the input of an RMSNorm with residual add: the GEMV applies it (ROWS 1)
-    NORM_ONE_PASS: tl.constexpr = False,  # NORM without the first pass: 1 / rms applied to the sums (SPLIT_K 1)
 ):
     pid_g = tl.program_id(0)  # a group of ROWS rows of x; groups side by side share each weight tile in L2
     pid_n = tl.program_id(1)
@@ -164,11 +122,6 @@ def _fp8_gemv_kernel(
     # still runs; x and every write come after the wait.
     let_next_kernel_start(PDL)  # all programs resident: the next kernel may launch and wait for this one
     wait_for_previous_kernel(PDL)
-    if (
-        NORM and not NORM_ONE_PASS
-    ):  # the row's sum of squares first (L2 / L1: every program reads the same row)
-        inv_rms = _row_inv_rms(x_ptr, residual_ptr, K, eps, BLOCK_K)
-    sum_sq = tl.zeros((BLOCK_K,), dtype=tl.float32)  # (NORM_ONE_PASS) the row's squares, column by column
     # LOOP_STAGES > 1: Triton's pipelining of the tile loads (cp.async into shared memory, that many stages);
     # 1: no pipelining, the loads in registers (ahead with PREFETCH)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=LOOP_STAGES):
@@ -178,20 +131,7 @@ def _fp8_gemv_kernel(
             w_next = _w_tile(w_ptrs, tl.minimum(k0 + BLOCK_K, k_last), k_end, mask_n, BLOCK_K)
         else:
             w = _w_tile(w_ptrs, k0, k_end, mask_n, BLOCK_K)
-        if NORM_ONE_PASS:  # (x + r) * g unrounded; the sums scaled by 1 / rms at the end
-            h = tl.load(x_ptr + kk, mask=mask_k, other=0.0).to(tl.float32)
-            h += tl.load(residual_ptr + kk, mask=mask_k, other=0.0).to(tl.float32)
-            if pid_n == 0:
-                tl.store(new_residual_ptr + kk, h.to(x_ptr.dtype.element_ty), mask=mask_k)
-            sum_sq += h * h
-            x0 = h * tl.load(norm_weight_ptr + kk, mask=mask_k, other=0.0).to(tl.float32)
-        elif NORM:
-            x0 = _normed_x_tile(
-                x_ptr, residual_ptr, norm_weight_ptr, new_residual_ptr, kk, mask_k, inv_rms, pid_n == 0
-            )
-        else:
-            x0 = _x_tile(x_ptr, 0, stride_xm, kk, mask_k, s_in, STATIC_INPUT, HW_CVT)
-        acc0 += w * x0[None, :]
+        acc0 += w * _x_tile(x_ptr, 0, stride_xm, kk, mask_k, s_in, STATIC_INPUT, HW_CVT)[None, :]
         if ROWS >= 2:
             acc1 += w * _x_tile(x_ptr, 1, stride_xm, kk, mask_k, s_in, STATIC_INPUT, HW_CVT)[None, :]
         if ROWS >= 4:
@@ -202,8 +142,6 @@ def _fp8_gemv_kernel(
     if L2_PREFETCH:  # this program's tiles are read: its slice of the next weights
         prefetch_next_weights(prefetch_ptr, prefetch_bytes, prefetch_second)
     scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)  # [BLOCK_N]
-    if NORM_ONE_PASS:
-        scale = scale * tl.rsqrt(tl.sum(sum_sq, axis=0) / K + eps)
     if GATED:
         offs_v = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # the tile's virtual columns (split partials)
         store_rows_gated(
@@ -234,8 +172,6 @@ def fp8_gemv(
     gated: bool = False,
     l2_next: torch.Tensor | None = None,  # [bytes] uint8: asked of L2 as the programs finish
     loop_stages: int = 1,
-    norm: ResidualNorm | None = None,  # x is an RMSNorm's input: applied here (one row), residual stored
-    norm_one_pass: bool = False,  # norm without its roundings: y = (W ((x + r) * g)) / rms, one pass (split_k 1)
 ) -> torch.Tensor:  # [M, N] in x.dtype; gated: [M, N / 2]
     """y = x (weight * weight_scale[:, None])^T, one launch; split_k > 1 splits K per BLOCK_N rows;
     prefetch keeps the next weight tile in flight (and lets the launch use PDL, ops.triton.pdl).
@@ -263,18 +199,6 @@ def fp8_gemv(
         raise ValueError(
             f"fp8_gemv: loop_stages is 1, or more without prefetch; got {loop_stages}, prefetch {prefetch}"
         )
-    if norm is not None and (M != 1 or input_scale is not None):
-        raise ValueError(f"fp8_gemv: norm takes one row and no static input scale; got {M} rows")
-    if norm_one_pass and (norm is None or split_k != 1):
-        raise ValueError(f"fp8_gemv: norm_one_pass needs a norm and split_k 1; got split_k {split_k}")
-    if norm is not None and not (
-        norm.residual.shape == x.shape == norm.new_residual.shape and norm.weight.shape == (K,)
-        and norm.residual.stride(-1) == norm.new_residual.stride(-1) == 1
-    ):  # fmt: skip
-        raise ValueError(
-            f"fp8_gemv: norm's residual {tuple(norm.residual.shape)}, new residual "
-            f"{tuple(norm.new_residual.shape)} and weight {tuple(norm.weight.shape)} do not fit x {tuple(x.shape)}"
-        )
     if gated and (N % 2 or block_n % 2):
         raise ValueError(
             f"fp8_gemv: gated needs an even row count and block_n; got {N} rows, block_n {block_n}"
@@ -286,7 +210,7 @@ def fp8_gemv(
     if M % rows:  # zero rows up to whole groups
         padded = torch.cat([x, x.new_zeros(rows - M % rows, K)])
         return fp8_gemv(padded, weight, weight_scale, input_scale, block_n, block_k, split_k, num_warps, num_stages,
-                        prefetch, gated, l2_next, loop_stages, norm, norm_one_pass)[:M]  # fmt: skip
+                        prefetch, gated, l2_next, loop_stages)[:M]  # fmt: skip
     groups = M // rows
     if split_k > 1 and tiles * groups > MAX_TILES:
         raise ValueError(f"fp8_gemv: {tiles * groups} tiles exceed the split-K workspace ({MAX_TILES})")
@@ -307,11 +231,6 @@ def fp8_gemv(
         prefetch_bytes=l2_bytes,
         prefetch_second=l2_second,
         L2_PREFETCH=l2_next is not None and x.device.type == "cuda", HW_CVT=hardware_fp8_conversion(x),
-        LOOP_STAGES=loop_stages,
-        residual_ptr=None if norm is None else norm.residual,
-        norm_weight_ptr=None if norm is None else norm.weight,
-        new_residual_ptr=None if norm is None else norm.new_residual,
-        eps=0.0 if norm is None else norm.eps, NORM=norm is not None, NORM_ONE_PASS=norm_one_pass,
-        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+        LOOP_STAGES=loop_stages, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
     return out

@@ -33,7 +33,6 @@ import torch
 from torch import nn
 
 from engine.model.checkpoint_slice import materialize
-from engine.model.layers.folded_norm import FoldedNorm
 from engine.model.parameter import (
     WeightShapeError,
     default_weight_loader,
@@ -195,13 +194,7 @@ class ColumnParallelLinear(LinearBase):
         shard = self.output_size_per_partition
         self._load_slice(param, loaded_weight, 0, shard, self.output_size, self.tp_rank * shard)
 
-    def forward(self, x: torch.Tensor | FoldedNorm) -> torch.Tensor:
-        if isinstance(x, FoldedNorm):  # a norm left to this layer (WEIR_FOLD_NORM): in the GEMV, or run now
-            if self.lora is None:
-                out = self.quant_method.apply_folded_norm(self, x, self.bias, gated=False)
-                if out is not None:
-                    return out
-            x = x.materialize()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lora is not None:  # the hook runs the method (or a fused GEMV) and adds the LoRA term
             return self.lora.forward_layer(self, x, self.bias)
         return self.quant_method.apply(self, x, self.bias)
@@ -236,7 +229,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             prefix=prefix,
         )
 
-    def silu_mul(self, x: torch.Tensor | FoldedNorm) -> torch.Tensor | None:
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
         """silu(gate) * up of a [gate, up] projection in its matmul's own launch, [num_tokens, half], where
         the quant method has such a path for x (decode batches on a GEMV); None otherwise (then forward
         and the activation kernel): with a bias, other than two equal halves, or in a step with LoRA
@@ -248,8 +241,6 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             return None
         if self.lora is not None and self.lora.batch.active:
             return None
-        if isinstance(x, FoldedNorm):  # the norm in the same launch too, or None (forward then runs it)
-            return self.quant_method.apply_folded_norm(self, x, None, gated=True)
         return self.quant_method.apply_silu_mul(self, x)
 
     def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:

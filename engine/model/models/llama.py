@@ -32,7 +32,6 @@ from engine.model.build_context import BuildContext, join_prefix
 from engine.model.layers.activation import SiluAndMul
 from engine.model.layers.attention import Attention
 from engine.model.layers.embedding import VocabParallelEmbedding
-from engine.model.layers.folded_norm import FoldedNorm, folds_norm
 from engine.model.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from engine.model.layers.norm import RMSNorm
 from engine.model.layers.rotary import RotaryEmbedding
@@ -70,8 +69,8 @@ class LlamaMLP(nn.Module):
         )
         self.act_fn = SiluAndMul(ctx.kernels, prefix=join_prefix(prefix, "act_fn"))
 
-    def forward(self, x: torch.Tensor | Fp8Activation | FoldedNorm) -> torch.Tensor:
-        if not isinstance(x, Fp8Activation):
+    def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
+        if isinstance(x, torch.Tensor):
             act = self.gate_up_proj.silu_mul(x)  # decode batches on a GEMV: the activation in its launch
             if act is not None:
                 return self.down_proj(act)
@@ -141,9 +140,7 @@ class LlamaAttention(nn.Module):
             logit_softcap=config.attn_logit_softcapping,  # Gemma 2
         )
 
-    def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor | Fp8Activation | FoldedNorm
-    ) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor | Fp8Activation) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)  # [num_tokens, q_size + 2 * kv_size]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.q_norm is not None and self.k_norm is not None:
@@ -195,31 +192,17 @@ class LlamaDecoderLayer(nn.Module):
         # An FP8 W8A8 projection after a norm takes the norm already quantized (fp8_activation).
         num_tokens, dtype = hidden.shape[0], hidden.dtype
         fp8 = takes_fp8_activation(self.self_attn.qkv_proj, num_tokens, dtype)
-        # WEIR_FOLD_NORM: at one token the norm goes to the projection's GEMV unapplied (folded_norm.py)
         if residual is None:
             residual = hidden
             normed = self.input_layernorm(hidden, None, fp8)
-        elif not fp8 and folds_norm(self.input_layernorm, self.self_attn.qkv_proj, num_tokens):
-            normed = FoldedNorm(hidden, residual, self.input_layernorm)
         else:
             normed, residual = self.input_layernorm(hidden, residual, fp8)
         hidden = self.self_attn(positions, normed)
-        if isinstance(normed, FoldedNorm):
-            residual = normed.new_residual()
         if self.residual_multiplier != 1.0:
             hidden = hidden * self.residual_multiplier
         fp8 = self.dense_mlp and takes_fp8_activation(self.mlp.gate_up_proj, num_tokens, dtype)
-        if (
-            not fp8
-            and self.dense_mlp
-            and folds_norm(self.post_attention_layernorm, self.mlp.gate_up_proj, num_tokens)
-        ):
-            normed = FoldedNorm(hidden, residual, self.post_attention_layernorm)
-        else:
-            normed, residual = self.post_attention_layernorm(hidden, residual, fp8)
+        normed, residual = self.post_attention_layernorm(hidden, residual, fp8)
         hidden = self.mlp(normed)
-        if isinstance(normed, FoldedNorm):
-            residual = normed.new_residual()
         if self.residual_multiplier != 1.0:
             hidden = hidden * self.residual_multiplier
         return hidden, residual

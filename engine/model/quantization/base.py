@@ -25,7 +25,6 @@ import torch
 if TYPE_CHECKING:
     from torch import nn
 
-    from engine.model.layers.folded_norm import FoldedNorm
     from engine.model.layers.linear import LinearBase
     from engine.model.parameter import WeightLoader
 
@@ -62,15 +61,6 @@ class LinearMethodBase(QuantizeMethodBase, ABC):
         on a GEMV: the SiLU-mul kernel's launch saved); None where it has not (then `apply` and the
         activation kernel). Default: none."""
         del layer, x
-        return None
-
-    def apply_folded_norm(
-        self, layer: nn.Module, x: FoldedNorm, bias: torch.Tensor | None, gated: bool
-    ) -> torch.Tensor | None:
-        """`apply` (gated: `apply_silu_mul`) of norm(x.x + x.residual), the norm applied inside this
-        method's launch (engine/model/layers/folded_norm.py), which then stores the new residual; None
-        where it has no such path for x at this step (then the caller materializes the norm). Default: none."""
-        del layer, x, bias, gated
         return None
 
 

@@ -24,14 +24,10 @@ import functools
 import json
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 
 from ops.env_flags import env_flag
-
-if TYPE_CHECKING:
-    from ops.folded_norm import ResidualNorm
 
 _allowed = False
 
@@ -221,13 +217,10 @@ def float_gemv_linear(
     bias: torch.Tensor | None,
     launch: dict[str, int],
     l2_next: torch.Tensor | None = None,  # the next projection's weight bytes (l2_prefetch_chain)
-    norm: ResidualNorm | None = None,  # x is an RMSNorm's input, the norm applied in the GEMV
 ) -> torch.Tensor:  # [..., out]
     from ops.triton.fp8_gemv import fp8_gemv  # noqa: PLC0415
 
-    out = fp8_gemv(
-        x.reshape(1, -1), weight, unit_scale, None, **launch, l2_next=l2_next, norm=norm
-    )  # [1, out]
+    out = fp8_gemv(x.reshape(1, -1), weight, unit_scale, None, **launch, l2_next=l2_next)  # [1, out]
     if bias is not None:
         out = out + bias
     return out.view(*x.shape[:-1], out.shape[-1])

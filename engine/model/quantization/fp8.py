@@ -43,9 +43,7 @@ from ops import reference
 from ops.env_flags import env_flag
 
 if TYPE_CHECKING:
-    from engine.model.layers.folded_norm import FoldedNorm
     from engine.model.layers.linear import LinearBase
-    from ops.folded_norm import ResidualNorm
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
@@ -244,16 +242,6 @@ class Fp8LinearMethod(LinearMethodBase):
         l2_next = getattr(layer, "l2_prefetch", None)
         return fp8_gemv_linear(x, layer.weight, layer.weight_scale, None, layer.input_scale, True, l2_next)
 
-    def apply_folded_norm(
-        self, layer: nn.Module, x: FoldedNorm, bias: torch.Tensor | None, gated: bool
-    ) -> torch.Tensor | None:
-        # one token, dynamic activation scales: the GEMV reads x and applies the norm as it goes
-        if not (layer.fp8_gemv and layer.input_scale is None and x.num_tokens == 1):
-            return None
-        l2_next = getattr(layer, "l2_prefetch", None)
-        norm = x.residual_norm()
-        return fp8_gemv_linear(x.x, layer.weight, layer.weight_scale, bias, None, gated, l2_next, norm)
-
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):  # quantized by the kernel that made it (fp8_activation)
             return _scaled_mm(
@@ -381,13 +369,12 @@ def fp8_gemv_linear(
     input_scale: torch.Tensor | None = None,  # [1] float32: static; None: x as is (W8A16)
     gated: bool = False,  # weight is [gate; up]: silu(gate) * up, [..., out / 2] (no bias)
     l2_next: torch.Tensor | None = None,  # the next projection's weight bytes (l2_prefetch_chain)
-    norm: ResidualNorm | None = None,  # x is an RMSNorm's input, the norm applied in the GEMV (one token)
 ) -> torch.Tensor:  # [..., out]
     from ops.triton.fp8_gemv import fp8_gemv  # noqa: PLC0415
 
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [M, in]
     launch = fp8_gemv_launch(x2.shape[1], weight.shape[0], _num_sms(x.get_device()), x2.shape[0])
-    out = fp8_gemv(x2, weight, weight_scale, input_scale, **launch, gated=gated, l2_next=l2_next, norm=norm)
+    out = fp8_gemv(x2, weight, weight_scale, input_scale, **launch, gated=gated, l2_next=l2_next)
     if bias is not None:
         out = out + bias
     return out.view(*x.shape[:-1], out.shape[-1])

@@ -24,7 +24,6 @@ from engine.model.quantization.float_gemv import (
 )
 
 if TYPE_CHECKING:
-    from engine.model.layers.folded_norm import FoldedNorm
     from engine.model.layers.linear import LinearBase
 
 
@@ -79,19 +78,6 @@ class UnquantizedLinearMethod(LinearMethodBase):
             if SKINNY_MIN_TOKENS <= tokens <= SKINNY_MAX_TOKENS:
                 return skinny_gemm_linear(x, layer.weight, bias, skinny)
         return F.linear(x, layer.weight, bias)
-
-    def apply_folded_norm(
-        self, layer: nn.Module, x: FoldedNorm, bias: torch.Tensor | None, gated: bool
-    ) -> torch.Tensor | None:
-        # where the one-token GEMV runs (inside CUDA graphs, planned shapes), it applies the norm as it reads x
-        launch = getattr(layer, "float_gemv_gated" if gated else "float_gemv", None)
-        if launch is None or x.num_tokens != 1 or not decode_gemv_is_allowed():
-            return None
-        launch = {**launch, "gated": True} if gated else launch
-        l2_next = getattr(layer, "l2_prefetch", None)
-        return float_gemv_linear(
-            x.x, layer.weight, layer.float_gemv_scale, bias, launch, l2_next, x.residual_norm()
-        )
 
     def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         launch = getattr(layer, "float_gemv_gated", None)

@@ -27,19 +27,22 @@ ENV_FLAGS: dict[str, tuple[bool, str]] = {
         "the folded W4A16 GEMV loads scales and zero points in its word tiles' layout; ops/triton/w4_half2_gemv.py",
     ),
     "WEIR_W4_COL_BLOCKED": (
-        # an experiment: a second, column-blocked copy of every 4-bit layer's words (twice their memory)
+        # an experiment: a second, column-blocked copy of every 4-bit layer's words (twice their memory); on an H100 at
+        # 55cf415 the GPTQ batch-1 step 2.684 -> 2.665 ms (-0.7%) for weights of 5.63 -> 9.24 GiB: off
         False,
         "the folded W4A16 decode GEMV reads a column-blocked copy of the words; ops/triton/w4_half2_gemv.py",
     ),
     "WEIR_FP8_GEMV_PIPELINE": (
         # an experiment: the FP8 GEMV waits on memory for most of its samples (H100 at 1396ef1); 3 stages take
-        # 64 registers and 6 KB of shared memory a program compiled for sm_90 (triton 3.9)
+        # 64 registers and 6 KB of shared memory a program compiled for sm_90 (triton 3.9); on an H100 at 55cf415 the FP8
+        # batch-1 step 3.423 -> 3.469 ms with it: off
         False,
         "the one-token FP8 GEMV's tile loads pipelined by Triton (cp.async, 3 stages); ops/triton/fp8_gemv.py",
     ),
     "WEIR_FLASH_PREFILL": (
         # an experiment: weir's paged prefill attention ran at ~260 TFLOP/s on T2's 8 x 1,024-token steps
-        # against flash's ~520 on one 4,096 prompt (H200); not yet timed end to end
+        # against flash's ~520 on one 4,096 prompt (H200); on an H100 (torch 2.11) flash lost at T2's shapes: 8 x 1,024
+        # prompts 320 us against the paged kernel's 267, a split step 539 against 377 (55cf415)
         False,
         "whole prompts without cached context attended by torch's flash attention; ops/flash_prefill.py",
     ),

@@ -74,7 +74,7 @@ def test_meta_2d_is_planned_only_when_switched_on(setting: str, monkeypatch: pyt
 def test_fp8_gemv_pipeline_is_planned_at_one_token_only_when_switched_on(
     setting: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """WEIR_FP8_GEMV_PIPELINE (off by default, untimed) adds 3 loop stages to the one-token FP8 GEMV's
+    """WEIR_FP8_GEMV_PIPELINE (off by default: measured slower) adds 3 loop stages to the one-token FP8 GEMV's
     launches, and nothing at 2 tokens."""
     from engine.model.quantization.fp8 import fp8_gemv_launch
 

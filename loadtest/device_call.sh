@@ -30,6 +30,7 @@
 # (decode_attention, engine/model/layers/attention.py); engfda: the engine check with it on; q12fda: Q1, Q2 with it on; q3: bench_quant.py's Q3 (T2 bf16 and FP8 weights);
 # peer4: loadtest/peer_w4_gemv.py (Q5's peer: weir's W4A16 GEMV against GemLite's on the same weights, P4B tokens, weir's launch also
 # under the P4R register caps, P4V: a JSON list of launches for --variants; needs gemlite's wheel in .whl: `pip wheel --no-deps gemlite -w .whl`).
+# tiny: loadtest/probe_tinygemm.py (torch's own int4 kernel, _weight_int4pack_mm, against weir's W4A16 launches at TYB tokens).
 # stalls: loadtest/probe_gemv_stalls.py (CUPTI PC sampling through Triton's proton: where the one-token W4A16 and FP8 GEMVs' warps
 # stall, by source line; STL layers, STK kinds) -> $O/stalls/.
 # featd: the feature check's quantized checkpoints (part d) alone. q12moe: Q1 (GPTQ W4A16 experts; Q1M: formats) and Q2 (FP8 experts) at the Qwen3-30B-A3B shape, batch-1 ITL vs bf16 in one call; q12moe8 / q12b8: Q1 and Q2 at L1's batch 8 (MoE shape / Llama-3-8B). q2moe0 / q2moe1: its Q2 with WEIR_MOE_FP8_GEMV=0 / 1 (FP8 experts at decode on the grouped GEMM / the GEMVs). fp8mm: probe_fp8_gemm.py (fp8mmb: again, to fp8_gemmb.json; Q3's FP8 GEMMs at prefill and
@@ -168,6 +169,7 @@ for s in $STEPS; do case $s in
   diag) step diag ${DIAGC:-200} python3 loadtest/diagnose_divergence.py --family ${DIAGF:-gemma2} ${DIAGX:-} --out $O/diag_${DIAGF:-gemma2}.json;;
   peer4) step peer4 ${P4C:-240} python3 loadtest/peer_w4_gemv.py --shape llama3-8b --batches ${P4B:-1} --max-registers "${P4R-96,80}" ${P4V:+--variants "$P4V"} --out $O/peer_w4.json;;
   stalls) step stalls ${STC:-150} python3 loadtest/probe_gemv_stalls.py --shape llama3-8b --layers ${STL:-qkv,gate_up,down} --kinds ${STK:-w4,fp8,attn} --out-dir $O/stalls;;
+  tiny) step tiny ${TYC:-200} python3 loadtest/probe_tinygemm.py --shape llama3-8b --batches ${TYB:-1,2,4,8,16} --out $O/tinygemm.json;;
   probe) step probe 150 python3 loadtest/probe_w4_layout.py --out $O/probe.json;;
   q12fda) step q12fda 150 env WEIR_FUSED_DECODE_ATTENTION=1 python3 loadtest/bench_quant.py --shape llama3-8b --cases Q1,Q2 --out $O/q12fda.json;;
   q12moe8) step q12moe8 420 python3 loadtest/bench_quant.py --shape qwen3-30b-a3b --cases Q1,Q2 --q1-methods ${Q1M:-gptq} --l1-batch 8 --out $O/q12moe8.json;;

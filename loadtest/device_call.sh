@@ -169,7 +169,7 @@ for s in $STEPS; do case $s in
   diag) step diag ${DIAGC:-200} python3 loadtest/diagnose_divergence.py --family ${DIAGF:-gemma2} ${DIAGX:-} --out $O/diag_${DIAGF:-gemma2}.json;;
   peer4) step peer4 ${P4C:-240} python3 loadtest/peer_w4_gemv.py --shape llama3-8b --batches ${P4B:-1} --max-registers "${P4R-96,80}" ${P4V:+--variants "$P4V"} --out $O/peer_w4.json;;
   stalls) step stalls ${STC:-150} python3 loadtest/probe_gemv_stalls.py --shape llama3-8b --layers ${STL:-qkv,gate_up,down} --kinds ${STK:-w4,fp8,attn} --out-dir $O/stalls;;
-  tiny) step tiny ${TYC:-200} python3 loadtest/probe_tinygemm.py --shape llama3-8b --batches ${TYB:-1,2,4,8,16} --out $O/tinygemm.json;;
+  tiny) step tiny ${TYC:-200} python3 loadtest/probe_tinygemm.py --shape llama3-8b --batches ${TYB:-1,2,4,8,16} $TYX --out $O/tinygemm.json;;
   probe) step probe 150 python3 loadtest/probe_w4_layout.py --out $O/probe.json;;
   q12fda) step q12fda 150 env WEIR_FUSED_DECODE_ATTENTION=1 python3 loadtest/bench_quant.py --shape llama3-8b --cases Q1,Q2 --out $O/q12fda.json;;
   q12moe8) step q12moe8 420 python3 loadtest/bench_quant.py --shape qwen3-30b-a3b --cases Q1,Q2 --q1-methods ${Q1M:-gptq} --l1-batch 8 --out $O/q12moe8.json;;

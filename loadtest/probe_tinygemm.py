@@ -46,12 +46,31 @@ def tinygemm_weights(qweight: Any, scales: Any, zeros: Any, inner_k_tiles: int) 
     return packed, scale_zero.to(torch.bfloat16).contiguous()
 
 
-def compare_shape(k: int, n: int, tokens: int, bandwidth: float, sms: int, gated: bool = False) -> dict:
+def skinny_launches(k: int, n: int, sms: int) -> list[dict]:
+    """w4_skinny_gemm launches to time at a shape: 64- and 128-column tiles, K split until about 4 programs
+    an SM (and again half as far), 3 and 4 stages."""
+    out = []
+    for block_n in (64, 128):
+        tiles = -(-n // block_n)
+        split = 1
+        while tiles * split * 2 <= 4 * sms and k // (split * 2) >= 256:
+            split *= 2
+        for split_k, stages in ((split, 3), (split, 4), (max(1, split // 2), 3), (split * 2, 3)):
+            launch = {"block_n": block_n, "split_k": split_k, "num_stages": stages}
+            if launch not in out:
+                out.append(launch)
+    return out
+
+
+def compare_shape(
+    k: int, n: int, tokens: int, bandwidth: float, sms: int, gated: bool = False, tinygemm: bool = True
+) -> dict:
     import torch
     import torch.nn.functional as F
 
     from engine.model.quantization.wna16 import plan_wna16, run_wna16_gemv
     from loadtest.gpu_timing import copies_past_l2
+    from ops.triton.w4_skinny_gemm import w4_skinny_gemm
     from ops.triton.wna16_gemm import wna16_dequantize, wna16_gemm
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -87,7 +106,15 @@ def compare_shape(k: int, n: int, tokens: int, bandwidth: float, sms: int, gated
             fn = functools.partial(run_wna16_gemv, group_size=GROUP, launch=plan, gated=True)
             timed("weir_gated", [functools.partial(fn, x, *q, 4) for q in copies], fn(x, *copies[0], 4),
                   expected=F.silu(ref[:, : n // 2]) * ref[:, n // 2 :])  # fmt: skip
-    for tiles in INNER_K_TILES:
+    for launch in skinny_launches(k, n, sms):  # the tensor-core W4A16 GEMM (ops/triton/w4_skinny_gemm.py)
+        name = "skinny_" + "_".join(f"{key}{value}" for key, value in launch.items())
+        try:
+            fn = functools.partial(w4_skinny_gemm, group_size=GROUP, **launch)
+            timed(name, [functools.partial(fn, x, *q) for q in copies], fn(x, *copies[0]))
+        except Exception as e:  # noqa: BLE001 (a launch the shape cannot take: reported, the rest go on)
+            row[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            print(f"[tinygemm] {k}x{n} {name} failed: {row[name]}", flush=True)
+    for tiles in INNER_K_TILES if tinygemm else ():
         try:
             packed = [tinygemm_weights(*q, tiles) for q in copies]
             fns = [functools.partial(torch._weight_int4pack_mm, x, p, GROUP, sz) for p, sz in packed]
@@ -110,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     p.add_argument("--batches", default="1,8")
+    p.add_argument("--no-tinygemm", action="store_true", help="time weir's launches and bf16 only")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     import torch
@@ -123,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
                               "copy_bandwidth_gbs": round(bandwidth / 1e9), "shape": args.shape}  # fmt: skip
     for tokens in (int(b) for b in args.batches.split(",")):
         for name, (k, n) in linear_shapes(args.shape).items():
-            report[f"{name}_m{tokens}"] = compare_shape(k, n, tokens, bandwidth, sms, gated=name == "gate_up")
+            report[f"{name}_m{tokens}"] = compare_shape(
+                k, n, tokens, bandwidth, sms, gated=name == "gate_up", tinygemm=not args.no_tinygemm
+            )
             if args.out:  # after every shape: a call cut short keeps what it measured
                 Path(args.out).write_text(json.dumps(report, indent=1))
     return 0

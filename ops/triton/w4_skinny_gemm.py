@@ -1,0 +1,233 @@
+"""A few rows of x times a 4-bit weight on tensor cores: y [M, N] = x [M, K] @ w [K, N] for M <= 16, where
+w[k, n] = (code[k, n] - zero[g, n]) * scale[g, n] in GPTQ's layout (`qweight` int32 [K / 8, N], code i of
+a word at bits 4i; `scales`, `zeros` fp16 [G, N], groups of GROUP_SIZE along K).
+
+The W4A16 GEMM (ops/triton/wna16_gemm.py) decodes each code to float32 (shift, mask, int-to-float, subtract,
+multiply, round to x's dtype): the conversions run at a quarter of the ALU rate, so at 8-16 tokens it is
+bound by its decode, not by its bytes. Here a code becomes a 16-bit float without a conversion: its four
+bits OR'd into the mantissa of 128.0 (bf16 0x4300: 128 + c exactly; fp16 0x5800, the code shifted past
+the three lower mantissa bits), so the tile the MMA reads holds 128 + c, exact. The zero point and the
+128 come off the sums, per group and column: sum_k x_k (c_k - z) = sum_k x_k (128 + c_k) - (128 + z)
+sum_k x_k, with sum_k x_k taken from x's own tile; the scale multiplies the group's float32 sums. Every
+product is exact and sums are float32, so the result is closer to the float32 reference than a decode
+that rounds each (c - z) * s to bf16.
+
+As in ops/triton/skinny_gemm.py the weight is the wide operand ("swap AB"): each program owns BLOCK_N
+columns and a K range and multiplies [BLOCK_N, BLOCK_K] weight tiles by x^T [BLOCK_K, BLOCK_M] (BLOCK_M
+16, the MMA's smallest; x's missing rows masked to zero), a tile inside one group (BLOCK_K divides
+GROUP_SIZE). K is split over SPLIT_K programs per column tile, summed by the tile's last program
+(ops.triton.split_k's tickets): one launch.
+
+The spec is engine.model.quantization.common.dequantize + F.linear (tests/ops/test_w4_skinny_gemm.py,
+under TRITON_INTERPRET=1 on CPU; on CUDA by loadtest/probe_tinygemm.py and the GPU checks). The interpreter
+(triton 3.9) miscasts integers to bf16 and multiplies 16-bit dot operands wrongly, so there (EMULATE) the
+dot takes the same tile converted to float32: the same exact products, float32 sums in another order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ops.triton.split_k import MAX_TILES, k_splits, split_counters, split_k_is_last
+from ops.triton.wna16_gemm import check_layout
+
+MAX_ROWS = 16  # rows of x: one MMA tile
+
+
+# A word's 8 codes (code i at bits 4i) minus the zero point, as 16-bit floats in the order 0, 4, 1, 5, 2, 6,
+# 3, 7 (K_ORDER): one LOP3 puts codes i and i + 4 into the mantissas of a pair of $10 (bf16 128.0: 0x4300;
+# fp16 1024.0: 0x6400; either's last 4 mantissa bits are whole units), one packed FMA adds $9, the pair
+# -(128 + z) (or -(1024 + z)): exactly c - z. $11: the pair (1.0, 1.0). Split into halves for free.
+_DECODE = tl.constexpr("""{
+.reg .b32 w4, w8, w12, p0, p1, p2, p3;
+lop3.b32 p0, $8, 0x000F000F, $10, 0xEA;
+shr.b32 w4, $8, 4;
+lop3.b32 p1, w4, 0x000F000F, $10, 0xEA;
+shr.b32 w8, $8, 8;
+lop3.b32 p2, w8, 0x000F000F, $10, 0xEA;
+shr.b32 w12, $8, 12;
+lop3.b32 p3, w12, 0x000F000F, $10, 0xEA;
+fma.rn.TYPE p0, p0, $11, $9;
+fma.rn.TYPE p1, p1, $11, $9;
+fma.rn.TYPE p2, p2, $11, $9;
+fma.rn.TYPE p3, p3, $11, $9;
+mov.b32 {$0, $1}, p0;
+mov.b32 {$2, $3}, p1;
+mov.b32 {$4, $5}, p2;
+mov.b32 {$6, $7}, p3;
+}""")
+_DECODE_BF16 = tl.constexpr(_DECODE.value.replace("TYPE", "bf16x2"))
+_DECODE_FP16 = tl.constexpr(_DECODE.value.replace("TYPE", "f16x2"))
+
+
+@triton.jit
+def _emulated_code(words, zero, i: tl.constexpr):
+    """code i of each word minus the zero point, float32 (EMULATE)."""
+    return ((words >> (4 * i)) & 0xF).to(tl.float32) - zero
+
+
+@triton.jit
+def _decode_asm(words, zero, X_FP16: tl.constexpr):
+    """_DECODE on [R, C] words with zero [1, C] float32: eight [R, C] tensors of x's 16-bit type."""
+    words = words.to(tl.uint32, bitcast=True)
+    if X_FP16:
+        half = (-(1024.0 + zero)).to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+        magic = tl.full(words.shape, 0x64006400, tl.uint32)
+        one = tl.full(words.shape, 0x3C003C00, tl.uint32)
+        codes = tl.inline_asm_elementwise(
+            _DECODE_FP16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r", [words, half | (half << 16), magic, one],
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16),
+            is_pure=True, pack=1,
+        )  # fmt: skip
+    else:
+        half = (-(128.0 + zero)).to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32)
+        magic = tl.full(words.shape, 0x43004300, tl.uint32)
+        one = tl.full(words.shape, 0x3F803F80, tl.uint32)
+        codes = tl.inline_asm_elementwise(
+            _DECODE_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r", [words, half | (half << 16), magic, one],
+            dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                   tl.bfloat16),
+            is_pure=True, pack=1,
+        )  # fmt: skip
+    return codes
+
+
+@triton.jit
+def _decoded_words(words, zero, X_FP16: tl.constexpr, EMULATE: tl.constexpr):
+    """[R, C] int32 words, zero [1, C] float32 -> [R, C, 8]: each word's codes minus the zero point in
+    K_ORDER, exact, as x's 16-bit float (EMULATE: float32), the 8 in one thread's registers (tl.join keeps
+    its new dimension within a thread)."""
+    if EMULATE:
+        d0 = _emulated_code(words, zero, 0)
+        d1 = _emulated_code(words, zero, 4)
+        d2 = _emulated_code(words, zero, 1)
+        d3 = _emulated_code(words, zero, 5)
+        d4 = _emulated_code(words, zero, 2)
+        d5 = _emulated_code(words, zero, 6)
+        d6 = _emulated_code(words, zero, 3)
+        d7 = _emulated_code(words, zero, 7)
+    else:  # -(base + z), base 128 (bf16) or 1024 (fp16): exact for integer z, as is (base + c) - (base + z)
+        d0, d1, d2, d3, d4, d5, d6, d7 = _decode_asm(words, zero, X_FP16)
+    even = tl.join(tl.join(d0, d4), tl.join(d2, d6))  # [R, C, 2, 2]: position 4a + 2b
+    odd = tl.join(tl.join(d1, d5), tl.join(d3, d7))  # position 4a + 2b + 1
+    return tl.reshape(tl.join(even, odd), (words.shape[0], words.shape[1], 8))
+
+
+@triton.jit
+def _w4_skinny_gemm_kernel(
+    x_ptr,  # [M, K] bf16 / fp16
+    qweight_ptr,  # [K / 8, N] int32
+    scales_ptr,  # [G, N] fp16
+    zeros_ptr,  # [G, N] fp16 (values)
+    out_ptr,  # [M, N] in x's dtype
+    partials_ptr,  # [SPLIT_K, M, N] float32 (SPLIT_K > 1)
+    counters_ptr,  # [tiles] int32, zero between launches
+    M,
+    N,
+    K,
+    k_per_split,  # K rows per split, whole tiles
+    stride_xm,
+    stride_qk,
+    stride_sg,
+    stride_zg,
+    stride_om,
+    X_FP16: tl.constexpr,  # x is fp16 (else bf16)
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # divides GROUP_SIZE: a tile lies in one group
+    SPLIT_K: tl.constexpr,
+    EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: the words loaded unmasked (16-byte copies)
+    EMULATE: tl.constexpr,  # the Triton interpreter: the dot in float32 (its 16-bit dots and casts are unreliable)
+):
+    WORD_ROWS: tl.constexpr = BLOCK_K // 8
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_w = tl.arange(0, WORD_ROWS)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    word_ptrs = qweight_ptr + offs_w[:, None] * stride_qk + offs_n[None, :]  # [WORD_ROWS, BLOCK_N] at K = 0
+    # row r of the weight tile holds code K_ORDER[r % 8] of word r // 8: x^T's rows in the same order
+    k_of_row = offs_k // 8 * 8 + offs_k % 8 // 2 + offs_k % 2 * 4
+    x_ptrs = x_ptr + offs_m[None, :] * stride_xm + k_of_row[:, None]  # [BLOCK_K, BLOCK_M]: x^T at K = 0
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T's tile
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if EVEN_N:
+            words = tl.load(word_ptrs + (k0 // 8) * stride_qk)
+        else:
+            words = tl.load(word_ptrs + (k0 // 8) * stride_qk, mask=mask_n[None, :], other=0)
+        g = k0 // GROUP_SIZE
+        scale = tl.load(scales_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        zero = tl.load(zeros_ptr + g * stride_zg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        w = _decoded_words(words, zero[None, :], X_FP16, EMULATE)  # [WORD_ROWS, BLOCK_N, 8]: c - z
+        w = tl.reshape(tl.permute(w, (1, 0, 2)), (BLOCK_N, BLOCK_K))  # [BLOCK_N, BLOCK_K] in x_ptrs' K order
+        xt = tl.load(x_ptrs + k0, mask=mask_m[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
+        if EMULATE:
+            sums = tl.dot(w, xt.to(tl.float32), input_precision="ieee")
+        else:
+            sums = tl.dot(w, xt)  # [BLOCK_N, BLOCK_M] float32: sum_k (c - z) x, every product exact
+        acc += sums * scale[:, None]
+    mask = mask_n[:, None] & mask_m[None, :]
+    out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]  # [BLOCK_N, BLOCK_M]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        part_ptrs = partials_ptr + offs_m[None, :] * N + offs_n[:, None]  # split s at + s * M * N
+        tl.store(part_ptrs + pid_k * M * N, acc, mask=mask)
+        if split_k_is_last(counters_ptr, pid_n, SPLIT_K):
+            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for s in range(SPLIT_K):  # in split order: the same sum whichever program is last
+                total += tl.load(part_ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(counters_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+
+
+def w4_skinny_gemm(
+    x: torch.Tensor,  # [M, K] bfloat16 / float16, 1 <= M <= MAX_ROWS
+    qweight: torch.Tensor,  # [K / 8, N] int32
+    scales: torch.Tensor,  # [G, N] fp16
+    zeros: torch.Tensor,  # [G, N] fp16 (any values: the zero point is subtracted in float32)
+    group_size: int,
+    block_n: int = 64,
+    block_k: int = 128,
+    split_k: int = 1,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> torch.Tensor:  # [M, N] in x.dtype
+    """y = x w for 4-bit codes, w[k, n] = (code - zero) * scale, in one launch; block_k divides group_size
+    (at least 16); split_k > 1 splits K over that many programs per block_n columns (whole tiles each)."""
+    M, K = x.shape
+    N = scales.shape[1]
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"w4_skinny_gemm: x must be bfloat16 or float16; got {x.dtype}")
+    if not 1 <= M <= MAX_ROWS:
+        raise ValueError(f"w4_skinny_gemm takes 1 to {MAX_ROWS} rows of x; got {M}")
+    check_layout(qweight, scales, zeros, K, 4, group_size)
+    if group_size % block_k or block_k % 16:
+        raise ValueError(f"block_k {block_k} must divide group_size {group_size} and be a multiple of 16")
+    if qweight.stride(1) != 1 or scales.stride(1) != 1 or zeros.stride(1) != 1:
+        raise ValueError(
+            "w4_skinny_gemm: qweight, scales and zeros must be contiguous along their last dimension"
+        )
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    k_per_split, split_k = k_splits(K, split_k, block_k)  # no empty split
+    tiles = triton.cdiv(N, block_n)
+    if split_k > 1 and tiles > MAX_TILES:
+        raise ValueError(f"w4_skinny_gemm: {tiles} tiles exceed the split-K workspace ({MAX_TILES})")
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    partials = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else out
+    _w4_skinny_gemm_kernel[(tiles, split_k)](
+        x, qweight, scales, zeros, out, partials, split_counters(x.device), M, N, K, k_per_split,
+        x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
+        X_FP16=x.dtype == torch.float16, GROUP_SIZE=group_size, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
+        BLOCK_K=block_k, SPLIT_K=split_k, EVEN_N=N % block_n == 0, EMULATE=x.device.type != "cuda", num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return out

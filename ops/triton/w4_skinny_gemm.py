@@ -36,10 +36,11 @@ from ops.triton.wna16_gemm import check_layout
 MAX_ROWS = 16  # rows of x: one MMA tile
 
 
-# A word's 8 codes (code i at bits 4i) minus the zero point, as 16-bit floats in the order 0, 4, 1, 5, 2, 6,
-# 3, 7 (K_ORDER): one LOP3 puts codes i and i + 4 into the mantissas of a pair of $10 (bf16 128.0: 0x4300;
-# fp16 1024.0: 0x6400; either's last 4 mantissa bits are whole units), one packed FMA adds $9, the pair
-# -(128 + z) (or -(1024 + z)): exactly c - z. $11: the pair (1.0, 1.0). Split into halves for free.
+# A word's 8 codes (code i at bits 4i) minus the zero point, as 16-bit floats $0..$7: one LOP3 puts codes i
+# and i + 4 into the mantissas of a pair of $10 (bf16 128.0: 0x4300; fp16 1024.0: 0x6400; either's last 4
+# mantissa bits are whole units), one packed FMA adds $9, the pair -(128 + z) (or -(1024 + z)): exactly
+# c - z. $11: the pair (1.0, 1.0). The halves go out in K order (the tile's 16-byte rows then take a PRMT
+# per pair, which keeps x^T's rows contiguous: Triton copies them asynchronously, 16 bytes at a time).
 _DECODE = tl.constexpr("""{
 .reg .b32 w4, w8, w12, p0, p1, p2, p3;
 lop3.b32 p0, $8, 0x000F000F, $10, 0xEA;
@@ -53,10 +54,10 @@ fma.rn.TYPE p0, p0, $11, $9;
 fma.rn.TYPE p1, p1, $11, $9;
 fma.rn.TYPE p2, p2, $11, $9;
 fma.rn.TYPE p3, p3, $11, $9;
-mov.b32 {$0, $1}, p0;
-mov.b32 {$2, $3}, p1;
-mov.b32 {$4, $5}, p2;
-mov.b32 {$6, $7}, p3;
+mov.b32 {$0, $4}, p0;
+mov.b32 {$1, $5}, p1;
+mov.b32 {$2, $6}, p2;
+mov.b32 {$3, $7}, p3;
 }""")
 _DECODE_BF16 = tl.constexpr(_DECODE.value.replace("TYPE", "bf16x2"))
 _DECODE_FP16 = tl.constexpr(_DECODE.value.replace("TYPE", "f16x2"))
@@ -97,16 +98,16 @@ def _decode_asm(words, zero, X_FP16: tl.constexpr):
 @triton.jit
 def _decoded_words(words, zero, X_FP16: tl.constexpr, EMULATE: tl.constexpr):
     """[R, C] int32 words, zero [1, C] float32 -> [R, C, 8]: each word's codes minus the zero point in
-    K_ORDER, exact, as x's 16-bit float (EMULATE: float32), the 8 in one thread's registers (tl.join keeps
+    K order, exact, as x's 16-bit float (EMULATE: float32), the 8 in one thread's registers (tl.join keeps
     its new dimension within a thread)."""
     if EMULATE:
         d0 = _emulated_code(words, zero, 0)
-        d1 = _emulated_code(words, zero, 4)
-        d2 = _emulated_code(words, zero, 1)
-        d3 = _emulated_code(words, zero, 5)
-        d4 = _emulated_code(words, zero, 2)
-        d5 = _emulated_code(words, zero, 6)
-        d6 = _emulated_code(words, zero, 3)
+        d1 = _emulated_code(words, zero, 1)
+        d2 = _emulated_code(words, zero, 2)
+        d3 = _emulated_code(words, zero, 3)
+        d4 = _emulated_code(words, zero, 4)
+        d5 = _emulated_code(words, zero, 5)
+        d6 = _emulated_code(words, zero, 6)
         d7 = _emulated_code(words, zero, 7)
     else:  # -(base + z), base 128 (bf16) or 1024 (fp16): exact for integer z, as is (base + c) - (base + z)
         d0, d1, d2, d3, d4, d5, d6, d7 = _decode_asm(words, zero, X_FP16)
@@ -154,18 +155,22 @@ def _w4_skinny_gemm_kernel(
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     word_ptrs = qweight_ptr + offs_w[:, None] * stride_qk + offs_n[None, :]  # [WORD_ROWS, BLOCK_N] at K = 0
-    # row r of the weight tile holds code K_ORDER[r % 8] of word r // 8: x^T's rows in the same order
-    k_of_row = offs_k // 8 * 8 + offs_k % 8 // 2 + offs_k % 2 * 4
-    x_ptrs = x_ptr + offs_m[None, :] * stride_xm + k_of_row[:, None]  # [BLOCK_K, BLOCK_M]: x^T at K = 0
+    x_ptrs = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]  # [BLOCK_K, BLOCK_M]: x^T at K = 0
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T's tile
+    # The group's scales and zero points are read one tile ahead (Triton pipelines the words and x^T, whose
+    # tiles feed the dot, not these): the loop never waits on a load it issued in the same iteration.
+    scale_next = tl.load(scales_ptr + (k_start // GROUP_SIZE) * stride_sg + offs_n, mask=mask_n, other=0.0)
+    zero_next = tl.load(zeros_ptr + (k_start // GROUP_SIZE) * stride_zg + offs_n, mask=mask_n, other=0.0)
     for k0 in range(k_start, k_end, BLOCK_K):
         if EVEN_N:
             words = tl.load(word_ptrs + (k0 // 8) * stride_qk)
         else:
             words = tl.load(word_ptrs + (k0 // 8) * stride_qk, mask=mask_n[None, :], other=0)
-        g = k0 // GROUP_SIZE
-        scale = tl.load(scales_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        zero = tl.load(zeros_ptr + g * stride_zg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        scale = scale_next.to(tl.float32)
+        zero = zero_next.to(tl.float32)
+        g_next = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K) // GROUP_SIZE  # the last tile re-reads its own
+        scale_next = tl.load(scales_ptr + g_next * stride_sg + offs_n, mask=mask_n, other=0.0)
+        zero_next = tl.load(zeros_ptr + g_next * stride_zg + offs_n, mask=mask_n, other=0.0)
         w = _decoded_words(words, zero[None, :], X_FP16, EMULATE)  # [WORD_ROWS, BLOCK_N, 8]: c - z
         w = tl.reshape(tl.permute(w, (1, 0, 2)), (BLOCK_N, BLOCK_K))  # [BLOCK_N, BLOCK_K] in x_ptrs' K order
         xt = tl.load(x_ptrs + k0, mask=mask_m[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]

@@ -55,10 +55,18 @@ def skinny_launches(k: int, n: int, sms: int) -> list[dict]:
         split = 1
         while tiles * split * 2 <= 4 * sms and k // (split * 2) >= 256:
             split *= 2
-        for split_k, stages in ((split, 3), (split, 4), (max(1, split // 2), 3), (split * 2, 3)):
+        for split_k, stages in ((split, 3), (max(1, split // 2), 3), (split * 2, 3)):
             launch = {"block_n": block_n, "split_k": split_k, "num_stages": stages}
             if launch not in out:
                 out.append(launch)
+        base = {"block_n": block_n, "split_k": max(1, split // (2 if block_n == 64 else 1)), "num_stages": 3}
+        out += [
+            {**base, "max_registers": 64},  # 8 programs an SM instead of 5
+            {**base, "max_registers": 80},
+            {**base, "block_k": 64, "num_stages": 4},  # half the tile, twice the iterations
+            {**base, "num_warps": 8},
+            {**base, "num_stages": 2},
+        ]
     return out
 
 

@@ -205,9 +205,11 @@ def w4_skinny_gemm(
     split_k: int = 1,
     num_warps: int = 4,
     num_stages: int = 3,
+    max_registers: int | None = None,
 ) -> torch.Tensor:  # [M, N] in x.dtype
     """y = x w for 4-bit codes, w[k, n] = (code - zero) * scale, in one launch; block_k divides group_size
-    (at least 16); split_k > 1 splits K over that many programs per block_n columns (whole tiles each)."""
+    (at least 16); split_k > 1 splits K over that many programs per block_n columns (whole tiles each);
+    max_registers: ptxas's cap a thread (more programs resident an SM; a sweep knob)."""
     M, K = x.shape
     N = scales.shape[1]
     if x.dtype not in (torch.bfloat16, torch.float16):
@@ -229,10 +231,11 @@ def w4_skinny_gemm(
         raise ValueError(f"w4_skinny_gemm: {tiles} tiles exceed the split-K workspace ({MAX_TILES})")
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     partials = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else out
+    options = {} if max_registers is None or x.device.type != "cuda" else {"maxnreg": max_registers}
     _w4_skinny_gemm_kernel[(tiles, split_k)](
         x, qweight, scales, zeros, out, partials, split_counters(x.device), M, N, K, k_per_split,
         x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
         X_FP16=x.dtype == torch.float16, GROUP_SIZE=group_size, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
-        BLOCK_K=block_k, SPLIT_K=split_k, EVEN_N=N % block_n == 0, EMULATE=x.device.type != "cuda", num_warps=num_warps, num_stages=num_stages,
+        BLOCK_K=block_k, SPLIT_K=split_k, EVEN_N=N % block_n == 0, EMULATE=x.device.type != "cuda", num_warps=num_warps, num_stages=num_stages, **options,
     )  # fmt: skip
     return out

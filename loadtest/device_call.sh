@@ -33,7 +33,8 @@
 # tiny: loadtest/probe_tinygemm.py (torch's own int4 kernel, _weight_int4pack_mm, against weir's W4A16 launches at TYB tokens).
 # stalls: loadtest/probe_gemv_stalls.py (CUPTI PC sampling through Triton's proton: where the one-token W4A16 and FP8 GEMVs' warps
 # stall, by source line; STL layers, STK kinds) -> $O/stalls/.
-# featd: the feature check's quantized checkpoints (part d) alone. q12moe: Q1 (GPTQ W4A16 experts; Q1M: formats) and Q2 (FP8 experts) at the Qwen3-30B-A3B shape, batch-1 ITL vs bf16 in one call; q12moe8 / q12b8: Q1 and Q2 at L1's batch 8 (MoE shape / Llama-3-8B). q2moe0 / q2moe1: its Q2 with WEIR_MOE_FP8_GEMV=0 / 1 (FP8 experts at decode on the grouped GEMM / the GEMVs). fp8mm: probe_fp8_gemm.py (fp8mmb: again, to fp8_gemmb.json; Q3's FP8 GEMMs at prefill and
+# featd: the feature check's quantized checkpoints (part d) alone; featd8: the same decoding 8 prompts (the 5-16-token kernels).
+# q1k0a q1k1a q1k0b ...: Q1 (Q1M formats) at L1 batch Q1B (default 8) with WEIR_W4_SKINNY_GEMM=0 / 1 (ops/triton/w4_skinny_gemm.py), alternating; q1u0a q1u1a ...: the same at batch 1. q12moe: Q1 (GPTQ W4A16 experts; Q1M: formats) and Q2 (FP8 experts) at the Qwen3-30B-A3B shape, batch-1 ITL vs bf16 in one call; q12moe8 / q12b8: Q1 and Q2 at L1's batch 8 (MoE shape / Llama-3-8B). q2moe0 / q2moe1: its Q2 with WEIR_MOE_FP8_GEMV=0 / 1 (FP8 experts at decode on the grouped GEMM / the GEMVs). fp8mm: probe_fp8_gemm.py (fp8mmb: again, to fp8_gemmb.json; Q3's FP8 GEMMs at prefill and
 # decode row counts: row-wise scales as weir runs them, tensor-wise, fast accumulation, against bf16; FMR rows); q3fa: Q3
 # with WEIR_FP8_FAST_ACCUM=1 (Q3N requests; compare with q3 in the same call). fp8kv: gpu_kernel_check.py's fp8 KV part (the widened
 # read, ops/triton/fp8_kv_read.py, against the bytes path and a bf16 cache: checks and decode times); featew: the
@@ -153,6 +154,9 @@ for s in $STEPS; do case $s in
   t1k0*|t1k1*) step $s 120 env WEIR_FP8_KV_WIDEN=${T1KW:-1} python3 loadtest/bench_throughput.py --workload t1 --shape qwen3-0.6b --peer none $([ ${s:3:1} = 1 ] && echo --kv-cache-dtype fp8) --out $O/$s.json;;
   featdp) mkdir -p $O/featdp; step featdp 150 env OUT=$O/featdp WEIR_L2_PREFETCH=1 WEIR_CHECK_PARTS=d python3 loadtest/gpu_feature_check.py;;
   featd) step featd 240 env OUT=$O WEIR_CHECK_PARTS=d python3 loadtest/gpu_feature_check.py;;
+  featd8) mkdir -p $O/featd8; step featd8 240 env OUT=$O/featd8 WEIR_CHECK_PARTS=d WEIR_CHECK_QUANT_PROMPTS=8 python3 loadtest/gpu_feature_check.py;;
+  q1k0*|q1k1*) step $s 120 env WEIR_W4_SKINNY_GEMM=${s:3:1} python3 loadtest/bench_quant.py --shape llama3-8b --cases Q1 --q1-methods ${Q1M:-gptq} --l1-batch ${Q1B:-8} --out $O/$s.json;;
+  q1u0*|q1u1*) step $s 120 env WEIR_W4_SKINNY_GEMM=${s:3:1} python3 loadtest/bench_quant.py --shape llama3-8b --cases Q1 --q1-methods ${Q1M:-gptq} --out $O/$s.json;;
   engm) mkdir -p $O/engm; step engm 300 env OUT=$O/engm WEIR_W4_META_2D=1 WEIR_CHECK_PARTS="${ENG_PARTS:-a}" python3 loadtest/gpu_engine_check.py;;
   engpdl) mkdir -p $O/engpdl; step engpdl 300 env OUT=$O/engpdl WEIR_PDL=1 WEIR_CHECK_PARTS="${ENG_PARTS:-a}" python3 loadtest/gpu_engine_check.py;;
   abnew*) step $s 60 python3 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;

@@ -84,6 +84,17 @@ KERNELS = [
         )
         for split_k, fp8 in ((1, False), (4, False), (4, True))
     ),
+    *(
+        (  # the tensor-core W4A16 GEMM (5-16 tokens): its decode's inline PTX for bf16 and fp16 x, the words
+           # loaded unmasked and masked, with and without split-K tickets
+            "ops.triton.w4_skinny_gemm:_w4_skinny_gemm_kernel",
+            {"X_FP16": fp16, "GROUP_SIZE": 128, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": split_k,
+             "EVEN_N": even_n, "EMULATE": False},
+            {"x_ptr": "*fp16" if fp16 else "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*fp16",
+             "out_ptr": "*fp16" if fp16 else "*bf16", "partials_ptr": "*fp32", "counters_ptr": "*i32"},
+        )
+        for fp16, split_k, even_n in ((False, 4, True), (True, 1, False))
+    ),
     (
         "ops.triton.fp8_gemv:_fp8_gemv_kernel",
         {"ROWS": 1, "BLOCK_N": 8, "BLOCK_K": 512, "SPLIT_K": 1, "STATIC_INPUT": False, "PREFETCH": False,

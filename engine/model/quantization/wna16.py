@@ -12,7 +12,8 @@ on every CUDA-graph replay:
   (dequantize the weight, then cuBLAS) for large batches. Decode batches read every weight byte once
   and do little math: up to 4 tokens the GEMV (no tensor-core tile, codes converted without a
   conversion instruction, split-K summed in the same launch), 5-16 the GEMM with one 16-row tile,
-  splitting K until the grid holds about four programs per SM; 17-255 tokens tile M as well; from 256
+  splitting K until the grid holds about four programs per SM (for 4-bit codes with small integer zero
+  points and 16-bit x the tensor-core skinny GEMM instead, `plan_w4_skinny`, ops/triton/w4_skinny_gemm.py); 17-255 tokens tile M as well; from 256
   tokens the matmul is compute-bound and cuBLAS on the dequantized weight wins (vLLM's AWQ takes the
   same turn at 256 tokens).
 
@@ -166,6 +167,41 @@ def plan_wna16_gemv(
     )
 
 
+def plan_w4_skinny(
+    num_tokens: int, in_features: int, out_features: int, group_size: int, num_sms: int
+) -> WNA16Launch | None:
+    """The tensor-core W4A16 GEMM's launch (ops/triton/w4_skinny_gemm.py) for 5-16 tokens, where a layer
+    takes it (4-bit codes, integer zero points, 16-bit x: `apply_wna16` checks), else None. From the sweep
+    on an H100 at a444954 (loadtest/probe_tinygemm.py, Llama-3-8B's four shapes at 8 tokens: qkv 16.2 us
+    against the W4A16 GEMM's 18.6, o 12.5 / 15.2, gate_up 58.9 / 73.6, down 31.4 / 37.8; 16 tokens alike):
+    64-column tiles, K split until the grid holds about 2.5 programs an SM (at least 4 tiles a split), the
+    widest layers in two K halves anyway; 3 stages, 4 warps. At 1-4 tokens the GEMV is faster (the skinny
+    GEMM's time barely depends on the rows: its decode and tile staging, not its bytes, bound it)."""
+    if not GEMV_MAX_TOKENS < num_tokens <= SMALL_BATCH or not env_flag("WEIR_W4_SKINNY_GEMM"):
+        return None
+    block_k = 128
+    while group_size % block_k and block_k > 32:
+        block_k //= 2  # groups of 32 or 64
+    if group_size % block_k:
+        return None
+    block_n = 64
+    tiles = -(-out_features // block_n)
+    split_k = 1
+    while tiles * split_k < 2.5 * num_sms and in_features // (split_k * 2) >= 4 * block_k:
+        split_k *= 2
+    if split_k == 1 and in_features >= 4 * 2 * block_k:
+        split_k = 2  # gate_up at 8 tokens: 58.9 us in two halves, 63.5 whole
+    return WNA16Launch("skinny", 16, block_n, block_k, split_k, num_warps=4, num_stages=3)
+
+
+@functools.cache
+def _plan_skinny(
+    num_tokens: int, in_features: int, out_features: int, group_size: int, device_index: int
+) -> WNA16Launch | None:
+    sms = torch.cuda.get_device_properties(device_index).multi_processor_count if device_index >= 0 else 132
+    return plan_w4_skinny(num_tokens, in_features, out_features, group_size, sms)
+
+
 @functools.cache
 def _plan(
     num_tokens: int,
@@ -241,6 +277,17 @@ def apply_wna16(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) ->
         out = torch.matmul(x2, w)
     elif launch.path == "gemv":
         out = _gemv(layer, x2, group_size, launch)
+    elif (
+        layer.wna16_folded_ok
+        and x2.dtype in (torch.bfloat16, torch.float16)
+        and (skinny := _plan_skinny(x2.shape[0], in_features, out_features, group_size, x.get_device()))
+    ):
+        from ops.triton.w4_skinny_gemm import w4_skinny_gemm  # noqa: PLC0415
+
+        out = w4_skinny_gemm(
+            x2, qweight, layer.scales, layer.zeros, group_size, skinny.block_n, skinny.block_k, skinny.split_k,
+            skinny.num_warps, skinny.num_stages,
+        )  # fmt: skip
     else:
         out = wna16_gemm(
             x2, qweight, layer.scales, layer.zeros, bits, group_size,

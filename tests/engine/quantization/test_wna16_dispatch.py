@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine.model.quantization.detect import resolve_quantization
-from engine.model.quantization.wna16 import WNA16Launch, plan_wna16, use_wna16_kernels
+from engine.model.quantization.wna16 import WNA16Launch, plan_w4_skinny, plan_wna16, use_wna16_kernels
 from tests.engine.quantization.checkpoints import write_awq
 from tests.engine.quantization.weights import load_quantized
 
@@ -112,6 +112,27 @@ def test_small_batches_split_k_to_fill_the_gpu(num_tokens: int) -> None:
         programs = -(-n // p.block_n) * p.split_k
         assert H100_SMS <= programs <= 4 * H100_SMS, name  # every SM busy, partials bounded
         assert k // p.split_k >= 256  # each split still streams a long run of K
+
+
+@pytest.mark.parametrize("num_tokens", [5, 8, 16])
+def test_small_batches_of_4_bit_layers_take_the_skinny_gemm_at_the_swept_launches(num_tokens: int) -> None:
+    """4-bit layers with small integer zero points and 16-bit x (apply_wna16 checks those) run the tensor-core
+    skinny GEMM at 5-16 tokens, at the launches the H100 sweep at a444954 picked (loadtest/probe_tinygemm.py)."""
+    plans = {name: plan_w4_skinny(num_tokens, k, n, 128, H100_SMS) for name, (k, n) in LLAMA3_8B.items()}
+    assert {name: (p.path, p.block_n, p.block_k, p.split_k) for name, p in plans.items()} == {
+        "qkv": ("skinny", 64, 128, 4), "o": ("skinny", 64, 128, 8), "gate_up": ("skinny", 64, 128, 2),
+        "down": ("skinny", 64, 128, 8),
+    }  # fmt: skip
+    assert plan_w4_skinny(num_tokens, 4096, 4096, 32, H100_SMS).block_k == 32  # a tile inside a group
+
+
+def test_the_skinny_gemm_leaves_1_to_4_and_17_plus_tokens_and_follows_its_switch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert plan_w4_skinny(4, 4096, 4096, 128, H100_SMS) is None  # the GEMV's batches
+    assert plan_w4_skinny(17, 4096, 4096, 128, H100_SMS) is None  # more rows than one MMA tile
+    monkeypatch.setenv("WEIR_W4_SKINNY_GEMM", "0")
+    assert plan_w4_skinny(8, 4096, 4096, 128, H100_SMS) is None
 
 
 def test_medium_batches_tile_m_and_large_ones_dequantize_for_cublas() -> None:

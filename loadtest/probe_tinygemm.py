@@ -47,27 +47,21 @@ def tinygemm_weights(qweight: Any, scales: Any, zeros: Any, inner_k_tiles: int) 
 
 
 def skinny_launches(k: int, n: int, sms: int) -> list[dict]:
-    """w4_skinny_gemm launches to time at a shape: 64- and 128-column tiles, K split until about 4 programs
-    an SM (and again half as far), 3 and 4 stages."""
-    out = []
-    for block_n in (64, 128):
-        tiles = -(-n // block_n)
-        split = 1
-        while tiles * split * 2 <= 4 * sms and k // (split * 2) >= 256:
-            split *= 2
-        for split_k, stages in ((split, 3), (max(1, split // 2), 3), (split * 2, 3)):
-            launch = {"block_n": block_n, "split_k": split_k, "num_stages": stages}
-            if launch not in out:
-                out.append(launch)
-        base = {"block_n": block_n, "split_k": max(1, split // (2 if block_n == 64 else 1)), "num_stages": 3}
-        out += [
-            {**base, "max_registers": 64},  # 8 programs an SM instead of 5
-            {**base, "max_registers": 80},
-            {**base, "block_k": 64, "num_stages": 4},  # half the tile, twice the iterations
-            {**base, "num_warps": 8},
-            {**base, "num_stages": 2},
-        ]
-    return out
+    """w4_skinny_gemm launches to time at a shape: the planned one (engine.model.quantization.wna16.plan_w4_skinny,
+    from the sweep of launch shapes at a444954 / df19e93), and the same with the scale applied to the decoded tile
+    (`scaled`: 16-bit rounding of each weight, the dot accumulating across tiles), also at 4 stages and with the
+    split halved and doubled."""
+    from engine.model.quantization.wna16 import plan_w4_skinny
+
+    plan = plan_w4_skinny(8, k, n, GROUP, sms)
+    base = {"block_n": plan.block_n, "split_k": plan.split_k, "num_stages": plan.num_stages}
+    return [
+        base,
+        {**base, "scaled": True},
+        {**base, "scaled": True, "num_stages": 4},
+        {**base, "scaled": True, "split_k": max(1, plan.split_k // 2)},
+        {**base, "scaled": True, "split_k": plan.split_k * 2},
+    ]
 
 
 def compare_shape(

@@ -39,9 +39,10 @@ MAX_ROWS = 16  # rows of x: one MMA tile
 # A word's 8 codes (code i at bits 4i) minus the zero point, as 16-bit floats $0..$7: one LOP3 puts codes i
 # and i + 4 into the mantissas of a pair of $10 (bf16 128.0: 0x4300; fp16 1024.0: 0x6400; either's last 4
 # mantissa bits are whole units), one packed FMA adds $9, the pair -(128 + z) (or -(1024 + z)): exactly
-# c - z. $11: the pair (1.0, 1.0). The halves go out in K order (the tile's 16-byte rows then take a PRMT
-# per pair, which keeps x^T's rows contiguous: Triton copies them asynchronously, 16 bytes at a time).
-_DECODE = tl.constexpr("""{
+# c - z. $11: the pair (1.0, 1.0); SCALED: one packed multiply by $12, the pair (s, s), rounds (c - z) s to
+# 16 bits. The halves go out in K order (the tile's 16-byte rows then take a PRMT per pair, which keeps x^T's
+# rows contiguous: Triton copies them asynchronously, 16 bytes at a time).
+_DECODE = """{
 .reg .b32 w4, w8, w12, p0, p1, p2, p3;
 lop3.b32 p0, $8, 0x000F000F, $10, 0xEA;
 shr.b32 w4, $8, 4;
@@ -54,63 +55,90 @@ fma.rn.TYPE p0, p0, $11, $9;
 fma.rn.TYPE p1, p1, $11, $9;
 fma.rn.TYPE p2, p2, $11, $9;
 fma.rn.TYPE p3, p3, $11, $9;
+SCALE
 mov.b32 {$0, $4}, p0;
 mov.b32 {$1, $5}, p1;
 mov.b32 {$2, $6}, p2;
 mov.b32 {$3, $7}, p3;
-}""")
-_DECODE_BF16 = tl.constexpr(_DECODE.value.replace("TYPE", "bf16x2"))
-_DECODE_FP16 = tl.constexpr(_DECODE.value.replace("TYPE", "f16x2"))
+}"""
+_SCALE = (
+    "mul.rn.TYPE p0, p0, $12;\nmul.rn.TYPE p1, p1, $12;\nmul.rn.TYPE p2, p2, $12;\nmul.rn.TYPE p3, p3, $12;"
+)
+_DECODE_BF16 = tl.constexpr(_DECODE.replace("SCALE\n", "").replace("TYPE", "bf16x2"))
+_DECODE_FP16 = tl.constexpr(_DECODE.replace("SCALE\n", "").replace("TYPE", "f16x2"))
+_DECODE_SCALED_BF16 = tl.constexpr(_DECODE.replace("SCALE", _SCALE).replace("TYPE", "bf16x2"))
+_DECODE_SCALED_FP16 = tl.constexpr(_DECODE.replace("SCALE", _SCALE).replace("TYPE", "f16x2"))
+_CONSTRAINTS = tl.constexpr("=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r")  # 8 16-bit outputs; words, $9, $10, $11
+_CONSTRAINTS_SCALED = tl.constexpr(_CONSTRAINTS.value + ",r")  # and $12
 
 
 @triton.jit
-def _emulated_code(words, zero, i: tl.constexpr):
-    """code i of each word minus the zero point, float32 (EMULATE)."""
-    return ((words >> (4 * i)) & 0xF).to(tl.float32) - zero
+def _emulated_code(words, zero, scale, i: tl.constexpr, SCALED: tl.constexpr, X_FP16: tl.constexpr):
+    """code i of each word minus the zero point, float32 (EMULATE); SCALED: times the scale, rounded to x's type."""
+    d = ((words >> (4 * i)) & 0xF).to(tl.float32) - zero
+    if SCALED:
+        d = (d * scale).to(tl.float16 if X_FP16 else tl.bfloat16).to(tl.float32)
+    return d
 
 
 @triton.jit
-def _decode_asm(words, zero, X_FP16: tl.constexpr):
-    """_DECODE on [R, C] words with zero [1, C] float32: eight [R, C] tensors of x's 16-bit type."""
+def _pairs(v, dtype: tl.constexpr):
+    """uint32 pairs (v, v) of float32 v [1, C] rounded to dtype (16 bits)."""
+    half = v.to(dtype).to(tl.uint16, bitcast=True).to(tl.uint32)
+    return half | (half << 16)
+
+
+@triton.jit
+def _decode_asm(words, zero, scale, SCALED: tl.constexpr, X_FP16: tl.constexpr):
+    """_DECODE on [R, C] words with zero and scale [1, C] float32: eight [R, C] tensors of x's 16-bit type."""
     words = words.to(tl.uint32, bitcast=True)
     if X_FP16:
-        half = (-(1024.0 + zero)).to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+        neg = _pairs(-(1024.0 + zero), tl.float16)
         magic = tl.full(words.shape, 0x64006400, tl.uint32)
         one = tl.full(words.shape, 0x3C003C00, tl.uint32)
-        codes = tl.inline_asm_elementwise(
-            _DECODE_FP16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r", [words, half | (half << 16), magic, one],
-            dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16),
-            is_pure=True, pack=1,
-        )  # fmt: skip
+        if SCALED:
+            codes = tl.inline_asm_elementwise(
+                _DECODE_SCALED_FP16, _CONSTRAINTS_SCALED, [words, neg, magic, one, _pairs(scale, tl.float16)],
+                dtype=(tl.float16,) * 8, is_pure=True, pack=1,
+            )  # fmt: skip
+        else:
+            codes = tl.inline_asm_elementwise(
+                _DECODE_FP16, _CONSTRAINTS, [words, neg, magic, one],
+                dtype=(tl.float16,) * 8, is_pure=True, pack=1,
+            )  # fmt: skip
     else:
-        half = (-(128.0 + zero)).to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32)
+        neg = _pairs(-(128.0 + zero), tl.bfloat16)
         magic = tl.full(words.shape, 0x43004300, tl.uint32)
         one = tl.full(words.shape, 0x3F803F80, tl.uint32)
-        codes = tl.inline_asm_elementwise(
-            _DECODE_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r", [words, half | (half << 16), magic, one],
-            dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
-                   tl.bfloat16),
-            is_pure=True, pack=1,
-        )  # fmt: skip
+        if SCALED:
+            codes = tl.inline_asm_elementwise(
+                _DECODE_SCALED_BF16, _CONSTRAINTS_SCALED, [words, neg, magic, one, _pairs(scale, tl.bfloat16)],
+                dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1,
+            )  # fmt: skip
+        else:
+            codes = tl.inline_asm_elementwise(
+                _DECODE_BF16, _CONSTRAINTS, [words, neg, magic, one],
+                dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1,
+            )  # fmt: skip
     return codes
 
 
 @triton.jit
-def _decoded_words(words, zero, X_FP16: tl.constexpr, EMULATE: tl.constexpr):
-    """[R, C] int32 words, zero [1, C] float32 -> [R, C, 8]: each word's codes minus the zero point in
-    K order, exact, as x's 16-bit float (EMULATE: float32), the 8 in one thread's registers (tl.join keeps
-    its new dimension within a thread)."""
+def _decoded_words(words, zero, scale, SCALED: tl.constexpr, X_FP16: tl.constexpr, EMULATE: tl.constexpr):
+    """[R, C] int32 words, zero and scale [1, C] float32 -> [R, C, 8]: each word's codes minus the zero point
+    (SCALED: times the scale, rounded to 16 bits) in K order, as x's 16-bit float (EMULATE: float32), the 8 in
+    one thread's registers (tl.join keeps its new dimension within a thread)."""
     if EMULATE:
-        d0 = _emulated_code(words, zero, 0)
-        d1 = _emulated_code(words, zero, 1)
-        d2 = _emulated_code(words, zero, 2)
-        d3 = _emulated_code(words, zero, 3)
-        d4 = _emulated_code(words, zero, 4)
-        d5 = _emulated_code(words, zero, 5)
-        d6 = _emulated_code(words, zero, 6)
-        d7 = _emulated_code(words, zero, 7)
+        d0 = _emulated_code(words, zero, scale, 0, SCALED, X_FP16)
+        d1 = _emulated_code(words, zero, scale, 1, SCALED, X_FP16)
+        d2 = _emulated_code(words, zero, scale, 2, SCALED, X_FP16)
+        d3 = _emulated_code(words, zero, scale, 3, SCALED, X_FP16)
+        d4 = _emulated_code(words, zero, scale, 4, SCALED, X_FP16)
+        d5 = _emulated_code(words, zero, scale, 5, SCALED, X_FP16)
+        d6 = _emulated_code(words, zero, scale, 6, SCALED, X_FP16)
+        d7 = _emulated_code(words, zero, scale, 7, SCALED, X_FP16)
     else:  # -(base + z), base 128 (bf16) or 1024 (fp16): exact for integer z, as is (base + c) - (base + z)
-        d0, d1, d2, d3, d4, d5, d6, d7 = _decode_asm(words, zero, X_FP16)
+        d0, d1, d2, d3, d4, d5, d6, d7 = _decode_asm(words, zero, scale, SCALED, X_FP16)
     even = tl.join(tl.join(d0, d4), tl.join(d2, d6))  # [R, C, 2, 2]: position 4a + 2b
     odd = tl.join(tl.join(d1, d5), tl.join(d3, d7))  # position 4a + 2b + 1
     return tl.reshape(tl.join(even, odd), (words.shape[0], words.shape[1], 8))
@@ -141,6 +169,7 @@ def _w4_skinny_gemm_kernel(
     BLOCK_K: tl.constexpr,  # divides GROUP_SIZE: a tile lies in one group
     SPLIT_K: tl.constexpr,
     EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: the words loaded unmasked (16-byte copies)
+    SCALED: tl.constexpr,  # the scale applied to the decoded tile (rounded to 16 bits), not to its sums
     EMULATE: tl.constexpr,  # the Triton interpreter: the dot in float32 (its 16-bit dots and casts are unreliable)
 ):
     WORD_ROWS: tl.constexpr = BLOCK_K // 8
@@ -171,14 +200,16 @@ def _w4_skinny_gemm_kernel(
         g_next = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K) // GROUP_SIZE  # the last tile re-reads its own
         scale_next = tl.load(scales_ptr + g_next * stride_sg + offs_n, mask=mask_n, other=0.0)
         zero_next = tl.load(zeros_ptr + g_next * stride_zg + offs_n, mask=mask_n, other=0.0)
-        w = _decoded_words(words, zero[None, :], X_FP16, EMULATE)  # [WORD_ROWS, BLOCK_N, 8]: c - z
-        w = tl.reshape(tl.permute(w, (1, 0, 2)), (BLOCK_N, BLOCK_K))  # [BLOCK_N, BLOCK_K] in x_ptrs' K order
+        # [WORD_ROWS, BLOCK_N, 8]: c - z (SCALED: (c - z) s in 16 bits), then [BLOCK_N, BLOCK_K] in x_ptrs' K order
+        w = _decoded_words(words, zero[None, :], scale[None, :], SCALED, X_FP16, EMULATE)
+        w = tl.reshape(tl.permute(w, (1, 0, 2)), (BLOCK_N, BLOCK_K))
         xt = tl.load(x_ptrs + k0, mask=mask_m[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
         if EMULATE:
-            sums = tl.dot(w, xt.to(tl.float32), input_precision="ieee")
-        else:
-            sums = tl.dot(w, xt)  # [BLOCK_N, BLOCK_M] float32: sum_k (c - z) x, every product exact
-        acc += sums * scale[:, None]
+            xt = xt.to(tl.float32)
+        if SCALED:  # the dot accumulates: Triton keeps it in flight while the next tile decodes
+            acc = tl.dot(w, xt, acc, input_precision="ieee" if EMULATE else None)
+        else:  # [BLOCK_N, BLOCK_M] float32: sum_k (c - z) x, every product exact, scaled per group
+            acc += tl.dot(w, xt, input_precision="ieee" if EMULATE else None) * scale[:, None]
     mask = mask_n[:, None] & mask_m[None, :]
     out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]  # [BLOCK_N, BLOCK_M]
     if SPLIT_K == 1:
@@ -206,10 +237,13 @@ def w4_skinny_gemm(
     num_warps: int = 4,
     num_stages: int = 3,
     max_registers: int | None = None,
+    scaled: bool = False,
 ) -> torch.Tensor:  # [M, N] in x.dtype
     """y = x w for 4-bit codes, w[k, n] = (code - zero) * scale, in one launch; block_k divides group_size
     (at least 16); split_k > 1 splits K over that many programs per block_n columns (whole tiles each);
-    max_registers: ptxas's cap a thread (more programs resident an SM; a sweep knob)."""
+    max_registers: ptxas's cap a thread (more programs resident an SM; a sweep knob); scaled: each decoded
+    weight multiplied by its scale and rounded to x's 16-bit type before the MMA (as the W4A16 GEMM does),
+    so the dot accumulates across tiles, instead of the exact (c - z) tile and the scale on its sums."""
     M, K = x.shape
     N = scales.shape[1]
     if x.dtype not in (torch.bfloat16, torch.float16):
@@ -236,6 +270,6 @@ def w4_skinny_gemm(
         x, qweight, scales, zeros, out, partials, split_counters(x.device), M, N, K, k_per_split,
         x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
         X_FP16=x.dtype == torch.float16, GROUP_SIZE=group_size, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
-        BLOCK_K=block_k, SPLIT_K=split_k, EVEN_N=N % block_n == 0, EMULATE=x.device.type != "cuda", num_warps=num_warps, num_stages=num_stages, **options,
+        BLOCK_K=block_k, SPLIT_K=split_k, EVEN_N=N % block_n == 0, SCALED=scaled, EMULATE=x.device.type != "cuda", num_warps=num_warps, num_stages=num_stages, **options,
     )  # fmt: skip
     return out

@@ -72,6 +72,29 @@ def test_w4_skinny_gemm_matches_dequantize_then_f_linear(
 
 
 @in_process
+@pytest.mark.parametrize(("m", "n", "k", "group_size", "block_n", "block_k", "split_k", "dtype"), CASES[1:3])
+def test_w4_skinny_gemm_with_the_scale_in_the_tile_matches_the_spec_within_16_bit_weights(
+    m: int, n: int, k: int, group_size: int, block_n: int, block_k: int, split_k: int, dtype: torch.dtype
+) -> None:
+    """scaled=True rounds each (c - z) s to x's 16-bit type before the MMA (the W4A16 GEMM's numerics): the
+    result is the spec's with 16-bit weights, rounded once more."""
+    from ops.triton.w4_skinny_gemm import w4_skinny_gemm
+
+    qweight, scales, zeros, weight = _layer(group_size, n, k, seed=m * 100 + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(dtype)
+    expected = F.linear(
+        x.float(), weight.to(dtype).float()
+    )  # [M, N]: the weights rounded as the kernel rounds them
+    out = w4_skinny_gemm(
+        x.to(DEVICE), qweight.to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE), group_size, block_n, block_k, split_k,
+        scaled=True,
+    ).cpu()  # fmt: skip
+    # (norm-wise: the interpreter rounds float32 to bf16 by truncation where torch rounds to nearest)
+    err = ((out.double() - expected.double()).norm() / expected.double().norm()).item()
+    assert err < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+@in_process
 def test_w4_skinny_gemm_refuses_what_it_cannot_run() -> None:
     from ops.triton.w4_skinny_gemm import w4_skinny_gemm
 

@@ -48,19 +48,22 @@ def tinygemm_weights(qweight: Any, scales: Any, zeros: Any, inner_k_tiles: int) 
 
 def skinny_launches(k: int, n: int, sms: int) -> list[dict]:
     """w4_skinny_gemm launches to time at a shape: the planned one (engine.model.quantization.wna16.plan_w4_skinny,
-    from the sweep of launch shapes at a444954 / df19e93), and the same with the scale applied to the decoded tile
-    (`scaled`: 16-bit rounding of each weight, the dot accumulating across tiles), also at 4 stages and with the
+    from the sweeps at a444954, df19e93 and 53c574b), the same with the exact tile (`scaled` off), and with the
     split halved and doubled."""
     from engine.model.quantization.wna16 import plan_w4_skinny
 
     plan = plan_w4_skinny(8, k, n, GROUP, sms)
-    base = {"block_n": plan.block_n, "split_k": plan.split_k, "num_stages": plan.num_stages}
+    base = {
+        "block_n": plan.block_n,
+        "split_k": plan.split_k,
+        "num_stages": plan.num_stages,
+        "scaled": plan.scaled,
+    }
     return [
-        base,
-        {**base, "scaled": True},
-        {**base, "scaled": True, "num_stages": 4},
-        {**base, "scaled": True, "split_k": max(1, plan.split_k // 2)},
-        {**base, "scaled": True, "split_k": plan.split_k * 2},
+        base,  # what the engine runs
+        {**base, "scaled": False},  # every product exact, the scale on each tile's sums
+        {**base, "split_k": max(1, plan.split_k // 2)},
+        {**base, "split_k": plan.split_k * 2},
     ]
 
 

@@ -1,27 +1,35 @@
 """A few rows of x times a 4-bit weight on tensor cores: y [M, N] = x [M, K] @ w [K, N] for M <= 16, where
 w[k, n] = (code[k, n] - zero[g, n]) * scale[g, n] in GPTQ's layout (`qweight` int32 [K / 8, N], code i of
-a word at bits 4i; `scales`, `zeros` fp16 [G, N], groups of GROUP_SIZE along K).
+a word at bits 4i; `scales`, `zeros` fp16 [G, N], groups of GROUP_SIZE along K). The engine runs it at 3-16
+tokens (engine.model.quantization.wna16.plan_w4_skinny).
 
 The W4A16 GEMM (ops/triton/wna16_gemm.py) decodes each code to float32 (shift, mask, int-to-float, subtract,
 multiply, round to x's dtype): the conversions run at a quarter of the ALU rate, so at 8-16 tokens it is
-bound by its decode, not by its bytes. Here a code becomes a 16-bit float without a conversion: its four
-bits OR'd into the mantissa of 128.0 (bf16 0x4300: 128 + c exactly; fp16 0x5800, the code shifted past
-the three lower mantissa bits), so the tile the MMA reads holds 128 + c, exact. The zero point and the
-128 come off the sums, per group and column: sum_k x_k (c_k - z) = sum_k x_k (128 + c_k) - (128 + z)
-sum_k x_k, with sum_k x_k taken from x's own tile; the scale multiplies the group's float32 sums. Every
-product is exact and sums are float32, so the result is closer to the float32 reference than a decode
-that rounds each (c - z) * s to bf16.
+bound by its decode, not by its bytes (0.28 of the copy bandwidth on an H100). Here a code becomes a 16-bit
+float without a conversion: one LOP3 ORs two codes into the mantissas of a pair of 128.0 (bf16 0x4300) or
+1024.0 (fp16 0x6400), whose last four mantissa bits are whole units, and one packed FMA subtracts the pair
+128 + z (or 1024 + z): exactly c - z for the integer zero points every format stores (up to 63 here, as the
+folded GEMV). Then either
+- `scaled` (what the engine runs): one packed multiply by the scale, rounding (c - z) s to x's 16-bit type
+  as the W4A16 GEMM does, and the dot accumulates across tiles, so Triton keeps each tile's MMA in flight
+  while the next one decodes (H100, 8 tokens: gate_up 40.2 us, against 59.8 without and the GEMM's 74.7); or
+- the exact tile c - z into the MMA and the scale on its float32 sums per group, which makes every product
+  exact (relative error 1.7e-3 against 2.9e-3 scaled, both at bf16 output rounding) but waits for each MMA.
 
 As in ops/triton/skinny_gemm.py the weight is the wide operand ("swap AB"): each program owns BLOCK_N
 columns and a K range and multiplies [BLOCK_N, BLOCK_K] weight tiles by x^T [BLOCK_K, BLOCK_M] (BLOCK_M
 16, the MMA's smallest; x's missing rows masked to zero), a tile inside one group (BLOCK_K divides
-GROUP_SIZE). K is split over SPLIT_K programs per column tile, summed by the tile's last program
-(ops.triton.split_k's tickets): one launch.
+GROUP_SIZE). The words and x^T are copied asynchronously by Triton's pipeline (num_stages), the scales and
+zero points loaded one tile ahead by hand. K is split over SPLIT_K programs per column tile, summed by the
+tile's last program (ops.triton.split_k's tickets): one launch. What bounds it (~0.5 of the copy bandwidth
+scaled): each tile goes through shared memory between the decode and the MMA, since Triton has no register
+path from the decode's blocked layout to the MMA's operand layout.
 
 The spec is engine.model.quantization.common.dequantize + F.linear (tests/ops/test_w4_skinny_gemm.py,
 under TRITON_INTERPRET=1 on CPU; on CUDA by loadtest/probe_tinygemm.py and the GPU checks). The interpreter
 (triton 3.9) miscasts integers to bf16 and multiplies 16-bit dot operands wrongly, so there (EMULATE) the
-dot takes the same tile converted to float32: the same exact products, float32 sums in another order.
+decode runs in integer and float32 operations and the dot in float32: the same exact products (scaled: the
+same 16-bit weights, but rounded by the interpreter's truncating cast).
 """
 
 from __future__ import annotations

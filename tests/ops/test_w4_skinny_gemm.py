@@ -125,11 +125,13 @@ def _kernel_layer(n: int, k: int, group_size: int, seed: int) -> tuple[nn.Module
 
 @in_process
 @pytest.mark.parametrize("switch", ["1", "0"])
-def test_a_decode_batch_of_8_takes_the_skinny_gemm_unless_switched_off(
+def test_decode_batches_of_3_to_16_take_the_skinny_gemm_unless_switched_off(
     switch: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """apply_wna16 at 8 bf16 tokens on a 4-bit layer with integer zero points runs w4_skinny_gemm (the
-    engine's 5-16-token path, WEIR_W4_SKINNY_GEMM), matching the spec; with the switch off it does not."""
+    """apply_wna16 at 4 and 8 bf16 tokens on a 4-bit layer with integer zero points runs w4_skinny_gemm (the
+    engine's 3-16-token path, WEIR_W4_SKINNY_GEMM), matching the spec within 16-bit weights; a [gate | up]
+    layer's SiLU-mul then runs after it, not in the gated GEMV (apply_wna16_silu_mul declines). With the
+    switch off neither happens."""
     import ops.triton.w4_skinny_gemm as skinny
     from engine.model.quantization import wna16
 
@@ -143,12 +145,16 @@ def test_a_decode_batch_of_8_takes_the_skinny_gemm_unless_switched_off(
         assert layer.wna16_folded_ok
         x = torch.randn(8, 512, generator=torch.Generator().manual_seed(1)).bfloat16()
         out = wna16.apply_wna16(layer, x.to(DEVICE), None).cpu()
+        out4 = wna16.apply_wna16(layer, x[:4].to(DEVICE), None).cpu()
+        gated4 = wna16.apply_wna16_silu_mul(layer, x[:4].to(DEVICE))
     finally:
         wna16._plan_skinny.cache_clear()
-    assert calls == ([(8, 512)] if switch == "1" else [])
+    assert calls == ([(8, 512), (4, 512)] if switch == "1" else [])
+    assert (gated4 is None) == (switch == "1")
     if (
         switch == "1"
     ):  # (the W4A16 GEMM's bf16 dot is one the interpreter gets wrong: tested in float32 elsewhere)
-        expected = F.linear(x.float(), weight)
-        assert out.shape == (8, 128)
-        assert ((out.double() - expected.double()).norm() / expected.double().norm()).item() < 1e-2
+        for got, rows in ((out, x), (out4, x[:4])):
+            expected = F.linear(rows.float(), weight)
+            assert got.shape == (rows.shape[0], 128)
+            assert ((got.double() - expected.double()).norm() / expected.double().norm()).item() < 1e-2

@@ -13,7 +13,8 @@ on every CUDA-graph replay:
   and do little math: up to 4 tokens the GEMV (no tensor-core tile, codes converted without a
   conversion instruction, split-K summed in the same launch), 5-16 the GEMM with one 16-row tile,
   splitting K until the grid holds about four programs per SM (for 4-bit codes with small integer zero
-  points and 16-bit x the tensor-core skinny GEMM instead, `plan_w4_skinny`, ops/triton/w4_skinny_gemm.py); 17-255 tokens tile M as well; from 256
+  points and 16-bit x the tensor-core skinny GEMM instead at 3-16 tokens, `plan_w4_skinny`,
+  ops/triton/w4_skinny_gemm.py); 17-255 tokens tile M as well; from 256
   tokens the matmul is compute-bound and cuBLAS on the dequantized weight wins (vLLM's AWQ takes the
   same turn at 256 tokens).
 
@@ -38,6 +39,7 @@ from ops.env_flags import env_flag
 DEQUANT_MIN_TOKENS = 256  # from here on: dequantize, then cuBLAS
 GEMV_MAX_TOKENS = 4  # up to here: the GEMV (ops.triton.wna16_gemv.MAX_GEMV_TOKENS)
 SMALL_BATCH = 16  # up to here: one 16-row tile of M, split-K
+SKINNY_MIN_TOKENS = 3  # from here to SMALL_BATCH: the tensor-core W4A16 skinny GEMM where a layer takes it
 _PROGRAMS_PER_SM = 4
 _MIN_K_PER_SPLIT = 256  # fewer rows per split and the partials' traffic and sum stop paying
 
@@ -58,6 +60,9 @@ class WNA16Launch:
     ahead: int = 1
     x_ahead: bool = False  # folded, one token: x's next pairs requested with the next tile
     meta_2d: bool = False  # folded: scales / zeros loaded in the word tiles' layout (WEIR_W4_META_2D)
+    scaled: bool = (
+        False  # skinny: the scale applied to the decoded tile in 16 bits (w4_skinny_gemm's `scaled`)
+    )
 
 
 def use_wna16_kernels(
@@ -170,14 +175,16 @@ def plan_wna16_gemv(
 def plan_w4_skinny(
     num_tokens: int, in_features: int, out_features: int, group_size: int, num_sms: int
 ) -> WNA16Launch | None:
-    """The tensor-core W4A16 GEMM's launch (ops/triton/w4_skinny_gemm.py) for 5-16 tokens, where a layer
-    takes it (4-bit codes, integer zero points, 16-bit x: `apply_wna16` checks), else None. From the sweep
-    on an H100 at a444954 (loadtest/probe_tinygemm.py, Llama-3-8B's four shapes at 8 tokens: qkv 16.2 us
-    against the W4A16 GEMM's 18.6, o 12.5 / 15.2, gate_up 58.9 / 73.6, down 31.4 / 37.8; 16 tokens alike):
-    64-column tiles, K split until the grid holds about 2.5 programs an SM (at least 4 tiles a split), the
-    widest layers in two K halves anyway; 3 stages, 4 warps. At 1-4 tokens the GEMV is faster (the skinny
-    GEMM's time barely depends on the rows: its decode and tile staging, not its bytes, bound it)."""
-    if not GEMV_MAX_TOKENS < num_tokens <= SMALL_BATCH or not env_flag("WEIR_W4_SKINNY_GEMM"):
+    """The tensor-core W4A16 GEMM's launch (ops/triton/w4_skinny_gemm.py) for 3-16 tokens, where a layer takes
+    it (4-bit codes, integer zero points, 16-bit x: `_skinny_launch` checks), else None. From the H100 sweeps
+    (loadtest/probe_tinygemm.py; loadtest/results/w4-skinny-h100-2026-12-07-593d2fe/): each weight decoded
+    exactly, scaled and rounded to x's 16-bit type (`scaled`, so the dot accumulates across tiles: 1.3-1.5x
+    faster than scaling each tile's float32 sums), 64-column tiles, 3 stages, 4 warps, K split until the grid
+    holds about 2.5 programs an SM, and 4 ways where one split already fills it (the widest layers). At 8
+    tokens, Llama-3-8B's layer: qkv 12.30 us, o 10.08, gate_up 40.21, down 22.40 against the W4A16 GEMM's 18.65
+    / 15.33 / 74.74 / 37.71; its time barely depends on the rows, so at 3-4 tokens it beats the GEMV too (qkv
+    12.53 against 15.23, gate_up 39.84 against the gated GEMV's 50.41), at 2 it does not (31.75 on gate_up)."""
+    if not SKINNY_MIN_TOKENS <= num_tokens <= SMALL_BATCH or not env_flag("WEIR_W4_SKINNY_GEMM"):
         return None
     block_k = 128
     while group_size % block_k and block_k > 32:
@@ -189,9 +196,9 @@ def plan_w4_skinny(
     split_k = 1
     while tiles * split_k < 2.5 * num_sms and in_features // (split_k * 2) >= 4 * block_k:
         split_k *= 2
-    if split_k == 1 and in_features >= 4 * 2 * block_k:
-        split_k = 2  # gate_up at 8 tokens: 58.9 us in two halves, 63.5 whole
-    return WNA16Launch("skinny", 16, block_n, block_k, split_k, num_warps=4, num_stages=3)
+    while split_k < 4 and in_features // (split_k * 2) >= 4 * block_k and tiles >= 2.5 * num_sms:
+        split_k *= 2  # gate_up at 8 tokens: 40.21 us in 4 splits, 42.44 in 2, 44.82 whole
+    return WNA16Launch("skinny", 16, block_n, block_k, split_k, num_warps=4, num_stages=3, scaled=True)
 
 
 @functools.cache
@@ -272,22 +279,19 @@ def apply_wna16(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) ->
     if layer.perm is not None:
         x2 = x2.index_select(1, layer.perm)
     launch = _plan(x2.shape[0], in_features, out_features, group_size, x.get_device())
-    if launch.path == "dequant":
-        w = wna16_dequantize(qweight, layer.scales, layer.zeros, bits, group_size, x.dtype)  # [in, out]
-        out = torch.matmul(x2, w)
-    elif launch.path == "gemv":
-        out = _gemv(layer, x2, group_size, launch)
-    elif (
-        layer.wna16_folded_ok
-        and x2.dtype in (torch.bfloat16, torch.float16)
-        and (skinny := _plan_skinny(x2.shape[0], in_features, out_features, group_size, x.get_device()))
-    ):
+    skinny = _skinny_launch(layer, x2, x.get_device())
+    if skinny is not None:  # 3-16 tokens (at 3-4 before the GEMV: faster there too)
         from ops.triton.w4_skinny_gemm import w4_skinny_gemm  # noqa: PLC0415
 
         out = w4_skinny_gemm(
             x2, qweight, layer.scales, layer.zeros, group_size, skinny.block_n, skinny.block_k, skinny.split_k,
-            skinny.num_warps, skinny.num_stages,
+            skinny.num_warps, skinny.num_stages, scaled=skinny.scaled,
         )  # fmt: skip
+    elif launch.path == "dequant":
+        w = wna16_dequantize(qweight, layer.scales, layer.zeros, bits, group_size, x.dtype)  # [in, out]
+        out = torch.matmul(x2, w)
+    elif launch.path == "gemv":
+        out = _gemv(layer, x2, group_size, launch)
     else:
         out = wna16_gemm(
             x2, qweight, layer.scales, layer.zeros, bits, group_size,
@@ -304,11 +308,20 @@ def apply_wna16_silu_mul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | No
     in_features, out_features, group_size = _dims(layer)
     x2 = x.reshape(-1, in_features)  # [tokens, in]
     launch = _plan(x2.shape[0], in_features, out_features, group_size, x.get_device())
-    if launch.path != "gemv" or out_features % 2:
-        return None
+    if launch.path != "gemv" or out_features % 2 or _skinny_launch(layer, x2, x.get_device()) is not None:
+        return None  # (at 3-4 tokens the skinny GEMM, then SiLU-mul, beats the gated GEMV: 39.84 + ~2 vs 50.41 us)
     if layer.perm is not None:
         x2 = x2.index_select(1, layer.perm)
     return _gemv(layer, x2, group_size, launch, gated=True).view(*x.shape[:-1], out_features // 2)
+
+
+def _skinny_launch(layer: nn.Module, x2: torch.Tensor, device_index: int) -> WNA16Launch | None:
+    """The skinny GEMM's launch where this layer and batch take it: 4-bit codes with small integer zero points
+    (the decode subtracts them exactly in 16 bits), 16-bit x, 3-16 tokens."""
+    if not layer.wna16_folded_ok or x2.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    in_features, out_features, group_size = _dims(layer)
+    return _plan_skinny(x2.shape[0], in_features, out_features, group_size, device_index)
 
 
 def _dims(layer: nn.Module) -> tuple[int, int, int]:

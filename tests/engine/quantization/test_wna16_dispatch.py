@@ -114,22 +114,23 @@ def test_small_batches_split_k_to_fill_the_gpu(num_tokens: int) -> None:
         assert k // p.split_k >= 256  # each split still streams a long run of K
 
 
-@pytest.mark.parametrize("num_tokens", [5, 8, 16])
+@pytest.mark.parametrize("num_tokens", [3, 4, 5, 8, 16])
 def test_small_batches_of_4_bit_layers_take_the_skinny_gemm_at_the_swept_launches(num_tokens: int) -> None:
     """4-bit layers with small integer zero points and 16-bit x (apply_wna16 checks those) run the tensor-core
-    skinny GEMM at 5-16 tokens, at the launches the H100 sweep at a444954 picked (loadtest/probe_tinygemm.py)."""
+    skinny GEMM at 3-16 tokens, the scale applied to the decoded tile, at the launches the H100 sweeps picked
+    (loadtest/results/w4-skinny-h100-2026-12-07-593d2fe/)."""
     plans = {name: plan_w4_skinny(num_tokens, k, n, 128, H100_SMS) for name, (k, n) in LLAMA3_8B.items()}
-    assert {name: (p.path, p.block_n, p.block_k, p.split_k) for name, p in plans.items()} == {
-        "qkv": ("skinny", 64, 128, 4), "o": ("skinny", 64, 128, 8), "gate_up": ("skinny", 64, 128, 2),
-        "down": ("skinny", 64, 128, 8),
+    assert {name: (p.path, p.block_n, p.block_k, p.split_k, p.scaled) for name, p in plans.items()} == {
+        "qkv": ("skinny", 64, 128, 4, True), "o": ("skinny", 64, 128, 8, True),
+        "gate_up": ("skinny", 64, 128, 4, True), "down": ("skinny", 64, 128, 8, True),
     }  # fmt: skip
     assert plan_w4_skinny(num_tokens, 4096, 4096, 32, H100_SMS).block_k == 32  # a tile inside a group
 
 
-def test_the_skinny_gemm_leaves_1_to_4_and_17_plus_tokens_and_follows_its_switch(
+def test_the_skinny_gemm_leaves_1_to_2_and_17_plus_tokens_and_follows_its_switch(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    assert plan_w4_skinny(4, 4096, 4096, 128, H100_SMS) is None  # the GEMV's batches
+    assert plan_w4_skinny(2, 4096, 4096, 128, H100_SMS) is None  # the GEMV's batches
     assert plan_w4_skinny(17, 4096, 4096, 128, H100_SMS) is None  # more rows than one MMA tile
     monkeypatch.setenv("WEIR_W4_SKINNY_GEMM", "0")
     assert plan_w4_skinny(8, 4096, 4096, 128, H100_SMS) is None

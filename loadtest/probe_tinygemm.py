@@ -46,10 +46,11 @@ def tinygemm_weights(qweight: Any, scales: Any, zeros: Any, inner_k_tiles: int) 
     return packed, scale_zero.to(torch.bfloat16).contiguous()
 
 
-def skinny_launches(k: int, n: int, sms: int) -> list[dict]:
-    """w4_skinny_gemm launches to time at a shape: the planned one (engine.model.quantization.wna16.plan_w4_skinny,
-    from the sweeps at a444954, df19e93 and 53c574b), the same with the exact tile (`scaled` off), and with the
-    split halved and doubled."""
+def skinny_launches(k: int, n: int, sms: int, tokens: int = 8) -> list[dict]:
+    """w4_skinny_gemm launches to time at a shape: up to 16 tokens the planned one
+    (engine.model.quantization.wna16.plan_w4_skinny, from the sweeps at a444954, df19e93 and 53c574b), the same
+    with the exact tile (`scaled` off), and with the split halved and doubled; past 16 tokens row tiles of 32,
+    64 and 128 (at most twice the rows), scaled, at the 8-token plan's split and half of it."""
     from engine.model.quantization.wna16 import plan_w4_skinny
 
     plan = plan_w4_skinny(8, k, n, GROUP, sms)
@@ -59,6 +60,13 @@ def skinny_launches(k: int, n: int, sms: int) -> list[dict]:
         "num_stages": plan.num_stages,
         "scaled": plan.scaled,
     }
+    if tokens > 16:
+        return [
+            {**base, "block_m": block_m, "split_k": split_k}
+            for block_m in (32, 64, 128)
+            if block_m <= 2 * tokens
+            for split_k in dict.fromkeys((plan.split_k, max(1, plan.split_k // 2)))
+        ]
     return [
         base,  # what the engine runs
         {**base, "scaled": False},  # every product exact, the scale on each tile's sums
@@ -111,7 +119,9 @@ def compare_shape(
             fn = functools.partial(run_wna16_gemv, group_size=GROUP, launch=plan, gated=True)
             timed("weir_gated", [functools.partial(fn, x, *q, 4) for q in copies], fn(x, *copies[0], 4),
                   expected=F.silu(ref[:, : n // 2]) * ref[:, n // 2 :])  # fmt: skip
-    for launch in skinny_launches(k, n, sms):  # the tensor-core W4A16 GEMM (ops/triton/w4_skinny_gemm.py)
+    for launch in skinny_launches(
+        k, n, sms, tokens
+    ):  # the tensor-core W4A16 GEMM (ops/triton/w4_skinny_gemm.py)
         name = "skinny_" + "_".join(f"{key}{value}" for key, value in launch.items())
         try:
             fn = functools.partial(w4_skinny_gemm, group_size=GROUP, **launch)

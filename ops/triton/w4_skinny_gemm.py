@@ -41,7 +41,7 @@ import triton.language as tl
 from ops.triton.split_k import MAX_TILES, k_splits, split_counters, split_k_is_last
 from ops.triton.wna16_gemm import check_layout
 
-MAX_ROWS = 16  # rows of x: one MMA tile
+MAX_ROWS = 256  # rows of x, in tiles of block_m (16: the MMA's smallest; the engine takes this kernel to 255)
 
 
 # A word's 8 codes (code i at bits 4i) minus the zero point, as 16-bit floats $0..$7: one LOP3 puts codes i
@@ -183,8 +183,10 @@ def _w4_skinny_gemm_kernel(
     WORD_ROWS: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    tile = pid_m * tl.num_programs(0) + pid_n  # its split-K counter
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     offs_w = tl.arange(0, WORD_ROWS)
     mask_n = offs_n < N
@@ -225,12 +227,12 @@ def _w4_skinny_gemm_kernel(
     else:
         part_ptrs = partials_ptr + offs_m[None, :] * N + offs_n[:, None]  # split s at + s * M * N
         tl.store(part_ptrs + pid_k * M * N, acc, mask=mask)
-        if split_k_is_last(counters_ptr, pid_n, SPLIT_K):
+        if split_k_is_last(counters_ptr, tile, SPLIT_K):
             total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for s in range(SPLIT_K):  # in split order: the same sum whichever program is last
                 total += tl.load(part_ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(counters_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+            tl.atomic_xchg(counters_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
 def w4_skinny_gemm(
@@ -246,12 +248,14 @@ def w4_skinny_gemm(
     num_stages: int = 3,
     max_registers: int | None = None,
     scaled: bool = False,
+    block_m: int = 16,
 ) -> torch.Tensor:  # [M, N] in x.dtype
     """y = x w for 4-bit codes, w[k, n] = (code - zero) * scale, in one launch; block_k divides group_size
     (at least 16); split_k > 1 splits K over that many programs per block_n columns (whole tiles each);
     max_registers: ptxas's cap a thread (more programs resident an SM; a sweep knob); scaled: each decoded
     weight multiplied by its scale and rounded to x's 16-bit type before the MMA (as the W4A16 GEMM does),
-    so the dot accumulates across tiles, instead of the exact (c - z) tile and the scale on its sums."""
+    so the dot accumulates across tiles, instead of the exact (c - z) tile and the scale on its sums; block_m:
+    rows of x a program multiplies (16-128; each row tile reads the weights again, through L2)."""
     M, K = x.shape
     N = scales.shape[1]
     if x.dtype not in (torch.bfloat16, torch.float16):
@@ -268,16 +272,20 @@ def w4_skinny_gemm(
     if x.stride(1) != 1:
         x = x.contiguous()
     k_per_split, split_k = k_splits(K, split_k, block_k)  # no empty split
-    tiles = triton.cdiv(N, block_n)
-    if split_k > 1 and tiles > MAX_TILES:
-        raise ValueError(f"w4_skinny_gemm: {tiles} tiles exceed the split-K workspace ({MAX_TILES})")
+    if block_m not in (16, 32, 64, 128):
+        raise ValueError(f"w4_skinny_gemm: block_m is 16, 32, 64 or 128; got {block_m}")
+    tiles_n, tiles_m = triton.cdiv(N, block_n), triton.cdiv(M, block_m)
+    if split_k > 1 and tiles_n * tiles_m > MAX_TILES:
+        raise ValueError(
+            f"w4_skinny_gemm: {tiles_n * tiles_m} tiles exceed the split-K workspace ({MAX_TILES})"
+        )
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     partials = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else out
     options = {} if max_registers is None or x.device.type != "cuda" else {"maxnreg": max_registers}
-    _w4_skinny_gemm_kernel[(tiles, split_k)](
+    _w4_skinny_gemm_kernel[(tiles_n, split_k, tiles_m)](
         x, qweight, scales, zeros, out, partials, split_counters(x.device), M, N, K, k_per_split,
         x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
-        X_FP16=x.dtype == torch.float16, GROUP_SIZE=group_size, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
+        X_FP16=x.dtype == torch.float16, GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=block_k, SPLIT_K=split_k, EVEN_N=N % block_n == 0, SCALED=scaled, EMULATE=x.device.type != "cuda", num_warps=num_warps, num_stages=num_stages, **options,
     )  # fmt: skip
     return out

@@ -95,14 +95,37 @@ def test_w4_skinny_gemm_with_the_scale_in_the_tile_matches_the_spec_within_16_bi
 
 
 @in_process
+@pytest.mark.parametrize(
+    ("m", "block_m", "split_k", "scaled"), [(40, 32, 2, True), (70, 64, 1, False), (33, 16, 3, True)]
+)
+def test_w4_skinny_gemm_tiles_rows_past_16(m: int, block_m: int, split_k: int, scaled: bool) -> None:
+    """17-255 tokens: row tiles of block_m, the last one ragged, each with its own split-K counter (launched twice)."""
+    from ops.triton.w4_skinny_gemm import w4_skinny_gemm
+
+    qweight, scales, zeros, weight = _layer(64, 96, 384, seed=m)
+    x = torch.randn(m, 384, generator=torch.Generator().manual_seed(m)).bfloat16()
+    expected = F.linear(x.float(), weight.bfloat16().float() if scaled else weight)
+    for _ in range(2):
+        out = w4_skinny_gemm(
+            x.to(DEVICE), qweight.to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE), 64, block_n=32, block_k=64,
+            split_k=split_k, scaled=scaled, block_m=block_m,
+        ).cpu()  # fmt: skip
+        assert out.shape == (m, 96)
+        err = ((out.double() - expected.double()).norm() / expected.double().norm()).item()
+        assert err < (1e-2 if scaled else 5e-3)
+
+
+@in_process
 def test_w4_skinny_gemm_refuses_what_it_cannot_run() -> None:
     from ops.triton.w4_skinny_gemm import w4_skinny_gemm
 
     qweight, scales, zeros, _ = _layer(64, 64, 256, seed=0)
     args = (qweight.to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE), 64)
-    x = torch.randn(17, 256, device=DEVICE, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="takes 1 to 16 rows of x; got 17"):
+    x = torch.randn(257, 256, device=DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="takes 1 to 256 rows of x; got 257"):
         w4_skinny_gemm(x, *args)
+    with pytest.raises(ValueError, match="block_m is 16, 32, 64 or 128; got 48"):
+        w4_skinny_gemm(x[:8], *args, block_k=64, block_m=48)
     with pytest.raises(ValueError, match="x must be bfloat16 or float16; got torch.float32"):
         w4_skinny_gemm(x[:8].float(), *args)
     with pytest.raises(ValueError, match="block_k 128 must divide group_size 64"):

@@ -13,7 +13,7 @@ on every CUDA-graph replay:
   and do little math: up to 4 tokens the GEMV (no tensor-core tile, codes converted without a
   conversion instruction, split-K summed in the same launch), 5-16 the GEMM with one 16-row tile,
   splitting K until the grid holds about four programs per SM (for 4-bit codes with small integer zero
-  points and 16-bit x the tensor-core skinny GEMM instead at 3-16 tokens, `plan_w4_skinny`,
+  points and 16-bit x the tensor-core skinny GEMM instead at 3-255 tokens, `plan_w4_skinny`,
   ops/triton/w4_skinny_gemm.py); 17-255 tokens tile M as well; from 256
   tokens the matmul is compute-bound and cuBLAS on the dequantized weight wins (vLLM's AWQ takes the
   same turn at 256 tokens).
@@ -39,7 +39,9 @@ from ops.env_flags import env_flag
 DEQUANT_MIN_TOKENS = 256  # from here on: dequantize, then cuBLAS
 GEMV_MAX_TOKENS = 4  # up to here: the GEMV (ops.triton.wna16_gemv.MAX_GEMV_TOKENS)
 SMALL_BATCH = 16  # up to here: one 16-row tile of M, split-K
-SKINNY_MIN_TOKENS = 3  # from here to SMALL_BATCH: the tensor-core W4A16 skinny GEMM where a layer takes it
+SKINNY_MIN_TOKENS = (
+    3  # from here to DEQUANT_MIN_TOKENS - 1: the tensor-core W4A16 GEMM where a layer takes it
+)
 _PROGRAMS_PER_SM = 4
 _MIN_K_PER_SPLIT = 256  # fewer rows per split and the partials' traffic and sum stop paying
 
@@ -175,16 +177,19 @@ def plan_wna16_gemv(
 def plan_w4_skinny(
     num_tokens: int, in_features: int, out_features: int, group_size: int, num_sms: int
 ) -> WNA16Launch | None:
-    """The tensor-core W4A16 GEMM's launch (ops/triton/w4_skinny_gemm.py) for 3-16 tokens, where a layer takes
+    """The tensor-core W4A16 GEMM's launch (ops/triton/w4_skinny_gemm.py) for 3-255 tokens, where a layer takes
     it (4-bit codes, integer zero points, 16-bit x: `_skinny_launch` checks), else None. From the H100 sweeps
     (loadtest/probe_tinygemm.py; loadtest/results/w4-skinny-h100-2026-12-07-593d2fe/): each weight decoded
     exactly, scaled and rounded to x's 16-bit type (`scaled`, so the dot accumulates across tiles: 1.3-1.5x
-    faster than scaling each tile's float32 sums), 64-column tiles, 3 stages, 4 warps, K split until the grid
-    holds about 2.5 programs an SM, and 4 ways where one split already fills it (the widest layers). At 8
-    tokens, Llama-3-8B's layer: qkv 12.30 us, o 10.08, gate_up 40.21, down 22.40 against the W4A16 GEMM's 18.65
-    / 15.33 / 74.74 / 37.71; its time barely depends on the rows, so at 3-4 tokens it beats the GEMV too (qkv
-    12.53 against 15.23, gate_up 39.84 against the gated GEMV's 50.41), at 2 it does not (31.75 on gate_up)."""
-    if not SKINNY_MIN_TOKENS <= num_tokens <= SMALL_BATCH or not env_flag("WEIR_W4_SKINNY_GEMM"):
+    faster than scaling each tile's float32 sums), 64-column tiles, 3 stages, 4 warps. Up to 16 tokens one
+    16-row tile, K split until the grid holds about 2.5 programs an SM and 4 ways where one split already fills
+    it (the widest layers); Llama-3-8B's layer at 8 tokens 85.0 us (qkv 12.30, o 10.08, gate_up 40.21, down
+    22.40) against the W4A16 GEMM's 146.4; its time barely depends on the rows, so at 3-4 tokens it beats the
+    GEMV too (gate_up 39.84 against the gated GEMV's 50.41), at 2 it does not (31.75). Past 16 tokens row tiles
+    of 32 (to 32 tokens), 64 (to 64) and 128, with fewer splits as the row tiles grow (fitted to the sweep at
+    a9e7b3d: the layer at 32 / 64 / 128 / 255 tokens 101.4 / 139.8 / 209.4 / 410.1 us against the GEMM's 185.6 /
+    192.0 / 324.8 / 609.0; bf16's cuBLAS 160.1 / 162.6 / 170.9 / 203.4)."""
+    if not SKINNY_MIN_TOKENS <= num_tokens < DEQUANT_MIN_TOKENS or not env_flag("WEIR_W4_SKINNY_GEMM"):
         return None
     block_k = 128
     while group_size % block_k and block_k > 32:
@@ -193,12 +198,23 @@ def plan_w4_skinny(
         return None
     block_n = 64
     tiles = -(-out_features // block_n)
+    wide = tiles >= 2.5 * num_sms  # one split alone fills the GPU (gate_up)
     split_k = 1
     while tiles * split_k < 2.5 * num_sms and in_features // (split_k * 2) >= 4 * block_k:
         split_k *= 2
-    while split_k < 4 and in_features // (split_k * 2) >= 4 * block_k and tiles >= 2.5 * num_sms:
-        split_k *= 2  # gate_up at 8 tokens: 40.21 us in 4 splits, 42.44 in 2, 44.82 whole
-    return WNA16Launch("skinny", 16, block_n, block_k, split_k, num_warps=4, num_stages=3, scaled=True)
+    if num_tokens <= SMALL_BATCH:
+        block_m = 16
+        while wide and split_k < 4 and in_features // (split_k * 2) >= 4 * block_k:
+            split_k *= 2  # gate_up at 8 tokens: 40.21 us in 4 splits, 42.44 in 2, 44.82 whole
+    else:
+        block_m = 32 if num_tokens <= 32 else (64 if num_tokens <= 64 else 128)
+        if wide:
+            split_k = (
+                2 if in_features >= 2 * 4 * block_k else 1
+            )  # gate_up: 46.74 / 69.38 / 108.99 us at 32 / 64 / 128
+        elif block_m == 64 and split_k >= 8 or block_m == 128:
+            split_k = max(1, split_k // 2)  # o at 64 tokens: 15.89 us in 4 splits, 21.96 in 8
+    return WNA16Launch("skinny", block_m, block_n, block_k, split_k, num_warps=4, num_stages=3, scaled=True)
 
 
 @functools.cache
@@ -280,12 +296,12 @@ def apply_wna16(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) ->
         x2 = x2.index_select(1, layer.perm)
     launch = _plan(x2.shape[0], in_features, out_features, group_size, x.get_device())
     skinny = _skinny_launch(layer, x2, x.get_device())
-    if skinny is not None:  # 3-16 tokens (at 3-4 before the GEMV: faster there too)
+    if skinny is not None:  # 3-255 tokens (at 3-4 before the GEMV: faster there too)
         from ops.triton.w4_skinny_gemm import w4_skinny_gemm  # noqa: PLC0415
 
         out = w4_skinny_gemm(
             x2, qweight, layer.scales, layer.zeros, group_size, skinny.block_n, skinny.block_k, skinny.split_k,
-            skinny.num_warps, skinny.num_stages, scaled=skinny.scaled,
+            skinny.num_warps, skinny.num_stages, scaled=skinny.scaled, block_m=skinny.block_m,
         )  # fmt: skip
     elif launch.path == "dequant":
         w = wna16_dequantize(qweight, layer.scales, layer.zeros, bits, group_size, x.dtype)  # [in, out]
@@ -317,7 +333,7 @@ def apply_wna16_silu_mul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | No
 
 def _skinny_launch(layer: nn.Module, x2: torch.Tensor, device_index: int) -> WNA16Launch | None:
     """The skinny GEMM's launch where this layer and batch take it: 4-bit codes with small integer zero points
-    (the decode subtracts them exactly in 16 bits), 16-bit x, 3-16 tokens."""
+    (the decode subtracts them exactly in 16 bits), 16-bit x, 3-255 tokens."""
     if not layer.wna16_folded_ok or x2.dtype not in (torch.bfloat16, torch.float16):
         return None
     in_features, out_features, group_size = _dims(layer)

@@ -127,11 +127,26 @@ def test_small_batches_of_4_bit_layers_take_the_skinny_gemm_at_the_swept_launche
     assert plan_w4_skinny(num_tokens, 4096, 4096, 32, H100_SMS).block_k == 32  # a tile inside a group
 
 
-def test_the_skinny_gemm_leaves_1_to_2_and_17_plus_tokens_and_follows_its_switch(
+@pytest.mark.parametrize(
+    ("num_tokens", "block_m", "splits"),
+    [(17, 32, (4, 8, 2, 8)), (32, 32, (4, 8, 2, 8)), (64, 64, (4, 4, 2, 4)), (128, 128, (2, 4, 2, 4)),
+     (255, 128, (2, 4, 2, 4))],
+)  # fmt: skip
+def test_medium_batches_of_4_bit_layers_take_the_skinny_gemm_in_row_tiles(
+    num_tokens: int, block_m: int, splits: tuple[int, ...]
+) -> None:
+    """17-255 tokens: row tiles of 32, 64 and 128, the splits the H100 sweep at a9e7b3d picked per shape
+    (qkv, o, gate_up, down)."""
+    plans = [plan_w4_skinny(num_tokens, k, n, 128, H100_SMS) for k, n in LLAMA3_8B.values()]
+    assert {(p.path, p.block_m, p.block_n, p.scaled) for p in plans} == {("skinny", block_m, 64, True)}
+    assert tuple(p.split_k for p in plans) == splits
+
+
+def test_the_skinny_gemm_leaves_1_to_2_and_256_plus_tokens_and_follows_its_switch(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     assert plan_w4_skinny(2, 4096, 4096, 128, H100_SMS) is None  # the GEMV's batches
-    assert plan_w4_skinny(17, 4096, 4096, 128, H100_SMS) is None  # more rows than one MMA tile
+    assert plan_w4_skinny(256, 4096, 4096, 128, H100_SMS) is None  # dequantize, then cuBLAS
     monkeypatch.setenv("WEIR_W4_SKINNY_GEMM", "0")
     assert plan_w4_skinny(8, 4096, 4096, 128, H100_SMS) is None
 

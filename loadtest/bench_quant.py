@@ -18,7 +18,7 @@ with a quantization_config, FP8 weights quantized at load with --quantization fp
 - Q5: the W4A16 kernels alone at the shape's four linear layers: batch 1..16 as a fraction of the copy
   bandwidth (bytes of packed weights, scales, zeros, x and y over the kernel time; target >= 0.80 at
   batch 1): at 1-2 tokens the GEMV the engine runs (`engine_gemv`, engine.model.quantization.wna16.
-  run_wna16_gemv), at 3-16 the skinny W4A16 GEMM it runs (`engine_skinny`, ops/triton/w4_skinny_gemm.py), and
+  run_wna16_gemv), at 3-255 the skinny W4A16 GEMM it runs (`engine_skinny`, ops/triton/w4_skinny_gemm.py), and
   at every batch the GEMM, both ways of unpacking (reshape, the default, and
   gather_words); from 256 tokens the
   dequantize + cuBLAS path's TFLOP/s against the bf16 GEMM's. Timed as CUDA-graph replays cycling
@@ -144,7 +144,7 @@ class _Model:
 
 def kernel_bench(config: dict[str, Any], bandwidth: float) -> dict[str, Any]:
     """Q5 at the model's four linear shapes (fused as weir runs them): the GEMV the engine runs at 1-2
-    tokens (`engine_gemv`), the skinny W4A16 GEMM it runs at 3-16 (`engine_skinny`), the dot kernel (GEMM) at the
+    tokens (`engine_gemv`), the skinny W4A16 GEMM it runs at 3-255 (`engine_skinny`), the dot kernel (GEMM) at the
     plan's tiles, bf16's matmul."""
     import torch
 
@@ -183,7 +183,7 @@ def kernel_bench(config: dict[str, Any], bandwidth: float) -> dict[str, Any]:
             moved = k * n // 2 + 2 * (k // group) * n * 2 + (m * k + m * n) * 2  # bytes read + written
             row: dict[str, Any] = {"plan": [plan.block_m, plan.block_n, plan.block_k, plan.split_k]}
             skinny = plan_w4_skinny(m, k, n, group, sms)
-            if skinny is not None:  # what the engine runs at 3-16 tokens: the tensor-core skinny W4A16 GEMM
+            if skinny is not None:  # what the engine runs at 3-255 tokens: the tensor-core skinny W4A16 GEMM
                 launch = dict(block_n=skinny.block_n, block_k=skinny.block_k, split_k=skinny.split_k,
                               num_warps=skinny.num_warps, num_stages=skinny.num_stages, scaled=skinny.scaled)  # fmt: skip
                 ms = graph_ms([functools.partial(w4_skinny_gemm, x, *q, group, **launch) for q in quantized])

@@ -68,10 +68,11 @@ ENV_FLAGS: dict[str, tuple[bool, str]] = {
         "16-bit linears at 2-16 tokens inside CUDA graphs on a tensor-core Triton GEMM; ops/triton/skinny_gemm.py",
     ),
     "WEIR_W4_SKINNY_GEMM": (
-        # on an H100 at 53c574b (probe_tinygemm.py, 8 tokens): Llama-3-8B's layer 85.0 us against the W4A16 GEMM's
-        # 146.4 (gate_up 40.2 vs 74.7); at 3-4 tokens it beats the GEMV too (gate_up 39.8 vs the gated GEMV's 50.4)
+        # on an H100 (loadtest/results/w4-skinny-h100-2026-12-07-593d2fe/): Llama-3-8B's layer at 8 tokens 85.0 us
+        # against the W4A16 GEMM's 146.4, at 32 101.4 vs 185.6; at 3-4 tokens it beats the GEMV too (gate_up 39.8
+        # vs the gated GEMV's 50.4); L1 on GPTQ at batch 8 / 32: 5.552 -> 3.617 / 6.913 -> 4.364 ms
         True,
-        "4-bit linears at 3-16 tokens on the tensor-core W4A16 GEMM; ops/triton/w4_skinny_gemm.py",
+        "4-bit linears at 3-255 tokens on the tensor-core W4A16 GEMM; ops/triton/w4_skinny_gemm.py",
     ),
     "WEIR_FP8_SKINNY_GEMM": (
         # on an H100 at 4217c85 (sweep_gemv.py, 8 tokens): qkv 17.0 vs _scaled_mm's 39.6 us, gate_up 50.6 vs 69.4

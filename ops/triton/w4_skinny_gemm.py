@@ -1,7 +1,7 @@
-"""A few rows of x times a 4-bit weight on tensor cores: y [M, N] = x [M, K] @ w [K, N] for M <= 16, where
+"""Few rows of x times a 4-bit weight on tensor cores: y [M, N] = x [M, K] @ w [K, N] for M <= 256, where
 w[k, n] = (code[k, n] - zero[g, n]) * scale[g, n] in GPTQ's layout (`qweight` int32 [K / 8, N], code i of
-a word at bits 4i; `scales`, `zeros` fp16 [G, N], groups of GROUP_SIZE along K). The engine runs it at 3-16
-tokens (engine.model.quantization.wna16.plan_w4_skinny).
+a word at bits 4i; `scales`, `zeros` fp16 [G, N], groups of GROUP_SIZE along K). The engine runs it at 3-255
+tokens (engine.model.quantization.wna16.plan_w4_skinny), past 16 in row tiles of 32, 64 or 128 (block_m).
 
 The W4A16 GEMM (ops/triton/wna16_gemm.py) decodes each code to float32 (shift, mask, int-to-float, subtract,
 multiply, round to x's dtype): the conversions run at a quarter of the ALU rate, so at 8-16 tokens it is

@@ -152,7 +152,7 @@ def test_decode_batches_of_3_to_16_take_the_skinny_gemm_unless_switched_off(
     switch: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """apply_wna16 at 4 and 8 bf16 tokens on a 4-bit layer with integer zero points runs w4_skinny_gemm (the
-    engine's 3-16-token path, WEIR_W4_SKINNY_GEMM), matching the spec within 16-bit weights; a [gate | up]
+    engine's 3-255-token path, WEIR_W4_SKINNY_GEMM), matching the spec within 16-bit weights; a [gate | up]
     layer's SiLU-mul then runs after it, not in the gated GEMV (apply_wna16_silu_mul declines). With the
     switch off neither happens."""
     import ops.triton.w4_skinny_gemm as skinny

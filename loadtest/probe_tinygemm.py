@@ -47,31 +47,20 @@ def tinygemm_weights(qweight: Any, scales: Any, zeros: Any, inner_k_tiles: int) 
 
 
 def skinny_launches(k: int, n: int, sms: int, tokens: int = 8) -> list[dict]:
-    """w4_skinny_gemm launches to time at a shape: up to 16 tokens the planned one
-    (engine.model.quantization.wna16.plan_w4_skinny, from the sweeps at a444954, df19e93 and 53c574b), the same
-    with the exact tile (`scaled` off), and with the split halved and doubled; past 16 tokens row tiles of 32,
-    64 and 128 (at most twice the rows), scaled, at the 8-token plan's split and half of it."""
+    """w4_skinny_gemm launches to time at a shape: the planned one (engine.model.quantization.wna16.plan_w4_skinny,
+    from the sweeps at a444954, df19e93, 53c574b and a9e7b3d; at 1-2 tokens the 8-token plan), the same with
+    256-deep tiles (two groups a tile) at its split, half of it and on 8 warps, and with the exact tile."""
     from engine.model.quantization.wna16 import plan_w4_skinny
 
-    plan = plan_w4_skinny(8, k, n, GROUP, sms)
-    base = {
-        "block_n": plan.block_n,
-        "split_k": plan.split_k,
-        "num_stages": plan.num_stages,
-        "scaled": plan.scaled,
-    }
-    if tokens > 16:
-        return [
-            {**base, "block_m": block_m, "split_k": split_k}
-            for block_m in (32, 64, 128)
-            if block_m <= 2 * tokens
-            for split_k in dict.fromkeys((plan.split_k, max(1, plan.split_k // 2)))
-        ]
+    plan = plan_w4_skinny(tokens, k, n, GROUP, sms) or plan_w4_skinny(8, k, n, GROUP, sms)
+    base = {"block_n": plan.block_n, "split_k": plan.split_k, "num_stages": plan.num_stages, "scaled": plan.scaled,
+            "block_m": plan.block_m}  # fmt: skip
     return [
         base,  # what the engine runs
+        {**base, "block_k": 256},  # tiles over two groups: half the iterations
+        {**base, "block_k": 256, "split_k": max(1, plan.split_k // 2)},
+        {**base, "block_k": 256, "num_warps": 8},
         {**base, "scaled": False},  # every product exact, the scale on each tile's sums
-        {**base, "split_k": max(1, plan.split_k // 2)},
-        {**base, "split_k": plan.split_k * 2},
     ]
 
 

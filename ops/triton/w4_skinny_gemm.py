@@ -174,13 +174,14 @@ def _w4_skinny_gemm_kernel(
     GROUP_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,  # divides GROUP_SIZE: a tile lies in one group
+    BLOCK_K: tl.constexpr,  # divides GROUP_SIZE (a tile lies in one group), or SCALED: a multiple of it
     SPLIT_K: tl.constexpr,
     EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: the words loaded unmasked (16-byte copies)
     SCALED: tl.constexpr,  # the scale applied to the decoded tile (rounded to 16 bits), not to its sums
     EMULATE: tl.constexpr,  # the Triton interpreter: the dot in float32 (its 16-bit dots and casts are unreliable)
 ):
     WORD_ROWS: tl.constexpr = BLOCK_K // 8
+    TILE_GROUPS: tl.constexpr = BLOCK_K > GROUP_SIZE
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -207,11 +208,24 @@ def _w4_skinny_gemm_kernel(
             words = tl.load(word_ptrs + (k0 // 8) * stride_qk, mask=mask_n[None, :], other=0)
         scale = scale_next.to(tl.float32)
         zero = zero_next.to(tl.float32)
-        g_next = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K) // GROUP_SIZE  # the last tile re-reads its own
-        scale_next = tl.load(scales_ptr + g_next * stride_sg + offs_n, mask=mask_n, other=0.0)
-        zero_next = tl.load(zeros_ptr + g_next * stride_zg + offs_n, mask=mask_n, other=0.0)
+        if not TILE_GROUPS:
+            g_next = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K) // GROUP_SIZE  # the last tile re-reads its own
+            scale_next = tl.load(scales_ptr + g_next * stride_sg + offs_n, mask=mask_n, other=0.0)
+            zero_next = tl.load(zeros_ptr + g_next * stride_zg + offs_n, mask=mask_n, other=0.0)
         # [WORD_ROWS, BLOCK_N, 8]: c - z (SCALED: (c - z) s in 16 bits), then [BLOCK_N, BLOCK_K] in x_ptrs' K order
-        w = _decoded_words(words, zero[None, :], scale[None, :], SCALED, X_FP16, EMULATE)
+        if TILE_GROUPS:  # a tile over several groups (SCALED): each word row's own scales and zero points
+            rows = ((k0 + offs_w * 8) // GROUP_SIZE)[:, None]  # [WORD_ROWS, 1]
+            scale_rows = tl.load(
+                scales_ptr + rows * stride_sg + offs_n[None, :], mask=mask_n[None, :], other=0.0
+            )
+            zero_rows = tl.load(
+                zeros_ptr + rows * stride_zg + offs_n[None, :], mask=mask_n[None, :], other=0.0
+            )
+            w = _decoded_words(
+                words, zero_rows.to(tl.float32), scale_rows.to(tl.float32), SCALED, X_FP16, EMULATE
+            )
+        else:
+            w = _decoded_words(words, zero[None, :], scale[None, :], SCALED, X_FP16, EMULATE)
         w = tl.reshape(tl.permute(w, (1, 0, 2)), (BLOCK_N, BLOCK_K))
         xt = tl.load(x_ptrs + k0, mask=mask_m[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
         if EMULATE:
@@ -251,7 +265,7 @@ def w4_skinny_gemm(
     block_m: int = 16,
 ) -> torch.Tensor:  # [M, N] in x.dtype
     """y = x w for 4-bit codes, w[k, n] = (code - zero) * scale, in one launch; block_k divides group_size
-    (at least 16); split_k > 1 splits K over that many programs per block_n columns (whole tiles each);
+    (at least 16; scaled, also a multiple of group_size: a tile over several groups); split_k > 1 splits K over that many programs per block_n columns (whole tiles each);
     max_registers: ptxas's cap a thread (more programs resident an SM; a sweep knob); scaled: each decoded
     weight multiplied by its scale and rounded to x's 16-bit type before the MMA (as the W4A16 GEMM does),
     so the dot accumulates across tiles, instead of the exact (c - z) tile and the scale on its sums; block_m:
@@ -263,8 +277,11 @@ def w4_skinny_gemm(
     if not 1 <= M <= MAX_ROWS:
         raise ValueError(f"w4_skinny_gemm takes 1 to {MAX_ROWS} rows of x; got {M}")
     check_layout(qweight, scales, zeros, K, 4, group_size)
-    if group_size % block_k or block_k % 16:
-        raise ValueError(f"block_k {block_k} must divide group_size {group_size} and be a multiple of 16")
+    if block_k % 16 or group_size % block_k and not (scaled and block_k % group_size == 0):
+        raise ValueError(
+            f"block_k {block_k} must divide group_size {group_size} (or, scaled, be a multiple of it) and be a "
+            "multiple of 16"
+        )
     if qweight.stride(1) != 1 or scales.stride(1) != 1 or zeros.stride(1) != 1:
         raise ValueError(
             "w4_skinny_gemm: qweight, scales and zeros must be contiguous along their last dimension"

@@ -116,6 +116,24 @@ def test_w4_skinny_gemm_tiles_rows_past_16(m: int, block_m: int, split_k: int, s
 
 
 @in_process
+@pytest.mark.parametrize(("group_size", "block_k", "m"), [(32, 128, 8), (64, 256, 20)])
+def test_w4_skinny_gemm_scaled_tiles_may_span_groups(group_size: int, block_k: int, m: int) -> None:
+    """scaled=True with a tile deeper than a group: each word row decoded with its own group's scale and zero."""
+    from ops.triton.w4_skinny_gemm import w4_skinny_gemm
+
+    qweight, scales, zeros, weight = _layer(group_size, 64, 512, seed=group_size)
+    x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m)).bfloat16()
+    expected = F.linear(x.float(), weight.bfloat16().float())
+    for _ in range(2):
+        out = w4_skinny_gemm(
+            x.to(DEVICE), qweight.to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE), group_size, block_n=32,
+            block_k=block_k, split_k=2, scaled=True, block_m=16 if m <= 16 else 32,
+        ).cpu()  # fmt: skip
+        err = ((out.double() - expected.double()).norm() / expected.double().norm()).item()
+        assert err < 1e-2
+
+
+@in_process
 def test_w4_skinny_gemm_refuses_what_it_cannot_run() -> None:
     from ops.triton.w4_skinny_gemm import w4_skinny_gemm
 

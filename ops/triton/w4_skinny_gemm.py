@@ -21,7 +21,9 @@ columns and a K range and multiplies [BLOCK_N, BLOCK_K] weight tiles by x^T [BLO
 16, the MMA's smallest; x's missing rows masked to zero), a tile inside one group (BLOCK_K divides
 GROUP_SIZE). The words and x^T are copied asynchronously by Triton's pipeline (num_stages), the scales and
 zero points loaded one tile ahead by hand. K is split over SPLIT_K programs per column tile, summed by the
-tile's last program (ops.triton.split_k's tickets): one launch. What bounds it (~0.5 of the copy bandwidth
+tile's last program (ops.triton.split_k's tickets): one launch. Scaled tiles may span groups (each word row
+decoded with its own group's scale and zero point); 256-deep tiles over two 128-groups measured slower at
+every Llama-3-8B shape (H100, c133de5: gate_up at 8 tokens 54.88 against 41.36 us), so the planner keeps 128. What bounds it (~0.5 of the copy bandwidth
 scaled): each tile goes through shared memory between the decode and the MMA, since Triton has no register
 path from the decode's blocked layout to the MMA's operand layout.
 

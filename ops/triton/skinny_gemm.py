@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.triton.split_k import MAX_TILES, k_splits, split_counters, split_k_is_last
+from ops.triton.split_k import MAX_TILES, k_splits, split_counters, store_swapped_tile
 
 MAX_SKINNY_ROWS = 16  # rows of x: one MMA tile
 # (block_n, block_k, split_k > 1, num_stages, FP8 weights) -> the compiled kernel's shared memory in bytes, as
@@ -76,20 +76,9 @@ def _skinny_gemm_kernel(
         w = tl.load(w_ptrs + k0, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         xt = tl.load(x_ptrs + k0, mask=mask_k[:, None] & mask_m[None, :], other=0.0)
         acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision=DOT_PRECISION)
-    mask = mask_n[:, None] & mask_m[None, :]
     scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[:, None] if SCALED else 1.0  # [BLOCK_N, 1]
-    out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]  # [BLOCK_N, BLOCK_M]
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, (acc * scale).to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        part_ptrs = partials_ptr + offs_m[None, :] * N + offs_n[:, None]  # split s at + s * M * N
-        tl.store(part_ptrs + pid_k * M * N, acc, mask=mask)
-        if split_k_is_last(counters_ptr, pid_n, SPLIT_K):
-            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for s in range(SPLIT_K):  # in split order: the same sum whichever program is last
-                total += tl.load(part_ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptrs, (total * scale).to(out_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(counters_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+    store_swapped_tile(acc, out_ptr, partials_ptr, counters_ptr, pid_n, offs_m, offs_n, M, N, stride_om, pid_k,
+                       SPLIT_K, scale)  # fmt: skip
 
 
 def skinny_gemm(

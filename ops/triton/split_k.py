@@ -49,6 +49,29 @@ def split_k_is_last(counters_ptr, pid_n, SPLIT_K: tl.constexpr):
 
 
 @triton.jit
+def store_swapped_tile(acc, out_ptr, partials_ptr, counters_ptr, tile, offs_m, offs_n, M, N, stride_om, pid_k,
+                       SPLIT_K: tl.constexpr, scale=1.0):  # fmt: skip
+    """A swap-AB program's tile of y^T (acc [BLOCK_N, BLOCK_M], its K split's float32 sums; offs_n [BLOCK_N],
+    offs_m [BLOCK_M]) into out [M, N] times `scale` ([BLOCK_N, 1] or 1.0): directly without a split, else
+    through the partials [SPLIT_K, M, N], the tile's last program summing them in split order (the same sum
+    whichever program is last) and putting its counter back to zero (ops/triton/skinny_gemm.py,
+    ops/triton/w4_skinny_gemm.py)."""
+    mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
+    out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]  # [BLOCK_N, BLOCK_M]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, (acc * scale).to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        part_ptrs = partials_ptr + offs_m[None, :] * N + offs_n[:, None]  # split s at + s * M * N
+        tl.store(part_ptrs + pid_k * M * N, acc, mask=mask)
+        if split_k_is_last(counters_ptr, tile, SPLIT_K):
+            total = tl.zeros(acc.shape, dtype=tl.float32)
+            for s in range(SPLIT_K):
+                total += tl.load(part_ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptrs, (total * scale).to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(counters_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
 def finish_row(acc, out_ptr, partials_ptr, row, M, N, offs_n, stride_om, pid_k, SPLIT_K: tl.constexpr):
     """Store a row's [BLOCK_N] result, or its split's partial."""
     mask = offs_n < N

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.triton.split_k import MAX_TILES, k_splits, split_counters, split_k_is_last
+from ops.triton.split_k import MAX_TILES, k_splits, split_counters, store_swapped_tile
 from ops.triton.wna16_gemm import check_layout
 
 MAX_ROWS = 256  # rows of x, in tiles of block_m (16: the MMA's smallest; the engine takes this kernel to 255)
@@ -236,19 +236,8 @@ def _w4_skinny_gemm_kernel(
             acc = tl.dot(w, xt, acc, input_precision="ieee" if EMULATE else None)
         else:  # [BLOCK_N, BLOCK_M] float32: sum_k (c - z) x, every product exact, scaled per group
             acc += tl.dot(w, xt, input_precision="ieee" if EMULATE else None) * scale[:, None]
-    mask = mask_n[:, None] & mask_m[None, :]
-    out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]  # [BLOCK_N, BLOCK_M]
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        part_ptrs = partials_ptr + offs_m[None, :] * N + offs_n[:, None]  # split s at + s * M * N
-        tl.store(part_ptrs + pid_k * M * N, acc, mask=mask)
-        if split_k_is_last(counters_ptr, tile, SPLIT_K):
-            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for s in range(SPLIT_K):  # in split order: the same sum whichever program is last
-                total += tl.load(part_ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(counters_ptr + tile, 0, sem="relaxed", scope="gpu")
+    store_swapped_tile(acc, out_ptr, partials_ptr, counters_ptr, tile, offs_m, offs_n, M, N, stride_om, pid_k,
+                       SPLIT_K)  # fmt: skip
 
 
 def w4_skinny_gemm(

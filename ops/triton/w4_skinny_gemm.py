@@ -244,7 +244,7 @@ def w4_skinny_gemm(
     x: torch.Tensor,  # [M, K] bfloat16 / float16, 1 <= M <= MAX_ROWS
     qweight: torch.Tensor,  # [K / 8, N] int32
     scales: torch.Tensor,  # [G, N] fp16
-    zeros: torch.Tensor,  # [G, N] fp16 (any values: the zero point is subtracted in float32)
+    zeros: torch.Tensor,  # [G, N] fp16, integers in [0, 63] (subtracted exactly in 16 bits; the engine checks at load)
     group_size: int,
     block_n: int = 64,
     block_k: int = 128,
@@ -256,7 +256,8 @@ def w4_skinny_gemm(
     block_m: int = 16,
 ) -> torch.Tensor:  # [M, N] in x.dtype
     """y = x w for 4-bit codes, w[k, n] = (code - zero) * scale, in one launch; block_k divides group_size
-    (at least 16; scaled, also a multiple of group_size: a tile over several groups); split_k > 1 splits K over that many programs per block_n columns (whole tiles each);
+    (at least 16; scaled, also a multiple of group_size: a tile over several groups); split_k > 1 splits K
+    over that many programs per block_n columns (whole tiles each);
     max_registers: ptxas's cap a thread (more programs resident an SM; a sweep knob); scaled: each decoded
     weight multiplied by its scale and rounded to x's 16-bit type before the MMA (as the W4A16 GEMM does),
     so the dot accumulates across tiles, instead of the exact (c - z) tile and the scale on its sums; block_m:

@@ -185,7 +185,8 @@ def kernel_bench(config: dict[str, Any], bandwidth: float) -> dict[str, Any]:
             skinny = plan_w4_skinny(m, k, n, group, sms)
             if skinny is not None:  # what the engine runs at 3-255 tokens: the tensor-core skinny W4A16 GEMM
                 launch = dict(block_n=skinny.block_n, block_k=skinny.block_k, split_k=skinny.split_k,
-                              num_warps=skinny.num_warps, num_stages=skinny.num_stages, scaled=skinny.scaled)  # fmt: skip
+                              num_warps=skinny.num_warps, num_stages=skinny.num_stages, scaled=skinny.scaled,
+                              block_m=skinny.block_m)  # fmt: skip
                 ms = graph_ms([functools.partial(w4_skinny_gemm, x, *q, group, **launch) for q in quantized])
                 row["engine_skinny"] = {
                     "us": round(ms * 1000, 2),

@@ -85,15 +85,19 @@ KERNELS = [
         for split_k, fp8 in ((1, False), (4, False), (4, True))
     ),
     *(
-        (  # the tensor-core W4A16 GEMM (5-16 tokens): its decode's inline PTX for bf16 and fp16 x, the words
-           # loaded unmasked and masked, with and without split-K tickets, the scale in the tile (SCALED)
+        (  # the tensor-core W4A16 GEMM (3-255 tokens): its decode's inline PTX for bf16 and fp16 x, the words
+           # loaded unmasked and masked, with and without split-K tickets, the scale in the tile (SCALED, as the
+           # engine runs it), a 64-row tile
             "ops.triton.w4_skinny_gemm:_w4_skinny_gemm_kernel",
-            {"X_FP16": fp16, "GROUP_SIZE": 128, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": split_k,
+            {"X_FP16": fp16, "GROUP_SIZE": 128, "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": split_k,
              "EVEN_N": even_n, "SCALED": scaled, "EMULATE": False},
             {"x_ptr": "*fp16" if fp16 else "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*fp16",
              "out_ptr": "*fp16" if fp16 else "*bf16", "partials_ptr": "*fp32", "counters_ptr": "*i32"},
         )
-        for fp16, split_k, even_n, scaled in ((False, 4, True, False), (True, 1, False, False), (False, 2, True, True))
+        for fp16, split_k, even_n, scaled, block_m in (
+            (False, 4, True, False, 16), (True, 1, False, False, 16), (False, 2, True, True, 16),
+            (True, 4, True, True, 64),
+        )
     ),
     (
         "ops.triton.fp8_gemv:_fp8_gemv_kernel",

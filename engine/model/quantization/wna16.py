@@ -39,9 +39,8 @@ from ops.env_flags import env_flag
 DEQUANT_MIN_TOKENS = 256  # from here on: dequantize, then cuBLAS
 GEMV_MAX_TOKENS = 4  # up to here: the GEMV (ops.triton.wna16_gemv.MAX_GEMV_TOKENS)
 SMALL_BATCH = 16  # up to here: one 16-row tile of M, split-K
-SKINNY_MIN_TOKENS = (
-    3  # from here to DEQUANT_MIN_TOKENS - 1: the tensor-core W4A16 GEMM where a layer takes it
-)
+# from here to DEQUANT_MIN_TOKENS - 1: the tensor-core W4A16 GEMM, where a layer takes it (plan_w4_skinny)
+SKINNY_MIN_TOKENS = 3
 _PROGRAMS_PER_SM = 4
 _MIN_K_PER_SPLIT = 256  # fewer rows per split and the partials' traffic and sum stop paying
 
@@ -62,9 +61,8 @@ class WNA16Launch:
     ahead: int = 1
     x_ahead: bool = False  # folded, one token: x's next pairs requested with the next tile
     meta_2d: bool = False  # folded: scales / zeros loaded in the word tiles' layout (WEIR_W4_META_2D)
-    scaled: bool = (
-        False  # skinny: the scale applied to the decoded tile in 16 bits (w4_skinny_gemm's `scaled`)
-    )
+    # skinny: the scale applied to the decoded tile in 16 bits (w4_skinny_gemm's `scaled`)
+    scaled: bool = False
 
 
 def use_wna16_kernels(
@@ -208,10 +206,8 @@ def plan_w4_skinny(
             split_k *= 2  # gate_up at 8 tokens: 40.21 us in 4 splits, 42.44 in 2, 44.82 whole
     else:
         block_m = 32 if num_tokens <= 32 else (64 if num_tokens <= 64 else 128)
-        if wide:
-            split_k = (
-                2 if in_features >= 2 * 4 * block_k else 1
-            )  # gate_up: 46.74 / 69.38 / 108.99 us at 32 / 64 / 128
+        if wide:  # gate_up in 2 splits: 46.74 / 69.38 / 108.99 us at 32 / 64 / 128 tokens
+            split_k = 2 if in_features >= 2 * 4 * block_k else 1
         elif block_m == 64 and split_k >= 8 or block_m == 128:
             split_k = max(1, split_k // 2)  # o at 64 tokens: 15.89 us in 4 splits, 21.96 in 8
     return WNA16Launch("skinny", block_m, block_n, block_k, split_k, num_warps=4, num_stages=3, scaled=True)

@@ -25,7 +25,9 @@ tile's last program (ops.triton.split_k's tickets): one launch. Scaled tiles may
 decoded with its own group's scale and zero point); 256-deep tiles over two 128-groups measured slower at
 every Llama-3-8B shape (H100, c133de5: gate_up at 8 tokens 54.88 against 41.36 us), so the planner keeps 128. What bounds it (~0.5 of the copy bandwidth
 scaled): each tile goes through shared memory between the decode and the MMA, since Triton has no register
-path from the decode's blocked layout to the MMA's operand layout.
+path from the decode's blocked layout to the MMA's operand layout. (Letting each element of a [BLOCK_N, BLOCK_K]
+tile load its own word, so the decode could run in the operand layout, compiled for sm_90 by triton 3.9 to
+8x the words' bytes in cp.async copies and still a conversion through shared memory: not a way round it.)
 
 The spec is engine.model.quantization.common.dequantize + F.linear (tests/ops/test_w4_skinny_gemm.py,
 under TRITON_INTERPRET=1 on CPU; on CUDA by loadtest/probe_tinygemm.py and the GPU checks). The interpreter

@@ -80,8 +80,7 @@ _DECODE_BF16 = tl.constexpr(_DECODE.replace("SCALE\n", "").replace("TYPE", "bf16
 _DECODE_FP16 = tl.constexpr(_DECODE.replace("SCALE\n", "").replace("TYPE", "f16x2"))
 _DECODE_SCALED_BF16 = tl.constexpr(_DECODE.replace("SCALE", _SCALE).replace("TYPE", "bf16x2"))
 _DECODE_SCALED_FP16 = tl.constexpr(_DECODE.replace("SCALE", _SCALE).replace("TYPE", "f16x2"))
-_CONSTRAINTS = tl.constexpr("=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r")  # 8 16-bit outputs; words, $9, $10, $11
-_CONSTRAINTS_SCALED = tl.constexpr(_CONSTRAINTS.value + ",r")  # and $12
+_CONSTRAINTS = tl.constexpr("=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r")  # 8 16-bit outputs; words, $9, $10, $11, $12
 
 
 @triton.jit
@@ -102,37 +101,27 @@ def _pairs(v, dtype: tl.constexpr):
 
 @triton.jit
 def _decode_asm(words, zero, scale, SCALED: tl.constexpr, X_FP16: tl.constexpr):
-    """_DECODE on [R, C] words with zero and scale [1, C] float32: eight [R, C] tensors of x's 16-bit type."""
-    words = words.to(tl.uint32, bitcast=True)
+    """_DECODE on [R, C] words with zero and scale [1, C] (or [R, C]) float32: eight [R, C] tensors of x's
+    16-bit type (the unscaled decode leaves $12 unread)."""
+    dtype: tl.constexpr = tl.float16 if X_FP16 else tl.bfloat16
+    base: tl.constexpr = 1024.0 if X_FP16 else 128.0
+    magic: tl.constexpr = 0x64006400 if X_FP16 else 0x43004300
+    one: tl.constexpr = 0x3C003C00 if X_FP16 else 0x3F803F80
     if X_FP16:
-        neg = _pairs(-(1024.0 + zero), tl.float16)
-        magic = tl.full(words.shape, 0x64006400, tl.uint32)
-        one = tl.full(words.shape, 0x3C003C00, tl.uint32)
-        if SCALED:
-            codes = tl.inline_asm_elementwise(
-                _DECODE_SCALED_FP16, _CONSTRAINTS_SCALED, [words, neg, magic, one, _pairs(scale, tl.float16)],
-                dtype=(tl.float16,) * 8, is_pure=True, pack=1,
-            )  # fmt: skip
-        else:
-            codes = tl.inline_asm_elementwise(
-                _DECODE_FP16, _CONSTRAINTS, [words, neg, magic, one],
-                dtype=(tl.float16,) * 8, is_pure=True, pack=1,
-            )  # fmt: skip
+        asm: tl.constexpr = _DECODE_SCALED_FP16 if SCALED else _DECODE_FP16
     else:
-        neg = _pairs(-(128.0 + zero), tl.bfloat16)
-        magic = tl.full(words.shape, 0x43004300, tl.uint32)
-        one = tl.full(words.shape, 0x3F803F80, tl.uint32)
-        if SCALED:
-            codes = tl.inline_asm_elementwise(
-                _DECODE_SCALED_BF16, _CONSTRAINTS_SCALED, [words, neg, magic, one, _pairs(scale, tl.bfloat16)],
-                dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1,
-            )  # fmt: skip
-        else:
-            codes = tl.inline_asm_elementwise(
-                _DECODE_BF16, _CONSTRAINTS, [words, neg, magic, one],
-                dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1,
-            )  # fmt: skip
-    return codes
+        asm: tl.constexpr = _DECODE_SCALED_BF16 if SCALED else _DECODE_BF16
+    words = words.to(tl.uint32, bitcast=True)
+    if SCALED:
+        scale_pairs = _pairs(scale, dtype)
+    else:  # (a constant: nothing computed for the operand the unscaled decode does not read)
+        scale_pairs = tl.full(words.shape, one, tl.uint32)
+    return tl.inline_asm_elementwise(
+        asm, _CONSTRAINTS,
+        [words, _pairs(-(base + zero), dtype), tl.full(words.shape, magic, tl.uint32),
+         tl.full(words.shape, one, tl.uint32), scale_pairs],
+        dtype=(dtype.value,) * 8, is_pure=True, pack=1,
+    )  # fmt: skip
 
 
 @triton.jit

@@ -105,3 +105,19 @@ def variant_us(fns: Sequence[Callable[[], Any]] | Callable[[], Any], smoke: bool
         fn()
         return round((time.perf_counter() - start) * 1e6, 2)
     return round(graph_ms(fns) * 1e3, 2)
+
+
+def kernel_timer(
+    row: dict[str, Any], expected: Any, bytes_read: int, bandwidth: float, tag: str
+) -> Callable[..., None]:
+    """timed(name, fns, out, expected=expected, bytes_read=bytes_read): graph_ms of `fns` into row[name] as
+    microseconds, the fraction of `bandwidth` its bytes reach and `out`'s error against `expected`, printed
+    after `tag` (the kernel probes' one way of recording a variant: peer_w4_gemv.py, probe_tinygemm.py)."""
+
+    def timed(name: str, fns: list, out: Any, expected: Any = expected, bytes_read: int = bytes_read) -> None:
+        t = graph_ms(fns)
+        row[name] = {"us": round(t * 1e3, 2), "bw": round(bytes_read / (t / 1e3) / bandwidth, 3),
+                     "err": round(rel_err(out, expected), 5)}  # fmt: skip
+        print(f"{tag} {name}: {row[name]}", flush=True)
+
+    return timed

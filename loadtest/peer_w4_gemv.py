@@ -29,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from loadtest.gpu_timing import graph_ms, rel_err  # noqa: E402
+from loadtest.gpu_timing import kernel_timer  # noqa: E402
 from loadtest.model_shapes import SHAPES  # noqa: E402
 
 GROUP = 128
@@ -80,11 +80,7 @@ def compare_shape(
     nbytes = k * n // 2 + 2 * (k // GROUP) * n * 2
     row: dict[str, Any] = {"k": k, "n": n, "tokens": tokens, "bytes": nbytes}
 
-    def timed(name: str, fns: list, out: Any, expected: Any = ref, bytes_read: int = nbytes) -> None:
-        t = graph_ms(fns)
-        row[name] = {"us": round(t * 1e3, 2), "bw": round(bytes_read / (t / 1e3) / bandwidth, 3),
-                     "err": round(rel_err(out, expected), 5)}  # fmt: skip
-        print(f"[peer_w4] {k}x{n} m={tokens} {name}: {row[name]}", flush=True)
+    timed = kernel_timer(row, ref, nbytes, bandwidth, f"[peer_w4] {k}x{n} m={tokens}")
 
     dense = [
         torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen)

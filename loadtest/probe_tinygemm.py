@@ -24,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from loadtest.gpu_timing import graph_ms, rel_err  # noqa: E402
+from loadtest.gpu_timing import kernel_timer  # noqa: E402
 from loadtest.model_shapes import SHAPES  # noqa: E402
 
 GROUP = 128
@@ -89,11 +89,7 @@ def compare_shape(
     nbytes = k * n // 2 + 2 * (k // GROUP) * n * 2
     row: dict[str, Any] = {"k": k, "n": n, "tokens": tokens, "bytes": nbytes}
 
-    def timed(name: str, fns: list, out: Any, bytes_read: int = nbytes, expected: Any = ref) -> None:
-        t = graph_ms(fns)
-        row[name] = {"us": round(t * 1e3, 2), "bw": round(bytes_read / (t / 1e3) / bandwidth, 3),
-                     "err": round(rel_err(out, expected), 5)}  # fmt: skip
-        print(f"[tinygemm] {k}x{n} m={tokens} {name}: {row[name]}", flush=True)
+    timed = kernel_timer(row, ref, nbytes, bandwidth, f"[tinygemm] {k}x{n} m={tokens}")
 
     plan = plan_wna16(tokens, k, n, GROUP, sms)
     row["weir_launch"] = repr(plan)
@@ -132,8 +128,8 @@ def compare_shape(
         torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen)
         for _ in range(copies_past_l2(k * n * 2))
     ]
-    timed("bf16", [functools.partial(F.linear, x, w) for w in dense], F.linear(x, dense[0]), k * n * 2,
-          F.linear(x.float(), dense[0].float()))  # fmt: skip
+    timed("bf16", [functools.partial(F.linear, x, w) for w in dense], F.linear(x, dense[0]),
+          expected=F.linear(x.float(), dense[0].float()), bytes_read=k * n * 2)  # fmt: skip
     return row
 
 

@@ -213,12 +213,16 @@ def plan_w4_skinny(
     return WNA16Launch("skinny", block_m, block_n, block_k, split_k, num_warps=4, num_stages=3, scaled=True)
 
 
+def _num_sms(device_index: int) -> int:
+    # a CPU tensor (the Triton interpreter, tests): an H100's 132 SMs
+    return torch.cuda.get_device_properties(device_index).multi_processor_count if device_index >= 0 else 132
+
+
 @functools.cache
 def _plan_skinny(
     num_tokens: int, in_features: int, out_features: int, group_size: int, device_index: int
 ) -> WNA16Launch | None:
-    sms = torch.cuda.get_device_properties(device_index).multi_processor_count if device_index >= 0 else 132
-    return plan_w4_skinny(num_tokens, in_features, out_features, group_size, sms)
+    return plan_w4_skinny(num_tokens, in_features, out_features, group_size, _num_sms(device_index))
 
 
 @functools.cache
@@ -230,9 +234,7 @@ def _plan(
     device_index: int,
     gemv: bool = True,
 ) -> WNA16Launch:
-    # a CPU tensor (the Triton interpreter, tests): an H100's 132 SMs
-    sms = torch.cuda.get_device_properties(device_index).multi_processor_count if device_index >= 0 else 132
-    return plan_wna16(num_tokens, in_features, out_features, group_size, sms, gemv)
+    return plan_wna16(num_tokens, in_features, out_features, group_size, _num_sms(device_index), gemv)
 
 
 def triton_wna16_available() -> bool:
@@ -290,8 +292,8 @@ def apply_wna16(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) ->
     x2 = x.reshape(-1, in_features)  # [tokens, in]
     if layer.perm is not None:
         x2 = x2.index_select(1, layer.perm)
-    launch = _plan(x2.shape[0], in_features, out_features, group_size, x.get_device())
     skinny = _skinny_launch(layer, x2, x.get_device())
+    launch = None if skinny else _plan(x2.shape[0], in_features, out_features, group_size, x.get_device())
     if skinny is not None:  # 3-255 tokens (at 3-4 before the GEMV: faster there too)
         from ops.triton.w4_skinny_gemm import w4_skinny_gemm  # noqa: PLC0415
 

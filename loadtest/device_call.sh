@@ -33,7 +33,7 @@
 # tiny: loadtest/probe_tinygemm.py (torch's own int4 kernel, _weight_int4pack_mm, against weir's W4A16 launches at TYB tokens).
 # stalls: loadtest/probe_gemv_stalls.py (CUPTI PC sampling through Triton's proton: where the one-token W4A16 and FP8 GEMVs' warps
 # stall, by source line; STL layers, STK kinds) -> $O/stalls/.
-# featd: the feature check's quantized checkpoints (part d) alone; featd8: the same decoding 8 prompts (the 5-16-token kernels).
+# featd: the feature check's quantized checkpoints (part d) alone; featd8: the same decoding 8 prompts (batch 8 against featd's 4).
 # q1k0a q1k1a q1k0b ...: Q1 (Q1M formats) at L1 batch Q1B (default 8) with WEIR_W4_SKINNY_GEMM=0 / 1 (ops/triton/w4_skinny_gemm.py), alternating; q1u0a q1u1a ...: the same at batch 1. q12moe: Q1 (GPTQ W4A16 experts; Q1M: formats) and Q2 (FP8 experts) at the Qwen3-30B-A3B shape, batch-1 ITL vs bf16 in one call; q12moe8 / q12b8: Q1 and Q2 at L1's batch 8 (MoE shape / Llama-3-8B). q2moe0 / q2moe1: its Q2 with WEIR_MOE_FP8_GEMV=0 / 1 (FP8 experts at decode on the grouped GEMM / the GEMVs). fp8mm: probe_fp8_gemm.py (fp8mmb: again, to fp8_gemmb.json; Q3's FP8 GEMMs at prefill and
 # decode row counts: row-wise scales as weir runs them, tensor-wise, fast accumulation, against bf16; FMR rows); q3fa: Q3
 # with WEIR_FP8_FAST_ACCUM=1 (Q3N requests; compare with q3 in the same call). fp8kv: gpu_kernel_check.py's fp8 KV part (the widened

@@ -135,8 +135,8 @@ def quantized_checkpoints(device: str, time_limit_s: float = 330.0) -> None:
 
     root = Path(tempfile.mkdtemp(prefix="weir-quant-"))
     src = build_wide_llama(root / "llama", build_tokenizer(root / "tokenizer"))
-    # 4 prompts decode at batch 4 (the GEMV); WEIR_CHECK_QUANT_PROMPTS=8 decodes at batch 8 (the 5-16-token
-    # kernels: the skinny W4A16 GEMM, FP8's skinny GEMM)
+    # 4 prompts decode at batch 4, WEIR_CHECK_QUANT_PROMPTS=8 at batch 8: both on the 3-16-token kernels (the
+    # skinny W4A16 GEMM for 4-bit integer formats, FP8's skinny GEMM); 8-bit codes keep the GEMV at 4
     count = int(os.environ.get("WEIR_CHECK_QUANT_PROMPTS", "4"))
     prompts = random_prompts(5, (5, 17, 33, 40, 9, 12, 21, 26)[:count])
     dtypes = ("float16", "bfloat16")

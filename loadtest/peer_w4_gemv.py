@@ -113,15 +113,6 @@ def compare_shape(
     for regs in max_registers:
         fn = functools.partial(w4_half2_gemv, group_size=GROUP, max_registers=regs, **launch)
         timed(f"weir_maxnreg{regs}", [functools.partial(fn, x, *q) for q in copies], fn(x, *copies[0]))
-    if (
-        plan.folded and tokens == 1
-    ):  # the same launch's loop two tiles a turn (no register copy), uncapped and at
-        for regs in (None, 128):  # the one-tile loop's 128 registers (its programs an SM)
-            fn = functools.partial(
-                w4_half2_gemv, group_size=GROUP, pingpong=True, max_registers=regs, **launch
-            )
-            name = "weir_pingpong" + ("" if regs is None else f"_maxnreg{regs}")
-            timed(name, [functools.partial(fn, x, *q) for q in copies], fn(x, *copies[0]))
     gated_ref = F.silu(ref[:, : n // 2]) * ref[:, n // 2 :]  # [M, N / 2]: what a gated launch stores
     for cfg in variants:
         name = "weir_" + "_".join(f"{key}{int(value)}" for key, value in cfg.items())

@@ -32,12 +32,6 @@ ENV_FLAGS: dict[str, tuple[bool, str]] = {
         False,
         "the folded W4A16 decode GEMV reads a column-blocked copy of the words; ops/triton/w4_half2_gemv.py",
     ),
-    "WEIR_W4_PINGPONG": (
-        # an experiment: compiled for sm_90 (triton 3.9) the one-token loop copies each prefetched tile into the
-        # decoded tile's registers at the loop's end, a MOV that waits for the load issued at its top
-        False,
-        "the one-token folded W4A16 GEMV's loop two tiles a turn (no register copy); ops/triton/w4_half2_gemv.py",
-    ),
     "WEIR_FP8_GEMV_PIPELINE": (
         # an experiment: the FP8 GEMV waits on memory for most of its samples (H100 at 1396ef1); 3 stages take
         # 64 registers and 6 KB of shared memory a program compiled for sm_90 (triton 3.9); on an H100 at 55cf415 the FP8

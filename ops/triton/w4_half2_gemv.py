@@ -296,25 +296,6 @@ def _row_dot(acc, da0, da1, da2, da3, db0, db1, db2, db3, qa0, qa1, qa2, qa3, qb
 
 
 @triton.jit
-def _tile_row_dot(acc, a, b, s, z, xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3, X_BF16: tl.constexpr,
-                  EMULATE: tl.constexpr, META_2D: tl.constexpr):  # fmt: skip
-    """acc + one row of x (its pairs as loaded) times a tile: the two half tiles' words a and b decoded
-    with the group's scales s and zero points z ([BLOCK_N], or [HALF_W, BLOCK_N] with META_2D)."""
-    zf = z.to(tl.float32)
-    add_lo = _splat(-64.0 - zf * 0.0625, EMULATE)  # (1024 + c) / 16 - 64 - z / 16
-    add_hi = _splat(-4.0 - zf * 0.0625, EMULATE)  # (1024 + 16 c) / 256 - 4 - z / 16
-    scale16 = s.to(tl.float32) * 16.0
-    if not META_2D:  # [BLOCK_N] -> [1, BLOCK_N]
-        add_lo = add_lo[None, :]
-        add_hi = add_hi[None, :]
-        scale16 = scale16[None, :]
-    da0, da1, da2, da3 = _decode(a, add_lo, add_hi, EMULATE)
-    db0, db1, db2, db3 = _decode(b, add_lo, add_hi, EMULATE)
-    return _row_dot(acc, da0, da1, da2, da3, db0, db1, db2, db3, xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3,
-                    scale16, X_BF16, EMULATE)  # fmt: skip
-
-
-@triton.jit
 def _load_tile(word_ptrs, scale_ptrs, zero_ptrs, k, stride_qk, stride_sg, stride_zg, mask_n,
                GROUP_SIZE: tl.constexpr, HALF_W: tl.constexpr, EVEN_N: tl.constexpr, META_2D: tl.constexpr):  # fmt: skip
     """The tile at K = k: its two half tiles of words ([HALF_W, BLOCK_N] uint32 each), and its group's
@@ -373,7 +354,6 @@ def _w4_half2_gemv_kernel(
     GATED: tl.constexpr = False,  # [gate | up] columns (N = 2 x half_n): silu(gate) * up stored
     META_2D: tl.constexpr = False,  # scales / zeros loaded as the word tiles' shape (module docstring)
     COL_BLOCKED: tl.constexpr = False,  # qweight [tiles, K / 8, BLOCK_N]: each program's words one contiguous run
-    PINGPONG: tl.constexpr = False,  # one row, AHEAD 1, X_AHEAD: the loop two tiles a turn (module docstring)
     half_n=0,
     prefetch_ptr=None,  # (L2_PREFETCH) bytes of the next projection's weights (ops/triton/l2_prefetch.py)
     prefetch_bytes=0,
@@ -429,76 +409,60 @@ def _w4_half2_gemv_kernel(
         if ROWS >= 4:
             ua0, ua1, ua2, ua3, ub0, ub1, ub2, ub3 = _x_tile_raw(x_first + 2 * stride_xm, half_offset)
             va0, va1, va2, va3, vb0, vb1, vb2, vb3 = _x_tile_raw(x_first + 3 * stride_xm, half_offset)
-    if PINGPONG:  # tiles A (k0) and B (k0 + BLOCK_K) in turn: each load waits only where it is decoded
-        for k0 in tl.range(k_start, k_end, 2 * BLOCK_K):
-            kb = tl.minimum(k0 + BLOCK_K, k_last)
-            a_b, b_b, s_b, z_b = _load_tile(word_ptrs, scale_ptrs, zero_ptrs, kb, stride_qk, stride_sg, stride_zg,
-                                            mask_n, GROUP_SIZE, HALF_W, EVEN_N, META_2D)  # fmt: skip
-            xc0, xc1, xc2, xc3, xd0, xd1, xd2, xd3 = _x_tile_raw(x_row + kb // 2, half_offset)  # B's x
-            acc0 = _tile_row_dot(acc0, a, b, s, z, xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3, X_BF16, EMULATE,
-                                 META_2D)  # fmt: skip
-            ka = tl.minimum(k0 + 2 * BLOCK_K, k_last)  # A's next tile, loaded into A's registers once decoded
-            a, b, s, z = _load_tile(word_ptrs, scale_ptrs, zero_ptrs, ka, stride_qk, stride_sg, stride_zg, mask_n,
-                                    GROUP_SIZE, HALF_W, EVEN_N, META_2D)  # fmt: skip
-            xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3 = _x_tile_raw(x_row + ka // 2, half_offset)
-            if k0 + BLOCK_K < k_end:  # an odd tile count: the split's last turn has no B
-                acc0 = _tile_row_dot(acc0, a_b, b_b, s_b, z_b, xc0, xc1, xc2, xc3, xd0, xd1, xd2, xd3, X_BF16,
-                                     EMULATE, META_2D)  # fmt: skip
-    else:
-        for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=LOOP_STAGES):
-            if AHEAD >= 1:  # request the tile AHEAD further (the last ones re-read the split's last tile)
-                an, bn, sn, zn = _load_tile(word_ptrs, scale_ptrs, zero_ptrs, tl.minimum(k0 + AHEAD * BLOCK_K, k_last),
-                                            stride_qk, stride_sg, stride_zg, mask_n, GROUP_SIZE, HALF_W, EVEN_N, META_2D)  # fmt: skip
-            else:
-                a, b, s, z = _load_tile(word_ptrs, scale_ptrs, zero_ptrs, k0, stride_qk, stride_sg, stride_zg,
-                                        mask_n, GROUP_SIZE, HALF_W, EVEN_N, META_2D)  # fmt: skip
-            zf = z.to(tl.float32)
-            add_lo = _splat(-64.0 - zf * 0.0625, EMULATE)  # (1024 + c) / 16 - 64 - z / 16
-            add_hi = _splat(-4.0 - zf * 0.0625, EMULATE)  # (1024 + 16 c) / 256 - 4 - z / 16
-            scale16 = s.to(tl.float32) * 16.0
-            if not META_2D:  # [BLOCK_N] -> [1, BLOCK_N]
-                add_lo = add_lo[None, :]
-                add_hi = add_hi[None, :]
-                scale16 = scale16[None, :]
-            da0, da1, da2, da3 = _decode(a, add_lo, add_hi, EMULATE)
-            db0, db1, db2, db3 = _decode(b, add_lo, add_hi, EMULATE)
-            if X_AHEAD:  # this tile's x came with it; the next tile's is requested now (rows in turn)
-                x_next = x_row + tl.minimum(k0 + BLOCK_K, k_last) // 2
-                na0, na1, na2, na3, nb0, nb1, nb2, nb3 = _x_tile_raw(x_next, half_offset)
-                acc0 = _row_dot(acc0, da0, da1, da2, da3, db0, db1, db2, db3, xa0, xa1, xa2, xa3, xb0, xb1, xb2,
-                                xb3, scale16, X_BF16, EMULATE)  # fmt: skip
-                xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3 = na0, na1, na2, na3, nb0, nb1, nb2, nb3
-                if ROWS >= 2:
-                    na0, na1, na2, na3, nb0, nb1, nb2, nb3 = _x_tile_raw(x_next + stride_xm, half_offset)
-                    acc1 = _row_dot(acc1, da0, da1, da2, da3, db0, db1, db2, db3, ya0, ya1, ya2, ya3, yb0, yb1, yb2,
-                                    yb3, scale16, X_BF16, EMULATE)  # fmt: skip
-                    ya0, ya1, ya2, ya3, yb0, yb1, yb2, yb3 = na0, na1, na2, na3, nb0, nb1, nb2, nb3
-                if ROWS >= 4:
-                    na0, na1, na2, na3, nb0, nb1, nb2, nb3 = _x_tile_raw(x_next + 2 * stride_xm, half_offset)
-                    acc2 = _row_dot(acc2, da0, da1, da2, da3, db0, db1, db2, db3, ua0, ua1, ua2, ua3, ub0, ub1, ub2,
-                                    ub3, scale16, X_BF16, EMULATE)  # fmt: skip
-                    ua0, ua1, ua2, ua3, ub0, ub1, ub2, ub3 = na0, na1, na2, na3, nb0, nb1, nb2, nb3
-                    na0, na1, na2, na3, nb0, nb1, nb2, nb3 = _x_tile_raw(x_next + 3 * stride_xm, half_offset)
-                    acc3 = _row_dot(acc3, da0, da1, da2, da3, db0, db1, db2, db3, va0, va1, va2, va3, vb0, vb1, vb2,
-                                    vb3, scale16, X_BF16, EMULATE)  # fmt: skip
-                    va0, va1, va2, va3, vb0, vb1, vb2, vb3 = na0, na1, na2, na3, nb0, nb1, nb2, nb3
-            else:
-                x_ptrs = x_row + k0 // 2
-                acc0 = _row_terms(acc0, da0, da1, da2, da3, db0, db1, db2, db3, x_ptrs, 0, half_offset, scale16,
-                                  X_BF16, EMULATE)  # fmt: skip
-                if ROWS >= 2:
-                    acc1 = _row_terms(acc1, da0, da1, da2, da3, db0, db1, db2, db3, x_ptrs, stride_xm, half_offset,
-                                      scale16, X_BF16, EMULATE)  # fmt: skip
-                if ROWS >= 4:
-                    acc2 = _row_terms(acc2, da0, da1, da2, da3, db0, db1, db2, db3, x_ptrs, 2 * stride_xm, half_offset,
-                                      scale16, X_BF16, EMULATE)  # fmt: skip
-                    acc3 = _row_terms(acc3, da0, da1, da2, da3, db0, db1, db2, db3, x_ptrs, 3 * stride_xm, half_offset,
-                                      scale16, X_BF16, EMULATE)  # fmt: skip
-            if AHEAD == 1:
-                a, b, s, z = an, bn, sn, zn
-            if AHEAD == 2:
-                a, b, s, z = a1, b1, s1, z1
-                a1, b1, s1, z1 = an, bn, sn, zn
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=LOOP_STAGES):
+        if AHEAD >= 1:  # request the tile AHEAD further (the last ones re-read the split's last tile)
+            an, bn, sn, zn = _load_tile(word_ptrs, scale_ptrs, zero_ptrs, tl.minimum(k0 + AHEAD * BLOCK_K, k_last),
+                                        stride_qk, stride_sg, stride_zg, mask_n, GROUP_SIZE, HALF_W, EVEN_N, META_2D)  # fmt: skip
+        else:
+            a, b, s, z = _load_tile(word_ptrs, scale_ptrs, zero_ptrs, k0, stride_qk, stride_sg, stride_zg,
+                                    mask_n, GROUP_SIZE, HALF_W, EVEN_N, META_2D)  # fmt: skip
+        zf = z.to(tl.float32)
+        add_lo = _splat(-64.0 - zf * 0.0625, EMULATE)  # (1024 + c) / 16 - 64 - z / 16
+        add_hi = _splat(-4.0 - zf * 0.0625, EMULATE)  # (1024 + 16 c) / 256 - 4 - z / 16
+        scale16 = s.to(tl.float32) * 16.0
+        if not META_2D:  # [BLOCK_N] -> [1, BLOCK_N]
+            add_lo = add_lo[None, :]
+            add_hi = add_hi[None, :]
+            scale16 = scale16[None, :]
+        da0, da1, da2, da3 = _decode(a, add_lo, add_hi, EMULATE)
+        db0, db1, db2, db3 = _decode(b, add_lo, add_hi, EMULATE)
+        if X_AHEAD:  # this tile's x came with it; the next tile's is requested now (rows in turn)
+            x_next = x_row + tl.minimum(k0 + BLOCK_K, k_last) // 2
+            na0, na1, na2, na3, nb0, nb1, nb2, nb3 = _x_tile_raw(x_next, half_offset)
+            acc0 = _row_dot(acc0, da0, da1, da2, da3, db0, db1, db2, db3, xa0, xa1, xa2, xa3, xb0, xb1, xb2,
+                            xb3, scale16, X_BF16, EMULATE)  # fmt: skip
+            xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3 = na0, na1, na2, na3, nb0, nb1, nb2, nb3
+            if ROWS >= 2:
+                na0, na1, na2, na3, nb0, nb1, nb2, nb3 = _x_tile_raw(x_next + stride_xm, half_offset)
+                acc1 = _row_dot(acc1, da0, da1, da2, da3, db0, db1, db2, db3, ya0, ya1, ya2, ya3, yb0, yb1, yb2,
+                                yb3, scale16, X_BF16, EMULATE)  # fmt: skip
+                ya0, ya1, ya2, ya3, yb0, yb1, yb2, yb3 = na0, na1, na2, na3, nb0, nb1, nb2, nb3
+            if ROWS >= 4:
+                na0, na1, na2, na3, nb0, nb1, nb2, nb3 = _x_tile_raw(x_next + 2 * stride_xm, half_offset)
+                acc2 = _row_dot(acc2, da0, da1, da2, da3, db0, db1, db2, db3, ua0, ua1, ua2, ua3, ub0, ub1, ub2,
+                                ub3, scale16, X_BF16, EMULATE)  # fmt: skip
+                ua0, ua1, ua2, ua3, ub0, ub1, ub2, ub3 = na0, na1, na2, na3, nb0, nb1, nb2, nb3
+                na0, na1, na2, na3, nb0, nb1, nb2, nb3 = _x_tile_raw(x_next + 3 * stride_xm, half_offset)
+                acc3 = _row_dot(acc3, da0, da1, da2, da3, db0, db1, db2, db3, va0, va1, va2, va3, vb0, vb1, vb2,
+                                vb3, scale16, X_BF16, EMULATE)  # fmt: skip
+                va0, va1, va2, va3, vb0, vb1, vb2, vb3 = na0, na1, na2, na3, nb0, nb1, nb2, nb3
+        else:
+            x_ptrs = x_row + k0 // 2
+            acc0 = _row_terms(acc0, da0, da1, da2, da3, db0, db1, db2, db3, x_ptrs, 0, half_offset, scale16,
+                              X_BF16, EMULATE)  # fmt: skip
+            if ROWS >= 2:
+                acc1 = _row_terms(acc1, da0, da1, da2, da3, db0, db1, db2, db3, x_ptrs, stride_xm, half_offset,
+                                  scale16, X_BF16, EMULATE)  # fmt: skip
+            if ROWS >= 4:
+                acc2 = _row_terms(acc2, da0, da1, da2, da3, db0, db1, db2, db3, x_ptrs, 2 * stride_xm, half_offset,
+                                  scale16, X_BF16, EMULATE)  # fmt: skip
+                acc3 = _row_terms(acc3, da0, da1, da2, da3, db0, db1, db2, db3, x_ptrs, 3 * stride_xm, half_offset,
+                                  scale16, X_BF16, EMULATE)  # fmt: skip
+        if AHEAD == 1:
+            a, b, s, z = an, bn, sn, zn
+        if AHEAD == 2:
+            a, b, s, z = a1, b1, s1, z1
+            a1, b1, s1, z1 = an, bn, sn, zn
     if L2_PREFETCH:  # this program's tiles are read: its slice of the next weights
         prefetch_next_weights(prefetch_ptr, prefetch_bytes, prefetch_second)
     store_column_tiles(acc0, acc1, acc2, acc3, out_ptr, partials_ptr, counters_ptr, tile, row0, M, N, half_n, offs_n,
@@ -523,7 +487,6 @@ def w4_half2_gemv(
     max_registers: int | None = None,
     meta_2d: bool = False,
     col_blocked: bool = False,
-    pingpong: bool = False,
 ) -> torch.Tensor:  # [M, N] in x.dtype; gated: [M, N / 2]
     """y = x w for 4-bit codes, w[k, n] = (code - zero) * scale. block_k divides group_size (at least
     16); split_k splits K over that many programs per column tile (whole tiles each); ahead: tiles in
@@ -564,11 +527,6 @@ def w4_half2_gemv(
         raise ValueError(f"w4_half2_gemv: ahead is 0, 1 or 2; got {ahead}")
     if x_ahead and ahead != 1:
         raise ValueError(f"w4_half2_gemv: x_ahead takes ahead 1; got ahead {ahead}")
-    if pingpong and (M != 1 or not x_ahead or loop_stages != 1):
-        raise ValueError(
-            f"w4_half2_gemv: pingpong takes one row with x_ahead and loop_stages 1; got {M} rows, "
-            f"x_ahead {x_ahead}, loop_stages {loop_stages}"
-        )
     if gated and (N % 2 or block_n % 2):
         raise ValueError(
             f"w4_half2_gemv: gated needs an even column count and block_n; got {N}, block_n {block_n}"
@@ -608,7 +566,7 @@ def w4_half2_gemv(
         X_BF16=x.dtype == torch.bfloat16, GROUP_SIZE=group_size, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k,
         SPLIT_K=split_k, EVEN_N=out_n % (block_n // 2) == 0 if gated else N % block_n == 0, AHEAD=ahead,
         X_AHEAD=x_ahead, LOOP_STAGES=loop_stages, PDL=pdl, EMULATE=x.device.type != "cuda", GATED=gated, half_n=out_n,
-        META_2D=meta_2d, COL_BLOCKED=col_blocked, PINGPONG=pingpong,
+        META_2D=meta_2d, COL_BLOCKED=col_blocked,
         prefetch_ptr=out if l2_next is None else l2_next,
         prefetch_bytes=l2_bytes,
         prefetch_second=l2_second,

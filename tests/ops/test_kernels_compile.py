@@ -75,17 +75,6 @@ KERNELS = [
         for gated in (False, True)
     ),
     *(
-        (  # the one-token loop two tiles a turn (PINGPONG, WEIR_W4_PINGPONG's experiment), plain and gated
-            "ops.triton.w4_half2_gemv:_w4_half2_gemv_kernel",
-            {"X_BF16": True, "GROUP_SIZE": 128, "ROWS": 1, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4,
-             "EVEN_N": True, "AHEAD": 1, "X_AHEAD": True, "LOOP_STAGES": 1, "PDL": True, "EMULATE": False,
-             "GATED": gated, "META_2D": meta_2d, "PINGPONG": True},
-            {"x_ptr": "*i32", "qweight_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*fp16",
-             "out_ptr": "*bf16", "partials_ptr": "*fp32", "counters_ptr": "*i32", "prefetch_ptr": "*bf16"},
-        )
-        for gated, meta_2d in ((False, False), (True, True))
-    ),
-    *(
         (  # the tensor-core skinny GEMM (2-16 tokens), with and without its split-K tickets
             "ops.triton.skinny_gemm:_skinny_gemm_kernel",
             {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": split_k, "DOT_PRECISION": "tf32",
@@ -380,7 +369,6 @@ triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attr
         + (f"-rows{k[1]['ROWS']}" if k[1].get("ROWS", 1) > 1 else "")
         + ("-meta2d" if k[1].get("META_2D") else "")
         + ("-col_blocked" if k[1].get("COL_BLOCKED") else "")
-        + ("-pingpong" if k[1].get("PINGPONG") else "")
         + (f"-stages{k[1]['LOOP_STAGES']}" if k[1].get("LOOP_STAGES", 1) > 1 else "")
         + ("-ragged" if k[1].get("EVEN_N") is False else "")
         for k in KERNELS

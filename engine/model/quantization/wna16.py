@@ -61,7 +61,6 @@ class WNA16Launch:
     ahead: int = 1
     x_ahead: bool = False  # folded, one token: x's next pairs requested with the next tile
     meta_2d: bool = False  # folded: scales / zeros loaded in the word tiles' layout (WEIR_W4_META_2D)
-    pingpong: bool = False  # folded, one token: the loop two tiles a turn (WEIR_W4_PINGPONG)
     # skinny: the scale applied to the decoded tile in 16 bits (w4_skinny_gemm's `scaled`)
     scaled: bool = False
 
@@ -156,7 +155,6 @@ def plan_wna16_gemv(
             ahead=1,
             x_ahead=True,
             meta_2d=meta_2d,
-            pingpong=env_flag("WEIR_W4_PINGPONG"),
         )
     if num_tokens == 2:
         split_k = 2 if out_features >= 16384 else 8
@@ -382,7 +380,7 @@ def run_wna16_gemv(
         return w4_half2_gemv(
             x2, qweight, scales, zeros, group_size, launch.block_n, launch.block_k, launch.split_k,
             launch.num_warps, launch.ahead, gated=gated, x_ahead=launch.x_ahead, l2_next=l2_next,
-            meta_2d=launch.meta_2d, col_blocked=col_blocked, pingpong=launch.pingpong and x2.shape[0] == 1,
+            meta_2d=launch.meta_2d, col_blocked=col_blocked,
         )  # fmt: skip
     from ops.triton.wna16_gemv import wna16_gemv  # noqa: PLC0415
 

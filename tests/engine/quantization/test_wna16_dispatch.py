@@ -71,19 +71,6 @@ def test_meta_2d_is_planned_only_when_switched_on(setting: str, monkeypatch: pyt
 
 
 @pytest.mark.parametrize("setting", ["", "0", "1"])
-def test_pingpong_is_planned_at_one_token_only_when_switched_on(
-    setting: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """WEIR_W4_PINGPONG (off by default until timed) runs the one-token folded GEMV's loop two tiles a turn;
-    the 2-4-token launches keep the one-tile loop (the ping-pong loop takes one row)."""
-    monkeypatch.setenv("WEIR_W4_PINGPONG", setting)
-    one = [plan_wna16(1, k, n, 128, H100_SMS) for k, n in LLAMA3_8B.values()]
-    more = [plan_wna16(t, k, n, 128, H100_SMS) for t in (2, 4) for k, n in LLAMA3_8B.values()]
-    assert {p.pingpong for p in one} == {setting == "1"}
-    assert {p.pingpong for p in more} == {False}
-
-
-@pytest.mark.parametrize("setting", ["", "0", "1"])
 def test_fp8_gemv_pipeline_is_planned_at_one_token_only_when_switched_on(
     setting: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

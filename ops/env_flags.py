@@ -12,7 +12,12 @@ import os
 
 # name -> (default, what it switches; where)
 ENV_FLAGS: dict[str, tuple[bool, str]] = {
-    "WEIR_PDL": (False, "programmatic dependent launch through the decode step's kernels; ops/triton/pdl.py"),
+    "WEIR_PDL": (
+        # on an H100 at fee9542 (alternating runs in one call): the batch-1 step bf16 5.598 -> 5.550 ms, GPTQ W4A16
+        # 2.712 -> 2.542, FP8 3.500 -> 3.391 (Q1 0.485x -> 0.458x, Q2 0.625x -> 0.611x); 2% slower on an H200 at 5a5b861
+        True,
+        "programmatic dependent launch through the decode step's kernels; ops/triton/pdl.py",
+    ),
     # on an H200 at a047c14: L1 batch 1 4.270 -> 4.208 ms, batch 8 4.601 -> 4.537 (16-bit caches only)
     "WEIR_FUSED_DECODE_ATTENTION": (True, "rotary, KV write and decode attention in one launch"),
     "WEIR_FP8_KV_WIDEN": (

@@ -45,7 +45,12 @@ bytes in flight (Triton's 3-stage cp.async pipeline of every load, `loop_stages=
 wave quantization (splits that fill whole waves lost). Compiled for sm_90 (triton 3.9, CPU), `ahead=2` keeps no
 more in flight than `ahead=1`: the loop is not unrolled, so the tiles rotate through registers by MOVs at the top
 of each iteration, and each MOV waits for the load it copies (issued one iteration earlier) before the next load
-is issued. Column-blocked words (`col_blocked`, `col_blocked_qweight`) make each program's split one contiguous
+is issued. A loop two tiles a turn (each tile's words, scales, zero points and x in registers of their own,
+so no copy at the end: built at 11d33cf, bit for bit the same outputs, compiled to 167 registers against 128) was
+slower on an H100 on every layer (qkv 9.08 against 8.71 us, o 7.62 / 7.51, gate_up 30.00 / 27.80, down 18.42 /
+15.14; 17.59 capped at 128 registers) and the GPTQ batch-1 step 2.714 -> 2.934 ms, so it was reverted
+(loadtest/results/pdl-pingpong-h100-2026-12-07-11d33cf/): fewer programs an SM cost more than the copy's wait.
+Column-blocked words (`col_blocked`, `col_blocked_qweight`) make each program's split one contiguous
 run of bytes (the read probe's 0.84 -> ~0.9 of the copy bandwidth on gate_up); on an H100 at 55cf415 the GPTQ batch-1
 step took 2.665 against 2.684 ms (-0.7%, Q1 0.490x -> 0.487x) for 64% more weight memory: not planned by default.
 

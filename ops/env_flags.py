@@ -44,12 +44,6 @@ ENV_FLAGS: dict[str, tuple[bool, str]] = {
         False,
         "the one-token FP8 GEMV's tile loads pipelined by Triton (cp.async, 3 stages); ops/triton/fp8_gemv.py",
     ),
-    "WEIR_FP8_GEMV_PREFETCH": (
-        # an experiment: the one-token FP8 GEMV's launches load no tile before waiting for the kernel before (PDL),
-        # so with PDL on only the launch overlaps it; with this the first tile is requested before the wait too
-        False,
-        "the one-token FP8 GEMV keeps its next tile in flight, the first before PDL's wait; ops/triton/fp8_gemv.py",
-    ),
     "WEIR_FLASH_PREFILL": (
         # an experiment: weir's paged prefill attention ran at ~260 TFLOP/s on T2's 8 x 1,024-token steps
         # against flash's ~520 on one 4,096 prompt (H200); on an H100 (torch 2.11) flash lost at T2's shapes: 8 x 1,024

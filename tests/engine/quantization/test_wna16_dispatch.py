@@ -85,25 +85,6 @@ def test_fp8_gemv_pipeline_is_planned_at_one_token_only_when_switched_on(
     assert {g.get("loop_stages", 1) for g in two} == {1}
 
 
-@pytest.mark.parametrize("setting", ["", "0", "1"])
-def test_fp8_gemv_prefetch_is_planned_at_one_token_only_when_switched_on(
-    setting: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """WEIR_FP8_GEMV_PREFETCH (off until timed) keeps the one-token FP8 GEMV's next tile in flight (its first
-    requested before PDL's wait); 2 tokens and the pipelined launch keep theirs."""
-    from engine.model.quantization.fp8 import fp8_gemv_launch
-
-    monkeypatch.setenv("WEIR_FP8_GEMV_PREFETCH", setting)
-    one = [fp8_gemv_launch(k, n, H100_SMS) for k, n in LLAMA3_8B.values()]
-    two = [fp8_gemv_launch(k, n, H100_SMS, num_tokens=2) for k, n in LLAMA3_8B.values()]
-    assert {g.get("prefetch", False) for g in one} == {setting == "1"}
-    assert {g.get("prefetch", False) for g in two} == {False}
-    monkeypatch.setenv("WEIR_FP8_GEMV_PIPELINE", "1")
-    assert {
-        g.get("prefetch", False) for g in (fp8_gemv_launch(k, n, H100_SMS) for k, n in LLAMA3_8B.values())
-    } == {False}
-
-
 def test_fp8_gemv_launches_follow_the_sweep() -> None:
     from engine.model.quantization.fp8 import fp8_gemv_launch
 

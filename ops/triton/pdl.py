@@ -15,14 +15,17 @@ about as long as its streaming on the small projections (H200 sweep at 9ed7267);
 weight tiles are requested while the small kernel before it (RMSNorm, SiLU-and-mul, attention) runs.
 Works inside CUDA graphs (the launch attribute becomes a programmatic edge).
 
-OFF by default (WEIR_PDL=1 turns it on): measured on an H200 at c2fa90c, a batch-1 GPTQ decode step took
-3.058 ms with it and 2.978 ms without (Q1, `loadtest/results/gemv-pdl-lora-h200-2026-12-03-c2fa90c/`),
-although back-to-back GEMVs in the sweep's graphs gained from it. Since ece1a6b every Triton kernel of
-a decoder layer (RMSNorm, rotary + KV write, paged attention, SiLU-mul, the GEMVs) takes part: each
-lets the next launch once all its programs are resident and waits for the previous one before any
-read or write. Token parity holds (engine check 36/36 on an H200 with WEIR_PDL=1), but the bf16 batch-1
-step was 2% slower with it (4.446 against 4.359 ms, 5a5b861, alternating runs in one call,
-`loadtest/results/startup-sampler-pdl-h200-2026-12-04/5-pdl-5a5b861/`). Also off under the Triton
+ON by default since 2026-12-07 (WEIR_PDL=0 turns it off). Every Triton kernel of a decoder layer (RMSNorm,
+rotary + KV write, paged attention, SiLU-mul, the GEMVs) takes part since ece1a6b: each lets the next launch once
+all its programs are resident and waits for the previous one before any read or write. Measured on an H100 at
+fee9542 / ba6732c (alternating runs in one call each, loadtest/results/pdl-pingpong-h100-2026-12-07-11d33cf/): the
+batch-1 decode step with GPTQ W4A16 weights 2.712 -> 2.542 ms (-6.3%: the GEMV's first tile is requested before the
+wait), FP8 weights 3.500 -> 3.391 (-3.1%), bf16 5.608 -> 5.556 (-0.9%), bf16 at batch 8 6.145 -> 6.110; T2 3,702
+-> 3,703 output tok/s (prefill-bound: unchanged); the engine check (114/114) and every quantized format's check on
+CUDA (34/34) pass with it. Earlier, on an H200 and older kernels, it lost: a GPTQ batch-1 step 3.058 against 2.978
+ms at c2fa90c, bf16 4.446 against 4.359 at 5a5b861 (loadtest/results/startup-sampler-pdl-h200-2026-12-04/); not
+measured on an H200 since. Loading the FP8 GEMV's first tile before its wait (prefetch at one token) made the FP8
+step 11% slower (3.390 -> 3.770 ms, ba6732c): that GEMV keeps no tile ahead. Also off under the Triton
 interpreter and below compute capability 9.0; the in-kernel calls compile to nothing when off.
 """
 

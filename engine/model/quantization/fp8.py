@@ -298,7 +298,9 @@ def _takes_gemv(layer: nn.Module, x: torch.Tensor) -> bool:
     return layer.fp8_gemv and x.numel() <= GEMV_MAX_TOKENS * x.shape[-1]
 
 
-def fp8_gemv_launch(in_features: int, out_features: int, num_sms: int, num_tokens: int = 1) -> dict[str, int]:
+def fp8_gemv_launch(
+    in_features: int, out_features: int, num_sms: int, num_tokens: int = 1
+) -> dict[str, int | bool]:
     """The GEMV's launch, from the sweep on an H200 (loadtest/sweep_gemv.py, loadtest/results/
     gemv-half2-gated-h200-2026-12-04/sweep-835ef63): 4-row weight tiles, no K split, and x's layout
     kept (block_k = 8 x 32 x num_warps, ops/triton/fp8_gemv.py): 512 columns on 2 warps where it widens
@@ -309,6 +311,8 @@ def fp8_gemv_launch(in_features: int, out_features: int, num_sms: int, num_token
     # WEIR_FP8_GEMV_PIPELINE (off: +1.3% on Q2's step, H100 at 55cf415): the one-token tile loads pipelined by Triton, 3 stages
     # no prefetch: the next tile in flight (the first before PDL's wait) made the FP8 step 11% slower (H100 at ba6732c)
     staged = {"loop_stages": 3} if num_tokens == 1 and env_flag("WEIR_FP8_GEMV_PIPELINE") else {}
+    if num_tokens == 1 and not staged and env_flag("WEIR_FP8_GEMV_FIRST_AHEAD"):  # off until timed
+        staged = {"first_ahead": True}
     if num_tokens == 1 and out_features <= in_features:
         return {"block_n": 4, "block_k": 1024, "split_k": 1, "num_warps": 4, **staged}
     return {"block_n": 4, "block_k": 512, "split_k": 1, "num_warps": 2, **staged}

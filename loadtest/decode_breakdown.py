@@ -58,6 +58,7 @@ PARTS = (
     "other",
 )
 PREFIX = "weir::"
+PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 GRAPH = "graph_replay"
 
 
@@ -96,6 +97,8 @@ def labelled(runner: Any) -> Iterator[dict[str, int]]:
             continue
         if part != "embedding":  # a step reads one row of the table, counted apart
             param_bytes[part] += sum(p.numel() * p.element_size() for p in module.parameters(recurse=True))
+        if part in PROJECTIONS:  # a quantized layer's words, scales and zero points are buffers after loading
+            param_bytes[part] += sum(b.numel() * b.element_size() for b in module.buffers(recurse=True))
         handles.append(module.register_forward_pre_hook(enter(part)))
         handles.append(module.register_forward_hook(leave))
     lm_head = getattr(model, "lm_head", None)

@@ -66,6 +66,33 @@ def test_batch1_profile_on_cpu(tiny_llama_dir: Path, tmp_path: Path) -> None:
     assert_in_summary(tmp_path, "K1")
 
 
+def test_a_quantized_projection_counts_its_buffers() -> None:
+    """A 4-bit layer's words, scales and zero points are buffers after loading (wna16.py registers them), so a
+    projection's bytes read a step are its parameters and buffers; a norm's buffers (none here) and a rotary
+    table (a buffer read one row a step) are not counted."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    proj = nn.Module()
+    proj.register_buffer("qweight", torch.zeros(64, 96, dtype=torch.int32))  # [in / 8, out]
+    proj.register_buffer("scales", torch.zeros(4, 96, dtype=torch.float16))  # [G, out]
+    rotary = nn.Module()
+    rotary.register_buffer("cos_sin_cache", torch.zeros(128, 16))
+    attn = nn.Module()
+    attn.qkv_proj = proj
+    attn.rotary_emb = rotary
+    layer = nn.Module()
+    layer.self_attn = attn
+    layer.input_layernorm = nn.Linear(4, 4, bias=False)  # stands in for a norm: a parameter of 16 floats
+    model = nn.Module()
+    model.layers = nn.ModuleList([layer])
+    with db.labelled(SimpleNamespace(model=model)) as param_bytes:
+        assert param_bytes["qkv_proj"] == 64 * 96 * 4 + 4 * 96 * 2
+        assert param_bytes["norm"] == 16 * 4
+        assert param_bytes.get("rotary", 0) == 0
+
+
 def _kernel(name: str, start: float, dur: float, label: str | None, rng: int | None = None) -> dict:
     return {"name": name, "start": start, "end": start + dur, "label": label, "range": rng}
 

@@ -43,7 +43,7 @@ from ops.env_flags import env_flag
 
 @functools.cache
 def pdl_enabled(device: torch.device) -> bool:
-    """Whether launches on `device` use PDL: WEIR_PDL=1, a CUDA device of compute capability 9.0+, not
+    """Whether launches on `device` use PDL: WEIR_PDL on (the default), a CUDA device of compute capability 9.0+, not
     under the interpreter (read once per device: launch paths call this every step)."""
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False

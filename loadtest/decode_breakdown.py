@@ -98,7 +98,9 @@ def labelled(runner: Any) -> Iterator[dict[str, int]]:
         if part != "embedding":  # a step reads one row of the table, counted apart
             param_bytes[part] += sum(p.numel() * p.element_size() for p in module.parameters(recurse=True))
         if part in PROJECTIONS:  # a quantized layer's words, scales and zero points are buffers after loading
-            param_bytes[part] += sum(b.numel() * b.element_size() for b in module.buffers(recurse=True))
+            # (its own: an attached LoRA hook's adapter stacks are buffers too, read as the "lora" part, a slot a
+            # request, not whole)
+            param_bytes[part] += sum(b.numel() * b.element_size() for b in module.buffers(recurse=False))
         handles.append(module.register_forward_pre_hook(enter(part)))
         handles.append(module.register_forward_hook(leave))
     lm_head = getattr(model, "lm_head", None)

@@ -68,8 +68,8 @@ def test_batch1_profile_on_cpu(tiny_llama_dir: Path, tmp_path: Path) -> None:
 
 def test_a_quantized_projection_counts_its_buffers() -> None:
     """A 4-bit layer's words, scales and zero points are buffers after loading (wna16.py registers them), so a
-    projection's bytes read a step are its parameters and buffers; a norm's buffers (none here) and a rotary
-    table (a buffer read one row a step) are not counted."""
+    projection's bytes read a step are its parameters and its own buffers; an attached LoRA hook's adapter
+    stacks and a rotary table (a buffer read one row a step) are not counted."""
     from types import SimpleNamespace
 
     from torch import nn
@@ -77,6 +77,10 @@ def test_a_quantized_projection_counts_its_buffers() -> None:
     proj = nn.Module()
     proj.register_buffer("qweight", torch.zeros(64, 96, dtype=torch.int32))  # [in / 8, out]
     proj.register_buffer("scales", torch.zeros(4, 96, dtype=torch.float16))  # [G, out]
+    proj.lora = (
+        nn.Module()
+    )  # a LoRA hook's stacks: buffers of every adapter slot, not this projection's bytes
+    proj.lora.register_buffer("a_stacked", torch.zeros(8, 16, 512))
     rotary = nn.Module()
     rotary.register_buffer("cos_sin_cache", torch.zeros(128, 16))
     attn = nn.Module()

@@ -27,6 +27,7 @@ quantize-dequantize of x, so CPU computes what the GPU does.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -318,6 +319,13 @@ def fp8_gemv_launch(
     return {"block_n": 4, "block_k": 512, "split_k": 1, "num_warps": 2, **staged}
 
 
+@functools.cache
+def _gemv_launch(in_features: int, out_features: int, device: int, num_tokens: int) -> dict[str, int | bool]:
+    """fp8_gemv_launch once per shape (its switches read from the environment then, not every call); not
+    mutated by its callers."""
+    return fp8_gemv_launch(in_features, out_features, _num_sms(device), num_tokens)
+
+
 _SMS: dict[int, int] = {}
 
 
@@ -378,7 +386,7 @@ def fp8_gemv_linear(
     from ops.triton.fp8_gemv import fp8_gemv  # noqa: PLC0415
 
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [M, in]
-    launch = fp8_gemv_launch(x2.shape[1], weight.shape[0], _num_sms(x.get_device()), x2.shape[0])
+    launch = _gemv_launch(x2.shape[1], weight.shape[0], x.get_device(), x2.shape[0])
     out = fp8_gemv(x2, weight, weight_scale, input_scale, **launch, gated=gated, l2_next=l2_next)
     if bias is not None:
         out = out + bias

@@ -29,7 +29,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
 from ops.triton.split_k import MAX_TILES, k_splits, split_counters, store_swapped_tile
 
 MAX_SKINNY_ROWS = 16  # rows of x: one MMA tile
@@ -59,7 +58,6 @@ def _skinny_gemm_kernel(
     SPLIT_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 (exact, as the CPU reference), else the MMA's own
     SCALED: tl.constexpr,  # FP8 weights: y = x (w * scale[:, None])^T, the scale applied to the sums
-    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (ops.triton.pdl)
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -73,10 +71,6 @@ def _skinny_gemm_kernel(
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K] at K = 0
     x_ptrs = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]  # [BLOCK_K, BLOCK_M]: x^T at K = 0
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T's tile
-    # The dot loop's pipeline loads x with each weight tile, so nothing is read before the wait: PDL overlaps
-    # this launch and its address arithmetic with the kernel before, and lets the next kernel launch early.
-    let_next_kernel_start(PDL)
-    wait_for_previous_kernel(PDL)
     for k0 in range(k_start, k_end, BLOCK_K):
         mask_k = k0 + offs_k < k_end
         w = tl.load(w_ptrs + k0, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
@@ -121,13 +115,12 @@ def skinny_gemm(
         raise ValueError(f"skinny_gemm: {tiles} tiles exceed the split-K workspace ({MAX_TILES})")
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     partials = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else out
-    pdl = pdl_enabled(x.device)
     kernel = _skinny_gemm_kernel[(tiles, split_k)](
         x, weight, weight_scale if scaled else x, out, partials, split_counters(x.device), M, N, K, k_per_split,
         x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=MAX_SKINNY_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SCALED=scaled, PDL=pdl,
-        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SCALED=scaled,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     shared = getattr(getattr(kernel, "metadata", None), "shared", None)
     if shared is not None:

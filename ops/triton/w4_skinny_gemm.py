@@ -42,7 +42,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
 from ops.triton.split_k import MAX_TILES, k_splits, split_counters, store_swapped_tile
 from ops.triton.wna16_gemm import check_layout
 
@@ -173,7 +172,6 @@ def _w4_skinny_gemm_kernel(
     EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: the words loaded unmasked (16-byte copies)
     SCALED: tl.constexpr,  # the scale applied to the decoded tile (rounded to 16 bits), not to its sums
     EMULATE: tl.constexpr,  # the Triton interpreter: the dot in float32 (its 16-bit dots and casts are unreliable)
-    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (ops.triton.pdl)
 ):
     WORD_ROWS: tl.constexpr = BLOCK_K // 8
     TILE_GROUPS: tl.constexpr = BLOCK_K > GROUP_SIZE
@@ -196,10 +194,6 @@ def _w4_skinny_gemm_kernel(
     # tiles feed the dot, not these): the loop never waits on a load it issued in the same iteration.
     scale_next = tl.load(scales_ptr + (k_start // GROUP_SIZE) * stride_sg + offs_n, mask=mask_n, other=0.0)
     zero_next = tl.load(zeros_ptr + (k_start // GROUP_SIZE) * stride_zg + offs_n, mask=mask_n, other=0.0)
-    # Those are weights, requested while the kernel before may still run (PDL); the pipelined loop loads x with
-    # each tile of words, so it starts after the wait.
-    let_next_kernel_start(PDL)
-    wait_for_previous_kernel(PDL)
     for k0 in range(k_start, k_end, BLOCK_K):
         if EVEN_N:
             words = tl.load(word_ptrs + (k0 // 8) * stride_qk)
@@ -288,11 +282,10 @@ def w4_skinny_gemm(
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     partials = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else out
     options = {} if max_registers is None or x.device.type != "cuda" else {"maxnreg": max_registers}
-    pdl = pdl_enabled(x.device)
     _w4_skinny_gemm_kernel[(tiles_n, split_k, tiles_m)](
         x, qweight, scales, zeros, out, partials, split_counters(x.device), M, N, K, k_per_split,
         x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
         X_FP16=x.dtype == torch.float16, GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, SPLIT_K=split_k, EVEN_N=N % block_n == 0, SCALED=scaled, EMULATE=x.device.type != "cuda", PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl, **options,
+        BLOCK_K=block_k, SPLIT_K=split_k, EVEN_N=N % block_n == 0, SCALED=scaled, EMULATE=x.device.type != "cuda", num_warps=num_warps, num_stages=num_stages, **options,
     )  # fmt: skip
     return out

@@ -75,11 +75,10 @@ KERNELS = [
         for gated in (False, True)
     ),
     *(
-        (  # the tensor-core skinny GEMM (2-16 tokens), with and without its split-K tickets, under PDL (the
-           # default on sm_90) and not
+        (  # the tensor-core skinny GEMM (2-16 tokens), with and without its split-K tickets
             "ops.triton.skinny_gemm:_skinny_gemm_kernel",
             {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": split_k, "DOT_PRECISION": "tf32",
-             "SCALED": fp8, "PDL": split_k > 1},
+             "SCALED": fp8},
             {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv" if fp8 else "*bf16", "scale_ptr": "*fp32", "out_ptr": "*bf16",
              "partials_ptr": "*fp32", "counters_ptr": "*i32"},
         )
@@ -88,10 +87,10 @@ KERNELS = [
     *(
         (  # the tensor-core W4A16 GEMM (3-255 tokens): its decode's inline PTX for bf16 and fp16 x, the words
            # loaded unmasked and masked, with and without split-K tickets, the scale in the tile (SCALED, as the
-           # engine runs it), a 64-row tile; under PDL (the default on sm_90) where scaled
+           # engine runs it), a 64-row tile
             "ops.triton.w4_skinny_gemm:_w4_skinny_gemm_kernel",
             {"X_FP16": fp16, "GROUP_SIZE": 128, "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": split_k,
-             "EVEN_N": even_n, "SCALED": scaled, "EMULATE": False, "PDL": scaled},
+             "EVEN_N": even_n, "SCALED": scaled, "EMULATE": False},
             {"x_ptr": "*fp16" if fp16 else "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*fp16",
              "out_ptr": "*fp16" if fp16 else "*bf16", "partials_ptr": "*fp32", "counters_ptr": "*i32"},
         )

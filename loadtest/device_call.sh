@@ -27,7 +27,7 @@
 # (graph_replay_ms_by_size: does the skinny GEMM's batch-1 cost reach every graph size?); t2s0a t2s1a ...: T2 with it off / on (T2SN requests); f8l0a f8l1a ...: L1 on FP8 weights with WEIR_FP8_SKINNY_GEMM=0 / 1 (fp8.py's skinny GEMM at 3-16 tokens); prb0 / prb1: probe_carveout.py with WEIR_SKINNY_GEMM=0 / 1 (decode graphs timed after launches that may set the SMs' L1/shared split), prb0big / prb048: with a skinny GEMM (~200 KB / 12 KB of shared memory) launched before the engine is built, prb0bg / prb0sg / prb0fg / prb0cg: a CUDA graph of the big one / the 12 KB one / an FP8 one (72 KB) / cuBLAS at 8 rows made before it and kept, prb0al: the same tensors kept, no launch (placement alone); pab0ACTION / pab1ACTION: probe_carveout.py --after-build ACTION (stream, segment, empty_cache, graph_engine_stream, graph, none) with WEIR_SKINNY_GEMM=0 / 1; pws0 / pws1: probe_carveout.py --warm-up-stream default (the engine's warm-ups on the default stream); ptr0 / ptr1: probe_carveout.py --trace-streams (which streams the build launched Triton kernels on); pmc0ACTION / pmc1ACTION: the same with CUDA_DEVICE_MAX_CONNECTIONS=${PMC:-32}; a trailing q (prb0q, prb0bgq) builds the engine on FP8 weights (is the FP8 engine's batch-1 graph, which its own skinny graphs did not slow, slowed by a bf16 one?); s48: the skinny sweep's small tiles under 48 KB of shared memory, winners to $O/skinny_48kb.json;
 # sm1a sm1b ...: L1 with those (after s48); sl1a sl1b ...: L1 with it on, each layer's best launch of at most 100 KB of shared memory;
 # sq80a sq81a sq80b ...: Q1 and Q2 at L1's batch SQB (default 8) by ab_old/ (0) and this tree (1), alternating; sb80a sb81a
-# ...: L1 with WEIR_SKINNY_GEMM=1 the same way (an A/B of a change to the skinny GEMMs: their PDL, d9706b1 against later).
+# ...: L1 with WEIR_SKINNY_GEMM=1 the same way; t2ab0a t2ab1a ...: T2 (T2PN requests) the same way (an A/B of a change to the skinny GEMMs: their PDL, d9706b1 against later).
 # ear0a ear1a ear0b ...: L1 with WEIR_DECODE_ATTENTION_EARLY_READS=0 / 1 (decode attention's metadata before PDL's wait).
 # engpdl: the engine check with WEIR_PDL=1 (the default since b7c78b5); fda0a fda1a fda0b ...: L1 with WEIR_FUSED_DECODE_ATTENTION=0 / 1
 # (decode_attention, engine/model/layers/attention.py); engfda: the engine check with it on; q12fda: Q1, Q2 with it on; q3: bench_quant.py's Q3 (T2 bf16 and FP8 weights);
@@ -197,6 +197,8 @@ for s in $STEPS; do case $s in
   pdlq0*|pdlq1*) step $s 150 env WEIR_PDL=${s:4:1} python3 loadtest/bench_quant.py --shape llama3-8b --cases Q1,Q2 --q1-methods ${Q1M:-gptq} --out $O/$s.json;;
   sq80*|sq81*) L=$([ ${s:3:1} = 0 ] && echo ab_old/)
     step $s 150 env PYTHONPATH=/tmp/site:$PWD/${L:-.} python3 ${L}loadtest/bench_quant.py --shape llama3-8b --cases Q1,Q2 --q1-methods ${Q1M:-gptq} --l1-batch ${SQB:-8} --out $O/$s.json;;
+  t2ab0*|t2ab1*) L=$([ ${s:4:1} = 0 ] && echo ab_old/)
+    step $s 150 env PYTHONPATH=/tmp/site:$PWD/${L:-.} python3 ${L}loadtest/bench_throughput.py --workload t2 --shape llama3-8b --num-requests ${T2PN:-1000} --peer none --out $O/$s.json;;
   sb80*|sb81*) L=$([ ${s:3:1} = 0 ] && echo ab_old/)
     step $s 60 env PYTHONPATH=/tmp/site:$PWD/${L:-.} WEIR_SKINNY_GEMM=1 python3 ${L}loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;
   k1) step k1 120 python3 loadtest/profile_kernels.py --mode batch1 --shape llama3-8b --input-len 32 --out $O/profile_l1.json;;

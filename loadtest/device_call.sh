@@ -28,7 +28,6 @@
 # sm1a sm1b ...: L1 with those (after s48); sl1a sl1b ...: L1 with it on, each layer's best launch of at most 100 KB of shared memory;
 # sq80a sq81a sq80b ...: Q1 and Q2 at L1's batch SQB (default 8) by ab_old/ (0) and this tree (1), alternating; sb80a sb81a
 # ...: L1 with WEIR_SKINNY_GEMM=1 the same way; t2ab0a t2ab1a ...: T2 (T2PN requests) the same way (an A/B of a change to the skinny GEMMs: their PDL, d9706b1 against later).
-# ear0a ear1a ear0b ...: L1 with WEIR_DECODE_ATTENTION_EARLY_READS=0 / 1 (decode attention's metadata before PDL's wait).
 # engpdl: the engine check with WEIR_PDL=1 (the default since b7c78b5); fda0a fda1a fda0b ...: L1 with WEIR_FUSED_DECODE_ATTENTION=0 / 1
 # (decode_attention, engine/model/layers/attention.py); engfda: the engine check with it on; q12fda: Q1, Q2 with it on; q3: bench_quant.py's Q3 (T2 bf16 and FP8 weights);
 # peer4: loadtest/peer_w4_gemv.py (Q5's peer: weir's W4A16 GEMV against GemLite's on the same weights, P4B tokens, weir's launch also
@@ -137,7 +136,6 @@ for s in $STEPS; do case $s in
   sl1*) echo '{"4096x6144": {"block_n": 64, "block_k": 128, "split_k": 1, "num_warps": 4, "num_stages": 5}, "4096x4096": {"block_n": 64, "block_k": 128, "split_k": 1, "num_warps": 4, "num_stages": 5}, "4096x28672": {"block_n": 64, "block_k": 128, "split_k": 1, "num_warps": 4, "num_stages": 5}, "14336x4096": {"block_n": 64, "block_k": 128, "split_k": 2, "num_warps": 4, "num_stages": 5}}' > $O/skinny_100kb.json
     step $s 60 env WEIR_SKINNY_GEMM=1 WEIR_SKINNY_GEMM_LAUNCHES=$O/skinny_100kb.json python3 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;
   sk0*|sk1*) step $s 60 env WEIR_SKINNY_GEMM=${s:2:1} WEIR_SKINNY_GEMM_LAUNCHES=$([ -s $O/skinny_launches.json ] && echo $O/skinny_launches.json) python3 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;
-  ear0*|ear1*) step $s 60 env WEIR_DECODE_ATTENTION_EARLY_READS=${s:3:1} python3 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;
   pdl0*|pdl1*) step $s 60 env WEIR_PDL=${s:3:1} python3 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;
   fp8mm|fp8mmb) step $s ${FMC:-120} python3 loadtest/probe_fp8_gemm.py --shape llama3-8b --rows ${FMR:-256,2048,8192} --out $O/${s/fp8mm/fp8_gemm}.json;;
   q3fa) step q3fa 200 env WEIR_FP8_FAST_ACCUM=1 python3 loadtest/bench_quant.py --shape llama3-8b --cases Q3 --t2-requests ${Q3N:-1000} --out $O/q3fa.json;;

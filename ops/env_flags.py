@@ -51,12 +51,6 @@ ENV_FLAGS: dict[str, tuple[bool, str]] = {
         False,
         "the one-token FP8 GEMV requests its first tile before PDL's wait; ops/triton/fp8_gemv.py",
     ),
-    "WEIR_DECODE_ATTENTION_EARLY_READS": (
-        # an experiment: on an H100 at e507e83 (on, against d9706b1 without it or the one-row-a-sequence grid) L1 bf16
-        # batch 1 5.553 -> 5.533 ms, batch 8 6.100 -> 6.118; being timed apart from the grid
-        True,
-        "decode attention reads the step's metadata and rotary factors before PDL's wait; ops/triton/paged_attention.py",
-    ),
     "WEIR_FLASH_PREFILL": (
         # an experiment: weir's paged prefill attention ran at ~260 TFLOP/s on T2's 8 x 1,024-token steps
         # against flash's ~520 on one 4,096 prompt (H200); on an H100 (torch 2.11) flash lost at T2's shapes: 8 x 1,024

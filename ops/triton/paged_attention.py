@@ -245,10 +245,9 @@ def _paged_attention_kernel(
     WINDOWED: tl.constexpr = False,  # sliding-window attention: tiles wholly before every row's window skipped
     SOFTCAP: tl.constexpr = False,  # attention logit softcapping (Gemma 2)
     DECODE: tl.constexpr = False,  # decode_attention's launch (one query a sequence): program q_block is sequence q_block
-    EARLY_READS: tl.constexpr = False,  # (DECODE) the metadata read before PDL's wait (WEIR_DECODE_ATTENTION_EARLY_READS)
 ):
     let_next_kernel_start(PDL)
-    if not (DECODE and EARLY_READS):
+    if not DECODE:
         wait_for_previous_kernel(PDL)
     # DECODE: the step's metadata (query_start_loc, seq_lens, positions, slots: copied in before the step's
     # first kernel, which is not PDL-launched, so complete before this one starts) and the rotary table are read
@@ -295,8 +294,7 @@ def _paged_attention_kernel(
     if DECODE:
         # Every program waits before it may return: this kernel's completion must imply the previous one's, which
         # a later kernel's wait relies on.
-        if EARLY_READS:
-            wait_for_previous_kernel(PDL)
+        wait_for_previous_kernel(PDL)
         if q_len == 0:
             return
     if ROTARY:
@@ -591,17 +589,7 @@ class _Plan:
     a per-call choose_config + AttentionConfig costs more than the launch arithmetic left below.
     Holds python values only, so it is valid for every batch and across CUDA-graph capture and replay."""
 
-    __slots__ = (
-        "decode",
-        "dot_precision",
-        "early_reads",
-        "fp8_widen",
-        "group",
-        "hw_fp8_cvt",
-        "pdl",
-        "prefill",
-        "sms",
-    )
+    __slots__ = ("decode", "dot_precision", "fp8_widen", "group", "hw_fp8_cvt", "pdl", "prefill", "sms")
 
     def __init__(
         self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device_index: int
@@ -616,7 +604,6 @@ class _Plan:
         self.prefill = _base_launch(group, head_dim, decode=False)
         self.pdl = device_index >= 0 and pdl_enabled(torch.device("cuda", device_index))
         self.fp8_widen = fp8_widen_from_env()
-        self.early_reads = env_flag("WEIR_DECODE_ATTENTION_EARLY_READS")
         self.hw_fp8_cvt = device_index >= 0 and _hardware_fp8_cvt(device_index)
 
 
@@ -942,7 +929,6 @@ def _launch(
         windowed,  # WINDOWED
         softcap is not None,  # SOFTCAP
         decode,  # DECODE
-        decode and plan.early_reads,  # EARLY_READS
         num_warps=num_warps,
         num_stages=num_stages,
         launch_pdl=plan.pdl,

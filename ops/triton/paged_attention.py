@@ -244,16 +244,16 @@ def _paged_attention_kernel(
     ROT_HALF: tl.constexpr = 0,  # (ROTARY) rotary_dim / 2 when only part of a head rotates; 0: all of it
     WINDOWED: tl.constexpr = False,  # sliding-window attention: tiles wholly before every row's window skipped
     SOFTCAP: tl.constexpr = False,  # attention logit softcapping (Gemma 2)
-    DECODE: tl.constexpr = False,  # decode_attention's launch (one query a sequence): program q_block is sequence q_block
+    DECODE: tl.constexpr = False,  # at most one query a sequence (max_query_len 1): program q_block is sequence q_block
 ):
     let_next_kernel_start(PDL)
     if not DECODE:
         wait_for_previous_kernel(PDL)
-    # DECODE: the step's metadata (query_start_loc, seq_lens, positions, slots: copied in before the step's
-    # first kernel, which is not PDL-launched, so complete before this one starts) and the rotary table are read
-    # before PDL's wait, while the kernel before (the qkv projection) finishes; q, this step's K / V and the
-    # cache after it. (The block table and the cache's old positions could be read before it too, written before
-    # the step; not done.)
+    # DECODE: the step's metadata (query_start_loc, seq_lens, positions, slots, block tables: copied in before
+    # the step's first kernel, which is not PDL-launched, so complete before this one starts) and the rotary
+    # table are read before PDL's wait, while the kernel before (the qkv projection) finishes; q, this step's
+    # K / V and the cache after it (the cache's old positions could be read earlier too: written by earlier
+    # steps; not done yet).
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
@@ -746,11 +746,6 @@ def decode_attention(
     this is one launch (~2.8 us on an H200) a layer fewer.
     """
     num_tokens = query.shape[0]
-    if seq_lens.shape[0] != num_tokens or query_start_loc.shape[0] != num_tokens + 1:
-        raise ValueError(
-            f"decode_attention takes one token a sequence; got {num_tokens} tokens, {seq_lens.shape[0]} seq_lens, "
-            f"{query_start_loc.shape[0]} query_start_loc entries"
-        )
     check_head_rows_cache("decode_attention", k_cache, v_cache, key.shape[1] // head_dim, head_dim)
     check_rotary_width("decode_attention", cos_sin_cache.shape[-1], head_dim)
     if cos_sin_cache.stride(-1) != 1:

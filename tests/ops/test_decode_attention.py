@@ -165,25 +165,6 @@ def test_decode_attention_refuses_a_cache_of_another_layout() -> None:
 
 
 @in_process
-def test_decode_attention_refuses_sequences_without_one_token_each() -> None:
-    """Its launch gives each sequence one program row (no search of query_start_loc): two sequences over one
-    token would read a query that is not there."""
-    cos_sin = build_cos_sin_cache(32, 64, 10000.0).to(DEVICE)
-    q = torch.zeros(1, 128, device=DEVICE)
-    k = v = torch.zeros(1, 64, device=DEVICE)
-    cache = torch.zeros(2, 8, 2, 32, device=DEVICE)
-    two = torch.ones(2, dtype=torch.int32, device=DEVICE)
-    with pytest.raises(
-        ValueError, match="decode_attention takes one token a sequence; got 1 tokens, 2 seq_lens"
-    ):
-        impl.decode_attention(
-            torch.zeros(1, dtype=torch.int64, device=DEVICE), q, k, v, cos_sin, 32, cache, cache,
-            torch.zeros(1, dtype=torch.int64, device=DEVICE), two.view(2, 1) * 0, two,
-            torch.tensor([0, 1, 1], device=DEVICE, dtype=torch.int32), 1, 1.0,
-        )  # fmt: skip
-
-
-@in_process
 @pytest.mark.parametrize("case", ["e4m3 group 4 split", "e5m2 group 1", "e4m3 group 4 split head 48"])
 def test_decode_attention_over_a_widened_fp8_cache_is_bit_for_bit_the_bytes_path(
     case: str, monkeypatch: pytest.MonkeyPatch

@@ -60,7 +60,7 @@ from ops.triton.head_dim import head_lanes, head_rows_mask, pad
 from ops.triton.kv_cache import _FP8_FORMATS, _NOT_FP8, _to_cache
 from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
 from ops.triton.rotary import check_rotary_width
-from ops.triton.rotary_kv import check_head_rows_cache, rotary_cos_sin, rotated_rows_by
+from ops.triton.rotary_kv import check_head_rows_cache, rotated_rows
 from ops.triton.split_k import MAX_TILES, split_counters
 from ops.triton.tanh import tanh
 
@@ -244,32 +244,19 @@ def _paged_attention_kernel(
     ROT_HALF: tl.constexpr = 0,  # (ROTARY) rotary_dim / 2 when only part of a head rotates; 0: all of it
     WINDOWED: tl.constexpr = False,  # sliding-window attention: tiles wholly before every row's window skipped
     SOFTCAP: tl.constexpr = False,  # attention logit softcapping (Gemma 2)
-    DECODE: tl.constexpr = False,  # at most one query a sequence (max_query_len 1): program q_block is sequence q_block
 ):
     let_next_kernel_start(PDL)
-    if not DECODE:
-        wait_for_previous_kernel(PDL)
-    # DECODE: the step's metadata (query_start_loc, seq_lens, positions, slots, block tables: copied in before
-    # the step's first kernel, which is not PDL-launched, so complete before this one starts) and the rotary
-    # table are read before PDL's wait, while the kernel before (the qkv projection) finishes; q, this step's
-    # K / V and the cache after it (the cache's old positions could be read earlier too: written by earlier
-    # steps; not done yet).
+    wait_for_previous_kernel(PDL)
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
 
-    if DECODE:  # one program row a sequence: no search (log2(num_seqs) dependent loads)
-        seq = q_block
-    else:
-        seq = _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q)
+    seq = _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    if DECODE:
-        q_block_local = 0  # (a sequence without a query returns after the wait below)
-    else:
-        q_block_local = q_block - (q_start // BLOCK_Q + seq)
-        if q_block_local * BLOCK_Q >= q_len:
-            return
+    q_block_local = q_block - (q_start // BLOCK_Q + seq)
+    if q_block_local * BLOCK_Q >= q_len:
+        return
     seq_len = tl.load(seq_lens_ptr + seq)
     context_len = seq_len - q_len
 
@@ -283,22 +270,7 @@ def _paged_attention_kernel(
     q_rows = q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh  # [BLOCK_M, 1]
     if ROTARY:
         pos = tl.load(positions_ptr + token, mask=row_valid, other=0)  # [BLOCK_M]
-        cos, sin = rotary_cos_sin(cos_sin_ptr + pos[:, None] * stride_cs, row_valid, HEAD_DIM, ROT_HALF)
-        # this step's token (ROTARY is a decode batch: one a sequence) as _store_new_kv's rows of one
-        one = tl.full([1], 0, dtype=tl.int32)
-        new_slot = tl.load(slot_mapping_ptr + q_start.to(tl.int64) + one)  # [1] int64
-        new_pos = tl.load(positions_ptr + q_start.to(tl.int64) + one)  # [1]
-        k_cos, k_sin = rotary_cos_sin(
-            (cos_sin_ptr + new_pos * stride_cs)[:, None], one == 0, HEAD_DIM, ROT_HALF
-        )
-    if DECODE:
-        # Every program waits before it may return: this kernel's completion must imply the previous one's, which
-        # a later kernel's wait relies on.
-        wait_for_previous_kernel(PDL)
-        if q_len == 0:
-            return
-    if ROTARY:
-        q = rotated_rows_by(q_rows, cos, sin, row_valid, HEAD_DIM, ROT_HALF)
+        q = rotated_rows(q_rows, cos_sin_ptr + pos[:, None] * stride_cs, row_valid, HEAD_DIM, ROT_HALF)
     else:
         q = tl.load(q_rows + offs_d[None, :], mask=head_rows_mask(row_valid, offs_d, HEAD_DIM), other=0.0)
         # q: [BLOCK_M, pad(HEAD_DIM)]
@@ -347,8 +319,8 @@ def _paged_attention_kernel(
     if ROTARY:
         if segment == used - 1:  # the program whose tiles hold this step's position
             _store_new_kv(
-                q_start.to(tl.int64), kv_head, new_slot, k_cos, k_sin, k_new_ptr, v_new_ptr,
-                k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, stride_kn, stride_vn, stride_kb,
+                q_start.to(tl.int64), kv_head, positions_ptr, cos_sin_ptr, k_new_ptr, v_new_ptr, slot_mapping_ptr,
+                k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, stride_cs, stride_kn, stride_vn, stride_kb,
                 stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_SIZE, FP8_MANT, FP8_MIN_EXP, FP8_MAX, KV_SCALED,
                 ROT_HALF,
             )  # fmt: skip
@@ -429,25 +401,26 @@ def _paged_attention_kernel(
 
 @triton.jit
 def _store_new_kv(
-    token, kv_head, slot, cos, sin, k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr,
-    k_scale_ptr, v_scale_ptr, stride_kn, stride_vn, stride_kb, stride_ks, stride_vb, stride_vs,
+    token, kv_head, positions_ptr, cos_sin_ptr, k_new_ptr, v_new_ptr, slot_mapping_ptr, k_cache_ptr, v_cache_ptr,
+    k_scale_ptr, v_scale_ptr, stride_cs, stride_kn, stride_vn, stride_kb, stride_ks, stride_vb, stride_vs,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, FP8_MANT: tl.constexpr, FP8_MIN_EXP: tl.constexpr,
     FP8_MAX: tl.constexpr, SCALED: tl.constexpr, ROT_HALF: tl.constexpr,
 ):  # fmt: skip
-    """Rotate `token`'s key of `kv_head` by its position's cos and sin ([1, pad(HEAD_DIM)], rotary_cos_sin's)
-    and store it and its value in the token's cache slot (`slot`, [1] int64), rounded as ops.triton.rotary_kv
-    stores them (the model dtype, then an fp8 cache's format); slot -1 (padding) stores nothing. The slot and
-    the factors come loaded (before PDL's wait); the key and value are one memory round trip."""
+    """Rotate `token`'s key of `kv_head` and store it and its value in the token's cache slot, rounded as
+    ops.triton.rotary_kv stores them (the model dtype, then an fp8 cache's format); slot -1 (padding)
+    stores nothing. Every load is issued before any depends on another (the slot only addresses the
+    stores): one memory round trip before the stores."""
     one = tl.full([1], 0, dtype=tl.int32)  # [1]: rows of one, the helpers' shape
     offs_d = tl.arange(0, pad(HEAD_DIM))
-    k = rotated_rows_by(
+    slot = tl.load(slot_mapping_ptr + token + one)  # [1] int64
+    cs_row = cos_sin_ptr + tl.load(positions_ptr + token + one) * stride_cs  # [1]
+    k = rotated_rows(
         (k_new_ptr + token * stride_kn + kv_head * HEAD_DIM + one)[:, None],
-        cos,
-        sin,
+        cs_row[:, None],
         one == 0,
         HEAD_DIM,
         ROT_HALF,
-    )  # [1, pad(HEAD_DIM)]
+    )  # fmt: skip  [1, pad(HEAD_DIM)]
     v_ptrs = v_new_ptr + token * stride_vn + kv_head * HEAD_DIM + offs_d[None, :] + one[:, None]
     if pad(HEAD_DIM) != HEAD_DIM:
         v = tl.load(v_ptrs, mask=head_lanes(offs_d, HEAD_DIM), other=0.0)
@@ -859,8 +832,7 @@ def _launch(
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=query.dtype, device=device)
     if num_tokens == 0 or num_seqs == 0:
         return out
-    decode = rotary is not None  # (decode_attention: one query a sequence; see the kernel's DECODE)
-    grid_q = num_seqs if decode else num_tokens // block_q + num_seqs
+    grid_q = num_tokens // block_q + num_seqs
     if segments > 1 and grid_q * num_kv_heads > MAX_TILES:
         segments = 1  # more (query block, KV head) pairs than split counters: one pass (only forced configs)
     counters = out
@@ -923,7 +895,6 @@ def _launch(
         rot_half,  # ROT_HALF
         windowed,  # WINDOWED
         softcap is not None,  # SOFTCAP
-        decode,  # DECODE
         num_warps=num_warps,
         num_stages=num_stages,
         launch_pdl=plan.pdl,

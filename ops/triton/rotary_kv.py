@@ -227,62 +227,45 @@ def rotated_rows(x_rows, cs_rows, valid, HEAD_DIM: tl.constexpr, ROT_HALF: tl.co
     _rotated_halves' arithmetic with each element beside its partner in the other half, so a kernel
     that wants a whole head in one tile (paged attention's query, decode_attention's key) gets it bit
     for bit as the rotary ops give it. ROT_HALF > 0 (partial rotary): only the first 2 * ROT_HALF dims
-    rotate, the rest come back as they are. rotary_cos_sin, then rotated_rows_by: a kernel may load the
-    cos | sin rows (constants) before it waits for the kernel that wrote x (ops.triton.pdl)."""
-    cos, sin = rotary_cos_sin(cs_rows, valid, HEAD_DIM, ROT_HALF)
-    return rotated_rows_by(x_rows, cos, sin, valid, HEAD_DIM, ROT_HALF)
+    rotate, the rest come back as they are."""
+    if ROT_HALF == 0:
+        if pad(HEAD_DIM) == HEAD_DIM:
+            HALF: tl.constexpr = HEAD_DIM // 2
+            offs_d = tl.arange(0, HEAD_DIM)
+            in_half = offs_d % HALF
+            mask = valid[:, None]
+            x = tl.load(x_rows + offs_d[None, :], mask=mask, other=0.0)
+            xf = x.to(tl.float32)
+            partner = tl.load(x_rows + (offs_d ^ HALF)[None, :], mask=mask, other=0.0).to(tl.float32)
+            cos = tl.load(cs_rows + in_half[None, :], mask=mask, other=0.0).to(tl.float32)
+            sin = tl.load(cs_rows + HALF + in_half[None, :], mask=mask, other=0.0).to(tl.float32)
+            first = (offs_d < HALF)[None, :]
+            # the same explicit fmas as _rotated_halves (a contraction the compiler chose would differ per kernel)
+            rotated = tl.where(first, tl.fma(xf, cos, -(partner * sin)), tl.fma(xf, cos, partner * sin))
+            out = rotated.to(x.dtype)
+        else:  # a padded head (its halves' partners are not an XOR away): every dim rotating
+            out = _rotated_part(x_rows, cs_rows, valid, HEAD_DIM, HEAD_DIM // 2)
+    else:
+        out = _rotated_part(x_rows, cs_rows, valid, HEAD_DIM, ROT_HALF)
+    return out
 
 
 @triton.jit
-def _rotary_lanes(HEAD_DIM: tl.constexpr, ROT_HALF: tl.constexpr):
-    """(offs_d, the rotating half's width, whether each lane is in the first half, whether it rotates, its
-    cos | sin column, its partner lane) over pad(HEAD_DIM) lanes; ROT_HALF 0: every dim rotates."""
-    RH: tl.constexpr = ROT_HALF if ROT_HALF > 0 else HEAD_DIM // 2
+def _rotated_part(x_rows, cs_rows, valid, HEAD_DIM: tl.constexpr, ROT_HALF: tl.constexpr):
+    """rotated_rows with the first 2 * ROT_HALF dims rotating (all of them when 2 * ROT_HALF is
+    HEAD_DIM), the rest as they are; [R, pad(HEAD_DIM)], zero past HEAD_DIM."""
     offs_d = tl.arange(0, pad(HEAD_DIM))
-    is_first = offs_d < RH
-    is_rot = offs_d < 2 * RH
-    in_half = tl.where(is_first, offs_d, offs_d - RH)  # cos/sin column (rotated dims only)
-    partner_d = tl.where(is_first, offs_d + RH, tl.where(is_rot, offs_d - RH, offs_d))
-    return offs_d, is_first, is_rot, in_half, partner_d
-
-
-@triton.jit
-def rotary_cos_sin(cs_rows, valid, HEAD_DIM: tl.constexpr, ROT_HALF: tl.constexpr = 0):
-    """(cos, sin), each [R, pad(HEAD_DIM)] float32: every lane's rotary factors from the cos | sin rows at
-    cs_rows ([R, 1]); 0 in rows not `valid` and in lanes that do not rotate (rotated_rows_by's input)."""
-    if ROT_HALF == 0 and pad(HEAD_DIM) == HEAD_DIM:
-        HALF: tl.constexpr = HEAD_DIM // 2
-        in_half = tl.arange(0, HEAD_DIM) % HALF
-        mask = valid[:, None]
-        cos = tl.load(cs_rows + in_half[None, :], mask=mask, other=0.0).to(tl.float32)
-        sin = tl.load(cs_rows + HALF + in_half[None, :], mask=mask, other=0.0).to(tl.float32)
-    else:  # partial rotary, or a padded head (its halves' partners are not an XOR away)
-        RH: tl.constexpr = ROT_HALF if ROT_HALF > 0 else HEAD_DIM // 2
-        offs_d, is_first, is_rot, in_half, partner_d = _rotary_lanes(HEAD_DIM, ROT_HALF)
-        rot_mask = head_rows_mask(valid, offs_d, HEAD_DIM) & is_rot[None, :]
-        cos = tl.load(cs_rows + in_half[None, :], mask=rot_mask, other=0.0).to(tl.float32)
-        sin = tl.load(cs_rows + RH + in_half[None, :], mask=rot_mask, other=0.0).to(tl.float32)
-    return cos, sin
-
-
-@triton.jit
-def rotated_rows_by(x_rows, cos, sin, valid, HEAD_DIM: tl.constexpr, ROT_HALF: tl.constexpr = 0):
-    """rotated_rows with its cos and sin already loaded (rotary_cos_sin's, for the same rows)."""
-    if ROT_HALF == 0 and pad(HEAD_DIM) == HEAD_DIM:
-        HALF: tl.constexpr = HEAD_DIM // 2
-        offs_d = tl.arange(0, HEAD_DIM)
-        mask = valid[:, None]
-        x = tl.load(x_rows + offs_d[None, :], mask=mask, other=0.0)
-        xf = x.to(tl.float32)
-        partner = tl.load(x_rows + (offs_d ^ HALF)[None, :], mask=mask, other=0.0).to(tl.float32)
-        first = (offs_d < HALF)[None, :]
-        # the same explicit fmas as _rotated_halves (a contraction the compiler chose would differ per kernel)
-        return tl.where(first, tl.fma(xf, cos, -(partner * sin)), tl.fma(xf, cos, partner * sin)).to(x.dtype)
-    offs_d, is_first, is_rot, in_half, partner_d = _rotary_lanes(HEAD_DIM, ROT_HALF)
+    is_first = offs_d < ROT_HALF
+    is_rot = offs_d < 2 * ROT_HALF
+    in_half = tl.where(is_first, offs_d, offs_d - ROT_HALF)  # cos/sin column (rotated dims only)
+    partner_d = tl.where(is_first, offs_d + ROT_HALF, tl.where(is_rot, offs_d - ROT_HALF, offs_d))
     mask = head_rows_mask(valid, offs_d, HEAD_DIM)
+    rot_mask = mask & is_rot[None, :]
     x = tl.load(x_rows + offs_d[None, :], mask=mask, other=0.0)
     xf = x.to(tl.float32)
     partner = tl.load(x_rows + partner_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    cos = tl.load(cs_rows + in_half[None, :], mask=rot_mask, other=0.0).to(tl.float32)
+    sin = tl.load(cs_rows + ROT_HALF + in_half[None, :], mask=rot_mask, other=0.0).to(tl.float32)
     rotated = tl.where(
         is_first[None, :], tl.fma(xf, cos, -(partner * sin)), tl.fma(xf, cos, partner * sin)
     ).to(x.dtype)

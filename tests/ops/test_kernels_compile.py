@@ -152,7 +152,7 @@ KERNELS = [
         (
             "ops.triton.paged_attention:_paged_attention_kernel",
             {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "TILE": 64, "BLOCK_M": 16, "BLOCK_Q": 4, "SPLIT": split,
-             "DOT_PRECISION": "tf32", "KV_SCALED": fp8, "PDL": True, "ROTARY": rotary, "DECODE": rotary, "FP8_MANT": 3 if fp8 else 0,
+             "DOT_PRECISION": "tf32", "KV_SCALED": fp8, "PDL": True, "ROTARY": rotary, "FP8_MANT": 3 if fp8 else 0,
              "FP8_MIN_EXP": -6 if fp8 else 0, "FP8_MAX": 448.0 if fp8 else 0.0, "KV_WIDEN": widen,
              "HW_CVT": widen == 1 or split, "WINDOWED": windowed, "SOFTCAP": windowed},
             {"out_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32",
@@ -178,7 +178,7 @@ KERNELS = [
     (  # Phi-4-mini's partial rotary: 96 of 128 dims rotate (ROT_HALF 48, not a power of two)
         "ops.triton.paged_attention:_paged_attention_kernel",
         {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "TILE": 64, "BLOCK_M": 16, "BLOCK_Q": 4, "SPLIT": True,
-         "DOT_PRECISION": "tf32", "KV_SCALED": False, "PDL": True, "ROTARY": True, "DECODE": True, "FP8_MANT": 0,
+         "DOT_PRECISION": "tf32", "KV_SCALED": False, "PDL": True, "ROTARY": True, "FP8_MANT": 0,
          "FP8_MIN_EXP": 0, "FP8_MAX": 0.0, "KV_WIDEN": 0, "HW_CVT": True, "ROT_HALF": 48},
         {"out_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32",
          "counters_ptr": "*i32", "q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",
@@ -192,7 +192,7 @@ KERNELS = [
            # plain loads, masked and not); a split with partial rotary storing to a bytes-read e5m2 cache
             "ops.triton.paged_attention:_paged_attention_kernel",
             {"GROUP": 4, "HEAD_DIM": 96, "BLOCK_SIZE": 16, "TILE": 64, "BLOCK_M": block_m, "BLOCK_Q": block_m // 4,
-             "SPLIT": split, "DOT_PRECISION": "tf32", "KV_SCALED": cache != "*bf16", "PDL": True, "ROTARY": rotary, "DECODE": rotary,
+             "SPLIT": split, "DOT_PRECISION": "tf32", "KV_SCALED": cache != "*bf16", "PDL": True, "ROTARY": rotary,
              "FP8_MANT": {"*fp8e4nv": 3, "*fp8e5": 2}.get(cache, 0), "FP8_MIN_EXP": {"*fp8e4nv": -6, "*fp8e5": -14}.get(cache, 0),
              "FP8_MAX": {"*fp8e4nv": 448.0, "*fp8e5": 57344.0}.get(cache, 0.0), "KV_WIDEN": widen, "HW_CVT": True,
              "ROT_HALF": rot_half, "WINDOWED": windowed, "SOFTCAP": windowed},

@@ -190,8 +190,6 @@ for s in $STEPS; do case $s in
   k1g) python3 -c "from pathlib import Path; from loadtest.bench_quant import quantized_copy, GPTQ; from loadtest.model_shapes import shape_dir; quantized_copy(str(shape_dir('llama3-8b')), Path('/tmp'), 'gptq8b', GPTQ)"
     step k1g 120 python3 loadtest/profile_kernels.py --mode batch1 --model /tmp/gptq8b --load-format dummy --input-len 32 --out $O/profile_l1_gptq.json;;
   t2p0*|t2p1*) step $s 150 env WEIR_PDL=${s:3:1} python3 loadtest/bench_throughput.py --workload t2 --shape llama3-8b --num-requests ${T2PN:-1000} --peer none --out $O/$s.json;;
-  q2a0*|q2a1*) step $s 120 env WEIR_FP8_GEMV_FIRST_AHEAD=${s:3:1} python3 loadtest/bench_quant.py --shape llama3-8b --cases Q2 --out $O/$s.json;;
-  featdq2a) mkdir -p $O/featdq2a; step featdq2a 240 env OUT=$O/featdq2a WEIR_FP8_GEMV_FIRST_AHEAD=1 WEIR_CHECK_PARTS=d python3 loadtest/gpu_feature_check.py;;
   pdlq0*|pdlq1*) step $s 150 env WEIR_PDL=${s:4:1} python3 loadtest/bench_quant.py --shape llama3-8b --cases Q1,Q2 --q1-methods ${Q1M:-gptq} --out $O/$s.json;;
   sq80*|sq81*) L=$([ ${s:3:1} = 0 ] && echo ab_old/)
     step $s 150 env PYTHONPATH=/tmp/site:$PWD/${L:-.} python3 ${L}loadtest/bench_quant.py --shape llama3-8b --cases Q1,Q2 --q1-methods ${Q1M:-gptq} --l1-batch ${SQB:-8} --out $O/$s.json;;

@@ -44,13 +44,6 @@ ENV_FLAGS: dict[str, tuple[bool, str]] = {
         False,
         "the one-token FP8 GEMV's tile loads pipelined by Triton (cp.async, 3 stages); ops/triton/fp8_gemv.py",
     ),
-    "WEIR_FP8_GEMV_FIRST_AHEAD": (
-        # an experiment, not timed yet (9ab9fc0: the session's device time ran out; device steps q2a0a q2a1a ...,
-        # featdq2a): the one-token FP8 GEMV loads no tile before PDL's wait, so only its launch overlaps the kernel
-        # before; keeping a tile ahead through the loop (prefetch) made the step 11% slower (H100, ba6732c)
-        False,
-        "the one-token FP8 GEMV requests its first tile before PDL's wait; ops/triton/fp8_gemv.py",
-    ),
     "WEIR_FLASH_PREFILL": (
         # an experiment: weir's paged prefill attention ran at ~260 TFLOP/s on T2's 8 x 1,024-token steps
         # against flash's ~520 on one 4,096 prompt (H200); on an H100 (torch 2.11) flash lost at T2's shapes: 8 x 1,024

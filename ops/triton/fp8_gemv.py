@@ -104,7 +104,6 @@ def _fp8_gemv_kernel(
     L2_PREFETCH: tl.constexpr = False,
     HW_CVT: tl.constexpr = True,  # STATIC_INPUT: the GPU's fp8 conversion (else software: the interpreter)
     LOOP_STAGES: tl.constexpr = 1,  # > 1: Triton pipelines the loop's loads through shared memory
-    FIRST_AHEAD: tl.constexpr = False,  # the first tile loaded before PDL's wait, no tile ahead after it
 ):
     pid_g = tl.program_id(0)  # a group of ROWS rows of x; groups side by side share each weight tile in L2
     pid_n = tl.program_id(1)
@@ -132,21 +131,13 @@ def _fp8_gemv_kernel(
     k_last = k_start + (k_end - 1 - k_start) // BLOCK_K * BLOCK_K  # the split's last tile
     if PREFETCH:
         w = _w_tile(w_ptrs, k_start, k_end, mask_n, BLOCK_K)
-    if FIRST_AHEAD:  # used by the peeled first turn below: no register copy in the loop
-        w_first = _w_tile(w_ptrs, k_start, k_end, mask_n, BLOCK_K)
     # Weights do not depend on the kernel before this one: with PDL the first tile is requested while it
     # still runs; x and every write come after the wait.
     let_next_kernel_start(PDL)  # all programs resident: the next kernel may launch and wait for this one
     wait_for_previous_kernel(PDL)
     # LOOP_STAGES > 1: Triton's pipelining of the tile loads (cp.async into shared memory, that many stages);
     # 1: no pipelining, the loads in registers (ahead with PREFETCH)
-    loop_start = k_start
-    if FIRST_AHEAD:
-        kk = k_start + offs_k
-        acc0, acc1, acc2, acc3 = _tile_terms(acc0, acc1, acc2, acc3, w_first, x_ptr, stride_xm, kk, kk < k_end, s_in,
-                                             ROWS, STATIC_INPUT, HW_CVT)  # fmt: skip
-        loop_start = k_start + BLOCK_K
-    for k0 in tl.range(loop_start, k_end, BLOCK_K, num_stages=LOOP_STAGES):
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=LOOP_STAGES):
         kk = k0 + offs_k
         mask_k = kk < k_end
         if PREFETCH:  # the next tile in flight while this one is used (the last re-reads itself)
@@ -190,7 +181,6 @@ def fp8_gemv(
     gated: bool = False,
     l2_next: torch.Tensor | None = None,  # [bytes] uint8: asked of L2 as the programs finish
     loop_stages: int = 1,
-    first_ahead: bool = False,
 ) -> torch.Tensor:  # [M, N] in x.dtype; gated: [M, N / 2]
     """y = x (weight * weight_scale[:, None])^T, one launch; split_k > 1 splits K per BLOCK_N rows;
     prefetch keeps the next weight tile in flight (and lets the launch use PDL, ops.triton.pdl).
@@ -204,9 +194,10 @@ def fp8_gemv(
     ~28 KB an SM in flight at the planned launch; compiled for sm_90 (triton 3.9), 3 stages take 64 registers
     and 6 KB of shared memory a program (2 warps, 4 x 512 tiles), ~64 KB an SM in flight; the outputs are the
     same bits. Slower in the engine: the FP8 batch-1 step 3.469 against 3.423 ms on an H100 at 55cf415 (Q2 0.634x
-    against 0.625x). first_ahead: the first tile requested before PDL's wait (so while the kernel before still
-    runs) and used by a peeled first turn, no tile kept ahead after it (prefetch, which keeps one ahead through
-    the loop, made the FP8 batch-1 step 11% slower on an H100 at ba6732c); the same bits."""
+    against 0.625x). At one token no tile is loaded before PDL's wait: prefetch (a tile kept ahead through the loop)
+    made the FP8 batch-1 step 11% slower on an H100 (3.390 -> 3.770 ms, ba6732c), and the first tile alone loaded
+    before the wait and used by a peeled first turn (no tile ahead after it; the same bits) 6% slower (Q2 0.608x ->
+    0.645x, 3.363 -> 3.569 ms, e507e83, loadtest/results/decode-attn-h100-2026-12-07-e507e83/); both removed."""
     M, K = x.shape
     N = weight.shape[0]
     if not 1 <= M <= MAX_GEMV_TOKENS:
@@ -221,10 +212,6 @@ def fp8_gemv(
         raise ValueError(
             f"fp8_gemv: loop_stages is 1, or more without prefetch; got {loop_stages}, prefetch {prefetch}"
         )
-    if first_ahead and prefetch:
-        raise ValueError(
-            "fp8_gemv: first_ahead is without prefetch (which keeps the first tile ahead already)"
-        )
     if gated and (N % 2 or block_n % 2):
         raise ValueError(
             f"fp8_gemv: gated needs an even row count and block_n; got {N} rows, block_n {block_n}"
@@ -236,7 +223,7 @@ def fp8_gemv(
     if M % rows:  # zero rows up to whole groups
         padded = torch.cat([x, x.new_zeros(rows - M % rows, K)])
         return fp8_gemv(padded, weight, weight_scale, input_scale, block_n, block_k, split_k, num_warps, num_stages,
-                        prefetch, gated, l2_next, loop_stages, first_ahead)[:M]  # fmt: skip
+                        prefetch, gated, l2_next, loop_stages)[:M]  # fmt: skip
     groups = M // rows
     if split_k > 1 and tiles * groups > MAX_TILES:
         raise ValueError(f"fp8_gemv: {tiles * groups} tiles exceed the split-K workspace ({MAX_TILES})")
@@ -257,6 +244,6 @@ def fp8_gemv(
         prefetch_bytes=l2_bytes,
         prefetch_second=l2_second,
         L2_PREFETCH=l2_next is not None and x.device.type == "cuda", HW_CVT=hardware_fp8_conversion(x),
-        LOOP_STAGES=loop_stages, FIRST_AHEAD=first_ahead, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+        LOOP_STAGES=loop_stages, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
     return out

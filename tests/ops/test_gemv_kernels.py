@@ -139,30 +139,6 @@ def test_fp8_gemv_matches_dequantize_then_matmul(
 
 
 @in_process
-@pytest.mark.parametrize(("m", "gated", "split_k", "k"), [(1, False, 1, 1024), (1, True, 2, 1024), (3, False, 2, 1024),
-                                                        (1, False, 1, 128), (2, False, 1, 200)])  # fmt: skip
-def test_fp8_gemv_first_tile_ahead_gives_the_same_bits(m: int, gated: bool, split_k: int, k: int) -> None:
-    """first_ahead (the first tile loaded before PDL's wait, a peeled first turn): the same tiles in the same
-    order, so the same bits as without it, at several tiles a split, one tile, and a ragged last tile; refused
-    with prefetch (which keeps that tile ahead already)."""
-    from ops.triton.fp8_gemv import fp8_gemv
-
-    weight, scale, reference = _fp8_layer(48, k, seed=m + k)
-    dtype = _dtype()
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + 5)).to(DEVICE, dtype)
-    args = (x, weight.to(DEVICE), scale.to(DEVICE))
-    launch = dict(block_n=4, block_k=128, split_k=split_k, num_warps=1, gated=gated)
-    plain = fp8_gemv(*args, **launch)
-    assert torch.equal(fp8_gemv(*args, **launch, first_ahead=True), plain)
-    assert torch.equal(fp8_gemv(*args, **launch, first_ahead=True), plain)  # the split counters were reset
-    y = F.linear(x.float(), reference.to(DEVICE))
-    expected = F.silu(y[:, :24]) * y[:, 24:] if gated else y
-    assert _err(plain, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
-    with pytest.raises(ValueError, match="fp8_gemv: first_ahead is without prefetch"):
-        fp8_gemv(*args, **launch, first_ahead=True, prefetch=True)
-
-
-@in_process
 @pytest.mark.parametrize(("m", "gated", "split_k"), [(1, False, 1), (1, True, 2), (3, False, 2)])
 def test_fp8_gemv_pipelined_loop_gives_the_same_bits(m: int, gated: bool, split_k: int) -> None:
     """loop_stages > 1 (Triton's cp.async pipeline of the tile loads on CUDA; the interpreter runs the loop

@@ -117,15 +117,14 @@ KERNELS = [
         for weight in ("*bf16", "*fp8e4nv")
     ),
     *(
-        (  # the one-token launch under PDL (the default on sm_90), and with its first tile before PDL's wait
-           # (FIRST_AHEAD, WEIR_FP8_GEMV_FIRST_AHEAD's experiment), gated
+        (  # the one-token launch under PDL (the default on sm_90), gated and not
             "ops.triton.fp8_gemv:_fp8_gemv_kernel",
             {"ROWS": 1, "BLOCK_N": 4, "BLOCK_K": 512, "SPLIT_K": 1, "STATIC_INPUT": False, "PREFETCH": False,
-             "PDL": True, "VEC": 8, "GATED": first_ahead, "FIRST_AHEAD": first_ahead},
+             "PDL": True, "VEC": 8, "GATED": gated},
             {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "input_scale_ptr": "*fp32",
              "out_ptr": "*bf16", "partials_ptr": "*fp32", "counters_ptr": "*i32", "prefetch_ptr": "*bf16"},
         )
-        for first_ahead in (False, True)
+        for gated in (False, True)
     ),
     *(
         (  # the tile loads pipelined by Triton (LOOP_STAGES, WEIR_FP8_GEMV_PIPELINE's experiment), gated and not
@@ -380,7 +379,6 @@ triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attr
         + (f"-rows{k[1]['ROWS']}" if k[1].get("ROWS", 1) > 1 else "")
         + ("-meta2d" if k[1].get("META_2D") else "")
         + ("-col_blocked" if k[1].get("COL_BLOCKED") else "")
-        + ("-first_ahead" if k[1].get("FIRST_AHEAD") else "")
         + (f"-stages{k[1]['LOOP_STAGES']}" if k[1].get("LOOP_STAGES", 1) > 1 else "")
         + ("-ragged" if k[1].get("EVEN_N") is False else "")
         for k in KERNELS

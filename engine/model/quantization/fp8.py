@@ -310,10 +310,9 @@ def fp8_gemv_launch(
     del num_sms  # measured on 132 SMs; with no split the tiles alone fill the card
     # x's next tile requested ahead gained no layer here (folded-gemv-h200-2026-12-04/7-xahead-ab-6c25784)
     # WEIR_FP8_GEMV_PIPELINE (off: +1.3% on Q2's step, H100 at 55cf415): the one-token tile loads pipelined by Triton, 3 stages
-    # no prefetch: the next tile in flight (the first before PDL's wait) made the FP8 step 11% slower (H100 at ba6732c)
+    # no prefetch: the next tile in flight (the first before PDL's wait) made the FP8 step 11% slower (H100 at ba6732c),
+    # and the first tile alone before the wait 6% slower (H100 at e507e83)
     staged = {"loop_stages": 3} if num_tokens == 1 and env_flag("WEIR_FP8_GEMV_PIPELINE") else {}
-    if num_tokens == 1 and not staged and env_flag("WEIR_FP8_GEMV_FIRST_AHEAD"):  # off until timed
-        staged = {"first_ahead": True}
     if num_tokens == 1 and out_features <= in_features:
         return {"block_n": 4, "block_k": 1024, "split_k": 1, "num_warps": 4, **staged}
     return {"block_n": 4, "block_k": 512, "split_k": 1, "num_warps": 2, **staged}

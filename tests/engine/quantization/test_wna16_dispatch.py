@@ -85,24 +85,6 @@ def test_fp8_gemv_pipeline_is_planned_at_one_token_only_when_switched_on(
     assert {g.get("loop_stages", 1) for g in two} == {1}
 
 
-@pytest.mark.parametrize("setting", ["", "0", "1"])
-def test_fp8_gemv_first_tile_ahead_is_planned_at_one_token_only_when_switched_on(
-    setting: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """WEIR_FP8_GEMV_FIRST_AHEAD (off until timed) requests the one-token FP8 GEMV's first tile before PDL's wait;
-    2 tokens and the pipelined launch keep theirs."""
-    from engine.model.quantization.fp8 import fp8_gemv_launch
-
-    monkeypatch.setenv("WEIR_FP8_GEMV_FIRST_AHEAD", setting)
-    one = [fp8_gemv_launch(k, n, H100_SMS) for k, n in LLAMA3_8B.values()]
-    two = [fp8_gemv_launch(k, n, H100_SMS, num_tokens=2) for k, n in LLAMA3_8B.values()]
-    assert {g.get("first_ahead", False) for g in one} == {setting == "1"}
-    assert {g.get("first_ahead", False) for g in two} == {False}
-    monkeypatch.setenv("WEIR_FP8_GEMV_PIPELINE", "1")
-    staged = [fp8_gemv_launch(k, n, H100_SMS) for k, n in LLAMA3_8B.values()]
-    assert {g.get("first_ahead", False) for g in staged} == {False}
-
-
 def test_fp8_gemv_launches_follow_the_sweep() -> None:
     from engine.model.quantization.fp8 import fp8_gemv_launch
 

@@ -717,6 +717,11 @@ def decode_attention(
     for its KV head, then reads them back with the rest of the tile. A prefill chunk cannot do this:
     its tokens' keys are read by other programs, which no barrier inside one launch orders. At batch 1
     this is one launch (~2.8 us on an H200) a layer fewer.
+
+    Tried and reverted (H100, e507e83-6c6b233, loadtest/results/decode-attn-h100-2026-12-07-e507e83/): one program
+    row a sequence (no binary search of query_start_loc) with the step's metadata and rotary factors read before
+    PDL's wait (only q, this step's K / V and the cache after it): L1 batch 1 -0.4%, batch 8 +0.3%, T2 a tie; the
+    grid and the reordered loads alone were 0.4% slower at both batch sizes.
     """
     num_tokens = query.shape[0]
     check_head_rows_cache("decode_attention", k_cache, v_cache, key.shape[1] // head_dim, head_dim)

@@ -27,6 +27,10 @@ ms at c2fa90c, bf16 4.446 against 4.359 at 5a5b861 (loadtest/results/startup-sam
 measured on an H200 since. Loading the FP8 GEMV's first tile before its wait (prefetch at one token) made the FP8
 step 11% slower (3.390 -> 3.770 ms, ba6732c): that GEMV keeps no tile ahead. Also off under the Triton
 interpreter and below compute capability 9.0; the in-kernel calls compile to nothing when off.
+The skinny GEMMs (2-255 tokens) do not take part: launched with it they made L1's batch-8 step 9-14% slower on an
+H100 (ops/triton/skinny_gemm.py); nor does the FP8 GEMV load its first tile before the wait (6% slower, fp8_gemv.py).
+With PDL on, the GPU engine check (114/114) and the feature checks' multi-LoRA, beam, fork, FP8 KV cache and
+quantized-format parts pass on an H100 (loadtest/results/decode-attn-h100-2026-12-07-e507e83/).
 """
 
 from __future__ import annotations

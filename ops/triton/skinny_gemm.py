@@ -18,6 +18,10 @@ FP8 weights (`weight_scale` given) are W8A16 here: each tile converted to x's dt
 row's scale applied to the float32 sums, as ops/triton/fp8_gemv.py does on the CUDA cores (whether this
 beats it is loadtest/sweep_gemv.py's `fp8_skinny`).
 
+Not launched with PDL (ops/triton/pdl.py): letting the next kernel launch at its start and waiting before the
+pipelined loop (x is loaded with each tile) made L1's batch-8 step slower on an H100 (e507e83: FP8 weights 4.47 ->
+5.08 ms; the W4A16 skinny GEMM's GPTQ step 3.71 -> 4.04; loadtest/results/decode-attn-h100-2026-12-07-e507e83/).
+
 The spec is F.linear in float32 (tests/ops/test_skinny_gemm.py); sums are float32. Float32 operands
 multiply in IEEE float32 (no TF32), so a float32 model decodes the same tokens through it as through
 torch (the GPU engine check's tiny models, with WEIR_SKINNY_GEMM_LAUNCHES giving every shape a launch).

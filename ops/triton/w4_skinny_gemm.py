@@ -29,6 +29,9 @@ path from the decode's blocked layout to the MMA's operand layout. (Letting each
 tile load its own word, so the decode could run in the operand layout, compiled for sm_90 by triton 3.9 to
 8x the words' bytes in cp.async copies and still a conversion through shared memory: not a way round it.)
 
+Not launched with PDL (ops/triton/pdl.py): with the first scales and zero points read before the wait and the
+pipelined loop after it, L1's GPTQ step at batch 8 went 3.71 -> 4.04 ms on an H100 (e507e83; ops/triton/skinny_gemm.py).
+
 The spec is engine.model.quantization.common.dequantize + F.linear (tests/ops/test_w4_skinny_gemm.py,
 under TRITON_INTERPRET=1 on CPU; on CUDA by loadtest/probe_tinygemm.py and the GPU checks). The interpreter
 (triton 3.9) miscasts integers to bf16 and multiplies 16-bit dot operands wrongly, so there (EMULATE) the

@@ -58,6 +58,7 @@ PARTS = (
     "other",
 )
 PREFIX = "weir::"
+TOP_UNLABELLED = 8  # the "other" part's kernels listed by name, longest first
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 GRAPH = "graph_replay"
 
@@ -249,10 +250,14 @@ def gaps(kernels: Sequence[dict[str, Any]]) -> list[float]:
 def part_table(
     rows: Sequence[dict[str, Any]], steps: int, bytes_per_step: dict[str, int | None], copy_gb_s: float | None
 ) -> dict[str, dict[str, Any]]:
-    """Per part: kernels and us per step, bytes, GB/s, fraction of the copy bandwidth."""
+    """Per part: kernels and us per step, bytes, GB/s, fraction of the copy bandwidth; for "other", its kernels by
+    name too (what no range or family labelled: the next labelling rule to write)."""
     acc: dict[str, list[float]] = defaultdict(list)
+    unlabelled: dict[str, list[float]] = defaultdict(list)  # kernel name -> its durations, part "other"
     for r in rows:
         acc[r["part"]].append(r["end"] - r["start"])
+        if r["part"] == "other":
+            unlabelled[r["name"]].append(r["end"] - r["start"])
     total_us = sum(sum(v) for v in acc.values()) / steps
     table = {}
     for part in PARTS:
@@ -271,6 +276,16 @@ def part_table(
             row["gb_s"] = round(nbytes / (us * 1e-6) / 1e9, 1)
             if copy_gb_s:
                 row["fraction_of_copy_bw"] = round(row["gb_s"] / copy_gb_s, 4)
+        if part == "other":
+            by_time = sorted(unlabelled.items(), key=lambda kv: -sum(kv[1]))[:TOP_UNLABELLED]
+            row["top_kernels"] = [
+                {
+                    "name": name[:120],
+                    "kernels_per_step": round(len(d) / steps, 2),
+                    "us_per_step": round(sum(d) / steps, 2),
+                }
+                for name, d in by_time
+            ]
         table[part] = row
     return table
 

@@ -11,7 +11,11 @@ FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("rotary", ("rotary", "rope")),
     ("activation", ("silu",)),
     ("sampler", ("sort", "topk", "softmax", "argmax", "multinomial", "exponential", "cumsum", "gather")),
-    ("matmul", ("gemm", "cutlass", "nvjet", "sm90", "cublas", "aten::mm", "aten::addmm", "matmul", "linear")),
+    # "gemv": weir's Triton decode GEMVs (W4A16, W8A16 / FP8, the float GEMV, with a LoRA epilogue too)
+    (
+        "matmul",
+        ("gemm", "gemv", "cutlass", "nvjet", "sm90", "cublas", "aten::mm", "aten::addmm", "matmul", "linear"),
+    ),
     ("copies", ("memcpy", "memset", "copy", "cat", "index")),
 )
 

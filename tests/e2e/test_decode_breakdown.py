@@ -115,6 +115,25 @@ LAYER = [  # (kernel, part) of one layer as the eager step launches them
 ]
 
 
+def test_the_unlabelled_part_lists_its_kernels_by_name() -> None:
+    """Kernels no range or family labels (the Triton GEMVs of a quantized step were, on an H100 with torch 2.11)
+    land in "other"; its row names them, longest first, so the next labelling rule can be written from a run."""
+    rows = [
+        {"name": "_w4_half2_gemv_kernel", "start": 0.0, "end": 9.0, "part": "other"},
+        {"name": "_w4_half2_gemv_kernel", "start": 10.0, "end": 19.0, "part": "other"},
+        {"name": "triton_poi_fused_0", "start": 20.0, "end": 21.0, "part": "other"},
+        {"name": "rms_norm_kernel", "start": 22.0, "end": 24.0, "part": "norm"},
+    ]
+    table = db.part_table(rows, 2, {}, None)
+    assert table["other"]["kernels_per_step"] == 1.5 and table["other"]["us_per_step"] == 9.5
+    assert table["other"]["top_kernels"] == [
+        {"name": "_w4_half2_gemv_kernel", "kernels_per_step": 1.0, "us_per_step": 9.0},
+        {"name": "triton_poi_fused_0", "kernels_per_step": 0.5, "us_per_step": 0.5},
+    ]
+    assert "top_kernels" not in table["norm"]
+    assert db.family_of("_w4_half2_gemv_kernel") == db.family_of("_fp8_gemv_kernel") == "matmul"
+
+
 def test_graphed_breakdown_labels_graph_kernels_from_the_eager_step() -> None:
     layers, steps = 2, 2
     eager = [_kernel("memcpy_h2d", 0, 1, None), _kernel("embedding", 1, 1, "embedding")]

@@ -94,12 +94,14 @@ def test_skinny_gemm_refuses_what_it_cannot_run() -> None:
         skinny_gemm(torch.zeros(2, 64, device=DEVICE), torch.zeros(64, 32, device=DEVICE).t())
 
 
-def test_the_skinny_plan_is_off_by_default_and_read_from_a_launches_file(tmp_path, monkeypatch) -> None:
+def test_the_skinny_plan_is_on_by_default_and_read_from_a_launches_file(tmp_path, monkeypatch) -> None:
     from engine.model.quantization import float_gemv
 
     monkeypatch.delenv("WEIR_SKINNY_GEMM", raising=False)
     monkeypatch.delenv("WEIR_SKINNY_GEMM_LAUNCHES", raising=False)
     float_gemv._skinny_launches.cache_clear()
+    assert float_gemv.plan_skinny_gemm(4096, 6144) == float_gemv._SKINNY_LAUNCHES[(4096, 6144)]  # the default
+    monkeypatch.setenv("WEIR_SKINNY_GEMM", "0")
     assert float_gemv.plan_skinny_gemm(4096, 6144) is None  # off: cuBLAS
     monkeypatch.setenv("WEIR_SKINNY_GEMM", "1")
     assert float_gemv.plan_skinny_gemm(4096, 6144) == float_gemv._SKINNY_LAUNCHES[(4096, 6144)]

@@ -128,11 +128,13 @@ def plan_float_gemv(in_features: int, out_features: int, lora: bool = False) -> 
 # (ops/triton/skinny_gemm.py), the least total time over 2, 4, 8 and 16 tokens in the H100 sweep at 2330fb4
 # (loadtest/results/skinny-h100-2026-12-06-2330fb4/; microseconds at 8 tokens against cuBLAS): qkv 19.45 vs
 # 21.00, o 14.01 vs 15.59, gate_up 80.14 vs 82.28, down 42.31 vs 43.83; it won at every token count swept.
-# WEIR_SKINNY_GEMM switches it; off by default: it takes L1's batch 8 from 6.18 to 5.94 ms on an H100 and
-# leaves T2 as it was, but every decode graph without a skinny launch (batch 1, 32-256) replays 1.2-2.1%
-# slower in an engine with it on. Not the kernel's doing as such: the engine without it reaches the same
-# slower speed, for good, after the first work on any third CUDA stream; what does it in this engine is open
-# (README, Known limits; loadtest/probe_carveout.py, loadtest/results/graph-stream-state-h100-2026-12-06-701f95a/).
+# WEIR_SKINNY_GEMM switches it; on by default since 2026-12-07: it takes L1's batch 8 from 6.18 to 5.94 ms on an
+# H100 and leaves T2 as it was. Before PDL was on, every decode graph without a skinny launch (batch 1, 32-256)
+# replayed 1.2-2.1% slower in an engine with it on (not the kernel's doing as such: the engine without it reaches
+# the same slower speed, for good, after the first work on any third CUDA stream; README, Known limits;
+# loadtest/probe_carveout.py, loadtest/results/graph-stream-state-h100-2026-12-06-701f95a/); with PDL on, one run
+# on an H100 showed batch 1 at 5.547 ms against 5.553 without it, batch 8 5.877 against 6.100
+# (loadtest/results/decode-attn-h100-2026-12-07-e507e83/call1-e507e83, sb80a against abold1 / abold2).
 _SKINNY_LAUNCHES: dict[tuple[int, int], dict[str, int]] = {
     (4096, 6144): {"block_n": 64, "block_k": 128, "split_k": 1, "num_warps": 4, "num_stages": 5},  # qkv
     (4096, 4096): {"block_n": 64, "block_k": 128, "split_k": 1, "num_warps": 4, "num_stages": 5},  # o_proj

@@ -57,7 +57,7 @@ class UnquantizedLinearMethod(LinearMethodBase):
         layer.float_gemv = launch
         layer.float_gemv_gated = gated
         # 2-16 tokens: the tensor-core skinny GEMM where planned (float_gemv.plan_skinny_gemm), else cuBLAS;
-        # the plan first, so with WEIR_SKINNY_GEMM off no layer pays for the support check
+        # the plan first, so with WEIR_SKINNY_GEMM=0 no layer pays for the support check
         skinny = plan_skinny_gemm(weight.shape[1], weight.shape[0])
         layer.skinny_gemm = skinny if skinny is not None and skinny_gemm_supported(weight) else None
         layer.float_gemv_scale = (

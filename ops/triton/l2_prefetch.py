@@ -29,6 +29,22 @@ _PREFETCH_PTX: tl.constexpr = tl.constexpr(
 )
 
 
+# every lane its own run: one bulk prefetch an element of `runs`, skipped where its size is 0
+_PREFETCH_RUN_PTX: tl.constexpr = tl.constexpr(
+    "{ .reg .pred p; setp.ne.u32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0; }"
+)
+
+
+@triton.jit
+def prefetch_runs(run_ptrs, sizes):
+    """Ask L2 for sizes[i] bytes (int32, a multiple of 16; 0: nothing) from each run_ptrs[i] (16-byte aligned;
+    both the same shape): one bulk prefetch an element, by whichever thread holds it (sm_90 PTX; nothing waits
+    for it). The decode GEMVs' own weights, asked for before PDL's wait (their L2_OWN)."""
+    tl.inline_asm_elementwise(
+        _PREFETCH_RUN_PTX, "=r,l,r", [run_ptrs, sizes.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1
+    )
+
+
 @triton.jit
 def prefetch_slice(base_ptr, nbytes, part, parts):
     """Program `part` of `parts` asks L2 for its share of the `nbytes` at `base_ptr` (a byte pointer,

@@ -214,7 +214,7 @@ def fp8_gemv(
     made the FP8 batch-1 step 11% slower on an H100 (3.390 -> 3.770 ms, ba6732c), and the first tile alone loaded
     before the wait and used by a peeled first turn (no tile ahead after it; the same bits) 6% slower (Q2 0.608x ->
     0.645x, 3.363 -> 3.569 ms, e507e83, loadtest/results/decode-attn-h100-2026-12-07-e507e83/); both removed.
-    l2_own: each program asks L2 for its rows' K range (one bulk prefetch a row) before PDL's wait, so its weights
+    l2_own: each program asks L2 for its rows' K range (bulk prefetches, a piece of a row a thread) before PDL's wait, so its weights
     stream in while the kernel before runs, without holding a tile in registers (sm_90; rows whose bytes are not
     16-byte aligned ask nothing; the outputs unchanged: WEIR_GEMV_L2_OWN's experiment)."""
     M, K = x.shape

@@ -11,9 +11,13 @@ of the next projection's weights, so that GEMV's first loads find L2 warm. The s
 programs' launch order (program 0 the first bytes): the next GEMV's first wave reads the first rows.
 
 A prefetch changes no value, only where the bytes come from: the outputs are the same with and without
-it. Not measured on a GPU yet, so off (engine/model/quantization/l2_prefetch_chain.py decides who asks
-for what). Only PTX of sm_90 (Hopper) has the bulk prefetch; elsewhere, and in the Triton interpreter
-(no PTX), nothing is prefetched.
+it. Off (WEIR_L2_PREFETCH; engine/model/quantization/l2_prefetch_chain.py decides who asks for what): on an
+H200 it made L1's bf16 batch-1 step 4.8% slower (4.462 against 4.257 ms, 6e851bf).
+
+`prefetch_runs` serves the other experiment, WEIR_GEMV_L2_OWN (off, not timed yet): each one-token GEMV
+program asks L2 for its own weights before PDL's wait, while the kernel before it (a norm, the attention)
+leaves the memory idle, rather than the next GEMV's weights at its own tail. Only PTX of sm_90 (Hopper) has
+the bulk prefetch; elsewhere, and in the Triton interpreter (no PTX), nothing is prefetched.
 """
 
 from __future__ import annotations

@@ -355,25 +355,35 @@ KERNELS = [
     ),
 ]  # fmt: skip
 
-_COMPILE = """
+# compile_sm90(fn, consts, types): the kernel compiled for sm_90 as a launch would specialize it; the scripts below
+# (each run in a fresh interpreter without TRITON_INTERPRET) start with it
+_SM90 = """
 import importlib, json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+def compile_sm90(fn, consts, types):
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}  # (a dict may serve several kernels)
+    # constexprs left out take their defaults, as a launch does (else they would compile as runtime values)
+    consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **consts}
+    signature = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
+    constexprs = {(i,): consts[n] for i, n in enumerate(fn.arg_names) if n in consts}
+    # as launches specialize them: pointers (torch's allocations) and strides divisible by 16
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params)
+             if p.name not in consts and not p.do_not_specialize
+             and (signature[p.name].startswith("*") or p.name.startswith("stride"))}
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32))
+"""
+
+_COMPILE = (
+    _SM90
+    + """
 name, consts, types = json.loads(sys.argv[1])
 module, fn_name = name.split(":")
-fn = getattr(importlib.import_module(module), fn_name)
-consts = {k: v for k, v in consts.items() if k in fn.arg_names}  # (a dict may serve several kernels)
-# constexprs left out take their defaults, as a launch does (else they would compile as runtime values)
-consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **consts}
-signature = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
-constexprs = {(i,): consts[n] for i, n in enumerate(fn.arg_names) if n in consts}
-# as launches specialize them: pointers (torch's allocations) and strides divisible by 16
-attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params)
-         if p.name not in consts and not p.do_not_specialize
-         and (signature[p.name].startswith("*") or p.name.startswith("stride"))}
-triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs), target=GPUTarget("cuda", 90, 32))
+compile_sm90(getattr(importlib.import_module(module), fn_name), consts, types)
 """
+)
 
 
 @pytest.mark.parametrize(
@@ -507,11 +517,9 @@ def test_meta_2d_leaves_no_layout_conversion_in_the_one_token_loop() -> None:
     assert found["False"]["conversions"] > 0, found
 
 
-_L2_OWN_ORDER = r"""
-import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+_L2_OWN_ORDER = (
+    _SM90
+    + r"""
 from ops.triton.fp8_gemv import _fp8_gemv_kernel
 from ops.triton.w4_half2_gemv import _w4_half2_gemv_kernel
 cases = {
@@ -527,20 +535,14 @@ cases = {
 }
 out = {}
 for name, (fn, consts, types) in cases.items():
-    consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **consts}
-    signature = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
-    constexprs = {(i,): consts[n] for i, n in enumerate(fn.arg_names) if n in consts}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params)
-             if p.name not in consts and not p.do_not_specialize
-             and (signature[p.name].startswith("*") or p.name.startswith("stride"))}
-    ptx = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                         target=GPUTarget("cuda", 90, 32)).asm["ptx"].splitlines()
+    ptx = compile_sm90(fn, consts, types).asm["ptx"].splitlines()
     prefetch = [i for i, line in enumerate(ptx) if "cp.async.bulk.prefetch.L2.global" in line]
     wait = [i for i, line in enumerate(ptx) if "griddepcontrol.wait" in line]
-    loads = [i for i, line in enumerate(ptx) if "ld.global" in line]
-    out[name] = {"prefetch": prefetch, "wait": wait, "first_load": loads[0] if loads else None}
+    predicated = all("@p cp.async.bulk.prefetch.L2.global" in ptx[i] for i in prefetch)
+    out[name] = {"prefetch": prefetch, "wait": wait, "predicated": predicated}
 print(json.dumps(out))
 """
+)
 
 
 def test_own_weights_are_asked_of_l2_before_pdls_wait() -> None:
@@ -557,3 +559,4 @@ def test_own_weights_are_asked_of_l2_before_pdls_wait() -> None:
     for name, where in got.items():
         assert where["prefetch"] and len(where["wait"]) == 1, (name, where)
         assert max(where["prefetch"]) < where["wait"][0], (name, where)
+        assert where["predicated"], (name, where)

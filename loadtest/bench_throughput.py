@@ -13,7 +13,10 @@ req/s, output tok/s, total tok/s. Warm-up (on different prompts) is excluded fro
 from __future__ import annotations
 
 import argparse
+import cProfile
 import dataclasses
+import io
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -34,6 +37,7 @@ from loadtest.common import (  # noqa: E402
     install_signal_handlers,
     parse_len,
     phase,
+    profile_rows,
     random_workload,
     ratio,
     resolve_model,
@@ -55,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-requests", "--num-prompts", dest="num_requests", type=int, default=None)
     add_random_dataset_args(p)
     p.add_argument("--warmup-requests", type=int, default=16)
+    p.add_argument(
+        "--host-profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the timed run, run the workload again under cProfile and report its top N functions "
+        "by own and by cumulative time (where the host's time goes; the timed figures are not affected)",
+    )
     add_common_args(p, peers=("hf", "hf-cb"))
     add_peer_last_arg(p)
     add_hf_cb_args(p)
@@ -153,6 +165,28 @@ def run_offline(llm: object, workload: Workload, temperature: float) -> dict:
     }
 
 
+def profile_offline(llm: object, workload: Workload, temperature: float, top: int) -> dict:
+    """The workload once more under cProfile: its figures (slower than the timed run's) and the top
+    functions, for finding the host's share of a step (loadtest/profile_host.py does B1 and B2)."""
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        res = run_offline(llm, workload, temperature)
+    finally:
+        prof.disable()
+    stats = pstats.Stats(prof, stream=io.StringIO())
+    for row in (rows := profile_rows(stats, "tottime", top))[:25]:
+        print(
+            f"{row['own_s']:8.3f} {row['cumulative_s']:8.3f} {row['calls']:8d}  {row['function']}", flush=True
+        )
+    return {
+        "elapsed_s_under_profiler": res["elapsed_s"],
+        "step_loop_s": res["step_loop_s"],
+        "by_own_time": rows,
+        "by_cumulative_time": profile_rows(stats, "cumulative", top),
+    }
+
+
 def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
     args = (parser or build_parser()).parse_args(argv)
     args._default_shape = WORKLOADS[args.workload]["shape"]
@@ -191,6 +225,9 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
                 report.note("generated token count differs from the workload's (ignore_eos not honoured?)")
             if res["failed_requests"]:
                 raise RuntimeError(f"{res['failed_requests']} requests failed: {res['first_error']}")
+        if args.host_profile:
+            with phase(report, "host_profile", required=False):
+                report["host_profile"] = profile_offline(llm, workload, args.temperature, args.host_profile)
         print(
             f"[{bench}] {res['req_s']:.2f} req/s, {res['output_tok_s']:.1f} output tok/s, "
             f"{res['total_tok_s']:.1f} total tok/s in {res['elapsed_s']:.1f}s",

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import pstats
 import random
 import signal
 import statistics
@@ -709,3 +710,23 @@ def copy_bandwidth_phase(report: Report, device: str, nbytes: int | None) -> dic
     with phase(report, "copy_bandwidth", required=False):
         report["copy_bandwidth"] = measure_copy_bandwidth(device, nbytes)
     return report["copy_bandwidth"]
+
+
+def profile_rows(stats: pstats.Stats, key: str, top: int) -> list[dict[str, Any]]:
+    """A cProfile run's top `top` functions by `key` ("tottime", "cumulative"), as JSON rows."""
+    stats.sort_stats(key)
+    rows = []
+    for func in stats.fcn_list[:top]:  # type: ignore[attr-defined]
+        cc, nc, tt, ct, _ = stats.stats[func]  # type: ignore[attr-defined]
+        filename, line, name = func
+        rows.append(
+            {
+                "function": f"{Path(filename).parent.name}/{Path(filename).name}:{line}({name})"
+                if line
+                else name,
+                "calls": nc,
+                "own_s": round(tt, 4),
+                "cumulative_s": round(ct, 4),
+            }
+        )
+    return rows

@@ -54,7 +54,7 @@
 # for every prompt (WEIR_FLASH_PREFILL_MIN_TOKENS=1); `kern` with KPARTS=flash: its kernel check (loadtest/kernel_check_flash.py).
 # q1p0a q1p1a q1p0b ...: Q1 and Q2 with WEIR_L2_PREFETCH=0 / 1 (ops/triton/l2_prefetch.py), alternating; l1p0a l1p1a ...:
 # L1 (bf16) the same way; featdp: the feature check's quantized checkpoints (d) with it on; engl2p: the engine check with
-# it on. t1k0a t1k1a ...: T1 with a bf16 / an fp8 KV cache (Q4's T1 figure; the fp8 read widened unless T1KW=0).
+# it on. t1prof: T1, then T1 again under cProfile (the host's top functions; T1PN of them). t1k0a t1k1a ...: T1 with a bf16 / an fp8 KV cache (Q4's T1 figure; the fp8 read widened unless T1KW=0).
 # abold1 abnew1 abold2 ...: L1 alternating an older tree and this one in one call (machines differ by up to 4%; compare within a call): first, on this machine,
 # `mkdir ab_old && git archive REV engine ops app loadtest pyproject.toml | tar x -C ab_old`, carry ab_old. .whl holds the server's wheels: `../shared/scripts/device-wheels.sh httptools` (httptools: the bounded HTTP protocol, app/http_protocol.py; without it U1 and every server step exit after "engine ready").
 # diag: loadtest/diagnose_divergence.py on DIAGF (DIAGX: more options, e.g. --layers; default gemma2: the engine check's tiny gemma2 left transformers' tokens
@@ -156,6 +156,7 @@ for s in $STEPS; do case $s in
   q1p0*|q1p1*) step $s 150 env WEIR_L2_PREFETCH=${s:3:1} python3 loadtest/bench_quant.py --shape llama3-8b --cases Q1,Q2 --out $O/$s.json;;
   l1p0*|l1p1*) step $s 60 env WEIR_L2_PREFETCH=${s:3:1} python3 loadtest/bench_latency.py --shape llama3-8b --batch-sizes 1,8 --peer none --out $O/$s.json;;
   engl2p) mkdir -p $O/engl2p; step engl2p 300 env OUT=$O/engl2p WEIR_L2_PREFETCH=1 WEIR_CHECK_PARTS="${ENG_PARTS:-a}" python3 loadtest/gpu_engine_check.py;;
+  t1prof) step t1prof 150 python3 loadtest/bench_throughput.py --workload t1 --shape qwen3-0.6b --peer none --host-profile ${T1PN:-80} --out $O/t1prof.json;;
   t1k0*|t1k1*) step $s 120 env WEIR_FP8_KV_WIDEN=${T1KW:-1} python3 loadtest/bench_throughput.py --workload t1 --shape qwen3-0.6b --peer none $([ ${s:3:1} = 1 ] && echo --kv-cache-dtype fp8) --out $O/$s.json;;
   featdp) mkdir -p $O/featdp; step featdp 150 env OUT=$O/featdp WEIR_L2_PREFETCH=1 WEIR_CHECK_PARTS=d python3 loadtest/gpu_feature_check.py;;
   featd) step featd 240 env OUT=$O WEIR_CHECK_PARTS=d python3 loadtest/gpu_feature_check.py;;

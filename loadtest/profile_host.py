@@ -18,7 +18,6 @@ import pstats
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -32,6 +31,7 @@ from loadtest.common import (  # noqa: E402
     free_engine,
     install_signal_handlers,
     phase,
+    profile_rows,
     resolve_model,
 )
 
@@ -46,23 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=40, help="functions listed per ordering")
     add_common_args(p, default_shape="llama3-8b")
     return p
-
-
-def _rows(stats: pstats.Stats, key: str, top: int) -> list[dict[str, Any]]:
-    stats.sort_stats(key)
-    rows = []
-    for func in stats.fcn_list[:top]:  # type: ignore[attr-defined]
-        cc, nc, tt, ct, _ = stats.stats[func]  # type: ignore[attr-defined]
-        filename, line, name = func
-        rows.append(
-            {
-                "function": f"{Path(filename).name}:{line}({name})" if line else name,
-                "calls": nc,
-                "own_s": round(tt, 4),
-                "cumulative_s": round(ct, 4),
-            }
-        )
-    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             report["results"] = {
                 "elapsed_s_under_profiler": round(elapsed, 3),
                 "step_loop": {k: round(after[k] - before[k], 4) for k in after},
-                "by_own_time": _rows(stats, "tottime", args.top),
-                "by_cumulative_time": _rows(stats, "cumulative", args.top),
+                "by_own_time": profile_rows(stats, "tottime", args.top),
+                "by_cumulative_time": profile_rows(stats, "cumulative", args.top),
             }
             for row in report["results"]["by_own_time"][:25]:
                 print(

@@ -94,6 +94,7 @@ def test_throughput_t1_with_peer(tiny_llama_dir: Path, tmp_path: Path) -> None:
     argv = ["--workload", "t1", "--model", str(tiny_llama_dir), *ENGINE]
     argv += ["--num-requests", "6", "--input-len", "8:40", "--output-len", "4:12", "--warmup-requests", "2"]
     argv += ["--peer", "hf", "--peer-batch-size", "4", "--peer-max-steps", "3", "--out", str(out)]
+    argv += ["--host-profile", "5"]
     assert bench_throughput.main(argv) == 0
     data = load_report(out, "T1")
     res, peer = data["results"], data["peer"]
@@ -105,6 +106,12 @@ def test_throughput_t1_with_peer(tiny_llama_dir: Path, tmp_path: Path) -> None:
     assert peer["output_tokens"] == res["expected_output_tokens"] and peer["output_tok_s"] > 0
     assert data["ratios"]["output_tok_s_vs_peer"] > 0
     assert data["workload"]["input_len"] == [8, 40]
+    # --host-profile: the workload once more under cProfile, its top functions (the timed run unprofiled).
+    prof = data["host_profile"]
+    assert len(prof["by_own_time"]) == len(prof["by_cumulative_time"]) == 5
+    assert prof["step_loop_s"]["steps"] == res["step_loop_s"]["steps"]  # the same workload again
+    functions = [row["function"] for row in prof["by_cumulative_time"]]
+    assert "engine/llm.py" in " ".join(functions), functions  # LLM.generate and its loop lead by cumulative time
     assert_in_summary(tmp_path, "T1")
 
 

@@ -111,7 +111,8 @@ def test_throughput_t1_with_peer(tiny_llama_dir: Path, tmp_path: Path) -> None:
     assert len(prof["by_own_time"]) == len(prof["by_cumulative_time"]) == 5
     assert prof["step_loop_s"]["steps"] == res["step_loop_s"]["steps"]  # the same workload again
     functions = [row["function"] for row in prof["by_cumulative_time"]]
-    assert "engine/llm.py" in " ".join(functions), functions  # LLM.generate and its loop lead by cumulative time
+    # LLM.generate and its loop lead by cumulative time.
+    assert "engine/llm.py" in " ".join(functions), functions
     assert_in_summary(tmp_path, "T1")
 
 

@@ -28,9 +28,6 @@
 # sm1a sm1b ...: L1 with those (after s48); sl1a sl1b ...: L1 with it on, each layer's best launch of at most 100 KB of shared memory;
 # sq80a sq81a sq80b ...: Q1 and Q2 at L1's batch SQB (default 8) by ab_old/ (0) and this tree (1), alternating; sb80a sb81a
 # ...: L1 with WEIR_SKINNY_GEMM=1 the same way; t2ab0a t2ab1a ...: T2 (T2PN requests) the same way (an A/B of a change to the skinny GEMMs: their PDL, d9706b1 against later).
-# l2o0a l2o1a l2o0b ...: Q1 and Q2 with WEIR_GEMV_L2_OWN=0 / 1 (the one-token GEMVs of weights up to 32 MiB ask L2 for
-# their own weights before PDL's wait), alternating; featdl2o: the quantized formats' check with it on; its kernel tests
-# on CUDA: STEPS=pyt PYT="tests/ops/test_w4_half2_gemv.py tests/ops/test_gemv_kernels.py".
 # engpdl: the engine check with WEIR_PDL=1 (the default since b7c78b5); fda0a fda1a fda0b ...: L1 with WEIR_FUSED_DECODE_ATTENTION=0 / 1
 # (decode_attention, engine/model/layers/attention.py); engfda: the engine check with it on; q12fda: Q1, Q2 with it on; q3: bench_quant.py's Q3 (T2 bf16 and FP8 weights);
 # peer4: loadtest/peer_w4_gemv.py (Q5's peer: weir's W4A16 GEMV against GemLite's on the same weights, P4B tokens, weir's launch also
@@ -194,8 +191,6 @@ for s in $STEPS; do case $s in
   k1g) python3 -c "from pathlib import Path; from loadtest.bench_quant import quantized_copy, GPTQ; from loadtest.model_shapes import shape_dir; quantized_copy(str(shape_dir('llama3-8b')), Path('/tmp'), 'gptq8b', GPTQ)"
     step k1g 120 python3 loadtest/profile_kernels.py --mode batch1 --model /tmp/gptq8b --load-format dummy --input-len 32 --out $O/profile_l1_gptq.json;;
   t2p0*|t2p1*) step $s 150 env WEIR_PDL=${s:3:1} python3 loadtest/bench_throughput.py --workload t2 --shape llama3-8b --num-requests ${T2PN:-1000} --peer none --out $O/$s.json;;
-  l2o0*|l2o1*) step $s 150 env WEIR_GEMV_L2_OWN=${s:3:1} python3 loadtest/bench_quant.py --shape llama3-8b --cases Q1,Q2 --q1-methods ${Q1M:-gptq} --out $O/$s.json;;
-  featdl2o) mkdir -p $O/featdl2o; step featdl2o 240 env OUT=$O/featdl2o WEIR_GEMV_L2_OWN=1 WEIR_CHECK_PARTS=d python3 loadtest/gpu_feature_check.py;;
   pdlq0*|pdlq1*) step $s 150 env WEIR_PDL=${s:4:1} python3 loadtest/bench_quant.py --shape llama3-8b --cases Q1,Q2 --q1-methods ${Q1M:-gptq} --out $O/$s.json;;
   sq80*|sq81*) L=$([ ${s:3:1} = 0 ] && echo ab_old/)
     step $s 150 env PYTHONPATH=/tmp/site:$PWD/${L:-.} python3 ${L}loadtest/bench_quant.py --shape llama3-8b --cases Q1,Q2 --q1-methods ${Q1M:-gptq} --l1-batch ${SQB:-8} --out $O/$s.json;;

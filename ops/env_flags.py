@@ -44,14 +44,6 @@ ENV_FLAGS: dict[str, tuple[bool, str]] = {
         False,
         "the one-token FP8 GEMV's tile loads pipelined by Triton (cp.async, 3 stages); ops/triton/fp8_gemv.py",
     ),
-    "WEIR_GEMV_L2_OWN": (
-        # an experiment, not timed yet (device steps l2o0a l2o1a ..., featdl2o): the first tile before PDL's wait in
-        # registers made the FP8 step 6% slower (e507e83); an L2 prefetch of the next GEMV's weights from each GEMV's
-        # tail made an H200's bf16 step 4.8% slower (6e851bf)
-        False,
-        "one-token W4A16 / FP8 GEMVs of weights up to 32 MiB ask L2 for their own weights before PDL's wait; "
-        "ops/triton/l2_prefetch.py",
-    ),
     "WEIR_FLASH_PREFILL": (
         # an experiment: weir's paged prefill attention ran at ~260 TFLOP/s on T2's 8 x 1,024-token steps
         # against flash's ~520 on one 4,096 prompt (H200); on an H100 (torch 2.11) flash lost at T2's shapes: 8 x 1,024

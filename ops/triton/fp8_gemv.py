@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ops.triton.fp8_quant import _to_fp8, hardware_fp8_conversion
-from ops.triton.l2_prefetch import l2_next_args, prefetch_next_weights, prefetch_runs
+from ops.triton.l2_prefetch import l2_next_args, prefetch_next_weights
 from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
 from ops.triton.split_k import (
     MAX_TILES,
@@ -104,8 +104,6 @@ def _fp8_gemv_kernel(
     L2_PREFETCH: tl.constexpr = False,
     HW_CVT: tl.constexpr = True,  # STATIC_INPUT: the GPU's fp8 conversion (else software: the interpreter)
     LOOP_STAGES: tl.constexpr = 1,  # > 1: Triton pipelines the loop's loads through shared memory
-    L2_OWN: tl.constexpr = False,  # this program's rows of its K range asked of L2 before PDL's wait
-    THREADS: tl.constexpr = 128,  # (L2_OWN) 32 x num_warps
 ):
     pid_g = tl.program_id(0)  # a group of ROWS rows of x; groups side by side share each weight tile in L2
     pid_n = tl.program_id(1)
@@ -133,19 +131,6 @@ def _fp8_gemv_kernel(
     k_last = k_start + (k_end - 1 - k_start) // BLOCK_K * BLOCK_K  # the split's last tile
     if PREFETCH:
         w = _w_tile(w_ptrs, k_start, k_end, mask_n, BLOCK_K)
-    # L2_OWN: the tile's rows over this split's K range as bulk L2 prefetches, while the kernel before runs; each
-    # row cut into THREADS / BLOCK_N pieces, one a thread (a [BLOCK_N] tensor would repeat across the threads)
-    if L2_OWN:
-        ELEM: tl.constexpr = w_ptr.dtype.element_ty.primitive_bitwidth // 8
-        PIECES: tl.constexpr = max(THREADS // BLOCK_N, 1)
-        run = (k_end - k_start) * ELEM  # bytes of a row in this split: a multiple of 16 (the wrapper checks)
-        piece = run // PIECES // 16 * 16
-        offs_p = tl.arange(0, PIECES)
-        sizes = tl.where(offs_p == PIECES - 1, run - (PIECES - 1) * piece, piece)  # [PIECES]
-        row_bytes = w_ptr.to(tl.pointer_type(tl.uint8)) + (offs_n.to(tl.int64) * stride_wn + k_start) * ELEM
-        prefetch_runs(
-            row_bytes[:, None] + (offs_p * piece)[None, :], tl.where(mask_n[:, None], sizes[None, :], 0)
-        )  # [BLOCK_N, PIECES]
     # Weights do not depend on the kernel before this one: with PDL the first tile is requested while it
     # still runs; x and every write come after the wait.
     let_next_kernel_start(PDL)  # all programs resident: the next kernel may launch and wait for this one
@@ -196,7 +181,6 @@ def fp8_gemv(
     gated: bool = False,
     l2_next: torch.Tensor | None = None,  # [bytes] uint8: asked of L2 as the programs finish
     loop_stages: int = 1,
-    l2_own: bool = False,
 ) -> torch.Tensor:  # [M, N] in x.dtype; gated: [M, N / 2]
     """y = x (weight * weight_scale[:, None])^T, one launch; split_k > 1 splits K per BLOCK_N rows;
     prefetch keeps the next weight tile in flight (and lets the launch use PDL, ops.triton.pdl).
@@ -213,10 +197,8 @@ def fp8_gemv(
     against 0.625x). At one token no tile is loaded before PDL's wait: prefetch (a tile kept ahead through the loop)
     made the FP8 batch-1 step 11% slower on an H100 (3.390 -> 3.770 ms, ba6732c), and the first tile alone loaded
     before the wait and used by a peeled first turn (no tile ahead after it; the same bits) 6% slower (Q2 0.608x ->
-    0.645x, 3.363 -> 3.569 ms, e507e83, loadtest/results/decode-attn-h100-2026-12-07-e507e83/); both removed.
-    l2_own: each program asks L2 for its rows' K range (bulk prefetches, a piece of a row a thread) before PDL's wait, so its weights
-    stream in while the kernel before runs, without holding a tile in registers (sm_90; rows whose bytes are not
-    16-byte aligned ask nothing; the outputs unchanged: WEIR_GEMV_L2_OWN's experiment)."""
+    0.645x, 3.363 -> 3.569 ms, e507e83, loadtest/results/decode-attn-h100-2026-12-07-e507e83/); both removed. Its rows asked of L2 (bulk
+    prefetches) before the wait instead: 4.8% slower (ops/triton/l2_prefetch.py); removed too."""
     M, K = x.shape
     N = weight.shape[0]
     if not 1 <= M <= MAX_GEMV_TOKENS:
@@ -242,7 +224,7 @@ def fp8_gemv(
     if M % rows:  # zero rows up to whole groups
         padded = torch.cat([x, x.new_zeros(rows - M % rows, K)])
         return fp8_gemv(padded, weight, weight_scale, input_scale, block_n, block_k, split_k, num_warps, num_stages,
-                        prefetch, gated, l2_next, loop_stages, l2_own)[:M]  # fmt: skip
+                        prefetch, gated, l2_next, loop_stages)[:M]  # fmt: skip
     groups = M // rows
     if split_k > 1 and tiles * groups > MAX_TILES:
         raise ValueError(f"fp8_gemv: {tiles * groups} tiles exceed the split-K workspace ({MAX_TILES})")
@@ -254,12 +236,6 @@ def fp8_gemv(
     static = input_scale is not None
     pdl = pdl_enabled(x.device)
     l2_bytes, l2_second = l2_next_args("fp8_gemv", l2_next)
-    # l2_own: sm_90 PTX, so never in the interpreter; every run 16-byte aligned and whole
-    elem = weight.element_size()
-    l2_own = (
-        l2_own and x.device.type == "cuda" and weight.data_ptr() % 16 == 0
-        and (weight.stride(0) * elem) % 16 == 0 and (K * elem) % 16 == 0 and (k_per_split * elem) % 16 == 0
-    )  # fmt: skip
     _fp8_gemv_kernel[(groups, tiles, split_k)](
         x, weight, weight_scale, input_scale if static else weight_scale, out, partials, split_counters(x.device),
         M, N, K, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
@@ -269,6 +245,6 @@ def fp8_gemv(
         prefetch_bytes=l2_bytes,
         prefetch_second=l2_second,
         L2_PREFETCH=l2_next is not None and x.device.type == "cuda", HW_CVT=hardware_fp8_conversion(x),
-        LOOP_STAGES=loop_stages, L2_OWN=l2_own, THREADS=32 * num_warps, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+        LOOP_STAGES=loop_stages, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
     return out

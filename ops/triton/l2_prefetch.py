@@ -14,6 +14,12 @@ A prefetch changes no value, only where the bytes come from: the outputs are the
 it. Off (WEIR_L2_PREFETCH; engine/model/quantization/l2_prefetch_chain.py decides who asks for what): on an
 H200 it made L1's bf16 batch-1 step 4.8% slower (4.462 against 4.257 ms, 6e851bf).
 
+A second experiment, each one-token W4A16 / FP8 GEMV of up to 32 MiB of weights asking L2 for its own weights
+(bulk prefetches, a run a thread) before PDL's wait, while the kernel before it leaves the memory idle
+(WEIR_GEMV_L2_OWN, 35b0dbd), was slower too: on an H100, alternating runs in one call at 893db28, the GPTQ
+batch-1 step 2.497 / 2.501 -> 2.618 / 2.621 ms (Q1 0.4615x -> 0.4835x bf16) and the FP8 one 3.310 / 3.309 ->
+3.469 / 3.473 ms (Q2 0.611x -> 0.6405x), loadtest/results/t1-l2own-h100-2026-12-07-9edeecd/: removed.
+
 `prefetch_runs` serves the other experiment, WEIR_GEMV_L2_OWN (off, not timed yet): each one-token GEMV
 program asks L2 for its own weights before PDL's wait, while the kernel before it (a norm, the attention)
 leaves the memory idle, rather than the next GEMV's weights at its own tail. Only PTX of sm_90 (Hopper) has
@@ -31,22 +37,6 @@ _PREFETCH_PTX: tl.constexpr = tl.constexpr(
     "{ .reg .pred p; .reg .b32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
     "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0; }"
 )
-
-
-# every lane its own run: one bulk prefetch an element of `runs`, skipped where its size is 0
-_PREFETCH_RUN_PTX: tl.constexpr = tl.constexpr(
-    "{ .reg .pred p; setp.ne.u32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0; }"
-)
-
-
-@triton.jit
-def prefetch_runs(run_ptrs, sizes):
-    """Ask L2 for sizes[i] bytes (int32, a multiple of 16; 0: nothing) from each run_ptrs[i] (16-byte aligned;
-    both the same shape): one bulk prefetch an element, by whichever thread holds it (sm_90 PTX; nothing waits
-    for it). The decode GEMVs' own weights, asked for before PDL's wait (their L2_OWN)."""
-    tl.inline_asm_elementwise(
-        _PREFETCH_RUN_PTX, "=r,l,r", [run_ptrs, sizes.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1
-    )
 
 
 @triton.jit

@@ -66,7 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.triton.l2_prefetch import l2_next_args, prefetch_next_weights, prefetch_runs
+from ops.triton.l2_prefetch import l2_next_args, prefetch_next_weights
 from ops.triton.pdl import let_next_kernel_start, pdl_enabled, wait_for_previous_kernel
 from ops.triton.split_k import (
     MAX_TILES,
@@ -364,8 +364,6 @@ def _w4_half2_gemv_kernel(
     prefetch_bytes=0,
     prefetch_second=0,  # > 0: a second range at this byte offset (a [gate; up] weight's up half)
     L2_PREFETCH: tl.constexpr = False,
-    L2_OWN: tl.constexpr = False,  # this program's words asked of L2 before PDL's wait (whole tiles, not COL_BLOCKED)
-    THREADS: tl.constexpr = 128,  # (L2_OWN) 32 x num_warps
 ):
     HALF_W: tl.constexpr = BLOCK_K // 16  # word rows of each half tile
     pid_g = tl.program_id(0)
@@ -404,20 +402,6 @@ def _w4_half2_gemv_kernel(
     if AHEAD >= 2:
         a1, b1, s1, z1 = _load_tile(word_ptrs, scale_ptrs, zero_ptrs, tl.minimum(k_start + BLOCK_K, k_last),
                                     stride_qk, stride_sg, stride_zg, mask_n, GROUP_SIZE, HALF_W, EVEN_N, META_2D)  # fmt: skip
-    # L2_OWN: the split's words as bulk L2 prefetches (a word row's run each) while the kernel before runs;
-    # THREADS rows at a time, one a thread (a smaller tensor would repeat across threads: each copy a prefetch)
-    if L2_OWN:
-        for k_row in range(k_start // 8, k_end // 8, THREADS):
-            rows = k_row + tl.arange(0, THREADS)  # [THREADS] word rows
-            inside = rows < k_end // 8
-            at = rows.to(tl.int64) * stride_qk
-            if GATED:  # two runs a row: the tile's gate columns and its up columns
-                HALF_N: tl.constexpr = BLOCK_N // 2
-                sizes = tl.where(inside, HALF_N * 4, 0)
-                prefetch_runs(qweight_ptr + at + pid_n * HALF_N, sizes)
-                prefetch_runs(qweight_ptr + at + half_n + pid_n * HALF_N, sizes)
-            else:
-                prefetch_runs(qweight_ptr + at + pid_n * BLOCK_N, tl.where(inside, BLOCK_N * 4, 0))
     let_next_kernel_start(PDL)
     wait_for_previous_kernel(PDL)
     half_offset = HALF_W * 4  # int32 pairs of x under a half tile
@@ -508,7 +492,6 @@ def w4_half2_gemv(
     max_registers: int | None = None,
     meta_2d: bool = False,
     col_blocked: bool = False,
-    l2_own: bool = False,
 ) -> torch.Tensor:  # [M, N] in x.dtype; gated: [M, N / 2]
     """y = x w for 4-bit codes, w[k, n] = (code - zero) * scale. block_k divides group_size (at least
     16); split_k splits K over that many programs per column tile (whole tiles each); ahead: tiles in
@@ -523,10 +506,7 @@ def w4_half2_gemv(
     meta_2d: scales and zero points loaded in the word tiles' shape and layout (module docstring; the
     same outputs bit for bit; timed slower, planned only with WEIR_W4_META_2D=1); col_blocked: qweight
     is `col_blocked_qweight(qweight, block_n, gated)`, [tiles, K / 8, block_n], so a program reads its split
-    as one contiguous run instead of 256-byte rows 4 N bytes apart (the same outputs bit for bit); l2_own: each
-    program asks L2 for all of its words (bulk prefetches, one a word row) before PDL's wait, so they stream in
-    while the kernel before runs (sm_90; not with col_blocked; only where every column tile is whole, else
-    nothing is asked; the outputs unchanged: WEIR_GEMV_L2_OWN's experiment). The zero
+    as one contiguous run instead of 256-byte rows 4 N bytes apart (the same outputs bit for bit). The zero
     points must be integers in
     [0, MAX_ZERO_POINT] (not checked here: a device sync per call; the engine checks at load)."""
     M, K = x.shape
@@ -565,7 +545,7 @@ def w4_half2_gemv(
         padded = torch.cat([x, x.new_zeros(rows - M % rows, K)])
         return w4_half2_gemv(padded, qweight, scales, zeros, group_size, block_n, block_k, split_k, num_warps,
                              ahead, loop_stages, gated, x_ahead, l2_next, max_registers, meta_2d,
-                             col_blocked, l2_own)[:M]  # fmt: skip
+                             col_blocked)[:M]  # fmt: skip
     if x.stride(1) != 1 or x.stride(0) % 2 or x.storage_offset() % 2:
         x = x.contiguous()
     x_pairs = x.view(torch.int32)  # [M, K / 2]
@@ -583,30 +563,19 @@ def w4_half2_gemv(
     pdl = pdl_enabled(x.device)
     l2_bytes, l2_second = l2_next_args("w4_half2_gemv", l2_next)
     options = {} if max_registers is None or x.device.type != "cuda" else {"maxnreg": max_registers}
-    even_n = out_n % (block_n // 2) == 0 if gated else N % block_n == 0
-    if l2_own and col_blocked:
-        raise ValueError("w4_half2_gemv: l2_own reads the row-major words' runs; not with col_blocked")
-    # whole tiles only (a ragged last tile's run would pass the row's end); sm_90 PTX, so never in the interpreter
-    l2_own = (
-        l2_own
-        and even_n
-        and x.device.type == "cuda"
-        and qweight.data_ptr() % 16 == 0
-        and qweight.stride(0) % 4 == 0
-    )
     _w4_half2_gemv_kernel[(groups, tiles, split_k)](
         x_pairs, qweight, scales, zeros, out, partials, split_counters(x.device),
         M, N, K, k_per_split,
         x_pairs.stride(0), block_n if col_blocked else qweight.stride(0), scales.stride(0), zeros.stride(0),
         out.stride(0),
         X_BF16=x.dtype == torch.bfloat16, GROUP_SIZE=group_size, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k,
-        SPLIT_K=split_k, EVEN_N=even_n, AHEAD=ahead,
+        SPLIT_K=split_k, EVEN_N=out_n % (block_n // 2) == 0 if gated else N % block_n == 0, AHEAD=ahead,
         X_AHEAD=x_ahead, LOOP_STAGES=loop_stages, PDL=pdl, EMULATE=x.device.type != "cuda", GATED=gated, half_n=out_n,
         META_2D=meta_2d, COL_BLOCKED=col_blocked,
         prefetch_ptr=out if l2_next is None else l2_next,
         prefetch_bytes=l2_bytes,
         prefetch_second=l2_second,
-        L2_PREFETCH=l2_next is not None and x.device.type == "cuda", L2_OWN=l2_own, THREADS=32 * num_warps,
+        L2_PREFETCH=l2_next is not None and x.device.type == "cuda",
         num_warps=num_warps, launch_pdl=pdl, **options,
     )  # fmt: skip
     return out

@@ -139,28 +139,6 @@ def test_fp8_gemv_matches_dequantize_then_matmul(
 
 
 @in_process
-@pytest.mark.parametrize(
-    ("m", "gated", "split_k", "k"), [(1, False, 1, 1024), (1, True, 2, 1024), (2, False, 4, 1000)]
-)
-def test_fp8_gemv_own_rows_asked_of_l2_change_no_output(m: int, gated: bool, split_k: int, k: int) -> None:
-    """l2_own: each program asks L2 for its rows' K range before PDL's wait (bulk prefetches on sm_90, each row cut
-    into pieces a thread; nothing in the interpreter, nor where a row's bytes are not 16-byte aligned: K 1000 in
-    bf16 weights is 2,000 bytes a row): the outputs are bit for bit those without."""
-    from ops.triton.fp8_gemv import fp8_gemv
-
-    weight, scale, _ = _fp8_layer(48, k, seed=m + k)
-    dtype = _dtype()
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + 7)).to(DEVICE, dtype)
-    launch = dict(block_n=4, block_k=256, split_k=split_k, num_warps=2, gated=gated)
-    for w in (
-        weight.to(DEVICE),
-        weight.to(DEVICE).to(dtype),
-    ):  # FP8 weights, and 16-bit ones (the float GEMV)
-        args = (x, w, scale.to(DEVICE))
-        assert torch.equal(fp8_gemv(*args, **launch, l2_own=True), fp8_gemv(*args, **launch))
-
-
-@in_process
 @pytest.mark.parametrize(("m", "gated", "split_k"), [(1, False, 1), (1, True, 2), (3, False, 2)])
 def test_fp8_gemv_pipelined_loop_gives_the_same_bits(m: int, gated: bool, split_k: int) -> None:
     """loop_stages > 1 (Triton's cp.async pipeline of the tile loads on CUDA; the interpreter runs the loop

@@ -127,28 +127,6 @@ KERNELS = [
         for gated in (False, True)
     ),
     *(
-        (  # each program's own rows asked of L2 before PDL's wait (L2_OWN, WEIR_GEMV_L2_OWN's experiment), FP8 and
-           # 16-bit weights
-            "ops.triton.fp8_gemv:_fp8_gemv_kernel",
-            {"ROWS": 1, "BLOCK_N": 4, "BLOCK_K": 1024, "SPLIT_K": 1, "STATIC_INPUT": False, "PREFETCH": False,
-             "PDL": True, "VEC": 8, "GATED": weight == "*fp8e4nv", "L2_OWN": True},
-            {"x_ptr": "*bf16", "w_ptr": weight, "scale_ptr": "*fp32", "input_scale_ptr": "*fp32",
-             "out_ptr": "*bf16", "partials_ptr": "*fp32", "counters_ptr": "*i32", "prefetch_ptr": "*bf16"},
-        )
-        for weight in ("*fp8e4nv", "*bf16")
-    ),
-    *(
-        (  # the folded W4A16 GEMV's own words asked of L2 before PDL's wait (L2_OWN), gated and not
-            "ops.triton.w4_half2_gemv:_w4_half2_gemv_kernel",
-            {"X_BF16": True, "GROUP_SIZE": 128, "ROWS": 1, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 8,
-             "EVEN_N": True, "AHEAD": 1, "X_AHEAD": True, "LOOP_STAGES": 1, "PDL": True, "EMULATE": False,
-             "GATED": gated, "L2_OWN": True, "THREADS": 64},
-            {"x_ptr": "*i32", "qweight_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*fp16",
-             "out_ptr": "*bf16", "partials_ptr": "*fp32", "counters_ptr": "*i32", "prefetch_ptr": "*bf16"},
-        )
-        for gated in (False, True)
-    ),
-    *(
         (  # the tile loads pipelined by Triton (LOOP_STAGES, WEIR_FP8_GEMV_PIPELINE's experiment), gated and not
             "ops.triton.fp8_gemv:_fp8_gemv_kernel",
             {"ROWS": 1, "BLOCK_N": 4, "BLOCK_K": 512, "SPLIT_K": 1, "STATIC_INPUT": False, "PREFETCH": False,
@@ -408,7 +386,6 @@ compile_sm90(getattr(importlib.import_module(module), fn_name), consts, types)
         + (f"-int{k[1]['W_BITS']}" if k[1].get("W_BITS") else "")
         + ("-act_order" if k[1].get("A_PERM") else "")
         + ("-l2prefetch" if k[1].get("L2_PREFETCH") else "")
-        + ("-l2own" if k[1].get("L2_OWN") else "")
         + (f"-rows{k[1]['ROWS']}" if k[1].get("ROWS", 1) > 1 else "")
         + ("-meta2d" if k[1].get("META_2D") else "")
         + ("-col_blocked" if k[1].get("COL_BLOCKED") else "")
@@ -515,48 +492,3 @@ def test_meta_2d_leaves_no_layout_conversion_in_the_one_token_loop() -> None:
     # (two loops: K, and the split-K epilogue's sum over the partials)
     assert found["True"]["conversions"] == 0 and found["True"]["loops"] >= 1, found
     assert found["False"]["conversions"] > 0, found
-
-
-_L2_OWN_ORDER = (
-    _SM90
-    + r"""
-from ops.triton.fp8_gemv import _fp8_gemv_kernel
-from ops.triton.w4_half2_gemv import _w4_half2_gemv_kernel
-cases = {
-    "fp8": (_fp8_gemv_kernel, {"ROWS": 1, "BLOCK_N": 4, "BLOCK_K": 1024, "SPLIT_K": 1, "STATIC_INPUT": False,
-            "PREFETCH": False, "PDL": True, "VEC": 8, "L2_OWN": True},
-            {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "input_scale_ptr": "*fp32",
-             "out_ptr": "*bf16", "partials_ptr": "*fp32", "counters_ptr": "*i32", "prefetch_ptr": "*bf16"}),
-    "w4": (_w4_half2_gemv_kernel, {"X_BF16": True, "GROUP_SIZE": 128, "ROWS": 1, "BLOCK_N": 64, "BLOCK_K": 128,
-           "SPLIT_K": 8, "EVEN_N": True, "AHEAD": 1, "X_AHEAD": True, "LOOP_STAGES": 1, "PDL": True,
-           "EMULATE": False, "L2_OWN": True, "THREADS": 64},
-           {"x_ptr": "*i32", "qweight_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*fp16",
-            "out_ptr": "*bf16", "partials_ptr": "*fp32", "counters_ptr": "*i32", "prefetch_ptr": "*bf16"}),
-}
-out = {}
-for name, (fn, consts, types) in cases.items():
-    ptx = compile_sm90(fn, consts, types).asm["ptx"].splitlines()
-    prefetch = [i for i, line in enumerate(ptx) if "cp.async.bulk.prefetch.L2.global" in line]
-    wait = [i for i, line in enumerate(ptx) if "griddepcontrol.wait" in line]
-    predicated = all("@p cp.async.bulk.prefetch.L2.global" in ptx[i] for i in prefetch)
-    out[name] = {"prefetch": prefetch, "wait": wait, "predicated": predicated}
-print(json.dumps(out))
-"""
-)
-
-
-def test_own_weights_are_asked_of_l2_before_pdls_wait() -> None:
-    """L2_OWN (WEIR_GEMV_L2_OWN's experiment): compiled for sm_90, the FP8 and the folded W4A16 GEMVs issue their
-    bulk L2 prefetches before griddepcontrol.wait, so they overlap the kernel before, and each is predicated on
-    its size (a run of 0 bytes asks nothing)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
-    done = subprocess.run(
-        [sys.executable, "-c", _L2_OWN_ORDER], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = json.loads(done.stdout.strip().splitlines()[-1])
-    for name, where in got.items():
-        assert where["prefetch"] and len(where["wait"]) == 1, (name, where)
-        assert max(where["prefetch"]) < where["wait"][0], (name, where)
-        assert where["predicated"], (name, where)

@@ -147,28 +147,6 @@ def test_an_l2_prefetch_of_other_weights_changes_no_output(gated: bool) -> None:
 
 
 @in_process
-@pytest.mark.parametrize(
-    ("n", "block_n", "split_k", "gated"), [(64, 16, 4, False), (96, 16, 2, True), (80, 32, 4, False)]
-)
-def test_own_words_asked_of_l2_change_no_output(n: int, block_n: int, split_k: int, gated: bool) -> None:
-    """l2_own: each program asks L2 for its own words before PDL's wait (bulk prefetches on sm_90; nothing in the
-    interpreter, nor where the last column tile is ragged: 80 columns in tiles of 32): the outputs are bit for bit
-    those without; with col_blocked (one run a program, not row runs) it is refused."""
-    from ops.triton.w4_half2_gemv import col_blocked_qweight, w4_half2_gemv
-
-    args, _ = _layer(1024, n, 128, seed=n + split_k)
-    x = torch.randn(1, 1024, generator=torch.Generator().manual_seed(n)).to(DEVICE, torch.bfloat16)
-    launch = dict(block_n=block_n, block_k=128, split_k=split_k, gated=gated, x_ahead=True)
-    plain = w4_half2_gemv(x, *args, 128, **launch)
-    assert torch.equal(w4_half2_gemv(x, *args, 128, **launch, l2_own=True), plain)
-    blocked = col_blocked_qweight(args[0], block_n, gated)
-    with pytest.raises(
-        ValueError, match="w4_half2_gemv: l2_own reads the row-major words' runs; not with col_blocked"
-    ):
-        w4_half2_gemv(x, blocked, *args[1:], 128, **launch, col_blocked=True, l2_own=True)
-
-
-@in_process
 def test_refuses_what_it_cannot_run() -> None:
     from ops.triton.w4_half2_gemv import w4_half2_gemv
 

@@ -40,7 +40,6 @@ from engine.model.quantization.base import FusedMoEMethodBase, LinearMethodBase,
 from engine.model.quantization.common import experts_skipped, is_ignored, is_skipped
 from engine.model.quantization.float_gemv import hopper_with_triton, skinny_gemm_linear
 from engine.model.quantization.unquantized import UnquantizedFusedMoEMethod, UnquantizedLinearMethod
-from engine.model.quantization.wna16 import L2_OWN_MAX_BYTES
 from ops import reference
 from ops.env_flags import env_flag
 
@@ -314,9 +313,6 @@ def fp8_gemv_launch(
     # no prefetch: the next tile in flight (the first before PDL's wait) made the FP8 step 11% slower (H100 at ba6732c),
     # and the first tile alone before the wait 6% slower (H100 at e507e83)
     staged = {"loop_stages": 3} if num_tokens == 1 and env_flag("WEIR_FP8_GEMV_PIPELINE") else {}
-    # WEIR_GEMV_L2_OWN (an experiment, off): each program asks L2 for its rows before PDL's wait, where they fit
-    if num_tokens == 1 and env_flag("WEIR_GEMV_L2_OWN") and in_features * out_features <= L2_OWN_MAX_BYTES:
-        staged = {**staged, "l2_own": True}
     if num_tokens == 1 and out_features <= in_features:
         return {"block_n": 4, "block_k": 1024, "split_k": 1, "num_warps": 4, **staged}
     return {"block_n": 4, "block_k": 512, "split_k": 1, "num_warps": 2, **staged}

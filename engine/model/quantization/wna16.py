@@ -43,9 +43,6 @@ SMALL_BATCH = 16  # up to here: one 16-row tile of M, split-K
 SKINNY_MIN_TOKENS = 3
 _PROGRAMS_PER_SM = 4
 _MIN_K_PER_SPLIT = 256  # fewer rows per split and the partials' traffic and sum stop paying
-# WEIR_GEMV_L2_OWN: a one-token GEMV's own weights asked of L2 before PDL's wait only where they fit well inside it
-# (an H100's / H200's L2 holds 50 MB; Llama-3-8B's 4-bit qkv 12.6 MB, o 8.4, down 29.4; FP8 qkv 25.2, o 16.8)
-L2_OWN_MAX_BYTES = 32 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +61,6 @@ class WNA16Launch:
     ahead: int = 1
     x_ahead: bool = False  # folded, one token: x's next pairs requested with the next tile
     meta_2d: bool = False  # folded: scales / zeros loaded in the word tiles' layout (WEIR_W4_META_2D)
-    l2_own: bool = False  # folded: each program asks L2 for its words before PDL's wait (WEIR_GEMV_L2_OWN)
     # skinny: the scale applied to the decoded tile in 16 bits (w4_skinny_gemm's `scaled`)
     scaled: bool = False
 
@@ -146,8 +142,6 @@ def plan_wna16_gemv(
     meta_2d = env_flag("WEIR_W4_META_2D")  # off by default (ops/env_flags.py)
     if num_tokens == 1:
         split_k = 4 if out_features >= 16384 else (16 if in_features >= 8192 else 8)
-        # WEIR_GEMV_L2_OWN (an experiment, off): layers whose words fit well inside L2 (Llama-3-8B's qkv, o, down)
-        l2_own = env_flag("WEIR_GEMV_L2_OWN") and in_features * out_features // 2 <= L2_OWN_MAX_BYTES
         return WNA16Launch(
             "gemv",
             1,
@@ -161,7 +155,6 @@ def plan_wna16_gemv(
             ahead=1,
             x_ahead=True,
             meta_2d=meta_2d,
-            l2_own=l2_own,
         )
     if num_tokens == 2:
         split_k = 2 if out_features >= 16384 else 8
@@ -387,7 +380,7 @@ def run_wna16_gemv(
         return w4_half2_gemv(
             x2, qweight, scales, zeros, group_size, launch.block_n, launch.block_k, launch.split_k,
             launch.num_warps, launch.ahead, gated=gated, x_ahead=launch.x_ahead, l2_next=l2_next,
-            meta_2d=launch.meta_2d, col_blocked=col_blocked, l2_own=launch.l2_own and not col_blocked,
+            meta_2d=launch.meta_2d, col_blocked=col_blocked,
         )  # fmt: skip
     from ops.triton.wna16_gemv import wna16_gemv  # noqa: PLC0415
 

@@ -85,28 +85,6 @@ def test_fp8_gemv_pipeline_is_planned_at_one_token_only_when_switched_on(
     assert {g.get("loop_stages", 1) for g in two} == {1}
 
 
-@pytest.mark.parametrize("setting", ["", "0", "1"])
-def test_own_weights_to_l2_are_planned_at_one_token_where_they_fit(
-    setting: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """WEIR_GEMV_L2_OWN (an experiment, off by default) has the one-token GEMVs of layers up to 32 MiB of weights
-    ask L2 for them before PDL's wait: 4-bit qkv (12.6 MB), o (8.4) and down (29.4), FP8 qkv (25.2) and o (16.8);
-    not gate_up (58.7 / 117.4 MB), nor any launch at 2 tokens or more."""
-    from engine.model.quantization.fp8 import fp8_gemv_launch
-
-    monkeypatch.setenv("WEIR_GEMV_L2_OWN", setting)
-    on = setting == "1"
-    w4 = {name: plan_wna16(1, k, n, 128, H100_SMS).l2_own for name, (k, n) in LLAMA3_8B.items()}
-    assert w4 == {"qkv": on, "o": on, "gate_up": False, "down": on}
-    fp8 = {name: fp8_gemv_launch(k, n, H100_SMS).get("l2_own", False) for name, (k, n) in LLAMA3_8B.items()}
-    assert fp8 == {"qkv": on, "o": on, "gate_up": False, "down": False}
-    more = [plan_wna16(t, k, n, 128, H100_SMS).l2_own for t in (2, 4) for k, n in LLAMA3_8B.values()]
-    more += [
-        fp8_gemv_launch(k, n, H100_SMS, num_tokens=2).get("l2_own", False) for k, n in LLAMA3_8B.values()
-    ]
-    assert not any(more)
-
-
 def test_fp8_gemv_launches_follow_the_sweep() -> None:
     from engine.model.quantization.fp8 import fp8_gemv_launch
 

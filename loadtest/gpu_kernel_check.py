@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import itertools
 import json
 import math
 import os
@@ -566,6 +567,49 @@ def decode_tile_sweep() -> None:
     del m
 
 
+def decode_shape_sweep() -> None:
+    """Decode attention's launch (tile, stages, warps; the heuristic's segments and twice them) at the decode
+    steps of T1 (Qwen3-0.6B, ~64-256 sequences of 512-1,024 positions) and T2 (Llama-3-8B, 256 of ~1,100),
+    timed in CUDA graphs: where these large-batch steps lose to the copy bandwidth, and whether another launch
+    would win it back (the heuristic's own pick is marked)."""
+    out = RESULTS["timings"]["decode_shape_sweep"] = []
+    points = {"qwen3-0.6b": ((64, 1024), (144, 840), (256, 512), (256, 1024)), "llama3-8b": ((256, 1152),)}
+    for model, pts in points.items():
+        m = MODELS[model]
+        pool = DecodePool(model, 16, 256 * 1152)
+        for num_seqs, ctx in pts:
+            heur = choose_config(num_seqs, m["num_heads"], m["num_kv_heads"], m["head_dim"], 1, ctx, DEV)
+            line, best = [], None
+            for tile, stages, warps, segs in itertools.product(
+                (32, 64, 128), (2, 3, 4), (4, 8), (heur.num_segments, 2 * heur.num_segments)
+            ):
+                if over_budget() or (tile == 128 and stages == 4):
+                    continue
+                c = AttentionConfig(heur.block_m, tile, segs, warps, stages)
+                r = time_decode(pool, num_seqs, ctx, c)
+                mine = (tile, stages, warps, segs) == (
+                    heur.tile,
+                    heur.num_stages,
+                    heur.num_warps,
+                    heur.num_segments,
+                )
+                out.append(
+                    {"model": model, "num_seqs": num_seqs, "ctx": ctx, "heuristic": mine, **cfg_dict(c), **r}
+                )
+                if mine:
+                    line.append(f"heuristic t{tile}s{stages}w{warps}g{segs}: {r['frac_copy']:.3f}")
+                if best is None or r["ms"] < best[1]["ms"]:
+                    best = (c, r)
+            if best is not None:
+                c, r = best
+                line.append(
+                    f"best t{c.tile}s{c.num_stages}w{c.num_warps}g{c.num_segments}: {r['frac_copy']:.3f}"
+                )
+            print(f"  {model:10s} b{num_seqs:<4d} ctx{ctx:<6d} " + "  ".join(line), flush=True)
+        del pool
+        torch.cuda.empty_cache()
+
+
 def fp8_kv_decode() -> None:
     """An fp8 KV cache at Llama-3-8B's shapes: paged attention's widened path (WEIR_FP8_KV_WIDEN,
     ops/triton/fp8_kv_read.py) and its bytes path against the float32 reference (bf16 queries, per-head
@@ -831,6 +875,7 @@ def main() -> None:
         ("mixed + prefill", mixed_and_prefill),
         ("flash (whole prompts by torch's flash attention, ops/flash_prefill.py)", flash),
         ("tile sweep", decode_tile_sweep),
+        ("shapes (decode attention's launch at T1's and T2's decode steps)", decode_shape_sweep),
         ("fp8kv decode", fp8_kv_decode),
         ("families (Gemma, Phi-4-mini, sliding windows at real shapes)", families),
         ("moe (fused MoE at the Mixtral-8x7B and Qwen3-30B-A3B shapes)", moe),

@@ -69,7 +69,8 @@ ENV_FLAGS: dict[str, tuple[bool, str]] = {
         # on H100s at 2330fb4-e50b103, three A/B calls: L1 batch 8 -2.3% to -3.8% (0.870-0.904 -> 0.905-0.926 of
         # the roofline), batch 1 +1.3% to +1.5% though its graph runs no skinny launch (graphs 32-256 too, at
         # 09fb917; T2 unchanged; not yet explained); with PDL on (H100, e507e83's call, d9706b1's kernels) batch 8
-        # 6.100 -> 5.877 ms (0.881 -> 0.914), batch 1 5.553 -> 5.547: on since 2026-12-07
+        # 6.100 -> 5.877 ms (0.881 -> 0.914), batch 1 5.553 -> 5.547: on since 2026-12-07; alternating runs with PDL on
+        # (H100, 9edeecd) batch 8 5.877 -> 5.747 ms, batch 1 5.420 -> 5.418
         True,
         "16-bit linears at 2-16 tokens inside CUDA graphs on a tensor-core Triton GEMM; ops/triton/skinny_gemm.py",
     ),

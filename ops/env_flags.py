@@ -24,6 +24,9 @@ ENV_FLAGS: dict[str, tuple[bool, str]] = {
         True,  # on an H200: T1 +11%, Q4's T2 1.023x (was 1.001x), its checks passing (6e851bf's call)
         "an fp8 KV cache read as words widened to float16; ops/triton/fp8_kv_read.py",
     ),
+    # experiments (decode attention without a split: gpu_kernel_check's shapes part, ops/triton/paged_attention.py)
+    "WEIR_DECODE_TWO_STAGES": (False, "decode attention without a split pipelines 2 KV tiles, not 3"),
+    "WEIR_DECODE_WIDE_TILE": (False, "decode attention without a split reads 128 positions a tile, not 64"),
     "WEIR_L2_PREFETCH": (False, "decode GEMVs ask L2 for the next weights; ops/triton/l2_prefetch.py"),
     "WEIR_W4_META_2D": (
         # sm_90 compile at 5e1802c: the one-token loop's three shared-memory layout conversions gone, 128 -> 79

@@ -523,6 +523,20 @@ def _decode_segments(programs: int, max_seq_len: int, tile: int, sms: int) -> in
     return 1 << (segments.bit_length() - 1) if segments >= 2 else 1
 
 
+def _unsplit_decode(tile: int, num_stages: int) -> tuple[int, int]:
+    """(tile, num_stages) of a decode launch that does not split KV (the large batches of T1's and T2's decode
+    steps), where two switches under test change the base launch's: WEIR_DECODE_TWO_STAGES (2 stages, not 3)
+    and WEIR_DECODE_WIDE_TILE (128 positions a tile, not 64). On an H100 (gpu_kernel_check shapes, cc29764,
+    copy 3,017 GB/s) the base t64 s3 read 0.838 / 0.946 / 0.947 / 0.975 / 0.972 of the copy bandwidth at
+    Qwen3-0.6B b64 ctx1024 / b144 ctx840 / b256 ctx512 / b256 ctx1024 and Llama-3-8B b256 ctx1152; t64 s2
+    0.969 / 0.926 / 0.985 / 1.012 / 1.013; t128 s2 0.925 / 0.977 / 0.981 / 1.010 / 1.013."""
+    if env_flag("WEIR_DECODE_TWO_STAGES"):
+        num_stages = 2
+    if env_flag("WEIR_DECODE_WIDE_TILE") and tile == 64:
+        tile = 128
+    return tile, num_stages
+
+
 def _base_launch(group: int, head_dim: int, decode: bool) -> tuple[int, int, int, int]:
     """(block_m, tile, num_warps, num_stages) before split-KV: the one heuristic both entry points use."""
     tile = 64 if triton.next_power_of_2(head_dim) <= 128 else 32  # a padded head's tiles are its padding's
@@ -551,6 +565,8 @@ def choose_config(
         if device.type == "cuda":
             sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
         segments = _decode_segments(num_seqs * num_kv_heads, max_seq_len, tile, sms)
+        if segments == 1:
+            tile, num_stages = _unsplit_decode(tile, num_stages)
     return AttentionConfig(
         block_m=block_m, tile=tile, num_segments=segments, num_warps=num_warps, num_stages=num_stages
     )
@@ -562,7 +578,17 @@ class _Plan:
     a per-call choose_config + AttentionConfig costs more than the launch arithmetic left below.
     Holds python values only, so it is valid for every batch and across CUDA-graph capture and replay."""
 
-    __slots__ = ("decode", "dot_precision", "fp8_widen", "group", "hw_fp8_cvt", "pdl", "prefill", "sms")
+    __slots__ = (
+        "decode",
+        "decode_unsplit",
+        "dot_precision",
+        "fp8_widen",
+        "group",
+        "hw_fp8_cvt",
+        "pdl",
+        "prefill",
+        "sms",
+    )
 
     def __init__(
         self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device_index: int
@@ -574,6 +600,9 @@ class _Plan:
         self.dot_precision = "ieee" if dtype == torch.float32 else "tf32"
         self.sms = _num_sms(device_index)
         self.decode = _base_launch(group, head_dim, decode=True)  # (block_m, tile, num_warps, num_stages)
+        self.decode_unsplit = _unsplit_decode(
+            self.decode[1], self.decode[3]
+        )  # (tile, num_stages) without a split
         self.prefill = _base_launch(group, head_dim, decode=False)
         self.pdl = device_index >= 0 and pdl_enabled(torch.device("cuda", device_index))
         self.fp8_widen = fp8_widen_from_env()
@@ -686,6 +715,8 @@ def _decode_shape(
     if widened:
         tile *= 2
         segments = max(1, segments // 2)
+    elif segments == 1:
+        tile, num_stages = plan.decode_unsplit
     return block_m, tile, segments, num_warps, num_stages
 
 

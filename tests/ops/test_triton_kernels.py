@@ -277,6 +277,56 @@ def test_paged_attention_decode_batch(split: bool) -> None:
 
 
 @in_process
+def test_paged_attention_decode_wide_tile() -> None:
+    """An unsplit decode at WEIR_DECODE_WIDE_TILE's shape (128 positions a tile, 2 stages): every sequence
+    shorter than one tile, so the masked tail is most of it, matches the reference."""
+    batch = make_batch(*DECODES, 8, 2, 32, 16, torch.float16, seed=7)
+    check_attention(batch, AttentionConfig(block_m=16, tile=128, num_segments=1, num_stages=2), torch.float16)
+
+
+@in_process
+@pytest.mark.parametrize("two_stages,wide_tile", [("1", "0"), ("1", "1"), ("0", "1")])
+def test_unsplit_decode_switches(monkeypatch: pytest.MonkeyPatch, two_stages: str, wide_tile: str) -> None:
+    """WEIR_DECODE_TWO_STAGES / WEIR_DECODE_WIDE_TILE change only decode launches without a split (a large
+    batch), in choose_config and in the entry point's cached plan alike; a split decode and a prefill keep
+    the base launch."""
+    import importlib
+
+    pa = importlib.import_module("ops.triton.paged_attention")
+    monkeypatch.setenv("WEIR_DECODE_TWO_STAGES", two_stages)
+    monkeypatch.setenv("WEIR_DECODE_WIDE_TILE", wide_tile)
+    seen: list[tuple[int, int, int]] = []
+
+    def capture(*args: object, rotary: object = None, **_: object) -> torch.Tensor:
+        _block_m, tile, segments, _num_warps, num_stages, _fp8_widen = args[-6:]
+        seen.append((tile, segments, num_stages))  # type: ignore[arg-type]
+        return args[0]  # type: ignore[return-value]
+
+    monkeypatch.setattr(pa, "_launch", capture)
+    pa._PLANS.clear()  # plans read the switches when made
+    try:
+        cpu = torch.device("cpu")
+        unsplit = pa.choose_config(256, 32, 8, 128, 1, 1024, cpu)
+        split = pa.choose_config(1, 32, 8, 128, 1, 4096, cpu)
+        prefill = pa.choose_config(4, 32, 8, 128, 7, 1024, cpu)
+        want = (128 if wide_tile == "1" else 64, 1, 2 if two_stages == "1" else 3)
+        assert (unsplit.tile, unsplit.num_segments, unsplit.num_stages) == want
+        assert (split.tile, split.num_stages) == (64, 3) and split.num_segments > 1
+        assert (prefill.tile, prefill.num_stages) == (64, 2)
+        k_cache = torch.zeros(1, 16, 8, 128)
+        block_tables = torch.zeros(1, 1, dtype=torch.int32)
+        for num_seqs, max_seq_len in ((256, 1024), (1, 4096)):
+            seq_lens = torch.zeros(num_seqs, dtype=torch.int32)
+            query = torch.zeros(num_seqs, 32, 128)
+            impl.paged_attention(
+                query, k_cache, k_cache, block_tables, seq_lens, seq_lens, 1, max_seq_len, 0.1
+            )
+        assert seen == [want, (split.tile, split.num_segments, split.num_stages)]
+    finally:
+        pa._PLANS.clear()
+
+
+@in_process
 @pytest.mark.parametrize("segments", [2, 3, 32, 64])
 def test_paged_attention_segment_counts(segments: int) -> None:
     """The segment count is a runtime argument (one compile for all): 2, one that is not a power of two,

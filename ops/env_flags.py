@@ -24,9 +24,11 @@ ENV_FLAGS: dict[str, tuple[bool, str]] = {
         True,  # on an H200: T1 +11%, Q4's T2 1.023x (was 1.001x), its checks passing (6e851bf's call)
         "an fp8 KV cache read as words widened to float16; ops/triton/fp8_kv_read.py",
     ),
-    # experiments (decode attention without a split: gpu_kernel_check's shapes part, ops/triton/paged_attention.py)
-    "WEIR_DECODE_TWO_STAGES": (False, "decode attention without a split pipelines 2 KV tiles, not 3"),
-    "WEIR_DECODE_WIDE_TILE": (False, "decode attention without a split reads 128 positions a tile, not 64"),
+    # decode attention without a split (large batches; ops/triton/paged_attention.py's _unsplit_decode): on an H100 at
+    # 08ef700, alternating runs in one call, T1 18,802 / 18,643 -> 19,228 / 19,292 output tok/s with both (+3.0%),
+    # 18,998 with two stages alone; T2 3,762.5 -> 3,781 (+0.5%, one run each); on by default since then
+    "WEIR_DECODE_TWO_STAGES": (True, "decode attention without a split pipelines 2 KV tiles, not 3"),
+    "WEIR_DECODE_WIDE_TILE": (True, "decode attention without a split reads 128 positions a tile, not 64"),
     "WEIR_L2_PREFETCH": (False, "decode GEMVs ask L2 for the next weights; ops/triton/l2_prefetch.py"),
     "WEIR_W4_META_2D": (
         # sm_90 compile at 5e1802c: the one-token loop's three shared-memory layout conversions gone, 128 -> 79

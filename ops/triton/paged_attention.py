@@ -525,11 +525,15 @@ def _decode_segments(programs: int, max_seq_len: int, tile: int, sms: int) -> in
 
 def _unsplit_decode(tile: int, num_stages: int) -> tuple[int, int]:
     """(tile, num_stages) of a decode launch that does not split KV (the large batches of T1's and T2's decode
-    steps), where two switches under test change the base launch's: WEIR_DECODE_TWO_STAGES (2 stages, not 3)
-    and WEIR_DECODE_WIDE_TILE (128 positions a tile, not 64). On an H100 (gpu_kernel_check shapes, cc29764,
-    copy 3,017 GB/s) the base t64 s3 read 0.838 / 0.946 / 0.947 / 0.975 / 0.972 of the copy bandwidth at
-    Qwen3-0.6B b64 ctx1024 / b144 ctx840 / b256 ctx512 / b256 ctx1024 and Llama-3-8B b256 ctx1152; t64 s2
-    0.969 / 0.926 / 0.985 / 1.012 / 1.013; t128 s2 0.925 / 0.977 / 0.981 / 1.010 / 1.013."""
+    steps): 2 stages, not the base launch's 3 (WEIR_DECODE_TWO_STAGES), and 128 positions a tile, not 64
+    (WEIR_DECODE_WIDE_TILE), both on by default; a split decode keeps the base launch (its segments were fitted
+    to 64-position tiles), and so does a widened fp8 cache (its own tile, `_decode_shape`).
+
+    On an H100 (gpu_kernel_check's shapes part, cc29764, copy 3,017 GB/s) the base t64 s3 read 0.838 / 0.946 /
+    0.947 / 0.975 / 0.972 of the copy bandwidth at Qwen3-0.6B b64 ctx1024 / b144 ctx840 / b256 ctx512 / b256
+    ctx1024 and Llama-3-8B b256 ctx1152; t64 s2 0.969 / 0.926 / 0.985 / 1.012 / 1.013; t128 s2 0.925 / 0.977 /
+    0.981 / 1.010 / 1.013 (the only launch ahead of the base at all five). End to end (08ef700, alternating runs
+    in one call): T1 18,802 / 18,643 -> 19,228 / 19,292 output tok/s (+3.0%), T2 3,762.5 -> 3,781 (+0.5%)."""
     if env_flag("WEIR_DECODE_TWO_STAGES"):
         num_stages = 2
     if env_flag("WEIR_DECODE_WIDE_TILE") and tile == 64:

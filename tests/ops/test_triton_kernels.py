@@ -285,11 +285,11 @@ def test_paged_attention_decode_wide_tile() -> None:
 
 
 @in_process
-@pytest.mark.parametrize("two_stages,wide_tile", [("1", "0"), ("1", "1"), ("0", "1")])
+@pytest.mark.parametrize("two_stages,wide_tile", [("0", "0"), ("1", "0"), ("1", "1"), ("0", "1")])
 def test_unsplit_decode_switches(monkeypatch: pytest.MonkeyPatch, two_stages: str, wide_tile: str) -> None:
-    """WEIR_DECODE_TWO_STAGES / WEIR_DECODE_WIDE_TILE change only decode launches without a split (a large
-    batch), in choose_config and in the entry point's cached plan alike; a split decode and a prefill keep
-    the base launch."""
+    """WEIR_DECODE_TWO_STAGES / WEIR_DECODE_WIDE_TILE (both on by default; 0 0 is the base launch) change only
+    decode launches without a split (a large batch), in choose_config and in the entry point's cached plan
+    alike; a split decode and a prefill keep the base launch."""
     import importlib
 
     pa = importlib.import_module("ops.triton.paged_attention")

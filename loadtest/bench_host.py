@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=16,
+        help="KV block size: a smaller one gives each sequence as many blocks as a long context would "
+        "(8 at least; the tiny models stop at 256 positions, and T1's ~870-token contexts are ~55 blocks of 16)",
+    )
     p.add_argument("--family", default="qwen3", help="a family of tests/tiny_models.py")
     p.add_argument("--device", default="cpu")
     p.add_argument("--final-only", action="store_true", help='output_kind "final_only" (LLM.generate)')
@@ -97,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             dtype="float32",
             max_num_seqs=bs,
             max_num_batched_tokens=max(bs * args.prompt_len, 64),
-            num_kv_blocks=bs * (-(-max_model_len // 16) + 1),
+            num_kv_blocks=bs * (-(-max_model_len // args.block_size) + 1),
+            block_size=args.block_size,
             max_model_len=max_model_len,
             async_scheduling=not args.sync,
         )

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler_output import ForkedRequestData, NewRequestData, SchedulerOutput
+from engine.worker.block_table_rows import BlockTableRows
+
+if TYPE_CHECKING:
+    from engine.worker.sampler import RowConstants
 from engine.worker.cuda_graphs import DecodeArrays, pad_decode_batch
 
 
@@ -43,6 +47,11 @@ class RequestState:
     appends_sampled: bool = True
     # Its LoRA adapter (engine.lora.adapter.LoRAAdapter), held while the runner holds the request.
     lora: Any = None
+    # Its row of the runner's BlockTableRows (-1: none yet) and how many of block_ids that row holds.
+    table_row: int = -1
+    table_len: int = 0
+    # What the sampler's metadata reads of sampling_params (engine.worker.sampler.row_constants), once made.
+    sampling_constants: RowConstants | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -93,14 +102,19 @@ def forked_request_state(requests: dict[str, RequestState], fork: ForkedRequestD
     )
 
 
-def update_states(requests: dict[str, RequestState], so: SchedulerOutput) -> None:
-    """Apply the scheduler's diff to the runner's per-request states (in place)."""
+def update_states(
+    requests: dict[str, RequestState], so: SchedulerOutput, rows: BlockTableRows | None = None
+) -> None:
+    """Apply the scheduler's diff to the runner's per-request states (in place); a request that leaves
+    (or is replaced) gives its block-table row back to `rows`."""
     for req_id in itertools.chain(so.finished_req_ids, so.preempted_req_ids):
-        requests.pop(req_id, None)
+        gone = requests.pop(req_id, None)
+        if gone is not None and rows is not None:
+            rows.release(gone)
     for new in so.new_requests:
-        requests[new.req_id] = new_request_state(new)
+        _replace(requests, new.req_id, new_request_state(new), rows)
     for fork in so.forked_requests:
-        requests[fork.req_id] = forked_request_state(requests, fork)
+        _replace(requests, fork.req_id, forked_request_state(requests, fork), rows)
     for cached in so.cached_requests:
         state = requests.get(cached.req_id)
         if state is None:
@@ -110,11 +124,21 @@ def update_states(requests: dict[str, RequestState], so: SchedulerOutput) -> Non
         if cached.cow is not None:
             index, block_id = cached.cow
             state.block_ids[index] = block_id
+            state.table_len = min(state.table_len, index)  # its row copies entry `index` again
         state.block_ids.extend(cached.new_block_ids)
         state.num_computed_tokens = cached.num_computed_tokens
         if cached.new_token_ids:
             state.token_ids.extend(cached.new_token_ids)
             state.output_token_ids.extend(cached.new_token_ids)
+
+
+def _replace(
+    requests: dict[str, RequestState], req_id: str, state: RequestState, rows: BlockTableRows | None
+) -> None:
+    old = requests.get(req_id)
+    if old is not None and rows is not None:
+        rows.release(old)
+    requests[req_id] = state
 
 
 def block_table_array(block_tables: list[list[int]], num_rows: int) -> np.ndarray:
@@ -139,6 +163,7 @@ def flat_batch_arrays(
     num_scheduled: list[int],  # per sequence
     block_tables: list[list[int]],  # per sequence
     block_size: int,
+    tables: np.ndarray | None = None,  # [num_seqs, longest table] of block_tables, if already built
 ) -> tuple[DecodeArrays, int]:
     """The flat batch of any step (num_scheduled[s] tokens of sequence s from num_computed[s]),
     vectorized over tokens -> (its arrays, the longest query)."""
@@ -160,7 +185,8 @@ def flat_batch_arrays(
     )
     # position of flat token t in sequence s: t - query_start_loc[s] + num_computed[s]
     positions = np.arange(num_tokens, dtype=np.int64) + np.repeat(computed - query_start_loc[:-1], n)
-    tables = block_table_array(block_tables, num_seqs)
+    if tables is None:
+        tables = block_table_array(block_tables, num_seqs)
     seq_idx = np.repeat(np.arange(num_seqs), n)  # [num_tokens]
     block_idx = positions // block_size
     slot_mapping = tables[seq_idx, block_idx].astype(np.int64) * block_size + positions % block_size
@@ -181,6 +207,7 @@ def decode_batch_arrays(
     block_tables: list[list[int]],
     block_size: int,
     graph_size: int,
+    tables: np.ndarray | None = None,  # [graph_size, longest table] of block_tables, if already built
 ) -> DecodeArrays:
     """A decode-only step (token num_computed[s] of each sequence) padded to graph_size rows.
 
@@ -192,7 +219,7 @@ def decode_batch_arrays(
         num_computed,
         [b[c // bs] * bs + c % bs for b, c in zip(block_tables, num_computed, strict=True)],
         [c + 1 for c in num_computed],
-        block_table_array(block_tables, graph_size),
+        block_table_array(block_tables, graph_size) if tables is None else tables,
         graph_size,
     )
 
@@ -213,6 +240,7 @@ class ScheduledBatch:
     num_tokens: int
     max_scheduled: int
     max_num_blocks: int
+    table_rows: list[int]  # per sequence: its BlockTableRows row (empty without rows)
 
 
 def gather_scheduled(
@@ -220,9 +248,11 @@ def gather_scheduled(
     scheduled: dict[str, int],  # req_id -> tokens scheduled this step
     in_flight_rows: dict[str, int] | None,  # req_id -> row of the step in flight's sampled ids
     block_size: int,
+    rows: BlockTableRows | None = None,
 ) -> ScheduledBatch:
     """Walk the scheduled requests once (the per-request loop of every step): check each against its
-    state, lay it out in the flat batch, and note which rows need logits."""
+    state, lay it out in the flat batch, note which rows need logits, and (with `rows`) bring each
+    one's block-table row up to date."""
     states: list[RequestState] = []
     num_scheduled: list[int] = []
     sample_rows: list[int] = []
@@ -232,6 +262,8 @@ def gather_scheduled(
     pending_src: list[int] = []
     prompt_rows: list[np.ndarray] = []
     prompt_targets: list[tuple[RequestState, list[int]]] = []
+    table_rows: list[int] = []
+    sync = rows.sync if rows is not None else None
     offset = 0
     max_scheduled = 0
     max_num_blocks = 0
@@ -252,6 +284,8 @@ def gather_scheduled(
         if end > len(state.block_ids) * block_size:
             raise RuntimeError(f"request {req_id!r}: {len(state.block_ids)} blocks cannot hold {end} tokens")
         states.append(state)
+        if sync is not None:
+            table_rows.append(sync(state))
         num_scheduled.append(n)
         max_scheduled = max(max_scheduled, n)
         max_num_blocks = max(max_num_blocks, len(state.block_ids))
@@ -279,4 +313,5 @@ def gather_scheduled(
         num_tokens=offset,
         max_scheduled=max_scheduled,
         max_num_blocks=max_num_blocks,
+        table_rows=table_rows,
     )

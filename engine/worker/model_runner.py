@@ -4,7 +4,8 @@ concern keeps its own module:
 
 - engine.worker.input_batch: the per-request state, the scheduler's diff applied to it, the walk over
   the scheduled requests and the flat batch's host arrays (input ids, positions, slot mapping, block
-  tables);
+  tables); engine.worker.block_table_rows: the block tables kept as rows written as blocks come, so a
+  step gathers its table instead of rebuilding it from every request's list;
 - engine.worker.attention_metadata: the step's device inputs (`build_step_inputs`, one copy through a
   reused pinned buffer) and the forward context the attention layers read;
 - engine.worker.cuda_graphs: decode-only steps of up to max_cuda_graph_batch_size sequences (and mixed
@@ -63,6 +64,7 @@ from engine.worker.attention_metadata import (
 )
 from engine.worker.beam_device import BeamRows, DeviceBeamPool
 from engine.worker.block_copy import copy_kv_blocks
+from engine.worker.block_table_rows import BlockTableRows
 from engine.worker.cuda_graphs import (
     CUDAGraphRunner,
     DecodeArrays,
@@ -78,7 +80,13 @@ from engine.worker.input_batch import (
     update_states,
 )
 from engine.worker.kv_cache_setup import KVCacheSetup
-from engine.worker.sampler import Sampler, SamplingRow, build_sampling_metadata, compute_prompt_logprobs
+from engine.worker.sampler import (
+    Sampler,
+    SamplingRow,
+    build_sampling_metadata,
+    compute_prompt_logprobs,
+    row_constants,
+)
 from engine.worker.step_in_flight import StepInFlight, scatter_rows
 from ops.env_flags import check_env_flags
 
@@ -126,6 +134,8 @@ class ModelRunner(KVCacheSetup):
         self.kv_cache_stack: torch.Tensor | None = None
         self.num_kv_blocks = 0
         self.requests: dict[str, RequestState] = {}
+        # Their block tables as rows of one array, written as blocks come (engine/worker/block_table_rows.py).
+        self.block_rows = BlockTableRows(self.max_blocks_per_seq, capacity=self.max_num_seqs)
         self.sampler = Sampler()
         self.graph_runner: CUDAGraphRunner | None = None
         self._staging = PinnedStaging() if self.device.type == "cuda" else None
@@ -253,6 +263,7 @@ class ModelRunner(KVCacheSetup):
         self.model = None
         self.lora = None
         self.requests.clear()
+        self.block_rows = BlockTableRows(self.max_blocks_per_seq, capacity=self.max_num_seqs)
         self._beam_pool = None
         self._staging = None
         if self.device.type == "cuda":
@@ -303,16 +314,19 @@ class ModelRunner(KVCacheSetup):
         logits_indices: np.ndarray,  # [num_logits_rows] rows of the flat batch that need logits
         graph_size: int | None = None,  # pad this decode batch (one token per sequence) to this size
         mixed_graph_size: int | None = None,  # pad this mixed step to this many tokens (and sequences)
+        tables: np.ndarray | None = None,  # block_tables as [graph_size or num_seqs, longest] int32, if built
     ) -> StepInputs:
         """The step's flat batch (engine.worker.input_batch), on the device."""
         logits_indices = logits_indices.astype(np.int64, copy=False)
         if graph_size is not None:
-            arrays = decode_batch_arrays(token_ids, num_computed, block_tables, self.block_size, graph_size)
+            arrays = decode_batch_arrays(
+                token_ids, num_computed, block_tables, self.block_size, graph_size, tables
+            )
             return self._step_inputs(
                 arrays, logits_indices, graph_size=graph_size, num_actual_tokens=len(token_ids)
             )
         arrays, max_query_len = flat_batch_arrays(
-            token_ids, num_computed, num_scheduled, block_tables, self.block_size
+            token_ids, num_computed, num_scheduled, block_tables, self.block_size, tables
         )
         if mixed_graph_size is not None:
             return self._step_inputs(
@@ -373,7 +387,7 @@ class ModelRunner(KVCacheSetup):
         first, so tokens reach the states in launch order whoever calls `result()`.
         """
         prev = previous if previous is not None and not previous.done else None
-        update_states(self.requests, scheduler_output)
+        update_states(self.requests, scheduler_output, self.block_rows)
         if scheduler_output.block_copies:
             copy_kv_blocks(self.kv_caches, scheduler_output.block_copies, self.kv_cache_stack)
         beams = self._beam_rows(scheduler_output)
@@ -392,7 +406,11 @@ class ModelRunner(KVCacheSetup):
             prev = None
 
         batch = gather_scheduled(
-            self.requests, scheduled, prev.row_of if prev is not None else None, self.block_size
+            self.requests,
+            scheduled,
+            prev.row_of if prev is not None else None,
+            self.block_size,
+            self.block_rows,
         )
         states, num_scheduled, sample_states = batch.states, batch.num_scheduled, batch.sample_states
         logits_indices = np.concatenate([np.asarray(batch.sample_rows, dtype=np.int64), *batch.prompt_rows])
@@ -426,6 +444,10 @@ class ModelRunner(KVCacheSetup):
         if self.lora is not None:
             padded = graph_size or mixed_graph_size or num_tokens
             self.lora.prepare_step(lora_rows, row_tokens, padded)
+        # The block tables from the runner's rows (one gather), unless beams' rows follow the sequences'.
+        tables = None
+        if beams is None:
+            tables = self.block_rows.gather(batch.table_rows, graph_size or num_seqs, max_num_blocks)
         step = self._build_inputs(
             token_ids,
             num_computed,
@@ -434,6 +456,7 @@ class ModelRunner(KVCacheSetup):
             logits_indices,
             graph_size=graph_size,
             mixed_graph_size=mixed_graph_size,
+            tables=tables,
         )
         if batch.pending_dst:
             assert prev is not None and prev.sampled is not None
@@ -471,15 +494,12 @@ class ModelRunner(KVCacheSetup):
             return StepInFlight.launch_beams(output, beam_results, previous=prev)
         # [num_sampled, vocab] fp32; the sampled rows come first in logits_indices
         logits = self.compute_logits(hidden[step.logits_indices[: len(sample_states)]])
-        rows = [
-            SamplingRow(
-                params=s.sampling_params,
-                prompt_token_ids=s.prompt_token_ids,
-                output_token_ids=s.output_token_ids,
-                num_pending_outputs=p,
-            )
-            for s, p in zip(sample_states, batch.num_pending, strict=True)
-        ]
+        rows = []
+        for s, p in zip(sample_states, batch.num_pending, strict=True):
+            constants = s.sampling_constants
+            if constants is None:  # once a request: its params never change
+                constants = s.sampling_constants = row_constants(s.sampling_params, self.vocab_size)
+            rows.append(SamplingRow(s.sampling_params, s.prompt_token_ids, s.output_token_ids, p, constants))
         md = build_sampling_metadata(rows, vocab_size=self.vocab_size, device=self.device)
         sampled, packed_logprobs = self.sampler.sample(logits, md)
         return StepInFlight.launch(

@@ -25,9 +25,11 @@ share the batch, and survive preemption.
 
 from __future__ import annotations
 
+import array
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -48,6 +50,8 @@ class SamplingRow:
     # Outputs sampled by a step still in flight (async scheduling): they count for seeds and
     # min_tokens. Rows with penalties need the ids themselves, so the runner waits for them first.
     num_pending_outputs: int = 0
+    # What the metadata reads of `params`, worked out once a request (row_constants); None: now.
+    constants: RowConstants | None = None
 
     @property
     def num_output_tokens(self) -> int:
@@ -98,6 +102,59 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]  # [B]; None for rows that did not ask
 
 
+# The optional stages a row needs, as bits OR-ed over the batch.
+_USES_TEMPERATURE, _USES_TOP_K, _USES_TOP_P, _USES_MIN_P, _USES_REPETITION, _USES_FREQ_PRES = (
+    1,
+    2,
+    4,
+    8,
+    16,
+    32,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RowConstants:
+    """What `build_sampling_metadata` reads of a row's SamplingParams, worked out once a request (its
+    params never change; the runner keeps this on the request's state), so a step's per-row work is a
+    tuple appended and a few flags, not ~15 attribute reads and comparisons."""
+
+    greedy: bool
+    # temperature, top_k, top_p, min_p, repetition, frequency, presence, as the packed tensor holds them
+    # (sampling-only knobs neutral on greedy rows, top_k V where disabled, top_p inf where disabled)
+    scalars: tuple[float, float, float, float, float, float, float]
+    uses: int  # _USES_* bits
+    seed: int | None  # a random row's seed (its noise key changes every step)
+    edits: bool  # logit_bias or min_tokens: sparse edits, worked out every step
+    logprobs: int | None
+
+
+def row_constants(p: SamplingParams, vocab_size: int) -> RowConstants:
+    """A row's constants (RowConstants) from its params, for a vocabulary of `vocab_size`."""
+    greedy = p.greedy
+    temp = 1.0 if greedy else p.temperature
+    k = p.top_k if (not greedy and 0 < p.top_k < vocab_size) else vocab_size
+    top_p = p.top_p if (not greedy and p.top_p < 1.0) else math.inf
+    min_p = p.min_p if not greedy else 0.0
+    uses = (
+        (_USES_TEMPERATURE if temp != 1.0 else 0)
+        | (_USES_TOP_K if k < vocab_size else 0)
+        | (_USES_TOP_P if top_p < 1.0 else 0)
+        | (_USES_MIN_P if min_p > 0.0 else 0)
+        | (_USES_REPETITION if p.repetition_penalty != 1.0 else 0)
+        | (_USES_FREQ_PRES if (p.frequency_penalty != 0.0 or p.presence_penalty != 0.0) else 0)
+    )
+    return RowConstants(
+        greedy=greedy,
+        # top_k as a float: exact in fp32 for any real vocabulary (< 2**24)
+        scalars=(temp, float(k), top_p, min_p, p.repetition_penalty, p.frequency_penalty, p.presence_penalty),
+        uses=uses,
+        seed=p.seed if not greedy else None,
+        edits=bool(p.logit_bias) or bool(p.min_tokens),
+        logprobs=p.logprobs,
+    )
+
+
 def _to_device(t: Tensor, device: torch.device) -> Tensor:
     if device.type == "cpu":
         return t
@@ -125,13 +182,9 @@ def build_sampling_metadata(
     num_rows = len(rows)
     inf = math.inf
 
-    greedy_flags = [r.params.greedy for r in rows]
-    all_greedy = all(greedy_flags)
-    all_random = not any(greedy_flags)
-
-    # Per-row scalars, packed into one tensor: temperature, top_k, top_p, min_p, rep, freq, pres.
-    temps, top_ks, top_ps, min_ps, reps, freqs, press = [], [], [], [], [], [], []
-    use_temp = use_top_k = use_top_p = use_min_p = use_rep = use_freq_pres = False
+    greedy_flags: list[bool] = []
+    scalars: list[float] = []  # [B * 7], row by row
+    uses = 0
     seed_rows: list[int] = []
     seed_keys: list[int] = []
     edit_r: list[int] = []
@@ -139,49 +192,44 @@ def build_sampling_metadata(
     edit_v: list[float] = []
     num_logprobs: list[int | None] = []
     for i, row in enumerate(rows):
-        p = row.params
-        greedy = greedy_flags[i]
-        # Sampling-only knobs are neutral on greedy rows so they never switch a stage on.
-        temp = 1.0 if greedy else p.temperature
-        k = p.top_k if (not greedy and 0 < p.top_k < vocab_size) else vocab_size
-        top_p = p.top_p if (not greedy and p.top_p < 1.0) else inf
-        min_p = p.min_p if not greedy else 0.0
-        use_temp |= temp != 1.0
-        use_top_k |= k < vocab_size
-        use_top_p |= top_p < 1.0
-        use_min_p |= min_p > 0.0
-        use_rep |= p.repetition_penalty != 1.0
-        use_freq_pres |= p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
-        temps.append(temp)
-        top_ks.append(float(k))  # exact in fp32 for any real vocabulary (< 2**24)
-        top_ps.append(top_p)
-        min_ps.append(min_p)
-        reps.append(p.repetition_penalty)
-        freqs.append(p.frequency_penalty)
-        press.append(p.presence_penalty)
-
-        if not greedy and p.seed is not None:
+        c = row.constants
+        if c is None:
+            c = row_constants(row.params, vocab_size)
+        greedy_flags.append(c.greedy)
+        scalars.extend(c.scalars)
+        uses |= c.uses
+        num_logprobs.append(c.logprobs)
+        if c.seed is not None:
             seed_rows.append(i)
-            seed_keys.append(seed_for_step(p.seed, row.num_output_tokens))
+            seed_keys.append(seed_for_step(c.seed, row.num_output_tokens))
+        if c.edits:
+            p = row.params
+            if p.logit_bias:
+                for tok, bias in p.logit_bias.items():
+                    if tok < vocab_size:
+                        edit_r.append(i)
+                        edit_t.append(tok)
+                        edit_v.append(bias)
+            if p.min_tokens and row.num_output_tokens < p.min_tokens:
+                for tok in p.all_stop_token_ids:
+                    if tok < vocab_size:
+                        edit_r.append(i)
+                        edit_t.append(tok)
+                        edit_v.append(-inf)
+    all_greedy = all(greedy_flags)
+    all_random = not any(greedy_flags)
+    use_temp = bool(uses & _USES_TEMPERATURE)
+    use_top_k = bool(uses & _USES_TOP_K)
+    use_top_p = bool(uses & _USES_TOP_P)
+    use_min_p = bool(uses & _USES_MIN_P)
+    use_rep = bool(uses & _USES_REPETITION)
+    use_freq_pres = bool(uses & _USES_FREQ_PRES)
 
-        if p.logit_bias:
-            for tok, bias in p.logit_bias.items():
-                if tok < vocab_size:
-                    edit_r.append(i)
-                    edit_t.append(tok)
-                    edit_v.append(bias)
-        if p.min_tokens and row.num_output_tokens < p.min_tokens:
-            for tok in p.all_stop_token_ids:
-                if tok < vocab_size:
-                    edit_r.append(i)
-                    edit_t.append(tok)
-                    edit_v.append(-inf)
-        num_logprobs.append(p.logprobs)
-
-    scalars = _to_device(
-        torch.tensor([temps, top_ks, top_ps, min_ps, reps, freqs, press], dtype=torch.float32), device
-    )
-    col = scalars.unsqueeze(-1)  # [7, B, 1]
+    # Per-row scalars, packed into one tensor: temperature, top_k, top_p, min_p, rep, freq, pres.
+    # (array.array reads a list of floats ~8x faster than torch.tensor does: ~15 against ~125 us at 144 rows)
+    packed = np.frombuffer(array.array("f", scalars), dtype=np.float32).reshape(num_rows, 7)  # [B, 7]
+    scalars_t = _to_device(torch.from_numpy(packed.T.copy()), device)  # [7, B]
+    col = scalars_t.unsqueeze(-1)  # [7, B, 1]
 
     greedy_mask = None
     if not all_greedy and not all_random:

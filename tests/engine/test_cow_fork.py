@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -168,6 +169,12 @@ def test_n4_under_preemption_gives_the_same_samples(roomy: LLM, tiny_llama_dir: 
     assert tight.llm_engine.scheduler.num_preemptions > 0
     assert got == expected
     assert peak <= 9
+    # Every preempted or finished sequence gave its block-table row back, zeroed (the runner hears of the
+    # last step's finished ones with the next step: those still hold theirs).
+    runner = tight.llm_engine.executor.runner  # type: ignore[attr-defined]
+    held = {s.table_row for s in runner.requests.values()} - {-1}
+    assert len(runner.block_rows) == len(held) <= 4
+    assert not np.delete(runner.block_rows.table, sorted(held), axis=0).any()
     tight.shutdown()
 
 

@@ -284,3 +284,32 @@ def test_metadata_skips_stages_no_row_needs() -> None:
     assert md.max_num_logprobs is None
     md = build_sampling_metadata([row(), row(top_k=V + 10, top_p=1.0)], V, "cpu")
     assert md.all_random and md.temperature is None and md.top_k is None and md.top_p is None
+
+
+def test_metadata_from_row_constants_is_the_same_as_from_params() -> None:
+    """The runner keeps each request's row_constants and passes them in: the metadata is field for field
+    what the params alone give, over rows that switch every stage on (seeds and min_tokens move with the
+    outputs so far, so they are worked out every step either way)."""
+    import dataclasses
+
+    from engine.worker.sampler import row_constants
+
+    rows = [
+        row(temperature=0.0, top_k=5, logprobs=2),
+        row(temperature=0.7, top_k=8, top_p=0.9, seed=11, output=[1, 2]),
+        row(min_p=0.1, repetition_penalty=1.2, prompt=[3, 4], output=[5]),
+        row(frequency_penalty=0.5, presence_penalty=0.25, logit_bias={7: 3.0, V + 1: 1.0}, output=[6]),
+        row(min_tokens=4, stop_token_ids=[9], output=[1], logprobs=0),
+    ]
+    cached = [dataclasses.replace(r, constants=row_constants(r.params, V)) for r in rows]
+    plain, fast = build_sampling_metadata(rows, V, "cpu"), build_sampling_metadata(cached, V, "cpu")
+    for field in dataclasses.fields(plain):
+        a, b = getattr(plain, field.name), getattr(fast, field.name)
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), field.name
+        else:
+            assert a == b, field.name
+    assert plain.temperature is not None and plain.temperature.flatten().tolist() == pytest.approx(
+        [1.0, 0.7, 1.0, 1.0, 1.0]
+    )
+    assert plain.num_seeded == 1 and plain.edit_rows is not None and plain.edit_rows.tolist() == [3, 4]

@@ -11,6 +11,11 @@ Stop strings: a match can only end inside the newly decoded characters, so each 
 plus (longest stop string - 1) characters before them. Deltas hold back that many trailing
 characters while the sequence runs, so text that a later stop match would cut is never streamed;
 `finish()` releases them. Everything after a stop string is dropped.
+
+Deferred (`deferred=True`): a sequence whose text no one reads before it ends (a final-only output, or
+best_of > n) and that no stop string can end only collects its ids, and `finish()` decodes them in one
+window, as a first step given every token at once would: the same text (tests/engine/test_detokenizer.py
+holds the two paths equal), with two decodes a sequence instead of two a step.
 """
 
 from __future__ import annotations
@@ -47,9 +52,12 @@ class IncrementalDetokenizer:
         "num_output_tokens",
         "stop_string",
         "finished",
+        "_deferred",
     )
 
-    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def __init__(
+        self, tokenizer: Any, prompt_token_ids: list[int], params: SamplingParams, deferred: bool = False
+    ) -> None:
         self.tokenizer = tokenizer
         # A fast tokenizer's decode (without clean-up) is exactly its Rust backend's decode; calling
         # the backend directly skips several microseconds of Python wrapping per call.
@@ -77,6 +85,9 @@ class IncrementalDetokenizer:
         self.num_output_tokens = 0
         self.stop_string: str | None = None  # the stop string that ended the sequence, if any
         self.finished = False
+        # Decode once, at finish(): only where the text is read at the end alone and no stop string
+        # needs it while the sequence runs.
+        self._deferred = deferred and not self._stop
 
     # ------------------------------------------------------------------ public
     @property
@@ -98,6 +109,9 @@ class IncrementalDetokenizer:
         if stop_terminated and not self._include_stop:
             new_token_ids = new_token_ids[:-1]
 
+        if self._deferred:
+            self._ids.extend(new_token_ids)  # decoded by finish(), in one window
+            return None
         if self._min_tokens:
             # Text from the first min_tokens outputs cannot end a sequence with a stop string.
             num_protected = max(

@@ -123,12 +123,15 @@ class OutputProcessor:
         # best_of > n ranks its sequences by cumulative logprob, asked for or not (the sampler gives
         # every child its chosen token's logprob: SamplingParams.clone_for_child).
         ranked = params.n < len(sequences)
+        # No output before the end (final_only, or best_of > n): the text is decoded once, at the end,
+        # unless a stop string must be searched for as it grows (the detokenizer decides that).
+        deferred = _KINDS[params.output_kind] == _FINAL_ONLY or ranked
         states = [
             _Sequence(
                 index=i,
                 request=req,
                 detokenizer=IncrementalDetokenizer(
-                    self.tokenizer, request.prompt_token_ids, req.sampling_params
+                    self.tokenizer, request.prompt_token_ids, req.sampling_params, deferred
                 ),
                 logprobs=[] if want_logprobs else None,
                 cumulative_logprob=0.0 if want_logprobs or ranked else None,

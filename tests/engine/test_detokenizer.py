@@ -204,3 +204,70 @@ def test_window_stays_small_on_long_outputs(tok) -> None:
     deltas, detok, _ = stream(tok, ids)
     assert "".join(deltas) == TEXT * 200
     assert len(detok._ids) <= 600  # old tokens are trimmed, not re-decoded every step
+
+
+class _CountingBackend:
+    """The fast tokenizer's Rust backend, counting decode calls."""
+
+    def __init__(self, backend) -> None:
+        self.backend, self.calls = backend, 0
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        self.calls += 1
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def _deferred_text(tok, ids: list[int], stop_last: bool = False, **params) -> tuple[str, int]:
+    params.setdefault("max_tokens", None)
+    detok = IncrementalDetokenizer(tok, tok.encode(PROMPT), SamplingParams(**params), deferred=True)
+    counting = detok._backend = _CountingBackend(detok._backend)
+    for i, t in enumerate(ids):
+        assert detok.update([t], stop_terminated=stop_last and i == len(ids) - 1) is None
+    assert counting.calls == 0 and detok.output_text == ""  # nothing decoded while it runs
+    detok.finish()
+    assert counting.calls <= 2  # the window and its prompt tail, once
+    return detok.output_text, detok.num_output_tokens
+
+
+@pytest.mark.parametrize(
+    "case", ["bytes", "natural", "trailing", "special", "special-kept", "stop-token", "long"]
+)
+def test_deferred_text_is_the_streamed_text(tok, case: str) -> None:
+    """A final-only sequence without stop strings decodes once, at finish: the same text, character for
+    character, as the step-by-step path in every case above (split characters, a trailing incomplete
+    one, special tokens skipped or kept, a stop token left out, a window trimmed on a long output)."""
+    params: dict = {}
+    stop_last = False
+    if case == "bytes":
+        ids = byte_tokens(tok, MULTIBYTE)
+    elif case == "natural":
+        ids = tok.encode(MULTIBYTE + " and more")
+    elif case == "trailing":
+        ids = tok.encode("abc") + byte_tokens(tok, "\u2603")[:2]
+    elif case.startswith("special"):
+        ids = tok.encode("Hi") + [tok.convert_tokens_to_ids("<|im_end|>")] + tok.encode(" there")
+        params["skip_special_tokens"] = case == "special"
+    elif case == "stop-token":
+        ids = tok.encode("Hello world")
+        params["stop_token_ids"] = [ids[-1]]
+        stop_last = True
+    else:
+        ids = tok.encode(TEXT) * 60
+    streamed = IncrementalDetokenizer(tok, tok.encode(PROMPT), SamplingParams(max_tokens=None, **params))
+    for i, t in enumerate(ids):
+        streamed.update([t], stop_terminated=stop_last and i == len(ids) - 1)
+    streamed.finish()
+    text, count = _deferred_text(tok, ids, stop_last, **params)
+    assert text == streamed.output_text and count == streamed.num_output_tokens == len(ids)
+    if case == "long":
+        assert text == TEXT * 60
+
+
+def test_deferred_still_searches_stop_strings(tok) -> None:
+    """A stop string must be found as the text grows: with one, a deferred detokenizer decodes every step."""
+    ids = tok.encode(TEXT)
+    detok = IncrementalDetokenizer(
+        tok, tok.encode(PROMPT), SamplingParams(max_tokens=None, stop=["lazy"]), deferred=True
+    )
+    stopped = [detok.update([t]) for t in ids]
+    assert "lazy" in stopped and detok.output_text == TEXT[: TEXT.index("lazy")]

@@ -571,12 +571,14 @@ def decode_shape_sweep() -> None:
     """Decode attention's launch (tile, stages, warps; the heuristic's segments and twice them) at the decode
     steps of T1 (Qwen3-0.6B, ~64-256 sequences of 512-1,024 positions) and T2 (Llama-3-8B, 256 of ~1,100),
     timed in CUDA graphs: where these large-batch steps lose to the copy bandwidth, and whether another launch
-    would win it back (the heuristic's own pick is marked)."""
+    would win it back (the heuristic's own pick is marked); then the widened fp8 cache's tiles and stages at
+    the same points."""
     out = RESULTS["timings"]["decode_shape_sweep"] = []
     points = {"qwen3-0.6b": ((64, 1024), (144, 840), (256, 512), (256, 1024)), "llama3-8b": ((256, 1152),)}
     for model, pts in points.items():
         m = MODELS[model]
         pool = DecodePool(model, 16, 256 * 1152)
+        fp8_pool = DecodePool(model, 16, 256 * 1152, torch.float8_e4m3fn)
         for num_seqs, ctx in pts:
             heur = choose_config(num_seqs, m["num_heads"], m["num_kv_heads"], m["head_dim"], 1, ctx, DEV)
             line, best = [], None
@@ -606,7 +608,20 @@ def decode_shape_sweep() -> None:
                     f"best t{c.tile}s{c.num_stages}w{c.num_warps}g{c.num_segments}: {r['frac_copy']:.3f}"
                 )
             print(f"  {model:10s} b{num_seqs:<4d} ctx{ctx:<6d} " + "  ".join(line), flush=True)
-        del pool
+            # The widened fp8 cache's launch (tiles of twice the positions, 3 stages by default): do 2 stages
+            # or wider tiles help it as they did the 16-bit cache? (fractions of the copy of its own bytes)
+            segs = max(1, heur.num_segments // 2)
+            cells = []
+            for tile, stages in itertools.product((128, 256), (2, 3)):
+                if over_budget():
+                    break
+                c = AttentionConfig(heur.block_m, tile, segs, 4, stages, fp8_widen=True)
+                r = time_decode(fp8_pool, num_seqs, ctx, c)
+                row = {"model": model, "num_seqs": num_seqs, "ctx": ctx, "heuristic": False}
+                out.append({**row, "cache": "fp8_widened", **cfg_dict(c), **r})
+                cells.append(f"t{tile}s{stages}: {r['frac_copy']:.3f}")
+            print(f"  {'':10s} fp8 widened g{segs}: " + "  ".join(cells), flush=True)
+        del pool, fp8_pool
         torch.cuda.empty_cache()
 
 

@@ -285,7 +285,9 @@ def gather_scheduled(
             raise RuntimeError(f"request {req_id!r}: {len(state.block_ids)} blocks cannot hold {end} tokens")
         states.append(state)
         if sync is not None:
-            table_rows.append(sync(state))
+            # its row, synced only when it has blocks the row lacks (a new block every block_size tokens)
+            row = state.table_row
+            table_rows.append(row if row >= 0 and state.table_len == len(state.block_ids) else sync(state))
         num_scheduled.append(n)
         max_scheduled = max(max_scheduled, n)
         max_num_blocks = max(max_num_blocks, len(state.block_ids))

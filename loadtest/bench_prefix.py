@@ -112,14 +112,34 @@ def run_mode(args: argparse.Namespace, model: Any, workload: Workload, mode: str
         llm.generate(warm.prompts, warm_params, use_tqdm=False)
         llm.generate(warm.prompts[:2], warm_params[:2], use_tqdm=False)  # a second pass: the hit path
         params = [sampling_params(o, args.temperature) for o in workload.output_lens]
-        t0 = time.perf_counter()
-        outs = llm.generate(workload.prompts, params, use_tqdm=False)
+        # Where the queued run's TTFT goes: each engine step's wall time (the first ones hold every prefill)
+        # and when first tokens and arrivals fall, from the run's start.
+        engine = llm.llm_engine
+        step_ms: list[float] = []
+        plain_step = engine.step
+
+        def timed_step() -> Any:
+            start = time.perf_counter()
+            try:
+                return plain_step()
+            finally:
+                step_ms.append((time.perf_counter() - start) * 1000)
+
+        engine.step = timed_step
+        t0, t0_mono = time.perf_counter(), time.monotonic()
+        try:
+            outs = llm.generate(workload.prompts, params, use_tqdm=False)
+        finally:
+            del engine.step  # the class's own again
         elapsed = time.perf_counter() - t0
         ttfts = [
             o.metrics.first_token_time - o.metrics.arrival_time
             for o in outs
             if o.metrics is not None and o.metrics.first_token_time is not None
         ]
+        timed = [o.metrics for o in outs if o.metrics is not None and o.metrics.first_token_time is not None]
+        first_at = [m.first_token_time - t0_mono for m in timed]
+        arrivals = [m.arrival_time - t0_mono for m in timed]
         out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         cached = [o.num_cached_tokens for o in outs]
         prefix = workload.prompts[0][: args.prefix_len]
@@ -133,6 +153,10 @@ def run_mode(args: argparse.Namespace, model: Any, workload: Workload, mode: str
             "engine": engine_info(llm),
             "elapsed_s": round(elapsed, 4),
             **summarize_ms(ttfts, "ttft"),
+            "first_token_after_start": summarize_ms(first_at, "at"),
+            "last_arrival_after_start_ms": round(max(arrivals) * 1000, 3) if arrivals else None,
+            "first_steps_ms": [round(x, 3) for x in step_ms[:12]],
+            "steps": len(step_ms),
             "output_tokens": out_tokens,
             "output_tok_s": round(out_tokens / elapsed, 2),
             "req_s": round(len(outs) / elapsed, 4),

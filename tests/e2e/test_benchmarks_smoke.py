@@ -193,6 +193,13 @@ def test_prefix_on_off_with_peer(tiny_llama_dir: Path, tmp_path: Path) -> None:
     assert on["output_tokens"] == off["output_tokens"] == 24
     assert on["ttft_p50_ms"] > 0 and off["ttft_p50_ms"] > 0
     assert data["results"]["ttft_p50_speedup"] > 0
+    # Where the queued TTFT goes: the run's steps (1 + 4 output tokens each: at least 5) and when first
+    # tokens fell, from the run's start: after the last request arrived, before the run ended.
+    for r in (on, off):
+        assert r["steps"] >= 5 and len(r["first_steps_ms"]) == min(12, r["steps"])
+        assert all(ms > 0 for ms in r["first_steps_ms"])
+        first = r["first_token_after_start"]
+        assert 0 <= r["last_arrival_after_start_ms"] <= first["at_p50_ms"] <= r["elapsed_s"] * 1000
     assert data["peer"]["requests_run"] == 3
     assert_in_summary(tmp_path, "P1")
 

@@ -54,7 +54,8 @@
 # it on. pt1 / pt2: T1's typical decode step (Qwen3-0.6B, 144 sequences of ~840 positions) / T2's (Llama-3-8B, 256 of
 # ~1,100) by kernel family (profile_kernels.py); `kern` with KPARTS=shapes: decode attention's launch swept at those
 # shapes (gpu_kernel_check.py). ds00a ds10a ds11a ... / dt00a ...: T1 / T2 with WEIR_DECODE_TWO_STAGES and
-# WEIR_DECODE_WIDE_TILE set to the name's two digits; pytds: the attention kernel tests on CUDA with both on. t1prof: T1, then T1 again under cProfile (the host's top functions; T1PN of them). t1k0a t1k1a ...: T1 with a bf16 / an fp8 KV cache (Q4's T1 figure; the fp8 read widened unless T1KW=0).
+# WEIR_DECODE_WIDE_TILE set to the name's two digits; pytds: the attention kernel tests on CUDA with both on. p1: P1
+# (bench_prefix.py, no peer: its queued run's step times and first-token times). t1prof: T1, then T1 again under cProfile (the host's top functions; T1PN of them). t1k0a t1k1a ...: T1 with a bf16 / an fp8 KV cache (Q4's T1 figure; the fp8 read widened unless T1KW=0).
 # abold1 abnew1 abold2 ...: L1 alternating an older tree and this one in one call (machines differ by up to 4%; compare within a call): first, on this machine,
 # `mkdir ab_old && git archive REV engine ops app loadtest pyproject.toml | tar x -C ab_old`, carry ab_old. .whl holds the server's wheels: `../shared/scripts/device-wheels.sh httptools` (httptools: the bounded HTTP protocol, app/http_protocol.py; without it U1 and every server step exit after "engine ready").
 # diag: loadtest/diagnose_divergence.py on DIAGF (DIAGX: more options, e.g. --layers; default gemma2: the engine check's tiny gemma2 left transformers' tokens
@@ -205,6 +206,7 @@ for s in $STEPS; do case $s in
   ds[01][01]*) step $s 100 env WEIR_DECODE_TWO_STAGES=${s:2:1} WEIR_DECODE_WIDE_TILE=${s:3:1} python3 loadtest/bench_throughput.py --workload t1 --shape qwen3-0.6b --peer none --out $O/$s.json;;
   dt[01][01]*) step $s 120 env WEIR_DECODE_TWO_STAGES=${s:2:1} WEIR_DECODE_WIDE_TILE=${s:3:1} python3 loadtest/bench_throughput.py --workload t2 --shape llama3-8b --num-requests 1000 --peer none --out $O/$s.json;;
   pytds) step pytds 150 env WEIR_DECODE_TWO_STAGES=1 WEIR_DECODE_WIDE_TILE=1 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton_kernels.py tests/ops/test_windowed_attention.py;;
+  p1) step p1 240 python3 loadtest/bench_prefix.py --shape llama3-8b --peer none --out $O/p1.json;;
   pt1) step pt1 120 python3 loadtest/profile_kernels.py --shape qwen3-0.6b --num-requests 144 --input-len 840 --output-len 128 --prefill-steps 1 --decode-steps 8 --out $O/pt1.json;;
   pt2) step pt2 150 python3 loadtest/profile_kernels.py --shape llama3-8b --num-requests 256 --input-len 1024 --output-len 128 --prefill-steps 1 --decode-steps 8 --out $O/pt2.json;;
   profbase|proflora) step $s 120 python3 loadtest/profile_kernels.py --shape llama3-8b --num-requests 256 --input-len 512 --output-len 128 --prefill-steps 1 --decode-steps 8 $([ $s = proflora ] && echo --lora-rank 16 --lora-adapters ${PROF_ADAPTERS:-64}) --out $O/$s.json;;

@@ -23,10 +23,10 @@ import numpy as np
 from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler_output import ForkedRequestData, NewRequestData, SchedulerOutput
 from engine.worker.block_table_rows import BlockTableRows
+from engine.worker.cuda_graphs import DecodeArrays, pad_decode_batch
 
 if TYPE_CHECKING:
     from engine.worker.sampler import RowConstants
-from engine.worker.cuda_graphs import DecodeArrays, pad_decode_batch
 
 
 @dataclass(slots=True, eq=False)

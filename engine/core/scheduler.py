@@ -220,19 +220,28 @@ class Scheduler(BeamScheduling):
         self._step_fit = self.mixed_step_token_cap if prefill_backlog <= self._fit_backlog_limit else 0
         self._step_decode_tokens = 0
         running = RequestStatus.RUNNING
-        reaches_limit_in_flight = self._reaches_limit_in_flight
+        max_model_len = self.max_model_len
+        # Decodes come first, one token each, so _chunk never cuts one to 0 tokens while the budget lasts
+        # (its mixed-graph cut leaves fit - decodes so far >= 1), unless beam steps took part of the budget
+        # before them: then it is asked, as for any prompt chunk.
+        decode_fits = not beam_steps
         for req in decodes + prefills:
             if budget <= 0:
                 break
             if req.status != running:
                 continue  # preempted earlier in this loop
             placeholders = req.num_output_placeholders
-            if placeholders and (req.is_beam or reaches_limit_in_flight(req)):
+            if placeholders and (
+                req.is_beam
+                # the tokens in flight bring it to max_tokens (resolved by the input processor) or max_model_len
+                or len(req.output_token_ids) + placeholders >= req.sampling_params.max_tokens  # type: ignore[operator]
+                or len(req.all_token_ids) + placeholders >= max_model_len
+            ):
                 # The step in flight samples its last token: the update finishes it, or, for a beam,
                 # the group's next tokens depend on that step's results.
                 continue
             remaining = len(req.all_token_ids) + placeholders - req.num_computed_tokens
-            num_new = min(remaining, self._chunk(budget))
+            num_new = 1 if remaining == 1 and decode_fits else min(remaining, self._chunk(budget))
             if num_new <= 0:
                 continue  # an ongoing prefill, and the step is full to its mixed graph
             while True:
@@ -377,7 +386,14 @@ class Scheduler(BeamScheduling):
                     replaced.get(req.req_id) if replaced else None,
                 )
             )
-            num_prompt_scheduled += self._advance(req, num_scheduled[req.req_id])
+            # _advance(req, num_scheduled[req_id]), inlined: this loop runs for every running request
+            start = req.num_computed_tokens
+            end = req.num_computed_tokens = start + num_scheduled[req.req_id]
+            if end == len(req.all_token_ids) + req.num_output_placeholders:
+                req.num_output_placeholders += 1
+            num_prompt = len(req.prompt_token_ids)
+            if start < num_prompt:
+                num_prompt_scheduled += min(end, num_prompt) - start
             scheduled_requests[req.req_id] = req
         new_data = []
         for req in new_reqs:
@@ -468,16 +484,6 @@ class Scheduler(BeamScheduling):
         if start >= num_prompt:
             return 0  # a decode
         return min(end, num_prompt) - start
-
-    def _reaches_limit_in_flight(self, req: Request) -> bool:
-        """True when the tokens in flight bring the request to max_tokens or max_model_len."""
-        sp = req.sampling_params
-        assert sp.max_tokens is not None  # resolved by the input processor
-        placeholders = req.num_output_placeholders
-        return (
-            len(req.output_token_ids) + placeholders >= sp.max_tokens
-            or len(req.all_token_ids) + placeholders >= self.max_model_len
-        )
 
     # ---------------------------------------------------------------- results
     def update_from_output(

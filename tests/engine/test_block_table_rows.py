@@ -70,3 +70,54 @@ def test_a_released_row_is_zeroed_and_reused() -> None:
     np.testing.assert_array_equal(rows.gather([0, 1], 3, 1), [[3], [9], [0]])
     rows.release(a)  # a second release of a request without a row does nothing
     assert len(rows) == 2
+
+
+def test_gather_scheduled_brings_rows_up_to_date_and_update_states_gives_them_back() -> None:
+    """Through the runner's own steps: new requests get rows, added blocks and a copy-on-write reach them
+    (gather_scheduled syncs only a row its request's blocks outgrew), and a finished request's row is freed
+    and zeroed for the next."""
+    from engine.core.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
+    from engine.worker.input_batch import gather_scheduled, update_states
+
+    def output(new=(), cached=(), finished=()) -> SchedulerOutput:
+        return SchedulerOutput(
+            new_requests=list(new),
+            cached_requests=list(cached),
+            num_scheduled_tokens={},
+            total_num_scheduled_tokens=0,
+            finished_req_ids=set(finished),
+            preempted_req_ids=set(),
+        )
+
+    def new(req_id: str, blocks: list[int]) -> NewRequestData:
+        return NewRequestData(
+            req_id=req_id,
+            token_ids=[1] * (4 * len(blocks) - 1),
+            num_prompt_tokens=4 * len(blocks) - 1,
+            sampling_params=SamplingParams(),
+            block_ids=blocks,
+            num_computed_tokens=0,
+        )
+
+    rows = BlockTableRows(width=4, capacity=2)
+    requests: dict[str, RequestState] = {}
+    update_states(requests, output(new=[new("a", [3, 4]), new("b", [5])]), rows)
+
+    def step() -> np.ndarray:
+        batch = gather_scheduled(requests, {"a": 1, "b": 1}, None, 4, rows)
+        lists = [s.block_ids for s in batch.states]
+        got = rows.gather(batch.table_rows, 3, batch.max_num_blocks)
+        np.testing.assert_array_equal(got, block_table_array(lists, 3))
+        return got
+
+    step()
+    a = requests["a"]
+    update_states(requests, output(cached=[CachedRequestData("a", [6], 5, [], (1, 9))]), rows)
+    assert a.table_len == 1  # the copy-on-write of entry 1: the row copies from there again
+    assert step()[0].tolist() == [3, 9, 6]
+    update_states(requests, output(finished=["a"]), rows)
+    assert a.table_row == -1 and not rows.table[0].any() and len(rows) == 1
+    update_states(requests, output(new=[new("c", [7])]), rows)
+    batch = gather_scheduled(requests, {"c": 1}, None, 4, rows)
+    assert batch.table_rows == [0]  # a's row, zeroed, now c's
+    np.testing.assert_array_equal(rows.gather(batch.table_rows, 1, 1), [[7]])

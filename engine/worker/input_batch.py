@@ -102,14 +102,12 @@ def forked_request_state(requests: dict[str, RequestState], fork: ForkedRequestD
     )
 
 
-def update_states(
-    requests: dict[str, RequestState], so: SchedulerOutput, rows: BlockTableRows | None = None
-) -> None:
+def update_states(requests: dict[str, RequestState], so: SchedulerOutput, rows: BlockTableRows) -> None:
     """Apply the scheduler's diff to the runner's per-request states (in place); a request that leaves
     (or is replaced) gives its block-table row back to `rows`."""
     for req_id in itertools.chain(so.finished_req_ids, so.preempted_req_ids):
         gone = requests.pop(req_id, None)
-        if gone is not None and rows is not None:
+        if gone is not None:
             rows.release(gone)
     for new in so.new_requests:
         _replace(requests, new.req_id, new_request_state(new), rows)
@@ -133,10 +131,10 @@ def update_states(
 
 
 def _replace(
-    requests: dict[str, RequestState], req_id: str, state: RequestState, rows: BlockTableRows | None
+    requests: dict[str, RequestState], req_id: str, state: RequestState, rows: BlockTableRows
 ) -> None:
     old = requests.get(req_id)
-    if old is not None and rows is not None:
+    if old is not None:
         rows.release(old)
     requests[req_id] = state
 
@@ -240,7 +238,7 @@ class ScheduledBatch:
     num_tokens: int
     max_scheduled: int
     max_num_blocks: int
-    table_rows: list[int]  # per sequence: its BlockTableRows row (empty without rows)
+    table_rows: list[int]  # per sequence: its BlockTableRows row
 
 
 def gather_scheduled(
@@ -248,11 +246,11 @@ def gather_scheduled(
     scheduled: dict[str, int],  # req_id -> tokens scheduled this step
     in_flight_rows: dict[str, int] | None,  # req_id -> row of the step in flight's sampled ids
     block_size: int,
-    rows: BlockTableRows | None = None,
+    rows: BlockTableRows,
 ) -> ScheduledBatch:
     """Walk the scheduled requests once (the per-request loop of every step): check each against its
-    state, lay it out in the flat batch, note which rows need logits, and (with `rows`) bring each
-    one's block-table row up to date."""
+    state, lay it out in the flat batch, note which rows need logits, and bring each one's
+    block-table row in `rows` up to date."""
     states: list[RequestState] = []
     num_scheduled: list[int] = []
     sample_rows: list[int] = []
@@ -263,7 +261,7 @@ def gather_scheduled(
     prompt_rows: list[np.ndarray] = []
     prompt_targets: list[tuple[RequestState, list[int]]] = []
     table_rows: list[int] = []
-    sync = rows.sync if rows is not None else None
+    sync = rows.sync
     offset = 0
     max_scheduled = 0
     max_num_blocks = 0
@@ -284,10 +282,9 @@ def gather_scheduled(
         if end > len(state.block_ids) * block_size:
             raise RuntimeError(f"request {req_id!r}: {len(state.block_ids)} blocks cannot hold {end} tokens")
         states.append(state)
-        if sync is not None:
-            # its row, synced only when it has blocks the row lacks (a new block every block_size tokens)
-            row = state.table_row
-            table_rows.append(row if row >= 0 and state.table_len == len(state.block_ids) else sync(state))
+        # its row, synced only when it has blocks the row lacks (a new block every block_size tokens)
+        row = state.table_row
+        table_rows.append(row if row >= 0 and state.table_len == len(state.block_ids) else sync(state))
         num_scheduled.append(n)
         max_scheduled = max(max_scheduled, n)
         max_num_blocks = max(max_num_blocks, len(state.block_ids))

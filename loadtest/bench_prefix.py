@@ -48,6 +48,7 @@ from loadtest.hf_peer import run_peer  # noqa: E402
 from loadtest.server_process import _die_with_parent  # noqa: E402
 
 MODES = ("on", "off")
+_PHASES = ("schedule", "launch", "device_wait", "update")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,14 +117,25 @@ def run_mode(args: argparse.Namespace, model: Any, workload: Workload, mode: str
         # and when first tokens and arrivals fall, from the run's start.
         engine = llm.llm_engine
         step_ms: list[float] = []
+        # Each trip's phases (ms): under async scheduling a trip launches step N and waits for N-1, so a
+        # launch as long as its step means the launch itself waited for the device (its first tokens
+        # would then reach the requests a step late).
+        trip_phases: list[dict[str, float]] = []
         plain_step = engine.step
+        times = engine.step_times
 
         def timed_step() -> Any:
             start = time.perf_counter()
+            before = (times.schedule, times.launch, times.device_wait, times.update)
             try:
                 return plain_step()
             finally:
                 step_ms.append((time.perf_counter() - start) * 1000)
+                if len(trip_phases) < 12:
+                    after = (times.schedule, times.launch, times.device_wait, times.update)
+                    trip_phases.append(
+                        {k: round((a - b) * 1000, 3) for k, a, b in zip(_PHASES, after, before, strict=True)}
+                    )
 
         engine.step = timed_step
         t0, t0_mono = time.perf_counter(), time.monotonic()
@@ -156,6 +168,7 @@ def run_mode(args: argparse.Namespace, model: Any, workload: Workload, mode: str
             "first_token_after_start": summarize_ms(first_at, "at"),
             "last_arrival_after_start_ms": round(max(arrivals) * 1000, 3) if arrivals else None,
             "first_steps_ms": [round(x, 3) for x in step_ms[:12]],
+            "first_trip_phases_ms": trip_phases,
             "steps": len(step_ms),
             "output_tokens": out_tokens,
             "output_tok_s": round(out_tokens / elapsed, 2),

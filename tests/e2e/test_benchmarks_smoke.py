@@ -198,6 +198,14 @@ def test_prefix_on_off_with_peer(tiny_llama_dir: Path, tmp_path: Path) -> None:
     for r in (on, off):
         assert r["steps"] >= 5 and len(r["first_steps_ms"]) == min(12, r["steps"])
         assert all(ms > 0 for ms in r["first_steps_ms"])
+        # Each of those trips split into its phases, within the trip's time; the first trip launched
+        # the first step (on the CPU the launch runs it) and had no step before it to wait for.
+        phases = r["first_trip_phases_ms"]
+        assert len(phases) == len(r["first_steps_ms"])
+        for trip, ms in zip(phases, r["first_steps_ms"], strict=True):
+            assert set(trip) == {"schedule", "launch", "device_wait", "update"}
+            assert min(trip.values()) >= 0 and sum(trip.values()) <= ms
+        assert phases[0]["launch"] > 0 and phases[0]["device_wait"] == phases[0]["update"] == 0
         first = r["first_token_after_start"]
         assert 0 <= r["last_arrival_after_start_ms"] <= first["at_p50_ms"] <= r["elapsed_s"] * 1000
     assert data["peer"]["requests_run"] == 3

@@ -6,6 +6,9 @@ PIP := $(PY) -m pip
 # Without an NVIDIA GPU take the CPU build of torch; with one, a CUDA build. Override with TORCH_SPEC=...
 TORCH_SPEC ?= $(shell if command -v nvidia-smi >/dev/null 2>&1; then echo torch; else echo torch==2.13.0; fi)
 
+# pytest-xdist workers for `make test` (auto: one per core, at most 4; 0 runs the suite in this process).
+TEST_WORKERS ?= auto
+
 .PHONY: install serve test lint
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -22,7 +25,7 @@ serve: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check app engine ops tests loadtest tools
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check app engine ops tests loadtest tools

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.tiny_models import FAMILIES, build_model, build_tokenizer
+
+# Under pytest-xdist (`make test`) each worker gets its share of the cores for torch's own threads:
+# workers x threads above the core count only makes every worker wait on the others. The servers and
+# scripts the tests start inherit the same count (OMP_NUM_THREADS), so they sum as the test's own would.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

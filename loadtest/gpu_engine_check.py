@@ -567,6 +567,54 @@ def qwen_bf16() -> None:
         where=sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs}),
     )
 
+    # Async scheduling: launching a step that holds prompts (eager, above the mixed graphs) must not wait
+    # for the device either. A launch that did would return only once its own forward ran, and the
+    # first tokens of the step before it would reach their requests a step late (P1's queued TTFT).
+    launch_ms: list[float] = []
+    trip_ms: list[float] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        real_launch = engine.executor.launch
+
+        def watched_prefill_launch(so: Any, previous: Any) -> Any:
+            torch.cuda.set_sync_debug_mode("warn")
+            start = time.perf_counter()
+            try:
+                return real_launch(so, previous)
+            finally:
+                launch_ms.append((time.perf_counter() - start) * 1000)
+                torch.cuda.set_sync_debug_mode(0)
+
+        engine.executor.launch = watched_prefill_launch
+        try:
+            # 16 prompts of 700 tokens: steps of prompt chunks up to max_num_batched_tokens, then decodes.
+            for i in range(16):
+                prompt = [rng.randrange(10, vocab) for _ in range(700)]
+                engine.add_request(
+                    f"async-prefill-{i}",
+                    prompt,
+                    SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+                )
+            trip_ms = [t * 1000 for t in run_async_steps(engine, 4)]
+        except Exception as exc:  # noqa: BLE001 - one failed check, not the rest of the part
+            check("async scheduling: prompt steps ran", False, error=repr(exc))
+        finally:
+            del engine.executor.launch
+    engine.abort_request([f"async-prefill-{i}" for i in range(16)])
+    engine.flush()
+    syncs = [w for w in caught if "called a synchronizing" in str(w.message)]
+    check(
+        "async scheduling: no host sync while launching prompt steps (16 x 700 tokens, eager)",
+        not syncs and len(launch_ms) == 4,
+        syncs=len(syncs),
+        launches=len(launch_ms),
+        where=sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs}),
+    )
+    # Timing, not a pass/fail: each trip launches step N and waits for N-1; a launch near its trip's
+    # length (the first 8,192-token step's forward is several ms on the GPU) says the launch waited.
+    RESULTS["info"]["prompt_step_launch_ms"] = [round(x, 3) for x in launch_ms]
+    RESULTS["info"]["prompt_step_trip_ms"] = [round(x, 3) for x in trip_ms]
+
     # Decode step time, graphs vs eager, alternating blocks of steps on the same running batch.
     params = SamplingParams(temperature=0.0, max_tokens=QWEN_MAX_MODEL_LEN - 200, ignore_eos=True)
     rows = []

@@ -27,6 +27,7 @@ Imports nothing from app/ (the GPU machine lacks the HTTP stack).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -41,7 +42,7 @@ import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -305,6 +306,43 @@ def run_async_steps(engine: Any, n: int) -> list[float]:
     return times
 
 
+@dataclasses.dataclass
+class LaunchWatch:
+    """What `watched_launches` saw: each launch's wall time and the synchronizing calls it made."""
+
+    launch_ms: list[float] = dataclasses.field(default_factory=list)
+    syncs: list[warnings.WarningMessage] = dataclasses.field(default_factory=list)
+
+    def where(self) -> list[str]:
+        return sorted({f"{Path(w.filename).name}:{w.lineno}" for w in self.syncs})
+
+
+@contextlib.contextmanager
+def watched_launches(engine: Any) -> Iterator[LaunchWatch]:
+    """Each executor launch inside the block under torch.cuda.set_sync_debug_mode("warn"), timed; the
+    synchronizing calls it made are in the LaunchWatch once the block ends."""
+    watch = LaunchWatch()
+    real_launch = engine.executor.launch
+
+    def watched_launch(so: Any, previous: Any) -> Any:
+        torch.cuda.set_sync_debug_mode("warn")
+        start = time.perf_counter()
+        try:
+            return real_launch(so, previous)
+        finally:
+            watch.launch_ms.append((time.perf_counter() - start) * 1000)
+            torch.cuda.set_sync_debug_mode(0)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine.executor.launch = watched_launch
+        try:
+            yield watch
+        finally:
+            del engine.executor.launch
+    watch.syncs = [w for w in caught if "called a synchronizing" in str(w.message)]
+
+
 def gpu_forward_ms(runner: Any, bs: int, graphs: bool, iters: int = 50) -> float:
     """GPU time of one decode forward at batch bs (padding rows: seq_len 1), events around the loop."""
     gr = runner.graph_runner
@@ -538,54 +576,23 @@ def qwen_bf16() -> None:
             f"async-sync-{i}", prompts[i], SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
         )
     run_async_steps(engine, 4)
-    launched = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        real_launch = engine.executor.launch
-
-        def watched_launch(so: Any, previous: Any) -> Any:
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                return real_launch(so, previous)
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
-                launched.append(1)
-
-        engine.executor.launch = watched_launch
-        try:
-            run_async_steps(engine, 5)
-        finally:
-            del engine.executor.launch
+    with watched_launches(engine) as watch:
+        run_async_steps(engine, 5)
     engine.abort_request([f"async-sync-{i}" for i in range(8)])
     engine.flush()
-    syncs = [w for w in caught if "called a synchronizing" in str(w.message)]
     check(
         "async scheduling: no host sync while launching a decode step (batch 8)",
-        not syncs and len(launched) == 5,
-        syncs=len(syncs),
-        launches=len(launched),
-        where=sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs}),
+        not watch.syncs and len(watch.launch_ms) == 5,
+        syncs=len(watch.syncs),
+        launches=len(watch.launch_ms),
+        where=watch.where(),
     )
 
     # Async scheduling: launching a step that holds prompts (eager, above the mixed graphs) must not wait
     # for the device either. A launch that did would return only once its own forward ran, and the
     # first tokens of the step before it would reach their requests a step late (P1's queued TTFT).
-    launch_ms: list[float] = []
     trip_ms: list[float] = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        real_launch = engine.executor.launch
-
-        def watched_prefill_launch(so: Any, previous: Any) -> Any:
-            torch.cuda.set_sync_debug_mode("warn")
-            start = time.perf_counter()
-            try:
-                return real_launch(so, previous)
-            finally:
-                launch_ms.append((time.perf_counter() - start) * 1000)
-                torch.cuda.set_sync_debug_mode(0)
-
-        engine.executor.launch = watched_prefill_launch
+    with watched_launches(engine) as watch:
         try:
             # 16 prompts of 700 tokens: steps of prompt chunks up to max_num_batched_tokens, then decodes.
             for i in range(16):
@@ -598,21 +605,18 @@ def qwen_bf16() -> None:
             trip_ms = [t * 1000 for t in run_async_steps(engine, 4)]
         except Exception as exc:  # noqa: BLE001 - one failed check, not the rest of the part
             check("async scheduling: prompt steps ran", False, error=repr(exc))
-        finally:
-            del engine.executor.launch
     engine.abort_request([f"async-prefill-{i}" for i in range(16)])
     engine.flush()
-    syncs = [w for w in caught if "called a synchronizing" in str(w.message)]
     check(
         "async scheduling: no host sync while launching prompt steps (16 x 700 tokens, eager)",
-        not syncs and len(launch_ms) == 4,
-        syncs=len(syncs),
-        launches=len(launch_ms),
-        where=sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs}),
+        not watch.syncs and len(watch.launch_ms) == 4,
+        syncs=len(watch.syncs),
+        launches=len(watch.launch_ms),
+        where=watch.where(),
     )
     # Timing, not a pass/fail: each trip launches step N and waits for N-1; a launch near its trip's
     # length (the first 8,192-token step's forward is several ms on the GPU) says the launch waited.
-    RESULTS["info"]["prompt_step_launch_ms"] = [round(x, 3) for x in launch_ms]
+    RESULTS["info"]["prompt_step_launch_ms"] = [round(x, 3) for x in watch.launch_ms]
     RESULTS["info"]["prompt_step_trip_ms"] = [round(x, 3) for x in trip_ms]
 
     # Decode step time, graphs vs eager, alternating blocks of steps on the same running batch.

@@ -12,6 +12,12 @@ plus (longest stop string - 1) characters before them. Deltas hold back that man
 characters while the sequence runs, so text that a later stop match would cut is never streamed;
 `finish()` releases them. Everything after a stop string is dropped.
 
+With a fast tokenizer, each step's window runs in Rust: a `tokenizers.decoders.DecodeStream` keeps the
+same offsets and returns the same text (the same algorithm: it emits nothing while the window ends in
+U+FFFD and decodes the new prefix after emitting), ~3x faster per token than two decodes from Python. The
+ids and offsets are kept here too (cheap list work), for the flush at `finish()`, which the stream has no
+call for: a trailing incomplete character is decoded there as U+FFFD, as tokenizer.decode does.
+
 Deferred (`deferred=True`): a sequence whose text no one reads before it ends (a final-only output, or
 best_of > n) and that no stop string can end only collects its ids, and `finish()` decodes them in one
 window, as a first step given every token at once would: the same text (tests/engine/test_detokenizer.py
@@ -31,6 +37,22 @@ _INITIAL_PREFIX_TOKENS = 5
 # Drop consumed tokens from the window once this many have piled up in front of it.
 _TRIM_THRESHOLD = 512
 _REPLACEMENT_CHAR = "\ufffd"
+
+
+def _decode_stream_class() -> Any:
+    """tokenizers' DecodeStream where it takes a prompt tail (`ids`) and a list of ids per step
+    (tokenizers 0.22 and later); None with an older one, which keeps the Python window."""
+    try:
+        from tokenizers.decoders import DecodeStream
+        from tokenizers.models import WordLevel
+
+        DecodeStream([0], skip_special_tokens=False).step(Tokenizer(WordLevel({"a": 0}, unk_token="a")), [0])
+    except (ImportError, TypeError):
+        return None
+    return DecodeStream
+
+
+_DECODE_STREAM = _decode_stream_class()
 
 
 class IncrementalDetokenizer:
@@ -53,6 +75,7 @@ class IncrementalDetokenizer:
         "stop_string",
         "finished",
         "_deferred",
+        "_stream",
     )
 
     def __init__(
@@ -88,6 +111,10 @@ class IncrementalDetokenizer:
         # Decode once, at finish(): only where the text is read at the end alone and no stop string
         # needs it while the sequence runs.
         self._deferred = deferred and not self._stop
+        # The step windows' decoder in Rust (fast tokenizers only), primed with the prompt tail.
+        self._stream: Any = None  # tokenizers.decoders.DecodeStream
+        if _DECODE_STREAM is not None and self._backend is not None and not self._deferred:
+            self._stream = _DECODE_STREAM(list(self._ids), skip_special_tokens=self._skip_special_tokens)
 
     # ------------------------------------------------------------------ public
     @property
@@ -176,6 +203,15 @@ class IncrementalDetokenizer:
     def _decode(self, new_token_ids: list[int], flush: bool = False) -> None:
         ids = self._ids
         ids.extend(new_token_ids)
+        stream = self._stream
+        if stream is not None and not flush:
+            # One id as an int: the stream takes it in half the time of a one-element list.
+            chunk = stream.step(self._backend, new_token_ids[0] if len(new_token_ids) == 1 else new_token_ids)
+            if chunk is None:
+                return  # an incomplete character, or only skipped special tokens so far
+            self._text += chunk
+            self._advance_window()
+            return
         new_text = self._decode_ids(ids[self._prefix_offset :])
         if new_text.endswith(_REPLACEMENT_CHAR) and not flush:
             return  # a character is still incomplete: wait for the tokens that finish it
@@ -185,6 +221,11 @@ class IncrementalDetokenizer:
         if len(new_text) <= len(prefix_text):
             return  # e.g. only skipped special tokens so far
         self._text += new_text[len(prefix_text) :]
+        self._advance_window()
+
+    def _advance_window(self) -> None:
+        """The window's text was emitted: the next window starts where this one's new tokens did."""
+        ids = self._ids
         self._prefix_offset = self._read_offset
         self._read_offset = len(ids)
         self._prefix_text = None

@@ -3,6 +3,7 @@ final text, stop strings cut exactly (even across tokens), special tokens skippe
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -271,3 +272,75 @@ def test_deferred_still_searches_stop_strings(tok) -> None:
     )
     stopped = [detok.update([t]) for t in ids]
     assert "lazy" in stopped and detok.output_text == TEXT[: TEXT.index("lazy")]
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_tok():
+    """A Llama-2-style tokenizer built here: Metaspace pieces, byte fallback for characters the vocab
+    lacks (one token per UTF-8 byte), and the decoder that strips the first piece's leading space (the
+    rule the decode window's context exists for)."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+    from tokenizers.trainers import BpeTrainer
+    from transformers import PreTrainedTokenizerFast
+
+    trained = Tokenizer(BPE(unk_token="<unk>"))
+    trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    trainer = BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    trained.train_from_iterator(["Hello world, the quick brown fox jumps over the lazy dog."] * 20, trainer)
+    # The byte pieces are ordinary vocabulary, as in Llama 2's (not special: skip_special_tokens keeps them).
+    spec = json.loads(trained.to_str())
+    vocab = spec["model"]["vocab"]
+    for b in range(256):
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    spec["model"].update(byte_fallback=True, fuse_unk=True)
+    backend = Tokenizer.from_str(json.dumps(spec))
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("per_update", [1, 3])
+def test_sentencepiece_byte_fallback_streams_whole_characters(sentencepiece_tok, per_update: int) -> None:
+    """The Rust stream (DecodeStream) and the Python window give the same deltas, whole characters only,
+    adding up to the full decode, the first output piece's leading space kept after the prompt."""
+    tok = sentencepiece_tok
+    text = "Hello caf\u00e9 \u2603 world \u4f60\u597d fox"
+    prompt_ids = tok.encode("the lazy dog", add_special_tokens=False)
+    ids = tok.encode(text, add_special_tokens=False)
+    assert sum(1 for i in ids if tok.convert_ids_to_tokens(i).startswith("<0x")) >= 9  # split characters
+
+    def run(use_stream: bool) -> list[str]:
+        detok = IncrementalDetokenizer(tok, prompt_ids, SamplingParams(max_tokens=None))
+        assert detok._stream is not None
+        if not use_stream:
+            detok._stream = None
+        deltas = []
+        for a in range(0, len(ids), per_update):
+            detok.update(ids[a : a + per_update])
+            deltas.append(detok.get_next_delta())
+        detok.finish()
+        deltas.append(detok.get_next_delta())
+        return deltas
+
+    streamed, windowed = run(True), run(False)
+    assert streamed == windowed
+    assert "".join(streamed) == " " + text  # after the prompt, the first piece's space is text
+    assert all("\ufffd" not in d for d in streamed)
+    assert tok.decode(prompt_ids + ids) == "the lazy dog " + text
+
+
+def test_sentencepiece_trailing_bytes_are_flushed_at_finish(sentencepiece_tok) -> None:
+    """A sequence that ends inside a character: nothing streams for its bytes while it runs, finish()
+    gives what tokenizer.decode gives for them (U+FFFD for each byte-fallback piece)."""
+    tok = sentencepiece_tok
+    prompt_ids = tok.encode("the", add_special_tokens=False)
+    ids = tok.encode("fox \u2603", add_special_tokens=False)[:-1]  # the snowman's last byte cut off
+    detok = IncrementalDetokenizer(tok, prompt_ids, SamplingParams(max_tokens=None))
+    for t in ids:
+        detok.update([t])
+    assert detok.get_next_delta() == " fox "
+    detok.finish()
+    assert detok.get_next_delta() == "\ufffd\ufffd"  # the snowman's first two bytes
+    assert "the" + detok.output_text == tok.decode(prompt_ids + ids) == "the fox \ufffd\ufffd"

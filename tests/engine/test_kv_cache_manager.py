@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 from array import array
 
+import pytest
+
 from engine.core.kv_cache_manager import KVCacheManager, hash_block_tokens
 from engine.core.request import Request
 from engine.core.sampling_params import SamplingParams
+from engine.lora.request import LoRARequest
 
 BS = 4
 
@@ -50,6 +53,27 @@ def test_block_hashes_cover_full_blocks_and_are_extended_incrementally() -> None
     assert len(req.block_hashes) == 3
     assert req.block_hashes[:2] == first
     assert req.block_hashes[2] == hash_block_tokens(first[1], [8, 9, 10, 11], None)
+
+
+@pytest.mark.parametrize("salt", [None, "", "tenant \u00e9"])
+@pytest.mark.parametrize("lora_int_id", [0, 3])
+def test_block_hashes_are_the_chained_spec_with_salt_and_adapter(salt: str | None, lora_int_id: int) -> None:
+    """update_block_hashes (packed once, sliced per block) gives hash_block_tokens' chain exactly, over
+    several extensions, with a cache salt and an adapter id."""
+    kv = KVCacheManager(64, BS, True)
+    lora = LoRARequest("a", lora_int_id, "/nowhere") if lora_int_id else None
+    tokens = list(range(100, 123))
+    req = Request("r", tokens, SamplingParams(), cache_salt=salt, lora_request=lora)  # type: ignore[arg-type]
+    kv.update_block_hashes(req)
+    for t in range(9):
+        req.append_output_token(1000 + t)
+        kv.update_block_hashes(req)
+    all_ids = tokens + [1000 + t for t in range(9)]
+    expected, parent = [], None
+    for i in range(len(all_ids) // BS):
+        parent = hash_block_tokens(parent, all_ids[i * BS : (i + 1) * BS], salt, lora_int_id)
+        expected.append(parent)
+    assert req.block_hashes == expected and len(expected) == 8
 
 
 def test_allocate_returns_new_block_ids_and_grows_only_at_block_boundaries() -> None:

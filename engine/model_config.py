@@ -155,6 +155,8 @@ class ModelConfig:
     attention_multiplier: float | None = None  # Granite's softmax scale; None: head_dim ** -0.5
     # OLMo 2: RMSNorm over the whole q and the whole k projection (every head at once), not per head
     qk_norm_across_heads: bool = False
+    # OLMo 1: q, k and v projections clamped to [-clip_qkv, clip_qkv]; None: not clamped
+    clip_qkv: float | None = None
 
     def layer_window(self, layer_idx: int) -> int | None:
         """The sliding window of layer `layer_idx`, or None where it attends to its whole context (also
@@ -281,7 +283,16 @@ class ModelConfig:
             qkv_bias = False
         else:
             qkv_bias = attention_bias
-        o_proj_families = ("Llama", "Qwen3", "Qwen3Moe", "Granite", "GraniteMoe", "Olmo2", *GEMMA_FAMILIES)
+        o_proj_families = (
+            "Llama",
+            "Qwen3",
+            "Qwen3Moe",
+            "Granite",
+            "GraniteMoe",
+            "Olmo",
+            "Olmo2",
+            *GEMMA_FAMILIES,
+        )
         o_proj_bias = attention_bias if family in o_proj_families else False
         mlp_bias = bool(cfg.get("mlp_bias", False)) if family in ("Llama", "Granite") else False
         qk_norm = family in ("Qwen3", "Qwen3Moe", "Gemma3")
@@ -370,6 +381,7 @@ class ModelConfig:
             rope_local_theta=rope_local_theta,
             rope_local_scaling=rope_local_scaling,
             qk_norm_across_heads=family == "Olmo2",
+            clip_qkv=_positive_or_none(cfg, "clip_qkv", model_path) if family == "Olmo" else None,
             **granite,
             **moe,
         )

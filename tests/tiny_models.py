@@ -97,6 +97,7 @@ FAMILIES = (
     "granite",
     "granite_moe",
     "olmo2",
+    "olmo",
     "qwen2_yarn",
     "llama_dynamic",
 )
@@ -160,6 +161,7 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
         MistralConfig,
         MixtralConfig,
         Olmo2Config,
+        OlmoConfig,
         Phi3Config,
         Qwen2Config,
         Qwen2MoeConfig,
@@ -283,6 +285,10 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
         return GraniteConfig(**common, **granite, attention_bias=True, mlp_bias=True)
     if family == "granite_moe":  # every layer MoE (4 experts of 48, top-2), stacked expert tensors
         return GraniteMoeConfig(**{**common, "intermediate_size": 48}, **granite, num_local_experts=4, **_MOE)
+    if family == "olmo":  # OLMo 1: LayerNorms without weights; q/k/v clamped (a bound that bites here)
+        return OlmoConfig(
+            **{k: v for k, v in common.items() if k != "rms_norm_eps"}, clip_qkv=0.5, pad_token_id=0
+        )
     if family == "olmo2":  # post-norms, q/k norms over all heads
         return Olmo2Config(**common, pad_token_id=0)  # k_norm narrower than q_norm (2 of 4 kv heads)
     if family == "gemma":

@@ -259,3 +259,15 @@ def test_tp2_gemma2_windows_and_softcaps_match_transformers(tiny_model_dirs: dic
         max_num_batched_tokens=7,
     ) as llm:
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, _greedy(), use_tqdm=False)] == expected
+
+
+def test_tp2_olmo_clamps_and_weightless_norms_match_transformers(tiny_model_dirs: dict[str, Path]) -> None:
+    """OLMo 1 over two ranks: each rank clamps its own q/k/v heads (clip_qkv is elementwise, so the
+    slices clamp as the whole would) and norms the replicated residual stream; chunked prefill."""
+    model_dir = tiny_model_dirs["olmo"]
+    prompts = _prompts()
+    expected, _ = hf_greedy(model_dir, prompts)
+    with LLM(
+        str(model_dir), device="cpu", dtype="float32", tensor_parallel_size=2, max_num_batched_tokens=16
+    ) as llm:
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, _greedy(), use_tqdm=False)] == expected

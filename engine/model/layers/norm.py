@@ -70,3 +70,18 @@ class GemmaRMSNorm(RMSNorm):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Without residual: norm(x). With residual: (norm(x + residual), x + residual)."""
         return self.kernels.gemma_rms_norm(x, self.weight, self.eps, residual)
+
+
+class NonParametricLayerNorm(nn.Module):
+    """OLMo 1's norm: LayerNorm without weight or bias, computed in float32 and cast back (transformers'
+    OlmoLayerNorm, eps fixed at 1e-5). Plain torch ops on every device (no fused kernel, no residual
+    fusion): the family's layers add their residuals themselves."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [num_tokens, hidden] -> the same shape and dtype."""
+        return nn.functional.layer_norm(x.float(), (self.hidden_size,), None, None, self.eps).to(x.dtype)

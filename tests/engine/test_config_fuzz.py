@@ -30,6 +30,7 @@ ARCHITECTURES = {
     "granite": "GraniteForCausalLM",
     "granite_moe": "GraniteMoeForCausalLM",
     "olmo2": "Olmo2ForCausalLM",
+    "olmo": "OlmoForCausalLM",
     "qwen2_yarn": "Qwen2ForCausalLM",
     "llama_dynamic": "LlamaForCausalLM",
 }
@@ -67,6 +68,8 @@ def _rope(family: str, drop: str = "", **changes: Any) -> dict[str, Any]:
 
 
 REFUSALS = [
+    (_set("olmo", clip_qkv=0), "clip_qkv must be a positive number or null; got 0 in /m"),
+    (_set("olmo", clip_qkv="8"), "clip_qkv must be a positive number or null; got '8' in /m"),
     (_set("mixtral", drop=("intermediate_size",)), f"intermediate_size in {F} must be a positive integer; got None"),
     (_set("mixtral", num_attention_heads=0), f"num_attention_heads in {F} must be a positive integer; got 0"),
     (_set("gemma2", num_key_value_heads=-2), f"num_key_value_heads in {F} must be a positive integer; got -2"),
@@ -231,3 +234,11 @@ def test_granite_moe_expert_counts_default_as_transformers() -> None:
         theirs.num_experts_per_tok,
     )
     assert (ours.num_experts, ours.num_experts_per_tok) == (8, 2)
+
+
+def test_olmo_clip_qkv_is_read_for_olmo_only() -> None:
+    """OLMo 1's clip_qkv as written (the tiny one's 0.5), None when left out (OlmoConfig's default),
+    and not read for another family (Llama has no such clamp)."""
+    assert _read(_cfg("olmo")).clip_qkv == 0.5
+    assert _read(_set("olmo", drop=("clip_qkv",))).clip_qkv is None
+    assert _read({**_cfg("olmo"), "architectures": ["LlamaForCausalLM"]}).clip_qkv is None

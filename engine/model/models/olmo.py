@@ -47,6 +47,11 @@ class OlmoDecoderLayer(nn.Module):
 
 
 class OlmoModel(nn.Module):
+    """Embedding, decoder layers that add their own residuals, final norm (OLMo 1; OLMo 2 swaps the layer
+    class and the norm)."""
+
+    layer_class: type[nn.Module] = OlmoDecoderLayer
+
     def __init__(self, config: ModelConfig, ctx: BuildContext, prefix: str) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(
@@ -57,11 +62,14 @@ class OlmoModel(nn.Module):
             tp_size=ctx.tp_size,
             prefix=join_prefix(prefix, "embed_tokens"),
         )
+        layer_class = type(self).layer_class
         self.layers = nn.ModuleList(
-            OlmoDecoderLayer(config, i, ctx, join_prefix(prefix, f"layers.{i}"))
-            for i in range(config.num_layers)
+            layer_class(config, i, ctx, join_prefix(prefix, f"layers.{i}")) for i in range(config.num_layers)
         )
-        self.norm = NonParametricLayerNorm(config.hidden_size)
+        self.norm = self.final_norm(config, ctx, join_prefix(prefix, "norm"))
+
+    def final_norm(self, config: ModelConfig, ctx: BuildContext, prefix: str) -> nn.Module:
+        return NonParametricLayerNorm(config.hidden_size)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden]

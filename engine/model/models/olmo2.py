@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from engine.model.build_context import BuildContext, join_prefix
-from engine.model.layers.embedding import VocabParallelEmbedding
 from engine.model.layers.norm import RMSNorm
 from engine.model.models.causal_lm import DecoderForCausalLM
 from engine.model.models.llama import LlamaAttention, LlamaMLP
+from engine.model.models.olmo import OlmoModel
 from engine.model_config import ModelConfig
 
 
@@ -58,30 +58,11 @@ class Olmo2DecoderLayer(nn.Module):
         return hidden + self.post_feedforward_layernorm(self.mlp(hidden))
 
 
-class Olmo2Model(nn.Module):
-    def __init__(self, config: ModelConfig, ctx: BuildContext, prefix: str) -> None:
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(
-            config.vocab_size,
-            config.hidden_size,
-            ctx.dtype,
-            tp_rank=ctx.tp_rank,
-            tp_size=ctx.tp_size,
-            prefix=join_prefix(prefix, "embed_tokens"),
-        )
-        self.layers = nn.ModuleList(
-            Olmo2DecoderLayer(config, i, ctx, join_prefix(prefix, f"layers.{i}"))
-            for i in range(config.num_layers)
-        )
-        self.norm = RMSNorm(
-            config.hidden_size, config.rms_norm_eps, ctx.dtype, ctx.kernels, join_prefix(prefix, "norm")
-        )
+class Olmo2Model(OlmoModel):
+    layer_class = Olmo2DecoderLayer
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden]
-        for layer in self.layers:
-            hidden = layer(positions, hidden)
-        return self.norm(hidden)
+    def final_norm(self, config: ModelConfig, ctx: BuildContext, prefix: str) -> nn.Module:
+        return RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.dtype, ctx.kernels, prefix)
 
 
 class Olmo2ForCausalLM(DecoderForCausalLM):

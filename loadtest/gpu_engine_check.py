@@ -597,10 +597,10 @@ def qwen_bf16() -> None:
             # 16 prompts of 700 tokens: steps of prompt chunks up to max_num_batched_tokens, then decodes.
             for i in range(16):
                 prompt = [rng.randrange(10, vocab) for _ in range(700)]
-                engine.add_request(
+                engine.add_request(  # temperature 1.0: the benchmarks' sampling (P1, T1, T2, S1)
                     f"async-prefill-{i}",
                     prompt,
-                    SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+                    SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True),
                 )
             trip_ms = [t * 1000 for t in run_async_steps(engine, 4)]
         except Exception as exc:  # noqa: BLE001 - one failed check, not the rest of the part
@@ -608,7 +608,7 @@ def qwen_bf16() -> None:
     engine.abort_request([f"async-prefill-{i}" for i in range(16)])
     engine.flush()
     check(
-        "async scheduling: no host sync while launching prompt steps (16 x 700 tokens, eager)",
+        "async scheduling: no host sync while launching prompt steps (16 x 700 tokens, eager, temperature 1)",
         not watch.syncs and len(watch.launch_ms) == 4,
         syncs=len(watch.syncs),
         launches=len(watch.launch_ms),

@@ -130,7 +130,8 @@ class ModelConfig:
     # Qwen casts the routing weights to the model dtype before weighting the experts; Mixtral keeps float32.
     routing_weights_in_model_dtype: bool = False
     moe_layers: tuple[int, ...] = ()  # the layers whose MLP is the MoE block (the others are dense)
-    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's sigmoid-gated shared expert (0: none)
+    shared_expert_intermediate_size: int = 0  # a shared expert beside the routed ones (0: none)
+    shared_expert_gated: bool = True  # Qwen2-MoE's is scaled by a sigmoid gate; GraniteMoeShared's is not
     # GraniteMoe: top_k of the router logits, then a softmax over those k (not over every expert)
     softmax_after_topk: bool = False
 
@@ -289,6 +290,7 @@ class ModelConfig:
             "Qwen3Moe",
             "Granite",
             "GraniteMoe",
+            "GraniteMoeShared",
             "Olmo",
             "Olmo2",
             *GEMMA_FAMILIES,
@@ -296,7 +298,8 @@ class ModelConfig:
         o_proj_bias = attention_bias if family in o_proj_families else False
         mlp_bias = bool(cfg.get("mlp_bias", False)) if family in ("Llama", "Granite") else False
         qk_norm = family in ("Qwen3", "Qwen3Moe", "Gemma3")
-        granite = granite_fields(cfg, model_path) if family in ("Granite", "GraniteMoe") else {}
+        granite_families = ("Granite", "GraniteMoe", "GraniteMoeShared")
+        granite = granite_fields(cfg, model_path) if family in granite_families else {}
 
         num_layers = int_field(cfg, "num_hidden_layers", model_path)
         moe = moe_fields(family, cfg, num_layers, model_path)
@@ -404,7 +407,8 @@ def moe_fields(family: str, cfg: dict[str, Any], num_layers: int, model_path: st
     of `intermediate_size`); `norm_topk_prob` as configured; the routing weights cast to the model
     dtype (as transformers does); Qwen2-MoE's shared expert of `shared_expert_intermediate_size`.
     GraniteMoe: Mixtral's layout (`num_local_experts` of `intermediate_size` in every layer), its router
-    a softmax over the top_k logits, the weights cast to the model dtype.
+    a softmax over the top_k logits, the weights cast to the model dtype; GraniteMoeShared adds an ungated
+    shared MLP of `shared_intermediate_size` (0 or absent: none, as transformers' default).
     """
     if family == "Mixtral":
         num_experts = int_field(cfg, "num_local_experts", model_path)
@@ -415,7 +419,7 @@ def moe_fields(family: str, cfg: dict[str, Any], num_layers: int, model_path: st
             "routing_weights_in_model_dtype": False,
             "moe_layers": tuple(range(num_layers)),
         }
-    elif family == "GraniteMoe":
+    elif family in ("GraniteMoe", "GraniteMoeShared"):
         num_experts = int_field(cfg, "num_local_experts", model_path)
         fields = {
             "num_experts": num_experts,
@@ -425,6 +429,12 @@ def moe_fields(family: str, cfg: dict[str, Any], num_layers: int, model_path: st
             "moe_layers": tuple(range(num_layers)),
             "softmax_after_topk": True,
         }
+        if family == "GraniteMoeShared":  # an ungated shared MLP beside the experts (0: none)
+            shared = cfg.get("shared_intermediate_size", 0)
+            fields["shared_expert_intermediate_size"] = (
+                int_field(cfg, "shared_intermediate_size", model_path) if shared else 0
+            )
+            fields["shared_expert_gated"] = False
     elif family in ("Qwen2Moe", "Qwen3Moe"):
         # The hub's configs say num_experts; transformers 5 saves it as num_local_experts.
         key = "num_experts" if "num_experts" in cfg else "num_local_experts"

@@ -96,12 +96,13 @@ FAMILIES = (
     "gemma3",
     "granite",
     "granite_moe",
+    "granite_moe_shared",
     "olmo2",
     "olmo",
     "qwen2_yarn",
     "llama_dynamic",
 )
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "granite_moe")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "granite_moe", "granite_moe_shared")
 # Tiny mixture-of-experts settings: 4 experts, top-2, an expert intermediate size that is no power of two.
 _MOE = dict(num_experts_per_tok=2, router_aux_loss_coef=0.0)
 
@@ -157,6 +158,7 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
         GemmaConfig,
         GraniteConfig,
         GraniteMoeConfig,
+        GraniteMoeSharedConfig,
         LlamaConfig,
         MistralConfig,
         MixtralConfig,
@@ -285,6 +287,14 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
         return GraniteConfig(**common, **granite, attention_bias=True, mlp_bias=True)
     if family == "granite_moe":  # every layer MoE (4 experts of 48, top-2), stacked expert tensors
         return GraniteMoeConfig(**{**common, "intermediate_size": 48}, **granite, num_local_experts=4, **_MOE)
+    if family == "granite_moe_shared":  # the same, plus an ungated shared MLP of 40 beside the experts
+        return GraniteMoeSharedConfig(
+            **{**common, "intermediate_size": 48},
+            **granite,
+            num_local_experts=4,
+            shared_intermediate_size=40,
+            **_MOE,
+        )
     if family == "olmo":  # OLMo 1: LayerNorms without weights; q/k/v clamped (a bound that bites here)
         return OlmoConfig(
             **{k: v for k, v in common.items() if k != "rms_norm_eps"}, clip_qkv=0.5, pad_token_id=0
@@ -348,7 +358,7 @@ def build_model(
             elif family.startswith("gemma") and "norm" in name:  # (1 + weight): 0 would hide a missing 1
                 p.normal_(0.0, 0.3)
             elif (
-                family in ("granite", "granite_moe", "olmo2") and "norm" in name
+                family in ("granite", "granite_moe", "granite_moe_shared", "olmo2") and "norm" in name
             ):  # all-ones would hide a swapped norm
                 p.normal_(1.0, 0.3)
     path.mkdir(parents=True, exist_ok=True)

@@ -232,10 +232,13 @@ def test_ring_larger_than_dev_shm_is_refused_at_start(one_kv_head_dir: Path) -> 
     assert set(multiprocessing.active_children()) == children_before
 
 
-def test_tp2_moe_matches_transformers(tiny_model_dirs: dict[str, Path]) -> None:
-    """Qwen2-MoE over 2 ranks: each expert's and the shared expert's intermediate rows split, the
-    router replicated, one all-reduce per MoE block; transformers' greedy tokens under chunked prefill."""
-    model_dir = tiny_model_dirs["qwen2_moe"]
+@pytest.mark.parametrize("family", ["qwen2_moe", "granite_moe_shared"])
+def test_tp2_moe_matches_transformers(tiny_model_dirs: dict[str, Path], family: str) -> None:
+    """Qwen2-MoE (sigmoid-gated shared expert) and GraniteMoeShared (ungated shared MLP, loaded from
+    one fused input_linear) over 2 ranks: each expert's and the shared expert's intermediate rows split,
+    the router replicated, one all-reduce per MoE block; transformers' greedy tokens under chunked
+    prefill."""
+    model_dir = tiny_model_dirs[family]
     prompts = _prompts()  # all of them: hf_greedy caches by directory (the parity tests' run)
     expected, _ = hf_greedy(model_dir, prompts)
     with LLM(

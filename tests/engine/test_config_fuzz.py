@@ -29,6 +29,7 @@ ARCHITECTURES = {
     "gemma3": "Gemma3ForCausalLM",
     "granite": "GraniteForCausalLM",
     "granite_moe": "GraniteMoeForCausalLM",
+    "granite_moe_shared": "GraniteMoeSharedForCausalLM",
     "olmo2": "Olmo2ForCausalLM",
     "olmo": "OlmoForCausalLM",
     "qwen2_yarn": "Qwen2ForCausalLM",
@@ -68,6 +69,7 @@ def _rope(family: str, drop: str = "", **changes: Any) -> dict[str, Any]:
 
 
 REFUSALS = [
+    (_set("granite_moe_shared", shared_intermediate_size=-8), f"shared_intermediate_size in {F} must be a positive integer; got -8"),
     (_set("olmo", clip_qkv=0), "clip_qkv must be a positive number or null; got 0 in /m"),
     (_set("olmo", clip_qkv="8"), "clip_qkv must be a positive number or null; got '8' in /m"),
     (_set("mixtral", drop=("intermediate_size",)), f"intermediate_size in {F} must be a positive integer; got None"),
@@ -242,3 +244,16 @@ def test_olmo_clip_qkv_is_read_for_olmo_only() -> None:
     assert _read(_cfg("olmo")).clip_qkv == 0.5
     assert _read(_set("olmo", drop=("clip_qkv",))).clip_qkv is None
     assert _read({**_cfg("olmo"), "architectures": ["LlamaForCausalLM"]}).clip_qkv is None
+
+
+def test_granite_moe_shared_mlp_size_is_read_and_zero_means_none() -> None:
+    """GraniteMoeShared's shared_intermediate_size as written (the tiny one's 40, an ungated shared
+    expert), and 0 or left out (GraniteMoeSharedConfig's default 0): no shared MLP, GraniteMoe's block."""
+    ours = _read(_cfg("granite_moe_shared"))
+    assert (ours.shared_expert_intermediate_size, ours.shared_expert_gated) == (40, False)
+    assert _read(_set("granite_moe_shared", shared_intermediate_size=0)).shared_expert_intermediate_size == 0
+    assert (
+        _read(_set("granite_moe_shared", drop=("shared_intermediate_size",))).shared_expert_intermediate_size
+        == 0
+    )
+    assert _read(_cfg("qwen2_moe")).shared_expert_gated is True

@@ -1,5 +1,6 @@
 """The mixture-of-experts families: Mixtral, Qwen2-MoE, Qwen3-MoE and GraniteMoe (Granite's scalings
-from the Llama layers, Mixtral's every-layer MoE, a softmax over the top_k router logits).
+from the Llama layers, Mixtral's every-layer MoE, a softmax over the top_k router logits; GraniteMoeShared
+adds an ungated shared MLP).
 
 Each is the Llama decoder (engine.model.models.llama: attention, norms, rotary; Qwen3-MoE's q/k norm
 and Qwen2-MoE's q/k/v bias by the same ModelConfig flags) whose MLP, in the layers listed in
@@ -62,8 +63,10 @@ class SparseMoeBlock(nn.Module):
                 intermediate_size=config.shared_expert_intermediate_size,
                 reduce_results=False,
             )
-            self.shared_expert_gate: ReplicatedLinear | None = ReplicatedLinear(
-                config.hidden_size, 1, ctx.dtype, join_prefix(prefix, "shared_expert_gate")
+            self.shared_expert_gate: ReplicatedLinear | None = (
+                ReplicatedLinear(config.hidden_size, 1, ctx.dtype, join_prefix(prefix, "shared_expert_gate"))
+                if config.shared_expert_gated
+                else None  # GraniteMoeShared: the shared MLP's output is added as it is
             )
         else:
             self.shared_expert = self.shared_expert_gate = None
@@ -72,9 +75,12 @@ class SparseMoeBlock(nn.Module):
         """x [num_tokens, hidden] -> [num_tokens, hidden]."""
         topk_weights, topk_ids = self.gate.route(x)  # [num_tokens, top_k] each
         out = self.experts(x, topk_weights, topk_ids)  # this rank's partial sum
-        if self.shared_expert is not None and self.shared_expert_gate is not None:
-            # sigmoid(gate) scales each rank's partial sum: the all-reduce then sums the scaled whole.
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)  # this rank's partial sum too
+            if self.shared_expert_gate is not None:
+                # sigmoid(gate) scales each rank's partial sum: the all-reduce then sums the scaled whole.
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
         if self.tp_size > 1:
             torch.distributed.all_reduce(out)
         return out
@@ -98,7 +104,7 @@ class MoeForCausalLM(LlamaForCausalLM):
         super().__init__(config, ctx, prefix)
         if config.architecture == "MixtralForCausalLM":  # the hub's name for the MoE block
             self.checkpoint_renames = {".block_sparse_moe.": ".mlp."}
-        elif config.architecture == "GraniteMoeForCausalLM":
+        elif config.architecture in ("GraniteMoeForCausalLM", "GraniteMoeSharedForCausalLM"):
             # GraniteMoe's checkpoints (hub and transformers 5's save alike) stack every expert in one
             # tensor per layer: input_linear [E, 2 * I, H] (gate rows, then up), output_linear [E, H, I]:
             # the stacked layout FusedMoE loads as transformers 5's fused gate_up_proj / down_proj.
@@ -106,4 +112,8 @@ class MoeForCausalLM(LlamaForCausalLM):
                 ".block_sparse_moe.input_linear.weight": ".mlp.experts.gate_up_proj",
                 ".block_sparse_moe.output_linear.weight": ".mlp.experts.down_proj",
                 ".block_sparse_moe.router.layer.": ".mlp.gate.",
+                # GraniteMoeShared's shared MLP: input_linear [2 * S, H] is gate rows then up rows, the
+                # fused gate_up_proj's layout (its loader splits a whole tensor into the two shards).
+                ".shared_mlp.input_linear.": ".mlp.shared_expert.gate_up_proj.",
+                ".shared_mlp.output_linear.": ".mlp.shared_expert.down_proj.",
             }

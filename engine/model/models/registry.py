@@ -24,6 +24,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Phi3ForCausalLM": ("engine.model.models.llama", "LlamaForCausalLM"),
     "GraniteForCausalLM": ("engine.model.models.llama", "LlamaForCausalLM"),
     "GraniteMoeForCausalLM": ("engine.model.models.moe", "MoeForCausalLM"),
+    "GraniteMoeSharedForCausalLM": ("engine.model.models.moe", "MoeForCausalLM"),
     "OlmoForCausalLM": ("engine.model.models.olmo", "OlmoForCausalLM"),
     "Olmo2ForCausalLM": ("engine.model.models.olmo2", "Olmo2ForCausalLM"),
     "GemmaForCausalLM": ("engine.model.models.gemma", "GemmaForCausalLM"),

@@ -158,6 +158,7 @@ class ModelConfig:
     qk_norm_across_heads: bool = False
     # OLMo 1: q, k and v projections clamped to [-clip_qkv, clip_qkv]; None: not clamped
     clip_qkv: float | None = None
+    layer_norm_eps: float = 1e-5  # StableLM's LayerNorms (weight and bias)
 
     def layer_window(self, layer_idx: int) -> int | None:
         """The sliding window of layer `layer_idx`, or None where it attends to its whole context (also
@@ -282,6 +283,14 @@ class ModelConfig:
             qkv_bias = bool(cfg.get("qkv_bias", True))
         elif family == "Mixtral":
             qkv_bias = False
+        elif family == "StableLm":
+            qkv_bias = bool_field(cfg, "use_qkv_bias", model_path, default=False)
+            for key in ("qk_layernorm", "use_parallel_residual"):  # StableLM 2 12B's layout
+                if bool_field(cfg, key, model_path, default=False):
+                    raise ValueError(
+                        f"unsupported {key} true in {config_file(model_path)} for StableLmForCausalLM: weir "
+                        "serves the sequential-residual StableLM layout without per-head q/k LayerNorms"
+                    )
         else:
             qkv_bias = attention_bias
         o_proj_families = (
@@ -385,6 +394,7 @@ class ModelConfig:
             rope_local_scaling=rope_local_scaling,
             qk_norm_across_heads=family == "Olmo2",
             clip_qkv=_positive_or_none(cfg, "clip_qkv", model_path) if family == "Olmo" else None,
+            layer_norm_eps=positive_number(cfg.get("layer_norm_eps", 1e-5), "layer_norm_eps", model_path),
             **granite,
             **moe,
         )
@@ -525,14 +535,17 @@ def _parse_rope(
 
 
 def _rotary_dim(family: str, cfg: dict[str, Any], head_dim: int, model_path: str) -> int:
-    """How many leading dims of a head rotate: Phi-3's partial_rotary_factor (top level, or in
-    rope_parameters with transformers >= 5); every other family rotates the whole head."""
-    if family != "Phi3":
+    """How many leading dims of a head rotate: Phi-3's and StableLM's partial_rotary_factor (top level,
+    or in rope_parameters with transformers >= 5; StableLM's default 0.25); every other family rotates
+    the whole head."""
+    if family not in ("Phi3", "StableLm"):
         return head_dim
     factor = cfg.get("partial_rotary_factor")
     if factor is None:
         factor = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor")
-    factor = 1.0 if factor is None else positive_number(factor, "partial_rotary_factor", model_path)
+    if factor is None:
+        factor = 0.25 if family == "StableLm" else 1.0
+    factor = positive_number(factor, "partial_rotary_factor", model_path)
     rotary_dim = int(head_dim * factor)
     if not 0 < rotary_dim <= head_dim or rotary_dim % 2:
         raise ValueError(

@@ -99,6 +99,7 @@ FAMILIES = (
     "granite_moe_shared",
     "olmo2",
     "olmo",
+    "stablelm",
     "qwen2_yarn",
     "llama_dynamic",
 )
@@ -169,6 +170,7 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
         Qwen2MoeConfig,
         Qwen3Config,
         Qwen3MoeConfig,
+        StableLmConfig,
     )
 
     common = dict(
@@ -295,6 +297,9 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
             shared_intermediate_size=40,
             **_MOE,
         )
+    if family == "stablelm":  # LayerNorms with weight and bias, a quarter of each head rotates, q/k/v biases
+        base = {k: v for k, v in common.items() if k != "rms_norm_eps"}
+        return StableLmConfig(**base, use_qkv_bias=True, partial_rotary_factor=0.25, pad_token_id=0)
     if family == "olmo":  # OLMo 1: LayerNorms without weights; q/k/v clamped (a bound that bites here)
         return OlmoConfig(
             **{k: v for k, v in common.items() if k != "rms_norm_eps"}, clip_qkv=0.5, pad_token_id=0
@@ -358,7 +363,8 @@ def build_model(
             elif family.startswith("gemma") and "norm" in name:  # (1 + weight): 0 would hide a missing 1
                 p.normal_(0.0, 0.3)
             elif (
-                family in ("granite", "granite_moe", "granite_moe_shared", "olmo2") and "norm" in name
+                family in ("granite", "granite_moe", "granite_moe_shared", "olmo2", "stablelm")
+                and "norm" in name
             ):  # all-ones would hide a swapped norm
                 p.normal_(1.0, 0.3)
     path.mkdir(parents=True, exist_ok=True)

@@ -264,10 +264,12 @@ def test_tp2_gemma2_windows_and_softcaps_match_transformers(tiny_model_dirs: dic
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, _greedy(), use_tqdm=False)] == expected
 
 
-def test_tp2_olmo_clamps_and_weightless_norms_match_transformers(tiny_model_dirs: dict[str, Path]) -> None:
-    """OLMo 1 over two ranks: each rank clamps its own q/k/v heads (clip_qkv is elementwise, so the
-    slices clamp as the whole would) and norms the replicated residual stream; chunked prefill."""
-    model_dir = tiny_model_dirs["olmo"]
+@pytest.mark.parametrize("family", ["olmo", "stablelm"])
+def test_tp2_olmo_and_stablelm_match_transformers(tiny_model_dirs: dict[str, Path], family: str) -> None:
+    """OLMo 1 and StableLM over two ranks: each rank clamps its own q/k/v heads (clip_qkv is elementwise,
+    so the slices clamp as the whole would) or adds its q/k/v bias slices and rotates a quarter of its
+    heads, and norms the replicated residual stream with the replicated LayerNorms; chunked prefill."""
+    model_dir = tiny_model_dirs[family]
     prompts = _prompts()
     expected, _ = hf_greedy(model_dir, prompts)
     with LLM(

@@ -32,6 +32,7 @@ ARCHITECTURES = {
     "granite_moe_shared": "GraniteMoeSharedForCausalLM",
     "olmo2": "Olmo2ForCausalLM",
     "olmo": "OlmoForCausalLM",
+    "stablelm": "StableLmForCausalLM",
     "qwen2_yarn": "Qwen2ForCausalLM",
     "llama_dynamic": "LlamaForCausalLM",
 }
@@ -70,6 +71,8 @@ def _rope(family: str, drop: str = "", **changes: Any) -> dict[str, Any]:
 
 REFUSALS = [
     (_set("granite_moe_shared", shared_intermediate_size=-8), f"shared_intermediate_size in {F} must be a positive integer; got -8"),
+    (_set("stablelm", qk_layernorm=True), f"unsupported qk_layernorm true in {F} for StableLmForCausalLM: weir serves the sequential-residual StableLM layout without per-head q/k LayerNorms"),
+    (_set("stablelm", use_parallel_residual=True), f"unsupported use_parallel_residual true in {F} for StableLmForCausalLM: weir serves the sequential-residual StableLM layout without per-head q/k LayerNorms"),
     (_set("olmo", clip_qkv=0), "clip_qkv must be a positive number or null; got 0 in /m"),
     (_set("olmo", clip_qkv="8"), "clip_qkv must be a positive number or null; got '8' in /m"),
     (_set("mixtral", drop=("intermediate_size",)), f"intermediate_size in {F} must be a positive integer; got None"),
@@ -257,3 +260,25 @@ def test_granite_moe_shared_mlp_size_is_read_and_zero_means_none() -> None:
         == 0
     )
     assert _read(_cfg("qwen2_moe")).shared_expert_gated is True
+
+
+def test_stablelm_partial_rotary_and_biases_read_as_transformers() -> None:
+    """StableLM's partial_rotary_factor as written (0.25 of head_dim 16: 4 dims), its default 0.25 when
+    left out, use_qkv_bias, and StableLmConfig's defaults for the keys a config may omit."""
+    from transformers import StableLmConfig
+
+    ours = _read(_cfg("stablelm"))
+    assert (ours.rotary_dim, ours.qkv_bias, ours.o_proj_bias, ours.layer_norm_eps) == (4, True, False, 1e-5)
+    cfg = {k: v for k, v in _cfg("stablelm").items() if k not in ("partial_rotary_factor", "rope_parameters")}
+    assert _read(cfg).rotary_dim == 4
+    bare = _set(  # 32 heads of 16 (a multiple of StableLmConfig's default 32 KV heads)
+        "stablelm",
+        drop=("num_key_value_heads", "max_position_embeddings"),
+        num_attention_heads=32,
+        hidden_size=512,
+    )
+    theirs = StableLmConfig(**{k: v for k, v in bare.items() if k != "architectures"})
+    assert (_read(bare).num_kv_heads, _read(bare).max_position_embeddings) == (
+        theirs.num_key_value_heads,
+        theirs.max_position_embeddings,
+    )

@@ -345,12 +345,13 @@ def test_async_engine_generates_with_adapters(lora_setup: dict) -> None:
     assert loaded == {2, 4} and removed and after == {4}
 
 
-@pytest.mark.parametrize("family", ["gemma2", "granite", "olmo2", "olmo"])
+@pytest.mark.parametrize("family", ["gemma2", "granite", "olmo2", "olmo", "stablelm"])
 def test_family_adapter_matches_peft(tiny_model_dirs: dict[str, Path], tmp_path: Path, family: str) -> None:
     """An adapter on all seven projections of the families whose decoders are not Llama's: Gemma 2
     (GeGLU MLP, windowed softcapped attention), Granite (biases on every projection the adapter adds
     to, residual and attention multipliers, logits scaling), OLMo 2 (q/k norms over all heads after
-    the adapted projections, post-norms) and OLMo 1 (q/k/v clamped after the adapted projections)."""
+    the adapted projections, post-norms), OLMo 1 (q/k/v clamped after the adapted projections) and
+    StableLM (q/k/v biases, a quarter of each head rotated, LayerNorms)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     model_dir = tiny_model_dirs[family]

@@ -85,3 +85,21 @@ class NonParametricLayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [num_tokens, hidden] -> the same shape and dtype."""
         return nn.functional.layer_norm(x.float(), (self.hidden_size,), None, None, self.eps).to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias (StableLM's), as torch's nn.LayerNorm computes it in the model
+    dtype; plain torch ops on every device (no fused kernel, no residual fusion)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, params_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.eps = eps
+        dtype = params_dtype or torch.get_default_dtype()
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)  # [hidden]
+        self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=dtype), requires_grad=False)  # [hidden]
+        for p in (self.weight, self.bias):
+            set_weight_attrs(p, {"weight_loader": default_weight_loader})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [num_tokens, hidden] -> the same shape and dtype."""
+        return nn.functional.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)

@@ -26,6 +26,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "GraniteMoeForCausalLM": ("engine.model.models.moe", "MoeForCausalLM"),
     "GraniteMoeSharedForCausalLM": ("engine.model.models.moe", "MoeForCausalLM"),
     "OlmoForCausalLM": ("engine.model.models.olmo", "OlmoForCausalLM"),
+    "StableLmForCausalLM": ("engine.model.models.stablelm", "StableLmForCausalLM"),
     "Olmo2ForCausalLM": ("engine.model.models.olmo2", "Olmo2ForCausalLM"),
     "GemmaForCausalLM": ("engine.model.models.gemma", "GemmaForCausalLM"),
     "Gemma2ForCausalLM": ("engine.model.models.gemma", "GemmaForCausalLM"),

@@ -394,7 +394,9 @@ class ModelConfig:
             rope_local_scaling=rope_local_scaling,
             qk_norm_across_heads=family == "Olmo2",
             clip_qkv=_positive_or_none(cfg, "clip_qkv", model_path) if family == "Olmo" else None,
-            layer_norm_eps=positive_number(cfg.get("layer_norm_eps", 1e-5), "layer_norm_eps", model_path),
+            layer_norm_eps=positive_number(cfg.get("layer_norm_eps", 1e-5), "layer_norm_eps", model_path)
+            if family == "StableLm"
+            else 1e-5,  # (read where a family's LayerNorms use it: another's config may say anything there)
             **granite,
             **moe,
         )

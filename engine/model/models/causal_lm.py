@@ -12,11 +12,23 @@ import torch
 from torch import nn
 
 from engine.model.build_context import BuildContext, join_prefix
-from engine.model.layers.embedding import ParallelLMHead
+from engine.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.model_config import ModelConfig
 
 # (config, ctx, prefix) -> the decoder: embed_tokens, the layers and the final norm
 DecoderBuilder = Callable[[ModelConfig, BuildContext, str], nn.Module]
+
+
+def token_embedding(config: ModelConfig, ctx: BuildContext, prefix: str) -> VocabParallelEmbedding:
+    """A decoder's `embed_tokens` (`prefix`: the decoder's), its vocabulary split over the ranks."""
+    return VocabParallelEmbedding(
+        config.vocab_size,
+        config.hidden_size,
+        ctx.dtype,
+        tp_rank=ctx.tp_rank,
+        tp_size=ctx.tp_size,
+        prefix=join_prefix(prefix, "embed_tokens"),
+    )
 
 
 class DecoderForCausalLM(nn.Module):

@@ -22,10 +22,9 @@ from torch import nn
 
 from engine.model.build_context import BuildContext, join_prefix
 from engine.model.layers.activation import GeluTanhAndMul
-from engine.model.layers.embedding import VocabParallelEmbedding
 from engine.model.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from engine.model.layers.norm import GemmaRMSNorm
-from engine.model.models.causal_lm import DecoderForCausalLM
+from engine.model.models.causal_lm import DecoderForCausalLM, token_embedding
 from engine.model.models.llama import LlamaAttention
 from engine.model_config import ModelConfig
 
@@ -102,14 +101,7 @@ class GemmaDecoderLayer(nn.Module):
 class GemmaModel(nn.Module):
     def __init__(self, config: ModelConfig, ctx: BuildContext, prefix: str) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(
-            config.vocab_size,
-            config.hidden_size,
-            ctx.dtype,
-            tp_rank=ctx.tp_rank,
-            tp_size=ctx.tp_size,
-            prefix=join_prefix(prefix, "embed_tokens"),
-        )
+        self.embed_tokens = token_embedding(config, ctx, prefix)
         # sqrt(hidden_size) rounded to the model dtype first, as transformers scales (bfloat16 turns
         # sqrt(3072) = 55.43 into 55.5); a Python float of that value multiplies the same in every dtype.
         self.normalizer = torch.tensor(config.hidden_size**0.5, dtype=torch.float32).to(ctx.dtype).item()

@@ -31,11 +31,10 @@ from torch import nn
 from engine.model.build_context import BuildContext, join_prefix
 from engine.model.layers.activation import SiluAndMul
 from engine.model.layers.attention import Attention
-from engine.model.layers.embedding import VocabParallelEmbedding
 from engine.model.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from engine.model.layers.norm import RMSNorm
 from engine.model.layers.rotary import RotaryEmbedding
-from engine.model.models.causal_lm import DecoderForCausalLM
+from engine.model.models.causal_lm import DecoderForCausalLM, token_embedding
 from engine.model.quantization.fp8_activation import Fp8Activation, takes_fp8_activation
 from engine.model_config import ModelConfig
 
@@ -213,14 +212,7 @@ class LlamaModel(nn.Module):
         self, config: ModelConfig, ctx: BuildContext, prefix: str, build_mlp: MlpBuilder = dense_mlp
     ) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(
-            config.vocab_size,
-            config.hidden_size,
-            ctx.dtype,
-            tp_rank=ctx.tp_rank,
-            tp_size=ctx.tp_size,
-            prefix=join_prefix(prefix, "embed_tokens"),
-        )
+        self.embed_tokens = token_embedding(config, ctx, prefix)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, i, ctx, join_prefix(prefix, f"layers.{i}"), build_mlp)
             for i in range(config.num_layers)

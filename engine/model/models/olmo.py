@@ -12,9 +12,8 @@ import torch
 from torch import nn
 
 from engine.model.build_context import BuildContext, join_prefix
-from engine.model.layers.embedding import VocabParallelEmbedding
 from engine.model.layers.norm import NonParametricLayerNorm
-from engine.model.models.causal_lm import DecoderForCausalLM
+from engine.model.models.causal_lm import DecoderForCausalLM, token_embedding
 from engine.model.models.llama import LlamaAttention, LlamaMLP
 from engine.model_config import ModelConfig
 
@@ -54,14 +53,7 @@ class OlmoModel(nn.Module):
 
     def __init__(self, config: ModelConfig, ctx: BuildContext, prefix: str) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(
-            config.vocab_size,
-            config.hidden_size,
-            ctx.dtype,
-            tp_rank=ctx.tp_rank,
-            tp_size=ctx.tp_size,
-            prefix=join_prefix(prefix, "embed_tokens"),
-        )
+        self.embed_tokens = token_embedding(config, ctx, prefix)
         layer_class = type(self).layer_class
         self.layers = nn.ModuleList(
             layer_class(config, i, ctx, join_prefix(prefix, f"layers.{i}")) for i in range(config.num_layers)

@@ -126,15 +126,17 @@ def run_mode(args: argparse.Namespace, model: Any, workload: Workload, mode: str
 
         def timed_step() -> Any:
             start = time.perf_counter()
-            before = (times.schedule, times.launch, times.device_wait, times.update)
+            before = [getattr(times, k) for k in _PHASES]
             try:
                 return plain_step()
             finally:
                 step_ms.append((time.perf_counter() - start) * 1000)
                 if len(trip_phases) < 12:
-                    after = (times.schedule, times.launch, times.device_wait, times.update)
                     trip_phases.append(
-                        {k: round((a - b) * 1000, 3) for k, a, b in zip(_PHASES, after, before, strict=True)}
+                        {
+                            k: round((getattr(times, k) - b) * 1000, 3)
+                            for k, b in zip(_PHASES, before, strict=True)
+                        }
                     )
 
         engine.step = timed_step
@@ -144,12 +146,8 @@ def run_mode(args: argparse.Namespace, model: Any, workload: Workload, mode: str
         finally:
             del engine.step  # the class's own again
         elapsed = time.perf_counter() - t0
-        ttfts = [
-            o.metrics.first_token_time - o.metrics.arrival_time
-            for o in outs
-            if o.metrics is not None and o.metrics.first_token_time is not None
-        ]
         timed = [o.metrics for o in outs if o.metrics is not None and o.metrics.first_token_time is not None]
+        ttfts = [m.first_token_time - m.arrival_time for m in timed]
         first_at = [m.first_token_time - t0_mono for m in timed]
         arrivals = [m.arrival_time - t0_mono for m in timed]
         out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)

@@ -313,8 +313,15 @@ class LaunchWatch:
     launch_ms: list[float] = dataclasses.field(default_factory=list)
     syncs: list[warnings.WarningMessage] = dataclasses.field(default_factory=list)
 
-    def where(self) -> list[str]:
-        return sorted({f"{Path(w.filename).name}:{w.lineno}" for w in self.syncs})
+    def check_no_syncs(self, name: str, launches: int) -> bool:
+        """The check that the watched block launched `launches` steps and none of them synced."""
+        return check(
+            name,
+            not self.syncs and len(self.launch_ms) == launches,
+            syncs=len(self.syncs),
+            launches=len(self.launch_ms),
+            where=sorted({f"{Path(w.filename).name}:{w.lineno}" for w in self.syncs}),
+        )
 
 
 @contextlib.contextmanager
@@ -580,13 +587,7 @@ def qwen_bf16() -> None:
         run_async_steps(engine, 5)
     engine.abort_request([f"async-sync-{i}" for i in range(8)])
     engine.flush()
-    check(
-        "async scheduling: no host sync while launching a decode step (batch 8)",
-        not watch.syncs and len(watch.launch_ms) == 5,
-        syncs=len(watch.syncs),
-        launches=len(watch.launch_ms),
-        where=watch.where(),
-    )
+    watch.check_no_syncs("async scheduling: no host sync while launching a decode step (batch 8)", 5)
 
     # Async scheduling: launching a step that holds prompts (eager, above the mixed graphs) must not wait
     # for the device either. A launch that did would return only once its own forward ran, and the
@@ -607,12 +608,9 @@ def qwen_bf16() -> None:
             check("async scheduling: prompt steps ran", False, error=repr(exc))
     engine.abort_request([f"async-prefill-{i}" for i in range(16)])
     engine.flush()
-    check(
+    watch.check_no_syncs(
         "async scheduling: no host sync while launching prompt steps (16 x 700 tokens, eager, temperature 1)",
-        not watch.syncs and len(watch.launch_ms) == 4,
-        syncs=len(watch.syncs),
-        launches=len(watch.launch_ms),
-        where=watch.where(),
+        4,
     )
     # Timing, not a pass/fail: each trip launches step N and waits for N-1; a launch near its trip's
     # length (the first 8,192-token step's forward is several ms on the GPU) says the launch waited.

@@ -22,6 +22,9 @@ from tests.app.conftest import MODEL_NAME, LiveServer
 
 BIG = 7_700_000  # characters; within the 8 MiB body limit
 
+# /health's p99 bounds below hold on an otherwise idle machine, not beside another test worker.
+pytestmark = pytest.mark.serial
+
 
 class HealthProbe:
     """Polls /health from its own thread while a test runs; `worst()` is the slowest answer, in s."""

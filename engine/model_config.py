@@ -139,7 +139,7 @@ class ModelConfig:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
-    hidden_act: str = "silu"  # "silu", or "gelu_pytorch_tanh" (the Gemma families' GeGLU)
+    hidden_act: str = "silu"  # "silu"; "gelu_pytorch_tanh" (the Gemma families' GeGLU, StarCoder2); "gelu" (StarCoder2)
     # per layer: "full_attention" or "sliding_attention" (the window above); empty: every layer full
     layer_types: tuple[str, ...] = ()
     query_pre_attn_scalar: float | None = None  # Gemma 2/3: softmax scale this ** -0.5, not head_dim's
@@ -291,6 +291,8 @@ class ModelConfig:
                         f"unsupported {key} true in {config_file(model_path)} for StableLmForCausalLM: weir "
                         "serves the sequential-residual StableLM layout without per-head q/k LayerNorms"
                     )
+        elif family == "Starcoder2":
+            qkv_bias = bool_field(cfg, "use_bias", model_path, default=True)
         else:
             qkv_bias = attention_bias
         o_proj_families = (
@@ -306,6 +308,8 @@ class ModelConfig:
         )
         o_proj_bias = attention_bias if family in o_proj_families else False
         mlp_bias = bool(cfg.get("mlp_bias", False)) if family in ("Llama", "Granite") else False
+        if family == "Starcoder2":  # one use_bias for every projection
+            o_proj_bias = mlp_bias = qkv_bias
         qk_norm = family in ("Qwen3", "Qwen3Moe", "Gemma3")
         granite_families = ("Granite", "GraniteMoe", "GraniteMoeShared")
         granite = granite_fields(cfg, model_path) if family in granite_families else {}
@@ -371,8 +375,8 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=max_position_embeddings,
             max_model_len=resolved_len,
-            # (the Gemma configs' default is tied)
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
+            # (the Gemma and StarCoder2 configs' default is tied)
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma or family == "Starcoder2")),
             qkv_bias=qkv_bias,
             o_proj_bias=o_proj_bias,
             mlp_bias=mlp_bias,
@@ -394,12 +398,18 @@ class ModelConfig:
             rope_local_scaling=rope_local_scaling,
             qk_norm_across_heads=family == "Olmo2",
             clip_qkv=_positive_or_none(cfg, "clip_qkv", model_path) if family == "Olmo" else None,
-            layer_norm_eps=positive_number(cfg.get("layer_norm_eps", 1e-5), "layer_norm_eps", model_path)
-            if family == "StableLm"
-            else 1e-5,  # (read where a family's LayerNorms use it: another's config may say anything there)
+            layer_norm_eps=_layer_norm_eps(family, cfg, model_path),
             **granite,
             **moe,
         )
+
+
+def _layer_norm_eps(family: str, cfg: dict[str, Any], model_path: str) -> float:
+    """The LayerNorms' epsilon of the families that have LayerNorms with weight and bias (StableLM's
+    `layer_norm_eps`, StarCoder2's `norm_epsilon`); read only there: another family's config may say
+    anything under those keys."""
+    key = {"StableLm": "layer_norm_eps", "Starcoder2": "norm_epsilon"}.get(family)
+    return 1e-5 if key is None else positive_number(cfg.get(key, 1e-5), key, model_path)
 
 
 def granite_fields(cfg: dict[str, Any], model_path: str) -> dict[str, float]:
@@ -611,11 +621,17 @@ def _hidden_act(family: str, cfg: dict[str, Any], model_path: str) -> str:
     elif family == "Gemma":
         key, act = "hidden_act", cfg.get("hidden_act") or "gelu_pytorch_tanh"
         act = "gelu_pytorch_tanh" if act == "gelu" else act
+    elif family == "Starcoder2":
+        key, act = "hidden_act", cfg.get("hidden_act", "gelu_pytorch_tanh")
     else:
         key, act = "hidden_act", cfg.get("hidden_act", "silu")
-    supported = "gelu_pytorch_tanh" if family in GEMMA_FAMILIES else "silu"
-    if act != supported:
-        raise ValueError(f"unsupported {key} {act!r} in {model_path}; only {supported!r} is supported")
+    if family == "Starcoder2":  # its plain MLP runs torch's GELU, either form
+        supported: tuple[str, ...] = ("gelu_pytorch_tanh", "gelu")
+    else:
+        supported = ("gelu_pytorch_tanh",) if family in GEMMA_FAMILIES else ("silu",)
+    if act not in supported:
+        names = " or ".join(repr(a) for a in supported)
+        raise ValueError(f"unsupported {key} {act!r} in {model_path}; only {names} is supported")
     return act
 
 
@@ -628,7 +644,7 @@ def _sliding_layers(
     windows are on or off by config (Mistral, Mixtral, Phi-3; Qwen with use_sliding_window) take null
     as no window; Gemma 2/3 always have one."""
     window = cfg.get("sliding_window")
-    if family in ("Mistral", "Mixtral", "Phi3"):  # every layer (Phi-3-mini-4k: 2047)
+    if family in ("Mistral", "Mixtral", "Phi3", "Starcoder2"):  # every layer (Phi-3-mini-4k: 2047)
         if window is None:
             return None, ()
         return _window(window, model_path, nullable=True), (SLIDING_ATTENTION,) * num_layers

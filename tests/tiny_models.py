@@ -100,6 +100,7 @@ FAMILIES = (
     "olmo2",
     "olmo",
     "stablelm",
+    "starcoder2",
     "qwen2_yarn",
     "llama_dynamic",
 )
@@ -126,7 +127,7 @@ def preemption_cache(family: str) -> dict:
     of 8; the batch ~20): 9 blocks. A model windowed alike on every layer holds only its window's blocks
     (2 or 3 of 8 for a decode: tests/e2e/test_sliding_window_blocks.py), so 6, with prompts in chunks of
     16 so each fits alone (tests/e2e/test_parity.py, loadtest/gpu_engine_check.py)."""
-    if family == "mistral_window":
+    if family in ("mistral_window", "starcoder2"):
         return dict(block_size=8, num_kv_blocks=6, max_num_batched_tokens=16)
     return dict(block_size=8, num_kv_blocks=9)
 
@@ -140,6 +141,7 @@ WINDOWS = {
     "qwen2_window": 10,
     "qwen2_moe_window": 9,
     "phi3_window": 11,
+    "starcoder2": 12,
 }
 # Rope scalings with lengths the parity tests' prompts + outputs (up to 68 tokens) cross or stay under:
 # yarn's pretraining length (its scaling is static, so it changes every position's rotation, its ramp
@@ -171,6 +173,7 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
         Qwen3Config,
         Qwen3MoeConfig,
         StableLmConfig,
+        Starcoder2Config,
     )
 
     common = dict(
@@ -300,6 +303,9 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
     if family == "stablelm":  # LayerNorms with weight and bias, a quarter of each head rotates, q/k/v biases
         base = {k: v for k, v in common.items() if k != "rms_norm_eps"}
         return StableLmConfig(**base, use_qkv_bias=True, partial_rotary_factor=0.25, pad_token_id=0)
+    if family == "starcoder2":  # plain GELU MLP, biases everywhere, LayerNorms, every layer windowed, tied
+        base = {k: v for k, v in common.items() if k not in ("rms_norm_eps", "tie_word_embeddings")}
+        return Starcoder2Config(**base, use_bias=True, sliding_window=WINDOWS[family], pad_token_id=0)
     if family == "olmo":  # OLMo 1: LayerNorms without weights; q/k/v clamped (a bound that bites here)
         return OlmoConfig(
             **{k: v for k, v in common.items() if k != "rms_norm_eps"}, clip_qkv=0.5, pad_token_id=0
@@ -363,7 +369,7 @@ def build_model(
             elif family.startswith("gemma") and "norm" in name:  # (1 + weight): 0 would hide a missing 1
                 p.normal_(0.0, 0.3)
             elif (
-                family in ("granite", "granite_moe", "granite_moe_shared", "olmo2", "stablelm")
+                family in ("granite", "granite_moe", "granite_moe_shared", "olmo2", "stablelm", "starcoder2")
                 and "norm" in name
             ):  # all-ones would hide a swapped norm
                 p.normal_(1.0, 0.3)

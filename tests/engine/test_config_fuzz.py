@@ -33,6 +33,7 @@ ARCHITECTURES = {
     "olmo2": "Olmo2ForCausalLM",
     "olmo": "OlmoForCausalLM",
     "stablelm": "StableLmForCausalLM",
+    "starcoder2": "Starcoder2ForCausalLM",
     "qwen2_yarn": "Qwen2ForCausalLM",
     "llama_dynamic": "LlamaForCausalLM",
 }
@@ -73,6 +74,10 @@ REFUSALS = [
     (_set("granite_moe_shared", shared_intermediate_size=-8), f"shared_intermediate_size in {F} must be a positive integer; got -8"),
     (_set("stablelm", qk_layernorm=True), f"unsupported qk_layernorm true in {F} for StableLmForCausalLM: weir serves the sequential-residual StableLM layout without per-head q/k LayerNorms"),
     (_set("stablelm", use_parallel_residual=True), f"unsupported use_parallel_residual true in {F} for StableLmForCausalLM: weir serves the sequential-residual StableLM layout without per-head q/k LayerNorms"),
+    (_set("starcoder2", hidden_act="silu"), "unsupported hidden_act 'silu' in /m; only 'gelu_pytorch_tanh' or 'gelu' is supported"),
+    (_set("starcoder2", norm_epsilon=0), f"norm_epsilon in {F} must be a positive number; got 0"),
+    (_set("starcoder2", use_bias="yes"), f"use_bias in {F} must be true or false; got 'yes'"),
+    (_set("starcoder2", sliding_window=0), f"sliding_window in {F} must be a positive integer or null; got 0"),
     (_set("olmo", clip_qkv=0), "clip_qkv must be a positive number or null; got 0 in /m"),
     (_set("olmo", clip_qkv="8"), "clip_qkv must be a positive number or null; got '8' in /m"),
     (_set("mixtral", drop=("intermediate_size",)), f"intermediate_size in {F} must be a positive integer; got None"),
@@ -281,4 +286,43 @@ def test_stablelm_partial_rotary_and_biases_read_as_transformers() -> None:
     assert (_read(bare).num_kv_heads, _read(bare).max_position_embeddings) == (
         theirs.num_key_value_heads,
         theirs.max_position_embeddings,
+    )
+
+
+def test_starcoder2_biases_norm_window_and_tying_read_as_transformers() -> None:
+    """StarCoder2's one use_bias for every projection (default true), norm_epsilon, hidden_act (default the
+    tanh GELU), its window on every layer, the tied embedding by default, and Starcoder2Config's
+    defaults for the keys a config may omit."""
+    from transformers import Starcoder2Config
+
+    ours = _read(_cfg("starcoder2"))
+    assert (ours.qkv_bias, ours.o_proj_bias, ours.mlp_bias) == (True, True, True)
+    assert (ours.layer_norm_eps, ours.hidden_act, ours.tie_word_embeddings) == (
+        1e-5,
+        "gelu_pytorch_tanh",
+        True,
+    )
+    assert ours.layer_types == ("sliding_attention",) * ours.num_layers and ours.sliding_window == 12
+    unbiased = _read(_set("starcoder2", use_bias=False, norm_epsilon=1e-3, hidden_act="gelu"))
+    assert (unbiased.qkv_bias, unbiased.o_proj_bias, unbiased.mlp_bias) == (False, False, False)
+    assert (unbiased.layer_norm_eps, unbiased.hidden_act) == (1e-3, "gelu")
+    bare = _set(  # 32 heads of 16 (a multiple of Starcoder2Config's default 2 KV heads)
+        "starcoder2",
+        drop=("num_key_value_heads", "max_position_embeddings", "use_bias", "norm_epsilon", "hidden_act",
+              "tie_word_embeddings", "sliding_window"),
+        num_attention_heads=32,
+        hidden_size=512,
+    )  # fmt: skip
+    theirs = Starcoder2Config(**{k: v for k, v in bare.items() if k != "architectures"})
+    mine = _read(bare)
+    assert (mine.num_kv_heads, mine.max_position_embeddings, mine.layer_norm_eps, mine.qkv_bias) == (
+        theirs.num_key_value_heads,
+        theirs.max_position_embeddings,
+        theirs.norm_epsilon,
+        theirs.use_bias,
+    )
+    assert (mine.hidden_act, mine.tie_word_embeddings, mine.sliding_window) == (
+        theirs.hidden_act,
+        theirs.tie_word_embeddings,
+        theirs.sliding_window,
     )

@@ -29,6 +29,8 @@ LINEAR_SUFFIXES = (
     "mlp.gate_proj",
     "mlp.up_proj",
     "mlp.down_proj",
+    "mlp.c_fc",  # StarCoder2's plain MLP
+    "mlp.c_proj",
     # Phi-3's checkpoints store these fused: quantized as one module each, as its tools write them
     "self_attn.qkv_proj",
     "mlp.gate_up_proj",

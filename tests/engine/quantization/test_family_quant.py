@@ -1,8 +1,9 @@
 """Quantized checkpoints of the families whose layers differ from Llama's where quantization meets
 them: Gemma 2 and 3 (GeGLU after a quantized gate_up, the (1 + w) RMSNorm before every quantized
 projection, which has no fp8-output variant, tied embeddings, Gemma 2's final softcap), Granite (biases
-on every quantized projection, its multipliers) and OLMo 2 (q/k norms after the quantized projections,
-post-norms). Each format's checkpoint (checkpoints.FORMATS, and online `--quantization fp8`) loads to
+on every quantized projection, its multipliers), OLMo 2 (q/k norms after the quantized projections,
+post-norms) and StarCoder2 (a plain GELU MLP, c_fc and c_proj, biases on every quantized projection,
+windowed attention, tied embeddings). Each format's checkpoint (checkpoints.FORMATS, and online `--quantization fp8`) loads to
 exactly its dequantized reference and runs token for token like transformers on that reference, logprobs
 within 1e-4 (parity.assert_parity). On CPU the FP8 layers dequantize and a W8A8 checkpoint's dynamic
 per-token activation scales quantize nothing, as in test_fp8.py and test_compressed_tensors.py."""
@@ -28,6 +29,7 @@ CASES = [
     *(("gemma3", f) for f in ("gptq-4-g32", "ct-fp8-channel")),
     ("granite", "gptq-4-g32"),
     ("olmo2", "fp8-channel"),
+    *(("starcoder2", f) for f in ("gptq-4-g32", "awq-g64", "online-fp8")),
 ]
 
 
@@ -48,7 +50,7 @@ def test_quantized_family_loads_its_dequantized_weights_and_matches_transformers
         found, _, config = resolve_quantization(quantized, None)
         assert found == method
     model = load_quantized(quantized, config)
-    assert assert_weights_match_reference(model, reference) == layers * 4  # qkv, o, gate_up, down
+    assert assert_weights_match_reference(model, reference) == layers * 4  # qkv, o, gate_up, down (StarCoder2: c_fc, c_proj)
     assert_parity(quantized, reference, "default", method, **options)
 
 

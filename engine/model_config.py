@@ -139,7 +139,9 @@ class ModelConfig:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
-    hidden_act: str = "silu"  # "silu"; "gelu_pytorch_tanh" (the Gemma families' GeGLU, StarCoder2); "gelu" (StarCoder2)
+    hidden_act: str = (
+        "silu"  # "silu"; "gelu_pytorch_tanh" (the Gemma families' GeGLU, StarCoder2); "gelu" (StarCoder2)
+    )
     # per layer: "full_attention" or "sliding_attention" (the window above); empty: every layer full
     layer_types: tuple[str, ...] = ()
     query_pre_attn_scalar: float | None = None  # Gemma 2/3: softmax scale this ** -0.5, not head_dim's

@@ -50,7 +50,9 @@ def test_quantized_family_loads_its_dequantized_weights_and_matches_transformers
         found, _, config = resolve_quantization(quantized, None)
         assert found == method
     model = load_quantized(quantized, config)
-    assert assert_weights_match_reference(model, reference) == layers * 4  # qkv, o, gate_up, down (StarCoder2: c_fc, c_proj)
+    assert (
+        assert_weights_match_reference(model, reference) == layers * 4
+    )  # qkv, o, gate_up, down (StarCoder2: c_fc, c_proj)
     assert_parity(quantized, reference, "default", method, **options)
 
 

@@ -30,6 +30,7 @@ from loadtest.common import (  # noqa: E402
     Report,
     Workload,
     add_common_args,
+    allocator_stats,
     build_llm,
     copy_bandwidth_phase,
     default_max_model_len,
@@ -140,12 +141,14 @@ def run_mode(args: argparse.Namespace, model: Any, workload: Workload, mode: str
                     )
 
         engine.step = timed_step
+        alloc_before = allocator_stats()
         t0, t0_mono = time.perf_counter(), time.monotonic()
         try:
             outs = llm.generate(workload.prompts, params, use_tqdm=False)
         finally:
             del engine.step  # the class's own again
         elapsed = time.perf_counter() - t0
+        alloc_after = allocator_stats()
         timed = [o.metrics for o in outs if o.metrics is not None and o.metrics.first_token_time is not None]
         ttfts = [m.first_token_time - m.arrival_time for m in timed]
         first_at = [m.first_token_time - t0_mono for m in timed]
@@ -167,6 +170,8 @@ def run_mode(args: argparse.Namespace, model: Any, workload: Workload, mode: str
             "last_arrival_after_start_ms": round(max(arrivals) * 1000, 3) if arrivals else None,
             "first_steps_ms": [round(x, 3) for x in step_ms[:12]],
             "first_trip_phases_ms": trip_phases,
+            # (CUDA) an alloc retry synchronizes the device inside the launch that allocates
+            "cuda_allocator_during_run": {k: v - alloc_before.get(k, 0) for k, v in alloc_after.items()},
             "steps": len(step_ms),
             "output_tokens": out_tokens,
             "output_tok_s": round(out_tokens / elapsed, 2),

@@ -28,6 +28,7 @@ from loadtest.common import (  # noqa: E402
     Workload,
     add_common_args,
     add_peer_last_arg,
+    allocator_stats,
     build_llm,
     copy_bandwidth_phase,
     default_max_model_len,
@@ -142,10 +143,12 @@ def run_offline(llm: object, workload: Workload, temperature: float) -> dict:
     params = [sampling_params(o, temperature) for o in workload.output_lens]
     times = getattr(getattr(llm, "llm_engine", None), "step_times", None)
     before = times.as_dict() if times is not None else None
+    alloc_before = allocator_stats()
     t0 = time.perf_counter()
     outs = llm.generate(workload.prompts, params, use_tqdm=False)  # type: ignore[attr-defined]
     elapsed = time.perf_counter() - t0
     after = times.as_dict() if times is not None else None
+    alloc_after = allocator_stats()
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     prompt_tokens = workload.num_prompt_tokens
     errors = [o.error for o in outs if getattr(o, "error", None)]
@@ -162,6 +165,8 @@ def run_offline(llm: object, workload: Workload, temperature: float) -> dict:
         "first_error": errors[0] if errors else None,
         # The engine's step phases during the run, to set against S1's (where the server's time goes).
         "step_loop_s": step_loop_delta(before, after),
+        # The caching allocator during the run (CUDA): retries synchronize the device inside a launch.
+        "cuda_allocator_during_run": {k: v - alloc_before.get(k, 0) for k, v in alloc_after.items()},
     }
 
 

@@ -321,7 +321,35 @@ def engine_info(llm: Any) -> dict[str, Any]:
     sizes = getattr(graph_runner, "sizes", None)
     if isinstance(sizes, list | tuple):
         info["cuda_graph_sizes"] = [min(sizes), max(sizes), len(sizes)] if sizes else []
+    stats = allocator_stats()
+    if stats:
+        info["cuda_allocator"] = stats
     return info
+
+
+# The caching allocator's counters that tell whether a step's launch could have waited on the device:
+# an alloc retry frees cached blocks after a failed cudaMalloc, synchronizing the device first, and a
+# cudaMalloc / cudaFree past start-up means the cache did not hold a step's working memory.
+_ALLOCATOR_COUNTERS = (
+    "num_alloc_retries",
+    "num_ooms",
+    "num_device_alloc",
+    "num_device_free",
+    "num_sync_all_streams",
+)
+
+
+def allocator_stats() -> dict[str, int]:
+    """The CUDA caching allocator's counters since the process started ({} without CUDA)."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+            return {}
+        stats = torch.cuda.memory_stats()
+    except Exception:  # noqa: BLE001 - a report, never a failure
+        return {}
+    return {k: int(stats[k]) for k in _ALLOCATOR_COUNTERS if k in stats}
 
 
 def free_engine(llm: Any) -> None:

@@ -139,9 +139,9 @@ class ModelConfig:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
-    hidden_act: str = (
-        "silu"  # "silu"; "gelu_pytorch_tanh" (the Gemma families' GeGLU, StarCoder2); "gelu" (StarCoder2)
-    )
+    # "silu"; "gelu_pytorch_tanh" (the Gemma families' GeGLU); StarCoder2 and Phi also "gelu_new" (the tanh
+    # form) and "gelu" (engine.model.models.gelu_mlp)
+    hidden_act: str = "silu"
     # per layer: "full_attention" or "sliding_attention" (the window above); empty: every layer full
     layer_types: tuple[str, ...] = ()
     query_pre_attn_scalar: float | None = None  # Gemma 2/3: softmax scale this ** -0.5, not head_dim's
@@ -160,7 +160,8 @@ class ModelConfig:
     qk_norm_across_heads: bool = False
     # OLMo 1: q, k and v projections clamped to [-clip_qkv, clip_qkv]; None: not clamped
     clip_qkv: float | None = None
-    layer_norm_eps: float = 1e-5  # StableLM's LayerNorms (weight and bias)
+    layer_norm_eps: float = 1e-5  # the LayerNorms (weight and bias) of StableLM, StarCoder2 and Phi
+    lm_head_bias: bool = False  # Phi-1.5 / Phi-2's LM head has a bias
 
     def layer_window(self, layer_idx: int) -> int | None:
         """The sliding window of layer `layer_idx`, or None where it attends to its whole context (also
@@ -295,6 +296,13 @@ class ModelConfig:
                     )
         elif family == "Starcoder2":
             qkv_bias = bool_field(cfg, "use_bias", model_path, default=True)
+        elif family == "Phi":
+            qkv_bias = True  # every projection of Phi-1/1.5/2 has a bias
+            if bool_field(cfg, "qk_layernorm", model_path, default=False):
+                raise ValueError(
+                    f"unsupported qk_layernorm true in {config_file(model_path)} for PhiForCausalLM: weir serves "
+                    "Phi without per-head q/k LayerNorms"
+                )
         else:
             qkv_bias = attention_bias
         o_proj_families = (
@@ -310,7 +318,7 @@ class ModelConfig:
         )
         o_proj_bias = attention_bias if family in o_proj_families else False
         mlp_bias = bool(cfg.get("mlp_bias", False)) if family in ("Llama", "Granite") else False
-        if family == "Starcoder2":  # one use_bias for every projection
+        if family in ("Starcoder2", "Phi"):  # one bias setting for every projection
             o_proj_bias = mlp_bias = qkv_bias
         qk_norm = family in ("Qwen3", "Qwen3Moe", "Gemma3")
         granite_families = ("Granite", "GraniteMoe", "GraniteMoeShared")
@@ -401,6 +409,7 @@ class ModelConfig:
             qk_norm_across_heads=family == "Olmo2",
             clip_qkv=_positive_or_none(cfg, "clip_qkv", model_path) if family == "Olmo" else None,
             layer_norm_eps=_layer_norm_eps(family, cfg, model_path),
+            lm_head_bias=family == "Phi",
             **granite,
             **moe,
         )
@@ -408,9 +417,9 @@ class ModelConfig:
 
 def _layer_norm_eps(family: str, cfg: dict[str, Any], model_path: str) -> float:
     """The LayerNorms' epsilon of the families that have LayerNorms with weight and bias (StableLM's
-    `layer_norm_eps`, StarCoder2's `norm_epsilon`); read only there: another family's config may say
+    and Phi's `layer_norm_eps`, StarCoder2's `norm_epsilon`); read only there: another family's config may say
     anything under those keys."""
-    key = {"StableLm": "layer_norm_eps", "Starcoder2": "norm_epsilon"}.get(family)
+    key = {"StableLm": "layer_norm_eps", "Phi": "layer_norm_eps", "Starcoder2": "norm_epsilon"}.get(family)
     return 1e-5 if key is None else positive_number(cfg.get(key, 1e-5), key, model_path)
 
 
@@ -549,16 +558,16 @@ def _parse_rope(
 
 
 def _rotary_dim(family: str, cfg: dict[str, Any], head_dim: int, model_path: str) -> int:
-    """How many leading dims of a head rotate: Phi-3's and StableLM's partial_rotary_factor (top level,
-    or in rope_parameters with transformers >= 5; StableLM's default 0.25); every other family rotates
-    the whole head."""
-    if family not in ("Phi3", "StableLm"):
+    """How many leading dims of a head rotate: Phi-3's, StableLM's and Phi's partial_rotary_factor (top
+    level, or in rope_parameters with transformers >= 5; StableLM's default 0.25, Phi's 0.5); every other
+    family rotates the whole head."""
+    if family not in ("Phi3", "StableLm", "Phi"):
         return head_dim
     factor = cfg.get("partial_rotary_factor")
     if factor is None:
         factor = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor")
-    if factor is None:
-        factor = 0.25 if family == "StableLm" else 1.0
+    if factor is None:  # the config classes' defaults
+        factor = {"StableLm": 0.25, "Phi": 0.5}.get(family, 1.0)
     factor = positive_number(factor, "partial_rotary_factor", model_path)
     rotary_dim = int(head_dim * factor)
     if not 0 < rotary_dim <= head_dim or rotary_dim % 2:
@@ -625,10 +634,12 @@ def _hidden_act(family: str, cfg: dict[str, Any], model_path: str) -> str:
         act = "gelu_pytorch_tanh" if act == "gelu" else act
     elif family == "Starcoder2":
         key, act = "hidden_act", cfg.get("hidden_act", "gelu_pytorch_tanh")
+    elif family == "Phi":
+        key, act = "hidden_act", cfg.get("hidden_act", "gelu_new")
     else:
         key, act = "hidden_act", cfg.get("hidden_act", "silu")
-    if family == "Starcoder2":  # its plain MLP runs torch's GELU, either form
-        supported: tuple[str, ...] = ("gelu_pytorch_tanh", "gelu")
+    if family in ("Starcoder2", "Phi"):  # their plain MLP runs torch's GELU, either form
+        supported: tuple[str, ...] = ("gelu_new", "gelu_pytorch_tanh", "gelu")
     else:
         supported = ("gelu_pytorch_tanh",) if family in GEMMA_FAMILIES else ("silu",)
     if act not in supported:

@@ -101,6 +101,7 @@ FAMILIES = (
     "olmo",
     "stablelm",
     "starcoder2",
+    "phi",
     "qwen2_yarn",
     "llama_dynamic",
 )
@@ -168,6 +169,7 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
         Olmo2Config,
         OlmoConfig,
         Phi3Config,
+        PhiConfig,
         Qwen2Config,
         Qwen2MoeConfig,
         Qwen3Config,
@@ -306,6 +308,11 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
     if family == "starcoder2":  # plain GELU MLP, biases everywhere, LayerNorms, every layer windowed, tied
         base = {k: v for k, v in common.items() if k not in ("rms_norm_eps", "tie_word_embeddings")}
         return Starcoder2Config(**base, use_bias=True, sliding_window=WINDOWS[family], pad_token_id=0)
+    if (
+        family == "phi"
+    ):  # Phi-2's kind: parallel block, fc1/fc2 GELU MLP, 0.4 of each head rotates, LM head bias
+        base = {k: v for k, v in common.items() if k != "rms_norm_eps"}
+        return PhiConfig(**base, partial_rotary_factor=0.4, pad_token_id=0)
     if family == "olmo":  # OLMo 1: LayerNorms without weights; q/k/v clamped (a bound that bites here)
         return OlmoConfig(
             **{k: v for k, v in common.items() if k != "rms_norm_eps"}, clip_qkv=0.5, pad_token_id=0
@@ -369,7 +376,8 @@ def build_model(
             elif family.startswith("gemma") and "norm" in name:  # (1 + weight): 0 would hide a missing 1
                 p.normal_(0.0, 0.3)
             elif (
-                family in ("granite", "granite_moe", "granite_moe_shared", "olmo2", "stablelm", "starcoder2")
+                family
+                in ("granite", "granite_moe", "granite_moe_shared", "olmo2", "stablelm", "starcoder2", "phi")
                 and "norm" in name
             ):  # all-ones would hide a swapped norm
                 p.normal_(1.0, 0.3)

@@ -34,6 +34,7 @@ ARCHITECTURES = {
     "olmo": "OlmoForCausalLM",
     "stablelm": "StableLmForCausalLM",
     "starcoder2": "Starcoder2ForCausalLM",
+    "phi": "PhiForCausalLM",
     "qwen2_yarn": "Qwen2ForCausalLM",
     "llama_dynamic": "LlamaForCausalLM",
 }
@@ -74,10 +75,13 @@ REFUSALS = [
     (_set("granite_moe_shared", shared_intermediate_size=-8), f"shared_intermediate_size in {F} must be a positive integer; got -8"),
     (_set("stablelm", qk_layernorm=True), f"unsupported qk_layernorm true in {F} for StableLmForCausalLM: weir serves the sequential-residual StableLM layout without per-head q/k LayerNorms"),
     (_set("stablelm", use_parallel_residual=True), f"unsupported use_parallel_residual true in {F} for StableLmForCausalLM: weir serves the sequential-residual StableLM layout without per-head q/k LayerNorms"),
-    (_set("starcoder2", hidden_act="silu"), "unsupported hidden_act 'silu' in /m; only 'gelu_pytorch_tanh' or 'gelu' is supported"),
+    (_set("starcoder2", hidden_act="silu"), "unsupported hidden_act 'silu' in /m; only 'gelu_new' or 'gelu_pytorch_tanh' or 'gelu' is supported"),
     (_set("starcoder2", norm_epsilon=0), f"norm_epsilon in {F} must be a positive number; got 0"),
     (_set("starcoder2", use_bias="yes"), f"use_bias in {F} must be true or false; got 'yes'"),
     (_set("starcoder2", sliding_window=0), f"sliding_window in {F} must be a positive integer or null; got 0"),
+    (_set("phi", qk_layernorm=True), f"unsupported qk_layernorm true in {F} for PhiForCausalLM: weir serves Phi without per-head q/k LayerNorms"),
+    (_set("phi", hidden_act="relu"), "unsupported hidden_act 'relu' in /m; only 'gelu_new' or 'gelu_pytorch_tanh' or 'gelu' is supported"),
+    (_set("phi", layer_norm_eps=-1e-5), f"layer_norm_eps in {F} must be a positive number; got -1e-05"),
     (_set("olmo", clip_qkv=0), "clip_qkv must be a positive number or null; got 0 in /m"),
     (_set("olmo", clip_qkv="8"), "clip_qkv must be a positive number or null; got '8' in /m"),
     (_set("mixtral", drop=("intermediate_size",)), f"intermediate_size in {F} must be a positive integer; got None"),
@@ -326,3 +330,22 @@ def test_starcoder2_biases_norm_window_and_tying_read_as_transformers() -> None:
         theirs.tie_word_embeddings,
         theirs.sliding_window,
     )
+
+
+def test_phi_partial_rotary_biases_and_head_read_as_transformers() -> None:
+    """Phi's partial_rotary_factor as written (0.4 of head_dim 16: 6 dims) and PhiConfig's default 0.5 when
+    left out, biases on every projection and the LM head, gelu_new by default, layer_norm_eps, and the
+    defaults for the keys a config may omit."""
+    from transformers import PhiConfig
+
+    ours = _read(_cfg("phi"))
+    assert (ours.rotary_dim, ours.qkv_bias, ours.o_proj_bias, ours.mlp_bias, ours.lm_head_bias) == (
+        6, True, True, True, True
+    )  # fmt: skip
+    assert (ours.hidden_act, ours.layer_norm_eps, ours.tie_word_embeddings) == ("gelu_new", 1e-5, False)
+    bare = _set("phi", drop=("partial_rotary_factor", "rope_parameters", "num_key_value_heads", "hidden_act"))
+    theirs = PhiConfig(**{k: v for k, v in bare.items() if k != "architectures"})
+    mine = _read(bare)
+    assert mine.rotary_dim == int(16 * theirs.rope_parameters["partial_rotary_factor"]) == 8
+    assert (mine.num_kv_heads, mine.hidden_act) == (theirs.num_key_value_heads, theirs.hidden_act)
+    assert _read(_cfg("starcoder2")).lm_head_bias is False

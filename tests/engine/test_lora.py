@@ -345,20 +345,23 @@ def test_async_engine_generates_with_adapters(lora_setup: dict) -> None:
     assert loaded == {2, 4} and removed and after == {4}
 
 
-@pytest.mark.parametrize("family", ["gemma2", "granite", "olmo2", "olmo", "stablelm", "starcoder2"])
+@pytest.mark.parametrize("family", ["gemma2", "granite", "olmo2", "olmo", "stablelm", "starcoder2", "phi"])
 def test_family_adapter_matches_peft(tiny_model_dirs: dict[str, Path], tmp_path: Path, family: str) -> None:
     """An adapter on all seven projections of the families whose decoders are not Llama's: Gemma 2
     (GeGLU MLP, windowed softcapped attention), Granite (biases on every projection the adapter adds
     to, residual and attention multipliers, logits scaling), OLMo 2 (q/k norms over all heads after
     the adapted projections, post-norms), OLMo 1 (q/k/v clamped after the adapted projections) and
     StableLM (q/k/v biases, a quarter of each head rotated, LayerNorms); on StarCoder2's six (its plain
-    MLP's c_fc and c_proj and the four attention ones, all with biases; windowed attention)."""
+    MLP's c_fc and c_proj and the four attention ones, all with biases; windowed attention) and Phi's six
+    (`dense` for the output projection, fc1 and fc2, in its parallel block)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     model_dir = tiny_model_dirs[family]
     targets = ADAPTERS["r8-all"][2]
     if family == "starcoder2":  # its six projections: the MLP is c_fc -> GELU -> c_proj
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"]
+    if family == "phi":  # the output projection is `dense`, the MLP fc1 -> GELU -> fc2
+        targets = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
     model = get_peft_model(
         hf_causal_lm(str(model_dir), dtype=torch.float32),
         LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0),

@@ -65,7 +65,27 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """The output projection hidden -> vocabulary logits. Not called as a module: see `logits`."""
+    """The output projection hidden -> vocabulary logits. Not called as a module: see `logits`.
+    `bias` (Phi-1.5 / Phi-2's head): one per vocabulary row, split over the ranks as the rows are."""
+
+    def __init__(self, *args: Any, bias: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.bias: nn.Parameter | None = None
+        if bias:
+            # [rows_per_rank]; the padding rows' bias stays 0
+            self.bias = nn.Parameter(
+                torch.zeros(self.rows_per_rank, dtype=self.weight.dtype), requires_grad=False
+            )
+            set_weight_attrs(self.bias, {"output_dim": 0, "weight_loader": self.bias_loader})
+
+    def bias_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+        if shard_id is not None:
+            raise ValueError(f"{type(self).__name__} takes no shard_id; got {shard_id!r}")
+        if tuple(loaded_weight.shape) != (self.num_embeddings,):
+            raise WeightShapeError((self.num_embeddings,), tuple(loaded_weight.shape))
+        n = self.vocab_end - self.vocab_start
+        param.data[:n].copy_(materialize(loaded_weight.narrow(0, self.vocab_start, n)))
+        param.data[n:].zero_()
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         """Share the embedding matrix (tie_word_embeddings): one Parameter, loaded once."""
@@ -73,7 +93,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[num_rows, hidden] -> [num_rows, num_embeddings] float32 (padding columns dropped)."""
-        logits = F.linear(hidden, self.weight)  # [num_rows, rows_per_rank]
+        logits = F.linear(hidden, self.weight, self.bias)  # [num_rows, rows_per_rank]
         if self.tp_size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
             torch.distributed.all_gather(parts, logits)

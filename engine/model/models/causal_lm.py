@@ -53,6 +53,7 @@ class DecoderForCausalLM(nn.Module):
             tp_rank=ctx.tp_rank,
             tp_size=ctx.tp_size,
             prefix=join_prefix(prefix, "lm_head"),
+            bias=config.lm_head_bias,  # Phi-1.5 / Phi-2
         )
         if config.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)

@@ -81,6 +81,8 @@ class LlamaMLP(nn.Module):
 class LlamaAttention(nn.Module):
     # q/k norms (Qwen3, Gemma 3): their class; engine.model.models.gemma swaps in Gemma's (1 + weight) norm
     qk_norm_class: type[RMSNorm] = RMSNorm
+    # the output projection's name in the checkpoints, its prefix (Phi's is `dense`)
+    output_name = "o_proj"
 
     def __init__(self, config: ModelConfig, layer_idx: int, ctx: BuildContext, prefix: str) -> None:
         super().__init__()
@@ -104,7 +106,7 @@ class LlamaAttention(nn.Module):
             config.num_heads * config.head_dim,
             config.hidden_size,
             bias=config.o_proj_bias,
-            prefix=join_prefix(prefix, "o_proj"),
+            prefix=join_prefix(prefix, self.output_name),
             **args,
         )
         self.q_norm: RMSNorm | None = None

@@ -15,39 +15,12 @@ import torch
 from torch import nn
 
 from engine.model.build_context import BuildContext, join_prefix
-from engine.model.layers.linear import ColumnParallelLinear, RowParallelLinear
 from engine.model.layers.norm import LayerNorm
 from engine.model.models.causal_lm import DecoderForCausalLM
+from engine.model.models.gelu_mlp import GeluMLP
 from engine.model.models.llama import LlamaAttention
 from engine.model.models.olmo import OlmoModel
 from engine.model_config import ModelConfig
-
-
-class Starcoder2MLP(nn.Module):
-    def __init__(self, config: ModelConfig, ctx: BuildContext, prefix: str) -> None:
-        super().__init__()
-        args = ctx.linear_args()
-        self.c_fc = ColumnParallelLinear(
-            config.hidden_size,
-            config.intermediate_size,
-            bias=config.mlp_bias,
-            prefix=join_prefix(prefix, "c_fc"),
-            **args,
-        )
-        self.c_proj = RowParallelLinear(
-            config.intermediate_size,
-            config.hidden_size,
-            bias=config.mlp_bias,
-            prefix=join_prefix(prefix, "c_proj"),
-            **args,
-        )
-        # torch's GELU in the model dtype, as transformers' activation module runs it
-        self.approximate = "tanh" if config.hidden_act == "gelu_pytorch_tanh" else "none"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [num_tokens, hidden] -> [num_tokens, hidden]; this rank's c_fc columns feed its c_proj rows."""
-        h = self.c_fc(x)  # [num_tokens, intermediate / tp]
-        return self.c_proj(nn.functional.gelu(h, approximate=self.approximate))
 
 
 class Starcoder2DecoderLayer(nn.Module):
@@ -55,7 +28,7 @@ class Starcoder2DecoderLayer(nn.Module):
         super().__init__()
         eps, dtype = config.layer_norm_eps, ctx.dtype
         self.self_attn = LlamaAttention(config, layer_idx, ctx, join_prefix(prefix, "self_attn"))
-        self.mlp = Starcoder2MLP(config, ctx, join_prefix(prefix, "mlp"))
+        self.mlp = GeluMLP(config, ctx, join_prefix(prefix, "mlp"), ("c_fc", "c_proj"), config.mlp_bias)
         self.input_layernorm = LayerNorm(config.hidden_size, eps, dtype)
         self.post_attention_layernorm = LayerNorm(config.hidden_size, eps, dtype)
 

@@ -31,6 +31,9 @@ LINEAR_SUFFIXES = (
     "mlp.down_proj",
     "mlp.c_fc",  # StarCoder2's plain MLP
     "mlp.c_proj",
+    "self_attn.dense",  # Phi's output projection and plain MLP
+    "mlp.fc1",
+    "mlp.fc2",
     # Phi-3's checkpoints store these fused: quantized as one module each, as its tools write them
     "self_attn.qkv_proj",
     "mlp.gate_up_proj",

@@ -2,8 +2,9 @@
 them: Gemma 2 and 3 (GeGLU after a quantized gate_up, the (1 + w) RMSNorm before every quantized
 projection, which has no fp8-output variant, tied embeddings, Gemma 2's final softcap), Granite (biases
 on every quantized projection, its multipliers), OLMo 2 (q/k norms after the quantized projections,
-post-norms) and StarCoder2 (a plain GELU MLP, c_fc and c_proj, biases on every quantized projection,
-windowed attention, tied embeddings). Each format's checkpoint (checkpoints.FORMATS, and online `--quantization fp8`) loads to
+post-norms), StarCoder2 (a plain GELU MLP, c_fc and c_proj, biases on every quantized projection,
+windowed attention, tied embeddings) and Phi (its output projection `dense`, fc1 / fc2, biases, a parallel
+block, a biased LM head left unquantized). Each format's checkpoint (checkpoints.FORMATS, and online `--quantization fp8`) loads to
 exactly its dequantized reference and runs token for token like transformers on that reference, logprobs
 within 1e-4 (parity.assert_parity). On CPU the FP8 layers dequantize and a W8A8 checkpoint's dynamic
 per-token activation scales quantize nothing, as in test_fp8.py and test_compressed_tensors.py."""
@@ -30,6 +31,7 @@ CASES = [
     ("granite", "gptq-4-g32"),
     ("olmo2", "fp8-channel"),
     *(("starcoder2", f) for f in ("gptq-4-g32", "awq-g64", "online-fp8")),
+    *(("phi", f) for f in ("gptq-4-g32", "ct-fp8-channel")),
 ]
 
 

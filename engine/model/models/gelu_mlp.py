@@ -1,0 +1,56 @@
+"""The ungated two-layer MLP of StarCoder2 (`c_fc`, `c_proj`) and Phi-1.5 / Phi-2 (`fc1`, `fc2`):
+hidden -> intermediate -> GELU -> hidden, named as each family's checkpoints name the two projections
+(so quantized checkpoints, skip lists and PEFT adapters find them). GELU runs as torch's, in the model
+dtype, as transformers' activation modules do: the tanh form for `gelu_pytorch_tanh` and `gelu_new`
+(the same formula), the exact one for `gelu`.
+
+Tensor parallelism: the first projection's columns and the second's rows split alike, so each rank
+runs its slice of the GELU (elementwise) and the second projection's partial sums meet in its all-reduce.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.model.build_context import BuildContext, join_prefix
+from engine.model.layers.linear import ColumnParallelLinear, RowParallelLinear
+from engine.model_config import ModelConfig
+
+
+class GeluMLP(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        ctx: BuildContext,
+        prefix: str,
+        names: tuple[str, str],  # the checkpoint's (up, down) module names
+        bias: bool,
+    ) -> None:
+        super().__init__()
+        args = ctx.linear_args()
+        up_name, down_name = names
+        up = ColumnParallelLinear(
+            config.hidden_size,
+            config.intermediate_size,
+            bias=bias,
+            prefix=join_prefix(prefix, up_name),
+            **args,
+        )
+        down = RowParallelLinear(
+            config.intermediate_size,
+            config.hidden_size,
+            bias=bias,
+            prefix=join_prefix(prefix, down_name),
+            **args,
+        )
+        setattr(self, up_name, up)
+        setattr(self, down_name, down)
+        self._layers = (up, down)  # a tuple: the forward's handles, not registered a second time
+        self.approximate = "none" if config.hidden_act == "gelu" else "tanh"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [num_tokens, hidden] -> [num_tokens, hidden]."""
+        up, down = self._layers
+        h = up(x)  # [num_tokens, intermediate / tp]
+        return down(nn.functional.gelu(h, approximate=self.approximate))

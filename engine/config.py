@@ -247,6 +247,11 @@ class EngineConfig:
                 "its experts load only from the float stacked tensors (input_linear / output_linear); "
                 "serve an unquantized checkpoint"
             )
+        if model.architecture == "GPTNeoXForCausalLM" and quant.linear is not None:
+            refusal = (
+                "its fused query_key_value rows are reordered per head at load, which only float weights "
+                "take; serve an unquantized checkpoint"
+            )
         if refusal is not None:
             # The experts are stacked tensors run by the fused MoE op, which reads float, FP8 and integer
             # weights (engine.model.quantization.fp8_moe, wna16_moe): another format's would be misread.

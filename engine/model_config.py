@@ -139,8 +139,8 @@ class ModelConfig:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
-    # "silu"; "gelu_pytorch_tanh" (the Gemma families' GeGLU); StarCoder2 and Phi also "gelu_new" (the tanh
-    # form) and "gelu" (engine.model.models.gelu_mlp)
+    # "silu"; "gelu_pytorch_tanh" (the Gemma families' GeGLU); StarCoder2, Phi and GPT-NeoX also "gelu_new"
+    # and "gelu_fast" (the tanh form) and "gelu" (engine.model.models.gelu_mlp)
     hidden_act: str = "silu"
     # per layer: "full_attention" or "sliding_attention" (the window above); empty: every layer full
     layer_types: tuple[str, ...] = ()
@@ -162,6 +162,7 @@ class ModelConfig:
     clip_qkv: float | None = None
     layer_norm_eps: float = 1e-5  # the LayerNorms (weight and bias) of StableLM, StarCoder2 and Phi
     lm_head_bias: bool = False  # Phi-1.5 / Phi-2's LM head has a bias
+    parallel_residual: bool = False  # GPT-NeoX's use_parallel_residual: h + attn(ln1(h)) + mlp(ln2(h))
 
     def layer_window(self, layer_idx: int) -> int | None:
         """The sliding window of layer `layer_idx`, or None where it attends to its whole context (also
@@ -247,6 +248,8 @@ class ModelConfig:
         family = arch.removesuffix("ForCausalLM")
         gemma = family in GEMMA_FAMILIES
         cfg = with_family_defaults(family, cfg)
+        if family == "GPTNeoX":
+            cfg = _gpt_neox_rope_keys(cfg)
         hidden_act = _hidden_act(family, cfg, model_path)
 
         hidden_size = int_field(cfg, "hidden_size", model_path)
@@ -296,6 +299,8 @@ class ModelConfig:
                     )
         elif family == "Starcoder2":
             qkv_bias = bool_field(cfg, "use_bias", model_path, default=True)
+        elif family == "GPTNeoX":
+            qkv_bias = bool_field(cfg, "attention_bias", model_path, default=True)
         elif family == "Phi":
             qkv_bias = True  # every projection of Phi-1/1.5/2 has a bias
             if bool_field(cfg, "qk_layernorm", model_path, default=False):
@@ -320,6 +325,8 @@ class ModelConfig:
         mlp_bias = bool(cfg.get("mlp_bias", False)) if family in ("Llama", "Granite") else False
         if family in ("Starcoder2", "Phi"):  # one bias setting for every projection
             o_proj_bias = mlp_bias = qkv_bias
+        if family == "GPTNeoX":  # attention_bias for query_key_value and dense; the MLP's always
+            o_proj_bias, mlp_bias = qkv_bias, True
         qk_norm = family in ("Qwen3", "Qwen3Moe", "Gemma3")
         granite_families = ("Granite", "GraniteMoe", "GraniteMoeShared")
         granite = granite_fields(cfg, model_path) if family in granite_families else {}
@@ -410,16 +417,31 @@ class ModelConfig:
             clip_qkv=_positive_or_none(cfg, "clip_qkv", model_path) if family == "Olmo" else None,
             layer_norm_eps=_layer_norm_eps(family, cfg, model_path),
             lm_head_bias=family == "Phi",
+            parallel_residual=family == "GPTNeoX"
+            and bool_field(cfg, "use_parallel_residual", model_path, default=True),
             **granite,
             **moe,
         )
 
 
+def _gpt_neox_rope_keys(cfg: dict[str, Any]) -> dict[str, Any]:
+    """GPT-NeoX's own names for the rope keys (`rotary_emb_base`, `rotary_pct`) as the other families
+    spell them, where the config has no such key already (transformers' GPTNeoXConfig reads them so)."""
+    params = cfg.get("rope_parameters") or {}
+    out = dict(cfg)
+    if "rotary_emb_base" in cfg and "rope_theta" not in cfg and "rope_theta" not in params:
+        out["rope_theta"] = cfg["rotary_emb_base"]
+    if "rotary_pct" in cfg and "partial_rotary_factor" not in cfg and "partial_rotary_factor" not in params:
+        out["partial_rotary_factor"] = cfg["rotary_pct"]
+    return out
+
+
 def _layer_norm_eps(family: str, cfg: dict[str, Any], model_path: str) -> float:
     """The LayerNorms' epsilon of the families that have LayerNorms with weight and bias (StableLM's
-    and Phi's `layer_norm_eps`, StarCoder2's `norm_epsilon`); read only there: another family's config may say
+    Phi's and GPT-NeoX's `layer_norm_eps`, StarCoder2's `norm_epsilon`); read only there: another family's config may say
     anything under those keys."""
-    key = {"StableLm": "layer_norm_eps", "Phi": "layer_norm_eps", "Starcoder2": "norm_epsilon"}.get(family)
+    keys = {"StableLm": "layer_norm_eps", "Phi": "layer_norm_eps", "GPTNeoX": "layer_norm_eps"}
+    key = {**keys, "Starcoder2": "norm_epsilon"}.get(family)
     return 1e-5 if key is None else positive_number(cfg.get(key, 1e-5), key, model_path)
 
 
@@ -561,13 +583,13 @@ def _rotary_dim(family: str, cfg: dict[str, Any], head_dim: int, model_path: str
     """How many leading dims of a head rotate: Phi-3's, StableLM's and Phi's partial_rotary_factor (top
     level, or in rope_parameters with transformers >= 5; StableLM's default 0.25, Phi's 0.5); every other
     family rotates the whole head."""
-    if family not in ("Phi3", "StableLm", "Phi"):
+    if family not in ("Phi3", "StableLm", "Phi", "GPTNeoX"):
         return head_dim
     factor = cfg.get("partial_rotary_factor")
     if factor is None:
         factor = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor")
     if factor is None:  # the config classes' defaults
-        factor = {"StableLm": 0.25, "Phi": 0.5}.get(family, 1.0)
+        factor = {"StableLm": 0.25, "Phi": 0.5, "GPTNeoX": 0.25}.get(family, 1.0)
     factor = positive_number(factor, "partial_rotary_factor", model_path)
     rotary_dim = int(head_dim * factor)
     if not 0 < rotary_dim <= head_dim or rotary_dim % 2:
@@ -636,10 +658,12 @@ def _hidden_act(family: str, cfg: dict[str, Any], model_path: str) -> str:
         key, act = "hidden_act", cfg.get("hidden_act", "gelu_pytorch_tanh")
     elif family == "Phi":
         key, act = "hidden_act", cfg.get("hidden_act", "gelu_new")
+    elif family == "GPTNeoX":
+        key, act = "hidden_act", cfg.get("hidden_act", "gelu")
     else:
         key, act = "hidden_act", cfg.get("hidden_act", "silu")
-    if family in ("Starcoder2", "Phi"):  # their plain MLP runs torch's GELU, either form
-        supported: tuple[str, ...] = ("gelu_new", "gelu_pytorch_tanh", "gelu")
+    if family in ("Starcoder2", "Phi", "GPTNeoX"):  # their plain MLP runs torch's GELU, either form
+        supported: tuple[str, ...] = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu")
     else:
         supported = ("gelu_pytorch_tanh",) if family in GEMMA_FAMILIES else ("silu",)
     if act not in supported:

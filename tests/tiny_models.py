@@ -102,6 +102,7 @@ FAMILIES = (
     "stablelm",
     "starcoder2",
     "phi",
+    "gpt_neox",
     "qwen2_yarn",
     "llama_dynamic",
 )
@@ -160,6 +161,7 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
         Gemma2Config,
         Gemma3TextConfig,
         GemmaConfig,
+        GPTNeoXConfig,
         GraniteConfig,
         GraniteMoeConfig,
         GraniteMoeSharedConfig,
@@ -313,6 +315,11 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
     ):  # Phi-2's kind: parallel block, fc1/fc2 GELU MLP, 0.4 of each head rotates, LM head bias
         base = {k: v for k, v in common.items() if k != "rms_norm_eps"}
         return PhiConfig(**base, partial_rotary_factor=0.4, pad_token_id=0)
+    if (
+        family == "gpt_neox"
+    ):  # Pythia's kind: per-head fused q/k/v, a quarter of each head rotates, parallel residual
+        base = {k: v for k, v in common.items() if k not in ("rms_norm_eps", "num_key_value_heads")}
+        return GPTNeoXConfig(**base, rotary_pct=0.25, use_parallel_residual=True, pad_token_id=0)
     if family == "olmo":  # OLMo 1: LayerNorms without weights; q/k/v clamped (a bound that bites here)
         return OlmoConfig(
             **{k: v for k, v in common.items() if k != "rms_norm_eps"}, clip_qkv=0.5, pad_token_id=0
@@ -377,7 +384,16 @@ def build_model(
                 p.normal_(0.0, 0.3)
             elif (
                 family
-                in ("granite", "granite_moe", "granite_moe_shared", "olmo2", "stablelm", "starcoder2", "phi")
+                in (
+                    "granite",
+                    "granite_moe",
+                    "granite_moe_shared",
+                    "olmo2",
+                    "stablelm",
+                    "starcoder2",
+                    "phi",
+                    "gpt_neox",
+                )
                 and "norm" in name
             ):  # all-ones would hide a swapped norm
                 p.normal_(1.0, 0.3)

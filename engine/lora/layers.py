@@ -202,12 +202,18 @@ def lora_targets(model: nn.Module) -> tuple[dict[str, LoRATarget], dict[str, int
     whole: one target for all the layer's sub-matrices."""
     packed: dict[str, list[tuple[str, object]]] = getattr(model, "packed_modules_mapping", {})
     fused_in_checkpoint: tuple[str, ...] = getattr(model, "checkpoint_fused_modules", ())
+    # layers no adapter may target (GPT-NeoX's fused q/k/v: its B rows would need the per-head order)
+    unsupported: tuple[str, ...] = getattr(model, "lora_unsupported_modules", ())
+    # our module names -> the checkpoint's, fragment by fragment (GPT-NeoX: `model.layers.` is `gpt_neox.layers.`)
+    hub_names: dict[str, str] = getattr(model, "lora_hub_names", {})
     targets: dict[str, LoRATarget] = {}
     num_slices: dict[str, int] = {}
     for name, module in model.named_modules():
         if not isinstance(module, LinearBase):
             continue
         parent, _, leaf = name.rpartition(".")
+        if leaf in unsupported:
+            continue
         sizes = getattr(module, "output_sizes", [module.output_size])
         if isinstance(module, QKVParallelLinear):  # the checkpoint's k/v rows, not tp x replicated ones
             kv = module.total_num_kv_heads * module.head_size
@@ -221,5 +227,7 @@ def lora_targets(model: nn.Module) -> tuple[dict[str, LoRATarget], dict[str, int
             continue
         for i, (sub, out) in enumerate(zip(sub_names, sizes, strict=True)):
             hf_name = f"{parent}.{sub}" if parent else sub
+            for ours, theirs in hub_names.items():
+                hf_name = hf_name.replace(ours, theirs)
             targets[hf_name] = LoRATarget(name, i, module.input_size, out)
     return targets, num_slices

@@ -264,9 +264,10 @@ def test_tp2_gemma2_windows_and_softcaps_match_transformers(tiny_model_dirs: dic
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, _greedy(), use_tqdm=False)] == expected
 
 
-@pytest.mark.parametrize("family", ["olmo", "stablelm", "starcoder2", "phi"])
+@pytest.mark.parametrize("family", ["olmo", "stablelm", "starcoder2", "phi", "gpt_neox"])
 def test_tp2_layer_norm_families_match_transformers(tiny_model_dirs: dict[str, Path], family: str) -> None:
-    """OLMo 1, StableLM, StarCoder2 and Phi over two ranks (Phi: its LM head's bias split with the vocabulary): each rank clamps its own q/k/v heads (clip_qkv is
+    """OLMo 1, StableLM, StarCoder2, Phi and GPT-NeoX over two ranks (Phi: its LM head's bias split with the
+    vocabulary; GPT-NeoX: each rank's q/k/v heads taken from the per-head fused rows once reordered): each rank clamps its own q/k/v heads (clip_qkv is
     elementwise, so the slices clamp as the whole would) or adds its q/k/v bias slices and rotates a
     quarter of its heads (StableLM), or runs its half of StarCoder2's plain GELU MLP (the GELU is
     elementwise; c_proj's bias added once after the partial sums), and norms the replicated residual

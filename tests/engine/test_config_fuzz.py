@@ -35,6 +35,7 @@ ARCHITECTURES = {
     "stablelm": "StableLmForCausalLM",
     "starcoder2": "Starcoder2ForCausalLM",
     "phi": "PhiForCausalLM",
+    "gpt_neox": "GPTNeoXForCausalLM",
     "qwen2_yarn": "Qwen2ForCausalLM",
     "llama_dynamic": "LlamaForCausalLM",
 }
@@ -75,13 +76,16 @@ REFUSALS = [
     (_set("granite_moe_shared", shared_intermediate_size=-8), f"shared_intermediate_size in {F} must be a positive integer; got -8"),
     (_set("stablelm", qk_layernorm=True), f"unsupported qk_layernorm true in {F} for StableLmForCausalLM: weir serves the sequential-residual StableLM layout without per-head q/k LayerNorms"),
     (_set("stablelm", use_parallel_residual=True), f"unsupported use_parallel_residual true in {F} for StableLmForCausalLM: weir serves the sequential-residual StableLM layout without per-head q/k LayerNorms"),
-    (_set("starcoder2", hidden_act="silu"), "unsupported hidden_act 'silu' in /m; only 'gelu_new' or 'gelu_pytorch_tanh' or 'gelu' is supported"),
+    (_set("starcoder2", hidden_act="silu"), "unsupported hidden_act 'silu' in /m; only 'gelu_new' or 'gelu_pytorch_tanh' or 'gelu_fast' or 'gelu' is supported"),
     (_set("starcoder2", norm_epsilon=0), f"norm_epsilon in {F} must be a positive number; got 0"),
     (_set("starcoder2", use_bias="yes"), f"use_bias in {F} must be true or false; got 'yes'"),
     (_set("starcoder2", sliding_window=0), f"sliding_window in {F} must be a positive integer or null; got 0"),
     (_set("phi", qk_layernorm=True), f"unsupported qk_layernorm true in {F} for PhiForCausalLM: weir serves Phi without per-head q/k LayerNorms"),
-    (_set("phi", hidden_act="relu"), "unsupported hidden_act 'relu' in /m; only 'gelu_new' or 'gelu_pytorch_tanh' or 'gelu' is supported"),
+    (_set("phi", hidden_act="relu"), "unsupported hidden_act 'relu' in /m; only 'gelu_new' or 'gelu_pytorch_tanh' or 'gelu_fast' or 'gelu' is supported"),
     (_set("phi", layer_norm_eps=-1e-5), f"layer_norm_eps in {F} must be a positive number; got -1e-05"),
+    (_set("gpt_neox", use_parallel_residual="no"), f"use_parallel_residual in {F} must be true or false; got 'no'"),
+    (_set("gpt_neox", attention_bias=1), f"attention_bias in {F} must be true or false; got 1"),
+    (_set("gpt_neox", hidden_act="relu"), "unsupported hidden_act 'relu' in /m; only 'gelu_new' or 'gelu_pytorch_tanh' or 'gelu_fast' or 'gelu' is supported"),
     (_set("olmo", clip_qkv=0), "clip_qkv must be a positive number or null; got 0 in /m"),
     (_set("olmo", clip_qkv="8"), "clip_qkv must be a positive number or null; got '8' in /m"),
     (_set("mixtral", drop=("intermediate_size",)), f"intermediate_size in {F} must be a positive integer; got None"),
@@ -349,3 +353,31 @@ def test_phi_partial_rotary_biases_and_head_read_as_transformers() -> None:
     assert mine.rotary_dim == int(16 * theirs.rope_parameters["partial_rotary_factor"]) == 8
     assert (mine.num_kv_heads, mine.hidden_act) == (theirs.num_key_value_heads, theirs.hidden_act)
     assert _read(_cfg("starcoder2")).lm_head_bias is False
+
+
+def test_gpt_neox_rope_keys_residual_and_biases_read_as_transformers() -> None:
+    """GPT-NeoX's rotary_pct / rotary_emb_base (its configs' own names) or rope_parameters, its default
+    quarter of each head, use_parallel_residual (default true), attention_bias on query_key_value and
+    dense (the MLP's always), gelu by default, as transformers' GPTNeoXConfig reads them."""
+    from transformers import GPTNeoXConfig
+
+    ours = _read(_cfg("gpt_neox"))
+    assert (ours.rotary_dim, ours.parallel_residual, ours.hidden_act) == (4, True, "gelu")
+    assert (ours.qkv_bias, ours.o_proj_bias, ours.mlp_bias, ours.num_kv_heads) == (True, True, True, 4)
+    legacy = _set("gpt_neox", drop=("rope_parameters",), rotary_pct=0.5, rotary_emb_base=500)
+    theirs = GPTNeoXConfig(**{k: v for k, v in legacy.items() if k != "architectures"})
+    mine = _read(legacy)
+    assert mine.rotary_dim == int(16 * theirs.rope_parameters["partial_rotary_factor"]) == 8
+    assert mine.rope_theta == theirs.rope_parameters["rope_theta"] == 500.0
+    bare = _set("gpt_neox", drop=("rope_parameters", "use_parallel_residual", "hidden_act"))
+    theirs = GPTNeoXConfig(**{k: v for k, v in bare.items() if k != "architectures"})
+    mine = _read(bare)
+    assert (mine.rotary_dim, mine.parallel_residual, mine.hidden_act) == (
+        int(16 * theirs.rope_parameters["partial_rotary_factor"]),
+        theirs.use_parallel_residual,
+        theirs.hidden_act,
+    )
+    unbiased = _read(_set("gpt_neox", attention_bias=False, use_parallel_residual=False))
+    assert (unbiased.qkv_bias, unbiased.o_proj_bias, unbiased.mlp_bias, unbiased.parallel_residual) == (
+        False, False, True, False
+    )  # fmt: skip

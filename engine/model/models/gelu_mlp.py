@@ -1,8 +1,9 @@
-"""The ungated two-layer MLP of StarCoder2 (`c_fc`, `c_proj`) and Phi-1.5 / Phi-2 (`fc1`, `fc2`):
+"""The ungated two-layer MLP of StarCoder2 (`c_fc`, `c_proj`), Phi-1.5 / Phi-2 (`fc1`, `fc2`) and
+GPT-NeoX (`dense_h_to_4h`, `dense_4h_to_h`):
 hidden -> intermediate -> GELU -> hidden, named as each family's checkpoints name the two projections
 (so quantized checkpoints, skip lists and PEFT adapters find them). GELU runs as torch's, in the model
-dtype, as transformers' activation modules do: the tanh form for `gelu_pytorch_tanh` and `gelu_new`
-(the same formula), the exact one for `gelu`.
+dtype, as transformers' activation modules do: the tanh form for `gelu_pytorch_tanh`, `gelu_new` and
+`gelu_fast` (the same formula), the exact one for `gelu`.
 
 Tensor parallelism: the first projection's columns and the second's rows split alike, so each rank
 runs its slice of the GELU (elementwise) and the second projection's partial sums meet in its all-reduce.

@@ -83,13 +83,15 @@ class LlamaAttention(nn.Module):
     qk_norm_class: type[RMSNorm] = RMSNorm
     # the output projection's name in the checkpoints, its prefix (Phi's is `dense`)
     output_name = "o_proj"
+    # the fused q/k/v layer (GPT-NeoX's loads its checkpoint's per-head [q, k, v] rows: gpt_neox.py)
+    qkv_class: type[QKVParallelLinear] = QKVParallelLinear
 
     def __init__(self, config: ModelConfig, layer_idx: int, ctx: BuildContext, prefix: str) -> None:
         super().__init__()
         kernels = ctx.kernels
         args = ctx.linear_args()
         self.head_dim = config.head_dim
-        self.qkv_proj = QKVParallelLinear(
+        self.qkv_proj = self.qkv_class(
             config.hidden_size,
             config.head_dim,
             config.num_heads,

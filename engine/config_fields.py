@@ -38,6 +38,7 @@ TRANSFORMERS_DEFAULTS: dict[str, dict[str, Any]] = {
     "Olmo2": {"rms_norm_eps": 1e-5},
     "StableLm": {"num_key_value_heads": 32, "max_position_embeddings": 4096},
     "Starcoder2": {"num_key_value_heads": 2, "max_position_embeddings": 4096},
+    "SmolLM3": {"num_key_value_heads": 4, "max_position_embeddings": 32768, "rope_theta": 2_000_000.0},
     "GraniteMoe": {"num_local_experts": 8, "num_experts_per_tok": 2},
     "GraniteMoeShared": {"num_local_experts": 8, "num_experts_per_tok": 2},
     "Gemma": {"num_key_value_heads": 16, "head_dim": 256, "max_position_embeddings": 8192},

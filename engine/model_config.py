@@ -163,6 +163,11 @@ class ModelConfig:
     layer_norm_eps: float = 1e-5  # the LayerNorms (weight and bias) of StableLM, StarCoder2 and Phi
     lm_head_bias: bool = False  # Phi-1.5 / Phi-2's LM head has a bias
     parallel_residual: bool = False  # GPT-NeoX's use_parallel_residual: h + attn(ln1(h)) + mlp(ln2(h))
+    # per layer: False where the layer has no rotary embedding (SmolLM3's NoPE layers); empty: all rotate
+    rope_layers: tuple[bool, ...] = ()
+
+    def layer_has_rope(self, layer_idx: int) -> bool:
+        return not self.rope_layers or self.rope_layers[layer_idx]
 
     def layer_window(self, layer_idx: int) -> int | None:
         """The sliding window of layer `layer_idx`, or None where it attends to its whole context (also
@@ -319,10 +324,11 @@ class ModelConfig:
             "GraniteMoeShared",
             "Olmo",
             "Olmo2",
+            "SmolLM3",
             *GEMMA_FAMILIES,
         )
         o_proj_bias = attention_bias if family in o_proj_families else False
-        mlp_bias = bool(cfg.get("mlp_bias", False)) if family in ("Llama", "Granite") else False
+        mlp_bias = bool(cfg.get("mlp_bias", False)) if family in ("Llama", "Granite", "SmolLM3") else False
         if family in ("Starcoder2", "Phi"):  # one bias setting for every projection
             o_proj_bias = mlp_bias = qkv_bias
         if family == "GPTNeoX":  # attention_bias for query_key_value and dense; the MLP's always
@@ -333,7 +339,8 @@ class ModelConfig:
 
         num_layers = int_field(cfg, "num_hidden_layers", model_path)
         moe = moe_fields(family, cfg, num_layers, model_path)
-        sliding_window, layer_types = _sliding_layers(family, cfg, num_layers, model_path)
+        rope_layers = _smollm3_rope_layers(cfg, num_layers, model_path) if family == "SmolLM3" else ()
+        sliding_window, layer_types = _sliding_layers(family, cfg, num_layers, model_path, rope_layers)
         resolved_len = _resolve_max_model_len(
             max_model_len, max_position_embeddings, rope_scaling, model_path
         )
@@ -392,8 +399,10 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=max_position_embeddings,
             max_model_len=resolved_len,
-            # (the Gemma and StarCoder2 configs' default is tied)
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma or family == "Starcoder2")),
+            # (the Gemma, StarCoder2 and SmolLM3 configs' default is tied)
+            tie_word_embeddings=bool(
+                cfg.get("tie_word_embeddings", gemma or family in ("Starcoder2", "SmolLM3"))
+            ),
             qkv_bias=qkv_bias,
             o_proj_bias=o_proj_bias,
             mlp_bias=mlp_bias,
@@ -417,6 +426,7 @@ class ModelConfig:
             clip_qkv=_positive_or_none(cfg, "clip_qkv", model_path) if family == "Olmo" else None,
             layer_norm_eps=_layer_norm_eps(family, cfg, model_path),
             lm_head_bias=family == "Phi",
+            rope_layers=rope_layers,
             parallel_residual=family == "GPTNeoX"
             and bool_field(cfg, "use_parallel_residual", model_path, default=True),
             **granite,
@@ -673,7 +683,7 @@ def _hidden_act(family: str, cfg: dict[str, Any], model_path: str) -> str:
 
 
 def _sliding_layers(
-    family: str, cfg: dict[str, Any], num_layers: int, model_path: str
+    family: str, cfg: dict[str, Any], num_layers: int, model_path: str, rope_layers: tuple[bool, ...] = ()
 ) -> tuple[int | None, tuple[str, ...]]:
     """(window, per-layer types) as transformers builds them; (None, ()) where no layer has a window.
     A window is a positive integer: 0, a negative, a bool or a float is refused (transformers' masks
@@ -702,6 +712,11 @@ def _sliding_layers(
             ]
         else:
             default = [SLIDING_ATTENTION if i >= first else FULL_ATTENTION for i in range(num_layers)]
+    elif family == "SmolLM3":  # transformers' SmolLM3Config: the NoPE layers slide, when windows are on
+        if not bool_field(cfg, "use_sliding_window", model_path, default=False) or window is None:
+            return None, ()
+        window = _window(window, model_path, nullable=True)
+        default = [FULL_ATTENTION if rope else SLIDING_ATTENTION for rope in rope_layers]
     elif family == "Gemma2":
         window = _window(window, model_path, nullable=False)
         default = [SLIDING_ATTENTION if (i + 1) % 2 else FULL_ATTENTION for i in range(num_layers)]
@@ -723,6 +738,25 @@ def _sliding_layers(
             f"(num_hidden_layers), each {FULL_ATTENTION!r} or {SLIDING_ATTENTION!r}"
         )
     return (window, tuple(types)) if SLIDING_ATTENTION in types else (None, ())
+
+
+def _smollm3_rope_layers(cfg: dict[str, Any], num_layers: int, model_path: str) -> tuple[bool, ...]:
+    """SmolLM3's `no_rope_layers`: per layer 1 where it rotates, 0 where it has no position embedding
+    (NoPE); absent, every `no_rope_layer_interval`-th layer (default 4) is NoPE, as SmolLM3Config builds it."""
+    flags = cfg.get("no_rope_layers")
+    if flags is None:
+        interval = int_field(cfg, "no_rope_layer_interval", model_path, default=4)
+        return tuple((i + 1) % interval != 0 for i in range(num_layers))
+    if (
+        not isinstance(flags, list)
+        or len(flags) != num_layers
+        or any(f not in (0, 1) or isinstance(f, float) for f in flags)
+    ):
+        raise ValueError(
+            f"no_rope_layers in {config_file(model_path)} must be a list of {num_layers} entries "
+            f"(num_hidden_layers), each 1 (rotary) or 0 (no position embedding); got {flags!r}"
+        )
+    return tuple(bool(f) for f in flags)
 
 
 def _window(value: Any, model_path: str, nullable: bool) -> int:

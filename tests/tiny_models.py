@@ -103,6 +103,7 @@ FAMILIES = (
     "starcoder2",
     "phi",
     "gpt_neox",
+    "smollm3",
     "qwen2_yarn",
     "llama_dynamic",
 )
@@ -176,6 +177,7 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
         Qwen2MoeConfig,
         Qwen3Config,
         Qwen3MoeConfig,
+        SmolLM3Config,
         StableLmConfig,
         Starcoder2Config,
     )
@@ -320,6 +322,10 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
     ):  # Pythia's kind: per-head fused q/k/v, a quarter of each head rotates, parallel residual
         base = {k: v for k, v in common.items() if k not in ("rms_norm_eps", "num_key_value_heads")}
         return GPTNeoXConfig(**base, rotary_pct=0.25, use_parallel_residual=True, pad_token_id=0)
+    if (
+        family == "smollm3"
+    ):  # NoPE on every other layer here (the released model: every 4th), attention biases
+        return SmolLM3Config(**common, no_rope_layer_interval=2, attention_bias=True, pad_token_id=0)
     if family == "olmo":  # OLMo 1: LayerNorms without weights; q/k/v clamped (a bound that bites here)
         return OlmoConfig(
             **{k: v for k, v in common.items() if k != "rms_norm_eps"}, clip_qkv=0.5, pad_token_id=0

@@ -36,6 +36,7 @@ ARCHITECTURES = {
     "starcoder2": "Starcoder2ForCausalLM",
     "phi": "PhiForCausalLM",
     "gpt_neox": "GPTNeoXForCausalLM",
+    "smollm3": "SmolLM3ForCausalLM",
     "qwen2_yarn": "Qwen2ForCausalLM",
     "llama_dynamic": "LlamaForCausalLM",
 }
@@ -86,6 +87,8 @@ REFUSALS = [
     (_set("gpt_neox", use_parallel_residual="no"), f"use_parallel_residual in {F} must be true or false; got 'no'"),
     (_set("gpt_neox", attention_bias=1), f"attention_bias in {F} must be true or false; got 1"),
     (_set("gpt_neox", hidden_act="relu"), "unsupported hidden_act 'relu' in /m; only 'gelu_new' or 'gelu_pytorch_tanh' or 'gelu_fast' or 'gelu' is supported"),
+    (_set("smollm3", no_rope_layers=[1]), f"no_rope_layers in {F} must be a list of 2 entries (num_hidden_layers), each 1 (rotary) or 0 (no position embedding); got [1]"),
+    (_set("smollm3", no_rope_layers=[1, 2]), f"no_rope_layers in {F} must be a list of 2 entries (num_hidden_layers), each 1 (rotary) or 0 (no position embedding); got [1, 2]"),
     (_set("olmo", clip_qkv=0), "clip_qkv must be a positive number or null; got 0 in /m"),
     (_set("olmo", clip_qkv="8"), "clip_qkv must be a positive number or null; got '8' in /m"),
     (_set("mixtral", drop=("intermediate_size",)), f"intermediate_size in {F} must be a positive integer; got None"),
@@ -381,3 +384,46 @@ def test_gpt_neox_rope_keys_residual_and_biases_read_as_transformers() -> None:
     assert (unbiased.qkv_bias, unbiased.o_proj_bias, unbiased.mlp_bias, unbiased.parallel_residual) == (
         False, False, True, False
     )  # fmt: skip
+
+
+def test_smollm3_nope_layers_windows_and_defaults_read_as_transformers() -> None:
+    """SmolLM3's NoPE layers (no_rope_layers, or every no_rope_layer_interval-th layer), its windows on
+    the NoPE layers when use_sliding_window, and SmolLM3Config's defaults (4 KV heads, 32,768 positions,
+    rope_theta 2e6, tied embeddings) for the keys a config may omit."""
+    from transformers import SmolLM3Config
+
+    def theirs(cfg: dict[str, Any]) -> Any:
+        return SmolLM3Config(**{k: v for k, v in cfg.items() if k != "architectures"})
+
+    for cfg in (
+        _set("smollm3"),
+        _set("smollm3", drop=("no_rope_layers",), no_rope_layer_interval=1),
+        _set(
+            "smollm3", num_hidden_layers=8, drop=("no_rope_layers", "no_rope_layer_interval", "layer_types")
+        ),
+        _set("smollm3", drop=("layer_types",), use_sliding_window=True, sliding_window=6),
+        _set(
+            "smollm3", drop=("layer_types",), use_sliding_window=True, sliding_window=6, no_rope_layers=[0, 0]
+        ),
+    ):
+        ours, ref = _read(cfg), theirs(cfg)
+        assert list(ours.rope_layers) == [bool(f) for f in ref.no_rope_layers], cfg
+        windows = [ours.sliding_window if t == "sliding_attention" else None for t in ours.layer_types]
+        expected = [
+            ref.sliding_window if ref.use_sliding_window and t == "sliding_attention" else None
+            for t in ref.layer_types
+        ]
+        assert (windows or [None] * ours.num_layers) == expected, cfg
+    bare = _set(  # 32 heads of 16 (a multiple of SmolLM3Config's default 4 KV heads)
+        "smollm3",
+        drop=("num_key_value_heads", "max_position_embeddings", "rope_parameters", "tie_word_embeddings"),
+        num_attention_heads=32,
+        hidden_size=512,
+    )
+    ours, ref = _read(bare), theirs(bare)
+    assert (ours.num_kv_heads, ours.max_position_embeddings, ours.rope_theta, ours.tie_word_embeddings) == (
+        ref.num_key_value_heads,
+        ref.max_position_embeddings,
+        ref.rope_parameters["rope_theta"],
+        ref.tie_word_embeddings,
+    )

@@ -122,6 +122,7 @@ class RotaryEmbedding(nn.Module):
         kernels: Kernels = TORCH_KERNELS,
         prefix: str = "",
         rotary_dim: int | None = None,  # None: the whole head rotates
+        identity: bool = False,  # a layer without position embedding (SmolLM3's NoPE layers)
     ) -> None:
         super().__init__()
         self.head_dim = head_dim
@@ -130,6 +131,9 @@ class RotaryEmbedding(nn.Module):
         self.prefix = prefix
         # Kept float32 whatever the model dtype; not a checkpoint tensor (persistent=False).
         cache = build_cos_sin_cache(self.rotary_dim, max_position, base, rope_scaling)
+        if identity:  # cos 1, sin 0: q * 1 + rotate(q) * 0 is q exactly, through the same kernels
+            half = torch.ones(max_position, self.rotary_dim // 2)
+            cache = torch.cat((half, torch.zeros_like(half)), dim=-1)
         self.register_buffer("cos_sin_cache", cache, persistent=False)  # [max_position, rotary_dim]
 
     def forward(

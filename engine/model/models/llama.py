@@ -126,6 +126,7 @@ class LlamaAttention(nn.Module):
             kernels,
             prefix=join_prefix(prefix, "rotary_emb"),
             rotary_dim=config.rotary_dim,
+            identity=not config.layer_has_rope(layer_idx),  # SmolLM3's NoPE layers
         )
         # Granite: its attention_multiplier; Gemma 2/3: query_pre_attn_scalar ** -0.5; else head_dim ** -0.5
         scale = config.attention_multiplier or (config.query_pre_attn_scalar or self.head_dim) ** -0.5

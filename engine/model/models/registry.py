@@ -22,6 +22,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen2MoeForCausalLM": ("engine.model.models.moe", "MoeForCausalLM"),
     "Qwen3MoeForCausalLM": ("engine.model.models.moe", "MoeForCausalLM"),
     "Phi3ForCausalLM": ("engine.model.models.llama", "LlamaForCausalLM"),
+    "SmolLM3ForCausalLM": ("engine.model.models.llama", "LlamaForCausalLM"),
     "GraniteForCausalLM": ("engine.model.models.llama", "LlamaForCausalLM"),
     "GraniteMoeForCausalLM": ("engine.model.models.moe", "MoeForCausalLM"),
     "GraniteMoeSharedForCausalLM": ("engine.model.models.moe", "MoeForCausalLM"),

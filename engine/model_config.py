@@ -188,8 +188,11 @@ class ModelConfig:
         return self.layer_window(0)
 
     def layer_rope(self, layer_idx: int) -> tuple[float, dict[str, Any] | None]:
-        """(rope_theta, rope_scaling) of layer `layer_idx` (Gemma 3's sliding layers have their own)."""
-        if self.rope_local_theta is not None and self.layer_window(layer_idx) is not None:
+        """(rope_theta, rope_scaling) of layer `layer_idx` (Gemma 3's sliding layers have their own). By the
+        layer's type, not by `layer_window`: a window that covers max_model_len needs no masking (None
+        there), but the layer keeps its own rope."""
+        sliding = bool(self.layer_types) and self.layer_types[layer_idx] == SLIDING_ATTENTION
+        if self.rope_local_theta is not None and sliding:
             return self.rope_local_theta, self.rope_local_scaling
         return self.rope_theta, self.rope_scaling
 

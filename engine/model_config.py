@@ -275,6 +275,8 @@ class ModelConfig:
             (rope_theta, rope_scaling), (rope_local_theta, rope_local_scaling) = _gemma3_ropes(
                 cfg, model_path
             )
+        elif family == "Olmo3":
+            (rope_theta, rope_scaling), (rope_local_theta, rope_local_scaling) = _olmo3_ropes(cfg, model_path)
         else:
             rope_theta, rope_scaling = _parse_rope(cfg, model_path, phi3=family == "Phi3")
         rotary_dim = _rotary_dim(family, cfg, head_dim, model_path)
@@ -327,6 +329,7 @@ class ModelConfig:
             "GraniteMoeShared",
             "Olmo",
             "Olmo2",
+            "Olmo3",
             "SmolLM3",
             *GEMMA_FAMILIES,
         )
@@ -425,7 +428,7 @@ class ModelConfig:
             final_logit_softcapping=softcaps["final_logit_softcapping"],
             rope_local_theta=rope_local_theta,
             rope_local_scaling=rope_local_scaling,
-            qk_norm_across_heads=family == "Olmo2",
+            qk_norm_across_heads=family in ("Olmo2", "Olmo3"),
             clip_qkv=_positive_or_none(cfg, "clip_qkv", model_path) if family == "Olmo" else None,
             layer_norm_eps=_layer_norm_eps(family, cfg, model_path),
             lm_head_bias=family == "Phi",
@@ -720,6 +723,9 @@ def _sliding_layers(
             return None, ()
         window = _window(window, model_path, nullable=True)
         default = [FULL_ATTENTION if rope else SLIDING_ATTENTION for rope in rope_layers]
+    elif family == "Olmo3":  # transformers' Olmo3Config: three sliding layers, then a full one
+        window = _window(window, model_path, nullable=False)
+        default = [SLIDING_ATTENTION if (i + 1) % 4 else FULL_ATTENTION for i in range(num_layers)]
     elif family == "Gemma2":
         window = _window(window, model_path, nullable=False)
         default = [SLIDING_ATTENTION if (i + 1) % 2 else FULL_ATTENTION for i in range(num_layers)]
@@ -760,6 +766,22 @@ def _smollm3_rope_layers(cfg: dict[str, Any], num_layers: int, model_path: str) 
             f"(num_hidden_layers), each 1 (rotary) or 0 (no position embedding); got {flags!r}"
         )
     return tuple(bool(f) for f in flags)
+
+
+def _olmo3_ropes(
+    cfg: dict[str, Any], model_path: str
+) -> tuple[tuple[float, dict[str, Any] | None], tuple[float, dict[str, Any] | None]]:
+    """((theta, scaling) of the full layers, (theta, scaling) of the sliding ones) as transformers'
+    Olmo3Config reads them: nested in rope_parameters by layer type, each theta 500,000 when left out; in
+    the older top-level form, rope_theta and rope_scaling go to the full layers only, and the sliding
+    layers keep the plain default (500,000, no scaling)."""
+    params = cfg.get("rope_parameters") or {}
+    default = 500_000.0
+    if FULL_ATTENTION in params or SLIDING_ATTENTION in params:
+        full = _parse_rope({"rope_parameters": params.get(FULL_ATTENTION) or {}}, model_path, default)
+        local = _parse_rope({"rope_parameters": params.get(SLIDING_ATTENTION) or {}}, model_path, default)
+        return full, local
+    return _parse_rope(cfg, model_path, default), (default, None)
 
 
 def _window(value: Any, model_path: str, nullable: bool) -> int:

@@ -104,6 +104,7 @@ FAMILIES = (
     "phi",
     "gpt_neox",
     "smollm3",
+    "olmo3",
     "qwen2_yarn",
     "llama_dynamic",
 )
@@ -145,6 +146,7 @@ WINDOWS = {
     "qwen2_moe_window": 9,
     "phi3_window": 11,
     "starcoder2": 12,
+    "olmo3": 10,
 }
 # Rope scalings with lengths the parity tests' prompts + outputs (up to 68 tokens) cross or stay under:
 # yarn's pretraining length (its scaling is static, so it changes every position's rotation, its ramp
@@ -170,6 +172,7 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
         MistralConfig,
         MixtralConfig,
         Olmo2Config,
+        Olmo3Config,
         OlmoConfig,
         Phi3Config,
         PhiConfig,
@@ -330,6 +333,20 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
         return OlmoConfig(
             **{k: v for k, v in common.items() if k != "rms_norm_eps"}, clip_qkv=0.5, pad_token_id=0
         )
+    if (
+        family == "olmo3"
+    ):  # OLMo 2's layers; sliding, sliding, sliding, full; the full layer's rope yarn-scaled
+        rope = {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "yarn", "rope_theta": 500_000.0, "factor": 2.0,
+                               "original_max_position_embeddings": 128},
+        }  # fmt: skip
+        return Olmo3Config(
+            **{**common, "num_hidden_layers": 4},
+            sliding_window=WINDOWS[family],
+            rope_parameters=rope,
+            pad_token_id=0,
+        )
     if family == "olmo2":  # post-norms, q/k norms over all heads
         return Olmo2Config(**common, pad_token_id=0)  # k_norm narrower than q_norm (2 of 4 kv heads)
     if family == "gemma":
@@ -355,6 +372,21 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
             },
         )
     raise ValueError(f"unknown family {family}")
+
+
+# Families whose norm weights are drawn around 1 instead of left at 1 (a swapped or missing norm shows).
+_NORMS_OFF_ONE = (
+    "granite",
+    "granite_moe",
+    "granite_moe_shared",
+    "olmo2",
+    "olmo3",
+    "stablelm",
+    "starcoder2",
+    "phi",
+    "gpt_neox",
+    "smollm3",
+)
 
 
 def build_model(
@@ -388,20 +420,7 @@ def build_model(
                 p.normal_(0.0, 0.05)
             elif family.startswith("gemma") and "norm" in name:  # (1 + weight): 0 would hide a missing 1
                 p.normal_(0.0, 0.3)
-            elif (
-                family
-                in (
-                    "granite",
-                    "granite_moe",
-                    "granite_moe_shared",
-                    "olmo2",
-                    "stablelm",
-                    "starcoder2",
-                    "phi",
-                    "gpt_neox",
-                )
-                and "norm" in name
-            ):  # all-ones would hide a swapped norm
+            elif family in _NORMS_OFF_ONE and "norm" in name:  # all-ones would hide a swapped norm
                 p.normal_(1.0, 0.3)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(path), safe_serialization=True)

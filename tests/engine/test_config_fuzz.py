@@ -37,6 +37,7 @@ ARCHITECTURES = {
     "phi": "PhiForCausalLM",
     "gpt_neox": "GPTNeoXForCausalLM",
     "smollm3": "SmolLM3ForCausalLM",
+    "olmo3": "Olmo3ForCausalLM",
     "qwen2_yarn": "Qwen2ForCausalLM",
     "llama_dynamic": "LlamaForCausalLM",
 }
@@ -89,6 +90,7 @@ REFUSALS = [
     (_set("gpt_neox", hidden_act="relu"), "unsupported hidden_act 'relu' in /m; only 'gelu_new' or 'gelu_pytorch_tanh' or 'gelu_fast' or 'gelu' is supported"),
     (_set("smollm3", no_rope_layers=[1]), f"no_rope_layers in {F} must be a list of 2 entries (num_hidden_layers), each 1 (rotary) or 0 (no position embedding); got [1]"),
     (_set("smollm3", no_rope_layers=[1, 2]), f"no_rope_layers in {F} must be a list of 2 entries (num_hidden_layers), each 1 (rotary) or 0 (no position embedding); got [1, 2]"),
+    (_set("olmo3", sliding_window=None), f"sliding_window in {F} must be a positive integer; got None"),
     (_set("olmo", clip_qkv=0), "clip_qkv must be a positive number or null; got 0 in /m"),
     (_set("olmo", clip_qkv="8"), "clip_qkv must be a positive number or null; got '8' in /m"),
     (_set("mixtral", drop=("intermediate_size",)), f"intermediate_size in {F} must be a positive integer; got None"),
@@ -427,3 +429,29 @@ def test_smollm3_nope_layers_windows_and_defaults_read_as_transformers() -> None
         ref.rope_parameters["rope_theta"],
         ref.tie_word_embeddings,
     )
+
+
+def test_olmo3_windows_and_ropes_by_layer_type_read_as_transformers() -> None:
+    """OLMo 3's layer types (three sliding, then one full, or as given), each type's rope from
+    rope_parameters (500,000 where left out), and the older top-level form, where transformers' Olmo3Config
+    gives rope_theta and rope_scaling to the full layers only; q/k norms across heads (tensor parallel refused)."""
+    from transformers import Olmo3Config
+
+    def theirs(cfg: dict[str, Any]) -> Any:
+        return Olmo3Config(**{k: v for k, v in cfg.items() if k != "architectures"})
+
+    yarn = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64}
+    for cfg in (
+        _set("olmo3"),
+        _set("olmo3", num_hidden_layers=8, drop=("layer_types",)),
+        _set("olmo3", drop=("rope_parameters",)),
+        _set("olmo3", drop=("rope_parameters",), rope_theta=12_345.0, rope_scaling=yarn),
+    ):
+        ours, ref = _read(cfg), theirs(cfg)
+        assert list(ours.layer_types) == ref.layer_types and ours.sliding_window == ref.sliding_window, cfg
+        for i, kind in enumerate(ref.layer_types):
+            theta, scaling = ours.layer_rope(i)
+            want = ref.rope_parameters[kind]
+            assert theta == want["rope_theta"], (cfg, i)
+            assert (scaling or {}).get("rope_type", "default") == want["rope_type"], (cfg, i)
+        assert ours.qk_norm_across_heads is True

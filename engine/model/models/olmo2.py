@@ -1,4 +1,5 @@
-"""OLMo 2 (`Olmo2ForCausalLM`): the Llama decoder's attention and MLP (engine.model.models.llama) with
+"""OLMo 2 (`Olmo2ForCausalLM`) and OLMo 3 (`Olmo3ForCausalLM`: OLMo 2's layers with sliding windows on three
+layers of four, each kind with its own rope, read by engine.model_config): the Llama decoder's attention and MLP (engine.model.models.llama) with
 its norms moved and widened, as transformers' modeling_olmo2:
 - no norm before attention or the MLP: each sub-layer reads the residual stream itself, and its output
   is normed (post_attention_layernorm, post_feedforward_layernorm) before the residual add;

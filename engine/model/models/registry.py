@@ -32,6 +32,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "PhiForCausalLM": ("engine.model.models.phi", "PhiForCausalLM"),
     "Starcoder2ForCausalLM": ("engine.model.models.starcoder2", "Starcoder2ForCausalLM"),
     "Olmo2ForCausalLM": ("engine.model.models.olmo2", "Olmo2ForCausalLM"),
+    "Olmo3ForCausalLM": ("engine.model.models.olmo2", "Olmo2ForCausalLM"),
     "GemmaForCausalLM": ("engine.model.models.gemma", "GemmaForCausalLM"),
     "Gemma2ForCausalLM": ("engine.model.models.gemma", "GemmaForCausalLM"),
     "Gemma3ForCausalLM": ("engine.model.models.gemma", "GemmaForCausalLM"),

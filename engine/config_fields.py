@@ -37,6 +37,8 @@ TRANSFORMERS_DEFAULTS: dict[str, dict[str, Any]] = {
     "Phi3": {"rms_norm_eps": 1e-5, "max_position_embeddings": 4096},
     "Olmo2": {"rms_norm_eps": 1e-5},
     "Olmo3": {"rms_norm_eps": 1e-5, "sliding_window": 4096},
+    "Ministral": {"num_key_value_heads": 8, "max_position_embeddings": 131072, "sliding_window": 4096},
+    "SeedOss": {"num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 524288},
     "StableLm": {"num_key_value_heads": 32, "max_position_embeddings": 4096},
     "Starcoder2": {"num_key_value_heads": 2, "max_position_embeddings": 4096},
     "SmolLM3": {"num_key_value_heads": 4, "max_position_embeddings": 32768, "rope_theta": 2_000_000.0},

@@ -311,6 +311,8 @@ class ModelConfig:
             qkv_bias = bool_field(cfg, "use_bias", model_path, default=True)
         elif family == "GPTNeoX":
             qkv_bias = bool_field(cfg, "attention_bias", model_path, default=True)
+        elif family == "SeedOss":  # q/k/v biases by default, o_proj's apart (attention_out_bias)
+            qkv_bias = bool_field(cfg, "attention_bias", model_path, default=True)
         elif family == "Phi":
             qkv_bias = True  # every projection of Phi-1/1.5/2 has a bias
             if bool_field(cfg, "qk_layernorm", model_path, default=False):
@@ -339,6 +341,9 @@ class ModelConfig:
             o_proj_bias = mlp_bias = qkv_bias
         if family == "GPTNeoX":  # attention_bias for query_key_value and dense; the MLP's always
             o_proj_bias, mlp_bias = qkv_bias, True
+        if family == "SeedOss":
+            o_proj_bias = bool_field(cfg, "attention_out_bias", model_path, default=False)
+            mlp_bias = bool_field(cfg, "mlp_bias", model_path, default=False)
         qk_norm = family in ("Qwen3", "Qwen3Moe", "Gemma3")
         granite_families = ("Granite", "GraniteMoe", "GraniteMoeShared")
         granite = granite_fields(cfg, model_path) if family in granite_families else {}
@@ -723,6 +728,11 @@ def _sliding_layers(
             return None, ()
         window = _window(window, model_path, nullable=True)
         default = [FULL_ATTENTION if rope else SLIDING_ATTENTION for rope in rope_layers]
+    elif family == "Ministral":  # transformers' MinistralConfig: every layer slides when there is a window
+        if window is None:
+            return None, ()
+        window = _window(window, model_path, nullable=True)
+        default = [SLIDING_ATTENTION] * num_layers
     elif family == "Olmo3":  # transformers' Olmo3Config: three sliding layers, then a full one
         window = _window(window, model_path, nullable=False)
         default = [SLIDING_ATTENTION if (i + 1) % 4 else FULL_ATTENTION for i in range(num_layers)]

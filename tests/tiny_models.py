@@ -105,6 +105,8 @@ FAMILIES = (
     "gpt_neox",
     "smollm3",
     "olmo3",
+    "ministral",
+    "seed_oss",
     "qwen2_yarn",
     "llama_dynamic",
 )
@@ -147,6 +149,7 @@ WINDOWS = {
     "phi3_window": 11,
     "starcoder2": 12,
     "olmo3": 10,
+    "ministral": 11,
 }
 # Rope scalings with lengths the parity tests' prompts + outputs (up to 68 tokens) cross or stay under:
 # yarn's pretraining length (its scaling is static, so it changes every position's rotation, its ramp
@@ -169,6 +172,7 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
         GraniteMoeConfig,
         GraniteMoeSharedConfig,
         LlamaConfig,
+        MinistralConfig,
         MistralConfig,
         MixtralConfig,
         Olmo2Config,
@@ -180,6 +184,7 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
         Qwen2MoeConfig,
         Qwen3Config,
         Qwen3MoeConfig,
+        SeedOssConfig,
         SmolLM3Config,
         StableLmConfig,
         Starcoder2Config,
@@ -325,6 +330,22 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
     ):  # Pythia's kind: per-head fused q/k/v, a quarter of each head rotates, parallel residual
         base = {k: v for k, v in common.items() if k not in ("rms_norm_eps", "num_key_value_heads")}
         return GPTNeoXConfig(**base, rotary_pct=0.25, use_parallel_residual=True, pad_token_id=0)
+    if family == "ministral":  # a window on the first layer of two (its layer_types), none on the second
+        layer_types = ["sliding_attention", "full_attention"]
+        return MinistralConfig(  # (transformers' Ministral needs head_dim set: it reads None as is)
+            **{**common, "head_dim": 16},
+            sliding_window=WINDOWS[family],
+            layer_types=layer_types,
+            pad_token_id=0,
+        )
+    if family == "seed_oss":  # q/k/v, o_proj and MLP biases, each by its own flag
+        return SeedOssConfig(
+            **{**common, "head_dim": 16},
+            attention_bias=True,
+            attention_out_bias=True,
+            mlp_bias=True,
+            pad_token_id=0,
+        )
     if (
         family == "smollm3"
     ):  # NoPE on every other layer here (the released model: every 4th), attention biases

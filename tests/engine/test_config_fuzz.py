@@ -38,6 +38,8 @@ ARCHITECTURES = {
     "gpt_neox": "GPTNeoXForCausalLM",
     "smollm3": "SmolLM3ForCausalLM",
     "olmo3": "Olmo3ForCausalLM",
+    "ministral": "MinistralForCausalLM",
+    "seed_oss": "SeedOssForCausalLM",
     "qwen2_yarn": "Qwen2ForCausalLM",
     "llama_dynamic": "LlamaForCausalLM",
 }
@@ -91,6 +93,8 @@ REFUSALS = [
     (_set("smollm3", no_rope_layers=[1]), f"no_rope_layers in {F} must be a list of 2 entries (num_hidden_layers), each 1 (rotary) or 0 (no position embedding); got [1]"),
     (_set("smollm3", no_rope_layers=[1, 2]), f"no_rope_layers in {F} must be a list of 2 entries (num_hidden_layers), each 1 (rotary) or 0 (no position embedding); got [1, 2]"),
     (_set("olmo3", sliding_window=None), f"sliding_window in {F} must be a positive integer; got None"),
+    (_set("seed_oss", attention_out_bias="no"), f"attention_out_bias in {F} must be true or false; got 'no'"),
+    (_set("ministral", sliding_window=0), f"sliding_window in {F} must be a positive integer or null; got 0"),
     (_set("olmo", clip_qkv=0), "clip_qkv must be a positive number or null; got 0 in /m"),
     (_set("olmo", clip_qkv="8"), "clip_qkv must be a positive number or null; got '8' in /m"),
     (_set("mixtral", drop=("intermediate_size",)), f"intermediate_size in {F} must be a positive integer; got None"),
@@ -455,3 +459,37 @@ def test_olmo3_windows_and_ropes_by_layer_type_read_as_transformers() -> None:
             assert theta == want["rope_theta"], (cfg, i)
             assert (scaling or {}).get("rope_type", "default") == want["rope_type"], (cfg, i)
         assert ours.qk_norm_across_heads is True
+
+
+def test_ministral_windows_and_seed_oss_biases_read_as_transformers() -> None:
+    """Ministral's windows by layer_types (every layer sliding when none are given and a window is set;
+    none without a window) and Seed-OSS's three bias flags (attention_bias on q/k/v, attention_out_bias on
+    o_proj, mlp_bias), with each config class's defaults for the keys a config may omit."""
+    from transformers import MinistralConfig, SeedOssConfig
+
+    for cfg in (
+        _set("ministral"),
+        _set("ministral", drop=("layer_types",)),
+        _set("ministral", drop=("layer_types", "sliding_window")),
+        _set("ministral", drop=("layer_types",), sliding_window=None),
+    ):
+        ours = _read(cfg)
+        ref = MinistralConfig(**{k: v for k, v in cfg.items() if k != "architectures"})
+        windows = [ours.sliding_window if t == "sliding_attention" else None for t in ours.layer_types]
+        expected = [ref.sliding_window if t == "sliding_attention" else None for t in ref.layer_types]
+        assert (windows or [None] * ours.num_layers) == expected, cfg
+    ours = _read(_cfg("seed_oss"))
+    assert (ours.qkv_bias, ours.o_proj_bias, ours.mlp_bias) == (True, True, True)
+    bare = _set(  # 32 heads (a multiple of SeedOssConfig's default 8 KV heads)
+        "seed_oss",
+        drop=("attention_bias", "attention_out_bias", "mlp_bias", "num_key_value_heads", "head_dim"),
+        num_attention_heads=32,
+    )
+    ours = _read(bare)
+    ref = SeedOssConfig(**{k: v for k, v in bare.items() if k != "architectures"})
+    assert (ours.qkv_bias, ours.o_proj_bias, ours.mlp_bias) == (
+        ref.attention_bias,
+        ref.attention_out_bias,
+        ref.mlp_bias,
+    )
+    assert (ours.num_kv_heads, ours.head_dim) == (ref.num_key_value_heads, ref.head_dim)

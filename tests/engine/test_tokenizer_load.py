@@ -45,7 +45,7 @@ def test_every_tiny_family_tokenizer_equals_autotokenizer(tiny_model_dirs: dict[
         loaders[family] = _same_tokenizer(path)
     # transformers 5 loads a qwen2 checkpoint with its own Qwen2Tokenizer class, which rebuilds the
     # pre-tokenizer: weir leaves that one to transformers, and the Qwen MoE, Phi-3, Gemma, Granite,
-    # GraniteMoe, GraniteMoeShared, OLMo, OLMo 2 / 3, StableLM, StarCoder2, Phi, GPT-NeoX and SmolLM3 model types
+    # GraniteMoe, GraniteMoeShared, OLMo, OLMo 2 / 3, StableLM, StarCoder2, Phi, GPT-NeoX, SmolLM3, Ministral and Seed-OSS model types
     # (not among those fast_tokenizer_files verified: VERIFIED_MODEL_TYPES) too; mixtral is verified.
     auto = ("qwen2", "qwen2_yarn", "qwen2_moe", "qwen3_moe", "phi3", "phi3_partial", "gemma2", "gemma3")
     auto += (
@@ -60,6 +60,8 @@ def test_every_tiny_family_tokenizer_equals_autotokenizer(tiny_model_dirs: dict[
         "gpt_neox",
         "smollm3",
         "olmo3",
+        "ministral",
+        "seed_oss",
     )
     assert loaders == {f: AUTO_LOADER if f in auto else FAST_LOADER for f in tiny_model_dirs}
 

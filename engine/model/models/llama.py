@@ -1,7 +1,8 @@
 """The Llama decoder family in one implementation: Llama 1/2/3 (incl. llama3 rope scaling), Mistral,
 Qwen2 (q/k/v bias), Qwen3 (per-head q/k RMSNorm) and Phi-3 (Phi-3/3.5-mini, Phi-3-medium, Phi-4,
-Phi-4-mini: partial rotary, longrope) and Granite 3.x dense (embedding, residual and attention
-multipliers, logits scaling), with optional tied embeddings and sliding-window layers (Mistral's
+Phi-4-mini: partial rotary, longrope), Ministral (sliding windows by `layer_types`), Seed-OSS (q/k/v
+biases, o_proj's and the MLP's by their own flags), SmolLM3 (NoPE layers) and Granite 3.x dense
+(embedding, residual and attention multipliers, logits scaling), with optional tied embeddings and sliding-window layers (Mistral's
 `sliding_window`, Qwen's `use_sliding_window`: ModelConfig.layer_window).
 
 The variants differ only in flags read from ModelConfig (qkv_bias, o_proj_bias, mlp_bias, qk_norm,

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 _MODELS: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("engine.model.models.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("engine.model.models.llama", "LlamaForCausalLM"),
+    "MinistralForCausalLM": ("engine.model.models.llama", "LlamaForCausalLM"),
+    "SeedOssForCausalLM": ("engine.model.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("engine.model.models.llama", "LlamaForCausalLM"),
     "Qwen3ForCausalLM": ("engine.model.models.llama", "LlamaForCausalLM"),
     "MixtralForCausalLM": ("engine.model.models.moe", "MoeForCausalLM"),

@@ -130,10 +130,11 @@ class RotaryEmbedding(nn.Module):
         self.kernels = kernels
         self.prefix = prefix
         # Kept float32 whatever the model dtype; not a checkpoint tensor (persistent=False).
-        cache = build_cos_sin_cache(self.rotary_dim, max_position, base, rope_scaling)
         if identity:  # cos 1, sin 0: q * 1 + rotate(q) * 0 is q exactly, through the same kernels
             half = torch.ones(max_position, self.rotary_dim // 2)
             cache = torch.cat((half, torch.zeros_like(half)), dim=-1)
+        else:
+            cache = build_cos_sin_cache(self.rotary_dim, max_position, base, rope_scaling)
         self.register_buffer("cos_sin_cache", cache, persistent=False)  # [max_position, rotary_dim]
 
     def forward(

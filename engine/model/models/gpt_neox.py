@@ -26,7 +26,7 @@ from engine.model.layers.linear import QKVParallelLinear
 from engine.model.layers.norm import LayerNorm
 from engine.model.models.causal_lm import DecoderForCausalLM
 from engine.model.models.gelu_mlp import GeluMLP
-from engine.model.models.olmo import OlmoModel
+from engine.model.models.olmo import LayerNormDecoderModel
 from engine.model.models.phi import PhiAttention
 from engine.model_config import ModelConfig
 
@@ -67,11 +67,8 @@ class GPTNeoXLayer(nn.Module):
         return self.mlp(self.post_attention_layernorm(hidden)) + hidden
 
 
-class GPTNeoXModel(OlmoModel):
+class GPTNeoXModel(LayerNormDecoderModel):
     layer_class = GPTNeoXLayer
-
-    def final_norm(self, config: ModelConfig, ctx: BuildContext, prefix: str) -> nn.Module:
-        return LayerNorm(config.hidden_size, config.layer_norm_eps, ctx.dtype)
 
 
 class GPTNeoXForCausalLM(DecoderForCausalLM):

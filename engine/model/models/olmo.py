@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from engine.model.build_context import BuildContext, join_prefix
-from engine.model.layers.norm import NonParametricLayerNorm
+from engine.model.layers.norm import LayerNorm, NonParametricLayerNorm
 from engine.model.models.causal_lm import DecoderForCausalLM, token_embedding
 from engine.model.models.llama import LlamaAttention, LlamaMLP
 from engine.model_config import ModelConfig
@@ -68,6 +68,14 @@ class OlmoModel(nn.Module):
         for layer in self.layers:
             hidden = layer(positions, hidden)
         return self.norm(hidden)
+
+
+class LayerNormDecoderModel(OlmoModel):
+    """The same decoder ending in a LayerNorm with weight and bias (`layer_norm_eps`): StableLM, StarCoder2,
+    Phi and GPT-NeoX, which set only their layer class."""
+
+    def final_norm(self, config: ModelConfig, ctx: BuildContext, prefix: str) -> nn.Module:
+        return LayerNorm(config.hidden_size, config.layer_norm_eps, ctx.dtype)
 
 
 class OlmoForCausalLM(DecoderForCausalLM):

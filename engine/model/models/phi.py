@@ -20,7 +20,7 @@ from engine.model.layers.norm import LayerNorm
 from engine.model.models.causal_lm import DecoderForCausalLM
 from engine.model.models.gelu_mlp import GeluMLP
 from engine.model.models.llama import LlamaAttention
-from engine.model.models.olmo import OlmoModel
+from engine.model.models.olmo import LayerNormDecoderModel
 from engine.model_config import ModelConfig
 
 
@@ -52,11 +52,8 @@ class PhiDecoderLayer(nn.Module):
         return self.self_attn(positions, normed) + self.mlp(normed) + hidden
 
 
-class PhiModel(OlmoModel):
+class PhiModel(LayerNormDecoderModel):
     layer_class = PhiDecoderLayer
-
-    def final_norm(self, config: ModelConfig, ctx: BuildContext, prefix: str) -> nn.Module:
-        return LayerNorm(config.hidden_size, config.layer_norm_eps, ctx.dtype)
 
 
 class PhiForCausalLM(DecoderForCausalLM):

@@ -16,7 +16,7 @@ from engine.model.build_context import BuildContext, join_prefix
 from engine.model.layers.norm import LayerNorm
 from engine.model.models.causal_lm import DecoderForCausalLM
 from engine.model.models.llama import LlamaAttention, LlamaMLP
-from engine.model.models.olmo import OlmoModel
+from engine.model.models.olmo import LayerNormDecoderModel
 from engine.model_config import ModelConfig
 
 
@@ -25,9 +25,13 @@ class StableLmDecoderLayer(nn.Module):
         super().__init__()
         eps, dtype = config.layer_norm_eps, ctx.dtype
         self.self_attn = LlamaAttention(config, layer_idx, ctx, join_prefix(prefix, "self_attn"))
-        self.mlp = LlamaMLP(config, ctx, join_prefix(prefix, "mlp"))
+        self.mlp = self.build_mlp(config, ctx, join_prefix(prefix, "mlp"))
         self.input_layernorm = LayerNorm(config.hidden_size, eps, dtype)
         self.post_attention_layernorm = LayerNorm(config.hidden_size, eps, dtype)
+
+    def build_mlp(self, config: ModelConfig, ctx: BuildContext, prefix: str) -> nn.Module:
+        """The layer's MLP (StarCoder2's layer is this one with its own)."""
+        return LlamaMLP(config, ctx, prefix)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: the residual stream [num_tokens, hidden] -> the same after this layer."""
@@ -35,11 +39,8 @@ class StableLmDecoderLayer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
-class StableLmModel(OlmoModel):
+class StableLmModel(LayerNormDecoderModel):
     layer_class = StableLmDecoderLayer
-
-    def final_norm(self, config: ModelConfig, ctx: BuildContext, prefix: str) -> nn.Module:
-        return LayerNorm(config.hidden_size, config.layer_norm_eps, ctx.dtype)
 
 
 class StableLmForCausalLM(DecoderForCausalLM):

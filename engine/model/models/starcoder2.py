@@ -11,38 +11,23 @@ Its dropouts are identities at inference.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from engine.model.build_context import BuildContext, join_prefix
-from engine.model.layers.norm import LayerNorm
+from engine.model.build_context import BuildContext
 from engine.model.models.causal_lm import DecoderForCausalLM
 from engine.model.models.gelu_mlp import GeluMLP
-from engine.model.models.llama import LlamaAttention
-from engine.model.models.olmo import OlmoModel
+from engine.model.models.olmo import LayerNormDecoderModel
+from engine.model.models.stablelm import StableLmDecoderLayer
 from engine.model_config import ModelConfig
 
 
-class Starcoder2DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, ctx: BuildContext, prefix: str) -> None:
-        super().__init__()
-        eps, dtype = config.layer_norm_eps, ctx.dtype
-        self.self_attn = LlamaAttention(config, layer_idx, ctx, join_prefix(prefix, "self_attn"))
-        self.mlp = GeluMLP(config, ctx, join_prefix(prefix, "mlp"), ("c_fc", "c_proj"), config.mlp_bias)
-        self.input_layernorm = LayerNorm(config.hidden_size, eps, dtype)
-        self.post_attention_layernorm = LayerNorm(config.hidden_size, eps, dtype)
-
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: the residual stream [num_tokens, hidden] -> the same after this layer."""
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden))
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+class Starcoder2DecoderLayer(StableLmDecoderLayer):  # its LayerNorms and residuals, another MLP
+    def build_mlp(self, config: ModelConfig, ctx: BuildContext, prefix: str) -> nn.Module:
+        return GeluMLP(config, ctx, prefix, ("c_fc", "c_proj"), config.mlp_bias)
 
 
-class Starcoder2Model(OlmoModel):
+class Starcoder2Model(LayerNormDecoderModel):
     layer_class = Starcoder2DecoderLayer
-
-    def final_norm(self, config: ModelConfig, ctx: BuildContext, prefix: str) -> nn.Module:
-        return LayerNorm(config.hidden_size, config.layer_norm_eps, ctx.dtype)
 
 
 class Starcoder2ForCausalLM(DecoderForCausalLM):

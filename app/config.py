@@ -176,6 +176,9 @@ ENGINE_HELP: dict[str, str] = {
     "long_prefill_token_threshold": "Most prompt tokens one request computes in one step (0: the step's whole "
     "budget). Lower (e.g. 512) to keep streams' inter-token latency low while long prompts arrive; their "
     "time to first token rises.",
+    "admission_reserve_tokens": "KV blocks kept free at admission for each running request's next this-many "
+    "tokens (fewer where its max_tokens ends sooner) and the rest of every admitted prompt, so running "
+    "requests grow without preempting each other (0: admit whenever the next prompt chunk fits, vLLM's policy).",
     "fit_mixed_steps_to_cuda_graphs": "When decodes share a step with a prompt, cut the prompt's chunk so "
     "the step fits the largest mixed CUDA graph (--max-cuda-graph-mixed-tokens), instead of a larger step "
     "that runs eagerly; the prompt takes more steps. Only while the prompts' backlog is at most "

@@ -93,6 +93,12 @@ class EngineConfig:
     # the prompts' backlog is short (8,192 tokens or one full step; light load). S1 at 16 req/s on an H200: ITL p99 31 -> 15 ms,
     # TTFT p50 41 -> 48 ms (loadtest/results/suite-h200-2026-12-03-*). Nothing to fit without mixed graphs.
     fit_mixed_steps_to_cuda_graphs: bool = True
+    # Admission keeps free KV blocks for each running request's next this-many tokens (fewer where its
+    # max_tokens ends sooner) and for the rest of every admitted prompt, so running requests grow
+    # without preempting one another (a preempted request recomputes its whole context); 0: admit
+    # whenever the next prompt chunk fits (vLLM's policy). T2 on an H100's cache: 44 preemptions,
+    # ~45,000 prompt tokens computed twice, without it (loadtest/sim_admission.py).
+    admission_reserve_tokens: int = 256
     # Admission control (serving): beyond these the server answers 429 instead of queueing.
     max_waiting_requests: int = 1024
     max_waiting_tokens: int = 1_048_576
@@ -166,6 +172,11 @@ class EngineConfig:
         if mixed is not None and (not isinstance(mixed, int) or isinstance(mixed, bool) or mixed < 0):
             raise ValueError(
                 f"max_cuda_graph_mixed_tokens must be 0 (off) or a positive integer; got {mixed!r}"
+            )
+        reserve = self.admission_reserve_tokens
+        if not isinstance(reserve, int) or isinstance(reserve, bool) or reserve < 0:
+            raise ValueError(
+                f"admission_reserve_tokens must be 0 (off) or a positive integer; got {reserve!r}"
             )
         threshold = self.long_prefill_token_threshold
         if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 0:
@@ -278,6 +289,7 @@ class EngineConfig:
                 max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens,
                 long_prefill_token_threshold=self.long_prefill_token_threshold,
+                admission_reserve_tokens=self.admission_reserve_tokens,
                 mixed_step_token_cap=(
                     mixed_graph_tokens
                     if self.fit_mixed_steps_to_cuda_graphs and not self.enforce_eager
@@ -442,6 +454,10 @@ class SchedulerConfig:
     # The cut applies while the prompts' backlog (running and waiting) is at most this many tokens, or
     # one full step if that is more; past it the queue's own wait dominates TTFT and full steps drain it.
     mixed_step_fit_backlog_tokens: int = 0
+    # Admission keeps free KV blocks for the running requests' next this-many tokens each (fewer where
+    # max_tokens ends sooner) and for the rest of every admitted prompt; 0: a request is admitted
+    # whenever its next prompt chunk fits (vLLM's policy), and the running ones grow by preempting.
+    admission_reserve_tokens: int = 0
 
     @property
     def max_chunk_tokens(self) -> int:

@@ -69,6 +69,13 @@ def add_common_args(
         default=None,
         help="one request's prompt tokens per step (engine default: 0, the whole budget)",
     )
+    g.add_argument(
+        "--admission-reserve-tokens",
+        type=int,
+        default=None,
+        help="KV blocks kept free at admission for each running request's next this-many tokens "
+        "(engine default: 256; 0: vLLM's policy, preempt to grow)",
+    )
     g.add_argument("--gpu-memory-utilization", type=float, default=None)
     g.add_argument("--enforce-eager", action="store_true")
     g.add_argument(
@@ -270,6 +277,7 @@ def engine_kwargs(args: argparse.Namespace, model: ModelChoice, **overrides: Any
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "long_prefill_token_threshold": getattr(args, "long_prefill_token_threshold", None),
+        "admission_reserve_tokens": getattr(args, "admission_reserve_tokens", None),
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "max_cuda_graph_mixed_tokens": getattr(args, "max_cuda_graph_mixed_tokens", None),
         "tensor_parallel_size": getattr(args, "tensor_parallel_size", None),

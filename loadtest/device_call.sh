@@ -58,6 +58,7 @@
 # (bench_prefix.py, no peer: its queued run's step times and first-token times). t1prof: T1, then T1 again under cProfile (the host's top functions; T1PN of them). t1k0a t1k1a ...: T1 with a bf16 / an fp8 KV cache (Q4's T1 figure; the fp8 read widened unless T1KW=0).
 # abold1 abnew1 abold2 ...: L1 alternating an older tree and this one in one call (machines differ by up to 4%; compare within a call): first, on this machine,
 # `mkdir ab_old && git archive REV engine ops app loadtest pyproject.toml | tar x -C ab_old`, carry ab_old. .whl holds the server's wheels: `../shared/scripts/device-wheels.sh httptools` (httptools: the bounded HTTP protocol, app/http_protocol.py; without it U1 and every server step exit after "engine ready").
+# traa traz trab ...: T2 with the admission reserve at its default / 0 (vLLM's policy), alternating; q3a q3z ...: Q3 likewise.
 # diag: loadtest/diagnose_divergence.py on DIAGF (DIAGX: more options, e.g. --layers; default gemma2: the engine check's tiny gemma2 left transformers' tokens
 # at (3, 8) on an H100 at 2d0586f; each op in turn back on torch tells which kernel moves its logits) -> $O/diag_$DIAGF.json.
 # The MoE / Phi-3 / Gemma / sliding-window families (first run on an H100 at 98de842), most important first; all five in one call:
@@ -206,6 +207,8 @@ for s in $STEPS; do case $s in
   ds[01][01]*) step $s 100 env WEIR_DECODE_TWO_STAGES=${s:2:1} WEIR_DECODE_WIDE_TILE=${s:3:1} python3 loadtest/bench_throughput.py --workload t1 --shape qwen3-0.6b --peer none --out $O/$s.json;;
   dt[01][01]*) step $s 120 env WEIR_DECODE_TWO_STAGES=${s:2:1} WEIR_DECODE_WIDE_TILE=${s:3:1} python3 loadtest/bench_throughput.py --workload t2 --shape llama3-8b --num-requests 1000 --peer none --out $O/$s.json;;
   pytds) step pytds 150 env WEIR_DECODE_TWO_STAGES=1 WEIR_DECODE_WIDE_TILE=1 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton_kernels.py tests/ops/test_windowed_attention.py;;
+  trz*|tra*) step $s 120 python3 loadtest/bench_throughput.py --workload t2 --shape llama3-8b --num-requests 1000 --peer none $([ ${s:2:1} = z ] && echo --admission-reserve-tokens 0) --out $O/$s.json;;
+  q3z*|q3a*) step $s 200 python3 loadtest/bench_quant.py --shape llama3-8b --cases Q3 --t2-requests 1000 $([ ${s:2:1} = z ] && echo --admission-reserve-tokens 0) --out $O/$s.json;;
   p1) step p1 240 python3 loadtest/bench_prefix.py --shape llama3-8b --peer none --out $O/p1.json;;
   pt1) step pt1 120 python3 loadtest/profile_kernels.py --shape qwen3-0.6b --num-requests 144 --input-len 840 --output-len 128 --prefill-steps 1 --decode-steps 8 --out $O/pt1.json;;
   pt2) step pt2 150 python3 loadtest/profile_kernels.py --shape llama3-8b --num-requests 256 --input-len 1024 --output-len 128 --prefill-steps 1 --decode-steps 8 --out $O/pt2.json;;

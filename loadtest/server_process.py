@@ -84,6 +84,7 @@ def server_flags(args: argparse.Namespace, model: ModelChoice, max_model_len: in
         ("--max-num-seqs", args.max_num_seqs),
         ("--max-num-batched-tokens", args.max_num_batched_tokens),
         ("--long-prefill-token-threshold", getattr(args, "long_prefill_token_threshold", None)),
+        ("--admission-reserve-tokens", getattr(args, "admission_reserve_tokens", None)),
         ("--gpu-memory-utilization", args.gpu_memory_utilization),
         ("--max-cuda-graph-mixed-tokens", getattr(args, "max_cuda_graph_mixed_tokens", None)),
     ):

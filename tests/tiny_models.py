@@ -132,10 +132,11 @@ def preemption_cache(family: str) -> dict:
     """LLM cache options that force preemption on the parity prompts (the longest 40 + 20 tokens: 8 blocks
     of 8; the batch ~20): 9 blocks. A model windowed alike on every layer holds only its window's blocks
     (2 or 3 of 8 for a decode: tests/e2e/test_sliding_window_blocks.py), so 6, with prompts in chunks of
-    16 so each fits alone (tests/e2e/test_parity.py, loadtest/gpu_engine_check.py)."""
+    16 so each fits alone (tests/e2e/test_parity.py, loadtest/gpu_engine_check.py). No admission
+    reserve: admission keeps none, so running requests grow by preempting (the path under test)."""
     if family in ("mistral_window", "starcoder2"):
-        return dict(block_size=8, num_kv_blocks=6, max_num_batched_tokens=16)
-    return dict(block_size=8, num_kv_blocks=9)
+        return dict(block_size=8, num_kv_blocks=6, max_num_batched_tokens=16, admission_reserve_tokens=0)
+    return dict(block_size=8, num_kv_blocks=9, admission_reserve_tokens=0)
 
 
 # Windows shorter than the parity tests' prompts + outputs (5-48 + 20 tokens), so they matter: under a

@@ -175,6 +175,20 @@ class KVCacheManager:
         hits = [NULL_BLOCK] * first + found if found else []
         return hits, len(hits) * self.block_size
 
+    def blocks_to_hold(self, req_id: str, num_tokens: int, hits: list[KVCacheBlock] | None = None) -> int:
+        """Blocks the request's table would still take from the pool to hold `num_tokens` tokens, with
+        the prefix hits `hits` about to join it (those in the free list are taken from the pool too).
+        Under a window, at most what its live blocks can still grow to (cdiv(window, block_size) + 1):
+        the blocks behind it go back."""
+        hits = hits or []
+        blocks = self.req_to_blocks.get(req_id)
+        held = (len(blocks) if blocks is not None else 0) + len(hits)
+        need = max(0, _cdiv(num_tokens, self.block_size) - held)
+        if self.sliding_window is not None and need:
+            released = self._num_released.get(req_id, 0) + sum(1 for b in hits if b is NULL_BLOCK)
+            need = min(need, max(0, _cdiv(self.sliding_window, self.block_size) + 1 - (held - released)))
+        return need + sum(1 for b in hits if b.ref_cnt == 0 and b is not NULL_BLOCK)
+
     # ---------------------------------------------------------------- allocation
     def allocate_slots(
         self,

@@ -51,6 +51,12 @@ class Scheduler(BeamScheduling):
         # With decodes in the step, a prompt's chunk stops where the step would outgrow the largest
         # mixed CUDA graph (0: no such cut): a step past it runs eagerly, ~18 ms of launches for an 8B.
         self.mixed_step_token_cap = config.mixed_step_token_cap
+        # Admission keeps free blocks for the running requests' next tokens (SchedulerConfig's
+        # admission_reserve_tokens; 0: none). _reserve: the blocks they still need while a step is
+        # built, an upper bound until _reserve_exact.
+        self.admission_reserve_tokens = config.admission_reserve_tokens
+        self._reserve = 0
+        self._reserve_exact = False
         self._fit_backlog_limit = max(config.max_num_batched_tokens, config.mixed_step_fit_backlog_tokens)
         self._step_decode_tokens = 0  # decodes scheduled so far in the step being built
         self._step_fit = 0  # the step being built: mixed_step_token_cap, or 0 when it does not apply
@@ -187,6 +193,35 @@ class Scheduler(BeamScheduling):
             default=None,
         )
 
+    def _reserve_target(self, req: Request) -> int:
+        """The tokens admission's reserve counts on the request's table holding: its whole prompt and
+        its next admission_reserve_tokens outputs (fewer where max_tokens or max_model_len ends it)."""
+        num_prompt = req.num_prompt_tokens
+        outputs = len(req.all_token_ids) - num_prompt + req.num_output_placeholders
+        grown = outputs + self.admission_reserve_tokens
+        max_tokens = req.sampling_params.max_tokens
+        if max_tokens is not None:
+            grown = min(grown, max_tokens)
+        return min(num_prompt + grown, self.max_model_len)
+
+    def _admission_fits(self, need: int) -> bool:
+        """Whether a request whose table would take `need` more blocks may be admitted: the pool keeps
+        the running requests' reserve after it. Alone, any request is admitted (the input processor
+        checked that it fits the cache). The reserve is an upper bound until that fails; then exact."""
+        if not self.running:
+            return True
+        free = self.kv_cache_manager.num_free_blocks
+        if free >= self._reserve + need:
+            return True
+        if self._reserve_exact:
+            return False
+        kv = self.kv_cache_manager
+        self._reserve = sum(
+            kv.blocks_to_hold(r.req_id, self._reserve_target(r)) for r in self.running.values()
+        )
+        self._reserve_exact = True
+        return free >= self._reserve + need
+
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
         kv = self.kv_cache_manager
@@ -212,6 +247,7 @@ class Scheduler(BeamScheduling):
             elif remaining > 1:
                 prefills.append(r)
                 prefill_backlog += remaining
+        running_backlog = prefill_backlog
         prefill_backlog += self._num_waiting_tokens
         # Cut prompts to the mixed graph only while their backlog is short (SchedulerConfig's
         # mixed_step_fit_backlog_tokens, at least one full step): at light load that keeps the decodes'
@@ -276,6 +312,12 @@ class Scheduler(BeamScheduling):
         )
         running_preempted = bool(preempted)
         seats = self.max_num_seqs - self._device_seats  # a device-ranked group's beams beyond its leader
+        reserve_tokens = self.admission_reserve_tokens
+        if reserve_tokens:
+            # At most each running request's unscheduled prompt and reserve_tokens more, each rounded up.
+            bs = self.block_size
+            self._reserve = len(self.running) * (-(-reserve_tokens // bs) + 2) + -(-running_backlog // bs)
+            self._reserve_exact = False
         while not running_preempted and budget > 0 and len(self.running) < seats:
             if self._chunk(budget) <= 0:
                 break  # the step is as large as its mixed graph (fit_mixed_steps_to_cuda_graphs)
@@ -301,11 +343,20 @@ class Scheduler(BeamScheduling):
             source = self._fork_source(req, num_scheduled) if req.group is not None else None
             if source is _WAIT_FOR_SIBLING:
                 break  # a sibling is computing the shared prompt: fork it once it is done
+            free_before = kv.num_free_blocks
             if source is not None:
+                # A fork shares its prompt's blocks: its own are its outputs' (and a copied last block).
+                need = -(-(self._reserve_target(req) - req.num_prompt_tokens) // self.block_size) + 1
+                if reserve_tokens and not self._admission_fits(need):
+                    break
                 num_hit_tokens = self._fork(req, source, self._chunk(budget))
                 allocated = num_hit_tokens is not None
             else:
                 computed_blocks, num_hit_tokens = kv.get_computed_blocks(req)
+                if reserve_tokens:
+                    need = kv.blocks_to_hold(req.req_id, self._reserve_target(req), computed_blocks)
+                    if not self._admission_fits(need):
+                        break  # no skipping ahead: the running requests finish and make room
                 allocated = kv.allocate_slots(
                     req, min(req.num_tokens - num_hit_tokens, self._chunk(budget)), computed_blocks
                 )
@@ -332,6 +383,8 @@ class Scheduler(BeamScheduling):
                 preempted.append(victim)
                 continue
             assert num_hit_tokens is not None
+            if reserve_tokens:  # what it will still take, beyond the blocks it took now
+                self._reserve += max(0, need - (free_before - kv.num_free_blocks))
             num_new = min(req.num_tokens - num_hit_tokens, self._chunk(budget))
             self._pop_waiting(req)
             req.status = RequestStatus.RUNNING

@@ -79,7 +79,9 @@ def test_greedy_parity_without_async_scheduling(tiny_model_dirs: dict[str, Path]
     model_dir = tiny_model_dirs[family]
     prompts = _prompts()
     expected, _ = hf_greedy(model_dir, prompts)
-    llm = _llm(model_dir, False, max_num_batched_tokens=7, block_size=8, num_kv_blocks=9)
+    llm = _llm(
+        model_dir, False, max_num_batched_tokens=7, block_size=8, num_kv_blocks=9, admission_reserve_tokens=0
+    )
     outs = llm.generate(prompts, _greedy(), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected
     assert llm.llm_engine.stats().num_preemptions > 0
@@ -91,7 +93,11 @@ def test_greedy_parity_without_async_scheduling(tiny_model_dirs: dict[str, Path]
     [
         {},
         {"max_num_batched_tokens": 7},  # chunked prefill mixed with decodes
-        {"block_size": 8, "num_kv_blocks": 12},  # preemption while a step is in flight
+        {
+            "block_size": 8,
+            "num_kv_blocks": 12,
+            "admission_reserve_tokens": 0,
+        },  # preemption while a step is in flight
     ],
     ids=["default", "chunked", "preemption"],
 )

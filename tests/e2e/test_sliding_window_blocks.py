@@ -73,7 +73,7 @@ def _dir(family: str, tiny_model_dirs: dict[str, Path], phi3_window_dir: Path) -
 SETTINGS = {
     "default": dict(block_size=BS),
     "chunked": dict(block_size=BS, max_num_batched_tokens=7),
-    "preemption": dict(block_size=BS, num_kv_blocks=6, max_num_batched_tokens=16),
+    "preemption": dict(block_size=BS, num_kv_blocks=6, max_num_batched_tokens=16, admission_reserve_tokens=0),
 }
 
 

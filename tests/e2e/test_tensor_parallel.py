@@ -26,7 +26,7 @@ from tests.tiny_models import build_model, hf_causal_lm
 
 MAX_TOKENS = 20
 # 60 tokens (40 + 20) need 8 blocks of 8; 9 blocks force preemption; a 7-token budget chunks prompts.
-STRESS = dict(block_size=8, num_kv_blocks=9, max_num_batched_tokens=7)
+STRESS = dict(block_size=8, num_kv_blocks=9, max_num_batched_tokens=7, admission_reserve_tokens=0)
 SMALL_SLOT_BYTES = 1024
 
 

@@ -207,7 +207,7 @@ def test_random_mix_under_a_tight_cache_matches_the_host_ranking(tiny_llama_dir:
     def run(device_ranking: bool) -> dict:
         llm = LLM(
             str(tiny_llama_dir), device="cpu", dtype="float32", block_size=8, num_kv_blocks=20,
-            max_num_batched_tokens=24, beam_device_ranking=device_ranking,
+            max_num_batched_tokens=24, beam_device_ranking=device_ranking, admission_reserve_tokens=0,
         )  # fmt: skip
         engine = llm.llm_engine
         finals, step = {}, 0

@@ -121,6 +121,10 @@ def test_clear_errors(tiny_llama_dir: Path) -> None:
         ValueError, match=r"long_prefill_token_threshold must be 0 \(off\) or a positive integer; got -5"
     ):
         EngineConfig("m", long_prefill_token_threshold=-5)
+    with pytest.raises(
+        ValueError, match=r"admission_reserve_tokens must be 0 \(off\) or a positive integer; got -1"
+    ):
+        EngineConfig("m", admission_reserve_tokens=-1)
     with pytest.raises(ValueError, match="model directory '/nonexistent' does not exist"):
         EngineConfig("/nonexistent", device="cpu").resolve()
     if not torch.cuda.is_available():

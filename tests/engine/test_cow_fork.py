@@ -164,7 +164,14 @@ def test_n4_under_preemption_gives_the_same_samples(roomy: LLM, tiny_llama_dir: 
     running sibling's prompt again); the samples do not change and every block comes back."""
     params = SamplingParams(n=4, **{**SAMPLE, "max_tokens": 12})
     expected, _ = _run_counting_blocks(roomy, params)
-    tight = LLM(str(tiny_llama_dir), device="cpu", dtype="float32", block_size=8, num_kv_blocks=9)
+    tight = LLM(
+        str(tiny_llama_dir),
+        device="cpu",
+        dtype="float32",
+        block_size=8,
+        num_kv_blocks=9,
+        admission_reserve_tokens=0,
+    )
     got, peak = _run_counting_blocks(tight, params)
     assert tight.llm_engine.scheduler.num_preemptions > 0
     assert got == expected

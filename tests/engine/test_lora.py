@@ -241,6 +241,7 @@ def test_preemption(lora_setup: dict) -> None:
         max_loras=4,
         block_size=8,
         num_kv_blocks=11,
+        admission_reserve_tokens=0,  # admission keeps no room: the running requests preempt to grow
     )
     _check(llm, lora_setup, prompts, [MIXED[i] for i in picked])
     assert llm.llm_engine.stats().num_preemptions > 0

@@ -15,7 +15,7 @@ SETTINGS = {
     # A 7-token budget splits every prompt but the shortest over several steps, mixed with decodes.
     "chunked_prefill": {"max_num_batched_tokens": 7},
     # 60 tokens (40 + 20) need 8 blocks of 8; the batch needs ~20: 9 blocks force preemption.
-    "preemption": {"block_size": 8, "num_kv_blocks": 9},
+    "preemption": {"block_size": 8, "num_kv_blocks": 9, "admission_reserve_tokens": 0},
 }
 
 

@@ -145,7 +145,10 @@ def test_kv_scale_divides_what_the_cache_stores(tiny_llama_dir: Path, tmp_path: 
     )
     caches = []
     for model_dir in (tiny_llama_dir, ckpt):
-        llm = LLM(str(model_dir), device="cpu", dtype="float32", kv_cache_dtype="fp8", num_kv_blocks=8)
+        llm = LLM(
+            str(model_dir), device="cpu", dtype="float32", kv_cache_dtype="fp8", num_kv_blocks=8,
+            admission_reserve_tokens=0,
+        )  # fmt: skip
         llm.generate([[5, 9, 14, 200, 31, 7]], SamplingParams(max_tokens=1), use_tqdm=False)
         caches.append(llm.llm_engine.executor.runner.kv_caches[0][0].float().clone())  # type: ignore[attr-defined]
         llm.shutdown()

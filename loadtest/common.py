@@ -74,7 +74,7 @@ def add_common_args(
         type=int,
         default=None,
         help="KV blocks kept free at admission for each running request's next this-many tokens "
-        "(engine default: 256; 0: vLLM's policy, preempt to grow)",
+        "(engine default: 128; 0: vLLM's policy, preempt to grow)",
     )
     g.add_argument("--gpu-memory-utilization", type=float, default=None)
     g.add_argument("--enforce-eager", action="store_true")

@@ -195,13 +195,11 @@ class Scheduler(BeamScheduling):
 
     def _reserve_target(self, req: Request) -> int:
         """The tokens admission's reserve counts on the request's table holding: its whole prompt and
-        its next admission_reserve_tokens outputs (fewer where max_tokens or max_model_len ends it)."""
+        its next admission_reserve_tokens outputs (fewer where max_tokens, resolved by the input
+        processor, or max_model_len ends it)."""
         num_prompt = req.num_prompt_tokens
         outputs = len(req.all_token_ids) - num_prompt + req.num_output_placeholders
-        grown = outputs + self.admission_reserve_tokens
-        max_tokens = req.sampling_params.max_tokens
-        if max_tokens is not None:
-            grown = min(grown, max_tokens)
+        grown = min(outputs + self.admission_reserve_tokens, req.sampling_params.max_tokens)  # type: ignore[type-var]
         return min(num_prompt + grown, self.max_model_len)
 
     def _admission_fits(self, need: int) -> bool:
@@ -215,12 +213,27 @@ class Scheduler(BeamScheduling):
             return True
         if self._reserve_exact:
             return False
-        kv = self.kv_cache_manager
-        self._reserve = sum(
-            kv.blocks_to_hold(r.req_id, self._reserve_target(r)) for r in self.running.values()
-        )
+        self._reserve = self._running_reserve()
         self._reserve_exact = True
         return free >= self._reserve + need
+
+    def _running_reserve(self) -> int:
+        """The blocks the running requests still take to reach their _reserve_target (exact). Inlined
+        without a window: it runs over every running request in steps where admission is tight."""
+        kv = self.kv_cache_manager
+        if kv.sliding_window is not None:
+            return sum(kv.blocks_to_hold(r.req_id, self._reserve_target(r)) for r in self.running.values())
+        bs, extra, cap = self.block_size, self.admission_reserve_tokens, self.max_model_len
+        tables = kv.req_to_blocks
+        total = 0
+        for req_id, r in self.running.items():
+            num_prompt = len(r.prompt_token_ids)
+            outputs = len(r.all_token_ids) - num_prompt + r.num_output_placeholders
+            grown = min(outputs + extra, r.sampling_params.max_tokens)  # type: ignore[type-var]
+            need = -(-min(num_prompt + grown, cap) // bs) - len(tables.get(req_id, ()))
+            if need > 0:
+                total += need
+        return total
 
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens

@@ -108,7 +108,7 @@ def test_blocks_to_hold_counts_free_hits_and_stops_at_the_window() -> None:
 
 
 def test_default_reserve_runs_a_tight_cache_without_preemption(tiny_model_dirs: dict[str, Path]) -> None:
-    """The engine's default (256 tokens): on a cache where vLLM's policy preempts (the parity tests'
+    """The engine's default (128 tokens): on a cache where vLLM's policy preempts (the parity tests'
     preemption mode), the same greedy tokens as transformers with no preemption."""
     model_dir = tiny_model_dirs["llama"]
     prompts = _prompts()

@@ -356,17 +356,22 @@ class Scheduler(BeamScheduling):
             source = self._fork_source(req, num_scheduled) if req.group is not None else None
             if source is _WAIT_FOR_SIBLING:
                 break  # a sibling is computing the shared prompt: fork it once it is done
+            # Admission's reserve, except for a beam: its running siblings wait for it, so they would
+            # never make the room the reserve asks for (a beam preempts later arrivals instead, below).
+            reserve_check = reserve_tokens and not req.is_beam
+            need = 0  # blocks the request's table will take in all (the reserve's count)
             free_before = kv.num_free_blocks
             if source is not None:
-                # A fork shares its prompt's blocks: its own are its outputs' (and a copied last block).
-                need = -(-(self._reserve_target(req) - req.num_prompt_tokens) // self.block_size) + 1
-                if reserve_tokens and not self._admission_fits(need):
-                    break
+                if reserve_check:
+                    # A fork shares its prompt's blocks: its own hold its outputs (and a copied last block).
+                    need = -(-(self._reserve_target(req) - req.num_prompt_tokens) // self.block_size) + 1
+                    if not self._admission_fits(need):
+                        break
                 num_hit_tokens = self._fork(req, source, self._chunk(budget))
                 allocated = num_hit_tokens is not None
             else:
                 computed_blocks, num_hit_tokens = kv.get_computed_blocks(req)
-                if reserve_tokens:
+                if reserve_check:
                     need = kv.blocks_to_hold(req.req_id, self._reserve_target(req), computed_blocks)
                     if not self._admission_fits(need):
                         break  # no skipping ahead: the running requests finish and make room
@@ -396,7 +401,7 @@ class Scheduler(BeamScheduling):
                 preempted.append(victim)
                 continue
             assert num_hit_tokens is not None
-            if reserve_tokens:  # what it will still take, beyond the blocks it took now
+            if reserve_check:  # what it will still take, beyond the blocks it took now
                 self._reserve += max(0, need - (free_before - kv.num_free_blocks))
             num_new = min(req.num_tokens - num_hit_tokens, self._chunk(budget))
             self._pop_waiting(req)

@@ -3,9 +3,11 @@
 Scheduling is in tokens (see engine/request.py): each step hands out a budget of
 `max_num_batched_tokens`. Running requests are served first — decodes, so streams keep flowing, then
 ongoing chunked prefills — and the rest of the budget admits waiting requests in queue order, their
-prompts chunked to what is left. When the KV cache runs out, the running request that arrived last
-(lowest priority first) is preempted: its blocks are freed and it is recomputed later from its
-tokens, ahead of anything that arrived after it.
+prompts chunked to what is left. A waiting request is admitted only while the free blocks after it
+cover the running requests' unscheduled prompt chunks and next `admission_reserve_tokens` outputs
+(SchedulerConfig; 0: none, vLLM's policy), so they rarely have to preempt one another. When the KV
+cache runs out anyway, the running request that arrived last (lowest priority first) is preempted:
+its blocks are freed and it is recomputed later from its tokens, ahead of anything that arrived after it.
 
 No deadlock: the input processor rejects any request that could not fit in the whole cache on its
 own, and a request that cannot grow even after every other one was preempted preempts itself and

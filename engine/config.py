@@ -265,6 +265,11 @@ class EngineConfig:
                 "its fused query_key_value rows are reordered per head at load, which only float weights "
                 "take; serve an unquantized checkpoint"
             )
+        if model.rope_interleaved and quant.linear is not None:  # GLM
+            refusal = (
+                "its q/k rows are reordered at load for the rotary kernels (interleaved pairs to halves), "
+                "which only float weights take; serve an unquantized checkpoint"
+            )
         if refusal is not None:
             # The experts are stacked tensors run by the fused MoE op, which reads float, FP8 and integer
             # weights (engine.model.quantization.fp8_moe, wna16_moe): another format's would be misread.

@@ -40,6 +40,17 @@ TRANSFORMERS_DEFAULTS: dict[str, dict[str, Any]] = {
     "Ministral": {"num_key_value_heads": 8, "max_position_embeddings": 131072, "sliding_window": 4096},
     "SeedOss": {"num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 524288},
     "StableLm": {"num_key_value_heads": 32, "max_position_embeddings": 4096},
+    **{
+        family: {
+            "num_key_value_heads": 2,
+            "head_dim": 128,
+            "max_position_embeddings": 131072,
+            "rms_norm_eps": 1.5625e-07,
+            "attention_bias": True,
+            "eos_token_id": [151329, 151336, 151338],
+        }
+        for family in ("Glm", "Glm4")
+    },
     "Starcoder2": {"num_key_value_heads": 2, "max_position_embeddings": 4096},
     "SmolLM3": {"num_key_value_heads": 4, "max_position_embeddings": 32768, "rope_theta": 2_000_000.0},
     "GraniteMoe": {"num_local_experts": 8, "num_experts_per_tok": 2},

@@ -117,6 +117,9 @@ class ModelConfig:
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     # Leading dims of each head that rotate (Phi-3's partial_rotary_factor); 0 = all (head_dim).
     partial_rotary_dim: int = 0
+    # The checkpoint rotates interleaved pairs of those dims (2i, 2i+1), GPT-J style (GLM), not the two
+    # halves (i, i + rotary_dim / 2): q/k rows are reordered at load (engine.model.models.glm).
+    rope_interleaved: bool = False
 
     @property
     def rotary_dim(self) -> int:
@@ -426,6 +429,7 @@ class ModelConfig:
             device=resolved_device,
             generation_defaults=generation_defaults,
             partial_rotary_dim=0 if rotary_dim == head_dim else rotary_dim,
+            rope_interleaved=family in ("Glm", "Glm4"),
             hidden_act=hidden_act,
             layer_types=layer_types,
             query_pre_attn_scalar=query_pre_attn_scalar,
@@ -604,13 +608,13 @@ def _rotary_dim(family: str, cfg: dict[str, Any], head_dim: int, model_path: str
     """How many leading dims of a head rotate: Phi-3's, StableLM's and Phi's partial_rotary_factor (top
     level, or in rope_parameters with transformers >= 5; StableLM's default 0.25, Phi's 0.5); every other
     family rotates the whole head."""
-    if family not in ("Phi3", "StableLm", "Phi", "GPTNeoX"):
+    if family not in ("Phi3", "StableLm", "Phi", "GPTNeoX", "Glm", "Glm4"):
         return head_dim
     factor = cfg.get("partial_rotary_factor")
     if factor is None:
         factor = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor")
     if factor is None:  # the config classes' defaults
-        factor = {"StableLm": 0.25, "Phi": 0.5, "GPTNeoX": 0.25}.get(family, 1.0)
+        factor = {"StableLm": 0.25, "Phi": 0.5, "GPTNeoX": 0.25, "Glm": 0.5, "Glm4": 0.5}.get(family, 1.0)
     factor = positive_number(factor, "partial_rotary_factor", model_path)
     rotary_dim = int(head_dim * factor)
     if not 0 < rotary_dim <= head_dim or rotary_dim % 2:

@@ -107,6 +107,8 @@ FAMILIES = (
     "olmo3",
     "ministral",
     "seed_oss",
+    "glm",
+    "glm4",
     "qwen2_yarn",
     "llama_dynamic",
 )
@@ -168,6 +170,8 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
         Gemma2Config,
         Gemma3TextConfig,
         GemmaConfig,
+        Glm4Config,
+        GlmConfig,
         GPTNeoXConfig,
         GraniteConfig,
         GraniteMoeConfig,
@@ -339,6 +343,9 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
             layer_types=layer_types,
             pad_token_id=0,
         )
+    if family in ("glm", "glm4"):  # half of each head rotates on interleaved pairs; q/k/v biases (defaults)
+        glm_class = GlmConfig if family == "glm" else Glm4Config  # glm4: norms after attention and the MLP
+        return glm_class(**{**common, "head_dim": 16}, pad_token_id=0)
     if family == "seed_oss":  # q/k/v, o_proj and MLP biases, each by its own flag
         return SeedOssConfig(
             **{**common, "head_dim": 16},

@@ -40,6 +40,8 @@ ARCHITECTURES = {
     "olmo3": "Olmo3ForCausalLM",
     "ministral": "MinistralForCausalLM",
     "seed_oss": "SeedOssForCausalLM",
+    "glm": "GlmForCausalLM",
+    "glm4": "Glm4ForCausalLM",
     "qwen2_yarn": "Qwen2ForCausalLM",
     "llama_dynamic": "LlamaForCausalLM",
 }
@@ -493,3 +495,42 @@ def test_ministral_windows_and_seed_oss_biases_read_as_transformers() -> None:
         ref.mlp_bias,
     )
     assert (ours.num_kv_heads, ours.head_dim) == (ref.num_key_value_heads, ref.head_dim)
+
+
+@pytest.mark.parametrize("family", ["glm", "glm4"])
+def test_glm_defaults_read_as_transformers(family: str) -> None:
+    """A GLM config.json that leaves out what GlmConfig / Glm4Config fill in (half of each head rotating,
+    q/k/v biases, 2 KV heads of 128 dims, rms_norm_eps 1.5625e-7, three EOS ids) is read as those classes
+    read it, and its rope always turns interleaved pairs."""
+    from transformers import Glm4Config, GlmConfig
+
+    config_class = GlmConfig if family == "glm" else Glm4Config
+    bare = _set(
+        family,
+        drop=(
+            "head_dim",
+            "num_key_value_heads",
+            "rms_norm_eps",
+            "attention_bias",
+            "eos_token_id",
+            "rope_parameters",
+        ),
+        num_attention_heads=4,
+        hidden_size=512,
+    )
+    ours = _read(bare)
+    ref = config_class(**{k: v for k, v in bare.items() if k != "architectures"})
+    assert (ours.head_dim, ours.num_kv_heads, ours.rms_norm_eps) == (
+        ref.head_dim,
+        ref.num_key_value_heads,
+        ref.rms_norm_eps,
+    )
+    assert ours.rotary_dim == int(ref.head_dim * ref.rope_parameters["partial_rotary_factor"]) == 64
+    assert ours.rope_theta == ref.rope_parameters["rope_theta"]
+    assert (ours.qkv_bias, ours.o_proj_bias, ours.mlp_bias) == (ref.attention_bias, False, False)
+    assert ours.eos_token_ids == ref.eos_token_id
+    assert ours.rope_interleaved and not _read(_cfg("llama_dynamic")).rope_interleaved
+    with pytest.raises(
+        ValueError, match=r"partial_rotary_factor 0.35 in /m gives rotary_dim 5 for head_dim 16"
+    ):
+        _read(_set(family, partial_rotary_factor=0.35))  # an odd rotary_dim: pairs cannot be formed

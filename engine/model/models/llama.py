@@ -166,6 +166,8 @@ def dense_mlp(config: ModelConfig, layer_idx: int, ctx: BuildContext, prefix: st
 
 
 class LlamaDecoderLayer(nn.Module):
+    attention_class: type[LlamaAttention] = LlamaAttention  # GLM's reorders its q/k rows at load
+
     def __init__(
         self,
         config: ModelConfig,
@@ -177,7 +179,7 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         kernels = ctx.kernels
         eps = config.rms_norm_eps
-        self.self_attn = LlamaAttention(config, layer_idx, ctx, join_prefix(prefix, "self_attn"))
+        self.self_attn = self.attention_class(config, layer_idx, ctx, join_prefix(prefix, "self_attn"))
         self.mlp = build_mlp(config, layer_idx, ctx, join_prefix(prefix, "mlp"))
         # Only a dense MLP's gate_up_proj may take an FP8 activation straight from the norm.
         self.dense_mlp = isinstance(self.mlp, LlamaMLP)
@@ -214,13 +216,15 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    layer_class: type[LlamaDecoderLayer] = LlamaDecoderLayer
+
     def __init__(
         self, config: ModelConfig, ctx: BuildContext, prefix: str, build_mlp: MlpBuilder = dense_mlp
     ) -> None:
         super().__init__()
         self.embed_tokens = token_embedding(config, ctx, prefix)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, ctx, join_prefix(prefix, f"layers.{i}"), build_mlp)
+            self.layer_class(config, i, ctx, join_prefix(prefix, f"layers.{i}"), build_mlp)
             for i in range(config.num_layers)
         )
         self.norm = RMSNorm(
@@ -245,19 +249,21 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(DecoderForCausalLM):
     build_mlp: MlpBuilder = staticmethod(dense_mlp)
+    model_class: type[LlamaModel] = LlamaModel
 
     def __init__(self, config: ModelConfig, ctx: BuildContext | None = None, prefix: str = "") -> None:
-        build_mlp = type(self).build_mlp
+        build_mlp, model_class = type(self).build_mlp, type(self).model_class
         super().__init__(
             config,
             ctx or BuildContext(),
             prefix,
-            lambda config, ctx, prefix: LlamaModel(config, ctx, prefix, build_mlp),
+            lambda config, ctx, prefix: model_class(config, ctx, prefix, build_mlp),
         )
         # Fused layers whose checkpoints (and PEFT adapters) name them whole, under our names.
-        self.checkpoint_fused_modules: tuple[str, ...] = (
-            ("qkv_proj", "gate_up_proj") if config.architecture == "Phi3ForCausalLM" else ()
-        )
+        self.checkpoint_fused_modules: tuple[str, ...] = {
+            "Phi3ForCausalLM": ("qkv_proj", "gate_up_proj"),
+            "GlmForCausalLM": ("gate_up_proj",),
+        }.get(config.architecture, ())
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[num_rows, hidden] -> [num_rows, vocab_size] float32; Granite's divided by logits_scaling

@@ -35,6 +35,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Starcoder2ForCausalLM": ("engine.model.models.starcoder2", "Starcoder2ForCausalLM"),
     "Olmo2ForCausalLM": ("engine.model.models.olmo2", "Olmo2ForCausalLM"),
     "Olmo3ForCausalLM": ("engine.model.models.olmo2", "Olmo2ForCausalLM"),
+    "GlmForCausalLM": ("engine.model.models.glm", "GlmForCausalLM"),
+    "Glm4ForCausalLM": ("engine.model.models.glm", "Glm4ForCausalLM"),
     "GemmaForCausalLM": ("engine.model.models.gemma", "GemmaForCausalLM"),
     "Gemma2ForCausalLM": ("engine.model.models.gemma", "GemmaForCausalLM"),
     "Gemma3ForCausalLM": ("engine.model.models.gemma", "GemmaForCausalLM"),

@@ -1,0 +1,123 @@
+"""GLM-4 (`GlmForCausalLM`: glm-4-9b(-chat)-hf) and GLM-4-0414 (`Glm4ForCausalLM`: GLM-4-9B/32B-0414,
+GLM-Z1): the Llama decoder (engine.model.models.llama) as transformers' modeling_glm / modeling_glm4 build it:
+- rotary over the first half of each head (`partial_rotary_factor`, default 0.5) on interleaved pairs of
+  dims (2i, 2i + 1), GPT-J style, where weir's kernels rotate halves (i, i + rotary_dim / 2). Reordering the
+  rotary rows of each head of q_proj and k_proj at load (the even dims, then the odd ones) turns one into
+  the other: q and k get the same order, so every q.k, and the attention, is unchanged; v and the output
+  projection are untouched (`InterleavedRopeQKVLinear`);
+- q/k/v biases (`attention_bias`, on by default), none on o_proj or the MLP;
+- the MLP's gate and up projections fused in the checkpoint (`gate_up_proj`, gate first), as Phi-3's;
+- GLM-4-0414 adds a norm after attention and after the MLP, before each residual add
+  (`post_self_attn_layernorm`, `post_mlp_layernorm`; `post_attention_layernorm` is the norm before the MLP).
+
+The reordering is of float rows: quantized GLM checkpoints are refused at start (engine.config), and so are
+adapters on q/k/v (their B rows would need it too: `lora_unsupported_modules`); o_proj, gate_up_proj (whole,
+as PEFT adapts the fused layer) and down_proj take adapters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.model.build_context import BuildContext, join_prefix
+from engine.model.checkpoint_slice import materialize
+from engine.model.layers.linear import QKVParallelLinear
+from engine.model.layers.norm import RMSNorm
+from engine.model.models.causal_lm import DecoderForCausalLM
+from engine.model.models.llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaMLP,
+    LlamaModel,
+)
+from engine.model.models.olmo2 import Olmo2Model
+from engine.model_config import ModelConfig
+
+
+def interleaved_to_halves(rows: torch.Tensor, head_dim: int, rotary_dim: int) -> torch.Tensor:
+    """q or k projection rows [heads * head_dim, ...] (a weight or a bias) with each head's first
+    rotary_dim rows reordered from interleaved pairs to halves: new row j < rotary_dim / 2 is old row 2j,
+    new row rotary_dim / 2 + j is old row 2j + 1; the rows past rotary_dim stay."""
+    heads = rows.shape[0] // head_dim
+    per_head = rows.reshape(heads, head_dim, *rows.shape[1:])
+    order = torch.cat(
+        [torch.arange(0, rotary_dim, 2), torch.arange(1, rotary_dim, 2), torch.arange(rotary_dim, head_dim)]
+    )
+    return per_head[:, order].reshape(rows.shape)
+
+
+class InterleavedRopeQKVLinear(QKVParallelLinear):
+    """QKVParallelLinear for a checkpoint whose rope turns interleaved pairs: its q and k shards' rows are
+    reordered at load (interleaved_to_halves), before the usual per-rank split (a rank's heads are whole)."""
+
+    rotary_dim = 0  # set by GlmAttention once built
+
+    def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+        if shard_id is None:  # GLM checkpoints keep q_proj, k_proj and v_proj apart
+            raise ValueError(f"{self.prefix}: a fused q/k/v tensor in a GLM checkpoint is not supported")
+        if shard_id in ("q", "k"):
+            loaded_weight = interleaved_to_halves(materialize(loaded_weight), self.head_size, self.rotary_dim)
+        super().weight_loader(param, loaded_weight, shard_id)
+
+
+class GlmAttention(LlamaAttention):
+    qkv_class = InterleavedRopeQKVLinear
+
+    def __init__(self, config: ModelConfig, layer_idx: int, ctx: BuildContext, prefix: str) -> None:
+        super().__init__(config, layer_idx, ctx, prefix)
+        self.qkv_proj.rotary_dim = config.rotary_dim
+
+
+class GlmDecoderLayer(LlamaDecoderLayer):
+    attention_class = GlmAttention
+
+
+class GlmModel(LlamaModel):
+    layer_class = GlmDecoderLayer
+
+
+class GlmForCausalLM(LlamaForCausalLM):
+    model_class = GlmModel
+    lora_unsupported_modules = ("qkv_proj",)
+
+
+class Glm4DecoderLayer(nn.Module):
+    """A norm before and after each of attention and the MLP; the layer adds its own residuals (no fused
+    add + norm: the add comes after the branch's own norm)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, ctx: BuildContext, prefix: str) -> None:
+        super().__init__()
+        eps, dtype, kernels = config.rms_norm_eps, ctx.dtype, ctx.kernels
+        self.self_attn = GlmAttention(config, layer_idx, ctx, join_prefix(prefix, "self_attn"))
+        self.mlp = LlamaMLP(config, ctx, join_prefix(prefix, "mlp"))
+        norms = (
+            "input_layernorm",
+            "post_self_attn_layernorm",
+            "post_attention_layernorm",
+            "post_mlp_layernorm",
+        )
+        for name in norms:
+            setattr(self, name, RMSNorm(config.hidden_size, eps, dtype, kernels, join_prefix(prefix, name)))
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: the residual stream [num_tokens, hidden] -> the same after this layer."""
+        attn = self.self_attn(positions, self.input_layernorm(hidden))
+        hidden = hidden + self.post_self_attn_layernorm(attn)
+        mlp = self.mlp(self.post_attention_layernorm(hidden))
+        return hidden + self.post_mlp_layernorm(mlp)
+
+
+class Glm4Model(Olmo2Model):  # OLMo 2's decoder: layers that add their own residuals, a final RMSNorm
+    layer_class = Glm4DecoderLayer
+
+
+class Glm4ForCausalLM(DecoderForCausalLM):
+    checkpoint_fused_modules = ("gate_up_proj",)
+    lora_unsupported_modules = ("qkv_proj",)
+
+    def __init__(self, config: ModelConfig, ctx: BuildContext | None = None, prefix: str = "") -> None:
+        super().__init__(config, ctx or BuildContext(), prefix, Glm4Model)

@@ -1,0 +1,93 @@
+"""GLM-4 and GLM-4-0414 beyond the tiny families' parity matrix (tests/e2e/test_parity.py): their rope
+turns interleaved pairs of dims, which weir's kernels (halves) serve after reordering q/k rows at load.
+Shown here: the reordering is exact on its own (the rotations agree row for row), it is what the parity
+rests on (without it the tokens change), and its two refusals: a quantized checkpoint at start, and an
+adapter on q/k/v (whose B rows it would have to reorder too), each naming what is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import LLM, LoRARequest, SamplingParams
+from engine.errors import LoRAAdapterError
+from engine.model.models.glm import interleaved_to_halves
+from tests.e2e.test_parity import _prompts, hf_greedy
+from tests.tiny_models import hf_causal_lm
+
+
+def _greedy() -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+
+
+def _rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """weir's rotation (neox style): [.., rotary_dim] with pairs (i, i + rotary_dim / 2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def test_reordered_rows_rotate_as_transformers_interleaved_pairs() -> None:
+    from transformers.models.glm.modeling_glm import apply_rotary_pos_emb
+
+    head_dim, rotary_dim, heads, positions = 16, 8, 3, 5
+    w = torch.randn(heads * head_dim, 12, dtype=torch.float64)  # a q_proj weight
+    x = torch.randn(positions, 12, dtype=torch.float64)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+    freqs = torch.arange(positions, dtype=torch.float64)[:, None] * inv_freq  # [positions, rotary_dim / 2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # transformers' cos/sin layout, which GLM interleaves itself
+    q = (x @ w.T).view(positions, heads, head_dim).transpose(0, 1)[None]  # [1, heads, positions, head_dim]
+    theirs, _ = apply_rotary_pos_emb(q, q, emb.cos()[None], emb.sin()[None])
+    ours = (x @ interleaved_to_halves(w, head_dim, rotary_dim).T).view(positions, heads, head_dim)
+    rot = _rotate_halves(ours[..., :rotary_dim], freqs.cos()[:, None], freqs.sin()[:, None])
+    ours = torch.cat([rot, ours[..., rotary_dim:]], dim=-1).transpose(0, 1)[None]
+    order = interleaved_to_halves(torch.arange(head_dim), head_dim, rotary_dim)  # where each dim went
+    torch.testing.assert_close(ours, theirs[..., order], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["glm", "glm4"])
+def test_without_the_reordering_the_tokens_change(
+    tiny_model_dirs: dict[str, Path], family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model_dir = tiny_model_dirs[family]
+    prompts = _prompts()[:4]
+    expected, _ = hf_greedy(model_dir, _prompts())
+    llm = LLM(str(model_dir), device="cpu", dtype="float32")
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, _greedy(), use_tqdm=False)] == expected[:4]
+    llm.shutdown()
+    # the checkpoint's rows as they are: each head's interleaved pairs rotated as halves
+    monkeypatch.setattr(
+        "engine.model.models.glm.interleaved_to_halves", lambda rows, head_dim, rotary_dim: rows
+    )
+    outs = LLM(str(model_dir), device="cpu", dtype="float32").generate(prompts, _greedy(), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] != expected[:4]
+
+
+def test_quantized_glm_is_refused_at_start(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    from tests.engine.quantization.checkpoints import FORMATS
+
+    _, writer = FORMATS["gptq-4-g32"]
+    quantized, _ = writer(tiny_model_dirs["glm"], tmp_path)
+    with pytest.raises(ValueError) as err:
+        LLM(str(quantized), device="cpu", dtype="float32")
+    assert "is not supported for GlmForCausalLM: its q/k rows are reordered at load" in str(err.value)
+
+
+def test_adapter_on_q_proj_is_refused_naming_it(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model_dir = tiny_model_dirs["glm"]
+    peft = get_peft_model(
+        hf_causal_lm(str(model_dir), dtype=torch.float32),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], lora_dropout=0.0),
+    )
+    peft.save_pretrained(str(tmp_path / "q"))
+    llm = LLM(str(model_dir), device="cpu", dtype="float32", enable_lora=True, max_lora_rank=8)
+    with pytest.raises(LoRAAdapterError) as err:
+        llm.generate(
+            _prompts()[:1], _greedy(), lora_request=LoRARequest("q", 1, str(tmp_path / "q")), use_tqdm=False
+        )
+    message = str(err.value)
+    assert "q_proj" in message
+    assert "supported: down_proj, gate_up_proj, o_proj" in message

@@ -51,6 +51,8 @@ TRANSFORMERS_DEFAULTS: dict[str, dict[str, Any]] = {
         }
         for family in ("Glm", "Glm4")
     },
+    "Cohere": {"max_position_embeddings": 8192, "eos_token_id": 255001},
+    "Cohere2": {"max_position_embeddings": 8192, "eos_token_id": 255001, "sliding_window": 4096},
     "Starcoder2": {"num_key_value_heads": 2, "max_position_embeddings": 4096},
     "SmolLM3": {"num_key_value_heads": 4, "max_position_embeddings": 32768, "rope_theta": 2_000_000.0},
     "GraniteMoe": {"num_local_experts": 8, "num_experts_per_tok": 2},

@@ -120,6 +120,8 @@ class ModelConfig:
     # The checkpoint rotates interleaved pairs of those dims (2i, 2i+1), GPT-J style (GLM), not the two
     # halves (i, i + rotary_dim / 2): q/k rows are reordered at load (engine.model.models.glm).
     rope_interleaved: bool = False
+    # Cohere's logit_scale: the logits multiplied by it (1.0 elsewhere; Granite divides by logits_scaling).
+    logit_scale: float = 1.0
 
     @property
     def rotary_dim(self) -> int:
@@ -355,6 +357,13 @@ class ModelConfig:
         moe = moe_fields(family, cfg, num_layers, model_path)
         rope_layers = _smollm3_rope_layers(cfg, num_layers, model_path) if family == "SmolLM3" else ()
         sliding_window, layer_types = _sliding_layers(family, cfg, num_layers, model_path, rope_layers)
+        if family == "Cohere2":  # transformers' Cohere2Attention rotates on its sliding layers only
+            rope_layers = tuple(t == SLIDING_ATTENTION for t in layer_types) or (False,) * num_layers
+        if family == "Cohere" and bool_field(cfg, "use_qk_norm", model_path, default=False):
+            raise ValueError(
+                f"unsupported use_qk_norm true in {config_file(model_path)} for CohereForCausalLM (Command R+'s "
+                "per-head q/k LayerNorms): weir serves Cohere without them"
+            )
         resolved_len = _resolve_max_model_len(
             max_model_len, max_position_embeddings, rope_scaling, model_path
         )
@@ -415,7 +424,9 @@ class ModelConfig:
             max_model_len=resolved_len,
             # (the Gemma, StarCoder2 and SmolLM3 configs' default is tied)
             tie_word_embeddings=bool(
-                cfg.get("tie_word_embeddings", gemma or family in ("Starcoder2", "SmolLM3"))
+                cfg.get(
+                    "tie_word_embeddings", gemma or family in ("Starcoder2", "SmolLM3", "Cohere", "Cohere2")
+                )
             ),
             qkv_bias=qkv_bias,
             o_proj_bias=o_proj_bias,
@@ -429,7 +440,10 @@ class ModelConfig:
             device=resolved_device,
             generation_defaults=generation_defaults,
             partial_rotary_dim=0 if rotary_dim == head_dim else rotary_dim,
-            rope_interleaved=family in ("Glm", "Glm4"),
+            rope_interleaved=family in ("Glm", "Glm4", "Cohere", "Cohere2"),
+            logit_scale=positive_number(cfg.get("logit_scale", 0.0625), "logit_scale", model_path)
+            if family in ("Cohere", "Cohere2")
+            else 1.0,
             hidden_act=hidden_act,
             layer_types=layer_types,
             query_pre_attn_scalar=query_pre_attn_scalar,
@@ -465,7 +479,7 @@ def _layer_norm_eps(family: str, cfg: dict[str, Any], model_path: str) -> float:
     """The LayerNorms' epsilon of the families that have LayerNorms with weight and bias (StableLM's
     Phi's and GPT-NeoX's `layer_norm_eps`, StarCoder2's `norm_epsilon`); read only there: another family's config may say
     anything under those keys."""
-    keys = {"StableLm": "layer_norm_eps", "Phi": "layer_norm_eps", "GPTNeoX": "layer_norm_eps"}
+    keys = {family: "layer_norm_eps" for family in ("StableLm", "Phi", "GPTNeoX", "Cohere", "Cohere2")}
     key = {**keys, "Starcoder2": "norm_epsilon"}.get(family)
     return 1e-5 if key is None else positive_number(cfg.get(key, 1e-5), key, model_path)
 
@@ -737,6 +751,12 @@ def _sliding_layers(
             return None, ()
         window = _window(window, model_path, nullable=True)
         default = [SLIDING_ATTENTION] * num_layers
+    elif (
+        family == "Cohere2"
+    ):  # transformers' Cohere2Config: sliding_window_pattern - 1 sliding layers, a full one
+        window = _window(window, model_path, nullable=False)
+        pattern = int_field(cfg, "sliding_window_pattern", model_path, default=4)
+        default = [SLIDING_ATTENTION if (i + 1) % pattern else FULL_ATTENTION for i in range(num_layers)]
     elif family == "Olmo3":  # transformers' Olmo3Config: three sliding layers, then a full one
         window = _window(window, model_path, nullable=False)
         default = [SLIDING_ATTENTION if (i + 1) % 4 else FULL_ATTENTION for i in range(num_layers)]

@@ -70,7 +70,9 @@ PART_A_LIMIT_S = float(os.environ.get("WEIR_PART_A_LIMIT_S", "120"))
 DRY_RUN = "--dry-run" in sys.argv
 DEVICE = "cpu" if DRY_RUN else "cuda"
 NEW_FAMILIES = (  # most telling first: part a stops starting families at its time limit
+    "cohere2",  # (2026-12-08: not yet on a GPU)
     "glm4",  # (2026-12-08: not yet on a GPU)
+    "cohere",  # (2026-12-08: not yet on a GPU)
     "glm",  # (2026-12-08: not yet on a GPU)
     "seed_oss",  # (2026-12-08: not yet on a GPU)
     "ministral",  # (2026-12-08: not yet on a GPU)

@@ -109,6 +109,8 @@ FAMILIES = (
     "seed_oss",
     "glm",
     "glm4",
+    "cohere",
+    "cohere2",
     "qwen2_yarn",
     "llama_dynamic",
 )
@@ -153,6 +155,7 @@ WINDOWS = {
     "starcoder2": 12,
     "olmo3": 10,
     "ministral": 11,
+    "cohere2": 10,
 }
 # Rope scalings with lengths the parity tests' prompts + outputs (up to 68 tokens) cross or stay under:
 # yarn's pretraining length (its scaling is static, so it changes every position's rotation, its ramp
@@ -167,6 +170,8 @@ OTHER_FAMILIES = ("gemma", "qwen2_window", "qwen2_moe_window", "phi3_window")
 def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
     """A tiny transformers config of the given family (random weights are drawn later)."""
     from transformers import (
+        Cohere2Config,
+        CohereConfig,
         Gemma2Config,
         Gemma3TextConfig,
         GemmaConfig,
@@ -343,6 +348,13 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
             layer_types=layer_types,
             pad_token_id=0,
         )
+    if family == "cohere":  # a parallel block on one bias-free LayerNorm, interleaved rope, logits scaled
+        base = {k: v for k, v in common.items() if k not in ("rms_norm_eps", "tie_word_embeddings")}
+        return CohereConfig(**base, logit_scale=0.5, pad_token_id=0)
+    if family == "cohere2":  # the same with a window on the first layer of two; the second has no rope
+        base = {k: v for k, v in common.items() if k not in ("rms_norm_eps", "tie_word_embeddings")}
+        layer_types = ["sliding_attention", "full_attention"]
+        return Cohere2Config(**base, sliding_window=WINDOWS[family], layer_types=layer_types, pad_token_id=0)
     if family in ("glm", "glm4"):  # half of each head rotates on interleaved pairs; q/k/v biases (defaults)
         glm_class = GlmConfig if family == "glm" else Glm4Config  # glm4: norms after attention and the MLP
         return glm_class(**{**common, "head_dim": 16}, pad_token_id=0)

@@ -1,8 +1,9 @@
-"""GLM-4 and GLM-4-0414 beyond the tiny families' parity matrix (tests/e2e/test_parity.py): their rope
-turns interleaved pairs of dims, which weir's kernels (halves) serve after reordering q/k rows at load.
-Shown here: the reordering is exact on its own (the rotations agree row for row), it is what the parity
-rests on (without it the tokens change), and its two refusals: a quantized checkpoint at start, and an
-adapter on q/k/v (whose B rows it would have to reorder too), each naming what is refused."""
+"""GLM-4, GLM-4-0414, Cohere Command R and Command R7B beyond the tiny families' parity matrix
+(tests/e2e/test_parity.py): their rope turns interleaved pairs of dims, which weir's kernels (halves) serve
+after reordering q/k rows at load. Shown here: the reordering is exact on its own (the rotations agree row
+for row), it is what the parity rests on (without it the tokens change), Command R7B's full layers have no
+rope (rotating them changes the tokens), and the refusals: a quantized checkpoint at start, an adapter on
+q/k/v (whose B rows it would have to reorder too), Command R+'s q/k norms, each naming what is refused."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def test_reordered_rows_rotate_as_transformers_interleaved_pairs() -> None:
     torch.testing.assert_close(ours, theirs[..., order], rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("family", ["glm", "glm4"])
+@pytest.mark.parametrize("family", ["glm", "glm4", "cohere", "cohere2"])
 def test_without_the_reordering_the_tokens_change(
     tiny_model_dirs: dict[str, Path], family: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -91,3 +92,29 @@ def test_adapter_on_q_proj_is_refused_naming_it(tiny_model_dirs: dict[str, Path]
     message = str(err.value)
     assert "q_proj" in message
     assert "supported: down_proj, gate_up_proj, o_proj" in message
+
+
+def test_command_r7b_full_layers_have_no_rope(
+    tiny_model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model_dir = tiny_model_dirs["cohere2"]  # layer 0 sliding (rotates), layer 1 full (no position embedding)
+    prompts = _prompts()[:4]
+    expected, _ = hf_greedy(model_dir, _prompts())
+    monkeypatch.setattr("engine.model_config.ModelConfig.layer_has_rope", lambda self, layer_idx: True)
+    outs = LLM(str(model_dir), device="cpu", dtype="float32").generate(prompts, _greedy(), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] != expected[:4]
+
+
+def test_command_r_plus_qk_norm_is_refused(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    import json
+
+    model_dir = tmp_path / "cohere_qk"
+    model_dir.mkdir()
+    for f in tiny_model_dirs["cohere"].iterdir():
+        (model_dir / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**cfg, "use_qk_norm": True}))
+    with pytest.raises(
+        ValueError, match="unsupported use_qk_norm true in .*config.json for CohereForCausalLM"
+    ):
+        LLM(str(model_dir), device="cpu", dtype="float32")

@@ -42,6 +42,8 @@ ARCHITECTURES = {
     "seed_oss": "SeedOssForCausalLM",
     "glm": "GlmForCausalLM",
     "glm4": "Glm4ForCausalLM",
+    "cohere": "CohereForCausalLM",
+    "cohere2": "Cohere2ForCausalLM",
     "qwen2_yarn": "Qwen2ForCausalLM",
     "llama_dynamic": "LlamaForCausalLM",
 }
@@ -534,3 +536,34 @@ def test_glm_defaults_read_as_transformers(family: str) -> None:
         ValueError, match=r"partial_rotary_factor 0.35 in /m gives rotary_dim 5 for head_dim 16"
     ):
         _read(_set(family, partial_rotary_factor=0.35))  # an odd rotary_dim: pairs cannot be formed
+
+
+@pytest.mark.parametrize("family", ["cohere", "cohere2"])
+def test_cohere_defaults_read_as_transformers(family: str) -> None:
+    """A Cohere config.json that leaves out logit_scale, layer_norm_eps, tie_word_embeddings,
+    num_key_value_heads and (Command R7B) layer_types is read as CohereConfig / Cohere2Config read it:
+    0.0625, 1e-5, tied, multi-head, three sliding layers then a full one, rope on the sliding layers only."""
+    from transformers import Cohere2Config, CohereConfig
+
+    config_class = CohereConfig if family == "cohere" else Cohere2Config
+    drop = ("logit_scale", "layer_norm_eps", "tie_word_embeddings", "num_key_value_heads", "layer_types")
+    bare = _set(family, drop=drop, num_hidden_layers=8)
+    ours = _read(bare)
+    ref = config_class(**{k: v for k, v in bare.items() if k != "architectures"})
+    assert (ours.logit_scale, ours.layer_norm_eps, ours.tie_word_embeddings) == (
+        ref.logit_scale,
+        ref.layer_norm_eps,
+        ref.tie_word_embeddings,
+    )
+    assert ours.num_kv_heads == ref.num_key_value_heads == ref.num_attention_heads
+    assert ours.rope_interleaved
+    if family == "cohere2":
+        assert list(ours.layer_types) == ref.layer_types
+        assert [ours.layer_has_rope(i) for i in range(8)] == [
+            t == "sliding_attention" for t in ref.layer_types
+        ]
+        assert [ours.layer_has_rope(i) for i in range(8)] == [True, True, True, False] * 2
+    else:
+        assert not ours.layer_types and all(ours.layer_has_rope(i) for i in range(8))
+    with pytest.raises(ValueError, match=r"logit_scale in /m/config.json must be a positive number; got 0"):
+        _read(_set(family, logit_scale=0))

@@ -347,7 +347,8 @@ def test_async_engine_generates_with_adapters(lora_setup: dict) -> None:
 
 
 @pytest.mark.parametrize(
-    "family", ["gemma2", "granite", "olmo2", "olmo", "stablelm", "starcoder2", "phi", "gpt_neox", "glm4"]
+    "family",
+    ["gemma2", "granite", "olmo2", "olmo", "stablelm", "starcoder2", "phi", "gpt_neox", "glm4", "cohere2"],
 )
 def test_family_adapter_matches_peft(tiny_model_dirs: dict[str, Path], tmp_path: Path, family: str) -> None:
     """An adapter on all seven projections of the families whose decoders are not Llama's: Gemma 2
@@ -359,7 +360,7 @@ def test_family_adapter_matches_peft(tiny_model_dirs: dict[str, Path], tmp_path:
     (`dense` for the output projection, fc1 and fc2, in its parallel block), and GPT-NeoX's three outside
     its fused q/k/v (named `gpt_neox.layers.N.attention.dense` and `...mlp.dense_h_to_4h` in PEFT's keys),
     and GLM-4-0414's three outside q/k/v (o_proj, down_proj and the checkpoint's fused gate_up_proj whole;
-    post-norms after each branch)."""
+    post-norms after each branch), and Command R7B's four outside q/k/v in its parallel block."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     model_dir = tiny_model_dirs[family]
@@ -372,6 +373,8 @@ def test_family_adapter_matches_peft(tiny_model_dirs: dict[str, Path], tmp_path:
         targets = ["dense", "dense_h_to_4h", "dense_4h_to_h"]
     if family == "glm4":  # all but q/k/v (refused: tests/e2e/test_glm.py), gate and up fused as stored
         targets = ["o_proj", "gate_up_proj", "down_proj"]
+    if family == "cohere2":  # all but q/k/v, in its parallel block
+        targets = ["o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(
         hf_causal_lm(str(model_dir), dtype=torch.float32),
         LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0),

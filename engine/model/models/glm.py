@@ -54,7 +54,7 @@ class InterleavedRopeQKVLinear(QKVParallelLinear):
     """QKVParallelLinear for a checkpoint whose rope turns interleaved pairs: its q and k shards' rows are
     reordered at load (interleaved_to_halves), before the usual per-rank split (a rank's heads are whole)."""
 
-    rotary_dim = 0  # set by GlmAttention once built
+    rotary_dim = 0  # set by InterleavedRopeAttention once built
 
     def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
         if shard_id is None:  # GLM checkpoints keep q_proj, k_proj and v_proj apart
@@ -64,7 +64,9 @@ class InterleavedRopeQKVLinear(QKVParallelLinear):
         super().weight_loader(param, loaded_weight, shard_id)
 
 
-class GlmAttention(LlamaAttention):
+class InterleavedRopeAttention(LlamaAttention):
+    """Llama's attention for checkpoints whose rope turns interleaved pairs (GLM, Cohere)."""
+
     qkv_class = InterleavedRopeQKVLinear
 
     def __init__(self, config: ModelConfig, layer_idx: int, ctx: BuildContext, prefix: str) -> None:
@@ -73,7 +75,7 @@ class GlmAttention(LlamaAttention):
 
 
 class GlmDecoderLayer(LlamaDecoderLayer):
-    attention_class = GlmAttention
+    attention_class = InterleavedRopeAttention
 
 
 class GlmModel(LlamaModel):
@@ -92,7 +94,7 @@ class Glm4DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, ctx: BuildContext, prefix: str) -> None:
         super().__init__()
         eps, dtype, kernels = config.rms_norm_eps, ctx.dtype, ctx.kernels
-        self.self_attn = GlmAttention(config, layer_idx, ctx, join_prefix(prefix, "self_attn"))
+        self.self_attn = InterleavedRopeAttention(config, layer_idx, ctx, join_prefix(prefix, "self_attn"))
         self.mlp = LlamaMLP(config, ctx, join_prefix(prefix, "mlp"))
         norms = (
             "input_layernorm",

@@ -37,6 +37,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Olmo3ForCausalLM": ("engine.model.models.olmo2", "Olmo2ForCausalLM"),
     "GlmForCausalLM": ("engine.model.models.glm", "GlmForCausalLM"),
     "Glm4ForCausalLM": ("engine.model.models.glm", "Glm4ForCausalLM"),
+    "CohereForCausalLM": ("engine.model.models.cohere", "CohereForCausalLM"),
+    "Cohere2ForCausalLM": ("engine.model.models.cohere", "CohereForCausalLM"),
     "GemmaForCausalLM": ("engine.model.models.gemma", "GemmaForCausalLM"),
     "Gemma2ForCausalLM": ("engine.model.models.gemma", "GemmaForCausalLM"),
     "Gemma3ForCausalLM": ("engine.model.models.gemma", "GemmaForCausalLM"),

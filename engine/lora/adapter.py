@@ -53,6 +53,9 @@ class LoRATarget:
     # output rows, in order. Its one A serves each of them and B's rows split by these sizes, which
     # is the same product (B A x, its rows taken per sub-matrix). Empty: one sub-matrix, slice_index.
     slice_sizes: tuple[int, ...] = ()
+    # B's rows in the order weir's layer holds its output rows, where the layer reorders the checkpoint's at
+    # load (GLM's and Cohere's q/k rows: engine.model.models.glm); None: as the checkpoint has them.
+    b_row_order: torch.Tensor | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -186,6 +189,8 @@ def load_adapter(
             layer = adapter.layers[target.layer_prefix] = LoRALayerWeights(
                 a=[None] * n, b=[None] * n, scale=[1.0] * n
             )
+        if target.b_row_order is not None:
+            b = b[target.b_row_order]  # [out, r]: the rows as the layer's were reordered at load
         a = a.to(dtype).contiguous()
         scale = scaling_of(r)
         if b.dtype != dtype:  # scaled here, rounded once (see the module docstring)

@@ -225,9 +225,11 @@ def lora_targets(model: nn.Module) -> tuple[dict[str, LoRATarget], dict[str, int
         if leaf in fused_in_checkpoint:
             targets[name] = LoRATarget(name, 0, module.input_size, sum(sizes), tuple(sizes))
             continue
+        # a layer that reorders its checkpoint rows at load (GLM's q/k) says how, per sub-matrix
+        row_order = getattr(module, "lora_b_row_order", lambda index: None)
         for i, (sub, out) in enumerate(zip(sub_names, sizes, strict=True)):
             hf_name = f"{parent}.{sub}" if parent else sub
             for ours, theirs in hub_names.items():
                 hf_name = hf_name.replace(ours, theirs)
-            targets[hf_name] = LoRATarget(name, i, module.input_size, out)
+            targets[hf_name] = LoRATarget(name, i, module.input_size, out, b_row_order=row_order(i))
     return targets, num_slices

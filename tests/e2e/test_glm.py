@@ -2,8 +2,8 @@
 (tests/e2e/test_parity.py): their rope turns interleaved pairs of dims, which weir's kernels (halves) serve
 after reordering q/k rows at load. Shown here: the reordering is exact on its own (the rotations agree row
 for row), it is what the parity rests on (without it the tokens change), Command R7B's full layers have no
-rope (rotating them changes the tokens), and the refusals: a quantized checkpoint at start, an adapter on
-q/k/v (whose B rows it would have to reorder too), Command R+'s q/k norms, each naming what is refused."""
+rope (rotating them changes the tokens), adapters on q/k take the same reordering of their B rows, and the
+refusals: a quantized checkpoint at start and Command R+'s q/k norms, each naming what is refused."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from engine import LLM, LoRARequest, SamplingParams
-from engine.errors import LoRAAdapterError
 from engine.model.models.glm import interleaved_to_halves
 from tests.e2e.test_parity import _prompts, hf_greedy
 from tests.tiny_models import hf_causal_lm
@@ -75,23 +74,57 @@ def test_quantized_glm_is_refused_at_start(tiny_model_dirs: dict[str, Path], tmp
     assert "is not supported for GlmForCausalLM: its q/k rows are reordered at load" in str(err.value)
 
 
-def test_adapter_on_q_proj_is_refused_naming_it(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
-    from peft import LoraConfig, get_peft_model
+@pytest.mark.parametrize("family", ["glm", "cohere"])
+def test_adapter_on_q_and_k_matches_peft(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path, family: str
+) -> None:
+    """An adapter on q/k/v and o_proj: its q and k B rows reordered as the weights were, the tokens PEFT's;
+    loaded as they are (no reordering) they are not."""
+    from peft import LoraConfig, PeftModel, get_peft_model
 
-    model_dir = tiny_model_dirs["glm"]
-    peft = get_peft_model(
+    from engine.model.models import glm
+
+    model_dir = tiny_model_dirs[family]
+    model = get_peft_model(
         hf_causal_lm(str(model_dir), dtype=torch.float32),
-        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], lora_dropout=0.0),
+        LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0
+        ),
     )
-    peft.save_pretrained(str(tmp_path / "q"))
-    llm = LLM(str(model_dir), device="cpu", dtype="float32", enable_lora=True, max_lora_rank=8)
-    with pytest.raises(LoRAAdapterError) as err:
-        llm.generate(
-            _prompts()[:1], _greedy(), lora_request=LoRARequest("q", 1, str(tmp_path / "q")), use_tqdm=False
-        )
-    message = str(err.value)
-    assert "q_proj" in message
-    assert "supported: down_proj, gate_up_proj, o_proj" in message
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:  # B too: a fresh adapter's zero B would change nothing
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    model.save_pretrained(str(tmp_path / "qkvo"))
+    peft = PeftModel.from_pretrained(
+        hf_causal_lm(str(model_dir), dtype=torch.float32), str(tmp_path / "qkvo")
+    )
+    prompts = _prompts()[:3]
+    want = [
+        peft.eval()
+        .generate(torch.tensor([p]), max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)[
+            0, len(p) :
+        ]
+        .tolist()
+        for p in prompts
+    ]
+    adapter = LoRARequest("qkvo", 1, str(tmp_path / "qkvo"))
+
+    def run() -> list[list[int]]:
+        with LLM(str(model_dir), device="cpu", dtype="float32", enable_lora=True, max_lora_rank=8) as llm:
+            outs = llm.generate(prompts, _greedy(), lora_request=adapter, use_tqdm=False)
+            return [o.outputs[0].token_ids for o in outs]
+
+    assert run() == want
+    order = glm.InterleavedRopeQKVLinear.lora_b_row_order
+    glm.InterleavedRopeQKVLinear.lora_b_row_order = lambda self, index: (
+        None
+    )  # the checkpoint's rows as they are
+    try:
+        assert run() != want
+    finally:
+        glm.InterleavedRopeQKVLinear.lora_b_row_order = order
 
 
 def test_command_r7b_full_layers_have_no_rope(

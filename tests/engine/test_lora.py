@@ -359,8 +359,9 @@ def test_family_adapter_matches_peft(tiny_model_dirs: dict[str, Path], tmp_path:
     MLP's c_fc and c_proj and the four attention ones, all with biases; windowed attention) and Phi's six
     (`dense` for the output projection, fc1 and fc2, in its parallel block), and GPT-NeoX's three outside
     its fused q/k/v (named `gpt_neox.layers.N.attention.dense` and `...mlp.dense_h_to_4h` in PEFT's keys),
-    and GLM-4-0414's three outside q/k/v (o_proj, down_proj and the checkpoint's fused gate_up_proj whole;
-    post-norms after each branch), and Command R7B's four outside q/k/v in its parallel block."""
+    GLM-4-0414's six (q/k/v, whose q and k B rows weir reorders as it reordered their weights for its
+    interleaved rope, o_proj, down_proj and the checkpoint's fused gate_up_proj whole; post-norms after each
+    branch) and Command R7B's seven (interleaved rope too, in its parallel block)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     model_dir = tiny_model_dirs[family]
@@ -371,10 +372,8 @@ def test_family_adapter_matches_peft(tiny_model_dirs: dict[str, Path], tmp_path:
         targets = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
     if family == "gpt_neox":  # all but the fused query_key_value (refused: tests/e2e/test_gpt_neox.py)
         targets = ["dense", "dense_h_to_4h", "dense_4h_to_h"]
-    if family == "glm4":  # all but q/k/v (refused: tests/e2e/test_glm.py), gate and up fused as stored
-        targets = ["o_proj", "gate_up_proj", "down_proj"]
-    if family == "cohere2":  # all but q/k/v, in its parallel block
-        targets = ["o_proj", "gate_proj", "up_proj", "down_proj"]
+    if family == "glm4":  # q/k's B rows reordered as their weights (interleaved rope); gate and up fused
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
     model = get_peft_model(
         hf_causal_lm(str(model_dir), dtype=torch.float32),
         LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0),

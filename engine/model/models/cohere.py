@@ -9,7 +9,7 @@
 - the logits multiplied by `logit_scale` (0.0625 by default); embeddings tied by default.
 
 Command R+'s per-head q/k LayerNorms (`use_qk_norm`) are refused at start (engine.model_config); quantized
-checkpoints and adapters on q/k/v are refused as GLM's are; o_proj and the MLP take adapters.
+checkpoints are refused as GLM's are; adapters apply to every projection (their q/k B rows reordered as GLM's).
 """
 
 from __future__ import annotations
@@ -66,8 +66,6 @@ class CohereModel(OlmoModel):  # layers that add their own residuals, then a fin
 
 
 class CohereForCausalLM(DecoderForCausalLM):
-    lora_unsupported_modules = ("qkv_proj",)
-
     def __init__(self, config: ModelConfig, ctx: BuildContext | None = None, prefix: str = "") -> None:
         super().__init__(config, ctx or BuildContext(), prefix, CohereModel)
 

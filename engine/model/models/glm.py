@@ -10,9 +10,10 @@ GLM-Z1): the Llama decoder (engine.model.models.llama) as transformers' modeling
 - GLM-4-0414 adds a norm after attention and after the MLP, before each residual add
   (`post_self_attn_layernorm`, `post_mlp_layernorm`; `post_attention_layernorm` is the norm before the MLP).
 
-The reordering is of float rows: quantized GLM checkpoints are refused at start (engine.config), and so are
-adapters on q/k/v (their B rows would need it too: `lora_unsupported_modules`); o_proj, gate_up_proj (whole,
-as PEFT adapts the fused layer) and down_proj take adapters.
+The reordering is of float rows: quantized GLM checkpoints are refused at start (engine.config). Adapters
+take it too: an adapter's B rows for q_proj and k_proj are reordered the same way as it loads
+(`lora_b_row_order`), so adapters apply to all seven projections (gate_up_proj whole, as PEFT adapts the
+fused layer).
 """
 
 from __future__ import annotations
@@ -63,6 +64,14 @@ class InterleavedRopeQKVLinear(QKVParallelLinear):
             loaded_weight = interleaved_to_halves(materialize(loaded_weight), self.head_size, self.rotary_dim)
         super().weight_loader(param, loaded_weight, shard_id)
 
+    def lora_b_row_order(self, index: int) -> torch.Tensor | None:
+        """An adapter's B rows for sub-matrix `index` (q 0, k 1, v 2) in this layer's row order: q's and k's
+        reordered as their weights were (engine.lora.layers.lora_targets)."""
+        if index == 2:
+            return None
+        heads = self.total_num_heads if index == 0 else self.total_num_kv_heads
+        return interleaved_to_halves(torch.arange(heads * self.head_size), self.head_size, self.rotary_dim)
+
 
 class InterleavedRopeAttention(LlamaAttention):
     """Llama's attention for checkpoints whose rope turns interleaved pairs (GLM, Cohere)."""
@@ -84,7 +93,6 @@ class GlmModel(LlamaModel):
 
 class GlmForCausalLM(LlamaForCausalLM):
     model_class = GlmModel
-    lora_unsupported_modules = ("qkv_proj",)
 
 
 class Glm4DecoderLayer(nn.Module):
@@ -119,7 +127,6 @@ class Glm4Model(Olmo2Model):  # OLMo 2's decoder: layers that add their own resi
 
 class Glm4ForCausalLM(DecoderForCausalLM):
     checkpoint_fused_modules = ("gate_up_proj",)
-    lora_unsupported_modules = ("qkv_proj",)
 
     def __init__(self, config: ModelConfig, ctx: BuildContext | None = None, prefix: str = "") -> None:
         super().__init__(config, ctx or BuildContext(), prefix, Glm4Model)

@@ -52,6 +52,20 @@ TRANSFORMERS_DEFAULTS: dict[str, dict[str, Any]] = {
         for family in ("Glm", "Glm4")
     },
     "Cohere": {"max_position_embeddings": 8192, "eos_token_id": 255001},
+    "Helium": {
+        "num_key_value_heads": 20,
+        "head_dim": 128,
+        "rms_norm_eps": 1e-8,
+        "max_position_embeddings": 4096,
+        "rope_theta": 100_000.0,
+    },
+    "Ernie4_5": {
+        "num_key_value_heads": 2,
+        "head_dim": 128,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 131072,
+        "rope_theta": 500_000.0,
+    },
     "Cohere2": {"max_position_embeddings": 8192, "eos_token_id": 255001, "sliding_window": 4096},
     "Starcoder2": {"num_key_value_heads": 2, "max_position_embeddings": 4096},
     "SmolLM3": {"num_key_value_heads": 4, "max_position_embeddings": 32768, "rope_theta": 2_000_000.0},

@@ -341,11 +341,15 @@ class ModelConfig:
             *GEMMA_FAMILIES,
         )
         o_proj_bias = attention_bias if family in o_proj_families else False
-        mlp_bias = bool(cfg.get("mlp_bias", False)) if family in ("Llama", "Granite", "SmolLM3") else False
+        mlp_bias = (
+            bool(cfg.get("mlp_bias", False)) if family in ("Llama", "Granite", "SmolLM3", "Helium") else False
+        )
         if family in ("Starcoder2", "Phi"):  # one bias setting for every projection
             o_proj_bias = mlp_bias = qkv_bias
         if family == "GPTNeoX":  # attention_bias for query_key_value and dense; the MLP's always
             o_proj_bias, mlp_bias = qkv_bias, True
+        if family == "Ernie4_5":  # one flag for every projection
+            qkv_bias = o_proj_bias = mlp_bias = bool_field(cfg, "use_bias", model_path, default=False)
         if family == "SeedOss":
             o_proj_bias = bool_field(cfg, "attention_out_bias", model_path, default=False)
             mlp_bias = bool_field(cfg, "mlp_bias", model_path, default=False)
@@ -425,7 +429,8 @@ class ModelConfig:
             # (the Gemma, StarCoder2 and SmolLM3 configs' default is tied)
             tie_word_embeddings=bool(
                 cfg.get(
-                    "tie_word_embeddings", gemma or family in ("Starcoder2", "SmolLM3", "Cohere", "Cohere2")
+                    "tie_word_embeddings",
+                    gemma or family in ("Starcoder2", "SmolLM3", "Cohere", "Cohere2", "Ernie4_5"),
                 )
             ),
             qkv_bias=qkv_bias,
@@ -440,7 +445,7 @@ class ModelConfig:
             device=resolved_device,
             generation_defaults=generation_defaults,
             partial_rotary_dim=0 if rotary_dim == head_dim else rotary_dim,
-            rope_interleaved=family in ("Glm", "Glm4", "Cohere", "Cohere2"),
+            rope_interleaved=family in ("Glm", "Glm4", "Cohere", "Cohere2", "Helium", "Ernie4_5"),
             logit_scale=positive_number(cfg.get("logit_scale", 0.0625), "logit_scale", model_path)
             if family in ("Cohere", "Cohere2")
             else 1.0,

@@ -73,6 +73,8 @@ NEW_FAMILIES = (  # most telling first: part a stops starting families at its ti
     "cohere2",  # (2026-12-08: not yet on a GPU)
     "glm4",  # (2026-12-08: not yet on a GPU)
     "cohere",  # (2026-12-08: not yet on a GPU)
+    "ernie4_5",  # (2026-12-08: not yet on a GPU)
+    "helium",  # (2026-12-08: not yet on a GPU)
     "glm",  # (2026-12-08: not yet on a GPU)
     "seed_oss",  # (2026-12-08: not yet on a GPU)
     "ministral",  # (2026-12-08: not yet on a GPU)

@@ -111,6 +111,8 @@ FAMILIES = (
     "glm4",
     "cohere",
     "cohere2",
+    "helium",
+    "ernie4_5",
     "qwen2_yarn",
     "llama_dynamic",
 )
@@ -172,6 +174,7 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
     from transformers import (
         Cohere2Config,
         CohereConfig,
+        Ernie4_5Config,
         Gemma2Config,
         Gemma3TextConfig,
         GemmaConfig,
@@ -181,6 +184,7 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
         GraniteConfig,
         GraniteMoeConfig,
         GraniteMoeSharedConfig,
+        HeliumConfig,
         LlamaConfig,
         MinistralConfig,
         MistralConfig,
@@ -355,6 +359,10 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
         base = {k: v for k, v in common.items() if k not in ("rms_norm_eps", "tie_word_embeddings")}
         layer_types = ["sliding_attention", "full_attention"]
         return Cohere2Config(**base, sliding_window=WINDOWS[family], layer_types=layer_types, pad_token_id=0)
+    if family == "helium":  # interleaved rope over the whole head; q/k/v and MLP biases by their flags
+        return HeliumConfig(**{**common, "head_dim": 16}, attention_bias=True, mlp_bias=True, pad_token_id=0)
+    if family == "ernie4_5":  # interleaved rope over the whole head; every projection's bias by use_bias
+        return Ernie4_5Config(**{**common, "head_dim": 16}, use_bias=True, pad_token_id=0)
     if family in ("glm", "glm4"):  # half of each head rotates on interleaved pairs; q/k/v biases (defaults)
         glm_class = GlmConfig if family == "glm" else Glm4Config  # glm4: norms after attention and the MLP
         return glm_class(**{**common, "head_dim": 16}, pad_token_id=0)

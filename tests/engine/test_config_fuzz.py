@@ -44,6 +44,8 @@ ARCHITECTURES = {
     "glm4": "Glm4ForCausalLM",
     "cohere": "CohereForCausalLM",
     "cohere2": "Cohere2ForCausalLM",
+    "helium": "HeliumForCausalLM",
+    "ernie4_5": "Ernie4_5ForCausalLM",
     "qwen2_yarn": "Qwen2ForCausalLM",
     "llama_dynamic": "LlamaForCausalLM",
 }
@@ -567,3 +569,35 @@ def test_cohere_defaults_read_as_transformers(family: str) -> None:
         assert not ours.layer_types and all(ours.layer_has_rope(i) for i in range(8))
     with pytest.raises(ValueError, match=r"logit_scale in /m/config.json must be a positive number; got 0"):
         _read(_set(family, logit_scale=0))
+
+
+@pytest.mark.parametrize("family", ["helium", "ernie4_5"])
+def test_helium_and_ernie_defaults_read_as_transformers(family: str) -> None:
+    """Helium's and ERNIE 4.5's configs without the keys their classes fill in (rope_theta 100,000 /
+    500,000, KV heads, head_dim, rms_norm_eps, ERNIE's tied embeddings) read as HeliumConfig /
+    Ernie4_5Config read them; their biases by their own flags; their rope turns interleaved pairs."""
+    from transformers import Ernie4_5Config, HeliumConfig
+
+    config_class = HeliumConfig if family == "helium" else Ernie4_5Config
+    drop = ("num_key_value_heads", "head_dim", "rms_norm_eps", "rope_parameters", "tie_word_embeddings")
+    heads = 20 if family == "helium" else 4  # a multiple of the default KV heads (Helium's 20, ERNIE's 2)
+    bare = _set(family, drop=drop, num_attention_heads=heads, hidden_size=128 * heads)
+    ours = _read(bare)
+    ref = config_class(**{k: v for k, v in bare.items() if k != "architectures"})
+    assert (ours.num_kv_heads, ours.head_dim, ours.rms_norm_eps, ours.tie_word_embeddings) == (
+        ref.num_key_value_heads,
+        ref.head_dim,
+        ref.rms_norm_eps,
+        ref.tie_word_embeddings,
+    )
+    assert (
+        ours.rope_theta
+        == ref.rope_parameters["rope_theta"]
+        == (100_000.0 if family == "helium" else 500_000.0)
+    )
+    assert ours.rope_interleaved and ours.rotary_dim == ours.head_dim
+    if family == "helium":
+        assert (ours.qkv_bias, ours.o_proj_bias, ours.mlp_bias) == (True, False, True)
+    else:
+        assert (ours.qkv_bias, ours.o_proj_bias, ours.mlp_bias) == (True, True, True)
+        assert _read(_set(family, use_bias=False)).qkv_bias is False

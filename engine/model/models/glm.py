@@ -1,5 +1,8 @@
 """GLM-4 (`GlmForCausalLM`: glm-4-9b(-chat)-hf) and GLM-4-0414 (`Glm4ForCausalLM`: GLM-4-9B/32B-0414,
-GLM-Z1): the Llama decoder (engine.model.models.llama) as transformers' modeling_glm / modeling_glm4 build it:
+GLM-Z1): the Llama decoder (engine.model.models.llama) as transformers' modeling_glm / modeling_glm4 build it.
+Helium (`HeliumForCausalLM`: q/k/v biases by `attention_bias`, the MLP's by `mlp_bias`) and ERNIE 4.5 dense
+(`Ernie4_5ForCausalLM`: every projection's bias by `use_bias`) are GlmForCausalLM too: the Llama decoder with
+the same interleaved rope over the whole head (their flags read by engine.model_config). GLM's:
 - rotary over the first half of each head (`partial_rotary_factor`, default 0.5) on interleaved pairs of
   dims (2i, 2i + 1), GPT-J style, where weir's kernels rotate halves (i, i + rotary_dim / 2). Reordering the
   rotary rows of each head of q_proj and k_proj at load (the even dims, then the odd ones) turns one into

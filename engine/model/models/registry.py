@@ -37,6 +37,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Olmo3ForCausalLM": ("engine.model.models.olmo2", "Olmo2ForCausalLM"),
     "GlmForCausalLM": ("engine.model.models.glm", "GlmForCausalLM"),
     "Glm4ForCausalLM": ("engine.model.models.glm", "Glm4ForCausalLM"),
+    "HeliumForCausalLM": ("engine.model.models.glm", "GlmForCausalLM"),
+    "Ernie4_5ForCausalLM": ("engine.model.models.glm", "GlmForCausalLM"),
     "CohereForCausalLM": ("engine.model.models.cohere", "CohereForCausalLM"),
     "Cohere2ForCausalLM": ("engine.model.models.cohere", "CohereForCausalLM"),
     "GemmaForCausalLM": ("engine.model.models.gemma", "GemmaForCausalLM"),

@@ -353,7 +353,7 @@ class ModelConfig:
         if family == "SeedOss":
             o_proj_bias = bool_field(cfg, "attention_out_bias", model_path, default=False)
             mlp_bias = bool_field(cfg, "mlp_bias", model_path, default=False)
-        qk_norm = family in ("Qwen3", "Qwen3Moe", "Gemma3")
+        qk_norm = family in ("Qwen3", "Qwen3Moe", "Gemma3", "Exaone4")
         granite_families = ("Granite", "GraniteMoe", "GraniteMoeShared")
         granite = granite_fields(cfg, model_path) if family in granite_families else {}
 
@@ -363,6 +363,8 @@ class ModelConfig:
         sliding_window, layer_types = _sliding_layers(family, cfg, num_layers, model_path, rope_layers)
         if family == "Cohere2":  # transformers' Cohere2Attention rotates on its sliding layers only
             rope_layers = tuple(t == SLIDING_ATTENTION for t in layer_types) or (False,) * num_layers
+        if family == "Exaone4" and sliding_window is not None:  # with windows, its full layers have no rope
+            rope_layers = tuple(t == SLIDING_ATTENTION for t in layer_types)
         if family == "Cohere" and bool_field(cfg, "use_qk_norm", model_path, default=False):
             raise ValueError(
                 f"unsupported use_qk_norm true in {config_file(model_path)} for CohereForCausalLM (Command R+'s "
@@ -760,6 +762,14 @@ def _sliding_layers(
         family == "Cohere2"
     ):  # transformers' Cohere2Config: sliding_window_pattern - 1 sliding layers, a full one
         window = _window(window, model_path, nullable=False)
+        pattern = int_field(cfg, "sliding_window_pattern", model_path, default=4)
+        default = [SLIDING_ATTENTION if (i + 1) % pattern else FULL_ATTENTION for i in range(num_layers)]
+    elif (
+        family == "Exaone4"
+    ):  # transformers' Exaone4Config: sliding_window_pattern - 1 sliding layers, a full one
+        if window is None:
+            return None, ()
+        window = _window(window, model_path, nullable=True)
         pattern = int_field(cfg, "sliding_window_pattern", model_path, default=4)
         default = [SLIDING_ATTENTION if (i + 1) % pattern else FULL_ATTENTION for i in range(num_layers)]
     elif family == "Olmo3":  # transformers' Olmo3Config: three sliding layers, then a full one

@@ -70,6 +70,7 @@ PART_A_LIMIT_S = float(os.environ.get("WEIR_PART_A_LIMIT_S", "120"))
 DRY_RUN = "--dry-run" in sys.argv
 DEVICE = "cpu" if DRY_RUN else "cuda"
 NEW_FAMILIES = (  # most telling first: part a stops starting families at its time limit
+    "exaone4",  # (2026-12-08: not yet on a GPU)
     "cohere2",  # (2026-12-08: not yet on a GPU)
     "glm4",  # (2026-12-08: not yet on a GPU)
     "cohere",  # (2026-12-08: not yet on a GPU)

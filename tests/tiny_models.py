@@ -113,6 +113,7 @@ FAMILIES = (
     "cohere2",
     "helium",
     "ernie4_5",
+    "exaone4",
     "qwen2_yarn",
     "llama_dynamic",
 )
@@ -158,6 +159,7 @@ WINDOWS = {
     "olmo3": 10,
     "ministral": 11,
     "cohere2": 10,
+    "exaone4": 9,
 }
 # Rope scalings with lengths the parity tests' prompts + outputs (up to 68 tokens) cross or stay under:
 # yarn's pretraining length (its scaling is static, so it changes every position's rotation, its ramp
@@ -175,6 +177,7 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
         Cohere2Config,
         CohereConfig,
         Ernie4_5Config,
+        Exaone4Config,
         Gemma2Config,
         Gemma3TextConfig,
         GemmaConfig,
@@ -359,6 +362,13 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
         base = {k: v for k, v in common.items() if k not in ("rms_norm_eps", "tie_word_embeddings")}
         layer_types = ["sliding_attention", "full_attention"]
         return Cohere2Config(**base, sliding_window=WINDOWS[family], layer_types=layer_types, pad_token_id=0)
+    if (
+        family == "exaone4"
+    ):  # post-norms, per-head q/k norms; a window on layer 0, no rope on the full layer 1
+        layer_types = ["sliding_attention", "full_attention"]
+        return Exaone4Config(
+            **common, sliding_window=WINDOWS[family], layer_types=layer_types, pad_token_id=0
+        )
     if family == "helium":  # interleaved rope over the whole head; q/k/v and MLP biases by their flags
         return HeliumConfig(**{**common, "head_dim": 16}, attention_bias=True, mlp_bias=True, pad_token_id=0)
     if family == "ernie4_5":  # interleaved rope over the whole head; every projection's bias by use_bias

@@ -1,8 +1,8 @@
 """GLM-4, GLM-4-0414, Cohere Command R and Command R7B beyond the tiny families' parity matrix
 (tests/e2e/test_parity.py): their rope turns interleaved pairs of dims, which weir's kernels (halves) serve
 after reordering q/k rows at load. Shown here: the reordering is exact on its own (the rotations agree row
-for row), it is what the parity rests on (without it the tokens change), Command R7B's full layers have no
-rope (rotating them changes the tokens), adapters on q/k take the same reordering of their B rows, and the
+for row), it is what the parity rests on (without it the tokens change), adapters on q/k take the same
+reordering of their B rows, and the
 refusals: a quantized checkpoint at start and Command R+'s q/k norms, each naming what is refused."""
 
 from __future__ import annotations
@@ -125,17 +125,6 @@ def test_adapter_on_q_and_k_matches_peft(
         assert run() != want
     finally:
         glm.InterleavedRopeQKVLinear.lora_b_row_order = order
-
-
-def test_command_r7b_full_layers_have_no_rope(
-    tiny_model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    model_dir = tiny_model_dirs["cohere2"]  # layer 0 sliding (rotates), layer 1 full (no position embedding)
-    prompts = _prompts()[:4]
-    expected, _ = hf_greedy(model_dir, _prompts())
-    monkeypatch.setattr("engine.model_config.ModelConfig.layer_has_rope", lambda self, layer_idx: True)
-    outs = LLM(str(model_dir), device="cpu", dtype="float32").generate(prompts, _greedy(), use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] != expected[:4]
 
 
 def test_command_r_plus_qk_norm_is_refused(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:

@@ -264,7 +264,9 @@ def test_tp2_gemma2_windows_and_softcaps_match_transformers(tiny_model_dirs: dic
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, _greedy(), use_tqdm=False)] == expected
 
 
-@pytest.mark.parametrize("family", ["olmo", "stablelm", "starcoder2", "phi", "gpt_neox", "glm4", "cohere2"])
+@pytest.mark.parametrize(
+    "family", ["olmo", "stablelm", "starcoder2", "phi", "gpt_neox", "glm4", "cohere2", "exaone4"]
+)
 def test_tp2_layer_norm_families_match_transformers(tiny_model_dirs: dict[str, Path], family: str) -> None:
     """OLMo 1, StableLM, StarCoder2, Phi and GPT-NeoX over two ranks (Phi: its LM head's bias split with the
     vocabulary; GPT-NeoX: each rank's q/k/v heads taken from the per-head fused rows once reordered): each rank clamps its own q/k/v heads (clip_qkv is
@@ -272,7 +274,8 @@ def test_tp2_layer_norm_families_match_transformers(tiny_model_dirs: dict[str, P
     quarter of its heads (StableLM), or runs its half of StarCoder2's plain GELU MLP (the GELU is
     elementwise; c_proj's bias added once after the partial sums), and norms the replicated residual
     stream with the replicated LayerNorms; GLM-4-0414 and Command R7B: each rank's q/k heads reordered for
-    their interleaved rope (within a head, so a rank's heads stay whole); chunked prefill."""
+    their interleaved rope (within a head, so a rank's heads stay whole); EXAONE 4.0: its per-head q/k norms
+    on each rank's heads, post-norms on the replicated stream; chunked prefill."""
     model_dir = tiny_model_dirs[family]
     prompts = _prompts()
     expected, _ = hf_greedy(model_dir, prompts)

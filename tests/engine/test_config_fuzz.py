@@ -46,6 +46,7 @@ ARCHITECTURES = {
     "cohere2": "Cohere2ForCausalLM",
     "helium": "HeliumForCausalLM",
     "ernie4_5": "Ernie4_5ForCausalLM",
+    "exaone4": "Exaone4ForCausalLM",
     "qwen2_yarn": "Qwen2ForCausalLM",
     "llama_dynamic": "LlamaForCausalLM",
 }
@@ -601,3 +602,20 @@ def test_helium_and_ernie_defaults_read_as_transformers(family: str) -> None:
     else:
         assert (ours.qkv_bias, ours.o_proj_bias, ours.mlp_bias) == (True, True, True)
         assert _read(_set(family, use_bias=False)).qkv_bias is False
+
+
+def test_exaone4_windows_and_rope_read_as_transformers() -> None:
+    """EXAONE 4.0's layer types by sliding_window_pattern (three sliding layers, then a full one) when a
+    config gives none, its window's default (4096) when the key is left out, rope only on the sliding layers
+    when there is a window and on every layer without one, and per-head q/k norms."""
+    from transformers import Exaone4Config
+
+    bare = _set("exaone4", drop=("layer_types", "sliding_window"), num_hidden_layers=8)
+    ours = _read(bare)
+    ref = Exaone4Config(**{k: v for k, v in bare.items() if k != "architectures"})
+    assert (ours.sliding_window, list(ours.layer_types)) == (ref.sliding_window, ref.layer_types)
+    assert [ours.layer_has_rope(i) for i in range(8)] == [True, True, True, False] * 2
+    assert ours.num_kv_heads == ref.num_key_value_heads
+    assert ours.qk_norm and not ours.qk_norm_across_heads
+    unwindowed = _read(_set("exaone4", drop=("layer_types",), sliding_window=None, num_hidden_layers=4))
+    assert unwindowed.sliding_window is None and all(unwindowed.layer_has_rope(i) for i in range(4))

@@ -348,7 +348,19 @@ def test_async_engine_generates_with_adapters(lora_setup: dict) -> None:
 
 @pytest.mark.parametrize(
     "family",
-    ["gemma2", "granite", "olmo2", "olmo", "stablelm", "starcoder2", "phi", "gpt_neox", "glm4", "cohere2"],
+    [
+        "gemma2",
+        "granite",
+        "olmo2",
+        "olmo",
+        "stablelm",
+        "starcoder2",
+        "phi",
+        "gpt_neox",
+        "glm4",
+        "cohere2",
+        "exaone4",
+    ],
 )
 def test_family_adapter_matches_peft(tiny_model_dirs: dict[str, Path], tmp_path: Path, family: str) -> None:
     """An adapter on all seven projections of the families whose decoders are not Llama's: Gemma 2
@@ -361,7 +373,8 @@ def test_family_adapter_matches_peft(tiny_model_dirs: dict[str, Path], tmp_path:
     its fused q/k/v (named `gpt_neox.layers.N.attention.dense` and `...mlp.dense_h_to_4h` in PEFT's keys),
     GLM-4-0414's six (q/k/v, whose q and k B rows weir reorders as it reordered their weights for its
     interleaved rope, o_proj, down_proj and the checkpoint's fused gate_up_proj whole; post-norms after each
-    branch) and Command R7B's seven (interleaved rope too, in its parallel block)."""
+    branch), Command R7B's seven (interleaved rope too, in its parallel block) and EXAONE 4.0's seven (q/k
+    normed per head after the adapted projections, post-norms)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     model_dir = tiny_model_dirs[family]

@@ -272,7 +272,19 @@ def test_gemma_on_triton_matches_transformers(tiny_model_dirs: dict[str, Path], 
 @in_process
 @pytest.mark.parametrize(
     "model",
-    ["granite", "olmo2", "olmo", "stablelm", "starcoder2", "phi", "gpt_neox", "smollm3", "glm4", "cohere2"],
+    [
+        "granite",
+        "olmo2",
+        "olmo",
+        "stablelm",
+        "starcoder2",
+        "phi",
+        "gpt_neox",
+        "smollm3",
+        "glm4",
+        "cohere2",
+        "exaone4",
+    ],
 )
 def test_granite_and_olmo_on_triton_match_transformers(tiny_model_dirs: dict[str, Path], model: str) -> None:
     """Granite's attention multiplier as the paged attention's softmax scale, OLMo 2's q/k RMSNorm
@@ -282,8 +294,9 @@ def test_granite_and_olmo_on_triton_match_transformers(tiny_model_dirs: dict[str
     block with 0.4 of each head rotated (6 of 16 dims) and a biased LM head, and GPT-NeoX's per-head fused
     q/k/v with a quarter of each head rotated, and SmolLM3's NoPE layers (an identity cos/sin cache through
     the same rotary kernels), GLM-4-0414's half-head rotary on reordered q/k rows with its post-norms, and
-    Command R7B's parallel block with a window and rope on one layer, none on the other: a 21-token prompt in
-    two prefill chunks gives transformers' logits."""
+    Command R7B's parallel block with a window and rope on one layer, none on the other, and EXAONE 4.0's
+    post-norms with per-head q/k norms, likewise windowed: a 21-token prompt in two prefill chunks gives
+    transformers' logits."""
     prompt = [int(t) for t in np.random.default_rng(3).integers(3, 500, size=21)]
     runner = _runner(tiny_model_dirs[model], use_triton=True)
     assert runner.attn_layers[0].scale == (0.09 if model == "granite" else 16**-0.5)

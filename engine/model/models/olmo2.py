@@ -7,7 +7,9 @@ its norms moved and widened, as transformers' modeling_olmo2:
   [num_heads * head_dim]), before rope, not per head as Qwen3's.
 
 Tensor parallelism is refused: a rank holds only its heads, and the q/k norms need every head's sum of
-squares (an all-reduce weir does not do here).
+squares (an all-reduce weir does not do here). EXAONE 4.0 (`Exaone4ForCausalLM`) is this layer with Qwen3's
+per-head q/k norms instead (so it does take tensor parallelism) and, where it has windows, no rope on its
+full layers.
 """
 
 from __future__ import annotations
@@ -40,10 +42,12 @@ class Olmo2Attention(LlamaAttention):
 
 
 class Olmo2DecoderLayer(nn.Module):
+    attention_class: type[LlamaAttention] = Olmo2Attention  # EXAONE 4's: Llama's, q/k normed per head
+
     def __init__(self, config: ModelConfig, layer_idx: int, ctx: BuildContext, prefix: str) -> None:
         super().__init__()
         eps, dtype, kernels = config.rms_norm_eps, ctx.dtype, ctx.kernels
-        self.self_attn = Olmo2Attention(config, layer_idx, ctx, join_prefix(prefix, "self_attn"))
+        self.self_attn = self.attention_class(config, layer_idx, ctx, join_prefix(prefix, "self_attn"))
         self.mlp = LlamaMLP(config, ctx, join_prefix(prefix, "mlp"))
         self.post_attention_layernorm = RMSNorm(
             config.hidden_size, eps, dtype, kernels, join_prefix(prefix, "post_attention_layernorm")
@@ -64,6 +68,23 @@ class Olmo2Model(OlmoModel):
 
     def final_norm(self, config: ModelConfig, ctx: BuildContext, prefix: str) -> nn.Module:
         return RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.dtype, ctx.kernels, prefix)
+
+
+class Exaone4DecoderLayer(Olmo2DecoderLayer):
+    attention_class = LlamaAttention  # config.qk_norm: per-head q/k RMSNorm, as Qwen3's
+
+
+class Exaone4Model(Olmo2Model):
+    layer_class = Exaone4DecoderLayer
+
+
+class Exaone4ForCausalLM(DecoderForCausalLM):
+    """EXAONE 4.0 (`Exaone4ForCausalLM`): OLMo 2's layer (norms after attention and the MLP, none before) with
+    per-head q/k norms, so tensor parallelism works; with windows (`sliding_window`, `layer_types` or
+    `sliding_window_pattern`), its full layers have no rope (read by engine.model_config)."""
+
+    def __init__(self, config: ModelConfig, ctx: BuildContext | None = None, prefix: str = "") -> None:
+        super().__init__(config, ctx or BuildContext(), prefix, Exaone4Model)
 
 
 class Olmo2ForCausalLM(DecoderForCausalLM):

@@ -1,0 +1,26 @@
+"""Command R7B (`Cohere2ForCausalLM`) and EXAONE 4.0 (`Exaone4ForCausalLM`) with windows rotate q/k only on
+their sliding layers; their full layers have no position embedding (weir gives them an identity rotary
+table). The tiny families' parity matrix (tests/e2e/test_parity.py) has one of each kind of layer; here,
+rotating the full layer too changes the tokens, so the parity rests on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine import LLM, SamplingParams
+from tests.e2e.test_parity import _prompts, hf_greedy
+
+
+@pytest.mark.parametrize("family", ["cohere2", "exaone4"])
+def test_rope_on_the_full_layer_changes_the_tokens(
+    tiny_model_dirs: dict[str, Path], family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model_dir = tiny_model_dirs[family]  # layer 0 sliding (rotates), layer 1 full (no position embedding)
+    prompts = _prompts()[:4]
+    expected, _ = hf_greedy(model_dir, _prompts())
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    monkeypatch.setattr("engine.model_config.ModelConfig.layer_has_rope", lambda self, layer_idx: True)
+    outs = LLM(str(model_dir), device="cpu", dtype="float32").generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] != expected[:4]

@@ -61,8 +61,10 @@ class InterleavedRopeQKVLinear(QKVParallelLinear):
     rotary_dim = 0  # set by InterleavedRopeAttention once built
 
     def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
-        if shard_id is None:  # GLM checkpoints keep q_proj, k_proj and v_proj apart
-            raise ValueError(f"{self.prefix}: a fused q/k/v tensor in a GLM checkpoint is not supported")
+        if shard_id is None:  # these families' checkpoints keep q_proj, k_proj and v_proj apart
+            raise ValueError(
+                f"{self.prefix}: a fused q/k/v tensor is not supported where the rope turns interleaved pairs"
+            )
         if shard_id in ("q", "k"):
             loaded_weight = interleaved_to_halves(materialize(loaded_weight), self.head_size, self.rotary_dim)
         super().weight_loader(param, loaded_weight, shard_id)

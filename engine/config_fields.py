@@ -52,6 +52,7 @@ TRANSFORMERS_DEFAULTS: dict[str, dict[str, Any]] = {
         for family in ("Glm", "Glm4")
     },
     "Cohere": {"max_position_embeddings": 8192, "eos_token_id": 255001},
+    "Arcee": {"max_position_embeddings": 4096, "rms_norm_eps": 1e-5},
     "Exaone4": {
         "num_key_value_heads": 32,
         "max_position_embeddings": 2048,

@@ -145,7 +145,7 @@ class ModelConfig:
         return self.num_experts > 0
 
     # "silu"; "gelu_pytorch_tanh" (the Gemma families' GeGLU); StarCoder2, Phi and GPT-NeoX also "gelu_new"
-    # and "gelu_fast" (the tanh form) and "gelu" (engine.model.models.gelu_mlp)
+    # and "gelu_fast" (the tanh form) and "gelu" (engine.model.models.ungated_mlp)
     hidden_act: str = "silu"
     # per layer: "full_attention" or "sliding_attention" (the window above); empty: every layer full
     layer_types: tuple[str, ...] = ()
@@ -338,12 +338,12 @@ class ModelConfig:
             "Olmo2",
             "Olmo3",
             "SmolLM3",
+            "Arcee",
             *GEMMA_FAMILIES,
         )
         o_proj_bias = attention_bias if family in o_proj_families else False
-        mlp_bias = (
-            bool(cfg.get("mlp_bias", False)) if family in ("Llama", "Granite", "SmolLM3", "Helium") else False
-        )
+        mlp_families = ("Llama", "Granite", "SmolLM3", "Helium", "Arcee")
+        mlp_bias = bool(cfg.get("mlp_bias", False)) if family in mlp_families else False
         if family in ("Starcoder2", "Phi"):  # one bias setting for every projection
             o_proj_bias = mlp_bias = qkv_bias
         if family == "GPTNeoX":  # attention_bias for query_key_value and dense; the MLP's always
@@ -706,10 +706,14 @@ def _hidden_act(family: str, cfg: dict[str, Any], model_path: str) -> str:
         key, act = "hidden_act", cfg.get("hidden_act", "gelu_new")
     elif family == "GPTNeoX":
         key, act = "hidden_act", cfg.get("hidden_act", "gelu")
+    elif family == "Arcee":
+        key, act = "hidden_act", cfg.get("hidden_act", "relu2")
     else:
         key, act = "hidden_act", cfg.get("hidden_act", "silu")
     if family in ("Starcoder2", "Phi", "GPTNeoX"):  # their plain MLP runs torch's GELU, either form
         supported: tuple[str, ...] = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu")
+    elif family == "Arcee":  # its plain MLP: ReLU squared
+        supported = ("relu2",)
     else:
         supported = ("gelu_pytorch_tanh",) if family in GEMMA_FAMILIES else ("silu",)
     if act not in supported:

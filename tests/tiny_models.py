@@ -114,6 +114,7 @@ FAMILIES = (
     "helium",
     "ernie4_5",
     "exaone4",
+    "arcee",
     "qwen2_yarn",
     "llama_dynamic",
 )
@@ -174,6 +175,7 @@ OTHER_FAMILIES = ("gemma", "qwen2_window", "qwen2_moe_window", "phi3_window")
 def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
     """A tiny transformers config of the given family (random weights are drawn later)."""
     from transformers import (
+        ArceeConfig,
         Cohere2Config,
         CohereConfig,
         Ernie4_5Config,
@@ -362,6 +364,8 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
         base = {k: v for k, v in common.items() if k not in ("rms_norm_eps", "tie_word_embeddings")}
         layer_types = ["sliding_attention", "full_attention"]
         return Cohere2Config(**base, sliding_window=WINDOWS[family], layer_types=layer_types, pad_token_id=0)
+    if family == "arcee":  # an ungated ReLU² MLP (up_proj -> down_proj) with biases; attention biases too
+        return ArceeConfig(**common, mlp_bias=True, attention_bias=True, pad_token_id=0)
     if (
         family == "exaone4"
     ):  # post-norms, per-head q/k norms; a window on layer 0, no rope on the full layer 1

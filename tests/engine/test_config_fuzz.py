@@ -47,6 +47,7 @@ ARCHITECTURES = {
     "helium": "HeliumForCausalLM",
     "ernie4_5": "Ernie4_5ForCausalLM",
     "exaone4": "Exaone4ForCausalLM",
+    "arcee": "ArceeForCausalLM",
     "qwen2_yarn": "Qwen2ForCausalLM",
     "llama_dynamic": "LlamaForCausalLM",
 }
@@ -619,3 +620,21 @@ def test_exaone4_windows_and_rope_read_as_transformers() -> None:
     assert ours.qk_norm and not ours.qk_norm_across_heads
     unwindowed = _read(_set("exaone4", drop=("layer_types",), sliding_window=None, num_hidden_layers=4))
     assert unwindowed.sliding_window is None and all(unwindowed.layer_has_rope(i) for i in range(4))
+
+
+def test_arcee_activation_and_defaults_read_as_transformers() -> None:
+    """Arcee's ReLU² MLP (`hidden_act` relu2 by default; another activation refused naming it), its biases by
+    attention_bias (q/k/v and o_proj, as Llama's) and mlp_bias, and ArceeConfig's defaults."""
+    from transformers import ArceeConfig
+
+    bare = _set("arcee", drop=("hidden_act", "rms_norm_eps", "max_position_embeddings"))
+    ours = _read(bare)
+    ref = ArceeConfig(**{k: v for k, v in bare.items() if k != "architectures"})
+    assert (ours.hidden_act, ours.rms_norm_eps, ours.max_position_embeddings) == (
+        ref.hidden_act,
+        ref.rms_norm_eps,
+        ref.max_position_embeddings,
+    )
+    assert (ours.qkv_bias, ours.o_proj_bias, ours.mlp_bias) == (True, True, True)
+    with pytest.raises(ValueError, match=r"unsupported hidden_act 'silu' in /m; only 'relu2' is supported"):
+        _read(_set("arcee", hidden_act="silu"))

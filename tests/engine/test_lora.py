@@ -360,6 +360,7 @@ def test_async_engine_generates_with_adapters(lora_setup: dict) -> None:
         "glm4",
         "cohere2",
         "exaone4",
+        "arcee",
     ],
 )
 def test_family_adapter_matches_peft(tiny_model_dirs: dict[str, Path], tmp_path: Path, family: str) -> None:
@@ -374,7 +375,8 @@ def test_family_adapter_matches_peft(tiny_model_dirs: dict[str, Path], tmp_path:
     GLM-4-0414's six (q/k/v, whose q and k B rows weir reorders as it reordered their weights for its
     interleaved rope, o_proj, down_proj and the checkpoint's fused gate_up_proj whole; post-norms after each
     branch), Command R7B's seven (interleaved rope too, in its parallel block) and EXAONE 4.0's seven (q/k
-    normed per head after the adapted projections, post-norms)."""
+    normed per head after the adapted projections, post-norms) and Arcee's six (its ungated ReLU² MLP's
+    up_proj and down_proj: up_proj is no fused layer's half there)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     model_dir = tiny_model_dirs[family]
@@ -385,6 +387,8 @@ def test_family_adapter_matches_peft(tiny_model_dirs: dict[str, Path], tmp_path:
         targets = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
     if family == "gpt_neox":  # all but the fused query_key_value (refused: tests/e2e/test_gpt_neox.py)
         targets = ["dense", "dense_h_to_4h", "dense_4h_to_h"]
+    if family == "arcee":  # its six: the MLP has no gate (up_proj -> ReLU² -> down_proj)
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
     if family == "glm4":  # q/k's B rows reordered as their weights (interleaved rope); gate and up fused
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
     model = get_peft_model(

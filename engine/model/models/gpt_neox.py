@@ -25,9 +25,9 @@ from engine.model.checkpoint_slice import materialize
 from engine.model.layers.linear import QKVParallelLinear
 from engine.model.layers.norm import LayerNorm
 from engine.model.models.causal_lm import DecoderForCausalLM
-from engine.model.models.gelu_mlp import GeluMLP
 from engine.model.models.olmo import LayerNormDecoderModel
 from engine.model.models.phi import PhiAttention
+from engine.model.models.ungated_mlp import UngatedMLP
 from engine.model_config import ModelConfig
 
 
@@ -53,7 +53,7 @@ class GPTNeoXLayer(nn.Module):
         eps, dtype = config.layer_norm_eps, ctx.dtype
         self.self_attn = GPTNeoXAttention(config, layer_idx, ctx, join_prefix(prefix, "self_attn"))
         names = ("dense_h_to_4h", "dense_4h_to_h")
-        self.mlp = GeluMLP(config, ctx, join_prefix(prefix, "mlp"), names, bias=True)
+        self.mlp = UngatedMLP(config, ctx, join_prefix(prefix, "mlp"), names, bias=True)
         self.input_layernorm = LayerNorm(config.hidden_size, eps, dtype)
         self.post_attention_layernorm = LayerNorm(config.hidden_size, eps, dtype)
         self.parallel_residual = config.parallel_residual

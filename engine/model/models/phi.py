@@ -3,7 +3,7 @@
 - a parallel block: one LayerNorm (weight and bias, `layer_norm_eps`) feeds both attention and the MLP,
   and the layer adds both to its input: h + attn(ln(h)) + mlp(ln(h));
 - biases on q/k/v and on the output projection, named `dense` in the checkpoints;
-- an ungated MLP `fc1` -> GELU (`gelu_new`, the tanh form) -> `fc2`, with biases (engine.model.models.gelu_mlp);
+- an ungated MLP `fc1` -> GELU (`gelu_new`, the tanh form) -> `fc2`, with biases (engine.model.models.ungated_mlp);
 - a partial rotary (`partial_rotary_factor`, default 0.5; Phi-2: 0.4 of 80-dim heads);
 - `final_layernorm` after the last layer, and an LM head with a bias.
 Per-head q/k LayerNorms (`qk_layernorm`) are refused at start (engine.model_config). Its dropouts are
@@ -18,9 +18,9 @@ from torch import nn
 from engine.model.build_context import BuildContext, join_prefix
 from engine.model.layers.norm import LayerNorm
 from engine.model.models.causal_lm import DecoderForCausalLM
-from engine.model.models.gelu_mlp import GeluMLP
 from engine.model.models.llama import LlamaAttention
 from engine.model.models.olmo import LayerNormDecoderModel
+from engine.model.models.ungated_mlp import UngatedMLP
 from engine.model_config import ModelConfig
 
 
@@ -42,7 +42,7 @@ class PhiDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, ctx: BuildContext, prefix: str) -> None:
         super().__init__()
         self.self_attn = PhiAttention(config, layer_idx, ctx, join_prefix(prefix, "self_attn"))
-        self.mlp = GeluMLP(config, ctx, join_prefix(prefix, "mlp"), ("fc1", "fc2"), bias=True)
+        self.mlp = UngatedMLP(config, ctx, join_prefix(prefix, "mlp"), ("fc1", "fc2"), bias=True)
         self.input_layernorm = LayerNorm(config.hidden_size, config.layer_norm_eps, ctx.dtype)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

@@ -15,15 +15,15 @@ from torch import nn
 
 from engine.model.build_context import BuildContext
 from engine.model.models.causal_lm import DecoderForCausalLM
-from engine.model.models.gelu_mlp import GeluMLP
 from engine.model.models.olmo import LayerNormDecoderModel
 from engine.model.models.stablelm import StableLmDecoderLayer
+from engine.model.models.ungated_mlp import UngatedMLP
 from engine.model_config import ModelConfig
 
 
 class Starcoder2DecoderLayer(StableLmDecoderLayer):  # its LayerNorms and residuals, another MLP
     def build_mlp(self, config: ModelConfig, ctx: BuildContext, prefix: str) -> nn.Module:
-        return GeluMLP(config, ctx, prefix, ("c_fc", "c_proj"), config.mlp_bias)
+        return UngatedMLP(config, ctx, prefix, ("c_fc", "c_proj"), config.mlp_bias)
 
 
 class Starcoder2Model(LayerNormDecoderModel):

@@ -1,12 +1,12 @@
-"""The ungated two-layer MLP of StarCoder2 (`c_fc`, `c_proj`), Phi-1.5 / Phi-2 (`fc1`, `fc2`) and
-GPT-NeoX (`dense_h_to_4h`, `dense_4h_to_h`):
-hidden -> intermediate -> GELU -> hidden, named as each family's checkpoints name the two projections
-(so quantized checkpoints, skip lists and PEFT adapters find them). GELU runs as torch's, in the model
-dtype, as transformers' activation modules do: the tanh form for `gelu_pytorch_tanh`, `gelu_new` and
-`gelu_fast` (the same formula), the exact one for `gelu`.
+"""The ungated two-layer MLP of StarCoder2 (`c_fc`, `c_proj`), Phi-1.5 / Phi-2 (`fc1`, `fc2`), GPT-NeoX
+(`dense_h_to_4h`, `dense_4h_to_h`) and Arcee (`up_proj`, `down_proj`):
+hidden -> intermediate -> activation -> hidden, named as each family's checkpoints name the two projections
+(so quantized checkpoints, skip lists and PEFT adapters find them). The activation runs as torch's, in the
+model dtype, as transformers' activation modules do: GELU's tanh form for `gelu_pytorch_tanh`, `gelu_new` and
+`gelu_fast` (the same formula), the exact one for `gelu`, and `relu2` (Arcee) as relu(x) squared.
 
 Tensor parallelism: the first projection's columns and the second's rows split alike, so each rank
-runs its slice of the GELU (elementwise) and the second projection's partial sums meet in its all-reduce.
+runs its slice of the activation (elementwise) and the second projection's partial sums meet in its all-reduce.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from engine.model.layers.linear import ColumnParallelLinear, RowParallelLinear
 from engine.model_config import ModelConfig
 
 
-class GeluMLP(nn.Module):
+class UngatedMLP(nn.Module):
     def __init__(
         self,
         config: ModelConfig,
@@ -48,10 +48,13 @@ class GeluMLP(nn.Module):
         setattr(self, up_name, up)
         setattr(self, down_name, down)
         self._layers = (up, down)  # a tuple: the forward's handles, not registered a second time
+        self.relu2 = config.hidden_act == "relu2"
         self.approximate = "none" if config.hidden_act == "gelu" else "tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [num_tokens, hidden] -> [num_tokens, hidden]."""
         up, down = self._layers
         h = up(x)  # [num_tokens, intermediate / tp]
+        if self.relu2:
+            return down(torch.square(nn.functional.relu(h)))
         return down(nn.functional.gelu(h, approximate=self.approximate))

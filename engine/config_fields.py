@@ -53,6 +53,7 @@ TRANSFORMERS_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "Cohere": {"max_position_embeddings": 8192, "eos_token_id": 255001},
     "Arcee": {"max_position_embeddings": 4096, "rms_norm_eps": 1e-5},
+    "Apertus": {"max_position_embeddings": 65536, "rms_norm_eps": 1e-5},
     "Exaone4": {
         "num_key_value_heads": 32,
         "max_position_embeddings": 2048,

@@ -263,6 +263,13 @@ class ModelConfig:
         cfg = with_family_defaults(family, cfg)
         if family == "GPTNeoX":
             cfg = _gpt_neox_rope_keys(cfg)
+        if family == "Apertus" and not any(
+            k in cfg for k in ("rope_parameters", "rope_scaling", "rope_theta")
+        ):
+            cfg = {
+                **cfg,
+                "rope_parameters": dict(APERTUS_DEFAULT_ROPE),
+            }  # ApertusConfig's, when none is given
         hidden_act = _hidden_act(family, cfg, model_path)
 
         hidden_size = int_field(cfg, "hidden_size", model_path)
@@ -339,6 +346,7 @@ class ModelConfig:
             "Olmo3",
             "SmolLM3",
             "Arcee",
+            "Apertus",
             *GEMMA_FAMILIES,
         )
         o_proj_bias = attention_bias if family in o_proj_families else False
@@ -353,7 +361,7 @@ class ModelConfig:
         if family == "SeedOss":
             o_proj_bias = bool_field(cfg, "attention_out_bias", model_path, default=False)
             mlp_bias = bool_field(cfg, "mlp_bias", model_path, default=False)
-        qk_norm = family in ("Qwen3", "Qwen3Moe", "Gemma3", "Exaone4")
+        qk_norm = family in ("Qwen3", "Qwen3Moe", "Gemma3", "Exaone4", "Apertus")
         granite_families = ("Granite", "GraniteMoe", "GraniteMoeShared")
         granite = granite_fields(cfg, model_path) if family in granite_families else {}
 
@@ -468,6 +476,17 @@ class ModelConfig:
             **granite,
             **moe,
         )
+
+
+# transformers' ApertusConfig sets this rope when a config gives none
+APERTUS_DEFAULT_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 12_000_000.0,
+    "factor": 8.0,
+    "original_max_position_embeddings": 8192,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+}
 
 
 def _gpt_neox_rope_keys(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -708,12 +727,16 @@ def _hidden_act(family: str, cfg: dict[str, Any], model_path: str) -> str:
         key, act = "hidden_act", cfg.get("hidden_act", "gelu")
     elif family == "Arcee":
         key, act = "hidden_act", cfg.get("hidden_act", "relu2")
+    elif family == "Apertus":
+        key, act = "hidden_act", cfg.get("hidden_act", "xielu")
     else:
         key, act = "hidden_act", cfg.get("hidden_act", "silu")
     if family in ("Starcoder2", "Phi", "GPTNeoX"):  # their plain MLP runs torch's GELU, either form
         supported: tuple[str, ...] = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu")
     elif family == "Arcee":  # its plain MLP: ReLU squared
         supported = ("relu2",)
+    elif family == "Apertus":  # its plain MLP: xIELU with learned scalars
+        supported = ("xielu",)
     else:
         supported = ("gelu_pytorch_tanh",) if family in GEMMA_FAMILIES else ("silu",)
     if act not in supported:

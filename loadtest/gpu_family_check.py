@@ -72,6 +72,7 @@ DEVICE = "cpu" if DRY_RUN else "cuda"
 NEW_FAMILIES = (  # most telling first: part a stops starting families at its time limit
     "exaone4",  # (2026-12-08: not yet on a GPU)
     "arcee",  # (2026-12-08: not yet on a GPU)
+    "apertus",  # (2026-12-08: not yet on a GPU)
     "cohere2",  # (2026-12-08: not yet on a GPU)
     "glm4",  # (2026-12-08: not yet on a GPU)
     "cohere",  # (2026-12-08: not yet on a GPU)

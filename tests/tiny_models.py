@@ -115,6 +115,7 @@ FAMILIES = (
     "ernie4_5",
     "exaone4",
     "arcee",
+    "apertus",
     "qwen2_yarn",
     "llama_dynamic",
 )
@@ -175,6 +176,7 @@ OTHER_FAMILIES = ("gemma", "qwen2_window", "qwen2_moe_window", "phi3_window")
 def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
     """A tiny transformers config of the given family (random weights are drawn later)."""
     from transformers import (
+        ApertusConfig,
         ArceeConfig,
         Cohere2Config,
         CohereConfig,
@@ -364,6 +366,8 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
         base = {k: v for k, v in common.items() if k not in ("rms_norm_eps", "tie_word_embeddings")}
         layer_types = ["sliding_attention", "full_attention"]
         return Cohere2Config(**base, sliding_window=WINDOWS[family], layer_types=layer_types, pad_token_id=0)
+    if family == "apertus":  # an ungated xIELU MLP (its scalars drawn at random too), per-head q/k norms
+        return ApertusConfig(**common, attention_bias=True, pad_token_id=0)
     if family == "arcee":  # an ungated ReLU² MLP (up_proj -> down_proj) with biases; attention biases too
         return ArceeConfig(**common, mlp_bias=True, attention_bias=True, pad_token_id=0)
     if (
@@ -481,6 +485,8 @@ def build_model(
                 p.normal_(0.0, 0.08)
             elif "bias" in name:
                 p.normal_(0.0, 0.05)
+            elif "act_fn.alpha" in name:  # Apertus's xIELU scalars: each layer's own, as trained ones are
+                p.normal_(0.0, 0.5)
             elif family.startswith("gemma") and "norm" in name:  # (1 + weight): 0 would hide a missing 1
                 p.normal_(0.0, 0.3)
             elif family in _NORMS_OFF_ONE and "norm" in name:  # all-ones would hide a swapped norm

@@ -48,6 +48,7 @@ ARCHITECTURES = {
     "ernie4_5": "Ernie4_5ForCausalLM",
     "exaone4": "Exaone4ForCausalLM",
     "arcee": "ArceeForCausalLM",
+    "apertus": "ApertusForCausalLM",
     "qwen2_yarn": "Qwen2ForCausalLM",
     "llama_dynamic": "LlamaForCausalLM",
 }
@@ -638,3 +639,31 @@ def test_arcee_activation_and_defaults_read_as_transformers() -> None:
     assert (ours.qkv_bias, ours.o_proj_bias, ours.mlp_bias) == (True, True, True)
     with pytest.raises(ValueError, match=r"unsupported hidden_act 'silu' in /m; only 'relu2' is supported"):
         _read(_set("arcee", hidden_act="silu"))
+
+
+def test_apertus_defaults_read_as_transformers() -> None:
+    """Apertus without rope keys takes ApertusConfig's llama3-scaled rope (theta 1.2e7, factor 8 over 8,192);
+    its xIELU MLP (`hidden_act` xielu, another refused), per-head q/k norms and the class's other defaults."""
+    from transformers import ApertusConfig
+
+    bare = _set("apertus", drop=("rope_parameters", "hidden_act", "rms_norm_eps", "max_position_embeddings"))
+    ours = _read(bare)
+    ref = ApertusConfig(**{k: v for k, v in bare.items() if k != "architectures"})
+    assert ours.rope_theta == ref.rope_parameters["rope_theta"] == 12_000_000.0
+    assert ours.rope_scaling is not None
+    for key in (
+        "rope_type",
+        "factor",
+        "original_max_position_embeddings",
+        "low_freq_factor",
+        "high_freq_factor",
+    ):
+        assert ours.rope_scaling[key] == ref.rope_parameters[key], key
+    assert (ours.hidden_act, ours.rms_norm_eps, ours.max_position_embeddings) == (
+        ref.hidden_act,
+        ref.rms_norm_eps,
+        ref.max_position_embeddings,
+    )
+    assert ours.qk_norm and (ours.qkv_bias, ours.o_proj_bias, ours.mlp_bias) == (True, True, False)
+    with pytest.raises(ValueError, match=r"unsupported hidden_act 'silu' in /m; only 'xielu' is supported"):
+        _read(_set("apertus", hidden_act="silu"))

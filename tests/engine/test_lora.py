@@ -361,6 +361,7 @@ def test_async_engine_generates_with_adapters(lora_setup: dict) -> None:
         "cohere2",
         "exaone4",
         "arcee",
+        "apertus",
     ],
 )
 def test_family_adapter_matches_peft(tiny_model_dirs: dict[str, Path], tmp_path: Path, family: str) -> None:
@@ -376,7 +377,8 @@ def test_family_adapter_matches_peft(tiny_model_dirs: dict[str, Path], tmp_path:
     interleaved rope, o_proj, down_proj and the checkpoint's fused gate_up_proj whole; post-norms after each
     branch), Command R7B's seven (interleaved rope too, in its parallel block) and EXAONE 4.0's seven (q/k
     normed per head after the adapted projections, post-norms) and Arcee's six (its ungated ReLU² MLP's
-    up_proj and down_proj: up_proj is no fused layer's half there)."""
+    up_proj and down_proj: up_proj is no fused layer's half there), and Apertus's six (xIELU between them,
+    q/k normed per head after the adapted projections)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     model_dir = tiny_model_dirs[family]
@@ -387,7 +389,7 @@ def test_family_adapter_matches_peft(tiny_model_dirs: dict[str, Path], tmp_path:
         targets = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
     if family == "gpt_neox":  # all but the fused query_key_value (refused: tests/e2e/test_gpt_neox.py)
         targets = ["dense", "dense_h_to_4h", "dense_4h_to_h"]
-    if family == "arcee":  # its six: the MLP has no gate (up_proj -> ReLU² -> down_proj)
+    if family in ("arcee", "apertus"):  # their six: the MLP has no gate (up_proj -> activation -> down_proj)
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
     if family == "glm4":  # q/k's B rows reordered as their weights (interleaved rope); gate and up fused
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]

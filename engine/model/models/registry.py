@@ -40,6 +40,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Glm4ForCausalLM": ("engine.model.models.glm", "Glm4ForCausalLM"),
     "HeliumForCausalLM": ("engine.model.models.glm", "GlmForCausalLM"),
     "ArceeForCausalLM": ("engine.model.models.arcee", "ArceeForCausalLM"),
+    "ApertusForCausalLM": ("engine.model.models.arcee", "ApertusForCausalLM"),
     "Ernie4_5ForCausalLM": ("engine.model.models.glm", "GlmForCausalLM"),
     "CohereForCausalLM": ("engine.model.models.cohere", "CohereForCausalLM"),
     "Cohere2ForCausalLM": ("engine.model.models.cohere", "CohereForCausalLM"),

@@ -1,9 +1,10 @@
 """The ungated two-layer MLP of StarCoder2 (`c_fc`, `c_proj`), Phi-1.5 / Phi-2 (`fc1`, `fc2`), GPT-NeoX
-(`dense_h_to_4h`, `dense_4h_to_h`) and Arcee (`up_proj`, `down_proj`):
+(`dense_h_to_4h`, `dense_4h_to_h`), Arcee and Apertus (`up_proj`, `down_proj`):
 hidden -> intermediate -> activation -> hidden, named as each family's checkpoints name the two projections
 (so quantized checkpoints, skip lists and PEFT adapters find them). The activation runs as torch's, in the
 model dtype, as transformers' activation modules do: GELU's tanh form for `gelu_pytorch_tanh`, `gelu_new` and
-`gelu_fast` (the same formula), the exact one for `gelu`, and `relu2` (Arcee) as relu(x) squared.
+`gelu_fast` (the same formula), the exact one for `gelu`, `relu2` (Arcee) as relu(x) squared, and `xielu`
+(Apertus) with its learned scalars under `act_fn` (engine.model.layers.xielu).
 
 Tensor parallelism: the first projection's columns and the second's rows split alike, so each rank
 runs its slice of the activation (elementwise) and the second projection's partial sums meet in its all-reduce.
@@ -16,6 +17,7 @@ from torch import nn
 
 from engine.model.build_context import BuildContext, join_prefix
 from engine.model.layers.linear import ColumnParallelLinear, RowParallelLinear
+from engine.model.layers.xielu import XIELU
 from engine.model_config import ModelConfig
 
 
@@ -49,6 +51,8 @@ class UngatedMLP(nn.Module):
         setattr(self, down_name, down)
         self._layers = (up, down)  # a tuple: the forward's handles, not registered a second time
         self.relu2 = config.hidden_act == "relu2"
+        if config.hidden_act == "xielu":
+            self.act_fn = XIELU(ctx.dtype)
         self.approximate = "none" if config.hidden_act == "gelu" else "tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -57,4 +61,6 @@ class UngatedMLP(nn.Module):
         h = up(x)  # [num_tokens, intermediate / tp]
         if self.relu2:
             return down(torch.square(nn.functional.relu(h)))
+        if hasattr(self, "act_fn"):
+            return down(self.act_fn(h))
         return down(nn.functional.gelu(h, approximate=self.approximate))

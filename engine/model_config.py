@@ -263,13 +263,8 @@ class ModelConfig:
         cfg = with_family_defaults(family, cfg)
         if family == "GPTNeoX":
             cfg = _gpt_neox_rope_keys(cfg)
-        if family == "Apertus" and not any(
-            k in cfg for k in ("rope_parameters", "rope_scaling", "rope_theta")
-        ):
-            cfg = {
-                **cfg,
-                "rope_parameters": dict(APERTUS_DEFAULT_ROPE),
-            }  # ApertusConfig's, when none is given
+        if family == "Apertus":
+            cfg = _apertus_default_rope(cfg)
         hidden_act = _hidden_act(family, cfg, model_path)
 
         hidden_size = int_field(cfg, "hidden_size", model_path)
@@ -436,7 +431,7 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=max_position_embeddings,
             max_model_len=resolved_len,
-            # (the Gemma, StarCoder2 and SmolLM3 configs' default is tied)
+            # (the Gemma, StarCoder2, SmolLM3, Cohere and ERNIE 4.5 configs' default is tied)
             tie_word_embeddings=bool(
                 cfg.get(
                     "tie_word_embeddings",
@@ -478,15 +473,20 @@ class ModelConfig:
         )
 
 
-# transformers' ApertusConfig sets this rope when a config gives none
-APERTUS_DEFAULT_ROPE = {
-    "rope_type": "llama3",
-    "rope_theta": 12_000_000.0,
-    "factor": 8.0,
-    "original_max_position_embeddings": 8192,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-}
+def _apertus_default_rope(cfg: dict[str, Any]) -> dict[str, Any]:
+    """`cfg` with the rope transformers' ApertusConfig sets when a config gives none (no rope_parameters,
+    rope_scaling or rope_theta): llama3-scaled, theta 1.2e7, factor 8 over 8,192 positions."""
+    if any(key in cfg for key in ("rope_parameters", "rope_scaling", "rope_theta")):
+        return cfg
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 12_000_000.0,
+        "factor": 8.0,
+        "original_max_position_embeddings": 8192,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+    }
+    return {**cfg, "rope_parameters": rope}
 
 
 def _gpt_neox_rope_keys(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -502,9 +502,9 @@ def _gpt_neox_rope_keys(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _layer_norm_eps(family: str, cfg: dict[str, Any], model_path: str) -> float:
-    """The LayerNorms' epsilon of the families that have LayerNorms with weight and bias (StableLM's
-    Phi's and GPT-NeoX's `layer_norm_eps`, StarCoder2's `norm_epsilon`); read only there: another family's config may say
-    anything under those keys."""
+    """The LayerNorms' epsilon of the families that have LayerNorms (StableLM's, Phi's, GPT-NeoX's and Cohere's
+    `layer_norm_eps`, StarCoder2's `norm_epsilon`); read only there: another family's config may say anything
+    under those keys."""
     keys = {family: "layer_norm_eps" for family in ("StableLm", "Phi", "GPTNeoX", "Cohere", "Cohere2")}
     key = {**keys, "Starcoder2": "norm_epsilon"}.get(family)
     return 1e-5 if key is None else positive_number(cfg.get(key, 1e-5), key, model_path)
@@ -645,9 +645,9 @@ def _parse_rope(
 
 
 def _rotary_dim(family: str, cfg: dict[str, Any], head_dim: int, model_path: str) -> int:
-    """How many leading dims of a head rotate: Phi-3's, StableLM's and Phi's partial_rotary_factor (top
-    level, or in rope_parameters with transformers >= 5; StableLM's default 0.25, Phi's 0.5); every other
-    family rotates the whole head."""
+    """How many leading dims of a head rotate: Phi-3's, StableLM's, Phi's, GPT-NeoX's and GLM's
+    partial_rotary_factor (top level, or in rope_parameters with transformers >= 5; StableLM's and GPT-NeoX's
+    default 0.25, Phi's and GLM's 0.5); every other family rotates the whole head."""
     if family not in ("Phi3", "StableLm", "Phi", "GPTNeoX", "Glm", "Glm4"):
         return head_dim
     factor = cfg.get("partial_rotary_factor")

@@ -265,10 +265,11 @@ class EngineConfig:
                 "its fused query_key_value rows are reordered per head at load, which only float weights "
                 "take; serve an unquantized checkpoint"
             )
-        if model.rope_interleaved and quant.linear is not None:  # GLM
+        if model.rope_interleaved and quant.linear is not None and quant.method != "fp8":  # GLM, Cohere, ...
             refusal = (
                 "its q/k rows are reordered at load for the rotary kernels (interleaved pairs to halves), "
-                "which only float weights take; serve an unquantized checkpoint"
+                "which only float and FP8 weights (quant_method fp8, or --quantization fp8) take: packed "
+                "integer rows would need it too; serve an unquantized or FP8 checkpoint"
             )
         if refusal is not None:
             # The experts are stacked tensors run by the fused MoE op, which reads float, FP8 and integer

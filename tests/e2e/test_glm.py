@@ -2,8 +2,9 @@
 (tests/e2e/test_parity.py): their rope turns interleaved pairs of dims, which weir's kernels (halves) serve
 after reordering q/k rows at load. Shown here: the reordering is exact on its own (the rotations agree row
 for row), it is what the parity rests on (without it the tokens change), adapters on q/k take the same
-reordering of their B rows, and the
-refusals: a quantized checkpoint at start and Command R+'s q/k norms, each naming what is refused."""
+reordering of their B rows, FP8 checkpoints (per tensor, channel or block) and online FP8 take it too, and the
+refusals: an integer-quantized checkpoint at start, FP8 blocks that split heads, Command R+'s q/k norms, each
+naming what is refused."""
 
 from __future__ import annotations
 
@@ -64,7 +65,42 @@ def test_without_the_reordering_the_tokens_change(
     assert [o.outputs[0].token_ids for o in outs] != expected[:4]
 
 
-def test_quantized_glm_is_refused_at_start(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("family", "fmt"),
+    [("glm", "fp8-channel"), ("glm4", "fp8-block-16"), ("cohere", "fp8-tensor"), ("cohere2", "online-fp8")],
+)
+def test_fp8_checkpoints_take_the_reordering(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path, family: str, fmt: str
+) -> None:
+    """FP8 weights are rows too: an FP8 checkpoint (per channel, its [rows, 1] scales reordered with the rows;
+    per tensor; blocks of 16 rows, one head each, whose scale grid keeps its order) and online
+    `--quantization fp8` run token for token like transformers on the dequantized weights."""
+    from tests.engine.quantization.checkpoints import FORMATS, write_fp8, write_fp8_online_reference
+    from tests.engine.quantization.parity import assert_parity
+
+    src = tiny_model_dirs[family]
+    if fmt == "online-fp8":
+        quantized, reference, options = (
+            src,
+            write_fp8_online_reference(src, tmp_path),
+            {"quantization": "fp8"},
+        )
+    elif fmt == "fp8-block-16":
+        (quantized, reference), options = write_fp8(src, tmp_path, "block", block=(16, 16)), {}
+    else:
+        (quantized, reference), options = FORMATS[fmt][1](src, tmp_path), {}
+    assert_parity(quantized, reference, "default", "fp8", **options)
+
+
+def test_fp8_blocks_that_split_heads_are_refused(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    from tests.engine.quantization.checkpoints import write_fp8
+
+    quantized, _ = write_fp8(tiny_model_dirs["glm"], tmp_path, "block", block=(8, 16))  # heads of 16 rows
+    with pytest.raises(ValueError, match="FP8 weight blocks of 8 rows split heads of 16"):
+        LLM(str(quantized), device="cpu", dtype="float32")
+
+
+def test_integer_quantized_glm_is_refused_at_start(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
     from tests.engine.quantization.checkpoints import FORMATS
 
     _, writer = FORMATS["gptq-4-g32"]
@@ -72,6 +108,7 @@ def test_quantized_glm_is_refused_at_start(tiny_model_dirs: dict[str, Path], tmp
     with pytest.raises(ValueError) as err:
         LLM(str(quantized), device="cpu", dtype="float32")
     assert "is not supported for GlmForCausalLM: its q/k rows are reordered at load" in str(err.value)
+    assert "serve an unquantized or FP8 checkpoint" in str(err.value)
 
 
 @pytest.mark.parametrize("family", ["glm", "cohere"])

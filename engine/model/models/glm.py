@@ -13,7 +13,9 @@ the same interleaved rope over the whole head (their flags read by engine.model_
 - GLM-4-0414 adds a norm after attention and after the MLP, before each residual add
   (`post_self_attn_layernorm`, `post_mlp_layernorm`; `post_attention_layernorm` is the norm before the MLP).
 
-The reordering is of float rows: quantized GLM checkpoints are refused at start (engine.config). Adapters
+The reordering is of rows: float weights and FP8 ones (checkpoints with `quant_method` fp8, per tensor, channel
+or block, and online `--quantization fp8`) take it; checkpoints whose rows are packed (GPTQ, AWQ, SqueezeLLM,
+compressed-tensors) are refused at start (engine.config). Adapters
 take it too: an adapter's B rows for q_proj and k_proj are reordered the same way as it loads
 (`lora_b_row_order`), so adapters apply to all seven projections (gate_up_proj whole, as PEFT adapts the
 fused layer).
@@ -65,7 +67,16 @@ class InterleavedRopeQKVLinear(QKVParallelLinear):
             raise ValueError(
                 f"{self.prefix}: a fused q/k/v tensor is not supported where the rope turns interleaved pairs"
             )
-        if shard_id in ("q", "k"):
+        heads = {"q": self.total_num_heads, "k": self.total_num_kv_heads}.get(shard_id)
+        block_rows = getattr(param, "pack_factor", None)  # an FP8 block-scale grid: rows per block
+        if heads is not None and block_rows is not None and block_rows % self.head_size:
+            raise ValueError(
+                f"{self.prefix}: FP8 weight blocks of {block_rows} rows split heads of {self.head_size}; their q/k "
+                "rows are reordered within each head at load, which would move rows between blocks"
+            )
+        if heads is not None and loaded_weight.shape[0] == heads * self.head_size:
+            # a row per output dim: the weight, its bias, an FP8 checkpoint's per-channel scales ([rows] or
+            # [rows, 1]); a per-tensor scale or a block-scale grid (blocks of whole heads) keeps its order
             loaded_weight = interleaved_to_halves(materialize(loaded_weight), self.head_size, self.rotary_dim)
         super().weight_loader(param, loaded_weight, shard_id)
 

@@ -79,6 +79,7 @@ TRANSFORMERS_DEFAULTS: dict[str, dict[str, Any]] = {
     "SmolLM3": {"num_key_value_heads": 4, "max_position_embeddings": 32768, "rope_theta": 2_000_000.0},
     "GraniteMoe": {"num_local_experts": 8, "num_experts_per_tok": 2},
     "GraniteMoeShared": {"num_local_experts": 8, "num_experts_per_tok": 2},
+    "GraniteMoeHybrid": {"num_local_experts": 8, "num_experts_per_tok": 2, "shared_intermediate_size": 1024},
     "Gemma": {"num_key_value_heads": 16, "head_dim": 256, "max_position_embeddings": 8192},
     "Gemma2": {
         "num_key_value_heads": 4,

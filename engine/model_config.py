@@ -336,6 +336,7 @@ class ModelConfig:
             "Granite",
             "GraniteMoe",
             "GraniteMoeShared",
+            "GraniteMoeHybrid",
             "Olmo",
             "Olmo2",
             "Olmo3",
@@ -357,13 +358,15 @@ class ModelConfig:
             o_proj_bias = bool_field(cfg, "attention_out_bias", model_path, default=False)
             mlp_bias = bool_field(cfg, "mlp_bias", model_path, default=False)
         qk_norm = family in ("Qwen3", "Qwen3Moe", "Gemma3", "Exaone4", "Apertus")
-        granite_families = ("Granite", "GraniteMoe", "GraniteMoeShared")
+        granite_families = ("Granite", "GraniteMoe", "GraniteMoeShared", "GraniteMoeHybrid")
         granite = granite_fields(cfg, model_path) if family in granite_families else {}
 
         num_layers = int_field(cfg, "num_hidden_layers", model_path)
         moe = moe_fields(family, cfg, num_layers, model_path)
         rope_layers = _smollm3_rope_layers(cfg, num_layers, model_path) if family == "SmolLM3" else ()
         sliding_window, layer_types = _sliding_layers(family, cfg, num_layers, model_path, rope_layers)
+        if family == "GraniteMoeHybrid":
+            rope_layers = _granite_hybrid_rope_layers(cfg, num_layers, model_path)
         if family == "Cohere2":  # transformers' Cohere2Attention rotates on its sliding layers only
             rope_layers = tuple(t == SLIDING_ATTENTION for t in layer_types) or (False,) * num_layers
         if family == "Exaone4" and sliding_window is not None:  # with windows, its full layers have no rope
@@ -408,6 +411,10 @@ class ModelConfig:
             if scaling is not None and scaling["rope_type"] == "dynamic":
                 set_dynamic_seq_len(scaling, resolved_len)
 
+        # (a dense Granite 4.0's MLP is its shared one: moe_fields gives its size)
+        intermediate_size = moe.pop("intermediate_size", None) or int_field(
+            cfg, "intermediate_size", model_path
+        )
         eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
         eos_token_ids = _as_id_list(eos)
         generation_defaults = {
@@ -425,7 +432,7 @@ class ModelConfig:
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
-            intermediate_size=int_field(cfg, "intermediate_size", model_path),
+            intermediate_size=intermediate_size,
             rms_norm_eps=positive_number(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps", model_path),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
@@ -471,6 +478,30 @@ class ModelConfig:
             **granite,
             **moe,
         )
+
+
+def _granite_hybrid_rope_layers(cfg: dict[str, Any], num_layers: int, model_path: str) -> tuple[bool, ...]:
+    """Granite 4.0 (`GraniteMoeHybridForCausalLM`) served where every layer is attention (`layer_types`, or
+    the older `layers_block_type`, all "attention" or "full_attention": Granite-4.0-micro's kind); its Mamba
+    layers ("mamba",
+    "linear_attention", transformers' default) are refused naming them. Its rope only where
+    `position_embedding_type` is "rope": otherwise no layer has a position embedding (NoPE, rope_layers all
+    False), as transformers builds it."""
+    key = "layer_types" if "layer_types" in cfg else "layers_block_type"
+    types = cfg.get(key)
+    attention = ("attention", FULL_ATTENTION)  # the hub's name, and transformers 5's when it saves a config
+    if not isinstance(types, list) or len(types) != num_layers or any(t not in attention for t in types):
+        raise ValueError(
+            f"unsupported {key} {types!r} in {config_file(model_path)} for GraniteMoeHybridForCausalLM: weir "
+            f"serves Granite 4.0 models whose {num_layers} layers are all 'attention' (no Mamba layers)"
+        )
+    rope = cfg.get("position_embedding_type")
+    if rope not in (None, "rope", "nope"):
+        raise ValueError(
+            f"unsupported position_embedding_type {rope!r} in {config_file(model_path)}: 'rope', or none (no "
+            "position embedding)"
+        )
+    return () if rope == "rope" else (False,) * num_layers
 
 
 def _apertus_default_rope(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -539,7 +570,11 @@ def moe_fields(family: str, cfg: dict[str, Any], num_layers: int, model_path: st
             "routing_weights_in_model_dtype": False,
             "moe_layers": tuple(range(num_layers)),
         }
-    elif family in ("GraniteMoe", "GraniteMoeShared"):
+    elif family == "GraniteMoeHybrid" and cfg.get("num_local_experts") == 0:
+        # Granite 4.0's dense models: every layer's MLP is the shared one alone (its size, not
+        # intermediate_size), named as GraniteMoeShared's (engine.model.models.moe renames it)
+        return {"intermediate_size": int_field(cfg, "shared_intermediate_size", model_path)}
+    elif family in ("GraniteMoe", "GraniteMoeShared", "GraniteMoeHybrid"):
         num_experts = int_field(cfg, "num_local_experts", model_path)
         fields = {
             "num_experts": num_experts,
@@ -549,7 +584,7 @@ def moe_fields(family: str, cfg: dict[str, Any], num_layers: int, model_path: st
             "moe_layers": tuple(range(num_layers)),
             "softmax_after_topk": True,
         }
-        if family == "GraniteMoeShared":  # an ungated shared MLP beside the experts (0: none)
+        if family in ("GraniteMoeShared", "GraniteMoeHybrid"):  # an ungated shared MLP beside the experts
             shared = cfg.get("shared_intermediate_size", 0)
             fields["shared_expert_intermediate_size"] = (
                 int_field(cfg, "shared_intermediate_size", model_path) if shared else 0

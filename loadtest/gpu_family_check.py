@@ -73,6 +73,8 @@ NEW_FAMILIES = (  # most telling first: part a stops starting families at its ti
     "exaone4",  # (2026-12-08: not yet on a GPU)
     "arcee",  # (2026-12-08: not yet on a GPU)
     "apertus",  # (2026-12-08: not yet on a GPU)
+    "granite4_dense",  # (2026-12-08: not yet on a GPU)
+    "granite4_moe",  # (2026-12-08: not yet on a GPU)
     "cohere2",  # (2026-12-08: not yet on a GPU)
     "glm4",  # (2026-12-08: not yet on a GPU)
     "cohere",  # (2026-12-08: not yet on a GPU)

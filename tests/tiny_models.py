@@ -97,6 +97,8 @@ FAMILIES = (
     "granite",
     "granite_moe",
     "granite_moe_shared",
+    "granite4_moe",
+    "granite4_dense",
     "olmo2",
     "olmo",
     "stablelm",
@@ -119,7 +121,7 @@ FAMILIES = (
     "qwen2_yarn",
     "llama_dynamic",
 )
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "granite_moe", "granite_moe_shared")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "granite_moe", "granite_moe_shared", "granite4_moe")
 # Tiny mixture-of-experts settings: 4 experts, top-2, an expert intermediate size that is no power of two.
 _MOE = dict(num_experts_per_tok=2, router_aux_loss_coef=0.0)
 
@@ -190,6 +192,7 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
         GPTNeoXConfig,
         GraniteConfig,
         GraniteMoeConfig,
+        GraniteMoeHybridConfig,
         GraniteMoeSharedConfig,
         HeliumConfig,
         LlamaConfig,
@@ -335,6 +338,19 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
             shared_intermediate_size=40,
             **_MOE,
         )
+    if family in ("granite4_moe", "granite4_dense"):  # Granite 4.0's layout with attention layers only
+        experts = dict(num_local_experts=4, **_MOE) if family == "granite4_moe" else dict(num_local_experts=0)
+        return (
+            GraniteMoeHybridConfig(  # the MoE one with rope; the dense one (its MLP the shared one) without
+                **{**common, "intermediate_size": 48},
+                **granite,
+                **experts,
+                shared_intermediate_size=40,
+                layer_types=["attention"] * common["num_hidden_layers"],
+                position_embedding_type="rope" if family == "granite4_moe" else None,
+                attention_bias=family == "granite4_dense",
+            )
+        )
     if family == "stablelm":  # LayerNorms with weight and bias, a quarter of each head rotates, q/k/v biases
         base = {k: v for k, v in common.items() if k != "rms_norm_eps"}
         return StableLmConfig(**base, use_qkv_bias=True, partial_rotary_factor=0.25, pad_token_id=0)
@@ -446,6 +462,8 @@ _NORMS_OFF_ONE = (
     "granite",
     "granite_moe",
     "granite_moe_shared",
+    "granite4_moe",
+    "granite4_dense",
     "olmo2",
     "olmo3",
     "stablelm",

@@ -1,7 +1,8 @@
 """Command R7B (`Cohere2ForCausalLM`) and EXAONE 4.0 (`Exaone4ForCausalLM`) with windows rotate q/k only on
-their sliding layers; their full layers have no position embedding (weir gives them an identity rotary
-table). The tiny families' parity matrix (tests/e2e/test_parity.py) has one of each kind of layer; here,
-rotating the full layer too changes the tokens, so the parity rests on it."""
+their sliding layers, and Granite 4.0 without `position_embedding_type` "rope" on none: those layers have no
+position embedding (weir gives them an identity rotary table). The tiny families' parity matrix
+(tests/e2e/test_parity.py) has them; here, rotating every layer changes the tokens, so the parity rests on it.
+Granite 4.0's Mamba layers are refused naming them."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from engine import LLM, SamplingParams
 from tests.e2e.test_parity import _prompts, hf_greedy
 
 
-@pytest.mark.parametrize("family", ["cohere2", "exaone4"])
+@pytest.mark.parametrize("family", ["cohere2", "exaone4", "granite4_dense"])
 def test_rope_on_the_full_layer_changes_the_tokens(
     tiny_model_dirs: dict[str, Path], family: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -24,3 +25,18 @@ def test_rope_on_the_full_layer_changes_the_tokens(
     monkeypatch.setattr("engine.model_config.ModelConfig.layer_has_rope", lambda self, layer_idx: True)
     outs = LLM(str(model_dir), device="cpu", dtype="float32").generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] != expected[:4]
+
+
+def test_granite4_mamba_layers_are_refused(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    import json
+
+    model_dir = tmp_path / "granite4_hybrid"
+    model_dir.mkdir()
+    for f in tiny_model_dirs["granite4_dense"].iterdir():
+        (model_dir / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**cfg, "layer_types": ["mamba", "attention"]}))
+    with pytest.raises(
+        ValueError, match=r"unsupported layer_types \['mamba', 'attention'\] in .* weir serves Granite 4.0"
+    ):
+        LLM(str(model_dir), device="cpu", dtype="float32")

@@ -232,7 +232,7 @@ def test_ring_larger_than_dev_shm_is_refused_at_start(one_kv_head_dir: Path) -> 
     assert set(multiprocessing.active_children()) == children_before
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "granite_moe_shared"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "granite_moe_shared", "granite4_moe"])
 def test_tp2_moe_matches_transformers(tiny_model_dirs: dict[str, Path], family: str) -> None:
     """Qwen2-MoE (sigmoid-gated shared expert) and GraniteMoeShared (ungated shared MLP, loaded from
     one fused input_linear) over 2 ranks: each expert's and the shared expert's intermediate rows split,

@@ -49,6 +49,8 @@ ARCHITECTURES = {
     "exaone4": "Exaone4ForCausalLM",
     "arcee": "ArceeForCausalLM",
     "apertus": "ApertusForCausalLM",
+    "granite4_moe": "GraniteMoeHybridForCausalLM",
+    "granite4_dense": "GraniteMoeHybridForCausalLM",
     "qwen2_yarn": "Qwen2ForCausalLM",
     "llama_dynamic": "LlamaForCausalLM",
 }
@@ -667,3 +669,32 @@ def test_apertus_defaults_read_as_transformers() -> None:
     assert ours.qk_norm and (ours.qkv_bias, ours.o_proj_bias, ours.mlp_bias) == (True, True, False)
     with pytest.raises(ValueError, match=r"unsupported hidden_act 'silu' in /m; only 'xielu' is supported"):
         _read(_set("apertus", hidden_act="silu"))
+
+
+def test_granite4_read_as_transformers() -> None:
+    """Granite 4.0 (`GraniteMoeHybridForCausalLM`) with attention layers only: GraniteMoeHybridConfig's
+    defaults for the experts (8, top 2) and the shared MLP (1,024); 0 experts is a dense model whose MLP is the
+    shared one; no rope unless position_embedding_type is "rope"; a config without layer types (Mamba layers
+    by transformers' default) or with Mamba layers is refused naming the field."""
+    from transformers import GraniteMoeHybridConfig
+
+    bare = _set("granite4_moe", drop=("num_local_experts", "shared_intermediate_size"))
+    ours = _read(bare)
+    # (its saved time_step_limit, a Mamba setting with an infinite bound, does not read back through the class)
+    ref = GraniteMoeHybridConfig(
+        **{k: v for k, v in bare.items() if k not in ("architectures", "time_step_limit")}
+    )
+    assert (ours.num_experts, ours.num_experts_per_tok, ours.shared_expert_intermediate_size) == (
+        ref.num_local_experts,
+        ref.num_experts_per_tok,
+        ref.shared_intermediate_size,
+    )
+    assert ours.softmax_after_topk and all(ours.layer_has_rope(i) for i in range(ours.num_layers))
+    dense = _read(_cfg("granite4_dense"))
+    assert not dense.is_moe and dense.intermediate_size == 40  # the shared MLP's size, not intermediate_size
+    assert not any(dense.layer_has_rope(i) for i in range(dense.num_layers))
+    assert dense.embedding_multiplier == 12.0 and dense.attention_multiplier == 0.09
+    with pytest.raises(ValueError, match=r"unsupported layers_block_type None in /m/config.json"):
+        _read(_set("granite4_dense", drop=("layer_types",)))
+    with pytest.raises(ValueError, match=r"unsupported position_embedding_type 'alibi'"):
+        _read(_set("granite4_dense", position_embedding_type="alibi"))

@@ -104,7 +104,17 @@ class MoeForCausalLM(LlamaForCausalLM):
         super().__init__(config, ctx, prefix)
         if config.architecture == "MixtralForCausalLM":  # the hub's name for the MoE block
             self.checkpoint_renames = {".block_sparse_moe.": ".mlp."}
-        elif config.architecture in ("GraniteMoeForCausalLM", "GraniteMoeSharedForCausalLM"):
+        elif config.architecture == "GraniteMoeHybridForCausalLM" and not config.is_moe:
+            # a dense Granite 4.0: every layer's MLP is the shared one, its input_linear gate rows then up
+            self.checkpoint_renames = {
+                ".shared_mlp.input_linear.": ".mlp.gate_up_proj.",
+                ".shared_mlp.output_linear.": ".mlp.down_proj.",
+            }
+        elif config.architecture in (
+            "GraniteMoeForCausalLM",
+            "GraniteMoeSharedForCausalLM",
+            "GraniteMoeHybridForCausalLM",
+        ):
             # GraniteMoe's checkpoints (hub and transformers 5's save alike) stack every expert in one
             # tensor per layer: input_linear [E, 2 * I, H] (gate rows, then up), output_linear [E, H, I]:
             # the stacked layout FusedMoE loads as transformers 5's fused gate_up_proj / down_proj.

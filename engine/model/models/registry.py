@@ -28,6 +28,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "GraniteForCausalLM": ("engine.model.models.llama", "LlamaForCausalLM"),
     "GraniteMoeForCausalLM": ("engine.model.models.moe", "MoeForCausalLM"),
     "GraniteMoeSharedForCausalLM": ("engine.model.models.moe", "MoeForCausalLM"),
+    "GraniteMoeHybridForCausalLM": ("engine.model.models.moe", "MoeForCausalLM"),
     "OlmoForCausalLM": ("engine.model.models.olmo", "OlmoForCausalLM"),
     "StableLmForCausalLM": ("engine.model.models.stablelm", "StableLmForCausalLM"),
     "GPTNeoXForCausalLM": ("engine.model.models.gpt_neox", "GPTNeoXForCausalLM"),

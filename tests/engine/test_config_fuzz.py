@@ -67,6 +67,12 @@ def _read(cfg: dict[str, Any]) -> ModelConfig:
     return ModelConfig.from_dicts("/m", cfg, device="cpu")
 
 
+def _theirs(config_class: type, cfg: dict[str, Any], drop: tuple[str, ...] = ()) -> Any:
+    """The same config.json as transformers' config class reads it (less `architectures`, which no class
+    takes, and `drop`)."""
+    return config_class(**{k: v for k, v in cfg.items() if k != "architectures" and k not in drop})
+
+
 def _set(family: str, drop: tuple[str, ...] = (), **values: Any) -> dict[str, Any]:
     cfg = {k: v for k, v in _cfg(family).items() if k not in drop}
     return {**cfg, **values}
@@ -228,7 +234,7 @@ def test_missing_keys_read_as_transformers_reads_them(family: str) -> None:
             cfg["use_sliding_window"] = True
         if key == "num_key_value_heads":  # a multiple of every family's default (4, 8, 16 or 32)
             cfg["num_attention_heads"] = 32
-        theirs = _transformers_view(config_class(**{k: v for k, v in cfg.items() if k != "architectures"}))
+        theirs = _transformers_view(_theirs(config_class, cfg))
         ours = _read(cfg)
         got = {
             "num_kv_heads": ours.num_kv_heads,
@@ -254,7 +260,7 @@ def test_granite_scalings_read_as_transformers_reads_them() -> None:
     assert [getattr(ours, k) for k in GRANITE_SCALINGS] == [12.0, 0.22, 8.0, 0.09]
     for key in GRANITE_SCALINGS:
         cfg = {k: v for k, v in _cfg("granite").items() if k != key}
-        theirs = getattr(GraniteConfig(**{k: v for k, v in cfg.items() if k != "architectures"}), key)
+        theirs = getattr(_theirs(GraniteConfig, cfg), key)
         assert getattr(_read(cfg), key) == theirs == 1.0, key
     llama = _read({**_cfg("granite"), "architectures": ["LlamaForCausalLM"]})  # only Granite reads them
     assert [getattr(llama, k) for k in GRANITE_SCALINGS] == [1.0, 1.0, 1.0, None]
@@ -265,7 +271,7 @@ def test_granite_moe_expert_counts_default_as_transformers() -> None:
     from transformers import GraniteMoeConfig
 
     cfg = _set("granite_moe", drop=("num_local_experts", "num_experts_per_tok"))
-    theirs = GraniteMoeConfig(**{k: v for k, v in cfg.items() if k != "architectures"})
+    theirs = _theirs(GraniteMoeConfig, cfg)
     ours = _read(cfg)
     assert (ours.num_experts, ours.num_experts_per_tok) == (
         theirs.num_local_experts,
@@ -310,7 +316,7 @@ def test_stablelm_partial_rotary_and_biases_read_as_transformers() -> None:
         num_attention_heads=32,
         hidden_size=512,
     )
-    theirs = StableLmConfig(**{k: v for k, v in bare.items() if k != "architectures"})
+    theirs = _theirs(StableLmConfig, bare)
     assert (_read(bare).num_kv_heads, _read(bare).max_position_embeddings) == (
         theirs.num_key_value_heads,
         theirs.max_position_embeddings,
@@ -341,7 +347,7 @@ def test_starcoder2_biases_norm_window_and_tying_read_as_transformers() -> None:
         num_attention_heads=32,
         hidden_size=512,
     )  # fmt: skip
-    theirs = Starcoder2Config(**{k: v for k, v in bare.items() if k != "architectures"})
+    theirs = _theirs(Starcoder2Config, bare)
     mine = _read(bare)
     assert (mine.num_kv_heads, mine.max_position_embeddings, mine.layer_norm_eps, mine.qkv_bias) == (
         theirs.num_key_value_heads,
@@ -368,7 +374,7 @@ def test_phi_partial_rotary_biases_and_head_read_as_transformers() -> None:
     )  # fmt: skip
     assert (ours.hidden_act, ours.layer_norm_eps, ours.tie_word_embeddings) == ("gelu_new", 1e-5, False)
     bare = _set("phi", drop=("partial_rotary_factor", "rope_parameters", "num_key_value_heads", "hidden_act"))
-    theirs = PhiConfig(**{k: v for k, v in bare.items() if k != "architectures"})
+    theirs = _theirs(PhiConfig, bare)
     mine = _read(bare)
     assert mine.rotary_dim == int(16 * theirs.rope_parameters["partial_rotary_factor"]) == 8
     assert (mine.num_kv_heads, mine.hidden_act) == (theirs.num_key_value_heads, theirs.hidden_act)
@@ -385,12 +391,12 @@ def test_gpt_neox_rope_keys_residual_and_biases_read_as_transformers() -> None:
     assert (ours.rotary_dim, ours.parallel_residual, ours.hidden_act) == (4, True, "gelu")
     assert (ours.qkv_bias, ours.o_proj_bias, ours.mlp_bias, ours.num_kv_heads) == (True, True, True, 4)
     legacy = _set("gpt_neox", drop=("rope_parameters",), rotary_pct=0.5, rotary_emb_base=500)
-    theirs = GPTNeoXConfig(**{k: v for k, v in legacy.items() if k != "architectures"})
+    theirs = _theirs(GPTNeoXConfig, legacy)
     mine = _read(legacy)
     assert mine.rotary_dim == int(16 * theirs.rope_parameters["partial_rotary_factor"]) == 8
     assert mine.rope_theta == theirs.rope_parameters["rope_theta"] == 500.0
     bare = _set("gpt_neox", drop=("rope_parameters", "use_parallel_residual", "hidden_act"))
-    theirs = GPTNeoXConfig(**{k: v for k, v in bare.items() if k != "architectures"})
+    theirs = _theirs(GPTNeoXConfig, bare)
     mine = _read(bare)
     assert (mine.rotary_dim, mine.parallel_residual, mine.hidden_act) == (
         int(16 * theirs.rope_parameters["partial_rotary_factor"]),
@@ -410,7 +416,7 @@ def test_smollm3_nope_layers_windows_and_defaults_read_as_transformers() -> None
     from transformers import SmolLM3Config
 
     def theirs(cfg: dict[str, Any]) -> Any:
-        return SmolLM3Config(**{k: v for k, v in cfg.items() if k != "architectures"})
+        return _theirs(SmolLM3Config, cfg)
 
     for cfg in (
         _set("smollm3"),
@@ -453,7 +459,7 @@ def test_olmo3_windows_and_ropes_by_layer_type_read_as_transformers() -> None:
     from transformers import Olmo3Config
 
     def theirs(cfg: dict[str, Any]) -> Any:
-        return Olmo3Config(**{k: v for k, v in cfg.items() if k != "architectures"})
+        return _theirs(Olmo3Config, cfg)
 
     yarn = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64}
     for cfg in (
@@ -485,7 +491,7 @@ def test_ministral_windows_and_seed_oss_biases_read_as_transformers() -> None:
         _set("ministral", drop=("layer_types",), sliding_window=None),
     ):
         ours = _read(cfg)
-        ref = MinistralConfig(**{k: v for k, v in cfg.items() if k != "architectures"})
+        ref = _theirs(MinistralConfig, cfg)
         windows = [ours.sliding_window if t == "sliding_attention" else None for t in ours.layer_types]
         expected = [ref.sliding_window if t == "sliding_attention" else None for t in ref.layer_types]
         assert (windows or [None] * ours.num_layers) == expected, cfg
@@ -497,7 +503,7 @@ def test_ministral_windows_and_seed_oss_biases_read_as_transformers() -> None:
         num_attention_heads=32,
     )
     ours = _read(bare)
-    ref = SeedOssConfig(**{k: v for k, v in bare.items() if k != "architectures"})
+    ref = _theirs(SeedOssConfig, bare)
     assert (ours.qkv_bias, ours.o_proj_bias, ours.mlp_bias) == (
         ref.attention_bias,
         ref.attention_out_bias,
@@ -528,7 +534,7 @@ def test_glm_defaults_read_as_transformers(family: str) -> None:
         hidden_size=512,
     )
     ours = _read(bare)
-    ref = config_class(**{k: v for k, v in bare.items() if k != "architectures"})
+    ref = _theirs(config_class, bare)
     assert (ours.head_dim, ours.num_kv_heads, ours.rms_norm_eps) == (
         ref.head_dim,
         ref.num_key_value_heads,
@@ -556,7 +562,7 @@ def test_cohere_defaults_read_as_transformers(family: str) -> None:
     drop = ("logit_scale", "layer_norm_eps", "tie_word_embeddings", "num_key_value_heads", "layer_types")
     bare = _set(family, drop=drop, num_hidden_layers=8)
     ours = _read(bare)
-    ref = config_class(**{k: v for k, v in bare.items() if k != "architectures"})
+    ref = _theirs(config_class, bare)
     assert (ours.logit_scale, ours.layer_norm_eps, ours.tie_word_embeddings) == (
         ref.logit_scale,
         ref.layer_norm_eps,
@@ -588,7 +594,7 @@ def test_helium_and_ernie_defaults_read_as_transformers(family: str) -> None:
     heads = 20 if family == "helium" else 4  # a multiple of the default KV heads (Helium's 20, ERNIE's 2)
     bare = _set(family, drop=drop, num_attention_heads=heads, hidden_size=128 * heads)
     ours = _read(bare)
-    ref = config_class(**{k: v for k, v in bare.items() if k != "architectures"})
+    ref = _theirs(config_class, bare)
     assert (ours.num_kv_heads, ours.head_dim, ours.rms_norm_eps, ours.tie_word_embeddings) == (
         ref.num_key_value_heads,
         ref.head_dim,
@@ -616,7 +622,7 @@ def test_exaone4_windows_and_rope_read_as_transformers() -> None:
 
     bare = _set("exaone4", drop=("layer_types", "sliding_window"), num_hidden_layers=8)
     ours = _read(bare)
-    ref = Exaone4Config(**{k: v for k, v in bare.items() if k != "architectures"})
+    ref = _theirs(Exaone4Config, bare)
     assert (ours.sliding_window, list(ours.layer_types)) == (ref.sliding_window, ref.layer_types)
     assert [ours.layer_has_rope(i) for i in range(8)] == [True, True, True, False] * 2
     assert ours.num_kv_heads == ref.num_key_value_heads
@@ -632,7 +638,7 @@ def test_arcee_activation_and_defaults_read_as_transformers() -> None:
 
     bare = _set("arcee", drop=("hidden_act", "rms_norm_eps", "max_position_embeddings"))
     ours = _read(bare)
-    ref = ArceeConfig(**{k: v for k, v in bare.items() if k != "architectures"})
+    ref = _theirs(ArceeConfig, bare)
     assert (ours.hidden_act, ours.rms_norm_eps, ours.max_position_embeddings) == (
         ref.hidden_act,
         ref.rms_norm_eps,
@@ -650,7 +656,7 @@ def test_apertus_defaults_read_as_transformers() -> None:
 
     bare = _set("apertus", drop=("rope_parameters", "hidden_act", "rms_norm_eps", "max_position_embeddings"))
     ours = _read(bare)
-    ref = ApertusConfig(**{k: v for k, v in bare.items() if k != "architectures"})
+    ref = _theirs(ApertusConfig, bare)
     assert ours.rope_theta == ref.rope_parameters["rope_theta"] == 12_000_000.0
     assert ours.rope_scaling is not None
     for key in (
@@ -681,9 +687,7 @@ def test_granite4_read_as_transformers() -> None:
     bare = _set("granite4_moe", drop=("num_local_experts", "shared_intermediate_size"))
     ours = _read(bare)
     # (its saved time_step_limit, a Mamba setting with an infinite bound, does not read back through the class)
-    ref = GraniteMoeHybridConfig(
-        **{k: v for k, v in bare.items() if k not in ("architectures", "time_step_limit")}
-    )
+    ref = _theirs(GraniteMoeHybridConfig, bare, drop=("time_step_limit",))
     assert (ours.num_experts, ours.num_experts_per_tok, ours.shared_expert_intermediate_size) == (
         ref.num_local_experts,
         ref.num_experts_per_tok,

@@ -16,7 +16,7 @@ import torch
 from engine import LLM, LoRARequest, SamplingParams
 from engine.model.models.glm import interleaved_to_halves
 from tests.e2e.test_parity import _prompts, hf_greedy
-from tests.tiny_models import hf_causal_lm
+from tests.peft_adapters import peft_greedy, random_peft_adapter
 
 
 def _greedy() -> SamplingParams:
@@ -113,39 +113,18 @@ def test_integer_quantized_glm_is_refused_at_start(tiny_model_dirs: dict[str, Pa
 
 @pytest.mark.parametrize("family", ["glm", "cohere"])
 def test_adapter_on_q_and_k_matches_peft(
-    tiny_model_dirs: dict[str, Path], tmp_path: Path, family: str
+    tiny_model_dirs: dict[str, Path], tmp_path: Path, family: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An adapter on q/k/v and o_proj: its q and k B rows reordered as the weights were, the tokens PEFT's;
     loaded as they are (no reordering) they are not."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-
     from engine.model.models import glm
 
     model_dir = tiny_model_dirs[family]
-    model = get_peft_model(
-        hf_causal_lm(str(model_dir), dtype=torch.float32),
-        LoraConfig(
-            r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0
-        ),
-    )
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:  # B too: a fresh adapter's zero B would change nothing
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    model.save_pretrained(str(tmp_path / "qkvo"))
-    peft = PeftModel.from_pretrained(
-        hf_causal_lm(str(model_dir), dtype=torch.float32), str(tmp_path / "qkvo")
+    qkvo = random_peft_adapter(
+        model_dir, tmp_path / "qkvo", ["q_proj", "k_proj", "v_proj", "o_proj"], seed=7, std=0.3
     )
     prompts = _prompts()[:3]
-    want = [
-        peft.eval()
-        .generate(torch.tensor([p]), max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)[
-            0, len(p) :
-        ]
-        .tolist()
-        for p in prompts
-    ]
+    want = peft_greedy(model_dir, qkvo, prompts, 20)
     adapter = LoRARequest("qkvo", 1, str(tmp_path / "qkvo"))
 
     def run() -> list[list[int]]:
@@ -154,14 +133,9 @@ def test_adapter_on_q_and_k_matches_peft(
             return [o.outputs[0].token_ids for o in outs]
 
     assert run() == want
-    order = glm.InterleavedRopeQKVLinear.lora_b_row_order
-    glm.InterleavedRopeQKVLinear.lora_b_row_order = lambda self, index: (
-        None
-    )  # the checkpoint's rows as they are
-    try:
-        assert run() != want
-    finally:
-        glm.InterleavedRopeQKVLinear.lora_b_row_order = order
+    # the checkpoint's rows as they are
+    monkeypatch.setattr(glm.InterleavedRopeQKVLinear, "lora_b_row_order", lambda self, index: None)
+    assert run() != want
 
 
 def test_command_r_plus_qk_norm_is_refused(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:

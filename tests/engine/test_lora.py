@@ -16,6 +16,7 @@ import torch
 
 from engine import LLM, LoRARequest, SamplingParams
 from engine.errors import InvalidRequestError, LoRAAdapterError
+from tests.peft_adapters import peft_greedy, random_peft_adapter
 from tests.tiny_models import hf_causal_lm
 
 MAX_TOKENS = 8
@@ -379,8 +380,6 @@ def test_family_adapter_matches_peft(tiny_model_dirs: dict[str, Path], tmp_path:
     normed per head after the adapted projections, post-norms) and Arcee's six (its ungated ReLU² MLP's
     up_proj and down_proj: up_proj is no fused layer's half there), and Apertus's six (xIELU between them,
     q/k normed per head after the adapted projections)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-
     model_dir = tiny_model_dirs[family]
     targets = ADAPTERS["r8-all"][2]
     if family == "starcoder2":  # its six projections: the MLP is c_fc -> GELU -> c_proj
@@ -393,27 +392,10 @@ def test_family_adapter_matches_peft(tiny_model_dirs: dict[str, Path], tmp_path:
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
     if family == "glm4":  # q/k's B rows reordered as their weights (interleaved rope); gate and up fused
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
-    model = get_peft_model(
-        hf_causal_lm(str(model_dir), dtype=torch.float32),
-        LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0),
-    )
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:  # B too: a fresh adapter's zero B would change nothing
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
-    model.save_pretrained(str(tmp_path / "all"))
+    random_peft_adapter(model_dir, tmp_path / "all", targets, r=8, lora_alpha=16)
     adapter = LoRARequest("all", 1, str(tmp_path / "all"))
     prompts = PROMPTS[:3]
-    peft = PeftModel.from_pretrained(
-        hf_causal_lm(str(model_dir), dtype=torch.float32), str(tmp_path / "all")
-    ).eval()
-    want = [
-        peft.generate(
-            torch.tensor([p]), max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0
-        )[0, len(p) :].tolist()
-        for p in prompts
-    ]
+    want = peft_greedy(model_dir, tmp_path / "all", prompts, MAX_TOKENS)
     with LLM(str(model_dir), device="cpu", dtype="float32", enable_lora=True, max_lora_rank=8) as llm:
         got = [
             o.outputs[0].token_ids

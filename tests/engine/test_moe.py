@@ -22,6 +22,7 @@ from engine.model.models.moe import MoeForCausalLM, SparseMoeBlock
 from engine.model.weight_loader import load_weights
 from engine.model_config import ModelConfig
 from tests.engine.test_models import _direct_logits, _hf_logits, _prompt, _runner
+from tests.peft_adapters import random_peft_adapter
 from tests.tiny_models import hf_causal_lm
 
 TOL = 1e-4
@@ -136,29 +137,13 @@ def test_quantized_moe_checkpoints_resolve(tiny_model_dirs: dict[str, Path], tmp
     assert resolved.quant.method == "fp8"
 
 
-def _peft_adapter(model_dir: Path, out: Path, **lora: object) -> Path:
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(
-        hf_causal_lm(str(model_dir), dtype=torch.float32),
-        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, **lora),  # type: ignore[arg-type]
-    )
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:  # B too: a fresh adapter's zero B would change nothing
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
-    model.save_pretrained(str(out))
-    return out
-
-
 def test_lora_attention_adapter_matches_peft_and_expert_targets_are_refused(
     tiny_model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
     from peft import PeftModel
 
     model_dir = tiny_model_dirs["qwen3_moe"]
-    attn = _peft_adapter(
+    attn = random_peft_adapter(
         model_dir, tmp_path / "attn", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
     )
     prompts = [_prompt(n, seed=n) for n in (6, 19)]
@@ -179,7 +164,7 @@ def test_lora_attention_adapter_matches_peft_and_expert_targets_are_refused(
     assert [o.outputs[0].token_ids for o in outs] == expected
 
     # PEFT turns MLP targets of transformers 5's stacked experts into target_parameters
-    experts = _peft_adapter(
+    experts = random_peft_adapter(
         model_dir, tmp_path / "experts", target_modules=["gate_proj", "up_proj", "down_proj"]
     )
     with pytest.raises(
@@ -204,7 +189,7 @@ def test_lora_attention_adapter_matches_peft_and_expert_targets_are_refused(
     assert "module 'model.layers.1.mlp.experts.0.gate_proj' is a mixture-of-experts module" in str(err.value)
     assert "LoRA on MoE experts is not supported" in str(err.value)
     # the router ("gate"): PEFT turns it into a target parameter too; the refusal names the router
-    router = _peft_adapter(model_dir, tmp_path / "router", target_modules=["gate"])
+    router = random_peft_adapter(model_dir, tmp_path / "router", target_modules=["gate"])
     with pytest.raises(LoRAAdapterError) as err:
         llm.generate(prompts[:1], params, use_tqdm=False, lora_request=LoRARequest("router", 4, str(router)))
     assert str(err.value).endswith(

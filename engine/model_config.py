@@ -411,9 +411,11 @@ class ModelConfig:
             if scaling is not None and scaling["rope_type"] == "dynamic":
                 set_dynamic_seq_len(scaling, resolved_len)
 
-        # (a dense Granite 4.0's MLP is its shared one: moe_fields gives its size)
-        intermediate_size = moe.pop("intermediate_size", None) or int_field(
-            cfg, "intermediate_size", model_path
+        # A dense Granite 4.0's MLP is its shared one (named as GraniteMoeShared's; engine.model.models.moe
+        # renames it): its size, not intermediate_size.
+        dense_granite4 = family == "GraniteMoeHybrid" and not moe
+        intermediate_size = int_field(
+            cfg, "shared_intermediate_size" if dense_granite4 else "intermediate_size", model_path
         )
         eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
         eos_token_ids = _as_id_list(eos)
@@ -571,9 +573,7 @@ def moe_fields(family: str, cfg: dict[str, Any], num_layers: int, model_path: st
             "moe_layers": tuple(range(num_layers)),
         }
     elif family == "GraniteMoeHybrid" and cfg.get("num_local_experts") == 0:
-        # Granite 4.0's dense models: every layer's MLP is the shared one alone (its size, not
-        # intermediate_size), named as GraniteMoeShared's (engine.model.models.moe renames it)
-        return {"intermediate_size": int_field(cfg, "shared_intermediate_size", model_path)}
+        return {}  # Granite 4.0's dense models: their MLP is the shared one alone (from_dicts' intermediate_size)
     elif family in ("GraniteMoe", "GraniteMoeShared", "GraniteMoeHybrid"):
         num_experts = int_field(cfg, "num_local_experts", model_path)
         fields = {

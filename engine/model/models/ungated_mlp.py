@@ -12,6 +12,9 @@ runs its slice of the activation (elementwise) and the second projection's parti
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -50,17 +53,21 @@ class UngatedMLP(nn.Module):
         setattr(self, up_name, up)
         setattr(self, down_name, down)
         self._layers = (up, down)  # a tuple: the forward's handles, not registered a second time
-        self.relu2 = config.hidden_act == "relu2"
-        if config.hidden_act == "xielu":
+        act = config.hidden_act
+        # [num_tokens, intermediate / tp] -> the same; xIELU is a module (its scalars load from the checkpoint)
+        self.act_fn: Callable[[torch.Tensor], torch.Tensor]
+        if act == "xielu":
             self.act_fn = XIELU(ctx.dtype)
-        self.approximate = "none" if config.hidden_act == "gelu" else "tanh"
+        elif act == "relu2":
+            self.act_fn = _relu_squared
+        else:
+            self.act_fn = partial(nn.functional.gelu, approximate="none" if act == "gelu" else "tanh")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [num_tokens, hidden] -> [num_tokens, hidden]."""
         up, down = self._layers
-        h = up(x)  # [num_tokens, intermediate / tp]
-        if self.relu2:
-            return down(torch.square(nn.functional.relu(h)))
-        if hasattr(self, "act_fn"):
-            return down(self.act_fn(h))
-        return down(nn.functional.gelu(h, approximate=self.approximate))
+        return down(self.act_fn(up(x)))
+
+
+def _relu_squared(x: torch.Tensor) -> torch.Tensor:
+    return torch.square(nn.functional.relu(x))

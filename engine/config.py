@@ -98,8 +98,9 @@ class EngineConfig:
     # without preempting one another (a preempted request recomputes its whole context); 0: admit
     # whenever the next prompt chunk fits (vLLM's policy). With an H100's cache, T2 ran 44 preemptions
     # and computed ~45,000 prompt tokens twice without it; modelled (loadtest/sim_admission.py), 128
-    # removes them (T2 -1.8%; chat-like loads with unknown output lengths -2% to -14%), while much
-    # larger reserves admit too few (1,024: +0% to +7% against none). Not yet measured on a GPU.
+    # removes them (T2 -1.8%; chat-like loads with unknown output lengths -1.1% to -14.4%), while much
+    # larger reserves admit too few (1,024: up to +38% against none, on a tight cache). Not yet measured
+    # on a GPU (loadtest/results/admission-sim-cpu-2026-12-08/).
     admission_reserve_tokens: int = 128
     # Admission control (serving): beyond these the server answers 429 instead of queueing.
     max_waiting_requests: int = 1024

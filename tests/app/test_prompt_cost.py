@@ -27,7 +27,7 @@ pytestmark = pytest.mark.serial
 
 
 class HealthProbe:
-    """Polls /health from its own thread while a test runs; `worst()` is the slowest answer, in s."""
+    """Polls /health from its own thread while a test runs; `p99()` and `worst()` of its answers, in s."""
 
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url
@@ -48,9 +48,10 @@ class HealthProbe:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        # At least 100 answers, so p99 is not just the slowest one (a 2-core machine's scheduler
-        # alone can delay one); a stall like the old one (seconds) still dominates them.
-        while len(self.latencies) < 100 and self._thread.is_alive():
+        # At least 400 answers, so p99 is not the slowest one or two: on a 2-core machine the OS
+        # scheduler alone delayed one answer to 137 ms once in ~30 runs (100 answers made p99 the
+        # slowest). A stall like the old one (seconds, once per big prompt) is caught by `worst()`.
+        while len(self.latencies) < 400 and self._thread.is_alive():
             time.sleep(0.01)
         self._stop.set()
         self._thread.join(30)
@@ -58,6 +59,9 @@ class HealthProbe:
     def p99(self) -> float:
         ordered = sorted(self.latencies)
         return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+    def worst(self) -> float:
+        return max(self.latencies)
 
 
 def test_huge_prompts_are_refused_by_length_and_health_stays_fast(server: LiveServer) -> None:
@@ -86,7 +90,7 @@ def test_huge_prompts_are_refused_by_length_and_health_stays_fast(server: LiveSe
         assert re.search(r"has 77000\d\d characters, so at least 6416\d\d tokens", err["message"])
         assert "maximum context length is 128 tokens" in err["message"]
     assert elapsed < 10, elapsed  # tokenizing them all would take minutes here
-    assert probe.p99() < 0.1, sorted(probe.latencies)[-5:]
+    assert probe.p99() < 0.1 and probe.worst() < 0.5, (len(probe.latencies), sorted(probe.latencies)[-5:])
 
 
 def test_tokenize_runs_off_the_event_loop(server: LiveServer) -> None:
@@ -103,7 +107,7 @@ def test_tokenize_runs_off_the_event_loop(server: LiveServer) -> None:
     assert detokenized.status_code == 200 and detokenized.json()["prompt"] == server.state.tokenizer.decode(
         expected
     )
-    assert probe.p99() < 0.1, sorted(probe.latencies)[-5:]
+    assert probe.p99() < 0.1 and probe.worst() < 0.5, (len(probe.latencies), sorted(probe.latencies)[-5:])
 
 
 def test_a_prompt_just_within_the_character_bound_is_tokenized(

@@ -273,9 +273,9 @@ def test_moe_throughput_with_the_peer_last(tmp_path: Path) -> None:
 
 def test_diagnose_divergence_on_cpu(tmp_path: Path) -> None:
     """diagnose_divergence.py (device_call.sh's diag step) on the CPU (the Triton kernels under the
-    interpreter where this process has set TRITON_INTERPRET: ~15 s a setting there, so two ops swapped
-    back in turn, not all ten): every setting gives transformers' tokens and log p within the parity
-    tests' 1e-4;
+    interpreter where this process has set TRITON_INTERPRET: ~20-40 s a setting there, so one op swapped
+    back, attention, not all ten; the loop over ops is the same code for each): every setting gives
+    transformers' tokens and log p within the parity tests' 1e-4;
     with --layers every module's output (3 layers: attention, MLP, the stream), alone and in the batch,
     within 1e-4 of transformers'."""
     out = tmp_path / "diag.json"
@@ -288,7 +288,7 @@ def test_diagnose_divergence_on_cpu(tmp_path: Path) -> None:
             "cpu",
             "--layers",
             "--ops",
-            "attention,rms_norm",
+            "attention",
             "--out",
             str(out),
         ],
@@ -298,7 +298,7 @@ def test_diagnose_divergence_on_cpu(tmp_path: Path) -> None:
     layer_rows = [r for r in rows if "module" in r]
     rows = [r for r in rows if "setting" in r]
     assert [r["setting"] for r in rows[:2]] == ["engine, as built", "engine, every op on torch"]
-    assert [r["setting"] for r in rows[2:]] == ["engine, attention on torch", "engine, rms_norm on torch"]
+    assert [r["setting"] for r in rows[2:]] == ["engine, attention on torch"]
     assert all(r["first_divergence"] == [] and r["max_abs_logprob_diff"] < 1e-4 for r in rows), rows
     assert len(layer_rows) == 2 * 3 * 3  # (alone, in the batch) x 3 layers x (attn, mlp, stream)
     assert all(r["max_abs_diff"] < 1e-4 and r["first_position_over_1e-4"] is None for r in layer_rows), (

@@ -255,26 +255,15 @@ class EngineConfig:
             self.tp_broadcast_slot_bytes,
         )
         quant = _resolve_quantization(model.model_path, self.quantization)
-        refusal = quant.linear.moe_refusal() if model.is_moe and quant.linear is not None else None
-        if model.softmax_after_topk and quant.linear is not None:  # GraniteMoe
-            refusal = (
-                "its experts load only from the float stacked tensors (input_linear / output_linear); "
-                "serve an unquantized checkpoint"
-            )
-        if model.architecture == "GPTNeoXForCausalLM" and quant.linear is not None:
-            refusal = (
-                "its fused query_key_value rows are reordered per head at load, which only float weights "
-                "take; serve an unquantized checkpoint"
-            )
-        if model.rope_interleaved and quant.linear is not None and quant.method != "fp8":  # GLM, Cohere, ...
-            refusal = (
-                "its q/k rows are reordered at load for the rotary kernels (interleaved pairs to halves), "
-                "which only float and FP8 weights (quant_method fp8, or --quantization fp8) take: packed "
-                "integer rows would need it too; serve an unquantized or FP8 checkpoint"
-            )
+        refusal = None
+        if quant.linear is not None:
+            refusal = model.quantized_weights_refusal(quant.method)
+            if refusal is None and model.is_moe:
+                # The experts are stacked tensors run by the fused MoE op, which reads float, FP8 and
+                # integer weights (engine.model.quantization.fp8_moe, wna16_moe): another format's
+                # would be misread.
+                refusal = quant.linear.moe_refusal()
         if refusal is not None:
-            # The experts are stacked tensors run by the fused MoE op, which reads float, FP8 and integer
-            # weights (engine.model.quantization.fp8_moe, wna16_moe): another format's would be misread.
             raise ValueError(
                 f"quantization {quant.method!r} ({quant.source}) is not supported for {model.architecture}: "
                 f"{refusal}"

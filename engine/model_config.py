@@ -205,6 +205,28 @@ class ModelConfig:
     def attention_bias(self) -> bool:
         return self.qkv_bias
 
+    def quantized_weights_refusal(self, method: str) -> str | None:
+        """Why this family's loaders cannot take linear weights quantized by `method` ("gptq", "awq",
+        "fp8", ...), or None where they can. Each reason is a load-time rewrite of rows that only some
+        weights survive; the MoE formats' own limits are the quant method's (`moe_refusal`)."""
+        if self.softmax_after_topk:  # GraniteMoe, GraniteMoeShared
+            return (
+                "its experts load only from the float stacked tensors (input_linear / output_linear); "
+                "serve an unquantized checkpoint"
+            )
+        if self.architecture == "GPTNeoXForCausalLM":
+            return (
+                "its fused query_key_value rows are reordered per head at load, which only float weights "
+                "take; serve an unquantized checkpoint"
+            )
+        if self.rope_interleaved and method != "fp8":  # GLM, Cohere, Helium, ERNIE 4.5
+            return (
+                "its q/k rows are reordered at load for the rotary kernels (interleaved pairs to halves), "
+                "which only float and FP8 weights (quant_method fp8, or --quantization fp8) take: packed "
+                "integer rows would need it too; serve an unquantized or FP8 checkpoint"
+            )
+        return None
+
     @classmethod
     def from_pretrained(
         cls,

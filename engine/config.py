@@ -354,7 +354,9 @@ def _resolve_parallel(
     ring = {"tp_broadcast_slots": slots, "tp_broadcast_slot_bytes": slot_bytes}
     if tp == 1:
         return ParallelConfig(distributed_executor_backend=backend, **ring)
-    if model.qk_norm_across_heads:  # OLMo 2 / 3: each rank holds only its heads, the norm needs them all
+    if (
+        model.qk_norm_across_heads
+    ):  # OLMo 2 / 3, OLMoE: each rank holds only its heads, the norm needs them all
         raise ValueError(
             f"tensor_parallel_size {tp} is not supported for {model.architecture}: its q/k RMSNorms "
             "span every attention head; serve it with tensor_parallel_size 1"

@@ -37,6 +37,13 @@ TRANSFORMERS_DEFAULTS: dict[str, dict[str, Any]] = {
     "Phi3": {"rms_norm_eps": 1e-5, "max_position_embeddings": 4096},
     "Olmo2": {"rms_norm_eps": 1e-5},
     "Olmo3": {"rms_norm_eps": 1e-5, "sliding_window": 4096},
+    "Olmoe": {
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 4096,
+        "num_experts": 64,
+        "num_experts_per_tok": 8,
+        "eos_token_id": 50279,
+    },
     "Ministral": {"num_key_value_heads": 8, "max_position_embeddings": 131072, "sliding_window": 4096},
     "SeedOss": {"num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 524288},
     "StableLm": {"num_key_value_heads": 32, "max_position_embeddings": 4096},

@@ -362,6 +362,7 @@ class ModelConfig:
             "Olmo",
             "Olmo2",
             "Olmo3",
+            "Olmoe",
             "SmolLM3",
             "Arcee",
             "Apertus",
@@ -492,8 +493,8 @@ class ModelConfig:
             final_logit_softcapping=softcaps["final_logit_softcapping"],
             rope_local_theta=rope_local_theta,
             rope_local_scaling=rope_local_scaling,
-            qk_norm_across_heads=family in ("Olmo2", "Olmo3"),
-            clip_qkv=_positive_or_none(cfg, "clip_qkv", model_path) if family == "Olmo" else None,
+            qk_norm_across_heads=family in ("Olmo2", "Olmo3", "Olmoe"),
+            clip_qkv=_positive_or_none(cfg, "clip_qkv", model_path) if family in ("Olmo", "Olmoe") else None,
             layer_norm_eps=_layer_norm_eps(family, cfg, model_path),
             lm_head_bias=family == "Phi",
             rope_layers=rope_layers,
@@ -583,7 +584,8 @@ def moe_fields(family: str, cfg: dict[str, Any], num_layers: int, model_path: st
     dtype (as transformers does); Qwen2-MoE's shared expert of `shared_expert_intermediate_size`.
     GraniteMoe: Mixtral's layout (`num_local_experts` of `intermediate_size` in every layer), its router
     a softmax over the top_k logits, the weights cast to the model dtype; GraniteMoeShared adds an ungated
-    shared MLP of `shared_intermediate_size` (0 or absent: none, as transformers' default).
+    shared MLP of `shared_intermediate_size` (0 or absent: none, as transformers' default). OLMoE:
+    `num_experts` experts of `intermediate_size` in every layer, routed as Qwen-MoE.
     """
     if family == "Mixtral":
         num_experts = int_field(cfg, "num_local_experts", model_path)
@@ -612,6 +614,16 @@ def moe_fields(family: str, cfg: dict[str, Any], num_layers: int, model_path: st
                 int_field(cfg, "shared_intermediate_size", model_path) if shared else 0
             )
             fields["shared_expert_gated"] = False
+    elif family == "Olmoe":  # every layer MoE, its experts intermediate_size wide; Qwen's routing
+        key = "num_experts" if "num_experts" in cfg else "num_local_experts"
+        num_experts = int_field(cfg, key, model_path)
+        fields = {
+            "num_experts": num_experts,
+            "moe_intermediate_size": int_field(cfg, "intermediate_size", model_path),
+            "norm_topk_prob": bool_field(cfg, "norm_topk_prob", model_path, default=False),
+            "routing_weights_in_model_dtype": True,
+            "moe_layers": tuple(range(num_layers)),
+        }
     elif family in ("Qwen2Moe", "Qwen3Moe"):
         # The hub's configs say num_experts; transformers 5 saves it as num_local_experts.
         key = "num_experts" if "num_experts" in cfg else "num_local_experts"

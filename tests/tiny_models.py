@@ -118,10 +118,19 @@ FAMILIES = (
     "exaone4",
     "arcee",
     "apertus",
+    "olmoe",
     "qwen2_yarn",
     "llama_dynamic",
 )
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "granite_moe", "granite_moe_shared", "granite4_moe")
+MOE_FAMILIES = (
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "granite_moe",
+    "granite_moe_shared",
+    "granite4_moe",
+    "olmoe",
+)
 # Tiny mixture-of-experts settings: 4 experts, top-2, an expert intermediate size that is no power of two.
 _MOE = dict(num_experts_per_tok=2, router_aux_loss_coef=0.0)
 
@@ -202,6 +211,7 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
         Olmo2Config,
         Olmo3Config,
         OlmoConfig,
+        OlmoeConfig,
         Phi3Config,
         PhiConfig,
         Qwen2Config,
@@ -430,6 +440,12 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
             rope_parameters=rope,
             pad_token_id=0,
         )
+    if (
+        family == "olmoe"
+    ):  # every layer MoE; q/k norms over all heads, then q/k/v clamped (a bound that bites)
+        return OlmoeConfig(
+            **{**common, "intermediate_size": 48}, num_experts=4, clip_qkv=1.5, pad_token_id=0, **_MOE
+        )
     if family == "olmo2":  # post-norms, q/k norms over all heads
         return Olmo2Config(**common, pad_token_id=0)  # k_norm narrower than q_norm (2 of 4 kv heads)
     if family == "gemma":
@@ -466,6 +482,7 @@ _NORMS_OFF_ONE = (
     "granite4_dense",
     "olmo2",
     "olmo3",
+    "olmoe",
     "stablelm",
     "starcoder2",
     "phi",

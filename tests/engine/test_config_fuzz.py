@@ -49,6 +49,7 @@ ARCHITECTURES = {
     "exaone4": "Exaone4ForCausalLM",
     "arcee": "ArceeForCausalLM",
     "apertus": "ApertusForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
     "granite4_moe": "GraniteMoeHybridForCausalLM",
     "granite4_dense": "GraniteMoeHybridForCausalLM",
     "qwen2_yarn": "Qwen2ForCausalLM",
@@ -204,6 +205,7 @@ MISSING = {
     "granite": ("num_key_value_heads", "rms_norm_eps", "max_position_embeddings"),
     "granite_moe": ("num_key_value_heads", "rms_norm_eps", "max_position_embeddings"),
     "olmo2": ("num_key_value_heads", "rms_norm_eps", "max_position_embeddings"),
+    "olmoe": ("num_key_value_heads", "rms_norm_eps", "max_position_embeddings"),
 }
 
 
@@ -702,3 +704,37 @@ def test_granite4_read_as_transformers() -> None:
         _read(_set("granite4_dense", drop=("layer_types",)))
     with pytest.raises(ValueError, match=r"unsupported position_embedding_type 'alibi'"):
         _read(_set("granite4_dense", position_embedding_type="alibi"))
+
+
+def test_olmoe_read_as_transformers() -> None:
+    """OLMoE (`OlmoeForCausalLM`): OlmoeConfig's defaults for the experts (64, top 8, no renormalisation),
+    clip_qkv (none) and the end-of-text id; every layer MoE of intermediate_size; q/k norms over all heads;
+    tensor parallelism refused at start naming the norms."""
+    from transformers import OlmoeConfig
+
+    bare = _set(
+        "olmoe", drop=("num_experts", "num_experts_per_tok", "norm_topk_prob", "clip_qkv", "eos_token_id")
+    )
+    ours, ref = _read(bare), _theirs(OlmoeConfig, bare)
+    assert (ours.num_experts, ours.num_experts_per_tok, ours.norm_topk_prob, ours.clip_qkv) == (
+        ref.num_experts,
+        ref.num_experts_per_tok,
+        ref.norm_topk_prob,
+        ref.clip_qkv,
+    )
+    assert ours.eos_token_ids == [ref.eos_token_id]
+    tiny = _read(_cfg("olmoe"))
+    assert (tiny.num_experts, tiny.num_experts_per_tok, tiny.moe_intermediate_size, tiny.clip_qkv) == (
+        4,
+        2,
+        48,
+        1.5,
+    )
+    assert tiny.moe_layers == (0, 1) and tiny.qk_norm_across_heads and not tiny.qk_norm
+    assert tiny.routing_weights_in_model_dtype and not tiny.norm_topk_prob
+    with pytest.raises(ValueError, match=r"clip_qkv must be a positive number or null; got -1 in /m"):
+        _read(_set("olmoe", clip_qkv=-1))
+    with pytest.raises(
+        ValueError, match=r"norm_topk_prob in /m/config.json must be true or false; got 'yes'"
+    ):
+        _read(_set("olmoe", norm_topk_prob="yes"))

@@ -19,6 +19,7 @@ from engine.config import EngineConfig
 from engine.errors import LoRAAdapterError
 from engine.model.build_context import BuildContext
 from engine.model.models.moe import MoeForCausalLM, SparseMoeBlock
+from engine.model.models.registry import get_model_class
 from engine.model.weight_loader import load_weights
 from engine.model_config import ModelConfig
 from tests.engine.test_models import _direct_logits, _hf_logits, _prompt, _runner
@@ -62,7 +63,7 @@ def _fused_layout(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe"])
 def test_fused_checkpoint_layout_loads(tiny_model_dirs: dict[str, Path], family: str, tmp_path: Path) -> None:
     hub = load_file(str(tiny_model_dirs[family] / "model.safetensors"))
     gate = "block_sparse_moe.experts.0.w1" if family == "mixtral" else "mlp.experts.0.gate_proj"
@@ -197,7 +198,7 @@ def test_lora_attention_adapter_matches_peft_and_expert_targets_are_refused(
     )
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "granite_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "granite_moe", "olmoe"])
 def test_router_matches_transformers_in_bfloat16(tiny_model_dirs: dict[str, Path], family: str) -> None:
     """The routing's dtype steps, which float32 parity cannot see: bf16 logits, float32 softmax and top-k,
     renormalised (GraniteMoe: top-k of the logits, then their softmax); Qwen's and GraniteMoe's weights
@@ -207,7 +208,7 @@ def test_router_matches_transformers_in_bfloat16(tiny_model_dirs: dict[str, Path
     layer = hf.model.layers[1]
     hf_router = layer.block_sparse_moe.router if family == "granite_moe" else layer.mlp.gate
     config = ModelConfig.from_pretrained(model_dir, dtype="bfloat16", device="cpu")
-    model = MoeForCausalLM(config, BuildContext(dtype=torch.bfloat16))
+    model = get_model_class(config.architecture)(config, BuildContext(dtype=torch.bfloat16))  # OLMoE's own
     load_weights(model, model_dir)
     x = torch.randn(33, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     weights, ids = model.model.layers[1].mlp.gate.route(x)

@@ -36,6 +36,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Starcoder2ForCausalLM": ("engine.model.models.starcoder2", "Starcoder2ForCausalLM"),
     "Olmo2ForCausalLM": ("engine.model.models.olmo2", "Olmo2ForCausalLM"),
     "Olmo3ForCausalLM": ("engine.model.models.olmo2", "Olmo2ForCausalLM"),
+    "OlmoeForCausalLM": ("engine.model.models.olmoe", "OlmoeForCausalLM"),
     "Exaone4ForCausalLM": ("engine.model.models.olmo2", "Exaone4ForCausalLM"),
     "GlmForCausalLM": ("engine.model.models.glm", "GlmForCausalLM"),
     "Glm4ForCausalLM": ("engine.model.models.glm", "Glm4ForCausalLM"),

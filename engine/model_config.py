@@ -219,6 +219,11 @@ class ModelConfig:
                 "its fused query_key_value rows are reordered per head at load, which only float weights "
                 "take; serve an unquantized checkpoint"
             )
+        if self.architecture == "GPT2LMHeadModel":
+            return (
+                "its Conv1D weights are stored [in, out] and transposed at load, which only float weights "
+                "take; serve an unquantized checkpoint"
+            )
         if self.rope_interleaved and method != "fp8":  # GLM, Cohere, Helium, ERNIE 4.5
             return (
                 "its q/k rows are reordered at load for the rotary kernels (interleaved pairs to halves), "
@@ -280,11 +285,14 @@ class ModelConfig:
                 f"unsupported model architecture {named} in {model_path}; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        family = arch.removesuffix("ForCausalLM")
+        family = "GPT2" if arch == "GPT2LMHeadModel" else arch.removesuffix("ForCausalLM")
         gemma = family in GEMMA_FAMILIES
         cfg = with_family_defaults(family, cfg)
         if family == "GPTNeoX":
             cfg = _gpt_neox_rope_keys(cfg)
+        gpt2: dict[str, Any] = {}
+        if family == "GPT2":
+            cfg, gpt2 = _gpt2_keys(cfg, model_path)
         if family == "Apertus":
             cfg = _apertus_default_rope(cfg)
         hidden_act = _hidden_act(family, cfg, model_path)
@@ -342,8 +350,8 @@ class ModelConfig:
             qkv_bias = bool_field(cfg, "attention_bias", model_path, default=True)
         elif family == "SeedOss":  # q/k/v biases by default, o_proj's apart (attention_out_bias)
             qkv_bias = bool_field(cfg, "attention_bias", model_path, default=True)
-        elif family == "Phi":
-            qkv_bias = True  # every projection of Phi-1/1.5/2 has a bias
+        elif family in ("Phi", "GPT2"):
+            qkv_bias = True  # every projection of Phi-1/1.5/2 and GPT-2 has a bias
             if bool_field(cfg, "qk_layernorm", model_path, default=False):
                 raise ValueError(
                     f"unsupported qk_layernorm true in {config_file(model_path)} for PhiForCausalLM: weir serves "
@@ -371,7 +379,7 @@ class ModelConfig:
         o_proj_bias = attention_bias if family in o_proj_families else False
         mlp_families = ("Llama", "Granite", "SmolLM3", "Helium", "Arcee")
         mlp_bias = bool(cfg.get("mlp_bias", False)) if family in mlp_families else False
-        if family in ("Starcoder2", "Phi"):  # one bias setting for every projection
+        if family in ("Starcoder2", "Phi", "GPT2"):  # one bias setting for every projection
             o_proj_bias = mlp_bias = qkv_bias
         if family == "GPTNeoX":  # attention_bias for query_key_value and dense; the MLP's always
             o_proj_bias, mlp_bias = qkv_bias, True
@@ -390,6 +398,8 @@ class ModelConfig:
         sliding_window, layer_types = _sliding_layers(family, cfg, num_layers, model_path, rope_layers)
         if family == "GraniteMoeHybrid":
             rope_layers = _granite_hybrid_rope_layers(cfg, num_layers, model_path)
+        if family == "GPT2":  # learned absolute positions (engine.model.models.gpt2), no rotary embedding
+            rope_layers = (False,) * num_layers
         if family == "Cohere2":  # transformers' Cohere2Attention rotates on its sliding layers only
             rope_layers = tuple(t == SLIDING_ATTENTION for t in layer_types) or (False,) * num_layers
         if family == "Exaone4" and sliding_window is not None:  # with windows, its full layers have no rope
@@ -467,7 +477,7 @@ class ModelConfig:
             tie_word_embeddings=bool(
                 cfg.get(
                     "tie_word_embeddings",
-                    gemma or family in ("Starcoder2", "SmolLM3", "Cohere", "Cohere2", "Ernie4_5"),
+                    gemma or family in ("Starcoder2", "SmolLM3", "Cohere", "Cohere2", "Ernie4_5", "GPT2"),
                 )
             ),
             qkv_bias=qkv_bias,
@@ -501,6 +511,7 @@ class ModelConfig:
             parallel_residual=family == "GPTNeoX"
             and bool_field(cfg, "use_parallel_residual", model_path, default=True),
             **granite,
+            **gpt2,
             **moe,
         )
 
@@ -557,12 +568,41 @@ def _gpt_neox_rope_keys(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _gpt2_keys(cfg: dict[str, Any], model_path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """GPT-2's config.json under the names the other families use (n_embd -> hidden_size, n_layer, n_head,
+    n_positions, n_inner: 4 x n_embd when null), as GPT2Config's attribute map reads them, and its own
+    fields: `scale_attn_weights` false is the softmax scale 1 (attention_multiplier). Refused: a per-layer
+    scale (`scale_attn_by_inverse_layer_idx`) and cross-attention (`add_cross_attention`)."""
+    out = dict(cfg)
+    for theirs, ours in (
+        ("n_embd", "hidden_size"),
+        ("n_layer", "num_hidden_layers"),
+        ("n_head", "num_attention_heads"),
+        ("n_positions", "max_position_embeddings"),
+    ):
+        if theirs in cfg:  # (checked here, so an error names GPT-2's field)
+            out[ours] = int_field(cfg, theirs, model_path)
+    hidden = int_field(out, "hidden_size", model_path)
+    out["intermediate_size"] = int_field(cfg, "n_inner", model_path, default=4 * hidden)
+    out.pop("num_key_value_heads", None)  # multi-head attention always
+    for key in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
+        if bool_field(cfg, key, model_path, default=False):
+            raise ValueError(
+                f"unsupported {key} true in {config_file(model_path)} for GPT2LMHeadModel: weir serves GPT-2 "
+                "decoders with one softmax scale and no cross-attention"
+            )
+    fields = {}
+    if not bool_field(cfg, "scale_attn_weights", model_path, default=True):
+        fields["attention_multiplier"] = 1.0
+    return out, fields
+
+
 def _layer_norm_eps(family: str, cfg: dict[str, Any], model_path: str) -> float:
     """The LayerNorms' epsilon of the families that have LayerNorms (StableLM's, Phi's, GPT-NeoX's and Cohere's
     `layer_norm_eps`, StarCoder2's `norm_epsilon`); read only there: another family's config may say anything
     under those keys."""
     keys = {family: "layer_norm_eps" for family in ("StableLm", "Phi", "GPTNeoX", "Cohere", "Cohere2")}
-    key = {**keys, "Starcoder2": "norm_epsilon"}.get(family)
+    key = {**keys, "Starcoder2": "norm_epsilon", "GPT2": "layer_norm_epsilon"}.get(family)
     return 1e-5 if key is None else positive_number(cfg.get(key, 1e-5), key, model_path)
 
 
@@ -794,13 +834,15 @@ def _hidden_act(family: str, cfg: dict[str, Any], model_path: str) -> str:
         key, act = "hidden_act", cfg.get("hidden_act", "gelu_new")
     elif family == "GPTNeoX":
         key, act = "hidden_act", cfg.get("hidden_act", "gelu")
+    elif family == "GPT2":
+        key, act = "activation_function", cfg.get("activation_function", "gelu_new")
     elif family == "Arcee":
         key, act = "hidden_act", cfg.get("hidden_act", "relu2")
     elif family == "Apertus":
         key, act = "hidden_act", cfg.get("hidden_act", "xielu")
     else:
         key, act = "hidden_act", cfg.get("hidden_act", "silu")
-    if family in ("Starcoder2", "Phi", "GPTNeoX"):  # their plain MLP runs torch's GELU, either form
+    if family in ("Starcoder2", "Phi", "GPTNeoX", "GPT2"):  # their plain MLP runs torch's GELU, either form
         supported: tuple[str, ...] = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu")
     elif family == "Arcee":  # its plain MLP: ReLU squared
         supported = ("relu2",)

@@ -119,6 +119,7 @@ FAMILIES = (
     "arcee",
     "apertus",
     "olmoe",
+    "gpt2",
     "qwen2_yarn",
     "llama_dynamic",
 )
@@ -198,6 +199,7 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
         GemmaConfig,
         Glm4Config,
         GlmConfig,
+        GPT2Config,
         GPTNeoXConfig,
         GraniteConfig,
         GraniteMoeConfig,
@@ -440,9 +442,19 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
             rope_parameters=rope,
             pad_token_id=0,
         )
-    if (
-        family == "olmoe"
-    ):  # every layer MoE; q/k norms over all heads, then q/k/v clamped (a bound that bites)
+    if family == "gpt2":  # learned positions, Conv1D weights, LayerNorms, tied head (its own config names)
+        return GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=common["hidden_size"],
+            n_layer=common["num_hidden_layers"],
+            n_head=common["num_attention_heads"],
+            n_positions=common["max_position_embeddings"],
+            n_inner=common["intermediate_size"],
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    # OLMoE: every layer MoE; q/k norms over all heads, then q/k/v clamped (a bound that bites)
+    if family == "olmoe":
         return OlmoeConfig(
             **{**common, "intermediate_size": 48}, num_experts=4, clip_qkv=1.5, pad_token_id=0, **_MOE
         )
@@ -483,6 +495,7 @@ _NORMS_OFF_ONE = (
     "olmo2",
     "olmo3",
     "olmoe",
+    "gpt2",
     "stablelm",
     "starcoder2",
     "phi",

@@ -8,7 +8,9 @@ parameters named in the model's `packed_modules_mapping`; a tensor the checkpoin
 our name (Phi-3's qkv_proj, gate_up_proj, quantized ones too) goes whole to the fused layer's loader,
 which splits it into those shards; rotary `inv_freq` buffers are skipped;
 with tied embeddings a stored lm_head.weight is ignored (the embedding is the head). A model's
-`checkpoint_renames` (Mixtral: `.block_sparse_moe.` -> `.mlp.`) apply first; a layer with
+`checkpoint_renames` (Mixtral: `.block_sparse_moe.` -> `.mlp.`) apply first (after its `checkpoint_prefix`,
+GPT-2's `transformer.`, is put on names saved without it), and its `transposed_checkpoint_weights` (GPT-2's
+Conv1D [in, out] weights) are transposed as they load; a layer with
 `checkpoint_names()` (the stacked MoE experts, engine.model.layers.fused_moe) names every tensor it
 loads itself, with the shard each fills, and every per-expert shard must be found (or the fused whole).
 
@@ -102,6 +104,10 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
     params = dict(model.named_parameters())  # tied parameters appear once, under their first name
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     renames: dict[str, str] = getattr(model, "checkpoint_renames", {})
+    # GPT-2's decoder prefix, which a base model's file leaves out: added first where missing
+    prefix: str | None = getattr(model, "checkpoint_prefix", None)
+    # Conv1D weights ([in, out]: GPT-2's), by our name: transposed to [out, in] as they load
+    transposed: tuple[str, ...] = getattr(model, "transposed_checkpoint_weights", ())
     layer_names = _layer_checkpoint_names(model)
     loaded: dict[str, set[Any]] = {}
     unexpected: list[str] = []
@@ -118,7 +124,10 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
                     continue
                 if is_kv_scale_name(name):  # an fp8 KV cache's scales: not parameters (kv_cache.py)
                     continue
-                ours = _rename(name, renames)
+                full = name
+                if prefix is not None and not name.startswith((prefix, "lm_head.")):
+                    full = prefix + name
+                ours = _rename(full, renames)
                 if ours in layer_names:
                     param_name, shard_id = layer_names[ours]
                 else:
@@ -128,7 +137,10 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
                     unexpected.append(name)
                     continue
                 loader = getattr(param, "weight_loader", default_weight_loader)
-                tensor = _checkpoint_tensor(f, name, loader)
+                if ours.endswith(transposed):  # whole, then transposed (no lazy per-rank slice)
+                    tensor: torch.Tensor | CheckpointSlice = f.get_tensor(name).t().contiguous()
+                else:
+                    tensor = _checkpoint_tensor(f, name, loader)
                 try:
                     loader(param, tensor, shard_id)
                 except WeightShapeError as e:

@@ -50,6 +50,7 @@ ARCHITECTURES = {
     "arcee": "ArceeForCausalLM",
     "apertus": "ApertusForCausalLM",
     "olmoe": "OlmoeForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
     "granite4_moe": "GraniteMoeHybridForCausalLM",
     "granite4_dense": "GraniteMoeHybridForCausalLM",
     "qwen2_yarn": "Qwen2ForCausalLM",
@@ -738,3 +739,42 @@ def test_olmoe_read_as_transformers() -> None:
         ValueError, match=r"norm_topk_prob in /m/config.json must be true or false; got 'yes'"
     ):
         _read(_set("olmoe", norm_topk_prob="yes"))
+
+
+def test_gpt2_read_as_transformers() -> None:
+    """GPT-2's own config names (n_embd, n_layer, n_head, n_positions, n_inner, layer_norm_epsilon,
+    activation_function) read as GPT2Config reads them, each left out at its default; no rope on any layer,
+    tied embeddings, biases everywhere; wrong values refused naming GPT-2's field."""
+    from transformers import GPT2Config
+
+    cfg = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}
+    ours, ref = _read(cfg), GPT2Config()
+    assert (ours.hidden_size, ours.num_layers, ours.num_heads, ours.num_kv_heads, ours.head_dim) == (
+        ref.n_embd,
+        ref.n_layer,
+        ref.n_head,
+        ref.n_head,
+        ref.n_embd // ref.n_head,
+    )
+    assert (ours.max_position_embeddings, ours.intermediate_size, ours.vocab_size) == (
+        ref.n_positions,
+        4 * ref.n_embd,
+        ref.vocab_size,
+    )
+    assert (ours.layer_norm_eps, ours.hidden_act, ours.eos_token_ids) == (
+        ref.layer_norm_epsilon,
+        ref.activation_function,
+        [ref.eos_token_id],
+    )
+    assert ours.tie_word_embeddings and ours.qkv_bias and ours.o_proj_bias and ours.mlp_bias
+    assert not any(ours.layer_has_rope(i) for i in range(ours.num_layers))
+    assert ours.attention_multiplier is None  # head_dim ** -0.5
+    tiny = _read(_cfg("gpt2"))
+    assert (tiny.hidden_size, tiny.intermediate_size, tiny.max_position_embeddings) == (64, 128, 256)
+    assert _read({**cfg, "scale_attn_weights": False}).attention_multiplier == 1.0
+    with pytest.raises(ValueError, match=r"n_inner in /m/config.json must be a positive integer; got 0"):
+        _read({**cfg, "n_inner": 0})
+    with pytest.raises(ValueError, match=r"n_head in /m/config.json must be a positive integer; got '12'"):
+        _read({**cfg, "n_head": "12"})
+    with pytest.raises(ValueError, match=r"layer_norm_epsilon in /m/config.json must be a positive number"):
+        _read({**cfg, "layer_norm_epsilon": -1})

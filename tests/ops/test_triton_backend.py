@@ -285,6 +285,7 @@ def test_gemma_on_triton_matches_transformers(tiny_model_dirs: dict[str, Path], 
         "cohere2",
         "exaone4",
         "olmoe",
+        "gpt2",
     ],
 )
 def test_granite_and_olmo_on_triton_match_transformers(tiny_model_dirs: dict[str, Path], model: str) -> None:
@@ -297,7 +298,8 @@ def test_granite_and_olmo_on_triton_match_transformers(tiny_model_dirs: dict[str
     the same rotary kernels), GLM-4-0414's half-head rotary on reordered q/k rows with its post-norms, and
     Command R7B's parallel block with a window and rope on one layer, none on the other, and EXAONE 4.0's
     post-norms with per-head q/k norms, likewise windowed, and OLMoE's cross-head q/k norms and clamp
-    before its experts (the fused MoE kernel): a 21-token prompt in two prefill chunks gives
+    before its experts (the fused MoE kernel), and GPT-2's learned positions with an identity rotary
+    table: a 21-token prompt in two prefill chunks gives
     transformers' logits."""
     prompt = [int(t) for t in np.random.default_rng(3).integers(3, 500, size=21)]
     runner = _runner(tiny_model_dirs[model], use_triton=True)

@@ -32,6 +32,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "OlmoForCausalLM": ("engine.model.models.olmo", "OlmoForCausalLM"),
     "StableLmForCausalLM": ("engine.model.models.stablelm", "StableLmForCausalLM"),
     "GPTNeoXForCausalLM": ("engine.model.models.gpt_neox", "GPTNeoXForCausalLM"),
+    "GPT2LMHeadModel": ("engine.model.models.gpt2", "GPT2LMHeadModel"),
     "PhiForCausalLM": ("engine.model.models.phi", "PhiForCausalLM"),
     "Starcoder2ForCausalLM": ("engine.model.models.starcoder2", "Starcoder2ForCausalLM"),
     "Olmo2ForCausalLM": ("engine.model.models.olmo2", "Olmo2ForCausalLM"),

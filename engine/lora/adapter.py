@@ -56,6 +56,9 @@ class LoRATarget:
     # B's rows in the order weir's layer holds its output rows, where the layer reorders the checkpoint's at
     # load (GLM's and Cohere's q/k rows: engine.model.models.glm); None: as the checkpoint has them.
     b_row_order: torch.Tensor | None = None
+    # The checkpoint stores this projection as a Conv1D ([in, out]: GPT-2's). PEFT then saves the adapter with
+    # `fan_in_fan_out`, which changes only how it merges: its A and B are [r, in] and [out, r] all the same.
+    conv1d: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -244,8 +247,9 @@ def _check_config(
         )
     if config.get("bias", "none") != "none":
         raise error("bias", f"{config['bias']!r}: adapters that train biases are not supported")
-    if config.get("fan_in_fan_out"):
-        raise error("fan_in_fan_out", "transposed (Conv1D) weights are not supported")
+    if config.get("fan_in_fan_out") and not all(t.conv1d for t in targets.values()):
+        # (on a model whose checkpoint stores Linear weights, a transposed adapter was made for another one)
+        raise error("fan_in_fan_out", "transposed (Conv1D) weights are not supported for this model")
     if config.get("alpha_pattern"):
         raise error("alpha_pattern", "per-module lora_alpha is not supported")
     modules = config.get("target_modules")

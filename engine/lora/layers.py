@@ -206,6 +206,13 @@ def lora_targets(model: nn.Module) -> tuple[dict[str, LoRATarget], dict[str, int
     unsupported: tuple[str, ...] = getattr(model, "lora_unsupported_modules", ())
     # our module names -> the checkpoint's, fragment by fragment (GPT-NeoX: `model.layers.` is `gpt_neox.layers.`)
     hub_names: dict[str, str] = getattr(model, "lora_hub_names", {})
+    conv1d = bool(getattr(model, "transposed_checkpoint_weights", ()))  # GPT-2's Conv1D projections
+
+    def hub_name(ours: str) -> str:
+        for fragment, theirs in hub_names.items():
+            ours = ours.replace(fragment, theirs)
+        return ours
+
     targets: dict[str, LoRATarget] = {}
     num_slices: dict[str, int] = {}
     for name, module in model.named_modules():
@@ -223,13 +230,15 @@ def lora_targets(model: nn.Module) -> tuple[dict[str, LoRATarget], dict[str, int
             raise RuntimeError(f"{name}: {len(sizes)} sub-matrices but packed as {sub_names}")
         num_slices[name] = len(sizes)
         if leaf in fused_in_checkpoint:
-            targets[name] = LoRATarget(name, 0, module.input_size, sum(sizes), tuple(sizes))
+            targets[hub_name(name)] = LoRATarget(
+                name, 0, module.input_size, sum(sizes), tuple(sizes), conv1d=conv1d
+            )
             continue
         # a layer that reorders its checkpoint rows at load (GLM's q/k) says how, per sub-matrix
         row_order = getattr(module, "lora_b_row_order", lambda index: None)
         for i, (sub, out) in enumerate(zip(sub_names, sizes, strict=True)):
-            hf_name = f"{parent}.{sub}" if parent else sub
-            for ours, theirs in hub_names.items():
-                hf_name = hf_name.replace(ours, theirs)
-            targets[hf_name] = LoRATarget(name, i, module.input_size, out, b_row_order=row_order(i))
+            hf_name = hub_name(f"{parent}.{sub}" if parent else sub)
+            targets[hf_name] = LoRATarget(
+                name, i, module.input_size, out, b_row_order=row_order(i), conv1d=conv1d
+            )
     return targets, num_slices

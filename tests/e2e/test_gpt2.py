@@ -1,7 +1,8 @@
 """GPT-2 (`GPT2LMHeadModel`) beyond the tiny families' parity matrix (tests/e2e/test_parity.py, which has it):
 the original hub checkpoints' layout (no `transformer.` prefix, `attn.bias` mask buffers) loads to the same
 tokens, `scale_attn_weights` false matches transformers, the learned positions cap max_model_len, and what
-weir does not serve (a per-layer softmax scale, quantized weights, cross-attention) is refused at start."""
+weir does not serve (a per-layer softmax scale, quantized weights, cross-attention) is refused at start; PEFT
+adapters on its Conv1D projections give PEFT's tokens."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import LLM, SamplingParams
+from engine import LLM, LoRARequest, SamplingParams
+from engine.errors import LoRAAdapterError
 from tests.e2e.test_parity import _prompts, hf_greedy
+from tests.peft_adapters import peft_greedy, random_peft_adapter
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
 
@@ -97,3 +100,33 @@ def test_unsupported_settings_are_refused(
     dst = _copy(tiny_model_dirs["gpt2"], tmp_path / "m", **config)
     with pytest.raises(ValueError, match=message):
         LLM(str(dst), device="cpu", dtype="float32", **kw)
+
+
+def test_peft_adapter_on_its_conv1d_layers_matches_peft(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """PEFT adapts GPT-2's Conv1D projections with `fan_in_fan_out` (saved in the config; A and B keep
+    their usual [r, in] / [out, r]): on c_attn whole (B's rows q, k, v), attn.c_proj, mlp.c_fc and
+    mlp.c_proj, weir gives PEFT's tokens; the same config on a model with Linear weights is refused."""
+    model_dir = tiny_model_dirs["gpt2"]
+    adapter = random_peft_adapter(model_dir, tmp_path / "a", ["c_attn", "c_proj", "c_fc"])
+    assert json.loads((adapter / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    prompts = _prompts()[:3]
+    expected = peft_greedy(model_dir, adapter, prompts, max_new_tokens=20)
+    llm = LLM(str(model_dir), device="cpu", dtype="float32", enable_lora=True, max_lora_rank=8)
+    base = llm.generate(prompts, PARAMS, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in base] != expected  # the adapter changes the output
+    request = LoRARequest("a", 1, str(adapter))
+    outs = llm.generate(prompts, PARAMS, use_tqdm=False, lora_request=[request] * len(prompts))
+    assert [o.outputs[0].token_ids for o in outs] == expected
+
+    llama_adapter = random_peft_adapter(tiny_model_dirs["llama"], tmp_path / "l", ["q_proj"])
+    cfg = json.loads((llama_adapter / "adapter_config.json").read_text())
+    (llama_adapter / "adapter_config.json").write_text(json.dumps({**cfg, "fan_in_fan_out": True}))
+    llama = LLM(
+        str(tiny_model_dirs["llama"]), device="cpu", dtype="float32", enable_lora=True, max_lora_rank=8
+    )
+    with pytest.raises(LoRAAdapterError, match="fan_in_fan_out.*not supported for this model"):
+        llama.generate(
+            prompts[:1], PARAMS, use_tqdm=False, lora_request=LoRARequest("l", 2, str(llama_adapter))
+        )

@@ -86,5 +86,13 @@ class GPT2LMHeadModel(DecoderForCausalLM):
         ".mlp.c_proj.weight",
     )
 
+    # LoRA: PEFT adapts c_attn whole (one A, B's rows [q; k; v]) under the checkpoint's names
+    checkpoint_fused_modules = ("qkv_proj",)
+    lora_hub_names = {
+        "model.layers.": "transformer.h.",
+        ".self_attn.qkv_proj": ".attn.c_attn",
+        ".self_attn.o_proj": ".attn.c_proj",
+    }
+
     def __init__(self, config: ModelConfig, ctx: BuildContext | None = None, prefix: str = "") -> None:
         super().__init__(config, ctx or BuildContext(), prefix, GPT2Model)

@@ -83,6 +83,17 @@ TRANSFORMERS_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "Cohere2": {"max_position_embeddings": 8192, "eos_token_id": 255001, "sliding_window": 4096},
     "Starcoder2": {"num_key_value_heads": 2, "max_position_embeddings": 4096},
+    "GPTJ": {  # (GPT-2's kind of names, mapped the same way)
+        "vocab_size": 50400,
+        "n_positions": 2048,
+        "n_embd": 4096,
+        "n_layer": 28,
+        "n_head": 16,
+        "rotary_dim": 64,
+        "layer_norm_epsilon": 1e-5,
+        "bos_token_id": 50256,
+        "eos_token_id": 50256,
+    },
     "GPT2": {  # (under GPT-2's own names: engine.model_config._gpt2_keys maps them)
         "vocab_size": 50257,
         "n_positions": 1024,

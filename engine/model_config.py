@@ -285,14 +285,14 @@ class ModelConfig:
                 f"unsupported model architecture {named} in {model_path}; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        family = "GPT2" if arch == "GPT2LMHeadModel" else arch.removesuffix("ForCausalLM")
+        family = "GPT2" if arch == "GPT2LMHeadModel" else arch.removesuffix("ForCausalLM")  # GPT-J: "GPTJ"
         gemma = family in GEMMA_FAMILIES
         cfg = with_family_defaults(family, cfg)
         if family == "GPTNeoX":
             cfg = _gpt_neox_rope_keys(cfg)
         gpt2: dict[str, Any] = {}
-        if family == "GPT2":
-            cfg, gpt2 = _gpt2_keys(cfg, model_path)
+        if family in ("GPT2", "GPTJ"):
+            cfg, gpt2 = _gpt2_keys(cfg, model_path, arch)
         if family == "Apertus":
             cfg = _apertus_default_rope(cfg)
         hidden_act = _hidden_act(family, cfg, model_path)
@@ -352,6 +352,8 @@ class ModelConfig:
             qkv_bias = bool_field(cfg, "attention_bias", model_path, default=True)
         elif family in ("Phi", "GPT2"):
             qkv_bias = True  # every projection of Phi-1/1.5/2 and GPT-2 has a bias
+        elif family == "GPTJ":
+            qkv_bias = False  # q/k/v and out_proj without biases, fc_in / fc_out with them
             if bool_field(cfg, "qk_layernorm", model_path, default=False):
                 raise ValueError(
                     f"unsupported qk_layernorm true in {config_file(model_path)} for PhiForCausalLM: weir serves "
@@ -492,7 +494,7 @@ class ModelConfig:
             device=resolved_device,
             generation_defaults=generation_defaults,
             partial_rotary_dim=0 if rotary_dim == head_dim else rotary_dim,
-            rope_interleaved=family in ("Glm", "Glm4", "Cohere", "Cohere2", "Helium", "Ernie4_5"),
+            rope_interleaved=family in ("Glm", "Glm4", "Cohere", "Cohere2", "Helium", "Ernie4_5", "GPTJ"),
             logit_scale=positive_number(cfg.get("logit_scale", 0.0625), "logit_scale", model_path)
             if family in ("Cohere", "Cohere2")
             else 1.0,
@@ -506,7 +508,7 @@ class ModelConfig:
             qk_norm_across_heads=family in ("Olmo2", "Olmo3", "Olmoe"),
             clip_qkv=_positive_or_none(cfg, "clip_qkv", model_path) if family in ("Olmo", "Olmoe") else None,
             layer_norm_eps=_layer_norm_eps(family, cfg, model_path),
-            lm_head_bias=family == "Phi",
+            lm_head_bias=family in ("Phi", "GPTJ"),
             rope_layers=rope_layers,
             parallel_residual=family == "GPTNeoX"
             and bool_field(cfg, "use_parallel_residual", model_path, default=True),
@@ -568,11 +570,12 @@ def _gpt_neox_rope_keys(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _gpt2_keys(cfg: dict[str, Any], model_path: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """GPT-2's config.json under the names the other families use (n_embd -> hidden_size, n_layer, n_head,
-    n_positions, n_inner: 4 x n_embd when null), as GPT2Config's attribute map reads them, and its own
-    fields: `scale_attn_weights` false is the softmax scale 1 (attention_multiplier). Refused: a per-layer
-    scale (`scale_attn_by_inverse_layer_idx`) and cross-attention (`add_cross_attention`)."""
+def _gpt2_keys(cfg: dict[str, Any], model_path: str, arch: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """GPT-2's (and GPT-J's) config.json under the names the other families use (n_embd -> hidden_size,
+    n_layer, n_head, n_positions, n_inner: 4 x n_embd when null), as their config classes' attribute maps
+    read them, and GPT-2's own fields: `scale_attn_weights` false is the softmax scale 1
+    (attention_multiplier). Refused: a per-layer scale (`scale_attn_by_inverse_layer_idx`) and
+    cross-attention (`add_cross_attention`)."""
     out = dict(cfg)
     for theirs, ours in (
         ("n_embd", "hidden_size"),
@@ -588,8 +591,8 @@ def _gpt2_keys(cfg: dict[str, Any], model_path: str) -> tuple[dict[str, Any], di
     for key in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
         if bool_field(cfg, key, model_path, default=False):
             raise ValueError(
-                f"unsupported {key} true in {config_file(model_path)} for GPT2LMHeadModel: weir serves GPT-2 "
-                "decoders with one softmax scale and no cross-attention"
+                f"unsupported {key} true in {config_file(model_path)} for {arch}: weir serves GPT-2 and "
+                "GPT-J decoders with one softmax scale and no cross-attention"
             )
     fields = {}
     if not bool_field(cfg, "scale_attn_weights", model_path, default=True):
@@ -602,7 +605,12 @@ def _layer_norm_eps(family: str, cfg: dict[str, Any], model_path: str) -> float:
     `layer_norm_eps`, StarCoder2's `norm_epsilon`); read only there: another family's config may say anything
     under those keys."""
     keys = {family: "layer_norm_eps" for family in ("StableLm", "Phi", "GPTNeoX", "Cohere", "Cohere2")}
-    key = {**keys, "Starcoder2": "norm_epsilon", "GPT2": "layer_norm_epsilon"}.get(family)
+    key = {
+        **keys,
+        "Starcoder2": "norm_epsilon",
+        "GPT2": "layer_norm_epsilon",
+        "GPTJ": "layer_norm_epsilon",
+    }.get(family)
     return 1e-5 if key is None else positive_number(cfg.get(key, 1e-5), key, model_path)
 
 
@@ -757,6 +765,16 @@ def _rotary_dim(family: str, cfg: dict[str, Any], head_dim: int, model_path: str
     """How many leading dims of a head rotate: Phi-3's, StableLM's, Phi's, GPT-NeoX's and GLM's
     partial_rotary_factor (top level, or in rope_parameters with transformers >= 5; StableLM's and GPT-NeoX's
     default 0.25, Phi's and GLM's 0.5); every other family rotates the whole head."""
+    if family == "GPTJ":  # its own key, the count of dims (null: the whole head)
+        rotary_dim = cfg.get("rotary_dim")
+        if rotary_dim is None:
+            return head_dim
+        rotary_dim = int_field(cfg, "rotary_dim", model_path)
+        if rotary_dim > head_dim or rotary_dim % 2:
+            raise ValueError(
+                f"rotary_dim {rotary_dim} in {config_file(model_path)} must be even and at most head_dim {head_dim}"
+            )
+        return rotary_dim
     if family not in ("Phi3", "StableLm", "Phi", "GPTNeoX", "Glm", "Glm4"):
         return head_dim
     factor = cfg.get("partial_rotary_factor")
@@ -834,7 +852,7 @@ def _hidden_act(family: str, cfg: dict[str, Any], model_path: str) -> str:
         key, act = "hidden_act", cfg.get("hidden_act", "gelu_new")
     elif family == "GPTNeoX":
         key, act = "hidden_act", cfg.get("hidden_act", "gelu")
-    elif family == "GPT2":
+    elif family in ("GPT2", "GPTJ"):
         key, act = "activation_function", cfg.get("activation_function", "gelu_new")
     elif family == "Arcee":
         key, act = "hidden_act", cfg.get("hidden_act", "relu2")
@@ -842,7 +860,13 @@ def _hidden_act(family: str, cfg: dict[str, Any], model_path: str) -> str:
         key, act = "hidden_act", cfg.get("hidden_act", "xielu")
     else:
         key, act = "hidden_act", cfg.get("hidden_act", "silu")
-    if family in ("Starcoder2", "Phi", "GPTNeoX", "GPT2"):  # their plain MLP runs torch's GELU, either form
+    if family in (
+        "Starcoder2",
+        "Phi",
+        "GPTNeoX",
+        "GPT2",
+        "GPTJ",
+    ):  # their plain MLP: torch's GELU, either form
         supported: tuple[str, ...] = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu")
     elif family == "Arcee":  # its plain MLP: ReLU squared
         supported = ("relu2",)

@@ -120,6 +120,7 @@ FAMILIES = (
     "apertus",
     "olmoe",
     "gpt2",
+    "gptj",
     "qwen2_yarn",
     "llama_dynamic",
 )
@@ -200,6 +201,7 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
         Glm4Config,
         GlmConfig,
         GPT2Config,
+        GPTJConfig,
         GPTNeoXConfig,
         GraniteConfig,
         GraniteMoeConfig,
@@ -453,6 +455,20 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
             bos_token_id=1,
             eos_token_id=2,
         )
+    if (
+        family == "gptj"
+    ):  # a parallel block; half of each 16-dim head rotating on interleaved pairs; head bias
+        return GPTJConfig(
+            vocab_size=vocab_size,
+            n_embd=common["hidden_size"],
+            n_layer=common["num_hidden_layers"],
+            n_head=common["num_attention_heads"],
+            n_positions=common["max_position_embeddings"],
+            n_inner=common["intermediate_size"],
+            rotary_dim=8,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
     # OLMoE: every layer MoE; q/k norms over all heads, then q/k/v clamped (a bound that bites)
     if family == "olmoe":
         return OlmoeConfig(
@@ -496,6 +512,7 @@ _NORMS_OFF_ONE = (
     "olmo3",
     "olmoe",
     "gpt2",
+    "gptj",
     "stablelm",
     "starcoder2",
     "phi",

@@ -47,7 +47,7 @@ def test_reordered_rows_rotate_as_transformers_interleaved_pairs() -> None:
     torch.testing.assert_close(ours, theirs[..., order], rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("family", ["glm", "glm4", "cohere", "cohere2"])
+@pytest.mark.parametrize("family", ["glm", "glm4", "cohere", "cohere2", "gptj"])
 def test_without_the_reordering_the_tokens_change(
     tiny_model_dirs: dict[str, Path], family: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -67,7 +67,13 @@ def test_without_the_reordering_the_tokens_change(
 
 @pytest.mark.parametrize(
     ("family", "fmt"),
-    [("glm", "fp8-channel"), ("glm4", "fp8-block-16"), ("cohere", "fp8-tensor"), ("cohere2", "online-fp8")],
+    [
+        ("glm", "fp8-channel"),
+        ("glm4", "fp8-block-16"),
+        ("cohere", "fp8-tensor"),
+        ("cohere2", "online-fp8"),
+        ("gptj", "fp8-channel"),
+    ],
 )
 def test_fp8_checkpoints_take_the_reordering(
     tiny_model_dirs: dict[str, Path], tmp_path: Path, family: str, fmt: str

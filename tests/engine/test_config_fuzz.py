@@ -51,6 +51,7 @@ ARCHITECTURES = {
     "apertus": "ApertusForCausalLM",
     "olmoe": "OlmoeForCausalLM",
     "gpt2": "GPT2LMHeadModel",
+    "gptj": "GPTJForCausalLM",
     "granite4_moe": "GraniteMoeHybridForCausalLM",
     "granite4_dense": "GraniteMoeHybridForCausalLM",
     "qwen2_yarn": "Qwen2ForCausalLM",
@@ -778,3 +779,33 @@ def test_gpt2_read_as_transformers() -> None:
         _read({**cfg, "n_head": "12"})
     with pytest.raises(ValueError, match=r"layer_norm_epsilon in /m/config.json must be a positive number"):
         _read({**cfg, "layer_norm_epsilon": -1})
+
+
+def test_gptj_read_as_transformers() -> None:
+    """GPT-J: GPT-2's config names with GPTJConfig's defaults, `rotary_dim` of the head (null: all of it)
+    rotating interleaved pairs, no q/k/v or out_proj bias, an untied head with a bias."""
+    from transformers import GPTJConfig
+
+    cfg = {"architectures": ["GPTJForCausalLM"], "model_type": "gptj"}
+    ours, ref = _read(cfg), GPTJConfig()
+    assert (ours.hidden_size, ours.num_layers, ours.num_heads, ours.max_position_embeddings) == (
+        ref.n_embd,
+        ref.n_layer,
+        ref.n_head,
+        ref.n_positions,
+    )
+    assert (ours.rotary_dim, ours.vocab_size, ours.intermediate_size, ours.layer_norm_eps) == (
+        ref.rotary_dim,
+        ref.vocab_size,
+        4 * ref.n_embd,
+        ref.layer_norm_epsilon,
+    )
+    assert ours.rope_interleaved and ours.lm_head_bias and not ours.tie_word_embeddings
+    assert not (ours.qkv_bias or ours.o_proj_bias)
+    assert _read({**cfg, "rotary_dim": None}).rotary_dim == ours.head_dim
+    with pytest.raises(
+        ValueError, match=r"rotary_dim 300 in /m/config.json must be even and at most head_dim 256"
+    ):
+        _read({**cfg, "rotary_dim": 300})
+    with pytest.raises(ValueError, match=r"rotary_dim in /m/config.json must be a positive integer; got 0"):
+        _read({**cfg, "rotary_dim": 0})

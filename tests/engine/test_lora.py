@@ -363,6 +363,7 @@ def test_async_engine_generates_with_adapters(lora_setup: dict) -> None:
         "exaone4",
         "arcee",
         "apertus",
+        "gptj",
     ],
 )
 def test_family_adapter_matches_peft(tiny_model_dirs: dict[str, Path], tmp_path: Path, family: str) -> None:
@@ -379,7 +380,8 @@ def test_family_adapter_matches_peft(tiny_model_dirs: dict[str, Path], tmp_path:
     branch), Command R7B's seven (interleaved rope too, in its parallel block) and EXAONE 4.0's seven (q/k
     normed per head after the adapted projections, post-norms) and Arcee's six (its ungated ReLU² MLP's
     up_proj and down_proj: up_proj is no fused layer's half there), and Apertus's six (xIELU between them,
-    q/k normed per head after the adapted projections)."""
+    q/k normed per head after the adapted projections), and GPT-J's six under its checkpoint's names
+    (`transformer.h.N.attn.out_proj`, `mlp.fc_in`: interleaved rope on a quarter of each head, a parallel block)."""
     model_dir = tiny_model_dirs[family]
     targets = ADAPTERS["r8-all"][2]
     if family == "starcoder2":  # its six projections: the MLP is c_fc -> GELU -> c_proj
@@ -390,6 +392,8 @@ def test_family_adapter_matches_peft(tiny_model_dirs: dict[str, Path], tmp_path:
         targets = ["dense", "dense_h_to_4h", "dense_4h_to_h"]
     if family in ("arcee", "apertus"):  # their six: the MLP has no gate (up_proj -> activation -> down_proj)
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+    if family == "gptj":  # transformer.h.N.attn.{q,k,v,out}_proj (q/k's B rows reordered), mlp.fc_in / fc_out
+        targets = ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"]
     if family == "glm4":  # q/k's B rows reordered as their weights (interleaved rope); gate and up fused
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
     random_peft_adapter(model_dir, tmp_path / "all", targets, r=8, lora_alpha=16)

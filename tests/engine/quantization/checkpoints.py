@@ -34,6 +34,12 @@ LINEAR_SUFFIXES = (
     "self_attn.dense",  # Phi's output projection and plain MLP
     "mlp.fc1",
     "mlp.fc2",
+    ".attn.q_proj",  # GPT-J's: transformer.h.N.attn.{q,k,v,out}_proj, mlp.fc_in / fc_out
+    ".attn.k_proj",
+    ".attn.v_proj",
+    ".attn.out_proj",
+    "mlp.fc_in",
+    "mlp.fc_out",
     # Phi-3's checkpoints store these fused: quantized as one module each, as its tools write them
     "self_attn.qkv_proj",
     "mlp.gate_up_proj",

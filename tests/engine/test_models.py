@@ -321,14 +321,14 @@ def test_shape_mismatch_names_parameter_file_and_shapes(
 
 
 def test_unknown_architecture_and_missing_config(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
-    dst = _copy_model(tiny_model_dirs["llama"], tmp_path / "gpt")
+    dst = _copy_model(tiny_model_dirs["llama"], tmp_path / "bloom")
     cfg = json.loads((dst / "config.json").read_text())
-    cfg["architectures"] = ["GPT2LMHeadModel"]
+    cfg["architectures"] = ["BloomForCausalLM"]
     (dst / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError) as err:
         ModelConfig.from_pretrained(dst, device="cpu")
     msg = str(err.value)
-    assert "GPT2LMHeadModel" in msg
+    assert "BloomForCausalLM" in msg
     for arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"):
         assert arch in msg
 

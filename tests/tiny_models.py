@@ -444,31 +444,23 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
             rope_parameters=rope,
             pad_token_id=0,
         )
-    if family == "gpt2":  # learned positions, Conv1D weights, LayerNorms, tied head (its own config names)
-        return GPT2Config(
-            vocab_size=vocab_size,
-            n_embd=common["hidden_size"],
-            n_layer=common["num_hidden_layers"],
-            n_head=common["num_attention_heads"],
-            n_positions=common["max_position_embeddings"],
-            n_inner=common["intermediate_size"],
-            bos_token_id=1,
-            eos_token_id=2,
-        )
+    # GPT-2 and GPT-J: their own config names for the common sizes
+    gpt2_sizes = dict(
+        vocab_size=vocab_size,
+        n_embd=common["hidden_size"],
+        n_layer=common["num_hidden_layers"],
+        n_head=common["num_attention_heads"],
+        n_positions=common["max_position_embeddings"],
+        n_inner=common["intermediate_size"],
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if family == "gpt2":  # learned positions, Conv1D weights, LayerNorms, tied head
+        return GPT2Config(**gpt2_sizes)
     if (
         family == "gptj"
     ):  # a parallel block; half of each 16-dim head rotating on interleaved pairs; head bias
-        return GPTJConfig(
-            vocab_size=vocab_size,
-            n_embd=common["hidden_size"],
-            n_layer=common["num_hidden_layers"],
-            n_head=common["num_attention_heads"],
-            n_positions=common["max_position_embeddings"],
-            n_inner=common["intermediate_size"],
-            rotary_dim=8,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
+        return GPTJConfig(**gpt2_sizes, rotary_dim=8)
     # OLMoE: every layer MoE; q/k norms over all heads, then q/k/v clamped (a bound that bites)
     if family == "olmoe":
         return OlmoeConfig(

@@ -11,30 +11,17 @@
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
-from engine.model.build_context import BuildContext, join_prefix
-from engine.model.layers.norm import LayerNorm
+from engine.model.build_context import BuildContext
 from engine.model.models.causal_lm import DecoderForCausalLM
 from engine.model.models.glm import InterleavedRopeAttention
 from engine.model.models.olmo import LayerNormDecoderModel
-from engine.model.models.ungated_mlp import UngatedMLP
+from engine.model.models.phi import PhiDecoderLayer
 from engine.model_config import ModelConfig
 
 
-class GPTJBlock(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, ctx: BuildContext, prefix: str) -> None:
-        super().__init__()
-        self.self_attn = InterleavedRopeAttention(config, layer_idx, ctx, join_prefix(prefix, "self_attn"))
-        self.mlp = UngatedMLP(config, ctx, join_prefix(prefix, "mlp"), ("fc_in", "fc_out"), bias=True)
-        self.input_layernorm = LayerNorm(config.hidden_size, config.layer_norm_eps, ctx.dtype)
-
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: the residual stream [num_tokens, hidden] -> the same after this layer."""
-        normed = self.input_layernorm(hidden)
-        # transformers' order of the sums: (attention + MLP) + residual
-        return self.self_attn(positions, normed) + self.mlp(normed) + hidden
+class GPTJBlock(PhiDecoderLayer):
+    attention_class = InterleavedRopeAttention
+    mlp_names = ("fc_in", "fc_out")
 
 
 class GPTJModel(LayerNormDecoderModel):

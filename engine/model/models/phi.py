@@ -39,10 +39,15 @@ class PhiAttention(LlamaAttention):
 
 
 class PhiDecoderLayer(nn.Module):
+    """The parallel block: attention and the MLP on one LayerNorm's output (GPT-J's too, its own classes)."""
+
+    attention_class: type[LlamaAttention] = PhiAttention
+    mlp_names = ("fc1", "fc2")  # the ungated MLP's (up, down) checkpoint names
+
     def __init__(self, config: ModelConfig, layer_idx: int, ctx: BuildContext, prefix: str) -> None:
         super().__init__()
-        self.self_attn = PhiAttention(config, layer_idx, ctx, join_prefix(prefix, "self_attn"))
-        self.mlp = UngatedMLP(config, ctx, join_prefix(prefix, "mlp"), ("fc1", "fc2"), bias=True)
+        self.self_attn = self.attention_class(config, layer_idx, ctx, join_prefix(prefix, "self_attn"))
+        self.mlp = UngatedMLP(config, ctx, join_prefix(prefix, "mlp"), self.mlp_names, bias=True)
         self.input_layernorm = LayerNorm(config.hidden_size, config.layer_norm_eps, ctx.dtype)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

@@ -352,13 +352,13 @@ class ModelConfig:
             qkv_bias = bool_field(cfg, "attention_bias", model_path, default=True)
         elif family in ("Phi", "GPT2"):
             qkv_bias = True  # every projection of Phi-1/1.5/2 and GPT-2 has a bias
-        elif family == "GPTJ":
-            qkv_bias = False  # q/k/v and out_proj without biases, fc_in / fc_out with them
-            if bool_field(cfg, "qk_layernorm", model_path, default=False):
+            if family == "Phi" and bool_field(cfg, "qk_layernorm", model_path, default=False):
                 raise ValueError(
                     f"unsupported qk_layernorm true in {config_file(model_path)} for PhiForCausalLM: weir serves "
                     "Phi without per-head q/k LayerNorms"
                 )
+        elif family == "GPTJ":
+            qkv_bias = False  # q/k/v and out_proj without biases, fc_in / fc_out with them
         else:
             qkv_bias = attention_bias
         o_proj_families = (

@@ -78,7 +78,7 @@ def test_max_model_len_is_capped_by_the_learned_positions(tiny_model_dirs: dict[
             {"scale_attn_by_inverse_layer_idx": True},
             {},
             "unsupported scale_attn_by_inverse_layer_idx true in .*config.json for GPT2LMHeadModel: weir serves "
-            "GPT-2 decoders with one softmax scale and no cross-attention",
+            "GPT-2 and GPT-J decoders with one softmax scale and no cross-attention",
         ),
         ({"add_cross_attention": True}, {}, "unsupported add_cross_attention true in .*config.json"),
         (

@@ -83,6 +83,16 @@ TRANSFORMERS_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "Cohere2": {"max_position_embeddings": 8192, "eos_token_id": 255001, "sliding_window": 4096},
     "Starcoder2": {"num_key_value_heads": 2, "max_position_embeddings": 4096},
+    "OPT": {
+        "vocab_size": 50272,
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "ffn_dim": 3072,
+        "max_position_embeddings": 2048,
+        "bos_token_id": 2,
+        "eos_token_id": 2,
+    },
     "GPTJ": {  # (GPT-2's kind of names, mapped the same way)
         "vocab_size": 50400,
         "n_positions": 2048,

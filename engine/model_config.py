@@ -219,6 +219,8 @@ class ModelConfig:
                 "its fused query_key_value rows are reordered per head at load, which only float weights "
                 "take; serve an unquantized checkpoint"
             )
+        if self.architecture == "OPTForCausalLM":  # (quantized OPT checkpoints are not tested against weir yet)
+            return "weir serves float OPT checkpoints only; serve an unquantized checkpoint"
         if self.architecture == "GPT2LMHeadModel":
             return (
                 "its Conv1D weights are stored [in, out] and transposed at load, which only float weights "
@@ -293,6 +295,8 @@ class ModelConfig:
         gpt2: dict[str, Any] = {}
         if family in ("GPT2", "GPTJ"):
             cfg, gpt2 = _gpt2_keys(cfg, model_path, arch)
+        if family == "OPT":
+            cfg = _opt_keys(cfg, model_path)
         if family == "Apertus":
             cfg = _apertus_default_rope(cfg)
         hidden_act = _hidden_act(family, cfg, model_path)
@@ -359,6 +363,8 @@ class ModelConfig:
                 )
         elif family == "GPTJ":
             qkv_bias = False  # q/k/v and out_proj without biases, fc_in / fc_out with them
+        elif family == "OPT":
+            qkv_bias = bool_field(cfg, "enable_bias", model_path, default=True)
         else:
             qkv_bias = attention_bias
         o_proj_families = (
@@ -381,7 +387,7 @@ class ModelConfig:
         o_proj_bias = attention_bias if family in o_proj_families else False
         mlp_families = ("Llama", "Granite", "SmolLM3", "Helium", "Arcee")
         mlp_bias = bool(cfg.get("mlp_bias", False)) if family in mlp_families else False
-        if family in ("Starcoder2", "Phi", "GPT2"):  # one bias setting for every projection
+        if family in ("Starcoder2", "Phi", "GPT2", "OPT"):  # one bias setting for every projection
             o_proj_bias = mlp_bias = qkv_bias
         if family == "GPTNeoX":  # attention_bias for query_key_value and dense; the MLP's always
             o_proj_bias, mlp_bias = qkv_bias, True
@@ -400,7 +406,10 @@ class ModelConfig:
         sliding_window, layer_types = _sliding_layers(family, cfg, num_layers, model_path, rope_layers)
         if family == "GraniteMoeHybrid":
             rope_layers = _granite_hybrid_rope_layers(cfg, num_layers, model_path)
-        if family == "GPT2":  # learned absolute positions (engine.model.models.gpt2), no rotary embedding
+        if family in (
+            "GPT2",
+            "OPT",
+        ):  # learned absolute positions (engine.model.models.gpt2), no rotary embedding
             rope_layers = (False,) * num_layers
         if family == "Cohere2":  # transformers' Cohere2Attention rotates on its sliding layers only
             rope_layers = tuple(t == SLIDING_ATTENTION for t in layer_types) or (False,) * num_layers
@@ -479,7 +488,8 @@ class ModelConfig:
             tie_word_embeddings=bool(
                 cfg.get(
                     "tie_word_embeddings",
-                    gemma or family in ("Starcoder2", "SmolLM3", "Cohere", "Cohere2", "Ernie4_5", "GPT2"),
+                    gemma
+                    or family in ("Starcoder2", "SmolLM3", "Cohere", "Cohere2", "Ernie4_5", "GPT2", "OPT"),
                 )
             ),
             qkv_bias=qkv_bias,
@@ -598,6 +608,29 @@ def _gpt2_keys(cfg: dict[str, Any], model_path: str, arch: str) -> tuple[dict[st
     if not bool_field(cfg, "scale_attn_weights", model_path, default=True):
         fields["attention_multiplier"] = 1.0
     return out, fields
+
+
+def _opt_keys(cfg: dict[str, Any], model_path: str) -> dict[str, Any]:
+    """OPT's config.json with `ffn_dim` as intermediate_size; the layouts weir does not serve refused naming
+    their field: post-LayerNorm layers (`do_layer_norm_before` false, opt-350m), embeddings projected in and
+    out (`word_embed_proj_dim` other than hidden_size, opt-350m), LayerNorms without weights
+    (`layer_norm_elementwise_affine` false) and no final LayerNorm (`_remove_final_layer_norm`)."""
+    hidden = int_field(cfg, "hidden_size", model_path)
+    refusals = {
+        "do_layer_norm_before": not bool_field(cfg, "do_layer_norm_before", model_path, default=True),
+        "word_embed_proj_dim": int_field(cfg, "word_embed_proj_dim", model_path, default=hidden) != hidden,
+        "layer_norm_elementwise_affine": not bool_field(
+            cfg, "layer_norm_elementwise_affine", model_path, default=True
+        ),
+        "_remove_final_layer_norm": bool_field(cfg, "_remove_final_layer_norm", model_path, default=False),
+    }
+    for key, refused in refusals.items():
+        if refused:
+            raise ValueError(
+                f"unsupported {key} {cfg[key]!r} in {config_file(model_path)} for OPTForCausalLM: weir serves "
+                "OPT's pre-LayerNorm layout (opt-125m, opt-1.3b and larger), hidden_size-wide embeddings"
+            )
+    return {**cfg, "intermediate_size": int_field(cfg, "ffn_dim", model_path)}
 
 
 def _layer_norm_eps(family: str, cfg: dict[str, Any], model_path: str) -> float:
@@ -854,6 +887,8 @@ def _hidden_act(family: str, cfg: dict[str, Any], model_path: str) -> str:
         key, act = "hidden_act", cfg.get("hidden_act", "gelu")
     elif family in ("GPT2", "GPTJ"):
         key, act = "activation_function", cfg.get("activation_function", "gelu_new")
+    elif family == "OPT":
+        key, act = "activation_function", cfg.get("activation_function", "relu")
     elif family == "Arcee":
         key, act = "hidden_act", cfg.get("hidden_act", "relu2")
     elif family == "Apertus":
@@ -868,6 +903,8 @@ def _hidden_act(family: str, cfg: dict[str, Any], model_path: str) -> str:
         "GPTJ",
     ):  # their plain MLP: torch's GELU, either form
         supported: tuple[str, ...] = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu")
+    elif family == "OPT":
+        supported = ("relu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu")
     elif family == "Arcee":  # its plain MLP: ReLU squared
         supported = ("relu2",)
     elif family == "Apertus":  # its plain MLP: xIELU with learned scalars

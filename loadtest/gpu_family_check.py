@@ -72,6 +72,7 @@ DEVICE = "cpu" if DRY_RUN else "cuda"
 NEW_FAMILIES = (  # most telling first: part a stops starting families at its time limit
     "gpt2",  # (2026-12-08: not yet on a GPU)
     "gptj",  # (2026-12-08: not yet on a GPU)
+    "opt",  # (2026-12-08: not yet on a GPU)
     "olmoe",  # (2026-12-08: not yet on a GPU)
     "cohere",  # (fp32 on an H100 at db68482 by the engine check; bf16 not yet)
     "ernie4_5",  # (fp32 on an H100 at db68482 by the engine check; bf16 not yet)

@@ -121,6 +121,7 @@ FAMILIES = (
     "olmoe",
     "gpt2",
     "gptj",
+    "opt",
     "qwen2_yarn",
     "llama_dynamic",
 )
@@ -216,6 +217,7 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
         Olmo3Config,
         OlmoConfig,
         OlmoeConfig,
+        OPTConfig,
         Phi3Config,
         PhiConfig,
         Qwen2Config,
@@ -461,6 +463,18 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
         family == "gptj"
     ):  # a parallel block; half of each 16-dim head rotating on interleaved pairs; head bias
         return GPTJConfig(**gpt2_sizes, rotary_dim=8)
+    if family == "opt":  # GPT-2's decoder with Linear weights, positions offset by 2, ReLU
+        return OPTConfig(
+            vocab_size=vocab_size,
+            hidden_size=common["hidden_size"],
+            num_hidden_layers=common["num_hidden_layers"],
+            num_attention_heads=common["num_attention_heads"],
+            ffn_dim=common["intermediate_size"],
+            max_position_embeddings=common["max_position_embeddings"],
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
     # OLMoE: every layer MoE; q/k norms over all heads, then q/k/v clamped (a bound that bites)
     if family == "olmoe":
         return OlmoeConfig(
@@ -505,6 +519,7 @@ _NORMS_OFF_ONE = (
     "olmoe",
     "gpt2",
     "gptj",
+    "opt",
     "stablelm",
     "starcoder2",
     "phi",

@@ -266,7 +266,19 @@ def test_tp2_gemma2_windows_and_softcaps_match_transformers(tiny_model_dirs: dic
 
 @pytest.mark.parametrize(
     "family",
-    ["olmo", "stablelm", "starcoder2", "phi", "gpt_neox", "glm4", "cohere2", "exaone4", "gpt2", "gptj"],
+    [
+        "olmo",
+        "stablelm",
+        "starcoder2",
+        "phi",
+        "gpt_neox",
+        "glm4",
+        "cohere2",
+        "exaone4",
+        "gpt2",
+        "gptj",
+        "opt",
+    ],
 )
 def test_tp2_layer_norm_families_match_transformers(tiny_model_dirs: dict[str, Path], family: str) -> None:
     """OLMo 1, StableLM, StarCoder2, Phi and GPT-NeoX over two ranks (Phi: its LM head's bias split with the

@@ -52,6 +52,7 @@ ARCHITECTURES = {
     "olmoe": "OlmoeForCausalLM",
     "gpt2": "GPT2LMHeadModel",
     "gptj": "GPTJForCausalLM",
+    "opt": "OPTForCausalLM",
     "granite4_moe": "GraniteMoeHybridForCausalLM",
     "granite4_dense": "GraniteMoeHybridForCausalLM",
     "qwen2_yarn": "Qwen2ForCausalLM",
@@ -809,3 +810,32 @@ def test_gptj_read_as_transformers() -> None:
         _read({**cfg, "rotary_dim": 300})
     with pytest.raises(ValueError, match=r"rotary_dim in /m/config.json must be a positive integer; got 0"):
         _read({**cfg, "rotary_dim": 0})
+
+
+def test_opt_read_as_transformers() -> None:
+    """OPT: OPTConfig's defaults (ffn_dim as the MLP's width, ReLU, biases by enable_bias, a tied head, no
+    rope on any layer)."""
+    from transformers import OPTConfig
+
+    cfg = {"architectures": ["OPTForCausalLM"], "model_type": "opt"}
+    ours, ref = _read(cfg), OPTConfig()
+    assert (ours.hidden_size, ours.num_layers, ours.num_heads, ours.intermediate_size) == (
+        ref.hidden_size,
+        ref.num_hidden_layers,
+        ref.num_attention_heads,
+        ref.ffn_dim,
+    )
+    assert (ours.max_position_embeddings, ours.vocab_size, ours.hidden_act, ours.eos_token_ids) == (
+        ref.max_position_embeddings,
+        ref.vocab_size,
+        ref.activation_function,
+        [ref.eos_token_id],
+    )
+    assert ours.tie_word_embeddings and ours.qkv_bias and ours.o_proj_bias and ours.mlp_bias
+    assert not any(ours.layer_has_rope(i) for i in range(ours.num_layers))
+    unbiased = _read({**cfg, "enable_bias": False})
+    assert not (unbiased.qkv_bias or unbiased.o_proj_bias or unbiased.mlp_bias)
+    with pytest.raises(ValueError, match=r"ffn_dim in /m/config.json must be a positive integer; got 0"):
+        _read({**cfg, "ffn_dim": 0})
+    with pytest.raises(ValueError, match=r"enable_bias in /m/config.json must be true or false; got 'yes'"):
+        _read({**cfg, "enable_bias": "yes"})

@@ -30,11 +30,15 @@ from engine.model_config import ModelConfig
 
 
 class GPT2Block(nn.Module):
+    """LayerNorm, attention, residual; LayerNorm, the ungated MLP, residual (OPT's layer too)."""
+
+    mlp_names = ("c_fc", "c_proj")  # the MLP's (up, down) checkpoint names
+
     def __init__(self, config: ModelConfig, layer_idx: int, ctx: BuildContext, prefix: str) -> None:
         super().__init__()
         eps, dtype = config.layer_norm_eps, ctx.dtype
         self.self_attn = LlamaAttention(config, layer_idx, ctx, join_prefix(prefix, "self_attn"))
-        self.mlp = UngatedMLP(config, ctx, join_prefix(prefix, "mlp"), ("c_fc", "c_proj"), bias=True)
+        self.mlp = UngatedMLP(config, ctx, join_prefix(prefix, "mlp"), self.mlp_names, bias=config.mlp_bias)
         self.input_layernorm = LayerNorm(config.hidden_size, eps, dtype)
         self.post_attention_layernorm = LayerNorm(config.hidden_size, eps, dtype)
 
@@ -46,16 +50,16 @@ class GPT2Block(nn.Module):
 
 class GPT2Model(LayerNormDecoderModel):
     layer_class = GPT2Block
+    position_offset = 0  # OPT's table starts 2 rows in (its rows 0 and 1 are never read)
 
     def __init__(self, config: ModelConfig, ctx: BuildContext, prefix: str) -> None:
         super().__init__(config, ctx, prefix)
-        # [max_position_embeddings, hidden], replicated on every rank (positions are not split)
-        self.embed_positions = nn.Embedding(
-            config.max_position_embeddings, config.hidden_size, dtype=ctx.dtype
-        )
+        # [max_position_embeddings + offset, hidden], replicated on every rank (positions are not split)
+        rows = config.max_position_embeddings + self.position_offset
+        self.embed_positions = nn.Embedding(rows, config.hidden_size, dtype=ctx.dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids) + self.embed_positions(positions)  # [num_tokens, hidden]
+        hidden = self.embed_tokens(input_ids) + self.embed_positions(positions + self.position_offset)
         for layer in self.layers:
             hidden = layer(positions, hidden)
         return self.norm(hidden)

@@ -34,6 +34,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "GPTNeoXForCausalLM": ("engine.model.models.gpt_neox", "GPTNeoXForCausalLM"),
     "GPT2LMHeadModel": ("engine.model.models.gpt2", "GPT2LMHeadModel"),
     "GPTJForCausalLM": ("engine.model.models.gptj", "GPTJForCausalLM"),
+    "OPTForCausalLM": ("engine.model.models.opt", "OPTForCausalLM"),
     "PhiForCausalLM": ("engine.model.models.phi", "PhiForCausalLM"),
     "Starcoder2ForCausalLM": ("engine.model.models.starcoder2", "Starcoder2ForCausalLM"),
     "Olmo2ForCausalLM": ("engine.model.models.olmo2", "Olmo2ForCausalLM"),

@@ -3,7 +3,7 @@
 hidden -> intermediate -> activation -> hidden, named as each family's checkpoints name the two projections
 (so quantized checkpoints, skip lists and PEFT adapters find them). The activation runs as torch's, in the
 model dtype, as transformers' activation modules do: GELU's tanh form for `gelu_pytorch_tanh`, `gelu_new` and
-`gelu_fast` (the same formula), the exact one for `gelu`, `relu2` (Arcee) as relu(x) squared, and `xielu`
+`gelu_fast` (the same formula), the exact one for `gelu`, `relu` (OPT), `relu2` (Arcee) as relu(x) squared, and `xielu`
 (Apertus) with its learned scalars under `act_fn` (engine.model.layers.xielu).
 
 Tensor parallelism: the first projection's columns and the second's rows split alike, so each rank
@@ -60,6 +60,8 @@ class UngatedMLP(nn.Module):
             self.act_fn = XIELU(ctx.dtype)
         elif act == "relu2":
             self.act_fn = _relu_squared
+        elif act == "relu":  # OPT's
+            self.act_fn = nn.functional.relu
         else:
             self.act_fn = partial(nn.functional.gelu, approximate="none" if act == "gelu" else "tanh")
 

@@ -219,7 +219,9 @@ class ModelConfig:
                 "its fused query_key_value rows are reordered per head at load, which only float weights "
                 "take; serve an unquantized checkpoint"
             )
-        if self.architecture == "OPTForCausalLM":  # (quantized OPT checkpoints are not tested against weir yet)
+        if (
+            self.architecture == "OPTForCausalLM"
+        ):  # (quantized OPT checkpoints are not tested against weir yet)
             return "weir serves float OPT checkpoints only; serve an unquantized checkpoint"
         if self.architecture == "GPT2LMHeadModel":
             return (

@@ -93,6 +93,16 @@ TRANSFORMERS_DEFAULTS: dict[str, dict[str, Any]] = {
         "bos_token_id": 2,
         "eos_token_id": 2,
     },
+    "GPTBigCode": {  # (GPT-2's names)
+        "vocab_size": 50257,
+        "n_positions": 1024,
+        "n_embd": 768,
+        "n_layer": 12,
+        "n_head": 12,
+        "layer_norm_epsilon": 1e-5,
+        "bos_token_id": 50256,
+        "eos_token_id": 50256,
+    },
     "GPTJ": {  # (GPT-2's kind of names, mapped the same way)
         "vocab_size": 50400,
         "n_positions": 2048,

@@ -219,10 +219,8 @@ class ModelConfig:
                 "its fused query_key_value rows are reordered per head at load, which only float weights "
                 "take; serve an unquantized checkpoint"
             )
-        if (
-            self.architecture == "OPTForCausalLM"
-        ):  # (quantized OPT checkpoints are not tested against weir yet)
-            return "weir serves float OPT checkpoints only; serve an unquantized checkpoint"
+        if self.architecture in ("OPTForCausalLM", "GPTBigCodeForCausalLM"):  # (not yet tested against weir)
+            return f"weir serves float {self.architecture} checkpoints only; serve an unquantized checkpoint"
         if self.architecture == "GPT2LMHeadModel":
             return (
                 "its Conv1D weights are stored [in, out] and transposed at load, which only float weights "
@@ -295,7 +293,7 @@ class ModelConfig:
         if family == "GPTNeoX":
             cfg = _gpt_neox_rope_keys(cfg)
         gpt2: dict[str, Any] = {}
-        if family in ("GPT2", "GPTJ"):
+        if family in ("GPT2", "GPTJ", "GPTBigCode"):
             cfg, gpt2 = _gpt2_keys(cfg, model_path, arch)
         if family == "OPT":
             cfg = _opt_keys(cfg, model_path)
@@ -356,8 +354,8 @@ class ModelConfig:
             qkv_bias = bool_field(cfg, "attention_bias", model_path, default=True)
         elif family == "SeedOss":  # q/k/v biases by default, o_proj's apart (attention_out_bias)
             qkv_bias = bool_field(cfg, "attention_bias", model_path, default=True)
-        elif family in ("Phi", "GPT2"):
-            qkv_bias = True  # every projection of Phi-1/1.5/2 and GPT-2 has a bias
+        elif family in ("Phi", "GPT2", "GPTBigCode"):
+            qkv_bias = True  # every projection of Phi-1/1.5/2, GPT-2 and StarCoder has a bias
             if family == "Phi" and bool_field(cfg, "qk_layernorm", model_path, default=False):
                 raise ValueError(
                     f"unsupported qk_layernorm true in {config_file(model_path)} for PhiForCausalLM: weir serves "
@@ -389,7 +387,13 @@ class ModelConfig:
         o_proj_bias = attention_bias if family in o_proj_families else False
         mlp_families = ("Llama", "Granite", "SmolLM3", "Helium", "Arcee")
         mlp_bias = bool(cfg.get("mlp_bias", False)) if family in mlp_families else False
-        if family in ("Starcoder2", "Phi", "GPT2", "OPT"):  # one bias setting for every projection
+        if family in (
+            "Starcoder2",
+            "Phi",
+            "GPT2",
+            "GPTBigCode",
+            "OPT",
+        ):  # one bias setting for every projection
             o_proj_bias = mlp_bias = qkv_bias
         if family == "GPTNeoX":  # attention_bias for query_key_value and dense; the MLP's always
             o_proj_bias, mlp_bias = qkv_bias, True
@@ -408,10 +412,8 @@ class ModelConfig:
         sliding_window, layer_types = _sliding_layers(family, cfg, num_layers, model_path, rope_layers)
         if family == "GraniteMoeHybrid":
             rope_layers = _granite_hybrid_rope_layers(cfg, num_layers, model_path)
-        if family in (
-            "GPT2",
-            "OPT",
-        ):  # learned absolute positions (engine.model.models.gpt2), no rotary embedding
+        # learned absolute positions (engine.model.models.gpt2), no rotary embedding
+        if family in ("GPT2", "GPTBigCode", "OPT"):
             rope_layers = (False,) * num_layers
         if family == "Cohere2":  # transformers' Cohere2Attention rotates on its sliding layers only
             rope_layers = tuple(t == SLIDING_ATTENTION for t in layer_types) or (False,) * num_layers
@@ -491,7 +493,17 @@ class ModelConfig:
                 cfg.get(
                     "tie_word_embeddings",
                     gemma
-                    or family in ("Starcoder2", "SmolLM3", "Cohere", "Cohere2", "Ernie4_5", "GPT2", "OPT"),
+                    or family
+                    in (
+                        "Starcoder2",
+                        "SmolLM3",
+                        "Cohere",
+                        "Cohere2",
+                        "Ernie4_5",
+                        "GPT2",
+                        "GPTBigCode",
+                        "OPT",
+                    ),
                 )
             ),
             qkv_bias=qkv_bias,
@@ -599,7 +611,14 @@ def _gpt2_keys(cfg: dict[str, Any], model_path: str, arch: str) -> tuple[dict[st
             out[ours] = int_field(cfg, theirs, model_path)
     hidden = int_field(out, "hidden_size", model_path)
     out["intermediate_size"] = int_field(cfg, "n_inner", model_path, default=4 * hidden)
-    out.pop("num_key_value_heads", None)  # multi-head attention always
+    out.pop("num_key_value_heads", None)  # multi-head attention (GPT-2, GPT-J) ...
+    if arch == "GPTBigCodeForCausalLM":  # ... or StarCoder's multi-query attention: one K/V head
+        if not bool_field(cfg, "multi_query", model_path, default=True):
+            raise ValueError(
+                f"unsupported multi_query false in {config_file(model_path)} for GPTBigCodeForCausalLM: weir "
+                "serves its multi-query checkpoints (StarCoder, SantaCoder), whose c_attn rows are [q | k | v]"
+            )
+        out["num_key_value_heads"] = 1
     for key in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
         if bool_field(cfg, key, model_path, default=False):
             raise ValueError(
@@ -645,6 +664,7 @@ def _layer_norm_eps(family: str, cfg: dict[str, Any], model_path: str) -> float:
         "Starcoder2": "norm_epsilon",
         "GPT2": "layer_norm_epsilon",
         "GPTJ": "layer_norm_epsilon",
+        "GPTBigCode": "layer_norm_epsilon",
     }.get(family)
     return 1e-5 if key is None else positive_number(cfg.get(key, 1e-5), key, model_path)
 
@@ -889,6 +909,8 @@ def _hidden_act(family: str, cfg: dict[str, Any], model_path: str) -> str:
         key, act = "hidden_act", cfg.get("hidden_act", "gelu")
     elif family in ("GPT2", "GPTJ"):
         key, act = "activation_function", cfg.get("activation_function", "gelu_new")
+    elif family == "GPTBigCode":
+        key, act = "activation_function", cfg.get("activation_function", "gelu_pytorch_tanh")
     elif family == "OPT":
         key, act = "activation_function", cfg.get("activation_function", "relu")
     elif family == "Arcee":
@@ -903,6 +925,7 @@ def _hidden_act(family: str, cfg: dict[str, Any], model_path: str) -> str:
         "GPTNeoX",
         "GPT2",
         "GPTJ",
+        "GPTBigCode",
     ):  # their plain MLP: torch's GELU, either form
         supported: tuple[str, ...] = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu")
     elif family == "OPT":

@@ -73,6 +73,7 @@ NEW_FAMILIES = (  # most telling first: part a stops starting families at its ti
     "gpt2",  # (2026-12-08: not yet on a GPU)
     "gptj",  # (2026-12-08: not yet on a GPU)
     "opt",  # (2026-12-08: not yet on a GPU)
+    "gpt_bigcode",  # (2026-12-08: not yet on a GPU)
     "olmoe",  # (2026-12-08: not yet on a GPU)
     "cohere",  # (fp32 on an H100 at db68482 by the engine check; bf16 not yet)
     "ernie4_5",  # (fp32 on an H100 at db68482 by the engine check; bf16 not yet)

@@ -122,6 +122,7 @@ FAMILIES = (
     "gpt2",
     "gptj",
     "opt",
+    "gpt_bigcode",
     "qwen2_yarn",
     "llama_dynamic",
 )
@@ -202,6 +203,7 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
         Glm4Config,
         GlmConfig,
         GPT2Config,
+        GPTBigCodeConfig,
         GPTJConfig,
         GPTNeoXConfig,
         GraniteConfig,
@@ -459,9 +461,10 @@ def make_config(family: str, vocab_size: int = MODEL_VOCAB_SIZE, **sizes: int):
     )
     if family == "gpt2":  # learned positions, Conv1D weights, LayerNorms, tied head
         return GPT2Config(**gpt2_sizes)
-    if (
-        family == "gptj"
-    ):  # a parallel block; half of each 16-dim head rotating on interleaved pairs; head bias
+    if family == "gpt_bigcode":  # GPT-2's model with one K/V head and Linear weights (StarCoder)
+        return GPTBigCodeConfig(**gpt2_sizes, multi_query=True)
+    # GPT-J: a parallel block; half of each 16-dim head rotating on interleaved pairs; a head bias
+    if family == "gptj":
         return GPTJConfig(**gpt2_sizes, rotary_dim=8)
     if family == "opt":  # GPT-2's decoder with Linear weights, positions offset by 2, ReLU
         return OPTConfig(
@@ -520,6 +523,7 @@ _NORMS_OFF_ONE = (
     "gpt2",
     "gptj",
     "opt",
+    "gpt_bigcode",
     "stablelm",
     "starcoder2",
     "phi",

@@ -130,3 +130,28 @@ def test_peft_adapter_on_its_conv1d_layers_matches_peft(
         llama.generate(
             prompts[:1], PARAMS, use_tqdm=False, lora_request=LoRARequest("l", 2, str(llama_adapter))
         )
+
+
+def test_starcoder_multi_query_adapter_and_refusals(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """GPTBigCode (StarCoder): one K/V head in its fused c_attn ([q | k | v]); a PEFT adapter on its Linear
+    c_attn, c_proj and c_fc (no fan_in_fan_out) gives PEFT's tokens; multi_query false (c_attn's rows per
+    head) and quantized weights are refused at start."""
+    model_dir = tiny_model_dirs["gpt_bigcode"]
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    assert tuple(tensors["transformer.h.0.attn.c_attn.weight"].shape) == (64 + 2 * 16, 64)  # q, one k, one v
+    adapter = random_peft_adapter(model_dir, tmp_path / "a", ["c_attn", "c_proj", "c_fc"])
+    assert not json.loads((adapter / "adapter_config.json").read_text())["fan_in_fan_out"]
+    prompts = _prompts()[:3]
+    expected = peft_greedy(model_dir, adapter, prompts, max_new_tokens=20)
+    llm = LLM(str(model_dir), device="cpu", dtype="float32", enable_lora=True, max_lora_rank=8)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, PARAMS, use_tqdm=False)] != expected
+    request = LoRARequest("a", 1, str(adapter))
+    outs = llm.generate(prompts, PARAMS, use_tqdm=False, lora_request=[request] * len(prompts))
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    dst = _copy(model_dir, tmp_path / "mha", multi_query=False)
+    with pytest.raises(
+        ValueError, match=r"unsupported multi_query false in .*config.json for GPTBigCodeForCausalLM"
+    ):
+        LLM(str(dst), device="cpu", dtype="float32")
+    with pytest.raises(ValueError, match=r"weir serves float GPTBigCodeForCausalLM checkpoints only"):
+        LLM(str(model_dir), device="cpu", dtype="float32", quantization="fp8")

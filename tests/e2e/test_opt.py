@@ -77,7 +77,7 @@ def test_peft_adapter_matches_peft(tiny_model_dirs: dict[str, Path], tmp_path: P
         (
             {},
             {"quantization": "fp8"},
-            r"quantization 'fp8' \(.*\) is not supported for OPTForCausalLM: weir serves float OPT checkpoints only",
+            r"quantization 'fp8' \(.*\) is not supported for OPTForCausalLM: weir serves float OPTForCausalLM checkpoints only",
         ),
     ],
 )

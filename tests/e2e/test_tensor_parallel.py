@@ -278,6 +278,7 @@ def test_tp2_gemma2_windows_and_softcaps_match_transformers(tiny_model_dirs: dic
         "gpt2",
         "gptj",
         "opt",
+        "gpt_bigcode",
     ],
 )
 def test_tp2_layer_norm_families_match_transformers(tiny_model_dirs: dict[str, Path], family: str) -> None:

@@ -53,6 +53,7 @@ ARCHITECTURES = {
     "gpt2": "GPT2LMHeadModel",
     "gptj": "GPTJForCausalLM",
     "opt": "OPTForCausalLM",
+    "gpt_bigcode": "GPTBigCodeForCausalLM",
     "granite4_moe": "GraniteMoeHybridForCausalLM",
     "granite4_dense": "GraniteMoeHybridForCausalLM",
     "qwen2_yarn": "Qwen2ForCausalLM",
@@ -839,3 +840,26 @@ def test_opt_read_as_transformers() -> None:
         _read({**cfg, "ffn_dim": 0})
     with pytest.raises(ValueError, match=r"enable_bias in /m/config.json must be true or false; got 'yes'"):
         _read({**cfg, "enable_bias": "yes"})
+
+
+def test_gpt_bigcode_read_as_transformers() -> None:
+    """GPTBigCode (StarCoder): GPTBigCodeConfig's defaults under GPT-2's names, one K/V head (multi_query,
+    default true), GELU's tanh form, a tied head, no rope."""
+    from transformers import GPTBigCodeConfig
+
+    cfg = {"architectures": ["GPTBigCodeForCausalLM"], "model_type": "gpt_bigcode"}
+    ours, ref = _read(cfg), GPTBigCodeConfig()
+    assert (ours.hidden_size, ours.num_layers, ours.num_heads, ours.num_kv_heads) == (
+        ref.n_embd,
+        ref.n_layer,
+        ref.n_head,
+        1,
+    )
+    assert (ours.max_position_embeddings, ours.intermediate_size, ours.hidden_act, ours.layer_norm_eps) == (
+        ref.n_positions,
+        4 * ref.n_embd,
+        ref.activation_function,
+        ref.layer_norm_epsilon,
+    )
+    assert ours.tie_word_embeddings and ours.qkv_bias and ours.mlp_bias
+    assert not any(ours.layer_has_rope(i) for i in range(ours.num_layers))

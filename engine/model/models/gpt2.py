@@ -12,7 +12,8 @@ transformers' modeling_gpt2:
 - the LM head tied to `wte`; checkpoints name the decoder `transformer.` (what save_pretrained writes) or
   nothing (the original hub files, which also hold `attn.bias` mask buffers: ignored with a warning).
 `scale_attn_weights` false gives the softmax scale 1 (read by engine.model_config); a per-layer scale
-(`scale_attn_by_inverse_layer_idx`) is refused at start.
+(`scale_attn_by_inverse_layer_idx`) is refused at start. GPTBigCode (StarCoder) is the same model with multi-query
+attention and Linear weights (below).
 """
 
 from __future__ import annotations
@@ -100,3 +101,11 @@ class GPT2LMHeadModel(DecoderForCausalLM):
 
     def __init__(self, config: ModelConfig, ctx: BuildContext | None = None, prefix: str = "") -> None:
         super().__init__(config, ctx or BuildContext(), prefix, GPT2Model)
+
+
+class GPTBigCodeForCausalLM(GPT2LMHeadModel):
+    """StarCoder / SantaCoder / WizardCoder (`GPTBigCodeForCausalLM`): GPT-2's model with multi-query attention
+    (one K/V head: `c_attn`'s rows are [q | k | v], hidden + 2 x head_dim of them) and Linear weights (no
+    Conv1D, so nothing is transposed), GELU's tanh form by default."""
+
+    transposed_checkpoint_weights = ()

@@ -33,6 +33,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "StableLmForCausalLM": ("engine.model.models.stablelm", "StableLmForCausalLM"),
     "GPTNeoXForCausalLM": ("engine.model.models.gpt_neox", "GPTNeoXForCausalLM"),
     "GPT2LMHeadModel": ("engine.model.models.gpt2", "GPT2LMHeadModel"),
+    "GPTBigCodeForCausalLM": ("engine.model.models.gpt2", "GPTBigCodeForCausalLM"),
     "GPTJForCausalLM": ("engine.model.models.gptj", "GPTJForCausalLM"),
     "OPTForCausalLM": ("engine.model.models.opt", "OPTForCausalLM"),
     "PhiForCausalLM": ("engine.model.models.phi", "PhiForCausalLM"),

@@ -55,3 +55,20 @@ def peft_greedy(
         )[0, len(p) :].tolist()
         for p in prompts
     ]
+
+
+def assert_engine_matches_peft(
+    model_dir: Path, adapter_dir: Path, prompts: list[list[int]], max_tokens: int = 20
+) -> None:
+    """weir's greedy tokens with the adapter equal PEFT's, and differ from weir's without it (so the adapter
+    is seen to change the output)."""
+    from engine import LLM, LoRARequest, SamplingParams
+
+    expected = peft_greedy(model_dir, adapter_dir, prompts, max_new_tokens=max_tokens)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    llm = LLM(str(model_dir), device="cpu", dtype="float32", enable_lora=True, max_lora_rank=8)
+    base = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in base] != expected  # the adapter changes the output
+    request = LoRARequest("adapter", 1, str(adapter_dir))
+    outs = llm.generate(prompts, params, use_tqdm=False, lora_request=[request] * len(prompts))
+    assert [o.outputs[0].token_ids for o in outs] == expected

@@ -579,6 +579,15 @@ def read_config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
 
 
+def copy_with_config(src: Path, dst: Path, **config: Any) -> Path:
+    """A copy of the checkpoint `src` at `dst` whose config.json has `config`'s keys set (None: null)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    (dst / "config.json").write_text(json.dumps({**read_config(dst), **config}))
+    return dst
+
+
 def hf_causal_lm(model_dir: str | Path, **kwargs: Any) -> Any:
     """transformers' model from `model_dir` as the parity reference (`kwargs` to from_pretrained): with
     eager attention where the config caps attention logits (Gemma 2). transformers 5.17 (the GPU

@@ -12,6 +12,7 @@ import pytest
 
 from engine import LLM, SamplingParams
 from tests.e2e.test_parity import _prompts, hf_greedy
+from tests.tiny_models import copy_with_config
 
 
 @pytest.mark.parametrize("family", ["cohere2", "exaone4", "granite4_dense"])
@@ -28,14 +29,9 @@ def test_rope_on_the_full_layer_changes_the_tokens(
 
 
 def test_granite4_mamba_layers_are_refused(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
-    import json
-
-    model_dir = tmp_path / "granite4_hybrid"
-    model_dir.mkdir()
-    for f in tiny_model_dirs["granite4_dense"].iterdir():
-        (model_dir / f.name).write_bytes(f.read_bytes())
-    cfg = json.loads((model_dir / "config.json").read_text())
-    (model_dir / "config.json").write_text(json.dumps({**cfg, "layer_types": ["mamba", "attention"]}))
+    model_dir = copy_with_config(
+        tiny_model_dirs["granite4_dense"], tmp_path / "granite4_hybrid", layer_types=["mamba", "attention"]
+    )
     with pytest.raises(
         ValueError, match=r"unsupported layer_types \['mamba', 'attention'\] in .* weir serves Granite 4.0"
     ):

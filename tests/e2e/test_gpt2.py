@@ -7,7 +7,6 @@ adapters on its Conv1D projections give PEFT's tokens."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,16 +16,10 @@ from safetensors.torch import load_file, save_file
 from engine import LLM, LoRARequest, SamplingParams
 from engine.errors import LoRAAdapterError
 from tests.e2e.test_parity import _prompts, hf_greedy
-from tests.peft_adapters import peft_greedy, random_peft_adapter
+from tests.peft_adapters import assert_engine_matches_peft, random_peft_adapter
+from tests.tiny_models import copy_with_config
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
-
-
-def _copy(src: Path, dst: Path, **config: object) -> Path:
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    (dst / "config.json").write_text(json.dumps({**cfg, **config}))
-    return dst
 
 
 def _tokens(model_dir: Path, prompts: list[list[int]], **kw: object) -> list[list[int]]:
@@ -38,7 +31,7 @@ def test_hub_layout_without_the_prefix_loads(tiny_model_dirs: dict[str, Path], t
     """gpt2's own model.safetensors names `h.0.attn.c_attn.weight`, `wte.weight` (a GPT2Model's) and holds
     each layer's causal-mask buffers `attn.bias` / `attn.masked_bias`: weir reads it as save_pretrained's."""
     src = tiny_model_dirs["gpt2"]
-    dst = _copy(src, tmp_path / "hub")
+    dst = copy_with_config(src, tmp_path / "hub")
     tensors = load_file(str(src / "model.safetensors"))
     assert "transformer.h.0.attn.c_attn.weight" in tensors and "lm_head.weight" not in tensors
     hub = {k.removeprefix("transformer."): v for k, v in tensors.items()}
@@ -54,7 +47,7 @@ def test_hub_layout_without_the_prefix_loads(tiny_model_dirs: dict[str, Path], t
 def test_unscaled_attention_matches_transformers(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
     """`scale_attn_weights` false: the softmax scale 1, not head_dim ** -0.5; transformers' tokens, which differ
     from the scaled model's."""
-    dst = _copy(tiny_model_dirs["gpt2"], tmp_path / "unscaled", scale_attn_weights=False)
+    dst = copy_with_config(tiny_model_dirs["gpt2"], tmp_path / "unscaled", scale_attn_weights=False)
     prompts = _prompts()[:3]
     expected, _ = hf_greedy(dst, _prompts())
     scaled, _ = hf_greedy(tiny_model_dirs["gpt2"], _prompts())
@@ -97,7 +90,7 @@ def test_max_model_len_is_capped_by_the_learned_positions(tiny_model_dirs: dict[
 def test_unsupported_settings_are_refused(
     tiny_model_dirs: dict[str, Path], tmp_path: Path, config: dict, kw: dict, message: str
 ) -> None:
-    dst = _copy(tiny_model_dirs["gpt2"], tmp_path / "m", **config)
+    dst = copy_with_config(tiny_model_dirs["gpt2"], tmp_path / "m", **config)
     with pytest.raises(ValueError, match=message):
         LLM(str(dst), device="cpu", dtype="float32", **kw)
 
@@ -112,13 +105,7 @@ def test_peft_adapter_on_its_conv1d_layers_matches_peft(
     adapter = random_peft_adapter(model_dir, tmp_path / "a", ["c_attn", "c_proj", "c_fc"])
     assert json.loads((adapter / "adapter_config.json").read_text())["fan_in_fan_out"] is True
     prompts = _prompts()[:3]
-    expected = peft_greedy(model_dir, adapter, prompts, max_new_tokens=20)
-    llm = LLM(str(model_dir), device="cpu", dtype="float32", enable_lora=True, max_lora_rank=8)
-    base = llm.generate(prompts, PARAMS, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in base] != expected  # the adapter changes the output
-    request = LoRARequest("a", 1, str(adapter))
-    outs = llm.generate(prompts, PARAMS, use_tqdm=False, lora_request=[request] * len(prompts))
-    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert_engine_matches_peft(model_dir, adapter, prompts)
 
     llama_adapter = random_peft_adapter(tiny_model_dirs["llama"], tmp_path / "l", ["q_proj"])
     cfg = json.loads((llama_adapter / "adapter_config.json").read_text())
@@ -141,14 +128,8 @@ def test_starcoder_multi_query_adapter_and_refusals(tiny_model_dirs: dict[str, P
     assert tuple(tensors["transformer.h.0.attn.c_attn.weight"].shape) == (64 + 2 * 16, 64)  # q, one k, one v
     adapter = random_peft_adapter(model_dir, tmp_path / "a", ["c_attn", "c_proj", "c_fc"])
     assert not json.loads((adapter / "adapter_config.json").read_text())["fan_in_fan_out"]
-    prompts = _prompts()[:3]
-    expected = peft_greedy(model_dir, adapter, prompts, max_new_tokens=20)
-    llm = LLM(str(model_dir), device="cpu", dtype="float32", enable_lora=True, max_lora_rank=8)
-    assert [o.outputs[0].token_ids for o in llm.generate(prompts, PARAMS, use_tqdm=False)] != expected
-    request = LoRARequest("a", 1, str(adapter))
-    outs = llm.generate(prompts, PARAMS, use_tqdm=False, lora_request=[request] * len(prompts))
-    assert [o.outputs[0].token_ids for o in outs] == expected
-    dst = _copy(model_dir, tmp_path / "mha", multi_query=False)
+    assert_engine_matches_peft(model_dir, adapter, _prompts()[:3])
+    dst = copy_with_config(model_dir, tmp_path / "mha", multi_query=False)
     with pytest.raises(
         ValueError, match=r"unsupported multi_query false in .*config.json for GPTBigCodeForCausalLM"
     ):

@@ -4,15 +4,14 @@ adapter on its attention projections gives PEFT's tokens, and tensor parallelism
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
 
-from engine import LLM, LoRARequest, SamplingParams
+from engine import LLM, SamplingParams
 from tests.e2e.test_parity import _prompts, hf_greedy
-from tests.peft_adapters import peft_greedy, random_peft_adapter
+from tests.peft_adapters import assert_engine_matches_peft, random_peft_adapter
+from tests.tiny_models import copy_with_config
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
 
@@ -23,10 +22,7 @@ def test_clip_qkv_changes_the_tokens(tiny_model_dirs: dict[str, Path], tmp_path:
     model_dir = tiny_model_dirs["olmoe"]
     prompts = _prompts()[:4]
     expected, _ = hf_greedy(model_dir, _prompts())
-    unclipped = tmp_path / "unclipped"
-    shutil.copytree(model_dir, unclipped)
-    cfg = json.loads((unclipped / "config.json").read_text())
-    (unclipped / "config.json").write_text(json.dumps({**cfg, "clip_qkv": None}))
+    unclipped = copy_with_config(model_dir, tmp_path / "unclipped", clip_qkv=None)
     outs = LLM(str(unclipped), device="cpu", dtype="float32").generate(prompts, PARAMS, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] != expected[:4]
 
@@ -36,14 +32,7 @@ def test_attention_adapter_matches_peft(tiny_model_dirs: dict[str, Path], tmp_pa
     projections, as in PEFT's model (the experts take no adapters: tests/engine/test_moe.py)."""
     model_dir = tiny_model_dirs["olmoe"]
     adapter = random_peft_adapter(model_dir, tmp_path / "attn", ["q_proj", "k_proj", "v_proj", "o_proj"])
-    prompts = _prompts()[:3]
-    expected = peft_greedy(model_dir, adapter, prompts, max_new_tokens=20)
-    llm = LLM(str(model_dir), device="cpu", dtype="float32", enable_lora=True, max_lora_rank=8)
-    base = llm.generate(prompts, PARAMS, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in base] != expected  # the adapter changes the output
-    request = LoRARequest("attn", 1, str(adapter))
-    outs = llm.generate(prompts, PARAMS, use_tqdm=False, lora_request=[request] * len(prompts))
-    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert_engine_matches_peft(model_dir, adapter, _prompts()[:3])
 
 
 def test_tensor_parallel_is_refused(tiny_model_dirs: dict[str, Path]) -> None:

@@ -5,30 +5,22 @@ naming their field."""
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
 
-from engine import LLM, LoRARequest, SamplingParams
+from engine import LLM, SamplingParams
 from tests.e2e.test_parity import _prompts, hf_greedy
-from tests.peft_adapters import peft_greedy, random_peft_adapter
+from tests.peft_adapters import assert_engine_matches_peft, random_peft_adapter
+from tests.tiny_models import copy_with_config
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
 
 
-def _copy(src: Path, dst: Path, **config: object) -> Path:
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    (dst / "config.json").write_text(json.dumps({**cfg, **config}))
-    return dst
-
-
 def test_hub_layout_without_the_model_prefix_loads(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
     src = tiny_model_dirs["opt"]
-    dst = _copy(src, tmp_path / "hub")
+    dst = copy_with_config(src, tmp_path / "hub")
     tensors = load_file(str(src / "model.safetensors"))
     assert "model.decoder.layers.0.final_layer_norm.weight" in tensors  # the layer's; the decoder has its own
     assert "model.decoder.final_layer_norm.weight" in tensors
@@ -45,14 +37,7 @@ def test_peft_adapter_matches_peft(tiny_model_dirs: dict[str, Path], tmp_path: P
     model_dir = tiny_model_dirs["opt"]
     targets = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
     adapter = random_peft_adapter(model_dir, tmp_path / "a", targets)
-    prompts = _prompts()[:3]
-    expected = peft_greedy(model_dir, adapter, prompts, max_new_tokens=20)
-    llm = LLM(str(model_dir), device="cpu", dtype="float32", enable_lora=True, max_lora_rank=8)
-    base = llm.generate(prompts, PARAMS, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in base] != expected  # the adapter changes the output
-    request = LoRARequest("a", 1, str(adapter))
-    outs = llm.generate(prompts, PARAMS, use_tqdm=False, lora_request=[request] * len(prompts))
-    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert_engine_matches_peft(model_dir, adapter, _prompts()[:3])
 
 
 @pytest.mark.parametrize(
@@ -84,6 +69,6 @@ def test_peft_adapter_matches_peft(tiny_model_dirs: dict[str, Path], tmp_path: P
 def test_unsupported_layouts_are_refused(
     tiny_model_dirs: dict[str, Path], tmp_path: Path, config: dict, kw: dict, message: str
 ) -> None:
-    dst = _copy(tiny_model_dirs["opt"], tmp_path / "m", **config)
+    dst = copy_with_config(tiny_model_dirs["opt"], tmp_path / "m", **config)
     with pytest.raises(ValueError, match=message):
         LLM(str(dst), device="cpu", dtype="float32", **kw)

@@ -17,6 +17,17 @@ from typing import Any
 # out gets the value transformers (and so vLLM) would build the model with. A key present with null
 # keeps its meaning (e.g. Mistral's "sliding_window": null is no window, num_key_value_heads null
 # is multi-head attention).
+# GPT2Config's (and GPTBigCodeConfig's) under GPT-2's own names: engine.model_config._gpt2_keys maps them
+_GPT2_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 50257,
+    "n_positions": 1024,
+    "n_embd": 768,
+    "n_layer": 12,
+    "n_head": 12,
+    "layer_norm_epsilon": 1e-5,
+    "bos_token_id": 50256,
+    "eos_token_id": 50256,
+}
 TRANSFORMERS_DEFAULTS: dict[str, dict[str, Any]] = {
     "Mistral": {"num_key_value_heads": 8, "max_position_embeddings": 131072, "sliding_window": 4096},
     "Mixtral": {
@@ -93,16 +104,7 @@ TRANSFORMERS_DEFAULTS: dict[str, dict[str, Any]] = {
         "bos_token_id": 2,
         "eos_token_id": 2,
     },
-    "GPTBigCode": {  # (GPT-2's names)
-        "vocab_size": 50257,
-        "n_positions": 1024,
-        "n_embd": 768,
-        "n_layer": 12,
-        "n_head": 12,
-        "layer_norm_epsilon": 1e-5,
-        "bos_token_id": 50256,
-        "eos_token_id": 50256,
-    },
+    "GPTBigCode": _GPT2_DEFAULTS,  # GPTBigCodeConfig's are GPT2Config's
     "GPTJ": {  # (GPT-2's kind of names, mapped the same way)
         "vocab_size": 50400,
         "n_positions": 2048,
@@ -114,16 +116,7 @@ TRANSFORMERS_DEFAULTS: dict[str, dict[str, Any]] = {
         "bos_token_id": 50256,
         "eos_token_id": 50256,
     },
-    "GPT2": {  # (under GPT-2's own names: engine.model_config._gpt2_keys maps them)
-        "vocab_size": 50257,
-        "n_positions": 1024,
-        "n_embd": 768,
-        "n_layer": 12,
-        "n_head": 12,
-        "layer_norm_epsilon": 1e-5,
-        "bos_token_id": 50256,
-        "eos_token_id": 50256,
-    },
+    "GPT2": _GPT2_DEFAULTS,
     "SmolLM3": {"num_key_value_heads": 4, "max_position_embeddings": 32768, "rope_theta": 2_000_000.0},
     "GraniteMoe": {"num_local_experts": 8, "num_experts_per_tok": 2},
     "GraniteMoeShared": {"num_local_experts": 8, "num_experts_per_tok": 2},

@@ -32,6 +32,7 @@ from engine.lora.gemv import lora_gemv_linear, plan_lora_gemv
 from engine.lora.segments import max_segment_entries, segment_piece
 from engine.model.layers.linear import LinearBase, QKVParallelLinear, RowParallelLinear
 from engine.model.quantization.float_gemv import decode_gemv_is_allowed
+from engine.model.weight_loader import rename_fragments
 
 
 class LoRABatch:
@@ -208,11 +209,6 @@ def lora_targets(model: nn.Module) -> tuple[dict[str, LoRATarget], dict[str, int
     hub_names: dict[str, str] = getattr(model, "lora_hub_names", {})
     conv1d = bool(getattr(model, "transposed_checkpoint_weights", ()))  # GPT-2's Conv1D projections
 
-    def hub_name(ours: str) -> str:
-        for fragment, theirs in hub_names.items():
-            ours = ours.replace(fragment, theirs)
-        return ours
-
     targets: dict[str, LoRATarget] = {}
     num_slices: dict[str, int] = {}
     for name, module in model.named_modules():
@@ -230,14 +226,14 @@ def lora_targets(model: nn.Module) -> tuple[dict[str, LoRATarget], dict[str, int
             raise RuntimeError(f"{name}: {len(sizes)} sub-matrices but packed as {sub_names}")
         num_slices[name] = len(sizes)
         if leaf in fused_in_checkpoint:
-            targets[hub_name(name)] = LoRATarget(
+            targets[rename_fragments(name, hub_names)] = LoRATarget(
                 name, 0, module.input_size, sum(sizes), tuple(sizes), conv1d=conv1d
             )
             continue
         # a layer that reorders its checkpoint rows at load (GLM's q/k) says how, per sub-matrix
         row_order = getattr(module, "lora_b_row_order", lambda index: None)
         for i, (sub, out) in enumerate(zip(sub_names, sizes, strict=True)):
-            hf_name = hub_name(f"{parent}.{sub}" if parent else sub)
+            hf_name = rename_fragments(f"{parent}.{sub}" if parent else sub, hub_names)
             targets[hf_name] = LoRATarget(
                 name, i, module.input_size, out, b_row_order=row_order(i), conv1d=conv1d
             )

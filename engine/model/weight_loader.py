@@ -87,7 +87,9 @@ def _layer_checkpoint_names(model: nn.Module) -> dict[str, tuple[str, Any]]:
     return names
 
 
-def _rename(name: str, renames: dict[str, str]) -> str:
+def rename_fragments(name: str, renames: dict[str, str]) -> str:
+    """`name` with each key of `renames` replaced by its value, in the dict's order (checkpoint names ->
+    ours at load; ours -> the checkpoint's in messages and for PEFT adapters' keys)."""
     for theirs, ours in renames.items():
         name = name.replace(theirs, ours)
     return name
@@ -127,7 +129,7 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
                 full = name
                 if prefix is not None and not name.startswith((prefix, "lm_head.")):
                     full = prefix + name
-                ours = _rename(full, renames)
+                ours = rename_fragments(full, renames)
                 if ours in layer_names:
                     param_name, shard_id = layer_names[ours]
                 else:
@@ -200,12 +202,12 @@ def _check_complete(
                 if shard_id not in done:
                     raise ValueError(
                         f"missing weight for parameter {param_name} (shard {shard_id!r}): checkpoint tensor "
-                        f"{_rename(tensor_name, hub_names)} not found in {searched}"
+                        f"{rename_fragments(tensor_name, hub_names)} not found in {searched}"
                     )
         elif fused is not None:
             for part, shard_id in packed[fused]:
                 if shard_id not in done:
-                    hf_name = _rename(param_name.replace(f".{fused}.", f".{part}."), hub_names)
+                    hf_name = rename_fragments(param_name.replace(f".{fused}.", f".{part}."), hub_names)
                     raise ValueError(
                         f"missing weight for parameter {param_name} (shard {shard_id!r}): checkpoint tensor "
                         f"{hf_name} not found in {searched}"
@@ -213,7 +215,7 @@ def _check_complete(
         elif not done:
             raise ValueError(
                 f"missing weight for parameter {param_name}: checkpoint tensor "
-                f"{_rename(param_name, hub_names)} not found in {searched}"
+                f"{rename_fragments(param_name, hub_names)} not found in {searched}"
             )
 
 

@@ -81,6 +81,12 @@ _GENERATION_DEFAULT_KEYS = {
 }
 
 
+# Families with learned absolute position embeddings (engine.model.models.gpt2) and no rotary embedding:
+# GPT-2, GPTBigCode (StarCoder) and OPT. Each has one bias setting for every projection and a tied head by
+# default.
+LEARNED_POSITION_FAMILIES = ("GPT2", "GPTBigCode", "OPT")
+
+
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     model_path: str
@@ -287,7 +293,8 @@ class ModelConfig:
                 f"unsupported model architecture {named} in {model_path}; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        family = "GPT2" if arch == "GPT2LMHeadModel" else arch.removesuffix("ForCausalLM")  # GPT-J: "GPTJ"
+        # (GPT-2's is the one architecture name without the ForCausalLM suffix)
+        family = "GPT2" if arch == "GPT2LMHeadModel" else arch.removesuffix("ForCausalLM")
         gemma = family in GEMMA_FAMILIES
         cfg = with_family_defaults(family, cfg)
         if family == "GPTNeoX":
@@ -390,9 +397,7 @@ class ModelConfig:
         if family in (
             "Starcoder2",
             "Phi",
-            "GPT2",
-            "GPTBigCode",
-            "OPT",
+            *LEARNED_POSITION_FAMILIES,
         ):  # one bias setting for every projection
             o_proj_bias = mlp_bias = qkv_bias
         if family == "GPTNeoX":  # attention_bias for query_key_value and dense; the MLP's always
@@ -412,8 +417,7 @@ class ModelConfig:
         sliding_window, layer_types = _sliding_layers(family, cfg, num_layers, model_path, rope_layers)
         if family == "GraniteMoeHybrid":
             rope_layers = _granite_hybrid_rope_layers(cfg, num_layers, model_path)
-        # learned absolute positions (engine.model.models.gpt2), no rotary embedding
-        if family in ("GPT2", "GPTBigCode", "OPT"):
+        if family in LEARNED_POSITION_FAMILIES:  # no rotary embedding on any layer
             rope_layers = (False,) * num_layers
         if family == "Cohere2":  # transformers' Cohere2Attention rotates on its sliding layers only
             rope_layers = tuple(t == SLIDING_ATTENTION for t in layer_types) or (False,) * num_layers
@@ -488,22 +492,13 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=max_position_embeddings,
             max_model_len=resolved_len,
-            # (the Gemma, StarCoder2, SmolLM3, Cohere and ERNIE 4.5 configs' default is tied)
+            # (tied by default in the Gemma, StarCoder2, SmolLM3, Cohere, ERNIE 4.5 and learned-position configs)
             tie_word_embeddings=bool(
                 cfg.get(
                     "tie_word_embeddings",
                     gemma
                     or family
-                    in (
-                        "Starcoder2",
-                        "SmolLM3",
-                        "Cohere",
-                        "Cohere2",
-                        "Ernie4_5",
-                        "GPT2",
-                        "GPTBigCode",
-                        "OPT",
-                    ),
+                    in ("Starcoder2", "SmolLM3", "Cohere", "Cohere2", "Ernie4_5", *LEARNED_POSITION_FAMILIES),
                 )
             ),
             qkv_bias=qkv_bias,
